@@ -1,0 +1,108 @@
+//! Every bound of csnap lives here.
+//!
+//! Naming: the unit or qualifier comes last (`block_size_bytes`, `snapshots_max`).
+//! `_MAX` is a compile-time capacity; a runtime setting that must not exceed it is
+//! called a `_limit` where it is configured. Each group ends with static assertions
+//! that say why the relations between the bounds hold.
+//!
+//! The server issue (#3) and the confinement issue (#4) add the connection, lock,
+//! request and timer bounds to this module; the store's bounds are here already.
+
+#![forbid(unsafe_code)]
+
+use static_assertions::const_assert;
+
+// ---------------------------------------------------------------------------
+// Store: blocks, chunks, snapshots.
+// ---------------------------------------------------------------------------
+
+/// Size of every metadata block (label, superblock, journal, bitmap, b-tree).
+/// Memory cost: one metadata cache slot is one block.
+pub const BLOCK_SIZE_BYTES: usize = 4096;
+
+/// Smallest chunk (copy-out unit) a store may be formatted with.
+pub const CHUNK_SIZE_MIN_BYTES: u32 = 4096;
+/// Largest chunk a store may be formatted with.
+pub const CHUNK_SIZE_MAX_BYTES: u32 = 1 << 20;
+/// Chunk size used when `csnap format` is not given one. 16 KiB: see
+/// ARCHITECTURE.md "Chunk size" for the measurement behind the choice.
+pub const CHUNK_SIZE_DEFAULT_BYTES: u32 = 16 * 1024;
+
+/// Snapshots one store holds at once (live or being deleted). One bit of a
+/// share mask each.
+pub const SNAPSHOTS_MAX: usize = 64;
+
+/// Share-mask words per exception record. The leaf header records this so a
+/// later format can go wider than 64 snapshots without a new leaf layout.
+pub const SHARE_MASK_WORDS: usize = SNAPSHOTS_MAX / 64;
+
+/// Levels of the exception b-tree, leaves included. 8 levels of 253-way nodes
+/// over 168-record leaves address far more than 2^64 chunks, so this bound is
+/// never the binding one; it sizes the per-operation path arrays.
+pub const TREE_DEPTH_MAX: usize = 8;
+
+/// Blocks (commit block excluded) one journal transaction may carry. The commit
+/// block lists each with a 16-byte entry, so this is bounded by what one block
+/// can list.
+pub const TX_BLOCKS_MAX: usize = 240;
+
+/// Smallest journal a store may be formatted with, in blocks.
+pub const JOURNAL_MIN_BLOCKS: u64 = 128;
+/// Journal size used when `csnap format` is not given one, in blocks (4 MiB).
+pub const JOURNAL_DEFAULT_BLOCKS: u64 = 1024;
+
+/// Worst-case blocks one mapping operation (origin write, snapshot write) can
+/// dirty: the leaf, a split of every level plus a new root (2 per level + 1),
+/// the data bitmap block, and one metadata bitmap block per new node.
+pub const OP_DIRTY_BLOCKS_MAX: usize = 1 + 2 * TREE_DEPTH_MAX + 1 + 1 + (TREE_DEPTH_MAX + 1);
+
+/// Blocks one operation may touch (read or write) in the cache, which must stay
+/// resident until the operation returns: the dirty bound plus the read path.
+pub const OP_TOUCHED_BLOCKS_MAX: usize = OP_DIRTY_BLOCKS_MAX + TREE_DEPTH_MAX + 4;
+
+/// Smallest metadata cache, in blocks.
+pub const CACHE_MIN_BLOCKS: usize = 2 * OP_TOUCHED_BLOCKS_MAX + 64;
+/// Default metadata cache, in blocks (16 MiB).
+pub const CACHE_DEFAULT_BLOCKS: usize = 4096;
+
+/// Chunks freed in one transaction before it must commit. Freed chunks are
+/// reusable only after the commit that frees them is durable.
+pub const TX_FREES_MAX: usize = 4096;
+
+/// Snapshot priority that is never chosen by the store-full policy.
+pub const PRIORITY_NEVER_DELETE: i8 = 127;
+
+const_assert!(BLOCK_SIZE_BYTES.is_power_of_two());
+const_assert!(CHUNK_SIZE_MIN_BYTES as usize >= BLOCK_SIZE_BYTES);
+const_assert!(CHUNK_SIZE_MIN_BYTES.is_power_of_two());
+const_assert!(CHUNK_SIZE_MAX_BYTES.is_power_of_two());
+const_assert!(CHUNK_SIZE_DEFAULT_BYTES >= CHUNK_SIZE_MIN_BYTES);
+const_assert!(CHUNK_SIZE_DEFAULT_BYTES <= CHUNK_SIZE_MAX_BYTES);
+const_assert!(SNAPSHOTS_MAX.is_multiple_of(64));
+const_assert!(SHARE_MASK_WORDS == 1);
+// A commit block lists every block of its transaction in 16-byte entries after
+// a 64-byte header.
+const_assert!(64 + 16 * TX_BLOCKS_MAX <= BLOCK_SIZE_BYTES);
+// A transaction is capped at (journal - 6) / 3 blocks so that the last commit,
+// the next one and the gap left by a wrap always fit in the ring. One
+// operation must fit in an otherwise empty transaction of the smallest journal.
+const_assert!((OP_DIRTY_BLOCKS_MAX as u64) < (JOURNAL_MIN_BLOCKS - 6) / 3);
+const_assert!(JOURNAL_DEFAULT_BLOCKS >= JOURNAL_MIN_BLOCKS);
+const_assert!(JOURNAL_DEFAULT_BLOCKS >= 3 * (TX_BLOCKS_MAX as u64 + 1) + 3);
+// The cache holds a full transaction's dirty blocks plus one operation's
+// working set.
+const_assert!(CACHE_MIN_BLOCKS > OP_TOUCHED_BLOCKS_MAX + OP_DIRTY_BLOCKS_MAX);
+const_assert!(CACHE_DEFAULT_BLOCKS >= TX_BLOCKS_MAX + OP_TOUCHED_BLOCKS_MAX);
+
+/// Memory the store reserves at open for a cache of `cache_blocks`, itemised.
+/// Every line is one consumer.
+#[must_use]
+pub fn store_reserved_bytes(cache_blocks: usize) -> usize {
+    let mut bytes = 0;
+    bytes += cache_blocks * BLOCK_SIZE_BYTES; // metadata cache block buffers
+    bytes += cache_blocks * 32; // cache slot descriptors
+    bytes += cache_blocks.next_power_of_two() * 2 * 4; // cache hash index
+    bytes += (TX_BLOCKS_MAX + 1) * BLOCK_SIZE_BYTES; // journal staging buffer
+    bytes += TX_FREES_MAX * 8; // pending frees of the open transaction
+    bytes
+}

@@ -1,0 +1,677 @@
+//! On-disk layout: the common metadata block header and checksum, the label
+//! (block 0, written once at format), and the superblock (block 1, journaled).
+//!
+//! Every integer is little-endian. Every metadata block starts with the same
+//! 32-byte header and carries a crc32c over its whole contents (with the crc
+//! field zeroed) seeded with its own block address, so a torn write and a
+//! write that landed at the wrong address are both detected on read.
+
+use csnap_pools::{BLOCK_SIZE_BYTES, SNAPSHOTS_MAX};
+
+/// `b"csnp"` as a little-endian u32, at offset 0 of every metadata block.
+pub const BLOCK_MAGIC: u32 = u32::from_le_bytes(*b"csnp");
+/// Format version written in every block header and the label.
+pub const FORMAT_VERSION: u16 = 1;
+/// Bytes of the common header.
+pub const HEADER_BYTES: usize = 32;
+
+/// What a metadata block is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u16)]
+pub enum BlockKind {
+    /// Block 0: geometry, written once.
+    Label = 1,
+    /// Block 1: the journaled root of all mutable state.
+    Super = 2,
+    /// A journal commit block.
+    Commit = 3,
+    /// An allocation bitmap block.
+    Bitmap = 4,
+    /// A b-tree index node.
+    Node = 5,
+    /// A b-tree leaf.
+    Leaf = 6,
+}
+
+impl BlockKind {
+    /// Decodes a kind field.
+    pub fn from_u16(v: u16) -> Option<BlockKind> {
+        Some(match v {
+            1 => BlockKind::Label,
+            2 => BlockKind::Super,
+            3 => BlockKind::Commit,
+            4 => BlockKind::Bitmap,
+            5 => BlockKind::Node,
+            6 => BlockKind::Leaf,
+            _ => return None,
+        })
+    }
+
+    /// Name used in messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            BlockKind::Label => "label",
+            BlockKind::Super => "superblock",
+            BlockKind::Commit => "journal commit block",
+            BlockKind::Bitmap => "bitmap block",
+            BlockKind::Node => "b-tree index node",
+            BlockKind::Leaf => "b-tree leaf",
+        }
+    }
+}
+
+// Header field offsets.
+const OFF_MAGIC: usize = 0;
+const OFF_CRC: usize = 4;
+const OFF_KIND: usize = 8;
+const OFF_VERSION: usize = 10;
+const OFF_LEVEL: usize = 12;
+const OFF_COUNT: usize = 14;
+const OFF_ADDR: usize = 16;
+const OFF_SEQ: usize = 24;
+
+/// Little-endian field access on a byte slice.
+pub fn get_u16(b: &[u8], off: usize) -> u16 {
+    u16::from_le_bytes([b[off], b[off + 1]])
+}
+/// Reads a little-endian u32.
+pub fn get_u32(b: &[u8], off: usize) -> u32 {
+    let mut a = [0u8; 4];
+    a.copy_from_slice(&b[off..off + 4]);
+    u32::from_le_bytes(a)
+}
+/// Reads a little-endian u64.
+pub fn get_u64(b: &[u8], off: usize) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[off..off + 8]);
+    u64::from_le_bytes(a)
+}
+/// Writes a little-endian u16.
+pub fn put_u16(b: &mut [u8], off: usize, v: u16) {
+    b[off..off + 2].copy_from_slice(&v.to_le_bytes());
+}
+/// Writes a little-endian u32.
+pub fn put_u32(b: &mut [u8], off: usize, v: u32) {
+    b[off..off + 4].copy_from_slice(&v.to_le_bytes());
+}
+/// Writes a little-endian u64.
+pub fn put_u64(b: &mut [u8], off: usize, v: u64) {
+    b[off..off + 8].copy_from_slice(&v.to_le_bytes());
+}
+
+/// The decoded common header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header {
+    /// Block kind.
+    pub kind: BlockKind,
+    /// Tree level for nodes and leaves (leaf = 0); 0 otherwise.
+    pub level: u16,
+    /// Entry count for kinds that have entries.
+    pub count: u16,
+    /// Block address this image belongs at.
+    pub addr: u64,
+    /// Sequence of the commit that wrote this image.
+    pub seq: u64,
+}
+
+/// Initialises the header of a block image (crc left for `seal`).
+pub fn init_header(b: &mut [u8], kind: BlockKind, addr: u64) {
+    debug_assert_eq!(b.len(), BLOCK_SIZE_BYTES);
+    b[..HEADER_BYTES].fill(0);
+    put_u32(b, OFF_MAGIC, BLOCK_MAGIC);
+    put_u16(b, OFF_KIND, kind as u16);
+    put_u16(b, OFF_VERSION, FORMAT_VERSION);
+    put_u64(b, OFF_ADDR, addr);
+}
+
+/// Entry count field.
+pub fn count(b: &[u8]) -> u16 {
+    get_u16(b, OFF_COUNT)
+}
+/// Sets the entry count field.
+pub fn set_count(b: &mut [u8], n: u16) {
+    put_u16(b, OFF_COUNT, n);
+}
+/// Level field.
+pub fn level(b: &[u8]) -> u16 {
+    get_u16(b, OFF_LEVEL)
+}
+/// Sets the level field.
+pub fn set_level(b: &mut [u8], l: u16) {
+    put_u16(b, OFF_LEVEL, l);
+}
+/// Address field.
+pub fn addr(b: &[u8]) -> u64 {
+    get_u64(b, OFF_ADDR)
+}
+/// Sequence field.
+pub fn seq(b: &[u8]) -> u64 {
+    get_u64(b, OFF_SEQ)
+}
+/// Kind field, if known.
+pub fn kind(b: &[u8]) -> Option<BlockKind> {
+    BlockKind::from_u16(get_u16(b, OFF_KIND))
+}
+
+/// crc32c of a block image, with the crc field taken as zero, seeded with the
+/// block address.
+pub fn block_crc(b: &[u8], addr: u64) -> u32 {
+    let seed = crc32c::crc32c(&addr.to_le_bytes());
+    let crc = crc32c::crc32c_append(seed, &b[..OFF_CRC]);
+    let crc = crc32c::crc32c_append(crc, &[0u8; 4]);
+    crc32c::crc32c_append(crc, &b[OFF_CRC + 4..])
+}
+
+/// Stamps the sequence and seals the block with its checksum.
+pub fn seal(b: &mut [u8], seq: u64) {
+    put_u64(b, OFF_SEQ, seq);
+    let a = addr(b);
+    let crc = block_crc(b, a);
+    put_u32(b, OFF_CRC, crc);
+}
+
+/// Why a block image failed verification.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlockFault {
+    /// No csnap magic: never written, or not a csnap block.
+    Magic,
+    /// The checksum does not match: torn or bit-flipped.
+    Checksum,
+    /// The block carries another address: a misdirected write.
+    Address { found: u64 },
+    /// The block is of another kind than the reference to it expects.
+    Kind { found: u16 },
+    /// Written by an unknown format version.
+    Version { found: u16 },
+}
+
+impl std::fmt::Display for BlockFault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BlockFault::Magic => write!(f, "no csnap block magic"),
+            BlockFault::Checksum => write!(f, "checksum mismatch (torn or corrupted write)"),
+            BlockFault::Address { found } => {
+                write!(f, "block belongs at address {found} (misdirected write)")
+            }
+            BlockFault::Kind { found } => write!(f, "unexpected block kind {found}"),
+            BlockFault::Version { found } => write!(f, "unknown format version {found}"),
+        }
+    }
+}
+
+/// Verifies a block read from `at` (its home, or the journal slot holding a
+/// copy meant for `at`) against the kind the reader expects.
+pub fn verify(b: &[u8], at: u64, expect: BlockKind) -> Result<Header, BlockFault> {
+    if get_u32(b, OFF_MAGIC) != BLOCK_MAGIC {
+        return Err(BlockFault::Magic);
+    }
+    let stored = get_u32(b, OFF_CRC);
+    let found_addr = addr(b);
+    if block_crc(b, found_addr) != stored {
+        return Err(BlockFault::Checksum);
+    }
+    if found_addr != at {
+        return Err(BlockFault::Address { found: found_addr });
+    }
+    let version = get_u16(b, OFF_VERSION);
+    if version != FORMAT_VERSION {
+        return Err(BlockFault::Version { found: version });
+    }
+    let k = get_u16(b, OFF_KIND);
+    let kind = match BlockKind::from_u16(k) {
+        Some(kind) if kind == expect => kind,
+        _ => return Err(BlockFault::Kind { found: k }),
+    };
+    Ok(Header {
+        kind,
+        level: level(b),
+        count: count(b),
+        addr: found_addr,
+        seq: seq(b),
+    })
+}
+
+// ---------------------------------------------------------------------------
+// Label (block 0).
+// ---------------------------------------------------------------------------
+
+/// Block address of the label.
+pub const LABEL_BLOCK: u64 = 0;
+/// Block address of the superblock.
+pub const SUPER_BLOCK: u64 = 1;
+/// Format identification string in the label payload.
+pub const LABEL_MAGIC: [u8; 8] = *b"CSNAPSTR";
+
+/// What to do when a copy-out finds no free store chunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreFullPolicy {
+    /// Refuse the copy-out: the origin write fails visibly.
+    Refuse = 1,
+    /// Delete the lowest-priority snapshot not in use, report it, retry.
+    DeleteLowestPriority = 2,
+}
+
+impl StoreFullPolicy {
+    /// Decodes the label field.
+    pub fn from_u8(v: u8) -> Option<Self> {
+        match v {
+            1 => Some(StoreFullPolicy::Refuse),
+            2 => Some(StoreFullPolicy::DeleteLowestPriority),
+            _ => None,
+        }
+    }
+}
+
+/// Fixed geometry of a store, written once at format time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Label {
+    /// Random id of this store.
+    pub store_uuid: [u8; 16],
+    /// Random id given to the origin volume at format time; clients present it.
+    pub origin_uuid: [u8; 16],
+    /// Origin size in bytes.
+    pub origin_size_bytes: u64,
+    /// Copy-out unit.
+    pub chunk_size_bytes: u32,
+    /// Size of the store device the layout was computed for.
+    pub store_size_bytes: u64,
+    /// First journal block.
+    pub journal_start: u64,
+    /// Journal ring length in blocks.
+    pub journal_blocks: u64,
+    /// First metadata-area bitmap block.
+    pub meta_bitmap_start: u64,
+    /// Metadata-area bitmap blocks.
+    pub meta_bitmap_blocks: u64,
+    /// First data-area bitmap block.
+    pub data_bitmap_start: u64,
+    /// Data-area bitmap blocks.
+    pub data_bitmap_blocks: u64,
+    /// First block of the metadata area (b-tree nodes and leaves).
+    pub meta_start: u64,
+    /// Blocks in the metadata area.
+    pub meta_blocks: u64,
+    /// Byte offset of data chunk 0 (chunk aligned).
+    pub data_start_bytes: u64,
+    /// Chunks in the data area.
+    pub data_chunks: u64,
+    /// Store-full policy chosen at format time.
+    pub policy: StoreFullPolicy,
+    /// Format time, seconds since the epoch.
+    pub created_secs: u64,
+}
+
+impl Label {
+    /// Chunks of the origin (its size rounded down to a chunk multiple).
+    pub fn origin_chunks(&self) -> u64 {
+        self.origin_size_bytes / u64::from(self.chunk_size_bytes)
+    }
+
+    /// Byte offset of data chunk `c`.
+    pub fn chunk_offset(&self, c: u64) -> u64 {
+        self.data_start_bytes + c * u64::from(self.chunk_size_bytes)
+    }
+
+    /// Encodes into a sealed block image.
+    pub fn encode(&self, b: &mut [u8]) {
+        b.fill(0);
+        init_header(b, BlockKind::Label, LABEL_BLOCK);
+        let mut o = HEADER_BYTES;
+        b[o..o + 8].copy_from_slice(&LABEL_MAGIC);
+        o += 8;
+        b[o..o + 16].copy_from_slice(&self.store_uuid);
+        o += 16;
+        b[o..o + 16].copy_from_slice(&self.origin_uuid);
+        o += 16;
+        for v in [
+            self.origin_size_bytes,
+            u64::from(self.chunk_size_bytes),
+            self.store_size_bytes,
+            self.journal_start,
+            self.journal_blocks,
+            self.meta_bitmap_start,
+            self.meta_bitmap_blocks,
+            self.data_bitmap_start,
+            self.data_bitmap_blocks,
+            self.meta_start,
+            self.meta_blocks,
+            self.data_start_bytes,
+            self.data_chunks,
+            self.policy as u64,
+            self.created_secs,
+        ] {
+            put_u64(b, o, v);
+            o += 8;
+        }
+        seal(b, 0);
+    }
+
+    /// Decodes a verified label image. Geometry sanity is checked by the caller.
+    pub fn decode(b: &[u8]) -> Result<Label, &'static str> {
+        let mut o = HEADER_BYTES;
+        if b[o..o + 8] != LABEL_MAGIC {
+            return Err("label magic is not CSNAPSTR");
+        }
+        o += 8;
+        let mut store_uuid = [0u8; 16];
+        store_uuid.copy_from_slice(&b[o..o + 16]);
+        o += 16;
+        let mut origin_uuid = [0u8; 16];
+        origin_uuid.copy_from_slice(&b[o..o + 16]);
+        o += 16;
+        let mut v = [0u64; 15];
+        for x in &mut v {
+            *x = get_u64(b, o);
+            o += 8;
+        }
+        let chunk_size_bytes =
+            u32::try_from(v[1]).map_err(|_| "chunk size does not fit 32 bits")?;
+        let policy = u8::try_from(v[13])
+            .ok()
+            .and_then(StoreFullPolicy::from_u8)
+            .ok_or("unknown store-full policy")?;
+        Ok(Label {
+            store_uuid,
+            origin_uuid,
+            origin_size_bytes: v[0],
+            chunk_size_bytes,
+            store_size_bytes: v[2],
+            journal_start: v[3],
+            journal_blocks: v[4],
+            meta_bitmap_start: v[5],
+            meta_bitmap_blocks: v[6],
+            data_bitmap_start: v[7],
+            data_bitmap_blocks: v[8],
+            meta_start: v[9],
+            meta_blocks: v[10],
+            data_start_bytes: v[11],
+            data_chunks: v[12],
+            policy,
+            created_secs: v[14],
+        })
+    }
+
+    /// Checks that the regions are in order, non-overlapping and inside the
+    /// device. Returns the first problem.
+    pub fn validate(&self, device_size_bytes: u64) -> Result<(), String> {
+        let bs = BLOCK_SIZE_BYTES as u64;
+        let c = self.chunk_size_bytes;
+        if !(csnap_pools::CHUNK_SIZE_MIN_BYTES..=csnap_pools::CHUNK_SIZE_MAX_BYTES).contains(&c)
+            || !c.is_power_of_two()
+        {
+            return Err(format!(
+                "label chunk size {c} is not a power of two in 4 KiB..1 MiB"
+            ));
+        }
+        if self.journal_blocks < csnap_pools::JOURNAL_MIN_BLOCKS {
+            return Err(format!(
+                "label journal of {} blocks is too small",
+                self.journal_blocks
+            ));
+        }
+        let regions = [
+            ("journal", self.journal_start, self.journal_blocks),
+            (
+                "metadata bitmap",
+                self.meta_bitmap_start,
+                self.meta_bitmap_blocks,
+            ),
+            (
+                "data bitmap",
+                self.data_bitmap_start,
+                self.data_bitmap_blocks,
+            ),
+            ("metadata area", self.meta_start, self.meta_blocks),
+        ];
+        let mut next = 2u64;
+        for (name, start, len) in regions {
+            if start != next {
+                return Err(format!(
+                    "label {name} starts at block {start}, expected {next}"
+                ));
+            }
+            next = start
+                .checked_add(len)
+                .ok_or_else(|| format!("label {name} overflows"))?;
+        }
+        if self.meta_bitmap_blocks < self.meta_blocks.div_ceil(BITMAP_BITS_PER_BLOCK)
+            || self.data_bitmap_blocks < self.data_chunks.div_ceil(BITMAP_BITS_PER_BLOCK)
+        {
+            return Err("label bitmaps are too small for their areas".into());
+        }
+        if self.data_start_bytes < next * bs || !self.data_start_bytes.is_multiple_of(u64::from(c))
+        {
+            return Err(format!(
+                "label data area offset {} overlaps metadata or is not chunk aligned",
+                self.data_start_bytes
+            ));
+        }
+        let end = self
+            .data_chunks
+            .checked_mul(u64::from(c))
+            .and_then(|x| x.checked_add(self.data_start_bytes))
+            .ok_or("label data area overflows")?;
+        if end > device_size_bytes {
+            return Err(format!(
+                "store is truncated: the layout needs {end} bytes, the device has {device_size_bytes}"
+            ));
+        }
+        if self.data_chunks == 0 || self.meta_blocks == 0 {
+            return Err("label has an empty data or metadata area".into());
+        }
+        Ok(())
+    }
+}
+
+/// Bits one bitmap block holds (the payload after the header).
+pub const BITMAP_BITS_PER_BLOCK: u64 = ((BLOCK_SIZE_BYTES - HEADER_BYTES) * 8) as u64;
+
+// ---------------------------------------------------------------------------
+// Superblock (block 1).
+// ---------------------------------------------------------------------------
+
+/// State of a snapshot table slot. The slot index is the snapshot's share bit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SlotState {
+    /// Unused; the bit appears in no share mask.
+    Free = 0,
+    /// A live snapshot.
+    Live = 1,
+    /// Deleted by the user; its bit is being cleared from the tree.
+    Deleting = 2,
+}
+
+/// One snapshot table entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SnapSlot {
+    /// User tag.
+    pub tag: u32,
+    /// Slot state.
+    pub state: SlotState,
+    /// Priority: lower is deleted first when the store is full; 127 never.
+    pub priority: i8,
+    /// Creation time, seconds since the epoch.
+    pub ctime_secs: u64,
+    /// Store chunks this snapshot references (shared or not).
+    pub chunks: u64,
+    /// Store chunks referenced by this snapshot alone.
+    pub unique_chunks: u64,
+}
+
+impl SnapSlot {
+    /// An unused slot.
+    pub const FREE: SnapSlot = SnapSlot {
+        tag: 0,
+        state: SlotState::Free,
+        priority: 0,
+        ctime_secs: 0,
+        chunks: 0,
+        unique_chunks: 0,
+    };
+}
+
+/// All mutable global state. Journaled in every commit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Super {
+    /// Sequence of the last commit.
+    pub seq: u64,
+    /// Journal slot (relative) of the last commit's commit block.
+    pub journal_last_slot: u64,
+    /// Journal slot where the next commit goes.
+    pub journal_next_slot: u64,
+    /// Durable server incarnation, bumped by every server start.
+    pub incarnation: u64,
+    /// Root block of the exception tree.
+    pub root: u64,
+    /// Levels of the tree; 1 means the root is a leaf.
+    pub depth: u16,
+    /// Free blocks of the metadata area.
+    pub meta_free: u64,
+    /// Free chunks of the data area.
+    pub data_free: u64,
+    /// Next-fit cursor of the metadata allocator.
+    pub meta_cursor: u64,
+    /// Next-fit cursor of the data allocator.
+    pub data_cursor: u64,
+    /// Bits the running delete pass clears.
+    pub delete_walk_mask: u64,
+    /// Logical chunks below this are done by the running delete pass.
+    pub delete_cursor: u64,
+    /// Snapshot table, indexed by share bit.
+    pub snaps: [SnapSlot; SNAPSHOTS_MAX],
+}
+
+const SUPER_FIELDS_OFF: usize = HEADER_BYTES;
+const SUPER_TABLE_OFF: usize = 256;
+const SNAP_ENTRY_BYTES: usize = 32;
+static_assertions::const_assert!(
+    SUPER_TABLE_OFF + SNAPSHOTS_MAX * SNAP_ENTRY_BYTES <= BLOCK_SIZE_BYTES
+);
+
+impl Super {
+    /// Mask of the bits of live snapshots.
+    pub fn live_mask(&self) -> u64 {
+        self.mask_of(SlotState::Live)
+    }
+
+    /// Mask of the bits being deleted.
+    pub fn deleting_mask(&self) -> u64 {
+        self.mask_of(SlotState::Deleting)
+    }
+
+    fn mask_of(&self, s: SlotState) -> u64 {
+        let mut m = 0u64;
+        for (i, slot) in self.snaps.iter().enumerate() {
+            if slot.state == s {
+                m |= 1 << i;
+            }
+        }
+        m
+    }
+
+    /// Share bit of the live snapshot with `tag`.
+    pub fn live_bit(&self, tag: u32) -> Option<usize> {
+        self.snaps
+            .iter()
+            .position(|s| s.state == SlotState::Live && s.tag == tag)
+    }
+
+    /// Encodes into a block image (unsealed: the commit seals it).
+    pub fn encode(&self, b: &mut [u8]) {
+        b.fill(0);
+        init_header(b, BlockKind::Super, SUPER_BLOCK);
+        let mut o = SUPER_FIELDS_OFF;
+        for v in [
+            self.seq,
+            self.journal_last_slot,
+            self.journal_next_slot,
+            self.incarnation,
+            self.root,
+            u64::from(self.depth),
+            self.meta_free,
+            self.data_free,
+            self.meta_cursor,
+            self.data_cursor,
+            self.delete_walk_mask,
+            self.delete_cursor,
+        ] {
+            put_u64(b, o, v);
+            o += 8;
+        }
+        for (i, s) in self.snaps.iter().enumerate() {
+            let e = SUPER_TABLE_OFF + i * SNAP_ENTRY_BYTES;
+            put_u32(b, e, s.tag);
+            b[e + 4] = s.state as u8;
+            b[e + 5] = s.priority.to_le_bytes()[0];
+            put_u64(b, e + 8, s.ctime_secs);
+            put_u64(b, e + 16, s.chunks);
+            put_u64(b, e + 24, s.unique_chunks);
+        }
+    }
+
+    /// Decodes a verified superblock image.
+    pub fn decode(b: &[u8]) -> Result<Super, &'static str> {
+        let mut v = [0u64; 12];
+        let mut o = SUPER_FIELDS_OFF;
+        for x in &mut v {
+            *x = get_u64(b, o);
+            o += 8;
+        }
+        let mut snaps = [SnapSlot::FREE; SNAPSHOTS_MAX];
+        for (i, s) in snaps.iter_mut().enumerate() {
+            let e = SUPER_TABLE_OFF + i * SNAP_ENTRY_BYTES;
+            let state = match b[e + 4] {
+                0 => SlotState::Free,
+                1 => SlotState::Live,
+                2 => SlotState::Deleting,
+                _ => return Err("snapshot table slot has an unknown state"),
+            };
+            *s = SnapSlot {
+                tag: get_u32(b, e),
+                state,
+                priority: i8::from_le_bytes([b[e + 5]]),
+                ctime_secs: get_u64(b, e + 8),
+                chunks: get_u64(b, e + 16),
+                unique_chunks: get_u64(b, e + 24),
+            };
+        }
+        let depth = u16::try_from(v[5]).map_err(|_| "tree depth out of range")?;
+        Ok(Super {
+            seq: v[0],
+            journal_last_slot: v[1],
+            journal_next_slot: v[2],
+            incarnation: v[3],
+            root: v[4],
+            depth,
+            meta_free: v[6],
+            data_free: v[7],
+            meta_cursor: v[8],
+            data_cursor: v[9],
+            delete_walk_mask: v[10],
+            delete_cursor: v[11],
+            snaps,
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------
+// B-tree blocks.
+// ---------------------------------------------------------------------------
+
+/// Byte offset of the first leaf record.
+pub const LEAF_RECORDS_OFF: usize = 48;
+/// Offset of the share-mask-width byte in a leaf.
+pub const LEAF_MASK_WORDS_OFF: usize = 32;
+/// Bytes of one leaf record: logical chunk, share mask, store chunk.
+pub const LEAF_RECORD_BYTES: usize = 24;
+/// Records one leaf holds.
+pub const LEAF_RECORDS_MAX: usize = (BLOCK_SIZE_BYTES - LEAF_RECORDS_OFF) / LEAF_RECORD_BYTES;
+/// Byte offset of the first index entry.
+pub const NODE_ENTRIES_OFF: usize = 48;
+/// Bytes of one index entry: lowest key of the child, child block.
+pub const NODE_ENTRY_BYTES: usize = 16;
+/// Entries one index node holds.
+pub const NODE_ENTRIES_MAX: usize = (BLOCK_SIZE_BYTES - NODE_ENTRIES_OFF) / NODE_ENTRY_BYTES;
+
+static_assertions::const_assert!(LEAF_RECORDS_MAX >= 2 * csnap_pools::SNAPSHOTS_MAX + 2);
+static_assertions::const_assert!(NODE_ENTRIES_MAX >= 4);

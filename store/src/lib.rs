@@ -1,0 +1,1628 @@
+//! The csnap snapshot store.
+//!
+//! One exception b-tree keyed by 64-bit logical chunk holds the exceptions of
+//! every snapshot; each exception carries a share mask, so one copy-out serves
+//! every snapshot that still needs the old data. All metadata changes go
+//! through a physical redo journal with group commit; the superblock (root,
+//! depth, free counts, cursors, snapshot table, incarnation) is journaled in
+//! every commit. Memory is a fixed block cache and fixed buffers reserved at
+//! open: no operation allocates.
+//!
+//! Operations mutate the open transaction; `commit` makes them durable. The
+//! caller performs copy-outs between an operation and the commit (the commit
+//! flushes the store device before the journal write, so copied data is
+//! durable before the metadata that points to it). See ARCHITECTURE.md
+//! "Store" for the layout and the commit protocol.
+
+#![forbid(unsafe_code)]
+
+pub mod cache;
+pub mod check;
+pub mod disk;
+pub mod journal;
+pub mod layout;
+pub mod tree;
+
+use cache::{Cache, CacheError};
+use csnap_pools::{
+    BLOCK_SIZE_BYTES, CACHE_MIN_BLOCKS, OP_DIRTY_BLOCKS_MAX, PRIORITY_NEVER_DELETE, SNAPSHOTS_MAX,
+    TREE_DEPTH_MAX, TX_BLOCKS_MAX, TX_FREES_MAX,
+};
+use disk::{Disk, DiskError};
+pub use layout::StoreFullPolicy;
+use layout::{
+    BlockFault, BlockKind, Label, SlotState, SnapSlot, Super, BITMAP_BITS_PER_BLOCK, HEADER_BYTES,
+    LEAF_RECORDS_MAX, NODE_ENTRIES_MAX,
+};
+use tree::Record;
+
+const BS: u64 = BLOCK_SIZE_BYTES as u64;
+
+/// Errors of store operations. Variants used on the serving path carry no
+/// heap data; `Invalid` is produced only while formatting or opening.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreError {
+    /// A device access failed.
+    Disk(DiskError),
+    /// A metadata block failed verification.
+    Corrupt {
+        /// Block address.
+        addr: u64,
+        /// What the block was expected to be.
+        kind: BlockKind,
+        /// What is wrong with it.
+        fault: BlockFault,
+    },
+    /// The store cannot be formatted or opened; the text says why.
+    Invalid(String),
+    /// No live snapshot has this tag.
+    NoSuchSnapshot(u32),
+    /// A live snapshot already has this tag.
+    SnapshotExists(u32),
+    /// All snapshot slots are live or still being deleted.
+    TooManySnapshots,
+    /// The chunk is past the end of the origin.
+    ChunkOutOfRange {
+        /// Chunk asked for.
+        chunk: u64,
+        /// Chunks of the origin.
+        origin_chunks: u64,
+    },
+    /// No free store chunk and the policy refuses the copy-out, or no snapshot
+    /// may be deleted to make room.
+    StoreFull,
+    /// No free store chunk; snapshots are being deleted to make room (`victim`
+    /// names the one this call chose, if any). Commit, run `delete_step`, retry.
+    Reclaiming {
+        /// Tag of the snapshot this call chose for deletion.
+        victim: Option<u32>,
+    },
+    /// The metadata area is full.
+    MetadataFull,
+    /// The open transaction cannot take another operation: commit first.
+    TxFull,
+    /// The metadata cache has no evictable block (too small for the workload).
+    CacheFull,
+    /// An operation failed midway; the open transaction must be aborted.
+    TxPoisoned,
+    /// A commit failed: the store must be reopened (which replays the journal).
+    Failed,
+    /// The tree reached its maximum depth.
+    TreeTooDeep,
+    /// A snapshot with this priority may not be changed this way.
+    BadPriority(i8),
+}
+
+impl std::fmt::Display for StoreError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StoreError::Disk(e) => write!(f, "store device error: {e}"),
+            StoreError::Corrupt { addr, kind, fault } => {
+                write!(f, "store metadata corrupt: {} at block {addr}: {fault}", kind.name())
+            }
+            StoreError::Invalid(s) => write!(f, "{s}"),
+            StoreError::NoSuchSnapshot(t) => write!(f, "no snapshot with tag {t}"),
+            StoreError::SnapshotExists(t) => write!(f, "snapshot {t} already exists"),
+            StoreError::TooManySnapshots => write!(
+                f,
+                "the store holds {SNAPSHOTS_MAX} snapshots (live or being deleted); delete one first"
+            ),
+            StoreError::ChunkOutOfRange { chunk, origin_chunks } => write!(
+                f,
+                "chunk {chunk} is past the end of the origin ({origin_chunks} chunks)"
+            ),
+            StoreError::StoreFull => write!(
+                f,
+                "snapshot store is full: the copy-out was refused and the origin write must fail"
+            ),
+            StoreError::Reclaiming { victim: Some(t) } => write!(
+                f,
+                "snapshot store is full: deleting snapshot {t} (lowest priority, not in use) to make room"
+            ),
+            StoreError::Reclaiming { victim: None } => {
+                write!(f, "snapshot store is full: waiting for a snapshot deletion to free room")
+            }
+            StoreError::MetadataFull => write!(f, "snapshot store metadata area is full"),
+            StoreError::TxFull => write!(f, "transaction is full; commit first"),
+            StoreError::CacheFull => write!(f, "metadata cache has no evictable block"),
+            StoreError::TxPoisoned => {
+                write!(f, "an operation failed midway; the transaction must be aborted")
+            }
+            StoreError::Failed => {
+                write!(f, "a commit failed; the store must be reopened to recover")
+            }
+            StoreError::TreeTooDeep => write!(f, "exception tree reached its maximum depth"),
+            StoreError::BadPriority(p) => write!(f, "bad priority {p}"),
+        }
+    }
+}
+
+impl std::error::Error for StoreError {}
+
+impl From<DiskError> for StoreError {
+    fn from(e: DiskError) -> Self {
+        StoreError::Disk(e)
+    }
+}
+
+impl From<CacheError> for StoreError {
+    fn from(e: CacheError) -> Self {
+        match e {
+            CacheError::Disk(d) => StoreError::Disk(d),
+            CacheError::Fault { addr, kind, fault } => StoreError::Corrupt { addr, kind, fault },
+            CacheError::Full => StoreError::CacheFull,
+        }
+    }
+}
+
+/// Where the data of a snapshot chunk is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mapping {
+    /// Still on the origin, at the same chunk.
+    Origin,
+    /// In the store's data area at this chunk.
+    Store(u64),
+}
+
+/// What an origin write must do before it may overwrite the chunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OriginWrite {
+    /// Every live snapshot already has its own copy (or there are none).
+    Unique,
+    /// Copy the origin chunk to this store chunk before the commit.
+    CopyOut {
+        /// Destination store chunk.
+        store_chunk: u64,
+    },
+}
+
+/// What a snapshot write must do before writing into its chunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SnapshotWrite {
+    /// The snapshot already owns this store chunk alone: write there.
+    Unique {
+        /// Store chunk to write.
+        store_chunk: u64,
+    },
+    /// A new chunk was assigned; copy the origin chunk into it first.
+    CopyFromOrigin {
+        /// New store chunk.
+        store_chunk: u64,
+    },
+    /// A new chunk was assigned; copy the shared store chunk into it first.
+    CopyFromStore {
+        /// Store chunk shared with other snapshots.
+        from: u64,
+        /// New store chunk.
+        store_chunk: u64,
+    },
+}
+
+impl SnapshotWrite {
+    /// The chunk the snapshot's data now lives in.
+    pub fn store_chunk(&self) -> u64 {
+        match *self {
+            SnapshotWrite::Unique { store_chunk }
+            | SnapshotWrite::CopyFromOrigin { store_chunk }
+            | SnapshotWrite::CopyFromStore { store_chunk, .. } => store_chunk,
+        }
+    }
+}
+
+/// A snapshot as listed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SnapshotInfo {
+    /// User tag.
+    pub tag: u32,
+    /// Share bit.
+    pub bit: u8,
+    /// Priority.
+    pub priority: i8,
+    /// Creation time, seconds since the epoch.
+    pub ctime_secs: u64,
+    /// Store chunks it references.
+    pub chunks: u64,
+    /// Store chunks only it references.
+    pub unique_chunks: u64,
+    /// Deleted, space still being reclaimed.
+    pub deleting: bool,
+    /// Marked in use by the server (never auto-deleted).
+    pub in_use: bool,
+}
+
+/// Progress of background deletion.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeleteProgress {
+    /// Nothing to delete.
+    Idle,
+    /// More steps are needed (commit between steps when `TxFull`-near).
+    Working,
+}
+
+/// Result of a commit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CommitInfo {
+    /// Sequence of the commit, or of the last one if nothing was pending.
+    pub seq: u64,
+    /// Blocks journaled (0: nothing to commit).
+    pub blocks: usize,
+    /// Operations grouped in this commit.
+    pub ops: u64,
+}
+
+/// Store-wide figures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoreStatus {
+    /// Chunk size.
+    pub chunk_size_bytes: u32,
+    /// Origin chunks.
+    pub origin_chunks: u64,
+    /// Data chunks in the store.
+    pub data_chunks: u64,
+    /// Free data chunks.
+    pub data_free: u64,
+    /// Metadata blocks.
+    pub meta_blocks: u64,
+    /// Free metadata blocks.
+    pub meta_free: u64,
+    /// Live snapshots.
+    pub snapshots: u32,
+    /// Snapshots being deleted.
+    pub deleting: u32,
+    /// Durable incarnation.
+    pub incarnation: u64,
+    /// Last commit sequence.
+    pub seq: u64,
+    /// Tree levels.
+    pub depth: u16,
+}
+
+/// Options for `format`.
+#[derive(Debug, Clone, Copy)]
+pub struct FormatOptions {
+    /// Origin size in bytes.
+    pub origin_size_bytes: u64,
+    /// Chunk size (power of two, 4 KiB..1 MiB).
+    pub chunk_size_bytes: u32,
+    /// Journal ring length in blocks.
+    pub journal_blocks: u64,
+    /// What to do when the store is full.
+    pub policy: StoreFullPolicy,
+    /// Store id.
+    pub store_uuid: [u8; 16],
+    /// Origin id.
+    pub origin_uuid: [u8; 16],
+    /// Format time.
+    pub now_secs: u64,
+}
+
+impl FormatOptions {
+    /// Defaults for an origin of `origin_size_bytes`; ids zero (set them).
+    pub fn new(origin_size_bytes: u64) -> Self {
+        FormatOptions {
+            origin_size_bytes,
+            chunk_size_bytes: csnap_pools::CHUNK_SIZE_DEFAULT_BYTES,
+            journal_blocks: csnap_pools::JOURNAL_DEFAULT_BLOCKS,
+            policy: StoreFullPolicy::Refuse,
+            store_uuid: [0; 16],
+            origin_uuid: [0; 16],
+            now_secs: 0,
+        }
+    }
+}
+
+/// Metadata bytes reserved per data chunk: a 24-byte record in leaves that
+/// may be half full after splits, index overhead, and room for leaves left
+/// sparse by deletion.
+pub const META_BYTES_PER_DATA_CHUNK: u64 = 128;
+
+/// Computes the layout for a device of `size_bytes`.
+pub fn plan_layout(size_bytes: u64, o: &FormatOptions) -> Result<Label, StoreError> {
+    let c = o.chunk_size_bytes;
+    if !(csnap_pools::CHUNK_SIZE_MIN_BYTES..=csnap_pools::CHUNK_SIZE_MAX_BYTES).contains(&c)
+        || !c.is_power_of_two()
+    {
+        return Err(StoreError::Invalid(format!(
+            "chunk size {c} must be a power of two from 4096 (4 KiB) to 1048576 (1 MiB)"
+        )));
+    }
+    if o.journal_blocks < csnap_pools::JOURNAL_MIN_BLOCKS {
+        return Err(StoreError::Invalid(format!(
+            "journal of {} blocks is too small; the minimum is {}",
+            o.journal_blocks,
+            csnap_pools::JOURNAL_MIN_BLOCKS
+        )));
+    }
+    let c64 = u64::from(c);
+    if o.origin_size_bytes < c64 {
+        return Err(StoreError::Invalid(format!(
+            "origin of {} bytes is smaller than one chunk ({c} bytes)",
+            o.origin_size_bytes
+        )));
+    }
+    let layout_for = |d: u64| -> Label {
+        let meta_blocks = (d * META_BYTES_PER_DATA_CHUNK).div_ceil(BS) + 64;
+        let meta_bitmap_blocks = meta_blocks.div_ceil(BITMAP_BITS_PER_BLOCK);
+        let data_bitmap_blocks = d.div_ceil(BITMAP_BITS_PER_BLOCK).max(1);
+        let journal_start = 2;
+        let meta_bitmap_start = journal_start + o.journal_blocks;
+        let data_bitmap_start = meta_bitmap_start + meta_bitmap_blocks;
+        let meta_start = data_bitmap_start + data_bitmap_blocks;
+        let meta_end_bytes = (meta_start + meta_blocks) * BS;
+        let data_start_bytes = meta_end_bytes.div_ceil(c64) * c64;
+        Label {
+            store_uuid: o.store_uuid,
+            origin_uuid: o.origin_uuid,
+            origin_size_bytes: o.origin_size_bytes,
+            chunk_size_bytes: c,
+            store_size_bytes: size_bytes,
+            journal_start,
+            journal_blocks: o.journal_blocks,
+            meta_bitmap_start,
+            meta_bitmap_blocks,
+            data_bitmap_start,
+            data_bitmap_blocks,
+            meta_start,
+            meta_blocks,
+            data_start_bytes,
+            data_chunks: d,
+            policy: o.policy,
+            created_secs: o.now_secs,
+        }
+    };
+    let mut d = size_bytes / c64;
+    for _ in 0..64 {
+        if d == 0 {
+            break;
+        }
+        let l = layout_for(d);
+        let end = l.data_start_bytes + d * c64;
+        if end <= size_bytes {
+            return Ok(l);
+        }
+        let excess = end - size_bytes;
+        d = d.saturating_sub(excess.div_ceil(c64).max(1));
+    }
+    let min = layout_for(1);
+    Err(StoreError::Invalid(format!(
+        "store device of {size_bytes} bytes is too small: chunk size {c} and a journal of {} blocks need at least {} bytes",
+        o.journal_blocks,
+        min.data_start_bytes + c64
+    )))
+}
+
+fn set_bit(b: &mut [u8], bit: u64) {
+    let byte = HEADER_BYTES + usize::try_from(bit / 8).unwrap_or(0);
+    b[byte] |= 1 << (bit % 8);
+}
+
+fn clear_bit(b: &mut [u8], bit: u64) -> bool {
+    let byte = HEADER_BYTES + usize::try_from(bit / 8).unwrap_or(0);
+    let was = b[byte] & (1 << (bit % 8)) != 0;
+    b[byte] &= !(1 << (bit % 8));
+    was
+}
+
+/// Tests a bit of a bitmap block image.
+pub fn test_bit(b: &[u8], bit: u64) -> bool {
+    let byte = HEADER_BYTES + usize::try_from(bit / 8).unwrap_or(0);
+    b[byte] & (1 << (bit % 8)) != 0
+}
+
+/// Formats `disk` as an empty store.
+pub fn format<D: Disk>(disk: &mut D, o: &FormatOptions) -> Result<Label, StoreError> {
+    let size = disk.size_bytes();
+    let label = plan_layout(size, o)?;
+    let mut b = vec![0u8; BLOCK_SIZE_BYTES];
+    // Invalidate any old label first, so an interrupted format is not taken
+    // for the store it replaces.
+    disk.write_at(&b, 0)?;
+    disk.flush()?;
+    // Zero the journal so no commit of an earlier store is ever replayed.
+    let zeros = vec![0u8; 64 * BLOCK_SIZE_BYTES];
+    let mut blk = 0;
+    while blk < label.journal_blocks {
+        let n = (label.journal_blocks - blk).min(64);
+        let len = usize::try_from(n).unwrap_or(64) * BLOCK_SIZE_BYTES;
+        disk.write_at(&zeros[..len], (label.journal_start + blk) * BS)?;
+        blk += n;
+    }
+    // Bitmaps: the root leaf (metadata block 0) is in use; bits past the end
+    // of each area are set so they are never allocated.
+    let write_bitmaps = |disk: &mut D,
+                         b: &mut [u8],
+                         start: u64,
+                         nblocks: u64,
+                         area: u64,
+                         used: &[u64]|
+     -> Result<(), StoreError> {
+        for i in 0..nblocks {
+            b.fill(0);
+            layout::init_header(b, BlockKind::Bitmap, start + i);
+            let first = i * BITMAP_BITS_PER_BLOCK;
+            for bit in 0..BITMAP_BITS_PER_BLOCK {
+                let idx = first + bit;
+                if idx >= area || used.contains(&idx) {
+                    set_bit(b, bit);
+                }
+            }
+            layout::seal(b, 0);
+            disk.write_at(b, (start + i) * BS)?;
+        }
+        Ok(())
+    };
+    write_bitmaps(
+        disk,
+        &mut b,
+        label.meta_bitmap_start,
+        label.meta_bitmap_blocks,
+        label.meta_blocks,
+        &[0],
+    )?;
+    write_bitmaps(
+        disk,
+        &mut b,
+        label.data_bitmap_start,
+        label.data_bitmap_blocks,
+        label.data_chunks,
+        &[],
+    )?;
+    // The empty root leaf.
+    b.fill(0);
+    layout::init_header(&mut b, BlockKind::Leaf, label.meta_start);
+    tree::leaf_init(&mut b);
+    layout::seal(&mut b, 0);
+    disk.write_at(&b, label.meta_start * BS)?;
+    // The superblock.
+    let sb = Super {
+        seq: 0,
+        journal_last_slot: 0,
+        journal_next_slot: 0,
+        incarnation: 0,
+        root: label.meta_start,
+        depth: 1,
+        meta_free: label.meta_blocks - 1,
+        data_free: label.data_chunks,
+        meta_cursor: 1,
+        data_cursor: 0,
+        delete_walk_mask: 0,
+        delete_cursor: 0,
+        snaps: [SnapSlot::FREE; SNAPSHOTS_MAX],
+    };
+    sb.encode(&mut b);
+    layout::seal(&mut b, 0);
+    disk.write_at(&b, layout::SUPER_BLOCK * BS)?;
+    disk.flush()?;
+    // The label last: a store is formatted once its label is durable.
+    label.encode(&mut b);
+    disk.write_at(&b, 0)?;
+    disk.flush()?;
+    Ok(label)
+}
+
+/// Reads and validates the label of a store device.
+pub fn read_label<D: Disk>(disk: &mut D) -> Result<Label, StoreError> {
+    let size = disk.size_bytes();
+    if size < 2 * BS {
+        return Err(StoreError::Invalid(format!(
+            "not a csnap store: the device is only {size} bytes (truncated or empty)"
+        )));
+    }
+    let mut b = vec![0u8; BLOCK_SIZE_BYTES];
+    disk.read_at(&mut b, 0)?;
+    match layout::verify(&b, layout::LABEL_BLOCK, BlockKind::Label) {
+        Ok(_) => {}
+        Err(BlockFault::Magic) => {
+            return Err(StoreError::Invalid(if b.iter().all(|&x| x == 0) {
+                "not a csnap store: block 0 is empty (never formatted, or the format was interrupted)".into()
+            } else {
+                "not a csnap store: block 0 carries no csnap label (foreign data)".into()
+            }))
+        }
+        Err(BlockFault::Version { found }) => {
+            return Err(StoreError::Invalid(format!(
+                "store label has format version {found}; this csnap reads version {}",
+                layout::FORMAT_VERSION
+            )))
+        }
+        Err(f) => return Err(StoreError::Invalid(format!("store label is corrupt: {f}"))),
+    }
+    let label = Label::decode(&b).map_err(|e| StoreError::Invalid(format!("store label: {e}")))?;
+    label.validate(size).map_err(StoreError::Invalid)?;
+    Ok(label)
+}
+
+/// Options for `Store::open`.
+#[derive(Debug, Clone, Copy)]
+pub struct OpenOptions {
+    /// Metadata cache size in blocks.
+    pub cache_blocks: usize,
+}
+
+impl Default for OpenOptions {
+    fn default() -> Self {
+        OpenOptions {
+            cache_blocks: csnap_pools::CACHE_DEFAULT_BLOCKS,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Area {
+    Meta,
+    Data,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Free {
+    area: Area,
+    index: u64,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Path {
+    nodes: [(usize, usize); TREE_DEPTH_MAX],
+    len: usize,
+    leaf: usize,
+}
+
+/// An open store.
+#[derive(Debug)]
+pub struct Store<D: Disk> {
+    disk: D,
+    label: Label,
+    sb: Super,
+    committed: Super,
+    cache: Cache,
+    pending_frees: Vec<Free>,
+    staging: Vec<u8>,
+    entries: Vec<journal::Entry>,
+    tx_cap_blocks: usize,
+    tx_ops: u64,
+    poisoned: bool,
+    failed: bool,
+    in_use_mask: u64,
+    replay: journal::ReplayReport,
+}
+
+impl<D: Disk> Store<D> {
+    /// Opens a formatted store: validates the label, replays the journal,
+    /// loads the superblock, and reserves the cache and buffers. The only
+    /// place the store allocates.
+    pub fn open(mut disk: D, opts: &OpenOptions) -> Result<Self, StoreError> {
+        let label = read_label(&mut disk)?;
+        if opts.cache_blocks < CACHE_MIN_BLOCKS {
+            return Err(StoreError::Invalid(format!(
+                "metadata cache of {} blocks is below the minimum of {CACHE_MIN_BLOCKS}",
+                opts.cache_blocks
+            )));
+        }
+        let mut staging = vec![0u8; journal::REPLAY_BUFFER_BLOCKS * BLOCK_SIZE_BYTES];
+        let replay = journal::replay(&mut disk, &label, &mut staging, &mut |d, home, img| {
+            d.write_at(img, home * BS)
+        })?;
+        if replay.commits > 0 {
+            disk.flush()?;
+        }
+        let mut b = vec![0u8; BLOCK_SIZE_BYTES];
+        disk.read_at(&mut b, layout::SUPER_BLOCK * BS)?;
+        layout::verify(&b, layout::SUPER_BLOCK, BlockKind::Super).map_err(|f| {
+            StoreError::Invalid(format!(
+                "superblock is unreadable after journal replay: {f}"
+            ))
+        })?;
+        let sb = Super::decode(&b).map_err(|e| StoreError::Invalid(format!("superblock: {e}")))?;
+        validate_super(&label, &sb).map_err(StoreError::Invalid)?;
+        // Two consecutive commits (the last one must survive the next) plus the
+        // wrap gap fit in the ring: 3 * (cap + 1) + 3 <= journal blocks.
+        let journal_third = usize::try_from((label.journal_blocks - 6) / 3).unwrap_or(usize::MAX);
+        let tx_cap_blocks = TX_BLOCKS_MAX
+            .min(journal_third)
+            .min(opts.cache_blocks - csnap_pools::OP_TOUCHED_BLOCKS_MAX);
+        let store = Store {
+            disk,
+            label,
+            sb,
+            committed: sb,
+            cache: Cache::new(opts.cache_blocks),
+            pending_frees: Vec::with_capacity(TX_FREES_MAX),
+            staging,
+            entries: Vec::with_capacity(TX_BLOCKS_MAX + 1),
+            tx_cap_blocks,
+            tx_ops: 0,
+            poisoned: false,
+            failed: false,
+            in_use_mask: 0,
+            replay,
+        };
+        store.assert_invariants();
+        Ok(store)
+    }
+
+    /// What the journal replay at open did.
+    pub fn replay_report(&self) -> journal::ReplayReport {
+        self.replay
+    }
+
+    /// The store's fixed geometry.
+    pub fn label(&self) -> &Label {
+        &self.label
+    }
+
+    /// The device.
+    pub fn disk_mut(&mut self) -> &mut D {
+        &mut self.disk
+    }
+
+    /// Closes the store, returning the device. Uncommitted changes are lost.
+    pub fn into_disk(self) -> D {
+        self.disk
+    }
+
+    /// Byte offset of a data chunk on the store device.
+    pub fn chunk_offset(&self, store_chunk: u64) -> u64 {
+        assert!(store_chunk < self.label.data_chunks);
+        self.label.chunk_offset(store_chunk)
+    }
+
+    /// Chunk size.
+    pub fn chunk_size_bytes(&self) -> u32 {
+        self.label.chunk_size_bytes
+    }
+
+    /// Chunks of the origin.
+    pub fn origin_chunks(&self) -> u64 {
+        self.label.origin_chunks()
+    }
+
+    /// Durable incarnation (as of the open transaction).
+    pub fn incarnation(&self) -> u64 {
+        self.sb.incarnation
+    }
+
+    /// Operations in the open transaction.
+    pub fn pending_ops(&self) -> u64 {
+        self.tx_ops
+    }
+
+    /// Whether the open transaction holds changes.
+    pub fn is_dirty(&self) -> bool {
+        self.cache.dirty_count() > 0 || self.sb != self.committed || !self.pending_frees.is_empty()
+    }
+
+    /// Whether another mapping operation fits in the open transaction.
+    pub fn has_room(&self) -> bool {
+        self.cache.dirty_count() + OP_DIRTY_BLOCKS_MAX <= self.tx_cap_blocks
+            && self.pending_frees.len() < TX_FREES_MAX
+    }
+
+    /// Figures for `status`.
+    pub fn status(&self) -> StoreStatus {
+        StoreStatus {
+            chunk_size_bytes: self.label.chunk_size_bytes,
+            origin_chunks: self.label.origin_chunks(),
+            data_chunks: self.label.data_chunks,
+            data_free: self.sb.data_free,
+            meta_blocks: self.label.meta_blocks,
+            meta_free: self.sb.meta_free,
+            snapshots: self.sb.live_mask().count_ones(),
+            deleting: self.sb.deleting_mask().count_ones(),
+            incarnation: self.sb.incarnation,
+            seq: self.committed.seq,
+            depth: self.sb.depth,
+        }
+    }
+
+    /// Live and deleting snapshots, by share bit.
+    pub fn snapshots(&self) -> impl Iterator<Item = SnapshotInfo> + '_ {
+        self.sb
+            .snaps
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.state != SlotState::Free)
+            .map(|(i, s)| SnapshotInfo {
+                tag: s.tag,
+                bit: u8::try_from(i).unwrap_or(u8::MAX),
+                priority: s.priority,
+                ctime_secs: s.ctime_secs,
+                chunks: s.chunks,
+                unique_chunks: s.unique_chunks,
+                deleting: s.state == SlotState::Deleting,
+                in_use: self.in_use_mask & (1 << i) != 0,
+            })
+    }
+
+    /// The live snapshot with `tag`.
+    pub fn snapshot(&self, tag: u32) -> Option<SnapshotInfo> {
+        self.snapshots().find(|s| s.tag == tag && !s.deleting)
+    }
+
+    /// Marks a snapshot in use (a client has it open) or not. In use
+    /// snapshots are never chosen by the store-full policy. Not persistent.
+    pub fn set_in_use(&mut self, tag: u32, in_use: bool) -> Result<(), StoreError> {
+        let bit = self
+            .sb
+            .live_bit(tag)
+            .ok_or(StoreError::NoSuchSnapshot(tag))?;
+        if in_use {
+            self.in_use_mask |= 1 << bit;
+        } else {
+            self.in_use_mask &= !(1 << bit);
+        }
+        Ok(())
+    }
+
+    fn begin_op(&mut self) -> Result<(), StoreError> {
+        if self.failed {
+            return Err(StoreError::Failed);
+        }
+        if self.poisoned {
+            return Err(StoreError::TxPoisoned);
+        }
+        if !self.has_room() {
+            return Err(StoreError::TxFull);
+        }
+        self.cache.begin_op();
+        Ok(())
+    }
+
+    fn end_op<T>(&mut self, r: Result<T, StoreError>, modified: bool) -> Result<T, StoreError> {
+        match &r {
+            Ok(_) => {
+                if modified {
+                    self.tx_ops += 1;
+                }
+            }
+            Err(e) => {
+                if modified && !matches!(e, StoreError::Reclaiming { .. }) {
+                    self.poisoned = true;
+                }
+            }
+        }
+        self.assert_invariants();
+        r
+    }
+
+    fn check_chunk(&self, chunk: u64) -> Result<(), StoreError> {
+        let origin_chunks = self.label.origin_chunks();
+        if chunk >= origin_chunks {
+            return Err(StoreError::ChunkOutOfRange {
+                chunk,
+                origin_chunks,
+            });
+        }
+        Ok(())
+    }
+
+    // -- b-tree ------------------------------------------------------------
+
+    fn descend(&mut self, key: u64) -> Result<Path, StoreError> {
+        let mut path = Path::default();
+        let mut addr = self.sb.root;
+        let depth = usize::from(self.sb.depth);
+        for level in (1..depth).rev() {
+            self.check_meta_addr(addr, BlockKind::Node)?;
+            let slot = self.cache.get(&mut self.disk, addr, BlockKind::Node)?;
+            let b = self.cache.buf(slot);
+            if usize::from(layout::level(b)) != level || tree::node_len(b) == 0 {
+                return Err(StoreError::Corrupt {
+                    addr,
+                    kind: BlockKind::Node,
+                    fault: BlockFault::Kind {
+                        found: layout::level(b),
+                    },
+                });
+            }
+            let idx = tree::node_route(b, key);
+            addr = tree::node_child(b, idx);
+            path.nodes[path.len] = (slot, idx);
+            path.len += 1;
+        }
+        self.check_meta_addr(addr, BlockKind::Leaf)?;
+        path.leaf = self.cache.get(&mut self.disk, addr, BlockKind::Leaf)?;
+        Ok(path)
+    }
+
+    fn check_meta_addr(&self, addr: u64, kind: BlockKind) -> Result<(), StoreError> {
+        let l = &self.label;
+        if addr < l.meta_start || addr >= l.meta_start + l.meta_blocks {
+            return Err(StoreError::Corrupt {
+                addr,
+                kind,
+                fault: BlockFault::Address { found: addr },
+            });
+        }
+        Ok(())
+    }
+
+    /// Inserts a record. Splits as needed; every block it needs is allocated
+    /// before anything is modified.
+    fn insert_record(&mut self, r: Record) -> Result<(), StoreError> {
+        let path = self.descend(r.chunk)?;
+        let leaf_b = self.cache.buf(path.leaf);
+        if tree::leaf_len(leaf_b) < LEAF_RECORDS_MAX {
+            let (_, hi) = tree::leaf_find(leaf_b, r.chunk);
+            self.cache.mark_dirty(path.leaf);
+            tree::leaf_insert(self.cache.buf_mut(path.leaf), hi, r);
+            return Ok(());
+        }
+        // How many levels split: the leaf, then each full ancestor.
+        let mut splits = 1;
+        for lvl in (0..path.len).rev() {
+            if tree::node_len(self.cache.buf(path.nodes[lvl].0)) < NODE_ENTRIES_MAX {
+                break;
+            }
+            splits += 1;
+        }
+        let new_root = splits > path.len;
+        if new_root && usize::from(self.sb.depth) >= TREE_DEPTH_MAX {
+            return Err(StoreError::TreeTooDeep);
+        }
+        let need = splits + usize::from(new_root);
+        if self.sb.meta_free < need as u64 {
+            return Err(StoreError::MetadataFull);
+        }
+        // Split the leaf.
+        let new_leaf_addr = self.alloc_meta()?;
+        let new_leaf = self.cache.get_new(new_leaf_addr, BlockKind::Leaf)?;
+        tree::leaf_init(self.cache.buf_mut(new_leaf));
+        self.cache.mark_dirty(path.leaf);
+        let (old_b, new_b) = self.cache.two_mut(path.leaf, new_leaf);
+        let s = tree::leaf_split_point(old_b);
+        tree::leaf_move_tail(old_b, new_b, s);
+        let sep = tree::leaf_get(new_b, 0).chunk;
+        let target = if r.chunk >= sep { new_leaf } else { path.leaf };
+        let tb = self.cache.buf_mut(target);
+        let (_, hi) = tree::leaf_find(tb, r.chunk);
+        tree::leaf_insert(tb, hi, r);
+        // Carry the separator up.
+        let mut carry = Some((sep, new_leaf_addr));
+        for lvl in (0..path.len).rev() {
+            let Some((key, child)) = carry else { break };
+            let (slot, idx) = path.nodes[lvl];
+            self.cache.mark_dirty(slot);
+            if tree::node_len(self.cache.buf(slot)) < NODE_ENTRIES_MAX {
+                tree::node_insert(self.cache.buf_mut(slot), idx + 1, key, child);
+                carry = None;
+                break;
+            }
+            let node_level = layout::level(self.cache.buf(slot));
+            let right_addr = self.alloc_meta()?;
+            let right = self.cache.get_new(right_addr, BlockKind::Node)?;
+            layout::set_level(self.cache.buf_mut(right), node_level);
+            let (lb, rb) = self.cache.two_mut(slot, right);
+            let n = tree::node_len(lb);
+            let s = n / 2;
+            tree::node_move_tail(lb, rb, s);
+            if idx < s {
+                tree::node_insert(lb, idx + 1, key, child);
+            } else {
+                tree::node_insert(rb, idx + 1 - s, key, child);
+            }
+            carry = Some((tree::node_key(rb, 0), right_addr));
+        }
+        if let Some((key, child)) = carry {
+            let root_addr = self.alloc_meta()?;
+            let root = self.cache.get_new(root_addr, BlockKind::Node)?;
+            let b = self.cache.buf_mut(root);
+            layout::set_level(b, self.sb.depth);
+            tree::node_insert(b, 0, 0, self.sb.root);
+            tree::node_insert(b, 1, key, child);
+            self.sb.root = root_addr;
+            self.sb.depth += 1;
+        }
+        Ok(())
+    }
+
+    // -- allocation ----------------------------------------------------------
+
+    fn bitmap_geom(&self, area: Area) -> (u64, u64) {
+        match area {
+            Area::Meta => (self.label.meta_bitmap_start, self.label.meta_blocks),
+            Area::Data => (self.label.data_bitmap_start, self.label.data_chunks),
+        }
+    }
+
+    fn alloc(&mut self, area: Area) -> Result<u64, StoreError> {
+        let (start, size) = self.bitmap_geom(area);
+        let (free, cursor) = match area {
+            Area::Meta => (self.sb.meta_free, self.sb.meta_cursor),
+            Area::Data => (self.sb.data_free, self.sb.data_cursor),
+        };
+        if free == 0 {
+            return Err(match area {
+                Area::Meta => StoreError::MetadataFull,
+                Area::Data => StoreError::StoreFull,
+            });
+        }
+        let mut idx = if cursor >= size { 0 } else { cursor };
+        let mut scanned = 0u64;
+        // One lap over the area at most (plus the partial block we start in).
+        while scanned <= size + BITMAP_BITS_PER_BLOCK {
+            let blk = idx / BITMAP_BITS_PER_BLOCK;
+            let slot = self
+                .cache
+                .get(&mut self.disk, start + blk, BlockKind::Bitmap)?;
+            let b = self.cache.buf(slot);
+            let mut bit = idx % BITMAP_BITS_PER_BLOCK;
+            while bit < BITMAP_BITS_PER_BLOCK {
+                let byte = HEADER_BYTES + usize::try_from(bit / 8).unwrap_or(0);
+                if bit.is_multiple_of(8) && b[byte] == 0xff {
+                    bit += 8;
+                    continue;
+                }
+                if !test_bit(b, bit) {
+                    let found = blk * BITMAP_BITS_PER_BLOCK + bit;
+                    if found < size {
+                        self.cache.mark_dirty(slot);
+                        set_bit(self.cache.buf_mut(slot), bit);
+                        match area {
+                            Area::Meta => {
+                                self.sb.meta_free -= 1;
+                                self.sb.meta_cursor = found + 1;
+                            }
+                            Area::Data => {
+                                self.sb.data_free -= 1;
+                                self.sb.data_cursor = found + 1;
+                            }
+                        }
+                        return Ok(found);
+                    }
+                }
+                bit += 1;
+            }
+            let next = (blk + 1) * BITMAP_BITS_PER_BLOCK;
+            scanned += next - idx;
+            idx = if next >= size { 0 } else { next };
+        }
+        // The free count says there is room, the bitmap says not.
+        Err(StoreError::Corrupt {
+            addr: start,
+            kind: BlockKind::Bitmap,
+            fault: BlockFault::Checksum,
+        })
+    }
+
+    fn alloc_meta(&mut self) -> Result<u64, StoreError> {
+        Ok(self.label.meta_start + self.alloc(Area::Meta)?)
+    }
+
+    /// Schedules a free: the bit is cleared by the commit, so the chunk cannot
+    /// be reused before the commit that frees it is durable. Its bitmap block
+    /// is dirtied now so the transaction budget counts it.
+    fn free(&mut self, area: Area, index: u64) -> Result<(), StoreError> {
+        assert!(self.pending_frees.len() < TX_FREES_MAX);
+        let (start, _) = self.bitmap_geom(area);
+        let slot = self.cache.get(
+            &mut self.disk,
+            start + index / BITMAP_BITS_PER_BLOCK,
+            BlockKind::Bitmap,
+        )?;
+        self.cache.mark_dirty(slot);
+        self.pending_frees.push(Free { area, index });
+        Ok(())
+    }
+
+    // -- usage accounting ----------------------------------------------------
+
+    fn account(&mut self, old: u64, new: u64) {
+        let mut gone = old & !new;
+        while gone != 0 {
+            let b = gone.trailing_zeros() as usize;
+            self.sb.snaps[b].chunks -= 1;
+            gone &= gone - 1;
+        }
+        let mut came = new & !old;
+        while came != 0 {
+            let b = came.trailing_zeros() as usize;
+            self.sb.snaps[b].chunks += 1;
+            came &= came - 1;
+        }
+        if old.count_ones() == 1 {
+            self.sb.snaps[old.trailing_zeros() as usize].unique_chunks -= 1;
+        }
+        if new.count_ones() == 1 {
+            self.sb.snaps[new.trailing_zeros() as usize].unique_chunks += 1;
+        }
+    }
+
+    // -- mapping operations --------------------------------------------------
+
+    /// Where snapshot `tag` reads `chunk` from.
+    pub fn lookup(&mut self, tag: u32, chunk: u64) -> Result<Mapping, StoreError> {
+        if self.failed {
+            return Err(StoreError::Failed);
+        }
+        self.check_chunk(chunk)?;
+        let bit = self
+            .sb
+            .live_bit(tag)
+            .ok_or(StoreError::NoSuchSnapshot(tag))?;
+        self.cache.begin_op();
+        let path = self.descend(chunk)?;
+        let b = self.cache.buf(path.leaf);
+        let (lo, hi) = tree::leaf_find(b, chunk);
+        for i in lo..hi {
+            let r = tree::leaf_get(b, i);
+            if r.mask & (1 << bit) != 0 {
+                return Ok(Mapping::Store(r.store));
+            }
+        }
+        Ok(Mapping::Origin)
+    }
+
+    /// Whether an origin write to `chunk` needs no copy-out (read only).
+    pub fn origin_chunk_unique(&mut self, chunk: u64) -> Result<bool, StoreError> {
+        self.check_chunk(chunk)?;
+        let live = self.sb.live_mask();
+        if live == 0 {
+            return Ok(true);
+        }
+        self.cache.begin_op();
+        let path = self.descend(chunk)?;
+        let b = self.cache.buf(path.leaf);
+        let (lo, hi) = tree::leaf_find(b, chunk);
+        let union = (lo..hi).fold(0, |m, i| m | tree::leaf_get(b, i).mask);
+        Ok(live & !union == 0)
+    }
+
+    /// Prepares an origin write to `chunk`: if any live snapshot lacks its own
+    /// copy, allocates one store chunk shared by all of them and returns the
+    /// copy-out to do before the commit. Idempotent.
+    pub fn prepare_origin_write(&mut self, chunk: u64) -> Result<OriginWrite, StoreError> {
+        self.check_chunk(chunk)?;
+        self.begin_op()?;
+        let mut modified = false;
+        let r = self.origin_write_inner(chunk, &mut modified);
+        self.end_op(r, modified)
+    }
+
+    fn origin_write_inner(
+        &mut self,
+        chunk: u64,
+        modified: &mut bool,
+    ) -> Result<OriginWrite, StoreError> {
+        let live = self.sb.live_mask();
+        if live == 0 {
+            return Ok(OriginWrite::Unique);
+        }
+        let path = self.descend(chunk)?;
+        let b = self.cache.buf(path.leaf);
+        let (lo, hi) = tree::leaf_find(b, chunk);
+        let union = (lo..hi).fold(0, |m, i| m | tree::leaf_get(b, i).mask);
+        let need = live & !union;
+        if need == 0 {
+            return Ok(OriginWrite::Unique);
+        }
+        let store_chunk = self.alloc_data(modified)?;
+        *modified = true;
+        self.insert_record(Record {
+            chunk,
+            mask: need,
+            store: store_chunk,
+        })?;
+        self.account(0, need);
+        Ok(OriginWrite::CopyOut { store_chunk })
+    }
+
+    fn alloc_data(&mut self, modified: &mut bool) -> Result<u64, StoreError> {
+        if self.sb.data_free == 0 {
+            return Err(self.store_full(modified));
+        }
+        if self.sb.meta_free < TREE_DEPTH_MAX as u64 + 2 {
+            return Err(StoreError::MetadataFull);
+        }
+        self.alloc(Area::Data)
+    }
+
+    fn store_full(&mut self, modified: &mut bool) -> StoreError {
+        if self.label.policy == StoreFullPolicy::Refuse {
+            return StoreError::StoreFull;
+        }
+        if self.sb.deleting_mask() != 0 {
+            return StoreError::Reclaiming { victim: None };
+        }
+        let victim = self
+            .sb
+            .snaps
+            .iter()
+            .enumerate()
+            .filter(|(i, s)| {
+                s.state == SlotState::Live
+                    && s.priority != PRIORITY_NEVER_DELETE
+                    && self.in_use_mask & (1 << i) == 0
+            })
+            .min_by_key(|(i, s)| (s.priority, s.ctime_secs, *i))
+            .map(|(_, s)| s.tag);
+        match victim {
+            Some(tag) => {
+                *modified = true;
+                self.mark_deleted(tag);
+                StoreError::Reclaiming { victim: Some(tag) }
+            }
+            None => StoreError::StoreFull,
+        }
+    }
+
+    /// Prepares a write to snapshot `tag` at `chunk`: gives the snapshot a
+    /// store chunk of its own, returning the copy to do first if the data was
+    /// shared. Idempotent.
+    pub fn prepare_snapshot_write(
+        &mut self,
+        tag: u32,
+        chunk: u64,
+    ) -> Result<SnapshotWrite, StoreError> {
+        self.check_chunk(chunk)?;
+        let bit = self
+            .sb
+            .live_bit(tag)
+            .ok_or(StoreError::NoSuchSnapshot(tag))?;
+        self.begin_op()?;
+        let mut modified = false;
+        let r = self.snapshot_write_inner(bit, chunk, &mut modified);
+        self.end_op(r, modified)
+    }
+
+    fn snapshot_write_inner(
+        &mut self,
+        bit: usize,
+        chunk: u64,
+        modified: &mut bool,
+    ) -> Result<SnapshotWrite, StoreError> {
+        let me = 1u64 << bit;
+        let path = self.descend(chunk)?;
+        let b = self.cache.buf(path.leaf);
+        let (lo, hi) = tree::leaf_find(b, chunk);
+        let found = (lo..hi)
+            .map(|i| (i, tree::leaf_get(b, i)))
+            .find(|(_, r)| r.mask & me != 0);
+        match found {
+            Some((_, r)) if r.mask == me => Ok(SnapshotWrite::Unique {
+                store_chunk: r.store,
+            }),
+            Some((i, r)) => {
+                let store_chunk = self.alloc_data(modified)?;
+                *modified = true;
+                // The leaf is still cached (stamped by this operation).
+                let path = self.descend(chunk)?;
+                debug_assert_eq!(tree::leaf_get(self.cache.buf(path.leaf), i), r);
+                self.cache.mark_dirty(path.leaf);
+                tree::leaf_set_mask(self.cache.buf_mut(path.leaf), i, r.mask & !me);
+                self.account(r.mask, r.mask & !me);
+                self.insert_record(Record {
+                    chunk,
+                    mask: me,
+                    store: store_chunk,
+                })?;
+                self.account(0, me);
+                Ok(SnapshotWrite::CopyFromStore {
+                    from: r.store,
+                    store_chunk,
+                })
+            }
+            None => {
+                let store_chunk = self.alloc_data(modified)?;
+                *modified = true;
+                self.insert_record(Record {
+                    chunk,
+                    mask: me,
+                    store: store_chunk,
+                })?;
+                self.account(0, me);
+                Ok(SnapshotWrite::CopyFromOrigin { store_chunk })
+            }
+        }
+    }
+
+    // -- snapshots -------------------------------------------------------------
+
+    /// Creates snapshot `tag`: instant, no tree work.
+    pub fn create_snapshot(&mut self, tag: u32, now_secs: u64) -> Result<u8, StoreError> {
+        self.begin_op()?;
+        if self.sb.live_bit(tag).is_some() {
+            return self.end_op(Err(StoreError::SnapshotExists(tag)), false);
+        }
+        let Some(bit) = self
+            .sb
+            .snaps
+            .iter()
+            .position(|s| s.state == SlotState::Free)
+        else {
+            return self.end_op(Err(StoreError::TooManySnapshots), false);
+        };
+        self.sb.snaps[bit] = SnapSlot {
+            tag,
+            state: SlotState::Live,
+            priority: 0,
+            ctime_secs: now_secs,
+            chunks: 0,
+            unique_chunks: 0,
+        };
+        self.in_use_mask &= !(1 << bit);
+        self.end_op(Ok(u8::try_from(bit).unwrap_or(u8::MAX)), true)
+    }
+
+    /// Deletes snapshot `tag`: it disappears at once (atomically with the
+    /// commit); its chunks are reclaimed by `delete_step`.
+    pub fn delete_snapshot(&mut self, tag: u32) -> Result<(), StoreError> {
+        self.begin_op()?;
+        if self.sb.live_bit(tag).is_none() {
+            return self.end_op(Err(StoreError::NoSuchSnapshot(tag)), false);
+        }
+        self.mark_deleted(tag);
+        self.end_op(Ok(()), true)
+    }
+
+    fn mark_deleted(&mut self, tag: u32) {
+        let Some(bit) = self.sb.live_bit(tag) else {
+            return;
+        };
+        self.in_use_mask &= !(1 << bit);
+        if self.sb.snaps[bit].chunks == 0 {
+            // Its bit is in no share mask: the slot is free at once.
+            self.sb.snaps[bit] = SnapSlot::FREE;
+            return;
+        }
+        self.sb.snaps[bit].state = SlotState::Deleting;
+        if self.sb.delete_walk_mask == 0 {
+            self.sb.delete_walk_mask = self.sb.deleting_mask();
+            self.sb.delete_cursor = 0;
+        }
+    }
+
+    /// Sets a snapshot's priority.
+    pub fn set_priority(&mut self, tag: u32, priority: i8) -> Result<(), StoreError> {
+        self.begin_op()?;
+        let Some(bit) = self.sb.live_bit(tag) else {
+            return self.end_op(Err(StoreError::NoSuchSnapshot(tag)), false);
+        };
+        self.sb.snaps[bit].priority = priority;
+        self.end_op(Ok(()), true)
+    }
+
+    /// Takes the next incarnation (in the open transaction; commit it before
+    /// serving).
+    pub fn bump_incarnation(&mut self) -> Result<u64, StoreError> {
+        self.begin_op()?;
+        self.sb.incarnation += 1;
+        let inc = self.sb.incarnation;
+        self.end_op(Ok(inc), true)
+    }
+
+    /// Whether snapshot space is being reclaimed.
+    pub fn delete_pending(&self) -> bool {
+        self.sb.delete_walk_mask != 0 || self.sb.deleting_mask() != 0
+    }
+
+    /// Runs one bounded step of snapshot deletion: clears the deleted bits
+    /// from at most `max_records` records (and never more than the open
+    /// transaction can hold), freeing chunks no snapshot uses any more.
+    /// Crash-safe: the cursor moves in the same commit as the leaves.
+    pub fn delete_step(&mut self, max_records: usize) -> Result<DeleteProgress, StoreError> {
+        if self.sb.delete_walk_mask == 0 {
+            if self.sb.deleting_mask() == 0 {
+                return Ok(DeleteProgress::Idle);
+            }
+            self.sb.delete_walk_mask = self.sb.deleting_mask();
+            self.sb.delete_cursor = 0;
+        }
+        self.begin_op()?;
+        let mut modified = false;
+        let r = self.delete_step_inner(max_records, &mut modified);
+        self.end_op(r, modified)
+    }
+
+    fn delete_step_inner(
+        &mut self,
+        max_records: usize,
+        modified: &mut bool,
+    ) -> Result<DeleteProgress, StoreError> {
+        let walk = self.sb.delete_walk_mask;
+        let mut done = 0usize;
+        loop {
+            let cursor = self.sb.delete_cursor;
+            let path = self.descend(cursor)?;
+            let mut i = tree::leaf_lower_bound(self.cache.buf(path.leaf), cursor);
+            while i < tree::leaf_len(self.cache.buf(path.leaf)) {
+                let r = tree::leaf_get(self.cache.buf(path.leaf), i);
+                if done >= max_records
+                    || self.cache.dirty_count() + 3 > self.tx_cap_blocks
+                    || self.pending_frees.len() >= TX_FREES_MAX
+                {
+                    self.sb.delete_cursor = r.chunk;
+                    *modified = true;
+                    return Ok(DeleteProgress::Working);
+                }
+                done += 1;
+                let nm = r.mask & !walk;
+                if nm == r.mask {
+                    i += 1;
+                    continue;
+                }
+                *modified = true;
+                self.account(r.mask, nm);
+                self.cache.mark_dirty(path.leaf);
+                if nm == 0 {
+                    tree::leaf_remove(self.cache.buf_mut(path.leaf), i);
+                    self.free(Area::Data, r.store)?;
+                } else {
+                    tree::leaf_set_mask(self.cache.buf_mut(path.leaf), i, nm);
+                    i += 1;
+                }
+            }
+            // Next leaf: the lowest key right of this one on the path.
+            let mut next = None;
+            for lvl in (0..path.len).rev() {
+                let (slot, idx) = path.nodes[lvl];
+                let b = self.cache.buf(slot);
+                if idx + 1 < tree::node_len(b) {
+                    next = Some(tree::node_key(b, idx + 1));
+                    break;
+                }
+            }
+            *modified = true;
+            match next {
+                Some(k) => {
+                    self.sb.delete_cursor = k;
+                    if done >= max_records {
+                        return Ok(DeleteProgress::Working);
+                    }
+                }
+                None => {
+                    // The pass is complete: the walked bits are in no mask.
+                    let mut m = walk;
+                    while m != 0 {
+                        let b = m.trailing_zeros() as usize;
+                        assert_eq!(
+                            self.sb.snaps[b].chunks, 0,
+                            "deleted snapshot still owns chunks"
+                        );
+                        self.sb.snaps[b] = SnapSlot::FREE;
+                        m &= m - 1;
+                    }
+                    self.sb.delete_walk_mask = 0;
+                    self.sb.delete_cursor = 0;
+                    return Ok(if self.sb.deleting_mask() != 0 {
+                        DeleteProgress::Working
+                    } else {
+                        DeleteProgress::Idle
+                    });
+                }
+            }
+        }
+    }
+
+    /// Commits, then runs deletion steps (committing between them) until no
+    /// deletion is pending. For tools and tests; a server interleaves steps
+    /// with requests instead.
+    pub fn reclaim(&mut self) -> Result<(), StoreError> {
+        self.commit()?;
+        while self.delete_step(usize::MAX)? == DeleteProgress::Working {
+            self.commit()?;
+        }
+        self.commit()?;
+        Ok(())
+    }
+
+    // -- commit ------------------------------------------------------------------
+
+    /// Discards the open transaction.
+    pub fn abort(&mut self) {
+        self.cache.discard_dirty();
+        self.sb = self.committed;
+        self.pending_frees.clear();
+        self.tx_ops = 0;
+        self.poisoned = false;
+        self.assert_invariants();
+    }
+
+    /// Makes the open transaction durable.
+    ///
+    /// 1. Apply pending frees to their (already dirty) bitmap blocks.
+    /// 2. Flush the device: copy-out data written since the last commit, and
+    ///    the previous commit's home writes, are durable first.
+    /// 3. Write the commit block and every dirty block (superblock included)
+    ///    to the journal ring in one write, then flush. This is the commit
+    ///    point: replies may go out after it.
+    /// 4. Write the blocks home. Their durability is assured by the next
+    ///    commit's step 2, and replay redoes them until then.
+    pub fn commit(&mut self) -> Result<CommitInfo, StoreError> {
+        if self.failed {
+            return Err(StoreError::Failed);
+        }
+        if self.poisoned {
+            return Err(StoreError::TxPoisoned);
+        }
+        if !self.is_dirty() {
+            return Ok(CommitInfo {
+                seq: self.committed.seq,
+                blocks: 0,
+                ops: 0,
+            });
+        }
+        let r = self.commit_inner();
+        if r.is_err() {
+            self.failed = true;
+        }
+        self.assert_invariants();
+        r
+    }
+
+    fn commit_inner(&mut self) -> Result<CommitInfo, StoreError> {
+        // 1. Frees.
+        for k in 0..self.pending_frees.len() {
+            let f = self.pending_frees[k];
+            let (start, _) = self.bitmap_geom(f.area);
+            let addr = start + f.index / BITMAP_BITS_PER_BLOCK;
+            let slot = self.cache.get(&mut self.disk, addr, BlockKind::Bitmap)?;
+            assert!(
+                self.cache.is_dirty(slot),
+                "pending free lost its dirty bitmap block"
+            );
+            let was = clear_bit(self.cache.buf_mut(slot), f.index % BITMAP_BITS_PER_BLOCK);
+            assert!(was, "freeing a chunk that is not allocated");
+            match f.area {
+                Area::Meta => self.sb.meta_free += 1,
+                Area::Data => self.sb.data_free += 1,
+            }
+        }
+        self.pending_frees.clear();
+        // Place the transaction in the ring.
+        let n = self.cache.dirty_count() + 1;
+        assert!(
+            n <= TX_BLOCKS_MAX + 1,
+            "transaction exceeds the journal's commit capacity"
+        );
+        let jb = self.label.journal_blocks;
+        let mut start = self.sb.journal_next_slot;
+        if start + 1 + n as u64 > jb {
+            start = 0;
+        }
+        let end = start + 1 + n as u64;
+        if self.committed.seq > 0 {
+            // Never overwrite the last commit: replay may still need it.
+            let (ls, le) = (
+                self.committed.journal_last_slot,
+                self.committed.journal_next_slot,
+            );
+            assert!(end <= ls || start >= le, "journal ring overrun");
+        }
+        let seq = self.committed.seq + 1;
+        self.sb.seq = seq;
+        self.sb.journal_last_slot = start;
+        self.sb.journal_next_slot = end;
+        // Stage: commit block, superblock, dirty blocks.
+        let bs = BLOCK_SIZE_BYTES;
+        self.entries.clear();
+        {
+            let img = &mut self.staging[bs..2 * bs];
+            self.sb.encode(img);
+            layout::seal(img, seq);
+            self.entries.push(journal::Entry {
+                home: layout::SUPER_BLOCK,
+                crc: crc32c::crc32c(img),
+            });
+        }
+        let mut k = 2;
+        for slot in 0..self.cache.capacity() {
+            if !self.cache.is_dirty(slot) {
+                continue;
+            }
+            let home = self.cache.addr_of(slot);
+            layout::seal(self.cache.buf_mut(slot), seq);
+            let img = self.cache.buf(slot);
+            self.staging[k * bs..(k + 1) * bs].copy_from_slice(img);
+            self.entries.push(journal::Entry {
+                home,
+                crc: crc32c::crc32c(img),
+            });
+            k += 1;
+        }
+        assert_eq!(k, n + 1);
+        journal::encode_commit(
+            &mut self.staging[..bs],
+            &self.label,
+            start,
+            seq,
+            end,
+            &self.entries,
+        );
+        // 2. Data and previous home writes durable.
+        self.disk.flush()?;
+        // 3. Journal write and the commit point.
+        self.disk.write_at(
+            &self.staging[..(n + 1) * bs],
+            (self.label.journal_start + start) * BS,
+        )?;
+        self.disk.flush()?;
+        // 4. Home writes.
+        self.disk
+            .write_at(&self.staging[bs..2 * bs], layout::SUPER_BLOCK * BS)?;
+        for slot in 0..self.cache.capacity() {
+            if self.cache.is_dirty(slot) {
+                let home = self.cache.addr_of(slot);
+                self.disk.write_at(self.cache.buf(slot), home * BS)?;
+            }
+        }
+        self.cache.clean_all();
+        self.committed = self.sb;
+        let ops = self.tx_ops;
+        self.tx_ops = 0;
+        Ok(CommitInfo {
+            seq,
+            blocks: n,
+            ops,
+        })
+    }
+
+    /// Checks invariants that are cheap enough to check after every
+    /// operation, in release builds too.
+    pub fn assert_invariants(&self) {
+        let sb = &self.sb;
+        assert!(sb.depth >= 1 && usize::from(sb.depth) <= TREE_DEPTH_MAX);
+        assert!(sb.data_free <= self.label.data_chunks);
+        assert!(sb.meta_free <= self.label.meta_blocks);
+        assert!(
+            sb.root >= self.label.meta_start
+                && sb.root < self.label.meta_start + self.label.meta_blocks
+        );
+        assert_eq!(
+            sb.delete_walk_mask & !sb.deleting_mask(),
+            0,
+            "walk clears a bit not being deleted"
+        );
+        assert!(self.cache.dirty_count() <= self.tx_cap_blocks + OP_DIRTY_BLOCKS_MAX);
+        assert!(self.pending_frees.len() <= TX_FREES_MAX);
+        let live = sb.live_mask();
+        for (i, s) in sb.snaps.iter().enumerate() {
+            if s.state == SlotState::Free {
+                assert_eq!(
+                    (s.chunks, s.unique_chunks),
+                    (0, 0),
+                    "free slot {i} has usage"
+                );
+            } else {
+                assert!(s.unique_chunks <= s.chunks);
+            }
+            if s.state == SlotState::Live {
+                let dup = sb.snaps[i + 1..]
+                    .iter()
+                    .any(|t| t.state == SlotState::Live && t.tag == s.tag);
+                assert!(!dup, "two live snapshots share tag {}", s.tag);
+            }
+        }
+        assert_eq!(
+            self.in_use_mask & !live,
+            0,
+            "in-use mask names a dead snapshot"
+        );
+        self.cache.assert_invariants();
+    }
+}
+
+/// Sanity of a decoded superblock against the label.
+pub fn validate_super(label: &Label, sb: &Super) -> Result<(), String> {
+    let meta_end = label.meta_start + label.meta_blocks;
+    if sb.root < label.meta_start || sb.root >= meta_end {
+        return Err(format!(
+            "superblock: tree root {} is outside the metadata area",
+            sb.root
+        ));
+    }
+    if sb.depth == 0 || usize::from(sb.depth) > TREE_DEPTH_MAX {
+        return Err(format!(
+            "superblock: tree depth {} is out of range",
+            sb.depth
+        ));
+    }
+    if sb.data_free > label.data_chunks || sb.meta_free > label.meta_blocks {
+        return Err("superblock: free counts exceed the areas".into());
+    }
+    if sb.journal_next_slot > label.journal_blocks || sb.journal_last_slot >= label.journal_blocks {
+        return Err("superblock: journal position is outside the journal".into());
+    }
+    if sb.delete_walk_mask & !sb.deleting_mask() != 0 {
+        return Err("superblock: delete pass clears a snapshot that is not being deleted".into());
+    }
+    Ok(())
+}

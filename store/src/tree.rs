@@ -1,0 +1,194 @@
+//! In-place accessors for b-tree leaves and index nodes.
+//!
+//! A leaf is the common header plus a sorted array of 24-byte records
+//! `{logical chunk, share mask, store chunk}`. All exceptions of one logical
+//! chunk are adjacent and live in the same leaf; their masks are disjoint. An
+//! index node is the header plus `{lowest key, child block}` entries; entry 0's
+//! key is not used for routing.
+
+use crate::layout::{count, set_count};
+use crate::layout::{
+    get_u64, put_u64, LEAF_MASK_WORDS_OFF, LEAF_RECORDS_MAX, LEAF_RECORDS_OFF, LEAF_RECORD_BYTES,
+    NODE_ENTRIES_MAX, NODE_ENTRIES_OFF, NODE_ENTRY_BYTES,
+};
+
+/// One exception.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Record {
+    /// Logical chunk of the origin.
+    pub chunk: u64,
+    /// Snapshots (by share bit) that use this copy.
+    pub mask: u64,
+    /// Store data chunk holding the copy.
+    pub store: u64,
+}
+
+/// Records in a leaf.
+pub fn leaf_len(b: &[u8]) -> usize {
+    usize::from(count(b))
+}
+
+/// Sets up a fresh leaf's fixed fields.
+pub fn leaf_init(b: &mut [u8]) {
+    b[LEAF_MASK_WORDS_OFF] = u8::try_from(csnap_pools::SHARE_MASK_WORDS).unwrap_or(1);
+    set_count(b, 0);
+}
+
+/// Share-mask words declared by a leaf.
+pub fn leaf_mask_words(b: &[u8]) -> u8 {
+    b[LEAF_MASK_WORDS_OFF]
+}
+
+fn rec_off(i: usize) -> usize {
+    LEAF_RECORDS_OFF + i * LEAF_RECORD_BYTES
+}
+
+/// Record `i`.
+pub fn leaf_get(b: &[u8], i: usize) -> Record {
+    let o = rec_off(i);
+    Record {
+        chunk: get_u64(b, o),
+        mask: get_u64(b, o + 8),
+        store: get_u64(b, o + 16),
+    }
+}
+
+fn leaf_put(b: &mut [u8], i: usize, r: Record) {
+    let o = rec_off(i);
+    put_u64(b, o, r.chunk);
+    put_u64(b, o + 8, r.mask);
+    put_u64(b, o + 16, r.store);
+}
+
+/// Rewrites record `i`'s share mask.
+pub fn leaf_set_mask(b: &mut [u8], i: usize, mask: u64) {
+    put_u64(b, rec_off(i) + 8, mask);
+}
+
+/// First record index whose chunk is `>= chunk`.
+pub fn leaf_lower_bound(b: &[u8], chunk: u64) -> usize {
+    let (mut lo, mut hi) = (0, leaf_len(b));
+    while lo < hi {
+        let mid = (lo + hi) / 2;
+        if get_u64(b, rec_off(mid)) < chunk {
+            lo = mid + 1;
+        } else {
+            hi = mid;
+        }
+    }
+    lo
+}
+
+/// Index range of the records of `chunk`.
+pub fn leaf_find(b: &[u8], chunk: u64) -> (usize, usize) {
+    let lo = leaf_lower_bound(b, chunk);
+    let n = leaf_len(b);
+    let mut hi = lo;
+    while hi < n && get_u64(b, rec_off(hi)) == chunk {
+        hi += 1;
+    }
+    (lo, hi)
+}
+
+/// Inserts a record at index `i`. The leaf must have room.
+pub fn leaf_insert(b: &mut [u8], i: usize, r: Record) {
+    let n = leaf_len(b);
+    assert!(n < LEAF_RECORDS_MAX, "leaf insert into a full leaf");
+    assert!(i <= n);
+    b.copy_within(rec_off(i)..rec_off(n), rec_off(i + 1));
+    leaf_put(b, i, r);
+    set_count(b, u16::try_from(n + 1).unwrap_or(u16::MAX));
+}
+
+/// Removes record `i`.
+pub fn leaf_remove(b: &mut [u8], i: usize) {
+    let n = leaf_len(b);
+    assert!(i < n);
+    b.copy_within(rec_off(i + 1)..rec_off(n), rec_off(i));
+    b[rec_off(n - 1)..rec_off(n)].fill(0);
+    set_count(b, u16::try_from(n - 1).unwrap_or(0));
+}
+
+/// Where to split a full leaf: near the middle, never inside one chunk's group.
+pub fn leaf_split_point(b: &[u8]) -> usize {
+    let n = leaf_len(b);
+    let mut s = n / 2;
+    while s < n && leaf_get(b, s).chunk == leaf_get(b, s - 1).chunk {
+        s += 1;
+    }
+    if s == n {
+        s = n / 2;
+        while s > 1 && leaf_get(b, s).chunk == leaf_get(b, s - 1).chunk {
+            s -= 1;
+        }
+    }
+    assert!(s > 0 && s < n, "leaf holds a single chunk group");
+    s
+}
+
+/// Moves records `[s..]` of `from` into the empty leaf `to`.
+pub fn leaf_move_tail(from: &mut [u8], to: &mut [u8], s: usize) {
+    let n = leaf_len(from);
+    assert_eq!(leaf_len(to), 0);
+    to[rec_off(0)..rec_off(n - s)].copy_from_slice(&from[rec_off(s)..rec_off(n)]);
+    from[rec_off(s)..rec_off(n)].fill(0);
+    set_count(to, u16::try_from(n - s).unwrap_or(0));
+    set_count(from, u16::try_from(s).unwrap_or(0));
+}
+
+/// Entries in an index node.
+pub fn node_len(b: &[u8]) -> usize {
+    usize::from(count(b))
+}
+
+fn ent_off(i: usize) -> usize {
+    NODE_ENTRIES_OFF + i * NODE_ENTRY_BYTES
+}
+
+/// Key of entry `i`.
+pub fn node_key(b: &[u8], i: usize) -> u64 {
+    get_u64(b, ent_off(i))
+}
+
+/// Child block of entry `i`.
+pub fn node_child(b: &[u8], i: usize) -> u64 {
+    get_u64(b, ent_off(i) + 8)
+}
+
+/// Entry to follow for `key`: the last whose key is `<= key`, or 0.
+pub fn node_route(b: &[u8], key: u64) -> usize {
+    let n = node_len(b);
+    let (mut lo, mut hi) = (1, n);
+    // Find the first entry in 1..n with key > `key`; route to the one before.
+    while lo < hi {
+        let mid = (lo + hi) / 2;
+        if node_key(b, mid) <= key {
+            lo = mid + 1;
+        } else {
+            hi = mid;
+        }
+    }
+    lo - 1
+}
+
+/// Inserts an entry at index `i`. The node must have room.
+pub fn node_insert(b: &mut [u8], i: usize, key: u64, child: u64) {
+    let n = node_len(b);
+    assert!(n < NODE_ENTRIES_MAX, "node insert into a full node");
+    assert!(i <= n);
+    b.copy_within(ent_off(i)..ent_off(n), ent_off(i + 1));
+    put_u64(b, ent_off(i), key);
+    put_u64(b, ent_off(i) + 8, child);
+    set_count(b, u16::try_from(n + 1).unwrap_or(u16::MAX));
+}
+
+/// Moves entries `[s..]` of `from` into the empty node `to`.
+pub fn node_move_tail(from: &mut [u8], to: &mut [u8], s: usize) {
+    let n = node_len(from);
+    assert!(s > 0 && s < n);
+    assert_eq!(node_len(to), 0);
+    to[ent_off(0)..ent_off(n - s)].copy_from_slice(&from[ent_off(s)..ent_off(n)]);
+    from[ent_off(s)..ent_off(n)].fill(0);
+    set_count(to, u16::try_from(n - s).unwrap_or(0));
+    set_count(from, u16::try_from(s).unwrap_or(0));
+}

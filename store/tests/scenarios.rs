@@ -1,0 +1,301 @@
+//! Deterministic scenarios in the spirit of ddsnap's cbtb microtests: every
+//! volume is compared with its model after every step.
+
+// Test code indexes host-sized buffers with u64 chunk numbers of small test
+// stores; truncation cannot happen on the 64-bit hosts the tests run on.
+#![allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap,
+    clippy::cast_sign_loss
+)]
+
+mod common;
+
+use common::*;
+use csnap_store::{StoreError, StoreFullPolicy};
+
+const ORIGIN_CHUNKS: u64 = 16;
+
+fn setup(
+    data_chunks: u64,
+    policy: StoreFullPolicy,
+) -> (
+    Harness<csnap_store::disk::MemDisk, csnap_store::disk::MemDisk>,
+    Model,
+) {
+    let d = format_store(ORIGIN_CHUNKS, data_chunks, policy);
+    let h = Harness::new(open(d), make_origin(ORIGIN_CHUNKS));
+    (h, Model::new(ORIGIN_CHUNKS))
+}
+
+fn snap(
+    h: &mut Harness<csnap_store::disk::MemDisk, csnap_store::disk::MemDisk>,
+    m: &mut Model,
+    tag: u32,
+) {
+    h.store.create_snapshot(tag, u64::from(tag)).unwrap();
+    h.store.commit().unwrap();
+    m.snaps.insert(tag, m.origin.clone());
+}
+
+#[test]
+fn origin_writes_copy_out_once_for_all_snapshots() {
+    let (mut h, mut m) = setup(256, StoreFullPolicy::Refuse);
+    for t in 0..5 {
+        snap(&mut h, &mut m, t);
+    }
+    let before = h.store.status().data_free;
+    h.origin_write(3, 42);
+    m.origin[3] = 42;
+    // One copy-out shared by all five snapshots.
+    assert_eq!(before - h.store.status().data_free, 1);
+    for s in h.store.snapshots() {
+        assert_eq!((s.chunks, s.unique_chunks), (1, 0), "snapshot {}", s.tag);
+    }
+    // A rewrite needs no copy-out.
+    h.origin_write(3, 43);
+    m.origin[3] = 43;
+    assert_eq!(before - h.store.status().data_free, 1);
+    verify(&mut h, &m, "after origin writes");
+    assert_clean(h.store.disk_mut(), "after origin writes");
+}
+
+#[test]
+fn interleaved_origin_and_snapshot_writes_on_one_chunk() {
+    let (mut h, mut m) = setup(256, StoreFullPolicy::Refuse);
+    snap(&mut h, &mut m, 1);
+    snap(&mut h, &mut m, 2);
+    // Snapshot write before any origin write: copies from the origin.
+    h.snapshot_write(1, 5, 100);
+    m.snaps.get_mut(&1).unwrap()[5] = 100;
+    verify(&mut h, &m, "snapshot 1 wrote chunk 5");
+    // Origin write: only snapshot 2 still needs the old data.
+    h.origin_write(5, 200);
+    m.origin[5] = 200;
+    verify(&mut h, &m, "origin wrote chunk 5");
+    // Snapshot 2 writes the chunk it shares with nobody now.
+    h.snapshot_write(2, 5, 300);
+    m.snaps.get_mut(&2).unwrap()[5] = 300;
+    // A later snapshot, then the origin again.
+    snap(&mut h, &mut m, 3);
+    h.origin_write(5, 400);
+    m.origin[5] = 400;
+    // Shared copy split by a snapshot write.
+    snap(&mut h, &mut m, 4);
+    h.origin_write(6, 500);
+    m.origin[6] = 500;
+    h.snapshot_write(3, 6, 600);
+    m.snaps.get_mut(&3).unwrap()[6] = 600;
+    verify(&mut h, &m, "after the sequence");
+    assert_clean(h.store.disk_mut(), "after the sequence");
+}
+
+#[test]
+fn delete_old_new_and_all_snapshots() {
+    let (mut h, mut m) = setup(512, StoreFullPolicy::Refuse);
+    for t in 0..4 {
+        snap(&mut h, &mut m, t);
+        for c in 0..ORIGIN_CHUNKS {
+            h.origin_write(c, u64::from(t) * 100 + c);
+            m.origin[c as usize] = u64::from(t) * 100 + c;
+        }
+        h.snapshot_write(t, t.into(), 9000 + u64::from(t));
+        m.snaps.get_mut(&t).unwrap()[t as usize] = 9000 + u64::from(t);
+    }
+    verify(&mut h, &m, "setup");
+    for (step, tag) in [0u32, 3, 1, 2].into_iter().enumerate() {
+        h.store.delete_snapshot(tag).unwrap();
+        m.snaps.remove(&tag);
+        h.store.reclaim().unwrap();
+        verify(&mut h, &m, &format!("delete step {step}"));
+        assert_clean(h.store.disk_mut(), &format!("delete step {step}"));
+    }
+    let s = h.store.status();
+    assert_eq!(
+        s.data_free, s.data_chunks,
+        "every chunk freed after deleting all"
+    );
+    assert_eq!(s.snapshots, 0);
+    assert!(matches!(
+        h.store.delete_snapshot(7),
+        Err(StoreError::NoSuchSnapshot(7))
+    ));
+}
+
+#[test]
+fn consistent_across_reopen() {
+    let (mut h, mut m) = setup(256, StoreFullPolicy::Refuse);
+    snap(&mut h, &mut m, 10);
+    h.origin_write(1, 11);
+    m.origin[1] = 11;
+    h.snapshot_write(10, 2, 12);
+    m.snaps.get_mut(&10).unwrap()[2] = 12;
+    let origin = std::mem::replace(&mut h.origin, csnap_store::disk::MemDisk::new(0));
+    let disk = h.store.into_disk();
+    let mut h = Harness::new(open(disk), origin);
+    verify(&mut h, &m, "after reopen");
+}
+
+#[test]
+fn duplicate_and_too_many_snapshots_are_refused() {
+    let (mut h, mut m) = setup(256, StoreFullPolicy::Refuse);
+    snap(&mut h, &mut m, 1);
+    assert_eq!(
+        h.store.create_snapshot(1, 0),
+        Err(StoreError::SnapshotExists(1))
+    );
+    for t in 2..=64 {
+        h.store.create_snapshot(t, 0).unwrap();
+    }
+    assert_eq!(
+        h.store.create_snapshot(65, 0),
+        Err(StoreError::TooManySnapshots)
+    );
+    // A snapshot with no exceptions frees its slot at once on delete.
+    h.store.delete_snapshot(64).unwrap();
+    h.store.create_snapshot(65, 0).unwrap();
+    h.store.commit().unwrap();
+    assert_eq!(h.store.status().snapshots, 64);
+}
+
+#[test]
+fn store_full_refuse_fails_the_write_visibly_and_loses_nothing() {
+    let (mut h, mut m) = setup(4, StoreFullPolicy::Refuse);
+    snap(&mut h, &mut m, 1);
+    for c in 0..4 {
+        assert_eq!(h.origin_write(c, 50 + c), Outcome::Done);
+        m.origin[c as usize] = 50 + c;
+    }
+    assert_eq!(h.origin_write(4, 99), Outcome::Refused);
+    assert_eq!(h.store.prepare_origin_write(4), Err(StoreError::StoreFull));
+    // Rewrites of unique chunks still work.
+    assert_eq!(h.origin_write(0, 77), Outcome::Done);
+    m.origin[0] = 77;
+    verify(&mut h, &m, "store full");
+    assert_clean(h.store.disk_mut(), "store full");
+}
+
+#[test]
+fn store_full_deletes_lowest_priority_unused_snapshot_and_reports_it() {
+    let (mut h, mut m) = setup(4, StoreFullPolicy::DeleteLowestPriority);
+    snap(&mut h, &mut m, 1);
+    snap(&mut h, &mut m, 2);
+    snap(&mut h, &mut m, 3);
+    h.store.set_priority(1, 127).unwrap(); // never auto-deleted
+    h.store.set_priority(2, 5).unwrap();
+    h.store.set_priority(3, 1).unwrap(); // lowest, but in use
+    h.store.set_in_use(3, true).unwrap();
+    h.store.commit().unwrap();
+    for c in 0..4 {
+        h.origin_write(c, 50 + c);
+        m.origin[c as usize] = 50 + c;
+    }
+    // The next copy-out needs room: snapshot 2 (lowest priority not in use)
+    // goes; its chunks are shared with 1 and 3, so that frees nothing; then 3
+    // is in use and 1 is never deleted: the write is refused.
+    assert_eq!(h.origin_write(4, 99), Outcome::Refused);
+    assert_eq!(h.auto_deleted, vec![2]);
+    m.snaps.remove(&2);
+    verify(&mut h, &m, "after auto-delete");
+    // Once 3 is no longer in use it is the victim and its data is freed... but
+    // 1 still shares every chunk, so nothing is freed and the write is refused
+    // again, losing snapshot 3 visibly.
+    h.store.set_in_use(3, false).unwrap();
+    assert_eq!(h.origin_write(4, 99), Outcome::Refused);
+    assert_eq!(h.auto_deleted, vec![2, 3]);
+    m.snaps.remove(&3);
+    verify(&mut h, &m, "after second auto-delete");
+    assert_clean(h.store.disk_mut(), "after auto-delete");
+}
+
+#[test]
+fn store_full_auto_delete_frees_room_and_the_write_proceeds() {
+    let (mut h, mut m) = setup(4, StoreFullPolicy::DeleteLowestPriority);
+    snap(&mut h, &mut m, 1);
+    for c in 0..4 {
+        h.origin_write(c, 50 + c);
+        m.origin[c as usize] = 50 + c;
+    }
+    snap(&mut h, &mut m, 2);
+    assert_eq!(h.origin_write(4, 99), Outcome::Done);
+    m.origin[4] = 99;
+    // Snapshot 1 (older, same priority) was deleted, which freed its 4 chunks.
+    assert_eq!(h.auto_deleted, vec![1]);
+    m.snaps.remove(&1);
+    verify(&mut h, &m, "after auto-delete");
+    assert_clean(h.store.disk_mut(), "after auto-delete");
+}
+
+#[test]
+fn out_of_range_chunk_and_unknown_snapshot_are_clear_errors() {
+    let (mut h, mut m) = setup(16, StoreFullPolicy::Refuse);
+    snap(&mut h, &mut m, 1);
+    assert!(matches!(
+        h.store.prepare_origin_write(ORIGIN_CHUNKS),
+        Err(StoreError::ChunkOutOfRange { .. })
+    ));
+    assert!(matches!(
+        h.store.lookup(2, 0),
+        Err(StoreError::NoSuchSnapshot(2))
+    ));
+    assert!(matches!(
+        h.store.prepare_snapshot_write(2, 0),
+        Err(StoreError::NoSuchSnapshot(2))
+    ));
+}
+
+#[test]
+fn incarnation_is_durable_and_increases() {
+    let (mut h, _) = setup(16, StoreFullPolicy::Refuse);
+    assert_eq!(h.store.incarnation(), 0);
+    assert_eq!(h.store.bump_incarnation().unwrap(), 1);
+    h.store.commit().unwrap();
+    let d = h.store.into_disk();
+    let mut s = open(d);
+    assert_eq!(s.incarnation(), 1);
+    assert_eq!(s.bump_incarnation().unwrap(), 2);
+}
+
+#[test]
+fn many_chunks_grow_the_tree_and_survive_reopen() {
+    // Enough exceptions to split leaves and index nodes.
+    let chunks = 100_000u64;
+    let d = format_store(chunks, chunks * 2, StoreFullPolicy::Refuse);
+    let mut s = open(d);
+    s.create_snapshot(1, 0).unwrap();
+    s.commit().unwrap();
+    let mut x = 88172645463325252u64;
+    let mut copied = 0;
+    for _ in 0..chunks {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let c = x % chunks;
+        loop {
+            match s.prepare_origin_write(c) {
+                Ok(csnap_store::OriginWrite::CopyOut { .. }) => {
+                    copied += 1;
+                    break;
+                }
+                Ok(_) => break,
+                Err(StoreError::TxFull) => {
+                    s.commit().unwrap();
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+    }
+    s.commit().unwrap();
+    assert!(s.status().depth >= 3, "depth {}", s.status().depth);
+    assert_eq!(s.snapshot(1).unwrap().chunks, copied);
+    let mut d = s.into_disk();
+    assert_clean(&mut d, "big tree");
+    let mut s = open(d);
+    s.create_snapshot(2, 0).unwrap();
+    // Deleting snapshot 1 frees everything through the incremental walk.
+    s.delete_snapshot(1).unwrap();
+    s.reclaim().unwrap();
+    assert_eq!(s.status().data_free, s.status().data_chunks);
+    let mut d = s.into_disk();
+    assert_clean(&mut d, "big tree after delete");
+}
