@@ -8,3 +8,6 @@
 //! `csnap-store`.
 
 #![forbid(unsafe_code)]
+
+pub mod locks;
+pub mod store_ops;

@@ -10,6 +10,8 @@
 
 #![forbid(unsafe_code)]
 
+pub mod slab;
+
 use static_assertions::const_assert;
 
 // ---------------------------------------------------------------------------
@@ -106,3 +108,35 @@ pub fn store_reserved_bytes(cache_blocks: usize) -> usize {
     bytes += TX_FREES_MAX * 8; // pending frees of the open transaction
     bytes
 }
+
+// ---------------------------------------------------------------------------
+// Server: clients, requests, read locks.
+// ---------------------------------------------------------------------------
+
+/// Client connections one server accepts at once (compile-time ceiling of the
+/// `--clients` setting). Memory: one session record and one output buffer each.
+pub const CLIENTS_MAX: usize = 1024;
+/// Default for the `--clients` setting.
+pub const CLIENTS_DEFAULT: usize = 64;
+
+/// Requests one client may have in flight (sent, not yet answered). Past it
+/// the server stops reading that client's socket: backpressure, not a queue.
+pub const REQUESTS_PER_CLIENT_MAX: usize = 64;
+/// Default for the `--requests-per-client` setting.
+pub const REQUESTS_PER_CLIENT_DEFAULT: usize = 16;
+
+/// Chunks one request may name (all its ranges together).
+pub const CHUNKS_PER_REQUEST_MAX: usize = 256;
+
+/// Read locks held at once across all clients (ceiling of `--read-locks`).
+pub const READ_LOCKS_MAX: usize = 1 << 20;
+/// Default for the `--read-locks` setting.
+pub const READ_LOCKS_DEFAULT: usize = 16 * 1024;
+
+const_assert!(CLIENTS_DEFAULT <= CLIENTS_MAX);
+const_assert!(REQUESTS_PER_CLIENT_DEFAULT <= REQUESTS_PER_CLIENT_MAX);
+const_assert!(READ_LOCKS_DEFAULT <= READ_LOCKS_MAX);
+// Every chunk of every in-flight snapshot read of the default configuration
+// can hold a lock at once only if the table is at least this big; smaller
+// tables answer Busy instead, which is allowed but should not be the default.
+const_assert!(READ_LOCKS_DEFAULT >= REQUESTS_PER_CLIENT_DEFAULT * CHUNKS_PER_REQUEST_MAX);

@@ -1,0 +1,532 @@
+//! Runs the built `csnap` binary against files in fresh temporary directories.
+
+use std::fs::{self, File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+const ORIGIN_BYTES: u64 = 4 << 20;
+const STORE_SIZE: &str = "16M";
+const STORE_BYTES: u64 = 16 << 20;
+
+/// A directory under the system temp dir, removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> TempDir {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let dir = std::env::temp_dir().join(format!(
+            "csnap-cli-{name}-{}-{n}-{nanos}",
+            std::process::id()
+        ));
+        fs::create_dir(&dir).expect("create temp dir");
+        TempDir(dir)
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+
+    /// A sparse origin file of 4 MiB.
+    fn origin(&self) -> PathBuf {
+        let p = self.path("origin");
+        File::create(&p)
+            .and_then(|f| f.set_len(ORIGIN_BYTES))
+            .expect("create origin");
+        p
+    }
+
+    /// A formatted 16 MiB store with a 128-block journal.
+    fn formatted_store(&self) -> PathBuf {
+        let origin = self.origin();
+        let store = self.path("store");
+        let out = format(&origin, &store, &["--store-size", STORE_SIZE]);
+        assert_eq!(out.status.code(), Some(0), "format failed: {}", text(&out));
+        store
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+fn csnap(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_csnap"))
+        .args(args)
+        .output()
+        .expect("run csnap")
+}
+
+fn format(origin: &Path, store: &Path, extra: &[&str]) -> Output {
+    let origin = origin.to_str().expect("utf-8 path");
+    let store = store.to_str().expect("utf-8 path");
+    let mut args = vec![
+        "format",
+        "--origin",
+        origin,
+        "--store",
+        store,
+        "--journal-blocks",
+        "128",
+    ];
+    args.extend_from_slice(extra);
+    csnap(&args)
+}
+
+fn check(store: &Path) -> Output {
+    csnap(&["check", "--store", store.to_str().expect("utf-8 path")])
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "status {:?}\n--- stdout\n{}--- stderr\n{}",
+        o.status,
+        stdout(o),
+        stderr(o)
+    )
+}
+
+fn problem_lines(o: &Output) -> Vec<String> {
+    stdout(o)
+        .lines()
+        .filter(|l| l.starts_with("problem: "))
+        .map(str::to_string)
+        .collect()
+}
+
+fn store_uuid(format_output: &Output) -> String {
+    stdout(format_output)
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("store uuid"))
+        .map(|s| s.trim().to_string())
+        .expect("format prints the store uuid")
+}
+
+/// Asserts exit status `code`, one `csnap: ` error line on stderr that
+/// contains `word`, and nothing on stdout.
+fn assert_error(o: &Output, code: i32, word: &str) {
+    assert_eq!(o.status.code(), Some(code), "{}", text(o));
+    let err = stderr(o);
+    assert!(err.starts_with("csnap: "), "{}", text(o));
+    assert!(err.contains(word), "expected {word:?}: {}", text(o));
+    assert!(o.stdout.is_empty(), "{}", text(o));
+}
+
+#[test]
+fn format_then_check_is_clean() {
+    let d = TempDir::new("clean");
+    let origin = d.origin();
+    let store = d.path("store");
+    let out = format(&origin, &store, &["--store-size", STORE_SIZE]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let s = stdout(&out);
+    assert_eq!(store_uuid(&out).len(), 32, "{s}");
+    assert!(s.contains("chunk size    16384 bytes"), "{s}");
+    assert!(s.contains("journal       128 blocks"), "{s}");
+    assert!(s.contains("store full    refuse"), "{s}");
+    assert_eq!(
+        fs::metadata(&store).map(|m| m.len()).ok(),
+        Some(STORE_BYTES)
+    );
+
+    let out = check(&store);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(problem_lines(&out).is_empty(), "{}", text(&out));
+    assert!(stdout(&out).contains(": clean"), "{}", text(&out));
+}
+
+#[test]
+fn format_options_reach_the_label() {
+    let d = TempDir::new("options");
+    let origin = d.origin();
+    let store = d.path("store");
+    let out = format(
+        &origin,
+        &store,
+        &[
+            "--store-size",
+            "16MiB",
+            "--chunk-size",
+            "64K",
+            "--store-full",
+            "delete-lowest-priority",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let s = stdout(&out);
+    assert!(s.contains("chunk size    65536 bytes"), "{s}");
+    assert!(s.contains("(64 chunks)"), "{s}");
+    assert!(s.contains("store full    delete-lowest-priority"), "{s}");
+    assert_eq!(check(&store).status.code(), Some(0));
+}
+
+#[test]
+fn format_extends_an_empty_store_file() {
+    let d = TempDir::new("extend");
+    let origin = d.origin();
+    let store = d.path("store");
+    File::create(&store).expect("create empty store");
+    let out = format(&origin, &store, &[]);
+    assert_error(&out, 2, "--store-size");
+    let out = format(&origin, &store, &["--store-size", STORE_SIZE]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(
+        fs::metadata(&store).map(|m| m.len()).ok(),
+        Some(STORE_BYTES)
+    );
+    assert_eq!(check(&store).status.code(), Some(0));
+}
+
+#[test]
+fn format_needs_store_size_for_a_missing_store() {
+    let d = TempDir::new("nosize");
+    let origin = d.origin();
+    let store = d.path("store");
+    let out = format(&origin, &store, &[]);
+    assert_error(&out, 2, "does not exist");
+    assert!(stderr(&out).contains("--store-size"), "{}", text(&out));
+    assert!(!store.exists());
+}
+
+#[test]
+fn format_rejects_store_size_for_a_sized_store() {
+    let d = TempDir::new("resize");
+    let store = d.formatted_store();
+    let out = format(
+        &d.path("origin"),
+        &store,
+        &["--store-size", "32M", "--force"],
+    );
+    assert_error(&out, 2, "already has 16777216 bytes");
+    assert_eq!(
+        fs::metadata(&store).map(|m| m.len()).ok(),
+        Some(STORE_BYTES)
+    );
+}
+
+#[test]
+fn format_refuses_a_missing_origin() {
+    let d = TempDir::new("noorigin");
+    let store = d.path("store");
+    let out = format(&d.path("origin"), &store, &["--store-size", STORE_SIZE]);
+    assert_error(&out, 2, "No such file");
+    assert!(stderr(&out).contains("origin"), "{}", text(&out));
+    assert!(!store.exists());
+}
+
+#[test]
+fn format_refuses_the_origin_as_store() {
+    let d = TempDir::new("same");
+    let origin = d.origin();
+    let out = format(&origin, &origin, &[]);
+    assert_error(&out, 2, "same file");
+    assert_eq!(
+        fs::metadata(&origin).map(|m| m.len()).ok(),
+        Some(ORIGIN_BYTES)
+    );
+}
+
+#[test]
+fn format_refuses_bad_chunk_sizes() {
+    let d = TempDir::new("chunk");
+    let origin = d.origin();
+    let store = d.path("store");
+    for bad in ["3000", "2M", "2K", "0"] {
+        let out = format(
+            &origin,
+            &store,
+            &["--store-size", STORE_SIZE, "--chunk-size", bad],
+        );
+        assert_error(&out, 2, "chunk size");
+        assert!(stderr(&out).contains("power of two"), "{}", text(&out));
+        assert!(!store.exists(), "chunk size {bad} created the store");
+    }
+}
+
+#[test]
+fn format_refuses_a_store_too_small_and_leaves_nothing() {
+    let d = TempDir::new("small");
+    let origin = d.origin();
+    let store = d.path("store");
+    let out = format(&origin, &store, &["--store-size", "64K"]);
+    assert_error(&out, 1, "too small");
+    assert!(!store.exists());
+}
+
+#[test]
+fn format_refuses_a_short_journal() {
+    let d = TempDir::new("journal");
+    let origin = d.origin();
+    let store = d.path("store");
+    let out = csnap(&[
+        "format",
+        "--origin",
+        origin.to_str().expect("utf-8"),
+        "--store",
+        store.to_str().expect("utf-8"),
+        "--store-size",
+        STORE_SIZE,
+        "--journal-blocks",
+        "64",
+    ]);
+    assert_error(&out, 1, "journal of 64 blocks is too small");
+    assert!(!store.exists());
+}
+
+#[test]
+fn format_refuses_to_overwrite_a_store_without_force() {
+    let d = TempDir::new("force");
+    let origin = d.origin();
+    let store = d.path("store");
+    let first = format(&origin, &store, &["--store-size", STORE_SIZE]);
+    assert_eq!(first.status.code(), Some(0), "{}", text(&first));
+    let before = fs::read(&store).expect("read store");
+
+    let out = format(&origin, &store, &[]);
+    assert_error(&out, 1, "already holds a csnap store");
+    assert!(stderr(&out).contains("--force"), "{}", text(&out));
+    assert!(stderr(&out).contains(&store_uuid(&first)), "{}", text(&out));
+    assert!(
+        fs::read(&store).expect("read store") == before,
+        "store was modified"
+    );
+
+    let second = format(&origin, &store, &["--force"]);
+    assert_eq!(second.status.code(), Some(0), "{}", text(&second));
+    assert_ne!(store_uuid(&first), store_uuid(&second));
+    assert_eq!(check(&store).status.code(), Some(0));
+}
+
+#[test]
+fn format_overwrites_foreign_data_without_force() {
+    let d = TempDir::new("foreign");
+    let origin = d.origin();
+    let store = d.path("store");
+    fs::write(&store, pseudo_random(STORE_BYTES)).expect("write store");
+    let out = format(&origin, &store, &[]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(check(&store).status.code(), Some(0));
+}
+
+#[test]
+fn bad_size_strings_are_rejected() {
+    let d = TempDir::new("sizes");
+    let origin = d.origin();
+    let store = d.path("store");
+    for bad in [
+        "",
+        "12Q",
+        "16MB",
+        "1.5G",
+        "-1",
+        "M",
+        "0x100000",
+        "99999999999999999999",
+        "16777216T",
+        "0",
+    ] {
+        // `--flag=VALUE` so that "-1" reaches the size parser.
+        let arg = format!("--store-size={bad}");
+        let out = format(&origin, &store, &[&arg]);
+        assert_error(&out, 2, "--store-size");
+        assert!(!store.exists(), "size {bad:?} created the store");
+        let arg = format!("--chunk-size={bad}");
+        let out = format(&origin, &store, &["--store-size", STORE_SIZE, &arg]);
+        assert_error(&out, 2, "--chunk-size");
+        assert!(!store.exists(), "chunk size {bad:?} created the store");
+    }
+}
+
+#[test]
+fn bad_flags_are_usage_errors() {
+    let out = csnap(&["format", "--origin", "x"]);
+    assert_error(&out, 2, "--store");
+    let out = csnap(&["check"]);
+    assert_error(&out, 2, "--store");
+    let out = csnap(&["check", "--store", "x", "--bogus"]);
+    assert_error(&out, 2, "--bogus");
+    let out = csnap(&["frobnicate"]);
+    assert_error(&out, 2, "frobnicate");
+    let out = csnap(&[
+        "format",
+        "--origin",
+        "x",
+        "--store",
+        "y",
+        "--store-full",
+        "sometimes",
+    ]);
+    assert_error(&out, 2, "sometimes");
+    let out = csnap(&[
+        "format",
+        "--origin",
+        "x",
+        "--store",
+        "y",
+        "--journal-blocks",
+        "many",
+    ]);
+    assert_error(&out, 2, "--journal-blocks");
+}
+
+#[test]
+fn check_missing_path() {
+    let d = TempDir::new("missing");
+    let out = check(&d.path("nothing-here"));
+    assert_error(&out, 2, "No such file");
+}
+
+#[test]
+fn check_directory() {
+    let d = TempDir::new("dir");
+    let out = check(&d.0);
+    assert_error(&out, 2, "is a directory");
+}
+
+#[test]
+fn check_random_bytes() {
+    let d = TempDir::new("random");
+    let p = d.path("random");
+    fs::write(&p, pseudo_random(1 << 20)).expect("write");
+    let out = check(&p);
+    assert_error(&out, 2, "not a csnap store");
+}
+
+#[test]
+fn check_zero_length_file() {
+    let d = TempDir::new("empty");
+    let p = d.path("empty");
+    File::create(&p).expect("create");
+    let out = check(&p);
+    assert_error(&out, 2, "not a csnap store");
+    assert!(stderr(&out).contains("empty"), "{}", text(&out));
+}
+
+#[test]
+fn check_store_truncated_to_half() {
+    let d = TempDir::new("truncated");
+    let store = d.formatted_store();
+    OpenOptions::new()
+        .write(true)
+        .open(&store)
+        .and_then(|f| f.set_len(STORE_BYTES / 2))
+        .expect("truncate");
+    let out = check(&store);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let problems = problem_lines(&out);
+    assert_eq!(problems.len(), 1, "{}", text(&out));
+    assert!(problems[0].contains("truncated"), "{}", text(&out));
+}
+
+#[test]
+fn check_store_truncated_below_two_blocks() {
+    let d = TempDir::new("stub");
+    let store = d.formatted_store();
+    OpenOptions::new()
+        .write(true)
+        .open(&store)
+        .and_then(|f| f.set_len(4096))
+        .expect("truncate");
+    let out = check(&store);
+    assert_error(&out, 2, "truncated or empty");
+}
+
+#[test]
+fn check_reports_a_flipped_superblock_byte() {
+    let d = TempDir::new("superblock");
+    let store = d.formatted_store();
+    flip_byte(&store, 4096 + 100);
+    let out = check(&store);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let problems = problem_lines(&out);
+    assert!(!problems.is_empty(), "{}", text(&out));
+    assert!(
+        problems.iter().any(|p| p.contains("superblock")),
+        "{}",
+        text(&out)
+    );
+    assert!(stdout(&out).contains("problem"), "{}", text(&out));
+}
+
+#[test]
+fn check_reports_a_flipped_label_byte() {
+    let d = TempDir::new("label");
+    let store = d.formatted_store();
+    flip_byte(&store, 100);
+    let out = check(&store);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let problems = problem_lines(&out);
+    assert!(
+        problems.iter().any(|p| p.contains("label is corrupt")),
+        "{}",
+        text(&out)
+    );
+}
+
+#[test]
+fn check_reports_a_flipped_bitmap_byte() {
+    // Block 2 + 128 is the first metadata bitmap block of a 128-block journal.
+    let d = TempDir::new("bitmap");
+    let store = d.formatted_store();
+    flip_byte(&store, (2 + 128) * 4096 + 200);
+    let out = check(&store);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        problem_lines(&out).iter().any(|p| p.contains("bitmap")),
+        "{}",
+        text(&out)
+    );
+}
+
+#[test]
+fn check_writes_nothing() {
+    let d = TempDir::new("readonly");
+    let store = d.formatted_store();
+    flip_byte(&store, 4096 + 100);
+    let before = fs::read(&store).expect("read");
+    let _ = check(&store);
+    assert!(
+        fs::read(&store).expect("read") == before,
+        "check modified the store"
+    );
+}
+
+fn flip_byte(path: &Path, offset: u64) {
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .expect("open");
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, offset).expect("read byte");
+    b[0] ^= 0xff;
+    f.write_all_at(&b, offset).expect("write byte");
+}
+
+/// Deterministic bytes that look like foreign data (xorshift64).
+fn pseudo_random(len: u64) -> Vec<u8> {
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x.to_le_bytes()[0]
+        })
+        .collect()
+}

@@ -1,0 +1,199 @@
+//! The work the server FSM hands to the store worker, and what comes back.
+//!
+//! The FSM never touches the store: it emits `StoreRequest`s (one per client
+//! request that needs metadata) and consumes `StoreReply`s in the order the
+//! worker finished them. The worker runs a batch of requests, performs their
+//! copy-outs, commits once (group commit) and only then returns the replies,
+//! so every reply the FSM sends is durable.
+
+use csnap_pools::CHUNKS_PER_REQUEST_MAX;
+
+/// A store operation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreOp {
+    /// Copy out what live snapshots still need, for `chunks` chunks from
+    /// `chunk` of the origin.
+    OriginWrite {
+        /// First chunk.
+        chunk: u64,
+        /// Chunk count.
+        chunks: u32,
+    },
+    /// Where snapshot `tag` reads chunks from.
+    SnapshotRead {
+        /// Snapshot tag.
+        tag: u32,
+        /// First chunk.
+        chunk: u64,
+        /// Chunk count.
+        chunks: u32,
+    },
+    /// Give snapshot `tag` its own store chunks to write.
+    SnapshotWrite {
+        /// Snapshot tag.
+        tag: u32,
+        /// First chunk.
+        chunk: u64,
+        /// Chunk count.
+        chunks: u32,
+    },
+    /// Create a snapshot.
+    Create {
+        /// Tag.
+        tag: u32,
+        /// Creation time.
+        now_secs: u64,
+    },
+    /// Delete a snapshot (refused while it is in use).
+    Delete {
+        /// Tag.
+        tag: u32,
+    },
+    /// Set a snapshot's priority.
+    Priority {
+        /// Tag.
+        tag: u32,
+        /// New priority.
+        priority: i8,
+    },
+    /// A client opened (`open`) or closed a snapshot: in-use accounting.
+    Use {
+        /// Tag.
+        tag: u32,
+        /// Opened or closed.
+        open: bool,
+    },
+    /// List snapshots.
+    List,
+    /// Store figures.
+    Status,
+    /// Run a bounded step of background deletion.
+    DeleteStep,
+}
+
+/// A request to the store worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoreRequest {
+    /// The FSM's handle for the request (its in-flight slot).
+    pub token: u32,
+    /// What to do.
+    pub op: StoreOp,
+}
+
+/// Where one chunk of a snapshot read or write goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Target {
+    /// Read from the origin (under a read lock the FSM takes).
+    #[default]
+    Origin,
+    /// The store data chunk.
+    Store(u64),
+}
+
+/// Why a store operation failed; each maps to a wire error code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreFailure {
+    /// No such snapshot.
+    NoSuchSnapshot,
+    /// The tag is taken.
+    SnapshotExists,
+    /// 64 snapshots exist.
+    TooManySnapshots,
+    /// Past the end of the origin.
+    OutOfRange,
+    /// No room for the copy-out.
+    StoreFull,
+    /// The snapshot is in use by a client.
+    InUse,
+    /// The store failed (I/O error, corruption): the server must stop.
+    Internal,
+}
+
+/// One snapshot in a listing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SnapRow {
+    /// Tag.
+    pub tag: u32,
+    /// Priority.
+    pub priority: i8,
+    /// Being deleted.
+    pub deleting: bool,
+    /// In use by a client.
+    pub in_use: bool,
+    /// Creation time.
+    pub ctime_secs: u64,
+    /// Chunks referenced.
+    pub chunks: u64,
+    /// Chunks referenced by it alone.
+    pub unique_chunks: u64,
+}
+
+/// Store figures for `status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct StoreFigures {
+    /// Durable incarnation.
+    pub incarnation: u64,
+    /// Chunk size.
+    pub chunk_size_bytes: u32,
+    /// Origin chunks.
+    pub origin_chunks: u64,
+    /// Data chunks.
+    pub data_chunks: u64,
+    /// Free data chunks.
+    pub data_free: u64,
+    /// Metadata blocks.
+    pub meta_blocks: u64,
+    /// Free metadata blocks.
+    pub meta_free: u64,
+    /// Live snapshots.
+    pub snapshots: u32,
+    /// Snapshots being deleted.
+    pub deleting: u32,
+    /// Commits so far.
+    pub commits: u64,
+}
+
+/// What came back.
+// Replies travel by value through a ring reserved at init; boxing the large
+// variants would allocate per reply.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreResult {
+    /// Done (origin write granted from the store's side, create, delete,
+    /// priority, use).
+    Done,
+    /// Per-chunk targets of a snapshot read or write, in chunk order.
+    Targets {
+        /// Valid entries.
+        len: u32,
+        /// Entries.
+        targets: [Target; CHUNKS_PER_REQUEST_MAX],
+    },
+    /// A listing.
+    List {
+        /// Valid rows.
+        len: u32,
+        /// Rows.
+        rows: [SnapRow; 64],
+    },
+    /// Figures.
+    Status(StoreFigures),
+    /// Failed.
+    Failed(StoreFailure),
+    /// A snapshot was deleted by the store-full policy to make room (reported
+    /// to the log by the server); the request it served is answered by its own
+    /// reply.
+    AutoDeleted {
+        /// Tag of the deleted snapshot.
+        tag: u32,
+    },
+}
+
+/// A reply from the store worker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreReply {
+    /// The request's token.
+    pub token: u32,
+    /// The result.
+    pub result: StoreResult,
+}

@@ -1,0 +1,360 @@
+//! The store worker: the only code that touches the store and the disks on
+//! the server's metadata path.
+//!
+//! It takes a batch of requests, runs each against the store, performs the
+//! copy-outs (origin chunk to store chunk, or shared store chunk to a new one)
+//! through one chunk buffer reserved at init, commits once for the whole batch
+//! (group commit), and only then hands the replies back. A reply therefore
+//! always describes durable metadata.
+//!
+//! Running it on its own thread keeps disk latency out of the network loop:
+//! the loop's step is bounded by socket work and ring hand-offs.
+
+use csnap_fsm::store_ops::{
+    SnapRow, StoreFailure, StoreFigures, StoreOp, StoreReply, StoreRequest, StoreResult, Target,
+};
+use csnap_pools::{CHUNKS_PER_REQUEST_MAX, SNAPSHOTS_MAX};
+use csnap_store::disk::Disk;
+use csnap_store::{Mapping, OriginWrite, SnapshotWrite, Store, StoreError};
+
+/// Token of a reply that answers no request: a notification.
+pub const NOTIFY_TOKEN: u32 = u32::MAX;
+
+/// Records deleted per background step.
+const DELETE_STEP_RECORDS: usize = 4096;
+
+/// The worker.
+#[derive(Debug)]
+pub struct StoreWorker<D: Disk, O: Disk> {
+    store: Store<D>,
+    origin: O,
+    chunk_buf: Vec<u8>,
+    replies: Vec<StoreReply>,
+    in_use: [u32; SNAPSHOTS_MAX],
+    commits: u64,
+    failed: bool,
+}
+
+fn failure(e: &StoreError) -> StoreFailure {
+    match e {
+        StoreError::NoSuchSnapshot(_) => StoreFailure::NoSuchSnapshot,
+        StoreError::SnapshotExists(_) => StoreFailure::SnapshotExists,
+        StoreError::TooManySnapshots => StoreFailure::TooManySnapshots,
+        StoreError::ChunkOutOfRange { .. } => StoreFailure::OutOfRange,
+        StoreError::StoreFull => StoreFailure::StoreFull,
+        _ => StoreFailure::Internal,
+    }
+}
+
+impl<D: Disk, O: Disk> StoreWorker<D, O> {
+    /// Wraps an open store and its origin; reserves the chunk buffer and room
+    /// for `batch_max` replies. The only allocations.
+    pub fn new(store: Store<D>, origin: O, batch_max: usize) -> Self {
+        let chunk = store.chunk_size_bytes() as usize;
+        StoreWorker {
+            store,
+            origin,
+            chunk_buf: vec![0u8; chunk],
+            replies: Vec::with_capacity(batch_max + SNAPSHOTS_MAX + 1),
+            in_use: [0; SNAPSHOTS_MAX],
+            commits: 0,
+            failed: false,
+        }
+    }
+
+    /// The store.
+    pub fn store(&mut self) -> &mut Store<D> {
+        &mut self.store
+    }
+
+    /// Whether the store failed; the server must stop serving.
+    pub fn failed(&self) -> bool {
+        self.failed
+    }
+
+    /// Whether background deletion has work.
+    pub fn has_background_work(&self) -> bool {
+        !self.failed && self.store.delete_pending()
+    }
+
+    /// Runs a batch and passes every reply, after the batch's commit, to
+    /// `out`. Notifications (auto-deleted snapshots) use `NOTIFY_TOKEN`.
+    pub fn run_batch(&mut self, batch: &[StoreRequest], out: &mut dyn FnMut(StoreReply)) {
+        self.replies.clear();
+        for req in batch {
+            let result = if self.failed {
+                StoreResult::Failed(StoreFailure::Internal)
+            } else {
+                self.run_one(&req.op)
+            };
+            self.replies.push(StoreReply {
+                token: req.token,
+                result,
+            });
+        }
+        if !self.failed {
+            match self.store.commit() {
+                Ok(info) => {
+                    if info.blocks > 0 {
+                        self.commits += 1;
+                    }
+                }
+                Err(_) => self.fail(),
+            }
+        }
+        if self.failed {
+            for r in &mut self.replies {
+                if r.token != NOTIFY_TOKEN {
+                    r.result = StoreResult::Failed(StoreFailure::Internal);
+                }
+            }
+        }
+        for r in self.replies.drain(..) {
+            out(r);
+        }
+    }
+
+    /// One bounded step of background deletion, committed.
+    pub fn background_step(&mut self) {
+        if self.failed {
+            return;
+        }
+        let r = self.store.delete_step(DELETE_STEP_RECORDS);
+        if r.is_err() {
+            self.store.abort();
+        }
+        match self.store.commit() {
+            Ok(info) if info.blocks > 0 => self.commits += 1,
+            Ok(_) => {}
+            Err(_) => self.fail(),
+        }
+    }
+
+    fn fail(&mut self) {
+        self.failed = true;
+    }
+
+    fn commit_mid_batch(&mut self) -> bool {
+        match self.store.commit() {
+            Ok(info) => {
+                if info.blocks > 0 {
+                    self.commits += 1;
+                }
+                true
+            }
+            Err(_) => {
+                self.fail();
+                false
+            }
+        }
+    }
+
+    /// Retries `f` through transaction-full commits and store-full reclaim.
+    fn with_retry<T>(
+        &mut self,
+        mut f: impl FnMut(&mut Store<D>) -> Result<T, StoreError>,
+    ) -> Result<T, StoreFailure> {
+        loop {
+            match f(&mut self.store) {
+                Ok(v) => return Ok(v),
+                Err(StoreError::TxFull) => {
+                    if !self.commit_mid_batch() {
+                        return Err(StoreFailure::Internal);
+                    }
+                }
+                Err(StoreError::Reclaiming { victim }) => {
+                    if let Some(tag) = victim {
+                        self.replies.push(StoreReply {
+                            token: NOTIFY_TOKEN,
+                            result: StoreResult::AutoDeleted { tag },
+                        });
+                    }
+                    if self.store.reclaim().is_err() {
+                        self.fail();
+                        return Err(StoreFailure::Internal);
+                    }
+                    self.commits += 1;
+                }
+                Err(StoreError::TxPoisoned) | Err(StoreError::Failed) => {
+                    self.fail();
+                    return Err(StoreFailure::Internal);
+                }
+                Err(e) => {
+                    let f = failure(&e);
+                    if f == StoreFailure::Internal {
+                        self.fail();
+                    }
+                    return Err(f);
+                }
+            }
+        }
+    }
+
+    fn copy(&mut self, from_origin: Option<u64>, from_store: Option<u64>, to: u64) -> bool {
+        let chunk = u64::from(self.store.chunk_size_bytes());
+        let ok = match (from_origin, from_store) {
+            (Some(c), _) => self.origin.read_at(&mut self.chunk_buf, c * chunk).is_ok(),
+            (_, Some(s)) => {
+                let off = self.store.chunk_offset(s);
+                self.store
+                    .disk_mut()
+                    .read_at(&mut self.chunk_buf, off)
+                    .is_ok()
+            }
+            _ => false,
+        };
+        let off = self.store.chunk_offset(to);
+        ok && self.store.disk_mut().write_at(&self.chunk_buf, off).is_ok()
+    }
+
+    fn run_one(&mut self, op: &StoreOp) -> StoreResult {
+        match *op {
+            StoreOp::OriginWrite { chunk, chunks } => {
+                for c in chunk..chunk + u64::from(chunks) {
+                    match self.with_retry(|s| s.prepare_origin_write(c)) {
+                        Ok(OriginWrite::Unique) => {}
+                        Ok(OriginWrite::CopyOut { store_chunk }) => {
+                            if !self.copy(Some(c), None, store_chunk) {
+                                self.fail();
+                                return StoreResult::Failed(StoreFailure::Internal);
+                            }
+                        }
+                        Err(f) => return StoreResult::Failed(f),
+                    }
+                }
+                StoreResult::Done
+            }
+            StoreOp::SnapshotRead { tag, chunk, chunks } => {
+                let mut targets = [Target::Origin; CHUNKS_PER_REQUEST_MAX];
+                for (i, c) in (chunk..chunk + u64::from(chunks)).enumerate() {
+                    targets[i] = match self.store.lookup(tag, c) {
+                        Ok(Mapping::Origin) => Target::Origin,
+                        Ok(Mapping::Store(s)) => Target::Store(s),
+                        Err(e) => {
+                            let f = failure(&e);
+                            if f == StoreFailure::Internal {
+                                self.fail();
+                            }
+                            return StoreResult::Failed(f);
+                        }
+                    };
+                }
+                StoreResult::Targets {
+                    len: chunks,
+                    targets,
+                }
+            }
+            StoreOp::SnapshotWrite { tag, chunk, chunks } => {
+                let mut targets = [Target::Origin; CHUNKS_PER_REQUEST_MAX];
+                for (i, c) in (chunk..chunk + u64::from(chunks)).enumerate() {
+                    let w = match self.with_retry(|s| s.prepare_snapshot_write(tag, c)) {
+                        Ok(w) => w,
+                        Err(f) => return StoreResult::Failed(f),
+                    };
+                    let ok = match w {
+                        SnapshotWrite::Unique { .. } => true,
+                        SnapshotWrite::CopyFromOrigin { store_chunk } => {
+                            self.copy(Some(c), None, store_chunk)
+                        }
+                        SnapshotWrite::CopyFromStore { from, store_chunk } => {
+                            self.copy(None, Some(from), store_chunk)
+                        }
+                    };
+                    if !ok {
+                        self.fail();
+                        return StoreResult::Failed(StoreFailure::Internal);
+                    }
+                    targets[i] = Target::Store(w.store_chunk());
+                }
+                StoreResult::Targets {
+                    len: chunks,
+                    targets,
+                }
+            }
+            StoreOp::Create { tag, now_secs } => {
+                match self.with_retry(|s| s.create_snapshot(tag, now_secs)) {
+                    Ok(_) => StoreResult::Done,
+                    Err(f) => StoreResult::Failed(f),
+                }
+            }
+            StoreOp::Delete { tag } => {
+                if let Some(info) = self.store.snapshot(tag) {
+                    if self.in_use[usize::from(info.bit)] > 0 {
+                        return StoreResult::Failed(StoreFailure::InUse);
+                    }
+                }
+                match self.with_retry(|s| s.delete_snapshot(tag)) {
+                    Ok(()) => StoreResult::Done,
+                    Err(f) => StoreResult::Failed(f),
+                }
+            }
+            StoreOp::Priority { tag, priority } => {
+                match self.with_retry(|s| s.set_priority(tag, priority)) {
+                    Ok(()) => StoreResult::Done,
+                    Err(f) => StoreResult::Failed(f),
+                }
+            }
+            StoreOp::Use { tag, open } => {
+                let Some(info) = self.store.snapshot(tag) else {
+                    return StoreResult::Failed(StoreFailure::NoSuchSnapshot);
+                };
+                let n = &mut self.in_use[usize::from(info.bit)];
+                if open {
+                    *n += 1;
+                } else {
+                    *n = n.saturating_sub(1);
+                }
+                let busy = *n > 0;
+                match self.store.set_in_use(tag, busy) {
+                    Ok(()) => StoreResult::Done,
+                    Err(e) => StoreResult::Failed(failure(&e)),
+                }
+            }
+            StoreOp::List => {
+                let mut rows = [SnapRow::default(); 64];
+                let mut len = 0;
+                for s in self.store.snapshots() {
+                    rows[len] = SnapRow {
+                        tag: s.tag,
+                        priority: s.priority,
+                        deleting: s.deleting,
+                        in_use: s.in_use,
+                        ctime_secs: s.ctime_secs,
+                        chunks: s.chunks,
+                        unique_chunks: s.unique_chunks,
+                    };
+                    len += 1;
+                }
+                StoreResult::List {
+                    len: u32::try_from(len).unwrap_or(0),
+                    rows,
+                }
+            }
+            StoreOp::Status => {
+                let s = self.store.status();
+                StoreResult::Status(StoreFigures {
+                    incarnation: s.incarnation,
+                    chunk_size_bytes: s.chunk_size_bytes,
+                    origin_chunks: s.origin_chunks,
+                    data_chunks: s.data_chunks,
+                    data_free: s.data_free,
+                    meta_blocks: s.meta_blocks,
+                    meta_free: s.meta_free,
+                    snapshots: s.snapshots,
+                    deleting: s.deleting,
+                    commits: self.commits,
+                })
+            }
+            StoreOp::DeleteStep => {
+                let r = self.store.delete_step(DELETE_STEP_RECORDS);
+                match r {
+                    Ok(_) | Err(StoreError::TxFull) => StoreResult::Done,
+                    Err(e) => {
+                        self.fail();
+                        StoreResult::Failed(failure(&e))
+                    }
+                }
+            }
+        }
+    }
+}
