@@ -635,7 +635,7 @@ impl<D: Disk> Store<D> {
             in_use_mask: 0,
             replay,
         };
-        store.assert_invariants();
+        store.assert_invariants_full();
         Ok(store)
     }
 
@@ -1413,7 +1413,7 @@ impl<D: Disk> Store<D> {
         self.pending_frees.clear();
         self.tx_ops = 0;
         self.poisoned = false;
-        self.assert_invariants();
+        self.assert_invariants_full();
     }
 
     /// Makes the open transaction durable.
@@ -1444,7 +1444,7 @@ impl<D: Disk> Store<D> {
         if r.is_err() {
             self.failed = true;
         }
-        self.assert_invariants();
+        self.assert_invariants_full();
         r
     }
 
@@ -1555,8 +1555,8 @@ impl<D: Disk> Store<D> {
         })
     }
 
-    /// Checks invariants that are cheap enough to check after every
-    /// operation, in release builds too.
+    /// Checks the invariants that are cheap enough for every operation (a
+    /// few dozen compares), in release builds too.
     pub fn assert_invariants(&self) {
         let sb = &self.sb;
         assert!(sb.depth >= 1 && usize::from(sb.depth) <= TREE_DEPTH_MAX);
@@ -1566,21 +1566,25 @@ impl<D: Disk> Store<D> {
             sb.root >= self.label.meta_start
                 && sb.root < self.label.meta_start + self.label.meta_blocks
         );
+        let (live, deleting) = (sb.live_mask(), sb.deleting_mask());
         assert_eq!(
-            sb.delete_walk_mask & !sb.deleting_mask(),
+            sb.delete_walk_mask & !deleting,
             0,
             "walk clears a bit not being deleted"
         );
+        assert_eq!(self.in_use_mask & !live, 0, "in-use mask names a dead snapshot");
         assert!(self.cache.dirty_count() <= self.tx_cap_blocks + OP_DIRTY_BLOCKS_MAX);
         assert!(self.pending_frees.len() <= TX_FREES_MAX);
-        let live = sb.live_mask();
+    }
+
+    /// Checks every in-memory invariant, including the snapshot table and the
+    /// cache index: O(cache size), run at every commit and open.
+    pub fn assert_invariants_full(&self) {
+        self.assert_invariants();
+        let sb = &self.sb;
         for (i, s) in sb.snaps.iter().enumerate() {
             if s.state == SlotState::Free {
-                assert_eq!(
-                    (s.chunks, s.unique_chunks),
-                    (0, 0),
-                    "free slot {i} has usage"
-                );
+                assert_eq!((s.chunks, s.unique_chunks), (0, 0), "free slot {i} has usage");
             } else {
                 assert!(s.unique_chunks <= s.chunks);
             }
@@ -1591,11 +1595,6 @@ impl<D: Disk> Store<D> {
                 assert!(!dup, "two live snapshots share tag {}", s.tag);
             }
         }
-        assert_eq!(
-            self.in_use_mask & !live,
-            0,
-            "in-use mask names a dead snapshot"
-        );
         self.cache.assert_invariants();
     }
 }

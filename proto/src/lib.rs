@@ -1,0 +1,360 @@
+//! The csnap wire protocol: framing, handshake and messages, encoded into and
+//! decoded from caller-owned buffers.
+//!
+//! One protocol serves every connection to the server: block-device clients
+//! (data I/O on the origin or a snapshot), the control tool and the cluster
+//! agent. Clients do the data I/O themselves and ask the server where to read
+//! and write; the server owns the snapshot store metadata and the read locks.
+//!
+//! Nothing here allocates on the encode, decode or framing paths: frames are
+//! encoded into a `&mut [u8]` ([`encode`]), decoded into a [`Msg`] that
+//! borrows its lists and text from the frame ([`decode`]), and cut out of a
+//! byte stream by a [`FrameReader`] over a caller buffer. Malformed input of
+//! any kind yields a [`DecodeError`], never a panic.
+//!
+//! # What changed from csnap/ddsnap
+//!
+//! Every integer has an explicit byte order (little-endian), not the host's;
+//! frames start with a magic and a version, and a `Hello` negotiates the
+//! version; the length field covers the whole frame, and every reply,
+//! however large, is one frame (no data streamed past a frame's end); frames
+//! may be up to [`FRAME_MAX_BYTES`], not 500 bytes; request ids are 64-bit;
+//! every server frame carries the server incarnation, so a client notices a
+//! failover on the first reply; reserved bytes must be zero and every enum
+//! value must be known, so each message has exactly one encoding.
+//!
+//! # Frame
+//!
+//! A frame is a 32-byte header followed by a body. All integers are
+//! little-endian; offsets are in bytes.
+//!
+//! | Offset | Size | Field         | Meaning |
+//! |-------:|-----:|---------------|---------|
+//! | 0      | 4    | `magic`       | [`MAGIC`]: the bytes `b"csnw"` (`0x776e7363` as a u32) |
+//! | 4      | 2    | `version`     | [`PROTOCOL_VERSION`] (1) |
+//! | 6      | 2    | `kind`        | message kind code ([`Kind`]) |
+//! | 8      | 4    | `length`      | whole frame, header included: `32..=65536` |
+//! | 12     | 4    | `flags`       | none defined: must be 0 |
+//! | 16     | 8    | `request_id`  | chosen by the requester, echoed in the reply |
+//! | 24     | 8    | `incarnation` | server incarnation in every server frame; 0 from clients (not checked by the codec) |
+//!
+//! A receiver checks the magic, version and length as soon as those bytes
+//! arrive ([`peek_header`]): garbage and oversized frames are rejected before
+//! their bodies are read. Those errors are fatal: the stream cannot be cut
+//! into frames any more, so the receiver closes the connection (after an
+//! `Error` frame, best effort). Any other error (unknown kind, nonzero flags,
+//! malformed body) leaves the framing intact: the server answers with an
+//! `Error` frame carrying the frame's `request_id` and kind code as culprit,
+//! and goes on ([`DecodeError::is_fatal`], [`DecodeError::code`],
+//! [`DecodeError::culprit`]).
+//!
+//! # Versions and the handshake
+//!
+//! The first frame on every connection is `Hello` with the range of versions
+//! the peer speaks, sent with header `version` 1. The header layout and the
+//! `Hello`/`HelloOk`/`Error` bodies are frozen for all future versions, so
+//! any server can read any client's `Hello`. The server answers `HelloOk`
+//! with the highest common version ([`negotiate`]) and its incarnation in the
+//! header, or `Error(BadVersion)` and closes. Every later frame carries the
+//! agreed version. This crate speaks version 1 only: a frame with another
+//! version is `BadVersion`.
+//!
+//! # Sequencing
+//!
+//! - `Hello` → `HelloOk`, first. A role `Client` then sends `Identify` →
+//!   `IdentifyOk` before any data request; `Control` and `Agent` send control
+//!   requests directly. Which role may send which request is server policy
+//!   (answered with `Error(Unsupported)` or `Error(NotIdentified)`).
+//! - Requests are pipelined; replies may come back in any order (an origin
+//!   write waits for read locks) and are matched by `request_id`, unique
+//!   among the sender's outstanding requests on the connection.
+//! - Every request may be answered with `Error` instead of its success reply
+//!   ([`Kind::success_reply`]). `FinishSnapshotRead` and `UploadLocks` get no
+//!   success reply.
+//! - Only the server sends reply kinds ([`Kind::is_reply`]); a reply kind
+//!   from a client is out of order and answered with `Error(BadFrame)`.
+//! - Failover: a client reconnects, sees a new incarnation in `HelloOk`,
+//!   identifies, sends `UploadLocks` for the read locks it still holds (as
+//!   many frames as needed), then `FinishUpload` → `UploadOk`, then re-sends
+//!   every request that had no reply. Requests are idempotent.
+//!
+//! # Message kinds
+//!
+//! Requests have bit 15 of the code clear, replies have it set; where a
+//! request has its own success reply, the reply's code is the request's with
+//! bit 15 set. Code 0 is never valid.
+//!
+//! | Code     | Kind                 | Sender  | Body | Success reply |
+//! |----------|----------------------|---------|------|---------------|
+//! | `0x0001` | `Hello`              | any     | hello (8) | `HelloOk` |
+//! | `0x0002` | `Identify`           | client  | identify (48) | `IdentifyOk` |
+//! | `0x0010` | `QueryOriginWrite`   | client  | range list | `OriginWriteOk` |
+//! | `0x0011` | `QuerySnapshotRead`  | client  | range list, ≤ [`QUERY_CHUNKS_MAX`] chunks | `SnapshotReadReply` |
+//! | `0x0012` | `FinishSnapshotRead` | client  | range list | none |
+//! | `0x0013` | `QuerySnapshotWrite` | client  | range list, ≤ [`QUERY_CHUNKS_MAX`] chunks | `SnapshotWriteOk` |
+//! | `0x0014` | `UploadLocks`        | client  | range list | none |
+//! | `0x0015` | `FinishUpload`       | client  | empty | `UploadOk` |
+//! | `0x0020` | `CreateSnapshot`     | control | tag (4) | `Ok` |
+//! | `0x0021` | `DeleteSnapshot`     | control | tag (4) | `Ok` |
+//! | `0x0022` | `SetPriority`        | control | set-priority (8) | `Ok` |
+//! | `0x0023` | `ListSnapshots`      | control | empty | `SnapshotList` |
+//! | `0x0024` | `Status`             | control | empty | `StatusReply` |
+//! | `0x8000` | `Error`              | server  | error (8 + text) | — |
+//! | `0x8001` | `HelloOk`            | server  | hello-ok (16) | — |
+//! | `0x8002` | `IdentifyOk`         | server  | identify-ok (24) | — |
+//! | `0x8010` | `OriginWriteOk`      | server  | range list (the query's, echoed) | — |
+//! | `0x8011` | `SnapshotReadReply`  | server  | target list | — |
+//! | `0x8013` | `SnapshotWriteOk`    | server  | target list, store targets only | — |
+//! | `0x8015` | `UploadOk`           | server  | empty | — |
+//! | `0x8020` | `Ok`                 | server  | empty | — |
+//! | `0x8023` | `SnapshotList`       | server  | snapshot list | — |
+//! | `0x8024` | `StatusReply`        | server  | status (88) | — |
+//!
+//! A body must have exactly the size its kind and counts give; reserved
+//! bytes must be zero.
+//!
+//! ## hello (`Hello`, 8 bytes)
+//!
+//! | Offset | Size | Field | Meaning |
+//! |-------:|-----:|-------|---------|
+//! | 0 | 2 | `version_min` | lowest version spoken, ≥ 1 |
+//! | 2 | 2 | `version_max` | highest version spoken, ≥ `version_min` |
+//! | 4 | 2 | `role` | [`Role`]: 1 client, 2 control, 3 agent |
+//! | 6 | 2 | reserved | 0 |
+//!
+//! ## hello-ok (`HelloOk`, 16 bytes)
+//!
+//! | Offset | Size | Field | Meaning |
+//! |-------:|-----:|-------|---------|
+//! | 0 | 2 | `version` | the connection's version, ≥ 1 |
+//! | 2 | 6 | reserved | 0 |
+//! | 8 | 8 | `server_id` | identifies the server's store across incarnations |
+//!
+//! ## identify (`Identify`, 48 bytes)
+//!
+//! | Offset | Size | Field | Meaning |
+//! |-------:|-----:|-------|---------|
+//! | 0 | 8 | `client_id` | cluster-unique client id, stable across reconnects |
+//! | 8 | 8 | `volume_size_bytes` | the client's device size; 0 = take the server's |
+//! | 16 | 16 | `origin_uuid` | identity of the origin device the client sees |
+//! | 32 | 4 | `node_id` | cluster node of the client |
+//! | 36 | 4 | `chunk_size_bytes` | chunk size the client expects; 0 = take the server's |
+//! | 40 | 2 | `volume` | 1 origin, 2 snapshot ([`Volume`]) |
+//! | 42 | 2 | reserved | 0 |
+//! | 44 | 4 | `tag` | snapshot tag; 0 for the origin |
+//!
+//! ## identify-ok (`IdentifyOk`, 24 bytes)
+//!
+//! | Offset | Size | Field | Meaning |
+//! |-------:|-----:|-------|---------|
+//! | 0 | 8 | `origin_size_bytes` | origin size |
+//! | 8 | 8 | `volume_size_bytes` | the attached volume's size |
+//! | 16 | 4 | `chunk_size_bytes` | the store's chunk size |
+//! | 20 | 4 | reserved | 0 |
+//!
+//! ## range list (queries, `OriginWriteOk`, `FinishSnapshotRead`, `UploadLocks`)
+//!
+//! | Offset | Size | Field | Meaning |
+//! |-------:|-----:|-------|---------|
+//! | 0 | 2 | `count` | ≤ [`RANGES_MAX`] |
+//! | 2 | 2 | reserved | 0 |
+//! | 4 + 16·i | 8 | `chunk` | first logical chunk of range i |
+//! | 12 + 16·i | 4 | `chunks` | ≥ 1; `chunk + chunks` ≤ 2^64 − 1 |
+//! | 16 + 16·i | 4 | reserved | 0 |
+//!
+//! Decoded as a [`Ranges`] view of [`Range`]s. Queries answered with a
+//! target list cover at most [`QUERY_CHUNKS_MAX`] chunks in total, so their
+//! reply always fits one frame (a target covers at least one chunk).
+//!
+//! ## target list (`SnapshotReadReply`, `SnapshotWriteOk`)
+//!
+//! | Offset | Size | Field | Meaning |
+//! |-------:|-----:|-------|---------|
+//! | 0 | 2 | `count` | ≤ [`TARGETS_MAX`] |
+//! | 2 | 2 | reserved | 0 |
+//! | 4 + 24·i | 8 | `chunk` | first logical chunk of target i |
+//! | 12 + 24·i | 4 | `chunks` | ≥ 1; `chunk + chunks` ≤ 2^64 − 1 |
+//! | 16 + 24·i | 1 | `kind` | 1 store, 2 origin (now read-locked) ([`TargetKind`]) |
+//! | 17 + 24·i | 3 | reserved | 0 |
+//! | 20 + 24·i | 8 | `store_chunk` | store: logical `chunk + k` is store chunk `store_chunk + k`; origin: 0 |
+//!
+//! Decoded as a [`Targets`] view of [`Target`]s. A snapshot read's origin
+//! targets are read-locked for the client until its `FinishSnapshotRead` for
+//! those chunks (or its disconnect). `SnapshotWriteOk` carries store targets
+//! only.
+//!
+//! ## tag (`CreateSnapshot`, `DeleteSnapshot`, 4 bytes)
+//!
+//! | Offset | Size | Field | Meaning |
+//! |-------:|-----:|-------|---------|
+//! | 0 | 4 | `tag` | snapshot tag |
+//!
+//! ## set-priority (`SetPriority`, 8 bytes)
+//!
+//! | Offset | Size | Field | Meaning |
+//! |-------:|-----:|-------|---------|
+//! | 0 | 4 | `tag` | snapshot tag |
+//! | 4 | 1 | `priority` | i8; 127 = never deleted when the store is full |
+//! | 5 | 3 | reserved | 0 |
+//!
+//! ## snapshot list (`SnapshotList`)
+//!
+//! | Offset | Size | Field | Meaning |
+//! |-------:|-----:|-------|---------|
+//! | 0 | 2 | `count` | ≤ [`SNAPSHOTS_MAX`] |
+//! | 2 | 2 | reserved | 0 |
+//! | 4 + 32·i | 4 | `tag` | snapshot tag |
+//! | 8 + 32·i | 1 | `priority` | i8 |
+//! | 9 + 32·i | 1 | `flags` | bit 0 deleting, bit 1 in use; other bits 0 |
+//! | 10 + 32·i | 2 | reserved | 0 |
+//! | 12 + 32·i | 8 | `ctime_secs` | creation time, Unix seconds |
+//! | 20 + 32·i | 8 | `chunks` | store chunks the snapshot holds |
+//! | 28 + 32·i | 8 | `unique_chunks` | of those, shared with no other snapshot |
+//!
+//! Decoded as a [`SnapList`] view of [`SnapInfo`]s.
+//!
+//! ## status (`StatusReply`, 88 bytes)
+//!
+//! | Offset | Size | Field | Meaning |
+//! |-------:|-----:|-------|---------|
+//! | 0 | 8 | `incarnation` | server incarnation |
+//! | 8 | 8 | `origin_chunks` | origin size in chunks |
+//! | 16 | 8 | `data_chunks` | store data area in chunks |
+//! | 24 | 8 | `data_free` | free data chunks |
+//! | 32 | 8 | `meta_blocks` | metadata area in blocks |
+//! | 40 | 8 | `meta_free` | free metadata blocks |
+//! | 48 | 8 | `commits` | journal commits |
+//! | 56 | 4 | `chunk_size_bytes` | chunk size |
+//! | 60 | 4 | `snapshots` | live snapshots |
+//! | 64 | 4 | `deleting` | snapshots being deleted |
+//! | 68 | 4 | `clients` | identified clients |
+//! | 72 | 4 | `read_locks` | read locks held |
+//! | 76 | 4 | `waiting_writes` | origin writes waiting on read locks |
+//! | 80 | 1 | `state` | 0 recovering, 1 serving ([`ServerState`]) |
+//! | 81 | 7 | reserved | 0 |
+//!
+//! ## error (`Error`, 8 + `text_len` bytes)
+//!
+//! | Offset | Size | Field | Meaning |
+//! |-------:|-----:|-------|---------|
+//! | 0 | 4 | `code` | [`ErrorCode`] |
+//! | 4 | 2 | `culprit` | kind code answered (may be unknown), 0 if none |
+//! | 6 | 2 | `text_len` | ≤ [`ERROR_TEXT_MAX_BYTES`] |
+//! | 8 | `text_len` | `text` | UTF-8 detail for logs ([`ErrorText`] formats it without allocation) |
+//!
+//! An `Error` answering a request carries its `request_id`; one sent before
+//! closing after a fatal framing error carries 0.
+//!
+//! # Building lists without allocation
+//!
+//! A list body is built in a caller scratch buffer with a [`ListBuilder`]
+//! ([`RangesBuilder`], [`TargetsBuilder`], [`SnapListBuilder`]) or
+//! [`List::from_entries`]; both validate each entry and yield a view to put
+//! in a [`Msg`]. [`encode`] copies the view's bytes into the frame. A view
+//! decoded from one frame can be put straight into another message (the
+//! server echoes a `QueryOriginWrite`'s ranges in `OriginWriteOk`), and
+//! [`List::as_bytes`] / [`List::parse`] let a list outlive its frame in a
+//! fixed slot. Scratch sizes: [`RANGES_BYTES_MAX`], [`TARGETS_BYTES_MAX`],
+//! [`SNAP_LIST_BYTES_MAX`].
+//!
+//! ```
+//! use csnap_proto::*;
+//! let mut scratch = [0u8; RANGES_BYTES_MAX];
+//! let ranges = Ranges::from_entries(&[Range { chunk: 5, chunks: 1 }], &mut scratch).unwrap();
+//! let mut frame = [0u8; FRAME_MAX_BYTES];
+//! let n = encode(&Header::new(42, 0), &Msg::QuerySnapshotRead(ranges), &mut frame).unwrap();
+//! let (hdr, msg) = decode(&frame[..n]).unwrap();
+//! assert_eq!(hdr.request_id, 42);
+//! assert_eq!(msg, Msg::QuerySnapshotRead(ranges));
+//! ```
+
+#![forbid(unsafe_code)]
+
+use static_assertions::const_assert;
+
+mod error;
+mod frame;
+mod list;
+mod msg;
+mod wire;
+
+pub use error::{DecodeError, EncodeError, Malformed};
+pub use frame::FrameReader;
+pub use list::{
+    Entry, List, ListBuilder, ListIter, Range, Ranges, RangesBuilder, SnapInfo, SnapList,
+    SnapListBuilder, Target, TargetKind, Targets, TargetsBuilder, LIST_HEADER_BYTES,
+};
+pub use msg::{
+    decode, encode, negotiate, peek_header, ErrorCode, ErrorText, Header, Kind, Msg, Role,
+    ServerState, Volume,
+};
+
+// ---------------------------------------------------------------------------
+// Bounds.
+// ---------------------------------------------------------------------------
+
+/// Largest frame, header included. Memory cost: one receive buffer of this
+/// size per connection.
+pub const FRAME_MAX_BYTES: usize = 64 * 1024;
+/// Bytes of the frame header.
+pub const HEADER_BYTES: usize = 32;
+/// The protocol version this crate speaks.
+pub const PROTOCOL_VERSION: u16 = 1;
+/// `b"csnw"` as a little-endian u32, at offset 0 of every frame.
+pub const MAGIC: u32 = u32::from_le_bytes(*b"csnw");
+
+/// Ranges in one range list.
+pub const RANGES_MAX: usize = 64;
+/// Targets in one target list. A query's targets split its ranges wherever
+/// the store chunks are not consecutive; this bounds the reply.
+pub const TARGETS_MAX: usize = RANGES_MAX * 16;
+/// Chunks one `QuerySnapshotRead` or `QuerySnapshotWrite` may cover, summed
+/// over its ranges: each target covers at least one chunk, so the reply's
+/// targets always fit in [`TARGETS_MAX`].
+pub const QUERY_CHUNKS_MAX: usize = TARGETS_MAX;
+/// Bytes of text in an `Error` message.
+pub const ERROR_TEXT_MAX_BYTES: usize = 200;
+/// Entries in a snapshot list: the store's snapshot capacity (declared again
+/// here so the protocol does not depend on the store; equal to
+/// `csnap_pools::SNAPSHOTS_MAX`).
+pub const SNAPSHOTS_MAX: usize = 64;
+
+/// Encoded size of the largest range list.
+pub const RANGES_BYTES_MAX: usize = LIST_HEADER_BYTES + RANGES_MAX * 16;
+/// Encoded size of the largest target list.
+pub const TARGETS_BYTES_MAX: usize = LIST_HEADER_BYTES + TARGETS_MAX * 24;
+/// Encoded size of the largest snapshot list.
+pub const SNAP_LIST_BYTES_MAX: usize = LIST_HEADER_BYTES + SNAPSHOTS_MAX * 32;
+
+// Counts are u16 on the wire.
+const_assert!(RANGES_MAX <= u16::MAX as usize);
+const_assert!(TARGETS_MAX <= u16::MAX as usize);
+const_assert!(SNAPSHOTS_MAX <= u16::MAX as usize);
+const_assert!(ERROR_TEXT_MAX_BYTES <= u16::MAX as usize);
+// The length field is u32 and the header fits in a frame.
+const_assert!(FRAME_MAX_BYTES <= u32::MAX as usize);
+const_assert!(HEADER_BYTES < FRAME_MAX_BYTES);
+// A query's reply cannot need more targets than a list holds.
+const_assert!(QUERY_CHUNKS_MAX <= TARGETS_MAX);
+const_assert!(TARGETS_MAX >= RANGES_MAX);
+// The largest message of each kind fits in a frame.
+const_assert!(HEADER_BYTES + RANGES_BYTES_MAX <= FRAME_MAX_BYTES);
+const_assert!(HEADER_BYTES + TARGETS_BYTES_MAX <= FRAME_MAX_BYTES);
+const_assert!(HEADER_BYTES + SNAP_LIST_BYTES_MAX <= FRAME_MAX_BYTES);
+const_assert!(HEADER_BYTES + 8 + ERROR_TEXT_MAX_BYTES <= FRAME_MAX_BYTES);
+const_assert!(every_kind_fits());
+// The list byte sizes agree with the entry types.
+const_assert!(RANGES_BYTES_MAX == Ranges::BYTES_MAX);
+const_assert!(TARGETS_BYTES_MAX == Targets::BYTES_MAX);
+const_assert!(SNAP_LIST_BYTES_MAX == SnapList::BYTES_MAX);
+
+const fn every_kind_fits() -> bool {
+    let mut i = 0;
+    while i < Kind::ALL.len() {
+        if HEADER_BYTES + Kind::ALL[i].body_max_bytes() > FRAME_MAX_BYTES {
+            return false;
+        }
+        i += 1;
+    }
+    true
+}

@@ -1,0 +1,937 @@
+//! Round trips of every kind, known-answer frames, and the rejection of each
+//! malformation the format rules out.
+
+mod common;
+
+use common::{sample, Scratch, LONG_TEXT};
+use core::fmt::Write;
+use csnap_proto::*;
+
+fn frame_of(hdr: &Header, msg: &Msg<'_>) -> Vec<u8> {
+    let mut out = vec![0u8; FRAME_MAX_BYTES];
+    let n = encode(hdr, msg, &mut out).unwrap();
+    out.truncate(n);
+    out
+}
+
+fn round_trip(msg: &Msg<'_>, request_id: u64, incarnation: u64) {
+    let hdr = Header::new(request_id, incarnation);
+    let mut out = vec![0xAAu8; FRAME_MAX_BYTES];
+    let n = encode(&hdr, msg, &mut out).unwrap();
+    assert_eq!(n, msg.frame_bytes());
+    assert!(n <= FRAME_MAX_BYTES);
+    let (h, m) = decode(&out[..n]).unwrap();
+    assert_eq!(m, *msg, "{}", msg.kind());
+    assert_eq!(h.kind, msg.kind().code());
+    assert_eq!(h.known_kind(), Some(msg.kind()));
+    assert_eq!(h.length as usize, n);
+    assert_eq!(h.version, PROTOCOL_VERSION);
+    assert_eq!(h.flags, 0);
+    assert_eq!(h.request_id, request_id);
+    assert_eq!(h.incarnation, incarnation);
+    assert_eq!(peek_header(&out[..HEADER_BYTES]), Ok(Some(h)));
+    // Bytes past the frame were not touched.
+    assert!(out[n..].iter().all(|&b| b == 0xAA));
+    // Decoding then encoding gives the same bytes.
+    let mut again = vec![0u8; n];
+    assert_eq!(
+        encode(&Header::new(request_id, incarnation), &m, &mut again),
+        Ok(n)
+    );
+    assert_eq!(again, out[..n]);
+    // An exact buffer suffices; one byte less fails and writes nothing.
+    let mut exact = vec![0u8; n];
+    assert_eq!(encode(&hdr, msg, &mut exact), Ok(n));
+    let mut short = vec![0x55u8; n - 1];
+    assert_eq!(
+        encode(&hdr, msg, &mut short),
+        Err(EncodeError::BufferTooSmall {
+            need: n,
+            have: n - 1
+        })
+    );
+    assert!(short.iter().all(|&b| b == 0x55));
+}
+
+#[test]
+fn every_kind_round_trips_small_and_max() {
+    for big in [false, true] {
+        for kind in Kind::ALL {
+            let mut s = Scratch::new();
+            let msg = sample(kind, big, &mut s);
+            assert_eq!(msg.kind(), kind);
+            round_trip(&msg, 0x0123_4567_89ab_cdef, 42);
+            round_trip(&msg, u64::MAX, u64::MAX);
+            round_trip(&msg, 0, 0);
+        }
+    }
+}
+
+#[test]
+fn max_lists_are_full_and_fit() {
+    let mut s = Scratch::new();
+    let Msg::SnapshotReadReply(t) = sample(Kind::SnapshotReadReply, true, &mut s) else {
+        panic!("wrong sample")
+    };
+    assert_eq!(t.len(), TARGETS_MAX);
+    assert_eq!(t.as_bytes().len(), TARGETS_BYTES_MAX);
+    let mut s = Scratch::new();
+    let Msg::QueryOriginWrite(r) = sample(Kind::QueryOriginWrite, true, &mut s) else {
+        panic!("wrong sample")
+    };
+    assert_eq!(r.len(), RANGES_MAX);
+    assert_eq!(r.get(RANGES_MAX - 1).map(|r| r.end()), Some(u64::MAX - 63));
+    let mut s = Scratch::new();
+    let Msg::QuerySnapshotRead(r) = sample(Kind::QuerySnapshotRead, true, &mut s) else {
+        panic!("wrong sample")
+    };
+    assert_eq!(r.total_chunks(), QUERY_CHUNKS_MAX as u64);
+    let mut s = Scratch::new();
+    let Msg::SnapshotList(l) = sample(Kind::SnapshotList, true, &mut s) else {
+        panic!("wrong sample")
+    };
+    assert_eq!(l.len(), SNAPSHOTS_MAX);
+    assert_eq!(LONG_TEXT.len(), ERROR_TEXT_MAX_BYTES);
+    for kind in Kind::ALL {
+        let mut s = Scratch::new();
+        let m = sample(kind, true, &mut s);
+        assert_eq!(
+            m.body_bytes(),
+            kind.body_max_bytes(),
+            "{kind} big sample is not the largest"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Known answers: the format must not drift.
+// ---------------------------------------------------------------------------
+
+#[test]
+fn known_answer_set_priority() {
+    let f = frame_of(
+        &Header::new(0x0102_0304_0506_0708, 0),
+        &Msg::SetPriority {
+            tag: 7,
+            priority: -3,
+        },
+    );
+    #[rustfmt::skip]
+    let want: [u8; 40] = [
+        b'c', b's', b'n', b'w', // magic
+        0x01, 0x00,             // version 1
+        0x22, 0x00,             // kind SetPriority
+        0x28, 0x00, 0x00, 0x00, // length 40
+        0x00, 0x00, 0x00, 0x00, // flags
+        0x08, 0x07, 0x06, 0x05, 0x04, 0x03, 0x02, 0x01, // request id
+        0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, // incarnation
+        0x07, 0x00, 0x00, 0x00, // tag 7
+        0xfd, 0x00, 0x00, 0x00, // priority -3, reserved
+    ];
+    assert_eq!(f, want);
+    assert_eq!(MAGIC, 0x776e_7363);
+}
+
+#[test]
+fn known_answer_query_and_reply() {
+    let mut rb = [0u8; 64];
+    let r = Ranges::from_entries(
+        &[Range {
+            chunk: 0x1_0000_0002,
+            chunks: 3,
+        }],
+        &mut rb,
+    )
+    .unwrap();
+    let f = frame_of(&Header::new(9, 0), &Msg::QuerySnapshotRead(r));
+    #[rustfmt::skip]
+    let want: [u8; 52] = [
+        0x63, 0x73, 0x6e, 0x77, 0x01, 0x00, 0x11, 0x00, 0x34, 0x00, 0x00, 0x00,
+        0x00, 0x00, 0x00, 0x00, 0x09, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+        0x01, 0x00, 0x00, 0x00,                         // count 1, reserved
+        0x02, 0x00, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00, // chunk
+        0x03, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, // chunks, reserved
+    ];
+    assert_eq!(f, want);
+
+    let mut tb = [0u8; 64];
+    let t = Targets::from_entries(
+        &[
+            Target {
+                chunk: 5,
+                chunks: 1,
+                kind: TargetKind::Store,
+                store_chunk: 0x99,
+            },
+            Target {
+                chunk: 6,
+                chunks: 2,
+                kind: TargetKind::Origin,
+                store_chunk: 0,
+            },
+        ],
+        &mut tb,
+    )
+    .unwrap();
+    let f = frame_of(&Header::new(9, 0xabcd), &Msg::SnapshotReadReply(t));
+    #[rustfmt::skip]
+    let want: [u8; 84] = [
+        0x63, 0x73, 0x6e, 0x77, 0x01, 0x00, 0x11, 0x80, 0x54, 0x00, 0x00, 0x00,
+        0x00, 0x00, 0x00, 0x00, 0x09, 0, 0, 0, 0, 0, 0, 0, 0xcd, 0xab, 0, 0, 0, 0, 0, 0,
+        0x02, 0x00, 0x00, 0x00,
+        0x05, 0, 0, 0, 0, 0, 0, 0, 0x01, 0, 0, 0, 0x01, 0, 0, 0, 0x99, 0, 0, 0, 0, 0, 0, 0,
+        0x06, 0, 0, 0, 0, 0, 0, 0, 0x02, 0, 0, 0, 0x02, 0, 0, 0, 0x00, 0, 0, 0, 0, 0, 0, 0,
+    ];
+    assert_eq!(f, want);
+}
+
+#[test]
+fn known_answer_error() {
+    let f = frame_of(
+        &Header::new(3, 1),
+        &Msg::Error {
+            code: ErrorCode::Busy,
+            culprit: 0x0010,
+            text: "busy",
+        },
+    );
+    #[rustfmt::skip]
+    let want: [u8; 44] = [
+        0x63, 0x73, 0x6e, 0x77, 0x01, 0x00, 0x00, 0x80, 0x2c, 0x00, 0x00, 0x00,
+        0x00, 0x00, 0x00, 0x00, 0x03, 0, 0, 0, 0, 0, 0, 0, 0x01, 0, 0, 0, 0, 0, 0, 0,
+        0x0e, 0x00, 0x00, 0x00, // code Busy = 14
+        0x10, 0x00,             // culprit QueryOriginWrite
+        0x04, 0x00,             // text length
+        b'b', b'u', b's', b'y',
+    ];
+    assert_eq!(f, want);
+}
+
+#[test]
+fn kind_and_error_codes_are_pinned() {
+    let codes: Vec<(Kind, u16)> = Kind::ALL.iter().map(|k| (*k, k.code())).collect();
+    assert_eq!(
+        codes,
+        vec![
+            (Kind::Hello, 0x0001),
+            (Kind::Identify, 0x0002),
+            (Kind::QueryOriginWrite, 0x0010),
+            (Kind::QuerySnapshotRead, 0x0011),
+            (Kind::FinishSnapshotRead, 0x0012),
+            (Kind::QuerySnapshotWrite, 0x0013),
+            (Kind::UploadLocks, 0x0014),
+            (Kind::FinishUpload, 0x0015),
+            (Kind::CreateSnapshot, 0x0020),
+            (Kind::DeleteSnapshot, 0x0021),
+            (Kind::SetPriority, 0x0022),
+            (Kind::ListSnapshots, 0x0023),
+            (Kind::Status, 0x0024),
+            (Kind::Error, 0x8000),
+            (Kind::HelloOk, 0x8001),
+            (Kind::IdentifyOk, 0x8002),
+            (Kind::OriginWriteOk, 0x8010),
+            (Kind::SnapshotReadReply, 0x8011),
+            (Kind::SnapshotWriteOk, 0x8013),
+            (Kind::UploadOk, 0x8015),
+            (Kind::Ok, 0x8020),
+            (Kind::SnapshotList, 0x8023),
+            (Kind::StatusReply, 0x8024),
+        ]
+    );
+    for v in 0..=u16::MAX {
+        match Kind::from_u16(v) {
+            Some(k) => assert_eq!(k.code(), v),
+            None => assert!(!Kind::ALL.iter().any(|k| k.code() == v)),
+        }
+    }
+    let mut names: Vec<&str> = Kind::ALL.iter().map(|k| k.name()).collect();
+    names.sort_unstable();
+    names.dedup();
+    assert_eq!(names.len(), Kind::ALL.len());
+    assert_eq!(ErrorCode::from_u32(0), None);
+    assert_eq!(ErrorCode::from_u32(21), None);
+    for v in 1..=20u32 {
+        let c = ErrorCode::from_u32(v).unwrap();
+        assert_eq!(c.code(), v);
+        assert!(!c.to_string().is_empty());
+    }
+    assert_eq!(ErrorCode::BadMagic.code(), 1);
+    assert_eq!(ErrorCode::Busy.code(), 14);
+    assert_eq!(ErrorCode::Unsupported.code(), 20);
+}
+
+#[test]
+fn directions_and_replies() {
+    let requests: Vec<Kind> = Kind::ALL
+        .iter()
+        .copied()
+        .filter(|k| k.is_request())
+        .collect();
+    assert_eq!(requests.len(), 13);
+    for k in Kind::ALL {
+        assert_ne!(k.is_request(), k.is_reply());
+        if let Some(r) = k.success_reply() {
+            assert!(k.is_request(), "{k}");
+            assert!(r.is_reply(), "{k} -> {r}");
+            if r != Kind::Ok {
+                assert_eq!(r.code(), k.code() | 0x8000);
+            }
+        }
+    }
+    assert_eq!(Kind::FinishSnapshotRead.success_reply(), None);
+    assert_eq!(Kind::UploadLocks.success_reply(), None);
+    assert_eq!(Kind::FinishUpload.success_reply(), Some(Kind::UploadOk));
+    assert_eq!(Kind::SetPriority.success_reply(), Some(Kind::Ok));
+    assert!(Kind::Error.is_reply());
+    assert!(Kind::Hello.is_request());
+    assert_eq!(Kind::QuerySnapshotRead.to_string(), "query-snapshot-read");
+    assert_eq!(Msg::Status.to_string(), "status");
+}
+
+#[test]
+fn negotiation() {
+    assert_eq!(negotiate(1, 1), Some(1));
+    assert_eq!(negotiate(1, 9), Some(1));
+    assert_eq!(negotiate(2, 9), None);
+}
+
+// ---------------------------------------------------------------------------
+// Header rejection.
+// ---------------------------------------------------------------------------
+
+fn status_frame() -> Vec<u8> {
+    frame_of(&Header::new(5, 0), &Msg::Status)
+}
+
+#[test]
+fn peek_header_checks_fields_as_they_arrive() {
+    let f = status_frame();
+    for n in 0..HEADER_BYTES {
+        assert_eq!(peek_header(&f[..n]), Ok(None), "prefix {n}");
+    }
+    // Wrong first byte: rejected with one byte.
+    assert_eq!(peek_header(b"x"), Err(DecodeError::BadMagic));
+    assert_eq!(peek_header(b"csnX"), Err(DecodeError::BadMagic));
+    // Wrong version: rejected with 6 bytes.
+    let mut g = f.clone();
+    g[4] = 2;
+    assert_eq!(
+        peek_header(&g[..6]),
+        Err(DecodeError::BadVersion { found: 2 })
+    );
+    assert_eq!(decode(&g), Err(DecodeError::BadVersion { found: 2 }));
+    // Oversized: rejected with 12 bytes, long before the body.
+    let mut g = f.clone();
+    g[8..12].copy_from_slice(&(u32::try_from(FRAME_MAX_BYTES).unwrap() + 1).to_le_bytes());
+    assert_eq!(
+        peek_header(&g[..12]),
+        Err(DecodeError::TooLarge { len: 65537 })
+    );
+    assert_eq!(
+        peek_header(&g[..32]),
+        Err(DecodeError::TooLarge { len: 65537 })
+    );
+    g[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
+    assert_eq!(decode(&g), Err(DecodeError::TooLarge { len: u32::MAX }));
+    // The largest legal length is accepted by the header check.
+    g[8..12].copy_from_slice(&u32::try_from(FRAME_MAX_BYTES).unwrap().to_le_bytes());
+    assert!(matches!(peek_header(&g), Ok(Some(h)) if h.length as usize == FRAME_MAX_BYTES));
+    assert_eq!(decode(&g), Err(DecodeError::Truncated));
+    // Shorter than a header.
+    g[8..12].copy_from_slice(&31u32.to_le_bytes());
+    assert_eq!(
+        peek_header(&g[..12]),
+        Err(DecodeError::TooShort { len: 31 })
+    );
+}
+
+#[test]
+fn decode_rejects_flags_unknown_kinds_and_extra_bytes() {
+    let f = status_frame();
+    let mut g = f.clone();
+    g[12] = 1;
+    assert_eq!(decode(&g), Err(DecodeError::BadFlags));
+    let mut g = f.clone();
+    g[6..8].copy_from_slice(&0x0777u16.to_le_bytes());
+    let e = decode(&g).unwrap_err();
+    assert_eq!(e, DecodeError::UnknownKind { code: 0x0777 });
+    assert!(!e.is_fatal());
+    assert_eq!(e.culprit(), 0x0777);
+    assert_eq!(e.code(), ErrorCode::UnknownKind);
+    let mut g = f.clone();
+    g[6..8].copy_from_slice(&0u16.to_le_bytes());
+    assert_eq!(decode(&g), Err(DecodeError::UnknownKind { code: 0 }));
+    let mut g = f.clone();
+    g.push(0);
+    assert_eq!(
+        decode(&g),
+        Err(DecodeError::TrailingBytes { len: 32, have: 33 })
+    );
+    assert_eq!(decode(&f[..31]), Err(DecodeError::Truncated));
+    assert_eq!(decode(&[]), Err(DecodeError::Truncated));
+    // A body on a kind that has none.
+    let mut g = f.clone();
+    g.extend_from_slice(&[0; 4]);
+    g[8] = 36;
+    assert!(matches!(
+        decode(&g),
+        Err(DecodeError::BadBody {
+            kind: Kind::Status,
+            ..
+        })
+    ));
+}
+
+#[test]
+fn error_classification_and_display() {
+    let all = [
+        DecodeError::BadMagic,
+        DecodeError::BadVersion { found: 9 },
+        DecodeError::Truncated,
+        DecodeError::TooLarge { len: 70000 },
+        DecodeError::TooShort { len: 3 },
+        DecodeError::BadFlags,
+        DecodeError::UnknownKind { code: 0x42 },
+        DecodeError::BadBody {
+            kind: Kind::Identify,
+            what: "unknown volume kind",
+        },
+        DecodeError::TrailingBytes { len: 32, have: 40 },
+    ];
+    let fatal: Vec<bool> = all.iter().map(DecodeError::is_fatal).collect();
+    assert_eq!(
+        fatal,
+        [true, true, false, true, true, false, false, false, false]
+    );
+    for e in all {
+        let s = e.to_string();
+        assert!(!s.is_empty() && !s.contains('\n'), "{s:?}");
+    }
+    assert_eq!(
+        all[7].to_string(),
+        "malformed identify body: unknown volume kind"
+    );
+    assert_eq!(all[7].culprit(), Kind::Identify.code());
+    assert_eq!(all[7].code(), ErrorCode::BadFrame);
+    assert_eq!(all[3].code(), ErrorCode::TooLarge);
+    assert_eq!(
+        all[3].to_string(),
+        "frame length 70000 is over the 65536-byte maximum"
+    );
+    for e in [
+        EncodeError::BufferTooSmall { need: 40, have: 2 },
+        EncodeError::ListFull { max: 64 },
+        EncodeError::Invalid { what: "x" },
+    ] {
+        let s = e.to_string();
+        assert!(!s.is_empty() && !s.contains('\n'));
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Body rejection.
+// ---------------------------------------------------------------------------
+
+/// Encodes `msg`, lets `edit` change body bytes (offsets relative to the body)
+/// and decodes.
+fn decode_edited(msg: &Msg<'_>, edit: impl FnOnce(&mut Vec<u8>)) -> Result<Kind, DecodeError> {
+    let mut f = frame_of(&Header::new(1, 0), msg);
+    let mut body = f.split_off(HEADER_BYTES);
+    edit(&mut body);
+    let len = u32::try_from(HEADER_BYTES + body.len()).unwrap();
+    f[8..12].copy_from_slice(&len.to_le_bytes());
+    f.extend_from_slice(&body);
+    decode(&f).map(|(_, m)| m.kind())
+}
+
+fn bad_body(r: Result<Kind, DecodeError>, kind: Kind, what_part: &str) {
+    match r {
+        Err(DecodeError::BadBody { kind: k, what }) => {
+            assert_eq!(k, kind);
+            assert!(what.contains(what_part), "{what:?} lacks {what_part:?}");
+        }
+        other => panic!("expected a bad {kind} body ({what_part}), got {other:?}"),
+    }
+}
+
+#[test]
+fn reserved_bytes_must_be_zero() {
+    // (kind, reserved offsets in the small sample body)
+    let cases: [(Kind, &[usize]); 8] = [
+        (Kind::Hello, &[6, 7]),
+        (Kind::HelloOk, &[2, 3, 4, 5, 6, 7]),
+        (Kind::Identify, &[42, 43]),
+        (Kind::IdentifyOk, &[20, 21, 22, 23]),
+        (Kind::SetPriority, &[5, 6, 7]),
+        (Kind::StatusReply, &[81, 82, 83, 84, 85, 86, 87]),
+        // List header reserved, and the first entry's reserved bytes.
+        (Kind::QueryOriginWrite, &[2, 3, 16, 17, 18, 19]),
+        (Kind::SnapshotReadReply, &[2, 3, 17, 18, 19]),
+    ];
+    for (kind, offs) in cases {
+        for &off in offs {
+            let mut s = Scratch::new();
+            let msg = sample(kind, false, &mut s);
+            bad_body(decode_edited(&msg, |b| b[off] = 0x80), kind, "reserved");
+        }
+    }
+    let mut s = Scratch::new();
+    let msg = sample(Kind::SnapshotList, false, &mut s);
+    bad_body(
+        decode_edited(&msg, |b| b[4 + 6] = 1),
+        Kind::SnapshotList,
+        "reserved",
+    );
+}
+
+#[test]
+fn fixed_bodies_must_have_their_exact_length() {
+    for kind in Kind::ALL {
+        let mut s = Scratch::new();
+        let msg = sample(kind, false, &mut s);
+        bad_body(decode_edited(&msg, |b| b.push(0)), kind, "length");
+        if msg.body_bytes() > 0 {
+            bad_body(
+                decode_edited(&msg, |b| {
+                    b.pop();
+                }),
+                kind,
+                "length",
+            );
+        }
+    }
+}
+
+#[test]
+fn ranges_are_validated() {
+    let mut rb = [0u8; RANGES_BYTES_MAX];
+    let mut b = RangesBuilder::new(&mut rb).unwrap();
+    assert!(matches!(
+        b.push(Range {
+            chunk: 1,
+            chunks: 0
+        }),
+        Err(EncodeError::Invalid { .. })
+    ));
+    assert!(matches!(
+        b.push(Range {
+            chunk: u64::MAX,
+            chunks: 1
+        }),
+        Err(EncodeError::Invalid { .. })
+    ));
+    b.push(Range {
+        chunk: u64::MAX - 1,
+        chunks: 1,
+    })
+    .unwrap();
+    assert_eq!(b.len(), 1);
+    for i in 1..RANGES_MAX as u64 {
+        b.push(Range {
+            chunk: i,
+            chunks: 1,
+        })
+        .unwrap();
+    }
+    assert_eq!(b.remaining(), 0);
+    assert_eq!(
+        b.push(Range {
+            chunk: 0,
+            chunks: 1
+        }),
+        Err(EncodeError::ListFull { max: RANGES_MAX })
+    );
+    assert_eq!(b.finish().len(), RANGES_MAX);
+
+    let mut small = [0u8; 4 + 16 + 3];
+    let mut b = RangesBuilder::new(&mut small).unwrap();
+    assert_eq!(b.remaining(), 1);
+    b.push(Range {
+        chunk: 0,
+        chunks: 1,
+    })
+    .unwrap();
+    assert_eq!(
+        b.push(Range {
+            chunk: 1,
+            chunks: 1
+        }),
+        Err(EncodeError::BufferTooSmall { need: 36, have: 23 })
+    );
+    assert_eq!(b.finish().len(), 1);
+    assert!(RangesBuilder::new(&mut [0u8; 3]).is_err());
+
+    let mut s = Scratch::new();
+    let msg = sample(Kind::FinishSnapshotRead, false, &mut s);
+    let k = Kind::FinishSnapshotRead;
+    bad_body(decode_edited(&msg, |b| b[12..16].fill(0)), k, "zero chunks");
+    bad_body(
+        decode_edited(&msg, |b| b[4..12].fill(0xff)),
+        k,
+        "past the last",
+    );
+    bad_body(decode_edited(&msg, |b| b[0] = 3), k, "count");
+    bad_body(decode_edited(&msg, |b| b[0] = 1), k, "count");
+    bad_body(decode_edited(&msg, |b| b.truncate(3)), k, "count");
+    // A count over RANGES_MAX with a matching length is still rejected.
+    bad_body(
+        decode_edited(&msg, |b| {
+            let n = RANGES_MAX + 1;
+            b.clear();
+            b.extend_from_slice(&u16::try_from(n).unwrap().to_le_bytes());
+            b.extend_from_slice(&[0, 0]);
+            for i in 0..n as u64 {
+                b.extend_from_slice(&i.to_le_bytes());
+                b.extend_from_slice(&[1, 0, 0, 0, 0, 0, 0, 0]);
+            }
+        }),
+        k,
+        "maximum",
+    );
+    assert!(Ranges::parse(&[1, 0, 0, 0]).is_err());
+    assert_eq!(Ranges::parse(&[0, 0, 0, 0]), Ok(Ranges::empty()));
+}
+
+#[test]
+fn targets_are_validated() {
+    let mut tb = [0u8; 256];
+    let mut b = TargetsBuilder::new(&mut tb).unwrap();
+    for bad in [
+        Target {
+            chunk: 0,
+            chunks: 0,
+            kind: TargetKind::Store,
+            store_chunk: 1,
+        },
+        Target {
+            chunk: 0,
+            chunks: 1,
+            kind: TargetKind::Origin,
+            store_chunk: 1,
+        },
+        Target {
+            chunk: 0,
+            chunks: 2,
+            kind: TargetKind::Store,
+            store_chunk: u64::MAX - 1,
+        },
+    ] {
+        assert!(
+            matches!(b.push(bad), Err(EncodeError::Invalid { .. })),
+            "{bad:?}"
+        );
+    }
+    assert!(b.is_empty());
+
+    let mut s = Scratch::new();
+    let msg = sample(Kind::SnapshotReadReply, false, &mut s);
+    let k = Kind::SnapshotReadReply;
+    // Entry 0 is a store target, entry 1 an origin target.
+    bad_body(decode_edited(&msg, |b| b[4 + 12] = 3), k, "target kind");
+    bad_body(decode_edited(&msg, |b| b[4 + 12] = 0), k, "target kind");
+    bad_body(decode_edited(&msg, |b| b[28 + 16] = 1), k, "store chunk");
+    bad_body(
+        decode_edited(&msg, |b| b[4 + 16..4 + 24].fill(0xff)),
+        k,
+        "past the last",
+    );
+
+    // A snapshot write reply never points at the origin.
+    let mut tb = [0u8; 64];
+    let t = Targets::from_entries(
+        &[Target {
+            chunk: 1,
+            chunks: 1,
+            kind: TargetKind::Origin,
+            store_chunk: 0,
+        }],
+        &mut tb,
+    )
+    .unwrap();
+    let mut out = [0u8; 128];
+    assert!(matches!(
+        encode(&Header::new(1, 1), &Msg::SnapshotWriteOk(t), &mut out),
+        Err(EncodeError::Invalid { .. })
+    ));
+    let f = frame_of(&Header::new(1, 1), &Msg::SnapshotReadReply(t));
+    let mut g = f.clone();
+    g[6..8].copy_from_slice(&Kind::SnapshotWriteOk.code().to_le_bytes());
+    bad_body(
+        decode(&g).map(|(_, m)| m.kind()),
+        Kind::SnapshotWriteOk,
+        "origin target",
+    );
+}
+
+#[test]
+fn snapshot_queries_are_bounded_by_their_reply() {
+    let mut rb = [0u8; 64];
+    let over = Ranges::from_entries(
+        &[
+            Range {
+                chunk: 0,
+                chunks: u32::try_from(QUERY_CHUNKS_MAX).unwrap(),
+            },
+            Range {
+                chunk: 9,
+                chunks: 1,
+            },
+        ],
+        &mut rb,
+    )
+    .unwrap();
+    let mut out = [0u8; 128];
+    for msg in [Msg::QuerySnapshotRead(over), Msg::QuerySnapshotWrite(over)] {
+        assert!(matches!(
+            encode(&Header::new(1, 0), &msg, &mut out),
+            Err(EncodeError::Invalid { .. })
+        ));
+    }
+    // The same ranges are fine for an origin write, and rejected on decode
+    // when relabelled as a snapshot query.
+    let f = frame_of(&Header::new(1, 0), &Msg::QueryOriginWrite(over));
+    let mut g = f.clone();
+    g[6..8].copy_from_slice(&Kind::QuerySnapshotWrite.code().to_le_bytes());
+    bad_body(
+        decode(&g).map(|(_, m)| m.kind()),
+        Kind::QuerySnapshotWrite,
+        "QUERY_CHUNKS_MAX",
+    );
+}
+
+#[test]
+fn scalar_fields_are_validated() {
+    let mut out = [0u8; 512];
+    let h = Header::new(1, 0);
+    for (min, max) in [(0, 1), (2, 1), (0, 0)] {
+        let m = Msg::Hello {
+            version_min: min,
+            version_max: max,
+            role: Role::Control,
+        };
+        assert!(matches!(
+            encode(&h, &m, &mut out),
+            Err(EncodeError::Invalid { .. })
+        ));
+    }
+    assert!(matches!(
+        encode(
+            &h,
+            &Msg::HelloOk {
+                version: 0,
+                server_id: 1
+            },
+            &mut out
+        ),
+        Err(EncodeError::Invalid { .. })
+    ));
+    let hello = Msg::Hello {
+        version_min: 1,
+        version_max: 1,
+        role: Role::Control,
+    };
+    bad_body(decode_edited(&hello, |b| b[4] = 4), Kind::Hello, "role");
+    bad_body(decode_edited(&hello, |b| b[0] = 2), Kind::Hello, "version");
+    bad_body(
+        decode_edited(&hello, |b| b[0..2].fill(0)),
+        Kind::Hello,
+        "version",
+    );
+
+    let mut s = Scratch::new();
+    let id = sample(Kind::Identify, false, &mut s); // origin
+    bad_body(
+        decode_edited(&id, |b| b[44] = 1),
+        Kind::Identify,
+        "tag given for the origin",
+    );
+    bad_body(
+        decode_edited(&id, |b| b[40] = 3),
+        Kind::Identify,
+        "volume kind",
+    );
+    bad_body(
+        decode_edited(&id, |b| b[40] = 0),
+        Kind::Identify,
+        "volume kind",
+    );
+
+    let mut s = Scratch::new();
+    let st = sample(Kind::StatusReply, false, &mut s);
+    bad_body(
+        decode_edited(&st, |b| b[80] = 2),
+        Kind::StatusReply,
+        "state",
+    );
+
+    let mut s = Scratch::new();
+    let sl = sample(Kind::SnapshotList, false, &mut s);
+    bad_body(
+        decode_edited(&sl, |b| b[4 + 5] = 4),
+        Kind::SnapshotList,
+        "flag",
+    );
+    let mut sb = [0u8; 64];
+    let mut b = SnapListBuilder::new(&mut sb).unwrap();
+    let info = SnapInfo {
+        tag: 1,
+        priority: 0,
+        flags: 0x80,
+        ctime_secs: 0,
+        chunks: 0,
+        unique_chunks: 0,
+    };
+    assert!(matches!(b.push(info), Err(EncodeError::Invalid { .. })));
+    let ok = SnapInfo {
+        flags: SnapInfo::DELETING | SnapInfo::IN_USE,
+        ..info
+    };
+    b.push(ok).unwrap();
+    let l = b.finish();
+    assert!(l.get(0).unwrap().deleting() && l.get(0).unwrap().in_use());
+    assert_eq!(l.get(1), None);
+}
+
+#[test]
+fn error_text_is_bounded_and_utf8() {
+    let mut out = [0u8; 512];
+    let h = Header::new(1, 1);
+    let long = "x".repeat(ERROR_TEXT_MAX_BYTES + 1);
+    let m = Msg::Error {
+        code: ErrorCode::Internal,
+        culprit: 0,
+        text: &long,
+    };
+    assert!(matches!(
+        encode(&h, &m, &mut out),
+        Err(EncodeError::Invalid { .. })
+    ));
+    let m = Msg::Error {
+        code: ErrorCode::Internal,
+        culprit: 0,
+        text: "héllo",
+    };
+    bad_body(decode_edited(&m, |b| b[9] = 0xff), Kind::Error, "UTF-8");
+    bad_body(decode_edited(&m, |b| b[0] = 0), Kind::Error, "error code");
+    bad_body(decode_edited(&m, |b| b[0] = 21), Kind::Error, "error code");
+    bad_body(decode_edited(&m, |b| b[6] = 5), Kind::Error, "length");
+    bad_body(
+        decode_edited(&m, |b| {
+            b[6..8].copy_from_slice(&201u16.to_le_bytes());
+            b.resize(8 + 201, b'a');
+        }),
+        Kind::Error,
+        "ERROR_TEXT_MAX_BYTES",
+    );
+    bad_body(decode_edited(&m, |b| b.truncate(7)), Kind::Error, "length");
+    // The culprit is raw: an unknown kind code is carried as is.
+    let m = Msg::Error {
+        code: ErrorCode::UnknownKind,
+        culprit: 0x7777,
+        text: "",
+    };
+    let f = frame_of(&h, &m);
+    assert_eq!(decode(&f).unwrap().1, m);
+}
+
+#[test]
+fn error_text_formats_without_overflow() {
+    let mut t = ErrorText::new();
+    write!(
+        t,
+        "{}",
+        DecodeError::BadBody {
+            kind: Kind::Hello,
+            what: "unknown role"
+        }
+    )
+    .unwrap();
+    assert_eq!(t.as_str(), "malformed hello body: unknown role");
+    assert!(!t.is_truncated());
+    t.clear();
+    // 199 ASCII bytes, then a 2-byte character that does not fit: dropped whole.
+    for _ in 0..199 {
+        t.write_char('a').unwrap();
+    }
+    write!(t, "é and more").unwrap();
+    assert_eq!(t.as_str().len(), 199);
+    assert!(t.is_truncated());
+    t.clear();
+    write!(t, "{LONG_TEXT}{LONG_TEXT}").unwrap();
+    assert_eq!(t.as_str(), LONG_TEXT);
+    let m = Msg::Error {
+        code: ErrorCode::Busy,
+        culprit: 0,
+        text: t.as_str(),
+    };
+    let f = frame_of(&Header::new(1, 1), &m);
+    assert_eq!(decode(&f).unwrap().1, m);
+}
+
+#[test]
+fn encode_rejects_bad_headers() {
+    let mut out = [0u8; 64];
+    let mut h = Header::new(1, 0);
+    h.version = 2;
+    assert!(matches!(
+        encode(&h, &Msg::Status, &mut out),
+        Err(EncodeError::Invalid { .. })
+    ));
+    let mut h = Header::new(1, 0);
+    h.flags = 1;
+    assert!(matches!(
+        encode(&h, &Msg::Status, &mut out),
+        Err(EncodeError::Invalid { .. })
+    ));
+    // kind and length of the header given are ignored.
+    let mut h = Header::new(1, 0);
+    h.kind = Kind::Hello.code();
+    h.length = 9999;
+    let n = encode(&h, &Msg::Status, &mut out).unwrap();
+    let (d, m) = decode(&out[..n]).unwrap();
+    assert_eq!(
+        (d.kind, d.length, m),
+        (Kind::Status.code(), 32, Msg::Status)
+    );
+}
+
+#[test]
+fn list_views_behave_like_lists() {
+    let items = [
+        Range {
+            chunk: 1,
+            chunks: 2,
+        },
+        Range {
+            chunk: 10,
+            chunks: 1,
+        },
+        Range {
+            chunk: 100,
+            chunks: 7,
+        },
+    ];
+    let mut rb = [0u8; 128];
+    let r = Ranges::from_entries(&items, &mut rb).unwrap();
+    assert_eq!(r.len(), 3);
+    assert!(!r.is_empty());
+    assert_eq!(r.iter().collect::<Vec<_>>(), items);
+    assert_eq!(r.iter().len(), 3);
+    assert_eq!(
+        (0..4).map(|i| r.get(i)).collect::<Vec<_>>(),
+        [Some(items[0]), Some(items[1]), Some(items[2]), None]
+    );
+    assert_eq!(r.total_chunks(), 10);
+    assert_eq!(r.as_bytes().len(), Ranges::bytes_for(3));
+    // A copy of the bytes parses back to an equal view.
+    let copy = r.as_bytes().to_vec();
+    assert_eq!(Ranges::parse(&copy), Ok(r));
+    assert_eq!(format!("{r:?}").matches("Range").count(), 3);
+    assert!(Ranges::empty().is_empty());
+    let mut n = 0;
+    for x in &r {
+        assert_eq!(x, items[n]);
+        n += 1;
+    }
+    assert_eq!(n, 3);
+}

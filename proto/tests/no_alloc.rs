@@ -1,0 +1,110 @@
+//! Encoding, decoding, list building, framing and error-text formatting do
+//! not allocate: counted by a global allocator that tallies allocations made
+//! on the current thread.
+
+mod common;
+
+use common::{sample, Scratch};
+use core::fmt::Write;
+use csnap_proto::*;
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+
+struct Counting;
+
+thread_local! {
+    static ALLOCS: Cell<usize> = const { Cell::new(0) };
+}
+
+// SAFETY: every method forwards to `System` with the caller's arguments
+// unchanged, so `System`'s guarantees carry over; the thread-local counter
+// has a const initializer and no destructor, so touching it never allocates
+// or recurses into the allocator.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        ALLOCS.with(|c| c.set(c.get() + 1));
+        // SAFETY: the caller upholds `GlobalAlloc::alloc`'s contract.
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: `ptr` was allocated by `System` with `layout` (via `alloc`).
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        ALLOCS.with(|c| c.set(c.get() + 1));
+        // SAFETY: the caller upholds `GlobalAlloc::realloc`'s contract.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+fn allocs() -> usize {
+    ALLOCS.with(Cell::get)
+}
+
+#[test]
+fn protocol_paths_do_not_allocate() {
+    // Set-up allocations happen before counting starts.
+    let mut scratch: Vec<Scratch> = (0..Kind::ALL.len() * 2).map(|_| Scratch::new()).collect();
+    let mut out = vec![0u8; FRAME_MAX_BYTES];
+    let mut reader = FrameReader::new(vec![0u8; FRAME_MAX_BYTES].into_boxed_slice());
+    let mut stream = vec![0u8; 4 * FRAME_MAX_BYTES];
+
+    // Sanity: the counter sees allocations.
+    let before = allocs();
+    drop(std::hint::black_box(vec![1u8; 10]));
+    assert_eq!(allocs(), before + 1);
+
+    let start = allocs();
+    let mut frames = 0;
+    let mut stream_len = 0;
+    let (small, big) = scratch.split_at_mut(Kind::ALL.len());
+    for (i, s) in small.iter_mut().chain(big.iter_mut()).enumerate() {
+        let kind = Kind::ALL[i % Kind::ALL.len()];
+        let msg = sample(kind, i >= Kind::ALL.len(), s);
+        let n = encode(&Header::new(i as u64, 1), &msg, &mut out).unwrap();
+        let (_, back) = decode(&out[..n]).unwrap();
+        assert_eq!(back, msg);
+        let mut text = ErrorText::new();
+        write!(
+            text,
+            "{} {}",
+            back.kind(),
+            DecodeError::BadBody { kind, what: "x" }
+        )
+        .unwrap();
+        assert!(!text.as_str().is_empty());
+        // Queue small frames into a stream for the reader.
+        if stream_len + n <= stream.len() && n < 4096 {
+            stream[stream_len..stream_len + n].copy_from_slice(&out[..n]);
+            stream_len += n;
+        }
+    }
+    let mut fed = 0;
+    while fed < stream_len {
+        let spare = reader.spare();
+        let n = 777.min(stream_len - fed).min(spare.len());
+        spare[..n].copy_from_slice(&stream[fed..fed + n]);
+        reader.advance(n);
+        fed += n;
+        while let Some(f) = reader.next_frame().unwrap() {
+            decode(f).unwrap();
+            frames += 1;
+        }
+    }
+    let mut rb = [0u8; RANGES_BYTES_MAX];
+    let r = Ranges::from_entries(
+        &[Range {
+            chunk: 1,
+            chunks: 1,
+        }],
+        &mut rb,
+    )
+    .unwrap();
+    assert_eq!(r.iter().count(), 1);
+    let used = allocs() - start;
+    assert_eq!(used, 0, "{used} allocations on protocol paths");
+    assert!(frames > Kind::ALL.len());
+}
