@@ -10,4 +10,5 @@
 #![forbid(unsafe_code)]
 
 pub mod locks;
+pub mod server;
 pub mod store_ops;

@@ -1572,7 +1572,11 @@ impl<D: Disk> Store<D> {
             0,
             "walk clears a bit not being deleted"
         );
-        assert_eq!(self.in_use_mask & !live, 0, "in-use mask names a dead snapshot");
+        assert_eq!(
+            self.in_use_mask & !live,
+            0,
+            "in-use mask names a dead snapshot"
+        );
         assert!(self.cache.dirty_count() <= self.tx_cap_blocks + OP_DIRTY_BLOCKS_MAX);
         assert!(self.pending_frees.len() <= TX_FREES_MAX);
     }
@@ -1584,7 +1588,11 @@ impl<D: Disk> Store<D> {
         let sb = &self.sb;
         for (i, s) in sb.snaps.iter().enumerate() {
             if s.state == SlotState::Free {
-                assert_eq!((s.chunks, s.unique_chunks), (0, 0), "free slot {i} has usage");
+                assert_eq!(
+                    (s.chunks, s.unique_chunks),
+                    (0, 0),
+                    "free slot {i} has usage"
+                );
             } else {
                 assert!(s.unique_chunks <= s.chunks);
             }

@@ -1,0 +1,1336 @@
+//! The server's sans-IO state machine: connection sessions, request routing to
+//! the store worker, the read-lock table, and replies.
+//!
+//! # Call order (what the I/O loop does)
+//!
+//! 1. `handle_accept` for a new connection; a `None` means the client table is
+//!    full: send `too_many_clients_frame` best effort and close.
+//! 2. For every complete frame of a connection, while `wants_read(conn)`:
+//!    `handle_frame(conn, frame)`. A framing error from the frame reader goes to
+//!    `handle_bad_stream(conn, err)`.
+//! 3. `handle_disconnect(conn)` when the socket closes or fails.
+//! 4. Every store-worker reply, in the order the worker produced them:
+//!    `handle_store_reply(reply)`.
+//! 5. After any of the above: drain `poll_store_request` into the worker's ring,
+//!    then for each `poll_output` connection write `output(conn)` and
+//!    `consume_output(conn, n)`; close connections from `poll_close` once their
+//!    output is written; log `poll_event`s.
+//!
+//! Nothing here blocks, allocates after `new`, reads a clock or touches a
+//! socket or disk.
+//!
+//! # Session states
+//!
+//! | state | entered on | accepts |
+//! |---|---|---|
+//! | `ExpectHello` | accept | `Hello` |
+//! | `ExpectIdentify` | `Hello` with role Client | `Identify`, control requests |
+//! | `Identifying(tag)` | `Identify` of a snapshot (store checks the tag) | nothing new until the store answers (frames wait: `wants_read` is false) |
+//! | `Origin` | `Identify` of the origin | `QueryOriginWrite`, control requests |
+//! | `Snapshot(tag)` | the store confirmed the snapshot | `QuerySnapshotRead`, `FinishSnapshotRead`, `QuerySnapshotWrite`, `UploadLocks`, `FinishUpload`, control requests |
+//! | `Control` | `Hello` with role Control or Agent | control requests (create, delete, priority, list, status) |
+//! | `Closing` | a fatal framing error or a failed handshake | nothing; closed once its output is written |
+//!
+//! # Requests in flight
+//!
+//! Each request that needs the store takes a slot (`Inflight`) from a slab of
+//! `clients × requests_per_client`; the slot index is the token the store
+//! worker echoes. An origin write whose copy-out has committed waits in its
+//! slot for the read locks that cover its chunks (`Waiting`). A slot whose
+//! connection went away while the store worked on it is orphaned and dropped
+//! when the reply comes back.
+
+use core::fmt::Write as _;
+
+use csnap_pools::slab::Slab;
+use csnap_pools::CHUNKS_PER_REQUEST_MAX;
+use csnap_proto::{
+    self as proto, encode, negotiate, DecodeError, ErrorCode, ErrorText, Header, Kind, Msg, Range,
+    Role, ServerState, SnapInfo, Target, TargetKind, Volume,
+};
+
+use crate::locks::{LockLimits, LockTable};
+use crate::store_ops::{
+    StoreFailure, StoreOp, StoreReply, StoreRequest, StoreResult, Target as StoreTarget,
+};
+
+/// A connection handle (index into the session table).
+pub type ConnId = u32;
+
+/// Token of store replies that answer no request (notifications).
+pub const NOTIFY_TOKEN: u32 = u32::MAX;
+/// Token of store requests whose reply nobody waits for.
+pub const DETACHED_TOKEN: u32 = u32::MAX - 1;
+
+/// Bytes of the largest reply the server sends: a snapshot read reply naming
+/// every chunk of a maximal query as its own target.
+pub const REPLY_MAX_BYTES: usize =
+    proto::HEADER_BYTES + proto::LIST_HEADER_BYTES + CHUNKS_PER_REQUEST_MAX * 24;
+
+/// Configuration, fixed at init.
+#[derive(Debug, Clone, Copy)]
+pub struct ServerConfig {
+    /// Connections served at once.
+    pub clients: usize,
+    /// Requests one connection may have in flight.
+    pub requests_per_client: usize,
+    /// Read locks held at once.
+    pub read_locks: usize,
+    /// This server's incarnation (in every reply).
+    pub incarnation: u64,
+    /// The store's id.
+    pub server_id: u64,
+    /// Chunk size.
+    pub chunk_size_bytes: u32,
+    /// Origin size.
+    pub origin_size_bytes: u64,
+    /// The origin's id, which clients must present.
+    pub origin_uuid: [u8; 16],
+}
+
+impl ServerConfig {
+    fn origin_chunks(&self) -> u64 {
+        self.origin_size_bytes / u64::from(self.chunk_size_bytes)
+    }
+}
+
+/// What the server wants logged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ServerEvent {
+    /// The store-full policy deleted this snapshot.
+    AutoDeleted {
+        /// Its tag.
+        tag: u32,
+    },
+    /// The store failed; the server must stop serving.
+    StoreFailed,
+}
+
+/// A session's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionState {
+    /// Slot unused.
+    Free,
+    /// Waiting for `Hello`.
+    ExpectHello,
+    /// A client that has not identified yet.
+    ExpectIdentify,
+    /// The store is checking the snapshot a client identified with.
+    Identifying(u32),
+    /// Attached to the origin.
+    Origin,
+    /// Attached to a snapshot.
+    Snapshot(u32),
+    /// A control or agent connection.
+    Control,
+    /// Closed once its output is written.
+    Closing,
+}
+
+#[derive(Debug)]
+struct Session {
+    state: SessionState,
+    client_id: u64,
+    node_id: u32,
+    inflight: u32,
+    out_start: usize,
+    out_end: usize,
+    snapshot_open: Option<u32>,
+    has_output: bool,
+    close_queued: bool,
+}
+
+impl Session {
+    const FREE: Session = Session {
+        state: SessionState::Free,
+        client_id: 0,
+        node_id: 0,
+        inflight: 0,
+        out_start: 0,
+        out_end: 0,
+        snapshot_open: None,
+        has_output: false,
+        close_queued: false,
+    };
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum InflightKind {
+    OriginWrite,
+    SnapshotRead,
+    SnapshotWrite,
+    Identify,
+    Control(Kind),
+    Status,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum InflightState {
+    AtStore,
+    Waiting,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Inflight {
+    conn: Option<ConnId>,
+    request_id: u64,
+    kind: InflightKind,
+    state: InflightState,
+    range: Range,
+    tag: u32,
+}
+
+/// A fixed ring of `T`.
+#[derive(Debug)]
+struct FixedRing<T: Copy> {
+    items: Vec<Option<T>>,
+    head: usize,
+    len: usize,
+}
+
+impl<T: Copy> FixedRing<T> {
+    fn new(cap: usize) -> Self {
+        FixedRing {
+            items: vec![None; cap],
+            head: 0,
+            len: 0,
+        }
+    }
+    fn push(&mut self, t: T) -> bool {
+        if self.len == self.items.len() {
+            return false;
+        }
+        let i = (self.head + self.len) % self.items.len();
+        self.items[i] = Some(t);
+        self.len += 1;
+        true
+    }
+    fn pop(&mut self) -> Option<T> {
+        if self.len == 0 {
+            return None;
+        }
+        let t = self.items[self.head].take();
+        self.head = (self.head + 1) % self.items.len();
+        self.len -= 1;
+        t
+    }
+}
+
+/// The server state machine.
+#[derive(Debug)]
+pub struct Server {
+    cfg: ServerConfig,
+    state: ServerState,
+    sessions: Vec<Session>,
+    out: Vec<u8>,
+    out_cap: usize,
+    inflight: Slab<Inflight>,
+    locks: LockTable,
+    store_q: FixedRing<StoreRequest>,
+    output_q: FixedRing<ConnId>,
+    close_q: FixedRing<ConnId>,
+    events: FixedRing<ServerEvent>,
+    scratch: Vec<u8>,
+    woken: Vec<u32>,
+    identified: u32,
+    waiting_writes: u32,
+    commits: u64,
+    failed: bool,
+    now_secs: u64,
+}
+
+/// Whether a request kind is a control request any session may send.
+fn is_control(k: Kind) -> bool {
+    matches!(
+        k,
+        Kind::CreateSnapshot
+            | Kind::DeleteSnapshot
+            | Kind::SetPriority
+            | Kind::ListSnapshots
+            | Kind::Status
+    )
+}
+
+fn error_code(f: StoreFailure) -> ErrorCode {
+    match f {
+        StoreFailure::NoSuchSnapshot => ErrorCode::NoSuchSnapshot,
+        StoreFailure::SnapshotExists => ErrorCode::SnapshotExists,
+        StoreFailure::TooManySnapshots => ErrorCode::TooManySnapshots,
+        StoreFailure::OutOfRange => ErrorCode::OutOfRange,
+        StoreFailure::StoreFull => ErrorCode::StoreFull,
+        StoreFailure::InUse => ErrorCode::Busy,
+        StoreFailure::Internal => ErrorCode::Internal,
+    }
+}
+
+fn failure_text(f: StoreFailure) -> &'static str {
+    match f {
+        StoreFailure::NoSuchSnapshot => "no such snapshot",
+        StoreFailure::SnapshotExists => "a snapshot with this tag exists",
+        StoreFailure::TooManySnapshots => "the store holds 64 snapshots (live or being deleted)",
+        StoreFailure::OutOfRange => "chunk past the end of the origin",
+        StoreFailure::StoreFull => {
+            "snapshot store full: the copy-out was refused, the origin write must fail"
+        }
+        StoreFailure::InUse => "the snapshot is in use by a client; detach it first",
+        StoreFailure::Internal => "the snapshot store failed; the server stops",
+    }
+}
+
+impl Server {
+    /// Reserves every table. The only allocation.
+    pub fn new(cfg: ServerConfig) -> Server {
+        assert!(cfg.clients > 0 && cfg.clients <= csnap_pools::CLIENTS_MAX);
+        assert!(
+            cfg.requests_per_client > 0
+                && cfg.requests_per_client <= csnap_pools::REQUESTS_PER_CLIENT_MAX
+        );
+        assert!(cfg.chunk_size_bytes.is_power_of_two());
+        let slots = cfg.clients * cfg.requests_per_client;
+        let out_cap = (cfg.requests_per_client + 4) * REPLY_MAX_BYTES;
+        let mut sessions = Vec::with_capacity(cfg.clients);
+        sessions.resize_with(cfg.clients, || Session::FREE);
+        Server {
+            cfg,
+            state: ServerState::Serving,
+            sessions,
+            out: vec![0u8; cfg.clients * out_cap],
+            out_cap,
+            inflight: Slab::with_capacity(slots),
+            locks: LockTable::new(LockLimits {
+                locks: cfg.read_locks,
+                waits: cfg.read_locks,
+                owners: cfg.clients,
+                pendings: slots,
+            }),
+            // Every slot, plus one identify and one detach per connection.
+            store_q: FixedRing::new(slots + 2 * cfg.clients + 1),
+            output_q: FixedRing::new(cfg.clients),
+            close_q: FixedRing::new(cfg.clients),
+            events: FixedRing::new(64),
+            scratch: vec![0u8; REPLY_MAX_BYTES],
+            woken: Vec::with_capacity(slots),
+            identified: 0,
+            waiting_writes: 0,
+            commits: 0,
+            failed: false,
+            now_secs: 0,
+        }
+    }
+
+    /// Bytes reserved by `new` for this configuration, itemised.
+    pub fn reserved_bytes(cfg: &ServerConfig) -> usize {
+        let slots = cfg.clients * cfg.requests_per_client;
+        let mut b = 0;
+        b += cfg.clients * core::mem::size_of::<Session>(); // sessions
+        b += cfg.clients * (cfg.requests_per_client + 4) * REPLY_MAX_BYTES; // output buffers
+        b += slots * (core::mem::size_of::<Option<Inflight>>() + 4); // in-flight slab
+        b += cfg.read_locks * 2 * (48 + 8 + 12); // lock slabs, map
+        b += (slots + 2 * cfg.clients + 1) * core::mem::size_of::<Option<StoreRequest>>(); // store queue
+        b += REPLY_MAX_BYTES; // list scratch
+        b += slots * 4; // woken list
+        b
+    }
+
+    /// The state of a connection.
+    pub fn session_state(&self, conn: ConnId) -> SessionState {
+        self.sessions[conn as usize].state
+    }
+
+    /// Identified client connections.
+    pub fn clients(&self) -> u32 {
+        self.identified
+    }
+
+    /// Chunks read-locked now.
+    pub fn read_locks(&self) -> usize {
+        self.locks.locked_chunks()
+    }
+
+    /// Origin writes waiting for read locks.
+    pub fn waiting_writes(&self) -> u32 {
+        self.waiting_writes
+    }
+
+    /// Whether the store failed (the server must stop).
+    pub fn failed(&self) -> bool {
+        self.failed
+    }
+
+    // -- inputs ----------------------------------------------------------------
+
+    /// A new connection. `None`: the client table is full.
+    pub fn handle_accept(&mut self) -> Option<ConnId> {
+        let i = self
+            .sessions
+            .iter()
+            .position(|s| s.state == SessionState::Free)?;
+        let s = &mut self.sessions[i];
+        *s = Session::FREE;
+        s.state = SessionState::ExpectHello;
+        self.assert_invariants();
+        ConnId::try_from(i).ok()
+    }
+
+    /// The frame to send to a connection refused by `handle_accept`.
+    pub fn too_many_clients_frame(&self, out: &mut [u8]) -> usize {
+        let msg = Msg::Error {
+            code: ErrorCode::TooManyClients,
+            culprit: 0,
+            text: "the server serves its maximum number of clients; try again later",
+        };
+        encode(&Header::new(0, self.cfg.incarnation), &msg, out).unwrap_or(0)
+    }
+
+    /// Whether the loop should read and hand over more frames of `conn`.
+    pub fn wants_read(&self, conn: ConnId) -> bool {
+        let s = &self.sessions[conn as usize];
+        match s.state {
+            SessionState::Free | SessionState::Closing | SessionState::Identifying(_) => false,
+            _ => {
+                let free = self.out_cap - (s.out_end - s.out_start);
+                (s.inflight as usize) < self.cfg.requests_per_client
+                    && free >= (s.inflight as usize + 2) * REPLY_MAX_BYTES
+            }
+        }
+    }
+
+    /// The frame reader of `conn` failed: garbage, a bad version, or a
+    /// frame over the maximum. Answers with an error and closes.
+    pub fn handle_bad_stream(&mut self, conn: ConnId, err: &DecodeError) {
+        let mut t = ErrorText::new();
+        let _ = write!(t, "{err}; closing the connection");
+        self.send_error(conn, 0, err.code(), err.culprit(), t.as_str());
+        self.close(conn);
+        self.assert_invariants();
+    }
+
+    /// A complete frame from `conn`.
+    pub fn handle_frame(&mut self, conn: ConnId, frame: &[u8]) {
+        let st = self.sessions[conn as usize].state;
+        if matches!(st, SessionState::Free | SessionState::Closing) {
+            return;
+        }
+        match proto::decode(frame) {
+            Ok((hdr, msg)) => self.on_msg(conn, &hdr, &msg),
+            Err(e) => {
+                let request_id = proto::peek_header(frame)
+                    .ok()
+                    .flatten()
+                    .map_or(0, |h| h.request_id);
+                let mut t = ErrorText::new();
+                let _ = write!(t, "{e}");
+                self.send_error(conn, request_id, e.code(), e.culprit(), t.as_str());
+                if e.is_fatal() {
+                    self.close(conn);
+                }
+            }
+        }
+        self.assert_invariants();
+    }
+
+    fn on_msg(&mut self, conn: ConnId, hdr: &Header, msg: &Msg<'_>) {
+        let rid = hdr.request_id;
+        let kind = msg.kind();
+        let st = self.sessions[conn as usize].state;
+        if kind.is_reply() {
+            let mut t = ErrorText::new();
+            let _ = write!(t, "{} is a reply; clients send requests", kind.name());
+            self.send_error(conn, rid, ErrorCode::BadFrame, kind.code(), t.as_str());
+            return;
+        }
+        match (st, msg) {
+            (
+                SessionState::ExpectHello,
+                Msg::Hello {
+                    version_min,
+                    version_max,
+                    role,
+                },
+            ) => match negotiate(*version_min, *version_max) {
+                Some(version) => {
+                    self.sessions[conn as usize].state = match role {
+                        Role::Client => SessionState::ExpectIdentify,
+                        Role::Control | Role::Agent => SessionState::Control,
+                    };
+                    self.send(
+                        conn,
+                        rid,
+                        &Msg::HelloOk {
+                            version,
+                            server_id: self.cfg.server_id,
+                        },
+                    );
+                }
+                None => {
+                    let mut t = ErrorText::new();
+                    let _ = write!(
+                        t,
+                        "no common protocol version: client speaks {version_min}..={version_max}, server speaks {}",
+                        proto::PROTOCOL_VERSION
+                    );
+                    self.send_error(conn, rid, ErrorCode::BadVersion, kind.code(), t.as_str());
+                    self.close(conn);
+                }
+            },
+            (SessionState::ExpectHello, _) => self.send_error(
+                conn,
+                rid,
+                ErrorCode::NotIdentified,
+                kind.code(),
+                "send Hello first",
+            ),
+            (_, Msg::Hello { .. }) => self.send_error(
+                conn,
+                rid,
+                ErrorCode::AlreadyIdentified,
+                kind.code(),
+                "Hello was already received on this connection",
+            ),
+            (
+                SessionState::ExpectIdentify,
+                Msg::Identify {
+                    client_id,
+                    node_id,
+                    volume,
+                    origin_uuid,
+                    volume_size_bytes,
+                    chunk_size_bytes,
+                },
+            ) => self.on_identify(
+                conn,
+                rid,
+                *client_id,
+                *node_id,
+                *volume,
+                origin_uuid,
+                *volume_size_bytes,
+                *chunk_size_bytes,
+            ),
+            (_, Msg::Identify { .. }) => {
+                let (code, text) = if st == SessionState::Control {
+                    (
+                        ErrorCode::Unsupported,
+                        "control connections do not attach to volumes",
+                    )
+                } else {
+                    (
+                        ErrorCode::AlreadyIdentified,
+                        "this connection is already attached to a volume",
+                    )
+                };
+                self.send_error(conn, rid, code, kind.code(), text);
+            }
+            (_, m) if is_control(kind) => self.on_control(conn, rid, m),
+            (SessionState::ExpectIdentify, _) => self.send_error(
+                conn,
+                rid,
+                ErrorCode::NotIdentified,
+                kind.code(),
+                "send Identify before data requests",
+            ),
+            (SessionState::Control, _) => self.send_error(
+                conn,
+                rid,
+                ErrorCode::Unsupported,
+                kind.code(),
+                "control connections send only control requests",
+            ),
+            (SessionState::Origin, Msg::QueryOriginWrite(r)) => {
+                if let Some(range) = self.one_range(conn, rid, kind, r) {
+                    self.dispatch(
+                        conn,
+                        rid,
+                        InflightKind::OriginWrite,
+                        range,
+                        StoreOp::OriginWrite {
+                            chunk: range.chunk,
+                            chunks: range.chunks,
+                        },
+                    );
+                }
+            }
+            (SessionState::Snapshot(tag), Msg::QuerySnapshotRead(r)) => {
+                if let Some(range) = self.one_range(conn, rid, kind, r) {
+                    self.dispatch(
+                        conn,
+                        rid,
+                        InflightKind::SnapshotRead,
+                        range,
+                        StoreOp::SnapshotRead {
+                            tag,
+                            chunk: range.chunk,
+                            chunks: range.chunks,
+                        },
+                    );
+                }
+            }
+            (SessionState::Snapshot(tag), Msg::QuerySnapshotWrite(r)) => {
+                if let Some(range) = self.one_range(conn, rid, kind, r) {
+                    self.dispatch(
+                        conn,
+                        rid,
+                        InflightKind::SnapshotWrite,
+                        range,
+                        StoreOp::SnapshotWrite {
+                            tag,
+                            chunk: range.chunk,
+                            chunks: range.chunks,
+                        },
+                    );
+                }
+            }
+            (SessionState::Snapshot(_), Msg::FinishSnapshotRead(ranges)) => {
+                for r in ranges.iter() {
+                    for c in r.chunk..r.end() {
+                        let mut woken = core::mem::take(&mut self.woken);
+                        let res = self.locks.release(c, conn, &mut |p| woken.push(p));
+                        for p in woken.drain(..) {
+                            self.grant_origin_write(p);
+                        }
+                        self.woken = woken;
+                        if res.is_err() {
+                            let mut t = ErrorText::new();
+                            let _ = write!(t, "no read lock held on chunk {c}");
+                            self.send_error(
+                                conn,
+                                rid,
+                                ErrorCode::BadFrame,
+                                kind.code(),
+                                t.as_str(),
+                            );
+                            return;
+                        }
+                    }
+                }
+            }
+            (SessionState::Snapshot(_), Msg::UploadLocks(ranges)) => {
+                let n: u64 = ranges.total_chunks();
+                if !self
+                    .locks
+                    .has_room(usize::try_from(n).unwrap_or(usize::MAX))
+                {
+                    self.send_error(
+                        conn,
+                        rid,
+                        ErrorCode::Busy,
+                        kind.code(),
+                        "read-lock table full",
+                    );
+                    return;
+                }
+                for r in ranges.iter() {
+                    for c in r.chunk..r.end() {
+                        // Room was checked above.
+                        let _ = self.locks.acquire(c, conn);
+                    }
+                }
+            }
+            (SessionState::Snapshot(_), Msg::FinishUpload) => self.send(conn, rid, &Msg::UploadOk),
+            (SessionState::Origin, _) => self.send_error(
+                conn,
+                rid,
+                ErrorCode::Unsupported,
+                kind.code(),
+                "an origin client sends QueryOriginWrite and control requests",
+            ),
+            (SessionState::Snapshot(_), _) => self.send_error(
+                conn,
+                rid,
+                ErrorCode::Unsupported,
+                kind.code(),
+                "a snapshot client sends snapshot reads, writes, releases and lock uploads",
+            ),
+            _ => self.send_error(
+                conn,
+                rid,
+                ErrorCode::Unsupported,
+                kind.code(),
+                "not accepted in this connection state",
+            ),
+        }
+    }
+
+    /// Data queries name one range of at most `CHUNKS_PER_REQUEST_MAX` chunks
+    /// inside the origin.
+    fn one_range(
+        &mut self,
+        conn: ConnId,
+        rid: u64,
+        kind: Kind,
+        ranges: &proto::Ranges<'_>,
+    ) -> Option<Range> {
+        let r = match (ranges.len(), ranges.get(0)) {
+            (1, Some(r)) => r,
+            _ => {
+                self.send_error(
+                    conn,
+                    rid,
+                    ErrorCode::Unsupported,
+                    kind.code(),
+                    "a data query names exactly one range",
+                );
+                return None;
+            }
+        };
+        if r.chunks as usize > CHUNKS_PER_REQUEST_MAX {
+            let mut t = ErrorText::new();
+            let _ = write!(t, "a query covers at most {CHUNKS_PER_REQUEST_MAX} chunks");
+            self.send_error(conn, rid, ErrorCode::TooLarge, kind.code(), t.as_str());
+            return None;
+        }
+        if r.end() > self.cfg.origin_chunks() {
+            let mut t = ErrorText::new();
+            let _ = write!(
+                t,
+                "chunks {}..{} are past the end of the volume ({} chunks)",
+                r.chunk,
+                r.end(),
+                self.cfg.origin_chunks()
+            );
+            self.send_error(conn, rid, ErrorCode::OutOfRange, kind.code(), t.as_str());
+            return None;
+        }
+        Some(r)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn on_identify(
+        &mut self,
+        conn: ConnId,
+        rid: u64,
+        client_id: u64,
+        node_id: u32,
+        volume: Volume,
+        origin_uuid: &[u8; 16],
+        volume_size_bytes: u64,
+        chunk_size_bytes: u32,
+    ) {
+        let code = Kind::Identify.code();
+        if *origin_uuid != self.cfg.origin_uuid {
+            self.send_error(
+                conn,
+                rid,
+                ErrorCode::GeometryMismatch,
+                code,
+                "the client's origin is not the origin of this store (origin UUID differs)",
+            );
+            return;
+        }
+        if chunk_size_bytes != 0 && chunk_size_bytes != self.cfg.chunk_size_bytes {
+            let mut t = ErrorText::new();
+            let _ = write!(
+                t,
+                "chunk size {chunk_size_bytes} differs from the store's {}",
+                self.cfg.chunk_size_bytes
+            );
+            self.send_error(conn, rid, ErrorCode::GeometryMismatch, code, t.as_str());
+            return;
+        }
+        if volume_size_bytes != 0 && volume_size_bytes != self.cfg.origin_size_bytes {
+            let mut t = ErrorText::new();
+            let _ = write!(
+                t,
+                "volume size {volume_size_bytes} differs from the origin's {}",
+                self.cfg.origin_size_bytes
+            );
+            self.send_error(conn, rid, ErrorCode::GeometryMismatch, code, t.as_str());
+            return;
+        }
+        let s = &mut self.sessions[conn as usize];
+        s.client_id = client_id;
+        s.node_id = node_id;
+        match volume {
+            Volume::Origin => {
+                s.state = SessionState::Origin;
+                self.identified += 1;
+                self.send_identify_ok(conn, rid);
+            }
+            Volume::Snapshot(tag) => {
+                s.state = SessionState::Identifying(tag);
+                let range = Range {
+                    chunk: 0,
+                    chunks: 1,
+                };
+                self.dispatch(
+                    conn,
+                    rid,
+                    InflightKind::Identify,
+                    range,
+                    StoreOp::Use { tag, open: true },
+                );
+            }
+        }
+    }
+
+    fn send_identify_ok(&mut self, conn: ConnId, rid: u64) {
+        self.send(
+            conn,
+            rid,
+            &Msg::IdentifyOk {
+                chunk_size_bytes: self.cfg.chunk_size_bytes,
+                origin_size_bytes: self.cfg.origin_size_bytes,
+                volume_size_bytes: self.cfg.origin_size_bytes,
+            },
+        );
+    }
+
+    fn on_control(&mut self, conn: ConnId, rid: u64, m: &Msg<'_>) {
+        let kind = m.kind();
+        let op = match *m {
+            Msg::CreateSnapshot { tag } => StoreOp::Create { tag, now_secs: 0 },
+            Msg::DeleteSnapshot { tag } => StoreOp::Delete { tag },
+            Msg::SetPriority { tag, priority } => StoreOp::Priority { tag, priority },
+            Msg::ListSnapshots => StoreOp::List,
+            Msg::Status => StoreOp::Status,
+            _ => return,
+        };
+        let ik = if kind == Kind::Status {
+            InflightKind::Status
+        } else {
+            InflightKind::Control(kind)
+        };
+        self.dispatch(
+            conn,
+            rid,
+            ik,
+            Range {
+                chunk: 0,
+                chunks: 1,
+            },
+            op,
+        );
+    }
+
+    /// Sets the creation time stamped on snapshots created from now on (the
+    /// loop passes its clock in; the FSM reads none).
+    pub fn set_now(&mut self, now_secs: u64) {
+        self.now_secs = now_secs;
+    }
+
+    fn dispatch(&mut self, conn: ConnId, rid: u64, kind: InflightKind, range: Range, op: StoreOp) {
+        let s = &self.sessions[conn as usize];
+        if s.inflight as usize >= self.cfg.requests_per_client {
+            self.send_error(
+                conn,
+                rid,
+                ErrorCode::Busy,
+                0,
+                "too many requests in flight on this connection",
+            );
+            return;
+        }
+        let tag = match op {
+            StoreOp::Use { tag, .. } => tag,
+            _ => 0,
+        };
+        let Some(token) = self.inflight.insert(Inflight {
+            conn: Some(conn),
+            request_id: rid,
+            kind,
+            state: InflightState::AtStore,
+            range,
+            tag,
+        }) else {
+            self.send_error(conn, rid, ErrorCode::Busy, 0, "server request table full");
+            return;
+        };
+        let op = match op {
+            StoreOp::Create { tag, .. } => StoreOp::Create {
+                tag,
+                now_secs: self.now_secs,
+            },
+            other => other,
+        };
+        let pushed = self.store_q.push(StoreRequest { token, op });
+        assert!(pushed, "store queue sized for every slot");
+        self.sessions[conn as usize].inflight += 1;
+    }
+
+    /// The connection closed or failed. Its read locks are released (a
+    /// client that comes back after a disconnect re-uploads what it still
+    /// holds); its waiting writes and pending requests are dropped.
+    pub fn handle_disconnect(&mut self, conn: ConnId) {
+        let st = self.sessions[conn as usize].state;
+        if st == SessionState::Free {
+            return;
+        }
+        let mut woken = core::mem::take(&mut self.woken);
+        self.locks.release_owner(conn, &mut |p| woken.push(p));
+        // Slots of this connection: waiting ones are cancelled, ones at the
+        // store are orphaned.
+        let mut k = 0u32;
+        while (k as usize) < self.inflight.capacity() {
+            if let Some(f) = self.inflight.get(k).copied() {
+                if f.conn == Some(conn) {
+                    if f.state == InflightState::Waiting {
+                        self.locks.cancel_pending(k);
+                        self.waiting_writes -= 1;
+                        self.inflight.remove(k);
+                    } else if let Some(f) = self.inflight.get_mut(k) {
+                        f.conn = None;
+                    }
+                }
+            }
+            k += 1;
+        }
+        woken.retain(|&p| self.inflight.get(p).is_some_and(|f| f.conn != Some(conn)));
+        for p in woken.drain(..) {
+            self.grant_origin_write(p);
+        }
+        self.woken = woken;
+        if let Some(tag) = self.sessions[conn as usize].snapshot_open {
+            let pushed = self.store_q.push(StoreRequest {
+                token: DETACHED_TOKEN,
+                op: StoreOp::Use { tag, open: false },
+            });
+            assert!(pushed, "store queue holds one detach per connection");
+        }
+        if matches!(st, SessionState::Origin | SessionState::Snapshot(_)) {
+            self.identified -= 1;
+        }
+        self.sessions[conn as usize] = Session::FREE;
+        self.assert_invariants();
+    }
+
+    /// A reply from the store worker.
+    pub fn handle_store_reply(&mut self, reply: &StoreReply) {
+        match reply.token {
+            NOTIFY_TOKEN => {
+                if let StoreResult::AutoDeleted { tag } = reply.result {
+                    self.events.push(ServerEvent::AutoDeleted { tag });
+                }
+                return;
+            }
+            DETACHED_TOKEN => return,
+            _ => {}
+        }
+        if let StoreResult::Failed(StoreFailure::Internal) = reply.result {
+            if !self.failed {
+                self.failed = true;
+                self.events.push(ServerEvent::StoreFailed);
+            }
+        }
+        let token = reply.token;
+        let Some(f) = self.inflight.get(token).copied() else {
+            return;
+        };
+        let Some(conn) = f.conn else {
+            // Orphaned: its connection went away. A snapshot open the store
+            // granted is closed again.
+            self.inflight.remove(token);
+            if let (InflightKind::Identify, StoreResult::Done) = (f.kind, &reply.result) {
+                let pushed = self.store_q.push(StoreRequest {
+                    token: DETACHED_TOKEN,
+                    op: StoreOp::Use {
+                        tag: f.tag,
+                        open: false,
+                    },
+                });
+                assert!(pushed, "store queue holds one detach per connection");
+            }
+            return;
+        };
+        let rid = f.request_id;
+        match (&reply.result, f.kind) {
+            (StoreResult::Failed(fl), kind) => {
+                self.finish(token, conn);
+                if kind == InflightKind::Identify {
+                    self.sessions[conn as usize].state = SessionState::ExpectIdentify;
+                }
+                let culprit = match kind {
+                    InflightKind::OriginWrite => Kind::QueryOriginWrite.code(),
+                    InflightKind::SnapshotRead => Kind::QuerySnapshotRead.code(),
+                    InflightKind::SnapshotWrite => Kind::QuerySnapshotWrite.code(),
+                    InflightKind::Identify => Kind::Identify.code(),
+                    InflightKind::Control(k) => k.code(),
+                    InflightKind::Status => Kind::Status.code(),
+                };
+                self.send_error(conn, rid, error_code(*fl), culprit, failure_text(*fl));
+            }
+            (StoreResult::Done, InflightKind::OriginWrite) => {
+                // Copy-out committed; now every chunk waits for the read
+                // locks taken before it (ddsnap b54143d: all chunks, not only
+                // freshly copied ones).
+                let mut waiting = false;
+                for c in f.range.chunk..f.range.end() {
+                    match self.locks.wait_if_locked(c, token) {
+                        Ok(w) => waiting |= w,
+                        Err(_) => {
+                            self.locks.cancel_pending(token);
+                            self.finish(token, conn);
+                            self.send_error(
+                                conn,
+                                rid,
+                                ErrorCode::Busy,
+                                Kind::QueryOriginWrite.code(),
+                                "read-lock wait table full; retry",
+                            );
+                            return;
+                        }
+                    }
+                }
+                if waiting {
+                    if let Some(x) = self.inflight.get_mut(token) {
+                        x.state = InflightState::Waiting;
+                    }
+                    self.waiting_writes += 1;
+                } else {
+                    self.grant_origin_write(token);
+                }
+            }
+            (StoreResult::Targets { len, targets }, InflightKind::SnapshotRead) => {
+                let n = *len as usize;
+                let origin_chunks = targets[..n]
+                    .iter()
+                    .filter(|t| **t == StoreTarget::Origin)
+                    .count();
+                if !self.locks.has_room(origin_chunks) {
+                    self.finish(token, conn);
+                    self.send_error(
+                        conn,
+                        rid,
+                        ErrorCode::Busy,
+                        Kind::QuerySnapshotRead.code(),
+                        "read-lock table full; retry",
+                    );
+                    return;
+                }
+                for (i, t) in targets[..n].iter().enumerate() {
+                    if *t == StoreTarget::Origin {
+                        let _ = self.locks.acquire(f.range.chunk + i as u64, conn);
+                    }
+                }
+                self.finish(token, conn);
+                self.send_targets(conn, rid, f.range.chunk, &targets[..n], true);
+            }
+            (StoreResult::Targets { len, targets }, InflightKind::SnapshotWrite) => {
+                self.finish(token, conn);
+                let n = *len as usize;
+                self.send_targets(conn, rid, f.range.chunk, &targets[..n], false);
+            }
+            (StoreResult::Done, InflightKind::Identify) => {
+                self.finish(token, conn);
+                if let SessionState::Identifying(tag) = self.sessions[conn as usize].state {
+                    let s = &mut self.sessions[conn as usize];
+                    s.state = SessionState::Snapshot(tag);
+                    s.snapshot_open = Some(tag);
+                    self.identified += 1;
+                    self.send_identify_ok(conn, rid);
+                }
+            }
+            (StoreResult::Done, InflightKind::Control(_)) => {
+                self.finish(token, conn);
+                self.send(conn, rid, &Msg::Ok);
+            }
+            (StoreResult::List { len, rows }, _) => {
+                self.finish(token, conn);
+                let mut b = proto::SnapListBuilder::new(&mut self.scratch[..])
+                    .expect("scratch holds a full list");
+                for r in &rows[..*len as usize] {
+                    let mut flags = 0;
+                    if r.deleting {
+                        flags |= SnapInfo::DELETING;
+                    }
+                    if r.in_use {
+                        flags |= SnapInfo::IN_USE;
+                    }
+                    let _ = b.push(SnapInfo {
+                        tag: r.tag,
+                        priority: r.priority,
+                        flags,
+                        ctime_secs: r.ctime_secs,
+                        chunks: r.chunks,
+                        unique_chunks: r.unique_chunks,
+                    });
+                }
+                let list = b.finish();
+                let mut buf = [0u8; proto::SNAP_LIST_BYTES_MAX + proto::HEADER_BYTES];
+                let n = encode(
+                    &Header::new(rid, self.cfg.incarnation),
+                    &Msg::SnapshotList(list),
+                    &mut buf,
+                )
+                .unwrap_or(0);
+                self.push_out(conn, &buf[..n]);
+            }
+            (StoreResult::Status(fig), _) => {
+                self.finish(token, conn);
+                self.commits = fig.commits;
+                let msg = Msg::StatusReply {
+                    incarnation: self.cfg.incarnation,
+                    chunk_size_bytes: fig.chunk_size_bytes,
+                    origin_chunks: fig.origin_chunks,
+                    data_chunks: fig.data_chunks,
+                    data_free: fig.data_free,
+                    meta_blocks: fig.meta_blocks,
+                    meta_free: fig.meta_free,
+                    snapshots: fig.snapshots,
+                    deleting: fig.deleting,
+                    clients: self.identified,
+                    read_locks: u32::try_from(self.locks.locked_chunks()).unwrap_or(u32::MAX),
+                    waiting_writes: self.waiting_writes,
+                    commits: fig.commits,
+                    state: self.state,
+                };
+                self.send(conn, rid, &msg);
+            }
+            _ => {
+                self.finish(token, conn);
+                self.send_error(
+                    conn,
+                    rid,
+                    ErrorCode::Internal,
+                    0,
+                    "unexpected store result for this request",
+                );
+            }
+        }
+        self.assert_invariants();
+    }
+
+    fn finish(&mut self, token: u32, conn: ConnId) {
+        self.inflight.remove(token);
+        let s = &mut self.sessions[conn as usize];
+        s.inflight -= 1;
+    }
+
+    fn grant_origin_write(&mut self, token: u32) {
+        let Some(f) = self.inflight.get(token).copied() else {
+            return;
+        };
+        if f.state == InflightState::Waiting {
+            self.waiting_writes -= 1;
+        }
+        let Some(conn) = f.conn else {
+            self.inflight.remove(token);
+            return;
+        };
+        self.finish(token, conn);
+        let mut buf = [0u8; proto::HEADER_BYTES + proto::LIST_HEADER_BYTES + 16];
+        let mut lb = [0u8; proto::LIST_HEADER_BYTES + 16];
+        let Ok(list) = proto::Ranges::from_entries(&[f.range], &mut lb) else {
+            return;
+        };
+        let n = encode(
+            &Header::new(f.request_id, self.cfg.incarnation),
+            &Msg::OriginWriteOk(list),
+            &mut buf,
+        )
+        .unwrap_or(0);
+        self.push_out(conn, &buf[..n]);
+    }
+
+    fn send_targets(
+        &mut self,
+        conn: ConnId,
+        rid: u64,
+        first: u64,
+        targets: &[StoreTarget],
+        read: bool,
+    ) {
+        // Coalesce runs: consecutive origin chunks, or consecutive chunks in
+        // consecutive store chunks.
+        let mut scratch = core::mem::take(&mut self.scratch);
+        let mut b = proto::TargetsBuilder::new(&mut scratch[..]).expect("scratch holds targets");
+        let mut i = 0;
+        while i < targets.len() {
+            let start = i;
+            let t0 = targets[i];
+            i += 1;
+            while i < targets.len() {
+                let next_ok = match (t0, targets[i]) {
+                    (StoreTarget::Origin, StoreTarget::Origin) => true,
+                    (StoreTarget::Store(a), StoreTarget::Store(b)) => b == a + (i - start) as u64,
+                    _ => false,
+                };
+                if !next_ok {
+                    break;
+                }
+                i += 1;
+            }
+            let (kind, store_chunk) = match t0 {
+                StoreTarget::Origin => (TargetKind::Origin, 0),
+                StoreTarget::Store(s) => (TargetKind::Store, s),
+            };
+            let _ = b.push(Target {
+                chunk: first + start as u64,
+                chunks: u32::try_from(i - start).unwrap_or(u32::MAX),
+                kind,
+                store_chunk,
+            });
+        }
+        let list = b.finish();
+        let msg = if read {
+            Msg::SnapshotReadReply(list)
+        } else {
+            Msg::SnapshotWriteOk(list)
+        };
+        let mut frame = [0u8; REPLY_MAX_BYTES];
+        let n = encode(&Header::new(rid, self.cfg.incarnation), &msg, &mut frame).unwrap_or(0);
+        self.scratch = scratch;
+        self.push_out(conn, &frame[..n]);
+    }
+
+    // -- output ------------------------------------------------------------------
+
+    fn send(&mut self, conn: ConnId, rid: u64, msg: &Msg<'_>) {
+        let mut frame = [0u8; 512];
+        match encode(&Header::new(rid, self.cfg.incarnation), msg, &mut frame) {
+            Ok(n) => self.push_out(conn, &frame[..n]),
+            Err(_) => self.close(conn),
+        }
+    }
+
+    fn send_error(&mut self, conn: ConnId, rid: u64, code: ErrorCode, culprit: u16, text: &str) {
+        self.send(
+            conn,
+            rid,
+            &Msg::Error {
+                code,
+                culprit,
+                text,
+            },
+        );
+    }
+
+    fn push_out(&mut self, conn: ConnId, bytes: &[u8]) {
+        let base = conn as usize * self.out_cap;
+        let cap = self.out_cap;
+        let s = &mut self.sessions[conn as usize];
+        if s.state == SessionState::Free {
+            return;
+        }
+        if s.out_end + bytes.len() > cap {
+            // Compact.
+            self.out
+                .copy_within(base + s.out_start..base + s.out_end, base);
+            s.out_end -= s.out_start;
+            s.out_start = 0;
+        }
+        if s.out_end + bytes.len() > cap {
+            // The client does not read its replies: drop it.
+            s.state = SessionState::Closing;
+            if !s.close_queued {
+                s.close_queued = true;
+                self.close_q.push(conn);
+            }
+            return;
+        }
+        self.out[base + s.out_end..base + s.out_end + bytes.len()].copy_from_slice(bytes);
+        s.out_end += bytes.len();
+        if !s.has_output {
+            s.has_output = true;
+            self.output_q.push(conn);
+        }
+    }
+
+    fn close(&mut self, conn: ConnId) {
+        let s = &mut self.sessions[conn as usize];
+        if s.state == SessionState::Free {
+            return;
+        }
+        s.state = SessionState::Closing;
+        if !s.close_queued {
+            s.close_queued = true;
+            self.close_q.push(conn);
+        }
+    }
+
+    /// The next connection with output to write.
+    #[must_use]
+    pub fn poll_output(&mut self) -> Option<ConnId> {
+        while let Some(c) = self.output_q.pop() {
+            let s = &mut self.sessions[c as usize];
+            s.has_output = false;
+            if s.out_end > s.out_start {
+                return Some(c);
+            }
+        }
+        None
+    }
+
+    /// Bytes waiting to be written to `conn`.
+    pub fn output(&self, conn: ConnId) -> &[u8] {
+        let s = &self.sessions[conn as usize];
+        let base = conn as usize * self.out_cap;
+        &self.out[base + s.out_start..base + s.out_end]
+    }
+
+    /// `n` bytes of `output(conn)` were written. If some remain, the
+    /// connection is queued again for `poll_output`.
+    pub fn consume_output(&mut self, conn: ConnId, n: usize) {
+        let s = &mut self.sessions[conn as usize];
+        s.out_start += n;
+        assert!(s.out_start <= s.out_end);
+        if s.out_start == s.out_end {
+            s.out_start = 0;
+            s.out_end = 0;
+        }
+    }
+
+    /// Whether `conn` has unwritten output.
+    pub fn has_output(&self, conn: ConnId) -> bool {
+        let s = &self.sessions[conn as usize];
+        s.out_end > s.out_start
+    }
+
+    /// The next connection to close once its output is written.
+    #[must_use]
+    pub fn poll_close(&mut self) -> Option<ConnId> {
+        self.close_q.pop()
+    }
+
+    /// The next request for the store worker.
+    #[must_use]
+    pub fn poll_store_request(&mut self) -> Option<StoreRequest> {
+        self.store_q.pop()
+    }
+
+    /// The next event to log.
+    #[must_use]
+    pub fn poll_event(&mut self) -> Option<ServerEvent> {
+        self.events.pop()
+    }
+
+    /// Checks the cheap invariants (counts), after every input, in release
+    /// builds too.
+    pub fn assert_invariants(&self) {
+        let mut per_conn_total = 0u32;
+        let mut identified = 0u32;
+        for s in &self.sessions {
+            per_conn_total += s.inflight;
+            assert!(s.out_start <= s.out_end && s.out_end <= self.out_cap);
+            if matches!(s.state, SessionState::Origin | SessionState::Snapshot(_)) {
+                identified += 1;
+            }
+            if s.state == SessionState::Free {
+                assert_eq!(s.inflight, 0, "a free session has requests in flight");
+            }
+        }
+        assert_eq!(
+            identified, self.identified,
+            "identified-client count drifted"
+        );
+        assert!(per_conn_total as usize <= self.inflight.len());
+        assert!(self.waiting_writes as usize <= self.inflight.len());
+    }
+
+    /// Checks everything, including the lock table's lists (O(table)).
+    pub fn assert_invariants_full(&self) {
+        self.assert_invariants();
+        self.locks.assert_invariants();
+        let live: u32 = self
+            .inflight
+            .iter()
+            .filter(|(_, f)| f.conn.is_some())
+            .count()
+            .try_into()
+            .unwrap_or(u32::MAX);
+        let per_conn: u32 = self.sessions.iter().map(|s| s.inflight).sum();
+        assert_eq!(
+            live, per_conn,
+            "in-flight slots and per-connection counts differ"
+        );
+    }
+}

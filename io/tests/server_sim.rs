@@ -1,0 +1,409 @@
+//! The server FSM driven deterministically in one process, with the store
+//! worker run inline on in-memory disks: sessions, routing, read locks,
+//! waiting writes, disconnects and bad input, without sockets or threads.
+
+use csnap_fsm::server::{ConnId, Server, ServerConfig, SessionState};
+use csnap_fsm::store_ops::StoreRequest;
+use csnap_io::store_worker::StoreWorker;
+use csnap_proto::{self as proto, ErrorCode, Header, Msg, Range, Role, TargetKind, Volume};
+use csnap_store::disk::MemDisk;
+use csnap_store::{FormatOptions, OpenOptions, Store};
+
+const CHUNK: u32 = 4096;
+const ORIGIN_CHUNKS: u64 = 64;
+const UUID: [u8; 16] = [5; 16];
+
+struct Sim {
+    server: Server,
+    worker: StoreWorker<MemDisk, MemDisk>,
+    /// Frames received per connection, decoded lazily.
+    inbox: Vec<Vec<Vec<u8>>>,
+    closed: Vec<ConnId>,
+}
+
+fn sim(clients: usize) -> Sim {
+    let mut o = FormatOptions::new(ORIGIN_CHUNKS * u64::from(CHUNK));
+    o.chunk_size_bytes = CHUNK;
+    o.journal_blocks = 128;
+    o.origin_uuid = UUID;
+    let mut d = MemDisk::new(4 << 20);
+    csnap_store::format(&mut d, &o).unwrap();
+    let store = Store::open(
+        d,
+        &OpenOptions {
+            cache_blocks: csnap_pools::CACHE_MIN_BLOCKS,
+        },
+    )
+    .unwrap();
+    let origin = MemDisk::new((ORIGIN_CHUNKS * u64::from(CHUNK)) as usize);
+    let cfg = ServerConfig {
+        clients,
+        requests_per_client: 4,
+        read_locks: 64,
+        incarnation: 1,
+        server_id: 77,
+        chunk_size_bytes: CHUNK,
+        origin_size_bytes: ORIGIN_CHUNKS * u64::from(CHUNK),
+        origin_uuid: UUID,
+    };
+    Sim {
+        server: Server::new(cfg),
+        worker: StoreWorker::new(store, origin, 64),
+        inbox: vec![Vec::new(); clients],
+        closed: Vec::new(),
+    }
+}
+
+impl Sim {
+    /// Runs the store worker over everything queued, then collects output.
+    fn step(&mut self) {
+        let mut batch: Vec<StoreRequest> = Vec::new();
+        while let Some(r) = self.server.poll_store_request() {
+            batch.push(r);
+        }
+        if !batch.is_empty() {
+            let mut replies = Vec::new();
+            self.worker.run_batch(&batch, &mut |r| replies.push(r));
+            for r in &replies {
+                self.server.handle_store_reply(r);
+            }
+        }
+        self.collect();
+        self.server.assert_invariants_full();
+    }
+
+    fn collect(&mut self) {
+        while let Some(c) = self.server.poll_output() {
+            let bytes = self.server.output(c).to_vec();
+            self.server.consume_output(c, bytes.len());
+            let mut at = 0;
+            while at < bytes.len() {
+                let h = proto::peek_header(&bytes[at..]).unwrap().unwrap();
+                let n = h.length as usize;
+                self.inbox[c as usize].push(bytes[at..at + n].to_vec());
+                at += n;
+            }
+        }
+        while let Some(c) = self.server.poll_close() {
+            self.closed.push(c);
+        }
+    }
+
+    fn send(&mut self, c: ConnId, rid: u64, msg: &Msg<'_>) {
+        let mut buf = vec![0u8; proto::FRAME_MAX_BYTES];
+        let n = proto::encode(&Header::new(rid, 0), msg, &mut buf).unwrap();
+        assert!(self.server.wants_read(c), "server not reading conn {c}");
+        self.server.handle_frame(c, &buf[..n]);
+        self.collect();
+    }
+
+    /// Takes every frame received on `c`.
+    fn take(&mut self, c: ConnId) -> Vec<(Header, Vec<u8>)> {
+        self.inbox[c as usize]
+            .drain(..)
+            .map(|f| (proto::decode(&f).unwrap().0, f))
+            .collect()
+    }
+
+    fn connect(&mut self, role: Role) -> ConnId {
+        let c = self.server.handle_accept().unwrap();
+        self.send(
+            c,
+            1,
+            &Msg::Hello {
+                version_min: 1,
+                version_max: 1,
+                role,
+            },
+        );
+        let r = self.take(c);
+        assert!(matches!(
+            proto::decode(&r[0].1).unwrap().1,
+            Msg::HelloOk {
+                version: 1,
+                server_id: 77
+            }
+        ));
+        assert_eq!(r[0].0.incarnation, 1, "every reply carries the incarnation");
+        c
+    }
+
+    fn attach(&mut self, volume: Volume) -> ConnId {
+        let c = self.connect(Role::Client);
+        self.send(c, 2, &identify(volume));
+        self.step();
+        let r = self.take(c);
+        assert!(
+            matches!(proto::decode(&r[0].1).unwrap().1, Msg::IdentifyOk { .. }),
+            "{:?}",
+            proto::decode(&r[0].1)
+        );
+        c
+    }
+
+    fn control(&mut self, c: ConnId, rid: u64, msg: &Msg<'_>) -> Vec<u8> {
+        self.send(c, rid, msg);
+        self.step();
+        let mut r = self.take(c);
+        assert_eq!(r.len(), 1);
+        r.remove(0).1
+    }
+}
+
+fn identify(volume: Volume) -> Msg<'static> {
+    Msg::Identify {
+        client_id: 9,
+        node_id: 1,
+        volume,
+        origin_uuid: UUID,
+        volume_size_bytes: 0,
+        chunk_size_bytes: 0,
+    }
+}
+
+fn ranges(buf: &mut [u8], chunk: u64, chunks: u32) -> proto::Ranges<'_> {
+    proto::Ranges::from_entries(&[Range { chunk, chunks }], buf).unwrap()
+}
+
+fn expect_error(frame: &[u8], code: ErrorCode) {
+    match proto::decode(frame).unwrap().1 {
+        Msg::Error { code: c, text, .. } => {
+            assert_eq!(c, code, "error text: {text}");
+            assert!(!text.is_empty());
+        }
+        m => panic!("expected error {code:?}, got {m:?}"),
+    }
+}
+
+#[test]
+fn origin_write_read_lock_race_and_second_write() {
+    let mut s = sim(4);
+    let ctl = s.connect(Role::Control);
+    let ok = s.control(ctl, 3, &Msg::CreateSnapshot { tag: 7 });
+    assert!(matches!(proto::decode(&ok).unwrap().1, Msg::Ok));
+    let origin = s.attach(Volume::Origin);
+    let snap = s.attach(Volume::Snapshot(7));
+
+    // A snapshot read of chunk 5: still on the origin, so read-locked.
+    let mut b = [0u8; 64];
+    s.send(snap, 10, &Msg::QuerySnapshotRead(ranges(&mut b, 5, 1)));
+    s.step();
+    let r = s.take(snap);
+    match proto::decode(&r[0].1).unwrap().1 {
+        Msg::SnapshotReadReply(t) => {
+            let t = t.get(0).unwrap();
+            assert_eq!((t.chunk, t.chunks, t.kind), (5, 1, TargetKind::Origin));
+        }
+        m => panic!("{m:?}"),
+    }
+    assert_eq!(s.server.read_locks(), 1);
+
+    // An origin write to chunk 5 arrives while the read is in flight: its
+    // copy-out commits, but the reply waits for the release.
+    s.send(origin, 20, &Msg::QueryOriginWrite(ranges(&mut b, 5, 1)));
+    s.step();
+    assert!(
+        s.take(origin).is_empty(),
+        "the write must wait for the reader"
+    );
+    assert_eq!(s.server.waiting_writes(), 1);
+    // A second write to the same chunk (already unique now) waits too.
+    s.send(origin, 21, &Msg::QueryOriginWrite(ranges(&mut b, 5, 1)));
+    s.step();
+    assert!(
+        s.take(origin).is_empty(),
+        "the second write must wait too (ddsnap b54143d)"
+    );
+    assert_eq!(s.server.waiting_writes(), 2);
+    // A write to another chunk is not held up.
+    s.send(origin, 22, &Msg::QueryOriginWrite(ranges(&mut b, 6, 1)));
+    s.step();
+    let r = s.take(origin);
+    assert_eq!(r.len(), 1);
+    assert_eq!(r[0].0.request_id, 22);
+
+    // A new snapshot read of chunk 5 now goes to the store (the copy-out is
+    // recorded), so it takes no lock and cannot starve the writer.
+    s.send(snap, 11, &Msg::QuerySnapshotRead(ranges(&mut b, 5, 1)));
+    s.step();
+    let r = s.take(snap);
+    match proto::decode(&r[0].1).unwrap().1 {
+        Msg::SnapshotReadReply(t) => assert_eq!(t.get(0).unwrap().kind, TargetKind::Store),
+        m => panic!("{m:?}"),
+    }
+
+    // The release grants both waiting writes.
+    s.send(snap, 12, &Msg::FinishSnapshotRead(ranges(&mut b, 5, 1)));
+    s.step();
+    let mut ids: Vec<u64> = s.take(origin).iter().map(|(h, _)| h.request_id).collect();
+    ids.sort_unstable();
+    assert_eq!(ids, vec![20, 21]);
+    assert_eq!(s.server.read_locks(), 0);
+    assert_eq!(s.server.waiting_writes(), 0);
+    // Releasing a lock not held is a clear error, and the connection goes on.
+    s.send(snap, 13, &Msg::FinishSnapshotRead(ranges(&mut b, 5, 1)));
+    let r = s.take(snap);
+    expect_error(&r[0].1, ErrorCode::BadFrame);
+    assert_eq!(s.server.session_state(snap), SessionState::Snapshot(7));
+}
+
+#[test]
+fn disconnect_releases_locks_and_drops_waiting_writes() {
+    let mut s = sim(4);
+    let ctl = s.connect(Role::Control);
+    s.control(ctl, 3, &Msg::CreateSnapshot { tag: 1 });
+    let origin = s.attach(Volume::Origin);
+    let snap = s.attach(Volume::Snapshot(1));
+    let mut b = [0u8; 64];
+    s.send(snap, 10, &Msg::QuerySnapshotRead(ranges(&mut b, 0, 4)));
+    s.step();
+    s.take(snap);
+    assert_eq!(s.server.read_locks(), 4);
+    s.send(origin, 20, &Msg::QueryOriginWrite(ranges(&mut b, 2, 1)));
+    s.step();
+    assert!(s.take(origin).is_empty());
+    // The reader dies holding its locks: the write proceeds.
+    s.server.handle_disconnect(snap);
+    s.step();
+    let r = s.take(origin);
+    assert_eq!(r.len(), 1);
+    assert!(matches!(
+        proto::decode(&r[0].1).unwrap().1,
+        Msg::OriginWriteOk(_)
+    ));
+    assert_eq!(s.server.read_locks(), 0);
+
+    // A writer dies while waiting: its wait is dropped and the lock table is
+    // clean once the reader releases.
+    let snap2 = s.attach(Volume::Snapshot(1));
+    s.send(snap2, 30, &Msg::QuerySnapshotRead(ranges(&mut b, 9, 1)));
+    s.step();
+    s.take(snap2);
+    s.send(origin, 40, &Msg::QueryOriginWrite(ranges(&mut b, 9, 1)));
+    s.step();
+    assert_eq!(s.server.waiting_writes(), 1);
+    s.server.handle_disconnect(origin);
+    s.step();
+    assert_eq!(s.server.waiting_writes(), 0);
+    s.send(snap2, 31, &Msg::FinishSnapshotRead(ranges(&mut b, 9, 1)));
+    s.step();
+    assert_eq!(s.server.read_locks(), 0);
+    // The snapshot is in use while attached, so it cannot be deleted.
+    let r = s.control(ctl, 50, &Msg::DeleteSnapshot { tag: 1 });
+    expect_error(&r, ErrorCode::Busy);
+    s.server.handle_disconnect(snap2);
+    s.step();
+    let r = s.control(ctl, 51, &Msg::DeleteSnapshot { tag: 1 });
+    assert!(matches!(proto::decode(&r).unwrap().1, Msg::Ok));
+}
+
+#[test]
+fn bad_input_gets_clear_errors_and_others_go_on() {
+    let mut s = sim(3);
+    let good = s.attach(Volume::Origin);
+    // A request before Hello.
+    let c = s.server.handle_accept().unwrap();
+    s.send(c, 1, &Msg::Status);
+    expect_error(&s.take(c)[0].1, ErrorCode::NotIdentified);
+    // A data request before Identify.
+    s.send(
+        c,
+        2,
+        &Msg::Hello {
+            version_min: 1,
+            version_max: 1,
+            role: Role::Client,
+        },
+    );
+    s.take(c);
+    let mut b = [0u8; 64];
+    s.send(c, 3, &Msg::QueryOriginWrite(ranges(&mut b, 0, 1)));
+    expect_error(&s.take(c)[0].1, ErrorCode::NotIdentified);
+    // Unknown snapshot, wrong geometry, wrong origin.
+    s.send(c, 4, &identify(Volume::Snapshot(99)));
+    s.step();
+    expect_error(&s.take(c)[0].1, ErrorCode::NoSuchSnapshot);
+    let mut id = identify(Volume::Origin);
+    if let Msg::Identify {
+        chunk_size_bytes, ..
+    } = &mut id
+    {
+        *chunk_size_bytes = 8192;
+    }
+    s.send(c, 5, &id);
+    expect_error(&s.take(c)[0].1, ErrorCode::GeometryMismatch);
+    if let Msg::Identify {
+        chunk_size_bytes,
+        origin_uuid,
+        ..
+    } = &mut id
+    {
+        *chunk_size_bytes = 0;
+        *origin_uuid = [1; 16];
+    }
+    s.send(c, 6, &id);
+    expect_error(&s.take(c)[0].1, ErrorCode::GeometryMismatch);
+    // A reply kind from a client.
+    s.send(c, 7, &Msg::Ok);
+    expect_error(&s.take(c)[0].1, ErrorCode::BadFrame);
+    // Out of range.
+    s.send(c, 8, &identify(Volume::Origin));
+    s.take(c);
+    s.send(
+        c,
+        9,
+        &Msg::QueryOriginWrite(ranges(&mut b, ORIGIN_CHUNKS, 1)),
+    );
+    expect_error(&s.take(c)[0].1, ErrorCode::OutOfRange);
+    // Garbage bytes: error and close.
+    let g = s.server.handle_accept().unwrap();
+    s.server.handle_bad_stream(g, &proto::DecodeError::BadMagic);
+    s.collect();
+    expect_error(&s.take(g)[0].1, ErrorCode::BadMagic);
+    assert!(s.closed.contains(&g));
+    // Wrong version in Hello.
+    s.server.handle_disconnect(g);
+    let v = s.server.handle_accept().unwrap();
+    s.send(
+        v,
+        1,
+        &Msg::Hello {
+            version_min: 2,
+            version_max: 3,
+            role: Role::Client,
+        },
+    );
+    expect_error(&s.take(v)[0].1, ErrorCode::BadVersion);
+    assert!(s.closed.contains(&v));
+    // The client table is full: a further accept is refused with a frame.
+    assert!(s.server.handle_accept().is_none());
+    let mut f = [0u8; 512];
+    let n = s.server.too_many_clients_frame(&mut f);
+    expect_error(&f[..n], ErrorCode::TooManyClients);
+    // The well-behaved client saw nothing of it.
+    s.send(good, 100, &Msg::QueryOriginWrite(ranges(&mut b, 1, 1)));
+    s.step();
+    let r = s.take(good);
+    assert_eq!(r.len(), 1);
+    assert!(matches!(
+        proto::decode(&r[0].1).unwrap().1,
+        Msg::OriginWriteOk(_)
+    ));
+}
+
+#[test]
+fn in_flight_requests_are_bounded_per_client() {
+    let mut s = sim(2);
+    let c = s.attach(Volume::Origin);
+    let mut b = [0u8; 64];
+    for i in 0..4 {
+        s.send(c, 10 + i, &Msg::QueryOriginWrite(ranges(&mut b, i, 1)));
+    }
+    assert!(
+        !s.server.wants_read(c),
+        "the server stops reading at the in-flight limit"
+    );
+    s.step();
+    assert_eq!(s.take(c).len(), 4);
+    assert!(s.server.wants_read(c));
+}
