@@ -35,7 +35,7 @@ fn sim(clients: usize) -> Sim {
         },
     )
     .unwrap();
-    let origin = MemDisk::new((ORIGIN_CHUNKS * u64::from(CHUNK)) as usize);
+    let origin = MemDisk::new(usize::try_from(ORIGIN_CHUNKS * u64::from(CHUNK)).unwrap());
     let cfg = ServerConfig {
         clients,
         requests_per_client: 4,
