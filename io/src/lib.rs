@@ -2,6 +2,9 @@
 //! worker thread, and the fixed rings between threads that feed the sans-IO
 //! state machines in `csnap-fsm`.
 
+pub mod client;
+pub mod net;
 pub mod ring;
+pub mod server;
 pub mod store_worker;
 pub mod sync;

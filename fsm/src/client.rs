@@ -1,0 +1,399 @@
+//! The client's sans-IO state machine: handshake, request ids, the requests
+//! awaiting replies (re-sent after a reconnect), the read locks it holds
+//! (uploaded after a reconnect), and incarnation fencing (a reply from an
+//! older server incarnation than one already seen is refused).
+//!
+//! | state | entered on | next |
+//! |---|---|---|
+//! | `Disconnected` | start, `handle_disconnect` | `handle_connect` → `ExpectHelloOk` |
+//! | `ExpectHelloOk` | `Hello` queued | `HelloOk` → `ExpectIdentifyOk` (or `Ready` for control) |
+//! | `ExpectIdentifyOk` | `Identify` queued | `IdentifyOk` → `Uploading` (locks held) or `Ready` |
+//! | `Uploading` | locks queued for upload, `FinishUpload` sent | `UploadOk` → `Ready` |
+//! | `Ready` | | requests flow; unanswered ones are re-queued on reconnect |
+//! | `Failed` | an `Error` to the handshake, or a stale incarnation | terminal until `handle_connect` |
+//!
+//! The driver owns the socket: it writes `transmit()` bytes, feeds every
+//! received frame to `handle_frame`, and reports connects and disconnects.
+
+use csnap_proto::{self as proto, ErrorCode, Header, Msg, Range, Role, Volume};
+
+/// Requests one client keeps outstanding (and re-sends after a reconnect).
+pub const OUTSTANDING_MAX: usize = csnap_pools::REQUESTS_PER_CLIENT_MAX;
+/// Read locks (chunks) one client remembers for upload.
+pub const HELD_LOCKS_MAX: usize = 4096;
+
+/// The client's identity.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientConfig {
+    /// Cluster-unique client id.
+    pub client_id: u64,
+    /// The node it runs on.
+    pub node_id: u32,
+    /// Client (volume I/O) or Control (management).
+    pub role: Role,
+    /// The volume, for role Client.
+    pub volume: Volume,
+    /// The origin's id (from the store label).
+    pub origin_uuid: [u8; 16],
+}
+
+/// Connection state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientState {
+    /// No connection.
+    Disconnected,
+    /// `Hello` sent.
+    ExpectHelloOk,
+    /// `Identify` sent.
+    ExpectIdentifyOk,
+    /// Lock upload sent.
+    Uploading,
+    /// Serving requests.
+    Ready,
+    /// The server refused us.
+    Failed(ErrorCode),
+}
+
+/// A data or control request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Request {
+    /// `QueryOriginWrite`.
+    OriginWrite(Range),
+    /// `QuerySnapshotRead`.
+    SnapshotRead(Range),
+    /// `QuerySnapshotWrite`.
+    SnapshotWrite(Range),
+    /// `CreateSnapshot`.
+    Create(u32),
+    /// `DeleteSnapshot`.
+    Delete(u32),
+    /// `SetPriority`.
+    Priority(u32, i8),
+    /// `ListSnapshots`.
+    List,
+    /// `Status`.
+    Status,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Outstanding {
+    id: u64,
+    req: Request,
+    sent: bool,
+}
+
+/// What a frame meant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientEvent {
+    /// Nothing for the caller (handshake progress).
+    None,
+    /// The session is ready for requests.
+    Ready,
+    /// The reply to request `id` (decode the frame for its body).
+    Reply {
+        /// Request id.
+        id: u64,
+    },
+    /// The server refused the handshake.
+    Refused(ErrorCode),
+    /// A reply from an older incarnation than one already seen: dropped.
+    Stale,
+    /// A frame that matches nothing outstanding.
+    Unexpected,
+}
+
+/// The client state machine.
+#[derive(Debug)]
+pub struct ClientFsm {
+    cfg: ClientConfig,
+    state: ClientState,
+    incarnation: u64,
+    next_id: u64,
+    outstanding: [Option<Outstanding>; OUTSTANDING_MAX],
+    held: Vec<(u64, u32)>,
+    tx: Vec<u8>,
+    chunk_size_bytes: u32,
+    origin_size_bytes: u64,
+}
+
+const TX_BYTES: usize = (OUTSTANDING_MAX + 8) * 512 + proto::FRAME_MAX_BYTES;
+
+impl ClientFsm {
+    /// Reserves the tables. The only allocation.
+    pub fn new(cfg: ClientConfig) -> ClientFsm {
+        ClientFsm {
+            cfg,
+            state: ClientState::Disconnected,
+            incarnation: 0,
+            next_id: 1,
+            outstanding: [None; OUTSTANDING_MAX],
+            held: Vec::with_capacity(HELD_LOCKS_MAX),
+            tx: Vec::with_capacity(TX_BYTES),
+            chunk_size_bytes: 0,
+            origin_size_bytes: 0,
+        }
+    }
+
+    /// The state.
+    pub fn state(&self) -> ClientState {
+        self.state
+    }
+
+    /// Highest server incarnation seen.
+    pub fn incarnation(&self) -> u64 {
+        self.incarnation
+    }
+
+    /// Chunk size from `IdentifyOk`.
+    pub fn chunk_size_bytes(&self) -> u32 {
+        self.chunk_size_bytes
+    }
+
+    /// Origin size from `IdentifyOk`.
+    pub fn origin_size_bytes(&self) -> u64 {
+        self.origin_size_bytes
+    }
+
+    /// Read locks held (chunk, count).
+    pub fn held_locks(&self) -> &[(u64, u32)] {
+        &self.held
+    }
+
+    /// Requests awaiting replies.
+    pub fn outstanding(&self) -> usize {
+        self.outstanding.iter().flatten().count()
+    }
+
+    fn queue(&mut self, id: u64, msg: &Msg<'_>) {
+        let at = self.tx.len();
+        self.tx.resize(at + msg.frame_bytes(), 0);
+        let n = proto::encode(&Header::new(id, 0), msg, &mut self.tx[at..]).unwrap_or(0);
+        self.tx.truncate(at + n);
+    }
+
+    /// A connection is up: queue the handshake.
+    pub fn handle_connect(&mut self) {
+        self.tx.clear();
+        self.state = ClientState::ExpectHelloOk;
+        self.queue(
+            0,
+            &Msg::Hello {
+                version_min: proto::PROTOCOL_VERSION,
+                version_max: proto::PROTOCOL_VERSION,
+                role: self.cfg.role,
+            },
+        );
+    }
+
+    /// The connection broke: every sent request will be re-sent after the
+    /// next handshake.
+    pub fn handle_disconnect(&mut self) {
+        self.state = ClientState::Disconnected;
+        self.tx.clear();
+        for o in self.outstanding.iter_mut().flatten() {
+            o.sent = false;
+        }
+    }
+
+    /// Bytes to write to the server.
+    pub fn transmit(&self) -> &[u8] {
+        &self.tx
+    }
+
+    /// `n` bytes of `transmit()` were written.
+    pub fn consume_transmit(&mut self, n: usize) {
+        self.tx.drain(..n);
+    }
+
+    /// Queues a request; `None` when `OUTSTANDING_MAX` are outstanding.
+    pub fn request(&mut self, req: Request) -> Option<u64> {
+        let slot = self.outstanding.iter().position(Option::is_none)?;
+        let id = self.next_id;
+        self.next_id += 1;
+        self.outstanding[slot] = Some(Outstanding {
+            id,
+            req,
+            sent: false,
+        });
+        if self.state == ClientState::Ready {
+            self.send_unsent();
+        }
+        Some(id)
+    }
+
+    fn send_unsent(&mut self) {
+        for i in 0..OUTSTANDING_MAX {
+            let Some(o) = self.outstanding[i] else {
+                continue;
+            };
+            if o.sent {
+                continue;
+            }
+            self.send_request(o.id, o.req);
+            if let Some(o) = self.outstanding[i].as_mut() {
+                o.sent = true;
+            }
+        }
+    }
+
+    fn send_request(&mut self, id: u64, req: Request) {
+        let mut lb = [0u8; proto::LIST_HEADER_BYTES + 16];
+        match req {
+            Request::OriginWrite(r) | Request::SnapshotRead(r) | Request::SnapshotWrite(r) => {
+                let Ok(l) = proto::Ranges::from_entries(&[r], &mut lb) else {
+                    return;
+                };
+                let msg = match req {
+                    Request::OriginWrite(_) => Msg::QueryOriginWrite(l),
+                    Request::SnapshotRead(_) => Msg::QuerySnapshotRead(l),
+                    _ => Msg::QuerySnapshotWrite(l),
+                };
+                self.queue(id, &msg);
+            }
+            Request::Create(tag) => self.queue(id, &Msg::CreateSnapshot { tag }),
+            Request::Delete(tag) => self.queue(id, &Msg::DeleteSnapshot { tag }),
+            Request::Priority(tag, priority) => {
+                self.queue(id, &Msg::SetPriority { tag, priority });
+            }
+            Request::List => self.queue(id, &Msg::ListSnapshots),
+            Request::Status => self.queue(id, &Msg::Status),
+        }
+    }
+
+    /// Records read locks granted by a snapshot read reply.
+    pub fn note_locked(&mut self, r: Range) -> bool {
+        for c in r.chunk..r.end() {
+            if let Some(h) = self.held.iter_mut().find(|h| h.0 == c) {
+                h.1 += 1;
+            } else if self.held.len() < HELD_LOCKS_MAX {
+                self.held.push((c, 1));
+            } else {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Queues the release of read locks after the origin read completed.
+    pub fn release(&mut self, r: Range) {
+        for c in r.chunk..r.end() {
+            if let Some(i) = self.held.iter().position(|h| h.0 == c) {
+                self.held[i].1 -= 1;
+                if self.held[i].1 == 0 {
+                    self.held.swap_remove(i);
+                }
+            }
+        }
+        if self.state == ClientState::Ready {
+            let mut lb = [0u8; proto::LIST_HEADER_BYTES + 16];
+            if let Ok(l) = proto::Ranges::from_entries(&[r], &mut lb) {
+                self.queue(0, &Msg::FinishSnapshotRead(l));
+            }
+        }
+    }
+
+    /// A frame from the server.
+    pub fn handle_frame(&mut self, frame: &[u8]) -> ClientEvent {
+        let Ok((hdr, msg)) = proto::decode(frame) else {
+            return ClientEvent::Unexpected;
+        };
+        if hdr.incarnation < self.incarnation {
+            return ClientEvent::Stale;
+        }
+        match (self.state, msg) {
+            (ClientState::ExpectHelloOk, Msg::HelloOk { .. }) => {
+                self.incarnation = hdr.incarnation;
+                if self.cfg.role == Role::Client {
+                    self.state = ClientState::ExpectIdentifyOk;
+                    self.queue(
+                        0,
+                        &Msg::Identify {
+                            client_id: self.cfg.client_id,
+                            node_id: self.cfg.node_id,
+                            volume: self.cfg.volume,
+                            origin_uuid: self.cfg.origin_uuid,
+                            volume_size_bytes: 0,
+                            chunk_size_bytes: 0,
+                        },
+                    );
+                    ClientEvent::None
+                } else {
+                    self.become_ready()
+                }
+            }
+            (
+                ClientState::ExpectIdentifyOk,
+                Msg::IdentifyOk {
+                    chunk_size_bytes,
+                    origin_size_bytes,
+                    ..
+                },
+            ) => {
+                self.chunk_size_bytes = chunk_size_bytes;
+                self.origin_size_bytes = origin_size_bytes;
+                if self.held.is_empty() {
+                    return self.become_ready();
+                }
+                // Upload the read locks still held, in runs of one chunk.
+                let mut i = 0;
+                while i < self.held.len() {
+                    let mut b = [0u8; proto::RANGES_BYTES_MAX];
+                    let mut lb = proto::RangesBuilder::new(&mut b).expect("buffer fits");
+                    while i < self.held.len() && lb.remaining() > 0 {
+                        let (c, n) = self.held[i];
+                        for _ in 0..n {
+                            if lb.remaining() == 0 {
+                                break;
+                            }
+                            let _ = lb.push(Range {
+                                chunk: c,
+                                chunks: 1,
+                            });
+                        }
+                        i += 1;
+                    }
+                    let l = lb.finish();
+                    self.queue(0, &Msg::UploadLocks(l));
+                }
+                self.queue(0, &Msg::FinishUpload);
+                self.state = ClientState::Uploading;
+                ClientEvent::None
+            }
+            (ClientState::Uploading, Msg::UploadOk) => self.become_ready(),
+            (
+                ClientState::ExpectHelloOk | ClientState::ExpectIdentifyOk | ClientState::Uploading,
+                Msg::Error { code, .. },
+            ) => {
+                self.state = ClientState::Failed(code);
+                ClientEvent::Refused(code)
+            }
+            (ClientState::Ready, m) => {
+                if hdr.incarnation > self.incarnation {
+                    // A reply from a newer incarnation without a new
+                    // handshake cannot happen on one connection.
+                    return ClientEvent::Unexpected;
+                }
+                let id = hdr.request_id;
+                let Some(slot) = self
+                    .outstanding
+                    .iter()
+                    .position(|o| o.is_some_and(|o| o.id == id))
+                else {
+                    return ClientEvent::Unexpected;
+                };
+                if !m.kind().is_reply() {
+                    return ClientEvent::Unexpected;
+                }
+                self.outstanding[slot] = None;
+                ClientEvent::Reply { id }
+            }
+            _ => ClientEvent::Unexpected,
+        }
+    }
+
+    fn become_ready(&mut self) -> ClientEvent {
+        self.state = ClientState::Ready;
+        self.send_unsent();
+        ClientEvent::Ready
+    }
+}

@@ -1,0 +1,401 @@
+//! The server process: a mio loop over the listeners and connections that
+//! drives the sans-IO `Server` FSM, and the store worker thread behind two
+//! fixed rings.
+//!
+//! Threads:
+//! - the network thread (the caller of `ServerLoop::run`): sockets only; its
+//!   step is bounded by socket reads and writes and ring hand-offs;
+//! - the store worker thread: store operations, copy-outs, commits (disk
+//!   I/O), in batches (group commit); it wakes the network thread through a
+//!   mio `Waker` when replies are ready.
+
+use std::io::{self, Read, Write};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use csnap_fsm::server::{ConnId, Server, ServerConfig, ServerEvent};
+use csnap_fsm::store_ops::{StoreReply, StoreRequest};
+use csnap_proto::{FrameReader, FRAME_MAX_BYTES};
+use csnap_store::disk::Disk;
+use mio::{Events, Interest, Poll, Token, Waker};
+
+use crate::net::{Addr, MioListener, MioStream};
+use crate::ring::{PopError, Ring};
+use crate::store_worker::StoreWorker;
+
+const WAKER: Token = Token(usize::MAX - 1);
+const LISTENER_BASE: usize = usize::MAX - 64;
+
+/// Readiness events handled per loop turn.
+const EVENTS_MAX: usize = 1024;
+
+/// Requests the store worker takes in one batch (one commit).
+pub const BATCH_MAX: usize = 256;
+
+struct Conn {
+    stream: MioStream,
+    closing: bool,
+    paused: bool,
+}
+
+/// The running server.
+pub struct ServerLoop {
+    poll: Poll,
+    events: Events,
+    listeners: Vec<MioListener>,
+    conns: Vec<Option<Conn>>,
+    readers: Vec<FrameReader<Box<[u8]>>>,
+    fsm: Server,
+    requests: Ring<StoreRequest>,
+    replies: Ring<StoreReply>,
+    worker: Option<JoinHandle<()>>,
+    refuse_buf: [u8; 512],
+    ready: Vec<(Token, bool, bool, bool)>,
+}
+
+impl std::fmt::Debug for ServerLoop {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerLoop").finish_non_exhaustive()
+    }
+}
+
+/// Why the loop stopped.
+#[derive(Debug)]
+pub enum Stop {
+    /// The store failed (I/O error or corruption); the journal is intact and a
+    /// restart replays it.
+    StoreFailed,
+    /// An I/O error of the event loop itself.
+    Io(io::Error),
+}
+
+impl ServerLoop {
+    /// Binds the listeners, reserves every buffer, and starts the store worker
+    /// thread over `worker`.
+    pub fn new<D, O>(
+        cfg: ServerConfig,
+        listen: &[Addr],
+        worker: StoreWorker<D, O>,
+    ) -> io::Result<ServerLoop>
+    where
+        D: Disk + Send + 'static,
+        O: Disk + Send + 'static,
+    {
+        let poll = Poll::new()?;
+        let mut listeners = Vec::with_capacity(listen.len());
+        for (i, a) in listen.iter().enumerate() {
+            let mut l = MioListener::bind(a)?;
+            poll.registry()
+                .register(&mut l, Token(LISTENER_BASE + i), Interest::READABLE)?;
+            listeners.push(l);
+        }
+        let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
+        let slots = cfg.clients * cfg.requests_per_client;
+        let ring_cap = slots + 2 * cfg.clients + 1;
+        let requests: Ring<StoreRequest> = Ring::with_capacity(ring_cap);
+        let replies: Ring<StoreReply> = Ring::with_capacity(ring_cap + 64);
+        let mut conns = Vec::with_capacity(cfg.clients);
+        conns.resize_with(cfg.clients, || None);
+        let readers = (0..cfg.clients)
+            .map(|_| FrameReader::new(vec![0u8; FRAME_MAX_BYTES].into_boxed_slice()))
+            .collect();
+        let (rq, rp, wk) = (requests.clone(), replies.clone(), waker.clone());
+        let handle = std::thread::Builder::new()
+            .name("csnap-store".into())
+            .spawn(move || store_thread(worker, rq, rp, wk))?;
+        Ok(ServerLoop {
+            poll,
+            events: Events::with_capacity(EVENTS_MAX),
+            listeners,
+            conns,
+            readers,
+            fsm: Server::new(cfg),
+            requests,
+            replies,
+            worker: Some(handle),
+            refuse_buf: [0u8; 512],
+            ready: Vec::with_capacity(EVENTS_MAX),
+        })
+    }
+
+    /// The bound addresses (TCP ports resolved).
+    pub fn local_addrs(&self) -> Vec<Addr> {
+        self.listeners
+            .iter()
+            .filter_map(|l| l.local_addr().ok())
+            .collect()
+    }
+
+    /// Serves until the store fails or the loop itself fails.
+    pub fn run(&mut self) -> Stop {
+        loop {
+            if let Err(e) = self.poll.poll(&mut self.events, None) {
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Stop::Io(e);
+            }
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            self.fsm.set_now(now);
+            self.ready.clear();
+            for ev in self.events.iter() {
+                self.ready.push((
+                    ev.token(),
+                    ev.is_readable(),
+                    ev.is_writable(),
+                    ev.is_read_closed() || ev.is_error(),
+                ));
+            }
+            for k in 0..self.ready.len() {
+                let (token, readable, writable, closed) = self.ready[k];
+                match token {
+                    WAKER => self.drain_replies(),
+                    Token(t) if t >= LISTENER_BASE => self.accept(t - LISTENER_BASE),
+                    Token(t) => {
+                        let Ok(conn) = ConnId::try_from(t) else {
+                            continue;
+                        };
+                        if readable || closed {
+                            self.read(conn);
+                        }
+                        if writable {
+                            self.write(conn);
+                        }
+                    }
+                }
+            }
+            self.drain_replies();
+            self.resume_paused();
+            if let Some(stop) = self.pump() {
+                return stop;
+            }
+        }
+    }
+
+    fn accept(&mut self, li: usize) {
+        loop {
+            let stream = match self.listeners[li].accept() {
+                Ok(s) => s,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(_) => return,
+            };
+            match self.fsm.handle_accept() {
+                Some(conn) => {
+                    let mut stream = stream;
+                    let ok = self
+                        .poll
+                        .registry()
+                        .register(
+                            &mut stream,
+                            Token(conn as usize),
+                            Interest::READABLE | Interest::WRITABLE,
+                        )
+                        .is_ok();
+                    if !ok {
+                        self.fsm.handle_disconnect(conn);
+                        continue;
+                    }
+                    self.readers[conn as usize].clear();
+                    self.conns[conn as usize] = Some(Conn {
+                        stream,
+                        closing: false,
+                        paused: false,
+                    });
+                    self.read(conn);
+                }
+                None => {
+                    // The client table is full: say so, best effort, close.
+                    let n = self.fsm.too_many_clients_frame(&mut self.refuse_buf);
+                    let mut stream = stream;
+                    let _ = stream.write(&self.refuse_buf[..n]);
+                }
+            }
+        }
+    }
+
+    /// Hands buffered frames to the FSM while it wants them, reading more
+    /// from the socket when the buffer runs dry.
+    fn read(&mut self, conn: ConnId) {
+        let ci = conn as usize;
+        loop {
+            // Frames already buffered first.
+            loop {
+                if !self.fsm.wants_read(conn) {
+                    if let Some(c) = self.conns[ci].as_mut() {
+                        c.paused = true;
+                    }
+                    return;
+                }
+                match self.readers[ci].next_frame() {
+                    Ok(Some(frame)) => self.fsm.handle_frame(conn, frame),
+                    Ok(None) => break,
+                    Err(e) => {
+                        self.fsm.handle_bad_stream(conn, &e);
+                        return;
+                    }
+                }
+            }
+            let Some(c) = self.conns[ci].as_mut() else {
+                return;
+            };
+            if c.closing {
+                return;
+            }
+            let spare = self.readers[ci].spare();
+            match c.stream.read(spare) {
+                Ok(0) => {
+                    self.drop_conn(conn);
+                    return;
+                }
+                Ok(n) => self.readers[ci].advance(n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    c.paused = false;
+                    return;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => {
+                    self.drop_conn(conn);
+                    return;
+                }
+            }
+        }
+    }
+
+    fn resume_paused(&mut self) {
+        for ci in 0..self.conns.len() {
+            let paused = self.conns[ci]
+                .as_ref()
+                .is_some_and(|c| c.paused && !c.closing);
+            if paused {
+                if let Ok(conn) = ConnId::try_from(ci) {
+                    if self.fsm.wants_read(conn) {
+                        if let Some(c) = self.conns[ci].as_mut() {
+                            c.paused = false;
+                        }
+                        self.read(conn);
+                    }
+                }
+            }
+        }
+    }
+
+    fn write(&mut self, conn: ConnId) {
+        let ci = conn as usize;
+        while self.fsm.has_output(conn) {
+            let Some(c) = self.conns[ci].as_mut() else {
+                return;
+            };
+            match c.stream.write(self.fsm.output(conn)) {
+                Ok(0) => {
+                    self.drop_conn(conn);
+                    return;
+                }
+                Ok(n) => self.fsm.consume_output(conn, n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => {
+                    self.drop_conn(conn);
+                    return;
+                }
+            }
+        }
+        if self.conns[ci].as_ref().is_some_and(|c| c.closing) {
+            self.drop_conn(conn);
+        }
+    }
+
+    fn drop_conn(&mut self, conn: ConnId) {
+        if let Some(mut c) = self.conns[conn as usize].take() {
+            let _ = self.poll.registry().deregister(&mut c.stream);
+            self.fsm.handle_disconnect(conn);
+            self.readers[conn as usize].clear();
+        }
+    }
+
+    fn drain_replies(&mut self) {
+        while let Ok(r) = self.replies.try_pop() {
+            self.fsm.handle_store_reply(&r);
+        }
+    }
+
+    /// Moves FSM output to the worker and the sockets.
+    fn pump(&mut self) -> Option<Stop> {
+        while let Some(req) = self.fsm.poll_store_request() {
+            if self.requests.push(req).is_err() {
+                // Sized for every slot: cannot happen unless the worker died.
+                return Some(Stop::StoreFailed);
+            }
+        }
+        while let Some(conn) = self.fsm.poll_output() {
+            self.write(conn);
+        }
+        while let Some(conn) = self.fsm.poll_close() {
+            if let Some(c) = self.conns[conn as usize].as_mut() {
+                c.closing = true;
+            }
+            self.write(conn);
+        }
+        while let Some(ev) = self.fsm.poll_event() {
+            match ev {
+                ServerEvent::AutoDeleted { tag } => {
+                    eprintln!("csnap server: store full: deleted snapshot {tag} (lowest priority, not in use) to make room");
+                }
+                ServerEvent::StoreFailed => {
+                    eprintln!("csnap server: the snapshot store failed; stopping (a restart replays the journal)");
+                    return Some(Stop::StoreFailed);
+                }
+            }
+        }
+        None
+    }
+}
+
+impl Drop for ServerLoop {
+    fn drop(&mut self) {
+        self.requests.close();
+        if let Some(h) = self.worker.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+fn store_thread<D: Disk, O: Disk>(
+    mut worker: StoreWorker<D, O>,
+    requests: Ring<StoreRequest>,
+    replies: Ring<StoreReply>,
+    waker: Arc<Waker>,
+) {
+    let mut batch: Vec<StoreRequest> = Vec::with_capacity(BATCH_MAX);
+    loop {
+        let first = if worker.has_background_work() {
+            match requests.try_pop() {
+                Ok(r) => r,
+                Err(PopError::Empty) => {
+                    worker.background_step();
+                    continue;
+                }
+                Err(PopError::Closed) => return,
+            }
+        } else {
+            match requests.pop_blocking() {
+                Ok(r) => r,
+                Err(_) => return,
+            }
+        };
+        batch.clear();
+        batch.push(first);
+        while batch.len() < BATCH_MAX {
+            match requests.try_pop() {
+                Ok(r) => batch.push(r),
+                Err(_) => break,
+            }
+        }
+        worker.run_batch(&batch, &mut |r| {
+            // Sized for every request plus notifications.
+            let _ = replies.push(r);
+        });
+        let _ = waker.wake();
+    }
+}
