@@ -1,4 +1,5 @@
-//! The csnap binary. Subcommands so far: `format` and `check`.
+//! The csnap binary: `format`, `check`, `server`, `snapshot`, `status`, `demo`,
+//! and `io` (a scriptable volume client used by tests).
 //!
 //! Exit status: 0 success; 1 the command ran and failed (`check`: the store
 //! has problems; `format`: the store could not be formatted); 2 usage error or
@@ -11,9 +12,13 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 mod check;
+mod demo;
 mod device;
 mod format;
+mod io_cmd;
+mod server_cmd;
 mod size;
+mod snapshot_cmd;
 
 /// Exit status of a command that ran and failed.
 pub const EXIT_FAILED: u8 = 1;
@@ -39,6 +44,17 @@ enum Command {
     Format(FormatArgs),
     /// Check a snapshot store offline (read-only) and list every problem.
     Check(CheckArgs),
+    /// Serve a store: snapshot metadata and read locks for clients.
+    Server(server_cmd::ServerArgs),
+    /// Create, delete, list or prioritise snapshots through a server.
+    Snapshot(snapshot_cmd::SnapshotArgs),
+    /// Show a server's status.
+    Status(snapshot_cmd::StatusArgs),
+    /// A self-checking scenario on files in a temporary directory.
+    Demo(demo::DemoArgs),
+    /// A volume client driven by commands on standard input (for tests).
+    #[command(hide = true)]
+    Io(io_cmd::IoArgs),
 }
 
 /// What the store does when a copy-out finds no free chunk.
@@ -121,6 +137,11 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Format(args) => format::run(&args),
         Command::Check(args) => check::run(&args),
+        Command::Server(args) => server_cmd::run(&args),
+        Command::Snapshot(args) => snapshot_cmd::run(&args),
+        Command::Status(args) => snapshot_cmd::status(&args),
+        Command::Demo(args) => demo::run(&args),
+        Command::Io(args) => io_cmd::run(&args),
     }
 }
 

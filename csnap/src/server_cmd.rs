@@ -1,0 +1,149 @@
+//! `csnap server`: opens the store (replaying its journal), takes the next
+//! incarnation durably, and serves on every `--listen` address until the
+//! store fails.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Args;
+use csnap_fsm::server::{Server, ServerConfig};
+use csnap_io::net::Addr;
+use csnap_io::server::{ServerLoop, Stop, BATCH_MAX};
+use csnap_io::store_worker::StoreWorker;
+use csnap_store::disk::FileDisk;
+use csnap_store::{OpenOptions, Store};
+
+use crate::device::require_device;
+use crate::{error, EXIT_FAILED, EXIT_USAGE};
+
+#[derive(Debug, Args)]
+pub struct ServerArgs {
+    /// Origin volume (regular file or block device).
+    #[arg(long, value_name = "PATH")]
+    pub origin: PathBuf,
+    /// Snapshot store formatted for that origin.
+    #[arg(long, value_name = "PATH")]
+    pub store: PathBuf,
+    /// Address to listen on: a unix socket path, or host:port. Repeatable.
+    #[arg(long, value_name = "ADDR", required = true)]
+    pub listen: Vec<String>,
+    /// Client connections served at once.
+    #[arg(long, value_name = "N", default_value_t = csnap_pools::CLIENTS_DEFAULT as u64,
+          value_parser = clap::value_parser!(u64).range(1..=csnap_pools::CLIENTS_MAX as u64))]
+    pub clients: u64,
+    /// Requests one client may have in flight.
+    #[arg(long, value_name = "N", default_value_t = csnap_pools::REQUESTS_PER_CLIENT_DEFAULT as u64,
+          value_parser = clap::value_parser!(u64).range(1..=csnap_pools::REQUESTS_PER_CLIENT_MAX as u64))]
+    pub requests_per_client: u64,
+    /// Read locks held at once.
+    #[arg(long, value_name = "N", default_value_t = csnap_pools::READ_LOCKS_DEFAULT as u64,
+          value_parser = clap::value_parser!(u64).range(1..=csnap_pools::READ_LOCKS_MAX as u64))]
+    pub read_locks: u64,
+    /// Metadata cache, in 4 KiB blocks.
+    #[arg(long, value_name = "N", default_value_t = csnap_pools::CACHE_DEFAULT_BLOCKS as u64,
+          value_parser = clap::value_parser!(u64).range(csnap_pools::CACHE_MIN_BLOCKS as u64..=(1 << 24)))]
+    pub cache_blocks: u64,
+}
+
+fn usize_of(v: u64) -> usize {
+    usize::try_from(v).unwrap_or(usize::MAX)
+}
+
+pub fn run(args: &ServerArgs) -> ExitCode {
+    match serve(args) {
+        Ok(code) => code,
+        Err(e) => {
+            error(&e);
+            ExitCode::from(EXIT_USAGE)
+        }
+    }
+}
+
+fn serve(args: &ServerArgs) -> Result<ExitCode, String> {
+    require_device(&args.origin, "origin")?;
+    require_device(&args.store, "store")?;
+    let mut listen = Vec::new();
+    for a in &args.listen {
+        listen.push(Addr::parse(a).map_err(|e| format!("--listen {a}: {e}"))?);
+    }
+    let sd = FileDisk::open(&args.store)
+        .map_err(|e| format!("cannot open store {}: {e}", args.store.display()))?;
+    let od = FileDisk::open(&args.origin)
+        .map_err(|e| format!("cannot open origin {}: {e}", args.origin.display()))?;
+    let mut store = Store::open(
+        sd,
+        &OpenOptions {
+            cache_blocks: usize_of(args.cache_blocks),
+        },
+    )
+    .map_err(|e| format!("store {}: {e}", args.store.display()))?;
+    let label = *store.label();
+    if od.size_bytes_u64() < label.origin_size_bytes {
+        return Err(format!(
+            "origin {} is {} bytes; the store was formatted for an origin of {} bytes",
+            args.origin.display(),
+            od.size_bytes_u64(),
+            label.origin_size_bytes
+        ));
+    }
+    let r = store.replay_report();
+    if r.commits > 0 {
+        eprintln!(
+            "csnap server: replayed {} journal commit(s), {} block(s)",
+            r.commits, r.blocks
+        );
+    }
+    let incarnation = store
+        .bump_incarnation()
+        .and_then(|i| store.commit().map(|_| i))
+        .map_err(|e| format!("cannot take the next incarnation: {e}"))?;
+    let cfg = ServerConfig {
+        clients: usize_of(args.clients),
+        requests_per_client: usize_of(args.requests_per_client),
+        read_locks: usize_of(args.read_locks),
+        incarnation,
+        server_id: u64::from_le_bytes(label.store_uuid[..8].try_into().unwrap_or([0; 8])),
+        chunk_size_bytes: label.chunk_size_bytes,
+        origin_size_bytes: label.origin_size_bytes,
+        origin_uuid: label.origin_uuid,
+    };
+    let reserved = Server::reserved_bytes(&cfg)
+        + csnap_pools::store_reserved_bytes(usize_of(args.cache_blocks));
+    let worker = StoreWorker::new(store, od, BATCH_MAX);
+    let mut lp =
+        ServerLoop::new(cfg, &listen, worker).map_err(|e| format!("cannot listen: {e}"))?;
+    for a in lp.local_addrs() {
+        eprintln!("csnap server: listening on {a}");
+    }
+    eprintln!(
+        "csnap server: incarnation {incarnation}, chunk {} bytes, origin {} bytes, {} clients x {} requests, {} read locks, {} bytes reserved",
+        label.chunk_size_bytes,
+        label.origin_size_bytes,
+        cfg.clients,
+        cfg.requests_per_client,
+        cfg.read_locks,
+        reserved
+    );
+    match lp.run() {
+        Stop::StoreFailed => {
+            error("the snapshot store failed; restart the server to replay the journal");
+            Ok(ExitCode::from(EXIT_FAILED))
+        }
+        Stop::Io(e) => {
+            error(&format!("event loop failed: {e}"));
+            Ok(ExitCode::from(EXIT_FAILED))
+        }
+    }
+}
+
+/// Size helper on the origin disk.
+trait SizeBytes {
+    fn size_bytes_u64(&self) -> u64;
+}
+
+impl SizeBytes for FileDisk {
+    fn size_bytes_u64(&self) -> u64 {
+        use csnap_store::disk::Disk;
+        self.size_bytes()
+    }
+}
