@@ -39,23 +39,8 @@ pub fn same_device(a: &Metadata, b: &Metadata) -> bool {
 /// 16 random bytes from the kernel.
 pub fn random_uuid() -> Result<[u8; 16], String> {
     let mut b = [0u8; 16];
-    let mut filled = 0usize;
-    while filled < b.len() {
-        let rest = &mut b[filled..];
-        // SAFETY: the pointer and length describe `rest`, a live, writable,
-        // exclusively borrowed slice of a local array; getrandom writes at most
-        // `rest.len()` bytes into it and keeps no reference after returning.
-        let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
-        match usize::try_from(n) {
-            Ok(n) => filled += n,
-            Err(_) => {
-                let e = std::io::Error::last_os_error();
-                if e.kind() != std::io::ErrorKind::Interrupted {
-                    return Err(format!("cannot get random bytes for a UUID: {e}"));
-                }
-            }
-        }
-    }
+    csnap_sys::random_bytes(&mut b)
+        .map_err(|e| format!("cannot get random bytes for a UUID: {e}"))?;
     Ok(b)
 }
 

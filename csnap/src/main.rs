@@ -5,6 +5,8 @@
 //! has problems; `format`: the store could not be formatted); 2 usage error or
 //! a file that cannot be used at all (missing, a directory, not a csnap store).
 
+#![forbid(unsafe_code)]
+
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -19,6 +21,10 @@ mod io_cmd;
 mod server_cmd;
 mod size;
 mod snapshot_cmd;
+
+/// The sealed heap: `csnap server` seals it once its pools exist.
+#[global_allocator]
+static ALLOC: csnap_sys::alloc::SealedAlloc = csnap_sys::alloc::SealedAlloc::new();
 
 /// Exit status of a command that ran and failed.
 pub const EXIT_FAILED: u8 = 1;

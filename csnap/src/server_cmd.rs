@@ -39,10 +39,31 @@ pub struct ServerArgs {
     #[arg(long, value_name = "N", default_value_t = csnap_pools::READ_LOCKS_DEFAULT as u64,
           value_parser = clap::value_parser!(u64).range(1..=csnap_pools::READ_LOCKS_MAX as u64))]
     pub read_locks: u64,
+    /// Do not lock memory (development only: page faults, and so memory
+    /// inversion, become possible).
+    #[arg(long)]
+    pub no_mlock: bool,
+    /// What an allocation in the serving phase does: abort (production),
+    /// count, report (print its backtrace), or off.
+    #[arg(long, value_enum, default_value_t = SealMode::Abort)]
+    pub seal: SealMode,
     /// Metadata cache, in 4 KiB blocks.
     #[arg(long, value_name = "N", default_value_t = csnap_pools::CACHE_DEFAULT_BLOCKS as u64,
           value_parser = clap::value_parser!(u64).range(csnap_pools::CACHE_MIN_BLOCKS as u64..=(1 << 24)))]
     pub cache_blocks: u64,
+}
+
+/// `--seal` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SealMode {
+    /// Abort the server with a message naming the phase.
+    Abort,
+    /// Count (reported at exit and by tests).
+    Count,
+    /// Print a backtrace of every offending call site and go on.
+    Report,
+    /// Do not seal the heap.
+    Off,
 }
 
 fn usize_of(v: u64) -> usize {
@@ -124,6 +145,33 @@ fn serve(args: &ServerArgs) -> Result<ExitCode, String> {
         cfg.read_locks,
         reserved
     );
+    if args.no_mlock {
+        eprintln!("csnap server: WARNING: --no-mlock: memory is not locked; page faults (and memory inversion under pressure) are possible. Development use only.");
+    } else if let Err(e) = csnap_sys::mem::lock_all() {
+        return Err(format!(
+            "cannot lock memory (mlockall): {e}; run as root or with CAP_IPC_LOCK, or pass --no-mlock for development"
+        ));
+    }
+    csnap_sys::mem::prefault_stack(STACK_BUDGET_BYTES);
+    if let Err(e) = csnap_sys::mem::set_io_flusher() {
+        eprintln!("csnap server: note: PR_SET_IO_FLUSHER not set ({e})");
+    }
+    if let Err(e) = csnap_sys::mem::set_oom_score_adj(-1000) {
+        eprintln!("csnap server: note: oom_score_adj not set ({e})");
+    }
+    let mode = match args.seal {
+        SealMode::Abort => Some(csnap_sys::alloc::Mode::Abort),
+        SealMode::Count => Some(csnap_sys::alloc::Mode::Count),
+        SealMode::Report => Some(csnap_sys::alloc::Mode::Report),
+        SealMode::Off => None,
+    };
+    if let Some(m) = mode {
+        csnap_sys::alloc::seal(m);
+        eprintln!(
+            "csnap server: heap sealed ({:?} on allocation); serving",
+            args.seal
+        );
+    }
     match lp.run() {
         Stop::StoreFailed => {
             error("the snapshot store failed; restart the server to replay the journal");
@@ -135,6 +183,9 @@ fn serve(args: &ServerArgs) -> Result<ExitCode, String> {
         }
     }
 }
+
+/// Stack the serving thread may use, touched before the seal.
+const STACK_BUDGET_BYTES: usize = 256 * 1024;
 
 /// Size helper on the origin disk.
 trait SizeBytes {

@@ -2,6 +2,8 @@
 //! worker thread, and the fixed rings between threads that feed the sans-IO
 //! state machines in `csnap-fsm`.
 
+#![forbid(unsafe_code)]
+
 pub mod client;
 pub mod net;
 pub mod ring;

@@ -1,0 +1,201 @@
+//! The sealed heap: a global allocator over the system allocator with three
+//! phases.
+//!
+//! - **Init**: everything is allowed; pools are reserved.
+//! - **Sealed**: the serving phase. Any allocation, reallocation or free is a
+//!   violation. In `Abort` mode it writes a message naming the phase and the
+//!   size to stderr (with `write(2)`, which does not allocate) and aborts the
+//!   process; in `Count` mode it is counted (and served), so a test can assert
+//!   the count is zero; in `Report` mode it is counted and a backtrace of the
+//!   call site is printed (the report itself allocates, with the check
+//!   suspended), for finding the offender.
+//! - **Teardown**: everything is allowed again (shutdown).
+//!
+//! Install it in a binary with
+//! `#[global_allocator] static A: csnap_sys::alloc::SealedAlloc = SealedAlloc::new();`
+//! and call `seal` once the pools exist.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+
+/// Allocation phase.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Phase {
+    /// Pools are being reserved.
+    Init = 0,
+    /// Serving: no allocation allowed.
+    Sealed = 1,
+    /// Shutting down.
+    Teardown = 2,
+}
+
+/// What a sealed allocation does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Mode {
+    /// Abort the process with a message (production).
+    Abort = 0,
+    /// Count it and serve it (tests).
+    Count = 1,
+    /// Count it, print a backtrace, serve it (finding the call site).
+    Report = 2,
+}
+
+static PHASE: AtomicU8 = AtomicU8::new(Phase::Init as u8);
+static MODE: AtomicU8 = AtomicU8::new(Mode::Abort as u8);
+static SEALED_ALLOCS: AtomicU64 = AtomicU64::new(0);
+static SEALED_FREES: AtomicU64 = AtomicU64::new(0);
+static TOTAL_ALLOCS: AtomicU64 = AtomicU64::new(0);
+static REPORTING: AtomicBool = AtomicBool::new(false);
+
+/// The allocator.
+#[derive(Debug)]
+pub struct SealedAlloc;
+
+impl SealedAlloc {
+    /// The allocator value for `#[global_allocator]`.
+    pub const fn new() -> Self {
+        SealedAlloc
+    }
+}
+
+impl Default for SealedAlloc {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The current phase.
+pub fn phase() -> Phase {
+    match PHASE.load(Ordering::SeqCst) {
+        0 => Phase::Init,
+        1 => Phase::Sealed,
+        _ => Phase::Teardown,
+    }
+}
+
+/// Seals the heap. Asserts the previous phase was Init.
+pub fn seal(mode: Mode) {
+    MODE.store(mode as u8, Ordering::SeqCst);
+    let prev = PHASE.swap(Phase::Sealed as u8, Ordering::SeqCst);
+    assert_eq!(prev, Phase::Init as u8, "seal from a phase other than init");
+}
+
+/// Enters teardown (allocation allowed again).
+pub fn teardown() {
+    PHASE.store(Phase::Teardown as u8, Ordering::SeqCst);
+}
+
+/// Allocations (and reallocations) made while sealed.
+pub fn sealed_allocations() -> u64 {
+    SEALED_ALLOCS.load(Ordering::SeqCst)
+}
+
+/// Frees made while sealed.
+pub fn sealed_frees() -> u64 {
+    SEALED_FREES.load(Ordering::SeqCst)
+}
+
+/// Allocations since start, in any phase.
+pub fn total_allocations() -> u64 {
+    TOTAL_ALLOCS.load(Ordering::Relaxed)
+}
+
+fn write_stderr(parts: &[&[u8]]) {
+    for p in parts {
+        // SAFETY: `p` is a live byte slice; write(2) reads at most `p.len()`
+        // bytes from it and keeps no reference. A short or failed write only
+        // loses diagnostics.
+        let _ = unsafe { libc::write(2, p.as_ptr().cast(), p.len()) };
+    }
+}
+
+fn fmt_u64(mut v: u64, buf: &mut [u8; 20]) -> &[u8] {
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    &buf[i..]
+}
+
+fn violation(what: &[u8], size: usize) {
+    let mode = MODE.load(Ordering::SeqCst);
+    if what == b"free" {
+        SEALED_FREES.fetch_add(1, Ordering::SeqCst);
+    } else {
+        SEALED_ALLOCS.fetch_add(1, Ordering::SeqCst);
+    }
+    if mode == Mode::Count as u8 {
+        return;
+    }
+    let mut nb = [0u8; 20];
+    let n = fmt_u64(size as u64, &mut nb);
+    write_stderr(&[
+        b"csnap: heap violation: ",
+        what,
+        b" of ",
+        n,
+        b" bytes in the sealed phase (serving must not allocate)\n",
+    ]);
+    if mode == Mode::Abort as u8 {
+        std::process::abort();
+    }
+    // Report: a backtrace of the call site; suspend the check meanwhile.
+    if !REPORTING.swap(true, Ordering::SeqCst) {
+        let bt = std::backtrace::Backtrace::force_capture();
+        eprintln!("{bt}");
+        REPORTING.store(false, Ordering::SeqCst);
+    }
+}
+
+fn sealed() -> bool {
+    PHASE.load(Ordering::Relaxed) == Phase::Sealed as u8 && !REPORTING.load(Ordering::Relaxed)
+}
+
+// SAFETY: every method forwards to the system allocator with the caller's
+// arguments unchanged, so it upholds GlobalAlloc's contract exactly as System
+// does; the bookkeeping around it only touches atomics and write(2), neither
+// of which allocates or unwinds.
+unsafe impl GlobalAlloc for SealedAlloc {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        TOTAL_ALLOCS.fetch_add(1, Ordering::Relaxed);
+        if sealed() {
+            violation(b"allocation", layout.size());
+        }
+        // SAFETY: same contract as the caller's: layout has non-zero size.
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        TOTAL_ALLOCS.fetch_add(1, Ordering::Relaxed);
+        if sealed() {
+            violation(b"allocation", layout.size());
+        }
+        // SAFETY: as for alloc.
+        unsafe { System.alloc_zeroed(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        if sealed() {
+            violation(b"free", layout.size());
+        }
+        // SAFETY: ptr was returned by this allocator (which is System) with
+        // this layout, as the caller guarantees.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        TOTAL_ALLOCS.fetch_add(1, Ordering::Relaxed);
+        if sealed() {
+            violation(b"reallocation", new_size);
+        }
+        // SAFETY: as the caller guarantees for realloc.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}

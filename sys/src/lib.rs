@@ -1,0 +1,31 @@
+//! The small sys layer: every `unsafe` block of csnap lives here, each with a
+//! `SAFETY:` comment.
+//!
+//! - `alloc`: the sealed global allocator (phases init, sealed, teardown).
+//! - `mem`: `mlockall`, prefaulting, `PR_SET_IO_FLUSHER`, `oom_score_adj`.
+//! - `random_bytes`: `getrandom(2)`.
+
+pub mod alloc;
+pub mod mem;
+
+/// Fills `b` from the kernel's random source.
+pub fn random_bytes(b: &mut [u8]) -> std::io::Result<()> {
+    let mut filled = 0usize;
+    while filled < b.len() {
+        let rest = &mut b[filled..];
+        // SAFETY: the pointer and length describe `rest`, a live, writable,
+        // exclusively borrowed slice; getrandom writes at most `rest.len()`
+        // bytes into it and keeps no reference after returning.
+        let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
+        match usize::try_from(n) {
+            Ok(n) => filled += n,
+            Err(_) => {
+                let e = std::io::Error::last_os_error();
+                if e.kind() != std::io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+        }
+    }
+    Ok(())
+}
