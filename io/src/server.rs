@@ -29,6 +29,9 @@ const LISTENER_BASE: usize = usize::MAX - 64;
 /// Readiness events handled per loop turn.
 const EVENTS_MAX: usize = 1024;
 
+/// Stack the store worker may use, touched when it starts.
+const WORKER_STACK_BUDGET_BYTES: usize = 256 * 1024;
+
 /// Requests the store worker takes in one batch (one commit).
 pub const BATCH_MAX: usize = 256;
 
@@ -367,6 +370,9 @@ fn store_thread<D: Disk, O: Disk>(
     replies: Ring<StoreReply>,
     waker: Arc<Waker>,
 ) {
+    // Touch this thread's stack budget before serving (with mlockall, the
+    // pages stay resident).
+    csnap_sys::mem::prefault_stack(WORKER_STACK_BUDGET_BYTES);
     let mut batch: Vec<StoreRequest> = Vec::with_capacity(BATCH_MAX);
     loop {
         let first = if worker.has_background_work() {
