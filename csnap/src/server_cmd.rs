@@ -47,6 +47,13 @@ pub struct ServerArgs {
     /// count, report (print its backtrace), or off.
     #[arg(long, value_enum, default_value_t = SealMode::Abort)]
     pub seal: SealMode,
+    /// Do not install the seccomp whitelist (for tools such as valgrind that
+    /// cannot run under a filter).
+    #[arg(long)]
+    pub no_seccomp: bool,
+    /// Test hook: make a forbidden syscall (open) once serving.
+    #[arg(long, hide = true)]
+    pub test_forbidden_syscall: bool,
     /// Metadata cache, in 4 KiB blocks.
     #[arg(long, value_name = "N", default_value_t = csnap_pools::CACHE_DEFAULT_BLOCKS as u64,
           value_parser = clap::value_parser!(u64).range(csnap_pools::CACHE_MIN_BLOCKS as u64..=(1 << 24)))]
@@ -130,9 +137,22 @@ fn serve(args: &ServerArgs) -> Result<ExitCode, String> {
     };
     let reserved = Server::reserved_bytes(&cfg)
         + csnap_pools::store_reserved_bytes(usize_of(args.cache_blocks));
+    // Seccomp: compiled now (it allocates), installed per thread as each
+    // enters the serving phase.
+    let filters = if args.no_seccomp {
+        eprintln!("csnap server: WARNING: --no-seccomp: the syscall whitelist is not enforced. Development use only.");
+        None
+    } else {
+        csnap_sys::seccomp::install_sigsys_reporter()
+            .map_err(|e| format!("cannot install the SIGSYS reporter: {e}"))?;
+        let net = csnap_sys::seccomp::compile(&csnap_audit::numbers(csnap_audit::SERVING_NETWORK))?;
+        let st = csnap_sys::seccomp::compile(&csnap_audit::numbers(csnap_audit::SERVING_STORE))?;
+        Some((net, st))
+    };
     let worker = StoreWorker::new(store, od, BATCH_MAX);
-    let mut lp =
-        ServerLoop::new(cfg, &listen, worker).map_err(|e| format!("cannot listen: {e}"))?;
+    let worker_filter = filters.as_ref().map(|f| f.1.clone());
+    let mut lp = ServerLoop::with_worker_filter(cfg, &listen, worker, worker_filter)
+        .map_err(|e| format!("cannot listen: {e}"))?;
     for a in lp.local_addrs() {
         eprintln!("csnap server: listening on {a}");
     }
@@ -167,12 +187,21 @@ fn serve(args: &ServerArgs) -> Result<ExitCode, String> {
     };
     if let Some(m) = mode {
         csnap_sys::alloc::seal(m);
-        eprintln!(
-            "csnap server: heap sealed ({:?} on allocation); serving",
-            args.seal
-        );
+        eprintln!("csnap server: heap sealed ({:?} on allocation)", args.seal);
     }
-    match lp.run() {
+    if let Some((net, _)) = &filters {
+        net.install()
+            .map_err(|e| format!("cannot install the seccomp filter: {e}"))?;
+    }
+    eprintln!("csnap server: serving");
+    let mut forbidden = args.test_forbidden_syscall;
+    let mut hook = move || {
+        if forbidden {
+            forbidden = false;
+            csnap_sys::seccomp::forbidden_open_for_tests();
+        }
+    };
+    match lp.run_with(&mut hook) {
         Stop::StoreFailed => {
             error("the snapshot store failed; restart the server to replay the journal");
             Ok(ExitCode::from(EXIT_FAILED))

@@ -77,7 +77,12 @@ fn start(d: &Path, store_size: &str, extra: &[&str]) -> (Server, Addr) {
     let start = Instant::now();
     while std::os::unix::net::UnixStream::connect(&sock).is_err() {
         if let Ok(Some(st)) = s.0.try_wait() {
-            panic!("server exited at start: {st}");
+            let mut err = String::new();
+            if let Some(mut e) = s.0.stderr.take() {
+                use std::io::Read;
+                let _ = e.read_to_string(&mut err);
+            }
+            panic!("server exited at start: {st}; stderr:\n{err}");
         }
         assert!(
             start.elapsed() < Duration::from_secs(20),
@@ -204,6 +209,7 @@ fn sealed_server_serves_100k_mixed_requests_without_allocating() {
         other => panic!("expected a refusal past --clients, got {other:?}"),
     }
     drop(hold);
+    std::thread::sleep(Duration::from_millis(100));
     alive(&mut s, "after the pool-exhaustion episode");
     // Warm-up round, then the measured rounds.
     total += workload(&addr, &d, 1, 10_000);
@@ -216,6 +222,15 @@ fn sealed_server_serves_100k_mixed_requests_without_allocating() {
     alive(&mut s, "after round 3");
     let f2 = faults(pid);
     assert!(total >= 100_000, "only {total} requests");
+    // Every thread of the server runs under its seccomp filter.
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let st = std::fs::read_to_string(t.unwrap().path().join("status")).unwrap();
+        assert!(
+            st.lines()
+                .any(|l| l.split_whitespace().collect::<Vec<_>>() == ["Seccomp:", "2"]),
+            "a server thread is not in seccomp filter mode"
+        );
+    }
     let (lck, rss) = proc_status(pid);
     eprintln!(
         "{total} requests; VmLck {lck} kB, VmRSS {rss} kB; faults (minor, major) after warm-up {f0:?}, after round 2 {f1:?}, after round 3 {f2:?}"

@@ -54,6 +54,7 @@ pub struct ServerLoop {
     worker: Option<JoinHandle<()>>,
     refuse_buf: [u8; 512],
     ready: Vec<(Token, bool, bool, bool)>,
+    _worker_ready: std::sync::mpsc::Receiver<Result<(), String>>,
 }
 
 impl std::fmt::Debug for ServerLoop {
@@ -84,6 +85,21 @@ impl ServerLoop {
         D: Disk + Send + 'static,
         O: Disk + Send + 'static,
     {
+        Self::with_worker_filter(cfg, listen, worker, None)
+    }
+
+    /// As `new`, and the store worker installs `filter` (its serving-phase
+    /// syscall whitelist) before it takes its first request.
+    pub fn with_worker_filter<D, O>(
+        cfg: ServerConfig,
+        listen: &[Addr],
+        worker: StoreWorker<D, O>,
+        filter: Option<csnap_sys::seccomp::Filter>,
+    ) -> io::Result<ServerLoop>
+    where
+        D: Disk + Send + 'static,
+        O: Disk + Send + 'static,
+    {
         let poll = Poll::new()?;
         let mut listeners = Vec::with_capacity(listen.len());
         for (i, a) in listen.iter().enumerate() {
@@ -103,9 +119,20 @@ impl ServerLoop {
             .map(|_| FrameReader::new(vec![0u8; FRAME_MAX_BYTES].into_boxed_slice()))
             .collect();
         let (rq, rp, wk) = (requests.clone(), replies.clone(), waker.clone());
+        let batch: Vec<StoreRequest> = Vec::with_capacity(BATCH_MAX);
+        let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel::<Result<(), String>>(1);
         let handle = std::thread::Builder::new()
             .name("csnap-store".into())
-            .spawn(move || store_thread(worker, rq, rp, wk))?;
+            .spawn(move || store_thread(worker, rq, rp, wk, filter, batch, ready_tx))?;
+        // The worker finishes its own init (stack prefault, filter) before
+        // the caller seals the heap and enters the serving phase.
+        // `ready_rx` lives as long as the loop: the worker drops its sender
+        // after the seal, which must not free the channel.
+        match ready_rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(io::Error::other(e)),
+            Err(_) => return Err(io::Error::other("the store worker died at start")),
+        }
         Ok(ServerLoop {
             poll,
             events: Events::with_capacity(EVENTS_MAX),
@@ -118,6 +145,7 @@ impl ServerLoop {
             worker: Some(handle),
             refuse_buf: [0u8; 512],
             ready: Vec::with_capacity(EVENTS_MAX),
+            _worker_ready: ready_rx,
         })
     }
 
@@ -131,7 +159,13 @@ impl ServerLoop {
 
     /// Serves until the store fails or the loop itself fails.
     pub fn run(&mut self) -> Stop {
+        self.run_with(&mut || {})
+    }
+
+    /// As `run`, calling `on_turn` once per loop turn (test hooks).
+    pub fn run_with(&mut self, on_turn: &mut dyn FnMut()) -> Stop {
         loop {
+            on_turn();
             if let Err(e) = self.poll.poll(&mut self.events, None) {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
@@ -369,11 +403,23 @@ fn store_thread<D: Disk, O: Disk>(
     requests: Ring<StoreRequest>,
     replies: Ring<StoreReply>,
     waker: Arc<Waker>,
+    filter: Option<csnap_sys::seccomp::Filter>,
+    mut batch: Vec<StoreRequest>,
+    ready: std::sync::mpsc::SyncSender<Result<(), String>>,
 ) {
     // Touch this thread's stack budget before serving (with mlockall, the
     // pages stay resident).
     csnap_sys::mem::prefault_stack(WORKER_STACK_BUDGET_BYTES);
-    let mut batch: Vec<StoreRequest> = Vec::with_capacity(BATCH_MAX);
+    if let Some(f) = filter {
+        if let Err(e) = f.install() {
+            let _ = ready.send(Err(format!(
+                "cannot install the store worker's seccomp filter: {e}"
+            )));
+            return;
+        }
+    }
+    let _ = ready.send(Ok(()));
+    drop(ready);
     loop {
         let first = if worker.has_background_work() {
             match requests.try_pop() {

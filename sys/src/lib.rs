@@ -7,6 +7,7 @@
 
 pub mod alloc;
 pub mod mem;
+pub mod seccomp;
 
 /// Fills `b` from the kernel's random source.
 pub fn random_bytes(b: &mut [u8]) -> std::io::Result<()> {

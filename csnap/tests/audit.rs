@@ -1,0 +1,279 @@
+//! The syscall audit: `csnap server` runs under `strace -f` with its seccomp
+//! filters enforcing, through a workload that exercises every serving path.
+//! For each thread, the syscalls made after it installed its filter (the
+//! serving phase) are compared with the audited whitelist (`csnap-audit`):
+//! the test fails on a syscall the list lacks and on a rule never used
+//! (except rules marked as exit paths). Also: the death test (a forbidden
+//! syscall in the serving phase kills the server, which names it).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use csnap_audit::{ThreadKind, SERVING_NETWORK, SERVING_STORE};
+use csnap_fsm::client::Request;
+use csnap_io::client::{control, VolumeClient};
+use csnap_io::net::Addr;
+use csnap_proto::Volume;
+
+const BIN: &str = env!("CARGO_BIN_EXE_csnap");
+
+struct Proc(Child);
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("csnap-audit-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn format(d: &Path) {
+    std::fs::write(d.join("origin"), vec![0x33u8; 4 << 20]).unwrap();
+    let st = Command::new(BIN)
+        .args(["format", "--origin"])
+        .arg(d.join("origin"))
+        .arg("--store")
+        .arg(d.join("store"))
+        .args(["--store-size", "48M", "--journal-blocks", "256"])
+        .output()
+        .unwrap();
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+}
+
+fn wait_for(sock: &Path, p: &mut Proc) {
+    let start = Instant::now();
+    while std::os::unix::net::UnixStream::connect(sock).is_err() {
+        if let Ok(Some(st)) = p.0.try_wait() {
+            panic!("server exited at start: {st}");
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "server did not start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn workload(d: &Path, unix: &Addr, tcp: &Addr) {
+    let (origin, store) = (d.join("origin"), d.join("store"));
+    let mut ctl = control(tcp).unwrap();
+    ctl.call(Request::Create(1)).unwrap();
+    let mut o = VolumeClient::open(unix, &origin, &store, Volume::Origin, 1, 1).unwrap();
+    let mut s = VolumeClient::open(tcp, &origin, &store, Volume::Snapshot(1), 2, 1).unwrap();
+    let data = vec![9u8; 100_000];
+    let mut buf = vec![0u8; 100_000];
+    for i in 0..20u64 {
+        s.read_at(&mut buf, i * 100_000).unwrap();
+        o.write_at(&data, i * 100_000).unwrap();
+        s.write_at(&data[..5000], i * 100_000 + 1).unwrap();
+    }
+    ctl.call(Request::List).unwrap();
+    ctl.call(Request::Status).unwrap();
+    drop(s);
+    // Bad input on a raw connection: the server closes it.
+    let mut raw = std::os::unix::net::UnixStream::connect(match unix {
+        Addr::Unix(p) => p,
+        Addr::Tcp(_) => unreachable!(),
+    })
+    .unwrap();
+    raw.write_all(b"garbage that is not a csnap frame").unwrap();
+    let mut sink = Vec::new();
+    let _ = std::io::Read::read_to_end(&mut raw, &mut sink);
+    // Delete (the snapshot client is gone), then more origin writes.
+    for _ in 0..100 {
+        if ctl.call(Request::Delete(1)).is_ok() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    o.write_at(&data, 0).unwrap();
+}
+
+fn syscall_name(line: &str) -> Option<&str> {
+    // "TID name(args" or "TID <... name resumed>" (counted at its start).
+    let rest = line.split_once(' ')?.1.trim_start();
+    if rest.starts_with("<...") || rest.starts_with("---") || rest.starts_with("+++") {
+        return None;
+    }
+    let name = rest.split('(').next()?;
+    name.chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '_')
+        .then_some(name)
+}
+
+#[test]
+fn serving_syscalls_match_the_audited_whitelist() {
+    let have_strace = Command::new("strace")
+        .arg("-V")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(
+        have_strace,
+        "strace is required for the syscall audit (the test command installs it)"
+    );
+    let d = dir("strace");
+    format(&d);
+    let sock = d.join("sock");
+    let trace = d.join("trace");
+    let child = Command::new("strace")
+        .args(["-f", "-qq", "-o"])
+        .arg(&trace)
+        .arg(BIN)
+        .args(["server", "--origin"])
+        .arg(d.join("origin"))
+        .arg("--store")
+        .arg(d.join("store"))
+        .arg("--listen")
+        .arg(&sock)
+        .args(["--listen", "127.0.0.1:0", "--clients", "8"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut p = Proc(child);
+    wait_for(&sock, &mut p);
+    // The TCP port: from the server's "listening on" lines.
+    let mut err = p.0.stderr.take().unwrap();
+    let mut lines = String::new();
+    let start = Instant::now();
+    let tcp = loop {
+        let mut b = [0u8; 4096];
+        let n = std::io::Read::read(&mut err, &mut b).unwrap();
+        lines.push_str(&String::from_utf8_lossy(&b[..n]));
+        if let Some(l) = lines
+            .lines()
+            .find(|l| l.contains("listening on 127.0.0.1:"))
+        {
+            break Addr::parse(l.rsplit(' ').next().unwrap()).unwrap();
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "no TCP address in:\n{lines}"
+        );
+    };
+    while !lines.contains("serving") {
+        let mut b = [0u8; 4096];
+        let n = std::io::Read::read(&mut err, &mut b).unwrap();
+        lines.push_str(&String::from_utf8_lossy(&b[..n]));
+    }
+    workload(&d, &Addr::Unix(sock.clone()), &tcp);
+    std::thread::sleep(Duration::from_millis(200));
+    drop(p);
+    let text = std::fs::read_to_string(&trace).unwrap();
+
+    // Thread kinds: the first TID is the process (the network thread); the
+    // worker names itself csnap-store.
+    let main_tid = text.split_whitespace().next().unwrap().to_string();
+    let worker_tid = text
+        .lines()
+        .find(|l| l.contains("PR_SET_NAME, \"csnap-store\""))
+        .and_then(|l| l.split_whitespace().next())
+        .expect("worker thread in the trace")
+        .to_string();
+    let mut serving: BTreeMap<&str, bool> = BTreeMap::new();
+    let mut used: BTreeMap<ThreadKind, BTreeSet<String>> = BTreeMap::new();
+    for line in text.lines() {
+        let tid = line.split_whitespace().next().unwrap_or("");
+        let kind = if tid == main_tid {
+            ThreadKind::Network
+        } else if tid == worker_tid {
+            ThreadKind::Store
+        } else {
+            continue;
+        };
+        if line.contains("seccomp(SECCOMP_SET_MODE_FILTER") {
+            serving.insert(
+                if kind == ThreadKind::Network {
+                    "net"
+                } else {
+                    "store"
+                },
+                true,
+            );
+            continue;
+        }
+        let key = if kind == ThreadKind::Network {
+            "net"
+        } else {
+            "store"
+        };
+        if !serving.get(key).copied().unwrap_or(false) {
+            continue;
+        }
+        if let Some(name) = syscall_name(line) {
+            used.entry(kind).or_default().insert(name.to_string());
+        }
+    }
+    assert_eq!(serving.len(), 2, "both threads must install a filter");
+    let mut problems = Vec::new();
+    let mut report = String::new();
+    for (kind, table) in [
+        (ThreadKind::Network, SERVING_NETWORK),
+        (ThreadKind::Store, SERVING_STORE),
+    ] {
+        let seen = used.get(&kind).cloned().unwrap_or_default();
+        report.push_str(&format!("serving phase, {kind:?} thread: {seen:?}\n"));
+        for s in &seen {
+            if !table.iter().any(|r| r.name == s) {
+                problems.push(format!(
+                    "{kind:?} thread made {s} in the serving phase; the whitelist lacks it"
+                ));
+            }
+        }
+        for r in table {
+            if r.exercised && !seen.contains(r.name) {
+                problems.push(format!(
+                    "{kind:?} thread never used whitelisted {} ({}) during the audit workload",
+                    r.name, r.why
+                ));
+            }
+        }
+    }
+    eprintln!("{report}");
+    assert!(
+        problems.is_empty(),
+        "syscall audit failed:\n{}\n{report}",
+        problems.join("\n")
+    );
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+#[test]
+fn forbidden_syscall_in_the_serving_phase_kills_the_server_and_names_it() {
+    let d = dir("death");
+    format(&d);
+    let out = Command::new(BIN)
+        .args(["server", "--origin"])
+        .arg(d.join("origin"))
+        .arg("--store")
+        .arg(d.join("store"))
+        .arg("--listen")
+        .arg(d.join("sock"))
+        .arg("--test-forbidden-syscall")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(159), "stderr:\n{err}");
+    assert!(
+        err.contains(&format!("forbidden syscall {}", libc_openat())),
+        "the reporter must name openat: {err}"
+    );
+    // Without the filter the same hook is harmless.
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+fn libc_openat() -> i64 {
+    257
+}
