@@ -135,8 +135,19 @@ fn serve(args: &ServerArgs) -> Result<ExitCode, String> {
         origin_size_bytes: label.origin_size_bytes,
         origin_uuid: label.origin_uuid,
     };
-    let reserved = Server::reserved_bytes(&cfg)
-        + csnap_pools::store_reserved_bytes(usize_of(args.cache_blocks));
+    // The memory budget, one line per pool.
+    let chunk_buf = label.chunk_size_bytes as usize;
+    let net_items = csnap_io::server::ServerLoop::reserved_items(&cfg);
+    let mut reserved = 0usize;
+    for (what, bytes) in Server::reserved_items(&cfg)
+        .iter()
+        .chain(csnap_pools::store_reserved_items(usize_of(args.cache_blocks)).iter())
+        .chain(net_items.iter())
+        .chain([("store worker chunk buffer", chunk_buf)].iter())
+    {
+        eprintln!("csnap server: pool {what}: {bytes} bytes");
+        reserved += bytes;
+    }
     // Seccomp: compiled now (it allocates), installed per thread as each
     // enters the serving phase.
     let filters = if args.no_seccomp {

@@ -318,18 +318,38 @@ impl Server {
         }
     }
 
-    /// Bytes reserved by `new` for this configuration, itemised.
-    pub fn reserved_bytes(cfg: &ServerConfig) -> usize {
+    /// Bytes reserved by `new` for this configuration, one line per pool.
+    pub fn reserved_items(cfg: &ServerConfig) -> [(&'static str, usize); 7] {
         let slots = cfg.clients * cfg.requests_per_client;
-        let mut b = 0;
-        b += cfg.clients * core::mem::size_of::<Session>(); // sessions
-        b += cfg.clients * (cfg.requests_per_client + 4) * REPLY_MAX_BYTES; // output buffers
-        b += slots * (core::mem::size_of::<Option<Inflight>>() + 4); // in-flight slab
-        b += cfg.read_locks * 2 * (48 + 8 + 12); // lock slabs, map
-        b += (slots + 2 * cfg.clients + 1) * core::mem::size_of::<Option<StoreRequest>>(); // store queue
-        b += REPLY_MAX_BYTES; // list scratch
-        b += slots * 4; // woken list
-        b
+        [
+            (
+                "server sessions",
+                cfg.clients * core::mem::size_of::<Session>(),
+            ),
+            (
+                "reply output buffers",
+                cfg.clients * (cfg.requests_per_client + 4) * REPLY_MAX_BYTES,
+            ),
+            (
+                "in-flight request slots",
+                slots * (core::mem::size_of::<Option<Inflight>>() + 4),
+            ),
+            (
+                "read locks, holds and waits",
+                cfg.read_locks * 2 * (48 + 8 + 12),
+            ),
+            (
+                "store request queue",
+                (slots + 2 * cfg.clients + 1) * core::mem::size_of::<Option<StoreRequest>>(),
+            ),
+            ("list scratch", REPLY_MAX_BYTES),
+            ("woken-writes list", slots * 4),
+        ]
+    }
+
+    /// Total of `reserved_items`.
+    pub fn reserved_bytes(cfg: &ServerConfig) -> usize {
+        Self::reserved_items(cfg).iter().map(|(_, b)| b).sum()
     }
 
     /// The state of a connection.

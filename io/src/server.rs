@@ -149,6 +149,25 @@ impl ServerLoop {
         })
     }
 
+    /// Bytes `new` reserves for `cfg`, one line per pool.
+    pub fn reserved_items(cfg: &ServerConfig) -> [(&'static str, usize); 4] {
+        let slots = cfg.clients * cfg.requests_per_client;
+        let ring = slots + 2 * cfg.clients + 1;
+        [
+            ("connection frame readers", cfg.clients * FRAME_MAX_BYTES),
+            ("readiness events", EVENTS_MAX * 64),
+            (
+                "store request and reply rings",
+                ring * core::mem::size_of::<Option<StoreRequest>>()
+                    + (ring + 64) * core::mem::size_of::<Option<StoreReply>>(),
+            ),
+            (
+                "store worker batch",
+                BATCH_MAX * core::mem::size_of::<StoreRequest>(),
+            ),
+        ]
+    }
+
     /// The bound addresses (TCP ports resolved).
     pub fn local_addrs(&self) -> Vec<Addr> {
         self.listeners

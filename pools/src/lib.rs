@@ -96,17 +96,32 @@ const_assert!(JOURNAL_DEFAULT_BLOCKS >= 3 * (TX_BLOCKS_MAX as u64 + 1) + 3);
 const_assert!(CACHE_MIN_BLOCKS > OP_TOUCHED_BLOCKS_MAX + OP_DIRTY_BLOCKS_MAX);
 const_assert!(CACHE_DEFAULT_BLOCKS >= TX_BLOCKS_MAX + OP_TOUCHED_BLOCKS_MAX);
 
-/// Memory the store reserves at open for a cache of `cache_blocks`, itemised.
-/// Every line is one consumer.
+/// Memory the store reserves at open for a cache of `cache_blocks`, one line
+/// per consumer.
+#[must_use]
+pub fn store_reserved_items(cache_blocks: usize) -> [(&'static str, usize); 5] {
+    [
+        ("metadata cache blocks", cache_blocks * BLOCK_SIZE_BYTES),
+        ("metadata cache slot descriptors", cache_blocks * 32),
+        (
+            "metadata cache hash index",
+            cache_blocks.next_power_of_two() * 2 * 4,
+        ),
+        (
+            "journal staging buffer",
+            (TX_BLOCKS_MAX + 3) * BLOCK_SIZE_BYTES,
+        ),
+        ("pending frees of the open transaction", TX_FREES_MAX * 8),
+    ]
+}
+
+/// Total of `store_reserved_items`.
 #[must_use]
 pub fn store_reserved_bytes(cache_blocks: usize) -> usize {
-    let mut bytes = 0;
-    bytes += cache_blocks * BLOCK_SIZE_BYTES; // metadata cache block buffers
-    bytes += cache_blocks * 32; // cache slot descriptors
-    bytes += cache_blocks.next_power_of_two() * 2 * 4; // cache hash index
-    bytes += (TX_BLOCKS_MAX + 1) * BLOCK_SIZE_BYTES; // journal staging buffer
-    bytes += TX_FREES_MAX * 8; // pending frees of the open transaction
-    bytes
+    store_reserved_items(cache_blocks)
+        .iter()
+        .map(|(_, b)| b)
+        .sum()
 }
 
 // ---------------------------------------------------------------------------
