@@ -17,6 +17,10 @@ struct State<T> {
     head: usize,
     len: usize,
     closed: bool,
+    /// Consumers blocked in `pop_blocking`: a push signals the condvar only
+    /// when one is waiting (the network thread is woken through its event
+    /// loop instead, so a futex wake per reply would be wasted).
+    sleepers: usize,
 }
 
 /// One end-agnostic handle to a shared ring.
@@ -55,6 +59,7 @@ impl<T> Ring<T> {
                     head: 0,
                     len: 0,
                     closed: false,
+                    sleepers: 0,
                 }),
                 Condvar::new(),
             )),
@@ -72,8 +77,11 @@ impl<T> Ring<T> {
         let tail = (s.head + s.len) % cap;
         s.slots[tail] = Some(item);
         s.len += 1;
+        let wake = s.sleepers > 0;
         drop(s);
-        cv.notify_one();
+        if wake {
+            cv.notify_one();
+        }
         Ok(())
     }
 
@@ -107,9 +115,11 @@ impl<T> Ring<T> {
         loop {
             match Self::pop_locked(&mut s) {
                 Err(PopError::Empty) => {
+                    s.sleepers += 1;
                     s = cv
                         .wait(s)
                         .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    s.sleepers -= 1;
                 }
                 r => return r,
             }
