@@ -16,6 +16,10 @@
 //!   nor time: code paths that depend on timeouts are not explored.
 //! - Only the primitives behind `csnap_io::sync` are instrumented; mio's waker
 //!   (an eventfd) and the kernel are outside the model.
+//! - The sealed allocator's phase switch (`csnap_sys::alloc`) is one atomic
+//!   store read by SeqCst loads; it is not modelled (std atomics, not loom's).
+//!   The worker-ready hand-off before the seal uses a std channel and is
+//!   covered by the sealed-server test instead.
 
 #[cfg(all(test, csnap_loom))]
 mod ring {
