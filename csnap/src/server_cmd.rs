@@ -94,8 +94,44 @@ fn serve(args: &ServerArgs) -> Result<ExitCode, String> {
     for a in &args.listen {
         listen.push(Addr::parse(a).map_err(|e| format!("--listen {a}: {e}"))?);
     }
-    let sd = FileDisk::open(&args.store)
+    // Listen first: a server that cannot listen writes nothing to the store.
+    let mut listeners = Vec::new();
+    for a in &listen {
+        listeners.push(
+            csnap_io::net::MioListener::bind(a)
+                .map_err(|e| format!("cannot listen on {a}: {e}"))?,
+        );
+    }
+    let mut sd = FileDisk::open(&args.store)
         .map_err(|e| format!("cannot open store {}: {e}", args.store.display()))?;
+    // Configuration errors first: the label (read only) against the origin.
+    let label = csnap_store::read_label(&mut sd)
+        .map_err(|e| format!("store {}: {e}", args.store.display()))?;
+    let origin_size = csnap_store::disk::device_size_bytes(
+        &std::fs::File::open(&args.origin)
+            .map_err(|e| format!("cannot open origin {}: {e}", args.origin.display()))?,
+    )
+    .map_err(|e| format!("origin {}: {e}", args.origin.display()))?;
+    if origin_size < label.origin_size_bytes {
+        return Err(format!(
+            "origin {} is {origin_size} bytes; the store was formatted for an origin of {} bytes",
+            args.origin.display(),
+            label.origin_size_bytes
+        ));
+    }
+    // One server per store on this host: an exclusive lock before the
+    // journal replay touches anything. (Cluster-wide fencing is the
+    // incarnation, see the failover issue.)
+    match csnap_sys::lock_exclusive(sd.file()) {
+        Ok(true) => {}
+        Ok(false) => {
+            return Err(format!(
+                "store {} is in use by another server on this host (locked)",
+                args.store.display()
+            ))
+        }
+        Err(e) => return Err(format!("cannot lock store {}: {e}", args.store.display())),
+    }
     let od = FileDisk::open(&args.origin)
         .map_err(|e| format!("cannot open origin {}: {e}", args.origin.display()))?;
     let mut store = Store::open(
@@ -106,14 +142,6 @@ fn serve(args: &ServerArgs) -> Result<ExitCode, String> {
     )
     .map_err(|e| format!("store {}: {e}", args.store.display()))?;
     let label = *store.label();
-    if od.size_bytes_u64() < label.origin_size_bytes {
-        return Err(format!(
-            "origin {} is {} bytes; the store was formatted for an origin of {} bytes",
-            args.origin.display(),
-            od.size_bytes_u64(),
-            label.origin_size_bytes
-        ));
-    }
     let r = store.replay_report();
     if r.commits > 0 {
         eprintln!(
@@ -150,7 +178,10 @@ fn serve(args: &ServerArgs) -> Result<ExitCode, String> {
     }
     // Seccomp: compiled now (it allocates), installed per thread as each
     // enters the serving phase.
-    let filters = if args.no_seccomp {
+    if args.seal == SealMode::Report && !args.no_seccomp {
+        eprintln!("csnap server: --seal report symbolises backtraces (it opens files): seccomp is off in this mode");
+    }
+    let filters = if args.no_seccomp || args.seal == SealMode::Report {
         eprintln!("csnap server: WARNING: --no-seccomp: the syscall whitelist is not enforced. Development use only.");
         None
     } else {
@@ -162,8 +193,8 @@ fn serve(args: &ServerArgs) -> Result<ExitCode, String> {
     };
     let worker = StoreWorker::new(store, od, BATCH_MAX);
     let worker_filter = filters.as_ref().map(|f| f.1.clone());
-    let mut lp = ServerLoop::with_worker_filter(cfg, &listen, worker, worker_filter)
-        .map_err(|e| format!("cannot listen: {e}"))?;
+    let mut lp = ServerLoop::with_listeners(cfg, listeners, worker, worker_filter)
+        .map_err(|e| format!("cannot start the server loop: {e}"))?;
     for a in lp.local_addrs() {
         eprintln!("csnap server: listening on {a}");
     }
@@ -226,15 +257,3 @@ fn serve(args: &ServerArgs) -> Result<ExitCode, String> {
 
 /// Stack the serving thread may use, touched before the seal.
 const STACK_BUDGET_BYTES: usize = 256 * 1024;
-
-/// Size helper on the origin disk.
-trait SizeBytes {
-    fn size_bytes_u64(&self) -> u64;
-}
-
-impl SizeBytes for FileDisk {
-    fn size_bytes_u64(&self) -> u64 {
-        use csnap_store::disk::Disk;
-        self.size_bytes()
-    }
-}

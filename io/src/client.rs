@@ -96,7 +96,19 @@ impl Connection {
         };
         c.fsm.handle_connect();
         loop {
-            c.flush()?;
+            if let Err(e) = c.flush() {
+                // A server that refuses us (too many clients) writes its
+                // error and closes; our write may fail first. Read what it
+                // said before reporting the broken pipe.
+                if let Ok(ClientEvent::Refused(code)) = c.next_event() {
+                    let text = match proto::decode(&c.reply) {
+                        Ok((_, Msg::Error { text, .. })) => text.to_string(),
+                        _ => String::new(),
+                    };
+                    return Err(ClientError::Server { code, text });
+                }
+                return Err(e);
+            }
             let ev = c.next_event()?;
             match ev {
                 ClientEvent::Ready => return Ok(c),

@@ -100,13 +100,28 @@ impl ServerLoop {
         D: Disk + Send + 'static,
         O: Disk + Send + 'static,
     {
-        let poll = Poll::new()?;
         let mut listeners = Vec::with_capacity(listen.len());
-        for (i, a) in listen.iter().enumerate() {
-            let mut l = MioListener::bind(a)?;
+        for a in listen {
+            listeners.push(MioListener::bind(a)?);
+        }
+        Self::with_listeners(cfg, listeners, worker, filter)
+    }
+
+    /// As `with_worker_filter`, over listeners bound by the caller.
+    pub fn with_listeners<D, O>(
+        cfg: ServerConfig,
+        mut listeners: Vec<MioListener>,
+        worker: StoreWorker<D, O>,
+        filter: Option<csnap_sys::seccomp::Filter>,
+    ) -> io::Result<ServerLoop>
+    where
+        D: Disk + Send + 'static,
+        O: Disk + Send + 'static,
+    {
+        let poll = Poll::new()?;
+        for (i, l) in listeners.iter_mut().enumerate() {
             poll.registry()
-                .register(&mut l, Token(LISTENER_BASE + i), Interest::READABLE)?;
-            listeners.push(l);
+                .register(l, Token(LISTENER_BASE + i), Interest::READABLE)?;
         }
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
         let slots = cfg.clients * cfg.requests_per_client;

@@ -30,3 +30,22 @@ pub fn random_bytes(b: &mut [u8]) -> std::io::Result<()> {
     }
     Ok(())
 }
+
+/// Takes an exclusive, non-blocking `flock` on an open file: one server per
+/// store on this host. Released when the process exits. `Ok(false)` when
+/// another process holds it.
+pub fn lock_exclusive(file: &std::fs::File) -> std::io::Result<bool> {
+    use std::os::unix::io::AsRawFd;
+    // SAFETY: flock takes a descriptor we own (borrowed from a live File) and
+    // flags; it touches no memory of ours.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc == 0 {
+        return Ok(true);
+    }
+    let e = std::io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        Ok(false)
+    } else {
+        Err(e)
+    }
+}
