@@ -152,11 +152,12 @@ fn serving_syscalls_match_the_audited_whitelist() {
         let mut b = [0u8; 4096];
         let n = std::io::Read::read(&mut err, &mut b).unwrap();
         lines.push_str(&String::from_utf8_lossy(&b[..n]));
+        // Whole lines only: a read may end mid-line.
         if let Some(l) = lines
-            .lines()
-            .find(|l| l.contains("listening on 127.0.0.1:"))
+            .split_inclusive('\n')
+            .find(|l| l.ends_with('\n') && l.contains("listening on 127.0.0.1:"))
         {
-            break Addr::parse(l.rsplit(' ').next().unwrap()).unwrap();
+            break Addr::parse(l.trim_end().rsplit(' ').next().unwrap()).unwrap();
         }
         assert!(
             start.elapsed() < Duration::from_secs(30),
