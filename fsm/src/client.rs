@@ -7,7 +7,7 @@
 //! |---|---|---|
 //! | `Disconnected` | start, `handle_disconnect` | `handle_connect` → `ExpectHelloOk` |
 //! | `ExpectHelloOk` | `Hello` queued | `HelloOk` → `ExpectIdentifyOk` (or `Ready` for control) |
-//! | `ExpectIdentifyOk` | `Identify` queued | `IdentifyOk` → `Uploading` (locks held) or `Ready` |
+//! | `ExpectIdentifyOk` | `Identify` queued | `IdentifyOk` → `Uploading` (snapshot volumes: the held locks, possibly none) or `Ready` (origin) |
 //! | `Uploading` | locks queued for upload, `FinishUpload` sent | `UploadOk` → `Ready` |
 //! | `Ready` | | requests flow; unanswered ones are re-queued on reconnect |
 //! | `Failed` | an `Error` to the handshake, or a stale incarnation | terminal until `handle_connect` |
@@ -331,7 +331,9 @@ impl ClientFsm {
             ) => {
                 self.chunk_size_bytes = chunk_size_bytes;
                 self.origin_size_bytes = origin_size_bytes;
-                if self.held.is_empty() {
+                // A snapshot client always finishes a lock upload (possibly
+                // empty): a new incarnation's recovery barrier waits for it.
+                if matches!(self.cfg.volume, Volume::Origin) {
                     return self.become_ready();
                 }
                 // Upload the read locks still held, in runs of one chunk.

@@ -307,6 +307,41 @@ impl LockTable {
         }
     }
 
+    /// Read locks `owner` holds on `chunk`.
+    pub fn hold_count(&self, chunk: u64, owner: u32) -> u32 {
+        let Some(li) = self.map.get(chunk) else {
+            return 0;
+        };
+        let mut h = self.locks.get(li).map_or(NIL, |l| l.hold_head);
+        while h != NIL {
+            let hold = self.holds.get(h).expect("hold list is consistent");
+            if hold.owner == owner {
+                return hold.count;
+            }
+            h = hold.next_in_lock;
+        }
+        0
+    }
+
+    /// Gives every lock of `from` to `to`, which must hold none (a client's
+    /// locks parked while it is away, or adopted when it comes back).
+    pub fn transfer_owner(&mut self, from: u32, to: u32) {
+        assert_eq!(
+            self.owner_head[to as usize], NIL,
+            "transfer to an owner with locks"
+        );
+        let mut h = self.owner_head[from as usize];
+        while h != NIL {
+            let hold = self.holds.get_mut(h).expect("owner list");
+            hold.owner = to;
+            h = hold.next_of_owner;
+        }
+        self.owner_head[to as usize] = self.owner_head[from as usize];
+        self.owner_head[from as usize] = NIL;
+        self.owner_holds[to as usize] = self.owner_holds[from as usize];
+        self.owner_holds[from as usize] = 0;
+    }
+
     /// Makes `pending` wait for `chunk` if it is locked. Returns whether it
     /// waits.
     pub fn wait_if_locked(&mut self, chunk: u64, pending: u32) -> Result<bool, Full> {

@@ -168,6 +168,24 @@ enum InflightKind {
 enum InflightState {
     AtStore,
     Waiting,
+    /// Copy-out committed; held until the recovery barrier lifts.
+    Barrier,
+}
+
+/// A disconnected client whose read locks are kept (its node is still a
+/// member): it may come back and adopt them.
+#[derive(Debug, Clone, Copy)]
+struct Parked {
+    client_id: u64,
+    node_id: u32,
+}
+
+/// A client of the former incarnation that the recovery barrier waits for.
+#[derive(Debug, Clone, Copy)]
+struct Expected {
+    client_id: u64,
+    node_id: u32,
+    done: bool,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -237,6 +255,11 @@ pub struct Server {
     commits: u64,
     failed: bool,
     now_secs: u64,
+    parked: Vec<Option<Parked>>,
+    members: Vec<u32>,
+    membership_known: bool,
+    expected: Vec<Expected>,
+    barrier_writes: u32,
 }
 
 /// Whether a request kind is a control request any session may send.
@@ -297,10 +320,12 @@ impl Server {
             out: vec![0u8; cfg.clients * out_cap],
             out_cap,
             inflight: Slab::with_capacity(slots),
+            // Owners 0..clients are connections; clients..2*clients hold
+            // the locks of parked (disconnected, still member) clients.
             locks: LockTable::new(LockLimits {
                 locks: cfg.read_locks,
                 waits: cfg.read_locks,
-                owners: cfg.clients,
+                owners: 2 * cfg.clients,
                 pendings: slots,
             }),
             // Every slot, plus one identify and one detach per connection.
@@ -315,6 +340,11 @@ impl Server {
             commits: 0,
             failed: false,
             now_secs: 0,
+            parked: vec![None; cfg.clients],
+            members: Vec::with_capacity(csnap_pools::CLIENTS_MAX),
+            membership_known: false,
+            expected: Vec::with_capacity(2 * cfg.clients),
+            barrier_writes: 0,
         }
     }
 
@@ -375,6 +405,104 @@ impl Server {
     /// Whether the store failed (the server must stop).
     pub fn failed(&self) -> bool {
         self.failed
+    }
+
+    /// Whether the server is serving or waiting at the recovery barrier.
+    pub fn state(&self) -> ServerState {
+        self.state
+    }
+
+    /// Origin writes held at the recovery barrier.
+    pub fn barrier_writes(&self) -> u32 {
+        self.barrier_writes
+    }
+
+    /// Clients whose read locks are kept while they are away.
+    pub fn parked_clients(&self) -> usize {
+        self.parked.iter().flatten().count()
+    }
+
+    // -- membership and recovery ---------------------------------------------
+
+    /// Membership says `node` is in the cluster. From the first membership
+    /// event on, a client that disconnects while its node is a member keeps
+    /// its read locks until it comes back or its node leaves; before any, a
+    /// disconnect releases them at once.
+    pub fn handle_node_joined(&mut self, node: u32) {
+        self.membership_known = true;
+        if !self.members.contains(&node) && self.members.len() < self.members.capacity() {
+            self.members.push(node);
+        }
+        self.assert_invariants();
+    }
+
+    /// Membership says `node` left the cluster (and was fenced): its parked
+    /// clients' locks are released, and the recovery barrier stops waiting
+    /// for its clients.
+    pub fn handle_node_left(&mut self, node: u32) {
+        self.membership_known = true;
+        self.members.retain(|&m| m != node);
+        let clients = self.cfg.clients;
+        let mut woken = core::mem::take(&mut self.woken);
+        for p in 0..self.parked.len() {
+            if self.parked[p].is_some_and(|x| x.node_id == node) {
+                self.parked[p] = None;
+                let owner = u32::try_from(clients + p).unwrap_or(u32::MAX);
+                self.locks.release_owner(owner, &mut |w| woken.push(w));
+            }
+        }
+        for w in woken.drain(..) {
+            self.grant_origin_write(w);
+        }
+        self.woken = woken;
+        for e in &mut self.expected {
+            if e.node_id == node {
+                e.done = true;
+            }
+        }
+        self.maybe_end_recovery();
+        self.assert_invariants();
+    }
+
+    /// A new incarnation starts: until every listed snapshot client of the
+    /// former incarnation has reconnected and finished its lock upload, or
+    /// its node has left, no origin write is granted (its copy-out may
+    /// proceed). Identify, lock uploads and snapshot reads are served at once.
+    pub fn begin_recovery(&mut self, expected: &[(u64, u32)]) {
+        self.expected.clear();
+        for &(client_id, node_id) in expected.iter().take(self.expected.capacity()) {
+            self.expected.push(Expected {
+                client_id,
+                node_id,
+                done: false,
+            });
+        }
+        self.state = ServerState::Recovering;
+        self.maybe_end_recovery();
+        self.assert_invariants();
+    }
+
+    fn maybe_end_recovery(&mut self) {
+        if self.state != ServerState::Recovering || self.expected.iter().any(|e| !e.done) {
+            return;
+        }
+        self.state = ServerState::Serving;
+        self.expected.clear();
+        // Writes held at the barrier now check the (uploaded) locks.
+        for k in 0..self.inflight.capacity() {
+            let Ok(token) = u32::try_from(k) else { break };
+            if let Some(f) = self.inflight.get(token).copied() {
+                if f.state == InflightState::Barrier {
+                    self.barrier_writes -= 1;
+                    if let Some(x) = self.inflight.get_mut(token) {
+                        x.state = InflightState::AtStore;
+                    }
+                    if let Some(conn) = f.conn {
+                        self.check_locks_and_grant(token, conn, f);
+                    }
+                }
+            }
+        }
     }
 
     // -- inputs ----------------------------------------------------------------
@@ -641,12 +769,24 @@ impl Server {
                 }
                 for r in ranges.iter() {
                     for c in r.chunk..r.end() {
-                        // Room was checked above.
-                        let _ = self.locks.acquire(c, conn);
+                        // Idempotent: a lock this client kept (or adopted)
+                        // is not taken twice. Room was checked above.
+                        if self.locks.hold_count(c, conn) == 0 {
+                            let _ = self.locks.acquire(c, conn);
+                        }
                     }
                 }
             }
-            (SessionState::Snapshot(_), Msg::FinishUpload) => self.send(conn, rid, &Msg::UploadOk),
+            (SessionState::Snapshot(_), Msg::FinishUpload) => {
+                let id = self.sessions[conn as usize].client_id;
+                for e in &mut self.expected {
+                    if e.client_id == id {
+                        e.done = true;
+                    }
+                }
+                self.send(conn, rid, &Msg::UploadOk);
+                self.maybe_end_recovery();
+            }
             (SessionState::Origin, _) => self.send_error(
                 conn,
                 rid,
@@ -876,7 +1016,28 @@ impl Server {
             return;
         }
         let mut woken = core::mem::take(&mut self.woken);
-        self.locks.release_owner(conn, &mut |p| woken.push(p));
+        // Membership decides: a client whose node is still a member keeps
+        // its locks (parked) until it comes back or its node leaves.
+        let (client_id, node_id) = {
+            let s = &self.sessions[conn as usize];
+            (s.client_id, s.node_id)
+        };
+        let keep = self.membership_known
+            && matches!(st, SessionState::Snapshot(_))
+            && self.locks.holds_of(conn) > 0
+            && self.members.contains(&node_id);
+        let slot = if keep {
+            self.parked.iter().position(Option::is_none)
+        } else {
+            None
+        };
+        if let Some(p) = slot {
+            self.parked[p] = Some(Parked { client_id, node_id });
+            let owner = u32::try_from(self.cfg.clients + p).unwrap_or(u32::MAX);
+            self.locks.transfer_owner(conn, owner);
+        } else {
+            self.locks.release_owner(conn, &mut |p| woken.push(p));
+        }
         // Slots of this connection: waiting ones are cancelled, ones at the
         // store are orphaned.
         let mut k = 0u32;
@@ -886,6 +1047,9 @@ impl Server {
                     if f.state == InflightState::Waiting {
                         self.locks.cancel_pending(k);
                         self.waiting_writes -= 1;
+                        self.inflight.remove(k);
+                    } else if f.state == InflightState::Barrier {
+                        self.barrier_writes -= 1;
                         self.inflight.remove(k);
                     } else if let Some(f) = self.inflight.get_mut(k) {
                         f.conn = None;
@@ -969,34 +1133,14 @@ impl Server {
                 self.send_error(conn, rid, error_code(*fl), culprit, failure_text(*fl));
             }
             (StoreResult::Done, InflightKind::OriginWrite) => {
-                // Copy-out committed; now every chunk waits for the read
-                // locks taken before it (ddsnap b54143d: all chunks, not only
-                // freshly copied ones).
-                let mut waiting = false;
-                for c in f.range.chunk..f.range.end() {
-                    match self.locks.wait_if_locked(c, token) {
-                        Ok(w) => waiting |= w,
-                        Err(_) => {
-                            self.locks.cancel_pending(token);
-                            self.finish(token, conn);
-                            self.send_error(
-                                conn,
-                                rid,
-                                ErrorCode::Busy,
-                                Kind::QueryOriginWrite.code(),
-                                "read-lock wait table full; retry",
-                            );
-                            return;
-                        }
-                    }
-                }
-                if waiting {
+                if self.state == ServerState::Recovering {
+                    // Held at the recovery barrier.
                     if let Some(x) = self.inflight.get_mut(token) {
-                        x.state = InflightState::Waiting;
+                        x.state = InflightState::Barrier;
                     }
-                    self.waiting_writes += 1;
+                    self.barrier_writes += 1;
                 } else {
-                    self.grant_origin_write(token);
+                    self.check_locks_and_grant(token, conn, f);
                 }
             }
             (StoreResult::Targets { len, targets }, InflightKind::SnapshotRead) => {
@@ -1032,6 +1176,17 @@ impl Server {
             (StoreResult::Done, InflightKind::Identify) => {
                 self.finish(token, conn);
                 if let SessionState::Identifying(tag) = self.sessions[conn as usize].state {
+                    // A client coming back adopts the locks kept for it.
+                    let id = self.sessions[conn as usize].client_id;
+                    if let Some(p) = self
+                        .parked
+                        .iter()
+                        .position(|x| x.is_some_and(|x| x.client_id == id))
+                    {
+                        self.parked[p] = None;
+                        let owner = u32::try_from(self.cfg.clients + p).unwrap_or(u32::MAX);
+                        self.locks.transfer_owner(owner, conn);
+                    }
                     let s = &mut self.sessions[conn as usize];
                     s.state = SessionState::Snapshot(tag);
                     s.snapshot_open = Some(tag);
@@ -1107,6 +1262,38 @@ impl Server {
             }
         }
         self.assert_invariants();
+    }
+
+    /// Copy-out committed; now every chunk of the write waits for the read
+    /// locks taken before it (ddsnap b54143d: all chunks, not only freshly
+    /// copied ones).
+    fn check_locks_and_grant(&mut self, token: u32, conn: ConnId, f: Inflight) {
+        let mut waiting = false;
+        for c in f.range.chunk..f.range.end() {
+            match self.locks.wait_if_locked(c, token) {
+                Ok(w) => waiting |= w,
+                Err(_) => {
+                    self.locks.cancel_pending(token);
+                    self.finish(token, conn);
+                    self.send_error(
+                        conn,
+                        f.request_id,
+                        ErrorCode::Busy,
+                        Kind::QueryOriginWrite.code(),
+                        "read-lock wait table full; retry",
+                    );
+                    return;
+                }
+            }
+        }
+        if waiting {
+            if let Some(x) = self.inflight.get_mut(token) {
+                x.state = InflightState::Waiting;
+            }
+            self.waiting_writes += 1;
+        } else {
+            self.grant_origin_write(token);
+        }
     }
 
     fn finish(&mut self, token: u32, conn: ConnId) {
@@ -1334,6 +1521,7 @@ impl Server {
         );
         assert!(per_conn_total as usize <= self.inflight.len());
         assert!(self.waiting_writes as usize <= self.inflight.len());
+        assert!(self.barrier_writes == 0 || self.state == ServerState::Recovering);
     }
 
     /// Checks everything, including the lock table's lists (O(table)).

@@ -65,10 +65,16 @@ fn handshake(c: &mut ClientFsm, inc: u64) {
         origin_size_bytes: 1 << 20,
         volume_size_bytes: 1 << 20,
     };
-    let ev = c.handle_frame(&frame(0, inc, &ok));
-    if c.held_locks().is_empty() {
-        assert_eq!(ev, ClientEvent::Ready);
-    }
+    assert_eq!(c.handle_frame(&frame(0, inc, &ok)), ClientEvent::None);
+    // A snapshot client always finishes a (here empty) lock upload.
+    assert_eq!(
+        sent(c).iter().map(|x| x.1).collect::<Vec<_>>(),
+        vec![Kind::FinishUpload]
+    );
+    assert_eq!(
+        c.handle_frame(&frame(0, inc, &Msg::UploadOk)),
+        ClientEvent::Ready
+    );
 }
 
 #[test]

@@ -407,3 +407,122 @@ fn in_flight_requests_are_bounded_per_client() {
     assert_eq!(s.take(c).len(), 4);
     assert!(s.server.wants_read(c));
 }
+
+/// The window ddsnap left open: a snapshot read holds a read lock from
+/// incarnation N on an origin chunk; N dies; an origin write for that chunk
+/// reaches N+1. The write is not granted until the reader has reconnected,
+/// uploaded its lock and released it (or its node left).
+#[test]
+fn recovery_barrier_holds_origin_writes_until_locks_are_uploaded_and_released() {
+    let mut s = sim(4);
+    let ctl = s.connect(Role::Control);
+    s.control(ctl, 3, &Msg::CreateSnapshot { tag: 7 });
+    // Incarnation N+1 starts: client 9 on node 1 was a snapshot client of N.
+    s.server.handle_node_joined(1);
+    s.server.begin_recovery(&[(9, 1)]);
+    assert_eq!(s.server.state(), csnap_proto::ServerState::Recovering);
+    let origin = s.attach(Volume::Origin);
+    let mut b = [0u8; 64];
+    // The origin write's copy-out may proceed, but no grant.
+    s.send(origin, 20, &Msg::QueryOriginWrite(ranges(&mut b, 5, 1)));
+    s.step();
+    assert!(s.take(origin).is_empty(), "no origin write during recovery");
+    assert_eq!(s.server.barrier_writes(), 1);
+    // The reader reconnects (same client id 9), identifies and uploads the
+    // lock it held under N.
+    let snap = s.attach(Volume::Snapshot(7));
+    s.send(snap, 30, &Msg::UploadLocks(ranges(&mut b, 5, 1)));
+    assert!(s.take(origin).is_empty());
+    s.send(snap, 31, &Msg::FinishUpload);
+    s.step();
+    let r = s.take(snap);
+    assert!(matches!(proto::decode(&r[0].1).unwrap().1, Msg::UploadOk));
+    assert_eq!(s.server.state(), csnap_proto::ServerState::Serving);
+    // The barrier lifted, but chunk 5 is locked by the uploaded read.
+    assert!(
+        s.take(origin).is_empty(),
+        "the write must wait for the uploaded lock"
+    );
+    assert_eq!(s.server.waiting_writes(), 1);
+    s.send(snap, 32, &Msg::FinishSnapshotRead(ranges(&mut b, 5, 1)));
+    s.step();
+    let r = s.take(origin);
+    assert_eq!(r.len(), 1);
+    assert!(matches!(
+        proto::decode(&r[0].1).unwrap().1,
+        Msg::OriginWriteOk(_)
+    ));
+}
+
+#[test]
+fn recovery_barrier_stops_waiting_for_a_node_that_leaves() {
+    let mut s = sim(4);
+    s.server.handle_node_joined(1);
+    s.server.handle_node_joined(2);
+    s.server.begin_recovery(&[(9, 1), (10, 2)]);
+    let origin = s.attach(Volume::Origin);
+    let mut b = [0u8; 64];
+    s.send(origin, 20, &Msg::QueryOriginWrite(ranges(&mut b, 1, 1)));
+    s.step();
+    assert!(s.take(origin).is_empty());
+    s.server.handle_node_left(1);
+    s.collect();
+    assert!(
+        s.take(origin).is_empty(),
+        "node 2's client is still awaited"
+    );
+    s.server.handle_node_left(2);
+    s.collect();
+    let r = s.take(origin);
+    assert_eq!(
+        r.len(),
+        1,
+        "every awaited client left: the write is granted"
+    );
+    assert_eq!(s.server.state(), csnap_proto::ServerState::Serving);
+}
+
+#[test]
+fn disconnect_keeps_locks_while_the_node_is_a_member_and_releases_when_it_leaves() {
+    let mut s = sim(4);
+    let ctl = s.connect(Role::Control);
+    s.control(ctl, 3, &Msg::CreateSnapshot { tag: 7 });
+    s.server.handle_node_joined(1);
+    let origin = s.attach(Volume::Origin);
+    let snap = s.attach(Volume::Snapshot(7));
+    let mut b = [0u8; 64];
+    s.send(snap, 10, &Msg::QuerySnapshotRead(ranges(&mut b, 3, 2)));
+    s.step();
+    s.take(snap);
+    // The client's connection drops, but node 1 is still a member: its locks
+    // stay, and a write to chunk 3 waits.
+    s.server.handle_disconnect(snap);
+    s.step();
+    assert_eq!(s.server.parked_clients(), 1);
+    assert_eq!(s.server.read_locks(), 2);
+    s.send(origin, 20, &Msg::QueryOriginWrite(ranges(&mut b, 3, 1)));
+    s.step();
+    assert!(
+        s.take(origin).is_empty(),
+        "a client that may come back keeps its locks"
+    );
+    // It comes back (same client id), adopts its locks and releases one.
+    let back = s.attach(Volume::Snapshot(7));
+    assert_eq!(s.server.parked_clients(), 0);
+    s.send(back, 11, &Msg::FinishSnapshotRead(ranges(&mut b, 3, 1)));
+    s.step();
+    let r = s.take(origin);
+    assert_eq!(r.len(), 1, "released by the returning client");
+    // It drops again; this time its node leaves: the last lock goes.
+    s.server.handle_disconnect(back);
+    s.step();
+    s.send(origin, 21, &Msg::QueryOriginWrite(ranges(&mut b, 4, 1)));
+    s.step();
+    assert!(s.take(origin).is_empty());
+    s.server.handle_node_left(1);
+    s.collect();
+    let r = s.take(origin);
+    assert_eq!(r.len(), 1, "node left: its locks are released");
+    assert_eq!(s.server.read_locks(), 0);
+    assert_eq!(s.server.parked_clients(), 0);
+}
