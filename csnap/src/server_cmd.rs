@@ -248,6 +248,10 @@ fn serve(args: &ServerArgs) -> Result<ExitCode, String> {
             error("the snapshot store failed; restart the server to replay the journal");
             Ok(ExitCode::from(EXIT_FAILED))
         }
+        Stop::Fenced => {
+            error("fenced: a newer server incarnation took this store over; this server stops");
+            Ok(ExitCode::from(EXIT_FAILED))
+        }
         Stop::Io(e) => {
             error(&format!("event loop failed: {e}"));
             Ok(ExitCode::from(EXIT_FAILED))

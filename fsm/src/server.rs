@@ -104,6 +104,8 @@ pub enum ServerEvent {
     },
     /// The store failed; the server must stop serving.
     StoreFailed,
+    /// A newer incarnation took the store over; the server must stop.
+    Fenced,
 }
 
 /// A session's state.
@@ -283,6 +285,7 @@ fn error_code(f: StoreFailure) -> ErrorCode {
         StoreFailure::StoreFull => ErrorCode::StoreFull,
         StoreFailure::InUse => ErrorCode::Busy,
         StoreFailure::Internal => ErrorCode::Internal,
+        StoreFailure::Fenced => ErrorCode::StaleIncarnation,
     }
 }
 
@@ -297,6 +300,9 @@ fn failure_text(f: StoreFailure) -> &'static str {
         }
         StoreFailure::InUse => "the snapshot is in use by a client; detach it first",
         StoreFailure::Internal => "the snapshot store failed; the server stops",
+        StoreFailure::Fenced => {
+            "this server was fenced: a newer incarnation serves the store; reconnect through your agent"
+        }
     }
 }
 
@@ -1089,10 +1095,16 @@ impl Server {
             DETACHED_TOKEN => return,
             _ => {}
         }
-        if let StoreResult::Failed(StoreFailure::Internal) = reply.result {
+        if let StoreResult::Failed(f @ (StoreFailure::Internal | StoreFailure::Fenced)) =
+            reply.result
+        {
             if !self.failed {
                 self.failed = true;
-                self.events.push(ServerEvent::StoreFailed);
+                self.events.push(if f == StoreFailure::Fenced {
+                    ServerEvent::Fenced
+                } else {
+                    ServerEvent::StoreFailed
+                });
             }
         }
         let token = reply.token;

@@ -107,6 +107,8 @@ pub enum StoreFailure {
     InUse,
     /// The store failed (I/O error, corruption): the server must stop.
     Internal,
+    /// A newer server incarnation took the store over: this server must stop.
+    Fenced,
 }
 
 /// One snapshot in a listing.

@@ -69,6 +69,8 @@ pub enum Stop {
     /// The store failed (I/O error or corruption); the journal is intact and a
     /// restart replays it.
     StoreFailed,
+    /// A newer server incarnation took the store over.
+    Fenced,
     /// An I/O error of the event loop itself.
     Io(io::Error),
 }
@@ -412,6 +414,12 @@ impl ServerLoop {
             match ev {
                 ServerEvent::AutoDeleted { tag } => {
                     eprintln!("csnap server: store full: deleted snapshot {tag} (lowest priority, not in use) to make room");
+                }
+                ServerEvent::Fenced => {
+                    eprintln!(
+                        "csnap server: fenced: a newer incarnation serves this store; stopping"
+                    );
+                    return Some(Stop::Fenced);
                 }
                 ServerEvent::StoreFailed => {
                     eprintln!("csnap server: the snapshot store failed; stopping (a restart replays the journal)");

@@ -33,6 +33,7 @@ pub struct StoreWorker<D: Disk, O: Disk> {
     in_use: [u32; SNAPSHOTS_MAX],
     commits: u64,
     failed: bool,
+    fenced: bool,
 }
 
 fn failure(e: &StoreError) -> StoreFailure {
@@ -42,6 +43,7 @@ fn failure(e: &StoreError) -> StoreFailure {
         StoreError::TooManySnapshots => StoreFailure::TooManySnapshots,
         StoreError::ChunkOutOfRange { .. } => StoreFailure::OutOfRange,
         StoreError::StoreFull => StoreFailure::StoreFull,
+        StoreError::Fenced { .. } => StoreFailure::Fenced,
         _ => StoreFailure::Internal,
     }
 }
@@ -59,6 +61,7 @@ impl<D: Disk, O: Disk> StoreWorker<D, O> {
             in_use: [0; SNAPSHOTS_MAX],
             commits: 0,
             failed: false,
+            fenced: false,
         }
     }
 
@@ -99,13 +102,22 @@ impl<D: Disk, O: Disk> StoreWorker<D, O> {
                         self.commits += 1;
                     }
                 }
+                Err(StoreError::Fenced { .. }) => {
+                    self.fenced = true;
+                    self.fail();
+                }
                 Err(_) => self.fail(),
             }
         }
         if self.failed {
+            let why = if self.fenced {
+                StoreFailure::Fenced
+            } else {
+                StoreFailure::Internal
+            };
             for r in &mut self.replies {
                 if r.token != NOTIFY_TOKEN {
-                    r.result = StoreResult::Failed(StoreFailure::Internal);
+                    r.result = StoreResult::Failed(why);
                 }
             }
         }

@@ -91,6 +91,15 @@ pub enum StoreError {
     TreeTooDeep,
     /// A snapshot with this priority may not be changed this way.
     BadPriority(i8),
+    /// A newer server incarnation has taken this store over (its superblock
+    /// on disk carries a higher incarnation): this server must stop.
+    Fenced {
+        /// This server's incarnation.
+        ours: u64,
+        /// The incarnation on disk (0: the superblock was being rewritten
+        /// by another writer).
+        found: u64,
+    },
 }
 
 impl std::fmt::Display for StoreError {
@@ -133,6 +142,10 @@ impl std::fmt::Display for StoreError {
             }
             StoreError::TreeTooDeep => write!(f, "exception tree reached its maximum depth"),
             StoreError::BadPriority(p) => write!(f, "bad priority {p}"),
+            StoreError::Fenced { ours, found } => write!(
+                f,
+                "fenced: this server is incarnation {ours}, but the store now belongs to incarnation {found}; stopping"
+            ),
         }
     }
 }
@@ -583,6 +596,7 @@ pub struct Store<D: Disk> {
     failed: bool,
     in_use_mask: u64,
     replay: journal::ReplayReport,
+    fence_buf: Vec<u8>,
 }
 
 impl<D: Disk> Store<D> {
@@ -634,6 +648,7 @@ impl<D: Disk> Store<D> {
             failed: false,
             in_use_mask: 0,
             replay,
+            fence_buf: vec![0u8; BLOCK_SIZE_BYTES],
         };
         store.assert_invariants_full();
         Ok(store)
@@ -1289,6 +1304,28 @@ impl<D: Disk> Store<D> {
         self.end_op(Ok(inc), true)
     }
 
+    /// Reads the home superblock and fails with `Fenced` if another server
+    /// has taken the next incarnation (or is rewriting the superblock). Run
+    /// by every commit before it writes anything. On a shared block device
+    /// this must bypass the page cache (O_DIRECT) to see other nodes' writes.
+    pub fn check_fence(&mut self) -> Result<(), StoreError> {
+        let ours = self.committed.incarnation.max(self.sb.incarnation);
+        self.disk
+            .read_at(&mut self.fence_buf, layout::SUPER_BLOCK * BS)?;
+        let found = match layout::verify(&self.fence_buf, layout::SUPER_BLOCK, BlockKind::Super) {
+            Ok(_) => Super::decode(&self.fence_buf).map_or(0, |sb| sb.incarnation),
+            Err(_) => 0,
+        };
+        if found == 0 && self.committed.seq == 0 {
+            // A freshly formatted store's superblock says incarnation 0.
+            return Ok(());
+        }
+        if found > ours || (found == 0 && ours > 0) {
+            return Err(StoreError::Fenced { ours, found });
+        }
+        Ok(())
+    }
+
     /// Whether snapshot space is being reclaimed.
     pub fn delete_pending(&self) -> bool {
         self.sb.delete_walk_mask != 0 || self.sb.deleting_mask() != 0
@@ -1527,7 +1564,10 @@ impl<D: Disk> Store<D> {
             end,
             &self.entries,
         );
-        // 2. Data and previous home writes durable.
+        // 2. Fencing: a newer incarnation on disk means another server took
+        // the store over; write nothing. Then data and previous home writes
+        // durable.
+        self.check_fence()?;
         self.disk.flush()?;
         // 3. Journal write and the commit point.
         self.disk.write_at(

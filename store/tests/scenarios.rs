@@ -299,3 +299,63 @@ fn many_chunks_grow_the_tree_and_survive_reopen() {
     let mut d = s.into_disk();
     assert_clean(&mut d, "big tree after delete");
 }
+
+/// Two handles on one shared disk, as two servers on two nodes would be.
+#[derive(Clone)]
+struct Shared(std::rc::Rc<std::cell::RefCell<csnap_store::disk::MemDisk>>);
+
+impl csnap_store::disk::Disk for Shared {
+    fn read_at(&mut self, buf: &mut [u8], off: u64) -> Result<(), csnap_store::disk::DiskError> {
+        self.0.borrow_mut().read_at(buf, off)
+    }
+    fn write_at(&mut self, buf: &[u8], off: u64) -> Result<(), csnap_store::disk::DiskError> {
+        self.0.borrow_mut().write_at(buf, off)
+    }
+    fn flush(&mut self) -> Result<(), csnap_store::disk::DiskError> {
+        self.0.borrow_mut().flush()
+    }
+    fn size_bytes(&self) -> u64 {
+        self.0.borrow().size_bytes()
+    }
+}
+
+#[test]
+fn an_older_incarnation_is_fenced_and_writes_nothing() {
+    use csnap_store::disk::Disk;
+    let d = Shared(std::rc::Rc::new(std::cell::RefCell::new(format_store(
+        ORIGIN_CHUNKS,
+        64,
+        StoreFullPolicy::Refuse,
+    ))));
+    let mut old = open(d.clone());
+    assert_eq!(old.bump_incarnation().unwrap(), 1);
+    old.create_snapshot(1, 0).unwrap();
+    old.commit().unwrap();
+    // A new server takes the store over (replay, next incarnation).
+    let mut new = open(d.clone());
+    assert_eq!(new.bump_incarnation().unwrap(), 2);
+    new.commit().unwrap();
+    // The old one comes back and tries to commit: fenced, nothing written.
+    let before = d.0.borrow().bytes.clone();
+    old.prepare_origin_write(3).unwrap();
+    match old.commit() {
+        Err(StoreError::Fenced { ours: 1, found: 2 }) => {}
+        r => panic!("expected Fenced, got {r:?}"),
+    }
+    assert!(
+        d.0.borrow().bytes == before,
+        "a fenced server wrote to the store"
+    );
+    assert_eq!(
+        old.commit(),
+        Err(StoreError::Failed),
+        "a fenced store stays failed"
+    );
+    // The new one goes on; the store is consistent.
+    new.create_snapshot(2, 0).unwrap();
+    new.commit().unwrap();
+    let mut disk = d.clone();
+    let mut buf = vec![0u8; 16];
+    disk.read_at(&mut buf, 0).unwrap();
+    assert_clean(&mut disk, "after fencing");
+}

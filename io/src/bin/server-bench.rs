@@ -887,6 +887,7 @@ fn start_csnap(dir: &Path) -> Result<Csnap, String> {
             let _ = tx.send(Ok(l.local_addrs()));
             let why = match l.run() {
                 Stop::StoreFailed => "the store failed".to_string(),
+                Stop::Fenced => "fenced by a newer incarnation".to_string(),
                 Stop::Io(e) => format!("event loop I/O error: {e}"),
             };
             if let Ok(mut s) = stopped2.lock() {
