@@ -515,15 +515,21 @@ pub fn format<D: Disk>(disk: &mut D, o: &FormatOptions) -> Result<Label, StoreEr
 
 /// Reads and validates the label of a store device.
 pub fn read_label<D: Disk>(disk: &mut D) -> Result<Label, StoreError> {
+    let mut b = vec![0u8; BLOCK_SIZE_BYTES];
+    read_label_into(disk, &mut b)
+}
+
+/// `read_label` into a caller's block buffer: allocates nothing unless it
+/// fails (its error text).
+pub fn read_label_into<D: Disk>(disk: &mut D, b: &mut [u8]) -> Result<Label, StoreError> {
     let size = disk.size_bytes();
     if size < 2 * BS {
         return Err(StoreError::Invalid(format!(
             "not a csnap store: the device is only {size} bytes (truncated or empty)"
         )));
     }
-    let mut b = vec![0u8; BLOCK_SIZE_BYTES];
-    disk.read_at(&mut b, 0)?;
-    match layout::verify(&b, layout::LABEL_BLOCK, BlockKind::Label) {
+    disk.read_at(b, 0)?;
+    match layout::verify(b, layout::LABEL_BLOCK, BlockKind::Label) {
         Ok(_) => {}
         Err(BlockFault::Magic) => {
             return Err(StoreError::Invalid(if b.iter().all(|&x| x == 0) {
@@ -540,9 +546,99 @@ pub fn read_label<D: Disk>(disk: &mut D) -> Result<Label, StoreError> {
         }
         Err(f) => return Err(StoreError::Invalid(format!("store label is corrupt: {f}"))),
     }
-    let label = Label::decode(&b).map_err(|e| StoreError::Invalid(format!("store label: {e}")))?;
+    let label = Label::decode(b).map_err(|e| StoreError::Invalid(format!("store label: {e}")))?;
     label.validate(size).map_err(StoreError::Invalid)?;
     Ok(label)
+}
+
+/// A standby store: its memory reserved (cache, journal staging, free list)
+/// and its device open, nothing read. `start` turns it into a serving store
+/// without allocating: read the label and superblock, replay the journal.
+#[derive(Debug)]
+pub struct Standby<D: Disk> {
+    disk: D,
+    cache_blocks: usize,
+    cache: Cache,
+    staging: Vec<u8>,
+    pending_frees: Vec<Free>,
+    entries: Vec<journal::Entry>,
+    block_buf: Vec<u8>,
+}
+
+impl<D: Disk> Standby<D> {
+    /// Reserves every buffer the store will use. Reads nothing.
+    pub fn reserve(disk: D, opts: &OpenOptions) -> Result<Self, StoreError> {
+        if opts.cache_blocks < CACHE_MIN_BLOCKS {
+            return Err(StoreError::Invalid(format!(
+                "metadata cache of {} blocks is below the minimum of {CACHE_MIN_BLOCKS}",
+                opts.cache_blocks
+            )));
+        }
+        Ok(Standby {
+            disk,
+            cache_blocks: opts.cache_blocks,
+            cache: Cache::new(opts.cache_blocks),
+            staging: vec![0u8; journal::REPLAY_BUFFER_BLOCKS * BLOCK_SIZE_BYTES],
+            pending_frees: Vec::with_capacity(TX_FREES_MAX),
+            entries: Vec::with_capacity(TX_BLOCKS_MAX + 1),
+            block_buf: vec![0u8; BLOCK_SIZE_BYTES],
+        })
+    }
+
+    /// Starts: validates the label, replays the journal, loads the
+    /// superblock. Allocates nothing unless it fails.
+    pub fn start(self) -> Result<Store<D>, StoreError> {
+        let Standby {
+            mut disk,
+            cache_blocks,
+            cache,
+            mut staging,
+            pending_frees,
+            entries,
+            mut block_buf,
+        } = self;
+        let label = read_label_into(&mut disk, &mut block_buf)?;
+        let replay = journal::replay(&mut disk, &label, &mut staging, &mut |d, home, img| {
+            d.write_at(img, home * BS)
+        })?;
+        if replay.commits > 0 {
+            disk.flush()?;
+        }
+        disk.read_at(&mut block_buf, layout::SUPER_BLOCK * BS)?;
+        layout::verify(&block_buf, layout::SUPER_BLOCK, BlockKind::Super).map_err(|f| {
+            StoreError::Invalid(format!(
+                "superblock is unreadable after journal replay: {f}"
+            ))
+        })?;
+        let sb = Super::decode(&block_buf)
+            .map_err(|e| StoreError::Invalid(format!("superblock: {e}")))?;
+        validate_super(&label, &sb).map_err(StoreError::Invalid)?;
+        // Two consecutive commits (the last one must survive the next) plus the
+        // wrap gap fit in the ring: 3 * (cap + 1) + 3 <= journal blocks.
+        let journal_third = usize::try_from((label.journal_blocks - 6) / 3).unwrap_or(usize::MAX);
+        let tx_cap_blocks = TX_BLOCKS_MAX
+            .min(journal_third)
+            .min(cache_blocks - csnap_pools::OP_TOUCHED_BLOCKS_MAX);
+        let store = Store {
+            disk,
+            label,
+            sb,
+            committed: sb,
+            cache,
+            pending_frees,
+            staging,
+            entries,
+            tx_cap_blocks,
+            tx_ops: 0,
+            poisoned: false,
+            failed: false,
+            in_use_mask: 0,
+            replay,
+            fence_buf: block_buf,
+        };
+        store.assert_invariants_full();
+        Ok(store)
+    }
 }
 
 /// Options for `Store::open`.
@@ -603,55 +699,8 @@ impl<D: Disk> Store<D> {
     /// Opens a formatted store: validates the label, replays the journal,
     /// loads the superblock, and reserves the cache and buffers. The only
     /// place the store allocates.
-    pub fn open(mut disk: D, opts: &OpenOptions) -> Result<Self, StoreError> {
-        let label = read_label(&mut disk)?;
-        if opts.cache_blocks < CACHE_MIN_BLOCKS {
-            return Err(StoreError::Invalid(format!(
-                "metadata cache of {} blocks is below the minimum of {CACHE_MIN_BLOCKS}",
-                opts.cache_blocks
-            )));
-        }
-        let mut staging = vec![0u8; journal::REPLAY_BUFFER_BLOCKS * BLOCK_SIZE_BYTES];
-        let replay = journal::replay(&mut disk, &label, &mut staging, &mut |d, home, img| {
-            d.write_at(img, home * BS)
-        })?;
-        if replay.commits > 0 {
-            disk.flush()?;
-        }
-        let mut b = vec![0u8; BLOCK_SIZE_BYTES];
-        disk.read_at(&mut b, layout::SUPER_BLOCK * BS)?;
-        layout::verify(&b, layout::SUPER_BLOCK, BlockKind::Super).map_err(|f| {
-            StoreError::Invalid(format!(
-                "superblock is unreadable after journal replay: {f}"
-            ))
-        })?;
-        let sb = Super::decode(&b).map_err(|e| StoreError::Invalid(format!("superblock: {e}")))?;
-        validate_super(&label, &sb).map_err(StoreError::Invalid)?;
-        // Two consecutive commits (the last one must survive the next) plus the
-        // wrap gap fit in the ring: 3 * (cap + 1) + 3 <= journal blocks.
-        let journal_third = usize::try_from((label.journal_blocks - 6) / 3).unwrap_or(usize::MAX);
-        let tx_cap_blocks = TX_BLOCKS_MAX
-            .min(journal_third)
-            .min(opts.cache_blocks - csnap_pools::OP_TOUCHED_BLOCKS_MAX);
-        let store = Store {
-            disk,
-            label,
-            sb,
-            committed: sb,
-            cache: Cache::new(opts.cache_blocks),
-            pending_frees: Vec::with_capacity(TX_FREES_MAX),
-            staging,
-            entries: Vec::with_capacity(TX_BLOCKS_MAX + 1),
-            tx_cap_blocks,
-            tx_ops: 0,
-            poisoned: false,
-            failed: false,
-            in_use_mask: 0,
-            replay,
-            fence_buf: vec![0u8; BLOCK_SIZE_BYTES],
-        };
-        store.assert_invariants_full();
-        Ok(store)
+    pub fn open(disk: D, opts: &OpenOptions) -> Result<Self, StoreError> {
+        Standby::reserve(disk, opts)?.start()
     }
 
     /// What the journal replay at open did.
