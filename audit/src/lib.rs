@@ -89,6 +89,63 @@ pub const SERVING_NETWORK: &[Rule] = &[
     ),
 ];
 
+/// Standby and failover-start phases, network (main) thread: a standby
+/// waits for "start" on its standard input, then drives the start. Installed
+/// under the serving table, which is stacked on top when serving begins.
+pub const STANDBY_NETWORK: &[Rule] = &[
+    rule(
+        "read",
+        libc::SYS_read,
+        "the standby waits for its start command on standard input",
+    ),
+    rule(
+        "flock",
+        libc::SYS_flock,
+        "failover start: the exclusive lock on the store",
+    ),
+    rule(
+        "futex",
+        libc::SYS_futex,
+        "failover start: hand the start to the store worker and wait for it",
+    ),
+    rule(
+        "write",
+        libc::SYS_write,
+        "stderr lines: standby ready, started",
+    ),
+    rule(
+        "epoll_wait",
+        libc::SYS_epoll_wait,
+        "serving (the serving table is installed on top)",
+    ),
+    rule("accept4", libc::SYS_accept4, "serving"),
+    rule("epoll_ctl", libc::SYS_epoll_ctl, "serving"),
+    rule("recvfrom", libc::SYS_recvfrom, "serving"),
+    rule("sendto", libc::SYS_sendto, "serving"),
+    rule("close", libc::SYS_close, "serving"),
+    rule("setsockopt", libc::SYS_setsockopt, "serving"),
+    rule(
+        "seccomp",
+        libc::SYS_seccomp,
+        "installing the serving table on top when serving begins",
+    ),
+    rule(
+        "prctl",
+        libc::SYS_prctl,
+        "PR_SET_NO_NEW_PRIVS before the serving table (seccompiler sets it again)",
+    ),
+    exit_path(
+        "exit_group",
+        libc::SYS_exit_group,
+        "exit when the start fails, and the SIGSYS reporter's exit",
+    ),
+    exit_path(
+        "rt_sigreturn",
+        libc::SYS_rt_sigreturn,
+        "return from a signal handler; the only handler (SIGSYS) exits instead",
+    ),
+];
+
 /// Serving phase, store worker thread.
 pub const SERVING_STORE: &[Rule] = &[
     rule(

@@ -51,6 +51,14 @@ pub struct ServerArgs {
     /// cannot run under a filter).
     #[arg(long)]
     pub no_seccomp: bool,
+    /// Start as a standby: reserve everything, lock memory, seal the heap,
+    /// install the standby filter, read nothing from the store, and wait for
+    /// `start [member=NODE ...] [expect=CLIENT:NODE ...]` on standard input.
+    /// Start then takes the store lock, replays the journal, commits the
+    /// next incarnation, enters recovery (waiting for the expected clients)
+    /// and serves.
+    #[arg(long)]
+    pub standby: bool,
     /// Test hook: make a forbidden syscall (open) once serving.
     #[arg(long, hide = true)]
     pub test_forbidden_syscall: bool,
@@ -78,7 +86,12 @@ fn usize_of(v: u64) -> usize {
 }
 
 pub fn run(args: &ServerArgs) -> ExitCode {
-    match serve(args) {
+    let r = if args.standby {
+        serve_standby(args)
+    } else {
+        serve(args)
+    };
+    match r {
         Ok(code) => code,
         Err(e) => {
             error(&e);
@@ -261,3 +274,165 @@ fn serve(args: &ServerArgs) -> Result<ExitCode, String> {
 
 /// Stack the serving thread may use, touched before the seal.
 const STACK_BUDGET_BYTES: usize = 256 * 1024;
+
+/// Expected clients and members a start command may name.
+const START_LIST_MAX: usize = 256;
+
+fn serve_standby(args: &ServerArgs) -> Result<ExitCode, String> {
+    require_device(&args.origin, "origin")?;
+    require_device(&args.store, "store")?;
+    let mut listeners = Vec::new();
+    for a in &args.listen {
+        let addr = Addr::parse(a).map_err(|e| format!("--listen {a}: {e}"))?;
+        listeners.push(
+            csnap_io::net::MioListener::bind(&addr)
+                .map_err(|e| format!("cannot listen on {addr}: {e}"))?,
+        );
+    }
+    // Devices open, nothing read.
+    let sd = FileDisk::open(&args.store)
+        .map_err(|e| format!("cannot open store {}: {e}", args.store.display()))?;
+    let od = FileDisk::open(&args.origin)
+        .map_err(|e| format!("cannot open origin {}: {e}", args.origin.display()))?;
+    let lock_file = sd
+        .file()
+        .try_clone()
+        .map_err(|e| format!("store {}: {e}", args.store.display()))?;
+    let standby = csnap_store::Standby::reserve(
+        sd,
+        &OpenOptions {
+            cache_blocks: usize_of(args.cache_blocks),
+        },
+    )
+    .map_err(|e| format!("store {}: {e}", args.store.display()))?;
+    // Geometry is learnt at start; the pools do not depend on it.
+    let cfg = ServerConfig {
+        clients: usize_of(args.clients),
+        requests_per_client: usize_of(args.requests_per_client),
+        read_locks: usize_of(args.read_locks),
+        incarnation: 0,
+        server_id: 0,
+        chunk_size_bytes: csnap_pools::CHUNK_SIZE_MIN_BYTES,
+        origin_size_bytes: 0,
+        origin_uuid: [0; 16],
+    };
+    let seccomp = !(args.no_seccomp || args.seal == SealMode::Report);
+    let filters = if seccomp {
+        csnap_sys::seccomp::install_sigsys_reporter()
+            .map_err(|e| format!("cannot install the SIGSYS reporter: {e}"))?;
+        let standby_f =
+            csnap_sys::seccomp::compile(&csnap_audit::numbers(csnap_audit::STANDBY_NETWORK))?;
+        let net = csnap_sys::seccomp::compile(&csnap_audit::numbers(csnap_audit::SERVING_NETWORK))?;
+        let st = csnap_sys::seccomp::compile(&csnap_audit::numbers(csnap_audit::SERVING_STORE))?;
+        Some((standby_f, net, st))
+    } else {
+        eprintln!(
+            "csnap server: WARNING: the syscall whitelist is not enforced. Development use only."
+        );
+        None
+    };
+    let worker = StoreWorker::standby(standby, od, BATCH_MAX);
+    let worker_filter = filters.as_ref().map(|f| f.2.clone());
+    let mut lp = ServerLoop::with_listeners(cfg, listeners, worker, worker_filter)
+        .map_err(|e| format!("cannot start the server loop: {e}"))?;
+    for a in lp.local_addrs() {
+        eprintln!("csnap server: standby listening on {a}");
+    }
+    if args.no_mlock {
+        eprintln!("csnap server: WARNING: --no-mlock: memory is not locked. Development use only.");
+    } else if let Err(e) = csnap_sys::mem::lock_all() {
+        return Err(format!("cannot lock memory (mlockall): {e}"));
+    }
+    csnap_sys::mem::prefault_stack(STACK_BUDGET_BYTES);
+    let mut cmd = [0u8; 4096];
+    let mode = match args.seal {
+        SealMode::Abort => Some(csnap_sys::alloc::Mode::Abort),
+        SealMode::Count => Some(csnap_sys::alloc::Mode::Count),
+        SealMode::Report => Some(csnap_sys::alloc::Mode::Report),
+        SealMode::Off => None,
+    };
+    if let Some(m) = mode {
+        csnap_sys::alloc::seal(m);
+    }
+    if let Some((standby_f, _, _)) = &filters {
+        standby_f
+            .install()
+            .map_err(|_| "cannot install the standby seccomp filter")?;
+    }
+    eprintln!("csnap server: standby ready (heap sealed, memory locked, store not read)");
+    // Wait for the start command: allocation-free from here on.
+    let mut len = 0usize;
+    loop {
+        let n = csnap_sys::read_stdin(&mut cmd[len..]).map_err(|_| "standard input failed")?;
+        if n == 0 {
+            return Err("standard input closed before a start command".into());
+        }
+        len += n;
+        if cmd[..len].contains(&b'\n') || len == cmd.len() {
+            break;
+        }
+    }
+    let t0 = std::time::Instant::now();
+    let line = core::str::from_utf8(&cmd[..len]).map_err(|_| "start command is not UTF-8")?;
+    let mut words = line.split_ascii_whitespace();
+    if words.next() != Some("start") {
+        return Err("expected `start [member=NODE ...] [expect=CLIENT:NODE ...]`".into());
+    }
+    let mut members = [0u32; START_LIST_MAX];
+    let mut n_members = 0;
+    let mut expected = [(0u64, 0u32); START_LIST_MAX];
+    let mut n_expected = 0;
+    for w in words {
+        if let Some(v) = w.strip_prefix("member=") {
+            if n_members < START_LIST_MAX {
+                members[n_members] = v.parse().map_err(|_| "bad member")?;
+                n_members += 1;
+            }
+        } else if let Some(v) = w.strip_prefix("expect=") {
+            let (c, n) = v.split_once(':').ok_or("bad expect (CLIENT:NODE)")?;
+            if n_expected < START_LIST_MAX {
+                expected[n_expected] = (
+                    c.parse().map_err(|_| "bad expect client")?,
+                    n.parse().map_err(|_| "bad expect node")?,
+                );
+                n_expected += 1;
+            }
+        } else {
+            return Err("unknown word in the start command".into());
+        }
+    }
+    // Failover start: the store lock, then read, replay, next incarnation.
+    match csnap_sys::lock_exclusive(&lock_file) {
+        Ok(true) => {}
+        Ok(false) => return Err("start refused: another server holds this store (locked)".into()),
+        Err(_) => return Err("start failed: cannot lock the store".into()),
+    }
+    let info = lp.start_standby()?;
+    for &m in &members[..n_members] {
+        lp.fsm_mut().handle_node_joined(m);
+    }
+    lp.fsm_mut().begin_recovery(&expected[..n_expected]);
+    if let Some((_, net, _)) = &filters {
+        net.install()
+            .map_err(|_| "cannot install the serving seccomp filter")?;
+    }
+    let us = t0.elapsed().as_micros();
+    eprintln!(
+        "csnap server: started incarnation {} ({} journal commit(s) replayed) in {us} us; serving",
+        info.incarnation, info.replayed
+    );
+    match lp.run() {
+        Stop::StoreFailed => {
+            error("the snapshot store failed; restart the server to replay the journal");
+            Ok(ExitCode::from(EXIT_FAILED))
+        }
+        Stop::Fenced => {
+            error("fenced: a newer server incarnation took this store over; this server stops");
+            Ok(ExitCode::from(EXIT_FAILED))
+        }
+        Stop::Io(e) => {
+            error(&format!("event loop failed: {e}"));
+            Ok(ExitCode::from(EXIT_FAILED))
+        }
+    }
+}

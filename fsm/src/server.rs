@@ -413,6 +413,24 @@ impl Server {
         self.failed
     }
 
+    /// Sets what a standby learns only when it starts (the store's geometry
+    /// and the new incarnation). Allocates nothing.
+    pub fn configure(
+        &mut self,
+        incarnation: u64,
+        server_id: u64,
+        chunk_size_bytes: u32,
+        origin_size_bytes: u64,
+        origin_uuid: [u8; 16],
+    ) {
+        assert!(chunk_size_bytes.is_power_of_two());
+        self.cfg.incarnation = incarnation;
+        self.cfg.server_id = server_id;
+        self.cfg.chunk_size_bytes = chunk_size_bytes;
+        self.cfg.origin_size_bytes = origin_size_bytes;
+        self.cfg.origin_uuid = origin_uuid;
+    }
+
     /// Whether the server is serving or waiting at the recovery barrier.
     pub fn state(&self) -> ServerState {
         self.state

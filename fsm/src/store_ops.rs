@@ -69,6 +69,9 @@ pub enum StoreOp {
     Status,
     /// Run a bounded step of background deletion.
     DeleteStep,
+    /// A standby starts: read the store, replay its journal, take the next
+    /// incarnation durably.
+    Start,
 }
 
 /// A request to the store worker.
@@ -182,6 +185,21 @@ pub enum StoreResult {
     Status(StoreFigures),
     /// Failed.
     Failed(StoreFailure),
+    /// A standby started.
+    Started {
+        /// The new incarnation.
+        incarnation: u64,
+        /// The store's id (first 8 bytes of its UUID).
+        server_id: u64,
+        /// Chunk size.
+        chunk_size_bytes: u32,
+        /// Origin size.
+        origin_size_bytes: u64,
+        /// Origin id.
+        origin_uuid: [u8; 16],
+        /// Journal commits replayed.
+        replayed: u64,
+    },
     /// A snapshot was deleted by the store-full policy to make room (reported
     /// to the log by the server); the request it served is answered by its own
     /// reply.

@@ -26,6 +26,18 @@ use crate::store_worker::StoreWorker;
 const WAKER: Token = Token(usize::MAX - 1);
 const LISTENER_BASE: usize = usize::MAX - 64;
 
+/// Token of the standby's start request.
+const START_TOKEN: u32 = u32::MAX - 2;
+
+/// What a standby start did.
+#[derive(Debug, Clone, Copy)]
+pub struct StartInfo {
+    /// The new incarnation (committed).
+    pub incarnation: u64,
+    /// Journal commits replayed.
+    pub replayed: u64,
+}
+
 /// Readiness events handled per loop turn.
 const EVENTS_MAX: usize = 1024;
 
@@ -183,6 +195,56 @@ impl ServerLoop {
                 BATCH_MAX * core::mem::size_of::<StoreRequest>(),
             ),
         ]
+    }
+
+    /// Starts a standby (a loop built over `StoreWorker::standby`): the
+    /// worker reads the store, replays its journal and commits the next
+    /// incarnation; the FSM learns the geometry. Then `begin_recovery`, and
+    /// `run`. Allocates nothing.
+    pub fn start_standby(&mut self) -> Result<StartInfo, &'static str> {
+        self.requests
+            .push(StoreRequest {
+                token: START_TOKEN,
+                op: csnap_fsm::store_ops::StoreOp::Start,
+            })
+            .map_err(|_| "the store worker is gone")?;
+        loop {
+            let r = self
+                .replies
+                .pop_blocking()
+                .map_err(|_| "the store worker is gone")?;
+            if r.token != START_TOKEN {
+                continue;
+            }
+            return match r.result {
+                csnap_fsm::store_ops::StoreResult::Started {
+                    incarnation,
+                    server_id,
+                    chunk_size_bytes,
+                    origin_size_bytes,
+                    origin_uuid,
+                    replayed,
+                } => {
+                    self.fsm.configure(
+                        incarnation,
+                        server_id,
+                        chunk_size_bytes,
+                        origin_size_bytes,
+                        origin_uuid,
+                    );
+                    Ok(StartInfo {
+                        incarnation,
+                        replayed,
+                    })
+                }
+                _ => Err("the store could not be started (unreadable, or its journal could not be replayed)"),
+            };
+        }
+    }
+
+    /// The FSM, for membership and recovery inputs before `run`.
+    pub fn fsm_mut(&mut self) -> &mut Server {
+        &mut self.fsm
     }
 
     /// The bound addresses (TCP ports resolved).

@@ -26,7 +26,8 @@ const DELETE_STEP_RECORDS: usize = 4096;
 /// The worker.
 #[derive(Debug)]
 pub struct StoreWorker<D: Disk, O: Disk> {
-    store: Store<D>,
+    store: Option<Store<D>>,
+    standby: Option<csnap_store::Standby<D>>,
     origin: O,
     chunk_buf: Vec<u8>,
     replies: Vec<StoreReply>,
@@ -53,8 +54,26 @@ impl<D: Disk, O: Disk> StoreWorker<D, O> {
     /// for `batch_max` replies. The only allocations.
     pub fn new(store: Store<D>, origin: O, batch_max: usize) -> Self {
         let chunk = store.chunk_size_bytes() as usize;
+        Self::build(Some(store), None, origin, batch_max, chunk)
+    }
+
+    /// A worker over a standby store: every buffer reserved (the chunk buffer
+    /// at the largest chunk size), nothing read until `StoreOp::Start`.
+    pub fn standby(standby: csnap_store::Standby<D>, origin: O, batch_max: usize) -> Self {
+        let chunk = csnap_pools::CHUNK_SIZE_MAX_BYTES as usize;
+        Self::build(None, Some(standby), origin, batch_max, chunk)
+    }
+
+    fn build(
+        store: Option<Store<D>>,
+        standby: Option<csnap_store::Standby<D>>,
+        origin: O,
+        batch_max: usize,
+        chunk: usize,
+    ) -> Self {
         StoreWorker {
             store,
+            standby,
             origin,
             chunk_buf: vec![0u8; chunk],
             replies: Vec::with_capacity(batch_max + SNAPSHOTS_MAX + 1),
@@ -65,9 +84,9 @@ impl<D: Disk, O: Disk> StoreWorker<D, O> {
         }
     }
 
-    /// The store.
-    pub fn store(&mut self) -> &mut Store<D> {
-        &mut self.store
+    /// The store, once started.
+    pub fn store(&mut self) -> Option<&mut Store<D>> {
+        self.store.as_mut()
     }
 
     /// Whether the store failed; the server must stop serving.
@@ -77,7 +96,7 @@ impl<D: Disk, O: Disk> StoreWorker<D, O> {
 
     /// Whether background deletion has work.
     pub fn has_background_work(&self) -> bool {
-        !self.failed && self.store.delete_pending()
+        !self.failed && self.store.as_ref().is_some_and(Store::delete_pending)
     }
 
     /// Runs a batch and passes every reply, after the batch's commit, to
@@ -87,6 +106,11 @@ impl<D: Disk, O: Disk> StoreWorker<D, O> {
         for req in batch {
             let result = if self.failed {
                 StoreResult::Failed(StoreFailure::Internal)
+            } else if req.op == StoreOp::Start {
+                self.start()
+            } else if self.store.is_none() {
+                // Not started: a standby answers nothing else.
+                StoreResult::Failed(StoreFailure::Internal)
             } else {
                 self.run_one(&req.op)
             };
@@ -95,8 +119,8 @@ impl<D: Disk, O: Disk> StoreWorker<D, O> {
                 result,
             });
         }
-        if !self.failed {
-            match self.store.commit() {
+        if !self.failed && self.store.is_some() {
+            match self.store.as_mut().expect("started").commit() {
                 Ok(info) => {
                     if info.blocks > 0 {
                         self.commits += 1;
@@ -126,16 +150,53 @@ impl<D: Disk, O: Disk> StoreWorker<D, O> {
         }
     }
 
+    fn start(&mut self) -> StoreResult {
+        let Some(standby) = self.standby.take() else {
+            return StoreResult::Failed(StoreFailure::Internal);
+        };
+        let mut store = match standby.start() {
+            Ok(s) => s,
+            Err(_) => {
+                self.fail();
+                return StoreResult::Failed(StoreFailure::Internal);
+            }
+        };
+        let incarnation = match store.bump_incarnation() {
+            Ok(i) => i,
+            Err(_) => {
+                self.fail();
+                return StoreResult::Failed(StoreFailure::Internal);
+            }
+        };
+        // The incarnation is committed by this batch's commit, before the
+        // reply goes out.
+        let label = *store.label();
+        let replayed = store.replay_report().commits;
+        self.store = Some(store);
+        StoreResult::Started {
+            incarnation,
+            server_id: u64::from_le_bytes(label.store_uuid[..8].try_into().unwrap_or([0; 8])),
+            chunk_size_bytes: label.chunk_size_bytes,
+            origin_size_bytes: label.origin_size_bytes,
+            origin_uuid: label.origin_uuid,
+            replayed,
+        }
+    }
+
     /// One bounded step of background deletion, committed.
     pub fn background_step(&mut self) {
-        if self.failed {
+        if self.failed || self.store.is_none() {
             return;
         }
-        let r = self.store.delete_step(DELETE_STEP_RECORDS);
+        let r = self
+            .store
+            .as_mut()
+            .expect("started")
+            .delete_step(DELETE_STEP_RECORDS);
         if r.is_err() {
-            self.store.abort();
+            self.store.as_mut().expect("started").abort();
         }
-        match self.store.commit() {
+        match self.store.as_mut().expect("started").commit() {
             Ok(info) if info.blocks > 0 => self.commits += 1,
             Ok(_) => {}
             Err(_) => self.fail(),
@@ -147,7 +208,7 @@ impl<D: Disk, O: Disk> StoreWorker<D, O> {
     }
 
     fn commit_mid_batch(&mut self) -> bool {
-        match self.store.commit() {
+        match self.store.as_mut().expect("started").commit() {
             Ok(info) => {
                 if info.blocks > 0 {
                     self.commits += 1;
@@ -167,7 +228,7 @@ impl<D: Disk, O: Disk> StoreWorker<D, O> {
         mut f: impl FnMut(&mut Store<D>) -> Result<T, StoreError>,
     ) -> Result<T, StoreFailure> {
         loop {
-            match f(&mut self.store) {
+            match f(self.store.as_mut().expect("started")) {
                 Ok(v) => return Ok(v),
                 Err(StoreError::TxFull) => {
                     if !self.commit_mid_batch() {
@@ -181,7 +242,7 @@ impl<D: Disk, O: Disk> StoreWorker<D, O> {
                             result: StoreResult::AutoDeleted { tag },
                         });
                     }
-                    if self.store.reclaim().is_err() {
+                    if self.store.as_mut().expect("started").reclaim().is_err() {
                         self.fail();
                         return Err(StoreFailure::Internal);
                     }
@@ -203,20 +264,24 @@ impl<D: Disk, O: Disk> StoreWorker<D, O> {
     }
 
     fn copy(&mut self, from_origin: Option<u64>, from_store: Option<u64>, to: u64) -> bool {
-        let chunk = u64::from(self.store.chunk_size_bytes());
+        let Some(store) = self.store.as_mut() else {
+            return false;
+        };
+        let chunk = u64::from(store.chunk_size_bytes());
+        let n = usize::try_from(chunk)
+            .unwrap_or(0)
+            .min(self.chunk_buf.len());
+        let buf = &mut self.chunk_buf[..n];
         let ok = match (from_origin, from_store) {
-            (Some(c), _) => self.origin.read_at(&mut self.chunk_buf, c * chunk).is_ok(),
+            (Some(c), _) => self.origin.read_at(buf, c * chunk).is_ok(),
             (_, Some(s)) => {
-                let off = self.store.chunk_offset(s);
-                self.store
-                    .disk_mut()
-                    .read_at(&mut self.chunk_buf, off)
-                    .is_ok()
+                let off = store.chunk_offset(s);
+                store.disk_mut().read_at(buf, off).is_ok()
             }
             _ => false,
         };
-        let off = self.store.chunk_offset(to);
-        ok && self.store.disk_mut().write_at(&self.chunk_buf, off).is_ok()
+        let off = store.chunk_offset(to);
+        ok && store.disk_mut().write_at(buf, off).is_ok()
     }
 
     fn run_one(&mut self, op: &StoreOp) -> StoreResult {
@@ -239,7 +304,7 @@ impl<D: Disk, O: Disk> StoreWorker<D, O> {
             StoreOp::SnapshotRead { tag, chunk, chunks } => {
                 let mut targets = [Target::Origin; CHUNKS_PER_REQUEST_MAX];
                 for (i, c) in (chunk..chunk + u64::from(chunks)).enumerate() {
-                    targets[i] = match self.store.lookup(tag, c) {
+                    targets[i] = match self.store.as_mut().expect("started").lookup(tag, c) {
                         Ok(Mapping::Origin) => Target::Origin,
                         Ok(Mapping::Store(s)) => Target::Store(s),
                         Err(e) => {
@@ -290,7 +355,7 @@ impl<D: Disk, O: Disk> StoreWorker<D, O> {
                 }
             }
             StoreOp::Delete { tag } => {
-                if let Some(info) = self.store.snapshot(tag) {
+                if let Some(info) = self.store.as_mut().expect("started").snapshot(tag) {
                     if self.in_use[usize::from(info.bit)] > 0 {
                         return StoreResult::Failed(StoreFailure::InUse);
                     }
@@ -307,7 +372,7 @@ impl<D: Disk, O: Disk> StoreWorker<D, O> {
                 }
             }
             StoreOp::Use { tag, open } => {
-                let Some(info) = self.store.snapshot(tag) else {
+                let Some(info) = self.store.as_mut().expect("started").snapshot(tag) else {
                     return StoreResult::Failed(StoreFailure::NoSuchSnapshot);
                 };
                 let n = &mut self.in_use[usize::from(info.bit)];
@@ -317,7 +382,7 @@ impl<D: Disk, O: Disk> StoreWorker<D, O> {
                     *n = n.saturating_sub(1);
                 }
                 let busy = *n > 0;
-                match self.store.set_in_use(tag, busy) {
+                match self.store.as_mut().expect("started").set_in_use(tag, busy) {
                     Ok(()) => StoreResult::Done,
                     Err(e) => StoreResult::Failed(failure(&e)),
                 }
@@ -325,7 +390,7 @@ impl<D: Disk, O: Disk> StoreWorker<D, O> {
             StoreOp::List => {
                 let mut rows = [SnapRow::default(); 64];
                 let mut len = 0;
-                for s in self.store.snapshots() {
+                for s in self.store.as_mut().expect("started").snapshots() {
                     rows[len] = SnapRow {
                         tag: s.tag,
                         priority: s.priority,
@@ -343,7 +408,7 @@ impl<D: Disk, O: Disk> StoreWorker<D, O> {
                 }
             }
             StoreOp::Status => {
-                let s = self.store.status();
+                let s = self.store.as_mut().expect("started").status();
                 StoreResult::Status(StoreFigures {
                     incarnation: s.incarnation,
                     chunk_size_bytes: s.chunk_size_bytes,
@@ -357,8 +422,13 @@ impl<D: Disk, O: Disk> StoreWorker<D, O> {
                     commits: self.commits,
                 })
             }
+            StoreOp::Start => StoreResult::Failed(StoreFailure::Internal),
             StoreOp::DeleteStep => {
-                let r = self.store.delete_step(DELETE_STEP_RECORDS);
+                let r = self
+                    .store
+                    .as_mut()
+                    .expect("started")
+                    .delete_step(DELETE_STEP_RECORDS);
                 match r {
                     Ok(_) | Err(StoreError::TxFull) => StoreResult::Done,
                     Err(e) => {

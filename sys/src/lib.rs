@@ -31,6 +31,24 @@ pub fn random_bytes(b: &mut [u8]) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Reads from standard input into `buf` (no buffering, no allocation).
+pub fn read_stdin(buf: &mut [u8]) -> std::io::Result<usize> {
+    loop {
+        // SAFETY: `buf` is a live, writable slice; read(2) writes at most
+        // `buf.len()` bytes into it.
+        let n = unsafe { libc::read(0, buf.as_mut_ptr().cast(), buf.len()) };
+        match usize::try_from(n) {
+            Ok(n) => return Ok(n),
+            Err(_) => {
+                let e = std::io::Error::last_os_error();
+                if e.kind() != std::io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+        }
+    }
+}
+
 /// Takes an exclusive, non-blocking `flock` on an open file: one server per
 /// store on this host. Released when the process exits. `Ok(false)` when
 /// another process holds it.
