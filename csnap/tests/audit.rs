@@ -278,3 +278,165 @@ fn forbidden_syscall_in_the_serving_phase_kills_the_server_and_names_it() {
 fn libc_openat() -> i64 {
     257
 }
+
+/// The standby path: syscalls of the main thread between its standby filter
+/// and its serving filter (phases standby and failover-start) against the
+/// standby table, after it against the serving table; the worker against
+/// its table throughout.
+#[test]
+fn standby_and_failover_start_syscalls_match_the_audited_whitelist() {
+    let d = dir("standby");
+    format(&d);
+    let sock = d.join("sock");
+    let trace = d.join("trace");
+    let mut child = Command::new("strace")
+        .args(["-f", "-qq", "-o"])
+        .arg(&trace)
+        .arg(BIN)
+        .args(["server", "--standby", "--origin"])
+        .arg(d.join("origin"))
+        .arg("--store")
+        .arg(d.join("store"))
+        .arg("--listen")
+        .arg(&sock)
+        .args(["--listen", "127.0.0.1:0"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let mut p = Proc(child);
+    let mut lines = String::new();
+    let start = Instant::now();
+    let read_until = |lines: &mut String, err: &mut std::process::ChildStderr, needle: &str| {
+        while !lines
+            .split_inclusive('\n')
+            .any(|l| l.ends_with('\n') && l.contains(needle))
+        {
+            let mut b = [0u8; 4096];
+            let n = std::io::Read::read(err, &mut b).unwrap();
+            assert!(n > 0, "server stderr closed before {needle:?}:\n{lines}");
+            lines.push_str(&String::from_utf8_lossy(&b[..n]));
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "no {needle:?} in:\n{lines}"
+            );
+        }
+    };
+    read_until(&mut lines, &mut err, "standby ready");
+    writeln!(stdin, "start member=1").unwrap();
+    read_until(&mut lines, &mut err, "serving");
+    let tcp = lines
+        .lines()
+        .find(|l| l.contains("listening on 127.0.0.1:"))
+        .and_then(|l| Addr::parse(l.rsplit(' ').next().unwrap()).ok())
+        .expect("TCP address");
+    wait_for(&sock, &mut p);
+    workload(&d, &Addr::Unix(sock.clone()), &tcp);
+    std::thread::sleep(Duration::from_millis(200));
+    drop(p);
+    let text = std::fs::read_to_string(&trace).unwrap();
+    let main_tid = text.split_whitespace().next().unwrap().to_string();
+    let worker_tid = text
+        .lines()
+        .find(|l| l.contains("PR_SET_NAME, \"csnap-store\""))
+        .and_then(|l| l.split_whitespace().next())
+        .expect("worker thread in the trace")
+        .to_string();
+    let (mut main_filters, mut worker_filtered) = (0, false);
+    let mut standby: BTreeSet<String> = BTreeSet::new();
+    let mut serving: BTreeSet<String> = BTreeSet::new();
+    let mut worker: BTreeSet<String> = BTreeSet::new();
+    for line in text.lines() {
+        let tid = line.split_whitespace().next().unwrap_or("");
+        let is_filter = line.contains("seccomp(SECCOMP_SET_MODE_FILTER");
+        if tid == main_tid {
+            if is_filter {
+                main_filters += 1;
+                if main_filters == 2 {
+                    // The serving table's own install counts as standby.
+                    standby.insert("seccomp".into());
+                }
+                continue;
+            }
+            if let Some(n) = syscall_name(line) {
+                match main_filters {
+                    1 => {
+                        standby.insert(n.to_string());
+                    }
+                    2.. => {
+                        serving.insert(n.to_string());
+                    }
+                    _ => {}
+                }
+            }
+        } else if tid == worker_tid {
+            if is_filter {
+                worker_filtered = true;
+                continue;
+            }
+            if worker_filtered {
+                if let Some(n) = syscall_name(line) {
+                    worker.insert(n.to_string());
+                }
+            }
+        }
+    }
+    assert_eq!(
+        main_filters, 2,
+        "the main thread installs standby, then serving filters"
+    );
+    assert!(worker_filtered);
+    let mut problems = Vec::new();
+    let mut check =
+        |phase: &str, seen: &BTreeSet<String>, table: &[csnap_audit::Rule], must_use: &[&str]| {
+            for s in seen {
+                if !table.iter().any(|r| r.name == s) {
+                    problems.push(format!("{phase}: {s} is not in the whitelist"));
+                }
+            }
+            for m in must_use {
+                if !seen.contains(*m) {
+                    problems.push(format!("{phase}: whitelisted {m} was never used"));
+                }
+            }
+        };
+    check(
+        "standby + failover-start (main thread)",
+        &standby,
+        csnap_audit::STANDBY_NETWORK,
+        &["read", "flock", "futex", "write", "seccomp", "prctl"],
+    );
+    check(
+        "serving (main thread)",
+        &serving,
+        SERVING_NETWORK,
+        &["epoll_wait", "recvfrom", "sendto"],
+    );
+    check(
+        "all phases (store worker)",
+        &worker,
+        SERVING_STORE,
+        &["futex", "pread64", "pwrite64", "fdatasync"],
+    );
+    // The standby filter stays installed under the serving one, so each of
+    // its rules must be used in one phase or the other.
+    let both: BTreeSet<String> = standby.union(&serving).cloned().collect();
+    for r in csnap_audit::STANDBY_NETWORK {
+        if r.exercised && !both.contains(r.name) {
+            problems.push(format!(
+                "standby table: {} was never used ({})",
+                r.name, r.why
+            ));
+        }
+    }
+    eprintln!("standby+start: {standby:?}\nserving: {serving:?}\nworker: {worker:?}");
+    assert!(
+        problems.is_empty(),
+        "standby audit failed:\n{}",
+        problems.join("\n")
+    );
+    let _ = std::fs::remove_dir_all(&d);
+}
