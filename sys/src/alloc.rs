@@ -42,7 +42,7 @@ pub enum Mode {
     Report = 2,
 }
 
-static PHASE: AtomicU8 = AtomicU8::new(Phase::Init as u8);
+static PHASE: crate::phase::PhaseCell = crate::phase::PhaseCell::new();
 static MODE: AtomicU8 = AtomicU8::new(Mode::Abort as u8);
 static SEALED_ALLOCS: AtomicU64 = AtomicU64::new(0);
 static SEALED_FREES: AtomicU64 = AtomicU64::new(0);
@@ -68,7 +68,7 @@ impl Default for SealedAlloc {
 
 /// The current phase.
 pub fn phase() -> Phase {
-    match PHASE.load(Ordering::SeqCst) {
+    match PHASE.get() {
         0 => Phase::Init,
         1 => Phase::Sealed,
         _ => Phase::Teardown,
@@ -78,13 +78,13 @@ pub fn phase() -> Phase {
 /// Seals the heap. Asserts the previous phase was Init.
 pub fn seal(mode: Mode) {
     MODE.store(mode as u8, Ordering::SeqCst);
-    let prev = PHASE.swap(Phase::Sealed as u8, Ordering::SeqCst);
+    let prev = PHASE.seal();
     assert_eq!(prev, Phase::Init as u8, "seal from a phase other than init");
 }
 
 /// Enters teardown (allocation allowed again).
 pub fn teardown() {
-    PHASE.store(Phase::Teardown as u8, Ordering::SeqCst);
+    PHASE.teardown();
 }
 
 /// Allocations (and reallocations) made while sealed.
@@ -155,7 +155,7 @@ fn violation(what: &[u8], size: usize) {
 }
 
 fn sealed() -> bool {
-    PHASE.load(Ordering::Relaxed) == Phase::Sealed as u8 && !REPORTING.load(Ordering::Relaxed)
+    PHASE.is_sealed() && !REPORTING.load(Ordering::Relaxed)
 }
 
 // SAFETY: every method forwards to the system allocator with the caller's

@@ -5,8 +5,10 @@
 //! - `mem`: `mlockall`, prefaulting, `PR_SET_IO_FLUSHER`, `oom_score_adj`.
 //! - `random_bytes`: `getrandom(2)`.
 
+#[cfg(not(csnap_loom))]
 pub mod alloc;
 pub mod mem;
+pub mod phase;
 pub mod seccomp;
 
 /// Fills `b` from the kernel's random source.
