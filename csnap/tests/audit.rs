@@ -173,6 +173,11 @@ fn serving_syscalls_match_the_audited_whitelist() {
     std::thread::sleep(Duration::from_millis(200));
     drop(p);
     let text = std::fs::read_to_string(&trace).unwrap();
+    // Killing strace detaches its tracee: kill the server itself (its pid is
+    // the trace's first TID).
+    if let Some(pid) = text.split_whitespace().next() {
+        let _ = Command::new("kill").args(["-9", pid]).status();
+    }
 
     // Thread kinds: the first TID is the process (the network thread); the
     // worker names itself csnap-store.
@@ -338,6 +343,11 @@ fn standby_and_failover_start_syscalls_match_the_audited_whitelist() {
     std::thread::sleep(Duration::from_millis(200));
     drop(p);
     let text = std::fs::read_to_string(&trace).unwrap();
+    // Killing strace detaches its tracee: kill the server itself (its pid is
+    // the trace's first TID).
+    if let Some(pid) = text.split_whitespace().next() {
+        let _ = Command::new("kill").args(["-9", pid]).status();
+    }
     let main_tid = text.split_whitespace().next().unwrap().to_string();
     let worker_tid = text
         .lines()
