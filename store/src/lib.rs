@@ -635,6 +635,9 @@ impl<D: Disk> Standby<D> {
             in_use_mask: 0,
             replay,
             fence_buf: block_buf,
+            // After the replay's flush (or a format's), home is durable.
+            home_durable: true,
+            data_written: false,
         };
         store.assert_invariants_full();
         Ok(store)
@@ -693,6 +696,11 @@ pub struct Store<D: Disk> {
     in_use_mask: u64,
     replay: journal::ReplayReport,
     fence_buf: Vec<u8>,
+    /// The home copies of every committed block are durable (no home write
+    /// since the last flush).
+    home_durable: bool,
+    /// The device was handed out (`disk_mut`) since the last flush.
+    data_written: bool,
 }
 
 impl<D: Disk> Store<D> {
@@ -715,6 +723,9 @@ impl<D: Disk> Store<D> {
 
     /// The device.
     pub fn disk_mut(&mut self) -> &mut D {
+        // Whatever the caller writes (copy-outs) must be flushed before the
+        // next commit's journal write.
+        self.data_written = true;
         &mut self.disk
     }
 
@@ -1617,14 +1628,21 @@ impl<D: Disk> Store<D> {
         // the store over; write nothing. Then data and previous home writes
         // durable.
         self.check_fence()?;
-        self.disk.flush()?;
+        // The flush orders copy-out data and the previous commit's home
+        // writes before this journal write; with neither pending it is
+        // skipped (the first commit after a start: the new incarnation).
+        if self.data_written || !self.home_durable {
+            self.disk.flush()?;
+        }
         // 3. Journal write and the commit point.
         self.disk.write_at(
             &self.staging[..(n + 1) * bs],
             (self.label.journal_start + start) * BS,
         )?;
         self.disk.flush()?;
+        self.data_written = false;
         // 4. Home writes.
+        self.home_durable = false;
         self.disk
             .write_at(&self.staging[bs..2 * bs], layout::SUPER_BLOCK * BS)?;
         for slot in 0..self.cache.capacity() {
