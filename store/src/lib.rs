@@ -598,10 +598,19 @@ impl<D: Disk> Standby<D> {
             mut block_buf,
         } = self;
         let label = read_label_into(&mut disk, &mut block_buf)?;
+        // Redo only what differs at home: after a clean stop or a process
+        // kill the home copies are already there, and a start that writes
+        // nothing needs no flush.
+        let mut rewrote = false;
         let replay = journal::replay(&mut disk, &label, &mut staging, &mut |d, home, img| {
-            d.write_at(img, home * BS)
+            d.read_at(&mut block_buf, home * BS)?;
+            if block_buf[..] != *img {
+                d.write_at(img, home * BS)?;
+                rewrote = true;
+            }
+            Ok(())
         })?;
-        if replay.commits > 0 {
+        if rewrote {
             disk.flush()?;
         }
         disk.read_at(&mut block_buf, layout::SUPER_BLOCK * BS)?;
