@@ -89,10 +89,12 @@ pub const SERVING_NETWORK: &[Rule] = &[
     ),
 ];
 
-/// Standby and failover-start phases, network (main) thread: a standby
-/// waits for "start" on its standard input, then drives the start. Installed
-/// under the serving table, which is stacked on top when serving begins.
-pub const STANDBY_NETWORK: &[Rule] = &[
+/// Standby and failover-start phases, network (main) thread: what the main
+/// thread needs on top of its serving table. A standby waits for "start" on
+/// its standard input, then drives the start; its filter stays installed
+/// under the serving table, which is stacked on top when serving begins, so
+/// the standby filter allows both (`standby_network`).
+pub const STANDBY_EXTRA_NETWORK: &[Rule] = &[
     rule(
         "read",
         libc::SYS_read,
@@ -104,27 +106,6 @@ pub const STANDBY_NETWORK: &[Rule] = &[
         "failover start: the exclusive lock on the store",
     ),
     rule(
-        "futex",
-        libc::SYS_futex,
-        "failover start: hand the start to the store worker and wait for it",
-    ),
-    rule(
-        "write",
-        libc::SYS_write,
-        "stderr lines: standby ready, started",
-    ),
-    rule(
-        "epoll_wait",
-        libc::SYS_epoll_wait,
-        "serving (the serving table is installed on top)",
-    ),
-    rule("accept4", libc::SYS_accept4, "serving"),
-    rule("epoll_ctl", libc::SYS_epoll_ctl, "serving"),
-    rule("recvfrom", libc::SYS_recvfrom, "serving"),
-    rule("sendto", libc::SYS_sendto, "serving"),
-    rule("close", libc::SYS_close, "serving"),
-    rule("setsockopt", libc::SYS_setsockopt, "serving"),
-    rule(
         "seccomp",
         libc::SYS_seccomp,
         "installing the serving table on top when serving begins",
@@ -134,17 +115,15 @@ pub const STANDBY_NETWORK: &[Rule] = &[
         libc::SYS_prctl,
         "PR_SET_NO_NEW_PRIVS before the serving table (seccompiler sets it again)",
     ),
-    exit_path(
-        "exit_group",
-        libc::SYS_exit_group,
-        "exit when the start fails, and the SIGSYS reporter's exit",
-    ),
-    exit_path(
-        "rt_sigreturn",
-        libc::SYS_rt_sigreturn,
-        "return from a signal handler; the only handler (SIGSYS) exits instead",
-    ),
 ];
+
+/// The standby filter of the main thread: its serving table plus
+/// `STANDBY_EXTRA_NETWORK`. Init only (it allocates).
+pub fn standby_network() -> Vec<Rule> {
+    let mut v: Vec<Rule> = SERVING_NETWORK.to_vec();
+    v.extend_from_slice(STANDBY_EXTRA_NETWORK);
+    v
+}
 
 /// Serving phase, store worker thread.
 pub const SERVING_STORE: &[Rule] = &[
@@ -204,7 +183,8 @@ mod tests {
 
     #[test]
     fn tables_have_no_duplicates_and_every_rule_says_why() {
-        for t in [SERVING_NETWORK, SERVING_STORE] {
+        let standby = standby_network();
+        for t in [SERVING_NETWORK, SERVING_STORE, &standby] {
             for (i, r) in t.iter().enumerate() {
                 assert!(r.why.len() > 10, "{} needs a reason", r.name);
                 assert!(

@@ -103,18 +103,8 @@ pub fn run(args: &ServerArgs) -> ExitCode {
 fn serve(args: &ServerArgs) -> Result<ExitCode, String> {
     require_device(&args.origin, "origin")?;
     require_device(&args.store, "store")?;
-    let mut listen = Vec::new();
-    for a in &args.listen {
-        listen.push(Addr::parse(a).map_err(|e| format!("--listen {a}: {e}"))?);
-    }
     // Listen first: a server that cannot listen writes nothing to the store.
-    let mut listeners = Vec::new();
-    for a in &listen {
-        listeners.push(
-            csnap_io::net::MioListener::bind(a)
-                .map_err(|e| format!("cannot listen on {a}: {e}"))?,
-        );
-    }
+    let listeners = bind_listeners(args)?;
     let mut sd = FileDisk::open(&args.store)
         .map_err(|e| format!("cannot open store {}: {e}", args.store.display()))?;
     // Configuration errors first: the label (read only) against the origin.
@@ -189,23 +179,9 @@ fn serve(args: &ServerArgs) -> Result<ExitCode, String> {
         eprintln!("csnap server: pool {what}: {bytes} bytes");
         reserved += bytes;
     }
-    // Seccomp: compiled now (it allocates), installed per thread as each
-    // enters the serving phase.
-    if args.seal == SealMode::Report && !args.no_seccomp {
-        eprintln!("csnap server: --seal report symbolises backtraces (it opens files): seccomp is off in this mode");
-    }
-    let filters = if args.no_seccomp || args.seal == SealMode::Report {
-        eprintln!("csnap server: WARNING: --no-seccomp: the syscall whitelist is not enforced. Development use only.");
-        None
-    } else {
-        csnap_sys::seccomp::install_sigsys_reporter()
-            .map_err(|e| format!("cannot install the SIGSYS reporter: {e}"))?;
-        let net = csnap_sys::seccomp::compile(&csnap_audit::numbers(csnap_audit::SERVING_NETWORK))?;
-        let st = csnap_sys::seccomp::compile(&csnap_audit::numbers(csnap_audit::SERVING_STORE))?;
-        Some((net, st))
-    };
+    let filters = compile_filters(args, false)?;
     let worker = StoreWorker::new(store, od, BATCH_MAX);
-    let worker_filter = filters.as_ref().map(|f| f.1.clone());
+    let worker_filter = filters.as_ref().map(|f| f.store.clone());
     let mut lp = ServerLoop::with_listeners(cfg, listeners, worker, worker_filter)
         .map_err(|e| format!("cannot start the server loop: {e}"))?;
     for a in lp.local_addrs() {
@@ -220,32 +196,11 @@ fn serve(args: &ServerArgs) -> Result<ExitCode, String> {
         cfg.read_locks,
         reserved
     );
-    if args.no_mlock {
-        eprintln!("csnap server: WARNING: --no-mlock: memory is not locked; page faults (and memory inversion under pressure) are possible. Development use only.");
-    } else if let Err(e) = csnap_sys::mem::lock_all() {
-        return Err(format!(
-            "cannot lock memory (mlockall): {e}; run as root or with CAP_IPC_LOCK, or pass --no-mlock for development"
-        ));
-    }
-    csnap_sys::mem::prefault_stack(STACK_BUDGET_BYTES);
-    if let Err(e) = csnap_sys::mem::set_io_flusher() {
-        eprintln!("csnap server: note: PR_SET_IO_FLUSHER not set ({e})");
-    }
-    if let Err(e) = csnap_sys::mem::set_oom_score_adj(-1000) {
-        eprintln!("csnap server: note: oom_score_adj not set ({e})");
-    }
-    let mode = match args.seal {
-        SealMode::Abort => Some(csnap_sys::alloc::Mode::Abort),
-        SealMode::Count => Some(csnap_sys::alloc::Mode::Count),
-        SealMode::Report => Some(csnap_sys::alloc::Mode::Report),
-        SealMode::Off => None,
-    };
-    if let Some(m) = mode {
-        csnap_sys::alloc::seal(m);
-        eprintln!("csnap server: heap sealed ({:?} on allocation)", args.seal);
-    }
-    if let Some((net, _)) = &filters {
-        net.install()
+    confine_memory(args)?;
+    seal_heap(args);
+    if let Some(f) = &filters {
+        f.net
+            .install()
             .map_err(|e| format!("cannot install the seccomp filter: {e}"))?;
     }
     eprintln!("csnap server: serving");
@@ -256,31 +211,11 @@ fn serve(args: &ServerArgs) -> Result<ExitCode, String> {
             csnap_sys::seccomp::forbidden_open_for_tests();
         }
     };
-    match lp.run_with(&mut hook) {
-        Stop::StoreFailed => {
-            error("the snapshot store failed; restart the server to replay the journal");
-            Ok(ExitCode::from(EXIT_FAILED))
-        }
-        Stop::Fenced => {
-            error("fenced: a newer server incarnation took this store over; this server stops");
-            Ok(ExitCode::from(EXIT_FAILED))
-        }
-        Stop::Io(e) => {
-            error(&format!("event loop failed: {e}"));
-            Ok(ExitCode::from(EXIT_FAILED))
-        }
-    }
+    Ok(stopped(lp.run_with(&mut hook)))
 }
 
-/// Stack the serving thread may use, touched before the seal.
-const STACK_BUDGET_BYTES: usize = 256 * 1024;
-
-/// Expected clients and members a start command may name.
-const START_LIST_MAX: usize = 256;
-
-fn serve_standby(args: &ServerArgs) -> Result<ExitCode, String> {
-    require_device(&args.origin, "origin")?;
-    require_device(&args.store, "store")?;
+/// Binds every `--listen` address.
+fn bind_listeners(args: &ServerArgs) -> Result<Vec<csnap_io::net::MioListener>, String> {
     let mut listeners = Vec::new();
     for a in &args.listen {
         let addr = Addr::parse(a).map_err(|e| format!("--listen {a}: {e}"))?;
@@ -289,6 +224,95 @@ fn serve_standby(args: &ServerArgs) -> Result<ExitCode, String> {
                 .map_err(|e| format!("cannot listen on {addr}: {e}"))?,
         );
     }
+    Ok(listeners)
+}
+
+/// The seccomp filters of a server, compiled at init (it allocates) and
+/// installed per thread as each enters its confined phase.
+struct Filters {
+    /// The main thread's standby and failover-start filter (standby only).
+    standby: Option<csnap_sys::seccomp::Filter>,
+    /// The network thread's serving filter.
+    net: csnap_sys::seccomp::Filter,
+    /// The store worker's filter.
+    store: csnap_sys::seccomp::Filter,
+}
+
+fn compile_filters(args: &ServerArgs, standby: bool) -> Result<Option<Filters>, String> {
+    if args.seal == SealMode::Report && !args.no_seccomp {
+        eprintln!("csnap server: --seal report symbolises backtraces (it opens files): seccomp is off in this mode");
+    }
+    if args.no_seccomp || args.seal == SealMode::Report {
+        eprintln!(
+            "csnap server: WARNING: the syscall whitelist is not enforced. Development use only."
+        );
+        return Ok(None);
+    }
+    csnap_sys::seccomp::install_sigsys_reporter()
+        .map_err(|e| format!("cannot install the SIGSYS reporter: {e}"))?;
+    let compile =
+        |rules: &[csnap_audit::Rule]| csnap_sys::seccomp::compile(&csnap_audit::numbers(rules));
+    Ok(Some(Filters {
+        standby: if standby {
+            Some(compile(&csnap_audit::standby_network())?)
+        } else {
+            None
+        },
+        net: compile(csnap_audit::SERVING_NETWORK)?,
+        store: compile(csnap_audit::SERVING_STORE)?,
+    }))
+}
+
+/// Locks memory (unless `--no-mlock`), touches the main thread's stack
+/// budget, and asks to be an I/O flusher out of the OOM killer's reach.
+fn confine_memory(args: &ServerArgs) -> Result<(), String> {
+    if args.no_mlock {
+        eprintln!("csnap server: WARNING: --no-mlock: memory is not locked; page faults (and memory inversion under pressure) are possible. Development use only.");
+    } else if let Err(e) = csnap_sys::mem::lock_all() {
+        return Err(format!(
+            "cannot lock memory (mlockall): {e}; run as root or with CAP_IPC_LOCK, or pass --no-mlock for development"
+        ));
+    }
+    csnap_sys::mem::prefault_stack(csnap_pools::THREAD_STACK_BUDGET_BYTES);
+    if let Err(e) = csnap_sys::mem::set_io_flusher() {
+        eprintln!("csnap server: note: PR_SET_IO_FLUSHER not set ({e})");
+    }
+    if let Err(e) = csnap_sys::mem::set_oom_score_adj(-1000) {
+        eprintln!("csnap server: note: oom_score_adj not set ({e})");
+    }
+    Ok(())
+}
+
+/// Seals the heap as `--seal` says.
+fn seal_heap(args: &ServerArgs) {
+    let mode = match args.seal {
+        SealMode::Abort => csnap_sys::alloc::Mode::Abort,
+        SealMode::Count => csnap_sys::alloc::Mode::Count,
+        SealMode::Report => csnap_sys::alloc::Mode::Report,
+        SealMode::Off => return,
+    };
+    csnap_sys::alloc::seal(mode);
+    eprintln!("csnap server: heap sealed ({:?} on allocation)", args.seal);
+}
+
+/// The exit status and message for why the loop stopped.
+fn stopped(stop: Stop) -> ExitCode {
+    match stop {
+        Stop::StoreFailed => {
+            error("the snapshot store failed; restart the server to replay the journal")
+        }
+        Stop::Fenced => {
+            error("fenced: a newer server incarnation took this store over; this server stops")
+        }
+        Stop::Io(e) => error(&format!("event loop failed: {e}")),
+    }
+    ExitCode::from(EXIT_FAILED)
+}
+
+fn serve_standby(args: &ServerArgs) -> Result<ExitCode, String> {
+    require_device(&args.origin, "origin")?;
+    require_device(&args.store, "store")?;
+    let listeners = bind_listeners(args)?;
     // Devices open, nothing read.
     let sd = FileDisk::open(&args.store)
         .map_err(|e| format!("cannot open store {}: {e}", args.store.display()))?;
@@ -316,47 +340,19 @@ fn serve_standby(args: &ServerArgs) -> Result<ExitCode, String> {
         origin_size_bytes: 0,
         origin_uuid: [0; 16],
     };
-    let seccomp = !(args.no_seccomp || args.seal == SealMode::Report);
-    let filters = if seccomp {
-        csnap_sys::seccomp::install_sigsys_reporter()
-            .map_err(|e| format!("cannot install the SIGSYS reporter: {e}"))?;
-        let standby_f =
-            csnap_sys::seccomp::compile(&csnap_audit::numbers(csnap_audit::STANDBY_NETWORK))?;
-        let net = csnap_sys::seccomp::compile(&csnap_audit::numbers(csnap_audit::SERVING_NETWORK))?;
-        let st = csnap_sys::seccomp::compile(&csnap_audit::numbers(csnap_audit::SERVING_STORE))?;
-        Some((standby_f, net, st))
-    } else {
-        eprintln!(
-            "csnap server: WARNING: the syscall whitelist is not enforced. Development use only."
-        );
-        None
-    };
+    let filters = compile_filters(args, true)?;
     let worker = StoreWorker::standby(standby, od, BATCH_MAX);
-    let worker_filter = filters.as_ref().map(|f| f.2.clone());
+    let worker_filter = filters.as_ref().map(|f| f.store.clone());
     let mut lp = ServerLoop::with_listeners(cfg, listeners, worker, worker_filter)
         .map_err(|e| format!("cannot start the server loop: {e}"))?;
     for a in lp.local_addrs() {
         eprintln!("csnap server: standby listening on {a}");
     }
-    if args.no_mlock {
-        eprintln!("csnap server: WARNING: --no-mlock: memory is not locked. Development use only.");
-    } else if let Err(e) = csnap_sys::mem::lock_all() {
-        return Err(format!("cannot lock memory (mlockall): {e}"));
-    }
-    csnap_sys::mem::prefault_stack(STACK_BUDGET_BYTES);
+    confine_memory(args)?;
     let mut cmd = [0u8; 4096];
-    let mode = match args.seal {
-        SealMode::Abort => Some(csnap_sys::alloc::Mode::Abort),
-        SealMode::Count => Some(csnap_sys::alloc::Mode::Count),
-        SealMode::Report => Some(csnap_sys::alloc::Mode::Report),
-        SealMode::Off => None,
-    };
-    if let Some(m) = mode {
-        csnap_sys::alloc::seal(m);
-    }
-    if let Some((standby_f, _, _)) = &filters {
-        standby_f
-            .install()
+    seal_heap(args);
+    if let Some(f) = filters.as_ref().and_then(|f| f.standby.as_ref()) {
+        f.install()
             .map_err(|_| "cannot install the standby seccomp filter")?;
     }
     eprintln!("csnap server: standby ready (heap sealed, memory locked, store not read)");
@@ -378,6 +374,7 @@ fn serve_standby(args: &ServerArgs) -> Result<ExitCode, String> {
     if words.next() != Some("start") {
         return Err("expected `start [member=NODE ...] [expect=CLIENT:NODE ...]`".into());
     }
+    const START_LIST_MAX: usize = csnap_pools::START_LIST_MAX;
     let mut members = [0u32; START_LIST_MAX];
     let mut n_members = 0;
     let mut expected = [(0u64, 0u32); START_LIST_MAX];
@@ -412,8 +409,9 @@ fn serve_standby(args: &ServerArgs) -> Result<ExitCode, String> {
         lp.fsm_mut().handle_node_joined(m);
     }
     lp.fsm_mut().begin_recovery(&expected[..n_expected]);
-    if let Some((_, net, _)) = &filters {
-        net.install()
+    if let Some(f) = &filters {
+        f.net
+            .install()
             .map_err(|_| "cannot install the serving seccomp filter")?;
     }
     let us = t0.elapsed().as_micros();
@@ -421,18 +419,5 @@ fn serve_standby(args: &ServerArgs) -> Result<ExitCode, String> {
         "csnap server: started incarnation {} ({} journal commit(s) replayed) in {us} us; serving",
         info.incarnation, info.replayed
     );
-    match lp.run() {
-        Stop::StoreFailed => {
-            error("the snapshot store failed; restart the server to replay the journal");
-            Ok(ExitCode::from(EXIT_FAILED))
-        }
-        Stop::Fenced => {
-            error("fenced: a newer server incarnation took this store over; this server stops");
-            Ok(ExitCode::from(EXIT_FAILED))
-        }
-        Stop::Io(e) => {
-            error(&format!("event loop failed: {e}"));
-            Ok(ExitCode::from(EXIT_FAILED))
-        }
-    }
+    Ok(stopped(lp.run()))
 }

@@ -6,10 +6,14 @@
 //! (except rules marked as exit paths). Also: the death test (a forbidden
 //! syscall in the serving phase kills the server, which names it).
 
+mod common;
+
+use common::Proc;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use csnap_audit::{ThreadKind, SERVING_NETWORK, SERVING_STORE};
@@ -20,19 +24,8 @@ use csnap_proto::Volume;
 
 const BIN: &str = env!("CARGO_BIN_EXE_csnap");
 
-struct Proc(Child);
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn dir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("csnap-audit-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    common::fresh_dir("audit", name)
 }
 
 fn format(d: &Path) {
@@ -413,10 +406,11 @@ fn standby_and_failover_start_syscalls_match_the_audited_whitelist() {
                 }
             }
         };
+    let standby_table = csnap_audit::standby_network();
     check(
         "standby + failover-start (main thread)",
         &standby,
-        csnap_audit::STANDBY_NETWORK,
+        &standby_table,
         &["read", "flock", "futex", "write", "seccomp", "prctl"],
     );
     check(
@@ -434,7 +428,7 @@ fn standby_and_failover_start_syscalls_match_the_audited_whitelist() {
     // The standby filter stays installed under the serving one, so each of
     // its rules must be used in one phase or the other.
     let both: BTreeSet<String> = standby.union(&serving).cloned().collect();
-    for r in csnap_audit::STANDBY_NETWORK {
+    for r in &standby_table {
         if r.exercised && !both.contains(r.name) {
             problems.push(format!(
                 "standby table: {} was never used ({})",

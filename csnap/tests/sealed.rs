@@ -9,8 +9,10 @@
 // Test code: small test-sized numbers.
 #![allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
 
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use csnap_fsm::client::Request;
@@ -22,19 +24,10 @@ const BIN: &str = env!("CARGO_BIN_EXE_csnap");
 const CHUNK: u64 = 16384;
 const ORIGIN_BYTES: u64 = 4 << 20;
 
-struct Server(Child);
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use common::Proc as Server;
 
 fn dir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("csnap-sealed-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    common::fresh_dir("sealed", name)
 }
 
 fn start(d: &Path, store_size: &str, extra: &[&str]) -> (Server, Addr) {

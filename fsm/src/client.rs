@@ -20,7 +20,7 @@ use csnap_proto::{self as proto, ErrorCode, Header, Msg, Range, Role, Volume};
 /// Requests one client keeps outstanding (and re-sends after a reconnect).
 pub const OUTSTANDING_MAX: usize = csnap_pools::REQUESTS_PER_CLIENT_MAX;
 /// Read locks (chunks) one client remembers for upload.
-pub const HELD_LOCKS_MAX: usize = 4096;
+pub const HELD_LOCKS_MAX: usize = csnap_pools::CLIENT_HELD_LOCKS_MAX;
 
 /// The client's identity.
 #[derive(Debug, Clone, Copy)]

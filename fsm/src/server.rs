@@ -254,7 +254,6 @@ pub struct Server {
     woken: Vec<u32>,
     identified: u32,
     waiting_writes: u32,
-    commits: u64,
     failed: bool,
     now_secs: u64,
     parked: Vec<Option<Parked>>,
@@ -343,7 +342,6 @@ impl Server {
             woken: Vec::with_capacity(slots),
             identified: 0,
             waiting_writes: 0,
-            commits: 0,
             failed: false,
             now_secs: 0,
             parked: vec![None; cfg.clients],
@@ -1261,7 +1259,6 @@ impl Server {
             }
             (StoreResult::Status(fig), _) => {
                 self.finish(token, conn);
-                self.commits = fig.commits;
                 let msg = Msg::StatusReply {
                     incarnation: self.cfg.incarnation,
                     chunk_size_bytes: fig.chunk_size_bytes,

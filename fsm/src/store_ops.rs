@@ -67,8 +67,6 @@ pub enum StoreOp {
     List,
     /// Store figures.
     Status,
-    /// Run a bounded step of background deletion.
-    DeleteStep,
     /// A standby starts: read the store, replay its journal, take the next
     /// incarnation durably.
     Start,
@@ -154,7 +152,7 @@ pub struct StoreFigures {
     pub snapshots: u32,
     /// Snapshots being deleted.
     pub deleting: u32,
-    /// Commits so far.
+    /// Journal commits since the store was formatted (its last sequence).
     pub commits: u64,
 }
 

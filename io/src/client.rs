@@ -311,22 +311,24 @@ impl VolumeClient {
     /// Splits `[off, off+len)` into runs of whole chunks of at most
     /// `CHUNKS_PER_REQUEST_MAX`: (first chunk, chunks, byte offset in the
     /// caller's buffer, byte length).
-    fn runs(&self, off: u64, len: usize) -> Vec<(u64, u32, usize, usize)> {
-        let mut v = Vec::new();
+    fn runs(&self, off: u64, len: usize) -> impl Iterator<Item = (u64, u32, usize, usize)> {
+        let chunk = self.chunk;
         let end = off + len as u64;
         let mut at = off;
-        while at < end {
-            let first = at / self.chunk;
-            let max_end = (first + CHUNKS_PER_REQUEST_MAX as u64) * self.chunk;
+        std::iter::from_fn(move || {
+            if at >= end {
+                return None;
+            }
+            let first = at / chunk;
+            let max_end = (first + CHUNKS_PER_REQUEST_MAX as u64) * chunk;
             let run_end = end.min(max_end);
-            let last = (run_end - 1) / self.chunk;
+            let last = (run_end - 1) / chunk;
             let chunks = u32::try_from(last - first + 1).unwrap_or(u32::MAX);
             let boff = usize::try_from(at - off).unwrap_or(0);
             let blen = usize::try_from(run_end - at).unwrap_or(0);
-            v.push((first, chunks, boff, blen));
             at = run_end;
-        }
-        v
+            Some((first, chunks, boff, blen))
+        })
     }
 
     /// Reads `buf.len()` bytes at `off`.
@@ -347,10 +349,8 @@ impl VolumeClient {
             for (i, t) in targets.iter().enumerate() {
                 ts[i] = Some(t);
             }
-            let mut locked = Vec::new();
             for t in ts.iter().flatten() {
                 if t.kind == TargetKind::Origin {
-                    locked.push(t.range());
                     self.conn.note_locked(t.range());
                 }
             }
@@ -379,8 +379,10 @@ impl VolumeClient {
                 }
             }
             // Release the read locks once the origin reads are done.
-            for r in locked {
-                self.conn.release(r)?;
+            for t in ts.iter().flatten() {
+                if t.kind == TargetKind::Origin {
+                    self.conn.release(t.range())?;
+                }
             }
             result?;
         }
@@ -445,11 +447,4 @@ impl VolumeClient {
         self.origin.sync_data()?;
         self.store.sync_data()
     }
-}
-
-/// Reads a whole stream into memory (test and CLI helper).
-pub fn read_all(r: &mut impl Read) -> io::Result<Vec<u8>> {
-    let mut v = Vec::new();
-    r.read_to_end(&mut v)?;
-    Ok(v)
 }

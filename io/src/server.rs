@@ -39,13 +39,13 @@ pub struct StartInfo {
 }
 
 /// Readiness events handled per loop turn.
-const EVENTS_MAX: usize = 1024;
+const EVENTS_MAX: usize = csnap_pools::EVENTS_PER_TURN_MAX;
 
 /// Stack the store worker may use, touched when it starts.
-const WORKER_STACK_BUDGET_BYTES: usize = 256 * 1024;
+const WORKER_STACK_BUDGET_BYTES: usize = csnap_pools::THREAD_STACK_BUDGET_BYTES;
 
 /// Requests the store worker takes in one batch (one commit).
-pub const BATCH_MAX: usize = 256;
+pub const BATCH_MAX: usize = csnap_pools::STORE_BATCH_MAX;
 
 struct Conn {
     stream: MioStream,

@@ -21,7 +21,7 @@ use csnap_store::{Mapping, OriginWrite, SnapshotWrite, Store, StoreError};
 pub const NOTIFY_TOKEN: u32 = u32::MAX;
 
 /// Records deleted per background step.
-const DELETE_STEP_RECORDS: usize = 4096;
+const DELETE_STEP_RECORDS: usize = csnap_pools::DELETE_STEP_RECORDS_MAX;
 
 /// The worker.
 #[derive(Debug)]
@@ -32,7 +32,6 @@ pub struct StoreWorker<D: Disk, O: Disk> {
     chunk_buf: Vec<u8>,
     replies: Vec<StoreReply>,
     in_use: [u32; SNAPSHOTS_MAX],
-    commits: u64,
     failed: bool,
     fenced: bool,
 }
@@ -78,7 +77,6 @@ impl<D: Disk, O: Disk> StoreWorker<D, O> {
             chunk_buf: vec![0u8; chunk],
             replies: Vec::with_capacity(batch_max + SNAPSHOTS_MAX + 1),
             in_use: [0; SNAPSHOTS_MAX],
-            commits: 0,
             failed: false,
             fenced: false,
         }
@@ -120,18 +118,7 @@ impl<D: Disk, O: Disk> StoreWorker<D, O> {
             });
         }
         if !self.failed && self.store.is_some() {
-            match self.store.as_mut().expect("started").commit() {
-                Ok(info) => {
-                    if info.blocks > 0 {
-                        self.commits += 1;
-                    }
-                }
-                Err(StoreError::Fenced { .. }) => {
-                    self.fenced = true;
-                    self.fail();
-                }
-                Err(_) => self.fail(),
-            }
+            self.commit();
         }
         if self.failed {
             let why = if self.fenced {
@@ -196,26 +183,24 @@ impl<D: Disk, O: Disk> StoreWorker<D, O> {
         if r.is_err() {
             self.store.as_mut().expect("started").abort();
         }
-        match self.store.as_mut().expect("started").commit() {
-            Ok(info) if info.blocks > 0 => self.commits += 1,
-            Ok(_) => {}
-            Err(_) => self.fail(),
-        }
+        self.commit();
     }
 
     fn fail(&mut self) {
         self.failed = true;
     }
 
-    fn commit_mid_batch(&mut self) -> bool {
-        match self.store.as_mut().expect("started").commit() {
-            Ok(info) => {
-                if info.blocks > 0 {
-                    self.commits += 1;
-                }
-                true
+    /// Commits the open transaction; a failure (fenced or not) stops the
+    /// worker.
+    fn commit(&mut self) -> bool {
+        match self.store.as_mut().map(Store::commit) {
+            Some(Ok(_)) => true,
+            Some(Err(StoreError::Fenced { .. })) => {
+                self.fenced = true;
+                self.fail();
+                false
             }
-            Err(_) => {
+            _ => {
                 self.fail();
                 false
             }
@@ -231,7 +216,7 @@ impl<D: Disk, O: Disk> StoreWorker<D, O> {
             match f(self.store.as_mut().expect("started")) {
                 Ok(v) => return Ok(v),
                 Err(StoreError::TxFull) => {
-                    if !self.commit_mid_batch() {
+                    if !self.commit() {
                         return Err(StoreFailure::Internal);
                     }
                 }
@@ -246,7 +231,6 @@ impl<D: Disk, O: Disk> StoreWorker<D, O> {
                         self.fail();
                         return Err(StoreFailure::Internal);
                     }
-                    self.commits += 1;
                 }
                 Err(StoreError::TxPoisoned) | Err(StoreError::Failed) => {
                     self.fail();
@@ -419,24 +403,10 @@ impl<D: Disk, O: Disk> StoreWorker<D, O> {
                     meta_free: s.meta_free,
                     snapshots: s.snapshots,
                     deleting: s.deleting,
-                    commits: self.commits,
+                    commits: s.seq,
                 })
             }
             StoreOp::Start => StoreResult::Failed(StoreFailure::Internal),
-            StoreOp::DeleteStep => {
-                let r = self
-                    .store
-                    .as_mut()
-                    .expect("started")
-                    .delete_step(DELETE_STEP_RECORDS);
-                match r {
-                    Ok(_) | Err(StoreError::TxFull) => StoreResult::Done,
-                    Err(e) => {
-                        self.fail();
-                        StoreResult::Failed(failure(&e))
-                    }
-                }
-            }
         }
     }
 }

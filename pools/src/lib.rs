@@ -148,6 +148,25 @@ pub const READ_LOCKS_MAX: usize = 1 << 20;
 /// Default for the `--read-locks` setting.
 pub const READ_LOCKS_DEFAULT: usize = 16 * 1024;
 
+/// Requests the store worker takes in one batch (one commit). Memory: one
+/// request each in the worker's batch buffer.
+pub const STORE_BATCH_MAX: usize = 256;
+
+/// Readiness events the network loop handles per turn.
+pub const EVENTS_PER_TURN_MAX: usize = 1024;
+
+/// Records one background deletion step clears before it commits.
+pub const DELETE_STEP_RECORDS_MAX: usize = 4096;
+
+/// Stack each server thread may use, touched before the heap is sealed.
+pub const THREAD_STACK_BUDGET_BYTES: usize = 256 * 1024;
+
+/// Expected clients, and members, one standby start command may name.
+pub const START_LIST_MAX: usize = 256;
+
+/// Read locks (chunks) one client remembers for upload after a reconnect.
+pub const CLIENT_HELD_LOCKS_MAX: usize = 4096;
+
 const_assert!(CLIENTS_DEFAULT <= CLIENTS_MAX);
 const_assert!(REQUESTS_PER_CLIENT_DEFAULT <= REQUESTS_PER_CLIENT_MAX);
 const_assert!(READ_LOCKS_DEFAULT <= READ_LOCKS_MAX);
@@ -155,3 +174,6 @@ const_assert!(READ_LOCKS_DEFAULT <= READ_LOCKS_MAX);
 // can hold a lock at once only if the table is at least this big; smaller
 // tables answer Busy instead, which is allowed but should not be the default.
 const_assert!(READ_LOCKS_DEFAULT >= REQUESTS_PER_CLIENT_DEFAULT * CHUNKS_PER_REQUEST_MAX);
+// The stack budget must fit a default 2 MiB thread stack.
+const_assert!(THREAD_STACK_BUDGET_BYTES < 2 * 1024 * 1024);
+const_assert!(START_LIST_MAX <= CLIENTS_MAX);

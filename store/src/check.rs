@@ -216,10 +216,6 @@ impl Checker {
                     .push(format!("snapshot table: free slot {i} records usage"));
             }
         }
-        if sb.deleting_mask() != 0 && sb.delete_walk_mask == 0 {
-            // Allowed between a delete and the next step; the server starts a
-            // pass on its next step. Not a problem.
-        }
     }
 
     fn walk_tree<D: Disk>(&mut self, r: &mut Reader<'_, D>) {

@@ -46,7 +46,6 @@ static PHASE: crate::phase::PhaseCell = crate::phase::PhaseCell::new();
 static MODE: AtomicU8 = AtomicU8::new(Mode::Abort as u8);
 static SEALED_ALLOCS: AtomicU64 = AtomicU64::new(0);
 static SEALED_FREES: AtomicU64 = AtomicU64::new(0);
-static TOTAL_ALLOCS: AtomicU64 = AtomicU64::new(0);
 static REPORTING: AtomicBool = AtomicBool::new(false);
 
 /// The allocator.
@@ -95,11 +94,6 @@ pub fn sealed_allocations() -> u64 {
 /// Frees made while sealed.
 pub fn sealed_frees() -> u64 {
     SEALED_FREES.load(Ordering::SeqCst)
-}
-
-/// Allocations since start, in any phase.
-pub fn total_allocations() -> u64 {
-    TOTAL_ALLOCS.load(Ordering::Relaxed)
 }
 
 fn write_stderr(parts: &[&[u8]]) {
@@ -164,7 +158,6 @@ fn sealed() -> bool {
 // of which allocates or unwinds.
 unsafe impl GlobalAlloc for SealedAlloc {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        TOTAL_ALLOCS.fetch_add(1, Ordering::Relaxed);
         if sealed() {
             violation(b"allocation", layout.size());
         }
@@ -173,7 +166,6 @@ unsafe impl GlobalAlloc for SealedAlloc {
     }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        TOTAL_ALLOCS.fetch_add(1, Ordering::Relaxed);
         if sealed() {
             violation(b"allocation", layout.size());
         }
@@ -191,7 +183,6 @@ unsafe impl GlobalAlloc for SealedAlloc {
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        TOTAL_ALLOCS.fetch_add(1, Ordering::Relaxed);
         if sealed() {
             violation(b"reallocation", new_size);
         }
