@@ -853,6 +853,7 @@ impl Raw {
                 origin_uuid: uuid,
                 volume_size_bytes: size,
                 chunk_size_bytes: chunk,
+                flags: 0,
             },
         );
     }
@@ -1742,6 +1743,7 @@ fn bad_input_is_refused_clearly_and_harms_no_one_else() {
             origin_uuid: uuid,
             volume_size_bytes: 0,
             chunk_size_bytes: 0,
+            flags: 0,
         },
     );
     r.send_bytes(&f[..f.len() - 5]);

@@ -314,6 +314,7 @@ impl ClientFsm {
                             origin_uuid: self.cfg.origin_uuid,
                             volume_size_bytes: 0,
                             chunk_size_bytes: 0,
+                            flags: 0,
                         },
                     );
                     ClientEvent::None

@@ -621,7 +621,7 @@ impl Server {
                 Some(version) => {
                     self.sessions[conn as usize].state = match role {
                         Role::Client => SessionState::ExpectIdentify,
-                        Role::Control | Role::Agent => SessionState::Control,
+                        Role::Control | Role::Agent | Role::Server => SessionState::Control,
                     };
                     self.send(
                         conn,
@@ -666,6 +666,8 @@ impl Server {
                     origin_uuid,
                     volume_size_bytes,
                     chunk_size_bytes,
+                    // Caching is not served yet: the flag is accepted and ignored.
+                    flags: _,
                 },
             ) => self.on_identify(
                 conn,

@@ -158,6 +158,7 @@ fn identify(volume: Volume) -> Msg<'static> {
         origin_uuid: UUID,
         volume_size_bytes: 0,
         chunk_size_bytes: 0,
+        flags: 0,
     }
 }
 

@@ -1,5 +1,5 @@
-//! Counted lists of fixed-size entries: range lists, target lists and
-//! snapshot lists. Decoded zero-copy as a [`List`] view over the wire bytes;
+//! Counted lists of fixed-size entries: range lists, target lists, snapshot
+//! lists, and the agent protocol's node, client and node-status lists. Decoded zero-copy as a [`List`] view over the wire bytes;
 //! built without allocation by a [`ListBuilder`] writing into a caller buffer.
 
 use core::fmt;
@@ -7,7 +7,7 @@ use core::marker::PhantomData;
 
 use crate::error::{EncodeError, Malformed};
 use crate::wire::{get_i8, get_u16, get_u32, get_u64, put_i8, put_u16, put_u32, put_u64, zero};
-use crate::{RANGES_MAX, SNAPSHOTS_MAX, TARGETS_MAX};
+use crate::{CLIENT_ENTRIES_MAX, NODES_MAX, RANGES_MAX, SNAPSHOTS_MAX, TARGETS_MAX};
 
 /// Bytes before the first entry of a list: `count: u16`, reserved `u16`.
 pub const LIST_HEADER_BYTES: usize = 4;
@@ -17,10 +17,13 @@ mod sealed {
     impl Sealed for super::Range {}
     impl Sealed for super::Target {}
     impl Sealed for super::SnapInfo {}
+    impl Sealed for super::Node {}
+    impl Sealed for super::ClientEntry {}
+    impl Sealed for super::NodeStatus {}
 }
 
-/// An entry type of a wire list. Sealed: the three list kinds are
-/// [`Range`], [`Target`] and [`SnapInfo`].
+/// An entry type of a wire list. Sealed: the six list kinds are [`Range`],
+/// [`Target`], [`SnapInfo`], [`Node`], [`ClientEntry`] and [`NodeStatus`].
 pub trait Entry: Copy + fmt::Debug + sealed::Sealed {
     /// Encoded size of one entry.
     const BYTES: usize;
@@ -259,6 +262,159 @@ impl Entry for SnapInfo {
     }
 }
 
+/// One row of a node list: a cluster node.
+///
+/// Valid when `id >= 1` (node id 0 names no node).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Node {
+    /// The node id, at least 1.
+    pub id: u32,
+}
+
+impl Entry for Node {
+    const BYTES: usize = 4;
+    const MAX: usize = NODES_MAX;
+
+    fn read(b: &[u8]) -> Result<Self, &'static str> {
+        let n = Node { id: get_u32(b, 0) };
+        n.check()?;
+        Ok(n)
+    }
+    fn check(&self) -> Result<(), &'static str> {
+        if self.id == 0 {
+            return Err("node id 0 in a node entry");
+        }
+        Ok(())
+    }
+    fn write(&self, b: &mut [u8]) {
+        put_u32(b, 0, self.id);
+    }
+}
+
+/// One row of a client list: a volume client and the node it runs on.
+///
+/// Valid when `client_id >= 1` and `node_id >= 1`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ClientEntry {
+    /// The client's cluster-unique id (as in its `Identify`), at least 1.
+    pub client_id: u64,
+    /// The node the client runs on, at least 1.
+    pub node_id: u32,
+}
+
+impl Entry for ClientEntry {
+    const BYTES: usize = 16;
+    const MAX: usize = CLIENT_ENTRIES_MAX;
+
+    fn read(b: &[u8]) -> Result<Self, &'static str> {
+        if !zero(b, 12, 4) {
+            return Err("nonzero reserved bytes in a client entry");
+        }
+        let c = ClientEntry {
+            client_id: get_u64(b, 0),
+            node_id: get_u32(b, 8),
+        };
+        c.check()?;
+        Ok(c)
+    }
+    fn check(&self) -> Result<(), &'static str> {
+        if self.client_id == 0 {
+            return Err("client id 0 in a client entry");
+        }
+        if self.node_id == 0 {
+            return Err("node id 0 in a client entry");
+        }
+        Ok(())
+    }
+    fn write(&self, b: &mut [u8]) {
+        put_u64(b, 0, self.client_id);
+        put_u32(b, 8, self.node_id);
+        put_u32(b, 12, 0);
+    }
+}
+
+/// One row of a node-status list: what the controller knows of a node.
+///
+/// Valid when `node >= 1` and `flags` has only defined bits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct NodeStatus {
+    /// The node id, at least 1.
+    pub node: u32,
+    /// [`NodeStatus::CONNECTED`] | [`NodeStatus::MEMBER`] |
+    /// [`NodeStatus::STANDBY_READY`] | [`NodeStatus::SERVING`]; other bits
+    /// are invalid.
+    pub flags: u8,
+    /// The incarnation of the server serving on this node, 0 if none.
+    pub serving_incarnation: u64,
+}
+
+impl NodeStatus {
+    /// Flag bit: the node's agent is connected to the controller.
+    pub const CONNECTED: u8 = 1 << 0;
+    /// Flag bit: the node is a cluster member.
+    pub const MEMBER: u8 = 1 << 1;
+    /// Flag bit: the node's standby server is ready to start.
+    pub const STANDBY_READY: u8 = 1 << 2;
+    /// Flag bit: the node's server is serving.
+    pub const SERVING: u8 = 1 << 3;
+    /// Every defined flag bit.
+    pub const FLAGS_ALL: u8 = Self::CONNECTED | Self::MEMBER | Self::STANDBY_READY | Self::SERVING;
+
+    /// Whether the connected flag is set.
+    #[must_use]
+    pub fn connected(&self) -> bool {
+        self.flags & Self::CONNECTED != 0
+    }
+    /// Whether the member flag is set.
+    #[must_use]
+    pub fn member(&self) -> bool {
+        self.flags & Self::MEMBER != 0
+    }
+    /// Whether the standby-ready flag is set.
+    #[must_use]
+    pub fn standby_ready(&self) -> bool {
+        self.flags & Self::STANDBY_READY != 0
+    }
+    /// Whether the serving flag is set.
+    #[must_use]
+    pub fn serving(&self) -> bool {
+        self.flags & Self::SERVING != 0
+    }
+}
+
+impl Entry for NodeStatus {
+    const BYTES: usize = 16;
+    const MAX: usize = NODES_MAX;
+
+    fn read(b: &[u8]) -> Result<Self, &'static str> {
+        if !zero(b, 5, 3) {
+            return Err("nonzero reserved bytes in a node-status entry");
+        }
+        let s = NodeStatus {
+            node: get_u32(b, 0),
+            flags: b[4],
+            serving_incarnation: get_u64(b, 8),
+        };
+        s.check()?;
+        Ok(s)
+    }
+    fn check(&self) -> Result<(), &'static str> {
+        if self.node == 0 {
+            return Err("node id 0 in a node-status entry");
+        }
+        if self.flags & !Self::FLAGS_ALL != 0 {
+            return Err("undefined node-status flag bits");
+        }
+        Ok(())
+    }
+    fn write(&self, b: &mut [u8]) {
+        put_u32(b, 0, self.node);
+        b[4] = self.flags;
+        b[5..8].fill(0);
+        put_u64(b, 8, self.serving_incarnation);
+    }
+}
+
 // ---------------------------------------------------------------------------
 // The view.
 // ---------------------------------------------------------------------------
@@ -280,6 +436,12 @@ pub type Ranges<'a> = List<'a, Range>;
 pub type Targets<'a> = List<'a, Target>;
 /// A snapshot list: the body of `SnapshotList`.
 pub type SnapList<'a> = List<'a, SnapInfo>;
+/// A node list: in `StartServer` and `Members`.
+pub type NodeList<'a> = List<'a, Node>;
+/// A client list: in `StartServer` and `Clients`.
+pub type ClientList<'a> = List<'a, ClientEntry>;
+/// A node-status list: in `ClusterStatusReply`.
+pub type NodeStatusList<'a> = List<'a, NodeStatus>;
 
 const EMPTY_LIST: [u8; LIST_HEADER_BYTES] = [0; LIST_HEADER_BYTES];
 
@@ -333,6 +495,21 @@ impl<'a, E: Entry> List<'a, E> {
             bytes,
             _entry: PhantomData,
         })
+    }
+
+    /// Validates the list at the front of `bytes`, its length given by its
+    /// count, and returns it with the bytes after it (for a body holding a
+    /// list followed by more).
+    pub(crate) fn parse_prefix(bytes: &'a [u8]) -> Result<(Self, &'a [u8]), Malformed> {
+        let count = if bytes.len() < LIST_HEADER_BYTES {
+            0
+        } else {
+            usize::from(get_u16(bytes, 0))
+        };
+        // Clipped to the bytes there are: `parse` then reports the short list.
+        let n = Self::bytes_for(count).min(bytes.len());
+        let (head, rest) = bytes.split_at(n);
+        Ok((Self::parse(head)?, rest))
     }
 
     /// Writes `items` as a list into `buf` and returns the view of it.
@@ -500,6 +677,12 @@ pub type RangesBuilder<'a> = ListBuilder<'a, Range>;
 pub type TargetsBuilder<'a> = ListBuilder<'a, Target>;
 /// Builds a [`SnapList`].
 pub type SnapListBuilder<'a> = ListBuilder<'a, SnapInfo>;
+/// Builds a [`NodeList`].
+pub type NodeListBuilder<'a> = ListBuilder<'a, Node>;
+/// Builds a [`ClientList`].
+pub type ClientListBuilder<'a> = ListBuilder<'a, ClientEntry>;
+/// Builds a [`NodeStatusList`].
+pub type NodeStatusListBuilder<'a> = ListBuilder<'a, NodeStatus>;
 
 impl<'a, E: Entry> ListBuilder<'a, E> {
     /// Starts an empty list at the front of `buf`, which must hold at least

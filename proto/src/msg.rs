@@ -3,19 +3,32 @@
 use core::fmt;
 
 use crate::error::{DecodeError, EncodeError};
-use crate::list::{Ranges, SnapList, TargetKind, Targets};
+use crate::list::{ClientList, NodeList, NodeStatusList, Ranges, SnapList, TargetKind, Targets};
 use crate::wire::{get_i8, get_u16, get_u32, get_u64, put_i8, put_u16, put_u32, put_u64, zero};
 use crate::{
-    ERROR_TEXT_MAX_BYTES, FRAME_MAX_BYTES, HEADER_BYTES, MAGIC, PROTOCOL_VERSION, QUERY_CHUNKS_MAX,
+    ADDR_MAX_BYTES, ERROR_TEXT_MAX_BYTES, FRAME_MAX_BYTES, HEADER_BYTES, IDENTIFY_CACHING, MAGIC,
+    PROTOCOL_VERSION, QUERY_CHUNKS_MAX,
 };
 
 // ---------------------------------------------------------------------------
 // Kinds.
 // ---------------------------------------------------------------------------
 
-/// Message kind: the `kind` field of the header. Requests have bit 15 clear,
-/// replies have it set; a request's success reply, where it has its own, is
-/// its code with bit 15 set.
+/// Message kind: the `kind` field of the header.
+///
+/// Three groups by the top two bits of the code:
+///
+/// - bit 15 clear, bit 14 clear: server requests, sent by clients and tools
+///   to the server ([`Kind::is_request`]);
+/// - bit 15 clear, bit 14 set (`0x4000..=0x7FFF`): the agent protocol,
+///   spoken on the agent and controller sockets, never to or by a server's
+///   client port ([`Kind::is_agent`]; these also count as requests);
+/// - bit 15 set: sent only by the server ([`Kind::is_reply`]): replies and
+///   the two notifications `Revoke` and `ReleaseLocks`
+///   ([`Kind::is_notification`]).
+///
+/// A server request's success reply, where it has its own, is its code with
+/// bit 15 set.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[repr(u16)]
 pub enum Kind {
@@ -35,6 +48,8 @@ pub enum Kind {
     UploadLocks = 0x0014,
     /// All locks uploaded. Request.
     FinishUpload = 0x0015,
+    /// A `Revoke` is carried out (its request id echoed). Request, no reply.
+    RevokeDone = 0x0016,
     /// Create a snapshot. Request.
     CreateSnapshot = 0x0020,
     /// Delete a snapshot. Request.
@@ -45,6 +60,52 @@ pub enum Kind {
     ListSnapshots = 0x0023,
     /// Server and store status. Request.
     Status = 0x0024,
+    /// Where is the server? Client or tool to its agent. Agent protocol.
+    NeedServer = 0x4001,
+    /// The serving server's address. Agent to client. Agent protocol.
+    ServerAddress = 0x4002,
+    /// A standby server is ready to start. Standby to its agent. Agent
+    /// protocol.
+    ServerReady = 0x4003,
+    /// Start serving. Agent to its standby. Agent protocol.
+    StartServer = 0x4004,
+    /// The server serves. Server to its agent. Agent protocol.
+    Serving = 0x4005,
+    /// A node joined the cluster. Agent to its server. Agent protocol.
+    NodeJoined = 0x4006,
+    /// A node left the cluster. Agent to its server. Agent protocol.
+    NodeLeft = 0x4007,
+    /// A client of a departed incarnation will not come back. Agent
+    /// protocol.
+    ClientGone = 0x4008,
+    /// An agent joins the controller. Agent protocol.
+    Join = 0x4010,
+    /// The cluster members. Controller to agents. Agent protocol.
+    Members = 0x4011,
+    /// An agent's standby and server state. Agent to controller. Agent
+    /// protocol.
+    AgentState = 0x4012,
+    /// A client needs a server. Agent to controller. Agent protocol.
+    WantServer = 0x4013,
+    /// Start the server on this node. Controller to agent. Agent protocol.
+    StartHere = 0x4014,
+    /// Which volume clients run on your node? Agent protocol.
+    NeedClients = 0x4015,
+    /// The volume clients of one node. Agent protocol.
+    Clients = 0x4016,
+    /// A server serves. Agent to controller, controller to agents. Agent
+    /// protocol.
+    ServerUp = 0x4017,
+    /// A server is gone. Controller to agents. Agent protocol.
+    ServerDown = 0x4018,
+    /// Stop serving. Controller to agent. Agent protocol.
+    Fence = 0x4019,
+    /// A `csnap cluster` command. Tool to controller. Agent protocol.
+    ClusterCommand = 0x4020,
+    /// Ask for the cluster status. Tool to controller. Agent protocol.
+    ClusterStatus = 0x4021,
+    /// The cluster status. Controller to tool. Agent protocol.
+    ClusterStatusReply = 0x4022,
     /// A request failed, or a frame could not be decoded. Reply.
     Error = 0x8000,
     /// Answer to `Hello`. Reply.
@@ -65,12 +126,20 @@ pub enum Kind {
     SnapshotList = 0x8023,
     /// Status. Reply.
     StatusReply = 0x8024,
+    /// Forget cached origin grants or snapshot mappings, then answer
+    /// `RevokeDone`. Server notification: answers no request.
+    Revoke = 0x8030,
+    /// Give back the read locks of these chunks once their reads are done.
+    /// Server notification: answers no request.
+    ReleaseLocks = 0x8031,
 }
 
-/// Bit 15 of a kind code: set for replies.
+/// Bit 15 of a kind code: set for kinds only the server sends.
 const REPLY_BIT: u16 = 0x8000;
+/// Bit 14 of a kind code: set (with bit 15 clear) for the agent protocol.
+const AGENT_BIT: u16 = 0x4000;
 
-// Body sizes of the fixed-size kinds.
+// Body sizes of the fixed-size kinds, and of the fixed parts of the others.
 const HELLO_BYTES: usize = 8;
 const HELLO_OK_BYTES: usize = 16;
 const IDENTIFY_BYTES: usize = 48;
@@ -79,10 +148,29 @@ const TAG_BYTES: usize = 4;
 const SET_PRIORITY_BYTES: usize = 8;
 const STATUS_REPLY_BYTES: usize = 88;
 const ERROR_FIXED_BYTES: usize = 8;
+const REVOKE_FIXED_BYTES: usize = 4;
+const NEED_SERVER_BYTES: usize = 32;
+const SERVER_ADDRESS_FIXED_BYTES: usize = 16;
+const SERVER_READY_FIXED_BYTES: usize = 12;
+const SERVING_BYTES: usize = 24;
+const NODE_BYTES: usize = 4;
+const CLIENT_GONE_BYTES: usize = 16;
+const JOIN_FIXED_BYTES: usize = 8;
+const MEMBERS_FIXED_BYTES: usize = 8;
+const AGENT_STATE_BYTES: usize = 24;
+const WANT_SERVER_BYTES: usize = 8;
+const START_HERE_BYTES: usize = 16;
+const NEED_CLIENTS_BYTES: usize = 16;
+const CLIENTS_FIXED_BYTES: usize = 16;
+const SERVER_UP_FIXED_BYTES: usize = 16;
+const SERVER_DOWN_BYTES: usize = 16;
+const FENCE_BYTES: usize = 8;
+const CLUSTER_COMMAND_BYTES: usize = 8;
+const CLUSTER_STATUS_REPLY_FIXED_BYTES: usize = 16;
 
 impl Kind {
-    /// Every kind, in code order within requests and replies.
-    pub const ALL: [Kind; 23] = [
+    /// Every kind, in code order.
+    pub const ALL: [Kind; 47] = [
         Kind::Hello,
         Kind::Identify,
         Kind::QueryOriginWrite,
@@ -91,11 +179,33 @@ impl Kind {
         Kind::QuerySnapshotWrite,
         Kind::UploadLocks,
         Kind::FinishUpload,
+        Kind::RevokeDone,
         Kind::CreateSnapshot,
         Kind::DeleteSnapshot,
         Kind::SetPriority,
         Kind::ListSnapshots,
         Kind::Status,
+        Kind::NeedServer,
+        Kind::ServerAddress,
+        Kind::ServerReady,
+        Kind::StartServer,
+        Kind::Serving,
+        Kind::NodeJoined,
+        Kind::NodeLeft,
+        Kind::ClientGone,
+        Kind::Join,
+        Kind::Members,
+        Kind::AgentState,
+        Kind::WantServer,
+        Kind::StartHere,
+        Kind::NeedClients,
+        Kind::Clients,
+        Kind::ServerUp,
+        Kind::ServerDown,
+        Kind::Fence,
+        Kind::ClusterCommand,
+        Kind::ClusterStatus,
+        Kind::ClusterStatusReply,
         Kind::Error,
         Kind::HelloOk,
         Kind::IdentifyOk,
@@ -106,6 +216,8 @@ impl Kind {
         Kind::Ok,
         Kind::SnapshotList,
         Kind::StatusReply,
+        Kind::Revoke,
+        Kind::ReleaseLocks,
     ];
 
     /// Decodes a kind code.
@@ -120,11 +232,33 @@ impl Kind {
             0x0013 => Kind::QuerySnapshotWrite,
             0x0014 => Kind::UploadLocks,
             0x0015 => Kind::FinishUpload,
+            0x0016 => Kind::RevokeDone,
             0x0020 => Kind::CreateSnapshot,
             0x0021 => Kind::DeleteSnapshot,
             0x0022 => Kind::SetPriority,
             0x0023 => Kind::ListSnapshots,
             0x0024 => Kind::Status,
+            0x4001 => Kind::NeedServer,
+            0x4002 => Kind::ServerAddress,
+            0x4003 => Kind::ServerReady,
+            0x4004 => Kind::StartServer,
+            0x4005 => Kind::Serving,
+            0x4006 => Kind::NodeJoined,
+            0x4007 => Kind::NodeLeft,
+            0x4008 => Kind::ClientGone,
+            0x4010 => Kind::Join,
+            0x4011 => Kind::Members,
+            0x4012 => Kind::AgentState,
+            0x4013 => Kind::WantServer,
+            0x4014 => Kind::StartHere,
+            0x4015 => Kind::NeedClients,
+            0x4016 => Kind::Clients,
+            0x4017 => Kind::ServerUp,
+            0x4018 => Kind::ServerDown,
+            0x4019 => Kind::Fence,
+            0x4020 => Kind::ClusterCommand,
+            0x4021 => Kind::ClusterStatus,
+            0x4022 => Kind::ClusterStatusReply,
             0x8000 => Kind::Error,
             0x8001 => Kind::HelloOk,
             0x8002 => Kind::IdentifyOk,
@@ -135,6 +269,8 @@ impl Kind {
             0x8020 => Kind::Ok,
             0x8023 => Kind::SnapshotList,
             0x8024 => Kind::StatusReply,
+            0x8030 => Kind::Revoke,
+            0x8031 => Kind::ReleaseLocks,
             _ => return None,
         })
     }
@@ -145,22 +281,49 @@ impl Kind {
         self as u16
     }
 
-    /// True for kinds a client (or control tool) sends to the server.
+    /// True for kinds with bit 15 clear: those a client (or control tool)
+    /// sends to the server, and the agent-protocol kinds
+    /// ([`Kind::is_agent`]), which a server answers with
+    /// `Error(Unsupported)`.
     #[must_use]
     pub const fn is_request(self) -> bool {
         self.code() & REPLY_BIT == 0
     }
 
-    /// True for kinds only the server sends. A server receiving one rejects
-    /// it as out of order.
+    /// True for kinds only the server sends (bit 15 set): its replies and its
+    /// notifications ([`Kind::is_notification`]). A server receiving one
+    /// rejects it as out of order.
     #[must_use]
     pub const fn is_reply(self) -> bool {
         !self.is_request()
     }
 
-    /// The reply a request gets on success, `None` for requests that are not
-    /// answered on success (`FinishSnapshotRead`, `UploadLocks`) and for
-    /// replies. Any request may instead be answered with `Error`.
+    /// True for the agent protocol (bit 14 set, bit 15 clear): messages on
+    /// the agent and controller sockets, neither server requests nor server
+    /// replies.
+    #[must_use]
+    pub const fn is_agent(self) -> bool {
+        self.code() & (REPLY_BIT | AGENT_BIT) == AGENT_BIT
+    }
+
+    /// True for the server's unsolicited messages, `Revoke` and
+    /// `ReleaseLocks`: they have bit 15 set but answer no request, so a
+    /// client must not match their request id against its outstanding
+    /// requests.
+    #[must_use]
+    pub const fn is_notification(self) -> bool {
+        matches!(self, Kind::Revoke | Kind::ReleaseLocks)
+    }
+
+    /// The message a request gets on success, `None` for requests that are
+    /// not answered on success (`FinishSnapshotRead`, `UploadLocks`,
+    /// `RevokeDone`, and the agent protocol's announcements), for replies and
+    /// for notifications. Any request may instead be answered with `Error`.
+    ///
+    /// A `Revoke` is answered with `RevokeDone` (a request of the client's
+    /// own, not a reply); `ReleaseLocks` by `FinishSnapshotRead` once the
+    /// reads are done. In the agent protocol, answers are agent kinds too
+    /// (`ClusterCommand` is answered with `Ok`).
     #[must_use]
     pub const fn success_reply(self) -> Option<Kind> {
         match self {
@@ -173,6 +336,11 @@ impl Kind {
             Kind::CreateSnapshot | Kind::DeleteSnapshot | Kind::SetPriority => Some(Kind::Ok),
             Kind::ListSnapshots => Some(Kind::SnapshotList),
             Kind::Status => Some(Kind::StatusReply),
+            Kind::NeedServer => Some(Kind::ServerAddress),
+            Kind::StartServer => Some(Kind::Serving),
+            Kind::NeedClients => Some(Kind::Clients),
+            Kind::ClusterCommand => Some(Kind::Ok),
+            Kind::ClusterStatus => Some(Kind::ClusterStatusReply),
             _ => None,
         }
     }
@@ -190,16 +358,45 @@ impl Kind {
             | Kind::QuerySnapshotRead
             | Kind::FinishSnapshotRead
             | Kind::QuerySnapshotWrite
-            | Kind::UploadLocks => crate::RANGES_BYTES_MAX,
+            | Kind::UploadLocks
+            | Kind::ReleaseLocks => crate::RANGES_BYTES_MAX,
             Kind::SnapshotReadReply | Kind::SnapshotWriteOk => crate::TARGETS_BYTES_MAX,
             Kind::SnapshotList => crate::SNAP_LIST_BYTES_MAX,
             Kind::CreateSnapshot | Kind::DeleteSnapshot => TAG_BYTES,
             Kind::SetPriority => SET_PRIORITY_BYTES,
             Kind::StatusReply => STATUS_REPLY_BYTES,
             Kind::Error => ERROR_FIXED_BYTES + ERROR_TEXT_MAX_BYTES,
-            Kind::FinishUpload | Kind::UploadOk | Kind::ListSnapshots | Kind::Status | Kind::Ok => {
-                0
+            Kind::Revoke => REVOKE_FIXED_BYTES + crate::RANGES_BYTES_MAX,
+            Kind::NeedServer => NEED_SERVER_BYTES,
+            Kind::ServerAddress => SERVER_ADDRESS_FIXED_BYTES + ADDR_MAX_BYTES,
+            Kind::ServerReady => SERVER_READY_FIXED_BYTES + ADDR_MAX_BYTES,
+            Kind::StartServer => crate::NODE_LIST_BYTES_MAX + crate::CLIENT_LIST_BYTES_MAX,
+            Kind::Serving => SERVING_BYTES,
+            Kind::NodeJoined | Kind::NodeLeft => NODE_BYTES,
+            Kind::ClientGone => CLIENT_GONE_BYTES,
+            Kind::Join => JOIN_FIXED_BYTES + ADDR_MAX_BYTES,
+            Kind::Members => MEMBERS_FIXED_BYTES + crate::NODE_LIST_BYTES_MAX,
+            Kind::AgentState => AGENT_STATE_BYTES,
+            Kind::WantServer => WANT_SERVER_BYTES,
+            Kind::StartHere => START_HERE_BYTES,
+            Kind::NeedClients => NEED_CLIENTS_BYTES,
+            Kind::Clients => CLIENTS_FIXED_BYTES + crate::CLIENT_LIST_BYTES_MAX,
+            Kind::ServerUp => SERVER_UP_FIXED_BYTES + ADDR_MAX_BYTES,
+            Kind::ServerDown => SERVER_DOWN_BYTES,
+            Kind::Fence => FENCE_BYTES,
+            Kind::ClusterCommand => CLUSTER_COMMAND_BYTES,
+            Kind::ClusterStatusReply => {
+                CLUSTER_STATUS_REPLY_FIXED_BYTES
+                    + ADDR_MAX_BYTES
+                    + crate::NODE_STATUS_LIST_BYTES_MAX
             }
+            Kind::FinishUpload
+            | Kind::UploadOk
+            | Kind::ListSnapshots
+            | Kind::Status
+            | Kind::Ok
+            | Kind::RevokeDone
+            | Kind::ClusterStatus => 0,
         }
     }
 
@@ -215,11 +412,33 @@ impl Kind {
             Kind::QuerySnapshotWrite => "query-snapshot-write",
             Kind::UploadLocks => "upload-locks",
             Kind::FinishUpload => "finish-upload",
+            Kind::RevokeDone => "revoke-done",
             Kind::CreateSnapshot => "create-snapshot",
             Kind::DeleteSnapshot => "delete-snapshot",
             Kind::SetPriority => "set-priority",
             Kind::ListSnapshots => "list-snapshots",
             Kind::Status => "status",
+            Kind::NeedServer => "need-server",
+            Kind::ServerAddress => "server-address",
+            Kind::ServerReady => "server-ready",
+            Kind::StartServer => "start-server",
+            Kind::Serving => "serving",
+            Kind::NodeJoined => "node-joined",
+            Kind::NodeLeft => "node-left",
+            Kind::ClientGone => "client-gone",
+            Kind::Join => "join",
+            Kind::Members => "members",
+            Kind::AgentState => "agent-state",
+            Kind::WantServer => "want-server",
+            Kind::StartHere => "start-here",
+            Kind::NeedClients => "need-clients",
+            Kind::Clients => "clients",
+            Kind::ServerUp => "server-up",
+            Kind::ServerDown => "server-down",
+            Kind::Fence => "fence",
+            Kind::ClusterCommand => "cluster-command",
+            Kind::ClusterStatus => "cluster-status",
+            Kind::ClusterStatusReply => "cluster-status-reply",
             Kind::Error => "error",
             Kind::HelloOk => "hello-ok",
             Kind::IdentifyOk => "identify-ok",
@@ -230,6 +449,8 @@ impl Kind {
             Kind::Ok => "ok",
             Kind::SnapshotList => "snapshot-list",
             Kind::StatusReply => "status-reply",
+            Kind::Revoke => "revoke",
+            Kind::ReleaseLocks => "release-locks",
         }
     }
 }
@@ -250,6 +471,8 @@ pub enum Role {
     Control = 2,
     /// The cluster agent.
     Agent = 3,
+    /// A standby server connecting to its node's agent.
+    Server = 4,
 }
 
 impl Role {
@@ -260,6 +483,7 @@ impl Role {
             1 => Some(Role::Client),
             2 => Some(Role::Control),
             3 => Some(Role::Agent),
+            4 => Some(Role::Server),
             _ => None,
         }
     }
@@ -291,6 +515,77 @@ impl ServerState {
         match v {
             0 => Some(ServerState::Recovering),
             1 => Some(ServerState::Serving),
+            _ => None,
+        }
+    }
+}
+
+/// What a `Revoke` takes back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u16)]
+pub enum RevokeWhat {
+    /// Forget every origin chunk learnt to need no copy-out (the ranges are
+    /// empty).
+    OriginGrants = 1,
+    /// Forget the store mappings of the ranges (at least one range).
+    SnapshotMappings = 2,
+}
+
+impl RevokeWhat {
+    /// Decodes the wire value.
+    #[must_use]
+    pub fn from_u16(v: u16) -> Option<RevokeWhat> {
+        match v {
+            1 => Some(RevokeWhat::OriginGrants),
+            2 => Some(RevokeWhat::SnapshotMappings),
+            _ => None,
+        }
+    }
+}
+
+/// Why the controller fences an agent (`Fence`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u32)]
+pub enum FenceReason {
+    /// The node left the cluster: stop the server and refuse clients until
+    /// the node is a member again.
+    LeftCluster = 1,
+    /// Stop the serving server: it is being started elsewhere.
+    ServerMoved = 2,
+}
+
+impl FenceReason {
+    /// Decodes the wire value.
+    #[must_use]
+    pub fn from_u32(v: u32) -> Option<FenceReason> {
+        match v {
+            1 => Some(FenceReason::LeftCluster),
+            2 => Some(FenceReason::ServerMoved),
+            _ => None,
+        }
+    }
+}
+
+/// What a `csnap cluster` command asks of the controller (`ClusterCommand`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u32)]
+pub enum ClusterOp {
+    /// The node joins the cluster.
+    Join = 1,
+    /// The node leaves the cluster.
+    Leave = 2,
+    /// Start the server on the node (answered once it serves).
+    Start = 3,
+}
+
+impl ClusterOp {
+    /// Decodes the wire value.
+    #[must_use]
+    pub fn from_u32(v: u32) -> Option<ClusterOp> {
+        match v {
+            1 => Some(ClusterOp::Join),
+            2 => Some(ClusterOp::Leave),
+            3 => Some(ClusterOp::Start),
             _ => None,
         }
     }
@@ -425,8 +720,9 @@ pub fn negotiate(version_min: u16, version_max: u16) -> Option<u16> {
 // Messages.
 // ---------------------------------------------------------------------------
 
-/// A decoded message, or one to encode. List bodies and the error text borrow
-/// from the frame (decoding) or from caller buffers (encoding).
+/// A decoded message, or one to encode. List bodies, the error text and
+/// addresses borrow from the frame (decoding) or from caller buffers
+/// (encoding).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Msg<'a> {
     /// Handshake, first frame of every connection.
@@ -459,6 +755,9 @@ pub enum Msg<'a> {
         volume_size_bytes: u64,
         /// The chunk size the client expects, 0 when it takes the server's.
         chunk_size_bytes: u32,
+        /// Feature bits: [`IDENTIFY_CACHING`](crate::IDENTIFY_CACHING); other
+        /// bits are invalid.
+        flags: u16,
     },
     /// Identify answer: the volume's geometry.
     IdentifyOk {
@@ -555,6 +854,204 @@ pub enum Msg<'a> {
         /// Human-readable detail, at most [`ERROR_TEXT_MAX_BYTES`] of UTF-8.
         text: &'a str,
     },
+
+    // Data-path cache coherence.
+    /// A `Revoke` is carried out: the header's `request_id` is the
+    /// `Revoke`'s. No reply.
+    RevokeDone,
+    /// Server notification to a caching client: forget what it learnt, then
+    /// answer `RevokeDone` with this frame's `request_id` (a nonzero revoke
+    /// id chosen by the server, not a request of the client's).
+    Revoke {
+        /// What to forget.
+        what: RevokeWhat,
+        /// Empty for [`RevokeWhat::OriginGrants`], the chunks whose mappings
+        /// to forget for [`RevokeWhat::SnapshotMappings`].
+        ranges: Ranges<'a>,
+    },
+    /// Server notification to a caching client (`request_id` 0): an origin
+    /// write waits for its read locks on these chunks; send
+    /// `FinishSnapshotRead` for them once their reads are done.
+    ReleaseLocks(Ranges<'a>),
+
+    // Agent socket.
+    /// Where is the server? A volume client (or a control tool, with no
+    /// volume) asks its node's agent. Answered with `ServerAddress`.
+    NeedServer {
+        /// The client's id, at least 1 for a volume client; 0 is allowed only
+        /// with no volume.
+        client_id: u64,
+        /// The incarnation that failed the client, 0 when any serving
+        /// incarnation will do.
+        failed_incarnation: u64,
+        /// The node the client runs on.
+        node_id: u32,
+        /// The volume the client serves, `None` for a control tool.
+        volume: Option<Volume>,
+    },
+    /// The serving server's address, from the agent.
+    ServerAddress {
+        /// The server's incarnation, at least 1.
+        incarnation: u64,
+        /// The node it runs on.
+        node_id: u32,
+        /// Where it listens for clients (a unix socket path or `host:port`),
+        /// 1 to [`ADDR_MAX_BYTES`] of UTF-8.
+        addr: &'a str,
+    },
+    /// A standby server (role `Server`) tells its agent it is ready to start.
+    ServerReady {
+        /// Its process id.
+        pid: u32,
+        /// Its node.
+        node_id: u32,
+        /// Where it will listen for clients, 1 to [`ADDR_MAX_BYTES`] of
+        /// UTF-8.
+        addr: &'a str,
+    },
+    /// The agent tells its standby to start serving. Answered with
+    /// `Serving`.
+    StartServer {
+        /// The cluster members.
+        members: NodeList<'a>,
+        /// The snapshot clients of the former incarnation the recovery
+        /// barrier waits for (may be empty).
+        expected: ClientList<'a>,
+    },
+    /// The server serves (to its agent).
+    Serving {
+        /// Its incarnation.
+        incarnation: u64,
+        /// How long the start took, in microseconds.
+        start_micros: u64,
+        /// Journal commits replayed by the start.
+        replayed_commits: u64,
+    },
+    /// A node joined the cluster (agent to its server).
+    NodeJoined {
+        /// The node, at least 1.
+        node_id: u32,
+    },
+    /// A node left the cluster (agent to its server).
+    NodeLeft {
+        /// The node, at least 1.
+        node_id: u32,
+    },
+    /// A client of a former incarnation is gone and will not come back: the
+    /// recovery barrier stops waiting for it (agent to controller, controller
+    /// to the serving agent, agent to its server).
+    ClientGone {
+        /// The client, at least 1.
+        client_id: u64,
+        /// Its node, at least 1.
+        node_id: u32,
+    },
+
+    // Controller socket.
+    /// An agent joins the controller (first message after `Hello` with role
+    /// `Agent`); the controller answers with `Members`.
+    Join {
+        /// The agent's node, at least 1.
+        node_id: u32,
+        /// The agent's socket, 1 to [`ADDR_MAX_BYTES`] of UTF-8.
+        addr: &'a str,
+    },
+    /// The cluster members (controller to agents).
+    Members {
+        /// The membership epoch.
+        epoch: u64,
+        /// The members (may be empty).
+        members: NodeList<'a>,
+    },
+    /// An agent's state (agent to controller).
+    AgentState {
+        /// The agent's node.
+        node_id: u32,
+        /// Whether its standby server is ready to start.
+        standby_ready: bool,
+        /// The incarnation of its serving server, 0 if none.
+        serving_incarnation: u64,
+        /// Nonzero: this node's server of that incarnation died; 0 if none.
+        died_incarnation: u64,
+    },
+    /// A client needs a server (agent to controller).
+    WantServer {
+        /// The incarnation that failed the client, 0 if none.
+        failed_incarnation: u64,
+    },
+    /// Start the server on this node (controller to agent).
+    StartHere {
+        /// The start attempt, at least 1.
+        attempt: u64,
+        /// The incarnation being replaced, 0 if none.
+        former_incarnation: u64,
+    },
+    /// Which volume clients run on your node? From the starting agent, via
+    /// the controller, to every other connected member agent. Answered with
+    /// `Clients`.
+    NeedClients {
+        /// Identifies the gathering, at least 1.
+        gather_id: u64,
+        /// The starting agent's node, at least 1.
+        starter: u32,
+    },
+    /// The volume clients of one node (member agent, via the controller, to
+    /// the starter).
+    Clients {
+        /// The `NeedClients` answered.
+        gather_id: u64,
+        /// The answering node.
+        from: u32,
+        /// The starter.
+        to: u32,
+        /// The clients.
+        clients: ClientList<'a>,
+    },
+    /// A server serves (agent to controller, controller to every agent).
+    ServerUp {
+        /// Its incarnation, at least 1.
+        incarnation: u64,
+        /// Its node.
+        node_id: u32,
+        /// Where it listens for clients, 1 to [`ADDR_MAX_BYTES`] of UTF-8.
+        addr: &'a str,
+    },
+    /// A server is gone (controller to every agent).
+    ServerDown {
+        /// Its incarnation.
+        incarnation: u64,
+        /// Its node.
+        node_id: u32,
+    },
+    /// Stop serving (controller to agent).
+    Fence {
+        /// Why.
+        reason: FenceReason,
+    },
+    /// A `csnap cluster` command (tool with role `Control` to controller).
+    /// Answered with `Ok`; for [`ClusterOp::Start`], once the node's server
+    /// serves.
+    ClusterCommand {
+        /// What to do.
+        op: ClusterOp,
+        /// The node, at least 1.
+        node_id: u32,
+    },
+    /// Ask for the cluster status (tool to controller). Answered with
+    /// `ClusterStatusReply`.
+    ClusterStatus,
+    /// The cluster status (controller to tool).
+    ClusterStatusReply {
+        /// The serving server's incarnation, 0 when no server serves.
+        server_incarnation: u64,
+        /// The serving server's node, 0 if none.
+        server_node: u32,
+        /// The serving server's address, at most [`ADDR_MAX_BYTES`] of UTF-8;
+        /// empty only when `server_incarnation` is 0.
+        server_addr: &'a str,
+        /// Every node the controller knows.
+        nodes: NodeStatusList<'a>,
+    },
 }
 
 impl Msg<'_> {
@@ -585,6 +1082,30 @@ impl Msg<'_> {
             Msg::SnapshotList(_) => Kind::SnapshotList,
             Msg::StatusReply { .. } => Kind::StatusReply,
             Msg::Error { .. } => Kind::Error,
+            Msg::RevokeDone => Kind::RevokeDone,
+            Msg::Revoke { .. } => Kind::Revoke,
+            Msg::ReleaseLocks(_) => Kind::ReleaseLocks,
+            Msg::NeedServer { .. } => Kind::NeedServer,
+            Msg::ServerAddress { .. } => Kind::ServerAddress,
+            Msg::ServerReady { .. } => Kind::ServerReady,
+            Msg::StartServer { .. } => Kind::StartServer,
+            Msg::Serving { .. } => Kind::Serving,
+            Msg::NodeJoined { .. } => Kind::NodeJoined,
+            Msg::NodeLeft { .. } => Kind::NodeLeft,
+            Msg::ClientGone { .. } => Kind::ClientGone,
+            Msg::Join { .. } => Kind::Join,
+            Msg::Members { .. } => Kind::Members,
+            Msg::AgentState { .. } => Kind::AgentState,
+            Msg::WantServer { .. } => Kind::WantServer,
+            Msg::StartHere { .. } => Kind::StartHere,
+            Msg::NeedClients { .. } => Kind::NeedClients,
+            Msg::Clients { .. } => Kind::Clients,
+            Msg::ServerUp { .. } => Kind::ServerUp,
+            Msg::ServerDown { .. } => Kind::ServerDown,
+            Msg::Fence { .. } => Kind::Fence,
+            Msg::ClusterCommand { .. } => Kind::ClusterCommand,
+            Msg::ClusterStatus => Kind::ClusterStatus,
+            Msg::ClusterStatusReply { .. } => Kind::ClusterStatusReply,
         }
     }
 
@@ -601,6 +1122,20 @@ impl Msg<'_> {
             Msg::SnapshotReadReply(t) | Msg::SnapshotWriteOk(t) => t.as_bytes().len(),
             Msg::SnapshotList(s) => s.as_bytes().len(),
             Msg::Error { text, .. } => ERROR_FIXED_BYTES + text.len(),
+            Msg::Revoke { ranges, .. } => REVOKE_FIXED_BYTES + ranges.as_bytes().len(),
+            Msg::ReleaseLocks(r) => r.as_bytes().len(),
+            Msg::ServerAddress { addr, .. } => SERVER_ADDRESS_FIXED_BYTES + addr.len(),
+            Msg::ServerReady { addr, .. } => SERVER_READY_FIXED_BYTES + addr.len(),
+            Msg::StartServer { members, expected } => {
+                members.as_bytes().len() + expected.as_bytes().len()
+            }
+            Msg::Join { addr, .. } => JOIN_FIXED_BYTES + addr.len(),
+            Msg::Members { members, .. } => MEMBERS_FIXED_BYTES + members.as_bytes().len(),
+            Msg::Clients { clients, .. } => CLIENTS_FIXED_BYTES + clients.as_bytes().len(),
+            Msg::ServerUp { addr, .. } => SERVER_UP_FIXED_BYTES + addr.len(),
+            Msg::ClusterStatusReply {
+                server_addr, nodes, ..
+            } => CLUSTER_STATUS_REPLY_FIXED_BYTES + server_addr.len() + nodes.as_bytes().len(),
             _ => self.kind().body_max_bytes(),
         }
     }
@@ -635,6 +1170,7 @@ impl Msg<'_> {
                 origin_uuid,
                 volume_size_bytes,
                 chunk_size_bytes,
+                flags,
             } => {
                 put_u64(b, 0, client_id);
                 put_u64(b, 8, volume_size_bytes);
@@ -646,6 +1182,7 @@ impl Msg<'_> {
                     Volume::Snapshot(tag) => (VOLUME_SNAPSHOT, tag),
                 };
                 put_u16(b, 40, code);
+                put_u16(b, 42, flags);
                 put_u32(b, 44, tag);
             }
             Msg::IdentifyOk {
@@ -712,9 +1249,148 @@ impl Msg<'_> {
                 put_u16(b, 6, u16::try_from(text.len()).unwrap_or(u16::MAX));
                 b[ERROR_FIXED_BYTES..].copy_from_slice(text.as_bytes());
             }
-            Msg::FinishUpload | Msg::UploadOk | Msg::ListSnapshots | Msg::Status | Msg::Ok => {}
+            Msg::Revoke { what, ranges } => {
+                put_u16(b, 0, what as u16);
+                b[REVOKE_FIXED_BYTES..].copy_from_slice(ranges.as_bytes());
+            }
+            Msg::ReleaseLocks(r) => b.copy_from_slice(r.as_bytes()),
+            Msg::NeedServer {
+                client_id,
+                failed_incarnation,
+                node_id,
+                volume,
+            } => {
+                put_u64(b, 0, client_id);
+                put_u64(b, 8, failed_incarnation);
+                put_u32(b, 16, node_id);
+                let (code, tag) = match volume {
+                    None => (VOLUME_NONE, 0),
+                    Some(Volume::Origin) => (VOLUME_ORIGIN, 0),
+                    Some(Volume::Snapshot(tag)) => (VOLUME_SNAPSHOT, tag),
+                };
+                put_u16(b, 20, code);
+                put_u32(b, 24, tag);
+            }
+            Msg::ServerAddress {
+                incarnation,
+                node_id,
+                addr,
+            }
+            | Msg::ServerUp {
+                incarnation,
+                node_id,
+                addr,
+            } => {
+                put_u64(b, 0, incarnation);
+                put_u32(b, 8, node_id);
+                put_addr(b, 14, SERVER_ADDRESS_FIXED_BYTES, addr);
+            }
+            Msg::ServerReady { pid, node_id, addr } => {
+                put_u32(b, 0, pid);
+                put_u32(b, 4, node_id);
+                put_addr(b, 10, SERVER_READY_FIXED_BYTES, addr);
+            }
+            Msg::StartServer { members, expected } => {
+                let (m, e) = b.split_at_mut(members.as_bytes().len());
+                m.copy_from_slice(members.as_bytes());
+                e.copy_from_slice(expected.as_bytes());
+            }
+            Msg::Serving {
+                incarnation,
+                start_micros,
+                replayed_commits,
+            } => {
+                put_u64(b, 0, incarnation);
+                put_u64(b, 8, start_micros);
+                put_u64(b, 16, replayed_commits);
+            }
+            Msg::NodeJoined { node_id } | Msg::NodeLeft { node_id } => put_u32(b, 0, node_id),
+            Msg::ClientGone { client_id, node_id } => {
+                put_u64(b, 0, client_id);
+                put_u32(b, 8, node_id);
+            }
+            Msg::Join { node_id, addr } => {
+                put_u32(b, 0, node_id);
+                put_addr(b, 6, JOIN_FIXED_BYTES, addr);
+            }
+            Msg::Members { epoch, members } => {
+                put_u64(b, 0, epoch);
+                b[MEMBERS_FIXED_BYTES..].copy_from_slice(members.as_bytes());
+            }
+            Msg::AgentState {
+                node_id,
+                standby_ready,
+                serving_incarnation,
+                died_incarnation,
+            } => {
+                put_u32(b, 0, node_id);
+                b[4] = u8::from(standby_ready);
+                put_u64(b, 8, serving_incarnation);
+                put_u64(b, 16, died_incarnation);
+            }
+            Msg::WantServer { failed_incarnation } => put_u64(b, 0, failed_incarnation),
+            Msg::StartHere {
+                attempt,
+                former_incarnation,
+            } => {
+                put_u64(b, 0, attempt);
+                put_u64(b, 8, former_incarnation);
+            }
+            Msg::NeedClients { gather_id, starter } => {
+                put_u64(b, 0, gather_id);
+                put_u32(b, 8, starter);
+            }
+            Msg::Clients {
+                gather_id,
+                from,
+                to,
+                clients,
+            } => {
+                put_u64(b, 0, gather_id);
+                put_u32(b, 8, from);
+                put_u32(b, 12, to);
+                b[CLIENTS_FIXED_BYTES..].copy_from_slice(clients.as_bytes());
+            }
+            Msg::ServerDown {
+                incarnation,
+                node_id,
+            } => {
+                put_u64(b, 0, incarnation);
+                put_u32(b, 8, node_id);
+            }
+            Msg::Fence { reason } => put_u32(b, 0, reason as u32),
+            Msg::ClusterCommand { op, node_id } => {
+                put_u32(b, 0, op as u32);
+                put_u32(b, 4, node_id);
+            }
+            Msg::ClusterStatusReply {
+                server_incarnation,
+                server_node,
+                server_addr,
+                nodes,
+            } => {
+                put_u64(b, 0, server_incarnation);
+                put_u32(b, 8, server_node);
+                put_addr(b, 14, CLUSTER_STATUS_REPLY_FIXED_BYTES, server_addr);
+                b[CLUSTER_STATUS_REPLY_FIXED_BYTES + server_addr.len()..]
+                    .copy_from_slice(nodes.as_bytes());
+            }
+            Msg::FinishUpload
+            | Msg::UploadOk
+            | Msg::ListSnapshots
+            | Msg::Status
+            | Msg::Ok
+            | Msg::RevokeDone
+            | Msg::ClusterStatus => {}
         }
     }
+}
+
+/// Writes an address: its length (u16) at `len_off`, its bytes at `at`.
+/// `check` bounded it to [`ADDR_MAX_BYTES`].
+fn put_addr(b: &mut [u8], len_off: usize, at: usize, addr: &str) {
+    put_u16(b, len_off, u16::try_from(addr.len()).unwrap_or(u16::MAX));
+    b[at..at + addr.len()].copy_from_slice(addr.as_bytes());
 }
 
 impl fmt::Display for Msg<'_> {
@@ -723,8 +1399,12 @@ impl fmt::Display for Msg<'_> {
     }
 }
 
+const VOLUME_NONE: u16 = 0;
 const VOLUME_ORIGIN: u16 = 1;
 const VOLUME_SNAPSHOT: u16 = 2;
+
+/// Every defined `Identify` flag bit.
+const IDENTIFY_FLAGS_ALL: u16 = IDENTIFY_CACHING;
 
 /// Rules beyond the layout, shared by encode and decode so that whatever
 /// encodes also decodes.
@@ -749,8 +1429,92 @@ fn check(msg: &Msg<'_>) -> Result<(), &'static str> {
         Msg::Error { text, .. } if text.len() > ERROR_TEXT_MAX_BYTES => {
             Err("error text over ERROR_TEXT_MAX_BYTES")
         }
+        Msg::Identify { flags, .. } if flags & !IDENTIFY_FLAGS_ALL != 0 => {
+            Err("undefined identify flag bits")
+        }
+        Msg::Revoke { what, ranges } => match what {
+            RevokeWhat::OriginGrants if !ranges.is_empty() => {
+                Err("origin-grants revoke carries ranges")
+            }
+            RevokeWhat::SnapshotMappings if ranges.is_empty() => {
+                Err("snapshot-mappings revoke without ranges")
+            }
+            _ => Ok(()),
+        },
+        Msg::NeedServer {
+            client_id: 0,
+            volume: Some(_),
+            ..
+        } => Err("client id 0 with a volume"),
+        Msg::ServerAddress {
+            incarnation, addr, ..
+        }
+        | Msg::ServerUp {
+            incarnation, addr, ..
+        } => {
+            if *incarnation == 0 {
+                return Err("server incarnation 0");
+            }
+            check_addr(addr)
+        }
+        Msg::ServerReady { addr, .. } => check_addr(addr),
+        Msg::Join { node_id, addr } => {
+            check_node(*node_id)?;
+            check_addr(addr)
+        }
+        Msg::NodeJoined { node_id }
+        | Msg::NodeLeft { node_id }
+        | Msg::ClusterCommand { node_id, .. } => check_node(*node_id),
+        Msg::ClientGone { client_id, node_id } => {
+            if *client_id == 0 {
+                return Err("client id 0");
+            }
+            check_node(*node_id)
+        }
+        Msg::StartHere { attempt: 0, .. } => Err("start attempt 0"),
+        Msg::NeedClients { gather_id, starter } => {
+            if *gather_id == 0 {
+                return Err("gather id 0");
+            }
+            if *starter == 0 {
+                return Err("starter node id 0");
+            }
+            Ok(())
+        }
+        Msg::ClusterStatusReply {
+            server_incarnation,
+            server_addr,
+            ..
+        } => {
+            if server_addr.len() > ADDR_MAX_BYTES {
+                return Err("address over ADDR_MAX_BYTES");
+            }
+            if server_addr.is_empty() && *server_incarnation != 0 {
+                return Err("empty address for a server incarnation");
+            }
+            Ok(())
+        }
         _ => Ok(()),
     }
+}
+
+/// An address that must not be empty.
+fn check_addr(addr: &str) -> Result<(), &'static str> {
+    if addr.len() > ADDR_MAX_BYTES {
+        return Err("address over ADDR_MAX_BYTES");
+    }
+    if addr.is_empty() {
+        return Err("empty address");
+    }
+    Ok(())
+}
+
+/// A node id that must name a node.
+fn check_node(node_id: u32) -> Result<(), &'static str> {
+    if node_id == 0 {
+        return Err("node id 0");
+    }
+    Ok(())
 }
 
 fn exact(body: &[u8], n: usize) -> Result<(), &'static str> {
@@ -771,6 +1535,40 @@ fn reserved(body: &[u8], off: usize, n: usize) -> Result<(), &'static str> {
 
 fn list<T>(r: Result<T, crate::Malformed>) -> Result<T, &'static str> {
     r.map_err(|m| m.what)
+}
+
+/// At least the fixed part of a variable-size body.
+fn at_least(body: &[u8], n: usize) -> Result<(), &'static str> {
+    if body.len() >= n {
+        Ok(())
+    } else {
+        Err("body length does not match the kind")
+    }
+}
+
+/// The address of a body whose fixed part, at least `fixed` bytes long (the
+/// caller checked), holds the address length (u16) at `len_off`; the address
+/// follows the fixed part. Returns it and the bytes after it.
+fn get_addr(b: &[u8], len_off: usize, fixed: usize) -> Result<(&str, &[u8]), &'static str> {
+    let n = usize::from(get_u16(b, len_off));
+    if n > ADDR_MAX_BYTES {
+        return Err("address over ADDR_MAX_BYTES");
+    }
+    let rest = &b[fixed..];
+    if rest.len() < n {
+        return Err("address length runs past the body");
+    }
+    let (a, rest) = rest.split_at(n);
+    let addr = core::str::from_utf8(a).map_err(|_| "address is not UTF-8")?;
+    Ok((addr, rest))
+}
+
+/// The address of a body that ends with it (see [`get_addr`]).
+fn get_last_addr(b: &[u8], len_off: usize, fixed: usize) -> Result<&str, &'static str> {
+    at_least(b, fixed)?;
+    let (addr, rest) = get_addr(b, len_off, fixed)?;
+    exact(rest, 0)?;
+    Ok(addr)
 }
 
 /// Decodes a body of a known kind (layout and per-field rules; `check` runs
@@ -797,7 +1595,6 @@ fn read_body(kind: Kind, b: &[u8]) -> Result<Msg<'_>, &'static str> {
         }
         Kind::Identify => {
             exact(b, IDENTIFY_BYTES)?;
-            reserved(b, 42, 2)?;
             let tag = get_u32(b, 44);
             let volume = match get_u16(b, 40) {
                 VOLUME_ORIGIN if tag == 0 => Volume::Origin,
@@ -814,6 +1611,7 @@ fn read_body(kind: Kind, b: &[u8]) -> Result<Msg<'_>, &'static str> {
                 node_id: get_u32(b, 32),
                 chunk_size_bytes: get_u32(b, 36),
                 volume,
+                flags: get_u16(b, 42),
             }
         }
         Kind::IdentifyOk => {
@@ -907,6 +1705,199 @@ fn read_body(kind: Kind, b: &[u8]) -> Result<Msg<'_>, &'static str> {
         Kind::Ok => {
             exact(b, 0)?;
             Msg::Ok
+        }
+        Kind::RevokeDone => {
+            exact(b, 0)?;
+            Msg::RevokeDone
+        }
+        Kind::Revoke => {
+            at_least(b, REVOKE_FIXED_BYTES)?;
+            reserved(b, 2, 2)?;
+            let what = RevokeWhat::from_u16(get_u16(b, 0)).ok_or("unknown revoke kind")?;
+            Msg::Revoke {
+                what,
+                ranges: list(Ranges::parse(&b[REVOKE_FIXED_BYTES..]))?,
+            }
+        }
+        Kind::ReleaseLocks => Msg::ReleaseLocks(list(Ranges::parse(b))?),
+        Kind::NeedServer => {
+            exact(b, NEED_SERVER_BYTES)?;
+            reserved(b, 22, 2)?;
+            reserved(b, 28, 4)?;
+            let tag = get_u32(b, 24);
+            let volume = match get_u16(b, 20) {
+                VOLUME_NONE if tag == 0 => None,
+                VOLUME_NONE => return Err("snapshot tag given without a volume"),
+                VOLUME_ORIGIN if tag == 0 => Some(Volume::Origin),
+                VOLUME_ORIGIN => return Err("snapshot tag given for the origin"),
+                VOLUME_SNAPSHOT => Some(Volume::Snapshot(tag)),
+                _ => return Err("unknown volume kind"),
+            };
+            Msg::NeedServer {
+                client_id: get_u64(b, 0),
+                failed_incarnation: get_u64(b, 8),
+                node_id: get_u32(b, 16),
+                volume,
+            }
+        }
+        Kind::ServerAddress => {
+            at_least(b, SERVER_ADDRESS_FIXED_BYTES)?;
+            reserved(b, 12, 2)?;
+            Msg::ServerAddress {
+                incarnation: get_u64(b, 0),
+                node_id: get_u32(b, 8),
+                addr: get_last_addr(b, 14, SERVER_ADDRESS_FIXED_BYTES)?,
+            }
+        }
+        Kind::ServerReady => {
+            at_least(b, SERVER_READY_FIXED_BYTES)?;
+            reserved(b, 8, 2)?;
+            Msg::ServerReady {
+                pid: get_u32(b, 0),
+                node_id: get_u32(b, 4),
+                addr: get_last_addr(b, 10, SERVER_READY_FIXED_BYTES)?,
+            }
+        }
+        Kind::StartServer => {
+            let (members, rest) = list(NodeList::parse_prefix(b))?;
+            Msg::StartServer {
+                members,
+                expected: list(ClientList::parse(rest))?,
+            }
+        }
+        Kind::Serving => {
+            exact(b, SERVING_BYTES)?;
+            Msg::Serving {
+                incarnation: get_u64(b, 0),
+                start_micros: get_u64(b, 8),
+                replayed_commits: get_u64(b, 16),
+            }
+        }
+        Kind::NodeJoined => {
+            exact(b, NODE_BYTES)?;
+            Msg::NodeJoined {
+                node_id: get_u32(b, 0),
+            }
+        }
+        Kind::NodeLeft => {
+            exact(b, NODE_BYTES)?;
+            Msg::NodeLeft {
+                node_id: get_u32(b, 0),
+            }
+        }
+        Kind::ClientGone => {
+            exact(b, CLIENT_GONE_BYTES)?;
+            reserved(b, 12, 4)?;
+            Msg::ClientGone {
+                client_id: get_u64(b, 0),
+                node_id: get_u32(b, 8),
+            }
+        }
+        Kind::Join => {
+            at_least(b, JOIN_FIXED_BYTES)?;
+            reserved(b, 4, 2)?;
+            Msg::Join {
+                node_id: get_u32(b, 0),
+                addr: get_last_addr(b, 6, JOIN_FIXED_BYTES)?,
+            }
+        }
+        Kind::Members => {
+            at_least(b, MEMBERS_FIXED_BYTES)?;
+            Msg::Members {
+                epoch: get_u64(b, 0),
+                members: list(NodeList::parse(&b[MEMBERS_FIXED_BYTES..]))?,
+            }
+        }
+        Kind::AgentState => {
+            exact(b, AGENT_STATE_BYTES)?;
+            reserved(b, 5, 3)?;
+            let standby_ready = match b[4] {
+                0 => false,
+                1 => true,
+                _ => return Err("standby flag is neither 0 nor 1"),
+            };
+            Msg::AgentState {
+                node_id: get_u32(b, 0),
+                standby_ready,
+                serving_incarnation: get_u64(b, 8),
+                died_incarnation: get_u64(b, 16),
+            }
+        }
+        Kind::WantServer => {
+            exact(b, WANT_SERVER_BYTES)?;
+            Msg::WantServer {
+                failed_incarnation: get_u64(b, 0),
+            }
+        }
+        Kind::StartHere => {
+            exact(b, START_HERE_BYTES)?;
+            Msg::StartHere {
+                attempt: get_u64(b, 0),
+                former_incarnation: get_u64(b, 8),
+            }
+        }
+        Kind::NeedClients => {
+            exact(b, NEED_CLIENTS_BYTES)?;
+            reserved(b, 12, 4)?;
+            Msg::NeedClients {
+                gather_id: get_u64(b, 0),
+                starter: get_u32(b, 8),
+            }
+        }
+        Kind::Clients => {
+            at_least(b, CLIENTS_FIXED_BYTES)?;
+            Msg::Clients {
+                gather_id: get_u64(b, 0),
+                from: get_u32(b, 8),
+                to: get_u32(b, 12),
+                clients: list(ClientList::parse(&b[CLIENTS_FIXED_BYTES..]))?,
+            }
+        }
+        Kind::ServerUp => {
+            at_least(b, SERVER_UP_FIXED_BYTES)?;
+            reserved(b, 12, 2)?;
+            Msg::ServerUp {
+                incarnation: get_u64(b, 0),
+                node_id: get_u32(b, 8),
+                addr: get_last_addr(b, 14, SERVER_UP_FIXED_BYTES)?,
+            }
+        }
+        Kind::ServerDown => {
+            exact(b, SERVER_DOWN_BYTES)?;
+            reserved(b, 12, 4)?;
+            Msg::ServerDown {
+                incarnation: get_u64(b, 0),
+                node_id: get_u32(b, 8),
+            }
+        }
+        Kind::Fence => {
+            exact(b, FENCE_BYTES)?;
+            reserved(b, 4, 4)?;
+            Msg::Fence {
+                reason: FenceReason::from_u32(get_u32(b, 0)).ok_or("unknown fence reason")?,
+            }
+        }
+        Kind::ClusterCommand => {
+            exact(b, CLUSTER_COMMAND_BYTES)?;
+            Msg::ClusterCommand {
+                op: ClusterOp::from_u32(get_u32(b, 0)).ok_or("unknown cluster op")?,
+                node_id: get_u32(b, 4),
+            }
+        }
+        Kind::ClusterStatus => {
+            exact(b, 0)?;
+            Msg::ClusterStatus
+        }
+        Kind::ClusterStatusReply => {
+            at_least(b, CLUSTER_STATUS_REPLY_FIXED_BYTES)?;
+            reserved(b, 12, 2)?;
+            let (server_addr, rest) = get_addr(b, 14, CLUSTER_STATUS_REPLY_FIXED_BYTES)?;
+            Msg::ClusterStatusReply {
+                server_incarnation: get_u64(b, 0),
+                server_node: get_u32(b, 8),
+                server_addr,
+                nodes: list(NodeStatusList::parse(rest))?,
+            }
         }
     })
 }
@@ -1013,7 +2004,7 @@ pub fn peek_header(buf: &[u8]) -> Result<Option<Header>, DecodeError> {
 ///
 /// Checks in order: header ([`peek_header`]), completeness (`Truncated`),
 /// no trailing bytes, flags, kind, body layout and values. The message
-/// borrows list bodies and error text from `frame`.
+/// borrows list bodies, error text and addresses from `frame`.
 pub fn decode(frame: &[u8]) -> Result<(Header, Msg<'_>), DecodeError> {
     let hdr = peek_header(frame)?.ok_or(DecodeError::Truncated)?;
     let len = hdr.length as usize;

@@ -23,6 +23,10 @@ struct Spec {
     snaps: Vec<SnapInfo>,
     code: u32,
     text: String,
+    nodes: Vec<Node>,
+    clients: Vec<ClientEntry>,
+    statuses: Vec<NodeStatus>,
+    addr: String,
 }
 
 struct Bufs {
@@ -30,6 +34,23 @@ struct Bufs {
     targets: Vec<u8>,
     snaps: Vec<u8>,
     text: String,
+    nodes: Vec<u8>,
+    clients: Vec<u8>,
+    statuses: Vec<u8>,
+    /// The spec's address cut to `ADDR_MAX_BYTES`; may be empty.
+    addr: String,
+}
+
+/// The longest prefix of `s` within `max` bytes, at a character boundary.
+fn cut(s: &str, max: usize) -> String {
+    let mut out = String::new();
+    for c in s.chars() {
+        if out.len() + c.len_utf8() > max {
+            break;
+        }
+        out.push(c);
+    }
+    out
 }
 
 fn max_u32() -> u32 {
@@ -50,18 +71,15 @@ fn low8(x: u64) -> u8 {
 
 impl Spec {
     fn bufs(&self) -> Bufs {
-        let mut text = String::new();
-        for c in self.text.chars() {
-            if text.len() + c.len_utf8() > ERROR_TEXT_MAX_BYTES {
-                break;
-            }
-            text.push(c);
-        }
         Bufs {
             ranges: vec![0; RANGES_BYTES_MAX],
             targets: vec![0; TARGETS_BYTES_MAX],
             snaps: vec![0; SNAP_LIST_BYTES_MAX],
-            text,
+            text: cut(&self.text, ERROR_TEXT_MAX_BYTES),
+            nodes: vec![0; NODE_LIST_BYTES_MAX],
+            clients: vec![0; CLIENT_LIST_BYTES_MAX],
+            statuses: vec![0; NODE_STATUS_LIST_BYTES_MAX],
+            addr: cut(&self.addr, ADDR_MAX_BYTES),
         }
     }
 
@@ -101,7 +119,12 @@ impl Spec {
             }
             sb.finish()
         };
+        let nodes = NodeList::from_entries(&self.nodes, &mut b.nodes).unwrap();
+        let clients = ClientList::from_entries(&self.clients, &mut b.clients).unwrap();
+        let statuses = NodeStatusList::from_entries(&self.statuses, &mut b.statuses).unwrap();
         let text: &'a str = &b.text;
+        let any_addr: &'a str = &b.addr;
+        let addr: &'a str = if any_addr.is_empty() { "/" } else { any_addr };
         match self.kind {
             Kind::Hello => {
                 let lo = low16(n[0]).max(1);
@@ -127,6 +150,7 @@ impl Spec {
                 origin_uuid: self.uuid,
                 volume_size_bytes: n[3],
                 chunk_size_bytes: low32(n[4]),
+                flags: if n[5] & 1 == 0 { 0 } else { IDENTIFY_CACHING },
             },
             Kind::IdentifyOk => Msg::IdentifyOk {
                 chunk_size_bytes: low32(n[0]),
@@ -178,6 +202,129 @@ impl Spec {
                 culprit: low16(n[0]),
                 text,
             },
+            Kind::RevokeDone => Msg::RevokeDone,
+            Kind::Revoke => {
+                if ranges.is_empty() || n[0] & 1 == 0 {
+                    Msg::Revoke {
+                        what: RevokeWhat::OriginGrants,
+                        ranges: Ranges::empty(),
+                    }
+                } else {
+                    Msg::Revoke {
+                        what: RevokeWhat::SnapshotMappings,
+                        ranges,
+                    }
+                }
+            }
+            Kind::ReleaseLocks => Msg::ReleaseLocks(ranges),
+            Kind::NeedServer => {
+                let volume = match n[2] % 3 {
+                    0 => None,
+                    1 => Some(Volume::Origin),
+                    _ => Some(Volume::Snapshot(low32(n[3]))),
+                };
+                Msg::NeedServer {
+                    client_id: if volume.is_some() { n[0].max(1) } else { n[0] },
+                    failed_incarnation: n[1],
+                    node_id: low32(n[4]),
+                    volume,
+                }
+            }
+            Kind::ServerAddress => Msg::ServerAddress {
+                incarnation: n[0].max(1),
+                node_id: low32(n[1]),
+                addr,
+            },
+            Kind::ServerReady => Msg::ServerReady {
+                pid: low32(n[0]),
+                node_id: low32(n[1]),
+                addr,
+            },
+            Kind::StartServer => Msg::StartServer {
+                members: nodes,
+                expected: clients,
+            },
+            Kind::Serving => Msg::Serving {
+                incarnation: n[0],
+                start_micros: n[1],
+                replayed_commits: n[2],
+            },
+            Kind::NodeJoined => Msg::NodeJoined {
+                node_id: low32(n[0]).max(1),
+            },
+            Kind::NodeLeft => Msg::NodeLeft {
+                node_id: low32(n[0]).max(1),
+            },
+            Kind::ClientGone => Msg::ClientGone {
+                client_id: n[0].max(1),
+                node_id: low32(n[1]).max(1),
+            },
+            Kind::Join => Msg::Join {
+                node_id: low32(n[0]).max(1),
+                addr,
+            },
+            Kind::Members => Msg::Members {
+                epoch: n[0],
+                members: nodes,
+            },
+            Kind::AgentState => Msg::AgentState {
+                node_id: low32(n[0]),
+                standby_ready: n[1] & 1 == 1,
+                serving_incarnation: n[2],
+                died_incarnation: n[3],
+            },
+            Kind::WantServer => Msg::WantServer {
+                failed_incarnation: n[0],
+            },
+            Kind::StartHere => Msg::StartHere {
+                attempt: n[0].max(1),
+                former_incarnation: n[1],
+            },
+            Kind::NeedClients => Msg::NeedClients {
+                gather_id: n[0].max(1),
+                starter: low32(n[1]).max(1),
+            },
+            Kind::Clients => Msg::Clients {
+                gather_id: n[0],
+                from: low32(n[1]),
+                to: low32(n[2]),
+                clients,
+            },
+            Kind::ServerUp => Msg::ServerUp {
+                incarnation: n[0].max(1),
+                node_id: low32(n[1]),
+                addr,
+            },
+            Kind::ServerDown => Msg::ServerDown {
+                incarnation: n[0],
+                node_id: low32(n[1]),
+            },
+            Kind::Fence => Msg::Fence {
+                reason: if n[0] & 1 == 0 {
+                    FenceReason::LeftCluster
+                } else {
+                    FenceReason::ServerMoved
+                },
+            },
+            Kind::ClusterCommand => Msg::ClusterCommand {
+                op: match n[0] % 3 {
+                    0 => ClusterOp::Join,
+                    1 => ClusterOp::Leave,
+                    _ => ClusterOp::Start,
+                },
+                node_id: low32(n[1]).max(1),
+            },
+            Kind::ClusterStatus => Msg::ClusterStatus,
+            Kind::ClusterStatusReply => {
+                // No server (often): any address, even none.
+                let none = n[0] & 3 == 0;
+                Msg::ClusterStatusReply {
+                    server_incarnation: if none { 0 } else { n[0] },
+                    server_node: low32(n[1]),
+                    server_addr: if none { any_addr } else { addr },
+                    nodes: statuses,
+                }
+            }
         }
     }
 }
@@ -226,21 +373,50 @@ fn arb_snap() -> impl Strategy<Value = SnapInfo> {
     })
 }
 
+fn arb_node() -> impl Strategy<Value = Node> {
+    (1..=u32::MAX).prop_map(|id| Node { id })
+}
+
+fn arb_client() -> impl Strategy<Value = ClientEntry> {
+    (1..=u64::MAX, 1..=u32::MAX).prop_map(|(client_id, node_id)| ClientEntry { client_id, node_id })
+}
+
+fn arb_status() -> impl Strategy<Value = NodeStatus> {
+    (1..=u32::MAX, 0u8..16, any::<u64>()).prop_map(|(node, flags, serving_incarnation)| {
+        NodeStatus {
+            node,
+            flags,
+            serving_incarnation,
+        }
+    })
+}
+
 fn arb_spec() -> impl Strategy<Value = Spec> {
     (
-        prop::sample::select(Kind::ALL.to_vec()),
-        any::<[u64; 14]>(),
-        prop::sample::select(vec![Role::Client, Role::Control, Role::Agent]),
-        any::<bool>(),
-        any::<[u8; 16]>(),
-        prop::collection::vec(arb_range(), 0..=RANGES_MAX),
-        prop::collection::vec(arb_target(), 0..=80),
-        prop::collection::vec(arb_snap(), 0..=SNAPSHOTS_MAX),
-        1u32..=20,
-        "\\PC{0,80}",
+        (
+            prop::sample::select(Kind::ALL.to_vec()),
+            any::<[u64; 14]>(),
+            prop::sample::select(vec![Role::Client, Role::Control, Role::Agent, Role::Server]),
+            any::<bool>(),
+            any::<[u8; 16]>(),
+            prop::collection::vec(arb_range(), 0..=RANGES_MAX),
+            prop::collection::vec(arb_target(), 0..=80),
+            prop::collection::vec(arb_snap(), 0..=SNAPSHOTS_MAX),
+            1u32..=20,
+            "\\PC{0,80}",
+        ),
+        (
+            prop::collection::vec(arb_node(), 0..=80),
+            prop::collection::vec(arb_client(), 0..=80),
+            prop::collection::vec(arb_status(), 0..=80),
+            prop_oneof![3 => "\\PC{0,60}", 1 => "\\PC{190,210}"],
+        ),
     )
         .prop_map(
-            |(kind, n, role, volume_snapshot, uuid, ranges, targets, snaps, code, text)| Spec {
+            |(
+                (kind, n, role, volume_snapshot, uuid, ranges, targets, snaps, code, text),
+                (nodes, clients, statuses, addr),
+            )| Spec {
                 kind,
                 n,
                 role,
@@ -251,6 +427,10 @@ fn arb_spec() -> impl Strategy<Value = Spec> {
                 snaps,
                 code,
                 text,
+                nodes,
+                clients,
+                statuses,
+                addr,
             },
         )
 }

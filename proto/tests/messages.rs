@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{sample, Scratch, LONG_TEXT};
+use common::{sample, Scratch, LONG_ADDR, LONG_TEXT};
 use core::fmt::Write;
 use csnap_proto::*;
 
@@ -92,6 +92,29 @@ fn max_lists_are_full_and_fit() {
     };
     assert_eq!(l.len(), SNAPSHOTS_MAX);
     assert_eq!(LONG_TEXT.len(), ERROR_TEXT_MAX_BYTES);
+    assert_eq!(LONG_ADDR.len(), ADDR_MAX_BYTES);
+    let mut s = Scratch::new();
+    let Msg::StartServer { members, expected } = sample(Kind::StartServer, true, &mut s) else {
+        panic!("wrong sample")
+    };
+    assert_eq!(members.len(), NODES_MAX);
+    assert_eq!(expected.len(), CLIENT_ENTRIES_MAX);
+    assert_eq!(
+        Kind::StartServer.body_max_bytes(),
+        NODE_LIST_BYTES_MAX + CLIENT_LIST_BYTES_MAX
+    );
+    let mut s = Scratch::new();
+    let Msg::ClusterStatusReply { nodes, .. } = sample(Kind::ClusterStatusReply, true, &mut s)
+    else {
+        panic!("wrong sample")
+    };
+    assert_eq!(nodes.len(), NODES_MAX);
+    assert_eq!(nodes.as_bytes().len(), NODE_STATUS_LIST_BYTES_MAX);
+    let mut s = Scratch::new();
+    let Msg::Revoke { ranges, .. } = sample(Kind::Revoke, true, &mut s) else {
+        panic!("wrong sample")
+    };
+    assert_eq!(ranges.len(), RANGES_MAX);
     for kind in Kind::ALL {
         let mut s = Scratch::new();
         let m = sample(kind, true, &mut s);
@@ -221,11 +244,33 @@ fn kind_and_error_codes_are_pinned() {
             (Kind::QuerySnapshotWrite, 0x0013),
             (Kind::UploadLocks, 0x0014),
             (Kind::FinishUpload, 0x0015),
+            (Kind::RevokeDone, 0x0016),
             (Kind::CreateSnapshot, 0x0020),
             (Kind::DeleteSnapshot, 0x0021),
             (Kind::SetPriority, 0x0022),
             (Kind::ListSnapshots, 0x0023),
             (Kind::Status, 0x0024),
+            (Kind::NeedServer, 0x4001),
+            (Kind::ServerAddress, 0x4002),
+            (Kind::ServerReady, 0x4003),
+            (Kind::StartServer, 0x4004),
+            (Kind::Serving, 0x4005),
+            (Kind::NodeJoined, 0x4006),
+            (Kind::NodeLeft, 0x4007),
+            (Kind::ClientGone, 0x4008),
+            (Kind::Join, 0x4010),
+            (Kind::Members, 0x4011),
+            (Kind::AgentState, 0x4012),
+            (Kind::WantServer, 0x4013),
+            (Kind::StartHere, 0x4014),
+            (Kind::NeedClients, 0x4015),
+            (Kind::Clients, 0x4016),
+            (Kind::ServerUp, 0x4017),
+            (Kind::ServerDown, 0x4018),
+            (Kind::Fence, 0x4019),
+            (Kind::ClusterCommand, 0x4020),
+            (Kind::ClusterStatus, 0x4021),
+            (Kind::ClusterStatusReply, 0x4022),
             (Kind::Error, 0x8000),
             (Kind::HelloOk, 0x8001),
             (Kind::IdentifyOk, 0x8002),
@@ -236,8 +281,12 @@ fn kind_and_error_codes_are_pinned() {
             (Kind::Ok, 0x8020),
             (Kind::SnapshotList, 0x8023),
             (Kind::StatusReply, 0x8024),
+            (Kind::Revoke, 0x8030),
+            (Kind::ReleaseLocks, 0x8031),
         ]
     );
+    // In code order.
+    assert!(Kind::ALL.windows(2).all(|w| w[0].code() < w[1].code()));
     for v in 0..=u16::MAX {
         match Kind::from_u16(v) {
             Some(k) => assert_eq!(k.code(), v),
@@ -262,22 +311,74 @@ fn kind_and_error_codes_are_pinned() {
 
 #[test]
 fn directions_and_replies() {
-    let requests: Vec<Kind> = Kind::ALL
+    let count = |f: fn(&Kind) -> bool| Kind::ALL.iter().filter(|k| f(k)).count();
+    assert_eq!(count(|k| k.is_request()), 14 + 21);
+    assert_eq!(count(|k| k.is_agent()), 21);
+    assert_eq!(count(|k| k.is_reply()), 12);
+    let notifications: Vec<Kind> = Kind::ALL
         .iter()
         .copied()
-        .filter(|k| k.is_request())
+        .filter(|k| k.is_notification())
         .collect();
-    assert_eq!(requests.len(), 13);
+    assert_eq!(notifications, [Kind::Revoke, Kind::ReleaseLocks]);
     for k in Kind::ALL {
         assert_ne!(k.is_request(), k.is_reply());
+        // The agent protocol is exactly the codes with bit 14 set.
+        assert_eq!(k.is_agent(), (0x4000..0x8000).contains(&k.code()), "{k}");
+        if k.is_notification() {
+            assert!(k.is_reply() && k.success_reply().is_none(), "{k}");
+        }
         if let Some(r) = k.success_reply() {
             assert!(k.is_request(), "{k}");
-            assert!(r.is_reply(), "{k} -> {r}");
-            if r != Kind::Ok {
-                assert_eq!(r.code(), k.code() | 0x8000);
+            if k.is_agent() {
+                // Agent answers are agent kinds, or the generic Ok.
+                assert!(r.is_agent() || r == Kind::Ok, "{k} -> {r}");
+            } else {
+                assert!(r.is_reply() && !r.is_notification(), "{k} -> {r}");
+                if r != Kind::Ok {
+                    assert_eq!(r.code(), k.code() | 0x8000);
+                }
             }
         }
     }
+    let replies: Vec<(Kind, Option<Kind>)> = [
+        Kind::RevokeDone,
+        Kind::Revoke,
+        Kind::ReleaseLocks,
+        Kind::NeedServer,
+        Kind::ServerReady,
+        Kind::StartServer,
+        Kind::NeedClients,
+        Kind::ClusterCommand,
+        Kind::ClusterStatus,
+        Kind::Join,
+    ]
+    .iter()
+    .map(|k| (*k, k.success_reply()))
+    .collect();
+    assert_eq!(
+        replies,
+        [
+            (Kind::RevokeDone, None),
+            (Kind::Revoke, None),
+            (Kind::ReleaseLocks, None),
+            (Kind::NeedServer, Some(Kind::ServerAddress)),
+            (Kind::ServerReady, None),
+            (Kind::StartServer, Some(Kind::Serving)),
+            (Kind::NeedClients, Some(Kind::Clients)),
+            (Kind::ClusterCommand, Some(Kind::Ok)),
+            (Kind::ClusterStatus, Some(Kind::ClusterStatusReply)),
+            (Kind::Join, None),
+        ]
+    );
+    // Of the agent protocol, exactly these five kinds have a success reply.
+    assert_eq!(
+        Kind::ALL
+            .iter()
+            .filter(|k| k.is_agent() && k.success_reply().is_some())
+            .count(),
+        5
+    );
     assert_eq!(Kind::FinishSnapshotRead.success_reply(), None);
     assert_eq!(Kind::UploadLocks.success_reply(), None);
     assert_eq!(Kind::FinishUpload.success_reply(), Some(Kind::UploadOk));
@@ -457,16 +558,37 @@ fn bad_body(r: Result<Kind, DecodeError>, kind: Kind, what_part: &str) {
 #[test]
 fn reserved_bytes_must_be_zero() {
     // (kind, reserved offsets in the small sample body)
-    let cases: [(Kind, &[usize]); 8] = [
+    let cases: [(Kind, &[usize]); 22] = [
         (Kind::Hello, &[6, 7]),
         (Kind::HelloOk, &[2, 3, 4, 5, 6, 7]),
-        (Kind::Identify, &[42, 43]),
         (Kind::IdentifyOk, &[20, 21, 22, 23]),
         (Kind::SetPriority, &[5, 6, 7]),
         (Kind::StatusReply, &[81, 82, 83, 84, 85, 86, 87]),
         // List header reserved, and the first entry's reserved bytes.
         (Kind::QueryOriginWrite, &[2, 3, 16, 17, 18, 19]),
         (Kind::SnapshotReadReply, &[2, 3, 17, 18, 19]),
+        (Kind::Revoke, &[2, 3, 6, 7, 20, 21, 22, 23]),
+        (Kind::ReleaseLocks, &[2, 3, 16, 17, 18, 19]),
+        (Kind::NeedServer, &[22, 23, 28, 29, 30, 31]),
+        (Kind::ServerAddress, &[12, 13]),
+        (Kind::ServerReady, &[8, 9]),
+        (Kind::ServerUp, &[12, 13]),
+        (Kind::ClientGone, &[12, 13, 14, 15]),
+        (Kind::Join, &[4, 5]),
+        (Kind::AgentState, &[5, 6, 7]),
+        (Kind::NeedClients, &[12, 13, 14, 15]),
+        (Kind::ServerDown, &[12, 13, 14, 15]),
+        (Kind::Fence, &[4, 5, 6, 7]),
+        (
+            Kind::ClusterStatusReply,
+            &[12, 13, 16 + 22 + 2, 16 + 22 + 3, 16 + 22 + 4 + 5],
+        ),
+        // The node list's header, the client list's header and first entry.
+        (
+            Kind::StartServer,
+            &[2, 3, 16 + 2, 16 + 3, 16 + 4 + 12, 16 + 4 + 15],
+        ),
+        (Kind::Clients, &[16 + 2, 16 + 3, 16 + 4 + 12, 16 + 4 + 13]),
     ];
     for (kind, offs) in cases {
         for &off in offs {
@@ -730,7 +852,18 @@ fn scalar_fields_are_validated() {
         version_max: 1,
         role: Role::Control,
     };
-    bad_body(decode_edited(&hello, |b| b[4] = 4), Kind::Hello, "role");
+    bad_body(decode_edited(&hello, |b| b[4] = 5), Kind::Hello, "role");
+    bad_body(decode_edited(&hello, |b| b[4] = 0), Kind::Hello, "role");
+    assert_eq!(Role::from_u16(4), Some(Role::Server));
+    assert_eq!(Role::from_u16(5), None);
+    let server = Msg::Hello {
+        version_min: 1,
+        version_max: 1,
+        role: Role::Server,
+    };
+    let f = frame_of(&h, &server);
+    assert_eq!(f[HEADER_BYTES + 4], 4);
+    assert_eq!(decode(&f).unwrap().1, server);
     bad_body(decode_edited(&hello, |b| b[0] = 2), Kind::Hello, "version");
     bad_body(
         decode_edited(&hello, |b| b[0..2].fill(0)),
@@ -934,4 +1067,949 @@ fn list_views_behave_like_lists() {
         n += 1;
     }
     assert_eq!(n, 3);
+}
+
+// ---------------------------------------------------------------------------
+// Cache coherence and the agent protocol: known answers.
+// ---------------------------------------------------------------------------
+
+#[test]
+fn known_answer_identify_with_flags() {
+    let f = frame_of(
+        &Header::new(2, 0),
+        &Msg::Identify {
+            client_id: 5,
+            node_id: 1,
+            volume: Volume::Snapshot(7),
+            origin_uuid: [0xab; 16],
+            volume_size_bytes: 0x1000,
+            chunk_size_bytes: 0x4000,
+            flags: IDENTIFY_CACHING,
+        },
+    );
+    #[rustfmt::skip]
+    let want: [u8; 80] = [
+        0x63, 0x73, 0x6e, 0x77, 0x01, 0x00, 0x02, 0x00, 0x50, 0x00, 0x00, 0x00,
+        0x00, 0x00, 0x00, 0x00, 0x02, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+        0x05, 0, 0, 0, 0, 0, 0, 0,          // client id
+        0x00, 0x10, 0, 0, 0, 0, 0, 0,       // volume size
+        0xab, 0xab, 0xab, 0xab, 0xab, 0xab, 0xab, 0xab,
+        0xab, 0xab, 0xab, 0xab, 0xab, 0xab, 0xab, 0xab, // origin uuid
+        0x01, 0x00, 0x00, 0x00,             // node id
+        0x00, 0x40, 0x00, 0x00,             // chunk size
+        0x02, 0x00,                         // volume: snapshot
+        0x01, 0x00,                         // flags: caching
+        0x07, 0x00, 0x00, 0x00,             // tag
+    ];
+    assert_eq!(f, want);
+    assert_eq!(IDENTIFY_CACHING, 1);
+}
+
+#[test]
+fn known_answer_revoke() {
+    let mut rb = [0u8; 64];
+    let r = Ranges::from_entries(
+        &[Range {
+            chunk: 0x10,
+            chunks: 2,
+        }],
+        &mut rb,
+    )
+    .unwrap();
+    let f = frame_of(
+        &Header::new(0x77, 5),
+        &Msg::Revoke {
+            what: RevokeWhat::SnapshotMappings,
+            ranges: r,
+        },
+    );
+    #[rustfmt::skip]
+    let want: [u8; 56] = [
+        0x63, 0x73, 0x6e, 0x77, 0x01, 0x00, 0x30, 0x80, 0x38, 0x00, 0x00, 0x00,
+        0x00, 0x00, 0x00, 0x00, 0x77, 0, 0, 0, 0, 0, 0, 0, 0x05, 0, 0, 0, 0, 0, 0, 0,
+        0x02, 0x00, 0x00, 0x00,             // what: snapshot mappings, reserved
+        0x01, 0x00, 0x00, 0x00,             // count 1, reserved
+        0x10, 0, 0, 0, 0, 0, 0, 0,          // chunk
+        0x02, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, // chunks, reserved
+    ];
+    assert_eq!(f, want);
+
+    let f = frame_of(
+        &Header::new(0x78, 5),
+        &Msg::Revoke {
+            what: RevokeWhat::OriginGrants,
+            ranges: Ranges::empty(),
+        },
+    );
+    #[rustfmt::skip]
+    let want: [u8; 40] = [
+        0x63, 0x73, 0x6e, 0x77, 0x01, 0x00, 0x30, 0x80, 0x28, 0x00, 0x00, 0x00,
+        0x00, 0x00, 0x00, 0x00, 0x78, 0, 0, 0, 0, 0, 0, 0, 0x05, 0, 0, 0, 0, 0, 0, 0,
+        0x01, 0x00, 0x00, 0x00,             // what: origin grants, reserved
+        0x00, 0x00, 0x00, 0x00,             // count 0, reserved
+    ];
+    assert_eq!(f, want);
+    assert_eq!(
+        decode(&f).unwrap().1,
+        Msg::Revoke {
+            what: RevokeWhat::OriginGrants,
+            ranges: Ranges::empty()
+        }
+    );
+}
+
+#[test]
+fn known_answer_need_server_and_server_address() {
+    let f = frame_of(
+        &Header::new(0x11, 0),
+        &Msg::NeedServer {
+            client_id: 0x0102_0304_0506_0708,
+            failed_incarnation: 3,
+            node_id: 2,
+            volume: Some(Volume::Snapshot(9)),
+        },
+    );
+    #[rustfmt::skip]
+    let want: [u8; 64] = [
+        0x63, 0x73, 0x6e, 0x77, 0x01, 0x00, 0x01, 0x40, 0x40, 0x00, 0x00, 0x00,
+        0x00, 0x00, 0x00, 0x00, 0x11, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+        0x08, 0x07, 0x06, 0x05, 0x04, 0x03, 0x02, 0x01, // client id
+        0x03, 0, 0, 0, 0, 0, 0, 0,          // failed incarnation
+        0x02, 0x00, 0x00, 0x00,             // node id
+        0x02, 0x00, 0x00, 0x00,             // volume: snapshot, reserved
+        0x09, 0x00, 0x00, 0x00,             // tag
+        0x00, 0x00, 0x00, 0x00,             // reserved
+    ];
+    assert_eq!(f, want);
+
+    // A control tool: no volume, client id 0.
+    let f = frame_of(
+        &Header::new(0x12, 0),
+        &Msg::NeedServer {
+            client_id: 0,
+            failed_incarnation: 0,
+            node_id: 4,
+            volume: None,
+        },
+    );
+    assert_eq!(&f[6..8], &[0x01, 0x40]);
+    #[rustfmt::skip]
+    let body: [u8; 32] = [
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+        0x04, 0, 0, 0, 0x00, 0x00, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    ];
+    assert_eq!(f[HEADER_BYTES..], body);
+
+    let f = frame_of(
+        &Header::new(0x11, 0),
+        &Msg::ServerAddress {
+            incarnation: 6,
+            node_id: 3,
+            addr: "/run/s",
+        },
+    );
+    #[rustfmt::skip]
+    let want: [u8; 54] = [
+        0x63, 0x73, 0x6e, 0x77, 0x01, 0x00, 0x02, 0x40, 0x36, 0x00, 0x00, 0x00,
+        0x00, 0x00, 0x00, 0x00, 0x11, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+        0x06, 0, 0, 0, 0, 0, 0, 0,          // incarnation
+        0x03, 0x00, 0x00, 0x00,             // node id
+        0x00, 0x00,                         // reserved
+        0x06, 0x00,                         // addr_len
+        b'/', b'r', b'u', b'n', b'/', b's', // addr
+    ];
+    assert_eq!(f, want);
+}
+
+#[test]
+fn known_answer_start_server() {
+    let mut nb = [0u8; 64];
+    let members = NodeList::from_entries(&[Node { id: 1 }, Node { id: 2 }], &mut nb).unwrap();
+    let mut cb = [0u8; 64];
+    let expected = ClientList::from_entries(
+        &[ClientEntry {
+            client_id: 0x77,
+            node_id: 2,
+        }],
+        &mut cb,
+    )
+    .unwrap();
+    let f = frame_of(&Header::new(1, 0), &Msg::StartServer { members, expected });
+    #[rustfmt::skip]
+    let want: [u8; 64] = [
+        0x63, 0x73, 0x6e, 0x77, 0x01, 0x00, 0x04, 0x40, 0x40, 0x00, 0x00, 0x00,
+        0x00, 0x00, 0x00, 0x00, 0x01, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+        0x02, 0x00, 0x00, 0x00,             // node count 2, reserved
+        0x01, 0x00, 0x00, 0x00,             // node 1
+        0x02, 0x00, 0x00, 0x00,             // node 2
+        0x01, 0x00, 0x00, 0x00,             // client count 1, reserved
+        0x77, 0, 0, 0, 0, 0, 0, 0,          // client id
+        0x02, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, // node id, reserved
+    ];
+    assert_eq!(f, want);
+    assert_eq!(
+        Msg::StartServer { members, expected }.body_bytes(),
+        NodeList::bytes_for(2) + ClientList::bytes_for(1)
+    );
+    // Both lists empty: two list headers.
+    let f = frame_of(
+        &Header::new(1, 0),
+        &Msg::StartServer {
+            members: NodeList::empty(),
+            expected: ClientList::empty(),
+        },
+    );
+    assert_eq!(f[HEADER_BYTES..], [0u8; 8]);
+}
+
+#[test]
+fn known_answer_cluster_status_reply() {
+    let mut sb = [0u8; 64];
+    let nodes = NodeStatusList::from_entries(
+        &[
+            NodeStatus {
+                node: 1,
+                flags: NodeStatus::CONNECTED | NodeStatus::MEMBER,
+                serving_incarnation: 0,
+            },
+            NodeStatus {
+                node: 2,
+                flags: NodeStatus::FLAGS_ALL,
+                serving_incarnation: 5,
+            },
+        ],
+        &mut sb,
+    )
+    .unwrap();
+    let msg = Msg::ClusterStatusReply {
+        server_incarnation: 5,
+        server_node: 2,
+        server_addr: "a:1",
+        nodes,
+    };
+    let f = frame_of(&Header::new(3, 0), &msg);
+    #[rustfmt::skip]
+    let want: [u8; 87] = [
+        0x63, 0x73, 0x6e, 0x77, 0x01, 0x00, 0x22, 0x40, 0x57, 0x00, 0x00, 0x00,
+        0x00, 0x00, 0x00, 0x00, 0x03, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+        0x05, 0, 0, 0, 0, 0, 0, 0,          // server incarnation
+        0x02, 0x00, 0x00, 0x00,             // server node
+        0x00, 0x00,                         // reserved
+        0x03, 0x00,                         // addr_len
+        b'a', b':', b'1',                   // addr
+        0x02, 0x00, 0x00, 0x00,             // count 2, reserved
+        0x01, 0x00, 0x00, 0x00, 0x03, 0x00, 0x00, 0x00, 0, 0, 0, 0, 0, 0, 0, 0,
+        0x02, 0x00, 0x00, 0x00, 0x0f, 0x00, 0x00, 0x00, 5, 0, 0, 0, 0, 0, 0, 0,
+    ];
+    assert_eq!(f, want);
+    let (_, m) = decode(&f).unwrap();
+    assert_eq!(m, msg);
+    let Msg::ClusterStatusReply { nodes, .. } = m else {
+        panic!("wrong kind")
+    };
+    let n1 = nodes.get(0).unwrap();
+    assert!(n1.connected() && n1.member() && !n1.standby_ready() && !n1.serving());
+    let n2 = nodes.get(1).unwrap();
+    assert!(n2.connected() && n2.member() && n2.standby_ready() && n2.serving());
+}
+
+#[test]
+fn known_answer_small_agent_bodies() {
+    // (message, expected body)
+    let cases: [(Msg<'_>, &[u8]); 10] = [
+        (Msg::RevokeDone, &[]),
+        (Msg::ClusterStatus, &[]),
+        (Msg::NodeJoined { node_id: 0x0102 }, &[0x02, 0x01, 0, 0]),
+        (Msg::NodeLeft { node_id: 3 }, &[3, 0, 0, 0]),
+        (
+            Msg::ClientGone {
+                client_id: 9,
+                node_id: 2,
+            },
+            &[9, 0, 0, 0, 0, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0],
+        ),
+        (
+            Msg::Join {
+                node_id: 1,
+                addr: "/a",
+            },
+            &[1, 0, 0, 0, 0, 0, 2, 0, b'/', b'a'],
+        ),
+        (
+            Msg::AgentState {
+                node_id: 2,
+                standby_ready: true,
+                serving_incarnation: 0,
+                died_incarnation: 4,
+            },
+            &[
+                2, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 4, 0, 0, 0, 0, 0, 0, 0,
+            ],
+        ),
+        (
+            Msg::Fence {
+                reason: FenceReason::ServerMoved,
+            },
+            &[2, 0, 0, 0, 0, 0, 0, 0],
+        ),
+        (
+            Msg::ClusterCommand {
+                op: ClusterOp::Start,
+                node_id: 3,
+            },
+            &[3, 0, 0, 0, 3, 0, 0, 0],
+        ),
+        (
+            Msg::ServerReady {
+                pid: 0x1234,
+                node_id: 2,
+                addr: "h:1",
+            },
+            &[0x34, 0x12, 0, 0, 2, 0, 0, 0, 0, 0, 3, 0, b'h', b':', b'1'],
+        ),
+    ];
+    for (msg, body) in cases {
+        let f = frame_of(&Header::new(1, 0), &msg);
+        assert_eq!(&f[HEADER_BYTES..], body, "{msg}");
+        assert_eq!(decode(&f).unwrap().1, msg);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Cache coherence and the agent protocol: rejection.
+// ---------------------------------------------------------------------------
+
+fn encode_invalid(msg: &Msg<'_>) {
+    let mut out = vec![0u8; FRAME_MAX_BYTES];
+    assert!(
+        matches!(
+            encode(&Header::new(1, 0), msg, &mut out),
+            Err(EncodeError::Invalid { .. })
+        ),
+        "{msg:?} encoded"
+    );
+}
+
+#[test]
+fn identify_flags_are_validated() {
+    let mut s = Scratch::new();
+    let good = sample(Kind::Identify, false, &mut s);
+    let mut id = good;
+    for bit in 1..16 {
+        let bad = 1u16 << bit;
+        bad_body(
+            decode_edited(&good, |b| b[42..44].copy_from_slice(&bad.to_le_bytes())),
+            Kind::Identify,
+            "identify flag",
+        );
+        if let Msg::Identify { flags, .. } = &mut id {
+            *flags = bad | IDENTIFY_CACHING;
+        }
+        encode_invalid(&id);
+    }
+    if let Msg::Identify { flags, .. } = &mut id {
+        *flags = IDENTIFY_CACHING;
+    }
+    let f = frame_of(&Header::new(1, 0), &id);
+    assert_eq!(f[HEADER_BYTES + 42], 1);
+    assert_eq!(decode(&f).unwrap().1, id);
+}
+
+#[test]
+fn revoke_is_validated() {
+    let mut s = Scratch::new();
+    let msg = sample(Kind::Revoke, false, &mut s); // snapshot mappings, 2 ranges
+    let k = Kind::Revoke;
+    bad_body(decode_edited(&msg, |b| b[0] = 0), k, "revoke kind");
+    bad_body(decode_edited(&msg, |b| b[0] = 3), k, "revoke kind");
+    bad_body(decode_edited(&msg, |b| b[1] = 1), k, "revoke kind");
+    // Origin grants carry no ranges; snapshot mappings at least one.
+    bad_body(decode_edited(&msg, |b| b[0] = 1), k, "origin-grants");
+    let Msg::Revoke { ranges, .. } = msg else {
+        panic!("wrong sample")
+    };
+    encode_invalid(&Msg::Revoke {
+        what: RevokeWhat::OriginGrants,
+        ranges,
+    });
+    let empty = Msg::Revoke {
+        what: RevokeWhat::OriginGrants,
+        ranges: Ranges::empty(),
+    };
+    bad_body(decode_edited(&empty, |b| b[0] = 2), k, "without ranges");
+    encode_invalid(&Msg::Revoke {
+        what: RevokeWhat::SnapshotMappings,
+        ranges: Ranges::empty(),
+    });
+    // The list is validated like any range list, and must fill the body.
+    bad_body(decode_edited(&msg, |b| b[4] = 3), k, "length");
+    bad_body(
+        decode_edited(&msg, |b| b[4 + 4 + 8..4 + 4 + 12].fill(0)),
+        k,
+        "zero chunks",
+    );
+    bad_body(decode_edited(&msg, |b| b.truncate(3)), k, "length");
+    bad_body(decode_edited(&msg, |b| b.truncate(4)), k, "list");
+    assert_eq!(RevokeWhat::from_u16(1), Some(RevokeWhat::OriginGrants));
+    assert_eq!(RevokeWhat::from_u16(2), Some(RevokeWhat::SnapshotMappings));
+    assert_eq!(RevokeWhat::from_u16(0), None);
+    assert_eq!(RevokeWhat::from_u16(3), None);
+    // ReleaseLocks is a plain range list.
+    let mut s = Scratch::new();
+    let rl = sample(Kind::ReleaseLocks, false, &mut s);
+    bad_body(
+        decode_edited(&rl, |b| b[12..16].fill(0)),
+        Kind::ReleaseLocks,
+        "zero chunks",
+    );
+}
+
+#[test]
+fn enum_fields_are_validated() {
+    let mut s = Scratch::new();
+    let ns = sample(Kind::NeedServer, false, &mut s); // origin, client 77
+    let k = Kind::NeedServer;
+    bad_body(decode_edited(&ns, |b| b[20] = 3), k, "volume kind");
+    bad_body(decode_edited(&ns, |b| b[21] = 1), k, "volume kind");
+    bad_body(
+        decode_edited(&ns, |b| b[24] = 1),
+        k,
+        "tag given for the origin",
+    );
+    bad_body(
+        decode_edited(&ns, |b| {
+            b[20] = 0;
+            b[24] = 1;
+        }),
+        k,
+        "tag given without a volume",
+    );
+    // Volume none (a control tool) decodes, with any client id.
+    let tool = decode_edited(&ns, |b| b[20] = 0);
+    assert_eq!(tool, Ok(Kind::NeedServer));
+    let tool = Msg::NeedServer {
+        client_id: 0,
+        failed_incarnation: 0,
+        node_id: 1,
+        volume: None,
+    };
+    assert_eq!(
+        decode(&frame_of(&Header::new(1, 0), &tool)).unwrap().1,
+        tool
+    );
+
+    let mut s = Scratch::new();
+    let fence = sample(Kind::Fence, false, &mut s);
+    for v in [0u8, 3, 0xff] {
+        bad_body(
+            decode_edited(&fence, |b| b[0] = v),
+            Kind::Fence,
+            "fence reason",
+        );
+    }
+    bad_body(
+        decode_edited(&fence, |b| b[3] = 1),
+        Kind::Fence,
+        "fence reason",
+    );
+    assert_eq!(FenceReason::from_u32(1), Some(FenceReason::LeftCluster));
+    assert_eq!(FenceReason::from_u32(2), Some(FenceReason::ServerMoved));
+    assert_eq!(FenceReason::from_u32(0), None);
+    assert_eq!(FenceReason::from_u32(3), None);
+
+    let mut s = Scratch::new();
+    let cmd = sample(Kind::ClusterCommand, false, &mut s);
+    let k = Kind::ClusterCommand;
+    for v in [0u8, 4, 0xff] {
+        bad_body(decode_edited(&cmd, |b| b[0] = v), k, "cluster op");
+    }
+    bad_body(decode_edited(&cmd, |b| b[2] = 1), k, "cluster op");
+    for (v, op) in [
+        (1, ClusterOp::Join),
+        (2, ClusterOp::Leave),
+        (3, ClusterOp::Start),
+    ] {
+        assert_eq!(ClusterOp::from_u32(v), Some(op));
+        assert_eq!(op as u32, v);
+    }
+    assert_eq!(ClusterOp::from_u32(4), None);
+
+    let mut s = Scratch::new();
+    let st = sample(Kind::AgentState, false, &mut s);
+    for v in [2u8, 0x80, 0xff] {
+        bad_body(
+            decode_edited(&st, |b| b[4] = v),
+            Kind::AgentState,
+            "standby",
+        );
+    }
+    assert_eq!(decode_edited(&st, |b| b[4] = 1), Ok(Kind::AgentState));
+
+    // Node-status flags: bits 4..8 are undefined.
+    let mut s = Scratch::new();
+    let csr = sample(Kind::ClusterStatusReply, false, &mut s);
+    let flags_at = 16 + "/run/csnap/server.sock".len() + 4 + 4;
+    for bit in 4..8 {
+        bad_body(
+            decode_edited(&csr, |b| b[flags_at] = 1 << bit),
+            Kind::ClusterStatusReply,
+            "node-status flag",
+        );
+    }
+    assert_eq!(
+        decode_edited(&csr, |b| b[flags_at] = NodeStatus::FLAGS_ALL),
+        Ok(Kind::ClusterStatusReply)
+    );
+    let mut sb = [0u8; 64];
+    let mut b = NodeStatusListBuilder::new(&mut sb).unwrap();
+    assert!(matches!(
+        b.push(NodeStatus {
+            node: 1,
+            flags: 0x10,
+            serving_incarnation: 0
+        }),
+        Err(EncodeError::Invalid { .. })
+    ));
+    assert!(b.is_empty());
+}
+
+#[test]
+fn ids_that_must_name_something_are_validated() {
+    // (kind, body bytes to zero in the small sample, expected complaint)
+    let ns = "/run/csnap/server.sock".len();
+    let cases: [(Kind, core::ops::Range<usize>, &str); 20] = [
+        (Kind::NodeJoined, 0..4, "node id 0"),
+        (Kind::NodeLeft, 0..4, "node id 0"),
+        (Kind::ClientGone, 0..8, "client id 0"),
+        (Kind::ClientGone, 8..12, "node id 0"),
+        (Kind::Join, 0..4, "node id 0"),
+        (Kind::ClusterCommand, 4..8, "node id 0"),
+        (Kind::NeedClients, 0..8, "gather id 0"),
+        (Kind::NeedClients, 8..12, "starter node id 0"),
+        (Kind::StartHere, 0..8, "attempt 0"),
+        (Kind::ServerAddress, 0..8, "incarnation 0"),
+        (Kind::ServerUp, 0..8, "incarnation 0"),
+        (Kind::NeedServer, 0..8, "client id 0"),
+        // List entries: node list at 8 in Members, at 0 in StartServer.
+        (Kind::Members, 12..16, "node id 0"),
+        (Kind::StartServer, 4..8, "node id 0"),
+        // The client list after StartServer's three nodes, and in Clients.
+        (Kind::StartServer, 20..28, "client id 0"),
+        (Kind::StartServer, 28..32, "node id 0"),
+        (Kind::Clients, 20..28, "client id 0"),
+        (Kind::Clients, 28..32, "node id 0"),
+        // The node-status list after the address.
+        (
+            Kind::ClusterStatusReply,
+            16 + ns + 4..16 + ns + 8,
+            "node id 0",
+        ),
+        (
+            Kind::ClusterStatusReply,
+            16 + ns + 20..16 + ns + 24,
+            "node id 0",
+        ),
+    ];
+    for (kind, at, what) in cases {
+        let mut s = Scratch::new();
+        let msg = sample(kind, false, &mut s);
+        bad_body(decode_edited(&msg, |b| b[at].fill(0)), kind, what);
+    }
+    // Fields without a rule may be 0.
+    for (kind, at) in [
+        (Kind::NeedServer, 16..20),
+        (Kind::ServerAddress, 8..12),
+        (Kind::ServerReady, 0..8),
+        (Kind::Serving, 0..24),
+        (Kind::AgentState, 0..4),
+        (Kind::WantServer, 0..8),
+        (Kind::StartHere, 8..16),
+        (Kind::Clients, 0..16),
+        (Kind::ServerDown, 0..12),
+        (Kind::Members, 0..8),
+        (Kind::ClusterStatusReply, 8..12),
+    ] {
+        let mut s = Scratch::new();
+        let msg = sample(kind, false, &mut s);
+        assert_eq!(decode_edited(&msg, |b| b[at].fill(0)), Ok(kind), "{kind}");
+    }
+    // Encoding checks the same rules.
+    for bad in [
+        Msg::NodeJoined { node_id: 0 },
+        Msg::NodeLeft { node_id: 0 },
+        Msg::ClientGone {
+            client_id: 0,
+            node_id: 1,
+        },
+        Msg::ClientGone {
+            client_id: 1,
+            node_id: 0,
+        },
+        Msg::Join {
+            node_id: 0,
+            addr: "/a",
+        },
+        Msg::ClusterCommand {
+            op: ClusterOp::Leave,
+            node_id: 0,
+        },
+        Msg::NeedClients {
+            gather_id: 0,
+            starter: 1,
+        },
+        Msg::NeedClients {
+            gather_id: 1,
+            starter: 0,
+        },
+        Msg::StartHere {
+            attempt: 0,
+            former_incarnation: 1,
+        },
+        Msg::ServerAddress {
+            incarnation: 0,
+            node_id: 1,
+            addr: "/a",
+        },
+        Msg::ServerUp {
+            incarnation: 0,
+            node_id: 1,
+            addr: "/a",
+        },
+        Msg::NeedServer {
+            client_id: 0,
+            failed_incarnation: 0,
+            node_id: 1,
+            volume: Some(Volume::Origin),
+        },
+    ] {
+        encode_invalid(&bad);
+    }
+    // List builders refuse entries naming nothing.
+    let mut buf = [0u8; 64];
+    let mut b = NodeListBuilder::new(&mut buf).unwrap();
+    assert!(matches!(
+        b.push(Node { id: 0 }),
+        Err(EncodeError::Invalid { .. })
+    ));
+    assert!(b.is_empty());
+    let mut buf = [0u8; 64];
+    let mut b = ClientListBuilder::new(&mut buf).unwrap();
+    for bad in [
+        ClientEntry {
+            client_id: 0,
+            node_id: 1,
+        },
+        ClientEntry {
+            client_id: 1,
+            node_id: 0,
+        },
+    ] {
+        assert!(matches!(b.push(bad), Err(EncodeError::Invalid { .. })));
+    }
+    assert!(b.is_empty());
+    let mut buf = [0u8; 64];
+    let mut b = NodeStatusListBuilder::new(&mut buf).unwrap();
+    assert!(matches!(
+        b.push(NodeStatus {
+            node: 0,
+            flags: 0,
+            serving_incarnation: 1
+        }),
+        Err(EncodeError::Invalid { .. })
+    ));
+    assert!(b.is_empty());
+}
+
+/// The same message with another address.
+fn with_addr<'a>(msg: Msg<'a>, a: &'a str) -> Msg<'a> {
+    match msg {
+        Msg::ServerAddress {
+            incarnation,
+            node_id,
+            ..
+        } => Msg::ServerAddress {
+            incarnation,
+            node_id,
+            addr: a,
+        },
+        Msg::ServerReady { pid, node_id, .. } => Msg::ServerReady {
+            pid,
+            node_id,
+            addr: a,
+        },
+        Msg::Join { node_id, .. } => Msg::Join { node_id, addr: a },
+        Msg::ServerUp {
+            incarnation,
+            node_id,
+            ..
+        } => Msg::ServerUp {
+            incarnation,
+            node_id,
+            addr: a,
+        },
+        Msg::ClusterStatusReply {
+            server_incarnation,
+            server_node,
+            nodes,
+            ..
+        } => Msg::ClusterStatusReply {
+            server_incarnation,
+            server_node,
+            server_addr: a,
+            nodes,
+        },
+        other => panic!("{other} has no address"),
+    }
+}
+
+#[test]
+fn addresses_are_bounded_non_empty_utf8() {
+    // (kind, offset of addr_len, offset of the address) in the body.
+    let cases = [
+        (Kind::ServerAddress, 14, 16),
+        (Kind::ServerReady, 10, 12),
+        (Kind::Join, 6, 8),
+        (Kind::ServerUp, 14, 16),
+        (Kind::ClusterStatusReply, 14, 16),
+    ];
+    let long = "a".repeat(ADDR_MAX_BYTES + 1);
+    for (kind, len_off, at) in cases {
+        let mut s = Scratch::new();
+        let msg = sample(kind, false, &mut s);
+        let body_len = msg.body_bytes();
+        let Some(addr) = (match msg {
+            Msg::ServerAddress { addr, .. }
+            | Msg::ServerReady { addr, .. }
+            | Msg::Join { addr, .. }
+            | Msg::ServerUp { addr, .. }
+            | Msg::ClusterStatusReply {
+                server_addr: addr, ..
+            } => Some(addr),
+            _ => None,
+        }) else {
+            panic!("{kind} has no address")
+        };
+        let n = addr.len();
+        assert!(n >= 2);
+        // Replaces the address bytes, keeping what follows (a list).
+        let set_addr = |b: &mut Vec<u8>, new: &[u8], len: u16| {
+            let tail = b.split_off(at + n);
+            b.truncate(at);
+            b.extend_from_slice(new);
+            b.extend_from_slice(&tail);
+            b[len_off..len_off + 2].copy_from_slice(&len.to_le_bytes());
+        };
+        // addr_len past the end of the body.
+        let past = u16::try_from(body_len - at + 1).unwrap();
+        bad_body(
+            decode_edited(&msg, |b| {
+                b[len_off..len_off + 2].copy_from_slice(&past.to_le_bytes())
+            }),
+            kind,
+            "runs past the body",
+        );
+        // addr_len over ADDR_MAX_BYTES, with the bytes there.
+        bad_body(
+            decode_edited(&msg, |b| set_addr(b, long.as_bytes(), 201)),
+            kind,
+            "ADDR_MAX_BYTES",
+        );
+        bad_body(
+            decode_edited(&msg, |b| {
+                b[len_off..len_off + 2].copy_from_slice(&u16::MAX.to_le_bytes())
+            }),
+            kind,
+            "ADDR_MAX_BYTES",
+        );
+        // Exactly ADDR_MAX_BYTES is fine.
+        assert_eq!(
+            decode_edited(&msg, |b| set_addr(b, LONG_ADDR.as_bytes(), 200)),
+            Ok(kind)
+        );
+        // Not UTF-8: a stray continuation byte, a cut multi-byte character.
+        bad_body(decode_edited(&msg, |b| b[at] = 0x80), kind, "UTF-8");
+        bad_body(decode_edited(&msg, |b| b[at + n - 1] = 0xc3), kind, "UTF-8");
+        bad_body(
+            decode_edited(&msg, |b| set_addr(b, &LONG_ADDR.as_bytes()[..27], 27)),
+            kind,
+            "UTF-8",
+        );
+        // Empty.
+        bad_body(
+            decode_edited(&msg, |b| set_addr(b, &[], 0)),
+            kind,
+            "empty address",
+        );
+        // Encoding refuses the same.
+        encode_invalid(&with_addr(msg, &long));
+        encode_invalid(&with_addr(msg, ""));
+        let f = frame_of(&Header::new(1, 0), &with_addr(msg, LONG_ADDR));
+        assert_eq!(decode(&f).unwrap().1, with_addr(msg, LONG_ADDR));
+    }
+    // The cluster status may have no address when no server serves.
+    let none = Msg::ClusterStatusReply {
+        server_incarnation: 0,
+        server_node: 0,
+        server_addr: "",
+        nodes: NodeStatusList::empty(),
+    };
+    let f = frame_of(&Header::new(1, 0), &none);
+    assert_eq!(f.len(), HEADER_BYTES + 16 + 4);
+    assert_eq!(decode(&f).unwrap().1, none);
+}
+
+#[test]
+fn list_bodies_must_match_their_counts() {
+    // (kind, offset of a list count in the small sample body)
+    let ns = "/run/csnap/server.sock".len();
+    let cases = [
+        (Kind::Members, 8),
+        (Kind::Clients, 16),
+        (Kind::StartServer, 16),
+        (Kind::ClusterStatusReply, 16 + ns),
+        (Kind::Revoke, 4),
+        (Kind::ReleaseLocks, 0),
+    ];
+    for (kind, at) in cases {
+        let mut s = Scratch::new();
+        let msg = sample(kind, false, &mut s);
+        for delta in [1u8, 0xff] {
+            bad_body(
+                decode_edited(&msg, |b| b[at] = b[at].wrapping_add(delta)),
+                kind,
+                "length",
+            );
+        }
+        // A count over the maximum.
+        bad_body(decode_edited(&msg, |b| b[at + 1] = 0x80), kind, "maximum");
+    }
+    // StartServer: the node count decides where the client list starts.
+    let mut s = Scratch::new();
+    let msg = sample(Kind::StartServer, false, &mut s);
+    for count in [0u8, 1, 2, 4, 5, 0xff] {
+        assert!(
+            decode_edited(&msg, |b| b[0] = count).is_err(),
+            "node count {count}"
+        );
+    }
+    bad_body(
+        decode_edited(&msg, |b| b.truncate(3)),
+        Kind::StartServer,
+        "list",
+    );
+    bad_body(
+        decode_edited(&msg, |b| b.truncate(16)),
+        Kind::StartServer,
+        "list",
+    );
+    bad_body(
+        decode_edited(&msg, |b| b.truncate(18)),
+        Kind::StartServer,
+        "list",
+    );
+    // Fixed parts shorter than their minimum.
+    for (kind, fixed) in [
+        (Kind::Members, 8),
+        (Kind::Clients, 16),
+        (Kind::ClusterStatusReply, 16),
+        (Kind::ServerAddress, 16),
+        (Kind::ServerReady, 12),
+        (Kind::Join, 8),
+        (Kind::ServerUp, 16),
+    ] {
+        let mut s = Scratch::new();
+        let msg = sample(kind, false, &mut s);
+        for n in 0..fixed {
+            assert!(
+                matches!(
+                    decode_edited(&msg, |b| b.truncate(n)),
+                    Err(DecodeError::BadBody { .. })
+                ),
+                "{kind} cut to {n}"
+            );
+        }
+    }
+}
+
+#[test]
+fn new_lists_are_bounded() {
+    let mut nb = [0u8; NODE_LIST_BYTES_MAX + 64];
+    let mut b = NodeListBuilder::new(&mut nb).unwrap();
+    for i in 1..=u32::try_from(NODES_MAX).unwrap() {
+        b.push(Node { id: i }).unwrap();
+    }
+    assert_eq!(b.remaining(), 0);
+    assert_eq!(
+        b.push(Node { id: 1 }),
+        Err(EncodeError::ListFull { max: NODES_MAX })
+    );
+    assert_eq!(b.finish().as_bytes().len(), NODE_LIST_BYTES_MAX);
+
+    let mut cb = vec![0u8; CLIENT_LIST_BYTES_MAX + 64];
+    let mut b = ClientListBuilder::new(&mut cb).unwrap();
+    for i in 1..=CLIENT_ENTRIES_MAX as u64 {
+        b.push(ClientEntry {
+            client_id: i,
+            node_id: 1,
+        })
+        .unwrap();
+    }
+    assert_eq!(
+        b.push(ClientEntry {
+            client_id: 1,
+            node_id: 1
+        }),
+        Err(EncodeError::ListFull {
+            max: CLIENT_ENTRIES_MAX
+        })
+    );
+    let l = b.finish();
+    assert_eq!(l.as_bytes().len(), CLIENT_LIST_BYTES_MAX);
+    assert_eq!(
+        l.get(CLIENT_ENTRIES_MAX - 1).map(|c| c.client_id),
+        Some(1024)
+    );
+    assert_eq!(ClientList::parse(l.as_bytes()), Ok(l));
+
+    let mut sb = [0u8; NODE_STATUS_LIST_BYTES_MAX + 64];
+    let mut b = NodeStatusListBuilder::new(&mut sb).unwrap();
+    for i in 1..=u32::try_from(NODES_MAX).unwrap() {
+        b.push(NodeStatus {
+            node: i,
+            flags: 0,
+            serving_incarnation: 0,
+        })
+        .unwrap();
+    }
+    assert!(b
+        .push(NodeStatus {
+            node: 1,
+            flags: 0,
+            serving_incarnation: 0
+        })
+        .is_err());
+    assert_eq!(b.finish().as_bytes().len(), NODE_STATUS_LIST_BYTES_MAX);
+
+    // A count over the maximum with a matching length is still rejected.
+    let n = NODES_MAX + 1;
+    let mut body = Vec::new();
+    body.extend_from_slice(&7u64.to_le_bytes()); // epoch
+    body.extend_from_slice(&u16::try_from(n).unwrap().to_le_bytes());
+    body.extend_from_slice(&[0, 0]);
+    for i in 1..=u32::try_from(n).unwrap() {
+        body.extend_from_slice(&i.to_le_bytes());
+    }
+    let mut s = Scratch::new();
+    let msg = sample(Kind::Members, false, &mut s);
+    bad_body(
+        decode_edited(&msg, |b| *b = body.clone()),
+        Kind::Members,
+        "maximum",
+    );
+    assert!(NodeList::parse(&[1, 0, 0, 0, 0, 0, 0, 0]).is_err());
+    assert_eq!(NodeList::parse(&[0, 0, 0, 0]), Ok(NodeList::empty()));
+    assert_eq!(
+        NodeList::parse(&[1, 0, 0, 0, 9, 0, 0, 0]).map(|l| l.get(0)),
+        Ok(Some(Node { id: 9 }))
+    );
 }

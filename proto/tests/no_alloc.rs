@@ -104,6 +104,43 @@ fn protocol_paths_do_not_allocate() {
     )
     .unwrap();
     assert_eq!(r.iter().count(), 1);
+    let mut nb = [0u8; NODE_LIST_BYTES_MAX];
+    let nodes = NodeList::from_entries(&[Node { id: 1 }, Node { id: 2 }], &mut nb).unwrap();
+    let mut cb = [0u8; CLIENT_LIST_BYTES_MAX];
+    let mut b = ClientListBuilder::new(&mut cb).unwrap();
+    b.push(ClientEntry {
+        client_id: 1,
+        node_id: 2,
+    })
+    .unwrap();
+    let clients = b.finish();
+    let mut sb = [0u8; NODE_STATUS_LIST_BYTES_MAX];
+    let statuses = NodeStatusList::from_entries(
+        &[NodeStatus {
+            node: 1,
+            flags: NodeStatus::SERVING,
+            serving_incarnation: 3,
+        }],
+        &mut sb,
+    )
+    .unwrap();
+    for msg in [
+        Msg::StartServer {
+            members: nodes,
+            expected: clients,
+        },
+        Msg::ClusterStatusReply {
+            server_incarnation: 3,
+            server_node: 1,
+            server_addr: "/run/csnap/server.sock",
+            nodes: statuses,
+        },
+    ] {
+        let n = encode(&Header::new(1, 0), &msg, &mut out).unwrap();
+        assert_eq!(decode(&out[..n]).unwrap().1, msg);
+    }
+    assert_eq!(nodes.iter().count() + clients.iter().count(), 3);
+    assert!(statuses.iter().all(|s| s.serving()));
     let used = allocs() - start;
     assert_eq!(used, 0, "{used} allocations on protocol paths");
     assert!(frames > Kind::ALL.len());

@@ -433,6 +433,7 @@ fn handshake(w: &mut Wire, client_id: u64, volume: Volume) -> Result<(), String>
             origin_uuid: ORIGIN_UUID,
             volume_size_bytes: 0,
             chunk_size_bytes: 0,
+            flags: 0,
         },
     )?;
     if !matches!(decode(&w.rx), Ok((_, Msg::IdentifyOk { .. }))) {

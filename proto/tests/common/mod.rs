@@ -10,6 +10,9 @@ pub struct Scratch {
     pub ranges: [u8; RANGES_BYTES_MAX],
     pub targets: [u8; TARGETS_BYTES_MAX],
     pub snaps: [u8; SNAP_LIST_BYTES_MAX],
+    pub nodes: [u8; NODE_LIST_BYTES_MAX],
+    pub clients: [u8; CLIENT_LIST_BYTES_MAX],
+    pub statuses: [u8; NODE_STATUS_LIST_BYTES_MAX],
 }
 
 impl Scratch {
@@ -18,6 +21,9 @@ impl Scratch {
             ranges: [0; RANGES_BYTES_MAX],
             targets: [0; TARGETS_BYTES_MAX],
             snaps: [0; SNAP_LIST_BYTES_MAX],
+            nodes: [0; NODE_LIST_BYTES_MAX],
+            clients: [0; CLIENT_LIST_BYTES_MAX],
+            statuses: [0; NODE_STATUS_LIST_BYTES_MAX],
         }
     }
 }
@@ -27,6 +33,46 @@ pub const LONG_TEXT: &str = "é—ü snapshot store full: every snapshot has pri
 no snapshot can be chosen for deletion; origin write refused until space is freed or a \
 priority is lowered. ☃ end.......................";
 
+/// 200 bytes of UTF-8 (`ADDR_MAX_BYTES`) with multi-byte characters: the
+/// longest address.
+pub const LONG_ADDR: &str = concat!(
+    "/run/csnap/agents/nœud-3/€/",
+    "xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx",
+    "xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx",
+    "/server.sock"
+);
+
+/// The nodes of a sample node list: `n` of them, extreme ids when `big`.
+fn node_list(big: bool, buf: &mut [u8]) -> NodeList<'_> {
+    let mut b = NodeListBuilder::new(buf).unwrap();
+    let n = if big { NODES_MAX } else { 3 };
+    for i in 0..u32::try_from(n).unwrap() {
+        b.push(Node {
+            id: if big { u32::MAX - i } else { i + 1 },
+        })
+        .unwrap();
+    }
+    b.finish()
+}
+
+/// A sample client list: full and extreme when `big`.
+fn client_list(big: bool, buf: &mut [u8]) -> ClientList<'_> {
+    let mut b = ClientListBuilder::new(buf).unwrap();
+    let n = if big { CLIENT_ENTRIES_MAX } else { 2 };
+    for i in 0..n as u64 {
+        b.push(ClientEntry {
+            client_id: if big { u64::MAX - i } else { 77 + i },
+            node_id: if big && i == 0 {
+                u32::MAX
+            } else {
+                u32::try_from(i % 7).unwrap() + 1
+            },
+        })
+        .unwrap();
+    }
+    b.finish()
+}
+
 /// A sample message of `kind`. `big` fills lists to their maxima and uses
 /// extreme field values; otherwise a small typical message.
 pub fn sample(kind: Kind, big: bool, s: &mut Scratch) -> Msg<'_> {
@@ -34,6 +80,9 @@ pub fn sample(kind: Kind, big: bool, s: &mut Scratch) -> Msg<'_> {
         ranges,
         targets,
         snaps,
+        nodes,
+        clients,
+        statuses,
     } = s;
     match kind {
         Kind::Hello => Msg::Hello {
@@ -56,6 +105,7 @@ pub fn sample(kind: Kind, big: bool, s: &mut Scratch) -> Msg<'_> {
             origin_uuid: core::array::from_fn(|i| u8::try_from(i * 17 % 256).unwrap_or(0)),
             volume_size_bytes: if big { u64::MAX } else { 1 << 30 },
             chunk_size_bytes: if big { u32::MAX } else { 16384 },
+            flags: if big { IDENTIFY_CACHING } else { 0 },
         },
         Kind::IdentifyOk => Msg::IdentifyOk {
             chunk_size_bytes: 16384,
@@ -67,7 +117,9 @@ pub fn sample(kind: Kind, big: bool, s: &mut Scratch) -> Msg<'_> {
         | Kind::FinishSnapshotRead
         | Kind::UploadLocks
         | Kind::QuerySnapshotRead
-        | Kind::QuerySnapshotWrite => {
+        | Kind::QuerySnapshotWrite
+        | Kind::Revoke
+        | Kind::ReleaseLocks => {
             let query = matches!(kind, Kind::QuerySnapshotRead | Kind::QuerySnapshotWrite);
             let mut b = RangesBuilder::new(ranges).unwrap();
             if big {
@@ -106,6 +158,11 @@ pub fn sample(kind: Kind, big: bool, s: &mut Scratch) -> Msg<'_> {
                 Kind::FinishSnapshotRead => Msg::FinishSnapshotRead(r),
                 Kind::UploadLocks => Msg::UploadLocks(r),
                 Kind::QuerySnapshotRead => Msg::QuerySnapshotRead(r),
+                Kind::Revoke => Msg::Revoke {
+                    what: RevokeWhat::SnapshotMappings,
+                    ranges: r,
+                },
+                Kind::ReleaseLocks => Msg::ReleaseLocks(r),
                 _ => Msg::QuerySnapshotWrite(r),
             }
         }
@@ -217,5 +274,131 @@ pub fn sample(kind: Kind, big: bool, s: &mut Scratch) -> Msg<'_> {
             },
             text: if big { LONG_TEXT } else { "no snapshot 4" },
         },
+        Kind::RevokeDone => Msg::RevokeDone,
+        Kind::NeedServer => Msg::NeedServer {
+            client_id: if big { u64::MAX } else { 77 },
+            failed_incarnation: if big { u64::MAX } else { 0 },
+            node_id: if big { u32::MAX } else { 3 },
+            volume: Some(if big {
+                Volume::Snapshot(u32::MAX)
+            } else {
+                Volume::Origin
+            }),
+        },
+        Kind::ServerAddress => Msg::ServerAddress {
+            incarnation: if big { u64::MAX } else { 5 },
+            node_id: if big { u32::MAX } else { 2 },
+            addr: if big {
+                LONG_ADDR
+            } else {
+                "/run/csnap/server.sock"
+            },
+        },
+        Kind::ServerReady => Msg::ServerReady {
+            pid: if big { u32::MAX } else { 4242 },
+            node_id: if big { u32::MAX } else { 2 },
+            addr: if big { LONG_ADDR } else { "10.0.0.2:7070" },
+        },
+        Kind::StartServer => Msg::StartServer {
+            members: node_list(big, nodes),
+            expected: client_list(big, clients),
+        },
+        Kind::Serving => Msg::Serving {
+            incarnation: if big { u64::MAX } else { 5 },
+            start_micros: if big { u64::MAX } else { 812 },
+            replayed_commits: if big { u64::MAX } else { 3 },
+        },
+        Kind::NodeJoined => Msg::NodeJoined {
+            node_id: if big { u32::MAX } else { 2 },
+        },
+        Kind::NodeLeft => Msg::NodeLeft {
+            node_id: if big { u32::MAX } else { 3 },
+        },
+        Kind::ClientGone => Msg::ClientGone {
+            client_id: if big { u64::MAX } else { 77 },
+            node_id: if big { u32::MAX } else { 1 },
+        },
+        Kind::Join => Msg::Join {
+            node_id: if big { u32::MAX } else { 1 },
+            addr: if big {
+                LONG_ADDR
+            } else {
+                "/run/csnap/agent.sock"
+            },
+        },
+        Kind::Members => Msg::Members {
+            epoch: if big { u64::MAX } else { 7 },
+            members: node_list(big, nodes),
+        },
+        Kind::AgentState => Msg::AgentState {
+            node_id: if big { u32::MAX } else { 2 },
+            standby_ready: big,
+            serving_incarnation: if big { u64::MAX } else { 0 },
+            died_incarnation: if big { u64::MAX } else { 4 },
+        },
+        Kind::WantServer => Msg::WantServer {
+            failed_incarnation: if big { u64::MAX } else { 4 },
+        },
+        Kind::StartHere => Msg::StartHere {
+            attempt: if big { u64::MAX } else { 1 },
+            former_incarnation: if big { u64::MAX } else { 4 },
+        },
+        Kind::NeedClients => Msg::NeedClients {
+            gather_id: if big { u64::MAX } else { 9 },
+            starter: if big { u32::MAX } else { 2 },
+        },
+        Kind::Clients => Msg::Clients {
+            gather_id: if big { u64::MAX } else { 9 },
+            from: if big { u32::MAX } else { 3 },
+            to: if big { u32::MAX - 1 } else { 2 },
+            clients: client_list(big, clients),
+        },
+        Kind::ServerUp => Msg::ServerUp {
+            incarnation: if big { u64::MAX } else { 6 },
+            node_id: if big { u32::MAX } else { 3 },
+            addr: if big { LONG_ADDR } else { "10.0.0.3:7070" },
+        },
+        Kind::ServerDown => Msg::ServerDown {
+            incarnation: if big { u64::MAX } else { 5 },
+            node_id: if big { u32::MAX } else { 2 },
+        },
+        Kind::Fence => Msg::Fence {
+            reason: if big {
+                FenceReason::ServerMoved
+            } else {
+                FenceReason::LeftCluster
+            },
+        },
+        Kind::ClusterCommand => Msg::ClusterCommand {
+            op: if big {
+                ClusterOp::Start
+            } else {
+                ClusterOp::Join
+            },
+            node_id: if big { u32::MAX } else { 2 },
+        },
+        Kind::ClusterStatus => Msg::ClusterStatus,
+        Kind::ClusterStatusReply => {
+            let mut b = NodeStatusListBuilder::new(statuses).unwrap();
+            let n = if big { NODES_MAX } else { 2 };
+            for i in 0..u32::try_from(n).unwrap() {
+                b.push(NodeStatus {
+                    node: if big { u32::MAX - i } else { i + 1 },
+                    flags: u8::try_from(i % 16).unwrap(),
+                    serving_incarnation: if big { u64::MAX - u64::from(i) } else { 0 },
+                })
+                .unwrap();
+            }
+            Msg::ClusterStatusReply {
+                server_incarnation: if big { u64::MAX } else { 5 },
+                server_node: if big { u32::MAX } else { 2 },
+                server_addr: if big {
+                    LONG_ADDR
+                } else {
+                    "/run/csnap/server.sock"
+                },
+                nodes: b.finish(),
+            }
+        }
     }
 }
