@@ -177,3 +177,74 @@ const_assert!(READ_LOCKS_DEFAULT >= REQUESTS_PER_CLIENT_DEFAULT * CHUNKS_PER_REQ
 // The stack budget must fit a default 2 MiB thread stack.
 const_assert!(THREAD_STACK_BUDGET_BYTES < 2 * 1024 * 1024);
 const_assert!(START_LIST_MAX <= CLIENTS_MAX);
+
+// ---------------------------------------------------------------------------
+// NBD export: one session per NBD connection (`csnap-fsm::nbd`).
+// ---------------------------------------------------------------------------
+
+/// Largest `NBD_CMD_READ` or `NBD_CMD_WRITE` payload an NBD session accepts:
+/// the ceiling of the configured payload limit, which is advertised as the
+/// maximum block size. 32 MiB (2^25) is what the NBD protocol tells clients
+/// to stay within when no limit was advertised, and what qemu and the kernel
+/// send at most. Memory: the I/O driver's payload buffers, not the session.
+pub const NBD_PAYLOAD_MAX_BYTES: u32 = 32 << 20;
+
+/// Longest export name an NBD session handles. 256 bytes is the protocol's
+/// recommended bound for strings (4096 is its hard one); csnap names its
+/// exports itself and keeps them far shorter. A client naming a longer export
+/// gets `NBD_REP_ERR_UNKNOWN` (or a close, for `NBD_OPT_EXPORT_NAME`).
+/// Memory: one name copy per session.
+pub const NBD_EXPORT_NAME_MAX_BYTES: usize = 256;
+
+/// Option data an NBD session reads into its receive scratch (the data of
+/// `NBD_OPT_EXPORT_NAME`, `NBD_OPT_INFO` and `NBD_OPT_GO`). Longer `INFO` and
+/// `GO` data is skipped and answered `NBD_REP_ERR_TOO_BIG`. Memory: the
+/// receive scratch of each session.
+pub const NBD_OPTION_DATA_MAX_BYTES: usize = 4096;
+
+/// Option data an NBD session skips (options it refuses, or data too long to
+/// read). A longer option is taken as a denial-of-service attempt, which the
+/// protocol allows the server to answer with a hard disconnect.
+pub const NBD_OPTION_SKIP_MAX_BYTES: u32 = 1 << 20;
+
+/// Payload of a rejected `NBD_CMD_WRITE` that an NBD session skips (so that
+/// the client gets its error and the stream stays in sync). A longer write
+/// closes the connection: the protocol lets the server treat payloads of
+/// 2^25 bytes and more as a denial-of-service attack.
+pub const NBD_WRITE_SKIP_MAX_BYTES: u32 = 64 << 20;
+
+/// Bytes of the handshake-phase reply a session queues for one option, list
+/// entries (`NBD_REP_SERVER`) aside: room the session needs free in its
+/// transmit buffer before it reads the next option.
+pub const NBD_OPTION_REPLY_MAX_BYTES: usize = 256;
+
+/// Transmit buffer of an NBD session (handshake greeting and option replies;
+/// transmission-phase replies are the driver's). Memory: one per session.
+pub const NBD_TRANSMIT_BUFFER_BYTES: usize = 4096;
+
+const_assert!(NBD_PAYLOAD_MAX_BYTES.is_power_of_two());
+// A payload limit below 4 KiB would refuse ordinary 4 KiB I/O.
+const_assert!(NBD_PAYLOAD_MAX_BYTES as usize >= BLOCK_SIZE_BYTES);
+// An `INFO`/`GO` request naming the longest export with 64 information
+// requests (u32 name length, name, u16 count, u16 each) fits the scratch.
+const_assert!(4 + NBD_EXPORT_NAME_MAX_BYTES + 2 + 2 * 64 <= NBD_OPTION_DATA_MAX_BYTES);
+// `NBD_OPT_EXPORT_NAME` data is the bare name.
+const_assert!(NBD_EXPORT_NAME_MAX_BYTES <= NBD_OPTION_DATA_MAX_BYTES);
+// The protocol's string limit: longer names are never valid.
+const_assert!(NBD_EXPORT_NAME_MAX_BYTES <= 4096);
+// Data the scratch holds is never refused as too long to skip.
+const_assert!(NBD_OPTION_SKIP_MAX_BYTES as usize >= NBD_OPTION_DATA_MAX_BYTES);
+// Every write the session could accept is skippable when rejected, and no
+// write below the protocol's 2^25-byte denial-of-service line closes.
+const_assert!(NBD_WRITE_SKIP_MAX_BYTES >= NBD_PAYLOAD_MAX_BYTES);
+const_assert!(NBD_WRITE_SKIP_MAX_BYTES >= 1 << 25);
+// The largest single reply is the `NBD_OPT_EXPORT_NAME` reply with its 124
+// zero bytes: size (8), transmission flags (2), zeroes (124).
+const_assert!(NBD_OPTION_REPLY_MAX_BYTES >= 8 + 2 + 124);
+// The greeting (18 bytes) and one option's reply fit at once, and so do one
+// list entry of the longest name (20-byte reply header, u32 length, name) and
+// the room kept for the reply that ends the list.
+const_assert!(NBD_TRANSMIT_BUFFER_BYTES >= 18 + NBD_OPTION_REPLY_MAX_BYTES);
+const_assert!(
+    NBD_TRANSMIT_BUFFER_BYTES >= 20 + 4 + NBD_EXPORT_NAME_MAX_BYTES + NBD_OPTION_REPLY_MAX_BYTES
+);
