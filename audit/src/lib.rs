@@ -53,6 +53,17 @@ const fn exit_path(name: &'static str, nr: i64, why: &'static str) -> Rule {
     }
 }
 
+/// A rule only a standby started by an agent (`--agent`) uses; the
+/// stdin-started standby of the audit test does not reach it.
+const fn agent_rule(name: &'static str, nr: i64, why: &'static str) -> Rule {
+    Rule {
+        name,
+        nr,
+        why,
+        exercised: false,
+    }
+}
+
 /// Thread kinds of the server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum ThreadKind {
@@ -115,6 +126,11 @@ pub const STANDBY_EXTRA_NETWORK: &[Rule] = &[
         libc::SYS_prctl,
         "PR_SET_NO_NEW_PRIVS before the serving table (seccompiler sets it again)",
     ),
+    agent_rule(
+        "ioctl",
+        libc::SYS_ioctl,
+        "FIONBIO: the link to the node's agent turns non-blocking for the serving loop",
+    ),
 ];
 
 /// The standby filter of the main thread: its serving table plus
@@ -164,6 +180,111 @@ pub const SERVING_STORE: &[Rule] = &[
     ),
 ];
 
+/// The agent (`csnap agent`), single-threaded, once its pools exist: the
+/// whole failover path on the agent's side (taking a start from the bus,
+/// gathering the expected clients, starting its standby, announcing the new
+/// server, answering its clients) runs under this table.
+pub const AGENT: &[Rule] = &[
+    rule(
+        "epoll_wait",
+        libc::SYS_epoll_wait,
+        "mio Poll::poll: the event loop's wait (with the next deadline as timeout)",
+    ),
+    rule(
+        "accept4",
+        libc::SYS_accept4,
+        "a client, tool or server connecting to the agent's socket",
+    ),
+    rule(
+        "epoll_ctl",
+        libc::SYS_epoll_ctl,
+        "mio register/deregister of connections and of the bus link",
+    ),
+    rule(
+        "recvfrom",
+        libc::SYS_recvfrom,
+        "reading frames from connections and the bus",
+    ),
+    rule(
+        "sendto",
+        libc::SYS_sendto,
+        "writing frames to connections and the bus",
+    ),
+    rule(
+        "close",
+        libc::SYS_close,
+        "dropping a closed connection or a broken bus link",
+    ),
+    rule(
+        "write",
+        libc::SYS_write,
+        "`spawn` on the spawner's pipe (a new standby), and stderr event lines",
+    ),
+    rule(
+        "socket",
+        libc::SYS_socket,
+        "re-making the bus link to the membership backend after it broke",
+    ),
+    rule(
+        "connect",
+        libc::SYS_connect,
+        "re-making the bus link to the membership backend after it broke",
+    ),
+    rule(
+        "ioctl",
+        libc::SYS_ioctl,
+        "FIONBIO: a re-made bus link is set non-blocking (std set_nonblocking)",
+    ),
+    exit_path(
+        "exit_group",
+        libc::SYS_exit_group,
+        "process exit when the loop fails, and the SIGSYS reporter's exit",
+    ),
+    exit_path(
+        "rt_sigreturn",
+        libc::SYS_rt_sigreturn,
+        "return from a signal handler; the only handler (SIGSYS) exits instead",
+    ),
+];
+
+/// The cluster controller of the `local` backend (`csnap cluster run`),
+/// single-threaded, once its pools exist.
+pub const CONTROLLER: &[Rule] = &[
+    rule(
+        "epoll_wait",
+        libc::SYS_epoll_wait,
+        "mio Poll::poll: the event loop's wait (start timeouts as its timeout)",
+    ),
+    rule(
+        "accept4",
+        libc::SYS_accept4,
+        "an agent or a `csnap cluster` command connecting",
+    ),
+    rule(
+        "epoll_ctl",
+        libc::SYS_epoll_ctl,
+        "mio register/deregister of connections",
+    ),
+    rule("recvfrom", libc::SYS_recvfrom, "reading frames"),
+    rule("sendto", libc::SYS_sendto, "writing frames"),
+    rule("close", libc::SYS_close, "dropping a closed connection"),
+    rule(
+        "write",
+        libc::SYS_write,
+        "stderr event lines (joins, placements, servers up and down)",
+    ),
+    exit_path(
+        "exit_group",
+        libc::SYS_exit_group,
+        "process exit when the loop fails, and the SIGSYS reporter's exit",
+    ),
+    exit_path(
+        "rt_sigreturn",
+        libc::SYS_rt_sigreturn,
+        "return from a signal handler; the only handler (SIGSYS) exits instead",
+    ),
+];
+
 /// The table of a thread kind in the serving phase.
 pub fn serving(kind: ThreadKind) -> &'static [Rule] {
     match kind {
@@ -184,7 +305,7 @@ mod tests {
     #[test]
     fn tables_have_no_duplicates_and_every_rule_says_why() {
         let standby = standby_network();
-        for t in [SERVING_NETWORK, SERVING_STORE, &standby] {
+        for t in [SERVING_NETWORK, SERVING_STORE, &standby, AGENT, CONTROLLER] {
             for (i, r) in t.iter().enumerate() {
                 assert!(r.why.len() > 10, "{} needs a reason", r.name);
                 assert!(

@@ -6,11 +6,20 @@
 //! - `write OFF PATH`: write the contents of file PATH at byte OFF;
 //! - `read OFF LEN PATH`: read LEN bytes at OFF into file PATH;
 //! - `flush`;
+//! - `hold OFF LEN` (snapshot volumes): ask where the range is and take the
+//!   read locks of its origin chunks, without reading or releasing them
+//!   (what a slow read looks like to the server); `unhold` releases them;
 //! - `quit` (or end of input).
+//!
+//! With `--agent`, the client finds its server through its node's agent and
+//! rides out failovers; while idle it checks its connection every 10 ms,
+//! so a held lock is re-uploaded to a new server without waiting for I/O.
 
 use std::io::BufRead;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::mpsc;
+use std::time::Duration;
 
 use clap::Args;
 use csnap_io::client::VolumeClient;
@@ -21,9 +30,21 @@ use crate::{error, output, EXIT_FAILED, EXIT_USAGE};
 
 #[derive(Debug, Args)]
 pub struct IoArgs {
-    /// Server address.
-    #[arg(long, value_name = "ADDR")]
-    server: String,
+    /// Server address (no failover).
+    #[arg(
+        long,
+        value_name = "ADDR",
+        required_unless_present = "agent",
+        conflicts_with = "agent"
+    )]
+    server: Option<String>,
+    /// The node's agent socket (the server is found through it, failovers
+    /// are ridden out).
+    #[arg(long, value_name = "PATH")]
+    agent: Option<PathBuf>,
+    /// With --agent: how long one failover may take before I/O fails.
+    #[arg(long, value_name = "MS", default_value_t = csnap_pools::CLIENT_FAILOVER_TIMEOUT_DEFAULT_MS)]
+    failover_timeout_ms: u64,
     /// Origin device.
     #[arg(long, value_name = "PATH")]
     origin: PathBuf,
@@ -41,7 +62,11 @@ pub struct IoArgs {
     node_id: u32,
 }
 
-fn command(v: &mut VolumeClient, line: &str) -> Result<String, String> {
+fn command(
+    v: &mut VolumeClient,
+    held: &mut Vec<csnap_proto::Range>,
+    line: &str,
+) -> Result<String, String> {
     let w: Vec<&str> = line.split_whitespace().collect();
     let num = |s: &str| s.parse::<u64>().map_err(|_| format!("bad number {s:?}"));
     match w.as_slice() {
@@ -61,18 +86,25 @@ fn command(v: &mut VolumeClient, line: &str) -> Result<String, String> {
             v.flush().map_err(|e| e.to_string())?;
             Ok("ok".into())
         }
+        ["hold", off, len] => {
+            let len = usize::try_from(num(len)?).map_err(|e| e.to_string())?;
+            let got = v.hold_read(num(off)?, len).map_err(|e| e.to_string())?;
+            let n: u64 = got.iter().map(|r| u64::from(r.chunks)).sum();
+            held.extend(got);
+            Ok(format!("ok held {n}"))
+        }
+        ["unhold"] => {
+            let n: u64 = held.iter().map(|r| u64::from(r.chunks)).sum();
+            for r in held.drain(..) {
+                v.release_held(r).map_err(|e| e.to_string())?;
+            }
+            Ok(format!("ok released {n}"))
+        }
         _ => Err(format!("unknown command {line:?}")),
     }
 }
 
 pub fn run(args: &IoArgs) -> ExitCode {
-    let addr = match Addr::parse(&args.server) {
-        Ok(a) => a,
-        Err(e) => {
-            error(&e);
-            return ExitCode::from(EXIT_USAGE);
-        }
-    };
     let volume = if args.volume == "origin" {
         Volume::Origin
     } else {
@@ -87,14 +119,39 @@ pub fn run(args: &IoArgs) -> ExitCode {
             }
         }
     };
-    let mut v = match VolumeClient::open(
-        &addr,
-        &args.origin,
-        &args.store,
-        volume,
-        args.client_id,
-        args.node_id,
-    ) {
+    let opened = match (&args.server, &args.agent) {
+        (Some(server), _) => {
+            let addr = match Addr::parse(server) {
+                Ok(a) => a,
+                Err(e) => {
+                    error(&e);
+                    return ExitCode::from(EXIT_USAGE);
+                }
+            };
+            VolumeClient::open(
+                &addr,
+                &args.origin,
+                &args.store,
+                volume,
+                args.client_id,
+                args.node_id,
+            )
+        }
+        (None, Some(agent)) => VolumeClient::open_via_agent(
+            agent,
+            &args.origin,
+            &args.store,
+            volume,
+            args.client_id,
+            args.node_id,
+            Duration::from_millis(args.failover_timeout_ms),
+        ),
+        (None, None) => {
+            error("give --server or --agent");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let mut v = match opened {
         Ok(v) => v,
         Err(e) => {
             error(&format!("cannot attach: {e}"));
@@ -104,8 +161,30 @@ pub fn run(args: &IoArgs) -> ExitCode {
     if !output(&format!("ready {}\n", v.size_bytes())) {
         return ExitCode::from(EXIT_FAILED);
     }
-    for line in std::io::stdin().lock().lines() {
-        let Ok(line) = line else { break };
+    let (tx, rx) = mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in std::io::stdin().lock().lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let idle_checks = args.agent.is_some();
+    let mut held = Vec::new();
+    loop {
+        let line = match rx.recv_timeout(Duration::from_millis(10)) {
+            Ok(l) => l,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                if idle_checks {
+                    if let Err(e) = v.poll_idle() {
+                        error(&format!("connection lost while idle: {e}"));
+                    }
+                }
+                continue;
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        };
         let line = line.trim();
         if line.is_empty() {
             continue;
@@ -113,7 +192,7 @@ pub fn run(args: &IoArgs) -> ExitCode {
         if line == "quit" {
             break;
         }
-        let reply = match command(&mut v, line) {
+        let reply = match command(&mut v, &mut held, line) {
             Ok(s) => s,
             Err(e) => format!("error: {e}"),
         };

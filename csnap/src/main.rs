@@ -13,6 +13,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+mod agent_cmd;
 mod check;
 mod demo;
 mod device;
@@ -58,9 +59,17 @@ enum Command {
     Status(snapshot_cmd::StatusArgs),
     /// A self-checking scenario on files in a temporary directory.
     Demo(demo::DemoArgs),
+    /// A node's agent: gives its clients the server's address, keeps a
+    /// standby server ready and starts it when the cluster says so.
+    Agent(agent_cmd::AgentArgs),
+    /// The local cluster: run its controller, or join, leave, start, status.
+    Cluster(agent_cmd::ClusterArgs),
     /// A volume client driven by commands on standard input (for tests).
     #[command(hide = true)]
     Io(io_cmd::IoArgs),
+    /// An agent's helper that starts its standby servers.
+    #[command(hide = true)]
+    Spawner(agent_cmd::SpawnerArgs),
 }
 
 /// What the store does when a copy-out finds no free chunk.
@@ -148,6 +157,9 @@ fn main() -> ExitCode {
         Command::Status(args) => snapshot_cmd::status(&args),
         Command::Demo(args) => demo::run(&args),
         Command::Io(args) => io_cmd::run(&args),
+        Command::Agent(args) => agent_cmd::run_agent(&args),
+        Command::Cluster(args) => agent_cmd::run_cluster(&args),
+        Command::Spawner(args) => agent_cmd::run_spawner(&args),
     }
 }
 

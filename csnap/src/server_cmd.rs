@@ -59,6 +59,20 @@ pub struct ServerArgs {
     /// and serves.
     #[arg(long)]
     pub standby: bool,
+    /// With --standby: the node's agent socket. The standby connects to it,
+    /// announces itself (`ServerReady`), takes its start command from it
+    /// instead of standard input, reports `Serving`, then takes membership
+    /// from it; it exits when the link closes.
+    #[arg(long, value_name = "PATH", requires = "standby")]
+    pub agent: Option<PathBuf>,
+    /// This server's cluster node (with --agent).
+    #[arg(long, value_name = "N", default_value_t = 1,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub node: u32,
+    /// Test hook: skip the host-local store lock, as a server on another
+    /// host would (for split-brain tests of the incarnation fencing).
+    #[arg(long, hide = true)]
+    pub no_host_lock: bool,
     /// Test hook: make a forbidden syscall (open) once serving.
     #[arg(long, hide = true)]
     pub test_forbidden_syscall: bool,
@@ -125,7 +139,7 @@ fn serve(args: &ServerArgs) -> Result<ExitCode, String> {
     // One server per store on this host: an exclusive lock before the
     // journal replay touches anything. (Cluster-wide fencing is the
     // incarnation, see the failover issue.)
-    match csnap_sys::lock_exclusive(sd.file()) {
+    match lock_store(args, sd.file()) {
         Ok(true) => {}
         Ok(false) => {
             return Err(format!(
@@ -212,6 +226,14 @@ fn serve(args: &ServerArgs) -> Result<ExitCode, String> {
         }
     };
     Ok(stopped(lp.run_with(&mut hook)))
+}
+
+/// The host-local store lock (skipped with the `--no-host-lock` test hook).
+fn lock_store(args: &ServerArgs, f: &std::fs::File) -> std::io::Result<bool> {
+    if args.no_host_lock {
+        return Ok(true);
+    }
+    csnap_sys::lock_exclusive(f)
 }
 
 /// Binds every `--listen` address.
@@ -305,6 +327,9 @@ fn stopped(stop: Stop) -> ExitCode {
             error("fenced: a newer server incarnation took this store over; this server stops")
         }
         Stop::Io(e) => error(&format!("event loop failed: {e}")),
+        Stop::AgentGone => error(
+            "the agent link closed (the agent is gone, or it stopped this server); this server stops",
+        ),
     }
     ExitCode::from(EXIT_FAILED)
 }
@@ -348,6 +373,10 @@ fn serve_standby(args: &ServerArgs) -> Result<ExitCode, String> {
     for a in lp.local_addrs() {
         eprintln!("csnap server: standby listening on {a}");
     }
+    let mut link = match &args.agent {
+        Some(path) => Some(announce(args, path, &lp)?),
+        None => None,
+    };
     confine_memory(args)?;
     let mut cmd = [0u8; 4096];
     seal_heap(args);
@@ -357,49 +386,86 @@ fn serve_standby(args: &ServerArgs) -> Result<ExitCode, String> {
     }
     eprintln!("csnap server: standby ready (heap sealed, memory locked, store not read)");
     // Wait for the start command: allocation-free from here on.
-    let mut len = 0usize;
-    loop {
-        let n = csnap_sys::read_stdin(&mut cmd[len..]).map_err(|_| "standard input failed")?;
-        if n == 0 {
-            return Err("standard input closed before a start command".into());
-        }
-        len += n;
-        if cmd[..len].contains(&b'\n') || len == cmd.len() {
-            break;
-        }
-    }
-    let t0 = std::time::Instant::now();
-    let line = core::str::from_utf8(&cmd[..len]).map_err(|_| "start command is not UTF-8")?;
-    let mut words = line.split_ascii_whitespace();
-    if words.next() != Some("start") {
-        return Err("expected `start [member=NODE ...] [expect=CLIENT:NODE ...]`".into());
-    }
     const START_LIST_MAX: usize = csnap_pools::START_LIST_MAX;
     let mut members = [0u32; START_LIST_MAX];
     let mut n_members = 0;
     let mut expected = [(0u64, 0u32); START_LIST_MAX];
     let mut n_expected = 0;
-    for w in words {
-        if let Some(v) = w.strip_prefix("member=") {
-            if n_members < START_LIST_MAX {
-                members[n_members] = v.parse().map_err(|_| "bad member")?;
-                n_members += 1;
+    let t0;
+    if let Some(link) = link.as_mut() {
+        let frame = match link.recv() {
+            Ok(f) => f,
+            Err(_) => {
+                eprintln!("csnap server: standby: the agent link closed before a start; exiting");
+                return Ok(ExitCode::SUCCESS);
             }
-        } else if let Some(v) = w.strip_prefix("expect=") {
-            let (c, n) = v.split_once(':').ok_or("bad expect (CLIENT:NODE)")?;
-            if n_expected < START_LIST_MAX {
-                expected[n_expected] = (
-                    c.parse().map_err(|_| "bad expect client")?,
-                    n.parse().map_err(|_| "bad expect node")?,
-                );
-                n_expected += 1;
+        };
+        t0 = std::time::Instant::now();
+        match csnap_proto::decode(frame) {
+            Ok((
+                _,
+                csnap_proto::Msg::StartServer {
+                    members: m,
+                    expected: e,
+                },
+            )) => {
+                if m.len() > START_LIST_MAX || e.len() > START_LIST_MAX {
+                    return Err(
+                        "start refused: more members or expected clients than START_LIST_MAX"
+                            .into(),
+                    );
+                }
+                for n in m.iter() {
+                    members[n_members] = n.id;
+                    n_members += 1;
+                }
+                for c in e.iter() {
+                    expected[n_expected] = (c.client_id, c.node_id);
+                    n_expected += 1;
+                }
             }
-        } else {
-            return Err("unknown word in the start command".into());
+            _ => return Err("standby: expected a StartServer message from the agent".into()),
+        }
+    } else {
+        let mut len = 0usize;
+        loop {
+            let n = csnap_sys::read_stdin(&mut cmd[len..]).map_err(|_| "standard input failed")?;
+            if n == 0 {
+                return Err("standard input closed before a start command".into());
+            }
+            len += n;
+            if cmd[..len].contains(&b'\n') || len == cmd.len() {
+                break;
+            }
+        }
+        t0 = std::time::Instant::now();
+        let line = core::str::from_utf8(&cmd[..len]).map_err(|_| "start command is not UTF-8")?;
+        let mut words = line.split_ascii_whitespace();
+        if words.next() != Some("start") {
+            return Err("expected `start [member=NODE ...] [expect=CLIENT:NODE ...]`".into());
+        }
+        for w in words {
+            if let Some(v) = w.strip_prefix("member=") {
+                if n_members < START_LIST_MAX {
+                    members[n_members] = v.parse().map_err(|_| "bad member")?;
+                    n_members += 1;
+                }
+            } else if let Some(v) = w.strip_prefix("expect=") {
+                let (c, n) = v.split_once(':').ok_or("bad expect (CLIENT:NODE)")?;
+                if n_expected < START_LIST_MAX {
+                    expected[n_expected] = (
+                        c.parse().map_err(|_| "bad expect client")?,
+                        n.parse().map_err(|_| "bad expect node")?,
+                    );
+                    n_expected += 1;
+                }
+            } else {
+                return Err("unknown word in the start command".into());
+            }
         }
     }
     // Failover start: the store lock, then read, replay, next incarnation.
-    match csnap_sys::lock_exclusive(&lock_file) {
+    match lock_store(args, &lock_file) {
         Ok(true) => {}
         Ok(false) => return Err("start refused: another server holds this store (locked)".into()),
         Err(_) => return Err("start failed: cannot lock the store".into()),
@@ -409,6 +475,10 @@ fn serve_standby(args: &ServerArgs) -> Result<ExitCode, String> {
         lp.fsm_mut().handle_node_joined(m);
     }
     lp.fsm_mut().begin_recovery(&expected[..n_expected]);
+    if let Some(l) = &link {
+        l.set_nonblocking()
+            .map_err(|_| "cannot make the agent link non-blocking")?;
+    }
     if let Some(f) = &filters {
         f.net
             .install()
@@ -419,5 +489,55 @@ fn serve_standby(args: &ServerArgs) -> Result<ExitCode, String> {
         "csnap server: started incarnation {} ({} journal commit(s) replayed) in {us} us; serving",
         info.incarnation, info.replayed
     );
-    Ok(stopped(lp.run()))
+    match link {
+        Some(mut link) => {
+            let serving = csnap_proto::Msg::Serving {
+                incarnation: info.incarnation,
+                start_micros: u64::try_from(us).unwrap_or(u64::MAX),
+                replayed_commits: info.replayed,
+            };
+            if link.send(&serving).is_err() {
+                return Ok(stopped(csnap_io::server::Stop::AgentGone));
+            }
+            Ok(stopped(lp.run_with_agent(link)))
+        }
+        None => Ok(stopped(lp.run())),
+    }
+}
+
+/// Connects to the node's agent and announces this standby (init: it
+/// allocates). The agent answers `HelloOk`; a refusal is an error.
+fn announce(
+    args: &ServerArgs,
+    path: &std::path::Path,
+    lp: &ServerLoop,
+) -> Result<csnap_io::server::AgentLink, String> {
+    use csnap_proto::{Msg, Role};
+    let mut link = csnap_io::server::AgentLink::connect(path)
+        .map_err(|e| format!("cannot reach the agent at {}: {e}", path.display()))?;
+    link.send(&Msg::Hello {
+        version_min: csnap_proto::PROTOCOL_VERSION,
+        version_max: csnap_proto::PROTOCOL_VERSION,
+        role: Role::Server,
+    })
+    .map_err(|e| format!("agent {}: {e}", path.display()))?;
+    match link.recv().map(csnap_proto::decode) {
+        Ok(Ok((_, Msg::HelloOk { .. }))) => {}
+        Ok(Ok((_, Msg::Error { text, .. }))) => {
+            return Err(format!("the agent refused this server: {text}"))
+        }
+        _ => return Err(format!("agent {}: no HelloOk", path.display())),
+    }
+    let addr = lp
+        .local_addrs()
+        .first()
+        .map(ToString::to_string)
+        .ok_or("a standby needs a --listen address")?;
+    link.send(&Msg::ServerReady {
+        pid: std::process::id(),
+        node_id: args.node,
+        addr: &addr,
+    })
+    .map_err(|e| format!("agent {}: {e}", path.display()))?;
+    Ok(link)
 }

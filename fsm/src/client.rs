@@ -15,6 +15,7 @@
 //! The driver owns the socket: it writes `transmit()` bytes, feeds every
 //! received frame to `handle_frame`, and reports connects and disconnects.
 
+use csnap_pools::slab::U64Map;
 use csnap_proto::{self as proto, ErrorCode, Header, Msg, Range, Role, Volume};
 
 /// Requests one client keeps outstanding (and re-sends after a reconnect).
@@ -35,6 +36,11 @@ pub struct ClientConfig {
     pub volume: Volume,
     /// The origin's id (from the store label).
     pub origin_uuid: [u8; 16],
+    /// Whether the client caches origin write grants and read locks (sets
+    /// `IDENTIFY_CACHING`): it must then answer `Revoke` (see
+    /// `ClientEvent::Notification`) and release locks named by
+    /// `ReleaseLocks` once its reads of them are done.
+    pub caching: bool,
 }
 
 /// Connection state.
@@ -100,6 +106,9 @@ pub enum ClientEvent {
     Stale,
     /// A frame that matches nothing outstanding.
     Unexpected,
+    /// A `Revoke` or `ReleaseLocks` from the server (decode the frame): a
+    /// caching client acts on it (`revoke_done` once a revoke is done).
+    Notification,
 }
 
 /// The client state machine.
@@ -110,13 +119,18 @@ pub struct ClientFsm {
     incarnation: u64,
     next_id: u64,
     outstanding: [Option<Outstanding>; OUTSTANDING_MAX],
-    held: Vec<(u64, u32)>,
+    held: U64Map,
     tx: Vec<u8>,
+    tx_overflow: bool,
     chunk_size_bytes: u32,
     origin_size_bytes: u64,
 }
 
-const TX_BYTES: usize = (OUTSTANDING_MAX + 8) * 512 + proto::FRAME_MAX_BYTES;
+/// Transmit buffer: every outstanding request, releases, and a full lock
+/// upload (one chunk per range, `RANGES_MAX` ranges per frame).
+const TX_BYTES: usize = (OUTSTANDING_MAX + 8) * 512
+    + proto::FRAME_MAX_BYTES
+    + (HELD_LOCKS_MAX / proto::RANGES_MAX + 1) * (proto::HEADER_BYTES + proto::RANGES_BYTES_MAX);
 
 impl ClientFsm {
     /// Reserves the tables. The only allocation.
@@ -127,11 +141,32 @@ impl ClientFsm {
             incarnation: 0,
             next_id: 1,
             outstanding: [None; OUTSTANDING_MAX],
-            held: Vec::with_capacity(HELD_LOCKS_MAX),
+            held: U64Map::with_capacity(HELD_LOCKS_MAX),
             tx: Vec::with_capacity(TX_BYTES),
+            tx_overflow: false,
             chunk_size_bytes: 0,
             origin_size_bytes: 0,
         }
+    }
+
+    /// Starts over as a new client (`cfg`), keeping the reserved tables:
+    /// nothing outstanding, nothing held, no incarnation seen.
+    pub fn reset(&mut self, cfg: ClientConfig) {
+        self.cfg = cfg;
+        self.state = ClientState::Disconnected;
+        self.incarnation = 0;
+        self.next_id = 1;
+        self.outstanding = [None; OUTSTANDING_MAX];
+        self.held.clear();
+        self.tx.clear();
+        self.tx_overflow = false;
+        self.chunk_size_bytes = 0;
+        self.origin_size_bytes = 0;
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &ClientConfig {
+        &self.cfg
     }
 
     /// The state.
@@ -154,9 +189,25 @@ impl ClientFsm {
         self.origin_size_bytes
     }
 
-    /// Read locks held (chunk, count).
-    pub fn held_locks(&self) -> &[(u64, u32)] {
-        &self.held
+    /// Read locks held: (chunk, count), in no particular order.
+    pub fn held_locks(&self) -> impl Iterator<Item = (u64, u32)> + '_ {
+        self.held.iter()
+    }
+
+    /// Distinct chunks read-locked.
+    pub fn held_chunks(&self) -> usize {
+        self.held.len()
+    }
+
+    /// Read locks held on `chunk`.
+    pub fn held_count(&self, chunk: u64) -> u32 {
+        self.held.get(chunk).unwrap_or(0)
+    }
+
+    /// Whether queued output ever overflowed the fixed transmit buffer (a
+    /// frame was dropped: the connection must be re-made).
+    pub fn tx_overflowed(&self) -> bool {
+        self.tx_overflow
     }
 
     /// Requests awaiting replies.
@@ -166,14 +217,28 @@ impl ClientFsm {
 
     fn queue(&mut self, id: u64, msg: &Msg<'_>) {
         let at = self.tx.len();
+        if at + msg.frame_bytes() > self.tx.capacity() {
+            // Never grow: the driver re-makes the connection (everything
+            // outstanding is re-sent then).
+            self.tx_overflow = true;
+            return;
+        }
         self.tx.resize(at + msg.frame_bytes(), 0);
         let n = proto::encode(&Header::new(id, 0), msg, &mut self.tx[at..]).unwrap_or(0);
         self.tx.truncate(at + n);
     }
 
+    /// Queues `RevokeDone` for the `Revoke` with request id `id`.
+    pub fn revoke_done(&mut self, id: u64) {
+        if self.state == ClientState::Ready || self.state == ClientState::Uploading {
+            self.queue(id, &Msg::RevokeDone);
+        }
+    }
+
     /// A connection is up: queue the handshake.
     pub fn handle_connect(&mut self) {
         self.tx.clear();
+        self.tx_overflow = false;
         self.state = ClientState::ExpectHelloOk;
         self.queue(
             0,
@@ -190,6 +255,7 @@ impl ClientFsm {
     pub fn handle_disconnect(&mut self) {
         self.state = ClientState::Disconnected;
         self.tx.clear();
+        self.tx_overflow = false;
         for o in self.outstanding.iter_mut().flatten() {
             o.sent = false;
         }
@@ -263,25 +329,60 @@ impl ClientFsm {
     /// Records read locks granted by a snapshot read reply.
     pub fn note_locked(&mut self, r: Range) -> bool {
         for c in r.chunk..r.end() {
-            if let Some(h) = self.held.iter_mut().find(|h| h.0 == c) {
-                h.1 += 1;
-            } else if self.held.len() < HELD_LOCKS_MAX {
-                self.held.push((c, 1));
-            } else {
+            let n = self.held.get(c).unwrap_or(0);
+            if !self.held.insert(c, n + 1) {
                 return false;
             }
         }
         true
     }
 
+    /// Drops outstanding request `id` (its caller gave up on it): it is not
+    /// re-sent, and a late reply to it is `Unexpected`.
+    pub fn forget(&mut self, id: u64) {
+        for o in &mut self.outstanding {
+            if o.is_some_and(|o| o.id == id) {
+                *o = None;
+            }
+        }
+    }
+
+    /// Releases one hold on each range's chunks in one `FinishSnapshotRead`
+    /// (at most `RANGES_MAX` ranges).
+    pub fn release_ranges(&mut self, rs: &[Range]) {
+        let rs = &rs[..rs.len().min(proto::RANGES_MAX)];
+        for r in rs {
+            for c in r.chunk..r.end() {
+                match self.held.get(c) {
+                    Some(1) => {
+                        self.held.remove(c);
+                    }
+                    Some(n) => {
+                        self.held.insert(c, n - 1);
+                    }
+                    None => {}
+                }
+            }
+        }
+        if self.state == ClientState::Ready && !rs.is_empty() {
+            let mut lb = [0u8; proto::RANGES_BYTES_MAX];
+            if let Ok(l) = proto::Ranges::from_entries(rs, &mut lb) {
+                self.queue(0, &Msg::FinishSnapshotRead(l));
+            }
+        }
+    }
+
     /// Queues the release of read locks after the origin read completed.
     pub fn release(&mut self, r: Range) {
         for c in r.chunk..r.end() {
-            if let Some(i) = self.held.iter().position(|h| h.0 == c) {
-                self.held[i].1 -= 1;
-                if self.held[i].1 == 0 {
-                    self.held.swap_remove(i);
+            match self.held.get(c) {
+                Some(1) => {
+                    self.held.remove(c);
                 }
+                Some(n) => {
+                    self.held.insert(c, n - 1);
+                }
+                None => {}
             }
         }
         if self.state == ClientState::Ready {
@@ -314,7 +415,11 @@ impl ClientFsm {
                             origin_uuid: self.cfg.origin_uuid,
                             volume_size_bytes: 0,
                             chunk_size_bytes: 0,
-                            flags: 0,
+                            flags: if self.cfg.caching {
+                                proto::IDENTIFY_CACHING
+                            } else {
+                                0
+                            },
                         },
                     );
                     ClientEvent::None
@@ -337,26 +442,44 @@ impl ClientFsm {
                 if matches!(self.cfg.volume, Volume::Origin) {
                     return self.become_ready();
                 }
-                // Upload the read locks still held, in runs of one chunk.
-                let mut i = 0;
-                while i < self.held.len() {
-                    let mut b = [0u8; proto::RANGES_BYTES_MAX];
-                    let mut lb = proto::RangesBuilder::new(&mut b).expect("buffer fits");
-                    while i < self.held.len() && lb.remaining() > 0 {
-                        let (c, n) = self.held[i];
-                        for _ in 0..n {
-                            if lb.remaining() == 0 {
-                                break;
-                            }
+                // Upload the read locks still held, in runs of one chunk
+                // (a chunk held n times is listed n times).
+                let mut b = [0u8; proto::RANGES_BYTES_MAX];
+                {
+                    let mut held = self.held.iter().flat_map(|(c, n)| (0..n).map(move |_| c));
+                    let mut more = true;
+                    while more {
+                        let mut lb = proto::RangesBuilder::new(&mut b).expect("buffer fits");
+                        more = false;
+                        for c in held.by_ref() {
                             let _ = lb.push(Range {
                                 chunk: c,
                                 chunks: 1,
                             });
+                            if lb.remaining() == 0 {
+                                more = true;
+                                break;
+                            }
                         }
-                        i += 1;
+                        if lb.is_empty() {
+                            break;
+                        }
+                        let l = lb.finish();
+                        let at = self.tx.len();
+                        if at + proto::HEADER_BYTES + l.as_bytes().len() > self.tx.capacity() {
+                            self.tx_overflow = true;
+                            break;
+                        }
+                        self.tx
+                            .resize(at + proto::HEADER_BYTES + l.as_bytes().len(), 0);
+                        let n = proto::encode(
+                            &Header::new(0, 0),
+                            &Msg::UploadLocks(l),
+                            &mut self.tx[at..],
+                        )
+                        .unwrap_or(0);
+                        self.tx.truncate(at + n);
                     }
-                    let l = lb.finish();
-                    self.queue(0, &Msg::UploadLocks(l));
                 }
                 self.queue(0, &Msg::FinishUpload);
                 self.state = ClientState::Uploading;
@@ -369,6 +492,11 @@ impl ClientFsm {
             ) => {
                 self.state = ClientState::Failed(code);
                 ClientEvent::Refused(code)
+            }
+            (ClientState::ExpectIdentifyOk | ClientState::Uploading | ClientState::Ready, m)
+                if m.kind().is_notification() =>
+            {
+                ClientEvent::Notification
             }
             (ClientState::Ready, m) => {
                 if hdr.incarnation > self.incarnation {

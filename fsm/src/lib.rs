@@ -6,14 +6,25 @@
 //!
 //! - [`server`]: the server's sessions, request routing and replies;
 //!   [`locks`]: its read-lock table; [`store_ops`]: what it asks the store.
-//! - [`client`]: the client's handshake, requests and reconnects.
+//! - [`client`]: a volume client's or control tool's session with the
+//!   server (handshake, requests, reconnects, lock upload).
+//! - [`volume`]: a caching volume's data path (the NBD export's engine).
 //! - [`nbd`]: one NBD connection (fixed-newstyle handshake, request
 //!   validation) for the NBD export of csnap volumes.
+//! - [`agent`]: one node's agent (server addresses, its standby, starts).
+//! - [`cluster`]: the `local` membership and resource-manager backend (the
+//!   controller the agents talk to).
+//! - [`fixed`], [`outbuf`]: fixed queues and output buffers they share.
 
 #![forbid(unsafe_code)]
 
+pub mod agent;
 pub mod client;
+pub mod cluster;
+pub mod fixed;
 pub mod locks;
 pub mod nbd;
+pub mod outbuf;
 pub mod server;
 pub mod store_ops;
+pub mod volume;

@@ -307,6 +307,19 @@ impl LockTable {
         }
     }
 
+    /// Calls `f` with every owner holding a lock on `chunk`.
+    pub fn for_each_holder(&self, chunk: u64, f: &mut dyn FnMut(u32)) {
+        let Some(li) = self.map.get(chunk) else {
+            return;
+        };
+        let mut h = self.locks.get(li).map_or(NIL, |l| l.hold_head);
+        while h != NIL {
+            let hold = self.holds.get(h).expect("hold list is consistent");
+            f(hold.owner);
+            h = hold.next_in_lock;
+        }
+    }
+
     /// Read locks `owner` holds on `chunk`.
     pub fn hold_count(&self, chunk: u64, owner: u32) -> u32 {
         let Some(li) = self.map.get(chunk) else {

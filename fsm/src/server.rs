@@ -49,6 +49,7 @@ use csnap_proto::{
     Role, ServerState, SnapInfo, Target, TargetKind, Volume,
 };
 
+use crate::fixed::FixedRing;
 use crate::locks::{LockLimits, LockTable};
 use crate::store_ops::{
     StoreFailure, StoreOp, StoreReply, StoreRequest, StoreResult, Target as StoreTarget,
@@ -140,6 +141,11 @@ struct Session {
     snapshot_open: Option<u32>,
     has_output: bool,
     close_queued: bool,
+    /// The client caches grants and mappings (Identify flag): it answers
+    /// `Revoke` and `ReleaseLocks`, and its snapshot reads lock every chunk.
+    caching: bool,
+    /// A `Revoke` of its origin grants awaits its `RevokeDone`.
+    revoke_owed: bool,
 }
 
 impl Session {
@@ -153,6 +159,8 @@ impl Session {
         snapshot_open: None,
         has_output: false,
         close_queued: false,
+        caching: false,
+        revoke_owed: false,
     };
 }
 
@@ -172,6 +180,25 @@ enum InflightState {
     Waiting,
     /// Copy-out committed; held until the recovery barrier lifts.
     Barrier,
+    /// Copy-out committed; held until the snapshot being created is
+    /// committed (then copied out again for it).
+    HeldForCreate,
+}
+
+/// A snapshot creation under way: caching origin clients are told to forget
+/// their grants and to finish the writes made under them; the create goes
+/// to the store once every one has answered (or left), and origin writes
+/// are not granted until it has committed.
+#[derive(Debug, Clone, Copy)]
+struct PendingCreate {
+    conn: ConnId,
+    request_id: u64,
+    tag: u32,
+    revoke_id: u64,
+    /// Answers still owed (connected sessions and parked `owed` entries).
+    waiting: u32,
+    /// The store request's token once dispatched.
+    token: Option<u32>,
 }
 
 /// A disconnected client whose read locks are kept (its node is still a
@@ -198,42 +225,11 @@ struct Inflight {
     state: InflightState,
     range: Range,
     tag: u32,
-}
-
-/// A fixed ring of `T`.
-#[derive(Debug)]
-struct FixedRing<T: Copy> {
-    items: Vec<Option<T>>,
-    head: usize,
-    len: usize,
-}
-
-impl<T: Copy> FixedRing<T> {
-    fn new(cap: usize) -> Self {
-        FixedRing {
-            items: vec![None; cap],
-            head: 0,
-            len: 0,
-        }
-    }
-    fn push(&mut self, t: T) -> bool {
-        if self.len == self.items.len() {
-            return false;
-        }
-        let i = (self.head + self.len) % self.items.len();
-        self.items[i] = Some(t);
-        self.len += 1;
-        true
-    }
-    fn pop(&mut self) -> Option<T> {
-        if self.len == 0 {
-            return None;
-        }
-        let t = self.items[self.head].take();
-        self.head = (self.head + 1) % self.items.len();
-        self.len -= 1;
-        t
-    }
+    /// For origin writes: the create epoch its copy-out ran in.
+    epoch: u64,
+    /// For snapshot writes: the read locks on its chunks were drained once
+    /// after its mapping change; the next store answer is the reply.
+    rechecked: bool,
 }
 
 /// The server state machine.
@@ -261,6 +257,17 @@ pub struct Server {
     membership_known: bool,
     expected: Vec<Expected>,
     barrier_writes: u32,
+    /// Snapshot creations committed (origin write grants of an older epoch
+    /// are copied out again before they go out).
+    epoch: u64,
+    create: Option<PendingCreate>,
+    next_revoke_id: u64,
+    held_writes: u32,
+    last_dispatched: u32,
+    end_create_after_reply: Option<bool>,
+    /// Caching origin clients that disconnected owing a `RevokeDone` while
+    /// their node is a member: (client id, node).
+    owed: Vec<(u64, u32)>,
 }
 
 /// Whether a request kind is a control request any session may send.
@@ -349,6 +356,13 @@ impl Server {
             membership_known: false,
             expected: Vec::with_capacity(2 * cfg.clients),
             barrier_writes: 0,
+            epoch: 0,
+            create: None,
+            next_revoke_id: 1,
+            held_writes: 0,
+            last_dispatched: 0,
+            end_create_after_reply: None,
+            owed: Vec::with_capacity(cfg.clients),
         }
     }
 
@@ -474,11 +488,42 @@ impl Server {
             }
         }
         for w in woken.drain(..) {
-            self.grant_origin_write(w);
+            self.locks_clear(w);
         }
         self.woken = woken;
         for e in &mut self.expected {
             if e.node_id == node {
+                e.done = true;
+            }
+        }
+        self.maybe_end_recovery();
+        self.settle_owed(|&(_, n)| n == node);
+        self.assert_invariants();
+    }
+
+    /// The agent of `node` says client `client_id` is gone for good (its
+    /// process closed its agent link): locks parked for it are released and
+    /// the recovery barrier stops waiting for it.
+    pub fn handle_client_gone(&mut self, client_id: u64, node: u32) {
+        let clients = self.cfg.clients;
+        let mut woken = core::mem::take(&mut self.woken);
+        for p in 0..self.parked.len() {
+            if self.parked[p].is_some_and(|x| x.client_id == client_id && x.node_id == node) {
+                self.parked[p] = None;
+                let owner = u32::try_from(clients + p).unwrap_or(u32::MAX);
+                self.locks.release_owner(owner, &mut |w| woken.push(w));
+            }
+        }
+        for w in woken.drain(..) {
+            self.locks_clear(w);
+        }
+        self.woken = woken;
+        self.settle_owed(|&(c, n)| c == client_id && n == node);
+        // Its process is gone (or going): the barrier stops waiting for it.
+        // Locks it already uploaded on a live connection stay until that
+        // connection closes.
+        for e in &mut self.expected {
+            if e.client_id == client_id && e.node_id == node {
                 e.done = true;
             }
         }
@@ -666,19 +711,21 @@ impl Server {
                     origin_uuid,
                     volume_size_bytes,
                     chunk_size_bytes,
-                    // Caching is not served yet: the flag is accepted and ignored.
-                    flags: _,
+                    flags,
                 },
-            ) => self.on_identify(
-                conn,
-                rid,
-                *client_id,
-                *node_id,
-                *volume,
-                origin_uuid,
-                *volume_size_bytes,
-                *chunk_size_bytes,
-            ),
+            ) => {
+                self.sessions[conn as usize].caching = flags & proto::IDENTIFY_CACHING != 0;
+                self.on_identify(
+                    conn,
+                    rid,
+                    *client_id,
+                    *node_id,
+                    *volume,
+                    origin_uuid,
+                    *volume_size_bytes,
+                    *chunk_size_bytes,
+                );
+            }
             (_, Msg::Identify { .. }) => {
                 let (code, text) = if st == SessionState::Control {
                     (
@@ -758,7 +805,7 @@ impl Server {
                         let mut woken = core::mem::take(&mut self.woken);
                         let res = self.locks.release(c, conn, &mut |p| woken.push(p));
                         for p in woken.drain(..) {
-                            self.grant_origin_write(p);
+                            self.locks_clear(p);
                         }
                         self.woken = woken;
                         if res.is_err() {
@@ -810,6 +857,16 @@ impl Server {
                 }
                 self.send(conn, rid, &Msg::UploadOk);
                 self.maybe_end_recovery();
+            }
+            (SessionState::Origin, Msg::RevokeDone) => {
+                let s = &mut self.sessions[conn as usize];
+                if s.revoke_owed && self.create.is_some_and(|c| c.revoke_id == rid) {
+                    s.revoke_owed = false;
+                    if let Some(c) = self.create.as_mut() {
+                        c.waiting -= 1;
+                    }
+                    self.maybe_dispatch_create();
+                }
             }
             (SessionState::Origin, _) => self.send_error(
                 conn,
@@ -928,6 +985,10 @@ impl Server {
             Volume::Origin => {
                 s.state = SessionState::Origin;
                 self.identified += 1;
+                // A caching client that owed a revoke answer is back: it
+                // reconnects only after forgetting its grants and finishing
+                // its writes (client rule), so that is its answer.
+                self.settle_owed(|&(c, n)| c == client_id && n == node_id);
                 self.send_identify_ok(conn, rid);
             }
             Volume::Snapshot(tag) => {
@@ -961,6 +1022,10 @@ impl Server {
 
     fn on_control(&mut self, conn: ConnId, rid: u64, m: &Msg<'_>) {
         let kind = m.kind();
+        if let Msg::CreateSnapshot { tag } = *m {
+            self.begin_create(conn, rid, tag);
+            return;
+        }
         let op = match *m {
             Msg::CreateSnapshot { tag } => StoreOp::Create { tag, now_secs: 0 },
             Msg::DeleteSnapshot { tag } => StoreOp::Delete { tag },
@@ -992,6 +1057,132 @@ impl Server {
         self.now_secs = now_secs;
     }
 
+    /// A snapshot creation: caching origin clients first forget their
+    /// grants and finish their writes (`Revoke` -> `RevokeDone`), then the
+    /// create goes to the store; no origin write is granted until it has
+    /// committed, and writes whose copy-out predates it are copied out
+    /// again.
+    fn begin_create(&mut self, conn: ConnId, rid: u64, tag: u32) {
+        if self.create.is_some() {
+            self.send_error(
+                conn,
+                rid,
+                ErrorCode::Busy,
+                Kind::CreateSnapshot.code(),
+                "a snapshot creation is under way; retry",
+            );
+            return;
+        }
+        let revoke_id = self.next_revoke_id;
+        self.next_revoke_id += 1;
+        self.create = Some(PendingCreate {
+            conn,
+            request_id: rid,
+            tag,
+            revoke_id,
+            waiting: 0,
+            token: None,
+        });
+        let mut waiting = 0u32;
+        for i in 0..self.sessions.len() {
+            let s = &self.sessions[i];
+            if s.state == SessionState::Origin && s.caching {
+                self.sessions[i].revoke_owed = true;
+                waiting += 1;
+                let c = ConnId::try_from(i).unwrap_or(u32::MAX);
+                self.send(
+                    c,
+                    revoke_id,
+                    &Msg::Revoke {
+                        what: proto::RevokeWhat::OriginGrants,
+                        ranges: proto::Ranges::empty(),
+                    },
+                );
+            }
+        }
+        if let Some(c) = self.create.as_mut() {
+            c.waiting = waiting;
+        }
+        self.maybe_dispatch_create();
+    }
+
+    /// Drops `owed` entries matching `f`: each was one answer a pending
+    /// create waited for.
+    fn settle_owed(&mut self, f: impl Fn(&(u64, u32)) -> bool) {
+        let before = self.owed.len();
+        self.owed.retain(|e| !f(e));
+        let settled = u32::try_from(before - self.owed.len()).unwrap_or(0);
+        if settled > 0 {
+            if let Some(c) = self.create.as_mut() {
+                c.waiting -= settled;
+            }
+            self.maybe_dispatch_create();
+        }
+    }
+
+    fn maybe_dispatch_create(&mut self) {
+        let Some(c) = self.create else { return };
+        if c.waiting > 0 || c.token.is_some() {
+            return;
+        }
+        if self.sessions[c.conn as usize].state == SessionState::Free {
+            // The control client went away: nothing to create.
+            self.end_create(false);
+            return;
+        }
+        let before = self.sessions[c.conn as usize].inflight;
+        self.dispatch(
+            c.conn,
+            c.request_id,
+            InflightKind::Control(Kind::CreateSnapshot),
+            Range {
+                chunk: 0,
+                chunks: 1,
+            },
+            StoreOp::Create {
+                tag: c.tag,
+                now_secs: 0,
+            },
+        );
+        if self.sessions[c.conn as usize].inflight == before {
+            // Refused (Busy was sent): nothing is pending any more.
+            self.end_create(false);
+            return;
+        }
+        let token = self.last_dispatched;
+        if let Some(p) = self.create.as_mut() {
+            p.token = Some(token);
+        }
+    }
+
+    /// The create committed (`created`) or will not happen: writes held for
+    /// it go on; after a commit they are copied out again for the new
+    /// snapshot first.
+    fn end_create(&mut self, created: bool) {
+        self.create = None;
+        self.owed.clear();
+        for s in &mut self.sessions {
+            s.revoke_owed = false;
+        }
+        if created {
+            self.epoch += 1;
+        }
+        for k in 0..self.inflight.capacity() {
+            let Ok(token) = u32::try_from(k) else { break };
+            let Some(f) = self.inflight.get(token).copied() else {
+                continue;
+            };
+            if f.state != InflightState::HeldForCreate {
+                continue;
+            }
+            self.held_writes -= 1;
+            if let Some(x) = self.inflight.get_mut(token) {
+                x.state = InflightState::AtStore;
+            }
+            self.grant_origin_write(token);
+        }
+    }
+
     fn dispatch(&mut self, conn: ConnId, rid: u64, kind: InflightKind, range: Range, op: StoreOp) {
         let s = &self.sessions[conn as usize];
         if s.inflight as usize >= self.cfg.requests_per_client {
@@ -1015,6 +1206,8 @@ impl Server {
             state: InflightState::AtStore,
             range,
             tag,
+            epoch: self.epoch,
+            rechecked: false,
         }) else {
             self.send_error(conn, rid, ErrorCode::Busy, 0, "server request table full");
             return;
@@ -1029,6 +1222,7 @@ impl Server {
         let pushed = self.store_q.push(StoreRequest { token, op });
         assert!(pushed, "store queue sized for every slot");
         self.sessions[conn as usize].inflight += 1;
+        self.last_dispatched = token;
     }
 
     /// The connection closed or failed. Its read locks are released (a
@@ -1075,6 +1269,9 @@ impl Server {
                     } else if f.state == InflightState::Barrier {
                         self.barrier_writes -= 1;
                         self.inflight.remove(k);
+                    } else if f.state == InflightState::HeldForCreate {
+                        self.held_writes -= 1;
+                        self.inflight.remove(k);
                     } else if let Some(f) = self.inflight.get_mut(k) {
                         f.conn = None;
                     }
@@ -1084,7 +1281,7 @@ impl Server {
         }
         woken.retain(|&p| self.inflight.get(p).is_some_and(|f| f.conn != Some(conn)));
         for p in woken.drain(..) {
-            self.grant_origin_write(p);
+            self.locks_clear(p);
         }
         self.woken = woken;
         if let Some(tag) = self.sessions[conn as usize].snapshot_open {
@@ -1097,7 +1294,24 @@ impl Server {
         if matches!(st, SessionState::Origin | SessionState::Snapshot(_)) {
             self.identified -= 1;
         }
+        if self.sessions[conn as usize].revoke_owed {
+            // A caching origin client gone without answering. If its node
+            // is still a member it may be alive and writing under its
+            // grants: its answer is owed until it identifies again (it
+            // reconnects only after finishing its writes) or its node
+            // leaves. Otherwise (standalone server, or its node is gone)
+            // nothing of it is left to wait for.
+            let keep = self.membership_known
+                && self.members.contains(&node_id)
+                && self.owed.len() < self.owed.capacity();
+            if keep {
+                self.owed.push((client_id, node_id));
+            } else if let Some(c) = self.create.as_mut() {
+                c.waiting -= 1;
+            }
+        }
         self.sessions[conn as usize] = Session::FREE;
+        self.maybe_dispatch_create();
         self.assert_invariants();
     }
 
@@ -1129,10 +1343,19 @@ impl Server {
         let Some(f) = self.inflight.get(token).copied() else {
             return;
         };
+        if self.create.is_some_and(|c| c.token == Some(token)) {
+            let created = matches!(reply.result, StoreResult::Done);
+            // The reply (Ok or the error) goes out below, before any held
+            // write is granted again.
+            self.end_create_after_reply = Some(created);
+        }
         let Some(conn) = f.conn else {
             // Orphaned: its connection went away. A snapshot open the store
             // granted is closed again.
             self.inflight.remove(token);
+            if let Some(created) = self.end_create_after_reply.take() {
+                self.end_create(created);
+            }
             if let (InflightKind::Identify, StoreResult::Done) = (f.kind, &reply.result) {
                 let pushed = self.store_q.push(StoreRequest {
                     token: DETACHED_TOKEN,
@@ -1175,10 +1398,11 @@ impl Server {
             }
             (StoreResult::Targets { len, targets }, InflightKind::SnapshotRead) => {
                 let n = *len as usize;
-                let origin_chunks = targets[..n]
-                    .iter()
-                    .filter(|t| **t == StoreTarget::Origin)
-                    .count();
+                // A caching client keeps its locks as leases on the mappings
+                // it caches, so it locks every chunk, store-mapped ones too.
+                let caching = self.sessions[conn as usize].caching;
+                let lock_all = |t: &StoreTarget| caching || *t == StoreTarget::Origin;
+                let origin_chunks = targets[..n].iter().filter(|t| lock_all(t)).count();
                 if !self.locks.has_room(origin_chunks) {
                     self.finish(token, conn);
                     self.send_error(
@@ -1191,7 +1415,7 @@ impl Server {
                     return;
                 }
                 for (i, t) in targets[..n].iter().enumerate() {
-                    if *t == StoreTarget::Origin {
+                    if lock_all(t) {
                         let _ = self.locks.acquire(f.range.chunk + i as u64, conn);
                     }
                 }
@@ -1199,6 +1423,30 @@ impl Server {
                 self.send_targets(conn, rid, f.range.chunk, &targets[..n], true);
             }
             (StoreResult::Targets { len, targets }, InflightKind::SnapshotWrite) => {
+                // The mapping change is committed. Readers that may still
+                // read the old mapping hold read locks on these chunks (a
+                // caching one as its lease): drain them once, then ask the
+                // store again (now a plain lookup) and answer.
+                if !f.rechecked && self.state == ServerState::Recovering {
+                    // A lease of the former incarnation on these chunks may
+                    // not be uploaded yet: held at the barrier like origin
+                    // writes, then drained and answered.
+                    if let Some(x) = self.inflight.get_mut(token) {
+                        x.rechecked = true;
+                        x.state = InflightState::Barrier;
+                    }
+                    self.barrier_writes += 1;
+                    self.assert_invariants();
+                    return;
+                }
+                if !f.rechecked && self.locks_on(f.range) {
+                    if let Some(x) = self.inflight.get_mut(token) {
+                        x.rechecked = true;
+                    }
+                    self.check_locks_and_grant(token, conn, f);
+                    self.assert_invariants();
+                    return;
+                }
                 self.finish(token, conn);
                 let n = *len as usize;
                 self.send_targets(conn, rid, f.range.chunk, &targets[..n], false);
@@ -1290,17 +1538,36 @@ impl Server {
                 );
             }
         }
+        if let Some(created) = self.end_create_after_reply.take() {
+            self.end_create(created);
+        }
         self.assert_invariants();
     }
 
-    /// Copy-out committed; now every chunk of the write waits for the read
-    /// locks taken before it (ddsnap b54143d: all chunks, not only freshly
-    /// copied ones).
+    /// Whether any chunk of `r` is read-locked.
+    fn locks_on(&self, r: Range) -> bool {
+        (r.chunk..r.end()).any(|c| self.locks.is_locked(c))
+    }
+
+    /// Copy-out (or a snapshot write's mapping change) committed; now every
+    /// chunk of the write waits for the read locks taken before it (ddsnap
+    /// b54143d: all chunks, not only freshly copied ones). Caching holders
+    /// are asked to let go of those locks (`ReleaseLocks`): they hold them
+    /// as leases, not for a read in progress.
     fn check_locks_and_grant(&mut self, token: u32, conn: ConnId, f: Inflight) {
         let mut waiting = false;
+        let culprit = match f.kind {
+            InflightKind::SnapshotWrite => Kind::QuerySnapshotWrite.code(),
+            _ => Kind::QueryOriginWrite.code(),
+        };
         for c in f.range.chunk..f.range.end() {
             match self.locks.wait_if_locked(c, token) {
-                Ok(w) => waiting |= w,
+                Ok(w) => {
+                    if w {
+                        self.ask_release(c);
+                    }
+                    waiting |= w;
+                }
                 Err(_) => {
                     self.locks.cancel_pending(token);
                     self.finish(token, conn);
@@ -1308,7 +1575,7 @@ impl Server {
                         conn,
                         f.request_id,
                         ErrorCode::Busy,
-                        Kind::QueryOriginWrite.code(),
+                        culprit,
                         "read-lock wait table full; retry",
                     );
                     return;
@@ -1321,7 +1588,58 @@ impl Server {
             }
             self.waiting_writes += 1;
         } else {
-            self.grant_origin_write(token);
+            self.locks_clear(token);
+        }
+    }
+
+    /// Sends `ReleaseLocks` for `chunk` to every caching session holding it.
+    fn ask_release(&mut self, chunk: u64) {
+        let clients = self.cfg.clients;
+        let mut holders = [0u32; 8];
+        let mut n = 0usize;
+        let mut more = false;
+        self.locks.for_each_holder(chunk, &mut |o| {
+            if (o as usize) < clients {
+                if n < holders.len() {
+                    holders[n] = o;
+                    n += 1;
+                } else {
+                    more = true;
+                }
+            }
+        });
+        let mut lb = [0u8; proto::LIST_HEADER_BYTES + 16];
+        let Ok(list) = proto::Ranges::from_entries(&[Range { chunk, chunks: 1 }], &mut lb) else {
+            return;
+        };
+        let msg = Msg::ReleaseLocks(list);
+        for &o in &holders[..n] {
+            if self.sessions[o as usize].caching {
+                self.send(o, 0, &msg);
+            }
+        }
+        if more {
+            // More holders than one pass names: ask every caching session
+            // attached to a snapshot (rare: a chunk read by many caching
+            // clients at once).
+            for i in 0..self.sessions.len() {
+                let s = &self.sessions[i];
+                if s.caching && matches!(s.state, SessionState::Snapshot(_)) {
+                    let o = ConnId::try_from(i).unwrap_or(u32::MAX);
+                    if self.locks.hold_count(chunk, o) > 0 && !holders[..n].contains(&o) {
+                        self.send(o, 0, &msg);
+                    }
+                }
+            }
+        }
+    }
+
+    /// No read lock stands in the way of the write in slot `token` any more.
+    fn locks_clear(&mut self, token: u32) {
+        match self.inflight.get(token).map(|f| f.kind) {
+            Some(InflightKind::SnapshotWrite) => self.redispatch_snapshot_write(token),
+            Some(_) => self.grant_origin_write(token),
+            None => {}
         }
     }
 
@@ -1331,17 +1649,74 @@ impl Server {
         s.inflight -= 1;
     }
 
-    fn grant_origin_write(&mut self, token: u32) {
+    /// Leaves the Waiting state (counted once).
+    fn unwait(&mut self, token: u32) {
+        if let Some(x) = self.inflight.get_mut(token) {
+            if x.state == InflightState::Waiting {
+                x.state = InflightState::AtStore;
+                self.waiting_writes -= 1;
+            }
+        }
+    }
+
+    fn redispatch_snapshot_write(&mut self, token: u32) {
+        self.unwait(token);
         let Some(f) = self.inflight.get(token).copied() else {
             return;
         };
-        if f.state == InflightState::Waiting {
-            self.waiting_writes -= 1;
-        }
         let Some(conn) = f.conn else {
             self.inflight.remove(token);
             return;
         };
+        let SessionState::Snapshot(tag) = self.sessions[conn as usize].state else {
+            self.finish(token, conn);
+            return;
+        };
+        let pushed = self.store_q.push(StoreRequest {
+            token,
+            op: StoreOp::SnapshotWrite {
+                tag,
+                chunk: f.range.chunk,
+                chunks: f.range.chunks,
+            },
+        });
+        assert!(pushed, "store queue sized for every slot");
+    }
+
+    fn grant_origin_write(&mut self, token: u32) {
+        self.unwait(token);
+        let Some(f) = self.inflight.get(token).copied() else {
+            return;
+        };
+        let Some(conn) = f.conn else {
+            self.inflight.remove(token);
+            return;
+        };
+        if self.create.is_some() {
+            // Not granted while a snapshot is being created.
+            if let Some(x) = self.inflight.get_mut(token) {
+                x.state = InflightState::HeldForCreate;
+            }
+            self.held_writes += 1;
+            return;
+        }
+        if f.epoch != self.epoch {
+            // Its copy-out predates a snapshot created since: copy out
+            // again (for the new snapshot) before the grant.
+            if let Some(x) = self.inflight.get_mut(token) {
+                x.epoch = self.epoch;
+                x.state = InflightState::AtStore;
+            }
+            let pushed = self.store_q.push(StoreRequest {
+                token,
+                op: StoreOp::OriginWrite {
+                    chunk: f.range.chunk,
+                    chunks: f.range.chunks,
+                },
+            });
+            assert!(pushed, "store queue sized for every slot");
+            return;
+        }
         self.finish(token, conn);
         let mut buf = [0u8; proto::HEADER_BYTES + proto::LIST_HEADER_BYTES + 16];
         let mut lb = [0u8; proto::LIST_HEADER_BYTES + 16];
@@ -1551,6 +1926,21 @@ impl Server {
         assert!(per_conn_total as usize <= self.inflight.len());
         assert!(self.waiting_writes as usize <= self.inflight.len());
         assert!(self.barrier_writes == 0 || self.state == ServerState::Recovering);
+        assert!(
+            self.held_writes == 0 || self.create.is_some(),
+            "writes held for a create that is not pending"
+        );
+        assert!(self.held_writes as usize <= self.inflight.len());
+        if let Some(c) = self.create {
+            let owed_sessions = self.sessions.iter().filter(|s| s.revoke_owed).count();
+            assert_eq!(
+                c.waiting as usize,
+                owed_sessions + self.owed.len(),
+                "create waits for a different number of answers than are owed"
+            );
+        } else {
+            assert!(self.owed.is_empty(), "revoke answers owed with no create");
+        }
     }
 
     /// Checks everything, including the lock table's lists (O(table)).

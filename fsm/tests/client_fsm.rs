@@ -12,6 +12,7 @@ fn cfg(role: Role) -> ClientConfig {
         role,
         volume: Volume::Snapshot(3),
         origin_uuid: [4; 16],
+        caching: false,
     }
 }
 
@@ -109,7 +110,7 @@ fn requests_are_matched_and_resent_after_a_reconnect_with_locks_uploaded() {
         ClientEvent::Reply { id }
     );
     assert!(c.note_locked(r));
-    assert_eq!(c.held_locks().len(), 2);
+    assert_eq!(c.held_chunks(), 2);
     // A reply nobody asked for is flagged, not taken.
     assert_eq!(
         c.handle_frame(&frame(999, 5, &Msg::Ok)),
@@ -173,7 +174,7 @@ fn requests_are_matched_and_resent_after_a_reconnect_with_locks_uploaded() {
         sent(&mut c).iter().map(|x| x.1).collect::<Vec<_>>(),
         vec![Kind::FinishSnapshotRead]
     );
-    assert!(c.held_locks().is_empty());
+    assert!(c.held_chunks() == 0);
 }
 
 #[test]

@@ -17,7 +17,8 @@
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::unix::fs::FileExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use csnap_fsm::client::{ClientConfig, ClientEvent, ClientFsm, ClientState, Request};
 use csnap_pools::CHUNKS_PER_REQUEST_MAX;
@@ -75,53 +76,284 @@ impl From<ClientError> for io::Error {
     }
 }
 
+/// Where a connection finds its server.
+#[derive(Debug)]
+enum Source {
+    /// A fixed address: a broken connection is an error.
+    Fixed,
+    /// The node's agent: a broken connection, a stale incarnation or a
+    /// fenced server means asking the agent again (failover).
+    Agent(AgentClient),
+}
+
+/// What a server address request returned.
+#[derive(Debug, Clone)]
+pub struct ServerInfo {
+    /// The server's address.
+    pub addr: Addr,
+    /// Its incarnation.
+    pub incarnation: u64,
+    /// The node it runs on.
+    pub node_id: u32,
+}
+
+/// A client's link to its node's agent: it asks for the serving server's
+/// address (`NeedServer`), and stays open for the client's lifetime, which
+/// is how the agent knows the client is alive (its snapshot clients are the
+/// ones a new incarnation waits for). Blocking.
+#[derive(Debug)]
+pub struct AgentClient {
+    socket: PathBuf,
+    stream: Option<std::os::unix::net::UnixStream>,
+    reader: FrameReader<Box<[u8]>>,
+    frame: Vec<u8>,
+    next_rid: u64,
+    client_id: u64,
+    node_id: u32,
+    volume: Option<Volume>,
+}
+
+impl AgentClient {
+    /// A link to the agent at `socket` for a client (`volume` Some) or a
+    /// control tool (`volume` None). Connects lazily.
+    pub fn new(socket: &Path, client_id: u64, node_id: u32, volume: Option<Volume>) -> AgentClient {
+        AgentClient {
+            socket: socket.to_path_buf(),
+            stream: None,
+            reader: FrameReader::new(vec![0u8; proto::FRAME_MAX_BYTES].into_boxed_slice()),
+            frame: vec![0u8; proto::FRAME_MAX_BYTES],
+            next_rid: 1,
+            client_id,
+            node_id,
+            volume,
+        }
+    }
+
+    fn send(&mut self, rid: u64, msg: &Msg<'_>) -> Result<(), ClientError> {
+        let n = proto::encode(&proto::Header::new(rid, 0), msg, &mut self.frame)
+            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let s = self
+            .stream
+            .as_mut()
+            .ok_or_else(|| ClientError::Io(io::ErrorKind::NotConnected.into()))?;
+        s.write_all(&self.frame[..n])?;
+        Ok(())
+    }
+
+    /// Reads the next frame into `self.frame`; returns its length.
+    fn recv(&mut self, deadline: Instant) -> Result<usize, ClientError> {
+        loop {
+            match self.reader.next_frame() {
+                Ok(Some(f)) => {
+                    let n = f.len();
+                    self.frame[..n].copy_from_slice(f);
+                    return Ok(n);
+                }
+                Ok(None) => {}
+                Err(e) => return Err(ClientError::Protocol(e.to_string())),
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(ClientError::Io(io::ErrorKind::TimedOut.into()));
+            }
+            let s = self
+                .stream
+                .as_mut()
+                .ok_or_else(|| ClientError::Io(io::ErrorKind::NotConnected.into()))?;
+            s.set_read_timeout(Some(left))?;
+            let n = match s.read(self.reader.spare()) {
+                Ok(n) => n,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return Err(ClientError::Io(io::ErrorKind::TimedOut.into()))
+                }
+                Err(e) => return Err(e.into()),
+            };
+            if n == 0 {
+                return Err(ClientError::Io(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the agent closed the connection",
+                )));
+            }
+            self.reader.advance(n);
+        }
+    }
+
+    fn ensure_connected(&mut self, deadline: Instant) -> Result<(), ClientError> {
+        if self.stream.is_some() {
+            return Ok(());
+        }
+        let s = std::os::unix::net::UnixStream::connect(&self.socket).map_err(|e| {
+            ClientError::Io(io::Error::new(
+                e.kind(),
+                format!("cannot reach the agent at {}: {e}", self.socket.display()),
+            ))
+        })?;
+        self.stream = Some(s);
+        self.reader.clear();
+        let role = if self.volume.is_some() {
+            Role::Client
+        } else {
+            Role::Control
+        };
+        self.send(
+            0,
+            &Msg::Hello {
+                version_min: proto::PROTOCOL_VERSION,
+                version_max: proto::PROTOCOL_VERSION,
+                role,
+            },
+        )?;
+        let n = self.recv(deadline)?;
+        match proto::decode(&self.frame[..n]) {
+            Ok((_, Msg::HelloOk { .. })) => Ok(()),
+            Ok((_, Msg::Error { code, text, .. })) => Err(ClientError::Server {
+                code,
+                text: text.to_string(),
+            }),
+            _ => Err(ClientError::Protocol(
+                "the agent did not answer Hello".into(),
+            )),
+        }
+    }
+
+    /// Asks for a serving server newer than `failed` (0: any), retrying the
+    /// agent link until `deadline`. An error the agent answers (this node
+    /// was fenced, a bad request) is returned at once.
+    pub fn need_server(
+        &mut self,
+        failed: u64,
+        deadline: Instant,
+    ) -> Result<ServerInfo, ClientError> {
+        let mut pause = Duration::from_millis(csnap_pools::CLIENT_RETRY_MIN_MS);
+        loop {
+            match self.try_need_server(failed, deadline) {
+                Ok(i) => return Ok(i),
+                Err(e @ ClientError::Server { .. }) => return Err(e),
+                Err(e) => {
+                    self.stream = None;
+                    if Instant::now() + pause >= deadline {
+                        return Err(e);
+                    }
+                    std::thread::sleep(pause);
+                    pause =
+                        (pause * 2).min(Duration::from_millis(csnap_pools::CLIENT_RETRY_MAX_MS));
+                }
+            }
+        }
+    }
+
+    fn try_need_server(
+        &mut self,
+        failed: u64,
+        deadline: Instant,
+    ) -> Result<ServerInfo, ClientError> {
+        self.ensure_connected(deadline)?;
+        let rid = self.next_rid;
+        self.next_rid += 1;
+        self.send(
+            rid,
+            &Msg::NeedServer {
+                client_id: self.client_id,
+                failed_incarnation: failed,
+                node_id: self.node_id,
+                volume: self.volume,
+            },
+        )?;
+        loop {
+            let n = self.recv(deadline)?;
+            match proto::decode(&self.frame[..n]) {
+                Ok((
+                    h,
+                    Msg::ServerAddress {
+                        incarnation,
+                        node_id,
+                        addr,
+                    },
+                )) if h.request_id == rid => {
+                    let addr = Addr::parse(addr).map_err(ClientError::Protocol)?;
+                    return Ok(ServerInfo {
+                        addr,
+                        incarnation,
+                        node_id,
+                    });
+                }
+                Ok((h, Msg::Error { code, text, .. })) if h.request_id == rid => {
+                    return Err(ClientError::Server {
+                        code,
+                        text: text.to_string(),
+                    });
+                }
+                Ok(_) => {}
+                Err(e) => return Err(ClientError::Protocol(e.to_string())),
+            }
+        }
+    }
+}
+
+/// Asks the agent at `socket` where the server is (a control tool).
+pub fn locate(socket: &Path, timeout: Duration) -> Result<ServerInfo, ClientError> {
+    let mut a = AgentClient::new(socket, 0, 0, None);
+    a.need_server(0, Instant::now() + timeout)
+}
+
+/// What `wait_for` saw.
+enum Waited {
+    /// The reply is in `reply`.
+    Reply,
+    /// A reply from an older incarnation: this connection is stale.
+    Stale,
+}
+
 /// A connection to a server.
 #[derive(Debug)]
 pub struct Connection {
-    stream: BlockingStream,
+    stream: Option<BlockingStream>,
     reader: FrameReader<Box<[u8]>>,
     fsm: ClientFsm,
     reply: Vec<u8>,
+    source: Source,
+    failover_timeout: Duration,
+    reconnects: u64,
 }
 
 impl Connection {
-    /// Connects and completes the handshake (and identify, for role Client).
-    pub fn connect(addr: &Addr, cfg: ClientConfig) -> Result<Connection, ClientError> {
-        let stream = BlockingStream::connect(addr)?;
-        let mut c = Connection {
-            stream,
+    fn build(cfg: ClientConfig, source: Source, failover_timeout: Duration) -> Connection {
+        Connection {
+            stream: None,
             reader: FrameReader::new(vec![0u8; proto::FRAME_MAX_BYTES].into_boxed_slice()),
             fsm: ClientFsm::new(cfg),
             reply: Vec::with_capacity(proto::FRAME_MAX_BYTES),
-        };
-        c.fsm.handle_connect();
-        loop {
-            if let Err(e) = c.flush() {
-                // A server that refuses us (too many clients) writes its
-                // error and closes; our write may fail first. Read what it
-                // said before reporting the broken pipe.
-                if let Ok(ClientEvent::Refused(code)) = c.next_event() {
-                    let text = match proto::decode(&c.reply) {
-                        Ok((_, Msg::Error { text, .. })) => text.to_string(),
-                        _ => String::new(),
-                    };
-                    return Err(ClientError::Server { code, text });
-                }
-                return Err(e);
-            }
-            let ev = c.next_event()?;
-            match ev {
-                ClientEvent::Ready => return Ok(c),
-                ClientEvent::Refused(code) => {
-                    let text = match proto::decode(&c.reply) {
-                        Ok((_, Msg::Error { text, .. })) => text.to_string(),
-                        _ => String::new(),
-                    };
-                    return Err(ClientError::Server { code, text });
-                }
-                _ => {}
-            }
+            source,
+            failover_timeout,
+            reconnects: 0,
         }
+    }
+
+    /// Connects and completes the handshake (and identify, for role Client).
+    pub fn connect(addr: &Addr, cfg: ClientConfig) -> Result<Connection, ClientError> {
+        let mut c = Self::build(cfg, Source::Fixed, Duration::ZERO);
+        c.establish(addr)?;
+        Ok(c)
+    }
+
+    /// Connects through the node's agent: asks it for the server, and from
+    /// then on survives failovers (a broken connection, a stale or fenced
+    /// server) for up to `failover_timeout` each, re-sending what was
+    /// unanswered and re-uploading held read locks.
+    pub fn via_agent(
+        agent: AgentClient,
+        cfg: ClientConfig,
+        failover_timeout: Duration,
+    ) -> Result<Connection, ClientError> {
+        let mut c = Self::build(cfg, Source::Agent(agent), failover_timeout);
+        let mut deadline = None;
+        c.recover("first connection", &mut deadline)?;
+        Ok(c)
     }
 
     /// The server incarnation seen.
@@ -129,14 +361,124 @@ impl Connection {
         self.fsm.incarnation()
     }
 
+    /// Times this connection re-attached to a server after a failure.
+    pub fn reconnects(&self) -> u64 {
+        self.reconnects
+    }
+
     /// The client state machine.
     pub fn fsm(&self) -> &ClientFsm {
         &self.fsm
     }
 
+    /// Opens a new stream to `addr` and runs the handshake on it with the
+    /// same state machine (identify, lock upload, then the unanswered
+    /// requests go out again).
+    fn establish(&mut self, addr: &Addr) -> Result<(), ClientError> {
+        self.stream = None;
+        self.fsm.handle_disconnect();
+        let stream = BlockingStream::connect(addr)?;
+        self.stream = Some(stream);
+        self.reader.clear();
+        self.fsm.handle_connect();
+        loop {
+            if let Err(e) = self.flush() {
+                // A server that refuses us (too many clients) writes its
+                // error and closes; our write may fail first. Read what it
+                // said before reporting the broken pipe.
+                if let Ok(ClientEvent::Refused(code)) = self.next_event() {
+                    return Err(self.refusal(code));
+                }
+                return Err(e);
+            }
+            match self.next_event()? {
+                ClientEvent::Ready => return Ok(()),
+                ClientEvent::Refused(code) => return Err(self.refusal(code)),
+                ClientEvent::Stale => {
+                    return Err(ClientError::Server {
+                        code: ErrorCode::StaleIncarnation,
+                        text: "the server is an older incarnation than one already seen".into(),
+                    })
+                }
+                _ => {}
+            }
+        }
+    }
+
+    fn refusal(&self, code: ErrorCode) -> ClientError {
+        let text = match proto::decode(&self.reply) {
+            Ok((_, Msg::Error { text, .. })) => text.to_string(),
+            _ => String::new(),
+        };
+        ClientError::Server { code, text }
+    }
+
+    /// Whether `e` is a failure a failover may cure.
+    fn curable(&self, e: &ClientError) -> bool {
+        if !matches!(self.source, Source::Agent(_)) {
+            return false;
+        }
+        match e {
+            ClientError::Io(_) => true,
+            ClientError::Server { code, .. } => matches!(
+                code,
+                ErrorCode::StaleIncarnation | ErrorCode::TooManyClients | ErrorCode::Recovering
+            ),
+            ClientError::Protocol(_) => false,
+        }
+    }
+
+    /// Finds a serving server through the agent and re-attaches, until the
+    /// failover deadline (set at the first failure of this episode).
+    fn recover(&mut self, why: &str, deadline: &mut Option<Instant>) -> Result<(), ClientError> {
+        let timeout = self.failover_timeout;
+        let dl = *deadline.get_or_insert_with(|| Instant::now() + timeout);
+        self.stream = None;
+        self.fsm.handle_disconnect();
+        let mut pause = Duration::from_millis(csnap_pools::CLIENT_RETRY_MIN_MS);
+        loop {
+            let failed = self.fsm.incarnation();
+            let Source::Agent(agent) = &mut self.source else {
+                return Err(ClientError::Io(io::Error::new(
+                    io::ErrorKind::NotConnected,
+                    why.to_string(),
+                )));
+            };
+            let last = match agent.need_server(failed, dl) {
+                Ok(info) => match self.establish(&info.addr) {
+                    Ok(()) => {
+                        self.reconnects += 1;
+                        return Ok(());
+                    }
+                    Err(e) if self.curable(&e) => e,
+                    Err(e) => return Err(e),
+                },
+                Err(e @ ClientError::Server { .. }) => return Err(e),
+                Err(e) => e,
+            };
+            self.stream = None;
+            self.fsm.handle_disconnect();
+            if Instant::now() + pause >= dl {
+                return Err(ClientError::Io(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "no server reachable within {} ms of the failure ({why}); last error: {last}",
+                        timeout.as_millis()
+                    ),
+                )));
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(csnap_pools::CLIENT_RETRY_MAX_MS));
+        }
+    }
+
     fn flush(&mut self) -> Result<(), ClientError> {
         while !self.fsm.transmit().is_empty() {
-            let n = self.stream.write(self.fsm.transmit())?;
+            let s = self
+                .stream
+                .as_mut()
+                .ok_or_else(|| ClientError::Io(io::ErrorKind::NotConnected.into()))?;
+            let n = s.write(self.fsm.transmit())?;
             if n == 0 {
                 return Err(ClientError::Io(io::ErrorKind::WriteZero.into()));
             }
@@ -157,7 +499,11 @@ impl Connection {
                 Ok(None) => {}
                 Err(e) => return Err(ClientError::Protocol(e.to_string())),
             }
-            let n = self.stream.read(self.reader.spare())?;
+            let s = self
+                .stream
+                .as_mut()
+                .ok_or_else(|| ClientError::Io(io::ErrorKind::NotConnected.into()))?;
+            let n = s.read(self.reader.spare())?;
             if n == 0 {
                 self.fsm.handle_disconnect();
                 return Err(ClientError::Io(io::Error::new(
@@ -169,46 +515,146 @@ impl Connection {
         }
     }
 
-    /// Sends a request and waits for its reply, returned as the decoded
-    /// message (borrowing the connection's reply buffer).
-    pub fn call(&mut self, req: Request) -> Result<Msg<'_>, ClientError> {
-        if self.fsm.state() != ClientState::Ready {
-            return Err(ClientError::Protocol("connection not ready".into()));
-        }
-        let id = self
-            .fsm
-            .request(req)
-            .ok_or_else(|| ClientError::Protocol("too many requests outstanding".into()))?;
+    fn wait_for(&mut self, id: u64) -> Result<Waited, ClientError> {
         self.flush()?;
         loop {
             let ev = self.next_event()?;
             self.flush()?;
-            if let ClientEvent::Reply { id: got } = ev {
-                if got == id {
-                    break;
-                }
+            match ev {
+                ClientEvent::Reply { id: got } if got == id => return Ok(Waited::Reply),
+                ClientEvent::Stale => return Ok(Waited::Stale),
+                _ => {}
+            }
+        }
+    }
+
+    /// Sends a request and waits for its reply, returned as the decoded
+    /// message (borrowing the connection's reply buffer). Through an agent,
+    /// a failover on the way is waited out (up to the failover timeout) and
+    /// the request re-sent.
+    pub fn call(&mut self, req: Request) -> Result<Msg<'_>, ClientError> {
+        let mut deadline = None;
+        if self.stream.is_none() || self.fsm.state() != ClientState::Ready {
+            if !matches!(self.source, Source::Agent(_)) {
+                return Err(ClientError::Protocol("connection not ready".into()));
+            }
+            self.recover("the connection was broken", &mut deadline)?;
+        }
+        let mut id = self
+            .fsm
+            .request(req)
+            .ok_or_else(|| ClientError::Protocol("too many requests outstanding".into()))?;
+        loop {
+            let failure = match self.wait_for(id) {
+                Ok(Waited::Reply) => match proto::decode(&self.reply) {
+                    Ok((_, Msg::Error { code, text, .. })) => {
+                        let e = ClientError::Server {
+                            code,
+                            text: text.to_string(),
+                        };
+                        if !self.curable(&e) {
+                            return Err(e);
+                        }
+                        // A fenced server: ask again elsewhere.
+                        Some(e)
+                    }
+                    Ok(_) => None,
+                    Err(e) => return Err(ClientError::Protocol(e.to_string())),
+                },
+                Ok(Waited::Stale) => Some(ClientError::Server {
+                    code: ErrorCode::StaleIncarnation,
+                    text: "a reply from an older server incarnation".into(),
+                }),
+                Err(e) if self.curable(&e) => Some(e),
+                Err(e) => return Err(e),
+            };
+            let Some(e) = failure else { break };
+            let why = e.to_string();
+            let requeue = matches!(e, ClientError::Server { .. });
+            self.recover(&why, &mut deadline)?;
+            if requeue {
+                // The error consumed the request; ask the new server.
+                id = self
+                    .fsm
+                    .request(req)
+                    .ok_or_else(|| ClientError::Protocol("too many requests outstanding".into()))?;
+                self.flush().ok();
             }
         }
         let (_, msg) =
             proto::decode(&self.reply).map_err(|e| ClientError::Protocol(e.to_string()))?;
-        if let Msg::Error { code, text, .. } = msg {
-            return Err(ClientError::Server {
-                code,
-                text: text.to_string(),
-            });
-        }
         Ok(msg)
     }
 
-    /// Sends the release of read locks (no reply).
+    /// Sends the release of read locks (no reply). A broken connection is
+    /// not an error here: the lock is forgotten locally, so it is not
+    /// uploaded to the next server, and the next call re-attaches.
     pub fn release(&mut self, r: Range) -> Result<(), ClientError> {
         self.fsm.release(r);
-        self.flush()
+        match self.flush() {
+            Ok(()) => Ok(()),
+            Err(e) if self.curable(&e) => {
+                self.stream = None;
+                self.fsm.handle_disconnect();
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Records read locks granted.
     pub fn note_locked(&mut self, r: Range) {
         self.fsm.note_locked(r);
+    }
+
+    /// For an idle client: notices a broken or stale connection without
+    /// waiting for the next I/O, and re-attaches through the agent
+    /// (uploading the read locks still held), as a kernel client's control
+    /// thread would. Does not block on a healthy connection.
+    pub fn poll_idle(&mut self) -> Result<(), ClientError> {
+        let broken = match self.stream.as_mut() {
+            None => true,
+            Some(s) => {
+                s.set_nonblocking(true)?;
+                let mut broken = false;
+                loop {
+                    match s.read(self.reader.spare()) {
+                        Ok(0) => {
+                            broken = true;
+                            break;
+                        }
+                        Ok(n) => self.reader.advance(n),
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(_) => {
+                            broken = true;
+                            break;
+                        }
+                    }
+                }
+                s.set_nonblocking(false)?;
+                broken
+            }
+        };
+        // Frames that arrived (nothing is expected while idle) go to the FSM.
+        while let Ok(Some(f)) = self.reader.next_frame() {
+            self.reply.clear();
+            self.reply.extend_from_slice(f);
+            if self.fsm.handle_frame(&self.reply) == ClientEvent::Stale {
+                self.stream = None;
+            }
+        }
+        if broken || self.stream.is_none() {
+            if !matches!(self.source, Source::Agent(_)) {
+                return Err(ClientError::Io(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the server closed the connection",
+                )));
+            }
+            let mut deadline = None;
+            self.recover("the connection broke while idle", &mut deadline)?;
+        }
+        Ok(())
     }
 }
 
@@ -222,7 +668,28 @@ pub fn control(addr: &Addr) -> Result<Connection, ClientError> {
             role: Role::Control,
             volume: Volume::Origin,
             origin_uuid: [0; 16],
+            caching: false,
         },
+    )
+}
+
+/// Opens a control connection through the node's agent (it locates the
+/// server and rides out failovers for up to `failover_timeout`).
+pub fn control_via_agent(
+    agent_socket: &Path,
+    failover_timeout: Duration,
+) -> Result<Connection, ClientError> {
+    Connection::via_agent(
+        AgentClient::new(agent_socket, 0, 0, None),
+        ClientConfig {
+            client_id: 0,
+            node_id: 0,
+            role: Role::Control,
+            volume: Volume::Origin,
+            origin_uuid: [0; 16],
+            caching: false,
+        },
+        failover_timeout,
     )
 }
 
@@ -241,7 +708,7 @@ pub struct VolumeClient {
 impl VolumeClient {
     /// Attaches to `volume` through the server at `addr`. The store device is
     /// read for its label (geometry, origin id); data I/O goes to both devices
-    /// directly.
+    /// directly. No failover: a broken connection is an I/O error.
     pub fn open(
         addr: &Addr,
         origin_path: &Path,
@@ -249,6 +716,59 @@ impl VolumeClient {
         volume: Volume,
         client_id: u64,
         node_id: u32,
+    ) -> Result<VolumeClient, ClientError> {
+        Self::attach(origin_path, store_path, volume, |origin_uuid| {
+            Connection::connect(
+                addr,
+                ClientConfig {
+                    client_id,
+                    node_id,
+                    role: Role::Client,
+                    volume,
+                    origin_uuid,
+                    caching: false,
+                },
+            )
+        })
+    }
+
+    /// Attaches to `volume` through the agent at `agent_socket`: the agent
+    /// gives the server's address, and every failover (the server killed, a
+    /// newer incarnation elsewhere) is ridden out for up to
+    /// `failover_timeout`: the client asks its agent again, re-identifies,
+    /// uploads the read locks it holds and re-sends what was unanswered, so
+    /// the volume's user sees no error. Past the timeout, I/O fails with a
+    /// clear error.
+    pub fn open_via_agent(
+        agent_socket: &Path,
+        origin_path: &Path,
+        store_path: &Path,
+        volume: Volume,
+        client_id: u64,
+        node_id: u32,
+        failover_timeout: Duration,
+    ) -> Result<VolumeClient, ClientError> {
+        Self::attach(origin_path, store_path, volume, |origin_uuid| {
+            Connection::via_agent(
+                AgentClient::new(agent_socket, client_id, node_id, Some(volume)),
+                ClientConfig {
+                    client_id,
+                    node_id,
+                    role: Role::Client,
+                    volume,
+                    origin_uuid,
+                    caching: false,
+                },
+                failover_timeout,
+            )
+        })
+    }
+
+    fn attach(
+        origin_path: &Path,
+        store_path: &Path,
+        volume: Volume,
+        connect: impl FnOnce([u8; 16]) -> Result<Connection, ClientError>,
     ) -> Result<VolumeClient, ClientError> {
         let mut writable = std::fs::OpenOptions::new();
         writable.read(true).write(true);
@@ -258,16 +778,7 @@ impl VolumeClient {
             .map_err(|e| ClientError::Io(io::Error::other(e.to_string())))?;
         let label = csnap_store::read_label(&mut sd)
             .map_err(|e| ClientError::Io(io::Error::other(e.to_string())))?;
-        let conn = Connection::connect(
-            addr,
-            ClientConfig {
-                client_id,
-                node_id,
-                role: Role::Client,
-                volume,
-                origin_uuid: label.origin_uuid,
-            },
-        )?;
+        let conn = connect(label.origin_uuid)?;
         let chunk = u64::from(conn.fsm.chunk_size_bytes());
         Ok(VolumeClient {
             volume,
@@ -440,6 +951,56 @@ impl VolumeClient {
             }
         }
         Ok(())
+    }
+
+    /// Asks where `[off, off+len)` of a snapshot is and takes the read locks
+    /// of its origin chunks, without reading or releasing them; returns the
+    /// locked ranges (for tests of slow readers across a failover).
+    pub fn hold_read(&mut self, off: u64, len: usize) -> io::Result<Vec<Range>> {
+        self.check(off, len)?;
+        if !matches!(self.volume, Volume::Snapshot(_)) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "only a snapshot read takes read locks",
+            ));
+        }
+        let mut held = Vec::new();
+        let runs: Vec<_> = self.runs(off, len).collect();
+        for (first, chunks, _, _) in runs {
+            let msg = self.conn.call(Request::SnapshotRead(Range {
+                chunk: first,
+                chunks,
+            }))?;
+            let Msg::SnapshotReadReply(targets) = msg else {
+                return Err(ClientError::Protocol("expected a snapshot read reply".into()).into());
+            };
+            let origin: Vec<Range> = targets
+                .iter()
+                .filter(|t| t.kind == TargetKind::Origin)
+                .map(|t| t.range())
+                .collect();
+            for r in origin {
+                self.conn.note_locked(r);
+                held.push(r);
+            }
+        }
+        Ok(held)
+    }
+
+    /// Releases read locks taken by `hold_read`.
+    pub fn release_held(&mut self, r: Range) -> io::Result<()> {
+        self.conn.release(r).map_err(io::Error::from)
+    }
+
+    /// Times the connection re-attached after a failure.
+    pub fn reconnects(&self) -> u64 {
+        self.conn.reconnects()
+    }
+
+    /// Notices a failover while idle and re-attaches (see
+    /// `Connection::poll_idle`).
+    pub fn poll_idle(&mut self) -> io::Result<()> {
+        self.conn.poll_idle().map_err(io::Error::from)
     }
 
     /// Makes completed writes durable.

@@ -74,6 +74,14 @@ impl BlockingStream {
         }
     }
 
+    /// Sets non-blocking mode.
+    pub fn set_nonblocking(&self, on: bool) -> io::Result<()> {
+        match self {
+            BlockingStream::Tcp(s) => s.set_nonblocking(on),
+            BlockingStream::Unix(s) => s.set_nonblocking(on),
+        }
+    }
+
     /// Shuts both directions down.
     pub fn shutdown(&self) {
         let _ = match self {

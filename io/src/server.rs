@@ -24,6 +24,7 @@ use crate::ring::{PopError, Ring};
 use crate::store_worker::StoreWorker;
 
 const WAKER: Token = Token(usize::MAX - 1);
+const AGENT: Token = Token(usize::MAX - 2);
 const LISTENER_BASE: usize = usize::MAX - 64;
 
 /// Token of the standby's start request.
@@ -43,6 +44,10 @@ const EVENTS_MAX: usize = csnap_pools::EVENTS_PER_TURN_MAX;
 
 /// Stack the store worker may use, touched when it starts.
 const WORKER_STACK_BUDGET_BYTES: usize = csnap_pools::THREAD_STACK_BUDGET_BYTES;
+
+/// After this long without a batch, the next batch reads the on-disk
+/// incarnation first (see `StoreWorker::request_fence_check`).
+const FENCE_RECHECK_IDLE_MS: u64 = csnap_pools::SERVER_FENCE_RECHECK_IDLE_MS;
 
 /// Requests the store worker takes in one batch (one commit).
 pub const BATCH_MAX: usize = csnap_pools::STORE_BATCH_MAX;
@@ -66,6 +71,7 @@ pub struct ServerLoop {
     worker: Option<JoinHandle<()>>,
     refuse_buf: [u8; 512],
     ready: Vec<(Token, bool, bool, bool)>,
+    agent: Option<(mio::net::UnixStream, FrameReader<Box<[u8]>>)>,
     _worker_ready: std::sync::mpsc::Receiver<Result<(), String>>,
 }
 
@@ -85,6 +91,74 @@ pub enum Stop {
     Fenced,
     /// An I/O error of the event loop itself.
     Io(io::Error),
+    /// The link to the node's agent closed: the agent is gone, or stopped
+    /// this server (fencing, a move, a newer incarnation elsewhere).
+    AgentGone,
+}
+
+/// A server's link to its node's agent (a standby connects at init,
+/// announces itself, waits for its start command on it, and after the start
+/// takes membership from it). Blocking until `ServerLoop::run_with_agent`
+/// puts it in the event loop.
+pub struct AgentLink {
+    stream: std::os::unix::net::UnixStream,
+    reader: FrameReader<Box<[u8]>>,
+    frame: Box<[u8]>,
+    frame_len: usize,
+}
+
+impl std::fmt::Debug for AgentLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentLink").finish_non_exhaustive()
+    }
+}
+
+impl AgentLink {
+    /// Connects to the agent's socket (init: it allocates its buffers).
+    pub fn connect(path: &std::path::Path) -> io::Result<AgentLink> {
+        let stream = std::os::unix::net::UnixStream::connect(path)?;
+        Ok(AgentLink {
+            stream,
+            reader: FrameReader::new(vec![0u8; FRAME_MAX_BYTES].into_boxed_slice()),
+            frame: vec![0u8; FRAME_MAX_BYTES].into_boxed_slice(),
+            frame_len: 0,
+        })
+    }
+
+    /// Sends one message (blocking), encoded in the link's own buffer.
+    pub fn send(&mut self, msg: &csnap_proto::Msg<'_>) -> io::Result<()> {
+        let n = csnap_proto::encode(&csnap_proto::Header::new(0, 0), msg, &mut self.frame)
+            .map_err(|e| io::Error::other(e.to_string()))?;
+        self.stream.write_all(&self.frame[..n])
+    }
+
+    /// Turns the link non-blocking, for the serving loop (call before the
+    /// serving filter is installed: it is an ioctl).
+    pub fn set_nonblocking(&self) -> io::Result<()> {
+        self.stream.set_nonblocking(true)
+    }
+
+    /// Waits for the next frame (blocking) and returns it; end of stream is
+    /// `UnexpectedEof`.
+    pub fn recv(&mut self) -> io::Result<&[u8]> {
+        loop {
+            match self.reader.next_frame() {
+                Ok(Some(f)) => {
+                    let n = f.len();
+                    self.frame[..n].copy_from_slice(f);
+                    self.frame_len = n;
+                    return Ok(&self.frame[..self.frame_len]);
+                }
+                Ok(None) => {}
+                Err(e) => return Err(io::Error::new(io::ErrorKind::InvalidData, e.to_string())),
+            }
+            let n = self.stream.read(self.reader.spare())?;
+            if n == 0 {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+            self.reader.advance(n);
+        }
+    }
 }
 
 impl ServerLoop {
@@ -174,6 +248,7 @@ impl ServerLoop {
             worker: Some(handle),
             refuse_buf: [0u8; 512],
             ready: Vec::with_capacity(EVENTS_MAX),
+            agent: None,
             _worker_ready: ready_rx,
         })
     }
@@ -260,6 +335,64 @@ impl ServerLoop {
         self.run_with(&mut || {})
     }
 
+    /// Serves with membership from the node's agent: `NodeJoined`,
+    /// `NodeLeft` and `ClientGone` on `link` go to the FSM; the loop stops
+    /// when the link closes (the server must not outlive its agent).
+    /// Frames already buffered in the link are handled first. The link must
+    /// be non-blocking (`AgentLink::set_nonblocking`). Allocates nothing.
+    pub fn run_with_agent(&mut self, link: AgentLink) -> Stop {
+        let AgentLink { stream, reader, .. } = link;
+        let mut stream = mio::net::UnixStream::from_std(stream);
+        if let Err(e) = self
+            .poll
+            .registry()
+            .register(&mut stream, AGENT, Interest::READABLE)
+        {
+            return Stop::Io(e);
+        }
+        self.agent = Some((stream, reader));
+        if !self.read_agent() {
+            return Stop::AgentGone;
+        }
+        self.run_with(&mut || {})
+    }
+
+    /// Handles the agent's frames; `false` when the link is gone.
+    fn read_agent(&mut self) -> bool {
+        let Some((stream, reader)) = self.agent.as_mut() else {
+            return true;
+        };
+        loop {
+            loop {
+                match reader.next_frame() {
+                    Ok(Some(frame)) => match csnap_proto::decode(frame) {
+                        Ok((_, csnap_proto::Msg::NodeJoined { node_id })) => {
+                            self.fsm.handle_node_joined(node_id);
+                        }
+                        Ok((_, csnap_proto::Msg::NodeLeft { node_id })) => {
+                            self.fsm.handle_node_left(node_id);
+                        }
+                        Ok((_, csnap_proto::Msg::ClientGone { client_id, node_id })) => {
+                            self.fsm.handle_client_gone(client_id, node_id);
+                        }
+                        // Anything else from the agent is not for a
+                        // serving server; ignored.
+                        _ => {}
+                    },
+                    Ok(None) => break,
+                    Err(_) => return false,
+                }
+            }
+            match stream.read(reader.spare()) {
+                Ok(0) => return false,
+                Ok(n) => reader.advance(n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return false,
+            }
+        }
+    }
+
     /// As `run`, calling `on_turn` once per loop turn (test hooks).
     pub fn run_with(&mut self, on_turn: &mut dyn FnMut()) -> Stop {
         loop {
@@ -287,6 +420,11 @@ impl ServerLoop {
                 let (token, readable, writable, closed) = self.ready[k];
                 match token {
                     WAKER => self.drain_replies(),
+                    AGENT => {
+                        if !self.read_agent() {
+                            return Stop::AgentGone;
+                        }
+                    }
                     Token(t) if t >= LISTENER_BASE => self.accept(t - LISTENER_BASE),
                     Token(t) => {
                         let Ok(conn) = ConnId::try_from(t) else {
@@ -524,6 +662,8 @@ fn store_thread<D: Disk, O: Disk>(
     }
     let _ = ready.send(Ok(()));
     drop(ready);
+    let idle = std::time::Duration::from_millis(FENCE_RECHECK_IDLE_MS);
+    let mut last_batch = std::time::Instant::now();
     loop {
         let first = if worker.has_background_work() {
             match requests.try_pop() {
@@ -540,6 +680,9 @@ fn store_thread<D: Disk, O: Disk>(
                 Err(_) => return,
             }
         };
+        if last_batch.elapsed() >= idle {
+            worker.request_fence_check();
+        }
         batch.clear();
         batch.push(first);
         while batch.len() < BATCH_MAX {
@@ -553,5 +696,6 @@ fn store_thread<D: Disk, O: Disk>(
             let _ = replies.push(r);
         });
         let _ = waker.wake();
+        last_batch = std::time::Instant::now();
     }
 }

@@ -34,6 +34,7 @@ pub struct StoreWorker<D: Disk, O: Disk> {
     in_use: [u32; SNAPSHOTS_MAX],
     failed: bool,
     fenced: bool,
+    recheck_fence: bool,
 }
 
 fn failure(e: &StoreError) -> StoreFailure {
@@ -79,6 +80,7 @@ impl<D: Disk, O: Disk> StoreWorker<D, O> {
             in_use: [0; SNAPSHOTS_MAX],
             failed: false,
             fenced: false,
+            recheck_fence: false,
         }
     }
 
@@ -97,10 +99,27 @@ impl<D: Disk, O: Disk> StoreWorker<D, O> {
         !self.failed && self.store.as_ref().is_some_and(Store::delete_pending)
     }
 
+    /// Asks the next batch to read the on-disk incarnation before it
+    /// answers anything, even if it commits nothing: the worker thread does
+    /// this after an idle gap, so a server that was stopped (SIGSTOP, a VM
+    /// pause) while a newer incarnation took the store over finds out
+    /// before it hands out one more read mapping.
+    pub fn request_fence_check(&mut self) {
+        self.recheck_fence = true;
+    }
+
     /// Runs a batch and passes every reply, after the batch's commit, to
     /// `out`. Notifications (auto-deleted snapshots) use `NOTIFY_TOKEN`.
     pub fn run_batch(&mut self, batch: &[StoreRequest], out: &mut dyn FnMut(StoreReply)) {
         self.replies.clear();
+        if core::mem::take(&mut self.recheck_fence) && !self.failed {
+            if let Some(store) = self.store.as_mut() {
+                if let Err(e) = store.check_fence() {
+                    self.fenced = matches!(e, StoreError::Fenced { .. });
+                    self.fail();
+                }
+            }
+        }
         for req in batch {
             let result = if self.failed {
                 StoreResult::Failed(StoreFailure::Internal)

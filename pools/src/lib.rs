@@ -161,11 +161,24 @@ pub const DELETE_STEP_RECORDS_MAX: usize = 4096;
 /// Stack each server thread may use, touched before the heap is sealed.
 pub const THREAD_STACK_BUDGET_BYTES: usize = 256 * 1024;
 
+/// After this long without a batch, a server's store worker reads the
+/// on-disk incarnation before it answers the next request (a server paused
+/// while another took over must not hand out one more stale mapping).
+pub const SERVER_FENCE_RECHECK_IDLE_MS: u64 = 50;
+
 /// Expected clients, and members, one standby start command may name.
 pub const START_LIST_MAX: usize = 256;
 
-/// Read locks (chunks) one client remembers for upload after a reconnect.
-pub const CLIENT_HELD_LOCKS_MAX: usize = 4096;
+/// Read locks (chunks) one client remembers for upload after a reconnect:
+/// a caching client's idle leases plus every chunk its I/Os in flight pin.
+pub const CLIENT_HELD_LOCKS_MAX: usize = 16 * 1024;
+
+/// I/Os one volume engine (one NBD connection) has in flight.
+pub const VOLUME_IOS_MAX: usize = 16;
+/// Largest I/O a volume engine takes (the NBD maximum payload advertised).
+pub const VOLUME_IO_MAX_BYTES: u32 = 1 << 20;
+/// Idle snapshot leases a volume engine keeps by default.
+pub const VOLUME_CACHED_CHUNKS_DEFAULT: usize = 4096;
 
 const_assert!(CLIENTS_DEFAULT <= CLIENTS_MAX);
 const_assert!(REQUESTS_PER_CLIENT_DEFAULT <= REQUESTS_PER_CLIENT_MAX);
@@ -248,3 +261,68 @@ const_assert!(NBD_TRANSMIT_BUFFER_BYTES >= 18 + NBD_OPTION_REPLY_MAX_BYTES);
 const_assert!(
     NBD_TRANSMIT_BUFFER_BYTES >= 20 + 4 + NBD_EXPORT_NAME_MAX_BYTES + NBD_OPTION_REPLY_MAX_BYTES
 );
+// An engine's idle leases plus every chunk its I/Os may pin (at the smallest
+// chunk size) fit the client's held-lock table, which is uploaded whole
+// after a failover.
+const_assert!(
+    VOLUME_CACHED_CHUNKS_DEFAULT
+        + VOLUME_IOS_MAX * ((VOLUME_IO_MAX_BYTES / CHUNK_SIZE_MIN_BYTES) as usize + 1)
+        <= CLIENT_HELD_LOCKS_MAX
+);
+
+// ---------------------------------------------------------------------------
+// Agent and the local cluster controller.
+// ---------------------------------------------------------------------------
+
+/// Connections on one agent's socket at once (volume clients, control
+/// tools, its standby and serving server). Ceiling of `--conns`.
+pub const AGENT_CONNS_MAX: usize = 1024;
+/// Default for the agent's `--conns`.
+pub const AGENT_CONNS_DEFAULT: usize = 128;
+/// Output queued for one connection on the agent's socket: a start command
+/// naming every expected client, plus replies.
+pub const AGENT_CONN_OUT_BYTES: usize = 16 * 1024;
+/// Output queued on an agent's bus link (to the membership backend).
+pub const AGENT_BUS_OUT_BYTES: usize = 256 * 1024;
+/// How long an agent holds a client's `NeedServer` naming the incarnation
+/// the agent believes alive before it gives the same address again.
+pub const AGENT_SUSPECT_HOLD_MS: u64 = 100;
+/// Pause between an agent's attempts to reach its membership backend.
+pub const AGENT_BUS_RETRY_MS: u64 = 100;
+/// Wait before an agent respawns a standby that was lost.
+pub const AGENT_RESPAWN_BACKOFF_MS: u64 = 500;
+/// A spawned standby that has not announced itself by then is spawned again.
+pub const AGENT_SPAWN_TIMEOUT_MS: u64 = 10_000;
+
+/// Connections to the cluster controller at once (agents and tools).
+pub const CONTROLLER_CONNS_MAX: usize = 512;
+/// Default for the controller's `--conns`.
+pub const CONTROLLER_CONNS_DEFAULT: usize = 64;
+/// Output queued for one controller connection: a relayed client list,
+/// membership and status with room to spare.
+pub const CONTROLLER_CONN_OUT_BYTES: usize = 128 * 1024;
+/// A start that does not serve within this time is abandoned and tried on
+/// another node.
+pub const CONTROLLER_START_TIMEOUT_MS: u64 = 5_000;
+
+/// How long a volume client keeps retrying to reach a serving server
+/// (through its agent) before its I/O fails, by default.
+pub const CLIENT_FAILOVER_TIMEOUT_DEFAULT_MS: u64 = 5_000;
+/// First pause between a volume client's reconnection attempts; doubled up
+/// to `CLIENT_RETRY_MAX_MS`.
+pub const CLIENT_RETRY_MIN_MS: u64 = 1;
+/// Longest pause between a volume client's reconnection attempts.
+pub const CLIENT_RETRY_MAX_MS: u64 = 50;
+
+const_assert!(AGENT_CONNS_DEFAULT <= AGENT_CONNS_MAX);
+const_assert!(CONTROLLER_CONNS_DEFAULT <= CONTROLLER_CONNS_MAX);
+// A start command naming START_LIST_MAX members and expected clients (4 and
+// 16 bytes each, two list headers, the frame header) fits one agent
+// connection's output with room for replies.
+const_assert!(32 + 8 + START_LIST_MAX * (4 + 16) + 4096 <= AGENT_CONN_OUT_BYTES);
+// A relayed client list of 1024 entries fits a controller connection's
+// output several times over.
+const_assert!(4 * (32 + 24 + 1024 * 16) <= CONTROLLER_CONN_OUT_BYTES);
+const_assert!(CLIENT_RETRY_MIN_MS <= CLIENT_RETRY_MAX_MS);
+const_assert!(CLIENT_RETRY_MAX_MS < CLIENT_FAILOVER_TIMEOUT_DEFAULT_MS);
+const_assert!(AGENT_SUSPECT_HOLD_MS < CLIENT_FAILOVER_TIMEOUT_DEFAULT_MS);

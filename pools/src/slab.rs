@@ -156,6 +156,21 @@ impl U64Map {
         true
     }
 
+    /// Every (key, value), in table order.
+    pub fn iter(&self) -> impl Iterator<Item = (u64, u32)> + '_ {
+        self.keys
+            .iter()
+            .zip(self.vals.iter())
+            .filter(|(_, &v)| v != EMPTY)
+            .map(|(&k, &v)| (k, v))
+    }
+
+    /// Removes every entry.
+    pub fn clear(&mut self) {
+        self.vals.iter_mut().for_each(|v| *v = EMPTY);
+        self.len = 0;
+    }
+
     /// Removes `k`, returning its value.
     pub fn remove(&mut self, k: u64) -> Option<u32> {
         let i = self.slot_of(k)?;

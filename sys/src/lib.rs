@@ -69,3 +69,29 @@ pub fn lock_exclusive(file: &std::fs::File) -> std::io::Result<bool> {
         Err(e)
     }
 }
+
+/// Spawns `cmd` tied to this process: the child gets SIGKILL when this
+/// process dies (`PR_SET_PDEATHSIG`), so a node's agent, its spawner and its
+/// servers go down together and no server outlives the agent that fences
+/// it. Init or background use only (it forks and allocates).
+pub fn spawn_tied(cmd: &mut std::process::Command) -> std::io::Result<std::process::Child> {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: getpid has no preconditions and touches no memory of ours.
+    let parent = unsafe { libc::getpid() };
+    // SAFETY: the closure runs in the child between fork and exec. It calls
+    // only prctl, getppid and _exit, which are async-signal-safe, allocates
+    // nothing and takes no lock, as `pre_exec` requires.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The parent died before the prctl took effect: go now.
+            if libc::getppid() != parent {
+                libc::_exit(1);
+            }
+            Ok(())
+        });
+    }
+    cmd.spawn()
+}

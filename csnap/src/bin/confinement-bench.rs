@@ -84,6 +84,7 @@ fn drive(addr: &Addr, d: &Path, client: u64, n: u64) -> Result<(), String> {
             role: csnap_proto::Role::Client,
             volume: Volume::Origin,
             origin_uuid: label_uuid(&store)?,
+            caching: false,
         },
     )
     .map_err(|e| e.to_string())?;

@@ -890,6 +890,7 @@ fn start_csnap(dir: &Path) -> Result<Csnap, String> {
                 Stop::StoreFailed => "the store failed".to_string(),
                 Stop::Fenced => "fenced by a newer incarnation".to_string(),
                 Stop::Io(e) => format!("event loop I/O error: {e}"),
+                Stop::AgentGone => "the agent link closed".to_string(),
             };
             if let Ok(mut s) = stopped2.lock() {
                 *s = Some(why);

@@ -1,0 +1,277 @@
+//! The agent process: a mio loop over the agent's socket (volume clients,
+//! control tools, its standby and serving server), the bus link to the
+//! membership backend, and the pipe to its spawner, driving the sans-IO
+//! `AgentFsm`.
+//!
+//! The spawner is a child process started at init, before the agent locks
+//! its memory and seals its heap: starting a new standby forks and execs,
+//! which the confined agent never does itself. The agent only writes
+//! `spawn` to the spawner's pipe. The spawner (and every server it starts)
+//! dies with the agent (`PR_SET_PDEATHSIG`), and every server also exits
+//! when its agent link closes: no server outlives the agent that fences it.
+
+use std::io::{self, Read, Write};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use csnap_fsm::agent::{AgentAction, AgentConfig, AgentEvent, AgentFsm};
+use csnap_io::net::{Addr, MioListener};
+use csnap_proto::{FrameReader, FRAME_MAX_BYTES};
+use mio::{Events, Interest, Poll, Token};
+
+use crate::conns::ConnTable;
+use crate::Confinement;
+
+const BUS: Token = Token(usize::MAX - 2);
+
+/// Pause between attempts to reach the membership backend.
+const BUS_RETRY_MS: u64 = csnap_pools::AGENT_BUS_RETRY_MS;
+
+/// Readiness events handled per loop turn.
+const EVENTS_MAX: usize = csnap_pools::EVENTS_PER_TURN_MAX;
+
+/// How an agent runs.
+#[derive(Debug)]
+pub struct AgentOptions {
+    /// This node.
+    pub node_id: u32,
+    /// The agent's socket.
+    pub socket: PathBuf,
+    /// The controller's socket (the `local` membership backend).
+    pub controller: PathBuf,
+    /// Connections on the agent's socket at once.
+    pub conns: usize,
+    /// The spawner process to start at init (its standard input is the
+    /// spawn pipe).
+    pub spawner: std::process::Command,
+    /// Memory locking, heap seal and syscall filter.
+    pub confinement: Confinement,
+}
+
+struct Bus {
+    stream: mio::net::UnixStream,
+}
+
+/// Runs the agent until its loop fails. Returns the reason.
+pub fn run(mut opts: AgentOptions) -> Result<String, String> {
+    let listener = MioListener::bind(&Addr::Unix(opts.socket.clone()))
+        .map_err(|e| format!("cannot listen on {}: {e}", opts.socket.display()))?;
+    let agent_addr = csnap_fsm::agent::AddrBuf::new(&opts.socket.to_string_lossy())
+        .ok_or("the agent socket path is too long")?;
+    let cfg = AgentConfig {
+        node_id: opts.node_id,
+        agent_addr,
+        conns: opts.conns,
+        suspect_hold_ms: csnap_pools::AGENT_SUSPECT_HOLD_MS,
+        respawn_backoff_ms: csnap_pools::AGENT_RESPAWN_BACKOFF_MS,
+        spawn_timeout_ms: csnap_pools::AGENT_SPAWN_TIMEOUT_MS,
+    };
+    let mut poll = Poll::new().map_err(|e| format!("epoll: {e}"))?;
+    let mut events = Events::with_capacity(EVENTS_MAX);
+    let mut table = ConnTable::new(listener, cfg.conns, poll.registry())
+        .map_err(|e| format!("cannot register the agent socket: {e}"))?;
+    let mut fsm = AgentFsm::new(cfg);
+    let mut bus_reader = FrameReader::new(vec![0u8; FRAME_MAX_BYTES].into_boxed_slice());
+    let mut ready: Vec<(Token, bool, bool, bool)> = Vec::with_capacity(EVENTS_MAX);
+    opts.spawner.stdin(std::process::Stdio::piped());
+    let mut spawner = csnap_sys::spawn_tied(&mut opts.spawner)
+        .map_err(|e| format!("cannot start the spawner: {e}"))?;
+    let mut spawn_pipe = spawner
+        .stdin
+        .take()
+        .ok_or("the spawner has no input pipe")?;
+    let node = opts.node_id;
+    let mut reserved = ConnTable::reserved_bytes(cfg.conns) + FRAME_MAX_BYTES;
+    for (what, bytes) in AgentFsm::reserved_items(&cfg) {
+        eprintln!("csnap agent {node}: pool {what}: {bytes} bytes");
+        reserved += bytes;
+    }
+    eprintln!(
+        "csnap agent {node}: pool connection frame readers: {} bytes",
+        ConnTable::reserved_bytes(cfg.conns) + FRAME_MAX_BYTES
+    );
+    eprintln!(
+        "csnap agent {node}: listening on {}, {} connections, {reserved} bytes reserved",
+        opts.socket.display(),
+        cfg.conns
+    );
+    let t0 = Instant::now();
+    let now_ms = |t0: Instant| u64::try_from(t0.elapsed().as_millis()).unwrap_or(u64::MAX);
+    let mut bus: Option<Bus> = None;
+    let mut bus_retry_at = 0u64;
+    // Lives as long as the loop: nothing is freed once the heap is sealed.
+    let who = format!("csnap agent {node}");
+    opts.confinement.enter(&who)?;
+    eprintln!("csnap agent {node}: serving");
+    loop {
+        let now = now_ms(t0);
+        fsm.set_now(now);
+        fsm.handle_tick();
+        // The bus: connect when down, drop when it stalled.
+        if bus.is_some() && fsm.bus_stalled() {
+            if let Some(mut b) = bus.take() {
+                let _ = poll.registry().deregister(&mut b.stream);
+            }
+            fsm.handle_bus_disconnected();
+            bus_retry_at = now + BUS_RETRY_MS;
+        }
+        if bus.is_none() && now >= bus_retry_at {
+            match connect_bus(&opts.controller, &poll) {
+                Ok(b) => {
+                    bus_reader.clear();
+                    bus = Some(b);
+                    fsm.handle_bus_connected();
+                }
+                Err(_) => bus_retry_at = now + BUS_RETRY_MS,
+            }
+        }
+        while let Some(a) = fsm.poll_action() {
+            match a {
+                AgentAction::SpawnStandby => {
+                    if spawn_pipe.write_all(b"spawn\n").is_err() {
+                        eprintln!("csnap agent {node}: the spawner is gone; no new standby");
+                    }
+                }
+                AgentAction::Log(e) => log(node, &e),
+            }
+        }
+        table.pump(&mut fsm, poll.registry());
+        if let Some(b) = bus.as_mut() {
+            if !write_bus(&mut fsm, b) {
+                let mut b = bus.take().expect("bus present");
+                let _ = poll.registry().deregister(&mut b.stream);
+                fsm.handle_bus_disconnected();
+                bus_retry_at = now + BUS_RETRY_MS;
+            }
+        }
+        let mut timeout = fsm.next_deadline_ms().map(|d| d.saturating_sub(now));
+        if bus.is_none() {
+            let t = bus_retry_at.saturating_sub(now);
+            timeout = Some(timeout.map_or(t, |x| x.min(t)));
+        }
+        if let Err(e) = poll.poll(&mut events, timeout.map(Duration::from_millis)) {
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Ok(format!("event loop failed: {e}"));
+        }
+        fsm.set_now(now_ms(t0));
+        ready.clear();
+        for ev in events.iter() {
+            ready.push((
+                ev.token(),
+                ev.is_readable(),
+                ev.is_writable(),
+                ev.is_read_closed() || ev.is_error(),
+            ));
+        }
+        for &(token, readable, writable, closed) in &ready {
+            if token == BUS {
+                let alive = match bus.as_mut() {
+                    Some(b) => {
+                        (!(readable || closed) || read_bus(&mut fsm, b, &mut bus_reader))
+                            && (!writable || write_bus(&mut fsm, b))
+                    }
+                    None => true,
+                };
+                if !alive {
+                    if let Some(mut b) = bus.take() {
+                        let _ = poll.registry().deregister(&mut b.stream);
+                    }
+                    fsm.handle_bus_disconnected();
+                    bus_retry_at = fsm_now(&t0) + BUS_RETRY_MS;
+                }
+            } else {
+                table.on_event(&mut fsm, poll.registry(), token, readable, writable, closed);
+            }
+        }
+    }
+}
+
+fn fsm_now(t0: &Instant) -> u64 {
+    u64::try_from(t0.elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
+fn connect_bus(path: &std::path::Path, poll: &Poll) -> io::Result<Bus> {
+    let s = std::os::unix::net::UnixStream::connect(path)?;
+    s.set_nonblocking(true)?;
+    let mut stream = mio::net::UnixStream::from_std(s);
+    poll.registry()
+        .register(&mut stream, BUS, Interest::READABLE | Interest::WRITABLE)?;
+    Ok(Bus { stream })
+}
+
+/// Reads and handles the bus's frames; `false` when the link is gone.
+fn read_bus(fsm: &mut AgentFsm, b: &mut Bus, reader: &mut FrameReader<Box<[u8]>>) -> bool {
+    loop {
+        loop {
+            match reader.next_frame() {
+                Ok(Some(f)) => fsm.handle_bus_frame(f),
+                Ok(None) => break,
+                Err(_) => return false,
+            }
+        }
+        match b.stream.read(reader.spare()) {
+            Ok(0) => return false,
+            Ok(n) => reader.advance(n),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return false,
+        }
+    }
+}
+
+/// Writes what the FSM queued for the bus; `false` when the link is gone.
+fn write_bus(fsm: &mut AgentFsm, b: &mut Bus) -> bool {
+    while !fsm.bus_output().is_empty() {
+        match b.stream.write(fsm.bus_output()) {
+            Ok(0) => return false,
+            Ok(n) => fsm.consume_bus_output(n),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return false,
+        }
+    }
+    true
+}
+
+fn log(node: u32, e: &AgentEvent) {
+    match e {
+        AgentEvent::StandbyReady { pid } => {
+            eprintln!("csnap agent {node}: standby ready (pid {pid})");
+        }
+        AgentEvent::StandbyLost { pid } => {
+            eprintln!("csnap agent {node}: standby lost (pid {pid}); a new one follows");
+        }
+        AgentEvent::Gathering { attempt, waiting } => eprintln!(
+            "csnap agent {node}: start {attempt}: asking {waiting} other member(s) for their snapshot clients"
+        ),
+        AgentEvent::Starting { attempt, expected } => eprintln!(
+            "csnap agent {node}: start {attempt}: starting the standby ({expected} snapshot client(s) expected)"
+        ),
+        AgentEvent::Serving {
+            incarnation,
+            start_micros,
+        } => eprintln!(
+            "csnap agent {node}: server incarnation {incarnation} serving (started in {start_micros} us)"
+        ),
+        AgentEvent::ServerDied { incarnation } => eprintln!(
+            "csnap agent {node}: server incarnation {incarnation} died"
+        ),
+        AgentEvent::StartFailed { attempt } => {
+            eprintln!("csnap agent {node}: start {attempt} failed");
+        }
+        AgentEvent::TooManyExpected => eprintln!(
+            "csnap agent {node}: start refused: more snapshot clients than one start can carry"
+        ),
+        AgentEvent::StaleServerStopped { incarnation } => eprintln!(
+            "csnap agent {node}: stopped server incarnation {incarnation}: a newer one serves"
+        ),
+        AgentEvent::Fenced { reason } => {
+            eprintln!("csnap agent {node}: fenced by the controller ({reason:?})");
+        }
+        AgentEvent::BusError { code } => {
+            eprintln!("csnap agent {node}: the membership backend said {code:?}; ignored");
+        }
+    }
+}

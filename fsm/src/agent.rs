@@ -1,0 +1,1519 @@
+//! The agent's sans-IO state machine: one per node.
+//!
+//! The agent answers every volume client and control tool of its node with
+//! the address of the serving server (`NeedServer` -> `ServerAddress`),
+//! whether that server was already running or had to be started; it keeps a
+//! standby server of its own ready (the standby connects to the agent's
+//! socket and announces itself with `ServerReady`), starts it when the
+//! resource manager says so (`StartHere`), and relays membership to it.
+//!
+//! Membership and resource management reach the agent as messages on one
+//! link, the *bus* (`handle_bus_*`, `bus_output`): `Members`, `StartHere`,
+//! `NeedClients`, `Clients`, `ServerUp`, `ServerDown`, `Fence` and
+//! `ClientGone` come in; `Join`, `AgentState`, `WantServer`, `NeedClients`,
+//! `Clients`, `ServerUp` and `ClientGone` go out. That message set is the
+//! whole interface to a membership backend: the `local` backend is a
+//! controller process (`crate::cluster`) that relays them over a unix
+//! socket; a corosync/pacemaker backend carries the same messages over CPG
+//! and takes `StartHere` from a resource agent.
+//!
+//! # Starting a new incarnation (the recovery barrier's input)
+//!
+//! On `StartHere` the agent gathers, from every member node's agent, the ids
+//! of its snapshot clients (`NeedClients` -> `Clients`; none is a valid
+//! answer). A node that leaves meanwhile (a `Members` without it) is no
+//! longer waited for. With every answer in, the agent sends its standby
+//! `StartServer { members, expected }`; the standby replays the journal,
+//! takes the next incarnation, holds origin writes until every expected
+//! client has uploaded its read locks or its node has left, and reports
+//! `Serving`. The agent then announces `ServerUp`, answers its waiting
+//! clients at once, and asks its driver for a new standby (`SpawnStandby`).
+//!
+//! # Connection states (the agent's own socket)
+//!
+//! | state | entered on | accepts |
+//! |---|---|---|
+//! | `ExpectHello` | accept | `Hello` (role client, control or server) |
+//! | `Client` | `Hello` role client or control | `NeedServer` (one outstanding at a time) |
+//! | `Server` | `Hello` role server | `ServerReady`, then `Serving` after a start |
+//! | `Closing` | a framing error, a refused peer | nothing; closed once its output is written |
+//!
+//! # The local server
+//!
+//! | state | entered on | next |
+//! |---|---|---|
+//! | none | start, standby or server lost | `SpawnStandby` (with backoff) → a `ServerReady` makes it standby |
+//! | standby | `ServerReady` | `StartHere` → gathering |
+//! | gathering | `StartHere` with a standby | every member answered `Clients` (or left) → starting |
+//! | starting | `StartServer` sent | `Serving` → serving; the connection closes → start failed (reported, new standby) |
+//! | serving | `Serving` | the connection closes → died (reported as `AgentState.died_incarnation`) |
+//!
+//! Nothing here allocates after `new`, reads a clock (time is passed in with
+//! `set_now`), or touches a socket.
+
+use core::fmt::Write as _;
+
+use csnap_proto::{
+    self as proto, ClientEntry, DecodeError, ErrorCode, ErrorText, FenceReason, Kind, Msg, Node,
+    Role, Volume,
+};
+
+use crate::fixed::FixedRing;
+use crate::outbuf::OutBuf;
+
+/// A connection on the agent's socket.
+pub type AgentConnId = u32;
+
+/// Nodes a membership view holds.
+pub const NODES_MAX: usize = proto::NODES_MAX;
+/// Snapshot clients one start waits for, cluster-wide.
+pub const EXPECTED_MAX: usize = csnap_pools::START_LIST_MAX;
+/// Output queued for one connection on the agent's socket.
+pub const CONN_OUT_BYTES: usize = csnap_pools::AGENT_CONN_OUT_BYTES;
+/// Output queued for the bus.
+pub const BUS_OUT_BYTES: usize = csnap_pools::AGENT_BUS_OUT_BYTES;
+
+/// An address (unix path or host:port) in a fixed array.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct AddrBuf {
+    len: u8,
+    bytes: [u8; proto::ADDR_MAX_BYTES],
+}
+
+impl core::fmt::Debug for AddrBuf {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "{:?}", self.as_str())
+    }
+}
+
+impl AddrBuf {
+    /// The empty address.
+    pub const EMPTY: AddrBuf = AddrBuf {
+        len: 0,
+        bytes: [0; proto::ADDR_MAX_BYTES],
+    };
+
+    /// Copies `s`; `None` if longer than `ADDR_MAX_BYTES`.
+    pub fn new(s: &str) -> Option<AddrBuf> {
+        let len = u8::try_from(s.len()).ok()?;
+        if s.len() > proto::ADDR_MAX_BYTES {
+            return None;
+        }
+        let mut a = AddrBuf::EMPTY;
+        a.bytes[..s.len()].copy_from_slice(s.as_bytes());
+        a.len = len;
+        Some(a)
+    }
+
+    /// The address.
+    pub fn as_str(&self) -> &str {
+        core::str::from_utf8(&self.bytes[..usize::from(self.len)]).unwrap_or("")
+    }
+
+    /// Whether it is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// Configuration, fixed at init.
+#[derive(Debug, Clone, Copy)]
+pub struct AgentConfig {
+    /// This node.
+    pub node_id: u32,
+    /// The agent's own socket, announced in `Join`.
+    pub agent_addr: AddrBuf,
+    /// Connections on the agent's socket at once.
+    pub conns: usize,
+    /// How long a `NeedServer` naming the incarnation the agent believes
+    /// alive is held before the same address is given again.
+    pub suspect_hold_ms: u64,
+    /// Wait before respawning a standby that was lost.
+    pub respawn_backoff_ms: u64,
+    /// A spawned standby that has not announced itself by then is spawned
+    /// again.
+    pub spawn_timeout_ms: u64,
+}
+
+/// What the driver must do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AgentAction {
+    /// Start a new standby server process (it will connect to the agent's
+    /// socket and send `ServerReady`).
+    SpawnStandby,
+    /// Something to log.
+    Log(AgentEvent),
+}
+
+/// Events worth logging.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AgentEvent {
+    /// A standby announced itself.
+    StandbyReady {
+        /// Its process id.
+        pid: u32,
+    },
+    /// The standby went away before it was started.
+    StandbyLost {
+        /// Its process id.
+        pid: u32,
+    },
+    /// The resource manager asked this node to start the server.
+    Gathering {
+        /// The attempt (and gather) id.
+        attempt: u64,
+        /// Nodes whose answer is awaited.
+        waiting: u32,
+    },
+    /// `StartServer` was sent to the standby.
+    Starting {
+        /// The attempt.
+        attempt: u64,
+        /// Snapshot clients the recovery barrier waits for.
+        expected: u32,
+    },
+    /// The local server serves.
+    Serving {
+        /// Its incarnation.
+        incarnation: u64,
+        /// Its own start time (standby start to serving), microseconds.
+        start_micros: u64,
+    },
+    /// The local server of this incarnation died.
+    ServerDied {
+        /// Its incarnation.
+        incarnation: u64,
+    },
+    /// The standby failed to start (it closed before `Serving`).
+    StartFailed {
+        /// The attempt.
+        attempt: u64,
+    },
+    /// More snapshot clients than one start can carry: the start was
+    /// refused (raise `START_LIST_MAX`).
+    TooManyExpected,
+    /// A newer incarnation serves elsewhere: the local server was stopped.
+    StaleServerStopped {
+        /// The local (older) incarnation.
+        incarnation: u64,
+    },
+    /// The controller fenced this node.
+    Fenced {
+        /// Why.
+        reason: FenceReason,
+    },
+    /// The bus said something this agent cannot use (logged, ignored).
+    BusError {
+        /// The error code it carried, if it was an `Error`.
+        code: Option<ErrorCode>,
+    },
+}
+
+/// A client's outstanding `NeedServer`.
+#[derive(Debug, Clone, Copy)]
+struct Pending {
+    request_id: u64,
+    failed: u64,
+    hold_until_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Role2 {
+    Free,
+    ExpectHello,
+    Client {
+        client_id: u64,
+        volume: Option<Volume>,
+        pending: Option<Pending>,
+    },
+    Server {
+        pid: u32,
+        addr: AddrBuf,
+        announced: bool,
+    },
+    Closing,
+}
+
+#[derive(Debug)]
+struct Conn {
+    role: Role2,
+    out: OutBuf,
+    has_output: bool,
+    close_queued: bool,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct KnownServer {
+    incarnation: u64,
+    node_id: u32,
+    addr: AddrBuf,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Serving {
+    conn: AgentConnId,
+    incarnation: u64,
+    addr: AddrBuf,
+}
+
+#[derive(Debug)]
+struct Gather {
+    attempt: u64,
+    waiting: Vec<u32>,
+    expected: Vec<ClientEntry>,
+    overflow: bool,
+}
+
+/// What the agent knows, for status lines and tests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AgentStatus {
+    /// Whether this node is a cluster member (per the last `Members`).
+    pub member: bool,
+    /// Whether the bus is up.
+    pub bus_up: bool,
+    /// Whether a standby is ready.
+    pub standby_ready: bool,
+    /// The incarnation the local server serves, 0 if none.
+    pub serving_incarnation: u64,
+    /// The serving server the agent knows of: (incarnation, node), if any.
+    pub cluster_server: Option<(u64, u32)>,
+    /// Clients waiting for a server address.
+    pub waiting_clients: u32,
+    /// Registered snapshot clients of this node.
+    pub snapshot_clients: u32,
+}
+
+/// The agent state machine.
+#[derive(Debug)]
+pub struct AgentFsm {
+    cfg: AgentConfig,
+    now_ms: u64,
+    conns: Vec<Conn>,
+    output_q: FixedRing<AgentConnId>,
+    close_q: FixedRing<AgentConnId>,
+    actions: FixedRing<AgentAction>,
+    bus: OutBuf,
+    bus_up: bool,
+    members: Vec<u32>,
+    members_epoch: u64,
+    membership_known: bool,
+    member: bool,
+    fenced: bool,
+    /// Members as last told to the local serving server.
+    pushed: Vec<u32>,
+    standby: Option<AgentConnId>,
+    gather: Option<Gather>,
+    starting: Option<(AgentConnId, u64)>,
+    serving: Option<Serving>,
+    cluster_server: Option<KnownServer>,
+    highest_incarnation: u64,
+    want_sent_for: Option<u64>,
+    spawn_at_ms: Option<u64>,
+    spawn_deadline_ms: Option<u64>,
+    scratch: Vec<u8>,
+    scratch2: Vec<u8>,
+}
+
+impl AgentFsm {
+    /// Reserves every table. The only allocation.
+    pub fn new(cfg: AgentConfig) -> AgentFsm {
+        assert!(cfg.node_id >= 1, "node ids start at 1");
+        assert!(cfg.conns >= 2 && cfg.conns <= csnap_pools::AGENT_CONNS_MAX);
+        let mut conns = Vec::with_capacity(cfg.conns);
+        conns.resize_with(cfg.conns, || Conn {
+            role: Role2::Free,
+            out: OutBuf::with_capacity(CONN_OUT_BYTES),
+            has_output: false,
+            close_queued: false,
+        });
+        let mut a = AgentFsm {
+            cfg,
+            now_ms: 0,
+            conns,
+            output_q: FixedRing::new(cfg.conns),
+            close_q: FixedRing::new(cfg.conns),
+            actions: FixedRing::new(64),
+            bus: OutBuf::with_capacity(BUS_OUT_BYTES),
+            bus_up: false,
+            members: Vec::with_capacity(NODES_MAX),
+            members_epoch: 0,
+            membership_known: false,
+            member: false,
+            fenced: false,
+            pushed: Vec::with_capacity(NODES_MAX),
+            standby: None,
+            gather: None,
+            starting: None,
+            serving: None,
+            cluster_server: None,
+            highest_incarnation: 0,
+            want_sent_for: None,
+            spawn_at_ms: Some(0),
+            spawn_deadline_ms: None,
+            scratch: vec![0u8; proto::CLIENT_LIST_BYTES_MAX],
+            scratch2: vec![0u8; proto::NODE_LIST_BYTES_MAX],
+        };
+        // Reserve the gather tables once; a gather reuses them.
+        a.gather = Some(Gather {
+            attempt: 0,
+            waiting: Vec::with_capacity(NODES_MAX),
+            expected: Vec::with_capacity(EXPECTED_MAX),
+            overflow: false,
+        });
+        a.gather_reset();
+        a
+    }
+
+    /// Bytes reserved by `new`, one line per pool.
+    pub fn reserved_items(cfg: &AgentConfig) -> [(&'static str, usize); 4] {
+        [
+            (
+                "agent connection output buffers",
+                cfg.conns * CONN_OUT_BYTES,
+            ),
+            ("agent bus output buffer", BUS_OUT_BYTES),
+            (
+                "agent gather tables",
+                NODES_MAX * 4 * 3 + EXPECTED_MAX * core::mem::size_of::<ClientEntry>(),
+            ),
+            (
+                "agent list scratch",
+                proto::CLIENT_LIST_BYTES_MAX + proto::NODE_LIST_BYTES_MAX,
+            ),
+        ]
+    }
+
+    // The gather tables live in `gather` while no gather runs, marked by
+    // attempt 0; these helpers keep that convention in one place.
+    fn gather_reset(&mut self) {
+        if let Some(g) = self.gather.as_mut() {
+            g.attempt = 0;
+            g.waiting.clear();
+            g.expected.clear();
+            g.overflow = false;
+        }
+    }
+
+    fn gathering(&self) -> bool {
+        self.gather.as_ref().is_some_and(|g| g.attempt != 0)
+    }
+
+    /// Sets the time (monotonic milliseconds) for what follows.
+    pub fn set_now(&mut self, now_ms: u64) {
+        self.now_ms = now_ms;
+    }
+
+    /// What the agent knows.
+    pub fn status(&self) -> AgentStatus {
+        let mut waiting = 0u32;
+        let mut snaps = 0u32;
+        for c in &self.conns {
+            if let Role2::Client {
+                pending, volume, ..
+            } = c.role
+            {
+                if pending.is_some() {
+                    waiting += 1;
+                }
+                if matches!(volume, Some(Volume::Snapshot(_))) {
+                    snaps += 1;
+                }
+            }
+        }
+        AgentStatus {
+            member: self.member,
+            bus_up: self.bus_up,
+            standby_ready: self.standby.is_some() && !self.gathering(),
+            serving_incarnation: self.serving.map_or(0, |s| s.incarnation),
+            cluster_server: self.cluster_server.map(|s| (s.incarnation, s.node_id)),
+            waiting_clients: waiting,
+            snapshot_clients: snaps,
+        }
+    }
+
+    // -- the agent's socket ----------------------------------------------------
+
+    /// A new connection on the agent's socket; `None` when the table is full
+    /// (the driver closes it).
+    pub fn handle_accept(&mut self) -> Option<AgentConnId> {
+        let i = self
+            .conns
+            .iter()
+            .position(|c| matches!(c.role, Role2::Free))?;
+        let c = &mut self.conns[i];
+        c.role = Role2::ExpectHello;
+        c.out.clear();
+        c.has_output = false;
+        c.close_queued = false;
+        self.assert_invariants();
+        AgentConnId::try_from(i).ok()
+    }
+
+    /// Whether the driver should hand over more frames of `conn`.
+    pub fn wants_read(&self, conn: AgentConnId) -> bool {
+        let c = &self.conns[conn as usize];
+        !matches!(c.role, Role2::Free | Role2::Closing)
+            && c.out.capacity() - c.out.pending().len() >= 2 * 512
+    }
+
+    /// The frame reader of `conn` failed (garbage, bad version, oversized).
+    pub fn handle_bad_stream(&mut self, conn: AgentConnId, err: &DecodeError) {
+        let mut t = ErrorText::new();
+        let _ = write!(t, "{err}; closing the connection");
+        self.send_error(conn, 0, err.code(), err.culprit(), t.as_str());
+        self.close(conn);
+        self.assert_invariants();
+    }
+
+    /// A complete frame from `conn`.
+    pub fn handle_frame(&mut self, conn: AgentConnId, frame: &[u8]) {
+        if matches!(self.conns[conn as usize].role, Role2::Free | Role2::Closing) {
+            return;
+        }
+        match proto::decode(frame) {
+            Ok((hdr, msg)) => self.on_conn_msg(conn, hdr.request_id, &msg),
+            Err(e) => {
+                let rid = proto::peek_header(frame)
+                    .ok()
+                    .flatten()
+                    .map_or(0, |h| h.request_id);
+                let mut t = ErrorText::new();
+                let _ = write!(t, "{e}");
+                self.send_error(conn, rid, e.code(), e.culprit(), t.as_str());
+                if e.is_fatal() {
+                    self.close(conn);
+                }
+            }
+        }
+        self.assert_invariants();
+    }
+
+    fn on_conn_msg(&mut self, conn: AgentConnId, rid: u64, msg: &Msg<'_>) {
+        let kind = msg.kind();
+        let role = self.conns[conn as usize].role;
+        match (role, msg) {
+            (
+                Role2::ExpectHello,
+                Msg::Hello {
+                    version_min,
+                    version_max,
+                    role,
+                },
+            ) => {
+                let Some(version) = proto::negotiate(*version_min, *version_max) else {
+                    self.send_error(
+                        conn,
+                        rid,
+                        ErrorCode::BadVersion,
+                        kind.code(),
+                        "no common protocol version",
+                    );
+                    self.close(conn);
+                    return;
+                };
+                let next = match role {
+                    Role::Client | Role::Control => Role2::Client {
+                        client_id: 0,
+                        volume: None,
+                        pending: None,
+                    },
+                    Role::Server => Role2::Server {
+                        pid: 0,
+                        addr: AddrBuf::EMPTY,
+                        announced: false,
+                    },
+                    Role::Agent => {
+                        self.send_error(
+                            conn,
+                            rid,
+                            ErrorCode::Unsupported,
+                            kind.code(),
+                            "agents talk to each other through the membership backend, not here",
+                        );
+                        self.close(conn);
+                        return;
+                    }
+                };
+                self.conns[conn as usize].role = next;
+                self.send(
+                    conn,
+                    rid,
+                    &Msg::HelloOk {
+                        version,
+                        server_id: 0,
+                    },
+                );
+            }
+            (Role2::ExpectHello, _) => {
+                self.send_error(
+                    conn,
+                    rid,
+                    ErrorCode::NotIdentified,
+                    kind.code(),
+                    "send Hello first",
+                );
+            }
+            (_, Msg::Hello { .. }) => self.send_error(
+                conn,
+                rid,
+                ErrorCode::AlreadyIdentified,
+                kind.code(),
+                "Hello was already received on this connection",
+            ),
+            (
+                Role2::Client { .. },
+                Msg::NeedServer {
+                    client_id,
+                    failed_incarnation,
+                    node_id,
+                    volume,
+                },
+            ) => self.on_need_server(
+                conn,
+                rid,
+                *client_id,
+                *failed_incarnation,
+                *node_id,
+                *volume,
+            ),
+            (
+                Role2::Server {
+                    announced: false, ..
+                },
+                Msg::ServerReady { pid, node_id, addr },
+            ) => {
+                self.on_server_ready(conn, rid, *pid, *node_id, addr);
+            }
+            (
+                Role2::Server {
+                    announced: true, ..
+                },
+                Msg::Serving {
+                    incarnation,
+                    start_micros,
+                    ..
+                },
+            ) => self.on_serving(conn, *incarnation, *start_micros),
+            (Role2::Server { .. }, Msg::Error { .. }) => {
+                // A server reporting why its start failed; it closes next.
+            }
+            _ => {
+                let mut t = ErrorText::new();
+                let _ = write!(t, "{} is not accepted on this connection", kind.name());
+                self.send_error(conn, rid, ErrorCode::Unsupported, kind.code(), t.as_str());
+            }
+        }
+    }
+
+    fn on_need_server(
+        &mut self,
+        conn: AgentConnId,
+        rid: u64,
+        client_id: u64,
+        failed: u64,
+        node_id: u32,
+        volume: Option<Volume>,
+    ) {
+        let code = Kind::NeedServer.code();
+        if volume.is_some() && node_id != self.cfg.node_id {
+            let mut t = ErrorText::new();
+            let _ = write!(
+                t,
+                "a client of node {node_id} asked the agent of node {}",
+                self.cfg.node_id
+            );
+            self.send_error(conn, rid, ErrorCode::GeometryMismatch, code, t.as_str());
+            return;
+        }
+        if self.fenced {
+            self.send_error(
+                conn,
+                rid,
+                ErrorCode::Unsupported,
+                code,
+                "this node left the cluster (fenced); no server is given out here",
+            );
+            return;
+        }
+        let Role2::Client {
+            pending: already, ..
+        } = self.conns[conn as usize].role
+        else {
+            return;
+        };
+        if already.is_some() {
+            self.send_error(
+                conn,
+                rid,
+                ErrorCode::Busy,
+                code,
+                "one NeedServer at a time per connection",
+            );
+            return;
+        }
+        if let Role2::Client {
+            client_id: id,
+            volume: v,
+            ..
+        } = &mut self.conns[conn as usize].role
+        {
+            if volume.is_some() {
+                *id = client_id;
+                *v = volume;
+            }
+        }
+        let hold = match self.cluster_server {
+            Some(s) if s.incarnation > failed => {
+                self.reply_address(conn, rid);
+                return;
+            }
+            Some(s) if s.incarnation == failed => Some(self.now_ms + self.cfg.suspect_hold_ms),
+            _ => None,
+        };
+        if let Role2::Client { pending, .. } = &mut self.conns[conn as usize].role {
+            *pending = Some(Pending {
+                request_id: rid,
+                failed,
+                hold_until_ms: hold,
+            });
+        }
+        self.want_server(failed);
+    }
+
+    fn reply_address(&mut self, conn: AgentConnId, rid: u64) {
+        let Some(s) = self.cluster_server else { return };
+        self.send(
+            conn,
+            rid,
+            &Msg::ServerAddress {
+                incarnation: s.incarnation,
+                node_id: s.node_id,
+                addr: s.addr.as_str(),
+            },
+        );
+    }
+
+    fn want_server(&mut self, failed: u64) {
+        if self.bus_up && self.want_sent_for.is_none_or(|w| w < failed) {
+            self.want_sent_for = Some(failed);
+            self.bus_send(&Msg::WantServer {
+                failed_incarnation: failed,
+            });
+        }
+    }
+
+    /// Answers every waiting client a known server satisfies (newer than
+    /// what it saw fail, or its hold expired).
+    fn answer_pending(&mut self) {
+        let Some(s) = self.cluster_server else { return };
+        for i in 0..self.conns.len() {
+            let Role2::Client {
+                pending: Some(p), ..
+            } = self.conns[i].role
+            else {
+                continue;
+            };
+            let expired = p.hold_until_ms.is_some_and(|t| t <= self.now_ms);
+            if s.incarnation > p.failed || expired {
+                if let Role2::Client { pending, .. } = &mut self.conns[i].role {
+                    *pending = None;
+                }
+                let conn = AgentConnId::try_from(i).unwrap_or(u32::MAX);
+                self.reply_address(conn, p.request_id);
+            }
+        }
+    }
+
+    fn refuse_pending(&mut self, text: &str) {
+        for i in 0..self.conns.len() {
+            let Role2::Client {
+                pending: Some(p), ..
+            } = self.conns[i].role
+            else {
+                continue;
+            };
+            if let Role2::Client { pending, .. } = &mut self.conns[i].role {
+                *pending = None;
+            }
+            let conn = AgentConnId::try_from(i).unwrap_or(u32::MAX);
+            self.send_error(
+                conn,
+                p.request_id,
+                ErrorCode::Unsupported,
+                Kind::NeedServer.code(),
+                text,
+            );
+        }
+    }
+
+    fn on_server_ready(&mut self, conn: AgentConnId, rid: u64, pid: u32, node: u32, addr: &str) {
+        if node != self.cfg.node_id {
+            self.send_error(
+                conn,
+                rid,
+                ErrorCode::GeometryMismatch,
+                Kind::ServerReady.code(),
+                "the server was started for another node",
+            );
+            self.close(conn);
+            return;
+        }
+        let Some(a) = AddrBuf::new(addr) else {
+            self.close(conn);
+            return;
+        };
+        if self.standby.is_some() || self.starting.is_some() {
+            // One standby at a time: an extra one is sent away.
+            self.send_error(
+                conn,
+                rid,
+                ErrorCode::Busy,
+                Kind::ServerReady.code(),
+                "this agent has a standby already",
+            );
+            self.close(conn);
+            return;
+        }
+        self.conns[conn as usize].role = Role2::Server {
+            pid,
+            addr: a,
+            announced: true,
+        };
+        self.standby = Some(conn);
+        self.spawn_deadline_ms = None;
+        self.spawn_at_ms = None;
+        self.log(AgentEvent::StandbyReady { pid });
+        self.report_state(0);
+    }
+
+    fn on_serving(&mut self, conn: AgentConnId, incarnation: u64, start_micros: u64) {
+        let Some((sconn, _attempt)) = self.starting else {
+            return;
+        };
+        if sconn != conn {
+            return;
+        }
+        let Role2::Server { addr, .. } = self.conns[conn as usize].role else {
+            return;
+        };
+        self.starting = None;
+        self.serving = Some(Serving {
+            conn,
+            incarnation,
+            addr,
+        });
+        self.pushed.clear();
+        self.pushed.extend_from_slice(&self.members);
+        self.highest_incarnation = self.highest_incarnation.max(incarnation);
+        if self
+            .cluster_server
+            .is_none_or(|s| s.incarnation < incarnation)
+        {
+            self.cluster_server = Some(KnownServer {
+                incarnation,
+                node_id: self.cfg.node_id,
+                addr,
+            });
+        }
+        self.want_sent_for = None;
+        self.log(AgentEvent::Serving {
+            incarnation,
+            start_micros,
+        });
+        // Our own clients first, then everyone else's through the bus.
+        self.answer_pending();
+        self.bus_send(&Msg::ServerUp {
+            incarnation,
+            node_id: self.cfg.node_id,
+            addr: addr.as_str(),
+        });
+        self.report_state(0);
+        // A new standby, in the background.
+        self.spawn_at_ms = Some(self.now_ms);
+    }
+
+    /// `conn` closed or failed.
+    pub fn handle_disconnect(&mut self, conn: AgentConnId) {
+        let role = self.conns[conn as usize].role;
+        match role {
+            Role2::Free => return,
+            Role2::Client {
+                client_id, volume, ..
+            } => {
+                if volume.is_some() && client_id != 0 {
+                    self.bus_send(&Msg::ClientGone {
+                        client_id,
+                        node_id: self.cfg.node_id,
+                    });
+                }
+            }
+            Role2::Server { pid, .. } => self.server_conn_lost(conn, pid),
+            Role2::ExpectHello | Role2::Closing => {}
+        }
+        let c = &mut self.conns[conn as usize];
+        c.role = Role2::Free;
+        c.out.clear();
+        self.assert_invariants();
+    }
+
+    fn server_conn_lost(&mut self, conn: AgentConnId, pid: u32) {
+        if let Some(s) = self.serving.filter(|s| s.conn == conn) {
+            self.serving = None;
+            if self
+                .cluster_server
+                .is_some_and(|k| k.incarnation == s.incarnation)
+            {
+                self.cluster_server = None;
+            }
+            self.log(AgentEvent::ServerDied {
+                incarnation: s.incarnation,
+            });
+            self.report_state(s.incarnation);
+        } else if let Some((_, attempt)) = self.starting.filter(|s| s.0 == conn) {
+            self.starting = None;
+            self.log(AgentEvent::StartFailed { attempt });
+            self.report_state(0);
+            self.schedule_spawn(self.cfg.respawn_backoff_ms);
+        } else if self.standby == Some(conn) {
+            self.standby = None;
+            if self.gathering() {
+                let attempt = self.gather.as_ref().map_or(0, |g| g.attempt);
+                self.gather_reset();
+                self.log(AgentEvent::StartFailed { attempt });
+            }
+            self.log(AgentEvent::StandbyLost { pid });
+            self.report_state(0);
+            self.schedule_spawn(self.cfg.respawn_backoff_ms);
+        }
+    }
+
+    fn schedule_spawn(&mut self, after_ms: u64) {
+        if self.spawn_at_ms.is_none() && self.spawn_deadline_ms.is_none() {
+            self.spawn_at_ms = Some(self.now_ms + after_ms);
+        }
+    }
+
+    // -- the bus (membership and resource management) -------------------------
+
+    /// The bus link is up: the agent joins and reports its state.
+    pub fn handle_bus_connected(&mut self) {
+        self.bus.clear();
+        self.bus_up = true;
+        self.want_sent_for = None;
+        self.bus_send(&Msg::Hello {
+            version_min: proto::PROTOCOL_VERSION,
+            version_max: proto::PROTOCOL_VERSION,
+            role: Role::Agent,
+        });
+        let addr = self.cfg.agent_addr;
+        self.bus_send(&Msg::Join {
+            node_id: self.cfg.node_id,
+            addr: addr.as_str(),
+        });
+        self.report_state(0);
+        if let Some(s) = self.serving {
+            self.bus_send(&Msg::ServerUp {
+                incarnation: s.incarnation,
+                node_id: self.cfg.node_id,
+                addr: s.addr.as_str(),
+            });
+        }
+        // Clients that wait for a server keep waiting for one.
+        let mut failed = None;
+        for c in &self.conns {
+            if let Role2::Client {
+                pending: Some(p), ..
+            } = c.role
+            {
+                failed = Some(failed.map_or(p.failed, |f: u64| f.max(p.failed)));
+            }
+        }
+        if let Some(f) = failed {
+            self.want_server(f);
+        }
+        self.assert_invariants();
+    }
+
+    /// The bus link broke. What the agent knows stays; it rejoins when the
+    /// link is back.
+    pub fn handle_bus_disconnected(&mut self) {
+        self.bus_up = false;
+        self.bus.clear();
+        self.assert_invariants();
+    }
+
+    /// Bytes to write to the bus.
+    pub fn bus_output(&self) -> &[u8] {
+        self.bus.pending()
+    }
+
+    /// `n` bytes of `bus_output` were written.
+    pub fn consume_bus_output(&mut self, n: usize) {
+        self.bus.consume(n);
+    }
+
+    /// A frame from the bus. Anything it cannot use is logged and ignored:
+    /// the membership backend is trusted, but a bad frame must not stop the
+    /// agent serving its clients.
+    pub fn handle_bus_frame(&mut self, frame: &[u8]) {
+        match proto::decode(frame) {
+            Ok((_, msg)) => self.on_bus_msg(&msg),
+            Err(e) => self.log(AgentEvent::BusError {
+                code: Some(e.code()),
+            }),
+        }
+        self.assert_invariants();
+    }
+
+    fn on_bus_msg(&mut self, msg: &Msg<'_>) {
+        match msg {
+            Msg::HelloOk { .. } => {}
+            Msg::Members { epoch, members } => {
+                if *epoch < self.members_epoch {
+                    return;
+                }
+                self.members_epoch = *epoch;
+                self.members.clear();
+                for n in members.iter() {
+                    if self.members.len() < self.members.capacity() {
+                        self.members.push(n.id);
+                    }
+                }
+                self.membership_known = true;
+                self.member = self.members.contains(&self.cfg.node_id);
+                if self.member {
+                    self.fenced = false;
+                }
+                self.push_membership();
+                if let Some(g) = self.gather.as_mut() {
+                    if g.attempt != 0 {
+                        let members = &self.members;
+                        g.waiting.retain(|n| members.contains(n));
+                    }
+                }
+                self.maybe_finish_gather();
+            }
+            Msg::StartHere { attempt, .. } => self.on_start_here(*attempt),
+            Msg::NeedClients { gather_id, starter } => {
+                if *starter != self.cfg.node_id {
+                    self.send_clients(*gather_id, *starter);
+                }
+            }
+            Msg::Clients {
+                gather_id,
+                from,
+                to,
+                clients,
+            } => {
+                if *to != self.cfg.node_id {
+                    return;
+                }
+                let Some(g) = self.gather.as_mut() else {
+                    return;
+                };
+                if g.attempt == 0 || g.attempt != *gather_id {
+                    return;
+                }
+                let Some(at) = g.waiting.iter().position(|n| n == from) else {
+                    return;
+                };
+                g.waiting.swap_remove(at);
+                for c in clients.iter() {
+                    if g.expected.iter().any(|e| e.client_id == c.client_id) {
+                        continue;
+                    }
+                    if g.expected.len() < g.expected.capacity() {
+                        g.expected.push(c);
+                    } else {
+                        g.overflow = true;
+                    }
+                }
+                self.maybe_finish_gather();
+            }
+            Msg::ServerUp {
+                incarnation,
+                node_id,
+                addr,
+            } => {
+                let Some(a) = AddrBuf::new(addr) else { return };
+                self.highest_incarnation = self.highest_incarnation.max(*incarnation);
+                if self
+                    .cluster_server
+                    .is_none_or(|s| s.incarnation <= *incarnation)
+                {
+                    self.cluster_server = Some(KnownServer {
+                        incarnation: *incarnation,
+                        node_id: *node_id,
+                        addr: a,
+                    });
+                    self.want_sent_for = None;
+                }
+                if let Some(s) = self.serving {
+                    if s.incarnation < *incarnation {
+                        // Split brain avoided: ours is older. Closing the
+                        // link makes the server exit at once.
+                        self.serving = None;
+                        self.close(s.conn);
+                        self.log(AgentEvent::StaleServerStopped {
+                            incarnation: s.incarnation,
+                        });
+                        self.report_state(s.incarnation);
+                    }
+                }
+                self.answer_pending();
+            }
+            Msg::ServerDown { incarnation, .. } => {
+                if self
+                    .cluster_server
+                    .is_some_and(|s| s.incarnation == *incarnation)
+                {
+                    self.cluster_server = None;
+                }
+            }
+            Msg::Fence { reason } => self.on_fence(*reason),
+            Msg::ClientGone { client_id, node_id } => {
+                if let Some(s) = self.serving {
+                    self.send(
+                        s.conn,
+                        0,
+                        &Msg::ClientGone {
+                            client_id: *client_id,
+                            node_id: *node_id,
+                        },
+                    );
+                }
+            }
+            Msg::Error { code, .. } => self.log(AgentEvent::BusError { code: Some(*code) }),
+            _ => self.log(AgentEvent::BusError { code: None }),
+        }
+    }
+
+    fn on_start_here(&mut self, attempt: u64) {
+        if let Some(s) = self.serving {
+            // Already serving: say so again.
+            self.bus_send(&Msg::ServerUp {
+                incarnation: s.incarnation,
+                node_id: self.cfg.node_id,
+                addr: s.addr.as_str(),
+            });
+            return;
+        }
+        if self.gathering() || self.starting.is_some() {
+            return;
+        }
+        if self.standby.is_none() || self.fenced {
+            // Cannot start: the controller sees `standby: false` and picks
+            // another node.
+            self.report_state(0);
+            return;
+        }
+        let me = self.cfg.node_id;
+        let mut local = 0u32;
+        {
+            let Some(g) = self.gather.as_mut() else {
+                return;
+            };
+            g.attempt = attempt;
+            for &n in &self.members {
+                if n != me && g.waiting.len() < g.waiting.capacity() {
+                    g.waiting.push(n);
+                }
+            }
+            for c in &self.conns {
+                if let Role2::Client {
+                    client_id,
+                    volume: Some(Volume::Snapshot(_)),
+                    ..
+                } = c.role
+                {
+                    if g.expected.len() < g.expected.capacity() {
+                        g.expected.push(ClientEntry {
+                            client_id,
+                            node_id: me,
+                        });
+                        local += 1;
+                    } else {
+                        g.overflow = true;
+                    }
+                }
+            }
+        }
+        let waiting = self
+            .gather
+            .as_ref()
+            .map_or(0, |g| u32::try_from(g.waiting.len()).unwrap_or(u32::MAX));
+        let _ = local;
+        self.log(AgentEvent::Gathering { attempt, waiting });
+        self.bus_send(&Msg::NeedClients {
+            gather_id: attempt,
+            starter: me,
+        });
+        self.maybe_finish_gather();
+    }
+
+    fn send_clients(&mut self, gather_id: u64, to: u32) {
+        let me = self.cfg.node_id;
+        let mut scratch = core::mem::take(&mut self.scratch);
+        {
+            let Ok(mut b) = proto::ClientListBuilder::new(&mut scratch[..]) else {
+                self.scratch = scratch;
+                return;
+            };
+            for c in &self.conns {
+                if let Role2::Client {
+                    client_id,
+                    volume: Some(Volume::Snapshot(_)),
+                    ..
+                } = c.role
+                {
+                    let _ = b.push(ClientEntry {
+                        client_id,
+                        node_id: me,
+                    });
+                }
+            }
+            let clients = b.finish();
+            let msg = Msg::Clients {
+                gather_id,
+                from: me,
+                to,
+                clients,
+            };
+            if self.bus_up && !self.bus.push_msg(0, 0, &msg) {
+                self.bus_overflow();
+            }
+        }
+        self.scratch = scratch;
+    }
+
+    fn maybe_finish_gather(&mut self) {
+        let Some(g) = self.gather.as_ref() else {
+            return;
+        };
+        if g.attempt == 0 || !g.waiting.is_empty() {
+            return;
+        }
+        let attempt = g.attempt;
+        let Some(conn) = self.standby else {
+            self.gather_reset();
+            return;
+        };
+        if g.overflow || g.expected.len() > EXPECTED_MAX {
+            self.gather_reset();
+            self.log(AgentEvent::TooManyExpected);
+            self.report_state(0);
+            return;
+        }
+        let expected_n = u32::try_from(g.expected.len()).unwrap_or(u32::MAX);
+        // Build the two lists, then the frame.
+        let mut nodes = core::mem::take(&mut self.scratch2);
+        let mut clients = core::mem::take(&mut self.scratch);
+        let sent = {
+            let (Ok(mut nb), Ok(mut cb)) = (
+                proto::NodeListBuilder::new(&mut nodes[..]),
+                proto::ClientListBuilder::new(&mut clients[..]),
+            ) else {
+                self.scratch = clients;
+                self.scratch2 = nodes;
+                return;
+            };
+            for &n in &self.members {
+                let _ = nb.push(Node { id: n });
+            }
+            if let Some(g) = self.gather.as_ref() {
+                for &e in &g.expected {
+                    let _ = cb.push(e);
+                }
+            }
+            let msg = Msg::StartServer {
+                members: nb.finish(),
+                expected: cb.finish(),
+            };
+            self.conns[conn as usize].out.push_msg(0, 0, &msg)
+        };
+        self.scratch = clients;
+        self.scratch2 = nodes;
+        self.gather_reset();
+        self.standby = None;
+        if !sent {
+            self.close(conn);
+            self.schedule_spawn(self.cfg.respawn_backoff_ms);
+            return;
+        }
+        self.mark_output(conn);
+        self.starting = Some((conn, attempt));
+        self.log(AgentEvent::Starting {
+            attempt,
+            expected: expected_n,
+        });
+    }
+
+    /// Tells the local serving server who joined and left since it was last
+    /// told.
+    fn push_membership(&mut self) {
+        let Some(s) = self.serving else { return };
+        let mut i = 0;
+        while i < self.pushed.len() {
+            let n = self.pushed[i];
+            if self.members.contains(&n) {
+                i += 1;
+            } else {
+                self.pushed.swap_remove(i);
+                self.send(s.conn, 0, &Msg::NodeLeft { node_id: n });
+            }
+        }
+        for k in 0..self.members.len() {
+            let n = self.members[k];
+            if !self.pushed.contains(&n) && self.pushed.len() < self.pushed.capacity() {
+                self.pushed.push(n);
+                self.send(s.conn, 0, &Msg::NodeJoined { node_id: n });
+            }
+        }
+    }
+
+    fn on_fence(&mut self, reason: FenceReason) {
+        self.log(AgentEvent::Fenced { reason });
+        if let Some(s) = self.serving.take() {
+            self.close(s.conn);
+            if self
+                .cluster_server
+                .is_some_and(|k| k.incarnation == s.incarnation)
+            {
+                self.cluster_server = None;
+            }
+            self.report_state(s.incarnation);
+        }
+        if let Some((conn, attempt)) = self.starting.take() {
+            self.close(conn);
+            self.log(AgentEvent::StartFailed { attempt });
+            self.schedule_spawn(self.cfg.respawn_backoff_ms);
+        }
+        if self.gathering() {
+            self.gather_reset();
+        }
+        if reason == FenceReason::LeftCluster {
+            self.fenced = true;
+            self.member = false;
+            self.refuse_pending("this node left the cluster (fenced); no server is given out here");
+        }
+        self.report_state(0);
+    }
+
+    fn report_state(&mut self, died: u64) {
+        let standby_ready = self.standby.is_some() && !self.gathering() && !self.fenced;
+        self.bus_send(&Msg::AgentState {
+            node_id: self.cfg.node_id,
+            standby_ready,
+            serving_incarnation: self.serving.map_or(0, |s| s.incarnation),
+            died_incarnation: died,
+        });
+    }
+
+    fn bus_send(&mut self, msg: &Msg<'_>) {
+        if !self.bus_up {
+            return;
+        }
+        if !self.bus.push_msg(0, 0, msg) {
+            self.bus_overflow();
+        }
+    }
+
+    fn bus_overflow(&mut self) {
+        // The backend stopped reading: drop what is queued; the driver sees
+        // `bus_stalled` and reconnects (a rejoin resends the state).
+        self.bus.clear();
+        self.bus_up = false;
+    }
+
+    /// Whether the bus output overflowed and the link must be re-made.
+    pub fn bus_stalled(&self) -> bool {
+        !self.bus_up
+    }
+
+    // -- time ------------------------------------------------------------------
+
+    /// Runs what is due at the time given to `set_now`.
+    pub fn handle_tick(&mut self) {
+        let now = self.now_ms;
+        if self.spawn_at_ms.is_some_and(|t| t <= now) && self.standby.is_none() {
+            self.spawn_at_ms = None;
+            self.spawn_deadline_ms = Some(now + self.cfg.spawn_timeout_ms);
+            let _ = self.actions.push(AgentAction::SpawnStandby);
+        }
+        if self.spawn_deadline_ms.is_some_and(|t| t <= now) && self.standby.is_none() {
+            self.spawn_deadline_ms = Some(now + self.cfg.spawn_timeout_ms);
+            let _ = self.actions.push(AgentAction::SpawnStandby);
+        }
+        self.answer_pending();
+        self.assert_invariants();
+    }
+
+    /// The next time `handle_tick` has something to do, if any.
+    pub fn next_deadline_ms(&self) -> Option<u64> {
+        let mut d: Option<u64> = None;
+        let mut take = |t: Option<u64>| {
+            if let Some(t) = t {
+                d = Some(d.map_or(t, |x| x.min(t)));
+            }
+        };
+        if self.standby.is_none() {
+            take(self.spawn_at_ms);
+            take(self.spawn_deadline_ms);
+        }
+        for c in &self.conns {
+            if let Role2::Client {
+                pending: Some(p), ..
+            } = c.role
+            {
+                take(p.hold_until_ms);
+            }
+        }
+        d
+    }
+
+    /// The next thing for the driver to do.
+    pub fn poll_action(&mut self) -> Option<AgentAction> {
+        self.actions.pop()
+    }
+
+    fn log(&mut self, e: AgentEvent) {
+        // A full log queue drops the event: logging must never block.
+        let _ = self.actions.push(AgentAction::Log(e));
+    }
+
+    // -- output ----------------------------------------------------------------
+
+    fn send(&mut self, conn: AgentConnId, rid: u64, msg: &Msg<'_>) {
+        let c = &mut self.conns[conn as usize];
+        if matches!(c.role, Role2::Free) {
+            return;
+        }
+        if c.out.push_msg(rid, 0, msg) {
+            self.mark_output(conn);
+        } else {
+            // The peer does not read: drop it.
+            self.close(conn);
+        }
+    }
+
+    fn send_error(
+        &mut self,
+        conn: AgentConnId,
+        rid: u64,
+        code: ErrorCode,
+        culprit: u16,
+        text: &str,
+    ) {
+        self.send(
+            conn,
+            rid,
+            &Msg::Error {
+                code,
+                culprit,
+                text,
+            },
+        );
+    }
+
+    fn mark_output(&mut self, conn: AgentConnId) {
+        let c = &mut self.conns[conn as usize];
+        if !c.has_output {
+            c.has_output = true;
+            let _ = self.output_q.push(conn);
+        }
+    }
+
+    fn close(&mut self, conn: AgentConnId) {
+        let c = &mut self.conns[conn as usize];
+        if matches!(c.role, Role2::Free) {
+            return;
+        }
+        if let Role2::Server { pid, .. } = c.role {
+            // Closing a server's link stops it; account for it now.
+            c.role = Role2::Closing;
+            self.server_conn_lost(conn, pid);
+        }
+        let c = &mut self.conns[conn as usize];
+        c.role = Role2::Closing;
+        if !c.close_queued {
+            c.close_queued = true;
+            let _ = self.close_q.push(conn);
+        }
+    }
+
+    /// The next connection with output to write.
+    pub fn poll_output(&mut self) -> Option<AgentConnId> {
+        while let Some(c) = self.output_q.pop() {
+            let s = &mut self.conns[c as usize];
+            s.has_output = false;
+            if !s.out.is_empty() {
+                return Some(c);
+            }
+        }
+        None
+    }
+
+    /// Bytes waiting for `conn`.
+    pub fn output(&self, conn: AgentConnId) -> &[u8] {
+        self.conns[conn as usize].out.pending()
+    }
+
+    /// `n` bytes of `output(conn)` were written.
+    pub fn consume_output(&mut self, conn: AgentConnId, n: usize) {
+        self.conns[conn as usize].out.consume(n);
+    }
+
+    /// Whether `conn` has unwritten output.
+    pub fn has_output(&self, conn: AgentConnId) -> bool {
+        !self.conns[conn as usize].out.is_empty()
+    }
+
+    /// The next connection to close once its output is written.
+    pub fn poll_close(&mut self) -> Option<AgentConnId> {
+        self.close_q.pop()
+    }
+
+    /// Checks the state's invariants (after every input, release builds
+    /// too).
+    pub fn assert_invariants(&self) {
+        let server_conn = |c: Option<AgentConnId>| {
+            c.is_none_or(|c| {
+                matches!(
+                    self.conns[c as usize].role,
+                    Role2::Server {
+                        announced: true,
+                        ..
+                    }
+                )
+            })
+        };
+        assert!(server_conn(self.standby), "standby is not a server link");
+        assert!(
+            server_conn(self.starting.map(|s| s.0)),
+            "starting is not a server link"
+        );
+        assert!(
+            server_conn(self.serving.map(|s| s.conn)),
+            "serving is not a server link"
+        );
+        assert!(
+            self.standby.is_none() || self.standby != self.serving.map(|s| s.conn),
+            "the standby serves"
+        );
+        assert!(self.members.len() <= NODES_MAX);
+        if let Some(g) = &self.gather {
+            assert!(g.expected.len() <= EXPECTED_MAX);
+            assert!(g.attempt != 0 || (g.waiting.is_empty() && g.expected.is_empty()));
+            assert!(
+                g.attempt == 0 || self.standby.is_some(),
+                "gathering without a standby"
+            );
+        }
+        if let (Some(s), Some(k)) = (self.serving, self.cluster_server) {
+            assert!(
+                k.incarnation >= s.incarnation,
+                "known server older than ours"
+            );
+        }
+    }
+}

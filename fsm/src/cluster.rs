@@ -1,0 +1,1059 @@
+//! The `local` membership and resource-manager backend: the controller's
+//! sans-IO state machine.
+//!
+//! The controller is one process per cluster (`csnap cluster run`). Every
+//! node's agent keeps one connection to it; that connection is the agent's
+//! *bus* (see `crate::agent`). The controller is to the agents what corosync
+//! (membership and messaging) plus pacemaker (placement) would be:
+//!
+//! - **membership**: a node is a member while its agent is connected and it
+//!   has not been told to leave (`csnap cluster leave N`; `join N` takes it
+//!   back). Every change goes to every agent as `Members` with a growing
+//!   epoch. A node told to leave is sent `Fence(LeftCluster)`: its agent
+//!   stops its server and gives out no address. On one machine, "fenced"
+//!   means exactly that: the node's processes stop using the store.
+//! - **messaging**: `NeedClients` from a starting agent goes to every other
+//!   member; `Clients` goes to the node it names; `ServerUp` and
+//!   `ServerDown` go to every agent; `ClientGone` goes to the serving node.
+//! - **placement** (the resource manager): at most one server. With the
+//!   `auto` policy, a server is placed when an agent asks for one
+//!   (`WantServer`) and none runs, and again at once when the serving one
+//!   dies or its node leaves: on the lowest-numbered connected member with a
+//!   ready standby, other than the node that just failed if there is
+//!   another. `manual` places only on `csnap cluster start N`. `start N`
+//!   while another node serves first stops that server (`Fence(ServerMoved)`)
+//!   and waits for its agent to report it dead, so two never serve.
+//!
+//! # Placement states
+//!
+//! | state | entered on | next |
+//! |---|---|---|
+//! | `None` | start, server died | a candidate exists and a server is wanted → `Starting` |
+//! | `Starting { node }` | `StartHere` sent | `ServerUp` from it → `Running`; its start failed, its agent left, or the start timed out → `None` (that node avoided next) |
+//! | `Running { node, incarnation }` | `ServerUp` | its agent reports it died, or disconnects, or its node leaves → `ServerDown` to all, `None` |
+//! | `Stopping { from, to }` | `start N` while `from` serves | `from`'s server died → `Starting { to }` |
+//!
+//! Nothing here allocates after `new`, reads a clock or touches a socket.
+
+use core::fmt::Write as _;
+
+use csnap_proto::{
+    self as proto, ClusterOp, DecodeError, ErrorCode, ErrorText, FenceReason, Kind, Msg, Node,
+    NodeStatus, Role,
+};
+
+use crate::agent::AddrBuf;
+use crate::fixed::FixedRing;
+use crate::outbuf::OutBuf;
+
+/// A connection to the controller.
+pub type CtlConnId = u32;
+
+/// Nodes the controller tracks.
+pub const NODES_MAX: usize = proto::NODES_MAX;
+/// Output queued per connection.
+pub const CONN_OUT_BYTES: usize = csnap_pools::CONTROLLER_CONN_OUT_BYTES;
+/// `csnap cluster start` requests waiting for a server at once.
+pub const PENDING_STARTS_MAX: usize = 16;
+
+/// Placement policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Policy {
+    /// Place a server when one is wanted and none runs, and fail over at
+    /// once when it dies.
+    Auto,
+    /// Place only on `csnap cluster start`.
+    Manual,
+}
+
+/// Configuration, fixed at init.
+#[derive(Debug, Clone, Copy)]
+pub struct ControllerConfig {
+    /// Connections at once (agents and tools).
+    pub conns: usize,
+    /// Placement policy.
+    pub policy: Policy,
+    /// A start not serving within this time is abandoned (that node is
+    /// fenced from serving and another is tried).
+    pub start_timeout_ms: u64,
+}
+
+/// Events worth logging.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ControllerEvent {
+    /// An agent joined.
+    Joined {
+        /// Its node.
+        node: u32,
+    },
+    /// An agent's link went away.
+    Disconnected {
+        /// Its node.
+        node: u32,
+    },
+    /// A start was asked of a node.
+    Placing {
+        /// The node.
+        node: u32,
+        /// The attempt.
+        attempt: u64,
+    },
+    /// A server serves.
+    Running {
+        /// Its node.
+        node: u32,
+        /// Its incarnation.
+        incarnation: u64,
+    },
+    /// The server is gone.
+    ServerDown {
+        /// Its node.
+        node: u32,
+        /// Its incarnation.
+        incarnation: u64,
+    },
+    /// A start failed or timed out.
+    StartFailed {
+        /// The node.
+        node: u32,
+    },
+    /// A server is wanted but no node can start one.
+    NoCandidate,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Placement {
+    None,
+    Starting {
+        node: u32,
+        attempt: u64,
+        deadline_ms: u64,
+    },
+    Running {
+        node: u32,
+        incarnation: u64,
+        addr: AddrBuf,
+    },
+    Stopping {
+        from: u32,
+        to: u32,
+        incarnation: u64,
+    },
+}
+
+#[derive(Debug, Clone, Copy)]
+struct NodeRec {
+    id: u32,
+    conn: Option<CtlConnId>,
+    left: bool,
+    standby_ready: bool,
+    serving: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CRole {
+    Free,
+    ExpectHello,
+    Agent { node: Option<u32> },
+    Tool,
+    Closing,
+}
+
+#[derive(Debug)]
+struct CConn {
+    role: CRole,
+    out: OutBuf,
+    has_output: bool,
+    close_queued: bool,
+}
+
+/// The controller state machine.
+#[derive(Debug)]
+pub struct Controller {
+    cfg: ControllerConfig,
+    now_ms: u64,
+    conns: Vec<CConn>,
+    nodes: Vec<NodeRec>,
+    placement: Placement,
+    want: bool,
+    avoid: Option<u32>,
+    attempts: u64,
+    highest_incarnation: u64,
+    epoch: u64,
+    pending_starts: Vec<(CtlConnId, u64, u32)>,
+    output_q: FixedRing<CtlConnId>,
+    close_q: FixedRing<CtlConnId>,
+    events: FixedRing<ControllerEvent>,
+    scratch: Vec<u8>,
+}
+
+impl Controller {
+    /// Reserves every table. The only allocation.
+    pub fn new(cfg: ControllerConfig) -> Controller {
+        assert!(cfg.conns >= 1 && cfg.conns <= csnap_pools::CONTROLLER_CONNS_MAX);
+        let mut conns = Vec::with_capacity(cfg.conns);
+        conns.resize_with(cfg.conns, || CConn {
+            role: CRole::Free,
+            out: OutBuf::with_capacity(CONN_OUT_BYTES),
+            has_output: false,
+            close_queued: false,
+        });
+        Controller {
+            cfg,
+            now_ms: 0,
+            conns,
+            nodes: Vec::with_capacity(NODES_MAX),
+            placement: Placement::None,
+            want: false,
+            avoid: None,
+            attempts: 0,
+            highest_incarnation: 0,
+            epoch: 0,
+            pending_starts: Vec::with_capacity(PENDING_STARTS_MAX),
+            output_q: FixedRing::new(cfg.conns),
+            close_q: FixedRing::new(cfg.conns),
+            events: FixedRing::new(64),
+            scratch: vec![0u8; proto::NODE_STATUS_LIST_BYTES_MAX],
+        }
+    }
+
+    /// Sets the time (monotonic milliseconds) for what follows.
+    pub fn set_now(&mut self, now_ms: u64) {
+        self.now_ms = now_ms;
+    }
+
+    /// The serving server: (node, incarnation), if one runs.
+    pub fn running(&self) -> Option<(u32, u64)> {
+        match self.placement {
+            Placement::Running {
+                node, incarnation, ..
+            } => Some((node, incarnation)),
+            _ => None,
+        }
+    }
+
+    /// The members now.
+    pub fn is_member(&self, node: u32) -> bool {
+        self.nodes
+            .iter()
+            .any(|n| n.id == node && n.conn.is_some() && !n.left)
+    }
+
+    // -- connections -----------------------------------------------------------
+
+    /// A new connection; `None` when the table is full.
+    pub fn handle_accept(&mut self) -> Option<CtlConnId> {
+        let i = self.conns.iter().position(|c| c.role == CRole::Free)?;
+        let c = &mut self.conns[i];
+        c.role = CRole::ExpectHello;
+        c.out.clear();
+        c.has_output = false;
+        c.close_queued = false;
+        CtlConnId::try_from(i).ok()
+    }
+
+    /// Whether the driver should hand over more frames of `conn`.
+    pub fn wants_read(&self, conn: CtlConnId) -> bool {
+        let c = &self.conns[conn as usize];
+        !matches!(c.role, CRole::Free | CRole::Closing)
+            && c.out.capacity() - c.out.pending().len() >= proto::FRAME_MAX_BYTES / 2
+    }
+
+    /// The frame reader of `conn` failed.
+    pub fn handle_bad_stream(&mut self, conn: CtlConnId, err: &DecodeError) {
+        let mut t = ErrorText::new();
+        let _ = write!(t, "{err}; closing the connection");
+        self.send_error(conn, 0, err.code(), err.culprit(), t.as_str());
+        self.close(conn);
+        self.assert_invariants();
+    }
+
+    /// A frame from `conn`.
+    pub fn handle_frame(&mut self, conn: CtlConnId, frame: &[u8]) {
+        if matches!(self.conns[conn as usize].role, CRole::Free | CRole::Closing) {
+            return;
+        }
+        match proto::decode(frame) {
+            Ok((hdr, msg)) => self.on_msg(conn, hdr.request_id, &msg),
+            Err(e) => {
+                let rid = proto::peek_header(frame)
+                    .ok()
+                    .flatten()
+                    .map_or(0, |h| h.request_id);
+                let mut t = ErrorText::new();
+                let _ = write!(t, "{e}");
+                self.send_error(conn, rid, e.code(), e.culprit(), t.as_str());
+                if e.is_fatal() {
+                    self.close(conn);
+                }
+            }
+        }
+        self.assert_invariants();
+    }
+
+    fn rec(&mut self, node: u32) -> Option<&mut NodeRec> {
+        if let Some(i) = self.nodes.iter().position(|n| n.id == node) {
+            return Some(&mut self.nodes[i]);
+        }
+        if self.nodes.len() == self.nodes.capacity() {
+            return None;
+        }
+        self.nodes.push(NodeRec {
+            id: node,
+            conn: None,
+            left: false,
+            standby_ready: false,
+            serving: 0,
+        });
+        self.nodes.last_mut()
+    }
+
+    fn conn_of_node(&self, node: u32) -> Option<CtlConnId> {
+        self.nodes
+            .iter()
+            .find(|n| n.id == node)
+            .and_then(|n| n.conn)
+    }
+
+    #[allow(clippy::too_many_lines)]
+    fn on_msg(&mut self, conn: CtlConnId, rid: u64, msg: &Msg<'_>) {
+        let kind = msg.kind();
+        let role = self.conns[conn as usize].role;
+        match (role, msg) {
+            (
+                CRole::ExpectHello,
+                Msg::Hello {
+                    version_min,
+                    version_max,
+                    role,
+                },
+            ) => {
+                let Some(version) = proto::negotiate(*version_min, *version_max) else {
+                    self.send_error(
+                        conn,
+                        rid,
+                        ErrorCode::BadVersion,
+                        kind.code(),
+                        "no common protocol version",
+                    );
+                    self.close(conn);
+                    return;
+                };
+                let next = match role {
+                    Role::Agent => CRole::Agent { node: None },
+                    Role::Control => CRole::Tool,
+                    Role::Client | Role::Server => {
+                        self.send_error(
+                            conn,
+                            rid,
+                            ErrorCode::Unsupported,
+                            kind.code(),
+                            "the cluster controller talks to agents and to `csnap cluster`",
+                        );
+                        self.close(conn);
+                        return;
+                    }
+                };
+                self.conns[conn as usize].role = next;
+                self.send(
+                    conn,
+                    rid,
+                    &Msg::HelloOk {
+                        version,
+                        server_id: 0,
+                    },
+                );
+            }
+            (CRole::ExpectHello, _) => self.send_error(
+                conn,
+                rid,
+                ErrorCode::NotIdentified,
+                kind.code(),
+                "send Hello first",
+            ),
+            (_, Msg::Hello { .. }) => self.send_error(
+                conn,
+                rid,
+                ErrorCode::AlreadyIdentified,
+                kind.code(),
+                "Hello was already received on this connection",
+            ),
+            (CRole::Agent { node: None }, Msg::Join { node_id, .. }) => {
+                self.on_join(conn, rid, *node_id);
+            }
+            (CRole::Agent { node: None }, _) => self.send_error(
+                conn,
+                rid,
+                ErrorCode::NotIdentified,
+                kind.code(),
+                "an agent sends Join first",
+            ),
+            (CRole::Agent { node: Some(n) }, m) => self.on_agent_msg(conn, rid, n, m),
+            (CRole::Tool, Msg::ClusterCommand { op, node_id }) => {
+                self.on_command(conn, rid, *op, *node_id);
+            }
+            (CRole::Tool, Msg::ClusterStatus) => self.send_status(conn, rid),
+            _ => {
+                let mut t = ErrorText::new();
+                let _ = write!(t, "{} is not accepted on this connection", kind.name());
+                self.send_error(conn, rid, ErrorCode::Unsupported, kind.code(), t.as_str());
+            }
+        }
+    }
+
+    fn on_join(&mut self, conn: CtlConnId, rid: u64, node: u32) {
+        if let Some(other) = self.conn_of_node(node) {
+            if other != conn {
+                let mut t = ErrorText::new();
+                let _ = write!(
+                    t,
+                    "node {node} is already connected; node ids must be unique"
+                );
+                self.send_error(
+                    conn,
+                    rid,
+                    ErrorCode::AlreadyIdentified,
+                    Kind::Join.code(),
+                    t.as_str(),
+                );
+                self.close(conn);
+                return;
+            }
+        }
+        let Some(r) = self.rec(node) else {
+            self.send_error(
+                conn,
+                rid,
+                ErrorCode::Busy,
+                Kind::Join.code(),
+                "the controller tracks its maximum number of nodes",
+            );
+            self.close(conn);
+            return;
+        };
+        r.conn = Some(conn);
+        r.standby_ready = false;
+        r.serving = 0;
+        self.conns[conn as usize].role = CRole::Agent { node: Some(node) };
+        let _ = self.events.push(ControllerEvent::Joined { node });
+        self.broadcast_members();
+        if let Placement::Running {
+            node: sn,
+            incarnation,
+            addr,
+        } = self.placement
+        {
+            self.send(
+                conn,
+                0,
+                &Msg::ServerUp {
+                    incarnation,
+                    node_id: sn,
+                    addr: addr.as_str(),
+                },
+            );
+        }
+    }
+
+    fn on_agent_msg(&mut self, conn: CtlConnId, rid: u64, node: u32, msg: &Msg<'_>) {
+        let kind = msg.kind();
+        match msg {
+            Msg::AgentState {
+                node_id,
+                standby_ready,
+                serving_incarnation,
+                died_incarnation,
+            } => {
+                if *node_id != node {
+                    self.send_error(
+                        conn,
+                        rid,
+                        ErrorCode::BadFrame,
+                        kind.code(),
+                        "AgentState names another node",
+                    );
+                    return;
+                }
+                if let Some(r) = self.rec(node) {
+                    r.standby_ready = *standby_ready;
+                    r.serving = *serving_incarnation;
+                }
+                if *died_incarnation != 0 {
+                    self.server_died(node, *died_incarnation);
+                }
+                if let Placement::Starting { node: sn, .. } = self.placement {
+                    if sn == node && !*standby_ready && *serving_incarnation == 0 {
+                        // The start could not be made (no standby, or it
+                        // failed): try elsewhere.
+                        let _ = self.events.push(ControllerEvent::StartFailed { node });
+                        self.avoid = Some(node);
+                        self.placement = Placement::None;
+                        self.want = true;
+                    }
+                }
+                self.maybe_place();
+            }
+            Msg::WantServer { .. } => {
+                self.want = true;
+                self.maybe_place();
+            }
+            Msg::ServerUp {
+                incarnation,
+                node_id,
+                addr,
+            } => {
+                if *node_id != node {
+                    self.send_error(
+                        conn,
+                        rid,
+                        ErrorCode::BadFrame,
+                        kind.code(),
+                        "ServerUp names another node",
+                    );
+                    return;
+                }
+                self.on_server_up(conn, node, *incarnation, addr);
+            }
+            Msg::NeedClients { starter, .. } => {
+                if *starter != node {
+                    return;
+                }
+                for i in 0..self.nodes.len() {
+                    let r = self.nodes[i];
+                    if r.id == node || r.left {
+                        continue;
+                    }
+                    if let Some(c) = r.conn {
+                        self.send(c, 0, msg);
+                    }
+                }
+            }
+            Msg::Clients { from, to, .. } => {
+                if *from != node {
+                    return;
+                }
+                if let Some(c) = self.conn_of_node(*to) {
+                    self.send(c, 0, msg);
+                }
+            }
+            Msg::ClientGone { .. } => {
+                if let Placement::Running { node: sn, .. } = self.placement {
+                    if let Some(c) = self.conn_of_node(sn) {
+                        self.send(c, 0, msg);
+                    }
+                }
+            }
+            Msg::Error { .. } => {}
+            _ => {
+                let mut t = ErrorText::new();
+                let _ = write!(t, "{} is not accepted from an agent", kind.name());
+                self.send_error(conn, rid, ErrorCode::Unsupported, kind.code(), t.as_str());
+            }
+        }
+    }
+
+    fn on_server_up(&mut self, conn: CtlConnId, node: u32, incarnation: u64, addr: &str) {
+        let Some(a) = AddrBuf::new(addr) else { return };
+        if incarnation < self.highest_incarnation {
+            // An older incarnation than one that served: stop it.
+            self.send(
+                conn,
+                0,
+                &Msg::Fence {
+                    reason: FenceReason::ServerMoved,
+                },
+            );
+            return;
+        }
+        if let Placement::Running { node: other, .. } = self.placement {
+            if other != node {
+                if let Some(c) = self.conn_of_node(other) {
+                    self.send(
+                        c,
+                        0,
+                        &Msg::Fence {
+                            reason: FenceReason::ServerMoved,
+                        },
+                    );
+                }
+            }
+        }
+        self.highest_incarnation = incarnation;
+        self.placement = Placement::Running {
+            node,
+            incarnation,
+            addr: a,
+        };
+        self.want = false;
+        self.avoid = None;
+        if let Some(r) = self.rec(node) {
+            r.serving = incarnation;
+        }
+        let _ = self
+            .events
+            .push(ControllerEvent::Running { node, incarnation });
+        let up = Msg::ServerUp {
+            incarnation,
+            node_id: node,
+            addr,
+        };
+        self.broadcast(&up);
+        let mut k = 0;
+        while k < self.pending_starts.len() {
+            let (c, rid, n) = self.pending_starts[k];
+            if n == node {
+                self.pending_starts.swap_remove(k);
+                self.send(c, rid, &Msg::Ok);
+            } else {
+                k += 1;
+            }
+        }
+    }
+
+    fn server_died(&mut self, node: u32, incarnation: u64) {
+        let (gone, next) = match self.placement {
+            Placement::Running {
+                node: n,
+                incarnation: i,
+                ..
+            } if n == node && i == incarnation => (true, None),
+            Placement::Stopping {
+                from,
+                to,
+                incarnation: i,
+            } if from == node && i == incarnation => (true, Some(to)),
+            _ => (false, None),
+        };
+        if !gone {
+            return;
+        }
+        self.placement = Placement::None;
+        let _ = self
+            .events
+            .push(ControllerEvent::ServerDown { node, incarnation });
+        self.broadcast(&Msg::ServerDown {
+            incarnation,
+            node_id: node,
+        });
+        if let Some(to) = next {
+            self.start_on(to);
+        } else {
+            // Fail over at once (auto), preferring another node.
+            self.want = true;
+            self.avoid = Some(node);
+            self.maybe_place();
+        }
+    }
+
+    fn on_command(&mut self, conn: CtlConnId, rid: u64, op: ClusterOp, node: u32) {
+        let code = Kind::ClusterCommand.code();
+        match op {
+            ClusterOp::Join => {
+                let Some(r) = self.rec(node) else {
+                    self.send_error(conn, rid, ErrorCode::Busy, code, "node table full");
+                    return;
+                };
+                r.left = false;
+                self.broadcast_members();
+                self.send(conn, rid, &Msg::Ok);
+                self.maybe_place();
+            }
+            ClusterOp::Leave => {
+                let Some(r) = self.rec(node) else {
+                    self.send_error(conn, rid, ErrorCode::Busy, code, "node table full");
+                    return;
+                };
+                r.left = true;
+                let c = r.conn;
+                if let Some(c) = c {
+                    self.send(
+                        c,
+                        0,
+                        &Msg::Fence {
+                            reason: FenceReason::LeftCluster,
+                        },
+                    );
+                }
+                self.node_lost(node);
+                self.broadcast_members();
+                self.send(conn, rid, &Msg::Ok);
+            }
+            ClusterOp::Start => {
+                if !self.is_member(node) {
+                    let mut t = ErrorText::new();
+                    let _ = write!(t, "node {node} is not a connected member");
+                    self.send_error(conn, rid, ErrorCode::Unsupported, code, t.as_str());
+                    return;
+                }
+                if self.pending_starts.len() == self.pending_starts.capacity() {
+                    self.send_error(conn, rid, ErrorCode::Busy, code, "too many starts waiting");
+                    return;
+                }
+                match self.placement {
+                    Placement::Running { node: n, .. } if n == node => {
+                        self.send(conn, rid, &Msg::Ok);
+                        return;
+                    }
+                    Placement::Running {
+                        node: n,
+                        incarnation,
+                        ..
+                    } => {
+                        if let Some(c) = self.conn_of_node(n) {
+                            self.send(
+                                c,
+                                0,
+                                &Msg::Fence {
+                                    reason: FenceReason::ServerMoved,
+                                },
+                            );
+                        }
+                        self.placement = Placement::Stopping {
+                            from: n,
+                            to: node,
+                            incarnation,
+                        };
+                    }
+                    Placement::Starting { node: n, .. } if n != node => {
+                        let mut t = ErrorText::new();
+                        let _ = write!(t, "a start is under way on node {n}; retry");
+                        self.send_error(conn, rid, ErrorCode::Busy, code, t.as_str());
+                        return;
+                    }
+                    Placement::Starting { .. } => {}
+                    Placement::Stopping {
+                        from, incarnation, ..
+                    } => {
+                        self.placement = Placement::Stopping {
+                            from,
+                            to: node,
+                            incarnation,
+                        };
+                    }
+                    Placement::None => self.start_on(node),
+                }
+                self.pending_starts.push((conn, rid, node));
+            }
+        }
+    }
+
+    fn send_status(&mut self, conn: CtlConnId, rid: u64) {
+        let (inc, node, addr) = match self.placement {
+            Placement::Running {
+                node,
+                incarnation,
+                addr,
+            } => (incarnation, node, addr),
+            _ => (0, 0, AddrBuf::EMPTY),
+        };
+        let mut scratch = core::mem::take(&mut self.scratch);
+        if let Ok(mut b) = proto::NodeStatusListBuilder::new(&mut scratch[..]) {
+            for r in &self.nodes {
+                let mut flags = 0;
+                if r.conn.is_some() {
+                    flags |= NodeStatus::CONNECTED;
+                }
+                if r.conn.is_some() && !r.left {
+                    flags |= NodeStatus::MEMBER;
+                }
+                if r.standby_ready {
+                    flags |= NodeStatus::STANDBY_READY;
+                }
+                if r.serving != 0 {
+                    flags |= NodeStatus::SERVING;
+                }
+                let _ = b.push(NodeStatus {
+                    node: r.id,
+                    flags,
+                    serving_incarnation: r.serving,
+                });
+            }
+            let nodes = b.finish();
+            let msg = Msg::ClusterStatusReply {
+                server_incarnation: inc,
+                server_node: node,
+                server_addr: addr.as_str(),
+                nodes,
+            };
+            let c = &mut self.conns[conn as usize];
+            if c.out.push_msg(rid, 0, &msg) {
+                self.mark_output(conn);
+            }
+        }
+        self.scratch = scratch;
+    }
+
+    /// `conn` closed or failed.
+    pub fn handle_disconnect(&mut self, conn: CtlConnId) {
+        let role = self.conns[conn as usize].role;
+        if role == CRole::Free {
+            return;
+        }
+        if let CRole::Agent { node: Some(n) } = role {
+            if let Some(r) = self.rec(n) {
+                if r.conn == Some(conn) {
+                    r.conn = None;
+                    r.standby_ready = false;
+                    r.serving = 0;
+                }
+            }
+            let _ = self.events.push(ControllerEvent::Disconnected { node: n });
+            self.node_lost(n);
+            self.broadcast_members();
+        }
+        self.pending_starts.retain(|p| p.0 != conn);
+        let c = &mut self.conns[conn as usize];
+        c.role = CRole::Free;
+        c.out.clear();
+        self.assert_invariants();
+    }
+
+    /// Node `n` is no longer a member (disconnected or told to leave): a
+    /// server there is gone, a start there is abandoned.
+    fn node_lost(&mut self, n: u32) {
+        match self.placement {
+            Placement::Running {
+                node, incarnation, ..
+            } if node == n => self.server_died(node, incarnation),
+            Placement::Stopping {
+                from, incarnation, ..
+            } if from == n => self.server_died(from, incarnation),
+            Placement::Starting { node, .. } if node == n => {
+                let _ = self.events.push(ControllerEvent::StartFailed { node });
+                self.placement = Placement::None;
+                self.avoid = Some(n);
+                self.want = true;
+                self.maybe_place();
+            }
+            _ => {}
+        }
+        self.pending_starts.retain(|p| p.2 != n);
+    }
+
+    // -- placement --------------------------------------------------------------
+
+    fn maybe_place(&mut self) {
+        if self.placement != Placement::None || !self.want || self.cfg.policy == Policy::Manual {
+            return;
+        }
+        let candidate = |r: &NodeRec| r.conn.is_some() && !r.left && r.standby_ready;
+        let mut best: Option<u32> = None;
+        for r in &self.nodes {
+            if candidate(r) && Some(r.id) != self.avoid && best.is_none_or(|b| r.id < b) {
+                best = Some(r.id);
+            }
+        }
+        if best.is_none() {
+            best = self
+                .avoid
+                .filter(|a| self.nodes.iter().any(|r| r.id == *a && candidate(r)));
+        }
+        match best {
+            Some(n) => self.start_on(n),
+            None => {
+                let _ = self.events.push(ControllerEvent::NoCandidate);
+            }
+        }
+    }
+
+    fn start_on(&mut self, node: u32) {
+        let Some(c) = self.conn_of_node(node) else {
+            self.placement = Placement::None;
+            return;
+        };
+        self.attempts += 1;
+        let attempt = self.attempts;
+        self.placement = Placement::Starting {
+            node,
+            attempt,
+            deadline_ms: self.now_ms + self.cfg.start_timeout_ms,
+        };
+        let _ = self.events.push(ControllerEvent::Placing { node, attempt });
+        self.send(
+            c,
+            0,
+            &Msg::StartHere {
+                attempt,
+                former_incarnation: self.highest_incarnation,
+            },
+        );
+    }
+
+    /// Runs what is due at the time given to `set_now`.
+    pub fn handle_tick(&mut self) {
+        if let Placement::Starting {
+            node, deadline_ms, ..
+        } = self.placement
+        {
+            if deadline_ms <= self.now_ms {
+                let _ = self.events.push(ControllerEvent::StartFailed { node });
+                if let Some(c) = self.conn_of_node(node) {
+                    self.send(
+                        c,
+                        0,
+                        &Msg::Fence {
+                            reason: FenceReason::ServerMoved,
+                        },
+                    );
+                }
+                self.placement = Placement::None;
+                self.avoid = Some(node);
+                self.want = true;
+                self.maybe_place();
+            }
+        }
+        self.assert_invariants();
+    }
+
+    /// The next time `handle_tick` has something to do.
+    pub fn next_deadline_ms(&self) -> Option<u64> {
+        match self.placement {
+            Placement::Starting { deadline_ms, .. } => Some(deadline_ms),
+            _ => None,
+        }
+    }
+
+    /// The next event to log.
+    pub fn poll_event(&mut self) -> Option<ControllerEvent> {
+        self.events.pop()
+    }
+
+    // -- output ----------------------------------------------------------------
+
+    fn broadcast_members(&mut self) {
+        self.epoch += 1;
+        let mut scratch = core::mem::take(&mut self.scratch);
+        if let Ok(mut b) = proto::NodeListBuilder::new(&mut scratch[..]) {
+            for r in &self.nodes {
+                if r.conn.is_some() && !r.left {
+                    let _ = b.push(Node { id: r.id });
+                }
+            }
+            let msg = Msg::Members {
+                epoch: self.epoch,
+                members: b.finish(),
+            };
+            self.broadcast(&msg);
+        }
+        self.scratch = scratch;
+    }
+
+    fn broadcast(&mut self, msg: &Msg<'_>) {
+        for i in 0..self.conns.len() {
+            if matches!(self.conns[i].role, CRole::Agent { node: Some(_) }) {
+                let c = CtlConnId::try_from(i).unwrap_or(u32::MAX);
+                self.send(c, 0, msg);
+            }
+        }
+    }
+
+    fn send(&mut self, conn: CtlConnId, rid: u64, msg: &Msg<'_>) {
+        let c = &mut self.conns[conn as usize];
+        if matches!(c.role, CRole::Free | CRole::Closing) {
+            return;
+        }
+        if c.out.push_msg(rid, 0, msg) {
+            self.mark_output(conn);
+        } else {
+            self.close(conn);
+        }
+    }
+
+    fn send_error(&mut self, conn: CtlConnId, rid: u64, code: ErrorCode, culprit: u16, text: &str) {
+        self.send(
+            conn,
+            rid,
+            &Msg::Error {
+                code,
+                culprit,
+                text,
+            },
+        );
+    }
+
+    fn mark_output(&mut self, conn: CtlConnId) {
+        let c = &mut self.conns[conn as usize];
+        if !c.has_output {
+            c.has_output = true;
+            let _ = self.output_q.push(conn);
+        }
+    }
+
+    fn close(&mut self, conn: CtlConnId) {
+        let c = &mut self.conns[conn as usize];
+        if c.role == CRole::Free {
+            return;
+        }
+        c.role = CRole::Closing;
+        if !c.close_queued {
+            c.close_queued = true;
+            let _ = self.close_q.push(conn);
+        }
+    }
+
+    /// The next connection with output to write.
+    pub fn poll_output(&mut self) -> Option<CtlConnId> {
+        while let Some(c) = self.output_q.pop() {
+            let s = &mut self.conns[c as usize];
+            s.has_output = false;
+            if !s.out.is_empty() {
+                return Some(c);
+            }
+        }
+        None
+    }
+
+    /// Bytes waiting for `conn`.
+    pub fn output(&self, conn: CtlConnId) -> &[u8] {
+        self.conns[conn as usize].out.pending()
+    }
+
+    /// `n` bytes of `output(conn)` were written.
+    pub fn consume_output(&mut self, conn: CtlConnId, n: usize) {
+        self.conns[conn as usize].out.consume(n);
+    }
+
+    /// Whether `conn` has unwritten output.
+    pub fn has_output(&self, conn: CtlConnId) -> bool {
+        !self.conns[conn as usize].out.is_empty()
+    }
+
+    /// The next connection to close once its output is written.
+    pub fn poll_close(&mut self) -> Option<CtlConnId> {
+        self.close_q.pop()
+    }
+
+    /// Checks the invariants (after every input, release builds too).
+    pub fn assert_invariants(&self) {
+        assert!(self.nodes.len() <= NODES_MAX);
+        for (i, r) in self.nodes.iter().enumerate() {
+            assert!(r.id >= 1, "node id 0 recorded");
+            assert!(
+                self.nodes[i + 1..].iter().all(|o| o.id != r.id),
+                "node {} recorded twice",
+                r.id
+            );
+            if let Some(c) = r.conn {
+                assert_eq!(
+                    self.conns[c as usize].role,
+                    CRole::Agent { node: Some(r.id) },
+                    "node {} bound to a connection that is not its agent",
+                    r.id
+                );
+            }
+        }
+        match self.placement {
+            Placement::Running { node, .. } | Placement::Starting { node, .. } => {
+                assert!(
+                    self.nodes.iter().any(|r| r.id == node),
+                    "placement on an unknown node"
+                );
+            }
+            Placement::Stopping { from, to, .. } => {
+                assert!(from != to, "stopping a server to start it on the same node");
+            }
+            Placement::None => {}
+        }
+        assert!(self.pending_starts.len() <= PENDING_STARTS_MAX);
+    }
+}

@@ -1,0 +1,57 @@
+//! Fixed-capacity queues reserved at init, shared by the state machines.
+
+/// A fixed ring of `T`.
+#[derive(Debug)]
+pub struct FixedRing<T: Copy> {
+    items: Vec<Option<T>>,
+    head: usize,
+    len: usize,
+}
+
+impl<T: Copy> FixedRing<T> {
+    /// Reserves `cap` slots. The only allocation.
+    pub fn new(cap: usize) -> Self {
+        FixedRing {
+            items: vec![None; cap],
+            head: 0,
+            len: 0,
+        }
+    }
+    /// Appends; `false` when full.
+    pub fn push(&mut self, t: T) -> bool {
+        if self.len == self.items.len() {
+            return false;
+        }
+        let i = (self.head + self.len) % self.items.len();
+        self.items[i] = Some(t);
+        self.len += 1;
+        true
+    }
+    /// Removes the oldest.
+    pub fn pop(&mut self) -> Option<T> {
+        if self.len == 0 {
+            return None;
+        }
+        let t = self.items[self.head].take();
+        self.head = (self.head + 1) % self.items.len();
+        self.len -= 1;
+        t
+    }
+}
+
+impl<T: Copy> FixedRing<T> {
+    /// Items queued.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether nothing is queued.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Slots reserved.
+    pub fn capacity(&self) -> usize {
+        self.items.len()
+    }
+}

@@ -1,0 +1,1143 @@
+//! A volume's data path as a sans-IO state machine: the engine behind each
+//! NBD connection. Block I/O goes in (`submit`), queries go to the server
+//! (through the `ClientFsm` inside), disk operations come out
+//! (`poll_disk`), completions come back (`poll_complete`).
+//!
+//! The engine is a caching client (`IDENTIFY_CACHING`):
+//!
+//! - **origin**: a chunk the server granted a write for needs no copy-out
+//!   until a snapshot is created, so the engine remembers it (a bitmap over
+//!   the origin's chunks) and writes it again without asking. A snapshot
+//!   creation revokes that (`Revoke`): the engine forgets every grant, lets
+//!   the origin writes it has on the disk finish, and answers `RevokeDone`;
+//!   the server creates the snapshot only then.
+//! - **snapshots**: every chunk a snapshot read asks about stays read-locked
+//!   after the read, as a lease on the mapping the engine caches (the origin,
+//!   or a store chunk). A writer that needs the chunk makes the server send
+//!   `ReleaseLocks`; the engine lets go as soon as no read of its own uses
+//!   the chunk. Writes (origin or snapshot) wait for those leases, so a
+//!   cached mapping is never stale while it is held.
+//! - **failover**: held leases are uploaded to the next server by the
+//!   `ClientFsm` (a new incarnation holds every write until they are in).
+//!   Origin grants are forgotten on a disconnect, and the engine does not
+//!   reconnect (`ready_to_reconnect`) until its origin writes on the disk
+//!   have finished.
+//!
+//! # An I/O's life
+//!
+//! | state | entered on | next |
+//! |---|---|---|
+//! | querying | `submit`, chunks not covered by the cache | every query answered → on disk |
+//! | on disk | disk operations queued | every `disk_done` → complete (cached leases unpinned, released if asked for) |
+//! | complete | | `poll_complete` hands (tag, result) to the driver; the slot is free |
+//!
+//! A flush issues a sync of both devices. Write-zeroes and trim are the
+//! driver's business (a zeroed buffer written; trim is advisory).
+//!
+//! Nothing here allocates after `new` or touches a socket or disk.
+
+use csnap_pools::slab::{Slab, U64Map};
+use csnap_proto::{self as proto, ErrorCode, Msg, Range, RevokeWhat, TargetKind, Volume};
+
+use crate::client::{ClientConfig, ClientEvent, ClientFsm, ClientState, Request};
+use crate::fixed::FixedRing;
+
+/// I/Os in flight in one engine.
+pub const IOS_MAX: usize = csnap_pools::VOLUME_IOS_MAX;
+/// Largest I/O the engine takes.
+pub const IO_MAX_BYTES: u32 = csnap_pools::VOLUME_IO_MAX_BYTES;
+/// Chunks one I/O can touch at the smallest chunk size.
+const CHUNKS_PER_IO_MAX: usize = (IO_MAX_BYTES / csnap_pools::CHUNK_SIZE_MIN_BYTES) as usize + 1;
+// Every query of every I/O fits the client's outstanding table, so a query
+// is never refused for want of a slot.
+static_assertions::const_assert!(IOS_MAX * RUNS_PER_IO_MAX <= crate::client::OUTSTANDING_MAX);
+
+/// Words of an I/O's pin bitmap.
+const PIN_WORDS: usize = CHUNKS_PER_IO_MAX.div_ceil(64);
+/// Queries one I/O may need (runs of at most `CHUNKS_PER_REQUEST_MAX`).
+const RUNS_PER_IO_MAX: usize = CHUNKS_PER_IO_MAX.div_ceil(csnap_pools::CHUNKS_PER_REQUEST_MAX) + 1;
+
+/// Which device a disk operation is on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dev {
+    /// The origin volume.
+    Origin,
+    /// The snapshot store.
+    Store,
+}
+
+/// A disk operation for the driver. Buffer offsets are into the buffer the
+/// driver keeps for the I/O's slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiskOp {
+    /// Read `len` bytes at `dev_offset` into the slot's buffer at
+    /// `buf_offset`.
+    Read {
+        /// The I/O slot.
+        slot: u32,
+        /// Device.
+        dev: Dev,
+        /// Byte offset on the device.
+        dev_offset: u64,
+        /// Byte offset in the slot's buffer.
+        buf_offset: u32,
+        /// Bytes.
+        len: u32,
+    },
+    /// Write `len` bytes of the slot's buffer at `buf_offset` to
+    /// `dev_offset`.
+    Write {
+        /// The I/O slot.
+        slot: u32,
+        /// Device.
+        dev: Dev,
+        /// Byte offset on the device.
+        dev_offset: u64,
+        /// Byte offset in the slot's buffer.
+        buf_offset: u32,
+        /// Bytes.
+        len: u32,
+    },
+    /// Make completed writes to the device durable.
+    Sync {
+        /// The I/O slot.
+        slot: u32,
+        /// Device.
+        dev: Dev,
+    },
+}
+
+impl DiskOp {
+    /// The slot it belongs to.
+    pub fn slot(&self) -> u32 {
+        match *self {
+            DiskOp::Read { slot, .. } | DiskOp::Write { slot, .. } | DiskOp::Sync { slot, .. } => {
+                slot
+            }
+        }
+    }
+}
+
+/// What an I/O asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IoKind {
+    /// Read into the slot's buffer.
+    Read,
+    /// Write the slot's buffer.
+    Write,
+    /// Make every completed write durable.
+    Flush,
+}
+
+/// Why an I/O failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IoError {
+    /// A disk operation failed.
+    Disk,
+    /// The server refused (store full, out of range, ...).
+    Server(ErrorCode),
+    /// No server within the failover timeout (the driver decides).
+    NoServer,
+    /// Outside the volume, or longer than `IO_MAX_BYTES`.
+    Invalid,
+}
+
+/// `submit` refused the I/O.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SubmitError {
+    /// Every slot is in use: retry after a completion (backpressure).
+    Busy,
+    /// Outside the volume or too long.
+    Invalid,
+    /// Not attached yet (before the first `Ready`).
+    NotReady,
+}
+
+/// Engine configuration.
+#[derive(Debug, Clone, Copy)]
+pub struct VolumeConfig {
+    /// The client's identity (its `caching` is forced on).
+    pub client: ClientConfig,
+    /// Where the store's data area starts (from its label).
+    pub data_start_bytes: u64,
+    /// Snapshot leases kept when idle (on top of those in use).
+    pub cached_chunks: usize,
+    /// Origin chunks the grant bitmap covers (the origin's size in chunks
+    /// of the smallest chunk size is always enough).
+    pub origin_chunks_max: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Target {
+    Origin,
+    Store(u64),
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Lease {
+    chunk: u64,
+    target: Target,
+    /// Holds the server counts for us on this chunk.
+    holds: u32,
+    /// Reads of ours using it now.
+    in_use: u32,
+    /// The server asked for it back.
+    release_asked: bool,
+    /// Recently used (clock eviction).
+    referenced: bool,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Io {
+    tag: u64,
+    kind: IoKind,
+    offset: u64,
+    len: u32,
+    queries: u32,
+    disk: u32,
+    error: Option<IoError>,
+    /// Chunks of this I/O (bit k: its first chunk + k) it pinned in the
+    /// lease cache (snapshot reads).
+    pins: [u64; PIN_WORDS],
+    /// Counted in `origin_writes_on_disk`.
+    origin_on_disk: bool,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Query {
+    id: u64,
+    slot: u32,
+    range: Range,
+    retries: u8,
+}
+
+/// The engine.
+#[derive(Debug)]
+pub struct VolumeEngine {
+    cfg: VolumeConfig,
+    client: ClientFsm,
+    volume: Volume,
+    chunk: u64,
+    size: u64,
+    ready_once: bool,
+    ios: Slab<Io>,
+    queries: Vec<Option<Query>>,
+    disk_q: FixedRing<DiskOp>,
+    done_q: FixedRing<(u64, Result<(), IoError>)>,
+    /// Origin: chunks granted since the last revoke (one bit each).
+    granted: Vec<u64>,
+    revoking: Option<u64>,
+    origin_writes_on_disk: u32,
+    /// Snapshot: leases by chunk.
+    lease_index: U64Map,
+    leases: Slab<Lease>,
+    unpinned: usize,
+    clock: u32,
+    /// FinishSnapshotRead batch being built.
+    release_buf: [Range; proto::RANGES_MAX],
+    release_len: usize,
+}
+
+impl VolumeEngine {
+    /// Reserves everything. The only allocation.
+    pub fn new(mut cfg: VolumeConfig) -> VolumeEngine {
+        cfg.client.caching = true;
+        let volume = cfg.client.volume;
+        let leases_cap = cfg.cached_chunks + IOS_MAX * CHUNKS_PER_IO_MAX;
+        assert!(
+            leases_cap <= crate::client::HELD_LOCKS_MAX,
+            "the lease cache must fit the client's held-lock table (it is uploaded after a failover)"
+        );
+        // Both tables are reserved whatever the first volume is: a slot is
+        // reused for the origin or a snapshot (`reset`).
+        let bitmap_words = usize::try_from(cfg.origin_chunks_max.div_ceil(64)).unwrap_or(0);
+        let (lease_index, leases) = (
+            U64Map::with_capacity(leases_cap),
+            Slab::with_capacity(leases_cap),
+        );
+        VolumeEngine {
+            cfg,
+            client: ClientFsm::new(cfg.client),
+            volume,
+            chunk: 0,
+            size: 0,
+            ready_once: false,
+            ios: Slab::with_capacity(IOS_MAX),
+            queries: vec![None; IOS_MAX * RUNS_PER_IO_MAX],
+            disk_q: FixedRing::new(IOS_MAX * (CHUNKS_PER_IO_MAX + 2)),
+            done_q: FixedRing::new(IOS_MAX),
+            granted: vec![0u64; bitmap_words],
+            revoking: None,
+            origin_writes_on_disk: 0,
+            lease_index,
+            leases,
+            unpinned: 0,
+            clock: 0,
+            release_buf: [Range {
+                chunk: 0,
+                chunks: 1,
+            }; proto::RANGES_MAX],
+            release_len: 0,
+        }
+    }
+
+    /// Starts over as a new client of `volume` with id `client_id`, keeping
+    /// every reserved table (an NBD connection slot is reused). The caller
+    /// has released what the previous client held and closed its
+    /// connection.
+    pub fn reset(&mut self, volume: Volume, client_id: u64) {
+        let mut c = *self.client.config();
+        c.volume = volume;
+        c.client_id = client_id;
+        c.caching = true;
+        self.cfg.client = c;
+        self.client.reset(c);
+        self.volume = volume;
+        self.chunk = 0;
+        self.size = 0;
+        self.ready_once = false;
+        let slots: u32 = u32::try_from(self.ios.capacity()).unwrap_or(0);
+        for i in 0..slots {
+            self.ios.remove(i);
+        }
+        self.queries.iter_mut().for_each(|q| *q = None);
+        while self.disk_q.pop().is_some() {}
+        while self.done_q.pop().is_some() {}
+        self.forget_grants();
+        self.revoking = None;
+        self.origin_writes_on_disk = 0;
+        self.lease_index.clear();
+        let cap: u32 = u32::try_from(self.leases.capacity()).unwrap_or(0);
+        for i in 0..cap {
+            self.leases.remove(i);
+        }
+        self.unpinned = 0;
+        self.clock = 0;
+        self.release_len = 0;
+        self.assert_invariants();
+    }
+
+    /// Releases every idle lease (before the client goes away for good,
+    /// so the server frees them at once rather than keeping them for a
+    /// return that will not come).
+    pub fn release_all_idle(&mut self) {
+        self.release_idle_leases();
+        self.flush_releases();
+    }
+
+    // -- the server connection (pass-through to the ClientFsm) ----------------
+
+    /// The client state machine.
+    pub fn client(&self) -> &ClientFsm {
+        &self.client
+    }
+
+    /// The volume's size, once attached.
+    pub fn size_bytes(&self) -> u64 {
+        self.size
+    }
+
+    /// Whether the engine has attached at least once (geometry known).
+    pub fn attached(&self) -> bool {
+        self.ready_once
+    }
+
+    /// Whether the connection is ready for requests now.
+    pub fn is_ready(&self) -> bool {
+        self.client.state() == ClientState::Ready
+    }
+
+    /// A new connection to a server is up.
+    pub fn handle_connect(&mut self) {
+        self.client.handle_connect();
+    }
+
+    /// The connection broke. Origin grants are forgotten (a new server or a
+    /// new snapshot may need copy-outs again); leases stay (they are
+    /// uploaded on the next connection).
+    pub fn handle_disconnect(&mut self) {
+        self.client.handle_disconnect();
+        self.forget_grants();
+        self.revoking = None;
+        self.release_len = 0;
+        self.assert_invariants();
+    }
+
+    /// Whether a new connection may be made: not while origin writes made
+    /// under grants are still on their way to the disk (the server a new
+    /// connection reaches may create a snapshot at once).
+    pub fn ready_to_reconnect(&self) -> bool {
+        self.origin_writes_on_disk == 0
+    }
+
+    /// Bytes to write to the server.
+    pub fn transmit(&self) -> &[u8] {
+        self.client.transmit()
+    }
+
+    /// `n` bytes of `transmit()` were written.
+    pub fn consume_transmit(&mut self, n: usize) {
+        self.client.consume_transmit(n);
+    }
+
+    /// A frame from the server. The signal says whether the connection is
+    /// still good: a refused handshake or a stale server means the driver
+    /// makes a new one (through the agent).
+    pub fn handle_frame(&mut self, frame: &[u8]) -> EngineSignal {
+        let ev = self.client.handle_frame(frame);
+        let sig = match ev {
+            ClientEvent::Ready => {
+                self.chunk = u64::from(self.client.chunk_size_bytes());
+                self.size = self.client.origin_size_bytes();
+                self.ready_once = true;
+                EngineSignal::Ready
+            }
+            ClientEvent::Reply { id } => self.on_reply(id, frame),
+            ClientEvent::Notification => {
+                self.on_notification(frame);
+                EngineSignal::None
+            }
+            ClientEvent::Refused(code) => EngineSignal::Refused(code),
+            ClientEvent::Stale => EngineSignal::Stale,
+            ClientEvent::None | ClientEvent::Unexpected => EngineSignal::None,
+        };
+        self.flush_releases();
+        self.assert_invariants();
+        sig
+    }
+
+    /// Every I/O in flight fails (the driver gave up on reaching a server).
+    pub fn fail_all(&mut self, e: IoError) {
+        for k in 0..self.queries.len() {
+            if let Some(q) = self.queries[k].take() {
+                self.client.forget(q.id);
+                if let Some(io) = self.ios.get_mut(q.slot) {
+                    io.queries -= 1;
+                    io.error.get_or_insert(e);
+                }
+                self.maybe_complete(q.slot);
+            }
+        }
+    }
+
+    // -- I/O ---------------------------------------------------------------------
+
+    /// Submits an I/O. Returns its slot; the driver's buffer for that slot
+    /// holds the data (written before `submit` for a write, filled by the
+    /// `Read` disk operations for a read).
+    pub fn submit(
+        &mut self,
+        tag: u64,
+        kind: IoKind,
+        offset: u64,
+        len: u32,
+    ) -> Result<u32, SubmitError> {
+        if !self.ready_once {
+            return Err(SubmitError::NotReady);
+        }
+        if kind != IoKind::Flush
+            && (len > IO_MAX_BYTES
+                || offset
+                    .checked_add(u64::from(len))
+                    .is_none_or(|e| e > self.size))
+        {
+            return Err(SubmitError::Invalid);
+        }
+        let slot = self
+            .ios
+            .insert(Io {
+                tag,
+                kind,
+                offset,
+                len,
+                queries: 0,
+                disk: 0,
+                error: None,
+                pins: [0; PIN_WORDS],
+                origin_on_disk: false,
+            })
+            .ok_or(SubmitError::Busy)?;
+        if len == 0 && kind != IoKind::Flush {
+            self.maybe_complete(slot);
+            return Ok(slot);
+        }
+        match (kind, self.volume) {
+            (IoKind::Flush, _) => {
+                self.disk(DiskOp::Sync {
+                    slot,
+                    dev: Dev::Origin,
+                });
+                self.disk(DiskOp::Sync {
+                    slot,
+                    dev: Dev::Store,
+                });
+            }
+            (IoKind::Read, Volume::Origin) => {
+                self.disk(DiskOp::Read {
+                    slot,
+                    dev: Dev::Origin,
+                    dev_offset: offset,
+                    buf_offset: 0,
+                    len,
+                });
+            }
+            (IoKind::Write, Volume::Origin) => self.start_origin_write(slot),
+            (IoKind::Read, Volume::Snapshot(_)) => self.start_snapshot_read(slot),
+            (IoKind::Write, Volume::Snapshot(_)) => self.query_all(slot, QueryKind::SnapshotWrite),
+        }
+        self.flush_releases();
+        self.assert_invariants();
+        Ok(slot)
+    }
+
+    /// The next disk operation to perform.
+    pub fn poll_disk(&mut self) -> Option<DiskOp> {
+        self.disk_q.pop()
+    }
+
+    /// A disk operation finished.
+    pub fn disk_done(&mut self, op: &DiskOp, ok: bool) {
+        let slot = op.slot();
+        let Some(io) = self.ios.get_mut(slot) else {
+            return;
+        };
+        io.disk -= 1;
+        if !ok {
+            io.error.get_or_insert(IoError::Disk);
+        }
+        self.maybe_complete(slot);
+        self.flush_releases();
+        self.assert_invariants();
+    }
+
+    /// The next finished I/O: (tag, result). Its slot is free again.
+    pub fn poll_complete(&mut self) -> Option<(u64, Result<(), IoError>)> {
+        self.done_q.pop()
+    }
+
+    /// I/Os in flight.
+    pub fn in_flight(&self) -> usize {
+        self.ios.len()
+    }
+
+    fn disk(&mut self, op: DiskOp) {
+        let pushed = self.disk_q.push(op);
+        assert!(pushed, "disk queue sized for every chunk of every I/O");
+        if let Some(io) = self.ios.get_mut(op.slot()) {
+            io.disk += 1;
+        }
+    }
+
+    fn chunks_of(&self, io: &Io) -> (u64, u64) {
+        let first = io.offset / self.chunk;
+        let last = (io.offset + u64::from(io.len) - 1) / self.chunk;
+        (first, last)
+    }
+
+    // -- origin ------------------------------------------------------------------
+
+    fn granted(&self, c: u64) -> bool {
+        let w = usize::try_from(c / 64).unwrap_or(usize::MAX);
+        self.granted
+            .get(w)
+            .is_some_and(|x| x & (1 << (c % 64)) != 0)
+    }
+
+    fn grant(&mut self, r: Range) {
+        for c in r.chunk..r.end() {
+            let w = usize::try_from(c / 64).unwrap_or(usize::MAX);
+            if let Some(x) = self.granted.get_mut(w) {
+                *x |= 1 << (c % 64);
+            }
+        }
+    }
+
+    fn forget_grants(&mut self) {
+        self.granted.iter_mut().for_each(|w| *w = 0);
+    }
+
+    fn start_origin_write(&mut self, slot: u32) {
+        let Some(io) = self.ios.get(slot).copied() else {
+            return;
+        };
+        let (first, last) = self.chunks_of(&io);
+        let all = self.revoking.is_none() && (first..=last).all(|c| self.granted(c));
+        if all {
+            self.origin_to_disk(slot);
+        } else {
+            self.query_all(slot, QueryKind::OriginWrite);
+        }
+    }
+
+    fn origin_to_disk(&mut self, slot: u32) {
+        let Some(io) = self.ios.get_mut(slot) else {
+            return;
+        };
+        io.origin_on_disk = true;
+        let (offset, len) = (io.offset, io.len);
+        self.origin_writes_on_disk += 1;
+        self.disk(DiskOp::Write {
+            slot,
+            dev: Dev::Origin,
+            dev_offset: offset,
+            buf_offset: 0,
+            len,
+        });
+    }
+
+    // -- queries -----------------------------------------------------------------
+
+    fn query_all(&mut self, slot: u32, kind: QueryKind) {
+        let Some(io) = self.ios.get(slot).copied() else {
+            return;
+        };
+        let (first, last) = self.chunks_of(&io);
+        let mut c = first;
+        while c <= last {
+            let n = (last - c + 1).min(csnap_pools::CHUNKS_PER_REQUEST_MAX as u64);
+            let r = Range {
+                chunk: c,
+                chunks: u32::try_from(n).unwrap_or(1),
+            };
+            self.query(slot, kind, r, 0);
+            c += n;
+        }
+    }
+
+    fn query(&mut self, slot: u32, kind: QueryKind, r: Range, retries: u8) {
+        let req = match kind {
+            QueryKind::OriginWrite => Request::OriginWrite(r),
+            QueryKind::SnapshotRead => Request::SnapshotRead(r),
+            QueryKind::SnapshotWrite => Request::SnapshotWrite(r),
+        };
+        let Some(k) = self.queries.iter().position(Option::is_none) else {
+            self.fail_io(slot, IoError::Server(ErrorCode::Busy));
+            return;
+        };
+        let Some(id) = self.client.request(req) else {
+            // More queries than the client keeps outstanding: refuse this
+            // I/O (backpressure; the driver bounds I/Os per engine below
+            // that).
+            self.fail_io(slot, IoError::Server(ErrorCode::Busy));
+            return;
+        };
+        self.queries[k] = Some(Query {
+            id,
+            slot,
+            range: r,
+            retries,
+        });
+        if let Some(io) = self.ios.get_mut(slot) {
+            io.queries += 1;
+        }
+    }
+
+    fn fail_io(&mut self, slot: u32, e: IoError) {
+        if let Some(io) = self.ios.get_mut(slot) {
+            io.error.get_or_insert(e);
+        }
+        self.maybe_complete(slot);
+    }
+
+    fn on_reply(&mut self, id: u64, frame: &[u8]) -> EngineSignal {
+        let Some(k) = self
+            .queries
+            .iter()
+            .position(|q| q.is_some_and(|q| q.id == id))
+        else {
+            return EngineSignal::None;
+        };
+        let Some(q) = self.queries[k].take() else {
+            return EngineSignal::None;
+        };
+        if let Some(io) = self.ios.get_mut(q.slot) {
+            io.queries -= 1;
+        }
+        let Ok((_, msg)) = proto::decode(frame) else {
+            self.fail_io(q.slot, IoError::Server(ErrorCode::BadFrame));
+            return EngineSignal::None;
+        };
+        let kind = match self.ios.get(q.slot).map(|io| (io.kind, self.volume)) {
+            Some((IoKind::Write, Volume::Origin)) => QueryKind::OriginWrite,
+            Some((IoKind::Read, _)) => QueryKind::SnapshotRead,
+            _ => QueryKind::SnapshotWrite,
+        };
+        match msg {
+            Msg::Error {
+                code: ErrorCode::StaleIncarnation,
+                ..
+            } => {
+                // A fenced server: ask the next one.
+                self.query(q.slot, kind, q.range, q.retries);
+                return EngineSignal::Stale;
+            }
+            Msg::Error { code, .. } => {
+                if code == ErrorCode::Busy && q.retries < 3 {
+                    // A pool of the server's is full (most likely its lock
+                    // table): give back idle leases and ask again.
+                    self.release_idle_leases();
+                    self.query(q.slot, kind, q.range, q.retries + 1);
+                    return EngineSignal::None;
+                }
+                self.fail_io(q.slot, IoError::Server(code));
+            }
+            Msg::OriginWriteOk(_) => {
+                if self.revoking.is_none() {
+                    self.grant(q.range);
+                }
+                self.maybe_to_disk(q.slot);
+            }
+            Msg::SnapshotReadReply(targets) => {
+                for t in targets.iter() {
+                    let target = |k: u64| match t.kind {
+                        TargetKind::Origin => Target::Origin,
+                        TargetKind::Store => Target::Store(t.store_chunk + k),
+                    };
+                    // The server holds a lock on every chunk for us (we
+                    // cache): record the holds for upload after a failover.
+                    let _ = self.client.note_locked(t.range());
+                    let first = self
+                        .ios
+                        .get(q.slot)
+                        .map_or(t.chunk, |io| io.offset / self.chunk);
+                    for k in 0..u64::from(t.chunks) {
+                        self.add_lease(q.slot, first, t.chunk + k, target(k));
+                    }
+                }
+                self.maybe_to_disk(q.slot);
+            }
+            Msg::SnapshotWriteOk(targets) => {
+                // Our own leases on these chunks were released before the
+                // server answered (it drains every lease first).
+                let Some(io) = self.ios.get(q.slot).copied() else {
+                    return EngineSignal::None;
+                };
+                for t in targets.iter() {
+                    if t.kind != TargetKind::Store {
+                        continue;
+                    }
+                    self.store_runs_to_disk(q.slot, &io, t.chunk, t.chunks, t.store_chunk, true);
+                }
+                self.maybe_complete(q.slot);
+            }
+            _ => self.fail_io(q.slot, IoError::Server(ErrorCode::BadFrame)),
+        }
+        EngineSignal::None
+    }
+
+    /// Every query of an I/O answered: its data goes to or from the disk.
+    fn maybe_to_disk(&mut self, slot: u32) {
+        let Some(io) = self.ios.get(slot).copied() else {
+            return;
+        };
+        if io.queries > 0 {
+            return;
+        }
+        if io.error.is_some() {
+            self.maybe_complete(slot);
+            return;
+        }
+        match (io.kind, self.volume) {
+            (IoKind::Write, Volume::Origin) => self.origin_to_disk(slot),
+            (IoKind::Read, Volume::Snapshot(_)) => self.snapshot_read_to_disk(slot),
+            _ => self.maybe_complete(slot),
+        }
+    }
+
+    /// Disk writes (or reads) of one store target run, clipped to the I/O.
+    fn store_runs_to_disk(
+        &mut self,
+        slot: u32,
+        io: &Io,
+        chunk: u64,
+        chunks: u32,
+        store_chunk: u64,
+        write: bool,
+    ) {
+        let start = (chunk * self.chunk).max(io.offset);
+        let end = ((chunk + u64::from(chunks)) * self.chunk).min(io.offset + u64::from(io.len));
+        if start >= end {
+            return;
+        }
+        let dev_offset =
+            self.cfg.data_start_bytes + store_chunk * self.chunk + (start - chunk * self.chunk);
+        let buf_offset = u32::try_from(start - io.offset).unwrap_or(0);
+        let len = u32::try_from(end - start).unwrap_or(0);
+        let op = if write {
+            DiskOp::Write {
+                slot,
+                dev: Dev::Store,
+                dev_offset,
+                buf_offset,
+                len,
+            }
+        } else {
+            DiskOp::Read {
+                slot,
+                dev: Dev::Store,
+                dev_offset,
+                buf_offset,
+                len,
+            }
+        };
+        self.disk(op);
+    }
+
+    // -- snapshot reads and leases ----------------------------------------------
+
+    fn start_snapshot_read(&mut self, slot: u32) {
+        let Some(io) = self.ios.get(slot).copied() else {
+            return;
+        };
+        let (first, last) = self.chunks_of(&io);
+        // Pin what the cache has; ask for runs of what it has not.
+        let mut c = first;
+        while c <= last {
+            if self.pin(slot, first, c) {
+                c += 1;
+                continue;
+            }
+            let start = c;
+            while c <= last
+                && self.lease_index.get(c).is_none()
+                && c - start < csnap_pools::CHUNKS_PER_REQUEST_MAX as u64
+            {
+                c += 1;
+            }
+            let r = Range {
+                chunk: start,
+                chunks: u32::try_from(c - start).unwrap_or(1),
+            };
+            self.query(slot, QueryKind::SnapshotRead, r, 0);
+        }
+        self.maybe_to_disk(slot);
+    }
+
+    /// Pins the lease on `c` for the read in `slot` (whose first chunk is
+    /// `first`); `false` if there is none.
+    fn pin(&mut self, slot: u32, first: u64, c: u64) -> bool {
+        let Some(i) = self.lease_index.get(c) else {
+            return false;
+        };
+        let Some(l) = self.leases.get_mut(i) else {
+            return false;
+        };
+        if l.in_use == 0 {
+            self.unpinned -= 1;
+        }
+        l.in_use += 1;
+        l.referenced = true;
+        self.mark_pin(slot, first, c);
+        true
+    }
+
+    fn mark_pin(&mut self, slot: u32, first: u64, c: u64) {
+        if let Some(io) = self.ios.get_mut(slot) {
+            let k = usize::try_from(c - first).unwrap_or(usize::MAX);
+            if let Some(w) = io.pins.get_mut(k / 64) {
+                *w |= 1 << (k % 64);
+            }
+        }
+    }
+
+    /// A lease answered by the server for the read in `slot` (pinned by
+    /// it).
+    fn add_lease(&mut self, slot: u32, first: u64, c: u64, target: Target) {
+        if let Some(i) = self.lease_index.get(c) {
+            // Another read of ours asked too: one more hold, same mapping
+            // (both answers came while the chunk was locked by us).
+            if let Some(l) = self.leases.get_mut(i) {
+                l.holds += 1;
+                if l.in_use == 0 {
+                    self.unpinned -= 1;
+                }
+                l.in_use += 1;
+                l.target = target;
+            }
+            self.mark_pin(slot, first, c);
+            return;
+        }
+        let lease = Lease {
+            chunk: c,
+            target,
+            holds: 1,
+            in_use: 1,
+            release_asked: false,
+            referenced: true,
+        };
+        match self.leases.insert(lease) {
+            Some(i) => {
+                let ok = self.lease_index.insert(c, i);
+                assert!(ok, "lease index sized like the lease slab");
+                self.mark_pin(slot, first, c);
+            }
+            None => {
+                // Cannot happen: the slab holds every pinned chunk of every
+                // I/O plus the idle cache. Give the lock back.
+                self.queue_release(c, 1);
+            }
+        }
+    }
+
+    fn snapshot_read_to_disk(&mut self, slot: u32) {
+        let Some(io) = self.ios.get(slot).copied() else {
+            return;
+        };
+        let (first, last) = self.chunks_of(&io);
+        let mut c = first;
+        while c <= last {
+            let target = self
+                .lease_index
+                .get(c)
+                .and_then(|i| self.leases.get(i))
+                .map_or(Target::Origin, |l| l.target);
+            // Extend the run while the next chunk continues the mapping.
+            let mut n = 1u64;
+            while c + n <= last {
+                let next = self
+                    .lease_index
+                    .get(c + n)
+                    .and_then(|i| self.leases.get(i))
+                    .map(|l| l.target);
+                let continues = match (target, next) {
+                    (Target::Origin, Some(Target::Origin)) => true,
+                    (Target::Store(a), Some(Target::Store(b))) => b == a + n,
+                    _ => false,
+                };
+                if !continues {
+                    break;
+                }
+                n += 1;
+            }
+            let chunks = u32::try_from(n).unwrap_or(1);
+            match target {
+                Target::Origin => {
+                    let start = (c * self.chunk).max(io.offset);
+                    let end = ((c + n) * self.chunk).min(io.offset + u64::from(io.len));
+                    self.disk(DiskOp::Read {
+                        slot,
+                        dev: Dev::Origin,
+                        dev_offset: start,
+                        buf_offset: u32::try_from(start - io.offset).unwrap_or(0),
+                        len: u32::try_from(end - start).unwrap_or(0),
+                    });
+                }
+                Target::Store(s) => self.store_runs_to_disk(slot, &io, c, chunks, s, false),
+            }
+            c += n;
+        }
+        self.maybe_complete(slot);
+    }
+
+    fn unpin_io(&mut self, io: &Io) {
+        let (first, last) = self.chunks_of(io);
+        for c in first..=last {
+            let k = usize::try_from(c - first).unwrap_or(usize::MAX);
+            if io.pins.get(k / 64).is_none_or(|w| w & (1 << (k % 64)) == 0) {
+                continue;
+            }
+            let Some(i) = self.lease_index.get(c) else {
+                continue;
+            };
+            let Some(l) = self.leases.get_mut(i) else {
+                continue;
+            };
+            if l.in_use == 0 {
+                continue;
+            }
+            l.in_use -= 1;
+            if l.in_use == 0 {
+                self.unpinned += 1;
+                if l.release_asked {
+                    self.drop_lease(i);
+                }
+            }
+        }
+        self.evict();
+    }
+
+    /// Keeps idle leases within `cached_chunks` (clock order).
+    fn evict(&mut self) {
+        let cap = u32::try_from(self.leases.capacity()).unwrap_or(u32::MAX);
+        let mut steps = 0u32;
+        while self.unpinned > self.cfg.cached_chunks && steps < 2 * cap {
+            steps += 1;
+            let i = self.clock;
+            self.clock = (self.clock + 1) % cap.max(1);
+            let Some(l) = self.leases.get_mut(i) else {
+                continue;
+            };
+            if l.in_use > 0 {
+                continue;
+            }
+            if l.referenced {
+                l.referenced = false;
+                continue;
+            }
+            self.drop_lease(i);
+        }
+    }
+
+    /// Gives every idle lease back (the server's lock table is full).
+    fn release_idle_leases(&mut self) {
+        for i in 0..u32::try_from(self.leases.capacity()).unwrap_or(0) {
+            if self.leases.get(i).is_some_and(|l| l.in_use == 0) {
+                self.drop_lease(i);
+            }
+        }
+    }
+
+    /// Removes an idle lease and queues the release of its holds.
+    fn drop_lease(&mut self, i: u32) {
+        let Some(l) = self.leases.remove(i) else {
+            return;
+        };
+        debug_assert_eq!(l.in_use, 0);
+        self.unpinned -= 1;
+        self.lease_index.remove(l.chunk);
+        self.queue_release(l.chunk, l.holds);
+    }
+
+    fn queue_release(&mut self, c: u64, holds: u32) {
+        for _ in 0..holds {
+            if self.release_len == self.release_buf.len() {
+                self.flush_releases();
+            }
+            self.release_buf[self.release_len] = Range {
+                chunk: c,
+                chunks: 1,
+            };
+            self.release_len += 1;
+        }
+    }
+
+    /// Sends the queued releases (one `FinishSnapshotRead` per batch; the
+    /// client FSM drops the holds from its upload table and sends the frame
+    /// while connected).
+    fn flush_releases(&mut self) {
+        let n = self.release_len;
+        self.release_len = 0;
+        if n > 0 {
+            self.client.release_ranges(&self.release_buf[..n]);
+        }
+    }
+
+    fn on_notification(&mut self, frame: &[u8]) {
+        let Ok((hdr, msg)) = proto::decode(frame) else {
+            return;
+        };
+        match msg {
+            Msg::Revoke {
+                what: RevokeWhat::OriginGrants,
+                ..
+            } => {
+                self.forget_grants();
+                self.revoking = Some(hdr.request_id);
+                self.maybe_revoke_done();
+            }
+            Msg::Revoke { .. } => {
+                // Mappings are leases here: nothing else is cached. Answer
+                // at once.
+                self.client.revoke_done(hdr.request_id);
+            }
+            Msg::ReleaseLocks(ranges) => {
+                for r in ranges.iter() {
+                    for c in r.chunk..r.end() {
+                        let Some(i) = self.lease_index.get(c) else {
+                            continue;
+                        };
+                        let Some(l) = self.leases.get_mut(i) else {
+                            continue;
+                        };
+                        if l.in_use == 0 {
+                            self.drop_lease(i);
+                        } else {
+                            l.release_asked = true;
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn maybe_revoke_done(&mut self) {
+        if self.origin_writes_on_disk == 0 {
+            if let Some(id) = self.revoking.take() {
+                self.client.revoke_done(id);
+            }
+        }
+    }
+
+    fn maybe_complete(&mut self, slot: u32) {
+        let Some(io) = self.ios.get(slot).copied() else {
+            return;
+        };
+        if io.queries > 0 || io.disk > 0 {
+            return;
+        }
+        // Queries still queued in the disk path? `disk` counts them.
+        self.ios.remove(slot);
+        if io.pins.iter().any(|w| *w != 0) {
+            self.unpin_io(&io);
+        }
+        if io.origin_on_disk {
+            self.origin_writes_on_disk -= 1;
+            self.maybe_revoke_done();
+        }
+        let r = match io.error {
+            Some(e) => Err(e),
+            None => Ok(()),
+        };
+        let pushed = self.done_q.push((io.tag, r));
+        assert!(pushed, "completion queue holds every I/O");
+    }
+
+    /// Checks the engine's invariants (after every input, release builds
+    /// too).
+    pub fn assert_invariants(&self) {
+        let mut on_disk = 0u32;
+        for (_, io) in self.ios.iter() {
+            if io.origin_on_disk {
+                on_disk += 1;
+            }
+        }
+        assert_eq!(
+            on_disk, self.origin_writes_on_disk,
+            "origin writes on disk miscounted"
+        );
+        assert!(
+            self.unpinned <= self.leases.len(),
+            "more idle leases than leases"
+        );
+        assert_eq!(
+            self.lease_index.len(),
+            self.leases.len(),
+            "lease index out of step"
+        );
+        assert!(self.release_len == 0, "releases left unsent");
+    }
+}
+
+/// What a server frame meant for the connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EngineSignal {
+    /// Nothing for the driver.
+    None,
+    /// Attached (again): I/O may be submitted.
+    Ready,
+    /// The handshake was refused with this code. `TooManyClients` and
+    /// `StaleIncarnation` are worth another connection later; anything else
+    /// (no such snapshot, wrong origin) is final for this engine.
+    Refused(ErrorCode),
+    /// The server is older than one already seen, or was fenced: make a
+    /// new connection through the agent (queries are re-sent).
+    Stale,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum QueryKind {
+    OriginWrite,
+    SnapshotRead,
+    SnapshotWrite,
+}
