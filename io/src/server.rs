@@ -45,9 +45,9 @@ const EVENTS_MAX: usize = csnap_pools::EVENTS_PER_TURN_MAX;
 /// Stack the store worker may use, touched when it starts.
 const WORKER_STACK_BUDGET_BYTES: usize = csnap_pools::THREAD_STACK_BUDGET_BYTES;
 
-/// After this long without a batch, the next batch reads the on-disk
-/// incarnation first (see `StoreWorker::request_fence_check`).
-const FENCE_RECHECK_IDLE_MS: u64 = csnap_pools::SERVER_FENCE_RECHECK_IDLE_MS;
+/// A batch reads the on-disk incarnation first when the last such check is
+/// older than this (see `StoreWorker::request_fence_check`).
+const FENCE_RECHECK_MS: u64 = csnap_pools::SERVER_FENCE_RECHECK_MS;
 
 /// Requests the store worker takes in one batch (one commit).
 pub const BATCH_MAX: usize = csnap_pools::STORE_BATCH_MAX;
@@ -662,8 +662,8 @@ fn store_thread<D: Disk, O: Disk>(
     }
     let _ = ready.send(Ok(()));
     drop(ready);
-    let idle = std::time::Duration::from_millis(FENCE_RECHECK_IDLE_MS);
-    let mut last_batch = std::time::Instant::now();
+    let period = std::time::Duration::from_millis(FENCE_RECHECK_MS);
+    let mut last_check = std::time::Instant::now();
     loop {
         let first = if worker.has_background_work() {
             match requests.try_pop() {
@@ -680,8 +680,12 @@ fn store_thread<D: Disk, O: Disk>(
                 Err(_) => return,
             }
         };
-        if last_batch.elapsed() >= idle {
+        if last_check.elapsed() >= period {
+            // At least once a period, and first thing after an idle gap
+            // (a pause, a SIGSTOP): a server taken over stops answering
+            // within one period even if it commits nothing.
             worker.request_fence_check();
+            last_check = std::time::Instant::now();
         }
         batch.clear();
         batch.push(first);
@@ -696,6 +700,5 @@ fn store_thread<D: Disk, O: Disk>(
             let _ = replies.push(r);
         });
         let _ = waker.wake();
-        last_batch = std::time::Instant::now();
     }
 }

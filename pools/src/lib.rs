@@ -161,10 +161,11 @@ pub const DELETE_STEP_RECORDS_MAX: usize = 4096;
 /// Stack each server thread may use, touched before the heap is sealed.
 pub const THREAD_STACK_BUDGET_BYTES: usize = 256 * 1024;
 
-/// After this long without a batch, a server's store worker reads the
-/// on-disk incarnation before it answers the next request (a server paused
-/// while another took over must not hand out one more stale mapping).
-pub const SERVER_FENCE_RECHECK_IDLE_MS: u64 = 50;
+/// A server's store worker reads the on-disk incarnation before a batch when
+/// it last did so longer ago than this (commits check it too): a server
+/// paused or cut off while another took the store over stops answering
+/// within one period, even if it commits nothing.
+pub const SERVER_FENCE_RECHECK_MS: u64 = 50;
 
 /// Expected clients, and members, one standby start command may name.
 pub const START_LIST_MAX: usize = 256;
