@@ -364,7 +364,10 @@ impl ClientFsm {
                 }
             }
         }
-        if self.state == ClientState::Ready && !rs.is_empty() {
+        // Once identified (uploading or ready) the server holds what we
+        // hold, so every release goes out; before that, forgetting the hold
+        // is enough (the upload lists what is left).
+        if matches!(self.state, ClientState::Ready | ClientState::Uploading) && !rs.is_empty() {
             let mut lb = [0u8; proto::RANGES_BYTES_MAX];
             if let Ok(l) = proto::Ranges::from_entries(rs, &mut lb) {
                 self.queue(0, &Msg::FinishSnapshotRead(l));
@@ -385,7 +388,7 @@ impl ClientFsm {
                 None => {}
             }
         }
-        if self.state == ClientState::Ready {
+        if matches!(self.state, ClientState::Ready | ClientState::Uploading) {
             let mut lb = [0u8; proto::LIST_HEADER_BYTES + 16];
             if let Ok(l) = proto::Ranges::from_entries(&[r], &mut lb) {
                 self.queue(0, &Msg::FinishSnapshotRead(l));

@@ -307,6 +307,14 @@ impl LockTable {
         }
     }
 
+    /// Whether a write waits for `chunk`.
+    pub fn has_waiters(&self, chunk: u64) -> bool {
+        self.map
+            .get(chunk)
+            .and_then(|li| self.locks.get(li))
+            .is_some_and(|l| l.wait_head != NIL)
+    }
+
     /// Calls `f` with every owner holding a lock on `chunk`.
     pub fn for_each_holder(&self, chunk: u64, f: &mut dyn FnMut(u32)) {
         let Some(li) = self.map.get(chunk) else {

@@ -265,6 +265,8 @@ pub struct Server {
     held_writes: u32,
     last_dispatched: u32,
     end_create_after_reply: Option<bool>,
+    /// `ReleaseLocks` to send once the current reply is out.
+    release_requests: Vec<(ConnId, u64)>,
     /// Caching origin clients that disconnected owing a `RevokeDone` while
     /// their node is a member: (client id, node).
     owed: Vec<(u64, u32)>,
@@ -362,6 +364,7 @@ impl Server {
             held_writes: 0,
             last_dispatched: 0,
             end_create_after_reply: None,
+            release_requests: Vec::with_capacity(CHUNKS_PER_REQUEST_MAX),
             owed: Vec::with_capacity(cfg.clients),
         }
     }
@@ -415,7 +418,21 @@ impl Server {
         self.locks.locked_chunks()
     }
 
-    /// Origin writes waiting for read locks.
+    /// The client ids holding read locks on `chunk` (a parked client's id
+    /// too), for diagnostics.
+    pub fn lock_holders(&self, chunk: u64, f: &mut dyn FnMut(u64, bool)) {
+        let clients = self.cfg.clients;
+        self.locks.for_each_holder(chunk, &mut |o| {
+            let o = o as usize;
+            if o < clients {
+                f(self.sessions[o].client_id, false);
+            } else if let Some(p) = self.parked.get(o - clients).copied().flatten() {
+                f(p.client_id, true);
+            }
+        });
+    }
+
+    /// Writes waiting for read locks.
     pub fn waiting_writes(&self) -> u32 {
         self.waiting_writes
     }
@@ -800,6 +817,9 @@ impl Server {
                 }
             }
             (SessionState::Snapshot(_), Msg::FinishSnapshotRead(ranges)) => {
+                // Every listed hold is released; one not held is reported
+                // once, after the rest of the list was processed.
+                let mut not_held: Option<u64> = None;
                 for r in ranges.iter() {
                     for c in r.chunk..r.end() {
                         let mut woken = core::mem::take(&mut self.woken);
@@ -808,19 +828,15 @@ impl Server {
                             self.locks_clear(p);
                         }
                         self.woken = woken;
-                        if res.is_err() {
-                            let mut t = ErrorText::new();
-                            let _ = write!(t, "no read lock held on chunk {c}");
-                            self.send_error(
-                                conn,
-                                rid,
-                                ErrorCode::BadFrame,
-                                kind.code(),
-                                t.as_str(),
-                            );
-                            return;
+                        if res.is_err() && not_held.is_none() {
+                            not_held = Some(c);
                         }
                     }
+                }
+                if let Some(c) = not_held {
+                    let mut t = ErrorText::new();
+                    let _ = write!(t, "no read lock held on chunk {c}");
+                    self.send_error(conn, rid, ErrorCode::BadFrame, kind.code(), t.as_str());
                 }
             }
             (SessionState::Snapshot(_), Msg::UploadLocks(ranges)) => {
@@ -838,18 +854,32 @@ impl Server {
                     );
                     return;
                 }
+                // One hold per listed chunk (a chunk held twice is listed
+                // twice). Room was checked above. Locks parked for this
+                // client from an earlier connection are released at its
+                // FinishUpload, so nothing is counted twice for long.
                 for r in ranges.iter() {
                     for c in r.chunk..r.end() {
-                        // Idempotent: a lock this client kept (or adopted)
-                        // is not taken twice. Room was checked above.
-                        if self.locks.hold_count(c, conn) == 0 {
-                            let _ = self.locks.acquire(c, conn);
-                        }
+                        let _ = self.locks.acquire(c, conn);
                     }
                 }
             }
             (SessionState::Snapshot(_), Msg::FinishUpload) => {
                 let id = self.sessions[conn as usize].client_id;
+                // What was parked for this client is replaced by its upload.
+                let clients = self.cfg.clients;
+                let mut woken = core::mem::take(&mut self.woken);
+                for p in 0..self.parked.len() {
+                    if self.parked[p].is_some_and(|x| x.client_id == id) {
+                        self.parked[p] = None;
+                        let owner = u32::try_from(clients + p).unwrap_or(u32::MAX);
+                        self.locks.release_owner(owner, &mut |w| woken.push(w));
+                    }
+                }
+                for w in woken.drain(..) {
+                    self.locks_clear(w);
+                }
+                self.woken = woken;
                 for e in &mut self.expected {
                     if e.client_id == id {
                         e.done = true;
@@ -1416,11 +1446,23 @@ impl Server {
                 }
                 for (i, t) in targets[..n].iter().enumerate() {
                     if lock_all(t) {
-                        let _ = self.locks.acquire(f.range.chunk + i as u64, conn);
+                        let c = f.range.chunk + i as u64;
+                        let _ = self.locks.acquire(c, conn);
+                        // A write already waits for this chunk (it waits
+                        // until no one holds it): a caching reader is asked
+                        // at once to give it back after this read.
+                        if caching && self.locks.has_waiters(c) {
+                            self.release_requests.push((conn, c));
+                        }
                     }
                 }
                 self.finish(token, conn);
                 self.send_targets(conn, rid, f.range.chunk, &targets[..n], true);
+                // After the reply: the lease exists at the client when it
+                // reads the request to give it back.
+                while let Some((o, c)) = self.release_requests.pop() {
+                    self.send_release(o, c);
+                }
             }
             (StoreResult::Targets { len, targets }, InflightKind::SnapshotWrite) => {
                 // The mapping change is committed. Readers that may still
@@ -1454,17 +1496,10 @@ impl Server {
             (StoreResult::Done, InflightKind::Identify) => {
                 self.finish(token, conn);
                 if let SessionState::Identifying(tag) = self.sessions[conn as usize].state {
-                    // A client coming back adopts the locks kept for it.
-                    let id = self.sessions[conn as usize].client_id;
-                    if let Some(p) = self
-                        .parked
-                        .iter()
-                        .position(|x| x.is_some_and(|x| x.client_id == id))
-                    {
-                        self.parked[p] = None;
-                        let owner = u32::try_from(self.cfg.clients + p).unwrap_or(u32::MAX);
-                        self.locks.transfer_owner(owner, conn);
-                    }
+                    // Locks kept for a client coming back stay parked until
+                    // it has uploaded what it still holds (FinishUpload):
+                    // its upload is the truth, and nothing is released in
+                    // between.
                     let s = &mut self.sessions[conn as usize];
                     s.state = SessionState::Snapshot(tag);
                     s.snapshot_open = Some(tag);
@@ -1631,6 +1666,14 @@ impl Server {
                     }
                 }
             }
+        }
+    }
+
+    /// Sends `ReleaseLocks` for `chunk` to `conn`.
+    fn send_release(&mut self, conn: ConnId, chunk: u64) {
+        let mut lb = [0u8; proto::LIST_HEADER_BYTES + 16];
+        if let Ok(list) = proto::Ranges::from_entries(&[Range { chunk, chunks: 1 }], &mut lb) {
+            self.send(conn, 0, &Msg::ReleaseLocks(list));
         }
     }
 

@@ -515,6 +515,22 @@ impl VolumeEngine {
         self.done_q.pop()
     }
 
+    /// The leases held (chunk, holds, reads using it, release asked), for
+    /// diagnostics.
+    pub fn leases(&self) -> impl Iterator<Item = (u64, u32, u32, bool)> + '_ {
+        self.leases
+            .iter()
+            .map(|(_, l)| (l.chunk, l.holds, l.in_use, l.release_asked))
+    }
+
+    /// I/Os in flight: (tag, kind, offset, length, queries, disk ops), for
+    /// diagnostics.
+    pub fn ios(&self) -> impl Iterator<Item = (u64, IoKind, u64, u32, u32, u32)> + '_ {
+        self.ios
+            .iter()
+            .map(|(_, io)| (io.tag, io.kind, io.offset, io.len, io.queries, io.disk))
+    }
+
     /// I/Os in flight.
     pub fn in_flight(&self) -> usize {
         self.ios.len()

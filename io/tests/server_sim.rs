@@ -507,9 +507,38 @@ fn disconnect_keeps_locks_while_the_node_is_a_member_and_releases_when_it_leaves
         s.take(origin).is_empty(),
         "a client that may come back keeps its locks"
     );
-    // It comes back (same client id), adopts its locks and releases one.
+    // It comes back (same client id): what was kept for it stays until it
+    // has uploaded what it still holds; its upload replaces it.
     let back = s.attach(Volume::Snapshot(7));
+    assert_eq!(s.server.parked_clients(), 1, "kept until the upload is in");
+    let mut b2 = [0u8; 64];
+    let held = proto::Ranges::from_entries(
+        &[
+            Range {
+                chunk: 3,
+                chunks: 1,
+            },
+            Range {
+                chunk: 4,
+                chunks: 1,
+            },
+        ],
+        &mut b2,
+    )
+    .unwrap();
+    s.send(back, 0, &Msg::UploadLocks(held));
+    s.send(back, 0, &Msg::FinishUpload);
+    s.step();
+    assert!(matches!(
+        proto::decode(&s.take(back)[0].1).unwrap().1,
+        Msg::UploadOk
+    ));
     assert_eq!(s.server.parked_clients(), 0);
+    assert_eq!(s.server.read_locks(), 2, "the upload's locks, once each");
+    assert!(
+        s.take(origin).is_empty(),
+        "the write still waits for chunk 3"
+    );
     s.send(back, 11, &Msg::FinishSnapshotRead(ranges(&mut b, 3, 1)));
     s.step();
     let r = s.take(origin);
