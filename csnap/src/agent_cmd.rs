@@ -61,7 +61,7 @@ impl ConfineArgs {
     }
 
     /// The same flags for a child process.
-    fn to_args(&self) -> Vec<String> {
+    pub fn child_args(&self) -> Vec<String> {
         let mut v = Vec::new();
         if self.no_mlock {
             v.push("--no-mlock".to_string());
@@ -158,7 +158,7 @@ fn agent(args: &AgentArgs) -> Result<String, String> {
         .arg(abs(&args.origin))
         .arg("--store")
         .arg(abs(&args.store))
-        .args(args.confine.to_args())
+        .args(args.confine.child_args())
         .args(&args.server_arg);
     let who = format!("csnap agent {}", args.node);
     let opts = csnap_failover::agent::AgentOptions {

@@ -22,6 +22,7 @@ mod io_cmd;
 mod server_cmd;
 mod size;
 mod snapshot_cmd;
+mod up_cmd;
 
 /// The sealed heap: `csnap server` seals it once its pools exist.
 #[global_allocator]
@@ -59,6 +60,9 @@ enum Command {
     Status(snapshot_cmd::StatusArgs),
     /// A self-checking scenario on files in a temporary directory.
     Demo(demo::DemoArgs),
+    /// The embedded default: a one-node cluster on files in DIR, its
+    /// volumes exported over NBD, until interrupted.
+    Up(up_cmd::UpArgs),
     /// A node's agent: gives its clients the server's address, keeps a
     /// standby server ready and starts it when the cluster says so.
     Agent(agent_cmd::AgentArgs),
@@ -158,6 +162,7 @@ fn main() -> ExitCode {
         Command::Demo(args) => demo::run(&args),
         Command::Io(args) => io_cmd::run(&args),
         Command::Agent(args) => agent_cmd::run_agent(&args),
+        Command::Up(args) => up_cmd::run(&args),
         Command::Cluster(args) => agent_cmd::run_cluster(&args),
         Command::Spawner(args) => agent_cmd::run_spawner(&args),
     }

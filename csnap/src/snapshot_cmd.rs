@@ -1,11 +1,13 @@
 //! `csnap snapshot create|delete|list|priority` and `csnap status`, through a
 //! server's control connection.
 
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Args, Subcommand};
 use csnap_fsm::client::Request;
-use csnap_io::client::{control, Connection};
+use csnap_io::client::{control, control_via_agent, Connection};
 use csnap_io::net::Addr;
 use csnap_proto::Msg;
 
@@ -21,32 +23,28 @@ pub struct SnapshotArgs {
 pub enum SnapshotAction {
     /// Create a snapshot of the origin as it is now.
     Create {
-        /// Server address (unix path or host:port).
-        #[arg(long, value_name = "ADDR")]
-        server: String,
+        #[command(flatten)]
+        server: ServerSel,
         /// Tag of the new snapshot.
         tag: u32,
     },
     /// Delete a snapshot (refused while a client has it open).
     Delete {
-        /// Server address.
-        #[arg(long, value_name = "ADDR")]
-        server: String,
+        #[command(flatten)]
+        server: ServerSel,
         /// Tag.
         tag: u32,
     },
     /// List snapshots.
     List {
-        /// Server address.
-        #[arg(long, value_name = "ADDR")]
-        server: String,
+        #[command(flatten)]
+        server: ServerSel,
     },
     /// Set a snapshot's priority (lowest is deleted first when the store is
     /// full and the policy allows it; 127 never).
     Priority {
-        /// Server address.
-        #[arg(long, value_name = "ADDR")]
-        server: String,
+        #[command(flatten)]
+        server: ServerSel,
         /// Tag.
         tag: u32,
         /// Priority, -128..=127.
@@ -57,18 +55,67 @@ pub enum SnapshotAction {
 
 #[derive(Debug, Args)]
 pub struct StatusArgs {
-    /// Server address (unix path or host:port).
-    #[arg(long, value_name = "ADDR")]
-    pub server: String,
+    #[command(flatten)]
+    pub server: ServerSel,
 }
 
-fn connect(server: &str) -> Result<Connection, ExitCode> {
-    let addr = Addr::parse(server).map_err(|e| {
-        error(&format!("--server {server}: {e}"));
-        ExitCode::from(EXIT_USAGE)
-    })?;
-    control(&addr).map_err(|e| {
-        error(&format!("cannot reach the server at {server}: {e}"));
+/// How a control command finds the server: its address, or the agent of a
+/// node (of a cluster directory, or of a `csnap up` directory), which gives
+/// the serving server's address and rides out a failover.
+#[derive(Debug, Args, Clone)]
+pub struct ServerSel {
+    /// Server address (unix path or host:port).
+    #[arg(long, value_name = "ADDR", required_unless_present_any = ["dir", "agent"],
+          conflicts_with_all = ["dir", "agent"])]
+    pub server: Option<String>,
+    /// A `csnap up` directory, or a local cluster directory: the server is
+    /// found through the agent of node --node.
+    #[arg(long, value_name = "DIR", conflicts_with = "agent")]
+    pub dir: Option<PathBuf>,
+    /// A node agent's socket: the server is found through it.
+    #[arg(long, value_name = "PATH")]
+    pub agent: Option<PathBuf>,
+    /// With --dir: which node's agent to ask.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub node: u32,
+}
+
+/// The agent socket of node `node` for a `csnap up` directory (its cluster
+/// is `DIR/cluster`) or a cluster directory.
+pub fn agent_for_dir(dir: &Path, node: u32) -> PathBuf {
+    let up = crate::agent_cmd::agent_socket(&dir.join("cluster"), node);
+    if up.exists() {
+        up
+    } else {
+        crate::agent_cmd::agent_socket(dir, node)
+    }
+}
+
+fn connect(sel: &ServerSel) -> Result<Connection, ExitCode> {
+    let agent = match (&sel.server, &sel.dir, &sel.agent) {
+        (Some(server), _, _) => {
+            let addr = Addr::parse(server).map_err(|e| {
+                error(&format!("--server {server}: {e}"));
+                ExitCode::from(EXIT_USAGE)
+            })?;
+            return control(&addr).map_err(|e| {
+                error(&format!("cannot reach the server at {server}: {e}"));
+                ExitCode::from(EXIT_FAILED)
+            });
+        }
+        (None, Some(dir), _) => agent_for_dir(dir, sel.node),
+        (None, None, Some(a)) => a.clone(),
+        (None, None, None) => {
+            error("give --server, --dir or --agent");
+            return Err(ExitCode::from(EXIT_USAGE));
+        }
+    };
+    let timeout = Duration::from_millis(csnap_pools::CLIENT_FAILOVER_TIMEOUT_DEFAULT_MS);
+    control_via_agent(&agent, timeout).map_err(|e| {
+        error(&format!(
+            "cannot reach the server through the agent at {}: {e}",
+            agent.display()
+        ));
         ExitCode::from(EXIT_FAILED)
     })
 }
