@@ -17,7 +17,7 @@ use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use clap::Args;
-use csnap_sys::signal::Sig;
+use csnap_sys::supervise::Sig;
 
 use crate::agent_cmd::{agent_socket, controller_socket};
 use crate::{error, output, EXIT_FAILED, EXIT_USAGE};
@@ -111,7 +111,7 @@ fn up(args: &UpArgs) -> Result<ExitCode, (u8, String)> {
     let failed = |e: String| (EXIT_FAILED, e);
     // Signals first: every part inherits an empty mask, and a Ctrl-C during
     // start-up is handled like one later.
-    csnap_sys::signal::block_termination()
+    csnap_sys::supervise::block_termination()
         .map_err(|e| failed(format!("cannot block signals: {e}")))?;
     std::fs::create_dir_all(&args.dir)
         .map_err(|e| usage(format!("cannot create {}: {e}", args.dir.display())))?;
@@ -241,7 +241,7 @@ fn up(args: &UpArgs) -> Result<ExitCode, (u8, String)> {
     }
     // Serve until told to stop, or until a part dies.
     let why = loop {
-        match csnap_sys::signal::wait(Duration::from_millis(500)) {
+        match csnap_sys::supervise::wait(Duration::from_millis(500)) {
             Ok(Some(Sig::Int | Sig::Term | Sig::Hup)) => break None,
             Ok(_) => {}
             Err(e) => break Some(format!("waiting for signals failed: {e}")),
@@ -260,7 +260,7 @@ fn up(args: &UpArgs) -> Result<ExitCode, (u8, String)> {
     // NBD server first (flushes), then the agent (and its server), then the
     // controller.
     while let Some(mut p) = parts.pop() {
-        let _ = csnap_sys::signal::send(p.child.id(), false);
+        let _ = csnap_sys::supervise::send(p.child.id(), false);
         let t = Instant::now();
         loop {
             if let Ok(Some(_)) = p.child.try_wait() {

@@ -10,7 +10,7 @@ pub mod alloc;
 pub mod mem;
 pub mod phase;
 pub mod seccomp;
-pub mod signal;
+pub mod supervise;
 
 /// Fills `b` from the kernel's random source.
 pub fn random_bytes(b: &mut [u8]) -> std::io::Result<()> {

@@ -1,4 +1,4 @@
-//! Termination signals, waited for synchronously: a supervisor (`csnap up`)
+//! Termination signals for a supervisor, waited for synchronously: `csnap up`
 //! blocks them once, before it starts anything, and then waits for them
 //! with a timeout instead of running a handler.
 
