@@ -900,6 +900,8 @@ impl AgentFsm {
         self.bus.clear();
         self.bus_up = true;
         self.want_sent_for = None;
+        // A new link may reach a restarted backend whose epochs start over.
+        self.members_epoch = 0;
         self.bus_send(&Msg::Hello {
             version_min: proto::PROTOCOL_VERSION,
             version_max: proto::PROTOCOL_VERSION,
