@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Installs the Debian packages the tests and the main job need, only those
+# missing. Sourced by .ci/run and .ci/demo.
+#   strace      the syscall audits (csnap/tests/audit.rs)
+#   qemu-utils  qemu-img, qemu-io, qemu-nbd: NBD interop tests, benchmarks
+#   libnbd-bin  nbdinfo, nbdcopy, nbdfuse: NBD interop tests
+#   fuse3       fusermount3 for nbdfuse
+#   e2fsprogs   mkfs.ext4, e2fsck (interop test: a file system on an export)
+csnap_install_packages() {
+    local wanted=(strace qemu-utils libnbd-bin fuse3 e2fsprogs)
+    local missing=()
+    for p in "${wanted[@]}"; do
+        dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+    done
+    if ((${#missing[@]} == 0)); then
+        return 0
+    fi
+    local sudo=()
+    if [[ "$(id -u)" -ne 0 ]]; then
+        sudo=(sudo)
+    fi
+    echo "== apt packages: ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    "${sudo[@]}" apt-get update
+    "${sudo[@]}" apt-get install -y --no-install-recommends "${missing[@]}"
+}
