@@ -422,8 +422,10 @@ struct Link {
     want: bool,
     /// The incarnation that failed us (for `NeedServer`).
     failed: u64,
-    /// The agent's answer, not yet connected to.
-    addr: Option<AddrBuf>,
+    /// The agent's answer, not yet connected to: address, incarnation.
+    addr: Option<(AddrBuf, u64)>,
+    /// The incarnation the agent named for the connection made last.
+    addr_incarnation: u64,
     retry_at_ms: u64,
     backoff_ms: u64,
     /// Since when the peer has not been ready (attach or failover).
@@ -456,6 +458,7 @@ impl Link {
             want: false,
             failed: 0,
             addr: None,
+            addr_incarnation: 0,
             retry_at_ms: 0,
             backoff_ms: csnap_pools::CLIENT_RETRY_MIN_MS,
             down_since_ms: None,
@@ -480,6 +483,7 @@ impl Link {
         self.want = true;
         self.failed = 0;
         self.addr = None;
+        self.addr_incarnation = 0;
         self.retry_at_ms = now;
         self.backoff_ms = csnap_pools::CLIENT_RETRY_MIN_MS;
         self.down_since_ms = Some(now);
@@ -526,7 +530,9 @@ impl Link {
         self.server_connecting = false;
         peer.handle_disconnect();
         self.want = true;
-        self.failed = peer.incarnation();
+        // The server that failed us, as the handshake or the agent named it
+        // (a connection that broke before `HelloOk` still names it).
+        self.failed = peer.incarnation().max(self.addr_incarnation);
         self.addr = None;
         self.down_since_ms.get_or_insert(now);
         self.retry_later(now);
@@ -663,7 +669,7 @@ impl Link {
                     ) if h.request_id == rid => {
                         self.agent_st = AgentSt::Up;
                         if self.want && self.server.is_none() && incarnation > 0 {
-                            self.addr = AddrBuf::new(addr);
+                            self.addr = AddrBuf::new(addr).map(|a| (a, incarnation));
                             self.retry_at_ms = now;
                         }
                     }
@@ -771,16 +777,19 @@ impl Link {
     }
 
     fn connect_server<P: Peer>(&mut self, peer: &mut P, reg: &Registry, now: u64) {
-        let Some(a) = self.addr.take() else {
+        let Some((a, incarnation)) = self.addr.take() else {
             return;
         };
         let (mut s, connecting) = match connect_str(a.as_str()) {
             Ok(x) => x,
             Err(_) => {
+                // Dead already: ask the agent for a newer one than this.
+                self.failed = self.failed.max(incarnation);
                 self.retry_later(now);
                 return;
             }
         };
+        self.addr_incarnation = incarnation;
         if reg
             .register(
                 &mut s,
@@ -2306,7 +2315,9 @@ impl NbdServer {
             ("zero buffer", IO_MAX),
             (
                 "readiness events",
-                EVENTS_MAX * (core::mem::size_of::<mio::event::Event>() + 24),
+                EVENTS_MAX
+                    * (core::mem::size_of::<mio::event::Event>()
+                        + core::mem::size_of::<(Token, bool, bool)>()),
             ),
         ];
         Ok(NbdServer {
