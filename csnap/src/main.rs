@@ -1,5 +1,6 @@
 //! The csnap binary: `format`, `check`, `server`, `snapshot`, `status`, `demo`,
-//! and `io` (a scriptable volume client used by tests).
+//! `agent`, `cluster`, `nbd` (the NBD export), and `io` (a scriptable volume
+//! client used by tests).
 //!
 //! Exit status: 0 success; 1 the command ran and failed (`check`: the store
 //! has problems; `format`: the store could not be formatted); 2 usage error or
@@ -19,6 +20,7 @@ mod demo;
 mod device;
 mod format;
 mod io_cmd;
+mod nbd_cmd;
 mod server_cmd;
 mod size;
 mod snapshot_cmd;
@@ -68,6 +70,8 @@ enum Command {
     Agent(agent_cmd::AgentArgs),
     /// The local cluster: run its controller, or join, leave, start, status.
     Cluster(agent_cmd::ClusterArgs),
+    /// Export the origin and the snapshots over NBD (one per node).
+    Nbd(nbd_cmd::NbdArgs),
     /// A volume client driven by commands on standard input (for tests).
     #[command(hide = true)]
     Io(io_cmd::IoArgs),
@@ -164,6 +168,7 @@ fn main() -> ExitCode {
         Command::Agent(args) => agent_cmd::run_agent(&args),
         Command::Up(args) => up_cmd::run(&args),
         Command::Cluster(args) => agent_cmd::run_cluster(&args),
+        Command::Nbd(args) => nbd_cmd::run(&args),
         Command::Spawner(args) => agent_cmd::run_spawner(&args),
     }
 }

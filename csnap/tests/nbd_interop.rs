@@ -285,7 +285,7 @@ fn ext4_on_nbdfuse_and_a_loop_device_snapshot_shows_the_old_files() {
     }
     std::fs::create_dir_all(mnt.join("sub")).unwrap();
     std::fs::write(mnt.join("sub/note.txt"), b"before the snapshot\n").unwrap();
-    run(Command::new("sync"));
+    run(&mut Command::new("sync"));
     let before = files(&mnt);
     // The snapshot, with the file system frozen (no write in flight).
     run(Command::new("fsfreeze").arg("-f").arg(&mnt));
@@ -296,7 +296,7 @@ fn ext4_on_nbdfuse_and_a_loop_device_snapshot_shows_the_old_files() {
     random_file(&mnt.join("f3"), 2 << 20, 98);
     std::fs::remove_file(mnt.join("f4")).unwrap();
     random_file(&mnt.join("g0"), 500_000, 97);
-    run(Command::new("sync"));
+    run(&mut Command::new("sync"));
     let after = files(&mnt);
     assert_ne!(before, after);
 

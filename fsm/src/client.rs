@@ -149,6 +149,12 @@ impl ClientFsm {
         }
     }
 
+    /// Bytes `new` reserves on the heap (the held-lock map and the transmit
+    /// buffer), for memory budgets.
+    pub const fn reserved_bytes() -> usize {
+        (HELD_LOCKS_MAX * 2).next_power_of_two() * (8 + 4) + TX_BYTES
+    }
+
     /// Starts over as a new client (`cfg`), keeping the reserved tables:
     /// nothing outstanding, nothing held, no incarnation seen.
     pub fn reset(&mut self, cfg: ClientConfig) {

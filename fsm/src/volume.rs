@@ -281,6 +281,21 @@ impl VolumeEngine {
         }
     }
 
+    /// Bytes `new` reserves on the heap for `cfg`, for memory budgets.
+    pub fn reserved_bytes(cfg: &VolumeConfig) -> usize {
+        use core::mem::size_of;
+        let leases_cap = cfg.cached_chunks + IOS_MAX * CHUNKS_PER_IO_MAX;
+        let bitmap_words = usize::try_from(cfg.origin_chunks_max.div_ceil(64)).unwrap_or(0);
+        ClientFsm::reserved_bytes()
+            + (leases_cap.max(1) * 2).next_power_of_two() * (8 + 4)
+            + leases_cap * (size_of::<Option<Lease>>() + 4)
+            + IOS_MAX * (size_of::<Option<Io>>() + 4)
+            + IOS_MAX * RUNS_PER_IO_MAX * size_of::<Option<Query>>()
+            + IOS_MAX * (CHUNKS_PER_IO_MAX + 2) * size_of::<Option<DiskOp>>()
+            + IOS_MAX * size_of::<Option<(u64, Result<(), IoError>)>>()
+            + bitmap_words * 8
+    }
+
     /// Starts over as a new client of `volume` with id `client_id`, keeping
     /// every reserved table (an NBD connection slot is reused). The caller
     /// has released what the previous client held and closed its
@@ -356,10 +371,12 @@ impl VolumeEngine {
     /// new snapshot may need copy-outs again); leases stay (they are
     /// uploaded on the next connection).
     pub fn handle_disconnect(&mut self) {
+        // Queued releases still go to the client FSM, so that the holds it
+        // uploads to the next server are the ones the leases keep.
+        self.flush_releases();
         self.client.handle_disconnect();
         self.forget_grants();
         self.revoking = None;
-        self.release_len = 0;
         self.assert_invariants();
     }
 
@@ -418,6 +435,11 @@ impl VolumeEngine {
                 self.maybe_complete(q.slot);
             }
         }
+        // Completing unpins leases; those given back must leave the
+        // client's held table now (not be dropped by a later disconnect
+        // and uploaded to the next server as still held).
+        self.flush_releases();
+        self.assert_invariants();
     }
 
     // -- I/O ---------------------------------------------------------------------
@@ -1156,4 +1178,155 @@ enum QueryKind {
     OriginWrite,
     SnapshotRead,
     SnapshotWrite,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use csnap_proto::{Header, Kind, Role, Target};
+
+    fn frame(rid: u64, inc: u64, msg: &Msg<'_>) -> Vec<u8> {
+        let mut b = vec![0u8; proto::FRAME_MAX_BYTES];
+        let n = proto::encode(&Header::new(rid, inc), msg, &mut b).unwrap();
+        b.truncate(n);
+        b
+    }
+
+    /// The frames the engine wants to send (consumed).
+    fn sent(e: &mut VolumeEngine) -> Vec<Vec<u8>> {
+        let bytes = e.transmit().to_vec();
+        e.consume_transmit(bytes.len());
+        let mut v = Vec::new();
+        let mut at = 0;
+        while at < bytes.len() {
+            let len = proto::peek_header(&bytes[at..]).unwrap().unwrap().length as usize;
+            v.push(bytes[at..at + len].to_vec());
+            at += len;
+        }
+        v
+    }
+
+    fn kinds(frames: &[Vec<u8>]) -> Vec<Kind> {
+        frames
+            .iter()
+            .map(|f| proto::decode(f).unwrap().1.kind())
+            .collect()
+    }
+
+    fn engine(volume: Volume) -> VolumeEngine {
+        VolumeEngine::new(VolumeConfig {
+            client: ClientConfig {
+                client_id: 9,
+                node_id: 1,
+                role: Role::Client,
+                volume,
+                origin_uuid: [1; 16],
+                caching: true,
+            },
+            data_start_bytes: 1 << 20,
+            cached_chunks: 8,
+            origin_chunks_max: 256,
+        })
+    }
+
+    /// Connects and runs the handshake (with its lock upload) at `inc`;
+    /// returns the upload frames.
+    fn attach(e: &mut VolumeEngine, inc: u64) -> Vec<Vec<u8>> {
+        e.handle_connect();
+        assert_eq!(kinds(&sent(e)), [Kind::Hello]);
+        let hello = Msg::HelloOk {
+            version: 1,
+            server_id: 1,
+        };
+        assert_eq!(e.handle_frame(&frame(0, inc, &hello)), EngineSignal::None);
+        assert_eq!(kinds(&sent(e)), [Kind::Identify]);
+        let ok = Msg::IdentifyOk {
+            chunk_size_bytes: 4096,
+            origin_size_bytes: 1 << 20,
+            volume_size_bytes: 1 << 20,
+        };
+        assert_eq!(e.handle_frame(&frame(0, inc, &ok)), EngineSignal::None);
+        let upload = sent(e);
+        assert_eq!(kinds(&upload).last(), Some(&Kind::FinishUpload));
+        assert_eq!(
+            e.handle_frame(&frame(0, inc, &Msg::UploadOk)),
+            EngineSignal::Ready
+        );
+        upload
+    }
+
+    fn disk_all(e: &mut VolumeEngine) {
+        while let Some(op) = e.poll_disk() {
+            e.disk_done(&op, true);
+        }
+    }
+
+    fn origin_targets(chunk: u64, chunks: u32, buf: &mut [u8]) -> Msg<'_> {
+        let t = Target {
+            chunk,
+            chunks,
+            kind: TargetKind::Origin,
+            store_chunk: 0,
+        };
+        Msg::SnapshotReadReply(proto::Targets::from_entries(&[t], buf).unwrap())
+    }
+
+    /// Chunks named by the lock upload frames.
+    fn uploaded(frames: &[Vec<u8>]) -> Vec<u64> {
+        let mut v = Vec::new();
+        for f in frames {
+            if let Ok((_, Msg::UploadLocks(l))) = proto::decode(f) {
+                v.extend(l.iter().map(|r| r.chunk));
+            }
+        }
+        v
+    }
+
+    #[test]
+    fn leases_given_back_by_failed_io_are_not_uploaded_to_the_next_server() {
+        let mut e = engine(Volume::Snapshot(1));
+        attach(&mut e, 1);
+        // A read caches a lease on chunk 0.
+        e.submit(1, IoKind::Read, 0, 4096).unwrap();
+        let q = sent(&mut e);
+        let rid = proto::decode(&q[0]).unwrap().0.request_id;
+        let mut b = [0u8; 64];
+        e.handle_frame(&frame(rid, 1, &origin_targets(0, 1, &mut b)));
+        disk_all(&mut e);
+        assert_eq!(e.poll_complete(), Some((1, Ok(()))));
+        assert_eq!(e.client().held_count(0), 1);
+        // A read of chunks 0 (cached, pinned) and 1 (asked); the server
+        // wants chunk 0 back meanwhile; the connection breaks.
+        e.submit(2, IoKind::Read, 0, 8192).unwrap();
+        assert_eq!(kinds(&sent(&mut e)), [Kind::QuerySnapshotRead]);
+        let mut rb = [0u8; 64];
+        let r = proto::Ranges::from_entries(
+            &[Range {
+                chunk: 0,
+                chunks: 1,
+            }],
+            &mut rb,
+        )
+        .unwrap();
+        e.handle_frame(&frame(0, 1, &Msg::ReleaseLocks(r)));
+        e.handle_disconnect();
+        // No server within the timeout: the read fails and unpins chunk 0,
+        // whose lease goes back (the server asked for it).
+        e.fail_all(IoError::NoServer);
+        assert_eq!(e.poll_complete(), Some((2, Err(IoError::NoServer))));
+        // A connection that breaks before any frame, then a good one.
+        e.handle_connect();
+        e.handle_disconnect();
+        assert_eq!(
+            e.client().held_count(0),
+            0,
+            "the released lease is still counted as held"
+        );
+        let upload = attach(&mut e, 2);
+        assert!(
+            !uploaded(&upload).contains(&0),
+            "chunk 0 uploaded again: the next server would keep a lock nobody releases"
+        );
+        e.assert_invariants();
+    }
 }

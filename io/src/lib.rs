@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 pub mod client;
+pub mod nbd;
 pub mod net;
 pub mod ring;
 pub mod server;

@@ -272,6 +272,58 @@ const_assert!(
 );
 
 // ---------------------------------------------------------------------------
+// NBD server (`csnap nbd`, `csnap-io::nbd`): connection slots and buffers.
+// ---------------------------------------------------------------------------
+
+/// NBD connections one `csnap nbd` process serves at once (ceiling of
+/// `--connections`). Memory: one slot each (session, receive buffer, volume
+/// engine with its lease tables, frame readers of its server and agent
+/// links), printed at start.
+pub const NBD_CONNECTIONS_MAX: usize = 256;
+/// Default for `--connections`.
+pub const NBD_CONNECTIONS_DEFAULT: usize = 16;
+
+/// Data buffers of `VOLUME_IO_MAX_BYTES` (plus a reply header) in the
+/// process-wide pool (ceiling of `--buffers`). A `READ` or `WRITE` holds one
+/// from its arrival (or its payload) until its reply is written; a command
+/// that finds none waits and its connection is not read (backpressure).
+pub const NBD_BUFFERS_MAX: usize = 1024;
+/// Default for `--buffers` (64 MiB).
+pub const NBD_BUFFERS_DEFAULT: usize = 64;
+/// Buffers one NBD connection holds at once, so that one client cannot take
+/// the whole pool: as many as its engine has I/Os in flight.
+pub const NBD_BUFFERS_PER_CONNECTION_MAX: usize = VOLUME_IOS_MAX;
+
+/// Commands one NBD connection has admitted and not yet answered (in the
+/// engine, queued for it, or with a reply waiting to be written). Past it
+/// the connection is not read.
+pub const NBD_COMMANDS_PER_CONNECTION_MAX: usize = 2 * VOLUME_IOS_MAX;
+
+/// Receive buffer of one NBD connection: request headers and small
+/// payloads (larger payloads are read straight into a data buffer).
+pub const NBD_RECEIVE_BUFFER_BYTES: usize = 64 * 1024;
+
+/// Output buffer of a link to the node's agent (`Hello`, `NeedServer`).
+pub const NBD_AGENT_OUT_BYTES: usize = 256;
+
+/// How long a closing NBD connection may take to write its last replies
+/// to a client that does not read them before they are dropped.
+pub const NBD_CLOSE_LINGER_MS: u64 = 1_000;
+
+const_assert!(NBD_CONNECTIONS_DEFAULT <= NBD_CONNECTIONS_MAX);
+const_assert!(NBD_BUFFERS_DEFAULT <= NBD_BUFFERS_MAX);
+// Buffer indices are u16.
+const_assert!(NBD_BUFFERS_MAX <= u16::MAX as usize);
+// Command indices are u8 (engine tags).
+const_assert!(NBD_COMMANDS_PER_CONNECTION_MAX <= u8::MAX as usize);
+// Every engine I/O belongs to an admitted command.
+const_assert!(NBD_COMMANDS_PER_CONNECTION_MAX >= VOLUME_IOS_MAX);
+// A receive buffer holds a request header with room to spare.
+const_assert!(NBD_RECEIVE_BUFFER_BYTES >= 4096);
+// The NBD payload limit csnap advertises is the engine's I/O size.
+const_assert!(VOLUME_IO_MAX_BYTES <= NBD_PAYLOAD_MAX_BYTES);
+
+// ---------------------------------------------------------------------------
 // Agent and the local cluster controller.
 // ---------------------------------------------------------------------------
 

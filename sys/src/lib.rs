@@ -4,12 +4,14 @@
 //! - `alloc`: the sealed global allocator (phases init, sealed, teardown).
 //! - `mem`: `mlockall`, prefaulting, `PR_SET_IO_FLUSHER`, `oom_score_adj`.
 //! - `random_bytes`: `getrandom(2)`.
+//! - `signal`: SIGTERM and SIGINT as a readable descriptor (`signalfd`).
 
 #[cfg(not(csnap_loom))]
 pub mod alloc;
 pub mod mem;
 pub mod phase;
 pub mod seccomp;
+pub mod signal;
 pub mod supervise;
 
 /// Fills `b` from the kernel's random source.

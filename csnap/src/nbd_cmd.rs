@@ -1,0 +1,181 @@
+//! `csnap nbd`: the NBD server of one node. It exports the origin (`origin`,
+//! and the empty default name) and every snapshot (by its decimal tag) over
+//! NBD on unix and TCP listeners; each NBD connection is a caching csnap
+//! client that finds the server through the node's agent and rides out
+//! failovers. See `csnap_io::nbd` for the design.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Args;
+use csnap_io::nbd::{NbdOptions, NbdServer};
+use csnap_io::net::Addr;
+
+use crate::server_cmd::SealMode;
+use crate::{error, EXIT_FAILED, EXIT_USAGE};
+
+#[derive(Debug, Args)]
+pub struct NbdArgs {
+    /// The node's agent socket (DIR/node-N/agent.sock).
+    #[arg(long, value_name = "PATH")]
+    pub agent: PathBuf,
+    /// This node (the agent's node).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=0xffff))]
+    pub node: u32,
+    /// Origin volume (regular file or block device).
+    #[arg(long, value_name = "PATH")]
+    pub origin: PathBuf,
+    /// Snapshot store formatted for that origin.
+    #[arg(long, value_name = "PATH")]
+    pub store: PathBuf,
+    /// Address to listen on: a unix socket path, or host:port (port 0: any
+    /// free port, printed at start). Repeatable.
+    #[arg(long, value_name = "ADDR", required = true)]
+    pub listen: Vec<String>,
+    /// NBD connections served at once; one more is closed at once.
+    #[arg(long, value_name = "N", default_value_t = csnap_pools::NBD_CONNECTIONS_DEFAULT as u64,
+          value_parser = clap::value_parser!(u64).range(1..=csnap_pools::NBD_CONNECTIONS_MAX as u64))]
+    pub connections: u64,
+    /// Data buffers of 1 MiB, reserved and locked at start. A command that
+    /// finds none waits.
+    #[arg(long, value_name = "N", default_value_t = csnap_pools::NBD_BUFFERS_DEFAULT as u64,
+          value_parser = clap::value_parser!(u64).range(1..=csnap_pools::NBD_BUFFERS_MAX as u64))]
+    pub buffers: u64,
+    /// How long a failover (or the first attach of an export) may take
+    /// before in-flight I/O fails with EIO.
+    #[arg(long, value_name = "MS", default_value_t = csnap_pools::CLIENT_FAILOVER_TIMEOUT_DEFAULT_MS,
+          value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
+    pub failover_timeout_ms: u64,
+    /// Do not lock memory (development only).
+    #[arg(long)]
+    pub no_mlock: bool,
+    /// What an allocation after start does: abort (production), count,
+    /// report (print its backtrace), or off.
+    #[arg(long, value_enum, default_value_t = SealMode::Abort)]
+    pub seal: SealMode,
+}
+
+fn usize_of(v: u64) -> usize {
+    usize::try_from(v).unwrap_or(usize::MAX)
+}
+
+pub fn run(args: &NbdArgs) -> ExitCode {
+    match serve(args) {
+        Ok(code) => code,
+        Err(e) => {
+            error(&e);
+            ExitCode::from(EXIT_USAGE)
+        }
+    }
+}
+
+/// `nbd+unix:///origin?socket=PATH` or `nbd://HOST:PORT/origin`.
+fn export_url(a: &Addr) -> String {
+    match a {
+        Addr::Unix(p) => {
+            let abs = std::fs::canonicalize(p).unwrap_or_else(|_| p.clone());
+            format!("nbd+unix:///origin?socket={}", abs.display())
+        }
+        Addr::Tcp(s) => format!("nbd://{s}/origin"),
+    }
+}
+
+fn serve(args: &NbdArgs) -> Result<ExitCode, String> {
+    crate::device::require_device(&args.origin, "origin")?;
+    crate::device::require_device(&args.store, "store")?;
+    let mut listen = Vec::with_capacity(args.listen.len());
+    for a in &args.listen {
+        listen.push(Addr::parse(a).map_err(|e| format!("--listen {a}: {e}"))?);
+    }
+    let opts = NbdOptions {
+        agent: args.agent.clone(),
+        node_id: args.node,
+        origin: args.origin.clone(),
+        store: args.store.clone(),
+        listen,
+        connections: usize_of(args.connections),
+        buffers: usize_of(args.buffers),
+        failover_timeout_ms: args.failover_timeout_ms,
+    };
+    let mut server = NbdServer::new(&opts)?;
+    let mut reserved = 0usize;
+    for (what, bytes) in server.reserved_items() {
+        eprintln!("csnap nbd: pool {what}: {bytes} bytes");
+        reserved += bytes;
+    }
+    for a in server.local_addrs() {
+        eprintln!("csnap nbd: listening on {a}");
+        eprintln!("csnap nbd: export {}", export_url(&a));
+    }
+    eprintln!(
+        "csnap nbd: node {}, agent {}, volume size {} bytes, {} connections, {} buffers, failover timeout {} ms, {reserved} bytes reserved",
+        args.node,
+        args.agent.display(),
+        server.export_size_bytes(),
+        args.connections,
+        args.buffers,
+        args.failover_timeout_ms
+    );
+    confine(args)?;
+    eprintln!("csnap nbd: serving");
+    let r = server.run();
+    // Allocation is allowed again for the exit path (dropping the pools,
+    // removing the unix sockets).
+    csnap_sys::alloc::teardown();
+    let st = server.stats();
+    eprintln!(
+        "csnap nbd: {} connections ({} refused), {} commands, {} waited for a buffer, {} reconnects, {} failover timeouts, {} disk errors",
+        st.connections,
+        st.refused,
+        st.commands,
+        st.buffer_waits,
+        st.reconnects,
+        st.timeouts,
+        st.disk_errors
+    );
+    drop(server);
+    match r {
+        Ok(()) => {
+            eprintln!("csnap nbd: stopped (devices flushed)");
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            error(&e);
+            Ok(ExitCode::from(EXIT_FAILED))
+        }
+    }
+}
+
+/// Locks memory, prefaults the stack, asks to be an I/O flusher out of the
+/// OOM killer's reach, and seals the heap. No syscall whitelist yet: the
+/// NBD server's table is left for later.
+fn confine(args: &NbdArgs) -> Result<(), String> {
+    let who = "csnap nbd";
+    if args.no_mlock {
+        eprintln!("{who}: WARNING: --no-mlock: memory is not locked; page faults are possible. Development use only.");
+    } else {
+        csnap_sys::mem::lock_all().map_err(|e| {
+            format!(
+                "cannot lock memory (mlockall): {e}; run as root or with CAP_IPC_LOCK, or pass --no-mlock for development"
+            )
+        })?;
+    }
+    csnap_sys::mem::prefault_stack(csnap_pools::THREAD_STACK_BUDGET_BYTES);
+    if let Err(e) = csnap_sys::mem::set_io_flusher() {
+        eprintln!("{who}: note: PR_SET_IO_FLUSHER not set ({e})");
+    }
+    if let Err(e) = csnap_sys::mem::set_oom_score_adj(-1000) {
+        eprintln!("{who}: note: oom_score_adj not set ({e})");
+    }
+    let mode = match args.seal {
+        SealMode::Abort => Some(csnap_sys::alloc::Mode::Abort),
+        SealMode::Count => Some(csnap_sys::alloc::Mode::Count),
+        SealMode::Report => Some(csnap_sys::alloc::Mode::Report),
+        SealMode::Off => None,
+    };
+    if let Some(m) = mode {
+        csnap_sys::alloc::seal(m);
+        eprintln!("{who}: heap sealed ({m:?} on allocation)");
+    }
+    Ok(())
+}

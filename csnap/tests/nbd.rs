@@ -1,0 +1,1141 @@
+//! `csnap nbd` with real NBD clients (`nbdinfo` from libnbd, `qemu-io` and
+//! `qemu-img` from qemu-utils) over a real local cluster: `csnap format`,
+//! `csnap cluster run`, one agent per node, and the NBD server of node 1
+//! listening on a unix socket and on TCP. Memory locked and the heap sealed
+//! in abort mode throughout: an allocation on any path these tests take
+//! kills the NBD server and fails the test.
+
+// Test code: small test-sized numbers.
+#![allow(clippy::cast_possible_truncation)]
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::Proc;
+
+const BIN: &str = env!("CARGO_BIN_EXE_csnap");
+const ORIGIN_BYTES: u64 = 32 << 20;
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn csnap(args: &[&str]) -> Output {
+    Command::new(BIN).args(args).output().unwrap()
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "status {}\nstdout:\n{}\nstderr:\n{}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+    let t0 = Instant::now();
+    while !f() {
+        assert!(t0.elapsed() < limit, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A child whose stderr is collected.
+struct Logged {
+    proc: Proc,
+    log: Arc<Mutex<String>>,
+}
+
+impl Logged {
+    fn spawn(cmd: &mut Command) -> Logged {
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let err = child.stderr.take().unwrap();
+        let log = Arc::new(Mutex::new(String::new()));
+        let l = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines() {
+                let Ok(line) = line else { break };
+                let mut g = l.lock().unwrap();
+                g.push_str(&line);
+                g.push('\n');
+            }
+        });
+        Logged {
+            proc: Proc(child),
+            log,
+        }
+    }
+
+    fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    fn pid(&self) -> u32 {
+        self.proc.0.id()
+    }
+}
+
+/// A local cluster with the NBD server of node 1.
+struct Env {
+    dir: PathBuf,
+    origin: PathBuf,
+    nbd: Option<Logged>,
+    agents: Vec<Logged>,
+    controller: Option<Logged>,
+    /// The NBD server's unix socket.
+    sock: PathBuf,
+    /// Its TCP address.
+    tcp: String,
+}
+
+impl Env {
+    fn new(name: &str, nodes: &[u32], nbd_args: &[&str]) -> Env {
+        Env::build(name, nodes, nbd_args, &[], &[])
+    }
+
+    fn build(
+        name: &str,
+        nodes: &[u32],
+        nbd_args: &[&str],
+        ctl_args: &[&str],
+        agent_args: &[&str],
+    ) -> Env {
+        let dir = common::fresh_dir("nbd", name);
+        let origin = dir.join("origin");
+        let store = dir.join("store");
+        std::fs::write(&origin, vec![0u8; ORIGIN_BYTES as usize]).unwrap();
+        let o = csnap(&[
+            "format",
+            "--origin",
+            s(&origin),
+            "--store",
+            s(&store),
+            "--store-size",
+            "96M",
+            "--journal-blocks",
+            "256",
+        ]);
+        assert!(o.status.success(), "{}", text(&o));
+        let cdir = dir.join("c");
+        let controller = Logged::spawn(
+            Command::new(BIN)
+                .args(["cluster", "run", "--dir", s(&cdir)])
+                .args(ctl_args),
+        );
+        wait_until("the controller", Duration::from_secs(10), || {
+            cdir.join("controller.sock").exists()
+        });
+        let mut agents = Vec::new();
+        for &n in nodes {
+            agents.push(Logged::spawn(
+                Command::new(BIN)
+                    .args([
+                        "agent",
+                        "--dir",
+                        s(&cdir),
+                        "--node",
+                        &n.to_string(),
+                        "--origin",
+                        s(&origin),
+                        "--store",
+                        s(&store),
+                    ])
+                    .args(agent_args),
+            ));
+        }
+        let mut env = Env {
+            dir: dir.clone(),
+            origin,
+            nbd: None,
+            agents,
+            controller: Some(controller),
+            sock: dir.join("nbd.sock"),
+            tcp: String::new(),
+        };
+        wait_until("every standby ready", Duration::from_secs(20), || {
+            let st = env.cluster_status();
+            nodes
+                .iter()
+                .all(|n| st.contains(&format!("node {n}: member connected standby-ready")))
+        });
+        let agent = cdir.join("node-1").join("agent.sock");
+        let sock = env.sock.clone();
+        let mut cmd = Command::new(BIN);
+        cmd.args(["nbd", "--agent", s(&agent), "--node", "1", "--origin"])
+            .arg(&env.origin)
+            .arg("--store")
+            .arg(&store)
+            .arg("--listen")
+            .arg(&sock)
+            .args(["--listen", "127.0.0.1:0", "--seal", "abort"])
+            .args(nbd_args);
+        let nbd = Logged::spawn(&mut cmd);
+        wait_until("the NBD server", Duration::from_secs(20), || {
+            nbd.log().contains("csnap nbd: serving")
+        });
+        let log = nbd.log();
+        env.tcp = log
+            .lines()
+            .find_map(|l| l.strip_prefix("csnap nbd: listening on 127.0.0.1:"))
+            .map(|p| format!("127.0.0.1:{p}"))
+            .unwrap_or_else(|| panic!("no TCP port in the log:\n{log}"));
+        assert!(
+            log.contains(&format!("export nbd+unix:///origin?socket={}", s(&sock))),
+            "{log}"
+        );
+        assert!(
+            log.contains(&format!("export nbd://{}/origin", env.tcp)),
+            "{log}"
+        );
+        assert!(log.contains("pool data buffers:"), "{log}");
+        env.nbd = Some(nbd);
+        env
+    }
+
+    fn cdir(&self) -> PathBuf {
+        self.dir.join("c")
+    }
+
+    fn cluster_status(&self) -> String {
+        let o = csnap(&["cluster", "status", "--dir", s(&self.cdir())]);
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    /// `(incarnation, node, address)` of the serving server.
+    fn server(&self) -> (u64, u32, String) {
+        let mut st = String::new();
+        wait_until("a serving server", Duration::from_secs(20), || {
+            st = self.cluster_status();
+            st.contains("server: incarnation")
+        });
+        let line = st
+            .lines()
+            .find(|l| l.starts_with("server: incarnation"))
+            .unwrap_or_else(|| panic!("no server in the cluster status:\n{st}"));
+        let w: Vec<&str> = line.split_whitespace().collect();
+        (
+            w[2].parse().unwrap(),
+            w[5].parse().unwrap(),
+            w[7].to_string(),
+        )
+    }
+
+    fn snapshot(&self, action: &str, tag: u32) {
+        let (_, _, addr) = self.server();
+        let o = csnap(&["snapshot", action, "--server", &addr, &tag.to_string()]);
+        assert!(o.status.success(), "snapshot {action} {tag}: {}", text(&o));
+    }
+
+    fn unix_url(&self, export: &str) -> String {
+        format!("nbd+unix:///{export}?socket={}", s(&self.sock))
+    }
+
+    fn tcp_url(&self, export: &str) -> String {
+        format!("nbd://{}/{export}", self.tcp)
+    }
+
+    fn nbd(&self) -> &Logged {
+        self.nbd.as_ref().unwrap()
+    }
+
+    fn assert_nbd_alive(&mut self) {
+        let nbd = self.nbd.as_mut().unwrap();
+        if let Ok(Some(st)) = nbd.proc.0.try_wait() {
+            panic!("the NBD server died ({st}):\n{}", nbd.log());
+        }
+    }
+
+    /// SIGTERM: the NBD server finishes, flushes and exits 0.
+    fn stop_nbd(&mut self) {
+        let nbd = self.nbd.as_mut().unwrap();
+        let pid = i32::try_from(nbd.pid()).unwrap();
+        // SAFETY: kill(2) on our own child's pid with a valid signal.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+        let t0 = Instant::now();
+        let st = loop {
+            if let Some(st) = nbd.proc.0.try_wait().unwrap() {
+                break st;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(15),
+                "no exit after SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        std::thread::sleep(Duration::from_millis(50));
+        let log = nbd.log();
+        assert!(st.success(), "exit after SIGTERM: {st}\n{log}");
+        assert!(log.contains("stopped (devices flushed)"), "{log}");
+        assert!(!log.contains("heap violation"), "{log}");
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            if let Some(n) = &self.nbd {
+                eprintln!("--- csnap nbd log:\n{}", n.log());
+            }
+            for (i, a) in self.agents.iter().enumerate() {
+                eprintln!("--- agent {} log:\n{}", i + 1, a.log());
+            }
+        }
+        // The NBD server first, then the agents (their servers die with
+        // them), then the controller.
+        self.nbd.take();
+        self.agents.clear();
+        self.controller.take();
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// A figure from the NBD server's exit line (`N <what>`).
+fn figure(log: &str, what: &str) -> u64 {
+    let line = log
+        .lines()
+        .find(|l| l.contains(" commands, ") && l.contains(" reconnects"))
+        .unwrap_or_else(|| panic!("no figures in the log:\n{log}"));
+    let words: Vec<&str> = line
+        .split([' ', ',', '(', ')'])
+        .filter(|w| !w.is_empty())
+        .collect();
+    words
+        .windows(2)
+        .find(|w| w[1] == what)
+        .and_then(|w| w[0].parse().ok())
+        .unwrap_or_else(|| panic!("no {what} in {line:?}"))
+}
+
+/// Runs qemu-io with `cmds` (one `-c` each); asserts every command
+/// succeeded.
+fn qemu_io(url: &str, cmds: &[&str]) -> String {
+    let mut c = Command::new("qemu-io");
+    c.args(["-f", "raw", url]);
+    for x in cmds {
+        c.args(["-c", x]);
+    }
+    let o = c.output().unwrap();
+    let out = text(&o);
+    assert!(
+        o.status.success() && !out.contains("failed") && !out.contains("error"),
+        "qemu-io {url} ({} commands, first {:?}):\n{out}",
+        cmds.len(),
+        cmds.first()
+    );
+    out
+}
+
+/// Runs qemu-io expecting a failure; returns its output.
+fn qemu_io_fails(url: &str, cmds: &[&str]) -> String {
+    let mut c = Command::new("qemu-io");
+    c.args(["-f", "raw", url]);
+    for x in cmds {
+        c.args(["-c", x]);
+    }
+    let o = c.output().unwrap();
+    let out = text(&o);
+    assert!(
+        !o.status.success() || out.contains("failed"),
+        "qemu-io {url} {cmds:?} should have failed:\n{out}"
+    );
+    out
+}
+
+/// Export names `nbdinfo --list` prints.
+fn list_exports(env: &Env) -> Vec<String> {
+    let o = Command::new("nbdinfo")
+        .args(["--list", &format!("nbd+unix:///?socket={}", s(&env.sock))])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "nbdinfo --list: {}", text(&o));
+    String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .filter_map(|l| l.strip_prefix("export=\"")?.strip_suffix("\":"))
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn list_shows_origin_and_every_snapshot_at_once() {
+    let env = Env::new("list", &[1], &[]);
+    assert_eq!(list_exports(&env), ["origin"]);
+    // The server runs by now (the list asked for it).
+    env.snapshot("create", 3);
+    assert_eq!(list_exports(&env), ["origin", "3"]);
+    env.snapshot("create", 700);
+    assert_eq!(list_exports(&env), ["origin", "3", "700"]);
+    // INFO (nbdinfo without --list) and GO of a snapshot, and of a tag that
+    // does not exist.
+    let o = Command::new("nbdinfo")
+        .arg(env.unix_url("700"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains(&format!("export-size: {ORIGIN_BYTES}")),
+        "{}",
+        text(&o)
+    );
+    for bad in ["4", "origin2", "-1", "99999999999"] {
+        let o = Command::new("nbdinfo")
+            .arg(env.unix_url(bad))
+            .output()
+            .unwrap();
+        assert!(!o.status.success(), "export {bad} exists? {}", text(&o));
+        qemu_io_fails(&env.unix_url(bad), &["read 0 4k"]);
+    }
+    env.snapshot("delete", 3);
+    assert_eq!(list_exports(&env), ["origin", "700"]);
+    // The empty name is the origin.
+    let o = Command::new("nbdinfo")
+        .arg(format!("nbd+unix:///?socket={}", s(&env.sock)))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(!env.nbd().log().contains("heap violation"));
+}
+
+/// The file's bytes at `off`.
+fn file_bytes(p: &Path, off: u64, len: usize) -> Vec<u8> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::open(p).unwrap();
+    let mut b = vec![0u8; len];
+    f.read_exact_at(&mut b, off).unwrap();
+    b
+}
+
+#[test]
+fn qemu_io_patterns_on_origin_and_snapshots() {
+    let mut env = Env::new("patterns", &[1], &[]);
+    let origin = env.unix_url("origin");
+    qemu_io(
+        &origin,
+        &[
+            "write -P 0xab 0 1M",
+            "read -P 0xab 0 1M",
+            "write -P 0x11 4097 70000",
+            "read -P 0xab 0 4097",
+            "read -P 0x11 4097 70000",
+            "read -P 0xab 74097 974479",
+            // FUA, write zeroes over several buffers, trim, flush.
+            "write -f -P 0x22 2M 64k",
+            "write -P 0x33 3M 5M",
+            "write -z 3M 3M",
+            "read -P 0 3M 3M",
+            "read -P 0x33 6M 2M",
+            "discard 6M 4k",
+            "read -P 0x33 6M 4k",
+            "flush",
+        ],
+    );
+    // On the origin device itself.
+    assert!(file_bytes(&env.origin, 4097, 70000)
+        .iter()
+        .all(|&b| b == 0x11));
+    assert!(file_bytes(&env.origin, 2 << 20, 65536)
+        .iter()
+        .all(|&b| b == 0x22));
+    // Snapshot 1 keeps the old data; the origin takes the new.
+    env.snapshot("create", 1);
+    qemu_io(
+        &origin,
+        &["write -P 0xcd 0 1M", "write -P 0x44 100000 9000", "flush"],
+    );
+    let snap1 = env.unix_url("1");
+    qemu_io(
+        &snap1,
+        &[
+            "read -P 0xab 0 4097",
+            "read -P 0x11 4097 70000",
+            "read -P 0xab 74097 974479",
+            "read -P 0x22 2M 64k",
+            "read -P 0 3M 3M",
+        ],
+    );
+    qemu_io(
+        &origin,
+        &[
+            "read -P 0xcd 0 100000",
+            "read -P 0x44 100000 9000",
+            "read -P 0xcd 109000 939576",
+        ],
+    );
+    // A snapshot write changes that snapshot only.
+    env.snapshot("create", 2);
+    qemu_io(
+        &snap1,
+        &["write -P 0x55 8192 5000", "read -P 0x55 8192 5000"],
+    );
+    qemu_io(
+        &snap1,
+        &[
+            "read -P 0xab 0 4097",
+            "read -P 0x11 4097 4095",
+            "read -P 0x55 8192 5000",
+            "read -P 0x11 13192 60905",
+        ],
+    );
+    qemu_io(&env.unix_url("2"), &["read -P 0xcd 0 100000"]);
+    qemu_io(&origin, &["read -P 0xcd 0 100000"]);
+    // A snapshot read caches its mapping as a lease; a write of the same
+    // chunks by the same connection (the server drains that lease first),
+    // and by the origin while another connection holds leases.
+    let mut s2 = QemuIo::start(&env.unix_url("2"), env.dir.join("s2.err"));
+    s2.ok("read -P 0xcd 0 100000");
+    s2.ok("read -P 0x44 100000 9000");
+    s2.ok("write -P 0x57 16384 100");
+    s2.ok("read -P 0x57 16384 100");
+    s2.ok("read -P 0xcd 0 16384");
+    s2.ok("read -P 0xcd 16484 83516");
+    qemu_io(&origin, &["write -P 0xee 0 1M"]);
+    s2.ok("read -P 0xcd 0 16384");
+    s2.ok("read -P 0x57 16384 100");
+    s2.ok("read -P 0xcd 16484 83516");
+    s2.ok("read -P 0x44 100000 9000");
+    s2.finish(true);
+    qemu_io(&origin, &["read -P 0xee 0 1M"]);
+    qemu_io(&snap1, &["read -P 0xab 0 4097"]);
+    // Over TCP too.
+    let tcp = env.tcp_url("origin");
+    qemu_io(&tcp, &["write -P 0x66 20M 1M", "read -P 0x66 20M 1M"]);
+    qemu_io(&env.tcp_url("1"), &["read -P 0x55 8192 5000"]);
+    env.assert_nbd_alive();
+    // Memory is locked: at least the 64 data buffers.
+    let st = std::fs::read_to_string(format!("/proc/{}/status", env.nbd().pid())).unwrap();
+    let kb = |k: &str| -> u64 {
+        st.lines()
+            .find(|l| l.starts_with(k))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap()
+    };
+    assert!(kb("VmLck:") >= 64 * 1024, "{st}");
+    // SIGTERM with a client in transmission and one in the handshake: both
+    // are closed, the devices flushed, exit 0.
+    let mut a = Raw::connect(&env.sock);
+    a.go("1");
+    a.request(0, 0, 1, 8192, 5000);
+    assert_eq!(a.reply(), (0, 1));
+    assert_eq!(a.read_n(5000), vec![0x55; 5000]);
+    let mut b = Raw::connect(&env.sock);
+    b.greeting();
+    env.stop_nbd();
+    a.expect_closed();
+    b.expect_closed();
+}
+
+#[test]
+fn two_clients_at_once_over_unix_and_tcp() {
+    // Two data buffers for everyone: commands wait for them
+    // (backpressure), none fails.
+    let mut env = Env::new("two", &[1], &["--buffers", "2"]);
+    // Two long runs at once, each on its own region, with a snapshot taken
+    // in the middle (the caching clients' grants are revoked under them).
+    let run = |url: String, base: u64, pat: u8| {
+        std::thread::spawn(move || {
+            let mut cmds = Vec::new();
+            for i in 0..64u64 {
+                cmds.push(format!(
+                    "write -P {} {} 64k",
+                    pat.wrapping_add(i as u8),
+                    base + i * 65536
+                ));
+            }
+            let refs: Vec<&str> = cmds.iter().map(String::as_str).collect();
+            qemu_io(&url, &refs);
+        })
+    };
+    let a = run(env.unix_url("origin"), 0, 0x10);
+    let b = run(env.tcp_url("origin"), 8 << 20, 0x80);
+    // A third client, 16 writes in flight, flushes among them.
+    let url = env.unix_url("origin");
+    let c = std::thread::spawn(move || {
+        let o = Command::new("qemu-img")
+            .args([
+                "bench",
+                "-f",
+                "raw",
+                "-w",
+                "--pattern",
+                "0x42",
+                "--flush-interval",
+                "16",
+            ])
+            .args(["-c", "256", "-s", "32k", "-d", "16", "-o", "16M", &url])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", text(&o));
+    });
+    env.snapshot("create", 9);
+    a.join().unwrap();
+    b.join().unwrap();
+    c.join().unwrap();
+    qemu_io(&env.unix_url("origin"), &["read -P 0x42 16M 8M"]);
+    let mut checks = Vec::new();
+    for i in 0..64u64 {
+        checks.push(format!(
+            "read -P {} {} 64k",
+            0x10u8.wrapping_add(i as u8),
+            i * 65536
+        ));
+        checks.push(format!(
+            "read -P {} {} 64k",
+            0x80u8.wrapping_add(i as u8),
+            (8 << 20) + i * 65536
+        ));
+    }
+    let refs: Vec<&str> = checks.iter().map(String::as_str).collect();
+    qemu_io(&env.tcp_url("origin"), &refs);
+    // Snapshot 9 is one point in time: each writer's regions are written
+    // up to some point (one of them perhaps in flight: all old or all new),
+    // and never after it.
+    let img = env.dir.join("snap9.img");
+    let o = Command::new("qemu-img")
+        .args([
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            &env.unix_url("9"),
+            s(&img),
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let snap = std::fs::read(&img).unwrap();
+    for (base, pat) in [(0usize, 0x10u8), (8 << 20, 0x80)] {
+        let mut written = true;
+        for i in 0..64usize {
+            let r = &snap[base + i * 65536..base + (i + 1) * 65536];
+            let new = r.iter().all(|&b| b == pat.wrapping_add(i as u8));
+            let old = r.iter().all(|&b| b == 0);
+            assert!(
+                new || old,
+                "region {i} of writer {pat:#x} is torn in the snapshot"
+            );
+            assert!(
+                !new || written,
+                "region {i} of writer {pat:#x} is newer than an earlier one"
+            );
+            written = new;
+        }
+    }
+    env.stop_nbd();
+    let log = env.nbd().log();
+    assert!(
+        figure(&log, "waited") > 0,
+        "no command waited for one of the two buffers:\n{log}"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// A raw NBD client, for what qemu and libnbd never send.
+// ---------------------------------------------------------------------------
+
+struct Raw(UnixStream);
+
+impl Raw {
+    fn connect(sock: &Path) -> Raw {
+        let s = UnixStream::connect(sock).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        Raw(s)
+    }
+
+    fn read_n(&mut self, n: usize) -> Vec<u8> {
+        let mut b = vec![0u8; n];
+        self.0.read_exact(&mut b).unwrap();
+        b
+    }
+
+    /// The server closed: end of stream (or a reset) within the timeout.
+    fn expect_closed(&mut self) {
+        let mut b = [0u8; 4096];
+        loop {
+            match self.0.read(&mut b) {
+                Ok(0) => return,
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return,
+                Err(e) => panic!("expected the server to close: {e}"),
+            }
+        }
+    }
+
+    fn greeting(&mut self) {
+        let g = self.read_n(18);
+        assert_eq!(&g[..16], b"NBDMAGICIHAVEOPT");
+    }
+
+    /// The greeting, then client flags fixed newstyle and no zeroes.
+    fn handshake(&mut self) {
+        self.greeting();
+        self.0.write_all(&3u32.to_be_bytes()).unwrap();
+    }
+
+    fn option(&mut self, opt: u32, data: &[u8]) {
+        let mut o = b"IHAVEOPT".to_vec();
+        o.extend_from_slice(&opt.to_be_bytes());
+        o.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        o.extend_from_slice(data);
+        self.0.write_all(&o).unwrap();
+    }
+
+    /// One option reply: (type, data).
+    fn option_reply(&mut self) -> (u32, Vec<u8>) {
+        let h = self.read_n(20);
+        let rep = u32::from_be_bytes(h[12..16].try_into().unwrap());
+        let len = u32::from_be_bytes(h[16..20].try_into().unwrap()) as usize;
+        (rep, self.read_n(len))
+    }
+
+    /// `GO` of `name`: the export size, or the error reply type.
+    fn opt_go(&mut self, name: &str) -> Result<u64, u32> {
+        let mut d = (name.len() as u32).to_be_bytes().to_vec();
+        d.extend_from_slice(name.as_bytes());
+        d.extend_from_slice(&0u16.to_be_bytes());
+        self.option(7, &d);
+        let mut size = 0;
+        loop {
+            match self.option_reply() {
+                (1, _) => return Ok(size),
+                (3, data) if u16::from_be_bytes([data[0], data[1]]) == 0 => {
+                    size = u64::from_be_bytes(data[2..10].try_into().unwrap());
+                }
+                (3, _) => {}
+                (r, _) => return Err(r),
+            }
+        }
+    }
+
+    /// Handshake and `GO` of `name`: returns the export size.
+    fn go(&mut self, name: &str) -> u64 {
+        self.handshake();
+        self.opt_go(name).unwrap()
+    }
+
+    fn request(&mut self, typ: u16, flags: u16, handle: u64, off: u64, len: u32) {
+        let mut r = Vec::with_capacity(28);
+        r.extend_from_slice(&0x2560_9513u32.to_be_bytes());
+        r.extend_from_slice(&flags.to_be_bytes());
+        r.extend_from_slice(&typ.to_be_bytes());
+        r.extend_from_slice(&handle.to_be_bytes());
+        r.extend_from_slice(&off.to_be_bytes());
+        r.extend_from_slice(&len.to_be_bytes());
+        self.0.write_all(&r).unwrap();
+    }
+
+    /// A simple reply: (error, handle).
+    fn reply(&mut self) -> (u32, u64) {
+        let h = self.read_n(16);
+        assert_eq!(u32::from_be_bytes(h[..4].try_into().unwrap()), 0x6744_6698);
+        (
+            u32::from_be_bytes(h[4..8].try_into().unwrap()),
+            u64::from_be_bytes(h[8..16].try_into().unwrap()),
+        )
+    }
+}
+
+#[test]
+fn raw_commands_and_hostile_clients() {
+    let mut env = Env::new("hostile", &[1], &["--connections", "4"]);
+    // A qemu-io client works through all of what follows.
+    let url = env.unix_url("origin");
+    let good = std::thread::spawn(move || {
+        let mut cmds = Vec::new();
+        for i in 0..200u64 {
+            cmds.push(format!(
+                "write -P {} {} 16k",
+                (i % 200) as u8 + 1,
+                (16 << 20) + i * 16384
+            ));
+            cmds.push(format!(
+                "read -P {} {} 16k",
+                (i % 200) as u8 + 1,
+                (16 << 20) + i * 16384
+            ));
+        }
+        let refs: Vec<&str> = cmds.iter().map(String::as_str).collect();
+        qemu_io(&url, &refs);
+    });
+    // Commands qemu does not send this way: a 3 MiB write-zeroes (pieces
+    // of one buffer), FAST_ZERO (ENOTSUP), trim, cache, out of range.
+    let mut r = Raw::connect(&env.sock);
+    assert_eq!(r.go("origin"), ORIGIN_BYTES);
+    r.request(1, 0, 1, 4 << 20, 8192); // WRITE
+    r.0.write_all(&[0x99u8; 8192]).unwrap();
+    assert_eq!(r.reply(), (0, 1));
+    r.request(6, 0, 2, 24 << 20, 3 << 20); // WRITE_ZEROES
+    assert_eq!(r.reply(), (0, 2));
+    r.request(6, 1 << 4, 3, 0, 4096); // FAST_ZERO
+    assert_eq!(r.reply(), (95, 3));
+    r.request(4, 0, 4, 0, 1 << 20); // TRIM
+    assert_eq!(r.reply(), (0, 4));
+    r.request(5, 0, 5, 0, 1 << 20); // CACHE
+    assert_eq!(r.reply(), (0, 5));
+    r.request(0, 0, 6, ORIGIN_BYTES - 4096, 8192); // READ past the end
+    assert_eq!(r.reply(), (22, 6));
+    r.request(1, 0, 7, ORIGIN_BYTES, 4); // WRITE past the end: payload skipped
+    r.0.write_all(&[0u8; 4]).unwrap();
+    assert_eq!(r.reply(), (28, 7));
+    // Over the 1 MiB limit: EINVAL, the payload skipped, in step after.
+    r.request(1, 0, 8, 0, 2 << 20);
+    r.0.write_all(&vec![0x77u8; 2 << 20]).unwrap();
+    assert_eq!(r.reply(), (22, 8));
+    r.request(0, 0, 9, 0, (1 << 20) + 1);
+    assert_eq!(r.reply(), (22, 9));
+    // Pipelined: several in flight, replies in any order.
+    for h in 10..20u64 {
+        r.request(0, 0, h, 4 << 20, 8192);
+    }
+    let mut seen = Vec::new();
+    for _ in 10..20 {
+        let (e, h) = r.reply();
+        assert_eq!(e, 0);
+        assert!(r.read_n(8192).iter().all(|&b| b == 0x99));
+        seen.push(h);
+    }
+    seen.sort_unstable();
+    assert_eq!(seen, (10..20).collect::<Vec<_>>());
+    r.request(3, 0, 30, 0, 0); // FLUSH
+    assert_eq!(r.reply(), (0, 30));
+    r.request(2, 0, 31, 0, 0); // DISC
+    r.expect_closed();
+    assert!(file_bytes(&env.origin, 24 << 20, 3 << 20)
+        .iter()
+        .all(|&b| b == 0));
+
+    // A GO of a snapshot that does not exist, then of the origin, on one
+    // connection; a zero-length read and write; a FUA write.
+    let mut r = Raw::connect(&env.sock);
+    r.handshake();
+    assert_eq!(r.opt_go("12345"), Err(0x8000_0006));
+    assert_eq!(r.opt_go("origin"), Ok(ORIGIN_BYTES));
+    r.request(0, 0, 1, 0, 0);
+    assert_eq!(r.reply(), (0, 1));
+    r.request(1, 0, 2, 0, 0);
+    assert_eq!(r.reply(), (0, 2));
+    r.request(1, 1, 3, 5 << 20, 4096);
+    r.0.write_all(&[0x3cu8; 4096]).unwrap();
+    assert_eq!(r.reply(), (0, 3));
+    r.request(0, 0, 4, 5 << 20, 4096);
+    assert_eq!(r.reply(), (0, 4));
+    assert!(r.read_n(4096).iter().all(|&b| b == 0x3c));
+    drop(r);
+    // The old-style EXPORT_NAME (with the 124 zero bytes), an unknown one
+    // (closed), and ABORT (acknowledged, closed).
+    let mut r = Raw::connect(&env.sock);
+    r.greeting();
+    r.0.write_all(&1u32.to_be_bytes()).unwrap();
+    r.option(1, b"origin");
+    let x = r.read_n(8 + 2 + 124);
+    assert_eq!(u64::from_be_bytes(x[..8].try_into().unwrap()), ORIGIN_BYTES);
+    r.request(0, 0, 9, 5 << 20, 16);
+    assert_eq!(r.reply(), (0, 9));
+    assert_eq!(r.read_n(16), [0x3c; 16]);
+    drop(r);
+    let mut r = Raw::connect(&env.sock);
+    r.handshake();
+    r.option(1, b"nope");
+    r.expect_closed();
+    let mut r = Raw::connect(&env.sock);
+    r.handshake();
+    r.option(2, &[]);
+    assert_eq!(r.option_reply().0, 1);
+    r.expect_closed();
+
+    // Hostile: unknown client flags.
+    let mut h = Raw::connect(&env.sock);
+    h.greeting();
+    h.0.write_all(&[0xff; 4]).unwrap();
+    h.expect_closed();
+    // An option longer than anything the server skips.
+    let mut h = Raw::connect(&env.sock);
+    h.greeting();
+    h.0.write_all(&1u32.to_be_bytes()).unwrap();
+    let mut opt = b"IHAVEOPT".to_vec();
+    opt.extend_from_slice(&99u32.to_be_bytes());
+    opt.extend_from_slice(&u32::MAX.to_be_bytes());
+    h.0.write_all(&opt).unwrap();
+    h.expect_closed();
+    // A bad request magic in transmission.
+    let mut h = Raw::connect(&env.sock);
+    h.go("origin");
+    h.0.write_all(&[0x5a; 28]).unwrap();
+    h.expect_closed();
+    // A write whose payload never comes, then the client vanishes.
+    let mut h = Raw::connect(&env.sock);
+    h.go("origin");
+    h.request(1, 0, 1, 0, 1 << 20);
+    h.0.write_all(&[1u8; 1000]).unwrap();
+    drop(h);
+    // Garbage from the first byte.
+    let mut h = Raw::connect(&env.sock);
+    h.0.write_all(&[0u8; 100_000]).unwrap_or(());
+    h.expect_closed();
+    good.join().unwrap();
+    env.assert_nbd_alive();
+
+    // The connection limit: four held, a fifth is closed at once (no
+    // greeting), and the slots come back.
+    let held: Vec<Raw> = (0..4)
+        .map(|_| {
+            let mut r = Raw::connect(&env.sock);
+            r.greeting();
+            r
+        })
+        .collect();
+    let mut over = Raw::connect(&env.sock);
+    over.expect_closed();
+    drop(held);
+    std::thread::sleep(Duration::from_millis(100));
+    qemu_io(&env.unix_url("origin"), &["read -P 0x99 4M 8k"]);
+    env.assert_nbd_alive();
+    let log = env.nbd().log();
+    assert!(log.contains("all 4 connections are in use"), "{log}");
+    assert!(log.contains("bad request magic"), "{log}");
+    env.stop_nbd();
+}
+
+/// A qemu-io process fed one command at a time on its standard input (it
+/// reads a line per wake-up), answers unbuffered (`stdbuf`).
+struct QemuIo {
+    child: Proc,
+    stdin: Option<std::process::ChildStdin>,
+    rx: std::sync::mpsc::Receiver<String>,
+    out: Arc<Mutex<String>>,
+    err: PathBuf,
+}
+
+impl QemuIo {
+    fn start(url: &str, err: PathBuf) -> QemuIo {
+        let mut child = Command::new("stdbuf")
+            .args(["-o0", "qemu-io", "-f", "raw", url])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&err).unwrap())
+            .spawn()
+            .unwrap();
+        let stdin = child.stdin.take();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel::<String>();
+        let out = Arc::new(Mutex::new(String::new()));
+        let o = out.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                o.lock().unwrap().push_str(&format!("{line}\n"));
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        QemuIo {
+            child: Proc(child),
+            stdin,
+            rx,
+            out,
+            err,
+        }
+    }
+
+    /// Sends a read or write command; returns its answer line and how long
+    /// it took.
+    fn cmd(&mut self, c: &str) -> (String, Duration) {
+        let t0 = Instant::now();
+        writeln!(self.stdin.as_mut().unwrap(), "{c}").unwrap();
+        loop {
+            let Ok(line) = self
+                .rx
+                .recv_timeout(Duration::from_secs(20).saturating_sub(t0.elapsed()))
+            else {
+                let err = std::fs::read_to_string(&self.err).unwrap_or_default();
+                let out = self.out.lock().unwrap().clone();
+                panic!("{c:?} not answered; stdout:\n{out}\nstderr:\n{err}");
+            };
+            if ["wrote ", "read ", "failed", "error"]
+                .iter()
+                .any(|w| line.contains(w))
+            {
+                return (line, t0.elapsed());
+            }
+        }
+    }
+
+    /// Like `cmd`, asserting success.
+    fn ok(&mut self, c: &str) -> Duration {
+        let (line, t) = self.cmd(c);
+        assert!(
+            !line.contains("failed") && !line.contains("error"),
+            "{c:?}: {line}"
+        );
+        t
+    }
+
+    /// Flushes, quits; asserts a clean exit (`clean`: no command failed).
+    fn finish(mut self, clean: bool) {
+        let mut stdin = self.stdin.take().unwrap();
+        writeln!(stdin, "flush").unwrap();
+        writeln!(stdin, "quit").unwrap();
+        drop(stdin);
+        let st = self.child.0.wait().unwrap();
+        let err = std::fs::read_to_string(&self.err).unwrap_or_default();
+        let out = self.out.lock().unwrap().clone();
+        let ok = if clean {
+            st.success() && !out.contains("failed")
+        } else {
+            st.code() == Some(1)
+        };
+        assert!(ok, "qemu-io: {st}\nstdout:\n{out}\nstderr:\n{err}");
+    }
+}
+
+/// The pid of the process whose command line names `addr`.
+fn pid_listening_on(addr: &str) -> i32 {
+    for e in std::fs::read_dir("/proc").unwrap() {
+        let e = e.unwrap();
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<&[u8]> = cmd.split(|&b| b == 0).collect();
+        if args.contains(&&b"server"[..]) && args.contains(&addr.as_bytes()) {
+            return pid;
+        }
+    }
+    panic!("no server process listens on {addr}");
+}
+
+#[test]
+fn failover_is_invisible_to_nbd_clients() {
+    // The nodes' servers as on two hosts: no host-local store lock (the
+    // SIGKILLed server may still hold it for a moment while it exits; the
+    // incarnation fences it anyway).
+    let mut env = Env::build(
+        "failover",
+        &[1, 2],
+        &[],
+        &[],
+        &["--server-arg=--no-host-lock"],
+    );
+    let o = csnap(&["cluster", "start", "--dir", s(&env.cdir()), "1"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let (inc, node, addr) = env.server();
+    assert_eq!(node, 1);
+    // A snapshot with data of its own, read during the failover (its
+    // leases go to the next server).
+    qemu_io(&env.unix_url("origin"), &["write -P 0x5e 0 4M"]);
+    env.snapshot("create", 5);
+    // A writer fed command by command, so the kill lands mid-run.
+    let mut w = QemuIo::start(&env.unix_url("origin"), env.dir.join("writer.err"));
+    let pat = |i: u64| (i % 250) as u8 + 1;
+    let off = |i: u64| (8 << 20) + i * 65536;
+    for i in 0..40u64 {
+        w.ok(&format!("write -P {} {} 64k", pat(i), off(i)));
+    }
+    // A snapshot reader: its engine caches leases on every chunk it read
+    // (the origin's, shared by the snapshot), which go to the next server.
+    let mut r = QemuIo::start(&env.unix_url("5"), env.dir.join("reader.err"));
+    r.ok("read -P 0x5e 0 4M");
+    let pid = pid_listening_on(&addr);
+    // SAFETY: kill(2) with a pid read from /proc and a valid signal.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+    let mut longest = Duration::ZERO;
+    for i in 40..300u64 {
+        longest = longest.max(w.ok(&format!("write -P {} {} 64k", pat(i), off(i))));
+    }
+    eprintln!("longest write across the failover: {longest:?}");
+    // The new server must take the reader's leases back before the origin
+    // chunks under them change: the snapshot still reads its data.
+    w.ok("write -P 0x6f 0 4M");
+    r.ok("read -P 0x5e 0 4M");
+    w.ok("read -P 0x6f 0 4M");
+    w.finish(true);
+    r.finish(true);
+    let (inc2, node2, _) = env.server();
+    assert!(inc2 > inc, "no failover: incarnation {inc2}");
+    assert_eq!(node2, 2, "the server moved to node 2");
+    // Every write is there, and the snapshot still reads its data.
+    let cmds: Vec<String> = (0..300u64)
+        .map(|i| format!("read -P {} {} 64k", pat(i), off(i)))
+        .collect();
+    let refs: Vec<&str> = cmds.iter().map(String::as_str).collect();
+    qemu_io(&env.unix_url("origin"), &refs);
+    qemu_io(&env.unix_url("5"), &["read -P 0x5e 0 4M"]);
+    let log = env.nbd().log();
+    assert!(!log.contains("fails (EIO)"), "{log}");
+    env.stop_nbd();
+    // The writer's and the reader's engines re-attached (and the control
+    // connection, if it was up).
+    let log = env.nbd().log();
+    assert!(figure(&log, "reconnects") >= 2, "{log}");
+    assert_eq!(figure(&log, "failover"), 0, "{log}");
+}
+
+#[test]
+fn an_outage_past_the_failover_timeout_is_eio_then_io_resumes() {
+    // Manual placement: nothing restarts the killed server until told to.
+    let mut env = Env::build(
+        "outage",
+        &[1],
+        &["--failover-timeout-ms", "400"],
+        &["--policy", "manual"],
+        &[],
+    );
+    let start = || {
+        let o = csnap(&["cluster", "start", "--dir", s(&env.cdir()), "1"]);
+        assert!(o.status.success(), "{}", text(&o));
+    };
+    start();
+    let (inc, _, addr) = env.server();
+    let mut w = QemuIo::start(&env.unix_url("origin"), env.dir.join("writer.err"));
+    w.ok("write -P 0x71 0 64k");
+    let pid = pid_listening_on(&addr);
+    // SAFETY: kill(2) with a pid read from /proc and a valid signal.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+    // A write needs the server: EIO once the timeout has passed.
+    let (line, took) = w.cmd("write -P 0x72 1M 64k");
+    assert!(line.contains("Input/output error"), "{line}");
+    assert!(
+        took >= Duration::from_millis(300),
+        "failed after {took:?}, before the timeout"
+    );
+    // Reads of the origin do not need the server.
+    w.ok("read -P 0x71 0 64k");
+    // A server again: the same connection goes on.
+    wait_until("a new standby", Duration::from_secs(20), || {
+        env.cluster_status()
+            .contains("node 1: member connected standby-ready")
+    });
+    start();
+    let (inc2, _, _) = env.server();
+    assert!(inc2 > inc);
+    w.ok("write -P 0x73 2M 64k");
+    w.ok("read -P 0x73 2M 64k");
+    w.finish(false);
+    qemu_io(
+        &env.unix_url("origin"),
+        &["read -P 0x71 0 64k", "read -P 0x73 2M 64k"],
+    );
+    let log = env.nbd().log();
+    assert!(log.contains("in-flight I/O fails (EIO)"), "{log}");
+    assert!(log.contains("I/O resumes"), "{log}");
+    env.stop_nbd();
+    let log = env.nbd().log();
+    assert!(figure(&log, "failover") >= 1, "{log}");
+}

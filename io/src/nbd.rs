@@ -1,0 +1,2570 @@
+//! The NBD server (`csnap nbd`): one process per node, a single-threaded mio
+//! loop that exports the origin and every snapshot of a csnap store over
+//! NBD, each NBD connection being a caching csnap client of its own.
+//!
+//! # Loop
+//!
+//! One thread, one `Poll`: the listeners (unix and TCP), a `signalfd` for
+//! SIGTERM and SIGINT, and per connection slot three streams (the NBD
+//! client, the slot's csnap server connection, its agent link), plus the
+//! control link (a control connection to the server, for `LIST` and
+//! `INFO`). Readiness is edge-triggered, so every stream keeps a readable
+//! flag that is cleared only by `WouldBlock`; each turn pumps every busy
+//! slot until nothing moves (a buffer freed by one slot can unblock
+//! another), then sleeps until the next event or deadline.
+//!
+//! # Slots
+//!
+//! Everything is reserved in [`NbdServer::new`] and reused for the next
+//! connection (`reset`): an [`NbdSession`], a receive buffer, a
+//! [`VolumeEngine`], a [`Link`] (agent and server streams with their frame
+//! readers), a command table, and the reply queues. A connection over
+//! `--connections` is closed at once. An export query (`GO` or
+//! `EXPORT_NAME`) resets the slot's engine for the volume with a fresh
+//! cluster-unique client id, asks the agent for the server (`NeedServer`),
+//! connects, and answers once the engine signals `Ready` (or `None` when
+//! the server refuses the volume, or no server is reached within the
+//! failover timeout). `INFO` and `LIST` are answered from the server's
+//! snapshot list, asked for each time (no cache): a snapshot created while
+//! the NBD server runs appears at once.
+//!
+//! # Commands and buffers
+//!
+//! A `READ` or `WRITE` takes a buffer of `VOLUME_IO_MAX_BYTES` (plus room
+//! for the reply header in front, so a read reply is one write) from the
+//! process-wide pool when it arrives; a `WRITE` payload is read straight
+//! into it. No buffer free (or the connection holds its share, or its
+//! command table is full): the command waits and the connection is not
+//! read (backpressure). `WRITE_ZEROES` writes from one shared zero buffer
+//! in pieces of at most one buffer; with `FAST_ZERO` it is answered
+//! `ENOTSUP`. `TRIM` (advisory) and `CACHE` succeed at once. `FLUSH` is the
+//! engine's flush (an `fdatasync` of both devices); a write with `FUA` is
+//! answered only after a flush that follows it. Replies go out in
+//! completion order. Disk operations are `pread`/`pwrite` done in the loop
+//! (page cache), then `disk_done`.
+//!
+//! # Failover
+//!
+//! A slot's server connection that breaks, or an engine signal `Stale`, or
+//! a refusal worth retrying (`TooManyClients`, `StaleIncarnation`,
+//! `Recovering`) closes the connection (`handle_disconnect`), and once the
+//! engine is `ready_to_reconnect` the link asks the agent again with the
+//! failed incarnation, connects to the new address, and `handle_connect`
+//! (the engine re-identifies, re-uploads its leases, re-sends what was
+//! unanswered). Retries back off from `CLIENT_RETRY_MIN_MS` to
+//! `CLIENT_RETRY_MAX_MS`. Not ready again within the failover timeout: every
+//! I/O of the engine waiting for a server fails (`NoServer`, NBD `EIO`);
+//! the link keeps trying, and I/O that comes later waits for the next
+//! window of one timeout (so no I/O waits for a server much longer than
+//! the timeout, and the first `Ready` ends the outage). I/O that needs no
+//! server (origin reads) goes on throughout.
+//!
+//! # Closing and shutdown
+//!
+//! A connection that ends (`DISC`, end of stream, a protocol violation)
+//! reads nothing more, finishes its in-flight commands, writes its last
+//! replies (for at most `NBD_CLOSE_LINGER_MS` to a client that does not
+//! read), flushes both devices after a `DISC`, gives its idle leases back
+//! (`release_all_idle`), writes that out, and closes its server and agent
+//! streams (the agent then tells the server the client is gone). SIGTERM or
+//! SIGINT stops accepting, closes every connection that way, flushes both
+//! devices and returns.
+//!
+//! Nothing here allocates after [`NbdServer::new`].
+
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use csnap_fsm::agent::AddrBuf;
+use csnap_fsm::client::{ClientConfig, ClientEvent, ClientFsm, Request};
+use csnap_fsm::nbd::{
+    simple_reply, Cmd, CmdKind, ExportInfo, ExportOption, NbdConfig, NbdError, NbdEvent,
+    NbdSession, NbdState, SIMPLE_REPLY_BYTES,
+};
+use csnap_fsm::volume::{
+    Dev, DiskOp, EngineSignal, IoError, IoKind, SubmitError, VolumeConfig, VolumeEngine,
+};
+use csnap_proto::{self as proto, ErrorCode, FrameReader, Msg, Role, Volume, FRAME_MAX_BYTES};
+use mio::{Events, Interest, Poll, Registry, Token};
+
+use crate::net::{Addr, MioListener, MioStream};
+
+/// Engine I/Os in flight per connection.
+const IOS: usize = csnap_pools::VOLUME_IOS_MAX;
+/// Commands admitted per connection.
+const CMDS: usize = csnap_pools::NBD_COMMANDS_PER_CONNECTION_MAX;
+/// Buffers one connection holds at once.
+const BUFS_PER_CONN: usize = csnap_pools::NBD_BUFFERS_PER_CONNECTION_MAX;
+/// Reply header in front of a buffer's data.
+const HDR: usize = SIMPLE_REPLY_BYTES;
+/// Largest I/O (the advertised maximum payload).
+const IO_MAX: usize = csnap_pools::VOLUME_IO_MAX_BYTES as usize;
+/// Bytes of one pool buffer.
+const BUF_STRIDE: usize = HDR + IO_MAX;
+/// Receive buffer of a connection.
+const RX_BYTES: usize = csnap_pools::NBD_RECEIVE_BUFFER_BYTES;
+/// Output of an agent link.
+const AGENT_OUT: usize = csnap_pools::NBD_AGENT_OUT_BYTES;
+/// Readiness events per turn.
+const EVENTS_MAX: usize = csnap_pools::EVENTS_PER_TURN_MAX;
+/// Snapshots a list answer names.
+const SNAPSHOTS_MAX: usize = csnap_pools::SNAPSHOTS_MAX;
+
+/// Tokens: slot `s` owns `3s` (NBD client), `3s + 1` (server), `3s + 2`
+/// (agent).
+const TOKENS_PER_SLOT: usize = 3;
+const SIGNAL: Token = Token(usize::MAX - 1);
+const CTL_SERVER: Token = Token(usize::MAX - 2);
+const CTL_AGENT: Token = Token(usize::MAX - 3);
+const LISTENER_BASE: usize = usize::MAX - 64;
+
+// Token spaces do not meet.
+const _: () = assert!(csnap_pools::NBD_CONNECTIONS_MAX * TOKENS_PER_SLOT < LISTENER_BASE);
+// Engine tags are command indices.
+const _: () = assert!(CMDS <= u8::MAX as usize);
+
+/// How `csnap nbd` runs.
+#[derive(Debug, Clone)]
+pub struct NbdOptions {
+    /// The node's agent socket.
+    pub agent: PathBuf,
+    /// This node.
+    pub node_id: u32,
+    /// Origin device.
+    pub origin: PathBuf,
+    /// Store device.
+    pub store: PathBuf,
+    /// Listen addresses.
+    pub listen: Vec<Addr>,
+    /// NBD connections at once.
+    pub connections: usize,
+    /// Buffers in the pool.
+    pub buffers: usize,
+    /// How long a failover may take before in-flight I/O fails.
+    pub failover_timeout_ms: u64,
+}
+
+fn now_ms() -> u64 {
+    csnap_sys::monotonic_micros() / 1000
+}
+
+// ---------------------------------------------------------------------------
+// Small fixed containers.
+// ---------------------------------------------------------------------------
+
+/// A fixed ring of `N` items with a peek.
+#[derive(Debug)]
+struct Ring<T: Copy + Default, const N: usize> {
+    items: [T; N],
+    head: usize,
+    len: usize,
+}
+
+impl<T: Copy + Default, const N: usize> Ring<T, N> {
+    fn new() -> Self {
+        Ring {
+            items: [T::default(); N],
+            head: 0,
+            len: 0,
+        }
+    }
+    fn push(&mut self, t: T) -> bool {
+        if self.len == N {
+            return false;
+        }
+        self.items[(self.head + self.len) % N] = t;
+        self.len += 1;
+        true
+    }
+    fn peek(&self) -> Option<T> {
+        (self.len > 0).then(|| self.items[self.head])
+    }
+    fn pop(&mut self) -> Option<T> {
+        let t = self.peek()?;
+        self.head = (self.head + 1) % N;
+        self.len -= 1;
+        Some(t)
+    }
+    fn len(&self) -> usize {
+        self.len
+    }
+    fn clear(&mut self) {
+        self.head = 0;
+        self.len = 0;
+    }
+}
+
+/// The process-wide pool of data buffers.
+struct Buffers {
+    mem: Box<[u8]>,
+    free: Vec<u16>,
+    count: usize,
+}
+
+impl Buffers {
+    fn new(count: usize) -> Buffers {
+        let mut free = Vec::with_capacity(count);
+        for i in (0..count).rev() {
+            free.push(u16::try_from(i).unwrap_or(u16::MAX));
+        }
+        Buffers {
+            mem: vec![0u8; count * BUF_STRIDE].into_boxed_slice(),
+            free,
+            count,
+        }
+    }
+    fn take(&mut self) -> Option<u16> {
+        self.free.pop()
+    }
+    fn put(&mut self, b: u16) {
+        assert!(self.free.len() < self.count, "a buffer freed twice");
+        // Within the capacity reserved at start: no allocation.
+        self.free.push(b);
+    }
+    fn available(&self) -> usize {
+        self.free.len()
+    }
+    fn get(&self, b: u16) -> &[u8] {
+        let at = usize::from(b) * BUF_STRIDE;
+        self.mem.get(at..at + BUF_STRIDE).unwrap_or_default()
+    }
+    fn get_mut(&mut self, b: u16) -> &mut [u8] {
+        let at = usize::from(b) * BUF_STRIDE;
+        self.mem.get_mut(at..at + BUF_STRIDE).unwrap_or_default()
+    }
+}
+
+/// Which buffer an engine I/O's disk operations use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BufRef {
+    /// A pool buffer (its data starts after the reply header).
+    Pool(u16),
+    /// The shared zero buffer (write-zeroes pieces, flushes).
+    Zero,
+}
+
+/// What every slot shares: devices, the pool, settings, the wake-up time.
+struct Shared {
+    origin: File,
+    store: File,
+    pool: Buffers,
+    zeros: Box<[u8]>,
+    agent: PathBuf,
+    node_id: u32,
+    export_size: u64,
+    timeout_ms: u64,
+    /// Moves made (the pump loops until a pass makes none).
+    progress: u64,
+    /// Earliest deadline a slot waits for.
+    wake_at: Option<u64>,
+    /// Client ids: node, process nonce, counter.
+    nonce: u16,
+    next_client: u32,
+    /// Figures for the log at exit.
+    stats: NbdStats,
+}
+
+/// Figures of a run, printed at exit.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NbdStats {
+    /// NBD connections accepted.
+    pub connections: u64,
+    /// Connections closed at once (every slot in use).
+    pub refused: u64,
+    /// Commands answered.
+    pub commands: u64,
+    /// Commands that waited for a data buffer (backpressure).
+    pub buffer_waits: u64,
+    /// Server connections re-made (failovers ridden out).
+    pub reconnects: u64,
+    /// Failover windows that expired (I/O failed with EIO).
+    pub timeouts: u64,
+    /// Disk operations that failed.
+    pub disk_errors: u64,
+}
+
+impl Shared {
+    fn wake(&mut self, at: u64) {
+        self.wake_at = Some(self.wake_at.map_or(at, |w| w.min(at)));
+    }
+    fn moved(&mut self) {
+        self.progress += 1;
+    }
+    fn new_client_id(&mut self) -> u64 {
+        self.next_client = self.next_client.wrapping_add(1).max(1);
+        (u64::from(self.node_id & 0xffff) << 48)
+            | (u64::from(self.nonce) << 32)
+            | u64::from(self.next_client)
+    }
+    fn file(&self, dev: Dev) -> &File {
+        match dev {
+            Dev::Origin => &self.origin,
+            Dev::Store => &self.store,
+        }
+    }
+    fn sync_both(&mut self) -> bool {
+        let a = self.origin.sync_data().is_ok();
+        let b = self.store.sync_data().is_ok();
+        a && b
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Links: a client's agent and server connections.
+// ---------------------------------------------------------------------------
+
+/// What a link carries: a volume engine or the control connection's FSM.
+trait Peer {
+    fn transmit(&self) -> &[u8];
+    fn consume_transmit(&mut self, n: usize);
+    fn handle_connect(&mut self);
+    fn handle_disconnect(&mut self);
+    fn incarnation(&self) -> u64;
+    fn ready_to_reconnect(&self) -> bool;
+    fn tx_overflowed(&self) -> bool;
+}
+
+impl Peer for VolumeEngine {
+    fn transmit(&self) -> &[u8] {
+        VolumeEngine::transmit(self)
+    }
+    fn consume_transmit(&mut self, n: usize) {
+        VolumeEngine::consume_transmit(self, n);
+    }
+    fn handle_connect(&mut self) {
+        VolumeEngine::handle_connect(self);
+    }
+    fn handle_disconnect(&mut self) {
+        VolumeEngine::handle_disconnect(self);
+    }
+    fn incarnation(&self) -> u64 {
+        self.client().incarnation()
+    }
+    fn ready_to_reconnect(&self) -> bool {
+        VolumeEngine::ready_to_reconnect(self)
+    }
+    fn tx_overflowed(&self) -> bool {
+        self.client().tx_overflowed()
+    }
+}
+
+impl Peer for ClientFsm {
+    fn transmit(&self) -> &[u8] {
+        ClientFsm::transmit(self)
+    }
+    fn consume_transmit(&mut self, n: usize) {
+        ClientFsm::consume_transmit(self, n);
+    }
+    fn handle_connect(&mut self) {
+        ClientFsm::handle_connect(self);
+    }
+    fn handle_disconnect(&mut self) {
+        ClientFsm::handle_disconnect(self);
+    }
+    fn incarnation(&self) -> u64 {
+        ClientFsm::incarnation(self)
+    }
+    fn ready_to_reconnect(&self) -> bool {
+        true
+    }
+    fn tx_overflowed(&self) -> bool {
+        ClientFsm::tx_overflowed(self)
+    }
+}
+
+/// What a server frame means for its link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    /// The connection is good.
+    Keep,
+    /// Make a new one (through the agent).
+    Reconnect,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AgentSt {
+    /// No agent connection.
+    Down,
+    /// `Hello` sent.
+    HelloSent,
+    /// Idle.
+    Up,
+    /// `NeedServer` with this request id sent; `announce`: only to be known
+    /// to the agent again (the server connection is up).
+    Asking { rid: u64, announce: bool },
+}
+
+/// A client's agent link and server connection, with the failover retry
+/// state. Reserved once; `start` and `close` reuse it.
+struct Link {
+    client_id: u64,
+    node_id: u32,
+    volume: Option<Volume>,
+    tok_agent: Token,
+    tok_server: Token,
+    agent: Option<mio::net::UnixStream>,
+    agent_st: AgentSt,
+    agent_rd: FrameReader<Box<[u8]>>,
+    agent_readable: bool,
+    agent_out: [u8; AGENT_OUT],
+    agent_out_len: usize,
+    next_rid: u64,
+    server: Option<MioStream>,
+    server_connecting: bool,
+    server_rd: FrameReader<Box<[u8]>>,
+    server_readable: bool,
+    server_writable: bool,
+    /// A (new) server connection is wanted until the peer is ready.
+    want: bool,
+    /// The incarnation that failed us (for `NeedServer`).
+    failed: u64,
+    /// The agent's answer, not yet connected to: address, incarnation.
+    addr: Option<(AddrBuf, u64)>,
+    /// The incarnation the agent named for the connection made last.
+    addr_incarnation: u64,
+    retry_at_ms: u64,
+    backoff_ms: u64,
+    /// Since when the peer has not been ready (attach or failover).
+    down_since_ms: Option<u64>,
+    /// The agent link was re-made while the server connection stayed up:
+    /// tell the agent about this client again.
+    reannounce: bool,
+}
+
+impl Link {
+    fn new(tok_agent: Token, tok_server: Token) -> Link {
+        Link {
+            client_id: 0,
+            node_id: 0,
+            volume: None,
+            tok_agent,
+            tok_server,
+            agent: None,
+            agent_st: AgentSt::Down,
+            agent_rd: FrameReader::new(vec![0u8; FRAME_MAX_BYTES].into_boxed_slice()),
+            agent_readable: false,
+            agent_out: [0; AGENT_OUT],
+            agent_out_len: 0,
+            next_rid: 1,
+            server: None,
+            server_connecting: false,
+            server_rd: FrameReader::new(vec![0u8; FRAME_MAX_BYTES].into_boxed_slice()),
+            server_readable: false,
+            server_writable: false,
+            want: false,
+            failed: 0,
+            addr: None,
+            addr_incarnation: 0,
+            retry_at_ms: 0,
+            backoff_ms: csnap_pools::CLIENT_RETRY_MIN_MS,
+            down_since_ms: None,
+            reannounce: false,
+        }
+    }
+
+    const fn reserved_bytes() -> usize {
+        2 * FRAME_MAX_BYTES
+    }
+
+    /// Whether the link is in use (connected, or trying).
+    fn active(&self) -> bool {
+        self.want || self.server.is_some() || self.agent.is_some()
+    }
+
+    /// Starts attaching: the agent is asked at once.
+    fn start(&mut self, client_id: u64, node_id: u32, volume: Option<Volume>, now: u64) {
+        self.client_id = client_id;
+        self.node_id = node_id;
+        self.volume = volume;
+        self.want = true;
+        self.failed = 0;
+        self.addr = None;
+        self.addr_incarnation = 0;
+        self.retry_at_ms = now;
+        self.backoff_ms = csnap_pools::CLIENT_RETRY_MIN_MS;
+        self.down_since_ms = Some(now);
+        self.reannounce = false;
+    }
+
+    /// Closes both streams and forgets everything.
+    fn close(&mut self, reg: &Registry) {
+        if let Some(mut s) = self.server.take() {
+            let _ = reg.deregister(&mut s);
+        }
+        if let Some(mut a) = self.agent.take() {
+            let _ = reg.deregister(&mut a);
+        }
+        self.agent_st = AgentSt::Down;
+        self.agent_rd.clear();
+        self.agent_out_len = 0;
+        self.server_rd.clear();
+        self.server_connecting = false;
+        self.want = false;
+        self.addr = None;
+        self.down_since_ms = None;
+        self.reannounce = false;
+    }
+
+    /// The peer is ready: the outage (or attach) is over.
+    fn on_ready(&mut self) {
+        self.want = false;
+        self.down_since_ms = None;
+        self.backoff_ms = csnap_pools::CLIENT_RETRY_MIN_MS;
+    }
+
+    fn retry_later(&mut self, now: u64) {
+        self.retry_at_ms = now + self.backoff_ms;
+        self.backoff_ms = (self.backoff_ms * 2).min(csnap_pools::CLIENT_RETRY_MAX_MS);
+    }
+
+    /// The server connection failed (or must be re-made).
+    fn server_failed<P: Peer>(&mut self, peer: &mut P, reg: &Registry, now: u64) {
+        if let Some(mut s) = self.server.take() {
+            let _ = reg.deregister(&mut s);
+        }
+        self.server_rd.clear();
+        self.server_connecting = false;
+        peer.handle_disconnect();
+        self.want = true;
+        // The server that failed us, as the handshake or the agent named it
+        // (a connection that broke before `HelloOk` still names it).
+        self.failed = peer.incarnation().max(self.addr_incarnation);
+        self.addr = None;
+        self.down_since_ms.get_or_insert(now);
+        self.retry_later(now);
+    }
+
+    fn agent_failed(&mut self, reg: &Registry, now: u64) {
+        if let Some(mut a) = self.agent.take() {
+            let _ = reg.deregister(&mut a);
+        }
+        self.agent_st = AgentSt::Down;
+        self.agent_rd.clear();
+        self.agent_out_len = 0;
+        if self.server.is_some() && self.volume.is_some() {
+            self.reannounce = true;
+        }
+        self.retry_later(now);
+    }
+
+    fn agent_send(&mut self, rid: u64, msg: &Msg<'_>) -> bool {
+        let out = self
+            .agent_out
+            .get_mut(self.agent_out_len..)
+            .unwrap_or_default();
+        match proto::encode(&proto::Header::new(rid, 0), msg, out) {
+            Ok(n) => {
+                self.agent_out_len += n;
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    fn ask(&mut self, failed: u64, announce: bool) {
+        let rid = self.next_rid;
+        self.next_rid += 1;
+        let msg = Msg::NeedServer {
+            client_id: self.client_id,
+            failed_incarnation: failed,
+            node_id: self.node_id,
+            volume: self.volume,
+        };
+        if self.agent_send(rid, &msg) {
+            self.agent_st = AgentSt::Asking { rid, announce };
+        }
+    }
+
+    fn connect_agent(&mut self, path: &Path, reg: &Registry, now: u64) -> bool {
+        let mut s = match mio::net::UnixStream::connect(path) {
+            Ok(s) => s,
+            Err(_) => {
+                self.retry_later(now);
+                return false;
+            }
+        };
+        if reg
+            .register(
+                &mut s,
+                self.tok_agent,
+                Interest::READABLE | Interest::WRITABLE,
+            )
+            .is_err()
+        {
+            self.retry_later(now);
+            return false;
+        }
+        self.agent = Some(s);
+        self.agent_rd.clear();
+        self.agent_readable = true;
+        self.agent_out_len = 0;
+        let role = if self.volume.is_some() {
+            Role::Client
+        } else {
+            Role::Control
+        };
+        let hello = Msg::Hello {
+            version_min: proto::PROTOCOL_VERSION,
+            version_max: proto::PROTOCOL_VERSION,
+            role,
+        };
+        if self.agent_send(0, &hello) {
+            self.agent_st = AgentSt::HelloSent;
+        }
+        true
+    }
+
+    /// Writes queued agent output and handles the agent's frames.
+    fn agent_io(&mut self, reg: &Registry, now: u64) -> bool {
+        let mut moved = false;
+        let Some(a) = self.agent.as_mut() else {
+            return false;
+        };
+        let mut broken = false;
+        while self.agent_out_len > 0 {
+            match a.write(&self.agent_out[..self.agent_out_len]) {
+                Ok(0) => {
+                    broken = true;
+                    break;
+                }
+                Ok(n) => {
+                    self.agent_out.copy_within(n..self.agent_out_len, 0);
+                    self.agent_out_len -= n;
+                    moved = true;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => {
+                    broken = true;
+                    break;
+                }
+            }
+        }
+        while !broken {
+            loop {
+                let f = match self.agent_rd.next_frame() {
+                    Ok(Some(f)) => f,
+                    Ok(None) => break,
+                    Err(_) => {
+                        broken = true;
+                        break;
+                    }
+                };
+                moved = true;
+                let Ok((h, msg)) = proto::decode(f) else {
+                    continue;
+                };
+                match (self.agent_st, msg) {
+                    (AgentSt::HelloSent, Msg::HelloOk { .. }) => self.agent_st = AgentSt::Up,
+                    (AgentSt::HelloSent, Msg::Error { .. }) => broken = true,
+                    (
+                        AgentSt::Asking { rid, .. },
+                        Msg::ServerAddress {
+                            incarnation, addr, ..
+                        },
+                    ) if h.request_id == rid => {
+                        self.agent_st = AgentSt::Up;
+                        if self.want && self.server.is_none() && incarnation > 0 {
+                            self.addr = AddrBuf::new(addr).map(|a| (a, incarnation));
+                            self.retry_at_ms = now;
+                        }
+                    }
+                    (AgentSt::Asking { rid, .. }, Msg::Error { .. }) if h.request_id == rid => {
+                        // Fenced node, or a bad request: ask again later.
+                        self.agent_st = AgentSt::Up;
+                        self.retry_later(now);
+                    }
+                    _ => {}
+                }
+                if broken {
+                    break;
+                }
+            }
+            if broken || !self.agent_readable {
+                break;
+            }
+            let Some(a) = self.agent.as_mut() else {
+                break;
+            };
+            match a.read(self.agent_rd.spare()) {
+                Ok(0) => broken = true,
+                Ok(n) => {
+                    self.agent_rd.advance(n);
+                    moved = true;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.agent_readable = false,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => broken = true,
+            }
+        }
+        if broken {
+            self.agent_failed(reg, now);
+            moved = true;
+        }
+        moved
+    }
+
+    /// Drives the link: agent questions, connecting, the server stream.
+    /// Frames go to `on_frame`. Returns whether anything moved.
+    fn pump<P: Peer>(
+        &mut self,
+        peer: &mut P,
+        agent_path: &Path,
+        reg: &Registry,
+        now: u64,
+        wake: &mut Option<u64>,
+        on_frame: &mut dyn FnMut(&mut P, &[u8]) -> Verdict,
+    ) -> bool {
+        let mut moved = false;
+        if self.agent.is_some() {
+            moved |= self.agent_io(reg, now);
+        }
+        let need_server = self.want && self.server.is_none();
+        if need_server || self.reannounce {
+            if now >= self.retry_at_ms {
+                if need_server && self.addr.is_some() {
+                    if peer.ready_to_reconnect() {
+                        moved = true;
+                        self.connect_server(peer, reg, now);
+                    }
+                } else if self.agent.is_none() {
+                    moved |= self.connect_agent(agent_path, reg, now);
+                    if self.agent.is_some() {
+                        moved |= self.agent_io(reg, now);
+                    }
+                } else if self.agent_st == AgentSt::Up {
+                    if need_server {
+                        self.ask(self.failed, false);
+                    } else {
+                        self.ask(0, true);
+                        self.reannounce = false;
+                    }
+                    moved = true;
+                    moved |= self.agent_io(reg, now);
+                }
+            }
+            // Waiting out a backoff: wake up for it (answers and connects
+            // come as events).
+            if (self.want && self.server.is_none() || self.reannounce) && self.retry_at_ms > now {
+                let at = self.retry_at_ms;
+                *wake = Some(wake.map_or(at, |w| w.min(at)));
+            }
+        }
+        if self.server_connecting && self.server_writable {
+            let ok = match self.server.as_ref() {
+                Some(MioStream::Tcp(t)) => {
+                    matches!(t.take_error(), Ok(None)) && t.peer_addr().is_ok()
+                }
+                Some(MioStream::Unix(_)) => true,
+                None => false,
+            };
+            moved = true;
+            if ok {
+                self.server_connecting = false;
+                peer.handle_connect();
+            } else {
+                self.server_failed(peer, reg, now);
+            }
+        }
+        if self.server.is_some() && !self.server_connecting {
+            moved |= self.server_io(peer, reg, now, on_frame);
+        }
+        moved
+    }
+
+    fn connect_server<P: Peer>(&mut self, peer: &mut P, reg: &Registry, now: u64) {
+        let Some((a, incarnation)) = self.addr.take() else {
+            return;
+        };
+        let (mut s, connecting) = match connect_str(a.as_str()) {
+            Ok(x) => x,
+            Err(_) => {
+                // Dead already: ask the agent for a newer one than this.
+                self.failed = self.failed.max(incarnation);
+                self.retry_later(now);
+                return;
+            }
+        };
+        self.addr_incarnation = incarnation;
+        if reg
+            .register(
+                &mut s,
+                self.tok_server,
+                Interest::READABLE | Interest::WRITABLE,
+            )
+            .is_err()
+        {
+            self.retry_later(now);
+            return;
+        }
+        self.server = Some(s);
+        self.server_rd.clear();
+        self.server_readable = true;
+        self.server_writable = !connecting;
+        self.server_connecting = connecting;
+        if !connecting {
+            peer.handle_connect();
+        }
+    }
+
+    fn server_io<P: Peer>(
+        &mut self,
+        peer: &mut P,
+        reg: &Registry,
+        now: u64,
+        on_frame: &mut dyn FnMut(&mut P, &[u8]) -> Verdict,
+    ) -> bool {
+        let mut moved = false;
+        let mut broken = false;
+        loop {
+            // Output first (requests, releases, the handshake).
+            while !broken && !peer.transmit().is_empty() {
+                let Some(s) = self.server.as_mut() else {
+                    break;
+                };
+                match s.write(peer.transmit()) {
+                    Ok(0) => broken = true,
+                    Ok(n) => {
+                        peer.consume_transmit(n);
+                        moved = true;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        self.server_writable = false;
+                        break;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(_) => broken = true,
+                }
+            }
+            if broken {
+                break;
+            }
+            let mut handled = false;
+            loop {
+                let f = match self.server_rd.next_frame() {
+                    Ok(Some(f)) => f,
+                    Ok(None) => break,
+                    Err(_) => {
+                        broken = true;
+                        break;
+                    }
+                };
+                handled = true;
+                if on_frame(peer, f) == Verdict::Reconnect || peer.tx_overflowed() {
+                    broken = true;
+                    break;
+                }
+            }
+            if broken {
+                break;
+            }
+            if handled {
+                moved = true;
+                continue;
+            }
+            if !self.server_readable {
+                break;
+            }
+            let Some(s) = self.server.as_mut() else {
+                break;
+            };
+            match s.read(self.server_rd.spare()) {
+                Ok(0) => broken = true,
+                Ok(n) => {
+                    self.server_rd.advance(n);
+                    moved = true;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.server_readable = false;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => broken = true,
+            }
+        }
+        if broken {
+            self.server_failed(peer, reg, now);
+            moved = true;
+        }
+        moved
+    }
+
+    /// Best-effort write of the peer's output before closing.
+    fn flush_best_effort<P: Peer>(&mut self, peer: &mut P) {
+        if self.server_connecting {
+            return;
+        }
+        let Some(s) = self.server.as_mut() else {
+            return;
+        };
+        for _ in 0..64 {
+            if peer.transmit().is_empty() {
+                break;
+            }
+            match s.write(peer.transmit()) {
+                Ok(n) if n > 0 => peer.consume_transmit(n),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                _ => break,
+            }
+        }
+    }
+
+    fn on_event(&mut self, token: Token, readable: bool, writable: bool) {
+        if token == self.tok_agent {
+            self.agent_readable |= readable;
+        } else if token == self.tok_server {
+            self.server_readable |= readable;
+            self.server_writable |= writable;
+        }
+    }
+}
+
+/// Connects to a server address as the agent gives it: a unix path, or a
+/// numeric `host:port` (no name resolution, no allocation). Returns the
+/// stream and whether the connect is still in progress.
+fn connect_str(a: &str) -> io::Result<(MioStream, bool)> {
+    if a.contains('/') || !a.contains(':') {
+        let s = mio::net::UnixStream::connect(Path::new(a))?;
+        return Ok((MioStream::Unix(s), false));
+    }
+    let sa: SocketAddr = a
+        .parse()
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let s = mio::net::TcpStream::connect(sa)?;
+    let _ = s.set_nodelay(true);
+    Ok((MioStream::Tcp(s), true))
+}
+
+// ---------------------------------------------------------------------------
+// Connection slots.
+// ---------------------------------------------------------------------------
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SlotState {
+    /// No connection.
+    Free,
+    /// Handshake: options.
+    Handshake,
+    /// An export query waits for the engine to attach.
+    Attaching { deadline_ms: u64 },
+    /// Transmission.
+    Serving,
+    /// Ending: nothing more is read; in-flight commands finish; the last
+    /// replies are written for a while.
+    Closing { flush: bool, linger_until_ms: u64 },
+}
+
+/// A question to the control connection on a slot's behalf.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CtlWait {
+    None,
+    /// `LIST`: the snapshot list.
+    List {
+        id: u64,
+        deadline_ms: u64,
+    },
+    /// `INFO` of snapshot `tag`: whether it is live.
+    Info {
+        id: u64,
+        tag: u32,
+        deadline_ms: u64,
+    },
+}
+
+/// A request the session handed over, not admitted yet (no buffer, or the
+/// command table is full): the connection is not read meanwhile.
+#[derive(Debug, Clone, Copy)]
+enum Pending {
+    Cmd(Cmd),
+    Reject { handle: u64, error: NbdError },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fua {
+    /// No flush owed.
+    No,
+    /// A flush follows the data once it is written.
+    Needed,
+    /// The flush is in the engine.
+    Submitted,
+}
+
+/// An admitted command.
+#[derive(Debug, Clone, Copy)]
+struct Command {
+    /// Admission order (submission is oldest first).
+    seq: u64,
+    handle: u64,
+    kind: CmdKind,
+    offset: u64,
+    len: u32,
+    buf: Option<u16>,
+    /// A `WRITE` whose payload is still arriving.
+    receiving: bool,
+    /// Data I/O still to submit: `[next, end)` (write-zeroes pieces), or
+    /// `0..1` for one I/O.
+    next: u64,
+    end: u64,
+    fua: Fua,
+    in_engine: u32,
+    error: Option<NbdError>,
+}
+
+impl Command {
+    /// The next engine I/O to submit, if any now.
+    fn next_io(&self) -> Option<(IoKind, u64, u32, BufRef)> {
+        if self.receiving {
+            return None;
+        }
+        if self.next < self.end {
+            return match self.kind {
+                CmdKind::Read => {
+                    Some((IoKind::Read, self.offset, self.len, BufRef::Pool(self.buf?)))
+                }
+                CmdKind::Write => Some((
+                    IoKind::Write,
+                    self.offset,
+                    self.len,
+                    BufRef::Pool(self.buf?),
+                )),
+                CmdKind::WriteZeroes => {
+                    let n = (self.end - self.next).min(IO_MAX as u64);
+                    Some((
+                        IoKind::Write,
+                        self.next,
+                        u32::try_from(n).unwrap_or(0),
+                        BufRef::Zero,
+                    ))
+                }
+                CmdKind::Flush => Some((IoKind::Flush, 0, 0, BufRef::Zero)),
+                CmdKind::Trim | CmdKind::Cache => None,
+            };
+        }
+        if self.fua == Fua::Needed && self.in_engine == 0 && self.error.is_none() {
+            return Some((IoKind::Flush, 0, 0, BufRef::Zero));
+        }
+        None
+    }
+
+    /// The I/O `next_io` named was submitted.
+    fn advance(&mut self, len: u32) {
+        if self.next < self.end {
+            if self.kind == CmdKind::WriteZeroes {
+                self.next += u64::from(len);
+            } else {
+                self.next = self.end;
+            }
+        } else if self.fua == Fua::Needed {
+            self.fua = Fua::Submitted;
+        }
+    }
+
+    /// Nothing more will be submitted or is in the engine.
+    fn done(&self) -> bool {
+        self.in_engine == 0 && self.next >= self.end && self.fua != Fua::Needed && !self.receiving
+    }
+}
+
+fn nbd_error(e: IoError) -> NbdError {
+    match e {
+        IoError::Disk | IoError::NoServer => NbdError::Io,
+        IoError::Invalid => NbdError::Inval,
+        IoError::Server(ErrorCode::StoreFull) => NbdError::NoSpc,
+        IoError::Server(ErrorCode::ReadOnly) => NbdError::Perm,
+        IoError::Server(_) => NbdError::Io,
+    }
+}
+
+/// A refusal that another connection (through the agent) may cure.
+fn retryable(code: ErrorCode) -> bool {
+    matches!(
+        code,
+        ErrorCode::TooManyClients | ErrorCode::StaleIncarnation | ErrorCode::Recovering
+    )
+}
+
+/// The volume an export name names: `origin` (or the empty default name),
+/// or a snapshot tag in decimal.
+fn parse_export(name: &[u8]) -> Option<Volume> {
+    if name.is_empty() || name == b"origin" {
+        return Some(Volume::Origin);
+    }
+    if name.len() > 10 || !name.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    core::str::from_utf8(name)
+        .ok()?
+        .parse::<u32>()
+        .ok()
+        .map(Volume::Snapshot)
+}
+
+/// `v` in decimal, in `buf`.
+fn decimal(mut v: u32, buf: &mut [u8; 10]) -> &[u8] {
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + u8::try_from(v % 10).unwrap_or(0);
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    &buf[i..]
+}
+
+/// One NBD connection's resources, reserved once.
+struct Slot {
+    state: SlotState,
+    client: Option<MioStream>,
+    client_readable: bool,
+    client_broken: bool,
+    session: NbdSession,
+    rx: Box<[u8]>,
+    rx_start: usize,
+    rx_end: usize,
+    pending: Option<Pending>,
+    /// The admitted `WRITE` whose payload is being received, and how much
+    /// of it is in.
+    payload_cmd: Option<u8>,
+    payload_filled: usize,
+    cmds: [Option<Command>; CMDS],
+    active: usize,
+    seq: u64,
+    /// Header-only replies to write.
+    hdr_out: [u8; CMDS * HDR],
+    hdr_start: usize,
+    hdr_end: usize,
+    /// Data replies to write: buffer (header in front), data length.
+    data_out: Ring<(u16, u32), CMDS>,
+    data_written: usize,
+    /// Engine I/O slot → (command, buffer).
+    io_map: [Option<(u8, BufRef)>; IOS],
+    bufs_held: usize,
+    engine: VolumeEngine,
+    link: Link,
+    /// The engine was attached for this connection (leases to give back).
+    attached: bool,
+    /// Not ready again within the failover timeout (for the log).
+    timed_out: bool,
+    /// The server refused the volume for good after the attach.
+    dead: Option<ErrorCode>,
+    ctl: CtlWait,
+    list_tags: [u32; SNAPSHOTS_MAX],
+    list_n: usize,
+    list_pos: usize,
+    listing: bool,
+    /// The pending command was counted as waiting for a buffer.
+    buffer_wait: bool,
+}
+
+impl Slot {
+    fn new(index: usize, cfg: VolumeConfig) -> Slot {
+        let t = index * TOKENS_PER_SLOT;
+        Slot {
+            state: SlotState::Free,
+            client: None,
+            client_readable: false,
+            client_broken: false,
+            session: NbdSession::new(NbdConfig {
+                payload_limit_bytes: csnap_pools::VOLUME_IO_MAX_BYTES,
+                preferred_block_size_bytes: 4096,
+            }),
+            rx: vec![0u8; RX_BYTES].into_boxed_slice(),
+            rx_start: 0,
+            rx_end: 0,
+            pending: None,
+            payload_cmd: None,
+            payload_filled: 0,
+            cmds: [None; CMDS],
+            active: 0,
+            seq: 0,
+            hdr_out: [0; CMDS * HDR],
+            hdr_start: 0,
+            hdr_end: 0,
+            data_out: Ring::new(),
+            data_written: 0,
+            io_map: [None; IOS],
+            bufs_held: 0,
+            engine: VolumeEngine::new(cfg),
+            link: Link::new(Token(t + 2), Token(t + 1)),
+            attached: false,
+            timed_out: false,
+            dead: None,
+            ctl: CtlWait::None,
+            list_tags: [0; SNAPSHOTS_MAX],
+            list_n: 0,
+            list_pos: 0,
+            listing: false,
+            buffer_wait: false,
+        }
+    }
+
+    /// A new connection.
+    fn open(&mut self, stream: MioStream) {
+        assert!(self.state == SlotState::Free);
+        self.state = SlotState::Handshake;
+        self.client = Some(stream);
+        self.client_readable = true;
+        self.client_broken = false;
+        self.session.reset();
+        self.rx_start = 0;
+        self.rx_end = 0;
+        self.pending = None;
+        self.payload_cmd = None;
+        self.payload_filled = 0;
+        self.hdr_start = 0;
+        self.hdr_end = 0;
+        self.data_out.clear();
+        self.data_written = 0;
+        self.attached = false;
+        self.timed_out = false;
+        self.dead = None;
+        self.ctl = CtlWait::None;
+        self.listing = false;
+    }
+
+    /// Answers the pending export query, if the session still waits for
+    /// one (a client that went away does not).
+    fn answer(&mut self, info: Option<ExportInfo>) {
+        if self.session.state() == NbdState::AwaitExport {
+            let r = self.session.answer_export(info);
+            assert!(r.is_ok(), "the session awaits an export answer");
+        }
+    }
+
+    fn export_info(&self, size_bytes: u64) -> ExportInfo {
+        let _ = self;
+        ExportInfo {
+            size_bytes,
+            read_only: false,
+            can_multi_conn: true,
+        }
+    }
+
+    /// Commands and replies that hold a place in the table's budget.
+    fn outstanding(&self) -> usize {
+        self.active + self.data_out.len() + (self.hdr_end - self.hdr_start).div_ceil(HDR)
+    }
+
+    fn output_left(&self) -> bool {
+        !self.session.transmit().is_empty()
+            || self.hdr_end > self.hdr_start
+            || self.data_out.len() > 0
+    }
+
+    fn push_hdr(&mut self, h: &[u8; HDR], sh: &mut Shared) {
+        sh.stats.commands += 1;
+        if self.hdr_end + HDR > self.hdr_out.len() {
+            self.hdr_out.copy_within(self.hdr_start..self.hdr_end, 0);
+            self.hdr_end -= self.hdr_start;
+            self.hdr_start = 0;
+        }
+        let dst = self.hdr_out.get_mut(self.hdr_end..self.hdr_end + HDR);
+        assert!(dst.is_some(), "reply room is reserved at admission");
+        if let Some(d) = dst {
+            d.copy_from_slice(h);
+            self.hdr_end += HDR;
+        }
+    }
+
+    fn release_buf(&mut self, sh: &mut Shared, b: u16) {
+        sh.pool.put(b);
+        self.bufs_held -= 1;
+        sh.moved();
+    }
+
+    fn begin_close(&mut self, flush: bool, now: u64) {
+        let (f, linger) = match self.state {
+            SlotState::Closing {
+                flush: f,
+                linger_until_ms,
+            } => (f || flush, linger_until_ms),
+            _ => (flush, now + csnap_pools::NBD_CLOSE_LINGER_MS),
+        };
+        self.state = SlotState::Closing {
+            flush: f,
+            linger_until_ms: linger,
+        };
+    }
+
+    /// Pumps everything of this connection until nothing moves.
+    fn pump(&mut self, sh: &mut Shared, ctl: &mut Control, reg: &Registry, now: u64) {
+        if self.state == SlotState::Free {
+            return;
+        }
+        for _ in 0..64 {
+            let before = sh.progress;
+            self.pump_link(sh, reg, now);
+            self.timers(sh, ctl, reg, now);
+            self.emit_list(sh);
+            self.read_client(sh, ctl, reg, now);
+            self.submit(sh);
+            self.drain_engine(sh);
+            self.write_client(sh);
+            self.maybe_close(sh, ctl, reg, now);
+            if self.state == SlotState::Free || sh.progress == before {
+                break;
+            }
+        }
+        // Completions queued by the last inputs are taken before the check.
+        self.drain_engine(sh);
+        self.check(sh);
+    }
+
+    fn pump_link(&mut self, sh: &mut Shared, reg: &Registry, now: u64) {
+        if !self.link.active() {
+            return;
+        }
+        let mut ready = false;
+        let mut refused = None;
+        let mut wake = sh.wake_at;
+        let moved = self.link.pump(
+            &mut self.engine,
+            &sh.agent,
+            reg,
+            now,
+            &mut wake,
+            &mut |e: &mut VolumeEngine, f: &[u8]| match e.handle_frame(f) {
+                EngineSignal::None => Verdict::Keep,
+                EngineSignal::Ready => {
+                    ready = true;
+                    Verdict::Keep
+                }
+                EngineSignal::Refused(code) if retryable(code) => Verdict::Reconnect,
+                EngineSignal::Refused(code) => {
+                    refused = Some(code);
+                    Verdict::Keep
+                }
+                EngineSignal::Stale => Verdict::Reconnect,
+            },
+        );
+        sh.wake_at = wake;
+        if moved {
+            sh.moved();
+        }
+        if ready {
+            if self.attached {
+                sh.stats.reconnects += 1;
+            }
+            self.link.on_ready();
+            if self.timed_out {
+                eprintln!("csnap nbd: a server is reachable again; I/O resumes");
+            }
+            self.timed_out = false;
+            if let SlotState::Attaching { .. } = self.state {
+                let info = self.export_info(self.engine.size_bytes());
+                self.answer(Some(info));
+                self.attached = true;
+                self.state = SlotState::Handshake;
+            }
+        }
+        if let Some(code) = refused {
+            self.link.close(reg);
+            sh.moved();
+            if let SlotState::Attaching { .. } = self.state {
+                self.answer(None);
+                self.state = SlotState::Handshake;
+            } else if self.attached {
+                eprintln!(
+                    "csnap nbd: the server refused the volume ({}); its I/O fails",
+                    code.name()
+                );
+                self.dead = Some(code);
+            }
+        }
+    }
+
+    fn timers(&mut self, sh: &mut Shared, ctl: &mut Control, reg: &Registry, now: u64) {
+        if let SlotState::Attaching { deadline_ms } = self.state {
+            if now >= deadline_ms {
+                eprintln!(
+                    "csnap nbd: no server attached the volume within {} ms; export refused",
+                    sh.timeout_ms
+                );
+                self.link.close(reg);
+                self.answer(None);
+                self.state = SlotState::Handshake;
+                sh.moved();
+            } else {
+                sh.wake(deadline_ms);
+            }
+        }
+        if self.attached && self.dead.is_none() {
+            if let Some(since) = self.link.down_since_ms {
+                let dl = since + sh.timeout_ms;
+                if now >= dl {
+                    // Every I/O waiting for a server fails; later ones get
+                    // a window of their own (the link keeps trying).
+                    if !self.timed_out {
+                        eprintln!(
+                            "csnap nbd: no server within {} ms of the failure; in-flight I/O fails (EIO), still trying",
+                            sh.timeout_ms
+                        );
+                        self.timed_out = true;
+                    }
+                    sh.stats.timeouts += 1;
+                    self.engine.fail_all(IoError::NoServer);
+                    self.link.down_since_ms = Some(now);
+                    sh.wake(now + sh.timeout_ms);
+                    sh.moved();
+                } else {
+                    sh.wake(dl);
+                }
+            }
+        }
+        if let Some(code) = self.dead {
+            if self.engine.in_flight() > 0 {
+                self.engine.fail_all(IoError::Server(code));
+            }
+        }
+        match self.ctl {
+            CtlWait::List { id, deadline_ms }
+            | CtlWait::Info {
+                id, deadline_ms, ..
+            } if now >= deadline_ms => {
+                ctl.fsm.forget(id);
+                if let CtlWait::Info { .. } = self.ctl {
+                    self.answer(None);
+                } else {
+                    // No server: the origin is all that can be named.
+                    self.list_n = 0;
+                    self.list_pos = 0;
+                    self.listing = true;
+                }
+                self.ctl = CtlWait::None;
+                sh.moved();
+            }
+            CtlWait::List { deadline_ms, .. } | CtlWait::Info { deadline_ms, .. } => {
+                sh.wake(deadline_ms);
+            }
+            CtlWait::None => {}
+        }
+    }
+
+    /// Sends the pending list's entries (as the transmit buffer allows).
+    fn emit_list(&mut self, sh: &mut Shared) {
+        if self.listing && self.session.state() != NbdState::AwaitList {
+            // The client went away meanwhile.
+            self.listing = false;
+        }
+        while self.listing {
+            if self.list_pos > self.list_n {
+                let r = self.session.list_done();
+                assert!(r.is_ok(), "a list is pending");
+                self.listing = false;
+                sh.moved();
+                break;
+            }
+            let mut b = [0u8; 10];
+            let name: &[u8] = if self.list_pos == 0 {
+                b"origin"
+            } else {
+                decimal(self.list_tags[self.list_pos - 1], &mut b)
+            };
+            match self.session.list_entry(name) {
+                Ok(()) => {
+                    self.list_pos += 1;
+                    sh.moved();
+                }
+                // Written out by `write_client`, then again.
+                Err(_) => break,
+            }
+        }
+    }
+
+    fn read_client(&mut self, sh: &mut Shared, ctl: &mut Control, reg: &Registry, now: u64) {
+        loop {
+            if let Some(ev) = self.session.poll_event() {
+                sh.moved();
+                self.on_event(ev, sh, ctl, reg, now);
+                continue;
+            }
+            if matches!(self.state, SlotState::Closing { .. } | SlotState::Free) {
+                return;
+            }
+            if let Some(p) = self.pending {
+                if !self.admit(p, sh) {
+                    return;
+                }
+                self.pending = None;
+                sh.moved();
+                continue;
+            }
+            let rem = usize::try_from(self.session.payload_remaining()).unwrap_or(0);
+            if rem > 0 {
+                if !self.read_payload(rem, sh, now) {
+                    return;
+                }
+                continue;
+            }
+            if !self.session.wants_input() {
+                return;
+            }
+            if self.rx_start < self.rx_end {
+                let n = self
+                    .session
+                    .handle_input(&self.rx[self.rx_start..self.rx_end]);
+                if n > 0 {
+                    self.rx_start += n;
+                    if self.rx_start == self.rx_end {
+                        self.rx_start = 0;
+                        self.rx_end = 0;
+                    }
+                    sh.moved();
+                    continue;
+                }
+                // Nothing taken from a full buffer cannot happen (the
+                // session takes any header byte it wants); do not spin.
+                if self.rx_start == 0 && self.rx_end == self.rx.len() {
+                    return;
+                }
+            }
+            if !self.client_readable {
+                return;
+            }
+            if self.rx_start > 0 {
+                self.rx.copy_within(self.rx_start..self.rx_end, 0);
+                self.rx_end -= self.rx_start;
+                self.rx_start = 0;
+            }
+            let Some(c) = self.client.as_mut() else {
+                return;
+            };
+            match c.read(&mut self.rx[self.rx_end..]) {
+                Ok(0) => {
+                    self.client_eof(now, false);
+                    sh.moved();
+                    return;
+                }
+                Ok(n) => {
+                    self.rx_end += n;
+                    sh.moved();
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.client_readable = false;
+                    return;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => {
+                    self.client_eof(now, true);
+                    sh.moved();
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Moves `WRITE` payload into the command's buffer: what is received
+    /// already, then straight from the socket. `false`: wait for input.
+    fn read_payload(&mut self, rem: usize, sh: &mut Shared, now: u64) -> bool {
+        let Some(ci) = self.payload_cmd.map(usize::from) else {
+            // Unreachable: an accepted WRITE is admitted before its payload.
+            self.client_eof(now, true);
+            return false;
+        };
+        let Some(b) = self.cmds[ci].and_then(|c| c.buf) else {
+            self.client_eof(now, true);
+            return false;
+        };
+        let at = HDR + self.payload_filled;
+        let n = if self.rx_start < self.rx_end {
+            let n = rem.min(self.rx_end - self.rx_start);
+            let dst = &mut sh.pool.get_mut(b)[at..at + n];
+            dst.copy_from_slice(&self.rx[self.rx_start..self.rx_start + n]);
+            self.rx_start += n;
+            if self.rx_start == self.rx_end {
+                self.rx_start = 0;
+                self.rx_end = 0;
+            }
+            n
+        } else {
+            if !self.client_readable {
+                return false;
+            }
+            let Some(c) = self.client.as_mut() else {
+                return false;
+            };
+            let dst = &mut sh.pool.get_mut(b)[at..at + rem];
+            match c.read(dst) {
+                Ok(0) => {
+                    self.client_eof(now, false);
+                    return false;
+                }
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.client_readable = false;
+                    return false;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => return true,
+                Err(_) => {
+                    self.client_eof(now, true);
+                    return false;
+                }
+            }
+        };
+        let r = self.session.handle_payload(n);
+        assert!(r.is_ok(), "payload within what the session expects");
+        self.payload_filled += n;
+        sh.moved();
+        if self.session.payload_remaining() == 0 {
+            self.payload_cmd = None;
+            self.payload_filled = 0;
+            if let Some(c) = self.cmds[ci].as_mut() {
+                c.receiving = false;
+            }
+        }
+        true
+    }
+
+    fn client_eof(&mut self, now: u64, broken: bool) {
+        self.session.handle_eof();
+        if broken {
+            self.client_broken = true;
+        }
+        let serving = self.attached;
+        self.begin_close(serving, now);
+    }
+
+    fn on_event(
+        &mut self,
+        ev: NbdEvent,
+        sh: &mut Shared,
+        ctl: &mut Control,
+        reg: &Registry,
+        now: u64,
+    ) {
+        match ev {
+            NbdEvent::ExportQuery { option } => {
+                let vol = parse_export(self.session.export_name());
+                match (option, vol) {
+                    (_, None) => self.answer(None),
+                    (ExportOption::Info, Some(Volume::Origin)) => {
+                        let info = self.export_info(sh.export_size);
+                        self.answer(Some(info));
+                    }
+                    (ExportOption::Info, Some(Volume::Snapshot(tag))) => {
+                        match ctl.request_list(sh, now) {
+                            Some(id) => {
+                                self.ctl = CtlWait::Info {
+                                    id,
+                                    tag,
+                                    deadline_ms: now + sh.timeout_ms,
+                                };
+                            }
+                            None => self.answer(None),
+                        }
+                    }
+                    (ExportOption::Go | ExportOption::ExportName, Some(v)) => {
+                        self.attach(v, sh, reg, now);
+                    }
+                }
+            }
+            NbdEvent::ListQuery => match ctl.request_list(sh, now) {
+                Some(id) => {
+                    self.ctl = CtlWait::List {
+                        id,
+                        deadline_ms: now + sh.timeout_ms,
+                    };
+                }
+                None => {
+                    self.list_n = 0;
+                    self.list_pos = 0;
+                    self.listing = true;
+                }
+            },
+            NbdEvent::Ready => {
+                if self.state == SlotState::Handshake {
+                    self.state = SlotState::Serving;
+                }
+            }
+            NbdEvent::Command(c) => self.pending = Some(Pending::Cmd(c)),
+            NbdEvent::Reject { handle, error } => {
+                self.pending = Some(Pending::Reject { handle, error });
+            }
+            NbdEvent::Disconnect => {
+                let serving = self.attached;
+                self.begin_close(serving, now);
+            }
+            NbdEvent::Fatal(reason) => {
+                eprintln!("csnap nbd: closing a connection: {reason}");
+                let serving = self.attached;
+                self.begin_close(serving, now);
+            }
+        }
+    }
+
+    /// Attaches the engine to `v` for an export query.
+    fn attach(&mut self, v: Volume, sh: &mut Shared, reg: &Registry, now: u64) {
+        self.link.close(reg);
+        let id = sh.new_client_id();
+        self.engine.reset(v, id);
+        self.link.start(id, sh.node_id, Some(v), now);
+        self.timed_out = false;
+        self.dead = None;
+        self.state = SlotState::Attaching {
+            deadline_ms: now + sh.timeout_ms,
+        };
+    }
+
+    /// Admits a request: `false` when it must wait (no room, no buffer).
+    fn admit(&mut self, p: Pending, sh: &mut Shared) -> bool {
+        if self.outstanding() >= CMDS {
+            return false;
+        }
+        let c = match p {
+            Pending::Reject { handle, error } => {
+                self.push_hdr(&simple_reply(handle, Some(error)), sh);
+                return true;
+            }
+            Pending::Cmd(c) => c,
+        };
+        let immediate = match c.kind {
+            CmdKind::Trim | CmdKind::Cache => Some(None),
+            CmdKind::WriteZeroes if c.flags.fast_zero() => Some(Some(NbdError::NotSup)),
+            CmdKind::Read | CmdKind::Write | CmdKind::WriteZeroes if c.length == 0 => Some(None),
+            _ => None,
+        };
+        if let Some(err) = immediate {
+            self.push_hdr(&simple_reply(c.handle, err), sh);
+            return true;
+        }
+        let needs_buf = matches!(c.kind, CmdKind::Read | CmdKind::Write);
+        let buf = if needs_buf {
+            if self.bufs_held >= BUFS_PER_CONN {
+                return false;
+            }
+            let Some(b) = sh.pool.take() else {
+                if !self.buffer_wait {
+                    self.buffer_wait = true;
+                    sh.stats.buffer_waits += 1;
+                }
+                return false;
+            };
+            self.buffer_wait = false;
+            self.bufs_held += 1;
+            Some(b)
+        } else {
+            None
+        };
+        let Some(ci) = self.cmds.iter().position(Option::is_none) else {
+            // Unreachable: `outstanding` bounds the table.
+            if let Some(b) = buf {
+                self.release_buf(sh, b);
+            }
+            return false;
+        };
+        let (next, end) = if c.kind == CmdKind::WriteZeroes {
+            (c.offset, c.offset + u64::from(c.length))
+        } else {
+            (0, 1)
+        };
+        let fua = c.flags.fua() && matches!(c.kind, CmdKind::Write | CmdKind::WriteZeroes);
+        self.seq += 1;
+        let receiving = c.kind == CmdKind::Write;
+        self.cmds[ci] = Some(Command {
+            seq: self.seq,
+            handle: c.handle,
+            kind: c.kind,
+            offset: c.offset,
+            len: c.length,
+            buf,
+            receiving,
+            next,
+            end,
+            fua: if fua { Fua::Needed } else { Fua::No },
+            in_engine: 0,
+            error: None,
+        });
+        self.active += 1;
+        if receiving {
+            self.payload_cmd = u8::try_from(ci).ok();
+            self.payload_filled = 0;
+        }
+        true
+    }
+
+    /// Submits what commands have for the engine, oldest first, until it is
+    /// busy.
+    fn submit(&mut self, sh: &mut Shared) {
+        if !matches!(self.state, SlotState::Serving | SlotState::Closing { .. }) {
+            return;
+        }
+        loop {
+            let mut best: Option<(u64, usize)> = None;
+            for (i, c) in self.cmds.iter().enumerate() {
+                if let Some(c) = c {
+                    if c.next_io().is_some() && best.is_none_or(|(s, _)| c.seq < s) {
+                        best = Some((c.seq, i));
+                    }
+                }
+            }
+            let Some((_, ci)) = best else {
+                return;
+            };
+            let Some((kind, off, len, bref)) = self.cmds[ci].and_then(|c| c.next_io()) else {
+                return;
+            };
+            let tag = u64::try_from(ci).unwrap_or(u64::MAX);
+            match self.engine.submit(tag, kind, off, len) {
+                Ok(slot) => {
+                    if let Some(m) = self.io_map.get_mut(slot as usize) {
+                        *m = Some((u8::try_from(ci).unwrap_or(u8::MAX), bref));
+                    }
+                    if let Some(c) = self.cmds[ci].as_mut() {
+                        c.in_engine += 1;
+                        c.advance(len);
+                    }
+                    sh.moved();
+                }
+                Err(SubmitError::Busy | SubmitError::NotReady) => return,
+                Err(SubmitError::Invalid) => {
+                    if let Some(c) = self.cmds[ci].as_mut() {
+                        c.error.get_or_insert(NbdError::Inval);
+                        c.next = c.end;
+                        c.fua = Fua::No;
+                    }
+                    self.maybe_finish(ci, sh);
+                    sh.moved();
+                }
+            }
+        }
+    }
+
+    /// Performs the engine's disk operations and hands its completions to
+    /// their commands.
+    fn drain_engine(&mut self, sh: &mut Shared) {
+        loop {
+            if let Some(op) = self.engine.poll_disk() {
+                let ok = self.perform(&op, sh);
+                if !ok {
+                    sh.stats.disk_errors += 1;
+                    eprintln!("csnap nbd: disk operation failed: {op:?}");
+                }
+                self.engine.disk_done(&op, ok);
+                sh.moved();
+                continue;
+            }
+            if let Some((tag, r)) = self.engine.poll_complete() {
+                sh.moved();
+                let ci = usize::try_from(tag).unwrap_or(usize::MAX);
+                let Some(c) = self.cmds.get_mut(ci).and_then(Option::as_mut) else {
+                    continue;
+                };
+                assert!(
+                    c.in_engine > 0,
+                    "a completion for a command not in the engine"
+                );
+                c.in_engine -= 1;
+                if let Err(e) = r {
+                    c.error.get_or_insert(nbd_error(e));
+                    c.next = c.end;
+                    c.fua = match c.fua {
+                        Fua::Needed => Fua::No,
+                        f => f,
+                    };
+                }
+                self.maybe_finish(ci, sh);
+                continue;
+            }
+            return;
+        }
+    }
+
+    fn perform(&mut self, op: &DiskOp, sh: &mut Shared) -> bool {
+        let Some(&Some((_, bref))) = self.io_map.get(op.slot() as usize) else {
+            return false;
+        };
+        match *op {
+            DiskOp::Read {
+                dev,
+                dev_offset,
+                buf_offset,
+                len,
+                ..
+            } => {
+                let BufRef::Pool(b) = bref else {
+                    return false;
+                };
+                let (at, n) = (HDR + buf_offset as usize, len as usize);
+                let (pool, file) = (
+                    &mut sh.pool,
+                    match dev {
+                        Dev::Origin => &sh.origin,
+                        Dev::Store => &sh.store,
+                    },
+                );
+                match pool.get_mut(b).get_mut(at..at + n) {
+                    Some(dst) => file.read_exact_at(dst, dev_offset).is_ok(),
+                    None => false,
+                }
+            }
+            DiskOp::Write {
+                dev,
+                dev_offset,
+                buf_offset,
+                len,
+                ..
+            } => {
+                let (off, n) = (buf_offset as usize, len as usize);
+                let src = match bref {
+                    BufRef::Pool(b) => sh.pool.get(b).get(HDR + off..HDR + off + n),
+                    BufRef::Zero => sh.zeros.get(off..off + n),
+                };
+                match src {
+                    Some(src) => sh.file(dev).write_all_at(src, dev_offset).is_ok(),
+                    None => false,
+                }
+            }
+            DiskOp::Sync { dev, .. } => sh.file(dev).sync_data().is_ok(),
+        }
+    }
+
+    /// Replies to command `ci` once nothing of it is left to do.
+    fn maybe_finish(&mut self, ci: usize, sh: &mut Shared) {
+        let Some(c) = self.cmds[ci] else {
+            return;
+        };
+        if !c.done() {
+            return;
+        }
+        self.cmds[ci] = None;
+        self.active -= 1;
+        match (c.kind, c.error, c.buf) {
+            (CmdKind::Read, None, Some(b)) => {
+                sh.pool.get_mut(b)[..HDR].copy_from_slice(&simple_reply(c.handle, None));
+                sh.stats.commands += 1;
+                let pushed = self.data_out.push((b, c.len));
+                assert!(pushed, "reply room is reserved at admission");
+            }
+            (_, err, buf) => {
+                self.push_hdr(&simple_reply(c.handle, err), sh);
+                if let Some(b) = buf {
+                    self.release_buf(sh, b);
+                }
+            }
+        }
+        sh.moved();
+    }
+
+    fn write_client(&mut self, sh: &mut Shared) {
+        loop {
+            if self.client_broken {
+                self.drop_output(sh);
+                return;
+            }
+            let Some(c) = self.client.as_mut() else {
+                return;
+            };
+            let r = if !self.session.transmit().is_empty() {
+                c.write(self.session.transmit()).map(|n| (0, n))
+            } else if self.hdr_end > self.hdr_start {
+                c.write(&self.hdr_out[self.hdr_start..self.hdr_end])
+                    .map(|n| (1, n))
+            } else if let Some((b, len)) = self.data_out.peek() {
+                let end = HDR + len as usize;
+                c.write(&sh.pool.get(b)[self.data_written..end])
+                    .map(|n| (2, n))
+            } else {
+                return;
+            };
+            match r {
+                Ok((_, 0)) => self.client_broken = true,
+                Ok((0, n)) => {
+                    let r = self.session.consume_transmit(n);
+                    assert!(r.is_ok(), "wrote what was pending");
+                    sh.moved();
+                }
+                Ok((1, n)) => {
+                    self.hdr_start += n;
+                    if self.hdr_start == self.hdr_end {
+                        self.hdr_start = 0;
+                        self.hdr_end = 0;
+                    }
+                    sh.moved();
+                }
+                Ok((_, n)) => {
+                    self.data_written += n;
+                    if let Some((b, len)) = self.data_out.peek() {
+                        if self.data_written == HDR + len as usize {
+                            self.data_out.pop();
+                            self.data_written = 0;
+                            self.release_buf(sh, b);
+                        }
+                    }
+                    sh.moved();
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => self.client_broken = true,
+            }
+        }
+    }
+
+    /// The client is gone: its replies cannot be delivered.
+    fn drop_output(&mut self, sh: &mut Shared) {
+        while let Some((b, _)) = self.data_out.pop() {
+            self.release_buf(sh, b);
+        }
+        self.data_written = 0;
+        self.hdr_start = 0;
+        self.hdr_end = 0;
+        let n = self.session.transmit().len();
+        let _ = self.session.consume_transmit(n);
+    }
+
+    fn maybe_close(&mut self, sh: &mut Shared, ctl: &mut Control, reg: &Registry, now: u64) {
+        let SlotState::Closing {
+            flush,
+            linger_until_ms,
+        } = self.state
+        else {
+            return;
+        };
+        // What can never complete now: a request not admitted, a write whose
+        // payload will not come, a question to the control connection.
+        self.pending = None;
+        self.listing = false;
+        match self.ctl {
+            CtlWait::List { id, .. } | CtlWait::Info { id, .. } => ctl.fsm.forget(id),
+            CtlWait::None => {}
+        }
+        self.ctl = CtlWait::None;
+        if let Some(ci) = self.payload_cmd.take().map(usize::from) {
+            if let Some(c) = self.cmds[ci].take() {
+                self.active -= 1;
+                if let Some(b) = c.buf {
+                    self.release_buf(sh, b);
+                }
+            }
+            self.payload_cmd = None;
+            self.payload_filled = 0;
+        }
+        if self.active > 0 {
+            return;
+        }
+        if self.output_left() && !self.client_broken && now < linger_until_ms {
+            sh.wake(linger_until_ms);
+            return;
+        }
+        if flush && !sh.sync_both() {
+            eprintln!("csnap nbd: flush at disconnect failed");
+        }
+        self.teardown(sh, ctl, reg);
+    }
+
+    /// Gives everything back; the slot is free.
+    fn teardown(&mut self, sh: &mut Shared, ctl: &mut Control, reg: &Registry) {
+        assert!(self.active == 0, "teardown with commands in flight");
+        if self.attached {
+            self.engine.release_all_idle();
+            self.link.flush_best_effort(&mut self.engine);
+        }
+        self.link.close(reg);
+        if let Some(mut c) = self.client.take() {
+            if !self.client_broken && !self.session.transmit().is_empty() {
+                let _ = c.write(self.session.transmit());
+            }
+            let _ = reg.deregister(&mut c);
+        }
+        self.client_broken = true;
+        self.drop_output(sh);
+        match self.ctl {
+            CtlWait::List { id, .. } | CtlWait::Info { id, .. } => ctl.fsm.forget(id),
+            CtlWait::None => {}
+        }
+        self.ctl = CtlWait::None;
+        self.listing = false;
+        self.pending = None;
+        self.payload_cmd = None;
+        self.io_map = [None; IOS];
+        self.attached = false;
+        self.timed_out = false;
+        self.dead = None;
+        self.state = SlotState::Free;
+        sh.moved();
+    }
+
+    /// The invariants, after every pump (cheap; release builds too).
+    fn check(&self, sh: &Shared) {
+        let cmds = self.cmds.iter().flatten().count();
+        assert_eq!(cmds, self.active, "command count out of step");
+        let bufs = self
+            .cmds
+            .iter()
+            .flatten()
+            .filter(|c| c.buf.is_some())
+            .count()
+            + self.data_out.len();
+        assert_eq!(bufs, self.bufs_held, "buffers held out of step");
+        assert!(self.bufs_held <= BUFS_PER_CONN);
+        assert!(self.outstanding() <= CMDS, "more commands than the table");
+        assert!(self.hdr_start <= self.hdr_end && self.hdr_end <= self.hdr_out.len());
+        assert!(self.rx_start <= self.rx_end && self.rx_end <= self.rx.len());
+        let in_engine: u32 = self.cmds.iter().flatten().map(|c| c.in_engine).sum();
+        assert_eq!(
+            in_engine as usize,
+            self.engine.in_flight(),
+            "engine I/Os out of step with the commands"
+        );
+        if self.state == SlotState::Free {
+            assert!(self.client.is_none() && !self.link.active() && self.active == 0);
+        }
+        if let Some(ci) = self.payload_cmd {
+            assert!(self.cmds[usize::from(ci)].is_some_and(|c| c.receiving));
+            assert!(self.session.state() == NbdState::Payload);
+        }
+        let _ = sh;
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The control connection (snapshot lists for LIST and INFO).
+// ---------------------------------------------------------------------------
+
+/// A control connection to the server through the agent, made on first use
+/// and kept; it rides out failovers like the engines' connections.
+struct Control {
+    fsm: ClientFsm,
+    link: Link,
+}
+
+impl Control {
+    /// Asks for the snapshot list; `None` when too many questions are out.
+    fn request_list(&mut self, sh: &Shared, now: u64) -> Option<u64> {
+        if !self.link.active() {
+            self.link.start(0, sh.node_id, None, now);
+        }
+        self.fsm.request(Request::List)
+    }
+}
+
+/// A control reply for the slot that asked.
+fn route_control_reply(slots: &mut [Slot], id: u64, frame: &[u8], export_size: u64) -> bool {
+    let Some(slot) = slots.iter_mut().find(|s| match s.ctl {
+        CtlWait::List { id: i, .. } | CtlWait::Info { id: i, .. } => i == id,
+        CtlWait::None => false,
+    }) else {
+        return false;
+    };
+    let list = match proto::decode(frame) {
+        Ok((_, Msg::SnapshotList(l))) => Some(l),
+        _ => None,
+    };
+    match slot.ctl {
+        CtlWait::List { .. } => {
+            slot.list_n = 0;
+            if let Some(l) = list {
+                for info in l.iter().filter(|i| !i.deleting()) {
+                    if slot.list_n < SNAPSHOTS_MAX {
+                        slot.list_tags[slot.list_n] = info.tag;
+                        slot.list_n += 1;
+                    }
+                }
+            }
+            slot.list_pos = 0;
+            slot.listing = true;
+        }
+        CtlWait::Info { tag, .. } => {
+            let live = list.is_some_and(|l| l.iter().any(|i| i.tag == tag && !i.deleting()));
+            let info = live.then(|| slot.export_info(export_size));
+            slot.answer(info);
+        }
+        CtlWait::None => {}
+    }
+    slot.ctl = CtlWait::None;
+    true
+}
+
+// ---------------------------------------------------------------------------
+// The server.
+// ---------------------------------------------------------------------------
+
+/// The NBD server process's loop and everything it reserved.
+pub struct NbdServer {
+    poll: Poll,
+    events: Events,
+    ready: Vec<(Token, bool, bool)>,
+    listeners: Vec<MioListener>,
+    signals: OwnedFd,
+    slots: Vec<Slot>,
+    ctl: Control,
+    sh: Shared,
+    reserved: Vec<(&'static str, usize)>,
+    /// Shutdown requested: the deadline for in-flight work.
+    shutdown_at_ms: Option<u64>,
+}
+
+impl std::fmt::Debug for NbdServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NbdServer")
+            .field("slots", &self.slots.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl NbdServer {
+    /// Opens the devices, reads the store label, binds the listeners, sets
+    /// up the signal descriptor and reserves every pool. The only
+    /// allocation. Call from the main thread before any other thread starts
+    /// (SIGTERM and SIGINT are blocked and read from a descriptor).
+    pub fn new(opts: &NbdOptions) -> Result<NbdServer, String> {
+        if opts.connections == 0 || opts.connections > csnap_pools::NBD_CONNECTIONS_MAX {
+            return Err(format!(
+                "connections must be 1 to {}",
+                csnap_pools::NBD_CONNECTIONS_MAX
+            ));
+        }
+        if opts.buffers == 0 || opts.buffers > csnap_pools::NBD_BUFFERS_MAX {
+            return Err(format!(
+                "buffers must be 1 to {}",
+                csnap_pools::NBD_BUFFERS_MAX
+            ));
+        }
+        let open = |p: &Path, what: &str| {
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(p)
+                .map_err(|e| format!("cannot open {what} {}: {e}", p.display()))
+        };
+        let origin = open(&opts.origin, "origin")?;
+        let store = open(&opts.store, "store")?;
+        let mut sd = csnap_store::disk::FileDisk::new(
+            store
+                .try_clone()
+                .map_err(|e| format!("store {}: {e}", opts.store.display()))?,
+        )
+        .map_err(|e| format!("store {}: {e}", opts.store.display()))?;
+        let label = csnap_store::read_label(&mut sd)
+            .map_err(|e| format!("store {}: {e}", opts.store.display()))?;
+        drop(sd);
+        let origin_size = csnap_store::disk::device_size_bytes(&origin)
+            .map_err(|e| format!("origin {}: {e}", opts.origin.display()))?;
+        if origin_size < label.origin_size_bytes {
+            return Err(format!(
+                "origin {} is {origin_size} bytes; the store was formatted for an origin of {} bytes",
+                opts.origin.display(),
+                label.origin_size_bytes
+            ));
+        }
+        let chunk = u64::from(label.chunk_size_bytes);
+        let cfg = VolumeConfig {
+            client: ClientConfig {
+                client_id: 0,
+                node_id: opts.node_id,
+                role: Role::Client,
+                volume: Volume::Origin,
+                origin_uuid: label.origin_uuid,
+                caching: true,
+            },
+            data_start_bytes: label.data_start_bytes,
+            cached_chunks: csnap_pools::VOLUME_CACHED_CHUNKS_DEFAULT,
+            origin_chunks_max: label.origin_size_bytes.div_ceil(chunk.max(1)),
+        };
+        let poll = Poll::new().map_err(|e| format!("epoll: {e}"))?;
+        let mut listeners = Vec::with_capacity(opts.listen.len());
+        for (i, a) in opts.listen.iter().enumerate() {
+            let mut l = MioListener::bind(a).map_err(|e| format!("cannot listen on {a}: {e}"))?;
+            poll.registry()
+                .register(&mut l, Token(LISTENER_BASE + i), Interest::READABLE)
+                .map_err(|e| format!("cannot register {a}: {e}"))?;
+            listeners.push(l);
+        }
+        if listeners.len() > 60 {
+            return Err("at most 60 listen addresses".into());
+        }
+        let signals = csnap_sys::signal::signal_fd(&[libc::SIGTERM, libc::SIGINT])
+            .map_err(|e| format!("signalfd: {e}"))?;
+        poll.registry()
+            .register(
+                &mut mio::unix::SourceFd(&signals.as_raw_fd()),
+                SIGNAL,
+                Interest::READABLE,
+            )
+            .map_err(|e| format!("cannot register the signal descriptor: {e}"))?;
+        let mut nonce = [0u8; 2];
+        csnap_sys::random_bytes(&mut nonce).map_err(|e| format!("getrandom: {e}"))?;
+        let slots: Vec<Slot> = (0..opts.connections).map(|i| Slot::new(i, cfg)).collect();
+        let ctl_cfg = ClientConfig {
+            client_id: 0,
+            node_id: opts.node_id,
+            role: Role::Control,
+            volume: Volume::Origin,
+            origin_uuid: [0; 16],
+            caching: false,
+        };
+        let n = opts.connections;
+        let reserved = vec![
+            (
+                "NBD connection slots (session, receive buffer, command table, reply queue)",
+                n * (core::mem::size_of::<Slot>() + NbdSession::reserved_bytes() + RX_BYTES),
+            ),
+            (
+                "volume engines (lease cache, grant bitmap, client tables)",
+                n * VolumeEngine::reserved_bytes(&cfg),
+            ),
+            (
+                "server and agent links (frame readers), control connection included",
+                (n + 1) * Link::reserved_bytes() + ClientFsm::reserved_bytes(),
+            ),
+            ("data buffers", opts.buffers * BUF_STRIDE),
+            ("zero buffer", IO_MAX),
+            (
+                "readiness events",
+                EVENTS_MAX
+                    * (core::mem::size_of::<mio::event::Event>()
+                        + core::mem::size_of::<(Token, bool, bool)>()),
+            ),
+        ];
+        Ok(NbdServer {
+            poll,
+            events: Events::with_capacity(EVENTS_MAX),
+            ready: Vec::with_capacity(EVENTS_MAX),
+            listeners,
+            signals,
+            slots,
+            ctl: Control {
+                fsm: ClientFsm::new(ctl_cfg),
+                link: Link::new(CTL_AGENT, CTL_SERVER),
+            },
+            sh: Shared {
+                origin,
+                store,
+                pool: Buffers::new(opts.buffers),
+                zeros: vec![0u8; IO_MAX].into_boxed_slice(),
+                agent: opts.agent.clone(),
+                node_id: opts.node_id,
+                export_size: label.origin_size_bytes,
+                timeout_ms: opts.failover_timeout_ms,
+                progress: 0,
+                wake_at: None,
+                nonce: u16::from_le_bytes(nonce),
+                next_client: 0,
+                stats: NbdStats::default(),
+            },
+            reserved,
+            shutdown_at_ms: None,
+        })
+    }
+
+    /// The memory budget, one line per pool.
+    pub fn reserved_items(&self) -> &[(&'static str, usize)] {
+        &self.reserved
+    }
+
+    /// The bound addresses (TCP ports resolved).
+    pub fn local_addrs(&self) -> Vec<Addr> {
+        self.listeners
+            .iter()
+            .filter_map(|l| l.local_addr().ok())
+            .collect()
+    }
+
+    /// Figures of the run so far.
+    pub fn stats(&self) -> NbdStats {
+        self.sh.stats
+    }
+
+    /// The export size in bytes.
+    pub fn export_size_bytes(&self) -> u64 {
+        self.sh.export_size
+    }
+
+    /// Serves until SIGTERM or SIGINT, then finishes in-flight commands,
+    /// flushes both devices and returns. Allocates nothing.
+    pub fn run(&mut self) -> Result<(), String> {
+        loop {
+            let now = now_ms();
+            self.sh.wake_at = None;
+            let mut busy = true;
+            for _ in 0..16 {
+                let before = self.sh.progress;
+                self.pump_control(now);
+                for s in 0..self.slots.len() {
+                    self.slots[s].pump(&mut self.sh, &mut self.ctl, self.poll.registry(), now);
+                }
+                if self.sh.progress == before {
+                    busy = false;
+                    break;
+                }
+            }
+            self.check();
+            if let Some(at) = self.shutdown_at_ms {
+                let idle = self.slots.iter().all(|s| s.state == SlotState::Free);
+                if idle || now >= at {
+                    if !idle {
+                        eprintln!(
+                            "csnap nbd: shutdown deadline passed with connections still busy"
+                        );
+                    }
+                    if !self.sh.sync_both() {
+                        return Err("the final flush of the devices failed".into());
+                    }
+                    return Ok(());
+                }
+                self.sh.wake(at);
+            }
+            let timeout = if busy {
+                Some(std::time::Duration::ZERO)
+            } else {
+                self.sh
+                    .wake_at
+                    .map(|w| std::time::Duration::from_millis(w.saturating_sub(now_ms())))
+            };
+            if let Err(e) = self.poll.poll(&mut self.events, timeout) {
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(format!("event loop failed: {e}"));
+            }
+            self.ready.clear();
+            for ev in self.events.iter() {
+                self.ready.push((
+                    ev.token(),
+                    ev.is_readable() || ev.is_read_closed() || ev.is_error(),
+                    ev.is_writable() || ev.is_error(),
+                ));
+            }
+            for k in 0..self.ready.len() {
+                let (t, r, w) = self.ready[k];
+                self.dispatch(t, r, w);
+            }
+        }
+    }
+
+    fn dispatch(&mut self, t: Token, readable: bool, writable: bool) {
+        if t == SIGNAL {
+            self.on_signal();
+        } else if t == CTL_AGENT || t == CTL_SERVER {
+            self.ctl.link.on_event(t, readable, writable);
+        } else if t.0 >= LISTENER_BASE {
+            let li = t.0 - LISTENER_BASE;
+            if li < self.listeners.len() {
+                self.accept(li);
+            }
+        } else {
+            let (s, k) = (t.0 / TOKENS_PER_SLOT, t.0 % TOKENS_PER_SLOT);
+            if let Some(slot) = self.slots.get_mut(s) {
+                if k == 0 {
+                    slot.client_readable |= readable;
+                } else {
+                    slot.link.on_event(t, readable, writable);
+                }
+            }
+        }
+    }
+
+    fn on_signal(&mut self) {
+        while let Ok(Some(sig)) = csnap_sys::signal::read_signal(&self.signals) {
+            if self.shutdown_at_ms.is_some() {
+                continue;
+            }
+            eprintln!("csnap nbd: signal {sig}: finishing in-flight commands, then exiting");
+            let now = now_ms();
+            self.shutdown_at_ms = Some(now + self.sh.timeout_ms + 2_000);
+            for l in &mut self.listeners {
+                let _ = self.poll.registry().deregister(l);
+            }
+            for s in &mut self.slots {
+                if s.state != SlotState::Free {
+                    let serving = s.attached;
+                    s.begin_close(serving, now);
+                }
+            }
+        }
+    }
+
+    fn accept(&mut self, li: usize) {
+        loop {
+            let Some(l) = self.listeners.get(li) else {
+                return;
+            };
+            let mut stream = match l.accept() {
+                Ok(s) => s,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => return,
+            };
+            if self.shutdown_at_ms.is_some() {
+                continue;
+            }
+            let Some(i) = self.slots.iter().position(|s| s.state == SlotState::Free) else {
+                eprintln!(
+                    "csnap nbd: connection closed: all {} connections are in use",
+                    self.slots.len()
+                );
+                self.sh.stats.refused += 1;
+                continue;
+            };
+            if self
+                .poll
+                .registry()
+                .register(
+                    &mut stream,
+                    Token(i * TOKENS_PER_SLOT),
+                    Interest::READABLE | Interest::WRITABLE,
+                )
+                .is_err()
+            {
+                continue;
+            }
+            self.slots[i].open(stream);
+            self.sh.stats.connections += 1;
+            self.sh.moved();
+        }
+    }
+
+    fn pump_control(&mut self, now: u64) {
+        if !self.ctl.link.active() {
+            return;
+        }
+        let slots = &mut self.slots;
+        let export_size = self.sh.export_size;
+        let mut ready = false;
+        let mut routed = 0u64;
+        let mut wake = self.sh.wake_at;
+        let moved = self.ctl.link.pump(
+            &mut self.ctl.fsm,
+            &self.sh.agent,
+            self.poll.registry(),
+            now,
+            &mut wake,
+            &mut |fsm: &mut ClientFsm, f: &[u8]| match fsm.handle_frame(f) {
+                ClientEvent::Ready => {
+                    ready = true;
+                    Verdict::Keep
+                }
+                ClientEvent::Reply { id } => {
+                    if route_control_reply(slots, id, f, export_size) {
+                        routed += 1;
+                    }
+                    Verdict::Keep
+                }
+                ClientEvent::Refused(_) | ClientEvent::Stale => Verdict::Reconnect,
+                ClientEvent::None | ClientEvent::Unexpected | ClientEvent::Notification => {
+                    Verdict::Keep
+                }
+            },
+        );
+        self.sh.wake_at = wake;
+        if ready {
+            self.ctl.link.on_ready();
+        }
+        if moved || routed > 0 {
+            self.sh.moved();
+        }
+    }
+
+    /// Process-wide invariants (cheap; release builds too).
+    fn check(&self) {
+        let held: usize = self.slots.iter().map(|s| s.bufs_held).sum();
+        assert_eq!(
+            held + self.sh.pool.available(),
+            self.sh.pool.count,
+            "a data buffer was lost or freed twice"
+        );
+    }
+}
