@@ -82,10 +82,18 @@ pub fn spawn_tied(cmd: &mut std::process::Command) -> std::io::Result<std::proce
     // SAFETY: getpid has no preconditions and touches no memory of ours.
     let parent = unsafe { libc::getpid() };
     // SAFETY: the closure runs in the child between fork and exec. It calls
-    // only prctl, getppid and _exit, which are async-signal-safe, allocates
-    // nothing and takes no lock, as `pre_exec` requires.
+    // only sigemptyset, sigprocmask, prctl, getppid and _exit, which are
+    // async-signal-safe, allocates nothing and takes no lock, as `pre_exec`
+    // requires; the signal set is a local of plain data.
     unsafe {
         cmd.pre_exec(move || {
+            // A supervisor blocks its termination signals to wait for them;
+            // std passes the mask on, and the child must start with none.
+            let mut none: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut none);
+            if libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut()) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
                 return Err(std::io::Error::last_os_error());
             }

@@ -32,8 +32,8 @@ fn set() -> libc::sigset_t {
 }
 
 /// Blocks SIGINT, SIGTERM, SIGHUP and SIGCHLD for the calling thread (and
-/// threads it starts later), so `wait` can take them. Children started with
-/// `std::process::Command` get an empty mask again.
+/// threads it starts later), so `wait` can take them. Children inherit the
+/// mask: start them with `spawn_tied`, which clears it.
 pub fn block_termination() -> io::Result<()> {
     let s = set();
     // SAFETY: `s` is an initialised signal set; a null old-set pointer is
