@@ -22,12 +22,15 @@
 //! On `StartHere` the agent gathers, from every member node's agent, the ids
 //! of its snapshot clients (`NeedClients` -> `Clients`; none is a valid
 //! answer). A node that leaves meanwhile (a `Members` without it) is no
-//! longer waited for. With every answer in, the agent sends its standby
+//! longer waited for, nor is a client reported gone (`ClientGone`). With
+//! every answer in, the agent sends its standby
 //! `StartServer { members, expected }`; the standby replays the journal,
 //! takes the next incarnation, holds origin writes until every expected
 //! client has uploaded its read locks or its node has left, and reports
 //! `Serving`. The agent then announces `ServerUp`, answers its waiting
 //! clients at once, and asks its driver for a new standby (`SpawnStandby`).
+//! Membership changes and gone clients after `StartServer` reach the
+//! server too (it reads its link once started).
 //!
 //! # Connection states (the agent's own socket)
 //!
@@ -802,8 +805,9 @@ impl AgentFsm {
             incarnation,
             addr,
         });
-        self.pushed.clear();
-        self.pushed.extend_from_slice(&self.members);
+        // Members that changed while it started (it was told the members
+        // of its `StartServer`).
+        self.push_membership();
         self.highest_incarnation = self.highest_incarnation.max(incarnation);
         if self
             .cluster_server
@@ -983,8 +987,11 @@ impl AgentFsm {
                 }
                 self.membership_known = true;
                 self.member = self.members.contains(&self.cfg.node_id);
-                if self.member {
+                if self.member && self.fenced {
                     self.fenced = false;
+                    // The controller last heard "no standby" (fenced): its
+                    // standby can be started again.
+                    self.report_state(0);
                 }
                 self.push_membership();
                 if let Some(g) = self.gather.as_mut() {
@@ -1074,9 +1081,19 @@ impl AgentFsm {
             }
             Msg::Fence { reason } => self.on_fence(*reason),
             Msg::ClientGone { client_id, node_id } => {
-                if let Some(s) = self.serving {
+                // A start under way does not wait for it; a standby told to
+                // start learns it once it serves (it reads its link after
+                // the start).
+                if let Some(g) = self.gather.as_mut() {
+                    if g.attempt != 0 {
+                        g.expected
+                            .retain(|e| !(e.client_id == *client_id && e.node_id == *node_id));
+                    }
+                }
+                let to = self.serving.map(|s| s.conn).or(self.starting.map(|s| s.0));
+                if let Some(conn) = to {
                     self.send(
-                        s.conn,
+                        conn,
                         0,
                         &Msg::ClientGone {
                             client_id: *client_id,
@@ -1237,6 +1254,10 @@ impl AgentFsm {
         self.scratch2 = nodes;
         self.gather_reset();
         self.standby = None;
+        // What the server is told; changes from now on reach it once it
+        // serves (`on_serving`).
+        self.pushed.clear();
+        self.pushed.extend_from_slice(&self.members);
         if !sent {
             self.close(conn);
             self.schedule_spawn(self.cfg.respawn_backoff_ms);

@@ -22,7 +22,9 @@
 //!   ready standby, other than the node that just failed if there is
 //!   another. `manual` places only on `csnap cluster start N`. `start N`
 //!   while another node serves first stops that server (`Fence(ServerMoved)`)
-//!   and waits for its agent to report it dead, so two never serve.
+//!   and waits for its agent to report it dead, so two never serve; so
+//!   does `leave N` while node N serves or starts one (its agent has the
+//!   fence when it reports).
 //!
 //! # Placement states
 //!
@@ -31,7 +33,7 @@
 //! | `None` | start, server died | a candidate exists and a server is wanted → `Starting` |
 //! | `Starting { node }` | `StartHere` sent | `ServerUp` from it → `Running`; its start failed, its agent left, or the start timed out → `None` (that node avoided next) |
 //! | `Running { node, incarnation }` | `ServerUp` | its agent reports it died, or disconnects, or its node leaves → `ServerDown` to all, `None` |
-//! | `Stopping { from, to }` | `start N` while `from` serves | `from`'s server died → `Starting { to }` |
+//! | `Stopping { from, to }` | `start N` while `from` serves; `leave N` while `N` serves or starts (`to` none) | `from`'s agent reports its server died (or that its start stopped), or disconnects → `Starting { to }` (none: placed as in `None`) |
 //!
 //! Nothing here allocates after `new`, reads a clock or touches a socket.
 
@@ -128,15 +130,22 @@ enum Placement {
         node: u32,
         attempt: u64,
         deadline_ms: u64,
+        /// A `Clients` answer of this attempt was relayed to `node`: its
+        /// gather may be complete (and everything it sent before it took
+        /// the `StartHere` has arrived). Until then it cannot start: the
+        /// answers of an abandoned attempt are not relayed.
+        relayed: bool,
     },
     Running {
         node: u32,
         incarnation: u64,
         addr: AddrBuf,
     },
+    /// Waiting for `from`'s agent to report that its server (of
+    /// `incarnation`, 0 if it was still starting) stopped.
     Stopping {
         from: u32,
-        to: u32,
+        to: Option<u32>,
         incarnation: u64,
     },
 }
@@ -481,10 +490,36 @@ impl Controller {
                 if *died_incarnation != 0 {
                     self.server_died(node, *died_incarnation);
                 }
-                if let Placement::Starting { node: sn, .. } = self.placement {
+                if let Placement::Stopping {
+                    from,
+                    incarnation: 0,
+                    ..
+                } = self.placement
+                {
+                    if from == node && *serving_incarnation == 0 {
+                        // The start stopped there before it served.
+                        self.stopped_starting(node);
+                    }
+                }
+                if let Placement::Starting {
+                    node: sn, relayed, ..
+                } = self.placement
+                {
                     if sn == node && !*standby_ready && *serving_incarnation == 0 {
                         // The start could not be made (no standby, or it
-                        // failed): try elsewhere.
+                        // failed): try elsewhere. Before any answer was
+                        // relayed this may be a report sent before the
+                        // agent took the `StartHere`: the fence makes sure
+                        // it does not act on it later.
+                        if !relayed {
+                            self.send(
+                                conn,
+                                0,
+                                &Msg::Fence {
+                                    reason: FenceReason::ServerMoved,
+                                },
+                            );
+                        }
                         let _ = self.events.push(ControllerEvent::StartFailed { node });
                         self.avoid = Some(node);
                         self.placement = Placement::None;
@@ -514,8 +549,16 @@ impl Controller {
                 }
                 self.on_server_up(conn, node, *incarnation, addr);
             }
-            Msg::NeedClients { starter, .. } => {
-                if *starter != node {
+            Msg::NeedClients { starter, gather_id } => {
+                // Only for the start under way there: an abandoned start's
+                // gather never completes.
+                let current = match self.placement {
+                    Placement::Starting {
+                        node: sn, attempt, ..
+                    } => sn == node && attempt == *gather_id,
+                    _ => false,
+                };
+                if *starter != node || !current {
                     return;
                 }
                 for i in 0..self.nodes.len() {
@@ -528,19 +571,46 @@ impl Controller {
                     }
                 }
             }
-            Msg::Clients { from, to, .. } => {
-                if *from != node {
+            Msg::Clients {
+                from,
+                to,
+                gather_id,
+                ..
+            } => {
+                let Placement::Starting {
+                    node: sn,
+                    attempt,
+                    deadline_ms,
+                    ..
+                } = self.placement
+                else {
+                    return;
+                };
+                if *from != node || sn != *to || attempt != *gather_id {
                     return;
                 }
+                self.placement = Placement::Starting {
+                    node: sn,
+                    attempt,
+                    deadline_ms,
+                    relayed: true,
+                };
                 if let Some(c) = self.conn_of_node(*to) {
                     self.send(c, 0, msg);
                 }
             }
             Msg::ClientGone { .. } => {
-                if let Placement::Running { node: sn, .. } = self.placement {
-                    if let Some(c) = self.conn_of_node(sn) {
-                        self.send(c, 0, msg);
+                // To the serving node, or to the node starting a server
+                // (its recovery barrier may wait for that client).
+                let to = match self.placement {
+                    Placement::Running { node, .. } | Placement::Starting { node, .. } => {
+                        Some(node)
                     }
+                    Placement::Stopping { from, .. } => Some(from),
+                    Placement::None => None,
+                };
+                if let Some(c) = to.and_then(|n| self.conn_of_node(n)) {
+                    self.send(c, 0, msg);
                 }
             }
             Msg::Error { .. } => {}
@@ -564,6 +634,19 @@ impl Controller {
                 },
             );
             return;
+        }
+        if let Placement::Stopping { from, to, .. } = self.placement {
+            if from == node {
+                // A server being stopped (its node left, or it moves): its
+                // agent reports its death next. Nobody is told of it.
+                self.highest_incarnation = incarnation;
+                self.placement = Placement::Stopping {
+                    from,
+                    to,
+                    incarnation,
+                };
+                return;
+            }
         }
         if let Placement::Running { node: other, .. } = self.placement {
             if other != node {
@@ -621,7 +704,7 @@ impl Controller {
                 from,
                 to,
                 incarnation: i,
-            } if from == node && i == incarnation => (true, Some(to)),
+            } if from == node && i == incarnation => (true, to),
             _ => (false, None),
         };
         if !gone {
@@ -643,6 +726,67 @@ impl Controller {
             self.avoid = Some(node);
             self.maybe_place();
         }
+    }
+
+    /// A start that was being stopped (`Stopping` with no incarnation)
+    /// ended without serving.
+    fn stopped_starting(&mut self, node: u32) {
+        let Placement::Stopping { to, .. } = self.placement else {
+            return;
+        };
+        self.placement = Placement::None;
+        if let Some(to) = to {
+            self.start_on(to);
+        } else {
+            self.want = true;
+            self.avoid = Some(node);
+            self.maybe_place();
+        }
+    }
+
+    /// Node `n` was told to leave while its agent is connected: a server
+    /// there, or a start there, is stopped by its agent when the fence
+    /// arrives; none is placed elsewhere before its agent says so (or goes
+    /// away), so two never serve.
+    fn fence_wait(&mut self, n: u32) {
+        match self.placement {
+            Placement::Running {
+                node, incarnation, ..
+            } if node == n => {
+                self.placement = Placement::Stopping {
+                    from: n,
+                    to: None,
+                    incarnation,
+                };
+            }
+            Placement::Starting {
+                node,
+                relayed: true,
+                ..
+            } if node == n => {
+                let _ = self.events.push(ControllerEvent::StartFailed { node });
+                self.placement = Placement::Stopping {
+                    from: n,
+                    to: None,
+                    incarnation: 0,
+                };
+            }
+            // A start whose gather cannot complete any more is over.
+            Placement::Starting { node, .. } if node == n => self.node_lost(n),
+            Placement::Stopping {
+                from,
+                to: Some(t),
+                incarnation,
+            } if t == n => {
+                self.placement = Placement::Stopping {
+                    from,
+                    to: None,
+                    incarnation,
+                };
+            }
+            _ => {}
+        }
+        self.pending_starts.retain(|p| p.2 != n);
     }
 
     fn on_command(&mut self, conn: CtlConnId, rid: u64, op: ClusterOp, node: u32) {
@@ -673,8 +817,10 @@ impl Controller {
                             reason: FenceReason::LeftCluster,
                         },
                     );
+                    self.fence_wait(node);
+                } else {
+                    self.node_lost(node);
                 }
-                self.node_lost(node);
                 self.broadcast_members();
                 self.send(conn, rid, &Msg::Ok);
             }
@@ -710,7 +856,7 @@ impl Controller {
                         }
                         self.placement = Placement::Stopping {
                             from: n,
-                            to: node,
+                            to: Some(node),
                             incarnation,
                         };
                     }
@@ -721,12 +867,18 @@ impl Controller {
                         return;
                     }
                     Placement::Starting { .. } => {}
+                    Placement::Stopping { from, .. } if from == node => {
+                        let mut t = ErrorText::new();
+                        let _ = write!(t, "the server on node {node} is being stopped; retry");
+                        self.send_error(conn, rid, ErrorCode::Busy, code, t.as_str());
+                        return;
+                    }
                     Placement::Stopping {
                         from, incarnation, ..
                     } => {
                         self.placement = Placement::Stopping {
                             from,
-                            to: node,
+                            to: Some(node),
                             incarnation,
                         };
                     }
@@ -778,6 +930,10 @@ impl Controller {
             let c = &mut self.conns[conn as usize];
             if c.out.push_msg(rid, 0, &msg) {
                 self.mark_output(conn);
+            } else {
+                // The tool does not read its replies: drop it (a reply is
+                // never dropped silently).
+                self.close(conn);
             }
         }
         self.scratch = scratch;
@@ -789,7 +945,18 @@ impl Controller {
         if role == CRole::Free {
             return;
         }
-        if let CRole::Agent { node: Some(n) } = role {
+        // An agent's connection the controller closed (it stopped reading,
+        // or its stream broke) is still bound to its node until now.
+        let node = match role {
+            CRole::Agent { node } => node,
+            CRole::Closing => self
+                .nodes
+                .iter()
+                .find(|r| r.conn == Some(conn))
+                .map(|r| r.id),
+            _ => None,
+        };
+        if let Some(n) = node {
             if let Some(r) = self.rec(n) {
                 if r.conn == Some(conn) {
                     r.conn = None;
@@ -816,8 +983,24 @@ impl Controller {
                 node, incarnation, ..
             } if node == n => self.server_died(node, incarnation),
             Placement::Stopping {
+                from,
+                incarnation: 0,
+                ..
+            } if from == n => self.stopped_starting(from),
+            Placement::Stopping {
                 from, incarnation, ..
             } if from == n => self.server_died(from, incarnation),
+            Placement::Stopping {
+                from,
+                to: Some(t),
+                incarnation,
+            } if t == n => {
+                self.placement = Placement::Stopping {
+                    from,
+                    to: None,
+                    incarnation,
+                };
+            }
             Placement::Starting { node, .. } if node == n => {
                 let _ = self.events.push(ControllerEvent::StartFailed { node });
                 self.placement = Placement::None;
@@ -867,6 +1050,7 @@ impl Controller {
             node,
             attempt,
             deadline_ms: self.now_ms + self.cfg.start_timeout_ms,
+            relayed: false,
         };
         let _ = self.events.push(ControllerEvent::Placing { node, attempt });
         self.send(
@@ -1034,10 +1218,10 @@ impl Controller {
                 r.id
             );
             if let Some(c) = r.conn {
-                assert_eq!(
-                    self.conns[c as usize].role,
-                    CRole::Agent { node: Some(r.id) },
-                    "node {} bound to a connection that is not its agent",
+                let role = self.conns[c as usize].role;
+                assert!(
+                    role == CRole::Agent { node: Some(r.id) } || role == CRole::Closing,
+                    "node {} bound to a connection that is not its agent: {role:?}",
                     r.id
                 );
             }
@@ -1050,7 +1234,10 @@ impl Controller {
                 );
             }
             Placement::Stopping { from, to, .. } => {
-                assert!(from != to, "stopping a server to start it on the same node");
+                assert!(
+                    to != Some(from),
+                    "stopping a server to start it on the same node"
+                );
             }
             Placement::None => {}
         }

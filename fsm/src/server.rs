@@ -146,6 +146,9 @@ struct Session {
     caching: bool,
     /// A `Revoke` of its origin grants awaits its `RevokeDone`.
     revoke_owed: bool,
+    /// Its agent said its process is gone (`handle_client_gone`) while the
+    /// connection was still open: when it closes, nothing is kept for it.
+    gone: bool,
 }
 
 impl Session {
@@ -161,6 +164,7 @@ impl Session {
         close_queued: false,
         caching: false,
         revoke_owed: false,
+        gone: false,
     };
 }
 
@@ -536,6 +540,20 @@ impl Server {
         }
         self.woken = woken;
         self.settle_owed(|&(c, n)| c == client_id && n == node);
+        // Its connection may not have closed yet (the agent's word can
+        // come first): then it keeps its locks until it closes, and then
+        // nothing is parked or owed for it.
+        for s in &mut self.sessions {
+            if s.client_id == client_id
+                && s.node_id == node
+                && matches!(
+                    s.state,
+                    SessionState::Origin | SessionState::Snapshot(_) | SessionState::Identifying(_)
+                )
+            {
+                s.gone = true;
+            }
+        }
         // Its process is gone (or going): the barrier stops waiting for it.
         // Locks it already uploaded on a live connection stay until that
         // connection closes.
@@ -1266,11 +1284,12 @@ impl Server {
         let mut woken = core::mem::take(&mut self.woken);
         // Membership decides: a client whose node is still a member keeps
         // its locks (parked) until it comes back or its node leaves.
-        let (client_id, node_id) = {
+        let (client_id, node_id, gone) = {
             let s = &self.sessions[conn as usize];
-            (s.client_id, s.node_id)
+            (s.client_id, s.node_id, s.gone)
         };
         let keep = self.membership_known
+            && !gone
             && matches!(st, SessionState::Snapshot(_))
             && self.locks.holds_of(conn) > 0
             && self.members.contains(&node_id);
@@ -1332,6 +1351,7 @@ impl Server {
             // leaves. Otherwise (standalone server, or its node is gone)
             // nothing of it is left to wait for.
             let keep = self.membership_known
+                && !gone
                 && self.members.contains(&node_id)
                 && self.owed.len() < self.owed.capacity();
             if keep {
