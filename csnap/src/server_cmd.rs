@@ -151,6 +151,7 @@ fn serve(args: &ServerArgs) -> Result<ExitCode, String> {
     }
     let od = FileDisk::open(&args.origin)
         .map_err(|e| format!("cannot open origin {}: {e}", args.origin.display()))?;
+    no_readahead(&sd, &od);
     let mut store = Store::open(
         sd,
         &OpenOptions {
@@ -234,6 +235,14 @@ fn lock_store(args: &ServerArgs, f: &std::fs::File) -> std::io::Result<bool> {
         return Ok(true);
     }
     csnap_sys::lock_exclusive(f)
+}
+
+/// The store worker reads chunks and blocks at random: no readahead (it
+/// would only fill the page cache, and zero pages of a sparse file, for
+/// nothing). Advice only: a failure is not an error.
+fn no_readahead(sd: &FileDisk, od: &FileDisk) {
+    let _ = csnap_sys::fadvise_random(sd.file());
+    let _ = csnap_sys::fadvise_random(od.file());
 }
 
 /// Binds every `--listen` address.
@@ -343,6 +352,7 @@ fn serve_standby(args: &ServerArgs) -> Result<ExitCode, String> {
         .map_err(|e| format!("cannot open store {}: {e}", args.store.display()))?;
     let od = FileDisk::open(&args.origin)
         .map_err(|e| format!("cannot open origin {}: {e}", args.origin.display()))?;
+    no_readahead(&sd, &od);
     let lock_file = sd
         .file()
         .try_clone()

@@ -125,3 +125,19 @@ pub fn monotonic_micros() -> u64 {
     let nanos = u64::try_from(ts.tv_nsec).unwrap_or(0);
     secs * 1_000_000 + nanos / 1000
 }
+
+/// Tells the kernel `file` is read at random (`POSIX_FADV_RANDOM`): no
+/// readahead. The server's copy-out and metadata reads are random chunk and
+/// block reads; readahead around them only fills the page cache (and, on a
+/// sparse file, zeroes pages) for nothing. Init only.
+pub fn fadvise_random(file: &std::fs::File) -> std::io::Result<()> {
+    use std::os::unix::io::AsRawFd;
+    // SAFETY: posix_fadvise takes a descriptor we own (borrowed from a live
+    // File) and integers; it touches no memory of ours.
+    let rc = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_RANDOM) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::from_raw_os_error(rc))
+    }
+}
