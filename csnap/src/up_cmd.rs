@@ -75,14 +75,22 @@ fn start(name: &'static str, dir: &Path, args: &[String]) -> Result<Part, String
     Ok(Part { name, child })
 }
 
-fn wait_for(what: &str, parts: &mut [Part], deadline: Instant, ready: &dyn Fn() -> bool) -> Result<(), String> {
+fn wait_for(
+    what: &str,
+    parts: &mut [Part],
+    deadline: Instant,
+    ready: &dyn Fn() -> bool,
+) -> Result<(), String> {
     loop {
         if ready() {
             return Ok(());
         }
         for p in parts.iter_mut() {
             if let Ok(Some(st)) = p.child.try_wait() {
-                return Err(format!("the {} exited ({st}) while waiting for {what}", p.name));
+                return Err(format!(
+                    "the {} exited ({st}) while waiting for {what}",
+                    p.name
+                ));
             }
         }
         if Instant::now() > deadline {
@@ -156,7 +164,12 @@ fn up(args: &UpArgs) -> Result<ExitCode, (u8, String)> {
     }
     let confine = args.confine.child_args();
     let mut parts: Vec<Part> = Vec::new();
-    let mut ctl_args = vec!["cluster".into(), "run".into(), "--dir".into(), path_arg(&cluster)];
+    let mut ctl_args = vec![
+        "cluster".into(),
+        "run".into(),
+        "--dir".into(),
+        path_arg(&cluster),
+    ];
     ctl_args.extend(confine.iter().cloned());
     parts.push(start("controller", &dir, &ctl_args).map_err(failed)?);
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -267,7 +280,10 @@ fn up(args: &UpArgs) -> Result<ExitCode, (u8, String)> {
                 break;
             }
             if t.elapsed() > Duration::from_secs(10) {
-                error(&format!("the {} did not stop within 10 s; killing it", p.name));
+                error(&format!(
+                    "the {} did not stop within 10 s; killing it",
+                    p.name
+                ));
                 let _ = p.child.kill();
                 let _ = p.child.wait();
                 break;

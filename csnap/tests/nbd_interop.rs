@@ -78,7 +78,10 @@ impl Up {
         if let Some(mut p) = self.proc.take() {
             let pid = i32::try_from(p.0.id()).unwrap();
             // SAFETY-free: the kill(1) command sends the signal.
-            let st = Command::new("kill").args(["-TERM", &pid.to_string()]).status().unwrap();
+            let st = Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status()
+                .unwrap();
             assert!(st.success());
             let t = Instant::now();
             loop {
@@ -86,7 +89,10 @@ impl Up {
                     assert!(st.success(), "csnap up exited {st}");
                     break;
                 }
-                assert!(t.elapsed() < Duration::from_secs(30), "csnap up did not stop");
+                assert!(
+                    t.elapsed() < Duration::from_secs(30),
+                    "csnap up did not stop"
+                );
                 std::thread::sleep(Duration::from_millis(20));
             }
             std::mem::forget(p);
@@ -146,7 +152,10 @@ fn qemu_img_convert_compare_nbdcopy_and_nbdinfo() {
     up.snapshot(1);
     let list = run(Command::new("nbdinfo").arg("--list").arg(up.url("")));
     assert!(list.contains("export=\"origin\""), "{list}");
-    assert!(list.contains("export=\"1\""), "the snapshot is listed at once: {list}");
+    assert!(
+        list.contains("export=\"1\""),
+        "the snapshot is listed at once: {list}"
+    );
     run(Command::new("nbdcopy").arg(&b).arg(up.url("origin")));
 
     // Round trips: each export read back whole by nbdcopy.
@@ -157,8 +166,14 @@ fn qemu_img_convert_compare_nbdcopy_and_nbdinfo() {
     let (o, s) = (std::fs::read(&o).unwrap(), std::fs::read(&s).unwrap());
     assert_eq!(o.len(), 64 << 20);
     assert_eq!(s.len(), 64 << 20);
-    assert!(o[..8 << 20] == std::fs::read(&b).unwrap()[..], "origin holds b");
-    assert!(s[..8 << 20] == std::fs::read(&a).unwrap()[..], "snapshot 1 still holds a");
+    assert!(
+        o[..8 << 20] == std::fs::read(&b).unwrap()[..],
+        "origin holds b"
+    );
+    assert!(
+        s[..8 << 20] == std::fs::read(&a).unwrap()[..],
+        "snapshot 1 still holds a"
+    );
     assert!(o[8 << 20..].iter().all(|&x| x == 0));
     assert!(s[8 << 20..].iter().all(|&x| x == 0));
     // qemu-img compare agrees, and tells them apart.
@@ -175,10 +190,8 @@ fn qemu_img_convert_compare_nbdcopy_and_nbdinfo() {
     assert_eq!(differ.code(), Some(1), "compare must see the origin differ");
     // A second snapshot and a snapshot write: each volume keeps its own data.
     up.snapshot(2);
-    run(Command::new("qemu-io")
-        .args(["-f", "raw", &up.url("2"), "-c", "write -P 0x5a 0 1M"]));
-    run(Command::new("qemu-io")
-        .args(["-f", "raw", &up.url("2"), "-c", "read -P 0x5a 0 1M"]));
+    run(Command::new("qemu-io").args(["-f", "raw", &up.url("2"), "-c", "write -P 0x5a 0 1M"]));
+    run(Command::new("qemu-io").args(["-f", "raw", &up.url("2"), "-c", "read -P 0x5a 0 1M"]));
     run(Command::new("qemu-img")
         .args(["compare", "-f", "raw", "-F", "raw"])
         .arg(&b)
@@ -209,7 +222,10 @@ impl Attached {
             .unwrap();
         let t = Instant::now();
         while !fuse_dir.join("disk").exists() {
-            assert!(t.elapsed() < Duration::from_secs(20), "nbdfuse did not mount");
+            assert!(
+                t.elapsed() < Duration::from_secs(20),
+                "nbdfuse did not mount"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         let loopdev = run(Command::new("losetup")
@@ -309,7 +325,10 @@ fn ext4_on_nbdfuse_and_a_loop_device_snapshot_shows_the_old_files() {
         .arg(&snap.loopdev)
         .arg(&smnt));
     let sm = Mounted(smnt.clone());
-    assert!(files(&smnt) == before, "the snapshot shows the files as they were");
+    assert!(
+        files(&smnt) == before,
+        "the snapshot shows the files as they were"
+    );
     assert_eq!(
         std::fs::read(smnt.join("sub/note.txt")).unwrap(),
         b"before the snapshot\n"

@@ -1141,7 +1141,7 @@ impl AgentFsm {
             for c in &self.conns {
                 if let Role2::Client {
                     client_id,
-                    volume: Some(Volume::Snapshot(_)),
+                    volume: Some(_),
                     ..
                 } = c.role
                 {
@@ -1181,7 +1181,7 @@ impl AgentFsm {
             for c in &self.conns {
                 if let Role2::Client {
                     client_id,
-                    volume: Some(Volume::Snapshot(_)),
+                    volume: Some(_),
                     ..
                 } = c.role
                 {

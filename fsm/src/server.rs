@@ -269,6 +269,9 @@ pub struct Server {
     held_writes: u32,
     last_dispatched: u32,
     end_create_after_reply: Option<bool>,
+    /// An origin session that must get the pending creation's `Revoke`
+    /// right after its `IdentifyOk`.
+    revoke_after_identify: Option<ConnId>,
     /// `ReleaseLocks` to send once the current reply is out.
     release_requests: Vec<(ConnId, u64)>,
     /// Caching origin clients that disconnected owing a `RevokeDone` while
@@ -368,6 +371,7 @@ impl Server {
             held_writes: 0,
             last_dispatched: 0,
             end_create_after_reply: None,
+            revoke_after_identify: None,
             release_requests: Vec::with_capacity(CHUNKS_PER_REQUEST_MAX),
             owed: Vec::with_capacity(cfg.clients),
         }
@@ -571,6 +575,14 @@ impl Server {
     /// its node has left, no origin write is granted (its copy-out may
     /// proceed). Identify, lock uploads and snapshot reads are served at once.
     pub fn begin_recovery(&mut self, expected: &[(u64, u32)]) {
+        // Every listed client may be a caching origin client of the former
+        // incarnation with writes it acknowledged: snapshot creations wait
+        // for it to identify again (or leave).
+        for &(c, n) in expected {
+            if !self.owed.contains(&(c, n)) && self.owed.len() < self.owed.capacity() {
+                self.owed.push((c, n));
+            }
+        }
         self.expected.clear();
         for &(client_id, node_id) in expected.iter().take(self.expected.capacity()) {
             self.expected.push(Expected {
@@ -1033,11 +1045,41 @@ impl Server {
             Volume::Origin => {
                 s.state = SessionState::Origin;
                 self.identified += 1;
-                // A caching client that owed a revoke answer is back: it
-                // reconnects only after forgetting its grants and finishing
-                // its writes (client rule), so that is its answer.
-                self.settle_owed(|&(c, n)| c == client_id && n == node_id);
+                // An absent caching writer is back. It reconnects only after
+                // the writes it had on the disk have landed; writes it
+                // acknowledged but had not sent yet come again now. With a
+                // creation pending it is asked to answer like everyone
+                // else (its owed entry becomes its revoke); otherwise it
+                // is simply no longer absent.
+                let was_owed = self.owed.contains(&(client_id, node_id));
+                if was_owed && self.create.is_some() && self.sessions[conn as usize].caching {
+                    self.owed.retain(|&e| e != (client_id, node_id));
+                    self.sessions[conn as usize].revoke_owed = true;
+                    self.revoke_after_identify = Some(conn);
+                } else {
+                    self.settle_owed(|&(c, n)| c == client_id && n == node_id);
+                }
+                // An origin client of the former incarnation is back: it has
+                // no read locks to upload.
+                for e in &mut self.expected {
+                    if e.client_id == client_id && e.node_id == node_id {
+                        e.done = true;
+                    }
+                }
+                self.maybe_end_recovery();
                 self.send_identify_ok(conn, rid);
+                if self.revoke_after_identify.take() == Some(conn) {
+                    if let Some(c) = self.create {
+                        self.send(
+                            conn,
+                            c.revoke_id,
+                            &Msg::Revoke {
+                                what: proto::RevokeWhat::OriginGrants,
+                                ranges: proto::Ranges::empty(),
+                            },
+                        );
+                    }
+                }
             }
             Volume::Snapshot(tag) => {
                 s.state = SessionState::Identifying(tag);
@@ -1148,6 +1190,11 @@ impl Server {
                 );
             }
         }
+        // Caching origin clients away (disconnected on a member node, or of
+        // the former incarnation and not back yet) may hold writes they
+        // acknowledged: the creation waits for each to come back (its
+        // identify is its answer) or leave.
+        waiting += u32::try_from(self.owed.len()).unwrap_or(u32::MAX);
         if let Some(c) = self.create.as_mut() {
             c.waiting = waiting;
         }
@@ -1208,7 +1255,6 @@ impl Server {
     /// snapshot first.
     fn end_create(&mut self, created: bool) {
         self.create = None;
-        self.owed.clear();
         for s in &mut self.sessions {
             s.revoke_owed = false;
         }
@@ -1343,21 +1389,27 @@ impl Server {
         if matches!(st, SessionState::Origin | SessionState::Snapshot(_)) {
             self.identified -= 1;
         }
-        if self.sessions[conn as usize].revoke_owed {
-            // A caching origin client gone without answering. If its node
-            // is still a member it may be alive and writing under its
-            // grants: its answer is owed until it identifies again (it
-            // reconnects only after finishing its writes) or its node
-            // leaves. Otherwise (standalone server, or its node is gone)
-            // nothing of it is left to wait for.
+        let s = &self.sessions[conn as usize];
+        if st == SessionState::Origin && s.caching {
+            // A caching origin client gone. If its node is still a member
+            // it may be alive, with writes it acknowledged and has not
+            // finished: every snapshot creation waits for it until it
+            // identifies again (it reconnects only after finishing them) or
+            // its node leaves. Otherwise (standalone server, its node gone,
+            // its agent said it is gone) nothing of it is left to wait for.
+            let owed_answer = s.revoke_owed;
             let keep = self.membership_known
                 && !gone
                 && self.members.contains(&node_id)
+                && !self.owed.contains(&(client_id, node_id))
                 && self.owed.len() < self.owed.capacity();
             if keep {
                 self.owed.push((client_id, node_id));
-            } else if let Some(c) = self.create.as_mut() {
-                c.waiting -= 1;
+            }
+            if owed_answer && !keep {
+                if let Some(c) = self.create.as_mut() {
+                    c.waiting -= 1;
+                }
             }
         }
         self.sessions[conn as usize] = Session::FREE;
@@ -1519,7 +1571,12 @@ impl Server {
                     // Locks kept for a client coming back stay parked until
                     // it has uploaded what it still holds (FinishUpload):
                     // its upload is the truth, and nothing is released in
-                    // between.
+                    // between. It is not an absent origin writer either.
+                    let (cid, nid) = {
+                        let s = &self.sessions[conn as usize];
+                        (s.client_id, s.node_id)
+                    };
+                    self.settle_owed(|&(c, n)| c == cid && n == nid);
                     let s = &mut self.sessions[conn as usize];
                     s.state = SessionState::Snapshot(tag);
                     s.snapshot_open = Some(tag);
@@ -1755,8 +1812,12 @@ impl Server {
             self.inflight.remove(token);
             return;
         };
-        if self.create.is_some() {
-            // Not granted while a snapshot is being created.
+        if self.create.is_some() && !self.sessions[conn as usize].revoke_owed {
+            // Not granted while a snapshot is being created; except to a
+            // caching session that has not answered its revoke yet: what it
+            // sent before its answer belongs before the snapshot (it may
+            // have acknowledged those writes to its user already), and it
+            // answers only once they have landed.
             if let Some(x) = self.inflight.get_mut(token) {
                 x.state = InflightState::HeldForCreate;
             }
@@ -2001,8 +2062,6 @@ impl Server {
                 owed_sessions + self.owed.len(),
                 "create waits for a different number of answers than are owed"
             );
-        } else {
-            assert!(self.owed.is_empty(), "revoke answers owed with no create");
         }
     }
 

@@ -201,6 +201,12 @@ struct Io {
     pins: [u64; PIN_WORDS],
     /// Counted in `origin_writes_on_disk`.
     origin_on_disk: bool,
+    /// An origin write submitted while a revoke is being answered: started
+    /// only once `RevokeDone` is out (it belongs after the snapshot).
+    deferred: bool,
+    /// An origin write started (querying or on the disk), counted in
+    /// `origin_writes_active`.
+    active: bool,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -228,6 +234,8 @@ pub struct VolumeEngine {
     granted: Vec<u64>,
     revoking: Option<u64>,
     origin_writes_on_disk: u32,
+    /// Origin writes started and not complete (querying or on the disk).
+    origin_writes_active: u32,
     /// Snapshot: leases by chunk.
     lease_index: U64Map,
     leases: Slab<Lease>,
@@ -269,6 +277,7 @@ impl VolumeEngine {
             granted: vec![0u64; bitmap_words],
             revoking: None,
             origin_writes_on_disk: 0,
+            origin_writes_active: 0,
             lease_index,
             leases,
             unpinned: 0,
@@ -321,6 +330,7 @@ impl VolumeEngine {
         self.forget_grants();
         self.revoking = None;
         self.origin_writes_on_disk = 0;
+        self.origin_writes_active = 0;
         self.lease_index.clear();
         let cap: u32 = u32::try_from(self.leases.capacity()).unwrap_or(0);
         for i in 0..cap {
@@ -376,7 +386,10 @@ impl VolumeEngine {
         self.flush_releases();
         self.client.handle_disconnect();
         self.forget_grants();
+        // The server that asked is gone: writes held for our answer go on
+        // (to the next server, which knows nothing of that snapshot yet).
         self.revoking = None;
+        self.start_deferred();
         self.assert_invariants();
     }
 
@@ -425,6 +438,16 @@ impl VolumeEngine {
 
     /// Every I/O in flight fails (the driver gave up on reaching a server).
     pub fn fail_all(&mut self, e: IoError) {
+        let cap = u32::try_from(self.ios.capacity()).unwrap_or(0);
+        for slot in 0..cap {
+            if let Some(io) = self.ios.get_mut(slot) {
+                if io.deferred {
+                    io.deferred = false;
+                    io.error.get_or_insert(e);
+                    self.maybe_complete(slot);
+                }
+            }
+        }
         for k in 0..self.queries.len() {
             if let Some(q) = self.queries[k].take() {
                 self.client.forget(q.id);
@@ -477,6 +500,8 @@ impl VolumeEngine {
                 error: None,
                 pins: [0; PIN_WORDS],
                 origin_on_disk: false,
+                deferred: false,
+                active: false,
             })
             .ok_or(SubmitError::Busy)?;
         if len == 0 && kind != IoKind::Flush {
@@ -503,7 +528,17 @@ impl VolumeEngine {
                     len,
                 });
             }
-            (IoKind::Write, Volume::Origin) => self.start_origin_write(slot),
+            (IoKind::Write, Volume::Origin) => {
+                if self.revoking.is_some() {
+                    // After the snapshot being created: held until our
+                    // answer is out.
+                    if let Some(io) = self.ios.get_mut(slot) {
+                        io.deferred = true;
+                    }
+                } else {
+                    self.start_origin_write(slot);
+                }
+            }
             (IoKind::Read, Volume::Snapshot(_)) => self.start_snapshot_read(slot),
             (IoKind::Write, Volume::Snapshot(_)) => self.query_all(slot, QueryKind::SnapshotWrite),
         }
@@ -595,9 +630,15 @@ impl VolumeEngine {
     }
 
     fn start_origin_write(&mut self, slot: u32) {
-        let Some(io) = self.ios.get(slot).copied() else {
+        let Some(io) = self.ios.get_mut(slot) else {
             return;
         };
+        io.deferred = false;
+        if !io.active {
+            io.active = true;
+            self.origin_writes_active += 1;
+        }
+        let io = *io;
         let (first, last) = self.chunks_of(&io);
         let all = self.revoking.is_none() && (first..=last).all(|c| self.granted(c));
         if all {
@@ -1099,10 +1140,24 @@ impl VolumeEngine {
         }
     }
 
+    /// The revoke is answered once every origin write started before it
+    /// has landed (the server grants those while our answer is owed: they
+    /// belong before the snapshot, like everything already acknowledged);
+    /// writes submitted meanwhile start after the answer.
     fn maybe_revoke_done(&mut self) {
-        if self.origin_writes_on_disk == 0 {
+        if self.origin_writes_active == 0 {
             if let Some(id) = self.revoking.take() {
                 self.client.revoke_done(id);
+                self.start_deferred();
+            }
+        }
+    }
+
+    fn start_deferred(&mut self) {
+        let cap = u32::try_from(self.ios.capacity()).unwrap_or(0);
+        for slot in 0..cap {
+            if self.ios.get(slot).is_some_and(|io| io.deferred) {
+                self.start_origin_write(slot);
             }
         }
     }
@@ -1121,6 +1176,9 @@ impl VolumeEngine {
         }
         if io.origin_on_disk {
             self.origin_writes_on_disk -= 1;
+        }
+        if io.active {
+            self.origin_writes_active -= 1;
             self.maybe_revoke_done();
         }
         let r = match io.error {
@@ -1143,6 +1201,15 @@ impl VolumeEngine {
         assert_eq!(
             on_disk, self.origin_writes_on_disk,
             "origin writes on disk miscounted"
+        );
+        let active = self.ios.iter().filter(|(_, io)| io.active).count();
+        assert_eq!(
+            active, self.origin_writes_active as usize,
+            "origin writes under way miscounted"
+        );
+        assert!(
+            self.revoking.is_some() || self.ios.iter().all(|(_, io)| !io.deferred),
+            "a write held for a revoke that is not being answered"
         );
         assert!(
             self.unpinned <= self.leases.len(),

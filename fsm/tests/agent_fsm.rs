@@ -695,7 +695,7 @@ fn gathering() -> (T, AgentConnId, AgentConnId) {
 }
 
 #[test]
-fn start_here_gathers_every_members_snapshot_clients_then_starts_the_standby() {
+fn start_here_gathers_every_members_clients_then_starts_the_standby() {
     let (mut t, sb, _) = gathering();
     // Node 2 answers with two snapshot clients.
     t.bus_in(&clients_msg(9, 2, ME, &[(21, 2), (22, 2)]));
@@ -712,15 +712,15 @@ fn start_here_gathers_every_members_snapshot_clients_then_starts_the_standby() {
         t.msgs(sb),
         vec![M::StartServer {
             members: vec![1, 2, 3],
-            expected: vec![(11, ME), (21, 2), (22, 2), (33, 3)],
+            expected: vec![(11, ME), (12, ME), (21, 2), (22, 2), (33, 3)],
         }],
-        "every member's snapshot clients, local and remote, and no origin client"
+        "every member's clients, local and remote: snapshot clients upload their locks, caching origin clients may hold acknowledged writes"
     );
     assert!(t
         .actions()
         .contains(&AgentAction::Log(AgentEvent::Starting {
             attempt: 9,
-            expected: 4
+            expected: 5
         })));
     // A late duplicate after the start changes nothing.
     t.bus_in(&clients_msg(9, 3, ME, &[(34, 3)]));
@@ -738,7 +738,7 @@ fn a_member_that_leaves_during_the_gather_is_not_waited_for() {
         t.msgs(sb),
         vec![M::StartServer {
             members: vec![1, 2],
-            expected: vec![(11, ME), (21, 2)],
+            expected: vec![(11, ME), (12, ME), (21, 2)],
         }]
     );
     // An older membership view is ignored.
@@ -769,7 +769,7 @@ fn a_single_node_cluster_starts_at_once() {
 }
 
 #[test]
-fn the_node_asked_for_its_clients_answers_with_its_snapshot_clients() {
+fn the_node_asked_for_its_clients_answers_with_every_client_it_registered() {
     let mut t = T::new();
     let s = t.hello(Role::Client);
     t.need(s, 1, 15, 0, Some(Volume::Snapshot(2)));
@@ -789,7 +789,7 @@ fn the_node_asked_for_its_clients_answers_with_its_snapshot_clients() {
             gather: 4,
             from: ME,
             to: 3,
-            clients: vec![(15, ME)],
+            clients: vec![(15, ME), (16, ME)],
         }]
     );
     // Its own gather's request (relayed back) is not answered.

@@ -1008,8 +1008,16 @@ impl Sim {
             return;
         };
         let m = proto::decode(f).map(|x| x.1);
-        if let Ok(Msg::Identify { client_id, .. }) = m {
+        if let Ok(Msg::Identify {
+            client_id, volume, ..
+        }) = m
+        {
             pr.who.insert(c, client_id);
+            // An origin client has no read locks: identifying again is all
+            // the barrier waits for from it.
+            if volume == Volume::Origin {
+                pr.uploaded.insert(client_id);
+            }
         }
         pr.fsm.handle_frame(c, f);
         if let Ok(Msg::FinishUpload) = m {

@@ -94,6 +94,12 @@ struct Snap {
     data: Vec<u8>,
     /// Writes that were in flight when it was created: (offset, old, new).
     either: Vec<(u64, Vec<u8>, Vec<u8>)>,
+    /// Of those, the ones (by index in `either`) that completed before the
+    /// creation was answered: acknowledged to their user before the
+    /// snapshot exists, they must be in it.
+    must_be_new: Vec<bool>,
+    /// The I/O tag of each `either` entry.
+    either_tags: Vec<u64>,
 }
 
 struct World {
@@ -419,6 +425,14 @@ impl World {
         while let Some((tag, r)) = self.engines[i].engine.poll_complete() {
             assert_eq!(r, Ok(()), "engine {i}: I/O failed");
             let p = self.engines[i].pending.remove(&tag).expect("pending I/O");
+            if let Some((t, _)) = &self.creating {
+                let t = *t;
+                if let Some(s) = self.snaps.iter_mut().find(|s| s.tag == t) {
+                    if let Some(k) = s.either_tags.iter().position(|&x| x == tag) {
+                        s.must_be_new[k] = true;
+                    }
+                }
+            }
             if p.kind == IoKind::Read {
                 let got = self.engines[i].bufs[p.slot as usize][..p.len].to_vec();
                 self.check_read(i, p.offset, &got);
@@ -441,7 +455,7 @@ impl World {
                 let mut want = s.data[o..o + got.len()].to_vec();
                 // Where an in-flight write of its creation overlaps, accept
                 // the old or the new content of that whole write.
-                for (wo, old, new) in &s.either {
+                for (k, (wo, old, new)) in s.either.iter().enumerate() {
                     let (ws, we) = (
                         usize::try_from(*wo).unwrap(),
                         usize::try_from(*wo).unwrap() + old.len(),
@@ -456,6 +470,10 @@ impl World {
                     assert!(
                         g == old_part || g == new_part,
                         "snapshot {tag}: a write in flight at its creation is torn at {a}..{b}"
+                    );
+                    assert!(
+                        !s.must_be_new[k] || g == new_part,
+                        "snapshot {tag}: a write acknowledged before its creation was answered is missing at {a}..{b}"
                     );
                     want[a - o..b - o].copy_from_slice(g);
                 }
@@ -519,13 +537,15 @@ impl World {
             let o = usize::try_from(off).unwrap();
             match volume {
                 Volume::Origin => {
-                    if let Some((tag, written)) = self.creating.as_mut() {
+                    if let Some((snap_tag, written)) = self.creating.as_mut() {
                         // The snapshot being created may or may not hold it.
                         let old = self.shadow[o..o + len].to_vec();
-                        let t = *tag;
+                        let t = *snap_tag;
                         written.push((off, len));
                         if let Some(s) = self.snaps.iter_mut().find(|s| s.tag == t) {
                             s.either.push((off, old, data.clone()));
+                            s.either_tags.push(tag);
+                            s.must_be_new.push(false);
                         }
                     }
                     self.shadow[o..o + len].copy_from_slice(&data);
@@ -583,11 +603,12 @@ impl World {
         // disk for not-yet-written ranges. A write whose disk op is still
         // held has not reached the file, so the file holds the old data.
         let mut either = Vec::new();
+        let mut tags = Vec::new();
         for e in &self.engines {
             if e.volume != Volume::Origin {
                 continue;
             }
-            for p in e.pending.values() {
+            for (tag, p) in &e.pending {
                 if p.kind == IoKind::Write {
                     let mut old = vec![0u8; p.len];
                     // The old data: what the origin file had before this
@@ -595,6 +616,7 @@ impl World {
                     // new data and "old" equals new (no ambiguity left).
                     self.origin.read_exact_at(&mut old, p.offset).unwrap();
                     either.push((p.offset, old, p.data.clone()));
+                    tags.push(*tag);
                 }
             }
         }
@@ -614,10 +636,17 @@ impl World {
         let written = either.iter().map(|e| (e.0, e.1.len())).collect();
         self.creating = Some((tag, written));
         self.creates += 1;
+        // Every write submitted before the creation was asked for is in the
+        // snapshot: an engine answers the revoke only once the writes it
+        // started before it have landed (the NBD export may have
+        // acknowledged them already). Their data is exact, not "either".
+        let n = either.len();
         self.snaps.push(Snap {
             tag,
             data: self.shadow.clone(),
             either,
+            must_be_new: vec![true; n],
+            either_tags: tags,
         });
         // The reply is collected by `drain_ctl`.
     }
@@ -664,12 +693,10 @@ impl World {
         self.incarnation = inc;
         self.server_out = vec![Vec::new(); 16];
         self.server.handle_node_joined(NODE);
-        let expected: Vec<(u64, u32)> = self
-            .engines
-            .iter()
-            .filter(|e| matches!(e.volume, Volume::Snapshot(_)))
-            .map(|e| (e.client_id, NODE))
-            .collect();
+        // What the agents gather: every registered client, origin and
+        // snapshot (snapshot clients upload their leases; caching origin
+        // clients may hold writes acknowledged to their users).
+        let expected: Vec<(u64, u32)> = self.engines.iter().map(|e| (e.client_id, NODE)).collect();
         self.server.begin_recovery(&expected);
         self.ctl = self.control_conn();
     }

@@ -74,7 +74,8 @@ pub fn wait(timeout: Duration) -> io::Result<Option<Sig>> {
 
 /// Sends `sig` (SIGTERM or SIGKILL) to process `pid`.
 pub fn send(pid: u32, kill: bool) -> io::Result<()> {
-    let pid = libc::pid_t::try_from(pid).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let pid =
+        libc::pid_t::try_from(pid).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
     let sig = if kill { libc::SIGKILL } else { libc::SIGTERM };
     // SAFETY: kill takes integers only.
     let rc = unsafe { libc::kill(pid, sig) };
