@@ -46,9 +46,21 @@ pub struct NbdArgs {
     #[arg(long, value_name = "MS", default_value_t = csnap_pools::CLIENT_FAILOVER_TIMEOUT_DEFAULT_MS,
           value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
     pub failover_timeout_ms: u64,
+    /// Acknowledge a WRITE (without FUA) only once it is on the disk,
+    /// instead of as soon as it is taken (write-back, the default: reads
+    /// and writes overlapping it on its connection wait for it, and a FLUSH
+    /// waits for every write acknowledged before it and reports their
+    /// failures). With write-back, exports do not advertise multi-connection
+    /// consistency.
+    #[arg(long)]
+    pub no_write_back: bool,
     /// Do not lock memory (development only).
     #[arg(long)]
     pub no_mlock: bool,
+    /// Accepted for symmetry with the other processes; the NBD server has no
+    /// syscall table yet, so nothing is installed either way.
+    #[arg(long, hide = true)]
+    pub no_seccomp: bool,
     /// What an allocation after start does: abort (production), count,
     /// report (print its backtrace), or off.
     #[arg(long, value_enum, default_value_t = SealMode::Abort)]
@@ -96,6 +108,7 @@ fn serve(args: &NbdArgs) -> Result<ExitCode, String> {
         connections: usize_of(args.connections),
         buffers: usize_of(args.buffers),
         failover_timeout_ms: args.failover_timeout_ms,
+        write_back: !args.no_write_back,
     };
     let mut server = NbdServer::new(&opts)?;
     let mut reserved = 0usize;

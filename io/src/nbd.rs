@@ -146,6 +146,13 @@ pub struct NbdOptions {
     pub buffers: usize,
     /// How long a failover may take before in-flight I/O fails.
     pub failover_timeout_ms: u64,
+    /// Write-back: a `WRITE` without FUA is acknowledged as soon as the
+    /// engine has taken it, before its server round trip and disk write (as
+    /// a disk with a volatile cache does). Reads and writes that overlap it
+    /// on its connection wait for it; a `FLUSH` waits for every write
+    /// acknowledged before it and reports a failure of any of them. Exports
+    /// then do not advertise multi-connection consistency.
+    pub write_back: bool,
 }
 
 fn now_ms() -> u64 {
@@ -257,6 +264,7 @@ struct Shared {
     node_id: u32,
     export_size: u64,
     timeout_ms: u64,
+    write_back: bool,
     /// Moves made (the pump loops until a pass makes none).
     progress: u64,
     /// Earliest deadline a slot waits for.
@@ -1011,6 +1019,9 @@ struct Command {
     fua: Fua,
     in_engine: u32,
     error: Option<NbdError>,
+    /// Acknowledged already (write-back): no reply when it finishes; a
+    /// failure is kept for the next `FLUSH`.
+    acked: bool,
 }
 
 impl Command {
@@ -1159,6 +1170,9 @@ struct Slot {
     listing: bool,
     /// The pending command was counted as waiting for a buffer.
     buffer_wait: bool,
+    /// The first failure of a write acknowledged early, for the next
+    /// `FLUSH` to report.
+    wb_error: Option<NbdError>,
 }
 
 impl Slot {
@@ -1200,6 +1214,7 @@ impl Slot {
             list_pos: 0,
             listing: false,
             buffer_wait: false,
+            wb_error: None,
         }
     }
 
@@ -1236,12 +1251,14 @@ impl Slot {
         }
     }
 
-    fn export_info(&self, size_bytes: u64) -> ExportInfo {
+    fn export_info(&self, size_bytes: u64, write_back: bool) -> ExportInfo {
         let _ = self;
         ExportInfo {
             size_bytes,
             read_only: false,
-            can_multi_conn: true,
+            // A write acknowledged early on one connection is not visible
+            // to another until it lands.
+            can_multi_conn: !write_back,
         }
     }
 
@@ -1356,7 +1373,7 @@ impl Slot {
             }
             self.timed_out = false;
             if let SlotState::Attaching { .. } = self.state {
-                let info = self.export_info(self.engine.size_bytes());
+                let info = self.export_info(self.engine.size_bytes(), sh.write_back);
                 self.answer(Some(info));
                 self.attached = true;
                 self.state = SlotState::Handshake;
@@ -1643,7 +1660,7 @@ impl Slot {
                 match (option, vol) {
                     (_, None) => self.answer(None),
                     (ExportOption::Info, Some(Volume::Origin)) => {
-                        let info = self.export_info(sh.export_size);
+                        let info = self.export_info(sh.export_size, sh.write_back);
                         self.answer(Some(info));
                     }
                     (ExportOption::Info, Some(Volume::Snapshot(tag))) => {
@@ -1778,6 +1795,7 @@ impl Slot {
             fua: if fua { Fua::Needed } else { Fua::No },
             in_engine: 0,
             error: None,
+            acked: false,
         });
         self.active += 1;
         if receiving {
@@ -1785,6 +1803,28 @@ impl Slot {
             self.payload_filled = 0;
         }
         true
+    }
+
+    /// Whether command `ci` must wait for an earlier write acknowledged
+    /// early: a read or write overlapping it (it must see it, or land after
+    /// it), or a flush (it covers every acknowledged write).
+    fn behind_acked_write(&self, ci: usize) -> bool {
+        let Some(c) = self.cmds[ci] else {
+            return false;
+        };
+        let (a, b) = match c.kind {
+            CmdKind::Read | CmdKind::Write => (c.offset, c.offset + u64::from(c.len)),
+            CmdKind::WriteZeroes => (c.next, c.end),
+            CmdKind::Flush => (0, u64::MAX),
+            CmdKind::Trim | CmdKind::Cache => return false,
+        };
+        self.cmds.iter().flatten().any(|w| {
+            w.seq < c.seq
+                && w.acked
+                && !w.done()
+                && w.offset < b
+                && a < w.offset + u64::from(w.len)
+        })
     }
 
     /// Submits what commands have for the engine, oldest first, until it is
@@ -1797,7 +1837,10 @@ impl Slot {
             let mut best: Option<(u64, usize)> = None;
             for (i, c) in self.cmds.iter().enumerate() {
                 if let Some(c) = c {
-                    if c.next_io().is_some() && best.is_none_or(|(s, _)| c.seq < s) {
+                    if c.next_io().is_some()
+                        && best.is_none_or(|(s, _)| c.seq < s)
+                        && !self.behind_acked_write(i)
+                    {
                         best = Some((c.seq, i));
                     }
                 }
@@ -1814,9 +1857,28 @@ impl Slot {
                     if let Some(m) = self.io_map.get_mut(slot as usize) {
                         *m = Some((u8::try_from(ci).unwrap_or(u8::MAX), bref));
                     }
+                    let mut ack = None;
+                    // Not while no server answers: a write taken then waits
+                    // for the failover like any other, and fails on its own
+                    // if the failover times out.
+                    let connected = self.engine.is_ready();
                     if let Some(c) = self.cmds[ci].as_mut() {
                         c.in_engine += 1;
                         c.advance(len);
+                        // Write-back: the engine has it (it rides out a
+                        // failover with it), so it is acknowledged now.
+                        if sh.write_back
+                            && connected
+                            && c.kind == CmdKind::Write
+                            && c.fua == Fua::No
+                            && !c.acked
+                        {
+                            c.acked = true;
+                            ack = Some(c.handle);
+                        }
+                    }
+                    if let Some(h) = ack {
+                        self.push_hdr(&simple_reply(h, None), sh);
                     }
                     sh.moved();
                 }
@@ -1933,7 +1995,24 @@ impl Slot {
         }
         self.cmds[ci] = None;
         self.active -= 1;
-        match (c.kind, c.error, c.buf) {
+        if c.acked {
+            // Its reply went out when it was taken; a failure now is the
+            // next flush's to report.
+            if let Some(e) = c.error {
+                self.wb_error.get_or_insert(e);
+            }
+            if let Some(b) = c.buf {
+                self.release_buf(sh, b);
+            }
+            sh.moved();
+            return;
+        }
+        // A flush reports a failure of a write acknowledged before it.
+        let error = match (c.kind, c.error) {
+            (CmdKind::Flush, None) => self.wb_error.take(),
+            (_, e) => e,
+        };
+        match (c.kind, error, c.buf) {
             (CmdKind::Read, None, Some(b)) => {
                 sh.pool.get_mut(b)[..HDR].copy_from_slice(&simple_reply(c.handle, None));
                 sh.stats.commands += 1;
@@ -2143,7 +2222,13 @@ impl Control {
 }
 
 /// A control reply for the slot that asked.
-fn route_control_reply(slots: &mut [Slot], id: u64, frame: &[u8], export_size: u64) -> bool {
+fn route_control_reply(
+    slots: &mut [Slot],
+    id: u64,
+    frame: &[u8],
+    export_size: u64,
+    write_back: bool,
+) -> bool {
     let Some(slot) = slots.iter_mut().find(|s| match s.ctl {
         CtlWait::List { id: i, .. } | CtlWait::Info { id: i, .. } => i == id,
         CtlWait::None => false,
@@ -2170,7 +2255,7 @@ fn route_control_reply(slots: &mut [Slot], id: u64, frame: &[u8], export_size: u
         }
         CtlWait::Info { tag, .. } => {
             let live = list.is_some_and(|l| l.iter().any(|i| i.tag == tag && !i.deleting()));
-            let info = live.then(|| slot.export_info(export_size));
+            let info = live.then(|| slot.export_info(export_size, write_back));
             slot.answer(info);
         }
         CtlWait::None => {}
@@ -2340,6 +2425,7 @@ impl NbdServer {
                 node_id: opts.node_id,
                 export_size: label.origin_size_bytes,
                 timeout_ms: opts.failover_timeout_ms,
+                write_back: opts.write_back,
                 progress: 0,
                 wake_at: None,
                 nonce: u16::from_le_bytes(nonce),
@@ -2523,6 +2609,7 @@ impl NbdServer {
         }
         let slots = &mut self.slots;
         let export_size = self.sh.export_size;
+        let write_back = self.sh.write_back;
         let mut ready = false;
         let mut routed = 0u64;
         let mut wake = self.sh.wake_at;
@@ -2538,7 +2625,7 @@ impl NbdServer {
                     Verdict::Keep
                 }
                 ClientEvent::Reply { id } => {
-                    if route_control_reply(slots, id, f, export_size) {
+                    if route_control_reply(slots, id, f, export_size, write_back) {
                         routed += 1;
                     }
                     Verdict::Keep
