@@ -1819,11 +1819,7 @@ impl Slot {
             CmdKind::Trim | CmdKind::Cache => return false,
         };
         self.cmds.iter().flatten().any(|w| {
-            w.seq < c.seq
-                && w.acked
-                && !w.done()
-                && w.offset < b
-                && a < w.offset + u64::from(w.len)
+            w.seq < c.seq && w.acked && !w.done() && w.offset < b && a < w.offset + u64::from(w.len)
         })
     }
 

@@ -129,8 +129,17 @@ impl Sim {
     }
 
     fn attach(&mut self, volume: Volume) -> ConnId {
+        self.attach_as(volume, 9)
+    }
+
+    /// Attaches as client `client_id` (node 1).
+    fn attach_as(&mut self, volume: Volume, client_id: u64) -> ConnId {
         let c = self.connect(Role::Client);
-        self.send(c, 2, &identify(volume));
+        let mut m = identify(volume);
+        if let Msg::Identify { client_id: id, .. } = &mut m {
+            *id = client_id;
+        }
+        self.send(c, 2, &m);
         self.step();
         let r = self.take(c);
         assert!(
@@ -422,7 +431,8 @@ fn recovery_barrier_holds_origin_writes_until_locks_are_uploaded_and_released() 
     s.server.handle_node_joined(1);
     s.server.begin_recovery(&[(9, 1)]);
     assert_eq!(s.server.state(), csnap_proto::ServerState::Recovering);
-    let origin = s.attach(Volume::Origin);
+    // A writer that was not a client of the former incarnation.
+    let origin = s.attach_as(Volume::Origin, 99);
     let mut b = [0u8; 64];
     // The origin write's copy-out may proceed, but no grant.
     s.send(origin, 20, &Msg::QueryOriginWrite(ranges(&mut b, 5, 1)));
