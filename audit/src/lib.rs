@@ -64,6 +64,18 @@ const fn agent_rule(name: &'static str, nr: i64, why: &'static str) -> Rule {
     }
 }
 
+/// A rule only a contended start reaches (the standby waits for the store
+/// lock of a server on the same host that is still exiting); the audit
+/// workload has no such server.
+const fn contended(name: &'static str, nr: i64, why: &'static str) -> Rule {
+    Rule {
+        name,
+        nr,
+        why,
+        exercised: false,
+    }
+}
+
 /// Thread kinds of the server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum ThreadKind {
@@ -125,6 +137,11 @@ pub const STANDBY_EXTRA_NETWORK: &[Rule] = &[
         "prctl",
         libc::SYS_prctl,
         "PR_SET_NO_NEW_PRIVS before the serving table (seccompiler sets it again)",
+    ),
+    contended(
+        "clock_nanosleep",
+        libc::SYS_clock_nanosleep,
+        "failover start: the pause between attempts at the store lock while the server this one replaces on the same host is still exiting (std::thread::sleep)",
     ),
     agent_rule(
         "ioctl",

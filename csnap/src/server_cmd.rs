@@ -213,6 +213,7 @@ fn serve(args: &ServerArgs) -> Result<ExitCode, String> {
     );
     confine_memory(args)?;
     seal_heap(args);
+    let _teardown = TeardownOnExit;
     if let Some(f) = &filters {
         f.net
             .install()
@@ -243,6 +244,33 @@ fn lock_store(args: &ServerArgs, f: &std::fs::File) -> std::io::Result<bool> {
 fn no_readahead(sd: &FileDisk, od: &FileDisk) {
     let _ = csnap_sys::fadvise_random(sd.file());
     let _ = csnap_sys::fadvise_random(od.file());
+}
+
+/// The store lock at a standby's start: a server killed on this host may
+/// still hold it for a moment after its sockets closed (the kernel releases
+/// a dying process's files one by one), so a held lock is retried for up to
+/// `STANDBY_LOCK_WAIT_MS`. Returns the microseconds waited; `Err(Some(()))`
+/// if it is still held then, `Err(None)` on an error. Allocation-free.
+fn lock_store_at_start(args: &ServerArgs, f: &std::fs::File) -> Result<u64, Option<()>> {
+    let t0 = std::time::Instant::now();
+    let limit = std::time::Duration::from_millis(csnap_pools::STANDBY_LOCK_WAIT_MS);
+    let mut first = true;
+    loop {
+        match lock_store(args, f) {
+            Ok(true) if first => return Ok(0),
+            Ok(true) => {
+                return Ok(u64::try_from(t0.elapsed().as_micros())
+                    .unwrap_or(u64::MAX)
+                    .max(1))
+            }
+            Ok(false) if t0.elapsed() < limit => std::thread::sleep(
+                std::time::Duration::from_micros(csnap_pools::STANDBY_LOCK_RETRY_US),
+            ),
+            Ok(false) => return Err(Some(())),
+            Err(_) => return Err(None),
+        }
+        first = false;
+    }
 }
 
 /// Binds every `--listen` address.
@@ -326,6 +354,18 @@ fn seal_heap(args: &ServerArgs) {
     eprintln!("csnap server: heap sealed ({:?} on allocation)", args.seal);
 }
 
+/// Ends the sealed phase when dropped: a server or standby that stops
+/// (fenced, its agent gone, an error) frees its pools on the way out, which
+/// is not a heap violation. Declared after the pools it must outlive, so it
+/// drops first.
+struct TeardownOnExit;
+
+impl Drop for TeardownOnExit {
+    fn drop(&mut self) {
+        csnap_sys::alloc::teardown();
+    }
+}
+
 /// The exit status and message for why the loop stopped.
 fn stopped(stop: Stop) -> ExitCode {
     match stop {
@@ -383,14 +423,37 @@ fn serve_standby(args: &ServerArgs) -> Result<ExitCode, String> {
     for a in lp.local_addrs() {
         eprintln!("csnap server: standby listening on {a}");
     }
-    let mut link = match &args.agent {
+    let link = match &args.agent {
         Some(path) => Some(announce(args, path, &lp)?),
         None => None,
     };
     confine_memory(args)?;
     let mut cmd = [0u8; 4096];
     seal_heap(args);
-    if let Some(f) = filters.as_ref().and_then(|f| f.standby.as_ref()) {
+    // From here on nothing allocates: errors are static strings, printed by
+    // `error` (it formats straight into stderr).
+    match standby_confined(args, &mut lp, link, filters.as_ref(), &lock_file, &mut cmd) {
+        Ok(code) => Ok(code),
+        Err(e) => {
+            error(e);
+            Ok(ExitCode::from(EXIT_USAGE))
+        }
+    }
+}
+
+/// The sealed part of a standby: waits for its start, starts, serves.
+/// Allocation-free, so its errors are `&'static str`.
+fn standby_confined(
+    args: &ServerArgs,
+    lp: &mut ServerLoop,
+    mut link: Option<csnap_io::server::AgentLink>,
+    filters: Option<&Filters>,
+    lock_file: &std::fs::File,
+    cmd: &mut [u8; 4096],
+) -> Result<ExitCode, &'static str> {
+    // Dropped before `link` (a parameter) and the caller's loop.
+    let _teardown = TeardownOnExit;
+    if let Some(f) = filters.and_then(|f| f.standby.as_ref()) {
         f.install()
             .map_err(|_| "cannot install the standby seccomp filter")?;
     }
@@ -421,8 +484,7 @@ fn serve_standby(args: &ServerArgs) -> Result<ExitCode, String> {
             )) => {
                 if m.len() > START_LIST_MAX || e.len() > START_LIST_MAX {
                     return Err(
-                        "start refused: more members or expected clients than START_LIST_MAX"
-                            .into(),
+                        "start refused: more members or expected clients than START_LIST_MAX",
                     );
                 }
                 for n in m.iter() {
@@ -434,14 +496,14 @@ fn serve_standby(args: &ServerArgs) -> Result<ExitCode, String> {
                     n_expected += 1;
                 }
             }
-            _ => return Err("standby: expected a StartServer message from the agent".into()),
+            _ => return Err("standby: expected a StartServer message from the agent"),
         }
     } else {
         let mut len = 0usize;
         loop {
             let n = csnap_sys::read_stdin(&mut cmd[len..]).map_err(|_| "standard input failed")?;
             if n == 0 {
-                return Err("standard input closed before a start command".into());
+                return Err("standard input closed before a start command");
             }
             len += n;
             if cmd[..len].contains(&b'\n') || len == cmd.len() {
@@ -452,7 +514,7 @@ fn serve_standby(args: &ServerArgs) -> Result<ExitCode, String> {
         let line = core::str::from_utf8(&cmd[..len]).map_err(|_| "start command is not UTF-8")?;
         let mut words = line.split_ascii_whitespace();
         if words.next() != Some("start") {
-            return Err("expected `start [member=NODE ...] [expect=CLIENT:NODE ...]`".into());
+            return Err("expected `start [member=NODE ...] [expect=CLIENT:NODE ...]`");
         }
         for w in words {
             if let Some(v) = w.strip_prefix("member=") {
@@ -470,15 +532,18 @@ fn serve_standby(args: &ServerArgs) -> Result<ExitCode, String> {
                     n_expected += 1;
                 }
             } else {
-                return Err("unknown word in the start command".into());
+                return Err("unknown word in the start command");
             }
         }
     }
     // Failover start: the store lock, then read, replay, next incarnation.
-    match lock_store(args, &lock_file) {
-        Ok(true) => {}
-        Ok(false) => return Err("start refused: another server holds this store (locked)".into()),
-        Err(_) => return Err("start failed: cannot lock the store".into()),
+    match lock_store_at_start(args, lock_file) {
+        Ok(0) => {}
+        Ok(waited) => eprintln!(
+            "csnap server: waited {waited} us for the store lock (the server this one replaces on this host was still exiting)"
+        ),
+        Err(Some(())) => return Err("start refused: another server holds this store (locked)"),
+        Err(None) => return Err("start failed: cannot lock the store"),
     }
     let info = lp.start_standby()?;
     for &m in &members[..n_members] {
@@ -489,7 +554,7 @@ fn serve_standby(args: &ServerArgs) -> Result<ExitCode, String> {
         l.set_nonblocking()
             .map_err(|_| "cannot make the agent link non-blocking")?;
     }
-    if let Some(f) = &filters {
+    if let Some(f) = filters {
         f.net
             .install()
             .map_err(|_| "cannot install the serving seccomp filter")?;

@@ -141,3 +141,19 @@ pub fn fadvise_random(file: &std::fs::File) -> std::io::Result<()> {
         Err(std::io::Error::from_raw_os_error(rc))
     }
 }
+
+/// Sends signal `sig` to process `pid` (`kill(2)`). For the test harnesses
+/// and the failover benchmark (SIGKILL, SIGSTOP, SIGCONT of servers); the
+/// confined processes never call it.
+pub fn send_signal(pid: u32, sig: i32) -> std::io::Result<()> {
+    let pid = libc::pid_t::try_from(pid)
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    // SAFETY: kill takes a pid and a signal number and touches no memory of
+    // ours.
+    let rc = unsafe { libc::kill(pid, sig) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}

@@ -1,0 +1,495 @@
+//! Acceptance tests of agents and failover (issue #5), all with real
+//! processes: a controller (`csnap cluster run`), three agents (`csnap
+//! agent`, each with its spawner and standby servers), `csnap io --agent`
+//! volume clients driven through stdin/stdout, and the control commands.
+//! Confinement stays on (mlock, sealed heap in abort mode, seccomp).
+//!
+//! - random SIGKILLs of the serving server under a mixed workload, checked
+//!   against shadow copies of every volume;
+//! - the ddsnap window: a read lock granted by incarnation N holds off an
+//!   origin write granted by N+1;
+//! - the lock policy when a client goes away without a failover;
+//! - split brain: a second server on the same host, and fencing across
+//!   hosts by incarnation;
+//! - the failover path allocates nothing and faults no page in the agent
+//!   and the standby it starts, and makes only audited syscalls.
+
+// Test code: offsets and sizes are a few MiB at most.
+#![allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    clippy::too_many_lines
+)]
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::cluster::{
+    assert_same, csnap, kill, seed, serial, text, Cluster, ClusterOpts, Io, Rng, CHUNK, TIMEOUT,
+};
+
+/// A random byte range of a volume of `size` bytes: whole chunks, a few
+/// bytes at an odd offset, or several chunks at an odd offset.
+fn random_range(rng: &mut Rng, size: u64) -> (u64, u64) {
+    let (off, len) = match rng.below(3) {
+        0 => {
+            let n = 1 + rng.below(4);
+            (rng.below(size / CHUNK - n + 1) * CHUNK, n * CHUNK)
+        }
+        1 => (rng.below(size), 1 + rng.below(CHUNK)),
+        _ => (rng.below(size), CHUNK + rng.below(4 * CHUNK)),
+    };
+    let off = off.min(size - 1);
+    (off, len.min(size - off))
+}
+
+fn overlaps(a: (u64, u64), b: (u64, u64)) -> bool {
+    a.0 < b.0 + b.1 && b.0 < a.0 + a.1
+}
+
+fn apply(shadow: &mut [u8], off: u64, data: &[u8]) {
+    shadow[off as usize..off as usize + data.len()].copy_from_slice(data);
+}
+
+fn slice(shadow: &[u8], off: u64, len: u64) -> Vec<u8> {
+    shadow[off as usize..(off + len) as usize].to_vec()
+}
+
+/// Reads all of `io`'s volume and compares it with `shadow`.
+fn read_back(io: &mut Io, shadow: &[u8], what: &str) {
+    let got = io.read(0, shadow.len() as u64);
+    assert_same(what, &got, shadow);
+}
+
+/// 1. Random SIGKILLs of the serving server while five clients on three
+/// nodes do I/O: two origin writers, two snapshot readers (each its own
+/// snapshot) and a snapshot writer. Every reply must be `ok` (the failover
+/// is invisible to the volume's user), every read must match the shadow
+/// copies, and after every round every volume is read back in full.
+/// Between rounds snapshots are created (no write in flight: the harness
+/// has every reply) and old ones deleted; a reader moves to a newer
+/// snapshot now and then. Twice, the standby the controller would pick is
+/// killed too, so the server also lands on the third node. At the end,
+/// with everything stopped, `csnap check` finds the store clean.
+#[test]
+fn random_sigkills_under_a_mixed_workload_lose_no_io_and_no_data() {
+    let _serial = serial();
+    let mut rng = Rng::new(seed("random_sigkills"));
+    let mut c = Cluster::start("kills", ClusterOpts::default(), &mut rng);
+    let size = c.initial.len() as u64;
+    let mut origin = c.initial.clone();
+    let mut snaps: BTreeMap<u32, Vec<u8>> = BTreeMap::new();
+    let replies = Arc::new(AtomicUsize::new(0));
+    let r = || Some(Arc::clone(&replies));
+
+    // The first client's demand places the server.
+    let mut w1 = c.io_counted("origin", 101, 1, r());
+    let mut w2 = c.io_counted("origin", 102, 2, r());
+    // Three snapshots, each of a different origin.
+    for tag in 1..=3u32 {
+        c.create(tag);
+        snaps.insert(tag, origin.clone());
+        let (off, len) = random_range(&mut rng, size);
+        let data = rng.bytes(len as usize);
+        w1.write(off, &data);
+        apply(&mut origin, off, &data);
+    }
+    let mut r1 = c.io_counted("1", 201, 2, r());
+    let mut r2 = c.io_counted("2", 202, 3, r());
+    let mut sw = c.io_counted("3", 301, 1, r());
+    let (mut r2_tag, mut r2_id) = (2u32, 202u64);
+    let mut next_tag = 4u32;
+
+    const ROUNDS: u32 = 10;
+    const PER_CLIENT: usize = 16;
+    let mut nodes_served = BTreeSet::new();
+    let mut outstanding_at_kill = Vec::new();
+    for round in 0..ROUNDS {
+        let before = replies.load(Ordering::SeqCst);
+        // The batch: origin writes of two clients on disjoint ranges (the
+        // result must not depend on how they interleave), snapshot reads
+        // checked against the shadows, and the snapshot writer's writes and
+        // reads in its own order.
+        let mut w1_ranges = Vec::new();
+        for _ in 0..PER_CLIENT {
+            let (off, len) = random_range(&mut rng, size);
+            let data = rng.bytes(len as usize);
+            w1.send_write(off, &data);
+            apply(&mut origin, off, &data);
+            w1_ranges.push((off, len));
+        }
+        for _ in 0..PER_CLIENT {
+            let (off, len) = loop {
+                let x = random_range(&mut rng, size);
+                if !w1_ranges.iter().any(|&y| overlaps(x, y)) {
+                    break x;
+                }
+            };
+            let data = rng.bytes(len as usize);
+            w2.send_write(off, &data);
+            apply(&mut origin, off, &data);
+        }
+        for (io, tag) in [(&mut r1, 1u32), (&mut r2, r2_tag)] {
+            for _ in 0..PER_CLIENT {
+                let (off, len) = random_range(&mut rng, size);
+                io.send_read(off, len, Some(slice(&snaps[&tag], off, len)));
+            }
+        }
+        for _ in 0..PER_CLIENT {
+            let (off, len) = random_range(&mut rng, size);
+            if rng.below(2) == 0 {
+                let data = rng.bytes(len as usize);
+                sw.send_write(off, &data);
+                apply(snaps.get_mut(&3).expect("snapshot 3"), off, &data);
+            } else {
+                sw.send_read(off, len, Some(slice(&snaps[&3], off, len)));
+            }
+        }
+        let total = 5 * PER_CLIENT;
+        // Twice: the standby the controller would pick next dies first, so
+        // the server goes to another node.
+        let st = c.status();
+        if round == 2 || round == 5 {
+            let next = st
+                .nodes
+                .iter()
+                .find(|n| n.node != st.node && n.standby)
+                .map(|n| n.node)
+                .expect("a standby");
+            for p in c.standby_pids(next) {
+                kill(p, libc::SIGKILL);
+            }
+        }
+        // SIGKILL the server at a random moment during the batch: after a
+        // random number of the batch's replies came in.
+        let (inc, node) = (st.incarnation, st.node);
+        let pid = Cluster::server_pid(&st.addr);
+        let at = 3 + rng.below(total as u64 - 6) as usize;
+        common::cluster::wait_for("the batch progresses", TIMEOUT, || {
+            (replies.load(Ordering::SeqCst) - before >= at).then_some(())
+        });
+        kill(pid, libc::SIGKILL);
+        outstanding_at_kill.push(total - (replies.load(Ordering::SeqCst) - before));
+        nodes_served.insert(node);
+        // Every reply: ok, and reads as the shadow says.
+        for io in [&mut w1, &mut w2, &mut r1, &mut r2, &mut sw] {
+            io.finish_all();
+        }
+        let st = c.wait_serving_above(inc);
+        nodes_served.insert(st.node);
+        // The next round starts with every node's standby back.
+        c.wait_all_ready();
+        // Every volume in full.
+        read_back(&mut w1, &origin, &format!("round {round}: origin"));
+        read_back(&mut r1, &snaps[&1], &format!("round {round}: snapshot 1"));
+        read_back(
+            &mut r2,
+            &snaps[&r2_tag],
+            &format!("round {round}: snapshot {r2_tag}"),
+        );
+        read_back(&mut sw, &snaps[&3], &format!("round {round}: snapshot 3"));
+        // Between rounds: a new snapshot of the origin as it is now...
+        c.create(next_tag);
+        snaps.insert(next_tag, origin.clone());
+        // ...the second reader moves to it now and then...
+        if round % 3 == 1 {
+            r2.quit();
+            r2_id += 1;
+            r2_tag = next_tag;
+            r2 = c.io_counted(&r2_tag.to_string(), r2_id, 3, r());
+            read_back(
+                &mut r2,
+                &snaps[&r2_tag],
+                &format!("round {round}: new reader on {r2_tag}"),
+            );
+        }
+        next_tag += 1;
+        // ...and an old one no client has open goes.
+        if round % 2 == 1 {
+            let open = [1u32, 3, r2_tag];
+            let victim = snaps.keys().copied().find(|t| !open.contains(t));
+            if let Some(tag) = victim {
+                // A client that just quit may still be detaching.
+                let start = Instant::now();
+                loop {
+                    let o = c.snapshot("delete", tag);
+                    if o.status.success() {
+                        break;
+                    }
+                    assert!(
+                        start.elapsed() < Duration::from_secs(5),
+                        "snapshot delete {tag}: {}",
+                        text(&o)
+                    );
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                snaps.remove(&tag);
+            }
+        }
+        eprintln!(
+            "round {round}: killed incarnation {inc} on node {node} with {} of {total} replies outstanding; incarnation {} on node {} serves; snapshots {:?}",
+            outstanding_at_kill[round as usize],
+            st.incarnation,
+            st.node,
+            snaps.keys().collect::<Vec<_>>()
+        );
+    }
+    // The kills landed mid-batch (not after it): the harness's own check.
+    let mid = outstanding_at_kill.iter().filter(|&&n| n > 0).count();
+    assert!(
+        mid * 2 >= ROUNDS as usize,
+        "only {mid} of {ROUNDS} kills had replies outstanding: {outstanding_at_kill:?}"
+    );
+    assert!(
+        nodes_served.len() == 3,
+        "the server ran on every node: {nodes_served:?}"
+    );
+    for io in [w1, w2, r1, r2, sw] {
+        io.quit();
+    }
+    c.stop();
+    let o = csnap(&["check", "--store", common::cluster::s(&c.store)]);
+    assert!(o.status.success(), "csnap check: {}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("clean"),
+        "{}",
+        text(&o)
+    );
+}
+
+/// The number in a `ok held K` reply.
+fn held(reply: &str) -> u64 {
+    reply
+        .strip_prefix("ok held ")
+        .and_then(|k| k.parse().ok())
+        .unwrap_or_else(|| panic!("not a hold reply: {reply:?}"))
+}
+
+/// An origin write of a whole chunk, sent; returns what was written.
+fn send_chunk_write(w: &mut Io, rng: &mut Rng, chunk: u64) -> Vec<u8> {
+    let data = rng.bytes(CHUNK as usize);
+    w.send_write(chunk * CHUNK, &data);
+    data
+}
+
+/// How long a write that must wait is watched.
+const QUIET: Duration = Duration::from_secs(1);
+/// A write that may go must be answered within this (generous: 2 cores,
+/// other tests).
+const PROMPT: Duration = Duration::from_secs(5);
+
+/// Asserts the write `w` has pending is not answered within `QUIET`.
+fn assert_waits(w: &mut Io, why: &str) {
+    if let Some((_, line)) = w.try_reply(QUIET) {
+        panic!("{}: the origin write was answered ({line:?}) {why}", w.name);
+    }
+}
+
+/// Waits for the pending write's reply; asserts it came within `PROMPT` of
+/// `since`; returns the latency.
+fn assert_granted(w: &mut Io, since: Instant, why: &str) -> Duration {
+    let (at, _, _) = w.finish();
+    let d = at.saturating_duration_since(since);
+    assert!(d < PROMPT, "{}: the origin write took {d:?} {why}", w.name);
+    d
+}
+
+/// 2. The ddsnap window. A snapshot reader holds a read lock granted by
+/// incarnation N on an origin chunk; N is SIGKILLed; once N+1 serves and
+/// the reader has re-attached (its idle check re-uploads the held lock), an
+/// origin write to that chunk must wait: not answered within a second. A
+/// write to a chunk no lock covers goes at once (the control, which also
+/// shows the recovery barrier has lifted). `unhold` releases the lock and
+/// the write is answered promptly; the snapshot still reads the chunk as it
+/// was. Then the variant: a new hold, a new kill, and instead of `unhold`
+/// the reader's node leaves the cluster: the write proceeds.
+#[test]
+fn a_read_lock_from_incarnation_n_holds_off_an_origin_write_granted_by_n_plus_1() {
+    let _serial = serial();
+    let mut rng = Rng::new(seed("ddsnap_window"));
+    let c = Cluster::start("window", ClusterOpts::default(), &mut rng);
+    let mut w = c.io("origin", 11, 1);
+    c.create(1);
+    let mut r = c.io("1", 31, 3);
+
+    // Unhold.
+    let held_chunk = 5u64;
+    let k = held(&r.call(&format!("hold {} {}", held_chunk * CHUNK + 10, 100)));
+    assert!(k >= 1, "the chunk is on the origin: a read lock is held");
+    let (inc, node, _) = c.kill_server();
+    let st = c.wait_serving_above(inc);
+    assert_ne!(st.node, node);
+    std::thread::sleep(Duration::from_millis(200));
+    let t = Instant::now();
+    send_chunk_write(&mut w, &mut rng, 40);
+    let d = assert_granted(&mut w, t, "to a chunk no lock covers");
+    eprintln!(
+        "incarnation {}: unlocked write answered in {d:?}",
+        st.incarnation
+    );
+    send_chunk_write(&mut w, &mut rng, held_chunk);
+    assert_waits(
+        &mut w,
+        "while incarnation N's read lock is held (the ddsnap window)",
+    );
+    let released = r.call("unhold");
+    assert_eq!(released, format!("ok released {k}"));
+    let d = assert_granted(&mut w, Instant::now(), "after unhold");
+    eprintln!("write answered {d:?} after the unhold");
+    let snap = r.read(held_chunk * CHUNK, CHUNK);
+    let at = (held_chunk * CHUNK) as usize;
+    assert_same(
+        "snapshot 1, the held chunk",
+        &snap,
+        &c.initial[at..at + CHUNK as usize],
+    );
+
+    // The reader's node leaves instead.
+    let held_chunk = 9u64;
+    let k = held(&r.call(&format!("hold {} {}", held_chunk * CHUNK, 2 * CHUNK)));
+    assert_eq!(k, 2);
+    let (inc, _, _) = c.kill_server();
+    let st = c.wait_serving_above(inc);
+    assert_ne!(st.node, 3, "the reader's node does not serve");
+    std::thread::sleep(Duration::from_millis(200));
+    let t = Instant::now();
+    send_chunk_write(&mut w, &mut rng, 41);
+    assert_granted(&mut w, t, "to a chunk no lock covers");
+    send_chunk_write(&mut w, &mut rng, held_chunk + 1);
+    assert_waits(
+        &mut w,
+        "while incarnation N's read lock is held (the ddsnap window)",
+    );
+    let t = Instant::now();
+    let o = c.cluster_cmd("leave", &["3"]);
+    assert!(o.status.success(), "cluster leave 3: {}", text(&o));
+    let d = assert_granted(&mut w, t, "after the reader's node left");
+    eprintln!("write answered {d:?} after the reader's node left");
+}
+
+/// `read locks: N` of `csnap status` at the serving server.
+fn server_read_locks(c: &Cluster) -> u64 {
+    let st = c.status();
+    let o = csnap(&["status", "--server", &st.addr]);
+    assert!(o.status.success(), "status: {}", text(&o));
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    out.lines()
+        .find_map(|l| l.strip_prefix("read locks: "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no read locks in {out}"))
+}
+
+/// 3. The lock policy when a snapshot client goes away, no failover
+/// involved. What the server does (`Server::handle_disconnect`,
+/// `handle_client_gone`, `handle_node_left` in `fsm/src/server.rs`):
+///
+/// - a snapshot client whose *server connection* closes while its node is
+///   a member keeps its read locks, parked under its client id: it may be
+///   alive and reading the origin under them (its connection broke, or its
+///   server died, which test 2 covers), and it re-uploads them when it
+///   re-attaches. Writes to those chunks wait;
+/// - the agent of its node reports the client gone (`ClientGone`) when the
+///   client's *agent link* closes, i.e. its process is gone: the parked
+///   locks are released. So killing a client process releases its locks
+///   within the time the report takes;
+/// - its node leaving the cluster releases them too (parked or connected).
+///
+/// Here: (a) a `csnap io` reader holding a lock is SIGKILLed: the write
+/// waiting for it proceeds promptly. (b) Two readers in this test process
+/// keep their agent links and drop only their server connections: writes
+/// to their chunks keep waiting (parked, counted by `csnap status`); one
+/// reader's agent link then closes: its write proceeds, the other still
+/// waits; the readers' node leaves: that one proceeds too.
+#[test]
+fn a_gone_client_releases_its_locks_and_a_disconnected_one_keeps_them_until_its_node_leaves() {
+    let _serial = serial();
+    let mut rng = Rng::new(seed("lock_policy"));
+    let c = Cluster::start("policy", ClusterOpts::default(), &mut rng);
+    let mut w1 = c.io("origin", 11, 1);
+    let mut w2 = c.io("origin", 12, 2);
+    c.create(1);
+    let inc = c.status().incarnation;
+
+    // (a) The reader's process is killed.
+    let mut r = c.io("1", 31, 3);
+    assert_eq!(held(&r.call(&format!("hold {} 1", 3 * CHUNK))), 1);
+    send_chunk_write(&mut w1, &mut rng, 3);
+    assert_waits(&mut w1, "while a live reader holds the chunk's read lock");
+    let t = Instant::now();
+    r.kill();
+    let d = assert_granted(
+        &mut w1,
+        t,
+        "after the reader's process was killed (ClientGone)",
+    );
+    eprintln!("(a) the write was answered {d:?} after the reader was killed");
+    assert_eq!(server_read_locks(&c), 0);
+
+    // (b) Two readers keep their agent links, drop their server links.
+    let (origin, store) = (&c.origin, &c.store);
+    let mut agents = Vec::new();
+    let mut vols = Vec::new();
+    for (id, chunk) in [(32u64, 5u64), (33, 6)] {
+        let mut a = csnap_io::client::AgentClient::new(
+            &c.agent_sock(3),
+            id,
+            3,
+            Some(csnap_proto::Volume::Snapshot(1)),
+        );
+        let info = a
+            .need_server(0, Instant::now() + TIMEOUT)
+            .expect("the agent gives the server's address");
+        assert_eq!(info.incarnation, inc);
+        let mut v = csnap_io::client::VolumeClient::open(
+            &info.addr,
+            origin,
+            store,
+            csnap_proto::Volume::Snapshot(1),
+            id,
+            3,
+        )
+        .expect("attach snapshot 1");
+        let got = v.hold_read(chunk * CHUNK, 1).expect("hold");
+        assert_eq!(got.iter().map(|x| x.chunks).sum::<u32>(), 1);
+        agents.push(a);
+        vols.push(v);
+    }
+    send_chunk_write(&mut w1, &mut rng, 5);
+    send_chunk_write(&mut w2, &mut rng, 6);
+    drop(vols);
+    assert_waits(
+        &mut w1,
+        "while its reader's node is a member (locks parked)",
+    );
+    assert!(
+        w2.try_reply(Duration::ZERO).is_none(),
+        "parked locks hold the write"
+    );
+    assert_eq!(server_read_locks(&c), 2, "both readers' locks are parked");
+    // Reader 33's process is gone, as far as its agent knows.
+    let t = Instant::now();
+    drop(agents.pop());
+    let d = assert_granted(
+        &mut w2,
+        t,
+        "after its reader's agent link closed (ClientGone)",
+    );
+    eprintln!("(b) the write was answered {d:?} after its reader's agent link closed");
+    assert!(
+        w1.try_reply(Duration::from_millis(200)).is_none(),
+        "the other reader's parked lock still holds its write"
+    );
+    // The readers' node leaves.
+    let t = Instant::now();
+    let o = c.cluster_cmd("leave", &["3"]);
+    assert!(o.status.success(), "cluster leave 3: {}", text(&o));
+    let d = assert_granted(&mut w1, t, "after its reader's node left");
+    eprintln!("(b) the write was answered {d:?} after the readers' node left");
+    assert_eq!(server_read_locks(&c), 0);
+    assert_eq!(c.status().incarnation, inc, "no failover in this test");
+    drop(agents);
+}
