@@ -213,7 +213,6 @@ fn serve(args: &ServerArgs) -> Result<ExitCode, String> {
     );
     confine_memory(args)?;
     seal_heap(args);
-    let _teardown = TeardownOnExit;
     if let Some(f) = &filters {
         f.net
             .install()
@@ -227,7 +226,7 @@ fn serve(args: &ServerArgs) -> Result<ExitCode, String> {
             csnap_sys::seccomp::forbidden_open_for_tests();
         }
     };
-    Ok(stopped(lp.run_with(&mut hook)))
+    stopped(lp.run_with(&mut hook))
 }
 
 /// The host-local store lock (skipped with the `--no-host-lock` test hook).
@@ -354,20 +353,10 @@ fn seal_heap(args: &ServerArgs) {
     eprintln!("csnap server: heap sealed ({:?} on allocation)", args.seal);
 }
 
-/// Ends the sealed phase when dropped: a server or standby that stops
-/// (fenced, its agent gone, an error) frees its pools on the way out, which
-/// is not a heap violation. Declared after the pools it must outlive, so it
-/// drops first.
-struct TeardownOnExit;
-
-impl Drop for TeardownOnExit {
-    fn drop(&mut self) {
-        csnap_sys::alloc::teardown();
-    }
-}
-
-/// The exit status and message for why the loop stopped.
-fn stopped(stop: Stop) -> ExitCode {
+/// Says why the loop stopped and ends the process (`exit_now`: a confined
+/// server frees nothing and makes no syscall outside its whitelist on the
+/// way out).
+fn stopped(stop: Stop) -> ! {
     match stop {
         Stop::StoreFailed => {
             error("the snapshot store failed; restart the server to replay the journal")
@@ -380,7 +369,7 @@ fn stopped(stop: Stop) -> ExitCode {
             "the agent link closed (the agent is gone, or it stopped this server); this server stops",
         ),
     }
-    ExitCode::from(EXIT_FAILED)
+    csnap_sys::exit_now(EXIT_FAILED)
 }
 
 fn serve_standby(args: &ServerArgs) -> Result<ExitCode, String> {
@@ -431,12 +420,13 @@ fn serve_standby(args: &ServerArgs) -> Result<ExitCode, String> {
     let mut cmd = [0u8; 4096];
     seal_heap(args);
     // From here on nothing allocates: errors are static strings, printed by
-    // `error` (it formats straight into stderr).
+    // `error` (it formats straight into stderr), and the process ends with
+    // `exit_now` (nothing freed, no syscall outside the whitelist).
     match standby_confined(args, &mut lp, link, filters.as_ref(), &lock_file, &mut cmd) {
-        Ok(code) => Ok(code),
+        Ok(code) => csnap_sys::exit_now(code),
         Err(e) => {
             error(e);
-            Ok(ExitCode::from(EXIT_USAGE))
+            csnap_sys::exit_now(EXIT_USAGE)
         }
     }
 }
@@ -450,9 +440,7 @@ fn standby_confined(
     filters: Option<&Filters>,
     lock_file: &std::fs::File,
     cmd: &mut [u8; 4096],
-) -> Result<ExitCode, &'static str> {
-    // Dropped before `link` (a parameter) and the caller's loop.
-    let _teardown = TeardownOnExit;
+) -> Result<u8, &'static str> {
     if let Some(f) = filters.and_then(|f| f.standby.as_ref()) {
         f.install()
             .map_err(|_| "cannot install the standby seccomp filter")?;
@@ -470,7 +458,7 @@ fn standby_confined(
             Ok(f) => f,
             Err(_) => {
                 eprintln!("csnap server: standby: the agent link closed before a start; exiting");
-                return Ok(ExitCode::SUCCESS);
+                return Ok(0);
             }
         };
         t0 = std::time::Instant::now();
@@ -572,11 +560,11 @@ fn standby_confined(
                 replayed_commits: info.replayed,
             };
             if link.send(&serving).is_err() {
-                return Ok(stopped(csnap_io::server::Stop::AgentGone));
+                stopped(csnap_io::server::Stop::AgentGone);
             }
-            Ok(stopped(lp.run_with_agent(link)))
+            stopped(lp.run_with_agent(link))
         }
-        None => Ok(stopped(lp.run())),
+        None => stopped(lp.run()),
     }
 }
 

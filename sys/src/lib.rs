@@ -157,3 +157,14 @@ pub fn send_signal(pid: u32, sig: i32) -> std::io::Result<()> {
         Err(std::io::Error::last_os_error())
     }
 }
+
+/// Ends the process at once with `code` (`_exit(2)`: the `exit_group`
+/// syscall only). For a confined process that stops: no destructor runs,
+/// so nothing is freed under the sealed heap and no syscall outside the
+/// serving whitelist is made (closing descriptors, unmapping, the signal
+/// stack's teardown); the kernel releases everything.
+pub fn exit_now(code: u8) -> ! {
+    // SAFETY: _exit takes an integer, never returns, and touches no memory
+    // of ours.
+    unsafe { libc::_exit(i32::from(code)) }
+}

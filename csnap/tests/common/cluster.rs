@@ -722,6 +722,82 @@ pub fn parse_status(out: &str) -> Status {
     st
 }
 
+/// A test directory with a random origin and a store formatted for it;
+/// removed on drop (kept with `CSNAP_KEEP`).
+pub struct Disks {
+    pub dir: PathBuf,
+    pub origin: PathBuf,
+    pub store: PathBuf,
+    /// The origin as formatted.
+    pub initial: Vec<u8>,
+}
+
+impl Disks {
+    pub fn new(name: &str, origin_bytes: usize, store_size: &str, rng: &mut Rng) -> Disks {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("csnap-fo-{name}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("test dir");
+        let origin = dir.join("origin");
+        let store = dir.join("store");
+        let initial = rng.bytes(origin_bytes);
+        std::fs::write(&origin, &initial).expect("origin");
+        let o = csnap(&[
+            "format",
+            "--origin",
+            s(&origin),
+            "--store",
+            s(&store),
+            "--store-size",
+            store_size,
+            "--chunk-size",
+            "16K",
+        ]);
+        assert!(o.status.success(), "format: {}", text(&o));
+        Disks {
+            dir,
+            origin,
+            store,
+            initial,
+        }
+    }
+
+    /// `csnap io --server ADDR` on `volume`.
+    pub fn io_server(&self, addr: &Path, volume: &str, client_id: u64) -> Io {
+        let args: Vec<OsString> = [
+            "io",
+            "--server",
+            s(addr),
+            "--origin",
+            s(&self.origin),
+            "--store",
+            s(&self.store),
+            "--volume",
+            volume,
+            "--client-id",
+            &client_id.to_string(),
+        ]
+        .iter()
+        .map(OsString::from)
+        .collect();
+        Io::start(
+            &format!("io[{volume} #{client_id} at {}]", addr.display()),
+            &args,
+            &self.dir,
+            None,
+        )
+    }
+}
+
+impl Drop for Disks {
+    fn drop(&mut self) {
+        if std::env::var_os("CSNAP_KEEP").is_none() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
 /// How a cluster is started.
 #[derive(Debug, Clone)]
 pub struct ClusterOpts {
@@ -759,6 +835,7 @@ pub struct Cluster {
     /// Node N's agent at index N-1.
     pub agents: Vec<Option<Daemon>>,
     opts: ClusterOpts,
+    disks: Disks,
 }
 
 impl Cluster {
@@ -766,37 +843,17 @@ impl Cluster {
     /// `opts.nodes` agents; returns once every node is a connected member
     /// with a standby ready.
     pub fn start(name: &str, opts: ClusterOpts, rng: &mut Rng) -> Cluster {
-        static NEXT: AtomicU64 = AtomicU64::new(0);
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!("csnap-fo-{name}-{}-{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("test dir");
-        let origin = dir.join("origin");
-        let store = dir.join("store");
-        let initial = rng.bytes(opts.origin_bytes);
-        std::fs::write(&origin, &initial).expect("origin");
-        let o = csnap(&[
-            "format",
-            "--origin",
-            s(&origin),
-            "--store",
-            s(&store),
-            "--store-size",
-            opts.store_size,
-            "--chunk-size",
-            "16K",
-        ]);
-        assert!(o.status.success(), "format: {}", text(&o));
-        let cdir = dir.join("cluster");
+        let disks = Disks::new(name, opts.origin_bytes, opts.store_size, rng);
         let mut c = Cluster {
-            dir,
-            cdir,
-            origin,
-            store,
-            initial,
+            dir: disks.dir.clone(),
+            cdir: disks.dir.join("cluster"),
+            origin: disks.origin.clone(),
+            store: disks.store.clone(),
+            initial: disks.initial.clone(),
             controller: None,
             agents: Vec::new(),
             opts,
+            disks,
         };
         c.start_controller();
         for node in 1..=c.opts.nodes {
@@ -1056,8 +1113,7 @@ impl Drop for Cluster {
         if std::env::var_os("CSNAP_LOGS").is_some() {
             eprintln!("{}", self.logs(100_000));
         }
-        if std::env::var_os("CSNAP_KEEP").is_none() {
-            let _ = std::fs::remove_dir_all(&self.dir);
-        }
+        // The directory goes with `disks`, after this.
+        let _ = &self.disks;
     }
 }
