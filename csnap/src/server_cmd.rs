@@ -412,7 +412,7 @@ fn serve_standby(args: &ServerArgs) -> Result<ExitCode, String> {
     for a in lp.local_addrs() {
         eprintln!("csnap server: standby listening on {a}");
     }
-    let link = match &args.agent {
+    let mut link = match &args.agent {
         Some(path) => Some(announce(args, path, &lp)?),
         None => None,
     };
@@ -422,7 +422,14 @@ fn serve_standby(args: &ServerArgs) -> Result<ExitCode, String> {
     // From here on nothing allocates: errors are static strings, printed by
     // `error` (it formats straight into stderr), and the process ends with
     // `exit_now` (nothing freed, no syscall outside the whitelist).
-    match standby_confined(args, &mut lp, link, filters.as_ref(), &lock_file, &mut cmd) {
+    match standby_confined(
+        args,
+        &mut lp,
+        &mut link,
+        filters.as_ref(),
+        &lock_file,
+        &mut cmd,
+    ) {
         Ok(code) => csnap_sys::exit_now(code),
         Err(e) => {
             error(e);
@@ -432,11 +439,12 @@ fn serve_standby(args: &ServerArgs) -> Result<ExitCode, String> {
 }
 
 /// The sealed part of a standby: waits for its start, starts, serves.
-/// Allocation-free, so its errors are `&'static str`.
+/// Allocation-free, so its errors are `&'static str`; the caller owns
+/// everything that must not be dropped (freed) before the process ends.
 fn standby_confined(
     args: &ServerArgs,
     lp: &mut ServerLoop,
-    mut link: Option<csnap_io::server::AgentLink>,
+    link: &mut Option<csnap_io::server::AgentLink>,
     filters: Option<&Filters>,
     lock_file: &std::fs::File,
     cmd: &mut [u8; 4096],
@@ -552,7 +560,7 @@ fn standby_confined(
         "csnap server: started incarnation {} ({} journal commit(s) replayed) in {us} us; serving",
         info.incarnation, info.replayed
     );
-    match link {
+    match link.take() {
         Some(mut link) => {
             let serving = csnap_proto::Msg::Serving {
                 incarnation: info.incarnation,

@@ -65,7 +65,7 @@ fn read_back(io: &mut Io, shadow: &[u8], what: &str) {
     assert_same(what, &got, shadow);
 }
 
-/// 1. Random SIGKILLs of the serving server while five clients on three
+/// Test 1: Random SIGKILLs of the serving server while five clients on three
 /// nodes do I/O: two origin writers, two snapshot readers (each its own
 /// snapshot) and a snapshot writer. Every reply must be `ok` (the failover
 /// is invisible to the volume's user), every read must match the shadow
@@ -102,7 +102,6 @@ fn random_sigkills_under_a_mixed_workload_lose_no_io_and_no_data() {
     let mut r2 = c.io_counted("2", 202, 3, r());
     let mut sw = c.io_counted("3", 301, 1, r());
     let (mut r2_tag, mut r2_id) = (2u32, 202u64);
-    let mut next_tag = 4u32;
 
     const ROUNDS: u32 = 10;
     const PER_CLIENT: usize = 16;
@@ -193,6 +192,8 @@ fn random_sigkills_under_a_mixed_workload_lose_no_io_and_no_data() {
         );
         read_back(&mut sw, &snaps[&3], &format!("round {round}: snapshot 3"));
         // Between rounds: a new snapshot of the origin as it is now...
+        // Tags 1 to 3 exist; round R creates tag 4 + R.
+        let next_tag = 4 + round;
         c.create(next_tag);
         snaps.insert(next_tag, origin.clone());
         // ...the second reader moves to it now and then...
@@ -207,7 +208,6 @@ fn random_sigkills_under_a_mixed_workload_lose_no_io_and_no_data() {
                 &format!("round {round}: new reader on {r2_tag}"),
             );
         }
-        next_tag += 1;
         // ...and an old one no client has open goes.
         if round % 2 == 1 {
             let open = [1u32, 3, r2_tag];
@@ -298,7 +298,7 @@ fn assert_granted(w: &mut Io, since: Instant, why: &str) -> Duration {
     d
 }
 
-/// 2. The ddsnap window. A snapshot reader holds a read lock granted by
+/// Test 2: The ddsnap window. A snapshot reader holds a read lock granted by
 /// incarnation N on an origin chunk; N is SIGKILLed; once N+1 serves and
 /// the reader has re-attached (its idle check re-uploads the held lock), an
 /// origin write to that chunk must wait: not answered within a second. A
@@ -383,7 +383,7 @@ fn server_read_locks(c: &Cluster) -> u64 {
         .unwrap_or_else(|| panic!("no read locks in {out}"))
 }
 
-/// 3. The lock policy when a snapshot client goes away, no failover
+/// Test 3: The lock policy when a snapshot client goes away, no failover
 /// involved. What the server does (`Server::handle_disconnect`,
 /// `handle_client_gone`, `handle_node_left` in `fsm/src/server.rs`):
 ///
@@ -499,7 +499,7 @@ fn file_bytes(p: &std::path::Path) -> Vec<u8> {
     std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
 }
 
-/// 4a. A second server started on the same host against the store the
+/// Test 4a: A second server started on the same host against the store the
 /// cluster serves never serves: it exits non-zero with the "in use"
 /// message and writes nothing (the store file is byte for byte the same;
 /// the cluster's server still commits, so its incarnation still owns the
@@ -609,7 +609,7 @@ fn frame_incarnation(f: &[u8]) -> u64 {
     csnap_proto::decode(f).expect("frame").0.incarnation
 }
 
-/// 4b. Fencing across hosts, simulated with `--no-host-lock` (each server
+/// Test 4b: Fencing across hosts, simulated with `--no-host-lock` (each server
 /// skips the host-local lock, as servers on two hosts would). Server A
 /// serves a client; A is stopped (SIGSTOP); server B starts on the same
 /// store, takes the next incarnation and serves a write; A is continued.
@@ -736,4 +736,273 @@ fn fencing_across_hosts_stops_the_older_incarnation() {
         assert_eq!(fsm.handle_frame(&f), ClientEvent::Stale, "A's late answer");
     }
     drop(b);
+}
+
+/// One I/O on every client; each must be answered `ok` (by the incarnation
+/// now serving: the only one alive). Origin writes go to chunks 10 and up
+/// (the callers hold read locks below).
+fn serve_everyone(ios: &mut [&mut Io], rng: &mut Rng) {
+    for io in ios.iter_mut() {
+        if io.name.contains("[origin") {
+            let chunk = 10 + rng.below(60);
+            send_chunk_write(io, rng, chunk);
+        } else {
+            io.send_read(rng.below(60) * CHUNK + 5, 3 * CHUNK, None);
+        }
+    }
+    for io in ios.iter_mut() {
+        io.finish();
+    }
+}
+
+/// Every live process of the cluster's failover path: the agents and the
+/// standbys (pid, what).
+fn failover_processes(c: &Cluster, nodes: u32) -> Vec<(u32, String)> {
+    let mut v = Vec::new();
+    for n in 1..=nodes {
+        v.push((c.agent_pid(n), format!("agent {n}")));
+        for p in c.standby_pids(n) {
+            v.push((p, format!("node {n} server pid {p}")));
+        }
+    }
+    v
+}
+
+/// Test 5a: The failover path faults no page and allocates nothing, on the
+/// shipped binary with confinement on. Heap sealed in abort mode: an
+/// allocation in any agent or standby kills it (with "heap violation"),
+/// so every process surviving is the allocation half of the proof. Page
+/// faults: `/proc/PID/stat` (minflt, majflt) of every agent and standby,
+/// read before the serving server is SIGKILLed and again once every client
+/// was served by the new incarnation and the starting node has its next
+/// standby: the deltas must be 0. Three failovers, each to another node.
+#[test]
+fn the_failover_path_faults_no_page_and_allocates_nothing() {
+    let _serial = serial();
+    let mut rng = Rng::new(seed("failover_faults"));
+    let mut c = Cluster::start("faults", ClusterOpts::default(), &mut rng);
+    let mut w = c.io("origin", 11, 1);
+    c.create(1);
+    let mut r = c.io("1", 31, 3);
+    let mut sw = c.io("1", 21, 2);
+    assert_eq!(held(&r.call(&format!("hold {} 100", 7 * CHUNK))), 1);
+    // Warm-up: every path once.
+    serve_everyone(&mut [&mut w, &mut r, &mut sw], &mut rng);
+    let mut nodes = BTreeSet::new();
+    for round in 0..3 {
+        let st = c.wait_all_ready();
+        let serving = Cluster::server_pid(&st.addr);
+        let procs: Vec<(u32, String)> = failover_processes(&c, 3)
+            .into_iter()
+            .filter(|(p, _)| *p != serving)
+            .collect();
+        let before: Vec<(u64, u64)> = procs
+            .iter()
+            .map(|(p, _)| common::cluster::faults(*p))
+            .collect();
+        // The counters are read right: every process faulted in its init.
+        assert!(before.iter().all(|f| f.0 > 100), "{before:?}");
+        kill(serving, libc::SIGKILL);
+        let now = c.wait_serving_above(st.incarnation);
+        serve_everyone(&mut [&mut w, &mut r, &mut sw], &mut rng);
+        let after_st = c.wait_all_ready();
+        assert_eq!(after_st.incarnation, now.incarnation, "one failover");
+        nodes.insert(now.node);
+        let started = Cluster::server_pid(&now.addr);
+        assert!(
+            procs.iter().any(|(p, _)| *p == started),
+            "the new server is one of the measured standbys"
+        );
+        let mut report = Vec::new();
+        for ((pid, what), b) in procs.iter().zip(&before) {
+            let alive = common::cluster::cmdline(*pid);
+            assert!(
+                !alive.is_empty(),
+                "{what} died during the failover (a heap violation kills it):\n{}",
+                c.logs(40)
+            );
+            let a = common::cluster::faults(*pid);
+            report.push(format!(
+                "{what}{}: minor +{} major +{}",
+                if *pid == started { " (started)" } else { "" },
+                a.0 - b.0,
+                a.1 - b.1
+            ));
+        }
+        eprintln!(
+            "failover {round} (incarnation {} on node {} -> {} on node {}):\n  {}",
+            st.incarnation,
+            st.node,
+            now.incarnation,
+            now.node,
+            report.join("\n  ")
+        );
+        for ((_, what), (b, pid)) in procs
+            .iter()
+            .zip(before.iter().zip(procs.iter().map(|p| p.0)))
+        {
+            let a = common::cluster::faults(pid);
+            assert_eq!(
+                (a.0 - b.0, a.1 - b.1),
+                (0, 0),
+                "{what} page-faulted on the failover path"
+            );
+        }
+    }
+    assert!(
+        nodes.len() >= 2,
+        "the server moved between nodes: {nodes:?}"
+    );
+    let all = c.logs(100_000);
+    assert!(!all.contains("heap violation"), "{all}");
+    assert!(!all.contains("forbidden syscall"), "{all}");
+    r.call("unhold");
+    c.stop();
+}
+
+/// Test 5b: The failover path makes only the syscalls of its phases, on the
+/// shipped binary under its seccomp filters (strace works with them). Node
+/// 2's agent runs under `strace -f -ff` (its spawner and standbys too).
+/// The server starts on node 1 and is SIGKILLed; the controller places it
+/// on node 2 (the lowest other member with a standby), whose agent gathers,
+/// starts its standby and announces it; every client is served by it; its
+/// next standby comes up. Then, per thread, every syscall after its filter
+/// install must be in its table: the agent's against `AGENT`; the started
+/// standby's main thread against `standby_network()` until its serving
+/// filter and `SERVING_NETWORK` after; its store worker against
+/// `SERVING_STORE`; the standbys that never start against
+/// `standby_network()`. (Which rules the agent never uses is checked by
+/// the agent audit in `tests/audit.rs`.)
+#[test]
+fn the_failover_path_makes_only_audited_syscalls() {
+    let _serial = serial();
+    let have_strace = std::process::Command::new("strace")
+        .arg("-V")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(
+        have_strace,
+        "strace is required (the CI script installs it)"
+    );
+    let mut rng = Rng::new(seed("failover_syscalls"));
+    let trace_dir = std::env::temp_dir().join(format!("csnap-fo-trace-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&trace_dir);
+    std::fs::create_dir_all(&trace_dir).expect("trace dir");
+    let prefix = trace_dir.join("t");
+    let mut c = Cluster::start(
+        "syscalls",
+        ClusterOpts {
+            agent_wrapper: Some((
+                2,
+                ["strace", "-f", "-ff", "-qq", "-s", "512", "-v", "-o"]
+                    .iter()
+                    .map(ToString::to_string)
+                    .chain([common::cluster::s(&prefix).to_string()])
+                    .collect(),
+            )),
+            ..ClusterOpts::default()
+        },
+        &mut rng,
+    );
+    let mut w = c.io("origin", 11, 1);
+    let st = c.status();
+    assert_eq!(st.node, 1, "the first server goes to node 1");
+    c.create(1);
+    let mut r = c.io("1", 31, 3);
+    let mut sw = c.io("1", 21, 2);
+    assert_eq!(held(&r.call(&format!("hold {} 100", 7 * CHUNK))), 1);
+    serve_everyone(&mut [&mut w, &mut r, &mut sw], &mut rng);
+    let st = c.wait_all_ready();
+    let (inc, _, _) = c.kill_server();
+    let now = c.wait_serving_above(inc);
+    assert_eq!(now.node, 2, "the traced node takes over");
+    serve_everyone(&mut [&mut w, &mut r, &mut sw], &mut rng);
+    r.call("unhold");
+    serve_everyone(&mut [&mut w, &mut r, &mut sw], &mut rng);
+    c.wait_all_ready();
+    let started = Cluster::server_pid(&now.addr);
+    let _ = st;
+    c.stop();
+
+    let traces = common::cluster::read_traces(&prefix);
+    let mut problems = Vec::new();
+    let mut report = Vec::new();
+    let mut seen_agent = false;
+    let mut seen_started = (false, false);
+    for t in traces.values() {
+        let phases = t.phases();
+        if t.runs("agent") {
+            if phases.is_empty() {
+                continue; // a child between fork and exec, or unconfined
+            }
+            assert!(!t.thread, "the agent is single-threaded");
+            seen_agent = true;
+            report.push(format!("agent {}: {:?}", t.tid, phases));
+            problems.extend(common::cluster::audit(
+                "agent",
+                &phases[0],
+                csnap_audit::AGENT,
+                false,
+            ));
+            assert_eq!(phases.len(), 1, "the agent installs one filter");
+        } else if t.runs("server") {
+            let pid = if t.thread {
+                t.parent.unwrap_or(0)
+            } else {
+                t.tid
+            };
+            let role = if t.name == "csnap-store" {
+                "store worker"
+            } else {
+                "main"
+            };
+            report.push(format!("server {pid} {role} {}: {:?}", t.tid, phases));
+            if t.name == "csnap-store" {
+                for p in &phases {
+                    problems.extend(common::cluster::audit(
+                        "store worker",
+                        p,
+                        csnap_audit::SERVING_STORE,
+                        false,
+                    ));
+                }
+                if pid == started {
+                    seen_started.1 = true;
+                }
+            } else if !phases.is_empty() {
+                let standby = csnap_audit::standby_network();
+                problems.extend(common::cluster::audit(
+                    "standby", &phases[0], &standby, false,
+                ));
+                if let Some(p) = phases.get(1) {
+                    problems.extend(common::cluster::audit(
+                        "serving",
+                        p,
+                        csnap_audit::SERVING_NETWORK,
+                        false,
+                    ));
+                }
+                if pid == started {
+                    assert_eq!(phases.len(), 2, "the started server installed both filters");
+                    seen_started.0 = true;
+                }
+            }
+        }
+    }
+    eprintln!("{}", report.join("\n"));
+    assert!(
+        seen_agent,
+        "the traced agent's confined phase is in the trace"
+    );
+    assert_eq!(
+        seen_started,
+        (true, true),
+        "the started server's threads are in the trace"
+    );
+    assert!(
+        problems.is_empty(),
+        "syscall audit failed:\n{}",
+        problems.join("\n")
+    );
+    let _ = std::fs::remove_dir_all(&trace_dir);
 }

@@ -11,7 +11,7 @@
 // u64 and usize.
 #![allow(clippy::cast_possible_truncation)]
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::ffi::OsString;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
@@ -650,6 +650,9 @@ impl Io {
 impl Drop for Io {
     fn drop(&mut self) {
         self.kill();
+        if std::thread::panicking() {
+            eprintln!("--- {} stderr\n{}", self.name, self.err.tail(40));
+        }
         for c in &self.pending {
             let _ = std::fs::remove_file(&c.path);
         }
@@ -1116,4 +1119,186 @@ impl Drop for Cluster {
         // The directory goes with `disks`, after this.
         let _ = &self.disks;
     }
+}
+
+// ---------------------------------------------------------------------------
+// strace -ff output.
+// ---------------------------------------------------------------------------
+
+/// One traced thread (`strace -f -ff -o PREFIX` writes `PREFIX.TID`).
+#[derive(Debug, Clone)]
+pub struct Traced {
+    pub tid: u32,
+    /// The tid that created it.
+    pub parent: Option<u32>,
+    /// Created as a thread (`CLONE_THREAD`), not a process.
+    pub thread: bool,
+    /// The command it runs: its own `execve`, else its creator's.
+    pub argv: Vec<String>,
+    /// Its name, if it set one (`PR_SET_NAME`).
+    pub name: String,
+    pub lines: Vec<String>,
+}
+
+impl Traced {
+    /// The syscalls made after its `n`-th seccomp filter install (1-based)
+    /// and before the next install: `(phase, names)`, phase 1 after the
+    /// first install.
+    pub fn phases(&self) -> Vec<BTreeSet<String>> {
+        let mut v: Vec<BTreeSet<String>> = Vec::new();
+        for l in &self.lines {
+            if l.contains("seccomp(SECCOMP_SET_MODE_FILTER") {
+                if let Some(last) = v.last_mut() {
+                    // The next table's install counts in the phase before.
+                    last.insert("seccomp".to_string());
+                }
+                v.push(BTreeSet::new());
+                continue;
+            }
+            if let (Some(last), Some(n)) = (v.last_mut(), syscall_name(l)) {
+                last.insert(n.to_string());
+            }
+        }
+        v
+    }
+
+    /// Whether it is a `csnap SUB ...` process's thread.
+    pub fn runs(&self, sub: &str) -> bool {
+        self.argv.get(1).is_some_and(|a| a == sub)
+    }
+}
+
+/// The syscall a strace line starts, if any (a `resumed` line counts at
+/// its start; signals and exits are not syscalls).
+pub fn syscall_name(line: &str) -> Option<&str> {
+    let rest = line.trim_start();
+    if rest.starts_with("<...") || rest.starts_with("---") || rest.starts_with("+++") {
+        return None;
+    }
+    let name = rest.split('(').next()?;
+    (!name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
+        .then_some(name)
+}
+
+/// The quoted strings of an `execve("...", ["a", "b"], ...)` argument list.
+fn exec_argv(line: &str) -> Vec<String> {
+    let Some(open) = line.find('[') else {
+        return Vec::new();
+    };
+    let Some(close) = line[open..].find(']') else {
+        return Vec::new();
+    };
+    line[open + 1..open + close]
+        .split("\", \"")
+        .map(|a| a.trim_matches('"').to_string())
+        .collect()
+}
+
+/// Reads every `PREFIX.TID` file and links threads and processes to their
+/// creators.
+pub fn read_traces(prefix: &Path) -> BTreeMap<u32, Traced> {
+    let dir = prefix.parent().expect("trace dir");
+    let stem = format!(
+        "{}.",
+        prefix
+            .file_name()
+            .and_then(|n| n.to_str())
+            .expect("trace name")
+    );
+    let mut out: BTreeMap<u32, Traced> = BTreeMap::new();
+    for e in std::fs::read_dir(dir).expect("trace dir").flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(tid) = name.strip_prefix(&stem).and_then(|t| t.parse::<u32>().ok()) else {
+            continue;
+        };
+        let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+        let lines: Vec<String> = text.lines().map(str::to_string).collect();
+        let mut argv = Vec::new();
+        let mut tname = String::new();
+        for l in &lines {
+            if l.starts_with("execve(") && l.trim_end().ends_with("= 0") {
+                argv = exec_argv(l);
+            }
+            if let Some(r) = l.split_once("PR_SET_NAME, \"") {
+                tname = r.1.split('"').next().unwrap_or("").to_string();
+            }
+        }
+        out.insert(
+            tid,
+            Traced {
+                tid,
+                parent: None,
+                thread: false,
+                argv,
+                name: tname,
+                lines,
+            },
+        );
+    }
+    // Creators: `clone(...) = N`, `clone3(...) = N`, `fork() = N`, `vfork() = N`.
+    let mut links = Vec::new();
+    for t in out.values() {
+        for l in &t.lines {
+            let Some(n) = syscall_name(l) else { continue };
+            if !matches!(n, "clone" | "clone3" | "fork" | "vfork") {
+                continue;
+            }
+            let Some(child) = l
+                .rsplit_once("= ")
+                .and_then(|(_, r)| r.split_whitespace().next())
+                .and_then(|r| r.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            links.push((child, t.tid, l.contains("CLONE_THREAD")));
+        }
+    }
+    for (child, parent, thread) in links {
+        if let Some(c) = out.get_mut(&child) {
+            c.parent = Some(parent);
+            c.thread = thread;
+        }
+    }
+    // Commands: inherited from the creator until an execve of its own.
+    let tids: Vec<u32> = out.keys().copied().collect();
+    for _ in 0..8 {
+        for &t in &tids {
+            if out[&t].argv.is_empty() {
+                if let Some(p) = out[&t].parent {
+                    let a = out.get(&p).map(|p| p.argv.clone()).unwrap_or_default();
+                    if let Some(c) = out.get_mut(&t) {
+                        c.argv = a;
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Checks `seen` against `table`: the syscalls it lacks, and (when
+/// `unused` is asked for) the exercised rules never seen.
+pub fn audit(
+    phase: &str,
+    seen: &BTreeSet<String>,
+    table: &[csnap_audit::Rule],
+    unused: bool,
+) -> Vec<String> {
+    let mut problems = Vec::new();
+    for s in seen {
+        if !table.iter().any(|r| r.name == s) {
+            problems.push(format!("{phase}: {s} is not in the whitelist"));
+        }
+    }
+    if unused {
+        for r in table {
+            if r.exercised && !seen.contains(r.name) {
+                problems.push(format!(
+                    "{phase}: whitelisted {} was never used ({})",
+                    r.name, r.why
+                ));
+            }
+        }
+    }
+    problems
 }
