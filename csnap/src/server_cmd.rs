@@ -412,10 +412,15 @@ fn serve_standby(args: &ServerArgs) -> Result<ExitCode, String> {
     for a in lp.local_addrs() {
         eprintln!("csnap server: standby listening on {a}");
     }
-    let mut link = match &args.agent {
-        Some(path) => Some(announce(args, path, &lp)?),
-        None => None,
+    let (mut link, ready_addr) = match &args.agent {
+        Some(path) => {
+            let (l, a) = connect_agent(path, &lp)?;
+            (Some(l), a)
+        }
+        None => (None, String::new()),
     };
+    // getpid is a syscall the standby table does not allow: asked now.
+    let pid = std::process::id();
     confine_memory(args)?;
     let mut cmd = [0u8; 4096];
     seal_heap(args);
@@ -426,6 +431,7 @@ fn serve_standby(args: &ServerArgs) -> Result<ExitCode, String> {
         args,
         &mut lp,
         &mut link,
+        (pid, &ready_addr),
         filters.as_ref(),
         &lock_file,
         &mut cmd,
@@ -445,6 +451,7 @@ fn standby_confined(
     args: &ServerArgs,
     lp: &mut ServerLoop,
     link: &mut Option<csnap_io::server::AgentLink>,
+    ready: (u32, &str),
     filters: Option<&Filters>,
     lock_file: &std::fs::File,
     cmd: &mut [u8; 4096],
@@ -454,6 +461,16 @@ fn standby_confined(
             .map_err(|_| "cannot install the standby seccomp filter")?;
     }
     eprintln!("csnap server: standby ready (heap sealed, memory locked, store not read)");
+    if let Some(l) = link.as_mut() {
+        // Now, not at init: the agent offers this node for a start once
+        // the standby can start without faulting or allocating.
+        l.send(&csnap_proto::Msg::ServerReady {
+            pid: ready.0,
+            node_id: args.node,
+            addr: ready.1,
+        })
+        .map_err(|_| "standby: cannot announce itself to the agent")?;
+    }
     // Wait for the start command: allocation-free from here on.
     const START_LIST_MAX: usize = csnap_pools::START_LIST_MAX;
     let mut members = [0u32; START_LIST_MAX];
@@ -576,13 +593,14 @@ fn standby_confined(
     }
 }
 
-/// Connects to the node's agent and announces this standby (init: it
-/// allocates). The agent answers `HelloOk`; a refusal is an error.
-fn announce(
-    args: &ServerArgs,
+/// Connects to the node's agent and says Hello (init: it allocates). The
+/// agent answers `HelloOk`; a refusal is an error. The standby announces
+/// itself (`ServerReady`, with the address returned here) once it is
+/// confined: "standby ready" means memory locked, heap sealed, filter on.
+fn connect_agent(
     path: &std::path::Path,
     lp: &ServerLoop,
-) -> Result<csnap_io::server::AgentLink, String> {
+) -> Result<(csnap_io::server::AgentLink, String), String> {
     use csnap_proto::{Msg, Role};
     let mut link = csnap_io::server::AgentLink::connect(path)
         .map_err(|e| format!("cannot reach the agent at {}: {e}", path.display()))?;
@@ -604,11 +622,5 @@ fn announce(
         .first()
         .map(ToString::to_string)
         .ok_or("a standby needs a --listen address")?;
-    link.send(&Msg::ServerReady {
-        pid: std::process::id(),
-        node_id: args.node,
-        addr: &addr,
-    })
-    .map_err(|e| format!("agent {}: {e}", path.display()))?;
-    Ok(link)
+    Ok((link, addr))
 }

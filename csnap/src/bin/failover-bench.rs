@@ -252,8 +252,24 @@ fn stats(v: &mut [f64]) -> (f64, f64, f64) {
     (at(0.5), at(0.99), v[v.len() - 1])
 }
 
+/// One failover's time line, milliseconds after the kill (NaN: no line).
+#[derive(Clone, Copy)]
+struct Timeline {
+    detect: f64,
+    placing: f64,
+    starting: f64,
+    serving: f64,
+    server_up: f64,
+    first_client: f64,
+    all_clients: f64,
+    start: f64,
+    lock_wait: f64,
+}
+
 #[derive(Default)]
 struct Row {
+    timelines: Vec<Timeline>,
+    lock_waits: Vec<f64>,
     detect: Vec<f64>,
     placing: Vec<f64>,
     gathering: Vec<f64>,
@@ -489,17 +505,17 @@ fn bench(bin: &Path, d: &Path, failovers: u32, args: &[String]) -> Result<(), St
         let us = |t: u64| t.saturating_sub(kill_at) as f64;
         let ms = |t: u64| us(t) / 1000.0;
         row.detect.push(ms(died.0));
-        if let Some(p) = placing {
+        if let Some(p) = &placing {
             row.placing.push(ms(p.0));
         }
         if let Some(g) = gathering {
             row.gathering.push(ms(g.0));
         }
-        if let Some(s) = starting {
+        if let Some(s) = &starting {
             row.starting.push(ms(s.0));
         }
         row.serving.push(ms(serving.0));
-        if let Some(u) = up {
+        if let Some(u) = &up {
             row.server_up.push(ms(u.0));
             if let Some(n) = u.1.rsplit(' ').next().and_then(|n| n.parse::<usize>().ok()) {
                 if n <= NODES as usize {
@@ -519,6 +535,40 @@ fn bench(bin: &Path, d: &Path, failovers: u32, args: &[String]) -> Result<(), St
             .push(ms(*served.iter().min().unwrap_or(&kill_at)));
         row.all_clients
             .push(ms(*served.iter().max().unwrap_or(&kill_at)));
+        // A start that waited for the store lock of the server it replaces
+        // (same host: the dying one still held it).
+        let mut lock_wait = 0.0;
+        for a in &agents {
+            let lines = a.lines();
+            let Some(at) = lines.iter().position(|l| l.contains(&serving.1)) else {
+                continue;
+            };
+            if let Some(w) = lines[..at].iter().rev().take(4).find_map(|l| {
+                l.split("waited ")
+                    .nth(1)?
+                    .split(' ')
+                    .next()?
+                    .parse::<f64>()
+                    .ok()
+            }) {
+                lock_wait = w / 1000.0;
+            }
+        }
+        if lock_wait > 0.0 {
+            row.lock_waits.push(lock_wait);
+        }
+        let nan = f64::NAN;
+        row.timelines.push(Timeline {
+            detect: ms(died.0),
+            placing: placing.map_or(nan, |p| ms(p.0)),
+            starting: starting.map_or(nan, |s| ms(s.0)),
+            serving: ms(serving.0),
+            server_up: up.as_ref().map_or(nan, |u| ms(u.0)),
+            first_client: ms(*served.iter().min().unwrap_or(&kill_at)),
+            all_clients: ms(*served.iter().max().unwrap_or(&kill_at)),
+            start: start_us / 1000.0,
+            lock_wait,
+        });
     }
     let secs = bench_start.elapsed().as_secs_f64();
     shared.stop.store(true, Ordering::SeqCst);
@@ -569,6 +619,30 @@ fn bench(bin: &Path, d: &Path, failovers: u32, args: &[String]) -> Result<(), St
     line("kill -> first client served", &mut row.first_client);
     line("kill -> every client served", &mut row.all_clients);
     line("start to serving (server's own)", &mut row.start_us);
+    println!(
+        "  starts that waited for the dying server's store lock: {} of {failovers}",
+        row.lock_waits.len()
+    );
+    if !row.lock_waits.is_empty() {
+        line("  store lock wait in those starts", &mut row.lock_waits);
+    }
+    let mut worst = row.timelines.clone();
+    worst.sort_by(|a, b| b.all_clients.total_cmp(&a.all_clients));
+    println!("  slowest failovers, ms after the kill: detected, placed, StartServer, Serving (start, of it lock wait), ServerUp, first client, every client");
+    for w in worst.iter().take(5) {
+        println!(
+            "    {:>7.3} {:>7.3} {:>7.3} {:>7.3} ({:.3}, {:.3}) {:>7.3} {:>7.3} {:>7.3}",
+            w.detect,
+            w.placing,
+            w.starting,
+            w.serving,
+            w.start,
+            w.lock_wait,
+            w.server_up,
+            w.first_client,
+            w.all_clients
+        );
+    }
     let (_, s99, smax) = stats(&mut row.start_us);
     let (_, a99, amax) = stats(&mut row.all_clients);
     println!(
