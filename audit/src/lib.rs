@@ -64,6 +64,18 @@ const fn agent_rule(name: &'static str, nr: i64, why: &'static str) -> Rule {
     }
 }
 
+/// A rule only a contended start reaches (the standby waits for the store
+/// lock of a server on the same host that is still exiting); the audit
+/// workload has no such server.
+const fn contended(name: &'static str, nr: i64, why: &'static str) -> Rule {
+    Rule {
+        name,
+        nr,
+        why,
+        exercised: false,
+    }
+}
+
 /// Thread kinds of the server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum ThreadKind {
@@ -126,6 +138,11 @@ pub const STANDBY_EXTRA_NETWORK: &[Rule] = &[
         libc::SYS_prctl,
         "PR_SET_NO_NEW_PRIVS before the serving table (seccompiler sets it again)",
     ),
+    contended(
+        "clock_nanosleep",
+        libc::SYS_clock_nanosleep,
+        "failover start: the pause between attempts at the store lock while the server this one replaces on the same host is still exiting (std::thread::sleep)",
+    ),
     agent_rule(
         "ioctl",
         libc::SYS_ioctl,
@@ -183,7 +200,10 @@ pub const SERVING_STORE: &[Rule] = &[
 /// The agent (`csnap agent`), single-threaded, once its pools exist: the
 /// whole failover path on the agent's side (taking a start from the bus,
 /// gathering the expected clients, starting its standby, announcing the new
-/// server, answering its clients) runs under this table.
+/// server, answering its clients) runs under this table. Audited under
+/// strace by `agent_syscalls_match_the_audited_whitelist` (tests/audit.rs:
+/// every rule used, nothing else made) and, on the failover path, by
+/// `the_failover_path_makes_only_audited_syscalls` (tests/failover.rs).
 pub const AGENT: &[Rule] = &[
     rule(
         "epoll_wait",
@@ -213,7 +233,7 @@ pub const AGENT: &[Rule] = &[
     rule(
         "close",
         libc::SYS_close,
-        "dropping a closed connection or a broken bus link",
+        "dropping a closed connection, a broken bus link, or the socket of a bus connect that failed",
     ),
     rule(
         "write",
@@ -223,17 +243,17 @@ pub const AGENT: &[Rule] = &[
     rule(
         "socket",
         libc::SYS_socket,
-        "re-making the bus link to the membership backend after it broke",
+        "the bus link to the membership backend: its first connect is made by the confined loop (strace: after the filter install), and it is re-made after it broke",
     ),
     rule(
         "connect",
         libc::SYS_connect,
-        "re-making the bus link to the membership backend after it broke",
+        "the bus link to the membership backend: first connect, and again after it broke",
     ),
     rule(
         "ioctl",
         libc::SYS_ioctl,
-        "FIONBIO: a re-made bus link is set non-blocking (std set_nonblocking)",
+        "FIONBIO: the bus link is set non-blocking once connected (std set_nonblocking)",
     ),
     exit_path(
         "exit_group",

@@ -226,7 +226,7 @@ fn serve(args: &ServerArgs) -> Result<ExitCode, String> {
             csnap_sys::seccomp::forbidden_open_for_tests();
         }
     };
-    Ok(stopped(lp.run_with(&mut hook)))
+    stopped(lp.run_with(&mut hook))
 }
 
 /// The host-local store lock (skipped with the `--no-host-lock` test hook).
@@ -243,6 +243,33 @@ fn lock_store(args: &ServerArgs, f: &std::fs::File) -> std::io::Result<bool> {
 fn no_readahead(sd: &FileDisk, od: &FileDisk) {
     let _ = csnap_sys::fadvise_random(sd.file());
     let _ = csnap_sys::fadvise_random(od.file());
+}
+
+/// The store lock at a standby's start: a server killed on this host may
+/// still hold it for a moment after its sockets closed (the kernel releases
+/// a dying process's files one by one), so a held lock is retried for up to
+/// `STANDBY_LOCK_WAIT_MS`. Returns the microseconds waited; `Err(Some(()))`
+/// if it is still held then, `Err(None)` on an error. Allocation-free.
+fn lock_store_at_start(args: &ServerArgs, f: &std::fs::File) -> Result<u64, Option<()>> {
+    let t0 = std::time::Instant::now();
+    let limit = std::time::Duration::from_millis(csnap_pools::STANDBY_LOCK_WAIT_MS);
+    let mut first = true;
+    loop {
+        match lock_store(args, f) {
+            Ok(true) if first => return Ok(0),
+            Ok(true) => {
+                return Ok(u64::try_from(t0.elapsed().as_micros())
+                    .unwrap_or(u64::MAX)
+                    .max(1))
+            }
+            Ok(false) if t0.elapsed() < limit => std::thread::sleep(
+                std::time::Duration::from_micros(csnap_pools::STANDBY_LOCK_RETRY_US),
+            ),
+            Ok(false) => return Err(Some(())),
+            Err(_) => return Err(None),
+        }
+        first = false;
+    }
 }
 
 /// Binds every `--listen` address.
@@ -326,8 +353,10 @@ fn seal_heap(args: &ServerArgs) {
     eprintln!("csnap server: heap sealed ({:?} on allocation)", args.seal);
 }
 
-/// The exit status and message for why the loop stopped.
-fn stopped(stop: Stop) -> ExitCode {
+/// Says why the loop stopped and ends the process (`exit_now`: a confined
+/// server frees nothing and makes no syscall outside its whitelist on the
+/// way out).
+fn stopped(stop: Stop) -> ! {
     match stop {
         Stop::StoreFailed => {
             error("the snapshot store failed; restart the server to replay the journal")
@@ -340,7 +369,7 @@ fn stopped(stop: Stop) -> ExitCode {
             "the agent link closed (the agent is gone, or it stopped this server); this server stops",
         ),
     }
-    ExitCode::from(EXIT_FAILED)
+    csnap_sys::exit_now(EXIT_FAILED)
 }
 
 fn serve_standby(args: &ServerArgs) -> Result<ExitCode, String> {
@@ -383,18 +412,65 @@ fn serve_standby(args: &ServerArgs) -> Result<ExitCode, String> {
     for a in lp.local_addrs() {
         eprintln!("csnap server: standby listening on {a}");
     }
-    let mut link = match &args.agent {
-        Some(path) => Some(announce(args, path, &lp)?),
-        None => None,
+    let (mut link, ready_addr) = match &args.agent {
+        Some(path) => {
+            let (l, a) = connect_agent(path, &lp)?;
+            (Some(l), a)
+        }
+        None => (None, String::new()),
     };
+    // getpid is a syscall the standby table does not allow: asked now.
+    let pid = std::process::id();
     confine_memory(args)?;
     let mut cmd = [0u8; 4096];
     seal_heap(args);
-    if let Some(f) = filters.as_ref().and_then(|f| f.standby.as_ref()) {
+    // From here on nothing allocates: errors are static strings, printed by
+    // `error` (it formats straight into stderr), and the process ends with
+    // `exit_now` (nothing freed, no syscall outside the whitelist).
+    match standby_confined(
+        args,
+        &mut lp,
+        &mut link,
+        (pid, &ready_addr),
+        filters.as_ref(),
+        &lock_file,
+        &mut cmd,
+    ) {
+        Ok(code) => csnap_sys::exit_now(code),
+        Err(e) => {
+            error(e);
+            csnap_sys::exit_now(EXIT_USAGE)
+        }
+    }
+}
+
+/// The sealed part of a standby: waits for its start, starts, serves.
+/// Allocation-free, so its errors are `&'static str`; the caller owns
+/// everything that must not be dropped (freed) before the process ends.
+fn standby_confined(
+    args: &ServerArgs,
+    lp: &mut ServerLoop,
+    link: &mut Option<csnap_io::server::AgentLink>,
+    ready: (u32, &str),
+    filters: Option<&Filters>,
+    lock_file: &std::fs::File,
+    cmd: &mut [u8; 4096],
+) -> Result<u8, &'static str> {
+    if let Some(f) = filters.and_then(|f| f.standby.as_ref()) {
         f.install()
             .map_err(|_| "cannot install the standby seccomp filter")?;
     }
     eprintln!("csnap server: standby ready (heap sealed, memory locked, store not read)");
+    if let Some(l) = link.as_mut() {
+        // Now, not at init: the agent offers this node for a start once
+        // the standby can start without faulting or allocating.
+        l.send(&csnap_proto::Msg::ServerReady {
+            pid: ready.0,
+            node_id: args.node,
+            addr: ready.1,
+        })
+        .map_err(|_| "standby: cannot announce itself to the agent")?;
+    }
     // Wait for the start command: allocation-free from here on.
     const START_LIST_MAX: usize = csnap_pools::START_LIST_MAX;
     let mut members = [0u32; START_LIST_MAX];
@@ -407,7 +483,7 @@ fn serve_standby(args: &ServerArgs) -> Result<ExitCode, String> {
             Ok(f) => f,
             Err(_) => {
                 eprintln!("csnap server: standby: the agent link closed before a start; exiting");
-                return Ok(ExitCode::SUCCESS);
+                return Ok(0);
             }
         };
         t0 = std::time::Instant::now();
@@ -421,8 +497,7 @@ fn serve_standby(args: &ServerArgs) -> Result<ExitCode, String> {
             )) => {
                 if m.len() > START_LIST_MAX || e.len() > START_LIST_MAX {
                     return Err(
-                        "start refused: more members or expected clients than START_LIST_MAX"
-                            .into(),
+                        "start refused: more members or expected clients than START_LIST_MAX",
                     );
                 }
                 for n in m.iter() {
@@ -434,14 +509,14 @@ fn serve_standby(args: &ServerArgs) -> Result<ExitCode, String> {
                     n_expected += 1;
                 }
             }
-            _ => return Err("standby: expected a StartServer message from the agent".into()),
+            _ => return Err("standby: expected a StartServer message from the agent"),
         }
     } else {
         let mut len = 0usize;
         loop {
             let n = csnap_sys::read_stdin(&mut cmd[len..]).map_err(|_| "standard input failed")?;
             if n == 0 {
-                return Err("standard input closed before a start command".into());
+                return Err("standard input closed before a start command");
             }
             len += n;
             if cmd[..len].contains(&b'\n') || len == cmd.len() {
@@ -452,7 +527,7 @@ fn serve_standby(args: &ServerArgs) -> Result<ExitCode, String> {
         let line = core::str::from_utf8(&cmd[..len]).map_err(|_| "start command is not UTF-8")?;
         let mut words = line.split_ascii_whitespace();
         if words.next() != Some("start") {
-            return Err("expected `start [member=NODE ...] [expect=CLIENT:NODE ...]`".into());
+            return Err("expected `start [member=NODE ...] [expect=CLIENT:NODE ...]`");
         }
         for w in words {
             if let Some(v) = w.strip_prefix("member=") {
@@ -470,15 +545,18 @@ fn serve_standby(args: &ServerArgs) -> Result<ExitCode, String> {
                     n_expected += 1;
                 }
             } else {
-                return Err("unknown word in the start command".into());
+                return Err("unknown word in the start command");
             }
         }
     }
     // Failover start: the store lock, then read, replay, next incarnation.
-    match lock_store(args, &lock_file) {
-        Ok(true) => {}
-        Ok(false) => return Err("start refused: another server holds this store (locked)".into()),
-        Err(_) => return Err("start failed: cannot lock the store".into()),
+    match lock_store_at_start(args, lock_file) {
+        Ok(0) => {}
+        Ok(waited) => eprintln!(
+            "csnap server: waited {waited} us for the store lock (the server this one replaces on this host was still exiting)"
+        ),
+        Err(Some(())) => return Err("start refused: another server holds this store (locked)"),
+        Err(None) => return Err("start failed: cannot lock the store"),
     }
     let info = lp.start_standby()?;
     for &m in &members[..n_members] {
@@ -489,7 +567,7 @@ fn serve_standby(args: &ServerArgs) -> Result<ExitCode, String> {
         l.set_nonblocking()
             .map_err(|_| "cannot make the agent link non-blocking")?;
     }
-    if let Some(f) = &filters {
+    if let Some(f) = filters {
         f.net
             .install()
             .map_err(|_| "cannot install the serving seccomp filter")?;
@@ -499,7 +577,7 @@ fn serve_standby(args: &ServerArgs) -> Result<ExitCode, String> {
         "csnap server: started incarnation {} ({} journal commit(s) replayed) in {us} us; serving",
         info.incarnation, info.replayed
     );
-    match link {
+    match link.take() {
         Some(mut link) => {
             let serving = csnap_proto::Msg::Serving {
                 incarnation: info.incarnation,
@@ -507,21 +585,22 @@ fn serve_standby(args: &ServerArgs) -> Result<ExitCode, String> {
                 replayed_commits: info.replayed,
             };
             if link.send(&serving).is_err() {
-                return Ok(stopped(csnap_io::server::Stop::AgentGone));
+                stopped(csnap_io::server::Stop::AgentGone);
             }
-            Ok(stopped(lp.run_with_agent(link)))
+            stopped(lp.run_with_agent(link))
         }
-        None => Ok(stopped(lp.run())),
+        None => stopped(lp.run()),
     }
 }
 
-/// Connects to the node's agent and announces this standby (init: it
-/// allocates). The agent answers `HelloOk`; a refusal is an error.
-fn announce(
-    args: &ServerArgs,
+/// Connects to the node's agent and says Hello (init: it allocates). The
+/// agent answers `HelloOk`; a refusal is an error. The standby announces
+/// itself (`ServerReady`, with the address returned here) once it is
+/// confined: "standby ready" means memory locked, heap sealed, filter on.
+fn connect_agent(
     path: &std::path::Path,
     lp: &ServerLoop,
-) -> Result<csnap_io::server::AgentLink, String> {
+) -> Result<(csnap_io::server::AgentLink, String), String> {
     use csnap_proto::{Msg, Role};
     let mut link = csnap_io::server::AgentLink::connect(path)
         .map_err(|e| format!("cannot reach the agent at {}: {e}", path.display()))?;
@@ -543,11 +622,5 @@ fn announce(
         .first()
         .map(ToString::to_string)
         .ok_or("a standby needs a --listen address")?;
-    link.send(&Msg::ServerReady {
-        pid: std::process::id(),
-        node_id: args.node,
-        addr: &addr,
-    })
-    .map_err(|e| format!("agent {}: {e}", path.display()))?;
-    Ok(link)
+    Ok((link, addr))
 }

@@ -444,3 +444,108 @@ fn standby_and_failover_start_syscalls_match_the_audited_whitelist() {
     );
     let _ = std::fs::remove_dir_all(&d);
 }
+
+/// The agent (`csnap agent`, one thread, confined once its pools exist)
+/// under `strace -f -ff` with its filter enforcing, through a workload that
+/// reaches every path of its loop: its first bus connection, clients and
+/// tools on its socket (attach, I/O, disconnect, a refused request), its
+/// standby announcing itself, a start it runs (gather, StartServer,
+/// Serving, ServerUp, a new standby spawned), its server dying and a
+/// failover elsewhere, a start again, its node leaving and joining, and the
+/// controller restarting (the bus breaks, reconnect attempts fail, then
+/// succeed). Every syscall after its filter install must be in `AGENT`, and
+/// every rule of `AGENT` not marked as an exit path must be used.
+#[test]
+fn agent_syscalls_match_the_audited_whitelist() {
+    use common::cluster::{read_traces, Cluster, ClusterOpts, Rng, CHUNK};
+
+    let have_strace = Command::new("strace")
+        .arg("-V")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(have_strace, "strace is required for the syscall audit");
+    let trace_dir = dir("agent");
+    let prefix = trace_dir.join("t");
+    let wrapper: Vec<String> = ["strace", "-f", "-ff", "-qq", "-s", "512", "-v", "-o"]
+        .iter()
+        .map(ToString::to_string)
+        .chain([prefix.to_str().unwrap().to_string()])
+        .collect();
+    let mut rng = Rng::new(0x5eed);
+    let mut c = Cluster::start(
+        "agent-audit",
+        ClusterOpts {
+            nodes: 2,
+            store_size: "48M",
+            agent_wrapper: Some((1, wrapper)),
+            ..ClusterOpts::default()
+        },
+        &mut rng,
+    );
+    // A start on the traced node (the first demand goes to node 1).
+    let mut w = c.io("origin", 11, 1);
+    assert_eq!(c.status().node, 1);
+    c.create(1);
+    let mut r = c.io("1", 12, 1);
+    let data = rng.bytes(3 * usize::try_from(CHUNK).unwrap());
+    w.write(7, &data);
+    r.read(0, 2 * CHUNK);
+    // A client that goes away, and one whose request is refused (a node id
+    // that is not this agent's).
+    c.io("origin", 13, 1).quit();
+    {
+        let mut a =
+            csnap_io::client::AgentClient::new(&c.agent_sock(1), 14, 2, Some(Volume::Snapshot(1)));
+        assert!(a
+            .need_server(0, Instant::now() + Duration::from_secs(5))
+            .is_err());
+    }
+    // Its server dies: the failover goes to node 2; then back to node 1.
+    c.wait_all_ready();
+    let (inc, node, _) = c.kill_server();
+    assert_eq!(node, 1);
+    let st = c.wait_serving_above(inc);
+    w.write(CHUNK, &data);
+    r.read(0, 2 * CHUNK);
+    c.wait_all_ready();
+    let (inc, _, _) = c.kill_server();
+    let st2 = c.wait_serving_above(inc);
+    assert_eq!((st.node, st2.node), (2, 1));
+    w.write(2 * CHUNK, &data);
+    // Leave and join.
+    c.wait_all_ready();
+    assert!(c.cluster_cmd("leave", &["1"]).status.success());
+    c.wait_serving_above(st2.incarnation);
+    assert!(c.cluster_cmd("join", &["1"]).status.success());
+    c.wait_all_ready();
+    // The controller restarts: the bus breaks, reconnects fail while it is
+    // down, then one succeeds.
+    if let Some(mut ctl) = c.controller.take() {
+        ctl.kill();
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    c.start_controller();
+    c.wait_all_ready();
+    w.write(3 * CHUNK, &data);
+    r.read(0, CHUNK);
+    w.quit();
+    r.quit();
+    c.stop();
+
+    let traces = read_traces(&prefix);
+    let agent: Vec<_> = traces
+        .values()
+        .filter(|t| t.runs("agent") && !t.phases().is_empty())
+        .collect();
+    assert_eq!(agent.len(), 1, "one confined agent thread in the trace");
+    let phases = agent[0].phases();
+    assert_eq!(phases.len(), 1, "the agent installs one filter");
+    let problems = common::cluster::audit("agent", &phases[0], csnap_audit::AGENT, true);
+    eprintln!("agent, confined: {:?}", phases[0]);
+    assert!(
+        problems.is_empty(),
+        "agent syscall audit failed:\n{}",
+        problems.join("\n")
+    );
+    let _ = std::fs::remove_dir_all(&trace_dir);
+}

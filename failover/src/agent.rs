@@ -65,6 +65,7 @@ pub fn run(mut opts: AgentOptions) -> Result<String, String> {
         suspect_hold_ms: csnap_pools::AGENT_SUSPECT_HOLD_MS,
         respawn_backoff_ms: csnap_pools::AGENT_RESPAWN_BACKOFF_MS,
         spawn_timeout_ms: csnap_pools::AGENT_SPAWN_TIMEOUT_MS,
+        standby_after_start_ms: csnap_pools::AGENT_STANDBY_AFTER_START_MS,
     };
     let mut poll = Poll::new().map_err(|e| format!("epoll: {e}"))?;
     let mut events = Events::with_capacity(EVENTS_MAX);
@@ -235,43 +236,48 @@ fn write_bus(fsm: &mut AgentFsm, b: &mut Bus) -> bool {
     true
 }
 
+/// Writes an event line, prefixed with `[t=MICROS]`: `CLOCK_MONOTONIC` in
+/// microseconds, one clock for every process of the machine, so the lines
+/// of agents, servers and clients can be put on one time line (the failover
+/// benchmark does).
 fn log(node: u32, e: &AgentEvent) {
+    let t = csnap_sys::monotonic_micros();
     match e {
         AgentEvent::StandbyReady { pid } => {
-            eprintln!("csnap agent {node}: standby ready (pid {pid})");
+            eprintln!("[t={t}] csnap agent {node}: standby ready (pid {pid})");
         }
         AgentEvent::StandbyLost { pid } => {
-            eprintln!("csnap agent {node}: standby lost (pid {pid}); a new one follows");
+            eprintln!("[t={t}] csnap agent {node}: standby lost (pid {pid}); a new one follows");
         }
         AgentEvent::Gathering { attempt, waiting } => eprintln!(
-            "csnap agent {node}: start {attempt}: asking {waiting} other member(s) for their snapshot clients"
+            "[t={t}] csnap agent {node}: start {attempt}: asking {waiting} other member(s) for their snapshot clients"
         ),
         AgentEvent::Starting { attempt, expected } => eprintln!(
-            "csnap agent {node}: start {attempt}: starting the standby ({expected} snapshot client(s) expected)"
+            "[t={t}] csnap agent {node}: start {attempt}: starting the standby ({expected} snapshot client(s) expected)"
         ),
         AgentEvent::Serving {
             incarnation,
             start_micros,
         } => eprintln!(
-            "csnap agent {node}: server incarnation {incarnation} serving (started in {start_micros} us)"
+            "[t={t}] csnap agent {node}: server incarnation {incarnation} serving (started in {start_micros} us)"
         ),
         AgentEvent::ServerDied { incarnation } => eprintln!(
-            "csnap agent {node}: server incarnation {incarnation} died"
+            "[t={t}] csnap agent {node}: server incarnation {incarnation} died"
         ),
         AgentEvent::StartFailed { attempt } => {
-            eprintln!("csnap agent {node}: start {attempt} failed");
+            eprintln!("[t={t}] csnap agent {node}: start {attempt} failed");
         }
         AgentEvent::TooManyExpected => eprintln!(
-            "csnap agent {node}: start refused: more snapshot clients than one start can carry"
+            "[t={t}] csnap agent {node}: start refused: more snapshot clients than one start can carry"
         ),
         AgentEvent::StaleServerStopped { incarnation } => eprintln!(
-            "csnap agent {node}: stopped server incarnation {incarnation}: a newer one serves"
+            "[t={t}] csnap agent {node}: stopped server incarnation {incarnation}: a newer one serves"
         ),
         AgentEvent::Fenced { reason } => {
-            eprintln!("csnap agent {node}: fenced by the controller ({reason:?})");
+            eprintln!("[t={t}] csnap agent {node}: fenced by the controller ({reason:?})");
         }
         AgentEvent::BusError { code } => {
-            eprintln!("csnap agent {node}: the membership backend said {code:?}; ignored");
+            eprintln!("[t={t}] csnap agent {node}: the membership backend said {code:?}; ignored");
         }
     }
 }

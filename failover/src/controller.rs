@@ -88,26 +88,33 @@ pub fn run(opts: &ControllerOptions) -> Result<String, String> {
     }
 }
 
+/// Writes an event line, prefixed with `[t=MICROS]` (`CLOCK_MONOTONIC`,
+/// as the agents' lines).
 fn log(e: &ControllerEvent) {
+    let t = csnap_sys::monotonic_micros();
     match e {
-        ControllerEvent::Joined { node } => eprintln!("csnap cluster: node {node} joined"),
+        ControllerEvent::Joined { node } => eprintln!("[t={t}] csnap cluster: node {node} joined"),
         ControllerEvent::Disconnected { node } => {
-            eprintln!("csnap cluster: node {node}'s agent disconnected");
+            eprintln!("[t={t}] csnap cluster: node {node}'s agent disconnected");
         }
         ControllerEvent::Placing { node, attempt } => {
-            eprintln!("csnap cluster: start {attempt}: placing the server on node {node}");
+            eprintln!("[t={t}] csnap cluster: start {attempt}: placing the server on node {node}");
         }
         ControllerEvent::Running { node, incarnation } => {
-            eprintln!("csnap cluster: server incarnation {incarnation} serves on node {node}")
+            eprintln!(
+                "[t={t}] csnap cluster: server incarnation {incarnation} serves on node {node}"
+            )
         }
         ControllerEvent::ServerDown { node, incarnation } => {
-            eprintln!("csnap cluster: server incarnation {incarnation} on node {node} is down")
+            eprintln!(
+                "[t={t}] csnap cluster: server incarnation {incarnation} on node {node} is down"
+            )
         }
         ControllerEvent::StartFailed { node } => {
-            eprintln!("csnap cluster: the start on node {node} failed");
+            eprintln!("[t={t}] csnap cluster: the start on node {node} failed");
         }
         ControllerEvent::NoCandidate => {
-            eprintln!("csnap cluster: a server is wanted but no member has a standby ready")
+            eprintln!("[t={t}] csnap cluster: a server is wanted but no member has a standby ready")
         }
     }
 }

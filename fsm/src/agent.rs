@@ -136,6 +136,9 @@ pub struct AgentConfig {
     /// A spawned standby that has not announced itself by then is spawned
     /// again.
     pub spawn_timeout_ms: u64,
+    /// Wait after the local server serves before its successor standby is
+    /// spawned.
+    pub standby_after_start_ms: u64,
 }
 
 /// What the driver must do.
@@ -832,8 +835,10 @@ impl AgentFsm {
             addr: addr.as_str(),
         });
         self.report_state(0);
-        // A new standby, in the background.
-        self.spawn_at_ms = Some(self.now_ms);
+        // A new standby, in the background, once the clients have caught
+        // up: its init (reserving and locking its memory) would compete for
+        // the CPU with their reconnects.
+        self.spawn_at_ms = Some(self.now_ms + self.cfg.standby_after_start_ms);
     }
 
     /// `conn` closed or failed.

@@ -497,8 +497,11 @@ impl Server {
         self.assert_invariants();
     }
 
-    /// Membership says `node` left the cluster (and was fenced): its parked
-    /// clients' locks are released, and the recovery barrier stops waiting
+    /// Membership says `node` left the cluster (and was fenced): the read
+    /// locks of its snapshot clients are released, parked or connected, and
+    /// the connected ones are closed (their locks are no longer honoured; a
+    /// client there that asks its agent again is refused); writes that
+    /// waited for those locks proceed. The recovery barrier stops waiting
     /// for its clients.
     pub fn handle_node_left(&mut self, node: u32) {
         self.membership_known = true;
@@ -512,6 +515,31 @@ impl Server {
                 self.locks.release_owner(owner, &mut |w| woken.push(w));
             }
         }
+        for i in 0..self.sessions.len() {
+            let s = &self.sessions[i];
+            let snapshot_client = matches!(
+                s.state,
+                SessionState::Snapshot(_) | SessionState::Identifying(_)
+            );
+            if !snapshot_client || s.node_id != node {
+                continue;
+            }
+            let Ok(conn) = ConnId::try_from(i) else {
+                continue;
+            };
+            self.locks.release_owner(conn, &mut |w| woken.push(w));
+            self.close(conn);
+        }
+        // A closed client's own waiting writes (snapshot writes) are not
+        // granted: they are dropped when its connection closes.
+        let sessions = &self.sessions;
+        let inflight = &self.inflight;
+        woken.retain(|&w| {
+            inflight
+                .get(w)
+                .and_then(|f| f.conn)
+                .is_none_or(|c| sessions[c as usize].state != SessionState::Closing)
+        });
         for w in woken.drain(..) {
             self.locks_clear(w);
         }
@@ -1945,11 +1973,7 @@ impl Server {
         }
         if s.out_end + bytes.len() > cap {
             // The client does not read its replies: drop it.
-            s.state = SessionState::Closing;
-            if !s.close_queued {
-                s.close_queued = true;
-                self.close_q.push(conn);
-            }
+            self.close(conn);
             return;
         }
         self.out[base + s.out_end..base + s.out_end + bytes.len()].copy_from_slice(bytes);
@@ -1964,6 +1988,11 @@ impl Server {
         let s = &mut self.sessions[conn as usize];
         if s.state == SessionState::Free {
             return;
+        }
+        if matches!(s.state, SessionState::Origin | SessionState::Snapshot(_)) {
+            // No longer an attached client (`handle_disconnect` sees
+            // `Closing` and does not count it again).
+            self.identified -= 1;
         }
         s.state = SessionState::Closing;
         if !s.close_queued {

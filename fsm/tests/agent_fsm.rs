@@ -155,6 +155,7 @@ fn cfg() -> AgentConfig {
         suspect_hold_ms: HOLD_MS,
         respawn_backoff_ms: BACKOFF_MS,
         spawn_timeout_ms: SPAWN_TIMEOUT_MS,
+        standby_after_start_ms: 0,
     }
 }
 

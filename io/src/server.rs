@@ -72,6 +72,7 @@ pub struct ServerLoop {
     refuse_buf: [u8; 512],
     ready: Vec<(Token, bool, bool, bool)>,
     agent: Option<(mio::net::UnixStream, FrameReader<Box<[u8]>>)>,
+    agent_frame: Option<Box<[u8]>>,
     _worker_ready: std::sync::mpsc::Receiver<Result<(), String>>,
 }
 
@@ -249,6 +250,7 @@ impl ServerLoop {
             refuse_buf: [0u8; 512],
             ready: Vec::with_capacity(EVENTS_MAX),
             agent: None,
+            agent_frame: None,
             _worker_ready: ready_rx,
         })
     }
@@ -341,7 +343,15 @@ impl ServerLoop {
     /// Frames already buffered in the link are handled first. The link must
     /// be non-blocking (`AgentLink::set_nonblocking`). Allocates nothing.
     pub fn run_with_agent(&mut self, link: AgentLink) -> Stop {
-        let AgentLink { stream, reader, .. } = link;
+        // Every part of the link lives as long as the loop: nothing is
+        // freed while the heap is sealed.
+        let AgentLink {
+            stream,
+            reader,
+            frame,
+            ..
+        } = link;
+        self.agent_frame = Some(frame);
         let mut stream = mio::net::UnixStream::from_std(stream);
         if let Err(e) = self
             .poll

@@ -501,6 +501,7 @@ impl Sim {
                 suspect_hold_ms: 10,
                 respawn_backoff_ms: 20,
                 spawn_timeout_ms: 400,
+                standby_after_start_ms: 5,
             });
             s.agents.push(a);
             let c = s.ctl.handle_accept().unwrap();

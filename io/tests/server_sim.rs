@@ -566,3 +566,80 @@ fn disconnect_keeps_locks_while_the_node_is_a_member_and_releases_when_it_leaves
     assert_eq!(s.server.read_locks(), 0);
     assert_eq!(s.server.parked_clients(), 0);
 }
+
+#[test]
+fn an_attached_client_that_sends_garbage_is_closed_and_the_server_goes_on() {
+    // Found with the failover tests: closing an attached (identified)
+    // session left the identified-client count one too high, and the
+    // invariant check then stopped the server.
+    let mut s = sim(3);
+    let ctl = s.connect(Role::Control);
+    s.control(ctl, 3, &Msg::CreateSnapshot { tag: 7 });
+    let origin = s.attach(Volume::Origin);
+    let snap = s.attach(Volume::Snapshot(7));
+    let mut b = [0u8; 64];
+    s.send(snap, 10, &Msg::QuerySnapshotRead(ranges(&mut b, 3, 1)));
+    s.step();
+    s.take(snap);
+    s.send(origin, 20, &Msg::QueryOriginWrite(ranges(&mut b, 3, 1)));
+    s.step();
+    assert!(s.take(origin).is_empty(), "the read lock holds the write");
+    s.server
+        .handle_bad_stream(snap, &proto::DecodeError::BadMagic);
+    s.collect();
+    expect_error(&s.take(snap)[0].1, ErrorCode::BadMagic);
+    assert!(s.closed.contains(&snap));
+    s.server.handle_disconnect(snap);
+    s.step();
+    let r = s.take(origin);
+    assert_eq!(r.len(), 1, "its lock went with it");
+    assert!(matches!(
+        proto::decode(&r[0].1).unwrap().1,
+        Msg::OriginWriteOk(_)
+    ));
+}
+
+#[test]
+fn a_node_that_leaves_takes_the_locks_of_its_connected_clients_and_their_connections() {
+    // Found with the failover tests (`csnap cluster leave` of a snapshot
+    // reader's node): only parked locks were released, so a write waiting
+    // for a connected client of the fenced node waited for ever.
+    let mut s = sim(4);
+    let ctl = s.connect(Role::Control);
+    s.control(ctl, 3, &Msg::CreateSnapshot { tag: 7 });
+    s.server.handle_node_joined(1);
+    s.server.handle_node_joined(2);
+    let origin = s.attach(Volume::Origin);
+    let snap = s.attach(Volume::Snapshot(7));
+    let mut b = [0u8; 64];
+    s.send(snap, 10, &Msg::QuerySnapshotRead(ranges(&mut b, 3, 2)));
+    s.step();
+    s.take(snap);
+    s.send(origin, 20, &Msg::QueryOriginWrite(ranges(&mut b, 4, 1)));
+    s.step();
+    assert!(s.take(origin).is_empty());
+    // Another node leaving changes nothing.
+    s.server.handle_node_left(2);
+    s.collect();
+    assert!(s.take(origin).is_empty());
+    assert_eq!(s.server.read_locks(), 2);
+    // The reader's node (identify says node 1) leaves: its locks go, its
+    // connection is closed, the write is granted.
+    s.server.handle_node_left(1);
+    s.collect();
+    assert_eq!(s.server.read_locks(), 0);
+    assert!(s.closed.contains(&snap));
+    let r = s.take(origin);
+    assert_eq!(
+        r.len(),
+        1,
+        "the lock of a client of the node that left went"
+    );
+    assert!(matches!(
+        proto::decode(&r[0].1).unwrap().1,
+        Msg::OriginWriteOk(_)
+    ));
+    s.server.handle_disconnect(snap);
+    s.step();
+    assert_eq!(s.server.parked_clients(), 0, "nothing parked for it");
+}

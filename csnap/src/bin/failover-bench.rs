@@ -1,0 +1,654 @@
+//! Failover benchmark: a 3-node local cluster (controller, three agents
+//! with their standbys, confinement on) and 4 volume clients in threads
+//! (`VolumeClient::open_via_agent`: two origin writers, two snapshot
+//! readers, on three nodes) doing I/O continuously; the serving server is
+//! SIGKILLed `--failovers` times (default 120), each time once every node
+//! has its standby ready again.
+//!
+//! Per failover, on `CLOCK_MONOTONIC` (one clock for every process:
+//! `csnap_sys::monotonic_micros`, and the `[t=MICROS]` prefix of the agent
+//! and controller event lines):
+//! - detection: kill to the agent of the killed server logging "server
+//!   incarnation N died" (the broken local socket);
+//! - start to serving: the new server's own figure ("started in X us");
+//! - kill to every client served again: to the last of the clients' first
+//!   completed I/O answered by the new incarnation;
+//! - the path in between: the controller placing the server, the starting
+//!   agent gathering and sending StartServer, its Serving, the controller
+//!   hearing ServerUp, and the first and last client served.
+//!
+//! Run: `cargo build --release -p csnap && target/release/failover-bench [--failovers N]`
+//! (as root: mlock; `cargo run --release -p csnap --bin failover-bench -- --failovers N`).
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use csnap_io::client::VolumeClient;
+use csnap_proto::Volume;
+use csnap_sys::monotonic_micros;
+
+const NODES: u32 = 3;
+const ORIGIN_BYTES: u64 = 16 << 20;
+const CHUNK: u64 = 16 * 1024;
+const CHUNK_BYTES: usize = 16 * 1024;
+const ORIGIN_LEN: usize = 16 << 20;
+
+/// A child killed on drop, with its stderr lines collected.
+struct Proc {
+    child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+}
+
+impl Proc {
+    fn spawn(cmd: &mut Command) -> Result<Proc, String> {
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("spawn: {e}"))?;
+        let err = child.stderr.take().ok_or("no stderr")?;
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let l = Arc::clone(&lines);
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines() {
+                let Ok(line) = line else { break };
+                if let Ok(mut g) = l.lock() {
+                    g.push(line);
+                }
+            }
+        });
+        Ok(Proc { child, lines })
+    }
+
+    fn lines(&self) -> Vec<String> {
+        self.lines.lock().map(|g| g.clone()).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `csnap cluster status`, parsed: (incarnation, node, address, nodes with
+/// a standby ready).
+fn status(bin: &Path, cdir: &Path) -> Result<(u64, u32, String, u32), String> {
+    let o = Command::new(bin)
+        .args(["cluster", "status", "--dir"])
+        .arg(cdir)
+        .output()
+        .map_err(|e| e.to_string())?;
+    if !o.status.success() {
+        return Err(String::from_utf8_lossy(&o.stderr).into_owned());
+    }
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    let (mut inc, mut node, mut addr, mut ready) = (0, 0, String::new(), 0);
+    for l in out.lines() {
+        if let Some(rest) = l.strip_prefix("server: incarnation ") {
+            let (i, rest) = rest.split_once(" on node ").ok_or("status")?;
+            let (n, a) = rest.split_once(" at ").ok_or("status")?;
+            inc = i.parse().map_err(|_| "status")?;
+            node = n.parse().map_err(|_| "status")?;
+            addr = a.to_string();
+        } else if l.starts_with("node ") && l.contains(" member connected standby-ready") {
+            ready += 1;
+        }
+    }
+    Ok((inc, node, addr, ready))
+}
+
+/// Polls the status until `f` holds.
+fn wait_status(
+    bin: &Path,
+    cdir: &Path,
+    what: &str,
+    f: impl Fn(&(u64, u32, String, u32)) -> bool,
+) -> Result<(u64, u32, String, u32), String> {
+    let start = Instant::now();
+    loop {
+        let st = status(bin, cdir)?;
+        if f(&st) {
+            return Ok(st);
+        }
+        if start.elapsed() > Duration::from_secs(30) {
+            return Err(format!("timed out waiting until {what}: {st:?}"));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// The pid of the process listening on `addr` (`--listen ADDR`).
+fn server_pid(addr: &str) -> Option<u32> {
+    for e in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(b) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        let args: Vec<&[u8]> = b.split(|&c| c == 0).collect();
+        if args
+            .windows(2)
+            .any(|w| w[0] == b"--listen" && w[1] == addr.as_bytes())
+        {
+            return Some(pid);
+        }
+    }
+    None
+}
+
+/// The `[t=MICROS]` of an event line.
+fn stamp(line: &str) -> Option<u64> {
+    line.strip_prefix("[t=")?.split(']').next()?.parse().ok()
+}
+
+/// The first line (stamped at or after `since`) containing `needle`.
+fn find(lines: &[String], since: u64, needle: &str) -> Option<(u64, String)> {
+    lines.iter().find_map(|l| {
+        let t = stamp(l)?;
+        (t >= since && l.contains(needle)).then(|| (t, l.clone()))
+    })
+}
+
+/// A client thread's figures.
+#[derive(Default)]
+struct ClientState {
+    /// When its first I/O answered by an incarnation above `killed` (the
+    /// shared one) completed; 0 until then.
+    served_at: AtomicU64,
+    ios: AtomicU64,
+    errors: AtomicU64,
+}
+
+struct Shared {
+    killed: AtomicU64,
+    stop: AtomicBool,
+    clients: Vec<ClientState>,
+    last_error: Mutex<String>,
+}
+
+/// What one client thread attaches to.
+struct ClientPlan {
+    agent: PathBuf,
+    origin: PathBuf,
+    store: PathBuf,
+    volume: Volume,
+    id: u64,
+    node: u32,
+    /// Its index in `Shared::clients`.
+    k: usize,
+}
+
+fn run_client(p: &ClientPlan, shared: &Shared) -> Result<(), String> {
+    let (volume, id, k) = (p.volume, p.id, p.k);
+    let mut v = VolumeClient::open_via_agent(
+        &p.agent,
+        &p.origin,
+        &p.store,
+        volume,
+        id,
+        p.node,
+        Duration::from_secs(5),
+    )
+    .map_err(|e| format!("client {id}: {e}"))?;
+    let mut x = id.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let mut buf = vec![0u8; CHUNK_BYTES];
+    let chunks = ORIGIN_BYTES / CHUNK;
+    while !shared.stop.load(Ordering::Relaxed) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let off = (x % chunks) * CHUNK + (x >> 40) % 512;
+        let r = match volume {
+            Volume::Origin => {
+                buf[..4096].fill(x.to_le_bytes()[0]);
+                v.write_at(&buf[..4096], off)
+            }
+            Volume::Snapshot(_) => v.read_at(&mut buf, off.min(ORIGIN_BYTES - CHUNK)),
+        };
+        let t = monotonic_micros();
+        let c = &shared.clients[k];
+        match r {
+            Ok(()) => {
+                c.ios.fetch_add(1, Ordering::Relaxed);
+                let inc = v.connection().incarnation();
+                if inc > shared.killed.load(Ordering::SeqCst)
+                    && c.served_at.load(Ordering::SeqCst) == 0
+                {
+                    c.served_at.store(t, Ordering::SeqCst);
+                }
+            }
+            Err(e) => {
+                c.errors.fetch_add(1, Ordering::Relaxed);
+                if let Ok(mut g) = shared.last_error.lock() {
+                    *g = format!("client {id}: {e}");
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// p50, p99 and max of `v` (sorted here), in the unit given.
+fn stats(v: &mut [f64]) -> (f64, f64, f64) {
+    v.sort_by(f64::total_cmp);
+    if v.is_empty() {
+        return (0.0, 0.0, 0.0);
+    }
+    // Nearest rank: an index below the length (q in 0..=1), so the cast
+    // is exact.
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    let at = |q: f64| {
+        let i = ((v.len() as f64 - 1.0) * q).round() as usize;
+        v[i.min(v.len() - 1)]
+    };
+    (at(0.5), at(0.99), v[v.len() - 1])
+}
+
+/// One failover's time line, milliseconds after the kill (NaN: no line).
+#[derive(Clone, Copy)]
+struct Timeline {
+    detect: f64,
+    placing: f64,
+    starting: f64,
+    serving: f64,
+    server_up: f64,
+    first_client: f64,
+    all_clients: f64,
+    start: f64,
+    lock_wait: f64,
+}
+
+#[derive(Default)]
+struct Row {
+    timelines: Vec<Timeline>,
+    lock_waits: Vec<f64>,
+    detect: Vec<f64>,
+    placing: Vec<f64>,
+    gathering: Vec<f64>,
+    starting: Vec<f64>,
+    serving: Vec<f64>,
+    server_up: Vec<f64>,
+    first_client: Vec<f64>,
+    all_clients: Vec<f64>,
+    start_us: Vec<f64>,
+}
+
+fn main() {
+    if let Err(e) = real_main() {
+        eprintln!("failover-bench: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn real_main() -> Result<(), String> {
+    let args: Vec<String> = std::env::args().collect();
+    let failovers = args
+        .iter()
+        .position(|a| a == "--failovers")
+        .and_then(|i| args.get(i + 1))
+        .map_or(Ok(120), |v| {
+            v.parse::<u32>().map_err(|e| format!("--failovers: {e}"))
+        })?;
+    let bin: PathBuf = std::env::current_exe()
+        .map_err(|e| e.to_string())?
+        .with_file_name("csnap");
+    if !bin.exists() {
+        return Err(format!(
+            "{} not found: cargo build --release -p csnap first",
+            bin.display()
+        ));
+    }
+    let d = std::env::temp_dir().join(format!("csnap-failover-bench-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).map_err(|e| e.to_string())?;
+    let r = bench(&bin, &d, failovers, &args);
+    let _ = std::fs::remove_dir_all(&d);
+    r
+}
+
+fn bench(bin: &Path, d: &Path, failovers: u32, args: &[String]) -> Result<(), String> {
+    let (origin, store, cdir) = (d.join("origin"), d.join("store"), d.join("cluster"));
+    std::fs::write(&origin, vec![7u8; ORIGIN_LEN]).map_err(|e| e.to_string())?;
+    let o = Command::new(bin)
+        .args(["format", "--origin"])
+        .arg(&origin)
+        .arg("--store")
+        .arg(&store)
+        .args(["--store-size", "256M"])
+        .output()
+        .map_err(|e| e.to_string())?;
+    if !o.status.success() {
+        return Err(String::from_utf8_lossy(&o.stderr).into_owned());
+    }
+    println!("failover-bench: {}", args.join(" "));
+    println!(
+        "  {failovers} failovers; {NODES}-node local cluster (controller, agents, standbys; mlock, sealed heap, seccomp on); 4 client threads (VolumeClient::open_via_agent): origin writers on nodes 1 and 2 (4 KiB), snapshot readers on nodes 2 and 3 (16 KiB), I/O back to back; nproc {}",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    let controller = Proc::spawn(
+        Command::new(bin)
+            .args(["cluster", "run", "--dir"])
+            .arg(&cdir),
+    )?;
+    let sock = cdir.join("controller.sock");
+    let t = Instant::now();
+    while std::os::unix::net::UnixStream::connect(&sock).is_err() {
+        if t.elapsed() > Duration::from_secs(30) {
+            return Err("the controller did not start".into());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mut agents = Vec::new();
+    for n in 1..=NODES {
+        agents.push(Proc::spawn(
+            Command::new(bin)
+                .args(["agent", "--dir"])
+                .arg(&cdir)
+                .args(["--node", &n.to_string(), "--origin"])
+                .arg(&origin)
+                .arg("--store")
+                .arg(&store),
+        )?);
+    }
+    let agent_sock = |n: u32| cdir.join(format!("node-{n}")).join("agent.sock");
+    wait_status(bin, &cdir, "every node has a standby", |s| s.3 == NODES)?;
+    // The first client places the server; then the snapshot the readers use.
+    let shared = Arc::new(Shared {
+        killed: AtomicU64::new(0),
+        stop: AtomicBool::new(false),
+        clients: (0..4).map(|_| ClientState::default()).collect(),
+        last_error: Mutex::new(String::new()),
+    });
+    let plan = [
+        (Volume::Origin, 101u64, 1u32),
+        (Volume::Origin, 102, 2),
+        (Volume::Snapshot(1), 201, 2),
+        (Volume::Snapshot(1), 202, 3),
+    ];
+    let mut threads = Vec::new();
+    for (k, &(volume, id, node)) in plan.iter().enumerate() {
+        if k == 2 {
+            let (_, _, addr, _) = wait_status(bin, &cdir, "a server serves", |s| s.0 > 0)?;
+            let o = Command::new(bin)
+                .args(["snapshot", "create", "--server", &addr, "1"])
+                .output()
+                .map_err(|e| e.to_string())?;
+            if !o.status.success() {
+                return Err(String::from_utf8_lossy(&o.stderr).into_owned());
+            }
+        }
+        let sh = Arc::clone(&shared);
+        let p = ClientPlan {
+            agent: agent_sock(node),
+            origin: origin.clone(),
+            store: store.clone(),
+            volume,
+            id,
+            node,
+            k,
+        };
+        threads.push(std::thread::spawn(move || {
+            if let Err(e) = run_client(&p, &sh) {
+                if let Ok(mut g) = sh.last_error.lock() {
+                    *g = e;
+                }
+                sh.clients[k].errors.fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+        // Attached before the next one (the placement is deterministic).
+        let t = Instant::now();
+        while shared.clients[k].ios.load(Ordering::Relaxed) == 0 {
+            if t.elapsed() > Duration::from_secs(30)
+                || shared.clients[k].errors.load(Ordering::Relaxed) > 0
+            {
+                return Err(format!(
+                    "client {id} does no I/O: {}",
+                    shared
+                        .last_error
+                        .lock()
+                        .map(|g| g.clone())
+                        .unwrap_or_default()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    let mut row = Row::default();
+    let mut nodes_seen = [0u32; NODES as usize + 1];
+    let ios_before: u64 = shared
+        .clients
+        .iter()
+        .map(|c| c.ios.load(Ordering::Relaxed))
+        .sum();
+    let bench_start = Instant::now();
+    for i in 0..failovers {
+        let (inc, _, addr, _) = wait_status(bin, &cdir, "every node has a standby", |s| {
+            s.3 == NODES && s.0 > 0
+        })?;
+        // Steady state: every client on this incarnation.
+        std::thread::sleep(Duration::from_millis(50));
+        let pid = server_pid(&addr).ok_or_else(|| format!("no process listens on {addr}"))?;
+        shared.killed.store(inc, Ordering::SeqCst);
+        for c in &shared.clients {
+            c.served_at.store(0, Ordering::SeqCst);
+        }
+        let kill_at = monotonic_micros();
+        csnap_sys::send_signal(pid, libc::SIGKILL).map_err(|e| format!("kill {pid}: {e}"))?;
+        let t = Instant::now();
+        while shared
+            .clients
+            .iter()
+            .any(|c| c.served_at.load(Ordering::SeqCst) == 0)
+        {
+            if t.elapsed() > Duration::from_secs(10) {
+                return Err(format!(
+                    "failover {i}: not every client was served within 10 s; last error: {}",
+                    shared
+                        .last_error
+                        .lock()
+                        .map(|g| g.clone())
+                        .unwrap_or_default()
+                ));
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        let served: Vec<u64> = shared
+            .clients
+            .iter()
+            .map(|c| c.served_at.load(Ordering::SeqCst))
+            .collect();
+        // The event lines of this failover (they may trail the I/O a bit).
+        let new = inc + 1;
+        let (mut died, mut serving) = (None, None);
+        let (mut gathering, mut starting) = (None, None);
+        let t = Instant::now();
+        while (died.is_none() || serving.is_none()) && t.elapsed() < Duration::from_secs(5) {
+            for a in &agents {
+                let lines = a.lines();
+                if died.is_none() {
+                    died = find(&lines, kill_at, &format!("server incarnation {inc} died"));
+                }
+                if serving.is_none() {
+                    if let Some(s) = find(
+                        &lines,
+                        kill_at,
+                        &format!("server incarnation {new} serving"),
+                    ) {
+                        gathering = find(&lines, kill_at, "snapshot clients")
+                            .filter(|g| g.1.contains("asking"));
+                        starting = find(&lines, kill_at, "starting the standby");
+                        serving = Some(s);
+                    }
+                }
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let ctl = controller.lines();
+        let placing = find(&ctl, kill_at, "placing the server");
+        let up = find(
+            &ctl,
+            kill_at,
+            &format!("server incarnation {new} serves on node"),
+        );
+        let (Some(died), Some(serving)) = (died, serving) else {
+            return Err(format!("failover {i}: the agents' event lines are missing"));
+        };
+        let us = |t: u64| t.saturating_sub(kill_at) as f64;
+        let ms = |t: u64| us(t) / 1000.0;
+        row.detect.push(ms(died.0));
+        if let Some(p) = &placing {
+            row.placing.push(ms(p.0));
+        }
+        if let Some(g) = gathering {
+            row.gathering.push(ms(g.0));
+        }
+        if let Some(s) = &starting {
+            row.starting.push(ms(s.0));
+        }
+        row.serving.push(ms(serving.0));
+        if let Some(u) = &up {
+            row.server_up.push(ms(u.0));
+            if let Some(n) = u.1.rsplit(' ').next().and_then(|n| n.parse::<usize>().ok()) {
+                if n <= NODES as usize {
+                    nodes_seen[n] += 1;
+                }
+            }
+        }
+        let start_us = serving
+            .1
+            .split("started in ")
+            .nth(1)
+            .and_then(|r| r.split(' ').next())
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(f64::NAN);
+        row.start_us.push(start_us / 1000.0);
+        row.first_client
+            .push(ms(*served.iter().min().unwrap_or(&kill_at)));
+        row.all_clients
+            .push(ms(*served.iter().max().unwrap_or(&kill_at)));
+        // A start that waited for the store lock of the server it replaces
+        // (same host: the dying one still held it).
+        let mut lock_wait = 0.0;
+        for a in &agents {
+            let lines = a.lines();
+            let Some(at) = lines.iter().position(|l| l.contains(&serving.1)) else {
+                continue;
+            };
+            if let Some(w) = lines[..at].iter().rev().take(4).find_map(|l| {
+                l.split("waited ")
+                    .nth(1)?
+                    .split(' ')
+                    .next()?
+                    .parse::<f64>()
+                    .ok()
+            }) {
+                lock_wait = w / 1000.0;
+            }
+        }
+        if lock_wait > 0.0 {
+            row.lock_waits.push(lock_wait);
+        }
+        let nan = f64::NAN;
+        row.timelines.push(Timeline {
+            detect: ms(died.0),
+            placing: placing.map_or(nan, |p| ms(p.0)),
+            starting: starting.map_or(nan, |s| ms(s.0)),
+            serving: ms(serving.0),
+            server_up: up.as_ref().map_or(nan, |u| ms(u.0)),
+            first_client: ms(*served.iter().min().unwrap_or(&kill_at)),
+            all_clients: ms(*served.iter().max().unwrap_or(&kill_at)),
+            start: start_us / 1000.0,
+            lock_wait,
+        });
+    }
+    let secs = bench_start.elapsed().as_secs_f64();
+    shared.stop.store(true, Ordering::SeqCst);
+    let ios: u64 = shared
+        .clients
+        .iter()
+        .map(|c| c.ios.load(Ordering::Relaxed))
+        .sum();
+    let errors: u64 = shared
+        .clients
+        .iter()
+        .map(|c| c.errors.load(Ordering::Relaxed))
+        .sum();
+    drop(agents);
+    drop(controller);
+    for t in threads {
+        let _ = t.join();
+    }
+    println!(
+        "  {} I/Os during the run ({:.0}/s), {errors} I/O errors; servers placed on node 1: {}, node 2: {}, node 3: {}",
+        ios - ios_before,
+        (ios - ios_before) as f64 / secs,
+        nodes_seen[1],
+        nodes_seen[2],
+        nodes_seen[3]
+    );
+    if errors > 0 {
+        println!(
+            "  last error: {}",
+            shared
+                .last_error
+                .lock()
+                .map(|g| g.clone())
+                .unwrap_or_default()
+        );
+    }
+    println!("  milliseconds (n = failovers)               p50       p99       max");
+    let line = |name: &str, v: &mut Vec<f64>| {
+        let (a, b, c) = stats(v);
+        println!("  {name:<40} {a:>9.3} {b:>9.3} {c:>9.3}   (n={})", v.len());
+    };
+    line("kill -> detected (agent: died)", &mut row.detect);
+    line("kill -> controller places the server", &mut row.placing);
+    line("kill -> starting agent gathers", &mut row.gathering);
+    line("kill -> StartServer sent", &mut row.starting);
+    line("kill -> agent has Serving", &mut row.serving);
+    line("kill -> controller has ServerUp", &mut row.server_up);
+    line("kill -> first client served", &mut row.first_client);
+    line("kill -> every client served", &mut row.all_clients);
+    line("start to serving (server's own)", &mut row.start_us);
+    println!(
+        "  starts that waited for the dying server's store lock: {} of {failovers}",
+        row.lock_waits.len()
+    );
+    if !row.lock_waits.is_empty() {
+        line("  store lock wait in those starts", &mut row.lock_waits);
+    }
+    let mut worst = row.timelines.clone();
+    worst.sort_by(|a, b| b.all_clients.total_cmp(&a.all_clients));
+    println!("  slowest failovers, ms after the kill: detected, placed, StartServer, Serving (start, of it lock wait), ServerUp, first client, every client");
+    for w in worst.iter().take(5) {
+        println!(
+            "    {:>7.3} {:>7.3} {:>7.3} {:>7.3} ({:.3}, {:.3}) {:>7.3} {:>7.3} {:>7.3}",
+            w.detect,
+            w.placing,
+            w.starting,
+            w.serving,
+            w.start,
+            w.lock_wait,
+            w.server_up,
+            w.first_client,
+            w.all_clients
+        );
+    }
+    let (_, s99, smax) = stats(&mut row.start_us);
+    let (_, a99, amax) = stats(&mut row.all_clients);
+    println!(
+        "  targets (issue #5): start to serving < 1 ms: p99 {s99:.3} ms, max {smax:.3} ms ({}); kill to every client served < 10 ms: p99 {a99:.3} ms, max {amax:.3} ms ({})",
+        if smax < 1.0 { "met" } else if s99 < 1.0 { "met at p99, not at max" } else { "missed" },
+        if amax < 10.0 { "met" } else if a99 < 10.0 { "met at p99, not at max" } else { "missed" }
+    );
+    Ok(())
+}
