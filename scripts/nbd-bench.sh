@@ -54,6 +54,7 @@ bench_once() { # url depth write(0|1) offset step
     }
     local secs
     secs=$(sed -n 's/.*Run completed in \([0-9.]*\) seconds.*/\1/p' <<<"$out")
+    if [[ -n "${BENCH_VERBOSE:-}" ]]; then echo "  run: $url depth $depth write $write offset $off step $step: $secs s" >&2; fi
     awk -v c="$count" -v s="$secs" 'BEGIN { printf "%.0f", c / s }'
 }
 # Repeatable measurements (reads, rewrites): the median of 3 runs. A
@@ -80,6 +81,8 @@ for d in 1 16; do
 done
 kill "${pids[-1]}"; wait "${pids[-1]}" 2>/dev/null || true; unset 'pids[-1]'
 
+rm -f "$raw"; sync; echo 3 >/proc/sys/vm/drop_caches 2>/dev/null || true
+
 echo "== qemu-nbd on a qcow2 overlay over a backing file"
 truncate -s "$origin_bytes" "$work/base.img"
 qemu-img create -q -f qcow2 -b "$work/base.img" -F raw "$work/overlay.qcow2"
@@ -94,6 +97,15 @@ for d in 1 16; do
     iops[qcow_read_$d]=$(bench "$qurl" "$d" 0 "$off" "$chunk")
 done
 kill "${pids[-1]}"; wait "${pids[-1]}" 2>/dev/null || true; unset 'pids[-1]'
+
+# Each section starts from the same state: the previous one's files gone,
+# written back, and the page cache dropped (where the kernel lets us).
+fresh_state() {
+    rm -f "$work"/*.img "$work"/*.qcow2
+    sync
+    echo 3 >/proc/sys/vm/drop_caches 2>/dev/null || true
+}
+fresh_state
 
 echo "== csnap up (one-node cluster, NBD export)"
 up="$work/up"
