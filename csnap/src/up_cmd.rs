@@ -161,6 +161,14 @@ fn up(args: &UpArgs) -> Result<ExitCode, (u8, String)> {
             store.display(),
             origin.display()
         )));
+    } else {
+        let size = std::fs::metadata(&origin).map(|m| m.len()).unwrap_or(0);
+        output(&format!(
+            "csnap up: reusing {} ({size} bytes) and its snapshot store {} \
+             (--origin-size and --store-size apply to a first use only)\n",
+            origin.display(),
+            store.display()
+        ));
     }
     let confine = args.confine.child_args();
     let mut parts: Vec<Part> = Vec::new();

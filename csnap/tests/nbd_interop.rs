@@ -74,12 +74,17 @@ impl Up {
     }
 
     /// Stops it the way a user does, and checks it stopped cleanly.
-    fn stop(mut self) {
+    fn stop(self) {
+        self.stop_with("-TERM");
+    }
+
+    /// Stops it with `signal` (a kill(1) option), and checks it stopped
+    /// cleanly and left a clean store.
+    fn stop_with(mut self, signal: &str) {
         if let Some(mut p) = self.proc.take() {
             let pid = i32::try_from(p.0.id()).unwrap();
-            // SAFETY-free: the kill(1) command sends the signal.
             let st = Command::new("kill")
-                .args(["-TERM", &pid.to_string()])
+                .args([signal, &pid.to_string()])
                 .status()
                 .unwrap();
             assert!(st.success());
@@ -96,6 +101,12 @@ impl Up {
                 std::thread::sleep(Duration::from_millis(20));
             }
             std::mem::forget(p);
+            let out = self.dir.parent().unwrap().join("up.out");
+            let text = std::fs::read_to_string(out).unwrap_or_default();
+            assert!(
+                text.contains("csnap up: stopped; everything is on disk"),
+                "no clean stop after {signal}:\n{text}"
+            );
         }
         let out = Command::new(BIN)
             .args(["check", "--store"])
@@ -342,6 +353,59 @@ fn ext4_on_nbdfuse_and_a_loop_device_snapshot_shows_the_old_files() {
     run(Command::new("e2fsck").args(["-fn", &snap.loopdev]));
     drop(snap);
     drop(origin);
+    up.stop();
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+/// The embedded default keeps its volumes: stopped with SIGINT (Ctrl-C),
+/// started again on the same directory (sizes given again are ignored), the
+/// origin and the snapshot hold what they held, and a SIGTERM stop is clean
+/// too.
+#[test]
+fn csnap_up_reuses_its_files_across_a_restart_and_stops_cleanly_on_sigint_and_sigterm() {
+    let d = common::fresh_dir("nbd-interop", "restart");
+    let up = Up::start(&d, "32M", "128M");
+    let first = std::fs::read_to_string(d.join("up.out")).unwrap();
+    assert!(first.contains("csnap up: made "), "{first}");
+    let a = d.join("a.img");
+    let b = d.join("b.img");
+    random_file(&a, 4 << 20, 11);
+    random_file(&b, 4 << 20, 12);
+    run(Command::new("qemu-img")
+        .args(["convert", "-n", "-f", "raw", "-O", "raw"])
+        .arg(&a)
+        .arg(up.url("origin")));
+    up.snapshot(1);
+    run(Command::new("nbdcopy").arg(&b).arg(up.url("origin")));
+    up.stop_with("-INT");
+
+    let up = Up::start(&d, "64M", "256M");
+    let again = std::fs::read_to_string(d.join("up.out")).unwrap();
+    assert!(again.contains("csnap up: reusing "), "{again}");
+    assert!(!again.contains("csnap up: made "), "{again}");
+    let list = run(Command::new("nbdinfo").arg("--list").arg(up.url("")));
+    assert!(
+        list.contains("export=\"1\""),
+        "the snapshot survived: {list}"
+    );
+    assert!(
+        list.contains("export-size: 33554432"),
+        "the origin kept its size: {list}"
+    );
+    let o = d.join("origin.out");
+    let s = d.join("snap.out");
+    run(Command::new("nbdcopy").arg(up.url("origin")).arg(&o));
+    run(Command::new("nbdcopy").arg(up.url("1")).arg(&s));
+    let (o, s) = (std::fs::read(&o).unwrap(), std::fs::read(&s).unwrap());
+    assert!(
+        o[..4 << 20] == std::fs::read(&b).unwrap()[..],
+        "origin holds b"
+    );
+    assert!(
+        s[..4 << 20] == std::fs::read(&a).unwrap()[..],
+        "snapshot 1 holds a"
+    );
+    assert!(o[4 << 20..].iter().all(|&x| x == 0));
     up.stop();
     let _ = std::fs::remove_dir_all(&d);
 }

@@ -363,7 +363,7 @@ impl Server {
             parked: vec![None; cfg.clients],
             members: Vec::with_capacity(csnap_pools::CLIENTS_MAX),
             membership_known: false,
-            expected: Vec::with_capacity(2 * cfg.clients),
+            expected: Vec::with_capacity(Self::expected_capacity(&cfg)),
             barrier_writes: 0,
             epoch: 0,
             create: None,
@@ -373,12 +373,25 @@ impl Server {
             end_create_after_reply: None,
             revoke_after_identify: None,
             release_requests: Vec::with_capacity(CHUNKS_PER_REQUEST_MAX),
-            owed: Vec::with_capacity(cfg.clients),
+            owed: Vec::with_capacity(Self::owed_capacity(&cfg)),
         }
     }
 
     /// Bytes reserved by `new` for this configuration, one line per pool.
-    pub fn reserved_items(cfg: &ServerConfig) -> [(&'static str, usize); 7] {
+    /// Entries of the recovery barrier's list: a start names at most
+    /// `START_LIST_MAX` clients (the agent refuses more), so none is ever
+    /// dropped.
+    fn expected_capacity(cfg: &ServerConfig) -> usize {
+        csnap_pools::START_LIST_MAX.max(2 * cfg.clients)
+    }
+
+    /// Absent caching writers: every client a start lists, plus one per
+    /// session that can disconnect owing answers.
+    fn owed_capacity(cfg: &ServerConfig) -> usize {
+        csnap_pools::START_LIST_MAX + cfg.clients
+    }
+
+    pub fn reserved_items(cfg: &ServerConfig) -> [(&'static str, usize); 8] {
         let slots = cfg.clients * cfg.requests_per_client;
         [
             (
@@ -403,6 +416,11 @@ impl Server {
             ),
             ("list scratch", REPLY_MAX_BYTES),
             ("woken-writes list", slots * 4),
+            (
+                "recovery list and absent writers",
+                Self::expected_capacity(cfg) * core::mem::size_of::<Expected>()
+                    + Self::owed_capacity(cfg) * 12,
+            ),
         ]
     }
 
@@ -603,6 +621,15 @@ impl Server {
     /// its node has left, no origin write is granted (its copy-out may
     /// proceed). Identify, lock uploads and snapshot reads are served at once.
     pub fn begin_recovery(&mut self, expected: &[(u64, u32)]) {
+        // The start list is bounded by the protocol (`START_LIST_MAX`) and
+        // both tables are sized for all of it: dropping an entry would
+        // open the barrier early.
+        assert!(
+            expected.len() <= self.expected.capacity()
+                && expected.len() <= self.owed.capacity().saturating_sub(self.owed.len()),
+            "a start lists {} clients, more than the recovery tables hold",
+            expected.len()
+        );
         // Every listed client may be a caching origin client of the former
         // incarnation with writes it acknowledged: snapshot creations wait
         // for it to identify again (or leave).

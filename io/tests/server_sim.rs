@@ -643,3 +643,39 @@ fn a_node_that_leaves_takes_the_locks_of_its_connected_clients_and_their_connect
     s.step();
     assert_eq!(s.server.parked_clients(), 0, "nothing parked for it");
 }
+
+/// A start may list up to `START_LIST_MAX` clients whatever the server's
+/// `--clients`: the barrier waits for every one (an early version kept
+/// only `2 × clients` of them and opened the barrier while the rest were
+/// still away).
+#[test]
+fn recovery_barrier_waits_for_every_listed_client_even_beyond_the_session_count() {
+    let mut s = sim(4);
+    s.server.handle_node_joined(1);
+    let listed: Vec<(u64, u32)> = (0..csnap_pools::START_LIST_MAX as u64)
+        .map(|i| (1000 + i, 1))
+        .collect();
+    s.server.begin_recovery(&listed);
+    let origin = s.attach_as(Volume::Origin, 99);
+    let mut b = [0u8; 64];
+    s.send(origin, 20, &Msg::QueryOriginWrite(ranges(&mut b, 1, 1)));
+    s.step();
+    let (last, firsts) = listed.split_last().unwrap();
+    for &(c, n) in firsts {
+        s.server.handle_client_gone(c, n);
+    }
+    s.collect();
+    assert!(
+        s.take(origin).is_empty(),
+        "the last listed client is still awaited"
+    );
+    assert_eq!(s.server.state(), csnap_proto::ServerState::Recovering);
+    s.server.handle_client_gone(last.0, last.1);
+    s.collect();
+    assert_eq!(
+        s.take(origin).len(),
+        1,
+        "every listed client is gone: granted"
+    );
+    assert_eq!(s.server.state(), csnap_proto::ServerState::Serving);
+}
