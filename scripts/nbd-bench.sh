@@ -14,11 +14,16 @@
 #
 #   scripts/nbd-bench.sh [COUNT]     (default COUNT=20000 requests per run)
 #
+# Each figure is the median of RUNS runs (environment, default 5): single
+# runs of the same setting on this kind of VM spread by up to 1.7x (disk
+# flush latency), so one run says little.
+#
 # Needs qemu-img and qemu-nbd (qemu-utils). Run as root (memory locking).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 count="${1:-20000}"
+runs="${RUNS:-5}"
 chunk=16384
 echo "== building csnap (release)"
 cargo build --release -p csnap >/dev/null 2>&1 || cargo build --release -p csnap
@@ -34,12 +39,12 @@ cleanup() {
 trap cleanup EXIT
 
 # Every first-write run gets a region of its own, so its requests really
-# are first writes: 4 snapshot counts x 2 depths x 3 runs (a median).
+# are first writes: 4 snapshot counts x 2 depths x RUNS runs (a median).
 region=$((count * chunk))
-regions=24
+regions=$((8 * runs))
 origin_bytes=$(( (regions * region + (1 << 30) - 1) / (1 << 30) * (1 << 30) ))
 store_bytes=$((origin_bytes + origin_bytes / 2 + (1 << 30)))
-echo "== $count requests per run; origin $((origin_bytes >> 20)) MiB, store $((store_bytes >> 20)) MiB, chunk $chunk bytes"
+echo "== $count requests per run, medians of $runs runs; origin $((origin_bytes >> 20)) MiB, store $((store_bytes >> 20)) MiB, chunk $chunk bytes"
 
 # qemu-img bench prints "Run completed in X seconds."; IOPS = count / X.
 # Every run starts from the same memory state: the page cache written back
@@ -67,21 +72,21 @@ bench_once() { # url depth write(0|1) offset step
     if [[ -n "${BENCH_VERBOSE:-}" ]]; then echo "  run: $url depth $depth write $write offset $off step $step: $secs s" >&2; fi
     awk -v c="$count" -v s="$secs" 'BEGIN { printf "%.0f", c / s }'
 }
-median3() { printf "%s\n%s\n%s\n" "$1" "$2" "$3" | sort -n | sed -n 2p; }
-# Repeatable measurements (reads, rewrites): the median of 3 runs.
+median() { printf "%s\n" "$@" | sort -n | sed -n "$(( ($# + 1) / 2 ))p"; }
+# Repeatable measurements (reads, rewrites): the median of RUNS runs.
 bench() { # url depth write offset step
-    local a b c
-    a=$(bench_once "$@"); b=$(bench_once "$@"); c=$(bench_once "$@")
-    median3 "$a" "$b" "$c"
+    local v=() i
+    for ((i = 0; i < runs; i++)); do v+=("$(bench_once "$@")"); done
+    median "${v[@]}"
 }
 # First writes cannot be repeated on the same blocks (the second run would
-# be rewrites): the median of 3 runs on 3 fresh regions from OFFSET on.
+# be rewrites): the median of RUNS runs on RUNS fresh regions from OFFSET on.
 bench_first() { # url depth offset step
-    local url=$1 depth=$2 off=$3 step=$4 a b c
-    a=$(bench_once "$url" "$depth" 1 "$off" "$step")
-    b=$(bench_once "$url" "$depth" 1 $((off + region)) "$step")
-    c=$(bench_once "$url" "$depth" 1 $((off + 2 * region)) "$step")
-    median3 "$a" "$b" "$c"
+    local url=$1 depth=$2 off=$3 step=$4 v=() i
+    for ((i = 0; i < runs; i++)); do
+        v+=("$(bench_once "$url" "$depth" 1 $((off + i * region)) "$step")")
+    done
+    median "${v[@]}"
 }
 
 declare -A iops
@@ -109,7 +114,7 @@ pids+=($!)
 for _ in $(seq 100); do [[ -S $work/qcow.sock ]] && break; sleep 0.05; done
 qurl="nbd+unix:///qcow?socket=$work/qcow.sock"
 for d in 1 16; do
-    off=$(( (d == 1 ? 0 : 3) * region ))
+    off=$(( (d == 1 ? 0 : runs) * region ))
     iops[qcow_first_$d]=$(bench_first "$qurl" "$d" "$off" "$chunk")
     iops[qcow_rewrite_$d]=$(bench "$qurl" "$d" 1 "$off" "$chunk")
     iops[qcow_read_$d]=$(bench "$qurl" "$d" 0 "$off" "$chunk")
@@ -144,7 +149,7 @@ for n in 0 1 8 64; do
     snapshots_to "$n"
     for d in 1 16; do
         off=$((region_no * region))
-        region_no=$((region_no + 3))
+        region_no=$((region_no + runs))
         iops[csnap_first_${n}_$d]=$(bench_first "$ourl" "$d" "$off" "$chunk")
         iops[csnap_rewrite_${n}_$d]=$(bench "$ourl" "$d" 1 "$off" "$chunk")
     done

@@ -162,6 +162,9 @@ pub struct VolumeConfig {
     pub data_start_bytes: u64,
     /// Snapshot leases kept when idle (on top of those in use).
     pub cached_chunks: usize,
+    /// Chunks past the end of a snapshot read whose mappings are asked
+    /// for in the same query (kept as idle leases); 0 turns it off.
+    pub read_ahead_chunks: usize,
     /// Origin chunks the grant bitmap covers (the origin's size in chunks
     /// of the smallest chunk size is always enough).
     pub origin_chunks_max: u64,
@@ -251,7 +254,11 @@ impl VolumeEngine {
     pub fn new(mut cfg: VolumeConfig) -> VolumeEngine {
         cfg.client.caching = true;
         let volume = cfg.client.volume;
-        let leases_cap = cfg.cached_chunks + IOS_MAX * CHUNKS_PER_IO_MAX;
+        let leases_cap = Self::leases_cap(&cfg);
+        assert!(
+            cfg.read_ahead_chunks < csnap_pools::CHUNKS_PER_REQUEST_MAX,
+            "read-ahead fits one query"
+        );
         assert!(
             leases_cap <= crate::client::HELD_LOCKS_MAX,
             "the lease cache must fit the client's held-lock table (it is uploaded after a failover)"
@@ -290,10 +297,17 @@ impl VolumeEngine {
         }
     }
 
+    /// Leases the engine can hold: the idle cache, every chunk its I/Os in
+    /// flight pin, and the read-ahead those I/Os may bring in before the
+    /// cache is trimmed.
+    fn leases_cap(cfg: &VolumeConfig) -> usize {
+        cfg.cached_chunks + IOS_MAX * (CHUNKS_PER_IO_MAX + cfg.read_ahead_chunks)
+    }
+
     /// Bytes `new` reserves on the heap for `cfg`, for memory budgets.
     pub fn reserved_bytes(cfg: &VolumeConfig) -> usize {
         use core::mem::size_of;
-        let leases_cap = cfg.cached_chunks + IOS_MAX * CHUNKS_PER_IO_MAX;
+        let leases_cap = Self::leases_cap(cfg);
         let bitmap_words = usize::try_from(cfg.origin_chunks_max.div_ceil(64)).unwrap_or(0);
         ClientFsm::reserved_bytes()
             + (leases_cap.max(1) * 2).next_power_of_two() * (8 + 4)
@@ -775,14 +789,20 @@ impl VolumeEngine {
                     // The server holds a lock on every chunk for us (we
                     // cache): record the holds for upload after a failover.
                     let _ = self.client.note_locked(t.range());
-                    let first = self
+                    let (first, last) = self
                         .ios
                         .get(q.slot)
-                        .map_or(t.chunk, |io| io.offset / self.chunk);
+                        .map_or((t.chunk, u64::MAX), |io| self.chunks_of(io));
                     for k in 0..u64::from(t.chunks) {
-                        self.add_lease(q.slot, first, t.chunk + k, target(k));
+                        let c = t.chunk + k;
+                        if c > last {
+                            self.add_idle_lease(c, target(k));
+                        } else {
+                            self.add_lease(q.slot, first, c, target(k));
+                        }
                     }
                 }
+                self.evict();
                 self.maybe_to_disk(q.slot);
             }
             Msg::SnapshotWriteOk(targets) => {
@@ -883,6 +903,19 @@ impl VolumeEngine {
             {
                 c += 1;
             }
+            if c > last {
+                // The run reaches the end of the read: ask for the
+                // mappings of the chunks that follow too (a sequential
+                // reader's next reads), as far as none is cached yet.
+                let chunks = self.size.checked_div(self.chunk).unwrap_or(0);
+                let ahead_end = (last + 1).saturating_add(self.cfg.read_ahead_chunks as u64);
+                while c < ahead_end.min(chunks)
+                    && self.lease_index.get(c).is_none()
+                    && c - start < csnap_pools::CHUNKS_PER_REQUEST_MAX as u64
+                {
+                    c += 1;
+                }
+            }
             let r = Range {
                 chunk: start,
                 chunks: u32::try_from(c - start).unwrap_or(1),
@@ -955,6 +988,34 @@ impl VolumeEngine {
                 // I/O plus the idle cache. Give the lock back.
                 self.queue_release(c, 1);
             }
+        }
+    }
+
+    /// A lease read ahead (past the end of the read that asked): idle from
+    /// the start.
+    fn add_idle_lease(&mut self, c: u64, target: Target) {
+        if let Some(i) = self.lease_index.get(c) {
+            if let Some(l) = self.leases.get_mut(i) {
+                l.holds += 1;
+                l.target = target;
+            }
+            return;
+        }
+        let lease = Lease {
+            chunk: c,
+            target,
+            holds: 1,
+            in_use: 0,
+            release_asked: false,
+            referenced: true,
+        };
+        match self.leases.insert(lease) {
+            Some(i) => {
+                let ok = self.lease_index.insert(c, i);
+                assert!(ok, "lease index sized like the lease slab");
+                self.unpinned += 1;
+            }
+            None => self.queue_release(c, 1),
         }
     }
 
@@ -1292,6 +1353,7 @@ mod tests {
             },
             data_start_bytes: 1 << 20,
             cached_chunks: 8,
+            read_ahead_chunks: 0,
             origin_chunks_max: 256,
         })
     }

@@ -2344,6 +2344,7 @@ impl NbdServer {
             },
             data_start_bytes: label.data_start_bytes,
             cached_chunks: csnap_pools::VOLUME_CACHED_CHUNKS_DEFAULT,
+            read_ahead_chunks: csnap_pools::VOLUME_READ_AHEAD_CHUNKS_DEFAULT,
             origin_chunks_max: label.origin_size_bytes.div_ceil(chunk.max(1)),
         };
         let poll = Poll::new().map_err(|e| format!("epoll: {e}"))?;

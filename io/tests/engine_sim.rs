@@ -261,6 +261,9 @@ impl World {
             },
             data_start_bytes: self.data_start,
             cached_chunks: 16,
+            // Read-ahead past the cache's worth: leases brought in and
+            // evicted unused, and ahead-leases a write must get back.
+            read_ahead_chunks: 4,
             origin_chunks_max: ORIGIN_CHUNKS,
         };
         self.engines.push(Eng {

@@ -189,6 +189,12 @@ pub const VOLUME_IOS_MAX: usize = 32;
 pub const VOLUME_IO_MAX_BYTES: u32 = 1 << 20;
 /// Idle snapshot leases a volume engine keeps by default.
 pub const VOLUME_CACHED_CHUNKS_DEFAULT: usize = 4096;
+/// Chunks past the end of a snapshot read whose mappings (leases) a volume
+/// engine asks for in the same query, by default: a sequential reader
+/// pays one server round trip per this many chunks, not one per chunk.
+pub const VOLUME_READ_AHEAD_CHUNKS_DEFAULT: usize = 32;
+const_assert!(VOLUME_READ_AHEAD_CHUNKS_DEFAULT < CHUNKS_PER_REQUEST_MAX);
+const_assert!(VOLUME_READ_AHEAD_CHUNKS_DEFAULT <= VOLUME_CACHED_CHUNKS_DEFAULT);
 
 const_assert!(CLIENTS_DEFAULT <= CLIENTS_MAX);
 const_assert!(REQUESTS_PER_CLIENT_DEFAULT <= REQUESTS_PER_CLIENT_MAX);
