@@ -550,6 +550,7 @@ fn standby_confined(
         }
     }
     // Failover start: the store lock, then read, replay, next incarnation.
+    let t_lock = t0.elapsed().as_micros();
     match lock_store_at_start(args, lock_file) {
         Ok(0) => {}
         Ok(waited) => eprintln!(
@@ -558,7 +559,9 @@ fn standby_confined(
         Err(Some(())) => return Err("start refused: another server holds this store (locked)"),
         Err(None) => return Err("start failed: cannot lock the store"),
     }
+    let t_store = t0.elapsed().as_micros();
     let info = lp.start_standby()?;
+    let t_started = t0.elapsed().as_micros();
     for &m in &members[..n_members] {
         lp.fsm_mut().handle_node_joined(m);
     }
@@ -573,9 +576,17 @@ fn standby_confined(
             .map_err(|_| "cannot install the serving seccomp filter")?;
     }
     let us = t0.elapsed().as_micros();
+    // Where the start went: the command, the store lock, the takeover by
+    // the store worker (superblock, replay, the incarnation commit and its
+    // flush), then recovery set-up and the serving filter.
     eprintln!(
-        "csnap server: started incarnation {} ({} journal commit(s) replayed) in {us} us; serving",
-        info.incarnation, info.replayed
+        "csnap server: started incarnation {} ({} journal commit(s) replayed) in {us} us \
+         (command {t_lock}, store lock {}, takeover {}, recovery and filter {}); serving",
+        info.incarnation,
+        info.replayed,
+        t_store - t_lock,
+        t_started - t_store,
+        us - t_started
     );
     match link.take() {
         Some(mut link) => {

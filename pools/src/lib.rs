@@ -278,11 +278,14 @@ const_assert!(
     NBD_TRANSMIT_BUFFER_BYTES >= 20 + 4 + NBD_EXPORT_NAME_MAX_BYTES + NBD_OPTION_REPLY_MAX_BYTES
 );
 // An engine's idle leases plus every chunk its I/Os may pin (at the smallest
-// chunk size) fit the client's held-lock table, which is uploaded whole
-// after a failover.
+// chunk size) and read ahead fit the client's held-lock table, which is
+// uploaded whole after a failover.
 const_assert!(
     VOLUME_CACHED_CHUNKS_DEFAULT
-        + VOLUME_IOS_MAX * ((VOLUME_IO_MAX_BYTES / CHUNK_SIZE_MIN_BYTES) as usize + 1)
+        + VOLUME_IOS_MAX
+            * ((VOLUME_IO_MAX_BYTES / CHUNK_SIZE_MIN_BYTES) as usize
+                + 1
+                + VOLUME_READ_AHEAD_CHUNKS_DEFAULT)
         <= CLIENT_HELD_LOCKS_MAX
 );
 
