@@ -582,6 +582,30 @@ fn bench(bin: &Path, d: &Path, failovers: u32, args: &[String]) -> Result<(), St
         .iter()
         .map(|c| c.errors.load(Ordering::Relaxed))
         .sum();
+    // The servers' own breakdown of their starts (their stderr reaches
+    // their agent's): "(command A, store lock B, takeover C, recovery and
+    // filter D)", microseconds.
+    let mut parts: [Vec<f64>; 4] = Default::default();
+    for a in &agents {
+        for l in a.lines() {
+            if !l.contains("csnap server: started incarnation") {
+                continue;
+            }
+            let Some(tail) = l.split("(command ").nth(1) else {
+                continue;
+            };
+            let nums: Vec<f64> = tail
+                .split(|c: char| !c.is_ascii_digit())
+                .filter(|t| !t.is_empty())
+                .filter_map(|t| t.parse().ok())
+                .collect();
+            if nums.len() >= 4 {
+                for (k, v) in parts.iter_mut().enumerate() {
+                    v.push(nums[k] / 1000.0);
+                }
+            }
+        }
+    }
     drop(agents);
     drop(controller);
     for t in threads {
@@ -619,6 +643,17 @@ fn bench(bin: &Path, d: &Path, failovers: u32, args: &[String]) -> Result<(), St
     line("kill -> first client served", &mut row.first_client);
     line("kill -> every client served", &mut row.all_clients);
     line("start to serving (server's own)", &mut row.start_us);
+    let names = [
+        "  of it: the start command",
+        "  of it: the store lock",
+        "  of it: takeover (replay, commit)",
+        "  of it: recovery set-up, serving filter",
+    ];
+    for (name, v) in names.iter().zip(parts.iter_mut()) {
+        if !v.is_empty() {
+            line(name, v);
+        }
+    }
     println!(
         "  starts that waited for the dying server's store lock: {} of {failovers}",
         row.lock_waits.len()
