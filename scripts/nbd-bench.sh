@@ -16,13 +16,15 @@
 #
 # Each figure is the median of RUNS runs (environment, default 5).
 #
-# CPUs: the client (qemu-img) runs on CPU 0 and the server under test
-# (qemu-nbd, or every csnap process) on the others, the same for every
-# target. Unpinned on a 2-core machine, the client, the NBD server, the
-# csnap server's threads and the kernel's writeback compete for both
-# cores, and single runs of the same setting spread by up to 1.8x (first
-# writes at depth 1: 0.9 to 1.8 s, in no order of snapshot count); pinned,
-# they agree within about 10%.
+# CPUs: the client (qemu-img) is pinned to CPU 0; the server under test
+# (qemu-nbd, or every csnap process) may run anywhere, the same for every
+# target. With nothing pinned on a 2-core machine, single runs of the same
+# setting spread by up to 1.8x (first writes at depth 1: 0.9 to 1.8 s, in
+# no order of snapshot count); with the client pinned, by about 15%.
+# PIN=servers also pins the servers to the other CPUs (each server then
+# has one core on a 2-core machine: the steadiest figures, within about
+# 5%, but csnap's three processes share that core while qemu-nbd has it to
+# itself); PIN=none pins nothing.
 #
 # Needs qemu-img and qemu-nbd (qemu-utils). Run as root (memory locking).
 set -euo pipefail
@@ -31,14 +33,19 @@ cd "$(dirname "$0")/.."
 count="${1:-20000}"
 runs="${RUNS:-5}"
 ncpu=$(nproc)
+pin="${PIN:-client}"
 # Command prefixes (taskset execs the program, so $! is its pid).
 client=()
 server=()
-if ((ncpu >= 2)); then
+client_cpus=any
+server_cpus=any
+if ((ncpu >= 2)) && [[ $pin != none ]]; then
     client_cpus=0
-    server_cpus="1-$((ncpu - 1))"
     client=(taskset -c "$client_cpus")
-    server=(taskset -c "$server_cpus")
+    if [[ $pin == servers ]]; then
+        server_cpus="1-$((ncpu - 1))"
+        server=(taskset -c "$server_cpus")
+    fi
 fi
 chunk=16384
 echo "== building csnap (release)"
@@ -60,7 +67,7 @@ region=$((count * chunk))
 regions=$((8 * runs))
 origin_bytes=$(( (regions * region + (1 << 30) - 1) / (1 << 30) * (1 << 30) ))
 store_bytes=$((origin_bytes + origin_bytes / 2 + (1 << 30)))
-echo "== $count requests per run, medians of $runs runs; client on CPU ${client_cpus:-any}, servers on CPUs ${server_cpus:-any}; origin $((origin_bytes >> 20)) MiB, store $((store_bytes >> 20)) MiB, chunk $chunk bytes"
+echo "== $count requests per run, medians of $runs runs; client on CPU $client_cpus, servers on CPUs $server_cpus; origin $((origin_bytes >> 20)) MiB, store $((store_bytes >> 20)) MiB, chunk $chunk bytes"
 
 # qemu-img bench prints "Run completed in X seconds."; IOPS = count / X.
 # Every run starts from the same memory state: the page cache written back
