@@ -136,9 +136,9 @@ pub const CLIENTS_DEFAULT: usize = 64;
 
 /// Requests one client may have in flight (sent, not yet answered). Past it
 /// the server stops reading that client's socket: backpressure, not a queue.
-pub const REQUESTS_PER_CLIENT_MAX: usize = 128;
+pub const REQUESTS_PER_CLIENT_MAX: usize = 256;
 /// Default for the `--requests-per-client` setting.
-pub const REQUESTS_PER_CLIENT_DEFAULT: usize = 32;
+pub const REQUESTS_PER_CLIENT_DEFAULT: usize = 64;
 
 /// Chunks one request may name (all its ranges together).
 pub const CHUNKS_PER_REQUEST_MAX: usize = 256;
@@ -181,10 +181,10 @@ pub const START_LIST_MAX: usize = 256;
 
 /// Read locks (chunks) one client remembers for upload after a reconnect:
 /// a caching client's idle leases plus every chunk its I/Os in flight pin.
-pub const CLIENT_HELD_LOCKS_MAX: usize = 16 * 1024;
+pub const CLIENT_HELD_LOCKS_MAX: usize = 32 * 1024;
 
 /// I/Os one volume engine (one NBD connection) has in flight.
-pub const VOLUME_IOS_MAX: usize = 32;
+pub const VOLUME_IOS_MAX: usize = 64;
 /// Largest I/O a volume engine takes (the NBD maximum payload advertised).
 pub const VOLUME_IO_MAX_BYTES: u32 = 1 << 20;
 /// Idle snapshot leases a volume engine keeps by default.
