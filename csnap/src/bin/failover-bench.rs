@@ -15,12 +15,19 @@
 //!   completed I/O answered by the new incarnation;
 //! - the path in between: the controller placing the server, the starting
 //!   agent gathering and sending StartServer, its Serving, the controller
-//!   hearing ServerUp, and the first and last client served.
+//!   hearing ServerUp, and the first and last client served;
+//! - the disk's floor in the same run: one `O_DSYNC` 8 KiB write on the same
+//!   file system just before each kill, the least a durable incarnation
+//!   commit costs under this load, and how much of the start is beyond it.
+//!
+//! The store is a thick (zero-written) file, as the shared block device it
+//! stands for: no file-system block allocation inside the measured flushes.
 //!
 //! Run: `cargo build --release -p csnap && target/release/failover-bench [--failovers N]`
 //! (as root: mlock; `cargo run --release -p csnap --bin failover-bench -- --failovers N`).
 
 use std::io::{BufRead, BufReader};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -36,6 +43,7 @@ const ORIGIN_BYTES: u64 = 16 << 20;
 const CHUNK: u64 = 16 * 1024;
 const CHUNK_BYTES: usize = 16 * 1024;
 const ORIGIN_LEN: usize = 16 << 20;
+const STORE_LEN: usize = 256 << 20;
 
 /// A child killed on drop, with its stderr lines collected.
 struct Proc {
@@ -279,6 +287,8 @@ struct Row {
     first_client: Vec<f64>,
     all_clients: Vec<f64>,
     start_us: Vec<f64>,
+    /// One O_DSYNC 8 KiB write just before each kill.
+    floor: Vec<f64>,
 }
 
 fn main() {
@@ -317,12 +327,21 @@ fn real_main() -> Result<(), String> {
 fn bench(bin: &Path, d: &Path, failovers: u32, args: &[String]) -> Result<(), String> {
     let (origin, store, cdir) = (d.join("origin"), d.join("store"), d.join("cluster"));
     std::fs::write(&origin, vec![7u8; ORIGIN_LEN]).map_err(|e| e.to_string())?;
+    // A thick store, as the block device it stands for: no file-system
+    // block allocation (and journal commit) inside the flushes measured.
+    std::fs::write(&store, vec![0u8; STORE_LEN]).map_err(|e| e.to_string())?;
+    let probe_path = d.join("durable-probe");
+    std::fs::write(&probe_path, vec![0u8; 8192]).map_err(|e| e.to_string())?;
+    let probe = std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_DSYNC)
+        .open(&probe_path)
+        .map_err(|e| e.to_string())?;
     let o = Command::new(bin)
         .args(["format", "--origin"])
         .arg(&origin)
         .arg("--store")
         .arg(&store)
-        .args(["--store-size", "256M"])
         .output()
         .map_err(|e| e.to_string())?;
     if !o.status.success() {
@@ -441,6 +460,14 @@ fn bench(bin: &Path, d: &Path, failovers: u32, args: &[String]) -> Result<(), St
         for c in &shared.clients {
             c.served_at.store(0, Ordering::SeqCst);
         }
+        // The disk's floor under this load: one durable 8 KiB write on the
+        // same file system, as the incarnation commit is, just before the
+        // kill (not during the start, which it would slow).
+        let t_probe = Instant::now();
+        probe
+            .write_all_at(&[0x5a; 8192], 0)
+            .map_err(|e| format!("durable probe write: {e}"))?;
+        row.floor.push(t_probe.elapsed().as_secs_f64() * 1000.0);
         let kill_at = monotonic_micros();
         csnap_sys::send_signal(pid, libc::SIGKILL).map_err(|e| format!("kill {pid}: {e}"))?;
         let t = Instant::now();
@@ -654,6 +681,16 @@ fn bench(bin: &Path, d: &Path, failovers: u32, args: &[String]) -> Result<(), St
             line(name, v);
         }
     }
+    line("disk floor: one durable 8 KiB write", &mut row.floor);
+    let (f50, f99, _) = stats(&mut row.floor);
+    let (s50, s99_, _) = stats(&mut row.start_us);
+    println!(
+        "  start to serving beyond one durable write: p50 {:.3} ms, p99 {:.3} ms (ratio to it: p50 {:.2}, p99 {:.2})",
+        s50 - f50,
+        s99_ - f99,
+        s50 / f50,
+        s99_ / f99
+    );
     println!(
         "  starts that waited for the dying server's store lock: {} of {failovers}",
         row.lock_waits.len()
