@@ -15,6 +15,10 @@
 //! - **standby** and **failover-start**: come with the failover issue (#5),
 //!   whose standby server waits for "start" under its own, smaller table.
 //!
+//! The other confined processes have one table each, installed once their
+//! pools exist: the agent (`AGENT`), the local cluster controller
+//! (`CONTROLLER`) and the NBD server (`NBD`).
+//!
 //! The audit test (`tests/audit.rs`) runs the shipped `csnap server` under
 //! `strace -f` through a workload that exercises every serving path and
 //! fails on a syscall made in the serving phase that no rule allows, and on a
@@ -305,6 +309,102 @@ pub const CONTROLLER: &[Rule] = &[
     ),
 ];
 
+/// The NBD server (`csnap nbd`), single-threaded, once its pools exist and
+/// its heap is sealed: handshakes, commands and their disk I/O, the slots'
+/// csnap server and agent links (reconnects through failovers included),
+/// the control link, SIGTERM/SIGINT through its signalfd, and the stop
+/// (every connection closed, both devices flushed, the unix sockets
+/// removed). Audited under strace by
+/// `nbd_server_syscalls_match_the_audited_whitelist` (tests/nbd.rs: every
+/// rule used, nothing else made).
+pub const NBD: &[Rule] = &[
+    rule(
+        "epoll_wait",
+        libc::SYS_epoll_wait,
+        "mio Poll::poll: the event loop's wait (the next deadline as timeout)",
+    ),
+    rule(
+        "accept4",
+        libc::SYS_accept4,
+        "an NBD client connecting (unix and TCP listeners)",
+    ),
+    rule(
+        "epoll_ctl",
+        libc::SYS_epoll_ctl,
+        "mio register/deregister of NBD clients, server and agent links",
+    ),
+    rule(
+        "recvfrom",
+        libc::SYS_recvfrom,
+        "reading NBD requests and payloads, csnap replies, agent replies",
+    ),
+    rule(
+        "sendto",
+        libc::SYS_sendto,
+        "writing NBD replies, csnap requests, agent requests",
+    ),
+    rule(
+        "read",
+        libc::SYS_read,
+        "the signalfd (SIGTERM, SIGINT)",
+    ),
+    rule(
+        "pread64",
+        libc::SYS_pread64,
+        "data reads: origin chunks, snapshot chunks in the store",
+    ),
+    rule(
+        "pwrite64",
+        libc::SYS_pwrite64,
+        "data writes: origin chunks, snapshot chunks in the store",
+    ),
+    rule(
+        "fdatasync",
+        libc::SYS_fdatasync,
+        "FLUSH and FUA, the flush after a DISC, and the stop's flush of both devices",
+    ),
+    rule(
+        "socket",
+        libc::SYS_socket,
+        "a slot's links for a new export: the agent and the csnap server, and again after a failover",
+    ),
+    rule(
+        "connect",
+        libc::SYS_connect,
+        "the same links: agent socket, server address",
+    ),
+    rule(
+        "close",
+        libc::SYS_close,
+        "dropping a closed NBD client, a broken or finished link",
+    ),
+    rule(
+        "setsockopt",
+        libc::SYS_setsockopt,
+        "TCP_NODELAY on accepted TCP clients",
+    ),
+    rule(
+        "write",
+        libc::SYS_write,
+        "stderr lines: \"serving\", failover and outage events, the stop's figures",
+    ),
+    rule(
+        "unlink",
+        libc::SYS_unlink,
+        "the stop: removing the unix sockets it listened on",
+    ),
+    exit_path(
+        "exit_group",
+        libc::SYS_exit_group,
+        "process exit after the stop or a loop failure, and the SIGSYS reporter's exit",
+    ),
+    exit_path(
+        "rt_sigreturn",
+        libc::SYS_rt_sigreturn,
+        "return from a signal handler; the only handler (SIGSYS) exits instead",
+    ),
+];
+
 /// The table of a thread kind in the serving phase.
 pub fn serving(kind: ThreadKind) -> &'static [Rule] {
     match kind {
@@ -325,7 +425,14 @@ mod tests {
     #[test]
     fn tables_have_no_duplicates_and_every_rule_says_why() {
         let standby = standby_network();
-        for t in [SERVING_NETWORK, SERVING_STORE, &standby, AGENT, CONTROLLER] {
+        for t in [
+            SERVING_NETWORK,
+            SERVING_STORE,
+            &standby,
+            AGENT,
+            CONTROLLER,
+            NBD,
+        ] {
             for (i, r) in t.iter().enumerate() {
                 assert!(r.why.len() > 10, "{} needs a reason", r.name);
                 assert!(

@@ -57,9 +57,8 @@ pub struct NbdArgs {
     /// Do not lock memory (development only).
     #[arg(long)]
     pub no_mlock: bool,
-    /// Accepted for symmetry with the other processes; the NBD server has no
-    /// syscall table yet, so nothing is installed either way.
-    #[arg(long, hide = true)]
+    /// Do not install the syscall whitelist (development, valgrind).
+    #[arg(long)]
     pub no_seccomp: bool,
     /// What an allocation after start does: abort (production), count,
     /// report (print its backtrace), or off.
@@ -129,12 +128,14 @@ fn serve(args: &NbdArgs) -> Result<ExitCode, String> {
         args.buffers,
         args.failover_timeout_ms
     );
-    confine(args)?;
+    // The filter is kept to the end: freeing it would be an allocator call
+    // under the sealed heap.
+    let _filter = confine(args)?;
     eprintln!("csnap nbd: serving");
     let r = server.run();
-    // Allocation is allowed again for the exit path (dropping the pools,
-    // removing the unix sockets).
-    csnap_sys::alloc::teardown();
+    // The stop stays confined: no allocation, nothing freed (the pools and
+    // the filter go with the process), only whitelisted syscalls: the
+    // figures, the unix sockets removed, then `_exit`.
     let st = server.stats();
     eprintln!(
         "csnap nbd: {} connections ({} refused), {} commands, {} waited for a buffer, {} reconnects, {} failover timeouts, {} disk errors",
@@ -146,24 +147,37 @@ fn serve(args: &NbdArgs) -> Result<ExitCode, String> {
         st.timeouts,
         st.disk_errors
     );
-    drop(server);
+    server.remove_socket_files();
     match r {
         Ok(()) => {
             eprintln!("csnap nbd: stopped (devices flushed)");
-            Ok(ExitCode::SUCCESS)
+            csnap_sys::exit_now(0)
         }
         Err(e) => {
-            error(&e);
-            Ok(ExitCode::from(EXIT_FAILED))
+            eprintln!("csnap nbd: error: {e}");
+            csnap_sys::exit_now(EXIT_FAILED)
         }
     }
 }
 
 /// Locks memory, prefaults the stack, asks to be an I/O flusher out of the
-/// OOM killer's reach, and seals the heap. No syscall whitelist yet: the
-/// NBD server's table is left for later.
-fn confine(args: &NbdArgs) -> Result<(), String> {
+/// OOM killer's reach, seals the heap, and installs the syscall whitelist
+/// (`csnap_audit::NBD`; not with `--no-seccomp`, nor with `--seal report`,
+/// whose backtraces need more).
+///
+/// Returns the installed filter: it must outlive the sealed phase (freeing
+/// it there would be an allocator call).
+fn confine(args: &NbdArgs) -> Result<Option<csnap_sys::seccomp::Filter>, String> {
     let who = "csnap nbd";
+    let filter = if args.no_seccomp || args.seal == SealMode::Report {
+        None
+    } else {
+        csnap_sys::seccomp::install_sigsys_reporter()
+            .map_err(|e| format!("cannot install the SIGSYS reporter: {e}"))?;
+        Some(csnap_sys::seccomp::compile(&csnap_audit::numbers(
+            csnap_audit::NBD,
+        ))?)
+    };
     if args.no_mlock {
         eprintln!("{who}: WARNING: --no-mlock: memory is not locked; page faults are possible. Development use only.");
     } else {
@@ -190,5 +204,18 @@ fn confine(args: &NbdArgs) -> Result<(), String> {
         csnap_sys::alloc::seal(m);
         eprintln!("{who}: heap sealed ({m:?} on allocation)");
     }
-    Ok(())
+    match &filter {
+        Some(f) => {
+            f.install()
+                .map_err(|e| format!("cannot install the seccomp filter: {e}"))?;
+            eprintln!(
+                "{who}: syscall whitelist installed ({} rules)",
+                csnap_audit::NBD.len()
+            );
+        }
+        None => {
+            eprintln!("{who}: WARNING: no syscall whitelist (--no-seccomp or --seal report)");
+        }
+    }
+    Ok(filter)
 }

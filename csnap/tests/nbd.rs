@@ -112,6 +112,18 @@ impl Env {
         ctl_args: &[&str],
         agent_args: &[&str],
     ) -> Env {
+        Env::build_wrapped(name, nodes, nbd_args, ctl_args, agent_args, &[])
+    }
+
+    /// Like `build`, the NBD server started under `wrapper` (strace).
+    fn build_wrapped(
+        name: &str,
+        nodes: &[u32],
+        nbd_args: &[&str],
+        ctl_args: &[&str],
+        agent_args: &[&str],
+        wrapper: &[String],
+    ) -> Env {
         let dir = common::fresh_dir("nbd", name);
         let origin = dir.join("origin");
         let store = dir.join("store");
@@ -172,7 +184,14 @@ impl Env {
         });
         let agent = cdir.join("node-1").join("agent.sock");
         let sock = env.sock.clone();
-        let mut cmd = Command::new(BIN);
+        let mut cmd = match wrapper.split_first() {
+            Some((w, rest)) => {
+                let mut c = Command::new(w);
+                c.args(rest).arg(BIN);
+                c
+            }
+            None => Command::new(BIN),
+        };
         cmd.args(["nbd", "--agent", s(&agent), "--node", "1", "--origin"])
             .arg(&env.origin)
             .arg("--store")
@@ -259,8 +278,13 @@ impl Env {
 
     /// SIGTERM: the NBD server finishes, flushes and exits 0.
     fn stop_nbd(&mut self) {
+        // The csnap process itself (under a wrapper, not the wrapper's).
+        let pid = common::cluster::csnap_pids(&[["--listen", s(&self.sock)]])
+            .first()
+            .copied()
+            .unwrap_or_else(|| self.nbd().pid());
         let nbd = self.nbd.as_mut().unwrap();
-        let pid = i32::try_from(nbd.pid()).unwrap();
+        let pid = i32::try_from(pid).unwrap();
         // SAFETY: kill(2) on our own child's pid with a valid signal.
         assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
         let t0 = Instant::now();
@@ -1138,4 +1162,114 @@ fn an_outage_past_the_failover_timeout_is_eio_then_io_resumes() {
     env.stop_nbd();
     let log = env.nbd().log();
     assert!(figure(&log, "failover") >= 1, "{log}");
+}
+
+/// The NBD server under `strace -f` with its filter enforcing, through a
+/// workload that reaches every path of its loop: handshakes with LIST and
+/// INFO (nbdinfo), reads, writes, FLUSH, WRITE_ZEROES and TRIM on the origin
+/// over unix and TCP, a snapshot created and read and written, hostile
+/// clients (garbage, a connection over `--connections`, a client gone
+/// mid-command), a failover under a qemu-io client (its links re-made),
+/// and the stop on SIGTERM. Every syscall after the filter install must be
+/// in `csnap_audit::NBD`, and every rule not marked as an exit path must
+/// be used.
+#[test]
+fn nbd_server_syscalls_match_the_audited_whitelist() {
+    let have_strace = Command::new("strace")
+        .arg("-V")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(have_strace, "strace is required for the syscall audit");
+    let trace_dir = common::fresh_dir("nbd", "audit-trace");
+    let prefix = trace_dir.join("t");
+    let wrapper: Vec<String> = ["strace", "-f", "-ff", "-qq", "-o"]
+        .iter()
+        .map(ToString::to_string)
+        .chain([prefix.to_str().unwrap().to_string()])
+        .collect();
+    let mut env = Env::build_wrapped(
+        "audit",
+        &[1, 2],
+        &["--connections", "3"],
+        &[],
+        &["--server-arg=--no-host-lock"],
+        &wrapper,
+    );
+    let o = csnap(&["cluster", "start", "--dir", s(&env.cdir()), "1"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let (inc, _, addr) = env.server();
+    // Data path on the origin, over unix, then TCP.
+    qemu_io(
+        &env.unix_url("origin"),
+        &[
+            "write -P 0x11 0 1M",
+            "flush",
+            "write -z 1M 256k",
+            "discard 2M 64k",
+            "read -P 0x11 0 1M",
+        ],
+    );
+    qemu_io(
+        &env.tcp_url("origin"),
+        &["read -P 0x11 0 64k", "write -P 0x12 4M 64k"],
+    );
+    // A snapshot: listed, read (store and origin-locked), written.
+    env.snapshot("create", 3);
+    let exports = list_exports(&env);
+    assert!(exports.contains(&"3".to_string()), "{exports:?}");
+    qemu_io(&env.unix_url("origin"), &["write -P 0x13 0 64k"]);
+    qemu_io(
+        &env.unix_url("3"),
+        &[
+            "read -P 0x11 0 64k",
+            "read -P 0x11 64k 64k",
+            "write -P 0x14 128k 4k",
+        ],
+    );
+    // Hostile clients: garbage; a client gone in the middle of a write;
+    // one connection over `--connections` while three are open.
+    let mut g = Raw::connect(&env.sock);
+    g.greeting();
+    g.0.write_all(b"not the client flags of any NBD client, at all")
+        .unwrap();
+    g.expect_closed();
+    let mut half = Raw::connect(&env.sock);
+    half.go("origin");
+    half.request(1, 0, 7, 0, 65536);
+    half.0.write_all(&[0u8; 100]).unwrap();
+    drop(half);
+    let held: Vec<Raw> = (0..3).map(|_| Raw::connect(&env.sock)).collect();
+    let mut over = Raw::connect(&env.sock);
+    over.expect_closed();
+    drop(held);
+    // A failover under a connected client: its links are made again.
+    let mut w = QemuIo::start(&env.unix_url("origin"), env.dir.join("w.err"));
+    w.ok("write -P 0x15 0 64k");
+    let pid = pid_listening_on(&addr);
+    // SAFETY: kill(2) with a pid read from /proc and a valid signal.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+    w.ok("write -P 0x16 64k 64k");
+    w.ok("read -P 0x15 0 64k");
+    w.finish(true);
+    let (inc2, _, _) = env.server();
+    assert!(inc2 > inc, "no failover");
+    env.assert_nbd_alive();
+    env.stop_nbd();
+
+    let traces = common::cluster::read_traces(&prefix);
+    let nbd: Vec<_> = traces
+        .values()
+        .filter(|t| t.runs("nbd") && !t.phases().is_empty())
+        .collect();
+    assert_eq!(nbd.len(), 1, "one confined NBD server thread in the trace");
+    let phases = nbd[0].phases();
+    assert_eq!(phases.len(), 1, "the NBD server installs one filter");
+    let problems = common::cluster::audit("nbd", &phases[0], csnap_audit::NBD, true);
+    eprintln!("nbd, confined: {:?}", phases[0]);
+    assert!(
+        problems.is_empty(),
+        "NBD server syscall audit failed:\n{}",
+        problems.join("\n")
+    );
+    let _ = std::fs::remove_dir_all(&trace_dir);
 }

@@ -2264,6 +2264,29 @@ fn route_control_reply(
 // The server.
 // ---------------------------------------------------------------------------
 
+/// Why `NbdServer::run` stopped other than by a signal (no heap data: it
+/// is made in the sealed phase).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NbdStop {
+    /// The stop's flush of the devices failed.
+    FinalFlush,
+    /// The event loop's wait failed with this errno.
+    Poll(i32),
+}
+
+impl std::fmt::Display for NbdStop {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NbdStop::FinalFlush => write!(f, "the final flush of the devices failed"),
+            NbdStop::Poll(errno) => write!(
+                f,
+                "event loop failed: {}",
+                io::Error::from_raw_os_error(*errno)
+            ),
+        }
+    }
+}
+
 /// The NBD server process's loop and everything it reserved.
 pub struct NbdServer {
     poll: Poll,
@@ -2457,9 +2480,18 @@ impl NbdServer {
         self.sh.export_size
     }
 
+    /// Removes the unix listeners' socket files (after `run`, before the
+    /// process ends by `_exit`). Frees nothing.
+    pub fn remove_socket_files(&self) {
+        for l in &self.listeners {
+            l.remove_socket_file();
+        }
+    }
+
     /// Serves until SIGTERM or SIGINT, then finishes in-flight commands,
-    /// flushes both devices and returns. Allocates nothing.
-    pub fn run(&mut self) -> Result<(), String> {
+    /// flushes both devices and returns. Allocates nothing, its errors
+    /// included.
+    pub fn run(&mut self) -> Result<(), NbdStop> {
         loop {
             let now = now_ms();
             self.sh.wake_at = None;
@@ -2485,7 +2517,7 @@ impl NbdServer {
                         );
                     }
                     if !self.sh.sync_both() {
-                        return Err("the final flush of the devices failed".into());
+                        return Err(NbdStop::FinalFlush);
                     }
                     return Ok(());
                 }
@@ -2502,7 +2534,7 @@ impl NbdServer {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
                 }
-                return Err(format!("event loop failed: {e}"));
+                return Err(NbdStop::Poll(e.raw_os_error().unwrap_or(libc::EIO)));
             }
             self.ready.clear();
             for ev in self.events.iter() {

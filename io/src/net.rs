@@ -217,6 +217,16 @@ impl MioListener {
     }
 }
 
+impl MioListener {
+    /// Removes a unix listener's socket file now (a confined process that
+    /// stops by `_exit` drops nothing; the descriptor goes with it).
+    pub fn remove_socket_file(&self) {
+        if let MioListener::Unix(_, p) = self {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
 impl Drop for MioListener {
     fn drop(&mut self) {
         if let MioListener::Unix(_, p) = self {
