@@ -454,7 +454,10 @@ fn standby_and_failover_start_syscalls_match_the_audited_whitelist() {
 /// failover elsewhere, a start again, its node leaving and joining, and the
 /// controller restarting (the bus breaks, reconnect attempts fail, then
 /// succeed). Every syscall after its filter install must be in `AGENT`, and
-/// every rule of `AGENT` not marked as an exit path must be used.
+/// every rule of `AGENT` not marked as an exit path must be used. The
+/// controller runs under strace too, and is audited the same way against
+/// `CONTROLLER` (its joins, placements, starts, status and cluster
+/// commands, leave and join, and its restart).
 #[test]
 fn agent_syscalls_match_the_audited_whitelist() {
     use common::cluster::{read_traces, Cluster, ClusterOpts, Rng, CHUNK};
@@ -471,6 +474,12 @@ fn agent_syscalls_match_the_audited_whitelist() {
         .map(ToString::to_string)
         .chain([prefix.to_str().unwrap().to_string()])
         .collect();
+    let ctl_prefix = trace_dir.join("c");
+    let ctl_wrapper: Vec<String> = ["strace", "-f", "-ff", "-qq", "-o"]
+        .iter()
+        .map(ToString::to_string)
+        .chain([ctl_prefix.to_str().unwrap().to_string()])
+        .collect();
     let mut rng = Rng::new(0x5eed);
     let mut c = Cluster::start(
         "agent-audit",
@@ -478,6 +487,7 @@ fn agent_syscalls_match_the_audited_whitelist() {
             nodes: 2,
             store_size: "48M",
             agent_wrapper: Some((1, wrapper)),
+            controller_wrapper: Some(ctl_wrapper),
             ..ClusterOpts::default()
         },
         &mut rng,
@@ -520,9 +530,7 @@ fn agent_syscalls_match_the_audited_whitelist() {
     c.wait_all_ready();
     // The controller restarts: the bus breaks, reconnects fail while it is
     // down, then one succeeds.
-    if let Some(mut ctl) = c.controller.take() {
-        ctl.kill();
-    }
+    c.kill_controller();
     std::thread::sleep(Duration::from_millis(300));
     c.start_controller();
     c.wait_all_ready();
@@ -545,6 +553,40 @@ fn agent_syscalls_match_the_audited_whitelist() {
     assert!(
         problems.is_empty(),
         "agent syscall audit failed:\n{}",
+        problems.join("\n")
+    );
+    // The controller, both of its runs (the one killed, the one after):
+    // each confined once, nothing outside `CONTROLLER`, and every rule used
+    // by one of them.
+    let traces = read_traces(&ctl_prefix);
+    let ctl: Vec<_> = traces
+        .values()
+        .filter(|t| t.runs("cluster") && !t.phases().is_empty())
+        .collect();
+    assert_eq!(ctl.len(), 2, "two confined controller runs in the trace");
+    let mut union = BTreeSet::new();
+    let mut problems = Vec::new();
+    for t in ctl {
+        let phases = t.phases();
+        assert_eq!(phases.len(), 1, "the controller installs one filter");
+        eprintln!("controller, confined: {:?}", phases[0]);
+        problems.extend(common::cluster::audit(
+            "controller",
+            &phases[0],
+            csnap_audit::CONTROLLER,
+            false,
+        ));
+        union.extend(phases[0].iter().cloned());
+    }
+    problems.extend(common::cluster::audit(
+        "controller (both runs)",
+        &union,
+        csnap_audit::CONTROLLER,
+        true,
+    ));
+    assert!(
+        problems.is_empty(),
+        "controller syscall audit failed:\n{}",
         problems.join("\n")
     );
     let _ = std::fs::remove_dir_all(&trace_dir);

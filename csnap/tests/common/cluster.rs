@@ -811,6 +811,8 @@ pub struct ClusterOpts {
     pub agent_args: Vec<String>,
     /// Node N's agent runs under this command prefix (e.g. `strace -f ...`).
     pub agent_wrapper: Option<(u32, Vec<String>)>,
+    /// The controller runs under this command prefix.
+    pub controller_wrapper: Option<Vec<String>>,
 }
 
 impl Default for ClusterOpts {
@@ -821,6 +823,7 @@ impl Default for ClusterOpts {
             store_size: "128M",
             agent_args: Vec::new(),
             agent_wrapper: None,
+            controller_wrapper: None,
         }
     }
 }
@@ -869,15 +872,36 @@ impl Cluster {
 
     pub fn start_controller(&mut self) {
         assert!(self.controller.is_none());
+        let mut cmd = match &self.opts.controller_wrapper {
+            Some(w) => {
+                let mut c = Command::new(&w[0]);
+                c.args(&w[1..]).arg(BIN);
+                c
+            }
+            None => Command::new(BIN),
+        };
         let d = Daemon::spawn(
             "controller",
-            Command::new(BIN).args(["cluster", "run", "--dir", s(&self.cdir)]),
+            cmd.args(["cluster", "run", "--dir", s(&self.cdir)]),
         );
         self.controller = Some(d);
         let sock = self.cdir.join("controller.sock");
         wait_for("the controller listens", TIMEOUT, || {
             std::os::unix::net::UnixStream::connect(&sock).ok()
         });
+    }
+
+    /// SIGKILLs the controller (the csnap process itself: killing a tracer
+    /// would only detach it) and reaps it.
+    pub fn kill_controller(&mut self) {
+        for p in csnap_pids(&[["cluster", "run"], ["--dir", s(&self.cdir)]]) {
+            let _ = csnap_sys::send_signal(p, libc::SIGKILL);
+        }
+        if let Some(mut c) = self.controller.take() {
+            if c.wait_exit(TIMEOUT).is_none() {
+                c.kill();
+            }
+        }
     }
 
     fn spawn_agent(&self, node: u32) -> Daemon {
@@ -1074,9 +1098,7 @@ impl Cluster {
                 self.agents[n] = Some(a);
             }
         }
-        if let Some(c) = self.controller.as_mut() {
-            c.kill();
-        }
+        self.kill_controller();
         // Servers die with their agents (PR_SET_PDEATHSIG): wait until no
         // server of this cluster is left, so the store is quiet. (No panic
         // here: this also runs in `drop` while a test panics.)
