@@ -108,14 +108,7 @@ fn syscall_name(line: &str) -> Option<&str> {
 
 #[test]
 fn serving_syscalls_match_the_audited_whitelist() {
-    let have_strace = Command::new("strace")
-        .arg("-V")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    assert!(
-        have_strace,
-        "strace is required for the syscall audit (the test command installs it)"
-    );
+    common::cluster::require_strace();
     let d = dir("strace");
     format(&d);
     let sock = d.join("sock");
@@ -460,26 +453,14 @@ fn standby_and_failover_start_syscalls_match_the_audited_whitelist() {
 /// commands, leave and join, and its restart).
 #[test]
 fn agent_syscalls_match_the_audited_whitelist() {
-    use common::cluster::{read_traces, Cluster, ClusterOpts, Rng, CHUNK};
+    use common::cluster::{Cluster, ClusterOpts, Rng, CHUNK};
 
-    let have_strace = Command::new("strace")
-        .arg("-V")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    assert!(have_strace, "strace is required for the syscall audit");
+    common::cluster::require_strace();
     let trace_dir = dir("agent");
     let prefix = trace_dir.join("t");
-    let wrapper: Vec<String> = ["strace", "-f", "-ff", "-qq", "-s", "512", "-v", "-o"]
-        .iter()
-        .map(ToString::to_string)
-        .chain([prefix.to_str().unwrap().to_string()])
-        .collect();
+    let wrapper = common::cluster::strace_wrapper(&prefix);
     let ctl_prefix = trace_dir.join("c");
-    let ctl_wrapper: Vec<String> = ["strace", "-f", "-ff", "-qq", "-o"]
-        .iter()
-        .map(ToString::to_string)
-        .chain([ctl_prefix.to_str().unwrap().to_string()])
-        .collect();
+    let ctl_wrapper = common::cluster::strace_wrapper(&ctl_prefix);
     let mut rng = Rng::new(0x5eed);
     let mut c = Cluster::start(
         "agent-audit",
@@ -540,54 +521,8 @@ fn agent_syscalls_match_the_audited_whitelist() {
     r.quit();
     c.stop();
 
-    let traces = read_traces(&prefix);
-    let agent: Vec<_> = traces
-        .values()
-        .filter(|t| t.runs("agent") && !t.phases().is_empty())
-        .collect();
-    assert_eq!(agent.len(), 1, "one confined agent thread in the trace");
-    let phases = agent[0].phases();
-    assert_eq!(phases.len(), 1, "the agent installs one filter");
-    let problems = common::cluster::audit("agent", &phases[0], csnap_audit::AGENT, true);
-    eprintln!("agent, confined: {:?}", phases[0]);
-    assert!(
-        problems.is_empty(),
-        "agent syscall audit failed:\n{}",
-        problems.join("\n")
-    );
-    // The controller, both of its runs (the one killed, the one after):
-    // each confined once, nothing outside `CONTROLLER`, and every rule used
-    // by one of them.
-    let traces = read_traces(&ctl_prefix);
-    let ctl: Vec<_> = traces
-        .values()
-        .filter(|t| t.runs("cluster") && !t.phases().is_empty())
-        .collect();
-    assert_eq!(ctl.len(), 2, "two confined controller runs in the trace");
-    let mut union = BTreeSet::new();
-    let mut problems = Vec::new();
-    for t in ctl {
-        let phases = t.phases();
-        assert_eq!(phases.len(), 1, "the controller installs one filter");
-        eprintln!("controller, confined: {:?}", phases[0]);
-        problems.extend(common::cluster::audit(
-            "controller",
-            &phases[0],
-            csnap_audit::CONTROLLER,
-            false,
-        ));
-        union.extend(phases[0].iter().cloned());
-    }
-    problems.extend(common::cluster::audit(
-        "controller (both runs)",
-        &union,
-        csnap_audit::CONTROLLER,
-        true,
-    ));
-    assert!(
-        problems.is_empty(),
-        "controller syscall audit failed:\n{}",
-        problems.join("\n")
-    );
+    common::cluster::audit_confined_runs(&prefix, "agent", 1, csnap_audit::AGENT);
+    // The controller, both of its runs (the one killed, the one after).
+    common::cluster::audit_confined_runs(&ctl_prefix, "cluster", 2, csnap_audit::CONTROLLER);
     let _ = std::fs::remove_dir_all(&trace_dir);
 }

@@ -876,14 +876,7 @@ fn the_failover_path_faults_no_page_and_allocates_nothing() {
 #[test]
 fn the_failover_path_makes_only_audited_syscalls() {
     let _serial = serial();
-    let have_strace = std::process::Command::new("strace")
-        .arg("-V")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    assert!(
-        have_strace,
-        "strace is required (the CI script installs it)"
-    );
+    common::cluster::require_strace();
     let mut rng = Rng::new(seed("failover_syscalls"));
     let trace_dir = std::env::temp_dir().join(format!("csnap-fo-trace-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&trace_dir);
@@ -892,14 +885,7 @@ fn the_failover_path_makes_only_audited_syscalls() {
     let mut c = Cluster::start(
         "syscalls",
         ClusterOpts {
-            agent_wrapper: Some((
-                2,
-                ["strace", "-f", "-ff", "-qq", "-s", "512", "-v", "-o"]
-                    .iter()
-                    .map(ToString::to_string)
-                    .chain([common::cluster::s(&prefix).to_string()])
-                    .collect(),
-            )),
+            agent_wrapper: Some((2, common::cluster::strace_wrapper(&prefix))),
             ..ClusterOpts::default()
         },
         &mut rng,

@@ -1175,18 +1175,10 @@ fn an_outage_past_the_failover_timeout_is_eio_then_io_resumes() {
 /// be used.
 #[test]
 fn nbd_server_syscalls_match_the_audited_whitelist() {
-    let have_strace = Command::new("strace")
-        .arg("-V")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    assert!(have_strace, "strace is required for the syscall audit");
+    common::cluster::require_strace();
     let trace_dir = common::fresh_dir("nbd", "audit-trace");
     let prefix = trace_dir.join("t");
-    let wrapper: Vec<String> = ["strace", "-f", "-ff", "-qq", "-o"]
-        .iter()
-        .map(ToString::to_string)
-        .chain([prefix.to_str().unwrap().to_string()])
-        .collect();
+    let wrapper = common::cluster::strace_wrapper(&prefix);
     let mut env = Env::build_wrapped(
         "audit",
         &[1, 2],
@@ -1256,20 +1248,6 @@ fn nbd_server_syscalls_match_the_audited_whitelist() {
     env.assert_nbd_alive();
     env.stop_nbd();
 
-    let traces = common::cluster::read_traces(&prefix);
-    let nbd: Vec<_> = traces
-        .values()
-        .filter(|t| t.runs("nbd") && !t.phases().is_empty())
-        .collect();
-    assert_eq!(nbd.len(), 1, "one confined NBD server thread in the trace");
-    let phases = nbd[0].phases();
-    assert_eq!(phases.len(), 1, "the NBD server installs one filter");
-    let problems = common::cluster::audit("nbd", &phases[0], csnap_audit::NBD, true);
-    eprintln!("nbd, confined: {:?}", phases[0]);
-    assert!(
-        problems.is_empty(),
-        "NBD server syscall audit failed:\n{}",
-        problems.join("\n")
-    );
+    common::cluster::audit_confined_runs(&prefix, "nbd", 1, csnap_audit::NBD);
     let _ = std::fs::remove_dir_all(&trace_dir);
 }

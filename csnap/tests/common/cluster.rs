@@ -1216,6 +1216,28 @@ fn exec_argv(line: &str) -> Vec<String> {
         .collect()
 }
 
+/// Panics unless strace runs (the test command installs it).
+pub fn require_strace() {
+    let ok = Command::new("strace")
+        .arg("-V")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(
+        ok,
+        "strace is required for the syscall audit (the test command installs it)"
+    );
+}
+
+/// `strace -f -ff -qq -s 512 -v -o PREFIX` as a command prefix: one trace
+/// file per thread, `PREFIX.TID` (see `read_traces`).
+pub fn strace_wrapper(prefix: &Path) -> Vec<String> {
+    ["strace", "-f", "-ff", "-qq", "-s", "512", "-v", "-o"]
+        .iter()
+        .map(ToString::to_string)
+        .chain([s(prefix).to_string()])
+        .collect()
+}
+
 /// Reads every `PREFIX.TID` file and links threads and processes to their
 /// creators.
 pub fn read_traces(prefix: &Path) -> BTreeMap<u32, Traced> {
@@ -1296,6 +1318,39 @@ pub fn read_traces(prefix: &Path) -> BTreeMap<u32, Traced> {
         }
     }
     out
+}
+
+/// Audits the single-filter `csnap SUB` processes traced under `prefix`
+/// against `table`: there must be `runs` of them that installed a filter,
+/// each exactly one; each run's confined syscalls must be in the table, and
+/// every rule not marked as an exit path must be used by one of the runs.
+/// Panics with the problems.
+pub fn audit_confined_runs(prefix: &Path, sub: &str, runs: usize, table: &[csnap_audit::Rule]) {
+    let traces = read_traces(prefix);
+    let confined: Vec<_> = traces
+        .values()
+        .filter(|t| t.runs(sub) && !t.phases().is_empty())
+        .collect();
+    assert_eq!(
+        confined.len(),
+        runs,
+        "confined `csnap {sub}` runs in the trace"
+    );
+    let mut union = BTreeSet::new();
+    let mut problems = Vec::new();
+    for t in confined {
+        let phases = t.phases();
+        assert_eq!(phases.len(), 1, "`csnap {sub}` installs one filter");
+        eprintln!("{sub}, confined: {:?}", phases[0]);
+        problems.extend(audit(sub, &phases[0], table, false));
+        union.extend(phases[0].iter().cloned());
+    }
+    problems.extend(audit(sub, &union, table, true));
+    assert!(
+        problems.is_empty(),
+        "`csnap {sub}` syscall audit failed:\n{}",
+        problems.join("\n")
+    );
 }
 
 /// Checks `seen` against `table`: the syscalls it lacks, and (when
