@@ -18,7 +18,8 @@
 //!   hearing ServerUp, and the first and last client served;
 //! - the disk's floor in the same run: one `O_DSYNC` 8 KiB write on the same
 //!   file system just before each kill, the least a durable incarnation
-//!   commit costs under this load, and how much of the start is beyond it.
+//!   commit costs under this load, and how much of the start is beyond it;
+//!   and the same write on the quiet disk, before the clients start.
 //!
 //! The store is a thick (zero-written) file, as the shared block device it
 //! stands for: no file-system block allocation inside the measured flushes.
@@ -379,6 +380,17 @@ fn bench(bin: &Path, d: &Path, failovers: u32, args: &[String]) -> Result<(), St
     }
     let agent_sock = |n: u32| cdir.join(format!("node-{n}")).join("agent.sock");
     wait_status(bin, &cdir, "every node has a standby", |s| s.3 == NODES)?;
+    // The floor on a quiet disk, for comparison: the same durable write,
+    // 50 times 10 ms apart, before any client does I/O.
+    let mut idle_floor = Vec::new();
+    for _ in 0..50 {
+        std::thread::sleep(Duration::from_millis(10));
+        let t = Instant::now();
+        probe
+            .write_all_at(&[0xa5; 8192], 0)
+            .map_err(|e| format!("durable probe write: {e}"))?;
+        idle_floor.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
     // The first client places the server; then the snapshot the readers use.
     let shared = Arc::new(Shared {
         killed: AtomicU64::new(0),
@@ -682,6 +694,7 @@ fn bench(bin: &Path, d: &Path, failovers: u32, args: &[String]) -> Result<(), St
         }
     }
     line("disk floor: one durable 8 KiB write", &mut row.floor);
+    line("  the same on the quiet disk (no client)", &mut idle_floor);
     let (f50, f99, _) = stats(&mut row.floor);
     let (s50, s99_, _) = stats(&mut row.start_us);
     println!(
