@@ -219,6 +219,15 @@ impl Env {
             "{log}"
         );
         assert!(log.contains("pool data buffers:"), "{log}");
+        // Confined: the whitelist is enforced (filter mode) and memory is
+        // locked.
+        let pid = common::cluster::csnap_pids(&[["--listen", s(&sock)]])
+            .first()
+            .copied()
+            .unwrap_or_else(|| nbd.pid());
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        assert!(status.contains("Seccomp:\t2"), "{status}");
+        assert!(!status.contains("VmLck:\t       0 kB"), "{status}");
         env.nbd = Some(nbd);
         env
     }
