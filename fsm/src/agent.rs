@@ -61,7 +61,7 @@ use csnap_proto::{
     Role, Volume,
 };
 
-use crate::fixed::FixedRing;
+use crate::fixed::{FixedRing, IdQueue};
 use crate::outbuf::OutBuf;
 
 /// A connection on the agent's socket.
@@ -244,8 +244,6 @@ enum Role2 {
 struct Conn {
     role: Role2,
     out: OutBuf,
-    has_output: bool,
-    close_queued: bool,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -295,8 +293,8 @@ pub struct AgentFsm {
     cfg: AgentConfig,
     now_ms: u64,
     conns: Vec<Conn>,
-    output_q: FixedRing<AgentConnId>,
-    close_q: FixedRing<AgentConnId>,
+    output_q: IdQueue,
+    close_q: IdQueue,
     actions: FixedRing<AgentAction>,
     bus: OutBuf,
     bus_up: bool,
@@ -329,15 +327,13 @@ impl AgentFsm {
         conns.resize_with(cfg.conns, || Conn {
             role: Role2::Free,
             out: OutBuf::with_capacity(CONN_OUT_BYTES),
-            has_output: false,
-            close_queued: false,
         });
         let mut a = AgentFsm {
             cfg,
             now_ms: 0,
             conns,
-            output_q: FixedRing::new(cfg.conns),
-            close_q: FixedRing::new(cfg.conns),
+            output_q: IdQueue::new(cfg.conns),
+            close_q: IdQueue::new(cfg.conns),
             actions: FixedRing::new(64),
             bus: OutBuf::with_capacity(BUS_OUT_BYTES),
             bus_up: false,
@@ -449,8 +445,6 @@ impl AgentFsm {
         let c = &mut self.conns[i];
         c.role = Role2::ExpectHello;
         c.out.clear();
-        c.has_output = false;
-        c.close_queued = false;
         self.assert_invariants();
         AgentConnId::try_from(i).ok()
     }
@@ -1444,11 +1438,7 @@ impl AgentFsm {
     }
 
     fn mark_output(&mut self, conn: AgentConnId) {
-        let c = &mut self.conns[conn as usize];
-        if !c.has_output {
-            c.has_output = true;
-            let _ = self.output_q.push(conn);
-        }
+        self.output_q.push(conn);
     }
 
     fn close(&mut self, conn: AgentConnId) {
@@ -1461,20 +1451,14 @@ impl AgentFsm {
             c.role = Role2::Closing;
             self.server_conn_lost(conn, pid);
         }
-        let c = &mut self.conns[conn as usize];
-        c.role = Role2::Closing;
-        if !c.close_queued {
-            c.close_queued = true;
-            let _ = self.close_q.push(conn);
-        }
+        self.conns[conn as usize].role = Role2::Closing;
+        self.close_q.push(conn);
     }
 
     /// The next connection with output to write.
     pub fn poll_output(&mut self) -> Option<AgentConnId> {
         while let Some(c) = self.output_q.pop() {
-            let s = &mut self.conns[c as usize];
-            s.has_output = false;
-            if !s.out.is_empty() {
+            if !self.conns[c as usize].out.is_empty() {
                 return Some(c);
             }
         }
@@ -1498,7 +1482,14 @@ impl AgentFsm {
 
     /// The next connection to close once its output is written.
     pub fn poll_close(&mut self) -> Option<AgentConnId> {
-        self.close_q.pop()
+        // An entry of a connection gone since (its slot maybe taken again)
+        // is skipped.
+        while let Some(c) = self.close_q.pop() {
+            if matches!(self.conns[c as usize].role, Role2::Closing) {
+                return Some(c);
+            }
+        }
+        None
     }
 
     /// Checks the state's invariants (after every input, release builds

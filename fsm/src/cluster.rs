@@ -45,7 +45,7 @@ use csnap_proto::{
 };
 
 use crate::agent::AddrBuf;
-use crate::fixed::FixedRing;
+use crate::fixed::{FixedRing, IdQueue};
 use crate::outbuf::OutBuf;
 
 /// A connection to the controller.
@@ -172,8 +172,6 @@ enum CRole {
 struct CConn {
     role: CRole,
     out: OutBuf,
-    has_output: bool,
-    close_queued: bool,
 }
 
 /// The controller state machine.
@@ -190,8 +188,8 @@ pub struct Controller {
     highest_incarnation: u64,
     epoch: u64,
     pending_starts: Vec<(CtlConnId, u64, u32)>,
-    output_q: FixedRing<CtlConnId>,
-    close_q: FixedRing<CtlConnId>,
+    output_q: IdQueue,
+    close_q: IdQueue,
     events: FixedRing<ControllerEvent>,
     scratch: Vec<u8>,
 }
@@ -204,8 +202,6 @@ impl Controller {
         conns.resize_with(cfg.conns, || CConn {
             role: CRole::Free,
             out: OutBuf::with_capacity(CONN_OUT_BYTES),
-            has_output: false,
-            close_queued: false,
         });
         Controller {
             cfg,
@@ -219,8 +215,8 @@ impl Controller {
             highest_incarnation: 0,
             epoch: 0,
             pending_starts: Vec::with_capacity(PENDING_STARTS_MAX),
-            output_q: FixedRing::new(cfg.conns),
-            close_q: FixedRing::new(cfg.conns),
+            output_q: IdQueue::new(cfg.conns),
+            close_q: IdQueue::new(cfg.conns),
             events: FixedRing::new(64),
             scratch: vec![0u8; proto::NODE_STATUS_LIST_BYTES_MAX],
         }
@@ -256,8 +252,6 @@ impl Controller {
         let c = &mut self.conns[i];
         c.role = CRole::ExpectHello;
         c.out.clear();
-        c.has_output = false;
-        c.close_queued = false;
         CtlConnId::try_from(i).ok()
     }
 
@@ -1156,11 +1150,7 @@ impl Controller {
     }
 
     fn mark_output(&mut self, conn: CtlConnId) {
-        let c = &mut self.conns[conn as usize];
-        if !c.has_output {
-            c.has_output = true;
-            let _ = self.output_q.push(conn);
-        }
+        self.output_q.push(conn);
     }
 
     fn close(&mut self, conn: CtlConnId) {
@@ -1169,18 +1159,13 @@ impl Controller {
             return;
         }
         c.role = CRole::Closing;
-        if !c.close_queued {
-            c.close_queued = true;
-            let _ = self.close_q.push(conn);
-        }
+        self.close_q.push(conn);
     }
 
     /// The next connection with output to write.
     pub fn poll_output(&mut self) -> Option<CtlConnId> {
         while let Some(c) = self.output_q.pop() {
-            let s = &mut self.conns[c as usize];
-            s.has_output = false;
-            if !s.out.is_empty() {
+            if !self.conns[c as usize].out.is_empty() {
                 return Some(c);
             }
         }
@@ -1204,7 +1189,14 @@ impl Controller {
 
     /// The next connection to close once its output is written.
     pub fn poll_close(&mut self) -> Option<CtlConnId> {
-        self.close_q.pop()
+        // An entry of a connection gone since (its slot maybe taken again)
+        // is skipped.
+        while let Some(c) = self.close_q.pop() {
+            if self.conns[c as usize].role == CRole::Closing {
+                return Some(c);
+            }
+        }
+        None
     }
 
     /// Checks the invariants (after every input, release builds too).

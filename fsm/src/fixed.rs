@@ -55,3 +55,41 @@ impl<T: Copy> FixedRing<T> {
         self.items.len()
     }
 }
+
+/// A FIFO of connection slot ids `0..cap`, each queued at most once:
+/// pushing an id already queued is a no-op, so it never fills. An entry
+/// outlives the connection that queued it (a slot freed and taken again
+/// keeps its place in the queue), so the consumer checks every id it pops
+/// against the slot's state now.
+#[derive(Debug)]
+pub struct IdQueue {
+    ring: FixedRing<u32>,
+    queued: Vec<bool>,
+}
+
+impl IdQueue {
+    /// Reserves room for the ids `0..cap`. The only allocation.
+    pub fn new(cap: usize) -> Self {
+        IdQueue {
+            ring: FixedRing::new(cap),
+            queued: vec![false; cap],
+        }
+    }
+
+    /// Queues `id` unless it is queued already.
+    pub fn push(&mut self, id: u32) {
+        let i = id as usize;
+        if !self.queued[i] {
+            self.queued[i] = true;
+            let room = self.ring.push(id);
+            assert!(room, "an id queue holds every id once");
+        }
+    }
+
+    /// The oldest queued id.
+    pub fn pop(&mut self) -> Option<u32> {
+        let id = self.ring.pop()?;
+        self.queued[id as usize] = false;
+        Some(id)
+    }
+}

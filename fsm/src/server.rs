@@ -49,7 +49,7 @@ use csnap_proto::{
     Role, ServerState, SnapInfo, Target, TargetKind, Volume,
 };
 
-use crate::fixed::FixedRing;
+use crate::fixed::{FixedRing, IdQueue};
 use crate::locks::{LockLimits, LockTable};
 use crate::store_ops::{
     StoreFailure, StoreOp, StoreReply, StoreRequest, StoreResult, Target as StoreTarget,
@@ -139,8 +139,6 @@ struct Session {
     out_start: usize,
     out_end: usize,
     snapshot_open: Option<u32>,
-    has_output: bool,
-    close_queued: bool,
     /// The client caches grants and mappings (Identify flag): it answers
     /// `Revoke` and `ReleaseLocks`, and its snapshot reads lock every chunk.
     caching: bool,
@@ -160,8 +158,6 @@ impl Session {
         out_start: 0,
         out_end: 0,
         snapshot_open: None,
-        has_output: false,
-        close_queued: false,
         caching: false,
         revoke_owed: false,
         gone: false,
@@ -247,8 +243,8 @@ pub struct Server {
     inflight: Slab<Inflight>,
     locks: LockTable,
     store_q: FixedRing<StoreRequest>,
-    output_q: FixedRing<ConnId>,
-    close_q: FixedRing<ConnId>,
+    output_q: IdQueue,
+    close_q: IdQueue,
     events: FixedRing<ServerEvent>,
     scratch: Vec<u8>,
     woken: Vec<u32>,
@@ -351,8 +347,8 @@ impl Server {
             }),
             // Every slot, plus one identify and one detach per connection.
             store_q: FixedRing::new(slots + 2 * cfg.clients + 1),
-            output_q: FixedRing::new(cfg.clients),
-            close_q: FixedRing::new(cfg.clients),
+            output_q: IdQueue::new(cfg.clients),
+            close_q: IdQueue::new(cfg.clients),
             events: FixedRing::new(64),
             scratch: vec![0u8; REPLY_MAX_BYTES],
             woken: Vec::with_capacity(slots),
@@ -2005,10 +2001,7 @@ impl Server {
         }
         self.out[base + s.out_end..base + s.out_end + bytes.len()].copy_from_slice(bytes);
         s.out_end += bytes.len();
-        if !s.has_output {
-            s.has_output = true;
-            self.output_q.push(conn);
-        }
+        self.output_q.push(conn);
     }
 
     fn close(&mut self, conn: ConnId) {
@@ -2022,18 +2015,14 @@ impl Server {
             self.identified -= 1;
         }
         s.state = SessionState::Closing;
-        if !s.close_queued {
-            s.close_queued = true;
-            self.close_q.push(conn);
-        }
+        self.close_q.push(conn);
     }
 
     /// The next connection with output to write.
     #[must_use]
     pub fn poll_output(&mut self) -> Option<ConnId> {
         while let Some(c) = self.output_q.pop() {
-            let s = &mut self.sessions[c as usize];
-            s.has_output = false;
+            let s = &self.sessions[c as usize];
             if s.out_end > s.out_start {
                 return Some(c);
             }
@@ -2069,7 +2058,14 @@ impl Server {
     /// The next connection to close once its output is written.
     #[must_use]
     pub fn poll_close(&mut self) -> Option<ConnId> {
-        self.close_q.pop()
+        // An entry of a connection gone since (its slot maybe taken again)
+        // is skipped.
+        while let Some(c) = self.close_q.pop() {
+            if self.sessions[c as usize].state == SessionState::Closing {
+                return Some(c);
+            }
+        }
+        None
     }
 
     /// The next request for the store worker.

@@ -1328,3 +1328,21 @@ fn a_peer_that_never_reads_is_closed_not_buffered_without_bound() {
     t.need(tool, 1, 2, 0, Some(Volume::Origin));
     assert_eq!(t.out(tool), vec![(1, addr_of(2, 2, &addr))]);
 }
+
+/// A connection the agent closes (a fatal frame) whose peer hangs up before
+/// the driver polls the close, and whose slot a new connection takes at
+/// once: the pending close is not the new connection's.
+#[test]
+fn a_close_queued_for_a_gone_connection_does_not_close_its_successor() {
+    let mut t = T::new();
+    let c = t.a.handle_accept().unwrap();
+    t.a.handle_frame(
+        c,
+        b"this is not a csnap frame at all, and it is long enough",
+    );
+    t.a.handle_disconnect(c);
+    let d = t.hello(Role::Control);
+    assert_eq!(c, d, "the slot is reused");
+    assert!(t.closes().is_empty(), "the new connection is not closed");
+    assert!(t.a.wants_read(d));
+}

@@ -1208,3 +1208,21 @@ fn a_start_on_the_node_being_stopped_is_refused_not_fatal() {
     t.up(3, 2);
     assert_eq!(t.out(tool), vec![(1, M::Ok)]);
 }
+
+/// A connection the controller closes (a fatal frame) whose peer hangs up
+/// before the driver polls the close, and whose slot a new connection takes
+/// at once: the pending close is not the new connection's.
+#[test]
+fn a_close_queued_for_a_gone_connection_does_not_close_its_successor() {
+    let mut t = T::new(Policy::Auto);
+    let c = t.c.handle_accept().unwrap();
+    t.c.handle_frame(
+        c,
+        b"this is not a csnap frame at all, and it is long enough",
+    );
+    t.c.handle_disconnect(c);
+    let d = t.hello(Role::Control);
+    assert_eq!(c, d, "the slot is reused");
+    assert!(t.closes().is_empty(), "the new connection is not closed");
+    assert!(t.c.wants_read(d));
+}

@@ -679,3 +679,42 @@ fn recovery_barrier_waits_for_every_listed_client_even_beyond_the_session_count(
     );
     assert_eq!(s.server.state(), csnap_proto::ServerState::Serving);
 }
+
+/// A connection the server closes (a fatal frame) whose peer hangs up
+/// before the driver polls the close, and whose slot a new connection takes
+/// at once: the pending close is the old connection's, never the new one's.
+#[test]
+fn a_close_queued_for_a_gone_connection_does_not_close_its_successor() {
+    let mut s = sim(2);
+    let a = s.server.handle_accept().unwrap();
+    s.server.handle_frame(
+        a,
+        b"this is not a csnap frame at all, and it is long enough",
+    );
+    // The peer hangs up before the driver ran: the slot is free again.
+    s.server.handle_disconnect(a);
+    let b = s.server.handle_accept().unwrap();
+    assert_eq!(a, b, "the slot is reused");
+    assert_eq!(
+        s.server.poll_output(),
+        None,
+        "nothing to write to the new one"
+    );
+    assert_eq!(
+        s.server.poll_close(),
+        None,
+        "the new connection is not closed"
+    );
+    // It works: it says hello and is answered.
+    s.send(
+        b,
+        1,
+        &Msg::Hello {
+            version_min: 1,
+            version_max: 1,
+            role: Role::Control,
+        },
+    );
+    assert!(!s.take(b).is_empty());
+    assert!(s.closed.is_empty(), "closed: {:?}", s.closed);
+}
