@@ -6,7 +6,9 @@
 //!
 //! Run: `cargo build --release -p csnap && cargo run --release -p csnap --bin confinement-bench [-- --requests N]`
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
+
+mod common;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -180,26 +182,9 @@ fn main() {
 
 fn real_main() -> Result<(), String> {
     let args: Vec<String> = std::env::args().collect();
-    let total = args
-        .iter()
-        .position(|a| a == "--requests")
-        .and_then(|i| args.get(i + 1))
-        .map_or(Ok(1_000_000), |v| {
-            v.parse::<u64>().map_err(|e| format!("--requests: {e}"))
-        })?;
-    let bin: PathBuf = std::env::current_exe()
-        .map_err(|e| e.to_string())?
-        .with_file_name("csnap");
-    if !bin.exists() {
-        return Err(format!(
-            "{} not found: cargo build --release -p csnap first",
-            bin.display()
-        ));
-    }
-    let d = std::env::temp_dir().join(format!("csnap-confinement-bench-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).map_err(|e| e.to_string())?;
-    let r = (|| {
+    let total: u64 = common::flag(&args, "--requests", 1_000_000)?;
+    let bin = common::csnap_bin()?;
+    common::in_scratch_dir("confinement-bench", |d| {
         std::fs::write(d.join("origin"), vec![7u8; 16 << 20]).map_err(|e| e.to_string())?;
         let st = Command::new(&bin)
             .args(["format", "--origin"])
@@ -218,7 +203,7 @@ fn real_main() -> Result<(), String> {
         );
         // A snapshot for the readers (the store persists across runs).
         {
-            let (s, addr) = start(&bin, &d, false)?;
+            let (s, addr) = start(&bin, d, false)?;
             let mut c = control(&addr).map_err(|e| e.to_string())?;
             let _ = c.call(Request::Create(1));
             drop(c);
@@ -230,7 +215,7 @@ fn real_main() -> Result<(), String> {
         let mut secs = [0.0f64; 2];
         for round in 0..2 {
             for (k, confined) in [true, false].into_iter().enumerate() {
-                let (rate, before, after) = run_config(&bin, &d, confined, total / 2)?;
+                let (rate, before, after) = run_config(&bin, d, confined, total / 2)?;
                 let name = if confined {
                     "confinement on "
                 } else {
@@ -255,7 +240,5 @@ fn real_main() -> Result<(), String> {
             (1.0 - rows[0] / rows[1]) * 100.0
         );
         Ok(())
-    })();
-    let _ = std::fs::remove_dir_all(&d);
-    r
+    })
 }

@@ -30,6 +30,8 @@
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+
+mod common;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -301,28 +303,9 @@ fn main() {
 
 fn real_main() -> Result<(), String> {
     let args: Vec<String> = std::env::args().collect();
-    let failovers = args
-        .iter()
-        .position(|a| a == "--failovers")
-        .and_then(|i| args.get(i + 1))
-        .map_or(Ok(120), |v| {
-            v.parse::<u32>().map_err(|e| format!("--failovers: {e}"))
-        })?;
-    let bin: PathBuf = std::env::current_exe()
-        .map_err(|e| e.to_string())?
-        .with_file_name("csnap");
-    if !bin.exists() {
-        return Err(format!(
-            "{} not found: cargo build --release -p csnap first",
-            bin.display()
-        ));
-    }
-    let d = std::env::temp_dir().join(format!("csnap-failover-bench-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).map_err(|e| e.to_string())?;
-    let r = bench(&bin, &d, failovers, &args);
-    let _ = std::fs::remove_dir_all(&d);
-    r
+    let failovers: u32 = common::flag(&args, "--failovers", 120)?;
+    let bin = common::csnap_bin()?;
+    common::in_scratch_dir("failover-bench", |d| bench(&bin, d, failovers, &args))
 }
 
 fn bench(bin: &Path, d: &Path, failovers: u32, args: &[String]) -> Result<(), String> {

@@ -1,0 +1,48 @@
+//! What the bench binaries share: their flag, the `csnap` binary beside
+//! them, and a scratch directory removed afterwards.
+
+use std::path::{Path, PathBuf};
+
+/// The value of `--NAME V` parsed, or `default` when the flag is absent.
+pub fn flag<T: std::str::FromStr>(args: &[String], name: &str, default: T) -> Result<T, String>
+where
+    T::Err: std::fmt::Display,
+{
+    match args.iter().position(|a| a == name) {
+        None => Ok(default),
+        Some(i) => {
+            let v = args
+                .get(i + 1)
+                .ok_or_else(|| format!("{name} needs a value"))?;
+            v.parse::<T>().map_err(|e| format!("{name}: {e}"))
+        }
+    }
+}
+
+/// The `csnap` binary built beside this one.
+pub fn csnap_bin() -> Result<PathBuf, String> {
+    let bin = std::env::current_exe()
+        .map_err(|e| e.to_string())?
+        .with_file_name("csnap");
+    if !bin.exists() {
+        return Err(format!(
+            "{} not found: cargo build --release -p csnap first",
+            bin.display()
+        ));
+    }
+    Ok(bin)
+}
+
+/// Runs `f` in a fresh directory `TMP/csnap-NAME-PID`, removed afterwards
+/// (on success and on error).
+pub fn in_scratch_dir<R>(
+    name: &str,
+    f: impl FnOnce(&Path) -> Result<R, String>,
+) -> Result<R, String> {
+    let d = std::env::temp_dir().join(format!("csnap-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).map_err(|e| e.to_string())?;
+    let r = f(&d);
+    let _ = std::fs::remove_dir_all(&d);
+    r
+}
