@@ -17,8 +17,8 @@ use csnap_proto::{ClusterOp, Msg};
 use crate::server_cmd::SealMode;
 use crate::{error, output, EXIT_FAILED, EXIT_USAGE};
 
-/// Confinement flags shared by the agent and the controller (and passed on
-/// to the agent's servers).
+/// Confinement flags shared by the agent, the controller and the NBD server
+/// (and passed on to the agent's servers).
 #[derive(Debug, Args, Clone)]
 pub struct ConfineArgs {
     /// Do not lock memory (development only).
@@ -34,7 +34,9 @@ pub struct ConfineArgs {
 }
 
 impl ConfineArgs {
-    fn confinement(
+    /// What these flags ask for, with `rules` as the whitelist (compiled
+    /// here, at init; the SIGSYS reporter installed).
+    pub fn confinement(
         &self,
         rules: Option<&[csnap_audit::Rule]>,
         who: &str,

@@ -11,7 +11,6 @@ use clap::Args;
 use csnap_io::nbd::{NbdOptions, NbdServer};
 use csnap_io::net::Addr;
 
-use crate::server_cmd::SealMode;
 use crate::{error, EXIT_FAILED, EXIT_USAGE};
 
 #[derive(Debug, Args)]
@@ -54,16 +53,9 @@ pub struct NbdArgs {
     /// consistency.
     #[arg(long)]
     pub no_write_back: bool,
-    /// Do not lock memory (development only).
-    #[arg(long)]
-    pub no_mlock: bool,
-    /// Do not install the syscall whitelist (development, valgrind).
-    #[arg(long)]
-    pub no_seccomp: bool,
-    /// What an allocation after start does: abort (production), count,
-    /// report (print its backtrace), or off.
-    #[arg(long, value_enum, default_value_t = SealMode::Abort)]
-    pub seal: SealMode,
+    /// Memory locking, the sealed heap and the syscall whitelist (`NBD`).
+    #[command(flatten)]
+    pub confine: crate::agent_cmd::ConfineArgs,
 }
 
 fn usize_of(v: u64) -> usize {
@@ -128,9 +120,12 @@ fn serve(args: &NbdArgs) -> Result<ExitCode, String> {
         args.buffers,
         args.failover_timeout_ms
     );
-    // The filter is kept to the end: freeing it would be an allocator call
-    // under the sealed heap.
-    let _filter = confine(args)?;
+    // Locks memory, seals the heap, installs the whitelist. Kept to the
+    // end: freeing the filter would be an allocator call under the sealed
+    // heap.
+    let who = "csnap nbd";
+    let confinement = args.confine.confinement(Some(csnap_audit::NBD), who)?;
+    confinement.enter(who)?;
     eprintln!("csnap nbd: serving");
     let r = server.run();
     // The stop stays confined: no allocation, nothing freed (the pools and
@@ -158,64 +153,4 @@ fn serve(args: &NbdArgs) -> Result<ExitCode, String> {
             csnap_sys::exit_now(EXIT_FAILED)
         }
     }
-}
-
-/// Locks memory, prefaults the stack, asks to be an I/O flusher out of the
-/// OOM killer's reach, seals the heap, and installs the syscall whitelist
-/// (`csnap_audit::NBD`; not with `--no-seccomp`, nor with `--seal report`,
-/// whose backtraces need more).
-///
-/// Returns the installed filter: it must outlive the sealed phase (freeing
-/// it there would be an allocator call).
-fn confine(args: &NbdArgs) -> Result<Option<csnap_sys::seccomp::Filter>, String> {
-    let who = "csnap nbd";
-    let filter = if args.no_seccomp || args.seal == SealMode::Report {
-        None
-    } else {
-        csnap_sys::seccomp::install_sigsys_reporter()
-            .map_err(|e| format!("cannot install the SIGSYS reporter: {e}"))?;
-        Some(csnap_sys::seccomp::compile(&csnap_audit::numbers(
-            csnap_audit::NBD,
-        ))?)
-    };
-    if args.no_mlock {
-        eprintln!("{who}: WARNING: --no-mlock: memory is not locked; page faults are possible. Development use only.");
-    } else {
-        csnap_sys::mem::lock_all().map_err(|e| {
-            format!(
-                "cannot lock memory (mlockall): {e}; run as root or with CAP_IPC_LOCK, or pass --no-mlock for development"
-            )
-        })?;
-    }
-    csnap_sys::mem::prefault_stack(csnap_pools::THREAD_STACK_BUDGET_BYTES);
-    if let Err(e) = csnap_sys::mem::set_io_flusher() {
-        eprintln!("{who}: note: PR_SET_IO_FLUSHER not set ({e})");
-    }
-    if let Err(e) = csnap_sys::mem::set_oom_score_adj(-1000) {
-        eprintln!("{who}: note: oom_score_adj not set ({e})");
-    }
-    let mode = match args.seal {
-        SealMode::Abort => Some(csnap_sys::alloc::Mode::Abort),
-        SealMode::Count => Some(csnap_sys::alloc::Mode::Count),
-        SealMode::Report => Some(csnap_sys::alloc::Mode::Report),
-        SealMode::Off => None,
-    };
-    if let Some(m) = mode {
-        csnap_sys::alloc::seal(m);
-        eprintln!("{who}: heap sealed ({m:?} on allocation)");
-    }
-    match &filter {
-        Some(f) => {
-            f.install()
-                .map_err(|e| format!("cannot install the seccomp filter: {e}"))?;
-            eprintln!(
-                "{who}: syscall whitelist installed ({} rules)",
-                csnap_audit::NBD.len()
-            );
-        }
-        None => {
-            eprintln!("{who}: WARNING: no syscall whitelist (--no-seccomp or --seal report)");
-        }
-    }
-    Ok(filter)
 }
