@@ -2,12 +2,14 @@
 //! `SAFETY:` comment.
 //!
 //! - `alloc`: the sealed global allocator (phases init, sealed, teardown).
+//! - `dio`: `O_DIRECT` opens, direct-I/O alignment, aligned buffers.
 //! - `mem`: `mlockall`, prefaulting, `PR_SET_IO_FLUSHER`, `oom_score_adj`.
 //! - `random_bytes`: `getrandom(2)`.
 //! - `signal`: SIGTERM and SIGINT as a readable descriptor (`signalfd`).
 
 #[cfg(not(csnap_loom))]
 pub mod alloc;
+pub mod dio;
 pub mod mem;
 pub mod phase;
 pub mod seccomp;
