@@ -30,8 +30,9 @@
 //!
 //! # Commands and buffers
 //!
-//! A `READ` or `WRITE` takes a buffer of `VOLUME_IO_MAX_BYTES` (plus room
-//! for the reply header in front, so a read reply is one write) from the
+//! A `READ` or `WRITE` takes a buffer of `VOLUME_IO_MAX_BYTES` (its data
+//! aligned for direct I/O, the reply header just before it, so a read reply
+//! is one write) from the
 //! process-wide pool when it arrives; a `WRITE` payload is read straight
 //! into it. No buffer free (or the connection holds its share, or its
 //! command table is full): the command waits and the connection is not
@@ -40,8 +41,20 @@
 //! `ENOTSUP`. `TRIM` (advisory) and `CACHE` succeed at once. `FLUSH` is the
 //! engine's flush (an `fdatasync` of both devices); a write with `FUA` is
 //! answered only after a flush that follows it. Replies go out in
-//! completion order. Disk operations are `pread`/`pwrite` done in the loop
-//! (page cache), then `disk_done`.
+//! completion order. Disk operations are `pread`/`pwrite` done in the loop,
+//! then `disk_done`.
+//!
+//! # Direct I/O
+//!
+//! Both devices are opened with `O_DIRECT` (no page cache: other hosts on
+//! the shared disks have their own); a device that cannot do it is an
+//! error at start. A disk operation not aligned to the devices' direct-I/O
+//! alignment (offset, length or buffer address) goes through whole aligned
+//! blocks in a bounce buffer: a read copies its part out, a write is a
+//! read-modify-write of its partial first and last blocks. The engine emits
+//! a data write only once the server granted its mapping, and the alignment
+//! divides the chunk size, so the blocks read back are that chunk's. The
+//! export advertises a minimum block size of 1.
 //!
 //! # Failover
 //!
@@ -79,6 +92,8 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+use csnap_sys::dio::{open_direct, AlignedBuf};
+
 use csnap_fsm::agent::AddrBuf;
 use csnap_fsm::client::{ClientConfig, ClientEvent, ClientFsm, Request};
 use csnap_fsm::nbd::{
@@ -103,8 +118,18 @@ const BUFS_PER_CONN: usize = csnap_pools::NBD_BUFFERS_PER_CONNECTION_MAX;
 const HDR: usize = SIMPLE_REPLY_BYTES;
 /// Largest I/O (the advertised maximum payload).
 const IO_MAX: usize = csnap_pools::VOLUME_IO_MAX_BYTES as usize;
-/// Bytes of one pool buffer.
-const BUF_STRIDE: usize = HDR + IO_MAX;
+/// Largest direct-I/O alignment served; the room in front of a buffer's data.
+const ALIGN_MAX: usize = csnap_pools::NBD_DIO_ALIGN_MAX_BYTES;
+/// Where a pool buffer's data starts (aligned for direct I/O).
+const DATA_AT: usize = ALIGN_MAX;
+/// Where its reply header starts: just before the data, so that a read
+/// reply is one contiguous write.
+const HDR_AT: usize = DATA_AT - HDR;
+/// Bytes of one pool buffer: aligned room for the header, then the data.
+const BUF_STRIDE: usize = DATA_AT + IO_MAX;
+/// The read-modify-write bounce buffer: one I/O widened to whole aligned
+/// blocks at both ends.
+const BOUNCE_BYTES: usize = IO_MAX + 2 * ALIGN_MAX;
 /// Receive buffer of a connection.
 const RX_BYTES: usize = csnap_pools::NBD_RECEIVE_BUFFER_BYTES;
 /// Output of an agent link.
@@ -126,6 +151,8 @@ const LISTENER_BASE: usize = usize::MAX - 64;
 const _: () = assert!(csnap_pools::NBD_CONNECTIONS_MAX * TOKENS_PER_SLOT < LISTENER_BASE);
 // Engine tags are command indices.
 const _: () = assert!(CMDS <= u8::MAX as usize);
+// Every buffer of the pool starts aligned.
+const _: () = assert!(BUF_STRIDE.is_multiple_of(ALIGN_MAX) && HDR <= DATA_AT);
 
 /// How `csnap nbd` runs.
 #[derive(Debug, Clone)]
@@ -205,9 +232,11 @@ impl<T: Copy + Default, const N: usize> Ring<T, N> {
     }
 }
 
-/// The process-wide pool of data buffers.
+/// The process-wide pool of data buffers: one aligned allocation; buffer
+/// `b` is `[b * BUF_STRIDE, (b + 1) * BUF_STRIDE)`, its data at `DATA_AT`
+/// (aligned for direct I/O) and its reply header just before it.
 struct Buffers {
-    mem: Box<[u8]>,
+    mem: AlignedBuf,
     free: Vec<u16>,
     count: usize,
 }
@@ -219,7 +248,7 @@ impl Buffers {
             free.push(u16::try_from(i).unwrap_or(u16::MAX));
         }
         Buffers {
-            mem: vec![0u8; count * BUF_STRIDE].into_boxed_slice(),
+            mem: AlignedBuf::zeroed(count * BUF_STRIDE, ALIGN_MAX),
             free,
             count,
         }
@@ -256,10 +285,19 @@ enum BufRef {
 
 /// What every slot shares: devices, the pool, settings, the wake-up time.
 struct Shared {
+    /// Both opened with `O_DIRECT`: every data read and write goes around
+    /// the page cache (other hosts on the shared disks have their own).
     origin: File,
     store: File,
+    /// The direct-I/O alignment of both devices (the larger), at most
+    /// `ALIGN_MAX`: offsets, lengths and buffer addresses of every disk
+    /// operation are multiples of it, or it goes through `bounce`.
+    align: usize,
     pool: Buffers,
-    zeros: Box<[u8]>,
+    zeros: AlignedBuf,
+    /// Whole aligned blocks of an unaligned disk operation
+    /// (read-modify-write for a write).
+    bounce: AlignedBuf,
     agent: PathBuf,
     node_id: u32,
     export_size: u64,
@@ -293,6 +331,9 @@ pub struct NbdStats {
     pub timeouts: u64,
     /// Disk operations that failed.
     pub disk_errors: u64,
+    /// Disk operations not aligned for direct I/O, done through whole
+    /// aligned blocks (writes as read-modify-write).
+    pub unaligned: u64,
 }
 
 impl Shared {
@@ -307,12 +348,6 @@ impl Shared {
         (u64::from(self.node_id & 0xffff) << 48)
             | (u64::from(self.nonce) << 32)
             | u64::from(self.next_client)
-    }
-    fn file(&self, dev: Dev) -> &File {
-        match dev {
-            Dev::Origin => &self.origin,
-            Dev::Store => &self.store,
-        }
     }
     fn sync_both(&mut self) -> bool {
         let a = self.origin.sync_data().is_ok();
@@ -1127,6 +1162,123 @@ fn decimal(mut v: u32, buf: &mut [u8; 10]) -> &[u8] {
     &buf[i..]
 }
 
+// ---------------------------------------------------------------------------
+// Direct I/O: aligned straight through, unaligned through whole blocks.
+// ---------------------------------------------------------------------------
+
+/// Whether a disk operation on `buf` at `dev_offset` can go straight to a
+/// device opened with `O_DIRECT` of alignment `align`.
+fn dio_aligned(buf: &[u8], dev_offset: u64, align: usize) -> bool {
+    let a = align as u64;
+    (buf.as_ptr() as usize).is_multiple_of(align)
+        && dev_offset.is_multiple_of(a)
+        && buf.len().is_multiple_of(align)
+}
+
+/// The whole aligned blocks `[lo, lo + span)` around `len` bytes at
+/// `dev_offset`.
+fn dio_span(dev_offset: u64, len: usize, align: usize) -> (u64, usize) {
+    let a = align as u64;
+    let lo = dev_offset - dev_offset % a;
+    let hi = (dev_offset + len as u64).div_ceil(a) * a;
+    (lo, usize::try_from(hi - lo).unwrap_or(usize::MAX))
+}
+
+/// Reads `dst.len()` bytes at `off` into `dst`; the end of a regular file
+/// reads as zeros (a block past the last whole one).
+fn read_full(file: &File, dst: &mut [u8], mut off: u64) -> bool {
+    let mut done = 0;
+    while done < dst.len() {
+        match file.read_at(&mut dst[done..], off) {
+            Ok(0) => {
+                dst[done..].fill(0);
+                return true;
+            }
+            Ok(n) => {
+                done += n;
+                off += n as u64;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return false,
+        }
+    }
+    true
+}
+
+/// Reads `dst.len()` bytes at `dev_offset`: straight when aligned, else the
+/// enclosing aligned blocks into `bounce` and the part asked for copied out.
+fn dio_read(
+    file: &File,
+    align: usize,
+    bounce: &mut AlignedBuf,
+    stats: &mut NbdStats,
+    dst: &mut [u8],
+    dev_offset: u64,
+) -> bool {
+    if dio_aligned(dst, dev_offset, align) {
+        return file.read_exact_at(dst, dev_offset).is_ok();
+    }
+    stats.unaligned += 1;
+    let (lo, span) = dio_span(dev_offset, dst.len(), align);
+    let skip = usize::try_from(dev_offset - lo).unwrap_or(usize::MAX);
+    let Some(blocks) = bounce.get_mut(..span) else {
+        return false;
+    };
+    if !read_full(file, blocks, lo) {
+        return false;
+    }
+    match blocks.get(skip..skip + dst.len()) {
+        Some(src) => {
+            dst.copy_from_slice(src);
+            true
+        }
+        None => false,
+    }
+}
+
+/// Writes `src` at `dev_offset`: straight when aligned; else a
+/// read-modify-write of the enclosing aligned blocks in `bounce` (the
+/// partial first and last blocks read, `src` merged, the whole span
+/// written). The blocks lie inside the chunk whose mapping the engine was
+/// granted (`NBD_DIO_ALIGN_MAX_BYTES` divides the chunk size), so the bytes
+/// around `src` are that volume's. Disk operations run one at a time in the
+/// loop, so nothing overlaps a read-modify-write.
+fn dio_write(
+    file: &File,
+    align: usize,
+    bounce: &mut AlignedBuf,
+    stats: &mut NbdStats,
+    src: &[u8],
+    dev_offset: u64,
+) -> bool {
+    if dio_aligned(src, dev_offset, align) {
+        return file.write_all_at(src, dev_offset).is_ok();
+    }
+    stats.unaligned += 1;
+    let (lo, span) = dio_span(dev_offset, src.len(), align);
+    let skip = usize::try_from(dev_offset - lo).unwrap_or(usize::MAX);
+    let Some(blocks) = bounce.get_mut(..span) else {
+        return false;
+    };
+    let end = skip + src.len();
+    if skip > 0 && !read_full(file, &mut blocks[..align], lo) {
+        return false;
+    }
+    // The last block, unless it is the first one, read just above.
+    let last = span - align;
+    if !end.is_multiple_of(align)
+        && (last > 0 || skip == 0)
+        && !read_full(file, &mut blocks[last..], lo + last as u64)
+    {
+        return false;
+    }
+    match blocks.get_mut(skip..end) {
+        Some(d) => d.copy_from_slice(src),
+        None => return false,
+    }
+    file.write_all_at(blocks, lo).is_ok()
+}
+
 /// One NBD connection's resources, reserved once.
 struct Slot {
     state: SlotState,
@@ -1587,7 +1739,7 @@ impl Slot {
             self.client_eof(now, true);
             return false;
         };
-        let at = HDR + self.payload_filled;
+        let at = DATA_AT + self.payload_filled;
         let n = if self.rx_start < self.rx_end {
             let n = rem.min(self.rx_end - self.rx_start);
             let dst = &mut sh.pool.get_mut(b)[at..at + n];
@@ -1936,6 +2088,20 @@ impl Slot {
         let Some(&Some((_, bref))) = self.io_map.get(op.slot() as usize) else {
             return false;
         };
+        let Shared {
+            origin,
+            store,
+            align,
+            pool,
+            zeros,
+            bounce,
+            stats,
+            ..
+        } = sh;
+        let file = |dev| match dev {
+            Dev::Origin => &*origin,
+            Dev::Store => &*store,
+        };
         match *op {
             DiskOp::Read {
                 dev,
@@ -1947,16 +2113,9 @@ impl Slot {
                 let BufRef::Pool(b) = bref else {
                     return false;
                 };
-                let (at, n) = (HDR + buf_offset as usize, len as usize);
-                let (pool, file) = (
-                    &mut sh.pool,
-                    match dev {
-                        Dev::Origin => &sh.origin,
-                        Dev::Store => &sh.store,
-                    },
-                );
+                let (at, n) = (DATA_AT + buf_offset as usize, len as usize);
                 match pool.get_mut(b).get_mut(at..at + n) {
-                    Some(dst) => file.read_exact_at(dst, dev_offset).is_ok(),
+                    Some(dst) => dio_read(file(dev), *align, bounce, stats, dst, dev_offset),
                     None => false,
                 }
             }
@@ -1969,15 +2128,15 @@ impl Slot {
             } => {
                 let (off, n) = (buf_offset as usize, len as usize);
                 let src = match bref {
-                    BufRef::Pool(b) => sh.pool.get(b).get(HDR + off..HDR + off + n),
-                    BufRef::Zero => sh.zeros.get(off..off + n),
+                    BufRef::Pool(b) => pool.get(b).get(DATA_AT + off..DATA_AT + off + n),
+                    BufRef::Zero => zeros.get(off..off + n),
                 };
                 match src {
-                    Some(src) => sh.file(dev).write_all_at(src, dev_offset).is_ok(),
+                    Some(src) => dio_write(file(dev), *align, bounce, stats, src, dev_offset),
                     None => false,
                 }
             }
-            DiskOp::Sync { dev, .. } => sh.file(dev).sync_data().is_ok(),
+            DiskOp::Sync { dev, .. } => file(dev).sync_data().is_ok(),
         }
     }
 
@@ -2010,7 +2169,7 @@ impl Slot {
         };
         match (c.kind, error, c.buf) {
             (CmdKind::Read, None, Some(b)) => {
-                sh.pool.get_mut(b)[..HDR].copy_from_slice(&simple_reply(c.handle, None));
+                sh.pool.get_mut(b)[HDR_AT..DATA_AT].copy_from_slice(&simple_reply(c.handle, None));
                 sh.stats.commands += 1;
                 let pushed = self.data_out.push((b, c.len));
                 assert!(pushed, "reply room is reserved at admission");
@@ -2040,8 +2199,8 @@ impl Slot {
                 c.write(&self.hdr_out[self.hdr_start..self.hdr_end])
                     .map(|n| (1, n))
             } else if let Some((b, len)) = self.data_out.peek() {
-                let end = HDR + len as usize;
-                c.write(&sh.pool.get(b)[self.data_written..end])
+                let end = DATA_AT + len as usize;
+                c.write(&sh.pool.get(b)[HDR_AT + self.data_written..end])
                     .map(|n| (2, n))
             } else {
                 return;
@@ -2328,24 +2487,39 @@ impl NbdServer {
                 csnap_pools::NBD_BUFFERS_MAX
             ));
         }
+        // Direct I/O, no fallback: a device that cannot do it is an error.
         let open = |p: &Path, what: &str| {
-            std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(p)
-                .map_err(|e| format!("cannot open {what} {}: {e}", p.display()))
+            let (f, a) = open_direct(p, true).map_err(|e| format!("cannot open {what}: {e}"))?;
+            let align = a.mem_bytes.max(a.offset_bytes) as usize;
+            if align > ALIGN_MAX {
+                return Err(format!(
+                    "{what} {} needs direct I/O aligned to {align} bytes; csnap nbd serves at most {ALIGN_MAX}",
+                    p.display()
+                ));
+            }
+            Ok((f, align))
         };
-        let origin = open(&opts.origin, "origin")?;
-        let store = open(&opts.store, "store")?;
+        let (origin, origin_align) = open(&opts.origin, "origin")?;
+        let (store, store_align) = open(&opts.store, "store")?;
+        let align = origin_align.max(store_align);
         let mut sd = csnap_store::disk::FileDisk::new(
             store
                 .try_clone()
                 .map_err(|e| format!("store {}: {e}", opts.store.display()))?,
         )
         .map_err(|e| format!("store {}: {e}", opts.store.display()))?;
-        let label = csnap_store::read_label(&mut sd)
+        // The label block, read around the page cache too.
+        let mut label_buf = AlignedBuf::zeroed(csnap_pools::BLOCK_SIZE_BYTES, ALIGN_MAX);
+        let label = csnap_store::read_label_into(&mut sd, &mut label_buf)
             .map_err(|e| format!("store {}: {e}", opts.store.display()))?;
         drop(sd);
+        if label.data_start_bytes % align as u64 != 0 {
+            return Err(format!(
+                "store {}: its data area starts at {} bytes, not aligned to the device's direct-I/O alignment of {align}",
+                opts.store.display(),
+                label.data_start_bytes
+            ));
+        }
         let origin_size = csnap_store::disk::device_size_bytes(&origin)
             .map_err(|e| format!("origin {}: {e}", opts.origin.display()))?;
         if origin_size < label.origin_size_bytes {
@@ -2417,7 +2591,8 @@ impl NbdServer {
                 (n + 1) * Link::reserved_bytes() + ClientFsm::reserved_bytes(),
             ),
             ("data buffers", opts.buffers * BUF_STRIDE),
-            ("zero buffer", IO_MAX),
+            ("zero buffer (aligned)", IO_MAX),
+            ("read-modify-write buffer (aligned)", BOUNCE_BYTES),
             (
                 "readiness events",
                 EVENTS_MAX
@@ -2439,8 +2614,10 @@ impl NbdServer {
             sh: Shared {
                 origin,
                 store,
+                align,
                 pool: Buffers::new(opts.buffers),
-                zeros: vec![0u8; IO_MAX].into_boxed_slice(),
+                zeros: AlignedBuf::zeroed(IO_MAX, ALIGN_MAX),
+                bounce: AlignedBuf::zeroed(BOUNCE_BYTES, ALIGN_MAX),
                 agent: opts.agent.clone(),
                 node_id: opts.node_id,
                 export_size: label.origin_size_bytes,
