@@ -41,8 +41,11 @@
 //! `ENOTSUP`. `TRIM` (advisory) and `CACHE` succeed at once. `FLUSH` is the
 //! engine's flush (an `fdatasync` of both devices); a write with `FUA` is
 //! answered only after a flush that follows it. Replies go out in
-//! completion order. Disk operations are `pread`/`pwrite` done in the loop,
-//! then `disk_done`.
+//! completion order. Disk operations go to one io_uring for the process
+//! (`nbd_disk`): taken from each engine as it emits them, submitted once per
+//! turn, their completions taken every turn (the ring's descriptor is in the
+//! epoll set) and handed back with `disk_done`; many are in flight at once,
+//! and the loop never waits for a device.
 //!
 //! # Direct I/O
 //!
@@ -51,10 +54,11 @@
 //! error at start. A disk operation not aligned to the devices' direct-I/O
 //! alignment (offset, length or buffer address) goes through whole aligned
 //! blocks in a bounce buffer: a read copies its part out, a write is a
-//! read-modify-write of its partial first and last blocks. The engine emits
-//! a data write only once the server granted its mapping, and the alignment
-//! divides the chunk size, so the blocks read back are that chunk's. The
-//! export advertises a minimum block size of 1.
+//! read-modify-write of its partial first and last blocks, serialized
+//! against every overlapping write of the process (`nbd_disk`). The engine
+//! emits a data write only once the server granted its mapping, and the
+//! alignment divides the chunk size, so the blocks read back are that
+//! chunk's. The export advertises a minimum block size of 1.
 //!
 //! # Failover
 //!
@@ -89,10 +93,12 @@ use std::fs::File;
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use csnap_sys::dio::{open_direct, AlignedBuf};
+use csnap_sys::uring::DmaArena;
+
+use crate::nbd_disk::{self, DiskQueue, Finished};
 
 use csnap_fsm::agent::AddrBuf;
 use csnap_fsm::client::{ClientConfig, ClientEvent, ClientFsm, Request};
@@ -101,7 +107,7 @@ use csnap_fsm::nbd::{
     NbdSession, NbdState, SIMPLE_REPLY_BYTES,
 };
 use csnap_fsm::volume::{
-    Dev, DiskOp, EngineSignal, IoError, IoKind, SubmitError, VolumeConfig, VolumeEngine,
+    DiskOp, EngineSignal, IoError, IoKind, SubmitError, VolumeConfig, VolumeEngine,
 };
 use csnap_proto::{self as proto, ErrorCode, FrameReader, Msg, Role, Volume, FRAME_MAX_BYTES};
 use mio::{Events, Interest, Poll, Registry, Token};
@@ -134,6 +140,9 @@ const BOUNCE_BYTES: usize = IO_MAX + 2 * ALIGN_MAX;
 const RX_BYTES: usize = csnap_pools::NBD_RECEIVE_BUFFER_BYTES;
 /// Output of an agent link.
 const AGENT_OUT: usize = csnap_pools::NBD_AGENT_OUT_BYTES;
+/// With disk operations in flight, the loop wakes at least this often
+/// (completions wake it through the ring's descriptor anyway).
+const DISK_BACKSTOP_MS: u64 = 5;
 /// Readiness events per turn.
 const EVENTS_MAX: usize = csnap_pools::EVENTS_PER_TURN_MAX;
 /// Snapshots a list answer names.
@@ -145,6 +154,7 @@ const TOKENS_PER_SLOT: usize = 3;
 const SIGNAL: Token = Token(usize::MAX - 1);
 const CTL_SERVER: Token = Token(usize::MAX - 2);
 const CTL_AGENT: Token = Token(usize::MAX - 3);
+const DISK: Token = Token(usize::MAX - 4);
 const LISTENER_BASE: usize = usize::MAX - 64;
 
 // Token spaces do not meet.
@@ -236,7 +246,10 @@ impl<T: Copy + Default, const N: usize> Ring<T, N> {
 /// `b` is `[b * BUF_STRIDE, (b + 1) * BUF_STRIDE)`, its data at `DATA_AT`
 /// (aligned for direct I/O) and its reply header just before it.
 struct Buffers {
-    mem: AlignedBuf,
+    /// The data buffers, then the zero buffer (`zero_at`), then the bounce
+    /// buffers of the disk queue (`bounce_at`): memory disk operations on
+    /// the ring may name.
+    arena: DmaArena,
     free: Vec<u16>,
     count: usize,
 }
@@ -248,7 +261,10 @@ impl Buffers {
             free.push(u16::try_from(i).unwrap_or(u16::MAX));
         }
         Buffers {
-            mem: AlignedBuf::zeroed(count * BUF_STRIDE, ALIGN_MAX),
+            arena: DmaArena::new(
+                count * BUF_STRIDE + IO_MAX + nbd_disk::BOUNCES * BOUNCE_BYTES,
+                ALIGN_MAX,
+            ),
             free,
             count,
         }
@@ -266,11 +282,29 @@ impl Buffers {
     }
     fn get(&self, b: u16) -> &[u8] {
         let at = usize::from(b) * BUF_STRIDE;
-        self.mem.get(at..at + BUF_STRIDE).unwrap_or_default()
+        self.arena
+            .bytes()
+            .get(at..at + BUF_STRIDE)
+            .unwrap_or_default()
     }
     fn get_mut(&mut self, b: u16) -> &mut [u8] {
         let at = usize::from(b) * BUF_STRIDE;
-        self.mem.get_mut(at..at + BUF_STRIDE).unwrap_or_default()
+        self.arena
+            .bytes_mut()
+            .get_mut(at..at + BUF_STRIDE)
+            .unwrap_or_default()
+    }
+    /// Arena offset of buffer `b`'s data.
+    fn data_at(&self, b: u16) -> usize {
+        usize::from(b) * BUF_STRIDE + DATA_AT
+    }
+    /// Arena offset of the zero buffer (`IO_MAX` bytes, never written).
+    fn zero_at(&self) -> usize {
+        self.count * BUF_STRIDE
+    }
+    /// Arena offset of the bounce buffers.
+    fn bounce_at(&self) -> usize {
+        self.zero_at() + IO_MAX
     }
 }
 
@@ -289,15 +323,9 @@ struct Shared {
     /// the page cache (other hosts on the shared disks have their own).
     origin: File,
     store: File,
-    /// The direct-I/O alignment of both devices (the larger), at most
-    /// `ALIGN_MAX`: offsets, lengths and buffer addresses of every disk
-    /// operation are multiples of it, or it goes through `bounce`.
-    align: usize,
     pool: Buffers,
-    zeros: AlignedBuf,
-    /// Whole aligned blocks of an unaligned disk operation
-    /// (read-modify-write for a write).
-    bounce: AlignedBuf,
+    /// Disk operations in flight on the ring.
+    disk: DiskQueue,
     agent: PathBuf,
     node_id: u32,
     export_size: u64,
@@ -1162,123 +1190,6 @@ fn decimal(mut v: u32, buf: &mut [u8; 10]) -> &[u8] {
     &buf[i..]
 }
 
-// ---------------------------------------------------------------------------
-// Direct I/O: aligned straight through, unaligned through whole blocks.
-// ---------------------------------------------------------------------------
-
-/// Whether a disk operation on `buf` at `dev_offset` can go straight to a
-/// device opened with `O_DIRECT` of alignment `align`.
-fn dio_aligned(buf: &[u8], dev_offset: u64, align: usize) -> bool {
-    let a = align as u64;
-    (buf.as_ptr() as usize).is_multiple_of(align)
-        && dev_offset.is_multiple_of(a)
-        && buf.len().is_multiple_of(align)
-}
-
-/// The whole aligned blocks `[lo, lo + span)` around `len` bytes at
-/// `dev_offset`.
-fn dio_span(dev_offset: u64, len: usize, align: usize) -> (u64, usize) {
-    let a = align as u64;
-    let lo = dev_offset - dev_offset % a;
-    let hi = (dev_offset + len as u64).div_ceil(a) * a;
-    (lo, usize::try_from(hi - lo).unwrap_or(usize::MAX))
-}
-
-/// Reads `dst.len()` bytes at `off` into `dst`; the end of a regular file
-/// reads as zeros (a block past the last whole one).
-fn read_full(file: &File, dst: &mut [u8], mut off: u64) -> bool {
-    let mut done = 0;
-    while done < dst.len() {
-        match file.read_at(&mut dst[done..], off) {
-            Ok(0) => {
-                dst[done..].fill(0);
-                return true;
-            }
-            Ok(n) => {
-                done += n;
-                off += n as u64;
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(_) => return false,
-        }
-    }
-    true
-}
-
-/// Reads `dst.len()` bytes at `dev_offset`: straight when aligned, else the
-/// enclosing aligned blocks into `bounce` and the part asked for copied out.
-fn dio_read(
-    file: &File,
-    align: usize,
-    bounce: &mut AlignedBuf,
-    stats: &mut NbdStats,
-    dst: &mut [u8],
-    dev_offset: u64,
-) -> bool {
-    if dio_aligned(dst, dev_offset, align) {
-        return file.read_exact_at(dst, dev_offset).is_ok();
-    }
-    stats.unaligned += 1;
-    let (lo, span) = dio_span(dev_offset, dst.len(), align);
-    let skip = usize::try_from(dev_offset - lo).unwrap_or(usize::MAX);
-    let Some(blocks) = bounce.get_mut(..span) else {
-        return false;
-    };
-    if !read_full(file, blocks, lo) {
-        return false;
-    }
-    match blocks.get(skip..skip + dst.len()) {
-        Some(src) => {
-            dst.copy_from_slice(src);
-            true
-        }
-        None => false,
-    }
-}
-
-/// Writes `src` at `dev_offset`: straight when aligned; else a
-/// read-modify-write of the enclosing aligned blocks in `bounce` (the
-/// partial first and last blocks read, `src` merged, the whole span
-/// written). The blocks lie inside the chunk whose mapping the engine was
-/// granted (`NBD_DIO_ALIGN_MAX_BYTES` divides the chunk size), so the bytes
-/// around `src` are that volume's. Disk operations run one at a time in the
-/// loop, so nothing overlaps a read-modify-write.
-fn dio_write(
-    file: &File,
-    align: usize,
-    bounce: &mut AlignedBuf,
-    stats: &mut NbdStats,
-    src: &[u8],
-    dev_offset: u64,
-) -> bool {
-    if dio_aligned(src, dev_offset, align) {
-        return file.write_all_at(src, dev_offset).is_ok();
-    }
-    stats.unaligned += 1;
-    let (lo, span) = dio_span(dev_offset, src.len(), align);
-    let skip = usize::try_from(dev_offset - lo).unwrap_or(usize::MAX);
-    let Some(blocks) = bounce.get_mut(..span) else {
-        return false;
-    };
-    let end = skip + src.len();
-    if skip > 0 && !read_full(file, &mut blocks[..align], lo) {
-        return false;
-    }
-    // The last block, unless it is the first one, read just above.
-    let last = span - align;
-    if !end.is_multiple_of(align)
-        && (last > 0 || skip == 0)
-        && !read_full(file, &mut blocks[last..], lo + last as u64)
-    {
-        return false;
-    }
-    match blocks.get_mut(skip..end) {
-        Some(d) => d.copy_from_slice(src),
-        None => return false,
-    }
-    file.write_all_at(blocks, lo).is_ok()
-}
-
 /// One NBD connection's resources, reserved once.
 struct Slot {
     state: SlotState,
@@ -1322,9 +1233,14 @@ struct Slot {
     listing: bool,
     /// The pending command was counted as waiting for a buffer.
     buffer_wait: bool,
-    /// The first failure of a write acknowledged early, for the next
-    /// `FLUSH` to report.
+    /// The first failure of a write acknowledged early, or of a disk
+    /// write, for the next `FLUSH` to report.
     wb_error: Option<NbdError>,
+    /// This slot's index (the disk queue's connection number).
+    index: u16,
+    /// A disk operation the engine emitted that the disk queue had no room
+    /// for yet.
+    held: Option<DiskOp>,
 }
 
 impl Slot {
@@ -1367,6 +1283,8 @@ impl Slot {
             listing: false,
             buffer_wait: false,
             wb_error: None,
+            index: u16::try_from(index).unwrap_or(u16::MAX),
+            held: None,
         }
     }
 
@@ -2044,100 +1962,70 @@ impl Slot {
         }
     }
 
-    /// Performs the engine's disk operations and hands its completions to
-    /// their commands.
+    /// Hands the engine's disk operations to the disk queue and its
+    /// completions to their commands.
     fn drain_engine(&mut self, sh: &mut Shared) {
-        loop {
-            if let Some(op) = self.engine.poll_disk() {
-                let ok = self.perform(&op, sh);
-                if !ok {
-                    sh.stats.disk_errors += 1;
-                    eprintln!("csnap nbd: disk operation failed: {op:?}");
+        while let Some(op) = self.held.take().or_else(|| self.engine.poll_disk()) {
+            let bref = self.io_map.get(op.slot() as usize).copied().flatten();
+            let buf_offset = match op {
+                DiskOp::Read { buf_offset, .. } | DiskOp::Write { buf_offset, .. } => {
+                    buf_offset as usize
                 }
-                self.engine.disk_done(&op, ok);
+                DiskOp::Sync { .. } => 0,
+            };
+            let data_at = match (bref, op) {
+                (Some((_, BufRef::Pool(b))), _) => Some(sh.pool.data_at(b) + buf_offset),
+                (Some((_, BufRef::Zero)), DiskOp::Write { .. } | DiskOp::Sync { .. }) => {
+                    Some(sh.pool.zero_at() + buf_offset)
+                }
+                // Unreachable: every engine I/O has a buffer, and nothing
+                // reads into the zero buffer.
+                _ => None,
+            };
+            let Some(data_at) = data_at else {
+                sh.stats.disk_errors += 1;
+                self.engine.disk_done(&op, false);
                 sh.moved();
                 continue;
+            };
+            if !sh.disk.take(self.index, op, data_at) {
+                // The queue is full: offered again after a completion.
+                self.held = Some(op);
+                break;
             }
-            if let Some((tag, r)) = self.engine.poll_complete() {
-                sh.moved();
-                let ci = usize::try_from(tag).unwrap_or(usize::MAX);
-                let Some(c) = self.cmds.get_mut(ci).and_then(Option::as_mut) else {
-                    continue;
+            sh.moved();
+        }
+        while let Some((tag, r)) = self.engine.poll_complete() {
+            sh.moved();
+            let ci = usize::try_from(tag).unwrap_or(usize::MAX);
+            let Some(c) = self.cmds.get_mut(ci).and_then(Option::as_mut) else {
+                continue;
+            };
+            assert!(
+                c.in_engine > 0,
+                "a completion for a command not in the engine"
+            );
+            c.in_engine -= 1;
+            if let Err(e) = r {
+                c.error.get_or_insert(nbd_error(e));
+                c.next = c.end;
+                c.fua = match c.fua {
+                    Fua::Needed => Fua::No,
+                    f => f,
                 };
-                assert!(
-                    c.in_engine > 0,
-                    "a completion for a command not in the engine"
-                );
-                c.in_engine -= 1;
-                if let Err(e) = r {
-                    c.error.get_or_insert(nbd_error(e));
-                    c.next = c.end;
-                    c.fua = match c.fua {
-                        Fua::Needed => Fua::No,
-                        f => f,
-                    };
+                // A write the disk failed also fails the next flush (as
+                // fsync reports a failed write-back).
+                if e == IoError::Disk && matches!(c.kind, CmdKind::Write | CmdKind::WriteZeroes) {
+                    self.wb_error.get_or_insert(NbdError::Io);
                 }
-                self.maybe_finish(ci, sh);
-                continue;
             }
-            return;
+            self.maybe_finish(ci, sh);
         }
     }
 
-    fn perform(&mut self, op: &DiskOp, sh: &mut Shared) -> bool {
-        let Some(&Some((_, bref))) = self.io_map.get(op.slot() as usize) else {
-            return false;
-        };
-        let Shared {
-            origin,
-            store,
-            align,
-            pool,
-            zeros,
-            bounce,
-            stats,
-            ..
-        } = sh;
-        let file = |dev| match dev {
-            Dev::Origin => &*origin,
-            Dev::Store => &*store,
-        };
-        match *op {
-            DiskOp::Read {
-                dev,
-                dev_offset,
-                buf_offset,
-                len,
-                ..
-            } => {
-                let BufRef::Pool(b) = bref else {
-                    return false;
-                };
-                let (at, n) = (DATA_AT + buf_offset as usize, len as usize);
-                match pool.get_mut(b).get_mut(at..at + n) {
-                    Some(dst) => dio_read(file(dev), *align, bounce, stats, dst, dev_offset),
-                    None => false,
-                }
-            }
-            DiskOp::Write {
-                dev,
-                dev_offset,
-                buf_offset,
-                len,
-                ..
-            } => {
-                let (off, n) = (buf_offset as usize, len as usize);
-                let src = match bref {
-                    BufRef::Pool(b) => pool.get(b).get(DATA_AT + off..DATA_AT + off + n),
-                    BufRef::Zero => zeros.get(off..off + n),
-                };
-                match src {
-                    Some(src) => dio_write(file(dev), *align, bounce, stats, src, dev_offset),
-                    None => false,
-                }
-            }
-            DiskOp::Sync { dev, .. } => file(dev).sync_data().is_ok(),
-        }
+    /// A disk operation of this slot's engine finished.
+    fn disk_finished(&mut self, f: &Finished) {
+        self.engine.disk_done(&f.op, f.ok);
     }
 
     /// Replies to command `ci` once nothing of it is left to do.
@@ -2314,6 +2202,7 @@ impl Slot {
         self.listing = false;
         self.pending = None;
         self.payload_cmd = None;
+        assert!(self.held.is_none(), "a disk operation held without I/O");
         self.io_map = [None; IOS];
         self.attached = false;
         self.timed_out = false;
@@ -2431,6 +2320,8 @@ pub enum NbdStop {
     FinalFlush,
     /// The event loop's wait failed with this errno.
     Poll(i32),
+    /// Submitting disk operations to the io_uring failed with this errno.
+    Disk(i32),
 }
 
 impl std::fmt::Display for NbdStop {
@@ -2440,6 +2331,11 @@ impl std::fmt::Display for NbdStop {
             NbdStop::Poll(errno) => write!(
                 f,
                 "event loop failed: {}",
+                io::Error::from_raw_os_error(*errno)
+            ),
+            NbdStop::Disk(errno) => write!(
+                f,
+                "disk submission failed: {}",
                 io::Error::from_raw_os_error(*errno)
             ),
         }
@@ -2565,6 +2461,16 @@ impl NbdServer {
                 Interest::READABLE,
             )
             .map_err(|e| format!("cannot register the signal descriptor: {e}"))?;
+        let pool = Buffers::new(opts.buffers);
+        let disk = DiskQueue::new(align, pool.bounce_at(), BOUNCE_BYTES)
+            .map_err(|e| format!("io_uring setup: {e}"))?;
+        poll.registry()
+            .register(
+                &mut mio::unix::SourceFd(&disk.fd()),
+                DISK,
+                Interest::READABLE,
+            )
+            .map_err(|e| format!("cannot register the io_uring descriptor: {e}"))?;
         let mut nonce = [0u8; 2];
         csnap_sys::random_bytes(&mut nonce).map_err(|e| format!("getrandom: {e}"))?;
         let slots: Vec<Slot> = (0..opts.connections).map(|i| Slot::new(i, cfg)).collect();
@@ -2592,7 +2498,14 @@ impl NbdServer {
             ),
             ("data buffers", opts.buffers * BUF_STRIDE),
             ("zero buffer (aligned)", IO_MAX),
-            ("read-modify-write buffer (aligned)", BOUNCE_BYTES),
+            (
+                "read-modify-write buffers (aligned)",
+                nbd_disk::BOUNCES * BOUNCE_BYTES,
+            ),
+            (
+                "disk operations table and io_uring queues",
+                DiskQueue::reserved_bytes(),
+            ),
             (
                 "readiness events",
                 EVENTS_MAX
@@ -2614,10 +2527,8 @@ impl NbdServer {
             sh: Shared {
                 origin,
                 store,
-                align,
-                pool: Buffers::new(opts.buffers),
-                zeros: AlignedBuf::zeroed(IO_MAX, ALIGN_MAX),
-                bounce: AlignedBuf::zeroed(BOUNCE_BYTES, ALIGN_MAX),
+                pool,
+                disk,
                 agent: opts.agent.clone(),
                 node_id: opts.node_id,
                 export_size: label.origin_size_bytes,
@@ -2679,6 +2590,7 @@ impl NbdServer {
                 for s in 0..self.slots.len() {
                     self.slots[s].pump(&mut self.sh, &mut self.ctl, self.poll.registry(), now);
                 }
+                self.disk_turn()?;
                 if self.sh.progress == before {
                     busy = false;
                     break;
@@ -2728,9 +2640,59 @@ impl NbdServer {
         }
     }
 
+    /// Starts what the disk queue can start, submits, and hands finished
+    /// operations to their engines.
+    fn disk_turn(&mut self) -> Result<(), NbdStop> {
+        let Shared {
+            disk,
+            pool,
+            origin,
+            store,
+            stats,
+            progress,
+            ..
+        } = &mut self.sh;
+        let slots = &mut self.slots;
+        let mut fin = |f: Finished| {
+            *progress += 1;
+            if f.bounced {
+                stats.unaligned += 1;
+            }
+            if !f.ok {
+                stats.disk_errors += 1;
+                eprintln!(
+                    "csnap nbd: disk operation failed (result {}): {:?}",
+                    f.result, f.op
+                );
+            }
+            if let Some(s) = slots.get_mut(usize::from(f.conn)) {
+                s.disk_finished(&f);
+            }
+        };
+        disk.reap(&mut pool.arena, origin, store, &mut fin);
+        if let Err(e) = disk.pump(&mut pool.arena, origin, store, &mut fin) {
+            let errno = e.raw_os_error().unwrap_or(libc::EIO);
+            // Busy (completions to take first) or out of resources for now:
+            // the next turn submits again.
+            if errno != libc::EBUSY && errno != libc::EAGAIN {
+                return Err(NbdStop::Disk(errno));
+            }
+        }
+        disk.reap(&mut pool.arena, origin, store, &mut fin);
+        if disk.len() > 0 {
+            // Completions wake the loop through the ring's descriptor; a
+            // short timeout too, as a backstop.
+            let at = now_ms() + DISK_BACKSTOP_MS;
+            self.sh.wake(at);
+        }
+        Ok(())
+    }
+
     fn dispatch(&mut self, t: Token, readable: bool, writable: bool) {
         if t == SIGNAL {
             self.on_signal();
+        } else if t == DISK {
+            // Completions are taken every turn.
         } else if t == CTL_AGENT || t == CTL_SERVER {
             self.ctl.link.on_event(t, readable, writable);
         } else if t.0 >= LISTENER_BASE {
@@ -2858,6 +2820,13 @@ impl NbdServer {
             held + self.sh.pool.available(),
             self.sh.pool.count,
             "a data buffer was lost or freed twice"
+        );
+        self.sh.disk.check();
+        // Every disk operation belongs to an engine I/O still in flight.
+        let ios: usize = self.slots.iter().map(|s| s.engine.in_flight()).sum();
+        assert!(
+            ios > 0 || self.sh.disk.len() == 0,
+            "disk operations without an engine I/O"
         );
     }
 }
