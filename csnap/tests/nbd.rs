@@ -86,7 +86,25 @@ struct Env {
     /// Loop devices the cluster and the NBD server use instead of the
     /// files (detached at drop).
     loops: Vec<String>,
+    /// A file system mounted for the origin (unmounted at drop).
+    mount: Option<PathBuf>,
 }
+
+/// Where the origin and the store live.
+#[derive(Clone, Copy)]
+enum Disks {
+    /// Files in the test's directory.
+    Files,
+    /// Loop devices of this sector size over those files.
+    Loop(u32),
+    /// The origin a sparse file (its first `FULL_FS_WRITTEN_BYTES` written)
+    /// on a small ext4 that is then filled: writes to its holes fail
+    /// (`ENOSPC`), everything else works.
+    FullFs,
+}
+
+/// Bytes of the origin written before its file system is filled.
+const FULL_FS_WRITTEN_BYTES: u64 = 8 << 20;
 
 impl Env {
     fn new(name: &str, nodes: &[u32], nbd_args: &[&str]) -> Env {
@@ -100,14 +118,27 @@ impl Env {
         ctl_args: &[&str],
         agent_args: &[&str],
     ) -> Env {
-        Env::build_wrapped(name, nodes, nbd_args, ctl_args, agent_args, &[], None)
+        Env::build_wrapped(
+            name,
+            nodes,
+            nbd_args,
+            ctl_args,
+            agent_args,
+            &[],
+            Disks::Files,
+        )
     }
 
     /// Like `new`, every process reaching the origin and the store through
     /// loop devices of `sector` bytes over the files (a device whose
     /// direct-I/O alignment is its sector).
     fn on_loop_devices(name: &str, nbd_args: &[&str], sector: u32) -> Env {
-        Env::build_wrapped(name, &[1], nbd_args, &[], &[], &[], Some(sector))
+        Env::build_wrapped(name, &[1], nbd_args, &[], &[], &[], Disks::Loop(sector))
+    }
+
+    /// Like `new`, the origin on a full file system (`Disks::FullFs`).
+    fn on_full_fs(name: &str, nbd_args: &[&str]) -> Env {
+        Env::build_wrapped(name, &[1], nbd_args, &[], &[], &[], Disks::FullFs)
     }
 
     /// Like `build`, the NBD server started under `wrapper` (strace).
@@ -118,12 +149,53 @@ impl Env {
         ctl_args: &[&str],
         agent_args: &[&str],
         wrapper: &[String],
-        loop_sector: Option<u32>,
+        disks: Disks,
     ) -> Env {
         let dir = common::fresh_dir("nbd", name);
-        let origin = dir.join("origin");
+        let mut origin = dir.join("origin");
         let store = dir.join("store");
-        std::fs::write(&origin, vec![0u8; ORIGIN_BYTES as usize]).unwrap();
+        let mut mount = None;
+        if let Disks::FullFs = disks {
+            use std::os::unix::fs::FileExt;
+            let img = dir.join("fs.img");
+            let mnt = dir.join("mnt");
+            std::fs::create_dir_all(&mnt).unwrap();
+            let f = std::fs::File::create(&img).unwrap();
+            f.set_len(64 << 20).unwrap();
+            drop(f);
+            let o = Command::new("mkfs.ext4")
+                .args(["-q", "-F"])
+                .arg(&img)
+                .output()
+                .unwrap();
+            assert!(o.status.success(), "mkfs.ext4: {}", text(&o));
+            let o = Command::new("mount")
+                .args(["-o", "loop"])
+                .arg(&img)
+                .arg(&mnt)
+                .output()
+                .unwrap();
+            assert!(o.status.success(), "mount: {}", text(&o));
+            mount = Some(mnt.clone());
+            origin = mnt.join("origin");
+            let f = std::fs::File::create(&origin).unwrap();
+            f.set_len(ORIGIN_BYTES).unwrap();
+            f.write_all_at(&vec![0u8; FULL_FS_WRITTEN_BYTES as usize], 0)
+                .unwrap();
+            f.sync_all().unwrap();
+            // Fill the rest (dd stops at ENOSPC): in MiB, then in blocks
+            // (what the allocator kept aside is free again by then).
+            for (bs, name) in [("bs=1M", "fill"), ("bs=4k", "fill2")] {
+                let _ = Command::new("dd")
+                    .args(["if=/dev/zero", bs, "status=none"])
+                    .arg(format!("of={}", s(&mnt.join(name))))
+                    .stderr(Stdio::null())
+                    .status();
+                let _ = Command::new("sync").status();
+            }
+        } else {
+            std::fs::write(&origin, vec![0u8; ORIGIN_BYTES as usize]).unwrap();
+        }
         let o = csnap(&[
             "format",
             "--origin",
@@ -137,9 +209,9 @@ impl Env {
         ]);
         assert!(o.status.success(), "{}", text(&o));
         let mut loops = Vec::new();
-        let (origin_dev, store_dev) = match loop_sector {
-            None => (origin.clone(), store.clone()),
-            Some(sector) => {
+        let (origin_dev, store_dev) = match disks {
+            Disks::Files | Disks::FullFs => (origin.clone(), store.clone()),
+            Disks::Loop(sector) => {
                 for f in [&origin, &store] {
                     let o = Command::new("losetup")
                         .args(["-f", "--show", "--sector-size", &sector.to_string()])
@@ -188,6 +260,7 @@ impl Env {
             sock: dir.join("nbd.sock"),
             tcp: String::new(),
             loops,
+            mount,
         };
         wait_until("every standby ready", Duration::from_secs(20), || {
             let st = env.cluster_status();
@@ -345,6 +418,9 @@ impl Drop for Env {
         self.controller.take();
         for l in &self.loops {
             let _ = Command::new("losetup").args(["-d", l]).status();
+        }
+        if let Some(m) = &self.mount {
+            let _ = Command::new("umount").arg(m).status();
         }
         if !std::thread::panicking() {
             let _ = std::fs::remove_dir_all(&self.dir);
@@ -736,6 +812,55 @@ fn sub_block_and_unaligned_io_match_a_shadow() {
     let log = env.nbd().log();
     assert!(figure(&log, "unaligned") > 0, "{log}");
     assert_eq!(figure(&log, "disk"), 0, "{log}");
+}
+
+/// Disk failures surface: the origin on a full file system, so a write
+/// into one of its holes fails (`ENOSPC` from the device) while the rest
+/// works. A write acknowledged early (write-back) fails the next `FLUSH`;
+/// a `FUA` write is `EIO` itself and fails the next `FLUSH` too (latched
+/// once, as fsync reports a failed write-back); the flush after that, reads
+/// and writes of written blocks, and the server go on.
+#[test]
+fn disk_errors_are_eio_and_a_failed_write_fails_the_next_flush() {
+    const EIO: u32 = 5;
+    let mut env = Env::on_full_fs("diskerr", &[]);
+    let mut r = Raw::connect(&env.sock);
+    r.go("origin");
+    let write = |r: &mut Raw, flags: u16, h: u64, off: u64, b: u8| {
+        r.request(1, flags, h, off, 4096);
+        r.0.write_all(&[b; 4096]).unwrap();
+    };
+    // Written blocks take writes.
+    write(&mut r, 0, 1, 4096, 0x11);
+    assert_eq!(r.reply(), (0, 1));
+    r.request(3, 0, 2, 0, 0);
+    assert_eq!(r.reply(), (0, 2));
+    // Write-back: acknowledged, then the flush reports the failure, once.
+    write(&mut r, 0, 3, FULL_FS_WRITTEN_BYTES + (4 << 20), 0x22);
+    assert_eq!(r.reply(), (0, 3));
+    r.request(3, 0, 4, 0, 0);
+    assert_eq!(r.reply(), (EIO, 4));
+    r.request(3, 0, 5, 0, 0);
+    assert_eq!(r.reply(), (0, 5));
+    // FUA: EIO itself, and the next flush.
+    write(&mut r, 1, 6, FULL_FS_WRITTEN_BYTES + (8 << 20), 0x33);
+    assert_eq!(r.reply(), (EIO, 6));
+    r.request(3, 0, 7, 0, 0);
+    assert_eq!(r.reply(), (EIO, 7));
+    r.request(3, 0, 8, 0, 0);
+    assert_eq!(r.reply(), (0, 8));
+    // Reads and writes of written blocks go on.
+    r.request(0, 0, 9, 4096, 4096);
+    assert_eq!(r.reply(), (0, 9));
+    assert_eq!(r.read_n(4096), vec![0x11; 4096]);
+    write(&mut r, 1, 10, 8192, 0x44);
+    assert_eq!(r.reply(), (0, 10));
+    qemu_io(&env.unix_url("origin"), &["read -P 0x44 8192 4k"]);
+    env.assert_nbd_alive();
+    env.stop_nbd();
+    let log = env.nbd().log();
+    assert!(figure(&log, "disk") >= 2, "{log}");
+    assert!(log.contains("disk operation failed"), "{log}");
 }
 
 #[test]
@@ -1362,7 +1487,7 @@ fn nbd_server_syscalls_match_the_audited_whitelist() {
         &[],
         &["--server-arg=--no-host-lock"],
         &wrapper,
-        None,
+        Disks::Files,
     );
     let o = csnap(&["cluster", "start", "--dir", s(&env.cdir()), "1"]);
     assert!(o.status.success(), "{}", text(&o));
