@@ -2669,8 +2669,11 @@ impl NbdServer {
                 s.disk_finished(&f);
             }
         };
-        disk.reap(&mut pool.arena, origin, store, &mut fin);
-        if let Err(e) = disk.pump(&mut pool.arena, origin, store, &mut fin) {
+        let r = disk
+            .reap(&mut pool.arena, origin, store, &mut fin)
+            .and_then(|_| disk.pump(&mut pool.arena, origin, store, &mut fin))
+            .and_then(|()| disk.reap(&mut pool.arena, origin, store, &mut fin));
+        if let Err(e) = r {
             let errno = e.raw_os_error().unwrap_or(libc::EIO);
             // Busy (completions to take first) or out of resources for now:
             // the next turn submits again.
@@ -2678,7 +2681,6 @@ impl NbdServer {
                 return Err(NbdStop::Disk(errno));
             }
         }
-        disk.reap(&mut pool.arena, origin, store, &mut fin);
         if disk.len() > 0 {
             // Completions wake the loop through the ring's descriptor; a
             // short timeout too, as a backstop.
