@@ -28,6 +28,14 @@
 //! arrival order (no starvation). Reads never wait: the bytes a
 //! read-modify-write rewrites around its data keep the values they had.
 //!
+//! # Syncs
+//!
+//! A sync of a device no write of this scheduler completed on since the
+//! last successful sync was issued finishes at once, without a request:
+//! there is nothing of ours for it to make durable (an origin export's
+//! flush then costs one `fdatasync`, not one of each device; the store's
+//! own writes are the csnap server's, made durable by its commits).
+//!
 //! A negative result or a short transfer finishes the operation with
 //! `ok == false` (the engine makes it `EIO`).
 //!
@@ -71,6 +79,8 @@ struct Entry {
     want: i32,
     /// The first failing result.
     failed: Option<i32>,
+    /// A sync: the device's write count when it was issued.
+    gen: u64,
 }
 
 impl Entry {
@@ -174,6 +184,19 @@ pub struct DiskSched {
     actions: FixedRing<Action>,
     /// Requests submitted and not completed.
     requests: usize,
+    /// Writes completed, per device (origin, store).
+    written: [u64; 2],
+    /// Of those, how many the last successful sync covered, per device.
+    synced: [u64; 2],
+    /// Syncs finished without a request (nothing to make durable).
+    syncs_skipped: u64,
+}
+
+fn dev_index(d: Dev) -> usize {
+    match d {
+        Dev::Origin => 0,
+        Dev::Store => 1,
+    }
 }
 
 impl DiskSched {
@@ -195,6 +218,9 @@ impl DiskSched {
             // write, or a copy and a finish, at once.
             actions: FixedRing::new(4 * cfg.ops_max),
             requests: 0,
+            written: [0; 2],
+            synced: [0; 2],
+            syncs_skipped: 0,
         }
     }
 
@@ -218,6 +244,11 @@ impl DiskSched {
     /// Requests out (submitted, result not back).
     pub fn requests(&self) -> usize {
         self.requests
+    }
+
+    /// Syncs finished without a request (no write of ours to cover).
+    pub fn syncs_skipped(&self) -> u64 {
+        self.syncs_skipped
     }
 
     /// Takes operation `op` of connection `conn`, its data at memory offset
@@ -265,6 +296,7 @@ impl DiskSched {
             pending: 0,
             want: 0,
             failed: None,
+            gen: 0,
         });
         self.count += 1;
         self.waiting += 1;
@@ -351,7 +383,15 @@ impl DiskSched {
         let (dev, off) = (e.dev, e.dev_offset());
         match (e.op, e.bounced) {
             (DiskOp::Sync { .. }, _) => {
+                let d = dev_index(dev);
                 e.stage = Stage::Running;
+                if self.written[d] == self.synced[d] {
+                    self.syncs_skipped += 1;
+                    self.entries[i] = Some(e);
+                    self.finish(i, true, 0);
+                    return;
+                }
+                e.gen = self.written[d];
                 e.pending = 1;
                 self.act(Action::Submit(Request::Sync { id, dev }));
             }
@@ -491,8 +531,16 @@ impl DiskSched {
         e.pending -= 1;
         match e.stage {
             Stage::Running | Stage::RmwWrite => {
+                let ok = result == e.want;
+                let d = dev_index(e.dev);
+                if ok && e.write {
+                    self.written[d] += 1;
+                }
+                if ok && matches!(e.op, DiskOp::Sync { .. }) {
+                    self.synced[d] = self.synced[d].max(e.gen);
+                }
                 self.entries[i] = Some(e);
-                self.finish(i, result == e.want, result);
+                self.finish(i, ok, result);
             }
             Stage::BounceRead => {
                 // The end of a regular file reads short: what was asked for
@@ -555,5 +603,9 @@ impl DiskSched {
             .map(|e| usize::from(e.pending))
             .sum();
         assert_eq!(pending, self.requests, "requests out of step");
+        assert!(
+            self.synced[0] <= self.written[0] && self.synced[1] <= self.written[1],
+            "a sync covered writes not done"
+        );
     }
 }

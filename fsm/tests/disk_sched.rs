@@ -247,3 +247,95 @@ fn an_aligned_write_waits_behind_a_read_modify_write_of_its_block() {
         }
     ));
 }
+
+#[test]
+fn a_sync_with_no_write_of_ours_to_cover_needs_no_request() {
+    let mut sched = DiskSched::new(SchedConfig {
+        ops_max: 4,
+        bounces: 1,
+        bounce_at: 8192,
+        bounce_bytes: 4096,
+        align: 512,
+    });
+    let sync = |slot, dev| DiskOp::Sync { slot, dev };
+    let step = |sched: &mut DiskSched| {
+        sched.pump();
+        let mut v = Vec::new();
+        while let Some(a) = sched.poll_action() {
+            v.push(a);
+        }
+        v
+    };
+    // Nothing written: both finish at once.
+    assert!(sched.take(0, sync(0, Dev::Origin), 0));
+    assert!(sched.take(0, sync(0, Dev::Store), 0));
+    let a = step(&mut sched);
+    assert!(
+        a.iter().all(|x| matches!(x, Action::Finished(f) if f.ok)),
+        "{a:?}"
+    );
+    assert_eq!(sched.syncs_skipped(), 2);
+    // An origin write completes: the origin's next sync is a request, the
+    // store's is not.
+    let w = DiskOp::Write {
+        slot: 1,
+        dev: Dev::Origin,
+        dev_offset: 0,
+        buf_offset: 0,
+        len: 512,
+    };
+    assert!(sched.take(0, w, 0));
+    let a = step(&mut sched);
+    let Some(Action::Submit(Request::Write { id, .. })) = a.first().copied() else {
+        panic!("{a:?}")
+    };
+    sched.complete(id, 512);
+    assert!(sched.take(0, sync(2, Dev::Origin), 0));
+    assert!(sched.take(0, sync(2, Dev::Store), 0));
+    let a = step(&mut sched);
+    let reqs: Vec<_> = a
+        .iter()
+        .filter_map(|x| match x {
+            Action::Submit(r) => Some(*r),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        matches!(
+            reqs[..],
+            [Request::Sync {
+                dev: Dev::Origin,
+                ..
+            }]
+        ),
+        "{a:?}"
+    );
+    assert_eq!(sched.syncs_skipped(), 3);
+    // A failed sync covers nothing: the next one is a request again.
+    let Request::Sync { id, .. } = reqs[0] else {
+        unreachable!()
+    };
+    sched.complete(id, -5);
+    assert!(sched.take(0, sync(3, Dev::Origin), 0));
+    let a = step(&mut sched);
+    assert!(
+        a.iter()
+            .any(|x| matches!(x, Action::Submit(Request::Sync { .. }))),
+        "{a:?}"
+    );
+    let Some(Request::Sync { id, .. }) = a.iter().find_map(|x| match x {
+        Action::Submit(r) => Some(*r),
+        _ => None,
+    }) else {
+        unreachable!()
+    };
+    sched.complete(id, 0);
+    // Now covered: skipped.
+    assert!(sched.take(0, sync(0, Dev::Origin), 0));
+    let a = step(&mut sched);
+    assert!(
+        a.iter().all(|x| matches!(x, Action::Finished(f) if f.ok)),
+        "{a:?}"
+    );
+    assert_eq!(sched.syncs_skipped(), 4);
+}
