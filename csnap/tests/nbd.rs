@@ -863,6 +863,59 @@ fn disk_errors_are_eio_and_a_failed_write_fails_the_next_flush() {
     assert!(log.contains("disk operation failed"), "{log}");
 }
 
+/// No silent fallback to the page cache: an origin on a file system that
+/// cannot do direct I/O (tmpfs reports no `STATX_DIOALIGN`) is a clear
+/// error at start, before anything is served.
+#[test]
+fn a_device_without_direct_io_is_refused_at_start() {
+    let dir = common::fresh_dir("nbd", "nodio");
+    // Formatted for an origin of the same size on a real disk; the NBD
+    // server is then pointed at one on tmpfs.
+    let origin = dir.join("origin");
+    std::fs::write(&origin, vec![0u8; ORIGIN_BYTES as usize]).unwrap();
+    let shm = PathBuf::from(format!("/dev/shm/csnap-nbd-nodio-{}", std::process::id()));
+    std::fs::write(&shm, vec![0u8; ORIGIN_BYTES as usize]).unwrap();
+    let store = dir.join("store");
+    let o = csnap(&[
+        "format",
+        "--origin",
+        s(&origin),
+        "--store",
+        s(&store),
+        "--store-size",
+        "96M",
+        "--journal-blocks",
+        "256",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let o = Command::new(BIN)
+        .args([
+            "nbd",
+            "--agent",
+            "/nonexistent",
+            "--node",
+            "1",
+            "--no-mlock",
+        ])
+        .arg("--origin")
+        .arg(&shm)
+        .arg("--store")
+        .arg(&store)
+        .arg("--listen")
+        .arg(dir.join("sock"))
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_file(&shm);
+    let err = text(&o);
+    assert!(!o.status.success(), "{err}");
+    assert!(
+        err.contains("cannot open origin") && err.contains("direct I/O (O_DIRECT)"),
+        "{err}"
+    );
+    assert!(!dir.join("sock").exists(), "it listened: {err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn two_clients_at_once_over_unix_and_tcp() {
     // Two data buffers for everyone: commands wait for them
