@@ -310,7 +310,8 @@ pub const CONTROLLER: &[Rule] = &[
 ];
 
 /// The NBD server (`csnap nbd`), single-threaded, once its pools exist and
-/// its heap is sealed: handshakes, commands and their disk I/O, the slots'
+/// its heap is sealed: handshakes, commands and their disk I/O (on an
+/// io_uring; completions are read from its mapped queue), the slots'
 /// csnap server and agent links (reconnects through failovers included),
 /// the control link, SIGTERM/SIGINT through its signalfd, and the stop
 /// (every connection closed, both devices flushed, the unix sockets
@@ -349,19 +350,14 @@ pub const NBD: &[Rule] = &[
         "the signalfd (SIGTERM, SIGINT)",
     ),
     rule(
-        "pread64",
-        libc::SYS_pread64,
-        "data reads: origin chunks, snapshot chunks in the store",
-    ),
-    rule(
-        "pwrite64",
-        libc::SYS_pwrite64,
-        "data writes: origin chunks, snapshot chunks in the store",
+        "io_uring_enter",
+        libc::SYS_io_uring_enter,
+        "submitting disk operations to the io_uring set up at init: data reads and writes (direct I/O, read-modify-write edges), FLUSH and FUA syncs",
     ),
     rule(
         "fdatasync",
         libc::SYS_fdatasync,
-        "FLUSH and FUA, the flush after a DISC, and the stop's flush of both devices",
+        "the flush after a DISC, and the stop's flush of both devices",
     ),
     rule(
         "socket",

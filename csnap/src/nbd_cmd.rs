@@ -133,14 +133,15 @@ fn serve(args: &NbdArgs) -> Result<ExitCode, String> {
     // figures, the unix sockets removed, then `_exit`.
     let st = server.stats();
     eprintln!(
-        "csnap nbd: {} connections ({} refused), {} commands, {} waited for a buffer, {} reconnects, {} failover timeouts, {} disk errors",
+        "csnap nbd: {} connections ({} refused), {} commands, {} waited for a buffer, {} reconnects, {} failover timeouts, {} disk errors, {} unaligned disk operations",
         st.connections,
         st.refused,
         st.commands,
         st.buffer_waits,
         st.reconnects,
         st.timeouts,
-        st.disk_errors
+        st.disk_errors,
+        st.unaligned
     );
     server.remove_socket_files();
     match r {

@@ -83,7 +83,28 @@ struct Env {
     sock: PathBuf,
     /// Its TCP address.
     tcp: String,
+    /// Loop devices the cluster and the NBD server use instead of the
+    /// files (detached at drop).
+    loops: Vec<String>,
+    /// A file system mounted for the origin (unmounted at drop).
+    mount: Option<PathBuf>,
 }
+
+/// Where the origin and the store live.
+#[derive(Clone, Copy)]
+enum Disks {
+    /// Files in the test's directory.
+    Files,
+    /// Loop devices of this sector size over those files.
+    Loop(u32),
+    /// The origin a sparse file (its first `FULL_FS_WRITTEN_BYTES` written)
+    /// on a small ext4 that is then filled: writes to its holes fail
+    /// (`ENOSPC`), everything else works.
+    FullFs,
+}
+
+/// Bytes of the origin written before its file system is filled.
+const FULL_FS_WRITTEN_BYTES: u64 = 8 << 20;
 
 impl Env {
     fn new(name: &str, nodes: &[u32], nbd_args: &[&str]) -> Env {
@@ -97,7 +118,27 @@ impl Env {
         ctl_args: &[&str],
         agent_args: &[&str],
     ) -> Env {
-        Env::build_wrapped(name, nodes, nbd_args, ctl_args, agent_args, &[])
+        Env::build_wrapped(
+            name,
+            nodes,
+            nbd_args,
+            ctl_args,
+            agent_args,
+            &[],
+            Disks::Files,
+        )
+    }
+
+    /// Like `new`, every process reaching the origin and the store through
+    /// loop devices of `sector` bytes over the files (a device whose
+    /// direct-I/O alignment is its sector).
+    fn on_loop_devices(name: &str, nbd_args: &[&str], sector: u32) -> Env {
+        Env::build_wrapped(name, &[1], nbd_args, &[], &[], &[], Disks::Loop(sector))
+    }
+
+    /// Like `new`, the origin on a full file system (`Disks::FullFs`).
+    fn on_full_fs(name: &str, nbd_args: &[&str]) -> Env {
+        Env::build_wrapped(name, &[1], nbd_args, &[], &[], &[], Disks::FullFs)
     }
 
     /// Like `build`, the NBD server started under `wrapper` (strace).
@@ -108,11 +149,53 @@ impl Env {
         ctl_args: &[&str],
         agent_args: &[&str],
         wrapper: &[String],
+        disks: Disks,
     ) -> Env {
         let dir = common::fresh_dir("nbd", name);
-        let origin = dir.join("origin");
+        let mut origin = dir.join("origin");
         let store = dir.join("store");
-        std::fs::write(&origin, vec![0u8; ORIGIN_BYTES as usize]).unwrap();
+        let mut mount = None;
+        if let Disks::FullFs = disks {
+            use std::os::unix::fs::FileExt;
+            let img = dir.join("fs.img");
+            let mnt = dir.join("mnt");
+            std::fs::create_dir_all(&mnt).unwrap();
+            let f = std::fs::File::create(&img).unwrap();
+            f.set_len(64 << 20).unwrap();
+            drop(f);
+            let o = Command::new("mkfs.ext4")
+                .args(["-q", "-F"])
+                .arg(&img)
+                .output()
+                .unwrap();
+            assert!(o.status.success(), "mkfs.ext4: {}", text(&o));
+            let o = Command::new("mount")
+                .args(["-o", "loop"])
+                .arg(&img)
+                .arg(&mnt)
+                .output()
+                .unwrap();
+            assert!(o.status.success(), "mount: {}", text(&o));
+            mount = Some(mnt.clone());
+            origin = mnt.join("origin");
+            let f = std::fs::File::create(&origin).unwrap();
+            f.set_len(ORIGIN_BYTES).unwrap();
+            f.write_all_at(&vec![0u8; FULL_FS_WRITTEN_BYTES as usize], 0)
+                .unwrap();
+            f.sync_all().unwrap();
+            // Fill the rest (dd stops at ENOSPC): in MiB, then in blocks
+            // (what the allocator kept aside is free again by then).
+            for (bs, name) in [("bs=1M", "fill"), ("bs=4k", "fill2")] {
+                let _ = Command::new("dd")
+                    .args(["if=/dev/zero", bs, "status=none"])
+                    .arg(format!("of={}", s(&mnt.join(name))))
+                    .stderr(Stdio::null())
+                    .status();
+                let _ = Command::new("sync").status();
+            }
+        } else {
+            std::fs::write(&origin, vec![0u8; ORIGIN_BYTES as usize]).unwrap();
+        }
         let o = csnap(&[
             "format",
             "--origin",
@@ -125,6 +208,22 @@ impl Env {
             "256",
         ]);
         assert!(o.status.success(), "{}", text(&o));
+        let mut loops = Vec::new();
+        let (origin_dev, store_dev) = match disks {
+            Disks::Files | Disks::FullFs => (origin.clone(), store.clone()),
+            Disks::Loop(sector) => {
+                for f in [&origin, &store] {
+                    let o = Command::new("losetup")
+                        .args(["-f", "--show", "--sector-size", &sector.to_string()])
+                        .arg(f)
+                        .output()
+                        .unwrap();
+                    assert!(o.status.success(), "losetup: {}", text(&o));
+                    loops.push(String::from_utf8_lossy(&o.stdout).trim().to_string());
+                }
+                (PathBuf::from(&loops[0]), PathBuf::from(&loops[1]))
+            }
+        };
         let cdir = dir.join("c");
         let controller = Logged::spawn(
             Command::new(BIN)
@@ -145,9 +244,9 @@ impl Env {
                         "--node",
                         &n.to_string(),
                         "--origin",
-                        s(&origin),
+                        s(&origin_dev),
                         "--store",
-                        s(&store),
+                        s(&store_dev),
                     ])
                     .args(agent_args),
             ));
@@ -160,6 +259,8 @@ impl Env {
             controller: Some(controller),
             sock: dir.join("nbd.sock"),
             tcp: String::new(),
+            loops,
+            mount,
         };
         wait_until("every standby ready", Duration::from_secs(20), || {
             let st = env.cluster_status();
@@ -178,9 +279,9 @@ impl Env {
             None => Command::new(BIN),
         };
         cmd.args(["nbd", "--agent", s(&agent), "--node", "1", "--origin"])
-            .arg(&env.origin)
+            .arg(&origin_dev)
             .arg("--store")
-            .arg(&store)
+            .arg(&store_dev)
             .arg("--listen")
             .arg(&sock)
             .args(["--listen", "127.0.0.1:0", "--seal", "abort"])
@@ -315,6 +416,12 @@ impl Drop for Env {
         self.nbd.take();
         self.agents.clear();
         self.controller.take();
+        for l in &self.loops {
+            let _ = Command::new("losetup").args(["-d", l]).status();
+        }
+        if let Some(m) = &self.mount {
+            let _ = Command::new("umount").arg(m).status();
+        }
         if !std::thread::panicking() {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
@@ -554,6 +661,259 @@ fn qemu_io_patterns_on_origin_and_snapshots() {
     env.stop_nbd();
     a.expect_closed();
     b.expect_closed();
+}
+
+/// `read -P` commands that check `[base, base + shadow.len())` of a volume
+/// against `shadow`, one per run of equal bytes (so most are unaligned).
+fn shadow_reads(shadow: &[u8], base: usize) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < shadow.len() {
+        let mut j = i + 1;
+        while j < shadow.len() && shadow[j] == shadow[i] {
+            j += 1;
+        }
+        out.push(format!("read -P {:#x} {} {}", shadow[i], base + i, j - i));
+        i = j;
+    }
+    out
+}
+
+fn qemu_io_all(url: &str, cmds: &[String]) -> String {
+    let v: Vec<&str> = cmds.iter().map(String::as_str).collect();
+    qemu_io(url, &v)
+}
+
+/// Writes `(pattern, offset, length)` to `shadow` and returns the qemu-io
+/// commands (`write`, or `aio_write` for writes in flight together).
+fn shadow_writes(shadow: &mut [u8], verb: &str, w: &[(u8, usize, usize)]) -> Vec<String> {
+    w.iter()
+        .map(|&(p, off, len)| {
+            shadow[off..off + len].fill(p);
+            format!("{verb} -P {p:#x} {off} {len}")
+        })
+        .collect()
+}
+
+/// Requests smaller than the device's direct-I/O block, or not aligned to
+/// it, against shadow copies: the cluster and the NBD server on loop
+/// devices of 4096-byte sectors, so 512-byte and 1-byte writes and reads are
+/// read-modify-writes and bounced reads in the NBD server. On the origin,
+/// on a snapshot (its store chunk) and on the origin after the snapshot
+/// (after its copy-out); writes in flight together inside one block, two
+/// overlapping unaligned writes in flight, and two connections writing
+/// alternate bytes of the same blocks at once. Any lost update or a stale
+/// block merged shows as a byte that differs from the shadow.
+#[test]
+fn sub_block_and_unaligned_io_match_a_shadow() {
+    const REGION: usize = 256 << 10;
+    let mut env = Env::on_loop_devices("subblock", &[], 4096);
+    let origin = env.unix_url("origin");
+    let mut sh = vec![0x5au8; REGION];
+    qemu_io(&origin, &["write -P 0x5a 0 256k"]);
+    let mut cmds = shadow_writes(
+        &mut sh,
+        "write",
+        &[
+            (0x01, 1, 1),
+            (0x02, 512, 512),
+            (0x03, 4096 + 1536, 512),
+            (0x04, 8191, 1),
+            (0x05, 8192, 1),
+            (0x06, 12000, 513),
+            (0x07, 40961, 70000),
+            (0x08, 131071, 2),
+        ],
+    );
+    cmds.extend(shadow_reads(&sh, 0));
+    cmds.push("flush".into());
+    qemu_io_all(&origin, &cmds);
+    assert!(file_bytes(&env.origin, 0, REGION) == sh, "origin device");
+    // In flight together: eight 512-byte writes filling one block, two
+    // single bytes in the next, then two overlapping unaligned writes.
+    let mut cmds = Vec::new();
+    for i in 0..8u8 {
+        cmds.extend(shadow_writes(
+            &mut sh,
+            "aio_write",
+            &[(0xa0 + i, 16384 + 512 * usize::from(i), 512)],
+        ));
+    }
+    cmds.extend(shadow_writes(
+        &mut sh,
+        "aio_write",
+        &[(0xb1, 20481, 1), (0xb2, 20483, 1)],
+    ));
+    cmds.push("aio_write -P 0xc1 24676 600".into());
+    cmds.push("aio_write -P 0xc2 24876 600".into());
+    cmds.push("aio_flush".into());
+    qemu_io_all(&origin, &cmds);
+    // The overlap is one write's or the other's, whole.
+    let got = file_bytes(&env.origin, 24876, 400);
+    assert!(
+        got.iter().all(|&b| b == 0xc1) || got.iter().all(|&b| b == 0xc2),
+        "overlap torn: {got:?}"
+    );
+    sh[24676..24876].fill(0xc1);
+    sh[24876..25276].fill(got[0]);
+    sh[25276..25476].fill(0xc2);
+    assert!(
+        file_bytes(&env.origin, 0, REGION) == sh,
+        "after writes in flight"
+    );
+    qemu_io_all(&origin, &shadow_reads(&sh, 0));
+    // Two connections at once, alternate bytes of the same two blocks.
+    let mut handles = Vec::new();
+    for (k, p) in [(0usize, 0xd1u8), (1, 0xd2)] {
+        let mut cmds = Vec::new();
+        for i in 0..128 {
+            let off = 28672 + 2 * 31 * i + k;
+            cmds.extend(shadow_writes(&mut sh, "aio_write", &[(p, off, 1)]));
+        }
+        cmds.push("aio_flush".into());
+        let url = if k == 0 {
+            env.unix_url("origin")
+        } else {
+            env.tcp_url("origin")
+        };
+        handles.push(std::thread::spawn(move || qemu_io_all(&url, &cmds)));
+    }
+    for h in handles {
+        h.join().unwrap();
+    }
+    assert!(file_bytes(&env.origin, 0, REGION) == sh, "two connections");
+    // A snapshot keeps this; sub-block writes to it land in its store
+    // chunks, and the origin's after their copy-out.
+    env.snapshot("create", 1);
+    let snap = env.unix_url("1");
+    let mut ss = sh.clone();
+    let mut cmds = shadow_writes(
+        &mut ss,
+        "write",
+        &[(0xe1, 3, 1), (0xe2, 70000, 512), (0xe3, 65535, 2)],
+    );
+    cmds.extend(shadow_reads(&ss, 0));
+    qemu_io_all(&snap, &cmds);
+    let mut cmds = shadow_writes(
+        &mut sh,
+        "write",
+        &[(0xf1, 5, 1), (0xf2, 69999, 514), (0xf3, 200001, 4096)],
+    );
+    cmds.extend(shadow_reads(&sh, 0));
+    cmds.push("flush".into());
+    qemu_io_all(&origin, &cmds);
+    qemu_io_all(&snap, &shadow_reads(&ss, 0));
+    assert!(
+        file_bytes(&env.origin, 0, REGION) == sh,
+        "origin after snapshot"
+    );
+    env.assert_nbd_alive();
+    env.stop_nbd();
+    let log = env.nbd().log();
+    assert!(figure(&log, "unaligned") > 0, "{log}");
+    assert_eq!(figure(&log, "disk"), 0, "{log}");
+}
+
+/// Disk failures surface: the origin on a full file system, so a write
+/// into one of its holes fails (`ENOSPC` from the device) while the rest
+/// works. A write acknowledged early (write-back) fails the next `FLUSH`;
+/// a `FUA` write is `EIO` itself and fails the next `FLUSH` too (latched
+/// once, as fsync reports a failed write-back); the flush after that, reads
+/// and writes of written blocks, and the server go on.
+#[test]
+fn disk_errors_are_eio_and_a_failed_write_fails_the_next_flush() {
+    const EIO: u32 = 5;
+    let mut env = Env::on_full_fs("diskerr", &[]);
+    let mut r = Raw::connect(&env.sock);
+    r.go("origin");
+    let write = |r: &mut Raw, flags: u16, h: u64, off: u64, b: u8| {
+        r.request(1, flags, h, off, 4096);
+        r.0.write_all(&[b; 4096]).unwrap();
+    };
+    // Written blocks take writes.
+    write(&mut r, 0, 1, 4096, 0x11);
+    assert_eq!(r.reply(), (0, 1));
+    r.request(3, 0, 2, 0, 0);
+    assert_eq!(r.reply(), (0, 2));
+    // Write-back: acknowledged, then the flush reports the failure, once.
+    write(&mut r, 0, 3, FULL_FS_WRITTEN_BYTES + (4 << 20), 0x22);
+    assert_eq!(r.reply(), (0, 3));
+    r.request(3, 0, 4, 0, 0);
+    assert_eq!(r.reply(), (EIO, 4));
+    r.request(3, 0, 5, 0, 0);
+    assert_eq!(r.reply(), (0, 5));
+    // FUA: EIO itself, and the next flush.
+    write(&mut r, 1, 6, FULL_FS_WRITTEN_BYTES + (8 << 20), 0x33);
+    assert_eq!(r.reply(), (EIO, 6));
+    r.request(3, 0, 7, 0, 0);
+    assert_eq!(r.reply(), (EIO, 7));
+    r.request(3, 0, 8, 0, 0);
+    assert_eq!(r.reply(), (0, 8));
+    // Reads and writes of written blocks go on.
+    r.request(0, 0, 9, 4096, 4096);
+    assert_eq!(r.reply(), (0, 9));
+    assert_eq!(r.read_n(4096), vec![0x11; 4096]);
+    write(&mut r, 1, 10, 8192, 0x44);
+    assert_eq!(r.reply(), (0, 10));
+    qemu_io(&env.unix_url("origin"), &["read -P 0x44 8192 4k"]);
+    env.assert_nbd_alive();
+    env.stop_nbd();
+    let log = env.nbd().log();
+    assert!(figure(&log, "disk") >= 2, "{log}");
+    assert!(log.contains("disk operation failed"), "{log}");
+}
+
+/// No silent fallback to the page cache: an origin on a file system that
+/// cannot do direct I/O (tmpfs reports no `STATX_DIOALIGN`) is a clear
+/// error at start, before anything is served.
+#[test]
+fn a_device_without_direct_io_is_refused_at_start() {
+    let dir = common::fresh_dir("nbd", "nodio");
+    // Formatted for an origin of the same size on a real disk; the NBD
+    // server is then pointed at one on tmpfs.
+    let origin = dir.join("origin");
+    std::fs::write(&origin, vec![0u8; ORIGIN_BYTES as usize]).unwrap();
+    let shm = PathBuf::from(format!("/dev/shm/csnap-nbd-nodio-{}", std::process::id()));
+    std::fs::write(&shm, vec![0u8; ORIGIN_BYTES as usize]).unwrap();
+    let store = dir.join("store");
+    let o = csnap(&[
+        "format",
+        "--origin",
+        s(&origin),
+        "--store",
+        s(&store),
+        "--store-size",
+        "96M",
+        "--journal-blocks",
+        "256",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let o = Command::new(BIN)
+        .args([
+            "nbd",
+            "--agent",
+            "/nonexistent",
+            "--node",
+            "1",
+            "--no-mlock",
+        ])
+        .arg("--origin")
+        .arg(&shm)
+        .arg("--store")
+        .arg(&store)
+        .arg("--listen")
+        .arg(dir.join("sock"))
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_file(&shm);
+    let err = text(&o);
+    assert!(!o.status.success(), "{err}");
+    assert!(
+        err.contains("cannot open origin") && err.contains("direct I/O (O_DIRECT)"),
+        "{err}"
+    );
+    assert!(!dir.join("sock").exists(), "it listened: {err}");
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -1180,6 +1540,7 @@ fn nbd_server_syscalls_match_the_audited_whitelist() {
         &[],
         &["--server-arg=--no-host-lock"],
         &wrapper,
+        Disks::Files,
     );
     let o = csnap(&["cluster", "start", "--dir", s(&env.cdir()), "1"]);
     assert!(o.status.success(), "{}", text(&o));

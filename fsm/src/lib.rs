@@ -21,6 +21,7 @@
 pub mod agent;
 pub mod client;
 pub mod cluster;
+pub mod disk_sched;
 pub mod fixed;
 pub mod locks;
 pub mod nbd;

@@ -6,6 +6,7 @@
 
 pub mod client;
 pub mod nbd;
+mod nbd_disk;
 pub mod net;
 pub mod ring;
 pub mod server;

@@ -30,8 +30,9 @@
 //!
 //! # Commands and buffers
 //!
-//! A `READ` or `WRITE` takes a buffer of `VOLUME_IO_MAX_BYTES` (plus room
-//! for the reply header in front, so a read reply is one write) from the
+//! A `READ` or `WRITE` takes a buffer of `VOLUME_IO_MAX_BYTES` (its data
+//! aligned for direct I/O, the reply header just before it, so a read reply
+//! is one write) from the
 //! process-wide pool when it arrives; a `WRITE` payload is read straight
 //! into it. No buffer free (or the connection holds its share, or its
 //! command table is full): the command waits and the connection is not
@@ -40,8 +41,24 @@
 //! `ENOTSUP`. `TRIM` (advisory) and `CACHE` succeed at once. `FLUSH` is the
 //! engine's flush (an `fdatasync` of both devices); a write with `FUA` is
 //! answered only after a flush that follows it. Replies go out in
-//! completion order. Disk operations are `pread`/`pwrite` done in the loop
-//! (page cache), then `disk_done`.
+//! completion order. Disk operations go to one io_uring for the process
+//! (`nbd_disk`): taken from each engine as it emits them, submitted once per
+//! turn, their completions taken every turn (the ring's descriptor is in the
+//! epoll set) and handed back with `disk_done`; many are in flight at once,
+//! and the loop never waits for a device.
+//!
+//! # Direct I/O
+//!
+//! Both devices are opened with `O_DIRECT` (no page cache: other hosts on
+//! the shared disks have their own); a device that cannot do it is an
+//! error at start. A disk operation not aligned to the devices' direct-I/O
+//! alignment (offset, length or buffer address) goes through whole aligned
+//! blocks in a bounce buffer: a read copies its part out, a write is a
+//! read-modify-write of its partial first and last blocks, serialized
+//! against every overlapping write of the process (`nbd_disk`). The engine
+//! emits a data write only once the server granted its mapping, and the
+//! alignment divides the chunk size, so the blocks read back are that
+//! chunk's. The export advertises a minimum block size of 1.
 //!
 //! # Failover
 //!
@@ -76,8 +93,12 @@ use std::fs::File;
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+
+use csnap_sys::dio::{open_direct, AlignedBuf};
+use csnap_sys::uring::DmaArena;
+
+use crate::nbd_disk::{self, DiskQueue, Finished};
 
 use csnap_fsm::agent::AddrBuf;
 use csnap_fsm::client::{ClientConfig, ClientEvent, ClientFsm, Request};
@@ -86,7 +107,7 @@ use csnap_fsm::nbd::{
     NbdSession, NbdState, SIMPLE_REPLY_BYTES,
 };
 use csnap_fsm::volume::{
-    Dev, DiskOp, EngineSignal, IoError, IoKind, SubmitError, VolumeConfig, VolumeEngine,
+    DiskOp, EngineSignal, IoError, IoKind, SubmitError, VolumeConfig, VolumeEngine,
 };
 use csnap_proto::{self as proto, ErrorCode, FrameReader, Msg, Role, Volume, FRAME_MAX_BYTES};
 use mio::{Events, Interest, Poll, Registry, Token};
@@ -103,12 +124,25 @@ const BUFS_PER_CONN: usize = csnap_pools::NBD_BUFFERS_PER_CONNECTION_MAX;
 const HDR: usize = SIMPLE_REPLY_BYTES;
 /// Largest I/O (the advertised maximum payload).
 const IO_MAX: usize = csnap_pools::VOLUME_IO_MAX_BYTES as usize;
-/// Bytes of one pool buffer.
-const BUF_STRIDE: usize = HDR + IO_MAX;
+/// Largest direct-I/O alignment served; the room in front of a buffer's data.
+const ALIGN_MAX: usize = csnap_pools::NBD_DIO_ALIGN_MAX_BYTES;
+/// Where a pool buffer's data starts (aligned for direct I/O).
+const DATA_AT: usize = ALIGN_MAX;
+/// Where its reply header starts: just before the data, so that a read
+/// reply is one contiguous write.
+const HDR_AT: usize = DATA_AT - HDR;
+/// Bytes of one pool buffer: aligned room for the header, then the data.
+const BUF_STRIDE: usize = DATA_AT + IO_MAX;
+/// The read-modify-write bounce buffer: one I/O widened to whole aligned
+/// blocks at both ends.
+const BOUNCE_BYTES: usize = IO_MAX + 2 * ALIGN_MAX;
 /// Receive buffer of a connection.
 const RX_BYTES: usize = csnap_pools::NBD_RECEIVE_BUFFER_BYTES;
 /// Output of an agent link.
 const AGENT_OUT: usize = csnap_pools::NBD_AGENT_OUT_BYTES;
+/// With disk operations in flight, the loop wakes at least this often
+/// (completions wake it through the ring's descriptor anyway).
+const DISK_BACKSTOP_MS: u64 = 5;
 /// Readiness events per turn.
 const EVENTS_MAX: usize = csnap_pools::EVENTS_PER_TURN_MAX;
 /// Snapshots a list answer names.
@@ -120,12 +154,15 @@ const TOKENS_PER_SLOT: usize = 3;
 const SIGNAL: Token = Token(usize::MAX - 1);
 const CTL_SERVER: Token = Token(usize::MAX - 2);
 const CTL_AGENT: Token = Token(usize::MAX - 3);
+const DISK: Token = Token(usize::MAX - 4);
 const LISTENER_BASE: usize = usize::MAX - 64;
 
 // Token spaces do not meet.
 const _: () = assert!(csnap_pools::NBD_CONNECTIONS_MAX * TOKENS_PER_SLOT < LISTENER_BASE);
 // Engine tags are command indices.
 const _: () = assert!(CMDS <= u8::MAX as usize);
+// Every buffer of the pool starts aligned.
+const _: () = assert!(BUF_STRIDE.is_multiple_of(ALIGN_MAX) && HDR <= DATA_AT);
 
 /// How `csnap nbd` runs.
 #[derive(Debug, Clone)]
@@ -205,9 +242,14 @@ impl<T: Copy + Default, const N: usize> Ring<T, N> {
     }
 }
 
-/// The process-wide pool of data buffers.
+/// The process-wide pool of data buffers: one aligned allocation; buffer
+/// `b` is `[b * BUF_STRIDE, (b + 1) * BUF_STRIDE)`, its data at `DATA_AT`
+/// (aligned for direct I/O) and its reply header just before it.
 struct Buffers {
-    mem: Box<[u8]>,
+    /// The data buffers, then the zero buffer (`zero_at`), then the bounce
+    /// buffers of the disk queue (`bounce_at`): memory disk operations on
+    /// the ring may name.
+    arena: DmaArena,
     free: Vec<u16>,
     count: usize,
 }
@@ -219,7 +261,10 @@ impl Buffers {
             free.push(u16::try_from(i).unwrap_or(u16::MAX));
         }
         Buffers {
-            mem: vec![0u8; count * BUF_STRIDE].into_boxed_slice(),
+            arena: DmaArena::new(
+                count * BUF_STRIDE + IO_MAX + nbd_disk::BOUNCES * BOUNCE_BYTES,
+                ALIGN_MAX,
+            ),
             free,
             count,
         }
@@ -237,11 +282,29 @@ impl Buffers {
     }
     fn get(&self, b: u16) -> &[u8] {
         let at = usize::from(b) * BUF_STRIDE;
-        self.mem.get(at..at + BUF_STRIDE).unwrap_or_default()
+        self.arena
+            .bytes()
+            .get(at..at + BUF_STRIDE)
+            .unwrap_or_default()
     }
     fn get_mut(&mut self, b: u16) -> &mut [u8] {
         let at = usize::from(b) * BUF_STRIDE;
-        self.mem.get_mut(at..at + BUF_STRIDE).unwrap_or_default()
+        self.arena
+            .bytes_mut()
+            .get_mut(at..at + BUF_STRIDE)
+            .unwrap_or_default()
+    }
+    /// Arena offset of buffer `b`'s data.
+    fn data_at(&self, b: u16) -> usize {
+        usize::from(b) * BUF_STRIDE + DATA_AT
+    }
+    /// Arena offset of the zero buffer (`IO_MAX` bytes, never written).
+    fn zero_at(&self) -> usize {
+        self.count * BUF_STRIDE
+    }
+    /// Arena offset of the bounce buffers.
+    fn bounce_at(&self) -> usize {
+        self.zero_at() + IO_MAX
     }
 }
 
@@ -256,10 +319,13 @@ enum BufRef {
 
 /// What every slot shares: devices, the pool, settings, the wake-up time.
 struct Shared {
+    /// Both opened with `O_DIRECT`: every data read and write goes around
+    /// the page cache (other hosts on the shared disks have their own).
     origin: File,
     store: File,
     pool: Buffers,
-    zeros: Box<[u8]>,
+    /// Disk operations in flight on the ring.
+    disk: DiskQueue,
     agent: PathBuf,
     node_id: u32,
     export_size: u64,
@@ -293,6 +359,9 @@ pub struct NbdStats {
     pub timeouts: u64,
     /// Disk operations that failed.
     pub disk_errors: u64,
+    /// Disk operations not aligned for direct I/O, done through whole
+    /// aligned blocks (writes as read-modify-write).
+    pub unaligned: u64,
 }
 
 impl Shared {
@@ -307,12 +376,6 @@ impl Shared {
         (u64::from(self.node_id & 0xffff) << 48)
             | (u64::from(self.nonce) << 32)
             | u64::from(self.next_client)
-    }
-    fn file(&self, dev: Dev) -> &File {
-        match dev {
-            Dev::Origin => &self.origin,
-            Dev::Store => &self.store,
-        }
     }
     fn sync_both(&mut self) -> bool {
         let a = self.origin.sync_data().is_ok();
@@ -1170,9 +1233,14 @@ struct Slot {
     listing: bool,
     /// The pending command was counted as waiting for a buffer.
     buffer_wait: bool,
-    /// The first failure of a write acknowledged early, for the next
-    /// `FLUSH` to report.
+    /// The first failure of a write acknowledged early, or of a disk
+    /// write, for the next `FLUSH` to report.
     wb_error: Option<NbdError>,
+    /// This slot's index (the disk queue's connection number).
+    index: u16,
+    /// A disk operation the engine emitted that the disk queue had no room
+    /// for yet.
+    held: Option<DiskOp>,
 }
 
 impl Slot {
@@ -1215,6 +1283,8 @@ impl Slot {
             listing: false,
             buffer_wait: false,
             wb_error: None,
+            index: u16::try_from(index).unwrap_or(u16::MAX),
+            held: None,
         }
     }
 
@@ -1587,7 +1657,7 @@ impl Slot {
             self.client_eof(now, true);
             return false;
         };
-        let at = HDR + self.payload_filled;
+        let at = DATA_AT + self.payload_filled;
         let n = if self.rx_start < self.rx_end {
             let n = rem.min(self.rx_end - self.rx_start);
             let dst = &mut sh.pool.get_mut(b)[at..at + n];
@@ -1892,93 +1962,70 @@ impl Slot {
         }
     }
 
-    /// Performs the engine's disk operations and hands its completions to
-    /// their commands.
+    /// Hands the engine's disk operations to the disk queue and its
+    /// completions to their commands.
     fn drain_engine(&mut self, sh: &mut Shared) {
-        loop {
-            if let Some(op) = self.engine.poll_disk() {
-                let ok = self.perform(&op, sh);
-                if !ok {
-                    sh.stats.disk_errors += 1;
-                    eprintln!("csnap nbd: disk operation failed: {op:?}");
+        while let Some(op) = self.held.take().or_else(|| self.engine.poll_disk()) {
+            let bref = self.io_map.get(op.slot() as usize).copied().flatten();
+            let buf_offset = match op {
+                DiskOp::Read { buf_offset, .. } | DiskOp::Write { buf_offset, .. } => {
+                    buf_offset as usize
                 }
-                self.engine.disk_done(&op, ok);
+                DiskOp::Sync { .. } => 0,
+            };
+            let data_at = match (bref, op) {
+                (Some((_, BufRef::Pool(b))), _) => Some(sh.pool.data_at(b) + buf_offset),
+                (Some((_, BufRef::Zero)), DiskOp::Write { .. } | DiskOp::Sync { .. }) => {
+                    Some(sh.pool.zero_at() + buf_offset)
+                }
+                // Unreachable: every engine I/O has a buffer, and nothing
+                // reads into the zero buffer.
+                _ => None,
+            };
+            let Some(data_at) = data_at else {
+                sh.stats.disk_errors += 1;
+                self.engine.disk_done(&op, false);
                 sh.moved();
                 continue;
+            };
+            if !sh.disk.take(self.index, op, data_at) {
+                // The queue is full: offered again after a completion.
+                self.held = Some(op);
+                break;
             }
-            if let Some((tag, r)) = self.engine.poll_complete() {
-                sh.moved();
-                let ci = usize::try_from(tag).unwrap_or(usize::MAX);
-                let Some(c) = self.cmds.get_mut(ci).and_then(Option::as_mut) else {
-                    continue;
+            sh.moved();
+        }
+        while let Some((tag, r)) = self.engine.poll_complete() {
+            sh.moved();
+            let ci = usize::try_from(tag).unwrap_or(usize::MAX);
+            let Some(c) = self.cmds.get_mut(ci).and_then(Option::as_mut) else {
+                continue;
+            };
+            assert!(
+                c.in_engine > 0,
+                "a completion for a command not in the engine"
+            );
+            c.in_engine -= 1;
+            if let Err(e) = r {
+                c.error.get_or_insert(nbd_error(e));
+                c.next = c.end;
+                c.fua = match c.fua {
+                    Fua::Needed => Fua::No,
+                    f => f,
                 };
-                assert!(
-                    c.in_engine > 0,
-                    "a completion for a command not in the engine"
-                );
-                c.in_engine -= 1;
-                if let Err(e) = r {
-                    c.error.get_or_insert(nbd_error(e));
-                    c.next = c.end;
-                    c.fua = match c.fua {
-                        Fua::Needed => Fua::No,
-                        f => f,
-                    };
+                // A write the disk failed also fails the next flush (as
+                // fsync reports a failed write-back).
+                if e == IoError::Disk && matches!(c.kind, CmdKind::Write | CmdKind::WriteZeroes) {
+                    self.wb_error.get_or_insert(NbdError::Io);
                 }
-                self.maybe_finish(ci, sh);
-                continue;
             }
-            return;
+            self.maybe_finish(ci, sh);
         }
     }
 
-    fn perform(&mut self, op: &DiskOp, sh: &mut Shared) -> bool {
-        let Some(&Some((_, bref))) = self.io_map.get(op.slot() as usize) else {
-            return false;
-        };
-        match *op {
-            DiskOp::Read {
-                dev,
-                dev_offset,
-                buf_offset,
-                len,
-                ..
-            } => {
-                let BufRef::Pool(b) = bref else {
-                    return false;
-                };
-                let (at, n) = (HDR + buf_offset as usize, len as usize);
-                let (pool, file) = (
-                    &mut sh.pool,
-                    match dev {
-                        Dev::Origin => &sh.origin,
-                        Dev::Store => &sh.store,
-                    },
-                );
-                match pool.get_mut(b).get_mut(at..at + n) {
-                    Some(dst) => file.read_exact_at(dst, dev_offset).is_ok(),
-                    None => false,
-                }
-            }
-            DiskOp::Write {
-                dev,
-                dev_offset,
-                buf_offset,
-                len,
-                ..
-            } => {
-                let (off, n) = (buf_offset as usize, len as usize);
-                let src = match bref {
-                    BufRef::Pool(b) => sh.pool.get(b).get(HDR + off..HDR + off + n),
-                    BufRef::Zero => sh.zeros.get(off..off + n),
-                };
-                match src {
-                    Some(src) => sh.file(dev).write_all_at(src, dev_offset).is_ok(),
-                    None => false,
-                }
-            }
-            DiskOp::Sync { dev, .. } => sh.file(dev).sync_data().is_ok(),
-        }
+    /// A disk operation of this slot's engine finished.
+    fn disk_finished(&mut self, f: &Finished) {
+        self.engine.disk_done(&f.op, f.ok);
     }
 
     /// Replies to command `ci` once nothing of it is left to do.
@@ -2010,7 +2057,7 @@ impl Slot {
         };
         match (c.kind, error, c.buf) {
             (CmdKind::Read, None, Some(b)) => {
-                sh.pool.get_mut(b)[..HDR].copy_from_slice(&simple_reply(c.handle, None));
+                sh.pool.get_mut(b)[HDR_AT..DATA_AT].copy_from_slice(&simple_reply(c.handle, None));
                 sh.stats.commands += 1;
                 let pushed = self.data_out.push((b, c.len));
                 assert!(pushed, "reply room is reserved at admission");
@@ -2040,8 +2087,8 @@ impl Slot {
                 c.write(&self.hdr_out[self.hdr_start..self.hdr_end])
                     .map(|n| (1, n))
             } else if let Some((b, len)) = self.data_out.peek() {
-                let end = HDR + len as usize;
-                c.write(&sh.pool.get(b)[self.data_written..end])
+                let end = DATA_AT + len as usize;
+                c.write(&sh.pool.get(b)[HDR_AT + self.data_written..end])
                     .map(|n| (2, n))
             } else {
                 return;
@@ -2155,6 +2202,7 @@ impl Slot {
         self.listing = false;
         self.pending = None;
         self.payload_cmd = None;
+        assert!(self.held.is_none(), "a disk operation held without I/O");
         self.io_map = [None; IOS];
         self.attached = false;
         self.timed_out = false;
@@ -2272,6 +2320,8 @@ pub enum NbdStop {
     FinalFlush,
     /// The event loop's wait failed with this errno.
     Poll(i32),
+    /// Submitting disk operations to the io_uring failed with this errno.
+    Disk(i32),
 }
 
 impl std::fmt::Display for NbdStop {
@@ -2281,6 +2331,11 @@ impl std::fmt::Display for NbdStop {
             NbdStop::Poll(errno) => write!(
                 f,
                 "event loop failed: {}",
+                io::Error::from_raw_os_error(*errno)
+            ),
+            NbdStop::Disk(errno) => write!(
+                f,
+                "disk submission failed: {}",
                 io::Error::from_raw_os_error(*errno)
             ),
         }
@@ -2328,24 +2383,39 @@ impl NbdServer {
                 csnap_pools::NBD_BUFFERS_MAX
             ));
         }
+        // Direct I/O, no fallback: a device that cannot do it is an error.
         let open = |p: &Path, what: &str| {
-            std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(p)
-                .map_err(|e| format!("cannot open {what} {}: {e}", p.display()))
+            let (f, a) = open_direct(p, true).map_err(|e| format!("cannot open {what}: {e}"))?;
+            let align = a.mem_bytes.max(a.offset_bytes) as usize;
+            if align > ALIGN_MAX {
+                return Err(format!(
+                    "{what} {} needs direct I/O aligned to {align} bytes; csnap nbd serves at most {ALIGN_MAX}",
+                    p.display()
+                ));
+            }
+            Ok((f, align))
         };
-        let origin = open(&opts.origin, "origin")?;
-        let store = open(&opts.store, "store")?;
+        let (origin, origin_align) = open(&opts.origin, "origin")?;
+        let (store, store_align) = open(&opts.store, "store")?;
+        let align = origin_align.max(store_align);
         let mut sd = csnap_store::disk::FileDisk::new(
             store
                 .try_clone()
                 .map_err(|e| format!("store {}: {e}", opts.store.display()))?,
         )
         .map_err(|e| format!("store {}: {e}", opts.store.display()))?;
-        let label = csnap_store::read_label(&mut sd)
+        // The label block, read around the page cache too.
+        let mut label_buf = AlignedBuf::zeroed(csnap_pools::BLOCK_SIZE_BYTES, ALIGN_MAX);
+        let label = csnap_store::read_label_into(&mut sd, &mut label_buf)
             .map_err(|e| format!("store {}: {e}", opts.store.display()))?;
         drop(sd);
+        if label.data_start_bytes % align as u64 != 0 {
+            return Err(format!(
+                "store {}: its data area starts at {} bytes, not aligned to the device's direct-I/O alignment of {align}",
+                opts.store.display(),
+                label.data_start_bytes
+            ));
+        }
         let origin_size = csnap_store::disk::device_size_bytes(&origin)
             .map_err(|e| format!("origin {}: {e}", opts.origin.display()))?;
         if origin_size < label.origin_size_bytes {
@@ -2391,6 +2461,16 @@ impl NbdServer {
                 Interest::READABLE,
             )
             .map_err(|e| format!("cannot register the signal descriptor: {e}"))?;
+        let pool = Buffers::new(opts.buffers);
+        let disk = DiskQueue::new(align, pool.bounce_at(), BOUNCE_BYTES)
+            .map_err(|e| format!("io_uring setup: {e}"))?;
+        poll.registry()
+            .register(
+                &mut mio::unix::SourceFd(&disk.fd()),
+                DISK,
+                Interest::READABLE,
+            )
+            .map_err(|e| format!("cannot register the io_uring descriptor: {e}"))?;
         let mut nonce = [0u8; 2];
         csnap_sys::random_bytes(&mut nonce).map_err(|e| format!("getrandom: {e}"))?;
         let slots: Vec<Slot> = (0..opts.connections).map(|i| Slot::new(i, cfg)).collect();
@@ -2417,7 +2497,15 @@ impl NbdServer {
                 (n + 1) * Link::reserved_bytes() + ClientFsm::reserved_bytes(),
             ),
             ("data buffers", opts.buffers * BUF_STRIDE),
-            ("zero buffer", IO_MAX),
+            ("zero buffer (aligned)", IO_MAX),
+            (
+                "read-modify-write buffers (aligned)",
+                nbd_disk::BOUNCES * BOUNCE_BYTES,
+            ),
+            (
+                "disk operations table and io_uring queues",
+                DiskQueue::reserved_bytes(),
+            ),
             (
                 "readiness events",
                 EVENTS_MAX
@@ -2439,8 +2527,8 @@ impl NbdServer {
             sh: Shared {
                 origin,
                 store,
-                pool: Buffers::new(opts.buffers),
-                zeros: vec![0u8; IO_MAX].into_boxed_slice(),
+                pool,
+                disk,
                 agent: opts.agent.clone(),
                 node_id: opts.node_id,
                 export_size: label.origin_size_bytes,
@@ -2502,6 +2590,7 @@ impl NbdServer {
                 for s in 0..self.slots.len() {
                     self.slots[s].pump(&mut self.sh, &mut self.ctl, self.poll.registry(), now);
                 }
+                self.disk_turn()?;
                 if self.sh.progress == before {
                     busy = false;
                     break;
@@ -2551,9 +2640,61 @@ impl NbdServer {
         }
     }
 
+    /// Starts what the disk queue can start, submits, and hands finished
+    /// operations to their engines.
+    fn disk_turn(&mut self) -> Result<(), NbdStop> {
+        let Shared {
+            disk,
+            pool,
+            origin,
+            store,
+            stats,
+            progress,
+            ..
+        } = &mut self.sh;
+        let slots = &mut self.slots;
+        let mut fin = |f: Finished| {
+            *progress += 1;
+            if f.bounced {
+                stats.unaligned += 1;
+            }
+            if !f.ok {
+                stats.disk_errors += 1;
+                eprintln!(
+                    "csnap nbd: disk operation failed (result {}): {:?}",
+                    f.result, f.op
+                );
+            }
+            if let Some(s) = slots.get_mut(usize::from(f.conn)) {
+                s.disk_finished(&f);
+            }
+        };
+        let r = disk
+            .reap(&mut pool.arena, origin, store, &mut fin)
+            .and_then(|_| disk.pump(&mut pool.arena, origin, store, &mut fin))
+            .and_then(|()| disk.reap(&mut pool.arena, origin, store, &mut fin));
+        if let Err(e) = r {
+            let errno = e.raw_os_error().unwrap_or(libc::EIO);
+            // Busy (completions to take first) or out of resources for now:
+            // the next turn submits again.
+            if errno != libc::EBUSY && errno != libc::EAGAIN {
+                return Err(NbdStop::Disk(errno));
+            }
+        }
+        if disk.len() > 0 {
+            // Completions wake the loop through the ring's descriptor; a
+            // short timeout too, as a backstop.
+            let at = now_ms() + DISK_BACKSTOP_MS;
+            self.sh.wake(at);
+        }
+        Ok(())
+    }
+
     fn dispatch(&mut self, t: Token, readable: bool, writable: bool) {
         if t == SIGNAL {
             self.on_signal();
+        } else if t == DISK {
+            // Completions are taken every turn.
         } else if t == CTL_AGENT || t == CTL_SERVER {
             self.ctl.link.on_event(t, readable, writable);
         } else if t.0 >= LISTENER_BASE {
@@ -2681,6 +2822,13 @@ impl NbdServer {
             held + self.sh.pool.available(),
             self.sh.pool.count,
             "a data buffer was lost or freed twice"
+        );
+        self.sh.disk.check();
+        // Every disk operation belongs to an engine I/O still in flight.
+        let ios: usize = self.slots.iter().map(|s| s.engine.in_flight()).sum();
+        assert!(
+            ios > 0 || self.sh.disk.len() == 0,
+            "disk operations without an engine I/O"
         );
     }
 }

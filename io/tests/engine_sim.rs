@@ -9,6 +9,13 @@
 //! are in flight, and kills the server (a new incarnation starts from the
 //! store files, with the recovery barrier waiting for the snapshot clients).
 //!
+//! The engines' disk operations go through the NBD server's disk scheduler
+//! (`csnap_fsm::disk_sched`) with a direct-I/O alignment of 512 bytes, as
+//! `csnap nbd` does: the random I/Os are mostly unaligned, so they become
+//! bounced reads and read-modify-writes of the mapped target (origin, or the
+//! store chunk the server prepared), ordered against each other across
+//! engines; its device requests are the ones held and completed at random.
+//!
 //! Checked throughout, against shadow copies:
 //! - every read returns exactly the volume's content (the origin's, or the
 //!   snapshot's as of its creation plus its own writes);
@@ -24,6 +31,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use csnap_fsm::client::ClientConfig;
+use csnap_fsm::disk_sched::{Action, DiskSched, Request, SchedConfig};
 use csnap_fsm::server::{ConnId, Server, ServerConfig};
 use csnap_fsm::store_ops::StoreRequest;
 use csnap_fsm::volume::{Dev, DiskOp, EngineSignal, IoKind, VolumeConfig, VolumeEngine};
@@ -38,6 +46,14 @@ const ORIGIN_BYTES: u64 = ORIGIN_CHUNKS * CHUNK as u64;
 const UUID: [u8; 16] = [9; 16];
 const BUF: usize = 64 * 1024;
 const NODE: u32 = 1;
+/// The direct-I/O alignment the scheduler works to.
+const ALIGN: usize = 512;
+/// Engine `i`'s buffer for I/O slot `s` starts at `(i * IOS + s) * BUF` in
+/// the scheduler's memory; the bounce buffers follow every engine's.
+const IOS: usize = csnap_fsm::volume::IOS_MAX;
+const ENGINES_MAX: usize = 8;
+const BOUNCES: usize = 4;
+const BOUNCE_BYTES: usize = BUF + 2 * ALIGN;
 
 fn trace() -> bool {
     std::env::var("TRACE").is_ok()
@@ -82,8 +98,6 @@ struct Eng {
     bufs: Vec<Vec<u8>>,
     /// Tag -> what it does.
     pending: HashMap<u64, Pending>,
-    /// Disk operations handed out, not yet performed.
-    disk: Vec<DiskOp>,
     /// Whether a (re)connection is wanted.
     needs_server: bool,
 }
@@ -125,6 +139,14 @@ struct World {
     /// A creation sent and not answered: its tag, and the origin ranges
     /// written since it was sent.
     creating: Option<(u32, Vec<(u64, usize)>)>,
+    /// Every engine's disk operations, scheduled.
+    sched: DiskSched,
+    /// Device requests handed out, not yet performed.
+    reqs: Vec<Request>,
+    /// The scheduler's bounce buffers.
+    bounce: Vec<u8>,
+    /// Operations that went through a bounce buffer.
+    bounced: u64,
 }
 
 fn data_start_of(path: &Path) -> u64 {
@@ -221,6 +243,16 @@ impl World {
             creates: 0,
             failovers: 0,
             creating: None,
+            sched: DiskSched::new(SchedConfig {
+                ops_max: ENGINES_MAX * IOS * 8,
+                bounces: BOUNCES,
+                bounce_at: ENGINES_MAX * IOS * BUF,
+                bounce_bytes: BOUNCE_BYTES,
+                align: ALIGN,
+            }),
+            reqs: Vec::new(),
+            bounce: vec![0u8; BOUNCES * BOUNCE_BYTES],
+            bounced: 0,
         };
         w.server.handle_node_joined(NODE);
         w.ctl = w.control_conn();
@@ -275,7 +307,6 @@ impl World {
             wire: VecDeque::new(),
             bufs: vec![vec![0u8; BUF]; csnap_fsm::volume::IOS_MAX],
             pending: HashMap::new(),
-            disk: Vec::new(),
             needs_server: true,
         });
     }
@@ -378,50 +409,116 @@ impl World {
     }
 
     fn collect_disk(&mut self, i: usize) {
+        assert!(i < ENGINES_MAX);
         while let Some(op) = self.engines[i].engine.poll_disk() {
-            self.engines[i].disk.push(op);
+            let (slot, buf_offset) = match op {
+                DiskOp::Read {
+                    slot, buf_offset, ..
+                }
+                | DiskOp::Write {
+                    slot, buf_offset, ..
+                } => (slot as usize, buf_offset as usize),
+                DiskOp::Sync { slot, .. } => (slot as usize, 0),
+            };
+            let at = (i * IOS + slot) * BUF + buf_offset;
+            let taken = self.sched.take(u16::try_from(i).unwrap(), op, at);
+            assert!(taken, "the scheduler's table is sized for every operation");
+        }
+        self.sched.pump();
+        self.run_actions();
+    }
+
+    /// The scheduler's memory at `at`, `len` bytes.
+    fn mem(&mut self, at: usize, len: usize) -> &mut [u8] {
+        let bounce_at = ENGINES_MAX * IOS * BUF;
+        if at >= bounce_at {
+            return &mut self.bounce[at - bounce_at..at - bounce_at + len];
+        }
+        let (buf, off) = (at / BUF, at % BUF);
+        let (i, slot) = (buf / IOS, buf % IOS);
+        &mut self.engines[i].bufs[slot][off..off + len]
+    }
+
+    /// Does what the scheduler asks: requests are held, finished operations
+    /// go to their engines.
+    fn run_actions(&mut self) {
+        while let Some(a) = self.sched.poll_action() {
+            match a {
+                Action::Submit(r) => self.reqs.push(r),
+                Action::Zero { at, len } => self.mem(at, len).fill(0),
+                Action::Copy { from, to, len } => {
+                    let tmp = self.mem(from, len).to_vec();
+                    self.mem(to, len).copy_from_slice(&tmp);
+                }
+                Action::Finished(f) => {
+                    assert!(f.ok, "disk operation failed: {f:?}");
+                    if f.bounced {
+                        self.bounced += 1;
+                    }
+                    let i = usize::from(f.conn);
+                    self.engines[i].engine.disk_done(&f.op, true);
+                    // New operations (a deferred write) and completions.
+                    while let Some(op) = self.engines[i].engine.poll_disk() {
+                        let (slot, buf_offset) = match op {
+                            DiskOp::Read {
+                                slot, buf_offset, ..
+                            }
+                            | DiskOp::Write {
+                                slot, buf_offset, ..
+                            } => (slot as usize, buf_offset as usize),
+                            DiskOp::Sync { slot, .. } => (slot as usize, 0),
+                        };
+                        let at = (i * IOS + slot) * BUF + buf_offset;
+                        let taken = self.sched.take(f.conn, op, at);
+                        assert!(taken, "the scheduler's table is sized for every operation");
+                    }
+                    self.sched.pump();
+                    self.complete(i);
+                }
+            }
         }
     }
 
-    /// Performs one held disk operation of engine `i`.
-    fn do_disk(&mut self, i: usize, k: usize) {
-        let op = self.engines[i].disk.swap_remove(k);
+    /// Performs held device request `k`.
+    fn do_disk(&mut self, k: usize) {
+        let r = self.reqs.swap_remove(k);
         if trace() {
-            eprintln!("  disk e{i} {op:?}");
+            eprintln!("  disk {r:?}");
         }
-        let (origin, store) = (&self.origin, &self.store);
-        let dev = |d: Dev| match d {
-            Dev::Origin => origin,
-            Dev::Store => store,
+        let (id, res) = match r {
+            Request::Read {
+                id,
+                dev,
+                dev_offset,
+                mem_at,
+                len,
+            } => {
+                let mut b = vec![0u8; len as usize];
+                match dev {
+                    Dev::Origin => self.origin.read_exact_at(&mut b, dev_offset).unwrap(),
+                    Dev::Store => self.store.read_exact_at(&mut b, dev_offset).unwrap(),
+                }
+                self.mem(mem_at, len as usize).copy_from_slice(&b);
+                (id, i32::try_from(len).unwrap())
+            }
+            Request::Write {
+                id,
+                dev,
+                dev_offset,
+                mem_at,
+                len,
+            } => {
+                let b = self.mem(mem_at, len as usize).to_vec();
+                match dev {
+                    Dev::Origin => self.origin.write_all_at(&b, dev_offset).unwrap(),
+                    Dev::Store => self.store.write_all_at(&b, dev_offset).unwrap(),
+                }
+                (id, i32::try_from(len).unwrap())
+            }
+            Request::Sync { id, .. } => (id, 0),
         };
-        let e = &mut self.engines[i];
-        match op {
-            DiskOp::Read {
-                slot,
-                dev: d,
-                dev_offset,
-                buf_offset,
-                len,
-            } => {
-                let b =
-                    &mut e.bufs[slot as usize][buf_offset as usize..(buf_offset + len) as usize];
-                dev(d).read_exact_at(b, dev_offset).unwrap();
-            }
-            DiskOp::Write {
-                slot,
-                dev: d,
-                dev_offset,
-                buf_offset,
-                len,
-            } => {
-                let b = &e.bufs[slot as usize][buf_offset as usize..(buf_offset + len) as usize];
-                dev(d).write_all_at(b, dev_offset).unwrap();
-            }
-            DiskOp::Sync { .. } => {}
-        }
-        e.engine.disk_done(&op, true);
-        self.collect_disk(i);
-        self.complete(i);
+        self.sched.complete(id, res);
+        self.run_actions();
     }
 
     fn complete(&mut self, i: usize) {
@@ -714,10 +811,9 @@ impl World {
             45..=54 => self.server_step(),
             55..=74 => self.pump_in(i),
             75..=94 => {
-                if !self.engines[i].disk.is_empty() {
-                    let k =
-                        usize::try_from(self.rng.below(self.engines[i].disk.len() as u64)).unwrap();
-                    self.do_disk(i, k);
+                if !self.reqs.is_empty() {
+                    let k = usize::try_from(self.rng.below(self.reqs.len() as u64)).unwrap();
+                    self.do_disk(k);
                 }
             }
             95..=97 => {
@@ -750,10 +846,15 @@ impl World {
                     self.connect(i);
                 }
                 self.pump_out(i);
-                while !self.engines[i].disk.is_empty() {
-                    self.do_disk(i, 0);
-                    busy = true;
-                }
+            }
+            while !self.reqs.is_empty() {
+                self.do_disk(0);
+                busy = true;
+            }
+            if !self.sched.is_empty() {
+                self.sched.pump();
+                self.run_actions();
+                busy = true;
             }
             self.server_step();
             self.drain_ctl();
@@ -778,7 +879,7 @@ impl World {
         }
         for (i, e) in self.engines.iter().enumerate() {
             eprintln!(
-                "engine {i} {:?}: pending {} needs_server {} state {:?} wire {} inbox {} in_flight {} ready_to_reconnect {} disk {} held {}",
+                "engine {i} {:?}: pending {} needs_server {} state {:?} wire {} inbox {} in_flight {} ready_to_reconnect {} held {}",
                 e.volume,
                 e.pending.len(),
                 e.needs_server,
@@ -787,7 +888,6 @@ impl World {
                 e.inbox.len(),
                 e.engine.in_flight(),
                 e.engine.ready_to_reconnect(),
-                e.disk.len(),
                 e.engine.client().held_chunks(),
             );
             for l in e.engine.leases() {
@@ -868,7 +968,7 @@ fn run(seed: u64, steps: u32) -> World {
 
 #[test]
 fn caching_engines_stay_exact_through_creates_and_failovers() {
-    let (mut reads, mut cached, mut creates, mut failovers) = (0, 0, 0, 0);
+    let (mut reads, mut cached, mut creates, mut failovers, mut bounced) = (0, 0, 0, 0, 0);
     let only: Option<u64> = std::env::var("SEED").ok().and_then(|s| s.parse().ok());
     for seed in 1..=200u64 {
         if only.is_some_and(|o| o != seed * 7919) {
@@ -879,10 +979,15 @@ fn caching_engines_stay_exact_through_creates_and_failovers() {
         cached += w.cached_writes;
         creates += w.creates;
         failovers += w.failovers;
+        bounced += w.bounced;
         let _ = std::fs::remove_dir_all(&w.dir);
     }
     eprintln!(
-        "engine sim: {reads} reads checked, {cached} origin writes submitted with others in flight, {creates} snapshots created, {failovers} failovers"
+        "engine sim: {reads} reads checked, {cached} origin writes submitted with others in flight, {creates} snapshots created, {failovers} failovers, {bounced} disk operations bounced (read-modify-writes among them)"
+    );
+    assert!(
+        bounced > 1000,
+        "too few unaligned disk operations: {bounced}"
     );
     assert!(reads > 1000, "too few reads checked: {reads}");
     assert!(cached > 100, "too few concurrent origin writes: {cached}");

@@ -312,6 +312,25 @@ pub const NBD_BUFFERS_DEFAULT: usize = 64;
 /// the whole pool: as many as its engine has I/Os in flight.
 pub const NBD_BUFFERS_PER_CONNECTION_MAX: usize = VOLUME_IOS_MAX;
 
+/// Largest direct-I/O alignment `csnap nbd` serves a device with (its
+/// logical block size, or `STATX_DIOALIGN` of a file); a device that needs
+/// more is refused at start. Each data buffer keeps this much room in front
+/// of its data (the 16-byte reply header sits just before the data, which
+/// starts aligned), and the read-modify-write bounce buffer is one I/O plus
+/// two of it.
+pub const NBD_DIO_ALIGN_MAX_BYTES: usize = 4096;
+
+/// Disk operations the NBD server has in flight at once (all connections,
+/// on its io_uring; the ring has room for two requests each, the two edge
+/// reads of a read-modify-write). Past it a connection's engine keeps its
+/// next operation until one finishes.
+pub const NBD_DISK_OPS_MAX: usize = 1024;
+
+/// Bounce buffers of `VOLUME_IO_MAX_BYTES` plus two aligned blocks for disk
+/// operations not aligned for direct I/O (read-modify-write): that many at
+/// once; another one waits.
+pub const NBD_RMW_BUFFERS: usize = 4;
+
 /// Commands one NBD connection has admitted and not yet answered (in the
 /// engine, queued for it, or with a reply waiting to be written). Past it
 /// the connection is not read.
@@ -338,6 +357,17 @@ const_assert!(NBD_COMMANDS_PER_CONNECTION_MAX <= u8::MAX as usize);
 const_assert!(NBD_COMMANDS_PER_CONNECTION_MAX >= VOLUME_IOS_MAX);
 // A receive buffer holds a request header with room to spare.
 const_assert!(NBD_RECEIVE_BUFFER_BYTES >= 4096);
+// The reply header fits in front of a buffer's aligned data.
+const_assert!(NBD_DIO_ALIGN_MAX_BYTES.is_power_of_two() && NBD_DIO_ALIGN_MAX_BYTES >= 16);
+// An aligned block never straddles two chunks, so a read-modify-write stays
+// inside the chunk whose mapping the server granted.
+const_assert!((CHUNK_SIZE_MIN_BYTES as usize).is_multiple_of(NBD_DIO_ALIGN_MAX_BYTES));
+// Data buffers are whole aligned blocks, so each one's data starts aligned.
+const_assert!((VOLUME_IO_MAX_BYTES as usize).is_multiple_of(NBD_DIO_ALIGN_MAX_BYTES));
+// One connection can have every engine I/O on the disk at once.
+const_assert!(NBD_DISK_OPS_MAX >= VOLUME_IOS_MAX);
+// Ring entries (two per operation) fit io_uring's limit of 32768.
+const_assert!(2 * NBD_DISK_OPS_MAX <= 32768 && NBD_RMW_BUFFERS >= 1);
 // The NBD payload limit csnap advertises is the engine's I/O size.
 const_assert!(VOLUME_IO_MAX_BYTES <= NBD_PAYLOAD_MAX_BYTES);
 

@@ -15,6 +15,7 @@ pub mod phase;
 pub mod seccomp;
 pub mod signal;
 pub mod supervise;
+pub mod uring;
 
 /// Fills `b` from the kernel's random source.
 pub fn random_bytes(b: &mut [u8]) -> std::io::Result<()> {
