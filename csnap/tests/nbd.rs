@@ -420,7 +420,21 @@ impl Drop for Env {
             let _ = Command::new("losetup").args(["-d", l]).status();
         }
         if let Some(m) = &self.mount {
-            let _ = Command::new("umount").arg(m).status();
+            // The servers the agents started die with them, but a moment
+            // later: retry while they still hold files there, then detach
+            // lazily so no mount outlives the test.
+            let mut unmounted = false;
+            for _ in 0..50 {
+                let st = Command::new("umount").arg(m).stderr(Stdio::null()).status();
+                if st.is_ok_and(|s| s.success()) {
+                    unmounted = true;
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            if !unmounted {
+                let _ = Command::new("umount").arg("-l").arg(m).status();
+            }
         }
         if !std::thread::panicking() {
             let _ = std::fs::remove_dir_all(&self.dir);
