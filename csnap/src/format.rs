@@ -1,6 +1,7 @@
 //! `csnap format`: write an empty store for an origin.
 
 use std::fs::{File, OpenOptions};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::process::ExitCode;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -60,13 +61,29 @@ enum Prepare {
     Create(u64),
 }
 
+/// The error of an `O_DIRECT` open: EINVAL means the file system refuses
+/// direct I/O, which a shared device must support.
+fn direct_open_error(what: &str, path: &std::path::Path, e: &std::io::Error) -> String {
+    if e.raw_os_error() == Some(libc::EINVAL) {
+        format!(
+            "cannot {what} {}: direct I/O (O_DIRECT) is not supported here; a shared device must be reachable without the page cache",
+            path.display()
+        )
+    } else {
+        format!("cannot {what} {} for writing: {e}", path.display())
+    }
+}
+
 fn format(a: &FormatArgs) -> Result<String, Fail> {
     let origin_path = a.origin.display();
     let store_path = a.store.display();
 
     // The origin: only its size is needed.
     let origin_meta = require_device(&a.origin, "origin").map_err(usage)?;
-    let origin_size = File::open(&a.origin)
+    // Every node reaches the origin around its page cache: a file or device
+    // that cannot do direct I/O is refused here, before a store is written.
+    let origin_size = csnap_sys::dio::open_direct(&a.origin, false)
+        .map(|(f, _)| f)
         .map_err(|e| usage(format!("cannot open origin {origin_path}: {e}")))
         .and_then(|f| {
             device_size_bytes(&f)
@@ -94,8 +111,9 @@ fn format(a: &FormatArgs) -> Result<String, Fail> {
             let file = OpenOptions::new()
                 .read(true)
                 .write(true)
+                .custom_flags(libc::O_DIRECT)
                 .open(&a.store)
-                .map_err(|e| usage(format!("cannot open store {store_path} for writing: {e}")))?;
+                .map_err(|e| usage(direct_open_error("open store", &a.store, &e)))?;
             let size = device_size_bytes(&file)
                 .map_err(|e| failed(format!("cannot read the size of store {store_path}: {e}")))?;
             match (size, a.store_size) {
@@ -178,8 +196,17 @@ fn format(a: &FormatArgs) -> Result<String, Fail> {
                 .read(true)
                 .write(true)
                 .create_new(true)
+                .custom_flags(libc::O_DIRECT)
                 .open(&a.store)
-                .map_err(|e| failed(format!("cannot create store {store_path}: {e}")))?;
+                .map_err(|e| {
+                    if e.raw_os_error() == Some(libc::EINVAL) {
+                        // Created, but direct I/O cannot be used on it.
+                        let _ = std::fs::remove_file(&a.store);
+                        usage(direct_open_error("create store", &a.store, &e))
+                    } else {
+                        failed(format!("cannot create store {store_path}: {e}"))
+                    }
+                })?;
             if let Err(e) = file.set_len(size) {
                 let _ = std::fs::remove_file(&a.store);
                 return Err(failed(format!(

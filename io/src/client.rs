@@ -14,9 +14,8 @@
 //!   into the store;
 //! - flush: fdatasync of both devices.
 
-use std::fs::File;
+use csnap_store::disk::{Disk, DiskError, FileDisk};
 use std::io::{self, Read, Write};
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -698,8 +697,8 @@ pub fn control_via_agent(
 pub struct VolumeClient {
     conn: Connection,
     volume: Volume,
-    origin: File,
-    store: File,
+    origin: FileDisk,
+    store: FileDisk,
     chunk: u64,
     data_start: u64,
     size: u64,
@@ -770,13 +769,15 @@ impl VolumeClient {
         volume: Volume,
         connect: impl FnOnce([u8; 16]) -> Result<Connection, ClientError>,
     ) -> Result<VolumeClient, ClientError> {
-        let mut writable = std::fs::OpenOptions::new();
-        writable.read(true).write(true);
-        let origin = writable.open(origin_path)?;
-        let store = writable.open(store_path)?;
-        let mut sd = csnap_store::disk::FileDisk::new(store.try_clone()?)
-            .map_err(|e| ClientError::Io(io::Error::other(e.to_string())))?;
-        let label = csnap_store::read_label(&mut sd)
+        // Both shared devices around the page cache (direct I/O): another
+        // node's writes are on the disk, not in this host's cache.
+        let open = |p: &Path| {
+            FileDisk::open(p)
+                .map_err(|e| ClientError::Io(io::Error::other(format!("{}: {e}", p.display()))))
+        };
+        let origin = open(origin_path)?;
+        let mut store = open(store_path)?;
+        let label = csnap_store::read_label(&mut store)
             .map_err(|e| ClientError::Io(io::Error::other(e.to_string())))?;
         let conn = connect(label.origin_uuid)?;
         let chunk = u64::from(conn.fsm.chunk_size_bytes());
@@ -846,7 +847,7 @@ impl VolumeClient {
     pub fn read_at(&mut self, buf: &mut [u8], off: u64) -> io::Result<()> {
         self.check(off, buf.len())?;
         let Volume::Snapshot(_) = self.volume else {
-            return self.origin.read_exact_at(buf, off);
+            return self.origin.read_at(buf, off).map_err(disk_io);
         };
         for (first, chunks, boff, blen) in self.runs(off, buf.len()) {
             let msg = self.conn.call(Request::SnapshotRead(Range {
@@ -877,12 +878,12 @@ impl VolumeClient {
                 let dst = &mut buf[usize::try_from(t_start - off).unwrap_or(0)
                     ..usize::try_from(t_end - off).unwrap_or(0)];
                 let r = match t.kind {
-                    TargetKind::Origin => self.origin.read_exact_at(dst, t_start),
+                    TargetKind::Origin => self.origin.read_at(dst, t_start).map_err(disk_io),
                     TargetKind::Store => {
                         let at = self.data_start
                             + t.store_chunk * self.chunk
                             + (t_start - t.chunk * self.chunk);
-                        self.store.read_exact_at(dst, at)
+                        self.store.read_at(dst, at).map_err(disk_io)
                     }
                 };
                 if r.is_err() {
@@ -917,7 +918,7 @@ impl VolumeClient {
                             ClientError::Protocol("expected an origin write grant".into()).into(),
                         );
                     }
-                    self.origin.write_all_at(seg, seg_off)?;
+                    self.origin.write_at(seg, seg_off).map_err(disk_io)?;
                 }
                 Volume::Snapshot(_) => {
                     let msg = self.conn.call(Request::SnapshotWrite(Range {
@@ -945,7 +946,7 @@ impl VolumeClient {
                         let at = self.data_start
                             + t.store_chunk * self.chunk
                             + (t_start - t.chunk * self.chunk);
-                        self.store.write_all_at(src, at)?;
+                        self.store.write_at(src, at).map_err(disk_io)?;
                     }
                 }
             }
@@ -1005,7 +1006,15 @@ impl VolumeClient {
 
     /// Makes completed writes durable.
     pub fn flush(&mut self) -> io::Result<()> {
-        self.origin.sync_data()?;
-        self.store.sync_data()
+        self.origin.flush().map_err(disk_io)?;
+        self.store.flush().map_err(disk_io)
+    }
+}
+
+/// A disk error as the `io::Error` the block-device API returns.
+fn disk_io(e: DiskError) -> io::Error {
+    match e {
+        DiskError::Os(errno) => io::Error::from_raw_os_error(errno),
+        other => io::Error::other(other.to_string()),
     }
 }

@@ -407,7 +407,7 @@ impl Sim {
         o.journal_blocks = 128;
         o.origin_uuid = UUID;
         o.store_uuid = [7; 16];
-        let mut sd = FileDisk::open(&store_path).unwrap();
+        let mut sd = FileDisk::open_buffered(&store_path, true).unwrap();
         csnap_store::format(&mut sd, &o).unwrap();
         let mut st = Store::open(
             sd,
@@ -784,8 +784,8 @@ impl Sim {
         };
         let p = self.procs.len();
         let addr = format!("node-{n}/server.{n}.{p}.sock");
-        let sd = FileDisk::open(&self.store_path).unwrap();
-        let od = FileDisk::open(&self.origin_path).unwrap();
+        let sd = FileDisk::open_buffered(&self.store_path, true).unwrap();
+        let od = FileDisk::open_buffered(&self.origin_path, true).unwrap();
         let standby = Standby::reserve(
             sd,
             &OpenOptions {
@@ -2067,7 +2067,10 @@ impl Drop for RemoveOnDrop {
 fn run_seeds(first: u64, count: u64, name: &str) {
     install_seed_reporter();
     // Real files, in memory when there is a tmpfs (the store's commits
-    // flush; a busy disk would only make the test slow).
+    // flush; a busy disk would only make the test slow). The simulation is
+    // one process, one page cache: it opens them buffered on purpose
+    // (`FileDisk::open_buffered`); what it checks is the protocol, and the
+    // separate hosts' view is the test bed's (csnap/tests/testbed.rs).
     let base = if Path::new("/dev/shm").is_dir() {
         PathBuf::from("/dev/shm")
     } else {

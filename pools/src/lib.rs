@@ -67,6 +67,15 @@ pub const CACHE_MIN_BLOCKS: usize = 2 * OP_TOUCHED_BLOCKS_MAX + 64;
 /// Default metadata cache, in blocks (16 MiB).
 pub const CACHE_DEFAULT_BLOCKS: usize = 4096;
 
+/// Largest direct-I/O alignment (buffer address, offset and length) a store
+/// or origin device may need: the block size of the store's metadata, so
+/// every metadata block is one aligned transfer.
+pub const DIO_ALIGN_MAX_BYTES: usize = BLOCK_SIZE_BYTES;
+/// The aligned bounce buffer of each direct `FileDisk` (reserved at open):
+/// an access whose buffer, offset or length is not aligned goes through it,
+/// in pieces of at most this size (read-modify-write at unaligned edges).
+pub const DISK_BOUNCE_BYTES: usize = 256 * 1024;
+
 /// Chunks freed in one transaction before it must commit. Freed chunks are
 /// reusable only after the commit that frees them is durable.
 pub const TX_FREES_MAX: usize = 4096;
@@ -94,6 +103,9 @@ const_assert!(JOURNAL_DEFAULT_BLOCKS >= 3 * (TX_BLOCKS_MAX as u64 + 1) + 3);
 // The cache holds a full transaction's dirty blocks plus one operation's
 // working set.
 const_assert!(CACHE_MIN_BLOCKS > OP_TOUCHED_BLOCKS_MAX + OP_DIRTY_BLOCKS_MAX);
+const_assert!(DIO_ALIGN_MAX_BYTES.is_power_of_two());
+const_assert!(DISK_BOUNCE_BYTES.is_multiple_of(DIO_ALIGN_MAX_BYTES));
+const_assert!(DISK_BOUNCE_BYTES >= 2 * DIO_ALIGN_MAX_BYTES);
 const_assert!(CACHE_DEFAULT_BLOCKS >= TX_BLOCKS_MAX + OP_TOUCHED_BLOCKS_MAX);
 
 /// Memory the store reserves at open for a cache of `cache_blocks`, one line

@@ -39,7 +39,7 @@ struct Slot {
 /// The cache.
 #[derive(Debug)]
 pub struct Cache {
-    bufs: Vec<u8>,
+    bufs: crate::disk::IoBuf,
     slots: Vec<Slot>,
     index: Vec<u32>,
     index_mask: usize,
@@ -63,7 +63,7 @@ impl Cache {
         assert!(nblocks >= 2, "cache needs at least two slots");
         let table = (nblocks * 2).next_power_of_two();
         Cache {
-            bufs: vec![0u8; nblocks * BLOCK_SIZE_BYTES],
+            bufs: crate::disk::io_buf(nblocks * BLOCK_SIZE_BYTES),
             slots: vec![
                 Slot {
                     addr: EMPTY_ADDR,

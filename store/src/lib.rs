@@ -559,10 +559,10 @@ pub struct Standby<D: Disk> {
     disk: D,
     cache_blocks: usize,
     cache: Cache,
-    staging: Vec<u8>,
+    staging: disk::IoBuf,
     pending_frees: Vec<Free>,
     entries: Vec<journal::Entry>,
-    block_buf: Vec<u8>,
+    block_buf: disk::IoBuf,
 }
 
 impl<D: Disk> Standby<D> {
@@ -578,10 +578,10 @@ impl<D: Disk> Standby<D> {
             disk,
             cache_blocks: opts.cache_blocks,
             cache: Cache::new(opts.cache_blocks),
-            staging: vec![0u8; journal::REPLAY_BUFFER_BLOCKS * BLOCK_SIZE_BYTES],
+            staging: disk::io_buf(journal::REPLAY_BUFFER_BLOCKS * BLOCK_SIZE_BYTES),
             pending_frees: Vec::with_capacity(TX_FREES_MAX),
             entries: Vec::with_capacity(TX_BLOCKS_MAX + 1),
-            block_buf: vec![0u8; BLOCK_SIZE_BYTES],
+            block_buf: disk::io_buf(BLOCK_SIZE_BYTES),
         })
     }
 
@@ -696,7 +696,7 @@ pub struct Store<D: Disk> {
     committed: Super,
     cache: Cache,
     pending_frees: Vec<Free>,
-    staging: Vec<u8>,
+    staging: disk::IoBuf,
     entries: Vec<journal::Entry>,
     tx_cap_blocks: usize,
     tx_ops: u64,
@@ -704,7 +704,7 @@ pub struct Store<D: Disk> {
     failed: bool,
     in_use_mask: u64,
     replay: journal::ReplayReport,
-    fence_buf: Vec<u8>,
+    fence_buf: disk::IoBuf,
     /// The home copies of every committed block are durable (no home write
     /// since the last flush).
     home_durable: bool,

@@ -143,6 +143,17 @@ pub fn open_direct(path: &Path, writable: bool) -> io::Result<(File, DioAlign)> 
     Ok((file, align))
 }
 
+/// True when `file` was opened with `O_DIRECT`.
+pub fn is_direct(file: &File) -> io::Result<bool> {
+    // SAFETY: F_GETFL takes no argument and only reads the descriptor's
+    // status flags.
+    let flags = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
+    if flags < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(flags & libc::O_DIRECT != 0)
+}
+
 /// The direct-I/O alignment of an open file: `BLKSSZGET` for a block device,
 /// `statx(STATX_DIOALIGN)` for a regular file. A file whose file system
 /// reports no direct-I/O support is an error.

@@ -318,9 +318,14 @@ fn bench(bin: &Path, d: &Path, failovers: u32, args: &[String]) -> Result<(), St
     std::fs::write(&probe_path, vec![0u8; 8192]).map_err(|e| e.to_string())?;
     let probe = std::fs::OpenOptions::new()
         .write(true)
-        .custom_flags(libc::O_DSYNC)
+        .custom_flags(libc::O_DSYNC | libc::O_DIRECT)
         .open(&probe_path)
         .map_err(|e| e.to_string())?;
+    // Direct and durable, as the servers' store writes are.
+    let mut probe_a = csnap_sys::dio::AlignedBuf::zeroed(8192, 4096);
+    probe_a.fill(0xa5);
+    let mut probe_b = csnap_sys::dio::AlignedBuf::zeroed(8192, 4096);
+    probe_b.fill(0x5a);
     let o = Command::new(bin)
         .args(["format", "--origin"])
         .arg(&origin)
@@ -370,7 +375,7 @@ fn bench(bin: &Path, d: &Path, failovers: u32, args: &[String]) -> Result<(), St
         std::thread::sleep(Duration::from_millis(10));
         let t = Instant::now();
         probe
-            .write_all_at(&[0xa5; 8192], 0)
+            .write_all_at(&probe_a, 0)
             .map_err(|e| format!("durable probe write: {e}"))?;
         idle_floor.push(t.elapsed().as_secs_f64() * 1000.0);
     }
@@ -460,7 +465,7 @@ fn bench(bin: &Path, d: &Path, failovers: u32, args: &[String]) -> Result<(), St
         // kill (not during the start, which it would slow).
         let t_probe = Instant::now();
         probe
-            .write_all_at(&[0x5a; 8192], 0)
+            .write_all_at(&probe_b, 0)
             .map_err(|e| format!("durable probe write: {e}"))?;
         row.floor.push(t_probe.elapsed().as_secs_f64() * 1000.0);
         let kill_at = monotonic_micros();

@@ -15,6 +15,7 @@
 
 use std::fs::{File, OpenOptions as FsOpenOptions};
 use std::os::unix::fs::FileExt;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -255,10 +256,12 @@ type FStore = Store<FileDisk>;
 
 /// Creates a sparse file of `size` bytes.
 fn sparse_file(path: &Path, size: u64) -> R<File> {
+    // Direct I/O, as every node reaches the shared devices.
     let f = FsOpenOptions::new()
         .read(true)
         .write(true)
         .create_new(true)
+        .custom_flags(libc::O_DIRECT)
         .open(path)
         .ctx(|| format!("creating {}", path.display()))?;
     f.set_len(size)
@@ -725,7 +728,7 @@ struct CopyRun {
 /// Writes a pattern over the whole origin file and makes it durable.
 fn fill_origin(origin: &File) -> R<()> {
     let mut rng = Rng::new(SEED ^ 3);
-    let mut buf = vec![0u8; usize::try_from(MIB).ctx(|| "buffer".into())?];
+    let mut buf = csnap_store::disk::io_buf(usize::try_from(MIB).ctx(|| "buffer".into())?);
     let mut off = 0;
     while off < S3_ORIGIN_BYTES {
         rng.fill(&mut buf);
@@ -746,8 +749,10 @@ fn copy_run(dir: &TempDir, origin: &File, chunk: u32, offsets: &[u64]) -> R<Copy
     // Room for a copy of the whole origin plus metadata: never fills.
     let mut store = new_store(&path, S3_ORIGIN_BYTES + 64 * MIB, S3_ORIGIN_BYTES, chunk)?;
     create_snapshots(&mut store, 1..=1)?;
-    let mut chunk_buf = vec![0u8; usize::try_from(c).ctx(|| "chunk buffer".into())?];
-    let mut new_data = vec![0u8; usize::try_from(WRITE_BYTES).ctx(|| "buffer".into())?];
+    let mut chunk_buf =
+        csnap_store::disk::io_buf(usize::try_from(c).ctx(|| "chunk buffer".into())?);
+    let mut new_data =
+        csnap_store::disk::io_buf(usize::try_from(WRITE_BYTES).ctx(|| "buffer".into())?);
     Rng::new(SEED ^ 4).fill(&mut new_data);
     let mut pending: Vec<u64> = Vec::with_capacity(S3_GROUP);
     let mut p = Pass::default();
