@@ -217,8 +217,12 @@ fn format(a: &FormatArgs) -> Result<String, Fail> {
         }
     };
     let undo_file = file.try_clone().ok();
+    let mut no_direct_io = false;
     let result = FileDisk::new(file)
-        .map_err(|e| e.to_string())
+        .map_err(|e| {
+            no_direct_io = matches!(e, csnap_store::disk::DiskError::DirectIoUnsupported);
+            e.to_string()
+        })
         .and_then(|mut disk| csnap_store::format(&mut disk, &opts).map_err(|e| e.to_string()))
         .and_then(|label| {
             if matches!(undo, Undo::Remove) {
@@ -240,7 +244,12 @@ fn format(a: &FormatArgs) -> Result<String, Fail> {
                     let _ = std::fs::remove_file(&a.store);
                 }
             }
-            return Err(failed(format!("cannot format store {store_path}: {e}")));
+            let msg = format!("cannot format store {store_path}: {e}");
+            return Err(if no_direct_io {
+                usage(msg)
+            } else {
+                failed(msg)
+            });
         }
     };
 

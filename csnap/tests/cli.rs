@@ -530,3 +530,29 @@ fn pseudo_random(len: u64) -> Vec<u8> {
         })
         .collect()
 }
+
+/// Shared devices are reached around the page cache: an origin or a store on
+/// a file system without direct I/O (tmpfs) is refused with a clear message
+/// (exit 2), and a store file created for it is removed again.
+#[test]
+fn format_refuses_devices_without_direct_io() {
+    let shm = Path::new("/dev/shm");
+    if !shm.is_dir() {
+        eprintln!("skipped: no /dev/shm");
+        return;
+    }
+    let d = TempDir::new("nodio");
+    let tag = format!("csnap-cli-nodio-{}", std::process::id());
+    let shm_origin = shm.join(format!("{tag}-origin"));
+    let shm_store = shm.join(format!("{tag}-store"));
+    File::create(&shm_origin)
+        .and_then(|f| f.set_len(ORIGIN_BYTES))
+        .unwrap();
+    let out = format(&shm_origin, &d.path("store"), &["--store-size", STORE_SIZE]);
+    assert_error(&out, 2, "direct I/O");
+    assert!(!d.path("store").exists());
+    let out = format(&d.origin(), &shm_store, &["--store-size", STORE_SIZE]);
+    let _ = fs::remove_file(&shm_origin);
+    assert_error(&out, 2, "direct I/O");
+    assert!(!shm_store.exists(), "the refused store file stays behind");
+}

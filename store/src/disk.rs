@@ -139,7 +139,7 @@ impl FileDisk {
     fn wrap(file: File, direct: bool) -> Result<Self, DiskError> {
         let size_bytes = device_size_bytes(&file)?;
         let align = if direct {
-            let a = csnap_sys::dio::dio_align(&file).map_err(|e| os_error(&e))?;
+            let a = csnap_sys::dio::dio_align(&file).map_err(|e| open_error(&e))?;
             let align = a.mem_bytes.max(a.offset_bytes) as usize;
             if !align.is_power_of_two() || align > csnap_pools::DIO_ALIGN_MAX_BYTES {
                 return Err(DiskError::AlignmentUnsupported {
