@@ -753,11 +753,7 @@ impl Controller {
                     incarnation,
                 };
             }
-            Placement::Starting {
-                node,
-                relayed: true,
-                ..
-            } if node == n => {
+            Placement::Starting { node, .. } if node == n => {
                 let _ = self.events.push(ControllerEvent::StartFailed { node });
                 self.placement = Placement::Stopping {
                     from: n,
@@ -765,8 +761,6 @@ impl Controller {
                     incarnation: 0,
                 };
             }
-            // A start whose gather cannot complete any more is over.
-            Placement::Starting { node, .. } if node == n => self.node_lost(n),
             Placement::Stopping {
                 from,
                 to: Some(t),

@@ -1551,12 +1551,15 @@ impl Server {
             }
             (StoreResult::Targets { len, targets }, InflightKind::SnapshotRead) => {
                 let n = *len as usize;
-                // A caching client keeps its locks as leases on the mappings
-                // it caches, so it locks every chunk, store-mapped ones too.
+                // Every chunk read is locked, store-mapped ones too: a store
+                // chunk shared with another snapshot may be moved off by
+                // this snapshot's own write and then overwritten in place
+                // by the other snapshot's writer, so every write waits for
+                // the locks on its chunks. A blocking client releases them
+                // after its read; a caching client keeps them as leases on
+                // the mappings it caches.
                 let caching = self.sessions[conn as usize].caching;
-                let lock_all = |t: &StoreTarget| caching || *t == StoreTarget::Origin;
-                let origin_chunks = targets[..n].iter().filter(|t| lock_all(t)).count();
-                if !self.locks.has_room(origin_chunks) {
+                if !self.locks.has_room(n) {
                     self.finish(token, conn);
                     self.send_error(
                         conn,
@@ -1567,16 +1570,14 @@ impl Server {
                     );
                     return;
                 }
-                for (i, t) in targets[..n].iter().enumerate() {
-                    if lock_all(t) {
-                        let c = f.range.chunk + i as u64;
-                        let _ = self.locks.acquire(c, conn);
-                        // A write already waits for this chunk (it waits
-                        // until no one holds it): a caching reader is asked
-                        // at once to give it back after this read.
-                        if caching && self.locks.has_waiters(c) {
-                            self.release_requests.push((conn, c));
-                        }
+                for i in 0..n {
+                    let c = f.range.chunk + i as u64;
+                    let _ = self.locks.acquire(c, conn);
+                    // A write already waits for this chunk (it waits until
+                    // no one holds it): a caching reader is asked at once to
+                    // give it back after this read.
+                    if caching && self.locks.has_waiters(c) {
+                        self.release_requests.push((conn, c));
                     }
                 }
                 self.finish(token, conn);

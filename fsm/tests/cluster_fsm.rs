@@ -1091,22 +1091,26 @@ fn leave_of_a_node_whose_start_stops_before_serving_places_elsewhere_then() {
     );
 }
 
+/// A node told to leave while it gathers for a start may still finish that
+/// gather (a `Members` without the node it waits for ends the wait) and
+/// start its server before the fence reaches it: the controller places
+/// nothing elsewhere until that node's agent has taken the fence and said
+/// it serves nothing (the simulation found two servers serving at once,
+/// seed 2384 with 3000 seeds, when the start moved on at once).
 #[test]
-fn leave_of_a_node_whose_gather_cannot_complete_places_elsewhere_at_once() {
+fn leave_of_a_gathering_node_waits_for_its_agent_then_places_elsewhere() {
     let mut t = gathering_on_2();
     let tool = t.hello(Role::Control);
     t.command(tool, 1, ClusterOp::Leave, 2);
     let m = t.agents_got();
     assert_eq!(m[&2][0], M::Fence(FenceReason::LeftCluster));
-    assert_eq!(
-        m[&3][0],
-        M::StartHere {
-            attempt: 2,
-            former: 0
-        }
+    assert!(
+        !m.values()
+            .flatten()
+            .any(|x| matches!(x, M::StartHere { .. })),
+        "placed elsewhere before node 2's agent took the fence: {m:?}"
     );
-    // The abandoned attempt's messages are not relayed any more: its
-    // gather never completes.
+    // The abandoned attempt's messages are not relayed any more.
     let (a1, a2) = (t.agents[&1], t.agents[&2]);
     t.c.handle_frame(a1, &clients_frame(1, 1, 2, &[5]));
     t.send(
@@ -1118,7 +1122,17 @@ fn leave_of_a_node_whose_gather_cannot_complete_places_elsewhere_at_once() {
         },
     );
     assert!(t.agents_got().is_empty());
-    // The new attempt's are.
+    // Node 2's agent took the fence (its report after it): now node 3.
+    t.state(2, false, 0, 0);
+    let m = t.agents_got();
+    assert_eq!(
+        m[&3][0],
+        M::StartHere {
+            attempt: 2,
+            former: 0
+        }
+    );
+    // The new attempt's gather messages are relayed.
     let a3 = t.agents[&3];
     t.send(
         a3,

@@ -861,10 +861,11 @@ impl VolumeClient {
             for (i, t) in targets.iter().enumerate() {
                 ts[i] = Some(t);
             }
+            // The server locked every chunk it answered for, store-mapped
+            // ones too (another snapshot's writer may otherwise overwrite a
+            // shared store chunk under this read); released after the read.
             for t in ts.iter().flatten() {
-                if t.kind == TargetKind::Origin {
-                    self.conn.note_locked(t.range());
-                }
+                self.conn.note_locked(t.range());
             }
             let seg_start = off + boff as u64;
             let seg_end = seg_start + blen as u64;
@@ -890,11 +891,9 @@ impl VolumeClient {
                     result = r;
                 }
             }
-            // Release the read locks once the origin reads are done.
+            // Release the read locks once the reads are done.
             for t in ts.iter().flatten() {
-                if t.kind == TargetKind::Origin {
-                    self.conn.release(t.range())?;
-                }
+                self.conn.release(t.range())?;
             }
             result?;
         }
@@ -955,7 +954,7 @@ impl VolumeClient {
     }
 
     /// Asks where `[off, off+len)` of a snapshot is and takes the read locks
-    /// of its origin chunks, without reading or releasing them; returns the
+    /// of every chunk it reads (store-mapped ones too), without reading or releasing them; returns the
     /// locked ranges (for tests of slow readers across a failover).
     pub fn hold_read(&mut self, off: u64, len: usize) -> io::Result<Vec<Range>> {
         self.check(off, len)?;
@@ -975,12 +974,8 @@ impl VolumeClient {
             let Msg::SnapshotReadReply(targets) = msg else {
                 return Err(ClientError::Protocol("expected a snapshot read reply".into()).into());
             };
-            let origin: Vec<Range> = targets
-                .iter()
-                .filter(|t| t.kind == TargetKind::Origin)
-                .map(|t| t.range())
-                .collect();
-            for r in origin {
+            let locked: Vec<Range> = targets.iter().map(|t| t.range()).collect();
+            for r in locked {
                 self.conn.note_locked(r);
                 held.push(r);
             }
