@@ -243,6 +243,13 @@ impl Cache {
         Ok(i)
     }
 
+    /// Forgets a clean slot: its block failed the caller's structural
+    /// checks, so the next access reads (and checks) it again.
+    pub fn forget(&mut self, i: usize) {
+        debug_assert!(!self.slots[i].dirty);
+        self.drop_slot(i);
+    }
+
     fn drop_slot(&mut self, i: usize) {
         let a = self.slots[i].addr;
         if a != EMPTY_ADDR {
