@@ -290,6 +290,10 @@ impl ServerLoop {
                 .replies
                 .pop_blocking()
                 .map_err(|_| "the store worker is gone")?;
+            if let csnap_fsm::store_ops::StoreResult::Corrupt { addr, kind, reason } = r.result {
+                eprintln!("csnap server: problem: {kind} at block {addr}: {reason}; the store cannot be served");
+                continue;
+            }
             if r.token != START_TOKEN {
                 continue;
             }
@@ -630,6 +634,10 @@ impl ServerLoop {
                         "csnap server: fenced: a newer incarnation serves this store; stopping"
                     );
                     return Some(Stop::Fenced);
+                }
+                ServerEvent::Corrupt { addr, kind, reason } => {
+                    // Heap-free: integers and static strings only.
+                    eprintln!("csnap server: problem: {kind} at block {addr}: {reason}; requests that need it fail with an I/O error, the rest are served");
                 }
                 ServerEvent::StoreFailed => {
                     eprintln!("csnap server: the snapshot store failed; stopping (a restart replays the journal)");

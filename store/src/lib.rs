@@ -610,46 +610,32 @@ impl<D: Disk> Standby<D> {
     }
 
     /// Starts: validates the label, replays the journal, loads the
-    /// superblock. Allocates nothing unless it fails.
+    /// superblock, reads and checks the tree root. Allocates nothing unless
+    /// it fails (and then only in `Invalid` errors, which a start never
+    /// returns: its failures are heap-free `Disk` and `Corrupt`).
     pub fn start(self) -> Result<Store<D>, StoreError> {
+        self.try_start().map_err(|(_, e)| e)
+    }
+
+    /// `start` that hands the standby back on failure, so a confined
+    /// process neither frees its buffers nor closes its device (no syscall
+    /// outside its whitelist) before it reports the reason and exits.
+    // Boxing the large error would allocate in a sealed process.
+    #[allow(clippy::result_large_err)]
+    pub fn try_start(mut self) -> Result<Store<D>, (Self, StoreError)> {
+        let (label, sb, replay) = match self.read_state() {
+            Ok(x) => x,
+            Err(e) => return Err((self, e)),
+        };
         let Standby {
-            mut disk,
+            disk,
             cache_blocks,
             cache,
-            mut staging,
+            staging,
             pending_frees,
             entries,
-            mut block_buf,
+            block_buf,
         } = self;
-        let label = read_label_checked(&mut disk, &mut block_buf)?;
-        // Redo only what differs at home: after a clean stop or a process
-        // kill the home copies are already there, and a start that writes
-        // nothing needs no flush.
-        let mut rewrote = false;
-        let replay = journal::replay(&mut disk, &label, &mut staging, &mut |d, home, img| {
-            d.read_at(&mut block_buf, home * BS)?;
-            if block_buf[..] != *img {
-                d.write_at(img, home * BS)?;
-                rewrote = true;
-            }
-            Ok(())
-        })?;
-        if rewrote {
-            disk.flush()?;
-        }
-        // Everything from here fails heap-free (a standby starts sealed): a
-        // corrupt block is named by its address and a static reason.
-        disk.read_at(&mut block_buf, layout::SUPER_BLOCK * BS)?;
-        let super_corrupt = |fault| StoreError::Corrupt {
-            addr: layout::SUPER_BLOCK,
-            kind: BlockKind::Super,
-            fault,
-        };
-        layout::verify(&block_buf, layout::SUPER_BLOCK, BlockKind::Super).map_err(super_corrupt)?;
-        let sb = Super::decode(&block_buf)
-            .map_err(|reason| super_corrupt(BlockFault::Structure { reason }))?;
-        sb.check(&label)
-            .map_err(|reason| super_corrupt(BlockFault::Structure { reason }))?;
         // Two consecutive commits (the last one must survive the next) plus the
         // wrap gap fit in the ring: 3 * (cap + 1) + 3 <= journal blocks.
         let journal_third = usize::try_from((label.journal_blocks - 6) / 3).unwrap_or(usize::MAX);
@@ -684,9 +670,72 @@ impl<D: Disk> Standby<D> {
             BlockKind::Node
         };
         store.cache.begin_op();
-        store.block(store.sb.root, root_kind)?;
+        if let Err(e) = store.block(store.sb.root, root_kind) {
+            let Store {
+                disk,
+                mut cache,
+                pending_frees,
+                staging,
+                entries,
+                fence_buf,
+                ..
+            } = store;
+            cache.discard_all();
+            return Err((
+                Standby {
+                    disk,
+                    cache_blocks,
+                    cache,
+                    staging,
+                    pending_frees,
+                    entries,
+                    block_buf: fence_buf,
+                },
+                e,
+            ));
+        }
         store.assert_invariants_full();
         Ok(store)
+    }
+
+    /// The label, the journal replay and the superblock, each checked.
+    fn read_state(&mut self) -> Result<(Label, Super, journal::ReplayReport), StoreError> {
+        let Standby {
+            disk,
+            staging,
+            block_buf,
+            ..
+        } = self;
+        let label = read_label_checked(disk, block_buf)?;
+        // Redo only what differs at home: after a clean stop or a process
+        // kill the home copies are already there, and a start that writes
+        // nothing needs no flush.
+        let mut rewrote = false;
+        let replay = journal::replay(disk, &label, staging, &mut |d, home, img| {
+            d.read_at(block_buf, home * BS)?;
+            if block_buf[..] != *img {
+                d.write_at(img, home * BS)?;
+                rewrote = true;
+            }
+            Ok(())
+        })?;
+        if rewrote {
+            disk.flush()?;
+        }
+        // Everything from here fails heap-free (a standby starts sealed): a
+        // corrupt block is named by its address and a static reason.
+        disk.read_at(block_buf, layout::SUPER_BLOCK * BS)?;
+        let super_corrupt = |fault| StoreError::Corrupt {
+            addr: layout::SUPER_BLOCK,
+            kind: BlockKind::Super,
+            fault,
+        };
+        layout::verify(block_buf, layout::SUPER_BLOCK, BlockKind::Super).map_err(super_corrupt)?;
+        let sb = Super::decode(block_buf)
+            .map_err(|reason| super_corrupt(BlockFault::Structure { reason }))?;
+        sb.check(&label)
+            .map_err(|reason| super_corrupt(BlockFault::Structure { reason }))?;
+        Ok((label, sb, replay))
     }
 }
 
@@ -807,6 +856,12 @@ impl<D: Disk> Store<D> {
     /// Operations in the open transaction.
     pub fn pending_ops(&self) -> u64 {
         self.tx_ops
+    }
+
+    /// Whether an operation failed midway: the open transaction must be
+    /// aborted (`abort`) before anything else runs.
+    pub fn is_poisoned(&self) -> bool {
+        self.poisoned
     }
 
     /// Whether the open transaction holds changes.

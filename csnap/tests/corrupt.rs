@@ -1,0 +1,249 @@
+//! Hostile on-disk blocks meet real processes (issue #15): every b-tree leaf
+//! of a store is rewritten with a record count of 200 (beyond a leaf's
+//! capacity) and a correct checksum. `csnap check` reports the leaves; a
+//! confined server on that store fails the snapshot read that needs a leaf
+//! with an I/O error, logs one problem line naming the block, and goes on
+//! serving. A store whose root is nonsense is refused at start, by a
+//! server and by a sealed standby, with the block named and a non-zero exit.
+
+// Test code: offsets and sizes are a few MiB and move freely between u64 and
+// usize.
+#![allow(clippy::cast_possible_truncation)]
+
+mod common;
+
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use common::cluster::{csnap, kill, s, seed, text, Daemon, Disks, Rng, BIN, CHUNK, TIMEOUT};
+use csnap_store::layout::{self, BlockKind};
+
+const BS: usize = 4096;
+
+/// Rewrites every b-tree leaf in the metadata area of the store file with
+/// a record count of `count`, re-sealed with the store's own sealing (so
+/// the checksum is right and only the structure is wrong). Returns the
+/// leaves' addresses.
+fn rewrite_leaves(store: &Path, count: u16) -> Vec<u64> {
+    let mut img = std::fs::read(store).expect("read store");
+    let label = layout::Label::decode(&img[..BS]).expect("label");
+    let mut leaves = Vec::new();
+    for addr in label.meta_start..label.meta_start + label.meta_blocks {
+        let b = &mut img[addr as usize * BS..(addr as usize + 1) * BS];
+        if layout::verify(b, addr, BlockKind::Leaf).is_ok() {
+            layout::set_count(b, count);
+            let seq = layout::seq(b);
+            layout::seal(b, seq);
+            leaves.push(addr);
+        }
+    }
+    std::fs::write(store, &img).expect("write store");
+    leaves
+}
+
+/// The root block the home superblock names.
+fn root(store: &Path) -> u64 {
+    let img = std::fs::read(store).expect("read store");
+    layout::Super::decode(&img[BS..2 * BS])
+        .expect("superblock")
+        .root
+}
+
+/// `csnap server` (confined: no --no-seccomp) on the disks, listening on
+/// `sock`.
+fn server(d: &Disks, sock: &Path) -> Daemon {
+    Daemon::spawn(
+        "server",
+        Command::new(BIN)
+            .args(["server", "--origin", s(&d.origin), "--store", s(&d.store)])
+            .args(["--listen", s(sock)]),
+    )
+}
+
+fn wait_serving(srv: &Daemon) {
+    assert!(
+        srv.log.wait_line(0, "serving", TIMEOUT).is_some(),
+        "the server did not start; log:\n{}",
+        srv.log.text()
+    );
+}
+
+fn snapshot(sock: &Path, args: &[&str]) -> std::process::Output {
+    let mut a = vec!["snapshot", args[0], "--server", s(sock)];
+    a.extend_from_slice(&args[1..]);
+    csnap(&a)
+}
+
+/// Formats, writes the origin, takes snapshot 1, overwrites the whole
+/// origin (a copy-out per chunk: a two-level tree), ends with a commit
+/// that touches only the superblock (so journal replay does not repair the
+/// leaves), and stops the server cleanly.
+fn populated(name: &str, origin_bytes: usize) -> (Disks, Vec<u8>, Rng) {
+    let mut rng = Rng::new(seed(name));
+    let d = Disks::new(name, origin_bytes, "32M", &mut rng);
+    let sock = d.dir.join("sock");
+    let mut srv = server(&d, &sock);
+    wait_serving(&srv);
+    let o = snapshot(&sock, &["create", "1"]);
+    assert!(o.status.success(), "create: {}", text(&o));
+    let mut io = d.io_server(&sock, "origin", 1);
+    let new = rng.bytes(origin_bytes);
+    for off in (0..origin_bytes).step_by(1 << 20) {
+        let end = (off + (1 << 20)).min(origin_bytes);
+        io.write(off as u64, &new[off..end]);
+    }
+    io.quit();
+    let o = snapshot(&sock, &["priority", "1", "3"]);
+    assert!(o.status.success(), "priority: {}", text(&o));
+    kill(srv.pid(), 15);
+    assert!(
+        srv.wait_exit(TIMEOUT).is_some(),
+        "the server did not stop on SIGTERM"
+    );
+    (d, new, rng)
+}
+
+#[test]
+fn a_server_fails_the_read_that_meets_a_corrupt_leaf_logs_it_and_keeps_serving() {
+    // 8 MiB of 16 KiB chunks: 512 exceptions, four leaves under a root node.
+    let (d, new, _rng) = populated("corrupt-serve", 8 << 20);
+    let leaves = rewrite_leaves(&d.store, 200);
+    assert!(leaves.len() >= 2, "expected a two-level tree: {leaves:?}");
+    assert!(!leaves.contains(&root(&d.store)), "the root must be a node");
+
+    let o = csnap(&["check", "--store", s(&d.store)]);
+    let out = String::from_utf8_lossy(&o.stdout).to_string();
+    assert_eq!(o.status.code(), Some(1), "check: {}", text(&o));
+    for l in &leaves {
+        assert!(
+            out.lines().any(|line| line.starts_with("problem: ")
+                && line.contains(&format!("leaf at block {l}"))
+                && line.contains("overflow")),
+            "check names no problem with leaf {l}:\n{out}"
+        );
+    }
+
+    let sock = d.dir.join("sock");
+    let mut srv = server(&d, &sock);
+    wait_serving(&srv);
+
+    // Snapshot 1 reads the old data, all of it in the store: every chunk
+    // needs a leaf, and every leaf is corrupt.
+    let mut snap = d.io_server(&sock, "1", 2);
+    for _ in 0..2 {
+        snap.send_read(0, CHUNK, None);
+        let (_, line) = snap
+            .try_reply(TIMEOUT)
+            .unwrap_or_else(|| panic!("no reply to the read; server log:\n{}", srv.log.text()));
+        assert!(
+            line.starts_with("error") && line.contains("corrupt"),
+            "the read of a chunk behind a corrupt leaf answered {line:?}"
+        );
+    }
+    assert!(
+        srv.exited().is_none(),
+        "the server died; log:\n{}",
+        srv.log.text()
+    );
+    let problem = srv
+        .log
+        .wait_line(0, "problem: b-tree leaf at block", TIMEOUT)
+        .unwrap_or_else(|| panic!("no problem line; log:\n{}", srv.log.text()));
+    assert!(
+        leaves
+            .iter()
+            .any(|l| problem.contains(&format!("block {l}:")))
+            && problem.contains("exceeds its capacity"),
+        "{problem}"
+    );
+    // One line per block, however often it is met.
+    let n = srv
+        .log
+        .lines()
+        .iter()
+        .filter(|l| l.contains("problem:"))
+        .count();
+    assert_eq!(n, 1, "log:\n{}", srv.log.text());
+
+    // Everything else is still served: the origin (new data), the
+    // snapshot table, the store's figures.
+    let mut origin = d.io_server(&sock, "origin", 3);
+    let got = origin.read(0, 4 * CHUNK);
+    assert_eq!(&got[..], &new[..4 * CHUNK as usize], "origin read");
+    origin.quit();
+    let o = snapshot(&sock, &["list"]);
+    assert!(o.status.success(), "list: {}", text(&o));
+    let o = csnap(&["status", "--server", s(&sock)]);
+    assert!(o.status.success(), "status: {}", text(&o));
+    assert!(
+        srv.exited().is_none(),
+        "the server died; log:\n{}",
+        srv.log.text()
+    );
+    drop(snap);
+}
+
+/// A store whose root leaf is nonsense: a server refuses to start, and so
+/// does a sealed standby told to start; both name the block, neither
+/// panics.
+#[test]
+fn a_store_with_a_corrupt_root_is_refused_at_start() {
+    // 1 MiB: 64 exceptions, the root is the only leaf.
+    let (d, _new, _rng) = populated("corrupt-root", 1 << 20);
+    let leaves = rewrite_leaves(&d.store, 200);
+    let root = root(&d.store);
+    assert_eq!(leaves, vec![root], "the root must be the only leaf");
+
+    let sock = d.dir.join("sock");
+    let mut srv = server(&d, &sock);
+    let st = srv
+        .wait_exit(TIMEOUT)
+        .unwrap_or_else(|| panic!("the server did not refuse; log:\n{}", srv.log.text()));
+    let log = srv.log.text();
+    assert!(!st.success(), "exit {st:?}; log:\n{log}");
+    assert!(
+        log.contains(&format!("b-tree leaf at block {root}"))
+            && log.contains("exceeds its capacity")
+            && !log.contains("serving")
+            && !log.contains("panicked"),
+        "log:\n{log}"
+    );
+
+    // A standby: reserved, confined and sealed before it reads the store;
+    // the start command makes it read the label, superblock and root.
+    let mut child = Command::new(BIN)
+        .args(["server", "--standby", "--origin", s(&d.origin)])
+        .args(["--store", s(&d.store), "--listen", s(&sock)])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn standby");
+    let mut stdin = child.stdin.take().expect("stdin");
+    let log = common::cluster::Log::capture(child.stderr.take().expect("stderr"));
+    let mut sb = Daemon {
+        name: "standby".into(),
+        child,
+        log,
+    };
+    assert!(
+        sb.log.wait_line(0, "standby ready", TIMEOUT).is_some(),
+        "no standby; log:\n{}",
+        sb.log.text()
+    );
+    stdin.write_all(b"start\n").expect("start");
+    let st = sb
+        .wait_exit(TIMEOUT)
+        .unwrap_or_else(|| panic!("the standby did not refuse; log:\n{}", sb.log.text()));
+    let log = sb.log.text();
+    assert!(!st.success(), "exit {st:?}; log:\n{log}");
+    assert!(
+        log.contains(&format!("problem: b-tree leaf at block {root}"))
+            && log.contains("could not be started")
+            && !log.contains("; serving")
+            && !log.contains("forbidden syscall")
+            && !log.contains("heap violation"),
+        "log:\n{log}"
+    );
+}
