@@ -201,10 +201,11 @@ fn a_store_with_a_corrupt_root_is_refused_at_start() {
         .wait_exit(TIMEOUT)
         .unwrap_or_else(|| panic!("the server did not refuse; log:\n{}", srv.log.text()));
     let log = srv.log.text();
-    assert!(!st.success(), "exit {st:?}; log:\n{log}");
+    assert_eq!(st.code(), Some(2), "exit {st:?}; log:\n{log}");
     assert!(
-        log.contains(&format!("b-tree leaf at block {root}"))
-            && log.contains("exceeds its capacity")
+        log.contains(&format!(
+            "store metadata corrupt: b-tree leaf at block {root}: impossible contents"
+        )) && log.contains("exceeds its capacity")
             && !log.contains("serving")
             && !log.contains("panicked"),
         "log:\n{log}"
@@ -237,7 +238,7 @@ fn a_store_with_a_corrupt_root_is_refused_at_start() {
         .wait_exit(TIMEOUT)
         .unwrap_or_else(|| panic!("the standby did not refuse; log:\n{}", sb.log.text()));
     let log = sb.log.text();
-    assert!(!st.success(), "exit {st:?}; log:\n{log}");
+    assert_eq!(st.code(), Some(2), "exit {st:?}; log:\n{log}");
     assert!(
         log.contains(&format!("problem: b-tree leaf at block {root}"))
             && log.contains("could not be started")
