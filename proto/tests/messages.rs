@@ -947,7 +947,7 @@ fn error_text_is_bounded_and_utf8() {
     };
     bad_body(decode_edited(&m, |b| b[9] = 0xff), Kind::Error, "UTF-8");
     bad_body(decode_edited(&m, |b| b[0] = 0), Kind::Error, "error code");
-    bad_body(decode_edited(&m, |b| b[0] = 21), Kind::Error, "error code");
+    bad_body(decode_edited(&m, |b| b[0] = 22), Kind::Error, "error code");
     bad_body(decode_edited(&m, |b| b[6] = 5), Kind::Error, "length");
     bad_body(
         decode_edited(&m, |b| {
