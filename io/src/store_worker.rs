@@ -39,8 +39,9 @@ pub struct StoreWorker<D: Disk, O: Disk> {
     failed: bool,
     fenced: bool,
     recheck_fence: bool,
-    /// First reply of this batch the open transaction holds (replies
-    /// before it were committed by a mid-batch commit).
+    /// First reply of this batch that may depend on the open transaction
+    /// (replies before it were committed by a mid-batch commit, or were
+    /// answered while the transaction held nothing).
     tx_first_reply: usize,
     /// Corrupt blocks already logged.
     reported: [u64; REPORTED_MAX],
@@ -150,6 +151,11 @@ impl<D: Disk, O: Disk> StoreWorker<D, O> {
                 // Not started: a standby answers nothing else.
                 StoreResult::Failed(StoreFailure::Internal)
             } else {
+                if !self.store.as_ref().is_some_and(Store::is_dirty) {
+                    // The open transaction holds nothing yet: replies
+                    // before this one do not depend on it.
+                    self.tx_first_reply = self.replies.len();
+                }
                 self.run_one(&req.op)
             };
             self.replies.push(StoreReply {
