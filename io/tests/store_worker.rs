@@ -4,6 +4,9 @@
 //! failed (nothing derived from the block is committed or acknowledged),
 //! and the worker goes on serving.
 
+// Test code: sizes of a few MiB move freely between u64, u32 and usize.
+#![allow(clippy::cast_possible_truncation)]
+
 use csnap_fsm::store_ops::{StoreFailure, StoreOp, StoreReply, StoreRequest, StoreResult};
 use csnap_io::store_worker::{StoreWorker, NOTIFY_TOKEN};
 use csnap_store::disk::{Disk, MemDisk};
