@@ -12,7 +12,7 @@
 
 mod common;
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::path::Path;
 use std::process::{Command, Stdio};
 
@@ -247,4 +247,159 @@ fn a_store_with_a_corrupt_root_is_refused_at_start() {
             && !log.contains("heap violation"),
         "log:\n{log}"
     );
+}
+
+/// Runs `cmd` to completion within `TIMEOUT` (killed after it: a client
+/// must not hang on a corrupt block). Returns its status and output.
+fn bounded(cmd: &mut Command) -> (std::process::ExitStatus, String) {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let start = std::time::Instant::now();
+    let st = loop {
+        if let Some(st) = child.try_wait().expect("wait") {
+            break st;
+        }
+        if start.elapsed() > TIMEOUT {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{cmd:?} hung (more than {TIMEOUT:?})");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let mut out = String::new();
+    for p in [
+        child
+            .stdout
+            .take()
+            .map(|p| Box::new(p) as Box<dyn std::io::Read>),
+        child
+            .stderr
+            .take()
+            .map(|p| Box::new(p) as Box<dyn std::io::Read>),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        let mut p = p;
+        let _ = p.read_to_string(&mut out);
+    }
+    (st, out)
+}
+
+/// `csnap up` in `dir`, waiting for "serving" in `dir/up.out`.
+fn up(dir: &Path) -> common::Proc {
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("up.out"))
+        .expect("up.out");
+    let child = Command::new(BIN)
+        .args(["up", "--dir", s(&dir.join("up"))])
+        .args(["--origin-size", "8M", "--store-size", "32M"])
+        .stdin(Stdio::null())
+        .stdout(out.try_clone().expect("up.out"))
+        .stderr(out)
+        .spawn()
+        .expect("spawn csnap up");
+    let p = common::Proc(child);
+    let from = up_log(dir).matches("csnap up: serving").count();
+    let start = std::time::Instant::now();
+    while up_log(dir).matches("csnap up: serving").count() == from {
+        assert!(
+            start.elapsed() < TIMEOUT,
+            "csnap up did not come up:\n{}",
+            up_log(dir)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    p
+}
+
+fn up_log(dir: &Path) -> String {
+    std::fs::read_to_string(dir.join("up.out")).unwrap_or_default()
+}
+
+fn qemu_io(dir: &Path, export: &str, cmd: &str) -> (std::process::ExitStatus, String) {
+    let url = format!(
+        "nbd+unix:///{export}?socket={}",
+        s(&dir.join("up").join("nbd.sock"))
+    );
+    bounded(Command::new("qemu-io").args(["-f", "raw", &url, "-c", cmd]))
+}
+
+fn stop_up(mut p: common::Proc) {
+    kill(p.0.id(), 15);
+    let start = std::time::Instant::now();
+    while p.0.try_wait().expect("wait").is_none() {
+        assert!(start.elapsed() < TIMEOUT, "csnap up did not stop");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// The issue's scenario end to end: `csnap up`, the origin written,
+/// snapshot 1, the origin overwritten, a clean stop; every leaf rewritten
+/// with 200 records and a correct checksum; `csnap up` again. A `qemu-io`
+/// read of snapshot 1 gets EIO at once (no crash loop, no hang), the log
+/// names the block, and the origin is still served.
+#[test]
+fn the_issue_scenario_through_csnap_up_and_qemu_io() {
+    let dir = common::fresh_dir("corrupt", "up");
+    let u = up(&dir);
+    let (st, out) = qemu_io(&dir, "origin", "write -P 0x11 0 8M");
+    assert!(st.success(), "{out}");
+    let o = csnap(&["snapshot", "create", "--dir", s(&dir.join("up")), "1"]);
+    assert!(o.status.success(), "create: {}", text(&o));
+    let (st, out) = qemu_io(&dir, "origin", "write -P 0x22 0 8M");
+    assert!(st.success(), "{out}");
+    let o = csnap(&[
+        "snapshot",
+        "priority",
+        "--dir",
+        s(&dir.join("up")),
+        "1",
+        "3",
+    ]);
+    assert!(o.status.success(), "priority: {}", text(&o));
+    stop_up(u);
+
+    let store = dir.join("up").join("store.img");
+    let leaves = rewrite_leaves(&store, 200);
+    assert!(leaves.len() >= 2, "{leaves:?}");
+    let o = csnap(&["check", "--store", s(&store)]);
+    assert_eq!(o.status.code(), Some(1), "check: {}", text(&o));
+
+    let u = up(&dir);
+    for _ in 0..2 {
+        let (_, out) = qemu_io(&dir, "1", "read -P 0x11 0 64k");
+        assert!(
+            out.contains("Input/output error"),
+            "a read behind a corrupt leaf did not get EIO: {out}"
+        );
+    }
+    let (st, out) = qemu_io(&dir, "origin", "read -P 0x22 0 1M");
+    assert!(st.success() && !out.contains("error"), "{out}");
+    // The servers log through their agent: DIR/up/log/agent.log, begun
+    // anew by each `csnap up`.
+    let log =
+        std::fs::read_to_string(dir.join("up").join("log").join("agent.log")).unwrap_or_default();
+    assert!(
+        log.contains("problem: b-tree leaf at block") && log.contains("exceeds its capacity"),
+        "{log}"
+    );
+    assert_eq!(
+        log.matches("problem:").count(),
+        1,
+        "one line per block:\n{log}"
+    );
+    let starts = log.matches("csnap server: started incarnation").count()
+        + log.matches("csnap server: serving").count();
+    assert!(
+        starts <= 1,
+        "a server was restarted (a crash loop?):\n{log}"
+    );
+    stop_up(u);
 }
