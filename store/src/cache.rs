@@ -275,6 +275,11 @@ impl Cache {
         self.slots[i].dirty
     }
 
+    /// Whether the block at `addr` is cached.
+    pub fn contains(&self, addr: u64) -> bool {
+        self.find(addr).is_some()
+    }
+
     /// Whether the block at `addr` is cached and dirty.
     pub fn is_addr_dirty(&self, addr: u64) -> bool {
         self.find(addr).is_some_and(|i| self.slots[i].dirty)

@@ -1230,7 +1230,22 @@ impl<D: Disk> Store<D> {
     }
 
     fn alloc_meta(&mut self) -> Result<u64, StoreError> {
-        Ok(self.label.meta_start + self.alloc(Area::Meta)?)
+        let i = self.alloc(Area::Meta)?;
+        let addr = self.label.meta_start + i;
+        // Tree blocks are never freed (and an aborted allocation leaves the
+        // cache), so a cached block handed out again is one the tree uses
+        // while the bitmap says it is free: reusing it would overwrite a
+        // block on the path (and two cache views of one slot).
+        if self.cache.contains(addr) {
+            return Err(StoreError::Corrupt {
+                addr: self.label.meta_bitmap_start + i / BITMAP_BITS_PER_BLOCK,
+                kind: BlockKind::Bitmap,
+                fault: BlockFault::Structure {
+                    reason: "a tree block in use is free in the bitmap",
+                },
+            });
+        }
+        Ok(addr)
     }
 
     /// Schedules a free: the bit is cleared by the commit, so the chunk cannot

@@ -540,3 +540,52 @@ fn a_store_with_a_sealed_random_block_never_panics() {
         "opened {opened}, refused {refused}"
     );
 }
+
+/// The metadata bitmap says the root leaf's block is free (and the cursor
+/// points at it): the split that would take it for a new leaf fails with
+/// the corruption instead of overwriting the leaf it splits.
+#[test]
+fn a_tree_block_free_in_the_bitmap_is_not_handed_out_again() {
+    let d = format_store(ORIGIN_CHUNKS, 4000, StoreFullPolicy::Refuse);
+    let mut s = open(d);
+    s.create_snapshot(1, 0).unwrap();
+    for c in 0..layout::LEAF_RECORDS_MAX as u64 {
+        s.prepare_origin_write(c).unwrap();
+        if !s.has_room() {
+            s.commit().unwrap();
+        }
+    }
+    s.commit().unwrap();
+    assert_eq!(s.status().depth, 1);
+    let mut d = s.into_disk();
+    let l = label(&mut d);
+    for j in 0..l.journal_blocks {
+        d.write_at(&vec![0u8; BS as usize], (l.journal_start + j) * BS)
+            .unwrap();
+    }
+    // Root leaf = metadata block 0: clear its bit, point the cursor at it.
+    reseal(&mut d, l.meta_bitmap_start, |b| {
+        b[layout::HEADER_BYTES] &= !1;
+    });
+    let mut sbk = sb(&mut d);
+    assert_eq!(sbk.root, l.meta_start);
+    sbk.meta_cursor = 0;
+    sbk.meta_free += 1;
+    let mut b = vec![0u8; BS as usize];
+    sbk.encode(&mut b);
+    layout::seal(&mut b, sbk.seq);
+    d.write_at(&b, layout::SUPER_BLOCK * BS).unwrap();
+    check_reports(
+        &mut d,
+        &[
+            &format!("metadata block {}", l.meta_start),
+            "free in the bitmap",
+        ],
+    );
+    let mut s = csnap_store::Store::open(d, &open_opts()).unwrap();
+    let e = s.prepare_origin_write(500).unwrap_err();
+    assert_corrupt(&e, l.meta_bitmap_start, "free in the bitmap");
+    assert!(s.is_poisoned());
+    s.abort();
+    assert_eq!(s.lookup(1, 3).unwrap(), csnap_store::Mapping::Store(3));
+}
