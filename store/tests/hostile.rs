@@ -449,6 +449,44 @@ fn random_image(r: &mut Rng, addr: u64, kind: BlockKind, l: &Label, img: &mut [u
     layout::seal(img, seq);
 }
 
+/// Changes one to three fields of a real image (the count by a little or
+/// a lot, the level, or one u64 of the payload to a value near the store's
+/// areas, a neighbour's value or a random one) and re-seals it.
+fn mutate(r: &mut Rng, l: &Label, img: &mut [u8]) {
+    for _ in 0..=r.below(3) {
+        match r.below(6) {
+            0 => {
+                let n = layout::count(img);
+                let d = r.below(5) as u16;
+                layout::set_count(
+                    img,
+                    if r.below(2) == 0 {
+                        n.wrapping_add(d)
+                    } else {
+                        n.wrapping_sub(d)
+                    },
+                );
+            }
+            1 => layout::set_count(img, r.below(400) as u16),
+            2 => layout::set_level(img, r.below(4) as u16),
+            _ => {
+                let words = (BS as usize - layout::HEADER_BYTES) / 8;
+                let o = layout::HEADER_BYTES + 8 * r.below(words as u64) as usize;
+                let v = match r.below(5) {
+                    0 => r.next(),
+                    1 => r.below(l.meta_start + l.meta_blocks + 2),
+                    2 => r.below(l.data_chunks + 2),
+                    3 => layout::get_u64(img, o.saturating_sub(24).max(layout::HEADER_BYTES)),
+                    _ => 1 << r.below(64),
+                };
+                layout::put_u64(img, o, v);
+            }
+        }
+    }
+    let seq = layout::seq(img);
+    layout::seal(img, seq);
+}
+
 /// Every decoder and structural check on sealed random images: no panic.
 #[test]
 fn random_sealed_images_never_panic_a_decoder() {
@@ -486,7 +524,9 @@ fn random_sealed_images_never_panic_a_decoder() {
 
 /// Whole stores with one sealed random block (a leaf, the root, a bitmap
 /// block, the superblock, the label or the newest journal commit): `check`,
-/// open, lookups and writes of every kind return, never panic.
+/// open, lookups, writes, snapshot creates and deletes, delete steps and
+/// commits return, never panic. `CSNAP_HOSTILE_ROUNDS` raises the count
+/// for a soak (default 300).
 #[test]
 fn a_store_with_a_sealed_random_block_never_panics() {
     let mut r = Rng(seed());
@@ -497,10 +537,22 @@ fn a_store_with_a_sealed_random_block_never_panics() {
     let s0 = sb(&mut d0);
     let mut img = vec![0u8; BS as usize];
     let (mut opened, mut refused) = (0, 0);
-    for _ in 0..150 {
+    let root_img = read_block(&mut d0, root);
+    let leaves: Vec<u64> = (0..tree::node_len(&root_img))
+        .map(|i| tree::node_child(&root_img, i))
+        .collect();
+    assert!(leaves.contains(&leaf));
+    let rounds: u64 = std::env::var("CSNAP_HOSTILE_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(300);
+    for _ in 0..rounds {
         let mut d = base.clone();
         let (addr, kind) = match r.below(6) {
-            0 => (leaf, BlockKind::Leaf),
+            0 => (
+                leaves[r.below(leaves.len() as u64) as usize],
+                BlockKind::Leaf,
+            ),
             1 => (root, BlockKind::Node),
             2 => (
                 l.data_bitmap_start + r.below(l.data_bitmap_blocks),
@@ -510,7 +562,14 @@ fn a_store_with_a_sealed_random_block_never_panics() {
             4 => (layout::LABEL_BLOCK, BlockKind::Label),
             _ => (l.journal_start + s0.journal_last_slot, BlockKind::Commit),
         };
-        random_image(&mut r, addr, kind, &l, &mut img);
+        if r.below(2) == 0 {
+            random_image(&mut r, addr, kind, &l, &mut img);
+        } else {
+            // A real image with a few fields changed: plausible blocks
+            // that reach deeper than random ones.
+            d.read_at(&mut img, addr * BS).unwrap();
+            mutate(&mut r, &l, &mut img);
+        }
         d.write_at(&img, addr * BS).unwrap();
         let _ = csnap_store::check::check(&mut d);
         let Ok(mut s) = csnap_store::Store::open(d, &open_opts()) else {
@@ -518,18 +577,22 @@ fn a_store_with_a_sealed_random_block_never_panics() {
             continue;
         };
         opened += 1;
-        for _ in 0..20 {
+        for _ in 0..40 {
             let c = r.below(ORIGIN_CHUNKS);
-            let res = match r.below(4) {
-                0 => s.lookup(1 + r.below(2) as u32, c).map(|_| ()),
-                1 => s.prepare_origin_write(c).map(|_| ()),
-                2 => s
-                    .prepare_snapshot_write(1 + r.below(2) as u32, c)
-                    .map(|_| ()),
+            let tag = 1 + r.below(3) as u32;
+            let res = match r.below(8) {
+                0 | 1 => s.lookup(tag, c).map(|_| ()),
+                2 | 3 => s.prepare_origin_write(c).map(|_| ()),
+                4 => s.prepare_snapshot_write(tag, c).map(|_| ()),
+                5 => s.delete_snapshot(tag),
+                6 => s.create_snapshot(tag, 1).map(|_| ()),
                 _ => s.delete_step(50).map(|_| ()),
             };
             if res.is_err() && s.is_poisoned() {
                 s.abort();
+            }
+            if r.below(4) == 0 {
+                let _ = s.commit();
             }
         }
         let _ = s.commit();
