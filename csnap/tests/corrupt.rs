@@ -213,6 +213,40 @@ fn a_store_with_a_corrupt_root_is_refused_at_start() {
 
     // A standby: reserved, confined and sealed before it reads the store;
     // the start command makes it read the label, superblock and root.
+    standby_refuses(&d, &format!("problem: b-tree leaf at block {root}"));
+
+    // A superblock whose depth is impossible (re-sealed; the journal copy
+    // wiped so replay cannot restore it), then a label whose chunk size is
+    // impossible: each refused by a sealed standby, heap-free.
+    let mut img = std::fs::read(&d.store).expect("read store");
+    let label = layout::Label::decode(&img[..BS]).expect("label");
+    let j0 = label.journal_start as usize * BS;
+    let j1 = j0 + label.journal_blocks as usize * BS;
+    img[j0..j1].fill(0);
+    let sbk = &mut img[BS..2 * BS];
+    layout::put_u64(sbk, layout::HEADER_BYTES + 5 * 8, 40);
+    let seq = layout::seq(sbk);
+    layout::seal(sbk, seq);
+    std::fs::write(&d.store, &img).expect("write store");
+    standby_refuses(
+        &d,
+        "problem: superblock at block 1: tree depth is out of range",
+    );
+    let lb = &mut img[..BS];
+    layout::put_u64(lb, layout::HEADER_BYTES + 40 + 8, 3);
+    layout::seal(lb, 0);
+    std::fs::write(&d.store, &img).expect("write store");
+    standby_refuses(
+        &d,
+        "problem: label at block 0: chunk size is not a power of two",
+    );
+}
+
+/// A sealed, confined standby told to start on this store logs `needle`,
+/// says it could not start and exits 2: no panic, no allocation, no
+/// forbidden syscall.
+fn standby_refuses(d: &Disks, needle: &str) {
+    let sock = d.dir.join("standby.sock");
     let mut child = Command::new(BIN)
         .args(["server", "--standby", "--origin", s(&d.origin)])
         .args(["--store", s(&d.store), "--listen", s(&sock)])
@@ -240,12 +274,13 @@ fn a_store_with_a_corrupt_root_is_refused_at_start() {
     let log = sb.log.text();
     assert_eq!(st.code(), Some(2), "exit {st:?}; log:\n{log}");
     assert!(
-        log.contains(&format!("problem: b-tree leaf at block {root}"))
+        log.contains(needle)
             && log.contains("could not be started")
             && !log.contains("; serving")
             && !log.contains("forbidden syscall")
-            && !log.contains("heap violation"),
-        "log:\n{log}"
+            && !log.contains("heap violation")
+            && !log.contains("panicked"),
+        "no {needle:?} in the log:\n{log}"
     );
 }
 
