@@ -438,3 +438,97 @@ fn the_issue_scenario_through_csnap_up_and_qemu_io() {
     );
     stop_up(u);
 }
+
+/// Reads one frame from a stream: the 32-byte header, then the rest.
+fn read_frame(s: &mut std::os::unix::net::UnixStream) -> Vec<u8> {
+    let mut f = vec![0u8; csnap_proto::HEADER_BYTES];
+    s.read_exact(&mut f).expect("frame header");
+    let h = csnap_proto::peek_header(&f)
+        .expect("header")
+        .expect("whole header");
+    f.resize(h.length as usize, 0);
+    s.read_exact(&mut f[csnap_proto::HEADER_BYTES..])
+        .expect("frame body");
+    f
+}
+
+fn write_frame(s: &mut std::os::unix::net::UnixStream, m: &csnap_proto::Msg<'_>) {
+    let mut buf = vec![0u8; csnap_proto::FRAME_MAX_BYTES];
+    let n = csnap_proto::encode(&csnap_proto::Header::new(0, 0), m, &mut buf).expect("encode");
+    s.write_all(&buf[..n]).expect("send");
+}
+
+/// A standby started by an agent (a fake one here, speaking the protocol
+/// on a unix socket) on a store whose root is corrupt tells the agent why,
+/// with an `Error` (`Corrupt`, culprit `StartServer`), before it exits.
+#[test]
+fn a_standby_tells_its_agent_why_its_start_failed() {
+    use csnap_proto::{ClientList, ErrorCode, Kind, Msg, Node, NodeList};
+    let (d, _new, _rng) = populated("corrupt-agent", 1 << 20);
+    rewrite_leaves(&d.store, 200);
+    let agent_sock = d.dir.join("agent.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&agent_sock).expect("bind");
+    let sock = d.dir.join("standby.sock");
+    let mut sb = Daemon::spawn(
+        "standby",
+        Command::new(BIN)
+            .args(["server", "--standby", "--origin", s(&d.origin)])
+            .args(["--store", s(&d.store), "--listen", s(&sock)])
+            .args(["--agent", s(&agent_sock), "--node", "1"]),
+    );
+    let (mut link, _) = listener.accept().expect("accept");
+    link.set_read_timeout(Some(TIMEOUT)).expect("timeout");
+    let f = read_frame(&mut link);
+    assert!(
+        matches!(csnap_proto::decode(&f).expect("hello").1, Msg::Hello { .. }),
+        "{:?}",
+        csnap_proto::decode(&f)
+    );
+    write_frame(
+        &mut link,
+        &Msg::HelloOk {
+            version: csnap_proto::PROTOCOL_VERSION,
+            server_id: 0,
+        },
+    );
+    let f = read_frame(&mut link);
+    assert!(
+        matches!(
+            csnap_proto::decode(&f).expect("ready").1,
+            Msg::ServerReady { .. }
+        ),
+        "{:?}; log:\n{}",
+        csnap_proto::decode(&f),
+        sb.log.text()
+    );
+    let (mut nb, mut cb) = ([0u8; 64], [0u8; 64]);
+    write_frame(
+        &mut link,
+        &Msg::StartServer {
+            members: NodeList::from_entries(&[Node { id: 1 }], &mut nb).expect("members"),
+            expected: ClientList::from_entries(&[], &mut cb).expect("clients"),
+        },
+    );
+    let f = read_frame(&mut link);
+    match csnap_proto::decode(&f).expect("error").1 {
+        Msg::Error {
+            code,
+            culprit,
+            text,
+        } => {
+            assert_eq!(code, ErrorCode::Corrupt);
+            assert_eq!(culprit, Kind::StartServer.code());
+            assert!(text.contains("metadata is corrupt"), "{text}");
+        }
+        m => panic!("expected an Error, got {m:?}; log:\n{}", sb.log.text()),
+    }
+    let st = sb
+        .wait_exit(TIMEOUT)
+        .unwrap_or_else(|| panic!("the standby did not exit; log:\n{}", sb.log.text()));
+    assert_eq!(st.code(), Some(2), "log:\n{}", sb.log.text());
+    let log = sb.log.text();
+    assert!(
+        log.contains("problem: b-tree leaf at block") && !log.contains("forbidden syscall"),
+        "{log}"
+    );
+}
