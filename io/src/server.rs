@@ -696,6 +696,11 @@ fn store_thread<D: Disk, O: Disk>(
                 Ok(r) => r,
                 Err(PopError::Empty) => {
                     worker.background_step();
+                    if worker.take_notifications(&mut |r| {
+                        let _ = replies.push(r);
+                    }) {
+                        let _ = waker.wake();
+                    }
                     continue;
                 }
                 Err(PopError::Closed) => return,

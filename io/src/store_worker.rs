@@ -132,7 +132,8 @@ impl<D: Disk, O: Disk> StoreWorker<D, O> {
     /// Runs a batch and passes every reply, after the batch's commit, to
     /// `out`. Notifications (auto-deleted snapshots) use `NOTIFY_TOKEN`.
     pub fn run_batch(&mut self, batch: &[StoreRequest], out: &mut dyn FnMut(StoreReply)) {
-        self.replies.clear();
+        // Only notifications of a background step can be left over.
+        self.replies.retain(|r| r.token == NOTIFY_TOKEN);
         self.tx_first_reply = 0;
         if core::mem::take(&mut self.recheck_fence) && !self.failed {
             if let Some(store) = self.store.as_mut() {
@@ -244,13 +245,25 @@ impl<D: Disk, O: Disk> StoreWorker<D, O> {
         let _ = self.commit();
     }
 
+    /// Passes on the notifications a background step produced (a corrupt
+    /// block it met); returns whether there were any.
+    pub fn take_notifications(&mut self, out: &mut dyn FnMut(StoreReply)) -> bool {
+        let any = !self.replies.is_empty();
+        for r in self.replies.drain(..) {
+            out(r);
+        }
+        any
+    }
+
     /// Sends the problem line of a corrupt block (once per block) as a
     /// notification.
     fn report(&mut self, e: &StoreError) {
         let StoreError::Corrupt { addr, kind, fault } = *e else {
             return;
         };
-        if self.reported.contains(&addr) {
+        // Reserved room only (the sealed heap must not grow): without room
+        // the block is not marked reported and is logged when next met.
+        if self.reported.contains(&addr) || self.replies.len() >= self.replies.capacity() {
             return;
         }
         self.reported[self.reported_next] = addr;

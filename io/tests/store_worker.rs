@@ -154,3 +154,77 @@ fn a_block_that_poisons_the_transaction_fails_the_replies_it_held_and_nothing_st
     // Nothing of the failed batches was kept: snapshot 1 only.
     assert_eq!(w.store().unwrap().snapshots().count(), 1);
 }
+
+/// Background deletion that meets a corrupt leaf reports it once (as a
+/// notification the server loop logs), stops instead of spinning on it, and
+/// requests are still served.
+#[test]
+fn background_deletion_stops_at_a_corrupt_leaf_and_reports_it() {
+    let mut d = MemDisk::new(16 << 20);
+    let mut o = FormatOptions::new(ORIGIN_CHUNKS * CHUNK);
+    o.chunk_size_bytes = CHUNK as u32;
+    o.journal_blocks = csnap_pools::JOURNAL_MIN_BLOCKS;
+    csnap_store::format(&mut d, &o).unwrap();
+    let mut s = Store::open(d, &opts()).unwrap();
+    s.create_snapshot(1, 0).unwrap();
+    s.create_snapshot(2, 0).unwrap();
+    for c in 0..400 {
+        s.prepare_origin_write(c).unwrap();
+        if !s.has_room() {
+            s.commit().unwrap();
+        }
+    }
+    s.commit().unwrap();
+    assert_eq!(s.status().depth, 2);
+    s.delete_snapshot(1).unwrap();
+    s.commit().unwrap();
+    s.set_priority(2, 1).unwrap();
+    s.commit().unwrap();
+    let root = {
+        let mut b = vec![0u8; BS as usize];
+        s.disk_mut()
+            .read_at(&mut b, layout::SUPER_BLOCK * BS)
+            .unwrap();
+        layout::Super::decode(&b).unwrap().root
+    };
+    let mut d = s.into_disk();
+    let mut b = vec![0u8; BS as usize];
+    d.read_at(&mut b, root * BS).unwrap();
+    let leaf = csnap_store::tree::node_child(&b, 0);
+    d.read_at(&mut b, leaf * BS).unwrap();
+    layout::set_count(&mut b, 200);
+    let seq = layout::seq(&b);
+    layout::seal(&mut b, seq);
+    d.write_at(&b, leaf * BS).unwrap();
+
+    let store = Store::open(d, &opts()).unwrap();
+    let mut w = StoreWorker::new(store, MemDisk::new((ORIGIN_CHUNKS * CHUNK) as usize), 16);
+    assert!(w.has_background_work());
+    w.background_step();
+    let mut notes = Vec::new();
+    assert!(w.take_notifications(&mut |r| notes.push(r)));
+    assert_eq!(notes.len(), 1);
+    assert_eq!(
+        notes[0].result,
+        StoreResult::Corrupt {
+            addr: leaf,
+            kind: "b-tree leaf",
+            reason: "leaf record count exceeds its capacity",
+        }
+    );
+    assert!(!w.has_background_work(), "deletion would spin on the block");
+    assert!(!w.failed());
+    // A read under the other leaf is served.
+    let out = run(
+        &mut w,
+        &[StoreOp::SnapshotRead {
+            tag: 2,
+            chunk: 399,
+            chunks: 1,
+        }],
+    );
+    assert!(
+        matches!(out[0].result, StoreResult::Targets { .. }),
+        "{out:?}"
+    );
+}
