@@ -1279,7 +1279,7 @@ impl<D: Disk> Store<D> {
     /// superblock's table; every caller has modified the transaction by
     /// then, so the error poisons it and it is aborted.
     fn account(&mut self, old: u64, new: u64) -> Result<(), StoreError> {
-        let bad = StoreError::Corrupt {
+        let bad = || StoreError::Corrupt {
             addr: layout::SUPER_BLOCK,
             kind: BlockKind::Super,
             fault: BlockFault::Structure {
@@ -1290,29 +1290,34 @@ impl<D: Disk> Store<D> {
         while gone != 0 {
             let b = gone.trailing_zeros() as usize;
             let s = &mut self.sb.snaps[b];
-            s.chunks = s.chunks.checked_sub(1).ok_or(bad.clone())?;
+            s.chunks = s.chunks.checked_sub(1).ok_or_else(bad)?;
             gone &= gone - 1;
         }
         let mut came = new & !old;
         while came != 0 {
             let b = came.trailing_zeros() as usize;
             let s = &mut self.sb.snaps[b];
-            s.chunks = s.chunks.checked_add(1).ok_or(bad.clone())?;
+            s.chunks = s.chunks.checked_add(1).ok_or_else(bad)?;
             came &= came - 1;
         }
         if old.count_ones() == 1 {
             let s = &mut self.sb.snaps[old.trailing_zeros() as usize];
-            s.unique_chunks = s.unique_chunks.checked_sub(1).ok_or(bad.clone())?;
+            s.unique_chunks = s.unique_chunks.checked_sub(1).ok_or_else(bad)?;
         }
         if new.count_ones() == 1 {
             let s = &mut self.sb.snaps[new.trailing_zeros() as usize];
-            s.unique_chunks = s.unique_chunks.checked_add(1).ok_or(bad.clone())?;
+            s.unique_chunks = s.unique_chunks.checked_add(1).ok_or_else(bad)?;
         }
-        let mut touched = old | new;
+        // Only a count that went down (`old & !new`) or a unique count that
+        // went up (a single-bit `new`) can break unique <= chunks.
+        let mut touched = old & !new;
+        if new.count_ones() == 1 {
+            touched |= new;
+        }
         while touched != 0 {
             let s = &self.sb.snaps[touched.trailing_zeros() as usize];
             if s.unique_chunks > s.chunks {
-                return Err(bad);
+                return Err(bad());
             }
             touched &= touched - 1;
         }
