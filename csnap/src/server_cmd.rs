@@ -560,7 +560,25 @@ fn standby_confined(
         Err(None) => return Err("start failed: cannot lock the store"),
     }
     let t_store = t0.elapsed().as_micros();
-    let info = lp.start_standby()?;
+    let info = match lp.start_standby() {
+        Ok(info) => info,
+        Err(e) => {
+            // The agent hears why before the link closes (heap-free).
+            if let Some(l) = link.as_mut() {
+                let code = if e == csnap_io::server::START_CORRUPT {
+                    csnap_proto::ErrorCode::Corrupt
+                } else {
+                    csnap_proto::ErrorCode::Internal
+                };
+                let _ = l.send(&csnap_proto::Msg::Error {
+                    code,
+                    culprit: csnap_proto::Kind::StartServer.code(),
+                    text: e,
+                });
+            }
+            return Err(e);
+        }
+    };
     let t_started = t0.elapsed().as_micros();
     for &m in &members[..n_members] {
         lp.fsm_mut().handle_node_joined(m);

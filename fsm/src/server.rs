@@ -107,6 +107,15 @@ pub enum ServerEvent {
     StoreFailed,
     /// A newer incarnation took the store over; the server must stop.
     Fenced,
+    /// A corrupt metadata block failed the request that met it.
+    Corrupt {
+        /// Block address.
+        addr: u64,
+        /// What the block was expected to be.
+        kind: &'static str,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
 }
 
 /// A session's state.
@@ -297,6 +306,7 @@ fn error_code(f: StoreFailure) -> ErrorCode {
         StoreFailure::InUse => ErrorCode::Busy,
         StoreFailure::Internal => ErrorCode::Internal,
         StoreFailure::Fenced => ErrorCode::StaleIncarnation,
+        StoreFailure::Corrupt => ErrorCode::Corrupt,
     }
 }
 
@@ -313,6 +323,9 @@ fn failure_text(f: StoreFailure) -> &'static str {
         StoreFailure::Internal => "the snapshot store failed; the server stops",
         StoreFailure::Fenced => {
             "this server was fenced: a newer incarnation serves the store; reconnect through your agent"
+        }
+        StoreFailure::Corrupt => {
+            "the snapshot store's metadata is corrupt at a block this request needs (the server log names it)"
         }
     }
 }
@@ -1472,8 +1485,15 @@ impl Server {
     pub fn handle_store_reply(&mut self, reply: &StoreReply) {
         match reply.token {
             NOTIFY_TOKEN => {
-                if let StoreResult::AutoDeleted { tag } = reply.result {
-                    self.events.push(ServerEvent::AutoDeleted { tag });
+                match reply.result {
+                    StoreResult::AutoDeleted { tag } => {
+                        self.events.push(ServerEvent::AutoDeleted { tag });
+                    }
+                    StoreResult::Corrupt { addr, kind, reason } => {
+                        self.events
+                            .push(ServerEvent::Corrupt { addr, kind, reason });
+                    }
+                    _ => {}
                 }
                 return;
             }

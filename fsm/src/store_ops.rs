@@ -110,6 +110,9 @@ pub enum StoreFailure {
     Internal,
     /// A newer server incarnation took the store over: this server must stop.
     Fenced,
+    /// A metadata block this request needs is corrupt: the request fails,
+    /// the server goes on serving the rest.
+    Corrupt,
 }
 
 /// One snapshot in a listing.
@@ -183,6 +186,16 @@ pub enum StoreResult {
     Status(StoreFigures),
     /// Failed.
     Failed(StoreFailure),
+    /// Notification: a corrupt metadata block was met (heap-free, for the
+    /// server's problem line).
+    Corrupt {
+        /// Block address.
+        addr: u64,
+        /// What the block was expected to be.
+        kind: &'static str,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
     /// A standby started.
     Started {
         /// The new incarnation.

@@ -52,6 +52,11 @@ const FENCE_RECHECK_MS: u64 = csnap_pools::SERVER_FENCE_RECHECK_MS;
 /// Requests the store worker takes in one batch (one commit).
 pub const BATCH_MAX: usize = csnap_pools::STORE_BATCH_MAX;
 
+/// `start_standby`'s error when the store's metadata is corrupt (the block
+/// was logged): a standby passes it on to its agent.
+pub const START_CORRUPT: &str =
+    "the store could not be started: its metadata is corrupt (this server's log names the block)";
+
 struct Conn {
     stream: MioStream,
     closing: bool,
@@ -279,6 +284,7 @@ impl ServerLoop {
     /// incarnation; the FSM learns the geometry. Then `begin_recovery`, and
     /// `run`. Allocates nothing.
     pub fn start_standby(&mut self) -> Result<StartInfo, &'static str> {
+        let mut corrupt = false;
         self.requests
             .push(StoreRequest {
                 token: START_TOKEN,
@@ -290,6 +296,11 @@ impl ServerLoop {
                 .replies
                 .pop_blocking()
                 .map_err(|_| "the store worker is gone")?;
+            if let csnap_fsm::store_ops::StoreResult::Corrupt { addr, kind, reason } = r.result {
+                eprintln!("csnap server: problem: {kind} at block {addr}: {reason}; the store cannot be served");
+                corrupt = true;
+                continue;
+            }
             if r.token != START_TOKEN {
                 continue;
             }
@@ -314,6 +325,7 @@ impl ServerLoop {
                         replayed,
                     })
                 }
+                _ if corrupt => Err(START_CORRUPT),
                 _ => Err("the store could not be started (unreadable, or its journal could not be replayed)"),
             };
         }
@@ -631,6 +643,10 @@ impl ServerLoop {
                     );
                     return Some(Stop::Fenced);
                 }
+                ServerEvent::Corrupt { addr, kind, reason } => {
+                    // Heap-free: integers and static strings only.
+                    eprintln!("csnap server: problem: {kind} at block {addr}: {reason}; requests that need it fail with an I/O error, the rest are served");
+                }
                 ServerEvent::StoreFailed => {
                     eprintln!("csnap server: the snapshot store failed; stopping (a restart replays the journal)");
                     return Some(Stop::StoreFailed);
@@ -680,6 +696,11 @@ fn store_thread<D: Disk, O: Disk>(
                 Ok(r) => r,
                 Err(PopError::Empty) => {
                     worker.background_step();
+                    if worker.take_notifications(&mut |r| {
+                        let _ = replies.push(r);
+                    }) {
+                        let _ = waker.wake();
+                    }
                     continue;
                 }
                 Err(PopError::Closed) => return,

@@ -20,6 +20,10 @@ use csnap_store::{Mapping, OriginWrite, SnapshotWrite, Store, StoreError};
 /// Token of a reply that answers no request: a notification.
 pub const NOTIFY_TOKEN: u32 = u32::MAX;
 
+/// Corrupt blocks remembered so each is logged once (a small ring: a block
+/// met again after eight others is logged again).
+const REPORTED_MAX: usize = 8;
+
 /// Records deleted per background step.
 const DELETE_STEP_RECORDS: usize = csnap_pools::DELETE_STEP_RECORDS_MAX;
 
@@ -35,6 +39,16 @@ pub struct StoreWorker<D: Disk, O: Disk> {
     failed: bool,
     fenced: bool,
     recheck_fence: bool,
+    /// First reply of this batch that may depend on the open transaction
+    /// (replies before it were committed by a mid-batch commit, or were
+    /// answered while the transaction held nothing).
+    tx_first_reply: usize,
+    /// Corrupt blocks already logged.
+    reported: [u64; REPORTED_MAX],
+    reported_next: usize,
+    /// Background deletion met a corrupt block: it stops (retrying would
+    /// spin on the same block).
+    background_blocked: bool,
 }
 
 fn failure(e: &StoreError) -> StoreFailure {
@@ -45,6 +59,7 @@ fn failure(e: &StoreError) -> StoreFailure {
         StoreError::ChunkOutOfRange { .. } => StoreFailure::OutOfRange,
         StoreError::StoreFull => StoreFailure::StoreFull,
         StoreError::Fenced { .. } => StoreFailure::Fenced,
+        StoreError::Corrupt { .. } => StoreFailure::Corrupt,
         _ => StoreFailure::Internal,
     }
 }
@@ -81,6 +96,10 @@ impl<D: Disk, O: Disk> StoreWorker<D, O> {
             failed: false,
             fenced: false,
             recheck_fence: false,
+            tx_first_reply: 0,
+            reported: [u64::MAX; REPORTED_MAX],
+            reported_next: 0,
+            background_blocked: false,
         }
     }
 
@@ -96,7 +115,9 @@ impl<D: Disk, O: Disk> StoreWorker<D, O> {
 
     /// Whether background deletion has work.
     pub fn has_background_work(&self) -> bool {
-        !self.failed && self.store.as_ref().is_some_and(Store::delete_pending)
+        !self.failed
+            && !self.background_blocked
+            && self.store.as_ref().is_some_and(Store::delete_pending)
     }
 
     /// Asks the next batch to read the on-disk incarnation before it
@@ -111,7 +132,9 @@ impl<D: Disk, O: Disk> StoreWorker<D, O> {
     /// Runs a batch and passes every reply, after the batch's commit, to
     /// `out`. Notifications (auto-deleted snapshots) use `NOTIFY_TOKEN`.
     pub fn run_batch(&mut self, batch: &[StoreRequest], out: &mut dyn FnMut(StoreReply)) {
-        self.replies.clear();
+        // Only notifications of a background step can be left over.
+        self.replies.retain(|r| r.token == NOTIFY_TOKEN);
+        self.tx_first_reply = 0;
         if core::mem::take(&mut self.recheck_fence) && !self.failed {
             if let Some(store) = self.store.as_mut() {
                 if let Err(e) = store.check_fence() {
@@ -129,6 +152,11 @@ impl<D: Disk, O: Disk> StoreWorker<D, O> {
                 // Not started: a standby answers nothing else.
                 StoreResult::Failed(StoreFailure::Internal)
             } else {
+                if !self.store.as_ref().is_some_and(Store::is_dirty) {
+                    // The open transaction holds nothing yet: replies
+                    // before this one do not depend on it.
+                    self.tx_first_reply = self.replies.len();
+                }
                 self.run_one(&req.op)
             };
             self.replies.push(StoreReply {
@@ -137,7 +165,7 @@ impl<D: Disk, O: Disk> StoreWorker<D, O> {
             });
         }
         if !self.failed && self.store.is_some() {
-            self.commit();
+            let _ = self.commit();
         }
         if self.failed {
             let why = if self.fenced {
@@ -160,9 +188,14 @@ impl<D: Disk, O: Disk> StoreWorker<D, O> {
         let Some(standby) = self.standby.take() else {
             return StoreResult::Failed(StoreFailure::Internal);
         };
-        let mut store = match standby.start() {
+        let mut store = match standby.try_start() {
             Ok(s) => s,
-            Err(_) => {
+            Err((standby, e)) => {
+                // The reason goes to the standby's log (heap-free); the
+                // standby is kept, not dropped: a confined worker closes
+                // no file and the process exits with everything reserved.
+                self.standby = Some(standby);
+                self.report(&e);
                 self.fail();
                 return StoreResult::Failed(StoreFailure::Internal);
             }
@@ -170,6 +203,8 @@ impl<D: Disk, O: Disk> StoreWorker<D, O> {
         let incarnation = match store.bump_incarnation() {
             Ok(i) => i,
             Err(_) => {
+                // Kept, not dropped (no close in a confined worker).
+                self.store = Some(store);
                 self.fail();
                 return StoreResult::Failed(StoreFailure::Internal);
             }
@@ -199,10 +234,69 @@ impl<D: Disk, O: Disk> StoreWorker<D, O> {
             .as_mut()
             .expect("started")
             .delete_step(DELETE_STEP_RECORDS);
-        if r.is_err() {
+        if let Err(e) = r {
+            if matches!(e, StoreError::Corrupt { .. }) {
+                // Reclaiming stops here; requests are still served.
+                self.report(&e);
+                self.background_blocked = true;
+            }
             self.store.as_mut().expect("started").abort();
         }
-        self.commit();
+        let _ = self.commit();
+    }
+
+    /// Passes on the notifications a background step produced (a corrupt
+    /// block it met); returns whether there were any.
+    pub fn take_notifications(&mut self, out: &mut dyn FnMut(StoreReply)) -> bool {
+        let any = !self.replies.is_empty();
+        for r in self.replies.drain(..) {
+            out(r);
+        }
+        any
+    }
+
+    /// Sends the problem line of a corrupt block (once per block) as a
+    /// notification.
+    fn report(&mut self, e: &StoreError) {
+        let StoreError::Corrupt { addr, kind, fault } = *e else {
+            return;
+        };
+        // Reserved room only (the sealed heap must not grow): without room
+        // the block is not marked reported and is logged when next met.
+        if self.reported.contains(&addr) || self.replies.len() >= self.replies.capacity() {
+            return;
+        }
+        self.reported[self.reported_next] = addr;
+        self.reported_next = (self.reported_next + 1) % REPORTED_MAX;
+        self.replies.push(StoreReply {
+            token: NOTIFY_TOKEN,
+            result: StoreResult::Corrupt {
+                addr,
+                kind: kind.name(),
+                reason: fault.reason(),
+            },
+        });
+    }
+
+    /// A request met a corrupt block: log it, and if the open transaction
+    /// was modified midway, discard it and fail every reply of this batch
+    /// that it holds (nothing derived from a corrupt block is committed,
+    /// nothing not durable is acknowledged). The server goes on serving.
+    fn corrupt(&mut self, e: &StoreError) {
+        self.report(e);
+        let store = self.store.as_mut().expect("started");
+        if store.is_poisoned() {
+            store.abort();
+            self.fail_open_transaction();
+        }
+    }
+
+    fn fail_open_transaction(&mut self) {
+        for r in &mut self.replies[self.tx_first_reply..] {
+            if r.token != NOTIFY_TOKEN {
+                r.result = StoreResult::Failed(StoreFailure::Corrupt);
+            }
+        }
     }
 
     fn fail(&mut self) {
@@ -210,18 +304,27 @@ impl<D: Disk, O: Disk> StoreWorker<D, O> {
     }
 
     /// Commits the open transaction; a failure (fenced or not) stops the
-    /// worker.
-    fn commit(&mut self) -> bool {
+    /// worker, except corruption found before anything was written (the
+    /// store discarded the transaction): then the replies it held fail.
+    fn commit(&mut self) -> Result<(), StoreFailure> {
         match self.store.as_mut().map(Store::commit) {
-            Some(Ok(_)) => true,
+            Some(Ok(_)) => {
+                self.tx_first_reply = self.replies.len();
+                Ok(())
+            }
             Some(Err(StoreError::Fenced { .. })) => {
                 self.fenced = true;
                 self.fail();
-                false
+                Err(StoreFailure::Fenced)
+            }
+            Some(Err(e @ StoreError::Corrupt { .. })) => {
+                self.report(&e);
+                self.fail_open_transaction();
+                Err(StoreFailure::Corrupt)
             }
             _ => {
                 self.fail();
-                false
+                Err(StoreFailure::Internal)
             }
         }
     }
@@ -234,11 +337,7 @@ impl<D: Disk, O: Disk> StoreWorker<D, O> {
         loop {
             match f(self.store.as_mut().expect("started")) {
                 Ok(v) => return Ok(v),
-                Err(StoreError::TxFull) => {
-                    if !self.commit() {
-                        return Err(StoreFailure::Internal);
-                    }
-                }
+                Err(StoreError::TxFull) => self.commit()?,
                 Err(StoreError::Reclaiming { victim }) => {
                     if let Some(tag) = victim {
                         self.replies.push(StoreReply {
@@ -246,9 +345,16 @@ impl<D: Disk, O: Disk> StoreWorker<D, O> {
                             result: StoreResult::AutoDeleted { tag },
                         });
                     }
-                    if self.store.as_mut().expect("started").reclaim().is_err() {
-                        self.fail();
-                        return Err(StoreFailure::Internal);
+                    match self.store.as_mut().expect("started").reclaim() {
+                        Ok(()) => self.tx_first_reply = self.replies.len(),
+                        Err(e @ StoreError::Corrupt { .. }) => {
+                            self.corrupt(&e);
+                            return Err(StoreFailure::Corrupt);
+                        }
+                        Err(_) => {
+                            self.fail();
+                            return Err(StoreFailure::Internal);
+                        }
                     }
                 }
                 Err(StoreError::TxPoisoned) | Err(StoreError::Failed) => {
@@ -259,6 +365,9 @@ impl<D: Disk, O: Disk> StoreWorker<D, O> {
                     let f = failure(&e);
                     if f == StoreFailure::Internal {
                         self.fail();
+                    }
+                    if f == StoreFailure::Corrupt {
+                        self.corrupt(&e);
                     }
                     return Err(f);
                 }
@@ -314,6 +423,9 @@ impl<D: Disk, O: Disk> StoreWorker<D, O> {
                             let f = failure(&e);
                             if f == StoreFailure::Internal {
                                 self.fail();
+                            }
+                            if f == StoreFailure::Corrupt {
+                                self.corrupt(&e);
                             }
                             return StoreResult::Failed(f);
                         }

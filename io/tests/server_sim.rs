@@ -718,3 +718,76 @@ fn a_close_queued_for_a_gone_connection_does_not_close_its_successor() {
     assert!(!s.take(b).is_empty());
     assert!(s.closed.is_empty(), "closed: {:?}", s.closed);
 }
+
+/// A corrupt metadata block (here the data bitmap: re-sealed with a count
+/// in its header) fails the origin write that needs it with `Corrupt`; the
+/// server FSM stays up, holds no lock or waiting write for it, and serves
+/// the snapshot reads and the status that do not need the block.
+#[test]
+fn a_corrupt_block_fails_the_request_that_needs_it_and_the_server_goes_on() {
+    use csnap_store::disk::Disk;
+    use csnap_store::layout;
+    let mut s = sim(4);
+    let ctl = s.connect(Role::Control);
+    let ok = s.control(ctl, 3, &Msg::CreateSnapshot { tag: 7 });
+    assert!(matches!(proto::decode(&ok).unwrap().1, Msg::Ok));
+    {
+        let store = s.worker.store().unwrap();
+        let at = store.label().data_bitmap_start * 4096;
+        let d = store.disk_mut();
+        let mut b = vec![0u8; 4096];
+        d.read_at(&mut b, at).unwrap();
+        layout::set_count(&mut b, 7);
+        let seq = layout::seq(&b);
+        layout::seal(&mut b, seq);
+        d.write_at(&b, at).unwrap();
+    }
+    let origin = s.attach(Volume::Origin);
+    let snap = s.attach(Volume::Snapshot(7));
+    let mut b = [0u8; 64];
+    for rid in [20, 21] {
+        // Chunk 5 needs a copy-out for snapshot 7: a data chunk from the
+        // corrupt bitmap.
+        s.send(origin, rid, &Msg::QueryOriginWrite(ranges(&mut b, 5, 1)));
+        s.step();
+        let r = s.take(origin);
+        assert_eq!(r.len(), 1);
+        assert_eq!(r[0].0.request_id, rid);
+        expect_error(&r[0].1, ErrorCode::Corrupt);
+    }
+    assert_eq!(s.server.waiting_writes(), 0);
+    assert!(!s.worker.failed());
+    // Reads need only the tree: served.
+    s.send(snap, 30, &Msg::QuerySnapshotRead(ranges(&mut b, 5, 1)));
+    s.step();
+    let r = s.take(snap);
+    match proto::decode(&r[0].1).unwrap().1 {
+        Msg::SnapshotReadReply(t) => assert_eq!(t.get(0).unwrap().kind, TargetKind::Origin),
+        m => panic!("{m:?}"),
+    }
+    s.send(snap, 31, &Msg::FinishSnapshotRead(ranges(&mut b, 5, 1)));
+    s.step();
+    assert_eq!(s.server.read_locks(), 0);
+    let st = s.control(ctl, 4, &Msg::Status);
+    assert!(
+        matches!(proto::decode(&st).unwrap().1, Msg::StatusReply { .. }),
+        "{:?}",
+        proto::decode(&st)
+    );
+    // The problem was reported once, as an event for the server's log.
+    let mut events = Vec::new();
+    while let Some(e) = s.server.poll_event() {
+        events.push(e);
+    }
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert!(
+        matches!(
+            events[0],
+            csnap_fsm::server::ServerEvent::Corrupt {
+                kind: "bitmap block",
+                ..
+            }
+        ),
+        "{events:?}"
+    );
+}

@@ -636,6 +636,9 @@ pub enum ErrorCode {
     /// The request is valid but this server does not support it (or not for
     /// this role).
     Unsupported = 20,
+    /// The store's metadata is corrupt at a block this request needs (the
+    /// server log names it); clients map it to an I/O error.
+    Corrupt = 21,
 }
 
 impl ErrorCode {
@@ -663,6 +666,7 @@ impl ErrorCode {
             18 => ErrorCode::Internal,
             19 => ErrorCode::ReadOnly,
             20 => ErrorCode::Unsupported,
+            21 => ErrorCode::Corrupt,
             _ => return None,
         })
     }
@@ -697,6 +701,7 @@ impl ErrorCode {
             ErrorCode::Internal => "internal server error",
             ErrorCode::ReadOnly => "read-only",
             ErrorCode::Unsupported => "unsupported",
+            ErrorCode::Corrupt => "store metadata corrupt",
         }
     }
 }

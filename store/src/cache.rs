@@ -243,6 +243,13 @@ impl Cache {
         Ok(i)
     }
 
+    /// Forgets a clean slot: its block failed the caller's structural
+    /// checks, so the next access reads (and checks) it again.
+    pub fn forget(&mut self, i: usize) {
+        debug_assert!(!self.slots[i].dirty);
+        self.drop_slot(i);
+    }
+
     fn drop_slot(&mut self, i: usize) {
         let a = self.slots[i].addr;
         if a != EMPTY_ADDR {
@@ -266,6 +273,11 @@ impl Cache {
     /// Whether a slot is dirty.
     pub fn is_dirty(&self, i: usize) -> bool {
         self.slots[i].dirty
+    }
+
+    /// Whether the block at `addr` is cached.
+    pub fn contains(&self, addr: u64) -> bool {
+        self.find(addr).is_some()
     }
 
     /// Whether the block at `addr` is cached and dirty.

@@ -215,6 +215,12 @@ impl Checker {
                 self.problems
                     .push(format!("snapshot table: free slot {i} records usage"));
             }
+            if s.state != SlotState::Free && s.unique_chunks > s.chunks {
+                self.problems.push(format!(
+                    "snapshot table: slot {i} records more unique chunks ({}) than chunks ({})",
+                    s.unique_chunks, s.chunks
+                ));
+            }
         }
     }
 
@@ -456,6 +462,10 @@ impl Checker {
                     .push(format!("{name} bitmap block {addr}: {f}"));
                 complete = false;
                 continue;
+            }
+            if let Err(e) = layout::check_bitmap(&b) {
+                self.problems
+                    .push(format!("{name} bitmap block {addr}: {e}"));
             }
             for bit in 0..BITMAP_BITS_PER_BLOCK {
                 let idx = blk * BITMAP_BITS_PER_BLOCK + bit;

@@ -113,6 +113,19 @@ pub fn read_commit<D: Disk>(
         return Ok(Err(CommitFault::Damaged));
     }
     let next_slot = get_u64(buf, COMMIT_NEXT_SLOT_OFF);
+    if next_slot > label.journal_blocks {
+        return Ok(Err(CommitFault::Damaged));
+    }
+    // Every image must belong at the superblock, a bitmap block or the
+    // metadata area: replay writes it there (never over the label, the
+    // journal or the data area, never past the device).
+    let meta_end = label.meta_start + label.meta_blocks;
+    for i in 0..n {
+        let home = get_u64(buf, COMMIT_ENTRIES_OFF + i * COMMIT_ENTRY_BYTES);
+        if home != layout::SUPER_BLOCK && !(label.meta_bitmap_start..meta_end).contains(&home) {
+            return Ok(Err(CommitFault::Damaged));
+        }
+    }
     disk.read_at(&mut buf[bs..bs * (n + 1)], (addr + 1) * bs as u64)?;
     for i in 0..n {
         let o = COMMIT_ENTRIES_OFF + i * COMMIT_ENTRY_BYTES;
@@ -184,7 +197,7 @@ pub fn replay<D: Disk>(
                     Err(_) => report.last_commit_damaged = Some((sb.seq, sb.journal_last_slot)),
                 }
             }
-            (sb.journal_next_slot, sb.seq + 1)
+            (sb.journal_next_slot, sb.seq.saturating_add(1))
         }
         None => {
             // Find the newest commit that reads back whole.
@@ -196,28 +209,38 @@ pub fn replay<D: Disk>(
                     }
                 }
             }
+            // Heap-free errors: a standby starts sealed.
             let Some((seq, s)) = best else {
-                return Err(crate::StoreError::Invalid(
-                    "superblock is unreadable and the journal holds no copy of it".into(),
-                ));
+                return Err(crate::StoreError::Corrupt {
+                    addr: layout::SUPER_BLOCK,
+                    kind: BlockKind::Super,
+                    fault: layout::BlockFault::Structure {
+                        reason: "superblock is unreadable and the journal holds no copy of it",
+                    },
+                });
             };
             let c = match read_commit(disk, label, s, Some(seq), buf)? {
                 Ok(c) => c,
                 Err(_) => {
-                    return Err(crate::StoreError::Invalid(
-                        "journal changed while it was being read".into(),
-                    ))
+                    return Err(crate::StoreError::Corrupt {
+                        addr: label.journal_start + s,
+                        kind: BlockKind::Commit,
+                        fault: layout::BlockFault::Structure {
+                            reason: "the journal changed while it was being read",
+                        },
+                    })
                 }
             };
             apply_commit(disk, buf, &c, apply)?;
             report.super_recovered = true;
             report.commits += 1;
             report.blocks += c.blocks as u64;
-            (c.next_slot, seq + 1)
+            (c.next_slot, seq.saturating_add(1))
         }
     };
-    // Follow the chain of later commits.
-    loop {
+    // Follow the chain of later commits: a ring of `journal_blocks` slots
+    // holds fewer commits than that, so a longer chain is a corrupt loop.
+    for _ in 0..label.journal_blocks {
         let mut found = read_commit(disk, label, slot, Some(expect), buf)?;
         if found.is_err() && slot != 0 {
             // The writer wraps to slot 0 when a transaction does not fit before
@@ -229,7 +252,7 @@ pub fn replay<D: Disk>(
         report.commits += 1;
         report.blocks += c.blocks as u64;
         slot = c.next_slot;
-        expect += 1;
+        expect = expect.saturating_add(1);
     }
     Ok(report)
 }

@@ -183,6 +183,30 @@ pub enum BlockFault {
     Kind { found: u16 },
     /// Written by an unknown format version.
     Version { found: u16 },
+    /// The checksum passes but the contents are impossible (an entry count
+    /// beyond the block's capacity, keys out of order, a pointer outside
+    /// its area, ...). Found by the structural checks after `verify`.
+    Structure {
+        /// What is impossible about it.
+        reason: &'static str,
+    },
+}
+
+impl BlockFault {
+    /// A heap-free description (without the numbers `Display` adds), for
+    /// the serving path's logs.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            BlockFault::Magic => "no csnap block magic",
+            BlockFault::Checksum => "checksum mismatch (torn or corrupted write)",
+            BlockFault::Address { .. } => {
+                "the block belongs at another address (misdirected write)"
+            }
+            BlockFault::Kind { .. } => "unexpected block kind or tree level",
+            BlockFault::Version { .. } => "unknown format version",
+            BlockFault::Structure { reason } => reason,
+        }
+    }
 }
 
 impl std::fmt::Display for BlockFault {
@@ -195,6 +219,7 @@ impl std::fmt::Display for BlockFault {
             }
             BlockFault::Kind { found } => write!(f, "unexpected block kind {found}"),
             BlockFault::Version { found } => write!(f, "unknown format version {found}"),
+            BlockFault::Structure { reason } => write!(f, "impossible contents: {reason}"),
         }
     }
 }
@@ -391,6 +416,61 @@ impl Label {
         })
     }
 
+    /// Heap-free structural check of a decoded label against the device
+    /// size (the standby's sealed start uses it; `validate` words the same
+    /// rules with their numbers for the tools).
+    pub fn check(&self, device_size_bytes: u64) -> Result<(), &'static str> {
+        let c = self.chunk_size_bytes;
+        if !(csnap_pools::CHUNK_SIZE_MIN_BYTES..=csnap_pools::CHUNK_SIZE_MAX_BYTES).contains(&c)
+            || !c.is_power_of_two()
+        {
+            return Err("chunk size is not a power of two in 4 KiB..1 MiB");
+        }
+        if self.journal_blocks < csnap_pools::JOURNAL_MIN_BLOCKS {
+            return Err("journal is smaller than the minimum");
+        }
+        if self.origin_size_bytes < u64::from(c) {
+            return Err("origin is smaller than one chunk");
+        }
+        let mut next = 2u64;
+        for (start, len) in [
+            (self.journal_start, self.journal_blocks),
+            (self.meta_bitmap_start, self.meta_bitmap_blocks),
+            (self.data_bitmap_start, self.data_bitmap_blocks),
+            (self.meta_start, self.meta_blocks),
+        ] {
+            if start != next {
+                return Err("regions are not contiguous from block 2");
+            }
+            next = start.checked_add(len).ok_or("a region overflows")?;
+        }
+        if self.data_chunks == 0 || self.meta_blocks == 0 {
+            return Err("empty data or metadata area");
+        }
+        if self.meta_bitmap_blocks < self.meta_blocks.div_ceil(BITMAP_BITS_PER_BLOCK)
+            || self.data_bitmap_blocks < self.data_chunks.div_ceil(BITMAP_BITS_PER_BLOCK)
+        {
+            return Err("bitmaps are too small for their areas");
+        }
+        let meta_end_bytes = next
+            .checked_mul(BLOCK_SIZE_BYTES as u64)
+            .ok_or("metadata area overflows")?;
+        if self.data_start_bytes < meta_end_bytes
+            || !self.data_start_bytes.is_multiple_of(u64::from(c))
+        {
+            return Err("data area overlaps metadata or is not chunk aligned");
+        }
+        let end = self
+            .data_chunks
+            .checked_mul(u64::from(c))
+            .and_then(|x| x.checked_add(self.data_start_bytes))
+            .ok_or("data area overflows")?;
+        if end > device_size_bytes {
+            return Err("the layout is larger than the device (truncated store)");
+        }
+        Ok(())
+    }
+
     /// Checks that the regions are in order, non-overlapping and inside the
     /// device. Returns the first problem.
     pub fn validate(&self, device_size_bytes: u64) -> Result<(), String> {
@@ -459,7 +539,8 @@ impl Label {
         if self.data_chunks == 0 || self.meta_blocks == 0 {
             return Err("label has an empty data or metadata area".into());
         }
-        Ok(())
+        self.check(device_size_bytes)
+            .map_err(|e| format!("label: {e}"))
     }
 }
 
@@ -576,6 +657,63 @@ impl Super {
             .position(|s| s.state == SlotState::Live && s.tag == tag)
     }
 
+    /// Heap-free structural check of a decoded superblock against the
+    /// label: the journal position inside the ring, the root inside the
+    /// metadata area, the depth in range, free counts within the areas, a
+    /// consistent snapshot table.
+    pub fn check(&self, label: &Label) -> Result<(), &'static str> {
+        let meta_end = label.meta_start.saturating_add(label.meta_blocks);
+        if self.root < label.meta_start || self.root >= meta_end {
+            return Err("tree root is outside the metadata area");
+        }
+        if self.depth == 0 || usize::from(self.depth) > csnap_pools::TREE_DEPTH_MAX {
+            return Err("tree depth is out of range");
+        }
+        if self.data_free > label.data_chunks || self.meta_free > label.meta_blocks {
+            return Err("free counts exceed the areas");
+        }
+        if self.journal_next_slot > label.journal_blocks
+            || self.journal_last_slot >= label.journal_blocks
+        {
+            return Err("journal position is outside the journal");
+        }
+        if self.delete_walk_mask & !self.deleting_mask() != 0 {
+            return Err("delete pass clears a snapshot that is not being deleted");
+        }
+        self.check_table(label)
+    }
+
+    /// The snapshot table part of `check`: free slots record no usage, a
+    /// snapshot's unique chunks are among its chunks, no two live
+    /// snapshots share a tag.
+    pub fn check_table(&self, label: &Label) -> Result<(), &'static str> {
+        for (i, s) in self.snaps.iter().enumerate() {
+            match s.state {
+                SlotState::Free => {
+                    if s.chunks != 0 || s.unique_chunks != 0 {
+                        return Err("a free snapshot slot records usage");
+                    }
+                }
+                SlotState::Live | SlotState::Deleting => {
+                    if s.unique_chunks > s.chunks {
+                        return Err("a snapshot has more unique chunks than chunks");
+                    }
+                    if s.chunks > label.data_chunks {
+                        return Err("a snapshot uses more chunks than the data area holds");
+                    }
+                }
+            }
+            if s.state == SlotState::Live
+                && self.snaps[i + 1..]
+                    .iter()
+                    .any(|t| t.state == SlotState::Live && t.tag == s.tag)
+            {
+                return Err("two live snapshots share a tag");
+            }
+        }
+        Ok(())
+    }
+
     /// Encodes into a block image (unsealed: the commit seals it).
     pub fn encode(&self, b: &mut [u8]) {
         b.fill(0);
@@ -675,3 +813,12 @@ pub const NODE_ENTRIES_MAX: usize = (BLOCK_SIZE_BYTES - NODE_ENTRIES_OFF) / NODE
 
 static_assertions::const_assert!(LEAF_RECORDS_MAX >= 2 * csnap_pools::SNAPSHOTS_MAX + 2);
 static_assertions::const_assert!(NODE_ENTRIES_MAX >= 4);
+
+/// Structural check of a verified bitmap block: its header carries no level
+/// and no count (the bits themselves are all meaningful).
+pub fn check_bitmap(b: &[u8]) -> Result<(), &'static str> {
+    if level(b) != 0 || count(b) != 0 {
+        return Err("bitmap block header carries a level or a count");
+    }
+    Ok(())
+}

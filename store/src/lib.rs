@@ -551,6 +551,30 @@ pub fn read_label_into<D: Disk>(disk: &mut D, b: &mut [u8]) -> Result<Label, Sto
     Ok(label)
 }
 
+/// `read_label_into` for a sealed start: every failure is a heap-free
+/// `Corrupt` naming block 0 (the tools read the label with `read_label`
+/// first, whose errors are worded with their numbers).
+fn read_label_checked<D: Disk>(disk: &mut D, b: &mut [u8]) -> Result<Label, StoreError> {
+    let corrupt = |fault| StoreError::Corrupt {
+        addr: layout::LABEL_BLOCK,
+        kind: BlockKind::Label,
+        fault,
+    };
+    let size = disk.size_bytes();
+    if size < 2 * BS {
+        return Err(corrupt(BlockFault::Structure {
+            reason: "the device is too small to hold a store",
+        }));
+    }
+    disk.read_at(b, 0)?;
+    layout::verify(b, layout::LABEL_BLOCK, BlockKind::Label).map_err(corrupt)?;
+    let label = Label::decode(b).map_err(|reason| corrupt(BlockFault::Structure { reason }))?;
+    label
+        .check(size)
+        .map_err(|reason| corrupt(BlockFault::Structure { reason }))?;
+    Ok(label)
+}
+
 /// A standby store: its memory reserved (cache, journal staging, free list)
 /// and its device open, nothing read. `start` turns it into a serving store
 /// without allocating: read the label and superblock, replay the journal.
@@ -586,49 +610,39 @@ impl<D: Disk> Standby<D> {
     }
 
     /// Starts: validates the label, replays the journal, loads the
-    /// superblock. Allocates nothing unless it fails.
+    /// superblock, reads and checks the tree root. Allocates nothing unless
+    /// it fails (and then only in `Invalid` errors, which a start never
+    /// returns: its failures are heap-free `Disk` and `Corrupt`).
     pub fn start(self) -> Result<Store<D>, StoreError> {
+        self.try_start().map_err(|(_, e)| e)
+    }
+
+    /// `start` that hands the standby back on failure, so a confined
+    /// process neither frees its buffers nor closes its device (no syscall
+    /// outside its whitelist) before it reports the reason and exits.
+    // Boxing the large error would allocate in a sealed process.
+    #[allow(clippy::result_large_err)]
+    pub fn try_start(mut self) -> Result<Store<D>, (Self, StoreError)> {
+        let (label, sb, replay) = match self.read_state() {
+            Ok(x) => x,
+            Err(e) => return Err((self, e)),
+        };
         let Standby {
-            mut disk,
+            disk,
             cache_blocks,
             cache,
-            mut staging,
+            staging,
             pending_frees,
             entries,
-            mut block_buf,
+            block_buf,
         } = self;
-        let label = read_label_into(&mut disk, &mut block_buf)?;
-        // Redo only what differs at home: after a clean stop or a process
-        // kill the home copies are already there, and a start that writes
-        // nothing needs no flush.
-        let mut rewrote = false;
-        let replay = journal::replay(&mut disk, &label, &mut staging, &mut |d, home, img| {
-            d.read_at(&mut block_buf, home * BS)?;
-            if block_buf[..] != *img {
-                d.write_at(img, home * BS)?;
-                rewrote = true;
-            }
-            Ok(())
-        })?;
-        if rewrote {
-            disk.flush()?;
-        }
-        disk.read_at(&mut block_buf, layout::SUPER_BLOCK * BS)?;
-        layout::verify(&block_buf, layout::SUPER_BLOCK, BlockKind::Super).map_err(|f| {
-            StoreError::Invalid(format!(
-                "superblock is unreadable after journal replay: {f}"
-            ))
-        })?;
-        let sb = Super::decode(&block_buf)
-            .map_err(|e| StoreError::Invalid(format!("superblock: {e}")))?;
-        validate_super(&label, &sb).map_err(StoreError::Invalid)?;
         // Two consecutive commits (the last one must survive the next) plus the
         // wrap gap fit in the ring: 3 * (cap + 1) + 3 <= journal blocks.
         let journal_third = usize::try_from((label.journal_blocks - 6) / 3).unwrap_or(usize::MAX);
         let tx_cap_blocks = TX_BLOCKS_MAX
             .min(journal_third)
             .min(cache_blocks - csnap_pools::OP_TOUCHED_BLOCKS_MAX);
-        let store = Store {
+        let mut store = Store {
             disk,
             label,
             sb,
@@ -648,8 +662,80 @@ impl<D: Disk> Standby<D> {
             home_durable: true,
             data_written: false,
         };
+        // The root is read (and checked) now: a store whose root is
+        // nonsense refuses to start instead of failing every request.
+        let root_kind = if store.sb.depth == 1 {
+            BlockKind::Leaf
+        } else {
+            BlockKind::Node
+        };
+        store.cache.begin_op();
+        if let Err(e) = store.block(store.sb.root, root_kind) {
+            let Store {
+                disk,
+                mut cache,
+                pending_frees,
+                staging,
+                entries,
+                fence_buf,
+                ..
+            } = store;
+            cache.discard_all();
+            return Err((
+                Standby {
+                    disk,
+                    cache_blocks,
+                    cache,
+                    staging,
+                    pending_frees,
+                    entries,
+                    block_buf: fence_buf,
+                },
+                e,
+            ));
+        }
         store.assert_invariants_full();
         Ok(store)
+    }
+
+    /// The label, the journal replay and the superblock, each checked.
+    fn read_state(&mut self) -> Result<(Label, Super, journal::ReplayReport), StoreError> {
+        let Standby {
+            disk,
+            staging,
+            block_buf,
+            ..
+        } = self;
+        let label = read_label_checked(disk, block_buf)?;
+        // Redo only what differs at home: after a clean stop or a process
+        // kill the home copies are already there, and a start that writes
+        // nothing needs no flush.
+        let mut rewrote = false;
+        let replay = journal::replay(disk, &label, staging, &mut |d, home, img| {
+            d.read_at(block_buf, home * BS)?;
+            if block_buf[..] != *img {
+                d.write_at(img, home * BS)?;
+                rewrote = true;
+            }
+            Ok(())
+        })?;
+        if rewrote {
+            disk.flush()?;
+        }
+        // Everything from here fails heap-free (a standby starts sealed): a
+        // corrupt block is named by its address and a static reason.
+        disk.read_at(block_buf, layout::SUPER_BLOCK * BS)?;
+        let super_corrupt = |fault| StoreError::Corrupt {
+            addr: layout::SUPER_BLOCK,
+            kind: BlockKind::Super,
+            fault,
+        };
+        layout::verify(block_buf, layout::SUPER_BLOCK, BlockKind::Super).map_err(super_corrupt)?;
+        let sb = Super::decode(block_buf)
+            .map_err(|reason| super_corrupt(BlockFault::Structure { reason }))?;
+        sb.check(&label)
+            .map_err(|reason| super_corrupt(BlockFault::Structure { reason }))?;
+        Ok((label, sb, replay))
     }
 }
 
@@ -716,7 +802,10 @@ impl<D: Disk> Store<D> {
     /// Opens a formatted store: validates the label, replays the journal,
     /// loads the superblock, and reserves the cache and buffers. The only
     /// place the store allocates.
-    pub fn open(disk: D, opts: &OpenOptions) -> Result<Self, StoreError> {
+    pub fn open(mut disk: D, opts: &OpenOptions) -> Result<Self, StoreError> {
+        // The label first with the tools' wording (it may allocate here);
+        // `start` checks it again, heap-free, for a sealed standby.
+        read_label(&mut disk)?;
         Standby::reserve(disk, opts)?.start()
     }
 
@@ -767,6 +856,12 @@ impl<D: Disk> Store<D> {
     /// Operations in the open transaction.
     pub fn pending_ops(&self) -> u64 {
         self.tx_ops
+    }
+
+    /// Whether an operation failed midway: the open transaction must be
+    /// aborted (`abort`) before anything else runs.
+    pub fn is_poisoned(&self) -> bool {
+        self.poisoned
     }
 
     /// Whether the open transaction holds changes.
@@ -880,31 +975,100 @@ impl<D: Disk> Store<D> {
 
     // -- b-tree ------------------------------------------------------------
 
+    /// The path to the leaf that holds `key`. Every block on it passed its
+    /// structural check when it was read (`block`); on the way down the
+    /// levels must count down by one and each block's keys must lie in the
+    /// range its parent gives it, so a corrupt tree is an error, never a
+    /// wrong answer or an endless walk.
     fn descend(&mut self, key: u64) -> Result<Path, StoreError> {
         let mut path = Path::default();
         let mut addr = self.sb.root;
         let depth = usize::from(self.sb.depth);
+        let (mut lo, mut hi) = (0u64, u64::MAX);
+        let structure = |addr, kind, reason| StoreError::Corrupt {
+            addr,
+            kind,
+            fault: BlockFault::Structure { reason },
+        };
         for level in (1..depth).rev() {
             self.check_meta_addr(addr, BlockKind::Node)?;
-            let slot = self.cache.get(&mut self.disk, addr, BlockKind::Node)?;
+            let slot = self.block(addr, BlockKind::Node)?;
             let b = self.cache.buf(slot);
-            if usize::from(layout::level(b)) != level || tree::node_len(b) == 0 {
-                return Err(StoreError::Corrupt {
+            if usize::from(layout::level(b)) != level {
+                return Err(structure(
                     addr,
-                    kind: BlockKind::Node,
-                    fault: BlockFault::Kind {
-                        found: layout::level(b),
-                    },
-                });
+                    BlockKind::Node,
+                    "tree level does not match its depth on the path",
+                ));
+            }
+            let n = tree::node_len(b);
+            if n > 1 && (tree::node_key(b, 1) < lo || tree::node_key(b, n - 1) >= hi) {
+                return Err(structure(
+                    addr,
+                    BlockKind::Node,
+                    "keys outside the range its parent gives it",
+                ));
             }
             let idx = tree::node_route(b, key);
+            if idx > 0 {
+                lo = tree::node_key(b, idx);
+            }
+            if idx + 1 < n {
+                hi = tree::node_key(b, idx + 1);
+            }
             addr = tree::node_child(b, idx);
             path.nodes[path.len] = (slot, idx);
             path.len += 1;
         }
         self.check_meta_addr(addr, BlockKind::Leaf)?;
-        path.leaf = self.cache.get(&mut self.disk, addr, BlockKind::Leaf)?;
+        path.leaf = self.block(addr, BlockKind::Leaf)?;
+        let b = self.cache.buf(path.leaf);
+        let n = tree::leaf_len(b);
+        if n > 0 && (tree::leaf_get(b, 0).chunk < lo || tree::leaf_get(b, n - 1).chunk >= hi) {
+            return Err(structure(
+                addr,
+                BlockKind::Leaf,
+                "records outside the range its parent gives it",
+            ));
+        }
         Ok(path)
+    }
+
+    /// The cache slot of block `addr`, read and verified as `kind` on a
+    /// miss, and then checked structurally (entry counts within capacity,
+    /// order, pointers inside their areas, masks naming slots in use). A
+    /// block that fails is dropped from the cache and reported as
+    /// `Corrupt` with the reason: nothing derived from it is used.
+    fn block(&mut self, addr: u64, kind: BlockKind) -> Result<usize, StoreError> {
+        let misses = self.cache.misses;
+        let slot = self.cache.get(&mut self.disk, addr, kind)?;
+        if self.cache.misses == misses {
+            return Ok(slot);
+        }
+        let l = &self.label;
+        let b = self.cache.buf(slot);
+        let r = match kind {
+            BlockKind::Leaf => tree::check_leaf(
+                b,
+                l.origin_chunks(),
+                l.data_chunks,
+                self.sb.live_mask() | self.sb.deleting_mask(),
+            ),
+            BlockKind::Node => {
+                tree::check_node(b, addr, l.meta_start, l.meta_start + l.meta_blocks)
+            }
+            BlockKind::Bitmap => layout::check_bitmap(b),
+            _ => Ok(()),
+        };
+        if let Err(reason) = r {
+            self.cache.forget(slot);
+            return Err(StoreError::Corrupt {
+                addr,
+                kind,
+                fault: BlockFault::Structure { reason },
+            });
+        }
+        Ok(slot)
     }
 
     fn check_meta_addr(&self, addr: u64, kind: BlockKind) -> Result<(), StoreError> {
@@ -1024,9 +1188,7 @@ impl<D: Disk> Store<D> {
         // One lap over the area at most (plus the partial block we start in).
         while scanned <= size + BITMAP_BITS_PER_BLOCK {
             let blk = idx / BITMAP_BITS_PER_BLOCK;
-            let slot = self
-                .cache
-                .get(&mut self.disk, start + blk, BlockKind::Bitmap)?;
+            let slot = self.block(start + blk, BlockKind::Bitmap)?;
             let b = self.cache.buf(slot);
             let mut bit = idx % BITMAP_BITS_PER_BLOCK;
             while bit < BITMAP_BITS_PER_BLOCK {
@@ -1068,7 +1230,22 @@ impl<D: Disk> Store<D> {
     }
 
     fn alloc_meta(&mut self) -> Result<u64, StoreError> {
-        Ok(self.label.meta_start + self.alloc(Area::Meta)?)
+        let i = self.alloc(Area::Meta)?;
+        let addr = self.label.meta_start + i;
+        // Tree blocks are never freed (and an aborted allocation leaves the
+        // cache), so a cached block handed out again is one the tree uses
+        // while the bitmap says it is free: reusing it would overwrite a
+        // block on the path (and two cache views of one slot).
+        if self.cache.contains(addr) {
+            return Err(StoreError::Corrupt {
+                addr: self.label.meta_bitmap_start + i / BITMAP_BITS_PER_BLOCK,
+                kind: BlockKind::Bitmap,
+                fault: BlockFault::Structure {
+                    reason: "a tree block in use is free in the bitmap",
+                },
+            });
+        }
+        Ok(addr)
     }
 
     /// Schedules a free: the bit is cleared by the commit, so the chunk cannot
@@ -1077,11 +1254,18 @@ impl<D: Disk> Store<D> {
     fn free(&mut self, area: Area, index: u64) -> Result<(), StoreError> {
         assert!(self.pending_frees.len() < TX_FREES_MAX);
         let (start, _) = self.bitmap_geom(area);
-        let slot = self.cache.get(
-            &mut self.disk,
-            start + index / BITMAP_BITS_PER_BLOCK,
-            BlockKind::Bitmap,
-        )?;
+        let addr = start + index / BITMAP_BITS_PER_BLOCK;
+        let slot = self.block(addr, BlockKind::Bitmap)?;
+        if !test_bit(self.cache.buf(slot), index % BITMAP_BITS_PER_BLOCK) {
+            // The tree references it, the bitmap says it is free.
+            return Err(StoreError::Corrupt {
+                addr,
+                kind: BlockKind::Bitmap,
+                fault: BlockFault::Structure {
+                    reason: "a chunk the tree references is free in the bitmap",
+                },
+            });
+        }
         self.cache.mark_dirty(slot);
         self.pending_frees.push(Free { area, index });
         Ok(())
@@ -1089,25 +1273,55 @@ impl<D: Disk> Store<D> {
 
     // -- usage accounting ----------------------------------------------------
 
-    fn account(&mut self, old: u64, new: u64) {
+    /// Moves usage counts from share mask `old` to `new`. Counts that
+    /// disagree with the tree (a count would go below zero, or a snapshot
+    /// would hold more unique chunks than chunks) are corruption of the
+    /// superblock's table; every caller has modified the transaction by
+    /// then, so the error poisons it and it is aborted.
+    fn account(&mut self, old: u64, new: u64) -> Result<(), StoreError> {
+        let bad = || StoreError::Corrupt {
+            addr: layout::SUPER_BLOCK,
+            kind: BlockKind::Super,
+            fault: BlockFault::Structure {
+                reason: "a snapshot's usage count disagrees with the tree",
+            },
+        };
         let mut gone = old & !new;
         while gone != 0 {
             let b = gone.trailing_zeros() as usize;
-            self.sb.snaps[b].chunks -= 1;
+            let s = &mut self.sb.snaps[b];
+            s.chunks = s.chunks.checked_sub(1).ok_or_else(bad)?;
             gone &= gone - 1;
         }
         let mut came = new & !old;
         while came != 0 {
             let b = came.trailing_zeros() as usize;
-            self.sb.snaps[b].chunks += 1;
+            let s = &mut self.sb.snaps[b];
+            s.chunks = s.chunks.checked_add(1).ok_or_else(bad)?;
             came &= came - 1;
         }
         if old.count_ones() == 1 {
-            self.sb.snaps[old.trailing_zeros() as usize].unique_chunks -= 1;
+            let s = &mut self.sb.snaps[old.trailing_zeros() as usize];
+            s.unique_chunks = s.unique_chunks.checked_sub(1).ok_or_else(bad)?;
         }
         if new.count_ones() == 1 {
-            self.sb.snaps[new.trailing_zeros() as usize].unique_chunks += 1;
+            let s = &mut self.sb.snaps[new.trailing_zeros() as usize];
+            s.unique_chunks = s.unique_chunks.checked_add(1).ok_or_else(bad)?;
         }
+        // Only a count that went down (`old & !new`) or a unique count that
+        // went up (a single-bit `new`) can break unique <= chunks.
+        let mut touched = old & !new;
+        if new.count_ones() == 1 {
+            touched |= new;
+        }
+        while touched != 0 {
+            let s = &self.sb.snaps[touched.trailing_zeros() as usize];
+            if s.unique_chunks > s.chunks {
+                return Err(bad());
+            }
+            touched &= touched - 1;
+        }
+        Ok(())
     }
 
     // -- mapping operations --------------------------------------------------
@@ -1185,7 +1399,7 @@ impl<D: Disk> Store<D> {
             mask: need,
             store: store_chunk,
         })?;
-        self.account(0, need);
+        self.account(0, need)?;
         Ok(OriginWrite::CopyOut { store_chunk })
     }
 
@@ -1272,13 +1486,13 @@ impl<D: Disk> Store<D> {
                 debug_assert_eq!(tree::leaf_get(self.cache.buf(path.leaf), i), r);
                 self.cache.mark_dirty(path.leaf);
                 tree::leaf_set_mask(self.cache.buf_mut(path.leaf), i, r.mask & !me);
-                self.account(r.mask, r.mask & !me);
+                self.account(r.mask, r.mask & !me)?;
                 self.insert_record(Record {
                     chunk,
                     mask: me,
                     store: store_chunk,
                 })?;
-                self.account(0, me);
+                self.account(0, me)?;
                 Ok(SnapshotWrite::CopyFromStore {
                     from: r.store,
                     store_chunk,
@@ -1292,7 +1506,7 @@ impl<D: Disk> Store<D> {
                     mask: me,
                     store: store_chunk,
                 })?;
-                self.account(0, me);
+                self.account(0, me)?;
                 Ok(SnapshotWrite::CopyFromOrigin { store_chunk })
             }
         }
@@ -1446,7 +1660,7 @@ impl<D: Disk> Store<D> {
                     continue;
                 }
                 *modified = true;
-                self.account(r.mask, nm);
+                self.account(r.mask, nm)?;
                 self.cache.mark_dirty(path.leaf);
                 if nm == 0 {
                     tree::leaf_remove(self.cache.buf_mut(path.leaf), i);
@@ -1468,6 +1682,15 @@ impl<D: Disk> Store<D> {
             }
             *modified = true;
             match next {
+                Some(k) if k <= cursor => {
+                    return Err(StoreError::Corrupt {
+                        addr: self.cache.addr_of(path.leaf),
+                        kind: BlockKind::Leaf,
+                        fault: BlockFault::Structure {
+                            reason: "the next leaf's key does not follow this one's",
+                        },
+                    });
+                }
                 Some(k) => {
                     self.sb.delete_cursor = k;
                     if done >= max_records {
@@ -1479,10 +1702,18 @@ impl<D: Disk> Store<D> {
                     let mut m = walk;
                     while m != 0 {
                         let b = m.trailing_zeros() as usize;
-                        assert_eq!(
-                            self.sb.snaps[b].chunks, 0,
-                            "deleted snapshot still owns chunks"
-                        );
+                        if self.sb.snaps[b].chunks != 0 {
+                            // The tree holds none of its bits any more, the
+                            // table says it still owns chunks.
+                            return Err(StoreError::Corrupt {
+                                addr: layout::SUPER_BLOCK,
+                                kind: BlockKind::Super,
+                                fault: BlockFault::Structure {
+                                    reason:
+                                        "a deleted snapshot's usage count disagrees with the tree",
+                                },
+                            });
+                        }
                         self.sb.snaps[b] = SnapSlot::FREE;
                         m &= m - 1;
                     }
@@ -1547,8 +1778,12 @@ impl<D: Disk> Store<D> {
             });
         }
         let r = self.commit_inner();
-        if r.is_err() {
-            self.failed = true;
+        match r {
+            // Found before anything was written (the frees): the open
+            // transaction is discarded, the store stays usable.
+            Err(StoreError::Corrupt { .. }) => self.abort(),
+            Err(_) => self.failed = true,
+            Ok(_) => {}
         }
         self.assert_invariants_full();
         r
@@ -1566,7 +1801,17 @@ impl<D: Disk> Store<D> {
                 "pending free lost its dirty bitmap block"
             );
             let was = clear_bit(self.cache.buf_mut(slot), f.index % BITMAP_BITS_PER_BLOCK);
-            assert!(was, "freeing a chunk that is not allocated");
+            if !was {
+                // Freed twice in one transaction: two records named the
+                // same chunk. Nothing is written; `commit` aborts.
+                return Err(StoreError::Corrupt {
+                    addr,
+                    kind: BlockKind::Bitmap,
+                    fault: BlockFault::Structure {
+                        reason: "two exceptions reference the same chunk (freed twice)",
+                    },
+                });
+            }
             match f.area {
                 Area::Meta => self.sb.meta_free += 1,
                 Area::Data => self.sb.data_free += 1,
@@ -1723,7 +1968,8 @@ impl<D: Disk> Store<D> {
     }
 }
 
-/// Sanity of a decoded superblock against the label.
+/// Sanity of a decoded superblock against the label (`Super::check`, with
+/// the numbers of the first rules).
 pub fn validate_super(label: &Label, sb: &Super) -> Result<(), String> {
     let meta_end = label.meta_start + label.meta_blocks;
     if sb.root < label.meta_start || sb.root >= meta_end {

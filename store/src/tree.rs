@@ -192,3 +192,88 @@ pub fn node_move_tail(from: &mut [u8], to: &mut [u8], s: usize) {
     set_count(to, u16::try_from(n - s).unwrap_or(0));
     set_count(from, u16::try_from(s).unwrap_or(0));
 }
+
+/// Structural check of a verified leaf (heap-free; no panic, no index past
+/// the block): the level is 0, the share-mask width is the supported one,
+/// the record count fits the block, records are sorted by logical chunk,
+/// each logical chunk is inside the origin, each store chunk inside the
+/// data area, each share mask non-empty, naming only snapshot slots in use
+/// (`slots_in_use`) and disjoint from the other masks of its chunk.
+pub fn check_leaf(
+    b: &[u8],
+    origin_chunks: u64,
+    data_chunks: u64,
+    slots_in_use: u64,
+) -> Result<(), &'static str> {
+    if crate::layout::level(b) != 0 {
+        return Err("leaf has a non-zero tree level");
+    }
+    if usize::from(leaf_mask_words(b)) != csnap_pools::SHARE_MASK_WORDS {
+        return Err("leaf declares an unsupported share-mask width");
+    }
+    let n = leaf_len(b);
+    if n > LEAF_RECORDS_MAX {
+        return Err("leaf record count exceeds its capacity");
+    }
+    let mut prev_chunk = 0u64;
+    let mut group = 0u64;
+    for i in 0..n {
+        let r = leaf_get(b, i);
+        if i > 0 && r.chunk < prev_chunk {
+            return Err("leaf records are out of order");
+        }
+        if i == 0 || r.chunk != prev_chunk {
+            group = 0;
+        }
+        if r.chunk >= origin_chunks {
+            return Err("leaf record's logical chunk is past the end of the origin");
+        }
+        if r.store >= data_chunks {
+            return Err("leaf record's store chunk is outside the data area");
+        }
+        if r.mask == 0 {
+            return Err("leaf record has an empty share mask");
+        }
+        if r.mask & !slots_in_use != 0 {
+            return Err("leaf record's share mask names a free snapshot slot");
+        }
+        if r.mask & group != 0 {
+            return Err("a snapshot has two exceptions for one chunk");
+        }
+        group |= r.mask;
+        prev_chunk = r.chunk;
+    }
+    Ok(())
+}
+
+/// Structural check of a verified index node at `addr` (heap-free): its
+/// level is 1..TREE_DEPTH_MAX-1, its entry count 1..=capacity, its keys
+/// (from entry 1, entry 0's is not used for routing) strictly ascending,
+/// and every child inside the metadata area `[meta_start, meta_end)` and
+/// not the node itself.
+pub fn check_node(b: &[u8], addr: u64, meta_start: u64, meta_end: u64) -> Result<(), &'static str> {
+    let level = usize::from(crate::layout::level(b));
+    if level == 0 || level >= csnap_pools::TREE_DEPTH_MAX {
+        return Err("index node level is out of range");
+    }
+    let n = node_len(b);
+    if n == 0 {
+        return Err("index node is empty");
+    }
+    if n > NODE_ENTRIES_MAX {
+        return Err("index node entry count exceeds its capacity");
+    }
+    for i in 0..n {
+        if i >= 2 && node_key(b, i) <= node_key(b, i - 1) {
+            return Err("index node keys are not ascending");
+        }
+        let c = node_child(b, i);
+        if c < meta_start || c >= meta_end {
+            return Err("index node child pointer is outside the metadata area");
+        }
+        if c == addr {
+            return Err("index node points to itself");
+        }
+    }
+    Ok(())
+}
