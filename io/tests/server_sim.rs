@@ -233,7 +233,9 @@ fn origin_write_read_lock_race_and_second_write() {
     assert_eq!(r[0].0.request_id, 22);
 
     // A new snapshot read of chunk 5 now goes to the store (the copy-out is
-    // recorded), so it takes no lock and cannot starve the writer.
+    // recorded). It locks the chunk too (a store chunk shared with another
+    // snapshot may otherwise be overwritten in place under it), and, like
+    // every blocking read, releases it as soon as it has read.
     s.send(snap, 11, &Msg::QuerySnapshotRead(ranges(&mut b, 5, 1)));
     s.step();
     let r = s.take(snap);
@@ -241,9 +243,14 @@ fn origin_write_read_lock_race_and_second_write() {
         Msg::SnapshotReadReply(t) => assert_eq!(t.get(0).unwrap().kind, TargetKind::Store),
         m => panic!("{m:?}"),
     }
+    assert_eq!(s.server.read_locks(), 1);
 
-    // The release grants both waiting writes.
+    // The first release leaves the second read's hold: still waiting.
     s.send(snap, 12, &Msg::FinishSnapshotRead(ranges(&mut b, 5, 1)));
+    s.step();
+    assert!(s.take(origin).is_empty());
+    // The second release grants both waiting writes.
+    s.send(snap, 14, &Msg::FinishSnapshotRead(ranges(&mut b, 5, 1)));
     s.step();
     let mut ids: Vec<u64> = s.take(origin).iter().map(|(h, _)| h.request_id).collect();
     ids.sort_unstable();
