@@ -138,7 +138,10 @@ fn violation(what: &[u8], size: usize) {
         b" bytes in the sealed phase (serving must not allocate)\n",
     ]);
     if mode == Mode::Abort as u8 {
-        std::process::abort();
+        // Not `abort`: its rt_sigprocmask and tgkill are outside the
+        // serving whitelists, and the report above would be followed by
+        // "forbidden syscall". `_exit` is `exit_group` only.
+        crate::exit_now(HEAP_VIOLATION_EXIT_STATUS);
     }
     // Report: a backtrace of the call site; suspend the check meanwhile.
     if !REPORTING.swap(true, Ordering::SeqCst) {
@@ -152,12 +155,69 @@ fn sealed() -> bool {
     PHASE.is_sealed() && !REPORTING.load(Ordering::Relaxed)
 }
 
+/// Exit status of a process that allocated in the sealed phase (abort mode).
+pub const HEAP_VIOLATION_EXIT_STATUS: u8 = 134;
+
+/// Bytes of the panic arena: what std allocates for a panic's formatted
+/// message (and its payload box) on the way to the panic hook.
+const PANIC_ARENA_BYTES: usize = 64 * 1024;
+
+/// A static bump arena for allocations made while the thread panics in the
+/// sealed phase: served without a syscall (the system allocator could
+/// `brk` or `mmap`, outside the whitelist) and never freed (the panic hook
+/// ends the process).
+#[repr(C, align(64))]
+struct PanicArena(std::cell::UnsafeCell<[u8; PANIC_ARENA_BYTES]>);
+
+// SAFETY: the arena's bytes are handed out in disjoint pieces, each claimed
+// once through the atomic `PANIC_ARENA_NEXT`; no two callers get the same
+// bytes.
+unsafe impl Sync for PanicArena {}
+
+static PANIC_ARENA: PanicArena = PanicArena(std::cell::UnsafeCell::new([0; PANIC_ARENA_BYTES]));
+static PANIC_ARENA_NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// True while this thread panics in the sealed phase: its allocations come
+/// from the panic arena and its frees are dropped.
+fn panicking_sealed() -> bool {
+    PHASE.is_sealed() && std::thread::panicking()
+}
+
+fn panic_arena_alloc(layout: Layout) -> *mut u8 {
+    let base = PANIC_ARENA.0.get().cast::<u8>() as usize;
+    let mut cur = PANIC_ARENA_NEXT.load(Ordering::Relaxed);
+    loop {
+        let start = (base + cur).next_multiple_of(layout.align()) - base;
+        let end = start.saturating_add(layout.size());
+        if end > PANIC_ARENA_BYTES {
+            return std::ptr::null_mut();
+        }
+        match PANIC_ARENA_NEXT.compare_exchange(cur, end, Ordering::SeqCst, Ordering::Relaxed) {
+            // SAFETY: `start..end` lies inside the static arena (checked
+            // above) and was claimed by this thread alone.
+            Ok(_) => return unsafe { PANIC_ARENA.0.get().cast::<u8>().add(start) },
+            Err(now) => cur = now,
+        }
+    }
+}
+
+fn in_panic_arena(ptr: *mut u8) -> bool {
+    let base = PANIC_ARENA.0.get().cast::<u8>() as usize;
+    (base..base + PANIC_ARENA_BYTES).contains(&(ptr as usize))
+}
+
 // SAFETY: every method forwards to the system allocator with the caller's
 // arguments unchanged, so it upholds GlobalAlloc's contract exactly as System
-// does; the bookkeeping around it only touches atomics and write(2), neither
-// of which allocates or unwinds.
+// does, except while a sealed thread panics: then blocks come from the
+// static panic arena (aligned as asked, disjoint, never reused) and frees
+// are dropped, which is sound for a process the panic hook is about to end.
+// The bookkeeping only touches atomics and write(2), neither of which
+// allocates or unwinds.
 unsafe impl GlobalAlloc for SealedAlloc {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        if panicking_sealed() {
+            return panic_arena_alloc(layout);
+        }
         if sealed() {
             violation(b"allocation", layout.size());
         }
@@ -166,6 +226,10 @@ unsafe impl GlobalAlloc for SealedAlloc {
     }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        if panicking_sealed() {
+            // The arena is zeroed and never reused.
+            return panic_arena_alloc(layout);
+        }
         if sealed() {
             violation(b"allocation", layout.size());
         }
@@ -174,6 +238,11 @@ unsafe impl GlobalAlloc for SealedAlloc {
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        if in_panic_arena(ptr) || panicking_sealed() {
+            // Arena memory is never freed; a panicking sealed thread frees
+            // nothing (the process is about to end).
+            return;
+        }
         if sealed() {
             violation(b"free", layout.size());
         }
@@ -183,6 +252,19 @@ unsafe impl GlobalAlloc for SealedAlloc {
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        if in_panic_arena(ptr) || panicking_sealed() {
+            let Ok(new_layout) = Layout::from_size_align(new_size, layout.align()) else {
+                return std::ptr::null_mut();
+            };
+            let new = panic_arena_alloc(new_layout);
+            if !new.is_null() {
+                // SAFETY: `ptr` holds `layout.size()` readable bytes (the
+                // caller's contract), `new` is a fresh arena piece of
+                // `new_size` bytes; the two do not overlap.
+                unsafe { std::ptr::copy_nonoverlapping(ptr, new, layout.size().min(new_size)) };
+            }
+            return new;
+        }
         if sealed() {
             violation(b"reallocation", new_size);
         }

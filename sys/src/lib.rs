@@ -3,6 +3,7 @@
 //!
 //! - `alloc`: the sealed global allocator (phases init, sealed, teardown).
 //! - `dio`: `O_DIRECT` opens, direct-I/O alignment, aligned buffers.
+//! - `panic`: the panic hook (report with `write`, exit with `exit_group`).
 //! - `mem`: `mlockall`, prefaulting, `PR_SET_IO_FLUSHER`, `oom_score_adj`.
 //! - `random_bytes`: `getrandom(2)`.
 //! - `signal`: SIGTERM and SIGINT as a readable descriptor (`signalfd`).
@@ -11,6 +12,7 @@
 pub mod alloc;
 pub mod dio;
 pub mod mem;
+pub mod panic;
 pub mod phase;
 pub mod seccomp;
 pub mod signal;
