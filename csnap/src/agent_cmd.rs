@@ -235,8 +235,26 @@ pub enum ClusterAction {
         #[arg(long, value_name = "N", default_value_t = csnap_pools::CONTROLLER_CONNS_DEFAULT as u64,
               value_parser = clap::value_parser!(u64).range(1..=csnap_pools::CONTROLLER_CONNS_MAX as u64))]
         conns: u64,
+        /// The crash-loop breaker: this many server deaths (or failed
+        /// starts) within --death-window-ms mark the store failed: no more
+        /// incarnations until `csnap cluster clear-failed`. 0 turns it off.
+        #[arg(long, value_name = "N", default_value_t = csnap_pools::CONTROLLER_SERVER_DEATHS_DEFAULT,
+              value_parser = clap::value_parser!(u32).range(0..=i64::from(csnap_pools::CONTROLLER_SERVER_DEATHS_MAX)))]
+        max_server_deaths: u32,
+        /// The breaker's sliding window, in milliseconds.
+        #[arg(long, value_name = "MS", default_value_t = csnap_pools::CONTROLLER_DEATH_WINDOW_MS_DEFAULT,
+              value_parser = clap::value_parser!(u64).range(1..=csnap_pools::CONTROLLER_DEATH_WINDOW_MS_MAX))]
+        death_window_ms: u64,
         #[command(flatten)]
         confine: ConfineArgs,
+    },
+    /// Clear the store's failed mark (set by the crash-loop breaker after
+    /// repeated server deaths): placement resumes. Look at the servers'
+    /// logs for why they died first.
+    ClearFailed {
+        /// The cluster directory.
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
     },
     /// Take node N (back) into the cluster.
     Join {
@@ -278,8 +296,17 @@ pub fn run_cluster(args: &ClusterArgs) -> ExitCode {
             dir,
             policy,
             conns,
+            max_server_deaths,
+            death_window_ms,
             confine,
-        } => controller(dir, *policy, *conns, confine),
+        } => controller(
+            dir,
+            *policy,
+            *conns,
+            (*max_server_deaths, *death_window_ms),
+            confine,
+        ),
+        ClusterAction::ClearFailed { dir } => command(dir, ClusterOp::ClearFailed, 1),
         ClusterAction::Join { dir, node } => command(dir, ClusterOp::Join, *node),
         ClusterAction::Leave { dir, node } => command(dir, ClusterOp::Leave, *node),
         ClusterAction::Start { dir, node } => command(dir, ClusterOp::Start, *node),
@@ -296,7 +323,13 @@ pub fn run_cluster(args: &ClusterArgs) -> ExitCode {
 
 type CmdResult = Result<ExitCode, (u8, String)>;
 
-fn controller(dir: &Path, policy: PolicyArg, conns: u64, confine: &ConfineArgs) -> CmdResult {
+fn controller(
+    dir: &Path,
+    policy: PolicyArg,
+    conns: u64,
+    (max_server_deaths, death_window_ms): (u32, u64),
+    confine: &ConfineArgs,
+) -> CmdResult {
     std::fs::create_dir_all(dir)
         .map_err(|e| (EXIT_USAGE, format!("cannot create {}: {e}", dir.display())))?;
     let opts = csnap_failover::controller::ControllerOptions {
@@ -306,6 +339,8 @@ fn controller(dir: &Path, policy: PolicyArg, conns: u64, confine: &ConfineArgs) 
             PolicyArg::Auto => csnap_fsm::cluster::Policy::Auto,
             PolicyArg::Manual => csnap_fsm::cluster::Policy::Manual,
         },
+        max_server_deaths,
+        death_window_ms,
         confinement: confine
             .confinement(Some(csnap_audit::CONTROLLER), "csnap cluster")
             .map_err(|e| (EXIT_USAGE, e))?,
@@ -377,12 +412,13 @@ fn command(dir: &Path, op: ClusterOp, node: u32) -> CmdResult {
         return Err((EXIT_USAGE, "node ids start at 1".into()));
     }
     ask(dir, &Msg::ClusterCommand { op, node_id: node }, &mut |_| {
-        let what = match op {
-            ClusterOp::Join => "joined",
-            ClusterOp::Leave => "left (fenced)",
-            ClusterOp::Start => "serving",
+        let line = match op {
+            ClusterOp::Join => format!("node {node}: joined\n"),
+            ClusterOp::Leave => format!("node {node}: left (fenced)\n"),
+            ClusterOp::Start => format!("node {node}: serving\n"),
+            ClusterOp::ClearFailed => "store: failed mark cleared; placement resumes\n".into(),
         };
-        if output(&format!("node {node}: {what}\n")) {
+        if output(&line) {
             Ok(ExitCode::SUCCESS)
         } else {
             Ok(ExitCode::from(EXIT_FAILED))
@@ -395,6 +431,7 @@ fn status(dir: &Path) -> CmdResult {
         let Msg::ClusterStatusReply {
             server_incarnation,
             server_node,
+            failed_deaths,
             server_addr,
             nodes,
         } = m
@@ -402,6 +439,11 @@ fn status(dir: &Path) -> CmdResult {
             return Err((EXIT_FAILED, "unexpected reply".into()));
         };
         let mut text = String::new();
+        if *failed_deaths != 0 {
+            text.push_str(&format!(
+                "store: FAILED after {failed_deaths} server deaths within the window; no server is started until `csnap cluster clear-failed`\n"
+            ));
+        }
         if *server_incarnation == 0 {
             text.push_str("server: none\n");
         } else {

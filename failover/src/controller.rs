@@ -24,6 +24,11 @@ pub struct ControllerOptions {
     pub conns: usize,
     /// Placement policy.
     pub policy: Policy,
+    /// The crash-loop breaker: server deaths within `death_window_ms` that
+    /// mark the store failed (0: never).
+    pub max_server_deaths: u32,
+    /// The breaker's window.
+    pub death_window_ms: u64,
     /// Memory locking, heap seal and syscall filter.
     pub confinement: Confinement,
 }
@@ -36,6 +41,8 @@ pub fn run(opts: &ControllerOptions) -> Result<String, String> {
         conns: opts.conns,
         policy: opts.policy,
         start_timeout_ms: csnap_pools::CONTROLLER_START_TIMEOUT_MS,
+        max_server_deaths: opts.max_server_deaths,
+        death_window_ms: opts.death_window_ms,
     };
     let mut poll = Poll::new().map_err(|e| format!("epoll: {e}"))?;
     let mut events = Events::with_capacity(EVENTS_MAX);
@@ -115,6 +122,17 @@ fn log(e: &ControllerEvent) {
         }
         ControllerEvent::NoCandidate => {
             eprintln!("[t={t}] csnap cluster: a server is wanted but no member has a standby ready")
+        }
+        ControllerEvent::StoreFailed { deaths, window_ms } => {
+            eprintln!(
+                "[t={t}] csnap cluster: STORE FAILED: {deaths} server deaths within {window_ms} ms; \
+                 no server is started until `csnap cluster clear-failed` (see the servers' logs for why they died)"
+            )
+        }
+        ControllerEvent::FailedCleared => {
+            eprintln!(
+                "[t={t}] csnap cluster: the store's failed mark is cleared; placement resumes"
+            )
         }
     }
 }

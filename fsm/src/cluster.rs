@@ -33,6 +33,7 @@
 //! | `None` | start, server died | a candidate exists and a server is wanted → `Starting` |
 //! | `Starting { node }` | `StartHere` sent | `ServerUp` from it → `Running`; its start failed, its agent left, or the start timed out → `None` (that node avoided next) |
 //! | `Running { node, incarnation }` | `ServerUp` | its agent reports it died, or disconnects, or its node leaves → `ServerDown` to all, `None` |
+//! | (failed) | `max_server_deaths` server deaths or failed starts within `death_window_ms` (the crash-loop breaker) | nothing is placed (`None` stays) until `clear-failed` |
 //! | `Stopping { from, to }` | `start N` while `from` serves; `leave N` while `N` serves or starts (`to` none) | `from`'s agent reports its server died (or that its start stopped), or disconnects → `Starting { to }` (none: placed as in `None`) |
 //!
 //! Nothing here allocates after `new`, reads a clock or touches a socket.
@@ -78,6 +79,12 @@ pub struct ControllerConfig {
     /// A start not serving within this time is abandoned (that node is
     /// fenced from serving and another is tried).
     pub start_timeout_ms: u64,
+    /// The crash-loop breaker: this many server deaths (and failed starts)
+    /// within `death_window_ms` mark the store failed; 0 turns it off. At
+    /// most `CONTROLLER_SERVER_DEATHS_MAX`.
+    pub max_server_deaths: u32,
+    /// The breaker's sliding window.
+    pub death_window_ms: u64,
 }
 
 /// Events worth logging.
@@ -121,6 +128,16 @@ pub enum ControllerEvent {
     },
     /// A server is wanted but no node can start one.
     NoCandidate,
+    /// The crash-loop breaker tripped: the store is marked failed and no
+    /// incarnation is started until `clear-failed`.
+    StoreFailed {
+        /// Deaths counted within the window.
+        deaths: u32,
+        /// The window.
+        window_ms: u64,
+    },
+    /// `clear-failed`: placement resumes.
+    FailedCleared,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -192,12 +209,19 @@ pub struct Controller {
     close_q: IdQueue,
     events: FixedRing<ControllerEvent>,
     scratch: Vec<u8>,
+    /// Times of the latest server deaths (and failed starts), a ring of
+    /// `max_server_deaths` entries, for the crash-loop breaker.
+    deaths_ms: Vec<u64>,
+    deaths_next: usize,
+    /// The store is marked failed: deaths counted when the breaker tripped.
+    failed_deaths: u32,
 }
 
 impl Controller {
     /// Reserves every table. The only allocation.
     pub fn new(cfg: ControllerConfig) -> Controller {
         assert!(cfg.conns >= 1 && cfg.conns <= csnap_pools::CONTROLLER_CONNS_MAX);
+        assert!(cfg.max_server_deaths <= csnap_pools::CONTROLLER_SERVER_DEATHS_MAX);
         let mut conns = Vec::with_capacity(cfg.conns);
         conns.resize_with(cfg.conns, || CConn {
             role: CRole::Free,
@@ -219,6 +243,9 @@ impl Controller {
             close_q: IdQueue::new(cfg.conns),
             events: FixedRing::new(64),
             scratch: vec![0u8; proto::NODE_STATUS_LIST_BYTES_MAX],
+            deaths_ms: vec![u64::MAX; cfg.max_server_deaths as usize],
+            deaths_next: 0,
+            failed_deaths: 0,
         }
     }
 
@@ -518,6 +545,7 @@ impl Controller {
                         self.avoid = Some(node);
                         self.placement = Placement::None;
                         self.want = true;
+                        self.count_death();
                     }
                 }
                 self.maybe_place();
@@ -688,6 +716,7 @@ impl Controller {
     }
 
     fn server_died(&mut self, node: u32, incarnation: u64) {
+        let crashed = matches!(self.placement, Placement::Running { node: n, incarnation: i, .. } if n == node && i == incarnation);
         let (gone, next) = match self.placement {
             Placement::Running {
                 node: n,
@@ -712,6 +741,10 @@ impl Controller {
             incarnation,
             node_id: node,
         });
+        if crashed {
+            // Not asked for (a move's stop is not counted).
+            self.count_death();
+        }
         if let Some(to) = next {
             self.start_on(to);
         } else {
@@ -812,7 +845,28 @@ impl Controller {
                 self.broadcast_members();
                 self.send(conn, rid, &Msg::Ok);
             }
+            ClusterOp::ClearFailed => {
+                if self.failed_deaths != 0 {
+                    self.failed_deaths = 0;
+                    self.deaths_ms.fill(u64::MAX);
+                    let _ = self.events.push(ControllerEvent::FailedCleared);
+                    self.want = true;
+                    self.avoid = None;
+                }
+                self.send(conn, rid, &Msg::Ok);
+                self.maybe_place();
+            }
             ClusterOp::Start => {
+                if self.failed_deaths != 0 {
+                    let mut t = ErrorText::new();
+                    let _ = write!(
+                        t,
+                        "the store is marked failed ({} server deaths within {} ms); run `csnap cluster clear-failed` first",
+                        self.failed_deaths, self.cfg.death_window_ms
+                    );
+                    self.send_error(conn, rid, ErrorCode::Unsupported, code, t.as_str());
+                    return;
+                }
                 if !self.is_member(node) {
                     let mut t = ErrorText::new();
                     let _ = write!(t, "node {node} is not a connected member");
@@ -912,6 +966,7 @@ impl Controller {
             let msg = Msg::ClusterStatusReply {
                 server_incarnation: inc,
                 server_node: node,
+                failed_deaths: u16::try_from(self.failed_deaths).unwrap_or(u16::MAX),
                 server_addr: addr.as_str(),
                 nodes,
             };
@@ -1003,8 +1058,47 @@ impl Controller {
 
     // -- placement --------------------------------------------------------------
 
+    /// The crash-loop breaker: records a server death (or a failed start)
+    /// now, and marks the store failed when `max_server_deaths` fall within
+    /// the window. A server that dies on every start (a poison request, a
+    /// corrupt block it cannot survive) then stops taking incarnations
+    /// instead of looping; clients waiting for a server fail after their
+    /// failover timeout, and `cluster status` says why.
+    fn count_death(&mut self) {
+        let n = self.deaths_ms.len();
+        if n == 0 {
+            return;
+        }
+        self.deaths_ms[self.deaths_next] = self.now_ms;
+        self.deaths_next = (self.deaths_next + 1) % n;
+        let window = self.cfg.death_window_ms;
+        let now = self.now_ms;
+        let recent = self
+            .deaths_ms
+            .iter()
+            .filter(|&&t| t != u64::MAX && t <= now && now - t < window)
+            .count();
+        let recent = u32::try_from(recent).unwrap_or(u32::MAX);
+        if self.failed_deaths == 0 && recent >= self.cfg.max_server_deaths {
+            self.failed_deaths = recent;
+            let _ = self.events.push(ControllerEvent::StoreFailed {
+                deaths: recent,
+                window_ms: window,
+            });
+        }
+    }
+
+    /// Deaths counted when the crash-loop breaker tripped (0: not failed).
+    pub fn failed_deaths(&self) -> u32 {
+        self.failed_deaths
+    }
+
     fn maybe_place(&mut self) {
         if self.placement != Placement::None || !self.want || self.cfg.policy == Policy::Manual {
+            return;
+        }
+        if self.failed_deaths != 0 {
+            // The crash-loop breaker tripped: no incarnation until cleared.
             return;
         }
         let candidate = |r: &NodeRec| r.conn.is_some() && !r.left && r.standby_ready;
@@ -1071,6 +1165,7 @@ impl Controller {
                 self.placement = Placement::None;
                 self.avoid = Some(node);
                 self.want = true;
+                self.count_death();
                 self.maybe_place();
             }
         }

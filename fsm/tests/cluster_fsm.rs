@@ -40,6 +40,7 @@ enum M {
     Status {
         incarnation: u64,
         node: u32,
+        failed: u16,
         addr: String,
         nodes: Vec<(u32, u8, u64)>,
     },
@@ -90,11 +91,13 @@ fn own(msg: &Msg<'_>) -> M {
         Msg::ClusterStatusReply {
             server_incarnation,
             server_node,
+            failed_deaths,
             server_addr,
             nodes,
         } => M::Status {
             incarnation: server_incarnation,
             node: server_node,
+            failed: failed_deaths,
             addr: server_addr.to_string(),
             nodes: nodes
                 .iter()
@@ -134,6 +137,8 @@ impl T {
             conns: 16,
             policy,
             start_timeout_ms: TIMEOUT_MS,
+            max_server_deaths: csnap_pools::CONTROLLER_SERVER_DEATHS_DEFAULT,
+            death_window_ms: csnap_pools::CONTROLLER_DEATH_WINDOW_MS_DEFAULT,
         });
         c.set_now(0);
         T {
@@ -931,6 +936,7 @@ fn cluster_status_reports_the_server_and_every_node() {
         node,
         addr: a,
         nodes,
+        ..
     } = &r[0].1
     else {
         panic!("{r:?}")
@@ -956,6 +962,7 @@ fn cluster_status_reports_the_server_and_every_node() {
             M::Status {
                 incarnation: 0,
                 node: 0,
+                failed: 0,
                 addr: String::new(),
                 nodes: vec![(5, c | m, 0)],
             }
@@ -1239,4 +1246,77 @@ fn a_close_queued_for_a_gone_connection_does_not_close_its_successor() {
     assert_eq!(c, d, "the slot is reused");
     assert!(t.closes().is_empty(), "the new connection is not closed");
     assert!(t.c.wants_read(d));
+}
+
+/// The node a `StartHere` went to in `m`, if any.
+fn started(m: &BTreeMap<u32, Vec<M>>) -> Option<u32> {
+    m.iter()
+        .find(|(_, v)| v.iter().any(|x| matches!(x, M::StartHere { .. })))
+        .map(|(n, _)| *n)
+}
+
+/// The server on `node` serves incarnation `inc`, then dies; returns where
+/// the controller placed the next one (None: nowhere).
+fn serve_then_die(t: &mut T, node: u32, inc: u64) -> Option<u32> {
+    t.up(node, inc);
+    t.state(node, false, inc, 0);
+    t.drain();
+    assert_eq!(t.c.running(), Some((node, inc)));
+    t.state(node, true, 0, inc);
+    started(&t.agents_got())
+}
+
+/// The crash-loop breaker: three server deaths within the window mark the
+/// store failed; nothing is placed, `start` is refused, status says so, and
+/// `clear-failed` resumes placement.
+#[test]
+fn repeated_server_deaths_mark_the_store_failed_until_cleared() {
+    let mut t = T::running_on_2(1);
+    let c = &mut t;
+    c.c.set_now(1_000);
+    c.state(2, true, 0, 1); // death 1
+    let n = started(&c.agents_got()).expect("placed after one death");
+    c.c.set_now(2_000);
+    let n = serve_then_die(c, n, 2).expect("placed after two deaths"); // death 2
+    c.c.set_now(3_000);
+    assert_eq!(c.c.failed_deaths(), 0);
+    assert_eq!(serve_then_die(c, n, 3), None, "placed after three deaths"); // death 3
+    assert_eq!(c.c.failed_deaths(), 3);
+    assert_eq!(c.c.running(), None);
+    // Clients keep asking: still nothing.
+    c.want(1, 3);
+    assert_eq!(started(&c.agents_got()), None);
+    let tool = c.hello(Role::Control);
+    c.send(tool, 7, &Msg::ClusterStatus);
+    let r = c.out(tool);
+    assert!(matches!(r[..], [(7, M::Status { failed: 3, .. })]), "{r:?}");
+    c.command(tool, 8, ClusterOp::Start, 1);
+    let r = c.out(tool);
+    assert!(
+        matches!(&r[..], [(8, M::Error(ErrorCode::Unsupported))]),
+        "{r:?}"
+    );
+    assert_eq!(started(&c.agents_got()), None);
+    // Cleared: placed at once (a server is wanted).
+    c.command(tool, 9, ClusterOp::ClearFailed, 1);
+    assert!(matches!(c.out(tool)[..], [(9, M::Ok)]));
+    assert_eq!(c.c.failed_deaths(), 0);
+    assert!(started(&c.agents_got()).is_some());
+}
+
+/// Deaths further apart than the window never trip the breaker.
+#[test]
+fn server_deaths_outside_the_window_do_not_mark_the_store_failed() {
+    let mut t = T::running_on_2(1);
+    let step = csnap_pools::CONTROLLER_DEATH_WINDOW_MS_DEFAULT / 2 + 1;
+    let mut now = step;
+    t.c.set_now(now);
+    t.state(2, true, 0, 1);
+    let mut n = started(&t.agents_got()).unwrap();
+    for inc in 2..8 {
+        now += step;
+        t.c.set_now(now);
+        n = serve_then_die(&mut t, n, inc).expect("placed again");
+        assert_eq!(t.c.failed_deaths(), 0, "death {inc}");
+    }
 }

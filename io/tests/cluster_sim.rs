@@ -440,6 +440,11 @@ impl Sim {
             conns: 16,
             policy: Policy::Auto,
             start_timeout_ms: csnap_pools::CONTROLLER_START_TIMEOUT_MS,
+            // The simulation kills servers on purpose, many per second of
+            // its time: the crash-loop breaker is off here (cluster_fsm
+            // tests it).
+            max_server_deaths: 0,
+            death_window_ms: csnap_pools::CONTROLLER_DEATH_WINDOW_MS_DEFAULT,
         });
         let mut s = Sim {
             rng,

@@ -423,6 +423,17 @@ pub const CONTROLLER_CONN_OUT_BYTES: usize = 128 * 1024;
 /// A start that does not serve within this time is abandoned and tried on
 /// another node.
 pub const CONTROLLER_START_TIMEOUT_MS: u64 = 5_000;
+/// The crash-loop breaker: this many server deaths (or failed starts)
+/// within `CONTROLLER_DEATH_WINDOW_MS_DEFAULT` mark the store failed (no
+/// more incarnations until `csnap cluster clear-failed`). 0 turns it off.
+pub const CONTROLLER_SERVER_DEATHS_DEFAULT: u32 = 3;
+/// The largest death bound `csnap cluster run --max-server-deaths` takes
+/// (the controller keeps this many death times).
+pub const CONTROLLER_SERVER_DEATHS_MAX: u32 = 64;
+/// The breaker's sliding window, default.
+pub const CONTROLLER_DEATH_WINDOW_MS_DEFAULT: u64 = 10_000;
+/// The breaker's window, at most (one hour).
+pub const CONTROLLER_DEATH_WINDOW_MS_MAX: u64 = 3_600_000;
 
 /// How long a volume client keeps retrying to reach a serving server
 /// (through its agent) before its I/O fails, by default.
@@ -435,6 +446,9 @@ pub const CLIENT_RETRY_MAX_MS: u64 = 50;
 
 const_assert!(AGENT_CONNS_DEFAULT <= AGENT_CONNS_MAX);
 const_assert!(CONTROLLER_CONNS_DEFAULT <= CONTROLLER_CONNS_MAX);
+const_assert!(CONTROLLER_SERVER_DEATHS_DEFAULT <= CONTROLLER_SERVER_DEATHS_MAX);
+const_assert!(CONTROLLER_SERVER_DEATHS_MAX <= u16::MAX as u32);
+const_assert!(CONTROLLER_DEATH_WINDOW_MS_DEFAULT <= CONTROLLER_DEATH_WINDOW_MS_MAX);
 // A start command naming START_LIST_MAX members and expected clients (4 and
 // 16 bytes each, two list headers, the frame header) fits one agent
 // connection's output with room for replies.

@@ -454,7 +454,7 @@
 //!
 //! | Offset | Size | Field | Meaning |
 //! |-------:|-----:|-------|---------|
-//! | 0 | 4 | `op` | [`ClusterOp`]: 1 join, 2 leave, 3 start (answered once that node's server serves) |
+//! | 0 | 4 | `op` | [`ClusterOp`]: 1 join, 2 leave, 3 start (answered once that node's server serves), 4 clear the store's failed mark (`node_id` ignored) |
 //! | 4 | 4 | `node_id` | ≥ 1 |
 //!
 //! ## cluster-status (`ClusterStatusReply`, 16 + `addr_len` + node-status list)
@@ -463,7 +463,7 @@
 //! |-------:|-----:|-------|---------|
 //! | 0 | 8 | `server_incarnation` | the serving server, 0 = none |
 //! | 8 | 4 | `server_node` | its node, 0 = none |
-//! | 12 | 2 | reserved | 0 |
+//! | 12 | 2 | `failed_deaths` | 0; else the store is marked failed (crash-loop breaker) after this many server deaths within the window |
 //! | 14 | 2 | `addr_len` | may be 0 only when `server_incarnation` is 0 |
 //! | 16 | `addr_len` | `addr` | the serving server's address |
 //! | 16 + `addr_len` | | node-status list | every node known |

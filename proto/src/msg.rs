@@ -576,6 +576,8 @@ pub enum ClusterOp {
     Leave = 2,
     /// Start the server on the node (answered once it serves).
     Start = 3,
+    /// Clear the store's failed mark (the crash-loop breaker); node ignored.
+    ClearFailed = 4,
 }
 
 impl ClusterOp {
@@ -586,6 +588,7 @@ impl ClusterOp {
             1 => Some(ClusterOp::Join),
             2 => Some(ClusterOp::Leave),
             3 => Some(ClusterOp::Start),
+            4 => Some(ClusterOp::ClearFailed),
             _ => None,
         }
     }
@@ -1051,6 +1054,9 @@ pub enum Msg<'a> {
         server_incarnation: u64,
         /// The serving server's node, 0 if none.
         server_node: u32,
+        /// Non-zero when the store is marked failed (the crash-loop
+        /// breaker): the server deaths counted within the window.
+        failed_deaths: u16,
         /// The serving server's address, at most [`ADDR_MAX_BYTES`] of UTF-8;
         /// empty only when `server_incarnation` is 0.
         server_addr: &'a str,
@@ -1371,11 +1377,13 @@ impl Msg<'_> {
             Msg::ClusterStatusReply {
                 server_incarnation,
                 server_node,
+                failed_deaths,
                 server_addr,
                 nodes,
             } => {
                 put_u64(b, 0, server_incarnation);
                 put_u32(b, 8, server_node);
+                b[12..14].copy_from_slice(&failed_deaths.to_le_bytes());
                 put_addr(b, 14, CLUSTER_STATUS_REPLY_FIXED_BYTES, server_addr);
                 b[CLUSTER_STATUS_REPLY_FIXED_BYTES + server_addr.len()..]
                     .copy_from_slice(nodes.as_bytes());
@@ -1895,11 +1903,11 @@ fn read_body(kind: Kind, b: &[u8]) -> Result<Msg<'_>, &'static str> {
         }
         Kind::ClusterStatusReply => {
             at_least(b, CLUSTER_STATUS_REPLY_FIXED_BYTES)?;
-            reserved(b, 12, 2)?;
             let (server_addr, rest) = get_addr(b, 14, CLUSTER_STATUS_REPLY_FIXED_BYTES)?;
             Msg::ClusterStatusReply {
                 server_incarnation: get_u64(b, 0),
                 server_node: get_u32(b, 8),
+                failed_deaths: u16::from_le_bytes([b[12], b[13]]),
                 server_addr,
                 nodes: list(NodeStatusList::parse(rest))?,
             }

@@ -321,6 +321,7 @@ impl Spec {
                 Msg::ClusterStatusReply {
                     server_incarnation: if none { 0 } else { n[0] },
                     server_node: low32(n[1]),
+                    failed_deaths: u16::try_from(n[2] & 0xffff).unwrap_or(0),
                     server_addr: if none { any_addr } else { addr },
                     nodes: statuses,
                 }

@@ -1285,6 +1285,7 @@ fn known_answer_cluster_status_reply() {
     let msg = Msg::ClusterStatusReply {
         server_incarnation: 5,
         server_node: 2,
+        failed_deaths: 0,
         server_addr: "a:1",
         nodes,
     };
@@ -1295,7 +1296,7 @@ fn known_answer_cluster_status_reply() {
         0x00, 0x00, 0x00, 0x00, 0x03, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
         0x05, 0, 0, 0, 0, 0, 0, 0,          // server incarnation
         0x02, 0x00, 0x00, 0x00,             // server node
-        0x00, 0x00,                         // reserved
+        0x00, 0x00,                         // failed_deaths
         0x03, 0x00,                         // addr_len
         b'a', b':', b'1',                   // addr
         0x02, 0x00, 0x00, 0x00,             // count 2, reserved
@@ -1751,11 +1752,13 @@ fn with_addr<'a>(msg: Msg<'a>, a: &'a str) -> Msg<'a> {
         Msg::ClusterStatusReply {
             server_incarnation,
             server_node,
+            failed_deaths,
             nodes,
             ..
         } => Msg::ClusterStatusReply {
             server_incarnation,
             server_node,
+            failed_deaths,
             server_addr: a,
             nodes,
         },
@@ -1851,6 +1854,7 @@ fn addresses_are_bounded_non_empty_utf8() {
     let none = Msg::ClusterStatusReply {
         server_incarnation: 0,
         server_node: 0,
+        failed_deaths: 0,
         server_addr: "",
         nodes: NodeStatusList::empty(),
     };

@@ -132,6 +132,7 @@ fn protocol_paths_do_not_allocate() {
         Msg::ClusterStatusReply {
             server_incarnation: 3,
             server_node: 1,
+            failed_deaths: 0,
             server_addr: "/run/csnap/server.sock",
             nodes: statuses,
         },

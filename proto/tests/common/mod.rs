@@ -391,6 +391,7 @@ pub fn sample(kind: Kind, big: bool, s: &mut Scratch) -> Msg<'_> {
             }
             Msg::ClusterStatusReply {
                 server_incarnation: if big { u64::MAX } else { 5 },
+                failed_deaths: if big { u16::MAX } else { 0 },
                 server_node: if big { u32::MAX } else { 2 },
                 server_addr: if big {
                     LONG_ADDR
