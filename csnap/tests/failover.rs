@@ -992,3 +992,58 @@ fn the_failover_path_makes_only_audited_syscalls() {
     );
     let _ = std::fs::remove_dir_all(&trace_dir);
 }
+
+/// The crash-loop breaker (#15): a server that dies again and again (here
+/// SIGKILLed each time it serves, as a poison request would kill it) makes
+/// the controller mark the store failed after the third death within the
+/// window. No further incarnation is taken, `cluster status` says why, a
+/// client waiting for a server gets an error within its failover timeout
+/// instead of waiting forever, and `clear-failed` brings a server back.
+#[test]
+fn repeated_server_deaths_mark_the_store_failed_and_clients_get_an_error() {
+    let mut rng = Rng::new(0x15);
+    let c = Cluster::start("breaker", ClusterOpts::default(), &mut rng);
+    let io_args = |id: u64| {
+        let mut a = c.io_args("origin", id, 1);
+        a.extend(["--failover-timeout-ms", "2000"].map(std::ffi::OsString::from));
+        a
+    };
+    let mut io = Io::start("io 1", &io_args(901), &c.dir, None);
+    io.write(0, &[0xa1; 4096]);
+    let mut last = 0;
+    for _ in 0..3 {
+        last = c.wait_serving_above(last).incarnation;
+        c.kill_server();
+    }
+    let st = c.wait("the store is marked failed", |st| st.failed > 0);
+    assert_eq!(st.failed, 3, "{st:?}");
+    let o = c.cluster_cmd("status", &[]);
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("store: FAILED after 3 server deaths"),
+        "{}",
+        text(&o)
+    );
+    // The client's next write fails within seconds, not never.
+    let t = Instant::now();
+    io.send_write(4096, &[0xa2; 4096]);
+    let (_, line) = io
+        .try_reply(Duration::from_secs(30))
+        .expect("the write was answered");
+    assert!(line.starts_with("error"), "{line}");
+    assert!(t.elapsed() < Duration::from_secs(20), "{:?}", t.elapsed());
+    drop(io);
+    // No incarnation was taken meanwhile.
+    let st = c.status();
+    assert_eq!((st.incarnation, st.failed), (0, 3), "{st:?}");
+    let o = c.cluster_cmd("start", &["2"]);
+    assert!(!o.status.success(), "start while failed: {}", text(&o));
+    // Cleared: a server serves again and I/O goes on.
+    let o = c.cluster_cmd("clear-failed", &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    let st = c.wait_serving_above(last);
+    assert_eq!(st.failed, 0);
+    let mut io = Io::start("io 2", &io_args(902), &c.dir, None);
+    io.write(4096, &[0xa3; 4096]);
+    assert_eq!(io.read(0, 4096), vec![0xa1; 4096]);
+    io.quit();
+}

@@ -677,6 +677,9 @@ pub struct NodeState {
 /// `csnap cluster status`, parsed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Status {
+    /// Non-zero: the store is marked failed after this many server deaths
+    /// (the crash-loop breaker).
+    pub failed: u32,
     /// The serving incarnation, 0 if none.
     pub incarnation: u64,
     pub node: u32,
@@ -692,13 +695,20 @@ impl Status {
 
 pub fn parse_status(out: &str) -> Status {
     let mut st = Status {
+        failed: 0,
         incarnation: 0,
         node: 0,
         addr: String::new(),
         nodes: Vec::new(),
     };
     for l in out.lines() {
-        if let Some(rest) = l.strip_prefix("server: incarnation ") {
+        if let Some(rest) = l.strip_prefix("store: FAILED after ") {
+            st.failed = rest
+                .split_whitespace()
+                .next()
+                .and_then(|n| n.parse().ok())
+                .expect("FAILED after N");
+        } else if let Some(rest) = l.strip_prefix("server: incarnation ") {
             // "I on node N at ADDR"
             let (inc, rest) = rest.split_once(" on node ").expect("I on node N");
             let (node, addr) = rest.split_once(" at ").expect("N at ADDR");
