@@ -6,8 +6,9 @@
 #   libnbd-bin  nbdinfo, nbdcopy, nbdfuse: NBD interop tests
 #   fuse3       fusermount3 for nbdfuse
 #   e2fsprogs   mkfs.ext4, e2fsck (interop test: a file system on an export)
+#   stress-ng   the memory hog of scripts/mem-pressure-bench.sh
 csnap_install_packages() {
-    local wanted=(strace qemu-utils libnbd-bin fuse3 e2fsprogs)
+    local wanted=(strace qemu-utils libnbd-bin fuse3 e2fsprogs stress-ng)
     local missing=()
     for p in "${wanted[@]}"; do
         dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
