@@ -182,6 +182,14 @@ fn main() {
 
 fn real_main() -> Result<(), String> {
     let args: Vec<String> = std::env::args().collect();
+    if !common::check_args(
+        &args,
+        &["--requests"],
+        "usage: confinement-bench [--requests N]   (default 1000000: metadata requests through \
+         csnap server with confinement on and off)",
+    )? {
+        return Ok(());
+    }
     let total: u64 = common::flag(&args, "--requests", 1_000_000)?;
     let bin = common::csnap_bin()?;
     common::in_scratch_dir("confinement-bench", |d| {

@@ -303,6 +303,14 @@ fn main() {
 
 fn real_main() -> Result<(), String> {
     let args: Vec<String> = std::env::args().collect();
+    if !common::check_args(
+        &args,
+        &["--failovers"],
+        "usage: failover-bench [--failovers N]   (default 120; 3 nodes, 4 clients doing I/O, \
+         the serving server SIGKILLed N times; exits non-zero on any I/O error)",
+    )? {
+        return Ok(());
+    }
     let failovers: u32 = common::flag(&args, "--failovers", 120)?;
     let bin = common::csnap_bin()?;
     common::in_scratch_dir("failover-bench", |d| bench(&bin, d, failovers, &args))
@@ -723,5 +731,9 @@ fn bench(bin: &Path, d: &Path, failovers: u32, args: &[String]) -> Result<(), St
         if smax < 1.0 { "met" } else if s99 < 1.0 { "met at p99, not at max" } else { "missed" },
         if amax < 10.0 { "met" } else if a99 < 10.0 { "met at p99, not at max" } else { "missed" }
     );
+    if errors > 0 {
+        // A benchmark that saw an I/O error failed, whatever its figures.
+        return Err(format!("{errors} I/O errors during the run (see above)"));
+    }
     Ok(())
 }

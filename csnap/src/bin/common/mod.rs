@@ -3,6 +3,28 @@
 
 use std::path::{Path, PathBuf};
 
+/// Checks the command line: `--help` prints `usage` and returns `Ok(false)`
+/// (the bench does not run); a flag other than `known` (each taking one
+/// value) is an error.
+pub fn check_args(args: &[String], known: &[&str], usage: &str) -> Result<bool, String> {
+    let mut i = 1;
+    while i < args.len() {
+        let a = args[i].as_str();
+        if a == "--help" || a == "-h" {
+            println!("{usage}");
+            return Ok(false);
+        }
+        if !known.contains(&a) {
+            return Err(format!("unknown argument {a:?}\n{usage}"));
+        }
+        if i + 1 >= args.len() {
+            return Err(format!("{a} needs a value"));
+        }
+        i += 2;
+    }
+    Ok(true)
+}
+
 /// The value of `--NAME V` parsed, or `default` when the flag is absent.
 pub fn flag<T: std::str::FromStr>(args: &[String], name: &str, default: T) -> Result<T, String>
 where
