@@ -343,6 +343,15 @@ impl ClientFsm {
         true
     }
 
+    /// Whether request `id` was sent on the current connection (is at the
+    /// server, or was when the connection broke).
+    pub fn is_sent(&self, id: u64) -> bool {
+        self.outstanding
+            .iter()
+            .flatten()
+            .any(|o| o.id == id && o.sent)
+    }
+
     /// Drops outstanding request `id` (its caller gave up on it): it is not
     /// re-sent, and a late reply to it is `Unexpected`.
     pub fn forget(&mut self, id: u64) {

@@ -138,6 +138,10 @@ pub enum IoError {
     Server(ErrorCode),
     /// No server within the failover timeout (the driver decides).
     NoServer,
+    /// The request was at the server through `REQUEST_SERVER_DEATHS_MAX`
+    /// consecutive server deaths: not sent again (it may be what kills
+    /// them).
+    ServerDeaths,
     /// Outside the volume, or longer than `IO_MAX_BYTES`.
     Invalid,
 }
@@ -168,6 +172,10 @@ pub struct VolumeConfig {
     /// Origin chunks the grant bitmap covers (the origin's size in chunks
     /// of the smallest chunk size is always enough).
     pub origin_chunks_max: u64,
+    /// A query at the server through this many consecutive server deaths
+    /// fails its I/O instead of being re-sent (a poison request);
+    /// `REQUEST_SERVER_DEATHS_MAX` in production, 0 never.
+    pub request_deaths_max: u8,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -218,6 +226,9 @@ struct Query {
     slot: u32,
     range: Range,
     retries: u8,
+    /// Server deaths (broken connections) this query was at the server
+    /// through.
+    deaths: u8,
 }
 
 /// The engine.
@@ -233,6 +244,7 @@ pub struct VolumeEngine {
     queries: Vec<Option<Query>>,
     disk_q: FixedRing<DiskOp>,
     done_q: FixedRing<(u64, Result<(), IoError>)>,
+    poisoned: u64,
     /// Origin: chunks granted since the last revoke (one bit each).
     granted: Vec<u64>,
     revoking: Option<u64>,
@@ -281,6 +293,7 @@ impl VolumeEngine {
             queries: vec![None; IOS_MAX * RUNS_PER_IO_MAX],
             disk_q: FixedRing::new(IOS_MAX * (CHUNKS_PER_IO_MAX + 2)),
             done_q: FixedRing::new(IOS_MAX),
+            poisoned: 0,
             granted: vec![0u64; bitmap_words],
             revoking: None,
             origin_writes_on_disk: 0,
@@ -398,6 +411,7 @@ impl VolumeEngine {
         // Queued releases still go to the client FSM, so that the holds it
         // uploads to the next server are the ones the leases keep.
         self.flush_releases();
+        self.count_deaths();
         self.client.handle_disconnect();
         self.forget_grants();
         // The server that asked is gone: writes held for our answer go on
@@ -448,6 +462,40 @@ impl VolumeEngine {
         self.flush_releases();
         self.assert_invariants();
         sig
+    }
+
+    /// The connection broke: every query that was at the server counts one
+    /// more server death; one at `REQUEST_SERVER_DEATHS_MAX` fails its I/O
+    /// instead of being re-sent (a poison request must not kill server
+    /// after server).
+    fn count_deaths(&mut self) {
+        for k in 0..self.queries.len() {
+            let Some(q) = self.queries[k].as_mut() else {
+                continue;
+            };
+            if !self.client.is_sent(q.id) {
+                continue;
+            }
+            q.deaths = q.deaths.saturating_add(1);
+            let max = self.cfg.request_deaths_max;
+            if max == 0 || q.deaths < max {
+                continue;
+            }
+            let (id, slot) = (q.id, q.slot);
+            self.queries[k] = None;
+            self.client.forget(id);
+            self.poisoned += 1;
+            if let Some(io) = self.ios.get_mut(slot) {
+                io.queries -= 1;
+            }
+            self.fail_io(slot, IoError::ServerDeaths);
+        }
+    }
+
+    /// Queries failed because they were at the server through
+    /// `REQUEST_SERVER_DEATHS_MAX` consecutive deaths.
+    pub fn poisoned_requests(&self) -> u64 {
+        self.poisoned
     }
 
     /// Every I/O in flight fails (the driver gave up on reaching a server).
@@ -719,6 +767,7 @@ impl VolumeEngine {
             slot,
             range: r,
             retries,
+            deaths: 0,
         });
         if let Some(io) = self.ios.get_mut(slot) {
             io.queries += 1;
@@ -1355,6 +1404,7 @@ mod tests {
             cached_chunks: 8,
             read_ahead_chunks: 0,
             origin_chunks_max: 256,
+            request_deaths_max: csnap_pools::REQUEST_SERVER_DEATHS_MAX,
         })
     }
 
@@ -1409,6 +1459,39 @@ mod tests {
             }
         }
         v
+    }
+
+    /// A query at the server through `REQUEST_SERVER_DEATHS_MAX`
+    /// consecutive deaths fails its I/O (it may be a poison request), and
+    /// is not re-sent to the next server; fewer deaths re-send it.
+    #[test]
+    fn a_request_through_repeated_server_deaths_fails_instead_of_being_resent() {
+        let mut e = engine(Volume::Snapshot(3));
+        attach(&mut e, 1);
+        e.submit(1, IoKind::Read, 0, 4096).unwrap();
+        assert_eq!(kinds(&sent(&mut e)), [Kind::QuerySnapshotRead]);
+        for inc in 2..=u64::from(csnap_pools::REQUEST_SERVER_DEATHS_MAX) {
+            e.handle_disconnect();
+            assert_eq!(e.poll_complete(), None, "failed after {} deaths", inc - 1);
+            let frames = attach(&mut e, inc);
+            // Re-sent once the new server is ready.
+            let resent: Vec<Kind> = kinds(&sent(&mut e));
+            assert!(
+                kinds(&frames).contains(&Kind::QuerySnapshotRead)
+                    || resent.contains(&Kind::QuerySnapshotRead),
+                "not re-sent after death {}: {frames:?} {resent:?}",
+                inc - 1
+            );
+        }
+        e.handle_disconnect();
+        assert_eq!(e.poll_complete(), Some((1, Err(IoError::ServerDeaths))));
+        assert_eq!(e.poisoned_requests(), 1);
+        // The next server does not see it; other I/O goes on.
+        let frames = attach(&mut e, 9);
+        assert!(!kinds(&frames).contains(&Kind::QuerySnapshotRead));
+        assert!(!kinds(&sent(&mut e)).contains(&Kind::QuerySnapshotRead));
+        e.submit(2, IoKind::Read, 0, 4096).unwrap();
+        assert_eq!(kinds(&sent(&mut e)), [Kind::QuerySnapshotRead]);
     }
 
     #[test]

@@ -1144,7 +1144,7 @@ impl Command {
 
 fn nbd_error(e: IoError) -> NbdError {
     match e {
-        IoError::Disk | IoError::NoServer => NbdError::Io,
+        IoError::Disk | IoError::NoServer | IoError::ServerDeaths => NbdError::Io,
         IoError::Invalid => NbdError::Inval,
         IoError::Server(ErrorCode::StoreFull) => NbdError::NoSpc,
         IoError::Server(ErrorCode::ReadOnly) => NbdError::Perm,
@@ -2439,6 +2439,7 @@ impl NbdServer {
             cached_chunks: csnap_pools::VOLUME_CACHED_CHUNKS_DEFAULT,
             read_ahead_chunks: csnap_pools::VOLUME_READ_AHEAD_CHUNKS_DEFAULT,
             origin_chunks_max: label.origin_size_bytes.div_ceil(chunk.max(1)),
+            request_deaths_max: csnap_pools::REQUEST_SERVER_DEATHS_MAX,
         };
         let poll = Poll::new().map_err(|e| format!("epoll: {e}"))?;
         let mut listeners = Vec::with_capacity(opts.listen.len());

@@ -297,6 +297,10 @@ impl World {
             // evicted unused, and ahead-leases a write must get back.
             read_ahead_chunks: 4,
             origin_chunks_max: ORIGIN_CHUNKS,
+            // The simulation kills servers far faster than any crash loop
+            // and checks that every I/O succeeds: the poison-request bound
+            // is off here (fsm's volume tests check it).
+            request_deaths_max: 0,
         };
         self.engines.push(Eng {
             engine: VolumeEngine::new(cfg),

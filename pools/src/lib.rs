@@ -423,6 +423,10 @@ pub const CONTROLLER_CONN_OUT_BYTES: usize = 128 * 1024;
 /// A start that does not serve within this time is abandoned and tried on
 /// another node.
 pub const CONTROLLER_START_TIMEOUT_MS: u64 = 5_000;
+/// A request in flight at the server across this many consecutive server
+/// deaths is failed to its client (EIO) instead of being re-sent again: it
+/// may be what kills them (a poison request).
+pub const REQUEST_SERVER_DEATHS_MAX: u8 = 3;
 /// The crash-loop breaker: this many server deaths (or failed starts)
 /// within `CONTROLLER_DEATH_WINDOW_MS_DEFAULT` mark the store failed (no
 /// more incarnations until `csnap cluster clear-failed`). 0 turns it off.
