@@ -1002,7 +1002,11 @@ fn the_failover_path_makes_only_audited_syscalls() {
 #[test]
 fn repeated_server_deaths_mark_the_store_failed_and_clients_get_an_error() {
     let mut rng = Rng::new(0x15);
-    let c = Cluster::start("breaker", ClusterOpts::default(), &mut rng);
+    let opts = ClusterOpts {
+        controller_args: Vec::new(),
+        ..ClusterOpts::default()
+    };
+    let c = Cluster::start("breaker", opts, &mut rng);
     let io_args = |id: u64| {
         let mut a = c.io_args("origin", id, 1);
         a.extend(["--failover-timeout-ms", "2000"].map(std::ffi::OsString::from));

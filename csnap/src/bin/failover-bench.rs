@@ -351,7 +351,9 @@ fn bench(bin: &Path, d: &Path, failovers: u32, args: &[String]) -> Result<(), St
     );
     let controller = Proc::spawn(
         Command::new(bin)
-            .args(["cluster", "run", "--dir"])
+            // It kills the serving server on purpose, once every few
+            // milliseconds: the crash-loop breaker is off.
+            .args(["cluster", "run", "--max-server-deaths", "0", "--dir"])
             .arg(&cdir),
     )?;
     let sock = cdir.join("controller.sock");

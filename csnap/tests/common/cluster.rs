@@ -823,6 +823,11 @@ pub struct ClusterOpts {
     pub agent_wrapper: Option<(u32, Vec<String>)>,
     /// The controller runs under this command prefix.
     pub controller_wrapper: Option<Vec<String>>,
+    /// Extra arguments of the controller. By default the crash-loop
+    /// breaker is off (`--max-server-deaths 0`): these tests kill servers
+    /// on purpose, several within seconds; the breaker's own test clears
+    /// this.
+    pub controller_args: Vec<String>,
 }
 
 impl Default for ClusterOpts {
@@ -834,6 +839,7 @@ impl Default for ClusterOpts {
             agent_args: Vec::new(),
             agent_wrapper: None,
             controller_wrapper: None,
+            controller_args: vec!["--max-server-deaths".into(), "0".into()],
         }
     }
 }
@@ -892,7 +898,8 @@ impl Cluster {
         };
         let d = Daemon::spawn(
             "controller",
-            cmd.args(["cluster", "run", "--dir", s(&self.cdir)]),
+            cmd.args(["cluster", "run", "--dir", s(&self.cdir)])
+                .args(&self.opts.controller_args),
         );
         self.controller = Some(d);
         let sock = self.cdir.join("controller.sock");
