@@ -70,3 +70,156 @@ fn control_one_shared_loop_device_sees_flushed_writes() {
         panic!("{e}");
     }
 }
+
+use std::collections::BTreeMap;
+
+use common::cluster::{assert_same, kill, text, Cluster};
+
+const WRITE_BYTES: u64 = 64 * 1024;
+
+/// Three random 64 KiB pattern writes and a flush through node `n`'s export
+/// `export`; the shadow follows.
+fn write_some(tb: &Testbed, n: u32, export: &str, shadow: &mut [u8], rng: &mut Rng) {
+    let mut cmds = Vec::new();
+    for _ in 0..3 {
+        let off = rng.below((shadow.len() as u64 - WRITE_BYTES) / 4096) * 4096;
+        let pat = 1 + rng.below(255) as u8;
+        cmds.push(format!("write -P {pat} {off} {WRITE_BYTES}"));
+        let o = usize::try_from(off).expect("offset");
+        shadow[o..o + WRITE_BYTES as usize].fill(pat);
+    }
+    cmds.push("flush".to_string());
+    let refs: Vec<&str> = cmds.iter().map(String::as_str).collect();
+    let (ok, out) = tb.node(n).qemu_io(export, &refs);
+    assert!(ok, "node {n} writes to {export}:\n{out}\n{}", tb.logs(30));
+}
+
+/// Every volume read through every node in `nodes` equals its shadow.
+fn verify(tb: &Testbed, nodes: &[u32], shadows: &BTreeMap<String, Vec<u8>>, when: &str) {
+    for &n in nodes {
+        for (export, want) in shadows {
+            let got = tb.read_volume(n, export);
+            assert_same(&format!("{export} through node {n} {when}"), &got, want);
+        }
+    }
+}
+
+/// The server moves 1 -> 2 -> 1 -> 2 (`cluster start`); after each move
+/// both nodes write to the origin and to every snapshot through their own
+/// exports, every volume is read back through both nodes and compared with
+/// its shadow, and a snapshot is created. At the end every snapshot is
+/// listed, every volume equals its shadow and `csnap check` is clean.
+#[test]
+fn the_server_moves_between_namespaces_under_io_from_both_nodes() {
+    if !available() {
+        eprintln!("skipped: needs root, ip and losetup");
+        return;
+    }
+    let _g = serial();
+    let mut rng = Rng::new(seed("testbed-move"));
+    let mut tb = Testbed::up("move", TestbedOpts::default(), &mut rng);
+    tb.start_nbd(1);
+    tb.start_nbd(2);
+    let mut shadows = BTreeMap::new();
+    shadows.insert("origin".to_string(), tb.initial.clone());
+    for (i, target) in [1u32, 2, 1, 2].into_iter().enumerate() {
+        tb.move_server(target);
+        for n in [1, 2] {
+            for (export, shadow) in &mut shadows {
+                write_some(&tb, n, export, shadow, &mut rng);
+            }
+        }
+        verify(&tb, &[1, 2], &shadows, &format!("after move {}", i + 1));
+        let tag = u32::try_from(i + 1).expect("tag");
+        let o = tb.snapshot("create", &[&tag.to_string()]);
+        assert!(o.status.success(), "snapshot create {tag}: {}", text(&o));
+        let origin = shadows["origin"].clone();
+        shadows.insert(tag.to_string(), origin);
+    }
+    assert_eq!(tb.snapshot_tags(), vec![1, 2, 3, 4]);
+    verify(&tb, &[1, 2], &shadows, "at the end");
+    let o = tb.stop_and_check();
+    assert!(
+        o.status.success() && String::from_utf8_lossy(&o.stdout).contains(": clean"),
+        "check: {}",
+        text(&o)
+    );
+}
+
+/// Three nodes, the server on node 1, clients on nodes 2 and 3 through
+/// their own exports. Node 1 is killed whole (every process of its
+/// namespace); the server fails over to another node and the clients go on.
+/// Then the serving server alone is SIGKILLed; again. Nothing written and
+/// flushed is lost, a snapshot taken after both failovers holds the data,
+/// and `csnap check` is clean.
+#[test]
+fn a_killed_node_and_a_killed_server_fail_over_and_lose_nothing() {
+    if !available() {
+        eprintln!("skipped: needs root, ip and losetup");
+        return;
+    }
+    let _g = serial();
+    let mut rng = Rng::new(seed("testbed-failover"));
+    let mut tb = Testbed::up(
+        "failover",
+        TestbedOpts {
+            nodes: 3,
+            ..TestbedOpts::default()
+        },
+        &mut rng,
+    );
+    for n in 1..=3 {
+        tb.start_nbd(n);
+    }
+    let mut shadows = BTreeMap::new();
+    shadows.insert("origin".to_string(), tb.initial.clone());
+    let st = tb.move_server(1);
+    for n in [2, 3] {
+        write_some(
+            &tb,
+            n,
+            "origin",
+            shadows.get_mut("origin").expect("origin"),
+            &mut rng,
+        );
+    }
+    tb.kill_node(1);
+    assert!(tb.node_pids(1).is_empty(), "node 1 is dead");
+    let st = tb.wait("the server fails over from node 1", |x| {
+        x.incarnation > st.incarnation && x.node != 1
+    });
+    for n in [2, 3] {
+        write_some(
+            &tb,
+            n,
+            "origin",
+            shadows.get_mut("origin").expect("origin"),
+            &mut rng,
+        );
+    }
+    verify(&tb, &[2, 3], &shadows, "after node 1 died");
+    let pid = Cluster::server_pid(&st.addr);
+    kill(pid, libc::SIGKILL);
+    tb.wait("the server fails over after its SIGKILL", |x| {
+        x.incarnation > st.incarnation
+    });
+    for n in [2, 3] {
+        write_some(
+            &tb,
+            n,
+            "origin",
+            shadows.get_mut("origin").expect("origin"),
+            &mut rng,
+        );
+    }
+    let o = tb.snapshot("create", &["7"]);
+    assert!(o.status.success(), "snapshot create: {}", text(&o));
+    shadows.insert("7".to_string(), shadows["origin"].clone());
+    verify(&tb, &[2, 3], &shadows, "after both failovers");
+    let o = tb.stop_and_check();
+    assert!(
+        o.status.success() && String::from_utf8_lossy(&o.stdout).contains(": clean"),
+        "check: {}",
+        text(&o)
+    );
+}

@@ -76,12 +76,14 @@ pub struct TestbedOpts {
 }
 
 impl Default for TestbedOpts {
+    /// `CSNAP_TESTBED_SHARED_LOOP=1` sets `shared_loop` for every test (to
+    /// tell page-cache failures from others by hand).
     fn default() -> Self {
         TestbedOpts {
             nodes: 2,
             origin_bytes: 4 << 20,
             store_size: "128M",
-            shared_loop: false,
+            shared_loop: std::env::var_os("CSNAP_TESTBED_SHARED_LOOP").is_some_and(|v| v == "1"),
             agent_args: Vec::new(),
         }
     }
@@ -305,6 +307,72 @@ impl Testbed {
             std::thread::sleep(Duration::from_millis(10));
         }
         self.nodes[n as usize - 1].nbd = Some(d);
+    }
+
+    /// The whole of export `export` read through node `n`'s NBD server
+    /// (`qemu-img convert` in the node's namespace).
+    pub fn read_volume(&self, n: u32, export: &str) -> Vec<u8> {
+        let node = self.node(n);
+        let file = self.dir.join(format!("read-{n}-{export}"));
+        let o = node
+            .cmd("qemu-img")
+            .args(["convert", "-f", "raw", "-O", "raw", &node.url(export)])
+            .arg(&file)
+            .output()
+            .expect("qemu-img");
+        assert!(
+            o.status.success(),
+            "qemu-img convert {export} on node {n}: {}",
+            text(&o)
+        );
+        let v = std::fs::read(&file).expect("converted volume");
+        let _ = std::fs::remove_file(&file);
+        v
+    }
+
+    /// `csnap snapshot ACTION --server ADDR REST` at the serving server.
+    pub fn snapshot(&self, action: &str, rest: &[&str]) -> Output {
+        let st = self.wait("a server serves", |st| st.incarnation > 0);
+        let mut a = vec!["snapshot", action, "--server", &st.addr];
+        a.extend_from_slice(rest);
+        csnap(&a)
+    }
+
+    /// The tags `csnap snapshot list` shows.
+    pub fn snapshot_tags(&self) -> Vec<u32> {
+        let o = self.snapshot("list", &[]);
+        assert!(o.status.success(), "snapshot list: {}", text(&o));
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .skip(1)
+            .filter_map(|l| l.split('\t').next()?.parse().ok())
+            .collect()
+    }
+
+    /// `cluster start N`, which must succeed; returns once node N serves.
+    pub fn move_server(&self, n: u32) -> Status {
+        let o = self.cluster_cmd("start", &[&n.to_string()]);
+        assert!(
+            o.status.success(),
+            "cluster start {n}: {}\n{}",
+            text(&o),
+            self.logs(30)
+        );
+        self.wait(&format!("node {n} serves"), |st| {
+            st.incarnation > 0 && st.node == n
+        })
+    }
+
+    /// Kills every node and the controller (the store is quiet after), then
+    /// runs `csnap check` on the store file; returns its output.
+    pub fn stop_and_check(&mut self) -> Output {
+        for n in 1..=self.nodes.len() as u32 {
+            self.kill_node(n);
+        }
+        if let Some(mut c) = self.controller.take() {
+            c.kill();
+        }
+        csnap(&["check", "--store", s(&self.store_file)])
     }
 
     /// `csnap cluster ACTION --dir D REST`.
