@@ -115,6 +115,17 @@ impl Node {
         format!("nbd://{}:{NBD_PORT}/{export}", self.ip)
     }
 
+    /// `nbd+unix:///EXPORT?socket=...` of the node's NBD server: its unix
+    /// socket in the node's directory, for tools of the node's own context
+    /// that cannot enter its namespace (a FUSE mount made inside `ip netns
+    /// exec` would stay in that command's mount namespace).
+    pub fn unix_url(&self, export: &str) -> String {
+        format!(
+            "nbd+unix:///{export}?socket={}",
+            self.dir.join("nbd.sock").display()
+        )
+    }
+
     /// A command running `prog` in the node's namespace.
     pub fn cmd(&self, prog: &str) -> Command {
         let mut c = Command::new("ip");
@@ -295,7 +306,9 @@ impl Testbed {
         cmd.args(["nbd", "--agent", s(&node.agent_sock()), "--node"])
             .arg(n.to_string())
             .args(["--origin", &node.origin, "--store", &node.store])
-            .args(["--listen", &listen]);
+            .args(["--listen", &listen])
+            .arg("--listen")
+            .arg(node.dir.join("nbd.sock"));
         let d = Daemon::spawn(&format!("nbd {n}"), &mut cmd);
         let start = Instant::now();
         while !d.log.text().contains("csnap nbd: serving") {
