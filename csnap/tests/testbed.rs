@@ -75,7 +75,7 @@ use std::collections::BTreeMap;
 
 use std::process::Command;
 
-use common::cluster::{assert_same, kill, text, Cluster};
+use common::cluster::{assert_same, kill, s, text, Cluster};
 use common::fs::{files, run, Attached, Mounted};
 
 const WRITE_BYTES: u64 = 64 * 1024;
@@ -299,4 +299,109 @@ fn ext4_written_on_node_1_reads_back_on_node_2_from_a_snapshot() {
         );
         drop(sm);
     }
+}
+
+/// `prog ARGS` in node `n`'s namespace, which must succeed.
+fn on(tb: &Testbed, n: u32, prog: &str, args: &[&str]) -> String {
+    run(tb.node(n).cmd(prog).args(args))
+}
+
+/// NBD interop across three nodes, each client on its own node's export:
+/// qemu-img convert on node 1, compare on node 2, a snapshot, nbdcopy of
+/// new data on node 3; then every node reads back what the others wrote
+/// (nbdcopy, qemu-img compare, which also tells the volumes apart).
+#[test]
+fn nbd_clients_on_three_nodes_see_each_others_data() {
+    if !available() {
+        eprintln!("skipped: needs root, ip and losetup");
+        return;
+    }
+    let _g = serial();
+    let mut rng = Rng::new(seed("testbed-interop"));
+    let mut tb = Testbed::up(
+        "interop",
+        TestbedOpts {
+            nodes: 3,
+            origin_bytes: 8 << 20,
+            ..TestbedOpts::default()
+        },
+        &mut rng,
+    );
+    for n in 1..=3 {
+        tb.start_nbd(n);
+    }
+    let a = tb.dir.join("a.img");
+    let b = tb.dir.join("b.img");
+    std::fs::write(&a, rng.bytes(8 << 20)).expect("a");
+    std::fs::write(&b, rng.bytes(8 << 20)).expect("b");
+    let (a, b) = (s(&a).to_string(), s(&b).to_string());
+    let url = |n: u32, e: &str| tb.node(n).url(e);
+    on(
+        &tb,
+        1,
+        "qemu-img",
+        &[
+            "convert",
+            "-n",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            &a,
+            &url(1, "origin"),
+        ],
+    );
+    on(
+        &tb,
+        2,
+        "qemu-img",
+        &["compare", "-f", "raw", "-F", "raw", &a, &url(2, "origin")],
+    );
+    let o = tb.snapshot("create", &["1"]);
+    assert!(o.status.success(), "snapshot create: {}", text(&o));
+    let list = on(&tb, 3, "nbdinfo", &["--list", &url(3, "")]);
+    assert!(
+        list.contains("export=\"1\""),
+        "node 3 lists the snapshot: {list}"
+    );
+    on(&tb, 3, "nbdcopy", &[&b, &url(3, "origin")]);
+    let out = tb.dir.join("origin.out");
+    on(&tb, 1, "nbdcopy", &[&url(1, "origin"), s(&out)]);
+    assert_same(
+        "origin read by node 1",
+        &std::fs::read(&out).expect("out"),
+        &std::fs::read(&b).expect("b"),
+    );
+    on(
+        &tb,
+        2,
+        "qemu-img",
+        &["compare", "-f", "raw", "-F", "raw", &a, &url(2, "1")],
+    );
+    let differ = tb
+        .node(2)
+        .cmd("qemu-img")
+        .args([
+            "compare",
+            "-q",
+            "-f",
+            "raw",
+            "-F",
+            "raw",
+            &a,
+            &url(2, "origin"),
+        ])
+        .status()
+        .expect("qemu-img");
+    assert_eq!(
+        differ.code(),
+        Some(1),
+        "node 2 sees the origin differ from a"
+    );
+    on(
+        &tb,
+        3,
+        "qemu-img",
+        &["compare", "-f", "raw", "-F", "raw", &b, &url(3, "origin")],
+    );
 }
