@@ -6,8 +6,10 @@
 #   libnbd-bin  nbdinfo, nbdcopy, nbdfuse: NBD interop tests
 #   fuse3       fusermount3 for nbdfuse
 #   e2fsprogs   mkfs.ext4, e2fsck (interop test: a file system on an export)
+#   iproute2    ip: network namespaces, veths, a bridge (csnap/tests/testbed.rs)
+#   mount       losetup: each test-bed node's own loop devices
 csnap_install_packages() {
-    local wanted=(strace qemu-utils libnbd-bin fuse3 e2fsprogs)
+    local wanted=(strace qemu-utils libnbd-bin fuse3 e2fsprogs iproute2 mount)
     local missing=()
     for p in "${wanted[@]}"; do
         dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
