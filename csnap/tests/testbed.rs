@@ -2,6 +2,10 @@
 //! namespaces, each with its own loop devices (its own page cache), its own
 //! agent and NBD server, and real NBD clients in its namespace.
 
+// Test code: offsets and sizes of a few MiB move freely between u64,
+// usize and pattern bytes.
+#![allow(clippy::cast_possible_truncation)]
+
 mod common;
 
 use common::cluster::{seed, Rng};

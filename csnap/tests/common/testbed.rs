@@ -25,7 +25,7 @@
 //!   detached, the namespaces (and with them the veths) and the bridge
 //!   deleted. `kill_node(N)` SIGKILLs every process of node N's namespace.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -264,7 +264,7 @@ impl Testbed {
     }
 
     /// A loop device over `file`, detached on drop.
-    fn attach(&mut self, file: &PathBuf) -> String {
+    fn attach(&mut self, file: &Path) -> String {
         let dev = must("losetup", &["-f", "--show", s(file)]);
         self.loops.push(dev.clone());
         dev
@@ -379,7 +379,7 @@ impl Testbed {
     /// Kills every node and the controller (the store is quiet after), then
     /// runs `csnap check` on the store file; returns its output.
     pub fn stop_and_check(&mut self) -> Output {
-        for n in 1..=self.nodes.len() as u32 {
+        for n in 1..=self.opts.nodes {
             self.kill_node(n);
         }
         if let Some(mut c) = self.controller.take() {
@@ -492,7 +492,7 @@ impl Drop for Testbed {
         if std::thread::panicking() {
             eprintln!("test bed {} logs:\n{}", self.id, self.logs(40));
         }
-        for n in 1..=self.nodes.len() as u32 {
+        for n in 1..=self.opts.nodes {
             self.kill_node(n);
         }
         if let Some(mut c) = self.controller.take() {
