@@ -22,7 +22,8 @@ fn stale_read(shared_loop: bool) -> Result<(), String> {
         if shared_loop { "stale-shared" } else { "stale" },
         TestbedOpts {
             nodes: 2,
-            shared_loop,
+            // CSNAP_TESTBED_SHARED_LOOP=1 (the default's) applies here too.
+            shared_loop: shared_loop || TestbedOpts::default().shared_loop,
             ..TestbedOpts::default()
         },
         &mut rng,
@@ -79,7 +80,12 @@ use std::collections::BTreeMap;
 
 use std::process::Command;
 
-use common::cluster::{assert_same, kill, s, text, Cluster};
+use std::time::{Duration, Instant};
+
+use common::cluster::{
+    assert_granted, assert_same, assert_waits, held, kill, s, send_chunk_write, text, Cluster,
+    CHUNK,
+};
 use common::fs::{files, run, Attached, Mounted};
 
 const WRITE_BYTES: u64 = 64 * 1024;
@@ -407,5 +413,56 @@ fn nbd_clients_on_three_nodes_see_each_others_data() {
         3,
         "qemu-img",
         &["compare", "-f", "raw", "-F", "raw", &b, &url(3, "origin")],
+    );
+}
+
+/// The recovery barrier across hosts (the ddsnap window of
+/// csnap/tests/failover.rs on the test bed): a snapshot reader on node 3
+/// holds a read lock granted by incarnation N, whose server on node 1 is
+/// SIGKILLed; once N+1 serves, an origin write of node 2 to that chunk
+/// waits, one to a chunk no lock covers goes at once, and `unhold` lets the
+/// held-off write through; the snapshot still reads the chunk as it was.
+#[test]
+fn a_read_lock_of_node_3_holds_off_node_2_across_a_failover() {
+    if !available() {
+        eprintln!("skipped: needs root, ip and losetup");
+        return;
+    }
+    let _g = serial();
+    let mut rng = Rng::new(seed("testbed-window"));
+    let tb = Testbed::up(
+        "window",
+        TestbedOpts {
+            nodes: 3,
+            ..TestbedOpts::default()
+        },
+        &mut rng,
+    );
+    let st = tb.move_server(1);
+    let mut w = tb.io("origin", 11, 2);
+    let o = tb.snapshot("create", &["1"]);
+    assert!(o.status.success(), "snapshot create: {}", text(&o));
+    let mut r = tb.io("1", 31, 3);
+    let held_chunk = 5u64;
+    let k = held(&r.call(&format!("hold {} 100", held_chunk * CHUNK + 10)));
+    assert!(k >= 1, "the chunk is on the origin: a read lock is held");
+    kill(Cluster::server_pid(&st.addr), libc::SIGKILL);
+    let st = tb.wait("a new incarnation serves", |x| {
+        x.incarnation > st.incarnation
+    });
+    assert_ne!(st.node, 1);
+    std::thread::sleep(Duration::from_millis(200));
+    let t = Instant::now();
+    send_chunk_write(&mut w, &mut rng, 40);
+    assert_granted(&mut w, t, "to a chunk no lock covers");
+    send_chunk_write(&mut w, &mut rng, held_chunk);
+    assert_waits(&mut w, "while incarnation N's read lock is held");
+    assert_eq!(r.call("unhold"), format!("ok released {k}"));
+    assert_granted(&mut w, Instant::now(), "after unhold");
+    let at = (held_chunk * CHUNK) as usize;
+    assert_same(
+        "snapshot 1, the held chunk, read on node 3",
+        &r.read(held_chunk * CHUNK, CHUNK),
+        &tb.initial[at..at + CHUNK as usize],
     );
 }

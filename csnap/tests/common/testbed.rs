@@ -25,13 +25,14 @@
 //!   detached, the namespaces (and with them the veths) and the bridge
 //!   deleted. `kill_node(N)` SIGKILLs every process of node N's namespace.
 
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use super::cluster::{
-    csnap, parse_status, s, text, wait_for, Daemon, Disks, Rng, Status, BIN, TIMEOUT,
+    csnap, parse_status, s, text, wait_for, Daemon, Disks, Io, Rng, Status, BIN, TIMEOUT,
 };
 
 /// NBD port of every node (each node has its own address).
@@ -386,6 +387,37 @@ impl Testbed {
             c.kill();
         }
         csnap(&["check", "--store", s(&self.store_file)])
+    }
+
+    /// A `csnap io --agent` client of node `n` on `volume`, in its namespace,
+    /// through its agent and its own loop devices.
+    pub fn io(&self, volume: &str, client_id: u64, n: u32) -> Io {
+        let node = self.node(n);
+        let args: Vec<OsString> = [
+            "io",
+            "--agent",
+            s(&node.agent_sock()),
+            "--origin",
+            &node.origin,
+            "--store",
+            &node.store,
+            "--volume",
+            volume,
+            "--client-id",
+            &client_id.to_string(),
+            "--node-id",
+            &n.to_string(),
+        ]
+        .iter()
+        .map(OsString::from)
+        .collect();
+        Io::start_wrapped(
+            &format!("io[{volume} #{client_id} node {n}]"),
+            &["ip", "netns", "exec", &node.ns],
+            &args,
+            &self.dir,
+            None,
+        )
     }
 
     /// `csnap cluster ACTION --dir D REST`.
