@@ -466,3 +466,92 @@ fn a_read_lock_of_node_3_holds_off_node_2_across_a_failover() {
         &tb.initial[at..at + CHUNK as usize],
     );
 }
+
+/// The harness itself: node 2 killed leaves node 1 serving and no process
+/// in node 2's namespace; a test that panics with a test bed up leaves no
+/// process, namespace, link or loop device behind.
+#[test]
+fn kill_node_and_teardown_after_a_panic_leave_nothing_behind() {
+    if !available() {
+        eprintln!("skipped: needs root, ip and losetup");
+        return;
+    }
+    let _g = serial();
+    let mut rng = Rng::new(seed("testbed-teardown"));
+    let names = std::sync::Mutex::new(None);
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let mut tb = Testbed::up("teardown", TestbedOpts::default(), &mut rng);
+        tb.start_nbd(1);
+        tb.start_nbd(2);
+        let pids: Vec<u32> = [1, 2].iter().flat_map(|&n| tb.node_pids(n)).collect();
+        assert!(
+            tb.node_pids(2).len() >= 3,
+            "agent, spawner, standby, NBD server"
+        );
+        tb.kill_node(2);
+        assert!(tb.node_pids(2).is_empty(), "node 2 is dead");
+        let (ok, out) = tb
+            .node(1)
+            .qemu_io("origin", &["write -P 0x3c 0 4k", "read -P 0x3c 0 4k"]);
+        assert!(ok, "node 1 serves on:\n{out}");
+        *names.lock().expect("names") = Some((
+            tb.bridge.clone(),
+            tb.nodes.iter().map(|n| n.ns.clone()).collect::<Vec<_>>(),
+            tb.loop_devices(),
+            pids,
+            s(&tb.dir).to_string(),
+        ));
+        panic!("a failing test");
+    }));
+    assert!(r.is_err());
+    let (bridge, namespaces, loops, pids, dir) =
+        names.lock().expect("names").take().expect("names");
+    let ns = String::from_utf8_lossy(
+        &Command::new("ip")
+            .args(["netns", "list"])
+            .output()
+            .expect("ip")
+            .stdout,
+    )
+    .into_owned();
+    for n in &namespaces {
+        assert!(
+            !ns.lines()
+                .any(|l| l.split_whitespace().next() == Some(n.as_str())),
+            "namespace {n} left: {ns}"
+        );
+    }
+    let links = String::from_utf8_lossy(
+        &Command::new("ip")
+            .args(["-o", "link"])
+            .output()
+            .expect("ip")
+            .stdout,
+    )
+    .into_owned();
+    assert!(!links.contains(&bridge), "bridge {bridge} left: {links}");
+    let attached = String::from_utf8_lossy(
+        &Command::new("losetup")
+            .arg("-a")
+            .output()
+            .expect("losetup")
+            .stdout,
+    )
+    .into_owned();
+    for l in &loops {
+        assert!(
+            !attached
+                .lines()
+                .any(|x| x.starts_with(&format!("{l}:")) && x.contains(&dir)),
+            "loop device {l} left: {attached}"
+        );
+    }
+    for p in pids {
+        assert!(
+            !std::path::Path::new(&format!("/proc/{p}")).exists()
+                || std::fs::read_to_string(format!("/proc/{p}/stat"))
+                    .is_ok_and(|s| s.contains(") Z ")),
+            "process {p} left"
+        );
+    }
+}

@@ -271,6 +271,11 @@ impl Testbed {
         dev
     }
 
+    /// The loop devices it attached (for the teardown test).
+    pub fn loop_devices(&self) -> Vec<String> {
+        self.loops.clone()
+    }
+
     pub fn node(&self, n: u32) -> &Node {
         &self.nodes[n as usize - 1]
     }
