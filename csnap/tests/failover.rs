@@ -29,7 +29,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::cluster::{
-    assert_same, csnap, kill, seed, serial, text, Cluster, ClusterOpts, Io, Rng, CHUNK, TIMEOUT,
+    assert_granted, assert_same, assert_waits, csnap, held, kill, seed, send_chunk_write, serial,
+    text, Cluster, ClusterOpts, Io, Rng, CHUNK, TIMEOUT,
 };
 
 /// A random byte range of a volume of `size` bytes: whole chunks, a few
@@ -259,43 +260,6 @@ fn random_sigkills_under_a_mixed_workload_lose_no_io_and_no_data() {
         "{}",
         text(&o)
     );
-}
-
-/// The number in a `ok held K` reply.
-fn held(reply: &str) -> u64 {
-    reply
-        .strip_prefix("ok held ")
-        .and_then(|k| k.parse().ok())
-        .unwrap_or_else(|| panic!("not a hold reply: {reply:?}"))
-}
-
-/// An origin write of a whole chunk, sent; returns what was written.
-fn send_chunk_write(w: &mut Io, rng: &mut Rng, chunk: u64) -> Vec<u8> {
-    let data = rng.bytes(CHUNK as usize);
-    w.send_write(chunk * CHUNK, &data);
-    data
-}
-
-/// How long a write that must wait is watched.
-const QUIET: Duration = Duration::from_secs(1);
-/// A write that may go must be answered within this (generous: 2 cores,
-/// other tests).
-const PROMPT: Duration = Duration::from_secs(5);
-
-/// Asserts the write `w` has pending is not answered within `QUIET`.
-fn assert_waits(w: &mut Io, why: &str) {
-    if let Some((_, line)) = w.try_reply(QUIET) {
-        panic!("{}: the origin write was answered ({line:?}) {why}", w.name);
-    }
-}
-
-/// Waits for the pending write's reply; asserts it came within `PROMPT` of
-/// `since`; returns the latency.
-fn assert_granted(w: &mut Io, since: Instant, why: &str) -> Duration {
-    let (at, _, _) = w.finish();
-    let d = at.saturating_duration_since(since);
-    assert!(d < PROMPT, "{}: the origin write took {d:?} {why}", w.name);
-    d
 }
 
 /// Test 2: The ddsnap window. A snapshot reader holds a read lock granted by

@@ -11,9 +11,10 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::fs::{files, run, Attached, Mounted};
 use common::Proc;
 
 const BIN: &str = env!("CARGO_BIN_EXE_csnap");
@@ -117,17 +118,6 @@ impl Up {
     }
 }
 
-fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 fn random_file(path: &Path, bytes: usize, seed: u64) {
     let mut x = seed | 1;
     let mut v = vec![0u8; bytes];
@@ -213,103 +203,6 @@ fn qemu_img_convert_compare_nbdcopy_and_nbdinfo() {
         .arg(up.url("1")));
     up.stop();
     let _ = std::fs::remove_dir_all(&d);
-}
-
-/// An `nbdfuse` mount of an export and a loop device on it.
-struct Attached {
-    fuse_dir: PathBuf,
-    loopdev: String,
-    fuse: Option<Child>,
-}
-
-impl Attached {
-    fn new(url: &str, fuse_dir: &Path) -> Attached {
-        std::fs::create_dir_all(fuse_dir).unwrap();
-        let fuse = Command::new("nbdfuse")
-            .arg(fuse_dir.join("disk"))
-            .arg(url)
-            .stdin(Stdio::null())
-            .spawn()
-            .unwrap();
-        let t = Instant::now();
-        while !fuse_dir.join("disk").exists() {
-            assert!(
-                t.elapsed() < Duration::from_secs(20),
-                "nbdfuse did not mount"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let loopdev = run(Command::new("losetup")
-            .args(["-f", "--show"])
-            .arg(fuse_dir.join("disk")))
-        .trim()
-        .to_string();
-        Attached {
-            fuse_dir: fuse_dir.to_path_buf(),
-            loopdev,
-            fuse: Some(fuse),
-        }
-    }
-}
-
-impl Drop for Attached {
-    fn drop(&mut self) {
-        let _ = Command::new("losetup").args(["-d", &self.loopdev]).status();
-        let unmounted = Command::new("fusermount3")
-            .arg("-u")
-            .arg(&self.fuse_dir)
-            .status()
-            .is_ok_and(|st| st.success());
-        if !unmounted {
-            // A failed test may leave it busy or its server gone: detach
-            // it lazily rather than leave a mount behind.
-            let _ = Command::new("fusermount3")
-                .arg("-uz")
-                .arg(&self.fuse_dir)
-                .status();
-        }
-        if let Some(mut f) = self.fuse.take() {
-            let t = Instant::now();
-            while t.elapsed() < Duration::from_secs(10) {
-                if let Ok(Some(_)) = f.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = f.kill();
-            let _ = f.wait();
-        }
-    }
-}
-
-struct Mounted(PathBuf);
-impl Drop for Mounted {
-    fn drop(&mut self) {
-        let unmounted = Command::new("umount")
-            .arg(&self.0)
-            .status()
-            .is_ok_and(|st| st.success());
-        if !unmounted {
-            // Busy, or its device gone with a failed test: detach lazily.
-            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-        }
-    }
-}
-
-fn files(dir: &Path) -> Vec<(String, Vec<u8>)> {
-    let mut v: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir)
-        .unwrap()
-        .filter_map(Result::ok)
-        .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
-        .map(|e| {
-            (
-                e.file_name().to_string_lossy().into_owned(),
-                std::fs::read(e.path()).unwrap(),
-            )
-        })
-        .collect();
-    v.sort();
-    v
 }
 
 #[test]

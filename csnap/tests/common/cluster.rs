@@ -427,7 +427,26 @@ impl Io {
         scratch: &Path,
         replies: Option<Arc<AtomicUsize>>,
     ) -> Io {
-        let mut child = Command::new(BIN)
+        Io::start_wrapped(name, &[], args, scratch, replies)
+    }
+
+    /// `start` under a command prefix (`ip netns exec NS` on the test bed).
+    pub fn start_wrapped(
+        name: &str,
+        wrapper: &[&str],
+        args: &[OsString],
+        scratch: &Path,
+        replies: Option<Arc<AtomicUsize>>,
+    ) -> Io {
+        let mut cmd = match wrapper.split_first() {
+            Some((w, rest)) => {
+                let mut c = Command::new(w);
+                c.args(rest).arg(BIN);
+                c
+            }
+            None => Command::new(BIN),
+        };
+        let mut child = cmd
             .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -657,6 +676,47 @@ impl Drop for Io {
             let _ = std::fs::remove_file(&c.path);
         }
     }
+}
+
+// ---------------------------------------------------------------------------
+// Lock-window checks of an `Io` (shared by the failover and test-bed tests).
+// ---------------------------------------------------------------------------
+
+/// The number in a `ok held K` reply.
+pub fn held(reply: &str) -> u64 {
+    reply
+        .strip_prefix("ok held ")
+        .and_then(|k| k.parse().ok())
+        .unwrap_or_else(|| panic!("not a hold reply: {reply:?}"))
+}
+
+/// An origin write of a whole chunk, sent; returns what was written.
+pub fn send_chunk_write(w: &mut Io, rng: &mut Rng, chunk: u64) -> Vec<u8> {
+    let data = rng.bytes(CHUNK as usize);
+    w.send_write(chunk * CHUNK, &data);
+    data
+}
+
+/// How long a write that must wait is watched.
+pub const QUIET: Duration = Duration::from_secs(1);
+/// A write that may go must be answered within this (generous: 2 cores,
+/// other tests).
+pub const PROMPT: Duration = Duration::from_secs(5);
+
+/// Asserts the write `w` has pending is not answered within `QUIET`.
+pub fn assert_waits(w: &mut Io, why: &str) {
+    if let Some((_, line)) = w.try_reply(QUIET) {
+        panic!("{}: the origin write was answered ({line:?}) {why}", w.name);
+    }
+}
+
+/// Waits for the pending write's reply; asserts it came within `PROMPT` of
+/// `since`; returns the latency.
+pub fn assert_granted(w: &mut Io, since: Instant, why: &str) -> Duration {
+    let (at, _, _) = w.finish();
+    let d = at.saturating_duration_since(since);
+    assert!(d < PROMPT, "{}: the origin write took {d:?} {why}", w.name);
+    d
 }
 
 // ---------------------------------------------------------------------------

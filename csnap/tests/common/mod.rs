@@ -3,6 +3,8 @@
 #![allow(dead_code)]
 
 pub mod cluster;
+pub mod fs;
+pub mod testbed;
 
 use std::path::PathBuf;
 use std::process::Child;

@@ -1,0 +1,557 @@
+//! Tests on the multi-host test bed (issue #11): nodes in their own network
+//! namespaces, each with its own loop devices (its own page cache), its own
+//! agent and NBD server, and real NBD clients in its namespace.
+
+// Test code: offsets and sizes of a few MiB move freely between u64,
+// usize and pattern bytes.
+#![allow(clippy::cast_possible_truncation)]
+
+mod common;
+
+use common::cluster::{seed, Rng};
+use common::testbed::{available, serial, Testbed, TestbedOpts};
+
+/// The two-node stale-read scenario: node 1 writes through its export and
+/// flushes; node 2 (which has read the block before, as a host using the
+/// volume would) reads it through its own export; node 1 overwrites and
+/// flushes; node 2 reads again. Each read must see the latest flushed data.
+/// Returns the first failure.
+fn stale_read(shared_loop: bool) -> Result<(), String> {
+    let mut rng = Rng::new(seed("testbed-stale-read"));
+    let mut tb = Testbed::up(
+        if shared_loop { "stale-shared" } else { "stale" },
+        TestbedOpts {
+            nodes: 2,
+            // CSNAP_TESTBED_SHARED_LOOP=1 (the default's) applies here too.
+            shared_loop: shared_loop || TestbedOpts::default().shared_loop,
+            ..TestbedOpts::default()
+        },
+        &mut rng,
+    );
+    tb.start_nbd(1);
+    tb.start_nbd(2);
+    let (n1, n2) = (tb.node(1), tb.node(2));
+    let (ok, out) = n2.qemu_io("origin", &["read 0 64k"]);
+    assert!(ok, "node 2's first read:\n{out}");
+    for pat in ["0xa1", "0xb2"] {
+        let (ok, out) = n1.qemu_io("origin", &[&format!("write -P {pat} 0 64k"), "flush"]);
+        assert!(ok, "node 1 writes {pat}:\n{out}");
+        let (ok, out) = n2.qemu_io("origin", &[&format!("read -P {pat} 0 64k")]);
+        if !ok {
+            return Err(format!(
+                "node 2 does not see node 1's flushed {pat}:\n{out}"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The real test: per-node loop devices, as on separate hosts. Fails while
+/// any device access goes through the page cache (each loop device has its
+/// own): it needs O_DIRECT on every device access.
+#[test]
+fn two_nodes_see_each_others_flushed_origin_writes() {
+    if !available() {
+        eprintln!("skipped: needs root, ip and losetup");
+        return;
+    }
+    let _g = serial();
+    if let Err(e) = stale_read(false) {
+        panic!("{e}");
+    }
+}
+
+/// The harness's control: the same scenario with every node on one pair of
+/// loop devices (one shared page cache) passes, so a failure of the test
+/// above is the per-node page caches, not the harness.
+#[test]
+fn control_one_shared_loop_device_sees_flushed_writes() {
+    if !available() {
+        eprintln!("skipped: needs root, ip and losetup");
+        return;
+    }
+    let _g = serial();
+    if let Err(e) = stale_read(true) {
+        panic!("{e}");
+    }
+}
+
+use std::collections::BTreeMap;
+
+use std::process::Command;
+
+use std::time::{Duration, Instant};
+
+use common::cluster::{
+    assert_granted, assert_same, assert_waits, held, kill, s, send_chunk_write, text, Cluster,
+    CHUNK,
+};
+use common::fs::{files, run, Attached, Mounted};
+
+const WRITE_BYTES: u64 = 64 * 1024;
+
+/// Three random 64 KiB pattern writes and a flush through node `n`'s export
+/// `export`; the shadow follows.
+fn write_some(tb: &Testbed, n: u32, export: &str, shadow: &mut [u8], rng: &mut Rng) {
+    let mut cmds = Vec::new();
+    for _ in 0..3 {
+        let off = rng.below((shadow.len() as u64 - WRITE_BYTES) / 4096) * 4096;
+        let pat = 1 + rng.below(255) as u8;
+        cmds.push(format!("write -P {pat} {off} {WRITE_BYTES}"));
+        let o = usize::try_from(off).expect("offset");
+        shadow[o..o + WRITE_BYTES as usize].fill(pat);
+    }
+    cmds.push("flush".to_string());
+    let refs: Vec<&str> = cmds.iter().map(String::as_str).collect();
+    let (ok, out) = tb.node(n).qemu_io(export, &refs);
+    assert!(ok, "node {n} writes to {export}:\n{out}\n{}", tb.logs(30));
+}
+
+/// Every volume read through every node in `nodes` equals its shadow.
+fn verify(tb: &Testbed, nodes: &[u32], shadows: &BTreeMap<String, Vec<u8>>, when: &str) {
+    for &n in nodes {
+        for (export, want) in shadows {
+            let got = tb.read_volume(n, export);
+            assert_same(&format!("{export} through node {n} {when}"), &got, want);
+        }
+    }
+}
+
+/// The server moves 1 -> 2 -> 1 -> 2 (`cluster start`); after each move
+/// both nodes write to the origin and to every snapshot through their own
+/// exports, every volume is read back through both nodes and compared with
+/// its shadow, and a snapshot is created. At the end every snapshot is
+/// listed, every volume equals its shadow and `csnap check` is clean.
+#[test]
+fn the_server_moves_between_namespaces_under_io_from_both_nodes() {
+    if !available() {
+        eprintln!("skipped: needs root, ip and losetup");
+        return;
+    }
+    let _g = serial();
+    let mut rng = Rng::new(seed("testbed-move"));
+    let mut tb = Testbed::up("move", TestbedOpts::default(), &mut rng);
+    tb.start_nbd(1);
+    tb.start_nbd(2);
+    let mut shadows = BTreeMap::new();
+    shadows.insert("origin".to_string(), tb.initial.clone());
+    for (i, target) in [1u32, 2, 1, 2].into_iter().enumerate() {
+        tb.move_server(target);
+        for n in [1, 2] {
+            for (export, shadow) in &mut shadows {
+                write_some(&tb, n, export, shadow, &mut rng);
+            }
+        }
+        verify(&tb, &[1, 2], &shadows, &format!("after move {}", i + 1));
+        let tag = u32::try_from(i + 1).expect("tag");
+        let o = tb.snapshot("create", &[&tag.to_string()]);
+        assert!(o.status.success(), "snapshot create {tag}: {}", text(&o));
+        let origin = shadows["origin"].clone();
+        shadows.insert(tag.to_string(), origin);
+    }
+    assert_eq!(tb.snapshot_tags(), vec![1, 2, 3, 4]);
+    verify(&tb, &[1, 2], &shadows, "at the end");
+    let o = tb.stop_and_check();
+    assert!(
+        o.status.success() && String::from_utf8_lossy(&o.stdout).contains(": clean"),
+        "check: {}",
+        text(&o)
+    );
+}
+
+/// Three nodes, the server on node 1, clients on nodes 2 and 3 through
+/// their own exports. Node 1 is killed whole (every process of its
+/// namespace); the server fails over to another node and the clients go on.
+/// Then the serving server alone is SIGKILLed; again. Nothing written and
+/// flushed is lost, a snapshot taken after both failovers holds the data,
+/// and `csnap check` is clean.
+#[test]
+fn a_killed_node_and_a_killed_server_fail_over_and_lose_nothing() {
+    if !available() {
+        eprintln!("skipped: needs root, ip and losetup");
+        return;
+    }
+    let _g = serial();
+    let mut rng = Rng::new(seed("testbed-failover"));
+    let mut tb = Testbed::up(
+        "failover",
+        TestbedOpts {
+            nodes: 3,
+            ..TestbedOpts::default()
+        },
+        &mut rng,
+    );
+    for n in 1..=3 {
+        tb.start_nbd(n);
+    }
+    let mut shadows = BTreeMap::new();
+    shadows.insert("origin".to_string(), tb.initial.clone());
+    let st = tb.move_server(1);
+    for n in [2, 3] {
+        write_some(
+            &tb,
+            n,
+            "origin",
+            shadows.get_mut("origin").expect("origin"),
+            &mut rng,
+        );
+    }
+    tb.kill_node(1);
+    assert!(tb.node_pids(1).is_empty(), "node 1 is dead");
+    let st = tb.wait("the server fails over from node 1", |x| {
+        x.incarnation > st.incarnation && x.node != 1
+    });
+    for n in [2, 3] {
+        write_some(
+            &tb,
+            n,
+            "origin",
+            shadows.get_mut("origin").expect("origin"),
+            &mut rng,
+        );
+    }
+    verify(&tb, &[2, 3], &shadows, "after node 1 died");
+    let pid = Cluster::server_pid(&st.addr);
+    kill(pid, libc::SIGKILL);
+    tb.wait("the server fails over after its SIGKILL", |x| {
+        x.incarnation > st.incarnation
+    });
+    for n in [2, 3] {
+        write_some(
+            &tb,
+            n,
+            "origin",
+            shadows.get_mut("origin").expect("origin"),
+            &mut rng,
+        );
+    }
+    let o = tb.snapshot("create", &["7"]);
+    assert!(o.status.success(), "snapshot create: {}", text(&o));
+    shadows.insert("7".to_string(), shadows["origin"].clone());
+    verify(&tb, &[2, 3], &shadows, "after both failovers");
+    let o = tb.stop_and_check();
+    assert!(
+        o.status.success() && String::from_utf8_lossy(&o.stdout).contains(": clean"),
+        "check: {}",
+        text(&o)
+    );
+}
+
+fn random_file(path: &std::path::Path, bytes: usize, rng: &mut Rng) {
+    std::fs::write(path, rng.bytes(bytes)).expect("write file");
+}
+
+/// ext4 on node 1's origin export (nbdfuse on node 1's unix socket and a
+/// loop device), files written, fsfreeze, a snapshot, unfreeze, more
+/// writes. Then through node 2's exports: e2fsck -fn of the snapshot and of
+/// the origin is clean and their files read back byte for byte.
+#[test]
+fn ext4_written_on_node_1_reads_back_on_node_2_from_a_snapshot() {
+    if !available() {
+        eprintln!("skipped: needs root, ip and losetup");
+        return;
+    }
+    let _g = serial();
+    let mut rng = Rng::new(seed("testbed-ext4"));
+    let mut tb = Testbed::up(
+        "ext4",
+        TestbedOpts {
+            origin_bytes: 48 << 20,
+            store_size: "256M",
+            ..TestbedOpts::default()
+        },
+        &mut rng,
+    );
+    tb.start_nbd(1);
+    tb.start_nbd(2);
+    tb.move_server(1);
+    let d = tb.dir.clone();
+    let origin = Attached::new(&tb.node(1).unix_url("origin"), &d.join("fuse-origin"));
+    run(Command::new("mkfs.ext4").args(["-q", "-F", &origin.loopdev]));
+    let mnt = d.join("mnt");
+    std::fs::create_dir_all(&mnt).expect("mnt");
+    run(Command::new("mount").arg(&origin.loopdev).arg(&mnt));
+    let m = Mounted(mnt.clone());
+    for (i, size) in [1usize, 4096, 70_000, 1 << 20, 3 << 20].iter().enumerate() {
+        random_file(&mnt.join(format!("f{i}")), *size, &mut rng);
+    }
+    run(&mut Command::new("sync"));
+    let before = files(&mnt);
+    run(Command::new("fsfreeze").arg("-f").arg(&mnt));
+    let o = tb.snapshot("create", &["1"]);
+    run(Command::new("fsfreeze").arg("-u").arg(&mnt));
+    assert!(o.status.success(), "snapshot create: {}", text(&o));
+    random_file(&mnt.join("f1"), 4096, &mut rng);
+    random_file(&mnt.join("f3"), 2 << 20, &mut rng);
+    std::fs::remove_file(mnt.join("f4")).expect("rm f4");
+    random_file(&mnt.join("g0"), 500_000, &mut rng);
+    run(&mut Command::new("sync"));
+    let after = files(&mnt);
+    assert_ne!(before, after);
+    drop(m);
+    drop(origin);
+
+    // Node 2: each volume read whole through its own export.
+    for (export, want) in [("1", &before), ("origin", &after)] {
+        let img = d.join(format!("node2-{export}.img"));
+        std::fs::write(&img, tb.read_volume(2, export)).expect("image");
+        run(Command::new("e2fsck").arg("-fn").arg(&img));
+        let smnt = d.join(format!("node2-{export}"));
+        std::fs::create_dir_all(&smnt).expect("mount point");
+        run(Command::new("mount")
+            .args(["-o", "loop,ro,noload"])
+            .arg(&img)
+            .arg(&smnt));
+        let sm = Mounted(smnt.clone());
+        assert!(
+            &files(&smnt) == want,
+            "volume {export} read through node 2 shows other files"
+        );
+        drop(sm);
+    }
+}
+
+/// `prog ARGS` in node `n`'s namespace, which must succeed.
+fn on(tb: &Testbed, n: u32, prog: &str, args: &[&str]) -> String {
+    run(tb.node(n).cmd(prog).args(args))
+}
+
+/// NBD interop across three nodes, each client on its own node's export:
+/// qemu-img convert on node 1, compare on node 2, a snapshot, nbdcopy of
+/// new data on node 3; then every node reads back what the others wrote
+/// (nbdcopy, qemu-img compare, which also tells the volumes apart).
+#[test]
+fn nbd_clients_on_three_nodes_see_each_others_data() {
+    if !available() {
+        eprintln!("skipped: needs root, ip and losetup");
+        return;
+    }
+    let _g = serial();
+    let mut rng = Rng::new(seed("testbed-interop"));
+    let mut tb = Testbed::up(
+        "interop",
+        TestbedOpts {
+            nodes: 3,
+            origin_bytes: 8 << 20,
+            ..TestbedOpts::default()
+        },
+        &mut rng,
+    );
+    for n in 1..=3 {
+        tb.start_nbd(n);
+    }
+    let a = tb.dir.join("a.img");
+    let b = tb.dir.join("b.img");
+    std::fs::write(&a, rng.bytes(8 << 20)).expect("a");
+    std::fs::write(&b, rng.bytes(8 << 20)).expect("b");
+    let (a, b) = (s(&a).to_string(), s(&b).to_string());
+    let url = |n: u32, e: &str| tb.node(n).url(e);
+    on(
+        &tb,
+        1,
+        "qemu-img",
+        &[
+            "convert",
+            "-n",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            &a,
+            &url(1, "origin"),
+        ],
+    );
+    on(
+        &tb,
+        2,
+        "qemu-img",
+        &["compare", "-f", "raw", "-F", "raw", &a, &url(2, "origin")],
+    );
+    let o = tb.snapshot("create", &["1"]);
+    assert!(o.status.success(), "snapshot create: {}", text(&o));
+    let list = on(&tb, 3, "nbdinfo", &["--list", &url(3, "")]);
+    assert!(
+        list.contains("export=\"1\""),
+        "node 3 lists the snapshot: {list}"
+    );
+    on(&tb, 3, "nbdcopy", &[&b, &url(3, "origin")]);
+    let out = tb.dir.join("origin.out");
+    on(&tb, 1, "nbdcopy", &[&url(1, "origin"), s(&out)]);
+    assert_same(
+        "origin read by node 1",
+        &std::fs::read(&out).expect("out"),
+        &std::fs::read(&b).expect("b"),
+    );
+    on(
+        &tb,
+        2,
+        "qemu-img",
+        &["compare", "-f", "raw", "-F", "raw", &a, &url(2, "1")],
+    );
+    let differ = tb
+        .node(2)
+        .cmd("qemu-img")
+        .args([
+            "compare",
+            "-q",
+            "-f",
+            "raw",
+            "-F",
+            "raw",
+            &a,
+            &url(2, "origin"),
+        ])
+        .status()
+        .expect("qemu-img");
+    assert_eq!(
+        differ.code(),
+        Some(1),
+        "node 2 sees the origin differ from a"
+    );
+    on(
+        &tb,
+        3,
+        "qemu-img",
+        &["compare", "-f", "raw", "-F", "raw", &b, &url(3, "origin")],
+    );
+}
+
+/// The recovery barrier across hosts (the ddsnap window of
+/// csnap/tests/failover.rs on the test bed): a snapshot reader on node 3
+/// holds a read lock granted by incarnation N, whose server on node 1 is
+/// SIGKILLed; once N+1 serves, an origin write of node 2 to that chunk
+/// waits, one to a chunk no lock covers goes at once, and `unhold` lets the
+/// held-off write through; the snapshot still reads the chunk as it was.
+#[test]
+fn a_read_lock_of_node_3_holds_off_node_2_across_a_failover() {
+    if !available() {
+        eprintln!("skipped: needs root, ip and losetup");
+        return;
+    }
+    let _g = serial();
+    let mut rng = Rng::new(seed("testbed-window"));
+    let tb = Testbed::up(
+        "window",
+        TestbedOpts {
+            nodes: 3,
+            ..TestbedOpts::default()
+        },
+        &mut rng,
+    );
+    let st = tb.move_server(1);
+    let mut w = tb.io("origin", 11, 2);
+    let o = tb.snapshot("create", &["1"]);
+    assert!(o.status.success(), "snapshot create: {}", text(&o));
+    let mut r = tb.io("1", 31, 3);
+    let held_chunk = 5u64;
+    let k = held(&r.call(&format!("hold {} 100", held_chunk * CHUNK + 10)));
+    assert!(k >= 1, "the chunk is on the origin: a read lock is held");
+    kill(Cluster::server_pid(&st.addr), libc::SIGKILL);
+    let st = tb.wait("a new incarnation serves", |x| {
+        x.incarnation > st.incarnation
+    });
+    assert_ne!(st.node, 1);
+    std::thread::sleep(Duration::from_millis(200));
+    let t = Instant::now();
+    send_chunk_write(&mut w, &mut rng, 40);
+    assert_granted(&mut w, t, "to a chunk no lock covers");
+    send_chunk_write(&mut w, &mut rng, held_chunk);
+    assert_waits(&mut w, "while incarnation N's read lock is held");
+    assert_eq!(r.call("unhold"), format!("ok released {k}"));
+    assert_granted(&mut w, Instant::now(), "after unhold");
+    let at = (held_chunk * CHUNK) as usize;
+    assert_same(
+        "snapshot 1, the held chunk, read on node 3",
+        &r.read(held_chunk * CHUNK, CHUNK),
+        &tb.initial[at..at + CHUNK as usize],
+    );
+}
+
+/// The harness itself: node 2 killed leaves node 1 serving and no process
+/// in node 2's namespace; a test that panics with a test bed up leaves no
+/// process, namespace, link or loop device behind.
+#[test]
+fn kill_node_and_teardown_after_a_panic_leave_nothing_behind() {
+    if !available() {
+        eprintln!("skipped: needs root, ip and losetup");
+        return;
+    }
+    let _g = serial();
+    let mut rng = Rng::new(seed("testbed-teardown"));
+    let names = std::sync::Mutex::new(None);
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let mut tb = Testbed::up("teardown", TestbedOpts::default(), &mut rng);
+        tb.start_nbd(1);
+        tb.start_nbd(2);
+        let pids: Vec<u32> = [1, 2].iter().flat_map(|&n| tb.node_pids(n)).collect();
+        assert!(
+            tb.node_pids(2).len() >= 3,
+            "agent, spawner, standby, NBD server"
+        );
+        tb.kill_node(2);
+        assert!(tb.node_pids(2).is_empty(), "node 2 is dead");
+        let (ok, out) = tb
+            .node(1)
+            .qemu_io("origin", &["write -P 0x3c 0 4k", "read -P 0x3c 0 4k"]);
+        assert!(ok, "node 1 serves on:\n{out}");
+        *names.lock().expect("names") = Some((
+            tb.bridge.clone(),
+            tb.nodes.iter().map(|n| n.ns.clone()).collect::<Vec<_>>(),
+            tb.loop_devices(),
+            pids,
+            s(&tb.dir).to_string(),
+        ));
+        panic!("a failing test");
+    }));
+    assert!(r.is_err());
+    let (bridge, namespaces, loops, pids, dir) =
+        names.lock().expect("names").take().expect("names");
+    let ns = String::from_utf8_lossy(
+        &Command::new("ip")
+            .args(["netns", "list"])
+            .output()
+            .expect("ip")
+            .stdout,
+    )
+    .into_owned();
+    for n in &namespaces {
+        assert!(
+            !ns.lines()
+                .any(|l| l.split_whitespace().next() == Some(n.as_str())),
+            "namespace {n} left: {ns}"
+        );
+    }
+    let links = String::from_utf8_lossy(
+        &Command::new("ip")
+            .args(["-o", "link"])
+            .output()
+            .expect("ip")
+            .stdout,
+    )
+    .into_owned();
+    assert!(!links.contains(&bridge), "bridge {bridge} left: {links}");
+    let attached = String::from_utf8_lossy(
+        &Command::new("losetup")
+            .arg("-a")
+            .output()
+            .expect("losetup")
+            .stdout,
+    )
+    .into_owned();
+    for l in &loops {
+        assert!(
+            !attached
+                .lines()
+                .any(|x| x.starts_with(&format!("{l}:")) && x.contains(&dir)),
+            "loop device {l} left: {attached}"
+        );
+    }
+    for p in pids {
+        assert!(
+            !std::path::Path::new(&format!("/proc/{p}")).exists()
+                || std::fs::read_to_string(format!("/proc/{p}/stat"))
+                    .is_ok_and(|s| s.contains(") Z ")),
+            "process {p} left"
+        );
+    }
+}
