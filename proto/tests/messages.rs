@@ -582,7 +582,8 @@ fn reserved_bytes_must_be_zero() {
         (Kind::Fence, &[4, 5, 6, 7]),
         (
             Kind::ClusterStatusReply,
-            &[12, 13, 16 + 22 + 2, 16 + 22 + 3, 16 + 22 + 4 + 5],
+            // (12 and 13 are `failed_deaths` now.)
+            &[16 + 22 + 2, 16 + 22 + 3, 16 + 22 + 4 + 5],
         ),
         // The node list's header, the client list's header and first entry.
         (
@@ -1522,7 +1523,7 @@ fn enum_fields_are_validated() {
     let mut s = Scratch::new();
     let cmd = sample(Kind::ClusterCommand, false, &mut s);
     let k = Kind::ClusterCommand;
-    for v in [0u8, 4, 0xff] {
+    for v in [0u8, 5, 0xff] {
         bad_body(decode_edited(&cmd, |b| b[0] = v), k, "cluster op");
     }
     bad_body(decode_edited(&cmd, |b| b[2] = 1), k, "cluster op");
@@ -1530,11 +1531,12 @@ fn enum_fields_are_validated() {
         (1, ClusterOp::Join),
         (2, ClusterOp::Leave),
         (3, ClusterOp::Start),
+        (4, ClusterOp::ClearFailed),
     ] {
         assert_eq!(ClusterOp::from_u32(v), Some(op));
         assert_eq!(op as u32, v);
     }
-    assert_eq!(ClusterOp::from_u32(4), None);
+    assert_eq!(ClusterOp::from_u32(5), None);
 
     let mut s = Scratch::new();
     let st = sample(Kind::AgentState, false, &mut s);
