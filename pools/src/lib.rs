@@ -71,6 +71,15 @@ pub const CACHE_DEFAULT_BLOCKS: usize = 4096;
 /// or origin device may need: the block size of the store's metadata, so
 /// every metadata block is one aligned transfer.
 pub const DIO_ALIGN_MAX_BYTES: usize = BLOCK_SIZE_BYTES;
+/// A panic report's bytes (the panic hook formats into a stack buffer of
+/// this size; a longer message is truncated).
+pub const PANIC_REPORT_BYTES: usize = 2048;
+/// The sealed allocator's panic arena: what std allocates for a panic's
+/// formatted message on the way to the hook, served without a syscall.
+pub const PANIC_ARENA_BYTES: usize = 64 * 1024;
+const_assert!(PANIC_REPORT_BYTES <= THREAD_STACK_BUDGET_BYTES / 16);
+const_assert!(PANIC_ARENA_BYTES >= 4 * PANIC_REPORT_BYTES);
+
 /// The aligned bounce buffer of each direct `FileDisk` (reserved at open):
 /// an access whose buffer, offset or length is not aligned goes through it,
 /// in pieces of at most this size (read-modify-write at unaligned edges).

@@ -160,7 +160,7 @@ pub const HEAP_VIOLATION_EXIT_STATUS: u8 = 134;
 
 /// Bytes of the panic arena: what std allocates for a panic's formatted
 /// message (and its payload box) on the way to the panic hook.
-const PANIC_ARENA_BYTES: usize = 64 * 1024;
+const PANIC_ARENA_BYTES: usize = csnap_pools::PANIC_ARENA_BYTES;
 
 /// A static bump arena for allocations made while the thread panics in the
 /// sealed phase: served without a syscall (the system allocator could

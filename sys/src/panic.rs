@@ -16,7 +16,7 @@ use core::fmt::Write as _;
 pub const PANIC_EXIT_STATUS: u8 = 101;
 
 /// Bytes of one panic report; a longer message is truncated.
-const REPORT_BYTES: usize = 2048;
+const REPORT_BYTES: usize = csnap_pools::PANIC_REPORT_BYTES;
 
 struct Fixed {
     buf: [u8; REPORT_BYTES],
