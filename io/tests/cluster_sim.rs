@@ -68,8 +68,9 @@ const STORE_BYTES: u64 = 8 << 20;
 const UUID: [u8; 16] = [0x5a; 16];
 const NODES: u32 = 3;
 const TAGS: [u32; 2] = [1, 2];
-/// Seeds per test function (two functions run on the two cores).
-const SEEDS_PER_TEST: u64 = 100;
+/// Seeds per test function by default (CI runs two: 1000 seeds);
+/// `CSNAP_SIM_SEEDS=N` runs N per function for a soak.
+const SEEDS_PER_TEST: u64 = 500;
 /// Steps with I/O and faults per seed (quiet phases come on top).
 const ACTIVE_STEPS: u32 = 300;
 /// A quiet phase that has not settled after this many steps is stuck.
@@ -2122,12 +2123,12 @@ fn run_seeds(first: u64, count: u64, name: &str) {
 }
 
 #[test]
-fn cluster_simulation_seeds_0_to_99() {
+fn cluster_simulation_seeds_0_to_499() {
     run_seeds(0, SEEDS_PER_TEST, "a");
 }
 
 #[test]
-fn cluster_simulation_seeds_100_to_199() {
+fn cluster_simulation_seeds_500_to_999() {
     run_seeds(SEEDS_PER_TEST, SEEDS_PER_TEST, "b");
 }
 

@@ -149,8 +149,40 @@ struct World {
     bounced: u64,
 }
 
+/// The simulation is one process, one page cache: its files are opened
+/// buffered on purpose and kept on a tmpfs when there is one (what it
+/// checks is the protocol and the engines; direct I/O and separate hosts
+/// are the test bed's, csnap/tests/testbed.rs).
+fn sim_disk(path: &Path) -> FileDisk {
+    FileDisk::open_buffered(path, true).unwrap()
+}
+
+fn sim_base_dir() -> std::path::PathBuf {
+    if Path::new("/dev/shm").is_dir() {
+        std::path::PathBuf::from("/dev/shm")
+    } else {
+        std::env::temp_dir()
+    }
+}
+
+/// Seeds to run: `CSNAP_SIM_SEED=N` one, `CSNAP_SIM_SEEDS=N` that many
+/// (the same variables as cluster_sim, for soak runs), else `default`.
+fn sim_seeds(default: u64) -> Vec<u64> {
+    if let Some(s) = std::env::var("CSNAP_SIM_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+    {
+        return vec![s];
+    }
+    let n = std::env::var("CSNAP_SIM_SEEDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default);
+    (1..=n).map(|i| i * 7919).collect()
+}
+
 fn data_start_of(path: &Path) -> u64 {
-    let mut d = FileDisk::open(path).unwrap();
+    let mut d = sim_disk(path);
     csnap_store::read_label(&mut d).unwrap().data_start_bytes
 }
 
@@ -158,7 +190,7 @@ fn open_server(
     dir: &Path,
     incarnation_hint: u64,
 ) -> (Server, StoreWorker<FileDisk, FileDisk>, u64) {
-    let sd = FileDisk::open(&dir.join("store")).unwrap();
+    let sd = sim_disk(&dir.join("store"));
     let mut store = Store::open(
         sd,
         &OpenOptions {
@@ -169,7 +201,7 @@ fn open_server(
     let inc = store.bump_incarnation().unwrap();
     store.commit().unwrap();
     assert!(inc > incarnation_hint);
-    let od = FileDisk::open(&dir.join("origin")).unwrap();
+    let od = sim_disk(&dir.join("origin"));
     let cfg = ServerConfig {
         clients: 16,
         requests_per_client: 16,
@@ -185,8 +217,7 @@ fn open_server(
 
 impl World {
     fn new(seed: u64) -> World {
-        let dir =
-            std::env::temp_dir().join(format!("csnap-engine-sim-{}-{seed}", std::process::id()));
+        let dir = sim_base_dir().join(format!("csnap-engine-sim-{}-{seed}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let origin = File::options()
@@ -217,7 +248,7 @@ impl World {
         o.chunk_size_bytes = CHUNK;
         o.journal_blocks = 256;
         o.origin_uuid = UUID;
-        let mut sd = FileDisk::open(&dir.join("store")).unwrap();
+        let mut sd = sim_disk(&dir.join("store"));
         csnap_store::format(&mut sd, &o).unwrap();
         drop(sd);
         let data_start = data_start_of(&dir.join("store"));
@@ -766,7 +797,7 @@ impl World {
                     // A reader of the new snapshot (it must see exactly the
                     // origin as of the creation).
                     if let Some((tag, _)) = self.creating.take() {
-                        if self.engines.len() < 10 {
+                        if self.engines.len() < ENGINES_MAX {
                             let id = 300 + u64::from(tag);
                             self.add_engine(Volume::Snapshot(tag), id);
                         }
@@ -952,7 +983,9 @@ impl World {
 }
 
 fn run(seed: u64, steps: u32) -> World {
-    eprintln!("engine sim: seed {seed}");
+    if trace() {
+        eprintln!("engine sim: seed {seed}");
+    }
     let mut w = World::new(seed);
     w.create_snapshot();
     w.server_step();
@@ -970,15 +1003,30 @@ fn run(seed: u64, steps: u32) -> World {
     w
 }
 
+/// Seeds per run by default (CI); `CSNAP_SIM_SEEDS` raises it for a soak.
+const SIM_SEEDS_DEFAULT: u64 = 1000;
+
 #[test]
 fn caching_engines_stay_exact_through_creates_and_failovers() {
     let (mut reads, mut cached, mut creates, mut failovers, mut bounced) = (0, 0, 0, 0, 0);
-    let only: Option<u64> = std::env::var("SEED").ok().and_then(|s| s.parse().ok());
-    for seed in 1..=200u64 {
-        if only.is_some_and(|o| o != seed * 7919) {
-            continue;
+    let seeds = sim_seeds(SIM_SEEDS_DEFAULT);
+    let full = seeds.len() as u64 >= SIM_SEEDS_DEFAULT;
+    /// Names the seed of a failing run (replay: `CSNAP_SIM_SEED=N TRACE=1`).
+    struct SeedReport(u64);
+    impl Drop for SeedReport {
+        fn drop(&mut self) {
+            if std::thread::panicking() {
+                eprintln!(
+                    "engine_sim: seed {} failed (replay: CSNAP_SIM_SEED={} TRACE=1 cargo test --release -p csnap-io --test engine_sim)",
+                    self.0, self.0
+                );
+            }
         }
-        let w = run(seed * 7919, 1500);
+    }
+    for &seed in &seeds {
+        let report = SeedReport(seed);
+        let w = run(seed, 1500);
+        drop(report);
         reads += w.reads_checked;
         cached += w.cached_writes;
         creates += w.creates;
@@ -987,8 +1035,13 @@ fn caching_engines_stay_exact_through_creates_and_failovers() {
         let _ = std::fs::remove_dir_all(&w.dir);
     }
     eprintln!(
-        "engine sim: {reads} reads checked, {cached} origin writes submitted with others in flight, {creates} snapshots created, {failovers} failovers, {bounced} disk operations bounced (read-modify-writes among them)"
+        "engine sim: {} seeds: {reads} reads checked, {cached} origin writes submitted with others in flight, {creates} snapshots created, {failovers} failovers, {bounced} disk operations bounced (read-modify-writes among them)",
+        seeds.len()
     );
+    if !full {
+        // A replay of one seed (or a short run) proves nothing about counts.
+        return;
+    }
     assert!(
         bounced > 1000,
         "too few unaligned disk operations: {bounced}"
