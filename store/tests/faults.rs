@@ -1,0 +1,295 @@
+//! A disk that fails (#15): EIO on a read, a write or a flush, ENOSPC on a
+//! write, and a torn write, injected at every disk operation of a workload
+//! in turn; and a second failure at every write of the replay that follows.
+//!
+//! What must hold after each: the store operation that met the failure
+//! returns an error (no panic), nothing it acknowledged (a commit that
+//! returned `Ok`) is lost, and once the disk works again the store opens,
+//! `check` is clean and every volume reads as the model says.
+
+#![allow(clippy::cast_possible_truncation)]
+
+mod common;
+
+use common::{format_store, initial, make_origin, pattern, value_of, CACHE_BLOCKS, CHUNK};
+use csnap_store::disk::{Disk, DiskError, MemDisk};
+use csnap_store::{Mapping, OpenOptions, OriginWrite, Store, StoreError, StoreFullPolicy};
+
+const ORIGIN_CHUNKS: u64 = 48;
+const DATA_CHUNKS: u64 = 256;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fault {
+    ReadEio,
+    WriteEio,
+    WriteEnospc,
+    FlushEio,
+    TornWrite,
+}
+
+const FAULTS: [Fault; 5] = [
+    Fault::ReadEio,
+    Fault::WriteEio,
+    Fault::WriteEnospc,
+    Fault::FlushEio,
+    Fault::TornWrite,
+];
+
+/// A disk whose `at`-th operation of the fault's kind fails (once).
+struct FaultDisk {
+    inner: MemDisk,
+    fault: Option<Fault>,
+    at: u64,
+    seen: u64,
+    fired: bool,
+}
+
+impl FaultDisk {
+    fn new(inner: MemDisk, fault: Option<Fault>, at: u64) -> Self {
+        FaultDisk {
+            inner,
+            fault,
+            at,
+            seen: 0,
+            fired: false,
+        }
+    }
+
+    /// Whether this operation (of `kind`) is the one that fails.
+    fn hit(&mut self, kinds: &[Fault]) -> Option<Fault> {
+        let f = self.fault?;
+        if self.fired || !kinds.contains(&f) {
+            return None;
+        }
+        self.seen += 1;
+        if self.seen == self.at {
+            self.fired = true;
+            return Some(f);
+        }
+        None
+    }
+}
+
+impl Disk for FaultDisk {
+    fn read_at(&mut self, buf: &mut [u8], offset: u64) -> Result<(), DiskError> {
+        if self.hit(&[Fault::ReadEio]).is_some() {
+            return Err(DiskError::Os(libc::EIO));
+        }
+        self.inner.read_at(buf, offset)
+    }
+
+    fn write_at(&mut self, buf: &[u8], offset: u64) -> Result<(), DiskError> {
+        match self.hit(&[Fault::WriteEio, Fault::WriteEnospc, Fault::TornWrite]) {
+            Some(Fault::WriteEio) => Err(DiskError::Os(libc::EIO)),
+            Some(Fault::WriteEnospc) => Err(DiskError::Os(libc::ENOSPC)),
+            Some(_) => {
+                // Torn: the first half (rounded to 512 bytes) lands, then
+                // the device fails.
+                let half = (buf.len() / 2) / 512 * 512;
+                self.inner.write_at(&buf[..half], offset)?;
+                Err(DiskError::Os(libc::EIO))
+            }
+            None => self.inner.write_at(buf, offset),
+        }
+    }
+
+    fn flush(&mut self) -> Result<(), DiskError> {
+        if self.hit(&[Fault::FlushEio]).is_some() {
+            return Err(DiskError::Os(libc::EIO));
+        }
+        self.inner.flush()
+    }
+
+    fn size_bytes(&self) -> u64 {
+        self.inner.size_bytes()
+    }
+}
+
+fn open_opts() -> OpenOptions {
+    OpenOptions {
+        cache_blocks: CACHE_BLOCKS,
+    }
+}
+
+/// The model of what a workload acknowledged: origin values, and the
+/// snapshots (each holding the origin as of its creation).
+#[derive(Clone, Default)]
+struct Acked {
+    origin: Vec<u64>,
+    snaps: Vec<(u32, Vec<u64>)>,
+}
+
+/// One step of the workload, as a server runs it: copy-out and commit, and
+/// only then the origin write and the acknowledgement. Errors stop it.
+fn step<D: Disk>(
+    st: &mut Store<D>,
+    origin: &mut MemDisk,
+    acked: &mut Acked,
+    i: u64,
+) -> Result<(), StoreError> {
+    if i % 9 == 4 {
+        let tag = u32::try_from(10 + i).unwrap();
+        st.create_snapshot(tag, 0)?;
+        st.commit()?;
+        acked.snaps.push((tag, acked.origin.clone()));
+        return Ok(());
+    }
+    if i % 13 == 7 && acked.snaps.len() > 1 {
+        let (tag, _) = acked.snaps.remove(0);
+        st.delete_snapshot(tag)?;
+        st.commit()?;
+        return Ok(());
+    }
+    let c = (i * 7) % ORIGIN_CHUNKS;
+    let v = 5_000 + i;
+    match st.prepare_origin_write(c)? {
+        OriginWrite::Unique => {}
+        OriginWrite::CopyOut { store_chunk } => {
+            let mut b = vec![0u8; CHUNK];
+            origin.read_at(&mut b, c * CHUNK as u64).unwrap();
+            let off = st.chunk_offset(store_chunk);
+            st.disk_mut().write_at(&b, off)?;
+        }
+    }
+    st.commit()?;
+    // Acknowledged: the origin write follows the commit.
+    origin.write_at(&pattern(v), c * CHUNK as u64).unwrap();
+    acked.origin[usize::try_from(c).unwrap()] = v;
+    Ok(())
+}
+
+const STEPS: u64 = 40;
+
+/// Runs the workload until it ends or an operation fails; returns the
+/// store's disk, the origin and what was acknowledged, and whether a
+/// failure stopped it.
+fn run(fault: Option<Fault>, at: u64) -> (FaultDisk, MemDisk, Acked, bool) {
+    let d = format_store(ORIGIN_CHUNKS, DATA_CHUNKS, StoreFullPolicy::Refuse);
+    let mut origin = make_origin(ORIGIN_CHUNKS);
+    let mut acked = Acked {
+        origin: (0..ORIGIN_CHUNKS).map(initial).collect(),
+        snaps: Vec::new(),
+    };
+    let mut st = Store::open(FaultDisk::new(d, None, 0), &open_opts()).unwrap();
+    st.create_snapshot(1, 0).unwrap();
+    st.commit().unwrap();
+    acked.snaps.push((1, acked.origin.clone()));
+    // Armed from here on.
+    let mut disk = st.into_disk();
+    disk.fault = fault;
+    disk.at = at;
+    let mut failed = false;
+    // The open itself (a standby's start) may meet the failure: an error.
+    match Store::open(&mut disk, &open_opts()) {
+        Err(_) => failed = true,
+        Ok(mut st) => {
+            for i in 0..STEPS {
+                if step(&mut st, &mut origin, &mut acked, i).is_err() {
+                    failed = true;
+                    break;
+                }
+            }
+        }
+    }
+    (disk, origin, acked, failed)
+}
+
+/// Opens the store on the working disk and checks it against the model.
+fn recover_and_verify(d: MemDisk, origin: &mut MemDisk, acked: &Acked, what: &str) {
+    let mut d = d;
+    let r = csnap_store::check::check(&mut d);
+    assert!(r.is_clean(), "{what}: check:\n{}", r.problems.join("\n"));
+    let mut st = Store::open(d, &open_opts()).unwrap_or_else(|e| panic!("{what}: reopen: {e}"));
+    for c in 0..ORIGIN_CHUNKS {
+        let mut b = vec![0u8; CHUNK];
+        origin.read_at(&mut b, c * CHUNK as u64).unwrap();
+        assert_eq!(
+            value_of(&b),
+            Some(acked.origin[usize::try_from(c).unwrap()]),
+            "{what}: origin chunk {c}"
+        );
+    }
+    for (tag, data) in &acked.snaps {
+        for c in 0..ORIGIN_CHUNKS {
+            let mut b = vec![0u8; CHUNK];
+            match st
+                .lookup(*tag, c)
+                .unwrap_or_else(|e| panic!("{what}: snapshot {tag} lost: {e}"))
+            {
+                Mapping::Origin => origin.read_at(&mut b, c * CHUNK as u64).unwrap(),
+                Mapping::Store(s) => {
+                    let off = st.chunk_offset(s);
+                    st.disk_mut().read_at(&mut b, off).unwrap();
+                }
+            }
+            assert_eq!(
+                value_of(&b),
+                Some(data[usize::try_from(c).unwrap()]),
+                "{what}: snapshot {tag} chunk {c}"
+            );
+        }
+    }
+}
+
+/// Operations of each fault kind in a fault-free run (where to inject).
+fn ops_of(kind: Fault) -> u64 {
+    let (d, _, _, failed) = run(Some(kind), u64::MAX);
+    assert!(!failed);
+    d.seen
+}
+
+#[test]
+fn every_disk_failure_is_an_error_and_loses_nothing_acknowledged() {
+    let mut injected = 0u64;
+    let mut stopped = 0u64;
+    for kind in FAULTS {
+        let n = ops_of(kind);
+        assert!(n > 10, "{kind:?}: only {n} operations to fail");
+        for at in 1..=n {
+            let (d, mut origin, acked, failed) = run(Some(kind), at);
+            assert!(d.fired, "{kind:?} at {at} did not fire");
+            injected += 1;
+            // A failed write, flush or torn write always stops the server;
+            // a failed read stops the request (here, the workload).
+            assert!(failed, "{kind:?} at {at}: the failure went unnoticed");
+            stopped += 1;
+            recover_and_verify(d.inner, &mut origin, &acked, &format!("{kind:?} at {at}"));
+        }
+    }
+    eprintln!("disk faults: {injected} injected, {stopped} stopped the workload, all recovered");
+    assert!(injected > 100);
+}
+
+/// A second failure during the replay of the first: the open fails with an
+/// error, and a later open on a working disk still recovers everything.
+#[test]
+fn a_failure_during_replay_is_an_error_and_the_next_open_recovers() {
+    let mut injected = 0u64;
+    for kind in [Fault::TornWrite, Fault::WriteEio, Fault::FlushEio] {
+        let n = ops_of(kind);
+        for at in (1..=n).step_by(3) {
+            let (d, mut origin, acked, _) = run(Some(kind), at);
+            // Count the replay's writes, then fail each in turn.
+            let mut probe = FaultDisk::new(d.inner.clone(), Some(Fault::WriteEio), u64::MAX);
+            drop(Store::open(&mut probe, &open_opts()).unwrap());
+            let replay_writes = probe.seen;
+            for j in 1..=replay_writes {
+                let mut again = FaultDisk::new(d.inner.clone(), Some(Fault::TornWrite), j);
+                assert!(
+                    Store::open(&mut again, &open_opts()).is_err(),
+                    "{kind:?} at {at}, replay write {j}: the open went on after a failed write"
+                );
+                injected += 1;
+                recover_and_verify(
+                    again.inner,
+                    &mut origin.clone(),
+                    &acked,
+                    &format!("{kind:?} at {at}, replay write {j} torn"),
+                );
+            }
+            recover_and_verify(d.inner, &mut origin, &acked, &format!("{kind:?} at {at}"));
+        }
+    }
+    eprintln!("replay faults: {injected} injected");
+    assert!(injected > 0, "no replay ever wrote");
+}
