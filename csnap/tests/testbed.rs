@@ -555,3 +555,113 @@ fn kill_node_and_teardown_after_a_panic_leave_nothing_behind() {
         );
     }
 }
+
+/// Fencing across hosts (issue #11), on two nodes of the test bed: no
+/// cluster, two standalone servers, each on its own node's loop devices
+/// (its own page cache; the host-local lock of one does not see the other,
+/// as on two hosts) and TCP address. Server A on node 1 serves a client
+/// of node 1; A is paused (SIGSTOP); server B on node 2 takes the store
+/// over (the next incarnation) and serves a write of a node-2 client; A
+/// is continued. A must not serve again: its client's next write is
+/// refused as stale, A exits naming the fence, and B's data and A's
+/// earlier data are what node 2 reads. A's fence read goes to the disk
+/// (direct I/O): through its own page cache it would still see its own
+/// incarnation and serve on.
+#[test]
+fn a_paused_server_on_node_1_is_fenced_by_a_takeover_on_node_2() {
+    use common::cluster::{assert_same, kill, Daemon, Io, BIN, CHUNK, TIMEOUT};
+    use std::ffi::OsString;
+    use std::time::{Duration, Instant};
+
+    if !available() {
+        eprintln!("skipped: the test bed needs root, ip and losetup");
+        return;
+    }
+    let _serial = serial();
+    let mut rng = Rng::new(seed("testbed-fence"));
+    let mut tb = Testbed::up("fence", TestbedOpts::default(), &mut rng);
+    // No cluster for this one: the agents (and their standbys) go.
+    for node in &mut tb.nodes {
+        node.agent.take();
+    }
+    let addr = |n: usize| format!("{}:7070", tb.nodes[n].ip);
+    let server = |n: usize, name: &str| {
+        let node = &tb.nodes[n];
+        let mut cmd = node.cmd(BIN);
+        cmd.args(["server", "--origin", &node.origin, "--store", &node.store])
+            .args(["--listen", &addr(n)]);
+        let mut s = Daemon::spawn(name, &mut cmd);
+        assert!(
+            s.log.wait_line(0, "serving", TIMEOUT).is_some(),
+            "{name} did not start:\n{}",
+            s.log.text()
+        );
+        assert!(s.exited().is_none());
+        s
+    };
+    let client = |n: usize, id: u64| {
+        let node = &tb.nodes[n];
+        let args: Vec<OsString> = [
+            "io",
+            "--server",
+            &addr(n),
+            "--origin",
+            &node.origin,
+            "--store",
+            &node.store,
+            "--volume",
+            "origin",
+            "--client-id",
+            &id.to_string(),
+        ]
+        .iter()
+        .map(OsString::from)
+        .collect();
+        Io::start_wrapped(
+            &format!("io node {}", n + 1),
+            &["ip", "netns", "exec", &node.ns],
+            &args,
+            &tb.dir,
+            None,
+        )
+    };
+    let mut a = server(0, "server A (node 1)");
+    let mut ca = client(0, 1);
+    let first = rng.bytes(2 * CHUNK as usize);
+    ca.write(0, &first);
+
+    kill(a.pid(), libc::SIGSTOP);
+    let stopped_at = Instant::now();
+    let b = server(1, "server B (node 2)");
+    let mut cb = client(1, 2);
+    let second = rng.bytes(CHUNK as usize);
+    cb.write(CHUNK, &second);
+    // A re-reads the on-disk incarnation before a batch once its last check
+    // is older than SERVER_FENCE_RECHECK_MS: the pause outlasts it (a real
+    // takeover takes longer than that: failure detection).
+    let period = Duration::from_millis(csnap_pools::SERVER_FENCE_RECHECK_MS);
+    std::thread::sleep((2 * period).saturating_sub(stopped_at.elapsed()));
+    kill(a.pid(), libc::SIGCONT);
+    let third = rng.bytes(CHUNK as usize);
+    ca.send_write(CHUNK, &third);
+    let (_, reply) = ca.try_reply(TIMEOUT).expect("A's client gets an answer");
+    assert!(
+        !reply.starts_with("ok") && reply.contains("stale server incarnation"),
+        "A's client must be refused as stale: {reply:?}\n--- A\n{}\n--- B\n{}",
+        a.log.text(),
+        b.log.text()
+    );
+    let st = a.wait_exit(TIMEOUT).expect("A exits once fenced");
+    let log = a.log.text();
+    assert_eq!(st.code(), Some(1), "A's exit: {st}\n{log}");
+    assert!(log.contains("fenced"), "A names the reason:\n{log}");
+    // Node 2 reads B's write and A's write from before the takeover.
+    assert_same("B's write", &cb.read(CHUNK, CHUNK), &second);
+    assert_same(
+        "A's earlier write",
+        &cb.read(0, CHUNK),
+        &first[..CHUNK as usize],
+    );
+    drop(ca);
+    cb.quit();
+}
