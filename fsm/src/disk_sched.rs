@@ -352,6 +352,14 @@ impl DiskSched {
         assert!(pushed, "action queue sized for every operation");
     }
 
+    /// Starts `e`'s single transfer `r` of `len` bytes in `stage`.
+    fn submit_one(&mut self, e: &mut Entry, stage: Stage, r: Request, len: u32) {
+        e.stage = stage;
+        e.want = i32::try_from(len).unwrap_or(i32::MAX);
+        e.pending = 1;
+        self.act(Action::Submit(r));
+    }
+
     fn bounce_off(&self, b: u16) -> usize {
         self.cfg.bounce_at + usize::from(b) * self.cfg.bounce_bytes
     }
@@ -396,9 +404,6 @@ impl DiskSched {
                 self.act(Action::Submit(Request::Sync { id, dev }));
             }
             (DiskOp::Read { .. }, false) => {
-                e.stage = Stage::Running;
-                e.want = i32::try_from(len32).unwrap_or(i32::MAX);
-                e.pending = 1;
                 let r = Request::Read {
                     id,
                     dev,
@@ -406,12 +411,9 @@ impl DiskSched {
                     mem_at: e.data_at,
                     len: len32,
                 };
-                self.act(Action::Submit(r));
+                self.submit_one(&mut e, Stage::Running, r, len32);
             }
             (DiskOp::Write { .. }, false) => {
-                e.stage = Stage::Running;
-                e.want = i32::try_from(len32).unwrap_or(i32::MAX);
-                e.pending = 1;
                 let r = Request::Write {
                     id,
                     dev,
@@ -419,12 +421,9 @@ impl DiskSched {
                     mem_at: e.data_at,
                     len: len32,
                 };
-                self.act(Action::Submit(r));
+                self.submit_one(&mut e, Stage::Running, r, len32);
             }
             (DiskOp::Read { .. }, true) => {
-                e.stage = Stage::BounceRead;
-                e.want = i32::try_from(span32).unwrap_or(i32::MAX);
-                e.pending = 1;
                 let r = Request::Read {
                     id,
                     dev,
@@ -432,7 +431,7 @@ impl DiskSched {
                     mem_at: bo,
                     len: span32,
                 };
-                self.act(Action::Submit(r));
+                self.submit_one(&mut e, Stage::BounceRead, r, span32);
             }
             (DiskOp::Write { .. }, true) => {
                 e.stage = Stage::EdgeReads;
