@@ -16,36 +16,12 @@ mod common;
 use common::*;
 use csnap_store::disk::{Disk, MemDisk};
 use csnap_store::layout::{self, BlockKind, Super};
-use csnap_store::{tree, StoreFullPolicy};
+use csnap_store::tree;
 
-const ORIGIN_CHUNKS: u64 = 2000;
 const BS: u64 = 4096;
 
-/// A store with a two-level tree, snapshots and a few snapshot writes.
 fn populated() -> MemDisk {
-    let d = format_store(ORIGIN_CHUNKS, 4000, StoreFullPolicy::Refuse);
-    let mut h = Harness::new(open(d), make_origin(ORIGIN_CHUNKS));
-    h.store.create_snapshot(1, 0).unwrap();
-    h.store.commit().unwrap();
-    let writes: Vec<(u64, u64)> = (0..400).map(|i| (i * 5 % ORIGIN_CHUNKS, i)).collect();
-    h.origin_write_batch(&writes);
-    h.store.create_snapshot(2, 0).unwrap();
-    h.snapshot_write(2, 7, 77);
-    h.snapshot_write(1, 5, 55);
-    assert_eq!(h.store.status().depth, 2);
-    // A last commit that touches only the superblock, so the journal's newest
-    // commit does not cover the blocks these tests damage.
-    h.store.set_priority(1, 3).unwrap();
-    h.store.commit().unwrap();
-    let mut d = h.store.into_disk();
-    assert_clean(&mut d, "populated store");
-    d
-}
-
-fn read_block(d: &mut MemDisk, addr: u64) -> Vec<u8> {
-    let mut b = vec![0u8; BS as usize];
-    d.read_at(&mut b, addr * BS).unwrap();
-    b
+    populated_store(true)
 }
 
 fn write_block(d: &mut MemDisk, addr: u64, b: &[u8]) {

@@ -15,32 +15,11 @@ use csnap_store::disk::{Disk, MemDisk};
 use csnap_store::layout::{self, BlockFault, BlockKind, Label, Super};
 use csnap_store::{tree, StoreError, StoreFullPolicy};
 
-const ORIGIN_CHUNKS: u64 = 2000;
+const ORIGIN_CHUNKS: u64 = POPULATED_ORIGIN_CHUNKS;
 const BS: u64 = 4096;
 
-/// A store with a two-level tree and two snapshots; its last commit touches
-/// only the superblock (so replay does not repair the blocks damaged here).
 fn populated() -> MemDisk {
-    let d = format_store(ORIGIN_CHUNKS, 4000, StoreFullPolicy::Refuse);
-    let mut h = Harness::new(open(d), make_origin(ORIGIN_CHUNKS));
-    h.store.create_snapshot(1, 0).unwrap();
-    h.store.commit().unwrap();
-    let writes: Vec<(u64, u64)> = (0..400).map(|i| (i * 5 % ORIGIN_CHUNKS, i)).collect();
-    h.origin_write_batch(&writes);
-    h.store.create_snapshot(2, 0).unwrap();
-    h.snapshot_write(2, 7, 77);
-    assert_eq!(h.store.status().depth, 2);
-    h.store.set_priority(1, 3).unwrap();
-    h.store.commit().unwrap();
-    let mut d = h.store.into_disk();
-    assert_clean(&mut d, "populated store");
-    d
-}
-
-fn read_block(d: &mut MemDisk, addr: u64) -> Vec<u8> {
-    let mut b = vec![0u8; BS as usize];
-    d.read_at(&mut b, addr * BS).unwrap();
-    b
+    populated_store(false)
 }
 
 /// Rewrites block `addr` with `f` and re-seals it (same sequence): the

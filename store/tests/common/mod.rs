@@ -278,3 +278,39 @@ pub fn assert_clean<D: Disk>(d: &mut D, when: &str) {
         r.problems.join("\n")
     );
 }
+
+/// Origin chunks of `populated_store`.
+pub const POPULATED_ORIGIN_CHUNKS: u64 = 2000;
+
+/// A store with a two-level tree and snapshots 1 and 2 (snapshot 2 written
+/// at chunk 7, and snapshot 1 at chunk 5 when `snapshot_1_write`), whose
+/// last commit touches only the superblock, so the journal's newest commit
+/// does not cover the blocks the corruption tests damage.
+pub fn populated_store(snapshot_1_write: bool) -> MemDisk {
+    let n = POPULATED_ORIGIN_CHUNKS;
+    let d = format_store(n, 4000, StoreFullPolicy::Refuse);
+    let mut h = Harness::new(open(d), make_origin(n));
+    h.store.create_snapshot(1, 0).unwrap();
+    h.store.commit().unwrap();
+    let writes: Vec<(u64, u64)> = (0..400).map(|i| (i * 5 % n, i)).collect();
+    h.origin_write_batch(&writes);
+    h.store.create_snapshot(2, 0).unwrap();
+    h.snapshot_write(2, 7, 77);
+    if snapshot_1_write {
+        h.snapshot_write(1, 5, 55);
+    }
+    assert_eq!(h.store.status().depth, 2);
+    h.store.set_priority(1, 3).unwrap();
+    h.store.commit().unwrap();
+    let mut d = h.store.into_disk();
+    assert_clean(&mut d, "populated store");
+    d
+}
+
+/// Metadata block `addr` of a store disk.
+pub fn read_block(d: &mut MemDisk, addr: u64) -> Vec<u8> {
+    let mut b = vec![0u8; csnap_pools::BLOCK_SIZE_BYTES];
+    d.read_at(&mut b, addr * csnap_pools::BLOCK_SIZE_BYTES as u64)
+        .unwrap();
+    b
+}
