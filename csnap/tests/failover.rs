@@ -638,14 +638,7 @@ fn fencing_across_hosts_stops_the_older_incarnation() {
     kill(a.pid(), libc::SIGCONT);
     // A's client writes where B's client wrote: A must refuse.
     let third = rng.bytes(CHUNK as usize);
-    ca.send_write(CHUNK, &third);
-    let (_, reply) = ca.try_reply(TIMEOUT).expect("A's client gets an answer");
-    assert!(
-        !reply.starts_with("ok") && reply.contains("stale server incarnation"),
-        "A's client must be refused as stale: {reply:?}\n--- A\n{}\n--- B\n{}",
-        a.log.text(),
-        b.log.text()
-    );
+    common::cluster::assert_write_refused_as_stale(&mut ca, CHUNK, &third, &a, &b);
     // A raw request to A after the pause: A's answer (if any comes before
     // it exits) carries A's old incarnation.
     let mut buf = vec![0u8; 512];
@@ -659,11 +652,7 @@ fn fencing_across_hosts_stops_the_older_incarnation() {
         .write_all(&buf[..n])
         .ok()
         .and_then(|()| try_read_frame(&mut raw_a));
-    let st = a.wait_exit(TIMEOUT).expect("A exits once fenced");
-    let log = a.log.text();
-    assert_eq!(st.code(), Some(1), "A's exit: {st}\n{log}");
-    assert!(log.contains("fenced"), "A names the reason:\n{log}");
-    assert!(!log.contains("heap violation"), "A's exit path:\n{log}");
+    common::cluster::assert_exits_fenced(&mut a);
     // Nothing of A's refused write reached the origin; B's data is there.
     assert_same("B's write", &cb.read(CHUNK, CHUNK), &second);
     assert_same(

@@ -569,7 +569,10 @@ fn kill_node_and_teardown_after_a_panic_leave_nothing_behind() {
 /// incarnation and serve on.
 #[test]
 fn a_paused_server_on_node_1_is_fenced_by_a_takeover_on_node_2() {
-    use common::cluster::{assert_same, kill, Daemon, Io, BIN, CHUNK, TIMEOUT};
+    use common::cluster::{
+        assert_exits_fenced, assert_same, assert_write_refused_as_stale, kill, Daemon, Io, BIN,
+        CHUNK, TIMEOUT,
+    };
     use std::ffi::OsString;
     use std::time::{Duration, Instant};
 
@@ -643,18 +646,8 @@ fn a_paused_server_on_node_1_is_fenced_by_a_takeover_on_node_2() {
     std::thread::sleep((2 * period).saturating_sub(stopped_at.elapsed()));
     kill(a.pid(), libc::SIGCONT);
     let third = rng.bytes(CHUNK as usize);
-    ca.send_write(CHUNK, &third);
-    let (_, reply) = ca.try_reply(TIMEOUT).expect("A's client gets an answer");
-    assert!(
-        !reply.starts_with("ok") && reply.contains("stale server incarnation"),
-        "A's client must be refused as stale: {reply:?}\n--- A\n{}\n--- B\n{}",
-        a.log.text(),
-        b.log.text()
-    );
-    let st = a.wait_exit(TIMEOUT).expect("A exits once fenced");
-    let log = a.log.text();
-    assert_eq!(st.code(), Some(1), "A's exit: {st}\n{log}");
-    assert!(log.contains("fenced"), "A names the reason:\n{log}");
+    assert_write_refused_as_stale(&mut ca, CHUNK, &third, &a, &b);
+    assert_exits_fenced(&mut a);
     // Node 2 reads B's write and A's write from before the takeover.
     assert_same("B's write", &cb.read(CHUNK, CHUNK), &second);
     assert_same(

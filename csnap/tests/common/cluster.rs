@@ -904,6 +904,83 @@ impl Default for ClusterOpts {
     }
 }
 
+/// `csnap cluster ACTION --dir CDIR REST`.
+pub fn cluster_cmd_in(cdir: &Path, action: &str, rest: &[&str]) -> Output {
+    let mut a = vec!["cluster", action, "--dir", s(cdir)];
+    a.extend_from_slice(rest);
+    csnap(&a)
+}
+
+/// The parsed `csnap cluster status` of the cluster in `cdir`.
+pub fn status_in(cdir: &Path) -> Status {
+    let o = cluster_cmd_in(cdir, "status", &[]);
+    assert!(o.status.success(), "cluster status: {}", text(&o));
+    parse_status(&String::from_utf8_lossy(&o.stdout))
+}
+
+/// Polls the status of the cluster in `cdir` until `f` holds; returns it.
+/// A timeout names `what`, the last status and `context()` (logs).
+pub fn wait_status_in(
+    cdir: &Path,
+    what: &str,
+    mut f: impl FnMut(&Status) -> bool,
+    context: impl Fn() -> String,
+) -> Status {
+    let start = Instant::now();
+    loop {
+        let st = status_in(cdir);
+        if f(&st) {
+            return st;
+        }
+        assert!(
+            start.elapsed() < TIMEOUT,
+            "timed out waiting until {what}; last status {st:?}\n{}",
+            context()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Fencing: `client` (of server `a`, paused while `b` took the store over
+/// and continued since) writes `data` at `off`; the write must be refused
+/// as stale, not acknowledged.
+pub fn assert_write_refused_as_stale(
+    client: &mut Io,
+    off: u64,
+    data: &[u8],
+    a: &Daemon,
+    b: &Daemon,
+) {
+    client.send_write(off, data);
+    let (_, reply) = client
+        .try_reply(TIMEOUT)
+        .expect("the old server's client gets an answer");
+    assert!(
+        !reply.starts_with("ok") && reply.contains("stale server incarnation"),
+        "the old server's client must be refused as stale: {reply:?}\n--- old server\n{}\n--- new server\n{}",
+        a.log.text(),
+        b.log.text()
+    );
+}
+
+/// Fencing: the old server `a` exits with status 1, names the fence and
+/// leaves without a heap violation.
+pub fn assert_exits_fenced(a: &mut Daemon) {
+    let st = a
+        .wait_exit(TIMEOUT)
+        .expect("the old server exits once fenced");
+    let log = a.log.text();
+    assert_eq!(st.code(), Some(1), "the old server's exit: {st}\n{log}");
+    assert!(
+        log.contains("fenced"),
+        "the old server names the reason:\n{log}"
+    );
+    assert!(
+        !log.contains("heap violation"),
+        "the old server's exit path:\n{log}"
+    );
+}
+
 pub struct Cluster {
     /// The test's directory (origin, store, scratch files).
     pub dir: PathBuf,
@@ -1020,31 +1097,16 @@ impl Cluster {
 
     /// `csnap cluster ARGS --dir D`.
     pub fn cluster_cmd(&self, action: &str, rest: &[&str]) -> Output {
-        let mut a = vec!["cluster", action, "--dir", s(&self.cdir)];
-        a.extend_from_slice(rest);
-        csnap(&a)
+        cluster_cmd_in(&self.cdir, action, rest)
     }
 
     pub fn status(&self) -> Status {
-        let o = self.cluster_cmd("status", &[]);
-        assert!(o.status.success(), "cluster status: {}", text(&o));
-        parse_status(&String::from_utf8_lossy(&o.stdout))
+        status_in(&self.cdir)
     }
 
     /// Polls the status until `f` holds; returns it.
-    pub fn wait(&self, what: &str, mut f: impl FnMut(&Status) -> bool) -> Status {
-        let start = Instant::now();
-        loop {
-            let st = self.status();
-            if f(&st) {
-                return st;
-            }
-            assert!(
-                start.elapsed() < TIMEOUT,
-                "timed out waiting until {what}; last status {st:?}"
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
+    pub fn wait(&self, what: &str, f: impl FnMut(&Status) -> bool) -> Status {
+        wait_status_in(&self.cdir, what, f, String::new)
     }
 
     /// Waits until an incarnation above `than` serves.

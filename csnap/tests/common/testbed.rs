@@ -32,7 +32,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use super::cluster::{
-    csnap, parse_status, s, text, wait_for, Daemon, Disks, Io, Rng, Status, BIN, TIMEOUT,
+    cluster_cmd_in, csnap, s, status_in, text, wait_for, wait_status_in, Daemon, Disks, Io, Rng,
+    Status, BIN, TIMEOUT,
 };
 
 /// NBD port of every node (each node has its own address).
@@ -427,32 +428,17 @@ impl Testbed {
 
     /// `csnap cluster ACTION --dir D REST`.
     pub fn cluster_cmd(&self, action: &str, rest: &[&str]) -> Output {
-        let mut a = vec!["cluster", action, "--dir", s(&self.cdir)];
-        a.extend_from_slice(rest);
-        csnap(&a)
+        cluster_cmd_in(&self.cdir, action, rest)
     }
 
     pub fn status(&self) -> Status {
-        let o = self.cluster_cmd("status", &[]);
-        assert!(o.status.success(), "cluster status: {}", text(&o));
-        parse_status(&String::from_utf8_lossy(&o.stdout))
+        status_in(&self.cdir)
     }
 
-    /// Polls the status until `f` holds; returns it.
-    pub fn wait(&self, what: &str, mut f: impl FnMut(&Status) -> bool) -> Status {
-        let start = Instant::now();
-        loop {
-            let st = self.status();
-            if f(&st) {
-                return st;
-            }
-            assert!(
-                start.elapsed() < TIMEOUT,
-                "timed out waiting until {what}; last status {st:?}\n{}",
-                self.logs(30)
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+    /// Polls the status until `f` holds; returns it (the nodes' logs on a
+    /// timeout).
+    pub fn wait(&self, what: &str, f: impl FnMut(&Status) -> bool) -> Status {
+        wait_status_in(&self.cdir, what, f, || self.logs(30))
     }
 
     pub fn wait_all_ready(&self) -> Status {
