@@ -10,10 +10,13 @@
 # network namespace csn<ID>-N, a veth pair into the bridge and the address
 # 10.213.<X>.N/24, its own loop devices over the two files (its own page
 # cache, as a SAN host has; --shared-loop: one pair for every node), then
-# starts the controller (DIR/cluster/controller.sock) and in each node's
-# namespace its agent and an NBD server on N's address, port 10809, and on
-# DIR/cluster/node-N/nbd.sock. It prints how to reach each node. `down`
-# kills every process of the namespaces and the controller, detaches the
+# starts the controller on a host of its own (namespace csn<ID>-0, address
+# 10.213.<X>.254, listening on TCP port 7790 and on
+# DIR/cluster/controller.sock for `csnap cluster` commands) and in each
+# node's namespace its agent (bus to the controller over TCP, servers on
+# TCP at the node's address) and an NBD server on N's address, port 10809,
+# and on DIR/cluster/node-N/nbd.sock. It prints how to reach each node.
+# `down` kills every process of the namespaces, detaches the
 # loop devices and deletes the namespaces and the bridge (state in
 # DIR/testbed.env).
 #
@@ -53,22 +56,27 @@ up() {
         ss=$(losetup -f --show "$dir/store.img")
         echo "LOOPS+=($so $ss)" >>"$env"
     fi
-    "$csnap" cluster run --dir "$dir/cluster" >"$dir/controller.log" 2>&1 &
-    echo "CONTROLLER=$!" >>"$env"
+    host() { # NS IP VETH-SUFFIX
+        ip netns add "$1"
+        ip link add "csv${id}h$3" type veth peer name "csv${id}p$3"
+        ip link set "csv${id}p$3" netns "$1"
+        ip link set "csv${id}h$3" master "csb$id"
+        ip link set "csv${id}h$3" up
+        ip netns exec "$1" ip link set lo up
+        ip netns exec "$1" ip addr add "$2/24" dev "csv${id}p$3"
+        ip netns exec "$1" ip link set "csv${id}p$3" up
+    }
+    local bus="10.213.$x.254:7790"
+    host "csn$id-0" "10.213.$x.254" 0
+    ip netns exec "csn$id-0" "$csnap" cluster run --dir "$dir/cluster" --listen "$bus" \
+        >"$dir/controller.log" 2>&1 &
     for ((i = 0; i < 200; i++)); do
         [[ -S "$dir/cluster/controller.sock" ]] && break
         sleep 0.05
     done
     for ((n = 1; n <= nodes; n++)); do
         local ns="csn$id-$n" ip="10.213.$x.$n"
-        ip netns add "$ns"
-        ip link add "csv${id}h$n" type veth peer name "csv${id}p$n"
-        ip link set "csv${id}p$n" netns "$ns"
-        ip link set "csv${id}h$n" master "csb$id"
-        ip link set "csv${id}h$n" up
-        ip netns exec "$ns" ip link set lo up
-        ip netns exec "$ns" ip addr add "$ip/24" dev "csv${id}p$n"
-        ip netns exec "$ns" ip link set "csv${id}p$n" up
+        host "$ns" "$ip" "$n"
         local o=$so s=$ss
         if [[ -z "$shared" ]]; then
             o=$(losetup -f --show "$dir/origin.img")
@@ -76,7 +84,8 @@ up() {
             echo "LOOPS+=($o $s)" >>"$env"
         fi
         ip netns exec "$ns" "$csnap" agent --dir "$dir/cluster" --node "$n" \
-            --origin "$o" --store "$s" >"$dir/agent-$n.log" 2>&1 &
+            --origin "$o" --store "$s" --controller "$bus" --server-listen "$ip" \
+            >"$dir/agent-$n.log" 2>&1 &
         for ((i = 0; i < 200; i++)); do
             [[ -S "$dir/cluster/node-$n/agent.sock" ]] && break
             sleep 0.05
@@ -88,27 +97,28 @@ up() {
         echo "  ip netns exec $ns qemu-io -f raw nbd://$ip:10809/origin"
     done
     echo "cluster: $csnap cluster status --dir $dir/cluster; logs in $dir/*.log"
+    echo "snapshots (from the controller's host, over TCP):"
+    echo "  ip netns exec csn$id-0 $csnap snapshot list --server \$($csnap cluster status --dir $dir/cluster | sed -n 's/.* at //p')"
     echo "down:    $0 down $dir"
 }
 
 down() {
     local dir=$1 env="$1/testbed.env"
     [[ -e "$env" ]] || { echo "$dir: no test bed" >&2; exit 1; }
-    local ID NODES CONTROLLER="" LOOPS=()
+    local ID NODES LOOPS=()
     # shellcheck disable=SC1090
     source "$env"
     local n i
-    for ((n = 1; n <= NODES; n++)); do
+    for ((n = 0; n <= NODES; n++)); do
         local ns="csn$ID-$n"
         # shellcheck disable=SC2046
         ip netns pids "$ns" 2>/dev/null | xargs -r kill -KILL || true
     done
-    [[ -z "$CONTROLLER" ]] || kill -KILL "$CONTROLLER" 2>/dev/null || true
     sleep 0.2
     for l in "${LOOPS[@]}"; do
         losetup -d "$l" 2>/dev/null || true
     done
-    for ((n = 1; n <= NODES; n++)); do
+    for ((n = 0; n <= NODES; n++)); do
         ip netns del "csn$ID-$n" 2>/dev/null || true
     done
     ip link del "csb$ID" 2>/dev/null || true

@@ -255,9 +255,9 @@ pub const AGENT: &[Rule] = &[
         "the bus link to the membership backend: first connect, and again after it broke",
     ),
     rule(
-        "ioctl",
-        libc::SYS_ioctl,
-        "FIONBIO: the bus link is set non-blocking once connected (std set_nonblocking)",
+        "setsockopt",
+        libc::SYS_setsockopt,
+        "TCP_NODELAY on a bus link over TCP (`--controller IP:PORT`: the controller on another host)",
     ),
     exit_path(
         "exit_group",
@@ -283,6 +283,11 @@ pub const CONTROLLER: &[Rule] = &[
         "accept4",
         libc::SYS_accept4,
         "an agent or a `csnap cluster` command connecting",
+    ),
+    rule(
+        "setsockopt",
+        libc::SYS_setsockopt,
+        "TCP_NODELAY on an accepted TCP connection (an agent on another host, `--listen IP:PORT`)",
     ),
     rule(
         "epoll_ctl",

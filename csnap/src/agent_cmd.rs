@@ -107,6 +107,16 @@ pub struct AgentArgs {
     /// `--server-arg=--clients=128`.
     #[arg(long, value_name = "ARG", allow_hyphen_values = true)]
     pub server_arg: Vec<String>,
+    /// The controller's address, when it runs on another host: `IP:PORT`
+    /// of its `cluster run --listen`. Default: `DIR/controller.sock`.
+    #[arg(long, value_name = "ADDR")]
+    pub controller: Option<String>,
+    /// This node's IP address for its servers: each standby listens on
+    /// `IP:PORT` (a port the kernel picks), and that is the address the
+    /// agents give to clients on every node. Without it the servers listen
+    /// only on unix sockets in the node's directory (one host).
+    #[arg(long, value_name = "IP")]
+    pub server_listen: Option<std::net::IpAddr>,
     #[command(flatten)]
     pub confine: ConfineArgs,
 }
@@ -154,7 +164,11 @@ fn agent(args: &AgentArgs) -> Result<String, String> {
         .arg("--listen-dir")
         .arg(&nd)
         .arg("--agent")
-        .arg(agent_socket(&args.dir, args.node))
+        .arg(agent_socket(&args.dir, args.node));
+    if let Some(ip) = args.server_listen {
+        spawner.arg("--listen-host").arg(ip.to_string());
+    }
+    spawner
         .arg("--")
         .arg("--origin")
         .arg(abs(&args.origin))
@@ -162,11 +176,15 @@ fn agent(args: &AgentArgs) -> Result<String, String> {
         .arg(abs(&args.store))
         .args(args.confine.child_args())
         .args(&args.server_arg);
+    let controller = match &args.controller {
+        Some(a) => csnap_io::net::Addr::parse(a).map_err(|e| format!("--controller {a}: {e}"))?,
+        None => csnap_io::net::Addr::Unix(controller_socket(&args.dir)),
+    };
     let who = format!("csnap agent {}", args.node);
     let opts = csnap_failover::agent::AgentOptions {
         node_id: args.node,
         socket: agent_socket(&args.dir, args.node),
-        controller: controller_socket(&args.dir),
+        controller,
         conns: usize::try_from(args.conns).unwrap_or(usize::MAX),
         spawner,
         confinement: args.confine.confinement(Some(csnap_audit::AGENT), &who)?,
@@ -182,6 +200,9 @@ pub struct SpawnerArgs {
     listen_dir: PathBuf,
     #[arg(long)]
     agent: PathBuf,
+    /// Each server listens on `IP:0` first (the address it announces).
+    #[arg(long)]
+    listen_host: Option<std::net::IpAddr>,
     /// Arguments for every server.
     #[arg(last = true, allow_hyphen_values = true)]
     server_args: Vec<String>,
@@ -199,6 +220,7 @@ pub fn run_spawner(args: &SpawnerArgs) -> ExitCode {
         exe,
         node_id: args.node,
         listen_dir: args.listen_dir.clone(),
+        listen_host: args.listen_host,
         server_args: args.server_args.clone(),
         agent_socket: args.agent.clone(),
     });
@@ -235,6 +257,11 @@ pub enum ClusterAction {
         #[arg(long, value_name = "N", default_value_t = csnap_pools::CONTROLLER_CONNS_DEFAULT as u64,
               value_parser = clap::value_parser!(u64).range(1..=csnap_pools::CONTROLLER_CONNS_MAX as u64))]
         conns: u64,
+        /// Another address to listen on besides `DIR/controller.sock`
+        /// (repeatable): `IP:PORT` for agents on other hosts
+        /// (`csnap agent --controller IP:PORT`).
+        #[arg(long, value_name = "ADDR")]
+        listen: Vec<String>,
         /// The crash-loop breaker: this many server deaths (or failed
         /// starts) within --death-window-ms mark the store failed: no more
         /// incarnations until `csnap cluster clear-failed`. 0 turns it off.
@@ -298,12 +325,14 @@ pub fn run_cluster(args: &ClusterArgs) -> ExitCode {
             conns,
             max_server_deaths,
             death_window_ms,
+            listen,
             confine,
         } => controller(
             dir,
             *policy,
             *conns,
             (*max_server_deaths, *death_window_ms),
+            listen,
             confine,
         ),
         ClusterAction::ClearFailed { dir } => command(dir, ClusterOp::ClearFailed, 1),
@@ -328,12 +357,29 @@ fn controller(
     policy: PolicyArg,
     conns: u64,
     (max_server_deaths, death_window_ms): (u32, u64),
+    listen: &[String],
     confine: &ConfineArgs,
 ) -> CmdResult {
     std::fs::create_dir_all(dir)
         .map_err(|e| (EXIT_USAGE, format!("cannot create {}: {e}", dir.display())))?;
+    if listen.len() >= csnap_pools::CONTROLLER_LISTENERS_MAX {
+        return Err((
+            EXIT_USAGE,
+            format!(
+                "at most {} --listen addresses",
+                csnap_pools::CONTROLLER_LISTENERS_MAX - 1
+            ),
+        ));
+    }
+    let listen = listen
+        .iter()
+        .map(|a| {
+            csnap_io::net::Addr::parse(a).map_err(|e| (EXIT_USAGE, format!("--listen {a}: {e}")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     let opts = csnap_failover::controller::ControllerOptions {
         socket: controller_socket(dir),
+        listen,
         conns: usize::try_from(conns).unwrap_or(usize::MAX),
         policy: match policy {
             PolicyArg::Auto => csnap_fsm::cluster::Policy::Auto,

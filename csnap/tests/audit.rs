@@ -446,7 +446,7 @@ fn standby_and_failover_start_syscalls_match_the_audited_whitelist() {
 /// Serving, ServerUp, a new standby spawned), its server dying and a
 /// failover elsewhere, a start again, its node leaving and joining, and the
 /// controller restarting (the bus breaks, reconnect attempts fail, then
-/// succeed). Every syscall after its filter install must be in `AGENT`, and
+/// succeed), with the bus over TCP. Every syscall after its filter install must be in `AGENT`, and
 /// every rule of `AGENT` not marked as an exit path must be used. The
 /// controller runs under strace too, and is audited the same way against
 /// `CONTROLLER` (its joins, placements, starts, status and cluster
@@ -462,6 +462,17 @@ fn agent_syscalls_match_the_audited_whitelist() {
     let ctl_prefix = trace_dir.join("c");
     let ctl_wrapper = common::cluster::strace_wrapper(&ctl_prefix);
     let mut rng = Rng::new(0x5eed);
+    // The bus runs over TCP, as between hosts: the controller listens on
+    // a loopback port besides its unix socket, and the agents connect
+    // there (`setsockopt` TCP_NODELAY on both sides).
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let bus = format!("127.0.0.1:{port}");
+    let defaults = ClusterOpts::default();
+    let mut controller_args = defaults.controller_args.clone();
+    controller_args.extend(["--listen".to_string(), bus.clone()]);
     let mut c = Cluster::start(
         "agent-audit",
         ClusterOpts {
@@ -469,7 +480,9 @@ fn agent_syscalls_match_the_audited_whitelist() {
             store_size: "48M",
             agent_wrapper: Some((1, wrapper)),
             controller_wrapper: Some(ctl_wrapper),
-            ..ClusterOpts::default()
+            agent_args: vec!["--controller".into(), bus],
+            controller_args,
+            ..defaults
         },
         &mut rng,
     );

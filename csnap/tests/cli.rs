@@ -382,6 +382,34 @@ fn bad_flags_are_usage_errors() {
         "many",
     ]);
     assert_error(&out, 2, "--journal-blocks");
+    // Cluster addresses: a listen address that does not parse, and an
+    // agent's server address that is not an IP.
+    let d = TempDir::new("bad-addr");
+    let cl = d.path("cl");
+    let out = csnap(&[
+        "cluster",
+        "run",
+        "--dir",
+        cl.to_str().unwrap(),
+        "--listen",
+        "no-such-host.invalid:7790",
+        "--no-mlock",
+    ]);
+    assert_error(&out, 2, "--listen no-such-host.invalid:7790");
+    let out = csnap(&[
+        "agent",
+        "--dir",
+        cl.to_str().unwrap(),
+        "--node",
+        "1",
+        "--origin",
+        "x",
+        "--store",
+        "y",
+        "--server-listen",
+        "node1",
+    ]);
+    assert_error(&out, 2, "--server-listen");
 }
 
 #[test]

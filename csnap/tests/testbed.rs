@@ -83,8 +83,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::cluster::{
-    assert_granted, assert_same, assert_waits, held, kill, s, send_chunk_write, text, Cluster,
-    CHUNK,
+    assert_granted, assert_same, assert_waits, held, kill, s, send_chunk_write, text, CHUNK,
 };
 use common::fs::{files, run, Attached, Mounted};
 
@@ -211,7 +210,7 @@ fn a_killed_node_and_a_killed_server_fail_over_and_lose_nothing() {
         );
     }
     verify(&tb, &[2, 3], &shadows, "after node 1 died");
-    let pid = Cluster::server_pid(&st.addr);
+    let pid = tb.server_pid(st.node, &st.addr);
     kill(pid, libc::SIGKILL);
     tb.wait("the server fails over after its SIGKILL", |x| {
         x.incarnation > st.incarnation
@@ -414,6 +413,17 @@ fn nbd_clients_on_three_nodes_see_each_others_data() {
         "qemu-img",
         &["compare", "-f", "raw", "-F", "raw", &b, &url(3, "origin")],
     );
+    // A client on every node (`csnap io` through its agent) reaches the
+    // server, and every agent the controller, over TCP between the
+    // namespaces.
+    let mut clients: Vec<_> = (1..=3).map(|n| tb.io("1", 100 + u64::from(n), n)).collect();
+    for c in &mut clients {
+        c.read(0, 4096);
+    }
+    tb.assert_links_between_hosts_are_tcp(&[1, 2, 3]);
+    for c in clients {
+        c.quit();
+    }
 }
 
 /// The recovery barrier across hosts (the ddsnap window of
@@ -446,7 +456,7 @@ fn a_read_lock_of_node_3_holds_off_node_2_across_a_failover() {
     let held_chunk = 5u64;
     let k = held(&r.call(&format!("hold {} 100", held_chunk * CHUNK + 10)));
     assert!(k >= 1, "the chunk is on the origin: a read lock is held");
-    kill(Cluster::server_pid(&st.addr), libc::SIGKILL);
+    kill(tb.server_pid(st.node, &st.addr), libc::SIGKILL);
     let st = tb.wait("a new incarnation serves", |x| {
         x.incarnation > st.incarnation
     });

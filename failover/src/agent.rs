@@ -15,7 +15,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use csnap_fsm::agent::{AgentAction, AgentConfig, AgentEvent, AgentFsm};
-use csnap_io::net::{Addr, MioListener};
+use csnap_io::net::{Addr, MioListener, MioStream};
 use csnap_proto::{FrameReader, FRAME_MAX_BYTES};
 use mio::{Events, Interest, Poll, Token};
 
@@ -37,8 +37,9 @@ pub struct AgentOptions {
     pub node_id: u32,
     /// The agent's socket.
     pub socket: PathBuf,
-    /// The controller's socket (the `local` membership backend).
-    pub controller: PathBuf,
+    /// The controller's address (the `local` membership backend): its
+    /// unix socket on the controller's host, or `host:port` over TCP.
+    pub controller: Addr,
     /// Connections on the agent's socket at once.
     pub conns: usize,
     /// The spawner process to start at init (its standard input is the
@@ -49,7 +50,7 @@ pub struct AgentOptions {
 }
 
 struct Bus {
-    stream: mio::net::UnixStream,
+    stream: MioStream,
 }
 
 /// Runs the agent until its loop fails. Returns the reason.
@@ -69,7 +70,7 @@ pub fn run(mut opts: AgentOptions) -> Result<String, String> {
     };
     let mut poll = Poll::new().map_err(|e| format!("epoll: {e}"))?;
     let mut events = Events::with_capacity(EVENTS_MAX);
-    let mut table = ConnTable::new(listener, cfg.conns, poll.registry())
+    let mut table = ConnTable::new(vec![listener], cfg.conns, poll.registry())
         .map_err(|e| format!("cannot register the agent socket: {e}"))?;
     let mut fsm = AgentFsm::new(cfg);
     let mut bus_reader = FrameReader::new(vec![0u8; FRAME_MAX_BYTES].into_boxed_slice());
@@ -193,10 +194,23 @@ fn fsm_now(t0: &Instant) -> u64 {
     u64::try_from(t0.elapsed().as_millis()).unwrap_or(u64::MAX)
 }
 
-fn connect_bus(path: &std::path::Path, poll: &Poll) -> io::Result<Bus> {
-    let s = std::os::unix::net::UnixStream::connect(path)?;
-    s.set_nonblocking(true)?;
-    let mut stream = mio::net::UnixStream::from_std(s);
+/// Connects the bus link without blocking: a unix connect completes at
+/// once; a TCP connect is still in progress, and the link's first frames
+/// wait in the FSM's bus output until the socket turns writable. A connect
+/// that fails shows as an error on the link (dropped, retried after
+/// `AGENT_BUS_RETRY_MS`); one that hangs (a dead host) stalls the link,
+/// which `bus_stalled` drops.
+fn connect_bus(addr: &Addr, poll: &Poll) -> io::Result<Bus> {
+    let mut stream = match addr {
+        Addr::Unix(p) => MioStream::Unix(mio::net::UnixStream::connect(p)?),
+        Addr::Tcp(a) => {
+            let s = mio::net::TcpStream::connect(*a)?;
+            // Frames are small and latency-bound (a failover waits on
+            // them): no Nagle delay.
+            let _ = s.set_nodelay(true);
+            MioStream::Tcp(s)
+        }
+    };
     poll.registry()
         .register(&mut stream, BUS, Interest::READABLE | Interest::WRITABLE)?;
     Ok(Bus { stream })

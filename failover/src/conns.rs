@@ -1,5 +1,5 @@
-//! The connection table shared by the agent and the controller processes: a
-//! listener and a fixed table of framed connections, driven over mio, that
+//! The connection table shared by the agent and the controller processes:
+//! its listeners (unix and TCP) and a fixed table of framed connections, driven over mio, that
 //! feeds a sans-IO session state machine (`Sessions`).
 //!
 //! Everything is reserved in `ConnTable::new`; accepting, reading and
@@ -17,8 +17,13 @@ use mio::{Interest, Registry, Token};
 
 use csnap_io::net::{MioListener, MioStream};
 
-/// Token of the listener.
-pub const LISTENER: Token = Token(usize::MAX - 1);
+/// Token of the first listener; listener `i` has `LISTENER_BASE + i`.
+/// Above every connection token, below the loops' own tokens
+/// (`usize::MAX - 2` is the agent's bus link).
+pub const LISTENER_BASE: usize = usize::MAX - 64;
+const _: () = assert!(csnap_pools::CONTROLLER_LISTENERS_MAX < 60);
+const _: () = assert!(csnap_pools::AGENT_CONNS_MAX < LISTENER_BASE);
+const _: () = assert!(csnap_pools::CONTROLLER_CONNS_MAX < LISTENER_BASE);
 
 /// What the table drives: the connection half of a session state machine.
 pub trait Sessions {
@@ -90,9 +95,9 @@ struct Conn {
     paused: bool,
 }
 
-/// A listener and its connections.
+/// Listeners and their connections.
 pub struct ConnTable {
-    listener: MioListener,
+    listeners: Vec<MioListener>,
     conns: Vec<Option<Conn>>,
     readers: Vec<FrameReader<Box<[u8]>>>,
 }
@@ -106,20 +111,41 @@ impl std::fmt::Debug for ConnTable {
 }
 
 impl ConnTable {
-    /// Registers `listener` and reserves `n` connections (a frame reader
-    /// each). The only allocation.
-    pub fn new(mut listener: MioListener, n: usize, registry: &Registry) -> io::Result<ConnTable> {
-        registry.register(&mut listener, LISTENER, Interest::READABLE)?;
+    /// Registers `listeners` (at most `CONTROLLER_LISTENERS_MAX`) and
+    /// reserves `n` connections (a frame reader each). The only allocation.
+    pub fn new(
+        mut listeners: Vec<MioListener>,
+        n: usize,
+        registry: &Registry,
+    ) -> io::Result<ConnTable> {
+        if listeners.is_empty() || listeners.len() > csnap_pools::CONTROLLER_LISTENERS_MAX {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "{} listen addresses (1 to {})",
+                    listeners.len(),
+                    csnap_pools::CONTROLLER_LISTENERS_MAX
+                ),
+            ));
+        }
+        for (i, l) in listeners.iter_mut().enumerate() {
+            registry.register(l, Token(LISTENER_BASE + i), Interest::READABLE)?;
+        }
         let mut conns = Vec::with_capacity(n);
         conns.resize_with(n, || None);
         let readers = (0..n)
             .map(|_| FrameReader::new(vec![0u8; FRAME_MAX_BYTES].into_boxed_slice()))
             .collect();
         Ok(ConnTable {
-            listener,
+            listeners,
             conns,
             readers,
         })
+    }
+
+    /// The addresses listened on (TCP ports resolved), for the start line.
+    pub fn local_addrs(&self) -> impl Iterator<Item = csnap_io::net::Addr> + '_ {
+        self.listeners.iter().filter_map(|l| l.local_addr().ok())
     }
 
     /// Bytes reserved for `n` connections.
@@ -142,8 +168,10 @@ impl ConnTable {
         writable: bool,
         closed: bool,
     ) {
-        if token == LISTENER {
-            self.accept(fsm, registry);
+        if let Some(i) = token.0.checked_sub(LISTENER_BASE) {
+            if i < self.listeners.len() {
+                self.accept(fsm, registry, i);
+            }
             return;
         }
         let Ok(c) = u32::try_from(token.0) else {
@@ -157,9 +185,9 @@ impl ConnTable {
         }
     }
 
-    fn accept(&mut self, fsm: &mut dyn Sessions, registry: &Registry) {
+    fn accept(&mut self, fsm: &mut dyn Sessions, registry: &Registry, listener: usize) {
         loop {
-            let mut stream = match self.listener.accept() {
+            let mut stream = match self.listeners[listener].accept() {
                 Ok(s) => s,
                 Err(_) => return,
             };

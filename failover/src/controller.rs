@@ -18,8 +18,10 @@ const EVENTS_MAX: usize = csnap_pools::EVENTS_PER_TURN_MAX;
 /// How the controller runs.
 #[derive(Debug)]
 pub struct ControllerOptions {
-    /// Its socket.
+    /// Its socket in the cluster directory (tools and agents of its host).
     pub socket: PathBuf,
+    /// More addresses to listen on: TCP for agents on other hosts.
+    pub listen: Vec<Addr>,
     /// Connections at once.
     pub conns: usize,
     /// Placement policy.
@@ -35,8 +37,11 @@ pub struct ControllerOptions {
 
 /// Runs the controller until its loop fails; returns the reason.
 pub fn run(opts: &ControllerOptions) -> Result<String, String> {
-    let listener = MioListener::bind(&Addr::Unix(opts.socket.clone()))
-        .map_err(|e| format!("cannot listen on {}: {e}", opts.socket.display()))?;
+    let mut listeners = vec![MioListener::bind(&Addr::Unix(opts.socket.clone()))
+        .map_err(|e| format!("cannot listen on {}: {e}", opts.socket.display()))?];
+    for a in &opts.listen {
+        listeners.push(MioListener::bind(a).map_err(|e| format!("cannot listen on {a}: {e}"))?);
+    }
     let cfg = ControllerConfig {
         conns: opts.conns,
         policy: opts.policy,
@@ -46,17 +51,18 @@ pub fn run(opts: &ControllerOptions) -> Result<String, String> {
     };
     let mut poll = Poll::new().map_err(|e| format!("epoll: {e}"))?;
     let mut events = Events::with_capacity(EVENTS_MAX);
-    let mut table = ConnTable::new(listener, cfg.conns, poll.registry())
-        .map_err(|e| format!("cannot register the controller socket: {e}"))?;
+    let mut table = ConnTable::new(listeners, cfg.conns, poll.registry())
+        .map_err(|e| format!("cannot register the controller's listeners: {e}"))?;
     let mut fsm = Controller::new(cfg);
     let mut ready: Vec<(Token, bool, bool, bool)> = Vec::with_capacity(EVENTS_MAX);
     let reserved =
         ConnTable::reserved_bytes(cfg.conns) + cfg.conns * csnap_fsm::cluster::CONN_OUT_BYTES;
+    for a in table.local_addrs() {
+        eprintln!("csnap cluster: controller listening on {a}");
+    }
     eprintln!(
-        "csnap cluster: controller listening on {} ({:?} placement, {} connections, {reserved} bytes reserved)",
-        opts.socket.display(),
-        opts.policy,
-        cfg.conns
+        "csnap cluster: controller ready ({:?} placement, {} connections, {reserved} bytes reserved)",
+        opts.policy, cfg.conns
     );
     let t0 = Instant::now();
     let now_ms = |t0: Instant| u64::try_from(t0.elapsed().as_millis()).unwrap_or(u64::MAX);

@@ -24,6 +24,10 @@ pub struct SpawnerOptions {
     pub node_id: u32,
     /// Where the servers' sockets go.
     pub listen_dir: PathBuf,
+    /// This node's IP: every server listens on `IP:0` first, the address
+    /// it announces to its agent (a kernel-picked port), then on its unix
+    /// socket. `None`: the unix socket only (one host).
+    pub listen_host: Option<std::net::IpAddr>,
     /// Arguments after `server --standby --agent SOCK --node N --listen
     /// PATH` (origin, store, pools, confinement flags).
     pub server_args: Vec<String>,
@@ -75,8 +79,12 @@ pub fn run(opts: &SpawnerOptions) {
                     .arg("--agent")
                     .arg(&opts.agent_socket)
                     .arg("--node")
-                    .arg(opts.node_id.to_string())
-                    .arg("--listen")
+                    .arg(opts.node_id.to_string());
+                if let Some(ip) = opts.listen_host {
+                    cmd.arg("--listen")
+                        .arg(std::net::SocketAddr::new(ip, 0).to_string());
+                }
+                cmd.arg("--listen")
                     .arg(&sock)
                     .args(&opts.server_args)
                     .env("GLIBC_TUNABLES", tunables());

@@ -826,13 +826,11 @@ impl Link {
             }
         }
         if self.server_connecting && self.server_writable {
-            let ok = match self.server.as_ref() {
-                Some(MioStream::Tcp(t)) => {
-                    matches!(t.take_error(), Ok(None)) && t.peer_addr().is_ok()
-                }
-                Some(MioStream::Unix(_)) => true,
-                None => false,
-            };
+            // A TCP connect that failed also turns writable: its error
+            // comes back from the link's first read or write, which fails
+            // the link as any broken link (no getsockopt(SO_ERROR) or
+            // getpeername here: the NBD table has neither).
+            let ok = self.server.is_some();
             moved = true;
             if ok {
                 self.server_connecting = false;

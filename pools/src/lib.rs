@@ -426,6 +426,9 @@ pub const AGENT_STANDBY_AFTER_START_MS: u64 = 50;
 pub const CONTROLLER_CONNS_MAX: usize = 512;
 /// Default for the controller's `--conns`.
 pub const CONTROLLER_CONNS_DEFAULT: usize = 64;
+/// Addresses one controller listens on: its unix socket in the cluster
+/// directory plus every `--listen` (TCP for agents on other hosts).
+pub const CONTROLLER_LISTENERS_MAX: usize = 8;
 /// Output queued for one controller connection: a relayed client list,
 /// membership and status with room to spare.
 pub const CONTROLLER_CONN_OUT_BYTES: usize = 128 * 1024;

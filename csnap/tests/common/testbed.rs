@@ -6,20 +6,30 @@
 //! - Network: one bridge `csb<ID>` in the test's (root) namespace without an
 //!   address; node N gets a namespace `csn<ID>-<N>` with a veth pair
 //!   (`csv<ID>h<N>` on the bridge, `csv<ID>p<N>` inside) and the address
-//!   `10.213.<X>.<N>/24`. The bridge has no address and no route: the
-//!   subnet is reachable only between the test bed's namespaces.
+//!   `10.213.<X>.<N>/24`. The controller (the `local` membership backend)
+//!   is a host of its own: namespace `csn<ID>-0`, address
+//!   `10.213.<X>.254`. The bridge has no address and no route: the subnet
+//!   is reachable only between the test bed's namespaces.
 //!   `<ID>` comes from the pid and a counter (names stay within IFNAMSIZ);
 //!   the test bed tests are also serialized (`serial`).
+//! - Everything between hosts is TCP: each agent reaches the controller at
+//!   `10.213.<X>.254:CONTROLLER_PORT` (`csnap agent --controller`), and its
+//!   servers listen on the node's address (`--server-listen`), the address
+//!   the agents give to clients on every node. A node's unix sockets (its
+//!   agent, its NBD server) serve only that node's own processes.
 //! - Disks: node N's origin and store are its own loop devices
 //!   (`losetup -f --show`) over the shared `origin` and `store` files.
 //!   `TestbedOpts::shared_loop` (a debug option) puts every node on one pair
 //!   of loop devices instead: one shared page cache, to tell a page-cache
 //!   effect from a harness fault.
-//! - Processes: the controller runs in the test's namespace; node N's agent
-//!   (with its spawner and servers), NBD server and clients run in node N's
-//!   namespace (`ip netns exec`, which execs: the pid is the program's).
-//!   Node N's unix sockets live in `cluster/node-N/`. NBD exports are served
-//!   over TCP on the node's address.
+//! - Processes: the controller runs in its namespace, and so do the test's
+//!   snapshot commands (an operator on the controller's host); node N's
+//!   agent (with its spawner and servers), NBD server and clients run in
+//!   node N's namespace (`ip netns exec`, which execs: the pid is the
+//!   program's). Node N's unix sockets live in `cluster/node-N/`; the
+//!   controller's unix socket (`cluster/controller.sock`) is the operator's
+//!   `csnap cluster` commands' way in, as on a real controller host. NBD
+//!   exports are served over TCP on the node's address.
 //! - Teardown on drop, also after a failed test: every process of every
 //!   namespace is SIGKILLed, the controller killed, the loop devices
 //!   detached, the namespaces (and with them the veths) and the bridge
@@ -38,6 +48,8 @@ use super::cluster::{
 
 /// NBD port of every node (each node has its own address).
 pub const NBD_PORT: u16 = 10809;
+/// The controller's TCP port on its own address.
+pub const CONTROLLER_PORT: u16 = 7790;
 
 /// Runs a command to completion; panics on a failure to start.
 fn sh(prog: &str, args: &[&str]) -> Output {
@@ -163,6 +175,9 @@ pub struct Testbed {
     /// The origin as formatted.
     pub initial: Vec<u8>,
     pub controller: Option<Daemon>,
+    /// The controller host's namespace and `IP:PORT`.
+    pub controller_ns: String,
+    pub controller_addr: String,
     /// Node N at index N-1.
     pub nodes: Vec<Node>,
     loops: Vec<String>,
@@ -199,6 +214,8 @@ impl Testbed {
             store_file: disks.store.clone(),
             initial: disks.initial.clone(),
             controller: None,
+            controller_ns: String::new(),
+            controller_addr: String::new(),
             nodes: Vec::new(),
             loops: Vec::new(),
             namespaces: Vec::new(),
@@ -215,30 +232,11 @@ impl Testbed {
         } else {
             None
         };
+        let (ns, ip) = tb.add_host(0, 254);
+        tb.controller_ns = ns;
+        tb.controller_addr = format!("{ip}:{CONTROLLER_PORT}");
         for n in 1..=tb.opts.nodes {
-            let ns = format!("csn{}-{n}", tb.id);
-            must("ip", &["netns", "add", &ns]);
-            tb.namespaces.push(ns.clone());
-            let host = format!("csv{}h{n}", tb.id);
-            let peer = format!("csv{}p{n}", tb.id);
-            must(
-                "ip",
-                &["link", "add", &host, "type", "veth", "peer", "name", &peer],
-            );
-            must("ip", &["link", "set", &peer, "netns", &ns]);
-            must("ip", &["link", "set", &host, "master", &tb.bridge]);
-            must("ip", &["link", "set", &host, "up"]);
-            let ip = format!("10.213.{}.{n}", tb.subnet);
-            let cidr = format!("{ip}/24");
-            for a in [
-                vec!["link", "set", "lo", "up"],
-                vec!["addr", "add", &cidr, "dev", &peer],
-                vec!["link", "set", &peer, "up"],
-            ] {
-                let mut v = vec!["netns", "exec", &ns, "ip"];
-                v.extend(a);
-                must("ip", &v);
-            }
+            let (ns, ip) = tb.add_host(n, n);
             let (origin, store) = match &shared {
                 Some(p) => p.clone(),
                 None => (
@@ -265,6 +263,118 @@ impl Testbed {
         tb
     }
 
+    /// A host on the bridge: namespace `csn<ID>-<n>`, a veth into the
+    /// bridge, address `10.213.<X>.<octet>/24`; returns (namespace, IP).
+    fn add_host(&mut self, n: u32, octet: u32) -> (String, String) {
+        let ns = format!("csn{}-{n}", self.id);
+        must("ip", &["netns", "add", &ns]);
+        self.namespaces.push(ns.clone());
+        let host = format!("csv{}h{n}", self.id);
+        let peer = format!("csv{}p{n}", self.id);
+        must(
+            "ip",
+            &["link", "add", &host, "type", "veth", "peer", "name", &peer],
+        );
+        must("ip", &["link", "set", &peer, "netns", &ns]);
+        must("ip", &["link", "set", &host, "master", &self.bridge]);
+        must("ip", &["link", "set", &host, "up"]);
+        let ip = format!("10.213.{}.{octet}", self.subnet);
+        let cidr = format!("{ip}/24");
+        for a in [
+            vec!["link", "set", "lo", "up"],
+            vec!["addr", "add", &cidr, "dev", &peer],
+            vec!["link", "set", &peer, "up"],
+        ] {
+            let mut v = vec!["netns", "exec", &ns, "ip"];
+            v.extend(a);
+            must("ip", &v);
+        }
+        (ns, ip)
+    }
+
+    /// A command running `prog` on the controller's host (its namespace).
+    pub fn controller_cmd(&self, prog: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.controller_ns, prog]);
+        c
+    }
+
+    /// The pid of the server listening on `addr` (TCP `IP:PORT` on node
+    /// `node`'s address, as the agents give it out).
+    pub fn server_pid(&self, node: u32, addr: &str) -> u32 {
+        let port = addr.rsplit(':').next().expect("IP:PORT");
+        let o = self
+            .node(node)
+            .cmd("ss")
+            .args(["-Htlnp", &format!("sport = :{port}")])
+            .output()
+            .expect("ss");
+        let out = String::from_utf8_lossy(&o.stdout).to_string();
+        let pid = out
+            .split("pid=")
+            .nth(1)
+            .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
+            .and_then(|p| p.parse().ok());
+        pid.unwrap_or_else(|| panic!("no process listens on {addr} on node {node}: {out:?}"))
+    }
+
+    /// The remote addresses of the TCP connections established to `port`
+    /// on host namespace `ns` (`ss`).
+    fn tcp_peers(ns: &str, port: &str) -> Vec<String> {
+        let o = sh(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                ns,
+                "ss",
+                "-Htn",
+                "state",
+                "established",
+                &format!("sport = :{port}"),
+            ],
+        );
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .filter_map(|l| l.split_whitespace().last())
+            .filter_map(|peer| peer.rsplit_once(':').map(|(ip, _)| ip.to_string()))
+            .collect()
+    }
+
+    /// Every link between hosts is TCP: the controller has a bus
+    /// connection from every node's address, and the serving server (at a
+    /// TCP address of its node) has a connection from every node in
+    /// `clients` (an NBD server or client of that node that has done I/O).
+    pub fn assert_links_between_hosts_are_tcp(&self, clients: &[u32]) {
+        let bus = Self::tcp_peers(&self.controller_ns, &CONTROLLER_PORT.to_string());
+        for node in &self.nodes {
+            assert!(
+                bus.contains(&node.ip),
+                "no bus connection from node {} ({}) at the controller: {bus:?}",
+                node.n,
+                node.ip
+            );
+        }
+        let st = self.wait("a server serves", |st| st.incarnation > 0);
+        let (ip, port) = st
+            .addr
+            .rsplit_once(':')
+            .unwrap_or_else(|| panic!("the server's address is not IP:PORT: {}", st.addr));
+        assert_eq!(
+            ip,
+            self.node(st.node).ip,
+            "the server listens on its node's address"
+        );
+        let peers = Self::tcp_peers(&self.node(st.node).ns, port);
+        for &n in clients {
+            assert!(
+                peers.contains(&self.node(n).ip),
+                "no connection from node {n} at the server on node {}: {peers:?}",
+                st.node
+            );
+        }
+    }
+
     /// A loop device over `file`, detached on drop.
     fn attach(&mut self, file: &Path) -> String {
         let dev = must("losetup", &["-f", "--show", s(file)]);
@@ -284,7 +394,14 @@ impl Testbed {
     pub fn start_controller(&mut self) {
         let d = Daemon::spawn(
             "controller",
-            Command::new(BIN).args(["cluster", "run", "--dir", s(&self.cdir)]),
+            self.controller_cmd(BIN).args([
+                "cluster",
+                "run",
+                "--dir",
+                s(&self.cdir),
+                "--listen",
+                &self.controller_addr,
+            ]),
         );
         self.controller = Some(d);
         let sock = self.cdir.join("controller.sock");
@@ -299,6 +416,8 @@ impl Testbed {
         let mut cmd = node.cmd(BIN);
         cmd.args(["agent", "--dir", s(&self.cdir), "--node", &n.to_string()])
             .args(["--origin", &node.origin, "--store", &node.store])
+            .args(["--controller", &self.controller_addr])
+            .args(["--server-listen", &node.ip])
             .args(&self.opts.agent_args);
         let d = Daemon::spawn(&format!("agent {n}"), &mut cmd);
         self.nodes[n as usize - 1].agent = Some(d);
@@ -350,12 +469,20 @@ impl Testbed {
         v
     }
 
-    /// `csnap snapshot ACTION --server ADDR REST` at the serving server.
+    /// `csnap snapshot ACTION --server ADDR REST` at the serving server,
+    /// from the controller's host (over TCP, as an operator's tool).
     pub fn snapshot(&self, action: &str, rest: &[&str]) -> Output {
         let st = self.wait("a server serves", |st| st.incarnation > 0);
-        let mut a = vec!["snapshot", action, "--server", &st.addr];
-        a.extend_from_slice(rest);
-        csnap(&a)
+        assert!(
+            !st.addr.contains('/'),
+            "the server's address is not TCP: {}",
+            st.addr
+        );
+        self.controller_cmd(BIN)
+            .args(["snapshot", action, "--server", &st.addr])
+            .args(rest)
+            .output()
+            .expect("csnap snapshot")
     }
 
     /// The tags `csnap snapshot list` shows.
@@ -389,9 +516,7 @@ impl Testbed {
         for n in 1..=self.opts.nodes {
             self.kill_node(n);
         }
-        if let Some(mut c) = self.controller.take() {
-            c.kill();
-        }
+        self.kill_controller();
         csnap(&["check", "--store", s(&self.store_file)])
     }
 
@@ -461,6 +586,23 @@ impl Testbed {
             .collect()
     }
 
+    /// Kills the controller (and anything else on its host) and reaps it.
+    pub fn kill_controller(&mut self) {
+        if let Some(mut c) = self.controller.take() {
+            c.kill();
+        }
+        if self.controller_ns.is_empty() {
+            return;
+        }
+        let o = sh("ip", &["netns", "pids", &self.controller_ns]);
+        for p in String::from_utf8_lossy(&o.stdout)
+            .split_whitespace()
+            .filter_map(|p| p.parse().ok())
+        {
+            let _ = csnap_sys::send_signal(p, libc::SIGKILL);
+        }
+    }
+
     /// "Kill node N": SIGKILLs every process of its namespace (agent,
     /// spawner, servers, NBD server, clients) and reaps the harness's own.
     pub fn kill_node(&mut self, n: u32) {
@@ -518,9 +660,7 @@ impl Drop for Testbed {
         for n in 1..=self.opts.nodes {
             self.kill_node(n);
         }
-        if let Some(mut c) = self.controller.take() {
-            c.kill();
-        }
+        self.kill_controller();
         for dev in self.loops.drain(..) {
             let _ = sh("losetup", &["-d", &dev]);
         }
