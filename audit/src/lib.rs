@@ -80,6 +80,19 @@ const fn contended(name: &'static str, nr: i64, why: &'static str) -> Rule {
     }
 }
 
+/// A rule only a standby's takeover claim uses (its store worker sleeps
+/// out the former server's lease, `Standby::claim`); a server started by
+/// hand claims at init, before its filters, so the serving audit does not
+/// reach it. The standby audit requires it.
+const fn takeover(name: &'static str, nr: i64, why: &'static str) -> Rule {
+    Rule {
+        name,
+        nr,
+        why,
+        exercised: false,
+    }
+}
+
 /// Thread kinds of the server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum ThreadKind {
@@ -187,7 +200,12 @@ pub const SERVING_STORE: &[Rule] = &[
     rule(
         "write",
         libc::SYS_write,
-        "waking the network thread (mio Waker's eventfd)",
+        "waking the network thread (mio Waker's eventfd); a standby's takeover line on stderr",
+    ),
+    takeover(
+        "clock_nanosleep",
+        libc::SYS_clock_nanosleep,
+        "a standby's takeover claim: the wait (SERVER_TAKEOVER_WAIT_MS) for a former server's lease to run out before the store is read (std::thread::sleep)",
     ),
     exit_path(
         "exit_group",

@@ -11,7 +11,7 @@ use csnap_io::net::Addr;
 use csnap_io::server::{ServerLoop, Stop, BATCH_MAX};
 use csnap_io::store_worker::StoreWorker;
 use csnap_store::disk::FileDisk;
-use csnap_store::{OpenOptions, Store};
+use csnap_store::OpenOptions;
 
 use crate::device::require_device;
 use crate::{error, EXIT_FAILED, EXIT_USAGE};
@@ -152,13 +152,29 @@ fn serve(args: &ServerArgs) -> Result<ExitCode, String> {
     let od = FileDisk::open(&args.origin)
         .map_err(|e| format!("cannot open origin {}: {e}", args.origin.display()))?;
     no_readahead(&sd, &od);
-    let mut store = Store::open(
+    let mut standby = csnap_store::Standby::reserve(
         sd,
         &OpenOptions {
             cache_blocks: usize_of(args.cache_blocks),
         },
     )
     .map_err(|e| format!("store {}: {e}", args.store.display()))?;
+    // Started by hand: nobody saw the former server die, so the store is
+    // claimed and its lease waited out before anything is read
+    // (ARCHITECTURE 5.5).
+    let wait_ms = csnap_pools::SERVER_TAKEOVER_WAIT_MS;
+    match standby.claim(std::time::Duration::from_millis(wait_ms)) {
+        Ok(0) => eprintln!(
+            "csnap server: takeover: the home superblock does not verify, nothing to claim; waited {wait_ms} ms"
+        ),
+        Ok(inc) => eprintln!(
+            "csnap server: takeover: claimed incarnation {inc}, waited {wait_ms} ms (the former server may still run)"
+        ),
+        Err(e) => return Err(format!("store {}: {e}", args.store.display())),
+    }
+    let mut store = standby
+        .start()
+        .map_err(|e| format!("store {}: {e}", args.store.display()))?;
     let label = *store.label();
     let r = store.replay_report();
     if r.commits > 0 {
@@ -195,7 +211,9 @@ fn serve(args: &ServerArgs) -> Result<ExitCode, String> {
         reserved += bytes;
     }
     let filters = compile_filters(args, false)?;
-    let worker = StoreWorker::new(store, od, BATCH_MAX);
+    let worker = StoreWorker::new(store, od, BATCH_MAX).with_lease(
+        std::time::Duration::from_millis(csnap_pools::SERVER_LEASE_MS),
+    );
     let worker_filter = filters.as_ref().map(|f| f.store.clone());
     let mut lp = ServerLoop::with_listeners(cfg, listeners, worker, worker_filter)
         .map_err(|e| format!("cannot start the server loop: {e}"))?;
@@ -405,7 +423,9 @@ fn serve_standby(args: &ServerArgs) -> Result<ExitCode, String> {
         origin_uuid: [0; 16],
     };
     let filters = compile_filters(args, true)?;
-    let worker = StoreWorker::standby(standby, od, BATCH_MAX);
+    let worker = StoreWorker::standby(standby, od, BATCH_MAX).with_lease(
+        std::time::Duration::from_millis(csnap_pools::SERVER_LEASE_MS),
+    );
     let worker_filter = filters.as_ref().map(|f| f.store.clone());
     let mut lp = ServerLoop::with_listeners(cfg, listeners, worker, worker_filter)
         .map_err(|e| format!("cannot start the server loop: {e}"))?;
@@ -477,6 +497,8 @@ fn standby_confined(
     let mut n_members = 0;
     let mut expected = [(0u64, 0u32); START_LIST_MAX];
     let mut n_expected = 0;
+    // Without an agent nobody saw the former server die: claim.
+    let mut claim = true;
     let t0;
     if let Some(link) = link.as_mut() {
         let frame = match link.recv() {
@@ -491,10 +513,12 @@ fn standby_confined(
             Ok((
                 _,
                 csnap_proto::Msg::StartServer {
+                    claim: c,
                     members: m,
                     expected: e,
                 },
             )) => {
+                claim = c;
                 if m.len() > START_LIST_MAX || e.len() > START_LIST_MAX {
                     return Err(
                         "start refused: more members or expected clients than START_LIST_MAX",
@@ -560,7 +584,7 @@ fn standby_confined(
         Err(None) => return Err("start failed: cannot lock the store"),
     }
     let t_store = t0.elapsed().as_micros();
-    let info = match lp.start_standby() {
+    let info = match lp.start_standby(claim) {
         Ok(info) => info,
         Err(e) => {
             // The agent hears why before the link closes (heap-free).

@@ -505,6 +505,7 @@ fn a_standby_tells_its_agent_why_its_start_failed() {
     write_frame(
         &mut link,
         &Msg::StartServer {
+            claim: false,
             members: NodeList::from_entries(&[Node { id: 1 }], &mut nb).expect("members"),
             expected: ClientList::from_entries(&[], &mut cb).expect("clients"),
         },

@@ -263,6 +263,8 @@ struct Serving {
 #[derive(Debug)]
 struct Gather {
     attempt: u64,
+    /// The start claims the store first (`StartHere::claim`).
+    claim: bool,
     waiting: Vec<u32>,
     expected: Vec<ClientEntry>,
     overflow: bool,
@@ -358,6 +360,7 @@ impl AgentFsm {
         // Reserve the gather tables once; a gather reuses them.
         a.gather = Some(Gather {
             attempt: 0,
+            claim: false,
             waiting: Vec::with_capacity(NODES_MAX),
             expected: Vec::with_capacity(EXPECTED_MAX),
             overflow: false,
@@ -390,6 +393,7 @@ impl AgentFsm {
     fn gather_reset(&mut self) {
         if let Some(g) = self.gather.as_mut() {
             g.attempt = 0;
+            g.claim = false;
             g.waiting.clear();
             g.expected.clear();
             g.overflow = false;
@@ -1001,7 +1005,7 @@ impl AgentFsm {
                 }
                 self.maybe_finish_gather();
             }
-            Msg::StartHere { attempt, .. } => self.on_start_here(*attempt),
+            Msg::StartHere { attempt, claim, .. } => self.on_start_here(*attempt, *claim),
             Msg::NeedClients { gather_id, starter } => {
                 if *starter != self.cfg.node_id {
                     self.send_clients(*gather_id, *starter);
@@ -1106,7 +1110,7 @@ impl AgentFsm {
         }
     }
 
-    fn on_start_here(&mut self, attempt: u64) {
+    fn on_start_here(&mut self, attempt: u64, claim: bool) {
         if let Some(s) = self.serving {
             // Already serving: say so again.
             self.bus_send(&Msg::ServerUp {
@@ -1132,6 +1136,7 @@ impl AgentFsm {
                 return;
             };
             g.attempt = attempt;
+            g.claim = claim;
             for &n in &self.members {
                 if n != me && g.waiting.len() < g.waiting.capacity() {
                     g.waiting.push(n);
@@ -1244,6 +1249,7 @@ impl AgentFsm {
                 }
             }
             let msg = Msg::StartServer {
+                claim: self.gather.as_ref().is_some_and(|g| g.claim),
                 members: nb.finish(),
                 expected: cb.finish(),
             };

@@ -203,6 +203,10 @@ pub struct Controller {
     avoid: Option<u32>,
     attempts: u64,
     highest_incarnation: u64,
+    /// The latest server (or start) may still be running: its death was
+    /// not seen by its own agent. The next `StartHere` then says `claim`.
+    /// Only the latest matters: a start that claims fences every older one.
+    former_unseen: bool,
     epoch: u64,
     pending_starts: Vec<(CtlConnId, u64, u32)>,
     output_q: IdQueue,
@@ -237,6 +241,8 @@ impl Controller {
             avoid: None,
             attempts: 0,
             highest_incarnation: 0,
+            // A controller that just started knows of no death.
+            former_unseen: true,
             epoch: 0,
             pending_starts: Vec::with_capacity(PENDING_STARTS_MAX),
             output_q: IdQueue::new(cfg.conns),
@@ -260,6 +266,14 @@ impl Controller {
             Placement::Running {
                 node, incarnation, ..
             } => Some((node, incarnation)),
+            _ => None,
+        }
+    }
+
+    /// The node a start is placed on now (`Starting`), if any.
+    pub fn placement_node(&self) -> Option<u32> {
+        match self.placement {
+            Placement::Starting { node, .. } => Some(node),
             _ => None,
         }
     }
@@ -509,7 +523,7 @@ impl Controller {
                     r.serving = *serving_incarnation;
                 }
                 if *died_incarnation != 0 {
-                    self.server_died(node, *died_incarnation);
+                    self.server_died(node, *died_incarnation, true);
                 }
                 if let Placement::Stopping {
                     from,
@@ -715,7 +729,10 @@ impl Controller {
         }
     }
 
-    fn server_died(&mut self, node: u32, incarnation: u64) {
+    /// The server `incarnation` on `node` is gone; `seen`: its own agent
+    /// saw it die (its link closed: the process exited), so the next start
+    /// need not claim the store.
+    fn server_died(&mut self, node: u32, incarnation: u64, seen: bool) {
         let crashed = matches!(self.placement, Placement::Running { node: n, incarnation: i, .. } if n == node && i == incarnation);
         let (gone, next) = match self.placement {
             Placement::Running {
@@ -733,6 +750,7 @@ impl Controller {
         if !gone {
             return;
         }
+        self.former_unseen = !seen;
         self.placement = Placement::None;
         let _ = self
             .events
@@ -1024,7 +1042,7 @@ impl Controller {
         match self.placement {
             Placement::Running {
                 node, incarnation, ..
-            } if node == n => self.server_died(node, incarnation),
+            } if node == n => self.server_died(node, incarnation, false),
             Placement::Stopping {
                 from,
                 incarnation: 0,
@@ -1032,7 +1050,7 @@ impl Controller {
             } if from == n => self.stopped_starting(from),
             Placement::Stopping {
                 from, incarnation, ..
-            } if from == n => self.server_died(from, incarnation),
+            } if from == n => self.server_died(from, incarnation, false),
             Placement::Stopping {
                 from,
                 to: Some(t),
@@ -1141,8 +1159,12 @@ impl Controller {
             &Msg::StartHere {
                 attempt,
                 former_incarnation: self.highest_incarnation,
+                claim: self.former_unseen,
             },
         );
+        // This start is now the latest: until its server is seen to die,
+        // the one after it claims.
+        self.former_unseen = true;
     }
 
     /// Runs what is due at the time given to `set_now`.

@@ -68,8 +68,13 @@ pub enum StoreOp {
     /// Store figures.
     Status,
     /// A standby starts: read the store, replay its journal, take the next
-    /// incarnation durably.
-    Start,
+    /// incarnation durably. With `claim` (its former server may still be
+    /// running), it first claims the store and waits out that server's
+    /// lease (`Standby::claim`).
+    Start {
+        /// Claim and wait before reading.
+        claim: bool,
+    },
 }
 
 /// A request to the store worker.

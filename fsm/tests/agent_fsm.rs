@@ -78,7 +78,9 @@ fn own(msg: &Msg<'_>) -> M {
             node: node_id,
             addr: addr.to_string(),
         },
-        Msg::StartServer { members, expected } => M::StartServer {
+        Msg::StartServer {
+            members, expected, ..
+        } => M::StartServer {
             members: members.iter().map(|n| n.id).collect(),
             expected: sorted(expected.iter().map(|c| (c.client_id, c.node_id)).collect()),
         },
@@ -335,6 +337,7 @@ impl T {
             &Msg::StartHere {
                 attempt,
                 former_incarnation: inc - 1,
+                claim: false,
             },
         ));
         assert_eq!(self.bus(), vec![M::NeedClients(attempt, ME)]);
@@ -650,6 +653,7 @@ fn start_here_without_a_standby_says_so() {
         &Msg::StartHere {
             attempt: 1,
             former_incarnation: 0,
+            claim: false,
         },
     ));
     assert_eq!(
@@ -679,6 +683,7 @@ fn gathering() -> (T, AgentConnId, AgentConnId) {
         &Msg::StartHere {
             attempt: 9,
             former_incarnation: 4,
+            claim: false,
         },
     ));
     assert_eq!(t.bus(), vec![M::NeedClients(9, ME)]);
@@ -757,6 +762,7 @@ fn a_single_node_cluster_starts_at_once() {
         &Msg::StartHere {
             attempt: 1,
             former_incarnation: 0,
+            claim: false,
         },
     ));
     assert_eq!(t.bus(), vec![M::NeedClients(1, ME)]);
@@ -852,6 +858,7 @@ fn serving_announces_the_server_answers_waiting_clients_and_spawns_a_standby() {
         &Msg::StartHere {
             attempt: 10,
             former_incarnation: 5,
+            claim: false,
         },
     ));
     assert_eq!(t.bus(), vec![M::ServerUp(5, ME, addr)]);
@@ -896,6 +903,7 @@ fn a_start_that_fails_is_reported_and_a_standby_respawned() {
         &Msg::StartHere {
             attempt: 3,
             former_incarnation: 0,
+            claim: false,
         },
     ));
     t.bus_in(&clients_msg(3, 2, ME, &[]));
@@ -956,6 +964,7 @@ fn membership_changes_during_a_start_reach_the_new_server() {
         &Msg::StartHere {
             attempt: 1,
             former_incarnation: 0,
+            claim: false,
         },
     ));
     t.bus_in(&clients_msg(1, 2, ME, &[(21, 2)]));
@@ -1040,6 +1049,7 @@ fn fenced_left_cluster_stops_the_server_and_refuses_clients_until_a_member_again
         &Msg::StartHere {
             attempt: 2,
             former_incarnation: 4,
+            claim: false,
         },
     ));
     assert_eq!(
@@ -1168,6 +1178,7 @@ fn a_client_gone_during_a_start_reaches_the_new_server() {
         &Msg::StartHere {
             attempt: 1,
             former_incarnation: 1,
+            claim: false,
         },
     ));
     t.bus_in(&clients_msg(1, 2, ME, &[(21, 2), (22, 2)]));
@@ -1345,4 +1356,33 @@ fn a_close_queued_for_a_gone_connection_does_not_close_its_successor() {
     assert_eq!(c, d, "the slot is reused");
     assert!(t.closes().is_empty(), "the new connection is not closed");
     assert!(t.a.wants_read(d));
+}
+
+/// The controller's `claim` (the former server may still run) reaches the
+/// standby's `StartServer` unchanged, and a start without it does not
+/// claim.
+#[test]
+fn the_start_passes_the_claim_flag_to_the_standby() {
+    for claim in [true, false] {
+        let mut t = T::new();
+        let sb = t.standby(77);
+        t.bus_in(&frame(
+            0,
+            &Msg::StartHere {
+                attempt: 1,
+                former_incarnation: 4,
+                claim,
+            },
+        ));
+        assert_eq!(t.bus(), vec![M::NeedClients(1, ME)]);
+        t.bus_in(&clients_msg(1, 2, ME, &[]));
+        t.bus_in(&clients_msg(1, 3, ME, &[]));
+        let b = t.a.output(sb).to_vec();
+        t.a.consume_output(sb, b.len());
+        let (_, m) = csnap_proto::decode(&b).expect("one StartServer");
+        let Msg::StartServer { claim: got, .. } = m else {
+            panic!("StartServer expected, got {:?}", m.kind());
+        };
+        assert_eq!(got, claim);
+    }
 }

@@ -61,6 +61,7 @@ fn own(msg: &Msg<'_>) -> M {
         Msg::StartHere {
             attempt,
             former_incarnation,
+            ..
         } => M::StartHere {
             attempt,
             former: former_incarnation,
@@ -1319,4 +1320,75 @@ fn server_deaths_outside_the_window_do_not_mark_the_store_failed() {
         n = serve_then_die(&mut t, n, inc).expect("placed again");
         assert_eq!(t.c.failed_deaths(), 0, "death {inc}");
     }
+}
+
+/// The `claim` flag of every `StartHere` in `bytes`.
+fn start_here_claims(bytes: &[u8]) -> Vec<bool> {
+    let mut v = Vec::new();
+    let mut at = 0;
+    while at < bytes.len() {
+        let h = proto::peek_header(&bytes[at..]).unwrap().unwrap();
+        let n = h.length as usize;
+        if let (_, Msg::StartHere { claim, .. }) = proto::decode(&bytes[at..at + n]).unwrap() {
+            v.push(claim);
+        }
+        at += n;
+    }
+    v
+}
+
+/// What the agent of `node` got, raw, consumed; the claims of its
+/// `StartHere` messages.
+fn claims_to(t: &mut T, node: u32) -> Vec<bool> {
+    let c = t.agents[&node];
+    let b = t.c.output(c).to_vec();
+    t.c.consume_output(c, b.len());
+    start_here_claims(&b)
+}
+
+/// A start claims the store (ARCHITECTURE 5.5) exactly when the server it
+/// replaces may still run: the controller's first start (it knows of no
+/// death), and a start after the serving node was lost (its agent gone, so
+/// nobody saw the server die). After a death the server's own agent
+/// reported, the start goes straight to reading the store.
+#[test]
+fn a_start_claims_the_store_unless_the_former_server_was_seen_to_die() {
+    let mut t = T::with_nodes(Policy::Auto, &[1, 2, 3]);
+    for n in [1, 2, 3] {
+        t.state(n, true, 0, 0);
+    }
+    t.want(1, 0);
+    let first = t.c.placement_node().expect("a start is placed");
+    assert_eq!(
+        claims_to(&mut t, first),
+        vec![true],
+        "the first start claims"
+    );
+    t.drain();
+    t.up(first, 1);
+    t.state(first, false, 1, 0);
+    t.drain();
+    // Its agent sees it die (the link closed): no claim.
+    t.state(first, true, 0, 1);
+    let second = t.c.placement_node().expect("a failover start");
+    assert_eq!(
+        claims_to(&mut t, second),
+        vec![false],
+        "a seen death needs no claim"
+    );
+    t.drain();
+    t.up(second, 2);
+    t.state(second, false, 2, 0);
+    t.drain();
+    // Its whole node is lost (the agent's connection drops): claim.
+    let c = t.agents[&second];
+    t.c.handle_disconnect(c);
+    t.agents.remove(&second);
+    let third = t.c.placement_node().expect("a start after the node loss");
+    assert_ne!(third, second);
+    assert_eq!(
+        claims_to(&mut t, third),
+        vec![true],
+        "a lost node's server may still run"
+    );
 }

@@ -283,12 +283,12 @@ impl ServerLoop {
     /// worker reads the store, replays its journal and commits the next
     /// incarnation; the FSM learns the geometry. Then `begin_recovery`, and
     /// `run`. Allocates nothing.
-    pub fn start_standby(&mut self) -> Result<StartInfo, &'static str> {
+    pub fn start_standby(&mut self, claim: bool) -> Result<StartInfo, &'static str> {
         let mut corrupt = false;
         self.requests
             .push(StoreRequest {
                 token: START_TOKEN,
-                op: csnap_fsm::store_ops::StoreOp::Start,
+                op: csnap_fsm::store_ops::StoreOp::Start { claim },
             })
             .map_err(|_| "the store worker is gone")?;
         loop {

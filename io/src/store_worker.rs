@@ -49,6 +49,10 @@ pub struct StoreWorker<D: Disk, O: Disk> {
     /// Background deletion met a corrupt block: it stops (retrying would
     /// spin on the same block).
     background_blocked: bool,
+    /// The store's lease once started (`with_lease`).
+    lease: Option<std::time::Duration>,
+    /// A claiming start's wait (`SERVER_TAKEOVER_WAIT_MS`).
+    takeover_wait: std::time::Duration,
 }
 
 fn failure(e: &StoreError) -> StoreFailure {
@@ -100,7 +104,30 @@ impl<D: Disk, O: Disk> StoreWorker<D, O> {
             reported: [u64::MAX; REPORTED_MAX],
             reported_next: 0,
             background_blocked: false,
+            lease: None,
+            takeover_wait: std::time::Duration::from_millis(csnap_pools::SERVER_TAKEOVER_WAIT_MS),
         }
+    }
+
+    /// A claiming start's wait instead of `SERVER_TAKEOVER_WAIT_MS` (the
+    /// one-process simulations, whose former servers are stopped objects,
+    /// claim without waiting).
+    #[must_use]
+    pub fn with_takeover_wait(mut self, wait: std::time::Duration) -> Self {
+        self.takeover_wait = wait;
+        self
+    }
+
+    /// Gives the store the serving lease (`Store::set_lease`) when it
+    /// starts, and now if it already runs: a server process's worker does;
+    /// the one-process simulations, whose clock is their own, do not.
+    #[must_use]
+    pub fn with_lease(mut self, lease: std::time::Duration) -> Self {
+        self.lease = Some(lease);
+        if let Some(store) = self.store.as_mut() {
+            store.set_lease(lease);
+        }
+        self
     }
 
     /// The store, once started.
@@ -146,8 +173,8 @@ impl<D: Disk, O: Disk> StoreWorker<D, O> {
         for req in batch {
             let result = if self.failed {
                 StoreResult::Failed(StoreFailure::Internal)
-            } else if req.op == StoreOp::Start {
-                self.start()
+            } else if let StoreOp::Start { claim } = req.op {
+                self.start(claim)
             } else if self.store.is_none() {
                 // Not started: a standby answers nothing else.
                 StoreResult::Failed(StoreFailure::Internal)
@@ -184,10 +211,28 @@ impl<D: Disk, O: Disk> StoreWorker<D, O> {
         }
     }
 
-    fn start(&mut self) -> StoreResult {
-        let Some(standby) = self.standby.take() else {
+    fn start(&mut self, claim: bool) -> StoreResult {
+        let Some(mut standby) = self.standby.take() else {
             return StoreResult::Failed(StoreFailure::Internal);
         };
+        if claim {
+            let wait_ms = self.takeover_wait.as_millis();
+            match standby.claim(self.takeover_wait) {
+                Ok(0) => eprintln!(
+                    "csnap server: takeover: the home superblock does not verify, nothing to claim; waited {wait_ms} ms"
+                ),
+                Ok(inc) => eprintln!(
+                    "csnap server: takeover: claimed incarnation {inc}, waited {wait_ms} ms (the former server may still run)"
+                ),
+                Err(e) => {
+                    eprintln!("csnap server: {e}");
+                    self.standby = Some(standby);
+                    self.fenced = matches!(e, StoreError::ClaimContested { .. });
+                    self.fail();
+                    return StoreResult::Failed(StoreFailure::Fenced);
+                }
+            }
+        }
         let mut store = match standby.try_start() {
             Ok(s) => s,
             Err((standby, e)) => {
@@ -209,6 +254,10 @@ impl<D: Disk, O: Disk> StoreWorker<D, O> {
                 return StoreResult::Failed(StoreFailure::Internal);
             }
         };
+        // From now on every write of the store is within the lease.
+        if let Some(lease) = self.lease {
+            store.set_lease(lease);
+        }
         // The incarnation is committed by this batch's commit, before the
         // reply goes out.
         let label = *store.label();
@@ -393,7 +442,7 @@ impl<D: Disk, O: Disk> StoreWorker<D, O> {
             _ => false,
         };
         let off = store.chunk_offset(to);
-        ok && store.disk_mut().write_at(buf, off).is_ok()
+        ok && store.write_data(buf, off).is_ok()
     }
 
     fn run_one(&mut self, op: &StoreOp) -> StoreResult {
@@ -537,7 +586,7 @@ impl<D: Disk, O: Disk> StoreWorker<D, O> {
                     commits: s.seq,
                 })
             }
-            StoreOp::Start => StoreResult::Failed(StoreFailure::Internal),
+            StoreOp::Start { .. } => StoreResult::Failed(StoreFailure::Internal),
         }
     }
 }

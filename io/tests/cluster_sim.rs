@@ -288,6 +288,9 @@ struct Stats {
     active_steps: u64,
     quiet_phases: u64,
     starts: u64,
+    /// Starts told to claim the store (the former server's death was not
+    /// seen by its agent: a node lost), and those that were not.
+    claiming_starts: u64,
     server_kills: u64,
     kills_with_readers: u64,
     client_kills: u64,
@@ -316,6 +319,7 @@ impl Stats {
         self.active_steps += o.active_steps;
         self.quiet_phases += o.quiet_phases;
         self.starts += o.starts;
+        self.claiming_starts += o.claiming_starts;
         self.server_kills += o.server_kills;
         self.kills_with_readers += o.kills_with_readers;
         self.client_kills += o.client_kills;
@@ -798,7 +802,8 @@ impl Sim {
             },
         )
         .unwrap();
-        let worker = StoreWorker::standby(standby, od, BATCH_MAX);
+        let worker = StoreWorker::standby(standby, od, BATCH_MAX)
+            .with_takeover_wait(std::time::Duration::ZERO);
         let fsm = Server::new(ServerConfig {
             clients: 16,
             requests_per_client: 4,
@@ -897,11 +902,21 @@ impl Sim {
             (Phase::Hello | Phase::Standby, Msg::Error { code, .. }) => {
                 assert_eq!(code, ErrorCode::Busy, "standby {p} refused");
             }
-            (Phase::Standby, Msg::StartServer { members, expected }) => {
+            (
+                Phase::Standby,
+                Msg::StartServer {
+                    claim,
+                    members,
+                    expected,
+                },
+            ) => {
                 let members: Vec<u32> = members.iter().map(|n| n.id).collect();
                 let expected: Vec<(u64, u32)> =
                     expected.iter().map(|c| (c.client_id, c.node_id)).collect();
-                self.start(p, &members, &expected);
+                if claim {
+                    self.stats.claiming_starts += 1;
+                }
+                self.start(p, &members, &expected, claim);
             }
             (Phase::Serving, Msg::NodeJoined { node_id }) => {
                 pr.fsm.handle_node_joined(node_id);
@@ -928,7 +943,7 @@ impl Sim {
     }
 
     /// The standby start, as `csnap server --standby --agent` does it.
-    fn start(&mut self, p: usize, members: &[u32], expected: &[(u64, u32)]) {
+    fn start(&mut self, p: usize, members: &[u32], expected: &[(u64, u32)], claim: bool) {
         let s = self.serving();
         assert!(
             s.is_empty(),
@@ -952,7 +967,9 @@ impl Sim {
         pr.worker.run_batch(
             &[StoreRequest {
                 token: START_TOKEN,
-                op: StoreOp::Start,
+                // A claim's wait is zero here: the simulation has no real
+                // time, and its former servers are stopped processes.
+                op: StoreOp::Start { claim },
             }],
             &mut |r| got = Some(r),
         );
@@ -2118,6 +2135,11 @@ fn run_seeds(first: u64, count: u64, name: &str) {
         assert!(total.writes_held_at_barrier > 0, "{total:?}");
         assert!(total.uploads_of_held_locks > 0, "{total:?}");
         assert!(total.ddsnap_windows > 0, "{total:?}");
+        // Both kinds of start happen: after a server death its agent saw
+        // (no claim), and after a node was lost or at the first start
+        // (claim, replayed with the claim kept).
+        assert!(total.claiming_starts > 0, "{total:?}");
+        assert!(total.claiming_starts < total.starts, "{total:?}");
         assert!(total.leaves > 0 && total.joins > 0 && total.client_kills > 0);
     }
 }

@@ -188,6 +188,27 @@ pub const THREAD_STACK_BUDGET_BYTES: usize = 256 * 1024;
 /// within one period, even if it commits nothing.
 pub const SERVER_FENCE_RECHECK_MS: u64 = 50;
 
+/// A serving server's lease on the store: it writes the store device
+/// (journal, home blocks, copy-out data) only within this time of a fence
+/// read that found no newer incarnation; past it, the next write reads the
+/// fence first. A commit's own fence read renews it.
+pub const SERVER_LEASE_MS: u64 = SERVER_FENCE_RECHECK_MS;
+
+/// A takeover whose former server may still run (its death was not seen
+/// by its own agent: a node lost, a start abandoned) claims the store (a
+/// higher incarnation in the home superblock), then waits this long before
+/// it reads anything, and checks that its claim is still there: every
+/// write of a former server that read the fence before the claim is then
+/// on the disk, and every later one is refused by its lease. The margin
+/// over the lease covers a write issued at the end of the lease and still
+/// in the device's queue.
+pub const SERVER_TAKEOVER_WAIT_MS: u64 = 2 * SERVER_LEASE_MS;
+const _: () = assert!(SERVER_TAKEOVER_WAIT_MS > SERVER_LEASE_MS);
+
+/// Claims made before a takeover gives up: a claim overwritten during the
+/// wait (a former server's home write of the superblock) is made again.
+pub const SERVER_CLAIM_ATTEMPTS_MAX: u32 = 3;
+
 /// How long a standby's failover start waits for the host-local store lock
 /// held by the server it replaces on the same host while that one is still
 /// exiting (a killed process's sockets can close, and so its agent start

@@ -145,7 +145,7 @@
 //! | `0x4011` | `Members`            | controller → agents | members (8 + node list) | — |
 //! | `0x4012` | `AgentState`         | agent → controller | agent-state (24) | none |
 //! | `0x4013` | `WantServer`         | agent → controller | want-server (8) | none |
-//! | `0x4014` | `StartHere`          | controller → agent | start-here (16) | none |
+//! | `0x4014` | `StartHere`          | controller → agent | start-here (24) | none |
 //! | `0x4015` | `NeedClients`        | starting agent → controller → member agents | need-clients (16) | `Clients` |
 //! | `0x4016` | `Clients`            | member agent → controller → starter | clients (16 + client list) | — |
 //! | `0x4017` | `ServerUp`           | agent → controller → every agent | server-address (16 + addr) | none |
@@ -354,8 +354,10 @@
 //!
 //! | Offset | Size | Field | Meaning |
 //! |-------:|-----:|-------|---------|
-//! | 0 | `NodeList::bytes_for(m)` | node list | the cluster members |
-//! | `NodeList::bytes_for(m)` | `ClientList::bytes_for(e)` | client list | the snapshot clients of the former incarnation the recovery barrier waits for; may be empty |
+//! | 0 | 1 | `flags` | bit 0 `claim`: the former server may still run; claim the store and wait out its lease first (`Standby::claim`); other bits 0 |
+//! | 1 | 7 | reserved | 0 |
+//! | 8 | `NodeList::bytes_for(m)` | node list | the cluster members |
+//! | 8 + `NodeList::bytes_for(m)` | `ClientList::bytes_for(e)` | client list | the snapshot clients of the former incarnation the recovery barrier waits for; may be empty |
 //!
 //! ## serving (`Serving`, 24 bytes)
 //!
@@ -411,12 +413,14 @@
 //! |-------:|-----:|-------|---------|
 //! | 0 | 8 | `failed_incarnation` | the incarnation that failed a client, 0 = none |
 //!
-//! ## start-here (`StartHere`, 16 bytes)
+//! ## start-here (`StartHere`, 24 bytes)
 //!
 //! | Offset | Size | Field | Meaning |
 //! |-------:|-----:|-------|---------|
 //! | 0 | 8 | `attempt` | ≥ 1 |
 //! | 8 | 8 | `former_incarnation` | the incarnation replaced, 0 = none |
+//! | 16 | 1 | `flags` | bit 0 `claim`: the former server's death was not seen by its agent; other bits 0 |
+//! | 17 | 7 | reserved | 0 |
 //!
 //! ## need-clients (`NeedClients`, 16 bytes)
 //!
@@ -627,7 +631,10 @@ const_assert!(HEADER_BYTES + RANGES_BYTES_MAX <= FRAME_MAX_BYTES);
 const_assert!(HEADER_BYTES + TARGETS_BYTES_MAX <= FRAME_MAX_BYTES);
 const_assert!(HEADER_BYTES + SNAP_LIST_BYTES_MAX <= FRAME_MAX_BYTES);
 const_assert!(HEADER_BYTES + 8 + ERROR_TEXT_MAX_BYTES <= FRAME_MAX_BYTES);
-const_assert!(HEADER_BYTES + NODE_LIST_BYTES_MAX + CLIENT_LIST_BYTES_MAX <= FRAME_MAX_BYTES);
+const_assert!(
+    HEADER_BYTES + msg::START_SERVER_FIXED_BYTES + NODE_LIST_BYTES_MAX + CLIENT_LIST_BYTES_MAX
+        <= FRAME_MAX_BYTES
+);
 const_assert!(HEADER_BYTES + 16 + CLIENT_LIST_BYTES_MAX <= FRAME_MAX_BYTES);
 const_assert!(HEADER_BYTES + 16 + ADDR_MAX_BYTES + NODE_STATUS_LIST_BYTES_MAX <= FRAME_MAX_BYTES);
 const_assert!(every_kind_fits());

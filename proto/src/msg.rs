@@ -159,7 +159,14 @@ const JOIN_FIXED_BYTES: usize = 8;
 const MEMBERS_FIXED_BYTES: usize = 8;
 const AGENT_STATE_BYTES: usize = 24;
 const WANT_SERVER_BYTES: usize = 8;
-const START_HERE_BYTES: usize = 16;
+const START_HERE_BYTES: usize = 24;
+/// The fixed part of `StartServer` before its lists: the flags byte and 7
+/// reserved bytes.
+pub(crate) const START_SERVER_FIXED_BYTES: usize = 8;
+/// `StartServer` / `StartHere` flag: the former server may still be running
+/// (its death was not seen by its own agent): claim the store and wait out
+/// its lease before reading (`Standby::claim`).
+const START_FLAG_CLAIM: u8 = 1;
 const NEED_CLIENTS_BYTES: usize = 16;
 const CLIENTS_FIXED_BYTES: usize = 16;
 const SERVER_UP_FIXED_BYTES: usize = 16;
@@ -370,7 +377,9 @@ impl Kind {
             Kind::NeedServer => NEED_SERVER_BYTES,
             Kind::ServerAddress => SERVER_ADDRESS_FIXED_BYTES + ADDR_MAX_BYTES,
             Kind::ServerReady => SERVER_READY_FIXED_BYTES + ADDR_MAX_BYTES,
-            Kind::StartServer => crate::NODE_LIST_BYTES_MAX + crate::CLIENT_LIST_BYTES_MAX,
+            Kind::StartServer => {
+                START_SERVER_FIXED_BYTES + crate::NODE_LIST_BYTES_MAX + crate::CLIENT_LIST_BYTES_MAX
+            }
             Kind::Serving => SERVING_BYTES,
             Kind::NodeJoined | Kind::NodeLeft => NODE_BYTES,
             Kind::ClientGone => CLIENT_GONE_BYTES,
@@ -920,6 +929,9 @@ pub enum Msg<'a> {
     /// The agent tells its standby to start serving. Answered with
     /// `Serving`.
     StartServer {
+        /// Claim the store and wait out the former server's lease before
+        /// reading it: that server's death was not seen by its own agent.
+        claim: bool,
         /// The cluster members.
         members: NodeList<'a>,
         /// The snapshot clients of the former incarnation the recovery
@@ -993,6 +1005,9 @@ pub enum Msg<'a> {
         attempt: u64,
         /// The incarnation being replaced, 0 if none.
         former_incarnation: u64,
+        /// The former server may still be running (its death was not seen
+        /// by its own agent): the start claims the store and waits.
+        claim: bool,
     },
     /// Which volume clients run on your node? From the starting agent, via
     /// the controller, to every other connected member agent. Answered with
@@ -1137,9 +1152,9 @@ impl Msg<'_> {
             Msg::ReleaseLocks(r) => r.as_bytes().len(),
             Msg::ServerAddress { addr, .. } => SERVER_ADDRESS_FIXED_BYTES + addr.len(),
             Msg::ServerReady { addr, .. } => SERVER_READY_FIXED_BYTES + addr.len(),
-            Msg::StartServer { members, expected } => {
-                members.as_bytes().len() + expected.as_bytes().len()
-            }
+            Msg::StartServer {
+                members, expected, ..
+            } => START_SERVER_FIXED_BYTES + members.as_bytes().len() + expected.as_bytes().len(),
             Msg::Join { addr, .. } => JOIN_FIXED_BYTES + addr.len(),
             Msg::Members { members, .. } => MEMBERS_FIXED_BYTES + members.as_bytes().len(),
             Msg::Clients { clients, .. } => CLIENTS_FIXED_BYTES + clients.as_bytes().len(),
@@ -1301,8 +1316,13 @@ impl Msg<'_> {
                 put_u32(b, 4, node_id);
                 put_addr(b, 10, SERVER_READY_FIXED_BYTES, addr);
             }
-            Msg::StartServer { members, expected } => {
-                let (m, e) = b.split_at_mut(members.as_bytes().len());
+            Msg::StartServer {
+                claim,
+                members,
+                expected,
+            } => {
+                b[0] = if claim { START_FLAG_CLAIM } else { 0 };
+                let (m, e) = b[START_SERVER_FIXED_BYTES..].split_at_mut(members.as_bytes().len());
                 m.copy_from_slice(members.as_bytes());
                 e.copy_from_slice(expected.as_bytes());
             }
@@ -1343,9 +1363,11 @@ impl Msg<'_> {
             Msg::StartHere {
                 attempt,
                 former_incarnation,
+                claim,
             } => {
                 put_u64(b, 0, attempt);
                 put_u64(b, 8, former_incarnation);
+                b[16] = if claim { START_FLAG_CLAIM } else { 0 };
             }
             Msg::NeedClients { gather_id, starter } => {
                 put_u64(b, 0, gather_id);
@@ -1528,6 +1550,15 @@ fn check_node(node_id: u32) -> Result<(), &'static str> {
         return Err("node id 0");
     }
     Ok(())
+}
+
+/// The flags byte of `StartServer` and `StartHere`.
+fn start_flags(f: u8) -> Result<bool, &'static str> {
+    match f {
+        0 => Ok(false),
+        START_FLAG_CLAIM => Ok(true),
+        _ => Err("unknown start flags"),
+    }
 }
 
 fn exact(body: &[u8], n: usize) -> Result<(), &'static str> {
@@ -1772,8 +1803,14 @@ fn read_body(kind: Kind, b: &[u8]) -> Result<Msg<'_>, &'static str> {
             }
         }
         Kind::StartServer => {
-            let (members, rest) = list(NodeList::parse_prefix(b))?;
+            if b.len() < START_SERVER_FIXED_BYTES {
+                return Err("body length does not match the kind");
+            }
+            let claim = start_flags(b[0])?;
+            reserved(b, 1, START_SERVER_FIXED_BYTES - 1)?;
+            let (members, rest) = list(NodeList::parse_prefix(&b[START_SERVER_FIXED_BYTES..]))?;
             Msg::StartServer {
+                claim,
                 members,
                 expected: list(ClientList::parse(rest))?,
             }
@@ -1844,9 +1881,11 @@ fn read_body(kind: Kind, b: &[u8]) -> Result<Msg<'_>, &'static str> {
         }
         Kind::StartHere => {
             exact(b, START_HERE_BYTES)?;
+            reserved(b, 17, 7)?;
             Msg::StartHere {
                 attempt: get_u64(b, 0),
                 former_incarnation: get_u64(b, 8),
+                claim: start_flags(b[16])?,
             }
         }
         Kind::NeedClients => {

@@ -241,6 +241,7 @@ impl Spec {
                 addr,
             },
             Kind::StartServer => Msg::StartServer {
+                claim: false,
                 members: nodes,
                 expected: clients,
             },
@@ -279,6 +280,7 @@ impl Spec {
             Kind::StartHere => Msg::StartHere {
                 attempt: n[0].max(1),
                 former_incarnation: n[1],
+                claim: n[2] & 1 == 1,
             },
             Kind::NeedClients => Msg::NeedClients {
                 gather_id: n[0].max(1),

@@ -94,14 +94,17 @@ fn max_lists_are_full_and_fit() {
     assert_eq!(LONG_TEXT.len(), ERROR_TEXT_MAX_BYTES);
     assert_eq!(LONG_ADDR.len(), ADDR_MAX_BYTES);
     let mut s = Scratch::new();
-    let Msg::StartServer { members, expected } = sample(Kind::StartServer, true, &mut s) else {
+    let Msg::StartServer {
+        members, expected, ..
+    } = sample(Kind::StartServer, true, &mut s)
+    else {
         panic!("wrong sample")
     };
     assert_eq!(members.len(), NODES_MAX);
     assert_eq!(expected.len(), CLIENT_ENTRIES_MAX);
     assert_eq!(
         Kind::StartServer.body_max_bytes(),
-        NODE_LIST_BYTES_MAX + CLIENT_LIST_BYTES_MAX
+        8 + NODE_LIST_BYTES_MAX + CLIENT_LIST_BYTES_MAX
     );
     let mut s = Scratch::new();
     let Msg::ClusterStatusReply { nodes, .. } = sample(Kind::ClusterStatusReply, true, &mut s)
@@ -585,10 +588,11 @@ fn reserved_bytes_must_be_zero() {
             // (12 and 13 are `failed_deaths` now.)
             &[16 + 22 + 2, 16 + 22 + 3, 16 + 22 + 4 + 5],
         ),
-        // The node list's header, the client list's header and first entry.
+        // The flags' reserved bytes, the node list's header, the client
+        // list's header and first entry.
         (
             Kind::StartServer,
-            &[2, 3, 16 + 2, 16 + 3, 16 + 4 + 12, 16 + 4 + 15],
+            &[1, 7, 8 + 2, 8 + 3, 24 + 2, 24 + 3, 24 + 4 + 12, 24 + 4 + 15],
         ),
         (Kind::Clients, &[16 + 2, 16 + 3, 16 + 4 + 12, 16 + 4 + 13]),
     ];
@@ -1236,11 +1240,19 @@ fn known_answer_start_server() {
         &mut cb,
     )
     .unwrap();
-    let f = frame_of(&Header::new(1, 0), &Msg::StartServer { members, expected });
+    let f = frame_of(
+        &Header::new(1, 0),
+        &Msg::StartServer {
+            claim: false,
+            members,
+            expected,
+        },
+    );
     #[rustfmt::skip]
-    let want: [u8; 64] = [
-        0x63, 0x73, 0x6e, 0x77, 0x01, 0x00, 0x04, 0x40, 0x40, 0x00, 0x00, 0x00,
+    let want: [u8; 72] = [
+        0x63, 0x73, 0x6e, 0x77, 0x01, 0x00, 0x04, 0x40, 0x48, 0x00, 0x00, 0x00,
         0x00, 0x00, 0x00, 0x00, 0x01, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+        0x00, 0, 0, 0, 0, 0, 0, 0,          // flags (claim: no), reserved
         0x02, 0x00, 0x00, 0x00,             // node count 2, reserved
         0x01, 0x00, 0x00, 0x00,             // node 1
         0x02, 0x00, 0x00, 0x00,             // node 2
@@ -1250,18 +1262,35 @@ fn known_answer_start_server() {
     ];
     assert_eq!(f, want);
     assert_eq!(
-        Msg::StartServer { members, expected }.body_bytes(),
-        NodeList::bytes_for(2) + ClientList::bytes_for(1)
+        Msg::StartServer {
+            claim: false,
+            members,
+            expected,
+        }
+        .body_bytes(),
+        8 + NodeList::bytes_for(2) + ClientList::bytes_for(1)
     );
+    // With `claim`, only the flags byte differs.
+    let g = frame_of(
+        &Header::new(1, 0),
+        &Msg::StartServer {
+            claim: true,
+            members,
+            expected,
+        },
+    );
+    assert_eq!(g[HEADER_BYTES], 1);
+    assert_eq!(g[HEADER_BYTES + 1..], f[HEADER_BYTES + 1..]);
     // Both lists empty: two list headers.
     let f = frame_of(
         &Header::new(1, 0),
         &Msg::StartServer {
+            claim: false,
             members: NodeList::empty(),
             expected: ClientList::empty(),
         },
     );
-    assert_eq!(f[HEADER_BYTES..], [0u8; 8]);
+    assert_eq!(f[HEADER_BYTES..], [0u8; 16]);
 }
 
 #[test]
@@ -1594,12 +1623,12 @@ fn ids_that_must_name_something_are_validated() {
         (Kind::ServerAddress, 0..8, "incarnation 0"),
         (Kind::ServerUp, 0..8, "incarnation 0"),
         (Kind::NeedServer, 0..8, "client id 0"),
-        // List entries: node list at 8 in Members, at 0 in StartServer.
+        // List entries: node list at 8 in Members and in StartServer.
         (Kind::Members, 12..16, "node id 0"),
-        (Kind::StartServer, 4..8, "node id 0"),
+        (Kind::StartServer, 12..16, "node id 0"),
         // The client list after StartServer's three nodes, and in Clients.
-        (Kind::StartServer, 20..28, "client id 0"),
-        (Kind::StartServer, 28..32, "node id 0"),
+        (Kind::StartServer, 28..36, "client id 0"),
+        (Kind::StartServer, 36..40, "node id 0"),
         (Kind::Clients, 20..28, "client id 0"),
         (Kind::Clients, 28..32, "node id 0"),
         // The node-status list after the address.
@@ -1668,6 +1697,7 @@ fn ids_that_must_name_something_are_validated() {
         Msg::StartHere {
             attempt: 0,
             former_incarnation: 1,
+            claim: false,
         },
         Msg::ServerAddress {
             incarnation: 0,
@@ -1872,7 +1902,7 @@ fn list_bodies_must_match_their_counts() {
     let cases = [
         (Kind::Members, 8),
         (Kind::Clients, 16),
-        (Kind::StartServer, 16),
+        (Kind::StartServer, 8 + 16),
         (Kind::ClusterStatusReply, 16 + ns),
         (Kind::Revoke, 4),
         (Kind::ReleaseLocks, 0),
@@ -1895,24 +1925,50 @@ fn list_bodies_must_match_their_counts() {
     let msg = sample(Kind::StartServer, false, &mut s);
     for count in [0u8, 1, 2, 4, 5, 0xff] {
         assert!(
-            decode_edited(&msg, |b| b[0] = count).is_err(),
+            decode_edited(&msg, |b| b[8] = count).is_err(),
             "node count {count}"
         );
     }
     bad_body(
-        decode_edited(&msg, |b| b.truncate(3)),
+        decode_edited(&msg, |b| b.truncate(5)),
+        Kind::StartServer,
+        "length",
+    );
+    bad_body(
+        decode_edited(&msg, |b| b.truncate(8 + 3)),
         Kind::StartServer,
         "list",
     );
     bad_body(
-        decode_edited(&msg, |b| b.truncate(16)),
+        decode_edited(&msg, |b| b.truncate(8 + 16)),
         Kind::StartServer,
         "list",
     );
     bad_body(
-        decode_edited(&msg, |b| b.truncate(18)),
+        decode_edited(&msg, |b| b.truncate(8 + 18)),
         Kind::StartServer,
         "list",
+    );
+    // The flags byte: bit 0 is `claim`, any other bit is refused.
+    for f in [2u8, 3, 0x80] {
+        bad_body(
+            decode_edited(&msg, |b| b[0] = f),
+            Kind::StartServer,
+            "start flags",
+        );
+    }
+    assert!(decode_edited(&msg, |b| b[0] = 1).is_ok());
+    let mut s = Scratch::new();
+    let here = sample(Kind::StartHere, false, &mut s);
+    bad_body(
+        decode_edited(&here, |b| b[16] = 2),
+        Kind::StartHere,
+        "start flags",
+    );
+    bad_body(
+        decode_edited(&here, |b| b[23] = 1),
+        Kind::StartHere,
+        "reserved",
     );
     // Fixed parts shorter than their minimum.
     for (kind, fixed) in [

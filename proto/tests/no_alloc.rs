@@ -126,6 +126,7 @@ fn protocol_paths_do_not_allocate() {
     .unwrap();
     for msg in [
         Msg::StartServer {
+            claim: false,
             members: nodes,
             expected: clients,
         },

@@ -100,6 +100,14 @@ pub enum StoreError {
         /// by another writer).
         found: u64,
     },
+    /// A takeover's claim was overwritten during its wait, every attempt:
+    /// another server keeps writing the superblock.
+    ClaimContested {
+        /// The last incarnation claimed.
+        claimed: u64,
+        /// The incarnation found on disk after the wait.
+        found: u64,
+    },
 }
 
 impl std::fmt::Display for StoreError {
@@ -145,6 +153,10 @@ impl std::fmt::Display for StoreError {
             StoreError::Fenced { ours, found } => write!(
                 f,
                 "fenced: this server is incarnation {ours}, but the store now belongs to incarnation {found}; stopping"
+            ),
+            StoreError::ClaimContested { claimed, found } => write!(
+                f,
+                "takeover refused: incarnation {claimed} was claimed, but after the wait the store says {found}: another server is still writing it"
             ),
         }
     }
@@ -587,9 +599,65 @@ pub struct Standby<D: Disk> {
     pending_frees: Vec<Free>,
     entries: Vec<journal::Entry>,
     block_buf: disk::IoBuf,
+    /// The incarnation this standby claimed (0: none): the start's replay
+    /// keeps it in the superblock it redoes.
+    claimed: u64,
 }
 
 impl<D: Disk> Standby<D> {
+    /// Claims the store for a takeover whose former server may still be
+    /// running (on another host, paused, cut off), before anything else is
+    /// read: writes the home superblock back with the incarnation two
+    /// above the one it holds (the last commit in the journal can be one
+    /// above home), flushes, waits `wait`, and reads it again. A former
+    /// server's fence read from then on finds it newer and stops it; one
+    /// that read the fence before has a lease shorter than the wait, so
+    /// its writes are on the disk before this start reads anything. A claim
+    /// overwritten during the wait (that server's home write of the
+    /// superblock) is made again, `SERVER_CLAIM_ATTEMPTS_MAX` times in
+    /// all. A home superblock that does not verify (a torn write) cannot
+    /// be claimed: the wait alone is kept, and the start's replay repairs
+    /// it. Returns the incarnation claimed (0: none). Allocates nothing.
+    ///
+    /// What it cannot close: a former server paused between its lease
+    /// check and the write system call, or a write held in a queue longer
+    /// than the wait's margin. Only fencing at the device (STONITH, a
+    /// detached device, SCSI reservations) closes that.
+    pub fn claim(&mut self, wait: std::time::Duration) -> Result<u64, StoreError> {
+        let mut found = 0;
+        let mut claimed = 0;
+        for _ in 0..csnap_pools::SERVER_CLAIM_ATTEMPTS_MAX {
+            let Standby {
+                disk, block_buf, ..
+            } = self;
+            disk.read_at(block_buf, layout::SUPER_BLOCK * BS)?;
+            let home = layout::verify(block_buf, layout::SUPER_BLOCK, BlockKind::Super)
+                .ok()
+                .and_then(|h| Some((h.seq, Super::decode(block_buf).ok()?)));
+            let Some((seq, mut sb)) = home else {
+                std::thread::sleep(wait);
+                return Ok(0);
+            };
+            claimed = sb.incarnation.max(found).saturating_add(2);
+            sb.incarnation = claimed;
+            sb.encode(block_buf);
+            layout::seal(block_buf, seq);
+            disk.write_at(block_buf, layout::SUPER_BLOCK * BS)?;
+            disk.flush()?;
+            std::thread::sleep(wait);
+            disk.read_at(block_buf, layout::SUPER_BLOCK * BS)?;
+            found = layout::verify(block_buf, layout::SUPER_BLOCK, BlockKind::Super)
+                .ok()
+                .and_then(|_| Super::decode(block_buf).ok())
+                .map_or(0, |sb| sb.incarnation);
+            if found >= claimed {
+                self.claimed = found;
+                return Ok(found);
+            }
+        }
+        Err(StoreError::ClaimContested { claimed, found })
+    }
+
     /// Reserves every buffer the store will use. Reads nothing.
     pub fn reserve(disk: D, opts: &OpenOptions) -> Result<Self, StoreError> {
         if opts.cache_blocks < CACHE_MIN_BLOCKS {
@@ -606,6 +674,7 @@ impl<D: Disk> Standby<D> {
             pending_frees: Vec::with_capacity(TX_FREES_MAX),
             entries: Vec::with_capacity(TX_BLOCKS_MAX + 1),
             block_buf: disk::io_buf(BLOCK_SIZE_BYTES),
+            claimed: 0,
         })
     }
 
@@ -635,6 +704,7 @@ impl<D: Disk> Standby<D> {
             pending_frees,
             entries,
             block_buf,
+            claimed,
         } = self;
         // Two consecutive commits (the last one must survive the next) plus the
         // wrap gap fit in the ring: 3 * (cap + 1) + 3 <= journal blocks.
@@ -661,6 +731,8 @@ impl<D: Disk> Standby<D> {
             // After the replay's flush (or a format's), home is durable.
             home_durable: true,
             data_written: false,
+            lease: None,
+            fence_ok_at: None,
         };
         // The root is read (and checked) now: a store whose root is
         // nonsense refuses to start instead of failing every request.
@@ -690,6 +762,7 @@ impl<D: Disk> Standby<D> {
                     pending_frees,
                     entries,
                     block_buf: fence_buf,
+                    claimed,
                 },
                 e,
             ));
@@ -704,14 +777,31 @@ impl<D: Disk> Standby<D> {
             disk,
             staging,
             block_buf,
+            claimed,
             ..
         } = self;
+        let claimed = *claimed;
         let label = read_label_checked(disk, block_buf)?;
         // Redo only what differs at home: after a clean stop or a process
         // kill the home copies are already there, and a start that writes
         // nothing needs no flush.
         let mut rewrote = false;
         let replay = journal::replay(disk, &label, staging, &mut |d, home, img| {
+            if home == layout::SUPER_BLOCK && claimed > 0 {
+                // A claimed store: the superblock redone keeps the claim,
+                // or a former server's fence read would pass again.
+                if let (Ok(h), Ok(mut sb)) = (
+                    layout::verify(img, layout::SUPER_BLOCK, BlockKind::Super),
+                    Super::decode(img),
+                ) {
+                    sb.incarnation = sb.incarnation.max(claimed);
+                    sb.encode(block_buf);
+                    layout::seal(block_buf, h.seq);
+                    d.write_at(block_buf, home * BS)?;
+                    rewrote = true;
+                    return Ok(());
+                }
+            }
             d.read_at(block_buf, home * BS)?;
             if block_buf[..] != *img {
                 d.write_at(img, home * BS)?;
@@ -796,6 +886,10 @@ pub struct Store<D: Disk> {
     home_durable: bool,
     /// The device was handed out (`disk_mut`) since the last flush.
     data_written: bool,
+    /// The lease (`set_lease`): writes only within it of a good fence read.
+    lease: Option<std::time::Duration>,
+    /// When the last fence read that found no newer incarnation began.
+    fence_ok_at: Option<std::time::Instant>,
 }
 
 impl<D: Disk> Store<D> {
@@ -1592,6 +1686,7 @@ impl<D: Disk> Store<D> {
     /// by every commit before it writes anything. On a shared block device
     /// this must bypass the page cache (O_DIRECT) to see other nodes' writes.
     pub fn check_fence(&mut self) -> Result<(), StoreError> {
+        let began = self.lease.map(|_| std::time::Instant::now());
         let ours = self.committed.incarnation.max(self.sb.incarnation);
         self.disk
             .read_at(&mut self.fence_buf, layout::SUPER_BLOCK * BS)?;
@@ -1606,6 +1701,38 @@ impl<D: Disk> Store<D> {
         if found > ours || (found == 0 && ours > 0) {
             return Err(StoreError::Fenced { ours, found });
         }
+        self.fence_ok_at = began;
+        Ok(())
+    }
+
+    /// Gives the store a lease (a serving server's, `SERVER_LEASE_MS`):
+    /// from now on every write of the device (journal, home blocks,
+    /// `write_data`) is made only within `lease` of the start of a fence
+    /// read that found no newer incarnation, and reads the fence again
+    /// first when it is older. Without one (tools, simulations) only the
+    /// commit's own fence read guards the writes.
+    pub fn set_lease(&mut self, lease: std::time::Duration) {
+        self.lease = Some(lease);
+        self.fence_ok_at = None;
+    }
+
+    /// Renews the lease when it ran out (see `set_lease`); `Fenced` when a
+    /// newer incarnation has the store.
+    fn within_lease(&mut self) -> Result<(), StoreError> {
+        let Some(lease) = self.lease else {
+            return Ok(());
+        };
+        if self.fence_ok_at.is_none_or(|t| t.elapsed() >= lease) {
+            self.check_fence()?;
+        }
+        Ok(())
+    }
+
+    /// Writes copy-out data at byte `off` of the device, within the lease.
+    pub fn write_data(&mut self, buf: &[u8], off: u64) -> Result<(), StoreError> {
+        self.within_lease()?;
+        self.data_written = true;
+        self.disk.write_at(buf, off)?;
         Ok(())
     }
 
@@ -1888,7 +2015,9 @@ impl<D: Disk> Store<D> {
         if self.data_written || !self.home_durable {
             self.disk.flush()?;
         }
-        // 3. Journal write and the commit point.
+        // 3. Journal write and the commit point (the flush above may have
+        // outlasted the lease).
+        self.within_lease()?;
         self.disk.write_at(
             &self.staging[..(n + 1) * bs],
             (self.label.journal_start + start) * BS,
@@ -1897,11 +2026,13 @@ impl<D: Disk> Store<D> {
         self.data_written = false;
         // 4. Home writes.
         self.home_durable = false;
+        self.within_lease()?;
         self.disk
             .write_at(&self.staging[bs..2 * bs], layout::SUPER_BLOCK * BS)?;
         for slot in 0..self.cache.capacity() {
             if self.cache.is_dirty(slot) {
                 let home = self.cache.addr_of(slot);
+                self.within_lease()?;
                 self.disk.write_at(self.cache.buf(slot), home * BS)?;
             }
         }

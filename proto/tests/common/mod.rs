@@ -300,6 +300,7 @@ pub fn sample(kind: Kind, big: bool, s: &mut Scratch) -> Msg<'_> {
             addr: if big { LONG_ADDR } else { "10.0.0.2:7070" },
         },
         Kind::StartServer => Msg::StartServer {
+            claim: big,
             members: node_list(big, nodes),
             expected: client_list(big, clients),
         },
@@ -342,6 +343,7 @@ pub fn sample(kind: Kind, big: bool, s: &mut Scratch) -> Msg<'_> {
         Kind::StartHere => Msg::StartHere {
             attempt: if big { u64::MAX } else { 1 },
             former_incarnation: if big { u64::MAX } else { 4 },
+            claim: big,
         },
         Kind::NeedClients => Msg::NeedClients {
             gather_id: if big { u64::MAX } else { 9 },
