@@ -1696,6 +1696,7 @@ impl<D: Disk> Store<D> {
         };
         if found == 0 && self.committed.seq == 0 {
             // A freshly formatted store's superblock says incarnation 0.
+            self.fence_ok_at = began;
             return Ok(());
         }
         if found > ours || (found == 0 && ours > 0) {
@@ -2006,9 +2007,16 @@ impl<D: Disk> Store<D> {
             &self.entries,
         );
         // 2. Fencing: a newer incarnation on disk means another server took
-        // the store over; write nothing. Then data and previous home writes
+        // the store over; write nothing. Under a lease, a fence read less
+        // than one lease old stands (a claimer waits longer than the lease
+        // before it reads anything, ARCHITECTURE 5.5): a busy server's
+        // commits skip that read. Then data and previous home writes
         // durable.
-        self.check_fence()?;
+        if self.lease.is_some() {
+            self.within_lease()?;
+        } else {
+            self.check_fence()?;
+        }
         // The flush orders copy-out data and the previous commit's home
         // writes before this journal write; with neither pending it is
         // skipped (the first commit after a start: the new incarnation).

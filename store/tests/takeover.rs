@@ -189,3 +189,61 @@ fn a_contested_claim_is_refused() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Counts reads of the home superblock (fence reads) through to a disk.
+struct Counting<'a> {
+    disk: FileDisk,
+    super_reads: &'a std::cell::Cell<u32>,
+}
+
+impl Disk for Counting<'_> {
+    fn read_at(&mut self, buf: &mut [u8], offset: u64) -> Result<(), csnap_store::disk::DiskError> {
+        if offset == BS {
+            self.super_reads.set(self.super_reads.get() + 1);
+        }
+        self.disk.read_at(buf, offset)
+    }
+    fn write_at(&mut self, buf: &[u8], offset: u64) -> Result<(), csnap_store::disk::DiskError> {
+        self.disk.write_at(buf, offset)
+    }
+    fn flush(&mut self) -> Result<(), csnap_store::disk::DiskError> {
+        self.disk.flush()
+    }
+    fn size_bytes(&self) -> u64 {
+        self.disk.size_bytes()
+    }
+}
+
+/// Under a lease, commits within it skip the fence read (a busy server's
+/// first writes pay no superblock read each); without one, every commit
+/// reads the fence.
+#[test]
+fn commits_within_the_lease_skip_the_fence_read() {
+    let dir = scratch("skip");
+    for lease in [true, false] {
+        let path = formatted_store(&dir);
+        let reads = std::cell::Cell::new(0u32);
+        let disk = Counting {
+            disk: FileDisk::open(&path).unwrap(),
+            super_reads: &reads,
+        };
+        let mut s = Store::open(disk, &OpenOptions::default()).unwrap();
+        if lease {
+            s.set_lease(Duration::from_secs(60));
+        }
+        s.bump_incarnation().unwrap();
+        s.commit().unwrap();
+        let before = reads.get();
+        for tag in 1..=5 {
+            s.create_snapshot(tag, 0).unwrap();
+            s.commit().unwrap();
+        }
+        let fence_reads = reads.get() - before;
+        if lease {
+            assert_eq!(fence_reads, 0, "commits within the lease read the fence");
+        } else {
+            assert_eq!(fence_reads, 5, "one fence read per commit without a lease");
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
