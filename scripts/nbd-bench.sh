@@ -4,7 +4,7 @@
 # against
 #   - the csnap origin export with 0, 1, 8 and 64 snapshots: first writes
 #     after the snapshots were taken (every request hits a chunk not yet
-#     copied out: step = chunk size) and rewrites of the same blocks;
+#     copied out) and rewrites of the same blocks;
 #   - a csnap snapshot export (reads);
 #   - qemu-nbd serving the same raw file (the limit: "raw");
 #   - qemu-nbd serving a qcow2 overlay on a backing file (what users pick
@@ -23,6 +23,15 @@
 # once before (so neither side pays for allocating file blocks).
 #
 #   scripts/nbd-bench.sh [COUNT]     (default COUNT=20000 requests per run)
+#
+# Durable first writes are first writes on both sides: the step between
+# requests is 64 KiB, qcow2's default cluster (4 csnap chunks of 16 KiB), so every
+# request allocates a qcow2 cluster (and copies the rest of it from the
+# backing file) just as every request makes csnap copy out a chunk. (With a
+# 16 KiB step, 3 of every 4 qcow2 "first writes" land in a cluster the
+# request before allocated: rewrites, not first writes; the write-back
+# table keeps that 16 KiB step, so its qcow2 first-write row is amortized
+# over 4 requests.)
 #
 # Each figure is the median of RUNS runs (environment, default 5).
 # DCOUNT (default 2000): requests per durable run. ROWS=writeback|durable|all
@@ -75,6 +84,9 @@ if ((ncpu >= 2)) && [[ $pin != none ]]; then
     fi
 fi
 chunk=16384
+# The step of durable first-write runs (and their rewrites and snapshot reads):
+# qemu-img's default qcow2 cluster, a multiple of the csnap chunk.
+fstride=65536
 echo "== building csnap (release)"
 cargo build --release -p csnap >/dev/null 2>&1 || cargo build --release -p csnap
 csnap="${CARGO_TARGET_DIR:-$PWD/target}/release/csnap"
@@ -94,11 +106,11 @@ region=$((count * chunk))
 regions=$((8 * runs))
 # Durable first writes: csnap after 1 and after 64 snapshots, 2 depths,
 # RUNS runs each, after the write-back regions.
-dregion=$((dcount * chunk))
+dregion=$((dcount * fstride))
 dbase=$((regions * region))
 origin_bytes=$(( (dbase + 4 * runs * dregion + (1 << 30) - 1) / (1 << 30) * (1 << 30) ))
 store_bytes=$((origin_bytes + origin_bytes / 2 + (1 << 30)))
-echo "== $count requests per run, medians of $runs runs; client on CPU $client_cpus, servers on CPUs $server_cpus; origin $((origin_bytes >> 20)) MiB, store $((store_bytes >> 20)) MiB, chunk $chunk bytes"
+echo "== $count requests per run, medians of $runs runs; client on CPU $client_cpus, servers on CPUs $server_cpus; origin $((origin_bytes >> 20)) MiB, store $((store_bytes >> 20)) MiB, chunk $chunk bytes, first-write step $fstride bytes"
 
 # qemu-img bench prints "Run completed in X seconds."; IOPS = count / X.
 # Every run starts from the same memory state: the page cache written back
@@ -220,8 +232,8 @@ if ((dur)); then
     start_qemu_nbd dqcow qcow2 "$work/overlay.qcow2" "${direct[@]}"
     for d in 1 16; do
         off=$(( (d == 1 ? 0 : runs) * dregion ))
-        iops[d_qcow_first_$d]=$(bench_first "$url" "$d" "$off" "$chunk")
-        iops[d_qcow_rewrite_$d]=$(bench "$url" "$d" 1 "$off" "$chunk")
+        iops[d_qcow_first_$d]=$(bench_first "$url" "$d" "$off" "$fstride")
+        iops[d_qcow_rewrite_$d]=$(bench "$url" "$d" 1 "$off" "$fstride")
     done
     stop_last
     rm -f "$work"/*.img "$work"/*.qcow2; drop_caches
@@ -269,12 +281,12 @@ for n in 0 1 8 64; do
         for d in 1 16; do
             off=$((dbase + dregion_no * dregion))
             dregion_no=$((dregion_no + runs))
-            iops[d_csnap_first_${n}_$d]=$(bench_first "$ourl" "$d" "$off" "$chunk")
-            iops[d_csnap_rewrite_${n}_$d]=$(bench "$ourl" "$d" 1 "$off" "$chunk")
+            iops[d_csnap_first_${n}_$d]=$(bench_first "$ourl" "$d" "$off" "$fstride")
+            iops[d_csnap_rewrite_${n}_$d]=$(bench "$ourl" "$d" 1 "$off" "$fstride")
             if ((n == 1)); then
                 # Snapshot 1 of this region: every chunk was copied out after
                 # it was taken, so the reads go to the store.
-                iops[d_csnap_snapread_$d]=$(bench "$surl" "$d" 0 "$off" 4096)
+                iops[d_csnap_snapread_$d]=$(bench "$surl" "$d" 0 "$off" "$fstride")
                 check_off=$off
             fi
         done
@@ -294,7 +306,7 @@ fi
 # The data check: what the benchmark wrote is on the origin, and snapshot 1
 # still reads what it had (zeros where only later writes went).
 if ((dur)); then
-    out=$(qemu-io -f raw -c "read -P 0xa5 $check_off 4k" -c "read -P 0xa5 $((check_off + 100 * chunk)) 4k" "$ourl")
+    out=$(qemu-io -f raw -c "read -P 0xa5 $check_off 4k" -c "read -P 0xa5 $((check_off + 100 * fstride)) 4k" "$ourl")
     if grep -q -i "fail\|error" <<<"$out" || ! grep -q "^read 4096" <<<"$out"; then
         echo "data check failed: the origin does not hold the pattern written: $out" >&2; exit 1
     fi
