@@ -164,6 +164,17 @@ pub const REQUESTS_PER_CLIENT_DEFAULT: usize = 64;
 /// Chunks one request may name (all its ranges together).
 pub const CHUNKS_PER_REQUEST_MAX: usize = 256;
 
+/// Chunks one delta query (`QueryDelta`: which chunks of a volume differ
+/// from a snapshot) covers: its reply is a bitmap of one bit per chunk, 4
+/// KiB, within one server reply. Longer ranges are walked in pieces (NBD
+/// block status answers at most this much per request; `csnap snapshot
+/// diff` asks piece after piece). Memory: one bitmap per store reply slot.
+pub const DELTA_QUERY_CHUNKS_MAX: usize = 32 * 1024;
+const_assert!(DELTA_QUERY_CHUNKS_MAX.is_multiple_of(8));
+// The bitmap is no larger than the largest snapshot-read reply's targets,
+// so a store reply does not grow for it.
+const_assert!(DELTA_QUERY_CHUNKS_MAX / 8 <= CHUNKS_PER_REQUEST_MAX * 16);
+
 /// Read locks held at once across all clients (ceiling of `--read-locks`).
 pub const READ_LOCKS_MAX: usize = 1 << 20;
 /// Default for the `--read-locks` setting.

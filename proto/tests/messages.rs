@@ -648,7 +648,9 @@ fn delta_messages_are_validated() {
         "1..=DELTA_CHUNKS_MAX",
     );
     bad_body(
-        decode_edited(&q, |b| b[0..8].copy_from_slice(&(u64::MAX - 3).to_le_bytes())),
+        decode_edited(&q, |b| {
+            b[0..8].copy_from_slice(&(u64::MAX - 3).to_le_bytes())
+        }),
         Kind::QueryDelta,
         "overflows",
     );

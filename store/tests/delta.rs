@@ -90,9 +90,15 @@ fn delta_matches_lookups_over_many_leaves() {
                 out.fill(0xff);
                 h.store.delta(v, base, a, n, &mut out).unwrap();
                 let want = expected(&mut h.store, v, base, a, n);
-                assert_eq!(bits(&out, n), want, "volume {v:?} base {base} range {a}+{n}");
+                assert_eq!(
+                    bits(&out, n),
+                    want,
+                    "volume {v:?} base {base} range {a}+{n}"
+                );
                 // Bits past the range are cleared.
-                assert!((n..out.len() as u64 * 8).all(|i| out[(i / 8) as usize] & (1 << (i % 8)) == 0));
+                assert!(
+                    (n..out.len() as u64 * 8).all(|i| out[(i / 8) as usize] & (1 << (i % 8)) == 0)
+                );
                 differing += want.iter().filter(|&&b| b).count();
             }
             // A snapshot never differs from itself.
@@ -102,7 +108,10 @@ fn delta_matches_lookups_over_many_leaves() {
             }
         }
     }
-    assert!(differing > 10_000, "the test must see differences: {differing}");
+    assert!(
+        differing > 10_000,
+        "the test must see differences: {differing}"
+    );
     h.store.assert_invariants_full();
 }
 
