@@ -243,6 +243,19 @@ const_assert!(START_LIST_MAX <= CLIENTS_MAX);
 // NBD export: one session per NBD connection (`csnap-fsm::nbd`).
 // ---------------------------------------------------------------------------
 
+/// Metadata contexts one NBD export offers, and one session may select:
+/// `base:allocation`, and `x-csnap:changed-since:<tag>` and
+/// `qemu:dirty-bitmap:since-<tag>` for every snapshot.
+pub const NBD_META_CONTEXTS_MAX: usize = 1 + 2 * SNAPSHOTS_MAX;
+/// Extents one `NBD_CMD_BLOCK_STATUS` reply gives per selected context
+/// (a reply may cover less than the request; the client asks again from
+/// where it ends). With every context selected, a reply fits one data
+/// buffer (`VOLUME_IO_MAX_BYTES`).
+pub const NBD_BLOCK_STATUS_EXTENTS_MAX: usize = 512;
+const_assert!(
+    NBD_META_CONTEXTS_MAX * (24 + 8 * NBD_BLOCK_STATUS_EXTENTS_MAX) <= VOLUME_IO_MAX_BYTES as usize
+);
+
 /// Largest `NBD_CMD_READ` or `NBD_CMD_WRITE` payload an NBD session accepts:
 /// the ceiling of the configured payload limit, which is advertised as the
 /// maximum block size. 32 MiB (2^25) is what the NBD protocol tells clients

@@ -90,7 +90,7 @@ impl Spec {
             delta: {
                 let c = delta_chunks(&self.n) as usize;
                 let mut d = self.n[5].to_le_bytes()[..c.div_ceil(8)].to_vec();
-                if c % 8 != 0 {
+                if !c.is_multiple_of(8) {
                     if let Some(last) = d.last_mut() {
                         *last &= (1u8 << (c % 8)) - 1;
                     }
@@ -201,7 +201,7 @@ impl Spec {
                 },
                 base: low32(n[0]),
                 chunk: n[1] >> 1,
-                chunks: 1 + low32(n[4]) % csnap_proto::DELTA_CHUNKS_MAX as u32,
+                chunks: 1 + low32(n[4] % csnap_proto::DELTA_CHUNKS_MAX as u64),
             },
             Kind::DeltaMap => Msg::DeltaMap {
                 chunk: n[1] >> 1,

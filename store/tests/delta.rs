@@ -60,7 +60,7 @@ fn delta_matches_lookups_over_many_leaves() {
         // Origin writes in clusters and scattered, and writes to earlier
         // snapshots (their own chunks, and shared ones split).
         for _ in 0..700 {
-            let c = if rng.next() % 2 == 0 {
+            let c = if rng.next().is_multiple_of(2) {
                 rng.next() % ORIGIN_CHUNKS
             } else {
                 (i as u64 * 600 + rng.next() % 400) % ORIGIN_CHUNKS
