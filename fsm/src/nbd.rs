@@ -4,9 +4,12 @@
 //! and parses and validates transmission-phase requests, so that every I/O
 //! driver answers clients the same way. It owns no socket, clock or disk and
 //! knows nothing of csnap: which exports exist is the driver's answer to an
-//! [`NbdEvent::ExportQuery`] or [`NbdEvent::ListQuery`]. Only simple replies
-//! are spoken: structured replies, extended headers, metadata contexts and
-//! TLS are refused with `NBD_REP_ERR_UNSUP`.
+//! [`NbdEvent::ExportQuery`] or [`NbdEvent::ListQuery`], and which
+//! snapshots an export offers metadata contexts for is its answer to an
+//! [`NbdEvent::MetaQuery`]. Structured replies and metadata contexts
+//! (`base:allocation`, `x-csnap:changed-since:TAG`,
+//! `qemu:dirty-bitmap:since-TAG`) are negotiated; extended headers and TLS
+//! are refused with `NBD_REP_ERR_UNSUP`.
 //!
 //! # What the driver does
 //!
@@ -24,8 +27,11 @@
 //! 4. In [`NbdState::AwaitExport`], call
 //!    [`answer_export`](NbdSession::answer_export); in
 //!    [`NbdState::AwaitList`], [`list_entry`](NbdSession::list_entry) per
-//!    export, then [`list_done`](NbdSession::list_done). The session reads no
-//!    input until answered.
+//!    export, then [`list_done`](NbdSession::list_done); in
+//!    [`NbdState::AwaitMeta`], [`answer_meta`](NbdSession::answer_meta)
+//!    with the export's snapshot tags (the session then queues the matching
+//!    contexts as the transmit buffer allows, going on in
+//!    `consume_transmit`). The session reads no input until answered.
 //! 5. When [`payload_remaining`](NbdSession::payload_remaining) is not zero,
 //!    that many bytes of `NBD_CMD_WRITE` payload follow: move them into the
 //!    driver's own buffer (first what is already received, then straight from
@@ -50,6 +56,8 @@
 //! | `OptionSkip` | a refused option, `ABORT` with data | the data, discarded | reply queued → `OptionHeader`; `ABORT` → `Disconnecting` |
 //! | `AwaitExport` | `ExportQuery` | nothing | `answer_export`: `GO`/`EXPORT_NAME` found → `Request` (`Ready`); `INFO`, or `GO` not found → `OptionHeader`; `EXPORT_NAME` not found → `Closed` (`Fatal`) |
 //! | `AwaitList` | `ListQuery` | nothing | `list_done` → `OptionHeader` |
+//! | `AwaitMeta` | `LIST_META_CONTEXT`/`SET_META_CONTEXT` data parsed (`MetaQuery`) | nothing | `answer_meta(Some(tags))` → `MetaReply`; `answer_meta(None)` → `NBD_REP_ERR_UNKNOWN`, `OptionHeader` |
+//! | `MetaReply` | `answer_meta` | nothing | every matching context and the ACK queued (as room allows) → `OptionHeader` |
 //! | `Request` | `Ready`; a request handled | a 28-byte request header | `Command`/`Reject` (stays); `WRITE` accepted → `Payload`; `WRITE` rejected → `PayloadSkip`; `DISC` → `Disconnecting`; bad magic or a write over the skip bound → `Closed` (`Fatal`) |
 //! | `Payload` | an accepted `WRITE` with data | nothing (`handle_payload` takes the payload) | payload complete → `Request` |
 //! | `PayloadSkip` | a rejected `WRITE` with data | the payload, discarded | payload skipped → `Request` |
@@ -82,7 +90,26 @@
 //!   faster than it writes (always answering `ENOTSUP` is allowed).
 //! - `NBD_CMD_FLAG_FUA` is accepted on every command (the protocol says
 //!   clients set it on reads too); `NO_HOLE` and `FAST_ZERO` only on
-//!   `WRITE_ZEROES`; `DF` and `REQ_ONE` (structured replies only) never.
+//!   `WRITE_ZEROES`; `REQ_ONE` only on `BLOCK_STATUS`; `DF` never (not
+//!   advertised: a read is always one chunk).
+//! - Structured replies: `NBD_OPT_STRUCTURED_REPLY` without data is
+//!   acknowledged (again if repeated); with data it is `ERR_INVALID`. The
+//!   driver answers `READ` with [`offset_data_header`] and its data, a
+//!   failed `READ` or `BLOCK_STATUS` with [`error_chunk`], a zero-length
+//!   `READ` with [`none_chunk`]; other commands keep simple replies.
+//! - Metadata contexts: `LIST_META_CONTEXT` and `SET_META_CONTEXT` data of
+//!   up to `NBD_OPTION_DATA_MAX_BYTES` is read whole (longer:
+//!   `ERR_TOO_BIG`) and parsed (malformed: `ERR_INVALID`). An empty `LIST`
+//!   lists every context; a `LIST` query ending in `:` matches every context
+//!   it begins (`base:`, `x-csnap:`, `qemu:`, `qemu:dirty-bitmap:`); other
+//!   queries match a context's exact name; queries of other namespaces
+//!   match nothing (ignored). `LIST` replies carry id 0. `SET` needs
+//!   structured replies (`ERR_INVALID`), takes exact names only (no query
+//!   selects nothing), selects each context once in context order with ids
+//!   from 1, and replaces the former selection even when it fails. A `GO`
+//!   or `EXPORT_NAME` of another export name drops the selection.
+//! - `BLOCK_STATUS` is valid only with a selection (`EINVAL` otherwise),
+//!   a non-zero length within the export.
 //! - Only `READ` and `WRITE` are bounded by the payload limit (they carry a
 //!   payload); `TRIM`, `WRITE_ZEROES` and `CACHE` may name any length within
 //!   the export. Zero-length requests are valid commands (a zero-length
@@ -255,7 +282,7 @@ pub const CMD_TRIM: u16 = 4;
 pub const CMD_CACHE: u16 = 5;
 /// Command: write zeroes.
 pub const CMD_WRITE_ZEROES: u16 = 6;
-/// Command: block status (structured replies only; refused).
+/// Command: block status (structured replies and a selected context only).
 pub const CMD_BLOCK_STATUS: u16 = 7;
 /// Command: resize (not advertised; refused).
 pub const CMD_RESIZE: u16 = 8;

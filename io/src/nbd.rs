@@ -26,7 +26,20 @@
 //! the server refuses the volume, or no server is reached within the
 //! failover timeout). `INFO` and `LIST` are answered from the server's
 //! snapshot list, asked for each time (no cache): a snapshot created while
-//! the NBD server runs appears at once.
+//! the NBD server runs appears at once. So are `LIST_META_CONTEXT` and
+//! `SET_META_CONTEXT` (every live snapshot has its contexts).
+//!
+//! # Structured replies and block status
+//!
+//! With structured replies negotiated, a `READ` is answered with one
+//! `OFFSET_DATA` chunk (its header just before the data in the buffer) and
+//! errors of `READ` and `BLOCK_STATUS` with `ERROR` chunks. A
+//! `BLOCK_STATUS` takes a buffer and answers the selected contexts one
+//! after the other into it: `base:allocation` as one data extent, each
+//! changed-since context from one `QueryDelta` of at most
+//! `DELTA_QUERY_CHUNKS_MAX` chunks on the control connection, as runs of
+//! changed and unchanged chunks (at most `NBD_BLOCK_STATUS_EXTENTS_MAX`, one
+//! with `REQ_ONE`); the reply then goes out whole.
 //!
 //! # Commands and buffers
 //!
@@ -2915,8 +2928,8 @@ impl NbdServer {
         let n = opts.connections;
         let reserved = vec![
             (
-                "NBD connection slots (session, receive buffer, command table, reply queue)",
-                n * (core::mem::size_of::<Slot>() + NbdSession::reserved_bytes() + RX_BYTES),
+                "NBD connection slots (session, receive buffer, command table, reply queue, delta bitmap)",
+                n * (core::mem::size_of::<Slot>() + NbdSession::reserved_bytes() + RX_BYTES + DELTA_CHUNKS / 8),
             ),
             (
                 "volume engines (lease cache, grant bitmap, client tables)",
