@@ -498,6 +498,32 @@ fn nbdinfo_lists_every_context_and_maps_match_the_writes() {
         }
     }
     assert!(!cases[0].2.is_empty() && !cases[3].2.is_empty());
+    // qemu reads the same map with REQ_ONE (its dirty-bitmap hook reports
+    // dirty ranges as holes).
+    let qmap = run(Command::new("qemu-img")
+        .args(["map", "--output=json", "--image-opts"])
+        .arg(format!(
+            "driver=nbd,path={},export=2,x-dirty-bitmap=qemu:dirty-bitmap:since-1",
+            up.sock().display()
+        )));
+    let mut from_qemu = BTreeSet::new();
+    for l in qmap.lines().filter(|l| l.contains("\"start\"")) {
+        let num = |k: &str| -> u64 {
+            let at = l.find(&format!("\"{k}\": ")).unwrap() + k.len() + 4;
+            l[at..]
+                .split([',', '}'])
+                .next()
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap()
+        };
+        if l.contains("\"data\": false") {
+            let (o, n) = (num("start"), num("length"));
+            from_qemu.extend(o / cs..(o + n).div_ceil(cs));
+        }
+    }
+    assert_eq!(from_qemu, cases[3].2, "qemu-img map: {qmap}");
     // base:allocation: all data, never a hole csnap cannot prove.
     for e in ["origin", "2"] {
         for r in map(&up, e, "base:allocation", size) {
