@@ -2535,8 +2535,10 @@ impl Slot {
         if let Some(id) = self.ctl.id() {
             ctl.fsm.forget(id);
             if matches!(self.ctl, CtlWait::Delta { .. }) {
+                // Its block-status command ends with an error now.
                 self.delta_state = DeltaState::Failed(NbdError::Shutdown);
             }
+            sh.moved();
         }
         self.ctl = CtlWait::None;
         if let Some(ci) = self.payload_cmd.take().map(usize::from) {

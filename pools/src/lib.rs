@@ -172,7 +172,8 @@ pub const CHUNKS_PER_REQUEST_MAX: usize = 256;
 pub const DELTA_QUERY_CHUNKS_MAX: usize = 32 * 1024;
 const_assert!(DELTA_QUERY_CHUNKS_MAX.is_multiple_of(8));
 // The bitmap is no larger than the largest snapshot-read reply's targets,
-// so a store reply does not grow for it.
+// so a store reply (passed by value through the worker's rings) grows by
+// its few fixed fields at most.
 const_assert!(DELTA_QUERY_CHUNKS_MAX / 8 <= CHUNKS_PER_REQUEST_MAX * 16);
 
 /// Read locks held at once across all clients (ceiling of `--read-locks`).
