@@ -1627,11 +1627,20 @@ fn check_events(events: &[NbdEvent], export: Option<ExportInfo>, cfg: &NbdConfig
             NbdEvent::Command(c) => {
                 let e = export.expect("a command needs an export");
                 assert_eq!(
-                    c.flags.0 & !(CMD_FLAG_FUA | CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO),
+                    c.flags.0
+                        & !(CMD_FLAG_FUA
+                            | CMD_FLAG_NO_HOLE
+                            | CMD_FLAG_FAST_ZERO
+                            | CMD_FLAG_REQ_ONE),
                     0
                 );
-                if c.kind != CmdKind::WriteZeroes {
-                    assert_eq!(c.flags.0 & !CMD_FLAG_FUA, 0);
+                match c.kind {
+                    CmdKind::WriteZeroes => {}
+                    CmdKind::BlockStatus => {
+                        assert_eq!(c.flags.0 & !(CMD_FLAG_FUA | CMD_FLAG_REQ_ONE), 0);
+                        assert!(c.length > 0);
+                    }
+                    _ => assert_eq!(c.flags.0 & !CMD_FLAG_FUA, 0),
                 }
                 if c.kind != CmdKind::Flush {
                     assert!(c.offset <= e.size_bytes);
@@ -1727,6 +1736,8 @@ fn valid_request_strategy() -> impl Strategy<Value = Vec<u8>> {
             (CMD_TRIM, 0),
             (CMD_CACHE, 0),
             (CMD_WRITE_ZEROES, CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO),
+            (CMD_BLOCK_STATUS, 0),
+            (CMD_BLOCK_STATUS, CMD_FLAG_REQ_ONE),
         ]),
         any::<u64>(),
         0..MIB - 4096,
@@ -1755,8 +1766,32 @@ fn option_strategy() -> impl Strategy<Value = Vec<u8>> {
         1 => name_strategy().prop_map(|n| opt(OPT_EXPORT_NAME, &n)),
         2 => Just(opt(OPT_LIST, &[])),
         1 => Just(opt(OPT_ABORT, &[])),
+        2 => Just(opt(OPT_STRUCTURED_REPLY, &[])),
+        3 => (
+            name_strategy(),
+            prop::collection::vec(meta_query_strategy(), 0..4),
+            any::<bool>()
+        )
+            .prop_map(|(n, q, set)| {
+                let q: Vec<&[u8]> = q.iter().map(Vec::as_slice).collect();
+                let o = if set { OPT_SET_META_CONTEXT } else { OPT_LIST_META_CONTEXT };
+                opt(o, &meta_data(&n, &q))
+            }),
         1 => (0u32..12, any::<u32>()).prop_map(|(o, l)| opt_header(o, l)),
         1 => (0u32..12, 0u32..64).prop_map(|(o, l)| opt_header(o, l)),
+    ]
+}
+
+fn meta_query_strategy() -> impl Strategy<Value = Vec<u8>> {
+    prop_oneof![
+        Just(b"base:allocation".to_vec()),
+        Just(b"base:".to_vec()),
+        Just(b"x-csnap:".to_vec()),
+        Just(b"x-csnap:changed-since:7".to_vec()),
+        Just(b"qemu:dirty-bitmap:since-1".to_vec()),
+        Just(b"qemu:".to_vec()),
+        Just(b"unknown:x".to_vec()),
+        prop::collection::vec(any::<u8>(), 0..12),
     ]
 }
 
@@ -1785,6 +1820,18 @@ fn session_input() -> impl Strategy<Value = Vec<u8>> {
             1 => Just([client_flags(1), go(b"snap-1", &[])].concat()),
             1 => Just([client_flags(0), opt(OPT_EXPORT_NAME, b"origin")].concat()),
             1 => Just([client_flags(3), opt(OPT_EXPORT_NAME, b"snap-1")].concat()),
+            2 => Just(
+                [
+                    client_flags(3),
+                    opt(OPT_STRUCTURED_REPLY, &[]),
+                    opt(
+                        OPT_SET_META_CONTEXT,
+                        &meta_data(b"origin", &[b"base:allocation", b"x-csnap:changed-since:7"]),
+                    ),
+                    go(b"origin", &[]),
+                ]
+                .concat()
+            ),
         ],
         prop::collection::vec(
             prop_oneof![
