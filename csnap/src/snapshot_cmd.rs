@@ -53,9 +53,8 @@ pub enum SnapshotAction {
     },
     /// Which byte ranges differ between snapshot A and B (a snapshot tag, or
     /// `origin`): `offset length type` rows in bytes, as `rbd diff` prints
-    /// them, in chunk units. Ranges that were written, trimmed or zeroed
-    /// all count; csnap does not know which hold zeroes, so every row is
-    /// `data`.
+    /// them, in chunk units. Ranges that were written or zeroed count;
+    /// csnap does not know which hold zeroes, so every row is `data`.
     Diff {
         #[command(flatten)]
         server: ServerSel,

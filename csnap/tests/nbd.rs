@@ -1181,7 +1181,10 @@ fn structured_replies_and_block_status_on_the_wire() {
     let mut env = Env::new("structured", &[1], &[]);
     qemu_io(&env.unix_url("origin"), &["write -P 0x11 0 64k"]);
     env.snapshot("create", 5);
-    qemu_io(&env.unix_url("origin"), &["write -P 0x22 1M 1"]);
+    qemu_io(
+        &env.unix_url("origin"),
+        &["write -P 0x22 1M 1", "write -z 2M 4k"],
+    );
     let mut r = Raw::connect(&env.sock);
     r.handshake();
     r.option(8, &[]); // STRUCTURED_REPLY
@@ -1212,7 +1215,8 @@ fn structured_replies_and_block_status_on_the_wire() {
     assert_eq!(r.option_reply(), (1, vec![]));
     assert_eq!(r.opt_go("origin"), Ok(ORIGIN_BYTES));
 
-    // BLOCK_STATUS of 4 MiB: all data; changed from 1 MiB for one chunk.
+    // BLOCK_STATUS of 4 MiB: all data; changed from 1 MiB for one chunk,
+    // and where zeroes were written.
     r.request(7, 0, 1, 0, 4 << 20);
     let (f, t, h, p) = r.chunk();
     assert_eq!((f, t, h), (0, 5, 1));
@@ -1221,10 +1225,19 @@ fn structured_replies_and_block_status_on_the_wire() {
     assert_eq!((f, t, h), (1, 5, 1));
     let (id, e) = Raw::extents(&p);
     assert_eq!(id, 2);
-    assert_eq!(e.len(), 3, "{e:?}");
+    assert_eq!(e.len(), 5, "{e:?}");
     let cs = e[1].0;
     assert!(cs.is_power_of_two() && cs >= 4096);
-    assert_eq!(e, vec![(1 << 20, 0), (cs, 1), ((3 << 20) - cs, 0)]);
+    assert_eq!(
+        e,
+        vec![
+            (1 << 20, 0),
+            (cs, 1),
+            ((1 << 20) - cs, 0),
+            (cs, 1),
+            ((2 << 20) - cs, 0)
+        ]
+    );
     // REQ_ONE: one extent per context, within the request.
     r.request(7, 1 << 3, 2, 0, 4 << 20);
     let (_, _, _, p) = r.chunk();
