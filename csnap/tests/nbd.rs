@@ -1566,6 +1566,27 @@ fn pid_listening_on(addr: &str) -> i32 {
     panic!("no server process listens on {addr}");
 }
 
+/// The changed ranges `nbdinfo --map=CONTEXT` reports: (offset, length).
+fn dirty_ranges(url: &str, context: &str) -> Vec<(u64, u64)> {
+    let o = Command::new("nbdinfo")
+        .arg(format!("--map={context}"))
+        .arg(url)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<u64> = l
+                .split_whitespace()
+                .take(3)
+                .map(|x| x.parse().unwrap())
+                .collect();
+            (f[2] & 1 == 1).then(|| (f[0], f[1]))
+        })
+        .collect()
+}
+
 #[test]
 fn failover_is_invisible_to_nbd_clients() {
     // The nodes' servers as on two hosts: no host-local store lock (the
@@ -1597,6 +1618,13 @@ fn failover_is_invisible_to_nbd_clients() {
     // (the origin's, shared by the snapshot), which go to the next server.
     let mut r = QemuIo::start(&env.unix_url("5"), env.dir.join("reader.err"));
     r.ok("read -P 0x5e 0 4M");
+    // Block status asks the server through the process's control
+    // connection, which rides the failover out too.
+    let url = env.unix_url("origin");
+    assert_eq!(
+        dirty_ranges(&url, "x-csnap:changed-since:5"),
+        vec![(8 << 20, 40 * 65536)]
+    );
     let pid = pid_listening_on(&addr);
     // SAFETY: kill(2) with a pid read from /proc and a valid signal.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
@@ -1622,6 +1650,10 @@ fn failover_is_invisible_to_nbd_clients() {
     let refs: Vec<&str> = cmds.iter().map(String::as_str).collect();
     qemu_io(&env.unix_url("origin"), &refs);
     qemu_io(&env.unix_url("5"), &["read -P 0x5e 0 4M"]);
+    assert_eq!(
+        dirty_ranges(&url, "qemu:dirty-bitmap:since-5"),
+        vec![(0, 4 << 20), (8 << 20, 300 * 65536)]
+    );
     let log = env.nbd().log();
     assert!(!log.contains("fails (EIO)"), "{log}");
     env.stop_nbd();
