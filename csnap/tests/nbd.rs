@@ -1245,6 +1245,31 @@ fn structured_replies_and_block_status_on_the_wire() {
     let (f, _, _, p) = r.chunk();
     assert_eq!(f, 1);
     assert_eq!(Raw::extents(&p), (2, vec![(1 << 20, 0)]));
+    // More runs than one reply holds: 600 changed chunks apart. A reply
+    // gives 512 extents and ends short of the request; the client goes on
+    // from there (nbdinfo does), and the whole map is the writes.
+    let cmds: Vec<String> = (0..600u64)
+        .map(|i| format!("write -P 0x33 {} 1", (4 << 20) + 2 * i * u64::from(cs)))
+        .collect();
+    let refs: Vec<&str> = cmds.iter().map(String::as_str).collect();
+    qemu_io(&env.unix_url("origin"), &refs);
+    r.request(7, 0, 20, 0, 32 << 20);
+    r.chunk();
+    let (f, _, _, p) = r.chunk();
+    assert_eq!(f, 1);
+    let (_, e) = Raw::extents(&p);
+    assert_eq!(e.len(), 512);
+    let covered: u64 = e.iter().map(|x| u64::from(x.0)).sum();
+    assert!(covered < 32 << 20 && e.iter().all(|x| x.0 > 0));
+    assert!(e.windows(2).all(|w| w[0].1 != w[1].1), "runs alternate");
+    let rows = dirty_ranges(&env.unix_url("origin"), "x-csnap:changed-since:5");
+    let mut chunks: Vec<u64> = Vec::new();
+    for (o, n) in rows {
+        chunks.extend(o / u64::from(cs)..(o + n) / u64::from(cs));
+    }
+    let mut want: Vec<u64> = vec![(1 << 20) / u64::from(cs), (2 << 20) / u64::from(cs)];
+    want.extend((0..600u64).map(|i| (4 << 20) / u64::from(cs) + 2 * i));
+    assert_eq!(chunks, want);
     // From an unaligned offset inside the changed chunk: it starts dirty.
     r.request(7, 1 << 3, 3, (1 << 20) + 10, 100);
     r.chunk();
