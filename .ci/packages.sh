@@ -4,13 +4,14 @@
 #   strace      the syscall audits (csnap/tests/audit.rs)
 #   qemu-utils  qemu-img, qemu-io, qemu-nbd: NBD interop tests, benchmarks
 #   libnbd-bin  nbdinfo, nbdcopy, nbdfuse: NBD interop tests
+#   file        what `nbdinfo --list --content` runs (block-status interop test)
 #   fuse3       fusermount3 for nbdfuse
 #   e2fsprogs   mkfs.ext4, e2fsck (interop test: a file system on an export)
 #   stress-ng   the memory hog of scripts/mem-pressure-bench.sh
 #   iproute2    ip: network namespaces, veths, a bridge (csnap/tests/testbed.rs)
 #   mount       losetup: each test-bed node's own loop devices
 csnap_install_packages() {
-    local wanted=(strace qemu-utils libnbd-bin fuse3 e2fsprogs stress-ng iproute2 mount)
+    local wanted=(strace qemu-utils libnbd-bin file fuse3 e2fsprogs stress-ng iproute2 mount)
     local missing=()
     for p in "${wanted[@]}"; do
         dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

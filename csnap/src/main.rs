@@ -56,7 +56,7 @@ enum Command {
     Check(CheckArgs),
     /// Serve a store: snapshot metadata and read locks for clients.
     Server(server_cmd::ServerArgs),
-    /// Create, delete, list or prioritise snapshots through a server.
+    /// Create, delete, list, prioritise or diff snapshots through a server.
     Snapshot(snapshot_cmd::SnapshotArgs),
     /// Show a server's status.
     Status(snapshot_cmd::StatusArgs),

@@ -1,5 +1,5 @@
-//! `csnap snapshot create|delete|list|priority` and `csnap status`, through a
-//! server's control connection.
+//! `csnap snapshot create|delete|list|priority|diff` and `csnap status`,
+//! through a server's control connection.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -9,7 +9,7 @@ use clap::{Args, Subcommand};
 use csnap_fsm::client::Request;
 use csnap_io::client::{control, control_via_agent, Connection};
 use csnap_io::net::Addr;
-use csnap_proto::Msg;
+use csnap_proto::{Msg, Volume};
 
 use crate::{error, output, EXIT_FAILED, EXIT_USAGE};
 
@@ -50,6 +50,21 @@ pub enum SnapshotAction {
         /// Priority, -128..=127.
         #[arg(allow_negative_numbers = true)]
         priority: i8,
+    },
+    /// Which byte ranges differ between snapshot A and B (a snapshot tag, or
+    /// `origin`): `offset length type` rows in bytes, as `rbd diff` prints
+    /// them, in chunk units. Ranges that were written or zeroed count;
+    /// csnap does not know which hold zeroes, so every row is `data`.
+    Diff {
+        #[command(flatten)]
+        server: ServerSel,
+        /// The older snapshot (the base).
+        a: u32,
+        /// A snapshot tag, or `origin`.
+        b: String,
+        /// Print a JSON array of {"offset", "length", "exists"} objects.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -122,6 +137,7 @@ fn connect(sel: &ServerSel) -> Result<Connection, ExitCode> {
 
 pub fn run(args: &SnapshotArgs) -> ExitCode {
     let (server, req) = match &args.action {
+        SnapshotAction::Diff { server, a, b, json } => return diff(server, *a, b, *json),
         SnapshotAction::Create { server, tag } => (server, Request::Create(*tag)),
         SnapshotAction::Delete { server, tag } => (server, Request::Delete(*tag)),
         SnapshotAction::List { server } => (server, Request::List),
@@ -178,6 +194,103 @@ pub fn run(args: &SnapshotArgs) -> ExitCode {
             error(&e.to_string());
             ExitCode::from(EXIT_FAILED)
         }
+    }
+}
+
+/// The byte ranges (offset, length) where `b` differs from snapshot `a`,
+/// asked piece after piece (`DELTA_QUERY_CHUNKS_MAX` chunks each),
+/// adjacent pieces merged.
+fn delta_ranges(c: &mut Connection, a: u32, b: Volume) -> Result<Vec<(u64, u64)>, String> {
+    let (chunk_bytes, origin_chunks) = match c.call(Request::Status) {
+        Ok(Msg::StatusReply {
+            chunk_size_bytes,
+            origin_chunks,
+            ..
+        }) => (u64::from(chunk_size_bytes), origin_chunks),
+        Ok(m) => return Err(format!("unexpected reply: {m:?}")),
+        Err(e) => return Err(e.to_string()),
+    };
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    let piece = csnap_pools::DELTA_QUERY_CHUNKS_MAX as u64;
+    let mut at = 0;
+    while at < origin_chunks {
+        let n = piece.min(origin_chunks - at);
+        let req = Request::Delta {
+            volume: b,
+            base: a,
+            chunk: at,
+            chunks: u32::try_from(n).unwrap_or(u32::MAX),
+        };
+        let bits = match c.call(req) {
+            Ok(Msg::DeltaMap {
+                chunk,
+                chunks,
+                bits,
+            }) if chunk == at && u64::from(chunks) == n => bits.to_vec(),
+            Ok(m) => return Err(format!("unexpected reply: {m:?}")),
+            Err(e) => return Err(e.to_string()),
+        };
+        for i in 0..n {
+            let set = usize::try_from(i / 8)
+                .ok()
+                .and_then(|k| bits.get(k))
+                .is_some_and(|byte| byte & (1 << (i % 8)) != 0);
+            if !set {
+                continue;
+            }
+            let off = (at + i) * chunk_bytes;
+            match runs.last_mut() {
+                Some((o, l)) if *o + *l == off => *l += chunk_bytes,
+                _ => runs.push((off, chunk_bytes)),
+            }
+        }
+        at += n;
+    }
+    Ok(runs)
+}
+
+fn diff(sel: &ServerSel, a: u32, b: &str, json: bool) -> ExitCode {
+    let volume = if b == "origin" {
+        Volume::Origin
+    } else if let Ok(t) = b.parse::<u32>() {
+        Volume::Snapshot(t)
+    } else {
+        error(&format!("B must be a snapshot tag or `origin`, not {b:?}"));
+        return ExitCode::from(EXIT_USAGE);
+    };
+    let mut c = match connect(sel) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let runs = match delta_ranges(&mut c, a, volume) {
+        Ok(r) => r,
+        Err(e) => {
+            error(&e);
+            return ExitCode::from(EXIT_FAILED);
+        }
+    };
+    let mut s = String::new();
+    if json {
+        s.push('[');
+        for (i, (o, l)) in runs.iter().enumerate() {
+            if i > 0 {
+                s.push(',');
+            }
+            s.push_str(&format!(
+                "{{\"offset\":{o},\"length\":{l},\"exists\":\"true\"}}"
+            ));
+        }
+        s.push_str("]\n");
+    } else {
+        s.push_str("offset length type\n");
+        for (o, l) in &runs {
+            s.push_str(&format!("{o} {l} data\n"));
+        }
+    }
+    if output(&s) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_FAILED)
     }
 }
 

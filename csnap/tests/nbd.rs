@@ -1130,6 +1130,35 @@ impl Raw {
         self.0.write_all(&r).unwrap();
     }
 
+    /// One structured reply chunk: (flags, type, handle, payload).
+    fn chunk(&mut self) -> (u16, u16, u64, Vec<u8>) {
+        let h = self.read_n(20);
+        assert_eq!(u32::from_be_bytes(h[..4].try_into().unwrap()), 0x668e_33ef);
+        let len = u32::from_be_bytes(h[16..20].try_into().unwrap()) as usize;
+        (
+            u16::from_be_bytes([h[4], h[5]]),
+            u16::from_be_bytes([h[6], h[7]]),
+            u64::from_be_bytes(h[8..16].try_into().unwrap()),
+            self.read_n(len),
+        )
+    }
+
+    /// A block-status chunk's context id and extents.
+    fn extents(payload: &[u8]) -> (u32, Vec<(u32, u32)>) {
+        assert!(payload.len() >= 12 && (payload.len() - 4).is_multiple_of(8));
+        let id = u32::from_be_bytes(payload[..4].try_into().unwrap());
+        let e = payload[4..]
+            .chunks(8)
+            .map(|x| {
+                (
+                    u32::from_be_bytes(x[..4].try_into().unwrap()),
+                    u32::from_be_bytes(x[4..].try_into().unwrap()),
+                )
+            })
+            .collect();
+        (id, e)
+    }
+
     /// A simple reply: (error, handle).
     fn reply(&mut self) -> (u32, u64) {
         let h = self.read_n(16);
@@ -1139,6 +1168,155 @@ impl Raw {
             u64::from_be_bytes(h[8..16].try_into().unwrap()),
         )
     }
+}
+
+/// Structured replies and block status byte by byte: `SET_META_CONTEXT`
+/// answers the known contexts with ids (an unknown namespace ignored),
+/// `BLOCK_STATUS` gives one chunk per context (`DONE` on the last), `REQ_ONE`
+/// one extent, `READ` an `OFFSET_DATA` chunk, errors `ERROR` chunks, other
+/// commands simple replies; a snapshot deleted under a selection makes
+/// block status `EINVAL` and the connection goes on.
+#[test]
+fn structured_replies_and_block_status_on_the_wire() {
+    let mut env = Env::new("structured", &[1], &[]);
+    qemu_io(&env.unix_url("origin"), &["write -P 0x11 0 64k"]);
+    env.snapshot("create", 5);
+    qemu_io(
+        &env.unix_url("origin"),
+        &["write -P 0x22 1M 1", "write -z 2M 4k"],
+    );
+    let mut r = Raw::connect(&env.sock);
+    r.handshake();
+    r.option(8, &[]); // STRUCTURED_REPLY
+    assert_eq!(r.option_reply(), (1, vec![]));
+    let mut d = 6u32.to_be_bytes().to_vec();
+    d.extend_from_slice(b"origin");
+    let queries: [&[u8]; 3] = [
+        b"base:allocation",
+        b"x-csnap:changed-since:5",
+        b"x-other:thing",
+    ];
+    d.extend_from_slice(&(queries.len() as u32).to_be_bytes());
+    for q in queries {
+        d.extend_from_slice(&(q.len() as u32).to_be_bytes());
+        d.extend_from_slice(q);
+    }
+    r.option(10, &d); // SET_META_CONTEXT
+    let (t, data) = r.option_reply();
+    assert_eq!(
+        (t, &data[..4], &data[4..]),
+        (4, &1u32.to_be_bytes()[..], &b"base:allocation"[..])
+    );
+    let (t, data) = r.option_reply();
+    assert_eq!(
+        (t, &data[..4], &data[4..]),
+        (4, &2u32.to_be_bytes()[..], &b"x-csnap:changed-since:5"[..])
+    );
+    assert_eq!(r.option_reply(), (1, vec![]));
+    assert_eq!(r.opt_go("origin"), Ok(ORIGIN_BYTES));
+
+    // BLOCK_STATUS of 4 MiB: all data; changed from 1 MiB for one chunk,
+    // and where zeroes were written.
+    r.request(7, 0, 1, 0, 4 << 20);
+    let (f, t, h, p) = r.chunk();
+    assert_eq!((f, t, h), (0, 5, 1));
+    assert_eq!(Raw::extents(&p), (1, vec![(4 << 20, 0)]));
+    let (f, t, h, p) = r.chunk();
+    assert_eq!((f, t, h), (1, 5, 1));
+    let (id, e) = Raw::extents(&p);
+    assert_eq!(id, 2);
+    assert_eq!(e.len(), 5, "{e:?}");
+    let cs = e[1].0;
+    assert!(cs.is_power_of_two() && cs >= 4096);
+    assert_eq!(
+        e,
+        vec![
+            (1 << 20, 0),
+            (cs, 1),
+            ((1 << 20) - cs, 0),
+            (cs, 1),
+            ((2 << 20) - cs, 0)
+        ]
+    );
+    // REQ_ONE: one extent per context, within the request.
+    r.request(7, 1 << 3, 2, 0, 4 << 20);
+    let (_, _, _, p) = r.chunk();
+    assert_eq!(Raw::extents(&p), (1, vec![(4 << 20, 0)]));
+    let (f, _, _, p) = r.chunk();
+    assert_eq!(f, 1);
+    assert_eq!(Raw::extents(&p), (2, vec![(1 << 20, 0)]));
+    // More runs than one reply holds: 600 changed chunks apart. A reply
+    // gives 512 extents and ends short of the request; the client goes on
+    // from there (nbdinfo does), and the whole map is the writes.
+    let cmds: Vec<String> = (0..600u64)
+        .map(|i| format!("write -P 0x33 {} 1", (4 << 20) + 2 * i * u64::from(cs)))
+        .collect();
+    let refs: Vec<&str> = cmds.iter().map(String::as_str).collect();
+    qemu_io(&env.unix_url("origin"), &refs);
+    r.request(7, 0, 20, 0, 32 << 20);
+    r.chunk();
+    let (f, _, _, p) = r.chunk();
+    assert_eq!(f, 1);
+    let (_, e) = Raw::extents(&p);
+    assert_eq!(e.len(), 512);
+    let covered: u64 = e.iter().map(|x| u64::from(x.0)).sum();
+    assert!(covered < 32 << 20 && e.iter().all(|x| x.0 > 0));
+    assert!(e.windows(2).all(|w| w[0].1 != w[1].1), "runs alternate");
+    let rows = dirty_ranges(&env.unix_url("origin"), "x-csnap:changed-since:5");
+    let mut chunks: Vec<u64> = Vec::new();
+    for (o, n) in rows {
+        chunks.extend(o / u64::from(cs)..(o + n) / u64::from(cs));
+    }
+    let mut want: Vec<u64> = vec![(1 << 20) / u64::from(cs), (2 << 20) / u64::from(cs)];
+    want.extend((0..600u64).map(|i| (4 << 20) / u64::from(cs) + 2 * i));
+    assert_eq!(chunks, want);
+    // From an unaligned offset inside the changed chunk: it starts dirty.
+    r.request(7, 1 << 3, 3, (1 << 20) + 10, 100);
+    r.chunk();
+    let (_, _, _, p) = r.chunk();
+    assert_eq!(Raw::extents(&p), (2, vec![(100, 1)]));
+    // READ: one OFFSET_DATA chunk; errors: ERROR chunks; zero length: NONE.
+    r.request(0, 0, 4, 4096, 4096);
+    let (f, t, h, p) = r.chunk();
+    assert_eq!((f, t, h, p.len()), (1, 1, 4, 8 + 4096));
+    assert_eq!(u64::from_be_bytes(p[..8].try_into().unwrap()), 4096);
+    assert!(p[8..].iter().all(|&b| b == 0x11));
+    r.request(0, 0, 5, ORIGIN_BYTES - 10, 20);
+    let (f, t, h, p) = r.chunk();
+    assert_eq!((f, t, h), (1, 0x8001, 5));
+    assert_eq!(&p[..6], &[0, 0, 0, 22, 0, 0]);
+    r.request(0, 0, 6, 0, 0);
+    assert_eq!(r.chunk(), (1, 0, 6, vec![]));
+    r.request(7, 0, 7, 0, 0); // zero-length block status
+    let (_, t, h, p) = r.chunk();
+    assert_eq!((t, h, &p[..4]), (0x8001, 7, &[0, 0, 0, 22][..]));
+    // Other commands: simple replies.
+    r.request(3, 0, 8, 0, 0);
+    assert_eq!(r.reply(), (0, 8));
+    // The snapshot goes away under the selection: EINVAL, and on.
+    env.snapshot("delete", 5);
+    r.request(7, 0, 9, 0, 4096);
+    let (f, t, h, p) = r.chunk();
+    assert_eq!((f, t, h, &p[..4]), (1, 0x8001, 9, &[0, 0, 0, 22][..]));
+    r.request(0, 0, 10, 1 << 20, 1);
+    let (_, t, _, p) = r.chunk();
+    assert_eq!((t, p[8]), (1, 0x22));
+    r.request(2, 0, 11, 0, 0);
+    r.expect_closed();
+
+    // Without structured replies: SET is refused, block status EINVAL, a
+    // read a simple reply.
+    let mut r = Raw::connect(&env.sock);
+    r.handshake();
+    r.option(10, &d);
+    assert_eq!(r.option_reply().0, 0x8000_0003);
+    assert_eq!(r.opt_go("origin"), Ok(ORIGIN_BYTES));
+    r.request(7, 0, 1, 0, 4096);
+    assert_eq!(r.reply(), (22, 1));
+    r.request(0, 0, 2, 0, 4);
+    assert_eq!(r.reply(), (0, 2));
+    assert_eq!(r.read_n(4), vec![0x11; 4]);
+    env.assert_nbd_alive();
 }
 
 #[test]
@@ -1413,6 +1591,27 @@ fn pid_listening_on(addr: &str) -> i32 {
     panic!("no server process listens on {addr}");
 }
 
+/// The changed ranges `nbdinfo --map=CONTEXT` reports: (offset, length).
+fn dirty_ranges(url: &str, context: &str) -> Vec<(u64, u64)> {
+    let o = Command::new("nbdinfo")
+        .arg(format!("--map={context}"))
+        .arg(url)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<u64> = l
+                .split_whitespace()
+                .take(3)
+                .map(|x| x.parse().unwrap())
+                .collect();
+            (f[2] & 1 == 1).then(|| (f[0], f[1]))
+        })
+        .collect()
+}
+
 #[test]
 fn failover_is_invisible_to_nbd_clients() {
     // The nodes' servers as on two hosts: no host-local store lock (the
@@ -1444,6 +1643,13 @@ fn failover_is_invisible_to_nbd_clients() {
     // (the origin's, shared by the snapshot), which go to the next server.
     let mut r = QemuIo::start(&env.unix_url("5"), env.dir.join("reader.err"));
     r.ok("read -P 0x5e 0 4M");
+    // Block status asks the server through the process's control
+    // connection, which rides the failover out too.
+    let url = env.unix_url("origin");
+    assert_eq!(
+        dirty_ranges(&url, "x-csnap:changed-since:5"),
+        vec![(8 << 20, 40 * 65536)]
+    );
     let pid = pid_listening_on(&addr);
     // SAFETY: kill(2) with a pid read from /proc and a valid signal.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
@@ -1469,6 +1675,10 @@ fn failover_is_invisible_to_nbd_clients() {
     let refs: Vec<&str> = cmds.iter().map(String::as_str).collect();
     qemu_io(&env.unix_url("origin"), &refs);
     qemu_io(&env.unix_url("5"), &["read -P 0x5e 0 4M"]);
+    assert_eq!(
+        dirty_ranges(&url, "qemu:dirty-bitmap:since-5"),
+        vec![(0, 4 << 20), (8 << 20, 300 * 65536)]
+    );
     let log = env.nbd().log();
     assert!(!log.contains("fails (EIO)"), "{log}");
     env.stop_nbd();
@@ -1587,6 +1797,16 @@ fn nbd_server_syscalls_match_the_audited_whitelist() {
             "write -P 0x14 128k 4k",
         ],
     );
+    // Block status of the origin and the snapshot (nbdinfo: structured
+    // replies, meta contexts, delta queries on the control connection).
+    for e in ["origin", "3"] {
+        let o = Command::new("nbdinfo")
+            .arg("--map=qemu:dirty-bitmap:since-3")
+            .arg(env.unix_url(e))
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", text(&o));
+    }
     // Hostile clients: garbage; a client gone in the middle of a write;
     // one connection over `--connections` while three are open.
     let mut g = Raw::connect(&env.sock);

@@ -318,3 +318,350 @@ fn csnap_up_reuses_its_files_across_a_restart_and_stops_cleanly_on_sigint_and_si
     up.stop();
     let _ = std::fs::remove_dir_all(&d);
 }
+
+// ---------------------------------------------------------------------------
+// Block status: metadata contexts, snapshot deltas, incremental backup.
+// ---------------------------------------------------------------------------
+
+use std::collections::BTreeSet;
+
+/// A deterministic generator (xorshift).
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+impl Up {
+    fn csnap(&self, args: &[&str]) -> String {
+        run(Command::new(BIN).args(args).arg("--dir").arg(&self.dir))
+    }
+
+    fn chunk_bytes(&self) -> u64 {
+        let st = self.csnap(&["status"]);
+        let line = st
+            .lines()
+            .find_map(|l| l.strip_prefix("chunk size: "))
+            .unwrap_or_else(|| panic!("no chunk size in {st}"));
+        line.trim_end_matches(" bytes").parse().unwrap()
+    }
+}
+
+/// `nbdinfo --map=CONTEXT` of an export: (offset, length, flags,
+/// description) rows, checked to tile the export exactly.
+fn map(up: &Up, export: &str, context: &str, size: u64) -> Vec<(u64, u64, u32, String)> {
+    let out = run(Command::new("nbdinfo")
+        .arg(format!("--map={context}"))
+        .arg(up.url(export)));
+    let mut rows = Vec::new();
+    let mut at = 0;
+    for l in out.lines() {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        assert!(f.len() >= 3, "map row {l:?}");
+        let (o, n, fl): (u64, u64, u32) = (
+            f[0].parse().unwrap(),
+            f[1].parse().unwrap(),
+            f[2].parse().unwrap(),
+        );
+        assert_eq!(o, at, "map rows tile the export: {out}");
+        assert!(n > 0);
+        at = o + n;
+        rows.push((o, n, fl, f.get(3).copied().unwrap_or("").to_string()));
+    }
+    assert_eq!(at, size, "the map covers the export: {out}");
+    rows
+}
+
+/// The chunks a map marks with flag bit 0.
+fn dirty_chunks(rows: &[(u64, u64, u32, String)], cs: u64) -> BTreeSet<u64> {
+    let mut s = BTreeSet::new();
+    for (o, n, fl, _) in rows {
+        if fl & 1 != 0 {
+            assert_eq!(o % cs, 0, "a changed range starts on a chunk");
+            s.extend(o / cs..(o + n).div_ceil(cs));
+        }
+    }
+    s
+}
+
+/// Random writes by one qemu-io run: returns the chunks they touched.
+fn random_writes(
+    up: &Up,
+    export: &str,
+    rng: &mut Rng,
+    n: usize,
+    size: u64,
+    cs: u64,
+) -> BTreeSet<u64> {
+    let mut cmd = Command::new("qemu-io");
+    cmd.args(["-f", "raw", &up.url(export)]);
+    let mut chunks = BTreeSet::new();
+    for i in 0..n {
+        // Half of them near the 512 MiB mark, where a delta query ends.
+        let off = if i % 2 == 0 {
+            rng.next() % (size - 300_000)
+        } else {
+            (512 << 20) - 150_000 + rng.next() % 300_000
+        };
+        let len = 1 + rng.next() % 100_000;
+        cmd.arg("-c")
+            .arg(format!("write -P {} {off} {len}", 1 + i % 250));
+        chunks.extend(off / cs..(off + len).div_ceil(cs));
+    }
+    run(&mut cmd);
+    chunks
+}
+
+/// nbdinfo lists every context of every export (`--list --content`, and
+/// one export's details), and `--map` of each context matches the shadows
+/// of random writes between snapshots (origin writes before and after each
+/// snapshot, writes to a snapshot), over an export larger than one delta
+/// query; `csnap snapshot diff` prints the same ranges.
+#[test]
+fn nbdinfo_lists_every_context_and_maps_match_the_writes() {
+    let version = run(Command::new("nbdinfo").arg("--version"));
+    assert!(version.starts_with("nbdinfo 1."), "{version}");
+    let d = common::fresh_dir("nbd-interop", "map");
+    let up = Up::start(&d, "1G", "256M");
+    let size = 1u64 << 30;
+    let cs = up.chunk_bytes();
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    random_writes(&up, "origin", &mut rng, 20, size, cs);
+    up.snapshot(1);
+    let w1 = random_writes(&up, "origin", &mut rng, 20, size, cs);
+    up.snapshot(2);
+    let w2 = random_writes(&up, "origin", &mut rng, 20, size, cs);
+    let s2 = random_writes(&up, "2", &mut rng, 10, size, cs);
+    up.snapshot(3);
+
+    // Every export lists every context.
+    let list = run(Command::new("nbdinfo")
+        .args(["--list", "--content"])
+        .arg(up.url("")));
+    let contexts = [
+        "base:allocation",
+        "x-csnap:changed-since:1",
+        "qemu:dirty-bitmap:since-1",
+        "x-csnap:changed-since:2",
+        "qemu:dirty-bitmap:since-2",
+        "x-csnap:changed-since:3",
+        "qemu:dirty-bitmap:since-3",
+    ];
+    for e in ["origin", "1", "2", "3"] {
+        let block = list
+            .split("export=")
+            .find(|b| b.starts_with(&format!("\"{e}\"")))
+            .unwrap_or_else(|| panic!("export {e} not listed: {list}"));
+        for c in contexts {
+            assert!(
+                block.contains(&format!("\t\t{c}\n")),
+                "export {e} lacks {c}: {block}"
+            );
+        }
+    }
+    assert!(list.contains("using structured packets"), "{list}");
+
+    let union =
+        |a: &BTreeSet<u64>, b: &BTreeSet<u64>| a.union(b).copied().collect::<BTreeSet<u64>>();
+    let none = BTreeSet::new();
+    // (export, base, the chunks that differ)
+    let cases = [
+        ("origin", 1, union(&w1, &w2)),
+        ("origin", 2, union(&w2, &s2)),
+        ("origin", 3, none.clone()),
+        ("2", 1, union(&w1, &s2)),
+        ("1", 2, union(&w1, &s2)),
+        ("1", 1, none.clone()),
+        ("3", 2, union(&w2, &s2)),
+    ];
+    for (e, base, want) in &cases {
+        let x = map(&up, e, &format!("x-csnap:changed-since:{base}"), size);
+        let q = map(&up, e, &format!("qemu:dirty-bitmap:since-{base}"), size);
+        assert_eq!(
+            dirty_chunks(&x, cs),
+            *want,
+            "export {e} changed since {base}"
+        );
+        assert!(x.iter().all(|r| r.2 <= 1));
+        // The same map under qemu's name, labelled by nbdinfo.
+        assert_eq!(
+            x.iter().map(|r| (r.0, r.1, r.2)).collect::<Vec<_>>(),
+            q.iter().map(|r| (r.0, r.1, r.2)).collect::<Vec<_>>()
+        );
+        for r in &q {
+            assert_eq!(r.3, if r.2 == 1 { "dirty" } else { "clean" });
+        }
+    }
+    assert!(!cases[0].2.is_empty() && !cases[3].2.is_empty());
+    // qemu reads the same map with REQ_ONE (its dirty-bitmap hook reports
+    // dirty ranges as holes).
+    let qmap = run(Command::new("qemu-img")
+        .args(["map", "--output=json", "--image-opts"])
+        .arg(format!(
+            "driver=nbd,path={},export=2,x-dirty-bitmap=qemu:dirty-bitmap:since-1",
+            up.sock().display()
+        )));
+    let mut from_qemu = BTreeSet::new();
+    for l in qmap.lines().filter(|l| l.contains("\"start\"")) {
+        let num = |k: &str| -> u64 {
+            let at = l.find(&format!("\"{k}\": ")).unwrap() + k.len() + 4;
+            l[at..]
+                .split([',', '}'])
+                .next()
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap()
+        };
+        if l.contains("\"data\": false") {
+            let (o, n) = (num("start"), num("length"));
+            from_qemu.extend(o / cs..(o + n).div_ceil(cs));
+        }
+    }
+    assert_eq!(from_qemu, cases[3].2, "qemu-img map: {qmap}");
+    // base:allocation: all data, never a hole csnap cannot prove.
+    for e in ["origin", "2"] {
+        for r in map(&up, e, "base:allocation", size) {
+            assert_eq!((r.2, r.3.as_str()), (0, "data"));
+        }
+    }
+    // csnap snapshot diff: the same ranges, in bytes.
+    let diff = up.csnap(&["snapshot", "diff", "1", "2"]);
+    let mut rows = diff.lines();
+    assert_eq!(rows.next(), Some("offset length type"));
+    let mut from_diff = BTreeSet::new();
+    for r in rows {
+        let f: Vec<&str> = r.split(' ').collect();
+        assert_eq!(f.len(), 3, "{r}");
+        assert_eq!(f[2], "data");
+        let (o, n): (u64, u64) = (f[0].parse().unwrap(), f[1].parse().unwrap());
+        from_diff.extend(o / cs..(o + n) / cs);
+    }
+    assert_eq!(from_diff, cases[3].2);
+    let json = up.csnap(&["snapshot", "diff", "--json", "1", "origin"]);
+    let objects = json.matches("\"exists\":\"true\"").count();
+    let extents = map(&up, "origin", "x-csnap:changed-since:1", size)
+        .iter()
+        .filter(|r| r.2 == 1)
+        .count();
+    assert!(
+        json.trim_end().starts_with('[') && json.trim_end().ends_with(']'),
+        "{json}"
+    );
+    assert_eq!(objects, extents, "{json}");
+    // Bad input: an unknown snapshot is a clear error.
+    let bad = Command::new(BIN)
+        .args(["snapshot", "diff", "9", "origin", "--dir"])
+        .arg(&up.dir)
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(
+        String::from_utf8_lossy(&bad.stderr)
+            .to_lowercase()
+            .contains("snapshot"),
+        "{bad:?}"
+    );
+    // A deleted snapshot's contexts are gone; the others still answer.
+    up.csnap(&["snapshot", "delete", "3"]);
+    let list = run(Command::new("nbdinfo").arg(up.url("origin")));
+    assert!(
+        !list.contains("since-3") && list.contains("since-2"),
+        "{list}"
+    );
+    assert_eq!(
+        dirty_chunks(&map(&up, "origin", "x-csnap:changed-since:1", size), cs),
+        cases[0].2
+    );
+    up.stop();
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+/// The incremental backup of the README: snapshot 1 copied whole with
+/// nbdcopy; writes; snapshot 2; only the ranges `changed-since:1` of
+/// export 2 marks are copied (`nbdinfo --map`, then `qemu-img convert` of
+/// each range); the file then equals snapshot 2, and the bytes copied are
+/// within one chunk per written range of the bytes written.
+#[test]
+fn incremental_backup_copies_only_the_changed_ranges() {
+    let d = common::fresh_dir("nbd-interop", "backup");
+    let up = Up::start(&d, "32M", "128M");
+    let size = 32u64 << 20;
+    let cs = up.chunk_bytes();
+    let a = d.join("a.img");
+    random_file(&a, 32 << 20, 7);
+    run(Command::new("nbdcopy").arg(&a).arg(up.url("origin")));
+    up.snapshot(1);
+    let backup = d.join("backup.img");
+    run(Command::new("nbdcopy").arg(up.url("1")).arg(&backup));
+
+    // Ranges that start on a chunk and end inside one, and one write inside
+    // a chunk: each costs less than a chunk more than its bytes.
+    let writes: [(u64, u64); 6] = [
+        (3 * cs, 1000),
+        (40 * cs, 5 * cs + 77),
+        (41 * cs + 100, 10),
+        (500 * cs, 3 * cs + cs / 2),
+        (size - cs, cs),
+        (1000 * cs + cs / 4, cs / 4),
+    ];
+    let mut cmd = Command::new("qemu-io");
+    cmd.args(["-f", "raw", &up.url("origin")]);
+    for (i, (o, n)) in writes.iter().enumerate() {
+        cmd.arg("-c").arg(format!("write -P {} {o} {n}", 0x41 + i));
+    }
+    run(&mut cmd);
+    up.snapshot(2);
+    // Overlapping writes (the second and third) count once.
+    let written: u64 = writes.iter().map(|w| w.1).sum::<u64>() - 10;
+    let ranges = writes.len() as u64 - 1;
+
+    // The backup is snapshot 1, not 2, until the changes are copied.
+    let differ = Command::new("qemu-img")
+        .args(["compare", "-q", "-f", "raw", "-F", "raw"])
+        .arg(&backup)
+        .arg(up.url("2"))
+        .status()
+        .unwrap();
+    assert_eq!(differ.code(), Some(1));
+
+    let mut copied = 0;
+    let mut extents = 0;
+    for (o, n, fl, desc) in map(&up, "2", "qemu:dirty-bitmap:since-1", size) {
+        if fl & 1 == 0 {
+            assert_eq!(desc, "clean");
+            continue;
+        }
+        assert_eq!(desc, "dirty");
+        run(Command::new("qemu-img")
+            .args(["convert", "-n", "--image-opts"])
+            .arg(format!(
+                "driver=raw,offset={o},size={n},file.driver=nbd,file.path={},file.export=2",
+                up.sock().display()
+            ))
+            .arg("--target-image-opts")
+            .arg(format!(
+                "driver=raw,offset={o},size={n},file.driver=file,file.filename={}",
+                backup.display()
+            )));
+        copied += n;
+        extents += 1;
+    }
+    assert_eq!(extents, ranges, "one changed range per written range");
+    assert!(
+        copied >= written && copied < written + ranges * cs,
+        "copied {copied} bytes for {written} written in {ranges} ranges of chunks of {cs}"
+    );
+    run(Command::new("qemu-img")
+        .args(["compare", "-f", "raw", "-F", "raw"])
+        .arg(&backup)
+        .arg(up.url("2")));
+    assert_eq!(std::fs::metadata(&backup).unwrap().len(), size);
+    up.stop();
+    let _ = std::fs::remove_dir_all(&d);
+}

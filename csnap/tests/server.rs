@@ -1845,6 +1845,55 @@ fn bad_input_is_refused_clearly_and_harms_no_one_else() {
     drop(r);
     by.round(&mut fx, "queries out of bounds");
 
+    // Delta queries: past the origin, of a snapshot that does not exist, a
+    // malformed one (zero chunks); the connection goes on and a good one
+    // is answered with a bitmap of the query's size.
+    let mut r = Raw::connect(&fx.sock);
+    r.hello(Role::Control);
+    let delta = |volume, base, chunk, chunks| Msg::QueryDelta {
+        volume,
+        base,
+        chunk,
+        chunks,
+    };
+    r.send(40, &delta(Volume::Origin, 1, chunks - 1, 2));
+    let (code, _, text) = r.expect_error(40);
+    assert_eq!(code, ErrorCode::OutOfRange, "{text}");
+    r.send(41, &delta(Volume::Snapshot(77), 1, 0, 8));
+    let (code, _, text) = r.expect_error(41);
+    assert_eq!(code, ErrorCode::NoSuchSnapshot, "{text}");
+    r.send(42, &delta(Volume::Origin, 77, 0, 8));
+    let (code, _, text) = r.expect_error(42);
+    assert_eq!(code, ErrorCode::NoSuchSnapshot, "{text}");
+    let mut f = frame(43, &delta(Volume::Origin, 1, 0, 8));
+    f[proto::HEADER_BYTES + 8..proto::HEADER_BYTES + 12].copy_from_slice(&0u32.to_le_bytes());
+    r.send_bytes(&f);
+    let (code, culprit, text) = r.expect_error(43);
+    assert_eq!(
+        (code, culprit),
+        (ErrorCode::BadFrame, Kind::QueryDelta.code()),
+        "{text}"
+    );
+    let n = u32::try_from(chunks).expect("u32").min(1000);
+    r.send(44, &delta(Volume::Snapshot(1), 1, 0, n));
+    match proto::decode(&r.recv()) {
+        Ok((
+            h,
+            Msg::DeltaMap {
+                chunk,
+                chunks: c,
+                bits,
+            },
+        )) => {
+            assert_eq!((h.request_id, chunk, c), (44, 0, n));
+            assert_eq!(bits.len(), (n as usize).div_ceil(8));
+            assert!(bits.iter().all(|&b| b == 0), "a snapshot equals itself");
+        }
+        other => panic!("expected a delta map, got {other:?}"),
+    }
+    drop(r);
+    by.round(&mut fx, "delta queries");
+
     wait_until("no lock or waiting write is left behind", || {
         let st = fx.status();
         status_field(&st, "read locks") == 0

@@ -79,6 +79,18 @@ pub enum Request {
     List,
     /// `Status`.
     Status,
+    /// `QueryDelta`: which of `chunks` chunks from `chunk` of `volume`
+    /// differ from snapshot `base` (answered with `DeltaMap`).
+    Delta {
+        /// The volume compared.
+        volume: Volume,
+        /// The snapshot it is compared with.
+        base: u32,
+        /// First chunk.
+        chunk: u64,
+        /// Chunk count, `1..=DELTA_QUERY_CHUNKS_MAX`.
+        chunks: u32,
+    },
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -329,6 +341,20 @@ impl ClientFsm {
             }
             Request::List => self.queue(id, &Msg::ListSnapshots),
             Request::Status => self.queue(id, &Msg::Status),
+            Request::Delta {
+                volume,
+                base,
+                chunk,
+                chunks,
+            } => self.queue(
+                id,
+                &Msg::QueryDelta {
+                    volume,
+                    base,
+                    chunk,
+                    chunks,
+                },
+            ),
         }
     }
 

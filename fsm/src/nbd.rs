@@ -4,9 +4,12 @@
 //! and parses and validates transmission-phase requests, so that every I/O
 //! driver answers clients the same way. It owns no socket, clock or disk and
 //! knows nothing of csnap: which exports exist is the driver's answer to an
-//! [`NbdEvent::ExportQuery`] or [`NbdEvent::ListQuery`]. Only simple replies
-//! are spoken: structured replies, extended headers, metadata contexts and
-//! TLS are refused with `NBD_REP_ERR_UNSUP`.
+//! [`NbdEvent::ExportQuery`] or [`NbdEvent::ListQuery`], and which
+//! snapshots an export offers metadata contexts for is its answer to an
+//! [`NbdEvent::MetaQuery`]. Structured replies and metadata contexts
+//! (`base:allocation`, `x-csnap:changed-since:TAG`,
+//! `qemu:dirty-bitmap:since-TAG`) are negotiated; extended headers and TLS
+//! are refused with `NBD_REP_ERR_UNSUP`.
 //!
 //! # What the driver does
 //!
@@ -24,8 +27,11 @@
 //! 4. In [`NbdState::AwaitExport`], call
 //!    [`answer_export`](NbdSession::answer_export); in
 //!    [`NbdState::AwaitList`], [`list_entry`](NbdSession::list_entry) per
-//!    export, then [`list_done`](NbdSession::list_done). The session reads no
-//!    input until answered.
+//!    export, then [`list_done`](NbdSession::list_done); in
+//!    [`NbdState::AwaitMeta`], [`answer_meta`](NbdSession::answer_meta)
+//!    with the export's snapshot tags (the session then queues the matching
+//!    contexts as the transmit buffer allows, going on in
+//!    `consume_transmit`). The session reads no input until answered.
 //! 5. When [`payload_remaining`](NbdSession::payload_remaining) is not zero,
 //!    that many bytes of `NBD_CMD_WRITE` payload follow: move them into the
 //!    driver's own buffer (first what is already received, then straight from
@@ -50,6 +56,8 @@
 //! | `OptionSkip` | a refused option, `ABORT` with data | the data, discarded | reply queued → `OptionHeader`; `ABORT` → `Disconnecting` |
 //! | `AwaitExport` | `ExportQuery` | nothing | `answer_export`: `GO`/`EXPORT_NAME` found → `Request` (`Ready`); `INFO`, or `GO` not found → `OptionHeader`; `EXPORT_NAME` not found → `Closed` (`Fatal`) |
 //! | `AwaitList` | `ListQuery` | nothing | `list_done` → `OptionHeader` |
+//! | `AwaitMeta` | `LIST_META_CONTEXT`/`SET_META_CONTEXT` data parsed (`MetaQuery`) | nothing | `answer_meta(Some(tags))` → `MetaReply`; `answer_meta(None)` → `NBD_REP_ERR_UNKNOWN`, `OptionHeader` |
+//! | `MetaReply` | `answer_meta` | nothing | every matching context and the ACK queued (as room allows) → `OptionHeader` |
 //! | `Request` | `Ready`; a request handled | a 28-byte request header | `Command`/`Reject` (stays); `WRITE` accepted → `Payload`; `WRITE` rejected → `PayloadSkip`; `DISC` → `Disconnecting`; bad magic or a write over the skip bound → `Closed` (`Fatal`) |
 //! | `Payload` | an accepted `WRITE` with data | nothing (`handle_payload` takes the payload) | payload complete → `Request` |
 //! | `PayloadSkip` | a rejected `WRITE` with data | the payload, discarded | payload skipped → `Request` |
@@ -82,7 +90,26 @@
 //!   faster than it writes (always answering `ENOTSUP` is allowed).
 //! - `NBD_CMD_FLAG_FUA` is accepted on every command (the protocol says
 //!   clients set it on reads too); `NO_HOLE` and `FAST_ZERO` only on
-//!   `WRITE_ZEROES`; `DF` and `REQ_ONE` (structured replies only) never.
+//!   `WRITE_ZEROES`; `REQ_ONE` only on `BLOCK_STATUS`; `DF` never (not
+//!   advertised: a read is always one chunk).
+//! - Structured replies: `NBD_OPT_STRUCTURED_REPLY` without data is
+//!   acknowledged (again if repeated); with data it is `ERR_INVALID`. The
+//!   driver answers `READ` with [`offset_data_header`] and its data, a
+//!   failed `READ` or `BLOCK_STATUS` with [`error_chunk`], a zero-length
+//!   `READ` with [`none_chunk`]; other commands keep simple replies.
+//! - Metadata contexts: `LIST_META_CONTEXT` and `SET_META_CONTEXT` data of
+//!   up to `NBD_OPTION_DATA_MAX_BYTES` is read whole (longer:
+//!   `ERR_TOO_BIG`) and parsed (malformed: `ERR_INVALID`). An empty `LIST`
+//!   lists every context; a `LIST` query ending in `:` matches every context
+//!   it begins (`base:`, `x-csnap:`, `qemu:`, `qemu:dirty-bitmap:`); other
+//!   queries match a context's exact name; queries of other namespaces
+//!   match nothing (ignored). `LIST` replies carry id 0. `SET` needs
+//!   structured replies (`ERR_INVALID`), takes exact names only (no query
+//!   selects nothing), selects each context once in context order with ids
+//!   from 1, and replaces the former selection even when it fails. A `GO`
+//!   or `EXPORT_NAME` of another export name drops the selection.
+//! - `BLOCK_STATUS` is valid only with a selection (`EINVAL` otherwise),
+//!   a non-zero length within the export.
 //! - Only `READ` and `WRITE` are bounded by the payload limit (they carry a
 //!   payload); `TRIM`, `WRITE_ZEROES` and `CACHE` may name any length within
 //!   the export. Zero-length requests are valid commands (a zero-length
@@ -100,9 +127,9 @@
 use core::fmt;
 
 use csnap_pools::{
-    NBD_EXPORT_NAME_MAX_BYTES, NBD_OPTION_DATA_MAX_BYTES, NBD_OPTION_REPLY_MAX_BYTES,
-    NBD_OPTION_SKIP_MAX_BYTES, NBD_PAYLOAD_MAX_BYTES, NBD_TRANSMIT_BUFFER_BYTES,
-    NBD_WRITE_SKIP_MAX_BYTES,
+    NBD_EXPORT_NAME_MAX_BYTES, NBD_META_CONTEXTS_MAX, NBD_OPTION_DATA_MAX_BYTES,
+    NBD_OPTION_REPLY_MAX_BYTES, NBD_OPTION_SKIP_MAX_BYTES, NBD_PAYLOAD_MAX_BYTES,
+    NBD_TRANSMIT_BUFFER_BYTES, NBD_WRITE_SKIP_MAX_BYTES, SNAPSHOTS_MAX,
 };
 
 // ---------------------------------------------------------------------------
@@ -119,6 +146,31 @@ pub const OPTION_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9; // 0x3e889045565a9
 pub const REQUEST_MAGIC: u32 = 0x2560_9513;
 /// Magic of a simple reply.
 pub const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
+/// Magic of a structured reply chunk.
+pub const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
+
+/// Structured reply flag: the last chunk of the reply.
+pub const REPLY_FLAG_DONE: u16 = 1 << 0;
+/// Structured reply chunk: nothing (only with `DONE`).
+pub const REPLY_TYPE_NONE: u16 = 0;
+/// Structured reply chunk: data at an offset.
+pub const REPLY_TYPE_OFFSET_DATA: u16 = 1;
+/// Structured reply chunk: a hole (zeroes) at an offset.
+pub const REPLY_TYPE_OFFSET_HOLE: u16 = 2;
+/// Structured reply chunk: the extents of one metadata context.
+pub const REPLY_TYPE_BLOCK_STATUS: u16 = 5;
+/// Structured reply chunk: an error.
+pub const REPLY_TYPE_ERROR: u16 = (1 << 15) + 1;
+/// Structured reply chunk: an error at an offset.
+pub const REPLY_TYPE_ERROR_OFFSET: u16 = (1 << 15) + 2;
+
+/// `base:allocation` flag: a hole (reads as zeroes unless `STATE_ZERO` is
+/// clear and the server says nothing more).
+pub const STATE_HOLE: u32 = 1 << 0;
+/// `base:allocation` flag: reads as zeroes.
+pub const STATE_ZERO: u32 = 1 << 1;
+/// `x-csnap:changed-since:*` and `qemu:dirty-bitmap:*` flag: changed.
+pub const STATE_DIRTY: u32 = 1 << 0;
 
 /// Handshake flag: the server speaks fixed newstyle.
 pub const FLAG_FIXED_NEWSTYLE: u16 = 1 << 0;
@@ -161,6 +213,8 @@ pub const REP_ACK: u32 = 1;
 pub const REP_SERVER: u32 = 2;
 /// Option reply: one item of export information.
 pub const REP_INFO: u32 = 3;
+/// Option reply: one metadata context (id, name).
+pub const REP_META_CONTEXT: u32 = 4;
 /// Option reply error: unknown option.
 pub const REP_ERR_UNSUP: u32 = (1 << 31) + 1;
 /// Option reply error: forbidden by policy.
@@ -228,7 +282,7 @@ pub const CMD_TRIM: u16 = 4;
 pub const CMD_CACHE: u16 = 5;
 /// Command: write zeroes.
 pub const CMD_WRITE_ZEROES: u16 = 6;
-/// Command: block status (structured replies only; refused).
+/// Command: block status (structured replies and a selected context only).
 pub const CMD_BLOCK_STATUS: u16 = 7;
 /// Command: resize (not advertised; refused).
 pub const CMD_RESIZE: u16 = 8;
@@ -261,6 +315,36 @@ pub const EXPORT_NAME_REPLY_BYTES: usize = 8 + 2;
 pub const REQUEST_HEADER_BYTES: usize = 4 + 2 + 2 + 8 + 8 + 4;
 /// Bytes of a simple reply header: magic, error, handle.
 pub const SIMPLE_REPLY_BYTES: usize = 4 + 4 + 8;
+/// Bytes of a structured reply chunk header: magic, flags, type, handle,
+/// payload length.
+pub const STRUCTURED_HEADER_BYTES: usize = 4 + 2 + 2 + 8 + 4;
+/// Bytes of an `OFFSET_DATA` chunk before its data: header and offset.
+pub const OFFSET_DATA_HEADER_BYTES: usize = STRUCTURED_HEADER_BYTES + 8;
+/// Bytes of an `ERROR` chunk without a message: header, error, length 0.
+pub const ERROR_CHUNK_BYTES: usize = STRUCTURED_HEADER_BYTES + 4 + 2;
+/// Bytes of one block-status extent: length, flags.
+pub const EXTENT_BYTES: usize = 4 + 4;
+/// Bytes of a block-status chunk before its extents: header, context id.
+pub const BLOCK_STATUS_HEADER_BYTES: usize = STRUCTURED_HEADER_BYTES + 4;
+/// Longest header of any reply the driver queues (a simple reply, a
+/// `NONE` or `ERROR` chunk, an `OFFSET_DATA` header).
+pub const REPLY_HEADER_MAX_BYTES: usize = 32;
+const _: () = assert!(
+    SIMPLE_REPLY_BYTES <= REPLY_HEADER_MAX_BYTES
+        && ERROR_CHUNK_BYTES <= REPLY_HEADER_MAX_BYTES
+        && OFFSET_DATA_HEADER_BYTES <= REPLY_HEADER_MAX_BYTES
+);
+
+/// The name of `base:allocation`.
+pub const CONTEXT_BASE_ALLOCATION: &[u8] = b"base:allocation";
+/// The prefix of `x-csnap:changed-since:<tag>`.
+pub const CONTEXT_CHANGED_SINCE: &[u8] = b"x-csnap:changed-since:";
+/// The prefix of `qemu:dirty-bitmap:since-<tag>`.
+pub const CONTEXT_DIRTY_BITMAP: &[u8] = b"qemu:dirty-bitmap:since-";
+/// Bytes of the longest context name (the qemu prefix and a 10-digit tag).
+pub const CONTEXT_NAME_MAX_BYTES: usize = CONTEXT_DIRTY_BITMAP.len() + 10;
+/// Bytes of one `NBD_REP_META_CONTEXT` reply at most.
+const META_REPLY_MAX_BYTES: usize = OPTION_REPLY_HEADER_BYTES + 4 + CONTEXT_NAME_MAX_BYTES;
 /// Minimum block size advertised: any byte offset and length is served.
 pub const BLOCK_SIZE_MIN_BYTES: u32 = 1;
 
@@ -285,6 +369,12 @@ const _: () = assert!(
     OPTION_REPLY_HEADER_BYTES + 4 + NBD_EXPORT_NAME_MAX_BYTES + OPTION_REPLY_HEADER_BYTES
         <= NBD_TRANSMIT_BUFFER_BYTES
 );
+// One context reply and the ACK that ends the answer fit an empty transmit
+// buffer; every context fits the selection table.
+const _: () =
+    assert!(META_REPLY_MAX_BYTES + OPTION_REPLY_HEADER_BYTES <= NBD_TRANSMIT_BUFFER_BYTES);
+const _: () = assert!(META_REPLY_MAX_BYTES <= NBD_OPTION_REPLY_MAX_BYTES);
+const _: () = assert!(NBD_META_CONTEXTS_MAX == 1 + 2 * SNAPSHOTS_MAX);
 // Reply lengths are u32 on the wire.
 const _: () = assert!(NBD_TRANSMIT_BUFFER_BYTES <= u32::MAX as usize);
 
@@ -437,6 +527,117 @@ pub fn simple_reply(handle: u64, error: Option<NbdError>) -> [u8; SIMPLE_REPLY_B
     b
 }
 
+/// Encodes a structured reply chunk header.
+#[must_use]
+pub fn structured_header(
+    handle: u64,
+    flags: u16,
+    typ: u16,
+    length: u32,
+) -> [u8; STRUCTURED_HEADER_BYTES] {
+    let mut b = [0u8; STRUCTURED_HEADER_BYTES];
+    b[0..4].copy_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
+    b[4..6].copy_from_slice(&flags.to_be_bytes());
+    b[6..8].copy_from_slice(&typ.to_be_bytes());
+    b[8..16].copy_from_slice(&handle.to_be_bytes());
+    b[16..20].copy_from_slice(&length.to_be_bytes());
+    b
+}
+
+/// The one chunk of a successful structured `READ` reply before its
+/// `length` data bytes: `OFFSET_DATA` with `DONE`, and the offset. A
+/// zero-length read is answered with [`none_chunk`] instead (an
+/// `OFFSET_DATA` chunk must carry data).
+#[must_use]
+pub fn offset_data_header(handle: u64, offset: u64, length: u32) -> [u8; OFFSET_DATA_HEADER_BYTES] {
+    let mut b = [0u8; OFFSET_DATA_HEADER_BYTES];
+    let h = structured_header(
+        handle,
+        REPLY_FLAG_DONE,
+        REPLY_TYPE_OFFSET_DATA,
+        length.saturating_add(8),
+    );
+    b[..STRUCTURED_HEADER_BYTES].copy_from_slice(&h);
+    b[STRUCTURED_HEADER_BYTES..].copy_from_slice(&offset.to_be_bytes());
+    b
+}
+
+/// A `NONE` chunk with `DONE`: success with nothing to say.
+#[must_use]
+pub fn none_chunk(handle: u64) -> [u8; STRUCTURED_HEADER_BYTES] {
+    structured_header(handle, REPLY_FLAG_DONE, REPLY_TYPE_NONE, 0)
+}
+
+/// An `ERROR` chunk with `DONE` and no message: the whole structured reply
+/// of a failed command.
+#[must_use]
+pub fn error_chunk(handle: u64, error: NbdError) -> [u8; ERROR_CHUNK_BYTES] {
+    let mut b = [0u8; ERROR_CHUNK_BYTES];
+    let h = structured_header(handle, REPLY_FLAG_DONE, REPLY_TYPE_ERROR, 6);
+    b[..STRUCTURED_HEADER_BYTES].copy_from_slice(&h);
+    b[STRUCTURED_HEADER_BYTES..STRUCTURED_HEADER_BYTES + 4]
+        .copy_from_slice(&error.errno().to_be_bytes());
+    b
+}
+
+/// A metadata context an export offers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MetaContext {
+    /// `base:allocation`.
+    Allocation,
+    /// `x-csnap:changed-since:<tag>` (`qemu` false) or
+    /// `qemu:dirty-bitmap:since-<tag>` (`qemu` true): the same map, bit 0
+    /// set where the export differs from snapshot `tag`.
+    ChangedSince {
+        /// The snapshot compared with.
+        tag: u32,
+        /// Named in qemu's dirty-bitmap namespace.
+        qemu: bool,
+    },
+}
+
+impl MetaContext {
+    /// The context of index `i` of an export offering `tags`: 0 is
+    /// `base:allocation`, then two per tag.
+    fn at(i: usize, tags: &[u32]) -> Option<MetaContext> {
+        if i == 0 {
+            return Some(MetaContext::Allocation);
+        }
+        let tag = *tags.get((i - 1) / 2)?;
+        Some(MetaContext::ChangedSince {
+            tag,
+            qemu: (i - 1) % 2 == 1,
+        })
+    }
+
+    /// Writes the context's name into `buf`; returns its length.
+    pub fn name(self, buf: &mut [u8; CONTEXT_NAME_MAX_BYTES]) -> usize {
+        let (prefix, tag) = match self {
+            MetaContext::Allocation => (CONTEXT_BASE_ALLOCATION, None),
+            MetaContext::ChangedSince { tag, qemu: false } => (CONTEXT_CHANGED_SINCE, Some(tag)),
+            MetaContext::ChangedSince { tag, qemu: true } => (CONTEXT_DIRTY_BITMAP, Some(tag)),
+        };
+        buf[..prefix.len()].copy_from_slice(prefix);
+        let mut n = prefix.len();
+        if let Some(mut v) = tag {
+            let mut digits = [0u8; 10];
+            let mut d = digits.len();
+            loop {
+                d -= 1;
+                digits[d] = b'0' + u8::try_from(v % 10).unwrap_or(0);
+                v /= 10;
+                if v == 0 {
+                    break;
+                }
+            }
+            let k = digits.len() - d;
+            buf[n..n + k].copy_from_slice(&digits[d..]);
+            n += k;
+        }
+        n
+    }
+}
+
 /// A valid command's kind (`NBD_CMD_DISC` is [`NbdEvent::Disconnect`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CmdKind {
@@ -452,6 +653,10 @@ pub enum CmdKind {
     Cache,
     /// `NBD_CMD_WRITE_ZEROES`.
     WriteZeroes,
+    /// `NBD_CMD_BLOCK_STATUS` (structured replies and a selected context
+    /// only): one `BLOCK_STATUS` chunk per
+    /// [selected context](NbdSession::selected_contexts).
+    BlockStatus,
 }
 
 impl CmdKind {
@@ -463,6 +668,7 @@ impl CmdKind {
             CMD_TRIM => Some(CmdKind::Trim),
             CMD_CACHE => Some(CmdKind::Cache),
             CMD_WRITE_ZEROES => Some(CmdKind::WriteZeroes),
+            CMD_BLOCK_STATUS => Some(CmdKind::BlockStatus),
             _ => None,
         }
     }
@@ -477,6 +683,7 @@ impl CmdKind {
             CmdKind::Trim => CMD_TRIM,
             CmdKind::Cache => CMD_CACHE,
             CmdKind::WriteZeroes => CMD_WRITE_ZEROES,
+            CmdKind::BlockStatus => CMD_BLOCK_STATUS,
         }
     }
 
@@ -490,6 +697,7 @@ impl CmdKind {
     const fn allowed_flags(self) -> u16 {
         match self {
             CmdKind::WriteZeroes => CMD_FLAG_FUA | CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO,
+            CmdKind::BlockStatus => CMD_FLAG_FUA | CMD_FLAG_REQ_ONE,
             _ => CMD_FLAG_FUA,
         }
     }
@@ -515,6 +723,12 @@ impl CmdFlags {
     #[must_use]
     pub const fn fast_zero(self) -> bool {
         self.0 & CMD_FLAG_FAST_ZERO != 0
+    }
+    /// `NBD_CMD_FLAG_REQ_ONE`: one extent per context, no longer than the
+    /// request.
+    #[must_use]
+    pub const fn req_one(self) -> bool {
+        self.0 & CMD_FLAG_REQ_ONE != 0
     }
 }
 
@@ -591,19 +805,32 @@ pub enum NbdEvent {
     /// Which exports exist? Call [`NbdSession::list_entry`] for each, then
     /// [`NbdSession::list_done`].
     ListQuery,
+    /// `NBD_OPT_LIST_META_CONTEXT` (`set` false) or
+    /// `NBD_OPT_SET_META_CONTEXT` (`set` true) for the export
+    /// [`NbdSession::export_name`]: answer with
+    /// [`NbdSession::answer_meta`] (the export's snapshot tags, or `None`
+    /// when it does not exist).
+    MetaQuery {
+        /// A selection, not a listing.
+        set: bool,
+    },
     /// The handshake ended: [`NbdSession::export`] is served from now on.
     /// Write out `transmit()` before any reply.
     Ready,
     /// A valid command. For `Write` with a non-zero length, the payload comes
     /// next ([`NbdSession::payload_remaining`]).
     Command(Cmd),
-    /// An invalid request: send `simple_reply(handle, Some(error))`. A
-    /// rejected `WRITE`'s payload is skipped by the session.
+    /// An invalid request: send `simple_reply(handle, Some(error))`, or
+    /// `error_chunk(handle, error)` when `structured`. A rejected
+    /// `WRITE`'s payload is skipped by the session.
     Reject {
         /// The client's handle.
         handle: u64,
         /// The error to reply.
         error: NbdError,
+        /// Answer with a structured `ERROR` chunk (a `READ` or
+        /// `BLOCK_STATUS` once structured replies are on).
+        structured: bool,
     },
     /// The client ended the session (`NBD_CMD_DISC`, or `NBD_OPT_ABORT`
     /// whose ACK is queued): finish in-flight commands, write out, close.
@@ -621,6 +848,9 @@ pub enum NbdCallError {
     NotAwaitingExport,
     /// `list_entry`/`list_done` outside [`NbdState::AwaitList`].
     NotListing,
+    /// `answer_meta` outside [`NbdState::AwaitMeta`], or with more tags
+    /// than `SNAPSHOTS_MAX`.
+    NotAwaitingMeta,
     /// A list entry name over [`NBD_EXPORT_NAME_MAX_BYTES`].
     NameTooLong,
     /// No room for the list entry: write out `transmit()`, then call again.
@@ -646,6 +876,11 @@ pub enum NbdState {
     AwaitExport,
     /// Waiting for `list_entry`s and `list_done`.
     AwaitList,
+    /// Waiting for `answer_meta`.
+    AwaitMeta,
+    /// Queuing the metadata contexts answered (as the transmit buffer
+    /// allows; `consume_transmit` goes on).
+    MetaReply,
     /// Transmission: waiting for a request header.
     Request,
     /// Transmission: the driver takes a `WRITE` payload.
@@ -688,6 +923,15 @@ enum St {
         opt: u32,
     },
     AwaitList,
+    AwaitMeta {
+        opt: u32,
+        len: usize,
+    },
+    MetaReply {
+        opt: u32,
+        len: usize,
+        next: usize,
+    },
     Request,
     Payload {
         remaining: u32,
@@ -723,6 +967,17 @@ pub struct NbdSession {
     name_len: usize,
     export: ExportInfo,
     export_chosen: bool,
+    /// `NBD_OPT_STRUCTURED_REPLY` was acknowledged.
+    structured: bool,
+    /// The snapshot tags of the export a metadata query is answered for.
+    meta_tags: [u32; SNAPSHOTS_MAX],
+    meta_n: usize,
+    /// The selected contexts (id = index + 1) and the export they were
+    /// selected for.
+    selected: [MetaContext; NBD_META_CONTEXTS_MAX],
+    selected_n: usize,
+    selected_name: Box<[u8]>,
+    selected_name_len: usize,
 }
 
 impl fmt::Debug for NbdSession {
@@ -738,6 +993,8 @@ impl fmt::Debug for NbdSession {
             .field("tx_end", &self.tx_end)
             .field("name_len", &self.name_len)
             .field("export", &self.export_chosen.then_some(self.export))
+            .field("structured", &self.structured)
+            .field("selected", &self.selected_contexts())
             .finish_non_exhaustive()
     }
 }
@@ -781,6 +1038,59 @@ fn error_message(rep: u32) -> &'static [u8] {
     }
 }
 
+/// Parses `LIST_META_CONTEXT`/`SET_META_CONTEXT` data (u32 name length,
+/// name, u32 query count, then each query as u32 length and bytes, nothing
+/// after): the name's length (it starts at byte 4), `None` when malformed.
+fn parse_meta_request(d: &[u8]) -> Option<usize> {
+    let name_len = usize::try_from(u32::from_be_bytes(field(d, 0)?)).ok()?;
+    let mut at = 4usize.checked_add(name_len)?;
+    let count = u32::from_be_bytes(field(d, at)?);
+    at += 4;
+    for _ in 0..count {
+        let l = usize::try_from(u32::from_be_bytes(field(d, at)?)).ok()?;
+        at = at.checked_add(4)?.checked_add(l)?;
+        if at > d.len() {
+            return None;
+        }
+    }
+    (at == d.len()).then_some(name_len)
+}
+
+/// Whether the queries of well-formed meta-context data `d` select the
+/// context `name`. No query: every context for a list, none for a
+/// selection. A query is a context's exact name; in a list, a query ending
+/// in `:` is a wildcard for every context it begins (`base:`, `x-csnap:`,
+/// `qemu:`, `qemu:dirty-bitmap:`). Queries of unknown namespaces match
+/// nothing (ignored, as the protocol asks).
+fn meta_query_matches(d: &[u8], name: &[u8], set: bool) -> bool {
+    let Some(name_len) = field(d, 0).map(u32::from_be_bytes) else {
+        return false;
+    };
+    let Ok(mut at) = usize::try_from(name_len).map(|n| n + 4) else {
+        return false;
+    };
+    let Some(count) = field(d, at).map(u32::from_be_bytes) else {
+        return false;
+    };
+    at += 4;
+    if count == 0 {
+        return !set;
+    }
+    for _ in 0..count {
+        let Some(l) = field(d, at).and_then(|l| usize::try_from(u32::from_be_bytes(l)).ok()) else {
+            return false;
+        };
+        let Some(q) = d.get(at + 4..at + 4 + l) else {
+            return false;
+        };
+        at += 4 + l;
+        if q == name || (!set && q.last() == Some(&b':') && name.starts_with(q)) {
+            return true;
+        }
+    }
+    false
+}
+
 impl NbdSession {
     /// Reserves the buffers (the only allocation) and queues the greeting.
     ///
@@ -808,6 +1118,13 @@ impl NbdSession {
             name_len: 0,
             export: ExportInfo::default(),
             export_chosen: false,
+            structured: false,
+            meta_tags: [0; SNAPSHOTS_MAX],
+            meta_n: 0,
+            selected: [MetaContext::Allocation; NBD_META_CONTEXTS_MAX],
+            selected_n: 0,
+            selected_name: vec![0u8; NBD_EXPORT_NAME_MAX_BYTES].into_boxed_slice(),
+            selected_name_len: 0,
         };
         s.reset();
         s
@@ -816,7 +1133,7 @@ impl NbdSession {
     /// Bytes `new` reserves on the heap.
     #[must_use]
     pub const fn reserved_bytes() -> usize {
-        NBD_OPTION_DATA_MAX_BYTES + NBD_TRANSMIT_BUFFER_BYTES + NBD_EXPORT_NAME_MAX_BYTES
+        NBD_OPTION_DATA_MAX_BYTES + NBD_TRANSMIT_BUFFER_BYTES + 2 * NBD_EXPORT_NAME_MAX_BYTES
     }
 
     /// Starts over for a new connection, reusing the buffers: everything is
@@ -833,6 +1150,10 @@ impl NbdSession {
         self.name_len = 0;
         self.export = ExportInfo::default();
         self.export_chosen = false;
+        self.structured = false;
+        self.meta_n = 0;
+        self.selected_n = 0;
+        self.selected_name_len = 0;
         self.push(&NBDMAGIC.to_be_bytes());
         self.push(&IHAVEOPT.to_be_bytes());
         self.push(&HANDSHAKE_FLAGS.to_be_bytes());
@@ -855,6 +1176,8 @@ impl NbdSession {
             St::OptSkip { .. } => NbdState::OptionSkip,
             St::AwaitExport { .. } => NbdState::AwaitExport,
             St::AwaitList => NbdState::AwaitList,
+            St::AwaitMeta { .. } => NbdState::AwaitMeta,
+            St::MetaReply { .. } => NbdState::MetaReply,
             St::Request => NbdState::Request,
             St::Payload { .. } => NbdState::Payload,
             St::PayloadSkip { .. } => NbdState::PayloadSkip,
@@ -882,6 +1205,20 @@ impl NbdSession {
     #[must_use]
     pub fn no_zeroes(&self) -> bool {
         self.no_zeroes
+    }
+
+    /// Whether structured replies were negotiated: `READ` and
+    /// `BLOCK_STATUS` are answered with structured chunks.
+    #[must_use]
+    pub fn structured(&self) -> bool {
+        self.structured
+    }
+
+    /// The selected metadata contexts; the id of entry `i` is `i + 1`. Empty
+    /// unless a `SET_META_CONTEXT` for the export served selected some.
+    #[must_use]
+    pub fn selected_contexts(&self) -> &[MetaContext] {
+        self.selected.get(..self.selected_n).unwrap_or_default()
     }
 
     /// The export being served (the driver's answer to the `GO` or
@@ -926,6 +1263,8 @@ impl NbdSession {
             St::OptHeader => self.hdr_len > 0 || self.tx_free() >= NBD_OPTION_REPLY_MAX_BYTES,
             St::AwaitExport { .. }
             | St::AwaitList
+            | St::AwaitMeta { .. }
+            | St::MetaReply { .. }
             | St::Payload { .. }
             | St::Disconnecting
             | St::Closed => false,
@@ -1023,6 +1362,9 @@ impl NbdSession {
         if self.tx_start == self.tx_end {
             self.tx_start = 0;
             self.tx_end = 0;
+        }
+        if matches!(self.st, St::MetaReply { .. }) {
+            self.emit_meta();
         }
         self.check();
         Ok(())
@@ -1130,6 +1472,82 @@ impl NbdSession {
         Ok(())
     }
 
+    /// Answers the pending [`NbdEvent::MetaQuery`]: `Some(tags)` gives the
+    /// snapshot tags the export offers contexts for (the session answers
+    /// every query from them, as the transmit buffer allows), `None` says
+    /// the export does not exist (`NBD_REP_ERR_UNKNOWN`).
+    ///
+    /// # Errors
+    ///
+    /// [`NbdCallError::NotAwaitingMeta`] outside [`NbdState::AwaitMeta`],
+    /// or for more than `SNAPSHOTS_MAX` tags.
+    pub fn answer_meta(&mut self, tags: Option<&[u32]>) -> Result<(), NbdCallError> {
+        let St::AwaitMeta { opt, len } = self.st else {
+            return Err(NbdCallError::NotAwaitingMeta);
+        };
+        if tags.is_some_and(|t| t.len() > SNAPSHOTS_MAX) {
+            return Err(NbdCallError::NotAwaitingMeta);
+        }
+        self.event = None;
+        match tags {
+            None => {
+                self.reply_error(opt, REP_ERR_UNKNOWN);
+                self.st = St::OptHeader;
+            }
+            Some(tags) => {
+                self.meta_tags[..tags.len()].copy_from_slice(tags);
+                self.meta_n = tags.len();
+                if opt == OPT_SET_META_CONTEXT {
+                    let n = self.name_len;
+                    self.selected_name[..n].copy_from_slice(&self.name[..n]);
+                    self.selected_name_len = n;
+                }
+                self.st = St::MetaReply { opt, len, next: 0 };
+                self.emit_meta();
+            }
+        }
+        self.check();
+        Ok(())
+    }
+
+    /// Queues the next matching contexts of the metadata answer while they
+    /// fit (with room kept for the ACK), then the ACK.
+    fn emit_meta(&mut self) {
+        let St::MetaReply { opt, len, mut next } = self.st else {
+            return;
+        };
+        let set = opt == OPT_SET_META_CONTEXT;
+        let total = 1 + 2 * self.meta_n;
+        let mut name = [0u8; CONTEXT_NAME_MAX_BYTES];
+        while next < total {
+            let Some(ctx) = MetaContext::at(next, &self.meta_tags[..self.meta_n]) else {
+                break;
+            };
+            let n = ctx.name(&mut name);
+            let matched = self
+                .data
+                .get(..len)
+                .is_some_and(|d| meta_query_matches(d, &name[..n], set));
+            if matched {
+                if self.tx_free() < OPTION_REPLY_HEADER_BYTES + 4 + n + OPTION_REPLY_HEADER_BYTES {
+                    self.st = St::MetaReply { opt, len, next };
+                    return;
+                }
+                let id = if set && self.selected_n < self.selected.len() {
+                    self.selected[self.selected_n] = ctx;
+                    self.selected_n += 1;
+                    u32::try_from(self.selected_n).unwrap_or(0)
+                } else {
+                    0
+                };
+                self.reply(opt, REP_META_CONTEXT, &[&id.to_be_bytes(), &name[..n]]);
+            }
+            next += 1;
+        }
+        self.reply(opt, REP_ACK, &[]);
+        self.st = St::OptHeader;
+    }
+
     // -----------------------------------------------------------------------
     // Input.
     // -----------------------------------------------------------------------
@@ -1220,6 +1638,8 @@ impl NbdSession {
             }
             St::AwaitExport { .. }
             | St::AwaitList
+            | St::AwaitMeta { .. }
+            | St::MetaReply { .. }
             | St::Payload { .. }
             | St::Disconnecting
             | St::Closed => 0,
@@ -1276,6 +1696,23 @@ impl NbdSession {
                 self.event = Some(NbdEvent::ListQuery);
             }
             OPT_LIST => self.skip(opt, len, AfterSkip::Error(REP_ERR_INVALID)),
+            OPT_STRUCTURED_REPLY if len == 0 => {
+                self.structured = true;
+                self.reply(opt, REP_ACK, &[]);
+            }
+            OPT_STRUCTURED_REPLY => self.skip(opt, len, AfterSkip::Error(REP_ERR_INVALID)),
+            OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
+                if opt == OPT_SET_META_CONTEXT {
+                    // A selection replaces the former one, even when it
+                    // fails.
+                    self.selected_n = 0;
+                    self.selected_name_len = 0;
+                }
+                match usize::try_from(len) {
+                    Ok(l) if l <= NBD_OPTION_DATA_MAX_BYTES => self.expect_data(opt, l),
+                    _ => self.skip(opt, len, AfterSkip::Error(REP_ERR_TOO_BIG)),
+                }
+            }
             _ => self.skip(opt, len, AfterSkip::Error(REP_ERR_UNSUP)),
         }
     }
@@ -1323,6 +1760,31 @@ impl NbdSession {
             self.query(opt);
             return;
         }
+        if opt == OPT_LIST_META_CONTEXT || opt == OPT_SET_META_CONTEXT {
+            let parsed = self.data.get(..len).and_then(parse_meta_request);
+            match parsed {
+                _ if opt == OPT_SET_META_CONTEXT && !self.structured => {
+                    self.reply_error(opt, REP_ERR_INVALID);
+                    self.st = St::OptHeader;
+                }
+                Some(name_len) if name_len <= NBD_EXPORT_NAME_MAX_BYTES => {
+                    self.set_name(4, name_len);
+                    self.st = St::AwaitMeta { opt, len };
+                    self.event = Some(NbdEvent::MetaQuery {
+                        set: opt == OPT_SET_META_CONTEXT,
+                    });
+                }
+                Some(_) => {
+                    self.reply_error(opt, REP_ERR_UNKNOWN);
+                    self.st = St::OptHeader;
+                }
+                None => {
+                    self.reply_error(opt, REP_ERR_INVALID);
+                    self.st = St::OptHeader;
+                }
+            }
+            return;
+        }
         // INFO or GO.
         let parsed = self.data.get(..len).and_then(parse_info_request);
         match parsed {
@@ -1364,6 +1826,10 @@ impl NbdSession {
     }
 
     fn enter_transmission(&mut self, info: ExportInfo) {
+        if self.selected_name.get(..self.selected_name_len) != self.name.get(..self.name_len) {
+            // Contexts selected for another export are not this one's.
+            self.selected_n = 0;
+        }
         self.export = info;
         self.export_chosen = true;
         self.st = St::Request;
@@ -1404,7 +1870,12 @@ impl NbdSession {
                 }
             }
             Err(error) => {
-                self.event = Some(NbdEvent::Reject { handle, error });
+                let structured = self.structured && matches!(typ, CMD_READ | CMD_BLOCK_STATUS);
+                self.event = Some(NbdEvent::Reject {
+                    handle,
+                    error,
+                    structured,
+                });
                 if has_payload {
                     self.st = St::PayloadSkip { remaining: length };
                 }
@@ -1423,6 +1894,9 @@ impl NbdSession {
             return Err(NbdError::Inval);
         }
         if matches!(kind, CmdKind::Read | CmdKind::Write) && length > self.cfg.payload_limit_bytes {
+            return Err(NbdError::Inval);
+        }
+        if kind == CmdKind::BlockStatus && (self.selected_n == 0 || length == 0) {
             return Err(NbdError::Inval);
         }
         if self.export.read_only && kind.writes() {
@@ -1520,7 +1994,23 @@ impl NbdSession {
                 assert!(self.tx_free() >= NBD_OPTION_REPLY_MAX_BYTES);
             }
             St::AwaitList => assert!(self.tx_free() >= OPTION_REPLY_HEADER_BYTES),
+            St::AwaitMeta { len, .. } => {
+                assert!(self.tx_free() >= NBD_OPTION_REPLY_MAX_BYTES);
+                assert!(len <= self.data.len());
+            }
+            St::MetaReply { len, next, .. } => {
+                assert!(len <= self.data.len() && next <= 1 + 2 * self.meta_n);
+            }
             _ => {}
+        }
+        assert!(self.meta_n <= SNAPSHOTS_MAX);
+        assert!(self.selected_n <= self.selected.len());
+        assert!(self.selected_name_len <= self.selected_name.len());
+        if self.selected_n > 0 {
+            assert!(
+                self.structured,
+                "contexts selected without structured replies"
+            );
         }
         match self.st {
             St::OptSkip { remaining, .. } => {

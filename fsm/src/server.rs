@@ -53,6 +53,7 @@ use crate::fixed::{FixedRing, IdQueue};
 use crate::locks::{LockLimits, LockTable};
 use crate::store_ops::{
     StoreFailure, StoreOp, StoreReply, StoreRequest, StoreResult, Target as StoreTarget,
+    DELTA_BITMAP_BYTES,
 };
 
 /// A connection handle (index into the session table).
@@ -67,6 +68,12 @@ pub const DETACHED_TOKEN: u32 = u32::MAX - 1;
 /// every chunk of a maximal query as its own target.
 pub const REPLY_MAX_BYTES: usize =
     proto::HEADER_BYTES + proto::LIST_HEADER_BYTES + CHUNKS_PER_REQUEST_MAX * 24;
+
+// A delta reply fits the reply bound, and the protocol's delta bound is
+// the pools'.
+const _: () =
+    assert!(proto::HEADER_BYTES + 16 + csnap_pools::DELTA_QUERY_CHUNKS_MAX / 8 <= REPLY_MAX_BYTES);
+const _: () = assert!(proto::DELTA_CHUNKS_MAX == csnap_pools::DELTA_QUERY_CHUNKS_MAX);
 
 /// Configuration, fixed at init.
 #[derive(Debug, Clone, Copy)]
@@ -293,6 +300,7 @@ fn is_control(k: Kind) -> bool {
             | Kind::SetPriority
             | Kind::ListSnapshots
             | Kind::Status
+            | Kind::QueryDelta
     )
 }
 
@@ -1186,6 +1194,20 @@ impl Server {
             Msg::SetPriority { tag, priority } => StoreOp::Priority { tag, priority },
             Msg::ListSnapshots => StoreOp::List,
             Msg::Status => StoreOp::Status,
+            Msg::QueryDelta {
+                volume,
+                base,
+                chunk,
+                chunks,
+            } => StoreOp::Delta {
+                volume: match volume {
+                    proto::Volume::Origin => None,
+                    proto::Volume::Snapshot(t) => Some(t),
+                },
+                base,
+                chunk,
+                chunks,
+            },
             _ => return,
         };
         let ik = if kind == Kind::Status {
@@ -1690,6 +1712,33 @@ impl Server {
                 )
                 .unwrap_or(0);
                 self.push_out(conn, &buf[..n]);
+            }
+            (
+                StoreResult::Delta {
+                    chunk,
+                    chunks,
+                    bits,
+                },
+                _,
+            ) => {
+                self.finish(token, conn);
+                let n = (*chunks as usize).div_ceil(8).min(bits.len());
+                let msg = Msg::DeltaMap {
+                    chunk: *chunk,
+                    chunks: *chunks,
+                    bits: &bits[..n],
+                };
+                let mut buf = [0u8; proto::HEADER_BYTES + 16 + DELTA_BITMAP_BYTES];
+                match encode(&Header::new(rid, self.cfg.incarnation), &msg, &mut buf) {
+                    Ok(n) => self.push_out(conn, &buf[..n]),
+                    Err(_) => self.send_error(
+                        conn,
+                        rid,
+                        ErrorCode::Internal,
+                        Kind::QueryDelta.code(),
+                        "the store answered a malformed delta",
+                    ),
+                }
             }
             (StoreResult::Status(fig), _) => {
                 self.finish(token, conn);

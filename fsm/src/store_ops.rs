@@ -6,7 +6,10 @@
 //! copy-outs, commits once (group commit) and only then returns the replies,
 //! so every reply the FSM sends is durable.
 
-use csnap_pools::CHUNKS_PER_REQUEST_MAX;
+use csnap_pools::{CHUNKS_PER_REQUEST_MAX, DELTA_QUERY_CHUNKS_MAX};
+
+/// Bytes of a delta bitmap: one bit per chunk of the largest delta query.
+pub const DELTA_BITMAP_BYTES: usize = DELTA_QUERY_CHUNKS_MAX / 8;
 
 /// A store operation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,6 +70,18 @@ pub enum StoreOp {
     List,
     /// Store figures.
     Status,
+    /// Which of `chunks` chunks from `chunk` of `volume` (a snapshot tag,
+    /// `None` for the origin) differ from snapshot `base`.
+    Delta {
+        /// The volume compared.
+        volume: Option<u32>,
+        /// The snapshot it is compared with.
+        base: u32,
+        /// First chunk.
+        chunk: u64,
+        /// Chunk count, `1..=DELTA_QUERY_CHUNKS_MAX`.
+        chunks: u32,
+    },
     /// A standby starts: read the store, replay its journal, take the next
     /// incarnation durably. With `claim` (its former server may still be
     /// running), it first claims the store and waits out that server's
@@ -189,6 +204,15 @@ pub enum StoreResult {
     },
     /// Figures.
     Status(StoreFigures),
+    /// A delta: bit `i` of `bits` set when chunk `chunk + i` differs.
+    Delta {
+        /// First chunk.
+        chunk: u64,
+        /// Chunk count.
+        chunks: u32,
+        /// The bitmap (`ceil(chunks / 8)` bytes in use, the rest zero).
+        bits: [u8; DELTA_BITMAP_BYTES],
+    },
     /// Failed.
     Failed(StoreFailure),
     /// Notification: a corrupt metadata block was met (heap-free, for the

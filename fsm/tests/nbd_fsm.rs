@@ -248,6 +248,11 @@ fn check_reply(r: &Reply, cfg: &NbdConfig) {
                 other => panic!("unexpected info type {other}"),
             }
         }
+        REP_META_CONTEXT => {
+            assert!(r.opt == OPT_LIST_META_CONTEXT || r.opt == OPT_SET_META_CONTEXT);
+            assert!(r.data.len() > 4);
+            assert!(std::str::from_utf8(&r.data[4..]).is_ok());
+        }
         REP_ERR_UNSUP | REP_ERR_INVALID | REP_ERR_UNKNOWN | REP_ERR_TOO_BIG => {
             assert!(std::str::from_utf8(&r.data).is_ok());
         }
@@ -312,6 +317,10 @@ struct Driver {
     list_waited: bool,
     /// Write out transmit bytes at every turn.
     auto_drain: bool,
+    /// The snapshot tags every export offers contexts for.
+    meta_tags: Vec<u32>,
+    /// Metadata queries answered: (set, export name).
+    meta_queries: Vec<(bool, Vec<u8>)>,
 }
 
 impl Driver {
@@ -332,6 +341,8 @@ impl Driver {
             export_name_reply_at: None,
             list_waited: false,
             auto_drain: true,
+            meta_tags: vec![1, 7, u32::MAX],
+            meta_queries: Vec::new(),
         }
     }
 
@@ -416,6 +427,16 @@ impl Driver {
                     counted(|| s.list_done()).unwrap();
                     continue;
                 }
+                NbdState::AwaitMeta => {
+                    let name = self.s.export_name().to_vec();
+                    let set = matches!(self.events.last(), Some(NbdEvent::MetaQuery { set: true }));
+                    self.meta_queries.push((set, name.clone()));
+                    let exists = self.exports.iter().any(|(n, _)| *n == name);
+                    let s = &mut self.s;
+                    let tags = &self.meta_tags[..];
+                    counted(|| s.answer_meta(exists.then_some(tags))).unwrap();
+                    continue;
+                }
                 _ => {}
             }
             let remaining = usize::try_from(self.s.payload_remaining()).unwrap();
@@ -492,7 +513,11 @@ fn cmd(handle: u64, kind: CmdKind, flags: u16, offset: u64, length: u32) -> NbdE
 }
 
 fn reject(handle: u64, error: NbdError) -> NbdEvent {
-    NbdEvent::Reject { handle, error }
+    NbdEvent::Reject {
+        handle,
+        error,
+        structured: false,
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -508,9 +533,9 @@ fn greeting_is_queued_by_new() {
     assert!(s.wants_input() && !s.in_transmission() && s.export().is_none());
 }
 
-/// qemu-img / qemu-io: fixed newstyle and no zeroes, extended headers and
-/// structured replies refused, then `GO` asking for block sizes. Every byte
-/// spelled out.
+/// qemu-img / qemu-io: fixed newstyle and no zeroes, extended headers
+/// refused, structured replies acknowledged, then `GO` asking for block
+/// sizes. Every byte spelled out.
 #[test]
 fn qemu_handshake_byte_for_byte() {
     let mut d = driver();
@@ -520,10 +545,9 @@ fn qemu_handshake_byte_for_byte() {
          49484156454f5054 00000007 0000000e 00000006 6f726967696e 0001 0003");
     d.feed(&client);
     let mut expected = greeting();
-    for o in ["0000000b", "00000008"] {
-        expected.extend(hex(&format!("0003e889045565a9 {o} 80000001 00000023")));
-        expected.extend_from_slice(b"option not supported by this server");
-    }
+    expected.extend(hex("0003e889045565a9 0000000b 80000001 00000023"));
+    expected.extend_from_slice(b"option not supported by this server");
+    expected.extend(hex("0003e889045565a9 00000008 00000001 00000000"));
     expected.extend(hex(
         "0003e889045565a9 00000007 00000003 0000000c 0000 0000000000100000 0c6d
          0003e889045565a9 00000007 00000003 0000000e 0003 00000001 00001000 00010000
@@ -618,8 +642,8 @@ fn list_then_go() {
     assert_eq!(d.s.export(), Some(ro(2 * MIB)));
 }
 
-/// nbdinfo --list: extended headers and structured replies refused, `LIST`,
-/// `INFO` per export, `ABORT`.
+/// nbdinfo --list: extended headers refused, structured replies
+/// acknowledged, `LIST`, `INFO` per export, `ABORT`.
 #[test]
 fn nbdinfo_list_sequence() {
     let mut d = driver();
@@ -645,7 +669,7 @@ fn nbdinfo_list_sequence() {
     let types: Vec<(u32, u32)> = replies.iter().map(|r| (r.opt, r.typ)).collect();
     let mut expected = vec![
         (OPT_EXTENDED_HEADERS, REP_ERR_UNSUP),
-        (OPT_STRUCTURED_REPLY, REP_ERR_UNSUP),
+        (OPT_STRUCTURED_REPLY, REP_ACK),
     ];
     expected.extend(names.iter().map(|_| (OPT_LIST, REP_SERVER)));
     expected.push((OPT_LIST, REP_ACK));
@@ -741,7 +765,7 @@ fn abort_acks_and_ends() {
 }
 
 #[test]
-fn structured_replies_refused_then_go() {
+fn structured_replies_acknowledged_then_go() {
     let mut d = driver();
     d.feed(
         &[
@@ -755,12 +779,25 @@ fn structured_replies_refused_then_go() {
         d.take_out(),
         [
             greeting(),
-            rep(OPT_STRUCTURED_REPLY, REP_ERR_UNSUP, UNSUP_MSG),
+            rep(OPT_STRUCTURED_REPLY, REP_ACK, &[]),
             info_ok(OPT_GO, &rw(MIB), &cfg())
         ]
         .concat()
     );
     assert!(d.s.in_transmission());
+    assert!(d.s.structured());
+    // With data it is malformed.
+    let mut d = driver();
+    d.feed(&[client_flags(3), opt(OPT_STRUCTURED_REPLY, b"x")].concat());
+    assert_eq!(
+        d.take_out(),
+        [
+            greeting(),
+            rep(OPT_STRUCTURED_REPLY, REP_ERR_INVALID, INVALID_MSG)
+        ]
+        .concat()
+    );
+    assert!(!d.s.structured());
 }
 
 #[test]
@@ -784,8 +821,6 @@ fn unknown_and_unsupported_options_refused_with_data_skipped() {
     let refused = [
         (0x1234_5678, vec![7u8; 300]),
         (OPT_PEEK_EXPORT, vec![]),
-        (OPT_LIST_META_CONTEXT, info_data(b"origin", &[])),
-        (OPT_SET_META_CONTEXT, vec![0; 8]),
         (OPT_EXTENDED_HEADERS, vec![]),
         (0, vec![1, 2, 3]),
         (u32::MAX, vec![]),
@@ -995,7 +1030,7 @@ fn option_length_u32_max_closes_without_reading() {
 fn unread_replies_throttle_option_input() {
     let mut d = driver();
     d.auto_drain = false;
-    let count = 100;
+    let count = 400;
     let mut client = client_flags(3);
     for _ in 0..count {
         client.extend(opt(OPT_STRUCTURED_REPLY, &[]));
@@ -1013,7 +1048,7 @@ fn unread_replies_throttle_option_input() {
     assert_eq!(replies.len(), count);
     assert!(replies
         .iter()
-        .all(|r| r.opt == OPT_STRUCTURED_REPLY && r.typ == REP_ERR_UNSUP));
+        .all(|r| r.opt == OPT_STRUCTURED_REPLY && r.typ == REP_ACK));
 }
 
 /// A list longer than the transmit buffer goes out in several writes.
@@ -1477,7 +1512,7 @@ fn new_is_the_only_allocation() {
     let before_new = allocs();
     let mut s = NbdSession::new(cfg());
     let by_new = allocs() - before_new;
-    assert!((1..=3).contains(&by_new), "{by_new} allocations in new");
+    assert!((1..=4).contains(&by_new), "{by_new} allocations in new");
 
     let start = allocs();
     let mut tally = [0usize; 8];
@@ -1503,6 +1538,7 @@ fn new_is_the_only_allocation() {
                         NbdEvent::Reject { .. } => 4,
                         NbdEvent::Disconnect => 5,
                         NbdEvent::Fatal(_) => 6,
+                        NbdEvent::MetaQuery { .. } => 7,
                     };
                     tally[slot] += 1;
                     continue;
@@ -1518,6 +1554,10 @@ fn new_is_the_only_allocation() {
                             s.list_entry(n).unwrap();
                         }
                         s.list_done().unwrap();
+                        continue;
+                    }
+                    NbdState::AwaitMeta => {
+                        s.answer_meta(Some(&[1, 2, 3])).unwrap();
                         continue;
                     }
                     _ => {}
@@ -1587,11 +1627,20 @@ fn check_events(events: &[NbdEvent], export: Option<ExportInfo>, cfg: &NbdConfig
             NbdEvent::Command(c) => {
                 let e = export.expect("a command needs an export");
                 assert_eq!(
-                    c.flags.0 & !(CMD_FLAG_FUA | CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO),
+                    c.flags.0
+                        & !(CMD_FLAG_FUA
+                            | CMD_FLAG_NO_HOLE
+                            | CMD_FLAG_FAST_ZERO
+                            | CMD_FLAG_REQ_ONE),
                     0
                 );
-                if c.kind != CmdKind::WriteZeroes {
-                    assert_eq!(c.flags.0 & !CMD_FLAG_FUA, 0);
+                match c.kind {
+                    CmdKind::WriteZeroes => {}
+                    CmdKind::BlockStatus => {
+                        assert_eq!(c.flags.0 & !(CMD_FLAG_FUA | CMD_FLAG_REQ_ONE), 0);
+                        assert!(c.length > 0);
+                    }
+                    _ => assert_eq!(c.flags.0 & !CMD_FLAG_FUA, 0),
                 }
                 if c.kind != CmdKind::Flush {
                     assert!(c.offset <= e.size_bytes);
@@ -1609,7 +1658,10 @@ fn check_events(events: &[NbdEvent], export: Option<ExportInfo>, cfg: &NbdConfig
                 ));
             }
             NbdEvent::Disconnect | NbdEvent::Fatal(_) => ended = true,
-            NbdEvent::ExportQuery { .. } | NbdEvent::ListQuery | NbdEvent::Ready => {}
+            NbdEvent::ExportQuery { .. }
+            | NbdEvent::ListQuery
+            | NbdEvent::MetaQuery { .. }
+            | NbdEvent::Ready => {}
         }
     }
 }
@@ -1684,6 +1736,8 @@ fn valid_request_strategy() -> impl Strategy<Value = Vec<u8>> {
             (CMD_TRIM, 0),
             (CMD_CACHE, 0),
             (CMD_WRITE_ZEROES, CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO),
+            (CMD_BLOCK_STATUS, 0),
+            (CMD_BLOCK_STATUS, CMD_FLAG_REQ_ONE),
         ]),
         any::<u64>(),
         0..MIB - 4096,
@@ -1712,8 +1766,32 @@ fn option_strategy() -> impl Strategy<Value = Vec<u8>> {
         1 => name_strategy().prop_map(|n| opt(OPT_EXPORT_NAME, &n)),
         2 => Just(opt(OPT_LIST, &[])),
         1 => Just(opt(OPT_ABORT, &[])),
+        2 => Just(opt(OPT_STRUCTURED_REPLY, &[])),
+        3 => (
+            name_strategy(),
+            prop::collection::vec(meta_query_strategy(), 0..4),
+            any::<bool>()
+        )
+            .prop_map(|(n, q, set)| {
+                let q: Vec<&[u8]> = q.iter().map(Vec::as_slice).collect();
+                let o = if set { OPT_SET_META_CONTEXT } else { OPT_LIST_META_CONTEXT };
+                opt(o, &meta_data(&n, &q))
+            }),
         1 => (0u32..12, any::<u32>()).prop_map(|(o, l)| opt_header(o, l)),
         1 => (0u32..12, 0u32..64).prop_map(|(o, l)| opt_header(o, l)),
+    ]
+}
+
+fn meta_query_strategy() -> impl Strategy<Value = Vec<u8>> {
+    prop_oneof![
+        Just(b"base:allocation".to_vec()),
+        Just(b"base:".to_vec()),
+        Just(b"x-csnap:".to_vec()),
+        Just(b"x-csnap:changed-since:7".to_vec()),
+        Just(b"qemu:dirty-bitmap:since-1".to_vec()),
+        Just(b"qemu:".to_vec()),
+        Just(b"unknown:x".to_vec()),
+        prop::collection::vec(any::<u8>(), 0..12),
     ]
 }
 
@@ -1742,6 +1820,18 @@ fn session_input() -> impl Strategy<Value = Vec<u8>> {
             1 => Just([client_flags(1), go(b"snap-1", &[])].concat()),
             1 => Just([client_flags(0), opt(OPT_EXPORT_NAME, b"origin")].concat()),
             1 => Just([client_flags(3), opt(OPT_EXPORT_NAME, b"snap-1")].concat()),
+            2 => Just(
+                [
+                    client_flags(3),
+                    opt(OPT_STRUCTURED_REPLY, &[]),
+                    opt(
+                        OPT_SET_META_CONTEXT,
+                        &meta_data(b"origin", &[b"base:allocation", b"x-csnap:changed-since:7"]),
+                    ),
+                    go(b"origin", &[]),
+                ]
+                .concat()
+            ),
         ],
         prop::collection::vec(
             prop_oneof![
@@ -1853,4 +1943,376 @@ proptest! {
         counted(|| s.handle_eof());
         prop_assert_eq!(d.s.state(), NbdState::Closed);
     }
+}
+
+// ---------------------------------------------------------------------------
+// Structured replies, metadata contexts, block status.
+// ---------------------------------------------------------------------------
+
+/// `LIST_META_CONTEXT`/`SET_META_CONTEXT` data: export name, queries.
+fn meta_data(name: &[u8], queries: &[&[u8]]) -> Vec<u8> {
+    let mut v = len32(name.len()).to_vec();
+    v.extend_from_slice(name);
+    v.extend_from_slice(&len32(queries.len()));
+    for q in queries {
+        v.extend_from_slice(&len32(q.len()));
+        v.extend_from_slice(q);
+    }
+    v
+}
+
+/// The (id, name) of every `NBD_REP_META_CONTEXT` reply in `out`, and
+/// whether an ACK ends them.
+fn meta_replies(out: &[u8]) -> (Vec<(u32, String)>, bool) {
+    let replies = parse_replies(out);
+    let mut v = Vec::new();
+    let mut acked = false;
+    for r in &replies {
+        check_reply(r, &cfg());
+        match r.typ {
+            REP_META_CONTEXT => {
+                assert!(!acked, "a context after the ACK");
+                v.push((
+                    be32(&r.data),
+                    String::from_utf8(r.data[4..].to_vec()).unwrap(),
+                ));
+            }
+            REP_ACK => acked = true,
+            other => panic!("unexpected reply {other:#x}"),
+        }
+    }
+    (v, acked)
+}
+
+fn names(v: &[(u32, String)]) -> Vec<&str> {
+    v.iter().map(|(_, n)| n.as_str()).collect()
+}
+
+#[test]
+fn list_meta_context_lists_every_context_and_answers_wildcards() {
+    let all = [
+        "base:allocation",
+        "x-csnap:changed-since:1",
+        "qemu:dirty-bitmap:since-1",
+        "x-csnap:changed-since:7",
+        "qemu:dirty-bitmap:since-7",
+        "x-csnap:changed-since:4294967295",
+        "qemu:dirty-bitmap:since-4294967295",
+    ];
+    let cases: [(&[&[u8]], Vec<&str>); 9] = [
+        (&[], all.to_vec()),
+        (&[b"base:"], vec![all[0]]),
+        (&[b"base:allocation"], vec![all[0]]),
+        (&[b"x-csnap:"], vec![all[1], all[3], all[5]]),
+        (&[b"qemu:"], vec![all[2], all[4], all[6]]),
+        (&[b"qemu:dirty-bitmap:"], vec![all[2], all[4], all[6]]),
+        (
+            &[b"x-csnap:changed-since:7", b"base:"],
+            vec![all[0], all[3]],
+        ),
+        // Unknown namespaces, unknown names and bare strings: ignored.
+        (
+            &[
+                b"nbd-server:",
+                b"x-other:",
+                b"x-csnap:changed-since:8",
+                b"bogus",
+            ],
+            vec![],
+        ),
+        (
+            &[b"x-csnap:changed-since:1", b"x-csnap:"],
+            vec![all[1], all[3], all[5]],
+        ),
+    ];
+    for (queries, want) in cases {
+        // Without structured replies, as nbdinfo --list --content may ask.
+        let mut d = driver();
+        d.feed(
+            &[
+                client_flags(3),
+                opt(OPT_LIST_META_CONTEXT, &meta_data(b"origin", queries)),
+            ]
+            .concat(),
+        );
+        let out = d.take_out();
+        let (got, acked) = meta_replies(&out[greeting().len()..]);
+        assert!(acked);
+        assert_eq!(names(&got), want, "queries {queries:?}");
+        assert!(got.iter().all(|(id, _)| *id == 0), "list ids are 0");
+        assert_eq!(d.take_events(), vec![NbdEvent::MetaQuery { set: false }]);
+        assert_eq!(d.meta_queries, vec![(false, b"origin".to_vec())]);
+        assert_eq!(d.s.state(), NbdState::OptionHeader);
+        assert!(d.s.selected_contexts().is_empty(), "a list selects nothing");
+    }
+}
+
+#[test]
+fn set_meta_context_selects_exact_names_once() {
+    let mut d = driver();
+    let queries: [&[u8]; 6] = [
+        b"base:allocation",
+        b"qemu:dirty-bitmap:since-7",
+        b"unknown:thing",
+        b"base:allocation",
+        b"x-csnap:",
+        b"x-csnap:changed-since:1",
+    ];
+    d.feed(
+        &[
+            client_flags(3),
+            opt(OPT_STRUCTURED_REPLY, &[]),
+            opt(OPT_SET_META_CONTEXT, &meta_data(b"snap-1", &queries)),
+        ]
+        .concat(),
+    );
+    let out = d.take_out();
+    let after_ack = greeting().len() + 20;
+    let (got, acked) = meta_replies(&out[after_ack..]);
+    assert!(acked);
+    // In context order, each once, ids from 1; the wildcard selects nothing.
+    assert_eq!(
+        got,
+        vec![
+            (1, "base:allocation".to_string()),
+            (2, "x-csnap:changed-since:1".to_string()),
+            (3, "qemu:dirty-bitmap:since-7".to_string()),
+        ]
+    );
+    assert_eq!(
+        d.s.selected_contexts(),
+        &[
+            MetaContext::Allocation,
+            MetaContext::ChangedSince {
+                tag: 1,
+                qemu: false
+            },
+            MetaContext::ChangedSince { tag: 7, qemu: true },
+        ]
+    );
+    // GO on the same export keeps the selection: block status is valid.
+    d.feed(&go(b"snap-1", &[]));
+    assert!(d.s.in_transmission());
+    assert_eq!(d.s.selected_contexts().len(), 3);
+    d.take_events();
+    d.feed(&req(CMD_BLOCK_STATUS, CMD_FLAG_REQ_ONE, 5, 4096, 8192));
+    assert_eq!(
+        d.take_events(),
+        vec![cmd(5, CmdKind::BlockStatus, CMD_FLAG_REQ_ONE, 4096, 8192)]
+    );
+    // Zero length, past the end, an unknown flag: EINVAL, as a structured
+    // error; so is a bad READ. A bad WRITE stays a simple reply.
+    for (bad, h) in [
+        req(CMD_BLOCK_STATUS, 0, 6, 0, 0),
+        req(CMD_BLOCK_STATUS, 0, 7, MIB, 1),
+        req(CMD_BLOCK_STATUS, CMD_FLAG_DF, 8, 0, 1),
+        req(CMD_READ, CMD_FLAG_REQ_ONE, 9, 0, 1),
+    ]
+    .into_iter()
+    .zip(6..)
+    {
+        d.feed(&bad);
+        assert_eq!(
+            d.take_events(),
+            vec![NbdEvent::Reject {
+                handle: h,
+                error: NbdError::Inval,
+                structured: true
+            }]
+        );
+    }
+    d.feed(&req(CMD_TRIM, 0, 10, 0, 1));
+    assert_eq!(d.take_events(), vec![reject(10, NbdError::Perm)]);
+}
+
+#[test]
+fn selection_rules() {
+    // SET before structured replies: invalid, nothing selected.
+    let mut d = driver();
+    d.feed(
+        &[
+            client_flags(3),
+            opt(
+                OPT_SET_META_CONTEXT,
+                &meta_data(b"origin", &[b"base:allocation"]),
+            ),
+        ]
+        .concat(),
+    );
+    assert_eq!(
+        d.take_out(),
+        [
+            greeting(),
+            rep(OPT_SET_META_CONTEXT, REP_ERR_INVALID, INVALID_MSG)
+        ]
+        .concat()
+    );
+    assert!(d.s.selected_contexts().is_empty());
+    // An unknown export: ERR_UNKNOWN, and the earlier selection is gone.
+    let mut d = driver();
+    let base: [&[u8]; 1] = [b"base:allocation"];
+    d.feed(
+        &[
+            client_flags(3),
+            opt(OPT_STRUCTURED_REPLY, &[]),
+            opt(OPT_SET_META_CONTEXT, &meta_data(b"origin", &base)),
+        ]
+        .concat(),
+    );
+    assert_eq!(d.s.selected_contexts(), &[MetaContext::Allocation]);
+    d.take_out();
+    d.feed(&opt(OPT_SET_META_CONTEXT, &meta_data(b"nope", &base)));
+    assert_eq!(
+        d.take_out(),
+        rep(OPT_SET_META_CONTEXT, REP_ERR_UNKNOWN, UNKNOWN_MSG)
+    );
+    assert!(d.s.selected_contexts().is_empty());
+    // A selection with no query selects nothing.
+    d.feed(&opt(OPT_SET_META_CONTEXT, &meta_data(b"origin", &[])));
+    assert_eq!(d.take_out(), rep(OPT_SET_META_CONTEXT, REP_ACK, &[]));
+    assert!(d.s.selected_contexts().is_empty());
+    // Selected for `origin`, then GO of another export: dropped, and block
+    // status is refused.
+    d.feed(&opt(OPT_SET_META_CONTEXT, &meta_data(b"origin", &base)));
+    assert_eq!(d.s.selected_contexts().len(), 1);
+    d.feed(&go(b"snap-2", &[]));
+    assert!(d.s.in_transmission());
+    assert!(d.s.selected_contexts().is_empty());
+    d.take_events();
+    d.feed(&req(CMD_BLOCK_STATUS, 0, 1, 0, 512));
+    assert_eq!(
+        d.take_events(),
+        vec![NbdEvent::Reject {
+            handle: 1,
+            error: NbdError::Inval,
+            structured: true
+        }]
+    );
+    // Malformed data: a truncated query, trailing bytes, a count past the
+    // end, a name length past the end.
+    let good = meta_data(b"origin", &base);
+    let mut trailing = good.clone();
+    trailing.push(0);
+    let mut bad_count = good.clone();
+    bad_count[4 + 6 + 3] = 2;
+    let mut bad_name = good.clone();
+    bad_name[3] = 200;
+    for data in [
+        good[..good.len() - 1].to_vec(),
+        trailing,
+        bad_count,
+        bad_name,
+        vec![0, 0],
+    ] {
+        for o in [OPT_LIST_META_CONTEXT, OPT_SET_META_CONTEXT] {
+            let mut d = driver();
+            d.feed(
+                &[
+                    client_flags(3),
+                    opt(OPT_STRUCTURED_REPLY, &[]),
+                    opt(o, &data),
+                ]
+                .concat(),
+            );
+            let out = d.take_out();
+            assert_eq!(
+                out[greeting().len() + 20..],
+                rep(o, REP_ERR_INVALID, INVALID_MSG)[..],
+                "{data:?}"
+            );
+            assert!(d.meta_queries.is_empty());
+        }
+    }
+    // Over the data bound: skipped, TOO_BIG.
+    let mut d = driver();
+    let long = vec![0u8; NBD_OPTION_DATA_MAX_BYTES + 1];
+    d.feed(&[client_flags(3), opt(OPT_LIST_META_CONTEXT, &long)].concat());
+    assert_eq!(
+        d.take_out(),
+        [
+            greeting(),
+            rep(OPT_LIST_META_CONTEXT, REP_ERR_TOO_BIG, TOO_BIG_MSG)
+        ]
+        .concat()
+    );
+    // answer_meta out of turn is refused.
+    assert_eq!(
+        d.s.answer_meta(Some(&[])),
+        Err(NbdCallError::NotAwaitingMeta)
+    );
+}
+
+/// 64 snapshots: 129 contexts, more than the transmit buffer holds; the
+/// answer goes out in several writes, whole, ACK last, without allocating.
+#[test]
+fn long_context_list_waits_for_the_transmit_buffer() {
+    let mut d = driver();
+    d.meta_tags = (1000..1064).collect();
+    d.tx_piece_bytes = 700;
+    d.feed(
+        &[
+            client_flags(3),
+            opt(OPT_STRUCTURED_REPLY, &[]),
+            opt(OPT_LIST_META_CONTEXT, &meta_data(b"origin", &[])),
+            opt(
+                OPT_SET_META_CONTEXT,
+                &meta_data(
+                    b"origin",
+                    &[
+                        b"qemu:dirty-bitmap:since-1063",
+                        b"x-csnap:changed-since:1000",
+                    ],
+                ),
+            ),
+            go(b"origin", &[]),
+        ]
+        .concat(),
+    );
+    assert!(d.s.in_transmission());
+    let out = d.take_out();
+    let replies = parse_replies(&out[greeting().len() + 20..]);
+    let listed: Vec<&Reply> = replies
+        .iter()
+        .filter(|r| r.opt == OPT_LIST_META_CONTEXT)
+        .collect();
+    assert_eq!(listed.len(), 129 + 1);
+    assert_eq!(listed.last().unwrap().typ, REP_ACK);
+    assert!(NBD_TRANSMIT_BUFFER_BYTES < listed.iter().map(|r| 20 + r.data.len()).sum::<usize>());
+    assert_eq!(
+        d.s.selected_contexts(),
+        &[
+            MetaContext::ChangedSince {
+                tag: 1000,
+                qemu: false
+            },
+            MetaContext::ChangedSince {
+                tag: 1063,
+                qemu: true
+            },
+        ]
+    );
+}
+
+#[test]
+fn structured_chunk_layouts() {
+    assert_eq!(
+        error_chunk(0x0102_0304_0506_0708, NbdError::Io).to_vec(),
+        hex("668e33ef 0001 8001 0102030405060708 00000006 00000005 0000")
+    );
+    assert_eq!(
+        offset_data_header(9, 4096, 512).to_vec(),
+        hex("668e33ef 0001 0001 0000000000000009 00000208 0000000000001000")
+    );
+    assert_eq!(
+        none_chunk(3).to_vec(),
+        hex("668e33ef 0001 0000 0000000000000003 00000000")
+    );
+    let mut b = [0u8; CONTEXT_NAME_MAX_BYTES];
+    let n = MetaContext::ChangedSince {
+        tag: u32::MAX,
+        qemu: true,
+    }
+    .name(&mut b);
+    assert_eq!(&b[..n], b"qemu:dirty-bitmap:since-4294967295");
+    assert_eq!(n, CONTEXT_NAME_MAX_BYTES);
 }

@@ -26,7 +26,20 @@
 //! the server refuses the volume, or no server is reached within the
 //! failover timeout). `INFO` and `LIST` are answered from the server's
 //! snapshot list, asked for each time (no cache): a snapshot created while
-//! the NBD server runs appears at once.
+//! the NBD server runs appears at once. So are `LIST_META_CONTEXT` and
+//! `SET_META_CONTEXT` (every live snapshot has its contexts).
+//!
+//! # Structured replies and block status
+//!
+//! With structured replies negotiated, a `READ` is answered with one
+//! `OFFSET_DATA` chunk (its header just before the data in the buffer) and
+//! errors of `READ` and `BLOCK_STATUS` with `ERROR` chunks. A
+//! `BLOCK_STATUS` takes a buffer and answers the selected contexts one
+//! after the other into it: `base:allocation` as one data extent, each
+//! changed-since context from one `QueryDelta` of at most
+//! `DELTA_QUERY_CHUNKS_MAX` chunks on the control connection, as runs of
+//! changed and unchanged chunks (at most `NBD_BLOCK_STATUS_EXTENTS_MAX`, one
+//! with `REQ_ONE`); the reply then goes out whole.
 //!
 //! # Commands and buffers
 //!
@@ -103,8 +116,10 @@ use crate::nbd_disk::{self, DiskQueue, Finished};
 use csnap_fsm::agent::AddrBuf;
 use csnap_fsm::client::{ClientConfig, ClientEvent, ClientFsm, Request};
 use csnap_fsm::nbd::{
-    simple_reply, Cmd, CmdKind, ExportInfo, ExportOption, NbdConfig, NbdError, NbdEvent,
-    NbdSession, NbdState, SIMPLE_REPLY_BYTES,
+    error_chunk, none_chunk, offset_data_header, simple_reply, structured_header, Cmd, CmdKind,
+    ExportInfo, ExportOption, MetaContext, NbdConfig, NbdError, NbdEvent, NbdSession, NbdState,
+    BLOCK_STATUS_HEADER_BYTES, EXTENT_BYTES, OFFSET_DATA_HEADER_BYTES, REPLY_FLAG_DONE,
+    REPLY_HEADER_MAX_BYTES, REPLY_TYPE_BLOCK_STATUS, SIMPLE_REPLY_BYTES, STATE_DIRTY,
 };
 use csnap_fsm::volume::{
     DiskOp, EngineSignal, IoError, IoKind, SubmitError, VolumeConfig, VolumeEngine,
@@ -122,6 +137,8 @@ const CMDS: usize = csnap_pools::NBD_COMMANDS_PER_CONNECTION_MAX;
 const BUFS_PER_CONN: usize = csnap_pools::NBD_BUFFERS_PER_CONNECTION_MAX;
 /// Reply header in front of a buffer's data.
 const HDR: usize = SIMPLE_REPLY_BYTES;
+/// Bytes of the longest reply header queued without data.
+const HDR_MAX: usize = REPLY_HEADER_MAX_BYTES;
 /// Largest I/O (the advertised maximum payload).
 const IO_MAX: usize = csnap_pools::VOLUME_IO_MAX_BYTES as usize;
 /// Largest direct-I/O alignment served; the room in front of a buffer's data.
@@ -163,6 +180,16 @@ const _: () = assert!(csnap_pools::NBD_CONNECTIONS_MAX * TOKENS_PER_SLOT < LISTE
 const _: () = assert!(CMDS <= u8::MAX as usize);
 // Every buffer of the pool starts aligned.
 const _: () = assert!(BUF_STRIDE.is_multiple_of(ALIGN_MAX) && HDR <= DATA_AT);
+const _: () = assert!(OFFSET_DATA_HEADER_BYTES <= DATA_AT && HDR_MAX <= u8::MAX as usize);
+/// Extents per context in one block-status reply.
+const EXTENTS_MAX: usize = csnap_pools::NBD_BLOCK_STATUS_EXTENTS_MAX;
+/// Chunks one delta query covers.
+const DELTA_CHUNKS: usize = csnap_pools::DELTA_QUERY_CHUNKS_MAX;
+// A block-status reply with every context selected fits a data buffer.
+const _: () = assert!(
+    csnap_pools::NBD_META_CONTEXTS_MAX * (BLOCK_STATUS_HEADER_BYTES + EXTENT_BYTES * EXTENTS_MAX)
+        <= IO_MAX
+);
 
 /// How `csnap nbd` runs.
 #[derive(Debug, Clone)]
@@ -329,6 +356,8 @@ struct Shared {
     agent: PathBuf,
     node_id: u32,
     export_size: u64,
+    /// The store's chunk size (block status answers in chunks).
+    chunk_bytes: u64,
     timeout_ms: u64,
     write_back: bool,
     /// Moves made (the pump loops until a pass makes none).
@@ -1041,6 +1070,55 @@ enum CtlWait {
         tag: u32,
         deadline_ms: u64,
     },
+    /// `LIST_META_CONTEXT`/`SET_META_CONTEXT` of the origin (`tag` none) or
+    /// snapshot `tag`: the live snapshots.
+    Meta {
+        id: u64,
+        tag: Option<u32>,
+        deadline_ms: u64,
+    },
+    /// A delta query against snapshot `base` for the block-status command
+    /// in progress.
+    Delta {
+        id: u64,
+        base: u32,
+        deadline_ms: u64,
+    },
+}
+
+impl CtlWait {
+    /// The control request waited for.
+    fn id(self) -> Option<u64> {
+        match self {
+            CtlWait::None => None,
+            CtlWait::List { id, .. }
+            | CtlWait::Info { id, .. }
+            | CtlWait::Meta { id, .. }
+            | CtlWait::Delta { id, .. } => Some(id),
+        }
+    }
+
+    fn deadline_ms(self) -> Option<u64> {
+        match self {
+            CtlWait::None => None,
+            CtlWait::List { deadline_ms, .. }
+            | CtlWait::Info { deadline_ms, .. }
+            | CtlWait::Meta { deadline_ms, .. }
+            | CtlWait::Delta { deadline_ms, .. } => Some(deadline_ms),
+        }
+    }
+}
+
+/// What a delta answer left for the block-status command in progress.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DeltaState {
+    /// Nothing asked.
+    None,
+    /// The bitmap of `chunks` chunks from `chunk` against snapshot `base`
+    /// is in the slot's delta buffer.
+    Ready { base: u32, chunk: u64, chunks: u32 },
+    /// The query failed.
+    Failed(NbdError),
 }
 
 /// A request the session handed over, not admitted yet (no buffer, or the
@@ -1048,7 +1126,11 @@ enum CtlWait {
 #[derive(Debug, Clone, Copy)]
 enum Pending {
     Cmd(Cmd),
-    Reject { handle: u64, error: NbdError },
+    Reject {
+        handle: u64,
+        error: NbdError,
+        structured: bool,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1083,6 +1165,12 @@ struct Command {
     /// Acknowledged already (write-back): no reply when it finishes; a
     /// failure is kept for the next `FLUSH`.
     acked: bool,
+    /// `BLOCK_STATUS`: the next selected context to answer for, and the
+    /// reply bytes rendered so far in the buffer (from `DATA_AT`).
+    ctx: u16,
+    rendered: u32,
+    /// `BLOCK_STATUS` with `REQ_ONE`: one extent per context.
+    req_one: bool,
 }
 
 impl Command {
@@ -1112,7 +1200,8 @@ impl Command {
                     ))
                 }
                 CmdKind::Flush => Some((IoKind::Flush, 0, 0, BufRef::Zero)),
-                CmdKind::Trim | CmdKind::Cache => None,
+                // Answered from the control connection, not the engine.
+                CmdKind::Trim | CmdKind::Cache | CmdKind::BlockStatus => None,
             };
         }
         if self.fua == Fua::Needed && self.in_engine == 0 && self.error.is_none() {
@@ -1174,6 +1263,47 @@ fn parse_export(name: &[u8]) -> Option<Volume> {
         .map(Volume::Snapshot)
 }
 
+/// The extents of a changed-since context over `[offset, end)` from a
+/// delta bitmap of `chunks` chunks from `first` (chunks of `cs` bytes):
+/// runs of changed (`STATE_DIRTY`) and unchanged chunks, clipped to the
+/// range, at most `out.len()`. Returns how many.
+fn changed_extents(
+    bits: &[u8],
+    offset: u64,
+    end: u64,
+    first: u64,
+    cs: u64,
+    chunks: u32,
+    out: &mut [(u32, u32)],
+) -> usize {
+    let mut n: usize = 0;
+    let mut pos = offset;
+    for i in 0..u64::from(chunks) {
+        if pos >= end {
+            break;
+        }
+        let chunk_end = ((first + i + 1) * cs).min(end);
+        let dirty = usize::try_from(i / 8)
+            .ok()
+            .and_then(|k| bits.get(k))
+            .is_some_and(|b| b & (1 << (i % 8)) != 0);
+        let flags = if dirty { STATE_DIRTY } else { 0 };
+        let len = u32::try_from(chunk_end - pos).unwrap_or(u32::MAX);
+        match n.checked_sub(1).and_then(|l| out.get_mut(l)) {
+            Some(last) if last.1 == flags => last.0 = last.0.saturating_add(len),
+            _ => {
+                let Some(slot) = out.get_mut(n) else {
+                    break;
+                };
+                *slot = (len, flags);
+                n += 1;
+            }
+        }
+        pos = chunk_end;
+    }
+    n
+}
+
 /// `v` in decimal, in `buf`.
 fn decimal(mut v: u32, buf: &mut [u8; 10]) -> &[u8] {
     let mut i = buf.len();
@@ -1206,13 +1336,21 @@ struct Slot {
     cmds: [Option<Command>; CMDS],
     active: usize,
     seq: u64,
-    /// Header-only replies to write.
-    hdr_out: [u8; CMDS * HDR],
+    /// Header-only replies to write (each at most `HDR_MAX` bytes), and
+    /// their lengths, so that the queue counts replies, not bytes.
+    hdr_out: [u8; CMDS * HDR_MAX],
     hdr_start: usize,
     hdr_end: usize,
-    /// Data replies to write: buffer (header in front), data length.
-    data_out: Ring<(u16, u32), CMDS>,
+    hdr_lens: Ring<u8, CMDS>,
+    hdr_front_written: usize,
+    /// Replies in a buffer to write: buffer, first and end byte in it.
+    data_out: Ring<(u16, u32, u32), CMDS>,
     data_written: usize,
+    /// The volume served (for delta queries).
+    volume: Volume,
+    /// The delta bitmap of the block-status command in progress.
+    delta: Box<[u8]>,
+    delta_state: DeltaState,
     /// Engine I/O slot → (command, buffer).
     io_map: [Option<(u8, BufRef)>; IOS],
     bufs_held: usize,
@@ -1262,11 +1400,16 @@ impl Slot {
             cmds: [None; CMDS],
             active: 0,
             seq: 0,
-            hdr_out: [0; CMDS * HDR],
+            hdr_out: [0; CMDS * HDR_MAX],
             hdr_start: 0,
             hdr_end: 0,
+            hdr_lens: Ring::new(),
+            hdr_front_written: 0,
             data_out: Ring::new(),
             data_written: 0,
+            volume: Volume::Origin,
+            delta: vec![0u8; DELTA_CHUNKS / 8].into_boxed_slice(),
+            delta_state: DeltaState::None,
             io_map: [None; IOS],
             bufs_held: 0,
             engine: VolumeEngine::new(cfg),
@@ -1301,8 +1444,12 @@ impl Slot {
         self.payload_filled = 0;
         self.hdr_start = 0;
         self.hdr_end = 0;
+        self.hdr_lens.clear();
+        self.hdr_front_written = 0;
         self.data_out.clear();
         self.data_written = 0;
+        self.volume = Volume::Origin;
+        self.delta_state = DeltaState::None;
         self.attached = false;
         self.timed_out = false;
         self.dead = None;
@@ -1319,6 +1466,148 @@ impl Slot {
         }
     }
 
+    /// Answers the pending metadata-context query, if the session still
+    /// waits for one.
+    fn answer_meta(&mut self, tags: Option<&[u32]>) {
+        if self.session.state() == NbdState::AwaitMeta {
+            let r = self.session.answer_meta(tags);
+            assert!(r.is_ok(), "the session awaits a meta answer");
+        }
+    }
+
+    /// Answers the oldest `BLOCK_STATUS` command, one selected context at a
+    /// time, into its buffer: `base:allocation` at once (all data: csnap
+    /// reports no hole or zero it cannot prove), each changed-since context
+    /// from a delta query to the server (at most `DELTA_QUERY_CHUNKS_MAX`
+    /// chunks of the request, so a reply may cover less than asked; the two
+    /// names of one snapshot share one query). It waits behind writes
+    /// acknowledged early that overlap it, as a read does.
+    fn progress_status(&mut self, sh: &mut Shared, ctl: &mut Control, now: u64) {
+        if !matches!(self.state, SlotState::Serving | SlotState::Closing { .. }) {
+            return;
+        }
+        loop {
+            if self.ctl != CtlWait::None {
+                return;
+            }
+            let mut oldest: Option<(u64, usize)> = None;
+            for (i, c) in self.cmds.iter().enumerate() {
+                if let Some(c) = c {
+                    if c.kind == CmdKind::BlockStatus
+                        && c.next < c.end
+                        && oldest.is_none_or(|(s, _)| c.seq < s)
+                    {
+                        oldest = Some((c.seq, i));
+                    }
+                }
+            }
+            let Some((_, ci)) = oldest else {
+                return;
+            };
+            if self.behind_acked_write(ci) {
+                return;
+            }
+            let Some(c) = self.cmds[ci] else {
+                return;
+            };
+            let k = usize::from(c.ctx);
+            let contexts = self.session.selected_contexts();
+            let failed = match self.delta_state {
+                DeltaState::Failed(e) => Some(e),
+                _ => None,
+            };
+            let (Some(&ctx), None, Some(b)) = (contexts.get(k), failed, c.buf) else {
+                // Every context answered, or the query failed.
+                self.delta_state = DeltaState::None;
+                if let Some(c) = self.cmds[ci].as_mut() {
+                    c.next = c.end;
+                    if failed.is_some() {
+                        c.error = failed;
+                    }
+                }
+                self.maybe_finish(ci, sh);
+                sh.moved();
+                continue;
+            };
+            let last = k + 1 == contexts.len();
+            let max = if c.req_one { 1 } else { EXTENTS_MAX };
+            let mut ext = [(0u32, 0u32); EXTENTS_MAX];
+            let n = match ctx {
+                MetaContext::Allocation => {
+                    ext[0] = (c.len, 0);
+                    1
+                }
+                MetaContext::ChangedSince { tag, .. } => {
+                    let cs = sh.chunk_bytes;
+                    let first = c.offset / cs;
+                    let end = c.offset + u64::from(c.len);
+                    let want = ((end - 1) / cs - first + 1).min(DELTA_CHUNKS as u64);
+                    let chunks = u32::try_from(want).unwrap_or(1);
+                    match self.delta_state {
+                        DeltaState::Ready {
+                            base,
+                            chunk,
+                            chunks: have,
+                        } if base == tag && chunk == first && have == chunks => changed_extents(
+                            &self.delta,
+                            c.offset,
+                            end,
+                            first,
+                            cs,
+                            chunks,
+                            &mut ext[..max],
+                        ),
+                        _ => {
+                            let req = Request::Delta {
+                                volume: self.volume,
+                                base: tag,
+                                chunk: first,
+                                chunks,
+                            };
+                            match ctl.request(sh, req, now) {
+                                Some(id) => {
+                                    self.delta_state = DeltaState::None;
+                                    self.ctl = CtlWait::Delta {
+                                        id,
+                                        base: tag,
+                                        deadline_ms: now + sh.timeout_ms,
+                                    };
+                                    sh.moved();
+                                }
+                                // Too many questions out: again shortly.
+                                None => sh.wake(now + 1),
+                            }
+                            return;
+                        }
+                    }
+                }
+            };
+            let bytes = BLOCK_STATUS_HEADER_BYTES + EXTENT_BYTES * n;
+            let at = DATA_AT + c.rendered as usize;
+            let flags = if last { REPLY_FLAG_DONE } else { 0 };
+            let payload = u32::try_from(bytes - BLOCK_STATUS_HEADER_BYTES + 4).unwrap_or(0);
+            let id = u32::try_from(k + 1).unwrap_or(0);
+            let out = &mut sh.pool.get_mut(b)[at..at + bytes];
+            out[..20].copy_from_slice(&structured_header(
+                c.handle,
+                flags,
+                REPLY_TYPE_BLOCK_STATUS,
+                payload,
+            ));
+            out[20..24].copy_from_slice(&id.to_be_bytes());
+            for (i, (len, fl)) in ext[..n].iter().enumerate() {
+                let o = BLOCK_STATUS_HEADER_BYTES + EXTENT_BYTES * i;
+                out[o..o + 4].copy_from_slice(&len.to_be_bytes());
+                out[o + 4..o + 8].copy_from_slice(&fl.to_be_bytes());
+            }
+            if let Some(c) = self.cmds[ci].as_mut() {
+                c.ctx += 1;
+                c.rendered += u32::try_from(bytes).unwrap_or(0);
+            }
+            sh.moved();
+        }
+    }
+
     fn export_info(&self, size_bytes: u64, write_back: bool) -> ExportInfo {
         let _ = self;
         ExportInfo {
@@ -1332,7 +1621,7 @@ impl Slot {
 
     /// Commands and replies that hold a place in the table's budget.
     fn outstanding(&self) -> usize {
-        self.active + self.data_out.len() + (self.hdr_end - self.hdr_start).div_ceil(HDR)
+        self.active + self.data_out.len() + self.hdr_lens.len()
     }
 
     fn output_left(&self) -> bool {
@@ -1341,19 +1630,40 @@ impl Slot {
             || self.data_out.len() > 0
     }
 
-    fn push_hdr(&mut self, h: &[u8; HDR], sh: &mut Shared) {
+    fn push_hdr(&mut self, h: &[u8], sh: &mut Shared) {
         sh.stats.commands += 1;
-        if self.hdr_end + HDR > self.hdr_out.len() {
+        let n = h.len().min(HDR_MAX);
+        if self.hdr_end + n > self.hdr_out.len() {
             self.hdr_out.copy_within(self.hdr_start..self.hdr_end, 0);
             self.hdr_end -= self.hdr_start;
             self.hdr_start = 0;
         }
-        let dst = self.hdr_out.get_mut(self.hdr_end..self.hdr_end + HDR);
-        assert!(dst.is_some(), "reply room is reserved at admission");
+        let dst = self.hdr_out.get_mut(self.hdr_end..self.hdr_end + n);
+        let counted = self.hdr_lens.push(u8::try_from(n).unwrap_or(u8::MAX));
+        assert!(
+            dst.is_some() && counted,
+            "reply room is reserved at admission"
+        );
         if let Some(d) = dst {
-            d.copy_from_slice(h);
-            self.hdr_end += HDR;
+            d.copy_from_slice(&h[..n]);
+            self.hdr_end += n;
         }
+    }
+
+    /// The whole reply of a command answered without data: a simple reply,
+    /// or (structured replies on, for a `READ` or `BLOCK_STATUS`) a `NONE`
+    /// or `ERROR` chunk.
+    fn push_done(&mut self, handle: u64, structured: bool, err: Option<NbdError>, sh: &mut Shared) {
+        match (structured, err) {
+            (false, e) => self.push_hdr(&simple_reply(handle, e), sh),
+            (true, None) => self.push_hdr(&none_chunk(handle), sh),
+            (true, Some(e)) => self.push_hdr(&error_chunk(handle, e), sh),
+        }
+    }
+
+    /// Whether a command of `kind` is answered with structured chunks.
+    fn structured_for(&self, kind: CmdKind) -> bool {
+        self.session.structured() && matches!(kind, CmdKind::Read | CmdKind::BlockStatus)
     }
 
     fn release_buf(&mut self, sh: &mut Shared, b: u16) {
@@ -1387,6 +1697,7 @@ impl Slot {
             self.timers(sh, ctl, reg, now);
             self.emit_list(sh);
             self.read_client(sh, ctl, reg, now);
+            self.progress_status(sh, ctl, now);
             self.submit(sh);
             self.drain_engine(sh);
             self.write_client(sh);
@@ -1506,27 +1817,29 @@ impl Slot {
                 self.engine.fail_all(IoError::Server(code));
             }
         }
-        match self.ctl {
-            CtlWait::List { id, deadline_ms }
-            | CtlWait::Info {
-                id, deadline_ms, ..
-            } if now >= deadline_ms => {
+        match (self.ctl.id(), self.ctl.deadline_ms()) {
+            (Some(id), Some(deadline_ms)) if now >= deadline_ms => {
                 ctl.fsm.forget(id);
-                if let CtlWait::Info { .. } = self.ctl {
-                    self.answer(None);
-                } else {
-                    // No server: the origin is all that can be named.
-                    self.list_n = 0;
-                    self.list_pos = 0;
-                    self.listing = true;
+                match self.ctl {
+                    CtlWait::Info { .. } => self.answer(None),
+                    // No server: the origin is all that can be named, and
+                    // offers no snapshot's contexts.
+                    CtlWait::Meta { tag: None, .. } => self.answer_meta(Some(&[])),
+                    CtlWait::Meta { tag: Some(_), .. } => self.answer_meta(None),
+                    CtlWait::Delta { .. } => {
+                        self.delta_state = DeltaState::Failed(NbdError::Io);
+                    }
+                    CtlWait::List { .. } | CtlWait::None => {
+                        self.list_n = 0;
+                        self.list_pos = 0;
+                        self.listing = true;
+                    }
                 }
                 self.ctl = CtlWait::None;
                 sh.moved();
             }
-            CtlWait::List { deadline_ms, .. } | CtlWait::Info { deadline_ms, .. } => {
-                sh.wake(deadline_ms);
-            }
-            CtlWait::None => {}
+            (_, Some(deadline_ms)) => sh.wake(deadline_ms),
+            _ => {}
         }
     }
 
@@ -1748,6 +2061,27 @@ impl Slot {
                     }
                 }
             }
+            NbdEvent::MetaQuery { .. } => {
+                let tag = match parse_export(self.session.export_name()) {
+                    None => {
+                        self.answer_meta(None);
+                        return;
+                    }
+                    Some(Volume::Origin) => None,
+                    Some(Volume::Snapshot(t)) => Some(t),
+                };
+                match ctl.request_list(sh, now) {
+                    Some(id) => {
+                        self.ctl = CtlWait::Meta {
+                            id,
+                            tag,
+                            deadline_ms: now + sh.timeout_ms,
+                        };
+                    }
+                    None if tag.is_none() => self.answer_meta(Some(&[])),
+                    None => self.answer_meta(None),
+                }
+            }
             NbdEvent::ListQuery => match ctl.request_list(sh, now) {
                 Some(id) => {
                     self.ctl = CtlWait::List {
@@ -1767,8 +2101,16 @@ impl Slot {
                 }
             }
             NbdEvent::Command(c) => self.pending = Some(Pending::Cmd(c)),
-            NbdEvent::Reject { handle, error } => {
-                self.pending = Some(Pending::Reject { handle, error });
+            NbdEvent::Reject {
+                handle,
+                error,
+                structured,
+            } => {
+                self.pending = Some(Pending::Reject {
+                    handle,
+                    error,
+                    structured,
+                });
             }
             NbdEvent::Disconnect => {
                 let serving = self.attached;
@@ -1787,6 +2129,7 @@ impl Slot {
         self.link.close(reg);
         let id = sh.new_client_id();
         self.engine.reset(v, id);
+        self.volume = v;
         self.link.start(id, sh.node_id, Some(v), now);
         self.timed_out = false;
         self.dead = None;
@@ -1801,8 +2144,12 @@ impl Slot {
             return false;
         }
         let c = match p {
-            Pending::Reject { handle, error } => {
-                self.push_hdr(&simple_reply(handle, Some(error)), sh);
+            Pending::Reject {
+                handle,
+                error,
+                structured,
+            } => {
+                self.push_done(handle, structured, Some(error), sh);
                 return true;
             }
             Pending::Cmd(c) => c,
@@ -1814,10 +2161,14 @@ impl Slot {
             _ => None,
         };
         if let Some(err) = immediate {
-            self.push_hdr(&simple_reply(c.handle, err), sh);
+            let structured = self.structured_for(c.kind);
+            self.push_done(c.handle, structured, err, sh);
             return true;
         }
-        let needs_buf = matches!(c.kind, CmdKind::Read | CmdKind::Write);
+        let needs_buf = matches!(
+            c.kind,
+            CmdKind::Read | CmdKind::Write | CmdKind::BlockStatus
+        );
         let buf = if needs_buf {
             if self.bufs_held >= BUFS_PER_CONN {
                 return false;
@@ -1864,6 +2215,9 @@ impl Slot {
             in_engine: 0,
             error: None,
             acked: false,
+            ctx: 0,
+            rendered: 0,
+            req_one: c.flags.req_one(),
         });
         self.active += 1;
         if receiving {
@@ -1881,7 +2235,9 @@ impl Slot {
             return false;
         };
         let (a, b) = match c.kind {
-            CmdKind::Read | CmdKind::Write => (c.offset, c.offset + u64::from(c.len)),
+            CmdKind::Read | CmdKind::Write | CmdKind::BlockStatus => {
+                (c.offset, c.offset + u64::from(c.len))
+            }
             CmdKind::WriteZeroes => (c.next, c.end),
             CmdKind::Flush => (0, u64::MAX),
             CmdKind::Trim | CmdKind::Cache => return false,
@@ -2053,15 +2409,32 @@ impl Slot {
             (CmdKind::Flush, None) => self.wb_error.take(),
             (_, e) => e,
         };
+        let structured = self.structured_for(c.kind);
+        let end = u32::try_from(DATA_AT).unwrap_or(0);
         match (c.kind, error, c.buf) {
             (CmdKind::Read, None, Some(b)) => {
-                sh.pool.get_mut(b)[HDR_AT..DATA_AT].copy_from_slice(&simple_reply(c.handle, None));
+                let start = if structured {
+                    let at = DATA_AT - OFFSET_DATA_HEADER_BYTES;
+                    sh.pool.get_mut(b)[at..DATA_AT]
+                        .copy_from_slice(&offset_data_header(c.handle, c.offset, c.len));
+                    at
+                } else {
+                    sh.pool.get_mut(b)[HDR_AT..DATA_AT]
+                        .copy_from_slice(&simple_reply(c.handle, None));
+                    HDR_AT
+                };
                 sh.stats.commands += 1;
-                let pushed = self.data_out.push((b, c.len));
+                let start = u32::try_from(start).unwrap_or(0);
+                let pushed = self.data_out.push((b, start, end + c.len));
+                assert!(pushed, "reply room is reserved at admission");
+            }
+            (CmdKind::BlockStatus, None, Some(b)) => {
+                sh.stats.commands += 1;
+                let pushed = self.data_out.push((b, end, end + c.rendered));
                 assert!(pushed, "reply room is reserved at admission");
             }
             (_, err, buf) => {
-                self.push_hdr(&simple_reply(c.handle, err), sh);
+                self.push_done(c.handle, structured, err, sh);
                 if let Some(b) = buf {
                     self.release_buf(sh, b);
                 }
@@ -2084,10 +2457,9 @@ impl Slot {
             } else if self.hdr_end > self.hdr_start {
                 c.write(&self.hdr_out[self.hdr_start..self.hdr_end])
                     .map(|n| (1, n))
-            } else if let Some((b, len)) = self.data_out.peek() {
-                let end = DATA_AT + len as usize;
-                c.write(&sh.pool.get(b)[HDR_AT + self.data_written..end])
-                    .map(|n| (2, n))
+            } else if let Some((b, start, end)) = self.data_out.peek() {
+                let from = start as usize + self.data_written;
+                c.write(&sh.pool.get(b)[from..end as usize]).map(|n| (2, n))
             } else {
                 return;
             };
@@ -2104,12 +2476,20 @@ impl Slot {
                         self.hdr_start = 0;
                         self.hdr_end = 0;
                     }
+                    self.hdr_front_written += n;
+                    while let Some(l) = self.hdr_lens.peek() {
+                        if self.hdr_front_written < usize::from(l) {
+                            break;
+                        }
+                        self.hdr_front_written -= usize::from(l);
+                        self.hdr_lens.pop();
+                    }
                     sh.moved();
                 }
                 Ok((_, n)) => {
                     self.data_written += n;
-                    if let Some((b, len)) = self.data_out.peek() {
-                        if self.data_written == HDR + len as usize {
+                    if let Some((b, start, end)) = self.data_out.peek() {
+                        if self.data_written == (end - start) as usize {
                             self.data_out.pop();
                             self.data_written = 0;
                             self.release_buf(sh, b);
@@ -2126,12 +2506,14 @@ impl Slot {
 
     /// The client is gone: its replies cannot be delivered.
     fn drop_output(&mut self, sh: &mut Shared) {
-        while let Some((b, _)) = self.data_out.pop() {
+        while let Some((b, _, _)) = self.data_out.pop() {
             self.release_buf(sh, b);
         }
         self.data_written = 0;
         self.hdr_start = 0;
         self.hdr_end = 0;
+        self.hdr_lens.clear();
+        self.hdr_front_written = 0;
         let n = self.session.transmit().len();
         let _ = self.session.consume_transmit(n);
     }
@@ -2148,9 +2530,13 @@ impl Slot {
         // payload will not come, a question to the control connection.
         self.pending = None;
         self.listing = false;
-        match self.ctl {
-            CtlWait::List { id, .. } | CtlWait::Info { id, .. } => ctl.fsm.forget(id),
-            CtlWait::None => {}
+        if let Some(id) = self.ctl.id() {
+            ctl.fsm.forget(id);
+            if matches!(self.ctl, CtlWait::Delta { .. }) {
+                // Its block-status command ends with an error now.
+                self.delta_state = DeltaState::Failed(NbdError::Shutdown);
+            }
+            sh.moved();
         }
         self.ctl = CtlWait::None;
         if let Some(ci) = self.payload_cmd.take().map(usize::from) {
@@ -2192,11 +2578,11 @@ impl Slot {
         }
         self.client_broken = true;
         self.drop_output(sh);
-        match self.ctl {
-            CtlWait::List { id, .. } | CtlWait::Info { id, .. } => ctl.fsm.forget(id),
-            CtlWait::None => {}
+        if let Some(id) = self.ctl.id() {
+            ctl.fsm.forget(id);
         }
         self.ctl = CtlWait::None;
+        self.delta_state = DeltaState::None;
         self.listing = false;
         self.pending = None;
         self.payload_cmd = None;
@@ -2224,6 +2610,16 @@ impl Slot {
         assert!(self.bufs_held <= BUFS_PER_CONN);
         assert!(self.outstanding() <= CMDS, "more commands than the table");
         assert!(self.hdr_start <= self.hdr_end && self.hdr_end <= self.hdr_out.len());
+        assert!(self.hdr_lens.len() == 0 || self.hdr_end > self.hdr_start);
+        if matches!(self.ctl, CtlWait::Delta { .. }) {
+            assert!(
+                self.cmds
+                    .iter()
+                    .flatten()
+                    .any(|c| c.kind == CmdKind::BlockStatus),
+                "a delta query for no block-status command"
+            );
+        }
         assert!(self.rx_start <= self.rx_end && self.rx_end <= self.rx.len());
         let in_engine: u32 = self.cmds.iter().flatten().map(|c| c.in_engine).sum();
         assert_eq!(
@@ -2256,10 +2652,16 @@ struct Control {
 impl Control {
     /// Asks for the snapshot list; `None` when too many questions are out.
     fn request_list(&mut self, sh: &Shared, now: u64) -> Option<u64> {
+        self.request(sh, Request::List, now)
+    }
+
+    /// Sends a control request (connecting first if need be); `None` when
+    /// too many questions are out.
+    fn request(&mut self, sh: &Shared, req: Request, now: u64) -> Option<u64> {
         if !self.link.active() {
             self.link.start(0, sh.node_id, None, now);
         }
-        self.fsm.request(Request::List)
+        self.fsm.request(req)
     }
 }
 
@@ -2271,17 +2673,59 @@ fn route_control_reply(
     export_size: u64,
     write_back: bool,
 ) -> bool {
-    let Some(slot) = slots.iter_mut().find(|s| match s.ctl {
-        CtlWait::List { id: i, .. } | CtlWait::Info { id: i, .. } => i == id,
-        CtlWait::None => false,
-    }) else {
+    let Some(slot) = slots.iter_mut().find(|s| s.ctl.id() == Some(id)) else {
         return false;
     };
-    let list = match proto::decode(frame) {
+    let decoded = proto::decode(frame);
+    let list = match decoded {
         Ok((_, Msg::SnapshotList(l))) => Some(l),
         _ => None,
     };
     match slot.ctl {
+        CtlWait::Meta { tag, .. } => {
+            let mut tags = [0u32; SNAPSHOTS_MAX];
+            let mut n = 0;
+            let mut found = tag.is_none();
+            if let Some(l) = list {
+                for info in l.iter().filter(|i| !i.deleting()) {
+                    if n < SNAPSHOTS_MAX {
+                        tags[n] = info.tag;
+                        n += 1;
+                    }
+                    found |= Some(info.tag) == tag;
+                }
+            }
+            slot.answer_meta(found.then_some(&tags[..n]));
+        }
+        CtlWait::Delta { base, .. } => {
+            slot.delta_state = match decoded {
+                Ok((
+                    _,
+                    Msg::DeltaMap {
+                        chunk,
+                        chunks,
+                        bits,
+                    },
+                )) if bits.len() <= slot.delta.len() => {
+                    slot.delta[..bits.len()].copy_from_slice(bits);
+                    DeltaState::Ready {
+                        base,
+                        chunk,
+                        chunks,
+                    }
+                }
+                // The snapshot went away (or never was one of this
+                // export's): the request names nothing that exists.
+                Ok((
+                    _,
+                    Msg::Error {
+                        code: ErrorCode::NoSuchSnapshot | ErrorCode::OutOfRange,
+                        ..
+                    },
+                )) => DeltaState::Failed(NbdError::Inval),
+                _ => DeltaState::Failed(NbdError::Io),
+            };
+        }
         CtlWait::List { .. } => {
             slot.list_n = 0;
             if let Some(l) = list {
@@ -2484,8 +2928,8 @@ impl NbdServer {
         let n = opts.connections;
         let reserved = vec![
             (
-                "NBD connection slots (session, receive buffer, command table, reply queue)",
-                n * (core::mem::size_of::<Slot>() + NbdSession::reserved_bytes() + RX_BYTES),
+                "NBD connection slots (session, receive buffer, command table, reply queue, delta bitmap)",
+                n * (core::mem::size_of::<Slot>() + NbdSession::reserved_bytes() + RX_BYTES + DELTA_CHUNKS / 8),
             ),
             (
                 "volume engines (lease cache, grant bitmap, client tables)",
@@ -2531,6 +2975,7 @@ impl NbdServer {
                 agent: opts.agent.clone(),
                 node_id: opts.node_id,
                 export_size: label.origin_size_bytes,
+                chunk_bytes: chunk.max(1),
                 timeout_ms: opts.failover_timeout_ms,
                 write_back: opts.write_back,
                 progress: 0,

@@ -12,6 +12,7 @@
 
 use csnap_fsm::store_ops::{
     SnapRow, StoreFailure, StoreFigures, StoreOp, StoreReply, StoreRequest, StoreResult, Target,
+    DELTA_BITMAP_BYTES,
 };
 use csnap_pools::{CHUNKS_PER_REQUEST_MAX, SNAPSHOTS_MAX};
 use csnap_store::disk::Disk;
@@ -569,6 +570,38 @@ impl<D: Disk, O: Disk> StoreWorker<D, O> {
                 StoreResult::List {
                     len: u32::try_from(len).unwrap_or(0),
                     rows,
+                }
+            }
+            StoreOp::Delta {
+                volume,
+                base,
+                chunk,
+                chunks,
+            } => {
+                let mut bits = [0u8; DELTA_BITMAP_BYTES];
+                let r = self.store.as_mut().expect("started").delta(
+                    volume,
+                    base,
+                    chunk,
+                    u64::from(chunks),
+                    &mut bits,
+                );
+                match r {
+                    Ok(()) => StoreResult::Delta {
+                        chunk,
+                        chunks,
+                        bits,
+                    },
+                    Err(e) => {
+                        let f = failure(&e);
+                        if f == StoreFailure::Internal {
+                            self.fail();
+                        }
+                        if f == StoreFailure::Corrupt {
+                            self.corrupt(&e);
+                        }
+                        StoreResult::Failed(f)
+                    }
                 }
             }
             StoreOp::Status => {

@@ -164,6 +164,18 @@ pub const REQUESTS_PER_CLIENT_DEFAULT: usize = 64;
 /// Chunks one request may name (all its ranges together).
 pub const CHUNKS_PER_REQUEST_MAX: usize = 256;
 
+/// Chunks one delta query (`QueryDelta`: which chunks of a volume differ
+/// from a snapshot) covers: its reply is a bitmap of one bit per chunk, 4
+/// KiB, within one server reply. Longer ranges are walked in pieces (NBD
+/// block status answers at most this much per request; `csnap snapshot
+/// diff` asks piece after piece). Memory: one bitmap per store reply slot.
+pub const DELTA_QUERY_CHUNKS_MAX: usize = 32 * 1024;
+const_assert!(DELTA_QUERY_CHUNKS_MAX.is_multiple_of(8));
+// The bitmap is no larger than the largest snapshot-read reply's targets,
+// so a store reply (passed by value through the worker's rings) grows by
+// its few fixed fields at most.
+const_assert!(DELTA_QUERY_CHUNKS_MAX / 8 <= CHUNKS_PER_REQUEST_MAX * 16);
+
 /// Read locks held at once across all clients (ceiling of `--read-locks`).
 pub const READ_LOCKS_MAX: usize = 1 << 20;
 /// Default for the `--read-locks` setting.
@@ -252,6 +264,19 @@ const_assert!(START_LIST_MAX <= CLIENTS_MAX);
 // ---------------------------------------------------------------------------
 // NBD export: one session per NBD connection (`csnap-fsm::nbd`).
 // ---------------------------------------------------------------------------
+
+/// Metadata contexts one NBD export offers, and one session may select:
+/// `base:allocation`, and `x-csnap:changed-since:<tag>` and
+/// `qemu:dirty-bitmap:since-<tag>` for every snapshot.
+pub const NBD_META_CONTEXTS_MAX: usize = 1 + 2 * SNAPSHOTS_MAX;
+/// Extents one `NBD_CMD_BLOCK_STATUS` reply gives per selected context
+/// (a reply may cover less than the request; the client asks again from
+/// where it ends). With every context selected, a reply fits one data
+/// buffer (`VOLUME_IO_MAX_BYTES`).
+pub const NBD_BLOCK_STATUS_EXTENTS_MAX: usize = 512;
+const_assert!(
+    NBD_META_CONTEXTS_MAX * (24 + 8 * NBD_BLOCK_STATUS_EXTENTS_MAX) <= VOLUME_IO_MAX_BYTES as usize
+);
 
 /// Largest `NBD_CMD_READ` or `NBD_CMD_WRITE` payload an NBD session accepts:
 /// the ceiling of the configured payload limit, which is advertised as the

@@ -133,6 +133,7 @@
 //! | `0x0022` | `SetPriority`        | control | set-priority (8) | `Ok` |
 //! | `0x0023` | `ListSnapshots`      | control | empty | `SnapshotList` |
 //! | `0x0024` | `Status`             | control | empty | `StatusReply` |
+//! | `0x0025` | `QueryDelta`         | control | query-delta (24) | `DeltaMap` |
 //! | `0x4001` | `NeedServer`         | client or tool → agent | need-server (32) | `ServerAddress` |
 //! | `0x4002` | `ServerAddress`      | agent → client | server-address (16 + addr) | — |
 //! | `0x4003` | `ServerReady`        | standby → its agent | server-ready (12 + addr) | none |
@@ -164,6 +165,7 @@
 //! | `0x8020` | `Ok`                 | server  | empty | — |
 //! | `0x8023` | `SnapshotList`       | server  | snapshot list | — |
 //! | `0x8024` | `StatusReply`        | server  | status (88) | — |
+//! | `0x8025` | `DeltaMap`           | server  | delta-map (16 + bitmap) | — |
 //! | `0x8030` | `Revoke`             | server, unsolicited | revoke (4 + range list) | the client sends `RevokeDone` |
 //! | `0x8031` | `ReleaseLocks`       | server, unsolicited | range list | none (the client sends `FinishSnapshotRead` once its reads are done) |
 //!
@@ -289,6 +291,32 @@
 //! | 76 | 4 | `waiting_writes` | origin writes waiting on read locks |
 //! | 80 | 1 | `state` | 0 recovering, 1 serving ([`ServerState`]) |
 //! | 81 | 7 | reserved | 0 |
+//!
+//! ## query-delta (`QueryDelta`, 24 bytes)
+//!
+//! | Offset | Size | Field | Meaning |
+//! |-------:|-----:|-------|---------|
+//! | 0 | 8 | `chunk` | first chunk |
+//! | 8 | 4 | `chunks` | chunk count, `1..=`[`DELTA_CHUNKS_MAX`]; `chunk + chunks` must not overflow |
+//! | 12 | 4 | `base` | the snapshot compared with |
+//! | 16 | 2 | `volume` | 1 origin, 2 snapshot ([`Volume`]) |
+//! | 18 | 2 | reserved | 0 |
+//! | 20 | 4 | `tag` | the snapshot's tag; 0 for the origin |
+//!
+//! A chunk differs when, for a snapshot volume, it and `base` map it to
+//! different places (the origin, or different store chunks), and for the
+//! origin, when `base` holds an exception for it. Refused with
+//! `NoSuchSnapshot` when either snapshot is not live, `OutOfRange` past the
+//! origin's end.
+//!
+//! ## delta-map (`DeltaMap`, 16 + ⌈`chunks`/8⌉ bytes)
+//!
+//! | Offset | Size | Field | Meaning |
+//! |-------:|-----:|-------|---------|
+//! | 0 | 8 | `chunk` | the query's first chunk |
+//! | 8 | 4 | `chunks` | the query's chunk count |
+//! | 12 | 4 | reserved | 0 |
+//! | 16 | ⌈`chunks`/8⌉ | `bits` | bit `i % 8` of byte `i / 8` set when chunk `chunk + i` differs; bits past `chunks` are 0 |
 //!
 //! ## error (`Error`, 8 + `text_len` bytes)
 //!
@@ -578,6 +606,10 @@ pub const TARGETS_MAX: usize = RANGES_MAX * 16;
 /// over its ranges: each target covers at least one chunk, so the reply's
 /// targets always fit in [`TARGETS_MAX`].
 pub const QUERY_CHUNKS_MAX: usize = TARGETS_MAX;
+/// Chunks one `QueryDelta` may cover (its `DeltaMap` carries one bit
+/// each: 4 KiB of bitmap). Declared again here so the protocol does not
+/// depend on the pools; equal to `csnap_pools::DELTA_QUERY_CHUNKS_MAX`.
+pub const DELTA_CHUNKS_MAX: usize = 32 * 1024;
 /// Bytes of text in an `Error` message.
 pub const ERROR_TEXT_MAX_BYTES: usize = 200;
 /// Entries in a snapshot list: the store's snapshot capacity (declared again

@@ -60,6 +60,8 @@ pub enum Kind {
     ListSnapshots = 0x0023,
     /// Server and store status. Request.
     Status = 0x0024,
+    /// Which chunks of a volume differ from a snapshot (control).
+    QueryDelta = 0x0025,
     /// Where is the server? Client or tool to its agent. Agent protocol.
     NeedServer = 0x4001,
     /// The serving server's address. Agent to client. Agent protocol.
@@ -126,6 +128,8 @@ pub enum Kind {
     SnapshotList = 0x8023,
     /// Status. Reply.
     StatusReply = 0x8024,
+    /// The answer to `QueryDelta`: a bitmap of changed chunks.
+    DeltaMap = 0x8025,
     /// Forget cached origin grants or snapshot mappings, then answer
     /// `RevokeDone`. Server notification: answers no request.
     Revoke = 0x8030,
@@ -147,6 +151,8 @@ const IDENTIFY_OK_BYTES: usize = 24;
 const TAG_BYTES: usize = 4;
 const SET_PRIORITY_BYTES: usize = 8;
 const STATUS_REPLY_BYTES: usize = 88;
+const QUERY_DELTA_BYTES: usize = 24;
+const DELTA_MAP_FIXED_BYTES: usize = 16;
 const ERROR_FIXED_BYTES: usize = 8;
 const REVOKE_FIXED_BYTES: usize = 4;
 const NEED_SERVER_BYTES: usize = 32;
@@ -177,7 +183,7 @@ const CLUSTER_STATUS_REPLY_FIXED_BYTES: usize = 16;
 
 impl Kind {
     /// Every kind, in code order.
-    pub const ALL: [Kind; 47] = [
+    pub const ALL: [Kind; 49] = [
         Kind::Hello,
         Kind::Identify,
         Kind::QueryOriginWrite,
@@ -192,6 +198,7 @@ impl Kind {
         Kind::SetPriority,
         Kind::ListSnapshots,
         Kind::Status,
+        Kind::QueryDelta,
         Kind::NeedServer,
         Kind::ServerAddress,
         Kind::ServerReady,
@@ -223,6 +230,7 @@ impl Kind {
         Kind::Ok,
         Kind::SnapshotList,
         Kind::StatusReply,
+        Kind::DeltaMap,
         Kind::Revoke,
         Kind::ReleaseLocks,
     ];
@@ -245,6 +253,7 @@ impl Kind {
             0x0022 => Kind::SetPriority,
             0x0023 => Kind::ListSnapshots,
             0x0024 => Kind::Status,
+            0x0025 => Kind::QueryDelta,
             0x4001 => Kind::NeedServer,
             0x4002 => Kind::ServerAddress,
             0x4003 => Kind::ServerReady,
@@ -276,6 +285,7 @@ impl Kind {
             0x8020 => Kind::Ok,
             0x8023 => Kind::SnapshotList,
             0x8024 => Kind::StatusReply,
+            0x8025 => Kind::DeltaMap,
             0x8030 => Kind::Revoke,
             0x8031 => Kind::ReleaseLocks,
             _ => return None,
@@ -343,6 +353,7 @@ impl Kind {
             Kind::CreateSnapshot | Kind::DeleteSnapshot | Kind::SetPriority => Some(Kind::Ok),
             Kind::ListSnapshots => Some(Kind::SnapshotList),
             Kind::Status => Some(Kind::StatusReply),
+            Kind::QueryDelta => Some(Kind::DeltaMap),
             Kind::NeedServer => Some(Kind::ServerAddress),
             Kind::StartServer => Some(Kind::Serving),
             Kind::NeedClients => Some(Kind::Clients),
@@ -372,6 +383,8 @@ impl Kind {
             Kind::CreateSnapshot | Kind::DeleteSnapshot => TAG_BYTES,
             Kind::SetPriority => SET_PRIORITY_BYTES,
             Kind::StatusReply => STATUS_REPLY_BYTES,
+            Kind::QueryDelta => QUERY_DELTA_BYTES,
+            Kind::DeltaMap => DELTA_MAP_FIXED_BYTES + crate::DELTA_CHUNKS_MAX / 8,
             Kind::Error => ERROR_FIXED_BYTES + ERROR_TEXT_MAX_BYTES,
             Kind::Revoke => REVOKE_FIXED_BYTES + crate::RANGES_BYTES_MAX,
             Kind::NeedServer => NEED_SERVER_BYTES,
@@ -427,6 +440,7 @@ impl Kind {
             Kind::SetPriority => "set-priority",
             Kind::ListSnapshots => "list-snapshots",
             Kind::Status => "status",
+            Kind::QueryDelta => "query-delta",
             Kind::NeedServer => "need-server",
             Kind::ServerAddress => "server-address",
             Kind::ServerReady => "server-ready",
@@ -458,6 +472,7 @@ impl Kind {
             Kind::Ok => "ok",
             Kind::SnapshotList => "snapshot-list",
             Kind::StatusReply => "status-reply",
+            Kind::DeltaMap => "delta-map",
             Kind::Revoke => "revoke",
             Kind::ReleaseLocks => "release-locks",
         }
@@ -827,6 +842,30 @@ pub enum Msg<'a> {
     ListSnapshots,
     /// Ask for the server status.
     Status,
+    /// Which of `chunks` chunks from `chunk` of `volume` differ from
+    /// snapshot `base` (control): for a snapshot volume, where the two
+    /// snapshots map the chunk to different places; for the origin, where
+    /// `base` holds an exception for it.
+    QueryDelta {
+        /// The volume compared (origin or a snapshot).
+        volume: Volume,
+        /// The snapshot it is compared with.
+        base: u32,
+        /// First chunk.
+        chunk: u64,
+        /// Chunk count, `1..=DELTA_CHUNKS_MAX`.
+        chunks: u32,
+    },
+    /// The answer to `QueryDelta`: bit `i` (byte `i / 8`, bit `i % 8`) set
+    /// when chunk `chunk + i` differs.
+    DeltaMap {
+        /// First chunk (the query's).
+        chunk: u64,
+        /// Chunk count (the query's).
+        chunks: u32,
+        /// `ceil(chunks / 8)` bytes; bits past `chunks` are zero.
+        bits: &'a [u8],
+    },
     /// Success of create, delete, set-priority.
     Ok,
     /// The snapshots.
@@ -1104,6 +1143,8 @@ impl Msg<'_> {
             Msg::SetPriority { .. } => Kind::SetPriority,
             Msg::ListSnapshots => Kind::ListSnapshots,
             Msg::Status => Kind::Status,
+            Msg::QueryDelta { .. } => Kind::QueryDelta,
+            Msg::DeltaMap { .. } => Kind::DeltaMap,
             Msg::Ok => Kind::Ok,
             Msg::SnapshotList(_) => Kind::SnapshotList,
             Msg::StatusReply { .. } => Kind::StatusReply,
@@ -1147,6 +1188,7 @@ impl Msg<'_> {
             | Msg::UploadLocks(r) => r.as_bytes().len(),
             Msg::SnapshotReadReply(t) | Msg::SnapshotWriteOk(t) => t.as_bytes().len(),
             Msg::SnapshotList(s) => s.as_bytes().len(),
+            Msg::DeltaMap { bits, .. } => DELTA_MAP_FIXED_BYTES + bits.len(),
             Msg::Error { text, .. } => ERROR_FIXED_BYTES + text.len(),
             Msg::Revoke { ranges, .. } => REVOKE_FIXED_BYTES + ranges.as_bytes().len(),
             Msg::ReleaseLocks(r) => r.as_bytes().len(),
@@ -1232,6 +1274,31 @@ impl Msg<'_> {
             Msg::SetPriority { tag, priority } => {
                 put_u32(b, 0, tag);
                 put_i8(b, 4, priority);
+            }
+            Msg::QueryDelta {
+                volume,
+                base,
+                chunk,
+                chunks,
+            } => {
+                put_u64(b, 0, chunk);
+                put_u32(b, 8, chunks);
+                put_u32(b, 12, base);
+                let (code, tag) = match volume {
+                    Volume::Origin => (VOLUME_ORIGIN, 0),
+                    Volume::Snapshot(tag) => (VOLUME_SNAPSHOT, tag),
+                };
+                put_u16(b, 16, code);
+                put_u32(b, 20, tag);
+            }
+            Msg::DeltaMap {
+                chunk,
+                chunks,
+                bits,
+            } => {
+                put_u64(b, 0, chunk);
+                put_u32(b, 8, chunks);
+                b[DELTA_MAP_FIXED_BYTES..].copy_from_slice(bits);
             }
             Msg::StatusReply {
                 incarnation,
@@ -1453,6 +1520,23 @@ fn check(msg: &Msg<'_>) -> Result<(), &'static str> {
             Err("version range must satisfy 1 <= version_min <= version_max")
         }
         Msg::HelloOk { version: 0, .. } => Err("version 0"),
+        Msg::QueryDelta { chunk, chunks, .. } => check_delta_range(*chunk, *chunks),
+        Msg::DeltaMap {
+            chunk,
+            chunks,
+            bits,
+        } => {
+            check_delta_range(*chunk, *chunks)?;
+            let n = *chunks as usize;
+            if bits.len() != n.div_ceil(8) {
+                return Err("delta bitmap length does not match its chunk count");
+            }
+            let tail = n % 8;
+            if tail != 0 && bits.last().is_some_and(|b| b >> tail != 0) {
+                return Err("delta bitmap bits past its chunk count");
+            }
+            Ok(())
+        }
         Msg::QuerySnapshotRead(r) | Msg::QuerySnapshotWrite(r)
             if r.total_chunks() > QUERY_CHUNKS_MAX as u64 =>
         {
@@ -1531,6 +1615,18 @@ fn check(msg: &Msg<'_>) -> Result<(), &'static str> {
         }
         _ => Ok(()),
     }
+}
+
+/// A delta range: `1..=DELTA_CHUNKS_MAX` chunks whose end does not
+/// overflow.
+fn check_delta_range(chunk: u64, chunks: u32) -> Result<(), &'static str> {
+    if chunks == 0 || chunks as usize > crate::DELTA_CHUNKS_MAX {
+        return Err("delta chunk count outside 1..=DELTA_CHUNKS_MAX");
+    }
+    if chunk.checked_add(u64::from(chunks)).is_none() {
+        return Err("delta range end overflows");
+    }
+    Ok(())
 }
 
 /// An address that must not be empty.
@@ -1690,6 +1786,32 @@ fn read_body(kind: Kind, b: &[u8]) -> Result<Msg<'_>, &'static str> {
             Msg::SetPriority {
                 tag: get_u32(b, 0),
                 priority: get_i8(b, 4),
+            }
+        }
+        Kind::QueryDelta => {
+            exact(b, QUERY_DELTA_BYTES)?;
+            reserved(b, 18, 2)?;
+            let tag = get_u32(b, 20);
+            let volume = match get_u16(b, 16) {
+                VOLUME_ORIGIN if tag == 0 => Volume::Origin,
+                VOLUME_ORIGIN => return Err("snapshot tag given for the origin"),
+                VOLUME_SNAPSHOT => Volume::Snapshot(tag),
+                _ => return Err("unknown volume kind"),
+            };
+            Msg::QueryDelta {
+                volume,
+                base: get_u32(b, 12),
+                chunk: get_u64(b, 0),
+                chunks: get_u32(b, 8),
+            }
+        }
+        Kind::DeltaMap => {
+            at_least(b, DELTA_MAP_FIXED_BYTES)?;
+            reserved(b, 12, 4)?;
+            Msg::DeltaMap {
+                chunk: get_u64(b, 0),
+                chunks: get_u32(b, 8),
+                bits: &b[DELTA_MAP_FIXED_BYTES..],
             }
         }
         Kind::StatusReply => {

@@ -39,6 +39,13 @@ struct Bufs {
     statuses: Vec<u8>,
     /// The spec's address cut to `ADDR_MAX_BYTES`; may be empty.
     addr: String,
+    /// A delta bitmap of `delta_chunks(n)` chunks.
+    delta: Vec<u8>,
+}
+
+/// The chunk count of a sample `DeltaMap` (1..=64).
+fn delta_chunks(n: &[u64; 14]) -> u32 {
+    1 + low32(n[4] % 64)
 }
 
 /// The longest prefix of `s` within `max` bytes, at a character boundary.
@@ -80,6 +87,16 @@ impl Spec {
             clients: vec![0; CLIENT_LIST_BYTES_MAX],
             statuses: vec![0; NODE_STATUS_LIST_BYTES_MAX],
             addr: cut(&self.addr, ADDR_MAX_BYTES),
+            delta: {
+                let c = delta_chunks(&self.n) as usize;
+                let mut d = self.n[5].to_le_bytes()[..c.div_ceil(8)].to_vec();
+                if !c.is_multiple_of(8) {
+                    if let Some(last) = d.last_mut() {
+                        *last &= (1u8 << (c % 8)) - 1;
+                    }
+                }
+                d
+            },
         }
     }
 
@@ -176,6 +193,21 @@ impl Spec {
             },
             Kind::ListSnapshots => Msg::ListSnapshots,
             Kind::Status => Msg::Status,
+            Kind::QueryDelta => Msg::QueryDelta {
+                volume: if n[2] & 1 == 0 {
+                    Volume::Origin
+                } else {
+                    Volume::Snapshot(low32(n[3]))
+                },
+                base: low32(n[0]),
+                chunk: n[1] >> 1,
+                chunks: 1 + low32(n[4] % csnap_proto::DELTA_CHUNKS_MAX as u64),
+            },
+            Kind::DeltaMap => Msg::DeltaMap {
+                chunk: n[1] >> 1,
+                chunks: delta_chunks(n),
+                bits: &b.delta,
+            },
             Kind::Ok => Msg::Ok,
             Kind::StatusReply => Msg::StatusReply {
                 incarnation: n[0],

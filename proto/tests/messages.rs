@@ -253,6 +253,7 @@ fn kind_and_error_codes_are_pinned() {
             (Kind::SetPriority, 0x0022),
             (Kind::ListSnapshots, 0x0023),
             (Kind::Status, 0x0024),
+            (Kind::QueryDelta, 0x0025),
             (Kind::NeedServer, 0x4001),
             (Kind::ServerAddress, 0x4002),
             (Kind::ServerReady, 0x4003),
@@ -284,6 +285,7 @@ fn kind_and_error_codes_are_pinned() {
             (Kind::Ok, 0x8020),
             (Kind::SnapshotList, 0x8023),
             (Kind::StatusReply, 0x8024),
+            (Kind::DeltaMap, 0x8025),
             (Kind::Revoke, 0x8030),
             (Kind::ReleaseLocks, 0x8031),
         ]
@@ -316,9 +318,9 @@ fn kind_and_error_codes_are_pinned() {
 #[test]
 fn directions_and_replies() {
     let count = |f: fn(&Kind) -> bool| Kind::ALL.iter().filter(|k| f(k)).count();
-    assert_eq!(count(|k| k.is_request()), 14 + 21);
+    assert_eq!(count(|k| k.is_request()), 15 + 21);
     assert_eq!(count(|k| k.is_agent()), 21);
-    assert_eq!(count(|k| k.is_reply()), 12);
+    assert_eq!(count(|k| k.is_reply()), 13);
     let notifications: Vec<Kind> = Kind::ALL
         .iter()
         .copied()
@@ -562,8 +564,10 @@ fn bad_body(r: Result<Kind, DecodeError>, kind: Kind, what_part: &str) {
 #[test]
 fn reserved_bytes_must_be_zero() {
     // (kind, reserved offsets in the small sample body)
-    let cases: [(Kind, &[usize]); 22] = [
+    let cases: [(Kind, &[usize]); 24] = [
         (Kind::Hello, &[6, 7]),
+        (Kind::QueryDelta, &[18, 19]),
+        (Kind::DeltaMap, &[12, 13, 14, 15]),
         (Kind::HelloOk, &[2, 3, 4, 5, 6, 7]),
         (Kind::IdentifyOk, &[20, 21, 22, 23]),
         (Kind::SetPriority, &[5, 6, 7]),
@@ -628,6 +632,83 @@ fn fixed_bodies_must_have_their_exact_length() {
             );
         }
     }
+}
+
+#[test]
+fn delta_messages_are_validated() {
+    let mut s = Scratch::new();
+    let q = sample(Kind::QueryDelta, false, &mut s);
+    // Zero chunks, more than DELTA_CHUNKS_MAX, an end past u64::MAX, an
+    // unknown volume kind, a tag given for the origin.
+    bad_body(
+        decode_edited(&q, |b| b[8..12].copy_from_slice(&0u32.to_le_bytes())),
+        Kind::QueryDelta,
+        "1..=DELTA_CHUNKS_MAX",
+    );
+    let over = u32::try_from(DELTA_CHUNKS_MAX + 1).unwrap();
+    bad_body(
+        decode_edited(&q, |b| b[8..12].copy_from_slice(&over.to_le_bytes())),
+        Kind::QueryDelta,
+        "1..=DELTA_CHUNKS_MAX",
+    );
+    bad_body(
+        decode_edited(&q, |b| {
+            b[0..8].copy_from_slice(&(u64::MAX - 3).to_le_bytes())
+        }),
+        Kind::QueryDelta,
+        "overflows",
+    );
+    bad_body(
+        decode_edited(&q, |b| b[16] = 7),
+        Kind::QueryDelta,
+        "unknown volume kind",
+    );
+    bad_body(
+        decode_edited(&q, |b| b[20] = 1),
+        Kind::QueryDelta,
+        "snapshot tag given for the origin",
+    );
+    let mut s = Scratch::new();
+    let m = sample(Kind::DeltaMap, false, &mut s);
+    // 20 chunks: 3 bytes, the last with 4 bits in use.
+    assert_eq!(m.body_bytes(), 16 + 3);
+    bad_body(
+        decode_edited(&m, |b| b[16 + 2] |= 0x10),
+        Kind::DeltaMap,
+        "bits past its chunk count",
+    );
+    bad_body(
+        decode_edited(&m, |b| b[8..12].copy_from_slice(&30u32.to_le_bytes())),
+        Kind::DeltaMap,
+        "length does not match its chunk count",
+    );
+    bad_body(
+        decode_edited(&m, |b| b[8..12].copy_from_slice(&0u32.to_le_bytes())),
+        Kind::DeltaMap,
+        "1..=DELTA_CHUNKS_MAX",
+    );
+    // The encoder refuses what the decoder would.
+    let bits = [0u8; 2];
+    let bad = Msg::DeltaMap {
+        chunk: 0,
+        chunks: 20,
+        bits: &bits,
+    };
+    let mut out = [0u8; 256];
+    assert!(matches!(
+        encode(&Header::new(1, 0), &bad, &mut out),
+        Err(EncodeError::Invalid { .. })
+    ));
+    let bad = Msg::QueryDelta {
+        volume: Volume::Origin,
+        base: 1,
+        chunk: 0,
+        chunks: 0,
+    };
+    assert!(matches!(
+        encode(&Header::new(1, 0), &bad, &mut out),
+        Err(EncodeError::Invalid { .. })
+    ));
 }
 
 #[test]

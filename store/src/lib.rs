@@ -861,6 +861,8 @@ struct Path {
     nodes: [(usize, usize); TREE_DEPTH_MAX],
     len: usize,
     leaf: usize,
+    /// The first key past the leaf's range (`u64::MAX`: the last leaf).
+    hi: u64,
 }
 
 /// An open store.
@@ -1116,6 +1118,7 @@ impl<D: Disk> Store<D> {
         }
         self.check_meta_addr(addr, BlockKind::Leaf)?;
         path.leaf = self.block(addr, BlockKind::Leaf)?;
+        path.hi = hi;
         let b = self.cache.buf(path.leaf);
         let n = tree::leaf_len(b);
         if n > 0 && (tree::leaf_get(b, 0).chunk < lo || tree::leaf_get(b, n - 1).chunk >= hi) {
@@ -1441,6 +1444,93 @@ impl<D: Disk> Store<D> {
             }
         }
         Ok(Mapping::Origin)
+    }
+
+    /// Which of `chunks` chunks from `chunk` differ between `volume` (a
+    /// snapshot tag, or `None` for the origin) and snapshot `base`: bit `i`
+    /// of `out` (byte `i / 8`, bit `i % 8`) is set when chunk `chunk + i`
+    /// differs, every other bit of `out` is cleared. A snapshot differs
+    /// from `base` where the two map the chunk to different places (the
+    /// origin, or different store chunks); the origin differs where `base`
+    /// holds an exception. Read only; one descent per leaf the range
+    /// touches, so a range is as cheap as the leaves that hold it.
+    ///
+    /// # Errors
+    ///
+    /// `NoSuchSnapshot` for a snapshot that is not live, `ChunkOutOfRange`
+    /// for a range past the origin (or `out` shorter than `chunks` bits),
+    /// and what reading the tree can meet (`Corrupt`, `Disk`).
+    pub fn delta(
+        &mut self,
+        volume: Option<u32>,
+        base: u32,
+        chunk: u64,
+        chunks: u64,
+        out: &mut [u8],
+    ) -> Result<(), StoreError> {
+        if self.failed {
+            return Err(StoreError::Failed);
+        }
+        let origin_chunks = self.label.origin_chunks();
+        let end = chunk.saturating_add(chunks);
+        if end > origin_chunks || (out.len() as u64).saturating_mul(8) < chunks {
+            return Err(StoreError::ChunkOutOfRange {
+                chunk: end.saturating_sub(1),
+                origin_chunks,
+            });
+        }
+        let base_bit = self
+            .sb
+            .live_bit(base)
+            .ok_or(StoreError::NoSuchSnapshot(base))?;
+        let vol_bit = match volume {
+            None => None,
+            Some(t) => Some(self.sb.live_bit(t).ok_or(StoreError::NoSuchSnapshot(t))?),
+        };
+        out.fill(0);
+        let mut x = chunk;
+        while x < end {
+            self.cache.begin_op();
+            let path = self.descend(x)?;
+            let b = self.cache.buf(path.leaf);
+            let n = tree::leaf_len(b);
+            let mut i = tree::leaf_lower_bound(b, x);
+            while i < n {
+                let c = tree::leaf_get(b, i).chunk;
+                if c >= end {
+                    break;
+                }
+                let (mut in_base, mut in_vol) = (None, None);
+                while i < n {
+                    let r = tree::leaf_get(b, i);
+                    if r.chunk != c {
+                        break;
+                    }
+                    if r.mask & (1 << base_bit) != 0 {
+                        in_base = Some(r.store);
+                    }
+                    if vol_bit.is_some_and(|v| r.mask & (1 << v) != 0) {
+                        in_vol = Some(r.store);
+                    }
+                    i += 1;
+                }
+                let differs = match vol_bit {
+                    None => in_base.is_some(),
+                    Some(_) => in_base != in_vol,
+                };
+                if differs {
+                    let k = c - chunk;
+                    if let Some(byte) = usize::try_from(k / 8).ok().and_then(|k| out.get_mut(k)) {
+                        *byte |= 1 << (k % 8);
+                    }
+                }
+            }
+            if path.hi <= x || path.hi == u64::MAX {
+                break;
+            }
+            x = path.hi;
+        }
+        Ok(())
     }
 
     /// Whether an origin write to `chunk` needs no copy-out (read only).

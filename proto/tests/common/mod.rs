@@ -13,6 +13,7 @@ pub struct Scratch {
     pub nodes: [u8; NODE_LIST_BYTES_MAX],
     pub clients: [u8; CLIENT_LIST_BYTES_MAX],
     pub statuses: [u8; NODE_STATUS_LIST_BYTES_MAX],
+    pub delta: [u8; DELTA_CHUNKS_MAX / 8],
 }
 
 impl Scratch {
@@ -24,6 +25,7 @@ impl Scratch {
             nodes: [0; NODE_LIST_BYTES_MAX],
             clients: [0; CLIENT_LIST_BYTES_MAX],
             statuses: [0; NODE_STATUS_LIST_BYTES_MAX],
+            delta: [0; DELTA_CHUNKS_MAX / 8],
         }
     }
 }
@@ -83,6 +85,7 @@ pub fn sample(kind: Kind, big: bool, s: &mut Scratch) -> Msg<'_> {
         nodes,
         clients,
         statuses,
+        delta,
     } = s;
     match kind {
         Kind::Hello => Msg::Hello {
@@ -215,6 +218,35 @@ pub fn sample(kind: Kind, big: bool, s: &mut Scratch) -> Msg<'_> {
         },
         Kind::ListSnapshots => Msg::ListSnapshots,
         Kind::Status => Msg::Status,
+        Kind::QueryDelta => Msg::QueryDelta {
+            volume: if big {
+                Volume::Snapshot(u32::MAX)
+            } else {
+                Volume::Origin
+            },
+            base: if big { u32::MAX } else { 3 },
+            chunk: if big {
+                u64::MAX - DELTA_CHUNKS_MAX as u64
+            } else {
+                10
+            },
+            chunks: if big {
+                u32::try_from(DELTA_CHUNKS_MAX).unwrap()
+            } else {
+                20
+            },
+        },
+        Kind::DeltaMap => {
+            let chunks = if big { DELTA_CHUNKS_MAX } else { 20 };
+            for (i, b) in delta.iter_mut().enumerate() {
+                *b = [0xa5, 0x5a, 0x0f][i % 3];
+            }
+            Msg::DeltaMap {
+                chunk: if big { u64::MAX - chunks as u64 } else { 10 },
+                chunks: u32::try_from(chunks).unwrap(),
+                bits: &delta[..chunks.div_ceil(8)],
+            }
+        }
         Kind::Ok => Msg::Ok,
         Kind::SnapshotList => {
             let mut b = SnapListBuilder::new(snaps).unwrap();
