@@ -379,9 +379,7 @@ impl Env {
             .copied()
             .unwrap_or_else(|| self.nbd().pid());
         let nbd = self.nbd.as_mut().unwrap();
-        let pid = i32::try_from(pid).unwrap();
-        // SAFETY: kill(2) on our own child's pid with a valid signal.
-        assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+        csnap_sys::send_signal(pid, libc::SIGTERM).unwrap();
         let t0 = Instant::now();
         let st = loop {
             if let Some(st) = nbd.proc.0.try_wait().unwrap() {
@@ -1651,8 +1649,7 @@ fn failover_is_invisible_to_nbd_clients() {
         vec![(8 << 20, 40 * 65536)]
     );
     let pid = pid_listening_on(&addr);
-    // SAFETY: kill(2) with a pid read from /proc and a valid signal.
-    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+    csnap_sys::send_signal(u32::try_from(pid).unwrap(), libc::SIGKILL).unwrap();
     let mut longest = Duration::ZERO;
     for i in 40..300u64 {
         longest = longest.max(w.ok(&format!("write -P {} {} 64k", pat(i), off(i))));
@@ -1708,8 +1705,7 @@ fn an_outage_past_the_failover_timeout_is_eio_then_io_resumes() {
     let mut w = QemuIo::start(&env.unix_url("origin"), env.dir.join("writer.err"));
     w.ok("write -P 0x71 0 64k");
     let pid = pid_listening_on(&addr);
-    // SAFETY: kill(2) with a pid read from /proc and a valid signal.
-    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+    csnap_sys::send_signal(u32::try_from(pid).unwrap(), libc::SIGKILL).unwrap();
     // A write needs the server: EIO once the timeout has passed.
     let (line, took) = w.cmd("write -P 0x72 1M 64k");
     assert!(line.contains("Input/output error"), "{line}");
@@ -1827,8 +1823,7 @@ fn nbd_server_syscalls_match_the_audited_whitelist() {
     let mut w = QemuIo::start(&env.unix_url("origin"), env.dir.join("w.err"));
     w.ok("write -P 0x15 0 64k");
     let pid = pid_listening_on(&addr);
-    // SAFETY: kill(2) with a pid read from /proc and a valid signal.
-    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+    csnap_sys::send_signal(u32::try_from(pid).unwrap(), libc::SIGKILL).unwrap();
     w.ok("write -P 0x16 64k 64k");
     w.ok("read -P 0x15 0 64k");
     w.finish(true);

@@ -272,3 +272,43 @@ unsafe impl GlobalAlloc for SealedAlloc {
         unsafe { System.realloc(ptr, layout, new_size) }
     }
 }
+
+thread_local! {
+    static THREAD_ALLOCS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// A test allocator: the system allocator that counts, per thread, every
+/// allocation and reallocation (`thread_allocs`). The tests of the pure
+/// crates (`proto`, `fsm`) install it to show a code path allocates
+/// nothing; it lives here so `unsafe` stays in `sys`.
+///
+/// `#[global_allocator] static A: csnap_sys::alloc::CountingAlloc = csnap_sys::alloc::CountingAlloc;`
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CountingAlloc;
+
+/// Allocations and reallocations made by this thread under
+/// `CountingAlloc` so far.
+pub fn thread_allocs() -> usize {
+    THREAD_ALLOCS.with(std::cell::Cell::get)
+}
+
+// SAFETY: every method forwards to `System` with the caller's arguments
+// unchanged, so `System`'s guarantees carry over; the thread-local counter
+// has a const initializer and no destructor, so touching it never allocates
+// or recurses into the allocator.
+unsafe impl GlobalAlloc for CountingAlloc {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        THREAD_ALLOCS.with(|c| c.set(c.get() + 1));
+        // SAFETY: the caller upholds `GlobalAlloc::alloc`'s contract.
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: `ptr` was allocated by `System` with `layout` (via `alloc`).
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        THREAD_ALLOCS.with(|c| c.set(c.get() + 1));
+        // SAFETY: the caller upholds `GlobalAlloc::realloc`'s contract.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
