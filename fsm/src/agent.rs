@@ -62,6 +62,9 @@ use csnap_proto::{
 };
 
 use crate::fixed::{FixedRing, IdQueue};
+
+// Every client connection of the agent fits one client list.
+const _: () = assert!(csnap_pools::AGENT_CONNS_MAX <= csnap_proto::CLIENT_ENTRIES_MAX);
 use crate::outbuf::OutBuf;
 
 /// A connection on the agent's socket.
@@ -1189,10 +1192,13 @@ impl AgentFsm {
                     ..
                 } = c.role
                 {
-                    let _ = b.push(ClientEntry {
-                        client_id,
-                        node_id: me,
-                    });
+                    // Every connection fits: AGENT_CONNS_MAX <= CLIENT_ENTRIES_MAX.
+                    assert!(b
+                        .push(ClientEntry {
+                            client_id,
+                            node_id: me,
+                        })
+                        .is_ok());
                 }
             }
             let clients = b.finish();
@@ -1241,7 +1247,8 @@ impl AgentFsm {
                 return;
             };
             for &n in &self.members {
-                let _ = nb.push(Node { id: n });
+                // `members` holds at most NODES_MAX (a decoded list).
+                assert!(nb.push(Node { id: n }).is_ok());
             }
             if let Some(g) = self.gather.as_ref() {
                 for &e in &g.expected {
@@ -1366,11 +1373,17 @@ impl AgentFsm {
         if self.spawn_at_ms.is_some_and(|t| t <= now) && self.standby.is_none() {
             self.spawn_at_ms = None;
             self.spawn_deadline_ms = Some(now + self.cfg.spawn_timeout_ms);
-            let _ = self.actions.push(AgentAction::SpawnStandby);
+            assert!(
+                self.actions.push(AgentAction::SpawnStandby),
+                "the action queue is drained every loop turn"
+            );
         }
         if self.spawn_deadline_ms.is_some_and(|t| t <= now) && self.standby.is_none() {
             self.spawn_deadline_ms = Some(now + self.cfg.spawn_timeout_ms);
-            let _ = self.actions.push(AgentAction::SpawnStandby);
+            assert!(
+                self.actions.push(AgentAction::SpawnStandby),
+                "the action queue is drained every loop turn"
+            );
         }
         self.answer_pending();
         self.assert_invariants();
@@ -1406,7 +1419,7 @@ impl AgentFsm {
 
     fn log(&mut self, e: AgentEvent) {
         // A full log queue drops the event: logging must never block.
-        let _ = self.actions.push(AgentAction::Log(e));
+        self.actions.push_or_count(AgentAction::Log(e));
     }
 
     // -- output ----------------------------------------------------------------

@@ -479,7 +479,7 @@ impl Controller {
         r.standby_ready = false;
         r.serving = 0;
         self.conns[conn as usize].role = CRole::Agent { node: Some(node) };
-        let _ = self.events.push(ControllerEvent::Joined { node });
+        self.events.push_or_count(ControllerEvent::Joined { node });
         self.broadcast_members();
         if let Placement::Running {
             node: sn,
@@ -555,7 +555,8 @@ impl Controller {
                                 },
                             );
                         }
-                        let _ = self.events.push(ControllerEvent::StartFailed { node });
+                        self.events
+                            .push_or_count(ControllerEvent::StartFailed { node });
                         self.avoid = Some(node);
                         self.placement = Placement::None;
                         self.want = true;
@@ -805,7 +806,8 @@ impl Controller {
                 };
             }
             Placement::Starting { node, .. } if node == n => {
-                let _ = self.events.push(ControllerEvent::StartFailed { node });
+                self.events
+                    .push_or_count(ControllerEvent::StartFailed { node });
                 self.placement = Placement::Stopping {
                     from: n,
                     to: None,
@@ -867,7 +869,7 @@ impl Controller {
                 if self.failed_deaths != 0 {
                     self.failed_deaths = 0;
                     self.deaths_ms.fill(u64::MAX);
-                    let _ = self.events.push(ControllerEvent::FailedCleared);
+                    self.events.push_or_count(ControllerEvent::FailedCleared);
                     self.want = true;
                     self.avoid = None;
                 }
@@ -1025,7 +1027,8 @@ impl Controller {
                     r.serving = 0;
                 }
             }
-            let _ = self.events.push(ControllerEvent::Disconnected { node: n });
+            self.events
+                .push_or_count(ControllerEvent::Disconnected { node: n });
             self.node_lost(n);
             self.broadcast_members();
         }
@@ -1063,7 +1066,8 @@ impl Controller {
                 };
             }
             Placement::Starting { node, .. } if node == n => {
-                let _ = self.events.push(ControllerEvent::StartFailed { node });
+                self.events
+                    .push_or_count(ControllerEvent::StartFailed { node });
                 self.placement = Placement::None;
                 self.avoid = Some(n);
                 self.want = true;
@@ -1099,7 +1103,7 @@ impl Controller {
         let recent = u32::try_from(recent).unwrap_or(u32::MAX);
         if self.failed_deaths == 0 && recent >= self.cfg.max_server_deaths {
             self.failed_deaths = recent;
-            let _ = self.events.push(ControllerEvent::StoreFailed {
+            self.events.push_or_count(ControllerEvent::StoreFailed {
                 deaths: recent,
                 window_ms: window,
             });
@@ -1134,7 +1138,7 @@ impl Controller {
         match best {
             Some(n) => self.start_on(n),
             None => {
-                let _ = self.events.push(ControllerEvent::NoCandidate);
+                self.events.push_or_count(ControllerEvent::NoCandidate);
             }
         }
     }
@@ -1152,7 +1156,8 @@ impl Controller {
             deadline_ms: self.now_ms + self.cfg.start_timeout_ms,
             relayed: false,
         };
-        let _ = self.events.push(ControllerEvent::Placing { node, attempt });
+        self.events
+            .push_or_count(ControllerEvent::Placing { node, attempt });
         self.send(
             c,
             0,
@@ -1174,7 +1179,8 @@ impl Controller {
         } = self.placement
         {
             if deadline_ms <= self.now_ms {
-                let _ = self.events.push(ControllerEvent::StartFailed { node });
+                self.events
+                    .push_or_count(ControllerEvent::StartFailed { node });
                 if let Some(c) = self.conn_of_node(node) {
                     self.send(
                         c,

@@ -6,6 +6,7 @@ pub struct FixedRing<T: Copy> {
     items: Vec<Option<T>>,
     head: usize,
     len: usize,
+    dropped: u64,
 }
 
 impl<T: Copy> FixedRing<T> {
@@ -15,7 +16,19 @@ impl<T: Copy> FixedRing<T> {
             items: vec![None; cap],
             head: 0,
             len: 0,
+            dropped: 0,
         }
+    }
+    /// Appends, or counts the item as dropped when full (`dropped`): for
+    /// queues of event lines, whose loss must not stop the machine.
+    pub fn push_or_count(&mut self, t: T) {
+        if !self.push(t) {
+            self.dropped += 1;
+        }
+    }
+    /// Items `push_or_count` dropped because the ring was full.
+    pub fn dropped(&self) -> u64 {
+        self.dropped
     }
     /// Appends; `false` when full.
     pub fn push(&mut self, t: T) -> bool {

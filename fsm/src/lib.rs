@@ -29,3 +29,7 @@ pub mod outbuf;
 pub mod server;
 pub mod store_ops;
 pub mod volume;
+
+// The wire's snapshot limit is the store's (proto does not depend on pools;
+// fsm depends on both).
+const _: () = assert!(csnap_proto::SNAPSHOTS_MAX == csnap_pools::SNAPSHOTS_MAX);
