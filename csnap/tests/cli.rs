@@ -584,3 +584,61 @@ fn format_refuses_devices_without_direct_io() {
     assert_error(&out, 2, "direct I/O");
     assert!(!shm_store.exists(), "the refused store file stays behind");
 }
+
+/// Every binary of the workspace answers `--help` at once (exit 0, a usage
+/// line, no run of its workload) and refuses an unknown flag (exit 2, the
+/// flag named). The benches of other crates are checked where cargo built
+/// them next to csnap (a workspace test run does).
+#[test]
+fn every_binary_answers_help_and_refuses_unknown_flags() {
+    let csnap = std::path::PathBuf::from(env!("CARGO_BIN_EXE_csnap"));
+    let dir = csnap.parent().expect("target dir").to_path_buf();
+    let mut bins = vec![
+        csnap.clone(),
+        std::path::PathBuf::from(env!("CARGO_BIN_EXE_failover-bench")),
+        std::path::PathBuf::from(env!("CARGO_BIN_EXE_confinement-bench")),
+    ];
+    for other in ["server-bench", "store-bench"] {
+        let p = dir.join(other);
+        if p.exists() {
+            bins.push(p);
+        } else {
+            eprintln!("{other} not built next to csnap: not checked here");
+        }
+    }
+    for b in bins {
+        let t0 = std::time::Instant::now();
+        let o = std::process::Command::new(&b)
+            .arg("--help")
+            .output()
+            .unwrap();
+        let all = format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert!(o.status.success(), "{} --help: {all}", b.display());
+        assert!(
+            all.to_lowercase().contains("usage"),
+            "{} --help: {all}",
+            b.display()
+        );
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(5),
+            "{} --help ran a workload",
+            b.display()
+        );
+        let o = std::process::Command::new(&b)
+            .arg("--no-such-flag")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(
+            o.status.code(),
+            Some(2),
+            "{} --no-such-flag: {err}",
+            b.display()
+        );
+        assert!(err.contains("--no-such-flag"), "{}: {err}", b.display());
+    }
+}

@@ -119,7 +119,12 @@ struct Settings {
     base_dir: Option<PathBuf>,
 }
 
-fn parse_args() -> R<Settings> {
+const USAGE: &str = "usage: store-bench [--quick] [--dir DIR]\n  \
+     --quick    fewer operations and 3 repetitions instead of 5 (well under 15 s)\n  \
+     --dir DIR  make the temporary files under DIR (default /var/tmp)";
+
+/// The settings, or `None` for `--help`.
+fn parse_args() -> R<Option<Settings>> {
     let mut quick = false;
     let mut base_dir = None;
     let mut args = std::env::args().skip(1);
@@ -132,16 +137,11 @@ fn parse_args() -> R<Settings> {
                     .ok_or_else(|| "--dir needs a directory".to_string())?;
                 base_dir = Some(PathBuf::from(d));
             }
-            "-h" | "--help" => {
-                return Err("usage: store-bench [--quick] [--dir DIR]\n  \
-                     --quick    fewer operations and 3 repetitions instead of 5 (well under 15 s)\n  \
-                     --dir DIR  make the temporary files under DIR (default /var/tmp)"
-                    .into())
-            }
+            "-h" | "--help" => return Ok(None),
             other => return Err(format!("unknown argument {other:?}; try --help")),
         }
     }
-    Ok(if quick {
+    Ok(Some(if quick {
         Settings {
             quick,
             reps: 3,
@@ -163,7 +163,7 @@ fn parse_args() -> R<Settings> {
             s3_writes: 2_000,
             base_dir,
         }
-    })
+    }))
 }
 
 /// The temporary directory; removed when dropped (on success and on error).
@@ -963,8 +963,7 @@ fn section3(dir: &TempDir, s: &Settings, bad: &mut Anomalies) -> R<()> {
 
 // ---------------------------------------------------------------------------
 
-fn run() -> R<()> {
-    let s = parse_args()?;
+fn run(s: Settings) -> R<()> {
     let dir = TempDir::create(s.base_dir.as_deref())?;
     let nproc = std::thread::available_parallelism().map_or(0, std::num::NonZeroUsize::get);
     println!(
@@ -1009,7 +1008,18 @@ fn run() -> R<()> {
 }
 
 fn main() -> ExitCode {
-    match run() {
+    let settings = match parse_args() {
+        Ok(Some(s)) => s,
+        Ok(None) => {
+            println!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!("store-bench: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match run(settings) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("store-bench: {e}");

@@ -15,14 +15,30 @@ pub fn check_args(args: &[String], known: &[&str], usage: &str) -> Result<bool, 
             return Ok(false);
         }
         if !known.contains(&a) {
-            return Err(format!("unknown argument {a:?}\n{usage}"));
+            usage_error(&format!("unknown argument {a:?}\n{usage}"));
         }
         if i + 1 >= args.len() {
-            return Err(format!("{a} needs a value"));
+            usage_error(&format!("{a} needs a value"));
         }
         i += 2;
     }
     Ok(true)
+}
+
+/// A command-line error: the message, and exit status 2 (as `csnap`'s
+/// usage errors). Nothing has started yet: there is nothing to unwind.
+#[allow(clippy::exit)]
+fn usage_error(msg: &str) -> ! {
+    let name = std::env::args()
+        .next()
+        .and_then(|a| {
+            Path::new(&a)
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+        })
+        .unwrap_or_default();
+    eprintln!("{name}: {msg}");
+    std::process::exit(2)
 }
 
 /// The value of `--NAME V` parsed, or `default` when the flag is absent.
