@@ -314,6 +314,9 @@ pub enum ClusterAction {
         /// The cluster directory.
         #[arg(long, value_name = "DIR")]
         dir: PathBuf,
+        /// Print a JSON object (field names in the README).
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -339,7 +342,7 @@ pub fn run_cluster(args: &ClusterArgs) -> ExitCode {
         ClusterAction::Join { dir, node } => command(dir, ClusterOp::Join, *node),
         ClusterAction::Leave { dir, node } => command(dir, ClusterOp::Leave, *node),
         ClusterAction::Start { dir, node } => command(dir, ClusterOp::Start, *node),
-        ClusterAction::Status { dir } => status(dir),
+        ClusterAction::Status { dir, json } => status(dir, *json),
     };
     match r {
         Ok(code) => code,
@@ -472,8 +475,15 @@ fn command(dir: &Path, op: ClusterOp, node: u32) -> CmdResult {
     })
 }
 
-fn status(dir: &Path) -> CmdResult {
+fn status(dir: &Path, json: bool) -> CmdResult {
     ask(dir, &Msg::ClusterStatus, &mut |m| {
+        if let Some(text) = crate::json::cluster_status(m).filter(|_| json) {
+            return if output(&text) {
+                Ok(ExitCode::SUCCESS)
+            } else {
+                Ok(ExitCode::from(EXIT_FAILED))
+            };
+        }
         let Msg::ClusterStatusReply {
             server_incarnation,
             server_node,

@@ -112,6 +112,7 @@ use csnap_fsm::volume::{
 use csnap_proto::{self as proto, ErrorCode, FrameReader, Msg, Role, Volume, FRAME_MAX_BYTES};
 use mio::{Events, Interest, Poll, Registry, Token};
 
+use crate::metrics::{nbd_op, MetricsEndpoint, NbdMetrics, METRICS_TOKENS};
 use crate::net::{Addr, MioListener, MioStream};
 
 /// Engine I/Os in flight per connection.
@@ -156,6 +157,10 @@ const CTL_SERVER: Token = Token(usize::MAX - 2);
 const CTL_AGENT: Token = Token(usize::MAX - 3);
 const DISK: Token = Token(usize::MAX - 4);
 const LISTENER_BASE: usize = usize::MAX - 64;
+/// The metrics endpoint's tokens (`--metrics`), below the listeners'.
+const METRICS_BASE: usize = usize::MAX - 128;
+const _: () = assert!(csnap_pools::NBD_CONNECTIONS_MAX * TOKENS_PER_SLOT < METRICS_BASE);
+const _: () = assert!(METRICS_BASE + METRICS_TOKENS <= LISTENER_BASE);
 
 // Token spaces do not meet.
 const _: () = assert!(csnap_pools::NBD_CONNECTIONS_MAX * TOKENS_PER_SLOT < LISTENER_BASE);
@@ -190,6 +195,8 @@ pub struct NbdOptions {
     /// acknowledged before it and reports a failure of any of them. Exports
     /// then do not advertise multi-connection consistency.
     pub write_back: bool,
+    /// `--metrics ADDR`: the Prometheus endpoint (see `crate::metrics`).
+    pub metrics: Option<Addr>,
 }
 
 fn now_ms() -> u64 {
@@ -340,6 +347,8 @@ struct Shared {
     next_client: u32,
     /// Figures for the log at exit.
     stats: NbdStats,
+    /// Figures for the metrics endpoint.
+    metrics: NbdMetrics,
 }
 
 /// Figures of a run, printed at exit.
@@ -1083,6 +1092,8 @@ struct Command {
     /// Acknowledged already (write-back): no reply when it finishes; a
     /// failure is kept for the next `FLUSH`.
     acked: bool,
+    /// Admitted at (monotonic µs), for the duration histogram.
+    start_us: u64,
 }
 
 impl Command {
@@ -1239,6 +1250,10 @@ struct Slot {
     /// A disk operation the engine emitted that the disk queue had no room
     /// for yet.
     held: Option<DiskOp>,
+    /// The export asked for (`None`: the origin) and, once attached, its
+    /// metrics series.
+    export_tag: Option<u32>,
+    metrics_export: Option<usize>,
 }
 
 impl Slot {
@@ -1283,6 +1298,8 @@ impl Slot {
             wb_error: None,
             index: u16::try_from(index).unwrap_or(u16::MAX),
             held: None,
+            export_tag: None,
+            metrics_export: None,
         }
     }
 
@@ -1436,6 +1453,7 @@ impl Slot {
                 sh.stats.reconnects += 1;
             }
             self.link.on_ready();
+            sh.metrics.seen.saw(Peer::incarnation(&self.engine));
             if self.timed_out {
                 eprintln!("csnap nbd: a server is reachable again; I/O resumes");
             }
@@ -1443,6 +1461,10 @@ impl Slot {
             if let SlotState::Attaching { .. } = self.state {
                 let info = self.export_info(self.engine.size_bytes(), sh.write_back);
                 self.answer(Some(info));
+                if let Some(i) = self.metrics_export.take() {
+                    sh.metrics.detach(i);
+                }
+                self.metrics_export = Some(sh.metrics.attach(self.export_tag));
                 self.attached = true;
                 self.state = SlotState::Handshake;
             }
@@ -1787,6 +1809,10 @@ impl Slot {
         self.link.close(reg);
         let id = sh.new_client_id();
         self.engine.reset(v, id);
+        self.export_tag = match v {
+            Volume::Origin => None,
+            Volume::Snapshot(t) => Some(t),
+        };
         self.link.start(id, sh.node_id, Some(v), now);
         self.timed_out = false;
         self.dead = None;
@@ -1814,6 +1840,8 @@ impl Slot {
             _ => None,
         };
         if let Some(err) = immediate {
+            sh.metrics
+                .done(self.metrics_export, nbd_op(c.kind), 0, err.is_none(), 0);
             self.push_hdr(&simple_reply(c.handle, err), sh);
             return true;
         }
@@ -1864,6 +1892,7 @@ impl Slot {
             in_engine: 0,
             error: None,
             acked: false,
+            start_us: csnap_sys::monotonic_micros(),
         });
         self.active += 1;
         if receiving {
@@ -2036,6 +2065,15 @@ impl Slot {
         }
         self.cmds[ci] = None;
         self.active -= 1;
+        let us = csnap_sys::monotonic_micros().saturating_sub(c.start_us);
+        let ok = c.error.is_none();
+        sh.metrics.done(
+            self.metrics_export,
+            nbd_op(c.kind),
+            u64::from(c.len),
+            ok,
+            us,
+        );
         if c.acked {
             // Its reply went out when it was taken; a failure now is the
             // next flush's to report.
@@ -2203,6 +2241,9 @@ impl Slot {
         assert!(self.held.is_none(), "a disk operation held without I/O");
         self.io_map = [None; IOS];
         self.attached = false;
+        if let Some(i) = self.metrics_export.take() {
+            sh.metrics.detach(i);
+        }
         self.timed_out = false;
         self.dead = None;
         self.state = SlotState::Free;
@@ -2350,6 +2391,8 @@ pub struct NbdServer {
     slots: Vec<Slot>,
     ctl: Control,
     sh: Shared,
+    /// `--metrics`: the Prometheus endpoint.
+    metrics: Option<MetricsEndpoint>,
     reserved: Vec<(&'static str, usize)>,
     /// Shutdown requested: the deadline for in-flight work.
     shutdown_at_ms: Option<u64>,
@@ -2481,8 +2524,12 @@ impl NbdServer {
             origin_uuid: [0; 16],
             caching: false,
         };
+        let metrics = match &opts.metrics {
+            Some(a) => Some(MetricsEndpoint::new(a, poll.registry(), METRICS_BASE)?),
+            None => None,
+        };
         let n = opts.connections;
-        let reserved = vec![
+        let mut reserved = vec![
             (
                 "NBD connection slots (session, receive buffer, command table, reply queue)",
                 n * (core::mem::size_of::<Slot>() + NbdSession::reserved_bytes() + RX_BYTES),
@@ -2512,6 +2559,12 @@ impl NbdServer {
                         + core::mem::size_of::<(Token, bool, bool)>()),
             ),
         ];
+        if metrics.is_some() {
+            reserved.push((
+                "metrics endpoint (request and response buffers, counters)",
+                MetricsEndpoint::reserved_bytes() + NbdMetrics::reserved_bytes(),
+            ));
+        }
         Ok(NbdServer {
             poll,
             events: Events::with_capacity(EVENTS_MAX),
@@ -2538,7 +2591,9 @@ impl NbdServer {
                 nonce: u16::from_le_bytes(nonce),
                 next_client: 0,
                 stats: NbdStats::default(),
+                metrics: NbdMetrics::new(),
             },
+            metrics,
             reserved,
             shutdown_at_ms: None,
         })
@@ -2557,6 +2612,11 @@ impl NbdServer {
             .collect()
     }
 
+    /// The metrics endpoint's bound address.
+    pub fn metrics_addr(&self) -> Option<Addr> {
+        self.metrics.as_ref().and_then(|m| m.local_addr().ok())
+    }
+
     /// Figures of the run so far.
     pub fn stats(&self) -> NbdStats {
         self.sh.stats
@@ -2572,6 +2632,9 @@ impl NbdServer {
     pub fn remove_socket_files(&self) {
         for l in &self.listeners {
             l.remove_socket_file();
+        }
+        if let Some(m) = &self.metrics {
+            m.remove_socket_file();
         }
     }
 
@@ -2595,6 +2658,7 @@ impl NbdServer {
                     break;
                 }
             }
+            self.metrics_turn(now);
             self.check();
             if let Some(at) = self.shutdown_at_ms {
                 let idle = self.slots.iter().all(|s| s.state == SlotState::Free);
@@ -2696,6 +2760,8 @@ impl NbdServer {
             // Completions are taken every turn.
         } else if t == CTL_AGENT || t == CTL_SERVER {
             self.ctl.link.on_event(t, readable, writable);
+        } else if let Some(m) = self.metrics.as_mut().filter(|m| m.owns(t)) {
+            m.on_event(t, readable, writable);
         } else if t.0 >= LISTENER_BASE {
             let li = t.0 - LISTENER_BASE;
             if li < self.listeners.len() {
@@ -2782,6 +2848,7 @@ impl NbdServer {
         let mut ready = false;
         let mut routed = 0u64;
         let mut wake = self.sh.wake_at;
+        let metrics = &mut self.sh.metrics;
         let moved = self.ctl.link.pump(
             &mut self.ctl.fsm,
             &self.sh.agent,
@@ -2794,7 +2861,15 @@ impl NbdServer {
                     Verdict::Keep
                 }
                 ClientEvent::Reply { id } => {
-                    if route_control_reply(slots, id, f, export_size, write_back) {
+                    if metrics.status_id == Some(id) {
+                        metrics.status_id = None;
+                        metrics.status_reply(f);
+                        routed += 1;
+                    } else if metrics.list_id == Some(id) {
+                        metrics.list_id = None;
+                        metrics.list_reply(f);
+                        routed += 1;
+                    } else if route_control_reply(slots, id, f, export_size, write_back) {
                         routed += 1;
                     }
                     Verdict::Keep
@@ -2811,6 +2886,51 @@ impl NbdServer {
         }
         if moved || routed > 0 {
             self.sh.moved();
+        }
+    }
+
+    /// The metrics endpoint's turn: connections moved on; a scrape asks the
+    /// server for its status and the snapshot list on the control
+    /// connection, and is answered when both came back or after
+    /// `METRICS_STATUS_WAIT_MS` with the figures known (`csnap_server_up`
+    /// 0).
+    fn metrics_turn(&mut self, now: u64) {
+        let Some(ep) = self.metrics.as_mut() else {
+            return;
+        };
+        let reg = self.poll.registry();
+        ep.pump(reg, now);
+        if ep.waiting() {
+            let m = &mut self.sh.metrics;
+            if m.asked_at_ms.is_none() {
+                if !self.ctl.link.active() {
+                    self.ctl.link.start(0, self.sh.node_id, None, now);
+                }
+                m.status_id = self.ctl.fsm.request(Request::Status);
+                m.list_id = self.ctl.fsm.request(Request::List);
+                m.asked_at_ms = Some(now);
+                self.sh.progress += 1;
+            }
+            let at = m.asked_at_ms.unwrap_or(now) + csnap_pools::METRICS_STATUS_WAIT_MS;
+            if (m.status_id.is_none() && m.list_id.is_none()) || now >= at {
+                m.connections = self
+                    .slots
+                    .iter()
+                    .filter(|s| s.state != SlotState::Free)
+                    .count() as u64;
+                let m = &self.sh.metrics;
+                ep.respond(reg, &mut |t| m.render(t));
+                let m = &mut self.sh.metrics;
+                for id in [m.status_id.take(), m.list_id.take()].into_iter().flatten() {
+                    self.ctl.fsm.forget(id);
+                }
+                m.asked_at_ms = None;
+            } else {
+                self.sh.wake(at);
+            }
+        }
+        if let Some(d) = ep.next_deadline_ms() {
+            self.sh.wake(d);
         }
     }
 

@@ -49,6 +49,8 @@ pub struct StoreWorker<D: Disk, O: Disk> {
     /// Background deletion met a corrupt block: it stops (retrying would
     /// spin on the same block).
     background_blocked: bool,
+    /// Copy-outs made (origin or shared store chunk to a new store chunk).
+    copyouts: u64,
 }
 
 fn failure(e: &StoreError) -> StoreFailure {
@@ -100,12 +102,18 @@ impl<D: Disk, O: Disk> StoreWorker<D, O> {
             reported: [u64::MAX; REPORTED_MAX],
             reported_next: 0,
             background_blocked: false,
+            copyouts: 0,
         }
     }
 
     /// The store, once started.
     pub fn store(&mut self) -> Option<&mut Store<D>> {
         self.store.as_mut()
+    }
+
+    /// Copy-outs made since the process started.
+    pub fn copyouts(&self) -> u64 {
+        self.copyouts
     }
 
     /// Whether the store failed; the server must stop serving.
@@ -393,7 +401,9 @@ impl<D: Disk, O: Disk> StoreWorker<D, O> {
             _ => false,
         };
         let off = store.chunk_offset(to);
-        ok && store.disk_mut().write_at(buf, off).is_ok()
+        let ok = ok && store.disk_mut().write_at(buf, off).is_ok();
+        self.copyouts += u64::from(ok);
+        ok
     }
 
     fn run_one(&mut self, op: &StoreOp) -> StoreResult {
@@ -535,6 +545,7 @@ impl<D: Disk, O: Disk> StoreWorker<D, O> {
                     snapshots: s.snapshots,
                     deleting: s.deleting,
                     commits: s.seq,
+                    copyouts: self.copyouts,
                 })
             }
             StoreOp::Start => StoreResult::Failed(StoreFailure::Internal),
