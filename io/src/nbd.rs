@@ -2483,6 +2483,12 @@ impl NbdServer {
             request_deaths_max: csnap_pools::REQUEST_SERVER_DEATHS_MAX,
         };
         let poll = Poll::new().map_err(|e| format!("epoll: {e}"))?;
+        // Bound before the NBD listeners: once those answer (what `csnap up`
+        // waits for), the metrics address answers too.
+        let metrics = match &opts.metrics {
+            Some(a) => Some(MetricsEndpoint::new(a, poll.registry(), METRICS_BASE)?),
+            None => None,
+        };
         let mut listeners = Vec::with_capacity(opts.listen.len());
         for (i, a) in opts.listen.iter().enumerate() {
             let mut l = MioListener::bind(a).map_err(|e| format!("cannot listen on {a}: {e}"))?;
@@ -2523,10 +2529,6 @@ impl NbdServer {
             volume: Volume::Origin,
             origin_uuid: [0; 16],
             caching: false,
-        };
-        let metrics = match &opts.metrics {
-            Some(a) => Some(MetricsEndpoint::new(a, poll.registry(), METRICS_BASE)?),
-            None => None,
         };
         let n = opts.connections;
         let mut reserved = vec![
