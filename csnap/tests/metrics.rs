@@ -92,6 +92,20 @@ fn promtool(body: &str) {
     );
 }
 
+/// A scrape whose server figures are this scrape's (`csnap_server_up` 1:
+/// the server answered the NBD server's status question in time; on a
+/// loaded machine it may not, and the figures are then the last known).
+fn fresh(addr: SocketAddr) -> (String, HashMap<String, f64>) {
+    wait_until(
+        "a scrape with the server's answer",
+        Duration::from_secs(60),
+        || {
+            let (b, m) = scrape(addr);
+            (get(&m, "csnap_server_up") == 1.0).then_some((b, m))
+        },
+    )
+}
+
 fn get(m: &HashMap<String, f64>, k: &str) -> f64 {
     *m.get(k)
         .unwrap_or_else(|| panic!("no sample {k} in {:?}", m.keys()))
@@ -215,7 +229,7 @@ fn metrics_and_json_of_a_running_node() {
     let up = Up::start(&d, &addr.to_string());
 
     // At start: parsed, the build, no snapshot, nothing written.
-    let (body, m) = scrape(addr);
+    let (body, m) = fresh(addr);
     assert_eq!(
         get(
             &m,
@@ -249,7 +263,7 @@ fn metrics_and_json_of_a_running_node() {
 
     // A write: the bytes, the request and its duration move.
     qemu_io(&up.url("origin"), "write -P 0xa1 0 1M");
-    let (_, m) = scrape(addr);
+    let (_, m) = fresh(addr);
     assert_eq!(
         get(&m, "csnap_nbd_written_bytes_total{export=\"origin\"}"),
         1048576.0
@@ -264,11 +278,11 @@ fn metrics_and_json_of_a_running_node() {
     // A snapshot: the gauge; a write over it: copy-outs and store use; a
     // read of the snapshot export: its own series.
     csnap_out(&["snapshot", "create", "--dir", up.d(), "7"]);
-    let (_, m) = scrape(addr);
+    let (_, m) = fresh(addr);
     assert_eq!(get(&m, "csnap_snapshots"), 1.0);
     qemu_io(&up.url("origin"), "write -P 0xa2 0 1M");
     qemu_io(&up.url("7"), "read -P 0xa1 0 1M");
-    let (_, m) = scrape(addr);
+    let (_, m) = fresh(addr);
     assert_eq!(
         get(&m, "csnap_copyouts_total"),
         64.0,
@@ -342,7 +356,7 @@ fn metrics_and_json_of_a_running_node() {
         "a new incarnation in the metrics",
         Duration::from_secs(30),
         || {
-            let (_, m) = scrape(addr);
+            let (_, m) = fresh(addr);
             (get(&m, "csnap_server_incarnation") >= 2.0 && get(&m, "csnap_server_up") == 1.0)
                 .then_some(m)
         },
@@ -360,4 +374,59 @@ fn metrics_and_json_of_a_running_node() {
 /// socket path).
 fn serde_free_string(s: &str) -> String {
     s.trim_matches('"').to_string()
+}
+
+#[test]
+fn a_standalone_server_serves_its_own_metrics() {
+    let d = common::fresh_dir("metrics", "server");
+    let origin = d.join("origin.img");
+    std::fs::File::create(&origin)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    let store = d.join("store.img");
+    let (o, s) = (origin.to_str().unwrap(), store.to_str().unwrap());
+    csnap_out(&["format", "--origin", o, "--store", s, "--store-size", "64M"]);
+    let sock = d.join("server.sock");
+    let port = free_port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let log = std::fs::File::create(d.join("server.log")).unwrap();
+    let p = Proc(
+        Command::new(BIN)
+            .args(["server", "--origin", o, "--store", s, "--listen"])
+            .arg(&sock)
+            .args(["--metrics", &addr.to_string(), "--no-mlock"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
+    wait_until("the server", Duration::from_secs(30), || {
+        std::fs::read_to_string(d.join("server.log"))
+            .unwrap_or_default()
+            .contains("metrics at")
+            .then_some(())
+    });
+    let (_, m) = wait_until("a scrape", Duration::from_secs(30), || {
+        TcpStream::connect(addr).ok().map(|_| scrape(addr))
+    });
+    assert_eq!(get(&m, "csnap_server_incarnation"), 1.0);
+    assert_eq!(get(&m, "csnap_snapshots"), 0.0);
+    assert!(get(&m, "csnap_store_size_bytes") > 30e6);
+    let srv = sock.to_str().unwrap();
+    csnap_out(&["snapshot", "create", "--server", srv, "1"]);
+    csnap_out(&["snapshot", "create", "--server", srv, "2"]);
+    let (_, m) = scrape(addr);
+    assert_eq!(get(&m, "csnap_snapshots"), 2.0);
+    assert_eq!(get(&m, "csnap_server_clients"), 0.0);
+    let st = csnap_out(&["status", "--server", srv, "--json"]);
+    assert_eq!(json(&st, "d['snapshots']"), "2");
+    assert_eq!(
+        json(&st, "d['store_size_bytes']"),
+        format!("{}", get(&m, "csnap_store_size_bytes"))
+    );
+    let r = http(addr, b"PUT /metrics HTTP/1.1\r\n\r\n");
+    assert!(r.starts_with("HTTP/1.1 405 "), "{r}");
+    drop(p);
 }

@@ -720,3 +720,77 @@ impl NbdMetrics {
         }
     }
 }
+
+// ---------------------------------------------------------------------------
+// The csnap server's figures: published by the store worker thread after
+// each batch (atomics: the one thread boundary), read by the network thread.
+// ---------------------------------------------------------------------------
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// What the store worker publishes for the network thread's endpoint.
+#[derive(Debug, Default)]
+pub struct WorkerFigures {
+    copyouts: AtomicU64,
+    incarnation: AtomicU64,
+    chunk_size_bytes: AtomicU64,
+    data_chunks: AtomicU64,
+    data_free: AtomicU64,
+    snapshots: AtomicU64,
+}
+
+impl WorkerFigures {
+    /// Stores the worker's figures (relaxed: each is a figure of its own).
+    pub fn publish(
+        &self,
+        copyouts: u64,
+        incarnation: u64,
+        chunk_size_bytes: u32,
+        data_chunks: u64,
+        data_free: u64,
+        snapshots: u32,
+    ) {
+        self.copyouts.store(copyouts, Ordering::Relaxed);
+        self.incarnation.store(incarnation, Ordering::Relaxed);
+        self.chunk_size_bytes
+            .store(u64::from(chunk_size_bytes), Ordering::Relaxed);
+        self.data_chunks.store(data_chunks, Ordering::Relaxed);
+        self.data_free.store(data_free, Ordering::Relaxed);
+        self.snapshots
+            .store(u64::from(snapshots), Ordering::Relaxed);
+    }
+
+    /// The figures, with the network thread's locks and waiting writes.
+    pub fn load(&self, read_locks: u64, waiting_writes: u64) -> ServerFigures {
+        let chunk = self.chunk_size_bytes.load(Ordering::Relaxed);
+        let data = self.data_chunks.load(Ordering::Relaxed);
+        let free = self.data_free.load(Ordering::Relaxed);
+        ServerFigures {
+            incarnation: self.incarnation.load(Ordering::Relaxed),
+            store_size_bytes: data.saturating_mul(chunk),
+            store_used_bytes: data.saturating_sub(free).saturating_mul(chunk),
+            snapshots: self.snapshots.load(Ordering::Relaxed),
+            read_locks,
+            waiting_writes,
+            copyouts: self.copyouts.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// The csnap server's whole text.
+pub fn render_server(t: &mut Text<'_>, f: &ServerFigures, clients: u64) {
+    build_info(t, env!("CARGO_PKG_VERSION"));
+    t.single(
+        "csnap_server_incarnation",
+        Kind::Gauge,
+        "Incarnation of this csnap server (0: a standby not started)",
+        f.incarnation,
+    );
+    t.single(
+        "csnap_server_clients",
+        Kind::Gauge,
+        "Identified client connections of this csnap server",
+        clients,
+    );
+    render_server_figures(t, f);
+}

@@ -116,6 +116,21 @@ impl<D: Disk, O: Disk> StoreWorker<D, O> {
         self.copyouts
     }
 
+    /// Publishes the figures the metrics endpoint renders (after a batch).
+    pub fn publish(&self, f: &crate::metrics::WorkerFigures) {
+        if let Some(s) = self.store.as_ref() {
+            let st = s.status();
+            f.publish(
+                self.copyouts,
+                st.incarnation,
+                st.chunk_size_bytes,
+                st.data_chunks,
+                st.data_free,
+                st.snapshots,
+            );
+        }
+    }
+
     /// Whether the store failed; the server must stop serving.
     pub fn failed(&self) -> bool {
         self.failed

@@ -502,10 +502,10 @@ pub const METRICS_RESPONSE_MAX_BYTES: usize = 48 * 1024 + (SNAPSHOTS_MAX + 1) * 
 /// A metrics connection that has not sent its request, or not taken its
 /// response, within this time is closed (slow or hostile clients do not
 /// hold a slot).
-pub const METRICS_CLIENT_TIMEOUT_MS: u64 = 2_000;
+pub const METRICS_CLIENT_TIMEOUT_MS: u64 = 3_000;
 /// How long the NBD server's endpoint waits for the csnap server's status
 /// before it answers a scrape with the figures it has.
-pub const METRICS_STATUS_WAIT_MS: u64 = 500;
+pub const METRICS_STATUS_WAIT_MS: u64 = 1_000;
 /// Buckets of the request-duration histograms (upper bounds in
 /// microseconds; `+Inf` comes on top).
 pub const METRICS_HISTOGRAM_BUCKETS: usize = 16;
