@@ -117,6 +117,11 @@ pub struct AgentArgs {
     /// only on unix sockets in the node's directory (one host).
     #[arg(long, value_name = "IP")]
     pub server_listen: Option<std::net::IpAddr>,
+    /// Serve Prometheus metrics (text format 0.0.4) at `GET /metrics` on
+    /// ADDR (host:port, or a unix socket path): membership, the serving
+    /// incarnation and the failovers this agent saw.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<String>,
     #[command(flatten)]
     pub confine: ConfineArgs,
 }
@@ -188,6 +193,11 @@ fn agent(args: &AgentArgs) -> Result<String, String> {
         conns: usize::try_from(args.conns).unwrap_or(usize::MAX),
         spawner,
         confinement: args.confine.confinement(Some(csnap_audit::AGENT), &who)?,
+        metrics: args
+            .metrics
+            .as_deref()
+            .map(|a| csnap_io::net::Addr::parse(a).map_err(|e| format!("--metrics {a}: {e}")))
+            .transpose()?,
     };
     csnap_failover::agent::run(opts)
 }

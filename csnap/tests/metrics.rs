@@ -430,3 +430,40 @@ fn a_standalone_server_serves_its_own_metrics() {
     assert!(r.starts_with("HTTP/1.1 405 "), "{r}");
     drop(p);
 }
+
+#[test]
+fn an_agent_serves_membership_and_failovers() {
+    use common::cluster::{Cluster, ClusterOpts, Rng};
+    let port = free_port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let opts = ClusterOpts {
+        nodes: 1,
+        agent_args: vec!["--metrics".into(), addr.to_string()],
+        ..ClusterOpts::default()
+    };
+    let c = Cluster::start("metrics-agent", opts, &mut Rng::new(13));
+    c.wait_all_ready();
+    let (_, m) = scrape(addr);
+    assert_eq!(get(&m, "csnap_agent_member"), 1.0);
+    assert_eq!(get(&m, "csnap_agent_standby_ready"), 1.0);
+    // A tool through the agent places the server.
+    let sock = c.agent_sock(1);
+    csnap_out(&["status", "--agent", sock.to_str().unwrap(), "--json"]);
+    let (_, m) = scrape(addr);
+    assert_eq!(get(&m, "csnap_server_incarnation"), 1.0);
+    assert_eq!(get(&m, "csnap_agent_serving_incarnation"), 1.0);
+    assert_eq!(get(&m, "csnap_failovers_total"), 0.0);
+    c.kill_server();
+    c.wait_serving_above(1);
+    let m = wait_until(
+        "the failover in the agent's metrics",
+        Duration::from_secs(30),
+        || {
+            let (_, m) = scrape(addr);
+            (get(&m, "csnap_server_incarnation") >= 2.0).then_some(m)
+        },
+    );
+    assert_eq!(get(&m, "csnap_failovers_total"), 1.0);
+    let r = http(addr, b"GET /nope HTTP/1.1\r\n\r\n");
+    assert!(r.starts_with("HTTP/1.1 404 "), "{r}");
+}

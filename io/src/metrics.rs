@@ -794,3 +794,45 @@ pub fn render_server(t: &mut Text<'_>, f: &ServerFigures, clients: u64) {
     );
     render_server_figures(t, f);
 }
+
+/// An agent's whole text: what its FSM knows, and the incarnations seen.
+pub fn render_agent(t: &mut Text<'_>, st: &csnap_fsm::agent::AgentStatus, seen: &IncarnationSeen) {
+    build_info(t, env!("CARGO_PKG_VERSION"));
+    render_incarnation(t, seen.incarnation, seen.failovers);
+    t.single(
+        "csnap_agent_member",
+        Kind::Gauge,
+        "1 while this node is a cluster member",
+        u64::from(st.member),
+    );
+    t.single(
+        "csnap_agent_bus_up",
+        Kind::Gauge,
+        "1 while the link to the membership backend is up",
+        u64::from(st.bus_up),
+    );
+    t.single(
+        "csnap_agent_standby_ready",
+        Kind::Gauge,
+        "1 while a standby server is ready on this node",
+        u64::from(st.standby_ready),
+    );
+    t.single(
+        "csnap_agent_serving_incarnation",
+        Kind::Gauge,
+        "Incarnation of the server serving on this node, 0 if none",
+        st.serving_incarnation,
+    );
+    t.single(
+        "csnap_agent_waiting_clients",
+        Kind::Gauge,
+        "Clients waiting for a server address",
+        u64::from(st.waiting_clients),
+    );
+    t.single(
+        "csnap_agent_snapshot_clients",
+        Kind::Gauge,
+        "Registered snapshot clients of this node",
+        u64::from(st.snapshot_clients),
+    );
+}
