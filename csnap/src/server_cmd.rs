@@ -206,6 +206,10 @@ fn serve(args: &ServerArgs) -> Result<ExitCode, String> {
     if let Some(m) = &args.metrics {
         let a = Addr::parse(m).map_err(|e| format!("--metrics {m}: {e}"))?;
         let a = lp.serve_metrics(&a)?;
+        eprintln!(
+            "csnap server: pool metrics endpoint: {} bytes",
+            csnap_io::metrics::MetricsEndpoint::reserved_bytes()
+        );
         eprintln!("csnap server: metrics at http://{a}/metrics");
     }
     for a in lp.local_addrs() {
@@ -421,6 +425,10 @@ fn serve_standby(args: &ServerArgs) -> Result<ExitCode, String> {
     if let Some(m) = &args.metrics {
         let a = Addr::parse(m).map_err(|e| format!("--metrics {m}: {e}"))?;
         let a = lp.serve_metrics(&a)?;
+        eprintln!(
+            "csnap server: pool metrics endpoint: {} bytes",
+            csnap_io::metrics::MetricsEndpoint::reserved_bytes()
+        );
         eprintln!("csnap server: metrics at http://{a}/metrics");
     }
     for a in lp.local_addrs() {

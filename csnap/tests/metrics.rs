@@ -298,6 +298,16 @@ fn metrics_and_json_of_a_running_node() {
         2.0 * 1048576.0
     );
 
+    // A snapshot's series lives while the snapshot does.
+    csnap_out(&["snapshot", "create", "--dir", up.d(), "8"]);
+    qemu_io(&up.url("8"), "read 0 4k");
+    let (body, _) = fresh(addr);
+    assert!(body.contains("csnap_nbd_read_bytes_total{export=\"8\"} 4096\n"));
+    csnap_out(&["snapshot", "delete", "--dir", up.d(), "8"]);
+    let (body, m) = fresh(addr);
+    assert!(!body.contains("export=\"8\""), "{body}");
+    assert_eq!(get(&m, "csnap_snapshots"), 1.0);
+
     // JSON, through a real parser, agreeing with the metrics.
     let st = csnap_out(&["status", "--dir", up.d(), "--json"]);
     assert_eq!(json(&st, "d['snapshots']"), "1");
