@@ -2900,19 +2900,24 @@ impl NbdServer {
         let Some(ep) = self.metrics.as_mut() else {
             return;
         };
+        ep.pump(self.poll.registry(), now);
+        if ep.waiting() && self.sh.metrics.asked_at_ms.is_none() {
+            let m = &mut self.sh.metrics;
+            if !self.ctl.link.active() {
+                self.ctl.link.start(0, self.sh.node_id, None, now);
+            }
+            m.status_id = self.ctl.fsm.request(Request::Status);
+            m.list_id = self.ctl.fsm.request(Request::List);
+            m.asked_at_ms = Some(now);
+            // Sent now, not at the next wake-up.
+            self.pump_control(now);
+        }
+        let Some(ep) = self.metrics.as_mut() else {
+            return;
+        };
         let reg = self.poll.registry();
-        ep.pump(reg, now);
         if ep.waiting() {
             let m = &mut self.sh.metrics;
-            if m.asked_at_ms.is_none() {
-                if !self.ctl.link.active() {
-                    self.ctl.link.start(0, self.sh.node_id, None, now);
-                }
-                m.status_id = self.ctl.fsm.request(Request::Status);
-                m.list_id = self.ctl.fsm.request(Request::List);
-                m.asked_at_ms = Some(now);
-                self.sh.progress += 1;
-            }
             let at = m.asked_at_ms.unwrap_or(now) + csnap_pools::METRICS_STATUS_WAIT_MS;
             if (m.status_id.is_none() && m.list_id.is_none()) || now >= at {
                 m.connections = self
