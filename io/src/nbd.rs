@@ -2906,6 +2906,7 @@ impl NbdServer {
             if !self.ctl.link.active() {
                 self.ctl.link.start(0, self.sh.node_id, None, now);
             }
+            m.fresh = false;
             m.status_id = self.ctl.fsm.request(Request::Status);
             m.list_id = self.ctl.fsm.request(Request::List);
             m.asked_at_ms = Some(now);
