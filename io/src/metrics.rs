@@ -799,82 +799,6 @@ pub fn render_server(t: &mut Text<'_>, f: &ServerFigures, clients: u64) {
     render_server_figures(t, f);
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn export_series_are_bounded_reused_and_pruned() {
-        let mut m = NbdMetrics::new();
-        assert_eq!(m.attach(None), 0);
-        let a = m.attach(Some(5));
-        assert_eq!(m.attach(Some(5)), a, "one series per tag");
-        m.done(Some(a), 0, 4096, true, 10);
-        m.done(Some(a), 1, 512, false, 10);
-        assert_eq!(m.exports[a].read_bytes, 4096);
-        assert_eq!(
-            m.exports[a].written_bytes, 0,
-            "a failed write moves no bytes"
-        );
-        assert_eq!(m.errors[1], 1);
-        // Fill the table with tags nobody holds any more; one more tag
-        // still gets a series (an idle one is reused), never past the bound.
-        for t in 100..100 + NBD_EXPORT_SERIES_MAX as u32 {
-            let i = m.attach(Some(t));
-            m.detach(i);
-        }
-        let used = m.exports.iter().filter(|e| e.used).count();
-        assert!(used <= NBD_EXPORT_SERIES_MAX);
-        assert!(
-            m.exports.iter().any(|e| e.tag == Some(5)),
-            "held series stay"
-        );
-        let i = m.attach(Some(9999));
-        assert!(i > 0 && m.exports[i].tag == Some(9999));
-        // A list without the idle tags prunes them; held ones stay.
-        let list = csnap_proto::SnapList::empty();
-        let mut frame = [0u8; 256];
-        let n = csnap_proto::encode(
-            &csnap_proto::Header::new(1, 1),
-            &csnap_proto::Msg::SnapshotList(list),
-            &mut frame,
-        )
-        .unwrap();
-        m.list_reply(&frame[..n]);
-        let tags: Vec<_> = m.exports.iter().filter(|e| e.used).map(|e| e.tag).collect();
-        assert_eq!(tags, vec![None, Some(5), Some(9999)]);
-    }
-
-    #[test]
-    fn incarnations_count_failovers_after_the_first() {
-        let mut s = IncarnationSeen::default();
-        s.saw(3);
-        s.saw(3);
-        s.saw(2);
-        assert_eq!((s.incarnation, s.failovers), (3, 0));
-        s.saw(4);
-        s.saw(6);
-        assert_eq!((s.incarnation, s.failovers), (6, 2));
-    }
-
-    #[test]
-    fn a_full_nbd_text_fits_its_buffer() {
-        let mut m = NbdMetrics::new();
-        for t in 0..SNAPSHOTS_MAX as u32 {
-            m.attach(Some(u32::MAX - t));
-        }
-        for op in 0..NBD_OPS {
-            m.done(Some(0), op, u64::MAX / 4, true, u64::MAX / 4);
-        }
-        let mut buf = vec![0u8; csnap_pools::METRICS_RESPONSE_MAX_BYTES];
-        let (s, e) = respond(&mut buf, Status::Ok, false, &mut |t| m.render(t));
-        assert!(
-            buf[s..e].starts_with(b"HTTP/1.1 200 "),
-            "the largest text fits"
-        );
-    }
-}
-
 /// An agent's whole text: what its FSM knows, and the incarnations seen.
 pub fn render_agent(t: &mut Text<'_>, st: &csnap_fsm::agent::AgentStatus, seen: &IncarnationSeen) {
     build_info(t, env!("CARGO_PKG_VERSION"));
@@ -915,4 +839,80 @@ pub fn render_agent(t: &mut Text<'_>, st: &csnap_fsm::agent::AgentStatus, seen: 
         "Registered snapshot clients of this node",
         u64::from(st.snapshot_clients),
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn export_series_are_bounded_reused_and_pruned() {
+        let mut m = NbdMetrics::new();
+        assert_eq!(m.attach(None), 0);
+        let a = m.attach(Some(5));
+        assert_eq!(m.attach(Some(5)), a, "one series per tag");
+        m.done(Some(a), 0, 4096, true, 10);
+        m.done(Some(a), 1, 512, false, 10);
+        assert_eq!(m.exports[a].read_bytes, 4096);
+        assert_eq!(
+            m.exports[a].written_bytes, 0,
+            "a failed write moves no bytes"
+        );
+        assert_eq!(m.errors[1], 1);
+        // Fill the table with tags nobody holds any more; one more tag
+        // still gets a series (an idle one is reused), never past the bound.
+        for t in 100..100 + u32::try_from(NBD_EXPORT_SERIES_MAX).unwrap() {
+            let i = m.attach(Some(t));
+            m.detach(i);
+        }
+        let used = m.exports.iter().filter(|e| e.used).count();
+        assert!(used <= NBD_EXPORT_SERIES_MAX);
+        assert!(
+            m.exports.iter().any(|e| e.tag == Some(5)),
+            "held series stay"
+        );
+        let i = m.attach(Some(9999));
+        assert!(i > 0 && m.exports[i].tag == Some(9999));
+        // A list without the idle tags prunes them; held ones stay.
+        let list = csnap_proto::SnapList::empty();
+        let mut frame = [0u8; 256];
+        let n = csnap_proto::encode(
+            &csnap_proto::Header::new(1, 1),
+            &csnap_proto::Msg::SnapshotList(list),
+            &mut frame,
+        )
+        .unwrap();
+        m.list_reply(&frame[..n]);
+        let tags: Vec<_> = m.exports.iter().filter(|e| e.used).map(|e| e.tag).collect();
+        assert_eq!(tags, vec![None, Some(5), Some(9999)]);
+    }
+
+    #[test]
+    fn incarnations_count_failovers_after_the_first() {
+        let mut s = IncarnationSeen::default();
+        s.saw(3);
+        s.saw(3);
+        s.saw(2);
+        assert_eq!((s.incarnation, s.failovers), (3, 0));
+        s.saw(4);
+        s.saw(6);
+        assert_eq!((s.incarnation, s.failovers), (6, 2));
+    }
+
+    #[test]
+    fn a_full_nbd_text_fits_its_buffer() {
+        let mut m = NbdMetrics::new();
+        for t in 0..u32::try_from(SNAPSHOTS_MAX).unwrap() {
+            m.attach(Some(u32::MAX - t));
+        }
+        for op in 0..NBD_OPS {
+            m.done(Some(0), op, u64::MAX / 4, true, u64::MAX / 4);
+        }
+        let mut buf = vec![0u8; csnap_pools::METRICS_RESPONSE_MAX_BYTES];
+        let (s, e) = respond(&mut buf, Status::Ok, false, &mut |t| m.render(t));
+        assert!(
+            buf[s..e].starts_with(b"HTTP/1.1 200 "),
+            "the largest text fits"
+        );
+    }
 }
