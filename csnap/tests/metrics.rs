@@ -44,10 +44,23 @@ fn http(addr: SocketAddr, request: &[u8]) -> String {
 /// `GET /metrics`: checks the head, the length, and the body with promtool;
 /// returns the samples (`name{labels}` → value).
 fn scrape(addr: SocketAddr) -> (String, HashMap<String, f64>) {
-    let r = http(
-        addr,
-        b"GET /metrics HTTP/1.1\r\nHost: x\r\nAccept: text/plain\r\n\r\n",
-    );
+    checked(&http(addr, SCRAPE))
+}
+
+const SCRAPE: &[u8] = b"GET /metrics HTTP/1.1\r\nHost: x\r\nAccept: text/plain\r\n\r\n";
+
+/// One HTTP exchange over a unix socket.
+fn http_unix(path: &Path, request: &[u8]) -> String {
+    let mut s = std::os::unix::net::UnixStream::connect(path).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(request).unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    String::from_utf8(out).expect("utf-8 response")
+}
+
+/// A scrape's response checked (head, length, promtool) and its samples.
+fn checked(r: &str) -> (String, HashMap<String, f64>) {
     let (head, body) = r.split_once("\r\n\r\n").expect("a head and a body");
     let mut lines = head.split("\r\n");
     assert_eq!(lines.next(), Some("HTTP/1.1 200 OK"), "{head}");
@@ -398,14 +411,15 @@ fn a_standalone_server_serves_its_own_metrics() {
     let (o, s) = (origin.to_str().unwrap(), store.to_str().unwrap());
     csnap_out(&["format", "--origin", o, "--store", s, "--store-size", "64M"]);
     let sock = d.join("server.sock");
-    let port = free_port();
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let msock = d.join("metrics.sock");
     let log = std::fs::File::create(d.join("server.log")).unwrap();
     let p = Proc(
         Command::new(BIN)
             .args(["server", "--origin", o, "--store", s, "--listen"])
             .arg(&sock)
-            .args(["--metrics", &addr.to_string(), "--no-mlock"])
+            .arg("--metrics")
+            .arg(&msock)
+            .arg("--no-mlock")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -418,16 +432,14 @@ fn a_standalone_server_serves_its_own_metrics() {
             .contains("metrics at")
             .then_some(())
     });
-    let (_, m) = wait_until("a scrape", Duration::from_secs(30), || {
-        TcpStream::connect(addr).ok().map(|_| scrape(addr))
-    });
+    let (_, m) = checked(&http_unix(&msock, SCRAPE));
     assert_eq!(get(&m, "csnap_server_incarnation"), 1.0);
     assert_eq!(get(&m, "csnap_snapshots"), 0.0);
     assert!(get(&m, "csnap_store_size_bytes") > 30e6);
     let srv = sock.to_str().unwrap();
     csnap_out(&["snapshot", "create", "--server", srv, "1"]);
     csnap_out(&["snapshot", "create", "--server", srv, "2"]);
-    let (_, m) = scrape(addr);
+    let (_, m) = checked(&http_unix(&msock, SCRAPE));
     assert_eq!(get(&m, "csnap_snapshots"), 2.0);
     assert_eq!(get(&m, "csnap_server_clients"), 0.0);
     let st = csnap_out(&["status", "--server", srv, "--json"]);
@@ -436,7 +448,7 @@ fn a_standalone_server_serves_its_own_metrics() {
         json(&st, "d['store_size_bytes']"),
         format!("{}", get(&m, "csnap_store_size_bytes"))
     );
-    let r = http(addr, b"PUT /metrics HTTP/1.1\r\n\r\n");
+    let r = http_unix(&msock, b"PUT /metrics HTTP/1.1\r\n\r\n");
     assert!(r.starts_with("HTTP/1.1 405 "), "{r}");
     drop(p);
 }
