@@ -366,6 +366,15 @@ pub fn nbd_op(k: CmdKind) -> usize {
     }
 }
 
+/// An export's series key: `None` for the origin, else the tag.
+#[must_use]
+pub fn export_tag(v: csnap_proto::Volume) -> Option<u32> {
+    match v {
+        csnap_proto::Volume::Origin => None,
+        csnap_proto::Volume::Snapshot(t) => Some(t),
+    }
+}
+
 /// Export series: the origin and every snapshot that exists (a snapshot
 /// cannot be deleted while a connection has it open, so attached exports
 /// are live ones).
@@ -513,6 +522,15 @@ impl IncarnationSeen {
     }
 }
 
+/// What the NBD loop does after [`NbdMetrics::turn`].
+#[derive(Debug, Clone, Copy)]
+pub struct NbdTurn {
+    /// Questions were put on the control connection: send them now.
+    pub asked: bool,
+    /// Wake the loop by then (a connection deadline, the status wait).
+    pub wake_ms: Option<u64>,
+}
+
 /// Everything the NBD server's endpoint renders. Reserved at init, updated
 /// on the loop's thread without allocation.
 #[derive(Debug)]
@@ -609,6 +627,19 @@ impl NbdMetrics {
         }
     }
 
+    /// A command of `kind` admitted at `start_us` (monotonic) was answered.
+    pub fn finished(
+        &mut self,
+        export: Option<usize>,
+        kind: CmdKind,
+        len: u32,
+        ok: bool,
+        start_us: u64,
+    ) {
+        let us = csnap_sys::monotonic_micros().saturating_sub(start_us);
+        self.done(export, nbd_op(kind), u64::from(len), ok, us);
+    }
+
     /// A command was answered after `us` microseconds.
     pub fn done(&mut self, export: Option<usize>, op: usize, bytes: u64, ok: bool, us: u64) {
         self.requests[op] += 1;
@@ -623,6 +654,64 @@ impl NbdMetrics {
                 _ => {}
             }
         }
+    }
+
+    /// The endpoint's turn in the NBD loop: its connections move on; a
+    /// scrape asks the server for `Status` and the snapshot list on the
+    /// control connection (`fsm`), and is answered once both came back or
+    /// after [`csnap_pools::METRICS_STATUS_WAIT_MS`] with the figures known
+    /// (`csnap_server_up` 0). The caller sends what was asked at once.
+    pub fn turn(
+        &mut self,
+        ep: &mut MetricsEndpoint,
+        fsm: &mut csnap_fsm::client::ClientFsm,
+        reg: &Registry,
+        now: u64,
+        connections: usize,
+    ) -> NbdTurn {
+        use csnap_fsm::client::Request;
+        ep.pump(reg, now);
+        let mut asked = false;
+        if ep.waiting() && self.asked_at_ms.is_none() {
+            self.fresh = false;
+            self.status_id = fsm.request(Request::Status);
+            self.list_id = fsm.request(Request::List);
+            self.asked_at_ms = Some(now);
+            asked = true;
+        }
+        let mut wake_ms = ep.next_deadline_ms();
+        if ep.waiting() {
+            let at = self.asked_at_ms.unwrap_or(now) + csnap_pools::METRICS_STATUS_WAIT_MS;
+            if (self.status_id.is_none() && self.list_id.is_none()) || now >= at {
+                self.connections = connections as u64;
+                let me = &*self;
+                ep.respond(reg, &mut |t| me.render(t));
+                for id in [self.status_id.take(), self.list_id.take()]
+                    .into_iter()
+                    .flatten()
+                {
+                    fsm.forget(id);
+                }
+                self.asked_at_ms = None;
+            } else {
+                wake_ms = Some(wake_ms.map_or(at, |w| w.min(at)));
+            }
+        }
+        NbdTurn { asked, wake_ms }
+    }
+
+    /// A control reply: `true` when it answered a scrape's question.
+    pub fn reply(&mut self, id: u64, frame: &[u8]) -> bool {
+        if self.status_id == Some(id) {
+            self.status_id = None;
+            self.status_reply(frame);
+        } else if self.list_id == Some(id) {
+            self.list_id = None;
+            self.list_reply(frame);
+        } else {
+            return false;
+        }
+        true
     }
 
     /// A snapshot list arrived: series of snapshots that no longer exist

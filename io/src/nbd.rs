@@ -112,7 +112,7 @@ use csnap_fsm::volume::{
 use csnap_proto::{self as proto, ErrorCode, FrameReader, Msg, Role, Volume, FRAME_MAX_BYTES};
 use mio::{Events, Interest, Poll, Registry, Token};
 
-use crate::metrics::{nbd_op, MetricsEndpoint, NbdMetrics, METRICS_TOKENS};
+use crate::metrics::{MetricsEndpoint, NbdMetrics, METRICS_TOKENS};
 use crate::net::{Addr, MioListener, MioStream};
 
 /// Engine I/Os in flight per connection.
@@ -1809,10 +1809,7 @@ impl Slot {
         self.link.close(reg);
         let id = sh.new_client_id();
         self.engine.reset(v, id);
-        self.export_tag = match v {
-            Volume::Origin => None,
-            Volume::Snapshot(t) => Some(t),
-        };
+        self.export_tag = crate::metrics::export_tag(v);
         self.link.start(id, sh.node_id, Some(v), now);
         self.timed_out = false;
         self.dead = None;
@@ -1840,8 +1837,9 @@ impl Slot {
             _ => None,
         };
         if let Some(err) = immediate {
+            let now_us = csnap_sys::monotonic_micros();
             sh.metrics
-                .done(self.metrics_export, nbd_op(c.kind), 0, err.is_none(), 0);
+                .finished(self.metrics_export, c.kind, 0, err.is_none(), now_us);
             self.push_hdr(&simple_reply(c.handle, err), sh);
             return true;
         }
@@ -2065,15 +2063,9 @@ impl Slot {
         }
         self.cmds[ci] = None;
         self.active -= 1;
-        let us = csnap_sys::monotonic_micros().saturating_sub(c.start_us);
         let ok = c.error.is_none();
-        sh.metrics.done(
-            self.metrics_export,
-            nbd_op(c.kind),
-            u64::from(c.len),
-            ok,
-            us,
-        );
+        sh.metrics
+            .finished(self.metrics_export, c.kind, c.len, ok, c.start_us);
         if c.acked {
             // Its reply went out when it was taken; a failure now is the
             // next flush's to report.
@@ -2863,15 +2855,9 @@ impl NbdServer {
                     Verdict::Keep
                 }
                 ClientEvent::Reply { id } => {
-                    if metrics.status_id == Some(id) {
-                        metrics.status_id = None;
-                        metrics.status_reply(f);
-                        routed += 1;
-                    } else if metrics.list_id == Some(id) {
-                        metrics.list_id = None;
-                        metrics.list_reply(f);
-                        routed += 1;
-                    } else if route_control_reply(slots, id, f, export_size, write_back) {
+                    if metrics.reply(id, f)
+                        || route_control_reply(slots, id, f, export_size, write_back)
+                    {
                         routed += 1;
                     }
                     Verdict::Keep
@@ -2891,54 +2877,23 @@ impl NbdServer {
         }
     }
 
-    /// The metrics endpoint's turn: connections moved on; a scrape asks the
-    /// server for its status and the snapshot list on the control
-    /// connection, and is answered when both came back or after
-    /// `METRICS_STATUS_WAIT_MS` with the figures known (`csnap_server_up`
-    /// 0).
+    /// The metrics endpoint's turn (`NbdMetrics::turn`); a scrape's
+    /// questions go on the control link now, not at the next wake-up.
     fn metrics_turn(&mut self, now: u64) {
         let Some(ep) = self.metrics.as_mut() else {
             return;
         };
-        ep.pump(self.poll.registry(), now);
-        if ep.waiting() && self.sh.metrics.asked_at_ms.is_none() {
-            let m = &mut self.sh.metrics;
+        let n = self.slots.iter().filter(|s| s.state != SlotState::Free);
+        let (fsm, reg) = (&mut self.ctl.fsm, self.poll.registry());
+        let t = self.sh.metrics.turn(ep, fsm, reg, now, n.count());
+        if t.asked {
             if !self.ctl.link.active() {
                 self.ctl.link.start(0, self.sh.node_id, None, now);
             }
-            m.fresh = false;
-            m.status_id = self.ctl.fsm.request(Request::Status);
-            m.list_id = self.ctl.fsm.request(Request::List);
-            m.asked_at_ms = Some(now);
-            // Sent now, not at the next wake-up.
             self.pump_control(now);
         }
-        let Some(ep) = self.metrics.as_mut() else {
-            return;
-        };
-        let reg = self.poll.registry();
-        if ep.waiting() {
-            let m = &mut self.sh.metrics;
-            let at = m.asked_at_ms.unwrap_or(now) + csnap_pools::METRICS_STATUS_WAIT_MS;
-            if (m.status_id.is_none() && m.list_id.is_none()) || now >= at {
-                m.connections = self
-                    .slots
-                    .iter()
-                    .filter(|s| s.state != SlotState::Free)
-                    .count() as u64;
-                let m = &self.sh.metrics;
-                ep.respond(reg, &mut |t| m.render(t));
-                let m = &mut self.sh.metrics;
-                for id in [m.status_id.take(), m.list_id.take()].into_iter().flatten() {
-                    self.ctl.fsm.forget(id);
-                }
-                m.asked_at_ms = None;
-            } else {
-                self.sh.wake(at);
-            }
-        }
-        if let Some(d) = ep.next_deadline_ms() {
-            self.sh.wake(d);
+        if let Some(w) = t.wake_ms {
+            self.sh.wake(w);
         }
     }
 
