@@ -10,8 +10,9 @@
 #   stress-ng   the memory hog of scripts/mem-pressure-bench.sh
 #   iproute2    ip: network namespaces, veths, a bridge (csnap/tests/testbed.rs)
 #   mount       losetup: each test-bed node's own loop devices
+#   prometheus  promtool check metrics: the metrics endpoint's text (csnap/tests/metrics.rs)
 csnap_install_packages() {
-    local wanted=(strace qemu-utils libnbd-bin file fuse3 e2fsprogs stress-ng iproute2 mount)
+    local wanted=(strace qemu-utils libnbd-bin file fuse3 e2fsprogs stress-ng iproute2 mount prometheus)
     local missing=()
     for p in "${wanted[@]}"; do
         dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

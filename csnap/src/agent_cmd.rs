@@ -117,6 +117,11 @@ pub struct AgentArgs {
     /// only on unix sockets in the node's directory (one host).
     #[arg(long, value_name = "IP")]
     pub server_listen: Option<std::net::IpAddr>,
+    /// Serve Prometheus metrics (text format 0.0.4) at `GET /metrics` on
+    /// ADDR (host:port, or a unix socket path): membership, the serving
+    /// incarnation and the failovers this agent saw.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<String>,
     #[command(flatten)]
     pub confine: ConfineArgs,
 }
@@ -188,6 +193,11 @@ fn agent(args: &AgentArgs) -> Result<String, String> {
         conns: usize::try_from(args.conns).unwrap_or(usize::MAX),
         spawner,
         confinement: args.confine.confinement(Some(csnap_audit::AGENT), &who)?,
+        metrics: args
+            .metrics
+            .as_deref()
+            .map(|a| csnap_io::net::Addr::parse(a).map_err(|e| format!("--metrics {a}: {e}")))
+            .transpose()?,
     };
     csnap_failover::agent::run(opts)
 }
@@ -314,6 +324,9 @@ pub enum ClusterAction {
         /// The cluster directory.
         #[arg(long, value_name = "DIR")]
         dir: PathBuf,
+        /// Print a JSON object (field names in the README).
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -339,7 +352,7 @@ pub fn run_cluster(args: &ClusterArgs) -> ExitCode {
         ClusterAction::Join { dir, node } => command(dir, ClusterOp::Join, *node),
         ClusterAction::Leave { dir, node } => command(dir, ClusterOp::Leave, *node),
         ClusterAction::Start { dir, node } => command(dir, ClusterOp::Start, *node),
-        ClusterAction::Status { dir } => status(dir),
+        ClusterAction::Status { dir, json } => status(dir, *json),
     };
     match r {
         Ok(code) => code,
@@ -472,8 +485,15 @@ fn command(dir: &Path, op: ClusterOp, node: u32) -> CmdResult {
     })
 }
 
-fn status(dir: &Path) -> CmdResult {
+fn status(dir: &Path, json: bool) -> CmdResult {
     ask(dir, &Msg::ClusterStatus, &mut |m| {
+        if let Some(text) = crate::json::cluster_status(m).filter(|_| json) {
+            return if output(&text) {
+                Ok(ExitCode::SUCCESS)
+            } else {
+                Ok(ExitCode::from(EXIT_FAILED))
+            };
+        }
         let Msg::ClusterStatusReply {
             server_incarnation,
             server_node,

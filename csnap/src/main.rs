@@ -20,6 +20,7 @@ mod demo;
 mod device;
 mod format;
 mod io_cmd;
+mod json;
 mod nbd_cmd;
 mod server_cmd;
 mod size;

@@ -53,6 +53,11 @@ pub struct NbdArgs {
     /// consistency.
     #[arg(long)]
     pub no_write_back: bool,
+    /// Serve Prometheus metrics (text format 0.0.4) at `GET /metrics` on
+    /// ADDR (host:port, or a unix socket path): NBD traffic by export and
+    /// operation, and the csnap server's figures (asked for at each scrape).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<String>,
     /// Memory locking, the sealed heap and the syscall whitelist (`NBD`).
     #[command(flatten)]
     pub confine: crate::agent_cmd::ConfineArgs,
@@ -100,12 +105,20 @@ fn serve(args: &NbdArgs) -> Result<ExitCode, String> {
         buffers: usize_of(args.buffers),
         failover_timeout_ms: args.failover_timeout_ms,
         write_back: !args.no_write_back,
+        metrics: args
+            .metrics
+            .as_deref()
+            .map(|a| Addr::parse(a).map_err(|e| format!("--metrics {a}: {e}")))
+            .transpose()?,
     };
     let mut server = NbdServer::new(&opts)?;
     let mut reserved = 0usize;
     for (what, bytes) in server.reserved_items() {
         eprintln!("csnap nbd: pool {what}: {bytes} bytes");
         reserved += bytes;
+    }
+    if let Some(a) = server.metrics_addr() {
+        eprintln!("csnap nbd: metrics at http://{a}/metrics");
     }
     for a in server.local_addrs() {
         eprintln!("csnap nbd: listening on {a}");

@@ -80,6 +80,10 @@ pub struct ServerArgs {
     #[arg(long, value_name = "N", default_value_t = csnap_pools::CACHE_DEFAULT_BLOCKS as u64,
           value_parser = clap::value_parser!(u64).range(csnap_pools::CACHE_MIN_BLOCKS as u64..=(1 << 24)))]
     pub cache_blocks: u64,
+    /// Serve Prometheus metrics (text format 0.0.4) at `GET /metrics` on
+    /// ADDR (host:port, or a unix socket path), from the network thread.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<String>,
 }
 
 /// `--seal` values.
@@ -217,6 +221,15 @@ fn serve(args: &ServerArgs) -> Result<ExitCode, String> {
     let worker_filter = filters.as_ref().map(|f| f.store.clone());
     let mut lp = ServerLoop::with_listeners(cfg, listeners, worker, worker_filter)
         .map_err(|e| format!("cannot start the server loop: {e}"))?;
+    if let Some(m) = &args.metrics {
+        let a = Addr::parse(m).map_err(|e| format!("--metrics {m}: {e}"))?;
+        let a = lp.serve_metrics(&a)?;
+        eprintln!(
+            "csnap server: pool metrics endpoint: {} bytes",
+            csnap_io::metrics::MetricsEndpoint::reserved_bytes()
+        );
+        eprintln!("csnap server: metrics at http://{a}/metrics");
+    }
     for a in lp.local_addrs() {
         eprintln!("csnap server: listening on {a}");
     }
@@ -429,6 +442,15 @@ fn serve_standby(args: &ServerArgs) -> Result<ExitCode, String> {
     let worker_filter = filters.as_ref().map(|f| f.store.clone());
     let mut lp = ServerLoop::with_listeners(cfg, listeners, worker, worker_filter)
         .map_err(|e| format!("cannot start the server loop: {e}"))?;
+    if let Some(m) = &args.metrics {
+        let a = Addr::parse(m).map_err(|e| format!("--metrics {m}: {e}"))?;
+        let a = lp.serve_metrics(&a)?;
+        eprintln!(
+            "csnap server: pool metrics endpoint: {} bytes",
+            csnap_io::metrics::MetricsEndpoint::reserved_bytes()
+        );
+        eprintln!("csnap server: metrics at http://{a}/metrics");
+    }
     for a in lp.local_addrs() {
         eprintln!("csnap server: standby listening on {a}");
     }

@@ -39,6 +39,9 @@ pub enum SnapshotAction {
     List {
         #[command(flatten)]
         server: ServerSel,
+        /// Print a JSON array (field names in the README).
+        #[arg(long)]
+        json: bool,
     },
     /// Set a snapshot's priority (lowest is deleted first when the store is
     /// full and the policy allows it; 127 never).
@@ -72,6 +75,9 @@ pub enum SnapshotAction {
 pub struct StatusArgs {
     #[command(flatten)]
     pub server: ServerSel,
+    /// Print a JSON object (field names in the README).
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// How a control command finds the server: its address, or the agent of a
@@ -140,7 +146,7 @@ pub fn run(args: &SnapshotArgs) -> ExitCode {
         SnapshotAction::Diff { server, a, b, json } => return diff(server, *a, b, *json),
         SnapshotAction::Create { server, tag } => (server, Request::Create(*tag)),
         SnapshotAction::Delete { server, tag } => (server, Request::Delete(*tag)),
-        SnapshotAction::List { server } => (server, Request::List),
+        SnapshotAction::List { server, .. } => (server, Request::List),
         SnapshotAction::Priority {
             server,
             tag,
@@ -160,6 +166,15 @@ pub fn run(args: &SnapshotArgs) -> ExitCode {
                 _ => String::new(),
             };
             if output(&what) {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(EXIT_FAILED)
+            }
+        }
+        Ok(Msg::SnapshotList(l))
+            if matches!(args.action, SnapshotAction::List { json: true, .. }) =>
+        {
+            if output(&crate::json::snapshot_list(&l)) {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::from(EXIT_FAILED)
@@ -300,6 +315,13 @@ pub fn status(args: &StatusArgs) -> ExitCode {
         Err(code) => return code,
     };
     match c.call(Request::Status) {
+        Ok(m) if args.json && crate::json::status(&m).is_some() => {
+            if output(&crate::json::status(&m).unwrap_or_default()) {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(EXIT_FAILED)
+            }
+        }
         Ok(Msg::StatusReply {
             incarnation,
             chunk_size_bytes,
@@ -315,12 +337,14 @@ pub fn status(args: &StatusArgs) -> ExitCode {
             waiting_writes,
             commits,
             state,
+            copyouts,
         }) => {
             let s = format!(
                 "state: {state:?}\nincarnation: {incarnation}\nchunk size: {chunk_size_bytes} bytes\n\
                  origin: {origin_chunks} chunks\nstore data: {} of {data_chunks} chunks used\n\
                  store metadata: {} of {meta_blocks} blocks used\nsnapshots: {snapshots} ({deleting} being deleted)\n\
-                 clients: {clients}\nread locks: {read_locks}\nwaiting writes: {waiting_writes}\ncommits: {commits}\n",
+                 clients: {clients}\nread locks: {read_locks}\nwaiting writes: {waiting_writes}\ncommits: {commits}\n\
+                 copy-outs: {copyouts}\n",
                 data_chunks - data_free,
                 meta_blocks - meta_free,
             );

@@ -31,6 +31,11 @@ pub struct UpArgs {
     /// path), besides DIR/nbd.sock. Repeatable.
     #[arg(long, value_name = "ADDR")]
     pub listen: Vec<String>,
+    /// Serve the node's Prometheus metrics at `GET /metrics` on ADDR
+    /// (host:port, or a unix socket path): the NBD server's endpoint, which
+    /// asks the csnap server for its figures at each scrape.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<String>,
     /// Size of the origin volume made on first use.
     #[arg(long, value_name = "SIZE", value_parser = crate::size::parse_store_size,
           default_value = "1G")]
@@ -117,6 +122,9 @@ fn path_arg(p: &Path) -> String {
 fn up(args: &UpArgs) -> Result<ExitCode, (u8, String)> {
     let usage = |e: String| (EXIT_USAGE, e);
     let failed = |e: String| (EXIT_FAILED, e);
+    if let Some(m) = &args.metrics {
+        csnap_io::net::Addr::parse(m).map_err(|e| usage(format!("--metrics {m}: {e}")))?;
+    }
     // Signals first: every part inherits an empty mask, and a Ctrl-C during
     // start-up is handled like one later.
     csnap_sys::supervise::block_termination()
@@ -225,6 +233,10 @@ fn up(args: &UpArgs) -> Result<ExitCode, (u8, String)> {
         nbd_args.push("--listen".into());
         nbd_args.push(l.clone());
     }
+    if let Some(m) = &args.metrics {
+        nbd_args.push("--metrics".into());
+        nbd_args.push(m.clone());
+    }
     nbd_args.extend(confine.iter().cloned());
     parts.push(start("nbd", &dir, &nbd_args).map_err(failed)?);
     wait_for("the NBD server", &mut parts, deadline, &|| {
@@ -243,6 +255,9 @@ fn up(args: &UpArgs) -> Result<ExitCode, (u8, String)> {
         if l.contains(':') && !l.contains('/') {
             text.push_str(&format!("  origin over TCP:  nbd://{l}/origin\n"));
         }
+    }
+    if let Some(m) = &args.metrics {
+        text.push_str(&format!("  metrics:          GET /metrics at {m}\n"));
     }
     text.push_str(&format!(
         "  snapshot exports: nbd+unix:///TAG?socket={} (one per snapshot, by tag)\n\

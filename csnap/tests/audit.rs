@@ -124,6 +124,7 @@ fn serving_syscalls_match_the_audited_whitelist() {
         .arg("--listen")
         .arg(&sock)
         .args(["--listen", "127.0.0.1:0", "--clients", "8"])
+        .args(["--metrics", "127.0.0.1:0"])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -156,6 +157,17 @@ fn serving_syscalls_match_the_audited_whitelist() {
         lines.push_str(&String::from_utf8_lossy(&b[..n]));
     }
     workload(&d, &Addr::Unix(sock.clone()), &tcp);
+    // The metrics endpoint on the network thread: scrapes and bad requests.
+    let metrics = lines
+        .split_inclusive('\n')
+        .find_map(|l| {
+            l.trim_end()
+                .strip_prefix("csnap server: metrics at http://")
+        })
+        .and_then(|l| l.strip_suffix("/metrics"))
+        .expect("the metrics address")
+        .to_string();
+    common::scrape_for_audit(&metrics);
     std::thread::sleep(Duration::from_millis(200));
     drop(p);
     let text = std::fs::read_to_string(&trace).unwrap();

@@ -1753,10 +1753,14 @@ fn nbd_server_syscalls_match_the_audited_whitelist() {
     let trace_dir = common::fresh_dir("nbd", "audit-trace");
     let prefix = trace_dir.join("t");
     let wrapper = common::cluster::strace_wrapper(&prefix);
+    let metrics = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().to_string()
+    };
     let mut env = Env::build_wrapped(
         "audit",
         &[1, 2],
-        &["--connections", "3"],
+        &["--connections", "3", "--metrics", &metrics],
         &[],
         &["--server-arg=--no-host-lock"],
         &wrapper,
@@ -1829,6 +1833,8 @@ fn nbd_server_syscalls_match_the_audited_whitelist() {
     w.finish(true);
     let (inc2, _, _) = env.server();
     assert!(inc2 > inc, "no failover");
+    // The metrics endpoint (status and list asked on the control link).
+    common::scrape_for_audit(&metrics);
     env.assert_nbd_alive();
     env.stop_nbd();
 

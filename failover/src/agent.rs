@@ -15,6 +15,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use csnap_fsm::agent::{AgentAction, AgentConfig, AgentEvent, AgentFsm};
+use csnap_io::metrics::{render_agent, IncarnationSeen, MetricsEndpoint};
 use csnap_io::net::{Addr, MioListener, MioStream};
 use csnap_proto::{FrameReader, FRAME_MAX_BYTES};
 use mio::{Events, Interest, Poll, Token};
@@ -23,6 +24,11 @@ use crate::conns::ConnTable;
 use crate::Confinement;
 
 const BUS: Token = Token(usize::MAX - 2);
+/// The metrics endpoint's tokens (`--metrics`), below the listeners'.
+const METRICS_BASE: usize = usize::MAX - 128;
+const _: () = assert!(csnap_pools::AGENT_CONNS_MAX < METRICS_BASE);
+const _: () =
+    assert!(METRICS_BASE + csnap_io::metrics::METRICS_TOKENS <= crate::conns::LISTENER_BASE);
 
 /// Pause between attempts to reach the membership backend.
 const BUS_RETRY_MS: u64 = csnap_pools::AGENT_BUS_RETRY_MS;
@@ -47,6 +53,8 @@ pub struct AgentOptions {
     pub spawner: std::process::Command,
     /// Memory locking, heap seal and syscall filter.
     pub confinement: Confinement,
+    /// `--metrics ADDR`: the Prometheus endpoint, in the agent's loop.
+    pub metrics: Option<Addr>,
 }
 
 struct Bus {
@@ -73,6 +81,11 @@ pub fn run(mut opts: AgentOptions) -> Result<String, String> {
     let mut table = ConnTable::new(vec![listener], cfg.conns, poll.registry())
         .map_err(|e| format!("cannot register the agent socket: {e}"))?;
     let mut fsm = AgentFsm::new(cfg);
+    let mut metrics = match &opts.metrics {
+        Some(a) => Some(MetricsEndpoint::new(a, poll.registry(), METRICS_BASE)?),
+        None => None,
+    };
+    let mut seen = IncarnationSeen::default();
     let mut bus_reader = FrameReader::new(vec![0u8; FRAME_MAX_BYTES].into_boxed_slice());
     let mut ready: Vec<(Token, bool, bool, bool)> = Vec::with_capacity(EVENTS_MAX);
     opts.spawner.stdin(std::process::Stdio::piped());
@@ -84,6 +97,16 @@ pub fn run(mut opts: AgentOptions) -> Result<String, String> {
         .ok_or("the spawner has no input pipe")?;
     let node = opts.node_id;
     let mut reserved = ConnTable::reserved_bytes(cfg.conns) + FRAME_MAX_BYTES;
+    if let Some(m) = &metrics {
+        eprintln!(
+            "csnap agent {node}: pool metrics endpoint: {} bytes",
+            MetricsEndpoint::reserved_bytes()
+        );
+        reserved += MetricsEndpoint::reserved_bytes();
+        if let Ok(a) = m.local_addr() {
+            eprintln!("csnap agent {node}: metrics at http://{a}/metrics");
+        }
+    }
     for (what, bytes) in AgentFsm::reserved_items(&cfg) {
         eprintln!("csnap agent {node}: pool {what}: {bytes} bytes");
         reserved += bytes;
@@ -146,7 +169,24 @@ pub fn run(mut opts: AgentOptions) -> Result<String, String> {
                 bus_retry_at = now + BUS_RETRY_MS;
             }
         }
+        // Metrics: the incarnations the agent learns, and scrapes.
+        let st = fsm.status();
+        if let Some((inc, _)) = st.cluster_server {
+            seen.saw(inc);
+        }
+        let mut metrics_deadline = None;
+        if let Some(ep) = metrics.as_mut() {
+            ep.pump(poll.registry(), now);
+            if ep.waiting() {
+                ep.respond(poll.registry(), &mut |t| render_agent(t, &st, &seen));
+            }
+            metrics_deadline = ep.next_deadline_ms();
+        }
         let mut timeout = fsm.next_deadline_ms().map(|d| d.saturating_sub(now));
+        if let Some(d) = metrics_deadline {
+            let t = d.saturating_sub(now);
+            timeout = Some(timeout.map_or(t, |x| x.min(t)));
+        }
         if bus.is_none() {
             let t = bus_retry_at.saturating_sub(now);
             timeout = Some(timeout.map_or(t, |x| x.min(t)));
@@ -183,6 +223,8 @@ pub fn run(mut opts: AgentOptions) -> Result<String, String> {
                     fsm.handle_bus_disconnected();
                     bus_retry_at = fsm_now(&t0) + BUS_RETRY_MS;
                 }
+            } else if let Some(m) = metrics.as_mut().filter(|m| m.owns(token)) {
+                m.on_event(token, readable || closed, writable);
             } else {
                 table.on_event(&mut fsm, poll.registry(), token, readable, writable, closed);
             }

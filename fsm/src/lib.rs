@@ -14,6 +14,8 @@
 //! - [`agent`]: one node's agent (server addresses, its standby, starts).
 //! - [`cluster`]: the `local` membership and resource-manager backend (the
 //!   controller the agents talk to).
+//! - [`metrics`]: the metrics endpoint's HTTP request, response and
+//!   Prometheus text in a fixed buffer.
 //! - [`fixed`], [`outbuf`]: fixed queues and output buffers they share.
 
 #![forbid(unsafe_code)]
@@ -24,6 +26,7 @@ pub mod cluster;
 pub mod disk_sched;
 pub mod fixed;
 pub mod locks;
+pub mod metrics;
 pub mod nbd;
 pub mod outbuf;
 pub mod server;

@@ -1757,6 +1757,7 @@ impl Server {
                     waiting_writes: self.waiting_writes,
                     commits: fig.commits,
                     state: self.state,
+                    copyouts: fig.copyouts,
                 };
                 self.send(conn, rid, &msg);
             }

@@ -177,6 +177,8 @@ pub struct StoreFigures {
     pub deleting: u32,
     /// Journal commits since the store was formatted (its last sequence).
     pub commits: u64,
+    /// Copy-outs this worker made since the process started.
+    pub copyouts: u64,
 }
 
 /// What came back.

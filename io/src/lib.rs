@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 pub mod client;
+pub mod metrics;
 pub mod nbd;
 mod nbd_disk;
 pub mod net;

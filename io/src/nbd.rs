@@ -127,6 +127,7 @@ use csnap_fsm::volume::{
 use csnap_proto::{self as proto, ErrorCode, FrameReader, Msg, Role, Volume, FRAME_MAX_BYTES};
 use mio::{Events, Interest, Poll, Registry, Token};
 
+use crate::metrics::{MetricsEndpoint, NbdMetrics, METRICS_TOKENS};
 use crate::net::{Addr, MioListener, MioStream};
 
 /// Engine I/Os in flight per connection.
@@ -173,6 +174,10 @@ const CTL_SERVER: Token = Token(usize::MAX - 2);
 const CTL_AGENT: Token = Token(usize::MAX - 3);
 const DISK: Token = Token(usize::MAX - 4);
 const LISTENER_BASE: usize = usize::MAX - 64;
+/// The metrics endpoint's tokens (`--metrics`), below the listeners'.
+const METRICS_BASE: usize = usize::MAX - 128;
+const _: () = assert!(csnap_pools::NBD_CONNECTIONS_MAX * TOKENS_PER_SLOT < METRICS_BASE);
+const _: () = assert!(METRICS_BASE + METRICS_TOKENS <= LISTENER_BASE);
 
 // Token spaces do not meet.
 const _: () = assert!(csnap_pools::NBD_CONNECTIONS_MAX * TOKENS_PER_SLOT < LISTENER_BASE);
@@ -217,6 +222,8 @@ pub struct NbdOptions {
     /// acknowledged before it and reports a failure of any of them. Exports
     /// then do not advertise multi-connection consistency.
     pub write_back: bool,
+    /// `--metrics ADDR`: the Prometheus endpoint (see `crate::metrics`).
+    pub metrics: Option<Addr>,
 }
 
 fn now_ms() -> u64 {
@@ -369,6 +376,8 @@ struct Shared {
     next_client: u32,
     /// Figures for the log at exit.
     stats: NbdStats,
+    /// Figures for the metrics endpoint.
+    metrics: NbdMetrics,
 }
 
 /// Figures of a run, printed at exit.
@@ -1171,6 +1180,8 @@ struct Command {
     rendered: u32,
     /// `BLOCK_STATUS` with `REQ_ONE`: one extent per context.
     req_one: bool,
+    /// Admitted at (monotonic µs), for the duration histogram.
+    start_us: u64,
 }
 
 impl Command {
@@ -1377,6 +1388,10 @@ struct Slot {
     /// A disk operation the engine emitted that the disk queue had no room
     /// for yet.
     held: Option<DiskOp>,
+    /// The export asked for (`None`: the origin) and, once attached, its
+    /// metrics series.
+    export_tag: Option<u32>,
+    metrics_export: Option<usize>,
 }
 
 impl Slot {
@@ -1426,6 +1441,8 @@ impl Slot {
             wb_error: None,
             index: u16::try_from(index).unwrap_or(u16::MAX),
             held: None,
+            export_tag: None,
+            metrics_export: None,
         }
     }
 
@@ -1747,6 +1764,7 @@ impl Slot {
                 sh.stats.reconnects += 1;
             }
             self.link.on_ready();
+            sh.metrics.seen.saw(Peer::incarnation(&self.engine));
             if self.timed_out {
                 eprintln!("csnap nbd: a server is reachable again; I/O resumes");
             }
@@ -1754,6 +1772,10 @@ impl Slot {
             if let SlotState::Attaching { .. } = self.state {
                 let info = self.export_info(self.engine.size_bytes(), sh.write_back);
                 self.answer(Some(info));
+                if let Some(i) = self.metrics_export.take() {
+                    sh.metrics.detach(i);
+                }
+                self.metrics_export = Some(sh.metrics.attach(self.export_tag));
                 self.attached = true;
                 self.state = SlotState::Handshake;
             }
@@ -2130,6 +2152,7 @@ impl Slot {
         let id = sh.new_client_id();
         self.engine.reset(v, id);
         self.volume = v;
+        self.export_tag = crate::metrics::export_tag(v);
         self.link.start(id, sh.node_id, Some(v), now);
         self.timed_out = false;
         self.dead = None;
@@ -2161,6 +2184,9 @@ impl Slot {
             _ => None,
         };
         if let Some(err) = immediate {
+            let now_us = csnap_sys::monotonic_micros();
+            sh.metrics
+                .finished(self.metrics_export, c.kind, 0, err.is_none(), now_us);
             let structured = self.structured_for(c.kind);
             self.push_done(c.handle, structured, err, sh);
             return true;
@@ -2218,6 +2244,7 @@ impl Slot {
             ctx: 0,
             rendered: 0,
             req_one: c.flags.req_one(),
+            start_us: csnap_sys::monotonic_micros(),
         });
         self.active += 1;
         if receiving {
@@ -2392,6 +2419,9 @@ impl Slot {
         }
         self.cmds[ci] = None;
         self.active -= 1;
+        let ok = c.error.is_none();
+        sh.metrics
+            .finished(self.metrics_export, c.kind, c.len, ok, c.start_us);
         if c.acked {
             // Its reply went out when it was taken; a failure now is the
             // next flush's to report.
@@ -2589,6 +2619,9 @@ impl Slot {
         assert!(self.held.is_none(), "a disk operation held without I/O");
         self.io_map = [None; IOS];
         self.attached = false;
+        if let Some(i) = self.metrics_export.take() {
+            sh.metrics.detach(i);
+        }
         self.timed_out = false;
         self.dead = None;
         self.state = SlotState::Free;
@@ -2794,6 +2827,8 @@ pub struct NbdServer {
     slots: Vec<Slot>,
     ctl: Control,
     sh: Shared,
+    /// `--metrics`: the Prometheus endpoint.
+    metrics: Option<MetricsEndpoint>,
     reserved: Vec<(&'static str, usize)>,
     /// Shutdown requested: the deadline for in-flight work.
     shutdown_at_ms: Option<u64>,
@@ -2884,6 +2919,12 @@ impl NbdServer {
             request_deaths_max: csnap_pools::REQUEST_SERVER_DEATHS_MAX,
         };
         let poll = Poll::new().map_err(|e| format!("epoll: {e}"))?;
+        // Bound before the NBD listeners: once those answer (what `csnap up`
+        // waits for), the metrics address answers too.
+        let metrics = match &opts.metrics {
+            Some(a) => Some(MetricsEndpoint::new(a, poll.registry(), METRICS_BASE)?),
+            None => None,
+        };
         let mut listeners = Vec::with_capacity(opts.listen.len());
         for (i, a) in opts.listen.iter().enumerate() {
             let mut l = MioListener::bind(a).map_err(|e| format!("cannot listen on {a}: {e}"))?;
@@ -2926,7 +2967,7 @@ impl NbdServer {
             caching: false,
         };
         let n = opts.connections;
-        let reserved = vec![
+        let mut reserved = vec![
             (
                 "NBD connection slots (session, receive buffer, command table, reply queue, delta bitmap)",
                 n * (core::mem::size_of::<Slot>() + NbdSession::reserved_bytes() + RX_BYTES + DELTA_CHUNKS / 8),
@@ -2956,6 +2997,12 @@ impl NbdServer {
                         + core::mem::size_of::<(Token, bool, bool)>()),
             ),
         ];
+        if metrics.is_some() {
+            reserved.push((
+                "metrics endpoint (request and response buffers, counters)",
+                MetricsEndpoint::reserved_bytes() + NbdMetrics::reserved_bytes(),
+            ));
+        }
         Ok(NbdServer {
             poll,
             events: Events::with_capacity(EVENTS_MAX),
@@ -2983,7 +3030,9 @@ impl NbdServer {
                 nonce: u16::from_le_bytes(nonce),
                 next_client: 0,
                 stats: NbdStats::default(),
+                metrics: NbdMetrics::new(),
             },
+            metrics,
             reserved,
             shutdown_at_ms: None,
         })
@@ -3002,6 +3051,11 @@ impl NbdServer {
             .collect()
     }
 
+    /// The metrics endpoint's bound address.
+    pub fn metrics_addr(&self) -> Option<Addr> {
+        self.metrics.as_ref().and_then(|m| m.local_addr().ok())
+    }
+
     /// Figures of the run so far.
     pub fn stats(&self) -> NbdStats {
         self.sh.stats
@@ -3017,6 +3071,9 @@ impl NbdServer {
     pub fn remove_socket_files(&self) {
         for l in &self.listeners {
             l.remove_socket_file();
+        }
+        if let Some(m) = &self.metrics {
+            m.remove_socket_file();
         }
     }
 
@@ -3040,6 +3097,7 @@ impl NbdServer {
                     break;
                 }
             }
+            self.metrics_turn(now);
             self.check();
             if let Some(at) = self.shutdown_at_ms {
                 let idle = self.slots.iter().all(|s| s.state == SlotState::Free);
@@ -3141,6 +3199,8 @@ impl NbdServer {
             // Completions are taken every turn.
         } else if t == CTL_AGENT || t == CTL_SERVER {
             self.ctl.link.on_event(t, readable, writable);
+        } else if let Some(m) = self.metrics.as_mut().filter(|m| m.owns(t)) {
+            m.on_event(t, readable, writable);
         } else if t.0 >= LISTENER_BASE {
             let li = t.0 - LISTENER_BASE;
             if li < self.listeners.len() {
@@ -3227,6 +3287,7 @@ impl NbdServer {
         let mut ready = false;
         let mut routed = 0u64;
         let mut wake = self.sh.wake_at;
+        let metrics = &mut self.sh.metrics;
         let moved = self.ctl.link.pump(
             &mut self.ctl.fsm,
             &self.sh.agent,
@@ -3239,7 +3300,9 @@ impl NbdServer {
                     Verdict::Keep
                 }
                 ClientEvent::Reply { id } => {
-                    if route_control_reply(slots, id, f, export_size, write_back) {
+                    if metrics.reply(id, f)
+                        || route_control_reply(slots, id, f, export_size, write_back)
+                    {
                         routed += 1;
                     }
                     Verdict::Keep
@@ -3256,6 +3319,26 @@ impl NbdServer {
         }
         if moved || routed > 0 {
             self.sh.moved();
+        }
+    }
+
+    /// The metrics endpoint's turn (`NbdMetrics::turn`); a scrape's
+    /// questions go on the control link now, not at the next wake-up.
+    fn metrics_turn(&mut self, now: u64) {
+        let Some(ep) = self.metrics.as_mut() else {
+            return;
+        };
+        let n = self.slots.iter().filter(|s| s.state != SlotState::Free);
+        let (fsm, reg) = (&mut self.ctl.fsm, self.poll.registry());
+        let t = self.sh.metrics.turn(ep, fsm, reg, now, n.count());
+        if t.asked {
+            if !self.ctl.link.active() {
+                self.ctl.link.start(0, self.sh.node_id, None, now);
+            }
+            self.pump_control(now);
+        }
+        if let Some(w) = t.wake_ms {
+            self.sh.wake(w);
         }
     }
 

@@ -26,6 +26,10 @@ use crate::store_worker::StoreWorker;
 const WAKER: Token = Token(usize::MAX - 1);
 const AGENT: Token = Token(usize::MAX - 2);
 const LISTENER_BASE: usize = usize::MAX - 64;
+/// The metrics endpoint's tokens (`--metrics`), below the listeners'.
+const METRICS_BASE: usize = usize::MAX - 128;
+const _: () = assert!(csnap_pools::CLIENTS_MAX < METRICS_BASE);
+const _: () = assert!(METRICS_BASE + crate::metrics::METRICS_TOKENS <= LISTENER_BASE);
 
 /// Token of the standby's start request.
 const START_TOKEN: u32 = u32::MAX - 2;
@@ -79,6 +83,10 @@ pub struct ServerLoop {
     agent: Option<(mio::net::UnixStream, FrameReader<Box<[u8]>>)>,
     agent_frame: Option<Box<[u8]>>,
     _worker_ready: std::sync::mpsc::Receiver<Result<(), String>>,
+    /// Published by the store worker after each batch.
+    figures: Arc<crate::metrics::WorkerFigures>,
+    /// `--metrics`: the Prometheus endpoint, on this (network) thread.
+    metrics: Option<crate::metrics::MetricsEndpoint>,
 }
 
 impl std::fmt::Debug for ServerLoop {
@@ -227,12 +235,18 @@ impl ServerLoop {
         let readers = (0..cfg.clients)
             .map(|_| FrameReader::new(vec![0u8; FRAME_MAX_BYTES].into_boxed_slice()))
             .collect();
-        let (rq, rp, wk) = (requests.clone(), replies.clone(), waker.clone());
+        let figures = Arc::new(crate::metrics::WorkerFigures::default());
+        let (rq, rp, wk, fg) = (
+            requests.clone(),
+            replies.clone(),
+            waker.clone(),
+            figures.clone(),
+        );
         let batch: Vec<StoreRequest> = Vec::with_capacity(BATCH_MAX);
         let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel::<Result<(), String>>(1);
         let handle = std::thread::Builder::new()
             .name("csnap-store".into())
-            .spawn(move || store_thread(worker, rq, rp, wk, filter, batch, ready_tx))?;
+            .spawn(move || store_thread(worker, rq, rp, wk, fg, filter, batch, ready_tx))?;
         // The worker finishes its own init (stack prefault, filter) before
         // the caller seals the heap and enters the serving phase.
         // `ready_rx` lives as long as the loop: the worker drops its sender
@@ -257,7 +271,39 @@ impl ServerLoop {
             agent: None,
             agent_frame: None,
             _worker_ready: ready_rx,
+            figures,
+            metrics: None,
         })
+    }
+
+    /// Serves Prometheus metrics at `GET /metrics` on `addr` from this
+    /// loop (init: it reserves the endpoint's buffers).
+    pub fn serve_metrics(&mut self, addr: &Addr) -> Result<Addr, String> {
+        let ep = crate::metrics::MetricsEndpoint::new(addr, self.poll.registry(), METRICS_BASE)?;
+        let a = ep
+            .local_addr()
+            .map_err(|e| format!("metrics address: {e}"))?;
+        self.metrics = Some(ep);
+        Ok(a)
+    }
+
+    /// The metrics endpoint's turn: connections moved on, scrapes answered
+    /// from the FSM and the worker's published figures.
+    fn metrics_turn(&mut self) -> Option<std::time::Duration> {
+        let ep = self.metrics.as_mut()?;
+        let now = csnap_sys::monotonic_micros() / 1000;
+        let reg = self.poll.registry();
+        ep.pump(reg, now);
+        if ep.waiting() {
+            let f = self.figures.load(
+                self.fsm.read_locks() as u64,
+                u64::from(self.fsm.waiting_writes()),
+            );
+            let clients = u64::from(self.fsm.clients());
+            ep.respond(reg, &mut |t| crate::metrics::render_server(t, &f, clients));
+        }
+        ep.next_deadline_ms()
+            .map(|d| std::time::Duration::from_millis(d.saturating_sub(now)))
     }
 
     /// Bytes `new` reserves for `cfg`, one line per pool.
@@ -417,9 +463,10 @@ impl ServerLoop {
 
     /// As `run`, calling `on_turn` once per loop turn (test hooks).
     pub fn run_with(&mut self, on_turn: &mut dyn FnMut()) -> Stop {
+        let mut timeout = None;
         loop {
             on_turn();
-            if let Err(e) = self.poll.poll(&mut self.events, None) {
+            if let Err(e) = self.poll.poll(&mut self.events, timeout) {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
                 }
@@ -448,6 +495,11 @@ impl ServerLoop {
                         }
                     }
                     Token(t) if t >= LISTENER_BASE => self.accept(t - LISTENER_BASE),
+                    Token(t) if t >= METRICS_BASE => {
+                        if let Some(m) = self.metrics.as_mut() {
+                            m.on_event(token, readable || closed, writable);
+                        }
+                    }
                     Token(t) => {
                         let Ok(conn) = ConnId::try_from(t) else {
                             continue;
@@ -466,6 +518,7 @@ impl ServerLoop {
             if let Some(stop) = self.pump() {
                 return stop;
             }
+            timeout = self.metrics_turn();
         }
     }
 
@@ -666,11 +719,14 @@ impl Drop for ServerLoop {
     }
 }
 
+// The thread's whole equipment, moved in once.
+#[allow(clippy::too_many_arguments)]
 fn store_thread<D: Disk, O: Disk>(
     mut worker: StoreWorker<D, O>,
     requests: Ring<StoreRequest>,
     replies: Ring<StoreReply>,
     waker: Arc<Waker>,
+    figures: Arc<crate::metrics::WorkerFigures>,
     filter: Option<csnap_sys::seccomp::Filter>,
     mut batch: Vec<StoreRequest>,
     ready: std::sync::mpsc::SyncSender<Result<(), String>>,
@@ -686,6 +742,7 @@ fn store_thread<D: Disk, O: Disk>(
             return;
         }
     }
+    worker.publish(&figures);
     let _ = ready.send(Ok(()));
     drop(ready);
     let period = std::time::Duration::from_millis(FENCE_RECHECK_MS);
@@ -730,6 +787,7 @@ fn store_thread<D: Disk, O: Disk>(
             // Sized for every request plus notifications.
             let _ = replies.push(r);
         });
+        worker.publish(&figures);
         let _ = waker.wake();
     }
 }

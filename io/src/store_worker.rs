@@ -54,6 +54,8 @@ pub struct StoreWorker<D: Disk, O: Disk> {
     lease: Option<std::time::Duration>,
     /// A claiming start's wait (`SERVER_TAKEOVER_WAIT_MS`).
     takeover_wait: std::time::Duration,
+    /// Copy-outs made (origin or shared store chunk to a new store chunk).
+    copyouts: u64,
 }
 
 fn failure(e: &StoreError) -> StoreFailure {
@@ -107,6 +109,7 @@ impl<D: Disk, O: Disk> StoreWorker<D, O> {
             background_blocked: false,
             lease: None,
             takeover_wait: std::time::Duration::from_millis(csnap_pools::SERVER_TAKEOVER_WAIT_MS),
+            copyouts: 0,
         }
     }
 
@@ -134,6 +137,26 @@ impl<D: Disk, O: Disk> StoreWorker<D, O> {
     /// The store, once started.
     pub fn store(&mut self) -> Option<&mut Store<D>> {
         self.store.as_mut()
+    }
+
+    /// Copy-outs made since the process started.
+    pub fn copyouts(&self) -> u64 {
+        self.copyouts
+    }
+
+    /// Publishes the figures the metrics endpoint renders (after a batch).
+    pub fn publish(&self, f: &crate::metrics::WorkerFigures) {
+        if let Some(s) = self.store.as_ref() {
+            let st = s.status();
+            f.publish(
+                self.copyouts,
+                st.incarnation,
+                st.chunk_size_bytes,
+                st.data_chunks,
+                st.data_free,
+                st.snapshots,
+            );
+        }
     }
 
     /// Whether the store failed; the server must stop serving.
@@ -443,7 +466,9 @@ impl<D: Disk, O: Disk> StoreWorker<D, O> {
             _ => false,
         };
         let off = store.chunk_offset(to);
-        ok && store.write_data(buf, off).is_ok()
+        let ok = ok && store.write_data(buf, off).is_ok();
+        self.copyouts += u64::from(ok);
+        ok
     }
 
     fn run_one(&mut self, op: &StoreOp) -> StoreResult {
@@ -617,6 +642,7 @@ impl<D: Disk, O: Disk> StoreWorker<D, O> {
                     snapshots: s.snapshots,
                     deleting: s.deleting,
                     commits: s.seq,
+                    copyouts: self.copyouts,
                 })
             }
             StoreOp::Start { .. } => StoreResult::Failed(StoreFailure::Internal),

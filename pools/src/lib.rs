@@ -527,3 +527,35 @@ const_assert!(STANDBY_LOCK_RETRY_US < STANDBY_LOCK_WAIT_MS * 1000);
 // the controller gives up on it and before clients time out.
 const_assert!(STANDBY_LOCK_WAIT_MS < CONTROLLER_START_TIMEOUT_MS);
 const_assert!(STANDBY_LOCK_WAIT_MS < CLIENT_FAILOVER_TIMEOUT_DEFAULT_MS);
+
+// ---------------------------------------------------------------------------
+// Metrics endpoint (`--metrics ADDR`, #13): Prometheus text format 0.0.4.
+// ---------------------------------------------------------------------------
+
+/// HTTP connections a metrics endpoint serves at once; one more is accepted
+/// and closed at once (the scraper retries at its next interval).
+pub const METRICS_CONNECTIONS_MAX: usize = 4;
+/// The largest HTTP request head (request line and headers) a metrics
+/// endpoint reads; a longer one is answered 400 and closed.
+pub const METRICS_REQUEST_MAX_BYTES: usize = 4096;
+/// Room in front of the rendered body for the response's status line and
+/// headers.
+pub const METRICS_HEAD_MAX_BYTES: usize = 256;
+/// The rendered response of one scrape, head included: fixed families plus
+/// two per-export series (origin and every snapshot) of at most 160 bytes
+/// each.
+pub const METRICS_RESPONSE_MAX_BYTES: usize = 48 * 1024 + (SNAPSHOTS_MAX + 1) * 2 * 160;
+/// A metrics connection that has not sent its request, or not taken its
+/// response, within this time is closed (slow or hostile clients do not
+/// hold a slot).
+pub const METRICS_CLIENT_TIMEOUT_MS: u64 = 3_000;
+/// How long the NBD server's endpoint waits for the csnap server's status
+/// before it answers a scrape with the figures it has.
+pub const METRICS_STATUS_WAIT_MS: u64 = 1_000;
+/// Buckets of the request-duration histograms (upper bounds in
+/// microseconds; `+Inf` comes on top).
+pub const METRICS_HISTOGRAM_BUCKETS: usize = 16;
+
+const_assert!(METRICS_CONNECTIONS_MAX >= 1);
+const_assert!(METRICS_HEAD_MAX_BYTES + METRICS_REQUEST_MAX_BYTES < METRICS_RESPONSE_MAX_BYTES);
+const_assert!(METRICS_STATUS_WAIT_MS < METRICS_CLIENT_TIMEOUT_MS);

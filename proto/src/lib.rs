@@ -164,7 +164,7 @@
 //! | `0x8015` | `UploadOk`           | server  | empty | — |
 //! | `0x8020` | `Ok`                 | server  | empty | — |
 //! | `0x8023` | `SnapshotList`       | server  | snapshot list | — |
-//! | `0x8024` | `StatusReply`        | server  | status (88) | — |
+//! | `0x8024` | `StatusReply`        | server  | status (96) | — |
 //! | `0x8025` | `DeltaMap`           | server  | delta-map (16 + bitmap) | — |
 //! | `0x8030` | `Revoke`             | server, unsolicited | revoke (4 + range list) | the client sends `RevokeDone` |
 //! | `0x8031` | `ReleaseLocks`       | server, unsolicited | range list | none (the client sends `FinishSnapshotRead` once its reads are done) |
@@ -272,7 +272,7 @@
 //!
 //! Decoded as a [`SnapList`] view of [`SnapInfo`]s.
 //!
-//! ## status (`StatusReply`, 88 bytes)
+//! ## status (`StatusReply`, 96 bytes)
 //!
 //! | Offset | Size | Field | Meaning |
 //! |-------:|-----:|-------|---------|
@@ -291,6 +291,7 @@
 //! | 76 | 4 | `waiting_writes` | origin writes waiting on read locks |
 //! | 80 | 1 | `state` | 0 recovering, 1 serving ([`ServerState`]) |
 //! | 81 | 7 | reserved | 0 |
+//! | 88 | 8 | `copyouts` | copy-outs made by this server process since it started |
 //!
 //! ## query-delta (`QueryDelta`, 24 bytes)
 //!

@@ -150,7 +150,7 @@ const IDENTIFY_BYTES: usize = 48;
 const IDENTIFY_OK_BYTES: usize = 24;
 const TAG_BYTES: usize = 4;
 const SET_PRIORITY_BYTES: usize = 8;
-const STATUS_REPLY_BYTES: usize = 88;
+const STATUS_REPLY_BYTES: usize = 96;
 const QUERY_DELTA_BYTES: usize = 24;
 const DELTA_MAP_FIXED_BYTES: usize = 16;
 const ERROR_FIXED_BYTES: usize = 8;
@@ -900,6 +900,9 @@ pub enum Msg<'a> {
         commits: u64,
         /// Recovering or serving.
         state: ServerState,
+        /// Copy-outs (origin to store, and shared store chunk to a new one)
+        /// this server process made since it started.
+        copyouts: u64,
     },
     /// A request failed or a frame was rejected.
     Error {
@@ -1315,6 +1318,7 @@ impl Msg<'_> {
                 waiting_writes,
                 commits,
                 state,
+                copyouts,
             } => {
                 put_u64(b, 0, incarnation);
                 put_u64(b, 8, origin_chunks);
@@ -1330,6 +1334,7 @@ impl Msg<'_> {
                 put_u32(b, 72, read_locks);
                 put_u32(b, 76, waiting_writes);
                 b[80] = state as u8;
+                put_u64(b, 88, copyouts);
             }
             Msg::Error {
                 code,
@@ -1832,6 +1837,7 @@ fn read_body(kind: Kind, b: &[u8]) -> Result<Msg<'_>, &'static str> {
                 read_locks: get_u32(b, 72),
                 waiting_writes: get_u32(b, 76),
                 state: ServerState::from_u8(b[80]).ok_or("unknown server state")?,
+                copyouts: get_u64(b, 88),
             }
         }
         Kind::Error => {

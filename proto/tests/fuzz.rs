@@ -228,6 +228,7 @@ impl Spec {
                 } else {
                     ServerState::Serving
                 },
+                copyouts: n[12].rotate_left(7),
             },
             Kind::Error => Msg::Error {
                 code: ErrorCode::from_u32(self.code).unwrap(),

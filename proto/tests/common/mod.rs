@@ -291,6 +291,7 @@ pub fn sample(kind: Kind, big: bool, s: &mut Scratch) -> Msg<'_> {
                 } else {
                     ServerState::Recovering
                 },
+                copyouts: v(13),
             }
         }
         Kind::Error => Msg::Error {
