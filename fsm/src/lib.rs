@@ -14,6 +14,7 @@
 //! - [`agent`]: one node's agent (server addresses, its standby, starts).
 //! - [`cluster`]: the `local` membership and resource-manager backend (the
 //!   controller the agents talk to).
+//! - [`start_line`]: the standby's `start ...` line (no agent).
 //! - [`fixed`], [`outbuf`]: fixed queues and output buffers they share.
 
 #![forbid(unsafe_code)]
@@ -27,5 +28,6 @@ pub mod locks;
 pub mod nbd;
 pub mod outbuf;
 pub mod server;
+pub mod start_line;
 pub mod store_ops;
 pub mod volume;
