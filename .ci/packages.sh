@@ -9,8 +9,13 @@
 #   stress-ng   the memory hog of scripts/mem-pressure-bench.sh
 #   iproute2    ip: network namespaces, veths, a bridge (csnap/tests/testbed.rs)
 #   mount       losetup: each test-bed node's own loop devices
+#   nbdkit      its error filter: the disk that really fails
+#               (csnap/tests/failing_disk.rs)
+#   afl++       the toolchain (clang, make) cargo-afl builds its AFL++ with;
+#               scripts/fuzz.sh runs cargo-afl's own afl-fuzz (its runtime
+#               and fork server must match)
 csnap_install_packages() {
-    local wanted=(strace qemu-utils libnbd-bin fuse3 e2fsprogs stress-ng iproute2 mount)
+    local wanted=(strace qemu-utils libnbd-bin fuse3 e2fsprogs stress-ng iproute2 mount nbdkit afl++)
     local missing=()
     for p in "${wanted[@]}"; do
         dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

@@ -52,7 +52,12 @@ fi
 
 target_dir="${CARGO_TARGET_DIR:-$PWD/target}/afl"
 echo "== cargo afl build --release (fuzz/afl, into $target_dir)"
-(cd fuzz/afl && CARGO_TARGET_DIR="$target_dir" cargo afl build --release --locked)
+if ! (cd fuzz/afl && CARGO_TARGET_DIR="$target_dir" cargo afl build --release --locked); then
+    # A cargo-afl whose AFL++ runtime is missing (or for another rustc).
+    echo "== cargo afl config --build --force"
+    cargo afl config --build --force
+    (cd fuzz/afl && CARGO_TARGET_DIR="$target_dir" cargo afl build --release --locked)
+fi
 bin="$target_dir/release/csnap-fuzz-afl"
 out_root="${FUZZ_OUT:-$PWD/target/fuzz-out}"
 mkdir -p "$out_root"
