@@ -187,7 +187,7 @@ pub const SERVING_STORE: &[Rule] = &[
     rule(
         "write",
         libc::SYS_write,
-        "waking the network thread (mio Waker's eventfd)",
+        "waking the network thread (mio Waker's eventfd); the one stderr line naming a disk failure that stops the server",
     ),
     exit_path(
         "exit_group",

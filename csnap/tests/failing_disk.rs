@@ -320,8 +320,9 @@ fn a_really_failing_disk_under_csnap_up_and_qemu_io() {
     });
     let logs = u.logs();
     assert!(
-        logs.contains("the snapshot store failed; stopping"),
-        "the server says why it stops:\n{logs}"
+        logs.contains("the snapshot store failed; stopping")
+            && logs.contains("failed: Input/output error (os error 5)"),
+        "the server says why it stops, naming the disk error:\n{logs}"
     );
     assert_eq!(
         st.incarnation, 0,
@@ -377,5 +378,8 @@ fn a_really_failing_disk_under_csnap_up_and_qemu_io() {
     eprintln!(
         "faults injected: origin {or} read(s), {ow} write(s); store {sr} read(s), {sw} write(s)"
     );
+    // The mounts and loop devices go first, then their directory.
+    drop(store);
+    drop(origin);
     let _ = std::fs::remove_dir_all(&dir);
 }
