@@ -365,6 +365,28 @@ fn split_u64(data: &[u8]) -> (u64, &[u8]) {
 pub fn journal(data: &[u8]) {
     let f = fixture();
     let l = &f.label;
+    let (slot, seq) = (f.sb.journal_next_slot, f.sb.seq + 1);
+    let mut disk = journal_disk(data);
+    let mut buf = vec![0u8; journal::REPLAY_BUFFER_BLOCKS * BS];
+    if let Ok(Ok(rc)) = journal::read_commit(&mut disk, l, slot, Some(seq), &mut buf) {
+        assert_eq!(rc.seq, seq);
+        assert!(rc.blocks >= 1 && rc.blocks <= csnap_pools::TX_BLOCKS_MAX + 1);
+        assert!(rc.next_slot <= l.journal_blocks);
+        for i in 0..rc.blocks {
+            let home = journal::entry_home(&buf, i);
+            assert!(
+                home == layout::SUPER_BLOCK
+                    || (l.meta_bitmap_start..l.meta_start + l.meta_blocks).contains(&home)
+            );
+        }
+    }
+    whole_store(disk, data.first().copied().unwrap_or(0));
+}
+
+/// The fixture with `data` written as its next commit (see [`journal`]).
+fn journal_disk(data: &[u8]) -> Overlay<'static> {
+    let f = fixture();
+    let l = &f.label;
     let slot = f.sb.journal_next_slot;
     let seq = f.sb.seq + 1;
     let addr = l.journal_start + slot;
@@ -396,20 +418,7 @@ pub fn journal(data: &[u8]) {
     let mut commit = sealed(&c, BlockKind::Commit, Some(addr));
     layout::seal(&mut commit, seq);
     disk.put(addr, &commit);
-    let mut buf = vec![0u8; journal::REPLAY_BUFFER_BLOCKS * BS];
-    if let Ok(Ok(rc)) = journal::read_commit(&mut disk, l, slot, Some(seq), &mut buf) {
-        assert_eq!(rc.seq, seq);
-        assert!(rc.blocks >= 1 && rc.blocks <= csnap_pools::TX_BLOCKS_MAX + 1);
-        assert!(rc.next_slot <= l.journal_blocks);
-        for i in 0..rc.blocks {
-            let home = journal::entry_home(&buf, i);
-            assert!(
-                home == layout::SUPER_BLOCK
-                    || (l.meta_bitmap_start..l.meta_start + l.meta_blocks).contains(&home)
-            );
-        }
-    }
-    whole_store(disk, data.first().copied().unwrap_or(0));
+    disk
 }
 
 /// One block of the fixture replaced: `data[0]` picks which (a leaf, the
@@ -572,4 +581,45 @@ pub fn store_image_seeds() -> Vec<Vec<u8>> {
         .iter()
         .map(|&(p, a)| [&[p][..], &read(&f.disk, a)].concat())
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The harness reaches what it is meant to: the journal seeds are
+    /// whole commits that `check` replays, and the store seeds (the
+    /// fixture's own blocks, re-sealed) leave a clean store that opens.
+    #[test]
+    fn seeds_reach_replay_and_open() {
+        let f = fixture();
+        let (slot, seq) = (f.sb.journal_next_slot, f.sb.seq + 1);
+        for (i, seed) in journal_seeds().iter().enumerate() {
+            let mut disk = journal_disk(seed);
+            let mut buf = vec![0u8; journal::REPLAY_BUFFER_BLOCKS * BS];
+            let rc = journal::read_commit(&mut disk, &f.label, slot, Some(seq), &mut buf);
+            assert!(matches!(rc, Ok(Ok(_))), "journal seed {i}: {rc:?}");
+            let r = check::check(&mut disk);
+            let replayed = r.summary.map_or(0, |s| s.replay_commits);
+            assert!(
+                replayed >= 1,
+                "journal seed {i}: nothing replayed: {:?}",
+                r.problems
+            );
+        }
+        for (i, seed) in store_image_seeds().iter().enumerate() {
+            let (pick, rest) = seed.split_first().expect("seed");
+            let mut disk = Overlay::new(&f.disk);
+            let addr = layout::addr(rest);
+            let kind = layout::kind(rest).expect("a real block");
+            disk.put(addr, &sealed(rest, kind, Some(addr)));
+            let r = check::check(&mut disk);
+            assert!(
+                r.is_clean(),
+                "store seed {i} (pick {pick}): {:?}",
+                r.problems
+            );
+            assert!(Store::open(disk, &opts()).is_ok(), "store seed {i}");
+        }
+    }
 }
