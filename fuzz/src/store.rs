@@ -522,18 +522,50 @@ pub fn superblock_seeds() -> Vec<Vec<u8>> {
     vec![read(&fixture().disk, layout::SUPER_BLOCK)]
 }
 
+/// Two of the fixture's leaves, and a full one (every record slot used:
+/// one mutation of the count away from a count beyond capacity).
 pub fn leaf_seeds() -> Vec<Vec<u8>> {
     let f = fixture();
     let mask = f.sb.live_mask().to_le_bytes();
-    f.leaves
+    let mut v: Vec<Vec<u8>> = f
+        .leaves
         .iter()
         .take(2)
         .map(|&a| [&mask[..], &read(&f.disk, a)].concat())
-        .collect()
+        .collect();
+    let mut full = read(&f.disk, f.leaves[0]);
+    tree::leaf_init(&mut full);
+    for i in 0..layout::LEAF_RECORDS_MAX {
+        let r = tree::Record {
+            chunk: i as u64 * 3,
+            mask: 1,
+            store: i as u64,
+        };
+        tree::leaf_insert(&mut full, i, r);
+    }
+    let seq = layout::seq(&full);
+    layout::seal(&mut full, seq);
+    v.push([&mask[..], &full].concat());
+    v
 }
 
+/// The fixture's root, and a full node (every entry slot used).
 pub fn node_seeds() -> Vec<Vec<u8>> {
-    vec![read(&fixture().disk, fixture().root)]
+    let f = fixture();
+    let root = read(&f.disk, f.root);
+    let mut full = root.clone();
+    layout::set_count(&mut full, 0);
+    for i in 0..layout::NODE_ENTRIES_MAX {
+        // Any metadata block but the node itself.
+        let mut child = f.label.meta_start + i as u64 % (f.label.meta_blocks - 1);
+        if child >= f.root {
+            child += 1;
+        }
+        tree::node_insert(&mut full, i, i as u64 * 4, child);
+    }
+    let seq = layout::seq(&full);
+    layout::seal(&mut full, seq);
+    vec![root, full]
 }
 
 pub fn bitmap_seeds() -> Vec<Vec<u8>> {
@@ -607,6 +639,24 @@ mod tests {
                 r.problems
             );
         }
+        // The full leaf and node seeds are valid: one mutation of the
+        // count from a count beyond capacity.
+        let full_leaf = leaf_seeds().pop().expect("full leaf");
+        let (mask, b) = split_u64(&full_leaf);
+        assert_eq!(tree::leaf_len(b), layout::LEAF_RECORDS_MAX);
+        let l = &f.label;
+        assert_eq!(
+            tree::check_leaf(b, l.origin_chunks(), l.data_chunks, mask),
+            Ok(())
+        );
+        let full_node = node_seeds().pop().expect("full node");
+        assert_eq!(tree::node_len(&full_node), layout::NODE_ENTRIES_MAX);
+        let meta_end = l.meta_start + l.meta_blocks;
+        let a = layout::addr(&full_node);
+        assert_eq!(
+            tree::check_node(&full_node, a, l.meta_start, meta_end),
+            Ok(())
+        );
         for (i, seed) in store_image_seeds().iter().enumerate() {
             let (pick, rest) = seed.split_first().expect("seed");
             let mut disk = Overlay::new(&f.disk);
