@@ -11,7 +11,9 @@
 //!   within seconds; the server stops with a clear message; standbys that
 //!   meet the same failing store fail their start, the crash-loop breaker
 //!   marks the store failed (`status` says so); once the disk is back and
-//!   the mark cleared, a standby takes over and serves.
+//!   the mark cleared, a standby takes over and serves. A snapshot create
+//!   whose commit fails is refused (never acknowledged) and succeeds when
+//!   retried after recovery.
 //! - Nothing acknowledged is lost: the origin and the snapshot read back
 //!   equal to shadow copies (a failed write's blocks hold the old or the
 //!   new data, never anything else; the snapshot never sees a failed
@@ -366,7 +368,50 @@ fn a_really_failing_disk_under_csnap_up_and_qemu_io() {
         "snapshot 1 differs from its shadow after the rewrite"
     );
 
-    // 6. A clean stop, and the store checks clean.
+    // 6. A commit of metadata only (a snapshot create) on a failing store:
+    //    refused, never acknowledged; after recovery the store is
+    //    consistent, and the create, retried, succeeds.
+    store.fail_writes(true);
+    let (ok, out) = csnap(&["snapshot", "create", "--dir", s(&u.dir), "2"]);
+    assert!(
+        !ok,
+        "a snapshot create whose commit fails must not succeed: {out}"
+    );
+    eprintln!("snapshot create on a failing store: {}", out.trim());
+    u.wait_status("the breaker marks the store failed again", |st| {
+        st.failed > 0
+    });
+    assert!(
+        u.logs()
+            .contains("a commit failed (nothing of its batch is acknowledged): Input/output error"),
+        "the server names the failed commit:\n{}",
+        u.logs()
+    );
+    store.fail_writes(false);
+    let (ok, out) = csnap(&[
+        "cluster",
+        "clear-failed",
+        "--dir",
+        s(&u.dir.join("cluster")),
+    ]);
+    assert!(ok, "clear-failed: {out}");
+    u.wait_status("a standby takes over again", |st| {
+        st.incarnation > 0 && st.failed == 0
+    });
+    let (ok, out) = csnap(&["snapshot", "create", "--dir", s(&u.dir), "2"]);
+    assert!(ok, "the create, retried on the recovered store: {out}");
+    let got = u.read_all("2", &dir.join("snap2.copy"));
+    assert!(
+        got == shadow,
+        "snapshot 2 differs from the origin it was taken of"
+    );
+    let got = u.read_all("1", &dir.join("snap1.copy"));
+    assert!(
+        got == snap1,
+        "snapshot 1 differs from its shadow after the second failure"
+    );
+
+    // 7. A clean stop, and the store checks clean.
     u.stop();
     let (ok, out) = csnap(&["check", "--store", &store.dev]);
     assert!(
