@@ -11,8 +11,13 @@
 #   iproute2    ip: network namespaces, veths, a bridge (csnap/tests/testbed.rs)
 #   mount       losetup: each test-bed node's own loop devices
 #   prometheus  promtool check metrics: the metrics endpoint's text (csnap/tests/metrics.rs)
+#   nbdkit      its error filter: the disk that really fails
+#               (csnap/tests/failing_disk.rs)
+#   afl++       the toolchain (clang, make) cargo-afl builds its AFL++ with;
+#               scripts/fuzz.sh runs cargo-afl's own afl-fuzz (its runtime
+#               and fork server must match)
 csnap_install_packages() {
-    local wanted=(strace qemu-utils libnbd-bin file fuse3 e2fsprogs stress-ng iproute2 mount prometheus)
+    local wanted=(strace qemu-utils libnbd-bin file fuse3 e2fsprogs stress-ng iproute2 mount prometheus nbdkit afl++)
     local missing=()
     for p in "${wanted[@]}"; do
         dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

@@ -200,7 +200,7 @@ pub const SERVING_STORE: &[Rule] = &[
     rule(
         "write",
         libc::SYS_write,
-        "waking the network thread (mio Waker's eventfd); a standby's takeover line on stderr",
+        "waking the network thread (mio Waker's eventfd); a standby's takeover line and the one stderr line naming a disk failure that stops the server",
     ),
     takeover(
         "clock_nanosleep",

@@ -570,30 +570,10 @@ fn standby_confined(
             }
         }
         t0 = std::time::Instant::now();
-        let line = core::str::from_utf8(&cmd[..len]).map_err(|_| "start command is not UTF-8")?;
-        let mut words = line.split_ascii_whitespace();
-        if words.next() != Some("start") {
-            return Err("expected `start [member=NODE ...] [expect=CLIENT:NODE ...]`");
-        }
-        for w in words {
-            if let Some(v) = w.strip_prefix("member=") {
-                if n_members < START_LIST_MAX {
-                    members[n_members] = v.parse().map_err(|_| "bad member")?;
-                    n_members += 1;
-                }
-            } else if let Some(v) = w.strip_prefix("expect=") {
-                let (c, n) = v.split_once(':').ok_or("bad expect (CLIENT:NODE)")?;
-                if n_expected < START_LIST_MAX {
-                    expected[n_expected] = (
-                        c.parse().map_err(|_| "bad expect client")?,
-                        n.parse().map_err(|_| "bad expect node")?,
-                    );
-                    n_expected += 1;
-                }
-            } else {
-                return Err("unknown word in the start command");
-            }
-        }
+        let parsed =
+            csnap_fsm::start_line::parse_start_line(&cmd[..len], &mut members, &mut expected)?;
+        n_members = parsed.members;
+        n_expected = parsed.expected;
     }
     // Failover start: the store lock, then read, replay, next incarnation.
     let t_lock = t0.elapsed().as_micros();

@@ -22,13 +22,12 @@ use common::Proc;
 
 const BIN: &str = env!("CARGO_BIN_EXE_csnap");
 
-/// A free TCP port on loopback (bound, then let go).
-
 /// The incarnation of a formatted store's first server: the start claims
 /// the store (two above the formatted 0; nobody saw a former server die)
 /// and then takes the next one (ARCHITECTURE 5.5).
 const FIRST: f64 = 3.0;
 
+/// A free TCP port on loopback (bound, then let go).
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()

@@ -16,6 +16,7 @@
 //!   controller the agents talk to).
 //! - [`metrics`]: the metrics endpoint's HTTP request, response and
 //!   Prometheus text in a fixed buffer.
+//! - [`start_line`]: the standby's `start ...` line (no agent).
 //! - [`fixed`], [`outbuf`]: fixed queues and output buffers they share.
 
 #![forbid(unsafe_code)]
@@ -30,6 +31,7 @@ pub mod metrics;
 pub mod nbd;
 pub mod outbuf;
 pub mod server;
+pub mod start_line;
 pub mod store_ops;
 pub mod volume;
 

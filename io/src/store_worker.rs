@@ -71,6 +71,48 @@ fn failure(e: &StoreError) -> StoreFailure {
     }
 }
 
+/// The text of an errno a disk is likely to return, without the heap
+/// (`io::Error`'s own text allocates).
+fn errno_text(errno: i32) -> &'static str {
+    match errno {
+        libc::EIO => "Input/output error",
+        libc::ENOSPC => "No space left on device",
+        libc::EROFS => "Read-only file system",
+        libc::ENXIO => "No such device or address",
+        libc::ENODEV => "No such device",
+        libc::EBADF => "Bad file descriptor",
+        libc::EINVAL => "Invalid argument",
+        libc::EDQUOT => "Disk quota exceeded",
+        _ => "disk error",
+    }
+}
+
+/// One heap-free log line naming the disk failure that stops the server
+/// (issue #15: "stops serving with a clear message"); the server loop's
+/// own line follows. Other errors (fenced, corrupt) have their own lines.
+fn log_store_failure(what: &str, e: &StoreError) {
+    if let StoreError::Disk(d) = e {
+        log_disk_failure(what, d);
+    }
+}
+
+fn log_disk_failure(what: &str, d: &csnap_store::disk::DiskError) {
+    use csnap_store::disk::DiskError;
+    match *d {
+        DiskError::Os(errno) => eprintln!(
+            "csnap server: {what}: {} (os error {errno})",
+            errno_text(errno)
+        ),
+        DiskError::Short { offset } => {
+            eprintln!("csnap server: {what}: short transfer at byte {offset}");
+        }
+        DiskError::OutOfRange { offset, len, size } => eprintln!(
+            "csnap server: {what}: {len} bytes at byte {offset} are past the device's {size}"
+        ),
+        _ => eprintln!("csnap server: {what}: the device refused the access"),
+    }
+}
+
 impl<D: Disk, O: Disk> StoreWorker<D, O> {
     /// Wraps an open store and its origin; reserves the chunk buffer and room
     /// for `batch_max` replies. The only allocations.
@@ -264,6 +306,7 @@ impl<D: Disk, O: Disk> StoreWorker<D, O> {
                 // standby is kept, not dropped: a confined worker closes
                 // no file and the process exits with everything reserved.
                 self.standby = Some(standby);
+                log_store_failure("the store could not be read at start", &e);
                 self.report(&e);
                 self.fail();
                 return StoreResult::Failed(StoreFailure::Internal);
@@ -271,7 +314,8 @@ impl<D: Disk, O: Disk> StoreWorker<D, O> {
         };
         let incarnation = match store.bump_incarnation() {
             Ok(i) => i,
-            Err(_) => {
+            Err(e) => {
+                log_store_failure("the start's incarnation commit failed", &e);
                 // Kept, not dropped (no close in a confined worker).
                 self.store = Some(store);
                 self.fail();
@@ -395,7 +439,12 @@ impl<D: Disk, O: Disk> StoreWorker<D, O> {
                 self.fail_open_transaction();
                 Err(StoreFailure::Corrupt)
             }
-            _ => {
+            Some(Err(e)) => {
+                log_store_failure("a commit failed (nothing of its batch is acknowledged)", &e);
+                self.fail();
+                Err(StoreFailure::Internal)
+            }
+            None => {
                 self.fail();
                 Err(StoreFailure::Internal)
             }
@@ -457,16 +506,37 @@ impl<D: Disk, O: Disk> StoreWorker<D, O> {
             .unwrap_or(0)
             .min(self.chunk_buf.len());
         let buf = &mut self.chunk_buf[..n];
-        let ok = match (from_origin, from_store) {
-            (Some(c), _) => self.origin.read_at(buf, c * chunk).is_ok(),
+        let read = match (from_origin, from_store) {
+            (Some(c), _) => self
+                .origin
+                .read_at(buf, c * chunk)
+                .map_err(|e| ("a copy-out's read of the origin failed", e)),
             (_, Some(s)) => {
                 let off = store.chunk_offset(s);
-                store.disk_mut().read_at(buf, off).is_ok()
+                store
+                    .disk_mut()
+                    .read_at(buf, off)
+                    .map_err(|e| ("a copy-out's read of the store failed", e))
             }
-            _ => false,
+            _ => return false,
         };
         let off = store.chunk_offset(to);
-        let ok = ok && store.write_data(buf, off).is_ok();
+        let ok = match read {
+            Err((what, e)) => {
+                log_disk_failure(what, &e);
+                false
+            }
+            // Within the lease (ARCHITECTURE 5.5); a fenced write is
+            // reported by the commit's fence check.
+            Ok(()) => match store.write_data(buf, off) {
+                Ok(()) => true,
+                Err(StoreError::Disk(e)) => {
+                    log_disk_failure("a copy-out's write to the store failed", &e);
+                    false
+                }
+                Err(_) => false,
+            },
+        };
         self.copyouts += u64::from(ok);
         ok
     }

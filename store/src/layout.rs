@@ -519,7 +519,13 @@ impl Label {
         {
             return Err("label bitmaps are too small for their areas".into());
         }
-        if self.data_start_bytes < next * bs || !self.data_start_bytes.is_multiple_of(u64::from(c))
+        // Checked: a hostile label can place its regions near u64::MAX
+        // blocks (found by fuzzing, target `label`).
+        let meta_end_bytes = next
+            .checked_mul(bs)
+            .ok_or("label metadata area overflows")?;
+        if self.data_start_bytes < meta_end_bytes
+            || !self.data_start_bytes.is_multiple_of(u64::from(c))
         {
             return Err(format!(
                 "label data area offset {} overlaps metadata or is not chunk aligned",

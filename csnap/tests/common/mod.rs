@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod cluster;
+pub mod faulty;
 pub mod fs;
 pub mod testbed;
 
