@@ -395,7 +395,8 @@ fn stopped(stop: Stop) -> ! {
         Stop::Fenced => {
             error("fenced: a newer server incarnation took this store over; this server stops")
         }
-        Stop::Io(e) => error(&format!("event loop failed: {e}")),
+        // Heap-free: the loop failed after the seal.
+        Stop::Io(e) => csnap_sys::fail_stop("csnap: server", "event loop failed", &e, EXIT_FAILED),
         Stop::AgentGone => error(
             "the agent link closed (the agent is gone, or it stopped this server); this server stops",
         ),

@@ -71,22 +71,6 @@ fn failure(e: &StoreError) -> StoreFailure {
     }
 }
 
-/// The text of an errno a disk is likely to return, without the heap
-/// (`io::Error`'s own text allocates).
-fn errno_text(errno: i32) -> &'static str {
-    match errno {
-        libc::EIO => "Input/output error",
-        libc::ENOSPC => "No space left on device",
-        libc::EROFS => "Read-only file system",
-        libc::ENXIO => "No such device or address",
-        libc::ENODEV => "No such device",
-        libc::EBADF => "Bad file descriptor",
-        libc::EINVAL => "Invalid argument",
-        libc::EDQUOT => "Disk quota exceeded",
-        _ => "disk error",
-    }
-}
-
 /// One heap-free log line naming the disk failure that stops the server
 /// (issue #15: "stops serving with a clear message"); the server loop's
 /// own line follows. Other errors (fenced, corrupt) have their own lines.
@@ -101,7 +85,7 @@ fn log_disk_failure(what: &str, d: &csnap_store::disk::DiskError) {
     match *d {
         DiskError::Os(errno) => eprintln!(
             "csnap server: {what}: {} (os error {errno})",
-            errno_text(errno)
+            csnap_sys::errno_text(errno)
         ),
         DiskError::Short { offset } => {
             eprintln!("csnap server: {what}: short transfer at byte {offset}");

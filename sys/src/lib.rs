@@ -163,6 +163,37 @@ pub fn send_signal(pid: u32, sig: i32) -> std::io::Result<()> {
     }
 }
 
+/// The text of an errno a confined process is likely to meet, without the
+/// heap (`io::Error`'s own text allocates: not after the heap is sealed).
+pub fn errno_text(errno: i32) -> &'static str {
+    match errno {
+        libc::EIO => "Input/output error",
+        libc::ENOSPC => "No space left on device",
+        libc::EROFS => "Read-only file system",
+        libc::ENXIO => "No such device or address",
+        libc::ENODEV => "No such device",
+        libc::EBADF => "Bad file descriptor",
+        libc::EINVAL => "Invalid argument",
+        libc::EDQUOT => "Disk quota exceeded",
+        libc::ENOMEM => "Cannot allocate memory",
+        libc::EMFILE => "Too many open files",
+        libc::EINTR => "Interrupted system call",
+        libc::EFAULT => "Bad address",
+        _ => "system error",
+    }
+}
+
+/// The stop of a confined process whose loop failed after its heap was
+/// sealed: one heap-free line (`WHO: WHAT: errno text (os error N)`) and
+/// `exit_now(code)`. Nothing is formatted into a `String`, nothing freed.
+pub fn fail_stop(who: &str, what: &str, err: &std::io::Error, code: u8) -> ! {
+    match err.raw_os_error() {
+        Some(n) => eprintln!("{who}: {what}: {} (os error {n})", errno_text(n)),
+        None => eprintln!("{who}: {what}"),
+    }
+    exit_now(code)
+}
+
 /// Ends the process at once with `code` (`_exit(2)`: the `exit_group`
 /// syscall only). For a confined process that stops: no destructor runs,
 /// so nothing is freed under the sealed heap and no syscall outside the
