@@ -353,23 +353,10 @@ fn compile_filters(args: &ServerArgs, standby: bool) -> Result<Option<Filters>, 
 }
 
 /// Locks memory (unless `--no-mlock`), touches the main thread's stack
-/// budget, and asks to be an I/O flusher out of the OOM killer's reach.
+/// budget, and asks to be an I/O flusher out of the OOM killer's reach
+/// (the shared sequence's memory steps).
 fn confine_memory(args: &ServerArgs) -> Result<(), String> {
-    if args.no_mlock {
-        eprintln!("csnap server: WARNING: --no-mlock: memory is not locked; page faults (and memory inversion under pressure) are possible. Development use only.");
-    } else if let Err(e) = csnap_sys::mem::lock_all() {
-        return Err(format!(
-            "cannot lock memory (mlockall): {e}; run as root or with CAP_IPC_LOCK, or pass --no-mlock for development"
-        ));
-    }
-    csnap_sys::mem::prefault_stack(csnap_pools::THREAD_STACK_BUDGET_BYTES);
-    if let Err(e) = csnap_sys::mem::set_io_flusher() {
-        eprintln!("csnap server: note: PR_SET_IO_FLUSHER not set ({e})");
-    }
-    if let Err(e) = csnap_sys::mem::set_oom_score_adj(-1000) {
-        eprintln!("csnap server: note: oom_score_adj not set ({e})");
-    }
-    Ok(())
+    csnap_sys::confine::confine_memory("csnap server", !args.no_mlock)
 }
 
 /// Seals the heap as `--seal` says.
@@ -380,8 +367,7 @@ fn seal_heap(args: &ServerArgs) {
         SealMode::Report => csnap_sys::alloc::Mode::Report,
         SealMode::Off => return,
     };
-    csnap_sys::alloc::seal(mode);
-    eprintln!("csnap server: heap sealed ({:?} on allocation)", args.seal);
+    csnap_sys::confine::seal_heap("csnap server", Some(mode));
 }
 
 /// Says why the loop stopped and ends the process (`exit_now`: a confined

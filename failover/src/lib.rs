@@ -22,50 +22,6 @@ pub mod conns;
 pub mod controller;
 pub mod spawner;
 
-/// How a process confines itself once its pools exist.
-#[derive(Debug, Default)]
-pub struct Confinement {
-    /// Lock memory (`mlockall`); a failure is a start-up error.
-    pub mlock: bool,
-    /// Seal the heap in this mode (`None`: not sealed).
-    pub seal: Option<csnap_sys::alloc::Mode>,
-    /// The syscall whitelist to install (`None`: no filter).
-    pub filter: Option<csnap_sys::seccomp::Filter>,
-}
-
-impl Confinement {
-    /// Locks memory, prefaults the stack, asks to be an I/O flusher out of
-    /// the OOM killer's reach, seals the heap and installs the filter, in
-    /// that order. `who` prefixes the notes it prints.
-    pub fn enter(&self, who: &str) -> Result<(), String> {
-        if self.mlock {
-            csnap_sys::mem::lock_all().map_err(|e| {
-                format!(
-                    "cannot lock memory (mlockall): {e}; run as root or with CAP_IPC_LOCK, or pass --no-mlock for development"
-                )
-            })?;
-        } else {
-            eprintln!("{who}: WARNING: memory is not locked (--no-mlock). Development use only.");
-        }
-        csnap_sys::mem::prefault_stack(csnap_pools::THREAD_STACK_BUDGET_BYTES);
-        if let Err(e) = csnap_sys::mem::set_io_flusher() {
-            eprintln!("{who}: note: PR_SET_IO_FLUSHER not set ({e})");
-        }
-        if let Err(e) = csnap_sys::mem::set_oom_score_adj(-1000) {
-            eprintln!("{who}: note: oom_score_adj not set ({e})");
-        }
-        if let Some(mode) = self.seal {
-            csnap_sys::alloc::seal(mode);
-            eprintln!("{who}: heap sealed ({mode:?} on allocation)");
-        }
-        if let Some(f) = &self.filter {
-            f.install()
-                .map_err(|e| format!("cannot install the seccomp filter: {e}"))?;
-        } else {
-            eprintln!(
-                "{who}: WARNING: the syscall whitelist is not enforced. Development use only."
-            );
-        }
-        Ok(())
-    }
-}
+/// How a process confines itself once its pools exist: the one sequence,
+/// in `csnap_sys::confine` (the server uses its steps one by one).
+pub use csnap_sys::confine::Confinement;
