@@ -12,7 +12,9 @@
 //! links dropped, its FSM discarded; the next one is a new FSM over a
 //! freshly started standby store), a client process is killed, a node is
 //! made to leave (`ClusterCommand Leave` from a tool connection) and later
-//! to join again, the server is moved (`ClusterCommand Start`).
+//! to join again, the server is moved (`ClusterCommand Start`), an admin
+//! creates a snapshot or deletes one created during the run (a control
+//! connection to the serving server, killed with it like any other).
 //!
 //! Checked during the run:
 //! - never two servers serving at once;
@@ -26,6 +28,12 @@
 //!   snapshot client uploaded its locks, its node left, or it is gone;
 //!   every live lock holder on a member node is expected; `ClientGone`
 //!   names only dead clients;
+//! - a snapshot created while clients run holds the origin as of its
+//!   create (on chunks an origin write raced, a value the chunk held
+//!   since); a delete is refused cleanly while a client has the snapshot
+//!   open, and the deleted snapshot's clients get `NoSuchSnapshot`; a
+//!   create or delete whose answer died with its server is looked up in
+//!   the store;
 //! - at the end of every quiet phase (no faults, no new I/O, every message
 //!   delivered): one server serves, no lock is held or parked, no write
 //!   waits, and every volume equals its shadow.
@@ -131,6 +139,9 @@ enum End {
     CliSrv(usize),
     /// The `csnap cluster` tool.
     Tool,
+    /// An admin's control connection to a server (`csnap snapshot create`
+    /// or `delete`).
+    Adm,
 }
 
 /// A stream between two ends: frames in order per direction; a closed end
@@ -263,6 +274,35 @@ enum Op {
     },
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AdmOp {
+    Create(u32),
+    Delete(u32),
+}
+
+/// A control connection with one snapshot command on it.
+struct Adm {
+    link: usize,
+    op: AdmOp,
+    /// `HelloOk` seen, the command sent.
+    sent: bool,
+}
+
+/// A snapshot creation being checked: the snapshot must hold the origin as
+/// it was when the create was asked for, except on chunks an origin write
+/// raced (one under way when it was asked for, applied before its answer, or
+/// under way at its answer): there, any value the origin chunk held since.
+struct CreateRec {
+    at_send: Vec<u8>,
+    raced: BTreeSet<u64>,
+    /// Per chunk, every value the origin took since the create was asked.
+    seen: BTreeMap<u64, Vec<Vec<u8>>>,
+    /// The answer (or the connection's end) not seen yet.
+    open: bool,
+    /// Answered `Ok` (else unknown until the store is looked at).
+    ok: bool,
+}
+
 struct Cli {
     id: u64,
     node: u32,
@@ -311,6 +351,25 @@ struct Stats {
     /// of another snapshot completed (checked like every read).
     store_reads_raced_by_writes: u64,
     cured_errors: u64,
+    /// Snapshot creates asked for while clients ran, and those answered
+    /// `Ok`; the others were refused cleanly or their server died (then
+    /// the store says whether it happened).
+    creates: u64,
+    creates_ok: u64,
+    /// Creates whose answer was lost with their server, found committed.
+    creates_found: u64,
+    deletes: u64,
+    deletes_ok: u64,
+    /// Deletes refused because a client had the snapshot open.
+    deletes_in_use: u64,
+    /// Clients of a deleted snapshot that got `NoSuchSnapshot`.
+    clients_of_deleted: u64,
+    /// Snapshot reads left unchecked: their snapshot was deleted meanwhile.
+    reads_of_deleted: u64,
+    /// Chunks of new snapshots checked against the origin at the create,
+    /// and those of them an origin write raced that ended in the snapshot.
+    created_chunks_checked: u64,
+    created_chunks_raced: u64,
 }
 
 impl Stats {
@@ -336,6 +395,16 @@ impl Stats {
         self.ddsnap_windows += o.ddsnap_windows;
         self.store_reads_raced_by_writes += o.store_reads_raced_by_writes;
         self.cured_errors += o.cured_errors;
+        self.creates += o.creates;
+        self.creates_ok += o.creates_ok;
+        self.creates_found += o.creates_found;
+        self.deletes += o.deletes;
+        self.deletes_ok += o.deletes_ok;
+        self.deletes_in_use += o.deletes_in_use;
+        self.clients_of_deleted += o.clients_of_deleted;
+        self.reads_of_deleted += o.reads_of_deleted;
+        self.created_chunks_checked += o.created_chunks_checked;
+        self.created_chunks_raced += o.created_chunks_raced;
     }
 }
 
@@ -379,6 +448,16 @@ struct Sim {
     /// its agent after every fence reached it (no client starts there).
     down: Vec<bool>,
     fences_in_flight: Vec<u32>,
+    adm: Option<Adm>,
+    next_tag: u32,
+    /// Snapshots known to exist (their shadows are exact).
+    live: BTreeSet<u32>,
+    /// Tags a delete was sent for and not refused: their clients may get
+    /// `NoSuchSnapshot`, their reads are not checked.
+    maybe_gone: BTreeSet<u32>,
+    creating: BTreeMap<u32, CreateRec>,
+    /// New snapshots whose client is started with the next active phase.
+    new_tags: Vec<u32>,
     stats: Stats,
 }
 
@@ -483,6 +562,12 @@ impl Sim {
             left: None,
             down: vec![false; NODES as usize],
             fences_in_flight: vec![0; NODES as usize],
+            adm: None,
+            next_tag: 10,
+            live: TAGS.iter().copied().collect(),
+            maybe_gone: BTreeSet::new(),
+            creating: BTreeMap::new(),
+            new_tags: Vec::new(),
             stats: Stats::default(),
         };
         // The tool's connection to the controller.
@@ -627,6 +712,7 @@ impl Sim {
             End::CliAgent(k) => self.cli_agent_frame(k, f),
             End::CliSrv(k) => self.cli_srv_frame(k, f),
             End::Tool => self.tool_frame(f),
+            End::Adm => self.adm_frame(f),
         }
     }
 
@@ -656,6 +742,7 @@ impl Sim {
             }
             End::SrvAgent(p) => self.die(p, "its agent link closed"),
             End::CliSrv(k) => self.clients[k].server_broken = true,
+            End::Adm => self.adm_end(None),
             End::Bus(_) | End::CliAgent(_) | End::Tool => {
                 panic!("{to:?}: the other end closed a link that never closes")
             }
@@ -782,6 +869,261 @@ impl Sim {
                 );
             }
             m => panic!("the tool got {:?}", m.kind()),
+        }
+    }
+
+    // -- snapshot commands ---------------------------------------------------------
+
+    /// An admin connects to the serving server to create or delete a
+    /// snapshot.
+    fn adm_begin(&mut self, op: AdmOp) {
+        let Some(&p) = self.serving().first() else {
+            return;
+        };
+        let Some(conn) = self.procs[p].as_mut().unwrap().fsm.handle_accept() else {
+            return;
+        };
+        let l = self.link(End::Adm, End::Srv(p, conn));
+        self.procs[p].as_mut().unwrap().conns.insert(conn, l);
+        self.adm = Some(Adm {
+            link: l,
+            op,
+            sent: false,
+        });
+        self.log(|| format!("admin: {op:?} to process {p}"));
+        self.write(
+            l,
+            End::Adm,
+            &encode(
+                0,
+                &Msg::Hello {
+                    version_min: 1,
+                    version_max: 1,
+                    role: Role::Control,
+                },
+            ),
+        );
+    }
+
+    /// Origin chunks of writes asked for and not yet applied.
+    fn origin_writes_under_way(&self) -> Vec<u64> {
+        let mut v = Vec::new();
+        for c in self.clients.iter().filter(|c| c.alive) {
+            if let Some(Op::Call {
+                req: Request::OriginWrite(r),
+                ..
+            }) = &c.op
+            {
+                v.extend(r.chunk..r.end());
+            }
+        }
+        v
+    }
+
+    fn adm_frame(&mut self, f: &[u8]) {
+        let (_, m) = proto::decode(f).expect("the server's frames decode");
+        let adm = self.adm.as_mut().expect("an admin");
+        if !adm.sent {
+            assert!(matches!(m, Msg::HelloOk { .. }), "admin got {m:?}");
+            adm.sent = true;
+            let (l, op) = (adm.link, adm.op);
+            let msg = match op {
+                AdmOp::Create(tag) => {
+                    self.stats.creates += 1;
+                    let raced = self.origin_writes_under_way().into_iter().collect();
+                    self.creating.insert(
+                        tag,
+                        CreateRec {
+                            at_send: self.origin_shadow.clone(),
+                            raced,
+                            seen: BTreeMap::new(),
+                            open: true,
+                            ok: false,
+                        },
+                    );
+                    Msg::CreateSnapshot { tag }
+                }
+                AdmOp::Delete(tag) => {
+                    self.stats.deletes += 1;
+                    // From now on its clients may be refused.
+                    self.maybe_gone.insert(tag);
+                    Msg::DeleteSnapshot { tag }
+                }
+            };
+            self.write(l, End::Adm, &encode(1, &msg));
+            return;
+        }
+        let r = match m {
+            Msg::Ok => Ok(()),
+            Msg::Error { code, text, .. } => Err((code, text.to_string())),
+            m => panic!("admin got {m:?}"),
+        };
+        self.adm_end(Some(r));
+    }
+
+    /// The command's answer, or `None`: the connection ended first (its
+    /// server died; the store says later whether it happened).
+    fn adm_end(&mut self, r: Option<Result<(), (ErrorCode, String)>>) {
+        let adm = self.adm.take().expect("an admin");
+        self.close(adm.link, End::Adm);
+        self.log(|| format!("admin: {:?}: {r:?}", adm.op));
+        if !adm.sent {
+            return;
+        }
+        let under_way = self.origin_writes_under_way();
+        match (adm.op, r) {
+            (AdmOp::Create(tag), r) => {
+                let rec = self.creating.get_mut(&tag).unwrap();
+                rec.open = false;
+                rec.raced.extend(under_way);
+                match r {
+                    Some(Ok(())) => {
+                        rec.ok = true;
+                        self.stats.creates_ok += 1;
+                    }
+                    None => {}
+                    Some(Err((code, text))) => {
+                        assert!(
+                            matches!(code, ErrorCode::Busy | ErrorCode::Recovering),
+                            "create {tag} refused: {code:?} {text}"
+                        );
+                        self.creating.remove(&tag);
+                    }
+                }
+            }
+            (AdmOp::Delete(tag), r) => match r {
+                Some(Ok(())) => {
+                    self.stats.deletes_ok += 1;
+                    self.live.remove(&tag);
+                }
+                // Unknown: the store says at the next quiet phase.
+                None => {}
+                Some(Err((code, text))) => {
+                    assert_eq!(code, ErrorCode::Busy, "delete {tag} refused: {text}");
+                    if text.contains("in use") {
+                        self.stats.deletes_in_use += 1;
+                    }
+                    self.maybe_gone.remove(&tag);
+                }
+            },
+        }
+    }
+
+    /// An origin write was applied: creates not yet checked note it.
+    fn note_origin_write(&mut self, r: Range, data: &[u8]) {
+        for rec in self.creating.values_mut() {
+            for c in r.chunk..r.end() {
+                let at = us((c - r.chunk) * CHUNK);
+                rec.seen
+                    .entry(c)
+                    .or_default()
+                    .push(data[at..at + CHUNK_BYTES].to_vec());
+                if rec.open {
+                    rec.raced.insert(c);
+                }
+            }
+        }
+    }
+
+    /// In a quiet phase: creates and deletes whose outcome was not seen are
+    /// looked up in the store, and every new snapshot is checked against
+    /// the origin as of its create (raced chunks: any value they held
+    /// since); its shadow starts from what it holds.
+    fn resolve_snapshots(&mut self, p: usize) {
+        let pr = self.procs[p].as_mut().unwrap();
+        let store = pr.worker.store().expect("started");
+        let mut origin = vec![0u8; us(ORIGIN_CHUNKS * CHUNK)];
+        self.origin.read_exact_at(&mut origin, 0).unwrap();
+        for (tag, rec) in std::mem::take(&mut self.creating) {
+            assert!(!rec.open);
+            let exists = store.snapshot(tag).is_some();
+            assert!(
+                exists || !rec.ok,
+                "snapshot {tag} was created, but the store has none"
+            );
+            if !exists {
+                continue;
+            }
+            if !rec.ok {
+                self.stats.creates_found += 1;
+            }
+            let mut shadow = vec![0u8; us(ORIGIN_CHUNKS * CHUNK)];
+            for c in 0..ORIGIN_CHUNKS {
+                let at = us(c * CHUNK);
+                let buf = &mut shadow[at..at + CHUNK_BYTES];
+                match store.lookup(tag, c).unwrap() {
+                    Mapping::Origin => buf.copy_from_slice(&origin[at..at + CHUNK_BYTES]),
+                    Mapping::Store(s) => {
+                        self.store
+                            .read_exact_at(buf, store.chunk_offset(s))
+                            .unwrap();
+                    }
+                }
+                let want = &rec.at_send[at..at + CHUNK_BYTES];
+                if *buf != *want {
+                    self.stats.created_chunks_raced += 1;
+                }
+                let ok = *buf == *want
+                    || (rec.raced.contains(&c)
+                        && rec.seen.get(&c).is_some_and(|v| v.iter().any(|x| x == buf)));
+                assert!(
+                    ok,
+                    "snapshot {tag} chunk {c} is not the origin as of its create (raced by a write: {})",
+                    rec.raced.contains(&c)
+                );
+                self.stats.created_chunks_checked += 1;
+            }
+            self.snap_shadow.insert(tag, shadow);
+            self.snap_version.insert(tag, vec![0; us(ORIGIN_CHUNKS)]);
+            self.live.insert(tag);
+            self.new_tags.push(tag);
+        }
+        for &tag in &self.maybe_gone {
+            if self.live.contains(&tag) && store.snapshot(tag).is_none() {
+                self.live.remove(&tag);
+            }
+        }
+        let live = &self.live;
+        self.maybe_gone.retain(|t| !live.contains(t));
+    }
+
+    /// Starts a client on each snapshot created since the last active
+    /// phase (while there is room).
+    fn start_new_clients(&mut self) {
+        for tag in std::mem::take(&mut self.new_tags) {
+            let alive = self.clients.iter().filter(|c| c.alive).count();
+            let nodes: Vec<u32> = (1..=NODES)
+                .filter(|&n| !self.down[idx(n)] && self.left != Some(n))
+                .collect();
+            if alive >= 9 || nodes.is_empty() {
+                continue;
+            }
+            let n = nodes[us(self.rng.below(nodes.len() as u64))];
+            self.client_new(n, Volume::Snapshot(tag));
+        }
+    }
+
+    /// A snapshot command while clients run: a create, or a delete of a
+    /// snapshot created during the run.
+    fn snapshot_command(&mut self) {
+        if self.adm.is_some() {
+            return;
+        }
+        let created: Vec<u32> = self
+            .live
+            .iter()
+            .copied()
+            .filter(|t| !TAGS.contains(t) && !self.maybe_gone.contains(t))
+            .collect();
+        if !created.is_empty()
+            && (created.len() + self.creating.len() >= 3 || self.rng.per_mille(400))
+        {
+            let tag = created[us(self.rng.below(created.len() as u64))];
+            self.adm_begin(AdmOp::Delete(tag));
+        } else if created.len() + self.creating.len() < 3 {
+            let tag = self.next_tag;
+            self.next_tag += 1;
+            self.adm_begin(AdmOp::Create(tag));
         }
     }
 
@@ -1344,6 +1686,18 @@ impl Sim {
                 let Msg::Error { text, .. } = msg else {
                     unreachable!()
                 };
+                if let (ErrorCode::NoSuchSnapshot, Volume::Snapshot(tag)) = (code, c.volume) {
+                    assert!(
+                        self.maybe_gone.contains(&tag),
+                        "client {} of snapshot {tag}, which exists, was refused: {text}",
+                        c.id
+                    );
+                    // A deleted snapshot's client: a clean error, it stops.
+                    self.stats.clients_of_deleted += 1;
+                    self.client_kill(k);
+                    self.clients[k].replaced = true;
+                    return;
+                }
                 assert!(
                     curable(code),
                     "client {} of node {} was refused by incarnation {}: {code:?} {text}",
@@ -1388,6 +1742,14 @@ impl Sim {
         };
         let (id, node) = (self.clients[k].id, self.clients[k].node);
         match (req, msg) {
+            (_, Msg::Error { code, .. })
+                if *code == ErrorCode::NoSuchSnapshot
+                    && matches!(self.clients[k].volume, Volume::Snapshot(t) if self.maybe_gone.contains(&t)) =>
+            {
+                self.stats.clients_of_deleted += 1;
+                self.client_kill(k);
+                self.clients[k].replaced = true;
+            }
             (_, Msg::Error { code, text, .. }) => {
                 assert!(
                     curable(*code),
@@ -1434,6 +1796,7 @@ impl Sim {
                 self.origin.write_all_at(&data, r.chunk * CHUNK).unwrap();
                 let at = us(r.chunk * CHUNK);
                 self.origin_shadow[at..at + data.len()].copy_from_slice(&data);
+                self.note_origin_write(r, &data);
                 self.stats.origin_writes += 1;
                 self.log(|| {
                     format!("client {id}: origin write {r:?} granted by incarnation {inc}")
@@ -1607,7 +1970,12 @@ impl Sim {
             unreachable!()
         };
         let mut buf = vec![0u8; CHUNK_BYTES];
-        for t in &targets {
+        let gone = self.maybe_gone.contains(&tag);
+        if gone {
+            // Its snapshot was deleted meanwhile: the data is nobody's.
+            self.stats.reads_of_deleted += 1;
+        }
+        for t in targets.iter().filter(|_| !gone) {
             for i in 0..u64::from(t.chunks) {
                 let c = t.chunk + i;
                 let at = if t.origin {
@@ -1809,6 +2177,8 @@ impl Sim {
                 self.clients[k].replaced = true;
                 self.client_new(n, v);
             }
+        } else if r - kill < 75 {
+            self.snapshot_command();
         }
     }
 
@@ -1829,6 +2199,9 @@ impl Sim {
     // -- quiet phases --------------------------------------------------------------
 
     fn settled(&self) -> Result<usize, String> {
+        if self.adm.is_some() {
+            return Err("a snapshot command is under way".into());
+        }
         for (l, link) in self.links.iter().enumerate() {
             for d in 0..2 {
                 if link.deliverable(d) {
@@ -1933,9 +2306,11 @@ impl Sim {
             origin == self.origin_shadow,
             "the origin differs from its shadow"
         );
+        self.resolve_snapshots(p);
+        let pr = self.procs[p].as_mut().unwrap();
         let store = pr.worker.store().expect("started");
         let mut buf = vec![0u8; CHUNK_BYTES];
-        for tag in TAGS {
+        for &tag in &self.live {
             for c in 0..ORIGIN_CHUNKS {
                 let what = match store.lookup(tag, c).unwrap() {
                     Mapping::Origin => {
@@ -2070,6 +2445,7 @@ fn run_seed(seed: u64, dir: &Path) -> Stats {
         }
         sim.stats.active_steps += u64::from(n);
         sim.quiet_phase();
+        sim.start_new_clients();
     }
     SEED.with(|s| s.set(None));
     sim.stats
@@ -2141,6 +2517,16 @@ fn run_seeds(first: u64, count: u64, name: &str) {
         assert!(total.claiming_starts > 0, "{total:?}");
         assert!(total.claiming_starts < total.starts, "{total:?}");
         assert!(total.leaves > 0 && total.joins > 0 && total.client_kills > 0);
+        // Snapshots come and go while clients run.
+        assert!(
+            total.creates_ok > 0 && total.created_chunks_raced > 0,
+            "{total:?}"
+        );
+        assert!(
+            total.deletes_ok > 0 && total.deletes_in_use > 0,
+            "{total:?}"
+        );
+        assert!(total.clients_of_deleted > 0, "{total:?}");
     }
 }
 
