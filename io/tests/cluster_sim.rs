@@ -14,7 +14,13 @@
 //! made to leave (`ClusterCommand Leave` from a tool connection) and later
 //! to join again, the server is moved (`ClusterCommand Start`), an admin
 //! creates a snapshot or deletes one created during the run (a control
-//! connection to the serving server, killed with it like any other).
+//! connection to the serving server, killed with it like any other), a
+//! connection breaks at an arbitrary point (client to server, agent to
+//! server, admin to server: every frame in flight on it is lost, both ends
+//! see it end), a node's bus to the controller breaks (a partition without
+//! fencing: the agent keeps what it knows and reconnects later, its server
+//! runs on), the controller crashes and starts again (every bus and the
+//! tool reconnect; it rebuilds its state from what the agents report).
 //!
 //! Checked during the run:
 //! - never two servers serving at once;
@@ -34,6 +40,11 @@
 //!   open, and the deleted snapshot's clients get `NoSuchSnapshot`; a
 //!   create or delete whose answer died with its server is looked up in
 //!   the store;
+//! - a server cut off from the bus may still run when a newer one starts
+//!   (the controller lost its node); from then on its store access finds
+//!   it fenced and it answers nothing again; one nobody talks to is found
+//!   fenced at the end of the quiet phase (its worker reads the fence after
+//!   an idle gap);
 //! - at the end of every quiet phase (no faults, no new I/O, every message
 //!   delivered): one server serves, no lock is held or parked, no write
 //!   waits, and every volume equals its shadow.
@@ -42,7 +53,12 @@
 //! `CSNAP_SIM_TRACE=1` prints every step, `CSNAP_SIM_SEEDS=N` runs N seeds
 //! per test function instead of 100.
 //!
-//! Modelling choices: a server whose agent closes its link exits at once
+//! Modelling choices: a client on a node that was no member at a start,
+//! or whose read a server answered while it counted the node out, is
+//! "exposed": only fencing the node (which a partition does not do) would
+//! stop it reading under a lock nobody keeps, so its reads under such locks
+//! are counted, not checked, and origin writes may go ahead of them.
+//! A server whose agent closes its link exits at once
 //! (it does on EOF; the store's incarnation fencing covers a server slower
 //! than that, and is not what this checks). A node that is made to leave
 //! is fenced first: its client processes are killed before the command is
@@ -59,7 +75,7 @@ use std::path::{Path, PathBuf};
 use csnap_fsm::agent::{AddrBuf, AgentAction, AgentConfig, AgentFsm};
 use csnap_fsm::client::{ClientConfig, ClientEvent, ClientFsm, ClientState, Request};
 use csnap_fsm::cluster::{Controller, ControllerConfig, Policy};
-use csnap_fsm::server::{Server, ServerConfig};
+use csnap_fsm::server::{Server, ServerConfig, ServerEvent};
 use csnap_fsm::store_ops::{StoreOp, StoreReply, StoreRequest, StoreResult};
 use csnap_io::store_worker::StoreWorker;
 use csnap_proto::{
@@ -230,6 +246,14 @@ struct Proc {
     recovering: bool,
     waiting_seen: u32,
     barrier_seen: u32,
+    /// Its node was cut off from the bus while it served (a partition,
+    /// nothing fences it): a newer server may start elsewhere.
+    partitioned: bool,
+    /// Nodes it counts no members now.
+    nonmember: BTreeSet<u32>,
+    /// A newer incarnation started while it still runs: it must never
+    /// answer again; its next store access finds it fenced.
+    superseded: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -320,6 +344,11 @@ struct Cli {
     op: Option<Op>,
     /// Dead, and a new process took its place.
     replaced: bool,
+    /// Held read locks while a server started without its node as a
+    /// member (its node cut off from the bus, and nothing fenced it): its
+    /// reads under those locks are outside what the cluster guarantees
+    /// without fencing, and are not checked.
+    exposed: bool,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -370,6 +399,23 @@ struct Stats {
     /// and those of them an origin write raced that ended in the snapshot.
     created_chunks_checked: u64,
     created_chunks_raced: u64,
+    /// Connections cut (every frame in flight on them lost), by link.
+    cuts_client_server: u64,
+    cuts_agent_server: u64,
+    cuts_admin: u64,
+    cuts_bus: u64,
+    frames_lost: u64,
+    /// Servers that were serving when their node's bus was cut.
+    partitioned_servers: u64,
+    /// Partitioned servers a newer incarnation superseded, and those found
+    /// fenced at their next store access (none ever answered again).
+    superseded_servers: u64,
+    stale_servers_fenced: u64,
+    controller_crashes: u64,
+    /// Clients holding read locks on a node that was not a member at a
+    /// start (cut off, unfenced), and their reads left unchecked.
+    exposed_clients: u64,
+    exposed_reads: u64,
 }
 
 impl Stats {
@@ -405,6 +451,17 @@ impl Stats {
         self.reads_of_deleted += o.reads_of_deleted;
         self.created_chunks_checked += o.created_chunks_checked;
         self.created_chunks_raced += o.created_chunks_raced;
+        self.cuts_client_server += o.cuts_client_server;
+        self.cuts_agent_server += o.cuts_agent_server;
+        self.cuts_admin += o.cuts_admin;
+        self.cuts_bus += o.cuts_bus;
+        self.frames_lost += o.frames_lost;
+        self.partitioned_servers += o.partitioned_servers;
+        self.superseded_servers += o.superseded_servers;
+        self.stale_servers_fenced += o.stale_servers_fenced;
+        self.controller_crashes += o.controller_crashes;
+        self.exposed_clients += o.exposed_clients;
+        self.exposed_reads += o.exposed_reads;
     }
 }
 
@@ -458,7 +515,22 @@ struct Sim {
     creating: BTreeMap<u32, CreateRec>,
     /// New snapshots whose client is started with the next active phase.
     new_tags: Vec<u32>,
+    /// Per node: its bus is cut, and reconnects then.
+    bus_back: Vec<Option<u64>>,
     stats: Stats,
+}
+
+fn new_controller() -> Controller {
+    Controller::new(ControllerConfig {
+        conns: 16,
+        policy: Policy::Auto,
+        start_timeout_ms: csnap_pools::CONTROLLER_START_TIMEOUT_MS,
+        // The simulation kills servers on purpose, many per second of
+        // its time: the crash-loop breaker is off here (cluster_fsm
+        // tests it).
+        max_server_deaths: 0,
+        death_window_ms: csnap_pools::CONTROLLER_DEATH_WINDOW_MS_DEFAULT,
+    })
 }
 
 fn idx(node: u32) -> usize {
@@ -520,16 +592,7 @@ impl Sim {
             .write(true)
             .open(&store_path)
             .unwrap();
-        let ctl = Controller::new(ControllerConfig {
-            conns: 16,
-            policy: Policy::Auto,
-            start_timeout_ms: csnap_pools::CONTROLLER_START_TIMEOUT_MS,
-            // The simulation kills servers on purpose, many per second of
-            // its time: the crash-loop breaker is off here (cluster_fsm
-            // tests it).
-            max_server_deaths: 0,
-            death_window_ms: csnap_pools::CONTROLLER_DEATH_WINDOW_MS_DEFAULT,
-        });
+        let ctl = new_controller();
         let mut s = Sim {
             rng,
             trace: std::env::var_os("CSNAP_SIM_TRACE").is_some(),
@@ -568,24 +631,11 @@ impl Sim {
             maybe_gone: BTreeSet::new(),
             creating: BTreeMap::new(),
             new_tags: Vec::new(),
+            bus_back: vec![None; NODES as usize],
             stats: Stats::default(),
         };
         // The tool's connection to the controller.
-        let c = s.ctl.handle_accept().unwrap();
-        s.tool = s.link(End::Tool, End::Ctl(c));
-        s.ctl_conn.insert(c, s.tool);
-        s.write(
-            s.tool,
-            End::Tool,
-            &encode(
-                0,
-                &Msg::Hello {
-                    version_min: 1,
-                    version_max: 1,
-                    role: Role::Control,
-                },
-            ),
-        );
+        s.tool_connect();
         // The agents and their buses.
         for n in 1..=NODES {
             let a = AgentFsm::new(AgentConfig {
@@ -598,12 +648,8 @@ impl Sim {
                 standby_after_start_ms: 5,
             });
             s.agents.push(a);
-            let c = s.ctl.handle_accept().unwrap();
-            let l = s.link(End::Bus(n), End::Ctl(c));
-            s.ctl_conn.insert(c, l);
-            s.bus.push(l);
-            s.agents[idx(n)].handle_bus_connected();
-            s.pump_agent(n);
+            s.bus.push(usize::MAX);
+            s.bus_connect(n);
         }
         // Two origin clients and three snapshot clients, on all nodes.
         for (n, v) in [
@@ -743,7 +789,16 @@ impl Sim {
             End::SrvAgent(p) => self.die(p, "its agent link closed"),
             End::CliSrv(k) => self.clients[k].server_broken = true,
             End::Adm => self.adm_end(None),
-            End::Bus(_) | End::CliAgent(_) | End::Tool => {
+            End::Bus(n) => {
+                // The agent keeps what it knows and reconnects later; its
+                // server (if any) goes on running: nothing fences it.
+                self.close(l, to);
+                self.bus_back[idx(n)] = Some(self.now + 1 + self.rng.below(300));
+                self.agents[idx(n)].handle_bus_disconnected();
+                self.pump_agent(n);
+                self.partitioned(n);
+            }
+            End::CliAgent(_) | End::Tool => {
                 panic!("{to:?}: the other end closed a link that never closes")
             }
         }
@@ -792,7 +847,12 @@ impl Sim {
             }
             let bus = a.bus_output().to_vec();
             a.consume_bus_output(bus.len());
-            assert!(!a.bus_stalled(), "node {n}: the bus stalled");
+            // Down while its bus is cut (the agent sends nothing then);
+            // it never overflows otherwise.
+            assert!(
+                !a.bus_stalled() || self.bus_back[idx(n)].is_some(),
+                "node {n}: the bus stalled"
+            );
             let mut closes = Vec::new();
             while let Some(c) = a.poll_close() {
                 closes.push(c);
@@ -811,7 +871,7 @@ impl Sim {
                     self.write(l, End::Agent(n, c), &b);
                 }
             }
-            if !bus.is_empty() {
+            if !bus.is_empty() && self.bus_back[idx(n)].is_none() {
                 self.write(self.bus[idx(n)], End::Bus(n), &bus);
             }
             for c in closes {
@@ -831,6 +891,12 @@ impl Sim {
     }
 
     fn tick(&mut self) {
+        for n in 1..=NODES {
+            if self.bus_back[idx(n)].is_some_and(|t| t <= self.now) {
+                self.bus_back[idx(n)] = None;
+                self.bus_connect(n);
+            }
+        }
         self.ctl.set_now(self.now);
         self.ctl.handle_tick();
         self.pump_ctl();
@@ -838,6 +904,159 @@ impl Sim {
             self.agents[idx(n)].set_now(self.now);
             self.agents[idx(n)].handle_tick();
             self.pump_agent(n);
+        }
+    }
+
+    /// Node `n`'s bus is down: a server there runs on, unfenced (a
+    /// standby the agent starts meanwhile, too).
+    fn partitioned(&mut self, n: u32) {
+        for pr in self.procs.iter_mut().flatten() {
+            if pr.node == n && !pr.partitioned {
+                pr.partitioned = true;
+                if pr.phase == Phase::Serving {
+                    self.stats.partitioned_servers += 1;
+                }
+            }
+        }
+    }
+
+    /// A node's agent connects its bus to the controller.
+    fn bus_connect(&mut self, n: u32) {
+        let c = self.ctl.handle_accept().expect("the controller has room");
+        let l = self.link(End::Bus(n), End::Ctl(c));
+        self.ctl_conn.insert(c, l);
+        self.bus[idx(n)] = l;
+        self.log(|| format!("node {n}: the bus connects"));
+        self.agents[idx(n)].handle_bus_connected();
+        self.pump_agent(n);
+    }
+
+    /// The tool connects to the controller.
+    fn tool_connect(&mut self) {
+        let c = self.ctl.handle_accept().expect("the controller has room");
+        self.tool = self.link(End::Tool, End::Ctl(c));
+        self.ctl_conn.insert(c, self.tool);
+        self.write(
+            self.tool,
+            End::Tool,
+            &encode(
+                0,
+                &Msg::Hello {
+                    version_min: 1,
+                    version_max: 1,
+                    role: Role::Control,
+                },
+            ),
+        );
+    }
+
+    /// Every frame in flight on link `l` is lost.
+    fn lose_frames(&mut self, l: usize) {
+        for d in 0..2 {
+            let q = std::mem::take(&mut self.links[l].q[d]);
+            self.stats.frames_lost += q.len() as u64;
+            if let End::Bus(n) = self.links[l].ends[1 - d] {
+                for f in &q {
+                    if let Ok((
+                        _,
+                        Msg::Fence {
+                            reason: FenceReason::LeftCluster,
+                        },
+                    )) = proto::decode(f)
+                    {
+                        self.fences_in_flight[idx(n)] -= 1;
+                    }
+                }
+            }
+        }
+    }
+
+    /// The connection breaks at an arbitrary point: what is in flight is
+    /// lost, and both ends see it end.
+    fn cut(&mut self, l: usize) {
+        self.log(|| format!("link {l} {:?} cut", self.links[l].ends));
+        self.lose_frames(l);
+        for d in 0..2 {
+            let e = self.links[l].ends[d];
+            if !self.links[l].closed[d] {
+                self.links[l].eof_sent[1 - d] = true;
+                self.on_eof(e, l);
+            }
+        }
+        let link = &mut self.links[l];
+        link.eof_sent = [true; 2];
+    }
+
+    /// The controller process dies and is started again: every connection
+    /// to it ends (what was in flight is lost); the agents reconnect their
+    /// buses and the tool its connection, and it rebuilds its state from
+    /// what the agents report.
+    fn controller_crash(&mut self) {
+        self.log(|| "the controller crashes".into());
+        self.stats.controller_crashes += 1;
+        self.ctl = new_controller();
+        self.ctl.set_now(self.now);
+        self.tool_pending.clear();
+        for (c, l) in std::mem::take(&mut self.ctl_conn) {
+            self.lose_frames(l);
+            self.close(l, End::Ctl(c));
+            let link = &mut self.links[l];
+            link.eof_sent = [true; 2];
+            match self.peer(l, End::Ctl(c)) {
+                End::Bus(n) => {
+                    self.links[l].closed = [true; 2];
+                    self.bus_back[idx(n)] = Some(self.now + 1 + self.rng.below(50));
+                    self.agents[idx(n)].handle_bus_disconnected();
+                    self.pump_agent(n);
+                    self.partitioned(n);
+                }
+                End::Tool => self.links[l].closed = [true; 2],
+                e => panic!("{e:?} on the controller"),
+            }
+        }
+        self.tool_connect();
+    }
+
+    /// Connection cuts, a partition (a bus cut), a controller crash.
+    fn cut_something(&mut self, what: u64) {
+        match what {
+            0 => {
+                let n = 1 + u32::try_from(self.rng.below(u64::from(NODES))).unwrap();
+                if self.bus_back[idx(n)].is_none() {
+                    self.stats.cuts_bus += 1;
+                    let l = self.bus[idx(n)];
+                    self.cut(l);
+                }
+            }
+            1 => {
+                if self.left.is_none() {
+                    self.controller_crash();
+                }
+            }
+            _ => {
+                let mut ls = Vec::new();
+                for c in self.clients.iter().filter(|c| c.alive) {
+                    if let Some(l) = c.server_link {
+                        ls.push((l, 0));
+                    }
+                }
+                for pr in self.procs.iter().flatten() {
+                    ls.push((pr.agent_link, 1));
+                }
+                if let Some(a) = &self.adm {
+                    ls.push((a.link, 2));
+                }
+                if ls.is_empty() {
+                    return;
+                }
+                let (l, kind) = ls[us(self.rng.below(ls.len() as u64))];
+                match kind {
+                    0 => self.stats.cuts_client_server += 1,
+                    1 => self.stats.cuts_agent_server += 1,
+                    _ => self.stats.cuts_admin += 1,
+                }
+                self.cut(l);
+            }
         }
     }
 
@@ -984,7 +1203,12 @@ impl Sim {
                     None => {}
                     Some(Err((code, text))) => {
                         assert!(
-                            matches!(code, ErrorCode::Busy | ErrorCode::Recovering),
+                            matches!(
+                                code,
+                                ErrorCode::Busy
+                                    | ErrorCode::Recovering
+                                    | ErrorCode::StaleIncarnation
+                            ),
                             "create {tag} refused: {code:?} {text}"
                         );
                         self.creating.remove(&tag);
@@ -999,7 +1223,10 @@ impl Sim {
                 // Unknown: the store says at the next quiet phase.
                 None => {}
                 Some(Err((code, text))) => {
-                    assert_eq!(code, ErrorCode::Busy, "delete {tag} refused: {text}");
+                    assert!(
+                        matches!(code, ErrorCode::Busy | ErrorCode::StaleIncarnation),
+                        "delete {tag} refused: {code:?} {text}"
+                    );
                     if text.contains("in use") {
                         self.stats.deletes_in_use += 1;
                     }
@@ -1176,6 +1403,9 @@ impl Sim {
             recovering: false,
             waiting_seen: 0,
             barrier_seen: 0,
+            partitioned: false,
+            nonmember: BTreeSet::new(),
+            superseded: false,
         }));
         self.log(|| format!("node {n}: standby process {p} spawned"));
         self.write(
@@ -1213,7 +1443,7 @@ impl Sim {
             .filter(|&p| {
                 self.procs[p]
                     .as_ref()
-                    .is_some_and(|x| x.phase == Phase::Serving)
+                    .is_some_and(|x| x.phase == Phase::Serving && !x.superseded)
             })
             .collect()
     }
@@ -1261,10 +1491,22 @@ impl Sim {
                 self.start(p, &members, &expected, claim);
             }
             (Phase::Serving, Msg::NodeJoined { node_id }) => {
+                pr.nonmember.remove(&node_id);
                 pr.fsm.handle_node_joined(node_id);
                 self.pump_srv(p);
             }
             (Phase::Serving, Msg::NodeLeft { node_id }) => {
+                // The server drops the node's locks: a node that left is
+                // fenced, unless it was only cut off (then its readers are
+                // on their own).
+                for c in &mut self.clients {
+                    if c.alive && c.node == node_id && c.fsm.held_chunks() > 0 && !c.exposed {
+                        c.exposed = true;
+                        self.stats.exposed_clients += 1;
+                    }
+                }
+                let pr = self.procs[p].as_mut().unwrap();
+                pr.nonmember.insert(node_id);
                 pr.left.insert(node_id);
                 pr.fsm.handle_node_left(node_id);
                 self.pump_srv(p);
@@ -1286,11 +1528,29 @@ impl Sim {
 
     /// The standby start, as `csnap server --standby --agent` does it.
     fn start(&mut self, p: usize, members: &[u32], expected: &[(u64, u32)], claim: bool) {
-        let s = self.serving();
-        assert!(
-            s.is_empty(),
-            "two servers serve at once: process {p} starts while {s:?} serve"
-        );
+        for q in self.serving() {
+            // Only a server cut off from the bus may still run (nothing
+            // fences it); from now on it must never answer again.
+            let qr = self.procs[q].as_mut().unwrap();
+            assert!(
+                qr.partitioned,
+                "two servers serve at once: process {p} starts while {q} serves"
+            );
+            if !qr.superseded {
+                qr.superseded = true;
+                self.stats.superseded_servers += 1;
+            }
+        }
+        // A client on a node that is no member (cut off from the bus: only
+        // fencing would stop it) is not waited for: the locks it holds, or
+        // has been granted by a former server and not yet seen, protect
+        // nothing.
+        for c in &mut self.clients {
+            if c.alive && !members.contains(&c.node) && !c.exposed {
+                c.exposed = true;
+                self.stats.exposed_clients += 1;
+            }
+        }
         // Every live client holding read locks on a member node must be
         // waited for.
         for c in &self.clients {
@@ -1345,6 +1605,7 @@ impl Sim {
         }
         pr.fsm.begin_recovery(expected);
         pr.phase = Phase::Serving;
+        pr.nonmember = (1..=NODES).filter(|n| !members.contains(n)).collect();
         pr.incarnation = incarnation;
         pr.expected = expected.to_vec();
         pr.recovering = true;
@@ -1402,6 +1663,17 @@ impl Sim {
         let mut replies = Vec::new();
         pr.worker.request_fence_check();
         pr.worker.run_batch(&batch, &mut |r| replies.push(r));
+        if pr.superseded {
+            // A stale server: its store access finds the newer incarnation
+            // and fails everything; it answers nothing.
+            for r in &replies {
+                assert!(
+                    matches!(r.result, StoreResult::Failed(_)),
+                    "process {p}, superseded, got {:?} from its store",
+                    r.result
+                );
+            }
+        }
         for r in &replies {
             pr.fsm.handle_store_reply(r);
         }
@@ -1483,7 +1755,14 @@ impl Sim {
                 }
             }
             if let Some(e) = stop {
-                panic!("server process {p} stopped: {e:?}");
+                let pr = self.procs[p].as_ref().unwrap();
+                assert!(
+                    pr.superseded && e == ServerEvent::Fenced,
+                    "server process {p} stopped: {e:?}"
+                );
+                self.stats.stale_servers_fenced += 1;
+                self.die(p, "fenced");
+                return;
             }
         }
     }
@@ -1520,6 +1799,7 @@ impl Sim {
             pause_ms: csnap_pools::CLIENT_RETRY_MIN_MS,
             op: None,
             replaced: false,
+            exposed: false,
         });
         self.log(|| format!("client {id} ({volume:?}) starts on node {node}"));
         self.write(
@@ -1773,7 +2053,7 @@ impl Sim {
                 // these chunks from the origin.
                 for c in r.chunk..r.end() {
                     for o in &self.clients {
-                        if !o.alive {
+                        if !o.alive || o.exposed {
                             continue;
                         }
                         if let Some(Op::Reading {
@@ -1820,6 +2100,18 @@ impl Sim {
                     });
                 }
                 assert_eq!(covered, u64::from(r.chunks), "targets cover the read");
+                // Locked by a server that counts its node out (cut off, and
+                // not fenced): nothing protects the read.
+                let c = &mut self.clients[k];
+                let out = self.procs.iter().flatten().any(|x| {
+                    x.incarnation == inc
+                        && x.phase == Phase::Serving
+                        && x.nonmember.contains(&c.node)
+                });
+                if out && !c.exposed {
+                    c.exposed = true;
+                    self.stats.exposed_clients += 1;
+                }
                 self.log(|| format!("client {id}: read {r:?} from incarnation {inc}: {targets:?}"));
                 self.clients[k].op = Some(Op::Reading {
                     range: r,
@@ -1938,7 +2230,7 @@ impl Sim {
         };
         self.clients
             .iter()
-            .filter(|c| c.alive)
+            .filter(|c| c.alive && !c.exposed)
             .any(|c| match &c.op {
                 Some(Op::Reading {
                     targets,
@@ -1970,10 +2262,13 @@ impl Sim {
             unreachable!()
         };
         let mut buf = vec![0u8; CHUNK_BYTES];
-        let gone = self.maybe_gone.contains(&tag);
+        let mut gone = self.maybe_gone.contains(&tag);
         if gone {
             // Its snapshot was deleted meanwhile: the data is nobody's.
             self.stats.reads_of_deleted += 1;
+        } else if self.clients[k].exposed {
+            self.stats.exposed_reads += 1;
+            gone = true;
         }
         for t in targets.iter().filter(|_| !gone) {
             for i in 0..u64::from(t.chunks) {
@@ -2014,6 +2309,9 @@ impl Sim {
                 chunk: t.chunk,
                 chunks: t.chunks,
             });
+        }
+        if self.clients[k].fsm.held_chunks() == 0 {
+            self.clients[k].exposed = false;
         }
         self.cli_pump(k);
     }
@@ -2179,6 +2477,12 @@ impl Sim {
             }
         } else if r - kill < 75 {
             self.snapshot_command();
+        } else if r - kill < 80 {
+            self.cut_something(0);
+        } else if r - kill < 82 {
+            self.cut_something(1);
+        } else if r - kill < 100 {
+            self.cut_something(2);
         }
     }
 
@@ -2201,6 +2505,9 @@ impl Sim {
     fn settled(&self) -> Result<usize, String> {
         if self.adm.is_some() {
             return Err("a snapshot command is under way".into());
+        }
+        if self.bus_back.iter().any(Option::is_some) {
+            return Err("a bus is down".into());
         }
         for (l, link) in self.links.iter().enumerate() {
             for d in 0..2 {
@@ -2253,12 +2560,26 @@ impl Sim {
                     }
                 };
                 take(self.ctl.next_deadline_ms());
+                for &t in self.bus_back.iter().flatten() {
+                    take(Some(t));
+                }
                 for a in &self.agents {
                     take(a.next_deadline_ms());
                 }
                 for c in self.clients.iter().filter(|c| c.alive) {
                     if let Rec::Pause(t) = c.rec {
                         take(Some(t));
+                    }
+                }
+                if next.is_none() && self.clients.iter().all(|c| !c.alive) {
+                    // Nobody is left to want a server (a restarted
+                    // controller places one on demand only): a new client
+                    // comes.
+                    let n = (1..=NODES)
+                        .find(|&n| self.left != Some(n) && self.agents[idx(n)].status().member);
+                    if let Some(n) = n {
+                        self.client_new(n, Volume::Origin);
+                        continue;
                     }
                 }
                 let Some(t) = next else {
@@ -2281,6 +2602,19 @@ impl Sim {
         }
         self.quiet = false;
         self.stats.quiet_phases += 1;
+        // A superseded server nobody talked to: its worker's next look at
+        // the store (after an idle gap it reads the fence) finds it fenced.
+        for p in 0..self.procs.len() {
+            if let Some(pr) = self.procs[p].as_mut().filter(|x| x.superseded) {
+                let r = pr.worker.store().expect("started").check_fence();
+                assert!(
+                    matches!(r, Err(csnap_store::StoreError::Fenced { .. })),
+                    "process {p}, superseded, is not fenced: {r:?}"
+                );
+                self.stats.stale_servers_fenced += 1;
+                self.die(p, "fenced");
+            }
+        }
         self.check_volumes();
     }
 
@@ -2293,7 +2627,17 @@ impl Sim {
             Some((pr.node, pr.incarnation)),
             "the controller knows the server"
         );
-        assert_eq!(pr.fsm.read_locks(), 0, "read locks left when all is quiet");
+        if pr.fsm.read_locks() != 0 {
+            let mut h = Vec::new();
+            for c in 0..ORIGIN_CHUNKS {
+                pr.fsm
+                    .lock_holders(c, &mut |id, parked| h.push((c, id, parked)));
+            }
+            panic!(
+                "read locks left when all is quiet (chunk, client, parked): {h:?}\n{}",
+                self.dump()
+            );
+        }
         assert_eq!(
             pr.fsm.parked_clients(),
             0,
@@ -2527,6 +2871,23 @@ fn run_seeds(first: u64, count: u64, name: &str) {
             "{total:?}"
         );
         assert!(total.clients_of_deleted > 0, "{total:?}");
+        // Connections break at arbitrary points (frames in flight lost) on
+        // every kind of link; nodes are cut off from the bus while their
+        // server runs (never two serving: the older one is fenced at its
+        // next store access, never answering again); the controller
+        // crashes and rebuilds its state from the agents.
+        assert!(
+            total.cuts_client_server > 0 && total.cuts_agent_server > 0,
+            "{total:?}"
+        );
+        assert!(total.cuts_admin > 0 && total.cuts_bus > 0, "{total:?}");
+        assert!(total.frames_lost > 0, "{total:?}");
+        assert!(
+            total.partitioned_servers > 0 && total.superseded_servers > 0,
+            "{total:?}"
+        );
+        assert!(total.stale_servers_fenced > 0, "{total:?}");
+        assert!(total.controller_crashes > 0, "{total:?}");
     }
 }
 
