@@ -1528,12 +1528,15 @@ impl Sim {
 
     /// The standby start, as `csnap server --standby --agent` does it.
     fn start(&mut self, p: usize, members: &[u32], expected: &[(u64, u32)], claim: bool) {
+        let starter_cut_off = self.procs[p].as_ref().unwrap().partitioned;
         for q in self.serving() {
             // Only a server cut off from the bus may still run (nothing
-            // fences it); from now on it must never answer again.
+            // fences it), or the starter was told to start before its own
+            // node was cut off (the controller gave up on it and placed
+            // another); from now on the older one must never answer again.
             let qr = self.procs[q].as_mut().unwrap();
             assert!(
-                qr.partitioned,
+                qr.partitioned || starter_cut_off,
                 "two servers serve at once: process {p} starts while {q} serves"
             );
             if !qr.superseded {
