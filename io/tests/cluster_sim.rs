@@ -2843,14 +2843,26 @@ fn run_seeds(first: u64, count: u64, name: &str) {
     };
     let t0 = std::time::Instant::now();
     let mut total = Stats::default();
+    // CSNAP_SIM_SOAK=1: a failing seed is recorded and the run goes on
+    // (every failing seed of a soak is named at the end).
+    let soak = std::env::var_os("CSNAP_SIM_SOAK").is_some();
+    let mut failed = Vec::new();
     for &seed in &seeds {
-        total.add(&run_seed(seed, &dir));
+        if soak {
+            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_seed(seed, &dir))) {
+                Ok(st) => total.add(&st),
+                Err(_) => failed.push(seed),
+            }
+        } else {
+            total.add(&run_seed(seed, &dir));
+        }
     }
     println!(
-        "cluster_sim {name}: {} seeds in {:?}: {total:?}",
+        "cluster_sim {name}: {} seeds in {:?}, failed {failed:?}: {total:?}",
         seeds.len(),
         t0.elapsed()
     );
+    assert!(failed.is_empty(), "failing seeds: {failed:?}");
     if seeds.len() as u64 >= count {
         // The faults and the windows this checks did happen.
         assert!(total.server_kills > count, "{total:?}");
