@@ -1,6 +1,9 @@
 //! A disk that fails (#15): EIO on a read, a write or a flush, ENOSPC on a
 //! write, and a torn write, injected at every disk operation of a workload
-//! in turn; and a second failure at every write of the replay that follows.
+//! in turn; and a second failure at every write of the replay that follows;
+//! and a crash (the write and everything after it lost, with or without the
+//! writes since the last flush) at every write of a replay, and of a
+//! standby's claiming start (claim, replay, incarnation bump).
 //!
 //! What must hold after each: the store operation that met the failure
 //! returns an error (no panic), nothing it acknowledged (a commit that
@@ -292,4 +295,176 @@ fn a_failure_during_replay_is_an_error_and_the_next_open_recovers() {
     }
     eprintln!("replay faults: {injected} injected");
     assert!(injected > 0, "no replay ever wrote");
+}
+
+// -- crashes in the windows the prefix crash tests leave out -------------------
+
+/// A disk that crashes at its `crash_at`-th write: that write does not land,
+/// nor does anything after it (every later operation fails, as the process
+/// is gone); with `drop_unflushed`, the writes since the last flush are lost
+/// too (the device never persisted its cache).
+struct CrashDisk {
+    inner: MemDisk,
+    crash_at: u64,
+    drop_unflushed: bool,
+    writes: u64,
+    crashed: bool,
+    undo: Vec<(u64, Vec<u8>)>,
+}
+
+impl CrashDisk {
+    fn new(inner: MemDisk, crash_at: u64, drop_unflushed: bool) -> Self {
+        CrashDisk {
+            inner,
+            crash_at,
+            drop_unflushed,
+            writes: 0,
+            crashed: false,
+            undo: Vec::new(),
+        }
+    }
+
+    /// What the device holds after the crash (or now).
+    fn image(mut self) -> MemDisk {
+        if self.crashed && self.drop_unflushed {
+            while let Some((off, old)) = self.undo.pop() {
+                self.inner.write_at(&old, off).unwrap();
+            }
+        }
+        self.inner
+    }
+}
+
+impl Disk for CrashDisk {
+    fn read_at(&mut self, buf: &mut [u8], offset: u64) -> Result<(), DiskError> {
+        if self.crashed {
+            return Err(DiskError::Os(libc::EIO));
+        }
+        self.inner.read_at(buf, offset)
+    }
+
+    fn write_at(&mut self, buf: &[u8], offset: u64) -> Result<(), DiskError> {
+        if self.crashed {
+            return Err(DiskError::Os(libc::EIO));
+        }
+        self.writes += 1;
+        if self.writes == self.crash_at {
+            self.crashed = true;
+            return Err(DiskError::Os(libc::EIO));
+        }
+        let mut old = vec![0u8; buf.len()];
+        self.inner.read_at(&mut old, offset)?;
+        self.undo.push((offset, old));
+        self.inner.write_at(buf, offset)
+    }
+
+    fn flush(&mut self) -> Result<(), DiskError> {
+        if self.crashed {
+            return Err(DiskError::Os(libc::EIO));
+        }
+        self.undo.clear();
+        self.inner.flush()
+    }
+
+    fn size_bytes(&self) -> u64 {
+        self.inner.size_bytes()
+    }
+}
+
+/// Images a failed workload leaves behind (a journal to replay), with what
+/// was acknowledged.
+fn failed_images() -> Vec<(String, MemDisk, MemDisk, Acked)> {
+    let mut v = Vec::new();
+    for kind in [Fault::TornWrite, Fault::FlushEio] {
+        let n = ops_of(kind);
+        for at in (1..=n).step_by(4) {
+            let (d, origin, acked, _) = run(Some(kind), at);
+            v.push((format!("{kind:?} at {at}"), d.inner, origin, acked));
+        }
+    }
+    v
+}
+
+/// A crash at every write of the replay (a standby's start after a
+/// failure), with or without the writes since the last flush: the replay
+/// after it recovers everything acknowledged, and `check` is clean.
+#[test]
+fn a_crash_at_every_write_of_the_replay_then_replay_again_loses_nothing() {
+    let mut crashes = 0u64;
+    for (what, d, origin, acked) in failed_images() {
+        let mut probe = CrashDisk::new(d.clone(), u64::MAX, false);
+        drop(Store::open(&mut probe, &open_opts()).unwrap());
+        for j in 1..=probe.writes {
+            for drop_unflushed in [false, true] {
+                let mut cd = CrashDisk::new(d.clone(), j, drop_unflushed);
+                assert!(
+                    Store::open(&mut cd, &open_opts()).is_err(),
+                    "{what}: the replay went on after its crash at write {j}"
+                );
+                crashes += 1;
+                recover_and_verify(
+                    cd.image(),
+                    &mut origin.clone(),
+                    &acked,
+                    &format!(
+                        "{what}, replay crashed at write {j} (unflushed lost: {drop_unflushed})"
+                    ),
+                );
+            }
+        }
+    }
+    eprintln!("replay crashes: {crashes}");
+    assert!(crashes > 50, "only {crashes} replay crashes");
+}
+
+/// A crash at every write of a standby's start that claims the store (the
+/// claim's superblock write, the replay, the incarnation bump's commit):
+/// nothing acknowledged is lost, `check` is clean, and the incarnation never
+/// goes back: the next start's is above every one a server used before.
+#[test]
+fn a_crash_at_every_write_of_a_claiming_start_loses_nothing_and_keeps_incarnations_rising() {
+    let mut crashes = 0u64;
+    let mut images = failed_images();
+    // And a cleanly stopped store.
+    let (d, origin, acked, failed) = run(None, 0);
+    assert!(!failed);
+    images.push(("clean".into(), d.inner, origin, acked));
+    for (what, d, origin, acked) in images {
+        let before = {
+            let st = Store::open(d.clone(), &open_opts()).unwrap();
+            st.incarnation()
+        };
+        let start = |disk: &mut CrashDisk| -> Result<u64, StoreError> {
+            let mut sb = csnap_store::Standby::reserve(disk, &open_opts())?;
+            sb.claim(std::time::Duration::ZERO)?;
+            let mut st = sb.try_start().map_err(|(_, e)| e)?;
+            st.bump_incarnation()
+        };
+        let mut probe = CrashDisk::new(d.clone(), u64::MAX, false);
+        let inc = start(&mut probe).unwrap();
+        assert!(inc > before, "{what}: start took {inc}, before {before}");
+        for j in 1..=probe.writes {
+            for drop_unflushed in [false, true] {
+                let mut cd = CrashDisk::new(d.clone(), j, drop_unflushed);
+                assert!(
+                    start(&mut cd).is_err(),
+                    "{what}: the start went on after its crash at write {j}"
+                );
+                crashes += 1;
+                let img = cd.image();
+                let ctx = format!(
+                    "{what}, start crashed at write {j} (unflushed lost: {drop_unflushed})"
+                );
+                recover_and_verify(img.clone(), &mut origin.clone(), &acked, &ctx);
+                let mut st = Store::open(img, &open_opts()).unwrap();
+                let next = st.bump_incarnation().unwrap();
+                assert!(
+                    next > before,
+                    "{ctx}: the next start took {next}, not above {before}"
+                );
+            }
+        }
+    }
+    eprintln!("start crashes: {crashes}");
+    assert!(crashes > 50, "only {crashes} start crashes");
 }
