@@ -3,7 +3,9 @@
 //! in turn; and a second failure at every write of the replay that follows;
 //! and a crash (the write and everything after it lost, with or without the
 //! writes since the last flush) at every write of a replay, and of a
-//! standby's claiming start (claim, replay, incarnation bump).
+//! standby's claiming start (claim, replay, incarnation bump), and of a run
+//! under the `delete-lowest-priority` store-full policy (victims chosen,
+//! deleted in steps, copy-outs after them).
 //!
 //! What must hold after each: the store operation that met the failure
 //! returns an error (no panic), nothing it acknowledged (a commit that
@@ -467,4 +469,145 @@ fn a_crash_at_every_write_of_a_claiming_start_loses_nothing_and_keeps_incarnatio
     }
     eprintln!("start crashes: {crashes}");
     assert!(crashes > 50, "only {crashes} start crashes");
+}
+
+/// The `delete-lowest-priority` workload: snapshots with priorities taken
+/// while the origin is rewritten on a store too small for all their
+/// copy-outs, so the policy deletes victims (commit, delete steps, retry, as
+/// the store worker does). Returns what was acknowledged and the victims
+/// chosen so far (only those may be missing after a crash).
+fn auto_delete_workload<D: Disk>(
+    st: &mut Store<D>,
+    origin: &mut MemDisk,
+    acked: &mut Acked,
+    victims: &mut Vec<u32>,
+) -> Result<(), StoreError> {
+    for i in 0..72u64 {
+        if i % 12 == 0 {
+            let tag = u32::try_from(100 + i).unwrap();
+            st.create_snapshot(tag, 0)?;
+            st.set_priority(tag, i8::try_from(i % 5).unwrap())?;
+            st.commit()?;
+            acked.snaps.push((tag, acked.origin.clone()));
+            continue;
+        }
+        let c = (i * 5) % ORIGIN_CHUNKS;
+        let v = 9_000 + i;
+        let w = loop {
+            match st.prepare_origin_write(c) {
+                Ok(w) => break w,
+                Err(StoreError::Reclaiming { victim }) => {
+                    if let Some(t) = victim {
+                        victims.push(t);
+                    }
+                    st.commit()?;
+                    while st.delete_step(64)? != csnap_store::DeleteProgress::Idle {
+                        st.commit()?;
+                    }
+                    st.commit()?;
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        if let OriginWrite::CopyOut { store_chunk } = w {
+            let mut b = vec![0u8; CHUNK];
+            origin.read_at(&mut b, c * CHUNK as u64).unwrap();
+            let off = st.chunk_offset(store_chunk);
+            st.disk_mut().write_at(&b, off)?;
+        }
+        st.commit()?;
+        origin.write_at(&pattern(v), c * CHUNK as u64).unwrap();
+        acked.origin[usize::try_from(c).unwrap()] = v;
+    }
+    Ok(())
+}
+
+/// A crash at every write of a run under `delete-lowest-priority` (the
+/// victims' marking, their delete steps, the copy-outs after them): the
+/// store recovers with `check` clean, the origin as acknowledged, and every
+/// snapshot either reading exactly its data or gone, and gone only if the
+/// policy had chosen it.
+#[test]
+fn a_crash_at_every_write_under_delete_lowest_priority_loses_nothing_acknowledged() {
+    let base = format_store(ORIGIN_CHUNKS, 40, StoreFullPolicy::DeleteLowestPriority);
+    let fresh = || Acked {
+        origin: (0..ORIGIN_CHUNKS).map(initial).collect(),
+        snaps: Vec::new(),
+    };
+    // The whole run, to count its writes and see the policy act.
+    let mut probe = CrashDisk::new(base.clone(), u64::MAX, false);
+    let (mut acked, mut victims) = (fresh(), Vec::new());
+    {
+        let mut st = Store::open(&mut probe, &open_opts()).unwrap();
+        auto_delete_workload(
+            &mut st,
+            &mut make_origin(ORIGIN_CHUNKS),
+            &mut acked,
+            &mut victims,
+        )
+        .unwrap();
+    }
+    assert!(victims.len() >= 2, "the policy chose {victims:?}");
+    let writes = probe.writes;
+    let mut crashes = 0u64;
+    for j in 1..=writes {
+        for drop_unflushed in [false, true] {
+            let mut cd = CrashDisk::new(base.clone(), j, drop_unflushed);
+            let mut origin = make_origin(ORIGIN_CHUNKS);
+            let (mut acked, mut victims) = (fresh(), Vec::new());
+            let r = match Store::open(&mut cd, &open_opts()) {
+                Ok(mut st) => auto_delete_workload(&mut st, &mut origin, &mut acked, &mut victims),
+                Err(e) => Err(e),
+            };
+            assert!(r.is_err(), "write {j}: the run went on after its crash");
+            crashes += 1;
+            let what = format!("crash at write {j} of {writes} (unflushed lost: {drop_unflushed})");
+            let mut d = cd.image();
+            let rep = csnap_store::check::check(&mut d);
+            assert!(
+                rep.is_clean(),
+                "{what}: check:\n{}",
+                rep.problems.join("\n")
+            );
+            let mut st =
+                Store::open(d, &open_opts()).unwrap_or_else(|e| panic!("{what}: reopen: {e}"));
+            for c in 0..ORIGIN_CHUNKS {
+                let mut b = vec![0u8; CHUNK];
+                origin.read_at(&mut b, c * CHUNK as u64).unwrap();
+                assert_eq!(
+                    value_of(&b),
+                    Some(acked.origin[c as usize]),
+                    "{what}: origin chunk {c}"
+                );
+            }
+            for (tag, data) in &acked.snaps {
+                if st.snapshot(*tag).is_none() {
+                    assert!(
+                        victims.contains(tag),
+                        "{what}: snapshot {tag} lost, never a victim ({victims:?})"
+                    );
+                    continue;
+                }
+                for c in 0..ORIGIN_CHUNKS {
+                    let mut b = vec![0u8; CHUNK];
+                    match st.lookup(*tag, c).unwrap() {
+                        Mapping::Origin => origin.read_at(&mut b, c * CHUNK as u64).unwrap(),
+                        Mapping::Store(s) => {
+                            let off = st.chunk_offset(s);
+                            st.disk_mut().read_at(&mut b, off).unwrap();
+                        }
+                    }
+                    assert_eq!(
+                        value_of(&b),
+                        Some(data[c as usize]),
+                        "{what}: snapshot {tag} chunk {c}"
+                    );
+                }
+            }
+        }
+    }
+    eprintln!(
+        "delete-lowest-priority: {crashes} crashes over {writes} writes, victims {victims:?}"
+    );
+    assert!(crashes > 100);
 }
