@@ -1474,12 +1474,16 @@ impl AgentFsm {
             take(self.spawn_at_ms);
             take(self.spawn_deadline_ms);
         }
-        for c in &self.conns {
-            if let Role2::Client {
-                pending: Some(p), ..
-            } = c.role
-            {
-                take(p.hold_until_ms);
+        // A hold ends in an answer only with a server known (else a past
+        // hold would make the loop spin until one is).
+        if self.cluster_server.is_some() {
+            for c in &self.conns {
+                if let Role2::Client {
+                    pending: Some(p), ..
+                } = c.role
+                {
+                    take(p.hold_until_ms);
+                }
             }
         }
         d

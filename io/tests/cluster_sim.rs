@@ -2689,7 +2689,13 @@ impl Sim {
             self.ctl.running()
         );
         for (i, a) in self.agents.iter().enumerate() {
-            let _ = writeln!(s, "agent {}: {:?}", i + 1, a.status());
+            let _ = writeln!(
+                s,
+                "agent {}: {:?} next deadline {:?}",
+                i + 1,
+                a.status(),
+                a.next_deadline_ms()
+            );
         }
         for (p, pr) in self.procs.iter().enumerate() {
             if let Some(pr) = pr {
