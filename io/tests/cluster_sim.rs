@@ -2574,6 +2574,12 @@ impl Sim {
                         take(Some(t));
                     }
                 }
+                if next.is_none() && self.fence_superseded() {
+                    // A superseded server nobody talked to, which the
+                    // controller still believes serves: the next request
+                    // finds it fenced and it exits.
+                    continue;
+                }
                 if next.is_none() && self.clients.iter().all(|c| !c.alive) {
                     // Nobody is left to want a server (a restarted
                     // controller places one on demand only): a new client
@@ -2605,8 +2611,15 @@ impl Sim {
         }
         self.quiet = false;
         self.stats.quiet_phases += 1;
-        // A superseded server nobody talked to: its worker's next look at
-        // the store (after an idle gap it reads the fence) finds it fenced.
+        self.fence_superseded();
+        self.check_volumes();
+    }
+
+    /// A superseded server nobody talked to: its worker's next look at the
+    /// store (a request, or after an idle gap) finds it fenced, and it
+    /// exits. Whether there was one.
+    fn fence_superseded(&mut self) -> bool {
+        let mut any = false;
         for p in 0..self.procs.len() {
             if let Some(pr) = self.procs[p].as_mut().filter(|x| x.superseded) {
                 let r = pr.worker.store().expect("started").check_fence();
@@ -2616,9 +2629,10 @@ impl Sim {
                 );
                 self.stats.stale_servers_fenced += 1;
                 self.die(p, "fenced");
+                any = true;
             }
         }
-        self.check_volumes();
+        any
     }
 
     /// Every volume equals its shadow; nothing is locked or waiting.
