@@ -20,7 +20,12 @@
 //! see it end), a node's bus to the controller breaks (a partition without
 //! fencing: the agent keeps what it knows and reconnects later, its server
 //! runs on), the controller crashes and starts again (every bus and the
-//! tool reconnect; it rebuilds its state from what the agents report).
+//! tool reconnect; it rebuilds its state from what the agents report), the
+//! serving server's store device fails (EIO on a read, a write or a flush,
+//! ENOSPC, or a write torn in half, then every later write and flush fails:
+//! a crash in the middle of a commit): the request that met it fails with
+//! `Internal` (EIO to an NBD client), the server stops, and the next
+//! incarnation replays; nothing it acknowledged may be missing then.
 //!
 //! Checked during the run:
 //! - never two servers serving at once;
@@ -65,12 +70,13 @@
 //! sent, as fencing guarantees. Clients on a node are started only while
 //! its agent counts it a member.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt::Write as _;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 
 use csnap_fsm::agent::{AddrBuf, AgentAction, AgentConfig, AgentFsm};
 use csnap_fsm::client::{ClientConfig, ClientEvent, ClientFsm, ClientState, Request};
@@ -82,7 +88,7 @@ use csnap_proto::{
     self as proto, ClusterOp, ErrorCode, FenceReason, Header, Msg, Range, Role, ServerState,
     TargetKind, Volume,
 };
-use csnap_store::disk::FileDisk;
+use csnap_store::disk::{Disk, DiskError, FileDisk};
 use csnap_store::{FormatOptions, Mapping, OpenOptions, Standby, Store};
 
 const CHUNK: u64 = 4096;
@@ -214,6 +220,96 @@ fn kind_of(f: &[u8]) -> String {
     }
 }
 
+// -- a failing store device ----------------------------------------------------------
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FaultKind {
+    ReadEio,
+    WriteEio,
+    WriteEnospc,
+    FlushEio,
+    /// Half the write lands (a crash in the middle of it), then EIO.
+    TornWrite,
+}
+
+const FAULT_KINDS: [FaultKind; 5] = [
+    FaultKind::ReadEio,
+    FaultKind::WriteEio,
+    FaultKind::WriteEnospc,
+    FaultKind::FlushEio,
+    FaultKind::TornWrite,
+];
+
+/// A fault armed on a server's store device: the `countdown`-th operation
+/// of its kind fails; from then on every write and flush fails too (the
+/// device, or the process, is gone mid-commit: nothing after lands).
+#[derive(Debug, Clone, Copy)]
+struct DiskFault {
+    kind: FaultKind,
+    countdown: u32,
+    fired: bool,
+}
+
+/// The store device of a server process: a file, and the fault armed on it.
+struct SimDisk {
+    inner: FileDisk,
+    fault: Rc<RefCell<Option<DiskFault>>>,
+}
+
+impl SimDisk {
+    fn hit(&self, kinds: &[FaultKind]) -> Option<FaultKind> {
+        let mut f = self.fault.borrow_mut();
+        let f = f.as_mut()?;
+        if f.fired {
+            // A failed device stays failed for writes and flushes.
+            return (!kinds.contains(&FaultKind::ReadEio)).then_some(FaultKind::WriteEio);
+        }
+        if !kinds.contains(&f.kind) {
+            return None;
+        }
+        f.countdown -= 1;
+        if f.countdown == 0 {
+            f.fired = true;
+            return Some(f.kind);
+        }
+        None
+    }
+}
+
+impl Disk for SimDisk {
+    fn read_at(&mut self, buf: &mut [u8], offset: u64) -> Result<(), DiskError> {
+        if self.hit(&[FaultKind::ReadEio]).is_some() {
+            return Err(DiskError::Os(libc::EIO));
+        }
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&mut self, buf: &[u8], offset: u64) -> Result<(), DiskError> {
+        match self.hit(&[
+            FaultKind::WriteEio,
+            FaultKind::WriteEnospc,
+            FaultKind::TornWrite,
+        ]) {
+            None => self.inner.write_at(buf, offset),
+            Some(FaultKind::WriteEnospc) => Err(DiskError::Os(libc::ENOSPC)),
+            Some(FaultKind::TornWrite) => {
+                let half = (buf.len() / 2) / 512 * 512;
+                self.inner.write_at(&buf[..half], offset)?;
+                Err(DiskError::Os(libc::EIO))
+            }
+            Some(_) => Err(DiskError::Os(libc::EIO)),
+        }
+    }
+    fn flush(&mut self) -> Result<(), DiskError> {
+        if self.hit(&[FaultKind::FlushEio]).is_some() {
+            return Err(DiskError::Os(libc::EIO));
+        }
+        self.inner.flush()
+    }
+    fn size_bytes(&self) -> u64 {
+        self.inner.size_bytes()
+    }
+}
+
 // -- processes -----------------------------------------------------------------------
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -231,7 +327,9 @@ struct Proc {
     node: u32,
     addr: String,
     fsm: Server,
-    worker: StoreWorker<FileDisk, FileDisk>,
+    worker: StoreWorker<SimDisk, FileDisk>,
+    /// Its store device's fault, when one is armed.
+    disk_fault: Rc<RefCell<Option<DiskFault>>>,
     agent_link: usize,
     phase: Phase,
     incarnation: u64,
@@ -416,6 +514,13 @@ struct Stats {
     /// start (cut off, unfenced), and their reads left unchecked.
     exposed_clients: u64,
     exposed_reads: u64,
+    /// Store device faults armed on the serving server, and fired (per
+    /// kind, in `FAULT_KINDS` order); servers that stopped on one (the
+    /// store failed); requests that got the store's failure as their error.
+    disk_faults_armed: u64,
+    disk_faults_fired: [u64; 5],
+    disk_fault_stops: u64,
+    requests_failed_by_disk: u64,
 }
 
 impl Stats {
@@ -462,6 +567,12 @@ impl Stats {
         self.controller_crashes += o.controller_crashes;
         self.exposed_clients += o.exposed_clients;
         self.exposed_reads += o.exposed_reads;
+        self.disk_faults_armed += o.disk_faults_armed;
+        for k in 0..5 {
+            self.disk_faults_fired[k] += o.disk_faults_fired[k];
+        }
+        self.disk_fault_stops += o.disk_fault_stops;
+        self.requests_failed_by_disk += o.requests_failed_by_disk;
     }
 }
 
@@ -517,6 +628,8 @@ struct Sim {
     new_tags: Vec<u32>,
     /// Per node: its bus is cut, and reconnects then.
     bus_back: Vec<Option<u64>>,
+    /// Incarnations whose store device had a fault armed.
+    disk_failed_incs: BTreeSet<u64>,
     stats: Stats,
 }
 
@@ -632,6 +745,7 @@ impl Sim {
             creating: BTreeMap::new(),
             new_tags: Vec::new(),
             bus_back: vec![None; NODES as usize],
+            disk_failed_incs: BTreeSet::new(),
             stats: Stats::default(),
         };
         // The tool's connection to the controller.
@@ -1174,6 +1288,15 @@ impl Sim {
         }
         let r = match m {
             Msg::Ok => Ok(()),
+            // The store failed under the command: whether it happened is
+            // for the store to say at the next quiet phase.
+            Msg::Error {
+                code: ErrorCode::Internal,
+                ..
+            } => {
+                self.adm_end(None);
+                return;
+            }
             Msg::Error { code, text, .. } => Err((code, text.to_string())),
             m => panic!("admin got {m:?}"),
         };
@@ -1314,6 +1437,33 @@ impl Sim {
         self.maybe_gone.retain(|t| !live.contains(t));
     }
 
+    /// Whether incarnation `inc`'s store device failed (from any process).
+    fn disk_failed(&self, inc: u64) -> bool {
+        self.disk_failed_incs.contains(&inc)
+    }
+
+    /// Arms a store device fault on the serving server: one of its next
+    /// few operations of a random kind fails, mid-commit or not.
+    fn arm_disk_fault(&mut self) {
+        let Some(&p) = self.serving().first() else {
+            return;
+        };
+        let kind = FAULT_KINDS[us(self.rng.below(FAULT_KINDS.len() as u64))];
+        let countdown = 1 + u32::try_from(self.rng.below(6)).unwrap();
+        let pr = self.procs[p].as_ref().unwrap();
+        if pr.disk_fault.borrow().is_some() {
+            return;
+        }
+        *pr.disk_fault.borrow_mut() = Some(DiskFault {
+            kind,
+            countdown,
+            fired: false,
+        });
+        self.disk_failed_incs.insert(pr.incarnation);
+        self.stats.disk_faults_armed += 1;
+        self.log(|| format!("process {p}: store device fault {kind:?} armed ({countdown})"));
+    }
+
     /// Starts a client on each snapshot created since the last active
     /// phase (while there is room).
     fn start_new_clients(&mut self) {
@@ -1362,7 +1512,11 @@ impl Sim {
         };
         let p = self.procs.len();
         let addr = format!("node-{n}/server.{n}.{p}.sock");
-        let sd = FileDisk::open_buffered(&self.store_path, true).unwrap();
+        let disk_fault = Rc::new(RefCell::new(None));
+        let sd = SimDisk {
+            inner: FileDisk::open_buffered(&self.store_path, true).unwrap(),
+            fault: disk_fault.clone(),
+        };
         let od = FileDisk::open_buffered(&self.origin_path, true).unwrap();
         let standby = Standby::reserve(
             sd,
@@ -1404,6 +1558,7 @@ impl Sim {
             waiting_seen: 0,
             barrier_seen: 0,
             partitioned: false,
+            disk_fault,
             nonmember: BTreeSet::new(),
             superseded: false,
         }));
@@ -1426,6 +1581,10 @@ impl Sim {
         let Some(pr) = self.procs[p].take() else {
             return;
         };
+        if let Some(f) = pr.disk_fault.borrow().filter(|f| f.fired) {
+            let i = FAULT_KINDS.iter().position(|&k| k == f.kind).unwrap();
+            self.stats.disk_faults_fired[i] += 1;
+        }
         self.log(|| {
             format!(
                 "server process {p} (node {}, incarnation {}) exits: {why}",
@@ -1759,6 +1918,15 @@ impl Sim {
             }
             if let Some(e) = stop {
                 let pr = self.procs[p].as_ref().unwrap();
+                let fault = *pr.disk_fault.borrow();
+                if let (ServerEvent::StoreFailed, Some(f)) = (e, fault.filter(|f| f.fired)) {
+                    // Its store device failed: it stops serving (what it
+                    // had not committed it acknowledged to no one), and the
+                    // next incarnation replays.
+                    self.stats.disk_fault_stops += 1;
+                    self.die(p, &format!("its store failed ({:?})", f.kind));
+                    return;
+                }
                 assert!(
                     pr.superseded && e == ServerEvent::Fenced,
                     "server process {p} stopped: {e:?}"
@@ -1946,6 +2114,7 @@ impl Sim {
     }
 
     fn cli_srv_frame(&mut self, k: usize, f: &[u8]) {
+        let disk_incs = self.disk_failed_incs.clone();
         let held_before = self.clients[k].fsm.held_chunks();
         let ev = self.clients[k].fsm.handle_frame(f);
         let c = &mut self.clients[k];
@@ -1979,6 +2148,11 @@ impl Sim {
                     self.stats.clients_of_deleted += 1;
                     self.client_kill(k);
                     self.clients[k].replaced = true;
+                    return;
+                }
+                if code == ErrorCode::Internal && disk_incs.contains(&hdr.incarnation) {
+                    self.stats.requests_failed_by_disk += 1;
+                    self.cli_retry_later(k);
                     return;
                 }
                 assert!(
@@ -2032,6 +2206,14 @@ impl Sim {
                 self.stats.clients_of_deleted += 1;
                 self.client_kill(k);
                 self.clients[k].replaced = true;
+            }
+            (_, Msg::Error { code, .. })
+                if *code == ErrorCode::Internal && self.disk_failed(inc) =>
+            {
+                // The request met the failing store device: it fails (the
+                // NBD client gets EIO), nothing of it was acknowledged.
+                self.stats.requests_failed_by_disk += 1;
+                self.clients[k].op = None;
             }
             (_, Msg::Error { code, text, .. }) => {
                 assert!(
@@ -2486,6 +2668,8 @@ impl Sim {
             self.cut_something(1);
         } else if r - kill < 100 {
             self.cut_something(2);
+        } else if r - kill < 104 {
+            self.arm_disk_fault();
         }
     }
 
@@ -2923,6 +3107,15 @@ fn run_seeds(first: u64, count: u64, name: &str) {
         );
         assert!(total.stale_servers_fenced > 0, "{total:?}");
         assert!(total.controller_crashes > 0, "{total:?}");
+        // The store device fails (EIO on a read, a write or a flush,
+        // ENOSPC, a torn write mid-commit), every kind: the server stops,
+        // the request that met it fails, nothing acknowledged is lost (the
+        // quiet phases' checks after the next incarnation's replay).
+        assert!(total.disk_faults_fired.iter().all(|&n| n > 0), "{total:?}");
+        assert!(
+            total.disk_fault_stops > 0 && total.requests_failed_by_disk > 0,
+            "{total:?}"
+        );
     }
 }
 
