@@ -321,6 +321,15 @@ pub struct AgentFsm {
     spawn_deadline_ms: Option<u64>,
     scratch: Vec<u8>,
     scratch2: Vec<u8>,
+    /// The last `cfg.conns` snapshot clients of this node that went (a
+    /// ring): their `ClientGone` is sent again on every `ServerUp` naming
+    /// another node's server (the backend says it on this agent's join,
+    /// and to all when the serving node joins again), since the word may
+    /// have been lost with a bus link, or dropped by a backend that did not
+    /// know the server yet; a server that never saw it would keep their
+    /// locks parked for good. Sending it twice is harmless.
+    gone: Vec<u64>,
+    gone_next: usize,
 }
 
 impl AgentFsm {
@@ -359,6 +368,8 @@ impl AgentFsm {
             spawn_deadline_ms: None,
             scratch: vec![0u8; proto::CLIENT_LIST_BYTES_MAX],
             scratch2: vec![0u8; proto::NODE_LIST_BYTES_MAX],
+            gone: Vec::with_capacity(cfg.conns),
+            gone_next: 0,
         };
         // Reserve the gather tables once; a gather reuses them.
         a.gather = Some(Gather {
@@ -373,8 +384,9 @@ impl AgentFsm {
     }
 
     /// Bytes reserved by `new`, one line per pool.
-    pub fn reserved_items(cfg: &AgentConfig) -> [(&'static str, usize); 4] {
+    pub fn reserved_items(cfg: &AgentConfig) -> [(&'static str, usize); 5] {
         [
+            ("agent gone-client ring", cfg.conns * 8),
             (
                 "agent connection output buffers",
                 cfg.conns * CONN_OUT_BYTES,
@@ -720,6 +732,18 @@ impl AgentFsm {
             else {
                 continue;
             };
+            if p.hold_until_ms.is_none() && s.incarnation == p.failed {
+                // It asked while no server was known (the agent forgot it
+                // on a bus reconnect), and the one it saw fail is said to
+                // run: held like a NeedServer naming it, then answered.
+                if let Role2::Client {
+                    pending: Some(q), ..
+                } = &mut self.conns[i].role
+                {
+                    q.hold_until_ms = Some(self.now_ms + self.cfg.suspect_hold_ms);
+                }
+                continue;
+            }
             let expired = p.hold_until_ms.is_some_and(|t| t <= self.now_ms);
             if s.incarnation > p.failed || expired {
                 if let Role2::Client { pending, .. } = &mut self.conns[i].role {
@@ -851,6 +875,16 @@ impl AgentFsm {
                 client_id, volume, ..
             } => {
                 if volume.is_some() && client_id != 0 {
+                    // This node's own gather and server learn it here, not
+                    // through the bus (which may be down: the word would be
+                    // lost, and a barrier wait for the client forever).
+                    self.client_gone(client_id, self.cfg.node_id);
+                    if self.gone.len() < self.gone.capacity() {
+                        self.gone.push(client_id);
+                    } else if let Some(x) = self.gone.get_mut(self.gone_next) {
+                        *x = client_id;
+                        self.gone_next = (self.gone_next + 1) % self.gone.capacity();
+                    }
                     self.bus_send(&Msg::ClientGone {
                         client_id,
                         node_id: self.cfg.node_id,
@@ -912,6 +946,17 @@ impl AgentFsm {
         self.want_sent_for = None;
         // A new link may reach a restarted backend whose epochs start over.
         self.members_epoch = 0;
+        // What it knew of another node's server may be stale (that server
+        // may have died while the link was down, and a restarted backend
+        // never heard of it): forgotten. The backend says `ServerUp` on the
+        // join if it knows a running one; if not, clients waiting make it
+        // place one.
+        if self
+            .cluster_server
+            .is_some_and(|k| k.node_id != self.cfg.node_id)
+        {
+            self.cluster_server = None;
+        }
         self.bus_send(&Msg::Hello {
             version_min: proto::PROTOCOL_VERSION,
             version_max: proto::PROTOCOL_VERSION,
@@ -951,6 +996,15 @@ impl AgentFsm {
     pub fn handle_bus_disconnected(&mut self) {
         self.bus_up = false;
         self.bus.clear();
+        // A gather under way is abandoned: the controller counts the start
+        // failed once the node is lost, and places the server anew; a
+        // gather finished later from old answers would miss the clients
+        // registered meanwhile.
+        if self.gathering() {
+            let attempt = self.gather.as_ref().map_or(0, |g| g.attempt);
+            self.gather_reset();
+            self.log(AgentEvent::StartFailed { attempt });
+        }
         self.assert_invariants();
     }
 
@@ -985,6 +1039,22 @@ impl AgentFsm {
                     return;
                 }
                 self.members_epoch = *epoch;
+                // A node that joins (or comes back) while a gather runs was
+                // not asked for its clients: it is waited for, and asked.
+                let me = self.cfg.node_id;
+                let mut ask_again = false;
+                if let Some(g) = self.gather.as_mut().filter(|g| g.attempt != 0) {
+                    for n in members.iter() {
+                        if n.id != me
+                            && !self.members.contains(&n.id)
+                            && !g.waiting.contains(&n.id)
+                            && g.waiting.len() < g.waiting.capacity()
+                        {
+                            g.waiting.push(n.id);
+                            ask_again = true;
+                        }
+                    }
+                }
                 self.members.clear();
                 for n in members.iter() {
                     if self.members.len() < self.members.capacity() {
@@ -1004,6 +1074,13 @@ impl AgentFsm {
                     if g.attempt != 0 {
                         let members = &self.members;
                         g.waiting.retain(|n| members.contains(n));
+                        if ask_again {
+                            let attempt = g.attempt;
+                            self.bus_send(&Msg::NeedClients {
+                                gather_id: attempt,
+                                starter: me,
+                            });
+                        }
                     }
                 }
                 self.maybe_finish_gather();
@@ -1063,6 +1140,15 @@ impl AgentFsm {
                     });
                     self.want_sent_for = None;
                 }
+                if *node_id != self.cfg.node_id {
+                    for i in 0..self.gone.len() {
+                        let client_id = self.gone[i];
+                        self.bus_send(&Msg::ClientGone {
+                            client_id,
+                            node_id: self.cfg.node_id,
+                        });
+                    }
+                }
                 if let Some(s) = self.serving {
                     if s.incarnation < *incarnation {
                         // Split brain avoided: ours is older. Closing the
@@ -1087,29 +1173,29 @@ impl AgentFsm {
             }
             Msg::Fence { reason } => self.on_fence(*reason),
             Msg::ClientGone { client_id, node_id } => {
-                // A start under way does not wait for it; a standby told to
-                // start learns it once it serves (it reads its link after
-                // the start).
-                if let Some(g) = self.gather.as_mut() {
-                    if g.attempt != 0 {
-                        g.expected
-                            .retain(|e| !(e.client_id == *client_id && e.node_id == *node_id));
-                    }
-                }
-                let to = self.serving.map(|s| s.conn).or(self.starting.map(|s| s.0));
-                if let Some(conn) = to {
-                    self.send(
-                        conn,
-                        0,
-                        &Msg::ClientGone {
-                            client_id: *client_id,
-                            node_id: *node_id,
-                        },
-                    );
+                // This node's own clients were handled when they went.
+                if *node_id != self.cfg.node_id {
+                    self.client_gone(*client_id, *node_id);
                 }
             }
             Msg::Error { code, .. } => self.log(AgentEvent::BusError { code: Some(*code) }),
             _ => self.log(AgentEvent::BusError { code: None }),
+        }
+    }
+
+    /// A snapshot client is gone: a start under way does not wait for it;
+    /// a standby told to start learns it once it serves (it reads its link
+    /// after the start).
+    fn client_gone(&mut self, client_id: u64, node_id: u32) {
+        if let Some(g) = self.gather.as_mut() {
+            if g.attempt != 0 {
+                g.expected
+                    .retain(|e| !(e.client_id == client_id && e.node_id == node_id));
+            }
+        }
+        let to = self.serving.map(|s| s.conn).or(self.starting.map(|s| s.0));
+        if let Some(conn) = to {
+            self.send(conn, 0, &Msg::ClientGone { client_id, node_id });
         }
     }
 
@@ -1401,12 +1487,16 @@ impl AgentFsm {
             take(self.spawn_at_ms);
             take(self.spawn_deadline_ms);
         }
-        for c in &self.conns {
-            if let Role2::Client {
-                pending: Some(p), ..
-            } = c.role
-            {
-                take(p.hold_until_ms);
+        // A hold ends in an answer only with a server known (else a past
+        // hold would make the loop spin until one is).
+        if self.cluster_server.is_some() {
+            for c in &self.conns {
+                if let Role2::Client {
+                    pending: Some(p), ..
+                } = c.role
+                {
+                    take(p.hold_until_ms);
+                }
             }
         }
         d

@@ -1499,6 +1499,15 @@ impl Server {
             }
         }
         self.sessions[conn as usize] = Session::FREE;
+        if self
+            .create
+            .is_some_and(|c| c.conn == conn && c.token.is_none())
+        {
+            // Its control client went away before the create was sent to
+            // the store (it still waited for answers): nothing to create.
+            // Kept, it would answer whatever session reuses the id.
+            self.end_create(false);
+        }
         self.maybe_dispatch_create();
         self.assert_invariants();
     }

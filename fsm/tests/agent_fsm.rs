@@ -1386,3 +1386,97 @@ fn the_start_passes_the_claim_flag_to_the_standby() {
         assert_eq!(got, claim);
     }
 }
+
+// -- bus breaks and lost words (#15, found by cluster_sim's link cuts) --------
+
+#[test]
+fn a_node_that_joins_during_the_gather_is_asked_and_waited_for() {
+    let (mut t, sb, _) = gathering();
+    // Node 3 drops out (its bus broke) before node 2 answered.
+    t.bus_in(&members(2, &[1, 2]));
+    assert!(t.bus().is_empty());
+    // Node 3 comes back while node 2 has not answered: it is asked again
+    // and waited for (its clients may hold read locks).
+    t.bus_in(&members(3, &[1, 2, 3]));
+    assert_eq!(t.bus(), vec![M::NeedClients(9, ME)]);
+    t.bus_in(&clients_msg(9, 2, ME, &[(21, 2)]));
+    assert!(t.out(sb).is_empty(), "node 3 not answered yet");
+    t.bus_in(&clients_msg(9, 3, ME, &[(31, 3)]));
+    assert_eq!(
+        t.msgs(sb),
+        vec![M::StartServer {
+            members: vec![1, 2, 3],
+            expected: vec![(11, ME), (12, ME), (21, 2), (31, 3)],
+        }]
+    );
+}
+
+#[test]
+fn a_bus_break_abandons_the_gather() {
+    let (mut t, sb, _) = gathering();
+    t.a.handle_bus_disconnected();
+    assert!(t
+        .actions()
+        .contains(&AgentAction::Log(AgentEvent::StartFailed { attempt: 9 })));
+    // Answers to the old gather start nothing.
+    t.a.handle_bus_connected();
+    t.bus();
+    t.bus_in(&members(1, &[1, 2, 3]));
+    t.bus_in(&clients_msg(9, 2, ME, &[(21, 2)]));
+    t.bus_in(&clients_msg(9, 3, ME, &[(31, 3)]));
+    assert!(t.out(sb).is_empty(), "a stale gather started the standby");
+    assert!(t.a.status().standby_ready, "the standby is free again");
+}
+
+#[test]
+fn a_local_client_gone_reaches_the_own_server_with_the_bus_down_and_is_said_again_later() {
+    let mut t = T::new();
+    let sb = t.standby(200);
+    t.serve(sb, 9, 4);
+    t.bus();
+    let snap = t.hello(Role::Client);
+    t.need(snap, 1, 11, 0, Some(Volume::Snapshot(5)));
+    t.out(snap);
+    t.out(sb);
+    t.a.handle_bus_disconnected();
+    t.a.handle_disconnect(snap);
+    assert_eq!(
+        t.msgs(sb),
+        vec![M::ClientGone(11, ME)],
+        "the own server learns it without the bus"
+    );
+    // Back on the bus: a server elsewhere (a restarted backend) hears it
+    // again, and the address of the remote server known before the break
+    // is forgotten.
+    t.a.handle_bus_connected();
+    t.bus();
+    t.bus_in(&server_up(12, 2, "/run/csnap/node-2/server.sock"));
+    assert!(t.bus().contains(&M::ClientGone(11, ME)));
+}
+
+#[test]
+fn a_hold_past_due_with_no_server_known_is_no_deadline() {
+    let mut t = T::new();
+    t.bus_in(&server_up(4, 2, "/run/csnap/node-2/server.sock"));
+    let c = t.hello(Role::Client);
+    // It saw 4 fail: held.
+    t.need(c, 1, 11, 4, Some(Volume::Snapshot(5)));
+    assert!(t.a.next_deadline_ms().is_some());
+    // The bus breaks and comes back: the remote server is forgotten.
+    t.a.handle_bus_disconnected();
+    t.a.handle_bus_connected();
+    t.bus();
+    t.at(HOLD_MS + 1);
+    assert!(t.out(c).is_empty(), "no server known: nothing to answer");
+    assert!(
+        t.a.next_deadline_ms().is_none_or(|d| d > t.now),
+        "a deadline in the past makes the loop spin"
+    );
+    // The backend says 4 runs after all: answered after the hold.
+    t.bus_in(&server_up(4, 2, "/run/csnap/node-2/server.sock"));
+    t.at(t.now + HOLD_MS + 1);
+    assert_eq!(
+        t.msgs(c),
+        vec![addr_of(4, 2, "/run/csnap/node-2/server.sock")]
+    );
+}

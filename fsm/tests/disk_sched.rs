@@ -197,8 +197,18 @@ fn run(specs: &[Spec], seed: u64, fail_one_in: usize) {
     assert_eq!(disk, expect, "a write lost, or bytes around one changed");
 }
 
+/// Proptest cases: `PROPTEST_CASES` or `CSNAP_SIM_SEEDS` (the one knob the
+/// simulations take for a soak) when set, else `default` (CI).
+fn soak_cases(default: u32) -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .or_else(|_| std::env::var("CSNAP_SIM_SEEDS"))
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
+}
+
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: soak_cases(300), ..ProptestConfig::default() })]
 
     #[test]
     fn racing_read_modify_writes_lose_nothing(specs in prop::collection::vec(spec(), 1..40), seed in any::<u64>()) {

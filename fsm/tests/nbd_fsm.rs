@@ -1848,8 +1848,18 @@ fn answer_strategy() -> impl Strategy<Value = Option<ExportInfo>> {
     )
 }
 
+/// Proptest cases: `PROPTEST_CASES` or `CSNAP_SIM_SEEDS` (the one knob the
+/// simulations take for a soak) when set, else `default` (CI).
+fn soak_cases(default: u32) -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .or_else(|_| std::env::var("CSNAP_SIM_SEEDS"))
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
+}
+
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(4000))]
+    #![proptest_config(ProptestConfig::with_cases(soak_cases(4000)))]
 
     /// Arbitrary byte streams, split at arbitrary points, with random
     /// export answers: no panic, no allocation, well-formed output, and only

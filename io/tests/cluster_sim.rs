@@ -12,7 +12,20 @@
 //! links dropped, its FSM discarded; the next one is a new FSM over a
 //! freshly started standby store), a client process is killed, a node is
 //! made to leave (`ClusterCommand Leave` from a tool connection) and later
-//! to join again, the server is moved (`ClusterCommand Start`).
+//! to join again, the server is moved (`ClusterCommand Start`), an admin
+//! creates a snapshot or deletes one created during the run (a control
+//! connection to the serving server, killed with it like any other), a
+//! connection breaks at an arbitrary point (client to server, agent to
+//! server, admin to server: every frame in flight on it is lost, both ends
+//! see it end), a node's bus to the controller breaks (a partition without
+//! fencing: the agent keeps what it knows and reconnects later, its server
+//! runs on), the controller crashes and starts again (every bus and the
+//! tool reconnect; it rebuilds its state from what the agents report), the
+//! serving server's store device fails (EIO on a read, a write or a flush,
+//! ENOSPC, or a write torn in half, then every later write and flush fails:
+//! a crash in the middle of a commit): the request that met it fails with
+//! `Internal` (EIO to an NBD client), the server stops, and the next
+//! incarnation replays; nothing it acknowledged may be missing then.
 //!
 //! Checked during the run:
 //! - never two servers serving at once;
@@ -26,6 +39,17 @@
 //!   snapshot client uploaded its locks, its node left, or it is gone;
 //!   every live lock holder on a member node is expected; `ClientGone`
 //!   names only dead clients;
+//! - a snapshot created while clients run holds the origin as of its
+//!   create (on chunks an origin write raced, a value the chunk held
+//!   since); a delete is refused cleanly while a client has the snapshot
+//!   open, and the deleted snapshot's clients get `NoSuchSnapshot`; a
+//!   create or delete whose answer died with its server is looked up in
+//!   the store;
+//! - a server cut off from the bus may still run when a newer one starts
+//!   (the controller lost its node); from then on its store access finds
+//!   it fenced and it answers nothing again; one nobody talks to is found
+//!   fenced at the end of the quiet phase (its worker reads the fence after
+//!   an idle gap);
 //! - at the end of every quiet phase (no faults, no new I/O, every message
 //!   delivered): one server serves, no lock is held or parked, no write
 //!   waits, and every volume equals its shadow.
@@ -34,31 +58,37 @@
 //! `CSNAP_SIM_TRACE=1` prints every step, `CSNAP_SIM_SEEDS=N` runs N seeds
 //! per test function instead of 100.
 //!
-//! Modelling choices: a server whose agent closes its link exits at once
+//! Modelling choices: a client on a node that was no member at a start,
+//! or whose read a server answered while it counted the node out, is
+//! "exposed": only fencing the node (which a partition does not do) would
+//! stop it reading under a lock nobody keeps, so its reads under such locks
+//! are counted, not checked, and origin writes may go ahead of them.
+//! A server whose agent closes its link exits at once
 //! (it does on EOF; the store's incarnation fencing covers a server slower
 //! than that, and is not what this checks). A node that is made to leave
 //! is fenced first: its client processes are killed before the command is
 //! sent, as fencing guarantees. Clients on a node are started only while
 //! its agent counts it a member.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt::Write as _;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 
 use csnap_fsm::agent::{AddrBuf, AgentAction, AgentConfig, AgentFsm};
 use csnap_fsm::client::{ClientConfig, ClientEvent, ClientFsm, ClientState, Request};
 use csnap_fsm::cluster::{Controller, ControllerConfig, Policy};
-use csnap_fsm::server::{Server, ServerConfig};
+use csnap_fsm::server::{Server, ServerConfig, ServerEvent};
 use csnap_fsm::store_ops::{StoreOp, StoreReply, StoreRequest, StoreResult};
 use csnap_io::store_worker::StoreWorker;
 use csnap_proto::{
     self as proto, ClusterOp, ErrorCode, FenceReason, Header, Msg, Range, Role, ServerState,
     TargetKind, Volume,
 };
-use csnap_store::disk::FileDisk;
+use csnap_store::disk::{Disk, DiskError, FileDisk};
 use csnap_store::{FormatOptions, Mapping, OpenOptions, Standby, Store};
 
 const CHUNK: u64 = 4096;
@@ -131,6 +161,9 @@ enum End {
     CliSrv(usize),
     /// The `csnap cluster` tool.
     Tool,
+    /// An admin's control connection to a server (`csnap snapshot create`
+    /// or `delete`).
+    Adm,
 }
 
 /// A stream between two ends: frames in order per direction; a closed end
@@ -187,6 +220,96 @@ fn kind_of(f: &[u8]) -> String {
     }
 }
 
+// -- a failing store device ----------------------------------------------------------
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FaultKind {
+    ReadEio,
+    WriteEio,
+    WriteEnospc,
+    FlushEio,
+    /// Half the write lands (a crash in the middle of it), then EIO.
+    TornWrite,
+}
+
+const FAULT_KINDS: [FaultKind; 5] = [
+    FaultKind::ReadEio,
+    FaultKind::WriteEio,
+    FaultKind::WriteEnospc,
+    FaultKind::FlushEio,
+    FaultKind::TornWrite,
+];
+
+/// A fault armed on a server's store device: the `countdown`-th operation
+/// of its kind fails; from then on every write and flush fails too (the
+/// device, or the process, is gone mid-commit: nothing after lands).
+#[derive(Debug, Clone, Copy)]
+struct DiskFault {
+    kind: FaultKind,
+    countdown: u32,
+    fired: bool,
+}
+
+/// The store device of a server process: a file, and the fault armed on it.
+struct SimDisk {
+    inner: FileDisk,
+    fault: Rc<RefCell<Option<DiskFault>>>,
+}
+
+impl SimDisk {
+    fn hit(&self, kinds: &[FaultKind]) -> Option<FaultKind> {
+        let mut f = self.fault.borrow_mut();
+        let f = f.as_mut()?;
+        if f.fired {
+            // A failed device stays failed for writes and flushes.
+            return (!kinds.contains(&FaultKind::ReadEio)).then_some(FaultKind::WriteEio);
+        }
+        if !kinds.contains(&f.kind) {
+            return None;
+        }
+        f.countdown -= 1;
+        if f.countdown == 0 {
+            f.fired = true;
+            return Some(f.kind);
+        }
+        None
+    }
+}
+
+impl Disk for SimDisk {
+    fn read_at(&mut self, buf: &mut [u8], offset: u64) -> Result<(), DiskError> {
+        if self.hit(&[FaultKind::ReadEio]).is_some() {
+            return Err(DiskError::Os(libc::EIO));
+        }
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&mut self, buf: &[u8], offset: u64) -> Result<(), DiskError> {
+        match self.hit(&[
+            FaultKind::WriteEio,
+            FaultKind::WriteEnospc,
+            FaultKind::TornWrite,
+        ]) {
+            None => self.inner.write_at(buf, offset),
+            Some(FaultKind::WriteEnospc) => Err(DiskError::Os(libc::ENOSPC)),
+            Some(FaultKind::TornWrite) => {
+                let half = (buf.len() / 2) / 512 * 512;
+                self.inner.write_at(&buf[..half], offset)?;
+                Err(DiskError::Os(libc::EIO))
+            }
+            Some(_) => Err(DiskError::Os(libc::EIO)),
+        }
+    }
+    fn flush(&mut self) -> Result<(), DiskError> {
+        if self.hit(&[FaultKind::FlushEio]).is_some() {
+            return Err(DiskError::Os(libc::EIO));
+        }
+        self.inner.flush()
+    }
+    fn size_bytes(&self) -> u64 {
+        self.inner.size_bytes()
+    }
+}
+
 // -- processes -----------------------------------------------------------------------
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -204,7 +327,9 @@ struct Proc {
     node: u32,
     addr: String,
     fsm: Server,
-    worker: StoreWorker<FileDisk, FileDisk>,
+    worker: StoreWorker<SimDisk, FileDisk>,
+    /// Its store device's fault, when one is armed.
+    disk_fault: Rc<RefCell<Option<DiskFault>>>,
     agent_link: usize,
     phase: Phase,
     incarnation: u64,
@@ -219,6 +344,14 @@ struct Proc {
     recovering: bool,
     waiting_seen: u32,
     barrier_seen: u32,
+    /// Its node was cut off from the bus while it served (a partition,
+    /// nothing fences it): a newer server may start elsewhere.
+    partitioned: bool,
+    /// Nodes it counts no members now.
+    nonmember: BTreeSet<u32>,
+    /// A newer incarnation started while it still runs: it must never
+    /// answer again; its next store access finds it fenced.
+    superseded: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -263,6 +396,35 @@ enum Op {
     },
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AdmOp {
+    Create(u32),
+    Delete(u32),
+}
+
+/// A control connection with one snapshot command on it.
+struct Adm {
+    link: usize,
+    op: AdmOp,
+    /// `HelloOk` seen, the command sent.
+    sent: bool,
+}
+
+/// A snapshot creation being checked: the snapshot must hold the origin as
+/// it was when the create was asked for, except on chunks an origin write
+/// raced (one under way when it was asked for, applied before its answer, or
+/// under way at its answer): there, any value the origin chunk held since.
+struct CreateRec {
+    at_send: Vec<u8>,
+    raced: BTreeSet<u64>,
+    /// Per chunk, every value the origin took since the create was asked.
+    seen: BTreeMap<u64, Vec<Vec<u8>>>,
+    /// The answer (or the connection's end) not seen yet.
+    open: bool,
+    /// Answered `Ok` (else unknown until the store is looked at).
+    ok: bool,
+}
+
 struct Cli {
     id: u64,
     node: u32,
@@ -280,6 +442,11 @@ struct Cli {
     op: Option<Op>,
     /// Dead, and a new process took its place.
     replaced: bool,
+    /// Held read locks while a server started without its node as a
+    /// member (its node cut off from the bus, and nothing fenced it): its
+    /// reads under those locks are outside what the cluster guarantees
+    /// without fencing, and are not checked.
+    exposed: bool,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -311,6 +478,49 @@ struct Stats {
     /// of another snapshot completed (checked like every read).
     store_reads_raced_by_writes: u64,
     cured_errors: u64,
+    /// Snapshot creates asked for while clients ran, and those answered
+    /// `Ok`; the others were refused cleanly or their server died (then
+    /// the store says whether it happened).
+    creates: u64,
+    creates_ok: u64,
+    /// Creates whose answer was lost with their server, found committed.
+    creates_found: u64,
+    deletes: u64,
+    deletes_ok: u64,
+    /// Deletes refused because a client had the snapshot open.
+    deletes_in_use: u64,
+    /// Clients of a deleted snapshot that got `NoSuchSnapshot`.
+    clients_of_deleted: u64,
+    /// Snapshot reads left unchecked: their snapshot was deleted meanwhile.
+    reads_of_deleted: u64,
+    /// Chunks of new snapshots checked against the origin at the create,
+    /// and those of them an origin write raced that ended in the snapshot.
+    created_chunks_checked: u64,
+    created_chunks_raced: u64,
+    /// Connections cut (every frame in flight on them lost), by link.
+    cuts_client_server: u64,
+    cuts_agent_server: u64,
+    cuts_admin: u64,
+    cuts_bus: u64,
+    frames_lost: u64,
+    /// Servers that were serving when their node's bus was cut.
+    partitioned_servers: u64,
+    /// Partitioned servers a newer incarnation superseded, and those found
+    /// fenced at their next store access (none ever answered again).
+    superseded_servers: u64,
+    stale_servers_fenced: u64,
+    controller_crashes: u64,
+    /// Clients holding read locks on a node that was not a member at a
+    /// start (cut off, unfenced), and their reads left unchecked.
+    exposed_clients: u64,
+    exposed_reads: u64,
+    /// Store device faults armed on the serving server, and fired (per
+    /// kind, in `FAULT_KINDS` order); servers that stopped on one (the
+    /// store failed); requests that got the store's failure as their error.
+    disk_faults_armed: u64,
+    disk_faults_fired: [u64; 5],
+    disk_fault_stops: u64,
+    requests_failed_by_disk: u64,
 }
 
 impl Stats {
@@ -336,6 +546,33 @@ impl Stats {
         self.ddsnap_windows += o.ddsnap_windows;
         self.store_reads_raced_by_writes += o.store_reads_raced_by_writes;
         self.cured_errors += o.cured_errors;
+        self.creates += o.creates;
+        self.creates_ok += o.creates_ok;
+        self.creates_found += o.creates_found;
+        self.deletes += o.deletes;
+        self.deletes_ok += o.deletes_ok;
+        self.deletes_in_use += o.deletes_in_use;
+        self.clients_of_deleted += o.clients_of_deleted;
+        self.reads_of_deleted += o.reads_of_deleted;
+        self.created_chunks_checked += o.created_chunks_checked;
+        self.created_chunks_raced += o.created_chunks_raced;
+        self.cuts_client_server += o.cuts_client_server;
+        self.cuts_agent_server += o.cuts_agent_server;
+        self.cuts_admin += o.cuts_admin;
+        self.cuts_bus += o.cuts_bus;
+        self.frames_lost += o.frames_lost;
+        self.partitioned_servers += o.partitioned_servers;
+        self.superseded_servers += o.superseded_servers;
+        self.stale_servers_fenced += o.stale_servers_fenced;
+        self.controller_crashes += o.controller_crashes;
+        self.exposed_clients += o.exposed_clients;
+        self.exposed_reads += o.exposed_reads;
+        self.disk_faults_armed += o.disk_faults_armed;
+        for k in 0..5 {
+            self.disk_faults_fired[k] += o.disk_faults_fired[k];
+        }
+        self.disk_fault_stops += o.disk_fault_stops;
+        self.requests_failed_by_disk += o.requests_failed_by_disk;
     }
 }
 
@@ -379,7 +616,34 @@ struct Sim {
     /// its agent after every fence reached it (no client starts there).
     down: Vec<bool>,
     fences_in_flight: Vec<u32>,
+    adm: Option<Adm>,
+    next_tag: u32,
+    /// Snapshots known to exist (their shadows are exact).
+    live: BTreeSet<u32>,
+    /// Tags a delete was sent for and not refused: their clients may get
+    /// `NoSuchSnapshot`, their reads are not checked.
+    maybe_gone: BTreeSet<u32>,
+    creating: BTreeMap<u32, CreateRec>,
+    /// New snapshots whose client is started with the next active phase.
+    new_tags: Vec<u32>,
+    /// Per node: its bus is cut, and reconnects then.
+    bus_back: Vec<Option<u64>>,
+    /// Incarnations whose store device had a fault armed.
+    disk_failed_incs: BTreeSet<u64>,
     stats: Stats,
+}
+
+fn new_controller() -> Controller {
+    Controller::new(ControllerConfig {
+        conns: 16,
+        policy: Policy::Auto,
+        start_timeout_ms: csnap_pools::CONTROLLER_START_TIMEOUT_MS,
+        // The simulation kills servers on purpose, many per second of
+        // its time: the crash-loop breaker is off here (cluster_fsm
+        // tests it).
+        max_server_deaths: 0,
+        death_window_ms: csnap_pools::CONTROLLER_DEATH_WINDOW_MS_DEFAULT,
+    })
 }
 
 fn idx(node: u32) -> usize {
@@ -441,16 +705,7 @@ impl Sim {
             .write(true)
             .open(&store_path)
             .unwrap();
-        let ctl = Controller::new(ControllerConfig {
-            conns: 16,
-            policy: Policy::Auto,
-            start_timeout_ms: csnap_pools::CONTROLLER_START_TIMEOUT_MS,
-            // The simulation kills servers on purpose, many per second of
-            // its time: the crash-loop breaker is off here (cluster_fsm
-            // tests it).
-            max_server_deaths: 0,
-            death_window_ms: csnap_pools::CONTROLLER_DEATH_WINDOW_MS_DEFAULT,
-        });
+        let ctl = new_controller();
         let mut s = Sim {
             rng,
             trace: std::env::var_os("CSNAP_SIM_TRACE").is_some(),
@@ -483,24 +738,18 @@ impl Sim {
             left: None,
             down: vec![false; NODES as usize],
             fences_in_flight: vec![0; NODES as usize],
+            adm: None,
+            next_tag: 10,
+            live: TAGS.iter().copied().collect(),
+            maybe_gone: BTreeSet::new(),
+            creating: BTreeMap::new(),
+            new_tags: Vec::new(),
+            bus_back: vec![None; NODES as usize],
+            disk_failed_incs: BTreeSet::new(),
             stats: Stats::default(),
         };
         // The tool's connection to the controller.
-        let c = s.ctl.handle_accept().unwrap();
-        s.tool = s.link(End::Tool, End::Ctl(c));
-        s.ctl_conn.insert(c, s.tool);
-        s.write(
-            s.tool,
-            End::Tool,
-            &encode(
-                0,
-                &Msg::Hello {
-                    version_min: 1,
-                    version_max: 1,
-                    role: Role::Control,
-                },
-            ),
-        );
+        s.tool_connect();
         // The agents and their buses.
         for n in 1..=NODES {
             let a = AgentFsm::new(AgentConfig {
@@ -513,12 +762,8 @@ impl Sim {
                 standby_after_start_ms: 5,
             });
             s.agents.push(a);
-            let c = s.ctl.handle_accept().unwrap();
-            let l = s.link(End::Bus(n), End::Ctl(c));
-            s.ctl_conn.insert(c, l);
-            s.bus.push(l);
-            s.agents[idx(n)].handle_bus_connected();
-            s.pump_agent(n);
+            s.bus.push(usize::MAX);
+            s.bus_connect(n);
         }
         // Two origin clients and three snapshot clients, on all nodes.
         for (n, v) in [
@@ -627,6 +872,7 @@ impl Sim {
             End::CliAgent(k) => self.cli_agent_frame(k, f),
             End::CliSrv(k) => self.cli_srv_frame(k, f),
             End::Tool => self.tool_frame(f),
+            End::Adm => self.adm_frame(f),
         }
     }
 
@@ -656,7 +902,17 @@ impl Sim {
             }
             End::SrvAgent(p) => self.die(p, "its agent link closed"),
             End::CliSrv(k) => self.clients[k].server_broken = true,
-            End::Bus(_) | End::CliAgent(_) | End::Tool => {
+            End::Adm => self.adm_end(None),
+            End::Bus(n) => {
+                // The agent keeps what it knows and reconnects later; its
+                // server (if any) goes on running: nothing fences it.
+                self.close(l, to);
+                self.bus_back[idx(n)] = Some(self.now + 1 + self.rng.below(300));
+                self.agents[idx(n)].handle_bus_disconnected();
+                self.pump_agent(n);
+                self.partitioned(n);
+            }
+            End::CliAgent(_) | End::Tool => {
                 panic!("{to:?}: the other end closed a link that never closes")
             }
         }
@@ -705,7 +961,12 @@ impl Sim {
             }
             let bus = a.bus_output().to_vec();
             a.consume_bus_output(bus.len());
-            assert!(!a.bus_stalled(), "node {n}: the bus stalled");
+            // Down while its bus is cut (the agent sends nothing then);
+            // it never overflows otherwise.
+            assert!(
+                !a.bus_stalled() || self.bus_back[idx(n)].is_some(),
+                "node {n}: the bus stalled"
+            );
             let mut closes = Vec::new();
             while let Some(c) = a.poll_close() {
                 closes.push(c);
@@ -724,7 +985,7 @@ impl Sim {
                     self.write(l, End::Agent(n, c), &b);
                 }
             }
-            if !bus.is_empty() {
+            if !bus.is_empty() && self.bus_back[idx(n)].is_none() {
                 self.write(self.bus[idx(n)], End::Bus(n), &bus);
             }
             for c in closes {
@@ -744,6 +1005,12 @@ impl Sim {
     }
 
     fn tick(&mut self) {
+        for n in 1..=NODES {
+            if self.bus_back[idx(n)].is_some_and(|t| t <= self.now) {
+                self.bus_back[idx(n)] = None;
+                self.bus_connect(n);
+            }
+        }
         self.ctl.set_now(self.now);
         self.ctl.handle_tick();
         self.pump_ctl();
@@ -751,6 +1018,159 @@ impl Sim {
             self.agents[idx(n)].set_now(self.now);
             self.agents[idx(n)].handle_tick();
             self.pump_agent(n);
+        }
+    }
+
+    /// Node `n`'s bus is down: a server there runs on, unfenced (a
+    /// standby the agent starts meanwhile, too).
+    fn partitioned(&mut self, n: u32) {
+        for pr in self.procs.iter_mut().flatten() {
+            if pr.node == n && !pr.partitioned {
+                pr.partitioned = true;
+                if pr.phase == Phase::Serving {
+                    self.stats.partitioned_servers += 1;
+                }
+            }
+        }
+    }
+
+    /// A node's agent connects its bus to the controller.
+    fn bus_connect(&mut self, n: u32) {
+        let c = self.ctl.handle_accept().expect("the controller has room");
+        let l = self.link(End::Bus(n), End::Ctl(c));
+        self.ctl_conn.insert(c, l);
+        self.bus[idx(n)] = l;
+        self.log(|| format!("node {n}: the bus connects"));
+        self.agents[idx(n)].handle_bus_connected();
+        self.pump_agent(n);
+    }
+
+    /// The tool connects to the controller.
+    fn tool_connect(&mut self) {
+        let c = self.ctl.handle_accept().expect("the controller has room");
+        self.tool = self.link(End::Tool, End::Ctl(c));
+        self.ctl_conn.insert(c, self.tool);
+        self.write(
+            self.tool,
+            End::Tool,
+            &encode(
+                0,
+                &Msg::Hello {
+                    version_min: 1,
+                    version_max: 1,
+                    role: Role::Control,
+                },
+            ),
+        );
+    }
+
+    /// Every frame in flight on link `l` is lost.
+    fn lose_frames(&mut self, l: usize) {
+        for d in 0..2 {
+            let q = std::mem::take(&mut self.links[l].q[d]);
+            self.stats.frames_lost += q.len() as u64;
+            if let End::Bus(n) = self.links[l].ends[1 - d] {
+                for f in &q {
+                    if let Ok((
+                        _,
+                        Msg::Fence {
+                            reason: FenceReason::LeftCluster,
+                        },
+                    )) = proto::decode(f)
+                    {
+                        self.fences_in_flight[idx(n)] -= 1;
+                    }
+                }
+            }
+        }
+    }
+
+    /// The connection breaks at an arbitrary point: what is in flight is
+    /// lost, and both ends see it end.
+    fn cut(&mut self, l: usize) {
+        self.log(|| format!("link {l} {:?} cut", self.links[l].ends));
+        self.lose_frames(l);
+        for d in 0..2 {
+            let e = self.links[l].ends[d];
+            if !self.links[l].closed[d] {
+                self.links[l].eof_sent[1 - d] = true;
+                self.on_eof(e, l);
+            }
+        }
+        let link = &mut self.links[l];
+        link.eof_sent = [true; 2];
+    }
+
+    /// The controller process dies and is started again: every connection
+    /// to it ends (what was in flight is lost); the agents reconnect their
+    /// buses and the tool its connection, and it rebuilds its state from
+    /// what the agents report.
+    fn controller_crash(&mut self) {
+        self.log(|| "the controller crashes".into());
+        self.stats.controller_crashes += 1;
+        self.ctl = new_controller();
+        self.ctl.set_now(self.now);
+        self.tool_pending.clear();
+        for (c, l) in std::mem::take(&mut self.ctl_conn) {
+            self.lose_frames(l);
+            self.close(l, End::Ctl(c));
+            let link = &mut self.links[l];
+            link.eof_sent = [true; 2];
+            match self.peer(l, End::Ctl(c)) {
+                End::Bus(n) => {
+                    self.links[l].closed = [true; 2];
+                    self.bus_back[idx(n)] = Some(self.now + 1 + self.rng.below(50));
+                    self.agents[idx(n)].handle_bus_disconnected();
+                    self.pump_agent(n);
+                    self.partitioned(n);
+                }
+                End::Tool => self.links[l].closed = [true; 2],
+                e => panic!("{e:?} on the controller"),
+            }
+        }
+        self.tool_connect();
+    }
+
+    /// Connection cuts, a partition (a bus cut), a controller crash.
+    fn cut_something(&mut self, what: u64) {
+        match what {
+            0 => {
+                let n = 1 + u32::try_from(self.rng.below(u64::from(NODES))).unwrap();
+                if self.bus_back[idx(n)].is_none() {
+                    self.stats.cuts_bus += 1;
+                    let l = self.bus[idx(n)];
+                    self.cut(l);
+                }
+            }
+            1 => {
+                if self.left.is_none() {
+                    self.controller_crash();
+                }
+            }
+            _ => {
+                let mut ls = Vec::new();
+                for c in self.clients.iter().filter(|c| c.alive) {
+                    if let Some(l) = c.server_link {
+                        ls.push((l, 0));
+                    }
+                }
+                for pr in self.procs.iter().flatten() {
+                    ls.push((pr.agent_link, 1));
+                }
+                if let Some(a) = &self.adm {
+                    ls.push((a.link, 2));
+                }
+                if ls.is_empty() {
+                    return;
+                }
+                let (l, kind) = ls[us(self.rng.below(ls.len() as u64))];
+                match kind {
+                    0 => self.stats.cuts_client_server += 1,
+                    1 => self.stats.cuts_agent_server += 1,
+                    _ => self.stats.cuts_admin += 1,
+                }
+                self.cut(l);
+            }
         }
     }
 
@@ -785,6 +1205,305 @@ impl Sim {
         }
     }
 
+    // -- snapshot commands ---------------------------------------------------------
+
+    /// An admin connects to the serving server to create or delete a
+    /// snapshot.
+    fn adm_begin(&mut self, op: AdmOp) {
+        let Some(&p) = self.serving().first() else {
+            return;
+        };
+        let Some(conn) = self.procs[p].as_mut().unwrap().fsm.handle_accept() else {
+            return;
+        };
+        let l = self.link(End::Adm, End::Srv(p, conn));
+        self.procs[p].as_mut().unwrap().conns.insert(conn, l);
+        self.adm = Some(Adm {
+            link: l,
+            op,
+            sent: false,
+        });
+        self.log(|| format!("admin: {op:?} to process {p}"));
+        self.write(
+            l,
+            End::Adm,
+            &encode(
+                0,
+                &Msg::Hello {
+                    version_min: 1,
+                    version_max: 1,
+                    role: Role::Control,
+                },
+            ),
+        );
+    }
+
+    /// Origin chunks of writes asked for and not yet applied.
+    fn origin_writes_under_way(&self) -> Vec<u64> {
+        let mut v = Vec::new();
+        for c in self.clients.iter().filter(|c| c.alive) {
+            if let Some(Op::Call {
+                req: Request::OriginWrite(r),
+                ..
+            }) = &c.op
+            {
+                v.extend(r.chunk..r.end());
+            }
+        }
+        v
+    }
+
+    fn adm_frame(&mut self, f: &[u8]) {
+        let (_, m) = proto::decode(f).expect("the server's frames decode");
+        let adm = self.adm.as_mut().expect("an admin");
+        if !adm.sent {
+            assert!(matches!(m, Msg::HelloOk { .. }), "admin got {m:?}");
+            adm.sent = true;
+            let (l, op) = (adm.link, adm.op);
+            let msg = match op {
+                AdmOp::Create(tag) => {
+                    self.stats.creates += 1;
+                    let raced = self.origin_writes_under_way().into_iter().collect();
+                    self.creating.insert(
+                        tag,
+                        CreateRec {
+                            at_send: self.origin_shadow.clone(),
+                            raced,
+                            seen: BTreeMap::new(),
+                            open: true,
+                            ok: false,
+                        },
+                    );
+                    Msg::CreateSnapshot { tag }
+                }
+                AdmOp::Delete(tag) => {
+                    self.stats.deletes += 1;
+                    // From now on its clients may be refused.
+                    self.maybe_gone.insert(tag);
+                    Msg::DeleteSnapshot { tag }
+                }
+            };
+            self.write(l, End::Adm, &encode(1, &msg));
+            return;
+        }
+        let r = match m {
+            Msg::Ok => Ok(()),
+            // The store failed under the command: whether it happened is
+            // for the store to say at the next quiet phase.
+            Msg::Error {
+                code: ErrorCode::Internal,
+                ..
+            } => {
+                self.adm_end(None);
+                return;
+            }
+            Msg::Error { code, text, .. } => Err((code, text.to_string())),
+            m => panic!("admin got {m:?}"),
+        };
+        self.adm_end(Some(r));
+    }
+
+    /// The command's answer, or `None`: the connection ended first (its
+    /// server died; the store says later whether it happened).
+    fn adm_end(&mut self, r: Option<Result<(), (ErrorCode, String)>>) {
+        let adm = self.adm.take().expect("an admin");
+        self.close(adm.link, End::Adm);
+        self.log(|| format!("admin: {:?}: {r:?}", adm.op));
+        if !adm.sent {
+            return;
+        }
+        let under_way = self.origin_writes_under_way();
+        match (adm.op, r) {
+            (AdmOp::Create(tag), r) => {
+                let rec = self.creating.get_mut(&tag).unwrap();
+                rec.open = false;
+                rec.raced.extend(under_way);
+                match r {
+                    Some(Ok(())) => {
+                        rec.ok = true;
+                        self.stats.creates_ok += 1;
+                    }
+                    None => {}
+                    Some(Err((code, text))) => {
+                        assert!(
+                            matches!(
+                                code,
+                                ErrorCode::Busy
+                                    | ErrorCode::Recovering
+                                    | ErrorCode::StaleIncarnation
+                            ),
+                            "create {tag} refused: {code:?} {text}"
+                        );
+                        self.creating.remove(&tag);
+                    }
+                }
+            }
+            (AdmOp::Delete(tag), r) => match r {
+                Some(Ok(())) => {
+                    self.stats.deletes_ok += 1;
+                    self.live.remove(&tag);
+                }
+                // Unknown: the store says at the next quiet phase.
+                None => {}
+                Some(Err((code, text))) => {
+                    assert!(
+                        matches!(code, ErrorCode::Busy | ErrorCode::StaleIncarnation),
+                        "delete {tag} refused: {code:?} {text}"
+                    );
+                    if text.contains("in use") {
+                        self.stats.deletes_in_use += 1;
+                    }
+                    self.maybe_gone.remove(&tag);
+                }
+            },
+        }
+    }
+
+    /// An origin write was applied: creates not yet checked note it.
+    fn note_origin_write(&mut self, r: Range, data: &[u8]) {
+        for rec in self.creating.values_mut() {
+            for c in r.chunk..r.end() {
+                let at = us((c - r.chunk) * CHUNK);
+                rec.seen
+                    .entry(c)
+                    .or_default()
+                    .push(data[at..at + CHUNK_BYTES].to_vec());
+                if rec.open {
+                    rec.raced.insert(c);
+                }
+            }
+        }
+    }
+
+    /// In a quiet phase: creates and deletes whose outcome was not seen are
+    /// looked up in the store, and every new snapshot is checked against
+    /// the origin as of its create (raced chunks: any value they held
+    /// since); its shadow starts from what it holds.
+    fn resolve_snapshots(&mut self, p: usize) {
+        let pr = self.procs[p].as_mut().unwrap();
+        let store = pr.worker.store().expect("started");
+        let mut origin = vec![0u8; us(ORIGIN_CHUNKS * CHUNK)];
+        self.origin.read_exact_at(&mut origin, 0).unwrap();
+        for (tag, rec) in std::mem::take(&mut self.creating) {
+            assert!(!rec.open);
+            let exists = store.snapshot(tag).is_some();
+            assert!(
+                exists || !rec.ok,
+                "snapshot {tag} was created, but the store has none"
+            );
+            if !exists {
+                continue;
+            }
+            if !rec.ok {
+                self.stats.creates_found += 1;
+            }
+            let mut shadow = vec![0u8; us(ORIGIN_CHUNKS * CHUNK)];
+            for c in 0..ORIGIN_CHUNKS {
+                let at = us(c * CHUNK);
+                let buf = &mut shadow[at..at + CHUNK_BYTES];
+                match store.lookup(tag, c).unwrap() {
+                    Mapping::Origin => buf.copy_from_slice(&origin[at..at + CHUNK_BYTES]),
+                    Mapping::Store(s) => {
+                        self.store
+                            .read_exact_at(buf, store.chunk_offset(s))
+                            .unwrap();
+                    }
+                }
+                let want = &rec.at_send[at..at + CHUNK_BYTES];
+                if *buf != *want {
+                    self.stats.created_chunks_raced += 1;
+                }
+                let ok = *buf == *want
+                    || (rec.raced.contains(&c)
+                        && rec.seen.get(&c).is_some_and(|v| v.iter().any(|x| x == buf)));
+                assert!(
+                    ok,
+                    "snapshot {tag} chunk {c} is not the origin as of its create (raced by a write: {})",
+                    rec.raced.contains(&c)
+                );
+                self.stats.created_chunks_checked += 1;
+            }
+            self.snap_shadow.insert(tag, shadow);
+            self.snap_version.insert(tag, vec![0; us(ORIGIN_CHUNKS)]);
+            self.live.insert(tag);
+            self.new_tags.push(tag);
+        }
+        for &tag in &self.maybe_gone {
+            if self.live.contains(&tag) && store.snapshot(tag).is_none() {
+                self.live.remove(&tag);
+            }
+        }
+        let live = &self.live;
+        self.maybe_gone.retain(|t| !live.contains(t));
+    }
+
+    /// Whether incarnation `inc`'s store device failed (from any process).
+    fn disk_failed(&self, inc: u64) -> bool {
+        self.disk_failed_incs.contains(&inc)
+    }
+
+    /// Arms a store device fault on the serving server: one of its next
+    /// few operations of a random kind fails, mid-commit or not.
+    fn arm_disk_fault(&mut self) {
+        let Some(&p) = self.serving().first() else {
+            return;
+        };
+        let kind = FAULT_KINDS[us(self.rng.below(FAULT_KINDS.len() as u64))];
+        let countdown = 1 + u32::try_from(self.rng.below(6)).unwrap();
+        let pr = self.procs[p].as_ref().unwrap();
+        if pr.disk_fault.borrow().is_some() {
+            return;
+        }
+        *pr.disk_fault.borrow_mut() = Some(DiskFault {
+            kind,
+            countdown,
+            fired: false,
+        });
+        self.disk_failed_incs.insert(pr.incarnation);
+        self.stats.disk_faults_armed += 1;
+        self.log(|| format!("process {p}: store device fault {kind:?} armed ({countdown})"));
+    }
+
+    /// Starts a client on each snapshot created since the last active
+    /// phase (while there is room).
+    fn start_new_clients(&mut self) {
+        for tag in std::mem::take(&mut self.new_tags) {
+            let alive = self.clients.iter().filter(|c| c.alive).count();
+            let nodes: Vec<u32> = (1..=NODES)
+                .filter(|&n| !self.down[idx(n)] && self.left != Some(n))
+                .collect();
+            if alive >= 9 || nodes.is_empty() {
+                continue;
+            }
+            let n = nodes[us(self.rng.below(nodes.len() as u64))];
+            self.client_new(n, Volume::Snapshot(tag));
+        }
+    }
+
+    /// A snapshot command while clients run: a create, or a delete of a
+    /// snapshot created during the run.
+    fn snapshot_command(&mut self) {
+        if self.adm.is_some() {
+            return;
+        }
+        let created: Vec<u32> = self
+            .live
+            .iter()
+            .copied()
+            .filter(|t| !TAGS.contains(t) && !self.maybe_gone.contains(t))
+            .collect();
+        if !created.is_empty()
+            && (created.len() + self.creating.len() >= 3 || self.rng.per_mille(400))
+        {
+            let tag = created[us(self.rng.below(created.len() as u64))];
+            self.adm_begin(AdmOp::Delete(tag));
+        } else if created.len() + self.creating.len() < 3 {
+            let tag = self.next_tag;
+            self.next_tag += 1;
+            self.adm_begin(AdmOp::Create(tag));
+        }
+    }
+
     // -- server processes ------------------------------------------------------------
 
     fn spawn_standby(&mut self, n: u32) {
@@ -793,7 +1512,11 @@ impl Sim {
         };
         let p = self.procs.len();
         let addr = format!("node-{n}/server.{n}.{p}.sock");
-        let sd = FileDisk::open_buffered(&self.store_path, true).unwrap();
+        let disk_fault = Rc::new(RefCell::new(None));
+        let sd = SimDisk {
+            inner: FileDisk::open_buffered(&self.store_path, true).unwrap(),
+            fault: disk_fault.clone(),
+        };
         let od = FileDisk::open_buffered(&self.origin_path, true).unwrap();
         let standby = Standby::reserve(
             sd,
@@ -834,6 +1557,10 @@ impl Sim {
             recovering: false,
             waiting_seen: 0,
             barrier_seen: 0,
+            partitioned: false,
+            disk_fault,
+            nonmember: BTreeSet::new(),
+            superseded: false,
         }));
         self.log(|| format!("node {n}: standby process {p} spawned"));
         self.write(
@@ -854,6 +1581,10 @@ impl Sim {
         let Some(pr) = self.procs[p].take() else {
             return;
         };
+        if let Some(f) = pr.disk_fault.borrow().filter(|f| f.fired) {
+            let i = FAULT_KINDS.iter().position(|&k| k == f.kind).unwrap();
+            self.stats.disk_faults_fired[i] += 1;
+        }
         self.log(|| {
             format!(
                 "server process {p} (node {}, incarnation {}) exits: {why}",
@@ -871,7 +1602,7 @@ impl Sim {
             .filter(|&p| {
                 self.procs[p]
                     .as_ref()
-                    .is_some_and(|x| x.phase == Phase::Serving)
+                    .is_some_and(|x| x.phase == Phase::Serving && !x.superseded)
             })
             .collect()
     }
@@ -919,10 +1650,22 @@ impl Sim {
                 self.start(p, &members, &expected, claim);
             }
             (Phase::Serving, Msg::NodeJoined { node_id }) => {
+                pr.nonmember.remove(&node_id);
                 pr.fsm.handle_node_joined(node_id);
                 self.pump_srv(p);
             }
             (Phase::Serving, Msg::NodeLeft { node_id }) => {
+                // The server drops the node's locks: a node that left is
+                // fenced, unless it was only cut off (then its readers are
+                // on their own).
+                for c in &mut self.clients {
+                    if c.alive && c.node == node_id && c.fsm.held_chunks() > 0 && !c.exposed {
+                        c.exposed = true;
+                        self.stats.exposed_clients += 1;
+                    }
+                }
+                let pr = self.procs[p].as_mut().unwrap();
+                pr.nonmember.insert(node_id);
                 pr.left.insert(node_id);
                 pr.fsm.handle_node_left(node_id);
                 self.pump_srv(p);
@@ -944,11 +1687,32 @@ impl Sim {
 
     /// The standby start, as `csnap server --standby --agent` does it.
     fn start(&mut self, p: usize, members: &[u32], expected: &[(u64, u32)], claim: bool) {
-        let s = self.serving();
-        assert!(
-            s.is_empty(),
-            "two servers serve at once: process {p} starts while {s:?} serve"
-        );
+        let starter_cut_off = self.procs[p].as_ref().unwrap().partitioned;
+        for q in self.serving() {
+            // Only a server cut off from the bus may still run (nothing
+            // fences it), or the starter was told to start before its own
+            // node was cut off (the controller gave up on it and placed
+            // another); from now on the older one must never answer again.
+            let qr = self.procs[q].as_mut().unwrap();
+            assert!(
+                qr.partitioned || starter_cut_off,
+                "two servers serve at once: process {p} starts while {q} serves"
+            );
+            if !qr.superseded {
+                qr.superseded = true;
+                self.stats.superseded_servers += 1;
+            }
+        }
+        // A client on a node that is no member (cut off from the bus: only
+        // fencing would stop it) is not waited for: the locks it holds, or
+        // has been granted by a former server and not yet seen, protect
+        // nothing.
+        for c in &mut self.clients {
+            if c.alive && !members.contains(&c.node) && !c.exposed {
+                c.exposed = true;
+                self.stats.exposed_clients += 1;
+            }
+        }
         // Every live client holding read locks on a member node must be
         // waited for.
         for c in &self.clients {
@@ -1003,6 +1767,7 @@ impl Sim {
         }
         pr.fsm.begin_recovery(expected);
         pr.phase = Phase::Serving;
+        pr.nonmember = (1..=NODES).filter(|n| !members.contains(n)).collect();
         pr.incarnation = incarnation;
         pr.expected = expected.to_vec();
         pr.recovering = true;
@@ -1060,6 +1825,17 @@ impl Sim {
         let mut replies = Vec::new();
         pr.worker.request_fence_check();
         pr.worker.run_batch(&batch, &mut |r| replies.push(r));
+        if pr.superseded {
+            // A stale server: its store access finds the newer incarnation
+            // and fails everything; it answers nothing.
+            for r in &replies {
+                assert!(
+                    matches!(r.result, StoreResult::Failed(_)),
+                    "process {p}, superseded, got {:?} from its store",
+                    r.result
+                );
+            }
+        }
         for r in &replies {
             pr.fsm.handle_store_reply(r);
         }
@@ -1141,7 +1917,23 @@ impl Sim {
                 }
             }
             if let Some(e) = stop {
-                panic!("server process {p} stopped: {e:?}");
+                let pr = self.procs[p].as_ref().unwrap();
+                let fault = *pr.disk_fault.borrow();
+                if let (ServerEvent::StoreFailed, Some(f)) = (e, fault.filter(|f| f.fired)) {
+                    // Its store device failed: it stops serving (what it
+                    // had not committed it acknowledged to no one), and the
+                    // next incarnation replays.
+                    self.stats.disk_fault_stops += 1;
+                    self.die(p, &format!("its store failed ({:?})", f.kind));
+                    return;
+                }
+                assert!(
+                    pr.superseded && e == ServerEvent::Fenced,
+                    "server process {p} stopped: {e:?}"
+                );
+                self.stats.stale_servers_fenced += 1;
+                self.die(p, "fenced");
+                return;
             }
         }
     }
@@ -1178,6 +1970,7 @@ impl Sim {
             pause_ms: csnap_pools::CLIENT_RETRY_MIN_MS,
             op: None,
             replaced: false,
+            exposed: false,
         });
         self.log(|| format!("client {id} ({volume:?}) starts on node {node}"));
         self.write(
@@ -1321,6 +2114,7 @@ impl Sim {
     }
 
     fn cli_srv_frame(&mut self, k: usize, f: &[u8]) {
+        let disk_incs = self.disk_failed_incs.clone();
         let held_before = self.clients[k].fsm.held_chunks();
         let ev = self.clients[k].fsm.handle_frame(f);
         let c = &mut self.clients[k];
@@ -1344,6 +2138,23 @@ impl Sim {
                 let Msg::Error { text, .. } = msg else {
                     unreachable!()
                 };
+                if let (ErrorCode::NoSuchSnapshot, Volume::Snapshot(tag)) = (code, c.volume) {
+                    assert!(
+                        self.maybe_gone.contains(&tag),
+                        "client {} of snapshot {tag}, which exists, was refused: {text}",
+                        c.id
+                    );
+                    // A deleted snapshot's client: a clean error, it stops.
+                    self.stats.clients_of_deleted += 1;
+                    self.client_kill(k);
+                    self.clients[k].replaced = true;
+                    return;
+                }
+                if code == ErrorCode::Internal && disk_incs.contains(&hdr.incarnation) {
+                    self.stats.requests_failed_by_disk += 1;
+                    self.cli_retry_later(k);
+                    return;
+                }
                 assert!(
                     curable(code),
                     "client {} of node {} was refused by incarnation {}: {code:?} {text}",
@@ -1388,6 +2199,22 @@ impl Sim {
         };
         let (id, node) = (self.clients[k].id, self.clients[k].node);
         match (req, msg) {
+            (_, Msg::Error { code, .. })
+                if *code == ErrorCode::NoSuchSnapshot
+                    && matches!(self.clients[k].volume, Volume::Snapshot(t) if self.maybe_gone.contains(&t)) =>
+            {
+                self.stats.clients_of_deleted += 1;
+                self.client_kill(k);
+                self.clients[k].replaced = true;
+            }
+            (_, Msg::Error { code, .. })
+                if *code == ErrorCode::Internal && self.disk_failed(inc) =>
+            {
+                // The request met the failing store device: it fails (the
+                // NBD client gets EIO), nothing of it was acknowledged.
+                self.stats.requests_failed_by_disk += 1;
+                self.clients[k].op = None;
+            }
             (_, Msg::Error { code, text, .. }) => {
                 assert!(
                     curable(*code),
@@ -1411,7 +2238,7 @@ impl Sim {
                 // these chunks from the origin.
                 for c in r.chunk..r.end() {
                     for o in &self.clients {
-                        if !o.alive {
+                        if !o.alive || o.exposed {
                             continue;
                         }
                         if let Some(Op::Reading {
@@ -1434,6 +2261,7 @@ impl Sim {
                 self.origin.write_all_at(&data, r.chunk * CHUNK).unwrap();
                 let at = us(r.chunk * CHUNK);
                 self.origin_shadow[at..at + data.len()].copy_from_slice(&data);
+                self.note_origin_write(r, &data);
                 self.stats.origin_writes += 1;
                 self.log(|| {
                     format!("client {id}: origin write {r:?} granted by incarnation {inc}")
@@ -1457,6 +2285,18 @@ impl Sim {
                     });
                 }
                 assert_eq!(covered, u64::from(r.chunks), "targets cover the read");
+                // Locked by a server that counts its node out (cut off, and
+                // not fenced): nothing protects the read.
+                let c = &mut self.clients[k];
+                let out = self.procs.iter().flatten().any(|x| {
+                    x.incarnation == inc
+                        && x.phase == Phase::Serving
+                        && x.nonmember.contains(&c.node)
+                });
+                if out && !c.exposed {
+                    c.exposed = true;
+                    self.stats.exposed_clients += 1;
+                }
                 self.log(|| format!("client {id}: read {r:?} from incarnation {inc}: {targets:?}"));
                 self.clients[k].op = Some(Op::Reading {
                     range: r,
@@ -1575,7 +2415,7 @@ impl Sim {
         };
         self.clients
             .iter()
-            .filter(|c| c.alive)
+            .filter(|c| c.alive && !c.exposed)
             .any(|c| match &c.op {
                 Some(Op::Reading {
                     targets,
@@ -1607,7 +2447,15 @@ impl Sim {
             unreachable!()
         };
         let mut buf = vec![0u8; CHUNK_BYTES];
-        for t in &targets {
+        let mut gone = self.maybe_gone.contains(&tag);
+        if gone {
+            // Its snapshot was deleted meanwhile: the data is nobody's.
+            self.stats.reads_of_deleted += 1;
+        } else if self.clients[k].exposed {
+            self.stats.exposed_reads += 1;
+            gone = true;
+        }
+        for t in targets.iter().filter(|_| !gone) {
             for i in 0..u64::from(t.chunks) {
                 let c = t.chunk + i;
                 let at = if t.origin {
@@ -1646,6 +2494,9 @@ impl Sim {
                 chunk: t.chunk,
                 chunks: t.chunks,
             });
+        }
+        if self.clients[k].fsm.held_chunks() == 0 {
+            self.clients[k].exposed = false;
         }
         self.cli_pump(k);
     }
@@ -1809,6 +2660,16 @@ impl Sim {
                 self.clients[k].replaced = true;
                 self.client_new(n, v);
             }
+        } else if r - kill < 75 {
+            self.snapshot_command();
+        } else if r - kill < 80 {
+            self.cut_something(0);
+        } else if r - kill < 82 {
+            self.cut_something(1);
+        } else if r - kill < 100 {
+            self.cut_something(2);
+        } else if r - kill < 104 {
+            self.arm_disk_fault();
         }
     }
 
@@ -1829,6 +2690,12 @@ impl Sim {
     // -- quiet phases --------------------------------------------------------------
 
     fn settled(&self) -> Result<usize, String> {
+        if self.adm.is_some() {
+            return Err("a snapshot command is under way".into());
+        }
+        if self.bus_back.iter().any(Option::is_some) {
+            return Err("a bus is down".into());
+        }
         for (l, link) in self.links.iter().enumerate() {
             for d in 0..2 {
                 if link.deliverable(d) {
@@ -1880,12 +2747,32 @@ impl Sim {
                     }
                 };
                 take(self.ctl.next_deadline_ms());
+                for &t in self.bus_back.iter().flatten() {
+                    take(Some(t));
+                }
                 for a in &self.agents {
                     take(a.next_deadline_ms());
                 }
                 for c in self.clients.iter().filter(|c| c.alive) {
                     if let Rec::Pause(t) = c.rec {
                         take(Some(t));
+                    }
+                }
+                if next.is_none() && self.fence_superseded() {
+                    // A superseded server nobody talked to, which the
+                    // controller still believes serves: the next request
+                    // finds it fenced and it exits.
+                    continue;
+                }
+                if next.is_none() && self.clients.iter().all(|c| !c.alive) {
+                    // Nobody is left to want a server (a restarted
+                    // controller places one on demand only): a new client
+                    // comes.
+                    let n = (1..=NODES)
+                        .find(|&n| self.left != Some(n) && self.agents[idx(n)].status().member);
+                    if let Some(n) = n {
+                        self.client_new(n, Volume::Origin);
+                        continue;
                     }
                 }
                 let Some(t) = next else {
@@ -1908,7 +2795,28 @@ impl Sim {
         }
         self.quiet = false;
         self.stats.quiet_phases += 1;
+        self.fence_superseded();
         self.check_volumes();
+    }
+
+    /// A superseded server nobody talked to: its worker's next look at the
+    /// store (a request, or after an idle gap) finds it fenced, and it
+    /// exits. Whether there was one.
+    fn fence_superseded(&mut self) -> bool {
+        let mut any = false;
+        for p in 0..self.procs.len() {
+            if let Some(pr) = self.procs[p].as_mut().filter(|x| x.superseded) {
+                let r = pr.worker.store().expect("started").check_fence();
+                assert!(
+                    matches!(r, Err(csnap_store::StoreError::Fenced { .. })),
+                    "process {p}, superseded, is not fenced: {r:?}"
+                );
+                self.stats.stale_servers_fenced += 1;
+                self.die(p, "fenced");
+                any = true;
+            }
+        }
+        any
     }
 
     /// Every volume equals its shadow; nothing is locked or waiting.
@@ -1920,7 +2828,17 @@ impl Sim {
             Some((pr.node, pr.incarnation)),
             "the controller knows the server"
         );
-        assert_eq!(pr.fsm.read_locks(), 0, "read locks left when all is quiet");
+        if pr.fsm.read_locks() != 0 {
+            let mut h = Vec::new();
+            for c in 0..ORIGIN_CHUNKS {
+                pr.fsm
+                    .lock_holders(c, &mut |id, parked| h.push((c, id, parked)));
+            }
+            panic!(
+                "read locks left when all is quiet (chunk, client, parked): {h:?}\n{}",
+                self.dump()
+            );
+        }
         assert_eq!(
             pr.fsm.parked_clients(),
             0,
@@ -1933,9 +2851,11 @@ impl Sim {
             origin == self.origin_shadow,
             "the origin differs from its shadow"
         );
+        self.resolve_snapshots(p);
+        let pr = self.procs[p].as_mut().unwrap();
         let store = pr.worker.store().expect("started");
         let mut buf = vec![0u8; CHUNK_BYTES];
-        for tag in TAGS {
+        for &tag in &self.live {
             for c in 0..ORIGIN_CHUNKS {
                 let what = match store.lookup(tag, c).unwrap() {
                     Mapping::Origin => {
@@ -1967,7 +2887,13 @@ impl Sim {
             self.ctl.running()
         );
         for (i, a) in self.agents.iter().enumerate() {
-            let _ = writeln!(s, "agent {}: {:?}", i + 1, a.status());
+            let _ = writeln!(
+                s,
+                "agent {}: {:?} next deadline {:?}",
+                i + 1,
+                a.status(),
+                a.next_deadline_ms()
+            );
         }
         for (p, pr) in self.procs.iter().enumerate() {
             if let Some(pr) = pr {
@@ -2070,6 +2996,7 @@ fn run_seed(seed: u64, dir: &Path) -> Stats {
         }
         sim.stats.active_steps += u64::from(n);
         sim.quiet_phase();
+        sim.start_new_clients();
     }
     SEED.with(|s| s.set(None));
     sim.stats
@@ -2120,14 +3047,26 @@ fn run_seeds(first: u64, count: u64, name: &str) {
     };
     let t0 = std::time::Instant::now();
     let mut total = Stats::default();
+    // CSNAP_SIM_SOAK=1: a failing seed is recorded and the run goes on
+    // (every failing seed of a soak is named at the end).
+    let soak = std::env::var_os("CSNAP_SIM_SOAK").is_some();
+    let mut failed = Vec::new();
     for &seed in &seeds {
-        total.add(&run_seed(seed, &dir));
+        if soak {
+            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_seed(seed, &dir))) {
+                Ok(st) => total.add(&st),
+                Err(_) => failed.push(seed),
+            }
+        } else {
+            total.add(&run_seed(seed, &dir));
+        }
     }
     println!(
-        "cluster_sim {name}: {} seeds in {:?}: {total:?}",
+        "cluster_sim {name}: {} seeds in {:?}, failed {failed:?}: {total:?}",
         seeds.len(),
         t0.elapsed()
     );
+    assert!(failed.is_empty(), "failing seeds: {failed:?}");
     if seeds.len() as u64 >= count {
         // The faults and the windows this checks did happen.
         assert!(total.server_kills > count, "{total:?}");
@@ -2141,6 +3080,42 @@ fn run_seeds(first: u64, count: u64, name: &str) {
         assert!(total.claiming_starts > 0, "{total:?}");
         assert!(total.claiming_starts < total.starts, "{total:?}");
         assert!(total.leaves > 0 && total.joins > 0 && total.client_kills > 0);
+        // Snapshots come and go while clients run.
+        assert!(
+            total.creates_ok > 0 && total.created_chunks_raced > 0,
+            "{total:?}"
+        );
+        assert!(
+            total.deletes_ok > 0 && total.deletes_in_use > 0,
+            "{total:?}"
+        );
+        assert!(total.clients_of_deleted > 0, "{total:?}");
+        // Connections break at arbitrary points (frames in flight lost) on
+        // every kind of link; nodes are cut off from the bus while their
+        // server runs (never two serving: the older one is fenced at its
+        // next store access, never answering again); the controller
+        // crashes and rebuilds its state from the agents.
+        assert!(
+            total.cuts_client_server > 0 && total.cuts_agent_server > 0,
+            "{total:?}"
+        );
+        assert!(total.cuts_admin > 0 && total.cuts_bus > 0, "{total:?}");
+        assert!(total.frames_lost > 0, "{total:?}");
+        assert!(
+            total.partitioned_servers > 0 && total.superseded_servers > 0,
+            "{total:?}"
+        );
+        assert!(total.stale_servers_fenced > 0, "{total:?}");
+        assert!(total.controller_crashes > 0, "{total:?}");
+        // The store device fails (EIO on a read, a write or a flush,
+        // ENOSPC, a torn write mid-commit), every kind: the server stops,
+        // the request that met it fails, nothing acknowledged is lost (the
+        // quiet phases' checks after the next incarnation's replay).
+        assert!(total.disk_faults_fired.iter().all(|&n| n > 0), "{total:?}");
+        assert!(
+            total.disk_fault_stops > 0 && total.requests_failed_by_disk > 0,
+            "{total:?}"
+        );
     }
 }
 

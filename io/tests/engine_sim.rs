@@ -7,7 +7,11 @@
 //! operations are held in flight at random, so writes land while other
 //! things happen), creates and deletes snapshots while cached origin writes
 //! are in flight, and kills the server (a new incarnation starts from the
-//! store files, with the recovery barrier waiting for the snapshot clients).
+//! store files, with the recovery barrier waiting for the snapshot clients),
+//! also while a creation is pending (caching writers still owe their revoke
+//! answers): its answer is lost, the new server's store says whether it
+//! committed (it never had: the create goes to the store only once every
+//! answer is in, and its commit and answer are one step).
 //!
 //! The engines' disk operations go through the NBD server's disk scheduler
 //! (`csnap_fsm::disk_sched`) with a direct-I/O alignment of 512 bytes, as
@@ -136,6 +140,10 @@ struct World {
     next_io_tag: u64,
     creates: u64,
     failovers: u64,
+    /// Failovers while a creation was pending, and those after which the
+    /// store held the snapshot.
+    failovers_in_create: u64,
+    creates_survived: u64,
     /// A creation sent and not answered: its tag, and the origin ranges
     /// written since it was sent.
     creating: Option<(u32, Vec<(u64, usize)>)>,
@@ -273,6 +281,8 @@ impl World {
             next_io_tag: 1,
             creates: 0,
             failovers: 0,
+            failovers_in_create: 0,
+            creates_survived: 0,
             creating: None,
             sched: DiskSched::new(SchedConfig {
                 ops_max: ENGINES_MAX * IOS * 8,
@@ -815,6 +825,7 @@ impl World {
             eprintln!("FAILOVER");
         }
         self.failovers += 1;
+        let pending = self.creating.take();
         for e in &mut self.engines {
             e.engine.handle_disconnect();
             e.conn = None;
@@ -834,6 +845,28 @@ impl World {
         let expected: Vec<(u64, u32)> = self.engines.iter().map(|e| (e.client_id, NODE)).collect();
         self.server.begin_recovery(&expected);
         self.ctl = self.control_conn();
+        if let Some((tag, _)) = pending {
+            // The creation's answer died with its server: the store says.
+            self.failovers_in_create += 1;
+            let made = self
+                .worker
+                .store()
+                .expect("started")
+                .snapshot(tag)
+                .is_some();
+            if trace() {
+                eprintln!("failover during create {tag}: made {made}");
+            }
+            if made {
+                self.creates_survived += 1;
+                if self.engines.len() < ENGINES_MAX {
+                    self.add_engine(Volume::Snapshot(tag), 300 + u64::from(tag));
+                }
+            } else {
+                // Never made: nothing of it is checked.
+                self.snaps.retain(|s| s.tag != tag);
+            }
+        }
     }
 
     /// One scheduler step.
@@ -857,9 +890,10 @@ impl World {
                 }
             }
             _ => {
-                // Not while a creation is pending: whether it committed
-                // would be unknown to the test.
-                if self.creating.is_none() && self.rng.chance(10) {
+                // During a pending creation too (its answer is lost; the
+                // new server's store says whether it committed).
+                let p = if self.creating.is_some() { 3 } else { 10 };
+                if self.rng.chance(p) {
                     self.failover();
                 }
             }
@@ -1009,6 +1043,7 @@ const SIM_SEEDS_DEFAULT: u64 = 1000;
 #[test]
 fn caching_engines_stay_exact_through_creates_and_failovers() {
     let (mut reads, mut cached, mut creates, mut failovers, mut bounced) = (0, 0, 0, 0, 0);
+    let (mut in_create, mut survived) = (0, 0);
     let seeds = sim_seeds(SIM_SEEDS_DEFAULT);
     let full = seeds.len() as u64 >= SIM_SEEDS_DEFAULT;
     /// Names the seed of a failing run (replay: `CSNAP_SIM_SEED=N TRACE=1`).
@@ -1031,11 +1066,13 @@ fn caching_engines_stay_exact_through_creates_and_failovers() {
         cached += w.cached_writes;
         creates += w.creates;
         failovers += w.failovers;
+        in_create += w.failovers_in_create;
+        survived += w.creates_survived;
         bounced += w.bounced;
         let _ = std::fs::remove_dir_all(&w.dir);
     }
     eprintln!(
-        "engine sim: {} seeds: {reads} reads checked, {cached} origin writes submitted with others in flight, {creates} snapshots created, {failovers} failovers, {bounced} disk operations bounced (read-modify-writes among them)",
+        "engine sim: {} seeds: {reads} reads checked, {cached} origin writes submitted with others in flight, {creates} snapshots created, {failovers} failovers ({in_create} during a pending create, after {survived} of them the snapshot existed), {bounced} disk operations bounced (read-modify-writes among them)",
         seeds.len()
     );
     if !full {
@@ -1050,4 +1087,8 @@ fn caching_engines_stay_exact_through_creates_and_failovers() {
     assert!(cached > 100, "too few concurrent origin writes: {cached}");
     assert!(creates > 40, "too few snapshot creations: {creates}");
     assert!(failovers > 10, "too few failovers: {failovers}");
+    assert!(
+        in_create > 10,
+        "too few failovers during a create: {in_create}"
+    );
 }

@@ -798,3 +798,55 @@ fn a_corrupt_block_fails_the_request_that_needs_it_and_the_server_goes_on() {
         "{events:?}"
     );
 }
+
+/// A snapshot create waits for a caching origin client's revoke answer;
+/// its control connection closes meanwhile and the slot is reused by a new
+/// session. When the answer comes, nothing is created and the new session
+/// gets no `Ok` it never asked for (found by cluster_sim's connection cuts:
+/// the `Ok` went to whatever session reused the id).
+#[test]
+fn a_create_whose_control_connection_closed_answers_no_successor() {
+    let mut s = sim(4);
+    // A caching origin client: a create waits for its revoke answer.
+    let o = s.connect(Role::Client);
+    let mut m = identify(Volume::Origin);
+    if let Msg::Identify { flags, .. } = &mut m {
+        *flags = proto::IDENTIFY_CACHING;
+    }
+    s.send(o, 2, &m);
+    s.step();
+    s.take(o);
+    let ctl = s.connect(Role::Control);
+    s.send(ctl, 5, &Msg::CreateSnapshot { tag: 3 });
+    s.step();
+    let revoke_id = |s: &mut Sim| {
+        s.take(o)
+            .iter()
+            .find(|(_, f)| matches!(proto::decode(f).unwrap().1, Msg::Revoke { .. }))
+            .map(|(h, _)| h.request_id)
+            .expect("the caching client is asked to give its grants back")
+    };
+    let rid = revoke_id(&mut s);
+    assert!(s.take(ctl).is_empty(), "the create waits for the answer");
+    // The admin goes away; a new session takes the slot.
+    s.server.handle_disconnect(ctl);
+    let next = s.connect(Role::Control);
+    assert_eq!(next, ctl, "the slot is reused");
+    // The revoke answer arrives.
+    s.send(o, rid, &Msg::RevokeDone);
+    s.step();
+    assert!(
+        s.take(next).is_empty(),
+        "the new session got an answer to a create it never asked for"
+    );
+    // Nothing was created: the tag is free.
+    s.send(next, 6, &Msg::CreateSnapshot { tag: 3 });
+    s.step();
+    let rid = revoke_id(&mut s);
+    s.send(o, rid, &Msg::RevokeDone);
+    s.step();
+    let r = s.take(next);
+    assert_eq!(r.len(), 1);
+    assert!(matches!(proto::decode(&r[0].1).unwrap().1, Msg::Ok));
+    s.server.assert_invariants_full();
+}

@@ -1,6 +1,11 @@
 //! A disk that fails (#15): EIO on a read, a write or a flush, ENOSPC on a
 //! write, and a torn write, injected at every disk operation of a workload
-//! in turn; and a second failure at every write of the replay that follows.
+//! in turn; and a second failure at every write of the replay that follows;
+//! and a crash (the write and everything after it lost, with or without the
+//! writes since the last flush) at every write of a replay, and of a
+//! standby's claiming start (claim, replay, incarnation bump), and of a run
+//! under the `delete-lowest-priority` store-full policy (victims chosen,
+//! deleted in steps, copy-outs after them).
 //!
 //! What must hold after each: the store operation that met the failure
 //! returns an error (no panic), nothing it acknowledged (a commit that
@@ -292,4 +297,317 @@ fn a_failure_during_replay_is_an_error_and_the_next_open_recovers() {
     }
     eprintln!("replay faults: {injected} injected");
     assert!(injected > 0, "no replay ever wrote");
+}
+
+// -- crashes in the windows the prefix crash tests leave out -------------------
+
+/// A disk that crashes at its `crash_at`-th write: that write does not land,
+/// nor does anything after it (every later operation fails, as the process
+/// is gone); with `drop_unflushed`, the writes since the last flush are lost
+/// too (the device never persisted its cache).
+struct CrashDisk {
+    inner: MemDisk,
+    crash_at: u64,
+    drop_unflushed: bool,
+    writes: u64,
+    crashed: bool,
+    undo: Vec<(u64, Vec<u8>)>,
+}
+
+impl CrashDisk {
+    fn new(inner: MemDisk, crash_at: u64, drop_unflushed: bool) -> Self {
+        CrashDisk {
+            inner,
+            crash_at,
+            drop_unflushed,
+            writes: 0,
+            crashed: false,
+            undo: Vec::new(),
+        }
+    }
+
+    /// What the device holds after the crash (or now).
+    fn image(mut self) -> MemDisk {
+        if self.crashed && self.drop_unflushed {
+            while let Some((off, old)) = self.undo.pop() {
+                self.inner.write_at(&old, off).unwrap();
+            }
+        }
+        self.inner
+    }
+}
+
+impl Disk for CrashDisk {
+    fn read_at(&mut self, buf: &mut [u8], offset: u64) -> Result<(), DiskError> {
+        if self.crashed {
+            return Err(DiskError::Os(libc::EIO));
+        }
+        self.inner.read_at(buf, offset)
+    }
+
+    fn write_at(&mut self, buf: &[u8], offset: u64) -> Result<(), DiskError> {
+        if self.crashed {
+            return Err(DiskError::Os(libc::EIO));
+        }
+        self.writes += 1;
+        if self.writes == self.crash_at {
+            self.crashed = true;
+            return Err(DiskError::Os(libc::EIO));
+        }
+        let mut old = vec![0u8; buf.len()];
+        self.inner.read_at(&mut old, offset)?;
+        self.undo.push((offset, old));
+        self.inner.write_at(buf, offset)
+    }
+
+    fn flush(&mut self) -> Result<(), DiskError> {
+        if self.crashed {
+            return Err(DiskError::Os(libc::EIO));
+        }
+        self.undo.clear();
+        self.inner.flush()
+    }
+
+    fn size_bytes(&self) -> u64 {
+        self.inner.size_bytes()
+    }
+}
+
+/// Images a failed workload leaves behind (a journal to replay), with what
+/// was acknowledged.
+fn failed_images() -> Vec<(String, MemDisk, MemDisk, Acked)> {
+    let mut v = Vec::new();
+    for kind in [Fault::TornWrite, Fault::FlushEio] {
+        let n = ops_of(kind);
+        for at in (1..=n).step_by(4) {
+            let (d, origin, acked, _) = run(Some(kind), at);
+            v.push((format!("{kind:?} at {at}"), d.inner, origin, acked));
+        }
+    }
+    v
+}
+
+/// A crash at every write of the replay (a standby's start after a
+/// failure), with or without the writes since the last flush: the replay
+/// after it recovers everything acknowledged, and `check` is clean.
+#[test]
+fn a_crash_at_every_write_of_the_replay_then_replay_again_loses_nothing() {
+    let mut crashes = 0u64;
+    for (what, d, origin, acked) in failed_images() {
+        let mut probe = CrashDisk::new(d.clone(), u64::MAX, false);
+        drop(Store::open(&mut probe, &open_opts()).unwrap());
+        for j in 1..=probe.writes {
+            for drop_unflushed in [false, true] {
+                let mut cd = CrashDisk::new(d.clone(), j, drop_unflushed);
+                assert!(
+                    Store::open(&mut cd, &open_opts()).is_err(),
+                    "{what}: the replay went on after its crash at write {j}"
+                );
+                crashes += 1;
+                recover_and_verify(
+                    cd.image(),
+                    &mut origin.clone(),
+                    &acked,
+                    &format!(
+                        "{what}, replay crashed at write {j} (unflushed lost: {drop_unflushed})"
+                    ),
+                );
+            }
+        }
+    }
+    eprintln!("replay crashes: {crashes}");
+    assert!(crashes > 50, "only {crashes} replay crashes");
+}
+
+/// A crash at every write of a standby's start that claims the store (the
+/// claim's superblock write, the replay, the incarnation bump's commit):
+/// nothing acknowledged is lost, `check` is clean, and the incarnation never
+/// goes back: the next start's is above every one a server used before.
+#[test]
+fn a_crash_at_every_write_of_a_claiming_start_loses_nothing_and_keeps_incarnations_rising() {
+    let mut crashes = 0u64;
+    let mut images = failed_images();
+    // And a cleanly stopped store.
+    let (d, origin, acked, failed) = run(None, 0);
+    assert!(!failed);
+    images.push(("clean".into(), d.inner, origin, acked));
+    for (what, d, origin, acked) in images {
+        let before = {
+            let st = Store::open(d.clone(), &open_opts()).unwrap();
+            st.incarnation()
+        };
+        let start = |disk: &mut CrashDisk| -> Result<u64, StoreError> {
+            let mut sb = csnap_store::Standby::reserve(disk, &open_opts())?;
+            sb.claim(std::time::Duration::ZERO)?;
+            let mut st = sb.try_start().map_err(|(_, e)| e)?;
+            st.bump_incarnation()
+        };
+        let mut probe = CrashDisk::new(d.clone(), u64::MAX, false);
+        let inc = start(&mut probe).unwrap();
+        assert!(inc > before, "{what}: start took {inc}, before {before}");
+        for j in 1..=probe.writes {
+            for drop_unflushed in [false, true] {
+                let mut cd = CrashDisk::new(d.clone(), j, drop_unflushed);
+                assert!(
+                    start(&mut cd).is_err(),
+                    "{what}: the start went on after its crash at write {j}"
+                );
+                crashes += 1;
+                let img = cd.image();
+                let ctx = format!(
+                    "{what}, start crashed at write {j} (unflushed lost: {drop_unflushed})"
+                );
+                recover_and_verify(img.clone(), &mut origin.clone(), &acked, &ctx);
+                let mut st = Store::open(img, &open_opts()).unwrap();
+                let next = st.bump_incarnation().unwrap();
+                assert!(
+                    next > before,
+                    "{ctx}: the next start took {next}, not above {before}"
+                );
+            }
+        }
+    }
+    eprintln!("start crashes: {crashes}");
+    assert!(crashes > 50, "only {crashes} start crashes");
+}
+
+/// The `delete-lowest-priority` workload: snapshots with priorities taken
+/// while the origin is rewritten on a store too small for all their
+/// copy-outs, so the policy deletes victims (commit, delete steps, retry, as
+/// the store worker does). Returns what was acknowledged and the victims
+/// chosen so far (only those may be missing after a crash).
+fn auto_delete_workload<D: Disk>(
+    st: &mut Store<D>,
+    origin: &mut MemDisk,
+    acked: &mut Acked,
+    victims: &mut Vec<u32>,
+) -> Result<(), StoreError> {
+    for i in 0..72u64 {
+        if i % 12 == 0 {
+            let tag = u32::try_from(100 + i).unwrap();
+            st.create_snapshot(tag, 0)?;
+            st.set_priority(tag, i8::try_from(i % 5).unwrap())?;
+            st.commit()?;
+            acked.snaps.push((tag, acked.origin.clone()));
+            continue;
+        }
+        let c = (i * 5) % ORIGIN_CHUNKS;
+        let v = 9_000 + i;
+        let w = loop {
+            match st.prepare_origin_write(c) {
+                Ok(w) => break w,
+                Err(StoreError::Reclaiming { victim }) => {
+                    if let Some(t) = victim {
+                        victims.push(t);
+                    }
+                    st.commit()?;
+                    while st.delete_step(64)? != csnap_store::DeleteProgress::Idle {
+                        st.commit()?;
+                    }
+                    st.commit()?;
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        if let OriginWrite::CopyOut { store_chunk } = w {
+            let mut b = vec![0u8; CHUNK];
+            origin.read_at(&mut b, c * CHUNK as u64).unwrap();
+            let off = st.chunk_offset(store_chunk);
+            st.disk_mut().write_at(&b, off)?;
+        }
+        st.commit()?;
+        origin.write_at(&pattern(v), c * CHUNK as u64).unwrap();
+        acked.origin[usize::try_from(c).unwrap()] = v;
+    }
+    Ok(())
+}
+
+/// A crash at every write of a run under `delete-lowest-priority` (the
+/// victims' marking, their delete steps, the copy-outs after them): the
+/// store recovers with `check` clean, the origin as acknowledged, and every
+/// snapshot either reading exactly its data or gone, and gone only if the
+/// policy had chosen it.
+#[test]
+fn a_crash_at_every_write_under_delete_lowest_priority_loses_nothing_acknowledged() {
+    let base = format_store(ORIGIN_CHUNKS, 40, StoreFullPolicy::DeleteLowestPriority);
+    let fresh = || Acked {
+        origin: (0..ORIGIN_CHUNKS).map(initial).collect(),
+        snaps: Vec::new(),
+    };
+    // The whole run, to count its writes and see the policy act.
+    let mut probe = CrashDisk::new(base.clone(), u64::MAX, false);
+    let (mut acked, mut victims) = (fresh(), Vec::new());
+    {
+        let mut st = Store::open(&mut probe, &open_opts()).unwrap();
+        auto_delete_workload(
+            &mut st,
+            &mut make_origin(ORIGIN_CHUNKS),
+            &mut acked,
+            &mut victims,
+        )
+        .unwrap();
+    }
+    assert!(victims.len() >= 2, "the policy chose {victims:?}");
+    let writes = probe.writes;
+    let mut crashes = 0u64;
+    for j in 1..=writes {
+        for drop_unflushed in [false, true] {
+            let mut cd = CrashDisk::new(base.clone(), j, drop_unflushed);
+            let mut origin = make_origin(ORIGIN_CHUNKS);
+            let (mut acked, mut victims) = (fresh(), Vec::new());
+            let r = match Store::open(&mut cd, &open_opts()) {
+                Ok(mut st) => auto_delete_workload(&mut st, &mut origin, &mut acked, &mut victims),
+                Err(e) => Err(e),
+            };
+            assert!(r.is_err(), "write {j}: the run went on after its crash");
+            crashes += 1;
+            let what = format!("crash at write {j} of {writes} (unflushed lost: {drop_unflushed})");
+            let mut d = cd.image();
+            let rep = csnap_store::check::check(&mut d);
+            assert!(
+                rep.is_clean(),
+                "{what}: check:\n{}",
+                rep.problems.join("\n")
+            );
+            let mut st =
+                Store::open(d, &open_opts()).unwrap_or_else(|e| panic!("{what}: reopen: {e}"));
+            for c in 0..ORIGIN_CHUNKS {
+                let mut b = vec![0u8; CHUNK];
+                origin.read_at(&mut b, c * CHUNK as u64).unwrap();
+                assert_eq!(
+                    value_of(&b),
+                    Some(acked.origin[c as usize]),
+                    "{what}: origin chunk {c}"
+                );
+            }
+            for (tag, data) in &acked.snaps {
+                if st.snapshot(*tag).is_none() {
+                    assert!(
+                        victims.contains(tag),
+                        "{what}: snapshot {tag} lost, never a victim ({victims:?})"
+                    );
+                    continue;
+                }
+                for c in 0..ORIGIN_CHUNKS {
+                    let mut b = vec![0u8; CHUNK];
+                    match st.lookup(*tag, c).unwrap() {
+                        Mapping::Origin => origin.read_at(&mut b, c * CHUNK as u64).unwrap(),
+                        Mapping::Store(s) => {
+                            let off = st.chunk_offset(s);
+                            st.disk_mut().read_at(&mut b, off).unwrap();
+                        }
+                    }
+                    assert_eq!(
+                        value_of(&b),
+                        Some(data[c as usize]),
+                        "{what}: snapshot {tag} chunk {c}"
+                    );
+                }
+            }
+        }
+    }
+    eprintln!(
+        "delete-lowest-priority: {crashes} crashes over {writes} writes, victims {victims:?}"
+    );
+    assert!(crashes > 100);
 }

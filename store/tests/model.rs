@@ -151,8 +151,18 @@ fn run(ops: Vec<Op>, data_chunks: u64, policy: StoreFullPolicy) {
     assert_clean(&mut disk, "end");
 }
 
+/// Proptest cases: `PROPTEST_CASES` or `CSNAP_SIM_SEEDS` (the one knob the
+/// simulations take for a soak) when set, else `default` (CI).
+fn soak_cases(default: u32) -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .or_else(|_| std::env::var("CSNAP_SIM_SEEDS"))
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
+}
+
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: soak_cases(96), ..ProptestConfig::default() })]
 
     /// A roomy store: the mapping logic alone.
     #[test]
