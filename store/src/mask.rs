@@ -11,46 +11,61 @@ use core::ops::{BitAnd, BitAndAssign, BitOr, BitOrAssign, Not};
 
 use csnap_pools::{SHARE_MASK_WORDS, SNAPSHOTS_MAX};
 
-/// A set of snapshot-table slots.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Mask([u64; SHARE_MASK_WORDS]);
+/// A set of snapshot-table slots: `W` 64-bit words, slot `i` is bit
+/// `i % 64` of word `i / 64`. The store uses [`Mask`]; other widths exist
+/// for the tests of a wider table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WideMask<const W: usize>([u64; W]);
 
-impl Mask {
+/// The store's share mask: `SNAPSHOTS_MAX` slots.
+pub type Mask = WideMask<SHARE_MASK_WORDS>;
+
+static_assertions::const_assert!(SHARE_MASK_WORDS * 64 == SNAPSHOTS_MAX);
+
+impl<const W: usize> Default for WideMask<W> {
+    fn default() -> Self {
+        Self::EMPTY
+    }
+}
+
+impl<const W: usize> WideMask<W> {
     /// No slot.
-    pub const EMPTY: Mask = Mask([0; SHARE_MASK_WORDS]);
+    pub const EMPTY: Self = WideMask([0; W]);
+    /// Slots the mask can hold.
+    pub const SLOTS: usize = W * 64;
 
-    /// The mask of one slot. Slots past `SNAPSHOTS_MAX` give the empty mask.
-    pub fn bit(slot: usize) -> Mask {
-        let mut m = Mask::EMPTY;
+    /// The mask of one slot. Slots past `SLOTS` give the empty mask.
+    pub fn bit(slot: usize) -> Self {
+        let mut m = Self::EMPTY;
         m.insert(slot);
         m
     }
 
     /// A mask from its words, lowest slots first.
-    pub const fn from_words(words: [u64; SHARE_MASK_WORDS]) -> Mask {
-        Mask(words)
+    pub const fn from_words(words: [u64; W]) -> Self {
+        WideMask(words)
     }
 
     /// Its words, lowest slots first.
-    pub const fn words(&self) -> &[u64; SHARE_MASK_WORDS] {
+    pub const fn words(&self) -> &[u64; W] {
         &self.0
     }
 
     /// Whether `slot` is in the mask.
     pub fn contains(&self, slot: usize) -> bool {
-        slot < SNAPSHOTS_MAX && self.0[slot / 64] & (1 << (slot % 64)) != 0
+        slot < Self::SLOTS && self.0[slot / 64] & (1 << (slot % 64)) != 0
     }
 
-    /// Adds `slot` (no-op past `SNAPSHOTS_MAX`).
+    /// Adds `slot` (no-op past `SLOTS`).
     pub fn insert(&mut self, slot: usize) {
-        if slot < SNAPSHOTS_MAX {
+        if slot < Self::SLOTS {
             self.0[slot / 64] |= 1 << (slot % 64);
         }
     }
 
     /// Removes `slot`.
     pub fn remove(&mut self, slot: usize) {
-        if slot < SNAPSHOTS_MAX {
+        if slot < Self::SLOTS {
             self.0[slot / 64] &= !(1 << (slot % 64));
         }
     }
@@ -61,7 +76,7 @@ impl Mask {
     }
 
     /// Whether the two masks share a slot.
-    pub fn intersects(&self, other: Mask) -> bool {
+    pub fn intersects(&self, other: Self) -> bool {
         !(*self & other).is_empty()
     }
 
@@ -89,16 +104,16 @@ impl Mask {
     }
 
     /// The slots in the mask, in ascending order.
-    pub fn slots(self) -> Slots {
+    pub fn slots(self) -> Slots<W> {
         Slots(self)
     }
 }
 
-/// Iterator over a mask's slots (`Mask::slots`).
+/// Iterator over a mask's slots (`WideMask::slots`).
 #[derive(Debug, Clone)]
-pub struct Slots(Mask);
+pub struct Slots<const W: usize>(WideMask<W>);
 
-impl Iterator for Slots {
+impl<const W: usize> Iterator for Slots<W> {
     type Item = usize;
 
     fn next(&mut self) -> Option<usize> {
@@ -108,41 +123,41 @@ impl Iterator for Slots {
     }
 }
 
-impl BitOr for Mask {
-    type Output = Mask;
-    fn bitor(mut self, o: Mask) -> Mask {
+impl<const W: usize> BitOr for WideMask<W> {
+    type Output = Self;
+    fn bitor(mut self, o: Self) -> Self {
         self |= o;
         self
     }
 }
 
-impl BitOrAssign for Mask {
-    fn bitor_assign(&mut self, o: Mask) {
+impl<const W: usize> BitOrAssign for WideMask<W> {
+    fn bitor_assign(&mut self, o: Self) {
         for (a, b) in self.0.iter_mut().zip(o.0) {
             *a |= b;
         }
     }
 }
 
-impl BitAnd for Mask {
-    type Output = Mask;
-    fn bitand(mut self, o: Mask) -> Mask {
+impl<const W: usize> BitAnd for WideMask<W> {
+    type Output = Self;
+    fn bitand(mut self, o: Self) -> Self {
         self &= o;
         self
     }
 }
 
-impl BitAndAssign for Mask {
-    fn bitand_assign(&mut self, o: Mask) {
+impl<const W: usize> BitAndAssign for WideMask<W> {
+    fn bitand_assign(&mut self, o: Self) {
         for (a, b) in self.0.iter_mut().zip(o.0) {
             *a &= b;
         }
     }
 }
 
-impl Not for Mask {
-    type Output = Mask;
-    fn not(mut self) -> Mask {
+impl<const W: usize> Not for WideMask<W> {
+    type Output = Self;
+    fn not(mut self) -> Self {
         for a in &mut self.0 {
             *a = !*a;
         }
@@ -150,7 +165,7 @@ impl Not for Mask {
     }
 }
 
-impl core::fmt::LowerHex for Mask {
+impl<const W: usize> core::fmt::LowerHex for WideMask<W> {
     /// Highest word first, like one wide integer.
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         let mut started = false;
@@ -200,5 +215,35 @@ mod tests {
         assert_eq!(m.lowest(), Some(SNAPSHOTS_MAX - 1));
         assert_eq!(format!("{:#x}", Mask::bit(4)), "0x10");
         assert_eq!(!Mask::EMPTY & Mask::bit(0), Mask::bit(0));
+    }
+
+    /// 1024 slots (16 words): what a 1024-snapshot table needs.
+    #[test]
+    fn sixteen_words_hold_1024_slots() {
+        type M = WideMask<16>;
+        assert_eq!(M::SLOTS, 1024);
+        let mut m = M::EMPTY;
+        for s in [0, 63, 64, 511, 1000, 1023] {
+            m.insert(s);
+        }
+        m.insert(1024); // ignored
+        assert_eq!(m.count(), 6);
+        assert_eq!(m.slots().collect::<Vec<_>>(), [0, 63, 64, 511, 1000, 1023]);
+        assert!(m.contains(1023) && !m.contains(1022) && !m.contains(1024));
+        let hi = M::bit(1000) | M::bit(1023);
+        assert_eq!((m & !hi).slots().collect::<Vec<_>>(), [0, 63, 64, 511]);
+        assert!(m.intersects(hi) && !(m & !hi).intersects(hi));
+        assert_eq!(M::bit(700).single(), Some(700));
+        assert_eq!((M::bit(700) | M::bit(2)).single(), None);
+        assert_eq!((M::bit(700) | M::bit(2)).lowest(), Some(2));
+        assert_eq!((!M::EMPTY).count(), 1024);
+        assert_eq!(
+            format!("{:#x}", M::bit(64) | M::bit(0)),
+            "0x10000000000000001"
+        );
+        m.remove(0);
+        m.remove(1023);
+        assert_eq!(m.lowest(), Some(63));
+        assert_eq!(m.count(), 4);
     }
 }
