@@ -665,3 +665,111 @@ fn incremental_backup_copies_only_the_changed_ranges() {
     up.stop();
     let _ = std::fs::remove_dir_all(&d);
 }
+
+/// Pattern byte of step `t` (never 0, the origin's initial contents).
+fn pat(t: u32) -> u32 {
+    1 + t % 250
+}
+
+/// Runs qemu-io on `export` with `cmds`, asserting every command worked
+/// (qemu-io exits 0 even when a `read -P` finds other bytes).
+fn qemu_io(up: &Up, export: &str, cmds: &[String]) {
+    let mut c = Command::new("qemu-io");
+    c.args(["-f", "raw", &up.url(export)]);
+    for x in cmds {
+        c.arg("-c").arg(x);
+    }
+    let out = run(&mut c);
+    assert!(
+        !out.contains("failed") && !out.contains("error") && !out.contains("Pattern verification"),
+        "qemu-io {export} {cmds:?}:\n{out}"
+    );
+}
+
+/// A full snapshot table (`SNAPSHOTS_MAX` snapshots, whatever the
+/// constant is) through `csnap up` and `csnap snapshot create`: before
+/// every create the origin writes one hot range (so one chunk carries an
+/// exception per snapshot) and a range of its own, some snapshots are
+/// written; every snapshot export then reads what it saw at its creation
+/// plus its own writes; every snapshot is deleted (scrambled order, origin
+/// writes between), the exports are gone, and `csnap check` is clean
+/// after the stop.
+#[test]
+fn a_full_snapshot_table_through_csnap_up() {
+    const KIB: u64 = 1024;
+    let max = u32::try_from(csnap_pools::SNAPSHOTS_MAX).unwrap();
+    let d = common::fresh_dir("nbd-interop", "full-table");
+    let up = Up::start(&d, "64M", "256M");
+    // Step t's own range and the range snapshot t writes.
+    let own = |t: u32| (1 << 20) + u64::from(t) * 16 * KIB;
+    let snap_own = |t: u32| (40 << 20) + u64::from(t) * 16 * KIB;
+    for t in 1..=max {
+        qemu_io(
+            &up,
+            "origin",
+            &[
+                format!("write -P {} 0 64k", pat(t)),
+                format!("write -P {} {} 4k", pat(t), own(t)),
+            ],
+        );
+        up.snapshot(t);
+        if t % 5 == 0 {
+            qemu_io(
+                &up,
+                &t.to_string(),
+                &[format!("write -P {} {} 8k", pat(t + 7), snap_own(t))],
+            );
+        }
+    }
+    let exports = run(Command::new("nbdinfo").arg("--list").arg(up.url("")));
+    assert_eq!(
+        exports.matches("export=").count(),
+        1 + max as usize,
+        "{exports}"
+    );
+    for t in 1..=max {
+        let mut cmds = vec![
+            format!("read -P {} 0 64k", pat(t)),
+            format!("read -P {} {} 4k", pat(t), own(t)),
+            format!("read -P 0 {} 4k", own(t + 1)),
+        ];
+        if t > 1 {
+            cmds.push(format!("read -P {} {} 4k", pat(t - 1), own(t - 1)));
+        }
+        if t % 5 == 0 {
+            cmds.push(format!("read -P {} {} 8k", pat(t + 7), snap_own(t)));
+        } else {
+            cmds.push(format!("read -P 0 {} 8k", snap_own(t)));
+        }
+        qemu_io(&up, &t.to_string(), &cmds);
+    }
+    // Delete every snapshot, in a scrambled order (a stride coprime with
+    // the count), writing the hot range between deletes.
+    let stride = (1..max)
+        .rev()
+        .find(|s| (1..=*s).filter(|k| s % k == 0 && max % k == 0).count() == 1)
+        .unwrap_or(1);
+    for k in 0..max {
+        let tag = 1 + (k * stride + 3) % max;
+        let out = Command::new(BIN)
+            .args(["snapshot", "delete", "--dir"])
+            .arg(&up.dir)
+            .arg(tag.to_string())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "snapshot delete {tag}: {out:?}");
+        qemu_io(&up, "origin", &[format!("write -P {} 0 64k", pat(k))]);
+    }
+    let exports = run(Command::new("nbdinfo").arg("--list").arg(up.url("")));
+    assert_eq!(exports.matches("export=").count(), 1, "{exports}");
+    qemu_io(
+        &up,
+        "origin",
+        &[
+            format!("read -P {} 0 64k", pat(max - 1)),
+            format!("read -P {} {} 4k", pat(max), own(max)),
+        ],
+    );
+    up.stop();
+    let _ = std::fs::remove_dir_all(&d);
+}

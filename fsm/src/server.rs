@@ -322,7 +322,7 @@ fn failure_text(f: StoreFailure) -> &'static str {
     match f {
         StoreFailure::NoSuchSnapshot => "no such snapshot",
         StoreFailure::SnapshotExists => "a snapshot with this tag exists",
-        StoreFailure::TooManySnapshots => "the store holds 64 snapshots (live or being deleted)",
+        StoreFailure::TooManySnapshots => "the snapshot table is full (live and deleting snapshots count)",
         StoreFailure::OutOfRange => "chunk past the end of the origin",
         StoreFailure::StoreFull => {
             "snapshot store full: the copy-out was refused, the origin write must fail"

@@ -6,7 +6,7 @@
 //! copy-outs, commits once (group commit) and only then returns the replies,
 //! so every reply the FSM sends is durable.
 
-use csnap_pools::{CHUNKS_PER_REQUEST_MAX, DELTA_QUERY_CHUNKS_MAX};
+use csnap_pools::{CHUNKS_PER_REQUEST_MAX, DELTA_QUERY_CHUNKS_MAX, SNAPSHOTS_MAX};
 
 /// Bytes of a delta bitmap: one bit per chunk of the largest delta query.
 pub const DELTA_BITMAP_BYTES: usize = DELTA_QUERY_CHUNKS_MAX / 8;
@@ -118,7 +118,7 @@ pub enum StoreFailure {
     NoSuchSnapshot,
     /// The tag is taken.
     SnapshotExists,
-    /// 64 snapshots exist.
+    /// The snapshot table is full (`SNAPSHOTS_MAX` live or being deleted).
     TooManySnapshots,
     /// Past the end of the origin.
     OutOfRange,
@@ -202,7 +202,7 @@ pub enum StoreResult {
         /// Valid rows.
         len: u32,
         /// Rows.
-        rows: [SnapRow; 64],
+        rows: [SnapRow; SNAPSHOTS_MAX],
     },
     /// Figures.
     Status(StoreFigures),

@@ -253,10 +253,13 @@ pub fn superblock(data: &[u8]) {
     if c.is_ok() {
         assert!(v.is_ok(), "check accepts, validate_super refuses: {v:?}");
         let live = s.live_mask();
-        assert_eq!(live & s.deleting_mask(), 0, "a slot live and deleting");
+        assert!(
+            (live & s.deleting_mask()).is_empty(),
+            "a slot live and deleting"
+        );
         for slot in &s.snaps {
             if let Some(bit) = s.live_bit(slot.tag) {
-                assert!(live & (1 << bit) != 0);
+                assert!(live.contains(bit));
             }
         }
     }
@@ -268,6 +271,7 @@ pub fn superblock(data: &[u8]) {
 pub fn leaf(data: &[u8]) {
     let f = fixture();
     let (mask, rest) = split_u64(data);
+    let mask = csnap_store::mask::Mask::from_words([mask]);
     let b = sealed(rest, BlockKind::Leaf, None);
     if tree::check_leaf(&b, f.label.origin_chunks(), f.label.data_chunks, mask).is_err() {
         return;
@@ -290,14 +294,14 @@ pub fn leaf(data: &[u8]) {
         let sm = mask;
         assert!(tree::check_leaf(&from, f.label.origin_chunks(), f.label.data_chunks, sm).is_ok());
         assert!(tree::check_leaf(&to, f.label.origin_chunks(), f.label.data_chunks, sm).is_ok());
-    } else if n > 0 && mask != 0 {
+    } else if n > 0 && !mask.is_empty() {
         // A new chunk's record after the last: still valid.
         let last = tree::leaf_get(&b, n - 1);
         if last.chunk + 1 < f.label.origin_chunks() {
             let mut c = b.clone();
             let r = tree::Record {
                 chunk: last.chunk + 1,
-                mask: mask & mask.wrapping_neg(),
+                mask: csnap_store::mask::Mask::bit(mask.lowest().unwrap_or(0)),
                 store: 0,
             };
             tree::leaf_insert(&mut c, n, r);
@@ -526,7 +530,7 @@ pub fn superblock_seeds() -> Vec<Vec<u8>> {
 /// one mutation of the count away from a count beyond capacity).
 pub fn leaf_seeds() -> Vec<Vec<u8>> {
     let f = fixture();
-    let mask = f.sb.live_mask().to_le_bytes();
+    let mask = f.sb.live_mask().words()[0].to_le_bytes();
     let mut v: Vec<Vec<u8>> = f
         .leaves
         .iter()
@@ -538,7 +542,7 @@ pub fn leaf_seeds() -> Vec<Vec<u8>> {
     for i in 0..layout::LEAF_RECORDS_MAX {
         let r = tree::Record {
             chunk: i as u64 * 3,
-            mask: 1,
+            mask: csnap_store::mask::Mask::bit(0),
             store: i as u64,
         };
         tree::leaf_insert(&mut full, i, r);
@@ -646,7 +650,12 @@ mod tests {
         assert_eq!(tree::leaf_len(b), layout::LEAF_RECORDS_MAX);
         let l = &f.label;
         assert_eq!(
-            tree::check_leaf(b, l.origin_chunks(), l.data_chunks, mask),
+            tree::check_leaf(
+                b,
+                l.origin_chunks(),
+                l.data_chunks,
+                csnap_store::mask::Mask::from_words([mask])
+            ),
             Ok(())
         );
         let full_node = node_seeds().pop().expect("full node");

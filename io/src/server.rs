@@ -52,6 +52,10 @@ const WORKER_STACK_BUDGET_BYTES: usize = csnap_pools::THREAD_STACK_BUDGET_BYTES;
 /// A batch reads the on-disk incarnation first when the last such check is
 /// older than this (see `StoreWorker::request_fence_check`).
 const FENCE_RECHECK_MS: u64 = csnap_pools::SERVER_FENCE_RECHECK_MS;
+/// Room in the store reply ring for notifications (auto-deleted snapshots,
+/// corrupt blocks) beyond one reply per request: one per snapshot slot, as
+/// the store worker's reply vector reserves.
+const SNAPSHOTS_MAX: usize = csnap_pools::SNAPSHOTS_MAX;
 
 /// Requests the store worker takes in one batch (one commit).
 pub const BATCH_MAX: usize = csnap_pools::STORE_BATCH_MAX;
@@ -229,7 +233,7 @@ impl ServerLoop {
         let slots = cfg.clients * cfg.requests_per_client;
         let ring_cap = slots + 2 * cfg.clients + 1;
         let requests: Ring<StoreRequest> = Ring::with_capacity(ring_cap);
-        let replies: Ring<StoreReply> = Ring::with_capacity(ring_cap + 64);
+        let replies: Ring<StoreReply> = Ring::with_capacity(ring_cap + SNAPSHOTS_MAX);
         let mut conns = Vec::with_capacity(cfg.clients);
         conns.resize_with(cfg.clients, || None);
         let readers = (0..cfg.clients)
@@ -316,7 +320,7 @@ impl ServerLoop {
             (
                 "store request and reply rings",
                 ring * core::mem::size_of::<Option<StoreRequest>>()
-                    + (ring + 64) * core::mem::size_of::<Option<StoreReply>>(),
+                    + (ring + SNAPSHOTS_MAX) * core::mem::size_of::<Option<StoreReply>>(),
             ),
             (
                 "store worker batch",

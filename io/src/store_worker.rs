@@ -632,7 +632,7 @@ impl<D: Disk, O: Disk> StoreWorker<D, O> {
                 }
             }
             StoreOp::List => {
-                let mut rows = [SnapRow::default(); 64];
+                let mut rows = [SnapRow::default(); SNAPSHOTS_MAX];
                 let mut len = 0;
                 for s in self.store.as_mut().expect("started").snapshots() {
                     rows[len] = SnapRow {

@@ -15,6 +15,8 @@ use crate::layout::{self, BlockKind, Label, SlotState, Super, BITMAP_BITS_PER_BL
 use crate::tree;
 use csnap_pools::{BLOCK_SIZE_BYTES, SNAPSHOTS_MAX, TREE_DEPTH_MAX};
 
+use crate::mask::Mask;
+
 const BS: u64 = BLOCK_SIZE_BYTES as u64;
 
 /// What `check` found.
@@ -174,7 +176,7 @@ pub fn check<D: Disk>(disk: &mut D) -> CheckReport {
     report.summary = Some(CheckSummary {
         seq: sb.seq,
         replay_commits: replay.commits,
-        snapshots: sb.live_mask().count_ones(),
+        snapshots: sb.live_mask().count(),
         exceptions: c.exceptions,
         tree_blocks: c.tree_blocks,
         depth: sb.depth,
@@ -286,7 +288,7 @@ impl Checker {
                     ));
                     continue;
                 }
-                let mut group_mask = 0u64;
+                let mut group_mask = Mask::EMPTY;
                 for i in 0..n {
                     let rec = tree::leaf_get(&b, i);
                     let what = format!(
@@ -299,7 +301,7 @@ impl Checker {
                             self.problems.push(format!("{what}: records out of order"));
                         }
                         if prev.chunk != rec.chunk {
-                            group_mask = 0;
+                            group_mask = Mask::EMPTY;
                         }
                     }
                     if !in_bounds(rec.chunk) {
@@ -312,22 +314,23 @@ impl Checker {
                         self.problems
                             .push(format!("{what}: chunk is past the end of the origin"));
                     }
-                    if rec.mask == 0 {
+                    if rec.mask.is_empty() {
                         self.problems.push(format!("{what}: empty share mask"));
                     }
-                    if rec.mask & !allocated != 0 {
+                    if rec.mask.intersects(!allocated) {
                         self.problems.push(format!(
                             "{what}: share mask {:#x} names snapshots that do not exist",
                             rec.mask & !allocated
                         ));
                     }
-                    if rec.mask & group_mask != 0 {
+                    if rec.mask.intersects(group_mask) {
                         self.problems.push(format!(
                             "{what}: a snapshot has two exceptions for this chunk"
                         ));
                     }
                     group_mask |= rec.mask;
-                    if rec.mask & self.sb.delete_walk_mask != 0 && rec.chunk < self.sb.delete_cursor
+                    if rec.mask.intersects(self.sb.delete_walk_mask)
+                        && rec.chunk < self.sb.delete_cursor
                     {
                         self.problems.push(format!(
                             "{what}: a deleted snapshot's bit survives behind the delete cursor"
@@ -349,13 +352,11 @@ impl Checker {
                     }
                     self.data_refs[di] = true;
                     self.exceptions += 1;
-                    let mut m = rec.mask & allocated;
-                    while m != 0 {
-                        self.chunks[m.trailing_zeros() as usize] += 1;
-                        m &= m - 1;
+                    for b in (rec.mask & allocated).slots() {
+                        self.chunks[b] += 1;
                     }
-                    if rec.mask.count_ones() == 1 {
-                        self.unique[rec.mask.trailing_zeros() as usize] += 1;
+                    if let Some(b) = rec.mask.single() {
+                        self.unique[b] += 1;
                     }
                 }
             } else {

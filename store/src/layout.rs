@@ -6,7 +6,9 @@
 //! field zeroed) seeded with its own block address, so a torn write and a
 //! write that landed at the wrong address are both detected on read.
 
-use csnap_pools::{BLOCK_SIZE_BYTES, SNAPSHOTS_MAX};
+use csnap_pools::{BLOCK_SIZE_BYTES, SHARE_MASK_WORDS, SNAPSHOTS_MAX};
+
+use crate::mask::Mask;
 
 /// `b"csnp"` as a little-endian u32, at offset 0 of every metadata block.
 pub const BLOCK_MAGIC: u32 = u32::from_le_bytes(*b"csnp");
@@ -621,7 +623,7 @@ pub struct Super {
     /// Next-fit cursor of the data allocator.
     pub data_cursor: u64,
     /// Bits the running delete pass clears.
-    pub delete_walk_mask: u64,
+    pub delete_walk_mask: Mask,
     /// Logical chunks below this are done by the running delete pass.
     pub delete_cursor: u64,
     /// Snapshot table, indexed by share bit.
@@ -634,23 +636,26 @@ const SNAP_ENTRY_BYTES: usize = 32;
 static_assertions::const_assert!(
     SUPER_TABLE_OFF + SNAPSHOTS_MAX * SNAP_ENTRY_BYTES <= BLOCK_SIZE_BYTES
 );
+// Format 1 keeps the delete-pass mask and every leaf record's share mask
+// in one 64-bit word (ARCHITECTURE.md 2.11: what wider masks take).
+static_assertions::const_assert!(SHARE_MASK_WORDS == 1);
 
 impl Super {
     /// Mask of the bits of live snapshots.
-    pub fn live_mask(&self) -> u64 {
+    pub fn live_mask(&self) -> Mask {
         self.mask_of(SlotState::Live)
     }
 
     /// Mask of the bits being deleted.
-    pub fn deleting_mask(&self) -> u64 {
+    pub fn deleting_mask(&self) -> Mask {
         self.mask_of(SlotState::Deleting)
     }
 
-    fn mask_of(&self, s: SlotState) -> u64 {
-        let mut m = 0u64;
+    fn mask_of(&self, s: SlotState) -> Mask {
+        let mut m = Mask::EMPTY;
         for (i, slot) in self.snaps.iter().enumerate() {
             if slot.state == s {
-                m |= 1 << i;
+                m.insert(i);
             }
         }
         m
@@ -683,7 +688,7 @@ impl Super {
         {
             return Err("journal position is outside the journal");
         }
-        if self.delete_walk_mask & !self.deleting_mask() != 0 {
+        if self.delete_walk_mask.intersects(!self.deleting_mask()) {
             return Err("delete pass clears a snapshot that is not being deleted");
         }
         self.check_table(label)
@@ -736,7 +741,7 @@ impl Super {
             self.data_free,
             self.meta_cursor,
             self.data_cursor,
-            self.delete_walk_mask,
+            self.delete_walk_mask.words()[0],
             self.delete_cursor,
         ] {
             put_u64(b, o, v);
@@ -791,7 +796,7 @@ impl Super {
             data_free: v[7],
             meta_cursor: v[8],
             data_cursor: v[9],
-            delete_walk_mask: v[10],
+            delete_walk_mask: Mask::from_words([v[10]]),
             delete_cursor: v[11],
             snaps,
         })

@@ -21,6 +21,7 @@ pub mod check;
 pub mod disk;
 pub mod journal;
 pub mod layout;
+pub mod mask;
 pub mod tree;
 
 use cache::{Cache, CacheError};
@@ -34,6 +35,7 @@ use layout::{
     BlockFault, BlockKind, Label, SlotState, SnapSlot, Super, BITMAP_BITS_PER_BLOCK, HEADER_BYTES,
     LEAF_RECORDS_MAX, NODE_ENTRIES_MAX,
 };
+use mask::Mask;
 use tree::Record;
 
 const BS: u64 = BLOCK_SIZE_BYTES as u64;
@@ -510,7 +512,7 @@ pub fn format<D: Disk>(disk: &mut D, o: &FormatOptions) -> Result<Label, StoreEr
         data_free: label.data_chunks,
         meta_cursor: 1,
         data_cursor: 0,
-        delete_walk_mask: 0,
+        delete_walk_mask: Mask::EMPTY,
         delete_cursor: 0,
         snaps: [SnapSlot::FREE; SNAPSHOTS_MAX],
     };
@@ -725,7 +727,7 @@ impl<D: Disk> Standby<D> {
             tx_ops: 0,
             poisoned: false,
             failed: false,
-            in_use_mask: 0,
+            in_use_mask: Mask::EMPTY,
             replay,
             fence_buf: block_buf,
             // After the replay's flush (or a format's), home is durable.
@@ -880,7 +882,7 @@ pub struct Store<D: Disk> {
     tx_ops: u64,
     poisoned: bool,
     failed: bool,
-    in_use_mask: u64,
+    in_use_mask: Mask,
     replay: journal::ReplayReport,
     fence_buf: disk::IoBuf,
     /// The home copies of every committed block are durable (no home write
@@ -980,8 +982,8 @@ impl<D: Disk> Store<D> {
             data_free: self.sb.data_free,
             meta_blocks: self.label.meta_blocks,
             meta_free: self.sb.meta_free,
-            snapshots: self.sb.live_mask().count_ones(),
-            deleting: self.sb.deleting_mask().count_ones(),
+            snapshots: self.sb.live_mask().count(),
+            deleting: self.sb.deleting_mask().count(),
             incarnation: self.sb.incarnation,
             seq: self.committed.seq,
             depth: self.sb.depth,
@@ -1003,7 +1005,7 @@ impl<D: Disk> Store<D> {
                 chunks: s.chunks,
                 unique_chunks: s.unique_chunks,
                 deleting: s.state == SlotState::Deleting,
-                in_use: self.in_use_mask & (1 << i) != 0,
+                in_use: self.in_use_mask.contains(i),
             })
     }
 
@@ -1020,9 +1022,9 @@ impl<D: Disk> Store<D> {
             .live_bit(tag)
             .ok_or(StoreError::NoSuchSnapshot(tag))?;
         if in_use {
-            self.in_use_mask |= 1 << bit;
+            self.in_use_mask.insert(bit);
         } else {
-            self.in_use_mask &= !(1 << bit);
+            self.in_use_mask.remove(bit);
         }
         Ok(())
     }
@@ -1375,7 +1377,7 @@ impl<D: Disk> Store<D> {
     /// would hold more unique chunks than chunks) are corruption of the
     /// superblock's table; every caller has modified the transaction by
     /// then, so the error poisons it and it is aborted.
-    fn account(&mut self, old: u64, new: u64) -> Result<(), StoreError> {
+    fn account(&mut self, old: Mask, new: Mask) -> Result<(), StoreError> {
         let bad = || StoreError::Corrupt {
             addr: layout::SUPER_BLOCK,
             kind: BlockKind::Super,
@@ -1383,40 +1385,34 @@ impl<D: Disk> Store<D> {
                 reason: "a snapshot's usage count disagrees with the tree",
             },
         };
-        let mut gone = old & !new;
-        while gone != 0 {
-            let b = gone.trailing_zeros() as usize;
+        for b in (old & !new).slots() {
             let s = &mut self.sb.snaps[b];
             s.chunks = s.chunks.checked_sub(1).ok_or_else(bad)?;
-            gone &= gone - 1;
         }
-        let mut came = new & !old;
-        while came != 0 {
-            let b = came.trailing_zeros() as usize;
+        for b in (new & !old).slots() {
             let s = &mut self.sb.snaps[b];
             s.chunks = s.chunks.checked_add(1).ok_or_else(bad)?;
-            came &= came - 1;
         }
-        if old.count_ones() == 1 {
-            let s = &mut self.sb.snaps[old.trailing_zeros() as usize];
+        if let Some(b) = old.single() {
+            let s = &mut self.sb.snaps[b];
             s.unique_chunks = s.unique_chunks.checked_sub(1).ok_or_else(bad)?;
         }
-        if new.count_ones() == 1 {
-            let s = &mut self.sb.snaps[new.trailing_zeros() as usize];
+        let new_single = new.single();
+        if let Some(b) = new_single {
+            let s = &mut self.sb.snaps[b];
             s.unique_chunks = s.unique_chunks.checked_add(1).ok_or_else(bad)?;
         }
         // Only a count that went down (`old & !new`) or a unique count that
         // went up (a single-bit `new`) can break unique <= chunks.
         let mut touched = old & !new;
-        if new.count_ones() == 1 {
+        if new_single.is_some() {
             touched |= new;
         }
-        while touched != 0 {
-            let s = &self.sb.snaps[touched.trailing_zeros() as usize];
+        for b in touched.slots() {
+            let s = &self.sb.snaps[b];
             if s.unique_chunks > s.chunks {
                 return Err(bad());
             }
-            touched &= touched - 1;
         }
         Ok(())
     }
@@ -1439,7 +1435,7 @@ impl<D: Disk> Store<D> {
         let (lo, hi) = tree::leaf_find(b, chunk);
         for i in lo..hi {
             let r = tree::leaf_get(b, i);
-            if r.mask & (1 << bit) != 0 {
+            if r.mask.contains(bit) {
                 return Ok(Mapping::Store(r.store));
             }
         }
@@ -1506,10 +1502,10 @@ impl<D: Disk> Store<D> {
                     if r.chunk != c {
                         break;
                     }
-                    if r.mask & (1 << base_bit) != 0 {
+                    if r.mask.contains(base_bit) {
                         in_base = Some(r.store);
                     }
-                    if vol_bit.is_some_and(|v| r.mask & (1 << v) != 0) {
+                    if vol_bit.is_some_and(|v| r.mask.contains(v)) {
                         in_vol = Some(r.store);
                     }
                     i += 1;
@@ -1537,15 +1533,15 @@ impl<D: Disk> Store<D> {
     pub fn origin_chunk_unique(&mut self, chunk: u64) -> Result<bool, StoreError> {
         self.check_chunk(chunk)?;
         let live = self.sb.live_mask();
-        if live == 0 {
+        if live.is_empty() {
             return Ok(true);
         }
         self.cache.begin_op();
         let path = self.descend(chunk)?;
         let b = self.cache.buf(path.leaf);
         let (lo, hi) = tree::leaf_find(b, chunk);
-        let union = (lo..hi).fold(0, |m, i| m | tree::leaf_get(b, i).mask);
-        Ok(live & !union == 0)
+        let union = (lo..hi).fold(Mask::EMPTY, |m, i| m | tree::leaf_get(b, i).mask);
+        Ok((live & !union).is_empty())
     }
 
     /// Prepares an origin write to `chunk`: if any live snapshot lacks its own
@@ -1565,15 +1561,15 @@ impl<D: Disk> Store<D> {
         modified: &mut bool,
     ) -> Result<OriginWrite, StoreError> {
         let live = self.sb.live_mask();
-        if live == 0 {
+        if live.is_empty() {
             return Ok(OriginWrite::Unique);
         }
         let path = self.descend(chunk)?;
         let b = self.cache.buf(path.leaf);
         let (lo, hi) = tree::leaf_find(b, chunk);
-        let union = (lo..hi).fold(0, |m, i| m | tree::leaf_get(b, i).mask);
+        let union = (lo..hi).fold(Mask::EMPTY, |m, i| m | tree::leaf_get(b, i).mask);
         let need = live & !union;
-        if need == 0 {
+        if need.is_empty() {
             return Ok(OriginWrite::Unique);
         }
         let store_chunk = self.alloc_data(modified)?;
@@ -1583,7 +1579,7 @@ impl<D: Disk> Store<D> {
             mask: need,
             store: store_chunk,
         })?;
-        self.account(0, need)?;
+        self.account(Mask::EMPTY, need)?;
         Ok(OriginWrite::CopyOut { store_chunk })
     }
 
@@ -1601,7 +1597,7 @@ impl<D: Disk> Store<D> {
         if self.label.policy == StoreFullPolicy::Refuse {
             return StoreError::StoreFull;
         }
-        if self.sb.deleting_mask() != 0 {
+        if !self.sb.deleting_mask().is_empty() {
             return StoreError::Reclaiming { victim: None };
         }
         let victim = self
@@ -1612,7 +1608,7 @@ impl<D: Disk> Store<D> {
             .filter(|(i, s)| {
                 s.state == SlotState::Live
                     && s.priority != PRIORITY_NEVER_DELETE
-                    && self.in_use_mask & (1 << i) == 0
+                    && !self.in_use_mask.contains(*i)
             })
             .min_by_key(|(i, s)| (s.priority, s.ctime_secs, *i))
             .map(|(_, s)| s.tag);
@@ -1651,13 +1647,13 @@ impl<D: Disk> Store<D> {
         chunk: u64,
         modified: &mut bool,
     ) -> Result<SnapshotWrite, StoreError> {
-        let me = 1u64 << bit;
+        let me = Mask::bit(bit);
         let path = self.descend(chunk)?;
         let b = self.cache.buf(path.leaf);
         let (lo, hi) = tree::leaf_find(b, chunk);
         let found = (lo..hi)
             .map(|i| (i, tree::leaf_get(b, i)))
-            .find(|(_, r)| r.mask & me != 0);
+            .find(|(_, r)| r.mask.intersects(me));
         match found {
             Some((_, r)) if r.mask == me => Ok(SnapshotWrite::Unique {
                 store_chunk: r.store,
@@ -1676,7 +1672,7 @@ impl<D: Disk> Store<D> {
                     mask: me,
                     store: store_chunk,
                 })?;
-                self.account(0, me)?;
+                self.account(Mask::EMPTY, me)?;
                 Ok(SnapshotWrite::CopyFromStore {
                     from: r.store,
                     store_chunk,
@@ -1690,7 +1686,7 @@ impl<D: Disk> Store<D> {
                     mask: me,
                     store: store_chunk,
                 })?;
-                self.account(0, me)?;
+                self.account(Mask::EMPTY, me)?;
                 Ok(SnapshotWrite::CopyFromOrigin { store_chunk })
             }
         }
@@ -1720,7 +1716,7 @@ impl<D: Disk> Store<D> {
             chunks: 0,
             unique_chunks: 0,
         };
-        self.in_use_mask &= !(1 << bit);
+        self.in_use_mask.remove(bit);
         self.end_op(Ok(u8::try_from(bit).unwrap_or(u8::MAX)), true)
     }
 
@@ -1739,14 +1735,14 @@ impl<D: Disk> Store<D> {
         let Some(bit) = self.sb.live_bit(tag) else {
             return;
         };
-        self.in_use_mask &= !(1 << bit);
+        self.in_use_mask.remove(bit);
         if self.sb.snaps[bit].chunks == 0 {
             // Its bit is in no share mask: the slot is free at once.
             self.sb.snaps[bit] = SnapSlot::FREE;
             return;
         }
         self.sb.snaps[bit].state = SlotState::Deleting;
-        if self.sb.delete_walk_mask == 0 {
+        if self.sb.delete_walk_mask.is_empty() {
             self.sb.delete_walk_mask = self.sb.deleting_mask();
             self.sb.delete_cursor = 0;
         }
@@ -1829,7 +1825,7 @@ impl<D: Disk> Store<D> {
 
     /// Whether snapshot space is being reclaimed.
     pub fn delete_pending(&self) -> bool {
-        self.sb.delete_walk_mask != 0 || self.sb.deleting_mask() != 0
+        !self.sb.delete_walk_mask.is_empty() || !self.sb.deleting_mask().is_empty()
     }
 
     /// Runs one bounded step of snapshot deletion: clears the deleted bits
@@ -1837,8 +1833,8 @@ impl<D: Disk> Store<D> {
     /// transaction can hold), freeing chunks no snapshot uses any more.
     /// Crash-safe: the cursor moves in the same commit as the leaves.
     pub fn delete_step(&mut self, max_records: usize) -> Result<DeleteProgress, StoreError> {
-        if self.sb.delete_walk_mask == 0 {
-            if self.sb.deleting_mask() == 0 {
+        if self.sb.delete_walk_mask.is_empty() {
+            if self.sb.deleting_mask().is_empty() {
                 return Ok(DeleteProgress::Idle);
             }
             self.sb.delete_walk_mask = self.sb.deleting_mask();
@@ -1880,7 +1876,7 @@ impl<D: Disk> Store<D> {
                 *modified = true;
                 self.account(r.mask, nm)?;
                 self.cache.mark_dirty(path.leaf);
-                if nm == 0 {
+                if nm.is_empty() {
                     tree::leaf_remove(self.cache.buf_mut(path.leaf), i);
                     self.free(Area::Data, r.store)?;
                 } else {
@@ -1917,9 +1913,7 @@ impl<D: Disk> Store<D> {
                 }
                 None => {
                     // The pass is complete: the walked bits are in no mask.
-                    let mut m = walk;
-                    while m != 0 {
-                        let b = m.trailing_zeros() as usize;
+                    for b in walk.slots() {
                         if self.sb.snaps[b].chunks != 0 {
                             // The tree holds none of its bits any more, the
                             // table says it still owns chunks.
@@ -1933,11 +1927,10 @@ impl<D: Disk> Store<D> {
                             });
                         }
                         self.sb.snaps[b] = SnapSlot::FREE;
-                        m &= m - 1;
                     }
-                    self.sb.delete_walk_mask = 0;
+                    self.sb.delete_walk_mask = Mask::EMPTY;
                     self.sb.delete_cursor = 0;
-                    return Ok(if self.sb.deleting_mask() != 0 {
+                    return Ok(if !self.sb.deleting_mask().is_empty() {
                         DeleteProgress::Working
                     } else {
                         DeleteProgress::Idle
@@ -2157,14 +2150,12 @@ impl<D: Disk> Store<D> {
                 && sb.root < self.label.meta_start + self.label.meta_blocks
         );
         let (live, deleting) = (sb.live_mask(), sb.deleting_mask());
-        assert_eq!(
-            sb.delete_walk_mask & !deleting,
-            0,
+        assert!(
+            !sb.delete_walk_mask.intersects(!deleting),
             "walk clears a bit not being deleted"
         );
-        assert_eq!(
-            self.in_use_mask & !live,
-            0,
+        assert!(
+            !self.in_use_mask.intersects(!live),
             "in-use mask names a dead snapshot"
         );
         assert!(self.cache.dirty_count() <= self.tx_cap_blocks + OP_DIRTY_BLOCKS_MAX);
@@ -2219,7 +2210,7 @@ pub fn validate_super(label: &Label, sb: &Super) -> Result<(), String> {
     if sb.journal_next_slot > label.journal_blocks || sb.journal_last_slot >= label.journal_blocks {
         return Err("superblock: journal position is outside the journal".into());
     }
-    if sb.delete_walk_mask & !sb.deleting_mask() != 0 {
+    if sb.delete_walk_mask.intersects(!sb.deleting_mask()) {
         return Err("superblock: delete pass clears a snapshot that is not being deleted".into());
     }
     Ok(())

@@ -11,6 +11,7 @@ use crate::layout::{
     get_u64, put_u64, LEAF_MASK_WORDS_OFF, LEAF_RECORDS_MAX, LEAF_RECORDS_OFF, LEAF_RECORD_BYTES,
     NODE_ENTRIES_MAX, NODE_ENTRIES_OFF, NODE_ENTRY_BYTES,
 };
+use crate::mask::Mask;
 
 /// One exception.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -18,7 +19,7 @@ pub struct Record {
     /// Logical chunk of the origin.
     pub chunk: u64,
     /// Snapshots (by share bit) that use this copy.
-    pub mask: u64,
+    pub mask: Mask,
     /// Store data chunk holding the copy.
     pub store: u64,
 }
@@ -48,7 +49,7 @@ pub fn leaf_get(b: &[u8], i: usize) -> Record {
     let o = rec_off(i);
     Record {
         chunk: get_u64(b, o),
-        mask: get_u64(b, o + 8),
+        mask: Mask::from_words([get_u64(b, o + 8)]),
         store: get_u64(b, o + 16),
     }
 }
@@ -56,13 +57,13 @@ pub fn leaf_get(b: &[u8], i: usize) -> Record {
 fn leaf_put(b: &mut [u8], i: usize, r: Record) {
     let o = rec_off(i);
     put_u64(b, o, r.chunk);
-    put_u64(b, o + 8, r.mask);
+    put_u64(b, o + 8, r.mask.words()[0]);
     put_u64(b, o + 16, r.store);
 }
 
 /// Rewrites record `i`'s share mask.
-pub fn leaf_set_mask(b: &mut [u8], i: usize, mask: u64) {
-    put_u64(b, rec_off(i) + 8, mask);
+pub fn leaf_set_mask(b: &mut [u8], i: usize, mask: Mask) {
+    put_u64(b, rec_off(i) + 8, mask.words()[0]);
 }
 
 /// First record index whose chunk is `>= chunk`.
@@ -203,7 +204,7 @@ pub fn check_leaf(
     b: &[u8],
     origin_chunks: u64,
     data_chunks: u64,
-    slots_in_use: u64,
+    slots_in_use: Mask,
 ) -> Result<(), &'static str> {
     if crate::layout::level(b) != 0 {
         return Err("leaf has a non-zero tree level");
@@ -216,14 +217,14 @@ pub fn check_leaf(
         return Err("leaf record count exceeds its capacity");
     }
     let mut prev_chunk = 0u64;
-    let mut group = 0u64;
+    let mut group = Mask::EMPTY;
     for i in 0..n {
         let r = leaf_get(b, i);
         if i > 0 && r.chunk < prev_chunk {
             return Err("leaf records are out of order");
         }
         if i == 0 || r.chunk != prev_chunk {
-            group = 0;
+            group = Mask::EMPTY;
         }
         if r.chunk >= origin_chunks {
             return Err("leaf record's logical chunk is past the end of the origin");
@@ -231,13 +232,13 @@ pub fn check_leaf(
         if r.store >= data_chunks {
             return Err("leaf record's store chunk is outside the data area");
         }
-        if r.mask == 0 {
+        if r.mask.is_empty() {
             return Err("leaf record has an empty share mask");
         }
-        if r.mask & !slots_in_use != 0 {
+        if r.mask.intersects(!slots_in_use) {
             return Err("leaf record's share mask names a free snapshot slot");
         }
-        if r.mask & group != 0 {
+        if r.mask.intersects(group) {
             return Err("a snapshot has two exceptions for one chunk");
         }
         group |= r.mask;

@@ -487,7 +487,12 @@ fn random_sealed_images_never_panic_a_decoder() {
         if layout::verify(&img, addr, kind).is_err() {
             continue;
         }
-        let _ = tree::check_leaf(&img, l.origin_chunks(), l.data_chunks, r.next());
+        let _ = tree::check_leaf(
+            &img,
+            l.origin_chunks(),
+            l.data_chunks,
+            csnap_store::mask::Mask::from_words([r.next()]),
+        );
         let _ = tree::check_node(&img, addr, l.meta_start, l.meta_start + l.meta_blocks);
         let _ = layout::check_bitmap(&img);
         if let Ok(s) = Super::decode(&img) {

@@ -12,6 +12,7 @@
 mod common;
 
 use common::*;
+use csnap_pools::SNAPSHOTS_MAX;
 use csnap_store::{StoreError, StoreFullPolicy};
 
 const ORIGIN_CHUNKS: u64 = 16;
@@ -144,18 +145,102 @@ fn duplicate_and_too_many_snapshots_are_refused() {
         h.store.create_snapshot(1, 0),
         Err(StoreError::SnapshotExists(1))
     );
-    for t in 2..=64 {
+    let max = SNAPSHOTS_MAX as u32;
+    for t in 2..=max {
         h.store.create_snapshot(t, 0).unwrap();
     }
     assert_eq!(
-        h.store.create_snapshot(65, 0),
+        h.store.create_snapshot(max + 1, 0),
         Err(StoreError::TooManySnapshots)
     );
     // A snapshot with no exceptions frees its slot at once on delete.
-    h.store.delete_snapshot(64).unwrap();
-    h.store.create_snapshot(65, 0).unwrap();
+    h.store.delete_snapshot(max).unwrap();
+    h.store.create_snapshot(max + 1, 0).unwrap();
     h.store.commit().unwrap();
-    assert_eq!(h.store.status().snapshots, 64);
+    assert_eq!(h.store.status().snapshots, max);
+}
+
+/// The whole snapshot table (`SNAPSHOTS_MAX`, whatever it is): snapshots
+/// created with origin and snapshot writes between them, one chunk
+/// written before every creation (so it holds the largest chunk group a
+/// leaf must keep: one record per snapshot), then every snapshot deleted
+/// in a scrambled order, and the freed slots used again. Every volume is
+/// compared with the model and `check` must be clean at each stage; at
+/// the end every data chunk is free again.
+#[test]
+fn full_snapshot_table_written_between_and_deleted() {
+    const HOT: u64 = 3;
+    let max = SNAPSHOTS_MAX as u32;
+    let (mut h, mut m) = setup(8 * u64::from(max) + 64, StoreFullPolicy::Refuse);
+    let mut v = 1_000u64;
+    for t in 0..max {
+        snap(&mut h, &mut m, t);
+        v += 1;
+        // The hot chunk: one new record per snapshot.
+        h.origin_write(HOT, v);
+        m.origin[HOT as usize] = v;
+        // Another origin chunk, and a snapshot write that splits a copy
+        // shared with older snapshots (or copies from the origin).
+        let c = (u64::from(t) * 7 + 1) % ORIGIN_CHUNKS;
+        h.origin_write(c, v + 1);
+        m.origin[c as usize] = v + 1;
+        if t % 3 == 0 {
+            let sc = (u64::from(t) * 5 + 2) % ORIGIN_CHUNKS;
+            h.snapshot_write(t, sc, v + 2);
+            m.snaps.get_mut(&t).unwrap()[sc as usize] = v + 2;
+        }
+        v += 2;
+        if t % 16 == 15 {
+            verify(&mut h, &m, &format!("after snapshot {t}"));
+        }
+    }
+    assert_eq!(h.store.status().snapshots, max);
+    assert_eq!(
+        h.store.create_snapshot(max, 0),
+        Err(StoreError::TooManySnapshots)
+    );
+    verify(&mut h, &m, "full table");
+    assert_clean(h.store.disk_mut(), "full table");
+    // Every snapshot holds its own copy of the hot chunk.
+    for s in h.store.snapshots() {
+        assert!(s.unique_chunks >= 1, "snapshot {}: {s:?}", s.tag);
+    }
+    // Delete in a scrambled order (a stride coprime with the count),
+    // writing the origin between deletes.
+    let stride = (1..max).rev().find(|s| gcd(*s, max) == 1).unwrap_or(1);
+    for k in 0..max {
+        let tag = (k * stride + 5) % max;
+        h.store.delete_snapshot(tag).unwrap();
+        m.snaps.remove(&tag);
+        h.store.reclaim().unwrap();
+        v += 1;
+        h.origin_write(HOT, v);
+        m.origin[HOT as usize] = v;
+        if k % 16 == 15 {
+            verify(&mut h, &m, &format!("after {} deletes", k + 1));
+            assert_clean(h.store.disk_mut(), &format!("after {} deletes", k + 1));
+        }
+    }
+    let s = h.store.status();
+    assert_eq!((s.snapshots, s.deleting), (0, 0));
+    assert_eq!(s.data_free, s.data_chunks, "every chunk freed");
+    // The freed slots serve again.
+    for t in 0..4 {
+        snap(&mut h, &mut m, max + t);
+        v += 1;
+        h.origin_write(HOT, v);
+        m.origin[HOT as usize] = v;
+    }
+    verify(&mut h, &m, "slots used again");
+    assert_clean(h.store.disk_mut(), "slots used again");
+}
+
+fn gcd(a: u32, b: u32) -> u32 {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
 }
 
 #[test]

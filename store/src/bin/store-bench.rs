@@ -3,8 +3,8 @@
 //! `cargo run --release -p csnap-store --bin store-bench [-- --quick] [-- --dir DIR]`
 //!
 //! Three sections:
-//! 1. origin-write preparation (metadata only, no data copy) with 1, 8 and 64
-//!    snapshots, plus a worst case where every chunk carries 8 exceptions;
+//! 1. origin-write preparation (metadata only, no data copy) with 1, 8 and
+//!    `SNAPSHOTS_MAX` (a full snapshot table) snapshots, plus a worst case where every chunk carries 8 exceptions;
 //! 2. commit throughput, one commit per operation versus group commit;
 //! 3. the full copy-out path of random and sequential 4 KiB origin writes for
 //!    chunk sizes 4 KiB .. 1 MiB: the measurement behind
@@ -22,6 +22,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use csnap_pools::{
     BLOCK_SIZE_BYTES, CACHE_DEFAULT_BLOCKS, CHUNK_SIZE_DEFAULT_BYTES, JOURNAL_DEFAULT_BLOCKS,
+    SNAPSHOTS_MAX,
 };
 use csnap_store::disk::{Disk, FileDisk};
 use csnap_store::{FormatOptions, OpenOptions, OriginWrite, Store, StoreError};
@@ -485,7 +486,8 @@ fn section1(dir: &TempDir, s: &Settings, bad: &mut Anomalies) -> R<()> {
     let n_chunks = chunks.len() as u64;
     let mut first = Vec::new();
     let mut recheck = Vec::new();
-    for n in [1u32, 8, 64] {
+    let full = u32::try_from(SNAPSHOTS_MAX).ctx(|| "SNAPSHOTS_MAX".into())?;
+    for n in [1u32, 8, full] {
         let path = dir.file(&format!("s1-n{n}.store"));
         let (mut r1, mut r2, mut r3) = (Vec::new(), Vec::new(), Vec::new());
         let mut depth = 0;
@@ -562,7 +564,7 @@ fn section1(dir: &TempDir, s: &Settings, bad: &mut Anomalies) -> R<()> {
         recheck.push(p2);
     }
     println!(
-        "ratio N=64 / N=1: first write prepare only {:.2}, incl. commits {:.2}; re-check prepare only {:.2}  (1.00 = flat in N)",
+        "ratio N={full} / N=1: first write prepare only {:.2}, incl. commits {:.2}; re-check prepare only {:.2}  (1.00 = flat in N)",
         first[2].prep_rate() / first[0].prep_rate(),
         first[2].wall_rate() / first[0].wall_rate(),
         recheck[2].prep_rate() / recheck[0].prep_rate()
