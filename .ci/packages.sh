@@ -9,8 +9,16 @@
 #   stress-ng   the memory hog of scripts/mem-pressure-bench.sh
 #   iproute2    ip: network namespaces, veths, a bridge (csnap/tests/testbed.rs)
 #   mount       losetup: each test-bed node's own loop devices
+#   corosync pacemaker pacemaker-cli-utils crmsh resource-agents fence-agents
+#               the real cluster engine on the test bed (#12, scripts/hacluster.sh):
+#               membership and quorum, placement (ocf-tester), fencing
+#   libcorosync-common-dev libcpg-dev libquorum-dev libcmap-dev
+#   libvotequorum-dev libcfg-dev
+#               what the rust-corosync crate links (the membership relay)
 csnap_install_packages() {
-    local wanted=(strace qemu-utils libnbd-bin fuse3 e2fsprogs stress-ng iproute2 mount)
+    local wanted=(strace qemu-utils libnbd-bin fuse3 e2fsprogs stress-ng iproute2 mount
+        corosync pacemaker pacemaker-cli-utils crmsh resource-agents fence-agents
+        libcorosync-common-dev libcpg-dev libquorum-dev libcmap-dev libvotequorum-dev libcfg-dev)
     local missing=()
     for p in "${wanted[@]}"; do
         dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
