@@ -15,10 +15,12 @@
 #   libcorosync-common-dev libcpg-dev libquorum-dev libcmap-dev
 #   libvotequorum-dev libcfg-dev
 #               what the rust-corosync crate links (the membership relay)
+#   libxml2-utils  xmllint, which ocf-tester runs on the resource agent's meta-data
 csnap_install_packages() {
     local wanted=(strace qemu-utils libnbd-bin fuse3 e2fsprogs stress-ng iproute2 mount
         corosync pacemaker pacemaker-cli-utils crmsh resource-agents fence-agents
-        libcorosync-common-dev libcpg-dev libquorum-dev libcmap-dev libvotequorum-dev libcfg-dev)
+        libcorosync-common-dev libcpg-dev libquorum-dev libcmap-dev libvotequorum-dev libcfg-dev
+        libxml2-utils)
     local missing=()
     for p in "${wanted[@]}"; do
         dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

@@ -2,7 +2,7 @@
 # An N-node corosync + Pacemaker cluster on the test bed's layout, without
 # systemd (issue #12):
 #
-#   scripts/hacluster.sh up DIR [NODES]     (NODES 1..9, default 3)
+#   scripts/hacluster.sh up DIR [NODES] [--csnap]   (NODES 1..9, default 3)
 #   scripts/hacluster.sh down DIR
 #   scripts/hacluster.sh exec DIR N CMD...  (CMD in node N's network and mount namespaces)
 #
@@ -19,6 +19,14 @@
 # stonith-action off, the test-bed fence agent fence_csnap_ns as one
 # stonith resource per node), so the first DC is elected about 2 s after the
 # last node started instead of the default 20 s.
+# With --csnap, csnap runs on it: DIR/origin.img (64 MiB) and DIR/store.img
+# (256 MiB) are formatted if missing; each node gets its own loop devices
+# over them (listed in DIR/node-N/loops), its membership relay (csnap-relay
+# --dir /run/csnap --node N: /run is the node's own), its agent (bus to the
+# relay's socket, servers on TCP at the node's address) and an NBD server
+# on N's address, port 10809, and DIR/cluster/node-N/nbd.sock; then the
+# Pacemaker resource csnap-server (ocf:csnap:server, relay_dir=/run/csnap)
+# is created and the script waits until a node serves.
 # Installs ocf/csnap/server into /usr/lib/ocf/resource.d/csnap/ and
 # fence/fence_csnap_ns into /usr/sbin/.
 # `down` stops every process of the nodes (SIGKILL), which ends their mount
@@ -29,11 +37,13 @@
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")/.." && pwd)
+csnap=${CSNAP:-$here/target/release/csnap}
+relay=${CSNAP_RELAY:-$here/target/release/csnap-relay}
 TOKEN_MS=${CSNAP_HA_TOKEN_MS:-300}
 DC_DEADTIME=${CSNAP_HA_DC_DEADTIME:-2s}
 
 usage() {
-    echo "usage: $0 up DIR [NODES] | down DIR | exec DIR N CMD..." >&2
+    echo "usage: $0 up DIR [NODES] [--csnap] | down DIR | exec DIR N CMD..." >&2
     exit 2
 }
 
@@ -54,7 +64,7 @@ node_start() {
     mount --bind "$nd/var-lib-pacemaker" /var/lib/pacemaker
     mount --bind "$nd/log-corosync" /var/log/corosync
     mount --bind "$nd/log-pacemaker" /var/log/pacemaker
-    mkdir -p /run/crm /run/pacemaker /run/corosync
+    mkdir -p /run/csnap /run/crm /run/pacemaker /run/corosync
     chown hacluster:haclient /run/crm /run/pacemaker
     corosync
     echo $$ >"$nd/pacemakerd.pid"
@@ -156,8 +166,9 @@ install_agents() {
 }
 
 up() {
-    local dir=$1 nodes=${2:-3}
+    local dir=$1 nodes=${2:-3} with_csnap=${3:-}
     [[ "$nodes" =~ ^[1-9]$ ]] || usage
+    [[ -z "$with_csnap" || "$with_csnap" == --csnap ]] || usage
     mkdir -p "$dir"
     dir=$(cd "$dir" && pwd)
     [[ ! -e "$dir/hacluster.env" ]] || { echo "$dir: a cluster is up (down first)" >&2; exit 1; }
@@ -207,8 +218,70 @@ up() {
     for ((n = 1; n <= nodes; n++)); do
         echo "node n$n: namespace csn$id-$n, address 10.213.$x.$n"
     done
+    if [[ -n "$with_csnap" ]]; then
+        csnap_up "$dir" "$nodes" "$x"
+    fi
     echo "commands in a node: $0 exec $dir N crm_mon -1 | corosync-quorumtool -s | crm ..."
     echo "down: $0 down $dir"
+}
+
+csnap_up() { # DIR NODES X
+    local dir=$1 nodes=$2 x=$3 n i
+    if [[ ! -e "$dir/store.img" ]]; then
+        truncate -s 64M "$dir/origin.img"
+        "$csnap" format --origin "$dir/origin.img" --store "$dir/store.img" --store-size 256M >/dev/null
+    fi
+    for ((n = 1; n <= nodes; n++)); do
+        csnap_node_up "$dir" "$n" "$x"
+    done
+    node_exec "$dir" 1 cibadmin --create -o resources --xml-text \
+"<primitive id=\"csnap-server\" class=\"ocf\" provider=\"csnap\" type=\"server\">
+  <instance_attributes id=\"csnap-server-ia\">
+    <nvpair id=\"csnap-server-relay\" name=\"relay_dir\" value=\"/run/csnap\"/>
+    <nvpair id=\"csnap-server-bin\" name=\"csnap\" value=\"$csnap\"/>
+  </instance_attributes>
+  <meta_attributes id=\"csnap-server-meta\">
+    <nvpair id=\"csnap-server-stick\" name=\"resource-stickiness\" value=\"100\"/>
+  </meta_attributes>
+  <operations>
+    <op id=\"csnap-server-start\" name=\"start\" interval=\"0\" timeout=\"30s\"/>
+    <op id=\"csnap-server-stop\" name=\"stop\" interval=\"0\" timeout=\"30s\"/>
+    <op id=\"csnap-server-mon\" name=\"monitor\" interval=\"${CSNAP_HA_MONITOR:-1s}\" timeout=\"10s\"/>
+  </operations>
+</primitive>"
+    for ((i = 0; i < 300; i++)); do
+        node_exec "$dir" 1 "$csnap" cluster status --dir /run/csnap 2>/dev/null | grep -q '^server: incarnation' && break
+        sleep 0.1
+    done
+    node_exec "$dir" 1 "$csnap" cluster status --dir /run/csnap
+}
+
+# Starts node N's csnap processes (relay, agent, NBD server) in its
+# namespaces, with its own loop devices.
+csnap_node_up() { # DIR N X
+    local dir=$1 n=$2 x=$3 nd="$1/node-$2" ip="10.213.$3.$2" i o s
+    o=$(losetup -f --show "$dir/origin.img")
+    echo "$o" >>"$nd/loops"
+    s=$(losetup -f --show "$dir/store.img")
+    echo "$s" >>"$nd/loops"
+    setsid "$0" exec "$dir" "$n" "$relay" --dir /run/csnap --node "$n" \
+        >>"$nd/relay.log" 2>&1 </dev/null &
+    for ((i = 0; i < 200; i++)); do
+        node_exec "$dir" "$n" test -S /run/csnap/controller.sock && break
+        sleep 0.05
+    done
+    mkdir -p "$dir/cluster"
+    setsid "$0" exec "$dir" "$n" "$csnap" agent --dir "$dir/cluster" --node "$n" \
+        --origin "$o" --store "$s" --controller /run/csnap/controller.sock --server-listen "$ip" \
+        >>"$nd/agent.log" 2>&1 </dev/null &
+    for ((i = 0; i < 200; i++)); do
+        [[ -S "$dir/cluster/node-$n/agent.sock" ]] && break
+        sleep 0.05
+    done
+    setsid "$0" exec "$dir" "$n" "$csnap" nbd --agent "$dir/cluster/node-$n/agent.sock" --node "$n" \
+        --origin "$o" --store "$s" --listen "$ip:10809" \
+        --listen "$dir/cluster/node-$n/nbd.sock" >>"$nd/nbd.log" 2>&1 </dev/null &
+    echo "node n$n: csnap agent, relay and NBD server (nbd://$ip:10809/origin); origin $o, store $s"
 }
 
 # Runs CMD in node N's network and mount namespaces (those of its pacemakerd).
@@ -253,7 +326,7 @@ down() {
 }
 
 case "${1:-}" in
-up) [[ $# -ge 2 ]] || usage; up "$2" "${3:-3}" ;;
+up) [[ $# -ge 2 ]] || usage; up "$2" "${3:-3}" "${4:-}" ;;
 down) [[ $# -eq 2 ]] || usage; down "$2" ;;
 exec) [[ $# -ge 4 ]] || usage; d=$2 n=$3; shift 3; node_exec "$d" "$n" "$@" ;;
 node-start) node_start "$2" ;;
