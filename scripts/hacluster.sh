@@ -5,6 +5,8 @@
 #   scripts/hacluster.sh up DIR [NODES] [--csnap]   (NODES 1..9, default 3)
 #   scripts/hacluster.sh down DIR
 #   scripts/hacluster.sh exec DIR N CMD...  (CMD in node N's network and mount namespaces)
+#   scripts/hacluster.sh restart DIR N      (node N again after it was fenced or killed:
+#                                            corosync, Pacemaker, and csnap if it ran csnap)
 #
 # Network as scripts/testbed.sh: a bridge csb<ID> without an address, node N
 # in network namespace csn<ID>-N with 10.213.<X>.N/24 on a veth into it.
@@ -67,7 +69,8 @@ node_start() {
     mkdir -p /run/csnap /run/crm /run/pacemaker /run/corosync
     chown hacluster:haclient /run/crm /run/pacemaker
     corosync
-    echo $$ >"$nd/pacemakerd.pid"
+    echo $$ >"$nd/pacemakerd.pid.new"
+    mv "$nd/pacemakerd.pid.new" "$nd/pacemakerd.pid"
     exec pacemakerd
 }
 
@@ -293,6 +296,33 @@ node_exec() {
     nsenter -t "$pid" -m -n "$@"
 }
 
+restart() {
+    local dir=$1 n=$2 env="$1/hacluster.env"
+    [[ -e "$env" ]] || { echo "$dir: no cluster" >&2; exit 1; }
+    local ID X NODES i
+    # shellcheck disable=SC1090
+    source "$env"
+    [[ -z "$(ip netns pids "csn$ID-$n" 2>/dev/null)" ]] || { echo "node $n still runs" >&2; exit 1; }
+    local nd="$dir/node-$n"
+    if [[ -e "$nd/loops" ]]; then
+        while read -r l; do losetup -d "$l" 2>/dev/null || true; done <"$nd/loops"
+        rm -f "$nd/loops"
+    fi
+    # corosync and Pacemaker keep no state the node needs on disk here.
+    rm -f "$nd"/var-lib-corosync/* "$nd/pacemakerd.pid" 2>/dev/null || true
+    setsid ip netns exec "csn$ID-$n" unshare -m --propagation private \
+        "$0" node-start "$nd" >>"$nd/pacemakerd.out" 2>&1 </dev/null &
+    for ((i = 0; i < 600; i++)); do
+        if [[ -e "$nd/pacemakerd.pid" ]] && node_exec "$dir" "$n" corosync-quorumtool -s >/dev/null 2>&1; then
+            break
+        fi
+        sleep 0.1
+    done
+    if [[ -e "$dir/store.img" && -d "$dir/cluster" ]]; then
+        csnap_node_up "$dir" "$n" "$X"
+    fi
+}
+
 down() {
     local dir=$1 env="$1/hacluster.env"
     [[ -e "$env" ]] || { echo "$dir: no cluster" >&2; exit 1; }
@@ -328,6 +358,7 @@ down() {
 case "${1:-}" in
 up) [[ $# -ge 2 ]] || usage; up "$2" "${3:-3}" "${4:-}" ;;
 down) [[ $# -eq 2 ]] || usage; down "$2" ;;
+restart) [[ $# -eq 3 ]] || usage; restart "$2" "$3" ;;
 exec) [[ $# -ge 4 ]] || usage; d=$2 n=$3; shift 3; node_exec "$d" "$n" "$@" ;;
 node-start) node_start "$2" ;;
 *) usage ;;

@@ -4,6 +4,7 @@
 
 pub mod cluster;
 pub mod fs;
+pub mod hacluster;
 pub mod testbed;
 
 use std::path::PathBuf;
