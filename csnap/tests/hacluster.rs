@@ -18,6 +18,7 @@ use common::hacluster::{available, HaCluster};
 
 const VOLUME_BYTES: usize = 64 * 1024 * 1024;
 const WRITE_BYTES: u64 = 64 * 1024;
+const WRITE_LEN: usize = 64 * 1024;
 const MINUTE: Duration = Duration::from_secs(60);
 
 fn enabled() -> bool {
@@ -62,7 +63,7 @@ fn write_some(
     let mut sh = shadows.lock().expect("shadows");
     let v = &mut sh.iter_mut().find(|(e, _)| e == export).expect("shadow").1;
     for (o, pat) in applied {
-        v[o..o + WRITE_BYTES as usize].fill(pat);
+        v[o..o + WRITE_LEN].fill(pat);
     }
     Ok(())
 }
