@@ -42,6 +42,7 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 csnap=${CSNAP:-$here/target/release/csnap}
 relay=${CSNAP_RELAY:-$here/target/release/csnap-relay}
 TOKEN_MS=${CSNAP_HA_TOKEN_MS:-300}
+TOKEN_COEFFICIENT=${CSNAP_HA_TOKEN_COEFFICIENT:-0}
 DC_DEADTIME=${CSNAP_HA_DC_DEADTIME:-2s}
 
 usage() {
@@ -83,7 +84,7 @@ totem {
     cluster_name: csnap
     transport: knet
     token: $TOKEN_MS
-    token_coefficient: 0
+    token_coefficient: $TOKEN_COEFFICIENT
     join: 50
     crypto_cipher: none
     crypto_hash: none

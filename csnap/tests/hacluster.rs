@@ -56,7 +56,24 @@ fn write_some(
         applied.push((usize::try_from(off).expect("offset"), pat));
     }
     cmds.push("flush".to_string());
-    let (ok, out) = c.qemu_io(n, export, &cmds);
+    // Each batch is a new NBD connection. While no server serves, the NBD
+    // server refuses a *new* connection's export ("no such export": it
+    // resolves export names through the server); that is a refused open,
+    // not an I/O error of an open client, so it is retried (a few seconds
+    // at most) and counted. An error after the open fails the test.
+    let mut refused = 0;
+    let (ok, out) = loop {
+        let (ok, out) = c.qemu_io(n, export, &cmds);
+        if !ok && out.contains("Requested export not available") && refused < 100 {
+            refused += 1;
+            std::thread::sleep(Duration::from_millis(100));
+            continue;
+        }
+        break (ok, out);
+    };
+    if refused > 0 {
+        eprintln!("node {n}: a new connection to {export} was refused {refused} time(s) during a failover");
+    }
     if !ok {
         return Err(format!("node {n} writes to {export}: {out}"));
     }
@@ -181,6 +198,7 @@ fn whole_node_loss_is_fenced_and_the_server_moves_without_an_io_error() {
     if !enabled() {
         return;
     }
+    let _g = common::testbed::serial();
     let (c, shadows, s, inc) = setup("node-loss");
     let others: Vec<u32> = (1..=3).filter(|&n| n != s).collect();
     let a = others[0];
@@ -220,4 +238,135 @@ fn whole_node_loss_is_fenced_and_the_server_moves_without_an_io_error() {
         &log[log_from..]
     );
     verify(&c, &others, &shadows, "after the node loss");
+}
+
+/// Partition of the serving node: its veth on the bridge goes down while
+/// clients on the other two nodes write. The cut-off node loses quorum and
+/// its relay stops its server at once (its fence is delayed 4 s here, so
+/// the minority's own reaction is seen before it is killed); the majority
+/// fences it and starts the server on one of its nodes; there are never two
+/// servers (the minority stops before the majority's start, which also
+/// claims the store). When the link comes back the node is started again
+/// and rejoins as a standby; the server stays where it is; no I/O error;
+/// shadows equal.
+#[test]
+fn a_partitioned_serving_node_stops_serving_is_fenced_and_rejoins_as_a_standby() {
+    if !enabled() {
+        return;
+    }
+    let _g = common::testbed::serial();
+    let (c, shadows, s, inc) = setup("partition");
+    let others: Vec<u32> = (1..=3).filter(|&n| n != s).collect();
+    let a = others[0];
+    // Delay the fencing of node s so that its own reaction can be seen.
+    let o = c
+        .cmd(a, "crm_resource")
+        .args([
+            "--resource",
+            &format!("fence-n{s}"),
+            "--set-parameter",
+            "pcmk_delay_base",
+            "--parameter-value",
+            "4s",
+        ])
+        .output()
+        .expect("crm_resource");
+    assert!(o.status.success(), "crm_resource: {}", text(&o));
+    let s_from = c.relay_log(s).len();
+    let writers = Writers::start(&c, &others, &shadows, "partition-writers");
+    std::thread::sleep(Duration::from_secs(1));
+    c.set_link(s, false);
+    // The minority: quorum lost, its server stopped, no server anywhere
+    // it knows of, while the majority has not fenced it yet.
+    let st_s = c.wait(s, "the minority stops serving", MINUTE, |x| {
+        !x.text
+            .lines()
+            .any(|l| l.starts_with(&format!("node {s}:")) && l.contains("serving"))
+    });
+    let log_s = c.relay_log(s);
+    assert!(
+        log_s[s_from..].contains("quorum lost"),
+        "node {s}'s relay did not see quorum lost:\n{}",
+        &log_s[s_from..]
+    );
+    let a_st = c.status(a).expect("majority status");
+    assert!(
+        a_st.incarnation == 0 || a_st.node != s || a_st.incarnation == inc,
+        "majority: {a_st:?}"
+    );
+    eprintln!("minority node {s} stopped serving; its view: {}", st_s.text);
+    // The majority: node s fenced, the server on one of the others.
+    let st = c.wait(a, "the majority serves", MINUTE, |x| {
+        x.incarnation > inc && x.node != s && x.node != 0
+    });
+    assert!(
+        c.pids(s).is_empty(),
+        "node {s} was not fenced: {:?}",
+        c.pids(s)
+    );
+    // Heal. A client whose connection went to the cut-off server sees no
+    // FIN or RST while the link is down: it waits until its next TCP
+    // retransmission meets the (now empty) namespace's reset, then fails
+    // over; no error reaches it.
+    c.set_link(s, true);
+    std::thread::sleep(Duration::from_secs(1));
+    writers.finish();
+    // The node comes back and rejoins as a standby.
+    c.restart_node(s);
+    c.wait_standby(a, s, MINUTE);
+    let after = c.wait_standby(s, s, MINUTE);
+    assert_eq!(
+        (after.node, after.incarnation),
+        (st.node, st.incarnation),
+        "the server moved when node {s} rejoined"
+    );
+    verify(&c, &[1, 2, 3], &shadows, "after the partition healed");
+}
+
+/// A crash on a node that does not serve: first its agent is SIGKILLed
+/// (its relay asks the cluster to fence the node: its clients cannot be
+/// vouched for any more), then, after that node is started again, corosync
+/// on the other non-serving node is SIGKILLed (Pacemaker fences it). The
+/// serving node and the remaining clients write throughout without an
+/// error; both nodes rejoin as standbys; shadows equal.
+#[test]
+fn an_agent_or_corosync_crash_on_a_standby_node_fences_it_and_io_goes_on() {
+    if !enabled() {
+        return;
+    }
+    let _g = common::testbed::serial();
+    let (c, shadows, s, inc) = setup("standby-crash");
+    let others: Vec<u32> = (1..=3).filter(|&n| n != s).collect();
+    let (m, k) = (others[0], others[1]);
+    // The agent of node m.
+    let writers = Writers::start(&c, &[s, k], &shadows, "crash-writers-1");
+    std::thread::sleep(Duration::from_secs(1));
+    let agent = c
+        .pid_by_args(m, &["agent", "--node", &m.to_string()])
+        .expect("node m's agent");
+    let _ = csnap_sys::send_signal(agent, libc::SIGKILL);
+    common::cluster::wait_for("node m fenced after its agent died", MINUTE, || {
+        c.pids(m).is_empty().then_some(())
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    writers.finish();
+    let st = c.status(s).expect("status");
+    assert_eq!((st.node, st.incarnation), (s, inc), "the server moved");
+    c.restart_node(m);
+    c.wait_standby(s, m, MINUTE);
+    // corosync of node k.
+    let writers = Writers::start(&c, &[s, m], &shadows, "crash-writers-2");
+    std::thread::sleep(Duration::from_secs(1));
+    let coro = c.pid_of(k, "corosync").expect("node k's corosync");
+    let _ = csnap_sys::send_signal(coro, libc::SIGKILL);
+    common::cluster::wait_for("node k fenced after its corosync died", MINUTE, || {
+        c.pids(k).is_empty().then_some(())
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    writers.finish();
+    let st = c.status(s).expect("status");
+    assert_eq!((st.node, st.incarnation), (s, inc), "the server moved");
+    c.restart_node(k);
+    c.wait_standby(s, k, MINUTE);
+    verify(&c, &[1, 2, 3], &shadows, "after both crashes");
 }

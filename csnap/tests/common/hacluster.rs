@@ -346,3 +346,25 @@ impl Drop for HaCluster {
         }
     }
 }
+
+impl HaCluster {
+    /// The pid of node `n`'s process whose command line contains every one
+    /// of `words` (as whole arguments).
+    pub fn pid_by_args(&self, n: u32, words: &[&str]) -> Option<u32> {
+        self.pids(n).into_iter().find(|p| {
+            std::fs::read(format!("/proc/{p}/cmdline")).is_ok_and(|c| {
+                let args: Vec<&[u8]> = c.split(|&b| b == 0).collect();
+                words.iter().all(|w| args.contains(&w.as_bytes()))
+            })
+        })
+    }
+
+    /// Waits until node `n` is a member with a ready standby, as node
+    /// `from`'s relay sees it.
+    pub fn wait_standby(&self, from: u32, n: u32, t: Duration) -> HaStatus {
+        let line = format!("node {n}: member connected standby-ready");
+        self.wait(from, &format!("node {n} is a standby again"), t, |s| {
+            s.text.lines().any(|l| l.starts_with(&line))
+        })
+    }
+}
