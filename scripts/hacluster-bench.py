@@ -126,12 +126,12 @@ def run(d, kills, token, defaults):
     e = env_of(d)
     ns = lambda n: f"csn{e['ID']}-{n}"
     ip = lambda n: f"10.213.{e['X']}.{n}"
-    res = {"detect": [], "fence": [], "serve": [], "all": []}
+    res = {"detect": [], "fence": [], "serve": [], "all": [], "errors": 0}
     try:
         for k in range(kills):
             inc, s, addr, _ = wait("a server", lambda: (lambda x: x if x[0] else None)(status(d, 1 if 1 != 0 else 2)))
             tag = str(100 + k)
-            sh("ip", "netns", "exec", ns(s), CSNAP, "snapshot", "create", "--server", addr, tag)
+            sh("ip", "netns", "exec", ns(s), CSNAP, "snapshot", "create", "--server", addr, tag, check=False)
             if k > 0:
                 subprocess.run(["ip", "netns", "exec", ns(s), CSNAP, "snapshot", "delete", "--server",
                                 addr, str(99 + k)], capture_output=True)
@@ -168,9 +168,11 @@ def run(d, kills, token, defaults):
                 for l in out.split():
                     pass
                 vals = [tuple(map(int, l.split())) for l in out.splitlines() if l.strip()]
-                errs = sum(1 for _, er in vals if er != 0)
+                errs = [er for _, er in vals if er != 0]
                 if errs:
-                    print(f"kill {k}: node {n}'s probe saw {errs} I/O errors", file=sys.stderr)
+                    res["errors"] += len(errs)
+                    print(f"kill {k + 1}: node {n}'s probe got {len(errs)} NBD error replies "
+                          f"(errno {sorted(set(errs))})", flush=True)
                 after = [t for t, er in vals if t >= t_serve and er == 0]
                 ends[n] = after[0] if after else None
             lines = [x for n in surv for x in relay_lines(d, n, t_kill)]
@@ -196,7 +198,7 @@ def run(d, kills, token, defaults):
 
 
 def report(name, res):
-    print(f"== {name}: {len(res['all'])} kills")
+    print(f"== {name}: {len(res['all'])} kills measured, {res['errors']} NBD error replies to the probes")
     for k, label in (("detect", "kill -> membership change"), ("fence", "membership -> fenced"),
                      ("serve", "fenced -> serving"), ("all", "kill -> every client served")):
         v = res[k]

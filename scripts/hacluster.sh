@@ -125,7 +125,7 @@ write_cib() { # NODEDIR NODES ID DIR
     <crm_config>
       <cluster_property_set id="cib-bootstrap-options">
         <nvpair id="opt-dc-deadtime" name="dc-deadtime" value="$DC_DEADTIME"/>
-        <nvpair id="opt-stonith-enabled" name="stonith-enabled" value="true"/>
+        <nvpair id="opt-stonith-enabled" name="stonith-enabled" value="${CSNAP_HA_STONITH:-true}"/>
         <nvpair id="opt-stonith-action" name="stonith-action" value="off"/>
         <nvpair id="opt-no-quorum-policy" name="no-quorum-policy" value="stop"/>
         <nvpair id="opt-cluster-recheck" name="cluster-recheck-interval" value="1min"/>

@@ -404,15 +404,6 @@ impl Relay {
                         return;
                     }
                 }
-                if !self.quorate {
-                    self.error(
-                        conn,
-                        rid,
-                        code,
-                        "this node has no quorum: no server starts here",
-                    );
-                    return;
-                }
                 if self.agent.is_none() {
                     self.error(conn, rid, code, "no agent is connected on this node");
                     return;
@@ -421,11 +412,14 @@ impl Relay {
                     self.error(conn, rid, code, "a start is under way");
                     return;
                 }
-                if !self.states.get(&self.me).is_some_and(|s| s.standby_ready) {
+                if !self.quorate || !self.states.get(&self.me).is_some_and(|s| s.standby_ready) {
                     // The agent spawns its standby at init and after every
-                    // start or loss: wait for it (bounded) rather than fail
-                    // a start Pacemaker placed here while it initialises.
-                    say!("start: waiting for this node's standby");
+                    // start or loss, and quorum can be lost for a moment
+                    // (a membership change Pacemaker has not acted on
+                    // yet): wait for both (bounded, checked every tick)
+                    // rather than fail a start Pacemaker placed here.
+                    // Never start without quorum.
+                    say!("start: waiting for quorum and this node's standby");
                     self.waiting_standby = Some((conn, rid, STANDBY_WAIT_TICKS));
                     return;
                 }
@@ -554,20 +548,6 @@ impl Relay {
                                 incarnation: *died_incarnation,
                                 node_id: from,
                             });
-                        }
-                    }
-                }
-                if from == self.me && *standby_ready {
-                    if let Some((c, r, _)) = self.waiting_standby.take() {
-                        if self.quorate && self.agent.is_some() {
-                            self.start_here(c, r);
-                        } else {
-                            self.error(
-                                c,
-                                r,
-                                proto::Kind::ClusterCommand.code(),
-                                "no quorum or no agent",
-                            );
                         }
                     }
                 }
@@ -729,13 +709,19 @@ impl Relay {
     fn on_tick(&mut self) {
         self.flush_mcast();
         if let Some((c, r, left)) = self.waiting_standby {
-            if left == 0 || !self.conns.contains_key(&c) {
+            let ready = self.quorate
+                && self.agent.is_some()
+                && self.states.get(&self.me).is_some_and(|s| s.standby_ready);
+            if ready && self.conns.contains_key(&c) {
+                self.waiting_standby = None;
+                self.start_here(c, r);
+            } else if left == 0 || !self.conns.contains_key(&c) {
                 self.waiting_standby = None;
                 self.error(
                     c,
                     r,
                     proto::Kind::ClusterCommand.code(),
-                    "this node's standby did not become ready",
+                    "no quorum or no ready standby on this node within 15 s",
                 );
             } else {
                 self.waiting_standby = Some((c, r, left - 1));
