@@ -736,10 +736,14 @@ impl Relay {
                 self.send_members();
             } else {
                 say!("quorum lost: this node stops serving and starts nothing");
-                if let Some((c, r)) = self.pending_start.take() {
-                    self.error(c, r, proto::Kind::ClusterCommand.code(), "quorum lost");
-                }
                 self.fence_agent(FenceReason::LeftCluster);
+                if let Some((c, r)) = self.pending_start.take() {
+                    // The fence aborts the start under way; it is made
+                    // again (a new attempt) if quorum and the standby come
+                    // back within the wait, else it fails.
+                    say!("start: aborted by the quorum loss; waiting for quorum again");
+                    self.waiting_standby = Some((c, r, STANDBY_WAIT_TICKS));
+                }
             }
         }
     }
