@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::cluster::{assert_same, seed, text, Rng};
-use common::hacluster::{available, HaCluster};
+use common::hacluster::{available, HaCluster, Target};
 
 const VOLUME_BYTES: usize = 64 * 1024 * 1024;
 const WRITE_BYTES: u64 = 64 * 1024;
@@ -39,7 +39,7 @@ type Shadows = Arc<Mutex<Vec<(String, Vec<u8>)>>>;
 /// `count` random 64 KiB pattern writes and a flush through node `n`'s
 /// export `export`, inside `region` (byte range); the shadow follows.
 fn write_some(
-    c: &HaCluster,
+    c: &Target,
     n: u32,
     export: &str,
     region: (usize, usize),
@@ -111,12 +111,12 @@ struct Writers {
 }
 
 impl Writers {
-    fn start(c: &Arc<HaCluster>, nodes: &[u32], shadows: &Shadows, test: &str) -> Writers {
+    fn start(c: &HaCluster, nodes: &[u32], shadows: &Shadows, test: &str) -> Writers {
         let stop = Arc::new(AtomicBool::new(false));
         let threads = nodes
             .iter()
             .map(|&n| {
-                let (c, shadows, stop) = (c.clone(), shadows.clone(), stop.clone());
+                let (c, shadows, stop) = (c.target(), shadows.clone(), stop.clone());
                 let mut rng = Rng::new(seed(test) ^ u64::from(n));
                 std::thread::spawn(move || {
                     let mut errors = Vec::new();
@@ -139,9 +139,9 @@ impl Writers {
     }
 
     /// Stops them; panics on an I/O error any of them saw.
-    fn finish(self) {
+    fn finish(mut self) {
         self.stop.store(true, Ordering::Relaxed);
-        for t in self.threads {
+        for t in std::mem::take(&mut self.threads) {
             let (n, done, errors) = t.join().expect("writer");
             assert!(
                 errors.is_empty(),
@@ -153,10 +153,19 @@ impl Writers {
     }
 }
 
+/// After a failed assertion: the writers are told to stop, not waited
+/// for (one may hang on a server that never comes); they hold no
+/// reference to the cluster, whose drop takes it down and so ends them.
+impl Drop for Writers {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
 /// Brings up 3 nodes, writes through every node, takes snapshot 1 and
 /// reads it through every node (its NBD server takes snapshot read locks).
-fn setup(name: &str) -> (Arc<HaCluster>, Shadows, u32, u64) {
-    let c = Arc::new(HaCluster::up(name, 3));
+fn setup(name: &str) -> (HaCluster, Shadows, u32, u64) {
+    let c = HaCluster::up(name, 3);
     let st = c.wait(1, "a server serves", MINUTE, |s| s.incarnation > 0);
     let shadows: Shadows = Arc::new(Mutex::new(vec![(
         "origin".to_string(),
@@ -164,7 +173,7 @@ fn setup(name: &str) -> (Arc<HaCluster>, Shadows, u32, u64) {
     )]));
     let mut rng = Rng::new(seed(name));
     for n in 1..=3 {
-        write_some(&c, n, "origin", region(n), &shadows, &mut rng).expect("first writes");
+        write_some(&c.target(), n, "origin", region(n), &shadows, &mut rng).expect("first writes");
     }
     let o = c.snapshot(1, "create", &["1"]);
     assert!(o.status.success(), "snapshot create 1: {}", text(&o));
@@ -174,7 +183,7 @@ fn setup(name: &str) -> (Arc<HaCluster>, Shadows, u32, u64) {
         sh.push(("1".to_string(), origin));
     }
     for n in 1..=3 {
-        write_some(&c, n, "1", region(n), &shadows, &mut rng).expect("snapshot writes");
+        write_some(&c.target(), n, "1", region(n), &shadows, &mut rng).expect("snapshot writes");
     }
     verify(&c, &[1, 2, 3], &shadows, "before the failure");
     (c, shadows, st.node, st.incarnation)

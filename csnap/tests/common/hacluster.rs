@@ -368,3 +368,44 @@ impl HaCluster {
         })
     }
 }
+
+/// What a writer thread needs to reach the nodes' exports, without a
+/// reference to the cluster (whose drop must not wait for it).
+#[derive(Debug, Clone)]
+pub struct Target {
+    id: String,
+    x: u32,
+}
+
+impl Target {
+    /// qemu-io on node `n`'s export `export` (over TCP at the node's
+    /// address); whether every command succeeded, and the output.
+    pub fn qemu_io(&self, n: u32, export: &str, cmds: &[String]) -> (bool, String) {
+        let mut c = Command::new("ip");
+        c.args([
+            "netns",
+            "exec",
+            &format!("csn{}-{n}", self.id),
+            "qemu-io",
+            "-f",
+            "raw",
+        ]);
+        c.arg(format!("nbd://10.213.{}.{n}:10809/{export}", self.x));
+        for x in cmds {
+            c.args(["-c", x]);
+        }
+        let o = c.output().expect("qemu-io");
+        let out = text(&o);
+        let ok = o.status.success() && !out.contains("failed") && !out.contains("error");
+        (ok, out)
+    }
+}
+
+impl HaCluster {
+    pub fn target(&self) -> Target {
+        Target {
+            id: self.id.clone(),
+            x: self.x,
+        }
+    }
+}
