@@ -16,8 +16,19 @@
 #   afl++       the toolchain (clang, make) cargo-afl builds its AFL++ with;
 #               scripts/fuzz.sh runs cargo-afl's own afl-fuzz (its runtime
 #               and fork server must match)
+#   corosync pacemaker pacemaker-cli-utils crmsh resource-agents fence-agents
+#               the real cluster engine on the test bed (#12, scripts/hacluster.sh):
+#               membership and quorum, placement (ocf-tester), fencing
+#   libcorosync-common-dev libcpg-dev libquorum-dev libcmap-dev
+#   libvotequorum-dev libcfg-dev
+#               what the rust-corosync crate links (the membership relay)
+#   libxml2-utils  xmllint, which ocf-tester runs on the resource agent's meta-data
 csnap_install_packages() {
-    local wanted=(strace qemu-utils libnbd-bin file fuse3 e2fsprogs stress-ng iproute2 mount prometheus nbdkit afl++)
+    local wanted=(strace qemu-utils libnbd-bin file fuse3 e2fsprogs stress-ng iproute2 mount
+        prometheus nbdkit afl++
+        corosync pacemaker pacemaker-cli-utils crmsh resource-agents fence-agents
+        libcorosync-common-dev libcpg-dev libquorum-dev libcmap-dev libvotequorum-dev libcfg-dev
+        libxml2-utils)
     local missing=()
     for p in "${wanted[@]}"; do
         dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

@@ -5,6 +5,7 @@
 pub mod cluster;
 pub mod faulty;
 pub mod fs;
+pub mod hacluster;
 pub mod testbed;
 
 use std::path::PathBuf;
