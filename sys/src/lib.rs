@@ -10,6 +10,7 @@
 
 #[cfg(not(csnap_loom))]
 pub mod alloc;
+#[cfg(not(csnap_loom))]
 pub mod confine;
 pub mod dio;
 pub mod mem;
