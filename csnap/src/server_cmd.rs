@@ -166,16 +166,11 @@ fn serve(args: &ServerArgs) -> Result<ExitCode, String> {
     // Started by hand: nobody saw the former server die, so the store is
     // claimed and its lease waited out before anything is read
     // (ARCHITECTURE 5.5).
-    let wait_ms = csnap_pools::SERVER_TAKEOVER_WAIT_MS;
-    match standby.claim(std::time::Duration::from_millis(wait_ms)) {
-        Ok(0) => eprintln!(
-            "csnap server: takeover: the home superblock does not verify, nothing to claim; waited {wait_ms} ms"
-        ),
-        Ok(inc) => eprintln!(
-            "csnap server: takeover: claimed incarnation {inc}, waited {wait_ms} ms (the former server may still run)"
-        ),
-        Err(e) => return Err(format!("store {}: {e}", args.store.display())),
-    }
+    csnap_io::store_worker::claim_logged(
+        &mut standby,
+        std::time::Duration::from_millis(csnap_pools::SERVER_TAKEOVER_WAIT_MS),
+    )
+    .map_err(|e| format!("store {}: {e}", args.store.display()))?;
     let mut store = standby
         .start()
         .map_err(|e| format!("store {}: {e}", args.store.display()))?;

@@ -33,9 +33,6 @@ const _: () =
 /// Pause between attempts to reach the membership backend.
 const BUS_RETRY_MS: u64 = csnap_pools::AGENT_BUS_RETRY_MS;
 
-/// Exit status of a loop that failed after init (`csnap`'s EXIT_FAILED).
-const LOOP_FAILED_EXIT: u8 = 1;
-
 /// Readiness events handled per loop turn.
 const EVENTS_MAX: usize = csnap_pools::EVENTS_PER_TURN_MAX;
 
@@ -199,7 +196,7 @@ pub fn run(mut opts: AgentOptions) -> Result<String, String> {
                 continue;
             }
             // After the seal: a heap-free line and `_exit`, nothing freed.
-            csnap_sys::fail_stop(&who, "event loop failed", &e, LOOP_FAILED_EXIT);
+            csnap_sys::fail_stop(&who, "event loop failed", &e, crate::LOOP_FAILED_EXIT);
         }
         fsm.set_now(now_ms(t0));
         ready.clear();

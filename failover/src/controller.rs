@@ -12,9 +12,6 @@ use mio::{Events, Poll, Token};
 use crate::conns::ConnTable;
 use crate::Confinement;
 
-/// Exit status of a loop that failed after init (`csnap`'s EXIT_FAILED).
-const LOOP_FAILED_EXIT: u8 = 1;
-
 /// Readiness events handled per loop turn.
 const EVENTS_MAX: usize = csnap_pools::EVENTS_PER_TURN_MAX;
 
@@ -87,7 +84,12 @@ pub fn run(opts: &ControllerOptions) -> Result<String, String> {
                 continue;
             }
             // After the seal: a heap-free line and `_exit`, nothing freed.
-            csnap_sys::fail_stop("csnap cluster", "event loop failed", &e, LOOP_FAILED_EXIT);
+            csnap_sys::fail_stop(
+                "csnap cluster",
+                "event loop failed",
+                &e,
+                crate::LOOP_FAILED_EXIT,
+            );
         }
         fsm.set_now(now_ms(t0));
         ready.clear();

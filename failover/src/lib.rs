@@ -25,3 +25,7 @@ pub mod spawner;
 /// How a process confines itself once its pools exist: the one sequence,
 /// in `csnap_sys::confine` (the server uses its steps one by one).
 pub use csnap_sys::confine::Confinement;
+
+/// Exit status of an agent or controller whose loop failed after init
+/// (`csnap`'s EXIT_FAILED).
+pub const LOOP_FAILED_EXIT: u8 = 1;

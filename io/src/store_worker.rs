@@ -71,6 +71,25 @@ fn failure(e: &StoreError) -> StoreFailure {
     }
 }
 
+/// Claims the store for a takeover (`Standby::claim`, waiting `wait`) and
+/// says on stderr what it claimed (heap-free): the standby's worker and a
+/// server started by hand use it.
+pub fn claim_logged<D: Disk>(
+    standby: &mut csnap_store::Standby<D>,
+    wait: std::time::Duration,
+) -> Result<(), StoreError> {
+    let wait_ms = wait.as_millis();
+    match standby.claim(wait)? {
+        0 => eprintln!(
+            "csnap server: takeover: the home superblock does not verify, nothing to claim; waited {wait_ms} ms"
+        ),
+        inc => eprintln!(
+            "csnap server: takeover: claimed incarnation {inc}, waited {wait_ms} ms (the former server may still run)"
+        ),
+    }
+    Ok(())
+}
+
 /// One heap-free log line naming the disk failure that stops the server
 /// (issue #15: "stops serving with a clear message"); the server loop's
 /// own line follows. Other errors (fenced, corrupt) have their own lines.
@@ -266,21 +285,12 @@ impl<D: Disk, O: Disk> StoreWorker<D, O> {
             return StoreResult::Failed(StoreFailure::Internal);
         };
         if claim {
-            let wait_ms = self.takeover_wait.as_millis();
-            match standby.claim(self.takeover_wait) {
-                Ok(0) => eprintln!(
-                    "csnap server: takeover: the home superblock does not verify, nothing to claim; waited {wait_ms} ms"
-                ),
-                Ok(inc) => eprintln!(
-                    "csnap server: takeover: claimed incarnation {inc}, waited {wait_ms} ms (the former server may still run)"
-                ),
-                Err(e) => {
-                    eprintln!("csnap server: {e}");
-                    self.standby = Some(standby);
-                    self.fenced = matches!(e, StoreError::ClaimContested { .. });
-                    self.fail();
-                    return StoreResult::Failed(StoreFailure::Fenced);
-                }
+            if let Err(e) = claim_logged(&mut standby, self.takeover_wait) {
+                eprintln!("csnap server: {e}");
+                self.standby = Some(standby);
+                self.fenced = matches!(e, StoreError::ClaimContested { .. });
+                self.fail();
+                return StoreResult::Failed(StoreFailure::Fenced);
             }
         }
         let mut store = match standby.try_start() {

@@ -2,18 +2,17 @@
 //! backing file each have a page cache of their own, as two hosts on one SAN
 //! do. Needs root (losetup); skipped with a message otherwise.
 
+// The shared test support (tests/common) converts small test sizes with
+// `as`, as every suite using it allows.
+#![allow(clippy::cast_possible_truncation)]
+
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use csnap_store::disk::{Disk, DiskError, FileDisk};
-use csnap_store::{FormatOptions, OpenOptions, Store, StoreError};
-
-fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("csnap-direct-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
+use csnap_store::{OpenOptions, Store, StoreError};
 
 /// A loop device over `file`, detached on drop.
 struct Loop(String);
@@ -42,17 +41,6 @@ impl Drop for Loop {
     }
 }
 
-fn formatted_store(dir: &Path) -> PathBuf {
-    let path = dir.join("store");
-    std::fs::write(&path, vec![0u8; 64 << 20]).unwrap();
-    let mut d = FileDisk::open(&path).unwrap();
-    assert!(d.is_direct());
-    let mut o = FormatOptions::new(16 << 20);
-    o.journal_blocks = 128;
-    csnap_store::format(&mut d, &o).unwrap();
-    path
-}
-
 /// The fence read sees another host's commit: a server on loop device A,
 /// whose page cache holds the old superblock, is fenced by a newer
 /// incarnation committed through loop device B. With buffered I/O the fence
@@ -60,8 +48,8 @@ fn formatted_store(dir: &Path) -> PathBuf {
 /// same test with `open_buffered` on both sides commits on A).
 #[test]
 fn a_fence_read_sees_a_newer_incarnation_committed_through_another_device() {
-    let dir = scratch("fence");
-    let path = formatted_store(&dir);
+    let dir = common::scratch_dir("direct", "fence");
+    let path = common::direct_store(&dir);
     let (Some(a), Some(b)) = (Loop::attach(&path), Loop::attach(&path)) else {
         return;
     };
@@ -106,7 +94,7 @@ fn a_fence_read_sees_a_newer_incarnation_committed_through_another_device() {
         }
         drop(sa);
         // Reset the store in place (the loop devices keep the same inode).
-        formatted_store(&dir);
+        common::direct_store(&dir);
         // Drop whatever the loop devices cached of the old contents.
         for l in [&a, &b] {
             let _ = Command::new("blockdev")
@@ -122,7 +110,7 @@ fn a_fence_read_sees_a_newer_incarnation_committed_through_another_device() {
 /// offset and length match a shadow, and aligned ones go straight through.
 #[test]
 fn unaligned_accesses_match_a_shadow() {
-    let dir = scratch("bounce");
+    let dir = common::scratch_dir("direct", "bounce");
     let path = dir.join("dev");
     let size = 4usize << 20;
     std::fs::write(&path, vec![0u8; size]).unwrap();
@@ -169,7 +157,7 @@ fn unaligned_accesses_match_a_shadow() {
 /// page-cache fallback.
 #[test]
 fn a_buffered_file_is_refused_unless_asked_for() {
-    let dir = scratch("refuse");
+    let dir = common::scratch_dir("direct", "refuse");
     let path = dir.join("dev");
     std::fs::write(&path, vec![0u8; 1 << 20]).unwrap();
     let f = std::fs::OpenOptions::new()

@@ -2,33 +2,21 @@
 //! serving lease and the takeover claim, on one store file opened with
 //! direct I/O by two "hosts" (two descriptors, no shared page cache).
 
-use std::path::{Path, PathBuf};
+// The shared test support (tests/common) converts small test sizes with
+// `as`, as every suite using it allows.
+#![allow(clippy::cast_possible_truncation)]
+
+mod common;
+
+use std::path::Path;
 use std::time::Duration;
 
 use csnap_store::disk::{Disk, FileDisk};
-use csnap_store::{FormatOptions, OpenOptions, Standby, Store, StoreError};
+use csnap_store::{OpenOptions, Standby, Store, StoreError};
 
 const BS: u64 = 4096;
 const LEASE: Duration = Duration::from_millis(csnap_pools::SERVER_LEASE_MS);
 const WAIT: Duration = Duration::from_millis(csnap_pools::SERVER_TAKEOVER_WAIT_MS);
-
-fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("csnap-takeover-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn formatted_store(dir: &Path) -> PathBuf {
-    let path = dir.join("store");
-    std::fs::write(&path, vec![0u8; 64 << 20]).unwrap();
-    let mut d = FileDisk::open(&path).unwrap();
-    assert!(d.is_direct());
-    let mut o = FormatOptions::new(16 << 20);
-    o.journal_blocks = 128;
-    csnap_store::format(&mut d, &o).unwrap();
-    path
-}
 
 /// A serving store on `path`: started, incarnation taken and committed.
 fn serving(path: &Path, lease: bool) -> Store<FileDisk> {
@@ -58,9 +46,9 @@ fn read_at(path: &Path, off: u64, len: usize) -> Vec<u8> {
 /// (the control) the same write lands in the store B now owns.
 #[test]
 fn a_claim_stops_a_leased_former_server_before_its_next_write() {
-    let dir = scratch("lease");
+    let dir = common::scratch_dir("takeover", "lease");
     for lease in [true, false] {
-        let path = formatted_store(&dir);
+        let path = common::direct_store(&dir);
         let mut a = serving(&path, lease);
         let ours = a.incarnation();
         // B claims the store (and waits out A's lease).
@@ -102,8 +90,8 @@ fn a_claim_stops_a_leased_former_server_before_its_next_write() {
 /// once and renews.
 #[test]
 fn within_its_lease_a_server_writes_and_past_it_renews() {
-    let dir = scratch("renew");
-    let path = formatted_store(&dir);
+    let dir = common::scratch_dir("takeover", "renew");
+    let path = common::direct_store(&dir);
     let mut a = serving(&path, true);
     let off = a.chunk_offset(1);
     a.write_data(&vec![1u8; 4096], off).unwrap();
@@ -122,8 +110,8 @@ fn within_its_lease_a_server_writes_and_past_it_renews() {
 /// incarnation again and the former server's fence read would pass.)
 #[test]
 fn the_start_replay_keeps_the_claim() {
-    let dir = scratch("replay");
-    let path = formatted_store(&dir);
+    let dir = common::scratch_dir("takeover", "replay");
+    let path = common::direct_store(&dir);
     let mut a = serving(&path, true);
     let ours = a.incarnation();
     // A's home superblock before its next commit, put back after it: the
@@ -161,8 +149,8 @@ fn the_start_replay_keeps_the_claim() {
 /// `ClaimContested`: the start reads nothing and serves nothing.
 #[test]
 fn a_contested_claim_is_refused() {
-    let dir = scratch("contest");
-    let path = formatted_store(&dir);
+    let dir = common::scratch_dir("takeover", "contest");
+    let path = common::direct_store(&dir);
     let a = serving(&path, true);
     let home = read_at(&path, BS, 4096);
     drop(a);
@@ -219,9 +207,9 @@ impl Disk for Counting<'_> {
 /// reads the fence.
 #[test]
 fn commits_within_the_lease_skip_the_fence_read() {
-    let dir = scratch("skip");
+    let dir = common::scratch_dir("takeover", "skip");
     for lease in [true, false] {
-        let path = formatted_store(&dir);
+        let path = common::direct_store(&dir);
         let reads = std::cell::Cell::new(0u32);
         let disk = Counting {
             disk: FileDisk::open(&path).unwrap(),

@@ -314,3 +314,25 @@ pub fn read_block(d: &mut MemDisk, addr: u64) -> Vec<u8> {
         .unwrap();
     b
 }
+
+/// A fresh scratch directory for test `name` of suite `suite` (under the
+/// temp dir, emptied first).
+pub fn scratch_dir(suite: &str, name: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("csnap-{suite}-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// A 64 MiB store file in `dir`, formatted through direct I/O (a 16 MiB
+/// origin, a 128-block journal); returns its path.
+pub fn direct_store(dir: &std::path::Path) -> std::path::PathBuf {
+    let path = dir.join("store");
+    std::fs::write(&path, vec![0u8; 64 << 20]).unwrap();
+    let mut d = csnap_store::disk::FileDisk::open(&path).unwrap();
+    assert!(d.is_direct());
+    let mut o = csnap_store::FormatOptions::new(16 << 20);
+    o.journal_blocks = 128;
+    csnap_store::format(&mut d, &o).unwrap();
+    path
+}
