@@ -212,7 +212,7 @@ fn whole_node_loss_is_fenced_and_the_server_moves_without_an_io_error() {
     let others: Vec<u32> = (1..=3).filter(|&n| n != s).collect();
     let a = others[0];
     let fenced_before = c.fenced_count(a, s);
-    let log_from = c.relay_log(a).len();
+    let log_from: Vec<(u32, usize)> = others.iter().map(|&n| (n, c.relay_log(n).len())).collect();
     let writers = Writers::start(&c, &others, &shadows, "node-loss-writers");
     std::thread::sleep(Duration::from_secs(1));
     let t = Instant::now();
@@ -232,19 +232,22 @@ fn whole_node_loss_is_fenced_and_the_server_moves_without_an_io_error() {
         c.fenced_count(a, s) > fenced_before,
         "node {s} was not fenced"
     );
-    let log = c.relay_log(a);
-    let fenced = find(&log, log_from, &format!("node {s} is fenced"))
-        .unwrap_or_else(|| panic!("node {a}'s relay never saw node {s} fenced:\n{log}"));
-    let serves = find(
-        &log,
-        log_from,
-        &format!("server incarnation {} serves", st.incarnation),
-    )
-    .unwrap_or_else(|| panic!("node {a}'s relay never saw the new server:\n{log}"));
+    // The new server's node started it only after its relay knew node s
+    // fenced: the fencing line precedes the StartHere that started it.
+    let n = st.node;
+    let from = log_from
+        .iter()
+        .find(|(m, _)| *m == n)
+        .map_or(0, |(_, f)| *f);
+    let log = c.relay_log(n);
+    let fenced = find(&log, from, &format!("node {s} is fenced"))
+        .unwrap_or_else(|| panic!("node {n}'s relay never saw node {s} fenced:\n{log}"));
+    let started = find(&log, from, ": StartHere (")
+        .unwrap_or_else(|| panic!("node {n}'s relay never started its server:\n{log}"));
     assert!(
-        fenced < serves,
-        "the new server served before node {s} was fenced:\n{}",
-        &log[log_from..]
+        fenced < started,
+        "node {n} started the new server before node {s} was fenced:\n{}",
+        &log[from..]
     );
     verify(&c, &others, &shadows, "after the node loss");
 }

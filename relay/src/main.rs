@@ -412,6 +412,15 @@ impl Relay {
                     self.error(conn, rid, code, "a start is under way");
                     return;
                 }
+                if let Some(n) = self.former_unfenced(true) {
+                    // Pacemaker fences a lost node before it starts the
+                    // server elsewhere; the relay checks it again, so a
+                    // start never runs while the node of the former server
+                    // may still write (a wrong constraint, a manual start).
+                    say!("start: waiting until node {n}, where the former server ran, is fenced");
+                    self.waiting_standby = Some((conn, rid, STANDBY_WAIT_TICKS));
+                    return;
+                }
                 if !self.quorate || !self.states.get(&self.me).is_some_and(|s| s.standby_ready) {
                     // The agent spawns its standby at init and after every
                     // start or loss, and quorum can be lost for a moment
@@ -453,6 +462,27 @@ impl Relay {
                     "membership is corosync's here; not supported",
                 );
             }
+        }
+    }
+
+    /// The node the former server ran on, if it left the group and is not
+    /// fenced yet. With `ask_fencer` it asks the fencer at once rather than
+    /// wait for the watcher's next poll, so a start Pacemaker orders after
+    /// the fencing goes on without a poll's delay; without, it goes by what
+    /// the watcher has seen.
+    fn former_unfenced(&mut self, ask_fencer: bool) -> Option<u32> {
+        let n = self.last_server_node.filter(|&n| n != self.me)?;
+        let base = *self.unfenced.lock().ok()?.get(&n)?;
+        if !ask_fencer {
+            return Some(n);
+        }
+        let count = fence_count(&format!("{}{n}", self.fence_prefix));
+        match (base, count) {
+            (Some(b), Some(c)) if c > b => {
+                self.on_fenced(n);
+                None
+            }
+            _ => Some(n),
         }
     }
 
@@ -710,6 +740,7 @@ impl Relay {
         self.flush_mcast();
         if let Some((c, r, left)) = self.waiting_standby {
             let ready = self.quorate
+                && self.former_unfenced(false).is_none()
                 && self.agent.is_some()
                 && self.states.get(&self.me).is_some_and(|s| s.standby_ready);
             if ready && self.conns.contains_key(&c) {
@@ -721,7 +752,7 @@ impl Relay {
                     c,
                     r,
                     proto::Kind::ClusterCommand.code(),
-                    "no quorum or no ready standby on this node within 15 s",
+                    "no quorum, no ready standby on this node, or the former server's node not fenced within 15 s",
                 );
             } else {
                 self.waiting_standby = Some((c, r, left - 1));
