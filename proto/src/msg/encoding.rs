@@ -143,10 +143,7 @@ impl Msg<'_> {
                 b[16..32].copy_from_slice(&origin_uuid);
                 put_u32(b, 32, node_id);
                 put_u32(b, 36, chunk_size_bytes);
-                let (code, tag) = match volume {
-                    Volume::Origin => (VOLUME_ORIGIN, 0),
-                    Volume::Snapshot(tag) => (VOLUME_SNAPSHOT, tag),
-                };
+                let (code, tag) = volume_code(Some(volume));
                 put_u16(b, 40, code);
                 put_u16(b, 42, flags);
                 put_u32(b, 44, tag);
@@ -216,10 +213,7 @@ impl Msg<'_> {
                 put_u64(b, 0, chunk);
                 put_u32(b, 8, chunks);
                 put_u32(b, 12, base);
-                let (code, tag) = match volume {
-                    Volume::Origin => (VOLUME_ORIGIN, 0),
-                    Volume::Snapshot(tag) => (VOLUME_SNAPSHOT, tag),
-                };
+                let (code, tag) = volume_code(Some(volume));
                 put_u16(b, 16, code);
                 put_u32(b, 20, tag);
             }
@@ -294,11 +288,7 @@ impl Msg<'_> {
                 put_u64(b, 0, client_id);
                 put_u64(b, 8, failed_incarnation);
                 put_u32(b, 16, node_id);
-                let (code, tag) = match volume {
-                    None => (VOLUME_NONE, 0),
-                    Some(Volume::Origin) => (VOLUME_ORIGIN, 0),
-                    Some(Volume::Snapshot(tag)) => (VOLUME_SNAPSHOT, tag),
-                };
+                let (code, tag) = volume_code(volume);
                 put_u16(b, 20, code);
                 put_u32(b, 24, tag);
             }
@@ -442,6 +432,15 @@ impl Msg<'_> {
             Msg::ClusterStatus => {}
             other => unreachable!("{other} is not a {:?} message", Family::Control),
         }
+    }
+}
+
+/// A volume field: its code and the snapshot tag (0 for the origin or none).
+fn volume_code(volume: Option<Volume>) -> (u16, u32) {
+    match volume {
+        None => (VOLUME_NONE, 0),
+        Some(Volume::Origin) => (VOLUME_ORIGIN, 0),
+        Some(Volume::Snapshot(tag)) => (VOLUME_SNAPSHOT, tag),
     }
 }
 
