@@ -548,15 +548,8 @@ fn flip_byte(path: &Path, offset: u64) {
 
 /// Deterministic bytes that look like foreign data (xorshift64).
 fn pseudo_random(len: u64) -> Vec<u8> {
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x.to_le_bytes()[0]
-        })
-        .collect()
+    let mut x = csnap_testkit::XorShift64::new(csnap_testkit::GOLDEN_GAMMA);
+    (0..len).map(|_| x.next_u64().to_le_bytes()[0]).collect()
 }
 
 /// Shared devices are reached around the page cache: an origin or a store on

@@ -53,15 +53,8 @@ const QUIET: Duration = Duration::from_millis(300);
 /// xorshift64: deterministic data, never a zero byte (so a stray read of
 /// zeroes, or of another region, shows up, like cbtb's DEADBEEF fill).
 fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8 | 1
-        })
-        .collect()
+    let mut x = csnap_testkit::XorShift64::new(seed.wrapping_mul(csnap_testkit::GOLDEN_GAMMA) | 1);
+    (0..len).map(|_| (x.next_u64() >> 24) as u8 | 1).collect()
 }
 
 /// Asserts `got == want`, reporting the first and last differing bytes and

@@ -45,6 +45,7 @@ const CRATES: &[&str] = &[
     "csnap",
     "tidy",
     "fuzz",
+    "testkit",
 ];
 
 fn sources() -> Vec<(PathBuf, String)> {

@@ -41,57 +41,8 @@ pub fn serial() -> MutexGuard<'static, ()> {
 // Data.
 // ---------------------------------------------------------------------------
 
-/// xorshift64*: reproducible randomness from a printed seed.
-#[derive(Debug, Clone)]
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Rng {
-        Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    /// Uniform in `0..n` (n > 0).
-    pub fn below(&mut self, n: u64) -> u64 {
-        self.next_u64() % n
-    }
-
-    /// `len` random bytes, never zero (a stray read of zeroes shows).
-    pub fn bytes(&mut self, len: usize) -> Vec<u8> {
-        let mut v = Vec::with_capacity(len);
-        while v.len() < len {
-            for b in self.next_u64().to_le_bytes() {
-                if v.len() < len {
-                    v.push(b | 1);
-                }
-            }
-        }
-        v
-    }
-}
-
-/// The seed of a randomised test: `CSNAP_TEST_SEED` or the clock. Printed,
-/// so a failure can be replayed.
-pub fn seed(test: &str) -> u64 {
-    let s = std::env::var("CSNAP_TEST_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(1, |d| d.as_nanos() as u64)
-        });
-    eprintln!("{test}: seed {s} (replay with CSNAP_TEST_SEED={s})");
-    s
-}
+#[allow(unused_imports)] // Not every test binary uses every helper.
+pub use csnap_testkit::{seed, wait_for, Rng};
 
 /// Asserts `got == want`, reporting the first and last differing bytes and
 /// their chunks instead of megabytes of dump.
@@ -114,18 +65,6 @@ pub fn assert_same(what: &str, got: &[u8], want: &[u8]) {
         &got[first..end],
         &want[first..end]
     );
-}
-
-/// Polls `f` until it returns `Some`; panics with `what` after `t`.
-pub fn wait_for<T>(what: &str, t: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-    let start = Instant::now();
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(start.elapsed() < t, "timed out waiting until {what}");
-        std::thread::sleep(Duration::from_micros(200));
-    }
 }
 
 // ---------------------------------------------------------------------------
