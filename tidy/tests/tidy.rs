@@ -26,7 +26,6 @@ const LONG_FILES: &[(&str, usize)] = &[
     ("fsm/src/nbd.rs", 2125),
     ("fsm/src/server.rs", 2217),
     ("fsm/src/volume.rs", 1544),
-    ("io/src/bin/server-bench.rs", 1596),
     ("io/src/nbd.rs", 3361),
     ("store/src/lib.rs", 2217),
 ];
