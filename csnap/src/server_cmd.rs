@@ -240,9 +240,15 @@ fn serve(args: &ServerArgs) -> Result<ExitCode, String> {
     confine_memory(args)?;
     seal_heap(args);
     if let Some(f) = &filters {
-        f.net
-            .install()
-            .map_err(|e| format!("cannot install the seccomp filter: {e}"))?;
+        if let Err(e) = f.net.install() {
+            // After the seal: a heap-free line and `_exit`, nothing freed.
+            csnap_sys::fail_stop(
+                "csnap server",
+                "cannot install the seccomp filter",
+                &e,
+                csnap_sys::confine::CONFINE_FAILED_EXIT,
+            );
+        }
     }
     eprintln!("csnap server: serving");
     let mut forbidden = args.test_forbidden_syscall;
@@ -446,7 +452,7 @@ fn serve_standby(args: &ServerArgs) -> Result<ExitCode, String> {
     // getpid is a syscall the standby table does not allow: asked now.
     let pid = std::process::id();
     confine_memory(args)?;
-    let mut cmd = [0u8; 4096];
+    let mut cmd = [0u8; csnap_pools::STANDBY_START_LINE_MAX_BYTES];
     seal_heap(args);
     // From here on nothing allocates: errors are static strings, printed by
     // `error` (it formats straight into stderr), and the process ends with
@@ -478,7 +484,7 @@ fn standby_confined(
     ready: (u32, &str),
     filters: Option<&Filters>,
     lock_file: &std::fs::File,
-    cmd: &mut [u8; 4096],
+    cmd: &mut [u8; csnap_pools::STANDBY_START_LINE_MAX_BYTES],
 ) -> Result<u8, &'static str> {
     if let Some(f) = filters.and_then(|f| f.standby.as_ref()) {
         f.install()
