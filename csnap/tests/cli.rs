@@ -4,32 +4,22 @@ use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::sync::atomic::{AtomicU64, Ordering};
 
 const ORIGIN_BYTES: u64 = 4 << 20;
 const STORE_SIZE: &str = "16M";
 const STORE_BYTES: u64 = 16 << 20;
 
-/// A directory under the system temp dir, removed on drop.
-struct TempDir(PathBuf);
+/// A directory under the system temp dir, removed on drop, with the files
+/// these tests make in it.
+struct TempDir(csnap_testkit::TempDir);
 
 impl TempDir {
     fn new(name: &str) -> TempDir {
-        static NEXT: AtomicU64 = AtomicU64::new(0);
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.subsec_nanos());
-        let dir = std::env::temp_dir().join(format!(
-            "csnap-cli-{name}-{}-{n}-{nanos}",
-            std::process::id()
-        ));
-        fs::create_dir(&dir).expect("create temp dir");
-        TempDir(dir)
+        TempDir(csnap_testkit::TempDir::new("cli", name))
     }
 
     fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
+        self.0.path(name)
     }
 
     /// A sparse origin file of 4 MiB.
@@ -48,12 +38,6 @@ impl TempDir {
         let out = format(&origin, &store, &["--store-size", STORE_SIZE]);
         assert_eq!(out.status.code(), Some(0), "format failed: {}", text(&out));
         store
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
     }
 }
 
@@ -422,7 +406,7 @@ fn check_missing_path() {
 #[test]
 fn check_directory() {
     let d = TempDir::new("dir");
-    let out = check(&d.0);
+    let out = check(d.0.dir());
     assert_error(&out, 2, "is a directory");
 }
 

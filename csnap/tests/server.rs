@@ -57,57 +57,13 @@ fn pattern(seed: u64, len: usize) -> Vec<u8> {
     (0..len).map(|_| (x.next_u64() >> 24) as u8 | 1).collect()
 }
 
-/// Asserts `got == want`, reporting the first and last differing bytes and
-/// their chunks instead of megabytes of dump.
-fn assert_same(what: &str, got: &[u8], want: &[u8]) {
-    assert_eq!(got.len(), want.len(), "{what}: length differs");
-    if got == want {
-        return;
-    }
-    let diff = |(a, b): (&u8, &u8)| a != b;
-    let first = got.iter().zip(want).position(diff).unwrap_or(0);
-    let last = got.iter().zip(want).rposition(diff).unwrap_or(0);
-    let n = got.iter().zip(want).filter(|p| diff(*p)).count();
-    let end = (first + 8).min(got.len());
-    panic!(
-        "{what}: contents differ from the shadow: {n} bytes differ, first at byte {first} \
-         (chunk {}, +{}), last at byte {last} (chunk {}); at the first: got {:02x?} want {:02x?}",
-        first as u64 / CHUNK,
-        first as u64 % CHUNK,
-        last as u64 / CHUNK,
-        &got[first..end],
-        &want[first..end]
-    );
-}
+use common::cluster::assert_same;
 
 // ---------------------------------------------------------------------------
 // Files and processes.
 // ---------------------------------------------------------------------------
 
-/// A directory under the system temp dir, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> TempDir {
-        static NEXT: AtomicU64 = AtomicU64::new(0);
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.subsec_nanos());
-        let dir = std::env::temp_dir().join(format!(
-            "csnap-srv-{name}-{}-{n}-{nanos}",
-            std::process::id()
-        ));
-        fs::create_dir(&dir).expect("create temp dir");
-        TempDir(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
+use csnap_testkit::TempDir;
 
 fn s(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
@@ -495,7 +451,7 @@ impl Fixture {
     /// with 16 KiB chunks and a 128-block journal, and a server started with
     /// `server_args`.
     fn new(name: &str, origin_bytes: u64, server_args: &[&str]) -> Fixture {
-        let dir = TempDir::new(name);
+        let dir = TempDir::new("srv", name);
         let origin = dir.0.join("origin");
         let store = dir.0.join("store");
         let sock = dir.0.join("sock");

@@ -1,12 +1,15 @@
 //! What csnap's tests share, so each is written once: the seeded
-//! generators of test data and schedules ([`rng`]), and the process helpers
+//! generators of test data and schedules ([`rng`]), the process helpers
 //! (scratch directories, children killed on drop, waiting for a condition;
-//! [`proc`]). A dev-dependency only: nothing here runs in a product binary,
+//! [`proc`]) and a comparison of device contents that says where they
+//! differ ([`bytes`]). A dev-dependency only: nothing here runs in a product binary,
 //! so it allocates and panics freely. The counting allocator of the
 //! no-allocation tests is `csnap_sys::alloc::CountingAlloc`, not here.
 
+pub mod bytes;
 pub mod proc;
 pub mod rng;
 
-pub use proc::{fresh_dir, wait_for, Proc};
+pub use bytes::assert_same_bytes;
+pub use proc::{fresh_dir, wait_for, Proc, TempDir};
 pub use rng::{seed, Rng, SplitMix64, XorShift64, GOLDEN_GAMMA};

@@ -1,8 +1,9 @@
 //! Process helpers: scratch directories, children that cannot outlive their
 //! test, waiting for a condition with a deadline.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Child;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 /// A child process, killed (SIGKILL) and reaped on drop, so a failing test
@@ -37,5 +38,47 @@ pub fn wait_for<T>(what: &str, t: Duration, mut f: impl FnMut() -> Option<T>) ->
         }
         assert!(start.elapsed() < t, "timed out waiting until {what}");
         std::thread::sleep(Duration::from_micros(200));
+    }
+}
+
+/// A new directory under the temp dir, unique to this call
+/// (`csnap-<prefix>-<name>-<pid>-<n>-<nanos>`), removed with everything in
+/// it on drop.
+#[derive(Debug)]
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    /// Creates the directory; panics if it cannot.
+    #[must_use]
+    pub fn new(prefix: &str, name: &str) -> TempDir {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let dir = std::env::temp_dir().join(format!(
+            "csnap-{prefix}-{name}-{}-{n}-{nanos}",
+            std::process::id()
+        ));
+        std::fs::create_dir(&dir).expect("create temp dir");
+        TempDir(dir)
+    }
+
+    /// The directory.
+    #[must_use]
+    pub fn dir(&self) -> &Path {
+        &self.0
+    }
+
+    /// `name` inside the directory.
+    #[must_use]
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
     }
 }

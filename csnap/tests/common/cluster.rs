@@ -47,24 +47,7 @@ pub use csnap_testkit::{seed, wait_for, Rng};
 /// Asserts `got == want`, reporting the first and last differing bytes and
 /// their chunks instead of megabytes of dump.
 pub fn assert_same(what: &str, got: &[u8], want: &[u8]) {
-    assert_eq!(got.len(), want.len(), "{what}: length differs");
-    if got == want {
-        return;
-    }
-    let diff = |(a, b): (&u8, &u8)| a != b;
-    let first = got.iter().zip(want).position(diff).unwrap_or(0);
-    let last = got.iter().zip(want).rposition(diff).unwrap_or(0);
-    let n = got.iter().zip(want).filter(|p| diff(*p)).count();
-    let end = (first + 8).min(got.len());
-    panic!(
-        "{what}: contents differ from the shadow: {n} bytes differ, first at byte {first} \
-         (chunk {}, +{}), last at byte {last} (chunk {}); at the first: got {:02x?} want {:02x?}",
-        first as u64 / CHUNK,
-        first as u64 % CHUNK,
-        last as u64 / CHUNK,
-        &got[first..end],
-        &want[first..end]
-    );
+    csnap_testkit::assert_same_bytes(what, got, want, CHUNK);
 }
 
 // ---------------------------------------------------------------------------
