@@ -360,18 +360,7 @@ fn journal_commit_aimed_at_the_label_is_not_replayed() {
 /// splitmix64: a seeded PRNG (the seed is printed; CSNAP_TEST_SEED replays).
 use csnap_testkit::SplitMix64 as Rng;
 
-fn seed() -> u64 {
-    let s = std::env::var("CSNAP_TEST_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(1, |d| d.as_nanos() as u64)
-        });
-    println!("seed {s} (replay with CSNAP_TEST_SEED={s})");
-    s
-}
+use csnap_testkit::seed;
 
 /// A random image for block `addr` of `kind`: random bytes, usually with a
 /// plausible header (magic, version, kind, address), small counts and
@@ -456,7 +445,7 @@ fn mutate(r: &mut Rng, l: &Label, img: &mut [u8]) {
 /// Every decoder and structural check on sealed random images: no panic.
 #[test]
 fn random_sealed_images_never_panic_a_decoder() {
-    let mut r = Rng::new(seed());
+    let mut r = Rng::new(seed("hostile"));
     let mut d = populated();
     let l = label(&mut d);
     let mut img = vec![0u8; BS as usize];
@@ -500,7 +489,7 @@ fn random_sealed_images_never_panic_a_decoder() {
 /// for a soak (default 300).
 #[test]
 fn a_store_with_a_sealed_random_block_never_panics() {
-    let mut r = Rng::new(seed());
+    let mut r = Rng::new(seed("hostile"));
     let base = populated();
     let mut d0 = base.clone();
     let l = label(&mut d0);

@@ -11,5 +11,5 @@ pub mod proc;
 pub mod rng;
 
 pub use bytes::assert_same_bytes;
-pub use proc::{fresh_dir, wait_for, Proc, TempDir};
+pub use proc::{fresh_dir, wait_for, wait_for_every, Proc, TempDir};
 pub use rng::{seed, Rng, SplitMix64, XorShift64, GOLDEN_GAMMA};

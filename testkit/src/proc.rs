@@ -30,14 +30,24 @@ pub fn fresh_dir(prefix: &str, name: &str) -> PathBuf {
 
 /// Polls `f` (every 200 µs) until it returns `Some`, and returns that;
 /// panics naming `what` when `t` passes first.
-pub fn wait_for<T>(what: &str, t: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+pub fn wait_for<T>(what: &str, t: Duration, f: impl FnMut() -> Option<T>) -> T {
+    wait_for_every(what, t, Duration::from_micros(200), f)
+}
+
+/// [`wait_for`], polling every `period` (for a costly `f`).
+pub fn wait_for_every<T>(
+    what: &str,
+    t: Duration,
+    period: Duration,
+    mut f: impl FnMut() -> Option<T>,
+) -> T {
     let start = Instant::now();
     loop {
         if let Some(v) = f() {
             return v;
         }
         assert!(start.elapsed() < t, "timed out waiting until {what}");
-        std::thread::sleep(Duration::from_micros(200));
+        std::thread::sleep(period);
     }
 }
 
