@@ -22,6 +22,11 @@ impl TempDir {
         self.0.path(name)
     }
 
+    /// A sparse origin file of 4 MiB and the path of a store beside it.
+    fn origin_and_store(&self) -> (PathBuf, PathBuf) {
+        (self.origin(), self.path("store"))
+    }
+
     /// A sparse origin file of 4 MiB.
     fn origin(&self) -> PathBuf {
         let p = self.path("origin");
@@ -101,6 +106,21 @@ fn store_uuid(format_output: &Output) -> String {
         .expect("format prints the store uuid")
 }
 
+/// Asserts exit status 0.
+fn assert_ok(o: &Output) {
+    assert_eq!(o.status.code(), Some(0), "{}", text(o));
+}
+
+/// Asserts that file `p` is `bytes` long.
+fn assert_size(p: &Path, bytes: u64) {
+    assert_eq!(
+        fs::metadata(p).map(|m| m.len()).ok(),
+        Some(bytes),
+        "size of {}",
+        p.display()
+    );
+}
+
 /// Asserts exit status `code`, one `csnap: ` error line on stderr that
 /// contains `word`, and nothing on stdout.
 fn assert_error(o: &Output, code: i32, word: &str) {
@@ -114,22 +134,18 @@ fn assert_error(o: &Output, code: i32, word: &str) {
 #[test]
 fn format_then_check_is_clean() {
     let d = TempDir::new("clean");
-    let origin = d.origin();
-    let store = d.path("store");
+    let (origin, store) = d.origin_and_store();
     let out = format(&origin, &store, &["--store-size", STORE_SIZE]);
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_ok(&out);
     let s = stdout(&out);
     assert_eq!(store_uuid(&out).len(), 32, "{s}");
     assert!(s.contains("chunk size    16384 bytes"), "{s}");
     assert!(s.contains("journal       128 blocks"), "{s}");
     assert!(s.contains("store full    refuse"), "{s}");
-    assert_eq!(
-        fs::metadata(&store).map(|m| m.len()).ok(),
-        Some(STORE_BYTES)
-    );
+    assert_size(&store, STORE_BYTES);
 
     let out = check(&store);
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_ok(&out);
     assert!(problem_lines(&out).is_empty(), "{}", text(&out));
     assert!(stdout(&out).contains(": clean"), "{}", text(&out));
 }
@@ -137,8 +153,7 @@ fn format_then_check_is_clean() {
 #[test]
 fn format_options_reach_the_label() {
     let d = TempDir::new("options");
-    let origin = d.origin();
-    let store = d.path("store");
+    let (origin, store) = d.origin_and_store();
     let out = format(
         &origin,
         &store,
@@ -151,7 +166,7 @@ fn format_options_reach_the_label() {
             "delete-lowest-priority",
         ],
     );
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_ok(&out);
     let s = stdout(&out);
     assert!(s.contains("chunk size    65536 bytes"), "{s}");
     assert!(s.contains("(64 chunks)"), "{s}");
@@ -162,25 +177,20 @@ fn format_options_reach_the_label() {
 #[test]
 fn format_extends_an_empty_store_file() {
     let d = TempDir::new("extend");
-    let origin = d.origin();
-    let store = d.path("store");
+    let (origin, store) = d.origin_and_store();
     File::create(&store).expect("create empty store");
     let out = format(&origin, &store, &[]);
     assert_error(&out, 2, "--store-size");
     let out = format(&origin, &store, &["--store-size", STORE_SIZE]);
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
-    assert_eq!(
-        fs::metadata(&store).map(|m| m.len()).ok(),
-        Some(STORE_BYTES)
-    );
+    assert_ok(&out);
+    assert_size(&store, STORE_BYTES);
     assert_eq!(check(&store).status.code(), Some(0));
 }
 
 #[test]
 fn format_needs_store_size_for_a_missing_store() {
     let d = TempDir::new("nosize");
-    let origin = d.origin();
-    let store = d.path("store");
+    let (origin, store) = d.origin_and_store();
     let out = format(&origin, &store, &[]);
     assert_error(&out, 2, "does not exist");
     assert!(stderr(&out).contains("--store-size"), "{}", text(&out));
@@ -197,10 +207,7 @@ fn format_rejects_store_size_for_a_sized_store() {
         &["--store-size", "32M", "--force"],
     );
     assert_error(&out, 2, "already has 16777216 bytes");
-    assert_eq!(
-        fs::metadata(&store).map(|m| m.len()).ok(),
-        Some(STORE_BYTES)
-    );
+    assert_size(&store, STORE_BYTES);
 }
 
 #[test]
@@ -219,17 +226,13 @@ fn format_refuses_the_origin_as_store() {
     let origin = d.origin();
     let out = format(&origin, &origin, &[]);
     assert_error(&out, 2, "same file");
-    assert_eq!(
-        fs::metadata(&origin).map(|m| m.len()).ok(),
-        Some(ORIGIN_BYTES)
-    );
+    assert_size(&origin, ORIGIN_BYTES);
 }
 
 #[test]
 fn format_refuses_bad_chunk_sizes() {
     let d = TempDir::new("chunk");
-    let origin = d.origin();
-    let store = d.path("store");
+    let (origin, store) = d.origin_and_store();
     for bad in ["3000", "2M", "2K", "0"] {
         let out = format(
             &origin,
@@ -245,8 +248,7 @@ fn format_refuses_bad_chunk_sizes() {
 #[test]
 fn format_refuses_a_store_too_small_and_leaves_nothing() {
     let d = TempDir::new("small");
-    let origin = d.origin();
-    let store = d.path("store");
+    let (origin, store) = d.origin_and_store();
     let out = format(&origin, &store, &["--store-size", "64K"]);
     assert_error(&out, 1, "too small");
     assert!(!store.exists());
@@ -255,8 +257,7 @@ fn format_refuses_a_store_too_small_and_leaves_nothing() {
 #[test]
 fn format_refuses_a_short_journal() {
     let d = TempDir::new("journal");
-    let origin = d.origin();
-    let store = d.path("store");
+    let (origin, store) = d.origin_and_store();
     let out = csnap(&[
         "format",
         "--origin",
@@ -275,10 +276,9 @@ fn format_refuses_a_short_journal() {
 #[test]
 fn format_refuses_to_overwrite_a_store_without_force() {
     let d = TempDir::new("force");
-    let origin = d.origin();
-    let store = d.path("store");
+    let (origin, store) = d.origin_and_store();
     let first = format(&origin, &store, &["--store-size", STORE_SIZE]);
-    assert_eq!(first.status.code(), Some(0), "{}", text(&first));
+    assert_ok(&first);
     let before = fs::read(&store).expect("read store");
 
     let out = format(&origin, &store, &[]);
@@ -291,7 +291,7 @@ fn format_refuses_to_overwrite_a_store_without_force() {
     );
 
     let second = format(&origin, &store, &["--force"]);
-    assert_eq!(second.status.code(), Some(0), "{}", text(&second));
+    assert_ok(&second);
     assert_ne!(store_uuid(&first), store_uuid(&second));
     assert_eq!(check(&store).status.code(), Some(0));
 }
@@ -299,19 +299,17 @@ fn format_refuses_to_overwrite_a_store_without_force() {
 #[test]
 fn format_overwrites_foreign_data_without_force() {
     let d = TempDir::new("foreign");
-    let origin = d.origin();
-    let store = d.path("store");
+    let (origin, store) = d.origin_and_store();
     fs::write(&store, pseudo_random(STORE_BYTES)).expect("write store");
     let out = format(&origin, &store, &[]);
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_ok(&out);
     assert_eq!(check(&store).status.code(), Some(0));
 }
 
 #[test]
 fn bad_size_strings_are_rejected() {
     let d = TempDir::new("sizes");
-    let origin = d.origin();
-    let store = d.path("store");
+    let (origin, store) = d.origin_and_store();
     for bad in [
         "",
         "12Q",
