@@ -73,22 +73,7 @@ fn check(store: &Path) -> Output {
     csnap(&["check", "--store", store.to_str().expect("utf-8 path")])
 }
 
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "status {:?}\n--- stdout\n{}--- stderr\n{}",
-        o.status,
-        stdout(o),
-        stderr(o)
-    )
-}
+use csnap_testkit::{stderr, stdout, text};
 
 fn problem_lines(o: &Output) -> Vec<String> {
     stdout(o)

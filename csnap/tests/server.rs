@@ -73,22 +73,7 @@ fn s(p: &Path) -> &str {
 // stops answering must fail the test, not hang it).
 use common::cluster::csnap;
 
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "status {:?}\n--- stdout\n{}--- stderr\n{}",
-        o.status,
-        stdout(o),
-        stderr(o)
-    )
-}
+use csnap_testkit::{stderr, stdout, text};
 
 /// Asserts a failed command: exit `code`, a `csnap: ` line on stderr
 /// containing `word`, nothing on stdout.

@@ -235,14 +235,8 @@ pub fn csnap(args: &[&str]) -> Output {
     run(&args.iter().map(OsString::from).collect::<Vec<_>>())
 }
 
-pub fn text(o: &Output) -> String {
-    format!(
-        "status {:?}\n--- stdout\n{}--- stderr\n{}",
-        o.status,
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
+#[allow(unused_imports)] // Not every test binary uses every helper.
+pub use csnap_testkit::text;
 
 pub fn s(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
