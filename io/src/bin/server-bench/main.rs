@@ -151,6 +151,20 @@ impl Params {
             !named || self.only.iter().any(|o| o == v)
         })
     }
+
+    /// Whether any run over transport `t` passes the filter.
+    fn transport_selected(&self, t: Transport) -> bool {
+        CLIENT_COUNTS.iter().any(|&n| {
+            [
+                Workload::Echo,
+                Workload::OriginUnique,
+                Workload::SnapRead,
+                Workload::CopyOut,
+            ]
+            .iter()
+            .any(|&w| self.selected(t, n, w))
+        })
+    }
 }
 
 const USAGE: &str =
@@ -193,25 +207,8 @@ fn parse_args() -> Result<Option<Params>, String> {
                 let v = value("--copyout")?;
                 copyout = Some(parse_count(&v, "--copyout")?);
             }
-            "--echo" => {
-                p.echo = match value("--echo")?.as_str() {
-                    "mio" => EchoMode::Mio,
-                    "threads" => EchoMode::Threads,
-                    other => {
-                        return Err(format!(
-                            "--echo takes mio or threads, not {other:?}\n{USAGE}"
-                        ))
-                    }
-                }
-            }
-            "--only" => {
-                for o in value("--only")?.split(',') {
-                    if !["unix", "tcp", "1", "4", "16", "echo", "a", "b", "c"].contains(&o) {
-                        return Err(format!("--only: unknown item {o:?}\n{USAGE}"));
-                    }
-                    p.only.push(o.to_string());
-                }
-            }
+            "--echo" => p.echo = parse_echo(&value("--echo")?)?,
+            "--only" => p.only.extend(parse_only(&value("--only")?)?),
             "-h" | "--help" => return Ok(None),
             other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
         }
@@ -237,6 +234,28 @@ fn parse_args() -> Result<Option<Params>, String> {
         ));
     }
     Ok(Some(p))
+}
+
+fn parse_echo(v: &str) -> Result<EchoMode, String> {
+    match v {
+        "mio" => Ok(EchoMode::Mio),
+        "threads" => Ok(EchoMode::Threads),
+        other => Err(format!(
+            "--echo takes mio or threads, not {other:?}\n{USAGE}"
+        )),
+    }
+}
+
+/// The items of `--only`, each checked.
+fn parse_only(v: &str) -> Result<Vec<String>, String> {
+    let mut only = Vec::new();
+    for o in v.split(',') {
+        if !["unix", "tcp", "1", "4", "16", "echo", "a", "b", "c"].contains(&o) {
+            return Err(format!("--only: unknown item {o:?}\n{USAGE}"));
+        }
+        only.push(o.to_string());
+    }
+    Ok(only)
 }
 
 fn parse_count(v: &str, name: &str) -> Result<usize, String> {
@@ -354,27 +373,11 @@ fn percentile(sorted: &[u64], p: usize) -> u64 {
     sorted[rank - 1]
 }
 
-fn run_config(
-    run: &Run<'_>,
-    next_client_id: &mut u64,
-    ctl: &mut Connection,
-) -> Result<RunResult, String> {
-    let n = run.clients;
-    let per_client = run.count / n;
-    let n64 = u64::try_from(n).map_err(|_| "client count".to_string())?;
-    let slice = run.region.1 / n64;
-    if slice == 0
-        || (run.workload == Workload::CopyOut
-            && u64::try_from(per_client).map_or(true, |c| slice < c))
-    {
-        return Err(format!(
-            "region of {} chunks too small for {n} clients",
-            run.region.1
-        ));
-    }
-    // Connect (and identify) every client before timing.
-    let mut wires = Vec::with_capacity(n);
-    for _ in 0..n {
+/// One connection per client of `run`, identified (but for the echo
+/// server) with the next client ids.
+fn connect_clients(run: &Run<'_>, next_client_id: &mut u64) -> Result<Vec<Wire>, String> {
+    let mut wires = Vec::with_capacity(run.clients);
+    for _ in 0..run.clients {
         let mut w = Wire::connect(run.addr)?;
         if run.workload != Workload::Echo {
             let volume = if run.workload == Workload::SnapRead {
@@ -387,13 +390,18 @@ fn run_config(
         }
         wires.push(w);
     }
-    let commits_before = if run.workload == Workload::Echo {
-        None
-    } else {
-        Some(commits(ctl)?)
-    };
-    let barrier = Arc::new(Barrier::new(n + 1));
-    let mut handles: Vec<JoinHandle<Result<ThreadOut, String>>> = Vec::with_capacity(n);
+    Ok(wires)
+}
+
+/// One thread per client, each with its `slice` of the region and
+/// `per_client` requests, all waiting at `barrier`.
+fn spawn_clients(
+    run: &Run<'_>,
+    wires: Vec<Wire>,
+    (slice, per_client): (u64, usize),
+    barrier: &Arc<Barrier>,
+) -> Result<Vec<JoinHandle<Result<ThreadOut, String>>>, String> {
+    let mut handles = Vec::with_capacity(wires.len());
     for (i, w) in wires.into_iter().enumerate() {
         let job = Job {
             workload: run.workload,
@@ -416,35 +424,93 @@ fn run_config(
             }
         }
     }
-    barrier.wait();
-    let cpu0 = cpu_snap();
-    let start = Instant::now();
-    let mut lat = Vec::with_capacity(per_client * n);
-    let mut end = start;
-    let mut capped = false;
-    let mut first_err = None;
-    let mut open = Vec::with_capacity(n);
+    Ok(handles)
+}
+
+/// What the client threads of one run measured, joined.
+struct Joined {
+    /// Every timed latency, in nanoseconds.
+    lat: Vec<u64>,
+    /// When the last client finished (`start` if none did).
+    end: Instant,
+    /// Whether a client stopped at its deadline.
+    capped: bool,
+    /// The clients' connections, still open.
+    open: Vec<Wire>,
+    /// The first client's failure.
+    first_err: Option<String>,
+}
+
+/// Joins the client threads of a run started at `start`.
+fn join_clients(
+    handles: Vec<JoinHandle<Result<ThreadOut, String>>>,
+    start: Instant,
+    requests: usize,
+) -> Joined {
+    let mut j = Joined {
+        lat: Vec::with_capacity(requests),
+        end: start,
+        capped: false,
+        open: Vec::with_capacity(handles.len()),
+        first_err: None,
+    };
     for h in handles {
         match h.join() {
             Ok(Ok(out)) => {
-                lat.extend_from_slice(&out.lat);
-                end = end.max(out.end);
-                capped |= out.capped;
-                open.push(out.wire);
+                j.lat.extend_from_slice(&out.lat);
+                j.end = j.end.max(out.end);
+                j.capped |= out.capped;
+                j.open.push(out.wire);
             }
             Ok(Err(e)) => {
-                first_err.get_or_insert(e);
+                j.first_err.get_or_insert(e);
             }
             Err(_) => {
-                first_err.get_or_insert_with(|| "a client thread panicked".to_string());
+                j.first_err
+                    .get_or_insert_with(|| "a client thread panicked".to_string());
             }
         }
     }
+    j
+}
+
+fn run_config(
+    run: &Run<'_>,
+    next_client_id: &mut u64,
+    ctl: &mut Connection,
+) -> Result<RunResult, String> {
+    let n = run.clients;
+    let per_client = run.count / n;
+    let n64 = u64::try_from(n).map_err(|_| "client count".to_string())?;
+    let slice = run.region.1 / n64;
+    if slice == 0
+        || (run.workload == Workload::CopyOut
+            && u64::try_from(per_client).map_or(true, |c| slice < c))
+    {
+        return Err(format!(
+            "region of {} chunks too small for {n} clients",
+            run.region.1
+        ));
+    }
+    // Connect (and identify) every client before timing.
+    let wires = connect_clients(run, next_client_id)?;
+    let commits_before = if run.workload == Workload::Echo {
+        None
+    } else {
+        Some(commits(ctl)?)
+    };
+    let barrier = Arc::new(Barrier::new(n + 1));
+    let handles = spawn_clients(run, wires, (slice, per_client), &barrier)?;
+    barrier.wait();
+    let cpu0 = cpu_snap();
+    let start = Instant::now();
+    let j = join_clients(handles, start, per_client * n);
     let cpu1 = cpu_snap();
-    drop(open);
-    if let Some(e) = first_err {
+    drop(j.open);
+    if let Some(e) = j.first_err {
         return Err(e);
     }
+    let (mut lat, end, capped) = (j.lat, j.end, j.capped);
     let wall = end.duration_since(start);
     let commits = match commits_before {
         Some(c0) => Some(commits(ctl)?.saturating_sub(c0)),
@@ -529,17 +595,18 @@ fn bench(p: &Params, dir: &Path) -> Result<Vec<RunResult>, String> {
     r
 }
 
-fn bench_with(p: &Params, csnap: &Csnap, echo: &EchoServer) -> Result<Vec<RunResult>, String> {
+/// The control connection, with snapshot `SNAP_TAG` created and region A
+/// pre-written; returns it and the next free client id.
+fn set_up(csnap: &Csnap) -> Result<(Connection, u64), String> {
     let mut ctl = control(&csnap.unix).map_err(|e| format!("control connection: {e}"))?;
     match ctl.call(Request::Create(SNAP_TAG)) {
         Ok(Msg::Ok) => {}
         Ok(m) => return Err(format!("create snapshot: unexpected {}", m.kind().name())),
         Err(e) => return Err(format!("create snapshot: {e}")),
     }
-    let mut next_client_id = 100u64;
+    let next_client_id = 100u64;
     let t0 = Instant::now();
     prewrite(&csnap.unix, next_client_id)?;
-    next_client_id += 1;
     println!(
         "setup:   snapshot {SNAP_TAG} created; region A pre-written ({} chunks copied out) in \
          {:.2} s",
@@ -547,21 +614,58 @@ fn bench_with(p: &Params, csnap: &Csnap, echo: &EchoServer) -> Result<Vec<RunRes
         t0.elapsed().as_secs_f64()
     );
     println!();
+    Ok((ctl, next_client_id + 1))
+}
+
+/// The echo, origin-write and snapshot-read runs of `n` clients over
+/// transport `t` (those selected), each printed beside the echo run.
+fn metadata_runs(
+    p: &Params,
+    (t, n): (Transport, usize),
+    (echo_addr, csnap_addr): (&Addr, &Addr),
+    (next_client_id, ctl): (&mut u64, &mut Connection),
+    results: &mut Vec<RunResult>,
+) -> Result<(), String> {
+    let mut echo_idx = None;
+    for w in [Workload::Echo, Workload::OriginUnique, Workload::SnapRead] {
+        if !p.selected(t, n, w) {
+            continue;
+        }
+        let run = Run {
+            transport: t,
+            clients: n,
+            workload: w,
+            addr: if w == Workload::Echo {
+                echo_addr
+            } else {
+                csnap_addr
+            },
+            region: match w {
+                Workload::SnapRead => REGION_B,
+                _ => REGION_A,
+            },
+            count: p.requests,
+            warmup: p.warmup,
+            deadline: None,
+        };
+        let r = run_config(&run, next_client_id, ctl)
+            .map_err(|e| format!("{} {n} clients {}: {e}", t.name(), w.label()))?;
+        print_run(&r, echo_idx.map(|i: usize| &results[i]));
+        if w == Workload::Echo {
+            echo_idx = Some(results.len());
+        }
+        results.push(r);
+    }
+    Ok(())
+}
+
+fn bench_with(p: &Params, csnap: &Csnap, echo: &EchoServer) -> Result<Vec<RunResult>, String> {
+    let (mut ctl, mut next_client_id) = set_up(csnap)?;
     let mut results: Vec<RunResult> = Vec::new();
     let mut c_slice = 0u64;
     let c_len = u64::try_from(p.copyout).map_err(|_| "copy-out count".to_string())?;
     for t in [Transport::Unix, Transport::Tcp] {
-        let any = CLIENT_COUNTS.iter().any(|&n| {
-            [
-                Workload::Echo,
-                Workload::OriginUnique,
-                Workload::SnapRead,
-                Workload::CopyOut,
-            ]
-            .iter()
-            .any(|&w| p.selected(t, n, w))
-        });
-        if !any {
+        if !p.transport_selected(t) {
             continue;
         }
         println!("{}:", t.name());
@@ -569,37 +673,15 @@ fn bench_with(p: &Params, csnap: &Csnap, echo: &EchoServer) -> Result<Vec<RunRes
             Transport::Unix => &echo.unix,
             Transport::Tcp => &echo.tcp,
         };
+        let addrs = (echo_addr, csnap.addr(t));
         for &n in &CLIENT_COUNTS {
-            let mut echo_idx = None;
-            for w in [Workload::Echo, Workload::OriginUnique, Workload::SnapRead] {
-                if !p.selected(t, n, w) {
-                    continue;
-                }
-                let run = Run {
-                    transport: t,
-                    clients: n,
-                    workload: w,
-                    addr: if w == Workload::Echo {
-                        echo_addr
-                    } else {
-                        csnap.addr(t)
-                    },
-                    region: match w {
-                        Workload::SnapRead => REGION_B,
-                        _ => REGION_A,
-                    },
-                    count: p.requests,
-                    warmup: p.warmup,
-                    deadline: None,
-                };
-                let r = run_config(&run, &mut next_client_id, &mut ctl)
-                    .map_err(|e| format!("{} {n} clients {}: {e}", t.name(), w.label()))?;
-                print_run(&r, echo_idx.map(|i: usize| &results[i]));
-                if w == Workload::Echo {
-                    echo_idx = Some(results.len());
-                }
-                results.push(r);
-            }
+            metadata_runs(
+                p,
+                (t, n),
+                addrs,
+                (&mut next_client_id, &mut ctl),
+                &mut results,
+            )?;
         }
         for &n in &COPYOUT_CLIENT_COUNTS {
             if !p.selected(t, n, Workload::CopyOut) {

@@ -3,13 +3,16 @@
 
 use super::*;
 
+/// The server under test: its two addresses, and why its loop stopped.
 pub(crate) struct Csnap {
     pub(crate) unix: Addr,
     pub(crate) tcp: Addr,
     pub(crate) stopped: Arc<Mutex<Option<String>>>,
 }
 
-pub(crate) fn start_csnap(dir: &Path) -> Result<Csnap, String> {
+/// A fresh origin and store in `dir`, the store formatted and opened at
+/// its next incarnation: the store worker and the server configuration.
+fn open_store(dir: &Path) -> Result<(StoreWorker<FileDisk, FileDisk>, ServerConfig), String> {
     let origin = dir.join("origin");
     let store = dir.join("store");
     let mk = |p: &Path, len: u64| {
@@ -44,6 +47,13 @@ pub(crate) fn start_csnap(dir: &Path) -> Result<Csnap, String> {
         origin_size_bytes: label.origin_size_bytes,
         origin_uuid: label.origin_uuid,
     };
+    Ok((worker, cfg))
+}
+
+/// Starts the server loop in a thread, listening on a unix socket in `dir`
+/// and on 127.0.0.1 (a free port); returns once it listens.
+pub(crate) fn start_csnap(dir: &Path) -> Result<Csnap, String> {
+    let (worker, cfg) = open_store(dir)?;
     let listen = vec![
         Addr::Unix(dir.join("csnap.sock")),
         Addr::Tcp(std::net::SocketAddr::from(([127, 0, 0, 1], 0))),
