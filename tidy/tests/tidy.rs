@@ -16,7 +16,7 @@ use csnap_tidy::{code_lines, functions, rust_files, workspace_root};
 
 const FN_LINES_MAX: usize = 70;
 /// Functions over `FN_LINES_MAX` lines today (the ratchet).
-const LONG_FUNCTIONS_MAX: usize = 42;
+const LONG_FUNCTIONS_MAX: usize = 41;
 const FILE_LINES_MAX: usize = 1200;
 /// Files over `FILE_LINES_MAX` lines today, with their length: each may only
 /// shrink, and no other file may grow past the limit.
