@@ -443,11 +443,7 @@ fn check_store_truncated_below_two_blocks() {
 
 #[test]
 fn check_reports_a_flipped_superblock_byte() {
-    let d = TempDir::new("superblock");
-    let store = d.formatted_store();
-    flip_byte(&store, 4096 + 100);
-    let out = check(&store);
-    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let out = check_flipped("superblock", 4096 + 100);
     let problems = problem_lines(&out);
     assert!(!problems.is_empty(), "{}", text(&out));
     assert!(
@@ -460,11 +456,7 @@ fn check_reports_a_flipped_superblock_byte() {
 
 #[test]
 fn check_reports_a_flipped_label_byte() {
-    let d = TempDir::new("label");
-    let store = d.formatted_store();
-    flip_byte(&store, 100);
-    let out = check(&store);
-    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let out = check_flipped("label", 100);
     let problems = problem_lines(&out);
     assert!(
         problems.iter().any(|p| p.contains("label is corrupt")),
@@ -476,11 +468,7 @@ fn check_reports_a_flipped_label_byte() {
 #[test]
 fn check_reports_a_flipped_bitmap_byte() {
     // Block 2 + 128 is the first metadata bitmap block of a 128-block journal.
-    let d = TempDir::new("bitmap");
-    let store = d.formatted_store();
-    flip_byte(&store, (2 + 128) * 4096 + 200);
-    let out = check(&store);
-    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let out = check_flipped("bitmap", (2 + 128) * 4096 + 200);
     assert!(
         problem_lines(&out).iter().any(|p| p.contains("bitmap")),
         "{}",
@@ -499,6 +487,17 @@ fn check_writes_nothing() {
         fs::read(&store).expect("read") == before,
         "check modified the store"
     );
+}
+
+/// `csnap check` of a formatted store with the byte at `offset` flipped,
+/// which must report problems (exit 1).
+fn check_flipped(name: &str, offset: u64) -> Output {
+    let d = TempDir::new(name);
+    let store = d.formatted_store();
+    flip_byte(&store, offset);
+    let out = check(&store);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    out
 }
 
 fn flip_byte(path: &Path, offset: u64) {
