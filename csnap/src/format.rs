@@ -75,13 +75,38 @@ fn direct_open_error(what: &str, path: &std::path::Path, e: &std::io::Error) -> 
 }
 
 fn format(a: &FormatArgs) -> Result<String, Fail> {
-    let origin_path = a.origin.display();
+    let (origin_meta, origin_size) = origin_size(a)?;
+    let prepare = prepare_store(a, &origin_meta)?;
+    refuse_overwrite(a, &prepare)?;
+    let opts = format_options(a, origin_size)?;
+    // Validate the layout before a file is created or extended.
     let store_path = a.store.display();
+    let size = match &prepare {
+        Prepare::AsIs(file) => device_size_bytes(file)
+            .map_err(|e| failed(format!("cannot read the size of store {store_path}: {e}")))?,
+        Prepare::Extend(_, size) | Prepare::Create(size) => *size,
+    };
+    csnap_store::plan_layout(size, &opts)
+        .map_err(|e| failed(format!("cannot format store {store_path}: {e}")))?;
+    let (file, undo) = open_store(a, prepare)?;
+    let label = write_format(a, file, &undo, &opts)?;
+    let chunk = u64::from(label.chunk_size_bytes);
+    let tail = origin_size % chunk;
+    if tail != 0 {
+        error(&format!(
+            "warning: origin size {origin_size} is not a multiple of the chunk size {chunk}; \
+             its last {tail} bytes are outside every chunk and not covered by snapshots"
+        ));
+    }
+    Ok(summary(&a.store, &a.origin, &label, a.store_full))
+}
 
-    // The origin: only its size is needed.
+/// The origin's metadata and size, opened for direct I/O: every node
+/// reaches the origin around its page cache, so a file or device that
+/// cannot do direct I/O is refused here, before a store is written.
+fn origin_size(a: &FormatArgs) -> Result<(std::fs::Metadata, u64), Fail> {
+    let origin_path = a.origin.display();
     let origin_meta = require_device(&a.origin, "origin").map_err(usage)?;
-    // Every node reaches the origin around its page cache: a file or device
-    // that cannot do direct I/O is refused here, before a store is written.
     let origin_size = csnap_sys::dio::open_direct(&a.origin, false)
         .map(|(f, _)| f)
         .map_err(|e| usage(format!("cannot open origin {origin_path}: {e}")))
@@ -89,9 +114,13 @@ fn format(a: &FormatArgs) -> Result<String, Fail> {
             device_size_bytes(&f)
                 .map_err(|e| failed(format!("cannot read the size of origin {origin_path}: {e}")))
         })?;
+    Ok((origin_meta, origin_size))
+}
 
-    // The store: existing (file or device) or to be created.
-    let prepare = match std::fs::metadata(&a.store) {
+/// The store: existing (file or device, checked) or to be created.
+fn prepare_store(a: &FormatArgs, origin_meta: &std::fs::Metadata) -> Result<Prepare, Fail> {
+    let store_path = a.store.display();
+    Ok(match std::fs::metadata(&a.store) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => match a.store_size {
             Some(size) => Prepare::Create(size),
             None => {
@@ -103,7 +132,7 @@ fn format(a: &FormatArgs) -> Result<String, Fail> {
         Err(e) => return Err(usage(format!("cannot open store {store_path}: {e}"))),
         Ok(_) => {
             let meta = require_device(&a.store, "store").map_err(usage)?;
-            if same_device(&origin_meta, &meta) {
+            if same_device(origin_meta, &meta) {
                 return Err(usage(format!(
                     "origin and store are the same file ({store_path}); the store needs its own file or device"
                 )));
@@ -136,10 +165,13 @@ fn format(a: &FormatArgs) -> Result<String, Fail> {
                 _ => Prepare::AsIs(file),
             }
         }
-    };
+    })
+}
 
-    // An existing csnap store is kept unless --force.
-    if let Prepare::AsIs(file) = &prepare {
+/// An existing csnap store is kept unless --force.
+fn refuse_overwrite(a: &FormatArgs, prepare: &Prepare) -> Result<(), Fail> {
+    let store_path = a.store.display();
+    if let Prepare::AsIs(file) = prepare {
         let copy = file
             .try_clone()
             .map_err(|e| failed(format!("cannot read store {store_path}: {e}")))?;
@@ -156,8 +188,12 @@ fn format(a: &FormatArgs) -> Result<String, Fail> {
             }
         }
     }
+    Ok(())
+}
 
-    let opts = FormatOptions {
+/// The format options the flags say, with fresh uuids.
+fn format_options(a: &FormatArgs, origin_size: u64) -> Result<FormatOptions, Fail> {
+    Ok(FormatOptions {
         origin_size_bytes: origin_size,
         chunk_size_bytes: a.chunk_size,
         journal_blocks: a.journal_blocks,
@@ -170,18 +206,14 @@ fn format(a: &FormatArgs) -> Result<String, Fail> {
         now_secs: SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
-    };
+    })
+}
 
-    // Validate the layout before a file is created or extended.
-    let size = match &prepare {
-        Prepare::AsIs(file) => device_size_bytes(file)
-            .map_err(|e| failed(format!("cannot read the size of store {store_path}: {e}")))?,
-        Prepare::Extend(_, size) | Prepare::Create(size) => *size,
-    };
-    csnap_store::plan_layout(size, &opts)
-        .map_err(|e| failed(format!("cannot format store {store_path}: {e}")))?;
-
-    let (file, undo) = match prepare {
+/// The store file, created or extended as `prepare` says; with what undoes
+/// that if the format fails.
+fn open_store(a: &FormatArgs, prepare: Prepare) -> Result<(File, Undo), Fail> {
+    let store_path = a.store.display();
+    Ok(match prepare {
         Prepare::AsIs(file) => (file, Undo::Nothing),
         Prepare::Extend(file, size) => {
             file.set_len(size).map_err(|e| {
@@ -215,7 +247,17 @@ fn format(a: &FormatArgs) -> Result<String, Fail> {
             }
             (file, Undo::Remove)
         }
-    };
+    })
+}
+
+/// Formats the store; on failure undoes what `open_store` did.
+fn write_format(
+    a: &FormatArgs,
+    file: File,
+    undo: &Undo,
+    opts: &FormatOptions,
+) -> Result<Label, Fail> {
+    let store_path = a.store.display();
     let undo_file = file.try_clone().ok();
     let mut no_direct_io = false;
     let result = FileDisk::new(file)
@@ -223,15 +265,15 @@ fn format(a: &FormatArgs) -> Result<String, Fail> {
             no_direct_io = matches!(e, csnap_store::disk::DiskError::DirectIoUnsupported);
             e.to_string()
         })
-        .and_then(|mut disk| csnap_store::format(&mut disk, &opts).map_err(|e| e.to_string()))
+        .and_then(|mut disk| csnap_store::format(&mut disk, opts).map_err(|e| e.to_string()))
         .and_then(|label| {
             if matches!(undo, Undo::Remove) {
                 sync_parent(&a.store)?;
             }
             Ok(label)
         });
-    let label = match result {
-        Ok(label) => label,
+    match result {
+        Ok(label) => Ok(label),
         Err(e) => {
             match undo {
                 Undo::Nothing => {}
@@ -245,23 +287,13 @@ fn format(a: &FormatArgs) -> Result<String, Fail> {
                 }
             }
             let msg = format!("cannot format store {store_path}: {e}");
-            return Err(if no_direct_io {
+            Err(if no_direct_io {
                 usage(msg)
             } else {
                 failed(msg)
-            });
+            })
         }
-    };
-
-    let chunk = u64::from(label.chunk_size_bytes);
-    let tail = origin_size % chunk;
-    if tail != 0 {
-        error(&format!(
-            "warning: origin size {origin_size} is not a multiple of the chunk size {chunk}; \
-             its last {tail} bytes are outside every chunk and not covered by snapshots"
-        ));
     }
-    Ok(summary(&a.store, &a.origin, &label, a.store_full))
 }
 
 enum Undo {

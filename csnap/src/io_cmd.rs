@@ -105,6 +105,18 @@ fn command(
 }
 
 pub fn run(args: &IoArgs) -> ExitCode {
+    let mut v = match attach(args) {
+        Ok(v) => v,
+        Err(code) => return code,
+    };
+    if !output(&format!("ready {}\n", v.size_bytes())) {
+        return ExitCode::from(EXIT_FAILED);
+    }
+    serve_lines(&mut v, args.agent.is_some())
+}
+
+/// The volume client `args` name, attached (errors said).
+fn attach(args: &IoArgs) -> Result<VolumeClient, ExitCode> {
     let volume = if args.volume == "origin" {
         Volume::Origin
     } else {
@@ -115,7 +127,7 @@ pub fn run(args: &IoArgs) -> ExitCode {
                     "--volume {}: expected `origin` or a snapshot tag",
                     args.volume
                 ));
-                return ExitCode::from(EXIT_USAGE);
+                return Err(ExitCode::from(EXIT_USAGE));
             }
         }
     };
@@ -125,7 +137,7 @@ pub fn run(args: &IoArgs) -> ExitCode {
                 Ok(a) => a,
                 Err(e) => {
                     error(&e);
-                    return ExitCode::from(EXIT_USAGE);
+                    return Err(ExitCode::from(EXIT_USAGE));
                 }
             };
             VolumeClient::open(
@@ -148,19 +160,19 @@ pub fn run(args: &IoArgs) -> ExitCode {
         ),
         (None, None) => {
             error("give --server or --agent");
-            return ExitCode::from(EXIT_USAGE);
+            return Err(ExitCode::from(EXIT_USAGE));
         }
     };
-    let mut v = match opened {
-        Ok(v) => v,
-        Err(e) => {
-            error(&format!("cannot attach: {e}"));
-            return ExitCode::from(EXIT_FAILED);
-        }
-    };
-    if !output(&format!("ready {}\n", v.size_bytes())) {
-        return ExitCode::from(EXIT_FAILED);
-    }
+    opened.map_err(|e| {
+        error(&format!("cannot attach: {e}"));
+        ExitCode::from(EXIT_FAILED)
+    })
+}
+
+/// Answers the commands of standard input, one line each, until `quit` or
+/// its end; `idle_checks`: poll the connection while idle (through an
+/// agent, to notice a failover).
+fn serve_lines(v: &mut VolumeClient, idle_checks: bool) -> ExitCode {
     let (tx, rx) = mpsc::channel::<String>();
     std::thread::spawn(move || {
         for line in std::io::stdin().lock().lines() {
@@ -170,7 +182,6 @@ pub fn run(args: &IoArgs) -> ExitCode {
             }
         }
     });
-    let idle_checks = args.agent.is_some();
     let mut held = Vec::new();
     loop {
         let line = match rx.recv_timeout(Duration::from_millis(10)) {
@@ -192,7 +203,7 @@ pub fn run(args: &IoArgs) -> ExitCode {
         if line == "quit" {
             break;
         }
-        let reply = match command(&mut v, &mut held, line) {
+        let reply = match command(v, &mut held, line) {
             Ok(s) => s,
             Err(e) => format!("error: {e}"),
         };

@@ -123,6 +123,65 @@ fn serve(args: &ServerArgs) -> Result<ExitCode, String> {
     require_device(&args.store, "store")?;
     // Listen first: a server that cannot listen writes nothing to the store.
     let listeners = bind_listeners(args)?;
+    let (mut store, od) = take_store(args)?;
+    let label = *store.label();
+    let incarnation = store
+        .bump_incarnation()
+        .and_then(|i| store.commit().map(|_| i))
+        .map_err(|e| format!("cannot take the next incarnation: {e}"))?;
+    let cfg = ServerConfig {
+        clients: usize_of(args.clients),
+        requests_per_client: usize_of(args.requests_per_client),
+        read_locks: usize_of(args.read_locks),
+        incarnation,
+        server_id: u64::from_le_bytes(label.store_uuid[..8].try_into().unwrap_or([0; 8])),
+        chunk_size_bytes: label.chunk_size_bytes,
+        origin_size_bytes: label.origin_size_bytes,
+        origin_uuid: label.origin_uuid,
+    };
+    let reserved = print_budget(args, &cfg, label.chunk_size_bytes as usize);
+    let filters = compile_filters(args, false)?;
+    let worker = StoreWorker::new(store, od, BATCH_MAX).with_lease(
+        std::time::Duration::from_millis(csnap_pools::SERVER_LEASE_MS),
+    );
+    let mut lp = start_loop(args, cfg, listeners, worker, filters.as_ref(), "listening")?;
+    eprintln!(
+        "csnap server: incarnation {incarnation}, chunk {} bytes, origin {} bytes, {} clients x {} requests, {} read locks, {} bytes reserved",
+        label.chunk_size_bytes,
+        label.origin_size_bytes,
+        cfg.clients,
+        cfg.requests_per_client,
+        cfg.read_locks,
+        reserved
+    );
+    confine_memory(args)?;
+    seal_heap(args);
+    if let Some(f) = &filters {
+        if let Err(e) = f.net.install() {
+            // After the seal: a heap-free line and `_exit`, nothing freed.
+            csnap_sys::fail_stop(
+                "csnap server",
+                "cannot install the seccomp filter",
+                &e,
+                csnap_sys::confine::CONFINE_FAILED_EXIT,
+            );
+        }
+    }
+    eprintln!("csnap server: serving");
+    let mut forbidden = args.test_forbidden_syscall;
+    let mut hook = move || {
+        if forbidden {
+            forbidden = false;
+            csnap_sys::seccomp::forbidden_open_for_tests();
+        }
+    };
+    stopped(lp.run_with(&mut hook))
+}
+
+/// The store of a server started by hand: the label checked against the
+/// origin, the host lock taken, the store claimed (its lease waited out)
+/// and its journal replayed. Returns it and the origin.
+fn take_store(args: &ServerArgs) -> Result<(csnap_store::Store<FileDisk>, FileDisk), String> {
     let mut sd = FileDisk::open(&args.store)
         .map_err(|e| format!("cannot open store {}: {e}", args.store.display()))?;
     // Configuration errors first: the label (read only) against the origin.
@@ -171,10 +230,9 @@ fn serve(args: &ServerArgs) -> Result<ExitCode, String> {
         std::time::Duration::from_millis(csnap_pools::SERVER_TAKEOVER_WAIT_MS),
     )
     .map_err(|e| format!("store {}: {e}", args.store.display()))?;
-    let mut store = standby
+    let store = standby
         .start()
         .map_err(|e| format!("store {}: {e}", args.store.display()))?;
-    let label = *store.label();
     let r = store.replay_report();
     if r.commits > 0 {
         eprintln!(
@@ -182,25 +240,14 @@ fn serve(args: &ServerArgs) -> Result<ExitCode, String> {
             r.commits, r.blocks
         );
     }
-    let incarnation = store
-        .bump_incarnation()
-        .and_then(|i| store.commit().map(|_| i))
-        .map_err(|e| format!("cannot take the next incarnation: {e}"))?;
-    let cfg = ServerConfig {
-        clients: usize_of(args.clients),
-        requests_per_client: usize_of(args.requests_per_client),
-        read_locks: usize_of(args.read_locks),
-        incarnation,
-        server_id: u64::from_le_bytes(label.store_uuid[..8].try_into().unwrap_or([0; 8])),
-        chunk_size_bytes: label.chunk_size_bytes,
-        origin_size_bytes: label.origin_size_bytes,
-        origin_uuid: label.origin_uuid,
-    };
-    // The memory budget, one line per pool.
-    let chunk_buf = label.chunk_size_bytes as usize;
-    let net_items = csnap_io::server::ServerLoop::reserved_items(&cfg);
+    Ok((store, od))
+}
+
+/// Prints the memory budget, one line per pool; returns the total.
+fn print_budget(args: &ServerArgs, cfg: &ServerConfig, chunk_buf: usize) -> usize {
+    let net_items = csnap_io::server::ServerLoop::reserved_items(cfg);
     let mut reserved = 0usize;
-    for (what, bytes) in Server::reserved_items(&cfg)
+    for (what, bytes) in Server::reserved_items(cfg)
         .iter()
         .chain(csnap_pools::store_reserved_items(usize_of(args.cache_blocks)).iter())
         .chain(net_items.iter())
@@ -209,11 +256,21 @@ fn serve(args: &ServerArgs) -> Result<ExitCode, String> {
         eprintln!("csnap server: pool {what}: {bytes} bytes");
         reserved += bytes;
     }
-    let filters = compile_filters(args, false)?;
-    let worker = StoreWorker::new(store, od, BATCH_MAX).with_lease(
-        std::time::Duration::from_millis(csnap_pools::SERVER_LEASE_MS),
-    );
-    let worker_filter = filters.as_ref().map(|f| f.store.clone());
+    reserved
+}
+
+/// The server loop on `listeners` with `worker` (its thread confined by
+/// the store filter), and its metrics endpoint when `--metrics` asks;
+/// prints where it listens (`what`: "listening", "standby listening").
+fn start_loop(
+    args: &ServerArgs,
+    cfg: ServerConfig,
+    listeners: Vec<csnap_io::net::MioListener>,
+    worker: StoreWorker<FileDisk, FileDisk>,
+    filters: Option<&Filters>,
+    what: &str,
+) -> Result<ServerLoop, String> {
+    let worker_filter = filters.map(|f| f.store.clone());
     let mut lp = ServerLoop::with_listeners(cfg, listeners, worker, worker_filter)
         .map_err(|e| format!("cannot start the server loop: {e}"))?;
     if let Some(m) = &args.metrics {
@@ -226,33 +283,9 @@ fn serve(args: &ServerArgs) -> Result<ExitCode, String> {
         eprintln!("csnap server: metrics at http://{a}/metrics");
     }
     for a in lp.local_addrs() {
-        eprintln!("csnap server: listening on {a}");
+        eprintln!("csnap server: {what} on {a}");
     }
-    eprintln!(
-        "csnap server: incarnation {incarnation}, chunk {} bytes, origin {} bytes, {} clients x {} requests, {} read locks, {} bytes reserved",
-        label.chunk_size_bytes,
-        label.origin_size_bytes,
-        cfg.clients,
-        cfg.requests_per_client,
-        cfg.read_locks,
-        reserved
-    );
-    confine_memory(args)?;
-    seal_heap(args);
-    if let Some(f) = &filters {
-        f.net
-            .install()
-            .map_err(|e| format!("cannot install the seccomp filter: {e}"))?;
-    }
-    eprintln!("csnap server: serving");
-    let mut forbidden = args.test_forbidden_syscall;
-    let mut hook = move || {
-        if forbidden {
-            forbidden = false;
-            csnap_sys::seccomp::forbidden_open_for_tests();
-        }
-    };
-    stopped(lp.run_with(&mut hook))
+    Ok(lp)
 }
 
 /// The host-local store lock (skipped with the `--no-host-lock` test hook).
@@ -406,36 +439,19 @@ fn serve_standby(args: &ServerArgs) -> Result<ExitCode, String> {
         },
     )
     .map_err(|e| format!("store {}: {e}", args.store.display()))?;
-    // Geometry is learnt at start; the pools do not depend on it.
-    let cfg = ServerConfig {
-        clients: usize_of(args.clients),
-        requests_per_client: usize_of(args.requests_per_client),
-        read_locks: usize_of(args.read_locks),
-        incarnation: 0,
-        server_id: 0,
-        chunk_size_bytes: csnap_pools::CHUNK_SIZE_MIN_BYTES,
-        origin_size_bytes: 0,
-        origin_uuid: [0; 16],
-    };
+    let cfg = standby_config(args);
     let filters = compile_filters(args, true)?;
     let worker = StoreWorker::standby(standby, od, BATCH_MAX).with_lease(
         std::time::Duration::from_millis(csnap_pools::SERVER_LEASE_MS),
     );
-    let worker_filter = filters.as_ref().map(|f| f.store.clone());
-    let mut lp = ServerLoop::with_listeners(cfg, listeners, worker, worker_filter)
-        .map_err(|e| format!("cannot start the server loop: {e}"))?;
-    if let Some(m) = &args.metrics {
-        let a = Addr::parse(m).map_err(|e| format!("--metrics {m}: {e}"))?;
-        let a = lp.serve_metrics(&a)?;
-        eprintln!(
-            "csnap server: pool metrics endpoint: {} bytes",
-            csnap_io::metrics::MetricsEndpoint::reserved_bytes()
-        );
-        eprintln!("csnap server: metrics at http://{a}/metrics");
-    }
-    for a in lp.local_addrs() {
-        eprintln!("csnap server: standby listening on {a}");
-    }
+    let mut lp = start_loop(
+        args,
+        cfg,
+        listeners,
+        worker,
+        filters.as_ref(),
+        "standby listening",
+    )?;
     let (mut link, ready_addr) = match &args.agent {
         Some(path) => {
             let (l, a) = connect_agent(path, &lp)?;
@@ -446,7 +462,7 @@ fn serve_standby(args: &ServerArgs) -> Result<ExitCode, String> {
     // getpid is a syscall the standby table does not allow: asked now.
     let pid = std::process::id();
     confine_memory(args)?;
-    let mut cmd = [0u8; 4096];
+    let mut cmd = [0u8; csnap_pools::STANDBY_START_LINE_MAX_BYTES];
     seal_heap(args);
     // From here on nothing allocates: errors are static strings, printed by
     // `error` (it formats straight into stderr), and the process ends with
@@ -468,6 +484,21 @@ fn serve_standby(args: &ServerArgs) -> Result<ExitCode, String> {
     }
 }
 
+/// A standby's server configuration: its pools as the flags say; the
+/// geometry is learnt at start (the pools do not depend on it).
+fn standby_config(args: &ServerArgs) -> ServerConfig {
+    ServerConfig {
+        clients: usize_of(args.clients),
+        requests_per_client: usize_of(args.requests_per_client),
+        read_locks: usize_of(args.read_locks),
+        incarnation: 0,
+        server_id: 0,
+        chunk_size_bytes: csnap_pools::CHUNK_SIZE_MIN_BYTES,
+        origin_size_bytes: 0,
+        origin_uuid: [0; 16],
+    }
+}
+
 /// The sealed part of a standby: waits for its start, starts, serves.
 /// Allocation-free, so its errors are `&'static str`; the caller owns
 /// everything that must not be dropped (freed) before the process ends.
@@ -478,7 +509,7 @@ fn standby_confined(
     ready: (u32, &str),
     filters: Option<&Filters>,
     lock_file: &std::fs::File,
-    cmd: &mut [u8; 4096],
+    cmd: &mut [u8; csnap_pools::STANDBY_START_LINE_MAX_BYTES],
 ) -> Result<u8, &'static str> {
     if let Some(f) = filters.and_then(|f| f.standby.as_ref()) {
         f.install()

@@ -119,43 +119,29 @@ fn path_arg(p: &Path) -> String {
     p.to_string_lossy().into_owned()
 }
 
-fn up(args: &UpArgs) -> Result<ExitCode, (u8, String)> {
-    let usage = |e: String| (EXIT_USAGE, e);
-    let failed = |e: String| (EXIT_FAILED, e);
-    if let Some(m) = &args.metrics {
-        csnap_io::net::Addr::parse(m).map_err(|e| usage(format!("--metrics {m}: {e}")))?;
-    }
-    // Signals first: every part inherits an empty mask, and a Ctrl-C during
-    // start-up is handled like one later.
-    csnap_sys::supervise::block_termination()
-        .map_err(|e| failed(format!("cannot block signals: {e}")))?;
-    std::fs::create_dir_all(&args.dir)
-        .map_err(|e| usage(format!("cannot create {}: {e}", args.dir.display())))?;
-    let dir = std::fs::canonicalize(&args.dir)
-        .map_err(|e| usage(format!("{}: {e}", args.dir.display())))?;
-    let origin = dir.join("origin.img");
-    let store = dir.join("store.img");
-    let cluster = dir.join("cluster");
-    let nbd_sock = dir.join("nbd.sock");
+/// First use: a sparse origin and a formatted store; later ones reuse
+/// them (said either way).
+fn make_or_reuse(args: &UpArgs, origin: &Path, store: &Path) -> Result<(), (u8, String)> {
+    let fail = |e: String| (EXIT_FAILED, e);
     if !store.exists() {
         // First use: a sparse origin and a formatted store.
-        let f = std::fs::File::create(&origin)
-            .map_err(|e| failed(format!("cannot create {}: {e}", origin.display())))?;
+        let f = std::fs::File::create(origin)
+            .map_err(|e| fail(format!("cannot create {}: {e}", origin.display())))?;
         f.set_len(args.origin_size)
-            .map_err(|e| failed(format!("cannot size {}: {e}", origin.display())))?;
-        let st = Command::new(exe().map_err(failed)?)
+            .map_err(|e| fail(format!("cannot size {}: {e}", origin.display())))?;
+        let st = Command::new(exe().map_err(fail)?)
             .args(["format", "--origin"])
-            .arg(&origin)
+            .arg(origin)
             .arg("--store")
-            .arg(&store)
+            .arg(store)
             .arg("--store-size")
             .arg(args.store_size.to_string())
             .stdout(Stdio::null())
             .status()
-            .map_err(|e| failed(format!("cannot run csnap format: {e}")))?;
+            .map_err(|e| fail(format!("cannot run csnap format: {e}")))?;
         if !st.success() {
-            let _ = std::fs::remove_file(&store);
-            return Err(failed(format!("csnap format failed ({st})")));
+            let _ = std::fs::remove_file(store);
+            return Err(fail(format!("csnap format failed ({st})")));
         }
         output(&format!(
             "csnap up: made {} ({} bytes) and its snapshot store {}\n",
@@ -164,13 +150,16 @@ fn up(args: &UpArgs) -> Result<ExitCode, (u8, String)> {
             store.display()
         ));
     } else if !origin.exists() {
-        return Err(usage(format!(
-            "{} exists but {} does not",
-            store.display(),
-            origin.display()
-        )));
+        return Err((
+            EXIT_USAGE,
+            format!(
+                "{} exists but {} does not",
+                store.display(),
+                origin.display()
+            ),
+        ));
     } else {
-        let size = std::fs::metadata(&origin).map(|m| m.len()).unwrap_or(0);
+        let size = std::fs::metadata(origin).map(|m| m.len()).unwrap_or(0);
         output(&format!(
             "csnap up: reusing {} ({size} bytes) and its snapshot store {} \
              (--origin-size and --store-size apply to a first use only)\n",
@@ -178,71 +167,16 @@ fn up(args: &UpArgs) -> Result<ExitCode, (u8, String)> {
             store.display()
         ));
     }
-    let confine = args.confine.child_args();
-    let mut parts: Vec<Part> = Vec::new();
-    let mut ctl_args = vec![
-        "cluster".into(),
-        "run".into(),
-        "--dir".into(),
-        path_arg(&cluster),
-    ];
-    ctl_args.extend(confine.iter().cloned());
-    parts.push(start("controller", &dir, &ctl_args).map_err(failed)?);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let ctl_sock = controller_socket(&cluster);
-    wait_for("the controller", &mut parts, deadline, &|| {
-        std::os::unix::net::UnixStream::connect(&ctl_sock).is_ok()
-    })
-    .map_err(failed)?;
-    let mut agent_args = vec![
-        "agent".into(),
-        "--dir".into(),
-        path_arg(&cluster),
-        "--node".into(),
-        "1".into(),
-        "--origin".into(),
-        path_arg(&origin),
-        "--store".into(),
-        path_arg(&store),
-    ];
-    agent_args.extend(confine.iter().cloned());
-    parts.push(start("agent", &dir, &agent_args).map_err(failed)?);
-    let agent_sock = agent_socket(&cluster, 1);
-    wait_for("the agent", &mut parts, deadline, &|| {
-        std::os::unix::net::UnixStream::connect(&agent_sock).is_ok()
-    })
-    .map_err(failed)?;
-    // The server starts on first demand; ask for it now so `up` reports a
-    // serving cluster.
-    let info = csnap_io::client::locate(&agent_sock, Duration::from_secs(30))
-        .map_err(|e| failed(format!("no server started: {e}")))?;
-    let mut nbd_args = vec![
-        "nbd".into(),
-        "--agent".into(),
-        path_arg(&agent_sock),
-        "--node".into(),
-        "1".into(),
-        "--origin".into(),
-        path_arg(&origin),
-        "--store".into(),
-        path_arg(&store),
-        "--listen".into(),
-        path_arg(&nbd_sock),
-    ];
-    for l in &args.listen {
-        nbd_args.push("--listen".into());
-        nbd_args.push(l.clone());
-    }
-    if let Some(m) = &args.metrics {
-        nbd_args.push("--metrics".into());
-        nbd_args.push(m.clone());
-    }
-    nbd_args.extend(confine.iter().cloned());
-    parts.push(start("nbd", &dir, &nbd_args).map_err(failed)?);
-    wait_for("the NBD server", &mut parts, deadline, &|| {
-        std::os::unix::net::UnixStream::connect(&nbd_sock).is_ok()
-    })
-    .map_err(failed)?;
+    Ok(())
+}
+
+/// What `up` serves, and how to reach and stop it.
+fn banner(
+    args: &UpArgs,
+    dir: &Path,
+    info: &csnap_io::client::ServerInfo,
+    nbd_sock: &Path,
+) -> String {
     let mut text = format!(
         "csnap up: serving {} (server incarnation {} at {})\n\
          \x20 origin export:    nbd+unix:///origin?socket={}\n",
@@ -272,11 +206,12 @@ fn up(args: &UpArgs) -> Result<ExitCode, (u8, String)> {
         dir.display(),
         dir.display()
     ));
-    if !output(&text) {
-        return Ok(ExitCode::from(EXIT_FAILED));
-    }
-    // Serve until told to stop, or until a part dies.
-    let why = loop {
+    text
+}
+
+/// Waits for a stop signal (`None`) or a part that died (why).
+fn supervise(parts: &mut [Part], dir: &Path) -> Option<String> {
+    loop {
         match csnap_sys::supervise::wait(Duration::from_millis(500)) {
             Ok(Some(Sig::Int | Sig::Term | Sig::Hup)) => break None,
             Ok(_) => {}
@@ -291,10 +226,13 @@ fn up(args: &UpArgs) -> Result<ExitCode, (u8, String)> {
                 dir.display(),
             ));
         }
-    };
-    output("csnap up: stopping\n");
-    // NBD server first (flushes), then the agent (and its server), then the
-    // controller.
+    }
+}
+
+/// Stops the parts, last started first: the NBD server (it flushes), then
+/// the agent (and its server), then the controller; one that does not stop
+/// within 10 s is killed.
+fn stop(mut parts: Vec<Part>) {
     while let Some(mut p) = parts.pop() {
         let _ = csnap_sys::supervise::send(p.child.id(), false);
         let t = Instant::now();
@@ -314,6 +252,105 @@ fn up(args: &UpArgs) -> Result<ExitCode, (u8, String)> {
             std::thread::sleep(Duration::from_millis(10));
         }
     }
+}
+
+/// The NBD server's arguments: its agent, the devices, its listeners
+/// (the unix socket and `--listen`), `--metrics`, the confinement flags.
+fn nbd_args(
+    args: &UpArgs,
+    agent_sock: &Path,
+    (origin, store): (&Path, &Path),
+    nbd_sock: &Path,
+    confine: &[String],
+) -> Vec<String> {
+    let mut nbd_args = vec!["nbd".into(), "--agent".into(), path_arg(agent_sock)];
+    nbd_args.extend(["--node".into(), "1".into()]);
+    nbd_args.extend(devices(origin, store));
+    nbd_args.extend(["--listen".into(), path_arg(nbd_sock)]);
+    for l in &args.listen {
+        nbd_args.push("--listen".into());
+        nbd_args.push(l.clone());
+    }
+    if let Some(m) = &args.metrics {
+        nbd_args.push("--metrics".into());
+        nbd_args.push(m.clone());
+    }
+    nbd_args.extend(confine.iter().cloned());
+    nbd_args
+}
+
+/// `--origin ORIGIN --store STORE`.
+fn devices(origin: &Path, store: &Path) -> [String; 4] {
+    [
+        "--origin".into(),
+        path_arg(origin),
+        "--store".into(),
+        path_arg(store),
+    ]
+}
+
+fn up(args: &UpArgs) -> Result<ExitCode, (u8, String)> {
+    let usage = |e: String| (EXIT_USAGE, e);
+    let failed = |e: String| (EXIT_FAILED, e);
+    if let Some(m) = &args.metrics {
+        csnap_io::net::Addr::parse(m).map_err(|e| usage(format!("--metrics {m}: {e}")))?;
+    }
+    // Signals first: every part inherits an empty mask, and a Ctrl-C during
+    // start-up is handled like one later.
+    csnap_sys::supervise::block_termination()
+        .map_err(|e| failed(format!("cannot block signals: {e}")))?;
+    std::fs::create_dir_all(&args.dir)
+        .map_err(|e| usage(format!("cannot create {}: {e}", args.dir.display())))?;
+    let dir = std::fs::canonicalize(&args.dir)
+        .map_err(|e| usage(format!("{}: {e}", args.dir.display())))?;
+    let origin = dir.join("origin.img");
+    let store = dir.join("store.img");
+    let cluster = dir.join("cluster");
+    let nbd_sock = dir.join("nbd.sock");
+    make_or_reuse(args, &origin, &store)?;
+    let confine = args.confine.child_args();
+    let mut parts: Vec<Part> = Vec::new();
+    let mut ctl_args = vec![
+        "cluster".into(),
+        "run".into(),
+        "--dir".into(),
+        path_arg(&cluster),
+    ];
+    ctl_args.extend(confine.iter().cloned());
+    parts.push(start("controller", &dir, &ctl_args).map_err(failed)?);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let ctl_sock = controller_socket(&cluster);
+    wait_for("the controller", &mut parts, deadline, &|| {
+        std::os::unix::net::UnixStream::connect(&ctl_sock).is_ok()
+    })
+    .map_err(failed)?;
+    let mut agent_args = vec!["agent".into(), "--dir".into(), path_arg(&cluster)];
+    agent_args.extend(["--node".into(), "1".into()]);
+    agent_args.extend(devices(&origin, &store));
+    agent_args.extend(confine.iter().cloned());
+    parts.push(start("agent", &dir, &agent_args).map_err(failed)?);
+    let agent_sock = agent_socket(&cluster, 1);
+    wait_for("the agent", &mut parts, deadline, &|| {
+        std::os::unix::net::UnixStream::connect(&agent_sock).is_ok()
+    })
+    .map_err(failed)?;
+    // The server starts on first demand; ask for it now so `up` reports a
+    // serving cluster.
+    let info = csnap_io::client::locate(&agent_sock, Duration::from_secs(30))
+        .map_err(|e| failed(format!("no server started: {e}")))?;
+    let nbd_args = nbd_args(args, &agent_sock, (&origin, &store), &nbd_sock, &confine);
+    parts.push(start("nbd", &dir, &nbd_args).map_err(failed)?);
+    wait_for("the NBD server", &mut parts, deadline, &|| {
+        std::os::unix::net::UnixStream::connect(&nbd_sock).is_ok()
+    })
+    .map_err(failed)?;
+    let text = banner(args, &dir, &info, &nbd_sock);
+    if !output(&text) {
+        return Ok(ExitCode::from(EXIT_FAILED));
+    }
+    let why = supervise(&mut parts, &dir);
+    output("csnap up: stopping\n");
+    stop(parts);
     match why {
         None => {
             output("csnap up: stopped; everything is on disk\n");

@@ -4,32 +4,27 @@ use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::sync::atomic::{AtomicU64, Ordering};
 
 const ORIGIN_BYTES: u64 = 4 << 20;
 const STORE_SIZE: &str = "16M";
 const STORE_BYTES: u64 = 16 << 20;
 
-/// A directory under the system temp dir, removed on drop.
-struct TempDir(PathBuf);
+/// A directory under the system temp dir, removed on drop, with the files
+/// these tests make in it.
+struct TempDir(csnap_testkit::TempDir);
 
 impl TempDir {
     fn new(name: &str) -> TempDir {
-        static NEXT: AtomicU64 = AtomicU64::new(0);
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.subsec_nanos());
-        let dir = std::env::temp_dir().join(format!(
-            "csnap-cli-{name}-{}-{n}-{nanos}",
-            std::process::id()
-        ));
-        fs::create_dir(&dir).expect("create temp dir");
-        TempDir(dir)
+        TempDir(csnap_testkit::TempDir::new("cli", name))
     }
 
     fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
+        self.0.path(name)
+    }
+
+    /// A sparse origin file of 4 MiB and the path of a store beside it.
+    fn origin_and_store(&self) -> (PathBuf, PathBuf) {
+        (self.origin(), self.path("store"))
     }
 
     /// A sparse origin file of 4 MiB.
@@ -48,12 +43,6 @@ impl TempDir {
         let out = format(&origin, &store, &["--store-size", STORE_SIZE]);
         assert_eq!(out.status.code(), Some(0), "format failed: {}", text(&out));
         store
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
     }
 }
 
@@ -84,22 +73,7 @@ fn check(store: &Path) -> Output {
     csnap(&["check", "--store", store.to_str().expect("utf-8 path")])
 }
 
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "status {:?}\n--- stdout\n{}--- stderr\n{}",
-        o.status,
-        stdout(o),
-        stderr(o)
-    )
-}
+use csnap_testkit::{stderr, stdout, text};
 
 fn problem_lines(o: &Output) -> Vec<String> {
     stdout(o)
@@ -117,6 +91,21 @@ fn store_uuid(format_output: &Output) -> String {
         .expect("format prints the store uuid")
 }
 
+/// Asserts exit status 0.
+fn assert_ok(o: &Output) {
+    assert_eq!(o.status.code(), Some(0), "{}", text(o));
+}
+
+/// Asserts that file `p` is `bytes` long.
+fn assert_size(p: &Path, bytes: u64) {
+    assert_eq!(
+        fs::metadata(p).map(|m| m.len()).ok(),
+        Some(bytes),
+        "size of {}",
+        p.display()
+    );
+}
+
 /// Asserts exit status `code`, one `csnap: ` error line on stderr that
 /// contains `word`, and nothing on stdout.
 fn assert_error(o: &Output, code: i32, word: &str) {
@@ -130,22 +119,18 @@ fn assert_error(o: &Output, code: i32, word: &str) {
 #[test]
 fn format_then_check_is_clean() {
     let d = TempDir::new("clean");
-    let origin = d.origin();
-    let store = d.path("store");
+    let (origin, store) = d.origin_and_store();
     let out = format(&origin, &store, &["--store-size", STORE_SIZE]);
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_ok(&out);
     let s = stdout(&out);
     assert_eq!(store_uuid(&out).len(), 32, "{s}");
     assert!(s.contains("chunk size    16384 bytes"), "{s}");
     assert!(s.contains("journal       128 blocks"), "{s}");
     assert!(s.contains("store full    refuse"), "{s}");
-    assert_eq!(
-        fs::metadata(&store).map(|m| m.len()).ok(),
-        Some(STORE_BYTES)
-    );
+    assert_size(&store, STORE_BYTES);
 
     let out = check(&store);
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_ok(&out);
     assert!(problem_lines(&out).is_empty(), "{}", text(&out));
     assert!(stdout(&out).contains(": clean"), "{}", text(&out));
 }
@@ -153,8 +138,7 @@ fn format_then_check_is_clean() {
 #[test]
 fn format_options_reach_the_label() {
     let d = TempDir::new("options");
-    let origin = d.origin();
-    let store = d.path("store");
+    let (origin, store) = d.origin_and_store();
     let out = format(
         &origin,
         &store,
@@ -167,7 +151,7 @@ fn format_options_reach_the_label() {
             "delete-lowest-priority",
         ],
     );
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_ok(&out);
     let s = stdout(&out);
     assert!(s.contains("chunk size    65536 bytes"), "{s}");
     assert!(s.contains("(64 chunks)"), "{s}");
@@ -178,25 +162,20 @@ fn format_options_reach_the_label() {
 #[test]
 fn format_extends_an_empty_store_file() {
     let d = TempDir::new("extend");
-    let origin = d.origin();
-    let store = d.path("store");
+    let (origin, store) = d.origin_and_store();
     File::create(&store).expect("create empty store");
     let out = format(&origin, &store, &[]);
     assert_error(&out, 2, "--store-size");
     let out = format(&origin, &store, &["--store-size", STORE_SIZE]);
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
-    assert_eq!(
-        fs::metadata(&store).map(|m| m.len()).ok(),
-        Some(STORE_BYTES)
-    );
+    assert_ok(&out);
+    assert_size(&store, STORE_BYTES);
     assert_eq!(check(&store).status.code(), Some(0));
 }
 
 #[test]
 fn format_needs_store_size_for_a_missing_store() {
     let d = TempDir::new("nosize");
-    let origin = d.origin();
-    let store = d.path("store");
+    let (origin, store) = d.origin_and_store();
     let out = format(&origin, &store, &[]);
     assert_error(&out, 2, "does not exist");
     assert!(stderr(&out).contains("--store-size"), "{}", text(&out));
@@ -213,10 +192,7 @@ fn format_rejects_store_size_for_a_sized_store() {
         &["--store-size", "32M", "--force"],
     );
     assert_error(&out, 2, "already has 16777216 bytes");
-    assert_eq!(
-        fs::metadata(&store).map(|m| m.len()).ok(),
-        Some(STORE_BYTES)
-    );
+    assert_size(&store, STORE_BYTES);
 }
 
 #[test]
@@ -235,17 +211,13 @@ fn format_refuses_the_origin_as_store() {
     let origin = d.origin();
     let out = format(&origin, &origin, &[]);
     assert_error(&out, 2, "same file");
-    assert_eq!(
-        fs::metadata(&origin).map(|m| m.len()).ok(),
-        Some(ORIGIN_BYTES)
-    );
+    assert_size(&origin, ORIGIN_BYTES);
 }
 
 #[test]
 fn format_refuses_bad_chunk_sizes() {
     let d = TempDir::new("chunk");
-    let origin = d.origin();
-    let store = d.path("store");
+    let (origin, store) = d.origin_and_store();
     for bad in ["3000", "2M", "2K", "0"] {
         let out = format(
             &origin,
@@ -261,8 +233,7 @@ fn format_refuses_bad_chunk_sizes() {
 #[test]
 fn format_refuses_a_store_too_small_and_leaves_nothing() {
     let d = TempDir::new("small");
-    let origin = d.origin();
-    let store = d.path("store");
+    let (origin, store) = d.origin_and_store();
     let out = format(&origin, &store, &["--store-size", "64K"]);
     assert_error(&out, 1, "too small");
     assert!(!store.exists());
@@ -271,8 +242,7 @@ fn format_refuses_a_store_too_small_and_leaves_nothing() {
 #[test]
 fn format_refuses_a_short_journal() {
     let d = TempDir::new("journal");
-    let origin = d.origin();
-    let store = d.path("store");
+    let (origin, store) = d.origin_and_store();
     let out = csnap(&[
         "format",
         "--origin",
@@ -291,10 +261,9 @@ fn format_refuses_a_short_journal() {
 #[test]
 fn format_refuses_to_overwrite_a_store_without_force() {
     let d = TempDir::new("force");
-    let origin = d.origin();
-    let store = d.path("store");
+    let (origin, store) = d.origin_and_store();
     let first = format(&origin, &store, &["--store-size", STORE_SIZE]);
-    assert_eq!(first.status.code(), Some(0), "{}", text(&first));
+    assert_ok(&first);
     let before = fs::read(&store).expect("read store");
 
     let out = format(&origin, &store, &[]);
@@ -307,7 +276,7 @@ fn format_refuses_to_overwrite_a_store_without_force() {
     );
 
     let second = format(&origin, &store, &["--force"]);
-    assert_eq!(second.status.code(), Some(0), "{}", text(&second));
+    assert_ok(&second);
     assert_ne!(store_uuid(&first), store_uuid(&second));
     assert_eq!(check(&store).status.code(), Some(0));
 }
@@ -315,19 +284,17 @@ fn format_refuses_to_overwrite_a_store_without_force() {
 #[test]
 fn format_overwrites_foreign_data_without_force() {
     let d = TempDir::new("foreign");
-    let origin = d.origin();
-    let store = d.path("store");
+    let (origin, store) = d.origin_and_store();
     fs::write(&store, pseudo_random(STORE_BYTES)).expect("write store");
     let out = format(&origin, &store, &[]);
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_ok(&out);
     assert_eq!(check(&store).status.code(), Some(0));
 }
 
 #[test]
 fn bad_size_strings_are_rejected() {
     let d = TempDir::new("sizes");
-    let origin = d.origin();
-    let store = d.path("store");
+    let (origin, store) = d.origin_and_store();
     for bad in [
         "",
         "12Q",
@@ -422,7 +389,7 @@ fn check_missing_path() {
 #[test]
 fn check_directory() {
     let d = TempDir::new("dir");
-    let out = check(&d.0);
+    let out = check(d.0.dir());
     assert_error(&out, 2, "is a directory");
 }
 
@@ -476,11 +443,7 @@ fn check_store_truncated_below_two_blocks() {
 
 #[test]
 fn check_reports_a_flipped_superblock_byte() {
-    let d = TempDir::new("superblock");
-    let store = d.formatted_store();
-    flip_byte(&store, 4096 + 100);
-    let out = check(&store);
-    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let out = check_flipped("superblock", 4096 + 100);
     let problems = problem_lines(&out);
     assert!(!problems.is_empty(), "{}", text(&out));
     assert!(
@@ -493,11 +456,7 @@ fn check_reports_a_flipped_superblock_byte() {
 
 #[test]
 fn check_reports_a_flipped_label_byte() {
-    let d = TempDir::new("label");
-    let store = d.formatted_store();
-    flip_byte(&store, 100);
-    let out = check(&store);
-    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let out = check_flipped("label", 100);
     let problems = problem_lines(&out);
     assert!(
         problems.iter().any(|p| p.contains("label is corrupt")),
@@ -509,11 +468,7 @@ fn check_reports_a_flipped_label_byte() {
 #[test]
 fn check_reports_a_flipped_bitmap_byte() {
     // Block 2 + 128 is the first metadata bitmap block of a 128-block journal.
-    let d = TempDir::new("bitmap");
-    let store = d.formatted_store();
-    flip_byte(&store, (2 + 128) * 4096 + 200);
-    let out = check(&store);
-    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let out = check_flipped("bitmap", (2 + 128) * 4096 + 200);
     assert!(
         problem_lines(&out).iter().any(|p| p.contains("bitmap")),
         "{}",
@@ -534,6 +489,17 @@ fn check_writes_nothing() {
     );
 }
 
+/// `csnap check` of a formatted store with the byte at `offset` flipped,
+/// which must report problems (exit 1).
+fn check_flipped(name: &str, offset: u64) -> Output {
+    let d = TempDir::new(name);
+    let store = d.formatted_store();
+    flip_byte(&store, offset);
+    let out = check(&store);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    out
+}
+
 fn flip_byte(path: &Path, offset: u64) {
     let f = OpenOptions::new()
         .read(true)
@@ -548,15 +514,8 @@ fn flip_byte(path: &Path, offset: u64) {
 
 /// Deterministic bytes that look like foreign data (xorshift64).
 fn pseudo_random(len: u64) -> Vec<u8> {
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x.to_le_bytes()[0]
-        })
-        .collect()
+    let mut x = csnap_testkit::XorShift64::new(csnap_testkit::GOLDEN_GAMMA);
+    (0..len).map(|_| x.next_u64().to_le_bytes()[0]).collect()
 }
 
 /// Shared devices are reached around the page cache: an origin or a store on

@@ -170,15 +170,8 @@ fn qemu_io(url: &str, cmd: &str) {
     );
 }
 
-fn wait_until<T>(what: &str, t: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-    let start = Instant::now();
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(start.elapsed() < t, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+fn wait_until<T>(what: &str, t: Duration, f: impl FnMut() -> Option<T>) -> T {
+    csnap_testkit::wait_for_every(what, t, Duration::from_millis(100), f)
 }
 
 struct Up {

@@ -119,14 +119,8 @@ impl Up {
 }
 
 fn random_file(path: &Path, bytes: usize, seed: u64) {
-    let mut x = seed | 1;
     let mut v = vec![0u8; bytes];
-    for b in v.chunks_mut(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        b.copy_from_slice(&x.to_le_bytes()[..b.len()]);
-    }
+    csnap_testkit::XorShift64::new(seed | 1).fill(&mut v);
     std::fs::write(path, v).unwrap();
 }
 
@@ -326,16 +320,7 @@ fn csnap_up_reuses_its_files_across_a_restart_and_stops_cleanly_on_sigint_and_si
 use std::collections::BTreeSet;
 
 /// A deterministic generator (xorshift).
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
+use csnap_testkit::XorShift64 as Rng;
 
 impl Up {
     fn csnap(&self, args: &[&str]) -> String {
@@ -404,11 +389,11 @@ fn random_writes(
     for i in 0..n {
         // Half of them near the 512 MiB mark, where a delta query ends.
         let off = if i % 2 == 0 {
-            rng.next() % (size - 300_000)
+            rng.next_u64() % (size - 300_000)
         } else {
-            (512 << 20) - 150_000 + rng.next() % 300_000
+            (512 << 20) - 150_000 + rng.next_u64() % 300_000
         };
-        let len = 1 + rng.next() % 100_000;
+        let len = 1 + rng.next_u64() % 100_000;
         cmd.arg("-c")
             .arg(format!("write -P {} {off} {len}", 1 + i % 250));
         chunks.extend(off / cs..(off + len).div_ceil(cs));
@@ -430,7 +415,7 @@ fn nbdinfo_lists_every_context_and_maps_match_the_writes() {
     let up = Up::start(&d, "1G", "256M");
     let size = 1u64 << 30;
     let cs = up.chunk_bytes();
-    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let mut rng = Rng::new(0x9e37_79b9_7f4a_7c15);
     random_writes(&up, "origin", &mut rng, 20, size, cs);
     up.snapshot(1);
     let w1 = random_writes(&up, "origin", &mut rng, 20, size, cs);

@@ -53,68 +53,17 @@ const QUIET: Duration = Duration::from_millis(300);
 /// xorshift64: deterministic data, never a zero byte (so a stray read of
 /// zeroes, or of another region, shows up, like cbtb's DEADBEEF fill).
 fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8 | 1
-        })
-        .collect()
+    let mut x = csnap_testkit::XorShift64::new(seed.wrapping_mul(csnap_testkit::GOLDEN_GAMMA) | 1);
+    (0..len).map(|_| (x.next_u64() >> 24) as u8 | 1).collect()
 }
 
-/// Asserts `got == want`, reporting the first and last differing bytes and
-/// their chunks instead of megabytes of dump.
-fn assert_same(what: &str, got: &[u8], want: &[u8]) {
-    assert_eq!(got.len(), want.len(), "{what}: length differs");
-    if got == want {
-        return;
-    }
-    let diff = |(a, b): (&u8, &u8)| a != b;
-    let first = got.iter().zip(want).position(diff).unwrap_or(0);
-    let last = got.iter().zip(want).rposition(diff).unwrap_or(0);
-    let n = got.iter().zip(want).filter(|p| diff(*p)).count();
-    let end = (first + 8).min(got.len());
-    panic!(
-        "{what}: contents differ from the shadow: {n} bytes differ, first at byte {first} \
-         (chunk {}, +{}), last at byte {last} (chunk {}); at the first: got {:02x?} want {:02x?}",
-        first as u64 / CHUNK,
-        first as u64 % CHUNK,
-        last as u64 / CHUNK,
-        &got[first..end],
-        &want[first..end]
-    );
-}
+use common::cluster::assert_same;
 
 // ---------------------------------------------------------------------------
 // Files and processes.
 // ---------------------------------------------------------------------------
 
-/// A directory under the system temp dir, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> TempDir {
-        static NEXT: AtomicU64 = AtomicU64::new(0);
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.subsec_nanos());
-        let dir = std::env::temp_dir().join(format!(
-            "csnap-srv-{name}-{}-{n}-{nanos}",
-            std::process::id()
-        ));
-        fs::create_dir(&dir).expect("create temp dir");
-        TempDir(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
+use csnap_testkit::TempDir;
 
 fn s(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
@@ -124,22 +73,7 @@ fn s(p: &Path) -> &str {
 // stops answering must fail the test, not hang it).
 use common::cluster::csnap;
 
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "status {:?}\n--- stdout\n{}--- stderr\n{}",
-        o.status,
-        stdout(o),
-        stderr(o)
-    )
-}
+use csnap_testkit::{stderr, stdout, text};
 
 /// Asserts a failed command: exit `code`, a `csnap: ` line on stderr
 /// containing `word`, nothing on stdout.
@@ -502,7 +436,7 @@ impl Fixture {
     /// with 16 KiB chunks and a 128-block journal, and a server started with
     /// `server_args`.
     fn new(name: &str, origin_bytes: u64, server_args: &[&str]) -> Fixture {
-        let dir = TempDir::new(name);
+        let dir = TempDir::new("srv", name);
         let origin = dir.0.join("origin");
         let store = dir.0.join("store");
         let sock = dir.0.join("sock");

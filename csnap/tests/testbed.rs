@@ -9,7 +9,7 @@
 mod common;
 
 use common::cluster::{seed, Rng};
-use common::testbed::{available, serial, Testbed, TestbedOpts};
+use common::testbed::{enter, Testbed, TestbedOpts};
 
 /// The two-node stale-read scenario: node 1 writes through its export and
 /// flushes; node 2 (which has read the block before, as a host using the
@@ -18,7 +18,7 @@ use common::testbed::{available, serial, Testbed, TestbedOpts};
 /// Returns the first failure.
 fn stale_read(shared_loop: bool) -> Result<(), String> {
     let mut rng = Rng::new(seed("testbed-stale-read"));
-    let mut tb = Testbed::up(
+    let tb = Testbed::up_with_nbd(
         if shared_loop { "stale-shared" } else { "stale" },
         TestbedOpts {
             nodes: 2,
@@ -28,8 +28,6 @@ fn stale_read(shared_loop: bool) -> Result<(), String> {
         },
         &mut rng,
     );
-    tb.start_nbd(1);
-    tb.start_nbd(2);
     let (n1, n2) = (tb.node(1), tb.node(2));
     let (ok, out) = n2.qemu_io("origin", &["read 0 64k"]);
     assert!(ok, "node 2's first read:\n{out}");
@@ -51,11 +49,7 @@ fn stale_read(shared_loop: bool) -> Result<(), String> {
 /// own): it needs O_DIRECT on every device access.
 #[test]
 fn two_nodes_see_each_others_flushed_origin_writes() {
-    if !available() {
-        eprintln!("skipped: needs root, ip and losetup");
-        return;
-    }
-    let _g = serial();
+    let Some(_g) = enter() else { return };
     if let Err(e) = stale_read(false) {
         panic!("{e}");
     }
@@ -66,11 +60,7 @@ fn two_nodes_see_each_others_flushed_origin_writes() {
 /// above is the per-node page caches, not the harness.
 #[test]
 fn control_one_shared_loop_device_sees_flushed_writes() {
-    if !available() {
-        eprintln!("skipped: needs root, ip and losetup");
-        return;
-    }
-    let _g = serial();
+    let Some(_g) = enter() else { return };
     if let Err(e) = stale_read(true) {
         panic!("{e}");
     }
@@ -106,6 +96,19 @@ fn write_some(tb: &Testbed, n: u32, export: &str, shadow: &mut [u8], rng: &mut R
     assert!(ok, "node {n} writes to {export}:\n{out}\n{}", tb.logs(30));
 }
 
+/// [`write_some`] to the origin through every node in `nodes`.
+fn write_origin(
+    tb: &Testbed,
+    nodes: &[u32],
+    shadows: &mut BTreeMap<String, Vec<u8>>,
+    rng: &mut Rng,
+) {
+    for &n in nodes {
+        let shadow = shadows.get_mut("origin").expect("origin");
+        write_some(tb, n, "origin", shadow, rng);
+    }
+}
+
 /// Every volume read through every node in `nodes` equals its shadow.
 fn verify(tb: &Testbed, nodes: &[u32], shadows: &BTreeMap<String, Vec<u8>>, when: &str) {
     for &n in nodes {
@@ -123,15 +126,9 @@ fn verify(tb: &Testbed, nodes: &[u32], shadows: &BTreeMap<String, Vec<u8>>, when
 /// listed, every volume equals its shadow and `csnap check` is clean.
 #[test]
 fn the_server_moves_between_namespaces_under_io_from_both_nodes() {
-    if !available() {
-        eprintln!("skipped: needs root, ip and losetup");
-        return;
-    }
-    let _g = serial();
+    let Some(_g) = enter() else { return };
     let mut rng = Rng::new(seed("testbed-move"));
-    let mut tb = Testbed::up("move", TestbedOpts::default(), &mut rng);
-    tb.start_nbd(1);
-    tb.start_nbd(2);
+    let mut tb = Testbed::up_with_nbd("move", TestbedOpts::default(), &mut rng);
     let mut shadows = BTreeMap::new();
     shadows.insert("origin".to_string(), tb.initial.clone());
     for (i, target) in [1u32, 2, 1, 2].into_iter().enumerate() {
@@ -143,19 +140,13 @@ fn the_server_moves_between_namespaces_under_io_from_both_nodes() {
         }
         verify(&tb, &[1, 2], &shadows, &format!("after move {}", i + 1));
         let tag = u32::try_from(i + 1).expect("tag");
-        let o = tb.snapshot("create", &[&tag.to_string()]);
-        assert!(o.status.success(), "snapshot create {tag}: {}", text(&o));
+        tb.create_snapshot(&tag.to_string());
         let origin = shadows["origin"].clone();
         shadows.insert(tag.to_string(), origin);
     }
     assert_eq!(tb.snapshot_tags(), vec![1, 2, 3, 4]);
     verify(&tb, &[1, 2], &shadows, "at the end");
-    let o = tb.stop_and_check();
-    assert!(
-        o.status.success() && String::from_utf8_lossy(&o.stdout).contains(": clean"),
-        "check: {}",
-        text(&o)
-    );
+    tb.stop_and_assert_clean();
 }
 
 /// Three nodes, the server on node 1, clients on nodes 2 and 3 through
@@ -166,13 +157,9 @@ fn the_server_moves_between_namespaces_under_io_from_both_nodes() {
 /// and `csnap check` is clean.
 #[test]
 fn a_killed_node_and_a_killed_server_fail_over_and_lose_nothing() {
-    if !available() {
-        eprintln!("skipped: needs root, ip and losetup");
-        return;
-    }
-    let _g = serial();
+    let Some(_g) = enter() else { return };
     let mut rng = Rng::new(seed("testbed-failover"));
-    let mut tb = Testbed::up(
+    let mut tb = Testbed::up_with_nbd(
         "failover",
         TestbedOpts {
             nodes: 3,
@@ -180,60 +167,27 @@ fn a_killed_node_and_a_killed_server_fail_over_and_lose_nothing() {
         },
         &mut rng,
     );
-    for n in 1..=3 {
-        tb.start_nbd(n);
-    }
     let mut shadows = BTreeMap::new();
     shadows.insert("origin".to_string(), tb.initial.clone());
     let st = tb.move_server(1);
-    for n in [2, 3] {
-        write_some(
-            &tb,
-            n,
-            "origin",
-            shadows.get_mut("origin").expect("origin"),
-            &mut rng,
-        );
-    }
+    write_origin(&tb, &[2, 3], &mut shadows, &mut rng);
     tb.kill_node(1);
     assert!(tb.node_pids(1).is_empty(), "node 1 is dead");
     let st = tb.wait("the server fails over from node 1", |x| {
         x.incarnation > st.incarnation && x.node != 1
     });
-    for n in [2, 3] {
-        write_some(
-            &tb,
-            n,
-            "origin",
-            shadows.get_mut("origin").expect("origin"),
-            &mut rng,
-        );
-    }
+    write_origin(&tb, &[2, 3], &mut shadows, &mut rng);
     verify(&tb, &[2, 3], &shadows, "after node 1 died");
     let pid = tb.server_pid(st.node, &st.addr);
     kill(pid, libc::SIGKILL);
     tb.wait("the server fails over after its SIGKILL", |x| {
         x.incarnation > st.incarnation
     });
-    for n in [2, 3] {
-        write_some(
-            &tb,
-            n,
-            "origin",
-            shadows.get_mut("origin").expect("origin"),
-            &mut rng,
-        );
-    }
-    let o = tb.snapshot("create", &["7"]);
-    assert!(o.status.success(), "snapshot create: {}", text(&o));
+    write_origin(&tb, &[2, 3], &mut shadows, &mut rng);
+    tb.create_snapshot("7");
     shadows.insert("7".to_string(), shadows["origin"].clone());
     verify(&tb, &[2, 3], &shadows, "after both failovers");
-    let o = tb.stop_and_check();
-    assert!(
-        o.status.success() && String::from_utf8_lossy(&o.stdout).contains(": clean"),
-        "check: {}",
-        text(&o)
-    );
+    tb.stop_and_assert_clean();
 }
 
 fn random_file(path: &std::path::Path, bytes: usize, rng: &mut Rng) {
@@ -246,13 +200,9 @@ fn random_file(path: &std::path::Path, bytes: usize, rng: &mut Rng) {
 /// the origin is clean and their files read back byte for byte.
 #[test]
 fn ext4_written_on_node_1_reads_back_on_node_2_from_a_snapshot() {
-    if !available() {
-        eprintln!("skipped: needs root, ip and losetup");
-        return;
-    }
-    let _g = serial();
+    let Some(_g) = enter() else { return };
     let mut rng = Rng::new(seed("testbed-ext4"));
-    let mut tb = Testbed::up(
+    let tb = Testbed::up_with_nbd(
         "ext4",
         TestbedOpts {
             origin_bytes: 48 << 20,
@@ -261,8 +211,6 @@ fn ext4_written_on_node_1_reads_back_on_node_2_from_a_snapshot() {
         },
         &mut rng,
     );
-    tb.start_nbd(1);
-    tb.start_nbd(2);
     tb.move_server(1);
     let d = tb.dir.clone();
     let origin = Attached::new(&tb.node(1).unix_url("origin"), &d.join("fuse-origin"));
@@ -321,13 +269,9 @@ fn on(tb: &Testbed, n: u32, prog: &str, args: &[&str]) -> String {
 /// (nbdcopy, qemu-img compare, which also tells the volumes apart).
 #[test]
 fn nbd_clients_on_three_nodes_see_each_others_data() {
-    if !available() {
-        eprintln!("skipped: needs root, ip and losetup");
-        return;
-    }
-    let _g = serial();
+    let Some(_g) = enter() else { return };
     let mut rng = Rng::new(seed("testbed-interop"));
-    let mut tb = Testbed::up(
+    let tb = Testbed::up_with_nbd(
         "interop",
         TestbedOpts {
             nodes: 3,
@@ -336,9 +280,6 @@ fn nbd_clients_on_three_nodes_see_each_others_data() {
         },
         &mut rng,
     );
-    for n in 1..=3 {
-        tb.start_nbd(n);
-    }
     let a = tb.dir.join("a.img");
     let b = tb.dir.join("b.img");
     std::fs::write(&a, rng.bytes(8 << 20)).expect("a");
@@ -366,8 +307,7 @@ fn nbd_clients_on_three_nodes_see_each_others_data() {
         "qemu-img",
         &["compare", "-f", "raw", "-F", "raw", &a, &url(2, "origin")],
     );
-    let o = tb.snapshot("create", &["1"]);
-    assert!(o.status.success(), "snapshot create: {}", text(&o));
+    tb.create_snapshot("1");
     let list = on(&tb, 3, "nbdinfo", &["--list", &url(3, "")]);
     assert!(
         list.contains("export=\"1\""),
@@ -434,11 +374,7 @@ fn nbd_clients_on_three_nodes_see_each_others_data() {
 /// held-off write through; the snapshot still reads the chunk as it was.
 #[test]
 fn a_read_lock_of_node_3_holds_off_node_2_across_a_failover() {
-    if !available() {
-        eprintln!("skipped: needs root, ip and losetup");
-        return;
-    }
-    let _g = serial();
+    let Some(_g) = enter() else { return };
     let mut rng = Rng::new(seed("testbed-window"));
     let tb = Testbed::up(
         "window",
@@ -450,8 +386,7 @@ fn a_read_lock_of_node_3_holds_off_node_2_across_a_failover() {
     );
     let st = tb.move_server(1);
     let mut w = tb.io("origin", 11, 2);
-    let o = tb.snapshot("create", &["1"]);
-    assert!(o.status.success(), "snapshot create: {}", text(&o));
+    tb.create_snapshot("1");
     let mut r = tb.io("1", 31, 3);
     let held_chunk = 5u64;
     let k = held(&r.call(&format!("hold {} 100", held_chunk * CHUNK + 10)));
@@ -482,17 +417,11 @@ fn a_read_lock_of_node_3_holds_off_node_2_across_a_failover() {
 /// process, namespace, link or loop device behind.
 #[test]
 fn kill_node_and_teardown_after_a_panic_leave_nothing_behind() {
-    if !available() {
-        eprintln!("skipped: needs root, ip and losetup");
-        return;
-    }
-    let _g = serial();
+    let Some(_g) = enter() else { return };
     let mut rng = Rng::new(seed("testbed-teardown"));
     let names = std::sync::Mutex::new(None);
     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        let mut tb = Testbed::up("teardown", TestbedOpts::default(), &mut rng);
-        tb.start_nbd(1);
-        tb.start_nbd(2);
+        let mut tb = Testbed::up_with_nbd("teardown", TestbedOpts::default(), &mut rng);
         let pids: Vec<u32> = [1, 2].iter().flat_map(|&n| tb.node_pids(n)).collect();
         assert!(
             tb.node_pids(2).len() >= 3,
@@ -586,11 +515,7 @@ fn a_paused_server_on_node_1_is_fenced_by_a_takeover_on_node_2() {
     use std::ffi::OsString;
     use std::time::{Duration, Instant};
 
-    if !available() {
-        eprintln!("skipped: the test bed needs root, ip and losetup");
-        return;
-    }
-    let _serial = serial();
+    let Some(_serial) = enter() else { return };
     let mut rng = Rng::new(seed("testbed-fence"));
     let mut tb = Testbed::up("fence", TestbedOpts::default(), &mut rng);
     // No cluster for this one: the agents (and their standbys) go.

@@ -61,6 +61,15 @@ enum M {
     Other(Kind),
 }
 
+/// `AgentState` as the bus carries it.
+fn agent_state(standby: bool, serving: u64, died: u64) -> M {
+    M::AgentState {
+        standby,
+        serving,
+        died,
+    }
+}
+
 fn own(msg: &Msg<'_>) -> M {
     match *msg {
         Msg::HelloOk { .. } => M::HelloOk,
@@ -95,11 +104,7 @@ fn own(msg: &Msg<'_>) -> M {
             died_incarnation,
         } => {
             assert_eq!(node_id, ME, "AgentState names this node");
-            M::AgentState {
-                standby: standby_ready,
-                serving: serving_incarnation,
-                died: died_incarnation,
-            }
+            agent_state(standby_ready, serving_incarnation, died_incarnation)
         }
         Msg::WantServer { failed_incarnation } => M::WantServer(failed_incarnation),
         Msg::NeedClients { gather_id, starter } => M::NeedClients(gather_id, starter),
@@ -205,11 +210,7 @@ impl T {
             vec![
                 M::Hello(Role::Agent),
                 M::Join(ME, "/run/csnap/node-1/agent.sock".into()),
-                M::AgentState {
-                    standby: false,
-                    serving: 0,
-                    died: 0
-                },
+                agent_state(false, 0, 0),
             ]
         );
         t.bus_in(&members(1, &[1, 2, 3]));
@@ -614,14 +615,7 @@ fn a_standby_announces_itself_and_a_second_one_is_refused() {
     // backoff.
     t.at(50);
     t.a.handle_disconnect(sb);
-    assert_eq!(
-        t.bus(),
-        vec![M::AgentState {
-            standby: false,
-            serving: 0,
-            died: 0
-        }]
-    );
+    assert_eq!(t.bus(), vec![agent_state(false, 0, 0)]);
     assert!(t
         .actions()
         .contains(&AgentAction::Log(AgentEvent::StandbyLost { pid: 100 })));
@@ -656,14 +650,7 @@ fn start_here_without_a_standby_says_so() {
             claim: false,
         },
     ));
-    assert_eq!(
-        t.bus(),
-        vec![M::AgentState {
-            standby: false,
-            serving: 0,
-            died: 0
-        }]
-    );
+    assert_eq!(t.bus(), vec![agent_state(false, 0, 0)]);
 }
 
 /// A local snapshot client (11), a local origin client (12), a control tool,
@@ -830,14 +817,7 @@ fn serving_announces_the_server_answers_waiting_clients_and_spawns_a_standby() {
     let addr = server_addr(200);
     assert_eq!(
         t.bus(),
-        vec![
-            M::ServerUp(5, ME, addr.clone()),
-            M::AgentState {
-                standby: false,
-                serving: 5,
-                died: 0
-            },
-        ]
+        vec![M::ServerUp(5, ME, addr.clone()), agent_state(false, 5, 0),]
     );
     assert_eq!(t.out(snap), vec![(1, addr_of(5, ME, &addr))]);
     assert_eq!(t.a.status().waiting_clients, 0);
@@ -872,14 +852,7 @@ fn the_serving_servers_link_closing_reports_it_died() {
     t.bus();
     t.actions();
     t.a.handle_disconnect(sb);
-    assert_eq!(
-        t.bus(),
-        vec![M::AgentState {
-            standby: false,
-            serving: 0,
-            died: 6
-        }]
-    );
+    assert_eq!(t.bus(), vec![agent_state(false, 0, 6)]);
     assert!(t
         .actions()
         .contains(&AgentAction::Log(AgentEvent::ServerDied { incarnation: 6 })));
@@ -923,14 +896,7 @@ fn a_start_that_fails_is_reported_and_a_standby_respawned() {
     );
     assert!(t.out(sb).is_empty(), "a server's error is not answered");
     t.a.handle_disconnect(sb);
-    assert_eq!(
-        t.bus(),
-        vec![M::AgentState {
-            standby: false,
-            serving: 0,
-            died: 0
-        }]
-    );
+    assert_eq!(t.bus(), vec![agent_state(false, 0, 0)]);
     assert!(t
         .actions()
         .contains(&AgentAction::Log(AgentEvent::StartFailed { attempt: 3 })));
@@ -1019,18 +985,7 @@ fn fenced_left_cluster_stops_the_server_and_refuses_clients_until_a_member_again
     assert_eq!(t.closes(), vec![sb], "the serving server's link is closed");
     assert_eq!(
         t.bus(),
-        vec![
-            M::AgentState {
-                standby: true,
-                serving: 0,
-                died: 3
-            },
-            M::AgentState {
-                standby: false,
-                serving: 0,
-                died: 0
-            },
-        ]
+        vec![agent_state(true, 0, 3), agent_state(false, 0, 0),]
     );
     t.a.handle_disconnect(sb);
     assert!(t.bus().is_empty(), "the death was reported once");
@@ -1052,14 +1007,7 @@ fn fenced_left_cluster_stops_the_server_and_refuses_clients_until_a_member_again
             claim: false,
         },
     ));
-    assert_eq!(
-        t.bus(),
-        vec![M::AgentState {
-            standby: false,
-            serving: 0,
-            died: 0
-        }]
-    );
+    assert_eq!(t.bus(), vec![agent_state(false, 0, 0)]);
     assert!(t.out(sb2).is_empty());
     // A member again: clients are served, and the controller learns that
     // its standby can be started again.
@@ -1069,11 +1017,7 @@ fn fenced_left_cluster_stops_the_server_and_refuses_clients_until_a_member_again
     assert_eq!(t.out(c), vec![(9, addr_of(4, 2, "n2.sock"))]);
     assert_eq!(
         t.bus(),
-        vec![M::AgentState {
-            standby: true,
-            serving: 0,
-            died: 0
-        }],
+        vec![agent_state(true, 0, 0)],
         "a rejoined node reports its standby ready again"
     );
 }
@@ -1093,11 +1037,7 @@ fn fenced_server_moved_stops_the_server_only() {
     ));
     assert_eq!(t.closes(), vec![sb]);
     let b = t.bus();
-    assert!(b.contains(&M::AgentState {
-        standby: false,
-        serving: 0,
-        died: 3
-    }));
+    assert!(b.contains(&agent_state(false, 0, 3)));
     assert!(t.a.status().member, "still a member");
     t.bus_in(&server_up(4, 2, "n2.sock"));
     let c = t.hello(Role::Client);
@@ -1119,14 +1059,7 @@ fn a_newer_incarnation_elsewhere_stops_the_local_older_server() {
     assert_eq!(t.a.status().cluster_server, Some((5, ME)));
     t.bus_in(&server_up(6, 3, "n3.sock"));
     assert_eq!(t.closes(), vec![sb]);
-    assert_eq!(
-        t.bus(),
-        vec![M::AgentState {
-            standby: false,
-            serving: 0,
-            died: 5
-        }]
-    );
+    assert_eq!(t.bus(), vec![agent_state(false, 0, 5)]);
     assert!(t
         .actions()
         .contains(&AgentAction::Log(AgentEvent::StaleServerStopped {
@@ -1238,11 +1171,7 @@ fn a_bus_reconnect_resends_join_and_state() {
         vec![
             M::Hello(Role::Agent),
             M::Join(ME, "/run/csnap/node-1/agent.sock".into()),
-            M::AgentState {
-                standby: false,
-                serving: 8,
-                died: 0
-            },
+            agent_state(false, 8, 0),
             M::ServerUp(8, ME, server_addr(1000)),
             M::WantServer(8),
         ]

@@ -47,6 +47,11 @@ enum M {
     Other(Kind),
 }
 
+/// `StartHere` as an agent gets it.
+fn start_here(attempt: u64, former: u64) -> M {
+    M::StartHere { attempt, former }
+}
+
 fn own(msg: &Msg<'_>) -> M {
     match *msg {
         Msg::HelloOk { .. } => M::HelloOk,
@@ -287,16 +292,7 @@ impl T {
         t.state(3, true, 0, 0);
         t.want(1, 0);
         let m = t.agents_got();
-        assert_eq!(
-            m,
-            BTreeMap::from([(
-                2,
-                vec![M::StartHere {
-                    attempt: 1,
-                    former: 0
-                }]
-            )])
-        );
+        assert_eq!(m, BTreeMap::from([(2, vec![start_here(1, 0)])]));
         t.up(2, inc);
         t.state(2, false, inc, 0);
         t.state(1, true, 0, 0);
@@ -438,13 +434,7 @@ fn auto_placement_picks_the_lowest_member_with_a_ready_standby() {
     t.state(3, true, 0, 0);
     assert_eq!(
         t.agents_got(),
-        BTreeMap::from([(
-            3,
-            vec![M::StartHere {
-                attempt: 1,
-                former: 0
-            }]
-        )]),
+        BTreeMap::from([(3, vec![start_here(1, 0)])]),
         "the wish is remembered: placed once a standby is ready"
     );
     assert_eq!(t.c.next_deadline_ms(), Some(TIMEOUT_MS));
@@ -456,13 +446,7 @@ fn auto_placement_picks_the_lowest_member_with_a_ready_standby() {
     t.want(1, 0);
     assert_eq!(
         t.agents_got(),
-        BTreeMap::from([(
-            2,
-            vec![M::StartHere {
-                attempt: 1,
-                former: 0
-            }]
-        )])
+        BTreeMap::from([(2, vec![start_here(1, 0)])])
     );
     assert!(t.events().contains(&ControllerEvent::Placing {
         node: 2,
@@ -488,13 +472,7 @@ fn manual_policy_places_only_on_a_start_command() {
     t.command(tool, 11, ClusterOp::Start, 2);
     assert_eq!(
         t.agents_got(),
-        BTreeMap::from([(
-            2,
-            vec![M::StartHere {
-                attempt: 1,
-                former: 0
-            }]
-        )])
+        BTreeMap::from([(2, vec![start_here(1, 0)])])
     );
     assert!(t.out(tool).is_empty(), "answered once it serves");
     t.up(2, 1);
@@ -547,16 +525,7 @@ fn the_serving_agent_reporting_its_server_died_fails_over_to_another_node() {
     let down = M::ServerDown(1, 2);
     assert_eq!(m[&2], vec![down.clone()]);
     assert_eq!(m[&3], vec![down.clone()]);
-    assert_eq!(
-        m[&1],
-        vec![
-            down,
-            M::StartHere {
-                attempt: 2,
-                former: 1
-            }
-        ]
-    );
+    assert_eq!(m[&1], vec![down, start_here(2, 1)]);
     assert_eq!(t.c.running(), None);
     // Node 1 cannot start after all: the next try avoids it too, and the
     // lowest other candidate is node 2. Node 1 had not begun its gather, so
@@ -567,13 +536,7 @@ fn the_serving_agent_reporting_its_server_died_fails_over_to_another_node() {
         t.agents_got(),
         BTreeMap::from([
             (1, vec![M::Fence(FenceReason::ServerMoved)]),
-            (
-                2,
-                vec![M::StartHere {
-                    attempt: 3,
-                    former: 1
-                }]
-            )
+            (2, vec![start_here(3, 1)])
         ])
     );
     // A death report naming an old incarnation changes nothing.
@@ -593,16 +556,7 @@ fn the_failed_node_is_tried_again_when_it_is_the_only_candidate() {
     t.drain();
     t.state(2, true, 0, 1);
     let m = t.agents_got();
-    assert_eq!(
-        m[&2],
-        vec![
-            M::ServerDown(1, 2),
-            M::StartHere {
-                attempt: 2,
-                former: 1
-            }
-        ]
-    );
+    assert_eq!(m[&2], vec![M::ServerDown(1, 2), start_here(2, 1)]);
 }
 
 #[test]
@@ -613,14 +567,7 @@ fn the_serving_agent_disconnecting_fails_over() {
     let m = t.agents_got();
     assert_eq!(
         m[&1],
-        vec![
-            M::ServerDown(1, 2),
-            M::StartHere {
-                attempt: 2,
-                former: 1
-            },
-            members(4, &[1, 3]),
-        ]
+        vec![M::ServerDown(1, 2), start_here(2, 1), members(4, &[1, 3]),]
     );
     assert_eq!(m[&3], vec![M::ServerDown(1, 2), members(4, &[1, 3])]);
     assert!(t
@@ -650,31 +597,13 @@ fn leave_fences_the_node_and_fails_over_and_join_takes_it_back() {
     t.state(2, false, 0, 1);
     let m = t.agents_got();
     assert!(m[&3].contains(&M::ServerDown(1, 2)));
-    assert_eq!(
-        m[&1],
-        vec![
-            M::ServerDown(1, 2),
-            M::StartHere {
-                attempt: 2,
-                former: 1
-            }
-        ]
-    );
+    assert_eq!(m[&1], vec![M::ServerDown(1, 2), start_here(2, 1)]);
     // A left node is no candidate, even with a standby ready.
     t.up(1, 2);
     t.drain();
     t.state(1, false, 0, 2);
     let m = t.agents_got();
-    assert_eq!(
-        m[&3],
-        vec![
-            M::ServerDown(2, 1),
-            M::StartHere {
-                attempt: 3,
-                former: 2
-            }
-        ]
-    );
+    assert_eq!(m[&3], vec![M::ServerDown(2, 1), start_here(3, 2)]);
     // Join takes it back.
     t.command(tool, 31, ClusterOp::Join, 2);
     assert_eq!(t.out(tool), vec![(31, M::Ok)]);
@@ -718,16 +647,7 @@ fn start_elsewhere_stops_the_old_server_first() {
     // Node 2's server died: now node 3.
     t.state(2, true, 0, 1);
     let m = t.agents_got();
-    assert_eq!(
-        m[&3],
-        vec![
-            M::ServerDown(1, 2),
-            M::StartHere {
-                attempt: 2,
-                former: 1
-            }
-        ]
-    );
+    assert_eq!(m[&3], vec![M::ServerDown(1, 2), start_here(2, 1)]);
     assert_eq!(m[&1], vec![M::ServerDown(1, 2)]);
     t.up(3, 2);
     assert_eq!(t.out(tool), vec![(40, M::Ok)]);
@@ -751,13 +671,7 @@ fn a_start_that_times_out_fences_the_slow_node_and_places_elsewhere() {
     t.want(3, 0);
     assert_eq!(
         t.agents_got(),
-        BTreeMap::from([(
-            1,
-            vec![M::StartHere {
-                attempt: 1,
-                former: 0
-            }]
-        )])
+        BTreeMap::from([(1, vec![start_here(1, 0)])])
     );
     assert_eq!(t.c.next_deadline_ms(), Some(1_000 + TIMEOUT_MS));
     t.c.set_now(1_000 + TIMEOUT_MS - 1);
@@ -769,13 +683,7 @@ fn a_start_that_times_out_fences_the_slow_node_and_places_elsewhere() {
         t.agents_got(),
         BTreeMap::from([
             (1, vec![M::Fence(FenceReason::ServerMoved)]),
-            (
-                2,
-                vec![M::StartHere {
-                    attempt: 2,
-                    former: 0
-                }]
-            )
+            (2, vec![start_here(2, 0)])
         ])
     );
     assert!(t
@@ -1018,13 +926,7 @@ fn gathering_on_2() -> T {
     t.want(1, 0);
     assert_eq!(
         t.agents_got(),
-        BTreeMap::from([(
-            2,
-            vec![M::StartHere {
-                attempt: 1,
-                former: 0
-            }]
-        )])
+        BTreeMap::from([(2, vec![start_here(1, 0)])])
     );
     let a2 = t.agents[&2];
     t.send(
@@ -1065,16 +967,7 @@ fn leave_of_a_node_whose_start_may_complete_waits_for_its_agent() {
     // The fence stopped it: now elsewhere.
     t.state(2, false, 0, 1);
     let m = t.agents_got();
-    assert_eq!(
-        m[&3],
-        vec![
-            M::ServerDown(1, 2),
-            M::StartHere {
-                attempt: 2,
-                former: 1
-            }
-        ]
-    );
+    assert_eq!(m[&3], vec![M::ServerDown(1, 2), start_here(2, 1)]);
 }
 
 #[test]
@@ -1089,13 +982,7 @@ fn leave_of_a_node_whose_start_stops_before_serving_places_elsewhere_then() {
     t.state(2, false, 0, 0);
     assert_eq!(
         t.agents_got(),
-        BTreeMap::from([(
-            3,
-            vec![M::StartHere {
-                attempt: 2,
-                former: 0
-            }]
-        )])
+        BTreeMap::from([(3, vec![start_here(2, 0)])])
     );
 }
 
@@ -1133,13 +1020,7 @@ fn leave_of_a_gathering_node_waits_for_its_agent_then_places_elsewhere() {
     // Node 2's agent took the fence (its report after it): now node 3.
     t.state(2, false, 0, 0);
     let m = t.agents_got();
-    assert_eq!(
-        m[&3][0],
-        M::StartHere {
-            attempt: 2,
-            former: 0
-        }
-    );
+    assert_eq!(m[&3][0], start_here(2, 0));
     // The new attempt's gather messages are relayed.
     let a3 = t.agents[&3];
     t.send(
@@ -1170,13 +1051,7 @@ fn a_start_refused_before_its_gather_began_is_fenced() {
         t.agents_got(),
         BTreeMap::from([
             (2, vec![M::Fence(FenceReason::ServerMoved)]),
-            (
-                3,
-                vec![M::StartHere {
-                    attempt: 2,
-                    former: 0
-                }]
-            )
+            (3, vec![start_here(2, 0)])
         ])
     );
     // Once node 3's gather began, a failure report is its answer: no fence.
@@ -1196,13 +1071,7 @@ fn a_start_refused_before_its_gather_began_is_fenced() {
     t.state(3, false, 0, 0);
     assert_eq!(
         t.agents_got(),
-        BTreeMap::from([(
-            2,
-            vec![M::StartHere {
-                attempt: 3,
-                former: 0
-            }]
-        )])
+        BTreeMap::from([(2, vec![start_here(3, 0)])])
     );
 }
 
@@ -1217,16 +1086,7 @@ fn a_start_on_the_node_being_stopped_is_refused_not_fatal() {
     assert_eq!(t.out(tool), vec![(2, M::Error(ErrorCode::Busy))]);
     t.state(2, true, 0, 1);
     let m = t.agents_got();
-    assert_eq!(
-        m[&3],
-        vec![
-            M::ServerDown(1, 2),
-            M::StartHere {
-                attempt: 2,
-                former: 1
-            }
-        ]
-    );
+    assert_eq!(m[&3], vec![M::ServerDown(1, 2), start_here(2, 1)]);
     t.up(3, 2);
     assert_eq!(t.out(tool), vec![(1, M::Ok)]);
 }

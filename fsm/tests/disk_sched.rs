@@ -39,14 +39,11 @@ fn spec() -> impl Strategy<Value = Spec> {
     })
 }
 
-/// xorshift: the scheduling decisions.
-struct Rng(u64);
+/// xorshift: the scheduling decisions, each in `0..n`.
+struct Rng(csnap_testkit::XorShift64);
 impl Rng {
     fn next(&mut self, n: usize) -> usize {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        (self.0 % n as u64) as usize
+        (self.0.below(n as u64)) as usize
     }
 }
 
@@ -100,7 +97,7 @@ fn run(specs: &[Spec], seed: u64, fail_one_in: usize) {
         bounce_bytes: BOUNCE_BYTES,
         align: ALIGN,
     });
-    let mut rng = Rng(seed | 1);
+    let mut rng = Rng(csnap_testkit::XorShift64::new(seed | 1));
     let mut out: Vec<Request> = Vec::new();
     let mut done: Vec<Option<Finished>> = vec![None; n];
     let mut next = 0;

@@ -17,10 +17,7 @@ const CHUNK: u32 = 16384;
 const ORIGIN_BYTES: u64 = 8 << 20;
 
 fn tmpdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("csnap-e2e-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    csnap_testkit::fresh_dir("e2e", name)
 }
 
 fn start(dir: &Path, listen: Vec<Addr>) -> Vec<Addr> {
@@ -61,15 +58,8 @@ fn start(dir: &Path, listen: Vec<Addr>) -> Vec<Addr> {
 }
 
 fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x.to_le_bytes()[0]
-        })
-        .collect()
+    let mut x = csnap_testkit::XorShift64::new(seed | 1);
+    (0..len).map(|_| x.next_u64().to_le_bytes()[0]).collect()
 }
 
 #[test]

@@ -97,6 +97,13 @@ impl Sim {
         self.collect();
     }
 
+    /// [`Sim::send`], a step, and what `c` got ([`Sim::take`]).
+    fn call(&mut self, c: ConnId, rid: u64, msg: &Msg<'_>) -> Vec<(Header, Vec<u8>)> {
+        self.send(c, rid, msg);
+        self.step();
+        self.take(c)
+    }
+
     /// Takes every frame received on `c`.
     fn take(&mut self, c: ConnId) -> Vec<(Header, Vec<u8>)> {
         self.inbox[c as usize]
@@ -185,6 +192,12 @@ fn expect_error(frame: &[u8], code: ErrorCode) {
     }
 }
 
+/// The one frame of `r`, decoded.
+fn only(r: &[(Header, Vec<u8>)]) -> Msg<'_> {
+    assert_eq!(r.len(), 1, "one frame expected");
+    proto::decode(&r[0].1).unwrap().1
+}
+
 #[test]
 fn origin_write_read_lock_race_and_second_write() {
     let mut s = sim(4);
@@ -196,9 +209,7 @@ fn origin_write_read_lock_race_and_second_write() {
 
     // A snapshot read of chunk 5: still on the origin, so read-locked.
     let mut b = [0u8; 64];
-    s.send(snap, 10, &Msg::QuerySnapshotRead(ranges(&mut b, 5, 1)));
-    s.step();
-    let r = s.take(snap);
+    let r = s.call(snap, 10, &Msg::QuerySnapshotRead(ranges(&mut b, 5, 1)));
     match proto::decode(&r[0].1).unwrap().1 {
         Msg::SnapshotReadReply(t) => {
             let t = t.get(0).unwrap();
@@ -210,25 +221,21 @@ fn origin_write_read_lock_race_and_second_write() {
 
     // An origin write to chunk 5 arrives while the read is in flight: its
     // copy-out commits, but the reply waits for the release.
-    s.send(origin, 20, &Msg::QueryOriginWrite(ranges(&mut b, 5, 1)));
-    s.step();
     assert!(
-        s.take(origin).is_empty(),
+        s.call(origin, 20, &Msg::QueryOriginWrite(ranges(&mut b, 5, 1)))
+            .is_empty(),
         "the write must wait for the reader"
     );
     assert_eq!(s.server.waiting_writes(), 1);
     // A second write to the same chunk (already unique now) waits too.
-    s.send(origin, 21, &Msg::QueryOriginWrite(ranges(&mut b, 5, 1)));
-    s.step();
     assert!(
-        s.take(origin).is_empty(),
+        s.call(origin, 21, &Msg::QueryOriginWrite(ranges(&mut b, 5, 1)))
+            .is_empty(),
         "the second write must wait too (ddsnap b54143d)"
     );
     assert_eq!(s.server.waiting_writes(), 2);
     // A write to another chunk is not held up.
-    s.send(origin, 22, &Msg::QueryOriginWrite(ranges(&mut b, 6, 1)));
-    s.step();
-    let r = s.take(origin);
+    let r = s.call(origin, 22, &Msg::QueryOriginWrite(ranges(&mut b, 6, 1)));
     assert_eq!(r.len(), 1);
     assert_eq!(r[0].0.request_id, 22);
 
@@ -236,9 +243,7 @@ fn origin_write_read_lock_race_and_second_write() {
     // recorded). It locks the chunk too (a store chunk shared with another
     // snapshot may otherwise be overwritten in place under it), and, like
     // every blocking read, releases it as soon as it has read.
-    s.send(snap, 11, &Msg::QuerySnapshotRead(ranges(&mut b, 5, 1)));
-    s.step();
-    let r = s.take(snap);
+    let r = s.call(snap, 11, &Msg::QuerySnapshotRead(ranges(&mut b, 5, 1)));
     match proto::decode(&r[0].1).unwrap().1 {
         Msg::SnapshotReadReply(t) => assert_eq!(t.get(0).unwrap().kind, TargetKind::Store),
         m => panic!("{m:?}"),
@@ -272,30 +277,22 @@ fn disconnect_releases_locks_and_drops_waiting_writes() {
     let origin = s.attach(Volume::Origin);
     let snap = s.attach(Volume::Snapshot(1));
     let mut b = [0u8; 64];
-    s.send(snap, 10, &Msg::QuerySnapshotRead(ranges(&mut b, 0, 4)));
-    s.step();
-    s.take(snap);
+    s.call(snap, 10, &Msg::QuerySnapshotRead(ranges(&mut b, 0, 4)));
     assert_eq!(s.server.read_locks(), 4);
-    s.send(origin, 20, &Msg::QueryOriginWrite(ranges(&mut b, 2, 1)));
-    s.step();
-    assert!(s.take(origin).is_empty());
+    assert!(s
+        .call(origin, 20, &Msg::QueryOriginWrite(ranges(&mut b, 2, 1)))
+        .is_empty());
     // The reader dies holding its locks: the write proceeds.
     s.server.handle_disconnect(snap);
     s.step();
     let r = s.take(origin);
-    assert_eq!(r.len(), 1);
-    assert!(matches!(
-        proto::decode(&r[0].1).unwrap().1,
-        Msg::OriginWriteOk(_)
-    ));
+    assert!(matches!(only(&r), Msg::OriginWriteOk(_)));
     assert_eq!(s.server.read_locks(), 0);
 
     // A writer dies while waiting: its wait is dropped and the lock table is
     // clean once the reader releases.
     let snap2 = s.attach(Volume::Snapshot(1));
-    s.send(snap2, 30, &Msg::QuerySnapshotRead(ranges(&mut b, 9, 1)));
-    s.step();
-    s.take(snap2);
+    s.call(snap2, 30, &Msg::QuerySnapshotRead(ranges(&mut b, 9, 1)));
     s.send(origin, 40, &Msg::QueryOriginWrite(ranges(&mut b, 9, 1)));
     s.step();
     assert_eq!(s.server.waiting_writes(), 1);
@@ -398,14 +395,8 @@ fn bad_input_gets_clear_errors_and_others_go_on() {
     let n = s.server.too_many_clients_frame(&mut f);
     expect_error(&f[..n], ErrorCode::TooManyClients);
     // The well-behaved client saw nothing of it.
-    s.send(good, 100, &Msg::QueryOriginWrite(ranges(&mut b, 1, 1)));
-    s.step();
-    let r = s.take(good);
-    assert_eq!(r.len(), 1);
-    assert!(matches!(
-        proto::decode(&r[0].1).unwrap().1,
-        Msg::OriginWriteOk(_)
-    ));
+    let r = s.call(good, 100, &Msg::QueryOriginWrite(ranges(&mut b, 1, 1)));
+    assert!(matches!(only(&r), Msg::OriginWriteOk(_)));
 }
 
 #[test]
@@ -442,18 +433,18 @@ fn recovery_barrier_holds_origin_writes_until_locks_are_uploaded_and_released() 
     let origin = s.attach_as(Volume::Origin, 99);
     let mut b = [0u8; 64];
     // The origin write's copy-out may proceed, but no grant.
-    s.send(origin, 20, &Msg::QueryOriginWrite(ranges(&mut b, 5, 1)));
-    s.step();
-    assert!(s.take(origin).is_empty(), "no origin write during recovery");
+    assert!(
+        s.call(origin, 20, &Msg::QueryOriginWrite(ranges(&mut b, 5, 1)))
+            .is_empty(),
+        "no origin write during recovery"
+    );
     assert_eq!(s.server.barrier_writes(), 1);
     // The reader reconnects (same client id 9), identifies and uploads the
     // lock it held under N.
     let snap = s.attach(Volume::Snapshot(7));
     s.send(snap, 30, &Msg::UploadLocks(ranges(&mut b, 5, 1)));
     assert!(s.take(origin).is_empty());
-    s.send(snap, 31, &Msg::FinishUpload);
-    s.step();
-    let r = s.take(snap);
+    let r = s.call(snap, 31, &Msg::FinishUpload);
     assert!(matches!(proto::decode(&r[0].1).unwrap().1, Msg::UploadOk));
     assert_eq!(s.server.state(), csnap_proto::ServerState::Serving);
     // The barrier lifted, but chunk 5 is locked by the uploaded read.
@@ -465,11 +456,7 @@ fn recovery_barrier_holds_origin_writes_until_locks_are_uploaded_and_released() 
     s.send(snap, 32, &Msg::FinishSnapshotRead(ranges(&mut b, 5, 1)));
     s.step();
     let r = s.take(origin);
-    assert_eq!(r.len(), 1);
-    assert!(matches!(
-        proto::decode(&r[0].1).unwrap().1,
-        Msg::OriginWriteOk(_)
-    ));
+    assert!(matches!(only(&r), Msg::OriginWriteOk(_)));
 }
 
 #[test]
@@ -480,9 +467,9 @@ fn recovery_barrier_stops_waiting_for_a_node_that_leaves() {
     s.server.begin_recovery(&[(9, 1), (10, 2)]);
     let origin = s.attach(Volume::Origin);
     let mut b = [0u8; 64];
-    s.send(origin, 20, &Msg::QueryOriginWrite(ranges(&mut b, 1, 1)));
-    s.step();
-    assert!(s.take(origin).is_empty());
+    assert!(s
+        .call(origin, 20, &Msg::QueryOriginWrite(ranges(&mut b, 1, 1)))
+        .is_empty());
     s.server.handle_node_left(1);
     s.collect();
     assert!(
@@ -509,19 +496,16 @@ fn disconnect_keeps_locks_while_the_node_is_a_member_and_releases_when_it_leaves
     let origin = s.attach(Volume::Origin);
     let snap = s.attach(Volume::Snapshot(7));
     let mut b = [0u8; 64];
-    s.send(snap, 10, &Msg::QuerySnapshotRead(ranges(&mut b, 3, 2)));
-    s.step();
-    s.take(snap);
+    s.call(snap, 10, &Msg::QuerySnapshotRead(ranges(&mut b, 3, 2)));
     // The client's connection drops, but node 1 is still a member: its locks
     // stay, and a write to chunk 3 waits.
     s.server.handle_disconnect(snap);
     s.step();
     assert_eq!(s.server.parked_clients(), 1);
     assert_eq!(s.server.read_locks(), 2);
-    s.send(origin, 20, &Msg::QueryOriginWrite(ranges(&mut b, 3, 1)));
-    s.step();
     assert!(
-        s.take(origin).is_empty(),
+        s.call(origin, 20, &Msg::QueryOriginWrite(ranges(&mut b, 3, 1)))
+            .is_empty(),
         "a client that may come back keeps its locks"
     );
     // It comes back (same client id): what was kept for it stays until it
@@ -563,9 +547,9 @@ fn disconnect_keeps_locks_while_the_node_is_a_member_and_releases_when_it_leaves
     // It drops again; this time its node leaves: the last lock goes.
     s.server.handle_disconnect(back);
     s.step();
-    s.send(origin, 21, &Msg::QueryOriginWrite(ranges(&mut b, 4, 1)));
-    s.step();
-    assert!(s.take(origin).is_empty());
+    assert!(s
+        .call(origin, 21, &Msg::QueryOriginWrite(ranges(&mut b, 4, 1)))
+        .is_empty());
     s.server.handle_node_left(1);
     s.collect();
     let r = s.take(origin);
@@ -585,12 +569,12 @@ fn an_attached_client_that_sends_garbage_is_closed_and_the_server_goes_on() {
     let origin = s.attach(Volume::Origin);
     let snap = s.attach(Volume::Snapshot(7));
     let mut b = [0u8; 64];
-    s.send(snap, 10, &Msg::QuerySnapshotRead(ranges(&mut b, 3, 1)));
-    s.step();
-    s.take(snap);
-    s.send(origin, 20, &Msg::QueryOriginWrite(ranges(&mut b, 3, 1)));
-    s.step();
-    assert!(s.take(origin).is_empty(), "the read lock holds the write");
+    s.call(snap, 10, &Msg::QuerySnapshotRead(ranges(&mut b, 3, 1)));
+    assert!(
+        s.call(origin, 20, &Msg::QueryOriginWrite(ranges(&mut b, 3, 1)))
+            .is_empty(),
+        "the read lock holds the write"
+    );
     s.server
         .handle_bad_stream(snap, &proto::DecodeError::BadMagic);
     s.collect();
@@ -619,12 +603,10 @@ fn a_node_that_leaves_takes_the_locks_of_its_connected_clients_and_their_connect
     let origin = s.attach(Volume::Origin);
     let snap = s.attach(Volume::Snapshot(7));
     let mut b = [0u8; 64];
-    s.send(snap, 10, &Msg::QuerySnapshotRead(ranges(&mut b, 3, 2)));
-    s.step();
-    s.take(snap);
-    s.send(origin, 20, &Msg::QueryOriginWrite(ranges(&mut b, 4, 1)));
-    s.step();
-    assert!(s.take(origin).is_empty());
+    s.call(snap, 10, &Msg::QuerySnapshotRead(ranges(&mut b, 3, 2)));
+    assert!(s
+        .call(origin, 20, &Msg::QueryOriginWrite(ranges(&mut b, 4, 1)))
+        .is_empty());
     // Another node leaving changes nothing.
     s.server.handle_node_left(2);
     s.collect();
@@ -755,9 +737,7 @@ fn a_corrupt_block_fails_the_request_that_needs_it_and_the_server_goes_on() {
     for rid in [20, 21] {
         // Chunk 5 needs a copy-out for snapshot 7: a data chunk from the
         // corrupt bitmap.
-        s.send(origin, rid, &Msg::QueryOriginWrite(ranges(&mut b, 5, 1)));
-        s.step();
-        let r = s.take(origin);
+        let r = s.call(origin, rid, &Msg::QueryOriginWrite(ranges(&mut b, 5, 1)));
         assert_eq!(r.len(), 1);
         assert_eq!(r[0].0.request_id, rid);
         expect_error(&r[0].1, ErrorCode::Corrupt);
@@ -765,9 +745,7 @@ fn a_corrupt_block_fails_the_request_that_needs_it_and_the_server_goes_on() {
     assert_eq!(s.server.waiting_writes(), 0);
     assert!(!s.worker.failed());
     // Reads need only the tree: served.
-    s.send(snap, 30, &Msg::QuerySnapshotRead(ranges(&mut b, 5, 1)));
-    s.step();
-    let r = s.take(snap);
+    let r = s.call(snap, 30, &Msg::QuerySnapshotRead(ranges(&mut b, 5, 1)));
     match proto::decode(&r[0].1).unwrap().1 {
         Msg::SnapshotReadReply(t) => assert_eq!(t.get(0).unwrap().kind, TargetKind::Origin),
         m => panic!("{m:?}"),
@@ -813,9 +791,7 @@ fn a_create_whose_control_connection_closed_answers_no_successor() {
     if let Msg::Identify { flags, .. } = &mut m {
         *flags = proto::IDENTIFY_CACHING;
     }
-    s.send(o, 2, &m);
-    s.step();
-    s.take(o);
+    s.call(o, 2, &m);
     let ctl = s.connect(Role::Control);
     s.send(ctl, 5, &Msg::CreateSnapshot { tag: 3 });
     s.step();

@@ -100,6 +100,12 @@ const_assert!(CHUNK_SIZE_DEFAULT_BYTES >= CHUNK_SIZE_MIN_BYTES);
 const_assert!(CHUNK_SIZE_DEFAULT_BYTES <= CHUNK_SIZE_MAX_BYTES);
 const_assert!(SNAPSHOTS_MAX.is_multiple_of(64));
 const_assert!(SHARE_MASK_WORDS == 1);
+
+/// Rounds `format` takes to fit its layout to the device: each one lays out
+/// the data chunks counted so far and, when the end overshoots the device,
+/// drops at least one chunk and as many as the excess covers; past the
+/// bound the device is refused as too small.
+pub const FORMAT_LAYOUT_ROUNDS_MAX: usize = 64;
 // A commit block lists every block of its transaction in 16-byte entries after
 // a 64-byte header.
 const_assert!(64 + 16 * TX_BLOCKS_MAX <= BLOCK_SIZE_BYTES);
@@ -232,6 +238,10 @@ pub const STANDBY_LOCK_RETRY_US: u64 = 20;
 
 /// Expected clients, and members, one standby start command may name.
 pub const START_LIST_MAX: usize = 256;
+/// Bytes of the start command a standby without an agent reads from its
+/// standard input (`start [claim] members=... expected=...`, one line: the
+/// manual and test path). Memory: one buffer on the standby's stack.
+pub const STANDBY_START_LINE_MAX_BYTES: usize = 4096;
 
 /// Read locks (chunks) one client remembers for upload after a reconnect:
 /// a caching client's idle leases plus every chunk its I/Os in flight pin.
@@ -249,6 +259,12 @@ pub const VOLUME_CACHED_CHUNKS_DEFAULT: usize = 4096;
 pub const VOLUME_READ_AHEAD_CHUNKS_DEFAULT: usize = 32;
 const_assert!(VOLUME_READ_AHEAD_CHUNKS_DEFAULT < CHUNKS_PER_REQUEST_MAX);
 const_assert!(VOLUME_READ_AHEAD_CHUNKS_DEFAULT <= VOLUME_CACHED_CHUNKS_DEFAULT);
+/// Times a volume engine asks a query again that the server answered `Busy`
+/// (one of its pools is full, most likely the lock table), giving back its
+/// idle leases before each; then the I/O fails with the error.
+pub const VOLUME_BUSY_RETRIES_MAX: u8 = 3;
+// At least one retry, so a Busy from leases this engine holds idle is cured.
+const_assert!(VOLUME_BUSY_RETRIES_MAX >= 1);
 
 const_assert!(CLIENTS_DEFAULT <= CLIENTS_MAX);
 const_assert!(REQUESTS_PER_CLIENT_DEFAULT <= REQUESTS_PER_CLIENT_MAX);
@@ -260,6 +276,8 @@ const_assert!(READ_LOCKS_DEFAULT >= REQUESTS_PER_CLIENT_DEFAULT * CHUNKS_PER_REQ
 // The stack budget must fit a default 2 MiB thread stack.
 const_assert!(THREAD_STACK_BUDGET_BYTES < 2 * 1024 * 1024);
 const_assert!(START_LIST_MAX <= CLIENTS_MAX);
+// The start line buffer is a small part of the prefaulted stack.
+const_assert!(STANDBY_START_LINE_MAX_BYTES <= THREAD_STACK_BUDGET_BYTES / 16);
 
 // ---------------------------------------------------------------------------
 // NBD export: one session per NBD connection (`csnap-fsm::nbd`).
@@ -413,6 +431,18 @@ pub const NBD_AGENT_OUT_BYTES: usize = 256;
 /// How long a closing NBD connection may take to write its last replies
 /// to a client that does not read them before they are dropped.
 pub const NBD_CLOSE_LINGER_MS: u64 = 1_000;
+
+/// Rounds one NBD connection's pump makes in a loop turn (its server link,
+/// timers, block-status lists, client input, engine, client output), each
+/// until a round moves nothing: the bound keeps one busy connection from
+/// starving the others.
+pub const NBD_SLOT_PUMP_ROUNDS_MAX: usize = 64;
+/// Rounds over every connection (and the disk) in one NBD loop turn before
+/// it polls again, each until a round moves nothing.
+pub const NBD_LOOP_ROUNDS_MAX: usize = 16;
+/// Writes a best-effort flush of a server link's output makes before the
+/// link is closed.
+pub const NBD_FLUSH_WRITES_MAX: usize = 64;
 
 const_assert!(NBD_CONNECTIONS_DEFAULT <= NBD_CONNECTIONS_MAX);
 const_assert!(NBD_BUFFERS_DEFAULT <= NBD_BUFFERS_MAX);

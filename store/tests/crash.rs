@@ -77,18 +77,7 @@ struct Point {
     flux: Option<(u32, u64, u64, usize)>,
 }
 
-struct Xor(u64);
-impl Xor {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
+use csnap_testkit::XorShift64 as Xor;
 
 const ORIGIN_CHUNKS: u64 = 320;
 
@@ -110,7 +99,7 @@ fn record(seed: u64, ops: usize) -> (MemDisk, MemDisk, Vec<Ev>, Vec<Point>) {
     };
     let mut h = Harness::new(store, origin);
     let mut m = Model::new(ORIGIN_CHUNKS);
-    let mut rng = Xor(seed | 1);
+    let mut rng = Xor::new(seed | 1);
     let mut points = vec![Point {
         log_len: 0,
         seq: 0,
@@ -278,7 +267,7 @@ fn crash_image(
                 if let Ev::Write { off, data, .. } = volatile[t] {
                     let sectors = data.len() / 512;
                     let cut = rng.below(sectors as u64) as usize;
-                    let salt = rng.next();
+                    let salt = rng.next_u64();
                     let keep = move |i: usize| i < cut || (salt >> (i % 64)) & 1 == 1 && i != cut;
                     apply(&mut s, *off, data, Some(&keep));
                 }
@@ -372,7 +361,7 @@ fn verify_crash(
 
 fn crash_run(seed: u64, ops: usize) {
     let (bs, bo, events, points) = record(seed, ops);
-    let mut rng = Xor(seed.wrapping_mul(31) | 1);
+    let mut rng = Xor::new(seed.wrapping_mul(31) | 1);
     let mut tested = 0;
     for p in 0..=events.len() {
         verify_crash(&bs, &bo, &events, &points, p, Variant::Whole, &mut rng);

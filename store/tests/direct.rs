@@ -116,13 +116,8 @@ fn unaligned_accesses_match_a_shadow() {
     std::fs::write(&path, vec![0u8; size]).unwrap();
     let mut d = FileDisk::open(&path).unwrap();
     let mut shadow = vec![0u8; size];
-    let mut x = 0x9e37_79b9_7f4a_7c15u64;
-    let mut next = move || {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        x
-    };
+    let mut x = csnap_testkit::XorShift64::new(csnap_testkit::GOLDEN_GAMMA);
+    let mut next = move || x.next_u64();
     let max_len = csnap_pools::DISK_BOUNCE_BYTES * 2 + 1000;
     for i in 0..400u64 {
         let len = 1 + usize::try_from(next() % max_len as u64).unwrap();

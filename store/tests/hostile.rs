@@ -358,33 +358,9 @@ fn journal_commit_aimed_at_the_label_is_not_replayed() {
 // ---------------------------------------------------------------------------
 
 /// splitmix64: a seeded PRNG (the seed is printed; CSNAP_TEST_SEED replays).
-struct Rng(u64);
+use csnap_testkit::SplitMix64 as Rng;
 
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
-fn seed() -> u64 {
-    let s = std::env::var("CSNAP_TEST_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(1, |d| d.as_nanos() as u64)
-        });
-    println!("seed {s} (replay with CSNAP_TEST_SEED={s})");
-    s
-}
+use csnap_testkit::seed;
 
 /// A random image for block `addr` of `kind`: random bytes, usually with a
 /// plausible header (magic, version, kind, address), small counts and
@@ -392,7 +368,7 @@ fn seed() -> u64 {
 fn random_image(r: &mut Rng, addr: u64, kind: BlockKind, l: &Label, img: &mut [u8]) {
     for w in img.chunks_mut(8) {
         let v = match r.below(4) {
-            0 => r.next(),
+            0 => r.next_u64(),
             1 => r.below(l.meta_start + l.meta_blocks + 4),
             2 => r.below(l.data_chunks + 4),
             _ => r.below(ORIGIN_CHUNKS + 4),
@@ -424,7 +400,7 @@ fn random_image(r: &mut Rng, addr: u64, kind: BlockKind, l: &Label, img: &mut [u
             }
         }
     }
-    let seq = r.next();
+    let seq = r.next_u64();
     layout::seal(img, seq);
 }
 
@@ -452,7 +428,7 @@ fn mutate(r: &mut Rng, l: &Label, img: &mut [u8]) {
                 let words = (BS as usize - layout::HEADER_BYTES) / 8;
                 let o = layout::HEADER_BYTES + 8 * r.below(words as u64) as usize;
                 let v = match r.below(5) {
-                    0 => r.next(),
+                    0 => r.next_u64(),
                     1 => r.below(l.meta_start + l.meta_blocks + 2),
                     2 => r.below(l.data_chunks + 2),
                     3 => layout::get_u64(img, o.saturating_sub(24).max(layout::HEADER_BYTES)),
@@ -469,7 +445,7 @@ fn mutate(r: &mut Rng, l: &Label, img: &mut [u8]) {
 /// Every decoder and structural check on sealed random images: no panic.
 #[test]
 fn random_sealed_images_never_panic_a_decoder() {
-    let mut r = Rng(seed());
+    let mut r = Rng::new(seed("hostile"));
     let mut d = populated();
     let l = label(&mut d);
     let mut img = vec![0u8; BS as usize];
@@ -491,7 +467,7 @@ fn random_sealed_images_never_panic_a_decoder() {
             &img,
             l.origin_chunks(),
             l.data_chunks,
-            csnap_store::mask::Mask::from_words([r.next()]),
+            csnap_store::mask::Mask::from_words([r.next_u64()]),
         );
         let _ = tree::check_node(&img, addr, l.meta_start, l.meta_start + l.meta_blocks);
         let _ = layout::check_bitmap(&img);
@@ -513,7 +489,7 @@ fn random_sealed_images_never_panic_a_decoder() {
 /// for a soak (default 300).
 #[test]
 fn a_store_with_a_sealed_random_block_never_panics() {
-    let mut r = Rng(seed());
+    let mut r = Rng::new(seed("hostile"));
     let base = populated();
     let mut d0 = base.clone();
     let l = label(&mut d0);

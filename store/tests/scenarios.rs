@@ -349,13 +349,10 @@ fn many_chunks_grow_the_tree_and_survive_reopen() {
     let mut s = open(d);
     s.create_snapshot(1, 0).unwrap();
     s.commit().unwrap();
-    let mut x = 88172645463325252u64;
+    let mut x = csnap_testkit::XorShift64::new(88172645463325252);
     let mut copied = 0;
     for _ in 0..chunks {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        let c = x % chunks;
+        let c = x.next_u64() % chunks;
         loop {
             match s.prepare_origin_write(c) {
                 Ok(csnap_store::OriginWrite::CopyOut { .. }) => {

@@ -5,6 +5,10 @@
 //! killer's reach, seal the heap, install the syscall filter. One copy, so
 //! the order and the warnings cannot drift apart.
 
+/// Exit status of a process whose syscall filter could not be installed
+/// (`csnap`'s usage error, as the start-up errors before it).
+pub const CONFINE_FAILED_EXIT: u8 = 2;
+
 /// How a process confines itself once its pools exist.
 #[derive(Debug, Default)]
 pub struct Confinement {
@@ -19,13 +23,22 @@ pub struct Confinement {
 impl Confinement {
     /// Locks memory, prefaults the stack, asks to be an I/O flusher out of
     /// the OOM killer's reach, seals the heap and installs the filter, in
-    /// that order. `who` prefixes the notes it prints.
+    /// that order. `who` prefixes the notes it prints. A memory step that
+    /// fails is an error; a filter that cannot be installed, after the seal,
+    /// stops the process heap-free ([`crate::fail_stop`], exit
+    /// [`CONFINE_FAILED_EXIT`]).
     pub fn enter(&self, who: &str) -> Result<(), String> {
         confine_memory(who, self.mlock)?;
         seal_heap(who, self.seal);
         if let Some(f) = &self.filter {
-            f.install()
-                .map_err(|e| format!("cannot install the seccomp filter: {e}"))?;
+            if let Err(e) = f.install() {
+                crate::fail_stop(
+                    who,
+                    "cannot install the seccomp filter",
+                    &e,
+                    CONFINE_FAILED_EXIT,
+                );
+            }
         } else {
             eprintln!(
                 "{who}: WARNING: the syscall whitelist is not enforced. Development use only."

@@ -34,9 +34,16 @@ pub fn compile(allowed: &[i64]) -> Result<Filter, String> {
 
 impl Filter {
     /// Installs the filter on the calling thread (after
-    /// `PR_SET_NO_NEW_PRIVS`). Does not allocate.
+    /// `PR_SET_NO_NEW_PRIVS`).
+    ///
+    /// Heap-free, as it runs after the heap is sealed: the error is the
+    /// kernel's (`prctl` or `seccomp`), or `InvalidInput` for a filter
+    /// seccompiler refuses, never a formatted text.
     pub fn install(&self) -> io::Result<()> {
-        seccompiler::apply_filter(&self.prog).map_err(|e| io::Error::other(e.to_string()))
+        seccompiler::apply_filter(&self.prog).map_err(|e| match e {
+            seccompiler::Error::Prctl(e) | seccompiler::Error::Seccomp(e) => e,
+            _ => io::Error::from(io::ErrorKind::InvalidInput),
+        })
     }
 }
 

@@ -186,6 +186,16 @@ struct Shared {
 }
 
 /// What one client thread attaches to.
+impl Shared {
+    /// A counter of every client, summed.
+    fn total(&self, counter: impl Fn(&ClientState) -> &AtomicU64) -> u64 {
+        self.clients
+            .iter()
+            .map(|c| counter(c).load(Ordering::Relaxed))
+            .sum()
+    }
+}
+
 struct ClientPlan {
     agent: PathBuf,
     origin: PathBuf,
@@ -316,45 +326,20 @@ fn real_main() -> Result<(), String> {
     common::in_scratch_dir("failover-bench", |d| bench(&bin, d, failovers, &args))
 }
 
-fn bench(bin: &Path, d: &Path, failovers: u32, args: &[String]) -> Result<(), String> {
-    let (origin, store, cdir) = (d.join("origin"), d.join("store"), d.join("cluster"));
-    std::fs::write(&origin, vec![7u8; ORIGIN_LEN]).map_err(|e| e.to_string())?;
-    // A thick store, as the block device it stands for: no file-system
-    // block allocation (and journal commit) inside the flushes measured.
-    std::fs::write(&store, vec![0u8; STORE_LEN]).map_err(|e| e.to_string())?;
-    let probe_path = d.join("durable-probe");
-    std::fs::write(&probe_path, vec![0u8; 8192]).map_err(|e| e.to_string())?;
-    let probe = std::fs::OpenOptions::new()
-        .write(true)
-        .custom_flags(libc::O_DSYNC | libc::O_DIRECT)
-        .open(&probe_path)
-        .map_err(|e| e.to_string())?;
-    // Direct and durable, as the servers' store writes are.
-    let mut probe_a = csnap_sys::dio::AlignedBuf::zeroed(8192, 4096);
-    probe_a.fill(0xa5);
-    let mut probe_b = csnap_sys::dio::AlignedBuf::zeroed(8192, 4096);
-    probe_b.fill(0x5a);
-    let o = Command::new(bin)
-        .args(["format", "--origin"])
-        .arg(&origin)
-        .arg("--store")
-        .arg(&store)
-        .output()
-        .map_err(|e| e.to_string())?;
-    if !o.status.success() {
-        return Err(String::from_utf8_lossy(&o.stderr).into_owned());
-    }
-    println!("failover-bench: {}", args.join(" "));
-    println!(
-        "  {failovers} failovers; {NODES}-node local cluster (controller, agents, standbys; mlock, sealed heap, seccomp on); 4 client threads (VolumeClient::open_via_agent): origin writers on nodes 1 and 2 (4 KiB), snapshot readers on nodes 2 and 3 (16 KiB), I/O back to back; nproc {}",
-        std::thread::available_parallelism().map_or(0, |n| n.get())
-    );
+/// The controller (crash-loop breaker off) and one agent per node, each
+/// with a standby ready.
+fn start_cluster(
+    bin: &Path,
+    cdir: &Path,
+    origin: &Path,
+    store: &Path,
+) -> Result<(Proc, Vec<Proc>), String> {
     let controller = Proc::spawn(
         Command::new(bin)
             // It kills the serving server on purpose, once every few
             // milliseconds: the crash-loop breaker is off.
             .args(["cluster", "run", "--max-server-deaths", "0", "--dir"])
-            .arg(&cdir),
+            .arg(cdir),
     )?;
     let sock = cdir.join("controller.sock");
     let t = Instant::now();
@@ -369,33 +354,41 @@ fn bench(bin: &Path, d: &Path, failovers: u32, args: &[String]) -> Result<(), St
         agents.push(Proc::spawn(
             Command::new(bin)
                 .args(["agent", "--dir"])
-                .arg(&cdir)
+                .arg(cdir)
                 .args(["--node", &n.to_string(), "--origin"])
-                .arg(&origin)
+                .arg(origin)
                 .arg("--store")
-                .arg(&store),
+                .arg(store),
         )?);
     }
-    let agent_sock = |n: u32| cdir.join(format!("node-{n}")).join("agent.sock");
-    wait_status(bin, &cdir, "every node has a standby", |s| s.3 == NODES)?;
-    // The floor on a quiet disk, for comparison: the same durable write,
-    // 50 times 10 ms apart, before any client does I/O.
+    wait_status(bin, cdir, "every node has a standby", |s| s.3 == NODES)?;
+    Ok((controller, agents))
+}
+
+/// 50 durable writes of `buf` to `probe`, 10 ms apart: milliseconds each.
+fn quiet_floor(probe: &std::fs::File, buf: &[u8]) -> Result<Vec<f64>, String> {
     let mut idle_floor = Vec::new();
     for _ in 0..50 {
         std::thread::sleep(Duration::from_millis(10));
         let t = Instant::now();
         probe
-            .write_all_at(&probe_a, 0)
+            .write_all_at(buf, 0)
             .map_err(|e| format!("durable probe write: {e}"))?;
         idle_floor.push(t.elapsed().as_secs_f64() * 1000.0);
     }
-    // The first client places the server; then the snapshot the readers use.
-    let shared = Arc::new(Shared {
-        killed: AtomicU64::new(0),
-        stop: AtomicBool::new(false),
-        clients: (0..4).map(|_| ClientState::default()).collect(),
-        last_error: Mutex::new(String::new()),
-    });
+    Ok(idle_floor)
+}
+
+/// The four clients, started one after the other (each attached before the
+/// next: the placement is deterministic); snapshot 1 is created once the
+/// first has placed the server.
+fn start_clients(
+    bin: &Path,
+    cdir: &Path,
+    (origin, store): (&Path, &Path),
+    shared: &Arc<Shared>,
+) -> Result<Vec<std::thread::JoinHandle<()>>, String> {
+    let agent_sock = |n: u32| cdir.join(format!("node-{n}")).join("agent.sock");
     let plan = [
         (Volume::Origin, 101u64, 1u32),
         (Volume::Origin, 102, 2),
@@ -405,7 +398,7 @@ fn bench(bin: &Path, d: &Path, failovers: u32, args: &[String]) -> Result<(), St
     let mut threads = Vec::new();
     for (k, &(volume, id, node)) in plan.iter().enumerate() {
         if k == 2 {
-            let (_, _, addr, _) = wait_status(bin, &cdir, "a server serves", |s| s.0 > 0)?;
+            let (_, _, addr, _) = wait_status(bin, cdir, "a server serves", |s| s.0 > 0)?;
             let o = Command::new(bin)
                 .args(["snapshot", "create", "--server", &addr, "1"])
                 .output()
@@ -414,11 +407,11 @@ fn bench(bin: &Path, d: &Path, failovers: u32, args: &[String]) -> Result<(), St
                 return Err(String::from_utf8_lossy(&o.stderr).into_owned());
             }
         }
-        let sh = Arc::clone(&shared);
+        let sh = Arc::clone(shared);
         let p = ClientPlan {
             agent: agent_sock(node),
-            origin: origin.clone(),
-            store: store.clone(),
+            origin: origin.to_path_buf(),
+            store: store.to_path_buf(),
             volume,
             id,
             node,
@@ -450,180 +443,72 @@ fn bench(bin: &Path, d: &Path, failovers: u32, args: &[String]) -> Result<(), St
             std::thread::sleep(Duration::from_millis(5));
         }
     }
+    Ok(threads)
+}
 
-    let mut row = Row::default();
-    let mut nodes_seen = [0u32; NODES as usize + 1];
-    let ios_before: u64 = shared
-        .clients
-        .iter()
-        .map(|c| c.ios.load(Ordering::Relaxed))
-        .sum();
-    let bench_start = Instant::now();
-    for i in 0..failovers {
-        let (inc, _, addr, _) = wait_status(bin, &cdir, "every node has a standby", |s| {
-            s.3 == NODES && s.0 > 0
-        })?;
-        // Steady state: every client on this incarnation.
-        std::thread::sleep(Duration::from_millis(50));
-        let pid = server_pid(&addr).ok_or_else(|| format!("no process listens on {addr}"))?;
-        shared.killed.store(inc, Ordering::SeqCst);
-        for c in &shared.clients {
-            c.served_at.store(0, Ordering::SeqCst);
-        }
-        // The disk's floor under this load: one durable 8 KiB write on the
-        // same file system, as the incarnation commit is, just before the
-        // kill (not during the start, which it would slow).
-        let t_probe = Instant::now();
-        probe
-            .write_all_at(&probe_b, 0)
-            .map_err(|e| format!("durable probe write: {e}"))?;
-        row.floor.push(t_probe.elapsed().as_secs_f64() * 1000.0);
-        let kill_at = monotonic_micros();
-        csnap_sys::send_signal(pid, libc::SIGKILL).map_err(|e| format!("kill {pid}: {e}"))?;
-        let t = Instant::now();
-        while shared
-            .clients
-            .iter()
-            .any(|c| c.served_at.load(Ordering::SeqCst) == 0)
-        {
-            if t.elapsed() > Duration::from_secs(10) {
-                return Err(format!(
-                    "failover {i}: not every client was served within 10 s; last error: {}",
-                    shared
-                        .last_error
-                        .lock()
-                        .map(|g| g.clone())
-                        .unwrap_or_default()
-                ));
-            }
-            std::thread::sleep(Duration::from_micros(200));
-        }
-        let served: Vec<u64> = shared
-            .clients
-            .iter()
-            .map(|c| c.served_at.load(Ordering::SeqCst))
-            .collect();
-        // The event lines of this failover (they may trail the I/O a bit).
-        let new = inc + 1;
-        let (mut died, mut serving) = (None, None);
-        let (mut gathering, mut starting) = (None, None);
-        let t = Instant::now();
-        while (died.is_none() || serving.is_none()) && t.elapsed() < Duration::from_secs(5) {
-            for a in &agents {
-                let lines = a.lines();
-                if died.is_none() {
-                    died = find(&lines, kill_at, &format!("server incarnation {inc} died"));
-                }
-                if serving.is_none() {
-                    if let Some(s) = find(
-                        &lines,
-                        kill_at,
-                        &format!("server incarnation {new} serving"),
-                    ) {
-                        gathering = find(&lines, kill_at, "snapshot clients")
-                            .filter(|g| g.1.contains("asking"));
-                        starting = find(&lines, kill_at, "starting the standby");
-                        serving = Some(s);
-                    }
-                }
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        let ctl = controller.lines();
-        let placing = find(&ctl, kill_at, "placing the server");
-        let up = find(
-            &ctl,
-            kill_at,
-            &format!("server incarnation {new} serves on node"),
-        );
-        let (Some(died), Some(serving)) = (died, serving) else {
-            return Err(format!("failover {i}: the agents' event lines are missing"));
-        };
-        let us = |t: u64| t.saturating_sub(kill_at) as f64;
-        let ms = |t: u64| us(t) / 1000.0;
-        row.detect.push(ms(died.0));
-        if let Some(p) = &placing {
-            row.placing.push(ms(p.0));
-        }
-        if let Some(g) = gathering {
-            row.gathering.push(ms(g.0));
-        }
-        if let Some(s) = &starting {
-            row.starting.push(ms(s.0));
-        }
-        row.serving.push(ms(serving.0));
-        if let Some(u) = &up {
-            row.server_up.push(ms(u.0));
-            if let Some(n) = u.1.rsplit(' ').next().and_then(|n| n.parse::<usize>().ok()) {
-                if n <= NODES as usize {
-                    nodes_seen[n] += 1;
-                }
-            }
-        }
-        let start_us = serving
-            .1
-            .split("started in ")
-            .nth(1)
-            .and_then(|r| r.split(' ').next())
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(f64::NAN);
-        row.start_us.push(start_us / 1000.0);
-        row.first_client
-            .push(ms(*served.iter().min().unwrap_or(&kill_at)));
-        row.all_clients
-            .push(ms(*served.iter().max().unwrap_or(&kill_at)));
-        // A start that waited for the store lock of the server it replaces
-        // (same host: the dying one still held it).
-        let mut lock_wait = 0.0;
-        for a in &agents {
+/// The agents' event lines of the failover of incarnation `inc` killed at
+/// `kill_at` (they may trail the I/O a bit; up to 5 s): died, serving
+/// (of `inc + 1`), gathering and starting, each with its stamp.
+type Event = Option<(u64, String)>;
+fn agent_events(agents: &[Proc], kill_at: u64, inc: u64) -> (Event, Event, Event, Event) {
+    let new = inc + 1;
+    let (mut died, mut serving) = (None, None);
+    let (mut gathering, mut starting) = (None, None);
+    let t = Instant::now();
+    while (died.is_none() || serving.is_none()) && t.elapsed() < Duration::from_secs(5) {
+        for a in agents {
             let lines = a.lines();
-            let Some(at) = lines.iter().position(|l| l.contains(&serving.1)) else {
-                continue;
-            };
-            if let Some(w) = lines[..at].iter().rev().take(4).find_map(|l| {
-                l.split("waited ")
-                    .nth(1)?
-                    .split(' ')
-                    .next()?
-                    .parse::<f64>()
-                    .ok()
-            }) {
-                lock_wait = w / 1000.0;
+            if died.is_none() {
+                died = find(&lines, kill_at, &format!("server incarnation {inc} died"));
+            }
+            if serving.is_none() {
+                if let Some(s) = find(
+                    &lines,
+                    kill_at,
+                    &format!("server incarnation {new} serving"),
+                ) {
+                    gathering = find(&lines, kill_at, "snapshot clients")
+                        .filter(|g| g.1.contains("asking"));
+                    starting = find(&lines, kill_at, "starting the standby");
+                    serving = Some(s);
+                }
             }
         }
-        if lock_wait > 0.0 {
-            row.lock_waits.push(lock_wait);
-        }
-        let nan = f64::NAN;
-        row.timelines.push(Timeline {
-            detect: ms(died.0),
-            placing: placing.map_or(nan, |p| ms(p.0)),
-            starting: starting.map_or(nan, |s| ms(s.0)),
-            serving: ms(serving.0),
-            server_up: up.as_ref().map_or(nan, |u| ms(u.0)),
-            first_client: ms(*served.iter().min().unwrap_or(&kill_at)),
-            all_clients: ms(*served.iter().max().unwrap_or(&kill_at)),
-            start: start_us / 1000.0,
-            lock_wait,
-        });
+        std::thread::sleep(Duration::from_millis(1));
     }
-    let secs = bench_start.elapsed().as_secs_f64();
-    shared.stop.store(true, Ordering::SeqCst);
-    let ios: u64 = shared
-        .clients
-        .iter()
-        .map(|c| c.ios.load(Ordering::Relaxed))
-        .sum();
-    let errors: u64 = shared
-        .clients
-        .iter()
-        .map(|c| c.errors.load(Ordering::Relaxed))
-        .sum();
-    // The servers' own breakdown of their starts (their stderr reaches
-    // their agent's): "(command A, store lock B, takeover C, recovery and
-    // filter D)", microseconds.
+    (died, serving, gathering, starting)
+}
+
+/// The store lock wait (ms) before the start that logged `serving`: a
+/// start that waited for the lock of the server it replaces (same host:
+/// the dying one still held it); 0 if none.
+fn lock_wait_ms(agents: &[Proc], serving: &str) -> f64 {
+    let mut lock_wait = 0.0;
+    for a in agents {
+        let lines = a.lines();
+        let Some(at) = lines.iter().position(|l| l.contains(serving)) else {
+            continue;
+        };
+        if let Some(w) = lines[..at].iter().rev().take(4).find_map(|l| {
+            l.split("waited ")
+                .nth(1)?
+                .split(' ')
+                .next()?
+                .parse::<f64>()
+                .ok()
+        }) {
+            lock_wait = w / 1000.0;
+        }
+    }
+    lock_wait
+}
+
+/// The servers' own breakdown of their starts (their stderr reaches their
+/// agent's): "(command A, store lock B, takeover C, recovery and filter
+/// D)", in milliseconds.
+fn start_parts(agents: &[Proc]) -> [Vec<f64>; 4] {
     let mut parts: [Vec<f64>; 4] = Default::default();
-    for a in &agents {
+    for a in agents {
         for l in a.lines() {
             if !l.contains("csnap server: started incarnation") {
                 continue;
@@ -643,29 +528,17 @@ fn bench(bin: &Path, d: &Path, failovers: u32, args: &[String]) -> Result<(), St
             }
         }
     }
-    drop(agents);
-    drop(controller);
-    for t in threads {
-        let _ = t.join();
-    }
-    println!(
-        "  {} I/Os during the run ({:.0}/s), {errors} I/O errors; servers placed on node 1: {}, node 2: {}, node 3: {}",
-        ios - ios_before,
-        (ios - ios_before) as f64 / secs,
-        nodes_seen[1],
-        nodes_seen[2],
-        nodes_seen[3]
-    );
-    if errors > 0 {
-        println!(
-            "  last error: {}",
-            shared
-                .last_error
-                .lock()
-                .map(|g| g.clone())
-                .unwrap_or_default()
-        );
-    }
+    parts
+}
+
+/// The figures: one line per step (p50, p99, max), the start's parts, the
+/// disk floor, the lock waits, the slowest failovers and the targets.
+fn print_figures(
+    row: &mut Row,
+    parts: &mut [Vec<f64>; 4],
+    idle_floor: &mut Vec<f64>,
+    failovers: u32,
+) {
     println!("  milliseconds (n = failovers)               p50       p99       max");
     let line = |name: &str, v: &mut Vec<f64>| {
         let (a, b, c) = stats(v);
@@ -692,7 +565,7 @@ fn bench(bin: &Path, d: &Path, failovers: u32, args: &[String]) -> Result<(), St
         }
     }
     line("disk floor: one durable 8 KiB write", &mut row.floor);
-    line("  the same on the quiet disk (no client)", &mut idle_floor);
+    line("  the same on the quiet disk (no client)", idle_floor);
     let (f50, f99, _) = stats(&mut row.floor);
     let (s50, s99_, _) = stats(&mut row.start_us);
     println!(
@@ -733,6 +606,254 @@ fn bench(bin: &Path, d: &Path, failovers: u32, args: &[String]) -> Result<(), St
         if smax < 1.0 { "met" } else if s99 < 1.0 { "met at p99, not at max" } else { "missed" },
         if amax < 10.0 { "met" } else if a99 < 10.0 { "met at p99, not at max" } else { "missed" }
     );
+}
+
+/// What one failover needs of the bench: the binary, the cluster, the
+/// clients' shared state and the durable-write probe.
+struct Bed<'a> {
+    bin: &'a Path,
+    cdir: &'a Path,
+    shared: &'a Shared,
+    probe: &'a std::fs::File,
+    probe_b: &'a [u8],
+    controller: &'a Proc,
+    agents: &'a [Proc],
+}
+
+/// Failover `i`: in steady state, the disk floor probed, the serving
+/// server SIGKILLed; waits until every client is served again, then
+/// records the failover's timeline from the event lines in `row` (and the
+/// node it went to in `nodes_seen`).
+fn one_failover(
+    b: &Bed<'_>,
+    i: u32,
+    row: &mut Row,
+    nodes_seen: &mut [u32; NODES as usize + 1],
+) -> Result<(), String> {
+    let (inc, _, addr, _) = wait_status(b.bin, b.cdir, "every node has a standby", |s| {
+        s.3 == NODES && s.0 > 0
+    })?;
+    // Steady state: every client on this incarnation.
+    std::thread::sleep(Duration::from_millis(50));
+    let pid = server_pid(&addr).ok_or_else(|| format!("no process listens on {addr}"))?;
+    b.shared.killed.store(inc, Ordering::SeqCst);
+    for c in &b.shared.clients {
+        c.served_at.store(0, Ordering::SeqCst);
+    }
+    // The disk's floor under this load: one durable 8 KiB write on the
+    // same file system, as the incarnation commit is, just before the
+    // kill (not during the start, which it would slow).
+    let t_probe = Instant::now();
+    b.probe
+        .write_all_at(b.probe_b, 0)
+        .map_err(|e| format!("durable probe write: {e}"))?;
+    row.floor.push(t_probe.elapsed().as_secs_f64() * 1000.0);
+    let kill_at = monotonic_micros();
+    csnap_sys::send_signal(pid, libc::SIGKILL).map_err(|e| format!("kill {pid}: {e}"))?;
+    let t = Instant::now();
+    while b
+        .shared
+        .clients
+        .iter()
+        .any(|c| c.served_at.load(Ordering::SeqCst) == 0)
+    {
+        if t.elapsed() > Duration::from_secs(10) {
+            return Err(format!(
+                "failover {i}: not every client was served within 10 s; last error: {}",
+                b.shared
+                    .last_error
+                    .lock()
+                    .map(|g| g.clone())
+                    .unwrap_or_default()
+            ));
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    let served: Vec<u64> = b
+        .shared
+        .clients
+        .iter()
+        .map(|c| c.served_at.load(Ordering::SeqCst))
+        .collect();
+    // The event lines of this failover (they may trail the I/O a bit).
+    let new = inc + 1;
+    let (died, serving, gathering, starting) = agent_events(b.agents, kill_at, inc);
+    let ctl = b.controller.lines();
+    let placing = find(&ctl, kill_at, "placing the server");
+    let up = find(
+        &ctl,
+        kill_at,
+        &format!("server incarnation {new} serves on node"),
+    );
+    let (Some(died), Some(serving)) = (died, serving) else {
+        return Err(format!("failover {i}: the agents' event lines are missing"));
+    };
+    let us = |t: u64| t.saturating_sub(kill_at) as f64;
+    let ms = |t: u64| us(t) / 1000.0;
+    row.detect.push(ms(died.0));
+    if let Some(p) = &placing {
+        row.placing.push(ms(p.0));
+    }
+    if let Some(g) = gathering {
+        row.gathering.push(ms(g.0));
+    }
+    if let Some(s) = &starting {
+        row.starting.push(ms(s.0));
+    }
+    row.serving.push(ms(serving.0));
+    if let Some(u) = &up {
+        row.server_up.push(ms(u.0));
+        if let Some(n) = u.1.rsplit(' ').next().and_then(|n| n.parse::<usize>().ok()) {
+            if n <= NODES as usize {
+                nodes_seen[n] += 1;
+            }
+        }
+    }
+    let start_us = serving
+        .1
+        .split("started in ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(f64::NAN);
+    row.start_us.push(start_us / 1000.0);
+    row.first_client
+        .push(ms(*served.iter().min().unwrap_or(&kill_at)));
+    row.all_clients
+        .push(ms(*served.iter().max().unwrap_or(&kill_at)));
+    // A start that waited for the store lock of the server it replaces
+    // (same host: the dying one still held it).
+    let lock_wait = lock_wait_ms(b.agents, &serving.1);
+    if lock_wait > 0.0 {
+        row.lock_waits.push(lock_wait);
+    }
+    let nan = f64::NAN;
+    row.timelines.push(Timeline {
+        detect: ms(died.0),
+        placing: placing.map_or(nan, |p| ms(p.0)),
+        starting: starting.map_or(nan, |s| ms(s.0)),
+        serving: ms(serving.0),
+        server_up: up.as_ref().map_or(nan, |u| ms(u.0)),
+        first_client: ms(*served.iter().min().unwrap_or(&kill_at)),
+        all_clients: ms(*served.iter().max().unwrap_or(&kill_at)),
+        start: start_us / 1000.0,
+        lock_wait,
+    });
+    Ok(())
+}
+
+/// The origin, a thick store (as the block device it stands for: no
+/// file-system block allocation, and journal commit, inside the flushes
+/// measured) and the durable-write probe file, opened direct and durable
+/// as the servers' store writes are.
+fn make_files(d: &Path, origin: &Path, store: &Path) -> Result<std::fs::File, String> {
+    std::fs::write(origin, vec![7u8; ORIGIN_LEN]).map_err(|e| e.to_string())?;
+    std::fs::write(store, vec![0u8; STORE_LEN]).map_err(|e| e.to_string())?;
+    let probe_path = d.join("durable-probe");
+    std::fs::write(&probe_path, vec![0u8; 8192]).map_err(|e| e.to_string())?;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_DSYNC | libc::O_DIRECT)
+        .open(&probe_path)
+        .map_err(|e| e.to_string())
+}
+
+/// `csnap format` of the store for the origin.
+fn format_store(bin: &Path, origin: &Path, store: &Path) -> Result<(), String> {
+    let o = Command::new(bin)
+        .args(["format", "--origin"])
+        .arg(origin)
+        .arg("--store")
+        .arg(store)
+        .output()
+        .map_err(|e| e.to_string())?;
+    if !o.status.success() {
+        return Err(String::from_utf8_lossy(&o.stderr).into_owned());
+    }
+    Ok(())
+}
+
+/// The run's I/O count and rate, errors (and the last one), and where the
+/// servers were placed.
+fn print_totals(shared: &Shared, (ios, secs): (u64, f64), errors: u64, nodes_seen: &[u32]) {
+    println!(
+        "  {} I/Os during the run ({:.0}/s), {errors} I/O errors; servers placed on node 1: {}, node 2: {}, node 3: {}",
+        ios,
+        ios as f64 / secs,
+        nodes_seen[1],
+        nodes_seen[2],
+        nodes_seen[3]
+    );
+    if errors > 0 {
+        println!(
+            "  last error: {}",
+            shared
+                .last_error
+                .lock()
+                .map(|g| g.clone())
+                .unwrap_or_default()
+        );
+    }
+}
+
+fn bench(bin: &Path, d: &Path, failovers: u32, args: &[String]) -> Result<(), String> {
+    let (origin, store, cdir) = (d.join("origin"), d.join("store"), d.join("cluster"));
+    let probe = make_files(d, &origin, &store)?;
+    // Direct and durable, as the servers' store writes are.
+    let mut probe_a = csnap_sys::dio::AlignedBuf::zeroed(8192, 4096);
+    probe_a.fill(0xa5);
+    let mut probe_b = csnap_sys::dio::AlignedBuf::zeroed(8192, 4096);
+    probe_b.fill(0x5a);
+    format_store(bin, &origin, &store)?;
+    println!("failover-bench: {}", args.join(" "));
+    println!(
+        "  {failovers} failovers; {NODES}-node local cluster (controller, agents, standbys; mlock, sealed heap, seccomp on); 4 client threads (VolumeClient::open_via_agent): origin writers on nodes 1 and 2 (4 KiB), snapshot readers on nodes 2 and 3 (16 KiB), I/O back to back; nproc {}",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    let (controller, agents) = start_cluster(bin, &cdir, &origin, &store)?;
+    // The floor on a quiet disk, for comparison: the same durable write,
+    // 50 times 10 ms apart, before any client does I/O.
+    let mut idle_floor = quiet_floor(&probe, &probe_a)?;
+    // The first client places the server; then the snapshot the readers use.
+    let shared = Arc::new(Shared {
+        killed: AtomicU64::new(0),
+        stop: AtomicBool::new(false),
+        clients: (0..4).map(|_| ClientState::default()).collect(),
+        last_error: Mutex::new(String::new()),
+    });
+    let threads = start_clients(bin, &cdir, (&origin, &store), &shared)?;
+
+    let mut row = Row::default();
+    let mut nodes_seen = [0u32; NODES as usize + 1];
+    let ios_before = shared.total(|c| &c.ios);
+    let bench_start = Instant::now();
+    let bed = Bed {
+        bin,
+        cdir: &cdir,
+        shared: &shared,
+        probe: &probe,
+        probe_b: &probe_b,
+        controller: &controller,
+        agents: &agents,
+    };
+    for i in 0..failovers {
+        one_failover(&bed, i, &mut row, &mut nodes_seen)?;
+    }
+    let secs = bench_start.elapsed().as_secs_f64();
+    shared.stop.store(true, Ordering::SeqCst);
+    let ios = shared.total(|c| &c.ios);
+    let errors = shared.total(|c| &c.errors);
+    // The servers' own breakdown of their starts (their stderr reaches
+    // their agent's): "(command A, store lock B, takeover C, recovery and
+    // filter D)", microseconds.
+    let mut parts = start_parts(&agents);
+    drop(agents);
+    drop(controller);
+    for t in threads {
+        let _ = t.join();
+    }
+    print_totals(&shared, (ios - ios_before, secs), errors, &nodes_seen);
+    print_figures(&mut row, &mut parts, &mut idle_floor, failovers);
     if errors > 0 {
         // A benchmark that saw an I/O error failed, whatever its figures.
         return Err(format!("{errors} I/O errors during the run (see above)"));

@@ -41,91 +41,13 @@ pub fn serial() -> MutexGuard<'static, ()> {
 // Data.
 // ---------------------------------------------------------------------------
 
-/// xorshift64*: reproducible randomness from a printed seed.
-#[derive(Debug, Clone)]
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Rng {
-        Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    /// Uniform in `0..n` (n > 0).
-    pub fn below(&mut self, n: u64) -> u64 {
-        self.next_u64() % n
-    }
-
-    /// `len` random bytes, never zero (a stray read of zeroes shows).
-    pub fn bytes(&mut self, len: usize) -> Vec<u8> {
-        let mut v = Vec::with_capacity(len);
-        while v.len() < len {
-            for b in self.next_u64().to_le_bytes() {
-                if v.len() < len {
-                    v.push(b | 1);
-                }
-            }
-        }
-        v
-    }
-}
-
-/// The seed of a randomised test: `CSNAP_TEST_SEED` or the clock. Printed,
-/// so a failure can be replayed.
-pub fn seed(test: &str) -> u64 {
-    let s = std::env::var("CSNAP_TEST_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(1, |d| d.as_nanos() as u64)
-        });
-    eprintln!("{test}: seed {s} (replay with CSNAP_TEST_SEED={s})");
-    s
-}
+#[allow(unused_imports)] // Not every test binary uses every helper.
+pub use csnap_testkit::{seed, wait_for, Rng};
 
 /// Asserts `got == want`, reporting the first and last differing bytes and
 /// their chunks instead of megabytes of dump.
 pub fn assert_same(what: &str, got: &[u8], want: &[u8]) {
-    assert_eq!(got.len(), want.len(), "{what}: length differs");
-    if got == want {
-        return;
-    }
-    let diff = |(a, b): (&u8, &u8)| a != b;
-    let first = got.iter().zip(want).position(diff).unwrap_or(0);
-    let last = got.iter().zip(want).rposition(diff).unwrap_or(0);
-    let n = got.iter().zip(want).filter(|p| diff(*p)).count();
-    let end = (first + 8).min(got.len());
-    panic!(
-        "{what}: contents differ from the shadow: {n} bytes differ, first at byte {first} \
-         (chunk {}, +{}), last at byte {last} (chunk {}); at the first: got {:02x?} want {:02x?}",
-        first as u64 / CHUNK,
-        first as u64 % CHUNK,
-        last as u64 / CHUNK,
-        &got[first..end],
-        &want[first..end]
-    );
-}
-
-/// Polls `f` until it returns `Some`; panics with `what` after `t`.
-pub fn wait_for<T>(what: &str, t: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-    let start = Instant::now();
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(start.elapsed() < t, "timed out waiting until {what}");
-        std::thread::sleep(Duration::from_micros(200));
-    }
+    csnap_testkit::assert_same_bytes(what, got, want, CHUNK);
 }
 
 // ---------------------------------------------------------------------------
@@ -313,14 +235,8 @@ pub fn csnap(args: &[&str]) -> Output {
     run(&args.iter().map(OsString::from).collect::<Vec<_>>())
 }
 
-pub fn text(o: &Output) -> String {
-    format!(
-        "status {:?}\n--- stdout\n{}--- stderr\n{}",
-        o.status,
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
+#[allow(unused_imports)] // Not every test binary uses every helper.
+pub use csnap_testkit::text;
 
 pub fn s(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")

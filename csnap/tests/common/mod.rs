@@ -8,26 +8,8 @@ pub mod fs;
 pub mod hacluster;
 pub mod testbed;
 
-use std::path::PathBuf;
-use std::process::Child;
-
-/// A child process, killed (SIGKILL) and reaped on drop.
-pub struct Proc(pub Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// A new, empty directory under the temp dir, unique to this test process.
-pub fn fresh_dir(prefix: &str, name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("csnap-{prefix}-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
+#[allow(unused_imports)] // Not every test binary uses every helper.
+pub use csnap_testkit::{fresh_dir, Proc};
 
 /// Drives a metrics endpoint at `addr` (host:port) through every path its
 /// loop takes, for the syscall audits: scrapes, a 404, a 405, garbage, an

@@ -192,6 +192,16 @@ pub fn serial() -> std::sync::MutexGuard<'static, ()> {
     super::cluster::serial()
 }
 
+/// The start of every test on the bed: `None` (and a note) where the bed
+/// cannot run, else the serial guard to hold for the test.
+pub fn enter() -> Option<std::sync::MutexGuard<'static, ()>> {
+    if !available() {
+        eprintln!("skipped: the test bed needs root, ip and losetup");
+        return None;
+    }
+    Some(serial())
+}
+
 impl Testbed {
     /// Builds the network, the loop devices and the per-node directories,
     /// starts the controller and one agent per node; returns once every
@@ -423,6 +433,16 @@ impl Testbed {
         self.nodes[n as usize - 1].agent = Some(d);
     }
 
+    /// [`Testbed::up`], then an NBD server on every node.
+    pub fn up_with_nbd(name: &str, opts: TestbedOpts, rng: &mut Rng) -> Testbed {
+        let nodes = opts.nodes;
+        let mut tb = Testbed::up(name, opts, rng);
+        for n in 1..=nodes {
+            tb.start_nbd(n);
+        }
+        tb
+    }
+
     /// Starts node `n`'s NBD server in its namespace, listening on TCP at
     /// the node's address; returns once it serves.
     pub fn start_nbd(&mut self, n: u32) {
@@ -485,6 +505,12 @@ impl Testbed {
             .expect("csnap snapshot")
     }
 
+    /// `csnap snapshot create TAG`, which must succeed.
+    pub fn create_snapshot(&self, tag: &str) {
+        let o = self.snapshot("create", &[tag]);
+        assert!(o.status.success(), "snapshot create {tag}: {}", text(&o));
+    }
+
     /// The tags `csnap snapshot list` shows.
     pub fn snapshot_tags(&self) -> Vec<u32> {
         let o = self.snapshot("list", &[]);
@@ -518,6 +544,16 @@ impl Testbed {
         }
         self.kill_controller();
         csnap(&["check", "--store", s(&self.store_file)])
+    }
+
+    /// [`Testbed::stop_and_check`], which must find the store clean.
+    pub fn stop_and_assert_clean(&mut self) {
+        let o = self.stop_and_check();
+        assert!(
+            o.status.success() && String::from_utf8_lossy(&o.stdout).contains(": clean"),
+            "check: {}",
+            text(&o)
+        );
     }
 
     /// A `csnap io --agent` client of node `n` on `volume`, in its namespace,

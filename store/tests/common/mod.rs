@@ -318,10 +318,7 @@ pub fn read_block(d: &mut MemDisk, addr: u64) -> Vec<u8> {
 /// A fresh scratch directory for test `name` of suite `suite` (under the
 /// temp dir, emptied first).
 pub fn scratch_dir(suite: &str, name: &str) -> std::path::PathBuf {
-    let d = std::env::temp_dir().join(format!("csnap-{suite}-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    csnap_testkit::fresh_dir(suite, name)
 }
 
 /// A 64 MiB store file in `dir`, formatted through direct I/O (a 16 MiB
