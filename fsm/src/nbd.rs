@@ -48,21 +48,7 @@
 //!
 //! # States
 //!
-//! | state | entered on | consumes | leaves on |
-//! |---|---|---|---|
-//! | `ClientFlags` | `new`, `reset` (greeting queued) | 4 bytes of client flags | known flags → `OptionHeader`; unknown flags → `Closed` (`Fatal`) |
-//! | `OptionHeader` | client flags; an option answered | a 16-byte option header, once the transmit buffer has room for the reply | data to read → `OptionData`; data to skip → `OptionSkip`; `LIST` → `AwaitList`; bad magic, an option other than `EXPORT_NAME` from a client without fixed newstyle, or data over the skip bound → `Closed` (`Fatal`) |
-//! | `OptionData` | `EXPORT_NAME`, `INFO` or `GO` with data | the data, into the receive scratch | valid → `AwaitExport` (`ExportQuery`); malformed `INFO`/`GO` → error reply, `OptionHeader` |
-//! | `OptionSkip` | a refused option, `ABORT` with data | the data, discarded | reply queued → `OptionHeader`; `ABORT` → `Disconnecting` |
-//! | `AwaitExport` | `ExportQuery` | nothing | `answer_export`: `GO`/`EXPORT_NAME` found → `Request` (`Ready`); `INFO`, or `GO` not found → `OptionHeader`; `EXPORT_NAME` not found → `Closed` (`Fatal`) |
-//! | `AwaitList` | `ListQuery` | nothing | `list_done` → `OptionHeader` |
-//! | `AwaitMeta` | `LIST_META_CONTEXT`/`SET_META_CONTEXT` data parsed (`MetaQuery`) | nothing | `answer_meta(Some(tags))` → `MetaReply`; `answer_meta(None)` → `NBD_REP_ERR_UNKNOWN`, `OptionHeader` |
-//! | `MetaReply` | `answer_meta` | nothing | every matching context and the ACK queued (as room allows) → `OptionHeader` |
-//! | `Request` | `Ready`; a request handled | a 28-byte request header | `Command`/`Reject` (stays); `WRITE` accepted → `Payload`; `WRITE` rejected → `PayloadSkip`; `DISC` → `Disconnecting`; bad magic or a write over the skip bound → `Closed` (`Fatal`) |
-//! | `Payload` | an accepted `WRITE` with data | nothing (`handle_payload` takes the payload) | payload complete → `Request` |
-//! | `PayloadSkip` | a rejected `WRITE` with data | the payload, discarded | payload skipped → `Request` |
-//! | `Disconnecting` | `ABORT` (ACK queued), `DISC` | nothing | terminal: the driver finishes in-flight commands, writes out, closes |
-//! | `Closed` | `Fatal`, `handle_eof` | nothing | terminal until `reset` |
+//! One enum, [`NbdState`], whose doc comment holds the state table.
 //!
 //! # Choices where the protocol leaves freedom
 //!
@@ -861,7 +847,37 @@ pub enum NbdCallError {
     TransmitOverrun,
 }
 
-/// A session's state (see the module's state table).
+// ---------------------------------------------------------------------------
+// The session.
+// ---------------------------------------------------------------------------
+
+/// What follows a skipped option's data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AfterSkip {
+    /// An error reply of this type.
+    Error(u32),
+    /// The ACK of `NBD_OPT_ABORT`, then the end.
+    Abort,
+}
+
+/// A session's state, with what it keeps while in it. The driver reads it
+/// ([`NbdSession::state`]); only the session changes it.
+///
+/// | state | entered on | consumes | leaves on |
+/// |---|---|---|---|
+/// | `ClientFlags` | `new`, `reset` (greeting queued) | 4 bytes of client flags | known flags → `OptionHeader`; unknown flags → `Closed` (`Fatal`) |
+/// | `OptionHeader` | client flags; an option answered | a 16-byte option header, once the transmit buffer has room for the reply | data to read → `OptionData`; data to skip → `OptionSkip`; `LIST` → `AwaitList`; bad magic, an option other than `EXPORT_NAME` from a client without fixed newstyle, or data over the skip bound → `Closed` (`Fatal`) |
+/// | `OptionData` | `EXPORT_NAME`, `INFO` or `GO` with data | the data, into the receive scratch | valid → `AwaitExport` (`ExportQuery`); malformed `INFO`/`GO` → error reply, `OptionHeader` |
+/// | `OptionSkip` | a refused option, `ABORT` with data | the data, discarded | reply queued → `OptionHeader`; `ABORT` → `Disconnecting` |
+/// | `AwaitExport` | `ExportQuery` | nothing | `answer_export`: `GO`/`EXPORT_NAME` found → `Request` (`Ready`); `INFO`, or `GO` not found → `OptionHeader`; `EXPORT_NAME` not found → `Closed` (`Fatal`) |
+/// | `AwaitList` | `ListQuery` | nothing | `list_done` → `OptionHeader` |
+/// | `AwaitMeta` | `LIST_META_CONTEXT`/`SET_META_CONTEXT` data parsed (`MetaQuery`) | nothing | `answer_meta(Some(tags))` → `MetaReply`; `answer_meta(None)` → `NBD_REP_ERR_UNKNOWN`, `OptionHeader` |
+/// | `MetaReply` | `answer_meta` | nothing | every matching context and the ACK queued (as room allows) → `OptionHeader` |
+/// | `Request` | `Ready`; a request handled | a 28-byte request header | `Command`/`Reject` (stays); `WRITE` accepted → `Payload`; `WRITE` rejected → `PayloadSkip`; `DISC` → `Disconnecting`; bad magic or a write over the skip bound → `Closed` (`Fatal`) |
+/// | `Payload` | an accepted `WRITE` with data | nothing (`handle_payload` takes the payload) | payload complete → `Request` |
+/// | `PayloadSkip` | a rejected `WRITE` with data | the payload, discarded | payload skipped → `Request` |
+/// | `Disconnecting` | `ABORT` (ACK queued), `DISC` | nothing | terminal: the driver finishes in-flight commands, writes out, closes |
+/// | `Closed` | `Fatal`, `handle_eof` | nothing | terminal until `reset` |
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NbdState {
     /// Greeting queued, waiting for the client flags.
@@ -869,77 +885,60 @@ pub enum NbdState {
     /// Waiting for an option header.
     OptionHeader,
     /// Reading option data into the scratch.
-    OptionData,
+    OptionData {
+        /// The option.
+        opt: u32,
+        /// Its data length.
+        len: usize,
+    },
     /// Skipping the data of a refused option.
-    OptionSkip,
+    OptionSkip {
+        /// The option.
+        opt: u32,
+        /// Bytes left to skip.
+        remaining: u32,
+        /// What is queued once skipped.
+        then: AfterSkip,
+    },
     /// Waiting for `answer_export`.
-    AwaitExport,
+    AwaitExport {
+        /// The option asking (`EXPORT_NAME`, `INFO` or `GO`).
+        opt: u32,
+    },
     /// Waiting for `list_entry`s and `list_done`.
     AwaitList,
     /// Waiting for `answer_meta`.
-    AwaitMeta,
+    AwaitMeta {
+        /// `LIST_META_CONTEXT` or `SET_META_CONTEXT`.
+        opt: u32,
+        /// Its data length (the queries, in the scratch).
+        len: usize,
+    },
     /// Queuing the metadata contexts answered (as the transmit buffer
     /// allows; `consume_transmit` goes on).
-    MetaReply,
+    MetaReply {
+        /// `LIST_META_CONTEXT` or `SET_META_CONTEXT`.
+        opt: u32,
+        /// Its data length (the queries, in the scratch).
+        len: usize,
+        /// The next context to consider.
+        next: usize,
+    },
     /// Transmission: waiting for a request header.
     Request,
     /// Transmission: the driver takes a `WRITE` payload.
-    Payload,
+    Payload {
+        /// Payload bytes still to take.
+        remaining: u32,
+    },
     /// Transmission: skipping a rejected `WRITE`'s payload.
-    PayloadSkip,
+    PayloadSkip {
+        /// Payload bytes still to skip.
+        remaining: u32,
+    },
     /// The client ended the session.
     Disconnecting,
     /// Closed after a fatal error or end of stream.
-    Closed,
-}
-
-// ---------------------------------------------------------------------------
-// The session.
-// ---------------------------------------------------------------------------
-
-/// What follows a skipped option's data.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum AfterSkip {
-    /// An error reply of this type.
-    Error(u32),
-    /// The ACK of `NBD_OPT_ABORT`, then the end.
-    Abort,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum St {
-    ClientFlags,
-    OptHeader,
-    OptData {
-        opt: u32,
-        len: usize,
-    },
-    OptSkip {
-        opt: u32,
-        remaining: u32,
-        then: AfterSkip,
-    },
-    AwaitExport {
-        opt: u32,
-    },
-    AwaitList,
-    AwaitMeta {
-        opt: u32,
-        len: usize,
-    },
-    MetaReply {
-        opt: u32,
-        len: usize,
-        next: usize,
-    },
-    Request,
-    Payload {
-        remaining: u32,
-    },
-    PayloadSkip {
-        remaining: u32,
-    },
-    Disconnecting,
     Closed,
 }
 
@@ -947,7 +946,7 @@ enum St {
 /// call order.
 pub struct NbdSession {
     cfg: NbdConfig,
-    st: St,
+    st: NbdState,
     event: Option<NbdEvent>,
     fixed_newstyle: bool,
     no_zeroes: bool,
@@ -1103,7 +1102,7 @@ impl NbdSession {
         assert!(cfg.is_valid(), "invalid NbdConfig {cfg:?}");
         let mut s = NbdSession {
             cfg,
-            st: St::ClientFlags,
+            st: NbdState::ClientFlags,
             event: None,
             fixed_newstyle: false,
             no_zeroes: false,
@@ -1139,7 +1138,7 @@ impl NbdSession {
     /// Starts over for a new connection, reusing the buffers: everything is
     /// forgotten and the greeting is queued.
     pub fn reset(&mut self) {
-        self.st = St::ClientFlags;
+        self.st = NbdState::ClientFlags;
         self.event = None;
         self.fixed_newstyle = false;
         self.no_zeroes = false;
@@ -1169,21 +1168,7 @@ impl NbdSession {
     /// The state.
     #[must_use]
     pub fn state(&self) -> NbdState {
-        match self.st {
-            St::ClientFlags => NbdState::ClientFlags,
-            St::OptHeader => NbdState::OptionHeader,
-            St::OptData { .. } => NbdState::OptionData,
-            St::OptSkip { .. } => NbdState::OptionSkip,
-            St::AwaitExport { .. } => NbdState::AwaitExport,
-            St::AwaitList => NbdState::AwaitList,
-            St::AwaitMeta { .. } => NbdState::AwaitMeta,
-            St::MetaReply { .. } => NbdState::MetaReply,
-            St::Request => NbdState::Request,
-            St::Payload { .. } => NbdState::Payload,
-            St::PayloadSkip { .. } => NbdState::PayloadSkip,
-            St::Disconnecting => NbdState::Disconnecting,
-            St::Closed => NbdState::Closed,
-        }
+        self.st
     }
 
     /// Whether the session is in the transmission phase (requests flow).
@@ -1191,7 +1176,7 @@ impl NbdSession {
     pub fn in_transmission(&self) -> bool {
         matches!(
             self.st,
-            St::Request | St::Payload { .. } | St::PayloadSkip { .. }
+            NbdState::Request | NbdState::Payload { .. } | NbdState::PayloadSkip { .. }
         )
     }
 
@@ -1255,19 +1240,21 @@ impl NbdSession {
             return false;
         }
         match self.st {
-            St::ClientFlags
-            | St::OptData { .. }
-            | St::OptSkip { .. }
-            | St::Request
-            | St::PayloadSkip { .. } => true,
-            St::OptHeader => self.hdr_len > 0 || self.tx_free() >= NBD_OPTION_REPLY_MAX_BYTES,
-            St::AwaitExport { .. }
-            | St::AwaitList
-            | St::AwaitMeta { .. }
-            | St::MetaReply { .. }
-            | St::Payload { .. }
-            | St::Disconnecting
-            | St::Closed => false,
+            NbdState::ClientFlags
+            | NbdState::OptionData { .. }
+            | NbdState::OptionSkip { .. }
+            | NbdState::Request
+            | NbdState::PayloadSkip { .. } => true,
+            NbdState::OptionHeader => {
+                self.hdr_len > 0 || self.tx_free() >= NBD_OPTION_REPLY_MAX_BYTES
+            }
+            NbdState::AwaitExport { .. }
+            | NbdState::AwaitList
+            | NbdState::AwaitMeta { .. }
+            | NbdState::MetaReply { .. }
+            | NbdState::Payload { .. }
+            | NbdState::Disconnecting
+            | NbdState::Closed => false,
         }
     }
 
@@ -1301,7 +1288,7 @@ impl NbdSession {
     #[must_use]
     pub fn payload_remaining(&self) -> u32 {
         match self.st {
-            St::Payload { remaining } => remaining,
+            NbdState::Payload { remaining } => remaining,
             _ => 0,
         }
     }
@@ -1316,7 +1303,7 @@ impl NbdSession {
         if n == 0 {
             return Ok(());
         }
-        let St::Payload { remaining } = self.st else {
+        let NbdState::Payload { remaining } = self.st else {
             return Err(NbdCallError::PayloadOverrun);
         };
         let n = u32::try_from(n).map_err(|_| NbdCallError::PayloadOverrun)?;
@@ -1324,9 +1311,9 @@ impl NbdSession {
             return Err(NbdCallError::PayloadOverrun);
         };
         self.st = if left == 0 {
-            St::Request
+            NbdState::Request
         } else {
-            St::Payload { remaining: left }
+            NbdState::Payload { remaining: left }
         };
         self.check();
         Ok(())
@@ -1336,7 +1323,7 @@ impl NbdSession {
     /// unpolled event; queued transmit bytes stay (e.g. the ACK of an
     /// `ABORT` to a client that half-closed).
     pub fn handle_eof(&mut self) {
-        self.st = St::Closed;
+        self.st = NbdState::Closed;
         self.event = None;
         self.hdr_len = 0;
         self.data_len = 0;
@@ -1363,7 +1350,7 @@ impl NbdSession {
             self.tx_start = 0;
             self.tx_end = 0;
         }
-        if matches!(self.st, St::MetaReply { .. }) {
+        if matches!(self.st, NbdState::MetaReply { .. }) {
             self.emit_meta();
         }
         self.check();
@@ -1378,7 +1365,7 @@ impl NbdSession {
     /// [`NbdCallError::NotAwaitingExport`] outside
     /// [`NbdState::AwaitExport`].
     pub fn answer_export(&mut self, info: Option<ExportInfo>) -> Result<(), NbdCallError> {
-        let St::AwaitExport { opt } = self.st else {
+        let NbdState::AwaitExport { opt } = self.st else {
             return Err(NbdCallError::NotAwaitingExport);
         };
         self.event = None;
@@ -1416,12 +1403,12 @@ impl NbdSession {
                 if opt == OPT_GO {
                     self.enter_transmission(i);
                 } else {
-                    self.st = St::OptHeader;
+                    self.st = NbdState::OptionHeader;
                 }
             }
             (_, None) => {
                 self.reply_error(opt, REP_ERR_UNKNOWN);
-                self.st = St::OptHeader;
+                self.st = NbdState::OptionHeader;
             }
         }
         self.check();
@@ -1438,7 +1425,7 @@ impl NbdSession {
     /// [`NbdCallError::TransmitFull`] when the transmit buffer must be
     /// written out first (then call again with the same name).
     pub fn list_entry(&mut self, name: &[u8]) -> Result<(), NbdCallError> {
-        if self.st != St::AwaitList {
+        if self.st != NbdState::AwaitList {
             return Err(NbdCallError::NotListing);
         }
         if name.len() > NBD_EXPORT_NAME_MAX_BYTES {
@@ -1462,12 +1449,12 @@ impl NbdSession {
     ///
     /// [`NbdCallError::NotListing`] outside [`NbdState::AwaitList`].
     pub fn list_done(&mut self) -> Result<(), NbdCallError> {
-        if self.st != St::AwaitList {
+        if self.st != NbdState::AwaitList {
             return Err(NbdCallError::NotListing);
         }
         self.event = None;
         self.reply(OPT_LIST, REP_ACK, &[]);
-        self.st = St::OptHeader;
+        self.st = NbdState::OptionHeader;
         self.check();
         Ok(())
     }
@@ -1482,7 +1469,7 @@ impl NbdSession {
     /// [`NbdCallError::NotAwaitingMeta`] outside [`NbdState::AwaitMeta`],
     /// or for more than `SNAPSHOTS_MAX` tags.
     pub fn answer_meta(&mut self, tags: Option<&[u32]>) -> Result<(), NbdCallError> {
-        let St::AwaitMeta { opt, len } = self.st else {
+        let NbdState::AwaitMeta { opt, len } = self.st else {
             return Err(NbdCallError::NotAwaitingMeta);
         };
         if tags.is_some_and(|t| t.len() > SNAPSHOTS_MAX) {
@@ -1492,7 +1479,7 @@ impl NbdSession {
         match tags {
             None => {
                 self.reply_error(opt, REP_ERR_UNKNOWN);
-                self.st = St::OptHeader;
+                self.st = NbdState::OptionHeader;
             }
             Some(tags) => {
                 self.meta_tags[..tags.len()].copy_from_slice(tags);
@@ -1502,7 +1489,7 @@ impl NbdSession {
                     self.selected_name[..n].copy_from_slice(&self.name[..n]);
                     self.selected_name_len = n;
                 }
-                self.st = St::MetaReply { opt, len, next: 0 };
+                self.st = NbdState::MetaReply { opt, len, next: 0 };
                 self.emit_meta();
             }
         }
@@ -1513,7 +1500,7 @@ impl NbdSession {
     /// Queues the next matching contexts of the metadata answer while they
     /// fit (with room kept for the ACK), then the ACK.
     fn emit_meta(&mut self) {
-        let St::MetaReply { opt, len, mut next } = self.st else {
+        let NbdState::MetaReply { opt, len, mut next } = self.st else {
             return;
         };
         let set = opt == OPT_SET_META_CONTEXT;
@@ -1530,7 +1517,7 @@ impl NbdSession {
                 .is_some_and(|d| meta_query_matches(d, &name[..n], set));
             if matched {
                 if self.tx_free() < OPTION_REPLY_HEADER_BYTES + 4 + n + OPTION_REPLY_HEADER_BYTES {
-                    self.st = St::MetaReply { opt, len, next };
+                    self.st = NbdState::MetaReply { opt, len, next };
                     return;
                 }
                 let id = if set && self.selected_n < self.selected.len() {
@@ -1545,7 +1532,7 @@ impl NbdSession {
             next += 1;
         }
         self.reply(opt, REP_ACK, &[]);
-        self.st = St::OptHeader;
+        self.st = NbdState::OptionHeader;
     }
 
     // -----------------------------------------------------------------------
@@ -1555,7 +1542,7 @@ impl NbdSession {
     /// One step on non-empty `rest`; returns the bytes consumed (0: blocked).
     fn step(&mut self, rest: &[u8]) -> usize {
         match self.st {
-            St::ClientFlags => {
+            NbdState::ClientFlags => {
                 let n = self.fill(rest, CLIENT_FLAGS_BYTES);
                 if self.hdr_len == CLIENT_FLAGS_BYTES {
                     self.hdr_len = 0;
@@ -1564,7 +1551,7 @@ impl NbdSession {
                 }
                 n
             }
-            St::OptHeader => {
+            NbdState::OptionHeader => {
                 if self.hdr_len == 0 && self.tx_free() < NBD_OPTION_REPLY_MAX_BYTES {
                     return 0;
                 }
@@ -1579,7 +1566,7 @@ impl NbdSession {
                 }
                 n
             }
-            St::OptData { opt, len } => {
+            NbdState::OptionData { opt, len } => {
                 let want = len.saturating_sub(self.data_len);
                 let n = want.min(rest.len());
                 let (Some(dst), Some(src)) = (
@@ -1598,7 +1585,7 @@ impl NbdSession {
                 }
                 n
             }
-            St::OptSkip {
+            NbdState::OptionSkip {
                 opt,
                 remaining,
                 then,
@@ -1608,7 +1595,7 @@ impl NbdSession {
                 if left == 0 {
                     self.finish_skip(opt, then);
                 } else {
-                    self.st = St::OptSkip {
+                    self.st = NbdState::OptionSkip {
                         opt,
                         remaining: left,
                         then,
@@ -1616,7 +1603,7 @@ impl NbdSession {
                 }
                 usize::try_from(n).unwrap_or(0)
             }
-            St::Request => {
+            NbdState::Request => {
                 let n = self.fill(rest, REQUEST_HEADER_BYTES);
                 if self.hdr_len >= 4 && u32::from_be_bytes(self.hdr_field(0)) != REQUEST_MAGIC {
                     self.fatal(FatalReason::BadRequestMagic);
@@ -1626,23 +1613,23 @@ impl NbdSession {
                 }
                 n
             }
-            St::PayloadSkip { remaining } => {
+            NbdState::PayloadSkip { remaining } => {
                 let n = u32::try_from(rest.len()).unwrap_or(u32::MAX).min(remaining);
                 let left = remaining - n;
                 self.st = if left == 0 {
-                    St::Request
+                    NbdState::Request
                 } else {
-                    St::PayloadSkip { remaining: left }
+                    NbdState::PayloadSkip { remaining: left }
                 };
                 usize::try_from(n).unwrap_or(0)
             }
-            St::AwaitExport { .. }
-            | St::AwaitList
-            | St::AwaitMeta { .. }
-            | St::MetaReply { .. }
-            | St::Payload { .. }
-            | St::Disconnecting
-            | St::Closed => 0,
+            NbdState::AwaitExport { .. }
+            | NbdState::AwaitList
+            | NbdState::AwaitMeta { .. }
+            | NbdState::MetaReply { .. }
+            | NbdState::Payload { .. }
+            | NbdState::Disconnecting
+            | NbdState::Closed => 0,
         }
     }
 
@@ -1673,7 +1660,7 @@ impl NbdSession {
         }
         self.fixed_newstyle = flags & FLAG_C_FIXED_NEWSTYLE != 0;
         self.no_zeroes = flags & FLAG_C_NO_ZEROES != 0;
-        self.st = St::OptHeader;
+        self.st = NbdState::OptionHeader;
     }
 
     fn on_option_header(&mut self, opt: u32, len: u32) {
@@ -1692,7 +1679,7 @@ impl NbdSession {
             },
             OPT_ABORT => self.skip(opt, len, AfterSkip::Abort),
             OPT_LIST if len == 0 => {
-                self.st = St::AwaitList;
+                self.st = NbdState::AwaitList;
                 self.event = Some(NbdEvent::ListQuery);
             }
             OPT_LIST => self.skip(opt, len, AfterSkip::Error(REP_ERR_INVALID)),
@@ -1722,7 +1709,7 @@ impl NbdSession {
         if len == 0 {
             self.on_option_data(opt, 0);
         } else {
-            self.st = St::OptData { opt, len };
+            self.st = NbdState::OptionData { opt, len };
         }
     }
 
@@ -1732,7 +1719,7 @@ impl NbdSession {
         } else if len == 0 {
             self.finish_skip(opt, then);
         } else {
-            self.st = St::OptSkip {
+            self.st = NbdState::OptionSkip {
                 opt,
                 remaining: len,
                 then,
@@ -1744,11 +1731,11 @@ impl NbdSession {
         match then {
             AfterSkip::Error(rep) => {
                 self.reply_error(opt, rep);
-                self.st = St::OptHeader;
+                self.st = NbdState::OptionHeader;
             }
             AfterSkip::Abort => {
                 self.reply(opt, REP_ACK, &[]);
-                self.st = St::Disconnecting;
+                self.st = NbdState::Disconnecting;
                 self.event = Some(NbdEvent::Disconnect);
             }
         }
@@ -1765,22 +1752,22 @@ impl NbdSession {
             match parsed {
                 _ if opt == OPT_SET_META_CONTEXT && !self.structured => {
                     self.reply_error(opt, REP_ERR_INVALID);
-                    self.st = St::OptHeader;
+                    self.st = NbdState::OptionHeader;
                 }
                 Some(name_len) if name_len <= NBD_EXPORT_NAME_MAX_BYTES => {
                     self.set_name(4, name_len);
-                    self.st = St::AwaitMeta { opt, len };
+                    self.st = NbdState::AwaitMeta { opt, len };
                     self.event = Some(NbdEvent::MetaQuery {
                         set: opt == OPT_SET_META_CONTEXT,
                     });
                 }
                 Some(_) => {
                     self.reply_error(opt, REP_ERR_UNKNOWN);
-                    self.st = St::OptHeader;
+                    self.st = NbdState::OptionHeader;
                 }
                 None => {
                     self.reply_error(opt, REP_ERR_INVALID);
-                    self.st = St::OptHeader;
+                    self.st = NbdState::OptionHeader;
                 }
             }
             return;
@@ -1794,11 +1781,11 @@ impl NbdSession {
             }
             Some(_) => {
                 self.reply_error(opt, REP_ERR_UNKNOWN);
-                self.st = St::OptHeader;
+                self.st = NbdState::OptionHeader;
             }
             None => {
                 self.reply_error(opt, REP_ERR_INVALID);
-                self.st = St::OptHeader;
+                self.st = NbdState::OptionHeader;
             }
         }
     }
@@ -1821,7 +1808,7 @@ impl NbdSession {
             OPT_INFO => ExportOption::Info,
             _ => ExportOption::Go,
         };
-        self.st = St::AwaitExport { opt };
+        self.st = NbdState::AwaitExport { opt };
         self.event = Some(NbdEvent::ExportQuery { option });
     }
 
@@ -1832,7 +1819,7 @@ impl NbdSession {
         }
         self.export = info;
         self.export_chosen = true;
-        self.st = St::Request;
+        self.st = NbdState::Request;
         self.event = Some(NbdEvent::Ready);
     }
 
@@ -1843,7 +1830,7 @@ impl NbdSession {
         let offset = u64::from_be_bytes(self.hdr_field(16));
         let length = u32::from_be_bytes(self.hdr_field(24));
         if typ == CMD_DISC {
-            self.st = St::Disconnecting;
+            self.st = NbdState::Disconnecting;
             self.event = Some(NbdEvent::Disconnect);
             return;
         }
@@ -1866,7 +1853,7 @@ impl NbdSession {
                     length,
                 }));
                 if has_payload {
-                    self.st = St::Payload { remaining: length };
+                    self.st = NbdState::Payload { remaining: length };
                 }
             }
             Err(error) => {
@@ -1877,7 +1864,7 @@ impl NbdSession {
                     structured,
                 });
                 if has_payload {
-                    self.st = St::PayloadSkip { remaining: length };
+                    self.st = NbdState::PayloadSkip { remaining: length };
                 }
             }
         }
@@ -1915,7 +1902,7 @@ impl NbdSession {
     }
 
     fn fatal(&mut self, reason: FatalReason) {
-        self.st = St::Closed;
+        self.st = NbdState::Closed;
         self.hdr_len = 0;
         self.data_len = 0;
         self.event = Some(NbdEvent::Fatal(reason));
@@ -1969,9 +1956,9 @@ impl NbdSession {
         assert!(self.name_len <= self.name.len());
         assert!(self.data.len() == NBD_OPTION_DATA_MAX_BYTES);
         let hdr_limit = match self.st {
-            St::ClientFlags => CLIENT_FLAGS_BYTES,
-            St::OptHeader => OPTION_HEADER_BYTES,
-            St::Request => REQUEST_HEADER_BYTES,
+            NbdState::ClientFlags => CLIENT_FLAGS_BYTES,
+            NbdState::OptionHeader => OPTION_HEADER_BYTES,
+            NbdState::Request => REQUEST_HEADER_BYTES,
             _ => 1,
         };
         assert!(
@@ -1981,24 +1968,26 @@ impl NbdSession {
             self.st
         );
         match self.st {
-            St::OptData { len, .. } => {
+            NbdState::OptionData { len, .. } => {
                 assert!(len <= self.data.len() && self.data_len < len);
             }
             _ => assert!(self.data_len == 0),
         }
         match self.st {
-            St::OptHeader if self.hdr_len > 0 => {
+            NbdState::OptionHeader if self.hdr_len > 0 => {
                 assert!(self.tx_free() >= NBD_OPTION_REPLY_MAX_BYTES);
             }
-            St::OptData { .. } | St::OptSkip { .. } | St::AwaitExport { .. } => {
+            NbdState::OptionData { .. }
+            | NbdState::OptionSkip { .. }
+            | NbdState::AwaitExport { .. } => {
                 assert!(self.tx_free() >= NBD_OPTION_REPLY_MAX_BYTES);
             }
-            St::AwaitList => assert!(self.tx_free() >= OPTION_REPLY_HEADER_BYTES),
-            St::AwaitMeta { len, .. } => {
+            NbdState::AwaitList => assert!(self.tx_free() >= OPTION_REPLY_HEADER_BYTES),
+            NbdState::AwaitMeta { len, .. } => {
                 assert!(self.tx_free() >= NBD_OPTION_REPLY_MAX_BYTES);
                 assert!(len <= self.data.len());
             }
-            St::MetaReply { len, next, .. } => {
+            NbdState::MetaReply { len, next, .. } => {
                 assert!(len <= self.data.len() && next <= 1 + 2 * self.meta_n);
             }
             _ => {}
@@ -2013,13 +2002,13 @@ impl NbdSession {
             );
         }
         match self.st {
-            St::OptSkip { remaining, .. } => {
+            NbdState::OptionSkip { remaining, .. } => {
                 assert!(remaining > 0 && remaining <= NBD_OPTION_SKIP_MAX_BYTES);
             }
-            St::Payload { remaining } => {
+            NbdState::Payload { remaining } => {
                 assert!(remaining > 0 && remaining <= self.cfg.payload_limit_bytes);
             }
-            St::PayloadSkip { remaining } => {
+            NbdState::PayloadSkip { remaining } => {
                 assert!(remaining > 0 && remaining <= NBD_WRITE_SKIP_MAX_BYTES);
             }
             _ => {}

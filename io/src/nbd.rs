@@ -1477,7 +1477,7 @@ impl Slot {
     /// Answers the pending export query, if the session still waits for
     /// one (a client that went away does not).
     fn answer(&mut self, info: Option<ExportInfo>) {
-        if self.session.state() == NbdState::AwaitExport {
+        if matches!(self.session.state(), NbdState::AwaitExport { .. }) {
             let r = self.session.answer_export(info);
             assert!(r.is_ok(), "the session awaits an export answer");
         }
@@ -1486,7 +1486,7 @@ impl Slot {
     /// Answers the pending metadata-context query, if the session still
     /// waits for one.
     fn answer_meta(&mut self, tags: Option<&[u32]>) {
-        if self.session.state() == NbdState::AwaitMeta {
+        if matches!(self.session.state(), NbdState::AwaitMeta { .. }) {
             let r = self.session.answer_meta(tags);
             assert!(r.is_ok(), "the session awaits a meta answer");
         }
@@ -2665,7 +2665,7 @@ impl Slot {
         }
         if let Some(ci) = self.payload_cmd {
             assert!(self.cmds[usize::from(ci)].is_some_and(|c| c.receiving));
-            assert!(self.session.state() == NbdState::Payload);
+            assert!(matches!(self.session.state(), NbdState::Payload { .. }));
         }
         let _ = sh;
     }
