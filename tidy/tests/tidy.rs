@@ -23,7 +23,6 @@ const FILE_LINES_MAX: usize = 1200;
 const LONG_FILES: &[(&str, usize)] = &[
     ("fsm/src/agent.rs", 1647),
     ("fsm/src/cluster.rs", 1355),
-    ("fsm/src/nbd.rs", 2114),
     ("fsm/src/server.rs", 2217),
     ("io/src/bin/server-bench.rs", 1596),
     ("io/src/nbd.rs", 3361),
