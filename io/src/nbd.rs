@@ -121,9 +121,8 @@ use csnap_fsm::nbd::{
     BLOCK_STATUS_HEADER_BYTES, EXTENT_BYTES, OFFSET_DATA_HEADER_BYTES, REPLY_FLAG_DONE,
     REPLY_HEADER_MAX_BYTES, REPLY_TYPE_BLOCK_STATUS, SIMPLE_REPLY_BYTES, STATE_DIRTY,
 };
-use csnap_fsm::volume::{
-    DiskOp, EngineSignal, IoError, IoKind, SubmitError, VolumeConfig, VolumeEngine,
-};
+use csnap_fsm::nbd_cmds::{self, BufRef, Command, Fua};
+use csnap_fsm::volume::{DiskOp, EngineSignal, IoError, SubmitError, VolumeConfig, VolumeEngine};
 use csnap_proto::{self as proto, ErrorCode, FrameReader, Msg, Role, Volume, FRAME_MAX_BYTES};
 use mio::{Events, Interest, Poll, Registry, Token};
 
@@ -340,15 +339,6 @@ impl Buffers {
     fn bounce_at(&self) -> usize {
         self.zero_at() + IO_MAX
     }
-}
-
-/// Which buffer an engine I/O's disk operations use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum BufRef {
-    /// A pool buffer (its data starts after the reply header).
-    Pool(u16),
-    /// The shared zero buffer (write-zeroes pieces, flushes).
-    Zero,
 }
 
 /// What every slot shares: devices, the pool, settings, the wake-up time.
@@ -1142,104 +1132,6 @@ enum Pending {
     },
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Fua {
-    /// No flush owed.
-    No,
-    /// A flush follows the data once it is written.
-    Needed,
-    /// The flush is in the engine.
-    Submitted,
-}
-
-/// An admitted command.
-#[derive(Debug, Clone, Copy)]
-struct Command {
-    /// Admission order (submission is oldest first).
-    seq: u64,
-    handle: u64,
-    kind: CmdKind,
-    offset: u64,
-    len: u32,
-    buf: Option<u16>,
-    /// A `WRITE` whose payload is still arriving.
-    receiving: bool,
-    /// Data I/O still to submit: `[next, end)` (write-zeroes pieces), or
-    /// `0..1` for one I/O.
-    next: u64,
-    end: u64,
-    fua: Fua,
-    in_engine: u32,
-    error: Option<NbdError>,
-    /// Acknowledged already (write-back): no reply when it finishes; a
-    /// failure is kept for the next `FLUSH`.
-    acked: bool,
-    /// `BLOCK_STATUS`: the next selected context to answer for, and the
-    /// reply bytes rendered so far in the buffer (from `DATA_AT`).
-    ctx: u16,
-    rendered: u32,
-    /// `BLOCK_STATUS` with `REQ_ONE`: one extent per context.
-    req_one: bool,
-    /// Admitted at (monotonic µs), for the duration histogram.
-    start_us: u64,
-}
-
-impl Command {
-    /// The next engine I/O to submit, if any now.
-    fn next_io(&self) -> Option<(IoKind, u64, u32, BufRef)> {
-        if self.receiving {
-            return None;
-        }
-        if self.next < self.end {
-            return match self.kind {
-                CmdKind::Read => {
-                    Some((IoKind::Read, self.offset, self.len, BufRef::Pool(self.buf?)))
-                }
-                CmdKind::Write => Some((
-                    IoKind::Write,
-                    self.offset,
-                    self.len,
-                    BufRef::Pool(self.buf?),
-                )),
-                CmdKind::WriteZeroes => {
-                    let n = (self.end - self.next).min(IO_MAX as u64);
-                    Some((
-                        IoKind::Write,
-                        self.next,
-                        u32::try_from(n).unwrap_or(0),
-                        BufRef::Zero,
-                    ))
-                }
-                CmdKind::Flush => Some((IoKind::Flush, 0, 0, BufRef::Zero)),
-                // Answered from the control connection, not the engine.
-                CmdKind::Trim | CmdKind::Cache | CmdKind::BlockStatus => None,
-            };
-        }
-        if self.fua == Fua::Needed && self.in_engine == 0 && self.error.is_none() {
-            return Some((IoKind::Flush, 0, 0, BufRef::Zero));
-        }
-        None
-    }
-
-    /// The I/O `next_io` named was submitted.
-    fn advance(&mut self, len: u32) {
-        if self.next < self.end {
-            if self.kind == CmdKind::WriteZeroes {
-                self.next += u64::from(len);
-            } else {
-                self.next = self.end;
-            }
-        } else if self.fua == Fua::Needed {
-            self.fua = Fua::Submitted;
-        }
-    }
-
-    /// Nothing more will be submitted or is in the engine.
-    fn done(&self) -> bool {
-        self.in_engine == 0 && self.next >= self.end && self.fua != Fua::Needed && !self.receiving
-    }
-}
-
 fn nbd_error(e: IoError) -> NbdError {
     match e {
         IoError::Disk | IoError::NoServer | IoError::ServerDeaths => NbdError::Io,
@@ -1521,7 +1413,7 @@ impl Slot {
             let Some((_, ci)) = oldest else {
                 return;
             };
-            if self.behind_acked_write(ci) {
+            if nbd_cmds::behind_acked_write(&self.cmds, ci) {
                 return;
             }
             let Some(c) = self.cmds[ci] else {
@@ -2219,59 +2111,16 @@ impl Slot {
             }
             return false;
         };
-        let (next, end) = if c.kind == CmdKind::WriteZeroes {
-            (c.offset, c.offset + u64::from(c.length))
-        } else {
-            (0, 1)
-        };
-        let fua = c.flags.fua() && matches!(c.kind, CmdKind::Write | CmdKind::WriteZeroes);
         self.seq += 1;
-        let receiving = c.kind == CmdKind::Write;
-        self.cmds[ci] = Some(Command {
-            seq: self.seq,
-            handle: c.handle,
-            kind: c.kind,
-            offset: c.offset,
-            len: c.length,
-            buf,
-            receiving,
-            next,
-            end,
-            fua: if fua { Fua::Needed } else { Fua::No },
-            in_engine: 0,
-            error: None,
-            acked: false,
-            ctx: 0,
-            rendered: 0,
-            req_one: c.flags.req_one(),
-            start_us: csnap_sys::monotonic_micros(),
-        });
+        let cmd = Command::admitted(&c, self.seq, buf, csnap_sys::monotonic_micros());
+        let receiving = cmd.receiving;
+        self.cmds[ci] = Some(cmd);
         self.active += 1;
         if receiving {
             self.payload_cmd = u8::try_from(ci).ok();
             self.payload_filled = 0;
         }
         true
-    }
-
-    /// Whether command `ci` must wait for an earlier write acknowledged
-    /// early: a read or write overlapping it (it must see it, or land after
-    /// it), or a flush (it covers every acknowledged write).
-    fn behind_acked_write(&self, ci: usize) -> bool {
-        let Some(c) = self.cmds[ci] else {
-            return false;
-        };
-        let (a, b) = match c.kind {
-            CmdKind::Read | CmdKind::Write | CmdKind::BlockStatus => {
-                (c.offset, c.offset + u64::from(c.len))
-            }
-            CmdKind::WriteZeroes => (c.next, c.end),
-            CmdKind::Flush => (0, u64::MAX),
-            CmdKind::Trim | CmdKind::Cache => return false,
-        };
-        self.cmds.iter().flatten().any(|w| {
-            w.seq < c.seq && w.acked && !w.done() && w.offset < b && a < w.offset + u64::from(w.len)
-        })
     }
 
     /// Submits what commands have for the engine, oldest first, until it is
@@ -2281,18 +2130,7 @@ impl Slot {
             return;
         }
         loop {
-            let mut best: Option<(u64, usize)> = None;
-            for (i, c) in self.cmds.iter().enumerate() {
-                if let Some(c) = c {
-                    if c.next_io().is_some()
-                        && best.is_none_or(|(s, _)| c.seq < s)
-                        && !self.behind_acked_write(i)
-                    {
-                        best = Some((c.seq, i));
-                    }
-                }
-            }
-            let Some((_, ci)) = best else {
+            let Some(ci) = nbd_cmds::next_to_submit(&self.cmds) else {
                 return;
             };
             let Some((kind, off, len, bref)) = self.cmds[ci].and_then(|c| c.next_io()) else {
@@ -2305,21 +2143,11 @@ impl Slot {
                         *m = Some((u8::try_from(ci).unwrap_or(u8::MAX), bref));
                     }
                     let mut ack = None;
-                    // Not while no server answers: a write taken then waits
-                    // for the failover like any other, and fails on its own
-                    // if the failover times out.
                     let connected = self.engine.is_ready();
                     if let Some(c) = self.cmds[ci].as_mut() {
                         c.in_engine += 1;
                         c.advance(len);
-                        // Write-back: the engine has it (it rides out a
-                        // failover with it), so it is acknowledged now.
-                        if sh.write_back
-                            && connected
-                            && c.kind == CmdKind::Write
-                            && c.fua == Fua::No
-                            && !c.acked
-                        {
+                        if c.acks_early(sh.write_back, connected) {
                             c.acked = true;
                             ack = Some(c.handle);
                         }

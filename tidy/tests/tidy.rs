@@ -16,7 +16,7 @@ use csnap_tidy::{code_lines, functions, rust_files, workspace_root};
 
 const FN_LINES_MAX: usize = 70;
 /// Functions over `FN_LINES_MAX` lines today (the ratchet).
-const LONG_FUNCTIONS_MAX: usize = 55;
+const LONG_FUNCTIONS_MAX: usize = 54;
 const FILE_LINES_MAX: usize = 1200;
 /// Files over `FILE_LINES_MAX` lines today, with their length: each may only
 /// shrink, and no other file may grow past the limit.
@@ -25,7 +25,7 @@ const LONG_FILES: &[(&str, usize)] = &[
     ("fsm/src/cluster.rs", 1355),
     ("fsm/src/server.rs", 2217),
     ("io/src/bin/server-bench.rs", 1596),
-    ("io/src/nbd.rs", 3361),
+    ("io/src/nbd.rs", 3189),
     ("proto/src/msg.rs", 2333),
     ("store/src/lib.rs", 2217),
 ];
