@@ -29,6 +29,7 @@ pub mod fixed;
 pub mod locks;
 pub mod metrics;
 pub mod nbd;
+pub mod nbd_cmds;
 pub mod outbuf;
 pub mod server;
 pub mod start_line;

@@ -25,11 +25,10 @@
 //!
 //! # An I/O's life
 //!
-//! | state | entered on | next |
-//! |---|---|---|
-//! | querying | `submit`, chunks not covered by the cache | every query answered → on disk |
-//! | on disk | disk operations queued | every `disk_done` → complete (cached leases unpinned, released if asked for) |
-//! | complete | | `poll_complete` hands (tag, result) to the driver; the slot is free |
+//! One state per I/O, [`Phase`] (its doc comment holds the state table),
+//! changed only by [`Io::enter`], which asserts the state it leaves. A
+//! completed I/O leaves the slab: `poll_complete` hands (tag, result) to
+//! the driver and the slot is free.
 //!
 //! A flush issues a sync of both devices. Write-zeroes and trim are the
 //! driver's business (a zeroed buffer written; trim is advisory).
@@ -37,10 +36,16 @@
 //! Nothing here allocates after `new` or touches a socket or disk.
 
 use csnap_pools::slab::{Slab, U64Map};
-use csnap_proto::{self as proto, ErrorCode, Msg, Range, RevokeWhat, TargetKind, Volume};
+use csnap_proto::{self as proto, ErrorCode, Range, Volume};
 
 use crate::client::{ClientConfig, ClientEvent, ClientFsm, ClientState, Request};
 use crate::fixed::FixedRing;
+
+mod leases;
+mod origin;
+mod phase;
+mod queries;
+use phase::{Io, Phase};
 
 /// I/Os in flight in one engine.
 pub const IOS_MAX: usize = csnap_pools::VOLUME_IOS_MAX;
@@ -196,28 +201,6 @@ struct Lease {
     release_asked: bool,
     /// Recently used (clock eviction).
     referenced: bool,
-}
-
-#[derive(Debug, Clone, Copy)]
-struct Io {
-    tag: u64,
-    kind: IoKind,
-    offset: u64,
-    len: u32,
-    queries: u32,
-    disk: u32,
-    error: Option<IoError>,
-    /// Chunks of this I/O (bit k: its first chunk + k) it pinned in the
-    /// lease cache (snapshot reads).
-    pins: [u64; PIN_WORDS],
-    /// Counted in `origin_writes_on_disk`.
-    origin_on_disk: bool,
-    /// An origin write submitted while a revoke is being answered: started
-    /// only once `RevokeDone` is out (it belongs after the snapshot).
-    deferred: bool,
-    /// An origin write started (querying or on the disk), counted in
-    /// `origin_writes_active`.
-    active: bool,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -486,7 +469,7 @@ impl VolumeEngine {
             self.client.forget(id);
             self.poisoned += 1;
             if let Some(io) = self.ios.get_mut(slot) {
-                io.queries -= 1;
+                io.query_gone();
             }
             self.fail_io(slot, IoError::ServerDeaths);
         }
@@ -503,8 +486,7 @@ impl VolumeEngine {
         let cap = u32::try_from(self.ios.capacity()).unwrap_or(0);
         for slot in 0..cap {
             if let Some(io) = self.ios.get_mut(slot) {
-                if io.deferred {
-                    io.deferred = false;
+                if io.phase == Phase::AwaitRevoke {
                     io.error.get_or_insert(e);
                     self.maybe_complete(slot);
                 }
@@ -514,7 +496,7 @@ impl VolumeEngine {
             if let Some(q) = self.queries[k].take() {
                 self.client.forget(q.id);
                 if let Some(io) = self.ios.get_mut(q.slot) {
-                    io.queries -= 1;
+                    io.query_gone();
                     io.error.get_or_insert(e);
                 }
                 self.maybe_complete(q.slot);
@@ -557,13 +539,10 @@ impl VolumeEngine {
                 kind,
                 offset,
                 len,
-                queries: 0,
-                disk: 0,
+                origin_write: kind == IoKind::Write && self.volume == Volume::Origin,
+                phase: Phase::Issuing,
                 error: None,
                 pins: [0; PIN_WORDS],
-                origin_on_disk: false,
-                deferred: false,
-                active: false,
             })
             .ok_or(SubmitError::Busy)?;
         if len == 0 && kind != IoKind::Flush {
@@ -595,7 +574,7 @@ impl VolumeEngine {
                     // After the snapshot being created: held until our
                     // answer is out.
                     if let Some(io) = self.ios.get_mut(slot) {
-                        io.deferred = true;
+                        io.enter(Phase::AwaitRevoke);
                     }
                 } else {
                     self.start_origin_write(slot);
@@ -620,7 +599,7 @@ impl VolumeEngine {
         let Some(io) = self.ios.get_mut(slot) else {
             return;
         };
-        io.disk -= 1;
+        io.disk_gone();
         if !ok {
             io.error.get_or_insert(IoError::Disk);
         }
@@ -645,9 +624,10 @@ impl VolumeEngine {
     /// I/Os in flight: (tag, kind, offset, length, queries, disk ops), for
     /// diagnostics.
     pub fn ios(&self) -> impl Iterator<Item = (u64, IoKind, u64, u32, u32, u32)> + '_ {
-        self.ios
-            .iter()
-            .map(|(_, io)| (io.tag, io.kind, io.offset, io.len, io.queries, io.disk))
+        self.ios.iter().map(|(_, io)| {
+            let (q, d) = (io.phase.queries(), io.phase.disk());
+            (io.tag, io.kind, io.offset, io.len, q, d)
+        })
     }
 
     /// I/Os in flight.
@@ -659,7 +639,7 @@ impl VolumeEngine {
         let pushed = self.disk_q.push(op);
         assert!(pushed, "disk queue sized for every chunk of every I/O");
         if let Some(io) = self.ios.get_mut(op.slot()) {
-            io.disk += 1;
+            io.disk_issued();
         }
     }
 
@@ -669,614 +649,11 @@ impl VolumeEngine {
         (first, last)
     }
 
-    // -- origin ------------------------------------------------------------------
-
-    fn granted(&self, c: u64) -> bool {
-        let w = usize::try_from(c / 64).unwrap_or(usize::MAX);
-        self.granted
-            .get(w)
-            .is_some_and(|x| x & (1 << (c % 64)) != 0)
-    }
-
-    fn grant(&mut self, r: Range) {
-        for c in r.chunk..r.end() {
-            let w = usize::try_from(c / 64).unwrap_or(usize::MAX);
-            if let Some(x) = self.granted.get_mut(w) {
-                *x |= 1 << (c % 64);
-            }
-        }
-    }
-
-    fn forget_grants(&mut self) {
-        self.granted.iter_mut().for_each(|w| *w = 0);
-    }
-
-    fn start_origin_write(&mut self, slot: u32) {
-        let Some(io) = self.ios.get_mut(slot) else {
-            return;
-        };
-        io.deferred = false;
-        if !io.active {
-            io.active = true;
-            self.origin_writes_active += 1;
-        }
-        let io = *io;
-        let (first, last) = self.chunks_of(&io);
-        let all = self.revoking.is_none() && (first..=last).all(|c| self.granted(c));
-        if all {
-            self.origin_to_disk(slot);
-        } else {
-            self.query_all(slot, QueryKind::OriginWrite);
-        }
-    }
-
-    fn origin_to_disk(&mut self, slot: u32) {
-        let Some(io) = self.ios.get_mut(slot) else {
-            return;
-        };
-        io.origin_on_disk = true;
-        let (offset, len) = (io.offset, io.len);
-        self.origin_writes_on_disk += 1;
-        self.disk(DiskOp::Write {
-            slot,
-            dev: Dev::Origin,
-            dev_offset: offset,
-            buf_offset: 0,
-            len,
-        });
-    }
-
-    // -- queries -----------------------------------------------------------------
-
-    fn query_all(&mut self, slot: u32, kind: QueryKind) {
-        let Some(io) = self.ios.get(slot).copied() else {
-            return;
-        };
-        let (first, last) = self.chunks_of(&io);
-        let mut c = first;
-        while c <= last {
-            let n = (last - c + 1).min(csnap_pools::CHUNKS_PER_REQUEST_MAX as u64);
-            let r = Range {
-                chunk: c,
-                chunks: u32::try_from(n).unwrap_or(1),
-            };
-            self.query(slot, kind, r, 0);
-            c += n;
-        }
-    }
-
-    fn query(&mut self, slot: u32, kind: QueryKind, r: Range, retries: u8) {
-        let req = match kind {
-            QueryKind::OriginWrite => Request::OriginWrite(r),
-            QueryKind::SnapshotRead => Request::SnapshotRead(r),
-            QueryKind::SnapshotWrite => Request::SnapshotWrite(r),
-        };
-        let Some(k) = self.queries.iter().position(Option::is_none) else {
-            self.fail_io(slot, IoError::Server(ErrorCode::Busy));
-            return;
-        };
-        let Some(id) = self.client.request(req) else {
-            // More queries than the client keeps outstanding: refuse this
-            // I/O (backpressure; the driver bounds I/Os per engine below
-            // that).
-            self.fail_io(slot, IoError::Server(ErrorCode::Busy));
-            return;
-        };
-        self.queries[k] = Some(Query {
-            id,
-            slot,
-            range: r,
-            retries,
-            deaths: 0,
-        });
-        if let Some(io) = self.ios.get_mut(slot) {
-            io.queries += 1;
-        }
-    }
-
-    fn fail_io(&mut self, slot: u32, e: IoError) {
-        if let Some(io) = self.ios.get_mut(slot) {
-            io.error.get_or_insert(e);
-        }
-        self.maybe_complete(slot);
-    }
-
-    fn on_reply(&mut self, id: u64, frame: &[u8]) -> EngineSignal {
-        let Some(k) = self
-            .queries
-            .iter()
-            .position(|q| q.is_some_and(|q| q.id == id))
-        else {
-            return EngineSignal::None;
-        };
-        let Some(q) = self.queries[k].take() else {
-            return EngineSignal::None;
-        };
-        if let Some(io) = self.ios.get_mut(q.slot) {
-            io.queries -= 1;
-        }
-        let Ok((_, msg)) = proto::decode(frame) else {
-            self.fail_io(q.slot, IoError::Server(ErrorCode::BadFrame));
-            return EngineSignal::None;
-        };
-        let kind = match self.ios.get(q.slot).map(|io| (io.kind, self.volume)) {
-            Some((IoKind::Write, Volume::Origin)) => QueryKind::OriginWrite,
-            Some((IoKind::Read, _)) => QueryKind::SnapshotRead,
-            _ => QueryKind::SnapshotWrite,
-        };
-        match msg {
-            Msg::Error {
-                code: ErrorCode::StaleIncarnation,
-                ..
-            } => {
-                // A fenced server: ask the next one.
-                self.query(q.slot, kind, q.range, q.retries);
-                return EngineSignal::Stale;
-            }
-            Msg::Error { code, .. } => {
-                if code == ErrorCode::Busy && q.retries < 3 {
-                    // A pool of the server's is full (most likely its lock
-                    // table): give back idle leases and ask again.
-                    self.release_idle_leases();
-                    self.query(q.slot, kind, q.range, q.retries + 1);
-                    return EngineSignal::None;
-                }
-                self.fail_io(q.slot, IoError::Server(code));
-            }
-            Msg::OriginWriteOk(_) => {
-                if self.revoking.is_none() {
-                    self.grant(q.range);
-                }
-                self.maybe_to_disk(q.slot);
-            }
-            Msg::SnapshotReadReply(targets) => {
-                for t in targets.iter() {
-                    let target = |k: u64| match t.kind {
-                        TargetKind::Origin => Target::Origin,
-                        TargetKind::Store => Target::Store(t.store_chunk + k),
-                    };
-                    // The server holds a lock on every chunk for us (we
-                    // cache): record the holds for upload after a failover.
-                    let _ = self.client.note_locked(t.range());
-                    let (first, last) = self
-                        .ios
-                        .get(q.slot)
-                        .map_or((t.chunk, u64::MAX), |io| self.chunks_of(io));
-                    for k in 0..u64::from(t.chunks) {
-                        let c = t.chunk + k;
-                        if c > last {
-                            self.add_idle_lease(c, target(k));
-                        } else {
-                            self.add_lease(q.slot, first, c, target(k));
-                        }
-                    }
-                }
-                self.evict();
-                self.maybe_to_disk(q.slot);
-            }
-            Msg::SnapshotWriteOk(targets) => {
-                // Our own leases on these chunks were released before the
-                // server answered (it drains every lease first).
-                let Some(io) = self.ios.get(q.slot).copied() else {
-                    return EngineSignal::None;
-                };
-                for t in targets.iter() {
-                    if t.kind != TargetKind::Store {
-                        continue;
-                    }
-                    self.store_runs_to_disk(q.slot, &io, t.chunk, t.chunks, t.store_chunk, true);
-                }
-                self.maybe_complete(q.slot);
-            }
-            _ => self.fail_io(q.slot, IoError::Server(ErrorCode::BadFrame)),
-        }
-        EngineSignal::None
-    }
-
-    /// Every query of an I/O answered: its data goes to or from the disk.
-    fn maybe_to_disk(&mut self, slot: u32) {
-        let Some(io) = self.ios.get(slot).copied() else {
-            return;
-        };
-        if io.queries > 0 {
-            return;
-        }
-        if io.error.is_some() {
-            self.maybe_complete(slot);
-            return;
-        }
-        match (io.kind, self.volume) {
-            (IoKind::Write, Volume::Origin) => self.origin_to_disk(slot),
-            (IoKind::Read, Volume::Snapshot(_)) => self.snapshot_read_to_disk(slot),
-            _ => self.maybe_complete(slot),
-        }
-    }
-
-    /// Disk writes (or reads) of one store target run, clipped to the I/O.
-    fn store_runs_to_disk(
-        &mut self,
-        slot: u32,
-        io: &Io,
-        chunk: u64,
-        chunks: u32,
-        store_chunk: u64,
-        write: bool,
-    ) {
-        let start = (chunk * self.chunk).max(io.offset);
-        let end = ((chunk + u64::from(chunks)) * self.chunk).min(io.offset + u64::from(io.len));
-        if start >= end {
-            return;
-        }
-        let dev_offset =
-            self.cfg.data_start_bytes + store_chunk * self.chunk + (start - chunk * self.chunk);
-        let buf_offset = u32::try_from(start - io.offset).unwrap_or(0);
-        let len = u32::try_from(end - start).unwrap_or(0);
-        let op = if write {
-            DiskOp::Write {
-                slot,
-                dev: Dev::Store,
-                dev_offset,
-                buf_offset,
-                len,
-            }
-        } else {
-            DiskOp::Read {
-                slot,
-                dev: Dev::Store,
-                dev_offset,
-                buf_offset,
-                len,
-            }
-        };
-        self.disk(op);
-    }
-
-    // -- snapshot reads and leases ----------------------------------------------
-
-    fn start_snapshot_read(&mut self, slot: u32) {
-        let Some(io) = self.ios.get(slot).copied() else {
-            return;
-        };
-        let (first, last) = self.chunks_of(&io);
-        // Pin what the cache has; ask for runs of what it has not.
-        let mut c = first;
-        while c <= last {
-            if self.pin(slot, first, c) {
-                c += 1;
-                continue;
-            }
-            let start = c;
-            while c <= last
-                && self.lease_index.get(c).is_none()
-                && c - start < csnap_pools::CHUNKS_PER_REQUEST_MAX as u64
-            {
-                c += 1;
-            }
-            if c > last {
-                // The run reaches the end of the read: ask for the
-                // mappings of the chunks that follow too (a sequential
-                // reader's next reads), as far as none is cached yet.
-                let chunks = self.size.checked_div(self.chunk).unwrap_or(0);
-                let ahead_end = (last + 1).saturating_add(self.cfg.read_ahead_chunks as u64);
-                while c < ahead_end.min(chunks)
-                    && self.lease_index.get(c).is_none()
-                    && c - start < csnap_pools::CHUNKS_PER_REQUEST_MAX as u64
-                {
-                    c += 1;
-                }
-            }
-            let r = Range {
-                chunk: start,
-                chunks: u32::try_from(c - start).unwrap_or(1),
-            };
-            self.query(slot, QueryKind::SnapshotRead, r, 0);
-        }
-        self.maybe_to_disk(slot);
-    }
-
-    /// Pins the lease on `c` for the read in `slot` (whose first chunk is
-    /// `first`); `false` if there is none.
-    fn pin(&mut self, slot: u32, first: u64, c: u64) -> bool {
-        let Some(i) = self.lease_index.get(c) else {
-            return false;
-        };
-        let Some(l) = self.leases.get_mut(i) else {
-            return false;
-        };
-        if l.in_use == 0 {
-            self.unpinned -= 1;
-        }
-        l.in_use += 1;
-        l.referenced = true;
-        self.mark_pin(slot, first, c);
-        true
-    }
-
-    fn mark_pin(&mut self, slot: u32, first: u64, c: u64) {
-        if let Some(io) = self.ios.get_mut(slot) {
-            let k = usize::try_from(c - first).unwrap_or(usize::MAX);
-            if let Some(w) = io.pins.get_mut(k / 64) {
-                *w |= 1 << (k % 64);
-            }
-        }
-    }
-
-    /// A lease answered by the server for the read in `slot` (pinned by
-    /// it).
-    fn add_lease(&mut self, slot: u32, first: u64, c: u64, target: Target) {
-        if let Some(i) = self.lease_index.get(c) {
-            // Another read of ours asked too: one more hold, same mapping
-            // (both answers came while the chunk was locked by us).
-            if let Some(l) = self.leases.get_mut(i) {
-                l.holds += 1;
-                if l.in_use == 0 {
-                    self.unpinned -= 1;
-                }
-                l.in_use += 1;
-                l.target = target;
-            }
-            self.mark_pin(slot, first, c);
-            return;
-        }
-        let lease = Lease {
-            chunk: c,
-            target,
-            holds: 1,
-            in_use: 1,
-            release_asked: false,
-            referenced: true,
-        };
-        match self.leases.insert(lease) {
-            Some(i) => {
-                let ok = self.lease_index.insert(c, i);
-                assert!(ok, "lease index sized like the lease slab");
-                self.mark_pin(slot, first, c);
-            }
-            None => {
-                // Cannot happen: the slab holds every pinned chunk of every
-                // I/O plus the idle cache. Give the lock back.
-                self.queue_release(c, 1);
-            }
-        }
-    }
-
-    /// A lease read ahead (past the end of the read that asked): idle from
-    /// the start.
-    fn add_idle_lease(&mut self, c: u64, target: Target) {
-        if let Some(i) = self.lease_index.get(c) {
-            if let Some(l) = self.leases.get_mut(i) {
-                l.holds += 1;
-                l.target = target;
-            }
-            return;
-        }
-        let lease = Lease {
-            chunk: c,
-            target,
-            holds: 1,
-            in_use: 0,
-            release_asked: false,
-            referenced: true,
-        };
-        match self.leases.insert(lease) {
-            Some(i) => {
-                let ok = self.lease_index.insert(c, i);
-                assert!(ok, "lease index sized like the lease slab");
-                self.unpinned += 1;
-            }
-            None => self.queue_release(c, 1),
-        }
-    }
-
-    fn snapshot_read_to_disk(&mut self, slot: u32) {
-        let Some(io) = self.ios.get(slot).copied() else {
-            return;
-        };
-        let (first, last) = self.chunks_of(&io);
-        let mut c = first;
-        while c <= last {
-            let target = self
-                .lease_index
-                .get(c)
-                .and_then(|i| self.leases.get(i))
-                .map_or(Target::Origin, |l| l.target);
-            // Extend the run while the next chunk continues the mapping.
-            let mut n = 1u64;
-            while c + n <= last {
-                let next = self
-                    .lease_index
-                    .get(c + n)
-                    .and_then(|i| self.leases.get(i))
-                    .map(|l| l.target);
-                let continues = match (target, next) {
-                    (Target::Origin, Some(Target::Origin)) => true,
-                    (Target::Store(a), Some(Target::Store(b))) => b == a + n,
-                    _ => false,
-                };
-                if !continues {
-                    break;
-                }
-                n += 1;
-            }
-            let chunks = u32::try_from(n).unwrap_or(1);
-            match target {
-                Target::Origin => {
-                    let start = (c * self.chunk).max(io.offset);
-                    let end = ((c + n) * self.chunk).min(io.offset + u64::from(io.len));
-                    self.disk(DiskOp::Read {
-                        slot,
-                        dev: Dev::Origin,
-                        dev_offset: start,
-                        buf_offset: u32::try_from(start - io.offset).unwrap_or(0),
-                        len: u32::try_from(end - start).unwrap_or(0),
-                    });
-                }
-                Target::Store(s) => self.store_runs_to_disk(slot, &io, c, chunks, s, false),
-            }
-            c += n;
-        }
-        self.maybe_complete(slot);
-    }
-
-    fn unpin_io(&mut self, io: &Io) {
-        let (first, last) = self.chunks_of(io);
-        for c in first..=last {
-            let k = usize::try_from(c - first).unwrap_or(usize::MAX);
-            if io.pins.get(k / 64).is_none_or(|w| w & (1 << (k % 64)) == 0) {
-                continue;
-            }
-            let Some(i) = self.lease_index.get(c) else {
-                continue;
-            };
-            let Some(l) = self.leases.get_mut(i) else {
-                continue;
-            };
-            if l.in_use == 0 {
-                continue;
-            }
-            l.in_use -= 1;
-            if l.in_use == 0 {
-                self.unpinned += 1;
-                if l.release_asked {
-                    self.drop_lease(i);
-                }
-            }
-        }
-        self.evict();
-    }
-
-    /// Keeps idle leases within `cached_chunks` (clock order).
-    fn evict(&mut self) {
-        let cap = u32::try_from(self.leases.capacity()).unwrap_or(u32::MAX);
-        let mut steps = 0u32;
-        while self.unpinned > self.cfg.cached_chunks && steps < 2 * cap {
-            steps += 1;
-            let i = self.clock;
-            self.clock = (self.clock + 1) % cap.max(1);
-            let Some(l) = self.leases.get_mut(i) else {
-                continue;
-            };
-            if l.in_use > 0 {
-                continue;
-            }
-            if l.referenced {
-                l.referenced = false;
-                continue;
-            }
-            self.drop_lease(i);
-        }
-    }
-
-    /// Gives every idle lease back (the server's lock table is full).
-    fn release_idle_leases(&mut self) {
-        for i in 0..u32::try_from(self.leases.capacity()).unwrap_or(0) {
-            if self.leases.get(i).is_some_and(|l| l.in_use == 0) {
-                self.drop_lease(i);
-            }
-        }
-    }
-
-    /// Removes an idle lease and queues the release of its holds.
-    fn drop_lease(&mut self, i: u32) {
-        let Some(l) = self.leases.remove(i) else {
-            return;
-        };
-        debug_assert_eq!(l.in_use, 0);
-        self.unpinned -= 1;
-        self.lease_index.remove(l.chunk);
-        self.queue_release(l.chunk, l.holds);
-    }
-
-    fn queue_release(&mut self, c: u64, holds: u32) {
-        for _ in 0..holds {
-            if self.release_len == self.release_buf.len() {
-                self.flush_releases();
-            }
-            self.release_buf[self.release_len] = Range {
-                chunk: c,
-                chunks: 1,
-            };
-            self.release_len += 1;
-        }
-    }
-
-    /// Sends the queued releases (one `FinishSnapshotRead` per batch; the
-    /// client FSM drops the holds from its upload table and sends the frame
-    /// while connected).
-    fn flush_releases(&mut self) {
-        let n = self.release_len;
-        self.release_len = 0;
-        if n > 0 {
-            self.client.release_ranges(&self.release_buf[..n]);
-        }
-    }
-
-    fn on_notification(&mut self, frame: &[u8]) {
-        let Ok((hdr, msg)) = proto::decode(frame) else {
-            return;
-        };
-        match msg {
-            Msg::Revoke {
-                what: RevokeWhat::OriginGrants,
-                ..
-            } => {
-                self.forget_grants();
-                self.revoking = Some(hdr.request_id);
-                self.maybe_revoke_done();
-            }
-            Msg::Revoke { .. } => {
-                // Mappings are leases here: nothing else is cached. Answer
-                // at once.
-                self.client.revoke_done(hdr.request_id);
-            }
-            Msg::ReleaseLocks(ranges) => {
-                for r in ranges.iter() {
-                    for c in r.chunk..r.end() {
-                        let Some(i) = self.lease_index.get(c) else {
-                            continue;
-                        };
-                        let Some(l) = self.leases.get_mut(i) else {
-                            continue;
-                        };
-                        if l.in_use == 0 {
-                            self.drop_lease(i);
-                        } else {
-                            l.release_asked = true;
-                        }
-                    }
-                }
-            }
-            _ => {}
-        }
-    }
-
-    /// The revoke is answered once every origin write started before it
-    /// has landed (the server grants those while our answer is owed: they
-    /// belong before the snapshot, like everything already acknowledged);
-    /// writes submitted meanwhile start after the answer.
-    fn maybe_revoke_done(&mut self) {
-        if self.origin_writes_active == 0 {
-            if let Some(id) = self.revoking.take() {
-                self.client.revoke_done(id);
-                self.start_deferred();
-            }
-        }
-    }
-
-    fn start_deferred(&mut self) {
-        let cap = u32::try_from(self.ios.capacity()).unwrap_or(0);
-        for slot in 0..cap {
-            if self.ios.get(slot).is_some_and(|io| io.deferred) {
-                self.start_origin_write(slot);
-            }
-        }
-    }
-
     fn maybe_complete(&mut self, slot: u32) {
         let Some(io) = self.ios.get(slot).copied() else {
             return;
         };
-        if io.queries > 0 || io.disk > 0 {
+        if !io.idle() {
             return;
         }
         // Queries still queued in the disk path? `disk` counts them.
@@ -1284,10 +661,10 @@ impl VolumeEngine {
         if io.pins.iter().any(|w| *w != 0) {
             self.unpin_io(&io);
         }
-        if io.origin_on_disk {
+        if io.phase.origin_on_disk() {
             self.origin_writes_on_disk -= 1;
         }
-        if io.active {
+        if io.origin_write && io.phase.started() {
             self.origin_writes_active -= 1;
             self.maybe_revoke_done();
         }
@@ -1304,21 +681,35 @@ impl VolumeEngine {
     pub fn assert_invariants(&self) {
         let mut on_disk = 0u32;
         for (_, io) in self.ios.iter() {
-            if io.origin_on_disk {
+            if io.phase.origin_on_disk() {
                 on_disk += 1;
             }
+            assert!(
+                io.origin_write
+                    || !matches!(io.phase, Phase::AwaitRevoke | Phase::AwaitOriginDisk { .. }),
+                "an origin write's state on another I/O"
+            );
+            assert!(io.phase != Phase::Issuing, "an I/O left issuing");
         }
         assert_eq!(
             on_disk, self.origin_writes_on_disk,
             "origin writes on disk miscounted"
         );
-        let active = self.ios.iter().filter(|(_, io)| io.active).count();
+        let active = self
+            .ios
+            .iter()
+            .filter(|(_, io)| io.origin_write && io.phase.started())
+            .count();
         assert_eq!(
             active, self.origin_writes_active as usize,
             "origin writes under way miscounted"
         );
         assert!(
-            self.revoking.is_some() || self.ios.iter().all(|(_, io)| !io.deferred),
+            self.revoking.is_some()
+                || self
+                    .ios
+                    .iter()
+                    .all(|(_, io)| io.phase != Phase::AwaitRevoke),
             "a write held for a revoke that is not being answered"
         );
         assert!(
@@ -1360,7 +751,7 @@ enum QueryKind {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use csnap_proto::{Header, Kind, Role, Target};
+    use csnap_proto::{Header, Kind, Msg, RevokeWhat, Role, Target, TargetKind};
 
     fn frame(rid: u64, inc: u64, msg: &Msg<'_>) -> Vec<u8> {
         let mut b = vec![0u8; proto::FRAME_MAX_BYTES];
@@ -1540,5 +931,175 @@ mod tests {
             "chunk 0 uploaded again: the next server would keep a lock nobody releases"
         );
         e.assert_invariants();
+    }
+
+    /// Connects an origin client (no lock upload) at `inc`.
+    fn attach_origin(e: &mut VolumeEngine, inc: u64) {
+        e.handle_connect();
+        assert_eq!(kinds(&sent(e)), [Kind::Hello]);
+        let hello = Msg::HelloOk {
+            version: 1,
+            server_id: 1,
+        };
+        e.handle_frame(&frame(0, inc, &hello));
+        assert_eq!(kinds(&sent(e)), [Kind::Identify]);
+        let ok = Msg::IdentifyOk {
+            chunk_size_bytes: 4096,
+            origin_size_bytes: 1 << 20,
+            volume_size_bytes: 1 << 20,
+        };
+        assert_eq!(e.handle_frame(&frame(0, inc, &ok)), EngineSignal::Ready);
+    }
+
+    fn phase(e: &VolumeEngine, slot: u32) -> Phase {
+        e.ios.get(slot).unwrap().phase
+    }
+
+    fn ranges<'a>(rs: &[Range], buf: &'a mut [u8]) -> proto::Ranges<'a> {
+        proto::Ranges::from_entries(rs, buf).unwrap()
+    }
+
+    /// An origin write's states: asked about (`AwaitServer`), granted and
+    /// on the disk (`AwaitOriginDisk`); a rewrite of a granted chunk goes
+    /// straight to the disk; a write submitted while a revoke is answered
+    /// waits (`AwaitRevoke`) until the write on the disk lands and
+    /// `RevokeDone` is out, then asks again (the grants are forgotten).
+    #[test]
+    fn an_origin_write_goes_through_its_states_and_waits_for_a_revoke() {
+        let mut e = engine(Volume::Origin);
+        attach_origin(&mut e, 1);
+        let a = e.submit(1, IoKind::Write, 0, 4096).unwrap();
+        assert_eq!(
+            phase(&e, a),
+            Phase::AwaitServer {
+                queries: 1,
+                disk: 0
+            }
+        );
+        let q = sent(&mut e);
+        assert_eq!(kinds(&q), [Kind::QueryOriginWrite]);
+        assert_eq!(e.poll_disk(), None, "on the disk before its grant");
+        let rid = proto::decode(&q[0]).unwrap().0.request_id;
+        let one = [Range {
+            chunk: 0,
+            chunks: 1,
+        }];
+        let mut b = [0u8; 64];
+        e.handle_frame(&frame(rid, 1, &Msg::OriginWriteOk(ranges(&one, &mut b))));
+        assert_eq!(phase(&e, a), Phase::AwaitOriginDisk { disk: 1 });
+        disk_all(&mut e);
+        assert_eq!(e.poll_complete(), Some((1, Ok(()))));
+        // Granted: the rewrite asks nothing.
+        let b1 = e.submit(2, IoKind::Write, 0, 4096).unwrap();
+        assert_eq!(phase(&e, b1), Phase::AwaitOriginDisk { disk: 1 });
+        assert!(sent(&mut e).is_empty());
+        let op = e.poll_disk().unwrap();
+        // A revoke while that write is on the disk: a new write waits.
+        let mut rb = [0u8; 8];
+        let revoke = Msg::Revoke {
+            what: RevokeWhat::OriginGrants,
+            ranges: ranges(&[], &mut rb),
+        };
+        e.handle_frame(&frame(77, 1, &revoke));
+        assert!(sent(&mut e).is_empty(), "answered before the write landed");
+        let c = e.submit(3, IoKind::Write, 0, 4096).unwrap();
+        assert_eq!(phase(&e, c), Phase::AwaitRevoke);
+        assert_eq!(e.poll_disk(), None);
+        assert!(sent(&mut e).is_empty());
+        e.disk_done(&op, true);
+        assert_eq!(e.poll_complete(), Some((2, Ok(()))));
+        // RevokeDone out, then the held write asks again.
+        assert_eq!(
+            kinds(&sent(&mut e)),
+            [Kind::RevokeDone, Kind::QueryOriginWrite]
+        );
+        assert_eq!(
+            phase(&e, c),
+            Phase::AwaitServer {
+                queries: 1,
+                disk: 0
+            }
+        );
+    }
+
+    /// A write held for a revoke fails with the rest when no server is
+    /// reached (it never started: no origin write is counted for it).
+    #[test]
+    fn a_write_held_for_a_revoke_fails_with_fail_all() {
+        let mut e = engine(Volume::Origin);
+        attach_origin(&mut e, 1);
+        let a = e.submit(1, IoKind::Write, 0, 4096).unwrap();
+        assert_eq!(kinds(&sent(&mut e)), [Kind::QueryOriginWrite]);
+        let mut rb = [0u8; 8];
+        let revoke = Msg::Revoke {
+            what: RevokeWhat::OriginGrants,
+            ranges: ranges(&[], &mut rb),
+        };
+        // The revoke comes while the first write is asked about: it is
+        // answered only once that write lands.
+        e.handle_frame(&frame(77, 1, &revoke));
+        let c = e.submit(2, IoKind::Write, 8192, 4096).unwrap();
+        assert_eq!(
+            phase(&e, a),
+            Phase::AwaitServer {
+                queries: 1,
+                disk: 0
+            }
+        );
+        assert_eq!(phase(&e, c), Phase::AwaitRevoke);
+        assert_eq!(e.origin_writes_active, 1);
+        e.handle_disconnect();
+        e.fail_all(IoError::NoServer);
+        let mut done = [e.poll_complete(), e.poll_complete()];
+        done.sort_by_key(|d| d.map(|(tag, _)| tag));
+        assert_eq!(
+            done,
+            [
+                Some((1, Err(IoError::NoServer))),
+                Some((2, Err(IoError::NoServer)))
+            ]
+        );
+        assert_eq!(e.origin_writes_active, 0);
+        e.assert_invariants();
+    }
+
+    /// The transition function refuses a state change the table does not
+    /// have (here a read into an origin write's disk state).
+    #[test]
+    #[should_panic(expected = "I/O state")]
+    fn an_illegal_transition_panics() {
+        let mut io = Io {
+            tag: 1,
+            kind: IoKind::Read,
+            offset: 0,
+            len: 4096,
+            origin_write: false,
+            phase: Phase::Issuing,
+            error: None,
+            pins: [0; PIN_WORDS],
+        };
+        io.enter(Phase::AwaitDisk { disk: 0 });
+        io.enter(Phase::AwaitOriginDisk { disk: 0 });
+    }
+
+    /// Work outstanding is carried over: a transition that would drop a
+    /// disk operation is refused.
+    #[test]
+    #[should_panic(expected = "outstanding work lost")]
+    fn a_transition_that_loses_work_panics() {
+        let mut io = Io {
+            tag: 1,
+            kind: IoKind::Write,
+            offset: 0,
+            len: 4096,
+            origin_write: false,
+            phase: Phase::AwaitServer {
+                queries: 0,
+                disk: 2,
+            },
+            error: None,
+            pins: [0; PIN_WORDS],
+        };
+        io.enter(Phase::AwaitDisk { disk: 0 });
     }
 }

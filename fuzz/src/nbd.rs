@@ -93,7 +93,7 @@ pub fn nbd_session(data: &[u8]) {
             continue;
         }
         match s.state() {
-            NbdState::AwaitExport => {
+            NbdState::AwaitExport { .. } => {
                 let info = lookup(s.export_name());
                 s.answer_export(info).expect("answer while awaiting");
                 continue;
@@ -115,7 +115,7 @@ pub fn nbd_session(data: &[u8]) {
                 s.list_done().expect("list_done while listing");
                 continue;
             }
-            NbdState::AwaitMeta => {
+            NbdState::AwaitMeta { .. } => {
                 // Metadata contexts of snapshots 1 to 3 (the export's answer).
                 s.answer_meta(Some(&[1, 2, 3]))
                     .expect("answer_meta while awaiting");

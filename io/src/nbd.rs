@@ -121,14 +121,18 @@ use csnap_fsm::nbd::{
     BLOCK_STATUS_HEADER_BYTES, EXTENT_BYTES, OFFSET_DATA_HEADER_BYTES, REPLY_FLAG_DONE,
     REPLY_HEADER_MAX_BYTES, REPLY_TYPE_BLOCK_STATUS, SIMPLE_REPLY_BYTES, STATE_DIRTY,
 };
-use csnap_fsm::volume::{
-    DiskOp, EngineSignal, IoError, IoKind, SubmitError, VolumeConfig, VolumeEngine,
-};
+use csnap_fsm::nbd_cmds::{self, BufRef, Command, Fua};
+use csnap_fsm::volume::{DiskOp, EngineSignal, IoError, SubmitError, VolumeConfig, VolumeEngine};
 use csnap_proto::{self as proto, ErrorCode, FrameReader, Msg, Role, Volume, FRAME_MAX_BYTES};
 use mio::{Events, Interest, Poll, Registry, Token};
 
 use crate::metrics::{MetricsEndpoint, NbdMetrics, METRICS_TOKENS};
 use crate::net::{Addr, MioListener, MioStream};
+
+mod control;
+mod link;
+use control::*;
+use link::*;
 
 /// Engine I/Os in flight per connection.
 const IOS: usize = csnap_pools::VOLUME_IOS_MAX;
@@ -342,15 +346,6 @@ impl Buffers {
     }
 }
 
-/// Which buffer an engine I/O's disk operations use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum BufRef {
-    /// A pool buffer (its data starts after the reply header).
-    Pool(u16),
-    /// The shared zero buffer (write-zeroes pieces, flushes).
-    Zero,
-}
-
 /// What every slot shares: devices, the pool, settings, the wake-up time.
 struct Shared {
     /// Both opened with `O_DIRECT`: every data read and write goes around
@@ -420,629 +415,6 @@ impl Shared {
         let b = self.store.sync_data().is_ok();
         a && b
     }
-}
-
-// ---------------------------------------------------------------------------
-// Links: a client's agent and server connections.
-// ---------------------------------------------------------------------------
-
-/// What a link carries: a volume engine or the control connection's FSM.
-trait Peer {
-    fn transmit(&self) -> &[u8];
-    fn consume_transmit(&mut self, n: usize);
-    fn handle_connect(&mut self);
-    fn handle_disconnect(&mut self);
-    fn incarnation(&self) -> u64;
-    fn ready_to_reconnect(&self) -> bool;
-    fn tx_overflowed(&self) -> bool;
-}
-
-impl Peer for VolumeEngine {
-    fn transmit(&self) -> &[u8] {
-        VolumeEngine::transmit(self)
-    }
-    fn consume_transmit(&mut self, n: usize) {
-        VolumeEngine::consume_transmit(self, n);
-    }
-    fn handle_connect(&mut self) {
-        VolumeEngine::handle_connect(self);
-    }
-    fn handle_disconnect(&mut self) {
-        VolumeEngine::handle_disconnect(self);
-    }
-    fn incarnation(&self) -> u64 {
-        self.client().incarnation()
-    }
-    fn ready_to_reconnect(&self) -> bool {
-        VolumeEngine::ready_to_reconnect(self)
-    }
-    fn tx_overflowed(&self) -> bool {
-        self.client().tx_overflowed()
-    }
-}
-
-impl Peer for ClientFsm {
-    fn transmit(&self) -> &[u8] {
-        ClientFsm::transmit(self)
-    }
-    fn consume_transmit(&mut self, n: usize) {
-        ClientFsm::consume_transmit(self, n);
-    }
-    fn handle_connect(&mut self) {
-        ClientFsm::handle_connect(self);
-    }
-    fn handle_disconnect(&mut self) {
-        ClientFsm::handle_disconnect(self);
-    }
-    fn incarnation(&self) -> u64 {
-        ClientFsm::incarnation(self)
-    }
-    fn ready_to_reconnect(&self) -> bool {
-        true
-    }
-    fn tx_overflowed(&self) -> bool {
-        ClientFsm::tx_overflowed(self)
-    }
-}
-
-/// What a server frame means for its link.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Verdict {
-    /// The connection is good.
-    Keep,
-    /// Make a new one (through the agent).
-    Reconnect,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum AgentSt {
-    /// No agent connection.
-    Down,
-    /// `Hello` sent.
-    HelloSent,
-    /// Idle.
-    Up,
-    /// `NeedServer` with this request id sent; `announce`: only to be known
-    /// to the agent again (the server connection is up).
-    Asking { rid: u64, announce: bool },
-}
-
-/// A client's agent link and server connection, with the failover retry
-/// state. Reserved once; `start` and `close` reuse it.
-struct Link {
-    client_id: u64,
-    node_id: u32,
-    volume: Option<Volume>,
-    tok_agent: Token,
-    tok_server: Token,
-    agent: Option<mio::net::UnixStream>,
-    agent_st: AgentSt,
-    agent_rd: FrameReader<Box<[u8]>>,
-    agent_readable: bool,
-    agent_out: [u8; AGENT_OUT],
-    agent_out_len: usize,
-    next_rid: u64,
-    server: Option<MioStream>,
-    server_connecting: bool,
-    server_rd: FrameReader<Box<[u8]>>,
-    server_readable: bool,
-    server_writable: bool,
-    /// A (new) server connection is wanted until the peer is ready.
-    want: bool,
-    /// The incarnation that failed us (for `NeedServer`).
-    failed: u64,
-    /// The agent's answer, not yet connected to: address, incarnation.
-    addr: Option<(AddrBuf, u64)>,
-    /// The incarnation the agent named for the connection made last.
-    addr_incarnation: u64,
-    retry_at_ms: u64,
-    backoff_ms: u64,
-    /// Since when the peer has not been ready (attach or failover).
-    down_since_ms: Option<u64>,
-    /// The agent link was re-made while the server connection stayed up:
-    /// tell the agent about this client again.
-    reannounce: bool,
-}
-
-impl Link {
-    fn new(tok_agent: Token, tok_server: Token) -> Link {
-        Link {
-            client_id: 0,
-            node_id: 0,
-            volume: None,
-            tok_agent,
-            tok_server,
-            agent: None,
-            agent_st: AgentSt::Down,
-            agent_rd: FrameReader::new(vec![0u8; FRAME_MAX_BYTES].into_boxed_slice()),
-            agent_readable: false,
-            agent_out: [0; AGENT_OUT],
-            agent_out_len: 0,
-            next_rid: 1,
-            server: None,
-            server_connecting: false,
-            server_rd: FrameReader::new(vec![0u8; FRAME_MAX_BYTES].into_boxed_slice()),
-            server_readable: false,
-            server_writable: false,
-            want: false,
-            failed: 0,
-            addr: None,
-            addr_incarnation: 0,
-            retry_at_ms: 0,
-            backoff_ms: csnap_pools::CLIENT_RETRY_MIN_MS,
-            down_since_ms: None,
-            reannounce: false,
-        }
-    }
-
-    const fn reserved_bytes() -> usize {
-        2 * FRAME_MAX_BYTES
-    }
-
-    /// Whether the link is in use (connected, or trying).
-    fn active(&self) -> bool {
-        self.want || self.server.is_some() || self.agent.is_some()
-    }
-
-    /// Starts attaching: the agent is asked at once.
-    fn start(&mut self, client_id: u64, node_id: u32, volume: Option<Volume>, now: u64) {
-        self.client_id = client_id;
-        self.node_id = node_id;
-        self.volume = volume;
-        self.want = true;
-        self.failed = 0;
-        self.addr = None;
-        self.addr_incarnation = 0;
-        self.retry_at_ms = now;
-        self.backoff_ms = csnap_pools::CLIENT_RETRY_MIN_MS;
-        self.down_since_ms = Some(now);
-        self.reannounce = false;
-    }
-
-    /// Closes both streams and forgets everything.
-    fn close(&mut self, reg: &Registry) {
-        if let Some(mut s) = self.server.take() {
-            let _ = reg.deregister(&mut s);
-        }
-        if let Some(mut a) = self.agent.take() {
-            let _ = reg.deregister(&mut a);
-        }
-        self.agent_st = AgentSt::Down;
-        self.agent_rd.clear();
-        self.agent_out_len = 0;
-        self.server_rd.clear();
-        self.server_connecting = false;
-        self.want = false;
-        self.addr = None;
-        self.down_since_ms = None;
-        self.reannounce = false;
-    }
-
-    /// The peer is ready: the outage (or attach) is over.
-    fn on_ready(&mut self) {
-        self.want = false;
-        self.down_since_ms = None;
-        self.backoff_ms = csnap_pools::CLIENT_RETRY_MIN_MS;
-    }
-
-    fn retry_later(&mut self, now: u64) {
-        self.retry_at_ms = now + self.backoff_ms;
-        self.backoff_ms = (self.backoff_ms * 2).min(csnap_pools::CLIENT_RETRY_MAX_MS);
-    }
-
-    /// The server connection failed (or must be re-made).
-    fn server_failed<P: Peer>(&mut self, peer: &mut P, reg: &Registry, now: u64) {
-        if let Some(mut s) = self.server.take() {
-            let _ = reg.deregister(&mut s);
-        }
-        self.server_rd.clear();
-        self.server_connecting = false;
-        peer.handle_disconnect();
-        self.want = true;
-        // The server that failed us, as the handshake or the agent named it
-        // (a connection that broke before `HelloOk` still names it).
-        self.failed = peer.incarnation().max(self.addr_incarnation);
-        self.addr = None;
-        self.down_since_ms.get_or_insert(now);
-        self.retry_later(now);
-    }
-
-    fn agent_failed(&mut self, reg: &Registry, now: u64) {
-        if let Some(mut a) = self.agent.take() {
-            let _ = reg.deregister(&mut a);
-        }
-        self.agent_st = AgentSt::Down;
-        self.agent_rd.clear();
-        self.agent_out_len = 0;
-        if self.server.is_some() && self.volume.is_some() {
-            self.reannounce = true;
-        }
-        self.retry_later(now);
-    }
-
-    fn agent_send(&mut self, rid: u64, msg: &Msg<'_>) -> bool {
-        let out = self
-            .agent_out
-            .get_mut(self.agent_out_len..)
-            .unwrap_or_default();
-        match proto::encode(&proto::Header::new(rid, 0), msg, out) {
-            Ok(n) => {
-                self.agent_out_len += n;
-                true
-            }
-            Err(_) => false,
-        }
-    }
-
-    fn ask(&mut self, failed: u64, announce: bool) {
-        let rid = self.next_rid;
-        self.next_rid += 1;
-        let msg = Msg::NeedServer {
-            client_id: self.client_id,
-            failed_incarnation: failed,
-            node_id: self.node_id,
-            volume: self.volume,
-        };
-        if self.agent_send(rid, &msg) {
-            self.agent_st = AgentSt::Asking { rid, announce };
-        }
-    }
-
-    fn connect_agent(&mut self, path: &Path, reg: &Registry, now: u64) -> bool {
-        let mut s = match mio::net::UnixStream::connect(path) {
-            Ok(s) => s,
-            Err(_) => {
-                self.retry_later(now);
-                return false;
-            }
-        };
-        if reg
-            .register(
-                &mut s,
-                self.tok_agent,
-                Interest::READABLE | Interest::WRITABLE,
-            )
-            .is_err()
-        {
-            self.retry_later(now);
-            return false;
-        }
-        self.agent = Some(s);
-        self.agent_rd.clear();
-        self.agent_readable = true;
-        self.agent_out_len = 0;
-        let role = if self.volume.is_some() {
-            Role::Client
-        } else {
-            Role::Control
-        };
-        let hello = Msg::Hello {
-            version_min: proto::PROTOCOL_VERSION,
-            version_max: proto::PROTOCOL_VERSION,
-            role,
-        };
-        if self.agent_send(0, &hello) {
-            self.agent_st = AgentSt::HelloSent;
-        }
-        true
-    }
-
-    /// Writes queued agent output and handles the agent's frames.
-    fn agent_io(&mut self, reg: &Registry, now: u64) -> bool {
-        let mut moved = false;
-        let Some(a) = self.agent.as_mut() else {
-            return false;
-        };
-        let mut broken = false;
-        while self.agent_out_len > 0 {
-            match a.write(&self.agent_out[..self.agent_out_len]) {
-                Ok(0) => {
-                    broken = true;
-                    break;
-                }
-                Ok(n) => {
-                    self.agent_out.copy_within(n..self.agent_out_len, 0);
-                    self.agent_out_len -= n;
-                    moved = true;
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => {
-                    broken = true;
-                    break;
-                }
-            }
-        }
-        while !broken {
-            loop {
-                let f = match self.agent_rd.next_frame() {
-                    Ok(Some(f)) => f,
-                    Ok(None) => break,
-                    Err(_) => {
-                        broken = true;
-                        break;
-                    }
-                };
-                moved = true;
-                let Ok((h, msg)) = proto::decode(f) else {
-                    continue;
-                };
-                match (self.agent_st, msg) {
-                    (AgentSt::HelloSent, Msg::HelloOk { .. }) => self.agent_st = AgentSt::Up,
-                    (AgentSt::HelloSent, Msg::Error { .. }) => broken = true,
-                    (
-                        AgentSt::Asking { rid, .. },
-                        Msg::ServerAddress {
-                            incarnation, addr, ..
-                        },
-                    ) if h.request_id == rid => {
-                        self.agent_st = AgentSt::Up;
-                        if self.want && self.server.is_none() && incarnation > 0 {
-                            self.addr = AddrBuf::new(addr).map(|a| (a, incarnation));
-                            self.retry_at_ms = now;
-                        }
-                    }
-                    (AgentSt::Asking { rid, .. }, Msg::Error { .. }) if h.request_id == rid => {
-                        // Fenced node, or a bad request: ask again later.
-                        self.agent_st = AgentSt::Up;
-                        self.retry_later(now);
-                    }
-                    _ => {}
-                }
-                if broken {
-                    break;
-                }
-            }
-            if broken || !self.agent_readable {
-                break;
-            }
-            let Some(a) = self.agent.as_mut() else {
-                break;
-            };
-            match a.read(self.agent_rd.spare()) {
-                Ok(0) => broken = true,
-                Ok(n) => {
-                    self.agent_rd.advance(n);
-                    moved = true;
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.agent_readable = false,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => broken = true,
-            }
-        }
-        if broken {
-            self.agent_failed(reg, now);
-            moved = true;
-        }
-        moved
-    }
-
-    /// Drives the link: agent questions, connecting, the server stream.
-    /// Frames go to `on_frame`. Returns whether anything moved.
-    fn pump<P: Peer>(
-        &mut self,
-        peer: &mut P,
-        agent_path: &Path,
-        reg: &Registry,
-        now: u64,
-        wake: &mut Option<u64>,
-        on_frame: &mut dyn FnMut(&mut P, &[u8]) -> Verdict,
-    ) -> bool {
-        let mut moved = false;
-        if self.agent.is_some() {
-            moved |= self.agent_io(reg, now);
-        }
-        let need_server = self.want && self.server.is_none();
-        if need_server || self.reannounce {
-            if now >= self.retry_at_ms {
-                if need_server && self.addr.is_some() {
-                    if peer.ready_to_reconnect() {
-                        moved = true;
-                        self.connect_server(peer, reg, now);
-                    }
-                } else if self.agent.is_none() {
-                    moved |= self.connect_agent(agent_path, reg, now);
-                    if self.agent.is_some() {
-                        moved |= self.agent_io(reg, now);
-                    }
-                } else if self.agent_st == AgentSt::Up {
-                    if need_server {
-                        self.ask(self.failed, false);
-                    } else {
-                        self.ask(0, true);
-                        self.reannounce = false;
-                    }
-                    moved = true;
-                    moved |= self.agent_io(reg, now);
-                }
-            }
-            // Waiting out a backoff: wake up for it (answers and connects
-            // come as events).
-            if (self.want && self.server.is_none() || self.reannounce) && self.retry_at_ms > now {
-                let at = self.retry_at_ms;
-                *wake = Some(wake.map_or(at, |w| w.min(at)));
-            }
-        }
-        if self.server_connecting && self.server_writable {
-            // A TCP connect that failed also turns writable: its error
-            // comes back from the link's first read or write, which fails
-            // the link as any broken link (no getsockopt(SO_ERROR) or
-            // getpeername here: the NBD table has neither).
-            let ok = self.server.is_some();
-            moved = true;
-            if ok {
-                self.server_connecting = false;
-                peer.handle_connect();
-            } else {
-                self.server_failed(peer, reg, now);
-            }
-        }
-        if self.server.is_some() && !self.server_connecting {
-            moved |= self.server_io(peer, reg, now, on_frame);
-        }
-        moved
-    }
-
-    fn connect_server<P: Peer>(&mut self, peer: &mut P, reg: &Registry, now: u64) {
-        let Some((a, incarnation)) = self.addr.take() else {
-            return;
-        };
-        let (mut s, connecting) = match connect_str(a.as_str()) {
-            Ok(x) => x,
-            Err(_) => {
-                // Dead already: ask the agent for a newer one than this.
-                self.failed = self.failed.max(incarnation);
-                self.retry_later(now);
-                return;
-            }
-        };
-        self.addr_incarnation = incarnation;
-        if reg
-            .register(
-                &mut s,
-                self.tok_server,
-                Interest::READABLE | Interest::WRITABLE,
-            )
-            .is_err()
-        {
-            self.retry_later(now);
-            return;
-        }
-        self.server = Some(s);
-        self.server_rd.clear();
-        self.server_readable = true;
-        self.server_writable = !connecting;
-        self.server_connecting = connecting;
-        if !connecting {
-            peer.handle_connect();
-        }
-    }
-
-    fn server_io<P: Peer>(
-        &mut self,
-        peer: &mut P,
-        reg: &Registry,
-        now: u64,
-        on_frame: &mut dyn FnMut(&mut P, &[u8]) -> Verdict,
-    ) -> bool {
-        let mut moved = false;
-        let mut broken = false;
-        loop {
-            // Output first (requests, releases, the handshake).
-            while !broken && !peer.transmit().is_empty() {
-                let Some(s) = self.server.as_mut() else {
-                    break;
-                };
-                match s.write(peer.transmit()) {
-                    Ok(0) => broken = true,
-                    Ok(n) => {
-                        peer.consume_transmit(n);
-                        moved = true;
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        self.server_writable = false;
-                        break;
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(_) => broken = true,
-                }
-            }
-            if broken {
-                break;
-            }
-            let mut handled = false;
-            loop {
-                let f = match self.server_rd.next_frame() {
-                    Ok(Some(f)) => f,
-                    Ok(None) => break,
-                    Err(_) => {
-                        broken = true;
-                        break;
-                    }
-                };
-                handled = true;
-                if on_frame(peer, f) == Verdict::Reconnect || peer.tx_overflowed() {
-                    broken = true;
-                    break;
-                }
-            }
-            if broken {
-                break;
-            }
-            if handled {
-                moved = true;
-                continue;
-            }
-            if !self.server_readable {
-                break;
-            }
-            let Some(s) = self.server.as_mut() else {
-                break;
-            };
-            match s.read(self.server_rd.spare()) {
-                Ok(0) => broken = true,
-                Ok(n) => {
-                    self.server_rd.advance(n);
-                    moved = true;
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    self.server_readable = false;
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => broken = true,
-            }
-        }
-        if broken {
-            self.server_failed(peer, reg, now);
-            moved = true;
-        }
-        moved
-    }
-
-    /// Best-effort write of the peer's output before closing.
-    fn flush_best_effort<P: Peer>(&mut self, peer: &mut P) {
-        if self.server_connecting {
-            return;
-        }
-        let Some(s) = self.server.as_mut() else {
-            return;
-        };
-        for _ in 0..64 {
-            if peer.transmit().is_empty() {
-                break;
-            }
-            match s.write(peer.transmit()) {
-                Ok(n) if n > 0 => peer.consume_transmit(n),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                _ => break,
-            }
-        }
-    }
-
-    fn on_event(&mut self, token: Token, readable: bool, writable: bool) {
-        if token == self.tok_agent {
-            self.agent_readable |= readable;
-        } else if token == self.tok_server {
-            self.server_readable |= readable;
-            self.server_writable |= writable;
-        }
-    }
-}
-
-/// Connects to a server address as the agent gives it: a unix path, or a
-/// numeric `host:port` (no name resolution, no allocation). Returns the
-/// stream and whether the connect is still in progress.
-fn connect_str(a: &str) -> io::Result<(MioStream, bool)> {
-    if a.contains('/') || !a.contains(':') {
-        let s = mio::net::UnixStream::connect(Path::new(a))?;
-        return Ok((MioStream::Unix(s), false));
-    }
-    let sa: SocketAddr = a
-        .parse()
-        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-    let s = mio::net::TcpStream::connect(sa)?;
-    let _ = s.set_nodelay(true);
-    Ok((MioStream::Tcp(s), true))
 }
 
 // ---------------------------------------------------------------------------
@@ -1140,104 +512,6 @@ enum Pending {
         error: NbdError,
         structured: bool,
     },
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Fua {
-    /// No flush owed.
-    No,
-    /// A flush follows the data once it is written.
-    Needed,
-    /// The flush is in the engine.
-    Submitted,
-}
-
-/// An admitted command.
-#[derive(Debug, Clone, Copy)]
-struct Command {
-    /// Admission order (submission is oldest first).
-    seq: u64,
-    handle: u64,
-    kind: CmdKind,
-    offset: u64,
-    len: u32,
-    buf: Option<u16>,
-    /// A `WRITE` whose payload is still arriving.
-    receiving: bool,
-    /// Data I/O still to submit: `[next, end)` (write-zeroes pieces), or
-    /// `0..1` for one I/O.
-    next: u64,
-    end: u64,
-    fua: Fua,
-    in_engine: u32,
-    error: Option<NbdError>,
-    /// Acknowledged already (write-back): no reply when it finishes; a
-    /// failure is kept for the next `FLUSH`.
-    acked: bool,
-    /// `BLOCK_STATUS`: the next selected context to answer for, and the
-    /// reply bytes rendered so far in the buffer (from `DATA_AT`).
-    ctx: u16,
-    rendered: u32,
-    /// `BLOCK_STATUS` with `REQ_ONE`: one extent per context.
-    req_one: bool,
-    /// Admitted at (monotonic µs), for the duration histogram.
-    start_us: u64,
-}
-
-impl Command {
-    /// The next engine I/O to submit, if any now.
-    fn next_io(&self) -> Option<(IoKind, u64, u32, BufRef)> {
-        if self.receiving {
-            return None;
-        }
-        if self.next < self.end {
-            return match self.kind {
-                CmdKind::Read => {
-                    Some((IoKind::Read, self.offset, self.len, BufRef::Pool(self.buf?)))
-                }
-                CmdKind::Write => Some((
-                    IoKind::Write,
-                    self.offset,
-                    self.len,
-                    BufRef::Pool(self.buf?),
-                )),
-                CmdKind::WriteZeroes => {
-                    let n = (self.end - self.next).min(IO_MAX as u64);
-                    Some((
-                        IoKind::Write,
-                        self.next,
-                        u32::try_from(n).unwrap_or(0),
-                        BufRef::Zero,
-                    ))
-                }
-                CmdKind::Flush => Some((IoKind::Flush, 0, 0, BufRef::Zero)),
-                // Answered from the control connection, not the engine.
-                CmdKind::Trim | CmdKind::Cache | CmdKind::BlockStatus => None,
-            };
-        }
-        if self.fua == Fua::Needed && self.in_engine == 0 && self.error.is_none() {
-            return Some((IoKind::Flush, 0, 0, BufRef::Zero));
-        }
-        None
-    }
-
-    /// The I/O `next_io` named was submitted.
-    fn advance(&mut self, len: u32) {
-        if self.next < self.end {
-            if self.kind == CmdKind::WriteZeroes {
-                self.next += u64::from(len);
-            } else {
-                self.next = self.end;
-            }
-        } else if self.fua == Fua::Needed {
-            self.fua = Fua::Submitted;
-        }
-    }
-
-    /// Nothing more will be submitted or is in the engine.
-    fn done(&self) -> bool {
-        self.in_engine == 0 && self.next >= self.end && self.fua != Fua::Needed && !self.receiving
-    }
 }
 
 fn nbd_error(e: IoError) -> NbdError {
@@ -1477,7 +751,7 @@ impl Slot {
     /// Answers the pending export query, if the session still waits for
     /// one (a client that went away does not).
     fn answer(&mut self, info: Option<ExportInfo>) {
-        if self.session.state() == NbdState::AwaitExport {
+        if matches!(self.session.state(), NbdState::AwaitExport { .. }) {
             let r = self.session.answer_export(info);
             assert!(r.is_ok(), "the session awaits an export answer");
         }
@@ -1486,7 +760,7 @@ impl Slot {
     /// Answers the pending metadata-context query, if the session still
     /// waits for one.
     fn answer_meta(&mut self, tags: Option<&[u32]>) {
-        if self.session.state() == NbdState::AwaitMeta {
+        if matches!(self.session.state(), NbdState::AwaitMeta { .. }) {
             let r = self.session.answer_meta(tags);
             assert!(r.is_ok(), "the session awaits a meta answer");
         }
@@ -1521,7 +795,7 @@ impl Slot {
             let Some((_, ci)) = oldest else {
                 return;
             };
-            if self.behind_acked_write(ci) {
+            if nbd_cmds::behind_acked_write(&self.cmds, ci) {
                 return;
             }
             let Some(c) = self.cmds[ci] else {
@@ -2219,59 +1493,16 @@ impl Slot {
             }
             return false;
         };
-        let (next, end) = if c.kind == CmdKind::WriteZeroes {
-            (c.offset, c.offset + u64::from(c.length))
-        } else {
-            (0, 1)
-        };
-        let fua = c.flags.fua() && matches!(c.kind, CmdKind::Write | CmdKind::WriteZeroes);
         self.seq += 1;
-        let receiving = c.kind == CmdKind::Write;
-        self.cmds[ci] = Some(Command {
-            seq: self.seq,
-            handle: c.handle,
-            kind: c.kind,
-            offset: c.offset,
-            len: c.length,
-            buf,
-            receiving,
-            next,
-            end,
-            fua: if fua { Fua::Needed } else { Fua::No },
-            in_engine: 0,
-            error: None,
-            acked: false,
-            ctx: 0,
-            rendered: 0,
-            req_one: c.flags.req_one(),
-            start_us: csnap_sys::monotonic_micros(),
-        });
+        let cmd = Command::admitted(&c, self.seq, buf, csnap_sys::monotonic_micros());
+        let receiving = cmd.receiving;
+        self.cmds[ci] = Some(cmd);
         self.active += 1;
         if receiving {
             self.payload_cmd = u8::try_from(ci).ok();
             self.payload_filled = 0;
         }
         true
-    }
-
-    /// Whether command `ci` must wait for an earlier write acknowledged
-    /// early: a read or write overlapping it (it must see it, or land after
-    /// it), or a flush (it covers every acknowledged write).
-    fn behind_acked_write(&self, ci: usize) -> bool {
-        let Some(c) = self.cmds[ci] else {
-            return false;
-        };
-        let (a, b) = match c.kind {
-            CmdKind::Read | CmdKind::Write | CmdKind::BlockStatus => {
-                (c.offset, c.offset + u64::from(c.len))
-            }
-            CmdKind::WriteZeroes => (c.next, c.end),
-            CmdKind::Flush => (0, u64::MAX),
-            CmdKind::Trim | CmdKind::Cache => return false,
-        };
-        self.cmds.iter().flatten().any(|w| {
-            w.seq < c.seq && w.acked && !w.done() && w.offset < b && a < w.offset + u64::from(w.len)
-        })
     }
 
     /// Submits what commands have for the engine, oldest first, until it is
@@ -2281,18 +1512,7 @@ impl Slot {
             return;
         }
         loop {
-            let mut best: Option<(u64, usize)> = None;
-            for (i, c) in self.cmds.iter().enumerate() {
-                if let Some(c) = c {
-                    if c.next_io().is_some()
-                        && best.is_none_or(|(s, _)| c.seq < s)
-                        && !self.behind_acked_write(i)
-                    {
-                        best = Some((c.seq, i));
-                    }
-                }
-            }
-            let Some((_, ci)) = best else {
+            let Some(ci) = nbd_cmds::next_to_submit(&self.cmds) else {
                 return;
             };
             let Some((kind, off, len, bref)) = self.cmds[ci].and_then(|c| c.next_io()) else {
@@ -2305,21 +1525,11 @@ impl Slot {
                         *m = Some((u8::try_from(ci).unwrap_or(u8::MAX), bref));
                     }
                     let mut ack = None;
-                    // Not while no server answers: a write taken then waits
-                    // for the failover like any other, and fails on its own
-                    // if the failover times out.
                     let connected = self.engine.is_ready();
                     if let Some(c) = self.cmds[ci].as_mut() {
                         c.in_engine += 1;
                         c.advance(len);
-                        // Write-back: the engine has it (it rides out a
-                        // failover with it), so it is acknowledged now.
-                        if sh.write_back
-                            && connected
-                            && c.kind == CmdKind::Write
-                            && c.fua == Fua::No
-                            && !c.acked
-                        {
+                        if c.acks_early(sh.write_back, connected) {
                             c.acked = true;
                             ack = Some(c.handle);
                         }
@@ -2665,122 +1875,10 @@ impl Slot {
         }
         if let Some(ci) = self.payload_cmd {
             assert!(self.cmds[usize::from(ci)].is_some_and(|c| c.receiving));
-            assert!(self.session.state() == NbdState::Payload);
+            assert!(matches!(self.session.state(), NbdState::Payload { .. }));
         }
         let _ = sh;
     }
-}
-
-// ---------------------------------------------------------------------------
-// The control connection (snapshot lists for LIST and INFO).
-// ---------------------------------------------------------------------------
-
-/// A control connection to the server through the agent, made on first use
-/// and kept; it rides out failovers like the engines' connections.
-struct Control {
-    fsm: ClientFsm,
-    link: Link,
-}
-
-impl Control {
-    /// Asks for the snapshot list; `None` when too many questions are out.
-    fn request_list(&mut self, sh: &Shared, now: u64) -> Option<u64> {
-        self.request(sh, Request::List, now)
-    }
-
-    /// Sends a control request (connecting first if need be); `None` when
-    /// too many questions are out.
-    fn request(&mut self, sh: &Shared, req: Request, now: u64) -> Option<u64> {
-        if !self.link.active() {
-            self.link.start(0, sh.node_id, None, now);
-        }
-        self.fsm.request(req)
-    }
-}
-
-/// A control reply for the slot that asked.
-fn route_control_reply(
-    slots: &mut [Slot],
-    id: u64,
-    frame: &[u8],
-    export_size: u64,
-    write_back: bool,
-) -> bool {
-    let Some(slot) = slots.iter_mut().find(|s| s.ctl.id() == Some(id)) else {
-        return false;
-    };
-    let decoded = proto::decode(frame);
-    let list = match decoded {
-        Ok((_, Msg::SnapshotList(l))) => Some(l),
-        _ => None,
-    };
-    match slot.ctl {
-        CtlWait::Meta { tag, .. } => {
-            let mut tags = [0u32; SNAPSHOTS_MAX];
-            let mut n = 0;
-            let mut found = tag.is_none();
-            if let Some(l) = list {
-                for info in l.iter().filter(|i| !i.deleting()) {
-                    if n < SNAPSHOTS_MAX {
-                        tags[n] = info.tag;
-                        n += 1;
-                    }
-                    found |= Some(info.tag) == tag;
-                }
-            }
-            slot.answer_meta(found.then_some(&tags[..n]));
-        }
-        CtlWait::Delta { base, .. } => {
-            slot.delta_state = match decoded {
-                Ok((
-                    _,
-                    Msg::DeltaMap {
-                        chunk,
-                        chunks,
-                        bits,
-                    },
-                )) if bits.len() <= slot.delta.len() => {
-                    slot.delta[..bits.len()].copy_from_slice(bits);
-                    DeltaState::Ready {
-                        base,
-                        chunk,
-                        chunks,
-                    }
-                }
-                // The snapshot went away (or never was one of this
-                // export's): the request names nothing that exists.
-                Ok((
-                    _,
-                    Msg::Error {
-                        code: ErrorCode::NoSuchSnapshot | ErrorCode::OutOfRange,
-                        ..
-                    },
-                )) => DeltaState::Failed(NbdError::Inval),
-                _ => DeltaState::Failed(NbdError::Io),
-            };
-        }
-        CtlWait::List { .. } => {
-            slot.list_n = 0;
-            if let Some(l) = list {
-                for info in l.iter().filter(|i| !i.deleting()) {
-                    if slot.list_n < SNAPSHOTS_MAX {
-                        slot.list_tags[slot.list_n] = info.tag;
-                        slot.list_n += 1;
-                    }
-                }
-            }
-            slot.list_pos = 0;
-            slot.listing = true;
-        }
-        CtlWait::Info { tag, .. } => {
-            let live = list.is_some_and(|l| l.iter().any(|i| i.tag == tag && !i.deleting()));
-            let info = live.then(|| slot.export_info(export_size, write_back));
-            slot.answer(info);
-        }
-        CtlWait::None => {}
-    }
-    slot.ctl = CtlWait::None;
-    true
 }
 
 // ---------------------------------------------------------------------------

@@ -16,17 +16,15 @@ use csnap_tidy::{code_lines, functions, rust_files, workspace_root};
 
 const FN_LINES_MAX: usize = 70;
 /// Functions over `FN_LINES_MAX` lines today (the ratchet).
-const LONG_FUNCTIONS_MAX: usize = 41;
+const LONG_FUNCTIONS_MAX: usize = 40;
 const FILE_LINES_MAX: usize = 1200;
 /// Files over `FILE_LINES_MAX` lines today, with their length: each may only
 /// shrink, and no other file may grow past the limit.
 const LONG_FILES: &[(&str, usize)] = &[
     ("fsm/src/agent.rs", 1647),
     ("fsm/src/cluster.rs", 1355),
-    ("fsm/src/nbd.rs", 2125),
     ("fsm/src/server.rs", 2217),
-    ("fsm/src/volume.rs", 1544),
-    ("io/src/nbd.rs", 3361),
+    ("io/src/nbd.rs", 2459),
     ("store/src/lib.rs", 2217),
 ];
 
