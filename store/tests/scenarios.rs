@@ -441,3 +441,40 @@ fn an_older_incarnation_is_fenced_and_writes_nothing() {
     disk.read_at(&mut buf, 0).unwrap();
     assert_clean(&mut disk, "after fencing");
 }
+
+/// The device flushes a first write costs today (ARCHITECTURE 2.6): its
+/// commit flushes the store twice (copy-out data and the previous commit's
+/// home writes before the journal write; the commit point after it), and a
+/// group commit shares both among all its first writes; a rewrite commits
+/// nothing and flushes nothing. The figure a single-flush commit (#11)
+/// would move to 1.
+#[test]
+fn a_first_write_commit_costs_two_store_flushes_shared_by_its_group() {
+    use csnap_store::disk::MemDisk;
+    let (mut h, mut m) = setup(256, StoreFullPolicy::Refuse);
+    snap(&mut h, &mut m, 1);
+    let flushes = |h: &mut Harness<MemDisk, MemDisk>| h.store.disk_mut().flushes;
+    let f0 = flushes(&mut h);
+    assert_eq!(h.origin_write(3, 42), Outcome::Done);
+    m.origin[3] = 42;
+    assert_eq!(flushes(&mut h) - f0, 2, "flushes of one first write");
+    let f1 = flushes(&mut h);
+    let batch: Vec<(u64, u64)> = (4..12).map(|c| (c, 100 + c)).collect();
+    for o in h.origin_write_batch(&batch) {
+        assert_eq!(o, Outcome::Done);
+    }
+    for &(c, v) in &batch {
+        m.origin[c as usize] = v;
+    }
+    assert_eq!(
+        flushes(&mut h) - f1,
+        2,
+        "flushes of 8 first writes in one commit"
+    );
+    let f2 = flushes(&mut h);
+    assert_eq!(h.origin_write(3, 43), Outcome::Done);
+    m.origin[3] = 43;
+    assert_eq!(flushes(&mut h) - f2, 0, "flushes of a rewrite");
+    verify(&mut h, &m, "after first writes and a rewrite");
+    assert_clean(h.store.disk_mut(), "after first writes and a rewrite");
+}

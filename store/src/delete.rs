@@ -1,0 +1,135 @@
+//! Snapshot deletion: the bounded walk that clears deleted snapshots' bits
+//! from the tree and frees the chunks no one shares any more.
+
+use crate::*;
+
+impl<D: Disk> Store<D> {
+    /// Whether snapshot space is being reclaimed.
+    pub fn delete_pending(&self) -> bool {
+        !self.sb.delete_walk_mask.is_empty() || !self.sb.deleting_mask().is_empty()
+    }
+
+    /// Runs one bounded step of snapshot deletion: clears the deleted bits
+    /// from at most `max_records` records (and never more than the open
+    /// transaction can hold), freeing chunks no snapshot uses any more.
+    /// Crash-safe: the cursor moves in the same commit as the leaves.
+    pub fn delete_step(&mut self, max_records: usize) -> Result<DeleteProgress, StoreError> {
+        if self.sb.delete_walk_mask.is_empty() {
+            if self.sb.deleting_mask().is_empty() {
+                return Ok(DeleteProgress::Idle);
+            }
+            self.sb.delete_walk_mask = self.sb.deleting_mask();
+            self.sb.delete_cursor = 0;
+        }
+        self.begin_op()?;
+        let mut modified = false;
+        let r = self.delete_step_inner(max_records, &mut modified);
+        self.end_op(r, modified)
+    }
+
+    pub(crate) fn delete_step_inner(
+        &mut self,
+        max_records: usize,
+        modified: &mut bool,
+    ) -> Result<DeleteProgress, StoreError> {
+        let walk = self.sb.delete_walk_mask;
+        let mut done = 0usize;
+        loop {
+            let cursor = self.sb.delete_cursor;
+            let path = self.descend(cursor)?;
+            let mut i = tree::leaf_lower_bound(self.cache.buf(path.leaf), cursor);
+            while i < tree::leaf_len(self.cache.buf(path.leaf)) {
+                let r = tree::leaf_get(self.cache.buf(path.leaf), i);
+                if done >= max_records
+                    || self.cache.dirty_count() + 3 > self.tx_cap_blocks
+                    || self.pending_frees.len() >= TX_FREES_MAX
+                {
+                    self.sb.delete_cursor = r.chunk;
+                    *modified = true;
+                    return Ok(DeleteProgress::Working);
+                }
+                done += 1;
+                let nm = r.mask & !walk;
+                if nm == r.mask {
+                    i += 1;
+                    continue;
+                }
+                *modified = true;
+                self.account(r.mask, nm)?;
+                self.cache.mark_dirty(path.leaf);
+                if nm.is_empty() {
+                    tree::leaf_remove(self.cache.buf_mut(path.leaf), i);
+                    self.free(Area::Data, r.store)?;
+                } else {
+                    tree::leaf_set_mask(self.cache.buf_mut(path.leaf), i, nm);
+                    i += 1;
+                }
+            }
+            // Next leaf: the lowest key right of this one on the path.
+            let mut next = None;
+            for lvl in (0..path.len).rev() {
+                let (slot, idx) = path.nodes[lvl];
+                let b = self.cache.buf(slot);
+                if idx + 1 < tree::node_len(b) {
+                    next = Some(tree::node_key(b, idx + 1));
+                    break;
+                }
+            }
+            *modified = true;
+            match next {
+                Some(k) if k <= cursor => {
+                    return Err(StoreError::Corrupt {
+                        addr: self.cache.addr_of(path.leaf),
+                        kind: BlockKind::Leaf,
+                        fault: BlockFault::Structure {
+                            reason: "the next leaf's key does not follow this one's",
+                        },
+                    });
+                }
+                Some(k) => {
+                    self.sb.delete_cursor = k;
+                    if done >= max_records {
+                        return Ok(DeleteProgress::Working);
+                    }
+                }
+                None => {
+                    // The pass is complete: the walked bits are in no mask.
+                    for b in walk.slots() {
+                        if self.sb.snaps[b].chunks != 0 {
+                            // The tree holds none of its bits any more, the
+                            // table says it still owns chunks.
+                            return Err(StoreError::Corrupt {
+                                addr: layout::SUPER_BLOCK,
+                                kind: BlockKind::Super,
+                                fault: BlockFault::Structure {
+                                    reason:
+                                        "a deleted snapshot's usage count disagrees with the tree",
+                                },
+                            });
+                        }
+                        self.sb.snaps[b] = SnapSlot::FREE;
+                    }
+                    self.sb.delete_walk_mask = Mask::EMPTY;
+                    self.sb.delete_cursor = 0;
+                    return Ok(if !self.sb.deleting_mask().is_empty() {
+                        DeleteProgress::Working
+                    } else {
+                        DeleteProgress::Idle
+                    });
+                }
+            }
+        }
+    }
+
+    /// Commits, then runs deletion steps (committing between them) until no
+    /// deletion is pending. For tools and tests; a server interleaves steps
+    /// with requests instead.
+    pub fn reclaim(&mut self) -> Result<(), StoreError> {
+        self.commit()?;
+        while self.delete_step(usize::MAX)? == DeleteProgress::Working {
+            self.commit()?;
+        }
+        self.commit()?;
+        Ok(())
+    }
+}
