@@ -61,7 +61,8 @@ use csnap_proto::{
     Role, Volume,
 };
 
-use crate::fixed::{FixedRing, IdQueue};
+use crate::conns::{self, ConnTable, SlotState};
+use crate::fixed::FixedRing;
 
 // Every client connection of the agent fits one client list.
 const _: () = assert!(csnap_pools::AGENT_CONNS_MAX <= csnap_proto::CLIENT_ENTRIES_MAX);
@@ -243,10 +244,18 @@ enum Role2 {
     Closing,
 }
 
-#[derive(Debug)]
-struct Conn {
-    role: Role2,
-    out: OutBuf,
+impl SlotState for Role2 {
+    const FREE: Self = Role2::Free;
+    const EXPECT_HELLO: Self = Role2::ExpectHello;
+    fn is_free(&self) -> bool {
+        matches!(self, Role2::Free)
+    }
+    fn is_closing(&self) -> bool {
+        matches!(self, Role2::Closing)
+    }
+    fn set_closing(&mut self) {
+        *self = Role2::Closing;
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -297,9 +306,7 @@ pub struct AgentStatus {
 pub struct AgentFsm {
     cfg: AgentConfig,
     now_ms: u64,
-    conns: Vec<Conn>,
-    output_q: IdQueue,
-    close_q: IdQueue,
+    conns: ConnTable<Role2>,
     actions: FixedRing<AgentAction>,
     bus: OutBuf,
     bus_up: bool,
@@ -337,17 +344,11 @@ impl AgentFsm {
     pub fn new(cfg: AgentConfig) -> AgentFsm {
         assert!(cfg.node_id >= 1, "node ids start at 1");
         assert!(cfg.conns >= 2 && cfg.conns <= csnap_pools::AGENT_CONNS_MAX);
-        let mut conns = Vec::with_capacity(cfg.conns);
-        conns.resize_with(cfg.conns, || Conn {
-            role: Role2::Free,
-            out: OutBuf::with_capacity(CONN_OUT_BYTES),
-        });
+        let conns = ConnTable::new(cfg.conns, CONN_OUT_BYTES);
         let mut a = AgentFsm {
             cfg,
             now_ms: 0,
             conns,
-            output_q: IdQueue::new(cfg.conns),
-            close_q: IdQueue::new(cfg.conns),
             actions: FixedRing::new(64),
             bus: OutBuf::with_capacity(BUS_OUT_BYTES),
             bus_up: false,
@@ -457,28 +458,19 @@ impl AgentFsm {
     /// A new connection on the agent's socket; `None` when the table is full
     /// (the driver closes it).
     pub fn handle_accept(&mut self) -> Option<AgentConnId> {
-        let i = self
-            .conns
-            .iter()
-            .position(|c| matches!(c.role, Role2::Free))?;
-        let c = &mut self.conns[i];
-        c.role = Role2::ExpectHello;
-        c.out.clear();
+        let conn = self.conns.accept()?;
         self.assert_invariants();
-        AgentConnId::try_from(i).ok()
+        Some(conn)
     }
 
     /// Whether the driver should hand over more frames of `conn`.
     pub fn wants_read(&self, conn: AgentConnId) -> bool {
-        let c = &self.conns[conn as usize];
-        !matches!(c.role, Role2::Free | Role2::Closing)
-            && c.out.capacity() - c.out.pending().len() >= 2 * 512
+        self.conns.wants_read(conn, 2 * 512)
     }
 
     /// The frame reader of `conn` failed (garbage, bad version, oversized).
     pub fn handle_bad_stream(&mut self, conn: AgentConnId, err: &DecodeError) {
-        let mut t = ErrorText::new();
-        let _ = write!(t, "{err}; closing the connection");
+        let t = conns::bad_stream_text(err);
         self.send_error(conn, 0, err.code(), err.culprit(), t.as_str());
         self.close(conn);
         self.assert_invariants();
@@ -486,18 +478,13 @@ impl AgentFsm {
 
     /// A complete frame from `conn`.
     pub fn handle_frame(&mut self, conn: AgentConnId, frame: &[u8]) {
-        if matches!(self.conns[conn as usize].role, Role2::Free | Role2::Closing) {
+        if self.conns.is_gone(conn) {
             return;
         }
         match proto::decode(frame) {
             Ok((hdr, msg)) => self.on_conn_msg(conn, hdr.request_id, &msg),
             Err(e) => {
-                let rid = proto::peek_header(frame)
-                    .ok()
-                    .flatten()
-                    .map_or(0, |h| h.request_id);
-                let mut t = ErrorText::new();
-                let _ = write!(t, "{e}");
+                let (rid, t) = conns::decode_error_reply(frame, &e);
                 self.send_error(conn, rid, e.code(), e.culprit(), t.as_str());
                 if e.is_fatal() {
                     self.close(conn);
@@ -1346,7 +1333,7 @@ impl AgentFsm {
                 members: nb.finish(),
                 expected: cb.finish(),
             };
-            self.conns[conn as usize].out.push_msg(0, 0, &msg)
+            self.conns.push_msg(conn, 0, 0, &msg)
         };
         self.scratch = clients;
         self.scratch2 = nodes;
@@ -1361,7 +1348,6 @@ impl AgentFsm {
             self.schedule_spawn(self.cfg.respawn_backoff_ms);
             return;
         }
-        self.mark_output(conn);
         self.starting = Some((conn, attempt));
         self.log(AgentEvent::Starting {
             attempt,
@@ -1515,13 +1501,10 @@ impl AgentFsm {
     // -- output ----------------------------------------------------------------
 
     fn send(&mut self, conn: AgentConnId, rid: u64, msg: &Msg<'_>) {
-        let c = &mut self.conns[conn as usize];
-        if matches!(c.role, Role2::Free) {
+        if self.conns[conn as usize].role.is_free() {
             return;
         }
-        if c.out.push_msg(rid, 0, msg) {
-            self.mark_output(conn);
-        } else {
+        if !self.conns.push_msg(conn, rid, 0, msg) {
             // The peer does not read: drop it.
             self.close(conn);
         }
@@ -1546,10 +1529,6 @@ impl AgentFsm {
         );
     }
 
-    fn mark_output(&mut self, conn: AgentConnId) {
-        self.output_q.push(conn);
-    }
-
     fn close(&mut self, conn: AgentConnId) {
         let c = &mut self.conns[conn as usize];
         if matches!(c.role, Role2::Free) {
@@ -1560,45 +1539,32 @@ impl AgentFsm {
             c.role = Role2::Closing;
             self.server_conn_lost(conn, pid);
         }
-        self.conns[conn as usize].role = Role2::Closing;
-        self.close_q.push(conn);
+        self.conns.close(conn);
     }
 
     /// The next connection with output to write.
     pub fn poll_output(&mut self) -> Option<AgentConnId> {
-        while let Some(c) = self.output_q.pop() {
-            if !self.conns[c as usize].out.is_empty() {
-                return Some(c);
-            }
-        }
-        None
+        self.conns.poll_output()
     }
 
     /// Bytes waiting for `conn`.
     pub fn output(&self, conn: AgentConnId) -> &[u8] {
-        self.conns[conn as usize].out.pending()
+        self.conns.output(conn)
     }
 
     /// `n` bytes of `output(conn)` were written.
     pub fn consume_output(&mut self, conn: AgentConnId, n: usize) {
-        self.conns[conn as usize].out.consume(n);
+        self.conns.consume_output(conn, n);
     }
 
     /// Whether `conn` has unwritten output.
     pub fn has_output(&self, conn: AgentConnId) -> bool {
-        !self.conns[conn as usize].out.is_empty()
+        self.conns.has_output(conn)
     }
 
     /// The next connection to close once its output is written.
     pub fn poll_close(&mut self) -> Option<AgentConnId> {
-        // An entry of a connection gone since (its slot maybe taken again)
-        // is skipped.
-        while let Some(c) = self.close_q.pop() {
-            if matches!(self.conns[c as usize].role, Role2::Closing) {
-                return Some(c);
-            }
-        }
-        None
+        self.conns.poll_close()
     }
 
     /// Checks the state's invariants (after every input, release builds

@@ -46,8 +46,8 @@ use csnap_proto::{
 };
 
 use crate::agent::AddrBuf;
-use crate::fixed::{FixedRing, IdQueue};
-use crate::outbuf::OutBuf;
+use crate::conns::{self, ConnTable, SlotState};
+use crate::fixed::FixedRing;
 
 /// A connection to the controller.
 pub type CtlConnId = u32;
@@ -185,10 +185,18 @@ enum CRole {
     Closing,
 }
 
-#[derive(Debug)]
-struct CConn {
-    role: CRole,
-    out: OutBuf,
+impl SlotState for CRole {
+    const FREE: Self = CRole::Free;
+    const EXPECT_HELLO: Self = CRole::ExpectHello;
+    fn is_free(&self) -> bool {
+        *self == CRole::Free
+    }
+    fn is_closing(&self) -> bool {
+        *self == CRole::Closing
+    }
+    fn set_closing(&mut self) {
+        *self = CRole::Closing;
+    }
 }
 
 /// The controller state machine.
@@ -196,7 +204,7 @@ struct CConn {
 pub struct Controller {
     cfg: ControllerConfig,
     now_ms: u64,
-    conns: Vec<CConn>,
+    conns: ConnTable<CRole>,
     nodes: Vec<NodeRec>,
     placement: Placement,
     want: bool,
@@ -209,8 +217,6 @@ pub struct Controller {
     former_unseen: bool,
     epoch: u64,
     pending_starts: Vec<(CtlConnId, u64, u32)>,
-    output_q: IdQueue,
-    close_q: IdQueue,
     events: FixedRing<ControllerEvent>,
     scratch: Vec<u8>,
     /// Times of the latest server deaths (and failed starts), a ring of
@@ -226,11 +232,7 @@ impl Controller {
     pub fn new(cfg: ControllerConfig) -> Controller {
         assert!(cfg.conns >= 1 && cfg.conns <= csnap_pools::CONTROLLER_CONNS_MAX);
         assert!(cfg.max_server_deaths <= csnap_pools::CONTROLLER_SERVER_DEATHS_MAX);
-        let mut conns = Vec::with_capacity(cfg.conns);
-        conns.resize_with(cfg.conns, || CConn {
-            role: CRole::Free,
-            out: OutBuf::with_capacity(CONN_OUT_BYTES),
-        });
+        let conns = ConnTable::new(cfg.conns, CONN_OUT_BYTES);
         Controller {
             cfg,
             now_ms: 0,
@@ -245,8 +247,6 @@ impl Controller {
             former_unseen: true,
             epoch: 0,
             pending_starts: Vec::with_capacity(PENDING_STARTS_MAX),
-            output_q: IdQueue::new(cfg.conns),
-            close_q: IdQueue::new(cfg.conns),
             events: FixedRing::new(64),
             scratch: vec![0u8; proto::NODE_STATUS_LIST_BYTES_MAX],
             deaths_ms: vec![u64::MAX; cfg.max_server_deaths as usize],
@@ -289,24 +289,17 @@ impl Controller {
 
     /// A new connection; `None` when the table is full.
     pub fn handle_accept(&mut self) -> Option<CtlConnId> {
-        let i = self.conns.iter().position(|c| c.role == CRole::Free)?;
-        let c = &mut self.conns[i];
-        c.role = CRole::ExpectHello;
-        c.out.clear();
-        CtlConnId::try_from(i).ok()
+        self.conns.accept()
     }
 
     /// Whether the driver should hand over more frames of `conn`.
     pub fn wants_read(&self, conn: CtlConnId) -> bool {
-        let c = &self.conns[conn as usize];
-        !matches!(c.role, CRole::Free | CRole::Closing)
-            && c.out.capacity() - c.out.pending().len() >= proto::FRAME_MAX_BYTES / 2
+        self.conns.wants_read(conn, proto::FRAME_MAX_BYTES / 2)
     }
 
     /// The frame reader of `conn` failed.
     pub fn handle_bad_stream(&mut self, conn: CtlConnId, err: &DecodeError) {
-        let mut t = ErrorText::new();
-        let _ = write!(t, "{err}; closing the connection");
+        let t = conns::bad_stream_text(err);
         self.send_error(conn, 0, err.code(), err.culprit(), t.as_str());
         self.close(conn);
         self.assert_invariants();
@@ -314,18 +307,13 @@ impl Controller {
 
     /// A frame from `conn`.
     pub fn handle_frame(&mut self, conn: CtlConnId, frame: &[u8]) {
-        if matches!(self.conns[conn as usize].role, CRole::Free | CRole::Closing) {
+        if self.conns.is_gone(conn) {
             return;
         }
         match proto::decode(frame) {
             Ok((hdr, msg)) => self.on_msg(conn, hdr.request_id, &msg),
             Err(e) => {
-                let rid = proto::peek_header(frame)
-                    .ok()
-                    .flatten()
-                    .map_or(0, |h| h.request_id);
-                let mut t = ErrorText::new();
-                let _ = write!(t, "{e}");
+                let (rid, t) = conns::decode_error_reply(frame, &e);
                 self.send_error(conn, rid, e.code(), e.culprit(), t.as_str());
                 if e.is_fatal() {
                     self.close(conn);
@@ -990,10 +978,7 @@ impl Controller {
                 server_addr: addr.as_str(),
                 nodes,
             };
-            let c = &mut self.conns[conn as usize];
-            if c.out.push_msg(rid, 0, &msg) {
-                self.mark_output(conn);
-            } else {
+            if !self.conns.push_msg(conn, rid, 0, &msg) {
                 // The tool does not read its replies: drop it (a reply is
                 // never dropped silently).
                 self.close(conn);
@@ -1243,13 +1228,10 @@ impl Controller {
     }
 
     fn send(&mut self, conn: CtlConnId, rid: u64, msg: &Msg<'_>) {
-        let c = &mut self.conns[conn as usize];
-        if matches!(c.role, CRole::Free | CRole::Closing) {
+        if self.conns.is_gone(conn) {
             return;
         }
-        if c.out.push_msg(rid, 0, msg) {
-            self.mark_output(conn);
-        } else {
+        if !self.conns.push_msg(conn, rid, 0, msg) {
             self.close(conn);
         }
     }
@@ -1266,54 +1248,33 @@ impl Controller {
         );
     }
 
-    fn mark_output(&mut self, conn: CtlConnId) {
-        self.output_q.push(conn);
-    }
-
     fn close(&mut self, conn: CtlConnId) {
-        let c = &mut self.conns[conn as usize];
-        if c.role == CRole::Free {
-            return;
-        }
-        c.role = CRole::Closing;
-        self.close_q.push(conn);
+        self.conns.close(conn);
     }
 
     /// The next connection with output to write.
     pub fn poll_output(&mut self) -> Option<CtlConnId> {
-        while let Some(c) = self.output_q.pop() {
-            if !self.conns[c as usize].out.is_empty() {
-                return Some(c);
-            }
-        }
-        None
+        self.conns.poll_output()
     }
 
     /// Bytes waiting for `conn`.
     pub fn output(&self, conn: CtlConnId) -> &[u8] {
-        self.conns[conn as usize].out.pending()
+        self.conns.output(conn)
     }
 
     /// `n` bytes of `output(conn)` were written.
     pub fn consume_output(&mut self, conn: CtlConnId, n: usize) {
-        self.conns[conn as usize].out.consume(n);
+        self.conns.consume_output(conn, n);
     }
 
     /// Whether `conn` has unwritten output.
     pub fn has_output(&self, conn: CtlConnId) -> bool {
-        !self.conns[conn as usize].out.is_empty()
+        self.conns.has_output(conn)
     }
 
     /// The next connection to close once its output is written.
     pub fn poll_close(&mut self) -> Option<CtlConnId> {
-        // An entry of a connection gone since (its slot maybe taken again)
-        // is skipped.
-        while let Some(c) = self.close_q.pop() {
-            if self.conns[c as usize].role == CRole::Closing {
-                return Some(c);
-            }
-        }
-        None
+        self.conns.poll_close()
     }
 
     /// Checks the invariants (after every input, release builds too).

@@ -49,7 +49,8 @@ use csnap_proto::{
     Role, ServerState, SnapInfo, Target, TargetKind, Volume,
 };
 
-use crate::fixed::{FixedRing, IdQueue};
+use crate::conns::{self, ConnTable, SlotState};
+use crate::fixed::FixedRing;
 use crate::locks::{LockLimits, LockTable};
 use crate::store_ops::{
     StoreFailure, StoreOp, StoreReply, StoreRequest, StoreResult, Target as StoreTarget,
@@ -152,8 +153,6 @@ struct Session {
     client_id: u64,
     node_id: u32,
     inflight: u32,
-    out_start: usize,
-    out_end: usize,
     snapshot_open: Option<u32>,
     /// The client caches grants and mappings (Identify flag): it answers
     /// `Revoke` and `ReleaseLocks`, and its snapshot reads lock every chunk.
@@ -171,13 +170,28 @@ impl Session {
         client_id: 0,
         node_id: 0,
         inflight: 0,
-        out_start: 0,
-        out_end: 0,
         snapshot_open: None,
         caching: false,
         revoke_owed: false,
         gone: false,
     };
+}
+
+impl SlotState for Session {
+    const FREE: Self = Session::FREE;
+    const EXPECT_HELLO: Self = Session {
+        state: SessionState::ExpectHello,
+        ..Session::FREE
+    };
+    fn is_free(&self) -> bool {
+        self.state == SessionState::Free
+    }
+    fn is_closing(&self) -> bool {
+        self.state == SessionState::Closing
+    }
+    fn set_closing(&mut self) {
+        self.state = SessionState::Closing;
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -253,14 +267,10 @@ struct Inflight {
 pub struct Server {
     cfg: ServerConfig,
     state: ServerState,
-    sessions: Vec<Session>,
-    out: Vec<u8>,
-    out_cap: usize,
+    sessions: ConnTable<Session>,
     inflight: Slab<Inflight>,
     locks: LockTable,
     store_q: FixedRing<StoreRequest>,
-    output_q: IdQueue,
-    close_q: IdQueue,
     events: FixedRing<ServerEvent>,
     scratch: Vec<u8>,
     woken: Vec<u32>,
@@ -349,14 +359,11 @@ impl Server {
         assert!(cfg.chunk_size_bytes.is_power_of_two());
         let slots = cfg.clients * cfg.requests_per_client;
         let out_cap = (cfg.requests_per_client + 4) * REPLY_MAX_BYTES;
-        let mut sessions = Vec::with_capacity(cfg.clients);
-        sessions.resize_with(cfg.clients, || Session::FREE);
+        let sessions = ConnTable::new(cfg.clients, out_cap);
         Server {
             cfg,
             state: ServerState::Serving,
             sessions,
-            out: vec![0u8; cfg.clients * out_cap],
-            out_cap,
             inflight: Slab::with_capacity(slots),
             // Owners 0..clients are connections; clients..2*clients hold
             // the locks of parked (disconnected, still member) clients.
@@ -368,8 +375,6 @@ impl Server {
             }),
             // Every slot, plus one identify and one detach per connection.
             store_q: FixedRing::new(slots + 2 * cfg.clients + 1),
-            output_q: IdQueue::new(cfg.clients),
-            close_q: IdQueue::new(cfg.clients),
             events: FixedRing::new(64),
             scratch: vec![0u8; REPLY_MAX_BYTES],
             woken: Vec::with_capacity(slots),
@@ -695,15 +700,9 @@ impl Server {
 
     /// A new connection. `None`: the client table is full.
     pub fn handle_accept(&mut self) -> Option<ConnId> {
-        let i = self
-            .sessions
-            .iter()
-            .position(|s| s.state == SessionState::Free)?;
-        let s = &mut self.sessions[i];
-        *s = Session::FREE;
-        s.state = SessionState::ExpectHello;
+        let conn = self.sessions.accept()?;
         self.assert_invariants();
-        ConnId::try_from(i).ok()
+        Some(conn)
     }
 
     /// The frame to send to a connection refused by `handle_accept`.
@@ -722,7 +721,7 @@ impl Server {
         match s.state {
             SessionState::Free | SessionState::Closing | SessionState::Identifying(_) => false,
             _ => {
-                let free = self.out_cap - (s.out_end - s.out_start);
+                let free = self.sessions.out_free(conn);
                 (s.inflight as usize) < self.cfg.requests_per_client
                     && free >= (s.inflight as usize + 2) * REPLY_MAX_BYTES
             }
@@ -732,8 +731,7 @@ impl Server {
     /// The frame reader of `conn` failed: garbage, a bad version, or a
     /// frame over the maximum. Answers with an error and closes.
     pub fn handle_bad_stream(&mut self, conn: ConnId, err: &DecodeError) {
-        let mut t = ErrorText::new();
-        let _ = write!(t, "{err}; closing the connection");
+        let t = conns::bad_stream_text(err);
         self.send_error(conn, 0, err.code(), err.culprit(), t.as_str());
         self.close(conn);
         self.assert_invariants();
@@ -741,19 +739,13 @@ impl Server {
 
     /// A complete frame from `conn`.
     pub fn handle_frame(&mut self, conn: ConnId, frame: &[u8]) {
-        let st = self.sessions[conn as usize].state;
-        if matches!(st, SessionState::Free | SessionState::Closing) {
+        if self.sessions.is_gone(conn) {
             return;
         }
         match proto::decode(frame) {
             Ok((hdr, msg)) => self.on_msg(conn, &hdr, &msg),
             Err(e) => {
-                let request_id = proto::peek_header(frame)
-                    .ok()
-                    .flatten()
-                    .map_or(0, |h| h.request_id);
-                let mut t = ErrorText::new();
-                let _ = write!(t, "{e}");
+                let (request_id, t) = conns::decode_error_reply(frame, &e);
                 self.send_error(conn, request_id, e.code(), e.culprit(), t.as_str());
                 if e.is_fatal() {
                     self.close(conn);
@@ -1498,7 +1490,9 @@ impl Server {
                 }
             }
         }
-        self.sessions[conn as usize] = Session::FREE;
+        let s = &mut self.sessions[conn as usize];
+        s.role = Session::FREE;
+        s.out.clear();
         if self
             .create
             .is_some_and(|c| c.conn == conn && c.token.is_none())
@@ -2061,27 +2055,13 @@ impl Server {
     }
 
     fn push_out(&mut self, conn: ConnId, bytes: &[u8]) {
-        let base = conn as usize * self.out_cap;
-        let cap = self.out_cap;
-        let s = &mut self.sessions[conn as usize];
-        if s.state == SessionState::Free {
+        if self.sessions[conn as usize].state == SessionState::Free {
             return;
         }
-        if s.out_end + bytes.len() > cap {
-            // Compact.
-            self.out
-                .copy_within(base + s.out_start..base + s.out_end, base);
-            s.out_end -= s.out_start;
-            s.out_start = 0;
-        }
-        if s.out_end + bytes.len() > cap {
+        if !self.sessions.push_bytes(conn, bytes) {
             // The client does not read its replies: drop it.
             self.close(conn);
-            return;
         }
-        self.out[base + s.out_end..base + s.out_end + bytes.len()].copy_from_slice(bytes);
-        s.out_end += bytes.len();
-        self.output_q.push(conn);
     }
 
     fn close(&mut self, conn: ConnId) {
@@ -2094,58 +2074,35 @@ impl Server {
             // `Closing` and does not count it again).
             self.identified -= 1;
         }
-        s.state = SessionState::Closing;
-        self.close_q.push(conn);
+        self.sessions.close(conn);
     }
 
     /// The next connection with output to write.
     #[must_use]
     pub fn poll_output(&mut self) -> Option<ConnId> {
-        while let Some(c) = self.output_q.pop() {
-            let s = &self.sessions[c as usize];
-            if s.out_end > s.out_start {
-                return Some(c);
-            }
-        }
-        None
+        self.sessions.poll_output()
     }
 
     /// Bytes waiting to be written to `conn`.
     pub fn output(&self, conn: ConnId) -> &[u8] {
-        let s = &self.sessions[conn as usize];
-        let base = conn as usize * self.out_cap;
-        &self.out[base + s.out_start..base + s.out_end]
+        self.sessions.output(conn)
     }
 
     /// `n` bytes of `output(conn)` were written. If some remain, the
     /// connection is queued again for `poll_output`.
     pub fn consume_output(&mut self, conn: ConnId, n: usize) {
-        let s = &mut self.sessions[conn as usize];
-        s.out_start += n;
-        assert!(s.out_start <= s.out_end);
-        if s.out_start == s.out_end {
-            s.out_start = 0;
-            s.out_end = 0;
-        }
+        self.sessions.consume_output(conn, n);
     }
 
     /// Whether `conn` has unwritten output.
     pub fn has_output(&self, conn: ConnId) -> bool {
-        let s = &self.sessions[conn as usize];
-        s.out_end > s.out_start
+        self.sessions.has_output(conn)
     }
 
     /// The next connection to close once its output is written.
     #[must_use]
     pub fn poll_close(&mut self) -> Option<ConnId> {
-        // An entry of a connection gone since (its slot maybe taken again)
-        // is skipped.
-        while let Some(c) = self.close_q.pop() {
-            if self.sessions[c as usize].state == SessionState::Closing {
-                return Some(c);
-            }
-        }
-        None
+        self.sessions.poll_close()
     }
 
     /// The next request for the store worker.
@@ -2167,7 +2124,7 @@ impl Server {
         let mut identified = 0u32;
         for s in &self.sessions {
             per_conn_total += s.inflight;
-            assert!(s.out_start <= s.out_end && s.out_end <= self.out_cap);
+            assert!(s.out.pending().len() <= s.out.capacity());
             if matches!(s.state, SessionState::Origin | SessionState::Snapshot(_)) {
                 identified += 1;
             }
