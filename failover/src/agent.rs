@@ -78,13 +78,8 @@ pub fn run(mut opts: AgentOptions) -> Result<String, String> {
     };
     let mut poll = Poll::new().map_err(|e| format!("epoll: {e}"))?;
     let mut events = Events::with_capacity(EVENTS_MAX);
-    let mut table = ConnTable::new(
-        vec![listener],
-        cfg.conns,
-        poll.registry(),
-        1..=csnap_pools::CONTROLLER_LISTENERS_MAX,
-    )
-    .map_err(|e| format!("cannot register the agent socket: {e}"))?;
+    let mut table = crate::conns::table(vec![listener], cfg.conns, poll.registry())
+        .map_err(|e| format!("cannot register the agent socket: {e}"))?;
     let mut fsm = AgentFsm::new(cfg);
     let mut metrics = match &opts.metrics {
         Some(a) => Some(MetricsEndpoint::new(a, poll.registry(), METRICS_BASE)?),

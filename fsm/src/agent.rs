@@ -227,8 +227,19 @@ struct Pending {
     hold_until_ms: Option<u64>,
 }
 
+/// What the agent knows of a connection on its socket (a slot of its
+/// `ConnTable`).
+///
+/// | state | entered on | next |
+/// |---|---|---|
+/// | `Free` | start; the connection gone (`handle_disconnect`) | accept → `ExpectHello` |
+/// | `ExpectHello` | accept | `Hello` of a client or tool → `Client`; of a server → `Server`; of an agent, or no common version → `Closing` |
+/// | `Client` | `Hello` with role Client or Control | `NeedServer` waits in `pending` for a server; closes → `Free` (its snapshot client reported gone) |
+/// | `Server { announced: false }` | `Hello` with role Server | `ServerReady` → `announced: true` (the standby, or the server being started) |
+/// | `Server { announced: true }` | `ServerReady` | `Serving` → the node's serving server; closes → the server is gone (`server_conn_lost`) |
+/// | `Closing` | a fatal error, a failed handshake, a peer that does not read | closed once its output is written → `Free` |
 #[derive(Debug, Clone, Copy)]
-enum Role2 {
+enum AgentConnState {
     Free,
     ExpectHello,
     Client {
@@ -244,17 +255,17 @@ enum Role2 {
     Closing,
 }
 
-impl SlotState for Role2 {
-    const FREE: Self = Role2::Free;
-    const EXPECT_HELLO: Self = Role2::ExpectHello;
+impl SlotState for AgentConnState {
+    const FREE: Self = AgentConnState::Free;
+    const EXPECT_HELLO: Self = AgentConnState::ExpectHello;
     fn is_free(&self) -> bool {
-        matches!(self, Role2::Free)
+        matches!(self, AgentConnState::Free)
     }
     fn is_closing(&self) -> bool {
-        matches!(self, Role2::Closing)
+        matches!(self, AgentConnState::Closing)
     }
     fn set_closing(&mut self) {
-        *self = Role2::Closing;
+        *self = AgentConnState::Closing;
     }
 }
 
@@ -306,7 +317,7 @@ pub struct AgentStatus {
 pub struct AgentFsm {
     cfg: AgentConfig,
     now_ms: u64,
-    conns: ConnTable<Role2>,
+    conns: ConnTable<AgentConnState>,
     actions: FixedRing<AgentAction>,
     bus: OutBuf,
     bus_up: bool,
@@ -430,7 +441,7 @@ impl AgentFsm {
         let mut waiting = 0u32;
         let mut snaps = 0u32;
         for c in &self.conns {
-            if let Role2::Client {
+            if let AgentConnState::Client {
                 pending, volume, ..
             } = c.role
             {
@@ -499,7 +510,7 @@ impl AgentFsm {
         let role = self.conns[conn as usize].role;
         match (role, msg) {
             (
-                Role2::ExpectHello,
+                AgentConnState::ExpectHello,
                 Msg::Hello {
                     version_min,
                     version_max,
@@ -518,12 +529,12 @@ impl AgentFsm {
                     return;
                 };
                 let next = match role {
-                    Role::Client | Role::Control => Role2::Client {
+                    Role::Client | Role::Control => AgentConnState::Client {
                         client_id: 0,
                         volume: None,
                         pending: None,
                     },
-                    Role::Server => Role2::Server {
+                    Role::Server => AgentConnState::Server {
                         pid: 0,
                         addr: AddrBuf::EMPTY,
                         announced: false,
@@ -550,7 +561,7 @@ impl AgentFsm {
                     },
                 );
             }
-            (Role2::ExpectHello, _) => {
+            (AgentConnState::ExpectHello, _) => {
                 self.send_error(
                     conn,
                     rid,
@@ -567,7 +578,7 @@ impl AgentFsm {
                 "Hello was already received on this connection",
             ),
             (
-                Role2::Client { .. },
+                AgentConnState::Client { .. },
                 Msg::NeedServer {
                     client_id,
                     failed_incarnation,
@@ -583,7 +594,7 @@ impl AgentFsm {
                 *volume,
             ),
             (
-                Role2::Server {
+                AgentConnState::Server {
                     announced: false, ..
                 },
                 Msg::ServerReady { pid, node_id, addr },
@@ -591,7 +602,7 @@ impl AgentFsm {
                 self.on_server_ready(conn, rid, *pid, *node_id, addr);
             }
             (
-                Role2::Server {
+                AgentConnState::Server {
                     announced: true, ..
                 },
                 Msg::Serving {
@@ -600,7 +611,7 @@ impl AgentFsm {
                     ..
                 },
             ) => self.on_serving(conn, *incarnation, *start_micros),
-            (Role2::Server { .. }, Msg::Error { .. }) => {
+            (AgentConnState::Server { .. }, Msg::Error { .. }) => {
                 // A server reporting why its start failed; it closes next.
             }
             _ => {
@@ -641,7 +652,7 @@ impl AgentFsm {
             );
             return;
         }
-        let Role2::Client {
+        let AgentConnState::Client {
             pending: already, ..
         } = self.conns[conn as usize].role
         else {
@@ -657,7 +668,7 @@ impl AgentFsm {
             );
             return;
         }
-        if let Role2::Client {
+        if let AgentConnState::Client {
             client_id: id,
             volume: v,
             ..
@@ -676,7 +687,7 @@ impl AgentFsm {
             Some(s) if s.incarnation == failed => Some(self.now_ms + self.cfg.suspect_hold_ms),
             _ => None,
         };
-        if let Role2::Client { pending, .. } = &mut self.conns[conn as usize].role {
+        if let AgentConnState::Client { pending, .. } = &mut self.conns[conn as usize].role {
             *pending = Some(Pending {
                 request_id: rid,
                 failed,
@@ -713,7 +724,7 @@ impl AgentFsm {
     fn answer_pending(&mut self) {
         let Some(s) = self.cluster_server else { return };
         for i in 0..self.conns.len() {
-            let Role2::Client {
+            let AgentConnState::Client {
                 pending: Some(p), ..
             } = self.conns[i].role
             else {
@@ -723,7 +734,7 @@ impl AgentFsm {
                 // It asked while no server was known (the agent forgot it
                 // on a bus reconnect), and the one it saw fail is said to
                 // run: held like a NeedServer naming it, then answered.
-                if let Role2::Client {
+                if let AgentConnState::Client {
                     pending: Some(q), ..
                 } = &mut self.conns[i].role
                 {
@@ -733,7 +744,7 @@ impl AgentFsm {
             }
             let expired = p.hold_until_ms.is_some_and(|t| t <= self.now_ms);
             if s.incarnation > p.failed || expired {
-                if let Role2::Client { pending, .. } = &mut self.conns[i].role {
+                if let AgentConnState::Client { pending, .. } = &mut self.conns[i].role {
                     *pending = None;
                 }
                 let conn = AgentConnId::try_from(i).unwrap_or(u32::MAX);
@@ -744,13 +755,13 @@ impl AgentFsm {
 
     fn refuse_pending(&mut self, text: &str) {
         for i in 0..self.conns.len() {
-            let Role2::Client {
+            let AgentConnState::Client {
                 pending: Some(p), ..
             } = self.conns[i].role
             else {
                 continue;
             };
-            if let Role2::Client { pending, .. } = &mut self.conns[i].role {
+            if let AgentConnState::Client { pending, .. } = &mut self.conns[i].role {
                 *pending = None;
             }
             let conn = AgentConnId::try_from(i).unwrap_or(u32::MAX);
@@ -792,7 +803,7 @@ impl AgentFsm {
             self.close(conn);
             return;
         }
-        self.conns[conn as usize].role = Role2::Server {
+        self.conns[conn as usize].role = AgentConnState::Server {
             pid,
             addr: a,
             announced: true,
@@ -811,7 +822,7 @@ impl AgentFsm {
         if sconn != conn {
             return;
         }
-        let Role2::Server { addr, .. } = self.conns[conn as usize].role else {
+        let AgentConnState::Server { addr, .. } = self.conns[conn as usize].role else {
             return;
         };
         self.starting = None;
@@ -857,8 +868,8 @@ impl AgentFsm {
     pub fn handle_disconnect(&mut self, conn: AgentConnId) {
         let role = self.conns[conn as usize].role;
         match role {
-            Role2::Free => return,
-            Role2::Client {
+            AgentConnState::Free => return,
+            AgentConnState::Client {
                 client_id, volume, ..
             } => {
                 if volume.is_some() && client_id != 0 {
@@ -878,11 +889,11 @@ impl AgentFsm {
                     });
                 }
             }
-            Role2::Server { pid, .. } => self.server_conn_lost(conn, pid),
-            Role2::ExpectHello | Role2::Closing => {}
+            AgentConnState::Server { pid, .. } => self.server_conn_lost(conn, pid),
+            AgentConnState::ExpectHello | AgentConnState::Closing => {}
         }
         let c = &mut self.conns[conn as usize];
-        c.role = Role2::Free;
+        c.role = AgentConnState::Free;
         c.out.clear();
         self.assert_invariants();
     }
@@ -965,7 +976,7 @@ impl AgentFsm {
         // Clients that wait for a server keep waiting for one.
         let mut failed = None;
         for c in &self.conns {
-            if let Role2::Client {
+            if let AgentConnState::Client {
                 pending: Some(p), ..
             } = c.role
             {
@@ -1219,7 +1230,7 @@ impl AgentFsm {
                 }
             }
             for c in &self.conns {
-                if let Role2::Client {
+                if let AgentConnState::Client {
                     client_id,
                     volume: Some(_),
                     ..
@@ -1259,7 +1270,7 @@ impl AgentFsm {
                 return;
             };
             for c in &self.conns {
-                if let Role2::Client {
+                if let AgentConnState::Client {
                     client_id,
                     volume: Some(_),
                     ..
@@ -1477,7 +1488,7 @@ impl AgentFsm {
         // hold would make the loop spin until one is).
         if self.cluster_server.is_some() {
             for c in &self.conns {
-                if let Role2::Client {
+                if let AgentConnState::Client {
                     pending: Some(p), ..
                 } = c.role
                 {
@@ -1531,41 +1542,18 @@ impl AgentFsm {
 
     fn close(&mut self, conn: AgentConnId) {
         let c = &mut self.conns[conn as usize];
-        if matches!(c.role, Role2::Free) {
+        if matches!(c.role, AgentConnState::Free) {
             return;
         }
-        if let Role2::Server { pid, .. } = c.role {
+        if let AgentConnState::Server { pid, .. } = c.role {
             // Closing a server's link stops it; account for it now.
-            c.role = Role2::Closing;
+            c.role = AgentConnState::Closing;
             self.server_conn_lost(conn, pid);
         }
         self.conns.close(conn);
     }
 
-    /// The next connection with output to write.
-    pub fn poll_output(&mut self) -> Option<AgentConnId> {
-        self.conns.poll_output()
-    }
-
-    /// Bytes waiting for `conn`.
-    pub fn output(&self, conn: AgentConnId) -> &[u8] {
-        self.conns.output(conn)
-    }
-
-    /// `n` bytes of `output(conn)` were written.
-    pub fn consume_output(&mut self, conn: AgentConnId, n: usize) {
-        self.conns.consume_output(conn, n);
-    }
-
-    /// Whether `conn` has unwritten output.
-    pub fn has_output(&self, conn: AgentConnId) -> bool {
-        self.conns.has_output(conn)
-    }
-
-    /// The next connection to close once its output is written.
-    pub fn poll_close(&mut self) -> Option<AgentConnId> {
-        self.conns.poll_close()
-    }
+    conns::driver_api!(AgentConnId, conns);
 
     /// Checks the state's invariants (after every input, release builds
     /// too).
@@ -1574,7 +1562,7 @@ impl AgentFsm {
             c.is_none_or(|c| {
                 matches!(
                     self.conns[c as usize].role,
-                    Role2::Server {
+                    AgentConnState::Server {
                         announced: true,
                         ..
                     }

@@ -176,8 +176,18 @@ struct NodeRec {
     serving: u64,
 }
 
+/// What the controller knows of a connection (a slot of its `ConnTable`).
+///
+/// | state | entered on | next |
+/// |---|---|---|
+/// | `Free` | start; the connection gone | accept → `ExpectHello` |
+/// | `ExpectHello` | accept | `Hello` of an agent → `Agent { node: None }`; of a tool → `Tool`; otherwise → `Closing` |
+/// | `Agent { node: None }` | `Hello` with role Agent | `Join` → `Agent { node: Some(n) }` (node `n` is a member) |
+/// | `Agent { node: Some(n) }` | `Join` | closes → node `n` leaves |
+/// | `Tool` | `Hello` with role Control | `ClusterCommand`, `ClusterStatus` answered |
+/// | `Closing` | a fatal error, a failed handshake, a peer that does not read | closed once its output is written → `Free` |
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum CRole {
+enum CtlConnState {
     Free,
     ExpectHello,
     Agent { node: Option<u32> },
@@ -185,17 +195,17 @@ enum CRole {
     Closing,
 }
 
-impl SlotState for CRole {
-    const FREE: Self = CRole::Free;
-    const EXPECT_HELLO: Self = CRole::ExpectHello;
+impl SlotState for CtlConnState {
+    const FREE: Self = CtlConnState::Free;
+    const EXPECT_HELLO: Self = CtlConnState::ExpectHello;
     fn is_free(&self) -> bool {
-        *self == CRole::Free
+        *self == CtlConnState::Free
     }
     fn is_closing(&self) -> bool {
-        *self == CRole::Closing
+        *self == CtlConnState::Closing
     }
     fn set_closing(&mut self) {
-        *self = CRole::Closing;
+        *self = CtlConnState::Closing;
     }
 }
 
@@ -204,7 +214,7 @@ impl SlotState for CRole {
 pub struct Controller {
     cfg: ControllerConfig,
     now_ms: u64,
-    conns: ConnTable<CRole>,
+    conns: ConnTable<CtlConnState>,
     nodes: Vec<NodeRec>,
     placement: Placement,
     want: bool,
@@ -353,7 +363,7 @@ impl Controller {
         let role = self.conns[conn as usize].role;
         match (role, msg) {
             (
-                CRole::ExpectHello,
+                CtlConnState::ExpectHello,
                 Msg::Hello {
                     version_min,
                     version_max,
@@ -372,8 +382,8 @@ impl Controller {
                     return;
                 };
                 let next = match role {
-                    Role::Agent => CRole::Agent { node: None },
-                    Role::Control => CRole::Tool,
+                    Role::Agent => CtlConnState::Agent { node: None },
+                    Role::Control => CtlConnState::Tool,
                     Role::Client | Role::Server => {
                         self.send_error(
                             conn,
@@ -396,7 +406,7 @@ impl Controller {
                     },
                 );
             }
-            (CRole::ExpectHello, _) => self.send_error(
+            (CtlConnState::ExpectHello, _) => self.send_error(
                 conn,
                 rid,
                 ErrorCode::NotIdentified,
@@ -410,21 +420,21 @@ impl Controller {
                 kind.code(),
                 "Hello was already received on this connection",
             ),
-            (CRole::Agent { node: None }, Msg::Join { node_id, .. }) => {
+            (CtlConnState::Agent { node: None }, Msg::Join { node_id, .. }) => {
                 self.on_join(conn, rid, *node_id);
             }
-            (CRole::Agent { node: None }, _) => self.send_error(
+            (CtlConnState::Agent { node: None }, _) => self.send_error(
                 conn,
                 rid,
                 ErrorCode::NotIdentified,
                 kind.code(),
                 "an agent sends Join first",
             ),
-            (CRole::Agent { node: Some(n) }, m) => self.on_agent_msg(conn, rid, n, m),
-            (CRole::Tool, Msg::ClusterCommand { op, node_id }) => {
+            (CtlConnState::Agent { node: Some(n) }, m) => self.on_agent_msg(conn, rid, n, m),
+            (CtlConnState::Tool, Msg::ClusterCommand { op, node_id }) => {
                 self.on_command(conn, rid, *op, *node_id);
             }
-            (CRole::Tool, Msg::ClusterStatus) => self.send_status(conn, rid),
+            (CtlConnState::Tool, Msg::ClusterStatus) => self.send_status(conn, rid),
             _ => {
                 let mut t = ErrorText::new();
                 let _ = write!(t, "{} is not accepted on this connection", kind.name());
@@ -466,7 +476,7 @@ impl Controller {
         r.conn = Some(conn);
         r.standby_ready = false;
         r.serving = 0;
-        self.conns[conn as usize].role = CRole::Agent { node: Some(node) };
+        self.conns[conn as usize].role = CtlConnState::Agent { node: Some(node) };
         self.events.push_or_count(ControllerEvent::Joined { node });
         self.broadcast_members();
         if let Placement::Running {
@@ -990,14 +1000,14 @@ impl Controller {
     /// `conn` closed or failed.
     pub fn handle_disconnect(&mut self, conn: CtlConnId) {
         let role = self.conns[conn as usize].role;
-        if role == CRole::Free {
+        if role == CtlConnState::Free {
             return;
         }
         // An agent's connection the controller closed (it stopped reading,
         // or its stream broke) is still bound to its node until now.
         let node = match role {
-            CRole::Agent { node } => node,
-            CRole::Closing => self
+            CtlConnState::Agent { node } => node,
+            CtlConnState::Closing => self
                 .nodes
                 .iter()
                 .find(|r| r.conn == Some(conn))
@@ -1019,7 +1029,7 @@ impl Controller {
         }
         self.pending_starts.retain(|p| p.0 != conn);
         let c = &mut self.conns[conn as usize];
-        c.role = CRole::Free;
+        c.role = CtlConnState::Free;
         c.out.clear();
         self.assert_invariants();
     }
@@ -1220,7 +1230,7 @@ impl Controller {
 
     fn broadcast(&mut self, msg: &Msg<'_>) {
         for i in 0..self.conns.len() {
-            if matches!(self.conns[i].role, CRole::Agent { node: Some(_) }) {
+            if matches!(self.conns[i].role, CtlConnState::Agent { node: Some(_) }) {
                 let c = CtlConnId::try_from(i).unwrap_or(u32::MAX);
                 self.send(c, 0, msg);
             }
@@ -1252,30 +1262,7 @@ impl Controller {
         self.conns.close(conn);
     }
 
-    /// The next connection with output to write.
-    pub fn poll_output(&mut self) -> Option<CtlConnId> {
-        self.conns.poll_output()
-    }
-
-    /// Bytes waiting for `conn`.
-    pub fn output(&self, conn: CtlConnId) -> &[u8] {
-        self.conns.output(conn)
-    }
-
-    /// `n` bytes of `output(conn)` were written.
-    pub fn consume_output(&mut self, conn: CtlConnId, n: usize) {
-        self.conns.consume_output(conn, n);
-    }
-
-    /// Whether `conn` has unwritten output.
-    pub fn has_output(&self, conn: CtlConnId) -> bool {
-        self.conns.has_output(conn)
-    }
-
-    /// The next connection to close once its output is written.
-    pub fn poll_close(&mut self) -> Option<CtlConnId> {
-        self.conns.poll_close()
-    }
+    conns::driver_api!(CtlConnId, conns);
 
     /// Checks the invariants (after every input, release builds too).
     pub fn assert_invariants(&self) {
@@ -1290,7 +1277,8 @@ impl Controller {
             if let Some(c) = r.conn {
                 let role = self.conns[c as usize].role;
                 assert!(
-                    role == CRole::Agent { node: Some(r.id) } || role == CRole::Closing,
+                    role == CtlConnState::Agent { node: Some(r.id) }
+                        || role == CtlConnState::Closing,
                     "node {} bound to a connection that is not its agent: {role:?}",
                     r.id
                 );

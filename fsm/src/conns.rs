@@ -229,6 +229,42 @@ impl<'a, S> IntoIterator for &'a mut ConnTable<S> {
     }
 }
 
+/// The driver's side of an FSM's connection table, the same for every FSM:
+/// expands, inside the FSM's `impl`, to `poll_output`, `output`,
+/// `consume_output`, `has_output` and `poll_close` over `self.$table`.
+macro_rules! driver_api {
+    ($id:ty, $table:ident) => {
+        /// The next connection with output to write.
+        #[must_use]
+        pub fn poll_output(&mut self) -> Option<$id> {
+            self.$table.poll_output()
+        }
+
+        /// Bytes waiting to be written to `conn`.
+        pub fn output(&self, conn: $id) -> &[u8] {
+            self.$table.output(conn)
+        }
+
+        /// `n` bytes of `output(conn)` were written; if some remain, the
+        /// connection stays queued for `poll_output`.
+        pub fn consume_output(&mut self, conn: $id, n: usize) {
+            self.$table.consume_output(conn, n);
+        }
+
+        /// Whether `conn` has unwritten output.
+        pub fn has_output(&self, conn: $id) -> bool {
+            self.$table.has_output(conn)
+        }
+
+        /// The next connection to close once its output is written.
+        #[must_use]
+        pub fn poll_close(&mut self) -> Option<$id> {
+            self.$table.poll_close()
+        }
+    };
+}
+pub(crate) use driver_api;
+
 /// The text of the error sent before closing a connection whose frame
 /// reader failed (garbage, a bad version, a frame over the maximum).
 pub fn bad_stream_text(err: &DecodeError) -> ErrorText {

@@ -490,7 +490,7 @@ impl ServerLoop {
                             return Stop::AgentGone;
                         }
                     }
-                    Token(t) if t >= METRICS_BASE && t < LISTENER_BASE => {
+                    Token(t) if (METRICS_BASE..LISTENER_BASE).contains(&t) => {
                         if let Some(m) = self.metrics.as_mut() {
                             m.on_event(token, readable || closed, writable);
                         }
