@@ -49,6 +49,9 @@ use crate::agent::AddrBuf;
 use crate::conns::{self, ConnTable, SlotState};
 use crate::fixed::FixedRing;
 
+// The controller's work by job; each adds to `impl Controller`.
+mod sessions;
+
 /// A connection to the controller.
 pub type CtlConnId = u32;
 
@@ -293,44 +296,6 @@ impl Controller {
         self.nodes
             .iter()
             .any(|n| n.id == node && n.conn.is_some() && !n.left)
-    }
-
-    // -- connections -----------------------------------------------------------
-
-    /// A new connection; `None` when the table is full.
-    pub fn handle_accept(&mut self) -> Option<CtlConnId> {
-        self.conns.accept()
-    }
-
-    /// Whether the driver should hand over more frames of `conn`.
-    pub fn wants_read(&self, conn: CtlConnId) -> bool {
-        self.conns.wants_read(conn, proto::FRAME_MAX_BYTES / 2)
-    }
-
-    /// The frame reader of `conn` failed.
-    pub fn handle_bad_stream(&mut self, conn: CtlConnId, err: &DecodeError) {
-        let t = conns::bad_stream_text(err);
-        self.send_error(conn, 0, err.code(), err.culprit(), t.as_str());
-        self.close(conn);
-        self.assert_invariants();
-    }
-
-    /// A frame from `conn`.
-    pub fn handle_frame(&mut self, conn: CtlConnId, frame: &[u8]) {
-        if self.conns.is_gone(conn) {
-            return;
-        }
-        match proto::decode(frame) {
-            Ok((hdr, msg)) => self.on_msg(conn, hdr.request_id, &msg),
-            Err(e) => {
-                let (rid, t) = conns::decode_error_reply(frame, &e);
-                self.send_error(conn, rid, e.code(), e.culprit(), t.as_str());
-                if e.is_fatal() {
-                    self.close(conn);
-                }
-            }
-        }
-        self.assert_invariants();
     }
 
     fn rec(&mut self, node: u32) -> Option<&mut NodeRec> {
@@ -997,43 +962,6 @@ impl Controller {
         self.scratch = scratch;
     }
 
-    /// `conn` closed or failed.
-    pub fn handle_disconnect(&mut self, conn: CtlConnId) {
-        let role = self.conns[conn as usize].role;
-        if role == CtlConnState::Free {
-            return;
-        }
-        // An agent's connection the controller closed (it stopped reading,
-        // or its stream broke) is still bound to its node until now.
-        let node = match role {
-            CtlConnState::Agent { node } => node,
-            CtlConnState::Closing => self
-                .nodes
-                .iter()
-                .find(|r| r.conn == Some(conn))
-                .map(|r| r.id),
-            _ => None,
-        };
-        if let Some(n) = node {
-            if let Some(r) = self.rec(n) {
-                if r.conn == Some(conn) {
-                    r.conn = None;
-                    r.standby_ready = false;
-                    r.serving = 0;
-                }
-            }
-            self.events
-                .push_or_count(ControllerEvent::Disconnected { node: n });
-            self.node_lost(n);
-            self.broadcast_members();
-        }
-        self.pending_starts.retain(|p| p.0 != conn);
-        let c = &mut self.conns[conn as usize];
-        c.role = CtlConnState::Free;
-        c.out.clear();
-        self.assert_invariants();
-    }
-
     /// Node `n` is no longer a member (disconnected or told to leave): a
     /// server there is gone, a start there is abandoned.
     fn node_lost(&mut self, n: u32) {
@@ -1207,62 +1135,6 @@ impl Controller {
     pub fn poll_event(&mut self) -> Option<ControllerEvent> {
         self.events.pop()
     }
-
-    // -- output ----------------------------------------------------------------
-
-    fn broadcast_members(&mut self) {
-        self.epoch += 1;
-        let mut scratch = core::mem::take(&mut self.scratch);
-        if let Ok(mut b) = proto::NodeListBuilder::new(&mut scratch[..]) {
-            for r in &self.nodes {
-                if r.conn.is_some() && !r.left {
-                    let _ = b.push(Node { id: r.id });
-                }
-            }
-            let msg = Msg::Members {
-                epoch: self.epoch,
-                members: b.finish(),
-            };
-            self.broadcast(&msg);
-        }
-        self.scratch = scratch;
-    }
-
-    fn broadcast(&mut self, msg: &Msg<'_>) {
-        for i in 0..self.conns.len() {
-            if matches!(self.conns[i].role, CtlConnState::Agent { node: Some(_) }) {
-                let c = CtlConnId::try_from(i).unwrap_or(u32::MAX);
-                self.send(c, 0, msg);
-            }
-        }
-    }
-
-    fn send(&mut self, conn: CtlConnId, rid: u64, msg: &Msg<'_>) {
-        if self.conns.is_gone(conn) {
-            return;
-        }
-        if !self.conns.push_msg(conn, rid, 0, msg) {
-            self.close(conn);
-        }
-    }
-
-    fn send_error(&mut self, conn: CtlConnId, rid: u64, code: ErrorCode, culprit: u16, text: &str) {
-        self.send(
-            conn,
-            rid,
-            &Msg::Error {
-                code,
-                culprit,
-                text,
-            },
-        );
-    }
-
-    fn close(&mut self, conn: CtlConnId) {
-        self.conns.close(conn);
-    }
-
-    conns::driver_api!(CtlConnId, conns);
 
     /// Checks the invariants (after every input, release builds too).
     pub fn assert_invariants(&self) {
