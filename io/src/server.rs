@@ -651,3 +651,30 @@ fn store_thread<D: Disk, O: Disk>(
         let _ = waker.wake();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use csnap_fsm::store_ops::StoreResult;
+
+    #[test]
+    fn a_reply_the_full_ring_refuses_is_counted_not_dropped_silently() {
+        let sink = ReplySink {
+            ring: Ring::with_capacity(1),
+            lost: Arc::new(AtomicU64::new(0)),
+        };
+        let reply = |token| StoreReply {
+            token,
+            result: StoreResult::Done,
+        };
+        sink.push(reply(1));
+        assert_eq!(sink.lost.load(Ordering::Relaxed), 0);
+        sink.push(reply(2));
+        assert_eq!(
+            sink.lost.load(Ordering::Relaxed),
+            1,
+            "the refused reply is counted"
+        );
+        assert_eq!(sink.ring.len(), 1);
+    }
+}
