@@ -229,6 +229,45 @@ impl<'a, S> IntoIterator for &'a mut ConnTable<S> {
     }
 }
 
+/// The frame inputs of an FSM's connections, the same for every FSM:
+/// expands, inside the FSM's `impl`, to `handle_bad_stream` (answer with
+/// an error, close) and `handle_frame` (frames of a free or closing
+/// connection are ignored; a frame that does not decode is answered with
+/// an error, and the connection closed when the error is fatal; a decoded
+/// one goes to `self.$on_msg(conn, request_id, &msg)`). The FSM provides
+/// `send_error`, `close` and `assert_invariants`.
+macro_rules! frame_api {
+    ($id:ty, $table:ident, $on_msg:ident) => {
+        /// The frame reader of `conn` failed: garbage, a bad version, or a
+        /// frame over the maximum. Answers with an error and closes.
+        pub fn handle_bad_stream(&mut self, conn: $id, err: &csnap_proto::DecodeError) {
+            let t = $crate::conns::bad_stream_text(err);
+            self.send_error(conn, 0, err.code(), err.culprit(), t.as_str());
+            self.close(conn);
+            self.assert_invariants();
+        }
+
+        /// A complete frame from `conn`.
+        pub fn handle_frame(&mut self, conn: $id, frame: &[u8]) {
+            if self.$table.is_gone(conn) {
+                return;
+            }
+            match csnap_proto::decode(frame) {
+                Ok((hdr, msg)) => self.$on_msg(conn, hdr.request_id, &msg),
+                Err(e) => {
+                    let (rid, t) = $crate::conns::decode_error_reply(frame, &e);
+                    self.send_error(conn, rid, e.code(), e.culprit(), t.as_str());
+                    if e.is_fatal() {
+                        self.close(conn);
+                    }
+                }
+            }
+            self.assert_invariants();
+        }
+    };
+}
+pub(crate) use frame_api;
+
 /// The driver's side of an FSM's connection table, the same for every FSM:
 /// expands, inside the FSM's `impl`, to `poll_output`, `output`,
 /// `consume_output`, `has_output` and `poll_close` over `self.$table`.

@@ -57,8 +57,7 @@
 use core::fmt::Write as _;
 
 use csnap_proto::{
-    self as proto, ClientEntry, DecodeError, ErrorCode, ErrorText, FenceReason, Kind, Msg, Node,
-    Role, Volume,
+    self as proto, ClientEntry, ErrorCode, ErrorText, FenceReason, Kind, Msg, Node, Role, Volume,
 };
 
 use crate::conns::{self, ConnTable, SlotState};
@@ -482,31 +481,7 @@ impl AgentFsm {
         self.conns.wants_read(conn, 2 * 512)
     }
 
-    /// The frame reader of `conn` failed (garbage, bad version, oversized).
-    pub fn handle_bad_stream(&mut self, conn: AgentConnId, err: &DecodeError) {
-        let t = conns::bad_stream_text(err);
-        self.send_error(conn, 0, err.code(), err.culprit(), t.as_str());
-        self.close(conn);
-        self.assert_invariants();
-    }
-
-    /// A complete frame from `conn`.
-    pub fn handle_frame(&mut self, conn: AgentConnId, frame: &[u8]) {
-        if self.conns.is_gone(conn) {
-            return;
-        }
-        match proto::decode(frame) {
-            Ok((hdr, msg)) => self.on_conn_msg(conn, hdr.request_id, &msg),
-            Err(e) => {
-                let (rid, t) = conns::decode_error_reply(frame, &e);
-                self.send_error(conn, rid, e.code(), e.culprit(), t.as_str());
-                if e.is_fatal() {
-                    self.close(conn);
-                }
-            }
-        }
-        self.assert_invariants();
-    }
+    conns::frame_api!(AgentConnId, conns, on_conn_msg);
 
     fn on_conn_msg(&mut self, conn: AgentConnId, rid: u64, msg: &Msg<'_>) {
         let kind = msg.kind();

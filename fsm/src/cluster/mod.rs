@@ -41,8 +41,7 @@
 use core::fmt::Write as _;
 
 use csnap_proto::{
-    self as proto, ClusterOp, DecodeError, ErrorCode, ErrorText, FenceReason, Kind, Msg, Node,
-    NodeStatus, Role,
+    self as proto, ClusterOp, ErrorCode, ErrorText, FenceReason, Kind, Msg, Node, NodeStatus, Role,
 };
 
 use crate::agent::AddrBuf;

@@ -16,31 +16,7 @@ impl Controller {
         self.conns.wants_read(conn, proto::FRAME_MAX_BYTES / 2)
     }
 
-    /// The frame reader of `conn` failed.
-    pub fn handle_bad_stream(&mut self, conn: CtlConnId, err: &DecodeError) {
-        let t = conns::bad_stream_text(err);
-        self.send_error(conn, 0, err.code(), err.culprit(), t.as_str());
-        self.close(conn);
-        self.assert_invariants();
-    }
-
-    /// A frame from `conn`.
-    pub fn handle_frame(&mut self, conn: CtlConnId, frame: &[u8]) {
-        if self.conns.is_gone(conn) {
-            return;
-        }
-        match proto::decode(frame) {
-            Ok((hdr, msg)) => self.on_msg(conn, hdr.request_id, &msg),
-            Err(e) => {
-                let (rid, t) = conns::decode_error_reply(frame, &e);
-                self.send_error(conn, rid, e.code(), e.culprit(), t.as_str());
-                if e.is_fatal() {
-                    self.close(conn);
-                }
-            }
-        }
-        self.assert_invariants();
-    }
+    conns::frame_api!(CtlConnId, conns, on_msg);
 
     /// `conn` closed or failed.
     pub fn handle_disconnect(&mut self, conn: CtlConnId) {

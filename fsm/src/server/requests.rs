@@ -5,8 +5,7 @@
 use super::*;
 
 impl Server {
-    pub(super) fn on_msg(&mut self, conn: ConnId, hdr: &Header, msg: &Msg<'_>) {
-        let rid = hdr.request_id;
+    pub(super) fn on_msg(&mut self, conn: ConnId, rid: u64, msg: &Msg<'_>) {
         let kind = msg.kind();
         let st = self.sessions[conn as usize].state;
         if kind.is_reply() {

@@ -36,32 +36,7 @@ impl Server {
         }
     }
 
-    /// The frame reader of `conn` failed: garbage, a bad version, or a
-    /// frame over the maximum. Answers with an error and closes.
-    pub fn handle_bad_stream(&mut self, conn: ConnId, err: &DecodeError) {
-        let t = conns::bad_stream_text(err);
-        self.send_error(conn, 0, err.code(), err.culprit(), t.as_str());
-        self.close(conn);
-        self.assert_invariants();
-    }
-
-    /// A complete frame from `conn`.
-    pub fn handle_frame(&mut self, conn: ConnId, frame: &[u8]) {
-        if self.sessions.is_gone(conn) {
-            return;
-        }
-        match proto::decode(frame) {
-            Ok((hdr, msg)) => self.on_msg(conn, &hdr, &msg),
-            Err(e) => {
-                let (request_id, t) = conns::decode_error_reply(frame, &e);
-                self.send_error(conn, request_id, e.code(), e.culprit(), t.as_str());
-                if e.is_fatal() {
-                    self.close(conn);
-                }
-            }
-        }
-        self.assert_invariants();
-    }
+    conns::frame_api!(ConnId, sessions, on_msg);
 
     /// The connection closed or failed. Its read locks are released (a
     /// client that comes back after a disconnect re-uploads what it still
