@@ -234,8 +234,8 @@ impl<'a, S> IntoIterator for &'a mut ConnTable<S> {
 /// an error, close) and `handle_frame` (frames of a free or closing
 /// connection are ignored; a frame that does not decode is answered with
 /// an error, and the connection closed when the error is fatal; a decoded
-/// one goes to `self.$on_msg(conn, request_id, &msg)`). The FSM provides
-/// `send_error`, `close` and `assert_invariants`.
+/// one goes to `self.$on_msg(conn, request_id, &msg)`), and `send_error`.
+/// The FSM provides `send`, `close` and `assert_invariants`.
 macro_rules! frame_api {
     ($id:ty, $table:ident, $on_msg:ident) => {
         /// The frame reader of `conn` failed: garbage, a bad version, or a
@@ -245,6 +245,26 @@ macro_rules! frame_api {
             self.send_error(conn, 0, err.code(), err.culprit(), t.as_str());
             self.close(conn);
             self.assert_invariants();
+        }
+
+        /// Queues an `Error` for `conn`.
+        pub(crate) fn send_error(
+            &mut self,
+            conn: $id,
+            rid: u64,
+            code: csnap_proto::ErrorCode,
+            culprit: u16,
+            text: &str,
+        ) {
+            self.send(
+                conn,
+                rid,
+                &csnap_proto::Msg::Error {
+                    code,
+                    culprit,
+                    text,
+                },
+            );
         }
 
         /// A complete frame from `conn`.

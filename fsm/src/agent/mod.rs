@@ -986,25 +986,6 @@ impl AgentFsm {
         }
     }
 
-    fn send_error(
-        &mut self,
-        conn: AgentConnId,
-        rid: u64,
-        code: ErrorCode,
-        culprit: u16,
-        text: &str,
-    ) {
-        self.send(
-            conn,
-            rid,
-            &Msg::Error {
-                code,
-                culprit,
-                text,
-            },
-        );
-    }
-
     fn close(&mut self, conn: AgentConnId) {
         let c = &mut self.conns[conn as usize];
         if matches!(c.role, AgentConnState::Free) {

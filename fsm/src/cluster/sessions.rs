@@ -93,25 +93,6 @@ impl Controller {
         }
     }
 
-    pub(super) fn send_error(
-        &mut self,
-        conn: CtlConnId,
-        rid: u64,
-        code: ErrorCode,
-        culprit: u16,
-        text: &str,
-    ) {
-        self.send(
-            conn,
-            rid,
-            &Msg::Error {
-                code,
-                culprit,
-                text,
-            },
-        );
-    }
-
     pub(super) fn close(&mut self, conn: CtlConnId) {
         self.conns.close(conn);
     }

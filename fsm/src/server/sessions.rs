@@ -157,25 +157,6 @@ impl Server {
         }
     }
 
-    pub(super) fn send_error(
-        &mut self,
-        conn: ConnId,
-        rid: u64,
-        code: ErrorCode,
-        culprit: u16,
-        text: &str,
-    ) {
-        self.send(
-            conn,
-            rid,
-            &Msg::Error {
-                code,
-                culprit,
-                text,
-            },
-        );
-    }
-
     pub(super) fn push_out(&mut self, conn: ConnId, bytes: &[u8]) {
         if self.sessions[conn as usize].state == SessionState::Free {
             return;
