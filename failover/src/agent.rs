@@ -78,7 +78,7 @@ pub fn run(mut opts: AgentOptions) -> Result<String, String> {
     };
     let mut poll = Poll::new().map_err(|e| format!("epoll: {e}"))?;
     let mut events = Events::with_capacity(EVENTS_MAX);
-    let mut table = ConnTable::new(vec![listener], cfg.conns, poll.registry())
+    let mut table = crate::conns::table(vec![listener], cfg.conns, poll.registry())
         .map_err(|e| format!("cannot register the agent socket: {e}"))?;
     let mut fsm = AgentFsm::new(cfg);
     let mut metrics = match &opts.metrics {

@@ -51,7 +51,7 @@ pub fn run(opts: &ControllerOptions) -> Result<String, String> {
     };
     let mut poll = Poll::new().map_err(|e| format!("epoll: {e}"))?;
     let mut events = Events::with_capacity(EVENTS_MAX);
-    let mut table = ConnTable::new(listeners, cfg.conns, poll.registry())
+    let mut table = crate::conns::table(listeners, cfg.conns, poll.registry())
         .map_err(|e| format!("cannot register the controller's listeners: {e}"))?;
     let mut fsm = Controller::new(cfg);
     let mut ready: Vec<(Token, bool, bool, bool)> = Vec::with_capacity(EVENTS_MAX);

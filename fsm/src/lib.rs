@@ -17,13 +17,16 @@
 //! - [`metrics`]: the metrics endpoint's HTTP request, response and
 //!   Prometheus text in a fixed buffer.
 //! - [`start_line`]: the standby's `start ...` line (no agent).
-//! - [`fixed`], [`outbuf`]: fixed queues and output buffers they share.
+//! - [`conns`]: the connection table (slots, output and close queues) the
+//!   agent and the controller share; [`fixed`], [`outbuf`]: fixed queues
+//!   and output buffers.
 
 #![forbid(unsafe_code)]
 
 pub mod agent;
 pub mod client;
 pub mod cluster;
+pub mod conns;
 pub mod disk_sched;
 pub mod fixed;
 pub mod locks;

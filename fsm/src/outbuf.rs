@@ -55,6 +55,23 @@ impl OutBuf {
         }
     }
 
+    /// Appends an encoded frame; `false` if it does not fit (nothing is
+    /// queued then).
+    pub fn push_bytes(&mut self, bytes: &[u8]) -> bool {
+        if self.end + bytes.len() > self.buf.len() {
+            // Compact: move what is pending to the front.
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        if self.end + bytes.len() > self.buf.len() {
+            return false;
+        }
+        self.buf[self.end..self.end + bytes.len()].copy_from_slice(bytes);
+        self.end += bytes.len();
+        true
+    }
+
     /// Encodes `msg` at the end of the queue; `false` if it does not fit
     /// (nothing is queued then).
     pub fn push_msg(&mut self, request_id: u64, incarnation: u64, msg: &Msg<'_>) -> bool {

@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 pub mod client;
+pub mod conns;
 pub mod metrics;
 pub mod nbd;
 mod nbd_disk;

@@ -10,22 +10,23 @@
 //!   mio `Waker` when replies are ready.
 
 use std::io::{self, Read, Write};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use csnap_fsm::server::{ConnId, Server, ServerConfig, ServerEvent};
+use csnap_fsm::server::{Server, ServerConfig, ServerEvent};
 use csnap_fsm::store_ops::{StoreReply, StoreRequest};
 use csnap_proto::{FrameReader, FRAME_MAX_BYTES};
 use csnap_store::disk::Disk;
 use mio::{Events, Interest, Poll, Token, Waker};
 
-use crate::net::{Addr, MioListener, MioStream};
+use crate::conns::{ConnTable, LISTENERS_MAX, LISTENER_BASE};
+use crate::net::{Addr, MioListener};
 use crate::ring::{PopError, Ring};
 use crate::store_worker::StoreWorker;
 
 const WAKER: Token = Token(usize::MAX - 1);
 const AGENT: Token = Token(usize::MAX - 2);
-const LISTENER_BASE: usize = usize::MAX - 64;
 /// The metrics endpoint's tokens (`--metrics`), below the listeners'.
 const METRICS_BASE: usize = usize::MAX - 128;
 const _: () = assert!(csnap_pools::CLIENTS_MAX < METRICS_BASE);
@@ -65,24 +66,21 @@ pub const BATCH_MAX: usize = csnap_pools::STORE_BATCH_MAX;
 pub const START_CORRUPT: &str =
     "the store could not be started: its metadata is corrupt (this server's log names the block)";
 
-struct Conn {
-    stream: MioStream,
-    closing: bool,
-    paused: bool,
-}
-
 /// The running server.
 pub struct ServerLoop {
     poll: Poll,
     events: Events,
-    listeners: Vec<MioListener>,
-    conns: Vec<Option<Conn>>,
-    readers: Vec<FrameReader<Box<[u8]>>>,
+    /// The listeners and client connections (the table every process
+    /// loop shares).
+    conns: ConnTable,
     fsm: Server,
     requests: Ring<StoreRequest>,
     replies: Ring<StoreReply>,
+    /// Replies the store worker could not queue (`replies` full; sized so
+    /// that it cannot happen): the loop stops on the first one rather than
+    /// leave a request unanswered.
+    lost_replies: Arc<AtomicU64>,
     worker: Option<JoinHandle<()>>,
-    refuse_buf: [u8; 512],
     ready: Vec<(Token, bool, bool, bool)>,
     agent: Option<(mio::net::UnixStream, FrameReader<Box<[u8]>>)>,
     agent_frame: Option<Box<[u8]>>,
@@ -216,7 +214,7 @@ impl ServerLoop {
     /// As `with_worker_filter`, over listeners bound by the caller.
     pub fn with_listeners<D, O>(
         cfg: ServerConfig,
-        mut listeners: Vec<MioListener>,
+        listeners: Vec<MioListener>,
         worker: StoreWorker<D, O>,
         filter: Option<csnap_sys::seccomp::Filter>,
     ) -> io::Result<ServerLoop>
@@ -225,24 +223,20 @@ impl ServerLoop {
         O: Disk + Send + 'static,
     {
         let poll = Poll::new()?;
-        for (i, l) in listeners.iter_mut().enumerate() {
-            poll.registry()
-                .register(l, Token(LISTENER_BASE + i), Interest::READABLE)?;
-        }
+        let conns = ConnTable::new(listeners, cfg.clients, poll.registry(), 0..=LISTENERS_MAX)?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
         let slots = cfg.clients * cfg.requests_per_client;
         let ring_cap = slots + 2 * cfg.clients + 1;
         let requests: Ring<StoreRequest> = Ring::with_capacity(ring_cap);
         let replies: Ring<StoreReply> = Ring::with_capacity(ring_cap + SNAPSHOTS_MAX);
-        let mut conns = Vec::with_capacity(cfg.clients);
-        conns.resize_with(cfg.clients, || None);
-        let readers = (0..cfg.clients)
-            .map(|_| FrameReader::new(vec![0u8; FRAME_MAX_BYTES].into_boxed_slice()))
-            .collect();
         let figures = Arc::new(crate::metrics::WorkerFigures::default());
+        let lost_replies = Arc::new(AtomicU64::new(0));
         let (rq, rp, wk, fg) = (
             requests.clone(),
-            replies.clone(),
+            ReplySink {
+                ring: replies.clone(),
+                lost: lost_replies.clone(),
+            },
             waker.clone(),
             figures.clone(),
         );
@@ -263,14 +257,12 @@ impl ServerLoop {
         Ok(ServerLoop {
             poll,
             events: Events::with_capacity(EVENTS_MAX),
-            listeners,
             conns,
-            readers,
             fsm: Server::new(cfg),
             requests,
             replies,
+            lost_replies,
             worker: Some(handle),
-            refuse_buf: [0u8; 512],
             ready: Vec::with_capacity(EVENTS_MAX),
             agent: None,
             agent_frame: None,
@@ -315,7 +307,10 @@ impl ServerLoop {
         let slots = cfg.clients * cfg.requests_per_client;
         let ring = slots + 2 * cfg.clients + 1;
         [
-            ("connection frame readers", cfg.clients * FRAME_MAX_BYTES),
+            (
+                "connection frame readers",
+                ConnTable::reserved_bytes(cfg.clients),
+            ),
             ("readiness events", EVENTS_MAX * 64),
             (
                 "store request and reply rings",
@@ -388,10 +383,7 @@ impl ServerLoop {
 
     /// The bound addresses (TCP ports resolved).
     pub fn local_addrs(&self) -> Vec<Addr> {
-        self.listeners
-            .iter()
-            .filter_map(|l| l.local_addr().ok())
-            .collect()
+        self.conns.local_addrs().collect()
     }
 
     /// Serves until the store fails or the loop itself fails.
@@ -498,171 +490,28 @@ impl ServerLoop {
                             return Stop::AgentGone;
                         }
                     }
-                    Token(t) if t >= LISTENER_BASE => self.accept(t - LISTENER_BASE),
-                    Token(t) if t >= METRICS_BASE => {
+                    Token(t) if (METRICS_BASE..LISTENER_BASE).contains(&t) => {
                         if let Some(m) = self.metrics.as_mut() {
                             m.on_event(token, readable || closed, writable);
                         }
                     }
-                    Token(t) => {
-                        let Ok(conn) = ConnId::try_from(t) else {
-                            continue;
-                        };
-                        if readable || closed {
-                            self.read(conn);
-                        }
-                        if writable {
-                            self.write(conn);
-                        }
-                    }
+                    _ => self.conns.on_event(
+                        &mut self.fsm,
+                        self.poll.registry(),
+                        token,
+                        readable,
+                        writable,
+                        closed,
+                    ),
                 }
             }
             self.drain_replies();
-            self.resume_paused();
+            self.conns
+                .resume_paused(&mut self.fsm, self.poll.registry());
             if let Some(stop) = self.pump() {
                 return stop;
             }
             timeout = self.metrics_turn();
-        }
-    }
-
-    fn accept(&mut self, li: usize) {
-        loop {
-            let stream = match self.listeners[li].accept() {
-                Ok(s) => s,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(_) => return,
-            };
-            match self.fsm.handle_accept() {
-                Some(conn) => {
-                    let mut stream = stream;
-                    let ok = self
-                        .poll
-                        .registry()
-                        .register(
-                            &mut stream,
-                            Token(conn as usize),
-                            Interest::READABLE | Interest::WRITABLE,
-                        )
-                        .is_ok();
-                    if !ok {
-                        self.fsm.handle_disconnect(conn);
-                        continue;
-                    }
-                    self.readers[conn as usize].clear();
-                    self.conns[conn as usize] = Some(Conn {
-                        stream,
-                        closing: false,
-                        paused: false,
-                    });
-                    self.read(conn);
-                }
-                None => {
-                    // The client table is full: say so, best effort, close.
-                    let n = self.fsm.too_many_clients_frame(&mut self.refuse_buf);
-                    let mut stream = stream;
-                    let _ = stream.write(&self.refuse_buf[..n]);
-                }
-            }
-        }
-    }
-
-    /// Hands buffered frames to the FSM while it wants them, reading more
-    /// from the socket when the buffer runs dry.
-    fn read(&mut self, conn: ConnId) {
-        let ci = conn as usize;
-        loop {
-            // Frames already buffered first.
-            loop {
-                if !self.fsm.wants_read(conn) {
-                    if let Some(c) = self.conns[ci].as_mut() {
-                        c.paused = true;
-                    }
-                    return;
-                }
-                match self.readers[ci].next_frame() {
-                    Ok(Some(frame)) => self.fsm.handle_frame(conn, frame),
-                    Ok(None) => break,
-                    Err(e) => {
-                        self.fsm.handle_bad_stream(conn, &e);
-                        return;
-                    }
-                }
-            }
-            let Some(c) = self.conns[ci].as_mut() else {
-                return;
-            };
-            if c.closing {
-                return;
-            }
-            let spare = self.readers[ci].spare();
-            match c.stream.read(spare) {
-                Ok(0) => {
-                    self.drop_conn(conn);
-                    return;
-                }
-                Ok(n) => self.readers[ci].advance(n),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    c.paused = false;
-                    return;
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => {
-                    self.drop_conn(conn);
-                    return;
-                }
-            }
-        }
-    }
-
-    fn resume_paused(&mut self) {
-        for ci in 0..self.conns.len() {
-            let paused = self.conns[ci]
-                .as_ref()
-                .is_some_and(|c| c.paused && !c.closing);
-            if paused {
-                if let Ok(conn) = ConnId::try_from(ci) {
-                    if self.fsm.wants_read(conn) {
-                        if let Some(c) = self.conns[ci].as_mut() {
-                            c.paused = false;
-                        }
-                        self.read(conn);
-                    }
-                }
-            }
-        }
-    }
-
-    fn write(&mut self, conn: ConnId) {
-        let ci = conn as usize;
-        while self.fsm.has_output(conn) {
-            let Some(c) = self.conns[ci].as_mut() else {
-                return;
-            };
-            match c.stream.write(self.fsm.output(conn)) {
-                Ok(0) => {
-                    self.drop_conn(conn);
-                    return;
-                }
-                Ok(n) => self.fsm.consume_output(conn, n),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => {
-                    self.drop_conn(conn);
-                    return;
-                }
-            }
-        }
-        if self.conns[ci].as_ref().is_some_and(|c| c.closing) {
-            self.drop_conn(conn);
-        }
-    }
-
-    fn drop_conn(&mut self, conn: ConnId) {
-        if let Some(mut c) = self.conns[conn as usize].take() {
-            let _ = self.poll.registry().deregister(&mut c.stream);
-            self.fsm.handle_disconnect(conn);
-            self.readers[conn as usize].clear();
         }
     }
 
@@ -674,21 +523,17 @@ impl ServerLoop {
 
     /// Moves FSM output to the worker and the sockets.
     fn pump(&mut self) -> Option<Stop> {
+        if self.lost_replies.load(Ordering::Relaxed) > 0 {
+            eprintln!("csnap server: a store reply was lost (the reply ring was full); stopping (a restart replays the journal)");
+            return Some(Stop::StoreFailed);
+        }
         while let Some(req) = self.fsm.poll_store_request() {
             if self.requests.push(req).is_err() {
                 // Sized for every slot: cannot happen unless the worker died.
                 return Some(Stop::StoreFailed);
             }
         }
-        while let Some(conn) = self.fsm.poll_output() {
-            self.write(conn);
-        }
-        while let Some(conn) = self.fsm.poll_close() {
-            if let Some(c) = self.conns[conn as usize].as_mut() {
-                c.closing = true;
-            }
-            self.write(conn);
-        }
+        self.conns.write_queued(&mut self.fsm, self.poll.registry());
         while let Some(ev) = self.fsm.poll_event() {
             match ev {
                 ServerEvent::AutoDeleted { tag } => {
@@ -723,12 +568,28 @@ impl Drop for ServerLoop {
     }
 }
 
+/// The store worker's end of the reply ring. The ring is sized for every
+/// request plus notifications; a reply it refuses all the same is counted,
+/// never dropped silently, and the network thread stops on it.
+struct ReplySink {
+    ring: Ring<StoreReply>,
+    lost: Arc<AtomicU64>,
+}
+
+impl ReplySink {
+    fn push(&self, r: StoreReply) {
+        if self.ring.push(r).is_err() {
+            self.lost.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
 // The thread's whole equipment, moved in once.
 #[allow(clippy::too_many_arguments)]
 fn store_thread<D: Disk, O: Disk>(
     mut worker: StoreWorker<D, O>,
     requests: Ring<StoreRequest>,
-    replies: Ring<StoreReply>,
+    replies: ReplySink,
     waker: Arc<Waker>,
     figures: Arc<crate::metrics::WorkerFigures>,
     filter: Option<csnap_sys::seccomp::Filter>,
@@ -757,9 +618,7 @@ fn store_thread<D: Disk, O: Disk>(
                 Ok(r) => r,
                 Err(PopError::Empty) => {
                     worker.background_step();
-                    if worker.take_notifications(&mut |r| {
-                        let _ = replies.push(r);
-                    }) {
+                    if worker.take_notifications(&mut |r| replies.push(r)) {
                         let _ = waker.wake();
                     }
                     continue;
@@ -787,11 +646,35 @@ fn store_thread<D: Disk, O: Disk>(
                 Err(_) => break,
             }
         }
-        worker.run_batch(&batch, &mut |r| {
-            // Sized for every request plus notifications.
-            let _ = replies.push(r);
-        });
+        worker.run_batch(&batch, &mut |r| replies.push(r));
         worker.publish(&figures);
         let _ = waker.wake();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use csnap_fsm::store_ops::StoreResult;
+
+    #[test]
+    fn a_reply_the_full_ring_refuses_is_counted_not_dropped_silently() {
+        let sink = ReplySink {
+            ring: Ring::with_capacity(1),
+            lost: Arc::new(AtomicU64::new(0)),
+        };
+        let reply = |token| StoreReply {
+            token,
+            result: StoreResult::Done,
+        };
+        sink.push(reply(1));
+        assert_eq!(sink.lost.load(Ordering::Relaxed), 0);
+        sink.push(reply(2));
+        assert_eq!(
+            sink.lost.load(Ordering::Relaxed),
+            1,
+            "the refused reply is counted"
+        );
+        assert_eq!(sink.ring.len(), 1);
     }
 }

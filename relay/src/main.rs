@@ -95,8 +95,12 @@ macro_rules! say {
     ($($a:tt)*) => { eprintln!("[t={}] csnap relay: {}", csnap_sys::monotonic_micros(), format!($($a)*)) };
 }
 
+/// What the relay knows of a connection: `ExpectHello` on accept; `Hello`
+/// of an agent → `Agent { joined: false }`, its `Join` → `joined: true`;
+/// `Hello` of a tool → `Tool`. (The same naming as the FSMs'
+/// `AgentConnState`, `CtlConnState`: `<owner>ConnState`.)
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum CRole {
+enum RelayConnState {
     ExpectHello,
     Agent { joined: bool },
     Tool,
@@ -104,7 +108,7 @@ enum CRole {
 
 struct Conn {
     w: UnixStream,
-    role: CRole,
+    role: RelayConnState,
 }
 
 #[derive(Clone, Copy, Default, Debug)]
@@ -292,7 +296,7 @@ impl Relay {
         let kind = msg.kind().code();
         match (role, &msg) {
             (
-                CRole::ExpectHello,
+                RelayConnState::ExpectHello,
                 Msg::Hello {
                     version_min,
                     version_max,
@@ -305,8 +309,8 @@ impl Relay {
                     return;
                 };
                 let next = match role {
-                    Role::Agent => CRole::Agent { joined: false },
-                    Role::Control => CRole::Tool,
+                    Role::Agent => RelayConnState::Agent { joined: false },
+                    Role::Control => RelayConnState::Tool,
                     _ => {
                         self.error(conn, rid, kind, "the relay talks to its agent and to tools");
                         self.close(conn);
@@ -325,8 +329,8 @@ impl Relay {
                     },
                 );
             }
-            (CRole::ExpectHello, _) => self.error(conn, rid, kind, "send Hello first"),
-            (CRole::Agent { joined: false }, Msg::Join { node_id, .. }) => {
+            (RelayConnState::ExpectHello, _) => self.error(conn, rid, kind, "send Hello first"),
+            (RelayConnState::Agent { joined: false }, Msg::Join { node_id, .. }) => {
                 if *node_id != self.me || self.agent.is_some() {
                     let t = format!(
                         "this relay is node {}'s and has {} agent",
@@ -338,7 +342,7 @@ impl Relay {
                     return;
                 }
                 if let Some(c) = self.conns.get_mut(&conn) {
-                    c.role = CRole::Agent { joined: true };
+                    c.role = RelayConnState::Agent { joined: true };
                 }
                 self.agent = Some(conn);
                 say!("node {}'s agent joined", self.me);
@@ -355,14 +359,14 @@ impl Relay {
                     });
                 }
             }
-            (CRole::Agent { joined: true }, m) => self.on_agent_msg(m),
-            (CRole::Agent { joined: false }, _) => {
+            (RelayConnState::Agent { joined: true }, m) => self.on_agent_msg(m),
+            (RelayConnState::Agent { joined: false }, _) => {
                 self.error(conn, rid, kind, "an agent sends Join first");
             }
-            (CRole::Tool, Msg::ClusterCommand { op, node_id }) => {
+            (RelayConnState::Tool, Msg::ClusterCommand { op, node_id }) => {
                 self.on_command(conn, rid, *op, *node_id);
             }
-            (CRole::Tool, Msg::ClusterStatus) => self.send_status(conn, rid),
+            (RelayConnState::Tool, Msg::ClusterStatus) => self.send_status(conn, rid),
             _ => {
                 let t = format!("{} is not accepted on this connection", msg.kind().name());
                 self.error(conn, rid, kind, &t);
@@ -1004,7 +1008,7 @@ fn run(dir: &std::path::Path, me: u32, prefix: String) -> Result<(), String> {
                     id,
                     Conn {
                         w: s,
-                        role: CRole::ExpectHello,
+                        role: RelayConnState::ExpectHello,
                     },
                 );
                 std::thread::spawn(move || reader(id, r));

@@ -41,13 +41,15 @@
 use core::fmt::Write as _;
 
 use csnap_proto::{
-    self as proto, ClusterOp, DecodeError, ErrorCode, ErrorText, FenceReason, Kind, Msg, Node,
-    NodeStatus, Role,
+    self as proto, ClusterOp, ErrorCode, ErrorText, FenceReason, Kind, Msg, Node, NodeStatus, Role,
 };
 
 use crate::agent::AddrBuf;
-use crate::fixed::{FixedRing, IdQueue};
-use crate::outbuf::OutBuf;
+use crate::conns::{self, ConnTable, SlotState};
+use crate::fixed::FixedRing;
+
+// The controller's work by job; each adds to `impl Controller`.
+mod sessions;
 
 /// A connection to the controller.
 pub type CtlConnId = u32;
@@ -176,8 +178,18 @@ struct NodeRec {
     serving: u64,
 }
 
+/// What the controller knows of a connection (a slot of its `ConnTable`).
+///
+/// | state | entered on | next |
+/// |---|---|---|
+/// | `Free` | start; the connection gone | accept → `ExpectHello` |
+/// | `ExpectHello` | accept | `Hello` of an agent → `Agent { node: None }`; of a tool → `Tool`; otherwise → `Closing` |
+/// | `Agent { node: None }` | `Hello` with role Agent | `Join` → `Agent { node: Some(n) }` (node `n` is a member) |
+/// | `Agent { node: Some(n) }` | `Join` | closes → node `n` leaves |
+/// | `Tool` | `Hello` with role Control | `ClusterCommand`, `ClusterStatus` answered |
+/// | `Closing` | a fatal error, a failed handshake, a peer that does not read | closed once its output is written → `Free` |
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum CRole {
+enum CtlConnState {
     Free,
     ExpectHello,
     Agent { node: Option<u32> },
@@ -185,10 +197,18 @@ enum CRole {
     Closing,
 }
 
-#[derive(Debug)]
-struct CConn {
-    role: CRole,
-    out: OutBuf,
+impl SlotState for CtlConnState {
+    const FREE: Self = CtlConnState::Free;
+    const EXPECT_HELLO: Self = CtlConnState::ExpectHello;
+    fn is_free(&self) -> bool {
+        *self == CtlConnState::Free
+    }
+    fn is_closing(&self) -> bool {
+        *self == CtlConnState::Closing
+    }
+    fn set_closing(&mut self) {
+        *self = CtlConnState::Closing;
+    }
 }
 
 /// The controller state machine.
@@ -196,7 +216,7 @@ struct CConn {
 pub struct Controller {
     cfg: ControllerConfig,
     now_ms: u64,
-    conns: Vec<CConn>,
+    conns: ConnTable<CtlConnState>,
     nodes: Vec<NodeRec>,
     placement: Placement,
     want: bool,
@@ -209,8 +229,6 @@ pub struct Controller {
     former_unseen: bool,
     epoch: u64,
     pending_starts: Vec<(CtlConnId, u64, u32)>,
-    output_q: IdQueue,
-    close_q: IdQueue,
     events: FixedRing<ControllerEvent>,
     scratch: Vec<u8>,
     /// Times of the latest server deaths (and failed starts), a ring of
@@ -226,11 +244,7 @@ impl Controller {
     pub fn new(cfg: ControllerConfig) -> Controller {
         assert!(cfg.conns >= 1 && cfg.conns <= csnap_pools::CONTROLLER_CONNS_MAX);
         assert!(cfg.max_server_deaths <= csnap_pools::CONTROLLER_SERVER_DEATHS_MAX);
-        let mut conns = Vec::with_capacity(cfg.conns);
-        conns.resize_with(cfg.conns, || CConn {
-            role: CRole::Free,
-            out: OutBuf::with_capacity(CONN_OUT_BYTES),
-        });
+        let conns = ConnTable::new(cfg.conns, CONN_OUT_BYTES);
         Controller {
             cfg,
             now_ms: 0,
@@ -245,8 +259,6 @@ impl Controller {
             former_unseen: true,
             epoch: 0,
             pending_starts: Vec::with_capacity(PENDING_STARTS_MAX),
-            output_q: IdQueue::new(cfg.conns),
-            close_q: IdQueue::new(cfg.conns),
             events: FixedRing::new(64),
             scratch: vec![0u8; proto::NODE_STATUS_LIST_BYTES_MAX],
             deaths_ms: vec![u64::MAX; cfg.max_server_deaths as usize],
@@ -285,56 +297,6 @@ impl Controller {
             .any(|n| n.id == node && n.conn.is_some() && !n.left)
     }
 
-    // -- connections -----------------------------------------------------------
-
-    /// A new connection; `None` when the table is full.
-    pub fn handle_accept(&mut self) -> Option<CtlConnId> {
-        let i = self.conns.iter().position(|c| c.role == CRole::Free)?;
-        let c = &mut self.conns[i];
-        c.role = CRole::ExpectHello;
-        c.out.clear();
-        CtlConnId::try_from(i).ok()
-    }
-
-    /// Whether the driver should hand over more frames of `conn`.
-    pub fn wants_read(&self, conn: CtlConnId) -> bool {
-        let c = &self.conns[conn as usize];
-        !matches!(c.role, CRole::Free | CRole::Closing)
-            && c.out.capacity() - c.out.pending().len() >= proto::FRAME_MAX_BYTES / 2
-    }
-
-    /// The frame reader of `conn` failed.
-    pub fn handle_bad_stream(&mut self, conn: CtlConnId, err: &DecodeError) {
-        let mut t = ErrorText::new();
-        let _ = write!(t, "{err}; closing the connection");
-        self.send_error(conn, 0, err.code(), err.culprit(), t.as_str());
-        self.close(conn);
-        self.assert_invariants();
-    }
-
-    /// A frame from `conn`.
-    pub fn handle_frame(&mut self, conn: CtlConnId, frame: &[u8]) {
-        if matches!(self.conns[conn as usize].role, CRole::Free | CRole::Closing) {
-            return;
-        }
-        match proto::decode(frame) {
-            Ok((hdr, msg)) => self.on_msg(conn, hdr.request_id, &msg),
-            Err(e) => {
-                let rid = proto::peek_header(frame)
-                    .ok()
-                    .flatten()
-                    .map_or(0, |h| h.request_id);
-                let mut t = ErrorText::new();
-                let _ = write!(t, "{e}");
-                self.send_error(conn, rid, e.code(), e.culprit(), t.as_str());
-                if e.is_fatal() {
-                    self.close(conn);
-                }
-            }
-        }
-        self.assert_invariants();
-    }
-
     fn rec(&mut self, node: u32) -> Option<&mut NodeRec> {
         if let Some(i) = self.nodes.iter().position(|n| n.id == node) {
             return Some(&mut self.nodes[i]);
@@ -365,7 +327,7 @@ impl Controller {
         let role = self.conns[conn as usize].role;
         match (role, msg) {
             (
-                CRole::ExpectHello,
+                CtlConnState::ExpectHello,
                 Msg::Hello {
                     version_min,
                     version_max,
@@ -384,8 +346,8 @@ impl Controller {
                     return;
                 };
                 let next = match role {
-                    Role::Agent => CRole::Agent { node: None },
-                    Role::Control => CRole::Tool,
+                    Role::Agent => CtlConnState::Agent { node: None },
+                    Role::Control => CtlConnState::Tool,
                     Role::Client | Role::Server => {
                         self.send_error(
                             conn,
@@ -408,7 +370,7 @@ impl Controller {
                     },
                 );
             }
-            (CRole::ExpectHello, _) => self.send_error(
+            (CtlConnState::ExpectHello, _) => self.send_error(
                 conn,
                 rid,
                 ErrorCode::NotIdentified,
@@ -422,21 +384,21 @@ impl Controller {
                 kind.code(),
                 "Hello was already received on this connection",
             ),
-            (CRole::Agent { node: None }, Msg::Join { node_id, .. }) => {
+            (CtlConnState::Agent { node: None }, Msg::Join { node_id, .. }) => {
                 self.on_join(conn, rid, *node_id);
             }
-            (CRole::Agent { node: None }, _) => self.send_error(
+            (CtlConnState::Agent { node: None }, _) => self.send_error(
                 conn,
                 rid,
                 ErrorCode::NotIdentified,
                 kind.code(),
                 "an agent sends Join first",
             ),
-            (CRole::Agent { node: Some(n) }, m) => self.on_agent_msg(conn, rid, n, m),
-            (CRole::Tool, Msg::ClusterCommand { op, node_id }) => {
+            (CtlConnState::Agent { node: Some(n) }, m) => self.on_agent_msg(conn, rid, n, m),
+            (CtlConnState::Tool, Msg::ClusterCommand { op, node_id }) => {
                 self.on_command(conn, rid, *op, *node_id);
             }
-            (CRole::Tool, Msg::ClusterStatus) => self.send_status(conn, rid),
+            (CtlConnState::Tool, Msg::ClusterStatus) => self.send_status(conn, rid),
             _ => {
                 let mut t = ErrorText::new();
                 let _ = write!(t, "{} is not accepted on this connection", kind.name());
@@ -478,7 +440,7 @@ impl Controller {
         r.conn = Some(conn);
         r.standby_ready = false;
         r.serving = 0;
-        self.conns[conn as usize].role = CRole::Agent { node: Some(node) };
+        self.conns[conn as usize].role = CtlConnState::Agent { node: Some(node) };
         self.events.push_or_count(ControllerEvent::Joined { node });
         self.broadcast_members();
         if let Placement::Running {
@@ -990,53 +952,13 @@ impl Controller {
                 server_addr: addr.as_str(),
                 nodes,
             };
-            let c = &mut self.conns[conn as usize];
-            if c.out.push_msg(rid, 0, &msg) {
-                self.mark_output(conn);
-            } else {
+            if !self.conns.push_msg(conn, rid, 0, &msg) {
                 // The tool does not read its replies: drop it (a reply is
                 // never dropped silently).
                 self.close(conn);
             }
         }
         self.scratch = scratch;
-    }
-
-    /// `conn` closed or failed.
-    pub fn handle_disconnect(&mut self, conn: CtlConnId) {
-        let role = self.conns[conn as usize].role;
-        if role == CRole::Free {
-            return;
-        }
-        // An agent's connection the controller closed (it stopped reading,
-        // or its stream broke) is still bound to its node until now.
-        let node = match role {
-            CRole::Agent { node } => node,
-            CRole::Closing => self
-                .nodes
-                .iter()
-                .find(|r| r.conn == Some(conn))
-                .map(|r| r.id),
-            _ => None,
-        };
-        if let Some(n) = node {
-            if let Some(r) = self.rec(n) {
-                if r.conn == Some(conn) {
-                    r.conn = None;
-                    r.standby_ready = false;
-                    r.serving = 0;
-                }
-            }
-            self.events
-                .push_or_count(ControllerEvent::Disconnected { node: n });
-            self.node_lost(n);
-            self.broadcast_members();
-        }
-        self.pending_starts.retain(|p| p.0 != conn);
-        let c = &mut self.conns[conn as usize];
-        c.role = CRole::Free;
-        c.out.clear();
-        self.assert_invariants();
     }
 
     /// Node `n` is no longer a member (disconnected or told to leave): a
@@ -1213,109 +1135,6 @@ impl Controller {
         self.events.pop()
     }
 
-    // -- output ----------------------------------------------------------------
-
-    fn broadcast_members(&mut self) {
-        self.epoch += 1;
-        let mut scratch = core::mem::take(&mut self.scratch);
-        if let Ok(mut b) = proto::NodeListBuilder::new(&mut scratch[..]) {
-            for r in &self.nodes {
-                if r.conn.is_some() && !r.left {
-                    let _ = b.push(Node { id: r.id });
-                }
-            }
-            let msg = Msg::Members {
-                epoch: self.epoch,
-                members: b.finish(),
-            };
-            self.broadcast(&msg);
-        }
-        self.scratch = scratch;
-    }
-
-    fn broadcast(&mut self, msg: &Msg<'_>) {
-        for i in 0..self.conns.len() {
-            if matches!(self.conns[i].role, CRole::Agent { node: Some(_) }) {
-                let c = CtlConnId::try_from(i).unwrap_or(u32::MAX);
-                self.send(c, 0, msg);
-            }
-        }
-    }
-
-    fn send(&mut self, conn: CtlConnId, rid: u64, msg: &Msg<'_>) {
-        let c = &mut self.conns[conn as usize];
-        if matches!(c.role, CRole::Free | CRole::Closing) {
-            return;
-        }
-        if c.out.push_msg(rid, 0, msg) {
-            self.mark_output(conn);
-        } else {
-            self.close(conn);
-        }
-    }
-
-    fn send_error(&mut self, conn: CtlConnId, rid: u64, code: ErrorCode, culprit: u16, text: &str) {
-        self.send(
-            conn,
-            rid,
-            &Msg::Error {
-                code,
-                culprit,
-                text,
-            },
-        );
-    }
-
-    fn mark_output(&mut self, conn: CtlConnId) {
-        self.output_q.push(conn);
-    }
-
-    fn close(&mut self, conn: CtlConnId) {
-        let c = &mut self.conns[conn as usize];
-        if c.role == CRole::Free {
-            return;
-        }
-        c.role = CRole::Closing;
-        self.close_q.push(conn);
-    }
-
-    /// The next connection with output to write.
-    pub fn poll_output(&mut self) -> Option<CtlConnId> {
-        while let Some(c) = self.output_q.pop() {
-            if !self.conns[c as usize].out.is_empty() {
-                return Some(c);
-            }
-        }
-        None
-    }
-
-    /// Bytes waiting for `conn`.
-    pub fn output(&self, conn: CtlConnId) -> &[u8] {
-        self.conns[conn as usize].out.pending()
-    }
-
-    /// `n` bytes of `output(conn)` were written.
-    pub fn consume_output(&mut self, conn: CtlConnId, n: usize) {
-        self.conns[conn as usize].out.consume(n);
-    }
-
-    /// Whether `conn` has unwritten output.
-    pub fn has_output(&self, conn: CtlConnId) -> bool {
-        !self.conns[conn as usize].out.is_empty()
-    }
-
-    /// The next connection to close once its output is written.
-    pub fn poll_close(&mut self) -> Option<CtlConnId> {
-        // An entry of a connection gone since (its slot maybe taken again)
-        // is skipped.
-        while let Some(c) = self.close_q.pop() {
-            if self.conns[c as usize].role == CRole::Closing {
-                return Some(c);
-            }
-        }
-        None
-    }
-
     /// Checks the invariants (after every input, release builds too).
     pub fn assert_invariants(&self) {
         assert!(self.nodes.len() <= NODES_MAX);
@@ -1329,7 +1148,8 @@ impl Controller {
             if let Some(c) = r.conn {
                 let role = self.conns[c as usize].role;
                 assert!(
-                    role == CRole::Agent { node: Some(r.id) } || role == CRole::Closing,
+                    role == CtlConnState::Agent { node: Some(r.id) }
+                        || role == CtlConnState::Closing,
                     "node {} bound to a connection that is not its agent: {role:?}",
                     r.id
                 );

@@ -57,15 +57,18 @@
 use core::fmt::Write as _;
 
 use csnap_proto::{
-    self as proto, ClientEntry, DecodeError, ErrorCode, ErrorText, FenceReason, Kind, Msg, Node,
-    Role, Volume,
+    self as proto, ClientEntry, ErrorCode, ErrorText, FenceReason, Kind, Msg, Node, Role, Volume,
 };
 
-use crate::fixed::{FixedRing, IdQueue};
+use crate::conns::{self, ConnTable, SlotState};
+use crate::fixed::FixedRing;
 
 // Every client connection of the agent fits one client list.
 const _: () = assert!(csnap_pools::AGENT_CONNS_MAX <= csnap_proto::CLIENT_ENTRIES_MAX);
 use crate::outbuf::OutBuf;
+
+// The agent's work by job; each adds to `impl AgentFsm`.
+mod bus;
 
 /// A connection on the agent's socket.
 pub type AgentConnId = u32;
@@ -226,8 +229,19 @@ struct Pending {
     hold_until_ms: Option<u64>,
 }
 
+/// What the agent knows of a connection on its socket (a slot of its
+/// `ConnTable`).
+///
+/// | state | entered on | next |
+/// |---|---|---|
+/// | `Free` | start; the connection gone (`handle_disconnect`) | accept → `ExpectHello` |
+/// | `ExpectHello` | accept | `Hello` of a client or tool → `Client`; of a server → `Server`; of an agent, or no common version → `Closing` |
+/// | `Client` | `Hello` with role Client or Control | `NeedServer` waits in `pending` for a server; closes → `Free` (its snapshot client reported gone) |
+/// | `Server { announced: false }` | `Hello` with role Server | `ServerReady` → `announced: true` (the standby, or the server being started) |
+/// | `Server { announced: true }` | `ServerReady` | `Serving` → the node's serving server; closes → the server is gone (`server_conn_lost`) |
+/// | `Closing` | a fatal error, a failed handshake, a peer that does not read | closed once its output is written → `Free` |
 #[derive(Debug, Clone, Copy)]
-enum Role2 {
+enum AgentConnState {
     Free,
     ExpectHello,
     Client {
@@ -243,10 +257,18 @@ enum Role2 {
     Closing,
 }
 
-#[derive(Debug)]
-struct Conn {
-    role: Role2,
-    out: OutBuf,
+impl SlotState for AgentConnState {
+    const FREE: Self = AgentConnState::Free;
+    const EXPECT_HELLO: Self = AgentConnState::ExpectHello;
+    fn is_free(&self) -> bool {
+        matches!(self, AgentConnState::Free)
+    }
+    fn is_closing(&self) -> bool {
+        matches!(self, AgentConnState::Closing)
+    }
+    fn set_closing(&mut self) {
+        *self = AgentConnState::Closing;
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -297,9 +319,7 @@ pub struct AgentStatus {
 pub struct AgentFsm {
     cfg: AgentConfig,
     now_ms: u64,
-    conns: Vec<Conn>,
-    output_q: IdQueue,
-    close_q: IdQueue,
+    conns: ConnTable<AgentConnState>,
     actions: FixedRing<AgentAction>,
     bus: OutBuf,
     bus_up: bool,
@@ -337,17 +357,11 @@ impl AgentFsm {
     pub fn new(cfg: AgentConfig) -> AgentFsm {
         assert!(cfg.node_id >= 1, "node ids start at 1");
         assert!(cfg.conns >= 2 && cfg.conns <= csnap_pools::AGENT_CONNS_MAX);
-        let mut conns = Vec::with_capacity(cfg.conns);
-        conns.resize_with(cfg.conns, || Conn {
-            role: Role2::Free,
-            out: OutBuf::with_capacity(CONN_OUT_BYTES),
-        });
+        let conns = ConnTable::new(cfg.conns, CONN_OUT_BYTES);
         let mut a = AgentFsm {
             cfg,
             now_ms: 0,
             conns,
-            output_q: IdQueue::new(cfg.conns),
-            close_q: IdQueue::new(cfg.conns),
             actions: FixedRing::new(64),
             bus: OutBuf::with_capacity(BUS_OUT_BYTES),
             bus_up: false,
@@ -429,7 +443,7 @@ impl AgentFsm {
         let mut waiting = 0u32;
         let mut snaps = 0u32;
         for c in &self.conns {
-            if let Role2::Client {
+            if let AgentConnState::Client {
                 pending, volume, ..
             } = c.role
             {
@@ -457,62 +471,24 @@ impl AgentFsm {
     /// A new connection on the agent's socket; `None` when the table is full
     /// (the driver closes it).
     pub fn handle_accept(&mut self) -> Option<AgentConnId> {
-        let i = self
-            .conns
-            .iter()
-            .position(|c| matches!(c.role, Role2::Free))?;
-        let c = &mut self.conns[i];
-        c.role = Role2::ExpectHello;
-        c.out.clear();
+        let conn = self.conns.accept()?;
         self.assert_invariants();
-        AgentConnId::try_from(i).ok()
+        Some(conn)
     }
 
     /// Whether the driver should hand over more frames of `conn`.
     pub fn wants_read(&self, conn: AgentConnId) -> bool {
-        let c = &self.conns[conn as usize];
-        !matches!(c.role, Role2::Free | Role2::Closing)
-            && c.out.capacity() - c.out.pending().len() >= 2 * 512
+        self.conns.wants_read(conn, 2 * 512)
     }
 
-    /// The frame reader of `conn` failed (garbage, bad version, oversized).
-    pub fn handle_bad_stream(&mut self, conn: AgentConnId, err: &DecodeError) {
-        let mut t = ErrorText::new();
-        let _ = write!(t, "{err}; closing the connection");
-        self.send_error(conn, 0, err.code(), err.culprit(), t.as_str());
-        self.close(conn);
-        self.assert_invariants();
-    }
-
-    /// A complete frame from `conn`.
-    pub fn handle_frame(&mut self, conn: AgentConnId, frame: &[u8]) {
-        if matches!(self.conns[conn as usize].role, Role2::Free | Role2::Closing) {
-            return;
-        }
-        match proto::decode(frame) {
-            Ok((hdr, msg)) => self.on_conn_msg(conn, hdr.request_id, &msg),
-            Err(e) => {
-                let rid = proto::peek_header(frame)
-                    .ok()
-                    .flatten()
-                    .map_or(0, |h| h.request_id);
-                let mut t = ErrorText::new();
-                let _ = write!(t, "{e}");
-                self.send_error(conn, rid, e.code(), e.culprit(), t.as_str());
-                if e.is_fatal() {
-                    self.close(conn);
-                }
-            }
-        }
-        self.assert_invariants();
-    }
+    conns::frame_api!(AgentConnId, conns, on_conn_msg);
 
     fn on_conn_msg(&mut self, conn: AgentConnId, rid: u64, msg: &Msg<'_>) {
         let kind = msg.kind();
         let role = self.conns[conn as usize].role;
         match (role, msg) {
             (
-                Role2::ExpectHello,
+                AgentConnState::ExpectHello,
                 Msg::Hello {
                     version_min,
                     version_max,
@@ -531,12 +507,12 @@ impl AgentFsm {
                     return;
                 };
                 let next = match role {
-                    Role::Client | Role::Control => Role2::Client {
+                    Role::Client | Role::Control => AgentConnState::Client {
                         client_id: 0,
                         volume: None,
                         pending: None,
                     },
-                    Role::Server => Role2::Server {
+                    Role::Server => AgentConnState::Server {
                         pid: 0,
                         addr: AddrBuf::EMPTY,
                         announced: false,
@@ -563,7 +539,7 @@ impl AgentFsm {
                     },
                 );
             }
-            (Role2::ExpectHello, _) => {
+            (AgentConnState::ExpectHello, _) => {
                 self.send_error(
                     conn,
                     rid,
@@ -580,7 +556,7 @@ impl AgentFsm {
                 "Hello was already received on this connection",
             ),
             (
-                Role2::Client { .. },
+                AgentConnState::Client { .. },
                 Msg::NeedServer {
                     client_id,
                     failed_incarnation,
@@ -596,7 +572,7 @@ impl AgentFsm {
                 *volume,
             ),
             (
-                Role2::Server {
+                AgentConnState::Server {
                     announced: false, ..
                 },
                 Msg::ServerReady { pid, node_id, addr },
@@ -604,7 +580,7 @@ impl AgentFsm {
                 self.on_server_ready(conn, rid, *pid, *node_id, addr);
             }
             (
-                Role2::Server {
+                AgentConnState::Server {
                     announced: true, ..
                 },
                 Msg::Serving {
@@ -613,7 +589,7 @@ impl AgentFsm {
                     ..
                 },
             ) => self.on_serving(conn, *incarnation, *start_micros),
-            (Role2::Server { .. }, Msg::Error { .. }) => {
+            (AgentConnState::Server { .. }, Msg::Error { .. }) => {
                 // A server reporting why its start failed; it closes next.
             }
             _ => {
@@ -654,7 +630,7 @@ impl AgentFsm {
             );
             return;
         }
-        let Role2::Client {
+        let AgentConnState::Client {
             pending: already, ..
         } = self.conns[conn as usize].role
         else {
@@ -670,7 +646,7 @@ impl AgentFsm {
             );
             return;
         }
-        if let Role2::Client {
+        if let AgentConnState::Client {
             client_id: id,
             volume: v,
             ..
@@ -689,7 +665,7 @@ impl AgentFsm {
             Some(s) if s.incarnation == failed => Some(self.now_ms + self.cfg.suspect_hold_ms),
             _ => None,
         };
-        if let Role2::Client { pending, .. } = &mut self.conns[conn as usize].role {
+        if let AgentConnState::Client { pending, .. } = &mut self.conns[conn as usize].role {
             *pending = Some(Pending {
                 request_id: rid,
                 failed,
@@ -726,7 +702,7 @@ impl AgentFsm {
     fn answer_pending(&mut self) {
         let Some(s) = self.cluster_server else { return };
         for i in 0..self.conns.len() {
-            let Role2::Client {
+            let AgentConnState::Client {
                 pending: Some(p), ..
             } = self.conns[i].role
             else {
@@ -736,7 +712,7 @@ impl AgentFsm {
                 // It asked while no server was known (the agent forgot it
                 // on a bus reconnect), and the one it saw fail is said to
                 // run: held like a NeedServer naming it, then answered.
-                if let Role2::Client {
+                if let AgentConnState::Client {
                     pending: Some(q), ..
                 } = &mut self.conns[i].role
                 {
@@ -746,7 +722,7 @@ impl AgentFsm {
             }
             let expired = p.hold_until_ms.is_some_and(|t| t <= self.now_ms);
             if s.incarnation > p.failed || expired {
-                if let Role2::Client { pending, .. } = &mut self.conns[i].role {
+                if let AgentConnState::Client { pending, .. } = &mut self.conns[i].role {
                     *pending = None;
                 }
                 let conn = AgentConnId::try_from(i).unwrap_or(u32::MAX);
@@ -757,13 +733,13 @@ impl AgentFsm {
 
     fn refuse_pending(&mut self, text: &str) {
         for i in 0..self.conns.len() {
-            let Role2::Client {
+            let AgentConnState::Client {
                 pending: Some(p), ..
             } = self.conns[i].role
             else {
                 continue;
             };
-            if let Role2::Client { pending, .. } = &mut self.conns[i].role {
+            if let AgentConnState::Client { pending, .. } = &mut self.conns[i].role {
                 *pending = None;
             }
             let conn = AgentConnId::try_from(i).unwrap_or(u32::MAX);
@@ -805,7 +781,7 @@ impl AgentFsm {
             self.close(conn);
             return;
         }
-        self.conns[conn as usize].role = Role2::Server {
+        self.conns[conn as usize].role = AgentConnState::Server {
             pid,
             addr: a,
             announced: true,
@@ -824,7 +800,7 @@ impl AgentFsm {
         if sconn != conn {
             return;
         }
-        let Role2::Server { addr, .. } = self.conns[conn as usize].role else {
+        let AgentConnState::Server { addr, .. } = self.conns[conn as usize].role else {
             return;
         };
         self.starting = None;
@@ -870,8 +846,8 @@ impl AgentFsm {
     pub fn handle_disconnect(&mut self, conn: AgentConnId) {
         let role = self.conns[conn as usize].role;
         match role {
-            Role2::Free => return,
-            Role2::Client {
+            AgentConnState::Free => return,
+            AgentConnState::Client {
                 client_id, volume, ..
             } => {
                 if volume.is_some() && client_id != 0 {
@@ -891,11 +867,11 @@ impl AgentFsm {
                     });
                 }
             }
-            Role2::Server { pid, .. } => self.server_conn_lost(conn, pid),
-            Role2::ExpectHello | Role2::Closing => {}
+            AgentConnState::Server { pid, .. } => self.server_conn_lost(conn, pid),
+            AgentConnState::ExpectHello | AgentConnState::Closing => {}
         }
         let c = &mut self.conns[conn as usize];
-        c.role = Role2::Free;
+        c.role = AgentConnState::Free;
         c.out.clear();
         self.assert_invariants();
     }
@@ -935,520 +911,6 @@ impl AgentFsm {
         if self.spawn_at_ms.is_none() && self.spawn_deadline_ms.is_none() {
             self.spawn_at_ms = Some(self.now_ms + after_ms);
         }
-    }
-
-    // -- the bus (membership and resource management) -------------------------
-
-    /// The bus link is up: the agent joins and reports its state.
-    pub fn handle_bus_connected(&mut self) {
-        self.bus.clear();
-        self.bus_up = true;
-        self.want_sent_for = None;
-        // A new link may reach a restarted backend whose epochs start over.
-        self.members_epoch = 0;
-        // What it knew of another node's server may be stale (that server
-        // may have died while the link was down, and a restarted backend
-        // never heard of it): forgotten. The backend says `ServerUp` on the
-        // join if it knows a running one; if not, clients waiting make it
-        // place one.
-        if self
-            .cluster_server
-            .is_some_and(|k| k.node_id != self.cfg.node_id)
-        {
-            self.cluster_server = None;
-        }
-        self.bus_send(&Msg::Hello {
-            version_min: proto::PROTOCOL_VERSION,
-            version_max: proto::PROTOCOL_VERSION,
-            role: Role::Agent,
-        });
-        let addr = self.cfg.agent_addr;
-        self.bus_send(&Msg::Join {
-            node_id: self.cfg.node_id,
-            addr: addr.as_str(),
-        });
-        self.report_state(0);
-        if let Some(s) = self.serving {
-            self.bus_send(&Msg::ServerUp {
-                incarnation: s.incarnation,
-                node_id: self.cfg.node_id,
-                addr: s.addr.as_str(),
-            });
-        }
-        // Clients that wait for a server keep waiting for one.
-        let mut failed = None;
-        for c in &self.conns {
-            if let Role2::Client {
-                pending: Some(p), ..
-            } = c.role
-            {
-                failed = Some(failed.map_or(p.failed, |f: u64| f.max(p.failed)));
-            }
-        }
-        if let Some(f) = failed {
-            self.want_server(f);
-        }
-        self.assert_invariants();
-    }
-
-    /// The bus link broke. What the agent knows stays; it rejoins when the
-    /// link is back.
-    pub fn handle_bus_disconnected(&mut self) {
-        self.bus_up = false;
-        self.bus.clear();
-        // A gather under way is abandoned: the controller counts the start
-        // failed once the node is lost, and places the server anew; a
-        // gather finished later from old answers would miss the clients
-        // registered meanwhile.
-        if self.gathering() {
-            let attempt = self.gather.as_ref().map_or(0, |g| g.attempt);
-            self.gather_reset();
-            self.log(AgentEvent::StartFailed { attempt });
-        }
-        self.assert_invariants();
-    }
-
-    /// Bytes to write to the bus.
-    pub fn bus_output(&self) -> &[u8] {
-        self.bus.pending()
-    }
-
-    /// `n` bytes of `bus_output` were written.
-    pub fn consume_bus_output(&mut self, n: usize) {
-        self.bus.consume(n);
-    }
-
-    /// A frame from the bus. Anything it cannot use is logged and ignored:
-    /// the membership backend is trusted, but a bad frame must not stop the
-    /// agent serving its clients.
-    pub fn handle_bus_frame(&mut self, frame: &[u8]) {
-        match proto::decode(frame) {
-            Ok((_, msg)) => self.on_bus_msg(&msg),
-            Err(e) => self.log(AgentEvent::BusError {
-                code: Some(e.code()),
-            }),
-        }
-        self.assert_invariants();
-    }
-
-    fn on_bus_msg(&mut self, msg: &Msg<'_>) {
-        match msg {
-            Msg::HelloOk { .. } => {}
-            Msg::Members { epoch, members } => {
-                if *epoch < self.members_epoch {
-                    return;
-                }
-                self.members_epoch = *epoch;
-                // A node that joins (or comes back) while a gather runs was
-                // not asked for its clients: it is waited for, and asked.
-                let me = self.cfg.node_id;
-                let mut ask_again = false;
-                if let Some(g) = self.gather.as_mut().filter(|g| g.attempt != 0) {
-                    for n in members.iter() {
-                        if n.id != me
-                            && !self.members.contains(&n.id)
-                            && !g.waiting.contains(&n.id)
-                            && g.waiting.len() < g.waiting.capacity()
-                        {
-                            g.waiting.push(n.id);
-                            ask_again = true;
-                        }
-                    }
-                }
-                self.members.clear();
-                for n in members.iter() {
-                    if self.members.len() < self.members.capacity() {
-                        self.members.push(n.id);
-                    }
-                }
-                self.membership_known = true;
-                self.member = self.members.contains(&self.cfg.node_id);
-                if self.member && self.fenced {
-                    self.fenced = false;
-                    // The controller last heard "no standby" (fenced): its
-                    // standby can be started again.
-                    self.report_state(0);
-                }
-                self.push_membership();
-                if let Some(g) = self.gather.as_mut() {
-                    if g.attempt != 0 {
-                        let members = &self.members;
-                        g.waiting.retain(|n| members.contains(n));
-                        if ask_again {
-                            let attempt = g.attempt;
-                            self.bus_send(&Msg::NeedClients {
-                                gather_id: attempt,
-                                starter: me,
-                            });
-                        }
-                    }
-                }
-                self.maybe_finish_gather();
-            }
-            Msg::StartHere { attempt, claim, .. } => self.on_start_here(*attempt, *claim),
-            Msg::NeedClients { gather_id, starter } => {
-                if *starter != self.cfg.node_id {
-                    self.send_clients(*gather_id, *starter);
-                }
-            }
-            Msg::Clients {
-                gather_id,
-                from,
-                to,
-                clients,
-            } => {
-                if *to != self.cfg.node_id {
-                    return;
-                }
-                let Some(g) = self.gather.as_mut() else {
-                    return;
-                };
-                if g.attempt == 0 || g.attempt != *gather_id {
-                    return;
-                }
-                let Some(at) = g.waiting.iter().position(|n| n == from) else {
-                    return;
-                };
-                g.waiting.swap_remove(at);
-                for c in clients.iter() {
-                    if g.expected.iter().any(|e| e.client_id == c.client_id) {
-                        continue;
-                    }
-                    if g.expected.len() < g.expected.capacity() {
-                        g.expected.push(c);
-                    } else {
-                        g.overflow = true;
-                    }
-                }
-                self.maybe_finish_gather();
-            }
-            Msg::ServerUp {
-                incarnation,
-                node_id,
-                addr,
-            } => {
-                let Some(a) = AddrBuf::new(addr) else { return };
-                self.highest_incarnation = self.highest_incarnation.max(*incarnation);
-                if self
-                    .cluster_server
-                    .is_none_or(|s| s.incarnation <= *incarnation)
-                {
-                    self.cluster_server = Some(KnownServer {
-                        incarnation: *incarnation,
-                        node_id: *node_id,
-                        addr: a,
-                    });
-                    self.want_sent_for = None;
-                }
-                if *node_id != self.cfg.node_id {
-                    for i in 0..self.gone.len() {
-                        let client_id = self.gone[i];
-                        self.bus_send(&Msg::ClientGone {
-                            client_id,
-                            node_id: self.cfg.node_id,
-                        });
-                    }
-                }
-                if let Some(s) = self.serving {
-                    if s.incarnation < *incarnation {
-                        // Split brain avoided: ours is older. Closing the
-                        // link makes the server exit at once.
-                        self.serving = None;
-                        self.close(s.conn);
-                        self.log(AgentEvent::StaleServerStopped {
-                            incarnation: s.incarnation,
-                        });
-                        self.report_state(s.incarnation);
-                    }
-                }
-                self.answer_pending();
-            }
-            Msg::ServerDown { incarnation, .. } => {
-                if self
-                    .cluster_server
-                    .is_some_and(|s| s.incarnation == *incarnation)
-                {
-                    self.cluster_server = None;
-                }
-            }
-            Msg::Fence { reason } => self.on_fence(*reason),
-            Msg::ClientGone { client_id, node_id } => {
-                // This node's own clients were handled when they went.
-                if *node_id != self.cfg.node_id {
-                    self.client_gone(*client_id, *node_id);
-                }
-            }
-            Msg::Error { code, .. } => self.log(AgentEvent::BusError { code: Some(*code) }),
-            _ => self.log(AgentEvent::BusError { code: None }),
-        }
-    }
-
-    /// A snapshot client is gone: a start under way does not wait for it;
-    /// a standby told to start learns it once it serves (it reads its link
-    /// after the start).
-    fn client_gone(&mut self, client_id: u64, node_id: u32) {
-        if let Some(g) = self.gather.as_mut() {
-            if g.attempt != 0 {
-                g.expected
-                    .retain(|e| !(e.client_id == client_id && e.node_id == node_id));
-            }
-        }
-        let to = self.serving.map(|s| s.conn).or(self.starting.map(|s| s.0));
-        if let Some(conn) = to {
-            self.send(conn, 0, &Msg::ClientGone { client_id, node_id });
-        }
-    }
-
-    fn on_start_here(&mut self, attempt: u64, claim: bool) {
-        if let Some(s) = self.serving {
-            // Already serving: say so again.
-            self.bus_send(&Msg::ServerUp {
-                incarnation: s.incarnation,
-                node_id: self.cfg.node_id,
-                addr: s.addr.as_str(),
-            });
-            return;
-        }
-        if self.gathering() || self.starting.is_some() {
-            return;
-        }
-        if self.standby.is_none() || self.fenced {
-            // Cannot start: the controller sees `standby: false` and picks
-            // another node.
-            self.report_state(0);
-            return;
-        }
-        let me = self.cfg.node_id;
-        let mut local = 0u32;
-        {
-            let Some(g) = self.gather.as_mut() else {
-                return;
-            };
-            g.attempt = attempt;
-            g.claim = claim;
-            for &n in &self.members {
-                if n != me && g.waiting.len() < g.waiting.capacity() {
-                    g.waiting.push(n);
-                }
-            }
-            for c in &self.conns {
-                if let Role2::Client {
-                    client_id,
-                    volume: Some(_),
-                    ..
-                } = c.role
-                {
-                    if g.expected.len() < g.expected.capacity() {
-                        g.expected.push(ClientEntry {
-                            client_id,
-                            node_id: me,
-                        });
-                        local += 1;
-                    } else {
-                        g.overflow = true;
-                    }
-                }
-            }
-        }
-        let waiting = self
-            .gather
-            .as_ref()
-            .map_or(0, |g| u32::try_from(g.waiting.len()).unwrap_or(u32::MAX));
-        let _ = local;
-        self.log(AgentEvent::Gathering { attempt, waiting });
-        self.bus_send(&Msg::NeedClients {
-            gather_id: attempt,
-            starter: me,
-        });
-        self.maybe_finish_gather();
-    }
-
-    fn send_clients(&mut self, gather_id: u64, to: u32) {
-        let me = self.cfg.node_id;
-        let mut scratch = core::mem::take(&mut self.scratch);
-        {
-            let Ok(mut b) = proto::ClientListBuilder::new(&mut scratch[..]) else {
-                self.scratch = scratch;
-                return;
-            };
-            for c in &self.conns {
-                if let Role2::Client {
-                    client_id,
-                    volume: Some(_),
-                    ..
-                } = c.role
-                {
-                    // Every connection fits: AGENT_CONNS_MAX <= CLIENT_ENTRIES_MAX.
-                    assert!(b
-                        .push(ClientEntry {
-                            client_id,
-                            node_id: me,
-                        })
-                        .is_ok());
-                }
-            }
-            let clients = b.finish();
-            let msg = Msg::Clients {
-                gather_id,
-                from: me,
-                to,
-                clients,
-            };
-            if self.bus_up && !self.bus.push_msg(0, 0, &msg) {
-                self.bus_overflow();
-            }
-        }
-        self.scratch = scratch;
-    }
-
-    fn maybe_finish_gather(&mut self) {
-        let Some(g) = self.gather.as_ref() else {
-            return;
-        };
-        if g.attempt == 0 || !g.waiting.is_empty() {
-            return;
-        }
-        let attempt = g.attempt;
-        let Some(conn) = self.standby else {
-            self.gather_reset();
-            return;
-        };
-        if g.overflow || g.expected.len() > EXPECTED_MAX {
-            self.gather_reset();
-            self.log(AgentEvent::TooManyExpected);
-            self.report_state(0);
-            return;
-        }
-        let expected_n = u32::try_from(g.expected.len()).unwrap_or(u32::MAX);
-        // Build the two lists, then the frame.
-        let mut nodes = core::mem::take(&mut self.scratch2);
-        let mut clients = core::mem::take(&mut self.scratch);
-        let sent = {
-            let (Ok(mut nb), Ok(mut cb)) = (
-                proto::NodeListBuilder::new(&mut nodes[..]),
-                proto::ClientListBuilder::new(&mut clients[..]),
-            ) else {
-                self.scratch = clients;
-                self.scratch2 = nodes;
-                return;
-            };
-            for &n in &self.members {
-                // `members` holds at most NODES_MAX (a decoded list).
-                assert!(nb.push(Node { id: n }).is_ok());
-            }
-            if let Some(g) = self.gather.as_ref() {
-                for &e in &g.expected {
-                    let _ = cb.push(e);
-                }
-            }
-            let msg = Msg::StartServer {
-                claim: self.gather.as_ref().is_some_and(|g| g.claim),
-                members: nb.finish(),
-                expected: cb.finish(),
-            };
-            self.conns[conn as usize].out.push_msg(0, 0, &msg)
-        };
-        self.scratch = clients;
-        self.scratch2 = nodes;
-        self.gather_reset();
-        self.standby = None;
-        // What the server is told; changes from now on reach it once it
-        // serves (`on_serving`).
-        self.pushed.clear();
-        self.pushed.extend_from_slice(&self.members);
-        if !sent {
-            self.close(conn);
-            self.schedule_spawn(self.cfg.respawn_backoff_ms);
-            return;
-        }
-        self.mark_output(conn);
-        self.starting = Some((conn, attempt));
-        self.log(AgentEvent::Starting {
-            attempt,
-            expected: expected_n,
-        });
-    }
-
-    /// Tells the local serving server who joined and left since it was last
-    /// told.
-    fn push_membership(&mut self) {
-        let Some(s) = self.serving else { return };
-        let mut i = 0;
-        while i < self.pushed.len() {
-            let n = self.pushed[i];
-            if self.members.contains(&n) {
-                i += 1;
-            } else {
-                self.pushed.swap_remove(i);
-                self.send(s.conn, 0, &Msg::NodeLeft { node_id: n });
-            }
-        }
-        for k in 0..self.members.len() {
-            let n = self.members[k];
-            if !self.pushed.contains(&n) && self.pushed.len() < self.pushed.capacity() {
-                self.pushed.push(n);
-                self.send(s.conn, 0, &Msg::NodeJoined { node_id: n });
-            }
-        }
-    }
-
-    fn on_fence(&mut self, reason: FenceReason) {
-        self.log(AgentEvent::Fenced { reason });
-        if let Some(s) = self.serving.take() {
-            self.close(s.conn);
-            if self
-                .cluster_server
-                .is_some_and(|k| k.incarnation == s.incarnation)
-            {
-                self.cluster_server = None;
-            }
-            self.report_state(s.incarnation);
-        }
-        if let Some((conn, attempt)) = self.starting.take() {
-            self.close(conn);
-            self.log(AgentEvent::StartFailed { attempt });
-            self.schedule_spawn(self.cfg.respawn_backoff_ms);
-        }
-        if self.gathering() {
-            self.gather_reset();
-        }
-        if reason == FenceReason::LeftCluster {
-            self.fenced = true;
-            self.member = false;
-            self.refuse_pending("this node left the cluster (fenced); no server is given out here");
-        }
-        self.report_state(0);
-    }
-
-    fn report_state(&mut self, died: u64) {
-        let standby_ready = self.standby.is_some() && !self.gathering() && !self.fenced;
-        self.bus_send(&Msg::AgentState {
-            node_id: self.cfg.node_id,
-            standby_ready,
-            serving_incarnation: self.serving.map_or(0, |s| s.incarnation),
-            died_incarnation: died,
-        });
-    }
-
-    fn bus_send(&mut self, msg: &Msg<'_>) {
-        if !self.bus_up {
-            return;
-        }
-        if !self.bus.push_msg(0, 0, msg) {
-            self.bus_overflow();
-        }
-    }
-
-    fn bus_overflow(&mut self) {
-        // The backend stopped reading: drop what is queued; the driver sees
-        // `bus_stalled` and reconnects (a rejoin resends the state).
-        self.bus.clear();
-        self.bus_up = false;
-    }
-
-    /// Whether the bus output overflowed and the link must be re-made.
-    pub fn bus_stalled(&self) -> bool {
-        !self.bus_up
     }
 
     // -- time ------------------------------------------------------------------
@@ -1491,7 +953,7 @@ impl AgentFsm {
         // hold would make the loop spin until one is).
         if self.cluster_server.is_some() {
             for c in &self.conns {
-                if let Role2::Client {
+                if let AgentConnState::Client {
                     pending: Some(p), ..
                 } = c.role
                 {
@@ -1515,91 +977,29 @@ impl AgentFsm {
     // -- output ----------------------------------------------------------------
 
     fn send(&mut self, conn: AgentConnId, rid: u64, msg: &Msg<'_>) {
-        let c = &mut self.conns[conn as usize];
-        if matches!(c.role, Role2::Free) {
+        if self.conns[conn as usize].role.is_free() {
             return;
         }
-        if c.out.push_msg(rid, 0, msg) {
-            self.mark_output(conn);
-        } else {
+        if !self.conns.push_msg(conn, rid, 0, msg) {
             // The peer does not read: drop it.
             self.close(conn);
         }
     }
 
-    fn send_error(
-        &mut self,
-        conn: AgentConnId,
-        rid: u64,
-        code: ErrorCode,
-        culprit: u16,
-        text: &str,
-    ) {
-        self.send(
-            conn,
-            rid,
-            &Msg::Error {
-                code,
-                culprit,
-                text,
-            },
-        );
-    }
-
-    fn mark_output(&mut self, conn: AgentConnId) {
-        self.output_q.push(conn);
-    }
-
     fn close(&mut self, conn: AgentConnId) {
         let c = &mut self.conns[conn as usize];
-        if matches!(c.role, Role2::Free) {
+        if matches!(c.role, AgentConnState::Free) {
             return;
         }
-        if let Role2::Server { pid, .. } = c.role {
+        if let AgentConnState::Server { pid, .. } = c.role {
             // Closing a server's link stops it; account for it now.
-            c.role = Role2::Closing;
+            c.role = AgentConnState::Closing;
             self.server_conn_lost(conn, pid);
         }
-        self.conns[conn as usize].role = Role2::Closing;
-        self.close_q.push(conn);
+        self.conns.close(conn);
     }
 
-    /// The next connection with output to write.
-    pub fn poll_output(&mut self) -> Option<AgentConnId> {
-        while let Some(c) = self.output_q.pop() {
-            if !self.conns[c as usize].out.is_empty() {
-                return Some(c);
-            }
-        }
-        None
-    }
-
-    /// Bytes waiting for `conn`.
-    pub fn output(&self, conn: AgentConnId) -> &[u8] {
-        self.conns[conn as usize].out.pending()
-    }
-
-    /// `n` bytes of `output(conn)` were written.
-    pub fn consume_output(&mut self, conn: AgentConnId, n: usize) {
-        self.conns[conn as usize].out.consume(n);
-    }
-
-    /// Whether `conn` has unwritten output.
-    pub fn has_output(&self, conn: AgentConnId) -> bool {
-        !self.conns[conn as usize].out.is_empty()
-    }
-
-    /// The next connection to close once its output is written.
-    pub fn poll_close(&mut self) -> Option<AgentConnId> {
-        // An entry of a connection gone since (its slot maybe taken again)
-        // is skipped.
-        while let Some(c) = self.close_q.pop() {
-            if matches!(self.conns[c as usize].role, Role2::Closing) {
-                return Some(c);
-            }
-        }
-        None
-    }
+    conns::driver_api!(AgentConnId, conns);
 
     /// Checks the state's invariants (after every input, release builds
     /// too).
@@ -1608,7 +1008,7 @@ impl AgentFsm {
             c.is_none_or(|c| {
                 matches!(
                     self.conns[c as usize].role,
-                    Role2::Server {
+                    AgentConnState::Server {
                         announced: true,
                         ..
                     }

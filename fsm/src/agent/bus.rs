@@ -1,0 +1,519 @@
+//! The agent's side of the membership bus: members, gathers for a start,
+//! the start itself, fencing, the state reports.
+
+use super::*;
+
+impl AgentFsm {
+    // -- the bus (membership and resource management) -------------------------
+
+    /// The bus link is up: the agent joins and reports its state.
+    pub fn handle_bus_connected(&mut self) {
+        self.bus.clear();
+        self.bus_up = true;
+        self.want_sent_for = None;
+        // A new link may reach a restarted backend whose epochs start over.
+        self.members_epoch = 0;
+        // What it knew of another node's server may be stale (that server
+        // may have died while the link was down, and a restarted backend
+        // never heard of it): forgotten. The backend says `ServerUp` on the
+        // join if it knows a running one; if not, clients waiting make it
+        // place one.
+        if self
+            .cluster_server
+            .is_some_and(|k| k.node_id != self.cfg.node_id)
+        {
+            self.cluster_server = None;
+        }
+        self.bus_send(&Msg::Hello {
+            version_min: proto::PROTOCOL_VERSION,
+            version_max: proto::PROTOCOL_VERSION,
+            role: Role::Agent,
+        });
+        let addr = self.cfg.agent_addr;
+        self.bus_send(&Msg::Join {
+            node_id: self.cfg.node_id,
+            addr: addr.as_str(),
+        });
+        self.report_state(0);
+        if let Some(s) = self.serving {
+            self.bus_send(&Msg::ServerUp {
+                incarnation: s.incarnation,
+                node_id: self.cfg.node_id,
+                addr: s.addr.as_str(),
+            });
+        }
+        // Clients that wait for a server keep waiting for one.
+        let mut failed = None;
+        for c in &self.conns {
+            if let AgentConnState::Client {
+                pending: Some(p), ..
+            } = c.role
+            {
+                failed = Some(failed.map_or(p.failed, |f: u64| f.max(p.failed)));
+            }
+        }
+        if let Some(f) = failed {
+            self.want_server(f);
+        }
+        self.assert_invariants();
+    }
+
+    /// The bus link broke. What the agent knows stays; it rejoins when the
+    /// link is back.
+    pub fn handle_bus_disconnected(&mut self) {
+        self.bus_up = false;
+        self.bus.clear();
+        // A gather under way is abandoned: the controller counts the start
+        // failed once the node is lost, and places the server anew; a
+        // gather finished later from old answers would miss the clients
+        // registered meanwhile.
+        if self.gathering() {
+            let attempt = self.gather.as_ref().map_or(0, |g| g.attempt);
+            self.gather_reset();
+            self.log(AgentEvent::StartFailed { attempt });
+        }
+        self.assert_invariants();
+    }
+
+    /// Bytes to write to the bus.
+    pub fn bus_output(&self) -> &[u8] {
+        self.bus.pending()
+    }
+
+    /// `n` bytes of `bus_output` were written.
+    pub fn consume_bus_output(&mut self, n: usize) {
+        self.bus.consume(n);
+    }
+
+    /// A frame from the bus. Anything it cannot use is logged and ignored:
+    /// the membership backend is trusted, but a bad frame must not stop the
+    /// agent serving its clients.
+    pub fn handle_bus_frame(&mut self, frame: &[u8]) {
+        match proto::decode(frame) {
+            Ok((_, msg)) => self.on_bus_msg(&msg),
+            Err(e) => self.log(AgentEvent::BusError {
+                code: Some(e.code()),
+            }),
+        }
+        self.assert_invariants();
+    }
+
+    pub(super) fn on_bus_msg(&mut self, msg: &Msg<'_>) {
+        match msg {
+            Msg::HelloOk { .. } => {}
+            Msg::Members { epoch, members } => {
+                if *epoch < self.members_epoch {
+                    return;
+                }
+                self.members_epoch = *epoch;
+                // A node that joins (or comes back) while a gather runs was
+                // not asked for its clients: it is waited for, and asked.
+                let me = self.cfg.node_id;
+                let mut ask_again = false;
+                if let Some(g) = self.gather.as_mut().filter(|g| g.attempt != 0) {
+                    for n in members.iter() {
+                        if n.id != me
+                            && !self.members.contains(&n.id)
+                            && !g.waiting.contains(&n.id)
+                            && g.waiting.len() < g.waiting.capacity()
+                        {
+                            g.waiting.push(n.id);
+                            ask_again = true;
+                        }
+                    }
+                }
+                self.members.clear();
+                for n in members.iter() {
+                    if self.members.len() < self.members.capacity() {
+                        self.members.push(n.id);
+                    }
+                }
+                self.membership_known = true;
+                self.member = self.members.contains(&self.cfg.node_id);
+                if self.member && self.fenced {
+                    self.fenced = false;
+                    // The controller last heard "no standby" (fenced): its
+                    // standby can be started again.
+                    self.report_state(0);
+                }
+                self.push_membership();
+                if let Some(g) = self.gather.as_mut() {
+                    if g.attempt != 0 {
+                        let members = &self.members;
+                        g.waiting.retain(|n| members.contains(n));
+                        if ask_again {
+                            let attempt = g.attempt;
+                            self.bus_send(&Msg::NeedClients {
+                                gather_id: attempt,
+                                starter: me,
+                            });
+                        }
+                    }
+                }
+                self.maybe_finish_gather();
+            }
+            Msg::StartHere { attempt, claim, .. } => self.on_start_here(*attempt, *claim),
+            Msg::NeedClients { gather_id, starter } => {
+                if *starter != self.cfg.node_id {
+                    self.send_clients(*gather_id, *starter);
+                }
+            }
+            Msg::Clients {
+                gather_id,
+                from,
+                to,
+                clients,
+            } => {
+                if *to != self.cfg.node_id {
+                    return;
+                }
+                let Some(g) = self.gather.as_mut() else {
+                    return;
+                };
+                if g.attempt == 0 || g.attempt != *gather_id {
+                    return;
+                }
+                let Some(at) = g.waiting.iter().position(|n| n == from) else {
+                    return;
+                };
+                g.waiting.swap_remove(at);
+                for c in clients.iter() {
+                    if g.expected.iter().any(|e| e.client_id == c.client_id) {
+                        continue;
+                    }
+                    if g.expected.len() < g.expected.capacity() {
+                        g.expected.push(c);
+                    } else {
+                        g.overflow = true;
+                    }
+                }
+                self.maybe_finish_gather();
+            }
+            Msg::ServerUp {
+                incarnation,
+                node_id,
+                addr,
+            } => {
+                let Some(a) = AddrBuf::new(addr) else { return };
+                self.highest_incarnation = self.highest_incarnation.max(*incarnation);
+                if self
+                    .cluster_server
+                    .is_none_or(|s| s.incarnation <= *incarnation)
+                {
+                    self.cluster_server = Some(KnownServer {
+                        incarnation: *incarnation,
+                        node_id: *node_id,
+                        addr: a,
+                    });
+                    self.want_sent_for = None;
+                }
+                if *node_id != self.cfg.node_id {
+                    for i in 0..self.gone.len() {
+                        let client_id = self.gone[i];
+                        self.bus_send(&Msg::ClientGone {
+                            client_id,
+                            node_id: self.cfg.node_id,
+                        });
+                    }
+                }
+                if let Some(s) = self.serving {
+                    if s.incarnation < *incarnation {
+                        // Split brain avoided: ours is older. Closing the
+                        // link makes the server exit at once.
+                        self.serving = None;
+                        self.close(s.conn);
+                        self.log(AgentEvent::StaleServerStopped {
+                            incarnation: s.incarnation,
+                        });
+                        self.report_state(s.incarnation);
+                    }
+                }
+                self.answer_pending();
+            }
+            Msg::ServerDown { incarnation, .. } => {
+                if self
+                    .cluster_server
+                    .is_some_and(|s| s.incarnation == *incarnation)
+                {
+                    self.cluster_server = None;
+                }
+            }
+            Msg::Fence { reason } => self.on_fence(*reason),
+            Msg::ClientGone { client_id, node_id } => {
+                // This node's own clients were handled when they went.
+                if *node_id != self.cfg.node_id {
+                    self.client_gone(*client_id, *node_id);
+                }
+            }
+            Msg::Error { code, .. } => self.log(AgentEvent::BusError { code: Some(*code) }),
+            _ => self.log(AgentEvent::BusError { code: None }),
+        }
+    }
+
+    /// A snapshot client is gone: a start under way does not wait for it;
+    /// a standby told to start learns it once it serves (it reads its link
+    /// after the start).
+    pub(super) fn client_gone(&mut self, client_id: u64, node_id: u32) {
+        if let Some(g) = self.gather.as_mut() {
+            if g.attempt != 0 {
+                g.expected
+                    .retain(|e| !(e.client_id == client_id && e.node_id == node_id));
+            }
+        }
+        let to = self.serving.map(|s| s.conn).or(self.starting.map(|s| s.0));
+        if let Some(conn) = to {
+            self.send(conn, 0, &Msg::ClientGone { client_id, node_id });
+        }
+    }
+
+    pub(super) fn on_start_here(&mut self, attempt: u64, claim: bool) {
+        if let Some(s) = self.serving {
+            // Already serving: say so again.
+            self.bus_send(&Msg::ServerUp {
+                incarnation: s.incarnation,
+                node_id: self.cfg.node_id,
+                addr: s.addr.as_str(),
+            });
+            return;
+        }
+        if self.gathering() || self.starting.is_some() {
+            return;
+        }
+        if self.standby.is_none() || self.fenced {
+            // Cannot start: the controller sees `standby: false` and picks
+            // another node.
+            self.report_state(0);
+            return;
+        }
+        let me = self.cfg.node_id;
+        let mut local = 0u32;
+        {
+            let Some(g) = self.gather.as_mut() else {
+                return;
+            };
+            g.attempt = attempt;
+            g.claim = claim;
+            for &n in &self.members {
+                if n != me && g.waiting.len() < g.waiting.capacity() {
+                    g.waiting.push(n);
+                }
+            }
+            for c in &self.conns {
+                if let AgentConnState::Client {
+                    client_id,
+                    volume: Some(_),
+                    ..
+                } = c.role
+                {
+                    if g.expected.len() < g.expected.capacity() {
+                        g.expected.push(ClientEntry {
+                            client_id,
+                            node_id: me,
+                        });
+                        local += 1;
+                    } else {
+                        g.overflow = true;
+                    }
+                }
+            }
+        }
+        let waiting = self
+            .gather
+            .as_ref()
+            .map_or(0, |g| u32::try_from(g.waiting.len()).unwrap_or(u32::MAX));
+        let _ = local;
+        self.log(AgentEvent::Gathering { attempt, waiting });
+        self.bus_send(&Msg::NeedClients {
+            gather_id: attempt,
+            starter: me,
+        });
+        self.maybe_finish_gather();
+    }
+
+    pub(super) fn send_clients(&mut self, gather_id: u64, to: u32) {
+        let me = self.cfg.node_id;
+        let mut scratch = core::mem::take(&mut self.scratch);
+        {
+            let Ok(mut b) = proto::ClientListBuilder::new(&mut scratch[..]) else {
+                self.scratch = scratch;
+                return;
+            };
+            for c in &self.conns {
+                if let AgentConnState::Client {
+                    client_id,
+                    volume: Some(_),
+                    ..
+                } = c.role
+                {
+                    // Every connection fits: AGENT_CONNS_MAX <= CLIENT_ENTRIES_MAX.
+                    assert!(b
+                        .push(ClientEntry {
+                            client_id,
+                            node_id: me,
+                        })
+                        .is_ok());
+                }
+            }
+            let clients = b.finish();
+            let msg = Msg::Clients {
+                gather_id,
+                from: me,
+                to,
+                clients,
+            };
+            if self.bus_up && !self.bus.push_msg(0, 0, &msg) {
+                self.bus_overflow();
+            }
+        }
+        self.scratch = scratch;
+    }
+
+    pub(super) fn maybe_finish_gather(&mut self) {
+        let Some(g) = self.gather.as_ref() else {
+            return;
+        };
+        if g.attempt == 0 || !g.waiting.is_empty() {
+            return;
+        }
+        let attempt = g.attempt;
+        let Some(conn) = self.standby else {
+            self.gather_reset();
+            return;
+        };
+        if g.overflow || g.expected.len() > EXPECTED_MAX {
+            self.gather_reset();
+            self.log(AgentEvent::TooManyExpected);
+            self.report_state(0);
+            return;
+        }
+        let expected_n = u32::try_from(g.expected.len()).unwrap_or(u32::MAX);
+        // Build the two lists, then the frame.
+        let mut nodes = core::mem::take(&mut self.scratch2);
+        let mut clients = core::mem::take(&mut self.scratch);
+        let sent = {
+            let (Ok(mut nb), Ok(mut cb)) = (
+                proto::NodeListBuilder::new(&mut nodes[..]),
+                proto::ClientListBuilder::new(&mut clients[..]),
+            ) else {
+                self.scratch = clients;
+                self.scratch2 = nodes;
+                return;
+            };
+            for &n in &self.members {
+                // `members` holds at most NODES_MAX (a decoded list).
+                assert!(nb.push(Node { id: n }).is_ok());
+            }
+            if let Some(g) = self.gather.as_ref() {
+                for &e in &g.expected {
+                    let _ = cb.push(e);
+                }
+            }
+            let msg = Msg::StartServer {
+                claim: self.gather.as_ref().is_some_and(|g| g.claim),
+                members: nb.finish(),
+                expected: cb.finish(),
+            };
+            self.conns.push_msg(conn, 0, 0, &msg)
+        };
+        self.scratch = clients;
+        self.scratch2 = nodes;
+        self.gather_reset();
+        self.standby = None;
+        // What the server is told; changes from now on reach it once it
+        // serves (`on_serving`).
+        self.pushed.clear();
+        self.pushed.extend_from_slice(&self.members);
+        if !sent {
+            self.close(conn);
+            self.schedule_spawn(self.cfg.respawn_backoff_ms);
+            return;
+        }
+        self.starting = Some((conn, attempt));
+        self.log(AgentEvent::Starting {
+            attempt,
+            expected: expected_n,
+        });
+    }
+
+    /// Tells the local serving server who joined and left since it was last
+    /// told.
+    pub(super) fn push_membership(&mut self) {
+        let Some(s) = self.serving else { return };
+        let mut i = 0;
+        while i < self.pushed.len() {
+            let n = self.pushed[i];
+            if self.members.contains(&n) {
+                i += 1;
+            } else {
+                self.pushed.swap_remove(i);
+                self.send(s.conn, 0, &Msg::NodeLeft { node_id: n });
+            }
+        }
+        for k in 0..self.members.len() {
+            let n = self.members[k];
+            if !self.pushed.contains(&n) && self.pushed.len() < self.pushed.capacity() {
+                self.pushed.push(n);
+                self.send(s.conn, 0, &Msg::NodeJoined { node_id: n });
+            }
+        }
+    }
+
+    pub(super) fn on_fence(&mut self, reason: FenceReason) {
+        self.log(AgentEvent::Fenced { reason });
+        if let Some(s) = self.serving.take() {
+            self.close(s.conn);
+            if self
+                .cluster_server
+                .is_some_and(|k| k.incarnation == s.incarnation)
+            {
+                self.cluster_server = None;
+            }
+            self.report_state(s.incarnation);
+        }
+        if let Some((conn, attempt)) = self.starting.take() {
+            self.close(conn);
+            self.log(AgentEvent::StartFailed { attempt });
+            self.schedule_spawn(self.cfg.respawn_backoff_ms);
+        }
+        if self.gathering() {
+            self.gather_reset();
+        }
+        if reason == FenceReason::LeftCluster {
+            self.fenced = true;
+            self.member = false;
+            self.refuse_pending("this node left the cluster (fenced); no server is given out here");
+        }
+        self.report_state(0);
+    }
+
+    pub(super) fn report_state(&mut self, died: u64) {
+        let standby_ready = self.standby.is_some() && !self.gathering() && !self.fenced;
+        self.bus_send(&Msg::AgentState {
+            node_id: self.cfg.node_id,
+            standby_ready,
+            serving_incarnation: self.serving.map_or(0, |s| s.incarnation),
+            died_incarnation: died,
+        });
+    }
+
+    pub(super) fn bus_send(&mut self, msg: &Msg<'_>) {
+        if !self.bus_up {
+            return;
+        }
+        if !self.bus.push_msg(0, 0, msg) {
+            self.bus_overflow();
+        }
+    }
+
+    pub(super) fn bus_overflow(&mut self) {
+        // The backend stopped reading: drop what is queued; the driver sees
+        // `bus_stalled` and reconnects (a rejoin resends the state).
+        self.bus.clear();
+        self.bus_up = false;
+    }
+
+    /// Whether the bus output overflowed and the link must be re-made.
+    pub fn bus_stalled(&self) -> bool {
+        !self.bus_up
+    }
+}

@@ -1,0 +1,400 @@
+//! The connection table every process loop shares (the server, the agent,
+//! the controller): its listeners (unix and TCP) and a fixed table of
+//! framed connections, driven over mio, that feeds a sans-IO session state
+//! machine (`Sessions`; the FSM side is `csnap_fsm::conns::ConnTable`).
+//!
+//! Everything is reserved in `ConnTable::new`; accepting, reading and
+//! writing allocate nothing. A connection the state machine does not want
+//! to read from (`wants_read` false: its output is backed up) is paused, so
+//! a peer that does not read its replies is throttled, then dropped by the
+//! state machine, never buffered without bound.
+
+use std::io::{self, Read, Write};
+
+use csnap_fsm::agent::AgentFsm;
+use csnap_fsm::cluster::Controller;
+use csnap_fsm::server::Server;
+use csnap_proto::{DecodeError, FrameReader, FRAME_MAX_BYTES};
+use mio::{Interest, Registry, Token};
+
+use crate::net::{MioListener, MioStream};
+
+/// Token of the first listener; listener `i` has `LISTENER_BASE + i`.
+/// Above every connection token, below the loops' own tokens
+/// (`usize::MAX - 2` is the agent's bus link, the server's agent link;
+/// `usize::MAX - 1` the server's waker).
+pub const LISTENER_BASE: usize = usize::MAX - 64;
+/// Listeners a table can have (their tokens stay below the loops' own).
+pub const LISTENERS_MAX: usize = 61;
+const _: () = assert!(LISTENER_BASE + LISTENERS_MAX < usize::MAX - 2);
+const _: () = assert!(csnap_pools::CONTROLLER_LISTENERS_MAX <= LISTENERS_MAX);
+const _: () = assert!(csnap_pools::CLIENTS_MAX < LISTENER_BASE);
+const _: () = assert!(csnap_pools::CONTROLLER_LISTENERS_MAX < 60);
+const _: () = assert!(csnap_pools::AGENT_CONNS_MAX < LISTENER_BASE);
+const _: () = assert!(csnap_pools::CONTROLLER_CONNS_MAX < LISTENER_BASE);
+
+/// What the table drives: the connection half of a session state machine.
+pub trait Sessions {
+    /// A new connection; `None` when the table is full.
+    fn accept(&mut self) -> Option<u32>;
+    /// Whether to hand over more frames of `c`.
+    fn wants_read(&self, c: u32) -> bool;
+    /// A complete frame of `c`.
+    fn frame(&mut self, c: u32, f: &[u8]);
+    /// The stream of `c` cannot be cut into frames any more.
+    fn bad_stream(&mut self, c: u32, e: &DecodeError);
+    /// `c` closed or failed.
+    fn disconnect(&mut self, c: u32);
+    /// The next connection with output.
+    fn poll_output(&mut self) -> Option<u32>;
+    /// The output of `c`.
+    fn output(&self, c: u32) -> &[u8];
+    /// `n` bytes of `c`'s output were written.
+    fn consume_output(&mut self, c: u32, n: usize);
+    /// Whether `c` has output left.
+    fn has_output(&self, c: u32) -> bool;
+    /// The next connection to close once its output is written.
+    fn poll_close(&mut self) -> Option<u32>;
+    /// The frame written, best effort, to a connection refused because
+    /// the table is full (its length in `out`; 0: closed without a word).
+    fn refusal(&self, out: &mut [u8]) -> usize {
+        let _ = out;
+        0
+    }
+}
+
+macro_rules! sessions_for {
+    ($t:ty) => {
+        impl Sessions for $t {
+            fn accept(&mut self) -> Option<u32> {
+                self.handle_accept()
+            }
+            fn wants_read(&self, c: u32) -> bool {
+                <$t>::wants_read(self, c)
+            }
+            fn frame(&mut self, c: u32, f: &[u8]) {
+                self.handle_frame(c, f);
+            }
+            fn bad_stream(&mut self, c: u32, e: &DecodeError) {
+                self.handle_bad_stream(c, e);
+            }
+            fn disconnect(&mut self, c: u32) {
+                self.handle_disconnect(c);
+            }
+            fn poll_output(&mut self) -> Option<u32> {
+                <$t>::poll_output(self)
+            }
+            fn output(&self, c: u32) -> &[u8] {
+                <$t>::output(self, c)
+            }
+            fn consume_output(&mut self, c: u32, n: usize) {
+                <$t>::consume_output(self, c, n);
+            }
+            fn has_output(&self, c: u32) -> bool {
+                <$t>::has_output(self, c)
+            }
+            fn poll_close(&mut self) -> Option<u32> {
+                <$t>::poll_close(self)
+            }
+        }
+    };
+}
+
+sessions_for!(AgentFsm);
+sessions_for!(Controller);
+
+impl Sessions for Server {
+    fn accept(&mut self) -> Option<u32> {
+        self.handle_accept()
+    }
+    fn wants_read(&self, c: u32) -> bool {
+        Server::wants_read(self, c)
+    }
+    fn frame(&mut self, c: u32, f: &[u8]) {
+        self.handle_frame(c, f);
+    }
+    fn bad_stream(&mut self, c: u32, e: &DecodeError) {
+        self.handle_bad_stream(c, e);
+    }
+    fn disconnect(&mut self, c: u32) {
+        self.handle_disconnect(c);
+    }
+    fn poll_output(&mut self) -> Option<u32> {
+        Server::poll_output(self)
+    }
+    fn output(&self, c: u32) -> &[u8] {
+        Server::output(self, c)
+    }
+    fn consume_output(&mut self, c: u32, n: usize) {
+        Server::consume_output(self, c, n);
+    }
+    fn has_output(&self, c: u32) -> bool {
+        Server::has_output(self, c)
+    }
+    fn poll_close(&mut self) -> Option<u32> {
+        Server::poll_close(self)
+    }
+    fn refusal(&self, out: &mut [u8]) -> usize {
+        self.too_many_clients_frame(out)
+    }
+}
+
+struct Conn {
+    stream: MioStream,
+    closing: bool,
+    paused: bool,
+}
+
+/// Listeners and their connections.
+pub struct ConnTable {
+    listeners: Vec<MioListener>,
+    conns: Vec<Option<Conn>>,
+    readers: Vec<FrameReader<Box<[u8]>>>,
+    refuse_buf: [u8; 512],
+}
+
+impl std::fmt::Debug for ConnTable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnTable")
+            .field("conns", &self.conns.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl ConnTable {
+    /// Registers `listeners` (as many as `allowed` says, within
+    /// `LISTENERS_MAX`) and reserves `n` connections (a frame reader each).
+    /// The only allocation.
+    pub fn new(
+        mut listeners: Vec<MioListener>,
+        n: usize,
+        registry: &Registry,
+        allowed: core::ops::RangeInclusive<usize>,
+    ) -> io::Result<ConnTable> {
+        let max = (*allowed.end()).min(LISTENERS_MAX);
+        if listeners.len() < *allowed.start() || listeners.len() > max {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "{} listen addresses ({} to {max})",
+                    listeners.len(),
+                    allowed.start(),
+                ),
+            ));
+        }
+        for (i, l) in listeners.iter_mut().enumerate() {
+            registry.register(l, Token(LISTENER_BASE + i), Interest::READABLE)?;
+        }
+        let mut conns = Vec::with_capacity(n);
+        conns.resize_with(n, || None);
+        let readers = (0..n)
+            .map(|_| FrameReader::new(vec![0u8; FRAME_MAX_BYTES].into_boxed_slice()))
+            .collect();
+        Ok(ConnTable {
+            listeners,
+            conns,
+            readers,
+            refuse_buf: [0u8; 512],
+        })
+    }
+
+    /// The addresses listened on (TCP ports resolved), for the start line.
+    pub fn local_addrs(&self) -> impl Iterator<Item = crate::net::Addr> + '_ {
+        self.listeners.iter().filter_map(|l| l.local_addr().ok())
+    }
+
+    /// Bytes reserved for `n` connections.
+    pub fn reserved_bytes(n: usize) -> usize {
+        n * FRAME_MAX_BYTES
+    }
+
+    /// Whether `t` is one of the table's connection tokens.
+    pub fn owns(&self, t: Token) -> bool {
+        t.0 < self.conns.len()
+    }
+
+    /// Handles a readiness event of the listener or a connection.
+    pub fn on_event(
+        &mut self,
+        fsm: &mut dyn Sessions,
+        registry: &Registry,
+        token: Token,
+        readable: bool,
+        writable: bool,
+        closed: bool,
+    ) {
+        if let Some(i) = token.0.checked_sub(LISTENER_BASE) {
+            if i < self.listeners.len() {
+                self.accept(fsm, registry, i);
+            }
+            return;
+        }
+        let Ok(c) = u32::try_from(token.0) else {
+            return;
+        };
+        if readable || closed {
+            self.read(fsm, registry, c);
+        }
+        if writable {
+            self.write(fsm, registry, c);
+        }
+    }
+
+    fn accept(&mut self, fsm: &mut dyn Sessions, registry: &Registry, listener: usize) {
+        loop {
+            let mut stream = match self.listeners[listener].accept() {
+                Ok(s) => s,
+                Err(_) => return,
+            };
+            let Some(c) = fsm.accept() else {
+                // Table full: the peer gets the refusal, if any, best
+                // effort, and sees its connection closed.
+                let n = fsm.refusal(&mut self.refuse_buf);
+                if n > 0 {
+                    let _ = stream.write(&self.refuse_buf[..n]);
+                }
+                continue;
+            };
+            if registry
+                .register(
+                    &mut stream,
+                    Token(c as usize),
+                    Interest::READABLE | Interest::WRITABLE,
+                )
+                .is_err()
+            {
+                fsm.disconnect(c);
+                continue;
+            }
+            self.readers[c as usize].clear();
+            self.conns[c as usize] = Some(Conn {
+                stream,
+                closing: false,
+                paused: false,
+            });
+            self.read(fsm, registry, c);
+        }
+    }
+
+    fn read(&mut self, fsm: &mut dyn Sessions, registry: &Registry, c: u32) {
+        let ci = c as usize;
+        loop {
+            loop {
+                if !fsm.wants_read(c) {
+                    if let Some(k) = self.conns[ci].as_mut() {
+                        k.paused = true;
+                    }
+                    return;
+                }
+                match self.readers[ci].next_frame() {
+                    Ok(Some(f)) => fsm.frame(c, f),
+                    Ok(None) => break,
+                    Err(e) => {
+                        fsm.bad_stream(c, &e);
+                        return;
+                    }
+                }
+            }
+            let Some(k) = self.conns[ci].as_mut() else {
+                return;
+            };
+            if k.closing {
+                return;
+            }
+            match k.stream.read(self.readers[ci].spare()) {
+                Ok(0) => {
+                    self.drop_conn(fsm, registry, c);
+                    return;
+                }
+                Ok(n) => self.readers[ci].advance(n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    k.paused = false;
+                    return;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => {
+                    self.drop_conn(fsm, registry, c);
+                    return;
+                }
+            }
+        }
+    }
+
+    fn write(&mut self, fsm: &mut dyn Sessions, registry: &Registry, c: u32) {
+        let ci = c as usize;
+        while fsm.has_output(c) {
+            let Some(k) = self.conns[ci].as_mut() else {
+                return;
+            };
+            match k.stream.write(fsm.output(c)) {
+                Ok(0) => {
+                    self.drop_conn(fsm, registry, c);
+                    return;
+                }
+                Ok(n) => fsm.consume_output(c, n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => {
+                    self.drop_conn(fsm, registry, c);
+                    return;
+                }
+            }
+        }
+        if self.conns[ci].as_ref().is_some_and(|k| k.closing) {
+            self.drop_conn(fsm, registry, c);
+        }
+    }
+
+    fn drop_conn(&mut self, fsm: &mut dyn Sessions, registry: &Registry, c: u32) {
+        if let Some(mut k) = self.conns[c as usize].take() {
+            let _ = registry.deregister(&mut k.stream);
+            fsm.disconnect(c);
+            self.readers[c as usize].clear();
+        }
+    }
+
+    /// Writes what the state machine queued, closes what it closed, and
+    /// resumes paused connections it wants to read again.
+    pub fn pump(&mut self, fsm: &mut dyn Sessions, registry: &Registry) {
+        self.write_queued(fsm, registry);
+        self.resume_paused(fsm, registry);
+    }
+
+    /// Writes what the state machine queued and closes what it closed.
+    pub fn write_queued(&mut self, fsm: &mut dyn Sessions, registry: &Registry) {
+        while let Some(c) = fsm.poll_output() {
+            self.write(fsm, registry, c);
+        }
+        while let Some(c) = fsm.poll_close() {
+            if let Some(k) = self.conns[c as usize].as_mut() {
+                k.closing = true;
+            }
+            self.write(fsm, registry, c);
+            if self.conns[c as usize].is_none() {
+                continue;
+            }
+            if !fsm.has_output(c) {
+                self.drop_conn(fsm, registry, c);
+            }
+        }
+    }
+
+    /// Reads again from paused connections the state machine wants to
+    /// read now (their output drained).
+    pub fn resume_paused(&mut self, fsm: &mut dyn Sessions, registry: &Registry) {
+        for ci in 0..self.conns.len() {
+            let paused = self.conns[ci]
+                .as_ref()
+                .is_some_and(|k| k.paused && !k.closing);
+            if paused {
+                let c = u32::try_from(ci).unwrap_or(u32::MAX);
+                if fsm.wants_read(c) {
+                    if let Some(k) = self.conns[ci].as_mut() {
+                        k.paused = false;
+                    }
+                    self.read(fsm, registry, c);
+                }
+            }
+        }
+    }
+}
