@@ -496,10 +496,12 @@ impl ClientFsm {
                         let mut lb = proto::RangesBuilder::new(&mut b).expect("buffer fits");
                         more = false;
                         for c in held.by_ref() {
-                            let _ = lb.push(Range {
+                            let pushed = lb.push(Range {
                                 chunk: c,
                                 chunks: 1,
                             });
+                            // Pushed only while the builder has room.
+                            assert!(pushed.is_ok(), "a ranges list with room takes one more");
                             if lb.remaining() == 0 {
                                 more = true;
                                 break;

@@ -6,6 +6,7 @@
 //! copy-outs, commits once (group commit) and only then returns the replies,
 //! so every reply the FSM sends is durable.
 
+use arrayvec::ArrayVec;
 use csnap_pools::{CHUNKS_PER_REQUEST_MAX, DELTA_QUERY_CHUNKS_MAX, SNAPSHOTS_MAX};
 
 /// Bytes of a delta bitmap: one bit per chunk of the largest delta query.
@@ -190,20 +191,11 @@ pub enum StoreResult {
     /// Done (origin write granted from the store's side, create, delete,
     /// priority, use).
     Done,
-    /// Per-chunk targets of a snapshot read or write, in chunk order.
-    Targets {
-        /// Valid entries.
-        len: u32,
-        /// Entries.
-        targets: [Target; CHUNKS_PER_REQUEST_MAX],
-    },
-    /// A listing.
-    List {
-        /// Valid rows.
-        len: u32,
-        /// Rows.
-        rows: [SnapRow; SNAPSHOTS_MAX],
-    },
+    /// Per-chunk targets of a snapshot read or write, in chunk order
+    /// (inline, at most one request's chunks).
+    Targets(ArrayVec<Target, CHUNKS_PER_REQUEST_MAX>),
+    /// A listing (inline, at most every snapshot slot).
+    List(ArrayVec<SnapRow, SNAPSHOTS_MAX>),
     /// Figures.
     Status(StoreFigures),
     /// A delta: bit `i` of `bits` set when chunk `chunk + i` differs.

@@ -10,6 +10,7 @@
 //! Running it on its own thread keeps disk latency out of the network loop:
 //! the loop's step is bounded by socket work and ring hand-offs.
 
+use arrayvec::ArrayVec;
 use csnap_fsm::store_ops::{
     SnapRow, StoreFailure, StoreFigures, StoreOp, StoreReply, StoreRequest, StoreResult, Target,
     DELTA_BITMAP_BYTES,
@@ -553,9 +554,9 @@ impl<D: Disk, O: Disk> StoreWorker<D, O> {
                 StoreResult::Done
             }
             StoreOp::SnapshotRead { tag, chunk, chunks } => {
-                let mut targets = [Target::Origin; CHUNKS_PER_REQUEST_MAX];
-                for (i, c) in (chunk..chunk + u64::from(chunks)).enumerate() {
-                    targets[i] = match self.store.as_mut().expect("started").lookup(tag, c) {
+                let mut targets = ArrayVec::<Target, CHUNKS_PER_REQUEST_MAX>::new();
+                for c in chunk..chunk + u64::from(chunks) {
+                    let t = match self.store.as_mut().expect("started").lookup(tag, c) {
                         Ok(Mapping::Origin) => Target::Origin,
                         Ok(Mapping::Store(s)) => Target::Store(s),
                         Err(e) => {
@@ -569,15 +570,21 @@ impl<D: Disk, O: Disk> StoreWorker<D, O> {
                             return StoreResult::Failed(f);
                         }
                     };
+                    if targets.try_push(t).is_err() {
+                        // The server refuses a longer query before it gets
+                        // here; a refusal, never an index past the list.
+                        return StoreResult::Failed(StoreFailure::OutOfRange);
+                    }
                 }
-                StoreResult::Targets {
-                    len: chunks,
-                    targets,
-                }
+                StoreResult::Targets(targets)
             }
             StoreOp::SnapshotWrite { tag, chunk, chunks } => {
-                let mut targets = [Target::Origin; CHUNKS_PER_REQUEST_MAX];
-                for (i, c) in (chunk..chunk + u64::from(chunks)).enumerate() {
+                if usize::try_from(chunks).map_or(true, |n| n > CHUNKS_PER_REQUEST_MAX) {
+                    // The server refuses a longer query before it gets here.
+                    return StoreResult::Failed(StoreFailure::OutOfRange);
+                }
+                let mut targets = ArrayVec::<Target, CHUNKS_PER_REQUEST_MAX>::new();
+                for c in chunk..chunk + u64::from(chunks) {
                     let w = match self.with_retry(|s| s.prepare_snapshot_write(tag, c)) {
                         Ok(w) => w,
                         Err(f) => return StoreResult::Failed(f),
@@ -595,12 +602,9 @@ impl<D: Disk, O: Disk> StoreWorker<D, O> {
                         self.fail();
                         return StoreResult::Failed(StoreFailure::Internal);
                     }
-                    targets[i] = Target::Store(w.store_chunk());
+                    targets.push(Target::Store(w.store_chunk()));
                 }
-                StoreResult::Targets {
-                    len: chunks,
-                    targets,
-                }
+                StoreResult::Targets(targets)
             }
             StoreOp::Create { tag, now_secs } => {
                 match self.with_retry(|s| s.create_snapshot(tag, now_secs)) {
@@ -642,10 +646,9 @@ impl<D: Disk, O: Disk> StoreWorker<D, O> {
                 }
             }
             StoreOp::List => {
-                let mut rows = [SnapRow::default(); SNAPSHOTS_MAX];
-                let mut len = 0;
+                let mut rows = ArrayVec::<SnapRow, SNAPSHOTS_MAX>::new();
                 for s in self.store.as_mut().expect("started").snapshots() {
-                    rows[len] = SnapRow {
+                    let row = SnapRow {
                         tag: s.tag,
                         priority: s.priority,
                         deleting: s.deleting,
@@ -654,12 +657,10 @@ impl<D: Disk, O: Disk> StoreWorker<D, O> {
                         chunks: s.chunks,
                         unique_chunks: s.unique_chunks,
                     };
-                    len += 1;
+                    // The snapshot table has SNAPSHOTS_MAX slots.
+                    assert!(rows.try_push(row).is_ok(), "a list holds every slot");
                 }
-                StoreResult::List {
-                    len: u32::try_from(len).unwrap_or(0),
-                    rows,
-                }
+                StoreResult::List(rows)
             }
             StoreOp::Delta {
                 volume,

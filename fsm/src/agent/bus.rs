@@ -405,7 +405,8 @@ impl AgentFsm {
             }
             if let Some(g) = self.gather.as_ref() {
                 for &e in &g.expected {
-                    let _ = cb.push(e);
+                    // At most EXPECTED_MAX (checked above), the list's capacity.
+                    assert!(cb.push(e).is_ok(), "the client list holds EXPECTED_MAX");
                 }
             }
             let msg = Msg::StartServer {

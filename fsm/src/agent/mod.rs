@@ -77,6 +77,8 @@ pub type AgentConnId = u32;
 pub const NODES_MAX: usize = proto::NODES_MAX;
 /// Snapshot clients one start waits for, cluster-wide.
 pub const EXPECTED_MAX: usize = csnap_pools::START_LIST_MAX;
+// A start command's client list holds every expected client.
+static_assertions::const_assert!(EXPECTED_MAX <= proto::CLIENT_ENTRIES_MAX);
 /// Output queued for one connection on the agent's socket.
 pub const CONN_OUT_BYTES: usize = csnap_pools::AGENT_CONN_OUT_BYTES;
 /// Output queued for the bus.

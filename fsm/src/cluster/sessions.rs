@@ -63,7 +63,11 @@ impl Controller {
         if let Ok(mut b) = proto::NodeListBuilder::new(&mut scratch[..]) {
             for r in &self.nodes {
                 if r.conn.is_some() && !r.left {
-                    let _ = b.push(Node { id: r.id });
+                    // At most NODES_MAX rows, the list's capacity.
+                    assert!(
+                        b.push(Node { id: r.id }).is_ok(),
+                        "a node list holds NODES_MAX"
+                    );
                 }
             }
             let msg = Msg::Members {

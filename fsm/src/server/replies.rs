@@ -89,8 +89,8 @@ impl Server {
                     self.check_locks_and_grant(token, conn, f);
                 }
             }
-            (StoreResult::Targets { len, targets }, InflightKind::SnapshotRead) => {
-                let n = *len as usize;
+            (StoreResult::Targets(targets), InflightKind::SnapshotRead) => {
+                let n = targets.len();
                 // Every chunk read is locked, store-mapped ones too: a store
                 // chunk shared with another snapshot may be moved off by
                 // this snapshot's own write and then overwritten in place
@@ -112,7 +112,8 @@ impl Server {
                 }
                 for i in 0..n {
                     let c = f.range.chunk + i as u64;
-                    let _ = self.locks.acquire(c, conn);
+                    let held = self.locks.acquire(c, conn);
+                    assert!(held.is_ok(), "room for the read's locks was checked");
                     // A write already waits for this chunk (it waits until
                     // no one holds it): a caching reader is asked at once to
                     // give it back after this read.
@@ -121,14 +122,14 @@ impl Server {
                     }
                 }
                 self.finish(token, conn);
-                self.send_targets(conn, rid, f.range.chunk, &targets[..n], true);
+                self.send_targets(conn, rid, f.range.chunk, targets, true);
                 // After the reply: the lease exists at the client when it
                 // reads the request to give it back.
                 while let Some((o, c)) = self.release_requests.pop() {
                     self.send_release(o, c);
                 }
             }
-            (StoreResult::Targets { len, targets }, InflightKind::SnapshotWrite) => {
+            (StoreResult::Targets(targets), InflightKind::SnapshotWrite) => {
                 // The mapping change is committed. Readers that may still
                 // read the old mapping hold read locks on these chunks (a
                 // caching one as its lease): drain them once, then ask the
@@ -153,8 +154,7 @@ impl Server {
                     return;
                 }
                 self.finish(token, conn);
-                let n = *len as usize;
-                self.send_targets(conn, rid, f.range.chunk, &targets[..n], false);
+                self.send_targets(conn, rid, f.range.chunk, targets, false);
             }
             (StoreResult::Done, InflightKind::Identify) => {
                 self.finish(token, conn);
@@ -179,11 +179,11 @@ impl Server {
                 self.finish(token, conn);
                 self.send(conn, rid, &Msg::Ok);
             }
-            (StoreResult::List { len, rows }, _) => {
+            (StoreResult::List(rows), _) => {
                 self.finish(token, conn);
                 let mut b = proto::SnapListBuilder::new(&mut self.scratch[..])
                     .expect("scratch holds a full list");
-                for r in &rows[..*len as usize] {
+                for r in rows {
                     let mut flags = 0;
                     if r.deleting {
                         flags |= SnapInfo::DELETING;
@@ -191,7 +191,7 @@ impl Server {
                     if r.in_use {
                         flags |= SnapInfo::IN_USE;
                     }
-                    let _ = b.push(SnapInfo {
+                    let pushed = b.push(SnapInfo {
                         tag: r.tag,
                         priority: r.priority,
                         flags,
@@ -199,6 +199,8 @@ impl Server {
                         chunks: r.chunks,
                         unique_chunks: r.unique_chunks,
                     });
+                    // At most SNAPSHOTS_MAX rows, the list's capacity.
+                    assert!(pushed.is_ok(), "a snapshot list holds every slot");
                 }
                 let list = b.finish();
                 let mut buf = [0u8; proto::SNAP_LIST_BYTES_MAX + proto::HEADER_BYTES];

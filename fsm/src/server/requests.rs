@@ -203,7 +203,8 @@ impl Server {
                 // FinishUpload, so nothing is counted twice for long.
                 for r in ranges.iter() {
                     for c in r.chunk..r.end() {
-                        let _ = self.locks.acquire(c, conn);
+                        let held = self.locks.acquire(c, conn);
+                        assert!(held.is_ok(), "room for the upload was checked");
                     }
                 }
             }

@@ -268,12 +268,14 @@ impl Server {
                 StoreTarget::Origin => (TargetKind::Origin, 0),
                 StoreTarget::Store(s) => (TargetKind::Store, s),
             };
-            let _ = b.push(Target {
+            let pushed = b.push(Target {
                 chunk: first + start as u64,
                 chunks: u32::try_from(i - start).unwrap_or(u32::MAX),
                 kind,
                 store_chunk,
             });
+            // At most one run per chunk of a request: the list's capacity.
+            assert!(pushed.is_ok(), "a target list holds a request's chunks");
         }
         let list = b.finish();
         let msg = if read {
