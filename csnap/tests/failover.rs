@@ -349,7 +349,7 @@ fn server_read_locks(c: &Cluster) -> u64 {
 
 /// Test 3: The lock policy when a snapshot client goes away, no failover
 /// involved. What the server does (`Server::handle_disconnect`,
-/// `handle_client_gone`, `handle_node_left` in `fsm/src/server.rs`):
+/// `handle_client_gone`, `handle_node_left` in `fsm/src/server/mod.rs`):
 ///
 /// - a snapshot client whose *server connection* closes while its node is
 ///   a member keeps its read locks, parked under its client id: it may be
