@@ -267,6 +267,33 @@ macro_rules! frame_api {
             );
         }
 
+        /// The version a `Hello` offering `min..=max` gets, or `None` after
+        /// answering `BadVersion` (naming both ranges) and closing `conn`:
+        /// the one handshake rule of every FSM's connections.
+        pub(crate) fn negotiate_hello(
+            &mut self,
+            conn: $id,
+            rid: u64,
+            min: u16,
+            max: u16,
+        ) -> Option<u16> {
+            let version = csnap_proto::negotiate(min, max);
+            if version.is_none() {
+                let mut t = csnap_proto::ErrorText::new();
+                let _ = core::fmt::Write::write_fmt(
+                    &mut t,
+                    format_args!(
+                        "no common protocol version: the peer speaks {min}..={max}, this side speaks {}",
+                        csnap_proto::PROTOCOL_VERSION
+                    ),
+                );
+                let culprit = csnap_proto::Kind::Hello.code();
+                self.send_error(conn, rid, csnap_proto::ErrorCode::BadVersion, culprit, t.as_str());
+                self.close(conn);
+            }
+            version
+        }
+
         /// A complete frame from `conn`.
         pub fn handle_frame(&mut self, conn: $id, frame: &[u8]) {
             if self.$table.is_gone(conn) {

@@ -370,6 +370,20 @@ fn only_agents_and_tools_are_accepted() {
         assert_eq!(t.closes(), vec![c]);
         t.c.handle_disconnect(c);
     }
+    // No common version: refused and closed.
+    let v = t.c.handle_accept().unwrap();
+    t.send(
+        v,
+        2,
+        &Msg::Hello {
+            version_min: 2,
+            version_max: 4,
+            role: Role::Agent,
+        },
+    );
+    assert_eq!(t.out(v), vec![(2, M::Error(ErrorCode::BadVersion))]);
+    assert_eq!(t.closes(), vec![v]);
+    t.c.handle_disconnect(v);
     let c = t.c.handle_accept().unwrap();
     t.send(c, 3, &Msg::ClusterStatus);
     assert_eq!(t.out(c), vec![(3, M::Error(ErrorCode::NotIdentified))]);

@@ -497,15 +497,8 @@ impl AgentFsm {
                     role,
                 },
             ) => {
-                let Some(version) = proto::negotiate(*version_min, *version_max) else {
-                    self.send_error(
-                        conn,
-                        rid,
-                        ErrorCode::BadVersion,
-                        kind.code(),
-                        "no common protocol version",
-                    );
-                    self.close(conn);
+                let Some(version) = self.negotiate_hello(conn, rid, *version_min, *version_max)
+                else {
                     return;
                 };
                 let next = match role {

@@ -46,8 +46,8 @@ use core::fmt::Write as _;
 use csnap_pools::slab::Slab;
 use csnap_pools::CHUNKS_PER_REQUEST_MAX;
 use csnap_proto::{
-    self as proto, encode, negotiate, ErrorCode, ErrorText, Header, Kind, Msg, Range, Role,
-    ServerState, SnapInfo, Target, TargetKind, Volume,
+    self as proto, encode, ErrorCode, ErrorText, Header, Kind, Msg, Range, Role, ServerState,
+    SnapInfo, Target, TargetKind, Volume,
 };
 
 use crate::conns::{self, ConnTable, SlotState};

@@ -22,8 +22,8 @@ impl Server {
                     version_max,
                     role,
                 },
-            ) => match negotiate(*version_min, *version_max) {
-                Some(version) => {
+            ) => {
+                if let Some(version) = self.negotiate_hello(conn, rid, *version_min, *version_max) {
                     self.sessions[conn as usize].state = match role {
                         Role::Client => SessionState::ExpectIdentify,
                         Role::Control | Role::Agent | Role::Server => SessionState::Control,
@@ -37,17 +37,7 @@ impl Server {
                         },
                     );
                 }
-                None => {
-                    let mut t = ErrorText::new();
-                    let _ = write!(
-                        t,
-                        "no common protocol version: client speaks {version_min}..={version_max}, server speaks {}",
-                        proto::PROTOCOL_VERSION
-                    );
-                    self.send_error(conn, rid, ErrorCode::BadVersion, kind.code(), t.as_str());
-                    self.close(conn);
-                }
-            },
+            }
             (SessionState::ExpectHello, _) => self.send_error(
                 conn,
                 rid,
