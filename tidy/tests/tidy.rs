@@ -20,7 +20,7 @@ const LONG_FUNCTIONS_MAX: usize = 40;
 const FILE_LINES_MAX: usize = 1200;
 /// Files over `FILE_LINES_MAX` lines today, with their length: each may only
 /// shrink, and no other file may grow past the limit.
-const LONG_FILES: &[(&str, usize)] = &[("io/src/nbd.rs", 2459)];
+const LONG_FILES: &[(&str, usize)] = &[];
 
 /// The crates whose `src/` is checked.
 const CRATES: &[&str] = &[

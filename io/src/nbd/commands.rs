@@ -1,0 +1,728 @@
+//! A connection slot's commands: client input, admission and submission
+//! to the engine, disk and engine completions, replies, and the close.
+
+use super::*;
+
+impl Slot {
+    pub(super) fn read_client(
+        &mut self,
+        sh: &mut Shared,
+        ctl: &mut Control,
+        reg: &Registry,
+        now: u64,
+    ) {
+        loop {
+            if let Some(ev) = self.session.poll_event() {
+                sh.moved();
+                self.on_event(ev, sh, ctl, reg, now);
+                continue;
+            }
+            if matches!(self.state, SlotState::Closing { .. } | SlotState::Free) {
+                return;
+            }
+            if let Some(p) = self.pending {
+                if !self.admit(p, sh) {
+                    return;
+                }
+                self.pending = None;
+                sh.moved();
+                continue;
+            }
+            let rem = usize::try_from(self.session.payload_remaining()).unwrap_or(0);
+            if rem > 0 {
+                if !self.read_payload(rem, sh, now) {
+                    return;
+                }
+                continue;
+            }
+            if !self.session.wants_input() {
+                return;
+            }
+            if self.rx_start < self.rx_end {
+                let n = self
+                    .session
+                    .handle_input(&self.rx[self.rx_start..self.rx_end]);
+                if n > 0 {
+                    self.rx_start += n;
+                    if self.rx_start == self.rx_end {
+                        self.rx_start = 0;
+                        self.rx_end = 0;
+                    }
+                    sh.moved();
+                    continue;
+                }
+                // Nothing taken from a full buffer cannot happen (the
+                // session takes any header byte it wants); do not spin.
+                if self.rx_start == 0 && self.rx_end == self.rx.len() {
+                    return;
+                }
+            }
+            if !self.client_readable {
+                return;
+            }
+            if self.rx_start > 0 {
+                self.rx.copy_within(self.rx_start..self.rx_end, 0);
+                self.rx_end -= self.rx_start;
+                self.rx_start = 0;
+            }
+            let Some(c) = self.client.as_mut() else {
+                return;
+            };
+            match c.read(&mut self.rx[self.rx_end..]) {
+                Ok(0) => {
+                    self.client_eof(now, false);
+                    sh.moved();
+                    return;
+                }
+                Ok(n) => {
+                    self.rx_end += n;
+                    sh.moved();
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.client_readable = false;
+                    return;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => {
+                    self.client_eof(now, true);
+                    sh.moved();
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Moves `WRITE` payload into the command's buffer: what is received
+    /// already, then straight from the socket. `false`: wait for input.
+    pub(super) fn read_payload(&mut self, rem: usize, sh: &mut Shared, now: u64) -> bool {
+        let Some(ci) = self.payload_cmd.map(usize::from) else {
+            // Unreachable: an accepted WRITE is admitted before its payload.
+            self.client_eof(now, true);
+            return false;
+        };
+        let Some(b) = self.cmds[ci].and_then(|c| c.buf) else {
+            self.client_eof(now, true);
+            return false;
+        };
+        let at = DATA_AT + self.payload_filled;
+        let n = if self.rx_start < self.rx_end {
+            let n = rem.min(self.rx_end - self.rx_start);
+            let dst = &mut sh.pool.get_mut(b)[at..at + n];
+            dst.copy_from_slice(&self.rx[self.rx_start..self.rx_start + n]);
+            self.rx_start += n;
+            if self.rx_start == self.rx_end {
+                self.rx_start = 0;
+                self.rx_end = 0;
+            }
+            n
+        } else {
+            if !self.client_readable {
+                return false;
+            }
+            let Some(c) = self.client.as_mut() else {
+                return false;
+            };
+            let dst = &mut sh.pool.get_mut(b)[at..at + rem];
+            match c.read(dst) {
+                Ok(0) => {
+                    self.client_eof(now, false);
+                    return false;
+                }
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.client_readable = false;
+                    return false;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => return true,
+                Err(_) => {
+                    self.client_eof(now, true);
+                    return false;
+                }
+            }
+        };
+        let r = self.session.handle_payload(n);
+        assert!(r.is_ok(), "payload within what the session expects");
+        self.payload_filled += n;
+        sh.moved();
+        if self.session.payload_remaining() == 0 {
+            self.payload_cmd = None;
+            self.payload_filled = 0;
+            if let Some(c) = self.cmds[ci].as_mut() {
+                c.receiving = false;
+            }
+        }
+        true
+    }
+
+    pub(super) fn client_eof(&mut self, now: u64, broken: bool) {
+        self.session.handle_eof();
+        if broken {
+            self.client_broken = true;
+        }
+        let serving = self.attached;
+        self.begin_close(serving, now);
+    }
+
+    pub(super) fn on_event(
+        &mut self,
+        ev: NbdEvent,
+        sh: &mut Shared,
+        ctl: &mut Control,
+        reg: &Registry,
+        now: u64,
+    ) {
+        match ev {
+            NbdEvent::ExportQuery { option } => {
+                let vol = parse_export(self.session.export_name());
+                match (option, vol) {
+                    (_, None) => self.answer(None),
+                    (ExportOption::Info, Some(Volume::Origin)) => {
+                        let info = self.export_info(sh.export_size, sh.write_back);
+                        self.answer(Some(info));
+                    }
+                    (ExportOption::Info, Some(Volume::Snapshot(tag))) => {
+                        match ctl.request_list(sh, now) {
+                            Some(id) => {
+                                self.ctl = CtlWait::Info {
+                                    id,
+                                    tag,
+                                    deadline_ms: now + sh.timeout_ms,
+                                };
+                            }
+                            None => self.answer(None),
+                        }
+                    }
+                    (ExportOption::Go | ExportOption::ExportName, Some(v)) => {
+                        self.attach(v, sh, reg, now);
+                    }
+                }
+            }
+            NbdEvent::MetaQuery { .. } => {
+                let tag = match parse_export(self.session.export_name()) {
+                    None => {
+                        self.answer_meta(None);
+                        return;
+                    }
+                    Some(Volume::Origin) => None,
+                    Some(Volume::Snapshot(t)) => Some(t),
+                };
+                match ctl.request_list(sh, now) {
+                    Some(id) => {
+                        self.ctl = CtlWait::Meta {
+                            id,
+                            tag,
+                            deadline_ms: now + sh.timeout_ms,
+                        };
+                    }
+                    None if tag.is_none() => self.answer_meta(Some(&[])),
+                    None => self.answer_meta(None),
+                }
+            }
+            NbdEvent::ListQuery => match ctl.request_list(sh, now) {
+                Some(id) => {
+                    self.ctl = CtlWait::List {
+                        id,
+                        deadline_ms: now + sh.timeout_ms,
+                    };
+                }
+                None => {
+                    self.list_n = 0;
+                    self.list_pos = 0;
+                    self.listing = true;
+                }
+            },
+            NbdEvent::Ready => {
+                if self.state == SlotState::Handshake {
+                    self.state = SlotState::Serving;
+                }
+            }
+            NbdEvent::Command(c) => self.pending = Some(Pending::Cmd(c)),
+            NbdEvent::Reject {
+                handle,
+                error,
+                structured,
+            } => {
+                self.pending = Some(Pending::Reject {
+                    handle,
+                    error,
+                    structured,
+                });
+            }
+            NbdEvent::Disconnect => {
+                let serving = self.attached;
+                self.begin_close(serving, now);
+            }
+            NbdEvent::Fatal(reason) => {
+                eprintln!("csnap nbd: closing a connection: {reason}");
+                let serving = self.attached;
+                self.begin_close(serving, now);
+            }
+        }
+    }
+
+    /// Attaches the engine to `v` for an export query.
+    pub(super) fn attach(&mut self, v: Volume, sh: &mut Shared, reg: &Registry, now: u64) {
+        self.link.close(reg);
+        let id = sh.new_client_id();
+        self.engine.reset(v, id);
+        self.volume = v;
+        self.export_tag = crate::metrics::export_tag(v);
+        self.link.start(id, sh.node_id, Some(v), now);
+        self.timed_out = false;
+        self.dead = None;
+        self.state = SlotState::Attaching {
+            deadline_ms: now + sh.timeout_ms,
+        };
+    }
+
+    /// Admits a request: `false` when it must wait (no room, no buffer).
+    pub(super) fn admit(&mut self, p: Pending, sh: &mut Shared) -> bool {
+        if self.outstanding() >= CMDS {
+            return false;
+        }
+        let c = match p {
+            Pending::Reject {
+                handle,
+                error,
+                structured,
+            } => {
+                self.push_done(handle, structured, Some(error), sh);
+                return true;
+            }
+            Pending::Cmd(c) => c,
+        };
+        let immediate = match c.kind {
+            CmdKind::Trim | CmdKind::Cache => Some(None),
+            CmdKind::WriteZeroes if c.flags.fast_zero() => Some(Some(NbdError::NotSup)),
+            CmdKind::Read | CmdKind::Write | CmdKind::WriteZeroes if c.length == 0 => Some(None),
+            _ => None,
+        };
+        if let Some(err) = immediate {
+            let now_us = csnap_sys::monotonic_micros();
+            sh.metrics
+                .finished(self.metrics_export, c.kind, 0, err.is_none(), now_us);
+            let structured = self.structured_for(c.kind);
+            self.push_done(c.handle, structured, err, sh);
+            return true;
+        }
+        let needs_buf = matches!(
+            c.kind,
+            CmdKind::Read | CmdKind::Write | CmdKind::BlockStatus
+        );
+        let buf = if needs_buf {
+            if self.bufs_held >= BUFS_PER_CONN {
+                return false;
+            }
+            let Some(b) = sh.pool.take() else {
+                if !self.buffer_wait {
+                    self.buffer_wait = true;
+                    sh.stats.buffer_waits += 1;
+                }
+                return false;
+            };
+            self.buffer_wait = false;
+            self.bufs_held += 1;
+            Some(b)
+        } else {
+            None
+        };
+        let Some(ci) = self.cmds.iter().position(Option::is_none) else {
+            // Unreachable: `outstanding` bounds the table.
+            if let Some(b) = buf {
+                self.release_buf(sh, b);
+            }
+            return false;
+        };
+        self.seq += 1;
+        let cmd = Command::admitted(&c, self.seq, buf, csnap_sys::monotonic_micros());
+        let receiving = cmd.receiving;
+        self.cmds[ci] = Some(cmd);
+        self.active += 1;
+        if receiving {
+            self.payload_cmd = u8::try_from(ci).ok();
+            self.payload_filled = 0;
+        }
+        true
+    }
+
+    /// Submits what commands have for the engine, oldest first, until it is
+    /// busy.
+    pub(super) fn submit(&mut self, sh: &mut Shared) {
+        if !matches!(self.state, SlotState::Serving | SlotState::Closing { .. }) {
+            return;
+        }
+        loop {
+            let Some(ci) = nbd_cmds::next_to_submit(&self.cmds) else {
+                return;
+            };
+            let Some((kind, off, len, bref)) = self.cmds[ci].and_then(|c| c.next_io()) else {
+                return;
+            };
+            let tag = u64::try_from(ci).unwrap_or(u64::MAX);
+            match self.engine.submit(tag, kind, off, len) {
+                Ok(slot) => {
+                    if let Some(m) = self.io_map.get_mut(slot as usize) {
+                        *m = Some((u8::try_from(ci).unwrap_or(u8::MAX), bref));
+                    }
+                    let mut ack = None;
+                    let connected = self.engine.is_ready();
+                    if let Some(c) = self.cmds[ci].as_mut() {
+                        c.in_engine += 1;
+                        c.advance(len);
+                        if c.acks_early(sh.write_back, connected) {
+                            c.acked = true;
+                            ack = Some(c.handle);
+                        }
+                    }
+                    if let Some(h) = ack {
+                        self.push_hdr(&simple_reply(h, None), sh);
+                    }
+                    sh.moved();
+                }
+                Err(SubmitError::Busy | SubmitError::NotReady) => return,
+                Err(SubmitError::Invalid) => {
+                    if let Some(c) = self.cmds[ci].as_mut() {
+                        c.error.get_or_insert(NbdError::Inval);
+                        c.next = c.end;
+                        c.fua = Fua::No;
+                    }
+                    self.maybe_finish(ci, sh);
+                    sh.moved();
+                }
+            }
+        }
+    }
+
+    /// Hands the engine's disk operations to the disk queue and its
+    /// completions to their commands.
+    pub(super) fn drain_engine(&mut self, sh: &mut Shared) {
+        while let Some(op) = self.held.take().or_else(|| self.engine.poll_disk()) {
+            let bref = self.io_map.get(op.slot() as usize).copied().flatten();
+            let buf_offset = match op {
+                DiskOp::Read { buf_offset, .. } | DiskOp::Write { buf_offset, .. } => {
+                    buf_offset as usize
+                }
+                DiskOp::Sync { .. } => 0,
+            };
+            let data_at = match (bref, op) {
+                (Some((_, BufRef::Pool(b))), _) => Some(sh.pool.data_at(b) + buf_offset),
+                (Some((_, BufRef::Zero)), DiskOp::Write { .. } | DiskOp::Sync { .. }) => {
+                    Some(sh.pool.zero_at() + buf_offset)
+                }
+                // Unreachable: every engine I/O has a buffer, and nothing
+                // reads into the zero buffer.
+                _ => None,
+            };
+            let Some(data_at) = data_at else {
+                sh.stats.disk_errors += 1;
+                self.engine.disk_done(&op, false);
+                sh.moved();
+                continue;
+            };
+            if !sh.disk.take(self.index, op, data_at) {
+                // The queue is full: offered again after a completion.
+                self.held = Some(op);
+                break;
+            }
+            sh.moved();
+        }
+        while let Some((tag, r)) = self.engine.poll_complete() {
+            sh.moved();
+            let ci = usize::try_from(tag).unwrap_or(usize::MAX);
+            let Some(c) = self.cmds.get_mut(ci).and_then(Option::as_mut) else {
+                continue;
+            };
+            assert!(
+                c.in_engine > 0,
+                "a completion for a command not in the engine"
+            );
+            c.in_engine -= 1;
+            if let Err(e) = r {
+                c.error.get_or_insert(nbd_error(e));
+                c.next = c.end;
+                c.fua = match c.fua {
+                    Fua::Needed => Fua::No,
+                    f => f,
+                };
+                // A write the disk failed also fails the next flush (as
+                // fsync reports a failed write-back).
+                if e == IoError::Disk && matches!(c.kind, CmdKind::Write | CmdKind::WriteZeroes) {
+                    self.wb_error.get_or_insert(NbdError::Io);
+                }
+            }
+            self.maybe_finish(ci, sh);
+        }
+    }
+
+    /// A disk operation of this slot's engine finished.
+    pub(super) fn disk_finished(&mut self, f: &Finished) {
+        self.engine.disk_done(&f.op, f.ok);
+    }
+
+    /// Replies to command `ci` once nothing of it is left to do.
+    pub(super) fn maybe_finish(&mut self, ci: usize, sh: &mut Shared) {
+        let Some(c) = self.cmds[ci] else {
+            return;
+        };
+        if !c.done() {
+            return;
+        }
+        self.cmds[ci] = None;
+        self.active -= 1;
+        let ok = c.error.is_none();
+        sh.metrics
+            .finished(self.metrics_export, c.kind, c.len, ok, c.start_us);
+        if c.acked {
+            // Its reply went out when it was taken; a failure now is the
+            // next flush's to report.
+            if let Some(e) = c.error {
+                self.wb_error.get_or_insert(e);
+            }
+            if let Some(b) = c.buf {
+                self.release_buf(sh, b);
+            }
+            sh.moved();
+            return;
+        }
+        // A flush reports a failure of a write acknowledged before it.
+        let error = match (c.kind, c.error) {
+            (CmdKind::Flush, None) => self.wb_error.take(),
+            (_, e) => e,
+        };
+        let structured = self.structured_for(c.kind);
+        let end = u32::try_from(DATA_AT).unwrap_or(0);
+        match (c.kind, error, c.buf) {
+            (CmdKind::Read, None, Some(b)) => {
+                let start = if structured {
+                    let at = DATA_AT - OFFSET_DATA_HEADER_BYTES;
+                    sh.pool.get_mut(b)[at..DATA_AT]
+                        .copy_from_slice(&offset_data_header(c.handle, c.offset, c.len));
+                    at
+                } else {
+                    sh.pool.get_mut(b)[HDR_AT..DATA_AT]
+                        .copy_from_slice(&simple_reply(c.handle, None));
+                    HDR_AT
+                };
+                sh.stats.commands += 1;
+                let start = u32::try_from(start).unwrap_or(0);
+                let pushed = self.data_out.push_back((b, start, end + c.len)).is_ok();
+                assert!(pushed, "reply room is reserved at admission");
+            }
+            (CmdKind::BlockStatus, None, Some(b)) => {
+                sh.stats.commands += 1;
+                let pushed = self.data_out.push_back((b, end, end + c.rendered)).is_ok();
+                assert!(pushed, "reply room is reserved at admission");
+            }
+            (_, err, buf) => {
+                self.push_done(c.handle, structured, err, sh);
+                if let Some(b) = buf {
+                    self.release_buf(sh, b);
+                }
+            }
+        }
+        sh.moved();
+    }
+
+    pub(super) fn write_client(&mut self, sh: &mut Shared) {
+        loop {
+            if self.client_broken {
+                self.drop_output(sh);
+                return;
+            }
+            let Some(c) = self.client.as_mut() else {
+                return;
+            };
+            let r = if !self.session.transmit().is_empty() {
+                c.write(self.session.transmit()).map(|n| (0, n))
+            } else if self.hdr_end > self.hdr_start {
+                c.write(&self.hdr_out[self.hdr_start..self.hdr_end])
+                    .map(|n| (1, n))
+            } else if let Some((b, start, end)) = self.data_out.front().copied() {
+                let from = start as usize + self.data_written;
+                c.write(&sh.pool.get(b)[from..end as usize]).map(|n| (2, n))
+            } else {
+                return;
+            };
+            match r {
+                Ok((_, 0)) => self.client_broken = true,
+                Ok((0, n)) => {
+                    let r = self.session.consume_transmit(n);
+                    assert!(r.is_ok(), "wrote what was pending");
+                    sh.moved();
+                }
+                Ok((1, n)) => {
+                    self.hdr_start += n;
+                    if self.hdr_start == self.hdr_end {
+                        self.hdr_start = 0;
+                        self.hdr_end = 0;
+                    }
+                    self.hdr_front_written += n;
+                    while let Some(l) = self.hdr_lens.front().copied() {
+                        if self.hdr_front_written < usize::from(l) {
+                            break;
+                        }
+                        self.hdr_front_written -= usize::from(l);
+                        self.hdr_lens.pop_front();
+                    }
+                    sh.moved();
+                }
+                Ok((_, n)) => {
+                    self.data_written += n;
+                    if let Some((b, start, end)) = self.data_out.front().copied() {
+                        if self.data_written == (end - start) as usize {
+                            self.data_out.pop_front();
+                            self.data_written = 0;
+                            self.release_buf(sh, b);
+                        }
+                    }
+                    sh.moved();
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => self.client_broken = true,
+            }
+        }
+    }
+
+    /// The client is gone: its replies cannot be delivered.
+    pub(super) fn drop_output(&mut self, sh: &mut Shared) {
+        while let Some((b, _, _)) = self.data_out.pop_front() {
+            self.release_buf(sh, b);
+        }
+        self.data_written = 0;
+        self.hdr_start = 0;
+        self.hdr_end = 0;
+        self.hdr_lens.clear();
+        self.hdr_front_written = 0;
+        let n = self.session.transmit().len();
+        let _ = self.session.consume_transmit(n);
+    }
+
+    pub(super) fn maybe_close(
+        &mut self,
+        sh: &mut Shared,
+        ctl: &mut Control,
+        reg: &Registry,
+        now: u64,
+    ) {
+        let SlotState::Closing {
+            flush,
+            linger_until_ms,
+        } = self.state
+        else {
+            return;
+        };
+        // What can never complete now: a request not admitted, a write whose
+        // payload will not come, a question to the control connection.
+        self.pending = None;
+        self.listing = false;
+        if let Some(id) = self.ctl.id() {
+            ctl.fsm.forget(id);
+            if matches!(self.ctl, CtlWait::Delta { .. }) {
+                // Its block-status command ends with an error now.
+                self.delta_state = DeltaState::Failed(NbdError::Shutdown);
+            }
+            sh.moved();
+        }
+        self.ctl = CtlWait::None;
+        if let Some(ci) = self.payload_cmd.take().map(usize::from) {
+            if let Some(c) = self.cmds[ci].take() {
+                self.active -= 1;
+                if let Some(b) = c.buf {
+                    self.release_buf(sh, b);
+                }
+            }
+            self.payload_cmd = None;
+            self.payload_filled = 0;
+        }
+        if self.active > 0 {
+            return;
+        }
+        if self.output_left() && !self.client_broken && now < linger_until_ms {
+            sh.wake(linger_until_ms);
+            return;
+        }
+        if flush && !sh.sync_both() {
+            eprintln!("csnap nbd: flush at disconnect failed");
+        }
+        self.teardown(sh, ctl, reg);
+    }
+
+    /// Gives everything back; the slot is free.
+    pub(super) fn teardown(&mut self, sh: &mut Shared, ctl: &mut Control, reg: &Registry) {
+        assert!(self.active == 0, "teardown with commands in flight");
+        if self.attached {
+            self.engine.release_all_idle();
+            self.link.flush_best_effort(&mut self.engine);
+        }
+        self.link.close(reg);
+        if let Some(mut c) = self.client.take() {
+            if !self.client_broken && !self.session.transmit().is_empty() {
+                let _ = c.write(self.session.transmit());
+            }
+            let _ = reg.deregister(&mut c);
+        }
+        self.client_broken = true;
+        self.drop_output(sh);
+        if let Some(id) = self.ctl.id() {
+            ctl.fsm.forget(id);
+        }
+        self.ctl = CtlWait::None;
+        self.delta_state = DeltaState::None;
+        self.listing = false;
+        self.pending = None;
+        self.payload_cmd = None;
+        assert!(self.held.is_none(), "a disk operation held without I/O");
+        self.io_map = [None; IOS];
+        self.attached = false;
+        if let Some(i) = self.metrics_export.take() {
+            sh.metrics.detach(i);
+        }
+        self.timed_out = false;
+        self.dead = None;
+        self.state = SlotState::Free;
+        sh.moved();
+    }
+
+    /// The invariants, after every pump (cheap; release builds too).
+    pub(super) fn check(&self, sh: &Shared) {
+        let cmds = self.cmds.iter().flatten().count();
+        assert_eq!(cmds, self.active, "command count out of step");
+        let bufs = self
+            .cmds
+            .iter()
+            .flatten()
+            .filter(|c| c.buf.is_some())
+            .count()
+            + self.data_out.len();
+        assert_eq!(bufs, self.bufs_held, "buffers held out of step");
+        assert!(self.bufs_held <= BUFS_PER_CONN);
+        assert!(self.outstanding() <= CMDS, "more commands than the table");
+        assert!(self.hdr_start <= self.hdr_end && self.hdr_end <= self.hdr_out.len());
+        assert!(self.hdr_lens.is_empty() || self.hdr_end > self.hdr_start);
+        if matches!(self.ctl, CtlWait::Delta { .. }) {
+            assert!(
+                self.cmds
+                    .iter()
+                    .flatten()
+                    .any(|c| c.kind == CmdKind::BlockStatus),
+                "a delta query for no block-status command"
+            );
+        }
+        assert!(self.rx_start <= self.rx_end && self.rx_end <= self.rx.len());
+        let in_engine: u32 = self.cmds.iter().flatten().map(|c| c.in_engine).sum();
+        assert_eq!(
+            in_engine as usize,
+            self.engine.in_flight(),
+            "engine I/Os out of step with the commands"
+        );
+        if self.state == SlotState::Free {
+            assert!(self.client.is_none() && !self.link.active() && self.active == 0);
+        }
+        if let Some(ci) = self.payload_cmd {
+            assert!(self.cmds[usize::from(ci)].is_some_and(|c| c.receiving));
+            assert!(matches!(self.session.state(), NbdState::Payload { .. }));
+        }
+        let _ = sh;
+    }
+}
