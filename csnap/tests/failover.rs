@@ -1004,3 +1004,55 @@ fn repeated_server_deaths_mark_the_store_failed_and_clients_get_an_error() {
     assert_eq!(io.read(0, 4096), vec![0xa1; 4096]);
     io.quit();
 }
+
+/// A poison request (#15): a blocking client's request that is at the
+/// server through `REQUEST_SERVER_DEATHS_MAX` (3) consecutive server deaths
+/// is failed to its caller with an error naming why, instead of being
+/// re-sent to server after server. The origin write waits on a snapshot
+/// reader's held lock, so it is at the server at every kill; the
+/// controller's breaker is off (the default here), so the bound that acts
+/// is the request's own. After two deaths the write is still waiting (it
+/// was re-sent); after the third it fails, and the client goes on.
+#[test]
+fn a_request_in_flight_across_three_server_deaths_fails_instead_of_being_resent() {
+    let _serial = serial();
+    let mut rng = Rng::new(seed("poison_request"));
+    let c = Cluster::start("poison", ClusterOpts::default(), &mut rng);
+    let mut w = c.io("origin", 11, 1);
+    c.create(1);
+    let mut r = c.io("1", 31, 3);
+    let held_chunk = 5u64;
+    let k = held(&r.call(&format!("hold {} {}", held_chunk * CHUNK, 100)));
+    assert!(k >= 1, "the chunk is on the origin: a read lock is held");
+    send_chunk_write(&mut w, &mut rng, held_chunk);
+    assert_waits(&mut w, "while the read lock is held");
+    for death in 1..=3 {
+        let (inc, _, _) = c.kill_server();
+        c.wait_serving_above(inc);
+        if death < 3 {
+            // Re-sent to the new server, where it waits on the re-uploaded
+            // lock (or at the recovery barrier) again.
+            assert_waits(
+                &mut w,
+                &format!("after death {death}: re-sent, waiting again"),
+            );
+        }
+    }
+    let (_, line) = w
+        .try_reply(Duration::from_secs(20))
+        .expect("the write was answered after the third death");
+    assert!(
+        line.starts_with("error") && line.contains("3 consecutive server deaths"),
+        "{line}"
+    );
+    drop(w);
+    // Nothing else is lost: the reader lets go, and a new writer's write to
+    // the same chunk is granted.
+    assert_eq!(r.call("unhold"), format!("ok released {k}"));
+    let mut w = c.io("origin", 12, 1);
+    let t = Instant::now();
+    send_chunk_write(&mut w, &mut rng, held_chunk);
+    assert_granted(&mut w, t, "after the poison request failed");
+    w.quit();
+    r.quit();
+}

@@ -514,8 +514,12 @@ impl Connection {
         }
     }
 
-    fn wait_for(&mut self, id: u64) -> Result<Waited, ClientError> {
+    /// Sends what is queued and waits for the reply to `id`; `at_server`
+    /// is set once `id` has gone out on this connection (a failure after
+    /// that found the request at the server).
+    fn wait_for(&mut self, id: u64, at_server: &mut bool) -> Result<Waited, ClientError> {
         self.flush()?;
+        *at_server = self.fsm.is_sent(id);
         loop {
             let ev = self.next_event()?;
             self.flush()?;
@@ -543,8 +547,10 @@ impl Connection {
             .fsm
             .request(req)
             .ok_or_else(|| ClientError::Protocol("too many requests outstanding".into()))?;
+        let mut deaths: u8 = 0;
         loop {
-            let failure = match self.wait_for(id) {
+            let mut at_server = false;
+            let failure = match self.wait_for(id, &mut at_server) {
                 Ok(Waited::Reply) => match proto::decode(&self.reply) {
                     Ok((_, Msg::Error { code, text, .. })) => {
                         let e = ClientError::Server {
@@ -569,6 +575,31 @@ impl Connection {
             };
             let Some(e) = failure else { break };
             let why = e.to_string();
+            // The request was at a server that died or was replaced (its
+            // connection broke, or a newer incarnation answered): a request
+            // that meets REQUEST_SERVER_DEATHS_MAX of those in a row may be
+            // what kills the server (a poison request), so it fails here
+            // instead of being re-sent to server after server.
+            let died = matches!(
+                e,
+                ClientError::Io(_)
+                    | ClientError::Server {
+                        code: ErrorCode::StaleIncarnation,
+                        ..
+                    }
+            );
+            if died && at_server {
+                deaths += 1;
+                if deaths >= csnap_pools::REQUEST_SERVER_DEATHS_MAX {
+                    self.fsm.forget(id);
+                    self.stream = None;
+                    self.fsm.handle_disconnect();
+                    return Err(ClientError::Io(io::Error::other(format!(
+                        "the request was in flight across {deaths} consecutive server deaths \
+                         (the last: {why}); failed instead of re-sent"
+                    ))));
+                }
+            }
             let requeue = matches!(e, ClientError::Server { .. });
             self.recover(&why, &mut deadline)?;
             if requeue {
