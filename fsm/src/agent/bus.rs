@@ -279,7 +279,7 @@ impl AgentFsm {
         if self.gathering() || self.starting.is_some() {
             return;
         }
-        if self.standby.is_none() || self.fenced {
+        if self.standby.ready().is_none() || self.fenced {
             // Cannot start: the controller sees `standby: false` and picks
             // another node.
             self.report_state(0);
@@ -376,7 +376,7 @@ impl AgentFsm {
             return;
         }
         let attempt = g.attempt;
-        let Some(conn) = self.standby else {
+        let Some(conn) = self.standby.ready() else {
             self.gather_reset();
             return;
         };
@@ -419,7 +419,7 @@ impl AgentFsm {
         self.scratch = clients;
         self.scratch2 = nodes;
         self.gather_reset();
-        self.standby = None;
+        self.standby_to(StandbySlot::Idle);
         // What the server is told; changes from now on reach it once it
         // serves (`on_serving`).
         self.pushed.clear();
@@ -488,7 +488,7 @@ impl AgentFsm {
     }
 
     pub(super) fn report_state(&mut self, died: u64) {
-        let standby_ready = self.standby.is_some() && !self.gathering() && !self.fenced;
+        let standby_ready = self.standby.ready().is_some() && !self.gathering() && !self.fenced;
         self.bus_send(&Msg::AgentState {
             node_id: self.cfg.node_id,
             standby_ready,

@@ -316,6 +316,61 @@ pub struct AgentStatus {
     pub snapshot_clients: u32,
 }
 
+/// The local standby server's slot: what the agent waits for to have a
+/// ready standby. One move function, `AgentFsm::standby_to`, asserts every
+/// move is a row of this table:
+///
+/// | from | to | on |
+/// |---|---|---|
+/// | `Idle` | `Due` | the server of a start serves (`standby_after_start_ms`), a start failed or a standby was lost (`respawn_backoff_ms`) |
+/// | `Due`, `Spawning` | `Spawning` | the tick at `at_ms` or past `deadline_ms`: `SpawnStandby` (again) |
+/// | `Due`, `Spawning` | `Due` | the server of a start serves while a spawn was pending (later time) |
+/// | `Idle`, `Due`, `Spawning` | `Ready` | a standby's `ServerReady` (an extra one is refused) |
+/// | `Ready` | `Idle` | the standby is started (it becomes the starting server) or its link is lost |
+///
+/// The first standby is `Due` at time 0 (spawned at the first tick).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum StandbySlot {
+    /// No standby and none asked for (a start consumed it; the next one is
+    /// asked for once that server serves or fails).
+    Idle,
+    /// Waiting for the time to spawn one.
+    Due {
+        /// When.
+        at_ms: u64,
+    },
+    /// Spawned; waiting for its `ServerReady` until the deadline, then
+    /// spawned again.
+    Spawning {
+        /// The deadline.
+        deadline_ms: u64,
+    },
+    /// Ready on this link: waiting for a start.
+    Ready {
+        /// Its link.
+        conn: AgentConnId,
+    },
+}
+
+impl StandbySlot {
+    /// The ready standby's link.
+    pub(crate) fn ready(self) -> Option<AgentConnId> {
+        match self {
+            StandbySlot::Ready { conn } => Some(conn),
+            _ => None,
+        }
+    }
+
+    /// When the tick has something to do for the slot.
+    fn next_ms(self) -> Option<u64> {
+        match self {
+            StandbySlot::Due { at_ms } => Some(at_ms),
+            StandbySlot::Spawning { deadline_ms } => Some(deadline_ms),
+            StandbySlot::Idle | StandbySlot::Ready { .. } => None,
+        }
+    }
+}
+
 /// The agent state machine.
 #[derive(Debug)]
 pub struct AgentFsm {
@@ -332,15 +387,13 @@ pub struct AgentFsm {
     fenced: bool,
     /// Members as last told to the local serving server.
     pushed: Vec<u32>,
-    standby: Option<AgentConnId>,
+    standby: StandbySlot,
     gather: Option<Gather>,
     starting: Option<(AgentConnId, u64)>,
     serving: Option<Serving>,
     cluster_server: Option<KnownServer>,
     highest_incarnation: u64,
     want_sent_for: Option<u64>,
-    spawn_at_ms: Option<u64>,
-    spawn_deadline_ms: Option<u64>,
     scratch: Vec<u8>,
     scratch2: Vec<u8>,
     /// The last `cfg.conns` snapshot clients of this node that went (a
@@ -373,15 +426,14 @@ impl AgentFsm {
             member: false,
             fenced: false,
             pushed: Vec::with_capacity(NODES_MAX),
-            standby: None,
+            // The first standby is spawned at the first tick.
+            standby: StandbySlot::Due { at_ms: 0 },
             gather: None,
             starting: None,
             serving: None,
             cluster_server: None,
             highest_incarnation: 0,
             want_sent_for: None,
-            spawn_at_ms: Some(0),
-            spawn_deadline_ms: None,
             scratch: vec![0u8; proto::CLIENT_LIST_BYTES_MAX],
             scratch2: vec![0u8; proto::NODE_LIST_BYTES_MAX],
             gone: Vec::with_capacity(cfg.conns),
@@ -460,7 +512,7 @@ impl AgentFsm {
         AgentStatus {
             member: self.member,
             bus_up: self.bus_up,
-            standby_ready: self.standby.is_some() && !self.gathering(),
+            standby_ready: self.standby.ready().is_some() && !self.gathering(),
             serving_incarnation: self.serving.map_or(0, |s| s.incarnation),
             cluster_server: self.cluster_server.map(|s| (s.incarnation, s.node_id)),
             waiting_clients: waiting,
@@ -764,7 +816,7 @@ impl AgentFsm {
             self.close(conn);
             return;
         };
-        if self.standby.is_some() || self.starting.is_some() {
+        if self.standby.ready().is_some() || self.starting.is_some() {
             // One standby at a time: an extra one is sent away.
             self.send_error(
                 conn,
@@ -781,9 +833,7 @@ impl AgentFsm {
             addr: a,
             announced: true,
         };
-        self.standby = Some(conn);
-        self.spawn_deadline_ms = None;
-        self.spawn_at_ms = None;
+        self.standby_to(StandbySlot::Ready { conn });
         self.log(AgentEvent::StandbyReady { pid });
         self.report_state(0);
     }
@@ -834,7 +884,10 @@ impl AgentFsm {
         // A new standby, in the background, once the clients have caught
         // up: its init (reserving and locking its memory) would compete for
         // the CPU with their reconnects.
-        self.spawn_at_ms = Some(self.now_ms + self.cfg.standby_after_start_ms);
+        if self.standby.ready().is_none() {
+            let at_ms = self.now_ms + self.cfg.standby_after_start_ms;
+            self.standby_to(StandbySlot::Due { at_ms });
+        }
     }
 
     /// `conn` closed or failed.
@@ -889,8 +942,8 @@ impl AgentFsm {
             self.log(AgentEvent::StartFailed { attempt });
             self.report_state(0);
             self.schedule_spawn(self.cfg.respawn_backoff_ms);
-        } else if self.standby == Some(conn) {
-            self.standby = None;
+        } else if self.standby.ready() == Some(conn) {
+            self.standby_to(StandbySlot::Idle);
             if self.gathering() {
                 let attempt = self.gather.as_ref().map_or(0, |g| g.attempt);
                 self.gather_reset();
@@ -903,9 +956,30 @@ impl AgentFsm {
     }
 
     fn schedule_spawn(&mut self, after_ms: u64) {
-        if self.spawn_at_ms.is_none() && self.spawn_deadline_ms.is_none() {
-            self.spawn_at_ms = Some(self.now_ms + after_ms);
+        if self.standby == StandbySlot::Idle {
+            let at_ms = self.now_ms + after_ms;
+            self.standby_to(StandbySlot::Due { at_ms });
         }
+    }
+
+    /// The one way the standby slot changes: asserts the move is a row of
+    /// [`StandbySlot`]'s table.
+    pub(super) fn standby_to(&mut self, next: StandbySlot) {
+        use StandbySlot::{Due, Idle, Ready, Spawning};
+        let ok = matches!(
+            (self.standby, next),
+            (Idle, Due { .. })
+                | (Due { .. } | Spawning { .. }, Due { .. })
+                | (Due { .. } | Spawning { .. }, Spawning { .. })
+                | (Idle | Due { .. } | Spawning { .. }, Ready { .. })
+                | (Ready { .. }, Idle)
+        );
+        assert!(
+            ok,
+            "standby slot: no move from {:?} to {next:?}",
+            self.standby
+        );
+        self.standby = next;
     }
 
     // -- time ------------------------------------------------------------------
@@ -913,16 +987,10 @@ impl AgentFsm {
     /// Runs what is due at the time given to `set_now`.
     pub fn handle_tick(&mut self) {
         let now = self.now_ms;
-        if self.spawn_at_ms.is_some_and(|t| t <= now) && self.standby.is_none() {
-            self.spawn_at_ms = None;
-            self.spawn_deadline_ms = Some(now + self.cfg.spawn_timeout_ms);
-            assert!(
-                self.actions.push(AgentAction::SpawnStandby),
-                "the action queue is drained every loop turn"
-            );
-        }
-        if self.spawn_deadline_ms.is_some_and(|t| t <= now) && self.standby.is_none() {
-            self.spawn_deadline_ms = Some(now + self.cfg.spawn_timeout_ms);
+        // Due, or spawned and not ready by its deadline: spawn (again).
+        if self.standby.next_ms().is_some_and(|t| t <= now) {
+            let deadline_ms = now + self.cfg.spawn_timeout_ms;
+            self.standby_to(StandbySlot::Spawning { deadline_ms });
             assert!(
                 self.actions.push(AgentAction::SpawnStandby),
                 "the action queue is drained every loop turn"
@@ -940,10 +1008,7 @@ impl AgentFsm {
                 d = Some(d.map_or(t, |x| x.min(t)));
             }
         };
-        if self.standby.is_none() {
-            take(self.spawn_at_ms);
-            take(self.spawn_deadline_ms);
-        }
+        take(self.standby.next_ms());
         // A hold ends in an answer only with a server known (else a past
         // hold would make the loop spin until one is).
         if self.cluster_server.is_some() {
@@ -1010,7 +1075,10 @@ impl AgentFsm {
                 )
             })
         };
-        assert!(server_conn(self.standby), "standby is not a server link");
+        assert!(
+            server_conn(self.standby.ready()),
+            "standby is not a server link"
+        );
         assert!(
             server_conn(self.starting.map(|s| s.0)),
             "starting is not a server link"
@@ -1020,7 +1088,7 @@ impl AgentFsm {
             "serving is not a server link"
         );
         assert!(
-            self.standby.is_none() || self.standby != self.serving.map(|s| s.conn),
+            self.standby.ready().is_none() || self.standby.ready() != self.serving.map(|s| s.conn),
             "the standby serves"
         );
         assert!(self.members.len() <= NODES_MAX);
@@ -1028,7 +1096,7 @@ impl AgentFsm {
             assert!(g.expected.len() <= EXPECTED_MAX);
             assert!(g.attempt != 0 || (g.waiting.is_empty() && g.expected.is_empty()));
             assert!(
-                g.attempt == 0 || self.standby.is_some(),
+                g.attempt == 0 || self.standby.ready().is_some(),
                 "gathering without a standby"
             );
         }
