@@ -35,7 +35,7 @@ impl AgentFsm {
             addr: addr.as_str(),
         });
         self.report_state(0);
-        if let Some(s) = self.serving {
+        if let Some(s) = self.local.serving() {
             self.bus_send(&Msg::ServerUp {
                 incarnation: s.incarnation,
                 node_id: self.cfg.node_id,
@@ -216,11 +216,11 @@ impl AgentFsm {
                         });
                     }
                 }
-                if let Some(s) = self.serving {
+                if let Some(s) = self.local.serving() {
                     if s.incarnation < *incarnation {
                         // Split brain avoided: ours is older. Closing the
                         // link makes the server exit at once.
-                        self.serving = None;
+                        self.local_to(LocalServer::Idle);
                         self.close(s.conn);
                         self.log(AgentEvent::StaleServerStopped {
                             incarnation: s.incarnation,
@@ -260,14 +260,18 @@ impl AgentFsm {
                     .retain(|e| !(e.client_id == client_id && e.node_id == node_id));
             }
         }
-        let to = self.serving.map(|s| s.conn).or(self.starting.map(|s| s.0));
+        let to = self
+            .local
+            .serving()
+            .map(|s| s.conn)
+            .or(self.local.starting().map(|s| s.0));
         if let Some(conn) = to {
             self.send(conn, 0, &Msg::ClientGone { client_id, node_id });
         }
     }
 
     pub(super) fn on_start_here(&mut self, attempt: u64, claim: bool) {
-        if let Some(s) = self.serving {
+        if let Some(s) = self.local.serving() {
             // Already serving: say so again.
             self.bus_send(&Msg::ServerUp {
                 incarnation: s.incarnation,
@@ -276,7 +280,7 @@ impl AgentFsm {
             });
             return;
         }
-        if self.gathering() || self.starting.is_some() {
+        if self.gathering() || self.local.starting().is_some() {
             return;
         }
         if self.standby.ready().is_none() || self.fenced {
@@ -429,7 +433,7 @@ impl AgentFsm {
             self.schedule_spawn(self.cfg.respawn_backoff_ms);
             return;
         }
-        self.starting = Some((conn, attempt));
+        self.local_to(LocalServer::Starting { conn, attempt });
         self.log(AgentEvent::Starting {
             attempt,
             expected: expected_n,
@@ -439,7 +443,9 @@ impl AgentFsm {
     /// Tells the local serving server who joined and left since it was last
     /// told.
     pub(super) fn push_membership(&mut self) {
-        let Some(s) = self.serving else { return };
+        let Some(s) = self.local.serving() else {
+            return;
+        };
         let mut i = 0;
         while i < self.pushed.len() {
             let n = self.pushed[i];
@@ -461,7 +467,8 @@ impl AgentFsm {
 
     pub(super) fn on_fence(&mut self, reason: FenceReason) {
         self.log(AgentEvent::Fenced { reason });
-        if let Some(s) = self.serving.take() {
+        if let Some(s) = self.local.serving() {
+            self.local_to(LocalServer::Idle);
             self.close(s.conn);
             if self
                 .cluster_server
@@ -471,7 +478,8 @@ impl AgentFsm {
             }
             self.report_state(s.incarnation);
         }
-        if let Some((conn, attempt)) = self.starting.take() {
+        if let Some((conn, attempt)) = self.local.starting() {
+            self.local_to(LocalServer::Idle);
             self.close(conn);
             self.log(AgentEvent::StartFailed { attempt });
             self.schedule_spawn(self.cfg.respawn_backoff_ms);
@@ -492,7 +500,7 @@ impl AgentFsm {
         self.bus_send(&Msg::AgentState {
             node_id: self.cfg.node_id,
             standby_ready,
-            serving_incarnation: self.serving.map_or(0, |s| s.incarnation),
+            serving_incarnation: self.local.serving().map_or(0, |s| s.incarnation),
             died_incarnation: died,
         });
     }

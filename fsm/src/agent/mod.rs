@@ -287,6 +287,51 @@ struct Serving {
     addr: AddrBuf,
 }
 
+/// The server this agent started, past its gather: what the agent waits
+/// for from it. One move function, `AgentFsm::local_to`, asserts every move
+/// is a row of this table (the gather before a start is `Gather`, with
+/// `attempt != 0` while it runs, and only while this is `Idle`):
+///
+/// | from | to | on |
+/// |---|---|---|
+/// | `Idle` | `Starting` | the gather is complete: `StartServer` sent to the ready standby |
+/// | `Starting` | `Serving` | its `Serving` |
+/// | `Starting` | `Idle` | its link closed (start failed) or the agent is fenced |
+/// | `Serving` | `Idle` | its link closed (it died), a newer server elsewhere, or the agent is fenced |
+// One per agent, never in a collection: the size difference costs nothing,
+// and boxing the address would allocate after init.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone, Copy)]
+enum LocalServer {
+    /// None started (a gather may be under way).
+    Idle,
+    /// Waiting for `Serving` from the started standby.
+    Starting {
+        /// Its link.
+        conn: AgentConnId,
+        /// The start attempt.
+        attempt: u64,
+    },
+    /// Serving; waiting for its end.
+    Serving(Serving),
+}
+
+impl LocalServer {
+    fn starting(self) -> Option<(AgentConnId, u64)> {
+        match self {
+            LocalServer::Starting { conn, attempt } => Some((conn, attempt)),
+            _ => None,
+        }
+    }
+
+    fn serving(self) -> Option<Serving> {
+        match self {
+            LocalServer::Serving(s) => Some(s),
+            _ => None,
+        }
+    }
+}
+
 #[derive(Debug)]
 struct Gather {
     attempt: u64,
@@ -389,8 +434,7 @@ pub struct AgentFsm {
     pushed: Vec<u32>,
     standby: StandbySlot,
     gather: Option<Gather>,
-    starting: Option<(AgentConnId, u64)>,
-    serving: Option<Serving>,
+    local: LocalServer,
     cluster_server: Option<KnownServer>,
     highest_incarnation: u64,
     want_sent_for: Option<u64>,
@@ -429,8 +473,7 @@ impl AgentFsm {
             // The first standby is spawned at the first tick.
             standby: StandbySlot::Due { at_ms: 0 },
             gather: None,
-            starting: None,
-            serving: None,
+            local: LocalServer::Idle,
             cluster_server: None,
             highest_incarnation: 0,
             want_sent_for: None,
@@ -513,7 +556,7 @@ impl AgentFsm {
             member: self.member,
             bus_up: self.bus_up,
             standby_ready: self.standby.ready().is_some() && !self.gathering(),
-            serving_incarnation: self.serving.map_or(0, |s| s.incarnation),
+            serving_incarnation: self.local.serving().map_or(0, |s| s.incarnation),
             cluster_server: self.cluster_server.map(|s| (s.incarnation, s.node_id)),
             waiting_clients: waiting,
             snapshot_clients: snaps,
@@ -816,7 +859,7 @@ impl AgentFsm {
             self.close(conn);
             return;
         };
-        if self.standby.ready().is_some() || self.starting.is_some() {
+        if self.standby.ready().is_some() || self.local.starting().is_some() {
             // One standby at a time: an extra one is sent away.
             self.send_error(
                 conn,
@@ -839,7 +882,7 @@ impl AgentFsm {
     }
 
     fn on_serving(&mut self, conn: AgentConnId, incarnation: u64, start_micros: u64) {
-        let Some((sconn, _attempt)) = self.starting else {
+        let Some((sconn, _attempt)) = self.local.starting() else {
             return;
         };
         if sconn != conn {
@@ -848,12 +891,11 @@ impl AgentFsm {
         let AgentConnState::Server { addr, .. } = self.conns[conn as usize].role else {
             return;
         };
-        self.starting = None;
-        self.serving = Some(Serving {
+        self.local_to(LocalServer::Serving(Serving {
             conn,
             incarnation,
             addr,
-        });
+        }));
         // Members that changed while it started (it was told the members
         // of its `StartServer`).
         self.push_membership();
@@ -925,8 +967,8 @@ impl AgentFsm {
     }
 
     fn server_conn_lost(&mut self, conn: AgentConnId, pid: u32) {
-        if let Some(s) = self.serving.filter(|s| s.conn == conn) {
-            self.serving = None;
+        if let Some(s) = self.local.serving().filter(|s| s.conn == conn) {
+            self.local_to(LocalServer::Idle);
             if self
                 .cluster_server
                 .is_some_and(|k| k.incarnation == s.incarnation)
@@ -937,8 +979,8 @@ impl AgentFsm {
                 incarnation: s.incarnation,
             });
             self.report_state(s.incarnation);
-        } else if let Some((_, attempt)) = self.starting.filter(|s| s.0 == conn) {
-            self.starting = None;
+        } else if let Some((_, attempt)) = self.local.starting().filter(|s| s.0 == conn) {
+            self.local_to(LocalServer::Idle);
             self.log(AgentEvent::StartFailed { attempt });
             self.report_state(0);
             self.schedule_spawn(self.cfg.respawn_backoff_ms);
@@ -960,6 +1002,28 @@ impl AgentFsm {
             let at_ms = self.now_ms + after_ms;
             self.standby_to(StandbySlot::Due { at_ms });
         }
+    }
+
+    /// The one way the started server's state changes: asserts the move is
+    /// a row of [`LocalServer`]'s table.
+    fn local_to(&mut self, next: LocalServer) {
+        use LocalServer::{Idle, Serving, Starting};
+        let ok = matches!(
+            (self.local, next),
+            (Idle, Starting { .. })
+                | (Starting { .. }, Serving(_))
+                | (Starting { .. } | Serving(_), Idle)
+        );
+        assert!(
+            ok,
+            "local server: no move from {:?} to {next:?}",
+            self.local
+        );
+        assert!(
+            !matches!(next, Starting { .. }) || !self.gathering(),
+            "a start while its gather runs"
+        );
+        self.local = next;
     }
 
     /// The one way the standby slot changes: asserts the move is a row of
@@ -1080,16 +1144,21 @@ impl AgentFsm {
             "standby is not a server link"
         );
         assert!(
-            server_conn(self.starting.map(|s| s.0)),
+            server_conn(self.local.starting().map(|s| s.0)),
             "starting is not a server link"
         );
         assert!(
-            server_conn(self.serving.map(|s| s.conn)),
+            server_conn(self.local.serving().map(|s| s.conn)),
             "serving is not a server link"
         );
         assert!(
-            self.standby.ready().is_none() || self.standby.ready() != self.serving.map(|s| s.conn),
+            self.standby.ready().is_none()
+                || self.standby.ready() != self.local.serving().map(|s| s.conn),
             "the standby serves"
+        );
+        assert!(
+            !self.gathering() || matches!(self.local, LocalServer::Idle),
+            "a gather while a started server runs"
         );
         assert!(self.members.len() <= NODES_MAX);
         if let Some(g) = &self.gather {
@@ -1100,7 +1169,7 @@ impl AgentFsm {
                 "gathering without a standby"
             );
         }
-        if let (Some(s), Some(k)) = (self.serving, self.cluster_server) {
+        if let (Some(s), Some(k)) = (self.local.serving(), self.cluster_server) {
             assert!(
                 k.incarnation >= s.incarnation,
                 "known server older than ours"
