@@ -116,18 +116,15 @@ fn us(x: u64) -> usize {
 
 // -- a seeded generator ---------------------------------------------------------
 
-struct Rng(u64);
+/// splitmix64 (testkit's), with the run's draws.
+struct Rng(csnap_testkit::SplitMix64);
 
 impl Rng {
     fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
+        self.0.next_u64()
     }
     fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
+        self.0.below(n)
     }
     fn per_mille(&mut self, p: u64) -> bool {
         self.below(1000) < p
@@ -659,7 +656,9 @@ fn curable(code: ErrorCode) -> bool {
 
 impl Sim {
     fn new(seed: u64, dir: &Path) -> Sim {
-        let mut rng = Rng(seed.wrapping_mul(0x2545_f491_4f6c_dd1d) ^ 0x00c5_0a9e);
+        let mut rng = Rng(csnap_testkit::SplitMix64::new(
+            seed.wrapping_mul(0x2545_f491_4f6c_dd1d) ^ 0x00c5_0a9e,
+        ));
         let origin_path = dir.join("origin");
         let store_path = dir.join("store");
         // The origin, with random contents.

@@ -63,16 +63,14 @@ fn trace() -> bool {
     std::env::var("TRACE").is_ok()
 }
 
-struct Rng(u64);
+/// xorshift64 (testkit's), with the run's draws.
+struct Rng(csnap_testkit::XorShift64);
 impl Rng {
     fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
+        self.0.next_u64()
     }
     fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
+        self.0.below(n.max(1))
     }
     fn chance(&mut self, percent: u64) -> bool {
         self.below(100) < percent
@@ -237,7 +235,7 @@ impl World {
             .unwrap();
         origin.set_len(ORIGIN_BYTES).unwrap();
         // Start from random origin content.
-        let mut rng = Rng(seed | 1);
+        let mut rng = Rng(csnap_testkit::XorShift64::new(seed | 1));
         let mut shadow = vec![0u8; usize::try_from(ORIGIN_BYTES).unwrap()];
         for b in shadow.chunks_mut(8) {
             let v = rng.next().to_le_bytes();

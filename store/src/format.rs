@@ -98,7 +98,7 @@ pub fn plan_layout(size_bytes: u64, o: &FormatOptions) -> Result<Label, StoreErr
         }
     };
     let mut d = size_bytes / c64;
-    for _ in 0..64 {
+    for _ in 0..csnap_pools::FORMAT_LAYOUT_ROUNDS_MAX {
         if d == 0 {
             break;
         }

@@ -97,7 +97,7 @@ impl VolumeEngine {
                 return EngineSignal::Stale;
             }
             Msg::Error { code, .. } => {
-                if code == ErrorCode::Busy && q.retries < 3 {
+                if code == ErrorCode::Busy && q.retries < csnap_pools::VOLUME_BUSY_RETRIES_MAX {
                     // A pool of the server's is full (most likely its lock
                     // table): give back idle leases and ask again.
                     self.release_idle_leases();

@@ -585,7 +585,7 @@ impl Link {
         let Some(s) = self.server.as_mut() else {
             return;
         };
-        for _ in 0..64 {
+        for _ in 0..csnap_pools::NBD_FLUSH_WRITES_MAX {
             if peer.transmit().is_empty() {
                 break;
             }

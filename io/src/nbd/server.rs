@@ -305,7 +305,7 @@ impl NbdServer {
             let now = now_ms();
             self.sh.wake_at = None;
             let mut busy = true;
-            for _ in 0..16 {
+            for _ in 0..csnap_pools::NBD_LOOP_ROUNDS_MAX {
                 let before = self.sh.progress;
                 self.pump_control(now);
                 for s in 0..self.slots.len() {

@@ -326,7 +326,7 @@ impl Slot {
         if self.state == SlotState::Free {
             return;
         }
-        for _ in 0..64 {
+        for _ in 0..csnap_pools::NBD_SLOT_PUMP_ROUNDS_MAX {
             let before = sh.progress;
             self.pump_link(sh, reg, now);
             self.timers(sh, ctl, reg, now);
