@@ -531,6 +531,42 @@ impl Connection {
         }
     }
 
+    /// Counts a failure of request `id` that found it at a server that died
+    /// or was replaced (its connection broke, or a newer incarnation
+    /// answered). A request that meets `REQUEST_SERVER_DEATHS_MAX` of those
+    /// in a row may be what kills the server (a poison request): it is
+    /// dropped (not re-sent) and its error returned.
+    fn count_death(
+        &mut self,
+        id: u64,
+        e: &ClientError,
+        at_server: bool,
+        deaths: &mut u8,
+    ) -> Option<ClientError> {
+        let died = matches!(
+            e,
+            ClientError::Io(_)
+                | ClientError::Server {
+                    code: ErrorCode::StaleIncarnation,
+                    ..
+                }
+        );
+        if !died || !at_server {
+            return None;
+        }
+        *deaths += 1;
+        if *deaths < csnap_pools::REQUEST_SERVER_DEATHS_MAX {
+            return None;
+        }
+        self.fsm.forget(id);
+        self.stream = None;
+        self.fsm.handle_disconnect();
+        Some(ClientError::Io(io::Error::other(format!(
+            "the request was in flight across {deaths} consecutive server deaths \
+             (the last: {e}); failed instead of re-sent"
+        ))))
+    }
+
     /// Sends a request and waits for its reply, returned as the decoded
     /// message (borrowing the connection's reply buffer). Through an agent,
     /// a failover on the way is waited out (up to the failover timeout) and
@@ -575,30 +611,8 @@ impl Connection {
             };
             let Some(e) = failure else { break };
             let why = e.to_string();
-            // The request was at a server that died or was replaced (its
-            // connection broke, or a newer incarnation answered): a request
-            // that meets REQUEST_SERVER_DEATHS_MAX of those in a row may be
-            // what kills the server (a poison request), so it fails here
-            // instead of being re-sent to server after server.
-            let died = matches!(
-                e,
-                ClientError::Io(_)
-                    | ClientError::Server {
-                        code: ErrorCode::StaleIncarnation,
-                        ..
-                    }
-            );
-            if died && at_server {
-                deaths += 1;
-                if deaths >= csnap_pools::REQUEST_SERVER_DEATHS_MAX {
-                    self.fsm.forget(id);
-                    self.stream = None;
-                    self.fsm.handle_disconnect();
-                    return Err(ClientError::Io(io::Error::other(format!(
-                        "the request was in flight across {deaths} consecutive server deaths \
-                         (the last: {why}); failed instead of re-sent"
-                    ))));
-                }
+            if let Some(poisoned) = self.count_death(id, &e, at_server, &mut deaths) {
+                return Err(poisoned);
             }
             let requeue = matches!(e, ClientError::Server { .. });
             self.recover(&why, &mut deadline)?;
