@@ -294,6 +294,26 @@ macro_rules! frame_api {
             version
         }
 
+        /// Answers a message out of the handshake's order: anything but
+        /// `Hello` while one is `expected`, or a second `Hello`.
+        pub(crate) fn refuse_hello_order(
+            &mut self,
+            conn: $id,
+            rid: u64,
+            kind: csnap_proto::Kind,
+            expected: bool,
+        ) {
+            let (code, text) = if expected {
+                (csnap_proto::ErrorCode::NotIdentified, "send Hello first")
+            } else {
+                (
+                    csnap_proto::ErrorCode::AlreadyIdentified,
+                    "Hello was already received on this connection",
+                )
+            };
+            self.send_error(conn, rid, code, kind.code(), text);
+        }
+
         /// A complete frame from `conn`.
         pub fn handle_frame(&mut self, conn: $id, frame: &[u8]) {
             if self.$table.is_gone(conn) {

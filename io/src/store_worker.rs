@@ -554,6 +554,9 @@ impl<D: Disk, O: Disk> StoreWorker<D, O> {
                 StoreResult::Done
             }
             StoreOp::SnapshotRead { tag, chunk, chunks } => {
+                if too_many_chunks(chunks) {
+                    return StoreResult::Failed(StoreFailure::OutOfRange);
+                }
                 let mut targets = ArrayVec::<Target, CHUNKS_PER_REQUEST_MAX>::new();
                 for c in chunk..chunk + u64::from(chunks) {
                     let t = match self.store.as_mut().expect("started").lookup(tag, c) {
@@ -570,17 +573,12 @@ impl<D: Disk, O: Disk> StoreWorker<D, O> {
                             return StoreResult::Failed(f);
                         }
                     };
-                    if targets.try_push(t).is_err() {
-                        // The server refuses a longer query before it gets
-                        // here; a refusal, never an index past the list.
-                        return StoreResult::Failed(StoreFailure::OutOfRange);
-                    }
+                    targets.push(t);
                 }
                 StoreResult::Targets(targets)
             }
             StoreOp::SnapshotWrite { tag, chunk, chunks } => {
-                if usize::try_from(chunks).map_or(true, |n| n > CHUNKS_PER_REQUEST_MAX) {
-                    // The server refuses a longer query before it gets here.
+                if too_many_chunks(chunks) {
                     return StoreResult::Failed(StoreFailure::OutOfRange);
                 }
                 let mut targets = ArrayVec::<Target, CHUNKS_PER_REQUEST_MAX>::new();
@@ -713,4 +711,11 @@ impl<D: Disk, O: Disk> StoreWorker<D, O> {
             StoreOp::Start { .. } => StoreResult::Failed(StoreFailure::Internal),
         }
     }
+}
+
+/// A query over more chunks than one request carries: the server refuses
+/// it before it gets here; the worker refuses it too rather than fill a
+/// target list past its end.
+fn too_many_chunks(chunks: u32) -> bool {
+    usize::try_from(chunks).map_or(true, |n| n > CHUNKS_PER_REQUEST_MAX)
 }

@@ -629,22 +629,8 @@ impl AgentFsm {
                     },
                 );
             }
-            (AgentConnState::ExpectHello, _) => {
-                self.send_error(
-                    conn,
-                    rid,
-                    ErrorCode::NotIdentified,
-                    kind.code(),
-                    "send Hello first",
-                );
-            }
-            (_, Msg::Hello { .. }) => self.send_error(
-                conn,
-                rid,
-                ErrorCode::AlreadyIdentified,
-                kind.code(),
-                "Hello was already received on this connection",
-            ),
+            (AgentConnState::ExpectHello, _) => self.refuse_hello_order(conn, rid, kind, true),
+            (_, Msg::Hello { .. }) => self.refuse_hello_order(conn, rid, kind, false),
             (
                 AgentConnState::Client { .. },
                 Msg::NeedServer {

@@ -363,20 +363,8 @@ impl Controller {
                     },
                 );
             }
-            (CtlConnState::ExpectHello, _) => self.send_error(
-                conn,
-                rid,
-                ErrorCode::NotIdentified,
-                kind.code(),
-                "send Hello first",
-            ),
-            (_, Msg::Hello { .. }) => self.send_error(
-                conn,
-                rid,
-                ErrorCode::AlreadyIdentified,
-                kind.code(),
-                "Hello was already received on this connection",
-            ),
+            (CtlConnState::ExpectHello, _) => self.refuse_hello_order(conn, rid, kind, true),
+            (_, Msg::Hello { .. }) => self.refuse_hello_order(conn, rid, kind, false),
             (CtlConnState::Agent { node: None }, Msg::Join { node_id, .. }) => {
                 self.on_join(conn, rid, *node_id);
             }

@@ -560,6 +560,19 @@ impl Server {
         self.assert_invariants();
     }
 
+    /// Drops the parked clients `gone` picks and releases their locks; the
+    /// waits those locks held are pushed to `woken` for the caller to clear.
+    fn release_parked(&mut self, gone: impl Fn(Parked) -> bool, woken: &mut Vec<u32>) {
+        let clients = self.cfg.clients;
+        for p in 0..self.parked.len() {
+            if self.parked[p].is_some_and(&gone) {
+                self.parked[p] = None;
+                let owner = u32::try_from(clients + p).unwrap_or(u32::MAX);
+                self.locks.release_owner(owner, &mut |w| woken.push(w));
+            }
+        }
+    }
+
     /// Membership says `node` left the cluster (and was fenced): the read
     /// locks of its snapshot clients are released, parked or connected, and
     /// the connected ones are closed (their locks are no longer honoured; a
@@ -569,15 +582,8 @@ impl Server {
     pub fn handle_node_left(&mut self, node: u32) {
         self.membership_known = true;
         self.members.retain(|&m| m != node);
-        let clients = self.cfg.clients;
         let mut woken = core::mem::take(&mut self.woken);
-        for p in 0..self.parked.len() {
-            if self.parked[p].is_some_and(|x| x.node_id == node) {
-                self.parked[p] = None;
-                let owner = u32::try_from(clients + p).unwrap_or(u32::MAX);
-                self.locks.release_owner(owner, &mut |w| woken.push(w));
-            }
-        }
+        self.release_parked(|x| x.node_id == node, &mut woken);
         for i in 0..self.sessions.len() {
             let s = &self.sessions[i];
             let snapshot_client = matches!(
@@ -621,15 +627,11 @@ impl Server {
     /// process closed its agent link): locks parked for it are released and
     /// the recovery barrier stops waiting for it.
     pub fn handle_client_gone(&mut self, client_id: u64, node: u32) {
-        let clients = self.cfg.clients;
         let mut woken = core::mem::take(&mut self.woken);
-        for p in 0..self.parked.len() {
-            if self.parked[p].is_some_and(|x| x.client_id == client_id && x.node_id == node) {
-                self.parked[p] = None;
-                let owner = u32::try_from(clients + p).unwrap_or(u32::MAX);
-                self.locks.release_owner(owner, &mut |w| woken.push(w));
-            }
-        }
+        self.release_parked(
+            |x| x.client_id == client_id && x.node_id == node,
+            &mut woken,
+        );
         for w in woken.drain(..) {
             self.locks_clear(w);
         }

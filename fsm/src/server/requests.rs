@@ -38,20 +38,8 @@ impl Server {
                     );
                 }
             }
-            (SessionState::ExpectHello, _) => self.send_error(
-                conn,
-                rid,
-                ErrorCode::NotIdentified,
-                kind.code(),
-                "send Hello first",
-            ),
-            (_, Msg::Hello { .. }) => self.send_error(
-                conn,
-                rid,
-                ErrorCode::AlreadyIdentified,
-                kind.code(),
-                "Hello was already received on this connection",
-            ),
+            (SessionState::ExpectHello, _) => self.refuse_hello_order(conn, rid, kind, true),
+            (_, Msg::Hello { .. }) => self.refuse_hello_order(conn, rid, kind, false),
             (
                 SessionState::ExpectIdentify,
                 Msg::Identify {
@@ -201,15 +189,8 @@ impl Server {
             (SessionState::Snapshot(_), Msg::FinishUpload) => {
                 let id = self.sessions[conn as usize].client_id;
                 // What was parked for this client is replaced by its upload.
-                let clients = self.cfg.clients;
                 let mut woken = core::mem::take(&mut self.woken);
-                for p in 0..self.parked.len() {
-                    if self.parked[p].is_some_and(|x| x.client_id == id) {
-                        self.parked[p] = None;
-                        let owner = u32::try_from(clients + p).unwrap_or(u32::MAX);
-                        self.locks.release_owner(owner, &mut |w| woken.push(w));
-                    }
-                }
+                self.release_parked(|x| x.client_id == id, &mut woken);
                 for w in woken.drain(..) {
                     self.locks_clear(w);
                 }
