@@ -67,11 +67,7 @@ impl AgentFsm {
         // failed once the node is lost, and places the server anew; a
         // gather finished later from old answers would miss the clients
         // registered meanwhile.
-        if self.gathering() {
-            let attempt = self.gather.as_ref().map_or(0, |g| g.attempt);
-            self.gather_reset();
-            self.log(AgentEvent::StartFailed { attempt });
-        }
+        self.abandon_gather();
         self.assert_invariants();
     }
 
@@ -110,7 +106,9 @@ impl AgentFsm {
                 // not asked for its clients: it is waited for, and asked.
                 let me = self.cfg.node_id;
                 let mut ask_again = false;
-                if let Some(g) = self.gather.as_mut().filter(|g| g.attempt != 0) {
+                let gathering = self.gathering();
+                let g = &mut self.gather;
+                if gathering.is_some() {
                     for n in members.iter() {
                         if n.id != me
                             && !self.members.contains(&n.id)
@@ -137,17 +135,14 @@ impl AgentFsm {
                     self.report_state(0);
                 }
                 self.push_membership();
-                if let Some(g) = self.gather.as_mut() {
-                    if g.attempt != 0 {
-                        let members = &self.members;
-                        g.waiting.retain(|n| members.contains(n));
-                        if ask_again {
-                            let attempt = g.attempt;
-                            self.bus_send(&Msg::NeedClients {
-                                gather_id: attempt,
-                                starter: me,
-                            });
-                        }
+                if let Some(attempt) = self.gathering() {
+                    let members = &self.members;
+                    self.gather.waiting.retain(|n| members.contains(n));
+                    if ask_again {
+                        self.bus_send(&Msg::NeedClients {
+                            gather_id: attempt,
+                            starter: me,
+                        });
                     }
                 }
                 self.maybe_finish_gather();
@@ -167,12 +162,10 @@ impl AgentFsm {
                 if *to != self.cfg.node_id {
                     return;
                 }
-                let Some(g) = self.gather.as_mut() else {
-                    return;
-                };
-                if g.attempt == 0 || g.attempt != *gather_id {
+                if self.gathering() != Some(*gather_id) {
                     return;
                 }
+                let g = &mut self.gather;
                 let Some(at) = g.waiting.iter().position(|n| n == from) else {
                     return;
                 };
@@ -254,11 +247,10 @@ impl AgentFsm {
     /// a standby told to start learns it once it serves (it reads its link
     /// after the start).
     pub(super) fn client_gone(&mut self, client_id: u64, node_id: u32) {
-        if let Some(g) = self.gather.as_mut() {
-            if g.attempt != 0 {
-                g.expected
-                    .retain(|e| !(e.client_id == client_id && e.node_id == node_id));
-            }
+        if self.gathering().is_some() {
+            self.gather
+                .expected
+                .retain(|e| !(e.client_id == client_id && e.node_id == node_id));
         }
         let to = self
             .local
@@ -280,7 +272,7 @@ impl AgentFsm {
             });
             return;
         }
-        if self.gathering() || self.local.starting().is_some() {
+        if self.gathering().is_some() || self.local.starting().is_some() {
             return;
         }
         if self.standby.ready().is_none() || self.fenced {
@@ -290,13 +282,9 @@ impl AgentFsm {
             return;
         }
         let me = self.cfg.node_id;
-        let mut local = 0u32;
+        self.gather_to(GatherPhase::Collecting { attempt, claim });
         {
-            let Some(g) = self.gather.as_mut() else {
-                return;
-            };
-            g.attempt = attempt;
-            g.claim = claim;
+            let g = &mut self.gather;
             for &n in &self.members {
                 if n != me && g.waiting.len() < g.waiting.capacity() {
                     g.waiting.push(n);
@@ -314,18 +302,13 @@ impl AgentFsm {
                             client_id,
                             node_id: me,
                         });
-                        local += 1;
                     } else {
                         g.overflow = true;
                     }
                 }
             }
         }
-        let waiting = self
-            .gather
-            .as_ref()
-            .map_or(0, |g| u32::try_from(g.waiting.len()).unwrap_or(u32::MAX));
-        let _ = local;
+        let waiting = u32::try_from(self.gather.waiting.len()).unwrap_or(u32::MAX);
         self.log(AgentEvent::Gathering { attempt, waiting });
         self.bus_send(&Msg::NeedClients {
             gather_id: attempt,
@@ -373,19 +356,19 @@ impl AgentFsm {
     }
 
     pub(super) fn maybe_finish_gather(&mut self) {
-        let Some(g) = self.gather.as_ref() else {
+        let GatherPhase::Collecting { attempt, claim } = self.gather.phase else {
             return;
         };
-        if g.attempt == 0 || !g.waiting.is_empty() {
+        if !self.gather.waiting.is_empty() {
             return;
         }
-        let attempt = g.attempt;
+        let g = &self.gather;
         let Some(conn) = self.standby.ready() else {
-            self.gather_reset();
+            self.gather_to(GatherPhase::Idle);
             return;
         };
         if g.overflow || g.expected.len() > EXPECTED_MAX {
-            self.gather_reset();
+            self.gather_to(GatherPhase::Idle);
             self.log(AgentEvent::TooManyExpected);
             self.report_state(0);
             return;
@@ -407,14 +390,12 @@ impl AgentFsm {
                 // `members` holds at most NODES_MAX (a decoded list).
                 assert!(nb.push(Node { id: n }).is_ok());
             }
-            if let Some(g) = self.gather.as_ref() {
-                for &e in &g.expected {
-                    // At most EXPECTED_MAX (checked above), the list's capacity.
-                    assert!(cb.push(e).is_ok(), "the client list holds EXPECTED_MAX");
-                }
+            for &e in &self.gather.expected {
+                // At most EXPECTED_MAX (checked above), the list's capacity.
+                assert!(cb.push(e).is_ok(), "the client list holds EXPECTED_MAX");
             }
             let msg = Msg::StartServer {
-                claim: self.gather.as_ref().is_some_and(|g| g.claim),
+                claim,
                 members: nb.finish(),
                 expected: cb.finish(),
             };
@@ -422,7 +403,7 @@ impl AgentFsm {
         };
         self.scratch = clients;
         self.scratch2 = nodes;
-        self.gather_reset();
+        self.gather_to(GatherPhase::Idle);
         self.standby_to(StandbySlot::Idle);
         // What the server is told; changes from now on reach it once it
         // serves (`on_serving`).
@@ -484,8 +465,8 @@ impl AgentFsm {
             self.log(AgentEvent::StartFailed { attempt });
             self.schedule_spawn(self.cfg.respawn_backoff_ms);
         }
-        if self.gathering() {
-            self.gather_reset();
+        if self.gathering().is_some() {
+            self.gather_to(GatherPhase::Idle);
         }
         if reason == FenceReason::LeftCluster {
             self.fenced = true;
@@ -496,7 +477,8 @@ impl AgentFsm {
     }
 
     pub(super) fn report_state(&mut self, died: u64) {
-        let standby_ready = self.standby.ready().is_some() && !self.gathering() && !self.fenced;
+        let standby_ready =
+            self.standby.ready().is_some() && self.gathering().is_none() && !self.fenced;
         self.bus_send(&Msg::AgentState {
             node_id: self.cfg.node_id,
             standby_ready,

@@ -69,6 +69,9 @@ use crate::outbuf::OutBuf;
 
 // The agent's work by job; each adds to `impl AgentFsm`.
 mod bus;
+mod life;
+
+use life::{Gather, GatherPhase, LocalServer, StandbySlot};
 
 /// A connection on the agent's socket.
 pub type AgentConnId = u32;
@@ -287,61 +290,6 @@ struct Serving {
     addr: AddrBuf,
 }
 
-/// The server this agent started, past its gather: what the agent waits
-/// for from it. One move function, `AgentFsm::local_to`, asserts every move
-/// is a row of this table (the gather before a start is `Gather`, with
-/// `attempt != 0` while it runs, and only while this is `Idle`):
-///
-/// | from | to | on |
-/// |---|---|---|
-/// | `Idle` | `Starting` | the gather is complete: `StartServer` sent to the ready standby |
-/// | `Starting` | `Serving` | its `Serving` |
-/// | `Starting` | `Idle` | its link closed (start failed) or the agent is fenced |
-/// | `Serving` | `Idle` | its link closed (it died), a newer server elsewhere, or the agent is fenced |
-// One per agent, never in a collection: the size difference costs nothing,
-// and boxing the address would allocate after init.
-#[allow(clippy::large_enum_variant)]
-#[derive(Debug, Clone, Copy)]
-enum LocalServer {
-    /// None started (a gather may be under way).
-    Idle,
-    /// Waiting for `Serving` from the started standby.
-    Starting {
-        /// Its link.
-        conn: AgentConnId,
-        /// The start attempt.
-        attempt: u64,
-    },
-    /// Serving; waiting for its end.
-    Serving(Serving),
-}
-
-impl LocalServer {
-    fn starting(self) -> Option<(AgentConnId, u64)> {
-        match self {
-            LocalServer::Starting { conn, attempt } => Some((conn, attempt)),
-            _ => None,
-        }
-    }
-
-    fn serving(self) -> Option<Serving> {
-        match self {
-            LocalServer::Serving(s) => Some(s),
-            _ => None,
-        }
-    }
-}
-
-#[derive(Debug)]
-struct Gather {
-    attempt: u64,
-    /// The start claims the store first (`StartHere::claim`).
-    claim: bool,
-    waiting: Vec<u32>,
-    expected: Vec<ClientEntry>,
-    overflow: bool,
-}
-
 /// What the agent knows, for status lines and tests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AgentStatus {
@@ -361,61 +309,6 @@ pub struct AgentStatus {
     pub snapshot_clients: u32,
 }
 
-/// The local standby server's slot: what the agent waits for to have a
-/// ready standby. One move function, `AgentFsm::standby_to`, asserts every
-/// move is a row of this table:
-///
-/// | from | to | on |
-/// |---|---|---|
-/// | `Idle` | `Due` | the server of a start serves (`standby_after_start_ms`), a start failed or a standby was lost (`respawn_backoff_ms`) |
-/// | `Due`, `Spawning` | `Spawning` | the tick at `at_ms` or past `deadline_ms`: `SpawnStandby` (again) |
-/// | `Due`, `Spawning` | `Due` | the server of a start serves while a spawn was pending (later time) |
-/// | `Idle`, `Due`, `Spawning` | `Ready` | a standby's `ServerReady` (an extra one is refused) |
-/// | `Ready` | `Idle` | the standby is started (it becomes the starting server) or its link is lost |
-///
-/// The first standby is `Due` at time 0 (spawned at the first tick).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum StandbySlot {
-    /// No standby and none asked for (a start consumed it; the next one is
-    /// asked for once that server serves or fails).
-    Idle,
-    /// Waiting for the time to spawn one.
-    Due {
-        /// When.
-        at_ms: u64,
-    },
-    /// Spawned; waiting for its `ServerReady` until the deadline, then
-    /// spawned again.
-    Spawning {
-        /// The deadline.
-        deadline_ms: u64,
-    },
-    /// Ready on this link: waiting for a start.
-    Ready {
-        /// Its link.
-        conn: AgentConnId,
-    },
-}
-
-impl StandbySlot {
-    /// The ready standby's link.
-    pub(crate) fn ready(self) -> Option<AgentConnId> {
-        match self {
-            StandbySlot::Ready { conn } => Some(conn),
-            _ => None,
-        }
-    }
-
-    /// When the tick has something to do for the slot.
-    fn next_ms(self) -> Option<u64> {
-        match self {
-            StandbySlot::Due { at_ms } => Some(at_ms),
-            StandbySlot::Spawning { deadline_ms } => Some(deadline_ms),
-            StandbySlot::Idle | StandbySlot::Ready { .. } => None,
-        }
-    }
-}
-
 /// The agent state machine.
 #[derive(Debug)]
 pub struct AgentFsm {
@@ -433,7 +326,7 @@ pub struct AgentFsm {
     /// Members as last told to the local serving server.
     pushed: Vec<u32>,
     standby: StandbySlot,
-    gather: Option<Gather>,
+    gather: Gather,
     local: LocalServer,
     cluster_server: Option<KnownServer>,
     highest_incarnation: u64,
@@ -457,7 +350,7 @@ impl AgentFsm {
         assert!(cfg.node_id >= 1, "node ids start at 1");
         assert!(cfg.conns >= 2 && cfg.conns <= csnap_pools::AGENT_CONNS_MAX);
         let conns = ConnTable::new(cfg.conns, CONN_OUT_BYTES);
-        let mut a = AgentFsm {
+        AgentFsm {
             cfg,
             now_ms: 0,
             conns,
@@ -472,7 +365,13 @@ impl AgentFsm {
             pushed: Vec::with_capacity(NODES_MAX),
             // The first standby is spawned at the first tick.
             standby: StandbySlot::Due { at_ms: 0 },
-            gather: None,
+            // Reserved once; every gather reuses them.
+            gather: Gather {
+                phase: GatherPhase::Idle,
+                waiting: Vec::with_capacity(NODES_MAX),
+                expected: Vec::with_capacity(EXPECTED_MAX),
+                overflow: false,
+            },
             local: LocalServer::Idle,
             cluster_server: None,
             highest_incarnation: 0,
@@ -481,17 +380,7 @@ impl AgentFsm {
             scratch2: vec![0u8; proto::NODE_LIST_BYTES_MAX],
             gone: Vec::with_capacity(cfg.conns),
             gone_next: 0,
-        };
-        // Reserve the gather tables once; a gather reuses them.
-        a.gather = Some(Gather {
-            attempt: 0,
-            claim: false,
-            waiting: Vec::with_capacity(NODES_MAX),
-            expected: Vec::with_capacity(EXPECTED_MAX),
-            overflow: false,
-        });
-        a.gather_reset();
-        a
+        }
     }
 
     /// Bytes reserved by `new`, one line per pool.
@@ -512,22 +401,6 @@ impl AgentFsm {
                 proto::CLIENT_LIST_BYTES_MAX + proto::NODE_LIST_BYTES_MAX,
             ),
         ]
-    }
-
-    // The gather tables live in `gather` while no gather runs, marked by
-    // attempt 0; these helpers keep that convention in one place.
-    fn gather_reset(&mut self) {
-        if let Some(g) = self.gather.as_mut() {
-            g.attempt = 0;
-            g.claim = false;
-            g.waiting.clear();
-            g.expected.clear();
-            g.overflow = false;
-        }
-    }
-
-    fn gathering(&self) -> bool {
-        self.gather.as_ref().is_some_and(|g| g.attempt != 0)
     }
 
     /// Sets the time (monotonic milliseconds) for what follows.
@@ -555,7 +428,7 @@ impl AgentFsm {
         AgentStatus {
             member: self.member,
             bus_up: self.bus_up,
-            standby_ready: self.standby.ready().is_some() && !self.gathering(),
+            standby_ready: self.standby.ready().is_some() && self.gathering().is_none(),
             serving_incarnation: self.local.serving().map_or(0, |s| s.incarnation),
             cluster_server: self.cluster_server.map(|s| (s.incarnation, s.node_id)),
             waiting_clients: waiting,
@@ -972,11 +845,7 @@ impl AgentFsm {
             self.schedule_spawn(self.cfg.respawn_backoff_ms);
         } else if self.standby.ready() == Some(conn) {
             self.standby_to(StandbySlot::Idle);
-            if self.gathering() {
-                let attempt = self.gather.as_ref().map_or(0, |g| g.attempt);
-                self.gather_reset();
-                self.log(AgentEvent::StartFailed { attempt });
-            }
+            self.abandon_gather();
             self.log(AgentEvent::StandbyLost { pid });
             self.report_state(0);
             self.schedule_spawn(self.cfg.respawn_backoff_ms);
@@ -988,48 +857,6 @@ impl AgentFsm {
             let at_ms = self.now_ms + after_ms;
             self.standby_to(StandbySlot::Due { at_ms });
         }
-    }
-
-    /// The one way the started server's state changes: asserts the move is
-    /// a row of [`LocalServer`]'s table.
-    fn local_to(&mut self, next: LocalServer) {
-        use LocalServer::{Idle, Serving, Starting};
-        let ok = matches!(
-            (self.local, next),
-            (Idle, Starting { .. })
-                | (Starting { .. }, Serving(_))
-                | (Starting { .. } | Serving(_), Idle)
-        );
-        assert!(
-            ok,
-            "local server: no move from {:?} to {next:?}",
-            self.local
-        );
-        assert!(
-            !matches!(next, Starting { .. }) || !self.gathering(),
-            "a start while its gather runs"
-        );
-        self.local = next;
-    }
-
-    /// The one way the standby slot changes: asserts the move is a row of
-    /// [`StandbySlot`]'s table.
-    pub(super) fn standby_to(&mut self, next: StandbySlot) {
-        use StandbySlot::{Due, Idle, Ready, Spawning};
-        let ok = matches!(
-            (self.standby, next),
-            (Idle, Due { .. })
-                | (Due { .. } | Spawning { .. }, Due { .. })
-                | (Due { .. } | Spawning { .. }, Spawning { .. })
-                | (Idle | Due { .. } | Spawning { .. }, Ready { .. })
-                | (Ready { .. }, Idle)
-        );
-        assert!(
-            ok,
-            "standby slot: no move from {:?} to {next:?}",
-            self.standby
-        );
-        self.standby = next;
     }
 
     // -- time ------------------------------------------------------------------
@@ -1143,17 +970,25 @@ impl AgentFsm {
             "the standby serves"
         );
         assert!(
-            !self.gathering() || matches!(self.local, LocalServer::Idle),
+            self.gathering().is_none() || matches!(self.local, LocalServer::Idle),
             "a gather while a started server runs"
         );
         assert!(self.members.len() <= NODES_MAX);
-        if let Some(g) = &self.gather {
-            assert!(g.expected.len() <= EXPECTED_MAX);
-            assert!(g.attempt != 0 || (g.waiting.is_empty() && g.expected.is_empty()));
-            assert!(
-                g.attempt == 0 || self.standby.ready().is_some(),
-                "gathering without a standby"
-            );
+        let g = &self.gather;
+        assert!(g.expected.len() <= EXPECTED_MAX);
+        assert!(g.waiting.len() <= NODES_MAX);
+        match g.phase {
+            GatherPhase::Idle => assert!(
+                g.waiting.is_empty() && g.expected.is_empty() && !g.overflow,
+                "an idle gather holds entries"
+            ),
+            GatherPhase::Collecting { attempt, .. } => {
+                assert!(attempt != 0, "gather attempt 0");
+                assert!(
+                    self.standby.ready().is_some(),
+                    "gathering without a standby"
+                );
+            }
         }
         if let (Some(s), Some(k)) = (self.local.serving(), self.cluster_server) {
             assert!(
