@@ -139,6 +139,85 @@ impl Sessions for Server {
     }
 }
 
+/// A process loop's listeners, registered at `LISTENER_BASE + i`. Every
+/// loop accepts through one: the framed tables below (server, agent,
+/// controller) and the NBD server's slot table (`io/src/nbd/server.rs`).
+pub struct Listeners {
+    list: Vec<MioListener>,
+}
+
+impl std::fmt::Debug for Listeners {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Listeners")
+            .field("len", &self.list.len())
+            .finish()
+    }
+}
+
+impl Listeners {
+    /// Registers `list` for reading, refused unless its length is within
+    /// `allowed` (and `LISTENERS_MAX`). The vector is the only allocation.
+    pub fn register(
+        mut list: Vec<MioListener>,
+        registry: &Registry,
+        allowed: core::ops::RangeInclusive<usize>,
+    ) -> io::Result<Listeners> {
+        let max = (*allowed.end()).min(LISTENERS_MAX);
+        if list.len() < *allowed.start() || list.len() > max {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "{} listen addresses ({} to {max})",
+                    list.len(),
+                    allowed.start()
+                ),
+            ));
+        }
+        for (i, l) in list.iter_mut().enumerate() {
+            registry.register(l, Token(LISTENER_BASE + i), Interest::READABLE)?;
+        }
+        Ok(Listeners { list })
+    }
+
+    /// The listener a token names, if it is one of these.
+    pub fn index(&self, t: Token) -> Option<usize> {
+        t.0.checked_sub(LISTENER_BASE)
+            .filter(|&i| i < self.list.len())
+    }
+
+    /// The next waiting connection of listener `i`; `None` when none waits
+    /// (or accepting failed: the loop goes on serving the others).
+    pub fn accept(&self, i: usize) -> Option<MioStream> {
+        let l = self.list.get(i)?;
+        loop {
+            match l.accept() {
+                Ok(s) => return Some(s),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return None,
+            }
+        }
+    }
+
+    /// The addresses listened on (TCP ports resolved).
+    pub fn local_addrs(&self) -> impl Iterator<Item = crate::net::Addr> + '_ {
+        self.list.iter().filter_map(|l| l.local_addr().ok())
+    }
+
+    /// Stops accepting: every listener leaves the poll (shutdown).
+    pub fn deregister(&mut self, registry: &Registry) {
+        for l in &mut self.list {
+            let _ = registry.deregister(l);
+        }
+    }
+
+    /// Removes the unix listeners' socket files. Frees nothing.
+    pub fn remove_socket_files(&self) {
+        for l in &self.list {
+            l.remove_socket_file();
+        }
+    }
+}
+
 struct Conn {
     stream: MioStream,
     closing: bool,
@@ -147,7 +226,7 @@ struct Conn {
 
 /// Listeners and their connections.
 pub struct ConnTable {
-    listeners: Vec<MioListener>,
+    listeners: Listeners,
     conns: Vec<Option<Conn>>,
     readers: Vec<FrameReader<Box<[u8]>>>,
     refuse_buf: [u8; 512],
@@ -166,25 +245,12 @@ impl ConnTable {
     /// `LISTENERS_MAX`) and reserves `n` connections (a frame reader each).
     /// The only allocation.
     pub fn new(
-        mut listeners: Vec<MioListener>,
+        listeners: Vec<MioListener>,
         n: usize,
         registry: &Registry,
         allowed: core::ops::RangeInclusive<usize>,
     ) -> io::Result<ConnTable> {
-        let max = (*allowed.end()).min(LISTENERS_MAX);
-        if listeners.len() < *allowed.start() || listeners.len() > max {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!(
-                    "{} listen addresses ({} to {max})",
-                    listeners.len(),
-                    allowed.start(),
-                ),
-            ));
-        }
-        for (i, l) in listeners.iter_mut().enumerate() {
-            registry.register(l, Token(LISTENER_BASE + i), Interest::READABLE)?;
-        }
+        let listeners = Listeners::register(listeners, registry, allowed)?;
         let mut conns = Vec::with_capacity(n);
         conns.resize_with(n, || None);
         let readers = (0..n)
@@ -200,7 +266,7 @@ impl ConnTable {
 
     /// The addresses listened on (TCP ports resolved), for the start line.
     pub fn local_addrs(&self) -> impl Iterator<Item = crate::net::Addr> + '_ {
-        self.listeners.iter().filter_map(|l| l.local_addr().ok())
+        self.listeners.local_addrs()
     }
 
     /// Bytes reserved for `n` connections.
@@ -223,10 +289,11 @@ impl ConnTable {
         writable: bool,
         closed: bool,
     ) {
-        if let Some(i) = token.0.checked_sub(LISTENER_BASE) {
-            if i < self.listeners.len() {
-                self.accept(fsm, registry, i);
-            }
+        if let Some(i) = self.listeners.index(token) {
+            self.accept(fsm, registry, i);
+            return;
+        }
+        if token.0 >= LISTENER_BASE {
             return;
         }
         let Ok(c) = u32::try_from(token.0) else {
@@ -242,9 +309,8 @@ impl ConnTable {
 
     fn accept(&mut self, fsm: &mut dyn Sessions, registry: &Registry, listener: usize) {
         loop {
-            let mut stream = match self.listeners[listener].accept() {
-                Ok(s) => s,
-                Err(_) => return,
+            let Some(mut stream) = self.listeners.accept(listener) else {
+                return;
             };
             let Some(c) = fsm.accept() else {
                 // Table full: the peer gets the refusal, if any, best

@@ -127,6 +127,7 @@ use csnap_fsm::volume::{DiskOp, EngineSignal, IoError, SubmitError, VolumeConfig
 use csnap_proto::{self as proto, ErrorCode, FrameReader, Msg, Role, Volume, FRAME_MAX_BYTES};
 use mio::{Events, Interest, Poll, Registry, Token};
 
+use crate::conns::{Listeners, LISTENER_BASE};
 use crate::metrics::{MetricsEndpoint, NbdMetrics, METRICS_TOKENS};
 use crate::net::{Addr, MioListener, MioStream};
 
@@ -183,7 +184,11 @@ const SIGNAL: Token = Token(usize::MAX - 1);
 const CTL_SERVER: Token = Token(usize::MAX - 2);
 const CTL_AGENT: Token = Token(usize::MAX - 3);
 const DISK: Token = Token(usize::MAX - 4);
-const LISTENER_BASE: usize = usize::MAX - 64;
+/// Listen addresses: their tokens (`LISTENER_BASE + i`, the shared
+/// listener table's) stay below the loop's own.
+const LISTENERS_MAX: usize = csnap_pools::NBD_LISTENERS_MAX;
+const _: () = assert!(LISTENER_BASE + LISTENERS_MAX <= DISK.0);
+const _: () = assert!(LISTENERS_MAX <= crate::conns::LISTENERS_MAX);
 /// The metrics endpoint's tokens (`--metrics`), below the listeners'.
 const METRICS_BASE: usize = usize::MAX - 128;
 const _: () = assert!(csnap_pools::NBD_CONNECTIONS_MAX * TOKENS_PER_SLOT < METRICS_BASE);

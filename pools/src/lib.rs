@@ -383,6 +383,9 @@ const_assert!(
 /// engine with its lease tables, frame readers of its server and agent
 /// links), printed at start.
 pub const NBD_CONNECTIONS_MAX: usize = 256;
+/// Addresses one `csnap nbd` listens on (unix and TCP; each a token below
+/// the loop's own).
+pub const NBD_LISTENERS_MAX: usize = 60;
 /// Default for `--connections`.
 pub const NBD_CONNECTIONS_DEFAULT: usize = 16;
 

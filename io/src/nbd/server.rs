@@ -42,7 +42,7 @@ pub struct NbdServer {
     poll: Poll,
     events: Events,
     ready: Vec<(Token, bool, bool)>,
-    listeners: Vec<MioListener>,
+    listeners: Listeners,
     signals: OwnedFd,
     slots: Vec<Slot>,
     ctl: Control,
@@ -146,16 +146,11 @@ impl NbdServer {
             None => None,
         };
         let mut listeners = Vec::with_capacity(opts.listen.len());
-        for (i, a) in opts.listen.iter().enumerate() {
-            let mut l = MioListener::bind(a).map_err(|e| format!("cannot listen on {a}: {e}"))?;
-            poll.registry()
-                .register(&mut l, Token(LISTENER_BASE + i), Interest::READABLE)
-                .map_err(|e| format!("cannot register {a}: {e}"))?;
-            listeners.push(l);
+        for a in &opts.listen {
+            listeners.push(MioListener::bind(a).map_err(|e| format!("cannot listen on {a}: {e}"))?);
         }
-        if listeners.len() > 60 {
-            return Err("at most 60 listen addresses".into());
-        }
+        let listeners = Listeners::register(listeners, poll.registry(), 0..=LISTENERS_MAX)
+            .map_err(|e| format!("cannot register the listeners: {e}"))?;
         let signals = csnap_sys::signal::signal_fd(&[libc::SIGTERM, libc::SIGINT])
             .map_err(|e| format!("signalfd: {e}"))?;
         poll.registry()
@@ -265,10 +260,7 @@ impl NbdServer {
 
     /// The bound addresses (TCP ports resolved).
     pub fn local_addrs(&self) -> Vec<Addr> {
-        self.listeners
-            .iter()
-            .filter_map(|l| l.local_addr().ok())
-            .collect()
+        self.listeners.local_addrs().collect()
     }
 
     /// The metrics endpoint's bound address.
@@ -289,9 +281,7 @@ impl NbdServer {
     /// Removes the unix listeners' socket files (after `run`, before the
     /// process ends by `_exit`). Frees nothing.
     pub fn remove_socket_files(&self) {
-        for l in &self.listeners {
-            l.remove_socket_file();
-        }
+        self.listeners.remove_socket_files();
         if let Some(m) = &self.metrics {
             m.remove_socket_file();
         }
@@ -421,12 +411,9 @@ impl NbdServer {
             self.ctl.link.on_event(t, readable, writable);
         } else if let Some(m) = self.metrics.as_mut().filter(|m| m.owns(t)) {
             m.on_event(t, readable, writable);
-        } else if t.0 >= LISTENER_BASE {
-            let li = t.0 - LISTENER_BASE;
-            if li < self.listeners.len() {
-                self.accept(li);
-            }
-        } else {
+        } else if let Some(li) = self.listeners.index(t) {
+            self.accept(li);
+        } else if t.0 < LISTENER_BASE {
             let (s, k) = (t.0 / TOKENS_PER_SLOT, t.0 % TOKENS_PER_SLOT);
             if let Some(slot) = self.slots.get_mut(s) {
                 if k == 0 {
@@ -446,9 +433,7 @@ impl NbdServer {
             eprintln!("csnap nbd: signal {sig}: finishing in-flight commands, then exiting");
             let now = now_ms();
             self.shutdown_at_ms = Some(now + self.sh.timeout_ms + 2_000);
-            for l in &mut self.listeners {
-                let _ = self.poll.registry().deregister(l);
-            }
+            self.listeners.deregister(self.poll.registry());
             for s in &mut self.slots {
                 if s.state != SlotState::Free {
                     let serving = s.attached;
@@ -460,13 +445,8 @@ impl NbdServer {
 
     fn accept(&mut self, li: usize) {
         loop {
-            let Some(l) = self.listeners.get(li) else {
+            let Some(mut stream) = self.listeners.accept(li) else {
                 return;
-            };
-            let mut stream = match l.accept() {
-                Ok(s) => s,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(_) => return,
             };
             if self.shutdown_at_ms.is_some() {
                 continue;
