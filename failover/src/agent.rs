@@ -75,6 +75,7 @@ pub fn run(mut opts: AgentOptions) -> Result<String, String> {
         respawn_backoff_ms: csnap_pools::AGENT_RESPAWN_BACKOFF_MS,
         spawn_timeout_ms: csnap_pools::AGENT_SPAWN_TIMEOUT_MS,
         standby_after_start_ms: csnap_pools::AGENT_STANDBY_AFTER_START_MS,
+        relist_grace_ms: csnap_pools::AGENT_RELIST_GRACE_MS,
     };
     let mut poll = Poll::new().map_err(|e| format!("epoll: {e}"))?;
     let mut events = Events::with_capacity(EVENTS_MAX);

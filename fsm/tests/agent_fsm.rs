@@ -163,6 +163,7 @@ fn cfg() -> AgentConfig {
         respawn_backoff_ms: BACKOFF_MS,
         spawn_timeout_ms: SPAWN_TIMEOUT_MS,
         standby_after_start_ms: 0,
+        relist_grace_ms: 0,
     }
 }
 
@@ -1408,4 +1409,128 @@ fn a_hold_past_due_with_no_server_known_is_no_deadline() {
         t.msgs(c),
         vec![addr_of(4, 2, "/run/csnap/node-2/server.sock")]
     );
+}
+
+/// A (re)started agent knows only the clients connected to it: for
+/// `relist_grace_ms` after its start it holds its answer to a gather and
+/// takes no start, so a snapshot client that reconnects and says who it is
+/// within its retry backoff is listed (cluster_sim's agent crashes: a
+/// gather answered at once missed a lock holder, and the new server lifted
+/// its barrier without it).
+#[test]
+fn a_started_agent_lists_its_clients_only_after_they_had_the_time_to_reconnect() {
+    const GRACE_MS: u64 = 250;
+    let mut t = T {
+        a: AgentFsm::new(AgentConfig {
+            relist_grace_ms: GRACE_MS,
+            ..cfg()
+        }),
+        now: 1_000,
+    };
+    t.a.set_now(1_000);
+    t.a.handle_bus_connected();
+    t.bus_in(&members(1, &[1, 2, 3]));
+    t.a.handle_tick();
+    t.actions();
+    t.bus();
+    // A standby is ready, but the agent takes no start yet and says so.
+    let sb = t.hello(Role::Server);
+    t.send(
+        sb,
+        2,
+        &Msg::ServerReady {
+            pid: 7,
+            node_id: ME,
+            addr: &server_addr(7),
+        },
+    );
+    assert_eq!(t.bus(), vec![agent_state(false, 0, 0)]);
+    assert!(!t.a.status().standby_ready);
+    // The end of the grace is the next thing the loop wakes for.
+    assert_eq!(t.a.next_deadline_ms(), Some(1_000 + GRACE_MS));
+    t.bus_in(&frame(
+        0,
+        &Msg::StartHere {
+            attempt: 1,
+            former_incarnation: 0,
+            claim: false,
+        },
+    ));
+    assert_eq!(t.bus(), vec![agent_state(false, 0, 0)]);
+    // Another node's gather asks; the answer is held.
+    t.bus_in(&frame(
+        0,
+        &Msg::NeedClients {
+            gather_id: 4,
+            starter: 3,
+        },
+    ));
+    assert!(
+        t.bus().is_empty(),
+        "answered before its clients reconnected"
+    );
+    // A snapshot client reconnects and says who it is (an announce).
+    let s = t.hello(Role::Client);
+    t.need(s, 1, 15, 0, Some(Volume::Snapshot(2)));
+    // (No server is known: its question goes up.)
+    assert_eq!(t.bus(), vec![M::WantServer(0)]);
+    t.at(1_000 + GRACE_MS - 1);
+    let b = t.bus();
+    assert!(b.is_empty(), "{b:?}");
+    // Past the grace: the held answer lists it, and the standby is
+    // startable.
+    t.at(1_000 + GRACE_MS);
+    assert_eq!(
+        t.bus(),
+        vec![
+            M::Clients {
+                gather: 4,
+                from: ME,
+                to: 3,
+                clients: vec![(15, ME)],
+            },
+            agent_state(true, 0, 0),
+        ]
+    );
+    assert!(t.a.status().standby_ready);
+    // Later gathers are answered at once.
+    t.bus_in(&frame(
+        0,
+        &Msg::NeedClients {
+            gather_id: 5,
+            starter: 2,
+        },
+    ));
+    assert_eq!(t.bus().len(), 1);
+}
+
+/// The controller echoes a server's announcement back to every agent, its
+/// own included. An echo that arrives after the agent saw its own server
+/// die (or at an agent restarted since: its servers died with the former
+/// process) must not make the dead server the known one again: clients
+/// would be given its address until a new controller happened to say
+/// otherwise (cluster_sim, a controller crash that lost the death report).
+#[test]
+fn an_echo_of_its_own_dead_servers_announcement_is_ignored() {
+    let mut t = T::new();
+    let sb = t.standby(300);
+    t.serve(sb, 1, 6);
+    t.bus();
+    t.actions();
+    t.a.handle_disconnect(sb);
+    assert_eq!(t.bus(), vec![agent_state(false, 0, 6)]);
+    // The echo of its `ServerUp`, late.
+    t.bus_in(&server_up(6, ME, &server_addr(300)));
+    assert_eq!(
+        t.a.status().cluster_server,
+        None,
+        "a dead address came back"
+    );
+    let c = t.hello(Role::Client);
+    t.need(c, 4, 60, 6, Some(Volume::Origin));
+    assert!(t.out(c).is_empty());
+    assert_eq!(t.bus(), vec![M::WantServer(6)]);
+    // Another node's server is taken as before.
+    t.bus_in(&server_up(7, 2, "n2.sock"));
+    assert_eq!(t.out(c), vec![(4, addr_of(7, 2, "n2.sock"))]);
 }

@@ -439,6 +439,9 @@ impl ServerLoop {
                         Ok((_, csnap_proto::Msg::ClientGone { client_id, node_id })) => {
                             self.fsm.handle_client_gone(client_id, node_id);
                         }
+                        Ok((_, csnap_proto::Msg::ClientsOf { node_id, clients })) => {
+                            self.fsm.handle_clients_of(node_id, clients);
+                        }
                         // Anything else from the agent is not for a
                         // serving server; ignored.
                         _ => {}

@@ -430,6 +430,13 @@ struct Cli {
     fsm: ClientFsm,
     agent_link: usize,
     agent_rid: u64,
+    /// Its agent link is up (false while its node's agent is dead).
+    agent_up: bool,
+    /// `Hello` sent on a new agent link, `HelloOk` not yet seen.
+    agent_hello: bool,
+    /// A `NeedServer` sent only to be known to a restarted agent (its
+    /// server connection is up): its request id.
+    announce: Option<u64>,
     rec: Rec,
     server_link: Option<usize>,
     /// EOF arrived on the server connection; noticed at the client's next
@@ -507,6 +514,13 @@ struct Stats {
     superseded_servers: u64,
     stale_servers_fenced: u64,
     controller_crashes: u64,
+    /// Agent processes killed (and started again later).
+    agent_crashes: u64,
+    /// Clients that told a restarted agent about themselves again.
+    agent_reannounces: u64,
+    /// Expected clients a restarted agent's complete list (`ClientsOf`)
+    /// left out: they died while no agent ran on their node.
+    unseen_deaths: u64,
     /// Clients holding read locks on a node that was not a member at a
     /// start (cut off, unfenced), and their reads left unchecked.
     exposed_clients: u64,
@@ -562,6 +576,9 @@ impl Stats {
         self.superseded_servers += o.superseded_servers;
         self.stale_servers_fenced += o.stale_servers_fenced;
         self.controller_crashes += o.controller_crashes;
+        self.agent_crashes += o.agent_crashes;
+        self.agent_reannounces += o.agent_reannounces;
+        self.unseen_deaths += o.unseen_deaths;
         self.exposed_clients += o.exposed_clients;
         self.exposed_reads += o.exposed_reads;
         self.disk_faults_armed += o.disk_faults_armed;
@@ -625,6 +642,8 @@ struct Sim {
     new_tags: Vec<u32>,
     /// Per node: its bus is cut, and reconnects then.
     bus_back: Vec<Option<u64>>,
+    /// Per node: its agent process died, and starts again then.
+    agent_back: Vec<Option<u64>>,
     /// Incarnations whose store device had a fault armed.
     disk_failed_incs: BTreeSet<u64>,
     stats: Stats,
@@ -641,6 +660,26 @@ fn new_controller() -> Controller {
         max_server_deaths: 0,
         death_window_ms: csnap_pools::CONTROLLER_DEATH_WINDOW_MS_DEFAULT,
     })
+}
+
+/// Node `n`'s agent; `restarted`: started again after a crash, while its
+/// node's clients run (the first agents start with the cluster, before any
+/// client, and need no time for clients to reconnect).
+fn new_agent(n: u32, now: u64, restarted: bool) -> AgentFsm {
+    let mut a = AgentFsm::new(AgentConfig {
+        node_id: n,
+        agent_addr: AddrBuf::new(&format!("node-{n}/agent.sock")).unwrap(),
+        conns: 32,
+        suspect_hold_ms: 10,
+        respawn_backoff_ms: 20,
+        spawn_timeout_ms: 400,
+        standby_after_start_ms: 5,
+        // Steps here, not milliseconds: a restarted agent's clients
+        // reconnect within a few deliveries, which a step makes one of.
+        relist_grace_ms: if restarted { 2_000 } else { 0 },
+    });
+    a.set_now(now);
+    a
 }
 
 fn idx(node: u32) -> usize {
@@ -744,6 +783,7 @@ impl Sim {
             creating: BTreeMap::new(),
             new_tags: Vec::new(),
             bus_back: vec![None; NODES as usize],
+            agent_back: vec![None; NODES as usize],
             disk_failed_incs: BTreeSet::new(),
             stats: Stats::default(),
         };
@@ -751,16 +791,7 @@ impl Sim {
         s.tool_connect();
         // The agents and their buses.
         for n in 1..=NODES {
-            let a = AgentFsm::new(AgentConfig {
-                node_id: n,
-                agent_addr: AddrBuf::new(&format!("node-{n}/agent.sock")).unwrap(),
-                conns: 32,
-                suspect_hold_ms: 10,
-                respawn_backoff_ms: 20,
-                spawn_timeout_ms: 400,
-                standby_after_start_ms: 5,
-            });
-            s.agents.push(a);
+            s.agents.push(new_agent(n, 0, false));
             s.bus.push(usize::MAX);
             s.bus_connect(n);
         }
@@ -1005,7 +1036,12 @@ impl Sim {
 
     fn tick(&mut self) {
         for n in 1..=NODES {
-            if self.bus_back[idx(n)].is_some_and(|t| t <= self.now) {
+            if self.agent_back[idx(n)].is_some_and(|t| t <= self.now) {
+                self.agent_restart(n);
+            }
+            if self.agent_back[idx(n)].is_none()
+                && self.bus_back[idx(n)].is_some_and(|t| t <= self.now)
+            {
                 self.bus_back[idx(n)] = None;
                 self.bus_connect(n);
             }
@@ -1014,9 +1050,100 @@ impl Sim {
         self.ctl.handle_tick();
         self.pump_ctl();
         for n in 1..=NODES {
+            if self.agent_back[idx(n)].is_some() {
+                continue;
+            }
             self.agents[idx(n)].set_now(self.now);
             self.agents[idx(n)].handle_tick();
             self.pump_agent(n);
+        }
+    }
+
+    /// Node `n`'s agent process dies: every connection on its socket ends
+    /// (what was in flight is lost): its servers exit (a server exits when
+    /// its agent link closes), its clients lose their agent link (they
+    /// keep their server connections); its bus ends, and the controller
+    /// sees it close. It starts again later as a new process knowing
+    /// nothing: its clients connect again and say who they are.
+    fn agent_crash(&mut self, n: u32) {
+        self.log(|| format!("node {n}: the agent crashes"));
+        self.stats.agent_crashes += 1;
+        let on_it: Vec<((u32, u32), usize)> = self
+            .agent_conn
+            .iter()
+            .filter(|((m, _), _)| *m == n)
+            .map(|(&k, &l)| (k, l))
+            .collect();
+        for ((_, c), l) in on_it {
+            self.agent_conn.remove(&(n, c));
+            self.lose_frames(l);
+            self.links[l].closed = [true; 2];
+            self.links[l].eof_sent = [true; 2];
+            match self.peer(l, End::Agent(n, c)) {
+                End::SrvAgent(p) => self.die(p, "its agent died"),
+                End::CliAgent(k) => {
+                    let cl = &mut self.clients[k];
+                    cl.agent_up = false;
+                    cl.agent_hello = false;
+                    cl.announce = None;
+                }
+                e => panic!("{e:?} on an agent socket"),
+            }
+        }
+        if self.bus_back[idx(n)].is_none() {
+            // The controller sees its end close at once (what was in
+            // flight is lost), as in a cut.
+            let l = self.bus[idx(n)];
+            self.cut(l);
+        }
+        self.bus_back[idx(n)] = None;
+        self.agent_back[idx(n)] = Some(self.now + 1 + self.rng.below(200));
+        // Often a client process of the node dies with it (one failure
+        // taking several processes): nobody sees that client go.
+        let here: Vec<usize> = (0..self.clients.len())
+            .filter(|&k| self.clients[k].alive && self.clients[k].node == n)
+            .collect();
+        if !here.is_empty() && self.rng.per_mille(500) {
+            let k = here[us(self.rng.below(here.len() as u64))];
+            self.client_kill(k);
+            self.stats.client_kills += 1;
+        }
+    }
+
+    /// Node `n`'s agent starts again: a new process; its bus connects, and
+    /// its live clients connect to it again (`Hello`, then a `NeedServer`:
+    /// the question they were waiting on, or an announce).
+    fn agent_restart(&mut self, n: u32) {
+        self.log(|| format!("node {n}: the agent starts again"));
+        self.agent_back[idx(n)] = None;
+        self.agents[idx(n)] = new_agent(n, self.now, true);
+        self.bus_connect(n);
+        for k in 0..self.clients.len() {
+            let c = &self.clients[k];
+            if !c.alive || c.node != n || c.agent_up {
+                continue;
+            }
+            let conn = self.agents[idx(n)]
+                .handle_accept()
+                .expect("the agent has room");
+            let l = self.link(End::CliAgent(k), End::Agent(n, conn));
+            self.agent_conn.insert((n, conn), l);
+            let c = &mut self.clients[k];
+            c.agent_link = l;
+            c.agent_up = true;
+            c.agent_hello = true;
+            self.write(
+                l,
+                End::CliAgent(k),
+                &encode(
+                    0,
+                    &Msg::Hello {
+                        version_min: 1,
+                        version_max: 1,
+                        role: Role::Client,
+                    },
+                ),
+            );
         }
     }
 
@@ -1469,7 +1596,9 @@ impl Sim {
         for tag in std::mem::take(&mut self.new_tags) {
             let alive = self.clients.iter().filter(|c| c.alive).count();
             let nodes: Vec<u32> = (1..=NODES)
-                .filter(|&n| !self.down[idx(n)] && self.left != Some(n))
+                .filter(|&n| {
+                    !self.down[idx(n)] && self.left != Some(n) && self.agent_back[idx(n)].is_none()
+                })
                 .collect();
             if alive >= 9 || nodes.is_empty() {
                 continue;
@@ -1596,6 +1725,14 @@ impl Sim {
         self.close(pr.agent_link, End::SrvAgent(p));
     }
 
+    /// Whether a serving server still waits at its recovery barrier.
+    fn recovering(&self) -> bool {
+        self.procs
+            .iter()
+            .flatten()
+            .any(|x| x.phase == Phase::Serving && x.fsm.state() == ServerState::Recovering)
+    }
+
     fn serving(&self) -> Vec<usize> {
         (0..self.procs.len())
             .filter(|&p| {
@@ -1678,6 +1815,29 @@ impl Sim {
                 );
                 let pr = self.procs[p].as_mut().unwrap();
                 pr.fsm.handle_client_gone(client_id, node_id);
+                self.pump_srv(p);
+            }
+            (Phase::Serving, Msg::ClientsOf { node_id, clients }) => {
+                // Every client of that node the server expects and the
+                // list leaves out must be dead: it is taken as gone.
+                let pr = self.procs[p].as_ref().unwrap();
+                let unlisted: Vec<u64> = pr
+                    .expected
+                    .iter()
+                    .filter(|&&(id, n)| n == node_id && !clients.iter().any(|c| c.client_id == id))
+                    .map(|&(id, _)| id)
+                    .collect();
+                for id in unlisted {
+                    let c = self.clients.iter().find(|c| c.id == id);
+                    assert!(
+                        c.is_some_and(|c| !c.alive),
+                        "ClientsOf of node {node_id} leaves out client {id}, which is alive"
+                    );
+                    self.stats.unseen_deaths += 1;
+                    self.procs[p].as_mut().unwrap().gone.insert((id, node_id));
+                }
+                let pr = self.procs[p].as_mut().unwrap();
+                pr.fsm.handle_clients_of(node_id, clients);
                 self.pump_srv(p);
             }
             (ph, m) => panic!("server process {p} in {ph:?} got {:?}", m.kind()),
@@ -1963,6 +2123,9 @@ impl Sim {
             }),
             agent_link: l,
             agent_rid: 0,
+            agent_up: true,
+            agent_hello: true,
+            announce: None,
             rec: Rec::AgentHello,
             server_link: None,
             server_broken: false,
@@ -2030,6 +2193,11 @@ impl Sim {
         let c = &mut self.clients[k];
         c.agent_rid += 1;
         c.rec = Rec::Asking(c.agent_rid);
+        if !c.agent_up || c.agent_hello || c.announce.is_some() {
+            // Asked once its agent link is up again (one question at a
+            // time per agent connection).
+            return;
+        }
         let msg = Msg::NeedServer {
             client_id: c.id,
             failed_incarnation: c.fsm.incarnation(),
@@ -2062,7 +2230,36 @@ impl Sim {
         let (h, m) = proto::decode(f).expect("the agent's frames decode");
         let c = &self.clients[k];
         match (c.rec, m) {
-            (Rec::AgentHello, Msg::HelloOk { .. }) => self.cli_ask(k),
+            (_, Msg::HelloOk { .. }) if c.agent_hello => {
+                let c = &mut self.clients[k];
+                c.agent_hello = false;
+                match c.rec {
+                    Rec::AgentHello | Rec::Asking(_) => self.cli_ask(k),
+                    _ if c.server_link.is_some() => {
+                        // Its server connection is up: only say who it is
+                        // (the NBD link's reannounce).
+                        c.agent_rid += 1;
+                        c.announce = Some(c.agent_rid);
+                        self.stats.agent_reannounces += 1;
+                        let msg = Msg::NeedServer {
+                            client_id: c.id,
+                            failed_incarnation: 0,
+                            node_id: c.node,
+                            volume: Some(c.volume),
+                        };
+                        let (l, rid) = (c.agent_link, c.agent_rid);
+                        let ok = self.write(l, End::CliAgent(k), &encode(rid, &msg));
+                        assert!(ok, "the agent link is up");
+                    }
+                    _ => {}
+                }
+            }
+            (_, Msg::ServerAddress { .. }) if c.announce == Some(h.request_id) => {
+                self.clients[k].announce = None;
+                if let Rec::Asking(_) = self.clients[k].rec {
+                    self.cli_ask(k);
+                }
+            }
             (Rec::Asking(rid), Msg::ServerAddress { addr, .. }) if rid == h.request_id => {
                 let addr = addr.to_string();
                 self.cli_connect(k, &addr);
@@ -2596,7 +2793,9 @@ impl Sim {
                 }
             }
         } else if r - kill < 10 {
-            // Kill a client process.
+            // Kill a client process (also while its node's agent is dead:
+            // nobody sees it go then; the restarted agent's complete list
+            // says it is gone).
             let alive: Vec<usize> = (0..self.clients.len())
                 .filter(|&k| self.clients[k].alive)
                 .collect();
@@ -2607,8 +2806,8 @@ impl Sim {
             }
         } else if r - kill < 17 {
             // A node leaves: fenced first (its clients stop), then told.
-            if self.left.is_none() {
-                let n = 1 + u32::try_from(self.rng.below(u64::from(NODES))).unwrap();
+            let n = 1 + u32::try_from(self.rng.below(u64::from(NODES))).unwrap();
+            if self.left.is_none() && self.agent_back[idx(n)].is_none() {
                 for k in 0..self.clients.len() {
                     if self.clients[k].alive && self.clients[k].node == n {
                         self.client_kill(k);
@@ -2649,7 +2848,10 @@ impl Sim {
             let dead: Vec<usize> = (0..self.clients.len())
                 .filter(|&k| {
                     let c = &self.clients[k];
-                    !c.alive && !c.replaced && !self.down[idx(c.node)]
+                    !c.alive
+                        && !c.replaced
+                        && !self.down[idx(c.node)]
+                        && self.agent_back[idx(c.node)].is_none()
                 })
                 .collect();
             if !dead.is_empty() {
@@ -2669,6 +2871,14 @@ impl Sim {
             self.cut_something(2);
         } else if r - kill < 104 {
             self.arm_disk_fault();
+        } else if r - kill < 107 || (r - kill < 140 && self.recovering()) {
+            // An agent process dies (and starts again later); more often
+            // while a new server waits for the former one's clients (a
+            // client that dies with it is one that server waits for).
+            let n = 1 + u32::try_from(self.rng.below(u64::from(NODES))).unwrap();
+            if self.left != Some(n) && !self.down[idx(n)] && self.agent_back[idx(n)].is_none() {
+                self.agent_crash(n);
+            }
         }
     }
 
@@ -2694,6 +2904,12 @@ impl Sim {
         }
         if self.bus_back.iter().any(Option::is_some) {
             return Err("a bus is down".into());
+        }
+        if self.agent_back.iter().any(Option::is_some) {
+            return Err("an agent is down".into());
+        }
+        if self.agents.iter().any(|a| a.status().relisting) {
+            return Err("a restarted agent's client list is not out yet".into());
         }
         for (l, link) in self.links.iter().enumerate() {
             for d in 0..2 {
@@ -2746,7 +2962,7 @@ impl Sim {
                     }
                 };
                 take(self.ctl.next_deadline_ms());
-                for &t in self.bus_back.iter().flatten() {
+                for &t in self.bus_back.iter().chain(&self.agent_back).flatten() {
                     take(Some(t));
                 }
                 for a in &self.agents {
@@ -2767,8 +2983,11 @@ impl Sim {
                     // Nobody is left to want a server (a restarted
                     // controller places one on demand only): a new client
                     // comes.
-                    let n = (1..=NODES)
-                        .find(|&n| self.left != Some(n) && self.agents[idx(n)].status().member);
+                    let n = (1..=NODES).find(|&n| {
+                        self.left != Some(n)
+                            && self.agent_back[idx(n)].is_none()
+                            && self.agents[idx(n)].status().member
+                    });
                     if let Some(n) = n {
                         self.client_new(n, Volume::Origin);
                         continue;
@@ -3106,6 +3325,13 @@ fn run_seeds(first: u64, count: u64, name: &str) {
         );
         assert!(total.stale_servers_fenced > 0, "{total:?}");
         assert!(total.controller_crashes > 0, "{total:?}");
+        // Agents die (their servers with them) and start again knowing
+        // nothing; their clients connect again and say who they are.
+        assert!(
+            total.agent_crashes > 0 && total.agent_reannounces > 0,
+            "{total:?}"
+        );
+        assert!(total.unseen_deaths > 0, "{total:?}");
         // The store device fails (EIO on a read, a write or a flush,
         // ENOSPC, a torn write mid-commit), every kind: the server stops,
         // the request that met it fails, nothing acknowledged is lost (the

@@ -826,3 +826,68 @@ fn a_create_whose_control_connection_closed_answers_no_successor() {
     assert!(matches!(proto::decode(&r[0].1).unwrap().1, Msg::Ok));
     s.server.assert_invariants_full();
 }
+
+/// A client list for `ClientsOf`.
+fn client_list<'a>(buf: &'a mut [u8], entries: &[(u64, u32)]) -> proto::ClientList<'a> {
+    let e: Vec<proto::ClientEntry> = entries
+        .iter()
+        .map(|&(client_id, node_id)| proto::ClientEntry { client_id, node_id })
+        .collect();
+    proto::ClientList::from_entries(&e, buf).unwrap()
+}
+
+/// A restarted agent's complete list (`ClientsOf`): a client of that node
+/// the barrier waits for, or whose locks are parked, and that the list
+/// leaves out died while no agent ran there; it is gone. Listed clients
+/// and other nodes' clients are still waited for.
+#[test]
+fn a_nodes_complete_client_list_settles_the_clients_that_died_unseen() {
+    let mut s = sim(4);
+    let ctl = s.connect(Role::Control);
+    s.control(ctl, 3, &Msg::CreateSnapshot { tag: 7 });
+    s.server.handle_node_joined(1);
+    s.server.handle_node_joined(2);
+    s.server.begin_recovery(&[(20, 1), (21, 1), (22, 2)]);
+    let origin = s.attach_as(Volume::Origin, 99);
+    let mut b = [0u8; 64];
+    assert!(s
+        .call(origin, 20, &Msg::QueryOriginWrite(ranges(&mut b, 5, 1)))
+        .is_empty());
+    // Node 1's agent lists 21 (and, ignored, an entry of node 2): 20 is gone.
+    let mut lb = [0u8; 256];
+    s.server
+        .handle_clients_of(1, client_list(&mut lb, &[(21, 1), (22, 1)]));
+    s.collect();
+    assert!(s.take(origin).is_empty(), "21 and 22 are still awaited");
+    assert_eq!(s.server.state(), csnap_proto::ServerState::Recovering);
+    // Node 2's list leaves 22 out; node 1's again leaves 21 out.
+    s.server.handle_clients_of(2, client_list(&mut lb, &[]));
+    s.collect();
+    assert!(s.take(origin).is_empty(), "21 is still awaited");
+    s.server
+        .handle_clients_of(1, client_list(&mut lb, &[(30, 1)]));
+    s.collect();
+    assert_eq!(s.server.state(), csnap_proto::ServerState::Serving);
+    assert!(matches!(only(&s.take(origin)), Msg::OriginWriteOk(_)));
+    // A snapshot client of node 1 reads chunk 3 and its connection drops:
+    // its lock is parked (node 1 is a member), and a write to 3 waits.
+    let snap = s.attach_as(Volume::Snapshot(7), 40);
+    s.call(snap, 10, &Msg::QuerySnapshotRead(ranges(&mut b, 3, 1)));
+    s.server.handle_disconnect(snap);
+    s.step();
+    assert_eq!(s.server.parked_clients(), 1);
+    assert!(s
+        .call(origin, 21, &Msg::QueryOriginWrite(ranges(&mut b, 3, 1)))
+        .is_empty());
+    // Listed, it may come back: kept.
+    s.server
+        .handle_clients_of(1, client_list(&mut lb, &[(40, 1)]));
+    s.collect();
+    assert_eq!(s.server.parked_clients(), 1);
+    assert!(s.take(origin).is_empty());
+    // Left out: gone, its lock released, the write granted.
+    s.server.handle_clients_of(1, client_list(&mut lb, &[]));
+    s.collect();
+    assert_eq!(s.server.parked_clients(), 0);
+    assert_eq!(s.take(origin).len(), 1);
+}

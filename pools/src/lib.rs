@@ -500,6 +500,13 @@ pub const AGENT_SPAWN_TIMEOUT_MS: u64 = 10_000;
 /// them for the CPU (failover-bench: kill to every client served, p99 on 2
 /// cores, 22 ms without, 14 ms with 50 ms).
 pub const AGENT_STANDBY_AFTER_START_MS: u64 = 50;
+/// A started agent knows only the clients connected to it. One that
+/// started (or restarted) less than this ago holds its answer to a gather
+/// (`NeedClients`) and takes no start, so that the snapshot clients of its
+/// node, which reconnect to it within their retry backoff
+/// (`CLIENT_RETRY_MAX_MS`) and say who they are, are listed: a new server
+/// must wait for every lock holder.
+pub const AGENT_RELIST_GRACE_MS: u64 = 250;
 
 /// Connections to the cluster controller at once (agents and tools).
 pub const CONTROLLER_CONNS_MAX: usize = 512;
@@ -555,6 +562,7 @@ const_assert!(CLIENT_RETRY_MIN_MS <= CLIENT_RETRY_MAX_MS);
 const_assert!(CLIENT_RETRY_MAX_MS < CLIENT_FAILOVER_TIMEOUT_DEFAULT_MS);
 const_assert!(AGENT_SUSPECT_HOLD_MS < CLIENT_FAILOVER_TIMEOUT_DEFAULT_MS);
 const_assert!(AGENT_STANDBY_AFTER_START_MS < AGENT_RESPAWN_BACKOFF_MS);
+const_assert!(AGENT_RELIST_GRACE_MS >= 4 * CLIENT_RETRY_MAX_MS);
 const_assert!(STANDBY_LOCK_RETRY_US < STANDBY_LOCK_WAIT_MS * 1000);
 // A start that waited its longest for the store lock still serves before
 // the controller gives up on it and before clients time out.

@@ -98,11 +98,11 @@
 //! - Agent socket: a volume client or control tool sends `Hello`, then
 //!   `NeedServer` → `ServerAddress`. A standby server sends
 //!   `Hello` with role `Server`, then `ServerReady`; its agent later sends
-//!   `StartServer` → `Serving`, then `NodeJoined`, `NodeLeft` and
-//!   `ClientGone` as they happen.
+//!   `StartServer` → `Serving`, then `NodeJoined`, `NodeLeft`,
+//!   `ClientGone` and `ClientsOf` as they happen.
 //! - Controller socket: an agent sends `Hello` with role `Agent`, then
 //!   `Join`, answered with `Members`; then `AgentState`, `WantServer`,
-//!   `ServerUp` and `ClientGone` from the agent, `Members`, `StartHere`,
+//!   `ServerUp`, `ClientGone` and `ClientsOf` from the agent, `Members`, `StartHere`,
 //!   `ServerUp`, `ServerDown`, `Fence` and forwarded `NeedClients`/`Clients`
 //!   from the controller. The `csnap cluster` tool (role `Control`) sends
 //!   `ClusterCommand` → `Ok` and `ClusterStatus` → `ClusterStatusReply`.
@@ -142,6 +142,7 @@
 //! | `0x4006` | `NodeJoined`         | agent → its server | node (4) | none |
 //! | `0x4007` | `NodeLeft`           | agent → its server | node (4) | none |
 //! | `0x4008` | `ClientGone`         | agent → controller → serving agent → its server | client-gone (16) | none |
+//! | `0x4009` | `ClientsOf`          | (re)started agent → controller → serving or starting agent → its server | clients-of (8 + client list) | none |
 //! | `0x4010` | `Join`               | agent → controller | join (8 + addr) | none (answered with `Members`) |
 //! | `0x4011` | `Members`            | controller → agents | members (8 + node list) | — |
 //! | `0x4012` | `AgentState`         | agent → controller | agent-state (24) | none |
@@ -409,6 +410,18 @@
 //! | 0 | 8 | `client_id` | ≥ 1 |
 //! | 8 | 4 | `node_id` | ≥ 1 |
 //! | 12 | 4 | reserved | 0 |
+//!
+//! ## clients-of (`ClientsOf`, 8 + client list bytes)
+//!
+//! Every live volume client of one node, complete: a started agent sends
+//! it once its node's clients had the time to reconnect. A client of that
+//! node a new server still waits for and not in the list is gone.
+//!
+//! | Offset | Size | Field | Meaning |
+//! |-------:|-----:|-------|---------|
+//! | 0 | 4 | `node_id` | ≥ 1 |
+//! | 4 | 4 | reserved | 0 |
+//! | 8 | … | client list | entries of other nodes are ignored |
 //!
 //! ## join (`Join`, 8 + `addr_len` bytes)
 //!

@@ -289,6 +289,10 @@ impl Spec {
             Kind::NodeLeft => Msg::NodeLeft {
                 node_id: low32(n[0]).max(1),
             },
+            Kind::ClientsOf => Msg::ClientsOf {
+                node_id: low32(n[0]).max(1),
+                clients,
+            },
             Kind::ClientGone => Msg::ClientGone {
                 client_id: n[0].max(1),
                 node_id: low32(n[1]).max(1),

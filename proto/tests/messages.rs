@@ -262,6 +262,7 @@ fn kind_and_error_codes_are_pinned() {
             (Kind::NodeJoined, 0x4006),
             (Kind::NodeLeft, 0x4007),
             (Kind::ClientGone, 0x4008),
+            (Kind::ClientsOf, 0x4009),
             (Kind::Join, 0x4010),
             (Kind::Members, 0x4011),
             (Kind::AgentState, 0x4012),
@@ -318,8 +319,8 @@ fn kind_and_error_codes_are_pinned() {
 #[test]
 fn directions_and_replies() {
     let count = |f: fn(&Kind) -> bool| Kind::ALL.iter().filter(|k| f(k)).count();
-    assert_eq!(count(|k| k.is_request()), 15 + 21);
-    assert_eq!(count(|k| k.is_agent()), 21);
+    assert_eq!(count(|k| k.is_request()), 15 + 22);
+    assert_eq!(count(|k| k.is_agent()), 22);
     assert_eq!(count(|k| k.is_reply()), 13);
     let notifications: Vec<Kind> = Kind::ALL
         .iter()
@@ -564,7 +565,7 @@ fn bad_body(r: Result<Kind, DecodeError>, kind: Kind, what_part: &str) {
 #[test]
 fn reserved_bytes_must_be_zero() {
     // (kind, reserved offsets in the small sample body)
-    let cases: [(Kind, &[usize]); 24] = [
+    let cases: [(Kind, &[usize]); 25] = [
         (Kind::Hello, &[6, 7]),
         (Kind::QueryDelta, &[18, 19]),
         (Kind::DeltaMap, &[12, 13, 14, 15]),
@@ -582,6 +583,7 @@ fn reserved_bytes_must_be_zero() {
         (Kind::ServerReady, &[8, 9]),
         (Kind::ServerUp, &[12, 13]),
         (Kind::ClientGone, &[12, 13, 14, 15]),
+        (Kind::ClientsOf, &[4, 5, 6, 7]),
         (Kind::Join, &[4, 5]),
         (Kind::AgentState, &[5, 6, 7]),
         (Kind::NeedClients, &[12, 13, 14, 15]),

@@ -381,6 +381,7 @@ impl Relay {
             Msg::Clients { from, .. } if *from == self.me => self.mcast(msg),
             Msg::ServerUp { node_id, .. } if *node_id == self.me => self.mcast(msg),
             Msg::ClientGone { .. } => self.mcast(msg),
+            Msg::ClientsOf { node_id, .. } if *node_id == self.me => self.mcast(msg),
             Msg::WantServer { .. } | Msg::Error { .. } => {}
             m => say!("ignoring {} from the agent", m.kind().name()),
         }
@@ -647,7 +648,7 @@ impl Relay {
                     }
                 }
             }
-            Msg::ClientGone { .. } => {
+            Msg::ClientGone { .. } | Msg::ClientsOf { .. } => {
                 let here = self.states.get(&self.me).is_some_and(|s| s.serving != 0)
                     || self.pending_start.is_some();
                 if here {

@@ -35,6 +35,9 @@ impl AgentFsm {
             addr: addr.as_str(),
         });
         self.report_state(0);
+        if self.clients_of_due {
+            self.send_clients_of();
+        }
         if let Some(s) = self.local.serving() {
             self.bus_send(&Msg::ServerUp {
                 incarnation: s.incarnation,
@@ -149,8 +152,16 @@ impl AgentFsm {
             }
             Msg::StartHere { attempt, claim, .. } => self.on_start_here(*attempt, *claim),
             Msg::NeedClients { gather_id, starter } => {
-                if *starter != self.cfg.node_id {
+                if *starter == self.cfg.node_id {
+                } else if self.listed() {
                     self.send_clients(*gather_id, *starter);
+                } else {
+                    // Answered once the clients had the time to reconnect
+                    // (one per starter: a newer gather replaces the older).
+                    self.owed.retain(|o| o.1 != *starter);
+                    if self.owed.len() < self.owed.capacity() {
+                        self.owed.push((*gather_id, *starter));
+                    }
                 }
             }
             Msg::Clients {
@@ -189,9 +200,17 @@ impl AgentFsm {
             } => {
                 let Some(a) = AddrBuf::new(addr) else { return };
                 self.highest_incarnation = self.highest_incarnation.max(*incarnation);
-                if self
-                    .cluster_server
-                    .is_none_or(|s| s.incarnation <= *incarnation)
+                // A server on this node is this agent's own, and exits when
+                // its link to the agent closes: one this agent does not
+                // serve is gone (its death seen already, or it died with an
+                // earlier agent process), and an echo of its announcement
+                // must not make it the known server again.
+                let gone_here = *node_id == self.cfg.node_id
+                    && self.local.serving().map(|s| s.incarnation) != Some(*incarnation);
+                if !gone_here
+                    && self
+                        .cluster_server
+                        .is_none_or(|s| s.incarnation <= *incarnation)
                 {
                     self.cluster_server = Some(KnownServer {
                         incarnation: *incarnation,
@@ -232,6 +251,7 @@ impl AgentFsm {
                 }
             }
             Msg::Fence { reason } => self.on_fence(*reason),
+            Msg::ClientsOf { node_id, clients } => self.on_clients_of(*node_id, *clients),
             Msg::ClientGone { client_id, node_id } => {
                 // This node's own clients were handled when they went.
                 if *node_id != self.cfg.node_id {
@@ -275,7 +295,7 @@ impl AgentFsm {
         if self.gathering().is_some() || self.local.starting().is_some() {
             return;
         }
-        if self.standby.ready().is_none() || self.fenced {
+        if self.standby.ready().is_none() || self.fenced || !self.listed() {
             // Cannot start: the controller sees `standby: false` and picks
             // another node.
             self.report_state(0);
@@ -315,6 +335,79 @@ impl AgentFsm {
             starter: me,
         });
         self.maybe_finish_gather();
+    }
+
+    /// Every volume client connected to this agent, complete, to the bus
+    /// (`ClientsOf`); sent once, after the relist grace.
+    pub(super) fn send_clients_of(&mut self) {
+        let me = self.cfg.node_id;
+        let mut scratch = core::mem::take(&mut self.scratch);
+        if let Ok(mut b) = proto::ClientListBuilder::new(&mut scratch[..]) {
+            for c in &self.conns {
+                if let AgentConnState::Client {
+                    client_id,
+                    volume: Some(_),
+                    ..
+                } = c.role
+                {
+                    // Every connection fits: AGENT_CONNS_MAX <= CLIENT_ENTRIES_MAX.
+                    assert!(b
+                        .push(ClientEntry {
+                            client_id,
+                            node_id: me,
+                        })
+                        .is_ok());
+                }
+            }
+            let clients = b.finish();
+            if self.bus.push_msg(
+                0,
+                0,
+                &Msg::ClientsOf {
+                    node_id: me,
+                    clients,
+                },
+            ) {
+                self.clients_of_due = false;
+            } else {
+                self.bus_overflow();
+            }
+        }
+        self.scratch = scratch;
+    }
+
+    /// Another node's complete client list: a gather under way stops
+    /// waiting for that node's clients it does not list, and the server
+    /// this agent runs or starts learns it.
+    fn on_clients_of(&mut self, node: u32, clients: proto::ClientList<'_>) {
+        if node == self.cfg.node_id {
+            return;
+        }
+        let listed = |id: u64| {
+            clients
+                .iter()
+                .any(|c| c.client_id == id && c.node_id == node)
+        };
+        if self.gathering().is_some() {
+            self.gather
+                .expected
+                .retain(|e| e.node_id != node || listed(e.client_id));
+        }
+        let to = self
+            .local
+            .serving()
+            .map(|s| s.conn)
+            .or(self.local.starting().map(|s| s.0));
+        if let Some(conn) = to {
+            self.send(
+                conn,
+                0,
+                &Msg::ClientsOf {
+                    node_id: node,
+                    clients,
+                },
+            );
+        }
     }
 
     pub(super) fn send_clients(&mut self, gather_id: u64, to: u32) {
@@ -477,8 +570,10 @@ impl AgentFsm {
     }
 
     pub(super) fn report_state(&mut self, died: u64) {
-        let standby_ready =
-            self.standby.ready().is_some() && self.gathering().is_none() && !self.fenced;
+        let standby_ready = self.standby.ready().is_some()
+            && self.gathering().is_none()
+            && !self.fenced
+            && self.listed();
         self.bus_send(&Msg::AgentState {
             node_id: self.cfg.node_id,
             standby_ready,

@@ -150,6 +150,10 @@ pub struct AgentConfig {
     /// Wait after the local server serves before its successor standby is
     /// spawned.
     pub standby_after_start_ms: u64,
+    /// After its first `set_now`, the agent holds gather answers and takes
+    /// no start for this long: its node's clients reconnect and say who
+    /// they are (`csnap_pools::AGENT_RELIST_GRACE_MS`; 0: none).
+    pub relist_grace_ms: u64,
 }
 
 /// What the driver must do.
@@ -307,6 +311,10 @@ pub struct AgentStatus {
     pub waiting_clients: u32,
     /// Registered snapshot clients of this node.
     pub snapshot_clients: u32,
+    /// Within the relist grace after its start, or its complete client
+    /// list (`ClientsOf`) not yet on the bus: clients of this node that
+    /// died unseen may still be waited for.
+    pub relisting: bool,
 }
 
 /// The agent state machine.
@@ -342,6 +350,18 @@ pub struct AgentFsm {
     /// locks parked for good. Sending it twice is harmless.
     gone: Vec<u64>,
     gone_next: usize,
+    /// Until when this agent's client list may miss clients that have not
+    /// reconnected since it started (set at the first `set_now`).
+    relist_until_ms: Option<u64>,
+    /// Gathers whose `NeedClients` came while the list was incomplete:
+    /// (gather id, starter), answered once it is complete.
+    owed: Vec<(u64, u32)>,
+    /// The state report sent once the list is complete (a standby became
+    /// startable).
+    relist_reported: bool,
+    /// The complete list (`ClientsOf`) is owed to the bus: since the end
+    /// of the grace, until sent on a bus that is up.
+    clients_of_due: bool,
 }
 
 impl AgentFsm {
@@ -380,6 +400,11 @@ impl AgentFsm {
             scratch2: vec![0u8; proto::NODE_LIST_BYTES_MAX],
             gone: Vec::with_capacity(cfg.conns),
             gone_next: 0,
+            relist_until_ms: None,
+            owed: Vec::with_capacity(NODES_MAX),
+            // No grace: nothing to report when it ends.
+            relist_reported: cfg.relist_grace_ms == 0,
+            clients_of_due: false,
         }
     }
 
@@ -394,7 +419,9 @@ impl AgentFsm {
             ("agent bus output buffer", BUS_OUT_BYTES),
             (
                 "agent gather tables",
-                NODES_MAX * 4 * 3 + EXPECTED_MAX * core::mem::size_of::<ClientEntry>(),
+                NODES_MAX * 4 * 3
+                    + NODES_MAX * core::mem::size_of::<(u64, u32)>()
+                    + EXPECTED_MAX * core::mem::size_of::<ClientEntry>(),
             ),
             (
                 "agent list scratch",
@@ -406,6 +433,18 @@ impl AgentFsm {
     /// Sets the time (monotonic milliseconds) for what follows.
     pub fn set_now(&mut self, now_ms: u64) {
         self.now_ms = now_ms;
+        if self.relist_until_ms.is_none() {
+            self.relist_until_ms = Some(now_ms + self.cfg.relist_grace_ms);
+        }
+    }
+
+    /// Whether every live client of this node has had the time to
+    /// reconnect and say who it is since the agent started.
+    fn listed(&self) -> bool {
+        match self.relist_until_ms {
+            Some(t) => self.now_ms >= t,
+            None => self.cfg.relist_grace_ms == 0,
+        }
     }
 
     /// What the agent knows.
@@ -428,11 +467,14 @@ impl AgentFsm {
         AgentStatus {
             member: self.member,
             bus_up: self.bus_up,
-            standby_ready: self.standby.ready().is_some() && self.gathering().is_none(),
+            standby_ready: self.standby.ready().is_some()
+                && self.gathering().is_none()
+                && self.listed(),
             serving_incarnation: self.local.serving().map_or(0, |s| s.incarnation),
             cluster_server: self.cluster_server.map(|s| (s.incarnation, s.node_id)),
             waiting_clients: waiting,
             snapshot_clients: snaps,
+            relisting: !self.relist_reported || self.clients_of_due,
         }
     }
 
@@ -874,6 +916,24 @@ impl AgentFsm {
             );
         }
         self.answer_pending();
+        if self.listed() {
+            for i in 0..self.owed.len() {
+                let (gather_id, starter) = self.owed[i];
+                self.send_clients(gather_id, starter);
+            }
+            self.owed.clear();
+            if !self.relist_reported {
+                self.relist_reported = true;
+                // The controller heard "no standby" so far.
+                self.report_state(0);
+                // Servers waiting for clients of this node that died while
+                // no agent ran here learn they are gone.
+                self.clients_of_due = true;
+            }
+            if self.clients_of_due && self.bus_up {
+                self.send_clients_of();
+            }
+        }
         self.assert_invariants();
     }
 
@@ -886,6 +946,9 @@ impl AgentFsm {
             }
         };
         take(self.standby.next_ms());
+        if !self.relist_reported {
+            take(self.relist_until_ms);
+        }
         // A hold ends in an answer only with a server known (else a past
         // hold would make the loop spin until one is).
         if self.cluster_server.is_some() {
@@ -974,6 +1037,10 @@ impl AgentFsm {
             "a gather while a started server runs"
         );
         assert!(self.members.len() <= NODES_MAX);
+        assert!(
+            self.owed.is_empty() || !self.listed(),
+            "a gather answer owed with the client list complete"
+        );
         let g = &self.gather;
         assert!(g.expected.len() <= EXPECTED_MAX);
         assert!(g.waiting.len() <= NODES_MAX);

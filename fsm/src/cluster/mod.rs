@@ -579,7 +579,7 @@ impl Controller {
                     self.send(c, 0, msg);
                 }
             }
-            Msg::ClientGone { .. } => {
+            Msg::ClientGone { .. } | Msg::ClientsOf { .. } => {
                 // To the serving node, or to the node starting a server
                 // (its recovery barrier may wait for that client).
                 let to = match self.placement {

@@ -663,6 +663,36 @@ impl Server {
         self.assert_invariants();
     }
 
+    /// `node`'s complete client list, from its agent once that agent (new,
+    /// or restarted) gave its clients the time to reconnect: a client of
+    /// that node this server still waits for (expected and not done) or
+    /// keeps locks parked for, and that is not listed, died while no agent
+    /// ran there to see it go; it is gone (`handle_client_gone`).
+    pub fn handle_clients_of(&mut self, node: u32, live: proto::ClientList<'_>) {
+        let listed = |id: u64| live.iter().any(|c| c.client_id == id && c.node_id == node);
+        // Each round settles one client; at most one per expected entry
+        // and parked slot.
+        for _ in 0..=self.expected.len() + self.parked.len() {
+            let waited = self
+                .expected
+                .iter()
+                .find(|e| e.node_id == node && !e.done && !listed(e.client_id))
+                .map(|e| e.client_id);
+            let parked = || {
+                self.parked
+                    .iter()
+                    .flatten()
+                    .find(|p| p.node_id == node && !listed(p.client_id))
+                    .map(|p| p.client_id)
+            };
+            let Some(id) = waited.or_else(parked) else {
+                return;
+            };
+            self.handle_client_gone(id, node);
+        }
+        unreachable!("handle_client_gone settles the client it is given");
+    }
+
     /// A new incarnation starts: until every listed snapshot client of the
     /// former incarnation has reconnected and finished its lock upload, or
     /// its node has left, no origin write is granted (its copy-out may

@@ -104,6 +104,8 @@ fn check_agent(msg: &Msg<'_>) -> Result<(), &'static str> {
             }
             check_node(*node_id)
         }
+        // (Entries of other nodes are ignored by the receiver.)
+        Msg::ClientsOf { node_id, .. } => check_node(*node_id),
         Msg::StartHere { attempt: 0, .. } => Err("start attempt 0"),
         Msg::NeedClients { gather_id, starter } => {
             if *gather_id == 0 {

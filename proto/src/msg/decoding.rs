@@ -332,6 +332,14 @@ fn read_hosting(kind: Kind, b: &[u8]) -> Result<Msg<'_>, &'static str> {
                 node_id: get_u32(b, 0),
             }
         }
+        Kind::ClientsOf => {
+            at_least(b, CLIENTS_OF_FIXED_BYTES)?;
+            reserved(b, 4, 4)?;
+            Msg::ClientsOf {
+                node_id: get_u32(b, 0),
+                clients: list(ClientList::parse(&b[CLIENTS_OF_FIXED_BYTES..]))?,
+            }
+        }
         Kind::ClientGone => {
             exact(b, CLIENT_GONE_BYTES)?;
             reserved(b, 12, 4)?;

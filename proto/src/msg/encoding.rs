@@ -82,6 +82,7 @@ impl Msg<'_> {
             Msg::Join { addr, .. } => JOIN_FIXED_BYTES + addr.len(),
             Msg::Members { members, .. } => MEMBERS_FIXED_BYTES + members.as_bytes().len(),
             Msg::Clients { clients, .. } => CLIENTS_FIXED_BYTES + clients.as_bytes().len(),
+            Msg::ClientsOf { clients, .. } => CLIENTS_OF_FIXED_BYTES + clients.as_bytes().len(),
             Msg::ServerUp { addr, .. } => SERVER_UP_FIXED_BYTES + addr.len(),
             Msg::ClusterStatusReply {
                 server_addr, nodes, ..
@@ -332,6 +333,10 @@ impl Msg<'_> {
             Msg::ClientGone { client_id, node_id } => {
                 put_u64(b, 0, client_id);
                 put_u32(b, 8, node_id);
+            }
+            Msg::ClientsOf { node_id, clients } => {
+                put_u32(b, 0, node_id);
+                b[CLIENTS_OF_FIXED_BYTES..].copy_from_slice(clients.as_bytes());
             }
             other => unreachable!("{other} is not a {:?} message", Family::Hosting),
         }

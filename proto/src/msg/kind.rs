@@ -110,6 +110,9 @@ kinds! {
     /// A client of a departed incarnation will not come back. Agent
     /// protocol.
     ClientGone = 0x4008, "client-gone";
+    /// Every live volume client of one node, complete (a restarted agent's
+    /// list, once its clients had the time to reconnect). Agent protocol.
+    ClientsOf = 0x4009, "clients-of";
     /// An agent joins the controller. Agent protocol.
     Join = 0x4010, "join";
     /// The cluster members. Controller to agents. Agent protocol.
@@ -278,6 +281,7 @@ impl Kind {
             Kind::Serving => SERVING_BYTES,
             Kind::NodeJoined | Kind::NodeLeft => NODE_BYTES,
             Kind::ClientGone => CLIENT_GONE_BYTES,
+            Kind::ClientsOf => CLIENTS_OF_FIXED_BYTES + crate::CLIENT_LIST_BYTES_MAX,
             Kind::Join => JOIN_FIXED_BYTES + ADDR_MAX_BYTES,
             Kind::Members => MEMBERS_FIXED_BYTES + crate::NODE_LIST_BYTES_MAX,
             Kind::AgentState => AGENT_STATE_BYTES,

@@ -22,6 +22,8 @@ pub(super) const SERVER_READY_FIXED_BYTES: usize = 12;
 pub(super) const SERVING_BYTES: usize = 24;
 pub(super) const NODE_BYTES: usize = 4;
 pub(super) const CLIENT_GONE_BYTES: usize = 16;
+/// `ClientsOf` before its list: the node and 4 reserved bytes.
+pub(super) const CLIENTS_OF_FIXED_BYTES: usize = 8;
 pub(super) const JOIN_FIXED_BYTES: usize = 8;
 pub(super) const MEMBERS_FIXED_BYTES: usize = 8;
 pub(super) const AGENT_STATE_BYTES: usize = 24;

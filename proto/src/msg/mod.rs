@@ -295,6 +295,18 @@ pub enum Msg<'a> {
         /// Its node, at least 1.
         node_id: u32,
     },
+    /// Every live volume client of `node_id`, complete: sent by an agent
+    /// that started (or restarted) once its clients had the time to
+    /// reconnect (`AGENT_RELIST_GRACE_MS`); any client of that node a new
+    /// server still waits for and not listed here died unseen (while no
+    /// agent ran there) and is gone (agent to controller, controller to the
+    /// serving or starting agent, agent to its server).
+    ClientsOf {
+        /// The node, at least 1.
+        node_id: u32,
+        /// Its clients (entries of other nodes are ignored).
+        clients: ClientList<'a>,
+    },
 
     // Controller socket.
     /// An agent joins the controller (first message after `Hello` with role
@@ -450,6 +462,7 @@ impl Msg<'_> {
             Msg::NodeJoined { .. } => Kind::NodeJoined,
             Msg::NodeLeft { .. } => Kind::NodeLeft,
             Msg::ClientGone { .. } => Kind::ClientGone,
+            Msg::ClientsOf { .. } => Kind::ClientsOf,
             Msg::Join { .. } => Kind::Join,
             Msg::Members { .. } => Kind::Members,
             Msg::AgentState { .. } => Kind::AgentState,

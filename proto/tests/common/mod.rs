@@ -348,6 +348,10 @@ pub fn sample(kind: Kind, big: bool, s: &mut Scratch) -> Msg<'_> {
         Kind::NodeLeft => Msg::NodeLeft {
             node_id: if big { u32::MAX } else { 3 },
         },
+        Kind::ClientsOf => Msg::ClientsOf {
+            node_id: if big { u32::MAX } else { 2 },
+            clients: client_list(big, clients),
+        },
         Kind::ClientGone => Msg::ClientGone {
             client_id: if big { u64::MAX } else { 77 },
             node_id: if big { u32::MAX } else { 1 },
