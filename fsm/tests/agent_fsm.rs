@@ -58,6 +58,7 @@ enum M {
         clients: Vec<(u64, u32)>,
     },
     ServerUp(u64, u32, String),
+    ClientsOf(u32, Vec<(u64, u32)>),
     Other(Kind),
 }
 
@@ -124,6 +125,10 @@ fn own(msg: &Msg<'_>) -> M {
             node_id,
             addr,
         } => M::ServerUp(incarnation, node_id, addr.to_string()),
+        Msg::ClientsOf { node_id, clients } => M::ClientsOf(
+            node_id,
+            sorted(clients.iter().map(|c| (c.client_id, c.node_id)).collect()),
+        ),
         ref m => M::Other(m.kind()),
     }
 }
@@ -1477,8 +1482,10 @@ fn a_started_agent_lists_its_clients_only_after_they_had_the_time_to_reconnect()
     t.at(1_000 + GRACE_MS - 1);
     let b = t.bus();
     assert!(b.is_empty(), "{b:?}");
-    // Past the grace: the held answer lists it, and the standby is
-    // startable.
+    assert!(t.a.status().relisting);
+    // Past the grace: the held answer lists it, the standby is startable,
+    // and the complete list goes out once (servers waiting for clients of
+    // this node that died unseen learn they are gone).
     t.at(1_000 + GRACE_MS);
     assert_eq!(
         t.bus(),
@@ -1490,9 +1497,13 @@ fn a_started_agent_lists_its_clients_only_after_they_had_the_time_to_reconnect()
                 clients: vec![(15, ME)],
             },
             agent_state(true, 0, 0),
+            M::ClientsOf(ME, vec![(15, ME)]),
         ]
     );
     assert!(t.a.status().standby_ready);
+    assert!(!t.a.status().relisting);
+    t.at(1_000 + GRACE_MS + 1);
+    assert!(t.bus().is_empty(), "the list goes out once");
     // Later gathers are answered at once.
     t.bus_in(&frame(
         0,
@@ -1533,4 +1544,46 @@ fn an_echo_of_its_own_dead_servers_announcement_is_ignored() {
     // Another node's server is taken as before.
     t.bus_in(&server_up(7, 2, "n2.sock"));
     assert_eq!(t.out(c), vec![(4, addr_of(7, 2, "n2.sock"))]);
+}
+
+fn clients_of_msg(node: u32, cs: &[(u64, u32)]) -> Vec<u8> {
+    let entries: Vec<ClientEntry> = cs
+        .iter()
+        .map(|&(client_id, node_id)| ClientEntry { client_id, node_id })
+        .collect();
+    let mut b = vec![0u8; proto::CLIENT_LIST_BYTES_MAX];
+    let l = proto::ClientList::from_entries(&entries, &mut b).unwrap();
+    frame(
+        0,
+        &Msg::ClientsOf {
+            node_id: node,
+            clients: l,
+        },
+    )
+}
+
+/// Another node's complete list (`ClientsOf`, from its restarted agent): a
+/// gather under way drops that node's clients the list leaves out (they
+/// died unseen), and the server being started, then serving, is told.
+#[test]
+fn another_nodes_complete_list_trims_the_gather_and_reaches_the_server() {
+    let (mut t, sb, _) = gathering();
+    t.bus_in(&clients_msg(9, 2, ME, &[(21, 2), (22, 2)]));
+    // Node 2's agent restarted meanwhile: 22 is gone. An entry of node 3
+    // in its list is not node 2's to speak for.
+    t.bus_in(&clients_of_msg(2, &[(21, 2), (33, 3)]));
+    t.bus_in(&clients_msg(9, 3, ME, &[(33, 3)]));
+    assert_eq!(
+        t.msgs(sb),
+        vec![M::StartServer {
+            members: vec![1, 2, 3],
+            expected: vec![(11, ME), (12, ME), (21, 2), (33, 3)],
+        }],
+    );
+    // Starting: the next list reaches the server on its link.
+    t.bus_in(&clients_of_msg(3, &[]));
+    assert_eq!(t.msgs(sb), vec![M::ClientsOf(3, vec![])]);
+    // Its own node's list (an echo) is not passed on.
+    t.bus_in(&clients_of_msg(ME, &[]));
+    assert!(t.msgs(sb).is_empty());
 }
