@@ -27,7 +27,12 @@
 //!   of those writes, either the old or the new data of the whole write,
 //!   never a mix (the revoke barrier: no cached write lands during a
 //!   creation, and none straddles its copy-out);
-//! - no I/O fails.
+//! - no I/O fails but one whose disk operation the simulation failed: a
+//!   device request fails now and then during the run (EIO on a read, a
+//!   write or a flush); the I/O that needed it, and only that one, fails
+//!   with `IoError::Disk`, and the others go on. A failed write wrote
+//!   nothing (the device refused it whole) and is written again, as a file
+//!   system would, so the volume's content stays exact.
 
 use std::collections::{HashMap, VecDeque};
 use std::fs::File;
@@ -153,6 +158,21 @@ struct World {
     bounce: Vec<u8>,
     /// Operations that went through a bounce buffer.
     bounced: u64,
+    /// Device requests fail now and then (the active phase only).
+    faults_on: bool,
+    /// Failed device requests: reads, writes, syncs.
+    disk_faults: [u64; 3],
+    /// Per engine, I/O slots with a failed disk operation whose I/O has not
+    /// completed yet: exactly these complete with `IoError::Disk`.
+    failed_slots: std::collections::HashSet<(usize, u32)>,
+    /// I/Os that failed with `IoError::Disk`, and failed writes written
+    /// again.
+    ios_failed: u64,
+    writes_retried: u64,
+    /// Flushes submitted.
+    flushes: u64,
+    /// Failed writes to submit again: (engine, tag of the failed attempt).
+    retries: Vec<(usize, u64)>,
 }
 
 /// The simulation is one process, one page cache: its files are opened
@@ -292,6 +312,13 @@ impl World {
             reqs: Vec::new(),
             bounce: vec![0u8; BOUNCES * BOUNCE_BYTES],
             bounced: 0,
+            faults_on: false,
+            disk_faults: [0; 3],
+            failed_slots: std::collections::HashSet::new(),
+            ios_failed: 0,
+            writes_retried: 0,
+            flushes: 0,
+            retries: Vec::new(),
         };
         w.server.handle_node_joined(NODE);
         w.ctl = w.control_conn();
@@ -494,12 +521,14 @@ impl World {
                     self.mem(to, len).copy_from_slice(&tmp);
                 }
                 Action::Finished(f) => {
-                    assert!(f.ok, "disk operation failed: {f:?}");
                     if f.bounced {
                         self.bounced += 1;
                     }
                     let i = usize::from(f.conn);
-                    self.engines[i].engine.disk_done(&f.op, true);
+                    if !f.ok {
+                        self.failed_slots.insert((i, f.op.slot()));
+                    }
+                    self.engines[i].engine.disk_done(&f.op, f.ok);
                     // New operations (a deferred write) and completions.
                     while let Some(op) = self.engines[i].engine.poll_disk() {
                         let (slot, buf_offset) = match op {
@@ -527,6 +556,22 @@ impl World {
         let r = self.reqs.swap_remove(k);
         if trace() {
             eprintln!("  disk {r:?}");
+        }
+        if self.faults_on && self.rng.below(1000) < 15 {
+            // The device fails the request whole: nothing read, nothing
+            // written, the flush not done.
+            let (id, kind) = match r {
+                Request::Read { id, .. } => (id, 0),
+                Request::Write { id, .. } => (id, 1),
+                Request::Sync { id, .. } => (id, 2),
+            };
+            if trace() {
+                eprintln!("  disk request {id} fails (EIO)");
+            }
+            self.disk_faults[kind] += 1;
+            self.sched.complete(id, -libc::EIO);
+            self.run_actions();
+            return;
         }
         let (id, res) = match r {
             Request::Read {
@@ -566,13 +611,45 @@ impl World {
 
     fn complete(&mut self, i: usize) {
         while let Some((tag, r)) = self.engines[i].engine.poll_complete() {
+            let slot = self.engines[i].pending.get(&tag).expect("pending I/O").slot;
+            let disk_failed = self.failed_slots.remove(&(i, slot));
+            if disk_failed {
+                assert_eq!(
+                    r,
+                    Err(csnap_fsm::volume::IoError::Disk),
+                    "engine {i}: tag {tag} met a failed disk operation"
+                );
+                self.ios_failed += 1;
+                if self.engines[i].pending[&tag].kind == IoKind::Write {
+                    // It wrote nothing: a snapshot it was in flight for
+                    // holds the old data or (written again in time) the
+                    // new, not necessarily the new.
+                    for sn in &mut self.snaps {
+                        if let Some(k) = sn.either_tags.iter().position(|&x| x == tag) {
+                            sn.must_be_new[k] = false;
+                        }
+                    }
+                    // Kept pending (nothing overlapping starts) until it is
+                    // written again.
+                    self.retries.push((i, tag));
+                } else {
+                    self.engines[i].pending.remove(&tag);
+                }
+                continue;
+            }
             assert_eq!(r, Ok(()), "engine {i}: I/O failed");
+            if trace() {
+                eprintln!("done e{i} tag {tag}");
+            }
             let p = self.engines[i].pending.remove(&tag).expect("pending I/O");
             if let Some((t, _)) = &self.creating {
                 let t = *t;
                 if let Some(s) = self.snaps.iter_mut().find(|s| s.tag == t) {
                     if let Some(k) = s.either_tags.iter().position(|&x| x == tag) {
                         s.must_be_new[k] = true;
+                        if trace() {
+                            eprintln!("  snapshot {t}: tag {tag} (either {k}) must be new");
+                        }
                     }
                 }
             }
@@ -616,7 +693,7 @@ impl World {
                     );
                     assert!(
                         !s.must_be_new[k] || g == new_part,
-                        "snapshot {tag}: a write acknowledged before its creation was answered is missing at {a}..{b}"
+                        "snapshot {tag}: a write acknowledged before its creation was answered is missing at {a}..{b} (tag {})", s.either_tags[k]
                     );
                     want[a - o..b - o].copy_from_slice(g);
                 }
@@ -641,6 +718,29 @@ impl World {
         if !self.engines[i].engine.is_ready()
             || self.engines[i].pending.len() >= csnap_fsm::volume::IOS_MAX
         {
+            return;
+        }
+        if self.rng.chance(8) {
+            // A flush: both devices synced (its failure fails it alone).
+            let tag = self.next_io_tag;
+            self.next_io_tag += 1;
+            let slot = self.engines[i]
+                .engine
+                .submit(tag, IoKind::Flush, 0, 0)
+                .expect("a ready engine with a free slot takes a flush");
+            self.engines[i].pending.insert(
+                tag,
+                Pending {
+                    slot,
+                    kind: IoKind::Flush,
+                    offset: 0,
+                    len: 0,
+                    data: Vec::new(),
+                },
+            );
+            self.flushes += 1;
+            self.collect_disk(i);
+            self.complete(i);
             return;
         }
         let len = usize::try_from(1 + self.rng.below(3 * u64::from(CHUNK))).unwrap();
@@ -733,6 +833,46 @@ impl World {
         self.complete(i);
     }
 
+    /// Submits again the failed writes whose engine takes I/O.
+    fn retry_writes(&mut self) {
+        let mut k = 0;
+        while k < self.retries.len() {
+            let (i, old) = self.retries[k];
+            if !self.engines[i].engine.is_ready() {
+                k += 1;
+                continue;
+            }
+            self.retries.swap_remove(k);
+            let mut p = self.engines[i]
+                .pending
+                .remove(&old)
+                .expect("a failed write");
+            let tag = self.next_io_tag;
+            self.next_io_tag += 1;
+            let len32 = u32::try_from(p.len).unwrap();
+            p.slot = self.engines[i]
+                .engine
+                .submit(tag, IoKind::Write, p.offset, len32)
+                .expect("a ready engine takes the write it just failed");
+            self.engines[i].bufs[p.slot as usize][..p.len].copy_from_slice(&p.data);
+            // A write in flight at a creation is known by its new tag.
+            for sn in &mut self.snaps {
+                for t in &mut sn.either_tags {
+                    if *t == old {
+                        *t = tag;
+                    }
+                }
+            }
+            if trace() {
+                eprintln!("retry e{i} tag {old} as {tag} {}+{}", p.offset, p.len);
+            }
+            self.writes_retried += 1;
+            self.engines[i].pending.insert(tag, p);
+            self.collect_disk(i);
+            self.complete(i);
+        }
+    }
+
     /// Creates a snapshot through the control connection and runs the
     /// whole exchange (revoke, answers, create) with the scheduler still
     /// interleaving disk completions.
@@ -747,12 +887,16 @@ impl World {
         // held has not reached the file, so the file holds the old data.
         let mut either = Vec::new();
         let mut tags = Vec::new();
-        for e in &self.engines {
+        let mut must_be_new = Vec::new();
+        for (i, e) in self.engines.iter().enumerate() {
             if e.volume != Volume::Origin {
                 continue;
             }
             for (tag, p) in &e.pending {
                 if p.kind == IoKind::Write {
+                    // A failed write waiting to be written again wrote
+                    // nothing: the snapshot may hold the old data.
+                    must_be_new.push(!self.retries.contains(&(i, *tag)));
                     let mut old = vec![0u8; p.len];
                     // The old data: what the origin file had before this
                     // write; if its disk op already ran, the file has the
@@ -783,12 +927,11 @@ impl World {
         // snapshot: an engine answers the revoke only once the writes it
         // started before it have landed (the NBD export may have
         // acknowledged them already). Their data is exact, not "either".
-        let n = either.len();
         self.snaps.push(Snap {
             tag,
             data: self.shadow.clone(),
             either,
-            must_be_new: vec![true; n],
+            must_be_new,
             either_tags: tags,
         });
         // The reply is collected by `drain_ctl`.
@@ -872,7 +1015,10 @@ impl World {
         let n = self.engines.len();
         let i = usize::try_from(self.rng.below(n as u64)).unwrap();
         match self.rng.below(100) {
-            0..=24 => self.submit(i),
+            0..=24 => {
+                self.retry_writes();
+                self.submit(i);
+            }
             25..=44 => self.pump_out(i),
             45..=54 => self.server_step(),
             55..=74 => self.pump_in(i),
@@ -913,6 +1059,10 @@ impl World {
                     self.connect(i);
                 }
                 self.pump_out(i);
+            }
+            if !self.retries.is_empty() {
+                self.retry_writes();
+                busy = true;
             }
             while !self.reqs.is_empty() {
                 self.do_disk(0);
@@ -1027,9 +1177,11 @@ fn run(seed: u64, steps: u32) -> World {
     w.add_engine(Volume::Snapshot(1), 200);
     w.add_engine(Volume::Snapshot(1), 201);
     w.settle();
+    w.faults_on = true;
     for _ in 0..steps {
         w.step();
     }
+    w.faults_on = false;
     w.settle();
     w.verify_all();
     w
@@ -1042,6 +1194,7 @@ const SIM_SEEDS_DEFAULT: u64 = 1000;
 fn caching_engines_stay_exact_through_creates_and_failovers() {
     let (mut reads, mut cached, mut creates, mut failovers, mut bounced) = (0, 0, 0, 0, 0);
     let (mut in_create, mut survived) = (0, 0);
+    let (mut disk_faults, mut ios_failed, mut retried) = ([0u64; 3], 0, 0);
     let seeds = sim_seeds(SIM_SEEDS_DEFAULT);
     let full = seeds.len() as u64 >= SIM_SEEDS_DEFAULT;
     /// Names the seed of a failing run (replay: `CSNAP_SIM_SEED=N TRACE=1`).
@@ -1067,10 +1220,15 @@ fn caching_engines_stay_exact_through_creates_and_failovers() {
         in_create += w.failovers_in_create;
         survived += w.creates_survived;
         bounced += w.bounced;
+        for (t, n) in disk_faults.iter_mut().zip(w.disk_faults) {
+            *t += n;
+        }
+        ios_failed += w.ios_failed;
+        retried += w.writes_retried;
         let _ = std::fs::remove_dir_all(&w.dir);
     }
     eprintln!(
-        "engine sim: {} seeds: {reads} reads checked, {cached} origin writes submitted with others in flight, {creates} snapshots created, {failovers} failovers ({in_create} during a pending create, after {survived} of them the snapshot existed), {bounced} disk operations bounced (read-modify-writes among them)",
+        "engine sim: {} seeds: {reads} reads checked, {cached} origin writes submitted with others in flight, {creates} snapshots created, {failovers} failovers ({in_create} during a pending create, after {survived} of them the snapshot existed), {bounced} disk operations bounced (read-modify-writes among them); device requests failed (read, write, sync) {disk_faults:?}, {ios_failed} I/Os failed with a disk error, {retried} failed writes written again",
         seeds.len()
     );
     if !full {
@@ -1089,4 +1247,11 @@ fn caching_engines_stay_exact_through_creates_and_failovers() {
         in_create > 10,
         "too few failovers during a create: {in_create}"
     );
+    // Device requests fail (reads, writes and syncs), and exactly the
+    // I/Os that needed them fail.
+    assert!(
+        disk_faults.iter().all(|&n| n > 20),
+        "too few disk faults of some kind: {disk_faults:?}"
+    );
+    assert!(ios_failed > 100 && retried > 50, "{ios_failed} {retried}");
 }
