@@ -122,6 +122,13 @@ pub struct AgentArgs {
     /// incarnation and the failovers this agent saw.
     #[arg(long, value_name = "ADDR")]
     pub metrics: Option<String>,
+    /// The crash-loop breaker's window, in milliseconds, as the
+    /// controller's `--death-window-ms`: the agent counts its own servers'
+    /// deaths within it and reports the count, so that a restarted
+    /// controller starts from it. 0: not counted.
+    #[arg(long, value_name = "MS", default_value_t = csnap_pools::CONTROLLER_DEATH_WINDOW_MS_DEFAULT,
+          value_parser = clap::value_parser!(u64).range(0..=csnap_pools::CONTROLLER_DEATH_WINDOW_MS_MAX))]
+    pub death_window_ms: u64,
     #[command(flatten)]
     pub confine: ConfineArgs,
 }
@@ -191,6 +198,7 @@ fn agent(args: &AgentArgs) -> Result<String, String> {
         socket: agent_socket(&args.dir, args.node),
         controller,
         conns: usize::try_from(args.conns).unwrap_or(usize::MAX),
+        death_window_ms: args.death_window_ms,
         spawner,
         confinement: args.confine.confinement(Some(csnap_audit::AGENT), &who)?,
         metrics: args

@@ -1056,3 +1056,50 @@ fn a_request_in_flight_across_three_server_deaths_fails_instead_of_being_resent(
     w.quit();
     r.quit();
 }
+
+/// The crash-loop breaker survives a controller restart (#15): the agents
+/// count their own servers' deaths within the window and report the count
+/// when they join the new controller, which starts its breaker from it. Two
+/// deaths, a controller killed and started again, one more death: the store
+/// is marked failed, as it would be without the restart. (Before the
+/// agents counted, the restart reset the count and the loop went on.)
+#[test]
+fn the_crash_loop_breaker_survives_a_controller_restart() {
+    let mut rng = Rng::new(0x15c);
+    let opts = ClusterOpts {
+        controller_args: Vec::new(),
+        ..ClusterOpts::default()
+    };
+    let mut c = Cluster::start("breaker-restart", opts, &mut rng);
+    let mut io_args = c.io_args("origin", 911, 1);
+    io_args.extend(["--failover-timeout-ms", "2000"].map(std::ffi::OsString::from));
+    let mut io = Io::start("io 1", &io_args, &c.dir, None);
+    io.write(0, &[0xb1; 4096]);
+    let mut last = 0;
+    for _ in 0..2 {
+        last = c.wait_serving_above(last).incarnation;
+        c.kill_server();
+    }
+    last = c.wait_serving_above(last).incarnation;
+    assert_eq!(c.status().failed, 0);
+    c.kill_controller();
+    c.start_controller();
+    // The serving server is known again (its agent says so on the join),
+    // and the count went with the agents.
+    let st = c.wait("the restarted controller knows the server", |st| {
+        st.incarnation == last
+    });
+    assert_eq!(st.failed, 0, "{st:?}");
+    c.kill_server();
+    let st = c.wait("the store is marked failed", |st| st.failed > 0);
+    assert_eq!(st.failed, 3, "{st:?}");
+    let o = c.cluster_cmd("status", &[]);
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("store: FAILED after 3 server deaths"),
+        "{}",
+        text(&o)
+    );
+    drop(io);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(c.status().incarnation, 0, "no incarnation taken");
+}

@@ -48,6 +48,8 @@ pub struct AgentOptions {
     pub controller: Addr,
     /// Connections on the agent's socket at once.
     pub conns: usize,
+    /// The crash-loop breaker's window (`AgentConfig::death_window_ms`).
+    pub death_window_ms: u64,
     /// The spawner process to start at init (its standard input is the
     /// spawn pipe).
     pub spawner: std::process::Command,
@@ -76,6 +78,7 @@ pub fn run(mut opts: AgentOptions) -> Result<String, String> {
         spawn_timeout_ms: csnap_pools::AGENT_SPAWN_TIMEOUT_MS,
         standby_after_start_ms: csnap_pools::AGENT_STANDBY_AFTER_START_MS,
         relist_grace_ms: csnap_pools::AGENT_RELIST_GRACE_MS,
+        death_window_ms: opts.death_window_ms,
     };
     let mut poll = Poll::new().map_err(|e| format!("epoll: {e}"))?;
     let mut events = Events::with_capacity(EVENTS_MAX);

@@ -48,6 +48,7 @@ enum M {
         standby: bool,
         serving: u64,
         died: u64,
+        deaths: u16,
     },
     WantServer(u64),
     NeedClients(u64, u32),
@@ -64,10 +65,16 @@ enum M {
 
 /// `AgentState` as the bus carries it.
 fn agent_state(standby: bool, serving: u64, died: u64) -> M {
+    agent_state_deaths(standby, serving, died, 0)
+}
+
+/// `AgentState` with its count of recent own-server deaths.
+fn agent_state_deaths(standby: bool, serving: u64, died: u64, deaths: u16) -> M {
     M::AgentState {
         standby,
         serving,
         died,
+        deaths,
     }
 }
 
@@ -101,11 +108,17 @@ fn own(msg: &Msg<'_>) -> M {
         Msg::AgentState {
             node_id,
             standby_ready,
+            recent_deaths,
             serving_incarnation,
             died_incarnation,
         } => {
             assert_eq!(node_id, ME, "AgentState names this node");
-            agent_state(standby_ready, serving_incarnation, died_incarnation)
+            agent_state_deaths(
+                standby_ready,
+                serving_incarnation,
+                died_incarnation,
+                recent_deaths,
+            )
         }
         Msg::WantServer { failed_incarnation } => M::WantServer(failed_incarnation),
         Msg::NeedClients { gather_id, starter } => M::NeedClients(gather_id, starter),
@@ -169,6 +182,7 @@ fn cfg() -> AgentConfig {
         spawn_timeout_ms: SPAWN_TIMEOUT_MS,
         standby_after_start_ms: 0,
         relist_grace_ms: 0,
+        death_window_ms: 0,
     }
 }
 
@@ -205,8 +219,13 @@ impl T {
     /// A fresh agent, its bus up, member of {1, 2, 3}; the handshake on the
     /// bus is checked and consumed.
     fn new() -> T {
+        T::with(cfg())
+    }
+
+    /// As `new`, with this configuration.
+    fn with(cfg: AgentConfig) -> T {
         let mut t = T {
-            a: AgentFsm::new(cfg()),
+            a: AgentFsm::new(cfg),
             now: 0,
         };
         t.a.set_now(0);
@@ -333,6 +352,23 @@ impl T {
             "{b:?}"
         );
         assert!(self.a.status().standby_ready);
+        c
+    }
+
+    /// As `standby`, its `AgentState` carrying `deaths` recent deaths.
+    fn standby_deaths(&mut self, pid: u32, deaths: u16) -> AgentConnId {
+        let c = self.hello(Role::Server);
+        let addr = server_addr(pid);
+        self.send(
+            c,
+            2,
+            &Msg::ServerReady {
+                pid,
+                node_id: ME,
+                addr: &addr,
+            },
+        );
+        assert_eq!(self.bus(), vec![agent_state_deaths(true, 0, 0, deaths)]);
         c
     }
 
@@ -1586,4 +1622,72 @@ fn another_nodes_complete_list_trims_the_gather_and_reaches_the_server() {
     // Its own node's list (an echo) is not passed on.
     t.bus_in(&clients_of_msg(ME, &[]));
     assert!(t.msgs(sb).is_empty());
+}
+
+/// The crash-loop breaker's input that survives a controller restart: the
+/// agent counts its own servers' deaths (a crash after serving, a failed
+/// start) within the window and reports the count in every `AgentState`;
+/// deaths older than the window drop out. (A stop it was told to make is
+/// no death.)
+#[test]
+fn its_own_servers_deaths_within_the_window_are_reported() {
+    const WINDOW_MS: u64 = 10_000;
+    let mut t = T::with(AgentConfig {
+        death_window_ms: WINDOW_MS,
+        ..cfg()
+    });
+    let sb = t.standby(300);
+    t.serve(sb, 1, 6);
+    t.bus();
+    t.a.handle_disconnect(sb);
+    assert_eq!(t.bus(), vec![agent_state_deaths(false, 0, 6, 1)]);
+    // The next standby's start fails: a second death.
+    t.at(1_000);
+    let sb = t.standby_deaths(301, 1);
+    t.bus_in(&frame(
+        0,
+        &Msg::StartHere {
+            attempt: 2,
+            former_incarnation: 6,
+            claim: false,
+        },
+    ));
+    t.bus_in(&clients_msg(2, 2, ME, &[]));
+    t.bus_in(&clients_msg(2, 3, ME, &[]));
+    assert_eq!(t.msgs(sb).len(), 1, "StartServer");
+    t.bus();
+    t.a.handle_disconnect(sb);
+    assert_eq!(t.bus(), vec![agent_state_deaths(false, 0, 0, 2)]);
+    // A server moved away on the controller's word is no death.
+    t.at(2_000);
+    let sb = t.standby_deaths(302, 2);
+    t.serve(sb, 3, 8);
+    t.bus();
+    t.bus_in(&frame(
+        0,
+        &Msg::Fence {
+            reason: FenceReason::ServerMoved,
+        },
+    ));
+    t.a.handle_disconnect(sb);
+    let b = t.bus();
+    assert!(
+        b.iter()
+            .all(|m| matches!(m, M::AgentState { deaths: 2, .. })),
+        "{b:?}"
+    );
+    // A bus reconnect (a restarted controller) hears the count; past the
+    // window the first death drops out, then the second.
+    t.at(WINDOW_MS - 1);
+    t.a.handle_bus_disconnected();
+    t.a.handle_bus_connected();
+    assert!(t.bus().contains(&agent_state_deaths(false, 0, 0, 2)));
+    t.at(WINDOW_MS);
+    t.a.handle_bus_disconnected();
+    t.a.handle_bus_connected();
+    assert!(t.bus().contains(&agent_state_deaths(false, 0, 0, 1)));
+    t.at(1_000 + WINDOW_MS);
+    t.a.handle_bus_disconnected();
+    t.a.handle_bus_connected();
+    assert!(t.bus().contains(&agent_state_deaths(false, 0, 0, 0)));
 }

@@ -249,6 +249,7 @@ impl T {
             &Msg::AgentState {
                 node_id: node,
                 standby_ready: standby,
+                recent_deaths: 0,
                 serving_incarnation: serving,
                 died_incarnation: died,
             },
@@ -405,6 +406,7 @@ fn only_agents_and_tools_are_accepted() {
         &Msg::AgentState {
             node_id: 2,
             standby_ready: true,
+            recent_deaths: 0,
             serving_incarnation: 0,
             died_incarnation: 0,
         },
@@ -1265,4 +1267,47 @@ fn a_start_claims_the_store_unless_the_former_server_was_seen_to_die() {
         vec![true],
         "a lost node's server may still run"
     );
+}
+
+/// A restarted controller's crash-loop breaker starts from what the agents
+/// report (`AgentState.recent_deaths`: their own servers' deaths within the
+/// window), once per node: two deaths before the restart and one after
+/// mark the store failed; a node's later reports (a bus reconnect to the
+/// same controller) are not counted again.
+#[test]
+fn the_breaker_survives_a_controller_restart_through_the_agents_counts() {
+    let mut t = T::with_nodes(Policy::Auto, &[1, 2, 3]);
+    t.c.set_now(50_000);
+    let report = |t: &mut T, node: u32, deaths: u16, died: u64| {
+        let c = t.agents[&node];
+        t.send(
+            c,
+            0,
+            &Msg::AgentState {
+                node_id: node,
+                standby_ready: true,
+                recent_deaths: deaths,
+                serving_incarnation: 0,
+                died_incarnation: died,
+            },
+        );
+    };
+    // Node 2's servers died twice before this controller started, node 3's
+    // once; reported again and again, they count once.
+    report(&mut t, 2, 1, 0);
+    report(&mut t, 3, 1, 0);
+    report(&mut t, 2, 1, 0);
+    report(&mut t, 3, 1, 0);
+    assert_eq!(t.c.failed_deaths(), 0, "two deaths, once each");
+    t.drain();
+    // Node 1's two: the third trips the breaker (the count it tripped at
+    // is what status shows).
+    report(&mut t, 1, 2, 0);
+    assert_eq!(t.c.failed_deaths(), 3);
+    t.want(1, 0);
+    assert_eq!(started(&t.agents_got()), None, "nothing placed");
+    let tool = t.hello(Role::Control);
+    t.send(tool, 7, &Msg::ClusterStatus);
+    let r = t.out(tool);
+    assert!(matches!(r[..], [(7, M::Status { failed: 3, .. })]), "{r:?}");
 }

@@ -677,6 +677,7 @@ fn new_agent(n: u32, now: u64, restarted: bool) -> AgentFsm {
         // Steps here, not milliseconds: a restarted agent's clients
         // reconnect within a few deliveries, which a step makes one of.
         relist_grace_ms: if restarted { 2_000 } else { 0 },
+        death_window_ms: 0,
     });
     a.set_now(now);
     a

@@ -550,6 +550,10 @@ const_assert!(AGENT_CONNS_DEFAULT <= AGENT_CONNS_MAX);
 const_assert!(CONTROLLER_CONNS_DEFAULT <= CONTROLLER_CONNS_MAX);
 const_assert!(CONTROLLER_SERVER_DEATHS_DEFAULT <= CONTROLLER_SERVER_DEATHS_MAX);
 const_assert!(CONTROLLER_SERVER_DEATHS_MAX <= u16::MAX as u32);
+/// Deaths of its own servers an agent remembers (their times), for the
+/// count it reports (`AgentState.recent_deaths`): as many as any
+/// controller's breaker can need.
+pub const AGENT_DEATHS_KEPT: usize = CONTROLLER_SERVER_DEATHS_MAX as usize;
 const_assert!(CONTROLLER_DEATH_WINDOW_MS_DEFAULT <= CONTROLLER_DEATH_WINDOW_MS_MAX);
 // A start command naming START_LIST_MAX members and expected clients (4 and
 // 16 bytes each, two list headers, the frame header) fits one agent

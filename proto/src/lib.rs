@@ -445,7 +445,8 @@
 //! |-------:|-----:|-------|---------|
 //! | 0 | 4 | `node_id` | the agent's node |
 //! | 4 | 1 | `standby` | 0 or 1: the standby server is ready |
-//! | 5 | 3 | reserved | 0 |
+//! | 5 | 1 | reserved | 0 |
+//! | 6 | 2 | `recent_deaths` | the node's own server deaths (crashes, failed starts) within the death window |
 //! | 8 | 8 | `serving_incarnation` | the node's serving server, 0 = none |
 //! | 16 | 8 | `died_incarnation` | 0 = none; else this node's server of that incarnation died |
 //!

@@ -308,6 +308,7 @@ impl Spec {
             Kind::AgentState => Msg::AgentState {
                 node_id: low32(n[0]),
                 standby_ready: n[1] & 1 == 1,
+                recent_deaths: low32(n[4]).to_le_bytes()[0].into(),
                 serving_incarnation: n[2],
                 died_incarnation: n[3],
             },

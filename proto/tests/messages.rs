@@ -585,7 +585,7 @@ fn reserved_bytes_must_be_zero() {
         (Kind::ClientGone, &[12, 13, 14, 15]),
         (Kind::ClientsOf, &[4, 5, 6, 7]),
         (Kind::Join, &[4, 5]),
-        (Kind::AgentState, &[5, 6, 7]),
+        (Kind::AgentState, &[5]),
         (Kind::NeedClients, &[12, 13, 14, 15]),
         (Kind::ServerDown, &[12, 13, 14, 15]),
         (Kind::Fence, &[4, 5, 6, 7]),
@@ -1454,11 +1454,12 @@ fn known_answer_small_agent_bodies() {
             Msg::AgentState {
                 node_id: 2,
                 standby_ready: true,
+                recent_deaths: 3,
                 serving_incarnation: 0,
                 died_incarnation: 4,
             },
             &[
-                2, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 4, 0, 0, 0, 0, 0, 0, 0,
+                2, 0, 0, 0, 1, 0, 3, 0, 0, 0, 0, 0, 0, 0, 0, 0, 4, 0, 0, 0, 0, 0, 0, 0,
             ],
         ),
         (

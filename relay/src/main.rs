@@ -562,6 +562,7 @@ impl Relay {
                 standby_ready,
                 serving_incarnation,
                 died_incarnation,
+                ..
             } => {
                 if *node_id != from {
                     return;
@@ -711,6 +712,7 @@ impl Relay {
                 self.mcast(&Msg::AgentState {
                     node_id: self.me,
                     standby_ready: st.standby_ready,
+                    recent_deaths: 0,
                     serving_incarnation: st.serving,
                     died_incarnation: 0,
                 });

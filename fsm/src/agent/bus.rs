@@ -577,6 +577,7 @@ impl AgentFsm {
         self.bus_send(&Msg::AgentState {
             node_id: self.cfg.node_id,
             standby_ready,
+            recent_deaths: self.recent_deaths(),
             serving_incarnation: self.local.serving().map_or(0, |s| s.incarnation),
             died_incarnation: died,
         });

@@ -154,6 +154,11 @@ pub struct AgentConfig {
     /// no start for this long: its node's clients reconnect and say who
     /// they are (`csnap_pools::AGENT_RELIST_GRACE_MS`; 0: none).
     pub relist_grace_ms: u64,
+    /// Its own servers' deaths (crashes, failed starts) within this window
+    /// are counted and reported (`AgentState.recent_deaths`), so that a
+    /// restarted controller's crash-loop breaker starts from them; 0: none
+    /// counted.
+    pub death_window_ms: u64,
 }
 
 /// What the driver must do.
@@ -362,6 +367,10 @@ pub struct AgentFsm {
     /// The complete list (`ClientsOf`) is owed to the bus: since the end
     /// of the grace, until sent on a bus that is up.
     clients_of_due: bool,
+    /// When its own servers died (crashed or failed to start), a ring;
+    /// `u64::MAX`: unused.
+    deaths_ms: [u64; csnap_pools::AGENT_DEATHS_KEPT],
+    deaths_next: usize,
 }
 
 impl AgentFsm {
@@ -405,6 +414,8 @@ impl AgentFsm {
             // No grace: nothing to report when it ends.
             relist_reported: cfg.relist_grace_ms == 0,
             clients_of_due: false,
+            deaths_ms: [u64::MAX; csnap_pools::AGENT_DEATHS_KEPT],
+            deaths_next: 0,
         }
     }
 
@@ -436,6 +447,27 @@ impl AgentFsm {
         if self.relist_until_ms.is_none() {
             self.relist_until_ms = Some(now_ms + self.cfg.relist_grace_ms);
         }
+    }
+
+    /// One of its own servers died (crashed, or its start failed): counted
+    /// for the crash-loop breaker.
+    fn note_death(&mut self) {
+        if self.cfg.death_window_ms == 0 {
+            return;
+        }
+        self.deaths_ms[self.deaths_next] = self.now_ms;
+        self.deaths_next = (self.deaths_next + 1) % self.deaths_ms.len();
+    }
+
+    /// Its own servers' deaths within the death window.
+    fn recent_deaths(&self) -> u16 {
+        let (now, w) = (self.now_ms, self.cfg.death_window_ms);
+        let n = self
+            .deaths_ms
+            .iter()
+            .filter(|&&t| t != u64::MAX && t <= now && now - t < w)
+            .count();
+        u16::try_from(n).unwrap_or(u16::MAX)
     }
 
     /// Whether every live client of this node has had the time to
@@ -870,6 +902,7 @@ impl AgentFsm {
     fn server_conn_lost(&mut self, conn: AgentConnId, pid: u32) {
         if let Some(s) = self.local.serving().filter(|s| s.conn == conn) {
             self.local_to(LocalServer::Idle);
+            self.note_death();
             if self
                 .cluster_server
                 .is_some_and(|k| k.incarnation == s.incarnation)
@@ -882,6 +915,7 @@ impl AgentFsm {
             self.report_state(s.incarnation);
         } else if let Some((_, attempt)) = self.local.starting().filter(|s| s.0 == conn) {
             self.local_to(LocalServer::Idle);
+            self.note_death();
             self.log(AgentEvent::StartFailed { attempt });
             self.report_state(0);
             self.schedule_spawn(self.cfg.respawn_backoff_ms);

@@ -176,6 +176,9 @@ struct NodeRec {
     left: bool,
     standby_ready: bool,
     serving: u64,
+    /// Its agent's count of recent deaths was taken into the crash-loop
+    /// breaker (once per controller process: the deaths before it started).
+    deaths_taken: bool,
 }
 
 /// What the controller knows of a connection (a slot of its `ConnTable`).
@@ -310,6 +313,7 @@ impl Controller {
             left: false,
             standby_ready: false,
             serving: 0,
+            deaths_taken: false,
         });
         self.nodes.last_mut()
     }
@@ -448,6 +452,7 @@ impl Controller {
             Msg::AgentState {
                 node_id,
                 standby_ready,
+                recent_deaths,
                 serving_incarnation,
                 died_incarnation,
             } => {
@@ -461,9 +466,20 @@ impl Controller {
                     );
                     return;
                 }
+                let mut earlier = 0;
                 if let Some(r) = self.rec(node) {
                     r.standby_ready = *standby_ready;
                     r.serving = *serving_incarnation;
+                    if !r.deaths_taken {
+                        // The node's server deaths before this controller
+                        // started (a restart must not reset the breaker);
+                        // a death this report names is counted below.
+                        r.deaths_taken = true;
+                        earlier = recent_deaths.saturating_sub(u16::from(*died_incarnation != 0));
+                    }
+                }
+                for _ in 0..u32::from(earlier).min(self.cfg.max_server_deaths) {
+                    self.count_death();
                 }
                 if *died_incarnation != 0 {
                     self.server_died(node, *died_incarnation, true);

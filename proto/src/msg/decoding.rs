@@ -372,7 +372,7 @@ fn read_membership(kind: Kind, b: &[u8]) -> Result<Msg<'_>, &'static str> {
         }
         Kind::AgentState => {
             exact(b, AGENT_STATE_BYTES)?;
-            reserved(b, 5, 3)?;
+            reserved(b, 5, 1)?;
             let standby_ready = match b[4] {
                 0 => false,
                 1 => true,
@@ -381,6 +381,7 @@ fn read_membership(kind: Kind, b: &[u8]) -> Result<Msg<'_>, &'static str> {
             Msg::AgentState {
                 node_id: get_u32(b, 0),
                 standby_ready,
+                recent_deaths: get_u16(b, 6),
                 serving_incarnation: get_u64(b, 8),
                 died_incarnation: get_u64(b, 16),
             }

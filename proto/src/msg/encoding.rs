@@ -356,11 +356,13 @@ impl Msg<'_> {
             Msg::AgentState {
                 node_id,
                 standby_ready,
+                recent_deaths,
                 serving_incarnation,
                 died_incarnation,
             } => {
                 put_u32(b, 0, node_id);
                 b[4] = u8::from(standby_ready);
+                put_u16(b, 6, recent_deaths);
                 put_u64(b, 8, serving_incarnation);
                 put_u64(b, 16, died_incarnation);
             }

@@ -330,6 +330,10 @@ pub enum Msg<'a> {
         node_id: u32,
         /// Whether its standby server is ready to start.
         standby_ready: bool,
+        /// Its own servers' deaths (crashes and failed starts) within the
+        /// death window, by its clock: what a restarted controller's
+        /// crash-loop breaker starts from.
+        recent_deaths: u16,
         /// The incarnation of its serving server, 0 if none.
         serving_incarnation: u64,
         /// Nonzero: this node's server of that incarnation died; 0 if none.

@@ -371,6 +371,7 @@ pub fn sample(kind: Kind, big: bool, s: &mut Scratch) -> Msg<'_> {
         Kind::AgentState => Msg::AgentState {
             node_id: if big { u32::MAX } else { 2 },
             standby_ready: big,
+            recent_deaths: if big { u16::MAX } else { 2 },
             serving_incarnation: if big { u64::MAX } else { 0 },
             died_incarnation: if big { u64::MAX } else { 4 },
         },
