@@ -16,7 +16,7 @@ use csnap_tidy::{code_lines, functions, rust_files, workspace_root};
 
 const FN_LINES_MAX: usize = 70;
 /// Functions over `FN_LINES_MAX` lines today (the ratchet).
-const LONG_FUNCTIONS_MAX: usize = 40;
+const LONG_FUNCTIONS_MAX: usize = 39;
 const FILE_LINES_MAX: usize = 1200;
 /// Files over `FILE_LINES_MAX` lines today, with their length: each may only
 /// shrink, and no other file may grow past the limit.
