@@ -1691,3 +1691,70 @@ fn its_own_servers_deaths_within_the_window_are_reported() {
     t.a.handle_bus_connected();
     assert!(t.bus().contains(&agent_state_deaths(false, 0, 0, 0)));
 }
+
+/// A gather that waited long: a snapshot client that came to this node
+/// meanwhile holds locks the new server must wait for, so the node's own
+/// clients are listed as they are when the gather completes.
+#[test]
+fn the_starters_own_clients_are_listed_as_of_the_end_of_the_gather() {
+    let (mut t, sb, snap) = gathering();
+    let late = t.hello(Role::Client);
+    t.need(late, 1, 13, 0, Some(Volume::Snapshot(5)));
+    t.a.handle_disconnect(snap);
+    t.bus();
+    t.bus_in(&clients_msg(9, 2, ME, &[]));
+    t.bus_in(&clients_msg(9, 3, ME, &[]));
+    assert_eq!(
+        t.msgs(sb),
+        vec![M::StartServer {
+            members: vec![1, 2, 3],
+            expected: vec![(12, ME), (13, ME)],
+        }],
+        "the late client listed, the gone one not"
+    );
+}
+
+/// A gather the controller gave up on is stale: a `StartHere` for another
+/// attempt replaces it (with fresh lists), and a newer server announced
+/// from another node ends it; neither finishes into a second server.
+#[test]
+fn a_stale_gather_is_replaced_or_ended_never_finished() {
+    let (mut t, sb, _) = gathering();
+    // The same attempt again: nothing new.
+    t.bus_in(&frame(
+        0,
+        &Msg::StartHere {
+            attempt: 9,
+            former_incarnation: 4,
+            claim: false,
+        },
+    ));
+    assert!(t.bus().is_empty());
+    // Another attempt: the old gather fails, a new one asks again.
+    t.bus_in(&frame(
+        0,
+        &Msg::StartHere {
+            attempt: 12,
+            former_incarnation: 4,
+            claim: false,
+        },
+    ));
+    assert_eq!(t.bus(), vec![M::NeedClients(12, ME)]);
+    let a = t.actions();
+    assert!(a.contains(&AgentAction::Log(AgentEvent::StartFailed { attempt: 9 })));
+    // Answers for the old attempt are ignored.
+    t.bus_in(&clients_msg(9, 2, ME, &[]));
+    t.bus_in(&clients_msg(9, 3, ME, &[]));
+    assert!(t.msgs(sb).is_empty());
+    // A server newer than any known at the start serves on node 2: the
+    // controller placed it; this gather ends, the standby is free again.
+    t.bus_in(&server_up(5, 2, "n2.sock"));
+    let b = t.bus();
+    assert!(b.contains(&agent_state(true, 0, 0)), "{b:?}");
+    assert!(t
+        .actions()
+        .contains(&AgentAction::Log(AgentEvent::StartFailed { attempt: 12 })));
+    t.bus_in(&clients_msg(12, 2, ME, &[]));
+    t.bus_in(&clients_msg(12, 3, ME, &[]));
+    assert!(t.msgs(sb).is_empty(), "a stale gather started a server");
+}

@@ -644,6 +644,10 @@ struct Sim {
     bus_back: Vec<Option<u64>>,
     /// Per node: its agent process died, and starts again then.
     agent_back: Vec<Option<u64>>,
+    /// (incarnation, node): that server counted the node out (`NodeLeft`)
+    /// and has not taken it back; kept after the server died, for its
+    /// answers still in flight.
+    counted_out: BTreeSet<(u64, u32)>,
     /// Incarnations whose store device had a fault armed.
     disk_failed_incs: BTreeSet<u64>,
     stats: Stats,
@@ -785,6 +789,7 @@ impl Sim {
             new_tags: Vec::new(),
             bus_back: vec![None; NODES as usize],
             agent_back: vec![None; NODES as usize],
+            counted_out: BTreeSet::new(),
             disk_failed_incs: BTreeSet::new(),
             stats: Stats::default(),
         };
@@ -1003,10 +1008,16 @@ impl Sim {
                 closes.push(c);
             }
             let mut spawns = 0;
+            let mut logs = Vec::new();
             while let Some(act) = a.poll_action() {
                 if act == AgentAction::SpawnStandby {
                     spawns += 1;
+                } else if let AgentAction::Log(e) = act {
+                    logs.push(e);
                 }
+            }
+            for e in logs {
+                self.log(|| format!("agent {n}: {e:?}"));
             }
             if outs.is_empty() && bus.is_empty() && closes.is_empty() && spawns == 0 {
                 return;
@@ -1788,6 +1799,9 @@ impl Sim {
             }
             (Phase::Serving, Msg::NodeJoined { node_id }) => {
                 pr.nonmember.remove(&node_id);
+                let inc = pr.incarnation;
+                self.counted_out.remove(&(inc, node_id));
+                let pr = self.procs[p].as_mut().unwrap();
                 pr.fsm.handle_node_joined(node_id);
                 self.pump_srv(p);
             }
@@ -1795,8 +1809,11 @@ impl Sim {
                 // The server drops the node's locks: a node that left is
                 // fenced, unless it was only cut off (then its readers are
                 // on their own).
+                // (A read it answered before, the answer still on the way,
+                // counts too: the lock that answer grants is released now.)
                 for c in &mut self.clients {
-                    if c.alive && c.node == node_id && c.fsm.held_chunks() > 0 && !c.exposed {
+                    let locked = c.fsm.held_chunks() > 0 || c.fsm.outstanding() > 0;
+                    if c.alive && c.node == node_id && locked && !c.exposed {
                         c.exposed = true;
                         self.stats.exposed_clients += 1;
                     }
@@ -1804,6 +1821,9 @@ impl Sim {
                 let pr = self.procs[p].as_mut().unwrap();
                 pr.nonmember.insert(node_id);
                 pr.left.insert(node_id);
+                let inc = pr.incarnation;
+                self.counted_out.insert((inc, node_id));
+                let pr = self.procs[p].as_mut().unwrap();
                 pr.fsm.handle_node_left(node_id);
                 self.pump_srv(p);
             }
@@ -2484,12 +2504,15 @@ impl Sim {
                 assert_eq!(covered, u64::from(r.chunks), "targets cover the read");
                 // Locked by a server that counts its node out (cut off, and
                 // not fenced): nothing protects the read.
+                // (The answer may arrive after the node was counted out, or
+                // after that server died.)
                 let c = &mut self.clients[k];
-                let out = self.procs.iter().flatten().any(|x| {
-                    x.incarnation == inc
-                        && x.phase == Phase::Serving
-                        && x.nonmember.contains(&c.node)
-                });
+                let out = self.counted_out.contains(&(inc, c.node))
+                    || self.procs.iter().flatten().any(|x| {
+                        x.incarnation == inc
+                            && x.phase == Phase::Serving
+                            && x.nonmember.contains(&c.node)
+                    });
                 if out && !c.exposed {
                     c.exposed = true;
                     self.stats.exposed_clients += 1;

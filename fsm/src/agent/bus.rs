@@ -200,6 +200,15 @@ impl AgentFsm {
             } => {
                 let Some(a) = AddrBuf::new(addr) else { return };
                 self.highest_incarnation = self.highest_incarnation.max(*incarnation);
+                if *node_id != self.cfg.node_id && *incarnation > self.gather.floor {
+                    // A server newer than any known when the gather began
+                    // serves elsewhere: the controller placed it, so this
+                    // gather is stale; finishing it would start a second.
+                    if self.gathering().is_some() {
+                        self.abandon_gather();
+                        self.report_state(0);
+                    }
+                }
                 // A server on this node is this agent's own, and exits when
                 // its link to the agent closes: one this agent does not
                 // serve is gone (its death seen already, or it died with an
@@ -292,9 +301,13 @@ impl AgentFsm {
             });
             return;
         }
-        if self.gathering().is_some() || self.local.starting().is_some() {
+        if self.local.starting().is_some() || self.gathering() == Some(attempt) {
             return;
         }
+        // A gather for another attempt is stale: the controller gave up on
+        // it (a start timeout) and asks again; finishing it later would
+        // start a server the controller no longer expects.
+        self.abandon_gather();
         if self.standby.ready().is_none() || self.fenced || !self.listed() {
             // Cannot start: the controller sees `standby: false` and picks
             // another node.
@@ -303,28 +316,12 @@ impl AgentFsm {
         }
         let me = self.cfg.node_id;
         self.gather_to(GatherPhase::Collecting { attempt, claim });
+        self.gather.floor = self.highest_incarnation;
         {
             let g = &mut self.gather;
             for &n in &self.members {
                 if n != me && g.waiting.len() < g.waiting.capacity() {
                     g.waiting.push(n);
-                }
-            }
-            for c in &self.conns {
-                if let AgentConnState::Client {
-                    client_id,
-                    volume: Some(_),
-                    ..
-                } = c.role
-                {
-                    if g.expected.len() < g.expected.capacity() {
-                        g.expected.push(ClientEntry {
-                            client_id,
-                            node_id: me,
-                        });
-                    } else {
-                        g.overflow = true;
-                    }
                 }
             }
         }
@@ -455,11 +452,35 @@ impl AgentFsm {
         if !self.gather.waiting.is_empty() {
             return;
         }
-        let g = &self.gather;
         let Some(conn) = self.standby.ready() else {
             self.gather_to(GatherPhase::Idle);
             return;
         };
+        // This node's own clients, as they are now (the gather may have
+        // waited long for the others: a client that came meanwhile holds
+        // locks the new server must wait for).
+        let me = self.cfg.node_id;
+        let g = &mut self.gather;
+        for c in &self.conns {
+            if let AgentConnState::Client {
+                client_id,
+                volume: Some(_),
+                ..
+            } = c.role
+            {
+                let e = ClientEntry {
+                    client_id,
+                    node_id: me,
+                };
+                if g.expected.contains(&e) {
+                } else if g.expected.len() < g.expected.capacity() {
+                    g.expected.push(e);
+                } else {
+                    g.overflow = true;
+                }
+            }
+        }
+        let g = &self.gather;
         if g.overflow || g.expected.len() > EXPECTED_MAX {
             self.gather_to(GatherPhase::Idle);
             self.log(AgentEvent::TooManyExpected);

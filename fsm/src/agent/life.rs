@@ -83,6 +83,9 @@ pub(super) struct Gather {
     pub(super) expected: Vec<ClientEntry>,
     /// More clients than `EXPECTED_MAX`: the start is refused.
     pub(super) overflow: bool,
+    /// The highest incarnation known when the gather began: a server above
+    /// it serving elsewhere makes the gather stale.
+    pub(super) floor: u64,
 }
 
 /// The local standby server's slot: what the agent waits for to have a

@@ -400,6 +400,7 @@ impl AgentFsm {
                 waiting: Vec::with_capacity(NODES_MAX),
                 expected: Vec::with_capacity(EXPECTED_MAX),
                 overflow: false,
+                floor: 0,
             },
             local: LocalServer::Idle,
             cluster_server: None,
