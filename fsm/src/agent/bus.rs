@@ -445,20 +445,10 @@ impl AgentFsm {
         self.scratch = scratch;
     }
 
-    pub(super) fn maybe_finish_gather(&mut self) {
-        let GatherPhase::Collecting { attempt, claim } = self.gather.phase else {
-            return;
-        };
-        if !self.gather.waiting.is_empty() {
-            return;
-        }
-        let Some(conn) = self.standby.ready() else {
-            self.gather_to(GatherPhase::Idle);
-            return;
-        };
-        // This node's own clients, as they are now (the gather may have
-        // waited long for the others: a client that came meanwhile holds
-        // locks the new server must wait for).
+    /// This node's own clients, as they are now, into the gather (it may
+    /// have waited long for the others: a client that came meanwhile holds
+    /// locks the new server must wait for).
+    fn gather_own_clients(&mut self) {
         let me = self.cfg.node_id;
         let g = &mut self.gather;
         for c in &self.conns {
@@ -480,6 +470,20 @@ impl AgentFsm {
                 }
             }
         }
+    }
+
+    pub(super) fn maybe_finish_gather(&mut self) {
+        let GatherPhase::Collecting { attempt, claim } = self.gather.phase else {
+            return;
+        };
+        if !self.gather.waiting.is_empty() {
+            return;
+        }
+        let Some(conn) = self.standby.ready() else {
+            self.gather_to(GatherPhase::Idle);
+            return;
+        };
+        self.gather_own_clients();
         let g = &self.gather;
         if g.overflow || g.expected.len() > EXPECTED_MAX {
             self.gather_to(GatherPhase::Idle);
