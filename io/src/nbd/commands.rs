@@ -454,11 +454,6 @@ impl Slot {
         }
     }
 
-    /// A disk operation of this slot's engine finished.
-    pub(super) fn disk_finished(&mut self, f: &Finished) {
-        self.engine.disk_done(&f.op, f.ok);
-    }
-
     /// Replies to command `ci` once nothing of it is left to do.
     pub(super) fn maybe_finish(&mut self, ci: usize, sh: &mut Shared) {
         let Some(c) = self.cmds[ci] else {

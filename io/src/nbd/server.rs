@@ -378,7 +378,9 @@ impl NbdServer {
                 );
             }
             if let Some(s) = slots.get_mut(usize::from(f.conn)) {
-                s.disk_finished(&f);
+                // Straight to the engine; its completions are taken on the
+                // slot's next pump (`drain_engine`).
+                s.engine.disk_done(&f.op, f.ok);
             }
         };
         let r = disk
