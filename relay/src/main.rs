@@ -124,6 +124,54 @@ struct Server {
     addr: String,
 }
 
+/// What the relay does with a frame from its own agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FromAgent {
+    /// To the CPG group (agreed order, every relay sees it).
+    Multicast,
+    /// Not needed here (Pacemaker keeps the resource running; errors are
+    /// the agent's to log).
+    Drop,
+    /// Not this agent's to say (it names another node) or not a bus
+    /// message: logged and ignored.
+    Unexpected,
+}
+
+/// The routing of a frame from node `me`'s agent: only what it may say
+/// for its own node goes to the group.
+fn from_agent(me: u32, msg: &Msg<'_>) -> FromAgent {
+    match msg {
+        Msg::AgentState { node_id, .. }
+        | Msg::ServerUp { node_id, .. }
+        | Msg::ClientsOf { node_id, .. }
+            if *node_id == me =>
+        {
+            FromAgent::Multicast
+        }
+        Msg::NeedClients { starter, .. } if *starter == me => FromAgent::Multicast,
+        Msg::Clients { from, .. } if *from == me => FromAgent::Multicast,
+        Msg::ClientGone { .. } => FromAgent::Multicast,
+        Msg::WantServer { .. } | Msg::Error { .. } => FromAgent::Drop,
+        _ => FromAgent::Unexpected,
+    }
+}
+
+/// Whether a CPG message from node `from` that the relay only passes on
+/// goes to node `me`'s agent. `here`: this node serves or starts the
+/// server (a client's word is for its barrier only).
+fn forward_to_agent(me: u32, from: u32, here: bool, msg: &Msg<'_>) -> bool {
+    match msg {
+        // Another node's gather asks every other agent.
+        Msg::NeedClients { starter, .. } => *starter != me && *starter == from,
+        // An answer to this node's gather, from the node it names.
+        Msg::Clients { to, from: f, .. } => *to == me && *f == from,
+        Msg::ClientGone { .. } => here,
+        // A node's complete list, said by that node, for the server here.
+        Msg::ClientsOf { node_id, .. } => here && *node_id == from && *node_id != me,
+        _ => false,
+    }
+}
+
 struct Relay {
     me: u32,
     fence_prefix: String,
@@ -375,15 +423,10 @@ impl Relay {
     }
 
     fn on_agent_msg(&mut self, msg: &Msg<'_>) {
-        match msg {
-            Msg::AgentState { node_id, .. } if *node_id == self.me => self.mcast(msg),
-            Msg::NeedClients { starter, .. } if *starter == self.me => self.mcast(msg),
-            Msg::Clients { from, .. } if *from == self.me => self.mcast(msg),
-            Msg::ServerUp { node_id, .. } if *node_id == self.me => self.mcast(msg),
-            Msg::ClientGone { .. } => self.mcast(msg),
-            Msg::ClientsOf { node_id, .. } if *node_id == self.me => self.mcast(msg),
-            Msg::WantServer { .. } | Msg::Error { .. } => {}
-            m => say!("ignoring {} from the agent", m.kind().name()),
+        match from_agent(self.me, msg) {
+            FromAgent::Multicast => self.mcast(msg),
+            FromAgent::Drop => {}
+            FromAgent::Unexpected => say!("ignoring {} from the agent", msg.kind().name()),
         }
     }
 
@@ -605,8 +648,9 @@ impl Relay {
                     }
                 }
             }
-            Msg::NeedClients { starter, .. } if *starter != self.me => self.send_agent(&msg),
-            Msg::Clients { to, from: f, .. } if *to == self.me && *f == from => {
+            Msg::NeedClients { .. } | Msg::Clients { .. }
+                if forward_to_agent(self.me, from, false, &msg) =>
+            {
                 self.send_agent(&msg);
             }
             Msg::ServerUp {
@@ -652,7 +696,7 @@ impl Relay {
             Msg::ClientGone { .. } | Msg::ClientsOf { .. } => {
                 let here = self.states.get(&self.me).is_some_and(|s| s.serving != 0)
                     || self.pending_start.is_some();
-                if here {
+                if forward_to_agent(self.me, from, here, &msg) {
                     self.send_agent(&msg);
                 }
             }
@@ -1024,4 +1068,116 @@ fn run(dir: &std::path::Path, me: u32, prefix: String) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use csnap_proto::{ClientEntry, ClientList};
+
+    fn list<'a>(buf: &'a mut [u8], cs: &[(u64, u32)]) -> ClientList<'a> {
+        let e: Vec<ClientEntry> = cs
+            .iter()
+            .map(|&(client_id, node_id)| ClientEntry { client_id, node_id })
+            .collect();
+        ClientList::from_entries(&e, buf).unwrap()
+    }
+
+    #[test]
+    fn an_agent_speaks_to_the_group_only_for_its_own_node() {
+        let mut b = [0u8; 256];
+        let state = |node_id| Msg::AgentState {
+            node_id,
+            standby_ready: true,
+            recent_deaths: 0,
+            serving_incarnation: 0,
+            died_incarnation: 0,
+        };
+        assert_eq!(from_agent(2, &state(2)), FromAgent::Multicast);
+        assert_eq!(from_agent(2, &state(3)), FromAgent::Unexpected);
+        let up = |node_id| Msg::ServerUp {
+            incarnation: 7,
+            node_id,
+            addr: "10.0.0.2:7000",
+        };
+        assert_eq!(from_agent(2, &up(2)), FromAgent::Multicast);
+        assert_eq!(from_agent(2, &up(1)), FromAgent::Unexpected);
+        let need = |starter| Msg::NeedClients {
+            gather_id: 4,
+            starter,
+        };
+        assert_eq!(from_agent(2, &need(2)), FromAgent::Multicast);
+        assert_eq!(from_agent(2, &need(3)), FromAgent::Unexpected);
+        let cl = list(&mut b, &[(9, 2)]);
+        let clients = |from| Msg::Clients {
+            gather_id: 4,
+            from,
+            to: 3,
+            clients: cl,
+        };
+        assert_eq!(from_agent(2, &clients(2)), FromAgent::Multicast);
+        assert_eq!(from_agent(2, &clients(1)), FromAgent::Unexpected);
+        let of = |node_id| Msg::ClientsOf {
+            node_id,
+            clients: cl,
+        };
+        assert_eq!(from_agent(2, &of(2)), FromAgent::Multicast);
+        assert_eq!(from_agent(2, &of(1)), FromAgent::Unexpected);
+        let gone = Msg::ClientGone {
+            client_id: 9,
+            node_id: 2,
+        };
+        assert_eq!(from_agent(2, &gone), FromAgent::Multicast);
+        let want = Msg::WantServer {
+            failed_incarnation: 3,
+        };
+        assert_eq!(from_agent(2, &want), FromAgent::Drop);
+        assert_eq!(from_agent(2, &Msg::Status), FromAgent::Unexpected);
+    }
+
+    #[test]
+    fn the_group_reaches_an_agent_only_with_what_is_for_it() {
+        let mut b = [0u8; 256];
+        let cl = list(&mut b, &[(9, 3)]);
+        // Another node's gather is answered here; this node's own is not
+        // asked back, and a request naming another starter than its sender
+        // is forged.
+        let need = |starter| Msg::NeedClients {
+            gather_id: 4,
+            starter,
+        };
+        assert!(forward_to_agent(1, 3, false, &need(3)));
+        assert!(!forward_to_agent(1, 1, false, &need(1)));
+        assert!(!forward_to_agent(1, 2, false, &need(3)));
+        // Answers to this node's gather, from the node they name.
+        let clients = |from, to| Msg::Clients {
+            gather_id: 4,
+            from,
+            to,
+            clients: cl,
+        };
+        assert!(forward_to_agent(1, 3, false, &clients(3, 1)));
+        assert!(!forward_to_agent(1, 3, false, &clients(3, 2)));
+        assert!(!forward_to_agent(1, 2, false, &clients(3, 1)));
+        // A client's word, and a node's complete list, go to the server
+        // here only.
+        let gone = Msg::ClientGone {
+            client_id: 9,
+            node_id: 3,
+        };
+        assert!(forward_to_agent(1, 3, true, &gone));
+        assert!(!forward_to_agent(1, 3, false, &gone));
+        let of = |node_id| Msg::ClientsOf {
+            node_id,
+            clients: cl,
+        };
+        assert!(forward_to_agent(1, 3, true, &of(3)));
+        assert!(!forward_to_agent(1, 3, false, &of(3)));
+        assert!(
+            !forward_to_agent(1, 2, true, &of(3)),
+            "said for another node"
+        );
+        assert!(!forward_to_agent(1, 1, true, &of(1)), "its own, back");
+        assert!(!forward_to_agent(1, 3, true, &Msg::Status));
+    }
 }
