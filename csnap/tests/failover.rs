@@ -972,14 +972,7 @@ fn repeated_server_deaths_mark_the_store_failed_and_clients_get_an_error() {
         last = c.wait_serving_above(last).incarnation;
         c.kill_server();
     }
-    let st = c.wait("the store is marked failed", |st| st.failed > 0);
-    assert_eq!(st.failed, 3, "{st:?}");
-    let o = c.cluster_cmd("status", &[]);
-    assert!(
-        String::from_utf8_lossy(&o.stdout).contains("store: FAILED after 3 server deaths"),
-        "{}",
-        text(&o)
-    );
+    assert_marked_failed_after_3(&c);
     // The client's next write fails within seconds, not never.
     let t = Instant::now();
     io.send_write(4096, &[0xa2; 4096]);
@@ -1057,6 +1050,19 @@ fn a_request_in_flight_across_three_server_deaths_fails_instead_of_being_resent(
     r.quit();
 }
 
+/// Waits until the store is marked failed after 3 deaths, and `cluster
+/// status` says so.
+fn assert_marked_failed_after_3(c: &Cluster) {
+    let st = c.wait("the store is marked failed", |st| st.failed > 0);
+    assert_eq!(st.failed, 3, "{st:?}");
+    let o = c.cluster_cmd("status", &[]);
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("store: FAILED after 3 server deaths"),
+        "{}",
+        text(&o)
+    );
+}
+
 /// The crash-loop breaker survives a controller restart (#15): the agents
 /// count their own servers' deaths within the window and report the count
 /// when they join the new controller, which starts its breaker from it. Two
@@ -1091,14 +1097,7 @@ fn the_crash_loop_breaker_survives_a_controller_restart() {
     });
     assert_eq!(st.failed, 0, "{st:?}");
     c.kill_server();
-    let st = c.wait("the store is marked failed", |st| st.failed > 0);
-    assert_eq!(st.failed, 3, "{st:?}");
-    let o = c.cluster_cmd("status", &[]);
-    assert!(
-        String::from_utf8_lossy(&o.stdout).contains("store: FAILED after 3 server deaths"),
-        "{}",
-        text(&o)
-    );
+    assert_marked_failed_after_3(&c);
     drop(io);
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(c.status().incarnation, 0, "no incarnation taken");

@@ -193,22 +193,28 @@ fn members(epoch: u64, nodes: &[u32]) -> Vec<u8> {
     frame(0, &Msg::Members { epoch, members: l })
 }
 
-fn clients_msg(gather: u64, from: u32, to: u32, cs: &[(u64, u32)]) -> Vec<u8> {
+/// `f` of the client list of `cs` (client id, node).
+fn with_client_list<R>(cs: &[(u64, u32)], f: impl FnOnce(proto::ClientList<'_>) -> R) -> R {
     let entries: Vec<ClientEntry> = cs
         .iter()
         .map(|&(client_id, node_id)| ClientEntry { client_id, node_id })
         .collect();
     let mut b = vec![0u8; proto::CLIENT_LIST_BYTES_MAX];
-    let l = proto::ClientList::from_entries(&entries, &mut b).unwrap();
-    frame(
-        0,
-        &Msg::Clients {
-            gather_id: gather,
-            from,
-            to,
-            clients: l,
-        },
-    )
+    f(proto::ClientList::from_entries(&entries, &mut b).unwrap())
+}
+
+fn clients_msg(gather: u64, from: u32, to: u32, cs: &[(u64, u32)]) -> Vec<u8> {
+    with_client_list(cs, |l| {
+        frame(
+            0,
+            &Msg::Clients {
+                gather_id: gather,
+                from,
+                to,
+                clients: l,
+            },
+        )
+    })
 }
 
 fn server_addr(seq: u32) -> String {
@@ -325,21 +331,21 @@ impl T {
         );
     }
 
+    /// The controller's `StartHere` (no claim) arrives on the bus.
+    fn told_start(&mut self, attempt: u64, former: u64) {
+        self.bus_in(&frame(
+            0,
+            &Msg::StartHere {
+                attempt,
+                former_incarnation: former,
+                claim: false,
+            },
+        ));
+    }
+
     /// A standby that announced itself; its `AgentState` is consumed.
     fn standby(&mut self, pid: u32) -> AgentConnId {
-        let c = self.hello(Role::Server);
-        let addr = server_addr(pid);
-        self.send(
-            c,
-            2,
-            &Msg::ServerReady {
-                pid,
-                node_id: ME,
-                addr: &addr,
-            },
-        );
-        assert!(self.out(c).is_empty(), "ServerReady gets no answer");
-        let b = self.bus();
+        let (c, b) = self.announce_standby(pid);
         assert!(
             matches!(
                 b.as_slice(),
@@ -357,6 +363,14 @@ impl T {
 
     /// As `standby`, its `AgentState` carrying `deaths` recent deaths.
     fn standby_deaths(&mut self, pid: u32, deaths: u16) -> AgentConnId {
+        let (c, b) = self.announce_standby(pid);
+        assert_eq!(b, vec![agent_state_deaths(true, 0, 0, deaths)]);
+        c
+    }
+
+    /// A standby connects and says `ServerReady`: its link and what the
+    /// bus got.
+    fn announce_standby(&mut self, pid: u32) -> (AgentConnId, Vec<M>) {
         let c = self.hello(Role::Server);
         let addr = server_addr(pid);
         self.send(
@@ -368,8 +382,8 @@ impl T {
                 addr: &addr,
             },
         );
-        assert_eq!(self.bus(), vec![agent_state_deaths(true, 0, 0, deaths)]);
-        c
+        assert!(self.out(c).is_empty(), "ServerReady gets no answer");
+        (c, self.bus())
     }
 
     /// Starts standby `sb` as incarnation `inc` with members {1, 2, 3}, no
@@ -684,14 +698,7 @@ fn a_spawned_standby_that_never_announces_itself_is_spawned_again() {
 #[test]
 fn start_here_without_a_standby_says_so() {
     let mut t = T::new();
-    t.bus_in(&frame(
-        0,
-        &Msg::StartHere {
-            attempt: 1,
-            former_incarnation: 0,
-            claim: false,
-        },
-    ));
+    t.told_start(1, 0);
     assert_eq!(t.bus(), vec![agent_state(false, 0, 0)]);
 }
 
@@ -707,14 +714,7 @@ fn gathering() -> (T, AgentConnId, AgentConnId) {
     t.need(tool, 1, 0, 0, None);
     assert_eq!(t.bus(), vec![M::WantServer(0)]);
     let sb = t.standby(200);
-    t.bus_in(&frame(
-        0,
-        &Msg::StartHere {
-            attempt: 9,
-            former_incarnation: 4,
-            claim: false,
-        },
-    ));
+    t.told_start(9, 4);
     assert_eq!(t.bus(), vec![M::NeedClients(9, ME)]);
     assert!(
         !t.a.status().standby_ready,
@@ -786,14 +786,7 @@ fn a_single_node_cluster_starts_at_once() {
     let mut t = T::new();
     t.bus_in(&members(2, &[ME]));
     let sb = t.standby(1);
-    t.bus_in(&frame(
-        0,
-        &Msg::StartHere {
-            attempt: 1,
-            former_incarnation: 0,
-            claim: false,
-        },
-    ));
+    t.told_start(1, 0);
     assert_eq!(t.bus(), vec![M::NeedClients(1, ME)]);
     assert_eq!(
         t.msgs(sb),
@@ -875,19 +868,13 @@ fn serving_announces_the_server_answers_waiting_clients_and_spawns_a_standby() {
     let c = t.hello(Role::Client);
     t.need(c, 3, 50, 0, Some(Volume::Origin));
     assert_eq!(t.out(c), vec![(3, addr_of(5, ME, &addr))]);
-    t.bus_in(&frame(
-        0,
-        &Msg::StartHere {
-            attempt: 10,
-            former_incarnation: 5,
-            claim: false,
-        },
-    ));
+    t.told_start(10, 5);
     assert_eq!(t.bus(), vec![M::ServerUp(5, ME, addr)]);
 }
 
-#[test]
-fn the_serving_servers_link_closing_reports_it_died() {
+/// A fresh agent whose started server (incarnation 6) served and then
+/// died; the death's `AgentState` is checked and consumed.
+fn served_then_died() -> T {
     let mut t = T::new();
     let sb = t.standby(300);
     t.serve(sb, 1, 6);
@@ -895,6 +882,12 @@ fn the_serving_servers_link_closing_reports_it_died() {
     t.actions();
     t.a.handle_disconnect(sb);
     assert_eq!(t.bus(), vec![agent_state(false, 0, 6)]);
+    t
+}
+
+#[test]
+fn the_serving_servers_link_closing_reports_it_died() {
+    let mut t = served_then_died();
     assert!(t
         .actions()
         .contains(&AgentAction::Log(AgentEvent::ServerDied { incarnation: 6 })));
@@ -913,14 +906,7 @@ fn a_start_that_fails_is_reported_and_a_standby_respawned() {
     let mut t = T::new();
     let sb = t.standby(400);
     t.at(1000);
-    t.bus_in(&frame(
-        0,
-        &Msg::StartHere {
-            attempt: 3,
-            former_incarnation: 0,
-            claim: false,
-        },
-    ));
+    t.told_start(3, 0);
     t.bus_in(&clients_msg(3, 2, ME, &[]));
     t.bus_in(&clients_msg(3, 3, ME, &[]));
     assert_eq!(t.msgs(sb).len(), 1);
@@ -967,14 +953,7 @@ fn membership_changes_are_pushed_to_the_serving_server() {
 fn membership_changes_during_a_start_reach_the_new_server() {
     let mut t = T::new();
     let sb = t.standby(510);
-    t.bus_in(&frame(
-        0,
-        &Msg::StartHere {
-            attempt: 1,
-            former_incarnation: 0,
-            claim: false,
-        },
-    ));
+    t.told_start(1, 0);
     t.bus_in(&clients_msg(1, 2, ME, &[(21, 2)]));
     t.bus_in(&clients_msg(1, 3, ME, &[(31, 3)]));
     assert_eq!(
@@ -1041,14 +1020,7 @@ fn fenced_left_cluster_stops_the_server_and_refuses_clients_until_a_member_again
     t.need(c, 8, 70, 0, Some(Volume::Origin));
     assert_eq!(t.out(c), vec![(8, M::Error(ErrorCode::Unsupported))]);
     // A start is refused while fenced.
-    t.bus_in(&frame(
-        0,
-        &Msg::StartHere {
-            attempt: 2,
-            former_incarnation: 4,
-            claim: false,
-        },
-    ));
+    t.told_start(2, 4);
     assert_eq!(t.bus(), vec![agent_state(false, 0, 0)]);
     assert!(t.out(sb2).is_empty());
     // A member again: clients are served, and the controller learns that
@@ -1148,14 +1120,7 @@ fn client_gone_goes_to_the_bus_and_from_the_bus_to_the_serving_server() {
 fn a_client_gone_during_a_start_reaches_the_new_server() {
     let mut t = T::new();
     let sb = t.standby(910);
-    t.bus_in(&frame(
-        0,
-        &Msg::StartHere {
-            attempt: 1,
-            former_incarnation: 1,
-            claim: false,
-        },
-    ));
+    t.told_start(1, 1);
     t.bus_in(&clients_msg(1, 2, ME, &[(21, 2), (22, 2)]));
     // Client 21 goes away while node 3 has not answered: it is not waited
     // for any more.
@@ -1489,14 +1454,7 @@ fn a_started_agent_lists_its_clients_only_after_they_had_the_time_to_reconnect()
     assert!(!t.a.status().standby_ready);
     // The end of the grace is the next thing the loop wakes for.
     assert_eq!(t.a.next_deadline_ms(), Some(1_000 + GRACE_MS));
-    t.bus_in(&frame(
-        0,
-        &Msg::StartHere {
-            attempt: 1,
-            former_incarnation: 0,
-            claim: false,
-        },
-    ));
+    t.told_start(1, 0);
     assert_eq!(t.bus(), vec![agent_state(false, 0, 0)]);
     // Another node's gather asks; the answer is held.
     t.bus_in(&frame(
@@ -1559,13 +1517,7 @@ fn a_started_agent_lists_its_clients_only_after_they_had_the_time_to_reconnect()
 /// otherwise (cluster_sim, a controller crash that lost the death report).
 #[test]
 fn an_echo_of_its_own_dead_servers_announcement_is_ignored() {
-    let mut t = T::new();
-    let sb = t.standby(300);
-    t.serve(sb, 1, 6);
-    t.bus();
-    t.actions();
-    t.a.handle_disconnect(sb);
-    assert_eq!(t.bus(), vec![agent_state(false, 0, 6)]);
+    let mut t = served_then_died();
     // The echo of its `ServerUp`, late.
     t.bus_in(&server_up(6, ME, &server_addr(300)));
     assert_eq!(
@@ -1583,19 +1535,15 @@ fn an_echo_of_its_own_dead_servers_announcement_is_ignored() {
 }
 
 fn clients_of_msg(node: u32, cs: &[(u64, u32)]) -> Vec<u8> {
-    let entries: Vec<ClientEntry> = cs
-        .iter()
-        .map(|&(client_id, node_id)| ClientEntry { client_id, node_id })
-        .collect();
-    let mut b = vec![0u8; proto::CLIENT_LIST_BYTES_MAX];
-    let l = proto::ClientList::from_entries(&entries, &mut b).unwrap();
-    frame(
-        0,
-        &Msg::ClientsOf {
-            node_id: node,
-            clients: l,
-        },
-    )
+    with_client_list(cs, |l| {
+        frame(
+            0,
+            &Msg::ClientsOf {
+                node_id: node,
+                clients: l,
+            },
+        )
+    })
 }
 
 /// Another node's complete list (`ClientsOf`, from its restarted agent): a
@@ -1644,14 +1592,7 @@ fn its_own_servers_deaths_within_the_window_are_reported() {
     // The next standby's start fails: a second death.
     t.at(1_000);
     let sb = t.standby_deaths(301, 1);
-    t.bus_in(&frame(
-        0,
-        &Msg::StartHere {
-            attempt: 2,
-            former_incarnation: 6,
-            claim: false,
-        },
-    ));
+    t.told_start(2, 6);
     t.bus_in(&clients_msg(2, 2, ME, &[]));
     t.bus_in(&clients_msg(2, 3, ME, &[]));
     assert_eq!(t.msgs(sb).len(), 1, "StartServer");
@@ -1721,24 +1662,10 @@ fn the_starters_own_clients_are_listed_as_of_the_end_of_the_gather() {
 fn a_stale_gather_is_replaced_or_ended_never_finished() {
     let (mut t, sb, _) = gathering();
     // The same attempt again: nothing new.
-    t.bus_in(&frame(
-        0,
-        &Msg::StartHere {
-            attempt: 9,
-            former_incarnation: 4,
-            claim: false,
-        },
-    ));
+    t.told_start(9, 4);
     assert!(t.bus().is_empty());
     // Another attempt: the old gather fails, a new one asks again.
-    t.bus_in(&frame(
-        0,
-        &Msg::StartHere {
-            attempt: 12,
-            former_incarnation: 4,
-            claim: false,
-        },
-    ));
+    t.told_start(12, 4);
     assert_eq!(t.bus(), vec![M::NeedClients(12, ME)]);
     let a = t.actions();
     assert!(a.contains(&AgentAction::Log(AgentEvent::StartFailed { attempt: 9 })));

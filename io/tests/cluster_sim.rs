@@ -1144,19 +1144,25 @@ impl Sim {
             c.agent_link = l;
             c.agent_up = true;
             c.agent_hello = true;
-            self.write(
-                l,
-                End::CliAgent(k),
-                &encode(
-                    0,
-                    &Msg::Hello {
-                        version_min: 1,
-                        version_max: 1,
-                        role: Role::Client,
-                    },
-                ),
-            );
+            self.cli_hello(k);
         }
+    }
+
+    /// Client `k` says `Hello` on its (new) agent link.
+    fn cli_hello(&mut self, k: usize) {
+        let l = self.clients[k].agent_link;
+        self.write(
+            l,
+            End::CliAgent(k),
+            &encode(
+                0,
+                &Msg::Hello {
+                    version_min: 1,
+                    version_max: 1,
+                    role: Role::Client,
+                },
+            ),
+        );
     }
 
     /// Node `n`'s bus is down: a server there runs on, unfenced (a
@@ -2156,18 +2162,7 @@ impl Sim {
             exposed: false,
         });
         self.log(|| format!("client {id} ({volume:?}) starts on node {node}"));
-        self.write(
-            l,
-            End::CliAgent(k),
-            &encode(
-                0,
-                &Msg::Hello {
-                    version_min: 1,
-                    version_max: 1,
-                    role: Role::Client,
-                },
-            ),
-        );
+        self.cli_hello(k);
     }
 
     fn client_kill(&mut self, k: usize) {

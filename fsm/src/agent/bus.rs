@@ -281,14 +281,18 @@ impl AgentFsm {
                 .expected
                 .retain(|e| !(e.client_id == client_id && e.node_id == node_id));
         }
-        let to = self
-            .local
-            .serving()
-            .map(|s| s.conn)
-            .or(self.local.starting().map(|s| s.0));
-        if let Some(conn) = to {
+        if let Some(conn) = self.local_link() {
             self.send(conn, 0, &Msg::ClientGone { client_id, node_id });
         }
+    }
+
+    /// The link of the server this agent serves or starts, if any: what a
+    /// client's fate is told to (its barrier may wait for that client).
+    fn local_link(&self) -> Option<AgentConnId> {
+        self.local
+            .serving()
+            .map(|s| s.conn)
+            .or(self.local.starting().map(|s| s.0))
     }
 
     pub(super) fn on_start_here(&mut self, attempt: u64, claim: bool) {
@@ -390,12 +394,7 @@ impl AgentFsm {
                 .expected
                 .retain(|e| e.node_id != node || listed(e.client_id));
         }
-        let to = self
-            .local
-            .serving()
-            .map(|s| s.conn)
-            .or(self.local.starting().map(|s| s.0));
-        if let Some(conn) = to {
+        if let Some(conn) = self.local_link() {
             self.send(
                 conn,
                 0,
