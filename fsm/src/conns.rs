@@ -267,18 +267,21 @@ macro_rules! frame_api {
             );
         }
 
-        /// The version a `Hello` offering `min..=max` gets, or `None` after
-        /// answering `BadVersion` (naming both ranges) and closing `conn`:
-        /// the one handshake rule of every FSM's connections.
-        pub(crate) fn negotiate_hello(
+        /// Answers a `Hello` offering `min..=max`, the one handshake rule of
+        /// every FSM's connections: `HelloOk` (with `server_id`) and true;
+        /// or, after `BadVersion` (naming both ranges), or `Unsupported`
+        /// with `refusal` (a role this side does not take), false with
+        /// `conn` closed.
+        pub(crate) fn answer_hello(
             &mut self,
             conn: $id,
             rid: u64,
-            min: u16,
-            max: u16,
-        ) -> Option<u16> {
-            let version = csnap_proto::negotiate(min, max);
-            if version.is_none() {
+            (min, max): (u16, u16),
+            refusal: Option<&'static str>,
+            server_id: u64,
+        ) -> bool {
+            let culprit = csnap_proto::Kind::Hello.code();
+            let Some(version) = csnap_proto::negotiate(min, max) else {
                 let mut t = csnap_proto::ErrorText::new();
                 let _ = core::fmt::Write::write_fmt(
                     &mut t,
@@ -287,11 +290,21 @@ macro_rules! frame_api {
                         csnap_proto::PROTOCOL_VERSION
                     ),
                 );
-                let culprit = csnap_proto::Kind::Hello.code();
                 self.send_error(conn, rid, csnap_proto::ErrorCode::BadVersion, culprit, t.as_str());
                 self.close(conn);
+                return false;
+            };
+            if let Some(why) = refusal {
+                self.send_error(conn, rid, csnap_proto::ErrorCode::Unsupported, culprit, why);
+                self.close(conn);
+                return false;
             }
-            version
+            self.send(
+                conn,
+                rid,
+                &csnap_proto::Msg::HelloOk { version, server_id },
+            );
+            true
         }
 
         /// Answers a message out of the handshake's order: anything but

@@ -3,6 +3,15 @@
 
 use super::*;
 
+/// Which list of its own clients an agent sends.
+#[derive(Debug, Clone, Copy)]
+enum OwnList {
+    /// The answer to gather `gather_id` of node `to` (`Clients`).
+    Answer { gather_id: u64, to: u32 },
+    /// The complete list after the relist grace (`ClientsOf`).
+    Complete,
+}
+
 impl AgentFsm {
     // -- the bus (membership and resource management) -------------------------
 
@@ -341,8 +350,21 @@ impl AgentFsm {
     /// Every volume client connected to this agent, complete, to the bus
     /// (`ClientsOf`); sent once, after the relist grace.
     pub(super) fn send_clients_of(&mut self) {
+        if self.send_own_clients(OwnList::Complete) {
+            self.clients_of_due = false;
+        }
+    }
+
+    /// The volume clients connected to this agent to the bus, as `what`
+    /// says; whether it was queued (a bus that does not take it is
+    /// dropped: the agent rejoins and says it again).
+    fn send_own_clients(&mut self, what: OwnList) -> bool {
+        if !self.bus_up {
+            return false;
+        }
         let me = self.cfg.node_id;
         let mut scratch = core::mem::take(&mut self.scratch);
+        let mut sent = false;
         if let Ok(mut b) = proto::ClientListBuilder::new(&mut scratch[..]) {
             for c in &self.conns {
                 if let AgentConnState::Client {
@@ -361,20 +383,25 @@ impl AgentFsm {
                 }
             }
             let clients = b.finish();
-            if self.bus.push_msg(
-                0,
-                0,
-                &Msg::ClientsOf {
+            let msg = match what {
+                OwnList::Answer { gather_id, to } => Msg::Clients {
+                    gather_id,
+                    from: me,
+                    to,
+                    clients,
+                },
+                OwnList::Complete => Msg::ClientsOf {
                     node_id: me,
                     clients,
                 },
-            ) {
-                self.clients_of_due = false;
-            } else {
+            };
+            sent = self.bus.push_msg(0, 0, &msg);
+            if !sent {
                 self.bus_overflow();
             }
         }
         self.scratch = scratch;
+        sent
     }
 
     /// Another node's complete client list: a gather under way stops
@@ -407,41 +434,7 @@ impl AgentFsm {
     }
 
     pub(super) fn send_clients(&mut self, gather_id: u64, to: u32) {
-        let me = self.cfg.node_id;
-        let mut scratch = core::mem::take(&mut self.scratch);
-        {
-            let Ok(mut b) = proto::ClientListBuilder::new(&mut scratch[..]) else {
-                self.scratch = scratch;
-                return;
-            };
-            for c in &self.conns {
-                if let AgentConnState::Client {
-                    client_id,
-                    volume: Some(_),
-                    ..
-                } = c.role
-                {
-                    // Every connection fits: AGENT_CONNS_MAX <= CLIENT_ENTRIES_MAX.
-                    assert!(b
-                        .push(ClientEntry {
-                            client_id,
-                            node_id: me,
-                        })
-                        .is_ok());
-                }
-            }
-            let clients = b.finish();
-            let msg = Msg::Clients {
-                gather_id,
-                from: me,
-                to,
-                clients,
-            };
-            if self.bus_up && !self.bus.push_msg(0, 0, &msg) {
-                self.bus_overflow();
-            }
-        }
-        self.scratch = scratch;
+        self.send_own_clients(OwnList::Answer { gather_id, to });
     }
 
     /// This node's own clients, as they are now, into the gather (it may

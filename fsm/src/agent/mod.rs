@@ -540,42 +540,26 @@ impl AgentFsm {
                     role,
                 },
             ) => {
-                let Some(version) = self.negotiate_hello(conn, rid, *version_min, *version_max)
-                else {
-                    return;
-                };
                 let next = match role {
-                    Role::Client | Role::Control => AgentConnState::Client {
+                    Role::Client | Role::Control => Ok(AgentConnState::Client {
                         client_id: 0,
                         volume: None,
                         pending: None,
-                    },
-                    Role::Server => AgentConnState::Server {
+                    }),
+                    Role::Server => Ok(AgentConnState::Server {
                         pid: 0,
                         addr: AddrBuf::EMPTY,
                         announced: false,
-                    },
+                    }),
                     Role::Agent => {
-                        self.send_error(
-                            conn,
-                            rid,
-                            ErrorCode::Unsupported,
-                            kind.code(),
-                            "agents talk to each other through the membership backend, not here",
-                        );
-                        self.close(conn);
-                        return;
+                        Err("agents talk to each other through the membership backend, not here")
                     }
                 };
-                self.conns[conn as usize].role = next;
-                self.send(
-                    conn,
-                    rid,
-                    &Msg::HelloOk {
-                        version,
-                        server_id: 0,
-                    },
-                );
+                if self.answer_hello(conn, rid, (*version_min, *version_max), next.err(), 0) {
+                    if let Ok(next) = next {
+                        self.conns[conn as usize].role = next;
+                    }
+                }
             }
             (AgentConnState::ExpectHello, _) => self.refuse_hello_order(conn, rid, kind, true),
             (_, Msg::Hello { .. }) => self.refuse_hello_order(conn, rid, kind, false),

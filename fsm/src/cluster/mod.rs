@@ -338,34 +338,18 @@ impl Controller {
                     role,
                 },
             ) => {
-                let Some(version) = self.negotiate_hello(conn, rid, *version_min, *version_max)
-                else {
-                    return;
-                };
                 let next = match role {
-                    Role::Agent => CtlConnState::Agent { node: None },
-                    Role::Control => CtlConnState::Tool,
+                    Role::Agent => Ok(CtlConnState::Agent { node: None }),
+                    Role::Control => Ok(CtlConnState::Tool),
                     Role::Client | Role::Server => {
-                        self.send_error(
-                            conn,
-                            rid,
-                            ErrorCode::Unsupported,
-                            kind.code(),
-                            "the cluster controller talks to agents and to `csnap cluster`",
-                        );
-                        self.close(conn);
-                        return;
+                        Err("the cluster controller talks to agents and to `csnap cluster`")
                     }
                 };
-                self.conns[conn as usize].role = next;
-                self.send(
-                    conn,
-                    rid,
-                    &Msg::HelloOk {
-                        version,
-                        server_id: 0,
-                    },
-                );
+                if self.answer_hello(conn, rid, (*version_min, *version_max), next.err(), 0) {
+                    if let Ok(next) = next {
+                        self.conns[conn as usize].role = next;
+                    }
+                }
             }
             (CtlConnState::ExpectHello, _) => self.refuse_hello_order(conn, rid, kind, true),
             (_, Msg::Hello { .. }) => self.refuse_hello_order(conn, rid, kind, false),

@@ -23,19 +23,12 @@ impl Server {
                     role,
                 },
             ) => {
-                if let Some(version) = self.negotiate_hello(conn, rid, *version_min, *version_max) {
+                let versions = (*version_min, *version_max);
+                if self.answer_hello(conn, rid, versions, None, self.cfg.server_id) {
                     self.sessions[conn as usize].state = match role {
                         Role::Client => SessionState::ExpectIdentify,
                         Role::Control | Role::Agent | Role::Server => SessionState::Control,
                     };
-                    self.send(
-                        conn,
-                        rid,
-                        &Msg::HelloOk {
-                            version,
-                            server_id: self.cfg.server_id,
-                        },
-                    );
                 }
             }
             (SessionState::ExpectHello, _) => self.refuse_hello_order(conn, rid, kind, true),
