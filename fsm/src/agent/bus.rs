@@ -3,6 +3,24 @@
 
 use super::*;
 
+/// The volume clients registered on this agent's socket (node `me`).
+fn own_clients(
+    conns: &ConnTable<AgentConnState>,
+    me: u32,
+) -> impl Iterator<Item = ClientEntry> + '_ {
+    conns.iter().filter_map(move |c| match c.role {
+        AgentConnState::Client {
+            client_id,
+            volume: Some(_),
+            ..
+        } => Some(ClientEntry {
+            client_id,
+            node_id: me,
+        }),
+        _ => None,
+    })
+}
+
 /// Which list of its own clients an agent sends.
 #[derive(Debug, Clone, Copy)]
 enum OwnList {
@@ -44,7 +62,7 @@ impl AgentFsm {
             addr: addr.as_str(),
         });
         self.report_state(0);
-        if self.clients_of_due {
+        if self.relist == Relist::ListDue {
             self.send_clients_of();
         }
         if let Some(s) = self.local.serving() {
@@ -161,16 +179,8 @@ impl AgentFsm {
             }
             Msg::StartHere { attempt, claim, .. } => self.on_start_here(*attempt, *claim),
             Msg::NeedClients { gather_id, starter } => {
-                if *starter == self.cfg.node_id {
-                } else if self.listed() {
-                    self.send_clients(*gather_id, *starter);
-                } else {
-                    // Answered once the clients had the time to reconnect
-                    // (one per starter: a newer gather replaces the older).
-                    self.owed.retain(|o| o.1 != *starter);
-                    if self.owed.len() < self.owed.capacity() {
-                        self.owed.push((*gather_id, *starter));
-                    }
+                if *starter != self.cfg.node_id {
+                    self.answer_need_clients(*gather_id, *starter);
                 }
             }
             Msg::Clients {
@@ -209,11 +219,12 @@ impl AgentFsm {
             } => {
                 let Some(a) = AddrBuf::new(addr) else { return };
                 self.highest_incarnation = self.highest_incarnation.max(*incarnation);
-                if *node_id != self.cfg.node_id && *incarnation > self.gather.floor {
-                    // A server newer than any known when the gather began
-                    // serves elsewhere: the controller placed it, so this
-                    // gather is stale; finishing it would start a second.
-                    if self.gathering().is_some() {
+                if let GatherPhase::Collecting { floor, .. } = self.gather.phase {
+                    if *node_id != self.cfg.node_id && *incarnation > floor {
+                        // A server newer than any known when the gather
+                        // began serves elsewhere: the controller placed it,
+                        // so this gather is stale; finishing it would start
+                        // a second.
                         self.abandon_gather();
                         self.report_state(0);
                     }
@@ -328,8 +339,11 @@ impl AgentFsm {
             return;
         }
         let me = self.cfg.node_id;
-        self.gather_to(GatherPhase::Collecting { attempt, claim });
-        self.gather.floor = self.highest_incarnation;
+        self.gather_to(GatherPhase::Collecting {
+            attempt,
+            claim,
+            floor: self.highest_incarnation,
+        });
         {
             let g = &mut self.gather;
             for &n in &self.members {
@@ -351,7 +365,7 @@ impl AgentFsm {
     /// (`ClientsOf`); sent once, after the relist grace.
     pub(super) fn send_clients_of(&mut self) {
         if self.send_own_clients(OwnList::Complete) {
-            self.clients_of_due = false;
+            self.relist = Relist::Done;
         }
     }
 
@@ -366,21 +380,9 @@ impl AgentFsm {
         let mut scratch = core::mem::take(&mut self.scratch);
         let mut sent = false;
         if let Ok(mut b) = proto::ClientListBuilder::new(&mut scratch[..]) {
-            for c in &self.conns {
-                if let AgentConnState::Client {
-                    client_id,
-                    volume: Some(_),
-                    ..
-                } = c.role
-                {
-                    // Every connection fits: AGENT_CONNS_MAX <= CLIENT_ENTRIES_MAX.
-                    assert!(b
-                        .push(ClientEntry {
-                            client_id,
-                            node_id: me,
-                        })
-                        .is_ok());
-                }
+            for e in own_clients(&self.conns, me) {
+                // Every connection fits: AGENT_CONNS_MAX <= CLIENT_ENTRIES_MAX.
+                assert!(b.push(e).is_ok());
             }
             let clients = b.finish();
             let msg = match what {
@@ -441,31 +443,35 @@ impl AgentFsm {
     /// have waited long for the others: a client that came meanwhile holds
     /// locks the new server must wait for).
     fn gather_own_clients(&mut self) {
-        let me = self.cfg.node_id;
         let g = &mut self.gather;
-        for c in &self.conns {
-            if let AgentConnState::Client {
-                client_id,
-                volume: Some(_),
-                ..
-            } = c.role
-            {
-                let e = ClientEntry {
-                    client_id,
-                    node_id: me,
-                };
-                if g.expected.contains(&e) {
-                } else if g.expected.len() < g.expected.capacity() {
-                    g.expected.push(e);
-                } else {
-                    g.overflow = true;
-                }
+        for e in own_clients(&self.conns, self.cfg.node_id) {
+            if g.expected.contains(&e) {
+                continue;
+            }
+            if g.expected.len() < g.expected.capacity() {
+                g.expected.push(e);
+            } else {
+                g.overflow = true;
             }
         }
     }
 
+    /// Another node's gather asks for this node's clients: answered now, or
+    /// once the clients had the time to reconnect to a (re)started agent
+    /// (one answer owed per starter: a newer gather replaces the older).
+    fn answer_need_clients(&mut self, gather_id: u64, starter: u32) {
+        if self.listed() {
+            self.send_clients(gather_id, starter);
+            return;
+        }
+        self.owed.retain(|o| o.1 != starter);
+        if self.owed.len() < self.owed.capacity() {
+            self.owed.push((gather_id, starter));
+        }
+    }
+
     pub(super) fn maybe_finish_gather(&mut self) {
-        let GatherPhase::Collecting { attempt, claim } = self.gather.phase else {
+        let GatherPhase::Collecting { attempt, claim, .. } = self.gather.phase else {
             return;
         };
         if !self.gather.waiting.is_empty() {
@@ -587,10 +593,7 @@ impl AgentFsm {
     }
 
     pub(super) fn report_state(&mut self, died: u64) {
-        let standby_ready = self.standby.ready().is_some()
-            && self.gathering().is_none()
-            && !self.fenced
-            && self.listed();
+        let standby_ready = self.standby_free() && !self.fenced;
         self.bus_send(&Msg::AgentState {
             node_id: self.cfg.node_id,
             standby_ready,

@@ -69,6 +69,9 @@ pub(super) enum GatherPhase {
         attempt: u64,
         /// The start claims the store first (`StartHere::claim`).
         claim: bool,
+        /// The highest incarnation known when the gather began: a server
+        /// above it serving elsewhere makes the gather stale.
+        floor: u64,
     },
 }
 
@@ -83,9 +86,6 @@ pub(super) struct Gather {
     pub(super) expected: Vec<ClientEntry>,
     /// More clients than `EXPECTED_MAX`: the start is refused.
     pub(super) overflow: bool,
-    /// The highest incarnation known when the gather began: a server above
-    /// it serving elsewhere makes the gather stale.
-    pub(super) floor: u64,
 }
 
 /// The local standby server's slot: what the agent waits for to have a

@@ -299,6 +299,24 @@ struct Serving {
     addr: AddrBuf,
 }
 
+/// A (re)started agent knows only the clients connected to it: how far its
+/// client list is from complete. It only moves forward:
+///
+/// | from | to | on |
+/// |---|---|---|
+/// | `Unstarted` | `Grace` | the first `set_now` (the grace runs from then) |
+/// | `Grace` | `ListDue` | the first tick past `until_ms`: owed gather answers sent, `AgentState` (a standby is startable now) |
+/// | `ListDue` | `Done` | `ClientsOf` (servers waiting for clients of this node that died unseen learn they are gone) queued on a bus that is up |
+///
+/// With no grace configured it starts `Done`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Relist {
+    Unstarted,
+    Grace { until_ms: u64 },
+    ListDue,
+    Done,
+}
+
 /// What the agent knows, for status lines and tests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AgentStatus {
@@ -355,18 +373,11 @@ pub struct AgentFsm {
     /// locks parked for good. Sending it twice is harmless.
     gone: Vec<u64>,
     gone_next: usize,
-    /// Until when this agent's client list may miss clients that have not
-    /// reconnected since it started (set at the first `set_now`).
-    relist_until_ms: Option<u64>,
+    /// How far the (re)started agent's client list is from complete.
+    relist: Relist,
     /// Gathers whose `NeedClients` came while the list was incomplete:
     /// (gather id, starter), answered once it is complete.
     owed: Vec<(u64, u32)>,
-    /// The state report sent once the list is complete (a standby became
-    /// startable).
-    relist_reported: bool,
-    /// The complete list (`ClientsOf`) is owed to the bus: since the end
-    /// of the grace, until sent on a bus that is up.
-    clients_of_due: bool,
     /// When its own servers died (crashed or failed to start), a ring;
     /// `u64::MAX`: unused.
     deaths_ms: [u64; csnap_pools::AGENT_DEATHS_KEPT],
@@ -400,7 +411,6 @@ impl AgentFsm {
                 waiting: Vec::with_capacity(NODES_MAX),
                 expected: Vec::with_capacity(EXPECTED_MAX),
                 overflow: false,
-                floor: 0,
             },
             local: LocalServer::Idle,
             cluster_server: None,
@@ -410,11 +420,13 @@ impl AgentFsm {
             scratch2: vec![0u8; proto::NODE_LIST_BYTES_MAX],
             gone: Vec::with_capacity(cfg.conns),
             gone_next: 0,
-            relist_until_ms: None,
+            // No grace: nothing to wait for, report or send.
+            relist: if cfg.relist_grace_ms == 0 {
+                Relist::Done
+            } else {
+                Relist::Unstarted
+            },
             owed: Vec::with_capacity(NODES_MAX),
-            // No grace: nothing to report when it ends.
-            relist_reported: cfg.relist_grace_ms == 0,
-            clients_of_due: false,
             deaths_ms: [u64::MAX; csnap_pools::AGENT_DEATHS_KEPT],
             deaths_next: 0,
         }
@@ -445,8 +457,10 @@ impl AgentFsm {
     /// Sets the time (monotonic milliseconds) for what follows.
     pub fn set_now(&mut self, now_ms: u64) {
         self.now_ms = now_ms;
-        if self.relist_until_ms.is_none() {
-            self.relist_until_ms = Some(now_ms + self.cfg.relist_grace_ms);
+        if self.relist == Relist::Unstarted {
+            self.relist = Relist::Grace {
+                until_ms: now_ms + self.cfg.relist_grace_ms,
+            };
         }
     }
 
@@ -471,12 +485,19 @@ impl AgentFsm {
         u16::try_from(n).unwrap_or(u16::MAX)
     }
 
+    /// A standby is ready and free to start: no gather holds it, and the
+    /// client list is complete.
+    fn standby_free(&self) -> bool {
+        self.standby.ready().is_some() && self.gathering().is_none() && self.listed()
+    }
+
     /// Whether every live client of this node has had the time to
     /// reconnect and say who it is since the agent started.
     fn listed(&self) -> bool {
-        match self.relist_until_ms {
-            Some(t) => self.now_ms >= t,
-            None => self.cfg.relist_grace_ms == 0,
+        match self.relist {
+            Relist::Unstarted => false,
+            Relist::Grace { until_ms } => self.now_ms >= until_ms,
+            Relist::ListDue | Relist::Done => true,
         }
     }
 
@@ -500,14 +521,12 @@ impl AgentFsm {
         AgentStatus {
             member: self.member,
             bus_up: self.bus_up,
-            standby_ready: self.standby.ready().is_some()
-                && self.gathering().is_none()
-                && self.listed(),
+            standby_ready: self.standby_free(),
             serving_incarnation: self.local.serving().map_or(0, |s| s.incarnation),
             cluster_server: self.cluster_server.map(|s| (s.incarnation, s.node_id)),
             waiting_clients: waiting,
             snapshot_clients: snaps,
-            relisting: !self.relist_reported || self.clients_of_due,
+            relisting: self.relist != Relist::Done,
         }
     }
 
@@ -941,15 +960,12 @@ impl AgentFsm {
                 self.send_clients(gather_id, starter);
             }
             self.owed.clear();
-            if !self.relist_reported {
-                self.relist_reported = true;
+            if let Relist::Grace { .. } = self.relist {
+                self.relist = Relist::ListDue;
                 // The controller heard "no standby" so far.
                 self.report_state(0);
-                // Servers waiting for clients of this node that died while
-                // no agent ran here learn they are gone.
-                self.clients_of_due = true;
             }
-            if self.clients_of_due && self.bus_up {
+            if self.relist == Relist::ListDue && self.bus_up {
                 self.send_clients_of();
             }
         }
@@ -965,8 +981,8 @@ impl AgentFsm {
             }
         };
         take(self.standby.next_ms());
-        if !self.relist_reported {
-            take(self.relist_until_ms);
+        if let Relist::Grace { until_ms } = self.relist {
+            take(Some(until_ms));
         }
         // A hold ends in an answer only with a server known (else a past
         // hold would make the loop spin until one is).

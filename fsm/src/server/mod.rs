@@ -670,27 +670,22 @@ impl Server {
     /// ran there to see it go; it is gone (`handle_client_gone`).
     pub fn handle_clients_of(&mut self, node: u32, live: proto::ClientList<'_>) {
         let listed = |id: u64| live.iter().any(|c| c.client_id == id && c.node_id == node);
-        // Each round settles one client; at most one per expected entry
-        // and parked slot.
-        for _ in 0..=self.expected.len() + self.parked.len() {
-            let waited = self
-                .expected
-                .iter()
-                .find(|e| e.node_id == node && !e.done && !listed(e.client_id))
-                .map(|e| e.client_id);
-            let parked = || {
-                self.parked
-                    .iter()
-                    .flatten()
-                    .find(|p| p.node_id == node && !listed(p.client_id))
-                    .map(|p| p.client_id)
-            };
-            let Some(id) = waited.or_else(parked) else {
-                return;
-            };
-            self.handle_client_gone(id, node);
+        // `handle_client_gone` marks expected entries done (the list is
+        // emptied when the barrier lifts) and empties parked slots, never
+        // reordering either table: one pass over each.
+        let mut i = 0;
+        while let Some(e) = self.expected.get(i).copied() {
+            if e.node_id == node && !e.done && !listed(e.client_id) {
+                self.handle_client_gone(e.client_id, node);
+            }
+            i += 1;
         }
-        unreachable!("handle_client_gone settles the client it is given");
+        for p in 0..self.parked.len() {
+            let gone = self.parked[p].filter(|x| x.node_id == node && !listed(x.client_id));
+            if let Some(x) = gone {
+                self.handle_client_gone(x.client_id, node);
+            }
+        }
     }
 
     /// A new incarnation starts: until every listed snapshot client of the
