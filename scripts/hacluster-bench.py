@@ -17,7 +17,7 @@ node (corosync included), and measures on the survivors, in CLOCK_MONOTONIC
                               to its own node's NBD server) completed a write
                               after the new server served
 then starts the killed node again (hacluster.sh restart) and waits for its
-standby. Then the same with corosync's and Pacemaker's defaults (token 1000 ms
+standby and for Pacemaker to settle (the DC idle, every node online, for 1 s). Then the same with corosync's and Pacemaker's defaults (token 1000 ms
 with token_coefficient 650, consensus 1.2 x token, dc-deadtime 20s, monitor
 10s) for --defaults-kills kills (default: as many), and prints both and their
 ratio. Needs root; csnap and csnap-relay in target/release.
@@ -114,6 +114,26 @@ def pct(v, p):
     return v[min(len(v) - 1, int(round(p / 100 * (len(v) - 1))))]
 
 
+def dc_idle(d, n):
+    """Whether, seen from node n, all 3 nodes are online and the DC is idle."""
+    x = lambda *a: subprocess.run([HA, "exec", d, str(n), *a], capture_output=True, text=True).stdout
+    dc = x("crmadmin", "-D", "-q").strip()
+    return (bool(dc) and x("crmadmin", "-S", dc, "-q").strip() == "S_IDLE"
+            and x("crm_mon", "-1", "--output-as=xml").count('online="true"') >= 3)
+
+
+def settled(d, n):
+    """The DC idle with every node online for 1 s: a node that rejoined is
+    integrated (join round, probes) before the next kill, as a node that
+    rejoined long ago would be; a kill during its join measures Pacemaker's
+    join handling instead."""
+    for _ in range(5):
+        if not dc_idle(d, n):
+            return False
+        time.sleep(0.2)
+    return True
+
+
 def run(d, kills, token, defaults):
     env = dict(os.environ, CSNAP=CSNAP)
     if defaults:
@@ -192,6 +212,7 @@ def run(d, kills, token, defaults):
             sh(HA, "restart", d, str(s), env=env)
             wait(f"node {s} standby", lambda: re.search(rf"^node {s}: member connected standby-ready",
                                                          status(d, surv[0])[3], re.M))
+            wait("Pacemaker settled", lambda: settled(d, surv[0]))
     finally:
         subprocess.run([HA, "down", d], capture_output=True)
     return res
@@ -218,12 +239,13 @@ def main():
     dk = a.kills if a.defaults_kills is None else a.defaults_kills
     dflt = run(os.path.join(a.dir, "defaults"), dk, 1000, True) if dk else None
     print(f"settings (tuned): corosync token {a.token} ms, token_coefficient 0, consensus {int(a.token * 1.2)} ms "
-          f"(1.2 x token), join 50 ms, knet; Pacemaker dc-deadtime 2s, monitor 1s, stonith-enabled, "
-          f"stonith-action off, fence_csnap_ns; relay fence poll 50 ms")
+          f"(1.2 x token), join 50 ms, knet (ping interval 100 ms, link timeout 1000 ms); Pacemaker "
+          f"dc-deadtime 2s, monitor 1s, stonith-enabled, stonith-action off, fence_csnap_ns; the relays "
+          f"ask the fencer at once (stonith_admin --fence --tolerance)")
     report("tuned", tuned)
     if dflt:
         print("settings (defaults): corosync token 1000 ms, token_coefficient 650 (3 nodes: 1650 ms), "
-              "consensus 1.2 x token; Pacemaker dc-deadtime 20s, monitor 10s")
+              "consensus 1.2 x token, knet as above; Pacemaker dc-deadtime 20s, monitor 10s")
         report("defaults", dflt)
         if tuned["all"] and dflt["all"]:
             print(f"ratio kill -> all served, p50 defaults / tuned: "

@@ -13,8 +13,8 @@
 # Each node also gets a mount namespace of its own (`unshare -m`, private
 # propagation) with bind mounts over /etc/corosync, /var/lib/corosync,
 # /var/lib/pacemaker (hacluster:haclient), /var/log/corosync,
-# /var/log/pacemaker (all under DIR/node-N/) and a tmpfs on /run (the host's
-# /run/netns bound back in, for the fence agent). libqb's IPC sockets are
+# /var/log/pacemaker (all under DIR/node-N/), a tmpfs on /run (the host's
+# /run/netns bound back in, for the fence agent) and one on /dev/shm. libqb's IPC sockets are
 # abstract, so per network namespace: the nodes' daemons do not meet.
 # corosync: knet on the nodes' addresses, token 300 ms; Pacemaker's first
 # CIB is written before it starts (dc-deadtime 2s, stonith-enabled true,
@@ -22,7 +22,8 @@
 # stonith resource per node), so the first DC is elected about 2 s after the
 # last node started instead of the default 20 s.
 # With --csnap, csnap runs on it: DIR/origin.img (64 MiB) and DIR/store.img
-# (256 MiB) are formatted if missing; each node gets its own loop devices
+# (256 MiB) are formatted if missing (on tmpfs, $CSNAP_HA_DISKS or /dev/shm,
+# linked from DIR; `down` deletes them); each node gets its own loop devices
 # over them (listed in DIR/node-N/loops), its membership relay (csnap-relay
 # --dir /run/csnap --node N: /run is the node's own), its agent (bus to the
 # relay's socket, servers on TCP at the node's address) and an NBD server
@@ -44,6 +45,8 @@ relay=${CSNAP_RELAY:-$here/target/release/csnap-relay}
 TOKEN_MS=${CSNAP_HA_TOKEN_MS:-300}
 TOKEN_COEFFICIENT=${CSNAP_HA_TOKEN_COEFFICIENT:-0}
 DC_DEADTIME=${CSNAP_HA_DC_DEADTIME:-2s}
+KNET_PING_INTERVAL_MS=${CSNAP_HA_KNET_PING_INTERVAL_MS:-100}
+KNET_PING_TIMEOUT_MS=${CSNAP_HA_KNET_PING_TIMEOUT_MS:-1000}
 
 usage() {
     echo "usage: $0 up DIR [NODES] [--csnap] | down DIR | exec DIR N CMD..." >&2
@@ -67,6 +70,12 @@ node_start() {
     mount --bind "$nd/var-lib-pacemaker" /var/lib/pacemaker
     mount --bind "$nd/log-corosync" /var/log/corosync
     mount --bind "$nd/log-pacemaker" /var/log/pacemaker
+    # The node's own /dev/shm, as a host has: libqb keeps corosync's and
+    # Pacemaker's IPC rings and blackbox (8 MB each) there, and a SIGKILLed
+    # daemon never removes them. On the host's /dev/shm every node kill
+    # leaked them (22 GB of RAM after a day of benchmarks); here they go
+    # with the mount namespace when the node's last process dies.
+    mount -t tmpfs -o mode=1777 tmpfs /dev/shm
     mkdir -p /run/csnap /run/crm /run/pacemaker /run/corosync
     chown hacluster:haclient /run/crm /run/pacemaker
     corosync
@@ -88,6 +97,11 @@ totem {
     join: 50
     crypto_cipher: none
     crypto_hash: none
+    interface {
+        linknumber: 0
+        knet_ping_interval: $KNET_PING_INTERVAL_MS
+        knet_ping_timeout: $KNET_PING_TIMEOUT_MS
+    }
 }
 nodelist {
 CONF
@@ -232,8 +246,27 @@ up() {
 csnap_up() { # DIR NODES X
     local dir=$1 nodes=$2 x=$3 n i
     if [[ ! -e "$dir/store.img" ]]; then
-        truncate -s 64M "$dir/origin.img"
-        "$csnap" format --origin "$dir/origin.img" --store "$dir/store.img" --store-size 256M >/dev/null
+        # The shared disks live on tmpfs (CSNAP_HA_DISKS, default /dev/shm),
+        # not beside the logs: behind a SAN's LUNs there is no host file
+        # system. Over a file on the host's ext4 the loop devices' writes
+        # and flushes become that file system's dirty pages and journal
+        # commits, and every daemon's log write waits behind them: corosync
+        # then misses a 300 ms token for no network reason (both nodes at
+        # the same millisecond), and membership flaps.
+        local disks="${CSNAP_HA_DISKS:-/dev/shm}/csnap-ha-$(basename "$dir")-$$"
+        mkdir -p "$disks"
+        echo "DISKS=$disks" >>"$dir/hacluster.env"
+        # (tmpfs has no O_DIRECT, which csnap insists on: formatted through
+        # loop devices, as the nodes use it.)
+        truncate -s 64M "$disks/origin.img"
+        truncate -s 256M "$disks/store.img"
+        local fo fs
+        fo=$(losetup -f --show "$disks/origin.img")
+        fs=$(losetup -f --show "$disks/store.img")
+        "$csnap" format --origin "$fo" --store "$fs" >/dev/null
+        losetup -d "$fo" "$fs"
+        ln -sfn "$disks/origin.img" "$dir/origin.img"
+        ln -sfn "$disks/store.img" "$dir/store.img"
     fi
     for ((n = 1; n <= nodes; n++)); do
         csnap_node_up "$dir" "$n" "$x"
@@ -327,7 +360,7 @@ restart() {
 down() {
     local dir=$1 env="$1/hacluster.env"
     [[ -e "$env" ]] || { echo "$dir: no cluster" >&2; exit 1; }
-    local ID X NODES n i
+    local ID X NODES DISKS="" n i
     # shellcheck disable=SC1090
     source "$env"
     for ((i = 0; i < 50; i++)); do
@@ -352,6 +385,10 @@ down() {
         ip netns del "csn$ID-$n" 2>/dev/null || true
     done
     ip link del "csb$ID" 2>/dev/null || true
+    if [[ -n "${DISKS:-}" ]]; then
+        rm -rf "$DISKS"
+        rm -f "$dir/origin.img" "$dir/store.img"
+    fi
     rm -f "$env"
     echo "down: $dir"
 }
@@ -360,7 +397,12 @@ case "${1:-}" in
 up) [[ $# -ge 2 ]] || usage; up "$2" "${3:-3}" "${4:-}" ;;
 down) [[ $# -eq 2 ]] || usage; down "$2" ;;
 restart) [[ $# -eq 3 ]] || usage; restart "$2" "$3" ;;
-exec) [[ $# -ge 4 ]] || usage; d=$2 n=$3; shift 3; node_exec "$d" "$n" "$@" ;;
+exec) # exec: the caller's child is the command itself (its kill reaches it)
+    [[ $# -ge 4 ]] || usage
+    d=$2 n=$3
+    shift 3
+    exec nsenter -t "$(cat "$d/node-$n/pacemakerd.pid")" -m -n "$@"
+    ;;
 node-start) node_start "$2" ;;
 *) usage ;;
 esac

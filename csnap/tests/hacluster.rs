@@ -13,7 +13,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::cluster::{assert_same, seed, text, Rng};
+use common::cluster::{
+    assert_same, assert_waits, held, seed, send_chunk_write, text, Outcome, Rng, CHUNK,
+};
 use common::hacluster::{available, HaCluster, Target};
 
 const VOLUME_BYTES: usize = 64 * 1024 * 1024;
@@ -213,10 +215,27 @@ fn whole_node_loss_is_fenced_and_the_server_moves_without_an_io_error() {
     let a = others[0];
     let fenced_before = c.fenced_count(a, s);
     let log_from: Vec<(u32, usize)> = others.iter().map(|&n| (n, c.relay_log(n).len())).collect();
+    // A snapshot reader on the serving node holds the read lock of an
+    // origin chunk of snapshot 1 (in node s's region, which no survivor's
+    // writer touches); an origin write of node a to that chunk waits for it.
+    let mut rng = Rng::new(seed("node-loss-lock"));
+    let mut reader = c.io(s, "1", 9001);
+    let held_chunk = (u64::try_from(region(s).0).expect("offset") / CHUNK..)
+        .take(32)
+        .find(|&k| held(&reader.call(&format!("hold {} 1", k * CHUNK))) >= 1)
+        .expect("an origin chunk of snapshot 1 in node s's region");
+    let mut waiter = c.io(a, "origin", 9002);
+    let waited = send_chunk_write(&mut waiter, &mut rng, held_chunk);
+    assert_waits(
+        &mut waiter,
+        "while node s's snapshot reader holds its read lock",
+    );
     let writers = Writers::start(&c, &others, &shadows, "node-loss-writers");
     std::thread::sleep(Duration::from_secs(1));
     let t = Instant::now();
+    let (t_instant, t_micros) = (Instant::now(), csnap_sys::monotonic_micros());
     c.kill_node(s);
+    drop(reader);
     let st = c.wait(a, "the server serves on a survivor", MINUTE, |x| {
         x.incarnation > inc && x.node != s && x.node != 0
     });
@@ -249,7 +268,41 @@ fn whole_node_loss_is_fenced_and_the_server_moves_without_an_io_error() {
         "node {n} started the new server before node {s} was fenced:\n{}",
         &log[from..]
     );
+    // The write that waited on the dead node's read lock goes, and only
+    // once node s is fenced (its reader's lock released then, never
+    // before): its reply came after the fencing line's time.
+    let (at, _, _) = waiter.finish();
+    let replied_us =
+        t_micros + u64::try_from(at.duration_since(t_instant).as_micros()).expect("micros");
+    let fenced_us = stamp(&log[log[..fenced].rfind('\n').map_or(0, |i| i + 1)..]);
+    assert!(
+        replied_us > fenced_us,
+        "the write waiting on node {s}'s read lock went at t={replied_us} before node {s} was fenced at t={fenced_us}"
+    );
+    eprintln!(
+        "the write held off by node {s}'s read lock went {} ms after the fence",
+        (replied_us - fenced_us) / 1000
+    );
+    shadow_origin_chunk(&shadows, held_chunk, &waited);
+    waiter.quit();
+    // Snapshot 1 still reads the held chunk as it was (the copy-out went
+    // before the write), and every volume equals its shadow.
     verify(&c, &others, &shadows, "after the node loss");
+}
+
+/// The origin's shadow follows a whole-chunk write at chunk `chunk`.
+fn shadow_origin_chunk(shadows: &Shadows, chunk: u64, data: &[u8]) {
+    let at = usize::try_from(chunk * CHUNK).expect("offset");
+    let mut sh = shadows.lock().expect("shadows");
+    sh[0].1[at..at + data.len()].copy_from_slice(data);
+}
+
+/// The `[t=MICROS]` stamp at the start of a relay log line.
+fn stamp(line: &str) -> u64 {
+    line.strip_prefix("[t=")
+        .and_then(|r| r.split(']').next())
+        .and_then(|t| t.parse().ok())
+        .unwrap_or_else(|| panic!("no [t=] stamp: {line:?}"))
 }
 
 /// Partition of the serving node: its veth on the bridge goes down while
@@ -271,20 +324,16 @@ fn a_partitioned_serving_node_stops_serving_is_fenced_and_rejoins_as_a_standby()
     let others: Vec<u32> = (1..=3).filter(|&n| n != s).collect();
     let a = others[0];
     // Delay the fencing of node s so that its own reaction can be seen.
-    let o = c
-        .cmd(a, "crm_resource")
-        .args([
-            "--resource",
-            &format!("fence-n{s}"),
-            "--set-parameter",
-            "pcmk_delay_base",
-            "--parameter-value",
-            "4s",
-        ])
-        .output()
-        .expect("crm_resource");
-    assert!(o.status.success(), "crm_resource: {}", text(&o));
+    c.delay_fencing(a, s, "4s");
     let s_from = c.relay_log(s).len();
+    // A client on node s itself, connected to the server there (its own
+    // node's: the partition does not cut it off from it).
+    let mut rng = Rng::new(seed("partition-minority"));
+    let mut minority = c.io(s, "origin", 9003);
+    let first_chunk = u64::try_from(region(s).0).expect("offset") / CHUNK + 1;
+    let first = send_chunk_write(&mut minority, &mut rng, first_chunk);
+    minority.finish();
+    shadow_origin_chunk(&shadows, first_chunk, &first);
     let writers = Writers::start(&c, &others, &shadows, "partition-writers");
     std::thread::sleep(Duration::from_secs(1));
     c.set_link(s, false);
@@ -307,6 +356,12 @@ fn a_partitioned_serving_node_stops_serving_is_fenced_and_rejoins_as_a_standby()
         "majority: {a_st:?}"
     );
     eprintln!("minority node {s} stopped serving; its view: {}", st_s.text);
+    // A write on the minority now needs a grant for a chunk its client has
+    // not written: no server of the cut-off side may give one (a stale
+    // grant, while the majority is about to serve). It is never answered
+    // `ok` (an error is allowed: the node is being fenced); the volume
+    // check at the end shows nothing of it reached the disk.
+    send_chunk_write(&mut minority, &mut rng, first_chunk + 1);
     // The majority: node s fenced, the server on one of the others.
     let st = c.wait(a, "the majority serves", MINUTE, |x| {
         x.incarnation > inc && x.node != s && x.node != 0
@@ -316,6 +371,16 @@ fn a_partitioned_serving_node_stops_serving_is_fenced_and_rejoins_as_a_standby()
         "node {s} was not fenced: {:?}",
         c.pids(s)
     );
+    loop {
+        match minority.reply_or_exit(Duration::from_secs(10)) {
+            Outcome::Reply(_, line) => assert!(
+                !line.starts_with("ok"),
+                "a write on the cut-off node {s} was granted: {line:?}"
+            ),
+            Outcome::Exited => break,
+            Outcome::Pending => panic!("node {s}'s client outlived its node's fencing"),
+        }
+    }
     // Heal. A client whose connection went to the cut-off server sees no
     // FIN or RST while the link is down: it waits until its next TCP
     // retransmission meets the (now empty) namespace's reset, then fails
@@ -333,6 +398,63 @@ fn a_partitioned_serving_node_stops_serving_is_fenced_and_rejoins_as_a_standby()
         "the server moved when node {s} rejoined"
     );
     verify(&c, &[1, 2, 3], &shadows, "after the partition healed");
+}
+
+/// The locks of a dead node's clients go when it is fenced, never before.
+/// A snapshot reader on a node that does not serve holds the read lock of
+/// an origin chunk; an origin write of the third node to that chunk waits.
+/// The reader's node is killed whole (corosync included) with its fencing
+/// delayed 3 s: the server (still serving on its own node) keeps the lock
+/// through the membership change and lets the write go only after the
+/// fence, so no sooner than 3 s after the kill; the snapshot still reads
+/// the chunk as it was.
+#[test]
+fn a_dead_nodes_read_lock_holds_a_write_until_the_node_is_fenced() {
+    if !enabled() {
+        return;
+    }
+    let _g = common::testbed::serial();
+    let (c, shadows, s, inc) = setup("lock-release");
+    let others: Vec<u32> = (1..=3).filter(|&n| n != s).collect();
+    let (d, w) = (others[0], others[1]);
+    let fence_delay = Duration::from_secs(3);
+    c.delay_fencing(w, d, "3s");
+    let fenced_before = c.fenced_count(w, d);
+    let mut rng = Rng::new(seed("lock-release-io"));
+    let mut reader = c.io(d, "1", 9011);
+    let held_chunk = (u64::try_from(region(d).0).expect("offset") / CHUNK..)
+        .take(32)
+        .find(|&k| held(&reader.call(&format!("hold {} 1", k * CHUNK))) >= 1)
+        .expect("an origin chunk of snapshot 1 in node d's region");
+    let mut waiter = c.io(w, "origin", 9012);
+    let waited = send_chunk_write(&mut waiter, &mut rng, held_chunk);
+    assert_waits(
+        &mut waiter,
+        "while node d's snapshot reader holds its read lock",
+    );
+    let t = Instant::now();
+    c.kill_node(d);
+    drop(reader);
+    let (at, _, _) = waiter.finish();
+    let went = at.duration_since(t);
+    assert!(
+        went >= fence_delay,
+        "the write held off by node {d}'s read lock went {went:?} after the kill, before the node's fencing (delayed {fence_delay:?}) could have happened"
+    );
+    assert!(
+        c.fenced_count(w, d) > fenced_before,
+        "node {d} was not fenced"
+    );
+    let st = c.status(w).expect("status");
+    assert_eq!(
+        (st.node, st.incarnation),
+        (s, inc),
+        "the server stays where it was"
+    );
+    eprintln!("the write held off by dead node {d}'s read lock went {went:?} after the kill");
+    shadow_origin_chunk(&shadows, held_chunk, &waited);
+    waiter.quit();
+    verify(&c, &[s, w], &shadows, "after the lock holder's node died");
 }
 
 /// A crash on a node that does not serve: first its agent is SIGKILLed

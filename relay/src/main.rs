@@ -7,8 +7,14 @@
 //! group `csnap`:
 //!
 //! - CPG configuration changes drive the agent's `Members`. A node that
-//!   left stays in them until Pacemaker's fencer reports it fenced
-//!   (`stonith_admin --history`): its clients' locks are released only then.
+//!   left stays in them until the fencer says it is fenced: its clients'
+//!   locks are released only then. Each relay of the quorate side asks the
+//!   fencer itself (`stonith_admin --fence nN --tolerance T`, T shorter
+//!   than the time since the node last joined): Pacemaker's own fencing of
+//!   the lost node is merged with it, or counted by the tolerance, and the
+//!   answer is the fencer's word that the node is off *after* it left.
+//!   (Reading `--history` instead is wrong: it shows only the latest
+//!   success, so a second fencing of the same node is never seen.)
 //! - `NeedClients`, `Clients`, `ServerUp`, `ClientGone` and the agents'
 //!   `AgentState` are CPG messages (the proto frame as it is): every relay
 //!   delivers them in the same order and forwards what its agent needs.
@@ -33,8 +39,8 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::process::{Command, ExitCode};
 use std::sync::mpsc::{channel, Receiver, Sender};
-use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Duration;
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use csnap_proto::{
     self as proto, ClusterOp, ErrorCode, FenceReason, Header, Msg, Node, NodeStatus, Role,
@@ -43,22 +49,64 @@ use rust_corosync::{cpg, quorum, NodeId};
 
 /// The CPG group every relay joins.
 const GROUP: &str = "csnap";
-/// How often quorum is polled and the fence watcher looks.
+/// How often quorum is polled and queued work retried.
 const TICK_MS: u64 = 20;
-/// How often the fence watcher asks the fencer for a left node.
-const FENCE_POLL_MS: u64 = 50;
+/// How long a failed fence request waits before it is made again.
+const FENCE_RETRY_MS: u64 = 1000;
+/// How long after a node left the relay asks the fencer: at once. (Waiting
+/// for Pacemaker's own request gains nothing: its controller sleeps a
+/// second in the scheduler call while its node-state updates of the loss
+/// are pending, before it asks; and the relay's request, even merged with
+/// Pacemaker's, is an "external" fencing to the controller either way.)
+/// Fencing at once releases the dead node's clients' locks about 50 ms
+/// after the membership change, which is all a loss of a node that did
+/// not serve costs.
+const FENCE_ASK_DELAY_MS: u64 = 0;
+/// How long the fencer may take for one request, in seconds.
+const FENCE_TIMEOUT_S: u64 = 30;
+/// The most a fence request accepts as already done, in seconds (and one
+/// less than the time since the node last joined, so that a fencing from
+/// before that join never counts).
+const FENCE_TOLERANCE_MAX_S: u64 = 60;
 /// How long a start waits for the node's standby (ticks of `TICK_MS`: 15 s).
 const STANDBY_WAIT_TICKS: u64 = 15_000 / TICK_MS;
 
 enum Ev {
-    Deliver { from: u32, data: Vec<u8> },
-    Confchg { members: Vec<u32> },
+    Deliver {
+        from: u32,
+        data: Vec<u8>,
+    },
+    Confchg {
+        members: Vec<u32>,
+    },
     Accept(UnixStream),
-    Frame { conn: u64, data: Vec<u8> },
-    Closed { conn: u64 },
+    Frame {
+        conn: u64,
+        data: Vec<u8>,
+    },
+    Closed {
+        conn: u64,
+    },
     Tick,
-    Fenced(u32),
+    /// The fencer's answer to request `gen` for node `node`.
+    Fenced {
+        node: u32,
+        gen: u64,
+        ok: bool,
+        why: String,
+    },
     CpgDown(String),
+}
+
+/// A node that left the CPG group and is not known fenced yet.
+#[derive(Clone, Copy, Debug)]
+struct Unfenced {
+    /// Which leave this is (a request answered for an older one is stale).
+    gen: u64,
+    /// A request is with the fencer.
+    asked: bool,
+    /// Not asked again before this (after a failed request).
+    retry_at: Instant,
 }
 
 static TX: OnceLock<Mutex<Sender<Ev>>> = OnceLock::new();
@@ -183,10 +231,11 @@ struct Relay {
     cpg_members: BTreeSet<u32>,
     /// Nodes that left the CPG group and are not fenced yet (kept in the
     /// agent's `Members`).
-    unfenced: Arc<Mutex<BTreeMap<u32, Option<usize>>>>,
-    /// Fence-history baselines of members (successful fencings counted
-    /// while the node was a member).
-    baselines: Arc<Mutex<BTreeMap<u32, Option<usize>>>>,
+    unfenced: BTreeMap<u32, Unfenced>,
+    /// When each member last joined, as this relay saw it.
+    joined_at: BTreeMap<u32, Instant>,
+    /// Leaves counted, for `Unfenced::gen`.
+    leaves: u64,
     states: BTreeMap<u32, NodeState>,
     server: Option<Server>,
     highest: u64,
@@ -296,9 +345,7 @@ impl Relay {
 
     fn agent_members(&self) -> Vec<u32> {
         let mut m: BTreeSet<u32> = self.cpg_members.clone();
-        if let Ok(u) = self.unfenced.lock() {
-            m.extend(u.keys());
-        }
+        m.extend(self.unfenced.keys());
         m.into_iter().collect()
     }
 
@@ -460,7 +507,7 @@ impl Relay {
                     self.error(conn, rid, code, "a start is under way");
                     return;
                 }
-                if let Some(n) = self.former_unfenced(true) {
+                if let Some(n) = self.former_unfenced() {
                     // Pacemaker fences a lost node before it starts the
                     // server elsewhere; the relay checks it again, so a
                     // start never runs while the node of the former server
@@ -513,24 +560,44 @@ impl Relay {
         }
     }
 
-    /// The node the former server ran on, if it left the group and is not
-    /// fenced yet. With `ask_fencer` it asks the fencer at once rather than
-    /// wait for the watcher's next poll, so a start Pacemaker orders after
-    /// the fencing goes on without a poll's delay; without, it goes by what
-    /// the watcher has seen.
-    fn former_unfenced(&mut self, ask_fencer: bool) -> Option<u32> {
-        let n = self.last_server_node.filter(|&n| n != self.me)?;
-        let base = *self.unfenced.lock().ok()?.get(&n)?;
-        if !ask_fencer {
-            return Some(n);
+    /// The node the former server ran on, if it left the group and the
+    /// fencer has not said it is fenced yet.
+    fn former_unfenced(&self) -> Option<u32> {
+        self.last_server_node
+            .filter(|&n| n != self.me && self.unfenced.contains_key(&n))
+    }
+
+    /// Asks the fencer to fence every node that left and is not asked for
+    /// yet, if this side has quorum (the minority never fences the
+    /// majority). Each request runs in a thread of its own and ends in
+    /// `Ev::Fenced`.
+    fn request_fences(&mut self) {
+        if !quorum::getquorate(&self.quorum).unwrap_or(false) {
+            return;
         }
-        let count = fence_count(&format!("{}{n}", self.fence_prefix));
-        match (base, count) {
-            (Some(b), Some(c)) if c > b => {
-                self.on_fenced(n);
-                None
+        let now = Instant::now();
+        for (&n, u) in &mut self.unfenced {
+            if u.asked || now < u.retry_at {
+                continue;
             }
-            _ => Some(n),
+            u.asked = true;
+            let tolerance = fence_tolerance_s(
+                self.joined_at
+                    .get(&n)
+                    .map_or(Duration::ZERO, |t| now.duration_since(*t)),
+            );
+            let name = format!("{}{n}", self.fence_prefix);
+            let gen = u.gen;
+            say!("asking the fencer to fence node {n} ({name}, tolerance {tolerance} s)");
+            std::thread::spawn(move || {
+                let (ok, why) = fence(&name, tolerance);
+                post(Ev::Fenced {
+                    node: n,
+                    gen,
+                    ok,
+                    why,
+                });
+            });
         }
     }
 
@@ -717,15 +784,15 @@ impl Relay {
             if n == self.me {
                 continue;
             }
-            let base = self
-                .baselines
-                .lock()
-                .ok()
-                .and_then(|mut b| b.remove(&n))
-                .flatten();
-            if let Ok(mut u) = self.unfenced.lock() {
-                u.insert(n, base);
-            }
+            self.leaves += 1;
+            self.unfenced.insert(
+                n,
+                Unfenced {
+                    gen: self.leaves,
+                    asked: false,
+                    retry_at: Instant::now() + Duration::from_millis(FENCE_ASK_DELAY_MS),
+                },
+            );
             self.states.remove(&n);
             if let Some(s) = self.server.clone() {
                 if s.node == n {
@@ -742,13 +809,10 @@ impl Relay {
             }
         }
         for &n in &joined {
-            if let Ok(mut u) = self.unfenced.lock() {
-                u.remove(&n);
-            }
-            if let Ok(mut b) = self.baselines.lock() {
-                b.insert(n, None);
-            }
+            self.unfenced.remove(&n);
+            self.joined_at.insert(n, Instant::now());
         }
+        self.request_fences();
         self.send_members();
         if !joined.is_empty() {
             // Tell the joiners our state and, if we serve, the server.
@@ -773,11 +837,17 @@ impl Relay {
         }
     }
 
-    fn on_fenced(&mut self, n: u32) {
-        let was = self.unfenced.lock().ok().and_then(|mut u| u.remove(&n));
-        if was.is_none() {
+    fn on_fenced(&mut self, n: u32, gen: u64, ok: bool, why: &str) {
+        let Some(u) = self.unfenced.get_mut(&n).filter(|u| u.gen == gen) else {
+            return;
+        };
+        if !ok {
+            say!("fencing node {n} failed ({why}); asking again in {FENCE_RETRY_MS} ms");
+            u.asked = false;
+            u.retry_at = Instant::now() + Duration::from_millis(FENCE_RETRY_MS);
             return;
         }
+        self.unfenced.remove(&n);
         say!("node {n} is fenced: it leaves the agent's members (its clients' locks go)");
         if self.last_server_node == Some(n) {
             // The latest server ran there: fenced, it cannot write any
@@ -789,9 +859,12 @@ impl Relay {
 
     fn on_tick(&mut self) {
         self.flush_mcast();
+        if self.unfenced.values().any(|u| !u.asked) {
+            self.request_fences();
+        }
         if let Some((c, r, left)) = self.waiting_standby {
             let ready = self.quorate
-                && self.former_unfenced(false).is_none()
+                && self.former_unfenced().is_none()
                 && self.agent.is_some()
                 && self.states.get(&self.me).is_some_and(|s| s.standby_ready);
             if ready && self.conns.contains_key(&c) {
@@ -841,68 +914,39 @@ fn usage() -> ExitCode {
     ExitCode::from(2)
 }
 
-/// Counts the successful fencings of `name` in the fencer's history.
-fn fence_count(name: &str) -> Option<usize> {
-    let out = Command::new("stonith_admin")
-        .args(["--history", name])
-        .output()
-        .ok()?;
-    if !out.status.success() {
-        return None;
-    }
-    let text = String::from_utf8_lossy(&out.stdout);
-    let needle = format!(" of {name} successful");
-    Some(text.lines().filter(|l| l.contains(&needle)).count())
+/// How old a successful fencing of a node may be, in whole seconds, for a
+/// fence request to count it: a second less than the time since the node
+/// last joined (so a fencing from before that join, of the node's former
+/// life, never counts, even with the fencer's clock a little apart), at
+/// most `FENCE_TOLERANCE_MAX_S`.
+fn fence_tolerance_s(since_join: Duration) -> u64 {
+    since_join
+        .as_secs()
+        .saturating_sub(1)
+        .min(FENCE_TOLERANCE_MAX_S)
 }
 
-/// Watches the fencer for the nodes that left: a node is fenced once a
-/// successful fencing of it is in the history beyond the count taken while
-/// it was a member (or when it left, if none was taken).
-fn fence_watcher(
-    prefix: String,
-    unfenced: Arc<Mutex<BTreeMap<u32, Option<usize>>>>,
-    baselines: Arc<Mutex<BTreeMap<u32, Option<usize>>>>,
-) {
-    loop {
-        std::thread::sleep(Duration::from_millis(FENCE_POLL_MS));
-        let todo: Vec<(u32, Option<usize>)> = unfenced
-            .lock()
-            .map(|u| u.iter().map(|(k, v)| (*k, *v)).collect())
-            .unwrap_or_default();
-        for (n, base) in todo {
-            let Some(c) = fence_count(&format!("{prefix}{n}")) else {
-                continue;
-            };
-            match base {
-                Some(b) if c > b => post(Ev::Fenced(n)),
-                Some(_) => {}
-                None => {
-                    if let Ok(mut u) = unfenced.lock() {
-                        if let Some(v) = u.get_mut(&n) {
-                            *v = Some(c);
-                        }
-                    }
-                }
-            }
-        }
-        let members: Vec<u32> = baselines
-            .lock()
-            .map(|b| {
-                b.iter()
-                    .filter(|(_, v)| v.is_none())
-                    .map(|(k, _)| *k)
-                    .collect()
-            })
-            .unwrap_or_default();
-        for n in members {
-            if let Some(c) = fence_count(&format!("{prefix}{n}")) {
-                if let Ok(mut b) = baselines.lock() {
-                    if let Some(v) = b.get_mut(&n) {
-                        *v = Some(c);
-                    }
-                }
-            }
-        }
+/// Asks the fencer to fence `name` (`off`), counting a fencing of it that
+/// succeeded less than `tolerance_s` seconds ago; whether it is fenced,
+/// and why not.
+fn fence(name: &str, tolerance_s: u64) -> (bool, String) {
+    let out = Command::new("stonith_admin")
+        .args(["--fence", name, "--timeout"])
+        .arg(FENCE_TIMEOUT_S.to_string())
+        .arg("--tolerance")
+        .arg(tolerance_s.to_string())
+        .output();
+    match out {
+        Ok(o) if o.status.success() => (true, String::new()),
+        Ok(o) => (
+            false,
+            format!(
+                "stonith_admin: {}: {}",
+                o.status,
+                String::from_utf8_lossy(&o.stderr).trim()
+            ),
+        ),
+        Err(e) => (false, format!("stonith_admin: {e}")),
     }
 }
 
@@ -1004,12 +1048,6 @@ fn run(dir: &std::path::Path, me: u32, prefix: String) -> Result<(), String> {
         std::thread::sleep(Duration::from_millis(TICK_MS));
         post(Ev::Tick);
     });
-    let unfenced = Arc::new(Mutex::new(BTreeMap::new()));
-    let baselines = Arc::new(Mutex::new(BTreeMap::new()));
-    {
-        let (u, b, p) = (unfenced.clone(), baselines.clone(), prefix.clone());
-        std::thread::spawn(move || fence_watcher(p, u, b));
-    }
     let quorate = quorum::getquorate(&qh).unwrap_or(false);
     let mut relay = Relay {
         me,
@@ -1020,8 +1058,9 @@ fn run(dir: &std::path::Path, me: u32, prefix: String) -> Result<(), String> {
         conns: HashMap::new(),
         agent: None,
         cpg_members: BTreeSet::new(),
-        unfenced,
-        baselines,
+        unfenced: BTreeMap::new(),
+        joined_at: BTreeMap::new(),
+        leaves: 0,
         states: BTreeMap::new(),
         server: None,
         highest: 0,
@@ -1063,7 +1102,7 @@ fn run(dir: &std::path::Path, me: u32, prefix: String) -> Result<(), String> {
             Ev::Frame { conn, data } => relay.on_frame(conn, &data),
             Ev::Closed { conn } => relay.close(conn),
             Ev::Tick => relay.on_tick(),
-            Ev::Fenced(n) => relay.on_fenced(n),
+            Ev::Fenced { node, gen, ok, why } => relay.on_fenced(node, gen, ok, &why),
             Ev::CpgDown(e) => return Err(format!("corosync CPG connection lost: {e}")),
         }
     }
@@ -1073,6 +1112,23 @@ fn run(dir: &std::path::Path, me: u32, prefix: String) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A fencing older than the node's latest join never counts: the
+    /// tolerance stays a second below the time since the join, and is
+    /// zero (fence again) for a node that joined less than 2 s ago.
+    #[test]
+    fn the_fence_tolerance_never_reaches_back_past_the_latest_join() {
+        let s = Duration::from_secs;
+        assert_eq!(fence_tolerance_s(Duration::ZERO), 0);
+        assert_eq!(fence_tolerance_s(Duration::from_millis(1999)), 0);
+        assert_eq!(fence_tolerance_s(s(2)), 1);
+        assert_eq!(fence_tolerance_s(Duration::from_millis(7900)), 6);
+        for ms in (0..200_000).step_by(137) {
+            let d = Duration::from_millis(ms);
+            assert!(fence_tolerance_s(d) < d.as_secs().max(1), "{d:?}");
+        }
+        assert_eq!(fence_tolerance_s(s(3600)), FENCE_TOLERANCE_MAX_S);
+    }
     use csnap_proto::{ClientEntry, ClientList};
 
     fn list<'a>(buf: &'a mut [u8], cs: &[(u64, u32)]) -> ClientList<'a> {

@@ -481,6 +481,21 @@ impl Io {
         }
     }
 
+    /// The reply to the oldest pending command within `t` (taken off the
+    /// pending list), `Pending`, or `Exited` when the process ended first
+    /// (for a client that is expected to be killed, such as a fenced
+    /// node's).
+    pub fn reply_or_exit(&mut self, t: Duration) -> Outcome {
+        match self.lines.recv_timeout(t) {
+            Ok((at, line)) => {
+                self.pending.pop_front();
+                Outcome::Reply(at, line)
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => Outcome::Pending,
+            Err(mpsc::RecvTimeoutError::Disconnected) => Outcome::Exited,
+        }
+    }
+
     /// Waits for the reply to the oldest pending command and checks it:
     /// `ok ...` (no I/O error reached the user), and for reads, the data.
     /// Returns the time the reply arrived, the line, and any bytes read.
@@ -895,6 +910,14 @@ pub fn assert_exits_fenced(a: &mut Daemon) {
         !log.contains("heap violation"),
         "the old server's exit path:\n{log}"
     );
+}
+
+/// What [`Io::reply_or_exit`] saw.
+#[derive(Debug)]
+pub enum Outcome {
+    Reply(Instant, String),
+    Pending,
+    Exited,
 }
 
 pub struct Cluster {

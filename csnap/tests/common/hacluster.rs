@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use super::cluster::{text, BIN};
+use super::cluster::{text, Io, BIN};
 
 /// The corosync token of the tests' clusters, in ms. 1000 rather than the
 /// script's 300: on the shared 2-core test machine a 300 ms token expires
@@ -273,17 +273,36 @@ impl HaCluster {
     }
 
     /// The successful fencings of node `m` in the fencer's history, asked
-    /// on node `n`.
+    /// on node `n` (`--verbose`: without it the fencer shows one success
+    /// only).
     pub fn fenced_count(&self, n: u32, m: u32) -> usize {
         let o = self
             .cmd(n, "stonith_admin")
-            .args(["--history", &format!("n{m}")])
+            .args(["--history", &format!("n{m}"), "--verbose"])
             .output()
             .expect("stonith_admin");
         String::from_utf8_lossy(&o.stdout)
             .lines()
             .filter(|l| l.contains(&format!(" of n{m} successful")))
             .count()
+    }
+
+    /// Delays every fencing of node `m` by `delay` (its stonith device's
+    /// `pcmk_delay_base`), set through node `n`.
+    pub fn delay_fencing(&self, n: u32, m: u32, delay: &str) {
+        let o = self
+            .cmd(n, "crm_resource")
+            .args([
+                "--resource",
+                &format!("fence-n{m}"),
+                "--set-parameter",
+                "pcmk_delay_base",
+                "--parameter-value",
+                delay,
+            ])
+            .output()
+            .expect("crm_resource");
+        assert!(o.status.success(), "crm_resource: {}", text(&o));
     }
 
     /// Node `n`'s relay log.
@@ -357,6 +376,46 @@ impl HaCluster {
                 words.iter().all(|w| args.contains(&w.as_bytes()))
             })
         })
+    }
+
+    /// `csnap io` in node `n`'s namespaces, through its agent, with its
+    /// own loop devices (the last two `hacluster.sh` attached for it), as
+    /// client `client_id` of volume `volume`.
+    pub fn io(&self, n: u32, volume: &str, client_id: u64) -> Io {
+        let loops = std::fs::read_to_string(self.dir.join(format!("node-{n}/loops")))
+            .expect("the node's loop devices");
+        let l: Vec<&str> = loops.lines().collect();
+        let [origin, store] = l[l.len().saturating_sub(2)..] else {
+            panic!("node {n}: no origin and store loop devices in {loops:?}");
+        };
+        let agent = self.dir.join(format!("cluster/node-{n}/agent.sock"));
+        let script = repo().join("scripts/hacluster.sh");
+        let (dir, node) = (self.dir.to_str().expect("utf-8"), n.to_string());
+        let args: Vec<std::ffi::OsString> = [
+            "io",
+            "--agent",
+            agent.to_str().expect("utf-8"),
+            "--origin",
+            origin,
+            "--store",
+            store,
+            "--volume",
+            volume,
+            "--client-id",
+            &client_id.to_string(),
+            "--node-id",
+            &node,
+        ]
+        .iter()
+        .map(Into::into)
+        .collect();
+        Io::start_wrapped(
+            &format!("io[{volume} #{client_id} node {n}]"),
+            &[script.to_str().expect("utf-8"), "exec", dir, &node],
+            &args,
+            &self.dir,
+            None,
+        )
     }
 
     /// Waits until node `n` is a member with a ready standby, as node
