@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::cluster::{
-    assert_same, assert_waits, held, seed, send_chunk_write, text, Outcome, Rng, CHUNK,
+    assert_same, assert_waits, held, seed, send_chunk_write, text, Io, Outcome, Rng, CHUNK,
 };
 use common::hacluster::{available, HaCluster, Target};
 
@@ -215,21 +215,10 @@ fn whole_node_loss_is_fenced_and_the_server_moves_without_an_io_error() {
     let a = others[0];
     let fenced_before = c.fenced_count(a, s);
     let log_from: Vec<(u32, usize)> = others.iter().map(|&n| (n, c.relay_log(n).len())).collect();
-    // A snapshot reader on the serving node holds the read lock of an
-    // origin chunk of snapshot 1 (in node s's region, which no survivor's
-    // writer touches); an origin write of node a to that chunk waits for it.
+    // A snapshot reader on the serving node holds a read lock that an
+    // origin write of node a waits for.
     let mut rng = Rng::new(seed("node-loss-lock"));
-    let mut reader = c.io(s, "1", 9001);
-    let held_chunk = (u64::try_from(region(s).0).expect("offset") / CHUNK..)
-        .take(32)
-        .find(|&k| held(&reader.call(&format!("hold {} 1", k * CHUNK))) >= 1)
-        .expect("an origin chunk of snapshot 1 in node s's region");
-    let mut waiter = c.io(a, "origin", 9002);
-    let waited = send_chunk_write(&mut waiter, &mut rng, held_chunk);
-    assert_waits(
-        &mut waiter,
-        "while node s's snapshot reader holds its read lock",
-    );
+    let (reader, mut waiter, held_chunk, waited) = held_off_write(&c, s, a, 9001, &mut rng);
     let writers = Writers::start(&c, &others, &shadows, "node-loss-writers");
     std::thread::sleep(Duration::from_secs(1));
     let t = Instant::now();
@@ -288,6 +277,26 @@ fn whole_node_loss_is_fenced_and_the_server_moves_without_an_io_error() {
     // Snapshot 1 still reads the held chunk as it was (the copy-out went
     // before the write), and every volume equals its shadow.
     verify(&c, &others, &shadows, "after the node loss");
+}
+
+/// A snapshot reader on node `r` (client `id`) holds the read lock of an
+/// origin chunk of snapshot 1 in `r`'s region, which no other node's
+/// writer touches; an origin write of node `w` (client `id + 1`) to that
+/// chunk is sent and waits for it. The reader, the waiting writer, the
+/// chunk and the data sent.
+fn held_off_write(c: &HaCluster, r: u32, w: u32, id: u64, rng: &mut Rng) -> (Io, Io, u64, Vec<u8>) {
+    let mut reader = c.io(r, "1", id);
+    let chunk = (u64::try_from(region(r).0).expect("offset") / CHUNK..)
+        .take(32)
+        .find(|&k| held(&reader.call(&format!("hold {} 1", k * CHUNK))) >= 1)
+        .unwrap_or_else(|| panic!("no origin chunk of snapshot 1 in node {r}'s region"));
+    let mut waiter = c.io(w, "origin", id + 1);
+    let data = send_chunk_write(&mut waiter, rng, chunk);
+    assert_waits(
+        &mut waiter,
+        &format!("while node {r}'s snapshot reader holds its read lock"),
+    );
+    (reader, waiter, chunk, data)
 }
 
 /// The origin's shadow follows a whole-chunk write at chunk `chunk`.
@@ -421,17 +430,7 @@ fn a_dead_nodes_read_lock_holds_a_write_until_the_node_is_fenced() {
     c.delay_fencing(w, d, "3s");
     let fenced_before = c.fenced_count(w, d);
     let mut rng = Rng::new(seed("lock-release-io"));
-    let mut reader = c.io(d, "1", 9011);
-    let held_chunk = (u64::try_from(region(d).0).expect("offset") / CHUNK..)
-        .take(32)
-        .find(|&k| held(&reader.call(&format!("hold {} 1", k * CHUNK))) >= 1)
-        .expect("an origin chunk of snapshot 1 in node d's region");
-    let mut waiter = c.io(w, "origin", 9012);
-    let waited = send_chunk_write(&mut waiter, &mut rng, held_chunk);
-    assert_waits(
-        &mut waiter,
-        "while node d's snapshot reader holds its read lock",
-    );
+    let (reader, mut waiter, held_chunk, waited) = held_off_write(&c, d, w, 9011, &mut rng);
     let t = Instant::now();
     c.kill_node(d);
     drop(reader);

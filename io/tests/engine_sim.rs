@@ -241,6 +241,14 @@ fn open_server(
     (Server::new(cfg), StoreWorker::new(store, od, 64), inc)
 }
 
+/// The world's files go with it, also when a seed fails (a replay makes
+/// them again): on /dev/shm they are memory.
+impl Drop for World {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 impl World {
     fn new(seed: u64) -> World {
         let dir = sim_base_dir().join(format!("csnap-engine-sim-{}-{seed}", std::process::id()));
@@ -1225,7 +1233,6 @@ fn caching_engines_stay_exact_through_creates_and_failovers() {
         }
         ios_failed += w.ios_failed;
         retried += w.writes_retried;
-        let _ = std::fs::remove_dir_all(&w.dir);
     }
     eprintln!(
         "engine sim: {} seeds: {reads} reads checked, {cached} origin writes submitted with others in flight, {creates} snapshots created, {failovers} failovers ({in_create} during a pending create, after {survived} of them the snapshot existed), {bounced} disk operations bounced (read-modify-writes among them); device requests failed (read, write, sync) {disk_faults:?}, {ios_failed} I/Os failed with a disk error, {retried} failed writes written again",
