@@ -219,14 +219,131 @@ impl Listeners {
 }
 
 struct Conn {
-    stream: MioStream,
     closing: bool,
     paused: bool,
+}
+
+/// What one read or write of a [`Streams`] entry came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamIo {
+    /// That many bytes moved (never 0).
+    Moved(usize),
+    /// The peer closed: a read of 0 bytes, or a write that took none.
+    Closed,
+    /// Nothing now; the next readiness event says when.
+    WouldBlock,
+    /// The socket failed (the entry is no good any more), or there is no
+    /// stream at that index.
+    Failed,
+}
+
+/// The mio side of every process loop's connections: a fixed table of
+/// accepted streams, each registered under the token its loop gives it,
+/// read and written through one error mapping (`EINTR` retried,
+/// `WouldBlock` kept apart from end of stream and failure) and closed
+/// through one deregistration. The framed [`ConnTable`] keeps its
+/// connections here (token = index), the NBD server its clients'
+/// connections (`io/src/nbd/server.rs`, token = slot × tokens per slot);
+/// what each loop keeps per connection besides (a frame reader and the
+/// pause and close flags; an NBD session and its buffers) stays its own.
+pub struct Streams {
+    slots: Vec<Option<MioStream>>,
+}
+
+impl std::fmt::Debug for Streams {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Streams")
+            .field("capacity", &self.slots.len())
+            .field("open", &self.slots.iter().filter(|s| s.is_some()).count())
+            .finish()
+    }
+}
+
+impl Streams {
+    /// Room for `n` streams, reserved here (the only allocation).
+    pub fn new(n: usize) -> Streams {
+        let mut slots = Vec::with_capacity(n);
+        slots.resize_with(n, || None);
+        Streams { slots }
+    }
+
+    /// Registers `stream` for reading and writing under `token` and keeps
+    /// it at `i` (which must be free); `false` (the stream dropped, so
+    /// closed) when the registration failed.
+    pub fn open(
+        &mut self,
+        i: usize,
+        mut stream: MioStream,
+        token: Token,
+        registry: &Registry,
+    ) -> bool {
+        assert!(
+            self.slots.get(i).is_some_and(Option::is_none),
+            "stream slot {i} is free"
+        );
+        if registry
+            .register(&mut stream, token, Interest::READABLE | Interest::WRITABLE)
+            .is_err()
+        {
+            return false;
+        }
+        self.slots[i] = Some(stream);
+        true
+    }
+
+    /// Whether a stream is kept at `i`.
+    pub fn is_open(&self, i: usize) -> bool {
+        self.slots.get(i).is_some_and(Option::is_some)
+    }
+
+    /// Reads into `buf` from the stream at `i`.
+    pub fn read(&mut self, i: usize, buf: &mut [u8]) -> StreamIo {
+        let empty = buf.is_empty();
+        self.transfer(i, empty, |s| s.read(buf))
+    }
+
+    /// Writes from `buf` to the stream at `i`.
+    pub fn write(&mut self, i: usize, buf: &[u8]) -> StreamIo {
+        self.transfer(i, buf.is_empty(), |s| s.write(buf))
+    }
+
+    /// One read or write, `EINTR` retried, its result mapped once for
+    /// every loop (`empty`: nothing was asked for, so 0 bytes is no end).
+    fn transfer(
+        &mut self,
+        i: usize,
+        empty: bool,
+        mut op: impl FnMut(&mut MioStream) -> io::Result<usize>,
+    ) -> StreamIo {
+        let Some(s) = self.slots.get_mut(i).and_then(Option::as_mut) else {
+            return StreamIo::Failed;
+        };
+        loop {
+            return match op(s) {
+                Ok(0) if !empty => StreamIo::Closed,
+                Ok(0) => StreamIo::WouldBlock,
+                Ok(n) => StreamIo::Moved(n),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => StreamIo::WouldBlock,
+                Err(_) => StreamIo::Failed,
+            };
+        }
+    }
+
+    /// Deregisters and closes the stream at `i`, if any.
+    pub fn close(&mut self, i: usize, registry: &Registry) {
+        if let Some(mut s) = self.slots.get_mut(i).and_then(Option::take) {
+            let _ = registry.deregister(&mut s);
+        }
+    }
 }
 
 /// Listeners and their connections.
 pub struct ConnTable {
     listeners: Listeners,
+    /// The connections' streams (token = index).
+    streams: Streams,
+    /// Per open connection: whether it is closing, whether reading paused.
     conns: Vec<Option<Conn>>,
     readers: Vec<FrameReader<Box<[u8]>>>,
     refuse_buf: [u8; 512],
@@ -258,6 +375,7 @@ impl ConnTable {
             .collect();
         Ok(ConnTable {
             listeners,
+            streams: Streams::new(n),
             conns,
             readers,
             refuse_buf: [0u8; 512],
@@ -321,20 +439,15 @@ impl ConnTable {
                 }
                 continue;
             };
-            if registry
-                .register(
-                    &mut stream,
-                    Token(c as usize),
-                    Interest::READABLE | Interest::WRITABLE,
-                )
-                .is_err()
+            if !self
+                .streams
+                .open(c as usize, stream, Token(c as usize), registry)
             {
                 fsm.disconnect(c);
                 continue;
             }
             self.readers[c as usize].clear();
             self.conns[c as usize] = Some(Conn {
-                stream,
                 closing: false,
                 paused: false,
             });
@@ -367,18 +480,13 @@ impl ConnTable {
             if k.closing {
                 return;
             }
-            match k.stream.read(self.readers[ci].spare()) {
-                Ok(0) => {
-                    self.drop_conn(fsm, registry, c);
-                    return;
-                }
-                Ok(n) => self.readers[ci].advance(n),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+            match self.streams.read(ci, self.readers[ci].spare()) {
+                StreamIo::Moved(n) => self.readers[ci].advance(n),
+                StreamIo::WouldBlock => {
                     k.paused = false;
                     return;
                 }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => {
+                StreamIo::Closed | StreamIo::Failed => {
                     self.drop_conn(fsm, registry, c);
                     return;
                 }
@@ -389,18 +497,13 @@ impl ConnTable {
     fn write(&mut self, fsm: &mut dyn Sessions, registry: &Registry, c: u32) {
         let ci = c as usize;
         while fsm.has_output(c) {
-            let Some(k) = self.conns[ci].as_mut() else {
+            if self.conns[ci].is_none() {
                 return;
-            };
-            match k.stream.write(fsm.output(c)) {
-                Ok(0) => {
-                    self.drop_conn(fsm, registry, c);
-                    return;
-                }
-                Ok(n) => fsm.consume_output(c, n),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => {
+            }
+            match self.streams.write(ci, fsm.output(c)) {
+                StreamIo::Moved(n) => fsm.consume_output(c, n),
+                StreamIo::WouldBlock => return,
+                StreamIo::Closed | StreamIo::Failed => {
                     self.drop_conn(fsm, registry, c);
                     return;
                 }
@@ -412,8 +515,8 @@ impl ConnTable {
     }
 
     fn drop_conn(&mut self, fsm: &mut dyn Sessions, registry: &Registry, c: u32) {
-        if let Some(mut k) = self.conns[c as usize].take() {
-            let _ = registry.deregister(&mut k.stream);
+        if self.conns[c as usize].take().is_some() {
+            self.streams.close(c as usize, registry);
             fsm.disconnect(c);
             self.readers[c as usize].clear();
         }
@@ -462,5 +565,42 @@ impl ConnTable {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mio::Poll;
+
+    /// One mapping for every loop: bytes move, an empty socket would
+    /// block, a peer's close is `Closed` (not a failure), a closed entry
+    /// is gone, and an index with no stream fails rather than panics.
+    #[test]
+    fn a_stream_entry_reads_writes_and_closes_through_one_mapping() {
+        let poll = Poll::new().expect("poll");
+        let (a, mut peer) = mio::net::UnixStream::pair().expect("pair");
+        let mut t = Streams::new(2);
+        assert!(!t.is_open(1));
+        assert!(t.open(1, MioStream::Unix(a), Token(7), poll.registry()));
+        assert!(t.is_open(1));
+        let mut buf = [0u8; 8];
+        assert_eq!(t.read(1, &mut buf), StreamIo::WouldBlock);
+        assert_eq!(t.write(1, b"ping"), StreamIo::Moved(4));
+        let mut got = [0u8; 4];
+        peer.read_exact(&mut got).expect("peer reads");
+        assert_eq!(&got, b"ping");
+        peer.write_all(b"pong").expect("peer writes");
+        assert_eq!(t.read(1, &mut buf), StreamIo::Moved(4));
+        assert_eq!(&buf[..4], b"pong");
+        assert_eq!(t.read(1, &mut []), StreamIo::WouldBlock, "nothing asked");
+        drop(peer);
+        assert_eq!(t.read(1, &mut buf), StreamIo::Closed);
+        assert_eq!(t.read(0, &mut buf), StreamIo::Failed, "no stream there");
+        assert_eq!(t.write(0, b"x"), StreamIo::Failed);
+        t.close(1, poll.registry());
+        assert!(!t.is_open(1));
+        assert_eq!(t.write(1, b"x"), StreamIo::Failed);
+        t.close(1, poll.registry());
     }
 }

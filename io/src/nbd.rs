@@ -127,7 +127,7 @@ use csnap_fsm::volume::{DiskOp, EngineSignal, IoError, SubmitError, VolumeConfig
 use csnap_proto::{self as proto, ErrorCode, FrameReader, Msg, Role, Volume, FRAME_MAX_BYTES};
 use mio::{Events, Interest, Poll, Registry, Token};
 
-use crate::conns::{Listeners, LISTENER_BASE};
+use crate::conns::{Listeners, StreamIo, Streams, LISTENER_BASE};
 use crate::metrics::{MetricsEndpoint, NbdMetrics, METRICS_TOKENS};
 use crate::net::{Addr, MioListener, MioStream};
 
@@ -318,6 +318,9 @@ struct Shared {
     origin: File,
     store: File,
     pool: Buffers,
+    /// The clients' connections, one per slot (the table every process
+    /// loop keeps its connections in, `crate::conns::Streams`).
+    streams: Streams,
     /// Disk operations in flight on the ring.
     disk: DiskQueue,
     agent: PathBuf,
@@ -571,7 +574,7 @@ fn decimal(mut v: u32, buf: &mut [u8; 10]) -> &[u8] {
 /// One NBD connection's resources, reserved once.
 struct Slot {
     state: SlotState,
-    client: Option<MioStream>,
+    /// The client's connection is `Shared::streams` entry `index`.
     client_readable: bool,
     client_broken: bool,
     session: NbdSession,

@@ -65,25 +65,27 @@ impl Slot {
                 self.rx_end -= self.rx_start;
                 self.rx_start = 0;
             }
-            let Some(c) = self.client.as_mut() else {
+            if !sh.streams.is_open(usize::from(self.index)) {
                 return;
-            };
-            match c.read(&mut self.rx[self.rx_end..]) {
-                Ok(0) => {
+            }
+            match sh
+                .streams
+                .read(usize::from(self.index), &mut self.rx[self.rx_end..])
+            {
+                StreamIo::Moved(n) => {
+                    self.rx_end += n;
+                    sh.moved();
+                }
+                StreamIo::WouldBlock => {
+                    self.client_readable = false;
+                    return;
+                }
+                StreamIo::Closed => {
                     self.client_eof(now, false);
                     sh.moved();
                     return;
                 }
-                Ok(n) => {
-                    self.rx_end += n;
-                    sh.moved();
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    self.client_readable = false;
-                    return;
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => {
+                StreamIo::Failed => {
                     self.client_eof(now, true);
                     sh.moved();
                     return;
@@ -119,22 +121,21 @@ impl Slot {
             if !self.client_readable {
                 return false;
             }
-            let Some(c) = self.client.as_mut() else {
+            if !sh.streams.is_open(usize::from(self.index)) {
                 return false;
-            };
+            }
             let dst = &mut sh.pool.get_mut(b)[at..at + rem];
-            match c.read(dst) {
-                Ok(0) => {
-                    self.client_eof(now, false);
-                    return false;
-                }
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+            match sh.streams.read(usize::from(self.index), dst) {
+                StreamIo::Moved(n) => n,
+                StreamIo::WouldBlock => {
                     self.client_readable = false;
                     return false;
                 }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => return true,
-                Err(_) => {
+                StreamIo::Closed => {
+                    self.client_eof(now, false);
+                    return false;
+                }
+                StreamIo::Failed => {
                     self.client_eof(now, true);
                     return false;
                 }
@@ -524,28 +525,39 @@ impl Slot {
                 self.drop_output(sh);
                 return;
             }
-            let Some(c) = self.client.as_mut() else {
+            if !sh.streams.is_open(usize::from(self.index)) {
                 return;
-            };
-            let r = if !self.session.transmit().is_empty() {
-                c.write(self.session.transmit()).map(|n| (0, n))
+            }
+            let i = usize::from(self.index);
+            let (what, r) = if !self.session.transmit().is_empty() {
+                (0, sh.streams.write(i, self.session.transmit()))
             } else if self.hdr_end > self.hdr_start {
-                c.write(&self.hdr_out[self.hdr_start..self.hdr_end])
-                    .map(|n| (1, n))
+                (
+                    1,
+                    sh.streams
+                        .write(i, &self.hdr_out[self.hdr_start..self.hdr_end]),
+                )
             } else if let Some((b, start, end)) = self.data_out.front().copied() {
                 let from = start as usize + self.data_written;
-                c.write(&sh.pool.get(b)[from..end as usize]).map(|n| (2, n))
+                (2, sh.streams.write(i, &sh.pool.get(b)[from..end as usize]))
             } else {
                 return;
             };
-            match r {
-                Ok((_, 0)) => self.client_broken = true,
-                Ok((0, n)) => {
+            let n = match r {
+                StreamIo::Moved(n) => n,
+                StreamIo::WouldBlock => return,
+                StreamIo::Closed | StreamIo::Failed => {
+                    self.client_broken = true;
+                    continue;
+                }
+            };
+            match (what, n) {
+                (0, n) => {
                     let r = self.session.consume_transmit(n);
                     assert!(r.is_ok(), "wrote what was pending");
                     sh.moved();
                 }
-                Ok((1, n)) => {
+                (1, n) => {
                     self.hdr_start += n;
                     if self.hdr_start == self.hdr_end {
                         self.hdr_start = 0;
@@ -561,7 +573,7 @@ impl Slot {
                     }
                     sh.moved();
                 }
-                Ok((_, n)) => {
+                (_, n) => {
                     self.data_written += n;
                     if let Some((b, start, end)) = self.data_out.front().copied() {
                         if self.data_written == (end - start) as usize {
@@ -572,9 +584,6 @@ impl Slot {
                     }
                     sh.moved();
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => self.client_broken = true,
             }
         }
     }
@@ -651,11 +660,13 @@ impl Slot {
             self.link.flush_best_effort(&mut self.engine);
         }
         self.link.close(reg);
-        if let Some(mut c) = self.client.take() {
+        if sh.streams.is_open(usize::from(self.index)) {
             if !self.client_broken && !self.session.transmit().is_empty() {
-                let _ = c.write(self.session.transmit());
+                let _ = sh
+                    .streams
+                    .write(usize::from(self.index), self.session.transmit());
             }
-            let _ = reg.deregister(&mut c);
+            sh.streams.close(usize::from(self.index), reg);
         }
         self.client_broken = true;
         self.drop_output(sh);
@@ -712,7 +723,11 @@ impl Slot {
             "engine I/Os out of step with the commands"
         );
         if self.state == SlotState::Free {
-            assert!(self.client.is_none() && !self.link.active() && self.active == 0);
+            assert!(
+                !sh.streams.is_open(usize::from(self.index))
+                    && !self.link.active()
+                    && self.active == 0
+            );
         }
         if let Some(ci) = self.payload_cmd {
             assert!(self.cmds[usize::from(ci)].is_some_and(|c| c.receiving));

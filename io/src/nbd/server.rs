@@ -233,6 +233,7 @@ impl NbdServer {
                 origin,
                 store,
                 pool,
+                streams: Streams::new(opts.connections),
                 disk,
                 agent: opts.agent.clone(),
                 node_id: opts.node_id,
@@ -447,7 +448,7 @@ impl NbdServer {
 
     fn accept(&mut self, li: usize) {
         loop {
-            let Some(mut stream) = self.listeners.accept(li) else {
+            let Some(stream) = self.listeners.accept(li) else {
                 return;
             };
             if self.shutdown_at_ms.is_some() {
@@ -461,19 +462,14 @@ impl NbdServer {
                 self.sh.stats.refused += 1;
                 continue;
             };
-            if self
-                .poll
-                .registry()
-                .register(
-                    &mut stream,
-                    Token(i * TOKENS_PER_SLOT),
-                    Interest::READABLE | Interest::WRITABLE,
-                )
-                .is_err()
+            if !self
+                .sh
+                .streams
+                .open(i, stream, Token(i * TOKENS_PER_SLOT), self.poll.registry())
             {
                 continue;
             }
-            self.slots[i].open(stream);
+            self.slots[i].open();
             self.sh.stats.connections += 1;
             self.sh.moved();
         }

@@ -8,7 +8,6 @@ impl Slot {
         let t = index * TOKENS_PER_SLOT;
         Slot {
             state: SlotState::Free,
-            client: None,
             client_readable: false,
             client_broken: false,
             session: NbdSession::new(NbdConfig {
@@ -56,10 +55,10 @@ impl Slot {
     }
 
     /// A new connection.
-    pub(super) fn open(&mut self, stream: MioStream) {
+    /// A new connection (its stream is `Shared::streams` entry `index`).
+    pub(super) fn open(&mut self) {
         assert!(self.state == SlotState::Free);
         self.state = SlotState::Handshake;
-        self.client = Some(stream);
         self.client_readable = true;
         self.client_broken = false;
         self.session.reset();
