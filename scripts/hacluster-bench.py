@@ -20,7 +20,7 @@ then starts the killed node again (hacluster.sh restart) and waits for its
 standby and for Pacemaker to settle (the DC idle, every node online, for 1 s). Then the same with corosync's and Pacemaker's defaults (token 1000 ms
 with token_coefficient 650, consensus 1.2 x token, dc-deadtime 20s, monitor
 10s) for --defaults-kills kills (default: as many), and prints both and their
-ratio. Needs root; csnap and csnap-relay in target/release.
+ratio. Exits 1 if any probe got an NBD error reply (figures printed first). Needs root; csnap and csnap-relay in target/release.
 """
 import argparse, os, re, socket, struct, subprocess, sys, time
 
@@ -250,6 +250,13 @@ def main():
         if tuned["all"] and dflt["all"]:
             print(f"ratio kill -> all served, p50 defaults / tuned: "
                   f"{pct(dflt['all'], 50) / max(1, pct(tuned['all'], 50)):.1f}x")
+    errors = tuned["errors"] + (dflt["errors"] if dflt else 0)
+    if errors:
+        # A benchmark that saw an I/O error fails, after printing its
+        # figures: a client error is what the failover must not cause.
+        print(f"FAILED: {errors} NBD error replies to the probes (tuned {tuned['errors']}, "
+              f"defaults {dflt['errors'] if dflt else 0})", file=sys.stderr)
+        sys.exit(1)
 
 
 main()
