@@ -37,7 +37,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
-use std::process::{Command, ExitCode};
+use std::process::ExitCode;
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -288,9 +288,13 @@ impl Relay {
     fn agent_lost(&mut self) {
         let name = format!("{}{}", self.fence_prefix, self.me);
         say!("asking the cluster to fence this node ({name}): its agent is gone");
-        let _ = Command::new("stonith_admin")
-            .args(["--fence", &name, "--timeout", "30"])
-            .spawn();
+        std::thread::spawn(move || {
+            // No tolerance: an earlier fencing of this node is not this one.
+            let (ok, why) = fence(&name, 0);
+            if !ok {
+                say!("fencing this node ({name}) failed: {why}");
+            }
+        });
     }
 
     fn mcast(&mut self, msg: &Msg<'_>) {
