@@ -624,6 +624,9 @@ fn store_thread<D: Disk, O: Disk>(
                     if worker.take_notifications(&mut |r| replies.push(r)) {
                         let _ = waker.wake();
                     }
+                    if worker.write_home(&mut |r| replies.push(r)) {
+                        let _ = waker.wake();
+                    }
                     continue;
                 }
                 Err(PopError::Closed) => return,
@@ -652,6 +655,10 @@ fn store_thread<D: Disk, O: Disk>(
         worker.run_batch(&batch, &mut |r| replies.push(r));
         worker.publish(&figures);
         let _ = waker.wake();
+        // After the replies are out: the commit's home writes.
+        if worker.write_home(&mut |r| replies.push(r)) {
+            let _ = waker.wake();
+        }
     }
 }
 

@@ -419,7 +419,7 @@ impl<D: Disk, O: Disk> StoreWorker<D, O> {
     /// worker, except corruption found before anything was written (the
     /// store discarded the transaction): then the replies it held fail.
     fn commit(&mut self) -> Result<(), StoreFailure> {
-        match self.store.as_mut().map(Store::commit) {
+        match self.store.as_mut().map(Store::commit_journal) {
             Some(Ok(_)) => {
                 self.tx_first_reply = self.replies.len();
                 Ok(())
@@ -444,6 +444,35 @@ impl<D: Disk, O: Disk> StoreWorker<D, O> {
                 Err(StoreFailure::Internal)
             }
         }
+    }
+
+    /// The last commit's home writes (`Store::write_home`), which a batch
+    /// leaves until its replies are out: the caller runs this after handing
+    /// them over. Anything the store does next would run them first, so this
+    /// only takes them off the replies' path. A failure stops the worker as
+    /// a failed commit does (the commit itself stands: replay redoes them)
+    /// and is passed to `out` as a notification, so that the server stops
+    /// now rather than at its next request; returns whether it was.
+    pub fn write_home(&mut self, out: &mut dyn FnMut(StoreReply)) -> bool {
+        if self.failed {
+            return false;
+        }
+        let Some(Err(e)) = self.store.as_mut().map(Store::write_home) else {
+            return false;
+        };
+        let why = if matches!(e, StoreError::Fenced { .. }) {
+            self.fenced = true;
+            StoreFailure::Fenced
+        } else {
+            log_store_failure("a commit's home writes failed", &e);
+            StoreFailure::Internal
+        };
+        self.fail();
+        out(StoreReply {
+            token: NOTIFY_TOKEN,
+            result: StoreResult::Failed(why),
+        });
+        true
     }
 
     /// Retries `f` through transaction-full commits and store-full reclaim.
@@ -509,8 +538,7 @@ impl<D: Disk, O: Disk> StoreWorker<D, O> {
             (_, Some(s)) => {
                 let off = store.chunk_offset(s);
                 store
-                    .disk_mut()
-                    .read_at(buf, off)
+                    .read_data(buf, off)
                     .map_err(|e| ("a copy-out's read of the store failed", e))
             }
             _ => return false,

@@ -1923,6 +1923,8 @@ impl Sim {
             }],
             &mut |r| got = Some(r),
         );
+        let mut late = Vec::new();
+        pr.worker.write_home(&mut |r| late.push(r));
         let Some(StoreReply {
             result:
                 StoreResult::Started {
@@ -1952,6 +1954,9 @@ impl Sim {
             pr.fsm.handle_node_joined(m);
         }
         pr.fsm.begin_recovery(expected);
+        for r in &late {
+            pr.fsm.handle_store_reply(r);
+        }
         pr.phase = Phase::Serving;
         pr.nonmember = (1..=NODES).filter(|n| !members.contains(n)).collect();
         pr.incarnation = incarnation;
@@ -2011,6 +2016,7 @@ impl Sim {
         let mut replies = Vec::new();
         pr.worker.request_fence_check();
         pr.worker.run_batch(&batch, &mut |r| replies.push(r));
+        pr.worker.write_home(&mut |r| replies.push(r));
         if pr.superseded {
             // A stale server: its store access finds the newer incarnation
             // and fails everything; it answers nothing.
@@ -3433,6 +3439,7 @@ fn client_gone_before_its_connection_closes_leaves_nothing_parked() {
         }
         let mut replies = Vec::new();
         w.run_batch(&batch, &mut |r| replies.push(r));
+        w.write_home(&mut |r| replies.push(r));
         for r in &replies {
             s.handle_store_reply(r);
         }

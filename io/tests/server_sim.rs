@@ -64,6 +64,7 @@ impl Sim {
         if !batch.is_empty() {
             let mut replies = Vec::new();
             self.worker.run_batch(&batch, &mut |r| replies.push(r));
+            self.worker.write_home(&mut |r| replies.push(r));
             for r in &replies {
                 self.server.handle_store_reply(r);
             }

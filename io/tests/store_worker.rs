@@ -67,6 +67,7 @@ fn run(w: &mut StoreWorker<MemDisk, MemDisk>, ops: &[StoreOp]) -> Vec<StoreReply
         .collect();
     let mut out = Vec::new();
     w.run_batch(&batch, &mut |r| out.push(r));
+    w.write_home(&mut |r| out.push(r));
     out
 }
 

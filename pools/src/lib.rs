@@ -48,6 +48,13 @@ pub const TREE_DEPTH_MAX: usize = 8;
 /// can list.
 pub const TX_BLOCKS_MAX: usize = 240;
 
+/// Copy-out chunks one commit can vouch for by checksum (a journal-only
+/// block after the commit block lists `{chunk u64, crc32c u32}` in 16-byte
+/// entries after a 64-byte header). A transaction that writes more data
+/// chunks than this, or data it cannot checksum, flushes its data before
+/// its journal write instead (ARCHITECTURE 2.6).
+pub const TX_DATA_CHUNKS_MAX: usize = (BLOCK_SIZE_BYTES - 64) / 16;
+
 /// Smallest journal a store may be formatted with, in blocks.
 pub const JOURNAL_MIN_BLOCKS: u64 = 128;
 /// Journal size used when `csnap format` is not given one, in blocks (4 MiB).
@@ -109,12 +116,17 @@ pub const FORMAT_LAYOUT_ROUNDS_MAX: usize = 64;
 // A commit block lists every block of its transaction in 16-byte entries after
 // a 64-byte header.
 const_assert!(64 + 16 * TX_BLOCKS_MAX <= BLOCK_SIZE_BYTES);
-// A transaction is capped at (journal - 6) / 3 blocks so that the last commit,
-// the next one and the gap left by a wrap always fit in the ring. One
-// operation must fit in an otherwise empty transaction of the smallest journal.
-const_assert!((OP_DIRTY_BLOCKS_MAX as u64) < (JOURNAL_MIN_BLOCKS - 6) / 3);
+const_assert!(64 + 16 * TX_DATA_CHUNKS_MAX <= BLOCK_SIZE_BYTES);
+// A transaction is capped at (journal - 9) / 3 dirty blocks (a commit is at
+// most that plus the commit block, the data-checksum block and the
+// superblock) so that the last commit, the next one and the gap left by a
+// wrap always fit in the ring. The commit before the last is kept too when
+// there is room (replay may start there); when the next commit would
+// overwrite it, that commit flushes first (ARCHITECTURE 2.6). One operation
+// must fit in an otherwise empty transaction of the smallest journal.
+const_assert!((OP_DIRTY_BLOCKS_MAX as u64) < (JOURNAL_MIN_BLOCKS - 9) / 3);
 const_assert!(JOURNAL_DEFAULT_BLOCKS >= JOURNAL_MIN_BLOCKS);
-const_assert!(JOURNAL_DEFAULT_BLOCKS >= 3 * (TX_BLOCKS_MAX as u64 + 1) + 3);
+const_assert!(JOURNAL_DEFAULT_BLOCKS >= 3 * (TX_BLOCKS_MAX as u64 + 3));
 // The cache holds a full transaction's dirty blocks plus one operation's
 // working set.
 const_assert!(CACHE_MIN_BLOCKS > OP_TOUCHED_BLOCKS_MAX + OP_DIRTY_BLOCKS_MAX);
@@ -126,7 +138,7 @@ const_assert!(CACHE_DEFAULT_BLOCKS >= TX_BLOCKS_MAX + OP_TOUCHED_BLOCKS_MAX);
 /// Memory the store reserves at open for a cache of `cache_blocks`, one line
 /// per consumer.
 #[must_use]
-pub fn store_reserved_items(cache_blocks: usize) -> [(&'static str, usize); 5] {
+pub fn store_reserved_items(cache_blocks: usize) -> [(&'static str, usize); 6] {
     [
         ("metadata cache blocks", cache_blocks * BLOCK_SIZE_BYTES),
         ("metadata cache slot descriptors", cache_blocks * 32),
@@ -136,9 +148,13 @@ pub fn store_reserved_items(cache_blocks: usize) -> [(&'static str, usize); 5] {
         ),
         (
             "journal staging buffer",
-            (TX_BLOCKS_MAX + 3) * BLOCK_SIZE_BYTES,
+            (TX_BLOCKS_MAX + 4) * BLOCK_SIZE_BYTES,
         ),
         ("pending frees of the open transaction", TX_FREES_MAX * 8),
+        (
+            "data checksums of the open and the last transaction",
+            TX_DATA_CHUNKS_MAX * (16 + 8),
+        ),
     ]
 }
 

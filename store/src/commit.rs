@@ -12,20 +12,41 @@ impl<D: Disk> Store<D> {
         self.pending_frees.clear();
         self.tx_ops = 0;
         self.poisoned = false;
+        // Chunks written for the discarded operations are free again; their
+        // checksums go. Unverified data keeps its flush (harmless), and a
+        // commit a snapshot write asked for is still owed.
+        self.tx_data.clear();
         self.assert_invariants_full();
     }
 
     /// Makes the open transaction durable.
     ///
     /// 1. Apply pending frees to their (already dirty) bitmap blocks.
-    /// 2. Flush the device: copy-out data written since the last commit, and
-    ///    the previous commit's home writes, are durable first.
-    /// 3. Write the commit block and every dirty block (superblock included)
-    ///    to the journal ring in one write, then flush. This is the commit
-    ///    point: replies may go out after it.
+    /// 2. If data was written that this commit cannot vouch for by checksum
+    ///    (a chunk a client will write into, more chunks than one block
+    ///    lists, writes through `disk_mut`), flush the device first.
+    /// 3. Write the commit block, the data-checksum block (when the commit
+    ///    vouches for copy-outs) and every dirty block (superblock included)
+    ///    to the journal ring in one write, then flush: one flush covers the
+    ///    copy-out data, the previous commit's home writes and this journal
+    ///    write. This is the commit point: replies may go out after it.
     /// 4. Write the blocks home. Their durability is assured by the next
-    ///    commit's step 2, and replay redoes them until then.
+    ///    commit's flush, and replay redoes them until then (the ring keeps
+    ///    the last two commits for that).
     pub fn commit(&mut self) -> Result<CommitInfo, StoreError> {
+        let info = self.commit_journal()?;
+        self.write_home()?;
+        Ok(info)
+    }
+
+    /// `commit` up to its commit point (steps 1 to 3): replies may go out
+    /// when it returns. The home writes (step 4) are left for `write_home`,
+    /// which the caller runs after sending them, off the replies' path;
+    /// until then nothing else runs on the store (every operation, and the
+    /// next commit, writes them first), so no block is read back from a
+    /// home that is not written yet.
+    pub fn commit_journal(&mut self) -> Result<CommitInfo, StoreError> {
+        self.write_home()?;
         if self.failed {
             return Err(StoreError::Failed);
         }
@@ -76,39 +97,54 @@ impl<D: Disk> Store<D> {
             }
             match f.area {
                 Area::Meta => self.sb.meta_free += 1,
-                Area::Data => self.sb.data_free += 1,
+                Area::Data => {
+                    self.sb.data_free += 1;
+                    // Free again once this commit is durable: whatever is
+                    // written there next must not be checked against the
+                    // copy this transaction made.
+                    self.tx_data.retain(|e| e.chunk != f.index);
+                }
             }
         }
         self.pending_frees.clear();
-        // Place the transaction in the ring.
+        if self.pre_flush {
+            self.tx_data.clear();
+        }
+        // Place the transaction in the ring: commit block, data-checksum
+        // block, superblock, dirty blocks.
         let n = self.cache.dirty_count() + 1;
         assert!(
             n <= TX_BLOCKS_MAX + 1,
             "transaction exceeds the journal's commit capacity"
         );
+        let h = journal::head_blocks(self.tx_data.len());
         let jb = self.label.journal_blocks;
         let mut start = self.sb.journal_next_slot;
-        if start + 1 + n as u64 > jb {
+        if start + (h + n) as u64 > jb {
             start = 0;
         }
-        let end = start + 1 + n as u64;
-        if self.committed.seq > 0 {
-            // Never overwrite the last commit: replay may still need it.
-            let (ls, le) = (
-                self.committed.journal_last_slot,
-                self.committed.journal_next_slot,
-            );
-            assert!(end <= ls || start >= le, "journal ring overrun");
-        }
+        let end = start + (h + n) as u64;
+        // Never overwrite the last commit: replay may still need it. The one
+        // before it is needed while the last one's home writes are not
+        // durable; a commit that would overwrite it flushes first (only in
+        // a small ring: three largest commits and a wrap fit in the default).
+        let last = (self.committed.seq > 0).then_some((
+            self.committed.journal_last_slot,
+            self.committed.journal_next_slot,
+        ));
+        let overlaps = |r: Option<(u64, u64)>| r.is_some_and(|(ls, le)| end > ls && start < le);
+        assert!(!overlaps(last), "journal ring overrun");
+        let flush_first = self.pre_flush || overlaps(self.prev_commit);
         let seq = self.committed.seq + 1;
         self.sb.seq = seq;
         self.sb.journal_last_slot = start;
         self.sb.journal_next_slot = end;
-        // Stage: commit block, superblock, dirty blocks.
+        // Stage: commit block (and data-checksum block), superblock, dirty
+        // blocks.
         let bs = BLOCK_SIZE_BYTES;
         self.entries.clear();
         {
-            let img = &mut self.staging[bs..2 * bs];
+            let img = &mut self.staging[h * bs..(h + 1) * bs];
             self.sb.encode(img);
             layout::seal(img, seq);
             self.entries.push(journal::Entry {
@@ -116,7 +152,7 @@ impl<D: Disk> Store<D> {
                 crc: crc32c::crc32c(img),
             });
         }
-        let mut k = 2;
+        let mut k = h + 1;
         for slot in 0..self.cache.capacity() {
             if !self.cache.is_dirty(slot) {
                 continue;
@@ -131,53 +167,50 @@ impl<D: Disk> Store<D> {
             });
             k += 1;
         }
-        assert_eq!(k, n + 1);
+        assert_eq!(k, h + n);
         journal::encode_commit(
-            &mut self.staging[..bs],
+            &mut self.staging[..h * bs],
             &self.label,
             start,
             seq,
             end,
             &self.entries,
+            &self.tx_data,
         );
         // 2. Fencing: a newer incarnation on disk means another server took
         // the store over; write nothing. Under a lease, a fence read less
         // than one lease old stands (a claimer waits longer than the lease
         // before it reads anything, ARCHITECTURE 5.5): a busy server's
-        // commits skip that read. Then data and previous home writes
-        // durable.
+        // commits skip that read.
         if self.lease.is_some() {
             self.within_lease()?;
         } else {
             self.check_fence()?;
         }
-        // The flush orders copy-out data and the previous commit's home
-        // writes before this journal write; with neither pending it is
-        // skipped (the first commit after a start: the new incarnation).
-        if self.data_written || !self.home_durable {
+        // Data the commit cannot vouch for is made durable first (and the
+        // last commit's home writes, when this one overwrites the one
+        // before it).
+        if flush_first {
             self.disk.flush()?;
         }
         // 3. Journal write and the commit point (the flush above may have
         // outlasted the lease).
         self.within_lease()?;
         self.disk.write_at(
-            &self.staging[..(n + 1) * bs],
+            &self.staging[..(h + n) * bs],
             (self.label.journal_start + start) * BS,
         )?;
         self.disk.flush()?;
-        self.data_written = false;
-        // 4. Home writes.
-        self.home_durable = false;
-        self.within_lease()?;
-        self.disk
-            .write_at(&self.staging[bs..2 * bs], layout::SUPER_BLOCK * BS)?;
-        for slot in 0..self.cache.capacity() {
-            if self.cache.is_dirty(slot) {
-                let home = self.cache.addr_of(slot);
-                self.within_lease()?;
-                self.disk.write_at(self.cache.buf(slot), home * BS)?;
-            }
+        self.pre_flush = false;
+        self.must_commit = false;
+        self.last_data.clear();
+        for e in &self.tx_data {
+            self.last_data.push(e.chunk);
         }
+        self.tx_data.clear();
+        self.prev_commit = last;
+        // 4. Home writes, from the staged images (`write_home`).
+        self.home_pending = Some(h);
         self.cache.clean_all();
         self.committed = self.sb;
         let ops = self.tx_ops;
@@ -187,5 +220,32 @@ impl<D: Disk> Store<D> {
             blocks: n,
             ops,
         })
+    }
+
+    /// Step 4 of the last commit, if `commit_journal` left it: every image
+    /// of the commit written to its home, from the journal staging buffer
+    /// (the images as committed: the cache may have moved on). Their
+    /// durability comes with the next commit's flush; until then replay
+    /// redoes them. A failure fails the store (the commit itself stands).
+    pub fn write_home(&mut self) -> Result<(), StoreError> {
+        let Some(h) = self.home_pending.take() else {
+            return Ok(());
+        };
+        let r = self.write_home_inner(h);
+        if r.is_err() {
+            self.failed = true;
+        }
+        r
+    }
+
+    fn write_home_inner(&mut self, h: usize) -> Result<(), StoreError> {
+        let bs = BLOCK_SIZE_BYTES;
+        for i in 0..self.entries.len() {
+            self.within_lease()?;
+            let home = self.entries[i].home;
+            let img = &self.staging[(h + i) * bs..(h + i + 1) * bs];
+            self.disk.write_at(img, home * BS)?;
+        }
+        Ok(())
     }
 }

@@ -70,6 +70,8 @@ impl<D: Disk> Store<D> {
     /// block that fails is dropped from the cache and reported as
     /// `Corrupt` with the reason: nothing derived from it is used.
     pub(crate) fn block(&mut self, addr: u64, kind: BlockKind) -> Result<usize, StoreError> {
+        // A miss reads home: the last commit's home writes go first.
+        self.write_home()?;
         let misses = self.cache.misses;
         let slot = self.cache.get(&mut self.disk, addr, kind)?;
         if self.cache.misses == misses {

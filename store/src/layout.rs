@@ -14,6 +14,13 @@ use crate::mask::Mask;
 pub const BLOCK_MAGIC: u32 = u32::from_le_bytes(*b"csnp");
 /// Format version written in every block header and the label.
 pub const FORMAT_VERSION: u16 = 1;
+/// Format version of a commit block that vouches for its data by checksum
+/// (and of its data-checksum block): the single-flush commit
+/// (ARCHITECTURE 2.6). Every other block, and a commit whose data was
+/// flushed before it, stays at `FORMAT_VERSION`; a csnap that reads only
+/// version 1 stops its replay at the first version-2 commit, so a store
+/// this csnap wrote must not be opened by an older one.
+pub const COMMIT_VERIFIED_VERSION: u16 = 2;
 /// Bytes of the common header.
 pub const HEADER_BYTES: usize = 32;
 
@@ -33,6 +40,8 @@ pub enum BlockKind {
     Node = 5,
     /// A b-tree leaf.
     Leaf = 6,
+    /// The data-checksum block of a single-flush commit (journal only).
+    DataCrcs = 7,
 }
 
 impl BlockKind {
@@ -45,6 +54,7 @@ impl BlockKind {
             4 => BlockKind::Bitmap,
             5 => BlockKind::Node,
             6 => BlockKind::Leaf,
+            7 => BlockKind::DataCrcs,
             _ => return None,
         })
     }
@@ -58,6 +68,7 @@ impl BlockKind {
             BlockKind::Bitmap => "bitmap block",
             BlockKind::Node => "b-tree index node",
             BlockKind::Leaf => "b-tree leaf",
+            BlockKind::DataCrcs => "journal data-checksum block",
         }
     }
 }
@@ -137,6 +148,15 @@ pub fn set_count(b: &mut [u8], n: u16) {
 /// Level field.
 pub fn level(b: &[u8]) -> u16 {
     get_u16(b, OFF_LEVEL)
+}
+/// Sets the version field (a commit that vouches for its data by checksum:
+/// `COMMIT_VERIFIED_VERSION`).
+pub fn set_version(b: &mut [u8], v: u16) {
+    put_u16(b, OFF_VERSION, v);
+}
+/// Version field.
+pub fn version(b: &[u8]) -> u16 {
+    get_u16(b, OFF_VERSION)
 }
 /// Sets the level field.
 pub fn set_level(b: &mut [u8], l: u16) {
@@ -241,10 +261,14 @@ pub fn verify(b: &[u8], at: u64, expect: BlockKind) -> Result<Header, BlockFault
         return Err(BlockFault::Address { found: found_addr });
     }
     let version = get_u16(b, OFF_VERSION);
-    if version != FORMAT_VERSION {
+    let k = get_u16(b, OFF_KIND);
+    let verified_commit = matches!(
+        BlockKind::from_u16(k),
+        Some(BlockKind::Commit | BlockKind::DataCrcs)
+    ) && version == COMMIT_VERIFIED_VERSION;
+    if version != FORMAT_VERSION && !verified_commit {
         return Err(BlockFault::Version { found: version });
     }
-    let k = get_u16(b, OFF_KIND);
     let kind = match BlockKind::from_u16(k) {
         Some(kind) if kind == expect => kind,
         _ => return Err(BlockFault::Kind { found: k }),

@@ -9,10 +9,12 @@
 //! open: no operation allocates.
 //!
 //! Operations mutate the open transaction; `commit` makes them durable. The
-//! caller performs copy-outs between an operation and the commit (the commit
-//! flushes the store device before the journal write, so copied data is
-//! durable before the metadata that points to it). See ARCHITECTURE.md
-//! "Store" for the layout and the commit protocol.
+//! caller performs copy-outs between an operation and the commit through
+//! `write_data`; the commit lists their checksums, so one flush after the
+//! journal write makes data and metadata durable together and replay
+//! discards a commit whose data did not land (data it cannot checksum is
+//! flushed before the journal write). See ARCHITECTURE.md "Store" (2.6) for
+//! the layout and the commit protocol.
 //!
 //! Where things are: `format` (layout plan, formatting, the label),
 //! `standby` (opening: reserve, then start and replay), `insert` (tree
@@ -59,7 +61,7 @@ pub use standby::{OpenOptions, Standby};
 use cache::Cache;
 use csnap_pools::{
     BLOCK_SIZE_BYTES, CACHE_MIN_BLOCKS, OP_DIRTY_BLOCKS_MAX, PRIORITY_NEVER_DELETE, SNAPSHOTS_MAX,
-    TREE_DEPTH_MAX, TX_BLOCKS_MAX, TX_FREES_MAX,
+    TREE_DEPTH_MAX, TX_BLOCKS_MAX, TX_DATA_CHUNKS_MAX, TX_FREES_MAX,
 };
 use disk::Disk;
 pub use layout::StoreFullPolicy;
@@ -233,11 +235,25 @@ pub struct Store<D: Disk> {
     in_use_mask: Mask,
     replay: journal::ReplayReport,
     fence_buf: disk::IoBuf,
-    /// The home copies of every committed block are durable (no home write
-    /// since the last flush).
-    home_durable: bool,
-    /// The device was handed out (`disk_mut`) since the last flush.
-    data_written: bool,
+    /// Data was written since the last commit that the next commit cannot
+    /// vouch for by checksum: it flushes before its journal write.
+    pre_flush: bool,
+    /// Copy-outs of the open transaction and their checksums
+    /// (`TX_DATA_CHUNKS_MAX`, reserved at open).
+    tx_data: Vec<journal::DataEntry>,
+    /// The chunks the last commit vouches for: a client write into one
+    /// of them must wait for a newer commit (`must_commit`), or replay
+    /// would find the checksum broken and discard an acknowledged commit.
+    last_data: Vec<u64>,
+    /// A commit must be written even if nothing changed (a snapshot
+    /// write into a chunk of `last_data`).
+    must_commit: bool,
+    /// The last commit's home writes are still to do (`write_home`): its
+    /// images are in the staging buffer after this many head blocks.
+    home_pending: Option<usize>,
+    /// Ring slots of the commit before the last one, which the next commit
+    /// must not overwrite (`None` after an open: its flush made home durable).
+    prev_commit: Option<(u64, u64)>,
     /// The lease (`set_lease`): writes only within it of a good fence read.
     lease: Option<std::time::Duration>,
     /// When the last fence read that found no newer incarnation began.
@@ -265,16 +281,32 @@ impl<D: Disk> Store<D> {
         &self.label
     }
 
-    /// The device.
+    /// The device. Whatever the caller writes through it is flushed
+    /// before the next commit's journal write (the commit cannot vouch for
+    /// it); copy-outs go through `write_data`, which the commit vouches for
+    /// by checksum, and reads through `read_data`.
     pub fn disk_mut(&mut self) -> &mut D {
-        // Whatever the caller writes (copy-outs) must be flushed before the
-        // next commit's journal write.
-        self.data_written = true;
+        self.pre_flush = true;
         &mut self.disk
     }
 
+    /// The device as another process sees it, for tests that model a
+    /// client's own data writes (which the store never learns of): writing
+    /// through it marks nothing.
+    #[doc(hidden)]
+    pub fn client_disk(&mut self) -> &mut D {
+        &mut self.disk
+    }
+
+    /// Reads data (a copy's source) at byte `off` of the device.
+    pub fn read_data(&mut self, buf: &mut [u8], off: u64) -> Result<(), disk::DiskError> {
+        self.disk.read_at(buf, off)
+    }
+
     /// Closes the store, returning the device. Uncommitted changes are lost.
-    pub fn into_disk(self) -> D {
+    pub fn into_disk(mut self) -> D {
+        // Best effort: a failed home write is redone by the next replay.
+        let _ = self.write_home();
         self.disk
     }
 
@@ -312,7 +344,10 @@ impl<D: Disk> Store<D> {
 
     /// Whether the open transaction holds changes.
     pub fn is_dirty(&self) -> bool {
-        self.cache.dirty_count() > 0 || self.sb != self.committed || !self.pending_frees.is_empty()
+        self.cache.dirty_count() > 0
+            || self.sb != self.committed
+            || !self.pending_frees.is_empty()
+            || self.must_commit
     }
 
     /// Whether another mapping operation fits in the open transaction.
@@ -339,6 +374,7 @@ impl<D: Disk> Store<D> {
     }
 
     fn begin_op(&mut self) -> Result<(), StoreError> {
+        self.write_home()?;
         if self.failed {
             return Err(StoreError::Failed);
         }

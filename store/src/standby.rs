@@ -15,6 +15,8 @@ pub struct Standby<D: Disk> {
     staging: disk::IoBuf,
     pending_frees: Vec<Free>,
     entries: Vec<journal::Entry>,
+    tx_data: Vec<journal::DataEntry>,
+    last_data: Vec<u64>,
     block_buf: disk::IoBuf,
     /// The incarnation this standby claimed (0: none): the start's replay
     /// keeps it in the superblock it redoes.
@@ -90,6 +92,8 @@ impl<D: Disk> Standby<D> {
             staging: disk::io_buf(journal::REPLAY_BUFFER_BLOCKS * BLOCK_SIZE_BYTES),
             pending_frees: Vec::with_capacity(TX_FREES_MAX),
             entries: Vec::with_capacity(TX_BLOCKS_MAX + 1),
+            tx_data: Vec::with_capacity(TX_DATA_CHUNKS_MAX),
+            last_data: Vec::with_capacity(TX_DATA_CHUNKS_MAX),
             block_buf: disk::io_buf(BLOCK_SIZE_BYTES),
             claimed: 0,
         })
@@ -120,12 +124,15 @@ impl<D: Disk> Standby<D> {
             staging,
             pending_frees,
             entries,
+            tx_data,
+            last_data,
             block_buf,
             claimed,
         } = self;
-        // Two consecutive commits (the last one must survive the next) plus the
-        // wrap gap fit in the ring: 3 * (cap + 1) + 3 <= journal blocks.
-        let journal_third = usize::try_from((label.journal_blocks - 6) / 3).unwrap_or(usize::MAX);
+        // Two consecutive commits (the last one must survive the next) plus
+        // the wrap gap fit in the ring: a commit is at most cap + 3 slots
+        // (commit block, data checksums, superblock), 3 * (cap + 3) <= J.
+        let journal_third = usize::try_from((label.journal_blocks - 9) / 3).unwrap_or(usize::MAX);
         let tx_cap_blocks = TX_BLOCKS_MAX
             .min(journal_third)
             .min(cache_blocks - csnap_pools::OP_TOUCHED_BLOCKS_MAX);
@@ -145,9 +152,19 @@ impl<D: Disk> Standby<D> {
             in_use_mask: Mask::EMPTY,
             replay,
             fence_buf: block_buf,
-            // After the replay's flush (or a format's), home is durable.
-            home_durable: true,
-            data_written: false,
+            pre_flush: false,
+            tx_data,
+            last_data,
+            must_commit: false,
+            home_pending: None,
+            // Unknown after a start. After a process kill the former
+            // server's last home writes may not be durable yet; the first
+            // commit's flush makes them so. Only a power loss before that
+            // flush, with the superblock's home write lost too, could send
+            // replay to a commit this start overwrote: it reports that
+            // commit damaged and goes on from the next one, whose flush had
+            // made those home writes durable (nothing is lost).
+            prev_commit: None,
             lease: None,
             fence_ok_at: None,
         };
@@ -166,9 +183,13 @@ impl<D: Disk> Standby<D> {
                 pending_frees,
                 staging,
                 entries,
+                mut tx_data,
+                mut last_data,
                 fence_buf,
                 ..
             } = store;
+            tx_data.clear();
+            last_data.clear();
             cache.discard_all();
             return Err((
                 Standby {
@@ -178,6 +199,8 @@ impl<D: Disk> Standby<D> {
                     staging,
                     pending_frees,
                     entries,
+                    tx_data,
+                    last_data,
                     block_buf: fence_buf,
                     claimed,
                 },
@@ -226,6 +249,17 @@ impl<D: Disk> Standby<D> {
             }
             Ok(())
         })?;
+        // A commit block the walk did not take (torn, or its data lost) is
+        // wiped, so that no later replay can take it for the commit of the
+        // same sequence this server writes next (ARCHITECTURE 2.6).
+        for s in replay.stale_slots.into_iter().flatten() {
+            block_buf.fill(0);
+            disk.write_at(block_buf, (label.journal_start + s) * BS)?;
+            rewrote = true;
+        }
+        // The replayed home copies and the wipes are durable before this
+        // start's first commit writes anything (a wipe must not be reordered
+        // after a data write that could make the wiped commit whole).
         if rewrote {
             disk.flush()?;
         }

@@ -77,9 +77,21 @@ impl<D: Disk> Store<D> {
             .map(|i| (i, tree::leaf_get(b, i)))
             .find(|(_, r)| r.mask.intersects(me));
         match found {
-            Some((_, r)) if r.mask == me => Ok(SnapshotWrite::Unique {
-                store_chunk: r.store,
-            }),
+            Some((_, r)) if r.mask == me => {
+                // The client writes into the chunk after the reply. If a
+                // commit vouches for its contents by checksum, that commit
+                // must not be the newest when the write lands: the open
+                // transaction's data is flushed instead of checksummed, the
+                // last commit's is superseded by this one.
+                if self.tx_data.iter().any(|e| e.chunk == r.store) {
+                    self.pre_flush = true;
+                } else if self.last_data.contains(&r.store) {
+                    self.must_commit = true;
+                }
+                Ok(SnapshotWrite::Unique {
+                    store_chunk: r.store,
+                })
+            }
             Some((i, r)) => {
                 let store_chunk = self.alloc_data(modified)?;
                 *modified = true;
@@ -95,6 +107,9 @@ impl<D: Disk> Store<D> {
                     store: store_chunk,
                 })?;
                 self.account(Mask::EMPTY, me)?;
+                // The client writes into the new chunk after the commit:
+                // its copy is flushed, not checksummed.
+                self.pre_flush = true;
                 Ok(SnapshotWrite::CopyFromStore {
                     from: r.store,
                     store_chunk,
@@ -109,15 +124,38 @@ impl<D: Disk> Store<D> {
                     store: store_chunk,
                 })?;
                 self.account(Mask::EMPTY, me)?;
+                self.pre_flush = true;
                 Ok(SnapshotWrite::CopyFromOrigin { store_chunk })
             }
         }
     }
 
     /// Writes copy-out data at byte `off` of the device, within the lease.
+    /// A whole chunk is vouched for by the next commit's checksum list; a
+    /// partial one, one past the list's room, or any write into a chunk a
+    /// client writes next (a snapshot write's copy) is flushed before the
+    /// commit's journal write instead.
     pub fn write_data(&mut self, buf: &[u8], off: u64) -> Result<(), StoreError> {
         self.within_lease()?;
-        self.data_written = true;
+        let chunk_bytes = u64::from(self.label.chunk_size_bytes);
+        let rel = off.checked_sub(self.label.chunk_offset(0));
+        let chunk = rel
+            .filter(|r| r % chunk_bytes == 0 && buf.len() as u64 == chunk_bytes)
+            .map(|r| r / chunk_bytes)
+            .filter(|&c| c < self.label.data_chunks);
+        match chunk {
+            Some(chunk)
+                if !self.pre_flush
+                    && self.tx_data.len() < TX_DATA_CHUNKS_MAX
+                    && self.tx_data.iter().all(|e| e.chunk != chunk) =>
+            {
+                self.tx_data.push(journal::DataEntry {
+                    chunk,
+                    crc: crc32c::crc32c(buf),
+                });
+            }
+            _ => self.pre_flush = true,
+        }
         self.disk.write_at(buf, off)?;
         Ok(())
     }

@@ -83,7 +83,7 @@ const ORIGIN_CHUNKS: u64 = 320;
 
 /// Runs a random workload, recording. Returns the base images, the log and
 /// the durability points.
-fn record(seed: u64, ops: usize) -> (MemDisk, MemDisk, Vec<Ev>, Vec<Point>) {
+fn record(seed: u64, ops: usize, paired: bool) -> (MemDisk, MemDisk, Vec<Ev>, Vec<Point>) {
     let base_store = format_store(ORIGIN_CHUNKS, 2048, StoreFullPolicy::Refuse);
     let base_origin = make_origin(ORIGIN_CHUNKS);
     let log: Log = Rc::new(RefCell::new(Vec::new()));
@@ -112,7 +112,42 @@ fn record(seed: u64, ops: usize) -> (MemDisk, MemDisk, Vec<Ev>, Vec<Point>) {
         let tags: Vec<u32> = m.snaps.keys().copied().collect();
         let mut flux = None;
         let pre_snaps = m.snaps.clone();
-        match rng.below(10) {
+        let op = if paired && !tags.is_empty() {
+            10
+        } else {
+            rng.below(10)
+        };
+        match op {
+            10 => {
+                // A first write to the origin, whose copy-out the commit
+                // vouches for by checksum, then at once a snapshot write
+                // into that same chunk (in place when one snapshot alone
+                // shares it): the snapshot write must not land while that
+                // commit is the newest (ARCHITECTURE 2.6).
+                let t = tags[rng.below(tags.len() as u64) as usize];
+                let c = rng.below(ORIGIN_CHUNKS);
+                value += 1;
+                assert_eq!(h.origin_write(c, value), Outcome::Done);
+                m.origin[c as usize] = value;
+                points.push(Point {
+                    log_len: log.borrow().len(),
+                    seq: h.store.status().seq,
+                    snaps: m.snaps.clone(),
+                    flux: None,
+                });
+                let pre = m.snaps.clone();
+                value += 1;
+                assert_eq!(h.snapshot_write(t, c, value), Outcome::Done);
+                let flush_at = log.borrow().len();
+                h.store.client_disk().flush().unwrap();
+                m.snaps.get_mut(&t).unwrap()[c as usize] = value;
+                points.push(Point {
+                    log_len: flush_at,
+                    seq: h.store.status().seq,
+                    snaps: pre,
+                    flux: Some((t, c, value, flush_at)),
+                });
+            }
             0 | 1 if tags.len() < 6 => {
                 tag += 1;
                 h.store.create_snapshot(tag, 0).unwrap();
@@ -143,7 +178,7 @@ fn record(seed: u64, ops: usize) -> (MemDisk, MemDisk, Vec<Ev>, Vec<Point>) {
                 assert_eq!(h.snapshot_write(t, c, value), Outcome::Done);
                 // The client's flush makes the data durable.
                 let flush_at = log.borrow().len();
-                h.store.disk_mut().flush().unwrap();
+                h.store.client_disk().flush().unwrap();
                 flux = Some((t, c, value, flush_at));
                 m.snaps.get_mut(&t).unwrap()[c as usize] = value;
             }
@@ -315,7 +350,7 @@ fn verify_crash(
         "{when}: recovered commit {seq} is older than acknowledged {acked}"
     );
     let mut h = Harness::new(store, o);
-    assert_clean(h.store.disk_mut(), &when);
+    assert_clean(h.store.client_disk(), &when);
     // The model at the recovered commit: the newest point of that commit the
     // crash had reached, or, when the commit became durable before its
     // operation returned, the first point of that commit.
@@ -360,7 +395,11 @@ fn verify_crash(
 }
 
 fn crash_run(seed: u64, ops: usize) {
-    let (bs, bo, events, points) = record(seed, ops);
+    crash_run_mix(seed, ops, false);
+}
+
+fn crash_run_mix(seed: u64, ops: usize, paired: bool) {
+    let (bs, bo, events, points) = record(seed, ops, paired);
     let mut rng = Xor::new(seed.wrapping_mul(31) | 1);
     let mut tested = 0;
     for p in 0..=events.len() {
@@ -398,4 +437,11 @@ fn crash_at_every_point_seed_2() {
 #[test]
 fn crash_at_every_point_seed_3() {
     crash_run(0xdead_beef, 40);
+}
+
+/// Origin first writes each followed at once by a snapshot write into the
+/// chunk just copied out (one snapshot: in place), crashed at every point.
+#[test]
+fn crash_at_every_point_snapshot_writes_into_fresh_copy_outs() {
+    crash_run_mix(0x5eed, 24, true);
 }

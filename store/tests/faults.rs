@@ -153,7 +153,7 @@ fn step<D: Disk>(
             let mut b = vec![0u8; CHUNK];
             origin.read_at(&mut b, c * CHUNK as u64).unwrap();
             let off = st.chunk_offset(store_chunk);
-            st.disk_mut().write_at(&b, off)?;
+            st.write_data(&b, off)?;
         }
     }
     st.commit()?;
@@ -224,7 +224,7 @@ fn recover_and_verify(d: MemDisk, origin: &mut MemDisk, acked: &Acked, what: &st
                 Mapping::Origin => origin.read_at(&mut b, c * CHUNK as u64).unwrap(),
                 Mapping::Store(s) => {
                     let off = st.chunk_offset(s);
-                    st.disk_mut().read_at(&mut b, off).unwrap();
+                    st.read_data(&mut b, off).unwrap();
                 }
             }
             assert_eq!(
@@ -513,7 +513,7 @@ fn auto_delete_workload<D: Disk>(
             let mut b = vec![0u8; CHUNK];
             origin.read_at(&mut b, c * CHUNK as u64).unwrap();
             let off = st.chunk_offset(store_chunk);
-            st.disk_mut().write_at(&b, off)?;
+            st.write_data(&b, off)?;
         }
         st.commit()?;
         origin.write_at(&pattern(v), c * CHUNK as u64).unwrap();
@@ -594,7 +594,7 @@ fn a_crash_at_every_write_under_delete_lowest_priority_loses_nothing_acknowledge
                         Mapping::Origin => origin.read_at(&mut b, c * CHUNK as u64).unwrap(),
                         Mapping::Store(s) => {
                             let off = st.chunk_offset(s);
-                            st.disk_mut().read_at(&mut b, off).unwrap();
+                            st.read_data(&mut b, off).unwrap();
                         }
                     }
                     assert_eq!(

@@ -58,7 +58,7 @@ fn origin_writes_copy_out_once_for_all_snapshots() {
     m.origin[3] = 43;
     assert_eq!(before - h.store.status().data_free, 1);
     verify(&mut h, &m, "after origin writes");
-    assert_clean(h.store.disk_mut(), "after origin writes");
+    assert_clean(h.store.client_disk(), "after origin writes");
 }
 
 #[test]
@@ -88,7 +88,7 @@ fn interleaved_origin_and_snapshot_writes_on_one_chunk() {
     h.snapshot_write(3, 6, 600);
     m.snaps.get_mut(&3).unwrap()[6] = 600;
     verify(&mut h, &m, "after the sequence");
-    assert_clean(h.store.disk_mut(), "after the sequence");
+    assert_clean(h.store.client_disk(), "after the sequence");
 }
 
 #[test]
@@ -109,7 +109,7 @@ fn delete_old_new_and_all_snapshots() {
         m.snaps.remove(&tag);
         h.store.reclaim().unwrap();
         verify(&mut h, &m, &format!("delete step {step}"));
-        assert_clean(h.store.disk_mut(), &format!("delete step {step}"));
+        assert_clean(h.store.client_disk(), &format!("delete step {step}"));
     }
     let s = h.store.status();
     assert_eq!(
@@ -200,7 +200,7 @@ fn full_snapshot_table_written_between_and_deleted() {
         Err(StoreError::TooManySnapshots)
     );
     verify(&mut h, &m, "full table");
-    assert_clean(h.store.disk_mut(), "full table");
+    assert_clean(h.store.client_disk(), "full table");
     // Every snapshot holds its own copy of the hot chunk.
     for s in h.store.snapshots() {
         assert!(s.unique_chunks >= 1, "snapshot {}: {s:?}", s.tag);
@@ -218,7 +218,7 @@ fn full_snapshot_table_written_between_and_deleted() {
         m.origin[HOT as usize] = v;
         if k % 16 == 15 {
             verify(&mut h, &m, &format!("after {} deletes", k + 1));
-            assert_clean(h.store.disk_mut(), &format!("after {} deletes", k + 1));
+            assert_clean(h.store.client_disk(), &format!("after {} deletes", k + 1));
         }
     }
     let s = h.store.status();
@@ -232,7 +232,7 @@ fn full_snapshot_table_written_between_and_deleted() {
         m.origin[HOT as usize] = v;
     }
     verify(&mut h, &m, "slots used again");
-    assert_clean(h.store.disk_mut(), "slots used again");
+    assert_clean(h.store.client_disk(), "slots used again");
 }
 
 fn gcd(a: u32, b: u32) -> u32 {
@@ -257,7 +257,7 @@ fn store_full_refuse_fails_the_write_visibly_and_loses_nothing() {
     assert_eq!(h.origin_write(0, 77), Outcome::Done);
     m.origin[0] = 77;
     verify(&mut h, &m, "store full");
-    assert_clean(h.store.disk_mut(), "store full");
+    assert_clean(h.store.client_disk(), "store full");
 }
 
 #[test]
@@ -290,7 +290,7 @@ fn store_full_deletes_lowest_priority_unused_snapshot_and_reports_it() {
     assert_eq!(h.auto_deleted, vec![2, 3]);
     m.snaps.remove(&3);
     verify(&mut h, &m, "after second auto-delete");
-    assert_clean(h.store.disk_mut(), "after auto-delete");
+    assert_clean(h.store.client_disk(), "after auto-delete");
 }
 
 #[test]
@@ -308,7 +308,7 @@ fn store_full_auto_delete_frees_room_and_the_write_proceeds() {
     assert_eq!(h.auto_deleted, vec![1]);
     m.snaps.remove(&1);
     verify(&mut h, &m, "after auto-delete");
-    assert_clean(h.store.disk_mut(), "after auto-delete");
+    assert_clean(h.store.client_disk(), "after auto-delete");
 }
 
 #[test]
@@ -442,22 +442,26 @@ fn an_older_incarnation_is_fenced_and_writes_nothing() {
     assert_clean(&mut disk, "after fencing");
 }
 
-/// The device flushes a first write costs today (ARCHITECTURE 2.6): its
-/// commit flushes the store twice (copy-out data and the previous commit's
-/// home writes before the journal write; the commit point after it), and a
-/// group commit shares both among all its first writes; a rewrite commits
-/// nothing and flushes nothing. The figure a single-flush commit (#11)
-/// would move to 1.
+/// The device flushes a first write costs (ARCHITECTURE 2.6): its commit
+/// flushes the store once (the single-flush commit: the copy-out data, the
+/// previous commit's home writes and the journal write are made durable
+/// together, the commit vouching for the data by checksum), and a group
+/// commit shares it among all its first writes; a rewrite commits nothing
+/// and flushes nothing. A snapshot write that gets a new chunk flushes
+/// twice (the client writes into that chunk after the reply, so its copy
+/// is flushed before the journal write, not checksummed); one into a chunk
+/// the last commit vouches for waits for one more commit (one flush).
 #[test]
-fn a_first_write_commit_costs_two_store_flushes_shared_by_its_group() {
+fn a_first_write_commit_costs_one_store_flush_shared_by_its_group() {
     use csnap_store::disk::MemDisk;
     let (mut h, mut m) = setup(256, StoreFullPolicy::Refuse);
     snap(&mut h, &mut m, 1);
-    let flushes = |h: &mut Harness<MemDisk, MemDisk>| h.store.disk_mut().flushes;
+    let flushes = |h: &mut Harness<MemDisk, MemDisk>| h.store.client_disk().flushes;
+    let seq = |h: &mut Harness<MemDisk, MemDisk>| h.store.status().seq;
     let f0 = flushes(&mut h);
     assert_eq!(h.origin_write(3, 42), Outcome::Done);
     m.origin[3] = 42;
-    assert_eq!(flushes(&mut h) - f0, 2, "flushes of one first write");
+    assert_eq!(flushes(&mut h) - f0, 1, "flushes of one first write");
     let f1 = flushes(&mut h);
     let batch: Vec<(u64, u64)> = (4..12).map(|c| (c, 100 + c)).collect();
     for o in h.origin_write_batch(&batch) {
@@ -468,13 +472,105 @@ fn a_first_write_commit_costs_two_store_flushes_shared_by_its_group() {
     }
     assert_eq!(
         flushes(&mut h) - f1,
-        2,
+        1,
         "flushes of 8 first writes in one commit"
     );
     let f2 = flushes(&mut h);
     assert_eq!(h.origin_write(3, 43), Outcome::Done);
     m.origin[3] = 43;
     assert_eq!(flushes(&mut h) - f2, 0, "flushes of a rewrite");
+    // Snapshot 1 alone shares chunk 11's copy-out, which the last commit
+    // vouches for: writing into it takes one more commit first.
+    let (f3, s3) = (flushes(&mut h), seq(&mut h));
+    assert_eq!(h.snapshot_write(1, 11, 7), Outcome::Done);
+    m.snaps.get_mut(&1).unwrap()[11] = 7;
+    assert_eq!(
+        seq(&mut h) - s3,
+        1,
+        "a commit before a write into a vouched chunk"
+    );
+    assert_eq!(flushes(&mut h) - f3, 1, "flushes of that commit");
+    // Written again: no commit vouches for it now.
+    let (f4, s4) = (flushes(&mut h), seq(&mut h));
+    assert_eq!(h.snapshot_write(1, 11, 8), Outcome::Done);
+    m.snaps.get_mut(&1).unwrap()[11] = 8;
+    assert_eq!(
+        (seq(&mut h) - s4, flushes(&mut h) - f4),
+        (0, 0),
+        "an in-place rewrite"
+    );
+    // A snapshot write that copies out first: flushed, then committed.
+    let f5 = flushes(&mut h);
+    assert_eq!(h.snapshot_write(1, 13, 9), Outcome::Done);
+    m.snaps.get_mut(&1).unwrap()[13] = 9;
+    assert_eq!(
+        flushes(&mut h) - f5,
+        2,
+        "flushes of a snapshot write's copy"
+    );
     verify(&mut h, &m, "after first writes and a rewrite");
-    assert_clean(h.store.disk_mut(), "after first writes and a rewrite");
+    assert_clean(h.store.client_disk(), "after first writes and a rewrite");
+}
+
+/// A single-flush commit whose journal write landed but whose copy-out did
+/// not (a power loss before its flush returned; nobody was told it was
+/// durable): the reopened store is at the commit before, reports the
+/// discard, wipes the commit block (so that no later replay can take it
+/// for the commit of the same sequence written next), and is clean; the
+/// snapshot still reads the origin's old data. The same image with the
+/// copy-out intact replays the commit.
+#[test]
+fn a_commit_whose_copy_out_was_lost_is_discarded_and_wiped() {
+    use csnap_store::disk::{Disk, MemDisk};
+    let (mut h, mut m) = setup(256, StoreFullPolicy::Refuse);
+    snap(&mut h, &mut m, 1);
+    let label = *h.store.label();
+    let before: MemDisk = h.store.client_disk().clone();
+    let seq0 = h.store.status().seq;
+    assert_eq!(h.origin_write(5, 77), Outcome::Done);
+    let csnap_store::Mapping::Store(copy) = h.store.lookup(1, 5).unwrap() else {
+        panic!("chunk 5 of snapshot 1 was copied out");
+    };
+    let after: MemDisk = h.store.client_disk().clone();
+    let bs = csnap_pools::BLOCK_SIZE_BYTES as u64;
+    let slot = {
+        let mut b = vec![0u8; bs as usize];
+        after
+            .clone()
+            .read_at(&mut b, csnap_store::layout::SUPER_BLOCK * bs)
+            .unwrap();
+        csnap_store::layout::Super::decode(&b)
+            .unwrap()
+            .journal_last_slot
+    };
+    // The crash image: everything as before the commit, but its journal.
+    let crash = |keep_data: bool| {
+        let mut d = before.clone();
+        let mut j = vec![0u8; (label.journal_blocks * bs) as usize];
+        let mut src = after.clone();
+        src.read_at(&mut j, label.journal_start * bs).unwrap();
+        d.write_at(&j, label.journal_start * bs).unwrap();
+        if keep_data {
+            let mut b = vec![0u8; CHUNK];
+            let off = label.chunk_offset(copy);
+            src.read_at(&mut b, off).unwrap();
+            d.write_at(&b, off).unwrap();
+        }
+        d
+    };
+    let st = open(crash(false));
+    assert_eq!(st.status().seq, seq0, "the commit is discarded");
+    assert_eq!(st.replay_report().discarded, Some(seq0 + 1));
+    let mut d = st.into_disk();
+    let mut blk = vec![0u8; bs as usize];
+    d.read_at(&mut blk, (label.journal_start + slot) * bs)
+        .unwrap();
+    assert!(blk.iter().all(|&b| b == 0), "the commit block is wiped");
+    assert_clean(&mut d, "after a discarded commit");
+    let mut h2 = Harness::new(open(d), make_origin(ORIGIN_CHUNKS));
+    verify(&mut h2, &m, "after a discarded commit");
+    // Control: with its copy-out on the disk the commit is replayed.
+    let st = open(crash(true));
+    assert_eq!(st.status().seq, seq0 + 1, "the commit is replayed");
+    assert_eq!(st.replay_report().discarded, None);
 }

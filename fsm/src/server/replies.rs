@@ -4,6 +4,18 @@
 use super::*;
 
 impl Server {
+    /// The store failed (or found itself fenced): the server stops, once.
+    fn store_failed(&mut self, f: StoreFailure) {
+        if !self.failed {
+            self.failed = true;
+            self.events.push(if f == StoreFailure::Fenced {
+                ServerEvent::Fenced
+            } else {
+                ServerEvent::StoreFailed
+            });
+        }
+    }
+
     /// A reply from the store worker.
     pub fn handle_store_reply(&mut self, reply: &StoreReply) {
         match reply.token {
@@ -16,6 +28,11 @@ impl Server {
                         self.events
                             .push(ServerEvent::Corrupt { addr, kind, reason });
                     }
+                    // The store failed outside a request (a commit's home
+                    // writes, after its replies went out).
+                    StoreResult::Failed(f @ (StoreFailure::Internal | StoreFailure::Fenced)) => {
+                        self.store_failed(f);
+                    }
                     _ => {}
                 }
                 return;
@@ -26,14 +43,7 @@ impl Server {
         if let StoreResult::Failed(f @ (StoreFailure::Internal | StoreFailure::Fenced)) =
             reply.result
         {
-            if !self.failed {
-                self.failed = true;
-                self.events.push(if f == StoreFailure::Fenced {
-                    ServerEvent::Fenced
-                } else {
-                    ServerEvent::StoreFailed
-                });
-            }
+            self.store_failed(f);
         }
         let token = reply.token;
         let Some(f) = self.inflight.get(token).copied() else {

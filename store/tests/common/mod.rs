@@ -106,15 +106,15 @@ impl<D: Disk, O: Disk> Harness<D, O> {
         let mut b = vec![0u8; CHUNK];
         self.origin.read_at(&mut b, chunk * CHUNK as u64).unwrap();
         let off = self.store.chunk_offset(store_chunk);
-        self.store.disk_mut().write_at(&b, off).unwrap();
+        self.store.write_data(&b, off).unwrap();
     }
 
     fn copy_store_to_store(&mut self, from: u64, to: u64) {
         let mut b = vec![0u8; CHUNK];
         let off = self.store.chunk_offset(from);
-        self.store.disk_mut().read_at(&mut b, off).unwrap();
+        self.store.read_data(&mut b, off).unwrap();
         let off = self.store.chunk_offset(to);
-        self.store.disk_mut().write_at(&b, off).unwrap();
+        self.store.write_data(&b, off).unwrap();
     }
 
     /// Prepares an origin write (copy-out included), without committing.
@@ -200,8 +200,9 @@ impl<D: Disk, O: Disk> Harness<D, O> {
             }
         }
         self.store.commit().unwrap();
+        // The client's own write: the store does not see it.
         let off = self.store.chunk_offset(w.store_chunk());
-        self.store.disk_mut().write_at(&pattern(v), off).unwrap();
+        self.store.client_disk().write_at(&pattern(v), off).unwrap();
         Outcome::Done
     }
 
@@ -212,7 +213,7 @@ impl<D: Disk, O: Disk> Harness<D, O> {
             Mapping::Origin => self.origin.read_at(&mut b, chunk * CHUNK as u64).unwrap(),
             Mapping::Store(s) => {
                 let off = self.store.chunk_offset(s);
-                self.store.disk_mut().read_at(&mut b, off).unwrap()
+                self.store.read_data(&mut b, off).unwrap()
             }
         }
         b
