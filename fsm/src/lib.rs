@@ -33,6 +33,7 @@ pub mod locks;
 pub mod metrics;
 pub mod nbd;
 pub mod nbd_cmds;
+pub mod nbd_conn;
 pub mod outbuf;
 pub mod server;
 pub mod start_line;

@@ -122,8 +122,9 @@ use csnap_fsm::nbd::{
     BLOCK_STATUS_HEADER_BYTES, EXTENT_BYTES, OFFSET_DATA_HEADER_BYTES, REPLY_FLAG_DONE,
     REPLY_HEADER_MAX_BYTES, REPLY_TYPE_BLOCK_STATUS, SIMPLE_REPLY_BYTES, STATE_DIRTY,
 };
-use csnap_fsm::nbd_cmds::{self, BufRef, Command, Fua};
-use csnap_fsm::volume::{DiskOp, EngineSignal, IoError, SubmitError, VolumeConfig, VolumeEngine};
+use csnap_fsm::nbd_cmds::{self, BufRef};
+use csnap_fsm::nbd_conn::{self, Answer, ConnEvent, NbdCommands, Needs};
+use csnap_fsm::volume::{DiskOp, EngineSignal, IoError, VolumeConfig, VolumeEngine};
 use csnap_proto::{self as proto, ErrorCode, FrameReader, Msg, Role, Volume, FRAME_MAX_BYTES};
 use mio::{Events, Interest, Poll, Registry, Token};
 
@@ -141,8 +142,6 @@ use control::*;
 use link::*;
 pub use server::{NbdServer, NbdStop};
 
-/// Engine I/Os in flight per connection.
-const IOS: usize = csnap_pools::VOLUME_IOS_MAX;
 /// Commands admitted per connection.
 const CMDS: usize = csnap_pools::NBD_COMMANDS_PER_CONNECTION_MAX;
 /// Buffers one connection holds at once.
@@ -482,16 +481,6 @@ enum Pending {
     },
 }
 
-fn nbd_error(e: IoError) -> NbdError {
-    match e {
-        IoError::Disk | IoError::NoServer | IoError::ServerDeaths => NbdError::Io,
-        IoError::Invalid => NbdError::Inval,
-        IoError::Server(ErrorCode::StoreFull) => NbdError::NoSpc,
-        IoError::Server(ErrorCode::ReadOnly) => NbdError::Perm,
-        IoError::Server(_) => NbdError::Io,
-    }
-}
-
 /// A refusal that another connection (through the agent) may cure.
 fn retryable(code: ErrorCode) -> bool {
     matches!(
@@ -586,9 +575,9 @@ struct Slot {
     /// of it is in.
     payload_cmd: Option<u8>,
     payload_filled: usize,
-    cmds: [Option<Command>; CMDS],
-    active: usize,
-    seq: u64,
+    /// The admitted commands, their engine I/Os and their answers
+    /// (`csnap_fsm::nbd_conn`).
+    commands: NbdCommands,
     /// Header-only replies to write (each at most `HDR_MAX` bytes), and
     /// their lengths, so that the queue counts replies, not bytes.
     hdr_out: [u8; CMDS * HDR_MAX],
@@ -604,8 +593,6 @@ struct Slot {
     /// The delta bitmap of the block-status command in progress.
     delta: Box<[u8]>,
     delta_state: DeltaState,
-    /// Engine I/O slot → (command, buffer).
-    io_map: [Option<(u8, BufRef)>; IOS],
     bufs_held: usize,
     engine: VolumeEngine,
     link: Link,
@@ -622,9 +609,6 @@ struct Slot {
     listing: bool,
     /// The pending command was counted as waiting for a buffer.
     buffer_wait: bool,
-    /// The first failure of a write acknowledged early, or of a disk
-    /// write, for the next `FLUSH` to report.
-    wb_error: Option<NbdError>,
     /// This slot's index (the disk queue's connection number).
     index: u16,
     /// A disk operation the engine emitted that the disk queue had no room

@@ -102,7 +102,7 @@ impl Slot {
             self.client_eof(now, true);
             return false;
         };
-        let Some(b) = self.cmds[ci].and_then(|c| c.buf) else {
+        let Some(b) = self.commands.table()[ci].and_then(|c| c.buf) else {
             self.client_eof(now, true);
             return false;
         };
@@ -148,7 +148,7 @@ impl Slot {
         if self.session.payload_remaining() == 0 {
             self.payload_cmd = None;
             self.payload_filled = 0;
-            if let Some(c) = self.cmds[ci].as_mut() {
+            if let Some(c) = self.commands.get_mut(ci) {
                 c.receiving = false;
             }
         }
@@ -292,54 +292,40 @@ impl Slot {
             }
             Pending::Cmd(c) => c,
         };
-        let immediate = match c.kind {
-            CmdKind::Trim | CmdKind::Cache => Some(None),
-            CmdKind::WriteZeroes if c.flags.fast_zero() => Some(Some(NbdError::NotSup)),
-            CmdKind::Read | CmdKind::Write | CmdKind::WriteZeroes if c.length == 0 => Some(None),
-            _ => None,
-        };
-        if let Some(err) = immediate {
-            let now_us = csnap_sys::monotonic_micros();
-            sh.metrics
-                .finished(self.metrics_export, c.kind, 0, err.is_none(), now_us);
-            let structured = self.structured_for(c.kind);
-            self.push_done(c.handle, structured, err, sh);
-            return true;
-        }
-        let needs_buf = matches!(
-            c.kind,
-            CmdKind::Read | CmdKind::Write | CmdKind::BlockStatus
-        );
-        let buf = if needs_buf {
-            if self.bufs_held >= BUFS_PER_CONN {
-                return false;
+        let buf = match nbd_conn::needs(&c) {
+            Needs::Answer(err) => {
+                let now_us = csnap_sys::monotonic_micros();
+                sh.metrics
+                    .finished(self.metrics_export, c.kind, 0, err.is_none(), now_us);
+                let structured = self.structured_for(c.kind);
+                self.push_done(c.handle, structured, err, sh);
+                return true;
             }
-            let Some(b) = sh.pool.take() else {
-                if !self.buffer_wait {
-                    self.buffer_wait = true;
-                    sh.stats.buffer_waits += 1;
+            Needs::Nothing => None,
+            Needs::Buffer => {
+                if self.bufs_held >= BUFS_PER_CONN {
+                    return false;
                 }
-                return false;
-            };
-            self.buffer_wait = false;
-            self.bufs_held += 1;
-            Some(b)
-        } else {
-            None
+                let Some(b) = sh.pool.take() else {
+                    if !self.buffer_wait {
+                        self.buffer_wait = true;
+                        sh.stats.buffer_waits += 1;
+                    }
+                    return false;
+                };
+                self.buffer_wait = false;
+                self.bufs_held += 1;
+                Some(b)
+            }
         };
-        let Some(ci) = self.cmds.iter().position(Option::is_none) else {
+        let Some(ci) = self.commands.admit(&c, buf, csnap_sys::monotonic_micros()) else {
             // Unreachable: `outstanding` bounds the table.
             if let Some(b) = buf {
                 self.release_buf(sh, b);
             }
             return false;
         };
-        self.seq += 1;
-        let cmd = Command::admitted(&c, self.seq, buf, csnap_sys::monotonic_micros());
-        let receiving = cmd.receiving;
-        self.cmds[ci] = Some(cmd);
-        self.active += 1;
-        if receiving {
+        if c.kind == CmdKind::Write {
             self.payload_cmd = u8::try_from(ci).ok();
             self.payload_filled = 0;
         }
@@ -352,53 +338,17 @@ impl Slot {
         if !matches!(self.state, SlotState::Serving | SlotState::Closing { .. }) {
             return;
         }
-        loop {
-            let Some(ci) = nbd_cmds::next_to_submit(&self.cmds) else {
-                return;
-            };
-            let Some((kind, off, len, bref)) = self.cmds[ci].and_then(|c| c.next_io()) else {
-                return;
-            };
-            let tag = u64::try_from(ci).unwrap_or(u64::MAX);
-            match self.engine.submit(tag, kind, off, len) {
-                Ok(slot) => {
-                    if let Some(m) = self.io_map.get_mut(slot as usize) {
-                        *m = Some((u8::try_from(ci).unwrap_or(u8::MAX), bref));
-                    }
-                    let mut ack = None;
-                    let connected = self.engine.is_ready();
-                    if let Some(c) = self.cmds[ci].as_mut() {
-                        c.in_engine += 1;
-                        c.advance(len);
-                        if c.acks_early(sh.write_back, connected) {
-                            c.acked = true;
-                            ack = Some(c.handle);
-                        }
-                    }
-                    if let Some(h) = ack {
-                        self.push_hdr(&simple_reply(h, None), sh);
-                    }
-                    sh.moved();
-                }
-                Err(SubmitError::Busy | SubmitError::NotReady) => return,
-                Err(SubmitError::Invalid) => {
-                    if let Some(c) = self.cmds[ci].as_mut() {
-                        c.error.get_or_insert(NbdError::Inval);
-                        c.next = c.end;
-                        c.fua = Fua::No;
-                    }
-                    self.maybe_finish(ci, sh);
-                    sh.moved();
-                }
-            }
+        if self.commands.submit(&mut self.engine, sh.write_back) {
+            sh.moved();
         }
+        self.answer_events(sh);
     }
 
     /// Hands the engine's disk operations to the disk queue and its
     /// completions to their commands.
     pub(super) fn drain_engine(&mut self, sh: &mut Shared) {
         while let Some(op) = self.held.take().or_else(|| self.engine.poll_disk()) {
-            let bref = self.io_map.get(op.slot() as usize).copied().flatten();
+            let bref = self.commands.disk_buf(op.slot());
             let buf_offset = match op {
                 DiskOp::Read { buf_offset, .. } | DiskOp::Write { buf_offset, .. } => {
                     buf_offset as usize
@@ -406,8 +356,8 @@ impl Slot {
                 DiskOp::Sync { .. } => 0,
             };
             let data_at = match (bref, op) {
-                (Some((_, BufRef::Pool(b))), _) => Some(sh.pool.data_at(b) + buf_offset),
-                (Some((_, BufRef::Zero)), DiskOp::Write { .. } | DiskOp::Sync { .. }) => {
+                (Some(BufRef::Pool(b)), _) => Some(sh.pool.data_at(b) + buf_offset),
+                (Some(BufRef::Zero), DiskOp::Write { .. } | DiskOp::Sync { .. }) => {
                     Some(sh.pool.zero_at() + buf_offset)
                 }
                 // Unreachable: every engine I/O has a buffer, and nothing
@@ -429,94 +379,61 @@ impl Slot {
         }
         while let Some((tag, r)) = self.engine.poll_complete() {
             sh.moved();
-            let ci = usize::try_from(tag).unwrap_or(usize::MAX);
-            let Some(c) = self.cmds.get_mut(ci).and_then(Option::as_mut) else {
-                continue;
-            };
-            assert!(
-                c.in_engine > 0,
-                "a completion for a command not in the engine"
-            );
-            c.in_engine -= 1;
-            if let Err(e) = r {
-                c.error.get_or_insert(nbd_error(e));
-                c.next = c.end;
-                c.fua = match c.fua {
-                    Fua::Needed => Fua::No,
-                    f => f,
-                };
-                // A write the disk failed also fails the next flush (as
-                // fsync reports a failed write-back).
-                if e == IoError::Disk && matches!(c.kind, CmdKind::Write | CmdKind::WriteZeroes) {
-                    self.wb_error.get_or_insert(NbdError::Io);
-                }
-            }
-            self.maybe_finish(ci, sh);
+            self.commands.complete(tag, r);
+            self.answer_events(sh);
         }
     }
 
-    /// Replies to command `ci` once nothing of it is left to do.
-    pub(super) fn maybe_finish(&mut self, ci: usize, sh: &mut Shared) {
-        let Some(c) = self.cmds[ci] else {
-            return;
-        };
-        if !c.done() {
-            return;
-        }
-        self.cmds[ci] = None;
-        self.active -= 1;
-        let ok = c.error.is_none();
-        sh.metrics
-            .finished(self.metrics_export, c.kind, c.len, ok, c.start_us);
-        if c.acked {
-            // Its reply went out when it was taken; a failure now is the
-            // next flush's to report.
-            if let Some(e) = c.error {
-                self.wb_error.get_or_insert(e);
-            }
-            if let Some(b) = c.buf {
-                self.release_buf(sh, b);
-            }
+    /// Turns the commands' events into replies: an early acknowledgement
+    /// is a simple reply; a finished command's answer is written around
+    /// its buffer's data or queued as a header, and its buffer goes back
+    /// when it carries no reply.
+    pub(super) fn answer_events(&mut self, sh: &mut Shared) {
+        while let Some(ev) = self.commands.poll_event() {
             sh.moved();
-            return;
-        }
-        // A flush reports a failure of a write acknowledged before it.
-        let error = match (c.kind, c.error) {
-            (CmdKind::Flush, None) => self.wb_error.take(),
-            (_, e) => e,
-        };
-        let structured = self.structured_for(c.kind);
-        let end = u32::try_from(DATA_AT).unwrap_or(0);
-        match (c.kind, error, c.buf) {
-            (CmdKind::Read, None, Some(b)) => {
-                let start = if structured {
-                    let at = DATA_AT - OFFSET_DATA_HEADER_BYTES;
-                    sh.pool.get_mut(b)[at..DATA_AT]
-                        .copy_from_slice(&offset_data_header(c.handle, c.offset, c.len));
-                    at
-                } else {
-                    sh.pool.get_mut(b)[HDR_AT..DATA_AT]
-                        .copy_from_slice(&simple_reply(c.handle, None));
-                    HDR_AT
-                };
-                sh.stats.commands += 1;
-                let start = u32::try_from(start).unwrap_or(0);
-                let pushed = self.data_out.push_back((b, start, end + c.len)).is_ok();
-                assert!(pushed, "reply room is reserved at admission");
-            }
-            (CmdKind::BlockStatus, None, Some(b)) => {
-                sh.stats.commands += 1;
-                let pushed = self.data_out.push_back((b, end, end + c.rendered)).is_ok();
-                assert!(pushed, "reply room is reserved at admission");
-            }
-            (_, err, buf) => {
-                self.push_done(c.handle, structured, err, sh);
-                if let Some(b) = buf {
-                    self.release_buf(sh, b);
+            let f = match ev {
+                ConnEvent::Ack { handle } => {
+                    self.push_hdr(&simple_reply(handle, None), sh);
+                    continue;
+                }
+                ConnEvent::Finished(f) => f,
+            };
+            sh.metrics
+                .finished(self.metrics_export, f.kind, f.len, f.ok, f.start_us);
+            let structured = self.structured_for(f.kind);
+            let end = u32::try_from(DATA_AT).unwrap_or(0);
+            match (f.answer, f.buf) {
+                (Answer::ReadData, Some(b)) => {
+                    let start = if structured {
+                        let at = DATA_AT - OFFSET_DATA_HEADER_BYTES;
+                        sh.pool.get_mut(b)[at..DATA_AT]
+                            .copy_from_slice(&offset_data_header(f.handle, f.offset, f.len));
+                        at
+                    } else {
+                        sh.pool.get_mut(b)[HDR_AT..DATA_AT]
+                            .copy_from_slice(&simple_reply(f.handle, None));
+                        HDR_AT
+                    };
+                    sh.stats.commands += 1;
+                    let start = u32::try_from(start).unwrap_or(0);
+                    let pushed = self.data_out.push_back((b, start, end + f.len)).is_ok();
+                    assert!(pushed, "reply room is reserved at admission");
+                }
+                (Answer::BlockStatus { rendered }, Some(b)) => {
+                    sh.stats.commands += 1;
+                    let pushed = self.data_out.push_back((b, end, end + rendered)).is_ok();
+                    assert!(pushed, "reply room is reserved at admission");
+                }
+                (answer, buf) => {
+                    if let Answer::Done { error } = answer {
+                        self.push_done(f.handle, structured, error, sh);
+                    }
+                    if let Some(b) = buf {
+                        self.release_buf(sh, b);
+                    }
                 }
             }
         }
-        sh.moved();
     }
 
     pub(super) fn write_client(&mut self, sh: &mut Shared) {
@@ -630,16 +547,13 @@ impl Slot {
         }
         self.ctl = CtlWait::None;
         if let Some(ci) = self.payload_cmd.take().map(usize::from) {
-            if let Some(c) = self.cmds[ci].take() {
-                self.active -= 1;
-                if let Some(b) = c.buf {
-                    self.release_buf(sh, b);
-                }
+            if let Some(Some(b)) = self.commands.drop_cmd(ci) {
+                self.release_buf(sh, b);
             }
             self.payload_cmd = None;
             self.payload_filled = 0;
         }
-        if self.active > 0 {
+        if self.commands.active() > 0 {
             return;
         }
         if self.output_left() && !self.client_broken && now < linger_until_ms {
@@ -654,7 +568,10 @@ impl Slot {
 
     /// Gives everything back; the slot is free.
     pub(super) fn teardown(&mut self, sh: &mut Shared, ctl: &mut Control, reg: &Registry) {
-        assert!(self.active == 0, "teardown with commands in flight");
+        assert!(
+            self.commands.active() == 0,
+            "teardown with commands in flight"
+        );
         if self.attached {
             self.engine.release_all_idle();
             self.link.flush_best_effort(&mut self.engine);
@@ -679,7 +596,7 @@ impl Slot {
         self.pending = None;
         self.payload_cmd = None;
         assert!(self.held.is_none(), "a disk operation held without I/O");
-        self.io_map = [None; IOS];
+        self.commands.reset_ios();
         self.attached = false;
         if let Some(i) = self.metrics_export.take() {
             sh.metrics.detach(i);
@@ -692,10 +609,10 @@ impl Slot {
 
     /// The invariants, after every pump (cheap; release builds too).
     pub(super) fn check(&self, sh: &Shared) {
-        let cmds = self.cmds.iter().flatten().count();
-        assert_eq!(cmds, self.active, "command count out of step");
+        self.commands.check();
         let bufs = self
-            .cmds
+            .commands
+            .table()
             .iter()
             .flatten()
             .filter(|c| c.buf.is_some())
@@ -708,7 +625,8 @@ impl Slot {
         assert!(self.hdr_lens.is_empty() || self.hdr_end > self.hdr_start);
         if matches!(self.ctl, CtlWait::Delta { .. }) {
             assert!(
-                self.cmds
+                self.commands
+                    .table()
                     .iter()
                     .flatten()
                     .any(|c| c.kind == CmdKind::BlockStatus),
@@ -716,9 +634,9 @@ impl Slot {
             );
         }
         assert!(self.rx_start <= self.rx_end && self.rx_end <= self.rx.len());
-        let in_engine: u32 = self.cmds.iter().flatten().map(|c| c.in_engine).sum();
+        let in_engine = self.commands.in_engine();
         assert_eq!(
-            in_engine as usize,
+            in_engine,
             self.engine.in_flight(),
             "engine I/Os out of step with the commands"
         );
@@ -726,11 +644,11 @@ impl Slot {
             assert!(
                 !sh.streams.is_open(usize::from(self.index))
                     && !self.link.active()
-                    && self.active == 0
+                    && self.commands.active() == 0
             );
         }
         if let Some(ci) = self.payload_cmd {
-            assert!(self.cmds[usize::from(ci)].is_some_and(|c| c.receiving));
+            assert!(self.commands.table()[usize::from(ci)].is_some_and(|c| c.receiving));
             assert!(matches!(self.session.state(), NbdState::Payload { .. }));
         }
         let _ = sh;

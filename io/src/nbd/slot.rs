@@ -20,9 +20,7 @@ impl Slot {
             pending: None,
             payload_cmd: None,
             payload_filled: 0,
-            cmds: [None; CMDS],
-            active: 0,
-            seq: 0,
+            commands: NbdCommands::new(),
             hdr_out: [0; CMDS * HDR_MAX],
             hdr_start: 0,
             hdr_end: 0,
@@ -33,7 +31,6 @@ impl Slot {
             volume: Volume::Origin,
             delta: vec![0u8; DELTA_CHUNKS / 8].into_boxed_slice(),
             delta_state: DeltaState::None,
-            io_map: [None; IOS],
             bufs_held: 0,
             engine: VolumeEngine::new(cfg),
             link: Link::new(Token(t + 2), Token(t + 1)),
@@ -46,7 +43,6 @@ impl Slot {
             list_pos: 0,
             listing: false,
             buffer_wait: false,
-            wb_error: None,
             index: u16::try_from(index).unwrap_or(u16::MAX),
             held: None,
             export_tag: None,
@@ -116,7 +112,7 @@ impl Slot {
                 return;
             }
             let mut oldest: Option<(u64, usize)> = None;
-            for (i, c) in self.cmds.iter().enumerate() {
+            for (i, c) in self.commands.table().iter().enumerate() {
                 if let Some(c) = c {
                     if c.kind == CmdKind::BlockStatus
                         && c.next < c.end
@@ -129,10 +125,10 @@ impl Slot {
             let Some((_, ci)) = oldest else {
                 return;
             };
-            if nbd_cmds::behind_acked_write(&self.cmds, ci) {
+            if nbd_cmds::behind_acked_write(self.commands.table(), ci) {
                 return;
             }
-            let Some(c) = self.cmds[ci] else {
+            let Some(c) = self.commands.table()[ci] else {
                 return;
             };
             let k = usize::from(c.ctx);
@@ -144,13 +140,14 @@ impl Slot {
             let (Some(&ctx), None, Some(b)) = (contexts.get(k), failed, c.buf) else {
                 // Every context answered, or the query failed.
                 self.delta_state = DeltaState::None;
-                if let Some(c) = self.cmds[ci].as_mut() {
+                if let Some(c) = self.commands.get_mut(ci) {
                     c.next = c.end;
                     if failed.is_some() {
                         c.error = failed;
                     }
                 }
-                self.maybe_finish(ci, sh);
+                self.commands.finish(ci);
+                self.answer_events(sh);
                 sh.moved();
                 continue;
             };
@@ -225,7 +222,7 @@ impl Slot {
                 out[o..o + 4].copy_from_slice(&len.to_be_bytes());
                 out[o + 4..o + 8].copy_from_slice(&fl.to_be_bytes());
             }
-            if let Some(c) = self.cmds[ci].as_mut() {
+            if let Some(c) = self.commands.get_mut(ci) {
                 c.ctx += 1;
                 c.rendered += u32::try_from(bytes).unwrap_or(0);
             }
@@ -246,7 +243,7 @@ impl Slot {
 
     /// Commands and replies that hold a place in the table's budget.
     pub(super) fn outstanding(&self) -> usize {
-        self.active + self.data_out.len() + self.hdr_lens.len()
+        self.commands.active() + self.data_out.len() + self.hdr_lens.len()
     }
 
     pub(super) fn output_left(&self) -> bool {
