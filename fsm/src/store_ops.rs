@@ -22,6 +22,9 @@ pub enum StoreOp {
         chunk: u64,
         /// Chunk count.
         chunks: u32,
+        /// How many chunks after them (at most 64) to look at for a
+        /// write-ahead grant (0: none): the answer is then `WriteAhead`.
+        ahead: u32,
     },
     /// Where snapshot `tag` reads chunks from.
     SnapshotRead {
@@ -191,6 +194,10 @@ pub enum StoreResult {
     /// Done (origin write granted from the store's side, create, delete,
     /// priority, use).
     Done,
+    /// An origin write done from the store's side, and which of the chunks
+    /// right after it need no copy-out either (asked with `ahead`): bit `k`
+    /// is chunk `chunk + chunks + k`.
+    WriteAhead(u64),
     /// Per-chunk targets of a snapshot read or write, in chunk order
     /// (inline, at most one request's chunks).
     Targets(ArrayVec<Target, CHUNKS_PER_REQUEST_MAX>),

@@ -621,10 +621,8 @@ fn store_thread<D: Disk, O: Disk>(
                 Ok(r) => r,
                 Err(PopError::Empty) => {
                     worker.background_step();
-                    if worker.take_notifications(&mut |r| replies.push(r)) {
-                        let _ = waker.wake();
-                    }
-                    if worker.write_home(&mut |r| replies.push(r)) {
+                    let notified = worker.take_notifications(&mut |r| replies.push(r));
+                    if worker.write_home(&mut |r| replies.push(r)) || notified {
                         let _ = waker.wake();
                     }
                     continue;
@@ -647,10 +645,8 @@ fn store_thread<D: Disk, O: Disk>(
         batch.clear();
         batch.push(first);
         while batch.len() < BATCH_MAX {
-            match requests.try_pop() {
-                Ok(r) => batch.push(r),
-                Err(_) => break,
-            }
+            let Ok(r) = requests.try_pop() else { break };
+            batch.push(r);
         }
         worker.run_batch(&batch, &mut |r| replies.push(r));
         worker.publish(&figures);

@@ -566,7 +566,11 @@ impl<D: Disk, O: Disk> StoreWorker<D, O> {
 
     fn run_one(&mut self, op: &StoreOp) -> StoreResult {
         match *op {
-            StoreOp::OriginWrite { chunk, chunks } => {
+            StoreOp::OriginWrite {
+                chunk,
+                chunks,
+                ahead,
+            } => {
                 for c in chunk..chunk + u64::from(chunks) {
                     match self.with_retry(|s| s.prepare_origin_write(c)) {
                         Ok(OriginWrite::Unique) => {}
@@ -579,7 +583,14 @@ impl<D: Disk, O: Disk> StoreWorker<D, O> {
                         Err(f) => return StoreResult::Failed(f),
                     }
                 }
-                StoreResult::Done
+                if ahead == 0 {
+                    return StoreResult::Done;
+                }
+                // Read only: an error here (a corrupt leaf) grants nothing
+                // ahead and fails nothing.
+                let next = chunk + u64::from(chunks);
+                let store = self.store.as_mut().expect("started");
+                StoreResult::WriteAhead(store.unique_bits(next, ahead).unwrap_or(0))
             }
             StoreOp::SnapshotRead { tag, chunk, chunks } => {
                 if too_many_chunks(chunks) {

@@ -892,3 +892,75 @@ fn a_nodes_complete_client_list_settles_the_clients_that_died_unseen() {
     assert_eq!(s.server.parked_clients(), 0);
     assert_eq!(s.take(origin).len(), 1);
 }
+
+/// The write-ahead grant (ARCHITECTURE 6): a caching origin client's write
+/// is answered with its range and, after it, the chunks within
+/// `ORIGIN_WRITE_AHEAD_CHUNKS` that need no copy-out and that no reader
+/// holds a read lock on. A chunk copied out while a reader still reads the
+/// origin under its lock is not granted ahead; one that still needs a
+/// copy-out is not either; a blocking client gets its range alone.
+#[test]
+fn a_caching_writer_is_granted_ahead_only_chunks_needing_no_copy_out_and_no_lock() {
+    let mut s = sim(4);
+    let ctl = s.connect(Role::Control);
+    let ok = s.control(ctl, 3, &Msg::CreateSnapshot { tag: 7 });
+    assert!(matches!(proto::decode(&ok).unwrap().1, Msg::Ok));
+    let blocking = s.attach_as(Volume::Origin, 30);
+    let snap = s.attach_as(Volume::Snapshot(7), 31);
+    let caching = {
+        let c = s.connect(Role::Client);
+        let mut m = identify(Volume::Origin);
+        if let Msg::Identify {
+            client_id, flags, ..
+        } = &mut m
+        {
+            *client_id = 32;
+            *flags = proto::IDENTIFY_CACHING;
+        }
+        s.send(c, 2, &m);
+        s.step();
+        assert!(matches!(only(&s.take(c)), Msg::IdentifyOk { .. }));
+        c
+    };
+    let mut b = [0u8; 64];
+    // Chunks 11, 12 and 14 copied out (by the blocking writer, which gets
+    // exactly its range back).
+    for c in [11, 12, 14] {
+        let r = s.call(
+            blocking,
+            40 + c,
+            &Msg::QueryOriginWrite(ranges(&mut b, c, 1)),
+        );
+        let Msg::OriginWriteOk(l) = only(&r) else {
+            panic!("granted");
+        };
+        let got: Vec<(u64, u32)> = l.iter().map(|r| (r.chunk, r.chunks)).collect();
+        assert_eq!(got, vec![(c, 1)], "a blocking client gets its range alone");
+    }
+    // A reader of chunk 13 on the origin holds its lock; a copy-out of 13
+    // then waits for it (13 is unique in the store, and locked).
+    let r = s.call(snap, 60, &Msg::QuerySnapshotRead(ranges(&mut b, 13, 1)));
+    assert!(matches!(only(&r), Msg::SnapshotReadReply(_)));
+    assert!(s
+        .call(blocking, 61, &Msg::QueryOriginWrite(ranges(&mut b, 13, 1)))
+        .is_empty());
+    // The caching writer's write to chunk 10: 11 and 12 granted ahead, not
+    // 13 (locked), 14 granted, nothing past it (never written: a copy-out).
+    let r = s.call(caching, 70, &Msg::QueryOriginWrite(ranges(&mut b, 10, 1)));
+    let Msg::OriginWriteOk(l) = only(&r) else {
+        panic!("granted");
+    };
+    let got: Vec<(u64, u32)> = l.iter().map(|r| (r.chunk, r.chunks)).collect();
+    assert_eq!(got, vec![(10, 1), (11, 2), (14, 1)]);
+    // The reader finishes: the waiting write goes, and a new write by the
+    // caching client is granted 13 ahead now.
+    s.send(snap, 62, &Msg::FinishSnapshotRead(ranges(&mut b, 13, 1)));
+    s.step();
+    assert_eq!(s.take(blocking).len(), 1);
+    let r = s.call(caching, 71, &Msg::QueryOriginWrite(ranges(&mut b, 10, 1)));
+    let Msg::OriginWriteOk(l) = only(&r) else {
+        panic!("granted");
+    };
+    let got: Vec<(u64, u32)> = l.iter().map(|r| (r.chunk, r.chunks)).collect();
+    assert_eq!(got, vec![(10, 1), (11, 4)]);
+}

@@ -89,6 +89,7 @@ fn a_block_that_poisons_the_transaction_fails_the_replies_it_held_and_nothing_st
             StoreOp::OriginWrite {
                 chunk: 500,
                 chunks: 1,
+                ahead: 0,
             },
         ],
     );
@@ -125,6 +126,7 @@ fn a_block_that_poisons_the_transaction_fails_the_replies_it_held_and_nothing_st
             StoreOp::OriginWrite {
                 chunk: 501,
                 chunks: 1,
+                ahead: 0,
             },
         ],
     );
@@ -146,6 +148,7 @@ fn a_block_that_poisons_the_transaction_fails_the_replies_it_held_and_nothing_st
         &[StoreOp::OriginWrite {
             chunk: 3,
             chunks: 1,
+            ahead: 0,
         }],
     );
     assert_eq!(out[0].result, StoreResult::Done);

@@ -186,6 +186,14 @@ pub const REQUESTS_PER_CLIENT_DEFAULT: usize = 64;
 /// Chunks one request may name (all its ranges together).
 pub const CHUNKS_PER_REQUEST_MAX: usize = 256;
 
+/// Chunks past an origin write's own that the server looks at for a
+/// caching client's write-ahead grant: those that need no copy-out and hold
+/// no read lock are granted with the write (the client's later writes there
+/// go straight to the disk, as rewrites in a warm cache do). One bit each
+/// in the store's answer; one descent per leaf the window touches.
+pub const ORIGIN_WRITE_AHEAD_CHUNKS: u32 = 64;
+const_assert!(ORIGIN_WRITE_AHEAD_CHUNKS <= 64);
+
 /// Chunks one delta query (`QueryDelta`: which chunks of a volume differ
 /// from a snapshot) covers: its reply is a bitmap of one bit per chunk, 4
 /// KiB, within one server reply. Longer ranges are walked in pieces (NBD

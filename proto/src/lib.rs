@@ -159,7 +159,7 @@
 //! | `0x8000` | `Error`              | server  | error (8 + text) | — |
 //! | `0x8001` | `HelloOk`            | server  | hello-ok (16) | — |
 //! | `0x8002` | `IdentifyOk`         | server  | identify-ok (24) | — |
-//! | `0x8010` | `OriginWriteOk`      | server  | range list (the query's, echoed) | — |
+//! | `0x8010` | `OriginWriteOk`      | server  | range list (the query's, then for a caching client the write-ahead grants after it) | — |
 //! | `0x8011` | `SnapshotReadReply`  | server  | target list | — |
 //! | `0x8013` | `SnapshotWriteOk`    | server  | target list, store targets only | — |
 //! | `0x8015` | `UploadOk`           | server  | empty | — |

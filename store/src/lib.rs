@@ -447,6 +447,54 @@ impl<D: Disk> Store<D> {
         Ok(Mapping::Origin)
     }
 
+    /// Which of the `n` (at most 64) chunks from `chunk` an origin write
+    /// could land on without a copy-out (every live snapshot has its own
+    /// copy): bit `k` for chunk `chunk + k`, none past the origin. Read only;
+    /// one descent per leaf the window touches: the write-ahead grant's
+    /// question (ARCHITECTURE 6).
+    pub fn unique_bits(&mut self, chunk: u64, n: u32) -> Result<u64, StoreError> {
+        if self.failed {
+            return Err(StoreError::Failed);
+        }
+        let end = chunk
+            .saturating_add(u64::from(n.min(64)))
+            .min(self.label.origin_chunks());
+        let live = self.sb.live_mask();
+        if live.is_empty() {
+            let k = end.saturating_sub(chunk);
+            return Ok(if k >= 64 { u64::MAX } else { (1u64 << k) - 1 });
+        }
+        let mut bits = 0u64;
+        let mut c = chunk;
+        while c < end {
+            self.cache.begin_op();
+            let path = self.descend(c)?;
+            let b = self.cache.buf(path.leaf);
+            let (mut i, _) = tree::leaf_find(b, c);
+            let (mut at, mut union) = (u64::MAX, Mask::EMPTY);
+            while i < tree::leaf_len(b) {
+                let r = tree::leaf_get(b, i);
+                if r.chunk >= end {
+                    break;
+                }
+                if r.chunk != at {
+                    if at != u64::MAX && (live & !union).is_empty() {
+                        bits |= 1 << (at - chunk);
+                    }
+                    (at, union) = (r.chunk, Mask::EMPTY);
+                }
+                union |= r.mask;
+                i += 1;
+            }
+            if at != u64::MAX && (live & !union).is_empty() {
+                bits |= 1 << (at - chunk);
+            }
+            // The next leaf, if the window goes past this one.
+            c = path.hi.max(c + 1);
+        }
+        Ok(bits)
+    }
+
     /// Which of `chunks` chunks from `chunk` differ between `volume` (a
     /// snapshot tag, or `None` for the origin) and snapshot `base`: bit `i`
     /// of `out` (byte `i / 8`, bit `i % 8`) is set when chunk `chunk + i`

@@ -574,3 +574,36 @@ fn a_commit_whose_copy_out_was_lost_is_discarded_and_wiped() {
     assert_eq!(st.status().seq, seq0 + 1, "the commit is replayed");
     assert_eq!(st.replay_report().discarded, None);
 }
+
+/// `unique_bits` (the write-ahead grant's question) answers per chunk what
+/// an origin write would need, across leaf boundaries: with every third
+/// chunk of 1000 copied out (several leaves of records), each window of 64
+/// chunks has exactly the bits of the chunks copied out; with no snapshot
+/// every chunk is unique; the window stops at the end of the origin.
+#[test]
+fn unique_bits_answers_what_an_origin_write_would_need_across_leaves() {
+    let chunks = 1000u64;
+    let d = format_store(chunks, 2048, StoreFullPolicy::Refuse);
+    let mut h = Harness::new(open(d), make_origin(chunks));
+    assert_eq!(h.store.unique_bits(0, 64).unwrap(), u64::MAX, "no snapshot");
+    assert_eq!(h.store.unique_bits(990, 64).unwrap(), (1 << 10) - 1);
+    h.store.create_snapshot(1, 0).unwrap();
+    h.store.commit().unwrap();
+    let written: Vec<(u64, u64)> = (0..chunks).step_by(3).map(|c| (c, c + 1)).collect();
+    for batch in written.chunks(40) {
+        for o in h.origin_write_batch(batch) {
+            assert_eq!(o, Outcome::Done);
+        }
+    }
+    assert!(h.store.status().depth >= 2, "records span leaves");
+    for start in [0u64, 1, 100, 160, 333, 500, 936, 950] {
+        let want = (0..64u64)
+            .filter(|k| start + k < chunks && (start + k) % 3 == 0)
+            .fold(0u64, |m, k| m | 1 << k);
+        assert_eq!(
+            h.store.unique_bits(start, 64).unwrap(),
+            want,
+            "window at {start}"
+        );
+    }
+}

@@ -283,6 +283,10 @@ struct Inflight {
     /// For snapshot writes: the read locks on its chunks were drained once
     /// after its mapping change; the next store answer is the reply.
     rechecked: bool,
+    /// For origin writes of a caching client: which chunks right after its
+    /// range the store found need no copy-out (bit `k`: `range.end() + k`,
+    /// as of `epoch`), for a write-ahead grant.
+    ahead: u64,
 }
 
 /// The server state machine.

@@ -91,7 +91,14 @@ impl Server {
                 };
                 self.send_error(conn, rid, error_code(*fl), culprit, failure_text(*fl));
             }
-            (StoreResult::Done, InflightKind::OriginWrite) => {
+            (StoreResult::Done | StoreResult::WriteAhead(_), InflightKind::OriginWrite) => {
+                let ahead = match reply.result {
+                    StoreResult::WriteAhead(n) => n,
+                    _ => 0,
+                };
+                if let Some(x) = self.inflight.get_mut(token) {
+                    x.ahead = ahead;
+                }
                 if self.state == ServerState::Recovering {
                     // Held at the recovery barrier.
                     self.set_inflight_state(token, WaitingFor::Store, WaitingFor::Barrier);

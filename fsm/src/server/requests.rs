@@ -96,6 +96,7 @@ impl Server {
                         StoreOp::OriginWrite {
                             chunk: range.chunk,
                             chunks: range.chunks,
+                            ahead: self.write_ahead(conn),
                         },
                     );
                 }
@@ -465,6 +466,7 @@ impl Server {
             tag,
             epoch: self.epoch,
             rechecked: false,
+            ahead: 0,
         }) else {
             self.send_error(conn, rid, ErrorCode::Busy, 0, "server request table full");
             return;

@@ -186,6 +186,16 @@ impl Server {
         assert!(pushed, "store queue sized for every slot");
     }
 
+    /// Chunks to look at for a write-ahead grant on `conn`: caching
+    /// sessions only (a blocking client asks for every write).
+    pub(super) fn write_ahead(&self, conn: ConnId) -> u32 {
+        if self.sessions[conn as usize].caching {
+            csnap_pools::ORIGIN_WRITE_AHEAD_CHUNKS
+        } else {
+            0
+        }
+    }
+
     pub(super) fn grant_origin_write(&mut self, token: u32) {
         self.unwait(token);
         let Some(f) = self.inflight.get(token).copied() else {
@@ -216,15 +226,43 @@ impl Server {
                 op: StoreOp::OriginWrite {
                     chunk: f.range.chunk,
                     chunks: f.range.chunks,
+                    ahead: self.write_ahead(conn),
                 },
             });
             assert!(pushed, "store queue sized for every slot");
             return;
         }
         self.finish(token, conn);
-        let mut buf = [0u8; proto::HEADER_BYTES + proto::LIST_HEADER_BYTES + 16];
-        let mut lb = [0u8; proto::LIST_HEADER_BYTES + 16];
-        let Ok(list) = proto::Ranges::from_entries(&[f.range], &mut lb) else {
+        // The write-ahead grant: after the range, the chunks that need no
+        // copy-out (as of this epoch: the check above) and that nobody holds
+        // a read lock on (a reader that read the origin before a copy-out
+        // of such a chunk may still be reading it), as more ranges. Only a
+        // caching session asks for them, and a snapshot creation revokes
+        // them with the rest.
+        let mut ranges = [f.range; 1 + WRITE_AHEAD_RANGES_MAX];
+        let mut n = 1;
+        let mut bits = f.ahead;
+        while bits != 0 && n < ranges.len() {
+            let k = u64::from(bits.trailing_zeros());
+            bits &= bits - 1;
+            let c = f.range.end() + k;
+            if self.locks.is_locked(c) {
+                continue;
+            }
+            if ranges[n - 1].end() == c && n > 1 {
+                ranges[n - 1].chunks += 1;
+            } else {
+                ranges[n] = Range {
+                    chunk: c,
+                    chunks: 1,
+                };
+                n += 1;
+            }
+        }
+        const LIST: usize = proto::LIST_HEADER_BYTES + 16 * (1 + WRITE_AHEAD_RANGES_MAX);
+        let mut buf = [0u8; proto::HEADER_BYTES + LIST];
+        let mut lb = [0u8; LIST];
+        let Ok(list) = proto::Ranges::from_entries(&ranges[..n], &mut lb) else {
             return;
         };
         let n = encode(
@@ -289,3 +327,6 @@ impl Server {
         self.push_out(conn, &frame[..n]);
     }
 }
+
+/// Ranges a write-ahead grant adds at most: every other chunk of the window.
+const WRITE_AHEAD_RANGES_MAX: usize = csnap_pools::ORIGIN_WRITE_AHEAD_CHUNKS as usize / 2;

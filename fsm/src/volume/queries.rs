@@ -106,9 +106,20 @@ impl VolumeEngine {
                 }
                 self.fail_io(q.slot, IoError::Server(code));
             }
-            Msg::OriginWriteOk(_) => {
+            Msg::OriginWriteOk(list) => {
                 if self.revoking.is_none() {
                     self.grant(q.range);
+                    // A write-ahead grant: the ranges after the query's that
+                    // need no copy-out either (a caching session's; a
+                    // creation revokes them with the rest). Only within the
+                    // window the server looks at.
+                    let window = q.range.end()
+                        ..q.range.end() + u64::from(csnap_pools::ORIGIN_WRITE_AHEAD_CHUNKS);
+                    for r in list.iter() {
+                        if window.contains(&r.chunk) && r.end() <= window.end {
+                            self.grant(r);
+                        }
+                    }
                 }
                 self.maybe_to_disk(q.slot);
             }
