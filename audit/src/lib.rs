@@ -368,6 +368,11 @@ pub const NBD: &[Rule] = &[
         "writing NBD replies, csnap requests, agent requests",
     ),
     rule(
+        "writev",
+        libc::SYS_writev,
+        "writing several NBD replies at once: the queued headers and read data gathered",
+    ),
+    rule(
         "read",
         libc::SYS_read,
         "the signalfd (SIGTERM, SIGINT)",

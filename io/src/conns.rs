@@ -307,6 +307,13 @@ impl Streams {
         self.transfer(i, buf.is_empty(), |s| s.write(buf))
     }
 
+    /// Writes `bufs` in order to the stream at `i` in one call (`writev`):
+    /// several replies at once.
+    pub fn write_vectored(&mut self, i: usize, bufs: &[io::IoSlice<'_>]) -> StreamIo {
+        let empty = bufs.iter().all(|b| b.is_empty());
+        self.transfer(i, empty, |s| s.write_vectored(bufs))
+    }
+
     /// One read or write, `EINTR` retried, its result mapped once for
     /// every loop (`empty`: nothing was asked for, so 0 bytes is no end).
     fn transfer(

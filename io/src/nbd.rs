@@ -200,6 +200,9 @@ const _: () = assert!(CMDS <= u8::MAX as usize);
 // Every buffer of the pool starts aligned.
 const _: () = assert!(BUF_STRIDE.is_multiple_of(ALIGN_MAX) && HDR <= DATA_AT);
 const _: () = assert!(OFFSET_DATA_HEADER_BYTES <= DATA_AT && HDR_MAX <= u8::MAX as usize);
+/// Replies one `writev` gathers (the queued headers and up to this many
+/// less one data replies).
+const GATHER: usize = 16;
 /// Extents per context in one block-status reply.
 const EXTENTS_MAX: usize = csnap_pools::NBD_BLOCK_STATUS_EXTENTS_MAX;
 /// Chunks one delta query covers.

@@ -137,6 +137,12 @@ impl Write for MioStream {
             MioStream::Unix(s) => s.write(buf),
         }
     }
+    fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        match self {
+            MioStream::Tcp(s) => s.write_vectored(bufs),
+            MioStream::Unix(s) => s.write_vectored(bufs),
+        }
+    }
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
     }

@@ -446,21 +446,38 @@ impl Slot {
                 return;
             }
             let i = usize::from(self.index);
-            let (what, r) = if !self.session.transmit().is_empty() {
-                (0, sh.streams.write(i, self.session.transmit()))
-            } else if self.hdr_end > self.hdr_start {
-                (
-                    1,
-                    sh.streams
-                        .write(i, &self.hdr_out[self.hdr_start..self.hdr_end]),
-                )
-            } else if let Some((b, start, end)) = self.data_out.front().copied() {
-                let from = start as usize + self.data_written;
-                (2, sh.streams.write(i, &sh.pool.get(b)[from..end as usize]))
-            } else {
+            if !self.session.transmit().is_empty() {
+                match sh.streams.write(i, self.session.transmit()) {
+                    StreamIo::Moved(n) => {
+                        let r = self.session.consume_transmit(n);
+                        assert!(r.is_ok(), "wrote what was pending");
+                        sh.moved();
+                    }
+                    StreamIo::WouldBlock => return,
+                    StreamIo::Closed | StreamIo::Failed => self.client_broken = true,
+                }
+                continue;
+            }
+            // The queued headers, then the data replies, in one `writev`.
+            let hdr = self.hdr_end - self.hdr_start;
+            let mut iov = [std::io::IoSlice::new(&[]); GATHER];
+            let mut k = 0;
+            if hdr > 0 {
+                iov[0] = std::io::IoSlice::new(&self.hdr_out[self.hdr_start..self.hdr_end]);
+                k = 1;
+            }
+            for (j, &(b, start, end)) in self.data_out.iter().enumerate() {
+                if k == GATHER {
+                    break;
+                }
+                let from = start as usize + if j == 0 { self.data_written } else { 0 };
+                iov[k] = std::io::IoSlice::new(&sh.pool.get(b)[from..end as usize]);
+                k += 1;
+            }
+            if k == 0 {
                 return;
-            };
-            let n = match r {
+            }
+            let n = match sh.streams.write_vectored(i, &iov[..k]) {
                 StreamIo::Moved(n) => n,
                 StreamIo::WouldBlock => return,
                 StreamIo::Closed | StreamIo::Failed => {
@@ -468,39 +485,47 @@ impl Slot {
                     continue;
                 }
             };
-            match (what, n) {
-                (0, n) => {
-                    let r = self.session.consume_transmit(n);
-                    assert!(r.is_ok(), "wrote what was pending");
-                    sh.moved();
-                }
-                (1, n) => {
-                    self.hdr_start += n;
-                    if self.hdr_start == self.hdr_end {
-                        self.hdr_start = 0;
-                        self.hdr_end = 0;
-                    }
-                    self.hdr_front_written += n;
-                    while let Some(l) = self.hdr_lens.front().copied() {
-                        if self.hdr_front_written < usize::from(l) {
-                            break;
-                        }
-                        self.hdr_front_written -= usize::from(l);
-                        self.hdr_lens.pop_front();
-                    }
-                    sh.moved();
-                }
-                (_, n) => {
-                    self.data_written += n;
-                    if let Some((b, start, end)) = self.data_out.front().copied() {
-                        if self.data_written == (end - start) as usize {
-                            self.data_out.pop_front();
-                            self.data_written = 0;
-                            self.release_buf(sh, b);
-                        }
-                    }
-                    sh.moved();
-                }
+            let h = n.min(hdr);
+            if h > 0 {
+                self.hdr_written(h);
+            }
+            self.data_sent(n - h, sh);
+            sh.moved();
+        }
+    }
+
+    /// `n` bytes of the queued headers went out.
+    fn hdr_written(&mut self, n: usize) {
+        self.hdr_start += n;
+        if self.hdr_start == self.hdr_end {
+            self.hdr_start = 0;
+            self.hdr_end = 0;
+        }
+        self.hdr_front_written += n;
+        while let Some(l) = self.hdr_lens.front().copied() {
+            if self.hdr_front_written < usize::from(l) {
+                break;
+            }
+            self.hdr_front_written -= usize::from(l);
+            self.hdr_lens.pop_front();
+        }
+    }
+
+    /// `n` bytes of the data replies went out: those sent whole give their
+    /// buffers back.
+    fn data_sent(&mut self, mut n: usize, sh: &mut Shared) {
+        while n > 0 {
+            let Some((b, start, end)) = self.data_out.front().copied() else {
+                return;
+            };
+            let left = (end - start) as usize - self.data_written;
+            let k = n.min(left);
+            self.data_written += k;
+            n -= k;
+            if k == left {
+                self.data_out.pop_front();
+                self.data_written = 0;
+                self.release_buf(sh, b);
             }
         }
     }
