@@ -156,6 +156,9 @@ fn run(specs: &[Spec], seed: u64, fail_one_in: usize) {
             }
             _ => sched.pump(),
         }
+        // Every invariant after every step (the scheduler itself walks its
+        // table only every so often).
+        sched.assert_invariants_full();
         while let Some(a) = sched.poll_action() {
             match a {
                 Action::Submit(r) => out.push(r),

@@ -543,6 +543,7 @@ impl World {
     /// Does what the scheduler asks: requests are held, finished operations
     /// go to their engines.
     fn run_actions(&mut self) {
+        self.sched.assert_invariants_full();
         while let Some(a) = self.sched.poll_action() {
             match a {
                 Action::Submit(r) => self.reqs.push(r),
