@@ -317,7 +317,9 @@ pub fn leaf(data: &[u8]) {
 }
 
 /// An index node in the fixture's metadata area: an accepted node routes
-/// each of its keys to its own entry and never past its entries.
+/// each of its keys to the entry before the first entry with that key (a
+/// chunk's records start in the leaf left of the first leaf keyed by it)
+/// and never past its entries.
 pub fn node(data: &[u8]) {
     let f = fixture();
     let b = sealed(data, BlockKind::Node, None);
@@ -333,7 +335,16 @@ pub fn node(data: &[u8]) {
         let r = tree::node_route(&b, k);
         assert!(r < n);
         if i >= 1 {
-            assert_eq!(r, i, "key of entry {i} routes to {r}");
+            assert!(r < i, "key of entry {i} routes to {r}");
+            assert!(
+                r == 0 || tree::node_key(&b, r) < k,
+                "entry {r} is keyed past {k}"
+            );
+            assert!(
+                tree::node_key(&b, r + 1) >= k,
+                "entry {} is keyed before {k}",
+                r + 1
+            );
         }
         let c = tree::node_child(&b, i);
         assert!((f.label.meta_start..meta_end).contains(&c) && c != a);

@@ -187,6 +187,11 @@ impl Cache {
         Ok(i)
     }
 
+    /// Pins slot `i` for the running operation.
+    pub fn pin(&mut self, i: usize) {
+        self.slots[i].stamp = self.stamp;
+    }
+
     /// The slot holding `addr`, read and verified as `kind` on a miss.
     pub fn get<D: Disk>(
         &mut self,

@@ -227,9 +227,15 @@ impl Checker {
     }
 
     fn walk_tree<D: Disk>(&mut self, r: &mut Reader<'_, D>) {
-        // Explicit stack: (block, expected level, low key, high key exclusive).
+        // Explicit stack: (block, expected level, low key, high key
+        // inclusive: the next leaf's key, which a chunk's records spanning
+        // leaves share). Children are pushed right to left, so leaves are
+        // met in key order and a chunk's records are checked together
+        // across the leaves they span.
         let mut stack: Vec<(u64, u16, u64, Option<u64>)> =
             vec![(self.sb.root, self.sb.depth - 1, 0, None)];
+        let mut group_chunk = None;
+        let mut group_mask = Mask::EMPTY;
         let mut b = vec![0u8; BLOCK_SIZE_BYTES];
         let allocated = self.sb.live_mask() | self.sb.deleting_mask();
         while let Some((addr, level, lo, hi)) = stack.pop() {
@@ -272,7 +278,7 @@ impl Checker {
                 ));
                 continue;
             }
-            let in_bounds = |k: u64| k >= lo && hi.is_none_or(|h| k < h);
+            let in_bounds = |k: u64| k >= lo && hi.is_none_or(|h| k <= h);
             if level == 0 {
                 if usize::from(tree::leaf_mask_words(&b)) != csnap_pools::SHARE_MASK_WORDS {
                     self.problems.push(format!(
@@ -288,25 +294,22 @@ impl Checker {
                     ));
                     continue;
                 }
-                let mut group_mask = Mask::EMPTY;
                 for i in 0..n {
                     let rec = tree::leaf_get(&b, i);
                     let what = format!(
                         "b-tree leaf at block {addr}, record {i} (chunk {})",
                         rec.chunk
                     );
-                    if i > 0 {
-                        let prev = tree::leaf_get(&b, i - 1);
-                        if prev.chunk > rec.chunk {
-                            self.problems.push(format!("{what}: records out of order"));
-                        }
-                        if prev.chunk != rec.chunk {
-                            group_mask = Mask::EMPTY;
-                        }
+                    if i > 0 && tree::leaf_get(&b, i - 1).chunk > rec.chunk {
+                        self.problems.push(format!("{what}: records out of order"));
+                    }
+                    if group_chunk != Some(rec.chunk) {
+                        group_chunk = Some(rec.chunk);
+                        group_mask = Mask::EMPTY;
                     }
                     if !in_bounds(rec.chunk) {
                         self.problems.push(format!(
-                            "{what}: key outside the node's range [{lo}, {})",
+                            "{what}: key outside the node's range [{lo}, {}]",
                             hi.map_or("end".to_string(), |h| h.to_string())
                         ));
                     }
@@ -371,11 +374,11 @@ impl Checker {
                         .push(format!("b-tree node at block {addr}: too deep"));
                     continue;
                 }
-                for i in 0..n {
+                for i in (0..n).rev() {
                     let key = tree::node_key(&b, i);
                     let child_lo = if i == 0 { lo } else { key };
                     if i > 0 {
-                        if key <= tree::node_key(&b, i - 1) && i > 1 {
+                        if key < tree::node_key(&b, i - 1) && i > 1 {
                             self.problems.push(format!(
                                 "b-tree node at block {addr}: keys out of order at entry {i}"
                             ));

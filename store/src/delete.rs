@@ -34,91 +34,63 @@ impl<D: Disk> Store<D> {
     ) -> Result<DeleteProgress, StoreError> {
         let walk = self.sb.delete_walk_mask;
         let mut done = 0usize;
-        loop {
-            let cursor = self.sb.delete_cursor;
-            let path = self.descend(cursor)?;
-            let mut i = tree::leaf_lower_bound(self.cache.buf(path.leaf), cursor);
-            while i < tree::leaf_len(self.cache.buf(path.leaf)) {
-                let r = tree::leaf_get(self.cache.buf(path.leaf), i);
-                if done >= max_records
-                    || self.cache.dirty_count() + 3 > self.tx_cap_blocks
-                    || self.pending_frees.len() >= TX_FREES_MAX
-                {
-                    self.sb.delete_cursor = r.chunk;
-                    *modified = true;
-                    return Ok(DeleteProgress::Working);
-                }
-                done += 1;
-                let nm = r.mask & !walk;
-                if nm == r.mask {
-                    i += 1;
-                    continue;
-                }
+        let mut cur = self.seek(self.sb.delete_cursor)?;
+        let mut prev = None;
+        while let Some(r) = self.next_record(&mut cur, u64::MAX)? {
+            // A step ends between chunks once it has done its share (a
+            // chunk's records, bounded by the snapshot count, are done
+            // together: the cursor names a chunk, and a step resumed inside
+            // a group walks its done records again), or anywhere when the
+            // transaction is full (the next step resumes at this chunk).
+            if (done >= max_records && prev != Some(r.chunk))
+                || self.cache.dirty_count() + 3 > self.tx_cap_blocks
+                || self.pending_frees.len() >= TX_FREES_MAX
+            {
+                self.sb.delete_cursor = r.chunk;
                 *modified = true;
-                self.account(r.mask, nm)?;
-                self.cache.mark_dirty(path.leaf);
-                if nm.is_empty() {
-                    tree::leaf_remove(self.cache.buf_mut(path.leaf), i);
-                    self.free(Area::Data, r.store)?;
-                } else {
-                    tree::leaf_set_mask(self.cache.buf_mut(path.leaf), i, nm);
-                    i += 1;
-                }
+                return Ok(DeleteProgress::Working);
             }
-            // Next leaf: the lowest key right of this one on the path.
-            let mut next = None;
-            for lvl in (0..path.len).rev() {
-                let (slot, idx) = path.nodes[lvl];
-                let b = self.cache.buf(slot);
-                if idx + 1 < tree::node_len(b) {
-                    next = Some(tree::node_key(b, idx + 1));
-                    break;
-                }
+            prev = Some(r.chunk);
+            done += 1;
+            let nm = r.mask & !walk;
+            if nm == r.mask {
+                continue;
             }
             *modified = true;
-            match next {
-                Some(k) if k <= cursor => {
-                    return Err(StoreError::Corrupt {
-                        addr: self.cache.addr_of(path.leaf),
-                        kind: BlockKind::Leaf,
-                        fault: BlockFault::Structure {
-                            reason: "the next leaf's key does not follow this one's",
-                        },
-                    });
-                }
-                Some(k) => {
-                    self.sb.delete_cursor = k;
-                    if done >= max_records {
-                        return Ok(DeleteProgress::Working);
-                    }
-                }
-                None => {
-                    // The pass is complete: the walked bits are in no mask.
-                    for b in walk.slots() {
-                        if self.sb.snaps[b].chunks != 0 {
-                            // The tree holds none of its bits any more, the
-                            // table says it still owns chunks.
-                            return Err(StoreError::Corrupt {
-                                addr: layout::SUPER_BLOCK,
-                                kind: BlockKind::Super,
-                                fault: BlockFault::Structure {
-                                    reason:
-                                        "a deleted snapshot's usage count disagrees with the tree",
-                                },
-                            });
-                        }
-                        self.sb.snaps[b] = SnapSlot::FREE;
-                    }
-                    self.sb.delete_walk_mask = Mask::EMPTY;
-                    self.sb.delete_cursor = 0;
-                    return Ok(if !self.sb.deleting_mask().is_empty() {
-                        DeleteProgress::Working
-                    } else {
-                        DeleteProgress::Idle
-                    });
-                }
+            let (leaf, i) = (cur.path.leaf, cur.i - 1);
+            self.account(r.mask, nm)?;
+            self.cache.mark_dirty(leaf);
+            if nm.is_empty() {
+                tree::leaf_remove(self.cache.buf_mut(leaf), i);
+                cur.i = i;
+                self.free(Area::Data, r.store)?;
+            } else {
+                tree::leaf_set_mask(self.cache.buf_mut(leaf), i, nm);
             }
         }
+        // The pass is complete: the walked bits are in no mask.
+        *modified = true;
+        for b in walk.slots() {
+            if self.sb.snaps[b].chunks != 0 {
+                // The tree holds none of its bits any more, the table says
+                // it still owns chunks.
+                return Err(StoreError::Corrupt {
+                    addr: layout::SUPER_BLOCK,
+                    kind: BlockKind::Super,
+                    fault: BlockFault::Structure {
+                        reason: "a deleted snapshot's usage count disagrees with the tree",
+                    },
+                });
+            }
+            self.sb.snaps[b] = SnapSlot::FREE;
+        }
+        self.sb.delete_walk_mask = Mask::EMPTY;
+        self.sb.delete_cursor = 0;
+        Ok(if !self.sb.deleting_mask().is_empty() {
+            DeleteProgress::Working
+        } else {
+            DeleteProgress::Idle
+        })
     }
 
     /// Commits, then runs deletion steps (committing between them) until no

@@ -4,22 +4,35 @@
 use crate::*;
 
 impl<D: Disk> Store<D> {
-    /// The path to the leaf that holds `key`. Every block on it passed its
+    /// The path to the leftmost leaf that may hold `key`: a chunk's
+    /// records start there and may go on in the leaves to its right (whose
+    /// keys are then `key`; `next_leaf`). Every block on it passed its
     /// structural check when it was read (`block`); on the way down the
     /// levels must count down by one and each block's keys must lie in the
     /// range its parent gives it, so a corrupt tree is an error, never a
     /// wrong answer or an endless walk.
     pub(crate) fn descend(&mut self, key: u64) -> Result<Path, StoreError> {
-        let mut path = Path::default();
-        let mut addr = self.sb.root;
+        self.walk_down(Path::default(), self.sb.root, 0, u64::MAX, Some(key))
+    }
+
+    /// Goes down from `addr` (the child at `path.len` levels below the
+    /// root, whose keys lie in `[lo, hi]`) to a leaf: by `key`, or along
+    /// the leftmost children.
+    fn walk_down(
+        &mut self,
+        mut path: Path,
+        mut addr: u64,
+        mut lo: u64,
+        mut hi: u64,
+        key: Option<u64>,
+    ) -> Result<Path, StoreError> {
         let depth = usize::from(self.sb.depth);
-        let (mut lo, mut hi) = (0u64, u64::MAX);
         let structure = |addr, kind, reason| StoreError::Corrupt {
             addr,
             kind,
             fault: BlockFault::Structure { reason },
         };
-        for level in (1..depth).rev() {
+        for level in (1..depth.saturating_sub(path.len)).rev() {
             self.check_meta_addr(addr, BlockKind::Node)?;
             let slot = self.block(addr, BlockKind::Node)?;
             let b = self.cache.buf(slot);
@@ -31,14 +44,14 @@ impl<D: Disk> Store<D> {
                 ));
             }
             let n = tree::node_len(b);
-            if n > 1 && (tree::node_key(b, 1) < lo || tree::node_key(b, n - 1) >= hi) {
+            if n > 1 && (tree::node_key(b, 1) < lo || tree::node_key(b, n - 1) > hi) {
                 return Err(structure(
                     addr,
                     BlockKind::Node,
                     "keys outside the range its parent gives it",
                 ));
             }
-            let idx = tree::node_route(b, key);
+            let idx = key.map_or(0, |k| tree::node_route(b, k));
             if idx > 0 {
                 lo = tree::node_key(b, idx);
             }
@@ -54,7 +67,7 @@ impl<D: Disk> Store<D> {
         path.hi = hi;
         let b = self.cache.buf(path.leaf);
         let n = tree::leaf_len(b);
-        if n > 0 && (tree::leaf_get(b, 0).chunk < lo || tree::leaf_get(b, n - 1).chunk >= hi) {
+        if n > 0 && (tree::leaf_get(b, 0).chunk < lo || tree::leaf_get(b, n - 1).chunk > hi) {
             return Err(structure(
                 addr,
                 BlockKind::Leaf,
@@ -62,6 +75,93 @@ impl<D: Disk> Store<D> {
             ));
         }
         Ok(path)
+    }
+
+    /// The leaf right of `path`'s, if its key is at most `last` (a leaf
+    /// keyed past `last` holds no record at or below it, and is not read).
+    /// The path's blocks are pinned by the running operation.
+    pub(crate) fn next_leaf(&mut self, path: &Path, last: u64) -> Result<Option<Path>, StoreError> {
+        for lvl in (0..path.len).rev() {
+            let (slot, idx) = path.nodes[lvl];
+            let b = self.cache.buf(slot);
+            let n = tree::node_len(b);
+            if idx + 1 >= n {
+                continue;
+            }
+            let lo = tree::node_key(b, idx + 1);
+            if lo > last {
+                return Ok(None);
+            }
+            let addr = tree::node_child(b, idx + 1);
+            let mut hi = if idx + 2 < n {
+                tree::node_key(b, idx + 2)
+            } else {
+                u64::MAX
+            };
+            if idx + 2 >= n {
+                // The bound this node has from above.
+                for &(s, i) in path.nodes[..lvl].iter() {
+                    let pb = self.cache.buf(s);
+                    if i + 1 < tree::node_len(pb) {
+                        hi = tree::node_key(pb, i + 1);
+                    }
+                }
+            }
+            let mut next = *path;
+            next.nodes[lvl] = (slot, idx + 1);
+            next.len = lvl + 1;
+            return self.walk_down(next, addr, lo, hi, None).map(Some);
+        }
+        Ok(None)
+    }
+
+    /// A cursor at the first record whose chunk is `>= key`.
+    pub(crate) fn seek(&mut self, key: u64) -> Result<Cursor, StoreError> {
+        let path = self.descend(key)?;
+        let i = tree::leaf_lower_bound(self.cache.buf(path.leaf), key);
+        Ok(Cursor { path, i })
+    }
+
+    /// The record at the cursor if its chunk is at most `last`, moving past
+    /// it (into the leaves to the right as needed); it is record `c.i - 1`
+    /// of leaf `c.path.leaf` afterwards. Moving to the next leaf unpins
+    /// the clean blocks the operation read before, except the path, so a
+    /// walk over many leaves needs no more of the cache than one path: a
+    /// caller holds no other clean block's slot across a walk.
+    pub(crate) fn next_record(
+        &mut self,
+        c: &mut Cursor,
+        last: u64,
+    ) -> Result<Option<Record>, StoreError> {
+        loop {
+            let b = self.cache.buf(c.path.leaf);
+            if c.i < tree::leaf_len(b) {
+                let r = tree::leaf_get(b, c.i);
+                if r.chunk > last {
+                    return Ok(None);
+                }
+                c.i += 1;
+                return Ok(Some(r));
+            }
+            self.cache.begin_op();
+            for &(slot, _) in &c.path.nodes[..c.path.len] {
+                self.cache.pin(slot);
+            }
+            match self.next_leaf(&c.path, last)? {
+                Some(p) => *c = Cursor { path: p, i: 0 },
+                None => return Ok(None),
+            }
+        }
+    }
+
+    /// The union of the share masks of `chunk`'s records.
+    pub(crate) fn group_union(&mut self, chunk: u64) -> Result<Mask, StoreError> {
+        let mut c = self.seek(chunk)?;
+        let mut union = Mask::EMPTY;
+        while let Some(r) = self.next_record(&mut c, chunk)? {
+            union |= r.mask;
+        }
+        Ok(union)
     }
 
     /// The cache slot of block `addr`, read and verified as `kind` on a
@@ -120,7 +220,7 @@ impl<D: Disk> Store<D> {
     pub(crate) fn insert_record(&mut self, r: Record) -> Result<(), StoreError> {
         let path = self.descend(r.chunk)?;
         let leaf_b = self.cache.buf(path.leaf);
-        if tree::leaf_len(leaf_b) < LEAF_RECORDS_MAX {
+        if tree::leaf_len(leaf_b) < self.leaf_records_max {
             let (_, hi) = tree::leaf_find(leaf_b, r.chunk);
             self.cache.mark_dirty(path.leaf);
             tree::leaf_insert(self.cache.buf_mut(path.leaf), hi, r);
@@ -129,7 +229,7 @@ impl<D: Disk> Store<D> {
         // How many levels split: the leaf, then each full ancestor.
         let mut splits = 1;
         for lvl in (0..path.len).rev() {
-            if tree::node_len(self.cache.buf(path.nodes[lvl].0)) < NODE_ENTRIES_MAX {
+            if tree::node_len(self.cache.buf(path.nodes[lvl].0)) < self.node_entries_max {
                 break;
             }
             splits += 1;
@@ -161,7 +261,7 @@ impl<D: Disk> Store<D> {
             let Some((key, child)) = carry else { break };
             let (slot, idx) = path.nodes[lvl];
             self.cache.mark_dirty(slot);
-            if tree::node_len(self.cache.buf(slot)) < NODE_ENTRIES_MAX {
+            if tree::node_len(self.cache.buf(slot)) < self.node_entries_max {
                 tree::node_insert(self.cache.buf_mut(slot), idx + 1, key, child);
                 carry = None;
                 break;

@@ -846,6 +846,11 @@ pub const NODE_ENTRY_BYTES: usize = 16;
 /// Entries one index node holds.
 pub const NODE_ENTRIES_MAX: usize = (BLOCK_SIZE_BYTES - NODE_ENTRIES_OFF) / NODE_ENTRY_BYTES;
 
+// A chunk's records (at most one per snapshot) never fill a leaf alone, so
+// a leaf always splits at a group boundary and no group spans leaves: the
+// tree code walks groups across leaves (ARCHITECTURE 2.2), but csnap
+// versions before it route by `<=` and read only stores without spanning
+// groups. Raising the snapshot count past this is a format change (2.12).
 static_assertions::const_assert!(LEAF_RECORDS_MAX >= 2 * csnap_pools::SNAPSHOTS_MAX + 2);
 static_assertions::const_assert!(NODE_ENTRIES_MAX >= 4);
 

@@ -213,8 +213,18 @@ struct Path {
     nodes: [(usize, usize); TREE_DEPTH_MAX],
     len: usize,
     leaf: usize,
-    /// The first key past the leaf's range (`u64::MAX`: the last leaf).
+    /// The last key the leaf's range may hold (`u64::MAX`: the last leaf):
+    /// the key of the next leaf, which may hold records of it too.
     hi: u64,
+}
+
+/// A position in the tree's records, in key order across leaves
+/// (`Store::seek`, `Store::next_record`); valid within one operation.
+#[derive(Debug, Clone, Copy)]
+struct Cursor {
+    path: Path,
+    /// The next record's index in `path.leaf`.
+    i: usize,
 }
 
 /// An open store.
@@ -258,6 +268,11 @@ pub struct Store<D: Disk> {
     lease: Option<std::time::Duration>,
     /// When the last fence read that found no newer incarnation began.
     fence_ok_at: Option<std::time::Instant>,
+    /// Records a leaf takes before it splits (`LEAF_RECORDS_MAX`; less only
+    /// through `set_tree_fanout`, a test hook).
+    leaf_records_max: usize,
+    /// Entries an index node takes before it splits (`NODE_ENTRIES_MAX`).
+    node_entries_max: usize,
 }
 
 impl<D: Disk> Store<D> {
@@ -288,6 +303,17 @@ impl<D: Disk> Store<D> {
     pub fn disk_mut(&mut self) -> &mut D {
         self.pre_flush = true;
         &mut self.disk
+    }
+
+    /// Test and fuzz hook: leaves split at `leaf_records` records and index
+    /// nodes at `node_entries` entries (at least 2 and 3, at most the block
+    /// capacities), so that a small store has a deep tree whose chunk
+    /// groups span leaves, as a store past 64 snapshots will (ARCHITECTURE
+    /// 2.2). The blocks stay valid at full capacity.
+    #[doc(hidden)]
+    pub fn set_tree_fanout(&mut self, leaf_records: usize, node_entries: usize) {
+        self.leaf_records_max = leaf_records.clamp(2, LEAF_RECORDS_MAX);
+        self.node_entries_max = node_entries.clamp(3, NODE_ENTRIES_MAX);
     }
 
     /// The device as another process sees it, for tests that model a
@@ -435,11 +461,8 @@ impl<D: Disk> Store<D> {
             .live_bit(tag)
             .ok_or(StoreError::NoSuchSnapshot(tag))?;
         self.cache.begin_op();
-        let path = self.descend(chunk)?;
-        let b = self.cache.buf(path.leaf);
-        let (lo, hi) = tree::leaf_find(b, chunk);
-        for i in lo..hi {
-            let r = tree::leaf_get(b, i);
+        let mut c = self.seek(chunk)?;
+        while let Some(r) = self.next_record(&mut c, chunk)? {
             if r.mask.contains(bit) {
                 return Ok(Mapping::Store(r.store));
             }
@@ -465,32 +488,20 @@ impl<D: Disk> Store<D> {
             return Ok(if k >= 64 { u64::MAX } else { (1u64 << k) - 1 });
         }
         let mut bits = 0u64;
-        let mut c = chunk;
-        while c < end {
-            self.cache.begin_op();
-            let path = self.descend(c)?;
-            let b = self.cache.buf(path.leaf);
-            let (mut i, _) = tree::leaf_find(b, c);
-            let (mut at, mut union) = (u64::MAX, Mask::EMPTY);
-            while i < tree::leaf_len(b) {
-                let r = tree::leaf_get(b, i);
-                if r.chunk >= end {
-                    break;
+        self.cache.begin_op();
+        let mut cur = self.seek(chunk)?;
+        let (mut at, mut union) = (u64::MAX, Mask::EMPTY);
+        while let Some(r) = self.next_record(&mut cur, end - 1)? {
+            if r.chunk != at {
+                if at != u64::MAX && (live & !union).is_empty() {
+                    bits |= 1 << (at - chunk);
                 }
-                if r.chunk != at {
-                    if at != u64::MAX && (live & !union).is_empty() {
-                        bits |= 1 << (at - chunk);
-                    }
-                    (at, union) = (r.chunk, Mask::EMPTY);
-                }
-                union |= r.mask;
-                i += 1;
+                (at, union) = (r.chunk, Mask::EMPTY);
             }
-            if at != u64::MAX && (live & !union).is_empty() {
-                bits |= 1 << (at - chunk);
-            }
-            // The next leaf, if the window goes past this one.
-            c = path.hi.max(c + 1);
+            union |= r.mask;
+        }
+        if at != u64::MAX && (live & !union).is_empty() {
+            bits |= 1 << (at - chunk);
         }
         Ok(bits)
     }
@@ -537,48 +548,42 @@ impl<D: Disk> Store<D> {
             Some(t) => Some(self.sb.live_bit(t).ok_or(StoreError::NoSuchSnapshot(t))?),
         };
         out.fill(0);
-        let mut x = chunk;
-        while x < end {
-            self.cache.begin_op();
-            let path = self.descend(x)?;
-            let b = self.cache.buf(path.leaf);
-            let n = tree::leaf_len(b);
-            let mut i = tree::leaf_lower_bound(b, x);
-            while i < n {
-                let c = tree::leaf_get(b, i).chunk;
-                if c >= end {
-                    break;
-                }
-                let (mut in_base, mut in_vol) = (None, None);
-                while i < n {
-                    let r = tree::leaf_get(b, i);
-                    if r.chunk != c {
-                        break;
-                    }
-                    if r.mask.contains(base_bit) {
-                        in_base = Some(r.store);
-                    }
-                    if vol_bit.is_some_and(|v| r.mask.contains(v)) {
-                        in_vol = Some(r.store);
-                    }
-                    i += 1;
-                }
-                let differs = match vol_bit {
-                    None => in_base.is_some(),
-                    Some(_) => in_base != in_vol,
-                };
-                if differs {
-                    let k = c - chunk;
-                    if let Some(byte) = usize::try_from(k / 8).ok().and_then(|k| out.get_mut(k)) {
-                        *byte |= 1 << (k % 8);
-                    }
-                }
-            }
-            if path.hi <= x || path.hi == u64::MAX {
-                break;
-            }
-            x = path.hi;
+        if chunks == 0 {
+            return Ok(());
         }
+        self.cache.begin_op();
+        let mut cur = self.seek(chunk)?;
+        let mut group: Option<(u64, Option<u64>, Option<u64>)> = None;
+        let mut mark = |g: Option<(u64, Option<u64>, Option<u64>)>| {
+            let Some((c, in_base, in_vol)) = g else {
+                return;
+            };
+            let differs = match vol_bit {
+                None => in_base.is_some(),
+                Some(_) => in_base != in_vol,
+            };
+            if differs {
+                let k = c - chunk;
+                if let Some(byte) = usize::try_from(k / 8).ok().and_then(|k| out.get_mut(k)) {
+                    *byte |= 1 << (k % 8);
+                }
+            }
+        };
+        while let Some(r) = self.next_record(&mut cur, end - 1)? {
+            if group.is_none_or(|(c, _, _)| c != r.chunk) {
+                mark(group);
+                group = Some((r.chunk, None, None));
+            }
+            if let Some((_, in_base, in_vol)) = group.as_mut() {
+                if r.mask.contains(base_bit) {
+                    *in_base = Some(r.store);
+                }
+                if vol_bit.is_some_and(|v| r.mask.contains(v)) {
+                    *in_vol = Some(r.store);
+                }
+            }
+        }
+        mark(group);
         Ok(())
     }
 
@@ -590,10 +595,7 @@ impl<D: Disk> Store<D> {
             return Ok(true);
         }
         self.cache.begin_op();
-        let path = self.descend(chunk)?;
-        let b = self.cache.buf(path.leaf);
-        let (lo, hi) = tree::leaf_find(b, chunk);
-        let union = (lo..hi).fold(Mask::EMPTY, |m, i| m | tree::leaf_get(b, i).mask);
+        let union = self.group_union(chunk)?;
         Ok((live & !union).is_empty())
     }
 

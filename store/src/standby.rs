@@ -167,6 +167,8 @@ impl<D: Disk> Standby<D> {
             prev_commit: None,
             lease: None,
             fence_ok_at: None,
+            leaf_records_max: crate::LEAF_RECORDS_MAX,
+            node_entries_max: crate::NODE_ENTRIES_MAX,
         };
         // The root is read (and checked) now: a store whose root is
         // nonsense refuses to start instead of failing every request.

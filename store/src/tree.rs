@@ -110,21 +110,19 @@ pub fn leaf_remove(b: &mut [u8], i: usize) {
     set_count(b, u16::try_from(n - 1).unwrap_or(0));
 }
 
-/// Where to split a full leaf: near the middle, never inside one chunk's group.
+/// Where to split a full leaf: the group boundary nearest the middle on the
+/// right, else on the left, so a chunk's records stay in one leaf where
+/// they can; a leaf that holds one chunk's records only is cut in the
+/// middle (groups may span leaves: ARCHITECTURE 2.2).
 pub fn leaf_split_point(b: &[u8]) -> usize {
     let n = leaf_len(b);
-    let mut s = n / 2;
-    while s < n && leaf_get(b, s).chunk == leaf_get(b, s - 1).chunk {
-        s += 1;
-    }
-    if s == n {
-        s = n / 2;
-        while s > 1 && leaf_get(b, s).chunk == leaf_get(b, s - 1).chunk {
-            s -= 1;
-        }
-    }
-    assert!(s > 0 && s < n, "leaf holds a single chunk group");
-    s
+    assert!(n >= 2, "split of a leaf with fewer than two records");
+    let mid = n / 2;
+    let boundary = |s: usize| leaf_get(b, s).chunk != leaf_get(b, s - 1).chunk;
+    (mid..n)
+        .find(|&s| boundary(s))
+        .or_else(|| (1..mid).rev().find(|&s| boundary(s)))
+        .unwrap_or(mid)
 }
 
 /// Moves records `[s..]` of `from` into the empty leaf `to`.
@@ -156,14 +154,18 @@ pub fn node_child(b: &[u8], i: usize) -> u64 {
     get_u64(b, ent_off(i) + 8)
 }
 
-/// Entry to follow for `key`: the last whose key is `<= key`, or 0.
+/// Entry to follow for `key`: the last whose key is `< key`, or 0. Keys
+/// may repeat (a chunk's records may span leaves, and every leaf after the
+/// first of them is keyed by that chunk), so the records of `key` start in
+/// the child left of the first entry keyed `key`: the walks go right from
+/// there (`Store::next_leaf`).
 pub fn node_route(b: &[u8], key: u64) -> usize {
     let n = node_len(b);
     let (mut lo, mut hi) = (1, n);
-    // Find the first entry in 1..n with key > `key`; route to the one before.
+    // Find the first entry in 1..n with key >= `key`; route to the one before.
     while lo < hi {
         let mid = (lo + hi) / 2;
-        if node_key(b, mid) <= key {
+        if node_key(b, mid) < key {
             lo = mid + 1;
         } else {
             hi = mid;
@@ -249,7 +251,8 @@ pub fn check_leaf(
 
 /// Structural check of a verified index node at `addr` (heap-free): its
 /// level is 1..TREE_DEPTH_MAX-1, its entry count 1..=capacity, its keys
-/// (from entry 1, entry 0's is not used for routing) strictly ascending,
+/// (from entry 1, entry 0's is not used for routing) ascending (equal keys
+/// allowed: the leaves of one chunk's records),
 /// and every child inside the metadata area `[meta_start, meta_end)` and
 /// not the node itself.
 pub fn check_node(b: &[u8], addr: u64, meta_start: u64, meta_end: u64) -> Result<(), &'static str> {
@@ -265,7 +268,7 @@ pub fn check_node(b: &[u8], addr: u64, meta_start: u64, meta_end: u64) -> Result
         return Err("index node entry count exceeds its capacity");
     }
     for i in 0..n {
-        if i >= 2 && node_key(b, i) <= node_key(b, i - 1) {
+        if i >= 2 && node_key(b, i) < node_key(b, i - 1) {
             return Err("index node keys are not ascending");
         }
         let c = node_child(b, i);

@@ -25,10 +25,7 @@ impl<D: Disk> Store<D> {
         if live.is_empty() {
             return Ok(OriginWrite::Unique);
         }
-        let path = self.descend(chunk)?;
-        let b = self.cache.buf(path.leaf);
-        let (lo, hi) = tree::leaf_find(b, chunk);
-        let union = (lo..hi).fold(Mask::EMPTY, |m, i| m | tree::leaf_get(b, i).mask);
+        let union = self.group_union(chunk)?;
         let need = live & !union;
         if need.is_empty() {
             return Ok(OriginWrite::Unique);
@@ -70,14 +67,18 @@ impl<D: Disk> Store<D> {
         modified: &mut bool,
     ) -> Result<SnapshotWrite, StoreError> {
         let me = Mask::bit(bit);
-        let path = self.descend(chunk)?;
-        let b = self.cache.buf(path.leaf);
-        let (lo, hi) = tree::leaf_find(b, chunk);
-        let found = (lo..hi)
-            .map(|i| (i, tree::leaf_get(b, i)))
-            .find(|(_, r)| r.mask.intersects(me));
+        // The record holding the bit, and where it is (its leaf may be any
+        // of those the chunk's records span).
+        let mut c = self.seek(chunk)?;
+        let mut found = None;
+        while let Some(r) = self.next_record(&mut c, chunk)? {
+            if r.mask.intersects(me) {
+                found = Some((c.path.leaf, c.i - 1, r));
+                break;
+            }
+        }
         match found {
-            Some((_, r)) if r.mask == me => {
+            Some((_, _, r)) if r.mask == me => {
                 // The client writes into the chunk after the reply. If a
                 // commit vouches for its contents by checksum, that commit
                 // must not be the newest when the write lands: the open
@@ -92,14 +93,13 @@ impl<D: Disk> Store<D> {
                     store_chunk: r.store,
                 })
             }
-            Some((i, r)) => {
+            Some((leaf, i, r)) => {
                 let store_chunk = self.alloc_data(modified)?;
                 *modified = true;
-                // The leaf is still cached (stamped by this operation).
-                let path = self.descend(chunk)?;
-                debug_assert_eq!(tree::leaf_get(self.cache.buf(path.leaf), i), r);
-                self.cache.mark_dirty(path.leaf);
-                tree::leaf_set_mask(self.cache.buf_mut(path.leaf), i, r.mask & !me);
+                // The leaf is still cached (pinned by this operation).
+                assert_eq!(tree::leaf_get(self.cache.buf(leaf), i), r);
+                self.cache.mark_dirty(leaf);
+                tree::leaf_set_mask(self.cache.buf_mut(leaf), i, r.mask & !me);
                 self.account(r.mask, r.mask & !me)?;
                 self.insert_record(Record {
                     chunk,

@@ -83,15 +83,23 @@ const ORIGIN_CHUNKS: u64 = 320;
 
 /// Runs a random workload, recording. Returns the base images, the log and
 /// the durability points.
-fn record(seed: u64, ops: usize, paired: bool) -> (MemDisk, MemDisk, Vec<Ev>, Vec<Point>) {
+fn record(
+    seed: u64,
+    ops: usize,
+    paired: bool,
+    fanout: Option<(usize, usize)>,
+) -> (MemDisk, MemDisk, Vec<Ev>, Vec<Point>) {
     let base_store = format_store(ORIGIN_CHUNKS, 2048, StoreFullPolicy::Refuse);
     let base_origin = make_origin(ORIGIN_CHUNKS);
     let log: Log = Rc::new(RefCell::new(Vec::new()));
-    let store = open(RecDisk {
+    let mut store = open(RecDisk {
         inner: base_store.clone(),
         dev: STORE,
         log: log.clone(),
     });
+    if let Some((leaf, node)) = fanout {
+        store.set_tree_fanout(leaf, node);
+    }
     let origin = RecDisk {
         inner: base_origin.clone(),
         dev: ORIGIN,
@@ -395,11 +403,11 @@ fn verify_crash(
 }
 
 fn crash_run(seed: u64, ops: usize) {
-    crash_run_mix(seed, ops, false);
+    crash_run_mix(seed, ops, false, None);
 }
 
-fn crash_run_mix(seed: u64, ops: usize, paired: bool) {
-    let (bs, bo, events, points) = record(seed, ops, paired);
+fn crash_run_mix(seed: u64, ops: usize, paired: bool, fanout: Option<(usize, usize)>) {
+    let (bs, bo, events, points) = record(seed, ops, paired, fanout);
     let mut rng = Xor::new(seed.wrapping_mul(31) | 1);
     let mut tested = 0;
     for p in 0..=events.len() {
@@ -443,5 +451,12 @@ fn crash_at_every_point_seed_3() {
 /// chunk just copied out (one snapshot: in place), crashed at every point.
 #[test]
 fn crash_at_every_point_snapshot_writes_into_fresh_copy_outs() {
-    crash_run_mix(0x5eed, 24, true);
+    crash_run_mix(0x5eed, 24, true, None);
+}
+
+/// Leaves of 3 records, index nodes of 6 entries: splits cut chunk groups
+/// and deepen the tree (more blocks per commit), crashed at every point.
+#[test]
+fn crash_at_every_point_where_groups_span_leaves() {
+    crash_run_mix(0x1eaf, 40, false, Some((3, 6)));
 }

@@ -50,8 +50,23 @@ fn bits(out: &[u8], chunks: u64) -> Vec<bool> {
 
 #[test]
 fn delta_matches_lookups_over_many_leaves() {
-    let d = format_store(ORIGIN_CHUNKS, 12_000, StoreFullPolicy::Refuse);
+    delta_run(None);
+}
+
+/// The same over a tree of 3-record leaves and 16-entry nodes, where chunk
+/// groups span leaves (a larger store: it needs more metadata blocks).
+#[test]
+fn delta_matches_lookups_where_groups_span_leaves() {
+    delta_run(Some((3, 16)));
+}
+
+fn delta_run(fanout: Option<(usize, usize)>) {
+    let data = if fanout.is_some() { 60_000 } else { 12_000 };
+    let d = format_store(ORIGIN_CHUNKS, data, StoreFullPolicy::Refuse);
     let mut h = Harness::new(open(d), make_origin(ORIGIN_CHUNKS));
+    if let Some((leaf, node)) = fanout {
+        h.store.set_tree_fanout(leaf, node);
+    }
     let mut rng = Lcg(42);
     let tags = [1u32, 2, 3, 4];
     for (i, &t) in tags.iter().enumerate() {

@@ -45,9 +45,31 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
+/// Opens the store with the tree's fan-out cut to `fanout` (leaf records,
+/// node entries) if given: a deep tree whose chunk groups span leaves.
+fn open_with<D: csnap_store::disk::Disk>(
+    d: D,
+    fanout: Option<(usize, usize)>,
+) -> csnap_store::Store<D> {
+    let mut s = open(d);
+    if let Some((leaf, node)) = fanout {
+        s.set_tree_fanout(leaf, node);
+    }
+    s
+}
+
 fn run(ops: Vec<Op>, data_chunks: u64, policy: StoreFullPolicy) {
+    run_fanout(ops, data_chunks, policy, None);
+}
+
+fn run_fanout(
+    ops: Vec<Op>,
+    data_chunks: u64,
+    policy: StoreFullPolicy,
+    fanout: Option<(usize, usize)>,
+) {
     let d = format_store(ORIGIN_CHUNKS, data_chunks, policy);
-    let mut h = Harness::new(open(d), make_origin(ORIGIN_CHUNKS));
+    let mut h = Harness::new(open_with(d, fanout), make_origin(ORIGIN_CHUNKS));
     let mut m = Model::new(ORIGIN_CHUNKS);
     let mut next_value = 1u64;
     for (step, op) in ops.into_iter().enumerate() {
@@ -132,7 +154,7 @@ fn run(ops: Vec<Op>, data_chunks: u64, policy: StoreFullPolicy) {
                 let mut disk = store.into_disk();
                 assert_clean(&mut disk, &when);
                 let auto = std::mem::take(&mut h.auto_deleted);
-                h = Harness::new(open(disk), origin);
+                h = Harness::new(open_with(disk, fanout), origin);
                 h.auto_deleted = auto;
             }
         }
@@ -181,5 +203,13 @@ proptest! {
     #[test]
     fn full_store_auto_delete_matches_model(ops in prop::collection::vec(op(), 1..120)) {
         run(ops, 24, StoreFullPolicy::DeleteLowestPriority);
+    }
+
+    /// Leaves of 3 records and index nodes of 6 entries: a deep tree whose
+    /// chunk groups are cut by splits and span leaves (as at 1024
+    /// snapshots), walked by every lookup, write, delta and delete step.
+    #[test]
+    fn groups_spanning_leaves_match_model(ops in prop::collection::vec(op(), 1..160)) {
+        run_fanout(ops, 4096, StoreFullPolicy::Refuse, Some((3, 6)));
     }
 }

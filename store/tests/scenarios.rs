@@ -169,9 +169,25 @@ fn duplicate_and_too_many_snapshots_are_refused() {
 /// the end every data chunk is free again.
 #[test]
 fn full_snapshot_table_written_between_and_deleted() {
+    full_table(None);
+}
+
+/// The same with leaves of 4 records and index nodes of 8 entries: the hot
+/// chunk's group (one record per snapshot) spans many leaves, as every
+/// large group will at 1024 snapshots, and is read, grown, split off and
+/// deleted across them.
+#[test]
+fn full_snapshot_table_with_groups_spanning_leaves() {
+    full_table(Some((4, 8)));
+}
+
+fn full_table(fanout: Option<(usize, usize)>) {
     const HOT: u64 = 3;
     let max = SNAPSHOTS_MAX as u32;
     let (mut h, mut m) = setup(8 * u64::from(max) + 64, StoreFullPolicy::Refuse);
+    if let Some((leaf, node)) = fanout {
+        h.store.set_tree_fanout(leaf, node);
+    }
     let mut v = 1_000u64;
     for t in 0..max {
         snap(&mut h, &mut m, t);
