@@ -76,7 +76,12 @@ fn build_fixture() -> Fixture {
     assert_eq!(s.status().depth, 2, "fixture tree has two levels");
     let mut disk = s.into_disk();
     let label = csnap_store::read_label(&mut disk).expect("label");
-    let sb = Super::decode(&read(&disk, layout::SUPER_BLOCK)).expect("super");
+    let mut sb = Super::decode(&read(&disk, layout::SUPER_BLOCK)).expect("super");
+    assert!(sb.table_in_blocks(), "fixture is a version-2 store");
+    for k in 0..layout::TABLE_BLOCKS_MAX {
+        sb.decode_table_block(k, &read(&disk, sb.table[k]))
+            .expect("table block");
+    }
     let r = read(&disk, sb.root);
     let leaves = (0..tree::node_len(&r))
         .map(|i| tree::node_child(&r, i))
@@ -189,8 +194,13 @@ fn sealed(data: &[u8], kind: BlockKind, addr: Option<u64>) -> Vec<u8> {
     let n = data.len().min(BS);
     b[..n].copy_from_slice(&data[..n]);
     let (level, count, seq) = (layout::level(&b), layout::count(&b), layout::seq(&b));
+    let version = layout::version(&b);
     let a = addr.unwrap_or_else(|| layout::addr(&b));
     layout::init_header(&mut b, kind, a);
+    // A superblock keeps its version: 2 points to table blocks.
+    if kind == BlockKind::Super && version == layout::SUPER_TABLE_VERSION {
+        layout::set_version(&mut b, version);
+    }
     layout::set_level(&mut b, level);
     layout::set_count(&mut b, count);
     layout::seal(&mut b, seq);
@@ -446,19 +456,27 @@ pub fn store_image(data: &[u8]) {
         return;
     };
     let l = &f.label;
-    let (addr, kind) = match pick % 6 {
+    let (addr, kind) = match pick % 7 {
         0 => (
-            f.leaves[usize::from(pick / 6) % f.leaves.len()],
+            f.leaves[usize::from(pick / 7) % f.leaves.len()],
             BlockKind::Leaf,
         ),
         1 => (f.root, BlockKind::Node),
         2 => (l.meta_bitmap_start, BlockKind::Bitmap),
         3 => (
-            l.data_bitmap_start + u64::from(pick / 6) % l.data_bitmap_blocks,
+            l.data_bitmap_start + u64::from(pick / 7) % l.data_bitmap_blocks,
             BlockKind::Bitmap,
         ),
         4 => (layout::SUPER_BLOCK, BlockKind::Super),
-        _ => (layout::LABEL_BLOCK, BlockKind::Label),
+        5 => (layout::LABEL_BLOCK, BlockKind::Label),
+        _ => (
+            // One table block of the table's (one at 64 snapshots).
+            f.sb.table
+                .get(usize::from(pick / 7))
+                .copied()
+                .unwrap_or(f.sb.table[0]),
+            BlockKind::SnapTable,
+        ),
     };
     let b = sealed(rest, kind, Some(addr));
     let mut disk = Overlay::new(&f.disk);
@@ -617,7 +635,8 @@ pub fn store_image_seeds() -> Vec<Vec<u8>> {
     let l = &f.label;
     let blocks = [
         (0u8, f.leaves[0]),
-        (6, f.leaves[1 % f.leaves.len()]),
+        (7, f.leaves[1 % f.leaves.len()]),
+        (6, f.sb.table[0]),
         (1, f.root),
         (2, l.meta_bitmap_start),
         (3, l.data_bitmap_start),

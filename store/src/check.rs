@@ -144,7 +144,7 @@ pub fn check<D: Disk>(disk: &mut D) -> CheckReport {
         report.problems.push(e);
         return report;
     }
-    let sb = match layout::verify(&b, layout::SUPER_BLOCK, BlockKind::Super)
+    let mut sb = match layout::verify(&b, layout::SUPER_BLOCK, BlockKind::Super)
         .map_err(|f| f.to_string())
         .and_then(|_| Super::decode(&b).map_err(str::to_string))
     {
@@ -154,6 +154,29 @@ pub fn check<D: Disk>(disk: &mut D) -> CheckReport {
             return report;
         }
     };
+    // The snapshot table's blocks (a version-2 superblock).
+    let mut table_refs = Vec::new();
+    if sb.table_in_blocks() {
+        for k in 0..layout::TABLE_BLOCKS_MAX {
+            let addr = sb.table[k];
+            let what = format!("snapshot table block {k} at block {addr}");
+            if addr < label.meta_start || addr >= label.meta_start + label.meta_blocks {
+                report
+                    .problems
+                    .push(format!("{what}: outside the metadata area"));
+                return report;
+            }
+            let r = r.read(addr, &mut b).and_then(|()| {
+                layout::verify(&b, addr, BlockKind::SnapTable).map_err(|f| f.to_string())?;
+                sb.decode_table_block(k, &b).map_err(str::to_string)
+            });
+            if let Err(e) = r {
+                report.problems.push(format!("{what}: {e}"));
+                return report;
+            }
+            table_refs.push(addr - label.meta_start);
+        }
+    }
     if let Err(e) = crate::validate_super(&label, &sb) {
         report.problems.push(e);
         return report;
@@ -169,6 +192,11 @@ pub fn check<D: Disk>(disk: &mut D) -> CheckReport {
         exceptions: 0,
         tree_blocks: 0,
     };
+    for i in table_refs {
+        if let Some(m) = usize::try_from(i).ok().and_then(|i| c.meta_refs.get_mut(i)) {
+            *m = true;
+        }
+    }
     c.snapshot_table();
     c.walk_tree(&mut r);
     c.bitmaps(&mut r);

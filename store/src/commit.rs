@@ -110,6 +110,7 @@ impl<D: Disk> Store<D> {
         if self.pre_flush {
             self.tx_data.clear();
         }
+        self.stage_table()?;
         // Place the transaction in the ring: commit block, data-checksum
         // block, superblock, dirty blocks.
         let n = self.cache.dirty_count() + 1;
@@ -220,6 +221,41 @@ impl<D: Disk> Store<D> {
             blocks: n,
             ops,
         })
+    }
+
+    /// Puts the snapshot table blocks whose slots (or address) changed in
+    /// this transaction into the cache as dirty images, so the commit
+    /// journals them like tree blocks. A table block is rewritten whole
+    /// from memory, never read.
+    fn stage_table(&mut self) -> Result<(), StoreError> {
+        if !self.sb.table_in_blocks() {
+            return Ok(());
+        }
+        for k in 0..layout::TABLE_BLOCKS_MAX {
+            let r = Super::table_range(k);
+            if self.sb.table[k] == self.committed.table[k]
+                && self.sb.snaps[r.clone()] == self.committed.snaps[r]
+            {
+                continue;
+            }
+            let slot = self.cache.get_new(self.sb.table[k], BlockKind::SnapTable)?;
+            self.sb.encode_table_block(k, self.cache.buf_mut(slot));
+        }
+        Ok(())
+    }
+
+    /// Moves a version-1 store's snapshot table (inside the superblock)
+    /// into table blocks allocated from the metadata area, in the open
+    /// transaction: the next commit writes them and a version-2
+    /// superblock. A crash before that commit leaves the version-1 store.
+    pub(crate) fn upgrade_table(&mut self) -> Result<(), StoreError> {
+        self.cache.begin_op();
+        let mut table = [0u64; layout::TABLE_BLOCKS_MAX];
+        for a in table.iter_mut() {
+            *a = self.alloc_meta()?;
+        }
+        self.sb.table = table;
+        Ok(())
     }
 
     /// Step 4 of the last commit, if `commit_journal` left it: every image

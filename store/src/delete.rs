@@ -43,7 +43,7 @@ impl<D: Disk> Store<D> {
             // a group walks its done records again), or anywhere when the
             // transaction is full (the next step resumes at this chunk).
             if (done >= max_records && prev != Some(r.chunk))
-                || self.cache.dirty_count() + 3 > self.tx_cap_blocks
+                || self.cache.dirty_count() + 3 + layout::TABLE_BLOCKS_MAX > self.tx_cap_blocks
                 || self.pending_frees.len() >= TX_FREES_MAX
             {
                 self.sb.delete_cursor = r.chunk;

@@ -120,6 +120,22 @@ pub fn plan_layout(size_bytes: u64, o: &FormatOptions) -> Result<Label, StoreErr
 
 /// Formats `disk` as an empty store.
 pub fn format<D: Disk>(disk: &mut D, o: &FormatOptions) -> Result<Label, StoreError> {
+    format_with(disk, o, true)
+}
+
+/// Formats `disk` the way csnap did before #13: the snapshot table inside
+/// a version-1 superblock (metadata blocks after the root unused). For the
+/// tests of the in-place upgrade; `format` is what tools use.
+#[doc(hidden)]
+pub fn format_v1<D: Disk>(disk: &mut D, o: &FormatOptions) -> Result<Label, StoreError> {
+    format_with(disk, o, false)
+}
+
+fn format_with<D: Disk>(
+    disk: &mut D,
+    o: &FormatOptions,
+    table_blocks: bool,
+) -> Result<Label, StoreError> {
     let size = disk.size_bytes();
     let label = plan_layout(size, o)?;
     let mut b = vec![0u8; BLOCK_SIZE_BYTES];
@@ -136,8 +152,15 @@ pub fn format<D: Disk>(disk: &mut D, o: &FormatOptions) -> Result<Label, StoreEr
         disk.write_at(&zeros[..len], (label.journal_start + blk) * BS)?;
         blk += n;
     }
-    // Bitmaps: the root leaf (metadata block 0) is in use; bits past the end
-    // of each area are set so they are never allocated.
+    // Bitmaps: the root leaf (metadata block 0) and the snapshot table
+    // blocks (1 ..= TABLE_BLOCKS_MAX) are in use; bits past the end of each
+    // area are set so they are never allocated.
+    let tables = if table_blocks {
+        layout::TABLE_BLOCKS_MAX as u64
+    } else {
+        0
+    };
+    let meta_used: Vec<u64> = (0..=tables).collect();
     let write_bitmaps = |disk: &mut D,
                          b: &mut [u8],
                          start: u64,
@@ -166,7 +189,7 @@ pub fn format<D: Disk>(disk: &mut D, o: &FormatOptions) -> Result<Label, StoreEr
         label.meta_bitmap_start,
         label.meta_bitmap_blocks,
         label.meta_blocks,
-        &[0],
+        &meta_used,
     )?;
     write_bitmaps(
         disk,
@@ -182,7 +205,13 @@ pub fn format<D: Disk>(disk: &mut D, o: &FormatOptions) -> Result<Label, StoreEr
     tree::leaf_init(&mut b);
     layout::seal(&mut b, 0);
     disk.write_at(&b, label.meta_start * BS)?;
-    // The superblock.
+    // The superblock, and the empty snapshot table's blocks.
+    let mut table = [0u64; layout::TABLE_BLOCKS_MAX];
+    if table_blocks {
+        for (k, a) in table.iter_mut().enumerate() {
+            *a = label.meta_start + 1 + k as u64;
+        }
+    }
     let sb = Super {
         seq: 0,
         journal_last_slot: 0,
@@ -190,14 +219,22 @@ pub fn format<D: Disk>(disk: &mut D, o: &FormatOptions) -> Result<Label, StoreEr
         incarnation: 0,
         root: label.meta_start,
         depth: 1,
-        meta_free: label.meta_blocks - 1,
+        meta_free: label.meta_blocks - 1 - tables,
         data_free: label.data_chunks,
-        meta_cursor: 1,
+        meta_cursor: 1 + tables,
         data_cursor: 0,
         delete_walk_mask: Mask::EMPTY,
         delete_cursor: 0,
         snaps: [SnapSlot::FREE; SNAPSHOTS_MAX],
+        table,
     };
+    if table_blocks {
+        for (k, &a) in table.iter().enumerate() {
+            sb.encode_table_block(k, &mut b);
+            layout::seal(&mut b, 0);
+            disk.write_at(&b, a * BS)?;
+        }
+    }
     sb.encode(&mut b);
     layout::seal(&mut b, 0);
     disk.write_at(&b, layout::SUPER_BLOCK * BS)?;

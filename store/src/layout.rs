@@ -21,6 +21,12 @@ pub const FORMAT_VERSION: u16 = 1;
 /// version 1 stops its replay at the first version-2 commit, so a store
 /// this csnap wrote must not be opened by an older one.
 pub const COMMIT_VERIFIED_VERSION: u16 = 2;
+/// Format version of a superblock whose snapshot table lives in table
+/// blocks of the metadata area (`BlockKind::SnapTable`) instead of inside
+/// it (#13: a table of 1024 snapshots is 32 KiB). A store is upgraded to
+/// it in place at its first commit after an open (ARCHITECTURE 2.4); a
+/// csnap that reads only version 1 refuses the store then.
+pub const SUPER_TABLE_VERSION: u16 = 2;
 /// Bytes of the common header.
 pub const HEADER_BYTES: usize = 32;
 
@@ -42,6 +48,8 @@ pub enum BlockKind {
     Leaf = 6,
     /// The data-checksum block of a single-flush commit (journal only).
     DataCrcs = 7,
+    /// A block of the snapshot table (a version-2 superblock points to it).
+    SnapTable = 8,
 }
 
 impl BlockKind {
@@ -55,6 +63,7 @@ impl BlockKind {
             5 => BlockKind::Node,
             6 => BlockKind::Leaf,
             7 => BlockKind::DataCrcs,
+            8 => BlockKind::SnapTable,
             _ => return None,
         })
     }
@@ -69,6 +78,7 @@ impl BlockKind {
             BlockKind::Node => "b-tree index node",
             BlockKind::Leaf => "b-tree leaf",
             BlockKind::DataCrcs => "journal data-checksum block",
+            BlockKind::SnapTable => "snapshot table block",
         }
     }
 }
@@ -266,7 +276,8 @@ pub fn verify(b: &[u8], at: u64, expect: BlockKind) -> Result<Header, BlockFault
         BlockKind::from_u16(k),
         Some(BlockKind::Commit | BlockKind::DataCrcs)
     ) && version == COMMIT_VERIFIED_VERSION;
-    if version != FORMAT_VERSION && !verified_commit {
+    let table_super = k == BlockKind::Super as u16 && version == SUPER_TABLE_VERSION;
+    if version != FORMAT_VERSION && !verified_commit && !table_super {
         return Err(BlockFault::Version { found: version });
     }
     let kind = match BlockKind::from_u16(k) {
@@ -652,14 +663,24 @@ pub struct Super {
     pub delete_cursor: u64,
     /// Snapshot table, indexed by share bit.
     pub snaps: [SnapSlot; SNAPSHOTS_MAX],
+    /// The table blocks holding `snaps` (a version-2 superblock), or all
+    /// zero: the table is inside the superblock (version 1, a store
+    /// formatted before #13 and not yet upgraded).
+    pub table: [u64; TABLE_BLOCKS_MAX],
 }
 
 const SUPER_FIELDS_OFF: usize = HEADER_BYTES;
+/// Where a version-1 superblock's table, or a version-2 superblock's table
+/// block addresses, begin.
 const SUPER_TABLE_OFF: usize = 256;
 const SNAP_ENTRY_BYTES: usize = 32;
-static_assertions::const_assert!(
-    SUPER_TABLE_OFF + SNAPSHOTS_MAX * SNAP_ENTRY_BYTES <= BLOCK_SIZE_BYTES
-);
+/// Entries of one snapshot table block (after its header).
+pub const TABLE_ENTRIES_PER_BLOCK: usize = (BLOCK_SIZE_BYTES - HEADER_BYTES) / SNAP_ENTRY_BYTES;
+/// Table blocks of a version-2 store: the whole table (`SNAPSHOTS_MAX`).
+pub const TABLE_BLOCKS_MAX: usize = SNAPSHOTS_MAX.div_ceil(TABLE_ENTRIES_PER_BLOCK);
+// A version-1 superblock held the 64-entry table itself.
+static_assertions::const_assert!(SUPER_TABLE_OFF + 64 * SNAP_ENTRY_BYTES <= BLOCK_SIZE_BYTES);
+static_assertions::const_assert!(SUPER_TABLE_OFF + TABLE_BLOCKS_MAX * 8 <= BLOCK_SIZE_BYTES);
 // Format 1 keeps the delete-pass mask and every leaf record's share mask
 // in one 64-bit word (ARCHITECTURE.md 2.11: what wider masks take).
 static_assertions::const_assert!(SHARE_MASK_WORDS == 1);
@@ -715,6 +736,18 @@ impl Super {
         if self.delete_walk_mask.intersects(!self.deleting_mask()) {
             return Err("delete pass clears a snapshot that is not being deleted");
         }
+        if self.table_in_blocks() {
+            for (k, &a) in self.table.iter().enumerate() {
+                if a < label.meta_start || a >= meta_end || a == self.root {
+                    return Err("a snapshot table block is outside the metadata area");
+                }
+                if self.table[..k].contains(&a) {
+                    return Err("two snapshot table blocks share an address");
+                }
+            }
+        } else if self.snaps[64..].iter().any(|s| s.state != SlotState::Free) {
+            return Err("a superblock holding its table has more than 64 snapshots");
+        }
         self.check_table(label)
     }
 
@@ -749,7 +782,13 @@ impl Super {
         Ok(())
     }
 
-    /// Encodes into a block image (unsealed: the commit seals it).
+    /// Whether the snapshot table lives in table blocks (version 2).
+    pub fn table_in_blocks(&self) -> bool {
+        self.table[0] != 0
+    }
+
+    /// Encodes into a block image (unsealed: the commit seals it): version
+    /// 2 with the table blocks' addresses, or version 1 with the table.
     pub fn encode(&self, b: &mut [u8]) {
         b.fill(0);
         init_header(b, BlockKind::Super, SUPER_BLOCK);
@@ -771,18 +810,21 @@ impl Super {
             put_u64(b, o, v);
             o += 8;
         }
-        for (i, s) in self.snaps.iter().enumerate() {
-            let e = SUPER_TABLE_OFF + i * SNAP_ENTRY_BYTES;
-            put_u32(b, e, s.tag);
-            b[e + 4] = s.state as u8;
-            b[e + 5] = s.priority.to_le_bytes()[0];
-            put_u64(b, e + 8, s.ctime_secs);
-            put_u64(b, e + 16, s.chunks);
-            put_u64(b, e + 24, s.unique_chunks);
+        if self.table_in_blocks() {
+            set_version(b, SUPER_TABLE_VERSION);
+            for (k, &a) in self.table.iter().enumerate() {
+                put_u64(b, SUPER_TABLE_OFF + k * 8, a);
+            }
+        } else {
+            for (i, s) in self.snaps.iter().take(64).enumerate() {
+                put_entry(b, SUPER_TABLE_OFF + i * SNAP_ENTRY_BYTES, s);
+            }
         }
     }
 
-    /// Decodes a verified superblock image.
+    /// Decodes a verified superblock image. A version-2 superblock's table
+    /// is left free: the caller reads the blocks `table` names into it
+    /// (`decode_table_block`).
     pub fn decode(b: &[u8]) -> Result<Super, &'static str> {
         let mut v = [0u64; 12];
         let mut o = SUPER_FIELDS_OFF;
@@ -791,22 +833,18 @@ impl Super {
             o += 8;
         }
         let mut snaps = [SnapSlot::FREE; SNAPSHOTS_MAX];
-        for (i, s) in snaps.iter_mut().enumerate() {
-            let e = SUPER_TABLE_OFF + i * SNAP_ENTRY_BYTES;
-            let state = match b[e + 4] {
-                0 => SlotState::Free,
-                1 => SlotState::Live,
-                2 => SlotState::Deleting,
-                _ => return Err("snapshot table slot has an unknown state"),
-            };
-            *s = SnapSlot {
-                tag: get_u32(b, e),
-                state,
-                priority: i8::from_le_bytes([b[e + 5]]),
-                ctime_secs: get_u64(b, e + 8),
-                chunks: get_u64(b, e + 16),
-                unique_chunks: get_u64(b, e + 24),
-            };
+        let mut table = [0u64; TABLE_BLOCKS_MAX];
+        if version(b) == SUPER_TABLE_VERSION {
+            for (k, a) in table.iter_mut().enumerate() {
+                *a = get_u64(b, SUPER_TABLE_OFF + k * 8);
+            }
+            if !table.iter().all(|&a| a != 0) {
+                return Err("a snapshot table block address is missing");
+            }
+        } else {
+            for (i, s) in snaps.iter_mut().take(64).enumerate() {
+                *s = get_entry(b, SUPER_TABLE_OFF + i * SNAP_ENTRY_BYTES)?;
+            }
         }
         let depth = u16::try_from(v[5]).map_err(|_| "tree depth out of range")?;
         Ok(Super {
@@ -823,8 +861,65 @@ impl Super {
             delete_walk_mask: Mask::from_words([v[10]]),
             delete_cursor: v[11],
             snaps,
+            table,
         })
     }
+
+    /// The slots table block `k` holds.
+    pub fn table_range(k: usize) -> core::ops::Range<usize> {
+        let lo = (k * TABLE_ENTRIES_PER_BLOCK).min(SNAPSHOTS_MAX);
+        lo..((k + 1) * TABLE_ENTRIES_PER_BLOCK).min(SNAPSHOTS_MAX)
+    }
+
+    /// Encodes table block `k` (at `table[k]`) into a block image
+    /// (unsealed).
+    pub fn encode_table_block(&self, k: usize, b: &mut [u8]) {
+        b.fill(0);
+        init_header(b, BlockKind::SnapTable, self.table[k]);
+        let r = Self::table_range(k);
+        set_count(b, u16::try_from(r.len()).unwrap_or(0));
+        for (j, s) in self.snaps[r].iter().enumerate() {
+            put_entry(b, HEADER_BYTES + j * SNAP_ENTRY_BYTES, s);
+        }
+    }
+
+    /// Decodes table block `k` (a verified image) into the table.
+    pub fn decode_table_block(&mut self, k: usize, b: &[u8]) -> Result<(), &'static str> {
+        let r = Self::table_range(k);
+        if usize::from(count(b)) != r.len() {
+            return Err("a snapshot table block holds the wrong number of entries");
+        }
+        for (j, s) in self.snaps[r].iter_mut().enumerate() {
+            *s = get_entry(b, HEADER_BYTES + j * SNAP_ENTRY_BYTES)?;
+        }
+        Ok(())
+    }
+}
+
+fn put_entry(b: &mut [u8], e: usize, s: &SnapSlot) {
+    put_u32(b, e, s.tag);
+    b[e + 4] = s.state as u8;
+    b[e + 5] = s.priority.to_le_bytes()[0];
+    put_u64(b, e + 8, s.ctime_secs);
+    put_u64(b, e + 16, s.chunks);
+    put_u64(b, e + 24, s.unique_chunks);
+}
+
+fn get_entry(b: &[u8], e: usize) -> Result<SnapSlot, &'static str> {
+    let state = match b[e + 4] {
+        0 => SlotState::Free,
+        1 => SlotState::Live,
+        2 => SlotState::Deleting,
+        _ => return Err("snapshot table slot has an unknown state"),
+    };
+    Ok(SnapSlot {
+        tag: get_u32(b, e),
+        state,
+        priority: i8::from_le_bytes([b[e + 5]]),
+        ctime_secs: get_u64(b, e + 8),
+        chunks: get_u64(b, e + 16),
+        unique_chunks: get_u64(b, e + 24),
+    })
 }
 
 // ---------------------------------------------------------------------------
@@ -847,10 +942,9 @@ pub const NODE_ENTRY_BYTES: usize = 16;
 pub const NODE_ENTRIES_MAX: usize = (BLOCK_SIZE_BYTES - NODE_ENTRIES_OFF) / NODE_ENTRY_BYTES;
 
 // A chunk's records (at most one per snapshot) never fill a leaf alone, so
-// a leaf always splits at a group boundary and no group spans leaves: the
-// tree code walks groups across leaves (ARCHITECTURE 2.2), but csnap
-// versions before it route by `<=` and read only stores without spanning
-// groups. Raising the snapshot count past this is a format change (2.12).
+// a leaf always splits at a group boundary and no group spans leaves at 64
+// snapshots. The tree code walks groups across leaves (ARCHITECTURE 2.2);
+// raising the count past this takes the rest of 2.12 (windowed masks).
 static_assertions::const_assert!(LEAF_RECORDS_MAX >= 2 * csnap_pools::SNAPSHOTS_MAX + 2);
 static_assertions::const_assert!(NODE_ENTRIES_MAX >= 4);
 

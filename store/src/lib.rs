@@ -53,7 +53,7 @@ use alloc::{clear_bit, set_bit};
 pub use error::StoreError;
 use format::read_label_checked;
 pub use format::{
-    format, plan_layout, read_label, read_label_into, validate_super, FormatOptions,
+    format, format_v1, plan_layout, read_label, read_label_into, validate_super, FormatOptions,
     META_BYTES_PER_DATA_CHUNK,
 };
 pub use standby::{OpenOptions, Standby};
@@ -378,7 +378,8 @@ impl<D: Disk> Store<D> {
 
     /// Whether another mapping operation fits in the open transaction.
     pub fn has_room(&self) -> bool {
-        self.cache.dirty_count() + OP_DIRTY_BLOCKS_MAX <= self.tx_cap_blocks
+        self.cache.dirty_count() + OP_DIRTY_BLOCKS_MAX + layout::TABLE_BLOCKS_MAX
+            <= self.tx_cap_blocks
             && self.pending_frees.len() < TX_FREES_MAX
     }
 

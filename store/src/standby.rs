@@ -209,6 +209,12 @@ impl<D: Disk> Standby<D> {
                 e,
             ));
         }
+        // A store formatted before #13 holds its table in the superblock:
+        // its first commit moves it to table blocks (a full metadata area
+        // keeps it as it is, with room for 64 snapshots).
+        if !store.sb.table_in_blocks() && store.upgrade_table().is_err() {
+            store.abort();
+        }
         store.assert_invariants_full();
         Ok(store)
     }
@@ -274,8 +280,26 @@ impl<D: Disk> Standby<D> {
             fault,
         };
         layout::verify(block_buf, layout::SUPER_BLOCK, BlockKind::Super).map_err(super_corrupt)?;
-        let sb = Super::decode(block_buf)
+        let mut sb = Super::decode(block_buf)
             .map_err(|reason| super_corrupt(BlockFault::Structure { reason }))?;
+        if sb.table_in_blocks() {
+            let meta_end = label.meta_start + label.meta_blocks;
+            for k in 0..layout::TABLE_BLOCKS_MAX {
+                let addr = sb.table[k];
+                let corrupt = |fault| StoreError::Corrupt {
+                    addr,
+                    kind: BlockKind::SnapTable,
+                    fault,
+                };
+                if addr < label.meta_start || addr >= meta_end {
+                    return Err(corrupt(BlockFault::Address { found: addr }));
+                }
+                disk.read_at(block_buf, addr * BS)?;
+                layout::verify(block_buf, addr, BlockKind::SnapTable).map_err(corrupt)?;
+                sb.decode_table_block(k, block_buf)
+                    .map_err(|reason| corrupt(BlockFault::Structure { reason }))?;
+            }
+        }
         sb.check(&label)
             .map_err(|reason| super_corrupt(BlockFault::Structure { reason }))?;
         Ok((label, sb, replay))

@@ -16,7 +16,9 @@
 
 mod common;
 
-use common::{format_store, initial, make_origin, pattern, value_of, CACHE_BLOCKS, CHUNK};
+use common::{
+    format_store, format_store_v1, initial, make_origin, pattern, value_of, CACHE_BLOCKS, CHUNK,
+};
 use csnap_store::disk::{Disk, DiskError, MemDisk};
 use csnap_store::{Mapping, OpenOptions, OriginWrite, Store, StoreError, StoreFullPolicy};
 
@@ -469,6 +471,99 @@ fn a_crash_at_every_write_of_a_claiming_start_loses_nothing_and_keeps_incarnatio
     }
     eprintln!("start crashes: {crashes}");
     assert!(crashes > 50, "only {crashes} start crashes");
+}
+
+/// A store formatted before #13 (its snapshot table inside a version-1
+/// superblock) is read as it is, and its first commit after an open moves
+/// the table into table blocks (a version-2 superblock). A crash at every
+/// write of that commit, with or without the unflushed writes, leaves a
+/// store of one version or the other that `check` finds clean and that
+/// holds everything acknowledged; the next open and commit upgrade it.
+#[test]
+fn a_version_1_store_is_upgraded_in_place_and_a_crash_at_every_write_of_the_upgrade_loses_nothing()
+{
+    let super_version = |d: &mut MemDisk| {
+        let mut b = vec![0u8; CHUNK];
+        d.read_at(&mut b[..4096], csnap_store::layout::SUPER_BLOCK * 4096)
+            .unwrap();
+        csnap_store::layout::version(&b[..4096])
+    };
+    let mut origin = make_origin(ORIGIN_CHUNKS);
+    let mut acked = Acked {
+        origin: (0..ORIGIN_CHUNKS).map(initial).collect(),
+        snaps: Vec::new(),
+    };
+    // Populated as version 1: the open's pending upgrade is dropped
+    // (`abort`), so the store runs as csnap before #13 ran it.
+    let d = format_store_v1(ORIGIN_CHUNKS, DATA_CHUNKS, StoreFullPolicy::Refuse);
+    let mut st = Store::open(d, &open_opts()).unwrap();
+    assert!(
+        st.is_dirty(),
+        "the open of a version-1 store stages its upgrade"
+    );
+    st.abort();
+    st.create_snapshot(1, 0).unwrap();
+    st.commit().unwrap();
+    acked.snaps.push((1, acked.origin.clone()));
+    for i in 0..STEPS {
+        step(&mut st, &mut origin, &mut acked, i).unwrap();
+    }
+    assert!(acked.snaps.len() >= 2);
+    let mut d = st.into_disk();
+    assert_eq!(super_version(&mut d), 1);
+    recover_and_verify(d.clone(), &mut origin.clone(), &acked, "version 1");
+    let upgrade = |disk: &mut CrashDisk| -> Result<(), StoreError> {
+        let mut st = Store::open(disk, &open_opts())?;
+        st.commit()?;
+        Ok(())
+    };
+    let mut probe = CrashDisk::new(d.clone(), u64::MAX, false);
+    upgrade(&mut probe).unwrap();
+    let mut up = probe.image();
+    assert_eq!(super_version(&mut up), 2, "the first commit upgrades");
+    recover_and_verify(up, &mut origin.clone(), &acked, "upgraded");
+    let writes = CrashDisk::new(d.clone(), u64::MAX, false);
+    let mut counter = writes;
+    upgrade(&mut counter).unwrap();
+    let (mut crashes, mut v1, mut v2) = (0, 0, 0);
+    for j in 1..=counter.writes {
+        for drop_unflushed in [false, true] {
+            let mut cd = CrashDisk::new(d.clone(), j, drop_unflushed);
+            assert!(upgrade(&mut cd).is_err(), "no crash at write {j}");
+            crashes += 1;
+            let ctx = format!("upgrade crashed at write {j} (unflushed lost: {drop_unflushed})");
+            // Replay decides the version (and writes the home copies a
+            // crash after the journal write left unwritten: until then
+            // `check` reports them, with the journal's good copy).
+            let st = Store::open(cd.image(), &open_opts()).unwrap();
+            let mut img = st.into_disk();
+            if super_version(&mut img) == 2 {
+                v2 += 1;
+            } else {
+                v1 += 1;
+            }
+            recover_and_verify(img.clone(), &mut origin.clone(), &acked, &ctx);
+            let mut st = Store::open(&mut img, &open_opts()).unwrap();
+            st.commit().unwrap();
+            drop(st);
+            assert_eq!(
+                super_version(&mut img),
+                2,
+                "{ctx}: upgraded by the next commit"
+            );
+            recover_and_verify(
+                img,
+                &mut origin.clone(),
+                &acked,
+                &format!("{ctx}, then upgraded"),
+            );
+        }
+    }
+    eprintln!("upgrade crashes: {crashes} ({v1} left version 1, {v2} version 2)");
+    assert!(
+        v1 > 0 && v2 > 0,
+        "crashes on both sides of the commit point"
+    );
 }
 
 /// The `delete-lowest-priority` workload: snapshots with priorities taken

@@ -36,8 +36,17 @@ fn label(d: &mut MemDisk) -> Label {
     csnap_store::read_label(d).unwrap()
 }
 
+/// The home superblock with its snapshot table (read from the table
+/// blocks of a version-2 superblock).
 fn sb(d: &mut MemDisk) -> Super {
-    Super::decode(&read_block(d, layout::SUPER_BLOCK)).unwrap()
+    let mut s = Super::decode(&read_block(d, layout::SUPER_BLOCK)).unwrap();
+    if s.table_in_blocks() {
+        for k in 0..layout::TABLE_BLOCKS_MAX {
+            let b = read_block(d, s.table[k]);
+            s.decode_table_block(k, &b).unwrap();
+        }
+    }
+    s
 }
 
 /// The root node, its second child (a leaf) and the first chunk that leaf
@@ -262,6 +271,13 @@ fn bad_super(f: impl FnOnce(&mut Super)) -> MemDisk {
     let mut s = sb(&mut d);
     f(&mut s);
     let mut b = vec![0u8; BS as usize];
+    if s.table_in_blocks() {
+        for k in 0..layout::TABLE_BLOCKS_MAX {
+            s.encode_table_block(k, &mut b);
+            layout::seal(&mut b, s.seq);
+            d.write_at(&b, s.table[k] * BS).unwrap();
+        }
+    }
     s.encode(&mut b);
     layout::seal(&mut b, s.seq);
     d.write_at(&b, layout::SUPER_BLOCK * BS).unwrap();

@@ -36,6 +36,22 @@ pub fn initial(c: u64) -> u64 {
 
 /// Formats a store sized so the data area holds about `data_chunks` chunks.
 pub fn format_store(origin_chunks: u64, data_chunks: u64, policy: StoreFullPolicy) -> MemDisk {
+    format_store_as(origin_chunks, data_chunks, policy, false)
+}
+
+/// `format_store` the way csnap before #13 formatted: the snapshot table
+/// inside a version-1 superblock.
+#[allow(dead_code)]
+pub fn format_store_v1(origin_chunks: u64, data_chunks: u64, policy: StoreFullPolicy) -> MemDisk {
+    format_store_as(origin_chunks, data_chunks, policy, true)
+}
+
+fn format_store_as(
+    origin_chunks: u64,
+    data_chunks: u64,
+    policy: StoreFullPolicy,
+    v1: bool,
+) -> MemDisk {
     let mut o = FormatOptions::new(origin_chunks * CHUNK as u64);
     o.chunk_size_bytes = CHUNK as u32;
     o.journal_blocks = csnap_pools::JOURNAL_MIN_BLOCKS;
@@ -54,7 +70,11 @@ pub fn format_store(origin_chunks: u64, data_chunks: u64, policy: StoreFullPolic
         size += CHUNK as u64;
     }
     let mut d = MemDisk::new(size as usize);
-    csnap_store::format(&mut d, &o).unwrap();
+    if v1 {
+        csnap_store::format_v1(&mut d, &o).unwrap();
+    } else {
+        csnap_store::format(&mut d, &o).unwrap();
+    }
     d
 }
 
