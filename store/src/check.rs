@@ -264,6 +264,9 @@ impl Checker {
             vec![(self.sb.root, self.sb.depth - 1, 0, None)];
         let mut group_chunk = None;
         let mut group_mask = Mask::EMPTY;
+        // The group's copy-outs: store chunk and the union of the masks of
+        // its records (one per 64-slot window it serves).
+        let mut group_stores: Vec<(u64, Mask)> = Vec::new();
         let mut b = vec![0u8; BLOCK_SIZE_BYTES];
         let allocated = self.sb.live_mask() | self.sb.deleting_mask();
         while let Some((addr, level, lo, hi)) = stack.pop() {
@@ -308,7 +311,7 @@ impl Checker {
             }
             let in_bounds = |k: u64| k >= lo && hi.is_none_or(|h| k <= h);
             if level == 0 {
-                if usize::from(tree::leaf_mask_words(&b)) != csnap_pools::SHARE_MASK_WORDS {
+                if tree::leaf_mask_words(&b) != tree::LEAF_RECORD_FORMAT {
                     self.problems.push(format!(
                         "b-tree leaf at block {addr}: share masks of {} words are not supported",
                         tree::leaf_mask_words(&b)
@@ -332,6 +335,7 @@ impl Checker {
                         self.problems.push(format!("{what}: records out of order"));
                     }
                     if group_chunk != Some(rec.chunk) {
+                        self.count_unique(&mut group_stores);
                         group_chunk = Some(rec.chunk);
                         group_mask = Mask::EMPTY;
                     }
@@ -344,6 +348,12 @@ impl Checker {
                     if rec.chunk >= self.label.origin_chunks() {
                         self.problems
                             .push(format!("{what}: chunk is past the end of the origin"));
+                    }
+                    let w = tree::leaf_window(&b, i);
+                    if w >= csnap_pools::SHARE_MASK_WORDS {
+                        self.problems.push(format!(
+                            "{what}: share window {w} is past the snapshot table"
+                        ));
                     }
                     if rec.mask.is_empty() {
                         self.problems.push(format!("{what}: empty share mask"));
@@ -374,6 +384,14 @@ impl Checker {
                         ));
                         continue;
                     }
+                    for b in (rec.mask & allocated).slots() {
+                        self.chunks[b] += 1;
+                    }
+                    if let Some(e) = group_stores.iter_mut().find(|e| e.0 == rec.store) {
+                        // Another window of the same copy-out.
+                        e.1 |= rec.mask;
+                        continue;
+                    }
                     let di = usize::try_from(rec.store).unwrap_or(0);
                     if self.data_refs[di] {
                         self.problems.push(format!(
@@ -383,12 +401,7 @@ impl Checker {
                     }
                     self.data_refs[di] = true;
                     self.exceptions += 1;
-                    for b in (rec.mask & allocated).slots() {
-                        self.chunks[b] += 1;
-                    }
-                    if let Some(b) = rec.mask.single() {
-                        self.unique[b] += 1;
-                    }
+                    group_stores.push((rec.store, rec.mask));
                 }
             } else {
                 let n = tree::node_len(&b);
@@ -424,6 +437,17 @@ impl Checker {
                     };
                     stack.push((tree::node_child(&b, i), level - 1, child_lo, child_hi));
                 }
+            }
+        }
+        self.count_unique(&mut group_stores);
+    }
+
+    /// A finished group's copy-outs: each used by one snapshot alone counts
+    /// as that snapshot's unique chunk.
+    fn count_unique(&mut self, group_stores: &mut Vec<(u64, Mask)>) {
+        for (_, m) in group_stores.drain(..) {
+            if let Some(b) = m.single() {
+                self.unique[b] += 1;
             }
         }
     }

@@ -58,18 +58,29 @@ impl<D: Disk> Store<D> {
             }
             *modified = true;
             let (leaf, i) = (cur.path.leaf, cur.i - 1);
-            self.account(r.mask, nm)?;
+            // Dirty first: the walk for the copy's other windows must not
+            // evict this leaf.
             self.cache.mark_dirty(leaf);
+            let others = self.store_others(r.chunk, r.store, leaf, i)?;
+            self.account(others | r.mask, others | nm)?;
             if nm.is_empty() {
                 tree::leaf_remove(self.cache.buf_mut(leaf), i);
                 cur.i = i;
-                self.free(Area::Data, r.store)?;
+                // The last record naming the chunk frees it.
+                if others.is_empty() {
+                    self.free(Area::Data, r.store)?;
+                }
             } else {
                 tree::leaf_set_mask(self.cache.buf_mut(leaf), i, nm);
             }
         }
-        // The pass is complete: the walked bits are in no mask.
         *modified = true;
+        self.finish_delete_pass(walk)
+    }
+
+    /// The pass is complete: the walked bits are in no mask, their slots
+    /// are free again.
+    fn finish_delete_pass(&mut self, walk: Mask) -> Result<DeleteProgress, StoreError> {
         for b in walk.slots() {
             if self.sb.snaps[b].chunks != 0 {
                 // The tree holds none of its bits any more, the table says

@@ -164,6 +164,62 @@ impl<D: Disk> Store<D> {
         Ok(union)
     }
 
+    /// The union of the share masks of `chunk`'s records that name store
+    /// chunk `store`, except the record at (`leaf` slot, index `i`): the
+    /// other windows of one copy-out (ARCHITECTURE 2.2). Keeps every block
+    /// it reads pinned, so the caller's slots stay valid.
+    pub(crate) fn store_others(
+        &mut self,
+        chunk: u64,
+        store: u64,
+        leaf: usize,
+        i: usize,
+    ) -> Result<Mask, StoreError> {
+        let path = self.descend(chunk)?;
+        let mut c = Cursor {
+            i: tree::leaf_lower_bound(self.cache.buf(path.leaf), chunk),
+            path,
+        };
+        let mut others = Mask::EMPTY;
+        loop {
+            let b = self.cache.buf(c.path.leaf);
+            if c.i < tree::leaf_len(b) {
+                let r = tree::leaf_get(b, c.i);
+                if r.chunk > chunk {
+                    break;
+                }
+                if r.store == store && !(c.path.leaf == leaf && c.i == i) {
+                    others |= r.mask;
+                }
+                c.i += 1;
+                continue;
+            }
+            match self.next_leaf(&c.path, chunk)? {
+                Some(p) => c = Cursor { path: p, i: 0 },
+                None => break,
+            }
+        }
+        Ok(others)
+    }
+
+    /// Inserts the records of a copy-out serving `mask` (at `chunk`, in
+    /// store chunk `store`): one per 64-slot window the mask touches.
+    pub(crate) fn insert_windows(
+        &mut self,
+        chunk: u64,
+        mask: Mask,
+        store: u64,
+    ) -> Result<(), StoreError> {
+        for (w, word) in mask.windows() {
+            self.insert_record(Record {
+                chunk,
+                mask: Mask::from_window(w, word),
+                store,
+            })?;
+        }
+        Ok(())
+    }
+
     /// The cache slot of block `addr`, read and verified as `kind` on a
     /// miss, and then checked structurally (entry counts within capacity,
     /// order, pointers inside their areas, masks naming slots in use). A

@@ -681,9 +681,11 @@ pub const TABLE_BLOCKS_MAX: usize = SNAPSHOTS_MAX.div_ceil(TABLE_ENTRIES_PER_BLO
 // A version-1 superblock held the 64-entry table itself.
 static_assertions::const_assert!(SUPER_TABLE_OFF + 64 * SNAP_ENTRY_BYTES <= BLOCK_SIZE_BYTES);
 static_assertions::const_assert!(SUPER_TABLE_OFF + TABLE_BLOCKS_MAX * 8 <= BLOCK_SIZE_BYTES);
-// Format 1 keeps the delete-pass mask and every leaf record's share mask
-// in one 64-bit word (ARCHITECTURE.md 2.11: what wider masks take).
-static_assertions::const_assert!(SHARE_MASK_WORDS == 1);
+/// Where a version-2 superblock keeps the delete-pass mask's words past the
+/// first (which is a field, as in version 1).
+const SUPER_MASK_OFF: usize = 512;
+static_assertions::const_assert!(SUPER_TABLE_OFF + TABLE_BLOCKS_MAX * 8 <= SUPER_MASK_OFF);
+static_assertions::const_assert!(SUPER_MASK_OFF + SHARE_MASK_WORDS * 8 <= BLOCK_SIZE_BYTES);
 
 impl Super {
     /// Mask of the bits of live snapshots.
@@ -815,7 +817,19 @@ impl Super {
             for (k, &a) in self.table.iter().enumerate() {
                 put_u64(b, SUPER_TABLE_OFF + k * 8, a);
             }
+            for (k, &w) in self.delete_walk_mask.words().iter().enumerate().skip(1) {
+                put_u64(b, SUPER_MASK_OFF + k * 8, w);
+            }
         } else {
+            // A version-1 store holds at most 64 snapshots (`check`).
+            assert!(
+                self.delete_walk_mask
+                    .words()
+                    .iter()
+                    .skip(1)
+                    .all(|&w| w == 0),
+                "a version-1 superblock with a delete pass past slot 63"
+            );
             for (i, s) in self.snaps.iter().take(64).enumerate() {
                 put_entry(b, SUPER_TABLE_OFF + i * SNAP_ENTRY_BYTES, s);
             }
@@ -834,9 +848,14 @@ impl Super {
         }
         let mut snaps = [SnapSlot::FREE; SNAPSHOTS_MAX];
         let mut table = [0u64; TABLE_BLOCKS_MAX];
+        let mut walk = [0u64; SHARE_MASK_WORDS];
+        walk[0] = v[10];
         if version(b) == SUPER_TABLE_VERSION {
             for (k, a) in table.iter_mut().enumerate() {
                 *a = get_u64(b, SUPER_TABLE_OFF + k * 8);
+            }
+            for (k, w) in walk.iter_mut().enumerate().skip(1) {
+                *w = get_u64(b, SUPER_MASK_OFF + k * 8);
             }
             if !table.iter().all(|&a| a != 0) {
                 return Err("a snapshot table block address is missing");
@@ -858,7 +877,7 @@ impl Super {
             data_free: v[7],
             meta_cursor: v[8],
             data_cursor: v[9],
-            delete_walk_mask: Mask::from_words([v[10]]),
+            delete_walk_mask: Mask::from_words(walk),
             delete_cursor: v[11],
             snaps,
             table,
@@ -941,11 +960,9 @@ pub const NODE_ENTRY_BYTES: usize = 16;
 /// Entries one index node holds.
 pub const NODE_ENTRIES_MAX: usize = (BLOCK_SIZE_BYTES - NODE_ENTRIES_OFF) / NODE_ENTRY_BYTES;
 
-// A chunk's records (at most one per snapshot) never fill a leaf alone, so
-// a leaf always splits at a group boundary and no group spans leaves at 64
-// snapshots. The tree code walks groups across leaves (ARCHITECTURE 2.2);
-// raising the count past this takes the rest of 2.12 (windowed masks).
-static_assertions::const_assert!(LEAF_RECORDS_MAX >= 2 * csnap_pools::SNAPSHOTS_MAX + 2);
+// At 64 snapshots a chunk's records (at most one per snapshot) never fill
+// a leaf alone, so a leaf always splits at a group boundary; past that a
+// group may span leaves (ARCHITECTURE 2.2).
 static_assertions::const_assert!(NODE_ENTRIES_MAX >= 4);
 
 /// Structural check of a verified bitmap block: its header carries no level

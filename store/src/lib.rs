@@ -134,7 +134,7 @@ pub struct SnapshotInfo {
     /// User tag.
     pub tag: u32,
     /// Share bit.
-    pub bit: u8,
+    pub bit: u16,
     /// Priority.
     pub priority: i8,
     /// Creation time, seconds since the epoch.

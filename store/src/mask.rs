@@ -3,9 +3,9 @@
 //! Every in-memory mask of the store (the live, deleting, delete-pass and
 //! in-use masks, a record's share mask, a chunk group's union) is a
 //! `Mask`, so its width follows `csnap_pools::SHARE_MASK_WORDS`. On disk a
-//! leaf record and the superblock's delete-pass mask hold one 64-bit word
-//! today (format 1; `SHARE_MASK_WORDS == 1` is asserted in the pools);
-//! ARCHITECTURE.md 2.11 says how records name wider masks.
+//! leaf record holds one 64-bit word and the index of its 64-slot window
+//! (ARCHITECTURE.md 2.2); a version-2 superblock holds every word of the
+//! delete-pass mask.
 
 use core::ops::{BitAnd, BitAndAssign, BitOr, BitOrAssign, Not};
 
@@ -106,6 +106,32 @@ impl<const W: usize> WideMask<W> {
     /// The slots in the mask, in ascending order.
     pub fn slots(self) -> Slots<W> {
         Slots(self)
+    }
+
+    /// The mask of `word` placed at 64-slot window `w` (slots `64 w ..
+    /// 64 w + 63`); empty past the width.
+    pub fn from_window(w: usize, word: u64) -> Self {
+        let mut m = Self::EMPTY;
+        if let Some(x) = m.0.get_mut(w) {
+            *x = word;
+        }
+        m
+    }
+
+    /// The window and word of a mask whose slots lie in one 64-slot
+    /// window; `None` for the empty mask and for one spanning windows.
+    pub fn single_window(&self) -> Option<(usize, u64)> {
+        let mut it = self.0.iter().enumerate().filter(|(_, &w)| w != 0);
+        let (w, &word) = it.next()?;
+        if it.next().is_some() {
+            return None;
+        }
+        Some((w, word))
+    }
+
+    /// The mask's non-empty windows, lowest first: `(window, word)`.
+    pub fn windows(self) -> impl Iterator<Item = (usize, u64)> {
+        self.0.into_iter().enumerate().filter(|&(_, w)| w != 0)
     }
 }
 

@@ -13,7 +13,7 @@ impl<D: Disk> Store<D> {
             .filter(|(_, s)| s.state != SlotState::Free)
             .map(|(i, s)| SnapshotInfo {
                 tag: s.tag,
-                bit: u8::try_from(i).unwrap_or(u8::MAX),
+                bit: u16::try_from(i).unwrap_or(u16::MAX),
                 priority: s.priority,
                 ctime_secs: s.ctime_secs,
                 chunks: s.chunks,
@@ -44,14 +44,19 @@ impl<D: Disk> Store<D> {
     }
 
     /// Creates snapshot `tag`: instant, no tree work.
-    pub fn create_snapshot(&mut self, tag: u32, now_secs: u64) -> Result<u8, StoreError> {
+    pub fn create_snapshot(&mut self, tag: u32, now_secs: u64) -> Result<u16, StoreError> {
         self.begin_op()?;
         if self.sb.live_bit(tag).is_some() {
             return self.end_op(Err(StoreError::SnapshotExists(tag)), false);
         }
-        let Some(bit) = self
-            .sb
-            .snaps
+        // A store still holding its table in the superblock (version 1,
+        // its upgrade refused for want of metadata blocks) has 64 slots.
+        let slots = if self.sb.table_in_blocks() {
+            SNAPSHOTS_MAX
+        } else {
+            64
+        };
+        let Some(bit) = self.sb.snaps[..slots]
             .iter()
             .position(|s| s.state == SlotState::Free)
         else {
@@ -66,7 +71,7 @@ impl<D: Disk> Store<D> {
             unique_chunks: 0,
         };
         self.in_use_mask.remove(bit);
-        self.end_op(Ok(u8::try_from(bit).unwrap_or(u8::MAX)), true)
+        self.end_op(Ok(u16::try_from(bit).unwrap_or(u16::MAX)), true)
     }
 
     /// Deletes snapshot `tag`: it disappears at once (atomically with the

@@ -29,9 +29,18 @@ pub fn leaf_len(b: &[u8]) -> usize {
     usize::from(count(b))
 }
 
+/// The record format a leaf declares (its share-mask-width byte): 1, one
+/// 64-bit mask word per record and, in the top 16 bits of the store-chunk
+/// field, the index of the 64-slot window it covers. Window 0 is byte for
+/// byte the format before #13, so older leaves are read as they are.
+pub const LEAF_RECORD_FORMAT: u8 = 1;
+/// Bits of a record's store-chunk field that hold the store chunk.
+pub const RECORD_STORE_BITS: u32 = 48;
+const RECORD_STORE_MASK: u64 = (1 << RECORD_STORE_BITS) - 1;
+
 /// Sets up a fresh leaf's fixed fields.
 pub fn leaf_init(b: &mut [u8]) {
-    b[LEAF_MASK_WORDS_OFF] = u8::try_from(csnap_pools::SHARE_MASK_WORDS).unwrap_or(1);
+    b[LEAF_MASK_WORDS_OFF] = LEAF_RECORD_FORMAT;
     set_count(b, 0);
 }
 
@@ -44,26 +53,42 @@ fn rec_off(i: usize) -> usize {
     LEAF_RECORDS_OFF + i * LEAF_RECORD_BYTES
 }
 
-/// Record `i`.
+/// The window field of record `i`.
+pub fn leaf_window(b: &[u8], i: usize) -> usize {
+    usize::try_from(get_u64(b, rec_off(i) + 16) >> RECORD_STORE_BITS).unwrap_or(usize::MAX)
+}
+
+/// Record `i` (a window past the table gives an empty mask, which
+/// `check_leaf` refuses).
 pub fn leaf_get(b: &[u8], i: usize) -> Record {
     let o = rec_off(i);
     Record {
         chunk: get_u64(b, o),
-        mask: Mask::from_words([get_u64(b, o + 8)]),
-        store: get_u64(b, o + 16),
+        mask: Mask::from_window(leaf_window(b, i), get_u64(b, o + 8)),
+        store: get_u64(b, o + 16) & RECORD_STORE_MASK,
     }
 }
 
 fn leaf_put(b: &mut [u8], i: usize, r: Record) {
+    let (w, word) = r
+        .mask
+        .single_window()
+        .expect("a record's share mask lies in one window");
+    assert!(r.store <= RECORD_STORE_MASK, "store chunk past 48 bits");
     let o = rec_off(i);
     put_u64(b, o, r.chunk);
-    put_u64(b, o + 8, r.mask.words()[0]);
-    put_u64(b, o + 16, r.store);
+    put_u64(b, o + 8, word);
+    put_u64(b, o + 16, r.store | (w as u64) << RECORD_STORE_BITS);
 }
 
-/// Rewrites record `i`'s share mask.
+/// Rewrites record `i`'s share mask, which stays non-empty and in the
+/// record's window.
 pub fn leaf_set_mask(b: &mut [u8], i: usize, mask: Mask) {
-    put_u64(b, rec_off(i) + 8, mask.words()[0]);
+    let (w, word) = mask
+        .single_window()
+        .expect("a record's share mask lies in one window");
+    assert_eq!(w, leaf_window(b, i), "a record keeps its window");
+    put_u64(b, rec_off(i) + 8, word);
 }
 
 /// First record index whose chunk is `>= chunk`.
@@ -211,7 +236,7 @@ pub fn check_leaf(
     if crate::layout::level(b) != 0 {
         return Err("leaf has a non-zero tree level");
     }
-    if usize::from(leaf_mask_words(b)) != csnap_pools::SHARE_MASK_WORDS {
+    if leaf_mask_words(b) != LEAF_RECORD_FORMAT {
         return Err("leaf declares an unsupported share-mask width");
     }
     let n = leaf_len(b);
@@ -222,6 +247,9 @@ pub fn check_leaf(
     let mut group = Mask::EMPTY;
     for i in 0..n {
         let r = leaf_get(b, i);
+        if leaf_window(b, i) >= csnap_pools::SHARE_MASK_WORDS {
+            return Err("leaf record's share window is past the snapshot table");
+        }
         if i > 0 && r.chunk < prev_chunk {
             return Err("leaf records are out of order");
         }

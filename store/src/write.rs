@@ -32,11 +32,9 @@ impl<D: Disk> Store<D> {
         }
         let store_chunk = self.alloc_data(modified)?;
         *modified = true;
-        self.insert_record(Record {
-            chunk,
-            mask: need,
-            store: store_chunk,
-        })?;
+        // One copy for every snapshot that needs it: a record per 64-slot
+        // window of `need`, all naming the one store chunk.
+        self.insert_windows(chunk, need, store_chunk)?;
         self.account(Mask::EMPTY, need)?;
         Ok(OriginWrite::CopyOut { store_chunk })
     }
@@ -77,8 +75,14 @@ impl<D: Disk> Store<D> {
                 break;
             }
         }
+        // The store chunk's users in other windows (a copy-out that served
+        // snapshots of several windows is one record per window).
+        let others = match found {
+            Some((leaf, i, r)) => self.store_others(chunk, r.store, leaf, i)?,
+            None => Mask::EMPTY,
+        };
         match found {
-            Some((_, _, r)) if r.mask == me => {
+            Some((_, _, r)) if r.mask == me && others.is_empty() => {
                 // The client writes into the chunk after the reply. If a
                 // commit vouches for its contents by checksum, that commit
                 // must not be the newest when the write lands: the open
@@ -99,8 +103,14 @@ impl<D: Disk> Store<D> {
                 // The leaf is still cached (pinned by this operation).
                 assert_eq!(tree::leaf_get(self.cache.buf(leaf), i), r);
                 self.cache.mark_dirty(leaf);
-                tree::leaf_set_mask(self.cache.buf_mut(leaf), i, r.mask & !me);
-                self.account(r.mask, r.mask & !me)?;
+                if r.mask == me {
+                    // Its window held only this snapshot; other windows'
+                    // records keep the copy.
+                    tree::leaf_remove(self.cache.buf_mut(leaf), i);
+                } else {
+                    tree::leaf_set_mask(self.cache.buf_mut(leaf), i, r.mask & !me);
+                }
+                self.account(others | r.mask, others | (r.mask & !me))?;
                 self.insert_record(Record {
                     chunk,
                     mask: me,

@@ -173,13 +173,32 @@ fn leaf_store_chunk_outside_the_data_area() {
     let mut d = populated();
     let (_, leaf, chunk) = second_leaf(&mut d);
     reseal(&mut d, leaf, |b| {
-        layout::put_u64(b, layout::LEAF_RECORDS_OFF + 16, u64::MAX / 2);
+        layout::put_u64(b, layout::LEAF_RECORDS_OFF + 16, 1 << 40);
     });
     check_reports(
         &mut d,
         &[&format!("leaf at block {leaf}"), "outside the data area"],
     );
     every_path_refuses(d, leaf, chunk, "outside the data area");
+}
+
+/// A record naming a 64-slot window past the snapshot table (the top 16
+/// bits of its store-chunk field).
+#[test]
+fn leaf_record_window_past_the_table() {
+    let mut d = populated();
+    let (_, leaf, chunk) = second_leaf(&mut d);
+    reseal(&mut d, leaf, |b| {
+        let o = layout::LEAF_RECORDS_OFF + 16;
+        let store = layout::get_u64(b, o);
+        let past = csnap_pools::SHARE_MASK_WORDS as u64;
+        layout::put_u64(b, o, store | past << tree::RECORD_STORE_BITS);
+    });
+    check_reports(
+        &mut d,
+        &[&format!("leaf at block {leaf}"), "past the snapshot table"],
+    );
+    every_path_refuses(d, leaf, chunk, "share window is past the snapshot table");
 }
 
 #[test]
@@ -413,8 +432,9 @@ fn random_image(r: &mut Rng, addr: u64, kind: BlockKind, l: &Label, img: &mut [u
                 .copy_from_slice(&layout::LABEL_MAGIC);
         }
         if kind == BlockKind::Super && r.below(2) == 0 {
-            // Snapshot states in range, most slots free.
-            for i in 0..csnap_pools::SNAPSHOTS_MAX {
+            // Snapshot states in range, most slots free (a version-1
+            // superblock's table: 64 slots).
+            for i in 0..64 {
                 img[256 + i * 32 + 4] = if r.below(8) == 0 { r.below(3) as u8 } else { 0 };
             }
         }
@@ -486,7 +506,7 @@ fn random_sealed_images_never_panic_a_decoder() {
             &img,
             l.origin_chunks(),
             l.data_chunks,
-            csnap_store::mask::Mask::from_words([r.next_u64()]),
+            csnap_store::mask::Mask::from_window(0, r.next_u64()),
         );
         let _ = tree::check_node(&img, addr, l.meta_start, l.meta_start + l.meta_blocks);
         let _ = layout::check_bitmap(&img);
