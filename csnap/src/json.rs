@@ -5,7 +5,7 @@
 
 use std::fmt::Write as _;
 
-use csnap_proto::{Msg, NodeStatus, ServerState, SnapList};
+use csnap_proto::{Msg, NodeStatus, ServerState, SnapInfo};
 
 /// A JSON string literal.
 fn string(s: &str) -> String {
@@ -71,7 +71,7 @@ pub fn status(m: &Msg<'_>) -> Option<String> {
 }
 
 /// `csnap snapshot list --json`: an array of objects.
-pub fn snapshot_list(l: &SnapList<'_>) -> String {
+pub fn snapshot_list(l: &[SnapInfo]) -> String {
     let mut o = String::from("[");
     for (i, e) in l.iter().enumerate() {
         let state = if e.deleting() {

@@ -146,7 +146,7 @@ pub fn run(args: &SnapshotArgs) -> ExitCode {
         SnapshotAction::Diff { server, a, b, json } => return diff(server, *a, b, *json),
         SnapshotAction::Create { server, tag } => (server, Request::Create(*tag)),
         SnapshotAction::Delete { server, tag } => (server, Request::Delete(*tag)),
-        SnapshotAction::List { server, .. } => (server, Request::List),
+        SnapshotAction::List { server, json } => return list(server, *json),
         SnapshotAction::Priority {
             server,
             tag,
@@ -171,36 +171,6 @@ pub fn run(args: &SnapshotArgs) -> ExitCode {
                 ExitCode::from(EXIT_FAILED)
             }
         }
-        Ok(Msg::SnapshotList(l))
-            if matches!(args.action, SnapshotAction::List { json: true, .. }) =>
-        {
-            if output(&crate::json::snapshot_list(&l)) {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(EXIT_FAILED)
-            }
-        }
-        Ok(Msg::SnapshotList(l)) => {
-            let mut s = String::from("tag\tpriority\tchunks\tunique\tctime\tstate\n");
-            for e in l.iter() {
-                let state = if e.deleting() {
-                    "deleting"
-                } else if e.in_use() {
-                    "in use"
-                } else {
-                    "idle"
-                };
-                s.push_str(&format!(
-                    "{}\t{}\t{}\t{}\t{}\t{}\n",
-                    e.tag, e.priority, e.chunks, e.unique_chunks, e.ctime_secs, state
-                ));
-            }
-            if output(&s) {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(EXIT_FAILED)
-            }
-        }
         Ok(m) => {
             error(&format!("unexpected reply: {m:?}"));
             ExitCode::from(EXIT_FAILED)
@@ -209,6 +179,57 @@ pub fn run(args: &SnapshotArgs) -> ExitCode {
             error(&e.to_string());
             ExitCode::from(EXIT_FAILED)
         }
+    }
+}
+
+/// `snapshot list`: every page (`ListSnapshots { from }`, from tag 0 and
+/// then one past each page's last tag, until an empty page), in tag order.
+fn list(server: &ServerSel, json: bool) -> ExitCode {
+    let mut c = match connect(server) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let mut all: Vec<csnap_proto::SnapInfo> = Vec::new();
+    let mut from = Some(0u32);
+    while let Some(f) = from {
+        match c.call(Request::List(f)) {
+            Ok(Msg::SnapshotList(l)) => {
+                all.extend(l.iter());
+                from = l.iter().map(|e| e.tag).max().and_then(|t| t.checked_add(1));
+            }
+            Ok(m) => {
+                error(&format!("unexpected reply: {m:?}"));
+                return ExitCode::from(EXIT_FAILED);
+            }
+            Err(e) => {
+                error(&e.to_string());
+                return ExitCode::from(EXIT_FAILED);
+            }
+        }
+    }
+    let text = if json {
+        crate::json::snapshot_list(&all)
+    } else {
+        let mut s = String::from("tag\tpriority\tchunks\tunique\tctime\tstate\n");
+        for e in &all {
+            let state = if e.deleting() {
+                "deleting"
+            } else if e.in_use() {
+                "in use"
+            } else {
+                "idle"
+            };
+            s.push_str(&format!(
+                "{}\t{}\t{}\t{}\t{}\t{}\n",
+                e.tag, e.priority, e.chunks, e.unique_chunks, e.ctime_secs, state
+            ));
+        }
+        s
+    };
+    if output(&text) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_FAILED)
     }
 }
 

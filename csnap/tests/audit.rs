@@ -72,7 +72,7 @@ fn workload(d: &Path, unix: &Addr, tcp: &Addr) {
         o.write_at(&data, i * 100_000).unwrap();
         s.write_at(&data[..5000], i * 100_000 + 1).unwrap();
     }
-    ctl.call(Request::List).unwrap();
+    ctl.call(Request::List(0)).unwrap();
     ctl.call(Request::Status).unwrap();
     drop(s);
     // Bad input on a raw connection: the server closes it.

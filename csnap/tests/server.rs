@@ -1881,7 +1881,7 @@ fn connections_past_the_client_limit_are_refused_then_served_again() {
 
     // The held connections still work, then go away.
     for (i, r) in held.iter_mut().enumerate() {
-        r.send(20 + i as u64, &Msg::ListSnapshots);
+        r.send(20 + i as u64, &Msg::ListSnapshots { from: 0 });
         assert!(matches!(
             proto::decode(&r.recv()),
             Ok((_, Msg::SnapshotList(_)))

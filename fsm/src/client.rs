@@ -75,8 +75,8 @@ pub enum Request {
     Delete(u32),
     /// `SetPriority`.
     Priority(u32, i8),
-    /// `ListSnapshots`.
-    List,
+    /// `ListSnapshots`: one page, from the first tag given.
+    List(u32),
     /// `Status`.
     Status,
     /// `QueryDelta`: which of `chunks` chunks from `chunk` of `volume`
@@ -339,7 +339,7 @@ impl ClientFsm {
             Request::Priority(tag, priority) => {
                 self.queue(id, &Msg::SetPriority { tag, priority });
             }
-            Request::List => self.queue(id, &Msg::ListSnapshots),
+            Request::List(from) => self.queue(id, &Msg::ListSnapshots { from }),
             Request::Status => self.queue(id, &Msg::Status),
             Request::Delta {
                 volume,

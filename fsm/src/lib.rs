@@ -42,4 +42,4 @@ pub mod volume;
 
 // The wire's snapshot limit is the store's (proto does not depend on pools;
 // fsm depends on both).
-const _: () = assert!(csnap_proto::SNAPSHOTS_MAX == csnap_pools::SNAPSHOTS_MAX);
+const _: () = assert!(csnap_proto::SNAP_LIST_PAGE_MAX == csnap_pools::SNAPSHOT_LIST_PAGE_ROWS);

@@ -113,7 +113,7 @@
 use core::fmt;
 
 use csnap_pools::{
-    NBD_EXPORT_NAME_MAX_BYTES, NBD_META_CONTEXTS_MAX, NBD_OPTION_DATA_MAX_BYTES,
+    NBD_EXPORT_NAME_MAX_BYTES, NBD_META_SELECTED_MAX, NBD_OPTION_DATA_MAX_BYTES,
     NBD_OPTION_REPLY_MAX_BYTES, NBD_OPTION_SKIP_MAX_BYTES, NBD_TRANSMIT_BUFFER_BYTES,
     NBD_WRITE_SKIP_MAX_BYTES, SNAPSHOTS_MAX,
 };
@@ -249,7 +249,7 @@ pub struct NbdSession {
     meta_n: usize,
     /// The selected contexts (id = index + 1) and the export they were
     /// selected for.
-    selected: [MetaContext; NBD_META_CONTEXTS_MAX],
+    selected: [MetaContext; NBD_META_SELECTED_MAX],
     selected_n: usize,
     selected_name: Box<[u8]>,
     selected_name_len: usize,
@@ -396,7 +396,7 @@ impl NbdSession {
             structured: false,
             meta_tags: [0; SNAPSHOTS_MAX],
             meta_n: 0,
-            selected: [MetaContext::Allocation; NBD_META_CONTEXTS_MAX],
+            selected: [MetaContext::Allocation; NBD_META_SELECTED_MAX],
             selected_n: 0,
             selected_name: vec![0u8; NBD_EXPORT_NAME_MAX_BYTES].into_boxed_slice(),
             selected_name_len: 0,
@@ -791,7 +791,9 @@ impl NbdSession {
                 .data
                 .get(..len)
                 .is_some_and(|d| meta_query_matches(d, &name[..n], set));
-            if matched {
+            // A full selection selects no more (`NBD_META_SELECTED_MAX`).
+            let room = !set || self.selected_n < self.selected.len();
+            if matched && room {
                 if self.tx_free() < OPTION_REPLY_HEADER_BYTES + 4 + n + OPTION_REPLY_HEADER_BYTES {
                     self.st = NbdState::MetaReply { opt, len, next };
                     return;

@@ -7,7 +7,7 @@
 //! so every reply the FSM sends is durable.
 
 use arrayvec::ArrayVec;
-use csnap_pools::{CHUNKS_PER_REQUEST_MAX, DELTA_QUERY_CHUNKS_MAX, SNAPSHOTS_MAX};
+use csnap_pools::{CHUNKS_PER_REQUEST_MAX, DELTA_QUERY_CHUNKS_MAX, SNAPSHOT_LIST_PAGE_ROWS};
 
 /// Bytes of a delta bitmap: one bit per chunk of the largest delta query.
 pub const DELTA_BITMAP_BYTES: usize = DELTA_QUERY_CHUNKS_MAX / 8;
@@ -70,8 +70,11 @@ pub enum StoreOp {
         /// Opened or closed.
         open: bool,
     },
-    /// List snapshots.
-    List,
+    /// One page of the snapshot list: whole tags from `from`, in tag order.
+    List {
+        /// The first tag of the page.
+        from: u32,
+    },
     /// Store figures.
     Status,
     /// Which of `chunks` chunks from `chunk` of `volume` (a snapshot tag,
@@ -201,8 +204,9 @@ pub enum StoreResult {
     /// Per-chunk targets of a snapshot read or write, in chunk order
     /// (inline, at most one request's chunks).
     Targets(ArrayVec<Target, CHUNKS_PER_REQUEST_MAX>),
-    /// A listing (inline, at most every snapshot slot).
-    List(ArrayVec<SnapRow, SNAPSHOTS_MAX>),
+    /// A page of the listing (inline, `SNAPSHOT_LIST_PAGE_ROWS` rows at
+    /// most; empty past the last tag).
+    List(ArrayVec<SnapRow, SNAPSHOT_LIST_PAGE_ROWS>),
     /// Figures.
     Status(StoreFigures),
     /// A delta: bit `i` of `bits` set when chunk `chunk + i` differs.

@@ -391,6 +391,8 @@ pub const NBD_EXPORT_SERIES_MAX: usize = SNAPSHOTS_MAX + 1;
 #[derive(Debug, Clone, Copy, Default)]
 struct ExportCounters {
     used: bool,
+    /// Its snapshot was on a page of the running list pass.
+    listed: bool,
     /// `None`: the origin.
     tag: Option<u32>,
     attached: u32,
@@ -683,7 +685,10 @@ impl NbdMetrics {
         if ep.waiting() && self.asked_at_ms.is_none() {
             self.fresh = false;
             self.status_id = fsm.request(Request::Status);
-            self.list_id = fsm.request(Request::List);
+            for e in &mut self.exports {
+                e.listed = false;
+            }
+            self.list_id = fsm.request(Request::List(0));
             self.asked_at_ms = Some(now);
             asked = true;
         }
@@ -709,31 +714,47 @@ impl NbdMetrics {
     }
 
     /// A control reply: `true` when it answered a scrape's question.
-    pub fn reply(&mut self, id: u64, frame: &[u8]) -> bool {
+    pub fn reply(&mut self, id: u64, frame: &[u8], fsm: &mut csnap_fsm::client::ClientFsm) -> bool {
         if self.status_id == Some(id) {
             self.status_id = None;
             self.status_reply(frame);
         } else if self.list_id == Some(id) {
             self.list_id = None;
-            self.list_reply(frame);
+            if let Some(from) = self.list_reply(frame) {
+                self.list_id = fsm.request(csnap_fsm::client::Request::List(from));
+            }
         } else {
             return false;
         }
         true
     }
 
-    /// A snapshot list arrived: series of snapshots that no longer exist
-    /// (and no connection has) go.
-    pub fn list_reply(&mut self, frame: &[u8]) {
+    /// A page of the snapshot list arrived: the exports of the snapshots
+    /// it lists are marked, and a non-empty page returns the tag the next
+    /// page starts from. The empty page ends the pass: series of snapshots
+    /// no page listed (and no connection has) go.
+    pub fn list_reply(&mut self, frame: &[u8]) -> Option<u32> {
         let Ok((_, csnap_proto::Msg::SnapshotList(l))) = csnap_proto::decode(frame) else {
-            return;
+            return None;
         };
         for e in self.exports.iter_mut().skip(1) {
-            if e.used && e.attached == 0 && !l.iter().any(|s| Some(s.tag) == e.tag && !s.deleting())
-            {
-                *e = ExportCounters::default();
+            if l.iter().any(|s| Some(s.tag) == e.tag && !s.deleting()) {
+                e.listed = true;
             }
         }
+        if let Some(last) = l.iter().map(|s| s.tag).max() {
+            // Past tag u32::MAX there is nothing more to list.
+            if let Some(from) = last.checked_add(1) {
+                return Some(from);
+            }
+        }
+        for e in self.exports.iter_mut().skip(1) {
+            if e.used && e.attached == 0 && !e.listed {
+                *e = ExportCounters::default();
+            }
+            e.listed = false;
+        }
+        None
     }
 
     /// A status arrived.

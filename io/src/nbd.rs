@@ -207,9 +207,10 @@ const GATHER: usize = 16;
 const EXTENTS_MAX: usize = csnap_pools::NBD_BLOCK_STATUS_EXTENTS_MAX;
 /// Chunks one delta query covers.
 const DELTA_CHUNKS: usize = csnap_pools::DELTA_QUERY_CHUNKS_MAX;
-// A block-status reply with every context selected fits a data buffer.
+// A block-status reply with every context a session may select fits a
+// data buffer.
 const _: () = assert!(
-    csnap_pools::NBD_META_CONTEXTS_MAX * (BLOCK_STATUS_HEADER_BYTES + EXTENT_BYTES * EXTENTS_MAX)
+    csnap_pools::NBD_META_SELECTED_MAX * (BLOCK_STATUS_HEADER_BYTES + EXTENT_BYTES * EXTENTS_MAX)
         <= IO_MAX
 );
 

@@ -15,7 +15,7 @@ use csnap_fsm::store_ops::{
     SnapRow, StoreFailure, StoreFigures, StoreOp, StoreReply, StoreRequest, StoreResult, Target,
     DELTA_BITMAP_BYTES,
 };
-use csnap_pools::{CHUNKS_PER_REQUEST_MAX, SNAPSHOTS_MAX};
+use csnap_pools::{CHUNKS_PER_REQUEST_MAX, SNAPSHOTS_MAX, SNAPSHOT_LIST_PAGE_ROWS};
 use csnap_store::disk::Disk;
 use csnap_store::{Mapping, OriginWrite, SnapshotWrite, Store, StoreError};
 
@@ -682,22 +682,8 @@ impl<D: Disk, O: Disk> StoreWorker<D, O> {
                     Err(e) => StoreResult::Failed(failure(&e)),
                 }
             }
-            StoreOp::List => {
-                let mut rows = ArrayVec::<SnapRow, SNAPSHOTS_MAX>::new();
-                for s in self.store.as_mut().expect("started").snapshots() {
-                    let row = SnapRow {
-                        tag: s.tag,
-                        priority: s.priority,
-                        deleting: s.deleting,
-                        in_use: s.in_use,
-                        ctime_secs: s.ctime_secs,
-                        chunks: s.chunks,
-                        unique_chunks: s.unique_chunks,
-                    };
-                    // The snapshot table has SNAPSHOTS_MAX slots.
-                    assert!(rows.try_push(row).is_ok(), "a list holds every slot");
-                }
-                StoreResult::List(rows)
+            StoreOp::List { from } => {
+                StoreResult::List(list_page(self.store.as_ref().expect("started"), from))
             }
             StoreOp::Delta {
                 volume,
@@ -755,6 +741,43 @@ impl<D: Disk, O: Disk> StoreWorker<D, O> {
 /// A query over more chunks than one request carries: the server refuses
 /// it before it gets here; the worker refuses it too rather than fill a
 /// target list past its end.
+/// One page of the snapshot list: the snapshots whose tag is at least
+/// `from`, in tag order, whole tags only (a live snapshot and deleting ones
+/// may share a tag; a page never splits them, except more of one tag than
+/// a page holds, which only a table of deleting snapshots can have).
+/// O(page × table) compares, no allocation.
+fn list_page<D: Disk>(store: &Store<D>, from: u32) -> ArrayVec<SnapRow, SNAPSHOT_LIST_PAGE_ROWS> {
+    let mut rows = ArrayVec::new();
+    let mut next = u64::from(from);
+    while let Some(tag) = store
+        .snapshots()
+        .map(|s| s.tag)
+        .filter(|&t| u64::from(t) >= next)
+        .min()
+    {
+        let n = store.snapshots().filter(|s| s.tag == tag).count();
+        if !rows.is_empty() && rows.len() + n > rows.capacity() {
+            break;
+        }
+        for s in store.snapshots().filter(|s| s.tag == tag) {
+            let row = SnapRow {
+                tag: s.tag,
+                priority: s.priority,
+                deleting: s.deleting,
+                in_use: s.in_use,
+                ctime_secs: s.ctime_secs,
+                chunks: s.chunks,
+                unique_chunks: s.unique_chunks,
+            };
+            if rows.try_push(row).is_err() {
+                break;
+            }
+        }
+        next = u64::from(tag) + 1;
+    }
+    rows
+}
+
 fn too_many_chunks(chunks: u32) -> bool {
     usize::try_from(chunks).map_or(true, |n| n > CHUNKS_PER_REQUEST_MAX)
 }

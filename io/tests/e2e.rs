@@ -105,7 +105,7 @@ fn origin_and_snapshot_volumes_over_unix_and_tcp() {
     o.read_at(&mut got, 12_345).unwrap();
     assert_eq!(got, expect, "snapshot writes do not touch the origin");
 
-    match ctl.call(Request::List).unwrap() {
+    match ctl.call(Request::List(0)).unwrap() {
         Msg::SnapshotList(l) => {
             let v: Vec<_> = l.iter().collect();
             assert_eq!(v.len(), 1);

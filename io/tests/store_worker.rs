@@ -117,7 +117,7 @@ fn a_block_that_poisons_the_transaction_fails_the_replies_it_held_and_nothing_st
     let out = run(
         &mut w,
         &[
-            StoreOp::List,
+            StoreOp::List { from: 0 },
             StoreOp::SnapshotRead {
                 tag: 1,
                 chunk: 3,
@@ -225,4 +225,64 @@ fn background_deletion_stops_at_a_corrupt_leaf_and_reports_it() {
         }],
     );
     assert!(matches!(out[0].result, StoreResult::Targets(_)), "{out:?}");
+}
+
+/// The snapshot list comes a page at a time (`StoreOp::List { from }`):
+/// whole tags from `from`, in tag order, at most `SNAPSHOT_LIST_PAGE_ROWS`
+/// rows, an empty page past the last tag. A live snapshot and a deleting
+/// one with the same tag, placed where a page boundary would split them,
+/// come in one page.
+#[test]
+fn the_snapshot_list_comes_in_pages_of_whole_tags_in_tag_order() {
+    let page = csnap_pools::SNAPSHOT_LIST_PAGE_ROWS;
+    let mut d = MemDisk::new(16 << 20);
+    let mut o = FormatOptions::new(ORIGIN_CHUNKS * CHUNK);
+    o.chunk_size_bytes = CHUNK as u32;
+    o.journal_blocks = csnap_pools::JOURNAL_MIN_BLOCKS;
+    csnap_store::format(&mut d, &o).unwrap();
+    let mut s = Store::open(d, &opts()).unwrap();
+    let n = u32::try_from(page).unwrap() * 2 - 4;
+    let tags: Vec<u32> = (0..n).map(|i| (i * 37 + 11) % 1000).collect();
+    for &t in &tags {
+        s.create_snapshot(t, 0).unwrap();
+        s.commit().unwrap();
+    }
+    // The tag ranked last in a first page's worth: deleted while it holds a
+    // chunk (so it stays, deleting), then created again.
+    let mut sorted = tags.clone();
+    sorted.sort_unstable();
+    let dup = sorted[page - 1];
+    s.prepare_origin_write(5).unwrap();
+    s.commit().unwrap();
+    s.delete_snapshot(dup).unwrap();
+    s.create_snapshot(dup, 0).unwrap();
+    s.commit().unwrap();
+    let mut w = StoreWorker::new(s, MemDisk::new((ORIGIN_CHUNKS * CHUNK) as usize), 64);
+    let (mut from, mut seen, mut pages) = (0u32, Vec::new(), Vec::new());
+    loop {
+        let out = run(&mut w, &[StoreOp::List { from }]);
+        let StoreResult::List(rows) = &out[0].result else {
+            panic!("{out:?}");
+        };
+        assert!(rows.len() <= page);
+        if rows.is_empty() {
+            break;
+        }
+        assert!(rows[0].tag >= from);
+        assert!(rows.windows(2).all(|p| p[0].tag <= p[1].tag), "{rows:?}");
+        pages.push(rows.iter().map(|r| r.tag).collect::<Vec<_>>());
+        seen.extend(rows.iter().map(|r| (r.tag, r.deleting)));
+        from = rows.last().unwrap().tag + 1;
+    }
+    let mut want: Vec<(u32, bool)> = sorted.iter().map(|&t| (t, false)).collect();
+    want.push((dup, true));
+    want.sort_unstable();
+    seen.sort_unstable();
+    assert_eq!(seen, want);
+    assert!(pages.len() >= 2, "{pages:?}");
+    let with_dup: Vec<usize> = (0..pages.len())
+        .filter(|&i| pages[i].contains(&dup))
+        .collect();
+    assert_eq!(with_dup.len(), 1, "tag {dup} split across pages: {pages:?}");
+    assert_eq!(pages[with_dup[0]].iter().filter(|&&t| t == dup).count(), 2);
 }

@@ -41,6 +41,11 @@ pub const SNAPSHOTS_MAX: usize = 64;
 #[cfg(feature = "snapshots-1024")]
 pub const SNAPSHOTS_MAX: usize = 1024;
 
+/// Rows of one page of the snapshot list (`ListSnapshots { from }`): the
+/// store answers a listing a page at a time, so no store reply, ring slot
+/// or wire frame grows with `SNAPSHOTS_MAX`.
+pub const SNAPSHOT_LIST_PAGE_ROWS: usize = 32;
+
 /// 64-bit words of an in-memory share mask (one bit per snapshot). On disk
 /// a record holds one word and the index of the 64-slot window it covers
 /// (ARCHITECTURE 2.2).
@@ -325,11 +330,18 @@ pub const NBD_META_CONTEXTS_MAX: usize = 1 + 2 * SNAPSHOTS_MAX;
 /// where it ends). With every context selected, a reply fits one data
 /// buffer (`VOLUME_IO_MAX_BYTES`).
 pub const NBD_BLOCK_STATUS_EXTENTS_MAX: usize = 512;
-// At 1024 snapshots a session must select fewer contexts than an export
-// offers (ARCHITECTURE 2.12): the NBD side is not built for that yet.
-#[cfg(not(feature = "snapshots-1024"))]
+/// Contexts one NBD session may select (`SET_META_CONTEXT`): every context
+/// of an export at 64 snapshots; past that a selection stops at 129 (a
+/// `SET` answers the first 129 matching contexts, as the protocol allows),
+/// so that a block-status reply, one chunk per selected context, still
+/// fits a data buffer.
+pub const NBD_META_SELECTED_MAX: usize = if NBD_META_CONTEXTS_MAX < 129 {
+    NBD_META_CONTEXTS_MAX
+} else {
+    129
+};
 const_assert!(
-    NBD_META_CONTEXTS_MAX * (24 + 8 * NBD_BLOCK_STATUS_EXTENTS_MAX) <= VOLUME_IO_MAX_BYTES as usize
+    NBD_META_SELECTED_MAX * (24 + 8 * NBD_BLOCK_STATUS_EXTENTS_MAX) <= VOLUME_IO_MAX_BYTES as usize
 );
 
 /// Largest `NBD_CMD_READ` or `NBD_CMD_WRITE` payload an NBD session accepts:

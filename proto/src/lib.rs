@@ -131,7 +131,7 @@
 //! | `0x0020` | `CreateSnapshot`     | control | tag (4) | `Ok` |
 //! | `0x0021` | `DeleteSnapshot`     | control | tag (4) | `Ok` |
 //! | `0x0022` | `SetPriority`        | control | set-priority (8) | `Ok` |
-//! | `0x0023` | `ListSnapshots`      | control | empty | `SnapshotList` |
+//! | `0x0023` | `ListSnapshots`      | control | from tag (4) | `SnapshotList`: one page |
 //! | `0x0024` | `Status`             | control | empty | `StatusReply` |
 //! | `0x0025` | `QueryDelta`         | control | query-delta (24) | `DeltaMap` |
 //! | `0x4001` | `NeedServer`         | client or tool → agent | need-server (32) | `ServerAddress` |
@@ -243,7 +243,7 @@
 //! those chunks (or its disconnect). `SnapshotWriteOk` carries store targets
 //! only.
 //!
-//! ## tag (`CreateSnapshot`, `DeleteSnapshot`, 4 bytes)
+//! ## tag (`CreateSnapshot`, `DeleteSnapshot`, and `ListSnapshots`'s first tag, 4 bytes)
 //!
 //! | Offset | Size | Field | Meaning |
 //! |-------:|-----:|-------|---------|
@@ -261,7 +261,7 @@
 //!
 //! | Offset | Size | Field | Meaning |
 //! |-------:|-----:|-------|---------|
-//! | 0 | 2 | `count` | ≤ [`SNAPSHOTS_MAX`] |
+//! | 0 | 2 | `count` | ≤ [`SNAP_LIST_PAGE_MAX`] |
 //! | 2 | 2 | reserved | 0 |
 //! | 4 + 32·i | 4 | `tag` | snapshot tag |
 //! | 8 + 32·i | 1 | `priority` | i8 |
@@ -627,10 +627,12 @@ pub const QUERY_CHUNKS_MAX: usize = TARGETS_MAX;
 pub const DELTA_CHUNKS_MAX: usize = 32 * 1024;
 /// Bytes of text in an `Error` message.
 pub const ERROR_TEXT_MAX_BYTES: usize = 200;
-/// Entries in a snapshot list: the store's snapshot capacity (declared again
-/// here so the protocol does not depend on the store; equal to
-/// `csnap_pools::SNAPSHOTS_MAX`).
-pub const SNAPSHOTS_MAX: usize = 64;
+/// Entries in one page of a snapshot list (`ListSnapshots { from }`): the
+/// snapshots whose tag is at least `from`, in tag order, whole tags only.
+/// A listing asks from tag 0, then from one past the last tag of each
+/// page, until a page comes back empty; no reply grows with the table.
+/// Equal to `csnap_pools::SNAPSHOT_LIST_PAGE_ROWS`.
+pub const SNAP_LIST_PAGE_MAX: usize = 32;
 
 /// Bytes of an address (a unix socket path or `host:port`, UTF-8) in the
 /// agent protocol's messages.
@@ -651,7 +653,7 @@ pub const RANGES_BYTES_MAX: usize = LIST_HEADER_BYTES + RANGES_MAX * 16;
 /// Encoded size of the largest target list.
 pub const TARGETS_BYTES_MAX: usize = LIST_HEADER_BYTES + TARGETS_MAX * 24;
 /// Encoded size of the largest snapshot list.
-pub const SNAP_LIST_BYTES_MAX: usize = LIST_HEADER_BYTES + SNAPSHOTS_MAX * 32;
+pub const SNAP_LIST_BYTES_MAX: usize = LIST_HEADER_BYTES + SNAP_LIST_PAGE_MAX * 32;
 /// Encoded size of the largest node list.
 pub const NODE_LIST_BYTES_MAX: usize = LIST_HEADER_BYTES + NODES_MAX * 4;
 /// Encoded size of the largest client list.
@@ -662,7 +664,7 @@ pub const NODE_STATUS_LIST_BYTES_MAX: usize = LIST_HEADER_BYTES + NODES_MAX * 16
 // Counts are u16 on the wire.
 const_assert!(RANGES_MAX <= u16::MAX as usize);
 const_assert!(TARGETS_MAX <= u16::MAX as usize);
-const_assert!(SNAPSHOTS_MAX <= u16::MAX as usize);
+const_assert!(SNAP_LIST_PAGE_MAX <= u16::MAX as usize);
 const_assert!(NODES_MAX <= u16::MAX as usize);
 const_assert!(CLIENT_ENTRIES_MAX <= u16::MAX as usize);
 const_assert!(ERROR_TEXT_MAX_BYTES <= u16::MAX as usize);

@@ -7,7 +7,7 @@ use core::marker::PhantomData;
 
 use crate::error::{EncodeError, Malformed};
 use crate::wire::{get_i8, get_u16, get_u32, get_u64, put_i8, put_u16, put_u32, put_u64, zero};
-use crate::{CLIENT_ENTRIES_MAX, NODES_MAX, RANGES_MAX, SNAPSHOTS_MAX, TARGETS_MAX};
+use crate::{CLIENT_ENTRIES_MAX, NODES_MAX, RANGES_MAX, SNAP_LIST_PAGE_MAX, TARGETS_MAX};
 
 /// Bytes before the first entry of a list: `count: u16`, reserved `u16`.
 pub const LIST_HEADER_BYTES: usize = 4;
@@ -228,7 +228,7 @@ impl SnapInfo {
 
 impl Entry for SnapInfo {
     const BYTES: usize = 32;
-    const MAX: usize = SNAPSHOTS_MAX;
+    const MAX: usize = SNAP_LIST_PAGE_MAX;
 
     fn read(b: &[u8]) -> Result<Self, &'static str> {
         if !zero(b, 6, 2) {

@@ -22,7 +22,7 @@ fn several_frames_in_one_read_pop_one_at_a_time() {
     let mut r = FrameReader::new(&mut storage[..]);
     let a = frame(1, &Msg::Status);
     let b = frame(2, &Msg::CreateSnapshot { tag: 9 });
-    let c = frame(3, &Msg::ListSnapshots);
+    let c = frame(3, &Msg::ListSnapshots { from: 0 });
     let mut all = [a.clone(), b.clone(), c.clone()].concat();
     // Half of a fourth frame.
     let d = frame(4, &Msg::DeleteSnapshot { tag: 9 });

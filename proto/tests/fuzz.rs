@@ -191,7 +191,7 @@ impl Spec {
                 tag: low32(n[0]),
                 priority: i8::from_le_bytes([low8(n[1])]),
             },
-            Kind::ListSnapshots => Msg::ListSnapshots,
+            Kind::ListSnapshots => Msg::ListSnapshots { from: low32(n[0]) },
             Kind::Status => Msg::Status,
             Kind::QueryDelta => Msg::QueryDelta {
                 volume: if n[2] & 1 == 0 {
@@ -442,7 +442,7 @@ fn arb_spec() -> impl Strategy<Value = Spec> {
             any::<[u8; 16]>(),
             prop::collection::vec(arb_range(), 0..=RANGES_MAX),
             prop::collection::vec(arb_target(), 0..=80),
-            prop::collection::vec(arb_snap(), 0..=SNAPSHOTS_MAX),
+            prop::collection::vec(arb_snap(), 0..=SNAP_LIST_PAGE_MAX),
             1u32..=20,
             "\\PC{0,80}",
         ),

@@ -90,7 +90,7 @@ fn max_lists_are_full_and_fit() {
     let Msg::SnapshotList(l) = sample(Kind::SnapshotList, true, &mut s) else {
         panic!("wrong sample")
     };
-    assert_eq!(l.len(), SNAPSHOTS_MAX);
+    assert_eq!(l.len(), SNAP_LIST_PAGE_MAX);
     assert_eq!(LONG_TEXT.len(), ERROR_TEXT_MAX_BYTES);
     assert_eq!(LONG_ADDR.len(), ADDR_MAX_BYTES);
     let mut s = Scratch::new();

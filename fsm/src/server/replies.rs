@@ -216,7 +216,7 @@ impl Server {
                         chunks: r.chunks,
                         unique_chunks: r.unique_chunks,
                     });
-                    // At most SNAPSHOTS_MAX rows, the list's capacity.
+                    // At most SNAPSHOT_LIST_PAGE_ROWS rows, a page's capacity.
                     assert!(pushed.is_ok(), "a snapshot list holds every slot");
                 }
                 let list = b.finish();

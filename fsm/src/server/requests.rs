@@ -399,7 +399,7 @@ impl Server {
             Msg::CreateSnapshot { tag } => StoreOp::Create { tag, now_secs: 0 },
             Msg::DeleteSnapshot { tag } => StoreOp::Delete { tag },
             Msg::SetPriority { tag, priority } => StoreOp::Priority { tag, priority },
-            Msg::ListSnapshots => StoreOp::List,
+            Msg::ListSnapshots { from } => StoreOp::List { from },
             Msg::Status => StoreOp::Status,
             Msg::QueryDelta {
                 volume,

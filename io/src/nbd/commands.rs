@@ -182,7 +182,8 @@ impl Slot {
                         self.answer(Some(info));
                     }
                     (ExportOption::Info, Some(Volume::Snapshot(tag))) => {
-                        match ctl.request_list(sh, now) {
+                        // The page from `tag` says whether it is live.
+                        match ctl.request_list(sh, now, tag) {
                             Some(id) => {
                                 self.ctl = CtlWait::Info {
                                     id,
@@ -207,7 +208,8 @@ impl Slot {
                     Some(Volume::Origin) => None,
                     Some(Volume::Snapshot(t)) => Some(t),
                 };
-                match ctl.request_list(sh, now) {
+                self.list_n = 0;
+                match ctl.request_list(sh, now, 0) {
                     Some(id) => {
                         self.ctl = CtlWait::Meta {
                             id,
@@ -219,8 +221,9 @@ impl Slot {
                     None => self.answer_meta(None),
                 }
             }
-            NbdEvent::ListQuery => match ctl.request_list(sh, now) {
+            NbdEvent::ListQuery => match ctl.request_list(sh, now, 0) {
                 Some(id) => {
+                    self.list_n = 0;
                     self.ctl = CtlWait::List {
                         id,
                         deadline_ms: now + sh.timeout_ms,

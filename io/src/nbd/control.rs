@@ -11,9 +11,10 @@ pub(super) struct Control {
 }
 
 impl Control {
-    /// Asks for the snapshot list; `None` when too many questions are out.
-    pub(super) fn request_list(&mut self, sh: &Shared, now: u64) -> Option<u64> {
-        self.request(sh, Request::List, now)
+    /// Asks for the page of the snapshot list from tag `from`; `None` when
+    /// too many questions are out.
+    pub(super) fn request_list(&mut self, sh: &Shared, now: u64, from: u32) -> Option<u64> {
+        self.request(sh, Request::List(from), now)
     }
 
     /// Sends a control request (connecting first if need be); `None` when
@@ -26,6 +27,32 @@ impl Control {
     }
 }
 
+/// A page of a listing for `LIST` or a meta-context query: its live tags
+/// join the slot's list, and a non-empty page asks for the next one (from
+/// one past its last tag) in its stead: `true` while pages are still to
+/// come. A page that cannot be asked for ends the listing with what came.
+fn list_page(slot: &mut Slot, list: Option<proto::SnapList<'_>>, fsm: &mut ClientFsm) -> bool {
+    let Some(l) = list else {
+        return false;
+    };
+    for info in l.iter().filter(|i| !i.deleting()) {
+        if slot.list_n < SNAPSHOTS_MAX {
+            slot.list_tags[slot.list_n] = info.tag;
+            slot.list_n += 1;
+        }
+    }
+    let Some(from) = l.iter().map(|i| i.tag).max().and_then(|t| t.checked_add(1)) else {
+        return false;
+    };
+    match (fsm.request(Request::List(from)), &mut slot.ctl) {
+        (Some(next), CtlWait::List { id, .. } | CtlWait::Meta { id, .. }) => {
+            *id = next;
+            true
+        }
+        _ => false,
+    }
+}
+
 /// A control reply for the slot that asked.
 pub(super) fn route_control_reply(
     slots: &mut [Slot],
@@ -33,6 +60,7 @@ pub(super) fn route_control_reply(
     frame: &[u8],
     export_size: u64,
     write_back: bool,
+    fsm: &mut ClientFsm,
 ) -> bool {
     let Some(slot) = slots.iter_mut().find(|s| s.ctl.id() == Some(id)) else {
         return false;
@@ -44,18 +72,13 @@ pub(super) fn route_control_reply(
     };
     match slot.ctl {
         CtlWait::Meta { tag, .. } => {
-            let mut tags = [0u32; SNAPSHOTS_MAX];
-            let mut n = 0;
-            let mut found = tag.is_none();
-            if let Some(l) = list {
-                for info in l.iter().filter(|i| !i.deleting()) {
-                    if n < SNAPSHOTS_MAX {
-                        tags[n] = info.tag;
-                        n += 1;
-                    }
-                    found |= Some(info.tag) == tag;
-                }
+            if list_page(slot, list, fsm) {
+                return true;
             }
+            let mut tags = [0u32; SNAPSHOTS_MAX];
+            let n = slot.list_n;
+            tags[..n].copy_from_slice(&slot.list_tags[..n]);
+            let found = tag.is_none_or(|t| tags[..n].contains(&t));
             slot.answer_meta(found.then_some(&tags[..n]));
         }
         CtlWait::Delta { base, .. } => {
@@ -88,14 +111,8 @@ pub(super) fn route_control_reply(
             };
         }
         CtlWait::List { .. } => {
-            slot.list_n = 0;
-            if let Some(l) = list {
-                for info in l.iter().filter(|i| !i.deleting()) {
-                    if slot.list_n < SNAPSHOTS_MAX {
-                        slot.list_tags[slot.list_n] = info.tag;
-                        slot.list_n += 1;
-                    }
-                }
+            if list_page(slot, list, fsm) {
+                return true;
             }
             slot.list_pos = 0;
             slot.listing = true;

@@ -498,8 +498,8 @@ impl NbdServer {
                     Verdict::Keep
                 }
                 ClientEvent::Reply { id } => {
-                    if metrics.reply(id, f)
-                        || route_control_reply(slots, id, f, export_size, write_back)
+                    if metrics.reply(id, f, fsm)
+                        || route_control_reply(slots, id, f, export_size, write_back, fsm)
                     {
                         routed += 1;
                     }

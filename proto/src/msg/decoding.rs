@@ -174,8 +174,10 @@ fn read_snapshots(kind: Kind, b: &[u8]) -> Result<Msg<'_>, &'static str> {
             }
         }
         Kind::ListSnapshots => {
-            exact(b, 0)?;
-            Msg::ListSnapshots
+            exact(b, TAG_BYTES)?;
+            Msg::ListSnapshots {
+                from: get_u32(b, 0),
+            }
         }
         Kind::Ok => {
             exact(b, 0)?;

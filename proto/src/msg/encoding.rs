@@ -192,12 +192,14 @@ impl Msg<'_> {
     fn write_snapshots(&self, b: &mut [u8]) {
         match *self {
             Msg::SnapshotList(s) => b.copy_from_slice(s.as_bytes()),
-            Msg::CreateSnapshot { tag } | Msg::DeleteSnapshot { tag } => put_u32(b, 0, tag),
+            Msg::CreateSnapshot { tag }
+            | Msg::DeleteSnapshot { tag }
+            | Msg::ListSnapshots { from: tag } => put_u32(b, 0, tag),
             Msg::SetPriority { tag, priority } => {
                 put_u32(b, 0, tag);
                 put_i8(b, 4, priority);
             }
-            Msg::ListSnapshots | Msg::Ok => {}
+            Msg::Ok => {}
             other => unreachable!("{other} is not a {:?} message", Family::Snapshots),
         }
     }

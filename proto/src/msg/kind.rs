@@ -265,7 +265,7 @@ impl Kind {
             | Kind::ReleaseLocks => crate::RANGES_BYTES_MAX,
             Kind::SnapshotReadReply | Kind::SnapshotWriteOk => crate::TARGETS_BYTES_MAX,
             Kind::SnapshotList => crate::SNAP_LIST_BYTES_MAX,
-            Kind::CreateSnapshot | Kind::DeleteSnapshot => TAG_BYTES,
+            Kind::CreateSnapshot | Kind::DeleteSnapshot | Kind::ListSnapshots => TAG_BYTES,
             Kind::SetPriority => SET_PRIORITY_BYTES,
             Kind::StatusReply => STATUS_REPLY_BYTES,
             Kind::QueryDelta => QUERY_DELTA_BYTES,
@@ -300,7 +300,6 @@ impl Kind {
             }
             Kind::FinishUpload
             | Kind::UploadOk
-            | Kind::ListSnapshots
             | Kind::Status
             | Kind::Ok
             | Kind::RevokeDone

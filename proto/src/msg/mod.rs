@@ -125,8 +125,12 @@ pub enum Msg<'a> {
         /// The priority (127 = never chosen for deletion).
         priority: i8,
     },
-    /// List the snapshots.
-    ListSnapshots,
+    /// One page of the snapshot list: the snapshots whose tag is at least
+    /// `from`, in tag order (`SNAP_LIST_PAGE_MAX`).
+    ListSnapshots {
+        /// The first tag the page may hold.
+        from: u32,
+    },
     /// Ask for the server status.
     Status,
     /// Which of `chunks` chunks from `chunk` of `volume` differ from
@@ -447,7 +451,7 @@ impl Msg<'_> {
             Msg::CreateSnapshot { .. } => Kind::CreateSnapshot,
             Msg::DeleteSnapshot { .. } => Kind::DeleteSnapshot,
             Msg::SetPriority { .. } => Kind::SetPriority,
-            Msg::ListSnapshots => Kind::ListSnapshots,
+            Msg::ListSnapshots { .. } => Kind::ListSnapshots,
             Msg::Status => Kind::Status,
             Msg::QueryDelta { .. } => Kind::QueryDelta,
             Msg::DeltaMap { .. } => Kind::DeltaMap,

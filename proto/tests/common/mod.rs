@@ -216,7 +216,9 @@ pub fn sample(kind: Kind, big: bool, s: &mut Scratch) -> Msg<'_> {
             tag: if big { u32::MAX } else { 7 },
             priority: if big { i8::MIN } else { -3 },
         },
-        Kind::ListSnapshots => Msg::ListSnapshots,
+        Kind::ListSnapshots => Msg::ListSnapshots {
+            from: if big { u32::MAX } else { 5 },
+        },
         Kind::Status => Msg::Status,
         Kind::QueryDelta => Msg::QueryDelta {
             volume: if big {
@@ -250,7 +252,7 @@ pub fn sample(kind: Kind, big: bool, s: &mut Scratch) -> Msg<'_> {
         Kind::Ok => Msg::Ok,
         Kind::SnapshotList => {
             let mut b = SnapListBuilder::new(snaps).unwrap();
-            let n = if big { SNAPSHOTS_MAX } else { 2 };
+            let n = if big { SNAP_LIST_PAGE_MAX } else { 2 };
             for i in 0..n {
                 let i64v = i as u64;
                 b.push(SnapInfo {
