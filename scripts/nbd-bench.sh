@@ -36,6 +36,7 @@
 # Each figure is the median of RUNS runs (environment, default 5).
 # DCOUNT (default 2000): requests per durable run. ROWS=writeback|durable|all
 # (default all): which tables.
+# FEATURES: cargo features to build csnap with (see the build below).
 # FULL (default 64, the store's SNAPSHOTS_MAX): the snapshot count of the
 # full-table rows, compared with 1 snapshot.
 #
@@ -72,8 +73,8 @@ case $rows in
 esac
 ncpu=$(nproc)
 pin="${PIN:-client}"
-# The full-table row: the store's SNAPSHOTS_MAX (64 today; set FULL=1024
-# once the store holds that many, ARCHITECTURE.md 2.11).
+# The full-table row: the store's SNAPSHOTS_MAX (64 in the default build;
+# FULL=1024 with FEATURES=csnap-pools/snapshots-1024, ARCHITECTURE.md 2.12).
 full="${FULL:-64}"
 [[ "$full" =~ ^[0-9]+$ ]] && ((full > 8)) || { echo "FULL must be a number above 8" >&2; exit 2; }
 # Command prefixes (taskset execs the program, so $! is its pid).
@@ -94,7 +95,12 @@ chunk=16384
 # qemu-img's default qcow2 cluster, a multiple of the csnap chunk.
 fstride=65536
 echo "== building csnap (release)"
-cargo build --release -p csnap >/dev/null 2>&1 || cargo build --release -p csnap
+# FEATURES (optional): cargo features of the build, e.g.
+# FEATURES=csnap-pools/snapshots-1024 with FULL=1024 and a target directory
+# of its own (CARGO_TARGET_DIR=target/s1024) for the 1024-snapshot rows.
+feat=()
+if [[ -n "${FEATURES:-}" ]]; then feat=(--features "$FEATURES"); fi
+cargo build --release -p csnap "${feat[@]}" >/dev/null 2>&1 || cargo build --release -p csnap "${feat[@]}"
 csnap="${CARGO_TARGET_DIR:-$PWD/target}/release/csnap"
 
 work="$(mktemp -d /tmp/csnap-nbd-bench.XXXXXX)"

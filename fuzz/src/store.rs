@@ -281,7 +281,7 @@ pub fn superblock(data: &[u8]) {
 pub fn leaf(data: &[u8]) {
     let f = fixture();
     let (mask, rest) = split_u64(data);
-    let mask = csnap_store::mask::Mask::from_words([mask]);
+    let mask = csnap_store::mask::Mask::from_window(0, mask);
     let b = sealed(rest, BlockKind::Leaf, None);
     if tree::check_leaf(&b, f.label.origin_chunks(), f.label.data_chunks, mask).is_err() {
         return;
@@ -684,7 +684,7 @@ mod tests {
                 b,
                 l.origin_chunks(),
                 l.data_chunks,
-                csnap_store::mask::Mask::from_words([mask])
+                csnap_store::mask::Mask::from_window(0, mask)
             ),
             Ok(())
         );

@@ -153,12 +153,20 @@ impl<D: Disk> Store<D> {
                 crc: crc32c::crc32c(img),
             });
         }
-        let mut k = h + 1;
+        // Dirty blocks in home order, so that blocks with adjacent homes
+        // (the snapshot table's) are adjacent in the staging buffer and go
+        // home in one write (`write_home`).
+        let mut order = [(0u64, 0usize); TX_BLOCKS_MAX];
+        let mut m = 0;
         for slot in 0..self.cache.capacity() {
-            if !self.cache.is_dirty(slot) {
-                continue;
+            if self.cache.is_dirty(slot) {
+                order[m] = (self.cache.addr_of(slot), slot);
+                m += 1;
             }
-            let home = self.cache.addr_of(slot);
+        }
+        order[..m].sort_unstable();
+        let mut k = h + 1;
+        for &(home, slot) in &order[..m] {
             layout::seal(self.cache.buf_mut(slot), seq);
             let img = self.cache.buf(slot);
             self.staging[k * bs..(k + 1) * bs].copy_from_slice(img);
@@ -274,13 +282,22 @@ impl<D: Disk> Store<D> {
         r
     }
 
+    /// One write per run of images whose homes are adjacent (staged in
+    /// home order by `commit_inner`).
     fn write_home_inner(&mut self, h: usize) -> Result<(), StoreError> {
         let bs = BLOCK_SIZE_BYTES;
-        for i in 0..self.entries.len() {
-            self.within_lease()?;
+        let n = self.entries.len();
+        let mut i = 0;
+        while i < n {
             let home = self.entries[i].home;
-            let img = &self.staging[(h + i) * bs..(h + i + 1) * bs];
-            self.disk.write_at(img, home * BS)?;
+            let mut j = i + 1;
+            while j < n && self.entries[j].home == home + (j - i) as u64 {
+                j += 1;
+            }
+            self.within_lease()?;
+            let imgs = &self.staging[(h + i) * bs..(h + j) * bs];
+            self.disk.write_at(imgs, home * BS)?;
+            i = j;
         }
         Ok(())
     }

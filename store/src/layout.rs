@@ -757,7 +757,7 @@ impl Super {
     /// snapshot's unique chunks are among its chunks, no two live
     /// snapshots share a tag.
     pub fn check_table(&self, label: &Label) -> Result<(), &'static str> {
-        for (i, s) in self.snaps.iter().enumerate() {
+        for s in &self.snaps {
             match s.state {
                 SlotState::Free => {
                     if s.chunks != 0 || s.unique_chunks != 0 {
@@ -773,15 +773,25 @@ impl Super {
                     }
                 }
             }
-            if s.state == SlotState::Live
-                && self.snaps[i + 1..]
-                    .iter()
-                    .any(|t| t.state == SlotState::Live && t.tag == s.tag)
-            {
-                return Err("two live snapshots share a tag");
-            }
+        }
+        if self.duplicate_live_tag().is_some() {
+            return Err("two live snapshots share a tag");
         }
         Ok(())
+    }
+
+    /// A tag two live snapshots share, if any: the live tags sorted in a
+    /// stack array, O(n log n) (a pairwise search is 0.5 M compares at
+    /// 1024 snapshots, and this runs at every commit).
+    pub fn duplicate_live_tag(&self) -> Option<u32> {
+        let mut tags = [0u32; SNAPSHOTS_MAX];
+        let mut n = 0;
+        for s in self.snaps.iter().filter(|s| s.state == SlotState::Live) {
+            tags[n] = s.tag;
+            n += 1;
+        }
+        tags[..n].sort_unstable();
+        tags[..n].windows(2).find(|w| w[0] == w[1]).map(|w| w[0])
     }
 
     /// Whether the snapshot table lives in table blocks (version 2).

@@ -643,12 +643,9 @@ impl<D: Disk> Store<D> {
             } else {
                 assert!(s.unique_chunks <= s.chunks);
             }
-            if s.state == SlotState::Live {
-                let dup = sb.snaps[i + 1..]
-                    .iter()
-                    .any(|t| t.state == SlotState::Live && t.tag == s.tag);
-                assert!(!dup, "two live snapshots share tag {}", s.tag);
-            }
+        }
+        if let Some(tag) = sb.duplicate_live_tag() {
+            panic!("two live snapshots share tag {tag}");
         }
         self.cache.assert_invariants();
     }
