@@ -27,12 +27,7 @@ fn opts() -> OpenOptions {
 /// metadata bitmap's header rewritten (a count, re-sealed): the next leaf
 /// split reads it after the operation has modified the transaction.
 fn store_with_a_bad_meta_bitmap() -> (MemDisk, u64) {
-    let mut d = MemDisk::new(16 << 20);
-    let mut o = FormatOptions::new(ORIGIN_CHUNKS * CHUNK);
-    o.chunk_size_bytes = CHUNK as u32;
-    o.journal_blocks = csnap_pools::JOURNAL_MIN_BLOCKS;
-    csnap_store::format(&mut d, &o).unwrap();
-    let mut s = Store::open(d, &opts()).unwrap();
+    let mut s = fresh_store();
     s.create_snapshot(1, 0).unwrap();
     for c in 0..layout::LEAF_RECORDS_MAX as u64 {
         s.prepare_origin_write(c).unwrap();
@@ -54,6 +49,16 @@ fn store_with_a_bad_meta_bitmap() -> (MemDisk, u64) {
     layout::seal(&mut b, seq);
     d.write_at(&b, at * BS).unwrap();
     (d, at)
+}
+
+/// A freshly formatted 16 MiB store of `ORIGIN_CHUNKS` chunks, open.
+fn fresh_store() -> Store<MemDisk> {
+    let mut d = MemDisk::new(16 << 20);
+    let mut o = FormatOptions::new(ORIGIN_CHUNKS * CHUNK);
+    o.chunk_size_bytes = CHUNK as u32;
+    o.journal_blocks = csnap_pools::JOURNAL_MIN_BLOCKS;
+    csnap_store::format(&mut d, &o).unwrap();
+    Store::open(d, &opts()).unwrap()
 }
 
 fn run(w: &mut StoreWorker<MemDisk, MemDisk>, ops: &[StoreOp]) -> Vec<StoreReply> {
@@ -161,12 +166,7 @@ fn a_block_that_poisons_the_transaction_fails_the_replies_it_held_and_nothing_st
 /// requests are still served.
 #[test]
 fn background_deletion_stops_at_a_corrupt_leaf_and_reports_it() {
-    let mut d = MemDisk::new(16 << 20);
-    let mut o = FormatOptions::new(ORIGIN_CHUNKS * CHUNK);
-    o.chunk_size_bytes = CHUNK as u32;
-    o.journal_blocks = csnap_pools::JOURNAL_MIN_BLOCKS;
-    csnap_store::format(&mut d, &o).unwrap();
-    let mut s = Store::open(d, &opts()).unwrap();
+    let mut s = fresh_store();
     s.create_snapshot(1, 0).unwrap();
     s.create_snapshot(2, 0).unwrap();
     for c in 0..400 {
@@ -235,12 +235,7 @@ fn background_deletion_stops_at_a_corrupt_leaf_and_reports_it() {
 #[test]
 fn the_snapshot_list_comes_in_pages_of_whole_tags_in_tag_order() {
     let page = csnap_pools::SNAPSHOT_LIST_PAGE_ROWS;
-    let mut d = MemDisk::new(16 << 20);
-    let mut o = FormatOptions::new(ORIGIN_CHUNKS * CHUNK);
-    o.chunk_size_bytes = CHUNK as u32;
-    o.journal_blocks = csnap_pools::JOURNAL_MIN_BLOCKS;
-    csnap_store::format(&mut d, &o).unwrap();
-    let mut s = Store::open(d, &opts()).unwrap();
+    let mut s = fresh_store();
     let n = u32::try_from(page).unwrap() * 2 - 4;
     let tags: Vec<u32> = (0..n).map(|i| (i * 37 + 11) % 1000).collect();
     for &t in &tags {
