@@ -58,8 +58,6 @@ impl<D: Disk> Store<D> {
             }
             *modified = true;
             let (leaf, i) = (cur.path.leaf, cur.i - 1);
-            // Dirty first: the walk for the copy's other windows must not
-            // evict this leaf.
             self.cache.mark_dirty(leaf);
             let others = self.store_others(r.chunk, r.store, leaf, i)?;
             self.account(others | r.mask, others | nm)?;

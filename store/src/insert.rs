@@ -79,8 +79,17 @@ impl<D: Disk> Store<D> {
 
     /// The leaf right of `path`'s, if its key is at most `last` (a leaf
     /// keyed past `last` holds no record at or below it, and is not read).
-    /// The path's blocks are pinned by the running operation.
-    pub(crate) fn next_leaf(&mut self, path: &Path, last: u64) -> Result<Option<Path>, StoreError> {
+    /// The path's blocks are pinned by the running operation. With
+    /// `release`, the clean blocks the operation read before are unpinned
+    /// first, except the path, so a walk over many leaves needs no more of
+    /// the cache than one path: a caller holds no other clean block's slot
+    /// across such a walk.
+    pub(crate) fn next_leaf(
+        &mut self,
+        path: &Path,
+        last: u64,
+        release: bool,
+    ) -> Result<Option<Path>, StoreError> {
         for lvl in (0..path.len).rev() {
             let (slot, idx) = path.nodes[lvl];
             let b = self.cache.buf(slot);
@@ -107,6 +116,12 @@ impl<D: Disk> Store<D> {
                     }
                 }
             }
+            if release {
+                self.cache.begin_op();
+                for &(s, _) in &path.nodes[..path.len] {
+                    self.cache.pin(s);
+                }
+            }
             let mut next = *path;
             next.nodes[lvl] = (slot, idx + 1);
             next.len = lvl + 1;
@@ -115,19 +130,21 @@ impl<D: Disk> Store<D> {
         Ok(None)
     }
 
-    /// A cursor at the first record whose chunk is `>= key`.
+    /// A cursor at the first record whose chunk is `>= key`, releasing
+    /// the leaves it leaves behind (`next_leaf`).
     pub(crate) fn seek(&mut self, key: u64) -> Result<Cursor, StoreError> {
         let path = self.descend(key)?;
         let i = tree::leaf_lower_bound(self.cache.buf(path.leaf), key);
-        Ok(Cursor { path, i })
+        Ok(Cursor {
+            path,
+            i,
+            release: true,
+        })
     }
 
     /// The record at the cursor if its chunk is at most `last`, moving past
     /// it (into the leaves to the right as needed); it is record `c.i - 1`
-    /// of leaf `c.path.leaf` afterwards. Moving to the next leaf unpins
-    /// the clean blocks the operation read before, except the path, so a
-    /// walk over many leaves needs no more of the cache than one path: a
-    /// caller holds no other clean block's slot across a walk.
+    /// of leaf `c.path.leaf` afterwards.
     pub(crate) fn next_record(
         &mut self,
         c: &mut Cursor,
@@ -143,12 +160,11 @@ impl<D: Disk> Store<D> {
                 c.i += 1;
                 return Ok(Some(r));
             }
-            self.cache.begin_op();
-            for &(slot, _) in &c.path.nodes[..c.path.len] {
-                self.cache.pin(slot);
-            }
-            match self.next_leaf(&c.path, last)? {
-                Some(p) => *c = Cursor { path: p, i: 0 },
+            match self.next_leaf(&c.path, last, c.release)? {
+                Some(p) => {
+                    c.path = p;
+                    c.i = 0;
+                }
                 None => return Ok(None),
             }
         }
@@ -167,7 +183,8 @@ impl<D: Disk> Store<D> {
     /// The union of the share masks of `chunk`'s records that name store
     /// chunk `store`, except the record at (`leaf` slot, index `i`): the
     /// other windows of one copy-out (ARCHITECTURE 2.2). Keeps every block
-    /// it reads pinned, so the caller's slots stay valid.
+    /// it reads pinned, so the caller's slots stay valid. With one window
+    /// (64 snapshots) a copy-out is one record: nothing to walk.
     pub(crate) fn store_others(
         &mut self,
         chunk: u64,
@@ -175,28 +192,15 @@ impl<D: Disk> Store<D> {
         leaf: usize,
         i: usize,
     ) -> Result<Mask, StoreError> {
-        let path = self.descend(chunk)?;
-        let mut c = Cursor {
-            i: tree::leaf_lower_bound(self.cache.buf(path.leaf), chunk),
-            path,
-        };
+        if csnap_pools::SHARE_MASK_WORDS == 1 {
+            return Ok(Mask::EMPTY);
+        }
+        let mut c = self.seek(chunk)?;
+        c.release = false;
         let mut others = Mask::EMPTY;
-        loop {
-            let b = self.cache.buf(c.path.leaf);
-            if c.i < tree::leaf_len(b) {
-                let r = tree::leaf_get(b, c.i);
-                if r.chunk > chunk {
-                    break;
-                }
-                if r.store == store && !(c.path.leaf == leaf && c.i == i) {
-                    others |= r.mask;
-                }
-                c.i += 1;
-                continue;
-            }
-            match self.next_leaf(&c.path, chunk)? {
-                Some(p) => c = Cursor { path: p, i: 0 },
-                None => break,
+        while let Some(r) = self.next_record(&mut c, chunk)? {
+            if r.store == store && !(c.path.leaf == leaf && c.i - 1 == i) {
+                others |= r.mask;
             }
         }
         Ok(others)

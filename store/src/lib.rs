@@ -225,6 +225,9 @@ struct Cursor {
     path: Path,
     /// The next record's index in `path.leaf`.
     i: usize,
+    /// Moving to the next leaf unpins the clean blocks the operation read
+    /// before, except the path (`Store::next_leaf`).
+    release: bool,
 }
 
 /// An open store.
